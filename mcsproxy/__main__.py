@@ -1,0 +1,5 @@
+import sys
+
+from mcsproxy.cli import main
+
+sys.exit(main())

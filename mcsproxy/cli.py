@@ -1,0 +1,96 @@
+"""`mcsproxy` command line: gateway, controller and demo subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from mcsproxy.config import AdminConfig, ConfigError, DnsConfig, GatewayConfig, parse_host_port
+from mcsproxy.logsetup import LEVELS, setup_logging
+
+
+def _add_gateway_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("gateway", help="run the gateway (DNS responder and proxy)")
+    p.add_argument("--cluster-id", required=True, help="the local cluster's ID (priority 0)")
+    p.add_argument("--source", action="append", default=[], metavar="SOURCE",
+                   help="file:PATH, kube or controlplane:http://HOST:PORT (repeatable)")
+    p.add_argument("--dns-listen", default="127.0.0.1:5353", metavar="HOST:PORT")
+    p.add_argument("--dns-domain", default="clusterset.local")
+    p.add_argument("--dns-upstream", default=None, metavar="HOST:PORT",
+                   help="forward names outside the zone here (default: REFUSED)")
+    p.add_argument("--dns-ttl", type=int, default=5, help="TTL of service records (s)")
+    p.add_argument("--dns-edns-max", type=int, default=1232,
+                   help="largest EDNS0 UDP payload answered (bytes)")
+    p.add_argument("--admin-listen", default="127.0.0.1:9901", metavar="HOST:PORT")
+    p.add_argument("--log-level", default="info", choices=sorted(LEVELS))
+    p.set_defaults(func=_run_gateway)
+
+
+def gateway_config(args: argparse.Namespace) -> GatewayConfig:
+    domain = args.dns_domain.strip(".").lower()
+    if not domain:
+        raise ConfigError("--dns-domain must not be empty")
+    if not 512 <= args.dns_edns_max <= 65535:
+        raise ConfigError("--dns-edns-max must be 512-65535")
+    if not 0 <= args.dns_ttl <= 86400:
+        raise ConfigError("--dns-ttl must be 0-86400")
+    return GatewayConfig(
+        cluster_id=args.cluster_id,
+        sources=tuple(args.source),
+        dns=DnsConfig(
+            listen=parse_host_port(args.dns_listen, "--dns-listen"),
+            domain=domain,
+            upstream=parse_host_port(args.dns_upstream, "--dns-upstream")
+            if args.dns_upstream else None,
+            edns_max_payload=args.dns_edns_max,
+            ttl_s=args.dns_ttl,
+        ),
+        admin=AdminConfig(listen=parse_host_port(args.admin_listen, "--admin-listen")),
+        log_level=args.log_level,
+    )
+
+
+def _run_gateway(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from mcsproxy.gateway import Gateway
+    from mcsproxy.sources import SourceSpecError
+
+    config = gateway_config(args)
+    setup_logging(config.log_level)
+
+    async def main() -> None:
+        await Gateway(config).run()
+
+    try:
+        uvloop.run(main())
+    except SourceSpecError as exc:
+        raise ConfigError(str(exc)) from None
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mcsproxy", description="Kubernetes Multi-Cluster Services data plane"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_gateway_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"mcsproxy: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"mcsproxy: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

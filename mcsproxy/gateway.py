@@ -1,0 +1,77 @@
+"""The gateway process: sources feed the store, components serve each snapshot."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any, Protocol
+
+from mcsproxy.admin import AdminServer
+from mcsproxy.config import GatewayConfig
+from mcsproxy.dns.server import DnsServer
+from mcsproxy.sources import Source, make_source
+from mcsproxy.store import SnapshotStore
+from mcsproxy.tasks import cancel_and_wait, spawn
+
+log = logging.getLogger("mcsproxy.gateway")
+
+
+class Component(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.store = SnapshotStore(config.cluster_id)
+        self.sources: list[Source] = [make_source(s, config.cluster_id) for s in config.sources]
+        self.dns = DnsServer(config.dns, self.store)
+        self.admin = AdminServer(self)
+        # Started in this order, stopped in reverse: admin last up, first to say "not ready".
+        self.components: list[Component] = [self.dns, self.admin]
+        self.stopping = False
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None:
+        for source in self.sources:
+            self.store.register_source(source.name)
+        started: list[Component] = []
+        try:
+            for component in self.components:
+                await component.start()
+                started.append(component)
+        except BaseException:
+            for component in reversed(started):
+                await component.stop()
+            raise
+        for source in self.sources:
+            self._tasks.append(spawn(source.run(self.store), name=f"source {source.name}"))
+
+    async def stop(self) -> None:
+        self.stopping = True
+        await cancel_and_wait(self._tasks)
+        for component in reversed(self.components):
+            try:
+                await component.stop()
+            except Exception:
+                log.exception("stopping %r failed", component)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        await self.start()
+        log.info("gateway started cluster_id=%s sources=%s", self.config.cluster_id,
+                 ",".join(self.config.sources))
+        try:
+            await self._stop.wait()
+        finally:
+            log.info("gateway stopping")
+            await self.stop()
+            log.info("gateway stopped")

@@ -1,0 +1,310 @@
+"""Kubernetes objects (ServiceImport, EndpointSlice) → validated model pieces.
+
+Every source (files, the Kubernetes API, the controller's stream) hands objects as plain
+dicts; this module is the one place that decides what a valid object is, so the same
+input is accepted or rejected alike whatever carried it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from mcsproxy.model import (
+    DEFAULT_AFFINITY_TIMEOUT_S,
+    EMPTY_MAPPING,
+    Endpoint,
+    EndpointPort,
+    ServiceKey,
+    ServicePort,
+)
+
+MCS_GROUP = "multicluster.x-k8s.io"
+MCS_VERSIONS = ("v1alpha1", "v1beta1")
+LABEL_SERVICE_NAME = "multicluster.kubernetes.io/service-name"
+LABEL_SOURCE_CLUSTER = "multicluster.kubernetes.io/source-cluster"
+LABEL_MANAGED_BY = "endpointslice.kubernetes.io/managed-by"
+PROTOCOLS = ("TCP", "UDP", "SCTP")
+
+
+class ManifestError(ValueError):
+    """An object that cannot be served, with where it came from."""
+
+    def __init__(self, message: str, origin: str = "", line: int | None = None) -> None:
+        self.message = message
+        self.origin = origin
+        self.line = line
+        where = f"{origin}:{line}" if origin and line is not None else origin
+        super().__init__(f"{where}: {message}" if where else message)
+
+    def at(self, origin: str, line: int | None) -> ManifestError:
+        return ManifestError(self.message, origin, line)
+
+
+@dataclass(frozen=True, slots=True)
+class ImportSpec:
+    key: ServiceKey
+    type: str
+    ips: tuple[str, ...]
+    ports: tuple[ServicePort, ...]
+    session_affinity: str
+    affinity_timeout_s: int
+    traffic_distribution: str | None
+    annotations: Mapping[str, str]
+    clusters: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SliceSpec:
+    key: ServiceKey
+    cluster: str
+    endpoints: tuple[Endpoint, ...]
+
+
+def load_yaml_documents(text: str, origin: str) -> Iterator[tuple[int, Any]]:
+    """Yield (1-based line, document) for each YAML document; ManifestError on bad YAML."""
+    loader = yaml.SafeLoader(text)
+    try:
+        while loader.check_node():
+            node = loader.get_node()
+            if node is None:
+                continue
+            line = node.start_mark.line + 1
+            yield line, loader.construct_document(node)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else None
+        raise ManifestError(f"invalid YAML: {exc.problem or exc}", origin, line) from None
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"invalid YAML: {exc}", origin) from None
+    finally:
+        loader.dispose()
+
+
+def object_kind(obj: Mapping[str, Any]) -> str | None:
+    """'ServiceImport' / 'EndpointSlice' when the object is one we serve, else None."""
+    api_version = obj.get("apiVersion")
+    kind = obj.get("kind")
+    if kind == "ServiceImport" and api_version in {f"{MCS_GROUP}/{v}" for v in MCS_VERSIONS}:
+        return "ServiceImport"
+    if kind == "EndpointSlice" and api_version == "discovery.k8s.io/v1":
+        return "EndpointSlice"
+    return None
+
+
+def _mapping(value: Any, what: str) -> Mapping[str, Any]:
+    if value is None:
+        return EMPTY_MAPPING
+    if not isinstance(value, Mapping):
+        raise ManifestError(f"{what} must be a mapping, not {type(value).__name__}")
+    return value
+
+
+def _list(value: Any, what: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ManifestError(f"{what} must be a list, not {type(value).__name__}")
+    return value
+
+
+def _str_map(value: Any, what: str) -> Mapping[str, str]:
+    m = _mapping(value, what)
+    for k, v in m.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise ManifestError(f"{what} must map strings to strings ({k!r})")
+    return dict(m) if m else EMPTY_MAPPING
+
+
+def _port_number(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ManifestError(f"{what} must be an integer 1-65535, not {value!r}")
+    return value
+
+
+def _protocol(value: Any, what: str) -> str:
+    proto = "TCP" if value is None else value
+    if proto not in PROTOCOLS:
+        raise ManifestError(f"{what} must be one of {', '.join(PROTOCOLS)}, not {value!r}")
+    return proto
+
+
+def _name(meta: Mapping[str, Any], kind: str) -> tuple[str, str]:
+    name = meta.get("name")
+    if not isinstance(name, str) or not name:
+        raise ManifestError(f"{kind} has no metadata.name")
+    namespace = meta.get("namespace", "default")
+    if not isinstance(namespace, str) or not namespace:
+        raise ManifestError(f"{kind} {name}: metadata.namespace must be a string")
+    return namespace, name
+
+
+def parse_service_import(obj: Mapping[str, Any]) -> ImportSpec:
+    meta = _mapping(obj.get("metadata"), "metadata")
+    namespace, name = _name(meta, "ServiceImport")
+    where = f"ServiceImport {namespace}/{name}"
+    spec = _mapping(obj.get("spec"), f"{where}: spec")
+    svc_type = spec.get("type", "ClusterSetIP")
+    if svc_type not in ("ClusterSetIP", "Headless"):
+        raise ManifestError(
+            f"{where}: spec.type must be ClusterSetIP or Headless, not {svc_type!r}"
+        )
+    ips: list[str] = []
+    families: set[int] = set()
+    for raw in _list(spec.get("ips"), f"{where}: spec.ips"):
+        try:
+            ip = ipaddress.ip_address(raw)
+        except (ValueError, TypeError):
+            raise ManifestError(f"{where}: spec.ips has an invalid address {raw!r}") from None
+        if ip.version in families:
+            raise ManifestError(f"{where}: spec.ips has two IPv{ip.version} addresses")
+        families.add(ip.version)
+        ips.append(str(ip))
+    if svc_type == "Headless" and ips:
+        raise ManifestError(f"{where}: a Headless import must not have spec.ips")
+    ports: list[ServicePort] = []
+    seen_names: set[str] = set()
+    seen_numbers: set[tuple[str, int]] = set()
+    for i, raw in enumerate(_list(spec.get("ports"), f"{where}: spec.ports")):
+        p = _mapping(raw, f"{where}: spec.ports[{i}]")
+        pname = p.get("name") or ""
+        if not isinstance(pname, str):
+            raise ManifestError(f"{where}: spec.ports[{i}].name must be a string")
+        number = _port_number(p.get("port"), f"{where}: spec.ports[{i}].port")
+        proto = _protocol(p.get("protocol"), f"{where}: spec.ports[{i}].protocol")
+        app = p.get("appProtocol")
+        if app is not None and not isinstance(app, str):
+            raise ManifestError(f"{where}: spec.ports[{i}].appProtocol must be a string")
+        if pname in seen_names or (proto, number) in seen_numbers:
+            raise ManifestError(f"{where}: duplicate port {pname or number}/{proto}")
+        seen_names.add(pname)
+        seen_numbers.add((proto, number))
+        ports.append(ServicePort(pname, proto, number, app))  # type: ignore[arg-type]
+    affinity = spec.get("sessionAffinity") or "None"
+    if affinity not in ("None", "ClientIP"):
+        raise ManifestError(f"{where}: spec.sessionAffinity must be None or ClientIP")
+    timeout = DEFAULT_AFFINITY_TIMEOUT_S
+    cfg = _mapping(spec.get("sessionAffinityConfig"), f"{where}: spec.sessionAffinityConfig")
+    client_ip = _mapping(cfg.get("clientIP"), f"{where}: sessionAffinityConfig.clientIP")
+    if client_ip.get("timeoutSeconds") is not None:
+        timeout = client_ip["timeoutSeconds"]
+        if isinstance(timeout, bool) or not isinstance(timeout, int) or not 1 <= timeout <= 86400:
+            raise ManifestError(f"{where}: timeoutSeconds must be 1-86400")
+    traffic = spec.get("trafficDistribution")
+    if traffic is not None and not isinstance(traffic, str):
+        raise ManifestError(f"{where}: spec.trafficDistribution must be a string")
+    status = _mapping(obj.get("status"), f"{where}: status")
+    clusters = tuple(
+        str(_mapping(c, f"{where}: status.clusters").get("cluster", ""))
+        for c in _list(status.get("clusters"), f"{where}: status.clusters")
+    )
+    return ImportSpec(
+        key=ServiceKey(namespace, name),
+        type=svc_type,
+        ips=tuple(ips),
+        ports=tuple(ports),
+        session_affinity=affinity,
+        affinity_timeout_s=timeout,
+        traffic_distribution=traffic,
+        annotations=_str_map(meta.get("annotations"), f"{where}: metadata.annotations"),
+        clusters=tuple(c for c in clusters if c),
+    )
+
+
+def _condition(conditions: Mapping[str, Any], name: str, default: bool) -> bool:
+    value = conditions.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ManifestError(f"conditions.{name} must be a boolean")
+    return value
+
+
+def parse_endpoint_slice(
+    obj: Mapping[str, Any],
+    service_name: str | None = None,
+    cluster: str | None = None,
+) -> SliceSpec | None:
+    """An imported slice; None for a slice that is not tied to an imported service.
+
+    `service_name` / `cluster` let a caller that knows them another way (Karmada's
+    dispatched slices) supply what the MCS labels would say.
+    """
+    meta = _mapping(obj.get("metadata"), "metadata")
+    namespace, name = _name(meta, "EndpointSlice")
+    where = f"EndpointSlice {namespace}/{name}"
+    labels = _str_map(meta.get("labels"), f"{where}: metadata.labels")
+    service_name = service_name or labels.get(LABEL_SERVICE_NAME)
+    if not service_name:
+        return None
+    cluster = cluster or labels.get(LABEL_SOURCE_CLUSTER)
+    if not cluster:
+        raise ManifestError(f"{where}: label {LABEL_SOURCE_CLUSTER} is missing")
+    address_type = obj.get("addressType")
+    if address_type == "FQDN":
+        return SliceSpec(ServiceKey(namespace, service_name), cluster, ())
+    if address_type not in ("IPv4", "IPv6"):
+        raise ManifestError(f"{where}: addressType must be IPv4, IPv6 or FQDN")
+    family = 4 if address_type == "IPv4" else 6
+    ports: list[EndpointPort] = []
+    for i, raw in enumerate(_list(obj.get("ports"), f"{where}: ports")):
+        p = _mapping(raw, f"{where}: ports[{i}]")
+        if p.get("port") is None:
+            continue  # a nil port means "all ports": nothing we can map by name
+        ports.append(
+            EndpointPort(
+                str(p.get("name") or ""),
+                _protocol(p.get("protocol"), f"{where}: ports[{i}].protocol"),  # type: ignore[arg-type]
+                _port_number(p.get("port"), f"{where}: ports[{i}].port"),
+            )
+        )
+    shared_ports = tuple(ports)
+    endpoints: list[Endpoint] = []
+    for i, raw in enumerate(_list(obj.get("endpoints"), f"{where}: endpoints")):
+        ep = _mapping(raw, f"{where}: endpoints[{i}]")
+        addresses = _list(ep.get("addresses"), f"{where}: endpoints[{i}].addresses")
+        if not addresses:
+            raise ManifestError(f"{where}: endpoints[{i}] has no addresses")
+        parsed: list[str] = []
+        for raw_addr in addresses:
+            try:
+                ip = ipaddress.ip_address(raw_addr)
+            except (ValueError, TypeError):
+                raise ManifestError(
+                    f"{where}: endpoints[{i}] has an invalid address {raw_addr!r}"
+                ) from None
+            if ip.version != family:
+                raise ManifestError(f"{where}: endpoints[{i}] address {ip} is not {address_type}")
+            parsed.append(str(ip))
+        conds = _mapping(ep.get("conditions"), f"{where}: endpoints[{i}].conditions")
+        try:
+            ready = _condition(conds, "ready", True)
+            serving = _condition(conds, "serving", ready)
+            terminating = _condition(conds, "terminating", False)
+        except ManifestError as exc:
+            raise ManifestError(f"{where}: endpoints[{i}].{exc.message}") from None
+        hostname = ep.get("hostname")
+        if hostname is not None and not isinstance(hostname, str):
+            raise ManifestError(f"{where}: endpoints[{i}].hostname must be a string")
+        zone = ep.get("zone")
+        node = ep.get("nodeName")
+        endpoints.append(
+            Endpoint(
+                address=parsed[0],
+                addresses=tuple(parsed),
+                family=family,
+                cluster=cluster,
+                ports=shared_ports,
+                ready=ready,
+                serving=serving,
+                terminating=terminating,
+                hostname=hostname or None,
+                zone=zone if isinstance(zone, str) else None,
+                node_name=node if isinstance(node, str) else None,
+            )
+        )
+    return SliceSpec(ServiceKey(namespace, service_name), cluster, tuple(endpoints))

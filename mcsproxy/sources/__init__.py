@@ -1,0 +1,30 @@
+"""Where snapshots come from: `file:PATH`, `kube`, `controlplane:URL`."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from mcsproxy.store import SnapshotStore
+
+
+class Source(Protocol):
+    name: str
+
+    async def run(self, store: SnapshotStore) -> None:
+        """Feed the store until cancelled; mark_synced once the initial state is in."""
+
+
+class SourceSpecError(ValueError):
+    pass
+
+
+def make_source(spec: str, cluster_id: str) -> Source:
+    """Build a source from its `--source` spelling."""
+    kind, _, arg = spec.partition(":")
+    if kind == "file" and arg:
+        from mcsproxy.sources.file import FileSource
+
+        return FileSource(arg)
+    raise SourceSpecError(
+        f"unknown source {spec!r}: expected file:PATH, kube or controlplane:http://HOST:PORT"
+    )
