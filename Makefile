@@ -22,3 +22,6 @@ demo: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+run-example: $(VENV)/.installed
+	$(VENV)/bin/mcsproxy gateway --cluster-id cluster-a --source file:examples/gateway
