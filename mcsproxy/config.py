@@ -56,11 +56,89 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    """Active health checks: TCP connect, or HTTP GET for appProtocol http ports."""
+
+    interval_s: float = 5.0  # 0 disables active checks
+    timeout_s: float = 1.0
+    healthy_threshold: int = 2
+    unhealthy_threshold: int = 2
+    jitter: float = 0.1  # fraction of the interval, so probes of many endpoints spread out
+    http_path: str = "/"
+
+    def __post_init__(self) -> None:
+        if self.interval_s < 0 or self.timeout_s <= 0:
+            raise ConfigError("health interval must be >= 0 and timeout > 0")
+        if self.healthy_threshold < 1 or self.unhealthy_threshold < 1:
+            raise ConfigError("health thresholds must be >= 1")
+        if not 0 <= self.jitter < 1:
+            raise ConfigError("health jitter must be in [0, 1)")
+        if not self.http_path.startswith("/"):
+            raise ConfigError("--health-http-path must start with /")
+
+
+@dataclass(frozen=True)
+class OutlierConfig:
+    """Passive outlier ejection on consecutive connect failures (Envoy's words)."""
+
+    consecutive_failures: int = 5  # 0 disables ejection
+    base_ejection_s: float = 30.0
+    max_ejection_s: float = 300.0
+    max_ejection_percent: int = 50
+
+    def __post_init__(self) -> None:
+        if self.consecutive_failures < 0 or self.base_ejection_s <= 0:
+            raise ConfigError("outlier failures must be >= 0 and base ejection time > 0")
+        if self.max_ejection_s < self.base_ejection_s:
+            raise ConfigError("max ejection time must be >= the base ejection time")
+        if not 0 <= self.max_ejection_percent <= 100:
+            raise ConfigError("--outlier-max-ejection-percent must be 0-100")
+
+
+LB_POLICIES = ("round-robin", "least-connections")
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    enabled: bool = True
+    lb_policy: str = "round-robin"
+    connect_timeout_s: float = 1.0
+    connect_attempts: int = 3  # the first try plus retries on other endpoints
+    idle_timeout_s: float = 3600.0  # 0 disables
+    drain_grace_s: float | None = None  # None: removed endpoints' connections may finish
+    udp_idle_timeout_s: float = 30.0
+    udp_max_flows: int = 16384
+    overprovisioning_factor: float = 1.4
+    panic_threshold_percent: int = 50
+    workers: int = 1
+    worker_index: int = 0  # 0 is the supervising process; 1..N-1 serve the proxy only
+    health: HealthConfig = field(default_factory=HealthConfig)
+    outlier: OutlierConfig = field(default_factory=OutlierConfig)
+
+    def __post_init__(self) -> None:
+        if self.lb_policy not in LB_POLICIES:
+            raise ConfigError(f"--lb-policy must be one of {', '.join(LB_POLICIES)}")
+        if self.connect_timeout_s <= 0 or self.connect_attempts < 1:
+            raise ConfigError("--connect-timeout must be > 0 and --connect-attempts >= 1")
+        if self.idle_timeout_s < 0 or self.udp_idle_timeout_s <= 0:
+            raise ConfigError("idle timeouts must be >= 0 (UDP: > 0)")
+        if self.drain_grace_s is not None and self.drain_grace_s < 0:
+            raise ConfigError("--drain-grace must be >= 0")
+        if self.udp_max_flows < 1:
+            raise ConfigError("--udp-max-flows must be >= 1")
+        if self.overprovisioning_factor < 1 or not 0 <= self.panic_threshold_percent <= 100:
+            raise ConfigError("overprovisioning factor must be >= 1, panic threshold 0-100")
+        if not 1 <= self.workers <= 256 or not 0 <= self.worker_index < self.workers:
+            raise ConfigError("--workers must be 1-256")
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     cluster_id: str
     sources: tuple[str, ...]
     dns: DnsConfig = field(default_factory=DnsConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
     log_level: str = "info"
 
     def __post_init__(self) -> None:
