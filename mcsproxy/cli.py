@@ -70,12 +70,38 @@ def _run_gateway(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_demo_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "demo",
+        help="run a local clusterset (no arguments), or kill/restore a cluster of a running one",
+    )
+    p.add_argument("action", nargs="?", default="run", choices=["run", "kill", "restore", "status"])
+    p.add_argument("cluster", nargs="?", help="the cluster to kill or restore")
+    p.add_argument("--load", action="store_true", help="send steady traffic and print the split")
+    p.add_argument("--workdir", help="keep manifests and logs here (default: a temp dir)")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from mcsproxy.demo.runner import control, run_demo
+
+    if args.action == "run":
+        import uvloop
+
+        setup_logging("warning")
+        return uvloop.run(run_demo(args.workdir, args.load))
+    if args.action != "status" and not args.cluster:
+        raise ConfigError(f"demo {args.action} needs a cluster name")
+    return control(args.action, args.cluster or "")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mcsproxy", description="Kubernetes Multi-Cluster Services data plane"
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_gateway_parser(sub)
+    _add_demo_parser(sub)
     return parser
 
 

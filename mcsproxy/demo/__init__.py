@@ -1,0 +1,1 @@
+"""`mcsproxy demo`: a complete local clusterset on loopback addresses, in one command."""

@@ -1,0 +1,302 @@
+"""Runs the demo: backends in-process; controller and one gateway per cluster as children.
+
+The controller and gateways are the real `mcsproxy` commands, started as subprocesses, so
+the demo exercises exactly what a user deploys. A small control API on 127.0.0.1:9900
+lets `mcsproxy demo kill|restore CLUSTER` (or a status page button) stop a cluster's
+backends from another shell.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from aiohttp import ClientSession, ClientTimeout, web
+
+from mcsproxy.demo.backends import Backends
+from mcsproxy.demo.clusterset import (
+    CLUSTERS,
+    CLUSTERSET_CIDR,
+    CONTROL_URL,
+    NAMESPACE,
+    SERVICES,
+    DemoCluster,
+    cluster_manifests,
+)
+from mcsproxy.demo.load import LoadGenerator
+from mcsproxy.tasks import cancel_and_wait, spawn
+
+log = logging.getLogger("mcsproxy.demo")
+
+START_DEADLINE_S = 15.0
+STOP_GRACE_S = 5.0
+
+
+class DemoError(RuntimeError):
+    pass
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    log_path: Path
+    proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        out = self.log_path.open("ab")
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
+                start_new_session=True,  # Ctrl-C reaches us; we stop children in order
+            )
+        finally:
+            out.close()
+
+    async def stop(self) -> None:
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
+        except TimeoutError:
+            log.warning("%s did not stop within %.0fs: killing it", self.name, STOP_GRACE_S)
+            proc.kill()
+            await proc.wait()
+
+
+@dataclass
+class Demo:
+    workdir: Path
+    with_load: bool = False
+    backends: Backends = field(default_factory=Backends)
+    children: list[Child] = field(default_factory=list)
+    imports: dict[str, dict[str, Any]] = field(default_factory=dict)  # cluster → svc → import
+    load: LoadGenerator | None = None
+    _runner: web.AppRunner | None = None
+    _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+
+    @property
+    def clusters_dir(self) -> Path:
+        return self.workdir / "clusters"
+
+    @property
+    def output_dir(self) -> Path:
+        return self.workdir / "out"
+
+    def write_manifests(self) -> None:
+        for c in CLUSTERS:
+            folder = self.clusters_dir / c.name
+            folder.mkdir(parents=True, exist_ok=True)
+            text = yaml.safe_dump_all(cluster_manifests(c), sort_keys=False)
+            (folder / "objects.yaml").write_text(text)
+
+    def _mcsproxy(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "mcsproxy", *args]
+
+    async def start(self) -> None:
+        started = time.monotonic()
+        (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
+        self.write_manifests()
+        await self.backends.start()
+        controller = Child(
+            "controller",
+            self._mcsproxy("controller", "--clusters-dir", str(self.clusters_dir),
+                           "--output-dir", str(self.output_dir),
+                           "--clusterset-cidr", CLUSTERSET_CIDR),
+            self.workdir / "logs" / "controller.log",
+        )
+        await controller.start()
+        self.children.append(controller)
+        await self._wait_for_imports()
+        for c in CLUSTERS:
+            gateway = Child(
+                f"gateway-{c.name}",
+                self._mcsproxy("gateway", "--cluster-id", c.name,
+                               "--source", f"file:{self.output_dir / c.name}",
+                               "--dns-listen", c.dns_listen,
+                               "--admin-listen", c.admin_listen),
+                self.workdir / "logs" / f"gateway-{c.name}.log",
+            )
+            await gateway.start()
+            self.children.append(gateway)
+        await self._wait_for_gateways()
+        await self._start_control_api()
+        if self.with_load:
+            self.load = LoadGenerator(self.imports)
+            self._tasks.append(spawn(self.load.run(), name="demo load"))
+        log.info("demo started in %.1fs", time.monotonic() - started)
+
+    async def _wait_for_imports(self) -> None:
+        deadline = time.monotonic() + START_DEADLINE_S
+        while time.monotonic() < deadline:
+            self._check_children()
+            self.imports = {c.name: self._read_imports(c) for c in CLUSTERS}
+            if all(len(v) == len(SERVICES) for v in self.imports.values()):
+                return
+            await asyncio.sleep(0.1)
+        raise DemoError(f"the controller wrote no imports in {START_DEADLINE_S:.0f}s; "
+                        f"see {self.workdir / 'logs' / 'controller.log'}")
+
+    def _read_imports(self, c: DemoCluster) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        folder = self.output_dir / c.name
+        if not folder.is_dir():
+            return found
+        for path in folder.glob("*.y*ml"):
+            with contextlib.suppress(OSError, yaml.YAMLError):
+                for doc in yaml.safe_load_all(path.read_text()):
+                    if isinstance(doc, dict) and doc.get("kind") == "ServiceImport":
+                        found[doc["metadata"]["name"]] = doc
+        return found
+
+    async def _wait_for_gateways(self) -> None:
+        deadline = time.monotonic() + START_DEADLINE_S
+        pending = {c.name: c for c in CLUSTERS}
+        async with ClientSession(timeout=ClientTimeout(total=1)) as http:
+            while pending and time.monotonic() < deadline:
+                self._check_children()
+                for name, c in list(pending.items()):
+                    with contextlib.suppress(OSError, asyncio.TimeoutError):
+                        async with http.get(f"{c.admin_url}readyz") as resp:
+                            if resp.status == 200:
+                                del pending[name]
+                if pending:
+                    await asyncio.sleep(0.1)
+        if pending:
+            raise DemoError(f"gateways not ready in {START_DEADLINE_S:.0f}s: "
+                            f"{', '.join(pending)}; see {self.workdir / 'logs'}")
+
+    def _check_children(self) -> None:
+        for child in self.children:
+            if child.proc is not None and child.proc.returncode is not None:
+                raise DemoError(f"{child.name} exited with {child.proc.returncode}; "
+                                f"see {child.log_path}")
+
+    # -- control API -----------------------------------------------------------------
+    async def _start_control_api(self) -> None:
+        app = web.Application()
+        app.router.add_get("/clusters", self._list_clusters)
+        app.router.add_post("/clusters/{name}/{action:kill|restore}", self._cluster_action)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        host, port = CONTROL_URL.removeprefix("http://").split(":")
+        await web.TCPSite(self._runner, host, int(port), reuse_address=True).start()
+
+    def cluster_states(self) -> dict[str, Any]:
+        return {
+            c.name: {
+                "backends": "killed" if c.name in self.backends.killed else "running",
+                "dns": c.dns_listen,
+                "admin": c.admin_url,
+            }
+            for c in CLUSTERS
+        }
+
+    async def _list_clusters(self, request: web.Request) -> web.Response:
+        return web.json_response(self.cluster_states())
+
+    async def _cluster_action(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in {c.name for c in CLUSTERS}:
+            return web.json_response({"error": f"no cluster {name!r}"}, status=404)
+        if request.match_info["action"] == "kill":
+            await self.backends.stop_cluster(name)
+        else:
+            await self.backends.start_cluster(name)
+        return web.json_response(self.cluster_states())
+
+    # -- shutdown --------------------------------------------------------------------
+    async def stop(self) -> None:
+        await cancel_and_wait(self._tasks)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        for child in reversed(self.children):
+            await child.stop()
+        await self.backends.stop()
+
+    def banner(self) -> str:
+        lines = [f"mcsproxy demo: clusters {', '.join(c.name for c in CLUSTERS)}; "
+                 f"namespace {NAMESPACE}; files and logs in {self.workdir}", ""]
+        east = CLUSTERS[0]
+        web_ip = self.imports[east.name]["web"]["spec"].get("ips", ["?"])[0]
+        echo_ip = self.imports[east.name]["echo"]["spec"].get("ips", ["?"])[0]
+        dns_host, dns_port = east.dns_listen.split(":")
+        dns = f"@{dns_host} -p {dns_port}"
+        lines += [
+            "Try (as a pod in cluster east would):",
+            f"  dig {dns} web.{NAMESPACE}.svc.clusterset.local",
+            f"  dig {dns} db.{NAMESPACE}.svc.clusterset.local",
+            f"  dig {dns} _tcp._tcp.echo.{NAMESPACE}.svc.clusterset.local SRV",
+            f"  curl http://{web_ip}/          # web, PreferClose: served by east while healthy",
+            f"  echo hello | nc -q1 {echo_ip} 7   # echo, spread over all three clusters",
+            "",
+            "Gateways (DNS / status page):",
+        ]
+        for c in CLUSTERS:
+            lines.append(f"  {c.name:8} dns {c.dns_listen}   admin {c.admin_url}")
+        lines += [
+            "",
+            "Watch failover:  mcsproxy demo kill east     then   mcsproxy demo restore east",
+            "Ctrl-C stops everything.",
+        ]
+        return "\n".join(lines)
+
+
+async def run_demo(workdir: str | None, with_load: bool) -> int:
+    own_dir = workdir is None
+    path = Path(tempfile.mkdtemp(prefix="mcsproxy-demo-")) if own_dir else Path(workdir)
+    demo = Demo(path, with_load=with_load)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        try:
+            await demo.start()
+        except DemoError as exc:
+            print(f"mcsproxy demo: {exc}", file=sys.stderr)
+            return 1
+        print(demo.banner(), flush=True)
+        await stop.wait()
+        print("\nstopping the demo", flush=True)
+        return 0
+    finally:
+        await demo.stop()
+        if own_dir:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def control(action: str, cluster: str) -> int:
+    """`mcsproxy demo kill|restore|status`: talk to a running demo's control API."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    url = f"{CONTROL_URL}/clusters"
+    req = urllib.request.Request(url if action == "status" else f"{url}/{cluster}/{action}",
+                                 method="GET" if action == "status" else "POST")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            states = json.load(resp)
+    except urllib.error.HTTPError as exc:
+        print(f"mcsproxy demo: {exc.read().decode(errors='replace').strip()}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"mcsproxy demo: no demo is running at {url} ({exc})", file=sys.stderr)
+        return 1
+    for name, state in states.items():
+        print(f"{name:8} backends {state['backends']:8} dns {state['dns']:17} "
+              f"admin {state['admin']}")
+    return 0
