@@ -77,7 +77,7 @@ class ImportedService:
     session_affinity: Literal["None", "ClientIP"] = "None"
     affinity_timeout_s: int = DEFAULT_AFFINITY_TIMEOUT_S
     traffic_distribution: str | None = None
-    annotations: Mapping[str, str] = field(default=EMPTY_MAPPING)
+    annotations: Mapping[str, str] = field(default_factory=lambda: EMPTY_MAPPING)
     clusters: tuple[str, ...] = ()  # status.clusters: the exporting clusters
 
     @property

@@ -1,0 +1,151 @@
+"""What the gateway accepts as a ServiceImport or an imported EndpointSlice, and what not."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from mcsproxy.manifests import (
+    ManifestError,
+    load_yaml_documents,
+    object_kind,
+    parse_endpoint_slice,
+    parse_service_import,
+)
+from mcsproxy.model import ServiceKey, ServicePort
+
+IMPORT: dict[str, Any] = {
+    "apiVersion": "multicluster.x-k8s.io/v1alpha1",
+    "kind": "ServiceImport",
+    "metadata": {"name": "web", "namespace": "shop",
+                 "annotations": {"mcsproxy.io/locality": "local-first"}},
+    "spec": {
+        "type": "ClusterSetIP",
+        "ips": ["127.240.0.1", "fd00::1"],
+        "ports": [{"name": "http", "protocol": "TCP", "port": 80, "appProtocol": "http"},
+                  {"port": 53, "protocol": "UDP"}],
+        "sessionAffinity": "ClientIP",
+        "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 30}},
+        "trafficDistribution": "PreferClose",
+    },
+    "status": {"clusters": [{"cluster": "east"}, {"cluster": "west"}]},
+}
+
+SLICE: dict[str, Any] = {
+    "apiVersion": "discovery.k8s.io/v1",
+    "kind": "EndpointSlice",
+    "metadata": {"name": "web-east", "namespace": "shop", "labels": {
+        "multicluster.kubernetes.io/service-name": "web",
+        "multicluster.kubernetes.io/source-cluster": "east"}},
+    "addressType": "IPv4",
+    "ports": [{"name": "http", "protocol": "TCP", "port": 8080}],
+    "endpoints": [
+        {"addresses": ["10.0.0.1"], "hostname": "web-0", "zone": "z1"},
+        {"addresses": ["10.0.0.2"], "conditions": {"ready": False, "serving": True,
+                                                   "terminating": True}},
+    ],
+}
+
+
+def test_service_import_fields() -> None:
+    spec = parse_service_import(IMPORT)
+    assert spec.key == ServiceKey("shop", "web")
+    assert spec.ips == ("127.240.0.1", "fd00::1")
+    assert spec.ports == (ServicePort("http", "TCP", 80, "http"), ServicePort("", "UDP", 53))
+    assert (spec.session_affinity, spec.affinity_timeout_s) == ("ClientIP", 30)
+    assert spec.traffic_distribution == "PreferClose"
+    assert spec.clusters == ("east", "west")
+    assert object_kind(IMPORT) == "ServiceImport"
+    beta = {**IMPORT, "apiVersion": "multicluster.x-k8s.io/v1beta1"}
+    assert object_kind(beta) == "ServiceImport"
+
+
+def test_slice_conditions_follow_the_api_defaults() -> None:
+    spec = parse_endpoint_slice(SLICE)
+    assert spec is not None
+    first, second = spec.endpoints
+    # A nil ready means ready; a nil serving follows ready; a nil terminating is false.
+    assert (first.ready, first.serving, first.terminating) == (True, True, False)
+    assert (second.ready, second.serving, second.terminating) == (False, True, True)
+    assert first.hostname == "web-0" and first.cluster == "east" and first.zone == "z1"
+    assert first.port_for(ServicePort("http", "TCP", 80)) == 8080
+    assert first.port_for(ServicePort("http", "UDP", 80)) is None
+    assert first.ports is second.ports  # shared per slice, not copied per endpoint
+
+
+def test_slice_without_mcs_label_is_not_ours() -> None:
+    plain = copy.deepcopy(SLICE)
+    plain["metadata"]["labels"] = {"kubernetes.io/service-name": "web"}
+    assert parse_endpoint_slice(plain) is None
+
+
+def _with(obj: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    out = copy.deepcopy(obj)
+    *parents, leaf = path.split(".")
+    node: Any = out
+    for p in parents:
+        node = node[int(p)] if isinstance(node, list) else node[p]
+    if isinstance(node, list):
+        node[int(leaf)] = value
+    else:
+        node[leaf] = value
+    return out
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("spec.type", "LoadBalancer", "spec.type must be ClusterSetIP or Headless"),
+        ("spec.ips", ["not-an-ip"], "invalid address 'not-an-ip'"),
+        ("spec.ips", ["127.240.0.1", "127.240.0.2"], "two IPv4 addresses"),
+        ("spec.ports.0.port", 0, "spec.ports[0].port must be an integer 1-65535"),
+        ("spec.ports.0.port", "80", "spec.ports[0].port must be an integer 1-65535"),
+        ("spec.ports.1.protocol", "ICMP", "spec.ports[1].protocol must be one of"),
+        ("spec.ports.1.name", "http", "duplicate port http/UDP"),
+        ("spec.sessionAffinity", "Cookie", "sessionAffinity must be None or ClientIP"),
+        ("spec.ports", {"port": 80}, "spec.ports must be a list"),
+        ("metadata.name", "", "ServiceImport has no metadata.name"),
+    ],
+)
+def test_invalid_service_imports(path: str, value: Any, message: str) -> None:
+    with pytest.raises(ManifestError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_service_import(_with(IMPORT, path, value))
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("addressType", "IPv5", "addressType must be IPv4, IPv6 or FQDN"),
+        ("endpoints.0.addresses", [], r"endpoints\[0\] has no addresses"),
+        ("endpoints.0.addresses", ["fd00::1"], "is not IPv4"),
+        ("endpoints.1.conditions", {"ready": "yes"}, "conditions.ready must be a boolean"),
+        ("ports.0.port", 70000, r"ports\[0\].port must be an integer"),
+        ("metadata.labels", {"multicluster.kubernetes.io/service-name": "web"},
+         "source-cluster is missing"),
+    ],
+)
+def test_invalid_slices(path: str, value: Any, message: str) -> None:
+    with pytest.raises(ManifestError, match=message):
+        parse_endpoint_slice(_with(SLICE, path, value))
+
+
+def test_headless_import_must_not_have_ips() -> None:
+    headless = _with(IMPORT, "spec.type", "Headless")
+    with pytest.raises(ManifestError, match=r"Headless import must not have spec\.ips"):
+        parse_service_import(headless)
+
+
+def test_yaml_errors_carry_the_line() -> None:
+    text = "a: 1\n---\nkind: ServiceImport\nspec: [unclosed\n"
+    with pytest.raises(ManifestError) as info:
+        list(load_yaml_documents(text, "f.yaml"))
+    assert info.value.origin == "f.yaml"
+    assert info.value.line == 5
+    assert str(info.value).startswith("f.yaml:5: invalid YAML")
+
+
+def test_documents_report_their_first_line() -> None:
+    text = "# comment\na: 1\n---\n\nb: 2\n"
+    assert list(load_yaml_documents(text, "f.yaml")) == [(2, {"a": 1}), (5, {"b": 2})]
