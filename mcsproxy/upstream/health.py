@@ -1,0 +1,101 @@
+"""Active health checks: one named task per endpoint, so at most one probe is in flight.
+
+TCP connect by default; for appProtocol http ports an HTTP/1.1 GET whose status must be
+2xx or 3xx (as a Kubernetes httpGet probe). Probes of many endpoints are spread by a
+random first delay and a jittered interval. Results go to `UpstreamSet.health_result`,
+which applies the healthy/unhealthy thresholds and logs each change once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import TYPE_CHECKING, Any
+
+from mcsproxy.config import HealthConfig
+from mcsproxy.tasks import cancel_and_wait, spawn
+
+if TYPE_CHECKING:
+    from mcsproxy.upstream.upstream_set import Host, UpstreamSet
+
+MAX_STATUS_LINE = 1024
+
+
+async def probe_tcp(address: str, port: int, timeout_s: float) -> str | None:
+    """None when a TCP connection opens within the timeout, else why not."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout_s):
+            transport, _ = await loop.create_connection(asyncio.Protocol, address, port)
+    except TimeoutError:
+        return "timeout"
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    transport.close()
+    return None
+
+
+async def probe_http(address: str, port: int, path: str, timeout_s: float) -> str | None:
+    """None when GET `path` answers 2xx/3xx within the timeout, else why not."""
+    host = f"[{address}]" if ":" in address else address
+    request = (f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: mcsproxy-health\r\n"
+               "Connection: close\r\n\r\n").encode()
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(timeout_s):
+            reader, writer = await asyncio.open_connection(address, port, limit=MAX_STATUS_LINE)
+            writer.write(request)
+            line = await reader.readline()
+    except TimeoutError:
+        return "timeout"
+    except (OSError, ValueError) as exc:
+        return getattr(exc, "strerror", None) or type(exc).__name__
+    finally:
+        if writer is not None:
+            writer.transport.abort()
+    parts = line.split(None, 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+        return "no HTTP status line"
+    status = int(parts[1])
+    return None if 200 <= status < 400 else f"status {status}"
+
+
+class HealthChecker:
+    """Probes every host of one upstream set on an interval; `sync` follows its hosts."""
+
+    def __init__(self, upstream: UpstreamSet, config: HealthConfig, http: bool,
+                 rng: random.Random | None = None) -> None:
+        self.upstream = upstream
+        self.config = config
+        self.http = http
+        self._rng = rng or random.Random()
+        self._tasks: dict[Host, asyncio.Task[Any]] = {}
+
+    def sync(self, hosts: list[Host]) -> None:
+        wanted = set(hosts)
+        for host in [h for h in self._tasks if h not in wanted]:
+            self._tasks.pop(host).cancel()
+        for host in wanted:
+            if host not in self._tasks:
+                self._tasks[host] = spawn(self._run(host),
+                                          name=f"health {self.upstream.name} {host}")
+
+    async def stop(self) -> None:
+        tasks = list(self._tasks.values())
+        self._tasks.clear()
+        await cancel_and_wait(tasks)
+
+    async def probe(self, host: Host) -> str | None:
+        cfg = self.config
+        if self.http:
+            return await probe_http(host.address, host.port, cfg.http_path, cfg.timeout_s)
+        return await probe_tcp(host.address, host.port, cfg.timeout_s)
+
+    async def _run(self, host: Host) -> None:
+        cfg = self.config
+        await asyncio.sleep(self._rng.uniform(0, cfg.interval_s))
+        while True:
+            failure = await self.probe(host)
+            self.upstream.health_result(host, failure, cfg)
+            spread = cfg.interval_s * cfg.jitter
+            await asyncio.sleep(cfg.interval_s + self._rng.uniform(-spread, spread))

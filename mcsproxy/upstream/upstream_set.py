@@ -1,0 +1,394 @@
+"""The upstream set: every endpoint one (service, port) may send to, with their health.
+
+One `UpstreamSet` per imported service port, shared by every listener of that port (all
+ClusterSetIPs) and by every protocol handler (TCP, UDP, and the HTTP proxy):
+
+    host = upstream.pick(client_ip, exclude=tried)   # None: nowhere to go
+    ... connect to (host.address, host.port) ...
+    upstream.connect_failed(host, "refused")           # counts toward outlier ejection
+    upstream.connect_ok(host, conn)                    # conn has .abort(); counted as active
+    upstream.response_status(host, 503)                # HTTP: 5xx counts as a failure
+    upstream.release(host, conn)                       # the connection ended
+
+Health lives here: active checks (`HealthChecker`, started with `start()`) report through
+`health_result`, passive failures through `connect_failed`/`response_status`; a host is
+*healthy* when its active state is up and it is not ejected. Every health change rebuilds
+the per-level host lists and Envoy's load plan once, so `pick` only indexes lists.
+`update()` takes a new target list from a snapshot: hosts that stay keep their state and
+connections; removed hosts get nothing new and their connections drain (aborted after
+`drain_grace_s` when one is configured). Every state change is logged once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Collection, Iterable
+from typing import Protocol
+
+from mcsproxy.config import HealthConfig, OutlierConfig, ProxyConfig
+from mcsproxy.model import Locality
+from mcsproxy.upstream.balance import (
+    AffinityTable,
+    LoadPlan,
+    Target,
+    choose_level,
+    pick_least_connections,
+    pick_round_robin,
+    priority_load,
+    priority_of,
+)
+
+log = logging.getLogger("mcsproxy.upstream")
+
+INF = float("inf")
+
+
+class Connection(Protocol):
+    """What an upstream set needs of a proxied connection: a way to end it when draining."""
+
+    def abort(self) -> None: ...
+
+
+class Host:
+    """One endpoint (address, port) of an upstream set and its health state."""
+
+    __slots__ = (
+        "active_up",
+        "address",
+        "cluster",
+        "conns",
+        "consecutive_failures",
+        "ejected_until",
+        "hc_streak",
+        "key",
+        "level",
+        "port",
+        "ready",
+        "removed",
+        "times_ejected",
+    )
+
+    def __init__(self, target: Target, level: int) -> None:
+        self.address = target.address
+        self.port = target.port
+        self.key = (target.address, target.port)
+        self.cluster = target.cluster
+        self.ready = target.ready
+        self.level = level
+        # Kubernetes already vouched for a ready endpoint: start healthy rather than
+        # holding traffic until the first probe, and let active checks take it down.
+        self.active_up = True
+        self.hc_streak = 0  # consecutive probe results against the current active state
+        self.consecutive_failures = 0
+        self.times_ejected = 0
+        self.ejected_until = 0.0
+        self.removed = False
+        self.conns: set[Connection] = set()
+
+    @property
+    def ejected(self) -> bool:
+        return self.ejected_until > 0.0
+
+    @property
+    def healthy(self) -> bool:
+        return self.active_up and self.ejected_until == 0.0
+
+    @property
+    def active(self) -> int:
+        return len(self.conns)
+
+    def __repr__(self) -> str:
+        return f"{self.address}:{self.port}({self.cluster})"
+
+
+def _active(host: Host) -> int:
+    return len(host.conns)
+
+
+class UpstreamSet:
+    """Endpoints of one service port, their health, and the choice of one per connection."""
+
+    def __init__(
+        self,
+        name: str,
+        local_cluster: str,
+        config: ProxyConfig,
+        *,
+        locality: Locality = "spread",
+        affinity_timeout_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.name = name
+        self.local_cluster = local_cluster
+        self.config = config
+        self.outlier: OutlierConfig = config.outlier
+        self.locality: Locality = locality
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._randbelow = self._rng.randrange
+        self._least_conn = config.lb_policy == "least-connections"
+        self.affinity: AffinityTable | None = (
+            AffinityTable(affinity_timeout_s, clock) if affinity_timeout_s else None
+        )
+        self.hosts: dict[tuple[str, int], Host] = {}
+        self.draining: set[Host] = set()
+        self._levels: list[list[Host]] = []  # every current host, by priority level
+        self._avail: list[list[Host]] = []  # hosts `pick` chooses from, by level
+        self.plan = LoadPlan((), ())
+        self._rr = 0
+        self._next_expiry = INF
+        self._panic_logged: tuple[bool, ...] = ()
+        self.health_checker: HealthCheckerLike | None = None
+
+    # -- snapshot updates -------------------------------------------------------------
+    def update(
+        self,
+        targets: Iterable[Target],
+        locality: Locality | None = None,
+        affinity_timeout_s: float | None = None,
+    ) -> None:
+        """Make `targets` the set's endpoints; keep the state of those that stay."""
+        if locality is not None:
+            self.locality = locality
+        if affinity_timeout_s is None:
+            self.affinity = None
+        elif self.affinity is None or self.affinity.timeout_s != affinity_timeout_s:
+            self.affinity = AffinityTable(affinity_timeout_s, self._clock)
+        new: dict[tuple[str, int], Host] = {}
+        for t in targets:
+            level = priority_of(t.cluster, self.local_cluster, self.locality)
+            host = self.hosts.get((t.address, t.port))
+            if host is None:
+                host = self._revive(t) or Host(t, level)
+                log.info("upstream %s: endpoint %s added (priority %d)", self.name, host, level)
+            host.cluster, host.ready, host.level = t.cluster, t.ready, level
+            new[host.key] = host
+        for key, host in self.hosts.items():
+            if key not in new:
+                self._retire(host)
+        self.hosts = new
+        self._rebuild()
+        if self.health_checker is not None:
+            self.health_checker.sync(list(new.values()))
+
+    def _revive(self, target: Target) -> Host | None:
+        """An endpoint that comes back while its old connections drain keeps its state."""
+        for host in self.draining:
+            if host.key == (target.address, target.port):
+                self.draining.discard(host)
+                host.removed = False
+                return host
+        return None
+
+    def _retire(self, host: Host) -> None:
+        host.removed = True
+        if not host.conns:
+            log.info("upstream %s: endpoint %s removed", self.name, host)
+            return
+        self.draining.add(host)
+        grace = self.config.drain_grace_s
+        log.info("upstream %s: endpoint %s removed, draining %d connections (grace %s)",
+                 self.name, host, len(host.conns), "unlimited" if grace is None else f"{grace}s")
+        if grace is not None:
+            asyncio.get_running_loop().call_later(grace, self._drain_expired, host)
+
+    def _drain_expired(self, host: Host) -> None:
+        if not host.removed or not host.conns:
+            return
+        log.info("upstream %s: drain grace over for %s, closing %d connections",
+                 self.name, host, len(host.conns))
+        for conn in list(host.conns):
+            conn.abort()
+
+    def close(self) -> None:
+        """The service port is gone: every host retires (connections drain as configured)."""
+        self.update(())
+
+    # -- the hot path -----------------------------------------------------------------
+    def pick(self, client_ip: str | None = None, exclude: Collection[Host] = ()) -> Host | None:
+        """The host for a new connection, or None when the set has nowhere to send it.
+
+        `exclude` holds hosts already tried for this connection: the rest of the chosen
+        level is tried first, then healthy hosts of the other levels in priority order
+        (another cluster once the local one is exhausted), then anything not yet tried.
+        """
+        if self._next_expiry != INF and self._clock() >= self._next_expiry:
+            self._expire_ejections()
+        affinity = self.affinity
+        if affinity is not None and client_ip is not None:
+            key = affinity.get(client_ip)
+            if key is not None:
+                host = self.hosts.get(key)
+                if host is not None and host.healthy and host not in exclude:
+                    affinity.remember(client_ip, key)
+                    return host
+                affinity.forget(client_ip)
+        avail = self._avail
+        if not avail:
+            return None
+        level = 0 if len(avail) == 1 else choose_level(self.plan.loads, self._randbelow(100))
+        hosts = avail[level]
+        if exclude:
+            hosts = [h for h in hosts if h not in exclude] or self._fallback(exclude)
+            if not hosts:
+                return None
+        host = self._choose(hosts)
+        if affinity is not None and client_ip is not None:
+            affinity.remember(client_ip, host.key)
+        return host
+
+    def _choose(self, hosts: list[Host]) -> Host:
+        if len(hosts) == 1:
+            return hosts[0]
+        if self._least_conn:
+            return pick_least_connections(hosts, _active, self._randbelow)
+        self._rr += 1
+        return pick_round_robin(hosts, self._rr)
+
+    def _fallback(self, exclude: Collection[Host]) -> list[Host]:
+        for level in self._levels:
+            hosts = [h for h in level if h.healthy and h not in exclude]
+            if hosts:
+                return hosts
+        return [h for level in self._levels for h in level if h not in exclude]
+
+    # -- outcomes reported by the proxies ---------------------------------------------
+    def connect_ok(self, host: Host, conn: Connection) -> None:
+        host.consecutive_failures = 0
+        host.conns.add(conn)
+
+    def release(self, host: Host, conn: Connection) -> None:
+        host.conns.discard(conn)
+        if host.removed and not host.conns and host in self.draining:
+            self.draining.discard(host)
+            log.info("upstream %s: endpoint %s drained", self.name, host)
+
+    def connect_failed(self, host: Host, reason: str) -> None:
+        """A local-origin failure (refused, timed out, reset before any byte)."""
+        host.consecutive_failures += 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("upstream %s: connect to %s failed: %s", self.name, host, reason)
+        limit = self.outlier.consecutive_failures
+        if limit and host.consecutive_failures >= limit and not host.ejected:
+            self._eject(host, f"{host.consecutive_failures} consecutive failures ({reason})")
+
+    def response_status(self, host: Host, status: int) -> None:
+        """HTTP: a 5xx counts as a failure toward ejection, anything else resets the count."""
+        if status >= 500:
+            self.connect_failed(host, f"status {status}")
+        else:
+            host.consecutive_failures = 0
+
+    # -- health state -----------------------------------------------------------------
+    def health_result(self, host: Host, failure: str | None, health: HealthConfig) -> None:
+        """One active probe's outcome: None on success, else the reason it failed."""
+        if host.removed:
+            return
+        ok = failure is None
+        if ok == host.active_up:
+            host.hc_streak = 0
+            return
+        host.hc_streak += 1
+        needed = health.healthy_threshold if ok else health.unhealthy_threshold
+        if host.hc_streak < needed:
+            return
+        host.active_up = ok
+        host.hc_streak = 0
+        if ok:
+            log.info("upstream %s: endpoint %s healthy (active check)", self.name, host)
+        else:
+            log.warning("upstream %s: endpoint %s unhealthy (active check: %s)",
+                        self.name, host, failure)
+        self._rebuild()
+
+    def _eject(self, host: Host, why: str) -> None:
+        total = len(self.hosts)
+        ejected = sum(1 for h in self.hosts.values() if h.ejected)
+        if total == 0 or ejected * 100 >= self.outlier.max_ejection_percent * total:
+            if host.consecutive_failures == self.outlier.consecutive_failures:
+                log.warning("upstream %s: endpoint %s not ejected (max ejection %d%% reached)",
+                            self.name, host, self.outlier.max_ejection_percent)
+            return
+        host.times_ejected += 1
+        duration = min(self.outlier.base_ejection_s * host.times_ejected,
+                       self.outlier.max_ejection_s)
+        host.ejected_until = self._clock() + duration
+        self._next_expiry = min(self._next_expiry, host.ejected_until)
+        log.warning("upstream %s: endpoint %s ejected for %.0fs: %s",
+                    self.name, host, duration, why)
+        self._rebuild()
+
+    def _expire_ejections(self) -> None:
+        now = self._clock()
+        nxt = INF
+        for host in self.hosts.values():
+            if host.ejected_until == 0.0:
+                continue
+            if host.ejected_until <= now:
+                host.ejected_until = 0.0
+                host.consecutive_failures = 0
+                log.info("upstream %s: endpoint %s returned from ejection", self.name, host)
+            else:
+                nxt = min(nxt, host.ejected_until)
+        self._next_expiry = nxt
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        nlevels = 1 + max((h.level for h in self.hosts.values()), default=-1)
+        levels: list[list[Host]] = [[] for _ in range(nlevels)]
+        for host in self.hosts.values():
+            levels[host.level].append(host)
+        healthy = [[h for h in lv if h.healthy] for lv in levels]
+        plan = priority_load(
+            [len(h) for h in healthy],
+            [len(lv) for lv in levels],
+            self.config.overprovisioning_factor,
+            self.config.panic_threshold_percent,
+        )
+        self._levels = levels
+        self._avail = [lv if panic else hl for lv, hl, panic in zip(levels, healthy, plan.panic,
+                                                                       strict=True)]
+        if not self.hosts:
+            self._avail = []
+        self.plan = plan
+        if plan.panic != self._panic_logged and any(plan.panic) != any(self._panic_logged):
+            if any(plan.panic):
+                log.warning("upstream %s: panic mode (loads %s, panic %s): balancing over "
+                            "unhealthy endpoints too", self.name, plan.loads, plan.panic)
+            else:
+                log.info("upstream %s: left panic mode (loads %s)", self.name, plan.loads)
+        self._panic_logged = plan.panic
+
+    # -- lifecycle --------------------------------------------------------------------
+    def attach_health_checker(self, checker: HealthCheckerLike) -> None:
+        self.health_checker = checker
+        checker.sync(list(self.hosts.values()))
+
+    async def stop(self) -> None:
+        if self.health_checker is not None:
+            await self.health_checker.stop()
+            self.health_checker = None
+
+    def snapshot_state(self) -> dict[str, object]:
+        """Plain data for logs and the admin page."""
+        return {
+            "locality": self.locality,
+            "loads": list(self.plan.loads),
+            "panic": list(self.plan.panic),
+            "hosts": [
+                {"address": h.address, "port": h.port, "cluster": h.cluster, "level": h.level,
+                 "healthy": h.healthy, "active_up": h.active_up, "ejected": h.ejected,
+                 "active": h.active}
+                for h in self.hosts.values()
+            ],
+            "draining": len(self.draining),
+        }
+
+
+class HealthCheckerLike(Protocol):
+    def sync(self, hosts: list[Host]) -> None: ...
+    async def stop(self) -> None: ...

@@ -1,0 +1,191 @@
+"""The load-balancing arithmetic as tables: eligibility, priorities, spill, panic, picks."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from mcsproxy.model import Endpoint, EndpointPort, ImportedService, ServiceKey, ServicePort
+from mcsproxy.upstream.balance import (
+    AffinityTable,
+    LoadPlan,
+    Target,
+    choose_level,
+    eligible_targets,
+    level_health,
+    pick_least_connections,
+    pick_round_robin,
+    priority_load,
+    priority_of,
+)
+
+HTTP = ServicePort("http", "TCP", 80)
+DNS = ServicePort("dns", "UDP", 53)
+
+
+def ep(address: str, cluster: str = "a", *, ready: bool = True, serving: bool | None = None,
+       terminating: bool = False, ports: tuple[EndpointPort, ...] | None = None) -> Endpoint:
+    return Endpoint(
+        address=address, addresses=(address,), family=4, cluster=cluster,
+        ports=ports if ports is not None else (EndpointPort("http", "TCP", 8080),),
+        ready=ready, serving=ready if serving is None else serving, terminating=terminating,
+    )
+
+
+def svc(*endpoints: Endpoint) -> ImportedService:
+    return ImportedService(ServiceKey("ns", "s"), "ClusterSetIP", ("127.240.0.1",), (HTTP,),
+                           endpoints=endpoints)
+
+
+@pytest.mark.parametrize(
+    ("endpoints", "expected"),
+    [
+        # ready ones only, port matched by name: service port 80 → endpoint port 8080
+        ((ep("10.0.0.1"), ep("10.0.0.2", "b", ready=False, serving=False)),
+         [("10.0.0.1", 8080, "a", True)]),
+        # a terminating-but-serving endpoint is not used while a ready one exists
+        ((ep("10.0.0.1"), ep("10.0.0.2", ready=False, serving=True, terminating=True)),
+         [("10.0.0.1", 8080, "a", True)]),
+        # ... but is, when nothing is ready (kube-proxy's fallback)
+        ((ep("10.0.0.2", ready=False, serving=True, terminating=True),
+          ep("10.0.0.3", ready=False, serving=False)),
+         [("10.0.0.2", 8080, "a", False)]),
+        # a slice without a port of that name (or with the wrong protocol) contributes nothing
+        ((ep("10.0.0.4", ports=(EndpointPort("metrics", "TCP", 9090),)),
+          ep("10.0.0.5", ports=(EndpointPort("http", "UDP", 8080),))), []),
+        # duplicates collapse
+        ((ep("10.0.0.1"), ep("10.0.0.1", "b")), [("10.0.0.1", 8080, "a", True)]),
+        ((), []),
+    ],
+)
+def test_eligible_targets(endpoints: tuple[Endpoint, ...], expected: list[tuple]) -> None:
+    assert [tuple(t) for t in eligible_targets(svc(*endpoints), HTTP)] == expected
+
+
+def test_eligible_targets_port_numbers_differ_per_cluster() -> None:
+    a = ep("10.0.0.1", "a", ports=(EndpointPort("http", "TCP", 8080),))
+    b = ep("10.0.1.1", "b", ports=(EndpointPort("http", "TCP", 9000),
+                                   EndpointPort("", "TCP", 1)))
+    assert eligible_targets(svc(a, b), HTTP) == (
+        Target("10.0.0.1", 8080, "a", True), Target("10.0.1.1", 9000, "b", True))
+    assert eligible_targets(svc(a, b), DNS) == ()
+
+
+@pytest.mark.parametrize(
+    ("cluster", "locality", "level"),
+    [("east", "spread", 0), ("west", "spread", 0), ("east", "local-first", 0),
+     ("west", "local-first", 1)],
+)
+def test_priority_of(cluster: str, locality: str, level: int) -> None:
+    assert priority_of(cluster, "east", locality) == level  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("healthy", "total", "health"),
+    [(10, 10, 100), (72, 100, 100), (71, 100, 99), (5, 10, 70), (0, 10, 0), (0, 0, 0),
+     (1, 3, 46)],
+)
+def test_level_health(healthy: int, total: int, health: int) -> None:
+    assert level_health(healthy, total, 1.4) == health
+
+
+# Envoy's documented table (healthy % of P0 and P1 → load and panic per level); the one
+# row that differs from the docs' rounded 7 %/93 % follows Envoy's code, which gives the
+# rounding remainder to the first level with health.
+@pytest.mark.parametrize(
+    ("healthy", "total", "loads", "panic"),
+    [
+        ((100, 100), (100, 100), (100, 0), (False, False)),
+        ((72, 72), (100, 100), (100, 0), (False, False)),
+        ((71, 71), (100, 100), (99, 1), (False, False)),
+        ((50, 60), (100, 100), (70, 30), (False, False)),
+        ((25, 100), (100, 100), (35, 65), (False, False)),
+        ((25, 25), (100, 100), (50, 50), (True, True)),
+        ((5, 65), (100, 100), (8, 92), (True, False)),
+        # every level down: all of it to level 0, in panic (balance over every host)
+        ((0, 0), (2, 3), (100, 0), (True, True)),
+        # no local endpoints at all: the remote level carries everything, no panic
+        ((0, 3), (0, 3), (0, 100), (False, False)),
+        # local cluster fully down, remote healthy: clean failover, no panic
+        ((0, 2), (2, 2), (0, 100), (False, False)),
+        # local-first with two healthy local endpoints of three: 93 % local, 7 % spill
+        ((2, 2), (3, 2), (93, 7), (False, False)),
+        # one level (spread) at 40 % healthy: all load there, in panic
+        ((2,), (5,), (100,), (True,)),
+        ((3, 0, 4), (3, 0, 4), (100, 0, 0), (False, False, False)),
+        ((1, 0, 4), (4, 0, 4), (35, 0, 65), (False, False, False)),
+        ((), (), (), ()),
+    ],
+)
+def test_priority_load(healthy: tuple[int, ...], total: tuple[int, ...],
+                       loads: tuple[int, ...], panic: tuple[bool, ...]) -> None:
+    plan = priority_load(healthy, total, 1.4, 50)
+    assert plan == LoadPlan(loads, panic)
+    if loads:
+        assert sum(plan.loads) == 100
+
+
+def test_priority_load_factor_and_threshold_are_parameters() -> None:
+    # Without overprovisioning 90 % health keeps only 90 % of the load local.
+    assert priority_load((9, 10), (10, 10), 1.0, 50).loads == (90, 10)
+    # A panic threshold of 0 never panics.
+    assert priority_load((1, 1), (10, 10), 1.4, 0).panic == (False, False)
+    with pytest.raises(ValueError):
+        priority_load((1,), (1, 2))
+
+
+@pytest.mark.parametrize(("loads", "roll", "level"),
+                         [((100, 0), 0, 0), ((100, 0), 99, 0), ((93, 7), 92, 0),
+                          ((93, 7), 93, 1), ((0, 100), 0, 1), ((35, 0, 65), 35, 2)])
+def test_choose_level(loads: tuple[int, ...], roll: int, level: int) -> None:
+    assert choose_level(loads, roll) == level
+
+
+def test_round_robin_visits_every_host_in_turn() -> None:
+    hosts = ["a", "b", "c"]
+    assert [pick_round_robin(hosts, i) for i in range(6)] == ["a", "b", "c", "a", "b", "c"]
+
+
+def test_least_connections_never_picks_the_busier_of_two() -> None:
+    active = {"idle": 0, "busy": 100}
+    rng = random.Random(1)
+    picks = [pick_least_connections(["idle", "busy"], active.__getitem__, rng.randrange)
+             for _ in range(50)]
+    assert set(picks) == {"idle"}
+    # with three hosts the busiest is never chosen, the other two are both used
+    active3 = {"a": 1, "b": 1, "c": 9}
+    picks3 = {pick_least_connections(["a", "b", "c"], active3.__getitem__, rng.randrange)
+              for _ in range(200)}
+    assert picks3 == {"a", "b"}
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_affinity_sticks_refreshes_and_expires() -> None:
+    clock = FakeClock()
+    table = AffinityTable(10, clock)
+    table.remember("1.1.1.1", ("10.0.0.1", 80))
+    clock.now += 9
+    assert table.get("1.1.1.1") == ("10.0.0.1", 80)
+    table.remember("1.1.1.1", ("10.0.0.1", 80))  # use refreshes the timeout
+    clock.now += 9
+    assert table.get("1.1.1.1") == ("10.0.0.1", 80)
+    clock.now += 10
+    assert table.get("1.1.1.1") is None
+    assert len(table) == 0
+
+
+def test_affinity_table_is_bounded_lru() -> None:
+    table = AffinityTable(10, FakeClock(), max_entries=2)
+    table.remember("a", ("x", 1))
+    table.remember("b", ("x", 2))
+    table.remember("a", ("x", 1))
+    table.remember("c", ("x", 3))
+    assert (table.get("a"), table.get("b"), table.get("c")) == (("x", 1), None, ("x", 3))

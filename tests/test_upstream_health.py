@@ -1,0 +1,85 @@
+"""Active health checks against real sockets: TCP connect and HTTP GET probes."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+
+from mcsproxy.config import HealthConfig, ProxyConfig
+from mcsproxy.upstream import HealthChecker, Target, UpstreamSet, probe_http, probe_tcp
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class HttpStatus(asyncio.Protocol):
+    def __init__(self, status: bytes) -> None:
+        self.status = status
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if b"\r\n\r\n" in data:
+            self.transport.write(b"HTTP/1.1 " + self.status + b"\r\nContent-Length: 0\r\n\r\n")  # type: ignore[attr-defined]
+            self.transport.close()
+
+
+async def test_tcp_probe_up_and_refused() -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(asyncio.Protocol, "127.0.3.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        assert await probe_tcp("127.0.3.1", port, 1.0) is None
+    finally:
+        server.close()
+    assert await probe_tcp("127.0.3.2", free_port("127.0.3.2"), 1.0) is not None
+
+
+async def test_http_probe_reads_the_status() -> None:
+    loop = asyncio.get_running_loop()
+    ok = await loop.create_server(lambda: HttpStatus(b"204 No Content"), "127.0.3.3", 0)
+    bad = await loop.create_server(lambda: HttpStatus(b"503 Unavailable"), "127.0.3.4", 0)
+    junk = await loop.create_server(lambda: HttpStatus(b"x"), "127.0.3.5", 0)
+    try:
+        assert await probe_http("127.0.3.3", ok.sockets[0].getsockname()[1], "/", 1) is None
+        assert await probe_http("127.0.3.4", bad.sockets[0].getsockname()[1], "/", 1) \
+            == "status 503"
+        assert await probe_http("127.0.3.5", junk.sockets[0].getsockname()[1], "/", 1) \
+            == "no HTTP status line"
+    finally:
+        for s in (ok, bad, junk):
+            s.close()
+
+
+async def test_checker_takes_a_dead_endpoint_out_and_brings_it_back() -> None:
+    loop = asyncio.get_running_loop()
+    port = free_port("127.0.3.6")
+    live = await loop.create_server(asyncio.Protocol, "127.0.3.7", port)
+    cfg = HealthConfig(interval_s=0.02, timeout_s=0.5, healthy_threshold=1,
+                       unhealthy_threshold=2, jitter=0.2)
+    u = UpstreamSet("ns/s:p", "east", ProxyConfig(health=cfg), rng=random.Random(1))
+    u.update([Target("127.0.3.6", port, "east", True), Target("127.0.3.7", port, "east", True)])
+    u.attach_health_checker(HealthChecker(u, cfg, http=False))
+    dead = u.hosts[("127.0.3.6", port)]
+    alive = u.hosts[("127.0.3.7", port)]
+    revived = None
+    try:
+        async with asyncio.timeout(5):
+            while dead.healthy:
+                await asyncio.sleep(0.01)
+        assert alive.healthy
+        assert {u.pick() for _ in range(10)} == {alive}
+        revived = await loop.create_server(asyncio.Protocol, "127.0.3.6", port)
+        async with asyncio.timeout(5):
+            while not dead.healthy:
+                await asyncio.sleep(0.01)
+    finally:
+        await u.stop()
+        live.close()
+        if revived is not None:
+            revived.close()

@@ -1,0 +1,217 @@
+"""UpstreamSet: picks, failover order, ejection, affinity and drain on a fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import Counter
+
+import pytest
+
+from mcsproxy.config import HealthConfig, OutlierConfig, ProxyConfig
+from mcsproxy.upstream import Target, UpstreamSet
+
+HC = HealthConfig(healthy_threshold=2, unhealthy_threshold=3)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Conn:
+    def __init__(self) -> None:
+        self.aborted = False
+        self.aborted_event = asyncio.Event()
+
+    def abort(self) -> None:
+        self.aborted = True
+        self.aborted_event.set()
+
+
+def targets(spec: dict[str, int]) -> list[Target]:
+    """{'east': 2, 'west': 1} → endpoints 127.0.1.1-2 (east), 127.0.2.1 (west)."""
+    out = []
+    for ci, (cluster, n) in enumerate(spec.items(), start=1):
+        out += [Target(f"127.0.{ci}.{i}", 8080, cluster, True) for i in range(1, n + 1)]
+    return out
+
+
+def make(spec: dict[str, int], locality: str = "spread", **cfg: object) -> UpstreamSet:
+    clock = FakeClock()
+    config = ProxyConfig(**cfg)  # type: ignore[arg-type]
+    u = UpstreamSet("ns/s:http", "east", config, locality=locality,  # type: ignore[arg-type]
+                    clock=clock, rng=random.Random(7))
+    u.update(targets(spec))
+    return u
+
+
+def clusters(u: UpstreamSet, n: int = 100) -> Counter[str]:
+    return Counter(u.pick().cluster for _ in range(n))  # type: ignore[union-attr]
+
+
+def test_spread_round_robin_reaches_every_endpoint_evenly() -> None:
+    u = make({"east": 2, "west": 2, "north": 1})
+    picks = Counter(u.pick().key for _ in range(100))  # type: ignore[union-attr]
+    assert len(picks) == 5 and set(picks.values()) == {20}
+
+
+def test_local_first_stays_local_then_spills_by_health() -> None:
+    u = make({"east": 3, "west": 3}, "local-first")
+    assert clusters(u) == {"east": 100}
+    east = [h for h in u.hosts.values() if h.cluster == "east"]
+    for _ in range(3):
+        u.health_result(east[0], "refused", HC)
+    assert u.plan.loads == (93, 7)
+    for host in east[1:]:
+        for _ in range(3):
+            u.health_result(host, "refused", HC)
+    assert u.plan.loads == (0, 100)
+    assert clusters(u) == {"west": 100}
+    for host in east:
+        for _ in range(2):
+            u.health_result(host, None, HC)
+    assert clusters(u) == {"east": 100}
+
+
+def test_health_thresholds_need_consecutive_results() -> None:
+    u = make({"east": 1})
+    host = next(iter(u.hosts.values()))
+    u.health_result(host, "refused", HC)
+    u.health_result(host, "refused", HC)
+    u.health_result(host, None, HC)  # a success breaks the streak
+    u.health_result(host, "refused", HC)
+    u.health_result(host, "refused", HC)
+    assert host.healthy
+    u.health_result(host, "refused", HC)
+    assert not host.healthy
+    u.health_result(host, None, HC)
+    assert not host.healthy
+    u.health_result(host, None, HC)
+    assert host.healthy
+
+
+def test_exclude_tries_rest_of_level_then_other_cluster_then_anything() -> None:
+    u = make({"east": 2, "west": 1}, "local-first")
+    first = u.pick()
+    assert first is not None and first.cluster == "east"
+    second = u.pick(exclude={first})
+    assert second is not None and second.cluster == "east" and second is not first
+    third = u.pick(exclude={first, second})
+    assert third is not None and third.cluster == "west"
+    assert u.pick(exclude={first, second, third}) is None
+
+
+def test_exclude_falls_back_to_unhealthy_hosts_last() -> None:
+    u = make({"east": 1, "west": 1}, "local-first")
+    west = next(h for h in u.hosts.values() if h.cluster == "west")
+    for _ in range(3):
+        u.health_result(west, "timeout", HC)
+    east = u.pick()
+    assert east is not None and east.cluster == "east"
+    assert u.pick(exclude={east}) is west
+
+
+def test_outlier_ejection_time_grows_and_is_capped() -> None:
+    u = make({"east": 4}, outlier=OutlierConfig(consecutive_failures=2, base_ejection_s=10,
+                                                max_ejection_s=25, max_ejection_percent=50))
+    clock = u._clock
+    assert isinstance(clock, FakeClock)
+    host = next(iter(u.hosts.values()))
+    durations = []
+    for _ in range(4):
+        u.connect_failed(host, "refused")
+        u.connect_failed(host, "refused")
+        assert host.ejected
+        assert all(u.pick() is not host for _ in range(12))
+        durations.append(host.ejected_until - clock.now)
+        clock.now = host.ejected_until
+        u.pick()  # expiry is noticed on the next pick
+        assert host.healthy
+    assert durations == [10, 20, 25, 25]
+
+
+def test_success_resets_the_failure_count() -> None:
+    u = make({"east": 2}, outlier=OutlierConfig(consecutive_failures=2))
+    host = next(iter(u.hosts.values()))
+    u.connect_failed(host, "refused")
+    u.connect_ok(host, Conn())
+    u.connect_failed(host, "refused")
+    assert not host.ejected
+    u.response_status(host, 503)
+    assert host.ejected
+
+
+def test_max_ejection_percent_bounds_ejections(caplog: pytest.LogCaptureFixture) -> None:
+    u = make({"east": 4}, outlier=OutlierConfig(consecutive_failures=1, max_ejection_percent=50))
+    hosts = list(u.hosts.values())
+    with caplog.at_level(logging.WARNING, "mcsproxy.upstream"):
+        for h in hosts:
+            u.connect_failed(h, "refused")
+    assert sum(h.ejected for h in hosts) == 2
+    assert sum("not ejected" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_affinity_sticks_until_timeout_and_leaves_an_unhealthy_host() -> None:
+    u = make({"east": 3})
+    u.update(targets({"east": 3}), affinity_timeout_s=60)
+    clock = u._clock
+    assert isinstance(clock, FakeClock)
+    first = u.pick("10.1.1.1")
+    assert all(u.pick("10.1.1.1") is first for _ in range(20))
+    others = {u.pick("10.9.9.9") for _ in range(1)} | {u.pick() for _ in range(5)}
+    assert len(others | {first}) > 1
+    clock.now += 59
+    assert u.pick("10.1.1.1") is first  # each use refreshes the timer
+    clock.now += 61
+    after = [u.pick("10.1.1.1") for _ in range(3)]
+    assert after[0] is after[1] is after[2]  # a new stickiness, not necessarily the same
+    assert first is not None
+    for _ in range(3):
+        u.health_result(after[0], "refused", HC)  # type: ignore[arg-type]
+    moved = u.pick("10.1.1.1")
+    assert moved is not after[0] and u.pick("10.1.1.1") is moved
+
+
+def test_update_keeps_state_and_removed_hosts_get_nothing_new() -> None:
+    u = make({"east": 2, "west": 1})
+    east1 = u.hosts[("127.0.1.1", 8080)]
+    east1.times_ejected = 3
+    conn = Conn()
+    u.connect_ok(east1, conn)
+    u.update(targets({"east": 2}))
+    assert u.hosts[("127.0.1.1", 8080)] is east1 and east1.times_ejected == 3
+    west = targets({"east": 0, "west": 1})[0]
+    u.update([t for t in targets({"east": 2}) if t.address != "127.0.1.1"])
+    assert east1.removed and east1 in u.draining and not conn.aborted
+    assert {u.pick().key for _ in range(10)} == {("127.0.1.2", 8080)}  # type: ignore[union-attr]
+    u.release(east1, conn)
+    assert not u.draining
+    assert west.cluster == "west"
+
+
+async def test_drain_grace_aborts_connections_of_removed_hosts() -> None:
+    u = make({"east": 2}, drain_grace_s=0.01)
+    host = u.hosts[("127.0.1.1", 8080)]
+    conn = Conn()
+    u.connect_ok(host, conn)
+    u.update(targets({"east": 0, "x": 0}))
+    assert not conn.aborted
+    await asyncio.wait_for(conn.aborted_event.wait(), 2)
+
+
+def test_empty_set_picks_nothing() -> None:
+    u = make({})
+    assert u.pick() is None and u.pick("1.2.3.4") is None
+
+
+def test_least_connections_prefers_idle_hosts() -> None:
+    u = make({"east": 2}, lb_policy="least-connections")
+    busy = u.hosts[("127.0.1.1", 8080)]
+    for _ in range(5):
+        u.connect_ok(busy, Conn())
+    assert {u.pick().key for _ in range(20)} == {("127.0.1.2", 8080)}  # type: ignore[union-attr]
