@@ -1,0 +1,1 @@
+"""The clusterset.local DNS responder: wire format, zone index, responder, listeners."""

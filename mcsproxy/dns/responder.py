@@ -1,0 +1,202 @@
+"""Query bytes in, answer bytes out: the DNS logic, free of sockets.
+
+Two levels of precomputation keep the hot path short:
+- the zone index holds every record set packed, with names as pointers into the question;
+- `memo` maps the exact bytes of a UDP query after its ID (flags, question in the case it
+  was asked, OPT) to the bytes of the answer after its ID, so a repeated question costs a
+  dict lookup and a concatenation. It is cleared whenever a snapshot is applied, filled
+  only with answers that do not depend on anything but the snapshot, and bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from typing import Final
+
+import dnslib
+
+from mcsproxy.config import DnsConfig
+from mcsproxy.dns.wire import (
+    AXFR,
+    BADVERS,
+    CLASS_IN,
+    DROP,
+    ECHOED_FLAGS,
+    FLAG_AA,
+    FLAG_QR,
+    FLAG_TC,
+    FORMERR,
+    HEADER_TAIL,
+    IXFR,
+    MAX_LABEL,
+    MAX_NAME,
+    NOERROR,
+    NOTIMP,
+    NXDOMAIN,
+    OPT,
+    OPT_FIXED,
+    REFUSED,
+    SERVFAIL,
+    SOA,
+    TCP_LIMIT,
+    TYPE_CLASS,
+    UDP_PLAIN_LIMIT,
+    UNUSUAL,
+    Query,
+    error_response,
+    parse_query,
+    pointer,
+    rr,
+)
+from mcsproxy.dns.zone import Node, ZoneIndex
+from mcsproxy.model import Snapshot
+
+log = logging.getLogger("mcsproxy.dns")
+
+MEMO_MAX_ENTRIES: Final = 32768
+SOA_REFRESH, SOA_RETRY, SOA_EXPIRE = 3600, 600, 86400
+SOA_TIMERS: Final = struct.Struct(">IIIII")  # serial, refresh, retry, expire, minimum
+
+
+class Forward:
+    """The answer is the upstream's: the caller forwards the query as it came."""
+
+    __slots__ = ("question",)
+
+    def __init__(self, question: bytes) -> None:
+        self.question = question  # what the upstream's answer must echo
+
+
+def parse_unusual(data: bytes) -> Query | int:
+    """dnslib's reading of a query that is not the common shape (extra sections, TSIG…)."""
+    try:
+        record = dnslib.DNSRecord.parse(data)
+    except Exception:  # untrusted bytes; dnslib raises several unrelated types
+        return FORMERR
+    if len(record.questions) != 1:
+        return FORMERR
+    opts = [a for a in record.ar if a.rtype == OPT]
+    if len(opts) > 1:
+        return FORMERR
+    question = record.questions[0]
+    labels = question.qname.label
+    if any(not 0 < len(label) <= MAX_LABEL for label in labels):
+        return FORMERR
+    wire = b"".join(bytes([len(label)]) + label for label in labels) + b"\x00"
+    if len(wire) > MAX_NAME:
+        return FORMERR
+    edns = None
+    if opts:
+        ttl = opts[0].ttl
+        edns = (opts[0].rclass, ttl & 0x8000, (ttl >> 16) & 0xFF)
+    flags = (data[2] << 8) | data[3]
+    return Query(data[:2], flags, wire + TYPE_CLASS.pack(question.qtype, question.qclass),
+                 wire.lower(), question.qtype, question.qclass, edns)
+
+
+class Responder:
+    def __init__(self, config: DnsConfig, loaded: asyncio.Event,
+                 eager: bool = False) -> None:
+        self.zone = ZoneIndex(config.domain, config.ttl_s, eager=eager)
+        self.loaded = loaded
+        self.forwarding = config.upstream is not None
+        self.edns_max = config.edns_max_payload
+        self.ttl = config.ttl_s
+        self.memo: dict[bytes, bytes] = {}
+        self.serial = 0
+        self._soa: dict[int, bytes] = {}
+
+    def apply(self, snapshot: Snapshot) -> int:
+        rebuilt = self.zone.apply(snapshot)
+        self.serial = (int(snapshot.built_at) or snapshot.version) & 0xFFFFFFFF
+        self._soa.clear()
+        self.memo.clear()  # the same dict object: the UDP fast path holds its .get
+        return rebuilt
+
+    # -- entry point -------------------------------------------------------------------
+    def respond(self, data: bytes, tcp: bool) -> bytes | Forward | None:
+        """The answer to one message; None to drop it; a Forward to ask the upstream."""
+        query = parse_query(data)
+        common = True
+        if type(query) is int and query == UNUSUAL:
+            query = parse_unusual(data)
+            common = False
+        if type(query) is int:
+            return None if query == DROP else error_response(data, query)
+        assert isinstance(query, Query)
+        answer, cacheable = self.answer(query, tcp)
+        if cacheable and common and not tcp and isinstance(answer, bytes):
+            memo = self.memo
+            if len(memo) >= MEMO_MAX_ENTRIES:
+                memo.clear()  # bounded: random names cannot grow it without limit
+            memo[data[2:]] = answer[2:]
+        return answer
+
+    def answer(self, q: Query, tcp: bool) -> tuple[bytes | Forward, bool]:
+        """(answer, whether it may be memoised)."""
+        if q.edns is not None and q.edns[2] != 0:
+            return self.message(q, BADVERS, tcp, aa=False), True
+        if q.qclass != CLASS_IN or q.qtype in (AXFR, IXFR):
+            return self.message(q, NOTIMP, tcp, aa=False), True
+        if q.qtype == OPT:
+            return self.message(q, FORMERR, tcp, aa=False), True
+        found = self.zone.lookup(q.qname)
+        if found is ZoneIndex.OUT_OF_ZONE:
+            if self.forwarding:
+                return Forward(q.question), False
+            return self.message(q, REFUSED, tcp, aa=False), True
+        if not self.loaded.is_set():
+            return self.message(q, SERVFAIL, tcp, aa=False), False
+        if found is None:
+            return self.message(q, NXDOMAIN, tcp, authority=self.soa(len(q.qname))), True
+        assert isinstance(found, Node)
+        rrset = found.rrsets().get(q.qtype)
+        if rrset is not None:
+            return self.message(q, NOERROR, tcp, rrset[0], rrset[1]), True
+        if q.qtype == SOA and q.qname == self.zone.apex:
+            return self.message(q, NOERROR, tcp, 1, self.soa(len(q.qname))), True
+        return self.message(q, NOERROR, tcp, authority=self.soa(len(q.qname))), True
+
+    # -- packing -----------------------------------------------------------------------
+    def soa(self, qname_len: int) -> bytes:
+        """The zone's SOA record, its names pointing at the zone's suffix of the question."""
+        packed = self._soa.get(qname_len)
+        if packed is None:
+            apex = pointer(12 + qname_len - len(self.zone.apex))
+            rdata = b"\x02ns\x03dns" + apex + b"\x0ahostmaster" + apex + SOA_TIMERS.pack(
+                self.serial, SOA_REFRESH, SOA_RETRY, SOA_EXPIRE, self.ttl)
+            packed = self._soa[qname_len] = rr(apex, SOA, self.ttl, rdata)
+        return packed
+
+    def message(
+        self,
+        q: Query,
+        rcode: int,
+        tcp: bool,
+        an_count: int = 0,
+        answers: bytes = b"",
+        authority: bytes = b"",
+        aa: bool = True,
+    ) -> bytes:
+        flags = FLAG_QR | (FLAG_AA if aa else 0) | (q.flags & ECHOED_FLAGS) | (rcode & 0xF)
+        edns = q.edns
+        if edns is None:
+            opt = b""
+            limit = UDP_PLAIN_LIMIT
+        else:
+            opt = b"\x00" + OPT_FIXED.pack(OPT, self.edns_max, rcode >> 4, 0, edns[1], 0)
+            limit = max(UDP_PLAIN_LIMIT, min(edns[0], self.edns_max))
+        if tcp:
+            limit = TCP_LIMIT
+        ar = 1 if opt else 0
+        ns_count = 1 if authority else 0
+        msg = b"".join((q.id, HEADER_TAIL.pack(flags, 1, an_count, ns_count, ar), q.question,
+                        answers, authority, opt))
+        if len(msg) > limit:
+            # Too big for this transport: the question alone with TC set; the client
+            # retries over TCP and gets it all.
+            msg = b"".join((q.id, HEADER_TAIL.pack(flags | FLAG_TC, 1, 0, 0, ar), q.question,
+                            opt))
+        return msg

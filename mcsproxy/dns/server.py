@@ -1,0 +1,262 @@
+"""The DNS listeners: UDP and TCP on one port, answering from the Responder.
+
+UDP's hot path is `UdpProtocol.datagram_received`: one dict lookup on the query's bytes
+after its ID, one concatenation, one sendto. Everything else (first sight of a question,
+bad input, forwarding) goes through `Responder.respond`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from typing import Final, cast
+
+from mcsproxy.config import DnsConfig
+from mcsproxy.dns.forward import Forwarder, Reply
+from mcsproxy.dns.responder import Forward, Responder
+from mcsproxy.dns.wire import SERVFAIL, error_response
+from mcsproxy.model import Snapshot
+from mcsproxy.store import SnapshotStore
+
+log = logging.getLogger("mcsproxy.dns")
+
+UDP_RCVBUF_BYTES: Final = 1 << 20  # absorbs bursts while the loop is busy elsewhere
+TCP_WRITE_HIGH_WATER: Final = 64 * 1024  # stop reading queries while answers pile up
+TCP_BACKLOG: Final = 256
+BIND_ATTEMPTS: Final = 10  # port 0: the UDP port picked may be taken for TCP
+
+
+class UdpProtocol(asyncio.DatagramProtocol):
+    __slots__ = ("memo_get", "respond", "sendto", "server", "transport")
+
+    def __init__(self, server: DnsServer) -> None:
+        self.server = server
+        self.memo_get = server.responder.memo.get
+        self.respond = server.responder.respond
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio's; the methods are what counts.
+        self.transport = cast(asyncio.DatagramTransport, transport)
+        self.sendto = self.transport.sendto
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        tail = self.memo_get(data[2:])
+        if tail is not None:
+            self.sendto(data[:2] + tail, addr)
+            return
+        try:
+            answer = self.respond(data, False)
+        except Exception:
+            log.exception("dns: failed to answer a %d-byte query from %s", len(data), addr[0])
+            answer = error_response(data, SERVFAIL) if len(data) >= 12 else None
+        if answer is None:
+            return
+        if isinstance(answer, Forward):
+            self.server.forward(data, answer.question, self._reply_to(addr))
+        else:
+            self.sendto(answer, addr)
+
+    def _reply_to(self, addr: tuple[str, int]) -> Reply:
+        def reply(answer: bytes) -> None:
+            if self.transport is not None and not self.transport.is_closing():
+                self.sendto(answer, addr)
+
+        return reply
+
+    def error_received(self, exc: Exception) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("dns udp error: %s", exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+
+
+class TcpProtocol(asyncio.Protocol):
+    """One TCP client: 2-byte length framing, several queries, an idle timeout."""
+
+    __slots__ = ("buffer", "last_active", "loop", "server", "timer", "transport")
+
+    def __init__(self, server: DnsServer) -> None:
+        self.server = server
+        self.loop = asyncio.get_running_loop()
+        self.buffer = bytearray()
+        self.last_active = self.loop.time()
+        self.timer: asyncio.TimerHandle | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self.server.admit(self):
+            cast(asyncio.Transport, transport).abort()
+            return
+        self.transport = transport = cast(asyncio.Transport, transport)
+        transport.set_write_buffer_limits(high=TCP_WRITE_HIGH_WATER)
+        self.timer = self.loop.call_later(self.server.config.tcp_idle_timeout_s, self._idle)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_active = self.loop.time()
+        buffer = self.buffer
+        buffer += data
+        # Every complete message is answered at once, so the buffer never holds more
+        # than one partial message (at most 65 537 bytes) plus the last read.
+        while len(buffer) >= 2:
+            size = (buffer[0] << 8) | buffer[1]
+            if len(buffer) < size + 2:
+                break
+            message = bytes(buffer[2:size + 2])
+            del buffer[:size + 2]
+            self._answer(message)
+            if self.transport is None:
+                return
+
+    def _answer(self, message: bytes) -> None:
+        try:
+            answer = self.server.responder.respond(message, True)
+        except Exception:
+            log.exception("dns: failed to answer a %d-byte TCP query", len(message))
+            answer = error_response(message, SERVFAIL) if len(message) >= 12 else None
+        if answer is None:
+            return
+        if isinstance(answer, Forward):
+            self.server.forward(message, answer.question, self._send)
+        else:
+            self._send(answer)
+
+    def _send(self, answer: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(len(answer).to_bytes(2, "big") + answer)
+
+    def _idle(self) -> None:
+        if self.transport is None:
+            return
+        left = self.last_active + self.server.config.tcp_idle_timeout_s - self.loop.time()
+        if left > 0:
+            self.timer = self.loop.call_later(left, self._idle)
+        else:
+            self.transport.close()
+
+    def pause_writing(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.transport = None
+        self.server.release(self)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class DnsServer:
+    """The gateway component: listeners, responder, optional forwarder."""
+
+    def __init__(self, config: DnsConfig, store: SnapshotStore) -> None:
+        self.config = config
+        self.store = store
+        self.responder = Responder(config, store.loaded)
+        self.forwarder = (
+            Forwarder(config.upstream, config.upstream_timeout_s) if config.upstream else None
+        )
+        self.bound: tuple[str, int] | None = None
+        self._udp: asyncio.DatagramTransport | None = None
+        self._tcp: asyncio.AbstractServer | None = None
+        self._connections: set[TcpProtocol] = set()
+        self._refused_logged = False
+        self._subscribed = False
+
+    # -- snapshots ---------------------------------------------------------------------
+    def on_snapshot(self, snapshot: Snapshot) -> None:
+        rebuilt = self.responder.apply(snapshot)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("dns zone version=%d rebuilt=%d services", snapshot.version, rebuilt)
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def start(self) -> None:
+        if not self._subscribed:
+            self.store.subscribe(self.on_snapshot)
+            self._subscribed = True
+        if self.store.current.version:
+            self.on_snapshot(self.store.current)
+        if self.forwarder is not None:
+            await self.forwarder.start()
+        try:
+            await self._bind()
+        except BaseException:
+            if self.forwarder is not None:
+                await self.forwarder.stop()
+            raise
+        assert self.bound is not None
+        log.info("dns listening on %s:%d domain=%s", self.bound[0], self.bound[1],
+                 self.config.domain)
+
+    async def _bind(self) -> None:
+        loop = asyncio.get_running_loop()
+        host, port = self.config.listen
+        for attempt in range(BIND_ATTEMPTS):
+            udp, _ = await loop.create_datagram_endpoint(
+                lambda: UdpProtocol(self), local_addr=(host, port)
+            )
+            sock = udp.get_extra_info("socket")
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF_BYTES)
+            except OSError as exc:
+                log.debug("dns: cannot enlarge the UDP receive buffer: %s", exc)
+            bound_port = udp.get_extra_info("sockname")[1]
+            try:
+                self._tcp = await loop.create_server(
+                    lambda: TcpProtocol(self), host, bound_port, reuse_address=True,
+                    backlog=TCP_BACKLOG,
+                )
+            except OSError as exc:
+                udp.close()
+                if port == 0 and exc.errno == errno.EADDRINUSE and attempt + 1 < BIND_ATTEMPTS:
+                    continue
+                raise
+            self._udp = udp
+            self.bound = (host, bound_port)
+            return
+
+    async def stop(self) -> None:
+        if self._tcp is not None:
+            self._tcp.close()
+        for conn in list(self._connections):
+            conn.close()
+        if self._tcp is not None:
+            await self._tcp.wait_closed()
+            self._tcp = None
+        if self._udp is not None:
+            self._udp.close()
+            self._udp = None
+        if self.forwarder is not None:
+            await self.forwarder.stop()
+        # Let the transports' close callbacks run before the loop goes away.
+        await asyncio.sleep(0)
+
+    # -- used by the protocols ---------------------------------------------------------
+    def admit(self, conn: TcpProtocol) -> bool:
+        if len(self._connections) >= self.config.tcp_max_connections:
+            if not self._refused_logged:
+                log.warning("dns: %d TCP connections open, refusing more",
+                            len(self._connections))
+                self._refused_logged = True
+            return False
+        self._connections.add(conn)
+        return True
+
+    def release(self, conn: TcpProtocol) -> None:
+        self._connections.discard(conn)
+        if len(self._connections) < self.config.tcp_max_connections:
+            self._refused_logged = False
+
+    def forward(self, query: bytes, question: bytes, reply: Reply) -> None:
+        assert self.forwarder is not None
+        self.forwarder.forward(query, question, reply)

@@ -1,0 +1,310 @@
+"""The clusterset zone as an index of names → packed record sets, updated per snapshot.
+
+Every record set is packed once, with its owner name (and the SOA's, and SRV targets
+where they share the service name) written as compression pointers into the question,
+which always sits at offset 12: the packed bytes follow any casing of the question and
+only depend on the lowercased name. The index is updated incrementally from
+`Snapshot.changed`; record sets, and the per-endpoint names of headless services, are
+packed on the first query for them and kept until the service changes (bench/snapshot
+measures this against packing everything eagerly).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Final
+
+from mcsproxy.dns.wire import (
+    ANY,
+    SRV,
+    TXT,
+    NameError_,
+    address_rdata,
+    encode_labels,
+    encode_name,
+    label_offsets,
+    pointer,
+    rr,
+    srv_rdata,
+    txt_rdata,
+)
+from mcsproxy.model import Endpoint, ImportedService, ServiceKey, Snapshot
+
+log = logging.getLogger("mcsproxy.dns.zone")
+
+OWNER: Final = pointer(12)  # the question's name
+DNS_VERSION: Final = "1.0.0"
+DNS_VERSION_TTL: Final = 28800
+SRV_PRIORITY: Final = 10
+SRV_WEIGHT: Final = 100
+
+RRsets = dict[int, tuple[int, bytes]]  # qtype → (record count, packed records)
+EMPTY_RRSETS: RRsets = {}
+
+
+class Node:
+    """A name that exists. Its record sets are packed on first use, then kept."""
+
+    __slots__ = ("_build", "_rrsets")
+
+    def __init__(
+        self, build: Callable[[], RRsets] | None = None, rrsets: RRsets | None = None
+    ) -> None:
+        self._build = build
+        self._rrsets = rrsets
+
+    def rrsets(self) -> RRsets:
+        built = self._rrsets
+        if built is None:
+            assert self._build is not None
+            built = self._rrsets = _with_any(self._build())
+            self._build = None
+        return built
+
+
+def _with_any(rrsets: RRsets) -> RRsets:
+    """Add the ANY answer: every record set of the name (RFC 8482 allows fewer; we can)."""
+    if rrsets:
+        rrsets[ANY] = (
+            sum(count for count, _ in rrsets.values()),
+            b"".join(packed for _, packed in rrsets.values()),
+        )
+    return rrsets
+
+
+EMPTY_NODE: Final = Node(rrsets=EMPTY_RRSETS)
+
+
+def _add_records(rrsets: dict[int, list[bytes]], rtype: int, record: bytes) -> None:
+    records = rrsets.setdefault(rtype, [])
+    if record not in records:
+        records.append(record)
+
+
+def _pack(rrsets: dict[int, list[bytes]]) -> RRsets:
+    return {rtype: (len(records), b"".join(records)) for rtype, records in rrsets.items()}
+
+
+def dashed(address: str) -> str:
+    return address.replace(".", "-").replace(":", "-")
+
+
+class ServiceEntry:
+    """One imported service in the zone: its names, and its endpoints' names when headless."""
+
+    __slots__ = ("_endpoint_nodes", "_named", "names", "svc", "ttl", "wire")
+
+    def __init__(self, svc: ImportedService, wire: bytes, ttl: int) -> None:
+        self.svc = svc
+        self.wire = wire  # <svc>.<ns>.svc.<zone>, root byte included
+        self.ttl = ttl
+        self.names: list[bytes] = []  # the names this service added to the index
+        self._named: list[tuple[bytes, Endpoint]] | None = None
+        self._endpoint_nodes: dict[bytes, Node] | None = None
+
+    # -- headless endpoints ------------------------------------------------------------
+    def named_endpoints(self) -> list[tuple[bytes, Endpoint]]:
+        """(<hostname or dashed IP>.<cluster> labels, endpoint) for every ready endpoint."""
+        if self._named is None:
+            named = []
+            for e in self.svc.endpoints:
+                if not e.ready:
+                    continue
+                try:
+                    prefix = encode_labels(e.hostname or dashed(e.address)) + encode_labels(
+                        e.cluster
+                    )
+                except NameError_:
+                    continue  # still in the service's A/AAAA answer, just not nameable
+                if len(prefix) + len(self.wire) <= 255:
+                    named.append((prefix, e))
+            self._named = named
+        return self._named
+
+    def endpoint_node(self, prefix: bytes) -> Node | None:
+        nodes = self._endpoint_nodes
+        if nodes is None:
+            grouped: dict[bytes, dict[int, list[bytes]]] = {}
+            for name, e in self.named_endpoints():
+                sets = grouped.setdefault(name, {})
+                for address in e.addresses:
+                    rtype, rdata = address_rdata(address)
+                    _add_records(sets, rtype, rr(OWNER, rtype, self.ttl, rdata))
+            nodes = self._endpoint_nodes = {
+                name: Node(rrsets=_with_any(_pack(sets))) for name, sets in grouped.items()
+            }
+        return nodes.get(prefix)
+
+    # -- record sets -------------------------------------------------------------------
+    def ready_addresses(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for e in self.svc.endpoints:
+            if e.ready:
+                for address in e.addresses:
+                    seen[address] = None
+        return list(seen)
+
+    def service_rrsets(self) -> RRsets:
+        """A/AAAA and bare SRV at the service name; targets point back at the question."""
+        sets: dict[int, list[bytes]] = {}
+        ttl = self.ttl
+        if self.svc.headless:
+            for address in self.ready_addresses():
+                rtype, rdata = address_rdata(address)
+                _add_records(sets, rtype, rr(OWNER, rtype, ttl, rdata))
+            svc_ptr = OWNER
+            for prefix, e in self.named_endpoints():
+                for port in self.svc.ports:
+                    number = e.port_for(port) or port.port
+                    target = prefix + svc_ptr
+                    _add_records(sets, SRV, rr(OWNER, SRV, ttl, srv_rdata(
+                        SRV_PRIORITY, SRV_WEIGHT, number, target)))
+        else:
+            for address in self.svc.ips:
+                rtype, rdata = address_rdata(address)
+                _add_records(sets, rtype, rr(OWNER, rtype, ttl, rdata))
+            for port in self.svc.ports:  # one per distinct (target, port)
+                _add_records(sets, SRV, rr(OWNER, SRV, ttl, srv_rdata(
+                    SRV_PRIORITY, SRV_WEIGHT, port.port, OWNER)))
+        return _pack(sets)
+
+    def port_rrsets(self, prefix_len: int, port_name: str, protocol: str) -> RRsets:
+        """SRV at _<port>._<proto>.<service>: the service (or each endpoint) as target."""
+        svc_ptr = pointer(12 + prefix_len)
+        records: dict[int, list[bytes]] = {}
+        port = next(p for p in self.svc.ports if p.name == port_name and p.protocol == protocol)
+        if self.svc.headless:
+            for prefix, e in self.named_endpoints():
+                number = e.port_for(port) or port.port
+                _add_records(records, SRV, rr(OWNER, SRV, self.ttl, srv_rdata(
+                    SRV_PRIORITY, SRV_WEIGHT, number, prefix + svc_ptr)))
+        else:
+            _add_records(records, SRV, rr(OWNER, SRV, self.ttl, srv_rdata(
+                SRV_PRIORITY, SRV_WEIGHT, port.port, svc_ptr)))
+        return _pack(records)
+
+
+class ZoneIndex:
+    """Lowercased wire name → Node for one zone, kept in step with the snapshots."""
+
+    OUT_OF_ZONE: Final = object()
+
+    def __init__(self, domain: str, ttl: int, eager: bool = False) -> None:
+        self.apex = encode_name(domain)
+        self.svc_wire = encode_labels("svc") + self.apex
+        self.ttl = ttl
+        self.eager = eager  # pack everything now rather than on first query
+        self.version = -1
+        self.names: dict[bytes, Node] = {}
+        self.services: dict[ServiceKey, ServiceEntry] = {}
+        self.headless: dict[bytes, ServiceEntry] = {}  # service wire → entry
+        self._namespaces: dict[bytes, int] = {}  # namespace wire name → services in it
+        self.names[self.apex] = EMPTY_NODE
+        self.names[self.svc_wire] = EMPTY_NODE
+        self.names[encode_labels("dns-version") + self.apex] = Node(
+            rrsets=_with_any({TXT: (1, rr(OWNER, TXT, DNS_VERSION_TTL, txt_rdata(DNS_VERSION)))})
+        )
+
+    # -- updates -----------------------------------------------------------------------
+    def apply(self, snapshot: Snapshot) -> int:
+        """Bring the index to `snapshot`; returns how many services were rebuilt."""
+        if snapshot.version == self.version + 1 and self.version >= 0:
+            keys: Iterable[ServiceKey] = snapshot.changed
+        else:
+            keys = set(self.services) | set(snapshot.services)
+        rebuilt = 0
+        for key in keys:
+            self._remove(key)
+            svc = snapshot.services.get(key)
+            if svc is not None:
+                self._add(svc)
+            rebuilt += 1
+        self.version = snapshot.version
+        return rebuilt
+
+    def _remove(self, key: ServiceKey) -> None:
+        entry = self.services.pop(key, None)
+        if entry is None:
+            return
+        for name in entry.names:
+            self.names.pop(name, None)
+        self.headless.pop(entry.wire, None)
+        ns_wire = entry.wire[entry.wire[0] + 1:]
+        left = self._namespaces[ns_wire] - 1
+        if left:
+            self._namespaces[ns_wire] = left
+        else:
+            del self._namespaces[ns_wire]
+            self.names.pop(ns_wire, None)
+
+    def _add(self, svc: ImportedService) -> None:
+        try:
+            ns_wire = encode_labels(svc.key.namespace) + self.svc_wire
+            wire = encode_labels(svc.key.name) + ns_wire
+            if len(wire) > 255:
+                raise NameError_("service name too long")
+        except NameError_ as exc:
+            log.warning("service %s has no DNS name: %s", svc.key, exc)
+            return
+        entry = ServiceEntry(svc, wire, self.ttl)
+        self.services[svc.key] = entry
+        count = self._namespaces.get(ns_wire, 0)
+        self._namespaces[ns_wire] = count + 1
+        if not count:
+            self.names[ns_wire] = EMPTY_NODE
+        if svc.headless:
+            if not entry.ready_addresses():
+                return  # a headless service with nothing ready has no name (NXDOMAIN)
+            self.headless[wire] = entry
+        self._put(entry, wire, Node(entry.service_rrsets))
+        protocols: set[str] = set()
+        for port in svc.ports:
+            if not port.name:
+                continue  # SRV names exist only for named ports
+            try:
+                proto = encode_labels("_" + port.protocol.lower())
+                prefix = encode_labels("_" + port.name) + proto
+            except NameError_:
+                continue
+            if len(prefix) + len(wire) > 255:
+                continue
+            if port.protocol not in protocols:
+                protocols.add(port.protocol)
+                self._put(entry, proto + wire, EMPTY_NODE)  # _tcp.<svc>: an empty non-terminal
+
+            def build(e: ServiceEntry = entry, n: int = len(prefix), name: str = port.name,
+                      protocol: str = port.protocol) -> RRsets:
+                return e.port_rrsets(n, name, protocol)
+
+            self._put(entry, prefix + wire, Node(build))
+        if self.eager:
+            for name in entry.names:
+                self.names[name].rrsets()
+            if svc.headless:
+                entry.endpoint_node(b"")
+
+    def _put(self, entry: ServiceEntry, name: bytes, node: Node) -> None:
+        self.names[name] = node
+        entry.names.append(name)
+
+    # -- lookups -----------------------------------------------------------------------
+    def lookup(self, qname: bytes) -> Node | object | None:
+        """The Node for a lowercased wire name, None (NXDOMAIN) or OUT_OF_ZONE."""
+        node = self.names.get(qname)
+        if node is not None:
+            return node
+        apex_at = len(qname) - len(self.apex)
+        if apex_at < 0 or not qname.endswith(self.apex):
+            return self.OUT_OF_ZONE
+        offsets = label_offsets(qname)
+        if apex_at not in offsets:
+            return self.OUT_OF_ZONE  # the zone's bytes inside a label, not a suffix
+        # <host>.<cluster...>.<svc>.<ns>.svc.<zone>: at least two labels before <svc>
+        below = offsets.index(apex_at)
+        if below >= 5:
+            svc_at = offsets[below - 3]
+            entry = self.headless.get(qname[svc_at:])
+            if entry is not None:
+                return entry.endpoint_node(qname[:svc_at])
+        return None
