@@ -1,0 +1,287 @@
+"""The proxy component: listeners on every ClusterSetIP x port, following the snapshots.
+
+Subscribed to the store, it keeps one `UpstreamSet` per (service, port) and one listener
+per (ClusterSetIP, port, protocol). A new snapshot updates only the upstream sets of the
+services it changed, opens listeners that appeared and closes those that went away;
+unchanged listeners keep their sockets, and established connections of a closed listener
+carry on (closing a listening socket does not touch accepted ones). A ClusterSetIP:port
+taken over by another service is rebound in place.
+
+SCTP ports are logged once as unsupported; appProtocol http ports are proxied as TCP
+(and health-checked with HTTP GET) until the HTTP proxy lands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Iterator
+from functools import partial
+from typing import Any, NamedTuple
+
+from mcsproxy.config import ProxyConfig
+from mcsproxy.model import ImportedService, ServiceKey, ServicePort, Snapshot
+from mcsproxy.proxy.context import ListenerContext, Tracked
+from mcsproxy.proxy.tcp import ClientSide
+from mcsproxy.proxy.udp import UdpListener
+from mcsproxy.store import SnapshotStore
+from mcsproxy.tasks import cancel_and_wait, spawn
+from mcsproxy.upstream import HealthChecker, UpstreamSet, eligible_targets
+
+log = logging.getLogger("mcsproxy.proxy")
+
+LISTEN_BACKLOG = 4096
+IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
+# The idle sweep runs this many times per idle timeout; a connection is closed after
+# between 1 and 1 + 1/IDLE_SWEEPS idle timeouts without a byte.
+IDLE_SWEEPS = 4
+
+
+class ListenerKey(NamedTuple):
+    ip: str
+    port: int
+    protocol: str
+
+    def __str__(self) -> str:
+        host = f"[{self.ip}]" if ":" in self.ip else self.ip
+        return f"{host}:{self.port}/{self.protocol}"
+
+
+class UpstreamKey(NamedTuple):
+    service: ServiceKey
+    port_name: str
+    protocol: str
+
+    def __str__(self) -> str:
+        return f"{self.service}:{self.port_name or '-'}/{self.protocol}"
+
+
+class Listener:
+    __slots__ = ("ctx", "key", "server", "transport", "upstream_key")
+
+    def __init__(self, key: ListenerKey, upstream_key: UpstreamKey, ctx: ListenerContext) -> None:
+        self.key = key
+        self.upstream_key = upstream_key
+        self.ctx = ctx
+        self.server: asyncio.Server | None = None
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        if self.transport is not None:
+            self.transport.close()
+
+
+def wanted_listeners(
+    services: Iterator[ImportedService],
+) -> Iterator[tuple[ListenerKey, UpstreamKey, ImportedService, ServicePort]]:
+    """Every (ClusterSetIP, port, protocol) the snapshot asks for, SCTP included."""
+    for service in services:
+        if service.headless:
+            continue
+        for port in service.ports:
+            ukey = UpstreamKey(service.key, port.name, port.protocol)
+            for ip in service.ips:
+                yield ListenerKey(ip, port.port, port.protocol), ukey, service, port
+
+
+def is_http(port: ServicePort) -> bool:
+    return (port.app_protocol or "").lower() in ("http", "kubernetes.io/h2c") and \
+        port.protocol == "TCP"
+
+
+class ProxyManager:
+    """Component (start/stop) that serves the store's snapshots on ClusterSetIPs."""
+
+    def __init__(self, config: ProxyConfig, store: SnapshotStore) -> None:
+        self.config = config
+        self.store = store
+        self.listeners: dict[ListenerKey, Listener] = {}
+        self.upstreams: dict[UpstreamKey, UpstreamSet] = {}
+        self.conns: set[Tracked] = set()
+        self._pending: set[ServiceKey] | None = None  # None: apply everything
+        self._latest: Snapshot = store.current
+        self._wake = asyncio.Event()
+        self._applied = asyncio.Event()
+        self._sctp_logged: set[UpstreamKey] = set()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.applied_version = -1
+
+    # -- component --------------------------------------------------------------------
+    async def start(self) -> None:
+        self.store.subscribe(self._on_snapshot)
+        await self._apply()
+        self._tasks.append(spawn(self._apply_loop(), name="proxy listeners"))
+        if self.config.idle_timeout_s or self.config.udp_idle_timeout_s:
+            self._tasks.append(spawn(self._idle_sweep(), name="proxy idle sweep"))
+
+    async def stop(self) -> None:
+        await cancel_and_wait(self._tasks)
+        self._tasks.clear()
+        for listener in self.listeners.values():
+            listener.close()
+        for conn in list(self.conns):
+            conn.abort()
+        for upstream in self.upstreams.values():
+            await upstream.stop()
+        servers = [lst.server for lst in self.listeners.values() if lst.server is not None]
+        self.listeners.clear()
+        self.upstreams.clear()
+        for server in servers:
+            try:
+                async with asyncio.timeout(1.0):
+                    await server.wait_closed()
+            except TimeoutError:
+                log.warning("listener did not close within 1 s")
+
+    async def wait_applied(self, version: int) -> None:
+        """Until a snapshot of at least `version` is being served (for tests and admin)."""
+        while self.applied_version < version:
+            self._applied.clear()
+            await self._applied.wait()
+
+    # -- snapshots --------------------------------------------------------------------
+    def _on_snapshot(self, snapshot: Snapshot) -> None:
+        self._latest = snapshot
+        if self._pending is not None:
+            self._pending |= snapshot.changed
+        self._wake.set()
+
+    async def _apply_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self._apply()
+
+    async def _apply(self) -> None:
+        snapshot = self._latest
+        changed, self._pending = self._pending, set()
+        self._update_upstreams(snapshot, changed)
+        wanted: dict[ListenerKey, tuple[UpstreamKey, ServicePort]] = {}
+        for lkey, ukey, _service, port in wanted_listeners(iter(snapshot.services.values())):
+            if port.protocol == "SCTP":
+                if ukey not in self._sctp_logged:
+                    self._sctp_logged.add(ukey)
+                    log.warning("service port %s: SCTP is not supported, not served", ukey)
+                continue
+            if lkey in wanted:
+                log.warning("listener %s claimed by %s and %s; keeping the first",
+                            lkey, wanted[lkey][0], ukey)
+                continue
+            wanted[lkey] = (ukey, port)
+        for lkey in [k for k in self.listeners if k not in wanted]:
+            log.info("listener %s closed", lkey)
+            self.listeners.pop(lkey).close()
+        for lkey, (ukey, _port) in wanted.items():
+            upstream = self.upstreams[ukey]
+            listener = self.listeners.get(lkey)
+            if listener is None:
+                await self._open(lkey, ukey, upstream)
+            elif listener.upstream_key != ukey:
+                log.info("listener %s moves from %s to %s", lkey, listener.upstream_key, ukey)
+                listener.upstream_key = ukey
+                listener.ctx.upstream = upstream
+        self.applied_version = snapshot.version
+        self._applied.set()
+
+    def _update_upstreams(self, snapshot: Snapshot, changed: set[ServiceKey] | None) -> None:
+        keys = set(snapshot.services) | {k.service for k in self.upstreams} \
+            if changed is None else changed
+        for skey in keys:
+            service = snapshot.services.get(skey)
+            live: set[UpstreamKey] = set()
+            if service is not None and not service.headless:
+                for port in service.ports:
+                    if port.protocol == "SCTP":
+                        continue
+                    ukey = UpstreamKey(skey, port.name, port.protocol)
+                    live.add(ukey)
+                    self._update_upstream(ukey, service, port)
+            for ukey in [k for k in self.upstreams if k.service == skey and k not in live]:
+                upstream = self.upstreams.pop(ukey)
+                upstream.close()
+                spawn(upstream.stop(), name=f"stop upstream {ukey}")
+
+    def _update_upstream(self, ukey: UpstreamKey, service: ImportedService,
+                         port: ServicePort) -> None:
+        affinity = service.affinity_timeout_s if service.session_affinity == "ClientIP" else None
+        targets = eligible_targets(service, port)
+        upstream = self.upstreams.get(ukey)
+        if upstream is None:
+            upstream = UpstreamSet(str(ukey), self.store.cluster_id, self.config,
+                                   locality=service.locality, affinity_timeout_s=affinity)
+            self.upstreams[ukey] = upstream
+            upstream.update(targets, service.locality, affinity)
+            health = self.config.health
+            if health.interval_s > 0 and port.protocol == "TCP":
+                upstream.attach_health_checker(HealthChecker(upstream, health, is_http(port)))
+        else:
+            upstream.update(targets, service.locality, affinity)
+
+    async def _open(self, lkey: ListenerKey, ukey: UpstreamKey, upstream: UpstreamSet) -> None:
+        ctx = ListenerContext(str(lkey), upstream, self.config, self.conns)
+        listener = Listener(lkey, ukey, ctx)
+        loop = asyncio.get_running_loop()
+        try:
+            sock = self._bind(lkey)
+            try:
+                if lkey.protocol == "UDP":
+                    transport, _ = await loop.create_datagram_endpoint(
+                        partial(UdpListener, ctx), sock=sock)
+                    listener.transport = transport
+                else:
+                    sock.listen(LISTEN_BACKLOG)
+                    listener.server = await loop.create_server(
+                        partial(ClientSide, ctx), sock=sock, backlog=LISTEN_BACKLOG)
+            except BaseException:
+                sock.close()
+                raise
+        except OSError as exc:
+            log.error("listener %s for %s: cannot listen: %s", lkey, ukey, exc.strerror or exc)
+            return
+        self.listeners[lkey] = listener
+        log.info("listener %s serving %s", lkey, ukey)
+
+    def _bind(self, lkey: ListenerKey) -> socket.socket:
+        family = socket.AF_INET6 if ":" in lkey.ip else socket.AF_INET
+        kind = socket.SOCK_DGRAM if lkey.protocol == "UDP" else socket.SOCK_STREAM
+        sock = socket.socket(family, kind)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.config.workers > 1:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET:
+                # A ClusterSetIP need not be on an interface yet (in a cluster the VIP is
+                # routed to the node); FREEBIND lets the bind succeed regardless.
+                sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
+            sock.bind((lkey.ip, lkey.port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    # -- idle expiry ------------------------------------------------------------------
+    async def _idle_sweep(self) -> None:
+        tcp_s = self.config.idle_timeout_s
+        udp_s = self.config.udp_idle_timeout_s
+        period = min(t for t in (tcp_s, udp_s) if t > 0) / IDLE_SWEEPS
+        tcp_ticks = round(tcp_s / period) if tcp_s else 0
+        udp_ticks = round(udp_s / period)
+        while True:
+            await asyncio.sleep(period)
+            for conn in list(self.conns):
+                conn.idle += 1
+                limit = tcp_ticks if isinstance(conn, ClientSide) else udp_ticks
+                if limit and conn.idle > limit:
+                    conn.expire()
+
+    def state(self) -> dict[str, object]:
+        """Plain data for the admin page: listeners and upstream health."""
+        return {
+            "listeners": {str(k): str(v.upstream_key) for k, v in self.listeners.items()},
+            "upstreams": {str(k): u.snapshot_state() for k, u in self.upstreams.items()},
+            "connections": len(self.conns),
+        }

@@ -1,0 +1,273 @@
+"""TCP proxying with a pair of asyncio Protocols per connection.
+
+The client side is accepted by a listener; the upstream side is connected to the host
+the upstream set picks. Nothing is sent to the client before the upstream connect
+succeeds, so a refused or timed-out connect is retried on another host (bounded by
+`connect_attempts`) and the client never sees it. Bytes the client sends meanwhile are
+held, up to EARLY_DATA_LIMIT, then its reading pauses.
+
+Backpressure both ways: when one side's write buffer passes its high-water mark the
+other side stops reading until it drains. Half-close is propagated (EOF from one side
+becomes write_eof on the other; the pair closes when both directions are done). Idle
+connections are expired by the manager's sweep, which only reads `idle` — the data
+path resets one integer per chunk and never touches a timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from mcsproxy.proxy.context import ListenerContext
+from mcsproxy.upstream import Host, UpstreamSet
+
+log = logging.getLogger("mcsproxy.proxy.tcp")
+
+# Bytes queued towards the upstream before the client's reading pauses, and the reverse.
+UPSTREAM_WRITE_HIGH_WATER = 256 * 1024
+CLIENT_WRITE_HIGH_WATER = 256 * 1024
+# Bytes a client may send before the upstream connect completes (then reading pauses).
+EARLY_DATA_LIMIT = 64 * 1024
+
+
+class UpstreamSide(asyncio.Protocol):
+    """The connection to the chosen endpoint; forwards to the client side."""
+
+    __slots__ = ("client", "client_transport")
+
+    def __init__(self, client: ClientSide) -> None:
+        self.client = client
+        self.client_transport = client.transport
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.client.upstream_connected(transport)  # type: ignore[arg-type]
+
+    def data_received(self, data: bytes) -> None:
+        self.client_transport.write(data)
+        self.client.idle = 0
+
+    def eof_received(self) -> bool:
+        return self.client.upstream_eof()
+
+    def pause_writing(self) -> None:
+        self.client_transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.client_transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client.upstream_lost(exc)
+
+
+class ClientSide(asyncio.Protocol):
+    """One accepted client connection and, once connected, its upstream."""
+
+    __slots__ = (
+        "attempts",
+        "closed",
+        "connect_task",
+        "connect_timer",
+        "ctx",
+        "early",
+        "early_size",
+        "got_client_eof",
+        "got_upstream_eof",
+        "host",
+        "idle",
+        "timed_out",
+        "transport",
+        "tried",
+        "up",
+        "upstream",
+    )
+
+    def __init__(self, ctx: ListenerContext) -> None:
+        self.ctx = ctx
+        self.upstream: UpstreamSet = ctx.upstream
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.up: asyncio.Transport | None = None
+        self.host: Host | None = None
+        self.tried: list[Host] = []
+        self.attempts = 0
+        self.connect_task: asyncio.Task[Any] | None = None
+        self.connect_timer: asyncio.TimerHandle | None = None
+        self.timed_out = False
+        self.early: list[bytes] = []
+        self.early_size = 0
+        self.got_client_eof = False
+        self.got_upstream_eof = False
+        self.closed = False
+        self.idle = 0
+
+    # -- client events ----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.transport.set_write_buffer_limits(CLIENT_WRITE_HIGH_WATER)
+        self.ctx.conns.add(self)
+        self.connect_next()
+
+    def data_received(self, data: bytes) -> None:
+        up = self.up
+        if up is not None:
+            up.write(data)
+            self.idle = 0
+            return
+        self.early.append(data)
+        self.early_size += len(data)
+        if self.early_size >= EARLY_DATA_LIMIT:
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self.got_client_eof = True
+        if self.up is not None:
+            if self.got_upstream_eof:
+                self.close_both()
+                return False
+            self.up.write_eof()
+        return True  # keep the other direction open (half-close)
+
+    def pause_writing(self) -> None:
+        if self.up is not None:
+            self.up.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.up is not None:
+            self.up.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.ctx.conns.discard(self)
+        self.cancel_connect()
+        up = self.up
+        if up is not None:
+            if exc is None:
+                up.close()
+            else:
+                up.abort()
+
+    # -- connecting, with retries -----------------------------------------------------
+    def connect_next(self) -> None:
+        upstream = self.upstream
+        client_ip = None
+        if upstream.affinity is not None:
+            peer = self.transport.get_extra_info("peername")
+            client_ip = peer[0] if peer else None
+        host = upstream.pick(client_ip, self.tried)
+        if host is None:
+            self.ctx.give_up("no eligible endpoint" if not self.tried else
+                             f"{len(self.tried)} connect attempts failed")
+            self.transport.abort()
+            return
+        self.host = host
+        self.attempts += 1
+        self.timed_out = False
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(
+            loop.create_connection(self.make_upstream_side, host.address, host.port)
+        )
+        task.add_done_callback(self.connect_done)
+        self.connect_task = task
+        self.connect_timer = loop.call_later(self.ctx.config.connect_timeout_s,
+                                             self.connect_timeout)
+
+    def make_upstream_side(self) -> UpstreamSide:
+        return UpstreamSide(self)
+
+    def connect_timeout(self) -> None:
+        self.connect_timer = None
+        if self.connect_task is not None:
+            self.timed_out = True
+            self.connect_task.cancel()
+
+    def connect_done(self, task: asyncio.Task[Any]) -> None:
+        if task is not self.connect_task:
+            return
+        self.connect_task = None
+        if self.connect_timer is not None:
+            self.connect_timer.cancel()
+            self.connect_timer = None
+        if task.cancelled():
+            if not self.timed_out:
+                return  # the client went away or the proxy is stopping
+            reason = "timeout"
+        else:
+            exc = task.exception()
+            if exc is None:
+                return  # upstream_connected already ran
+            reason = getattr(exc, "strerror", None) or type(exc).__name__
+        host = self.host
+        assert host is not None
+        self.upstream.connect_failed(host, reason)
+        self.tried.append(host)
+        if self.closed:
+            return
+        if self.attempts >= self.ctx.config.connect_attempts:
+            self.ctx.give_up(f"{self.attempts} connect attempts failed, last: {reason}")
+            self.transport.abort()
+            return
+        self.connect_next()
+
+    def cancel_connect(self) -> None:
+        if self.connect_timer is not None:
+            self.connect_timer.cancel()
+            self.connect_timer = None
+        if self.connect_task is not None:
+            task, self.connect_task = self.connect_task, None
+            task.cancel()
+
+    def upstream_connected(self, up: asyncio.Transport) -> None:
+        if self.connect_timer is not None:
+            self.connect_timer.cancel()
+            self.connect_timer = None
+        if self.closed:
+            up.abort()
+            return
+        self.up = up
+        up.set_write_buffer_limits(UPSTREAM_WRITE_HIGH_WATER)
+        assert self.host is not None
+        self.upstream.connect_ok(self.host, self)
+        if self.early:
+            up.write(b"".join(self.early) if len(self.early) > 1 else self.early[0])
+            self.early = []
+            if self.early_size >= EARLY_DATA_LIMIT:
+                self.transport.resume_reading()
+            self.early_size = 0
+        if self.got_client_eof:
+            up.write_eof()
+
+    # -- upstream events --------------------------------------------------------------
+    def upstream_eof(self) -> bool:
+        self.got_upstream_eof = True
+        if self.got_client_eof:
+            self.close_both()
+            return False
+        if not self.closed:
+            self.transport.write_eof()
+        return True
+
+    def upstream_lost(self, exc: Exception | None) -> None:
+        if self.host is not None:
+            self.upstream.release(self.host, self)
+        if self.closed:
+            return
+        if exc is None:
+            self.transport.close()
+        else:
+            self.transport.abort()
+
+    # -- ending -----------------------------------------------------------------------
+    def close_both(self) -> None:
+        self.transport.close()
+        if self.up is not None:
+            self.up.close()
+
+    def abort(self) -> None:
+        self.transport.abort()
+        if self.up is not None:
+            self.up.abort()
+
+    def expire(self) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("listener %s: closing idle connection to %s", self.ctx.name, self.host)
+        self.close_both()

@@ -1,0 +1,147 @@
+"""UDP proxying: one flow per client address and port, each with its own connected socket.
+
+The listener keeps a bounded flow table; a datagram from a new client address opens a
+flow to the host the upstream set picks (affinity by client IP applies) and replies on
+that flow go back to that client from the ClusterSetIP:port it wrote to. A flow ends
+when idle (the manager's sweep), when its endpoint answers ICMP port unreachable (the
+next datagram opens a fresh flow, likely elsewhere) or when its listener closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from mcsproxy.proxy.context import ListenerContext
+from mcsproxy.upstream import Host, UpstreamSet
+
+log = logging.getLogger("mcsproxy.proxy.udp")
+
+# Datagrams held per flow while its upstream socket is being set up.
+PENDING_DATAGRAMS_MAX = 64
+
+Address = tuple[Any, ...]
+
+
+class UdpListener(asyncio.DatagramProtocol):
+    """The ClusterSetIP:port socket: demultiplexes datagrams to flows by client address."""
+
+    def __init__(self, ctx: ListenerContext) -> None:
+        self.ctx = ctx
+        self.transport: asyncio.DatagramTransport | None = None
+        self.flows: dict[Address, UdpFlow] = {}
+        self.dropped = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        flow = self.flows.get(addr)
+        if flow is None:
+            if len(self.flows) >= self.ctx.config.udp_max_flows:
+                self.dropped += 1
+                self.ctx.give_up(f"flow table full ({len(self.flows)} flows)")
+                return
+            flow = UdpFlow(self, addr)
+            if not flow.open():
+                return
+            self.flows[addr] = flow
+        flow.send(data)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("listener %s: %r", self.ctx.name, exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for flow in list(self.flows.values()):
+            flow.abort()
+        self.flows.clear()
+
+    def reply(self, data: bytes, addr: Address) -> None:
+        if self.transport is not None:
+            self.transport.sendto(data, addr)
+
+
+class UdpFlow(asyncio.DatagramProtocol):
+    """One client address's datagrams to one endpoint and the replies back."""
+
+    __slots__ = ("client_addr", "host", "idle", "listener", "pending", "task", "transport",
+                 "upstream")
+
+    def __init__(self, listener: UdpListener, client_addr: Address) -> None:
+        self.listener = listener
+        self.client_addr = client_addr
+        self.upstream: UpstreamSet = listener.ctx.upstream
+        self.transport: asyncio.DatagramTransport | None = None
+        self.host: Host | None = None
+        self.pending: list[bytes] | None = []
+        self.task: asyncio.Task[Any] | None = None
+        self.idle = 0
+
+    def open(self) -> bool:
+        host = self.upstream.pick(self.client_addr[0])
+        if host is None:
+            self.listener.ctx.give_up("no eligible endpoint")
+            return False
+        self.host = host
+        loop = asyncio.get_running_loop()
+        self.task = loop.create_task(loop.create_datagram_endpoint(
+            lambda: self, remote_addr=(host.address, host.port)))
+        self.task.add_done_callback(self._opened)
+        self.listener.ctx.conns.add(self)
+        return True
+
+    def _opened(self, task: asyncio.Task[Any]) -> None:
+        self.task = None
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            assert self.host is not None
+            self.upstream.connect_failed(self.host, str(exc))
+            self._forget()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        assert self.host is not None
+        self.upstream.connect_ok(self.host, self)
+        pending, self.pending = self.pending, None
+        for data in pending or ():
+            self.transport.sendto(data)
+
+    def send(self, data: bytes) -> None:
+        self.idle = 0
+        if self.transport is not None:
+            self.transport.sendto(data)
+        elif self.pending is not None and len(self.pending) < PENDING_DATAGRAMS_MAX:
+            self.pending.append(data)
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        self.idle = 0
+        self.listener.reply(data, self.client_addr)
+
+    def error_received(self, exc: Exception) -> None:
+        # A connected UDP socket reports the endpoint's ICMP port unreachable here.
+        if isinstance(exc, ConnectionRefusedError) and self.host is not None:
+            self.upstream.connect_failed(self.host, "port unreachable")
+            self.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.host is not None:
+            self.upstream.release(self.host, self)
+        self._forget()
+
+    def _forget(self) -> None:
+        self.listener.ctx.conns.discard(self)
+        if self.listener.flows.get(self.client_addr) is self:
+            del self.listener.flows[self.client_addr]
+
+    def abort(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            self._forget()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def expire(self) -> None:
+        self.abort()

@@ -1,0 +1,140 @@
+"""Real backends and snapshots for the proxy tests: each cluster on its own 127.0.x.y."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from mcsproxy.config import HealthConfig, ProxyConfig
+from mcsproxy.manifests import ImportSpec, SliceSpec
+from mcsproxy.model import Endpoint, EndpointPort, ServiceKey, ServicePort
+from mcsproxy.proxy import ProxyManager
+from mcsproxy.store import ObjectId, SnapshotStore
+
+
+def free_port(host: str, kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class NamedEcho(asyncio.Protocol):
+    """Says its name on connect, echoes, answers EOF with b'bye' and closes."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.backend.accepted += 1
+        self.backend.transports.add(self.transport)
+        self.transport.write(self.backend.name.encode() + b"\n")
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def eof_received(self) -> bool:
+        self.transport.write(b"bye")
+        self.transport.close()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.backend.transports.discard(self.transport)
+
+
+@dataclass
+class Backend:
+    name: str
+    host: str
+    port: int
+    cluster: str
+    accepted: int = 0
+    server: asyncio.Server | None = None
+    transports: set[asyncio.Transport] = field(default_factory=set)
+
+    async def start(self) -> Backend:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: NamedEcho(self), self.host, self.port,
+                                               reuse_address=True)
+        return self
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            for t in list(self.transports):
+                t.abort()
+            await self.server.wait_closed()
+            self.server = None
+
+
+def endpoint(address: str, cluster: str, port: int, name: str = "web",
+             protocol: str = "TCP", ready: bool = True) -> Endpoint:
+    return Endpoint(address=address, addresses=(address,), family=4, cluster=cluster,
+                    ports=(EndpointPort(name, protocol, port),),  # type: ignore[arg-type]
+                    ready=ready, serving=ready)
+
+
+class Clusterset:
+    """A store fed directly with one service's import and per-cluster slices."""
+
+    def __init__(self, local: str = "east") -> None:
+        self.store = SnapshotStore(local)
+        self.store.register_source("test")
+        self.store.mark_synced("test")
+
+    def publish(self, name: str, ip: str, ports: Sequence[ServicePort],
+                endpoints: Sequence[Endpoint], *, affinity: str = "None",
+                traffic: str | None = None) -> None:
+        key = ServiceKey("test", name)
+        self.store.upsert(
+            ObjectId("test", "ServiceImport", "test", name),
+            ImportSpec(key, "ClusterSetIP", (ip,), tuple(ports), affinity, 10800, traffic,
+                       MappingProxyType({}), ()),
+        )
+        by_cluster: dict[str, list[Endpoint]] = {}
+        for ep in endpoints:
+            by_cluster.setdefault(ep.cluster, []).append(ep)
+        for oid in [o for o in self.store.source_ids("test")
+                    if o.kind == "EndpointSlice" and o.name.startswith(f"{name}.")]:
+            if oid.name.split(".", 1)[1] not in by_cluster:
+                self.store.delete(oid)
+        for cluster, eps in by_cluster.items():
+            self.store.upsert(ObjectId("test", "EndpointSlice", "test", f"{name}.{cluster}"),
+                              SliceSpec(key, cluster, tuple(eps)))
+        self.store.commit()
+
+    def withdraw(self, name: str) -> None:
+        for oid in [o for o in self.store.source_ids("test")
+                    if o.name == name or o.name.startswith(f"{name}.")]:
+            self.store.delete(oid)
+        self.store.commit()
+
+    async def proxy(self, **config: Any) -> ProxyManager:
+        config.setdefault("health", NO_HEALTH)
+        manager = ProxyManager(ProxyConfig(**config), self.store)
+        await manager.start()
+        return manager
+
+    async def served(self, manager: ProxyManager) -> None:
+        await asyncio.wait_for(manager.wait_applied(self.store.current.version), 5)
+
+
+NO_HEALTH = HealthConfig(interval_s=0)
+
+
+async def ask(ip: str, port: int, timeout: float = 3.0) -> str:
+    """Connect, read the backend's name line, close. Raises on any client-visible failure."""
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(ip, port)
+        try:
+            line = await reader.readline()
+        finally:
+            writer.close()
+            await writer.wait_closed()
+    if not line.endswith(b"\n"):
+        raise ConnectionError(f"no answer through {ip}:{port}: {line!r}")
+    return line.decode().strip()

@@ -1,0 +1,299 @@
+"""TCP through ClusterSetIPs with real sockets: spread, failover, retries, drain, mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections import Counter
+
+import pytest
+
+from mcsproxy.config import HealthConfig, OutlierConfig
+from mcsproxy.model import ServicePort
+from tests.proxy_fixtures import Backend, Clusterset, ask, endpoint, free_port
+
+WEB = ServicePort("web", "TCP", 80)
+
+
+async def start_backends(spec: dict[str, int], net: int) -> list[Backend]:
+    """{'east': 2, 'west': 1} → east-1 on 127.<net>.1.1, east-2 on .1.2, west-1 on .2.1."""
+    backends = []
+    for ci, (cluster, n) in enumerate(spec.items(), start=1):
+        for i in range(1, n + 1):
+            host = f"127.{net}.{ci}.{i}"
+            backends.append(await Backend(f"{cluster}-{i}", host, free_port(host),
+                                          cluster).start())
+    return backends
+
+
+def endpoints_of(backends: list[Backend]) -> list:
+    return [endpoint(b.host, b.cluster, b.port) for b in backends]
+
+
+async def stop_all(*things: object) -> None:
+    for thing in things:
+        await thing.stop()  # type: ignore[attr-defined]
+
+
+async def test_spread_reaches_every_cluster() -> None:
+    backends = await start_backends({"east": 1, "west": 2, "north": 1}, 31)
+    cs = Clusterset("east")
+    ip = "127.240.31.1"
+    cs.publish("spread", ip, [WEB], endpoints_of(backends))
+    proxy = await cs.proxy()
+    try:
+        names = [await ask(ip, 80) for _ in range(100)]
+        assert {n.split("-")[0] for n in names} == {"east", "west", "north"}
+        assert Counter(names) == {"east-1": 25, "west-1": 25, "west-2": 25, "north-1": 25}
+    finally:
+        await stop_all(proxy, *backends)
+
+
+async def test_local_first_fails_over_without_client_errors_and_returns() -> None:
+    backends = await start_backends({"east": 2, "west": 2}, 32)
+    east = [b for b in backends if b.cluster == "east"]
+    cs = Clusterset("east")
+    ip = "127.240.32.1"
+    cs.publish("local", ip, [WEB], endpoints_of(backends), traffic="PreferClose")
+    health = HealthConfig(interval_s=0.05, timeout_s=0.5, healthy_threshold=1,
+                          unhealthy_threshold=1, jitter=0.1)
+    proxy = await cs.proxy(health=health, outlier=OutlierConfig(consecutive_failures=0))
+    try:
+        assert {(await ask(ip, 80)).split("-")[0] for _ in range(40)} == {"east"}
+        for b in east:
+            await b.stop()
+        # Before and after the health checks notice: every connection succeeds, remotely.
+        assert {(await ask(ip, 80)).split("-")[0] for _ in range(60)} == {"west"}
+        upstream = next(iter(proxy.upstreams.values()))
+        async with asyncio.timeout(5):
+            while upstream.plan.loads != (0, 100):
+                await asyncio.sleep(0.02)
+        assert {(await ask(ip, 80)).split("-")[0] for _ in range(20)} == {"west"}
+        for b in east:
+            await b.start()
+        async with asyncio.timeout(5):
+            while upstream.plan.loads != (100, 0):
+                await asyncio.sleep(0.02)
+        assert {(await ask(ip, 80)).split("-")[0] for _ in range(20)} == {"east"}
+    finally:
+        await stop_all(proxy, *backends)
+
+
+async def test_refused_endpoints_are_retried_and_ejected() -> None:
+    backends = await start_backends({"east": 1}, 33)
+    dead = "127.33.9.9"
+    cs = Clusterset("east")
+    ip = "127.240.33.1"
+    cs.publish("retry", ip, [WEB], [*endpoints_of(backends),
+                                    endpoint(dead, "west", free_port(dead))])
+    proxy = await cs.proxy(outlier=OutlierConfig(consecutive_failures=3, base_ejection_s=60))
+    try:
+        assert [await ask(ip, 80) for _ in range(30)] == ["east-1"] * 30
+        host = next(h for h in proxy.upstreams[next(iter(proxy.upstreams))].hosts.values()
+                    if h.address == dead)
+        assert host.ejected
+    finally:
+        await stop_all(proxy, *backends)
+
+
+async def test_blackholed_endpoint_costs_at_most_the_connect_timeout() -> None:
+    backends = await start_backends({"east": 1}, 34)
+    hole = socket.socket()
+    hole.bind(("127.34.9.9", 0))
+    hole.listen(0)  # never accepted: once the queue is full, SYNs are dropped
+    fillers = []
+    for _ in range(4):
+        f = socket.socket()
+        f.setblocking(False)
+        f.connect_ex(hole.getsockname())
+        fillers.append(f)
+    cs = Clusterset("east")
+    ip = "127.240.34.1"
+    cs.publish("hole", ip, [WEB], [endpoint("127.34.9.9", "west", hole.getsockname()[1]),
+                                   *endpoints_of(backends)])
+    proxy = await cs.proxy(connect_timeout_s=0.2, outlier=OutlierConfig(consecutive_failures=0))
+    try:
+        for _ in range(6):
+            started = time.monotonic()
+            assert await ask(ip, 80) == "east-1"
+            assert time.monotonic() - started < 0.2 + 0.5
+        upstream = next(iter(proxy.upstreams.values()))
+        assert sum(h.consecutive_failures for h in upstream.hosts.values()) >= 3
+    finally:
+        await stop_all(proxy, *backends)
+        for s in (hole, *fillers):
+            s.close()
+
+
+async def test_not_ready_and_removed_endpoints_get_nothing_new() -> None:
+    backends = await start_backends({"east": 2, "west": 1}, 35)
+    a1, a2, w1 = backends
+    cs = Clusterset("east")
+    ip = "127.240.35.1"
+    eps = endpoints_of(backends)
+    eps[2] = endpoint(w1.host, "west", w1.port, ready=False)
+    cs.publish("ready", ip, [WEB], eps)
+    proxy = await cs.proxy()
+    try:
+        assert {await ask(ip, 80) for _ in range(20)} == {"east-1", "east-2"}
+        assert w1.accepted == 0
+        # An established connection to east-1 survives east-1's removal (drain, no grace).
+        reader, writer = await asyncio.open_connection(ip, 80)
+        first = (await reader.readline()).decode().strip()
+        kept = a1 if first == "east-1" else a2
+        other = a2 if kept is a1 else a1
+        cs.publish("ready", ip, [WEB], [endpoint(other.host, "east", other.port),
+                                        endpoint(w1.host, "west", w1.port, ready=False)])
+        await cs.served(proxy)
+        before = kept.accepted
+        assert {await ask(ip, 80) for _ in range(10)} == {other.name}
+        assert kept.accepted == before
+        writer.write(b"still here\n")
+        assert await asyncio.wait_for(reader.readline(), 3) == b"still here\n"
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        await stop_all(proxy, *backends)
+
+
+async def test_port_name_mapping_when_numbers_differ() -> None:
+    east = await Backend("east-1", "127.36.1.1", free_port("127.36.1.1"), "east").start()
+    west = await Backend("west-1", "127.36.2.1", free_port("127.36.2.1"), "west").start()
+    cs = Clusterset("east")
+    ip = "127.240.36.1"
+    metrics = ServicePort("metrics", "TCP", 9100)
+    cs.publish("named", ip, [WEB, metrics], [
+        endpoint(east.host, "east", east.port, name="web"),
+        endpoint(west.host, "west", west.port, name="web"),
+    ])
+    proxy = await cs.proxy()
+    try:
+        assert {await ask(ip, 80) for _ in range(10)} == {"east-1", "west-1"}
+        # metrics has no endpoint port of that name anywhere: connections close, nothing sent
+        reader, writer = await asyncio.open_connection(ip, 9100)
+        assert await asyncio.wait_for(reader.read(), 3) == b""
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        await stop_all(proxy, east, west)
+
+
+async def test_half_close_and_bulk_echo() -> None:
+    backend = await Backend("east-1", "127.37.1.1", free_port("127.37.1.1"), "east").start()
+    cs = Clusterset("east")
+    ip = "127.240.37.1"
+    cs.publish("echo", ip, [WEB], [endpoint(backend.host, "east", backend.port)])
+    proxy = await cs.proxy()
+    try:
+        reader, writer = await asyncio.open_connection(ip, 80)
+        payload = bytes(range(256)) * 16384  # 4 MiB
+        writer.write(payload)
+        writer.write_eof()  # half-close: the backend still answers after our EOF
+        data = await asyncio.wait_for(reader.read(), 10)
+        assert data == b"east-1\n" + payload + b"bye"
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        await stop_all(proxy, backend)
+
+
+class Flood(asyncio.Protocol):
+    """Writes until its transport pauses, then reports."""
+
+    def __init__(self, paused: asyncio.Event) -> None:
+        self.paused = paused
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.transport.set_write_buffer_limits(64 * 1024)
+        self.write_more()
+
+    def write_more(self) -> None:
+        chunk = b"x" * 65536
+        while not self.paused.is_set():
+            self.transport.write(chunk)
+            if self.transport.get_write_buffer_size() > 64 * 1024:
+                break
+
+    def pause_writing(self) -> None:
+        self.paused.set()
+
+
+async def test_backpressure_bounds_what_the_proxy_buffers() -> None:
+    from mcsproxy.proxy.tcp import CLIENT_WRITE_HIGH_WATER, ClientSide
+
+    paused = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    host = "127.38.1.1"
+    port = free_port(host)
+    server = await loop.create_server(lambda: Flood(paused), host, port)
+    cs = Clusterset("east")
+    ip = "127.240.38.1"
+    cs.publish("flood", ip, [WEB], [endpoint(host, "east", port)])
+    proxy = await cs.proxy()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    try:
+        sock.setblocking(False)
+        await loop.sock_connect(sock, (ip, 80))  # and never read
+        await asyncio.wait_for(paused.wait(), 10)
+        conn = next(c for c in proxy.conns if isinstance(c, ClientSide))
+        assert conn.transport.get_write_buffer_size() <= CLIENT_WRITE_HIGH_WATER + 256 * 1024
+    finally:
+        sock.close()
+        server.close()
+        await proxy.stop()
+
+
+async def test_affinity_keeps_a_client_on_one_endpoint() -> None:
+    backends = await start_backends({"east": 2, "west": 2}, 39)
+    cs = Clusterset("east")
+    ip = "127.240.39.1"
+    cs.publish("sticky", ip, [WEB], endpoints_of(backends), affinity="ClientIP")
+    proxy = await cs.proxy()
+    try:
+        assert len({await ask(ip, 80) for _ in range(20)}) == 1
+    finally:
+        await stop_all(proxy, *backends)
+
+
+async def test_listeners_follow_snapshots_without_disturbing_connections() -> None:
+    backend = await Backend("east-1", "127.40.1.1", free_port("127.40.1.1"), "east").start()
+    cs = Clusterset("east")
+    ip, ip2 = "127.240.40.1", "127.240.40.2"
+    cs.publish("one", ip, [WEB], [endpoint(backend.host, "east", backend.port)])
+    proxy = await cs.proxy()
+    try:
+        listener = next(iter(proxy.listeners.values()))
+        reader, writer = await asyncio.open_connection(ip, 80)
+        assert await reader.readline() == b"east-1\n"
+        cs.publish("two", ip2, [WEB], [endpoint(backend.host, "east", backend.port)])
+        await cs.served(proxy)
+        assert next(iter(proxy.listeners.values())) is listener  # untouched
+        assert await ask(ip2, 80) == "east-1"
+        cs.withdraw("one")
+        await cs.served(proxy)
+        with pytest.raises(ConnectionRefusedError):
+            await ask(ip, 80)
+        writer.write(b"ping\n")  # the established connection carries on
+        assert await asyncio.wait_for(reader.readline(), 3) == b"ping\n"
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        await stop_all(proxy, backend)
+
+
+async def test_sctp_is_logged_once_and_not_served(caplog: pytest.LogCaptureFixture) -> None:
+    cs = Clusterset("east")
+    sctp = ServicePort("sig", "SCTP", 3868)
+    cs.publish("sctp", "127.240.41.1", [sctp], [endpoint("127.41.1.1", "east", 3868,
+                                                         name="sig", protocol="SCTP")])
+    proxy = await cs.proxy()
+    try:
+        cs.publish("sctp", "127.240.41.1", [sctp], [])
+        await cs.served(proxy)
+        assert sum("SCTP is not supported" in r.getMessage() for r in caplog.records) == 1
+        assert proxy.listeners == {}
+    finally:
+        await proxy.stop()
