@@ -1,0 +1,125 @@
+"""UDP through ClusterSetIPs: echo, flows per client, bounded table, idle expiry."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from mcsproxy.model import ServicePort
+from mcsproxy.proxy.udp import UdpFlow, UdpListener
+from tests.proxy_fixtures import Clusterset, endpoint, free_port
+
+DNS = ServicePort("dns", "UDP", 53)
+
+
+class NamedUdpEcho(asyncio.DatagramProtocol):
+    def __init__(self, name: bytes) -> None:
+        self.name = name
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.DatagramTransport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        self.transport.sendto(self.name + b":" + data, addr)
+
+
+class Client(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.replies: asyncio.Queue[tuple[bytes, tuple]] = asyncio.Queue(100)
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        self.replies.put_nowait((data, addr))
+
+
+async def udp_backend(name: str, host: str) -> tuple[asyncio.DatagramTransport, int]:
+    port = free_port(host, socket.SOCK_DGRAM)
+    transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+        lambda: NamedUdpEcho(name.encode()), local_addr=(host, port))
+    return transport, port  # type: ignore[return-value]
+
+
+async def client(local: str) -> tuple[asyncio.DatagramTransport, Client]:
+    proto = Client()
+    transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+        lambda: proto, local_addr=(local, 0))
+    return transport, proto  # type: ignore[return-value]
+
+
+async def test_udp_echo_through_a_clusterset_ip() -> None:
+    east, east_port = await udp_backend("east-1", "127.42.1.1")
+    cs = Clusterset("east")
+    ip = "127.240.42.1"
+    cs.publish("dns", ip, [DNS], [endpoint("127.42.1.1", "east", east_port, name="dns",
+                                           protocol="UDP")])
+    proxy = await cs.proxy()
+    c, proto = await client("127.42.9.1")
+    try:
+        for i in range(5):
+            c.sendto(b"q%d" % i, (ip, 53))
+            data, addr = await asyncio.wait_for(proto.replies.get(), 3)
+            assert data == b"east-1:q%d" % i
+            assert addr == (ip, 53)  # replies come from the address the client wrote to
+        flows = [f for f in proxy.conns if isinstance(f, UdpFlow)]
+        assert len(flows) == 1  # one flow per client address
+    finally:
+        c.close()
+        east.close()
+        await proxy.stop()
+
+
+async def test_udp_flow_table_is_bounded_and_flows_expire_when_idle() -> None:
+    east, east_port = await udp_backend("east-1", "127.43.1.1")
+    cs = Clusterset("east")
+    ip = "127.240.43.1"
+    cs.publish("dns", ip, [DNS], [endpoint("127.43.1.1", "east", east_port, name="dns",
+                                           protocol="UDP")])
+    proxy = await cs.proxy(udp_max_flows=2, udp_idle_timeout_s=0.2)
+    clients = [await client(f"127.43.9.{i}") for i in range(1, 4)]
+    try:
+        for c, proto in clients[:2]:
+            c.sendto(b"hi", (ip, 53))
+            assert (await asyncio.wait_for(proto.replies.get(), 3))[0] == b"east-1:hi"
+        listener = next(iter(proxy.listeners.values()))
+        table: UdpListener = listener.transport.get_protocol()  # type: ignore[union-attr,assignment]
+        c3, proto3 = clients[2]
+        c3.sendto(b"hi", (ip, 53))
+        async with asyncio.timeout(3):
+            while table.dropped == 0:
+                await asyncio.sleep(0.01)
+        assert proto3.replies.empty() and len(table.flows) == 2
+        # idle flows expire; then the third client gets a flow
+        async with asyncio.timeout(3):
+            while table.flows:
+                await asyncio.sleep(0.02)
+        c3.sendto(b"again", (ip, 53))
+        assert (await asyncio.wait_for(proto3.replies.get(), 3))[0] == b"east-1:again"
+    finally:
+        for c, _ in clients:
+            c.close()
+        east.close()
+        await proxy.stop()
+
+
+async def test_udp_port_unreachable_moves_the_flow_elsewhere() -> None:
+    live, live_port = await udp_backend("west-1", "127.44.2.1")
+    cs = Clusterset("east")
+    ip = "127.240.44.1"
+    dead_port = free_port("127.44.1.1", socket.SOCK_DGRAM)
+    cs.publish("dns", ip, [DNS], [
+        endpoint("127.44.1.1", "east", dead_port, name="dns", protocol="UDP"),
+        endpoint("127.44.2.1", "west", live_port, name="dns", protocol="UDP"),
+    ])
+    proxy = await cs.proxy()
+    c, proto = await client("127.44.9.1")
+    try:
+        # Resend until answered: a flow to the dead endpoint ends on ICMP unreachable and
+        # the next datagram opens a fresh flow, round-robin to the live one.
+        async with asyncio.timeout(5):
+            while proto.replies.empty():
+                c.sendto(b"hi", (ip, 53))
+                await asyncio.sleep(0.02)
+        assert (await proto.replies.get())[0] == b"west-1:hi"
+    finally:
+        c.close()
+        live.close()
+        await proxy.stop()
