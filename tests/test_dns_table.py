@@ -1,0 +1,241 @@
+"""Every row of the DNS table in mcs-spec.md, over real UDP and TCP sockets.
+
+Expected answers are zone-file lines, as in CoreDNS's plugin tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import dnslib
+import pytest
+
+from tests.dns_support import (
+    BIG_ADDRESSES,
+    SOA_LINE,
+    exchange,
+    make_query,
+    running_dns,
+    tcp_exchange,
+    udp_exchange,
+    zone_lines,
+)
+
+Z = "clusterset.local."
+T = "test.svc.clusterset.local."
+
+
+@dataclass
+class Case:
+    qname: str
+    qtype: str
+    rcode: str = "NOERROR"
+    answer: list[str] = field(default_factory=list)
+    ns: list[str] = field(default_factory=list)
+
+
+NODATA = [SOA_LINE]
+NXDOMAIN = [SOA_LINE]
+
+CASES = [
+    # dns-version
+    Case(f"dns-version.{Z}", "TXT", answer=[f'dns-version.{Z} 28800 IN TXT "1.0.0"']),
+    Case(f"dns-version.{Z}", "A", ns=NODATA),
+    # ClusterSetIP: A / AAAA from spec.ips
+    Case(f"myservice.{T}", "A", answer=[f"myservice.{T} 5 IN A 127.240.0.10"]),
+    Case(f"myservice.{T}", "AAAA", ns=NODATA),
+    Case(f"myservice.{T}", "TXT", ns=NODATA),
+    # SRV per named port; the unnamed port has none
+    Case(f"_https._tcp.myservice.{T}", "SRV",
+         answer=[f"_https._tcp.myservice.{T} 5 IN SRV 10 100 443 myservice.{T}"]),
+    Case(f"_https._udp.myservice.{T}", "SRV", "NXDOMAIN", ns=NXDOMAIN),
+    Case(f"_tcp.myservice.{T}", "SRV", ns=NODATA),  # empty non-terminal
+    Case(f"_https._tcp.myservice.{T}", "A", ns=NODATA),
+    # bare SRV: one per distinct (target, port), unnamed ports included
+    Case(f"myservice.{T}", "SRV", answer=[
+        f"myservice.{T} 5 IN SRV 10 100 443 myservice.{T}",
+        f"myservice.{T} 5 IN SRV 10 100 8080 myservice.{T}",
+    ]),
+    Case(f"dual.{T}", "SRV", answer=[f"dual.{T} 5 IN SRV 10 100 80 dual.{T}"]),
+    # cluster-targeted names: reserved, NXDOMAIN for both service types
+    Case(f"cluster-a.myservice.{T}", "A", "NXDOMAIN", ns=NXDOMAIN),
+    Case(f"cluster-b.myservice.{T}", "AAAA", "NXDOMAIN", ns=NXDOMAIN),
+    Case(f"cluster-a.headless.{T}", "A", "NXDOMAIN", ns=NXDOMAIN),
+    # headless: ready endpoints of all clusters, the same subset for A and AAAA
+    Case(f"headless.{T}", "A", answer=[
+        f"headless.{T} 5 IN A 10.4.0.5",
+        f"headless.{T} 5 IN A 10.4.0.6",
+        f"headless.{T} 5 IN A 10.4.0.7",
+    ]),
+    Case(f"headless.{T}", "AAAA", ns=NODATA),
+    Case(f"headless6.{T}", "A", answer=[f"headless6.{T} 5 IN A 10.6.0.1"]),
+    Case(f"headless6.{T}", "AAAA", answer=[f"headless6.{T} 5 IN AAAA fd00::6:1"]),
+    # per-endpoint names: hostname, else the dashed IP
+    Case(f"web-0.cluster-a.headless.{T}", "A",
+         answer=[f"web-0.cluster-a.headless.{T} 5 IN A 10.4.0.5"]),
+    Case(f"web-1.cluster-a.headless.{T}", "A",
+         answer=[f"web-1.cluster-a.headless.{T} 5 IN A 10.4.0.6"]),
+    Case(f"web-0.cluster-a.headless.{T}", "AAAA", ns=NODATA),
+    Case(f"10-4-0-7.cluster-b.headless.{T}", "A",
+         answer=[f"10-4-0-7.cluster-b.headless.{T} 5 IN A 10.4.0.7"]),
+    Case(f"fd00--6-1.cluster-a.headless6.{T}", "AAAA",
+         answer=[f"fd00--6-1.cluster-a.headless6.{T} 5 IN AAAA fd00::6:1"]),
+    Case(f"10-4-0-8.cluster-b.headless.{T}", "A", "NXDOMAIN", ns=NXDOMAIN),  # not ready
+    Case(f"web-0.cluster-b.headless.{T}", "A", "NXDOMAIN", ns=NXDOMAIN),  # wrong cluster
+    Case(f"web-0.cluster-a.myservice.{T}", "A", "NXDOMAIN", ns=NXDOMAIN),  # not headless
+    # headless SRV: one per ready endpoint and named port, target the per-endpoint name
+    Case(f"_https._tcp.headless.{T}", "SRV", answer=[
+        f"_https._tcp.headless.{T} 5 IN SRV 10 100 443 web-0.cluster-a.headless.{T}",
+        f"_https._tcp.headless.{T} 5 IN SRV 10 100 443 web-1.cluster-a.headless.{T}",
+        f"_https._tcp.headless.{T} 5 IN SRV 10 100 443 10-4-0-7.cluster-b.headless.{T}",
+    ]),
+    Case(f"_dns._udp.headless.{T}", "SRV", answer=[
+        f"_dns._udp.headless.{T} 5 IN SRV 10 100 53 web-0.cluster-a.headless.{T}",
+        f"_dns._udp.headless.{T} 5 IN SRV 10 100 53 web-1.cluster-a.headless.{T}",
+        f"_dns._udp.headless.{T} 5 IN SRV 10 100 53 10-4-0-7.cluster-b.headless.{T}",
+    ]),
+    # headless with no ready endpoint: the name does not exist
+    Case(f"sleepy.{T}", "A", "NXDOMAIN", ns=NXDOMAIN),
+    Case(f"_web._tcp.sleepy.{T}", "SRV", "NXDOMAIN", ns=NXDOMAIN),
+    # unknown service, unknown namespace, malformed shapes under svc
+    Case(f"nothing.{T}", "A", "NXDOMAIN", ns=NXDOMAIN),
+    Case(f"myservice.nowhere.svc.{Z}", "A", "NXDOMAIN", ns=NXDOMAIN),
+    Case(f"nowhere.svc.{Z}", "A", "NXDOMAIN", ns=NXDOMAIN),
+    Case(f"a.b.c.d.e.web-0.cluster-a.headless.{T}", "A", "NXDOMAIN", ns=NXDOMAIN),
+    Case(f"something.{Z}", "A", "NXDOMAIN", ns=NXDOMAIN),
+    Case(f"myservice.test.pod.{Z}", "A", "NXDOMAIN", ns=NXDOMAIN),
+    # dual-stack ClusterSetIP
+    Case(f"dual.{T}", "A", answer=[f"dual.{T} 5 IN A 127.240.0.11"]),
+    Case(f"dual.{T}", "AAAA", answer=[f"dual.{T} 5 IN AAAA fd00::11"]),
+    Case(f"_http._tcp.dual.{T}", "SRV",
+         answer=[f"_http._tcp.dual.{T} 5 IN SRV 10 100 80 dual.{T}"]),
+    Case(f"_http-udp._udp.dual.{T}", "SRV",
+         answer=[f"_http-udp._udp.dual.{T} 5 IN SRV 10 100 80 dual.{T}"]),
+    Case(f"prod.svc.{Z}", "A", ns=NODATA),
+    Case(f"api.prod.svc.{Z}", "A", answer=[f"api.prod.svc.{Z} 5 IN A 127.240.1.1"]),
+    # svc, namespace and apex exist and are empty
+    Case(f"svc.{Z}", "A", ns=NODATA),
+    Case(T, "A", ns=NODATA),
+    Case(Z, "A", ns=NODATA),
+    Case(Z, "SOA", answer=[SOA_LINE]),
+    # outside the zone
+    Case("example.com.", "A", "REFUSED"),
+    Case("local.", "A", "REFUSED"),
+    Case("xclusterset.local.", "A", "REFUSED"),
+]
+
+
+@pytest.fixture
+async def dns():
+    async with running_dns() as server:
+        yield server
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_dns_table(dns, transport: str) -> None:
+    failures = []
+    for case in CASES:
+        packet = make_query(case.qname, case.qtype)
+        reply = dnslib.DNSRecord.parse(await exchange(transport, dns.bound, packet))
+        got = (dnslib.RCODE.get(reply.header.rcode), zone_lines(reply.rr), zone_lines(reply.auth))
+        want = (case.rcode, sorted(case.answer), sorted(case.ns))
+        if got != want:
+            failures.append(f"{case.qname} {case.qtype}: got {got}, want {want}")
+        assert reply.header.id == dnslib.DNSRecord.parse(packet).header.id
+        assert reply.header.qr and not reply.header.tc
+        assert reply.header.aa == (case.rcode != "REFUSED")
+        assert [str(q.qname) for q in reply.questions] == [case.qname]
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_answer_keeps_the_question_case(dns, transport: str) -> None:
+    for qname in ("MyService.TEST.svc.ClusterSet.LOCAL.", "myservice.test.svc.clusterset.local.",
+                  "mYsErViCe.test.SVC.clusterset.local."):
+        reply = dnslib.DNSRecord.parse(await exchange(transport, dns.bound, make_query(qname)))
+        assert str(reply.q.qname) == qname
+        assert [str(r.rname) for r in reply.rr] == [qname]
+        assert [str(r.rdata) for r in reply.rr] == ["127.240.0.10"]
+    reply = dnslib.DNSRecord.parse(
+        await exchange(transport, dns.bound, make_query("NOTHING.TEST.svc.clusterset.local."))
+    )
+    assert dnslib.RCODE.get(reply.header.rcode) == "NXDOMAIN"
+    assert str(reply.auth[0].rname) == "clusterset.local."
+
+
+async def test_rd_and_cd_are_echoed(dns) -> None:
+    q = dnslib.DNSRecord.question(f"myservice.{T}")
+    q.header.rd = 0
+    q.header.cd = 1
+    reply = dnslib.DNSRecord.parse(await udp_exchange(dns.bound, q.pack()))
+    assert (reply.header.rd, reply.header.cd, reply.header.ra) == (0, 1, 0)
+
+
+async def test_servfail_before_the_first_snapshot() -> None:
+    async with running_dns(load=False) as server:
+        for transport in ("udp", "tcp"):
+            reply = dnslib.DNSRecord.parse(
+                await exchange(transport, server.bound, make_query(f"myservice.{T}"))
+            )
+            assert dnslib.RCODE.get(reply.header.rcode) == "SERVFAIL"
+            outside = dnslib.DNSRecord.parse(
+                await exchange(transport, server.bound, make_query("example.com."))
+            )
+            assert dnslib.RCODE.get(outside.header.rcode) == "REFUSED"
+
+
+async def test_edns_is_answered_with_our_payload_size(dns) -> None:
+    reply = dnslib.DNSRecord.parse(
+        await udp_exchange(dns.bound, make_query(f"myservice.{T}", edns=4096, flags="do"))
+    )
+    assert zone_lines(reply.rr) == [f"myservice.{T} 5 IN A 127.240.0.10"]
+    opts = [r for r in reply.ar if r.rtype == dnslib.QTYPE.OPT]
+    assert len(opts) == 1 and opts[0].rclass == 1232
+    assert opts[0].ttl & 0x8000  # DO echoed
+    plain = dnslib.DNSRecord.parse(await udp_exchange(dns.bound, make_query(f"myservice.{T}")))
+    assert plain.ar == []
+
+
+async def test_edns_version_other_than_0_is_badvers(dns) -> None:
+    reply = dnslib.DNSRecord.parse(
+        await udp_exchange(dns.bound, make_query(f"myservice.{T}", edns=1232, version=1))
+    )
+    opt = next(r for r in reply.ar if r.rtype == dnslib.QTYPE.OPT)
+    assert (opt.ttl >> 24) << 4 | reply.header.rcode == 16  # BADVERS
+    assert reply.rr == []
+
+
+BIG_LINES = sorted(f"big.{T} 5 IN A {a}" for a in BIG_ADDRESSES)
+
+
+async def test_big_headless_is_truncated_over_udp_and_whole_over_tcp(dns) -> None:
+    for edns in (None, 1232, 4096):
+        reply = dnslib.DNSRecord.parse(
+            await udp_exchange(dns.bound, make_query(f"big.{T}", edns=edns))
+        )
+        assert reply.header.tc and reply.rr == [], edns
+        assert str(reply.q.qname) == f"big.{T}"
+    [raw] = await tcp_exchange(dns.bound, make_query(f"big.{T}"))
+    reply = dnslib.DNSRecord.parse(raw)
+    assert not reply.header.tc
+    assert zone_lines(reply.rr) == BIG_LINES
+
+
+async def test_a_bigger_edns_cap_lets_more_through_udp() -> None:
+    async with running_dns(edns_max_payload=4096) as server:
+        reply = dnslib.DNSRecord.parse(
+            await udp_exchange(server.bound, make_query(f"big.{T}", edns=4096))
+        )
+        assert not reply.header.tc and zone_lines(reply.rr) == BIG_LINES
+        # without EDNS the 512-byte limit still holds
+        reply = dnslib.DNSRecord.parse(await udp_exchange(server.bound, make_query(f"big.{T}")))
+        assert reply.header.tc
+
+
+async def test_tcp_answers_several_queries_per_connection_in_order(dns) -> None:
+    names = [f"myservice.{T}", f"headless.{T}", f"nothing.{T}", f"big.{T}"] * 5
+    packets = [make_query(n) for n in names]
+    answers = await tcp_exchange(dns.bound, *packets)
+    for packet, raw in zip(packets, answers, strict=True):
+        q, a = dnslib.DNSRecord.parse(packet), dnslib.DNSRecord.parse(raw)
+        assert a.header.id == q.header.id and a.q.qname == q.q.qname
