@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from mcsproxy.config import AdminConfig, ConfigError, DnsConfig, GatewayConfig, parse_host_port
 from mcsproxy.logsetup import LEVELS, setup_logging
+from mcsproxy.proxy.options import add_proxy_arguments, proxy_config
 
 
 def _add_gateway_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -24,6 +25,7 @@ def _add_gateway_parser(sub: argparse._SubParsersAction) -> None:  # type: ignor
                    help="largest EDNS0 UDP payload answered (bytes)")
     p.add_argument("--admin-listen", default="127.0.0.1:9901", metavar="HOST:PORT")
     p.add_argument("--log-level", default="info", choices=sorted(LEVELS))
+    add_proxy_arguments(p)
     p.set_defaults(func=_run_gateway)
 
 
@@ -47,6 +49,7 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
             ttl_s=args.dns_ttl,
         ),
         admin=AdminConfig(listen=parse_host_port(args.admin_listen, "--admin-listen")),
+        proxy=proxy_config(args),
         log_level=args.log_level,
     )
 
@@ -108,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # --workers re-runs it
     try:
         return int(args.func(args))
     except ConfigError as exc:

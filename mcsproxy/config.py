@@ -112,6 +112,7 @@ class ProxyConfig:
     panic_threshold_percent: int = 50
     workers: int = 1
     worker_index: int = 0  # 0 is the supervising process; 1..N-1 serve the proxy only
+    worker_argv: tuple[str, ...] = ()  # the gateway command line the supervisor re-runs
     health: HealthConfig = field(default_factory=HealthConfig)
     outlier: OutlierConfig = field(default_factory=OutlierConfig)
 

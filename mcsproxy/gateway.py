@@ -10,6 +10,8 @@ from typing import Any, Protocol
 from mcsproxy.admin import AdminServer
 from mcsproxy.config import GatewayConfig
 from mcsproxy.dns.server import DnsServer
+from mcsproxy.proxy import ProxyManager
+from mcsproxy.proxy.workers import WorkerPool
 from mcsproxy.sources import Source, make_source
 from mcsproxy.store import SnapshotStore
 from mcsproxy.tasks import cancel_and_wait, spawn
@@ -29,8 +31,16 @@ class Gateway:
         self.sources: list[Source] = [make_source(s, config.cluster_id) for s in config.sources]
         self.dns = DnsServer(config.dns, self.store)
         self.admin = AdminServer(self)
+        self.proxy = ProxyManager(config.proxy, self.store) if config.proxy.enabled else None
         # Started in this order, stopped in reverse: admin last up, first to say "not ready".
         self.components: list[Component] = [self.dns, self.admin]
+        if self.proxy is not None:
+            if config.proxy.worker_index > 0:
+                self.components = [self.proxy]  # an extra proxy worker: no DNS, no admin
+            else:
+                self.components.insert(1, self.proxy)
+                if config.proxy.workers > 1:
+                    self.components.insert(2, WorkerPool(config.proxy))
         self.stopping = False
         self._tasks: list[asyncio.Task[Any]] = []
         self._stop = asyncio.Event()

@@ -1,0 +1,87 @@
+"""`--workers N`: N-1 extra proxy processes beside this one, sharing listeners by SO_REUSEPORT.
+
+Each worker is the same gateway command with a hidden `--worker-index i`; a worker runs
+its own sources, store and proxy on its own event loop (no DNS, no admin), so the kernel
+spreads new connections over N processes and throughput scales with cores. The
+supervisor (index 0) restarts a worker that dies and stops every worker by its pid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from typing import Any
+
+from mcsproxy.config import ProxyConfig
+from mcsproxy.tasks import cancel_and_wait, spawn
+
+log = logging.getLogger("mcsproxy.proxy.workers")
+
+RESTART_DELAY_S = 1.0
+STOP_TIMEOUT_S = 5.0
+
+
+def worker_command(argv: tuple[str, ...], index: int) -> list[str]:
+    """The gateway command line for worker `index` (any earlier --worker-index dropped)."""
+    args: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--worker-index":
+            skip = True
+            continue
+        if arg.startswith("--worker-index="):
+            continue
+        args.append(arg)
+    return [sys.executable, "-m", "mcsproxy", *args, "--worker-index", str(index)]
+
+
+class WorkerPool:
+    """Component: starts workers 1..N-1 and keeps them running until stopped."""
+
+    def __init__(self, config: ProxyConfig) -> None:
+        self.config = config
+        self.procs: dict[int, asyncio.subprocess.Process] = {}
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stopping = False
+
+    async def start(self) -> None:
+        if not self.config.worker_argv:
+            raise RuntimeError("--workers needs the gateway command line to re-run")
+        for index in range(1, self.config.workers):
+            await self._launch(index)
+            self._tasks.append(spawn(self._supervise(index), name=f"proxy worker {index}"))
+
+    async def _launch(self, index: int) -> None:
+        cmd = worker_command(self.config.worker_argv, index)
+        self.procs[index] = await asyncio.create_subprocess_exec(*cmd)
+        log.info("proxy worker %d started pid=%d", index, self.procs[index].pid)
+
+    async def _supervise(self, index: int) -> None:
+        while True:
+            code = await self.procs[index].wait()
+            if self._stopping:
+                return
+            log.error("proxy worker %d (pid %d) exited with %s; restarting in %.0fs",
+                      index, self.procs[index].pid, code, RESTART_DELAY_S)
+            await asyncio.sleep(RESTART_DELAY_S)
+            await self._launch(index)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        await cancel_and_wait(self._tasks)
+        for proc in self.procs.values():
+            if proc.returncode is None:
+                proc.terminate()
+        for index, proc in self.procs.items():
+            try:
+                async with asyncio.timeout(STOP_TIMEOUT_S):
+                    await proc.wait()
+            except TimeoutError:
+                log.warning("proxy worker %d (pid %d) ignored SIGTERM; killing", index, proc.pid)
+                proc.kill()
+                await proc.wait()
+        self.procs.clear()
