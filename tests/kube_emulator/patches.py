@@ -7,7 +7,7 @@ from typing import Any
 
 
 class PatchError(ValueError):
-    """The patch cannot be applied; the API server answers 422 (or 400 if malformed)."""
+    """The patch cannot be applied; the API server answers 422 Invalid."""
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
@@ -23,85 +23,67 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return result
 
 
-def _pointer(path: str) -> list[str]:
-    if path == "":
-        return []
+def _locate(doc: Any, path: str, *, adding: bool = False) -> tuple[Any, Any]:
+    """The container holding `path` and the key or index of its last token."""
     if not path.startswith("/"):
         raise PatchError(f"invalid JSON pointer: {path!r}")
-    return [p.replace("~1", "/").replace("~0", "~") for p in path[1:].split("/")]
-
-
-def _index(container: list[Any], token: str, *, adding: bool) -> int:
-    if adding and token == "-":
-        return len(container)
-    if not token.isdigit() or int(token) > len(container) - (0 if adding else 1):
-        raise PatchError(f"array index out of range: {token!r}")
-    return int(token)
-
-
-def _parent(doc: Any, tokens: list[str]) -> Any:
-    for token in tokens[:-1]:
-        if isinstance(doc, dict) and token in doc:
-            doc = doc[token]
-        elif isinstance(doc, list):
-            doc = doc[_index(doc, token, adding=False)]
+    tokens = [t.replace("~1", "/").replace("~0", "~") for t in path[1:].split("/")]
+    for i, token in enumerate(tokens):
+        last = i == len(tokens) - 1
+        if isinstance(doc, list):
+            if last and adding and token == "-":
+                return doc, len(doc)
+            limit = len(doc) + (1 if last and adding else 0)
+            if not token.isdigit() or int(token) >= limit:
+                raise PatchError(f"array index out of range in {path}")
+            key: Any = int(token)
+        elif isinstance(doc, dict) and (token in doc or (last and adding)):
+            key = token
         else:
-            raise PatchError(f"path not found: /{'/'.join(tokens)}")
-    return doc
+            raise PatchError(f"path not found: {path}")
+        if last:
+            return doc, key
+        doc = doc[key]
+    raise PatchError(f"invalid JSON pointer: {path!r}")
 
 
-def _get(doc: Any, path: str) -> Any:
-    tokens = _pointer(path)
-    if not tokens:
-        return doc
-    parent, last = _parent(doc, tokens), tokens[-1]
+def _add(doc: Any, path: str, value: Any) -> Any:
+    if path == "":
+        return value
+    parent, key = _locate(doc, path, adding=True)
     if isinstance(parent, list):
-        return parent[_index(parent, last, adding=False)]
-    if isinstance(parent, dict) and last in parent:
-        return parent[last]
-    raise PatchError(f"path not found: {path}")
+        parent.insert(key, value)
+    else:
+        parent[key] = value
+    return doc
 
 
 def _remove(doc: Any, path: str) -> Any:
-    tokens = _pointer(path)
-    parent, last = _parent(doc, tokens), tokens[-1] if tokens else ""
-    if isinstance(parent, list):
-        return parent.pop(_index(parent, last, adding=False))
-    if isinstance(parent, dict) and last in parent:
-        return parent.pop(last)
-    raise PatchError(f"path not found: {path}")
+    parent, key = _locate(doc, path)
+    return parent.pop(key)
 
 
-def _add(doc: Any, path: str, value: Any, *, replace: bool = False) -> Any:
-    tokens = _pointer(path)
-    if not tokens:
-        return value
-    parent, last = _parent(doc, tokens), tokens[-1]
-    if isinstance(parent, list):
-        if replace:
-            parent[_index(parent, last, adding=False)] = value
-        else:
-            parent.insert(_index(parent, last, adding=True), value)
-    elif isinstance(parent, dict):
-        if replace and last not in parent:
-            raise PatchError(f"path not found: {path}")
-        parent[last] = value
-    else:
-        raise PatchError(f"path not found: {path}")
-    return doc
+def _get(doc: Any, path: str) -> Any:
+    if path == "":
+        return doc
+    parent, key = _locate(doc, path)
+    return parent[key]
 
 
-def json_patch(target: Any, ops: Any) -> Any:
-    """RFC 6902 add/remove/replace/move/copy/test; all-or-nothing on a copy."""
-    if not isinstance(ops, list):
-        raise PatchError("a JSON patch must be a list of operations")
+def json_patch(target: Any, ops: list[Any]) -> Any:
+    """RFC 6902 add/remove/replace/move/copy/test, all or nothing (on a copy)."""
     doc = copy.deepcopy(target)
     for op in ops:
         kind, path = op.get("op"), op.get("path", "")
         if kind == "add":
             doc = _add(doc, path, copy.deepcopy(op["value"]))
         elif kind == "replace":
-            doc = _add(doc, path, copy.deepcopy(op["value"]), replace=True)
+            _get(doc, path)  # must exist
+            if path == "":
+                doc = copy.deepcopy(op["value"])
+            else:
+                parent, key = _locate(doc, path)
+                parent[key] = copy.deepcopy(op["value"])
         elif kind == "remove":
             _remove(doc, path)
         elif kind == "move":

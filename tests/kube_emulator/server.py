@@ -1,0 +1,436 @@
+"""KubeEmulator: a small Kubernetes API server over real HTTP, for driving real clients in tests."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import yaml
+from aiohttp import web
+from kubernetes_asyncio.client import ApiClient, Configuration
+
+from .selectors import Predicate, SelectorError, field_selector, label_selector
+from .store import BUILTIN_GROUPS, ApiError, Obj, ResourceType, Store
+
+_REASONS = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound",
+            409: "Conflict", 410: "Expired", 429: "TooManyRequests", 500: "InternalError",
+            503: "ServiceUnavailable", 504: "Timeout"}
+_DEFAULT_TYPES = [  # group, versions, plural, kind, namespaced, status subresource
+    ("", ["v1"], "namespaces", "Namespace", False, True),
+    ("", ["v1"], "services", "Service", True, True),
+    ("", ["v1"], "endpoints", "Endpoints", True, False),
+    ("", ["v1"], "secrets", "Secret", True, False),
+    ("", ["v1"], "configmaps", "ConfigMap", True, False),
+    ("discovery.k8s.io", ["v1"], "endpointslices", "EndpointSlice", True, False),
+    ("multicluster.x-k8s.io", ["v1alpha1", "v1beta1"], "serviceexports", "ServiceExport",
+     True, True),
+    ("multicluster.x-k8s.io", ["v1alpha1", "v1beta1"], "serviceimports", "ServiceImport",
+     True, True),
+    ("networking.karmada.io", ["v1alpha1"], "multiclusterservices", "MultiClusterService",
+     True, True),
+    ("coordination.k8s.io", ["v1"], "leases", "Lease", True, False),
+]
+
+
+class Request(NamedTuple):
+    method: str
+    path: str
+    query: dict[str, str]
+
+
+@dataclass(slots=True)
+class _Fault:
+    remaining: int | None  # None: until clear_faults()
+    status: int
+    method: str | None
+    path: str | None
+
+    def matches(self, request: web.Request) -> bool:
+        return ((self.method is None or request.method == self.method.upper())
+                and (self.path is None or self.path in request.path))
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").lower() in ("true", "1")
+
+
+def _line(kind: str, obj: Obj) -> bytes:
+    return json.dumps({"type": kind, "object": obj}, separators=(",", ":")).encode() + b"\n"
+
+
+def _error_response(error: ApiError) -> web.Response:
+    return web.json_response(error.status(), status=error.code)
+
+
+class KubeEmulator:
+    """Serves the Kubernetes REST API for registered resources from memory.
+
+    Data survives `stop()`/`start()`; the port is reused on restart.
+    """
+
+    def __init__(self, *, token: str | None = None, history: int = 1000,
+                 bookmark_interval: float = 60.0, watch_queue: int = 10_000):
+        self.store = Store(history, watch_queue)
+        self.token = token
+        self.bookmark_interval = bookmark_interval
+        self.requests: list[Request] = []
+        self.host, self.port = "127.0.0.1", 0
+        self._faults: list[_Fault] = []
+        self._released = asyncio.Event()
+        self._released.set()
+        self._stopping = False
+        self._changed = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        for group, versions, plural, kind, namespaced, status in _DEFAULT_TYPES:
+            for version in versions:
+                self.register(group, version, plural, kind, namespaced=namespaced, status=status)
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def start(self, host: str | None = None, port: int | None = None) -> str:
+        """Serve on host:port (port 0 picks one; a restart reuses the previous port)."""
+        self.host, self.port = host or self.host, self.port if port is None else port
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0,
+                                     access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.port).start()
+        self.port = self._runner.addresses[0][1]
+        self._stopping = False
+        return self.url
+
+    async def stop(self) -> None:
+        """The API server goes away: watches end, hung requests are dropped, data is kept."""
+        if self._runner is None:
+            return
+        self._stopping = True
+        self._released.set()
+        self.drop_watches()
+        await self._runner.cleanup()
+        self._runner = None
+
+    async def __aenter__(self) -> KubeEmulator:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    # -- client helpers ------------------------------------------------------------------
+    def kubeconfig(self, path: str | Path, context_name: str = "emulator",
+                   namespace: str = "default") -> Path:
+        """Write a kubeconfig that kubernetes_asyncio.config.load_kube_config accepts."""
+        user = {"token": self.token} if self.token else {}
+        doc = {"apiVersion": "v1", "kind": "Config", "current-context": context_name,
+               "clusters": [{"name": context_name, "cluster": {"server": self.url}}],
+               "users": [{"name": context_name, "user": user}],
+               "contexts": [{"name": context_name, "context": {
+                   "cluster": context_name, "user": context_name, "namespace": namespace}}]}
+        path = Path(path)
+        path.write_text(yaml.safe_dump(doc))
+        return path
+
+    def client_configuration(self) -> Configuration:
+        config = Configuration(host=self.url)
+        if self.token:
+            config.api_key["BearerToken"] = f"Bearer {self.token}"
+        return config
+
+    def api_client(self) -> ApiClient:
+        """A client for this emulator; use `async with` so its session gets closed."""
+        return ApiClient(self.client_configuration())
+
+    # -- resources and direct access -----------------------------------------------------
+    def register(self, group: str, version: str, plural: str, kind: str, *,
+                 namespaced: bool = True, status: bool = False) -> ResourceType:
+        """Serve another resource; registering a new version shares the existing storage."""
+        return self.store.register(group, version, plural, kind, namespaced=namespaced,
+                                   status=status)
+
+    def put_object(self, obj: Obj) -> Obj:
+        """Store `obj` as given (creationTimestamp, status, ...), found by apiVersion/kind."""
+        version = obj["apiVersion"].rpartition("/")[2]
+        rtype = self.store.by_kind(obj["apiVersion"], obj["kind"])
+        return rtype.present(self.store.put(rtype, obj), version)
+
+    def get_object(self, resource: str, name: str, namespace: str | None = None) -> Obj | None:
+        """`resource` as kubectl spells it: `services`, `serviceimports.multicluster.x-k8s.io`."""
+        rtype = self.store.by_name(resource)
+        try:
+            return rtype.present(self.store.get(rtype, namespace or "", name), rtype.versions[0])
+        except ApiError:
+            return None
+
+    def list_objects(self, resource: str, namespace: str | None = None) -> list[Obj]:
+        rtype = self.store.by_name(resource)
+        everything = label_selector(None)
+        return [rtype.present(obj, rtype.versions[0])
+                for obj in self.store.list(rtype, namespace, everything, everything)]
+
+    # -- fault injection -----------------------------------------------------------------
+    def fail_next(self, n: int | None = 1, status: int = 500, *, method: str | None = None,
+                  path: str | None = None) -> None:
+        """Answer the next n matching requests (n=None: all, until cleared) with `status`."""
+        self._faults.append(_Fault(n, status, method, path))
+
+    def clear_faults(self) -> None:
+        self._faults.clear()
+
+    def hang(self, enabled: bool = True) -> None:
+        """While enabled, requests (watches included) wait without an answer."""
+        if enabled:
+            self._released.clear()
+        else:
+            self._released.set()
+
+    def expire_history(self) -> None:
+        """Forget the event history: any watch resume answers ERROR 410 Expired."""
+        self.store.expire_history()
+
+    def drop_watches(self, *, abort: bool = False) -> None:
+        """End every open watch stream: cleanly, or by resetting the connection."""
+        for watcher in list(self.store.watchers):
+            watcher.end("abort" if abort else "close")
+
+    @property
+    def watch_count(self) -> int:
+        return len(self.store.watchers)
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+        """Wait until predicate() holds; re-checked whenever a request or watch changes."""
+        async with asyncio.timeout(timeout):
+            while True:
+                changed = self._changed
+                if predicate():
+                    return
+                await changed.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    # -- HTTP ----------------------------------------------------------------------------
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append(Request(request.method, request.path, dict(request.query)))
+        self._notify()
+        try:
+            if self.token and request.headers.get("Authorization") != f"Bearer {self.token}":
+                raise ApiError(401, "Unauthorized", "Unauthorized")
+            await self._released.wait()
+            if self._stopping:
+                return self._drop(request)
+            for fault in self._faults:
+                if fault.remaining != 0 and fault.matches(request):
+                    if fault.remaining is not None:
+                        fault.remaining -= 1
+                    reason = _REASONS.get(fault.status, "InternalError")
+                    raise ApiError(fault.status, reason, f"injected fault ({fault.status})")
+            return await self._dispatch(request)
+        except ApiError as error:
+            return _error_response(error)
+        except SelectorError as error:
+            return _error_response(ApiError(400, "BadRequest", str(error)))
+        finally:
+            self._notify()
+
+    @staticmethod
+    def _drop(request: web.Request) -> web.StreamResponse:
+        if request.transport is not None:
+            request.transport.abort()
+        return web.Response(status=503)
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        parts = [p for p in request.path.split("/") if p]
+        not_found = ApiError(404, "NotFound", "the server could not find the requested resource")
+        if parts == ["version"]:
+            return web.json_response({"major": "1", "minor": "31", "gitVersion": "v1.31.0-emu"})
+        if parts[:1] == ["api"] and len(parts) == 1:
+            return web.json_response({"kind": "APIVersions", "versions": ["v1"],
+                                      "serverAddressByClientCIDRs": []})
+        if parts[:1] == ["apis"] and len(parts) <= 2:
+            groups = self._groups()
+            if len(parts) == 1:
+                return web.json_response({"kind": "APIGroupList", "apiVersion": "v1",
+                                          "groups": list(groups.values())})
+            if parts[1] not in groups:
+                raise not_found
+            return web.json_response({"kind": "APIGroup", "apiVersion": "v1",
+                                      **groups[parts[1]]})
+        if parts[:1] == ["api"]:
+            group, version, rest = "", parts[1], parts[2:]
+        elif parts[:1] == ["apis"]:
+            group, version, rest = parts[1], parts[2], parts[3:]
+        else:
+            raise not_found
+        if not rest:
+            return self._resource_list(group, version) or _error_response(not_found)
+        namespace = None
+        nested = self.store.lookup(group, version, rest[2]) if len(rest) >= 3 else None
+        if rest[0] == "namespaces" and nested is not None and nested.namespaced:
+            namespace, rest = rest[1], rest[2:]
+        rtype = self.store.lookup(group, version, rest[0])
+        if (rtype is None or len(rest) > 3 or (rtype.namespaced and namespace is None
+                                               and len(rest) > 1)
+                or (len(rest) == 3 and not (rest[2] == "status" and rtype.status))):
+            raise not_found
+        name = rest[1] if len(rest) > 1 else None
+        return await self._verb(request, rtype, version, namespace, name, len(rest) == 3)
+
+    async def _verb(self, request: web.Request, rtype: ResourceType, version: str,
+                    namespace: str | None, name: str | None,
+                    status_only: bool) -> web.StreamResponse:
+        query, method, ns = request.query, request.method, namespace or ""
+        raw = await request.read()
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            raise ApiError(400, "BadRequest", "the request body is not valid JSON") from None
+
+        def reply(obj: Obj, code: int = 200) -> web.Response:
+            return web.json_response(rtype.present(obj, version), status=code)
+
+        if name is None:
+            labels = label_selector(query.get("labelSelector"))
+            fields = field_selector(query.get("fieldSelector"))
+            if method == "GET" and _truthy(query.get("watch")):
+                return await self._watch(request, rtype, version, namespace, labels, fields)
+            if method == "GET":
+                return self._list(rtype, version, namespace, labels, fields, query)
+            if method == "POST" and (namespace is not None or not rtype.namespaced):
+                return reply(self.store.create(rtype, ns, body), 201)
+            if method == "DELETE":
+                items = self.store.list(rtype, namespace, labels, fields)
+                for obj in items:
+                    self.store.delete(rtype, obj["metadata"].get("namespace", ""),
+                                      obj["metadata"]["name"], body)
+                return self._list_response(rtype, version, items, {})
+        elif method == "GET":
+            return reply(self.store.get(rtype, ns, name))
+        elif method == "PUT":
+            return reply(self.store.update(rtype, ns, name, body, status_only=status_only))
+        elif method == "PATCH":
+            return reply(self.store.patch(rtype, ns, name, request.content_type, body,
+                                          status_only=status_only))
+        elif method == "DELETE" and not status_only:
+            deleted, obj = self.store.delete(rtype, ns, name, body)
+            return reply(obj, 200 if deleted else 202)
+        raise ApiError(405, "MethodNotAllowed", f"{method} is not supported here")
+
+    def _list(self, rtype: ResourceType, version: str, namespace: str | None,
+              labels: Predicate, fields: Predicate, query: Any) -> web.Response:
+        items = self.store.list(rtype, namespace, labels, fields)
+        meta: Obj = {}
+        if token := query.get("continue"):
+            after = json.loads(base64.urlsafe_b64decode(token))
+            items = [o for o in items if [o["metadata"].get("namespace", ""),
+                                          o["metadata"]["name"]] > after]
+        limit = int(query.get("limit") or 0)
+        if 0 < limit < len(items):
+            last = items[limit - 1]["metadata"]
+            key = json.dumps([last.get("namespace", ""), last["name"]]).encode()
+            meta = {"continue": base64.urlsafe_b64encode(key).decode(),
+                    "remainingItemCount": len(items) - limit}
+            items = items[:limit]
+        return self._list_response(rtype, version, items, meta)
+
+    def _list_response(self, rtype: ResourceType, version: str, items: list[Obj],
+                       meta: Obj) -> web.Response:
+        # Built-in lists carry bare items; custom resource lists carry apiVersion/kind.
+        if rtype.group not in BUILTIN_GROUPS:
+            items = [rtype.present(obj, version) for obj in items]
+        return web.json_response({
+            "apiVersion": rtype.api_version(version), "kind": rtype.list_kind,
+            "metadata": {"resourceVersion": str(self.store.rv), **meta}, "items": items})
+
+    async def _watch(self, request: web.Request, rtype: ResourceType, version: str,
+                     namespace: str | None, labels: Predicate,
+                     fields: Predicate) -> web.StreamResponse:
+        query = request.query
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.enable_chunked_encoding()
+        try:
+            watcher = self.store.watch(rtype, namespace, labels, fields,
+                                       query.get("resourceVersion"))
+        except ApiError as error:
+            if error.code != 410:
+                raise
+            await response.prepare(request)  # the API server answers 200 and an ERROR event
+            await response.write(_line("ERROR", error.status()))
+            await response.write_eof()
+            return response
+        self._notify()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + float(query.get("timeoutSeconds") or math.inf)
+        bookmarks = _truthy(query.get("allowWatchBookmarks"))
+        next_bookmark = loop.time() + self.bookmark_interval if bookmarks else math.inf
+        try:
+            await response.prepare(request)
+            while watcher.stop is None:
+                if watcher.pending:
+                    kind, obj = watcher.pending.popleft()
+                    await response.write(_line(kind, rtype.present(obj, version)))
+                    continue
+                now = loop.time()
+                if now >= deadline:
+                    break
+                if now >= next_bookmark:
+                    await response.write(_line("BOOKMARK", {
+                        "kind": rtype.kind, "apiVersion": rtype.api_version(version),
+                        "metadata": {"resourceVersion": str(self.store.rv)}}))
+                    next_bookmark = now + self.bookmark_interval
+                    continue
+                watcher.wakeup.clear()
+                wait = min(deadline, next_bookmark) - now
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(watcher.wakeup.wait(), None if wait == math.inf
+                                           else wait)
+        finally:
+            self.store.watchers.discard(watcher)
+            self._notify()
+        if watcher.stop == "abort":
+            return self._drop(request)
+        await response.write_eof()
+        return response
+
+    # -- discovery -----------------------------------------------------------------------
+    def _groups(self) -> dict[str, Obj]:
+        groups: dict[str, Obj] = {}
+        for (group, version, _), _rtype in self.store.types.items():
+            if not group:
+                continue
+            gv = {"groupVersion": f"{group}/{version}", "version": version}
+            entry = groups.setdefault(group, {"name": group, "versions": [],
+                                              "preferredVersion": gv})
+            if gv not in entry["versions"]:
+                entry["versions"].append(gv)
+        return groups
+
+    def _resource_list(self, group: str, version: str) -> web.Response | None:
+        verbs = ["create", "delete", "deletecollection", "get", "list", "patch", "update",
+                 "watch"]
+        resources = []
+        for (g, v, _), rtype in self.store.types.items():
+            if (g, v) != (group, version):
+                continue
+            base = {"namespaced": rtype.namespaced, "kind": rtype.kind}
+            resources.append({"name": rtype.plural, "singularName": rtype.kind.lower(),
+                              "verbs": verbs, **base})
+            if rtype.status:
+                resources.append({"name": f"{rtype.plural}/status", "singularName": "",
+                                  "verbs": ["get", "patch", "update"], **base})
+        if not resources:
+            return None
+        return web.json_response({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion":
+                                  f"{group}/{version}" if group else version,
+                                  "resources": resources})
