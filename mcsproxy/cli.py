@@ -98,6 +98,28 @@ def _run_demo(args: argparse.Namespace) -> int:
     return control(args.action, args.cluster or "")
 
 
+def _add_controller_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("controller", help="run the MCS controller (directory mode)")
+    p.add_argument("--clusters-dir", metavar="DIR", help="DIR/<cluster-id>/*.yaml per member")
+    p.add_argument("--output-dir", metavar="OUT", help="OUT/<cluster-id>/ receives the imports")
+    p.add_argument("--once", action="store_true", help="reconcile once and exit")
+    p.add_argument("--serve", metavar="HOST:PORT", help="stream snapshots to gateways here")
+    p.add_argument("--clusterset-cidr", default="127.240.0.0/16",
+                   help="ClusterSetIP range; IPv4,IPv6 for dual stack")
+    p.add_argument("--kubeconfig", metavar="PATH", help="Kubernetes mode (not yet available)")
+    p.add_argument("--contexts", metavar="A,B,C", help="Kubernetes mode (not yet available)")
+    p.add_argument("--log-level", default="info", choices=sorted(LEVELS))
+    p.set_defaults(func=_run_controller)
+
+
+def _run_controller(args: argparse.Namespace) -> int:
+    # The data plane never imports the controller; only this command does, lazily.
+    from controlplane.command import run_from_args
+
+    setup_logging(args.log_level)
+    return run_from_args(args, ConfigError)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mcsproxy", description="Kubernetes Multi-Cluster Services data plane"
@@ -105,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_gateway_parser(sub)
     _add_demo_parser(sub)
+    _add_controller_parser(sub)
     return parser
 
 

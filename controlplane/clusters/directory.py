@@ -1,0 +1,308 @@
+"""Directory mode: DIR/<cluster-id>/*.yaml is a member cluster, OUT/<cluster-id>/ is what
+the controller would write into it.
+
+Reading: files are polled by stat; only changed files are parsed again (off the event
+loop). A cluster's view is replaced only when every one of its files is good: a file that
+does not parse or validate is rejected with its file and line and the cluster keeps its
+last good view (a half-read cluster could drop a Service while keeping its export). A
+cluster folder that goes missing or unreadable marks the cluster disconnected: its last
+view stays, stale.
+
+Writing: one file per object, `<kind>_<namespace>_<name>.yaml`, written by atomic rename
+and only when the object changed; files no longer wanted are removed. Other files in OUT
+are left alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from controlplane.clusters import ChangeSet, ClusterError, Connection, Notify
+from controlplane.clusters.state import ClusterObjects
+from controlplane.resources import (
+    KIND_EXPORT,
+    KIND_IMPORT,
+    KIND_SLICE,
+    ObjectRef,
+    Parsed,
+    parse_member_object,
+)
+from mcsproxy.config import CLUSTER_ID_RE
+from mcsproxy.manifests import ManifestError, load_yaml_documents
+from mcsproxy.sources.file import YAML_SUFFIXES, FileStamp
+
+log = logging.getLogger("controlplane.clusters.directory")
+
+POLL_INTERVAL_S = 0.25
+_Dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_KIND_BY_PREFIX = {"serviceimport": KIND_IMPORT, "endpointslice": KIND_SLICE,
+                   "serviceexport": KIND_EXPORT}
+_OUTPUT_NAME = re.compile(r"^(serviceimport|endpointslice|serviceexport)_([^_/]+)_([^_/]+)\.yaml$")
+
+Obj = Mapping[str, Any]
+FileObjects = dict[ObjectRef, Parsed]
+
+
+def output_file_name(ref: ObjectRef) -> str:
+    return f"{ref.kind.lower()}_{ref.namespace}_{ref.name}.yaml"
+
+
+def dump_yaml(obj: Obj) -> bytes:
+    return yaml.dump(obj, Dumper=_Dumper, sort_keys=False, default_flow_style=False,
+                     allow_unicode=True).encode()
+
+
+def parse_cluster_file(text: str, origin: str, cluster: str) -> FileObjects:
+    objects: FileObjects = {}
+    for line, doc in load_yaml_documents(text, origin):
+        if doc is None:
+            continue
+        if not isinstance(doc, dict):
+            raise ManifestError("a document must be a mapping", origin, line)
+        items = doc["items"] if doc.get("kind") == "List" and isinstance(doc.get("items"),
+                                                                          list) else [doc]
+        for item in items:
+            if not isinstance(item, dict):
+                raise ManifestError("a List item must be a mapping", origin, line)
+            try:
+                parsed = parse_member_object(item, cluster)
+            except ManifestError as exc:
+                raise exc.at(origin, line) from None
+            if parsed is None:
+                continue
+            ref, record = parsed
+            if ref in objects:
+                raise ManifestError(f"duplicate {ref.kind} {ref.namespace}/{ref.name}",
+                                    origin, line)
+            objects[ref] = record
+    return objects
+
+
+def discover_clusters(clusters_dir: Path) -> list[str]:
+    """The cluster folders under DIR; ClusterError for a folder that is not a cluster ID."""
+    try:
+        entries = sorted(p for p in clusters_dir.iterdir()
+                         if p.is_dir() and not p.name.startswith("."))
+    except OSError as exc:
+        raise ClusterError(f"--clusters-dir {clusters_dir}: {exc.strerror or exc}") from None
+    for p in entries:
+        if not CLUSTER_ID_RE.match(p.name) or len(p.name) > 253:
+            raise ClusterError(f"{p}: folder name {p.name!r} is not an RFC-1123 cluster ID")
+    return [p.name for p in entries]
+
+
+@dataclass(slots=True)
+class _Scan:
+    unreadable: str | None = None
+    stamps: dict[Path, FileStamp] = field(default_factory=dict)
+    parsed: dict[Path, FileObjects | ManifestError] = field(default_factory=dict)
+
+
+class DirectoryCluster:
+    def __init__(self, cluster_id: str, clusters_dir: Path, output_dir: Path,
+                 poll_interval_s: float = POLL_INTERVAL_S) -> None:
+        self.cluster_id = cluster_id
+        self.source_dir = clusters_dir / cluster_id
+        self.out_dir = output_dir / cluster_id
+        self.poll_interval_s = poll_interval_s
+        self.objects = ClusterObjects()
+        self.connection = Connection()
+        self._cache: dict[Path, tuple[FileStamp, FileObjects | ManifestError]] = {}
+        self._committed: dict[Path, tuple[FileStamp, FileObjects]] = {}
+        self._owner: dict[ObjectRef, Path] = {}
+        self._written: dict[str, Obj] = {}
+        self.files_written = 0
+        self.files_deleted = 0
+
+    # -- reading -------------------------------------------------------------------------
+    def _scan(self) -> _Scan:
+        """Stat every file and parse the changed ones. Runs in a worker thread and only
+        reads this object's state."""
+        try:
+            names = [e for e in os.scandir(self.source_dir)
+                     if e.name.endswith(YAML_SUFFIXES) and not e.name.startswith(".")]
+        except OSError as exc:
+            return _Scan(unreadable=f"{self.source_dir}: {exc.strerror or exc}")
+        scan = _Scan()
+        for entry in names:
+            try:
+                st = entry.stat()
+            except FileNotFoundError:
+                continue
+            path = Path(entry.path)
+            stamp = FileStamp(st.st_mtime_ns, st.st_size, st.st_ino)
+            scan.stamps[path] = stamp
+            cached = self._cache.get(path)
+            if cached is not None and cached[0] == stamp:
+                continue
+            try:
+                text = path.read_text(encoding="utf-8")
+                scan.parsed[path] = parse_cluster_file(text, str(path), self.cluster_id)
+            except ManifestError as exc:
+                scan.parsed[path] = exc
+            except (OSError, UnicodeDecodeError) as exc:
+                scan.parsed[path] = ManifestError(f"cannot read: {exc}", str(path))
+        return scan
+
+    def _set_connected(self, connected: bool, error: str | None, changes: ChangeSet) -> None:
+        if self.connection.connected != connected:
+            first = self.connection.since == 0.0
+            self.connection.connected = connected
+            self.connection.since = time.time()
+            changes.connection = True
+            if first and connected:
+                pass
+            elif connected:
+                log.info("cluster %s readable again", self.cluster_id)
+            else:
+                log.error("cluster %s unreadable (%s): keeping its last state, stale",
+                          self.cluster_id, error)
+        self.connection.error = error
+
+    def _commit(self, scan: _Scan) -> ChangeSet:
+        changes = ChangeSet()
+        if scan.unreadable is not None:
+            self._set_connected(False, scan.unreadable, changes)
+            return changes
+        for gone in set(self._cache) - set(scan.stamps):
+            del self._cache[gone]
+        for path, result in scan.parsed.items():
+            self._cache[path] = (scan.stamps[path], result)
+        errors = [str(r) for _, r in self._cache.values() if isinstance(r, ManifestError)]
+        dirty = {p for p, (stamp, _) in self._cache.items()
+                 if self._committed.get(p, (None,))[0] != stamp}
+        dirty |= set(self._committed) - set(self._cache)
+        upserted: FileObjects = {}
+        removed: list[ObjectRef] = []
+        owners: dict[ObjectRef, Path] = {}
+        if not errors:
+            freed = {r for p in dirty if p in self._committed for r in self._committed[p][1]}
+            for path in sorted(dirty & set(self._cache)):
+                objects = self._cache[path][1]
+                assert not isinstance(objects, ManifestError)
+                for ref in objects:
+                    other = owners.get(ref) or (None if ref in freed else self._owner.get(ref))
+                    if other is not None and other != path:
+                        errors.append(f"{path}: duplicate {ref.kind} {ref.namespace}/{ref.name}"
+                                      f" (also in {other})")
+                    owners[ref] = path
+                upserted.update(objects)
+        error_text = "; ".join(sorted(errors)) or None
+        if error_text != self.connection.error and error_text:
+            log.error("cluster %s: rejected %s; keeping its last good state",
+                      self.cluster_id, error_text)
+        self._set_connected(True, error_text, changes)
+        if errors:
+            return changes
+        for path in dirty:
+            old = self._committed.pop(path, None)
+            if old is not None:
+                removed.extend(r for r in old[1] if r not in upserted)
+            if path in self._cache:
+                stamp, objects = self._cache[path]
+                self._committed[path] = (stamp, objects)  # type: ignore[assignment]
+        for ref in removed:
+            self._owner.pop(ref, None)
+            self.objects.remove(ref, changes)
+        self._owner.update(owners)
+        for ref, record in upserted.items():
+            self.objects.upsert(ref, record, changes)
+        return changes
+
+    async def sync(self) -> ChangeSet:
+        changes = self._commit(await asyncio.to_thread(self._scan))
+        if not self.connection.connected or self.connection.error:
+            raise ClusterError(f"cluster {self.cluster_id}: {self.connection.error}")
+        return changes
+
+    async def watch(self, notify: Notify) -> None:
+        while True:
+            started = time.monotonic()
+            changes = self._commit(await asyncio.to_thread(self._scan))
+            if changes:
+                notify(self.cluster_id, changes)
+            # A huge folder must not keep a core busy stat-ing: back off to 4 scans.
+            spent = time.monotonic() - started
+            await asyncio.sleep(max(self.poll_interval_s, 4 * spent))
+
+    # -- writing -------------------------------------------------------------------------
+    def _read_published(self) -> list[Obj]:
+        found: list[Obj] = []
+        try:
+            entries = sorted(os.scandir(self.out_dir), key=lambda e: e.name)
+        except FileNotFoundError:
+            return found
+        except OSError as exc:
+            raise ClusterError(f"{self.out_dir}: {exc.strerror or exc}") from None
+        for entry in entries:
+            match = _OUTPUT_NAME.match(entry.name)
+            if match is None:
+                continue
+            try:
+                with open(entry.path, encoding="utf-8") as f:
+                    obj = yaml.load(f, Loader=_Loader)
+            except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
+                log.warning("%s: unreadable earlier output (%s): it will be rewritten",
+                            entry.path, exc)
+                obj = None
+            meta = obj.get("metadata") if isinstance(obj, dict) else None
+            kind = _KIND_BY_PREFIX[match.group(1)]
+            if not isinstance(meta, dict) or obj.get("kind") != kind:
+                # Still ours by name: remember it so it is replaced or removed.
+                obj = {"kind": kind, "metadata": {"namespace": match.group(2),
+                                                  "name": match.group(3)}}
+            self._written[entry.name] = obj
+            found.append(obj)
+        return found
+
+    async def read_published(self) -> list[Obj]:
+        return await asyncio.to_thread(self._read_published)
+
+    def _write(self, objects: Sequence[Obj]) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for obj in objects:
+            meta = obj["metadata"]
+            name = output_file_name(ObjectRef(obj["kind"], meta["namespace"], meta["name"]))
+            if self._written.get(name) == obj:
+                continue
+            target = self.out_dir / name
+            tmp = self.out_dir / f".{name}.tmp"
+            tmp.write_bytes(dump_yaml(obj))
+            os.replace(tmp, target)
+            self._written[name] = obj
+            self.files_written += 1
+
+    def _delete(self, refs: Sequence[ObjectRef]) -> None:
+        for ref in refs:
+            name = output_file_name(ref)
+            self._written.pop(name, None)
+            try:
+                (self.out_dir / name).unlink()
+                self.files_deleted += 1
+            except FileNotFoundError:
+                pass
+
+    async def apply(self, objects: Sequence[Obj]) -> None:
+        if objects:
+            await asyncio.to_thread(self._write, objects)
+
+    async def update_export_status(self, export: Obj) -> None:
+        await asyncio.to_thread(self._write, [export])
+
+    async def delete(self, refs: Sequence[ObjectRef]) -> None:
+        if refs:
+            await asyncio.to_thread(self._delete, refs)
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,118 @@
+"""One member cluster's objects, indexed by service key and updated in place.
+
+Both cluster clients feed it (the directory client by files, a kube client by watch
+events) and get back what changed, so the controller re-reconciles only those keys.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Protocol
+
+from controlplane.resources import (
+    KIND_EXPORT,
+    KIND_MCS,
+    KIND_NAMESPACE,
+    KIND_SERVICE,
+    KIND_SLICE,
+    ExportInfo,
+    McsInfo,
+    ObjectRef,
+    Parsed,
+    ServiceInfo,
+    service_key_of,
+)
+from mcsproxy.manifests import SliceSpec
+from mcsproxy.model import ServiceKey
+
+
+class Changes(Protocol):
+    keys: set[ServiceKey]
+    namespaces: set[str]
+
+
+class ClusterObjects:
+    __slots__ = ("_by_ref", "exports", "mcs", "namespaces", "services", "slices")
+
+    def __init__(self) -> None:
+        self._by_ref: dict[ObjectRef, Parsed] = {}
+        self.namespaces: set[str] = set()
+        self.services: dict[ServiceKey, ServiceInfo] = {}
+        self.exports: dict[ServiceKey, ExportInfo] = {}
+        self.mcs: dict[ServiceKey, McsInfo] = {}
+        self.slices: dict[ServiceKey, dict[str, SliceSpec]] = defaultdict(dict)
+
+    def __len__(self) -> int:
+        return len(self._by_ref)
+
+    def refs(self) -> set[ObjectRef]:
+        return set(self._by_ref)
+
+    def slices_for(self, key: ServiceKey) -> tuple[SliceSpec, ...]:
+        by_name = self.slices.get(key)
+        if not by_name:
+            return ()
+        return tuple(by_name[name] for name in sorted(by_name))
+
+    def service_keys(self) -> set[ServiceKey]:
+        """Every key something in this cluster is about."""
+        return set(self.services) | set(self.exports) | set(self.mcs) | {
+            k for k, v in self.slices.items() if v
+        }
+
+    def upsert(self, ref: ObjectRef, parsed: Parsed, changes: Changes) -> None:
+        """Store one object, noting in `changes` the keys and namespaces it touched."""
+        old = self._by_ref.get(ref)
+        if old == parsed:
+            return
+        if old is not None:
+            self._unindex(ref, old, changes)
+        self._by_ref[ref] = parsed
+        if ref.kind == KIND_NAMESPACE:
+            self.namespaces.add(ref.name)
+            changes.namespaces.add(ref.name)
+            return
+        key = service_key_of(ref, parsed)
+        assert key is not None
+        changes.keys.add(key)
+        if ref.kind == KIND_SERVICE:
+            self.services[key] = parsed  # type: ignore[assignment]
+        elif ref.kind == KIND_EXPORT:
+            self.exports[key] = parsed  # type: ignore[assignment]
+        elif ref.kind == KIND_MCS:
+            self.mcs[key] = parsed  # type: ignore[assignment]
+        elif ref.kind == KIND_SLICE:
+            self.slices[key][ref.name] = parsed  # type: ignore[assignment]
+
+    def remove(self, ref: ObjectRef, changes: Changes) -> None:
+        old = self._by_ref.pop(ref, None)
+        if old is not None:
+            self._unindex(ref, old, changes)
+
+    def _unindex(self, ref: ObjectRef, old: Parsed, changes: Changes) -> None:
+        if ref.kind == KIND_NAMESPACE:
+            self.namespaces.discard(ref.name)
+            changes.namespaces.add(ref.name)
+            return
+        key = service_key_of(ref, old)
+        assert key is not None
+        changes.keys.add(key)
+        if ref.kind == KIND_SERVICE:
+            self.services.pop(key, None)
+        elif ref.kind == KIND_EXPORT:
+            self.exports.pop(key, None)
+        elif ref.kind == KIND_MCS:
+            self.mcs.pop(key, None)
+        elif ref.kind == KIND_SLICE:
+            by_name = self.slices.get(key)
+            if by_name is not None:
+                by_name.pop(ref.name, None)
+                if not by_name:
+                    del self.slices[key]
+
+    def replace_all(self, objects: dict[ObjectRef, Parsed], changes: Changes) -> None:
+        """Make `objects` the whole content, noting what changed."""
+        for ref in [r for r in self._by_ref if r not in objects]:
+            self.remove(ref, changes)
+        for ref, parsed in objects.items():
+            self.upsert(ref, parsed, changes)

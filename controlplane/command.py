@@ -1,0 +1,179 @@
+"""`mcsproxy controller`: wiring the directory clients, the controller, the stream."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from controlplane.allocator import DEFAULT_CIDR, parse_cidrs
+from controlplane.clusters import ClusterError
+from controlplane.clusters.directory import POLL_INTERVAL_S, DirectoryCluster, discover_clusters
+from controlplane.controller import Controller
+from controlplane.metrics import ControllerMetrics
+from controlplane.server import ControllerServer
+from controlplane.stream import HEARTBEAT_S, StreamHub
+from mcsproxy.tasks import cancel_and_wait, spawn
+
+log = logging.getLogger("controlplane.command")
+
+
+class ControllerConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    clusters_dir: Path
+    output_dir: Path
+    once: bool = False
+    serve: tuple[str, int] | None = None
+    clusterset_cidr: str = DEFAULT_CIDR
+    poll_interval_s: float = POLL_INTERVAL_S
+    heartbeat_s: float = HEARTBEAT_S
+
+    def __post_init__(self) -> None:
+        try:
+            parse_cidrs(self.clusterset_cidr)
+        except ValueError as exc:
+            raise ControllerConfigError(str(exc)) from None
+        if not self.clusters_dir.is_dir():
+            raise ControllerConfigError(f"--clusters-dir {self.clusters_dir}: not a directory")
+        if self.output_dir.resolve() == self.clusters_dir.resolve():
+            raise ControllerConfigError("--output-dir must differ from --clusters-dir")
+
+
+class DirectoryControllerApp:
+    """The controller in directory mode, with its optional stream listener."""
+
+    def __init__(self, config: ControllerConfig) -> None:
+        self.config = config
+        self.metrics = ControllerMetrics()
+        self.hub = StreamHub(self.metrics, config.heartbeat_s) if config.serve else None
+        self.controller: Controller | None = None
+        self.server: ControllerServer | None = None
+        self._tasks: list[asyncio.Task[object]] = []
+        self._stop = asyncio.Event()
+
+    def _client(self, cluster: str) -> DirectoryCluster:
+        return DirectoryCluster(cluster, self.config.clusters_dir, self.config.output_dir,
+                                self.config.poll_interval_s)
+
+    async def start(self) -> Controller:
+        clusters = discover_clusters(self.config.clusters_dir)
+        if not clusters:
+            raise ClusterError(f"--clusters-dir {self.config.clusters_dir}: no cluster folders")
+        self.config.output_dir.mkdir(parents=True, exist_ok=True)
+        controller = Controller([self._client(c) for c in clusters],
+                                cidrs=self.config.clusterset_cidr, metrics=self.metrics,
+                                publisher=self.hub)
+        self.controller = controller
+        if self.hub is not None:
+            for c in clusters:
+                self.hub.attach(c, controller.written.setdefault(c, {}))
+        await controller.start()
+        if self.hub is not None:
+            for c in clusters:  # start() replaced the dicts with what it read back
+                self.hub.feeds[c].objects = controller.written[c]
+        log.info("controller reconciled clusters=%s services=%d", ",".join(clusters),
+                 len(controller._imported))
+        return controller
+
+    async def _discover(self) -> None:
+        """Folders that appear later join the clusterset."""
+        assert self.controller is not None
+        while True:
+            await asyncio.sleep(max(1.0, self.config.poll_interval_s))
+            try:
+                found = await asyncio.to_thread(discover_clusters, self.config.clusters_dir)
+            except ClusterError as exc:
+                log.error("%s", exc)
+                continue
+            for cluster in found:
+                if cluster in self.controller.clients:
+                    continue
+                client = self._client(cluster)
+                try:
+                    await self.controller.add_cluster(client)
+                except ClusterError as exc:
+                    log.error("new cluster %s not added yet: %s", cluster, exc)
+                    self.controller.clients.pop(cluster, None)
+                    continue
+                if self.hub is not None:
+                    self.hub.attach(cluster, self.controller.written[cluster])
+                log.info("cluster %s joined", cluster)
+
+    async def serve(self) -> None:
+        """After start(): keep reconciling (and streaming) until stop() or a signal."""
+        assert self.controller is not None
+        if self.config.serve is not None and self.hub is not None:
+            self.server = ControllerServer(self.controller, self.hub, self.config.serve)
+            await self.server.start()
+        self._tasks = [spawn(self.controller.run(), name="controller loop"),
+                       spawn(self._discover(), name="cluster discovery")]
+        try:
+            await self._stop.wait()
+        finally:
+            await self.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def close(self) -> None:
+        await cancel_and_wait(self._tasks)
+        self._tasks = []
+        if self.server is not None:
+            await self.server.stop()
+            self.server = None
+        if self.controller is not None:
+            await self.controller.close()
+
+
+async def run(config: ControllerConfig) -> int:
+    app = DirectoryControllerApp(config)
+    try:
+        await app.start()
+    except ClusterError:
+        await app.close()
+        raise
+    if config.once:
+        await app.close()
+        return 0
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, app.stop)
+    await app.serve()
+    return 0
+
+
+def run_from_args(args: argparse.Namespace, config_error: type[Exception]) -> int:
+    """The `controller` subcommand: flags → config → run. Errors leave as config_error
+    (exit 2, bad flags) or ClusterError/OSError messages (exit 1)."""
+    import uvloop
+
+    from mcsproxy.config import ConfigError, parse_host_port
+
+    if args.kubeconfig or args.contexts:
+        raise config_error("Kubernetes mode (--kubeconfig/--contexts) is not available yet; "
+                           "use --clusters-dir DIR --output-dir OUT")
+    if not args.clusters_dir or not args.output_dir:
+        raise config_error("controller needs --clusters-dir DIR and --output-dir OUT")
+    try:
+        config = ControllerConfig(
+            clusters_dir=Path(args.clusters_dir),
+            output_dir=Path(args.output_dir),
+            once=args.once,
+            serve=parse_host_port(args.serve, "--serve") if args.serve else None,
+            clusterset_cidr=args.clusterset_cidr,
+        )
+    except (ControllerConfigError, ConfigError) as exc:
+        raise config_error(str(exc)) from None
+    try:
+        return uvloop.run(run(config))
+    except ClusterError as exc:
+        print(f"mcsproxy controller: error: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,318 @@
+"""The controller loop: member clusters report changed keys, only those keys are
+reconciled, only objects that differ are written, and gateway streams get the delta.
+
+Every member cluster is a ClusterClient (directory today, Kubernetes later). One task per
+client watches it; one task (this loop) reconciles dirty keys in batches, so a burst of
+changes costs one pass and ordering per key is trivially kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from controlplane.allocator import DEFAULT_CIDR, ClusterSetIPAllocator, parse_cidrs
+from controlplane.clusters import ChangeSet, ClusterClient, ClusterError
+from controlplane.conditions import conditions_by_type
+from controlplane.metrics import ControllerMetrics
+from controlplane.reconcile import (
+    Obj,
+    Prior,
+    ServiceInputs,
+    keys_to_reconcile,
+    member_input,
+    render,
+    resolve,
+)
+from controlplane.resources import KIND_EXPORT, KIND_IMPORT, KIND_SLICE, ObjectRef
+from mcsproxy.manifests import LABEL_SERVICE_NAME
+from mcsproxy.model import EMPTY_MAPPING, ServiceKey
+from mcsproxy.tasks import cancel_and_wait, spawn
+
+log = logging.getLogger("controlplane.controller")
+
+WRITE_RETRY_S = 1.0
+
+
+class Publisher:
+    """Where a batch goes besides the member clusters (the gateway stream)."""
+
+    def publish(self, cluster: str, upserts: Mapping[ObjectRef, Obj],
+                deletes: Iterable[ObjectRef], observed: float | None) -> None: ...
+
+    def set_members(self, members: Mapping[str, Mapping[str, Any]]) -> None: ...
+
+
+def rfc3339_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def service_key_of_output(obj: Mapping[str, Any]) -> ServiceKey | None:
+    meta = obj.get("metadata")
+    if not isinstance(meta, Mapping):
+        return None
+    namespace = str(meta.get("namespace") or "default")
+    if obj.get("kind") == KIND_SLICE:
+        labels = meta.get("labels")
+        name = labels.get(LABEL_SERVICE_NAME) if isinstance(labels, Mapping) else None
+        if not name:  # a damaged file of ours: tie it to its own name so it gets removed
+            name = meta.get("name")
+        return ServiceKey(namespace, str(name))
+    return ServiceKey(namespace, str(meta.get("name")))
+
+
+class Controller:
+    def __init__(
+        self,
+        clients: Iterable[ClusterClient],
+        *,
+        cidrs: str = DEFAULT_CIDR,
+        metrics: ControllerMetrics | None = None,
+        publisher: Publisher | None = None,
+        now: Callable[[], str] = rfc3339_now,
+    ) -> None:
+        self.clients: dict[str, ClusterClient] = {c.cluster_id: c for c in clients}
+        self.allocator = ClusterSetIPAllocator(parse_cidrs(cidrs))
+        self.metrics = metrics or ControllerMetrics()
+        self.publisher = publisher
+        self._now = now
+        # What each cluster holds now (read back, then as we wrote it) and, per key, which
+        # refs in which cluster belong to it: the base every diff is taken against.
+        self.written: dict[str, dict[ObjectRef, Obj]] = {}
+        self._refs: dict[ServiceKey, dict[str, set[ObjectRef]]] = {}
+        self._retry: dict[str, set[ObjectRef]] = {}
+        self._imported: set[ServiceKey] = set()
+        self._dirty: dict[ServiceKey, float] = {}  # key → when the change was first seen
+        self._wake = asyncio.Event()
+        self._tasks: dict[str, asyncio.Task[Any]] = {}
+        self.batches = 0
+        self.synced = asyncio.Event()
+
+    # -- start ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load every member, take back earlier output, reconcile everything once."""
+        for client in self.clients.values():
+            await self._adopt(client)
+        await self.flush()
+        self._publish_members()
+        self.synced.set()
+
+    async def _adopt(self, client: ClusterClient) -> None:
+        await client.sync()
+        cluster = client.cluster_id
+        prior = Prior()
+        written: dict[ObjectRef, Obj] = {}
+        for obj in await client.read_published():
+            key = service_key_of_output(obj)
+            if key is None:
+                continue
+            meta = obj["metadata"]
+            ref = ObjectRef(str(obj.get("kind")), key.namespace, str(meta.get("name")))
+            written[ref] = obj
+            self._refs.setdefault(key, {}).setdefault(cluster, set()).add(ref)
+            self._dirty.setdefault(key, time.monotonic())
+            prior.add(cluster, obj)
+        for key, ips in sorted(prior.ips.items()):
+            if not self.allocator.get(key):
+                self.allocator.reserve(key, ips)
+        self.written[cluster] = written
+        self.clients[cluster] = client
+        self._mark(keys_to_reconcile({cluster: client.objects}))
+        self._mark_cluster_namespaces(cluster)
+        self.metrics.member_connected.labels(cluster).set(int(client.connection.connected))
+
+    async def add_cluster(self, client: ClusterClient) -> None:
+        """A member that joined while running (a new folder, a new context)."""
+        await self._adopt(client)
+        self._tasks[client.cluster_id] = spawn(
+            client.watch(self.on_change), name=f"watch cluster {client.cluster_id}")
+        self._publish_members()
+        self._wake.set()
+
+    # -- change intake -------------------------------------------------------------------
+    def _mark(self, keys: Iterable[ServiceKey], seen: float | None = None) -> None:
+        seen = time.monotonic() if seen is None else seen
+        for key in keys:
+            self._dirty.setdefault(key, seen)
+
+    def _mark_cluster_namespaces(self, cluster: str) -> None:
+        namespaces = self.clients[cluster].objects.namespaces
+        self._mark(k for k in self._known_keys() if k.namespace in namespaces)
+
+    def _known_keys(self) -> set[ServiceKey]:
+        keys = set(self._refs)
+        for client in self.clients.values():
+            keys.update(client.objects.exports)
+            keys.update(client.objects.mcs)
+        return keys
+
+    def on_change(self, cluster: str, changes: ChangeSet) -> None:
+        seen = time.monotonic()
+        self._mark(changes.keys, seen)
+        if changes.namespaces:
+            self._mark((k for k in self._known_keys() if k.namespace in changes.namespaces), seen)
+        if changes.connection:
+            client = self.clients[cluster]
+            self._mark(client.objects.service_keys(), seen)
+            self.metrics.member_connected.labels(cluster).set(int(client.connection.connected))
+            self._update_stale_gauge(cluster)
+            self._publish_members()
+        self.metrics.member_input_error.labels(cluster).set(
+            int(bool(self.clients[cluster].connection.error)
+                and self.clients[cluster].connection.connected))
+        self._wake.set()
+
+    def members(self) -> dict[str, dict[str, Any]]:
+        return {
+            c: {"connected": cl.connection.connected, "stale": not cl.connection.connected,
+                "since": cl.connection.since, "error": cl.connection.error}
+            for c, cl in sorted(self.clients.items())
+        }
+
+    def _publish_members(self) -> None:
+        if self.publisher is not None:
+            self.publisher.set_members(self.members())
+
+    # -- reconcile -----------------------------------------------------------------------
+    def _reconcile_key(
+        self, key: ServiceKey, clusters: list[str], now: str
+    ) -> dict[str, dict[ObjectRef, Obj]]:
+        inputs = ServiceInputs(key, tuple(
+            member_input(
+                key, c, self.clients[c].objects,
+                stale=not self.clients[c].connection.connected,
+                previous_conditions=conditions_by_type(
+                    self.written[c].get(ObjectRef(KIND_EXPORT, *key), EMPTY_MAPPING)),
+            )
+            for c in clusters
+        ))
+        res = resolve(inputs)
+        if res.needs_ips:
+            ips = self.allocator.ensure(key, res.ip_families)
+        else:
+            self.allocator.release(key)
+            ips = ()
+        if res.imported:
+            self._imported.add(key)
+        else:
+            self._imported.discard(key)
+        result = render(res, inputs, ips, now)
+        return {c: result.objects_for(c) for c in clusters}
+
+    async def flush(self) -> int:
+        """Reconcile every dirty key and write what changed; returns keys reconciled."""
+        if not self._dirty:
+            return 0
+        started = time.perf_counter()
+        dirty, self._dirty = self._dirty, {}
+        clusters = sorted(self.clients)
+        now = self._now()
+        upserts: dict[str, dict[ObjectRef, Obj]] = {c: {} for c in clusters}
+        deletes: dict[str, set[ObjectRef]] = {c: set() for c in clusters}
+        touched: dict[str, set[ServiceKey]] = {c: set() for c in clusters}
+        for key in sorted(dirty):
+            desired = self._reconcile_key(key, clusters, now)
+            refs_by_cluster = self._refs.get(key, {})
+            for c in clusters:
+                written = self.written[c]
+                retry = self._retry.get(c, ())
+                new = desired[c]
+                old_refs = refs_by_cluster.get(c, set())
+                for ref in old_refs - new.keys():
+                    deletes[c].add(ref)
+                    written.pop(ref, None)
+                    touched[c].add(key)
+                for ref, obj in new.items():
+                    if written.get(ref) != obj or ref in retry:
+                        upserts[c][ref] = obj
+                        written[ref] = obj
+                        touched[c].add(key)
+                if new:
+                    refs_by_cluster[c] = set(new)
+                else:
+                    refs_by_cluster.pop(c, None)
+            if refs_by_cluster:
+                self._refs[key] = refs_by_cluster
+            else:
+                self._refs.pop(key, None)
+        self.metrics.services_reconciled.inc(len(dirty))
+        observed = min(dirty.values())
+        observed_wall = time.time() - (time.monotonic() - observed)
+        if self.publisher is not None:
+            for c in clusters:
+                if upserts[c] or deletes[c]:
+                    self.publisher.publish(c, upserts[c], deletes[c], observed_wall)
+            streamed = time.monotonic()
+            for seen in dirty.values():
+                self.metrics.propagation.labels("streamed").observe(streamed - seen)
+        for c in clusters:
+            if upserts[c] or deletes[c] or c in self._retry:
+                await self._write(c, upserts[c], deletes[c], touched[c])
+        done = time.monotonic()
+        for seen in dirty.values():
+            self.metrics.propagation.labels("written").observe(done - seen)
+        self.metrics.reconcile.observe(time.perf_counter() - started)
+        self.metrics.imports.set(len(self._imported))
+        self.batches += 1
+        return len(dirty)
+
+    def _update_stale_gauge(self, cluster: str) -> None:
+        client = self.clients[cluster]
+        stale = 0 if client.connection.connected else sum(
+            len(s.endpoints) for by_name in client.objects.slices.values()
+            for s in by_name.values())
+        self.metrics.stale_endpoints.labels(cluster).set(stale)
+
+    async def _write(self, cluster: str, upserts: Mapping[ObjectRef, Obj],
+                     deletes: set[ObjectRef], keys: set[ServiceKey]) -> None:
+        client = self.clients[cluster]
+        retry = self._retry.pop(cluster, set())
+        try:
+            # Imports before the slices that point at them; slices gone before imports.
+            ordered = sorted((r for r in upserts if r.kind != KIND_EXPORT),
+                             key=lambda r: (r.kind != KIND_IMPORT, r))
+            await client.apply([upserts[r] for r in ordered])
+            for ref in sorted(r for r in upserts if r.kind == KIND_EXPORT):
+                await client.update_export_status(upserts[ref])
+            gone = sorted(deletes | {r for r in retry if r not in self.written[cluster]},
+                          key=lambda r: (r.kind == KIND_IMPORT, r))
+            await client.delete(gone)
+        except (ClusterError, OSError) as exc:
+            self.metrics.write_errors.labels(cluster).inc()
+            log.error("writing to cluster %s failed (%s); retrying in %.0fs",
+                      cluster, exc, WRITE_RETRY_S)
+            self._retry[cluster] = retry | set(upserts) | deletes
+            asyncio.get_running_loop().call_later(WRITE_RETRY_S, self._retry_later, keys)
+            return
+        self.metrics.objects_written.labels(cluster).inc(len(upserts))
+        self.metrics.objects_deleted.labels(cluster).inc(len(deletes))
+
+    def _retry_later(self, keys: set[ServiceKey]) -> None:
+        self._mark(keys)
+        self._wake.set()
+
+    # -- run -----------------------------------------------------------------------------
+    async def run(self) -> None:
+        """start() must have run. Watches every member and reconciles until cancelled."""
+        for cluster, client in self.clients.items():
+            if cluster not in self._tasks:
+                self._tasks[cluster] = spawn(client.watch(self.on_change),
+                                             name=f"watch cluster {cluster}")
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                await self.flush()
+        finally:
+            await cancel_and_wait(list(self._tasks.values()))
+            self._tasks.clear()
+
+    async def close(self) -> None:
+        await cancel_and_wait(list(self._tasks.values()))
+        self._tasks.clear()
+        for client in self.clients.values():
+            await client.close()
