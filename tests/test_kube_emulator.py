@@ -143,6 +143,9 @@ async def test_list_across_namespaces_field_selector_and_pages(
     with pytest.raises(ApiException) as error:
         await core.list_namespaced_config_map("ns1", label_selector="a in (b")
     assert error.value.status == 400
+    with pytest.raises(ApiException) as error:
+        await core.list_namespaced_config_map("ns1", _continue="not-a-token")
+    assert status_of(error)["reason"] == "BadRequest"
 
 
 async def test_replace_with_stale_resource_version_conflicts(api: ApiClient) -> None:

@@ -331,11 +331,13 @@ class KubeEmulator:
               labels: Predicate, fields: Predicate, query: Any) -> web.Response:
         items = self.store.list(rtype, namespace, labels, fields)
         meta: Obj = {}
-        if token := query.get("continue"):
-            after = json.loads(base64.urlsafe_b64decode(token))
-            items = [o for o in items if [o["metadata"].get("namespace", ""),
-                                          o["metadata"]["name"]] > after]
-        limit = int(query.get("limit") or 0)
+        try:
+            limit = int(query.get("limit") or 0)
+            after = json.loads(base64.urlsafe_b64decode(query.get("continue") or "W10="))
+        except ValueError:
+            raise ApiError(400, "BadRequest", "invalid limit or continue token") from None
+        items = [o for o in items
+                 if [o["metadata"].get("namespace", ""), o["metadata"]["name"]] > after]
         if 0 < limit < len(items):
             last = items[limit - 1]["metadata"]
             key = json.dumps([last.get("namespace", ""), last["name"]]).encode()
