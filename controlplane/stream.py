@@ -30,13 +30,13 @@ from aiohttp import web
 
 from controlplane.metrics import ControllerMetrics
 from controlplane.resources import ObjectRef
+from mcsproxy.sources.controlplane import HEARTBEAT_HEADER
 
 log = logging.getLogger("controlplane.stream")
 
 HISTORY_VERSIONS = 1024  # deltas kept per cluster for resuming gateways
 SUBSCRIBER_QUEUE = 256  # messages a slow gateway may lag before it gets a resync
 HEARTBEAT_S = 5.0
-HEARTBEAT_HEADER = "X-Mcsproxy-Heartbeat"
 
 Obj = Mapping[str, Any]
 

@@ -25,6 +25,13 @@ def make_source(spec: str, cluster_id: str) -> Source:
         from mcsproxy.sources.file import FileSource
 
         return FileSource(arg)
+    if kind == "controlplane" and arg:
+        from mcsproxy.sources.controlplane import ControlplaneSource
+
+        try:
+            return ControlplaneSource(arg, cluster_id)
+        except ValueError as exc:
+            raise SourceSpecError(str(exc)) from None
     raise SourceSpecError(
         f"unknown source {spec!r}: expected file:PATH, kube or controlplane:http://HOST:PORT"
     )

@@ -1,0 +1,262 @@
+"""`--source controlplane:http://HOST:PORT`: the controller's stream for this cluster.
+
+One long GET per connection, one JSON message per line (see controlplane/stream.py for
+the server side). The source resumes with the epoch and version it has, so a reconnect
+costs a few deltas, not a full resync. Objects go through mcsproxy.manifests like every
+other source's; a message that does not parse or validate is rejected whole (the store
+keeps what it had) and the source reconnects asking for a full snapshot. While the stream
+is down the store keeps serving the last snapshot; the source is marked disconnected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+from prometheus_client import CollectorRegistry, Histogram
+
+from mcsproxy.manifests import (
+    ManifestError,
+    object_kind,
+    parse_endpoint_slice,
+    parse_service_import,
+)
+from mcsproxy.store import ObjectId, SnapshotStore, SourceStatus, Spec
+
+log = logging.getLogger("mcsproxy.sources.controlplane")
+
+STREAM_PATH = "/v1/stream"
+HEARTBEAT_HEADER = "X-Mcsproxy-Heartbeat"
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a full snapshot of a large clusterset fits
+CONNECT_TIMEOUT_S = 5.0
+BACKOFF_INITIAL_S = 0.2
+BACKOFF_MAX_S = 10.0
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class StreamProtocolError(ValueError):
+    """The controller sent something this gateway cannot apply."""
+
+
+def served_object(obj: Any, source: str) -> tuple[ObjectId, Spec] | None:
+    """A stream object → (store id, spec); None for kinds a gateway does not serve."""
+    if not isinstance(obj, Mapping):
+        raise ManifestError("an object must be a mapping")
+    kind = object_kind(obj)
+    if kind is None:
+        return None
+    spec: Spec | None
+    spec = parse_service_import(obj) if kind == "ServiceImport" else parse_endpoint_slice(obj)
+    if spec is None:
+        return None
+    return ObjectId(source, kind, spec.key.namespace, str(obj["metadata"]["name"])), spec
+
+
+class ControlplaneSource:
+    def __init__(
+        self,
+        url: str,
+        cluster_id: str,
+        *,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
+        backoff_initial_s: float = BACKOFF_INITIAL_S,
+        backoff_max_s: float = BACKOFF_MAX_S,
+    ) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"controlplane source needs an http:// URL, not {url!r}")
+        self.url = url.rstrip("/")
+        self.cluster_id = cluster_id
+        self.name = f"controlplane:{self.url}"
+        self.connect_timeout_s = connect_timeout_s
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.epoch: str | None = None
+        self.version = 0
+        self.members: dict[str, Any] = {}  # member clusters as the controller sees them
+        self.connects = 0
+        self.resyncs = 0
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.propagation = Histogram(
+            "mcsproxy_source_controlplane_propagation_seconds",
+            "Change observed by the controller until applied by this gateway",
+            buckets=LATENCY_BUCKETS, registry=self.registry)
+
+    # -- connection loop -----------------------------------------------------------------
+    async def run(self, store: SnapshotStore) -> None:
+        status = store.register_source(self.name)
+        status.connected = False
+        delay = self.backoff_initial_s
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while True:
+                applied_before = self.connects
+                try:
+                    await self._session(session, store, status)
+                    reason = "stream ended"
+                except StreamProtocolError as exc:
+                    reason = str(exc)
+                    log.error("controlplane stream: %s; reconnecting for a full resync", exc)
+                    self.epoch = None
+                except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                    reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                if status.connected:
+                    log.warning("controlplane stream down (%s): serving the last snapshot "
+                                "(version %d)", reason, self.version)
+                status.connected = False
+                status.error = reason
+                if self.connects != applied_before:
+                    delay = self.backoff_initial_s  # that session worked: start over
+                # Full jitter keeps a fleet of gateways from reconnecting in step.
+                await asyncio.sleep(random.uniform(delay / 2, delay))
+                delay = min(self.backoff_max_s, delay * 2)
+
+    async def _session(
+        self, session: aiohttp.ClientSession, store: SnapshotStore, status: SourceStatus
+    ) -> None:
+        params = {"cluster": self.cluster_id, "version": str(self.version)}
+        if self.epoch is not None:
+            params["epoch"] = self.epoch
+        async with session.get(self.url + STREAM_PATH, params=params) as response:
+            if response.status != 200:
+                body = (await asyncio.wait_for(response.content.read(512), 5.0)).decode(
+                    "utf-8", "replace")
+                raise StreamProtocolError(f"HTTP {response.status} from controller: {body}")
+            try:
+                heartbeat = float(response.headers.get(HEARTBEAT_HEADER, "5"))
+            except ValueError:
+                heartbeat = 5.0
+            # Three missed heartbeats: the controller (or the path to it) is gone.
+            read_timeout = min(max(3 * heartbeat, 0.5), 120.0)
+            buffer = bytearray()
+            scanned = 0
+            while True:
+                chunk = await asyncio.wait_for(response.content.readany(), read_timeout)
+                if not chunk:
+                    return
+                buffer += chunk
+                while (end := buffer.find(b"\n", scanned)) >= 0:
+                    line = bytes(buffer[:end])
+                    del buffer[:end + 1]
+                    scanned = 0
+                    if line.strip():
+                        self._handle(line, store, status)
+                scanned = len(buffer)
+                if scanned > MAX_MESSAGE_BYTES:
+                    raise StreamProtocolError(
+                        f"message longer than {MAX_MESSAGE_BYTES} bytes without a newline")
+
+    # -- messages ------------------------------------------------------------------------
+    def _handle(self, line: bytes, store: SnapshotStore, status: SourceStatus) -> None:
+        try:
+            message = json.loads(line)
+        except ValueError as exc:
+            raise StreamProtocolError(f"malformed message (not JSON): {exc}") from None
+        if not isinstance(message, dict):
+            raise StreamProtocolError("malformed message: not a JSON object")
+        kind = message.get("type")
+        if kind == "snapshot":
+            self._apply_snapshot(message, store)
+        elif kind == "delta":
+            self._apply_delta(message, store)
+        elif kind == "members":
+            members = message.get("members")
+            if not isinstance(members, dict):
+                raise StreamProtocolError("malformed members message")
+            self._set_members(members)
+        elif kind == "heartbeat":
+            if message.get("epoch") != self.epoch:
+                raise StreamProtocolError("heartbeat from another controller epoch")
+        else:
+            log.warning("controlplane stream: ignoring unknown message type %r", kind)
+            return
+        if not status.connected:
+            log.info("controlplane stream connected url=%s version=%d", self.url, self.version)
+        status.connected = True
+        status.error = None
+
+    def _parse_objects(self, raw: Any, what: str) -> dict[ObjectId, Spec]:
+        if not isinstance(raw, list):
+            raise StreamProtocolError(f"malformed {what}: objects must be a list")
+        objects: dict[ObjectId, Spec] = {}
+        for i, obj in enumerate(raw):
+            try:
+                parsed = served_object(obj, self.name)
+            except ManifestError as exc:
+                raise StreamProtocolError(f"{what}: object {i} rejected: {exc}") from None
+            if parsed is not None:
+                objects[parsed[0]] = parsed[1]
+        return objects
+
+    def _version(self, message: Mapping[str, Any], field: str) -> int:
+        value = message.get(field)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise StreamProtocolError(f"malformed {message.get('type')}: {field} {value!r}")
+        return value
+
+    def _apply_snapshot(self, message: Mapping[str, Any], store: SnapshotStore) -> None:
+        version = self._version(message, "version")
+        epoch = message.get("epoch")
+        if not isinstance(epoch, str):
+            raise StreamProtocolError("malformed snapshot: no epoch")
+        objects = self._parse_objects(message.get("objects"), f"snapshot {version}")
+        store.replace_source(self.name, objects)
+        self.epoch, self.version = epoch, version
+        self.connects += 1
+        self.resyncs += 1
+        status = store.register_source(self.name)
+        status.objects = len(objects)
+        status.last_change = time.time()
+        store.mark_synced(self.name)
+        store.commit()
+
+    def _apply_delta(self, message: Mapping[str, Any], store: SnapshotStore) -> None:
+        start = self._version(message, "from")
+        version = self._version(message, "version")
+        if message.get("epoch") != self.epoch or start != self.version:
+            raise StreamProtocolError(
+                f"delta {start}→{version} does not follow version {self.version}")
+        upserts = self._parse_objects(message.get("upsert"), f"delta {version}")
+        deletes = message.get("delete")
+        if not isinstance(deletes, list) or not all(
+            isinstance(d, dict) and all(isinstance(d.get(f), str)
+                                        for f in ("kind", "namespace", "name"))
+            for d in deletes
+        ):
+            raise StreamProtocolError(f"malformed delta {version}: bad delete list")
+        for d in deletes:
+            store.delete(ObjectId(self.name, d["kind"], d["namespace"], d["name"]))
+        for oid, spec in upserts.items():
+            store.upsert(oid, spec)
+        self.version = version
+        if self.connects == 0:
+            self.connects = 1
+        status = store.register_source(self.name)
+        status.last_change = time.time()
+        store.commit()
+        observed = message.get("observed")
+        if isinstance(observed, int | float) and not isinstance(observed, bool):
+            self.propagation.observe(max(0.0, time.time() - observed))
+
+    def _set_members(self, members: dict[str, Any]) -> None:
+        stale, before = _stale(members), self.stale_clusters
+        if stale != before:
+            if stale:
+                log.warning("member clusters stale (not answering the controller): %s; their "
+                            "endpoints are kept while health checks pass", ",".join(stale))
+            else:
+                log.info("every member cluster answers the controller again")
+        self.members = members
+
+    @property
+    def stale_clusters(self) -> list[str]:
+        return _stale(self.members)
+
+
+def _stale(members: Mapping[str, Any]) -> list[str]:
+    return sorted(c for c, m in members.items() if isinstance(m, dict) and m.get("stale"))
