@@ -118,7 +118,7 @@ def make_query(name: str, qtype: str = "A", edns: int | None = None, **kw: objec
     q.header.id = random.getrandbits(16)
     if edns is not None:
         q.add_ar(dnslib.EDNS0(udp_len=edns, **kw))  # type: ignore[arg-type]
-    return q.pack()
+    return bytes(q.pack())
 
 
 class _UdpClient(asyncio.DatagramProtocol):

@@ -137,11 +137,12 @@ class Responder:
     def answer(self, q: Query, tcp: bool) -> tuple[bytes | Forward, bool]:
         """(answer, whether it may be memoised)."""
         if q.edns is not None and q.edns[2] != 0:
-            return self.message(q, BADVERS, tcp, aa=False), True
+            return self.message(q, BADVERS, tcp, aa=False), False
+        # Errors are not memoised: only answers real clients repeat earn a memo slot.
         if q.qclass != CLASS_IN or q.qtype in (AXFR, IXFR):
-            return self.message(q, NOTIMP, tcp, aa=False), True
+            return self.message(q, NOTIMP, tcp, aa=False), False
         if q.qtype == OPT:
-            return self.message(q, FORMERR, tcp, aa=False), True
+            return self.message(q, FORMERR, tcp, aa=False), False
         found = self.zone.lookup(q.qname)
         if found is ZoneIndex.OUT_OF_ZONE:
             if self.forwarding:
