@@ -1,0 +1,43 @@
+# mcsproxy: the gateway and the controller in one image (`mcsproxy gateway|controller`).
+#
+#   docker build -t mcsproxy:0.1.0 .
+#
+# Runs as a non-root user and writes nothing outside /tmp, so it works with
+# readOnlyRootFilesystem (deploy/ mounts an emptyDir on /tmp). Dependencies are installed
+# at the exact versions in deploy/constraints.txt.
+
+FROM python:3.11-slim-bookworm AS build
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+# Dependencies first, so a code change does not reinstall them.
+COPY deploy/constraints.txt deploy/constraints.txt
+RUN python -m venv /opt/mcsproxy \
+ && /opt/mcsproxy/bin/pip install -r deploy/constraints.txt
+COPY pyproject.toml README.md ./
+COPY mcsproxy mcsproxy
+COPY controlplane controlplane
+# A regular (not editable) install; pip compiles the bytecode here, so nothing is written
+# at run time. `pip check` fails the build if pyproject.toml needs a package or version
+# that deploy/constraints.txt does not provide.
+RUN /opt/mcsproxy/bin/pip install --no-deps . \
+ && /opt/mcsproxy/bin/pip check \
+ && /opt/mcsproxy/bin/mcsproxy --help >/dev/null
+
+FROM python:3.11-slim-bookworm
+# A fixed UID/GID so the manifests can state runAsUser/runAsGroup (65532, as distroless).
+RUN groupadd --system --gid 65532 mcsproxy \
+ && useradd --system --uid 65532 --gid 65532 --no-create-home --home-dir /tmp \
+        --shell /usr/sbin/nologin mcsproxy
+COPY --from=build /opt/mcsproxy /opt/mcsproxy
+ENV PATH=/opt/mcsproxy/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HOME=/tmp \
+    TMPDIR=/tmp
+USER 65532:65532
+WORKDIR /tmp
+# DNS (UDP and TCP), gateway admin, controller stream/metrics.
+EXPOSE 5353/udp 5353/tcp 9901/tcp 9902/tcp
+ENTRYPOINT ["mcsproxy"]
+CMD ["--help"]

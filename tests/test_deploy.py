@@ -1,0 +1,717 @@
+"""deploy/, Dockerfile: every manifest checked offline.
+
+- Kubernetes objects against the Kubernetes OpenAPI schemas shipped in kubernetes-validate
+  (strict: unknown fields are errors, as `kubectl apply --validate=strict` would say), for
+  the oldest and a recent Kubernetes version we support.
+- Our CRDs' own shape, and example ServiceExport/ServiceImport objects against the CRDs'
+  openAPIV3Schema (jsonschema), unknown fields rejected as the API server's strict field
+  validation does.
+- The kustomize base and overlays rendered with `kubectl kustomize` when kubectl is there.
+- RBAC granted to each identity == the API calls listed in deploy/rbac-calls.yaml.
+- Workload hardening, probes and ports, container args against the real CLI parser.
+- The image's pinned dependencies against pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import re
+import shutil
+import subprocess
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+from mcsproxy import manifests
+from mcsproxy.cli import build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+NAMESPACE = "mcsproxy-system"
+MCS_GROUP = "multicluster.x-k8s.io"
+
+# The oldest Kubernetes we support (PodDisruptionBudget unhealthyPodEvictionPolicy is on
+# by default from 1.27) and a recent one.
+KUBERNETES_VERSIONS = ("1.28", "1.33")
+
+# YAML files under deploy/ that are not Kubernetes objects.
+NOT_MANIFESTS = {"rbac-calls.yaml"}
+
+# Overlays and what each must contain (kind, name); anything more is fine, less is not.
+OVERLAYS: dict[str, set[tuple[str, str]]] = {
+    "base": {
+        ("CustomResourceDefinition", "serviceimports.multicluster.x-k8s.io"),
+        ("CustomResourceDefinition", "serviceexports.multicluster.x-k8s.io"),
+        ("DaemonSet", "mcsproxy-gateway"),
+        ("Deployment", "mcsproxy-controller"),
+        ("PodDisruptionBudget", "mcsproxy-controller"),
+        ("ClusterRole", "mcsproxy-controller-member"),
+    },
+    "overlays/local": {("DaemonSet", "mcsproxy-gateway"), ("Deployment", "mcsproxy-controller")},
+    "overlays/member": {("DaemonSet", "mcsproxy-gateway"), ("ClusterRole",
+                                                             "mcsproxy-controller-member")},
+    "overlays/karmada": {("DaemonSet", "mcsproxy-gateway"), ("Service", "mcsproxy-dns")},
+    "overlays/gateway-deployment": {("Deployment", "mcsproxy-gateway"),
+                                    ("Service", "mcsproxy-dns")},
+}
+# What an overlay must not contain.
+OVERLAY_EXCLUDES: dict[str, set[str]] = {
+    "overlays/karmada": {"CustomResourceDefinition", "Deployment", "Role", "Secret"},
+    "overlays/member": {"Deployment", "Role"},
+    "overlays/gateway-deployment": {"DaemonSet"},
+}
+
+# Command-line flags and subcommands the manifests use that land with other issues (the
+# controller, issue 5; --vip-interface / --clusterset-cidr on the gateway, issue 6). Until
+# then the args test checks everything else and says which of these are still missing.
+PENDING_CLI = {
+    "controller", "--vip-interface", "--clusterset-cidr", "--kubeconfig-secret",
+    "--contexts", "--serve", "--leader-elect", "--lease-name", "--lease-namespace",
+}
+
+
+# ---------------------------------------------------------------------------- loading
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A duplicated key is a silent overwrite in PyYAML and in kubectl: reject it."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode,
+                       deep: bool = False) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_docs(text: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.load_all(text, Loader=_UniqueKeyLoader) if d]
+
+
+@functools.cache
+def _patch_files() -> frozenset[Path]:
+    """Files that kustomizations use as patches: partial objects, not manifests."""
+    out = set()
+    for kfile in DEPLOY.rglob("kustomization.yaml"):
+        for patch in load_docs(kfile.read_text())[0].get("patches", ()):
+            out.add((kfile.parent / patch["path"]).resolve())
+    return frozenset(out)
+
+
+def manifest_files() -> list[Path]:
+    return sorted(
+        p for p in DEPLOY.rglob("*.yaml")
+        if p.name != "kustomization.yaml" and p.name not in NOT_MANIFESTS
+        and p.resolve() not in _patch_files()
+    )
+
+
+@functools.cache
+def file_docs(path: Path) -> tuple[dict[str, Any], ...]:
+    return tuple(load_docs(path.read_text()))
+
+
+def all_file_docs() -> Iterator[tuple[Path, dict[str, Any]]]:
+    for path in manifest_files():
+        for doc in file_docs(path):
+            yield path, doc
+
+
+def rel(path: Path) -> str:
+    return str(path.relative_to(ROOT))
+
+
+def ident(doc: dict[str, Any]) -> str:
+    return f"{doc['kind']}/{doc['metadata'].get('name')}"
+
+
+def is_custom_resource(doc: dict[str, Any]) -> bool:
+    return doc["apiVersion"].split("/")[0] == MCS_GROUP
+
+
+def validate_kubernetes(doc: dict[str, Any], version: str, where: str) -> None:
+    try:
+        kubernetes_validate.validate(doc, version, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        path = ".".join(str(p) for p in exc.path)
+        pytest.fail(f"{where}: {ident(doc)} is not valid for Kubernetes {version}: "
+                    f"{path}: {exc.message}")
+    except kubernetes_validate.SchemaNotFoundError as exc:
+        pytest.fail(f"{where}: {exc.message}")
+
+
+# ------------------------------------------------------------ Kubernetes schemas (files)
+
+def test_manifest_files_found() -> None:
+    names = {rel(p) for p in manifest_files()}
+    assert "deploy/base/gateway/daemonset.yaml" in names
+    assert "deploy/crds/serviceimports.yaml" in names
+    assert "deploy/overlays/local/small.yaml" not in names  # a patch, not an object
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("path", manifest_files(), ids=rel)
+def test_manifest_is_valid_kubernetes(path: Path, version: str) -> None:
+    docs = file_docs(path)
+    assert docs, f"{rel(path)} holds no object"
+    for doc in docs:
+        if is_custom_resource(doc):
+            continue  # validated against our CRDs below
+        validate_kubernetes(doc, version, rel(path))
+
+
+def test_kubernetes_validation_rejects_a_misspelt_field() -> None:
+    """The check above can fail: strict mode reports an unknown field."""
+    doc = copy.deepcopy(file_docs(DEPLOY / "base/gateway/daemonset.yaml")[0])
+    doc["spec"]["template"]["spec"]["containers"][0]["readOnlyRootFilesytem"] = True
+    with pytest.raises(kubernetes_validate.ValidationError, match="readOnlyRootFilesytem"):
+        kubernetes_validate.validate(doc, KUBERNETES_VERSIONS[0], strict=True)
+
+
+def test_duplicate_yaml_keys_are_rejected() -> None:
+    with pytest.raises(yaml.constructor.ConstructorError, match="duplicate key 'a'"):
+        load_docs("a: 1\nb: 2\na: 3\n")
+
+
+def test_every_object_names_its_namespace_when_namespaced() -> None:
+    cluster_scoped = {"Namespace", "ClusterRole", "ClusterRoleBinding",
+                      "CustomResourceDefinition"}
+    for path, doc in all_file_docs():
+        if doc["kind"] in cluster_scoped:
+            assert "namespace" not in doc["metadata"], f"{rel(path)}: {ident(doc)}"
+        elif path.parent.name not in ("examples",) or doc["kind"] == "Secret":
+            assert doc["metadata"].get("namespace"), f"{rel(path)}: {ident(doc)} has none"
+
+
+# ------------------------------------------------------------------------------ CRDs
+
+@functools.cache
+def crds() -> dict[str, dict[str, Any]]:
+    out = {}
+    for path in sorted((DEPLOY / "crds").glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        for doc in file_docs(path):
+            out[doc["spec"]["names"]["kind"]] = doc
+    return out
+
+
+def crd_schema(kind: str, version: str) -> dict[str, Any]:
+    for v in crds()[kind]["spec"]["versions"]:
+        if v["name"] == version:
+            return v["schema"]["openAPIV3Schema"]
+    raise KeyError(f"{kind} has no version {version}")
+
+
+@pytest.mark.parametrize("kind", ["ServiceExport", "ServiceImport"])
+def test_crd_versions_and_shape(kind: str) -> None:
+    crd = crds()[kind]
+    spec = crd["spec"]
+    assert crd["metadata"]["name"] == f"{spec['names']['plural']}.{MCS_GROUP}"
+    assert spec["group"] == MCS_GROUP and spec["scope"] == "Namespaced"
+    versions = {v["name"]: v for v in spec["versions"]}
+    assert set(versions) == {"v1alpha1", "v1beta1"}
+    assert versions["v1alpha1"]["served"] and versions["v1alpha1"]["storage"]
+    assert versions["v1beta1"]["served"] and not versions["v1beta1"]["storage"]
+    # Identical schemas are what lets the API server convert with strategy None.
+    assert versions["v1alpha1"]["schema"] == versions["v1beta1"]["schema"]
+    assert "conversion" not in spec or spec["conversion"] == {"strategy": "None"}
+    for v in versions.values():
+        assert v["subresources"] == {"status": {}}
+        columns = {c["name"] for c in v["additionalPrinterColumns"]}
+        assert "Age" in columns and len(columns) >= 3
+        for column in v["additionalPrinterColumns"]:
+            assert column["jsonPath"].startswith("."), column
+
+
+def _assert_structural(node: dict[str, Any], where: str) -> None:
+    """Structural schema (required for apiextensions.k8s.io/v1): every node has a type."""
+    assert "type" in node, f"{where} has no type"
+    for name, child in node.get("properties", {}).items():
+        _assert_structural(child, f"{where}.{name}")
+    if "items" in node:
+        _assert_structural(node["items"], f"{where}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        _assert_structural(node["additionalProperties"], f"{where}{{}}")
+    if node.get("x-kubernetes-list-type") == "map":
+        keys = node["x-kubernetes-list-map-keys"]
+        assert set(keys) <= set(node["items"].get("required", ())), \
+            f"{where}: list-map keys must be required"
+
+
+@pytest.mark.parametrize("kind", ["ServiceExport", "ServiceImport"])
+def test_crd_schema_is_structural(kind: str) -> None:
+    _assert_structural(crd_schema(kind, "v1alpha1"), kind)
+
+
+def test_serviceimport_schema_follows_upstream() -> None:
+    spec = crd_schema("ServiceImport", "v1alpha1")["properties"]["spec"]
+    assert set(spec["required"]) == {"ports", "type"}
+    assert spec["properties"]["type"]["enum"] == ["ClusterSetIP", "Headless"]
+    assert spec["properties"]["ips"]["maxItems"] == 2
+    assert {"sessionAffinity", "sessionAffinityConfig", "ipFamilies", "internalTrafficPolicy",
+            "trafficDistribution"} <= set(spec["properties"])
+    assert spec["properties"]["ports"]["items"]["required"] == ["port"]
+
+
+def _strict(schema: dict[str, Any]) -> dict[str, Any]:
+    """Reject fields the schema does not name, as the API server's strict field validation
+    (kubectl's default) does, except under metadata, which the API server checks itself."""
+    out = dict(schema)
+    if "properties" in out:
+        out["properties"] = {
+            k: (v if k == "metadata" else _strict(v)) for k, v in out["properties"].items()
+        }
+        out.setdefault("additionalProperties", False)
+    if "items" in out:
+        out["items"] = _strict(out["items"])
+    return out
+
+
+def validate_custom_resource(doc: dict[str, Any]) -> None:
+    group, version = doc["apiVersion"].split("/")
+    assert group == MCS_GROUP, doc["apiVersion"]
+    schema = _strict(crd_schema(doc["kind"], version))
+    jsonschema.Draft7Validator(schema).validate(doc)
+
+
+def example_custom_resources() -> list[tuple[str, dict[str, Any]]]:
+    return [(f"{rel(path)}:{ident(doc)}", doc)
+            for path, doc in all_file_docs() if is_custom_resource(doc)]
+
+
+def test_examples_cover_both_kinds_and_versions() -> None:
+    seen = {(doc["kind"], doc["apiVersion"]) for _, doc in example_custom_resources()}
+    assert seen == {(k, f"{MCS_GROUP}/{v}") for k in ("ServiceExport", "ServiceImport")
+                    for v in ("v1alpha1", "v1beta1")}
+
+
+@pytest.mark.parametrize(("where", "doc"), example_custom_resources(),
+                         ids=[w for w, _ in example_custom_resources()])
+def test_example_custom_resource_matches_crd(where: str, doc: dict[str, Any]) -> None:
+    validate_custom_resource(doc)
+
+
+def test_example_serviceimports_are_accepted_by_the_gateway() -> None:
+    """The CRD and the gateway's own validation (mcsproxy.manifests) agree."""
+    imports = [doc for _, doc in example_custom_resources() if doc["kind"] == "ServiceImport"]
+    assert len(imports) >= 2
+    for doc in imports:
+        manifests.parse_service_import(doc)
+
+
+def _example(kind: str) -> dict[str, Any]:
+    return copy.deepcopy(next(doc for _, doc in example_custom_resources()
+                              if doc["kind"] == kind and "status" in doc))
+
+
+@pytest.mark.parametrize(("kind", "mutate", "complaint"), [
+    ("ServiceImport", lambda d: d["spec"].update(type="SuperclusterIP"), "is not one of"),
+    ("ServiceImport", lambda d: d["spec"].pop("ports"), "'ports' is a required property"),
+    ("ServiceImport", lambda d: d["spec"].update(ips=["198.18.0.1", "fd00::1", "198.18.0.2"]),
+     "is too long"),
+    ("ServiceImport", lambda d: d["spec"]["ports"][0].update(port="http"), "is not of type"),
+    ("ServiceImport", lambda d: d["spec"].update(ip="198.18.0.1"), "Additional properties"),
+    ("ServiceImport", lambda d: d["status"]["clusters"].append({"name": "x"}),
+     "'cluster' is a required property"),
+    ("ServiceExport", lambda d: d["status"]["conditions"][0].update(status="Yes"),
+     "is not one of"),
+    ("ServiceExport", lambda d: d["status"]["conditions"][0].pop("lastTransitionTime"),
+     "'lastTransitionTime' is a required property"),
+    ("ServiceExport", lambda d: d["status"]["conditions"][0].update(reason="not camel"),
+     "does not match"),
+    ("ServiceExport", lambda d: d["spec"]["exportedLabels"].update(team=3), "is not of type"),
+])
+def test_crd_schema_rejects_bad_objects(kind: str, mutate: Any, complaint: str) -> None:
+    doc = _example(kind)
+    mutate(doc)
+    with pytest.raises(jsonschema.ValidationError, match=complaint):
+        validate_custom_resource(doc)
+
+
+# --------------------------------------------------------------------------- kustomize
+
+def _kubectl_with_kustomize() -> tuple[str | None, str]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        return None, "kubectl is not installed (it bundles kustomize)"
+    out = subprocess.run([kubectl, "version", "--client"], capture_output=True, text=True,
+                         timeout=30).stdout
+    m = re.search(r"Kustomize Version: v(\d+)\.", out)
+    if m is None or int(m.group(1)) < 4:
+        return None, (f"kubectl's kustomize is too old to read directories in `resources` "
+                      f"(needs v4+, kubectl 1.21+): {out.strip()!r}")
+    return kubectl, ""
+
+
+KUBECTL, KUBECTL_MISSING = _kubectl_with_kustomize()
+needs_kustomize = pytest.mark.skipif(KUBECTL is None, reason=KUBECTL_MISSING)
+
+
+@functools.cache
+def rendered(overlay: str) -> tuple[dict[str, Any], ...]:
+    assert KUBECTL is not None
+    proc = subprocess.run([KUBECTL, "kustomize", str(DEPLOY / overlay)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"kubectl kustomize {overlay} failed: {proc.stderr}"
+    # Deprecated fields would print a warning: keep the kustomizations current.
+    assert "deprecated" not in proc.stderr.lower(), proc.stderr
+    return tuple(load_docs(proc.stdout))
+
+
+@needs_kustomize
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_overlay_renders_and_is_valid(overlay: str) -> None:
+    docs = rendered(overlay)
+    names = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert OVERLAYS[overlay] <= names, OVERLAYS[overlay] - names
+    assert not {d["kind"] for d in docs} & OVERLAY_EXCLUDES.get(overlay, set())
+    keys = [(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]) for d in docs]
+    assert len(keys) == len(set(keys))
+    for version in KUBERNETES_VERSIONS:
+        for doc in docs:
+            validate_kubernetes(doc, version, f"kustomize {overlay}")
+    check_rbac(docs)
+    for doc in workloads(docs):
+        check_workload(doc, docs)
+
+
+@needs_kustomize
+def test_overlays_set_their_cluster_id() -> None:
+    ids = {}
+    for overlay in ("overlays/local", "overlays/member", "overlays/karmada"):
+        config = next(d for d in rendered(overlay) if d["kind"] == "ConfigMap"
+                      and d["metadata"]["name"] == "mcsproxy-cluster")
+        ids[overlay] = config["data"]["cluster-id"]
+        assert config["data"]["clusterset-cidr"] == "198.18.0.0/16"
+    assert len(set(ids.values())) == len(ids), ids
+    local = rendered("overlays/local")
+    contexts = next(d for d in local if d["kind"] == "ConfigMap"
+                    and d["metadata"]["name"] == "mcsproxy-controller")["data"]["contexts"]
+    assert ids["overlays/local"] in contexts.split(",")
+    assert {c["image"] for w in workloads(local) for c in containers(w)} == {"mcsproxy:dev"}
+
+
+# -------------------------------------------------------------------------------- RBAC
+
+def expected_calls() -> dict[str, dict[str, Any]]:
+    return load_docs((DEPLOY / "rbac-calls.yaml").read_text())[0]["identities"]
+
+
+Grant = tuple[str, str, str, str, str]  # scope, group, resource, verb, resourceName or *
+
+
+def _expand(scope: str, rule: dict[str, Any]) -> set[Grant]:
+    groups = rule.get("apiGroups", [rule.get("group", "")])
+    resources = rule.get("resources", [rule.get("resource")])
+    names = rule.get("resourceNames") or ["*"]
+    return {(scope, g, r, v, n) for g in groups for r in resources
+            for v in rule["verbs"] for n in names}
+
+
+def granted(docs: tuple[dict[str, Any], ...] | list[dict[str, Any]],
+            service_account: str) -> set[Grant]:
+    roles = {(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]): d
+             for d in docs if d["kind"] in ("Role", "ClusterRole")}
+    out: set[Grant] = set()
+    for binding in docs:
+        if binding["kind"] not in ("RoleBinding", "ClusterRoleBinding"):
+            continue
+        if not any(s["kind"] == "ServiceAccount" and s["name"] == service_account
+                   and s["namespace"] == NAMESPACE for s in binding["subjects"]):
+            continue
+        ref = binding["roleRef"]
+        ns = binding["metadata"].get("namespace")
+        role = roles.get((ref["kind"], ns if ref["kind"] == "Role" else None, ref["name"]))
+        assert role is not None, f"{ident(binding)} refers to a missing {ref}"
+        scope = "namespace" if binding["kind"] == "RoleBinding" else "cluster"
+        if scope == "namespace":
+            assert ns == NAMESPACE, f"{ident(binding)} is not in {NAMESPACE}"
+        for rule in role["rules"]:
+            out |= _expand(scope, rule)
+    return out
+
+
+def check_rbac(docs: tuple[dict[str, Any], ...] | list[dict[str, Any]]) -> None:
+    accounts = {d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"}
+    for name, identity in expected_calls().items():
+        sa = identity["serviceAccount"]
+        if sa not in accounts:
+            continue  # this overlay does not deploy that component
+        want: set[Grant] = set()
+        for call in identity["calls"]:
+            want |= _expand(call["scope"], call)
+        got = granted(docs, sa)
+        assert got == want, (f"RBAC for {name} ({sa}) differs from deploy/rbac-calls.yaml: "
+                             f"granted but not called {sorted(got - want)}, "
+                             f"called but not granted {sorted(want - got)}")
+    for doc in docs:
+        for rule in doc.get("rules", ()) if doc["kind"] in ("Role", "ClusterRole") else ():
+            for field in ("apiGroups", "resources", "verbs", "resourceNames"):
+                assert "*" not in rule.get(field, ()), f"{ident(doc)}: wildcard in {field}"
+
+
+def test_rbac_matches_the_api_calls() -> None:
+    docs = [doc for _, doc in all_file_docs()]
+    accounts = {d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"}
+    assert {i["serviceAccount"] for i in expected_calls().values()} == accounts
+    check_rbac(docs)
+
+
+def test_rbac_check_catches_an_extra_verb() -> None:
+    docs = copy.deepcopy([doc for _, doc in all_file_docs()])
+    role = next(d for d in docs if d["kind"] == "ClusterRole"
+                and d["metadata"]["name"] == "mcsproxy-gateway")
+    role["rules"][0]["verbs"].append("delete")
+    with pytest.raises(AssertionError, match="granted but not called"):
+        check_rbac(docs)
+
+
+def test_workloads_run_as_the_identities_in_the_call_list() -> None:
+    used = {w["spec"]["template"]["spec"]["serviceAccountName"]
+            for _, w in all_file_docs() if w["kind"] in ("Deployment", "DaemonSet")}
+    assert used == {"mcsproxy-gateway", "mcsproxy-controller"}
+
+
+# --------------------------------------------------------------------------- workloads
+
+def workloads(docs: Any) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] in ("Deployment", "DaemonSet")]
+
+
+def containers(workload: dict[str, Any]) -> list[dict[str, Any]]:
+    return workload["spec"]["template"]["spec"]["containers"]
+
+
+def _flags(args: list[str]) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for arg in args[1:]:
+        name, sep, value = arg.partition("=")
+        out[name] = value if sep else None
+    return out
+
+
+def _listen_port(value: str | None) -> int:
+    assert value is not None
+    return int(value.rsplit(":", 1)[1])
+
+
+def check_workload(w: dict[str, Any], docs: Any) -> None:
+    where = ident(w)
+    pod = w["spec"]["template"]["spec"]
+    labels = w["spec"]["template"]["metadata"]["labels"]
+    assert w["spec"]["selector"]["matchLabels"].items() <= labels.items(), where
+    host_network = pod.get("hostNetwork", False)
+    pod_ctx = pod.get("securityContext", {})
+    assert pod_ctx.get("seccompProfile") == {"type": "RuntimeDefault"}, where
+    volumes = {v["name"]: v for v in pod.get("volumes", ())}
+    for c in containers(w):
+        ctx = c["securityContext"]
+        assert ctx["readOnlyRootFilesystem"] is True, where
+        assert ctx["allowPrivilegeEscalation"] is False, where
+        assert ctx["capabilities"]["drop"] == ["ALL"], where
+        added = set(ctx["capabilities"].get("add", ()))
+        run_as = ctx.get("runAsUser", pod_ctx.get("runAsUser"))
+        if added:
+            # Only the node-network gateway manages interfaces, and added capabilities
+            # reach a process only when it runs as UID 0.
+            assert added == {"NET_ADMIN"} and host_network and run_as == 0, where
+        else:
+            assert run_as == 65532 and pod_ctx.get("runAsNonRoot") is True, where
+        tmp = [m for m in c["volumeMounts"] if m["mountPath"] == "/tmp"]
+        assert tmp and "emptyDir" in volumes[tmp[0]["name"]], f"{where}: /tmp not writable"
+        res = c["resources"]
+        assert {"cpu", "memory"} <= set(res["requests"]) and "memory" in res["limits"], where
+        image = c["image"]
+        assert ":" in image and not image.endswith(":latest"), where
+
+        ports = {p["name"]: p for p in c["ports"]}
+        for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz"),
+                            ("startupProbe", "/healthz")):
+            get = c[probe]["httpGet"]
+            assert get["path"] == path and get["port"] in ports, f"{where} {probe}"
+        flags = _flags(c["args"])
+        admin_flag = "--admin-listen" if c["args"][0] == "gateway" else "--serve"
+        probe_port = ports[c["livenessProbe"]["httpGet"]["port"]]["containerPort"]
+        assert _listen_port(flags[admin_flag]) == probe_port, f"{where}: probes miss {admin_flag}"
+        if c["args"][0] == "gateway":
+            assert flags["--source"] == "kube", where
+            dns_port = _listen_port(flags["--dns-listen"])
+            assert ports["dns-udp"]["containerPort"] == dns_port == ports["dns-tcp"][
+                "containerPort"], where
+            if host_network:
+                assert pod["dnsPolicy"] == "ClusterFirstWithHostNet", where
+                assert flags["--vip-interface"] == "mcs0", where
+            else:
+                assert "--vip-interface" not in flags, f"{where}: VIPs need the node network"
+        # Kubernetes leaves an undefined $(VAR) in args as it is: every one must be set.
+        env = {e["name"] for e in c.get("env", ())}
+        for arg in c["args"]:
+            for var in re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", arg):
+                assert var in env, f"{where}: {arg} uses unset ${var}"
+        for e in c.get("env", ()):
+            ref = e.get("valueFrom", {}).get("configMapKeyRef")
+            if ref:
+                cm = [d for d in docs if d["kind"] == "ConfigMap"
+                      and d["metadata"]["name"] == ref["name"]]
+                assert cm and ref["key"] in cm[0]["data"], f"{where}: {ref} missing"
+
+
+def test_workloads_are_hardened_and_probed() -> None:
+    docs = [doc for _, doc in all_file_docs()]
+    found = workloads(docs)
+    assert len(found) == 3  # gateway DaemonSet, gateway Deployment, controller
+    for w in found:
+        check_workload(w, docs)
+
+
+def test_gateway_daemonset_on_the_node_network() -> None:
+    ds = file_docs(DEPLOY / "base/gateway/daemonset.yaml")[0]
+    pod = ds["spec"]["template"]["spec"]
+    assert pod["hostNetwork"] is True
+    assert {"operator": "Exists"} in pod["tolerations"]
+    # No CPU limit on the data plane (throttling shows up as tail latency).
+    assert "cpu" not in containers(ds)[0]["resources"]["limits"]
+
+
+def test_controller_runs_two_replicas_with_leader_election_and_a_pdb() -> None:
+    base = DEPLOY / "base/controller"
+    deployment = file_docs(base / "deployment.yaml")[0]
+    assert deployment["spec"]["replicas"] == 2
+    flags = _flags(containers(deployment)[0]["args"])
+    assert "--leader-elect" in flags
+    calls = expected_calls()["controller"]["calls"]
+    lease_names = {n for c in calls if c["resource"] == "leases"
+                   for n in c.get("resourceNames", ())}
+    secret_names = {n for c in calls if c["resource"] == "secrets"
+                    for n in c.get("resourceNames", ())}
+    assert lease_names == {flags["--lease-name"]}
+    assert secret_names == {flags["--kubeconfig-secret"]}
+    example = file_docs(DEPLOY / "examples/member-kubeconfig-secret.yaml")[0]
+    assert example["metadata"]["name"] in secret_names
+    kubeconfig = yaml.safe_load(example["stringData"]["kubeconfig"])
+    assert {c["name"] for c in kubeconfig["contexts"]} == {"east", "west", "central"}
+    pdb = file_docs(base / "pdb.yaml")[0]
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"] == deployment["spec"]["selector"]
+
+
+def test_dns_service_reaches_the_gateway_dns_port() -> None:
+    svc = file_docs(DEPLOY / "base/gateway/dns-service.yaml")[0]
+    assert {(p["port"], p["protocol"], p["targetPort"]) for p in svc["spec"]["ports"]} == {
+        (53, "UDP", "dns-udp"), (53, "TCP", "dns-tcp")}
+    for path in (DEPLOY / "base/gateway/daemonset.yaml",
+                 DEPLOY / "overlays/gateway-deployment/deployment.yaml"):
+        w = file_docs(path)[0]
+        assert svc["spec"]["selector"].items() <= w["spec"]["template"]["metadata"][
+            "labels"].items()
+    corefile = file_docs(DEPLOY / "dns/coredns-clusterset.yaml")[0]["data"]["Corefile"]
+    block = re.search(r"clusterset\.local:53 \{(.*?)\n\}", corefile, re.S)
+    assert block is not None and "forward . MCSPROXY_DNS_IP:53" in block.group(1)
+
+
+# ------------------------------------------------------------------ args vs the real CLI
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def test_container_args_parse_with_the_cli() -> None:
+    commands = _subcommands(build_parser())
+    pending: set[str] = set()
+    checked = 0
+    for path, w in all_file_docs():
+        if w["kind"] not in ("Deployment", "DaemonSet"):
+            continue
+        for c in containers(w):
+            command, args = c["args"][0], c["args"][1:]
+            if command not in commands:
+                assert command in PENDING_CLI, f"{rel(path)}: unknown subcommand {command}"
+                pending.add(command)
+                continue
+            _, unknown = commands[command].parse_known_args(args)
+            stray = {u.partition("=")[0] for u in unknown}
+            assert stray <= PENDING_CLI, f"{rel(path)}: {command} does not accept {stray}"
+            pending |= stray
+            checked += 1
+    assert checked >= 1
+    if pending:
+        pytest.skip(f"the CLI does not have these yet (other issues): {sorted(pending)}")
+
+
+# ---------------------------------------------------------------- image and pinned deps
+
+def _constraints() -> dict[str, str]:
+    pins = {}
+    for line in (DEPLOY / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[canonicalize_name(name)] = version
+    return pins
+
+
+def test_image_pins_every_runtime_dependency_within_its_range() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = _constraints()
+    hint = "regenerate with .venv/bin/python deploy/pin_constraints.py"
+    for raw in project["dependencies"]:
+        req = Requirement(raw)
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req.name} is not pinned in deploy/constraints.txt; {hint}"
+        assert req.specifier.contains(pins[name], prereleases=True), \
+            f"{req.name}=={pins[name]} is outside {req.specifier}; {hint}"
+
+
+def test_image_pins_are_closed_under_their_requirements() -> None:
+    from importlib import metadata
+
+    pins = _constraints()
+    for name, version in pins.items():
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        if Version(dist.version) != Version(version):
+            continue  # only the pinned version's metadata says what it needs
+        for raw in dist.requires or ():
+            req = Requirement(raw)
+            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+                continue
+            assert canonicalize_name(req.name) in pins, \
+                f"{name}=={version} needs {req.name}, which deploy/constraints.txt lacks"
+
+
+def test_dockerfile_builds_a_non_root_image_from_allowed_files() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    froms = re.findall(r"^FROM (\S+)", text, re.M)
+    assert froms and all(f.startswith("python:3.11-slim") for f in froms)
+    assert re.search(r"^USER 65532:65532$", text, re.M)
+    assert "pip install -r deploy/constraints.txt" in text and "pip check" in text
+    allowed = {line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.startswith("!")}
+    for src in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.M):
+        for item in src.split():
+            assert item in allowed, f"COPY {item} is excluded by .dockerignore"
+            assert (ROOT / item).exists(), f"COPY {item}: no such file"
