@@ -1,0 +1,428 @@
+"""Reconcile tables: every rule of mcs-spec.md "Export and import" and "Karmada
+MultiClusterService", through the pure reconcile_clusterset()."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from controlplane.reconcile import MAX_ENDPOINTS_PER_SLICE, STALE_ANNOTATION, owner_uid
+from controlplane.resources import KIND_IMPORT, parse_member_object
+from mcsproxy.manifests import ManifestError, parse_endpoint_slice, parse_service_import
+from mcsproxy.model import ServiceKey
+from tests.test_reconcile_support import (
+    LATER,
+    NOW,
+    cluster,
+    eslice,
+    export,
+    export_status,
+    exporter,
+    mcs,
+    namespace,
+    reconcile,
+    service,
+    service_import,
+    slices,
+)
+
+
+# -- rules 1-3: who exports, who imports --------------------------------------------------
+def test_no_export_no_import_even_if_another_cluster_has_the_service() -> None:
+    desired = reconcile({
+        "a": cluster("a", namespace(), service(), eslice("web-1", ["127.0.1.1"])),
+        "b": cluster("b", namespace(), service()),
+    })
+    assert desired == {"a": {}, "b": {}}
+
+
+def test_every_cluster_with_the_namespace_imports_exporters_included() -> None:
+    desired = reconcile({
+        "a": exporter("a"),
+        "b": cluster("b", namespace()),
+        "c": cluster("c", namespace("other")),
+    })
+    assert service_import(desired, "a") is not None
+    assert service_import(desired, "b") is not None
+    assert service_import(desired, "c") is None
+    assert desired["c"] == {}
+
+
+def test_import_disappears_everywhere_after_the_last_export_goes() -> None:
+    a_with, b_with = exporter("a"), exporter("b", created="2024-02-01T00:00:00Z")
+    a_without = cluster("a", namespace(), service(), eslice("web-a", ["127.0.1.1"]))
+    b_without = cluster("b", namespace(), service(), eslice("web-b", ["127.0.2.1"]))
+    one_left = reconcile({"a": a_without, "b": b_with})
+    assert service_import(one_left, "a")["status"]["clusters"] == [{"cluster": "b"}]
+    none_left = reconcile({"a": a_without, "b": b_without})
+    assert none_left == {"a": {}, "b": {}}
+    both = reconcile({"a": a_with, "b": b_with})
+    assert service_import(both, "b")["status"]["clusters"] == [{"cluster": "a"},
+                                                               {"cluster": "b"}]
+
+
+# -- rule 4: types and validity -----------------------------------------------------------
+@pytest.mark.parametrize(("svc", "expected"), [
+    (service(svc_type="ClusterIP"), "ClusterSetIP"),
+    (service(svc_type="NodePort"), "ClusterSetIP"),
+    (service(svc_type="LoadBalancer"), "ClusterSetIP"),
+    (service(headless=True), "Headless"),
+])
+def test_service_type_maps_to_import_type(svc: dict, expected: str) -> None:
+    desired = reconcile({"a": exporter("a", svc=svc)})
+    imp = service_import(desired, "a")
+    assert imp["spec"]["type"] == expected
+    assert ("ips" in imp["spec"]) is (expected == "ClusterSetIP")
+    parse_service_import(imp)  # the gateway accepts what the controller writes
+
+
+@pytest.mark.parametrize(("docs", "reason"), [
+    ((namespace(), service(svc_type="ExternalName", ports=()), export()), "InvalidServiceType"),
+    ((namespace(), export()), "NoService"),
+])
+def test_invalid_exports_get_valid_false_and_no_import(docs: tuple, reason: str) -> None:
+    desired = reconcile({"a": cluster("a", *docs), "b": cluster("b", namespace())})
+    assert service_import(desired, "a") is None and service_import(desired, "b") is None
+    conds = export_status(desired, "a")
+    assert conds["Valid"]["status"] == "False" and conds["Valid"]["reason"] == reason
+    assert conds["Ready"]["status"] == "False" and conds["Ready"]["reason"] == "Failed"
+    assert "Conflict" not in conds
+
+
+def test_valid_export_conditions_carry_every_field() -> None:
+    desired = reconcile({"a": exporter("a"), "b": cluster("b", namespace())})
+    conds = export_status(desired, "a")
+    assert [c for c in conds] == ["Valid", "Ready", "Conflict"]
+    assert (conds["Valid"]["status"], conds["Valid"]["reason"]) == ("True", "Valid")
+    assert (conds["Ready"]["status"], conds["Ready"]["reason"]) == ("True", "Exported")
+    assert (conds["Conflict"]["status"], conds["Conflict"]["reason"]) == ("False", "NoConflicts")
+    for c in conds.values():
+        assert set(c) == {"type", "status", "reason", "message", "lastTransitionTime"}
+        assert c["message"] and c["lastTransitionTime"] == NOW
+
+
+def test_last_transition_time_kept_until_the_status_changes() -> None:
+    first = reconcile({"a": exporter("a")})
+    previous = {"a": list(first["a"].values())}
+    same = reconcile({"a": exporter("a")}, previous=previous, now=LATER)
+    assert all(c["lastTransitionTime"] == NOW for c in export_status(same, "a").values())
+    other = exporter("b", created="2024-02-01T00:00:00Z", svc=service(headless=True))
+    flipped = reconcile({"a": exporter("a"), "b": other}, previous=previous, now=LATER)
+    conds = export_status(flipped, "a")
+    assert conds["Conflict"]["lastTransitionTime"] == LATER
+    assert conds["Valid"]["lastTransitionTime"] == NOW
+
+
+# -- rules 5-6: conflicts, oldest wins, reported on every export --------------------------
+def test_type_conflict_oldest_wins_and_every_export_says_so() -> None:
+    desired = reconcile({
+        "cluster-1": exporter("cluster-1", created="2024-01-01T00:00:00Z"),
+        "cluster-2": exporter("cluster-2", created="2024-03-01T00:00:00Z",
+                              svc=service(headless=True)),
+    })
+    assert service_import(desired, "cluster-2")["spec"]["type"] == "ClusterSetIP"
+    for c in ("cluster-1", "cluster-2"):
+        conflict = export_status(desired, c)["Conflict"]
+        assert conflict["status"] == "True"
+        assert conflict["reason"] == "TypeConflict"
+        assert conflict["message"] == (
+            'Conflicting type. Using "ClusterSetIP" from oldest service export in '
+            '"cluster-1". 1/2 clusters disagree.')
+
+
+def test_oldest_is_by_creation_timestamp_not_by_name() -> None:
+    desired = reconcile({
+        "a": exporter("a", created="2024-05-01T00:00:00Z", svc=service(headless=True)),
+        "b": exporter("b", created="2024-01-01T00:00:00Z"),
+    })
+    assert service_import(desired, "a")["spec"]["type"] == "ClusterSetIP"
+    assert '"b"' in export_status(desired, "a")["Conflict"]["message"]
+
+
+def test_equal_timestamps_are_settled_by_cluster_name() -> None:
+    desired = reconcile({
+        "b": exporter("b", svc=service(headless=True)),
+        "a": exporter("a"),
+    })
+    assert service_import(desired, "b")["spec"]["type"] == "ClusterSetIP"
+
+
+def test_several_conflicts_are_joined_by_commas() -> None:
+    desired = reconcile({
+        "a": exporter("a"),
+        "b": exporter("b", created="2024-02-01T00:00:00Z",
+                      svc=service(headless=True, sessionAffinity="ClientIP",
+                                  ports=[("http", "TCP", 8080)]),
+                      labels={"tier": "web"}),
+    })
+    conflict = export_status(desired, "a")["Conflict"]
+    assert conflict["reason"] == (
+        "PortConflict,TypeConflict,SessionAffinityConflict,LabelsConflict")
+    assert conflict["message"].count("clusters disagree.") == 4
+
+
+def test_conflict_counts_disagreeing_clusters() -> None:
+    members = {c: exporter(c, created=f"2024-0{i + 1}-01T00:00:00Z")
+               for i, c in enumerate(["a", "b", "c"])}
+    members["d"] = exporter("d", created="2024-06-01T00:00:00Z", svc=service(headless=True))
+    message = export_status(reconcile(members), "b")["Conflict"]["message"]
+    assert message.endswith('"a". 1/4 clusters disagree.')
+
+
+# -- rule 7: ports ------------------------------------------------------------------------
+def _ports(desired: dict, c: str = "a") -> list[tuple]:
+    return [(p.get("name", ""), p["protocol"], p["port"])
+            for p in service_import(desired, c)["spec"]["ports"]]
+
+
+@pytest.mark.parametrize(("a_ports", "b_ports", "union", "conflict"), [
+    ([("http", "TCP", 80)], [("http", "TCP", 80)], [("http", "TCP", 80)], False),
+    ([("http", "TCP", 80)], [("dns", "UDP", 53)], [("http", "TCP", 80), ("dns", "UDP", 53)],
+     False),
+    ([("http", "TCP", 80)], [("http", "TCP", 8080)], [("http", "TCP", 80)], True),
+    ([("http", "TCP", 80)], [("web", "TCP", 80)], [("http", "TCP", 80)], True),
+    ([("", "TCP", 80)], [("", "TCP", 81)], [("", "TCP", 80)], True),
+    ([("", "TCP", 80)], [("", "UDP", 80)], [("", "TCP", 80)], True),
+    ([("a", "TCP", 80)], [("b", "UDP", 80)], [("a", "TCP", 80), ("b", "UDP", 80)], False),
+])
+def test_port_union_by_name_then_protocol_and_port(a_ports, b_ports, union, conflict) -> None:
+    desired = reconcile({
+        "a": exporter("a", svc=service(ports=a_ports)),
+        "b": exporter("b", created="2024-02-01T00:00:00Z", svc=service(ports=b_ports)),
+    })
+    assert _ports(desired) == union
+    cond = export_status(desired, "b")["Conflict"]
+    assert (cond["status"] == "True") is conflict
+    if conflict:
+        assert cond["reason"] == "PortConflict"
+        assert cond["message"].startswith("Conflicting ports. Using port")
+        assert cond["message"].endswith('from oldest service export in "a". '
+                                        "1/2 clusters disagree.")
+
+
+def test_traffic_to_a_port_goes_only_to_clusters_exposing_it() -> None:
+    a = cluster("a", namespace(), service(ports=[("http", "TCP", 80)]),
+                eslice("web-a", ["127.0.1.1"], ports=[("http", "TCP", 8080)]), export())
+    b = cluster("b", namespace(),
+                service(ports=[("http", "TCP", 80), ("metrics", "TCP", 9090)]),
+                eslice("web-b", ["127.0.2.1"],
+                       ports=[("http", "TCP", 8080), ("metrics", "TCP", 9100)]),
+                export(created="2024-02-01T00:00:00Z"))
+    desired = reconcile({"a": a, "b": b})
+    assert _ports(desired) == [("http", "TCP", 80), ("metrics", "TCP", 9090)]
+    by_source = {s["metadata"]["labels"]["multicluster.kubernetes.io/source-cluster"]: s
+                 for s in slices(desired, "a")}
+    assert by_source["a"]["ports"] == [{"name": "http", "protocol": "TCP", "port": 8080}]
+    assert {p["name"] for p in by_source["b"]["ports"]} == {"http", "metrics"}
+
+
+# -- rule 8: whole-service properties ------------------------------------------------------
+@pytest.mark.parametrize(("spec", "field", "value", "reason"), [
+    ({"sessionAffinity": "ClientIP"}, "sessionAffinity", "ClientIP", "SessionAffinityConflict"),
+    ({"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}},
+     "sessionAffinityConfig", {"clientIP": {"timeoutSeconds": 60}},
+     "SessionAffinityConfigConflict"),
+    ({"internalTrafficPolicy": "Local"}, "internalTrafficPolicy", "Local",
+     "InternalTrafficPolicyConflict"),
+    ({"trafficDistribution": "PreferClose"}, "trafficDistribution", "PreferClose",
+     "TrafficDistributionConflict"),
+    ({"ipFamilies": ["IPv6"]}, "ipFamilies", ["IPv6"], "IPFamilyConflict"),
+])
+def test_whole_service_properties_copied_and_settled_oldest_wins(spec, field, value,
+                                                                 reason) -> None:
+    # Without a conflict the import copies the value.
+    alone = reconcile({"a": exporter("a", svc=service(**spec))},
+                      cidrs="127.240.0.0/16,fd00:240::/112")
+    assert service_import(alone, "a")["spec"][field] == value
+    # With a disagreeing newer export, the oldest value stays and the conflict is named.
+    base = {"sessionAffinity": "ClientIP"} if field == "sessionAffinityConfig" else {}
+    desired = reconcile({
+        "a": exporter("a", svc=service(**spec)),
+        "b": exporter("b", created="2024-02-01T00:00:00Z", svc=service(**base)),
+    }, cidrs="127.240.0.0/16,fd00:240::/112")
+    assert service_import(desired, "b")["spec"][field] == value
+    assert export_status(desired, "b")["Conflict"]["reason"] == reason
+
+
+# -- rule 9: ClusterSetIPs -----------------------------------------------------------------
+def test_cluster_set_ip_from_the_cidr_same_in_every_cluster() -> None:
+    desired = reconcile({"a": exporter("a"), "b": cluster("b", namespace())},
+                        cidrs="127.241.0.0/24")
+    ips = service_import(desired, "a")["spec"]["ips"]
+    assert len(ips) == 1 and ipaddress.ip_address(ips[0]) in ipaddress.ip_network("127.241.0.0/24")
+    assert service_import(desired, "b")["spec"]["ips"] == ips
+    assert service_import(desired, "a")["spec"]["ipFamilies"] == ["IPv4"]
+
+
+def test_cluster_set_ips_are_stable_across_runs_and_unique() -> None:
+    def members(names: list[str]) -> dict:
+        docs = [namespace()]
+        for n in names:
+            docs += [service(n), export(n)]
+        return {"a": cluster("a", *docs)}
+
+    first = reconcile(members(["s1", "s2"]), cidrs="127.241.0.0/28")
+    ip1 = service_import(first, "a", "s1")["spec"]["ips"]
+    # A later run that reads back the earlier output keeps s1's address even though
+    # new services compete for a tiny range.
+    later = reconcile(members(["s0", "s1", "s2", "s3", "s4"]), cidrs="127.241.0.0/28",
+                      previous={"a": list(first["a"].values())})
+    assert service_import(later, "a", "s1")["spec"]["ips"] == ip1
+    all_ips = [service_import(later, "a", n)["spec"]["ips"][0] for n in
+               ["s0", "s1", "s2", "s3", "s4"]]
+    assert len(set(all_ips)) == 5
+
+
+def test_dual_stack_gets_one_address_per_family() -> None:
+    svc = service(ipFamilies=["IPv4", "IPv6"])
+    desired = reconcile({"a": exporter("a", svc=svc)}, cidrs="127.240.0.0/16,fd00:240::/112")
+    spec = service_import(desired, "a")["spec"]
+    assert [ipaddress.ip_address(ip).version for ip in spec["ips"]] == [4, 6]
+    assert spec["ipFamilies"] == ["IPv4", "IPv6"]
+
+
+# -- rule 10-11: labels, annotations, status.clusters -------------------------------------
+def test_import_labels_come_only_from_exported_labels() -> None:
+    svc = service()
+    svc["metadata"]["labels"] = {"app": "web"}
+    exp = export(labels={"tier": "front"}, annotations={"note": "x"})
+    exp["metadata"]["labels"] = {"owner": "me"}
+    desired = reconcile({"a": cluster("a", namespace(), svc, exp)})
+    meta = service_import(desired, "a")["metadata"]
+    assert meta["labels"] == {"tier": "front"}
+    assert meta["annotations"] == {"note": "x"}
+
+
+def test_annotation_conflict_oldest_wins() -> None:
+    desired = reconcile({
+        "a": exporter("a", annotations={"k": "1"}),
+        "b": exporter("b", created="2024-02-01T00:00:00Z", annotations={"k": "2"}),
+    })
+    assert service_import(desired, "b")["metadata"]["annotations"] == {"k": "1"}
+    assert export_status(desired, "b")["Conflict"]["reason"] == "AnnotationsConflict"
+
+
+def test_status_clusters_lists_exporters() -> None:
+    desired = reconcile({"b": exporter("b"), "a": exporter("a"), "c": cluster("c", namespace())})
+    assert service_import(desired, "c")["status"]["clusters"] == [{"cluster": "a"},
+                                                                  {"cluster": "b"}]
+
+
+# -- rule 12: imported EndpointSlices -----------------------------------------------------
+def test_imported_slices_labels_owner_and_one_source_each() -> None:
+    desired = reconcile({"a": exporter("a"), "b": exporter("b", addresses=["127.0.2.1"]),
+                         "c": cluster("c", namespace())})
+    got = slices(desired, "c")
+    assert len(got) == 2
+    for s in got:
+        labels = s["metadata"]["labels"]
+        assert set(labels) == {"multicluster.kubernetes.io/service-name",
+                               "multicluster.kubernetes.io/source-cluster",
+                               "endpointslice.kubernetes.io/managed-by"}
+        assert "kubernetes.io/service-name" not in labels
+        assert labels["endpointslice.kubernetes.io/managed-by"] != \
+            "endpointslice-controller.k8s.io"
+        assert s["metadata"]["ownerReferences"] == [{
+            "apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceImport",
+            "name": "web", "uid": owner_uid(ServiceKey("test", "web"))}]
+        spec = parse_endpoint_slice(s)
+        assert {e.cluster for e in spec.endpoints} == {labels[
+            "multicluster.kubernetes.io/source-cluster"]}
+    # The exporting cluster imports its own endpoints too.
+    assert len(slices(desired, "a")) == 2
+
+
+def test_at_most_100_endpoints_per_slice() -> None:
+    addresses = [f"10.1.{i // 250}.{i % 250 + 1}" for i in range(250)]
+    desired = reconcile({"a": exporter("a", addresses=addresses)})
+    got = slices(desired, "a")
+    assert [len(s["endpoints"]) for s in got] == [MAX_ENDPOINTS_PER_SLICE,
+                                                  MAX_ENDPOINTS_PER_SLICE, 50]
+    assert len({s["metadata"]["name"] for s in got}) == 3
+
+
+def test_headless_endpoints_keep_hostname_and_conditions() -> None:
+    a = cluster("a", namespace(), service(headless=True),
+                eslice("web-a", ["10.4.0.5", "10.4.0.6"], hostnames=["web-0", None]),
+                eslice("web-a2", ["10.4.0.7"], ready=False), export())
+    got = slices(reconcile({"a": a}), "a")[0]["endpoints"]
+    assert got[0]["hostname"] == "web-0" and "hostname" not in got[1]
+    assert got[2]["conditions"] == {"ready": False, "serving": False, "terminating": True}
+
+
+def test_imported_and_dispatched_slices_are_not_exported_again() -> None:
+    a = cluster("a", namespace(), service(), export(),
+                eslice("web-a", ["127.0.1.1"]),
+                eslice("web-imported", ["127.0.9.9"], labels={
+                    "multicluster.kubernetes.io/source-cluster": "x"}),
+                eslice("x-web", ["127.0.8.8"], labels={
+                    "endpointslice.kubernetes.io/managed-by":
+                        "endpointslice-dispatch-controller.karmada.io"}))
+    addresses = [e["addresses"][0] for s in slices(reconcile({"a": a}), "a")
+                 for e in s["endpoints"]]
+    assert addresses == ["127.0.1.1"]
+
+
+def test_stale_member_keeps_its_endpoints_marked_stale() -> None:
+    desired = reconcile({"a": exporter("a"), "b": exporter("b", addresses=["127.0.2.1"])},
+                        stale=["b"])
+    by_source = {s["metadata"]["labels"]["multicluster.kubernetes.io/source-cluster"]: s
+                 for s in slices(desired, "a")}
+    assert by_source["b"]["metadata"]["annotations"] == {STALE_ANNOTATION: "true"}
+    assert "annotations" not in by_source["a"]["metadata"]
+
+
+# -- Karmada MultiClusterService -----------------------------------------------------------
+def test_mcs_providers_to_consumers_never_back_to_source() -> None:
+    def member(c: str, octet: int) -> object:
+        return cluster(c, namespace(), service(), eslice(f"web-{c}", [f"127.0.{octet}.1"]))
+
+    a, b, c = member("a", 1), member("b", 2), cluster("c", namespace(), mcs(
+        providers=["a", "b"], consumers=["b", "c"]))
+    desired = reconcile({"a": a, "b": b, "c": c})
+    assert service_import(desired, "a") is None  # not a consumer
+    assert service_import(desired, "b")["status"]["clusters"] == [{"cluster": "a"},
+                                                                  {"cluster": "b"}]
+
+    def sources(cluster_id: str) -> set[str]:
+        return {s["metadata"]["labels"]["multicluster.kubernetes.io/source-cluster"]
+                for s in slices(desired, cluster_id)}
+
+    assert sources("b") == {"a"}  # b's own endpoints are not dispatched back to b
+    assert sources("c") == {"a", "b"}
+    assert not any(r.kind == "ServiceExport" for r in desired["c"])
+
+
+def test_mcs_empty_lists_mean_every_cluster_and_other_types_are_ignored() -> None:
+    members = {"a": cluster("a", namespace(), service(), mcs()),
+               "b": cluster("b", namespace())}
+    assert service_import(reconcile(members), "b") is not None
+    members["a"] = cluster("a", namespace(), service(), mcs(types=["LoadBalancer"]))
+    assert service_import(reconcile(members), "b") is None
+
+
+def test_mcs_provider_without_the_service_provides_nothing() -> None:
+    members = {"a": cluster("a", namespace(), mcs(providers=["a"])),
+               "b": cluster("b", namespace())}
+    assert reconcile(members) == {"a": {}, "b": {}}
+
+
+# -- member object validation ----------------------------------------------------------------
+@pytest.mark.parametrize(("obj", "message"), [
+    (service(ports=[("http", "TCP", 70000)]), "1-65535"),
+    (service(sessionAffinity="Sticky"), "sessionAffinity"),
+    (service(ipFamilies=["IPv5"]), "ipFamilies"),
+    (export(created="yesterday"), "RFC 3339"),
+    (eslice("web-1", ["not-an-ip"]), "invalid address"),
+])
+def test_bad_member_objects_are_rejected_with_a_reason(obj: dict, message: str) -> None:
+    with pytest.raises(ManifestError, match=message):
+        parse_member_object(obj, "a")
+
+
+def test_import_written_is_accepted_by_the_gateway_validation() -> None:
+    desired = reconcile({"a": exporter("a"), "b": exporter("b", addresses=["127.0.2.1"])})
+    for ref, obj in desired["a"].items():
+        if ref.kind == KIND_IMPORT:
+            assert parse_service_import(obj).clusters == ("a", "b")
