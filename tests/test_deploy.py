@@ -198,8 +198,14 @@ def test_every_object_names_its_namespace_when_namespaced() -> None:
     for path, doc in all_file_docs():
         if doc["kind"] in cluster_scoped:
             assert "namespace" not in doc["metadata"], f"{rel(path)}: {ident(doc)}"
-        elif path.parent.name not in ("examples",) or doc["kind"] == "Secret":
+        else:
             assert doc["metadata"].get("namespace"), f"{rel(path)}: {ident(doc)} has none"
+
+
+def test_every_overlay_is_checked() -> None:
+    overlays = {str(p.parent.relative_to(DEPLOY))
+                for p in (DEPLOY / "overlays").glob("*/kustomization.yaml")}
+    assert overlays == set(OVERLAYS) - {"base"}
 
 
 # ------------------------------------------------------------------------------ CRDs
