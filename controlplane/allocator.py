@@ -1,110 +1,13 @@
-"""ClusterSetIP allocation from --clusterset-cidr: one address per IP family per service,
-stable for the import's life, never two services on one address.
+"""ClusterSetIP allocation: moved to mcsproxy.clustersetip, which the gateway shares."""
 
-A new service starts probing at a hash of its key, so allocations do not depend on the
-order services appear in and a restart that reads back nothing still tends to land on the
-same addresses.
-"""
+from mcsproxy.clustersetip import (
+    DEFAULT_CIDR,
+    FAMILY_NAMES,
+    AllocationError,
+    ClusterSetIPAllocator,
+    Network,
+    parse_cidrs,
+)
 
-from __future__ import annotations
-
-import hashlib
-import ipaddress
-from collections.abc import Iterable
-
-from mcsproxy.model import ServiceKey
-
-DEFAULT_CIDR = "127.240.0.0/16"
-FAMILY_NAMES = {4: "IPv4", 6: "IPv6"}
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-class AllocationError(RuntimeError):
-    pass
-
-
-def parse_cidrs(text: str) -> tuple[Network, ...]:
-    """'127.240.0.0/16' or a dual-stack '127.240.0.0/16,fd00:240::/112'."""
-    pools: dict[int, Network] = {}
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        try:
-            net = ipaddress.ip_network(part, strict=True)
-        except ValueError as exc:
-            raise ValueError(f"--clusterset-cidr: {exc}") from None
-        if net.version in pools:
-            raise ValueError(f"--clusterset-cidr: two IPv{net.version} ranges")
-        if net.num_addresses < 4:
-            raise ValueError(f"--clusterset-cidr: {net} is too small")
-        pools[net.version] = net
-    if not pools:
-        raise ValueError("--clusterset-cidr: no range given")
-    return tuple(pools[v] for v in sorted(pools))
-
-
-class ClusterSetIPAllocator:
-    def __init__(self, pools: Iterable[Network]) -> None:
-        self.pools: dict[int, Network] = {p.version: p for p in pools}
-        self._owner: dict[str, ServiceKey] = {}
-        self._by_key: dict[ServiceKey, tuple[str, ...]] = {}
-
-    def __len__(self) -> int:
-        return len(self._owner)
-
-    def get(self, key: ServiceKey) -> tuple[str, ...]:
-        return self._by_key.get(key, ())
-
-    def reserve(self, key: ServiceKey, ips: Iterable[str]) -> None:
-        """Take back what an earlier run gave `key`, where it is still ours to give."""
-        kept = []
-        for text in ips:
-            try:
-                ip = ipaddress.ip_address(text)
-            except ValueError:
-                continue
-            pool = self.pools.get(ip.version)
-            if pool is None or ip not in pool or str(ip) in self._owner:
-                continue
-            if any(ipaddress.ip_address(k).version == ip.version for k in kept):
-                continue
-            self._owner[str(ip)] = key
-            kept.append(str(ip))
-        if kept:
-            self._by_key[key] = tuple(kept)
-
-    def ensure(self, key: ServiceKey, families: Iterable[str]) -> tuple[str, ...]:
-        """The key's addresses for `families` (those with a pool; else the first pool)."""
-        wanted = [v for v, name in FAMILY_NAMES.items() if name in families and v in self.pools]
-        if not wanted:
-            wanted = [min(self.pools)]
-        current = {ipaddress.ip_address(ip).version: ip for ip in self._by_key.get(key, ())}
-        result = []
-        for version in wanted:
-            ip = current.pop(version, None) or self._allocate(key, version)
-            result.append(ip)
-        for dropped in current.values():
-            self._owner.pop(dropped, None)
-        self._by_key[key] = tuple(result)
-        return self._by_key[key]
-
-    def release(self, key: ServiceKey) -> None:
-        for ip in self._by_key.pop(key, ()):
-            self._owner.pop(ip, None)
-
-    def _allocate(self, key: ServiceKey, version: int) -> str:
-        pool = self.pools[version]
-        first = int(pool.network_address) + 1  # skip the network address
-        usable = pool.num_addresses - 2  # and the broadcast (or last) one
-        digest = hashlib.blake2b(str(key).encode(), digest_size=8).digest()
-        start = int.from_bytes(digest, "big") % usable
-        for step in range(usable):
-            value = first + (start + step) % usable
-            if version == 4 and value & 0xFF in (0, 255):
-                continue  # x.y.z.0 and .255 confuse people and some tools
-            ip = str(ipaddress.ip_address(value))
-            if ip not in self._owner:
-                self._owner[ip] = key
-                return ip
-        raise AllocationError(f"--clusterset-cidr {pool} is full ({usable} addresses)")
+__all__ = ["DEFAULT_CIDR", "FAMILY_NAMES", "AllocationError", "ClusterSetIPAllocator",
+           "Network", "parse_cidrs"]
