@@ -120,7 +120,7 @@ class DirectoryCluster:
         self.connection = Connection()
         self._cache: dict[Path, tuple[FileStamp, FileObjects | ManifestError]] = {}
         self._committed: dict[Path, tuple[FileStamp, FileObjects]] = {}
-        self._owner: dict[ObjectRef, Path] = {}
+        self._owner: dict[ObjectRef, set[Path]] = {}
         self._written: dict[str, Obj] = {}
         self.files_written = 0
         self.files_deleted = 0
@@ -183,21 +183,24 @@ class DirectoryCluster:
         dirty = {p for p, (stamp, _) in self._cache.items()
                  if self._committed.get(p, (None,))[0] != stamp}
         dirty |= set(self._committed) - set(self._cache)
-        upserted: FileObjects = {}
-        removed: list[ObjectRef] = []
-        owners: dict[ObjectRef, Path] = {}
+        # The same object may stand in several files (a Namespace repeated in each one)
+        # as long as every copy says the same; it lives while any file holds it.
+        owners: dict[ObjectRef, set[Path]] = {}
         if not errors:
-            freed = {r for p in dirty if p in self._committed for r in self._committed[p][1]}
+            for path in dirty:
+                for ref in self._committed.get(path, (None, {}))[1]:
+                    owners.setdefault(ref, self._owner.get(ref, set()) - dirty)
             for path in sorted(dirty & set(self._cache)):
                 objects = self._cache[path][1]
                 assert not isinstance(objects, ManifestError)
-                for ref in objects:
-                    other = owners.get(ref) or (None if ref in freed else self._owner.get(ref))
-                    if other is not None and other != path:
-                        errors.append(f"{path}: duplicate {ref.kind} {ref.namespace}/{ref.name}"
-                                      f" (also in {other})")
-                    owners[ref] = path
-                upserted.update(objects)
+                for ref, record in objects.items():
+                    holders = owners.setdefault(ref, self._owner.get(ref, set()) - dirty)
+                    for other in holders:
+                        if self._record(other, ref) != record:
+                            errors.append(f"{path}: {ref.kind} {ref.namespace}/{ref.name} "
+                                          f"differs from its copy in {other}")
+                            break
+                    holders.add(path)
         error_text = "; ".join(sorted(errors)) or None
         if error_text != self.connection.error and error_text:
             log.error("cluster %s: rejected %s; keeping its last good state",
@@ -206,19 +209,25 @@ class DirectoryCluster:
         if errors:
             return changes
         for path in dirty:
-            old = self._committed.pop(path, None)
-            if old is not None:
-                removed.extend(r for r in old[1] if r not in upserted)
+            self._committed.pop(path, None)
             if path in self._cache:
                 stamp, objects = self._cache[path]
                 self._committed[path] = (stamp, objects)  # type: ignore[assignment]
-        for ref in removed:
-            self._owner.pop(ref, None)
-            self.objects.remove(ref, changes)
-        self._owner.update(owners)
-        for ref, record in upserted.items():
-            self.objects.upsert(ref, record, changes)
+        for ref, holders in owners.items():
+            if holders:
+                self._owner[ref] = holders
+                self.objects.upsert(ref, self._record(min(holders), ref), changes)
+            else:
+                self._owner.pop(ref, None)
+                self.objects.remove(ref, changes)
         return changes
+
+    def _record(self, path: Path, ref: ObjectRef) -> Parsed:
+        """The object as `path` holds it: its new version if just parsed, else committed."""
+        cached = self._cache.get(path)
+        if cached is not None and not isinstance(cached[1], ManifestError) and ref in cached[1]:
+            return cached[1][ref]
+        return self._committed[path][1][ref]
 
     async def sync(self) -> ChangeSet:
         changes = self._commit(await asyncio.to_thread(self._scan))

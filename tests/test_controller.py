@@ -1,0 +1,294 @@
+"""Directory mode: `mcsproxy controller --clusters-dir DIR --output-dir OUT [--once]`, the
+running controller reacting to file changes, and a gateway serving what it wrote."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import dnslib
+import pytest
+import yaml
+
+from controlplane.command import ControllerConfig, DirectoryControllerApp
+from controlplane.reconcile import STALE_ANNOTATION
+from mcsproxy.cli import main
+from mcsproxy.config import AdminConfig, DnsConfig, GatewayConfig
+from mcsproxy.gateway import Gateway
+from tests.proxy_fixtures import Backend, ask, free_port
+from tests.test_reconcile_support import eslice, export, namespace, service
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "clusters"
+
+
+def write_docs(path: Path, *docs: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+
+
+def read_out(out: Path, cluster: str) -> dict[str, dict]:
+    return {p.name: yaml.safe_load(p.read_text()) for p in sorted((out / cluster).glob("*.yaml"))}
+
+
+def stamps(out: Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_mtime_ns, p.stat().st_ino) for p in sorted(out.rglob("*"))
+            if p.is_file()}
+
+
+def member(root: Path, cluster: str, octet: int, created: str = "2024-01-01T00:00:00Z",
+           name: str = "web") -> None:
+    write_docs(root / cluster / f"{name}.yaml", namespace(), service(name),
+               eslice(f"{name}-x", [f"127.0.{octet}.1"], svc=name), export(name, created=created))
+
+
+def once(clusters: Path, out: Path, *extra: str) -> int:
+    return main(["controller", "--clusters-dir", str(clusters), "--output-dir", str(out),
+                 "--once", "--log-level", "warning", *extra])
+
+
+# -- --once -------------------------------------------------------------------------------
+def test_once_writes_each_clusters_desired_state(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert once(EXAMPLES, out) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["cluster-a", "cluster-b", "cluster-c"]
+    c = read_out(out, "cluster-c")
+    kinds = sorted(doc["kind"] for doc in c.values())
+    assert kinds == ["EndpointSlice"] * 4 + ["ServiceImport"] * 2  # no export in cluster-c
+    a = read_out(out, "cluster-a")
+    status = a["serviceexport_test_myservice.yaml"]["status"]["conditions"]
+    assert [(x["type"], x["status"]) for x in status] == [
+        ("Valid", "True"), ("Ready", "True"), ("Conflict", "False")]
+    assert c["serviceimport_test_myservice.yaml"]["spec"]["ips"] == \
+        a["serviceimport_test_myservice.yaml"]["spec"]["ips"]
+
+
+def test_once_again_writes_nothing_and_keeps_addresses(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert once(EXAMPLES, out) == 0
+    before = stamps(out)
+    assert once(EXAMPLES, out) == 0
+    assert stamps(out) == before
+
+
+def test_unwanted_objects_are_removed_and_foreign_files_left(tmp_path: Path) -> None:
+    clusters, out = tmp_path / "clusters", tmp_path / "out"
+    member(clusters, "a", 1)
+    member(clusters, "b", 2, name="api")
+    assert once(clusters, out) == 0
+    (out / "a" / "notes.txt").write_text("mine")
+    ip_api = read_out(out, "a")["serviceimport_test_api.yaml"]["spec"]["ips"]
+    (clusters / "a" / "web.yaml").write_text(yaml.safe_dump_all(
+        [namespace(), service("web")]))  # the export is gone
+    assert once(clusters, out) == 0
+    names = {p.name for p in (out / "a").iterdir()}
+    assert not any("web" in n for n in names)
+    assert "notes.txt" in names
+    assert read_out(out, "a")["serviceimport_test_api.yaml"]["spec"]["ips"] == ip_api
+
+
+def test_addresses_survive_a_restart_with_new_services(tmp_path: Path) -> None:
+    clusters, out = tmp_path / "clusters", tmp_path / "out"
+    member(clusters, "a", 1)
+    assert once(clusters, out, "--clusterset-cidr", "127.241.0.0/29") == 0
+    ip = read_out(out, "a")["serviceimport_test_web.yaml"]["spec"]["ips"]
+    for i in range(3):
+        member(clusters, "a", 1, name=f"s{i}")
+        member(clusters, "a", 1)  # rewritten: same content
+    assert once(clusters, out, "--clusterset-cidr", "127.241.0.0/29") == 0
+    docs = read_out(out, "a")
+    assert docs["serviceimport_test_web.yaml"]["spec"]["ips"] == ip
+    all_ips = [d["spec"]["ips"][0] for n, d in docs.items() if n.startswith("serviceimport")]
+    assert len(all_ips) == len(set(all_ips)) == 4
+
+
+def test_bad_file_fails_once_with_file_and_line_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clusters, out = tmp_path / "clusters", tmp_path / "out"
+    member(clusters, "a", 1)
+    bad = clusters / "a" / "broken.yaml"
+    bad.write_text("apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n---\n"
+                   "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: x}\n"
+                   "spec: {ports: [{port: 99999}]}\n")
+    assert once(clusters, out) == 1
+    err = capsys.readouterr().err
+    assert f"{bad}:5" in err and "1-65535" in err
+    assert not (out / "a").exists()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--kubeconfig", "k"], "not available yet"),
+    (["--clusters-dir", "/nonexistent-dir", "--output-dir", "/tmp/x"], "not a directory"),
+    (["--clusters-dir", ".", "--output-dir", "o", "--clusterset-cidr", "10.0.0.0/33"],
+     "clusterset-cidr"),
+])
+def test_bad_flags_exit_2_with_the_reason(argv: list[str], message: str,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["controller", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_cluster_folder_name_is_rejected(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "Not_A_Cluster").mkdir()
+    assert once(tmp_path, tmp_path.parent / f"{tmp_path.name}-out") == 1
+    assert "RFC-1123" in capsys.readouterr().err
+
+
+# -- running --------------------------------------------------------------------------------
+async def until(check: Callable[[], object], timeout: float = 5.0) -> None:
+    """Poll a condition on files with a deadline (the controller writes in the background)."""
+    async with asyncio.timeout(timeout):
+        while not check():
+            await asyncio.sleep(0.02)
+
+
+class Running:
+    def __init__(self, clusters: Path, out: Path) -> None:
+        self.app = DirectoryControllerApp(ControllerConfig(clusters, out, poll_interval_s=0.05))
+        self.task: asyncio.Task | None = None
+
+    async def __aenter__(self) -> DirectoryControllerApp:
+        await self.app.start()
+        self.task = asyncio.create_task(self.app.serve())
+        return self.app
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.app.stop()
+        assert self.task is not None
+        await self.task
+
+
+async def test_running_controller_follows_changes(tmp_path: Path) -> None:
+    clusters, out = tmp_path / "clusters", tmp_path / "out"
+    member(clusters, "a", 1)
+    write_docs(clusters / "b" / "ns.yaml", namespace())
+    async with Running(clusters, out) as app:
+        web_b = out / "b" / "serviceimport_test_web.yaml"
+        assert web_b.exists()
+        # A new endpoint in a: only a's slice file changes, in every cluster.
+        before = stamps(out)
+        write_docs(clusters / "a" / "web.yaml", namespace(), service(),
+                   eslice("web-x", ["127.0.1.1", "127.0.1.2"]), export())
+
+        def two_endpoints() -> bool:
+            docs = [d for n, d in read_out(out, "b").items() if n.startswith("endpointslice")]
+            return len(docs) == 1 and len(docs[0]["endpoints"]) == 2
+
+        await until(two_endpoints)
+        after = stamps(out)
+        changed = sorted(Path(p).name for p in after if after[p] != before.get(p))
+        assert len(changed) == 2 and all(n.startswith("endpointslice") for n in changed)
+        # Unexport: the import goes everywhere.
+        write_docs(clusters / "a" / "web.yaml", namespace(), service())
+        await until(lambda: not web_b.exists())
+        assert app.metrics.propagation.labels("written")._sum.get() > 0
+
+
+async def test_bad_file_keeps_the_last_good_state(tmp_path: Path) -> None:
+    clusters, out = tmp_path / "clusters", tmp_path / "out"
+    member(clusters, "a", 1)
+    async with Running(clusters, out) as app:
+        controller = app.controller
+        assert controller is not None
+        before = stamps(out)
+        (clusters / "a" / "web.yaml").write_text("apiVersion: v1\nkind: Service\n  bad: [\n")
+        await until(lambda: controller.clients["a"].connection.error is not None)
+        assert "web.yaml:3" in controller.clients["a"].connection.error
+        assert stamps(out) == before
+        member(clusters, "a", 1)
+        await until(lambda: controller.clients["a"].connection.error is None)
+        assert stamps(out) == before
+
+
+async def test_unreadable_member_goes_stale_then_recovers(tmp_path: Path) -> None:
+    clusters, out = tmp_path / "clusters", tmp_path / "out"
+    member(clusters, "a", 1)
+    member(clusters, "b", 2, created="2024-02-01T00:00:00Z")
+
+    def stale_flags() -> dict[str, bool]:
+        docs = read_out(out, "a")
+        return {d["metadata"]["labels"]["multicluster.kubernetes.io/source-cluster"]:
+                STALE_ANNOTATION in d["metadata"].get("annotations", {})
+                for n, d in docs.items() if n.startswith("endpointslice")}
+
+    async with Running(clusters, out) as app:
+        assert stale_flags() == {"a": False, "b": False}
+        hidden = tmp_path / "b-away"
+        os.rename(clusters / "b", hidden)
+        await until(lambda: stale_flags() == {"a": False, "b": True})
+        assert app.controller.members()["b"]["stale"] is True
+        assert app.metrics.stale_endpoints.labels("b")._value.get() == 1
+        os.rename(hidden, clusters / "b")
+        await until(lambda: stale_flags() == {"a": False, "b": False})
+
+
+async def test_a_new_cluster_folder_joins(tmp_path: Path) -> None:
+    clusters, out = tmp_path / "clusters", tmp_path / "out"
+    member(clusters, "a", 1)
+    async with Running(clusters, out):
+        write_docs(clusters / "c" / "ns.yaml", namespace())
+        await until(lambda: (out / "c" / "serviceimport_test_web.yaml").exists())
+
+
+# -- end to end: controller → gateway (file source) → DNS and TCP --------------------------
+def dns_query(server: tuple[str, int], name: str, qtype: str = "A") -> dnslib.DNSRecord:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(3)
+        s.sendto(dnslib.DNSRecord.question(name, qtype).pack(), server)
+        return dnslib.DNSRecord.parse(s.recv(4096))
+
+
+async def dns_a(server: tuple[str, int], name: str) -> list[str]:
+    reply = await asyncio.to_thread(dns_query, server, name)
+    return sorted(str(rr.rdata) for rr in reply.rr if rr.rtype == dnslib.QTYPE.A)
+
+
+def clusterset_with_backends(root: Path, backends: list[Backend]) -> None:
+    for i, b in enumerate(backends):
+        write_docs(root / b.cluster / "web.yaml", namespace(),
+                   service(ports=[("web", "TCP", 80)]),
+                   eslice("web-x", [b.host], ports=[("web", "TCP", b.port)]),
+                   export(created=f"2024-0{i + 1}-01T00:00:00Z"))
+    write_docs(root / "consumer" / "ns.yaml", namespace())
+
+
+def gateway_config(cluster: str, source: str, host: str) -> GatewayConfig:
+    return GatewayConfig(
+        cluster_id=cluster, sources=(source,),
+        dns=DnsConfig(listen=(host, free_port(host, socket.SOCK_DGRAM))),
+        admin=AdminConfig(listen=(host, free_port(host))),
+    )
+
+
+async def test_controller_output_served_by_a_gateway(tmp_path: Path) -> None:
+    backends = [await Backend(f"{c}-1", f"127.48.{i + 1}.1", free_port(f"127.48.{i + 1}.1"),
+                              c).start() for i, c in enumerate(["east", "west"])]
+    clusters, out = tmp_path / "clusters", tmp_path / "out"
+    clusterset_with_backends(clusters, backends)
+    assert await asyncio.to_thread(once, clusters, out, "--clusterset-cidr",
+                                   "127.240.48.0/24") == 0
+    ip = read_out(out, "consumer")["serviceimport_test_web.yaml"]["spec"]["ips"][0]
+    gateway = Gateway(gateway_config("consumer", f"file:{out / 'consumer'}", "127.48.9.1"))
+    await gateway.start()
+    try:
+        async with asyncio.timeout(5):
+            await gateway.store.loaded.wait()
+        assert await dns_a(gateway.config.dns.listen, "web.test.svc.clusterset.local") == [ip]
+        seen = set()
+        async with asyncio.timeout(10):
+            while seen != {"east-1", "west-1"}:
+                seen.add(await ask(ip, 80))
+    finally:
+        await gateway.stop()
+        for b in backends:
+            await b.stop()
+
+
+def test_example_clusterset_is_copyable(tmp_path: Path) -> None:
+    shutil.copytree(EXAMPLES, tmp_path / "c")
+    assert once(tmp_path / "c", tmp_path / "o") == 0
