@@ -202,11 +202,11 @@ def write_results(out_dir: Path, runs: list[dict[str, dict[str, float]]], names:
     versions = {
         "knot": version(["knotd", "--version"]),
         "dnsdist": version(["dnsdist", "--version"]),
-        "dnsperf": version(["dnsperf", "-h"]) and "dnsperf " + version(["sh", "-c",
-                                                                          "dnsperf -h 2>&1 | grep -i version || true"]),
+        "dnsperf": version(["sh", "-c", "dnsperf -h 2>&1 | grep -i version || true"]),
         "python": sys.version.split()[0],
     }
-    machine = f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, {platform.platform()}"
+    machine = (f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, "
+               f"{platform.platform()}")
     payload = {"benchmark": "dns", "smoke": smoke, "seconds_per_run": seconds,
                "repetitions": len(runs), "qname": QNAME, "machine": machine,
                "pinning": f"dnsperf on core {LOAD_CORE} (-c 1 -T 1 -q 100); server alone on "
@@ -214,7 +214,8 @@ def write_results(out_dir: Path, runs: list[dict[str, dict[str, float]]], names:
                "versions": versions, "runs": runs, "median": med, "ratio_mcsproxy_over": ratios}
     (out_dir / "dns.json").write_text(json.dumps(payload, indent=2) + "\n")
     lines = [
-        "# DNS: dnsperf, one A query at saturation" + (" (SMOKE: not a measurement)" if smoke else ""),
+        "# DNS: dnsperf, one A query at saturation"
+        + (" (SMOKE: not a measurement)" if smoke else ""),
         "",
         f"Machine: {machine}. Pinning: {payload['pinning']}. {len(runs)} alternating "
         f"repetitions of {seconds:g} s; medians. Versions: "
@@ -231,7 +232,7 @@ def write_results(out_dir: Path, runs: list[dict[str, dict[str, float]]], names:
         lines += ["", "| mcsproxy ÷ peer (median of per-repetition ratios) | qps | CPU/query |",
                   "|---|---|---|"]
         for p, r in ratios.items():
-            lines.append(f"| {p} | {r['qps']:.2f}× | {r['cpu_us_per_query']:.2f}× |")
+            lines.append(f"| {p} | {r['qps']:.2f}x | {r['cpu_us_per_query']:.2f}x |")
     (out_dir / "dns.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
