@@ -1,0 +1,103 @@
+"""The real `mcsproxy gateway` process: ephemeral ports found in its log, DNS answers,
+/readyz, and a clean exit 0 on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import dnslib
+
+from tests.dns_support import EXAMPLES, make_query
+
+DEADLINE_S = 15.0
+LISTEN_RE = re.compile(rb"(dns|admin) listening on ([\d.]+):(\d+)")
+
+
+def read_ports(proc: subprocess.Popen[bytes], log: list[bytes]) -> dict[str, tuple[str, int]]:
+    """Read the log until both listeners said where they are."""
+    assert proc.stderr is not None
+    found: dict[str, tuple[str, int]] = {}
+    deadline = time.monotonic() + DEADLINE_S
+    while len(found) < 2:
+        left = deadline - time.monotonic()
+        assert left > 0 and proc.poll() is None, b"".join(log).decode()
+        ready, _, _ = select.select([proc.stderr], [], [], left)
+        if ready:
+            line = proc.stderr.readline()
+            log.append(line)
+            if m := LISTEN_RE.search(line):
+                found[m.group(1).decode()] = (m.group(2).decode(), int(m.group(3)))
+    return found
+
+
+def dns_query(addr: tuple[str, int], name: str, qtype: str = "A") -> dnslib.DNSRecord:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(2)
+        sock.sendto(make_query(name, qtype), addr)
+        return dnslib.DNSRecord.parse(sock.recv(4096))
+
+
+def http_get(addr: tuple[str, int], path: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://{addr[0]}:{addr[1]}{path}", timeout=2) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_gateway_process_serves_dns_and_stops_on_sigterm(tmp_path: Path) -> None:
+    imports = tmp_path / "imports"
+    shutil.copytree(EXAMPLES, imports)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mcsproxy", "gateway", "--cluster-id", "cluster-a",
+         "--source", f"file:{imports}", "--dns-listen", "127.0.0.1:0",
+         "--admin-listen", "127.0.0.1:0", "--log-level", "info"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+    )
+    log: list[bytes] = []
+    try:
+        ports = read_ports(proc, log)
+        # Ready once the first snapshot is in: poll /readyz with a deadline.
+        deadline = time.monotonic() + DEADLINE_S
+        while (status := http_get(ports["admin"], "/readyz"))[0] != 200:
+            assert time.monotonic() < deadline, status
+            time.sleep(0.05)
+        assert json.loads(status[1])["services"] == 2
+        assert http_get(ports["admin"], "/healthz")[0] == 200
+
+        reply = dns_query(ports["dns"], "myservice.test.svc.clusterset.local.")
+        assert [str(r.rdata) for r in reply.rr] == ["127.240.0.10"]
+        reply = dns_query(ports["dns"], "_https._tcp.headless.test.svc.clusterset.local.", "SRV")
+        assert len(reply.rr) == 3
+        reply = dns_query(ports["dns"], "nothing.test.svc.clusterset.local.")
+        assert dnslib.RCODE.get(reply.header.rcode) == "NXDOMAIN"
+
+        # TCP on the same port as UDP.
+        with socket.create_connection(ports["dns"], timeout=2) as sock:
+            q = make_query("headless.test.svc.clusterset.local.")
+            sock.sendall(len(q).to_bytes(2, "big") + q)
+            size = int.from_bytes(sock.recv(2, socket.MSG_WAITALL), "big")
+            answer = dnslib.DNSRecord.parse(sock.recv(size, socket.MSG_WAITALL))
+            assert sorted(str(r.rdata) for r in answer.rr) == ["10.4.0.5", "10.4.0.6", "10.4.0.7"]
+
+        proc.send_signal(signal.SIGTERM)
+        _, rest = proc.communicate(timeout=DEADLINE_S)
+        log.append(rest)
+        assert proc.returncode == 0, b"".join(log).decode()
+        assert b"gateway stopped" in b"".join(log)
+        assert b"Traceback" not in b"".join(log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
