@@ -1,0 +1,225 @@
+"""The controller's gateway stream and the gateway's controlplane source: snapshots,
+deltas, resume vs resync, the stream going away, malformed messages."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import deque
+from pathlib import Path
+
+from aiohttp import web
+
+from controlplane.command import ControllerConfig, DirectoryControllerApp
+from controlplane.resources import ObjectRef
+from controlplane.stream import SUBSCRIBER_QUEUE, Feed, Subscriber
+from mcsproxy.gateway import Gateway
+from mcsproxy.model import ServiceKey
+from mcsproxy.sources.controlplane import ControlplaneSource
+from mcsproxy.store import SnapshotStore
+from mcsproxy.tasks import cancel_and_wait, spawn
+from tests.proxy_fixtures import Backend, ask, free_port
+from tests.test_controller import clusterset_with_backends, dns_a, gateway_config, until
+from tests.test_reconcile_support import eslice, export, namespace, service
+
+WEB = ServiceKey("test", "web")
+HOST = "127.49.0.1"
+
+
+def write_member(root: Path, cluster: str, addresses: list[str]) -> None:
+    root.joinpath(cluster).mkdir(parents=True, exist_ok=True)
+    docs = [namespace(), service(), eslice("web-x", addresses), export()]
+    root.joinpath(cluster, "web.yaml").write_text("\n---\n".join(json.dumps(d) for d in docs))
+
+
+def addresses(store: SnapshotStore) -> list[str]:
+    svc = store.current.services.get(WEB)
+    return sorted(e.address for e in svc.endpoints) if svc else []
+
+
+class Controller:
+    """A directory-mode controller with --serve, on a fixed port so it can come back."""
+
+    def __init__(self, clusters: Path, out: Path, port: int) -> None:
+        self.config = ControllerConfig(clusters, out, serve=(HOST, port), poll_interval_s=0.05,
+                                       heartbeat_s=0.2)
+        self.app: DirectoryControllerApp | None = None
+        self.task: asyncio.Task | None = None
+
+    async def start(self) -> DirectoryControllerApp:
+        self.app = DirectoryControllerApp(self.config)
+        await self.app.start()
+        self.task = asyncio.create_task(self.app.serve())
+        await until(lambda: self.app.server is not None and self.app.server.bound)
+        return self.app
+
+    async def stop(self) -> None:
+        assert self.app is not None and self.task is not None
+        self.app.stop()
+        await self.task
+
+
+async def start_source(url: str, store: SnapshotStore, **kw: object) -> tuple[
+        ControlplaneSource, asyncio.Task]:
+    source = ControlplaneSource(url, store.cluster_id, backoff_initial_s=0.05,
+                                backoff_max_s=0.2, **kw)
+    return source, spawn(source.run(store), name="test source")
+
+
+async def test_snapshot_then_deltas_and_resume_without_resync(tmp_path: Path) -> None:
+    clusters, out, port = tmp_path / "c", tmp_path / "o", free_port(HOST)
+    write_member(clusters, "a", ["127.0.1.1"])
+    (clusters / "b").mkdir()
+    (clusters / "b" / "ns.yaml").write_text(json.dumps(namespace()))
+    ctl = Controller(clusters, out, port)
+    app = await ctl.start()
+    url = f"http://{HOST}:{port}"
+    store = SnapshotStore("b")
+    source, task = await start_source(url, store)
+    try:
+        async with asyncio.timeout(5):
+            await store.loaded.wait()
+        assert addresses(store) == ["127.0.1.1"]
+        assert store.sources[source.name].connected
+        write_member(clusters, "a", ["127.0.1.1", "127.0.1.2"])
+        await until(lambda: addresses(store) == ["127.0.1.1", "127.0.1.2"])
+        assert source.resyncs == 1  # the change came as a delta
+        assert source.propagation._sum.get() > 0
+        # The gateway goes away, a change happens, it comes back with its version.
+        await cancel_and_wait([task])
+        epoch, version = source.epoch, source.version
+        write_member(clusters, "a", ["127.0.1.3"])
+        await until(lambda: app.hub.feeds["b"].version > version)
+        resyncs_before = app.metrics.stream_resyncs._value.get()
+        again, task = await start_source(url, store)
+        again.epoch, again.version = epoch, version
+        await until(lambda: addresses(store) == ["127.0.1.3"])
+        assert again.resyncs == 0
+        assert app.metrics.stream_resyncs._value.get() == resyncs_before
+    finally:
+        await cancel_and_wait([task])
+        await ctl.stop()
+
+
+async def test_unknown_epoch_or_too_old_version_gets_a_snapshot() -> None:
+    objects: dict[ObjectRef, dict] = {}
+    feed = Feed("b", "epoch-1", objects)
+    feed.history = deque(maxlen=2)
+    for i in range(3):
+        ref = ObjectRef("ServiceImport", "test", f"s{i}")
+        objects[ref] = {"n": i}
+        feed.publish({ref: objects[ref]}, [], None)
+    assert feed.since("epoch-1", 3) == []
+    assert len(feed.since("epoch-1", 1)) == 2
+    assert feed.since("epoch-1", 0) is None  # version 1 fell out of the history
+    assert feed.since("epoch-0", 3) is None  # another controller run
+    assert feed.since("epoch-1", 9) is None
+    snapshot = json.loads(feed.snapshot())
+    assert snapshot["version"] == 3 and len(snapshot["objects"]) == 3
+
+
+def test_a_lagging_subscriber_is_marked_for_resync_not_grown() -> None:
+    sub = Subscriber()
+    for i in range(SUBSCRIBER_QUEUE + 5):
+        sub.offer(b"%d\n" % i)
+    assert sub.lagging and sub.queue.empty()
+
+
+async def test_gateway_over_the_stream_serves_and_survives_the_stream_going_down(
+    tmp_path: Path,
+) -> None:
+    backends = [await Backend("east-1", "127.49.1.1", free_port("127.49.1.1"), "east").start()]
+    clusters, out, port = tmp_path / "c", tmp_path / "o", free_port(HOST)
+    clusterset_with_backends(clusters, backends)
+    ctl = Controller(clusters, out, port)
+    await ctl.start()
+    gateway = Gateway(gateway_config("consumer", f"controlplane:http://{HOST}:{port}",
+                                     "127.49.9.1"))
+    await gateway.start()
+    source = gateway.sources[0]
+    try:
+        async with asyncio.timeout(5):
+            await gateway.store.loaded.wait()
+        ip = gateway.store.current.get("test", "web").ips[0]
+        name = "web.test.svc.clusterset.local"
+        assert await dns_a(gateway.config.dns.listen, name) == [ip]
+        assert await ask(ip, 80) == "east-1"
+        await ctl.stop()
+        status = gateway.store.sources[source.name]
+        await until(lambda: not status.connected)
+        assert status.error
+        # Still serving the last snapshot while the controller is away.
+        assert await dns_a(gateway.config.dns.listen, name) == [ip]
+        assert await ask(ip, 80) == "east-1"
+        await ctl.start()  # a new epoch: the gateway resyncs
+        await until(lambda: status.connected and source.resyncs == 2, timeout=10)
+        assert gateway.store.current.get("test", "web").ips == (ip,)
+    finally:
+        await gateway.stop()
+        await ctl.stop()
+        for b in backends:
+            await b.stop()
+
+
+async def test_malformed_messages_are_rejected_not_crashing(tmp_path: Path) -> None:
+    good = {"type": "snapshot", "epoch": "e1", "version": 1, "objects": [
+        {"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceImport",
+         "metadata": {"name": "web", "namespace": "test"},
+         "spec": {"type": "ClusterSetIP", "ips": ["127.240.9.9"],
+                  "ports": [{"port": 80, "protocol": "TCP"}]}}]}
+    bad_object = {"type": "snapshot", "epoch": "e2", "version": 1, "objects": [
+        {"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceImport",
+         "metadata": {"name": "web", "namespace": "test"},
+         "spec": {"type": "ClusterSetIP", "ips": ["not-an-ip"]}}]}
+    replies = deque([
+        json.dumps(good).encode() + b"\n{not json\n",
+        json.dumps(bad_object).encode() + b"\n",
+        json.dumps({"type": "delta", "epoch": "e1", "from": 7, "version": 8, "upsert": [],
+                    "delete": []}).encode() + b"\n",
+    ])
+    seen_params: list[dict[str, str]] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        seen_params.append(dict(request.query))
+        response = web.StreamResponse(headers={"X-Mcsproxy-Heartbeat": "0.2"})
+        await response.prepare(request)
+        await response.write(replies.popleft() if replies else b"")
+        await asyncio.sleep(0.05)
+        return response
+
+    app = web.Application()
+    app.router.add_get("/v1/stream", handler)
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
+    await runner.setup()
+    port = free_port(HOST)
+    await web.TCPSite(runner, HOST, port).start()
+    store = SnapshotStore("b")
+    source, task = await start_source(f"http://{HOST}:{port}", store)
+    try:
+        await until(lambda: len(seen_params) >= 4)
+        status = store.sources[source.name]
+        assert not task.done()
+        assert store.current.get("test", "web").ips == ("127.240.9.9",)  # the good one stays
+        # After a malformed message the source asks for a full resync (no epoch).
+        assert "epoch" not in seen_params[1] and "epoch" not in seen_params[2]
+        assert status.error is not None
+    finally:
+        await cancel_and_wait([task])
+        await runner.cleanup()
+
+
+async def test_unknown_cluster_is_a_clear_error(tmp_path: Path) -> None:
+    clusters, out, port = tmp_path / "c", tmp_path / "o", free_port(HOST)
+    write_member(clusters, "a", ["127.0.1.1"])
+    ctl = Controller(clusters, out, port)
+    await ctl.start()
+    store = SnapshotStore("nowhere")
+    source, task = await start_source(f"http://{HOST}:{port}", store)
+    try:
+        status = store.register_source(source.name)
+        await until(lambda: status.error is not None and "404" in status.error)
+        assert "unknown cluster" in status.error
+        assert not store.loaded.is_set()
+    finally:
+        await cancel_and_wait([task])
+        await ctl.stop()
