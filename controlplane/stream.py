@@ -3,7 +3,8 @@ JSON over one long HTTP response.
 
 GET /v1/stream?cluster=ID&epoch=E&version=V
   → one JSON message per line:
-  {"type": "snapshot", "epoch", "version", "objects": [...]}       full resync
+  {"type": "snapshot", "epoch", "version", "objects": [...], "more"}  full resync,
+                                                 in parts until "more" is false
   {"type": "delta", "epoch", "from", "version", "upsert": [...],
    "delete": [{"kind", "namespace", "name"}], "observed": unix-time}
   {"type": "members", "members": {cluster: {"connected", "stale", "since", "error"}}}
@@ -37,6 +38,7 @@ log = logging.getLogger("controlplane.stream")
 HISTORY_VERSIONS = 1024  # deltas kept per cluster for resuming gateways
 SUBSCRIBER_QUEUE = 256  # messages a slow gateway may lag before it gets a resync
 HEARTBEAT_S = 5.0
+SNAPSHOT_CHUNK = 1000  # objects per snapshot message
 
 Obj = Mapping[str, Any]
 
@@ -95,11 +97,18 @@ class Feed:
             sub.offer(message)
 
     def snapshot(self) -> bytes:
+        """The whole set as snapshot messages of SNAPSHOT_CHUNK objects each (every line
+        stays small enough to parse comfortably); all but the last say "more": true."""
         if self._snapshot is None or self._snapshot[0] != self.version:
-            self._snapshot = (self.version, encode({
-                "type": "snapshot", "epoch": self.epoch, "version": self.version,
-                "objects": list(self.objects.values()),
-            }))
+            objects = list(self.objects.values())
+            parts = []
+            for start in range(0, max(len(objects), 1), SNAPSHOT_CHUNK):
+                chunk = objects[start:start + SNAPSHOT_CHUNK]
+                parts.append(encode({
+                    "type": "snapshot", "epoch": self.epoch, "version": self.version,
+                    "objects": chunk, "more": start + SNAPSHOT_CHUNK < len(objects),
+                }))
+            self._snapshot = (self.version, b"".join(parts))
         return self._snapshot[1]
 
     def since(self, epoch: str | None, version: int) -> list[bytes] | None:

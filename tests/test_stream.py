@@ -223,3 +223,23 @@ async def test_unknown_cluster_is_a_clear_error(tmp_path: Path) -> None:
     finally:
         await cancel_and_wait([task])
         await ctl.stop()
+
+
+def test_large_snapshots_come_in_parts_applied_at_once() -> None:
+    objects = {}
+    for i in range(2500):
+        ref = ObjectRef("ServiceImport", "test", f"s{i}")
+        objects[ref] = {"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceImport",
+                        "metadata": {"name": f"s{i}", "namespace": "test"},
+                        "spec": {"type": "Headless"}}
+    feed = Feed("b", "e1", objects)
+    lines = feed.snapshot().splitlines()
+    assert [json.loads(line)["more"] for line in lines] == [True, True, False]
+    store = SnapshotStore("b")
+    source = ControlplaneSource("http://127.0.0.1:1", "b")
+    status = store.register_source(source.name)
+    for line in lines[:-1]:
+        source._handle(line, store, status)
+        assert not store.current.services  # nothing applied before the last part
+    source._handle(lines[-1], store, status)
+    assert len(store.current.services) == 2500 and source.version == 0

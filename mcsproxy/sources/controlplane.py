@@ -79,6 +79,7 @@ class ControlplaneSource:
         self.epoch: str | None = None
         self.version = 0
         self.members: dict[str, Any] = {}  # member clusters as the controller sees them
+        self._partial: tuple[str, int, dict[ObjectId, Spec]] | None = None
         self.connects = 0
         self.resyncs = 0
         self.registry = CollectorRegistry(auto_describe=True)
@@ -119,6 +120,7 @@ class ControlplaneSource:
     async def _session(
         self, session: aiohttp.ClientSession, store: SnapshotStore, status: SourceStatus
     ) -> None:
+        self._partial = None
         params = {"cluster": self.cluster_id, "version": str(self.version)}
         if self.epoch is not None:
             params["epoch"] = self.epoch
@@ -162,6 +164,8 @@ class ControlplaneSource:
         kind = message.get("type")
         if kind == "snapshot":
             self._apply_snapshot(message, store)
+        elif self._partial is not None:
+            raise StreamProtocolError(f"{kind} message inside a snapshot")
         elif kind == "delta":
             self._apply_delta(message, store)
         elif kind == "members":
@@ -200,11 +204,22 @@ class ControlplaneSource:
         return value
 
     def _apply_snapshot(self, message: Mapping[str, Any], store: SnapshotStore) -> None:
+        """Collect snapshot parts; apply them all at once when the last one arrives."""
         version = self._version(message, "version")
         epoch = message.get("epoch")
         if not isinstance(epoch, str):
             raise StreamProtocolError("malformed snapshot: no epoch")
         objects = self._parse_objects(message.get("objects"), f"snapshot {version}")
+        if self._partial is not None:
+            if self._partial[:2] != (epoch, version):
+                self._partial = None
+                raise StreamProtocolError("snapshot parts from different versions")
+            self._partial[2].update(objects)
+            objects = self._partial[2]
+        if message.get("more") is True:
+            self._partial = (epoch, version, objects)
+            return
+        self._partial = None
         store.replace_source(self.name, objects)
         self.epoch, self.version = epoch, version
         self.connects += 1
