@@ -1,0 +1,148 @@
+"""The `file:` source driving the store: reloads, rejected files, deleted files."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from mcsproxy.model import ServiceKey, Snapshot
+from mcsproxy.sources.file import FileSource
+from mcsproxy.store import SnapshotStore
+from mcsproxy.tasks import cancel_and_wait, spawn
+from tests.dns_support import EXAMPLES, import_yaml, slice_yaml
+
+POLL_S = 0.02
+WAIT_S = 5.0
+WEB = "[{name: web, protocol: TCP, port: 8080}]"
+KEY = ServiceKey("test", "web")
+
+
+class Watcher:
+    """Collects snapshots as the store commits them; waits for one that matches."""
+
+    def __init__(self, store: SnapshotStore) -> None:
+        self.changed = asyncio.Event()
+        store.subscribe(lambda _snapshot: self.changed.set())
+        self.store = store
+
+    async def until(self, predicate, what: str) -> Snapshot:  # type: ignore[no-untyped-def]
+        async def wait() -> Snapshot:
+            while not predicate(self.store.current):
+                self.changed.clear()
+                await self.changed.wait()
+            return self.store.current
+
+        try:
+            return await asyncio.wait_for(wait(), WAIT_S)
+        except TimeoutError:
+            raise AssertionError(f"no snapshot where {what}") from None
+
+
+def addresses(snapshot: Snapshot) -> list[str]:
+    svc = snapshot.services.get(KEY)
+    return sorted(e.address for e in svc.endpoints) if svc else []
+
+
+def write(path: Path, text: str) -> None:
+    """Replace a file atomically, as editors and kubectl-style tools do."""
+    tmp = path.with_name("." + path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@pytest.fixture
+async def source_dir(tmp_path: Path):
+    write(tmp_path / "web.yaml", import_yaml("web", "Headless", WEB))
+    write(tmp_path / "web-a.yaml", slice_yaml("web", "cluster-a", "IPv4", ["10.0.0.1"], WEB))
+    store = SnapshotStore("cluster-a")
+    watcher = Watcher(store)
+    task = spawn(FileSource(str(tmp_path), poll_interval_s=POLL_S).run(store), name="file")
+    await watcher.until(lambda s: addresses(s) == ["10.0.0.1"], "the first load is in")
+    assert store.loaded.is_set()
+    yield tmp_path, store, watcher
+    await cancel_and_wait([task])
+
+
+async def test_endpoint_added_changed_and_removed(source_dir) -> None:
+    path, store, watcher = source_dir
+    write(path / "web-a.yaml",
+          slice_yaml("web", "cluster-a", "IPv4", ["10.0.0.1", "10.0.0.2"], WEB))
+    await watcher.until(lambda s: addresses(s) == ["10.0.0.1", "10.0.0.2"], "added")
+    assert store.current.changed == {KEY}
+    write(path / "web-a.yaml",
+          slice_yaml("web", "cluster-a", "IPv4", ["10.0.0.1", "10.0.0.3"], WEB))
+    await watcher.until(lambda s: addresses(s) == ["10.0.0.1", "10.0.0.3"], "changed")
+    write(path / "web-a.yaml", slice_yaml("web", "cluster-a", "IPv4", ["10.0.0.3"], WEB))
+    await watcher.until(lambda s: addresses(s) == ["10.0.0.3"], "removed")
+    # Another cluster's slice in a new file adds to the same service.
+    write(path / "web-b.yaml", slice_yaml("web", "cluster-b", "IPv4", ["10.1.0.1"], WEB))
+    snap = await watcher.until(lambda s: addresses(s) == ["10.0.0.3", "10.1.0.1"], "merged")
+    assert {e.cluster for e in snap.services[KEY].endpoints} == {"cluster-a", "cluster-b"}
+
+
+async def test_invalid_file_is_rejected_with_line_and_last_good_keeps_serving(
+    source_dir, caplog: pytest.LogCaptureFixture
+) -> None:
+    path, store, watcher = source_dir
+    version = store.current.version
+    bad = slice_yaml("web", "cluster-a", "IPv4", ["10.0.0.9"], WEB)
+    bad = "# a comment\n---\n" + bad.replace('"10.0.0.9"', '"not-an-ip"')
+    with caplog.at_level(logging.ERROR, logger="mcsproxy.sources.file"):
+        write(path / "web-a.yaml", bad)
+        deadline = asyncio.get_running_loop().time() + WAIT_S
+        while "not-an-ip" not in caplog.text:
+            assert asyncio.get_running_loop().time() < deadline, "no rejection logged"
+            await asyncio.sleep(POLL_S)
+    line = next(r.getMessage() for r in caplog.records if "not-an-ip" in r.getMessage())
+    assert f"{path / 'web-a.yaml'}:4:" in line  # file:line of the bad document
+    assert store.current.version == version and addresses(store.current) == ["10.0.0.1"]
+    # Broken YAML too: the line of the error is named.
+    write(path / "web-a.yaml", "apiVersion: v1\nkind: [unclosed\n")
+    with caplog.at_level(logging.ERROR, logger="mcsproxy.sources.file"):
+        deadline = asyncio.get_running_loop().time() + WAIT_S
+        while "invalid YAML" not in caplog.text:
+            assert asyncio.get_running_loop().time() < deadline, "no YAML rejection logged"
+            await asyncio.sleep(POLL_S)
+    assert f"{path / 'web-a.yaml'}:" in caplog.text
+    assert addresses(store.current) == ["10.0.0.1"]
+    # Fixed: served again.
+    write(path / "web-a.yaml", slice_yaml("web", "cluster-a", "IPv4", ["10.0.0.5"], WEB))
+    await watcher.until(lambda s: addresses(s) == ["10.0.0.5"], "the fixed file is in")
+
+
+async def test_deleted_file_removes_its_objects(source_dir) -> None:
+    path, store, watcher = source_dir
+    (path / "web-a.yaml").unlink()
+    await watcher.until(lambda s: KEY in s.services and addresses(s) == [], "slice gone")
+    (path / "web.yaml").unlink()
+    await watcher.until(lambda s: KEY not in s.services, "service gone")
+    assert store.current.changed == {KEY}
+
+
+async def test_unknown_kinds_are_ignored(source_dir) -> None:
+    path, _store, watcher = source_dir
+    write(path / "other.yaml", "apiVersion: v1\nkind: Namespace\nmetadata: {name: test}\n---\n"
+          + import_yaml("api", "ClusterSetIP", WEB, '["127.240.0.20"]'))
+    snap = await watcher.until(lambda s: ServiceKey("test", "api") in s.services, "api added")
+    assert set(snap.services) == {KEY, ServiceKey("test", "api")}
+
+
+async def test_single_file_source_and_missing_path(tmp_path: Path) -> None:
+    store = SnapshotStore("cluster-a")
+    watcher = Watcher(store)
+    path = tmp_path / "later.yaml"
+    source = FileSource(str(path), poll_interval_s=POLL_S)
+    task = spawn(source.run(store), name="file")
+    try:
+        # A missing path is an error in the status, yet the (empty) first load counts.
+        await watcher.until(lambda s: store.loaded.is_set(), "loaded")
+        assert "no such file" in (store.sources[source.name].error or "")
+        write(path, (EXAMPLES / "services.yaml").read_text())
+        await watcher.until(lambda s: len(s.services) == 2, "file appeared")
+        assert store.sources[source.name].error is None
+    finally:
+        await cancel_and_wait([task])
