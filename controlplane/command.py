@@ -76,11 +76,8 @@ class DirectoryControllerApp:
             for c in clusters:
                 self.hub.attach(c, controller.written.setdefault(c, {}))
         await controller.start()
-        if self.hub is not None:
-            for c in clusters:  # start() replaced the dicts with what it read back
-                self.hub.feeds[c].objects = controller.written[c]
         log.info("controller reconciled clusters=%s services=%d", ",".join(clusters),
-                 len(controller._imported))
+                 controller.imported_count)
         return controller
 
     async def _discover(self) -> None:
@@ -105,6 +102,7 @@ class DirectoryControllerApp:
                     continue
                 if self.hub is not None:
                     self.hub.attach(cluster, self.controller.written[cluster])
+                    self.hub.set_members(self.controller.members())
                 log.info("cluster %s joined", cluster)
 
     async def serve(self) -> None:

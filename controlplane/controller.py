@@ -105,7 +105,8 @@ class Controller:
         await client.sync()
         cluster = client.cluster_id
         prior = Prior()
-        written: dict[ObjectRef, Obj] = {}
+        # Filled in place: a stream feed may already hold this dict.
+        written = self.written.setdefault(cluster, {})
         for obj in await client.read_published():
             key = service_key_of_output(obj)
             if key is None:
@@ -119,7 +120,6 @@ class Controller:
         for key, ips in sorted(prior.ips.items()):
             if not self.allocator.get(key):
                 self.allocator.reserve(key, ips)
-        self.written[cluster] = written
         self.clients[cluster] = client
         self._mark(keys_to_reconcile({cluster: client.objects}))
         self._mark_cluster_namespaces(cluster)
@@ -165,6 +165,10 @@ class Controller:
             int(bool(self.clients[cluster].connection.error)
                 and self.clients[cluster].connection.connected))
         self._wake.set()
+
+    @property
+    def imported_count(self) -> int:
+        return len(self._imported)
 
     def members(self) -> dict[str, dict[str, Any]]:
         return {
