@@ -1,0 +1,643 @@
+"""Kubernetes mode: one member cluster through its API server (kubernetes-asyncio).
+
+Reading is list + watch per resource (Namespaces, Services, the member's own
+EndpointSlices, ServiceExports, and Karmada MultiClusterServices when that CRD is
+served), resumed by resourceVersion, with bookmarks; a 410 Gone relists and diffs. One
+task per resource applies its events strictly in order to `objects`, and the controller
+reconciles in a single loop, so the updates of one object are never reordered.
+
+Connection state: a cluster is connected while every resource's last list/watch request
+and the periodic /version probe succeed. A stream that just ends or breaks is reconnected
+at once; only a failing request (refused, timed out, 5xx) marks the cluster stale, and
+its last view is kept (static stability) until it answers again.
+
+Writing: ServiceImports and imported EndpointSlices carry our managed-by label; they are
+compared with what the cluster holds and written only when they differ (create, or
+replace with the resourceVersion read, re-reading on 409). Imported slices get the
+ServiceImport's real uid as owner. Deletes touch only objects carrying our label, with
+the uid as precondition. ServiceExport status goes through the status subresource.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from kubernetes_asyncio import config as kube_config
+from kubernetes_asyncio.client import ApiClient
+
+from controlplane.clusters import ChangeSet, ClusterError, Connection, Notify
+from controlplane.clusters.kube_api import (
+    MERGE_PATCH,
+    Backoff,
+    KubeApi,
+    KubeApiError,
+    Obj,
+    WatchExpired,
+)
+from controlplane.clusters.state import ClusterObjects
+from controlplane.reconcile import IMPORT_API_VERSION, owner_uid
+from controlplane.resources import (
+    CONTROLLER_MANAGER,
+    KARMADA_DISPATCH_MANAGER,
+    KIND_EXPORT,
+    KIND_IMPORT,
+    KIND_MCS,
+    KIND_NAMESPACE,
+    KIND_SERVICE,
+    KIND_SLICE,
+    LABEL_K8S_SERVICE_NAME,
+    ObjectRef,
+    parse_member_object,
+)
+from mcsproxy.manifests import (
+    LABEL_MANAGED_BY,
+    LABEL_SOURCE_CLUSTER,
+    MCS_GROUP,
+    MCS_VERSIONS,
+    ManifestError,
+)
+from mcsproxy.model import ServiceKey
+from mcsproxy.tasks import cancel_and_wait, spawn
+
+log = logging.getLogger("controlplane.clusters.kube")
+
+KARMADA_GROUP, KARMADA_VERSION = "networking.karmada.io", "v1alpha1"
+MANAGED_SELECTOR = f"{LABEL_MANAGED_BY}={CONTROLLER_MANAGER}"
+# Server-side filter for the member's own slices; parse_member_object checks again.
+MEMBER_SLICE_SELECTOR = ",".join([
+    LABEL_K8S_SERVICE_NAME, f"!{LABEL_SOURCE_CLUSTER}",
+    f"{LABEL_MANAGED_BY}!={CONTROLLER_MANAGER}", f"{LABEL_MANAGED_BY}!={KARMADA_DISPATCH_MANAGER}",
+])
+CONFLICT_RETRIES = 4
+PROBE = "probe"
+SYNC = "sync"
+_SHORT_WATCH_S = 1.0  # a watch that ends sooner without events counts as a failed attempt
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    kind: str
+    group: str
+    version: str
+    plural: str
+    namespaced: bool = True
+    selector: str | None = None
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    def path(self, namespace: str | None = None, name: str | None = None,
+             sub: str | None = None) -> str:
+        path = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
+        if namespace:
+            path += f"/namespaces/{quote(namespace, safe='')}"
+        path += f"/{self.plural}"
+        if name:
+            path += f"/{quote(name, safe='')}"
+        return f"{path}/{sub}" if sub else path
+
+
+NAMESPACES = Resource(KIND_NAMESPACE, "", "v1", "namespaces", namespaced=False)
+SERVICES = Resource(KIND_SERVICE, "", "v1", "services")
+MEMBER_SLICES = Resource(KIND_SLICE, "discovery.k8s.io", "v1", "endpointslices",
+                         selector=MEMBER_SLICE_SELECTOR)
+SLICES = Resource(KIND_SLICE, "discovery.k8s.io", "v1", "endpointslices")
+
+
+@dataclass(frozen=True, slots=True)
+class KubeTimings:
+    request_timeout_s: float = 10.0
+    watch_timeout_s: float = 300.0  # the server ends a watch after 1-2x this (jittered)
+    probe_interval_s: float = 5.0
+    backoff_base_s: float = 0.2
+    backoff_cap_s: float = 30.0
+    write_concurrency: int = 8
+
+
+class _Informer:
+    __slots__ = ("refs", "resource", "rv")
+
+    def __init__(self, resource: Resource) -> None:
+        self.resource = resource
+        self.rv: str | None = None  # None: list before watching
+        self.refs: set[ObjectRef] = set()
+
+
+def _meta(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    meta = obj.get("metadata")
+    return meta if isinstance(meta, Mapping) else {}
+
+
+def _is_ours(obj: Mapping[str, Any]) -> bool:
+    labels = _meta(obj).get("labels")
+    return isinstance(labels, Mapping) and labels.get(LABEL_MANAGED_BY) == CONTROLLER_MANAGER
+
+
+def _without_status(obj: Mapping[str, Any]) -> Obj:
+    return {k: v for k, v in obj.items() if k != "status"}
+
+
+class KubeClusterClient:
+    """A member cluster's API server behind the ClusterClient interface."""
+
+    def __init__(self, cluster_id: str, api_client: ApiClient,
+                 timings: KubeTimings = KubeTimings()) -> None:
+        self.cluster_id = cluster_id
+        self.timings = timings
+        self.api = KubeApi(api_client, cluster_id, timings.request_timeout_s)
+        self.objects = ClusterObjects()
+        self.connection = Connection()
+        self._informers: list[_Informer] = []
+        self._import_res: Resource | None = None
+        self._export_res: Resource | None = None
+        self._failing: dict[str, str] = {}  # informer plural / probe / sync → error
+        self._input_errors: dict[ObjectRef, str] = {}
+        self._export_status: dict[ObjectRef, Any] = {}
+        self._managed: dict[ObjectRef, Obj] = {}  # our objects as the cluster holds them
+        self.writes = 0  # POST/PUT/PATCH/DELETE requests sent
+
+    # -- construction --------------------------------------------------------------------
+    @classmethod
+    async def from_kubeconfig(cls, cluster_id: str, path: str | Path | None,
+                              context: str | None,
+                              timings: KubeTimings = KubeTimings()) -> KubeClusterClient:
+        try:
+            client = await kube_config.new_client_from_config(
+                config_file=str(path) if path else None, context=context,
+                persist_config=False)
+        except (kube_config.ConfigException, OSError, ValueError, KeyError) as exc:
+            raise ClusterError(f"cluster {cluster_id}: kubeconfig context {context!r}: "
+                               f"{exc}") from None
+        return cls(cluster_id, client, timings)
+
+    @classmethod
+    async def from_kubeconfig_dict(cls, cluster_id: str, config_dict: Mapping[str, Any],
+                                   timings: KubeTimings = KubeTimings()) -> KubeClusterClient:
+        try:
+            client = await kube_config.new_client_from_config_dict(dict(config_dict))
+        except (kube_config.ConfigException, OSError, ValueError, KeyError,
+                TypeError) as exc:
+            raise ClusterError(f"cluster {cluster_id}: kubeconfig: {exc}") from None
+        return cls(cluster_id, client, timings)
+
+    async def close(self) -> None:
+        await self.api.client.close()
+
+    # -- discovery -----------------------------------------------------------------------
+    async def _served_versions(self, group: str) -> list[str]:
+        try:
+            found = await self.api.request("GET", f"/apis/{group}")
+        except KubeApiError as exc:
+            if exc.code == 404:
+                return []
+            raise
+        return [str(v.get("version")) for v in found.get("versions") or ()
+                if isinstance(v, Mapping)]
+
+    async def _discover(self) -> None:
+        versions = await self._served_versions(MCS_GROUP)
+        mcs_version = next((v for v in MCS_VERSIONS if v in versions), None)
+        if mcs_version is None:
+            raise ClusterError(f"the {MCS_GROUP} CRDs (ServiceExport, ServiceImport) are not "
+                               "served by this cluster")
+        self._export_res = Resource(KIND_EXPORT, MCS_GROUP, mcs_version, "serviceexports")
+        self._import_res = Resource(KIND_IMPORT, MCS_GROUP, mcs_version, "serviceimports")
+        resources = [NAMESPACES, SERVICES, MEMBER_SLICES, self._export_res]
+        if KARMADA_VERSION in await self._served_versions(KARMADA_GROUP):
+            served = await self.api.request("GET", f"/apis/{KARMADA_GROUP}/{KARMADA_VERSION}")
+            if any(isinstance(r, Mapping) and r.get("name") == "multiclusterservices"
+                   for r in served.get("resources") or ()):
+                resources.append(Resource(KIND_MCS, KARMADA_GROUP, KARMADA_VERSION,
+                                          "multiclusterservices"))
+        self._informers = [_Informer(r) for r in resources]
+        log.info("cluster %s: watching %s", self.cluster_id,
+                 ", ".join(f"{r.plural}.{r.api_version}" for r in resources))
+
+    # -- the view ------------------------------------------------------------------------
+    def _ref(self, res: Resource, raw: Mapping[str, Any]) -> ObjectRef | None:
+        meta = _meta(raw)
+        name = meta.get("name")
+        if not isinstance(name, str) or not name:
+            return None
+        namespace = str(meta.get("namespace") or "") if res.namespaced else ""
+        return ObjectRef(res.kind, namespace, name)
+
+    def _upsert(self, inf: _Informer, raw: Obj, changes: ChangeSet) -> ObjectRef | None:
+        res = inf.resource
+        # Items of built-in lists come without apiVersion/kind.
+        raw.setdefault("apiVersion", res.api_version)
+        raw.setdefault("kind", res.kind)
+        ref = self._ref(res, raw)
+        if ref is None:
+            return None
+        if res.kind == KIND_EXPORT:
+            self._export_status[ref] = raw.get("status")
+        try:
+            parsed = parse_member_object(raw, self.cluster_id)
+        except ManifestError as exc:
+            if self._input_errors.get(ref) != str(exc):
+                log.warning("cluster %s: rejected %s %s/%s (%s); keeping its last good state",
+                            self.cluster_id, ref.kind, ref.namespace, ref.name, exc)
+            self._input_errors[ref] = str(exc)
+            return ref
+        self._input_errors.pop(ref, None)
+        if parsed is None:  # e.g. a slice that became someone's import: not ours to read
+            self._remove(inf, ref, changes)
+            return ref
+        self.objects.upsert(ref, parsed[1], changes)
+        inf.refs.add(ref)
+        return ref
+
+    def _remove(self, inf: _Informer, ref: ObjectRef, changes: ChangeSet) -> None:
+        self.objects.remove(ref, changes)
+        inf.refs.discard(ref)
+        self._input_errors.pop(ref, None)
+        self._export_status.pop(ref, None)
+
+    def _replace(self, inf: _Informer, items: list[Obj], rv: str, changes: ChangeSet) -> None:
+        """A fresh list is the whole truth for its resource: diff it against the view."""
+        seen = {ref for raw in items if (ref := self._upsert(inf, raw, changes)) is not None}
+        for ref in inf.refs - seen:
+            self._remove(inf, ref, changes)
+        for ref in [r for r in self._input_errors
+                    if r.kind == inf.resource.kind and r not in seen]:
+            del self._input_errors[ref]
+        inf.rv = rv
+
+    # -- connection state ----------------------------------------------------------------
+    def _set_health(self, part: str, error: str | None, changes: ChangeSet) -> None:
+        if error is None:
+            self._failing.pop(part, None)
+            self._failing.pop(PROBE, None)  # the server just answered
+        else:
+            self._failing[part] = error
+        connected = not self._failing
+        if connected != self.connection.connected or self.connection.since == 0.0:
+            first = self.connection.since == 0.0
+            flipped = connected != self.connection.connected
+            self.connection.connected = connected
+            self.connection.since = time.time()
+            changes.connection = changes.connection or flipped
+            if not connected:
+                log.error("cluster %s not answering (%s): keeping its last state, stale",
+                          self.cluster_id, error)
+            elif not first:
+                log.info("cluster %s answering again", self.cluster_id)
+        if self._failing:
+            self.connection.error = "; ".join(sorted(set(self._failing.values())))
+        elif self._input_errors:
+            shown = sorted(f"{r.kind} {r.namespace}/{r.name}: {e}"
+                           for r, e in self._input_errors.items())
+            more = f" (+{len(shown) - 3} more)" if len(shown) > 3 else ""
+            self.connection.error = "; ".join(shown[:3]) + more
+        else:
+            self.connection.error = None
+
+    async def _sync_into(self, changes: ChangeSet) -> None:
+        try:
+            if not self._informers:
+                await self._discover()
+            results = await asyncio.gather(
+                *(self.api.list(inf.resource.path(), inf.resource.selector)
+                  for inf in self._informers), return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+        except ClusterError as exc:
+            self._set_health(SYNC, f"cluster {self.cluster_id}: {exc}", changes)
+            raise ClusterError(f"cluster {self.cluster_id}: {exc}") from None
+        for inf, result in zip(self._informers, results, strict=True):
+            items, rv = result  # type: ignore[misc]
+            self._replace(inf, items, rv, changes)
+        self._failing.clear()
+        self._set_health(SYNC, None, changes)
+
+    async def sync(self) -> ChangeSet:
+        changes = ChangeSet()
+        await self._sync_into(changes)
+        return changes
+
+    # -- watching ------------------------------------------------------------------------
+    async def watch(self, notify: Notify) -> None:
+        backoff = Backoff(self.timings.backoff_base_s, self.timings.backoff_cap_s)
+        while not self._informers or any(inf.rv is None for inf in self._informers):
+            changes = ChangeSet()
+            try:
+                await self._sync_into(changes)
+            except ClusterError:
+                await asyncio.sleep(backoff.next())
+            finally:
+                if changes:
+                    notify(self.cluster_id, changes)
+        tasks = [spawn(self._run_informer(inf, notify),
+                       name=f"watch {self.cluster_id} {inf.resource.plural}")
+                 for inf in self._informers]
+        tasks.append(spawn(self._probe(notify), name=f"probe {self.cluster_id}"))
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            await cancel_and_wait(tasks)
+
+    async def _run_informer(self, inf: _Informer, notify: Notify) -> None:
+        res = inf.resource
+        backoff = Backoff(self.timings.backoff_base_s, self.timings.backoff_cap_s)
+        while True:
+            changes = ChangeSet()
+            delay = 0.0
+            try:
+                if inf.rv is None:
+                    items, rv = await self.api.list(res.path(), res.selector)
+                    self._replace(inf, items, rv, changes)
+                    self._set_health(res.plural, None, changes)
+                    if changes:
+                        notify(self.cluster_id, changes)
+                        changes = ChangeSet()
+                if not await self._watch_once(inf, notify):
+                    delay = backoff.next()
+                else:
+                    backoff.reset()
+            except WatchExpired:
+                log.info("cluster %s: %s watch expired (410 Gone): relisting",
+                         self.cluster_id, res.plural)
+                inf.rv = None
+            except ClusterError as exc:
+                self._set_health(res.plural, str(exc), changes)
+                delay = backoff.next()
+            if changes:
+                notify(self.cluster_id, changes)
+            if delay:
+                await asyncio.sleep(delay)
+
+    async def _watch_once(self, inf: _Informer, notify: Notify) -> bool:
+        """One watch request; False when it ended at once with nothing (retry later)."""
+        res = inf.resource
+        assert inf.rv is not None
+        loop = asyncio.get_running_loop()
+        started, events = loop.time(), 0
+        timeout_s = self.timings.watch_timeout_s * random.uniform(1.0, 2.0)
+        stream = self.api.watch(res.path(), inf.rv, label_selector=res.selector,
+                                timeout_s=timeout_s,
+                                idle_s=timeout_s + self.timings.request_timeout_s)
+        async with contextlib.aclosing(stream) as lines:
+            async for event in lines:
+                changes = ChangeSet()
+                kind = event["type"]
+                if kind == "OPEN":
+                    self._set_health(res.plural, None, changes)
+                elif kind == "BROKEN":
+                    log.debug("cluster %s: %s watch broke (%s)", self.cluster_id,
+                              res.plural, event["error"])
+                else:
+                    events += 1
+                    obj = event["object"]
+                    if kind == "DELETED":
+                        ref = self._ref(res, obj)
+                        if ref is not None:
+                            self._remove(inf, ref, changes)
+                    elif kind in ("ADDED", "MODIFIED"):
+                        self._upsert(inf, obj, changes)
+                    rv = _meta(obj).get("resourceVersion")
+                    if rv:
+                        inf.rv = str(rv)
+                if changes:
+                    notify(self.cluster_id, changes)
+        return events > 0 or loop.time() - started >= _SHORT_WATCH_S
+
+    async def _probe(self, notify: Notify) -> None:
+        """Catch a server that stopped answering while its watches stay silently open."""
+        while True:
+            await asyncio.sleep(self.timings.probe_interval_s)
+            changes = ChangeSet()
+            try:
+                await self.api.request("GET", "/version")
+            except ClusterError as exc:
+                self._set_health(PROBE, f"GET /version: {exc}", changes)
+            else:
+                self._set_health(PROBE, None, changes)
+            if changes:
+                notify(self.cluster_id, changes)
+
+    # -- writing -------------------------------------------------------------------------
+    def _write_resource(self, kind: str) -> Resource:
+        if kind == KIND_SLICE:
+            return SLICES
+        res = self._import_res if kind == KIND_IMPORT else self._export_res
+        if res is None:
+            raise ClusterError(f"cluster {self.cluster_id}: not synced yet")
+        return res
+
+    def _import_uid(self, namespace: str, name: str) -> str | None:
+        live = self._managed.get(ObjectRef(KIND_IMPORT, namespace, name))
+        uid = _meta(live).get("uid") if live else None
+        return str(uid) if uid else None
+
+    def _as_rendered(self, live: Mapping[str, Any]) -> Obj:
+        """A managed object as the reconcile renders it: without server fields, our label
+        on imports, or the real owner uid (when it is the current import's)."""
+        meta = _meta(live)
+        kind = str(live.get("kind"))
+        namespace, name = str(meta.get("namespace") or ""), str(meta.get("name"))
+        out_meta: Obj = {"name": name, "namespace": namespace}
+        labels = dict(meta.get("labels") or {})
+        if kind == KIND_IMPORT:
+            labels.pop(LABEL_MANAGED_BY, None)
+        if labels:
+            out_meta["labels"] = labels
+        if meta.get("annotations"):
+            out_meta["annotations"] = dict(meta["annotations"])
+        owners = meta.get("ownerReferences")
+        if owners:
+            out_meta["ownerReferences"] = [
+                {**o, "apiVersion": IMPORT_API_VERSION,
+                 "uid": owner_uid(ServiceKey(namespace, str(o.get("name"))))}
+                if o.get("kind") == KIND_IMPORT
+                and o.get("uid") == self._import_uid(namespace, str(o.get("name"))) else o
+                for o in owners]
+        out: Obj = {"apiVersion": IMPORT_API_VERSION if kind == KIND_IMPORT
+                    else live.get("apiVersion"), "kind": kind, "metadata": out_meta}
+        out.update((k, v) for k, v in live.items()
+                   if k not in ("apiVersion", "kind", "metadata"))
+        return out
+
+    def _to_cluster(self, res: Resource, desired: Mapping[str, Any]) -> Obj:
+        meta = dict(desired["metadata"])
+        meta["labels"] = {**(meta.get("labels") or {}), LABEL_MANAGED_BY: CONTROLLER_MANAGER}
+        if res.kind == KIND_SLICE and meta.get("ownerReferences"):
+            owners = []
+            for o in meta["ownerReferences"]:
+                if o.get("kind") == KIND_IMPORT:
+                    uid = self._import_uid(meta["namespace"], o["name"])
+                    if uid is None:
+                        continue  # an owner that does not exist would get it collected
+                    o = {**o, "apiVersion": self._write_resource(KIND_IMPORT).api_version,
+                         "uid": uid}
+                owners.append(o)
+            if owners:
+                meta["ownerReferences"] = owners
+            else:
+                meta.pop("ownerReferences")
+        body = _without_status(desired)
+        body["apiVersion"] = res.api_version
+        body["metadata"] = meta
+        return body
+
+    async def _get(self, res: Resource, namespace: str, name: str) -> Obj | None:
+        try:
+            return await self.api.request("GET", res.path(namespace, name))
+        except KubeApiError as exc:
+            if exc.code == 404:
+                return None
+            raise
+
+    async def _send(self, method: str, path: str, body: Any,
+                    content_type: str | None = None) -> Obj:
+        self.writes += 1
+        return await self.api.request(method, path, body=body, content_type=content_type)
+
+    def _refuse_foreign(self, ref: ObjectRef) -> None:
+        log.warning("cluster %s: %s %s/%s exists and is not managed by us (%s=%s): left alone",
+                    self.cluster_id, ref.kind, ref.namespace, ref.name, LABEL_MANAGED_BY,
+                    CONTROLLER_MANAGER)
+
+    async def _write_one(self, desired: Mapping[str, Any]) -> None:
+        res = self._write_resource(str(desired["kind"]))
+        ns, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
+        ref = ObjectRef(res.kind, ns, name)
+        for _ in range(CONFLICT_RETRIES):
+            live = self._managed.get(ref)
+            try:
+                if live is None:
+                    try:
+                        live = await self._send("POST", res.path(ns),
+                                                self._to_cluster(res, desired))
+                    except KubeApiError as exc:
+                        if exc.code != 409:
+                            raise
+                        live = await self._get(res, ns, name)
+                        if live is None:
+                            continue
+                        if not _is_ours(live):
+                            self._refuse_foreign(ref)
+                            return
+                    self._managed[ref] = live
+                if _without_status(self._as_rendered(live)) != _without_status(desired):
+                    body = self._to_cluster(res, desired)
+                    body["metadata"]["resourceVersion"] = _meta(live).get("resourceVersion")
+                    live = self._managed[ref] = await self._send("PUT", res.path(ns, name),
+                                                                 body)
+                wanted = desired.get("status")
+                if wanted is not None and live.get("status") != wanted:
+                    live = self._managed[ref] = await self._send(
+                        "PATCH", res.path(ns, name, "status"), {"status": wanted}, MERGE_PATCH)
+                return
+            except KubeApiError as exc:
+                if exc.code not in (404, 409) or live is None:
+                    raise ClusterError(f"{ref.kind} {ns}/{name}: {exc}") from None
+                # Someone changed or removed it since we read it: read again, then retry.
+                fresh = await self._get(res, ns, name)
+                if fresh is not None and not _is_ours(fresh):
+                    self._managed.pop(ref, None)
+                    self._refuse_foreign(ref)
+                    return
+                if fresh is None:
+                    self._managed.pop(ref, None)
+                else:
+                    self._managed[ref] = fresh
+        raise ClusterError(f"{ref.kind} {ns}/{name}: still conflicting after "
+                           f"{CONFLICT_RETRIES} attempts")
+
+    async def _bounded(self, calls: Iterable[Awaitable[None]]) -> None:
+        gate = asyncio.Semaphore(self.timings.write_concurrency)
+
+        async def one(call: Awaitable[None]) -> None:
+            async with gate:
+                await call
+
+        results = await asyncio.gather(*(one(c) for c in calls), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        for error in errors:
+            if not isinstance(error, ClusterError):
+                raise error
+        if errors:
+            more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+            raise ClusterError(f"cluster {self.cluster_id}: {errors[0]}{more}")
+
+    async def apply(self, objects: Sequence[Mapping[str, Any]]) -> None:
+        # Imports first: their uids become the slices' owner references.
+        await self._bounded(self._write_one(o) for o in objects if o["kind"] == KIND_IMPORT)
+        await self._bounded(self._write_one(o) for o in objects if o["kind"] != KIND_IMPORT)
+
+    async def _delete_one(self, ref: ObjectRef) -> None:
+        res = self._write_resource(ref.kind)
+        for _ in range(CONFLICT_RETRIES):
+            live = self._managed.pop(ref, None) or await self._get(res, ref.namespace, ref.name)
+            if live is None:
+                return
+            if not _is_ours(live):
+                self._refuse_foreign(ref)
+                return
+            body = {"apiVersion": "v1", "kind": "DeleteOptions",
+                    "preconditions": {"uid": _meta(live).get("uid")}}
+            try:
+                await self._send("DELETE", res.path(ref.namespace, ref.name), body)
+                return
+            except KubeApiError as exc:
+                if exc.code == 404:
+                    return
+                if exc.code != 409:  # 409: replaced meanwhile, look again
+                    raise ClusterError(f"{ref.kind} {ref.namespace}/{ref.name}: {exc}") from None
+        raise ClusterError(f"{ref.kind} {ref.namespace}/{ref.name}: delete kept conflicting")
+
+    async def delete(self, refs: Sequence[ObjectRef]) -> None:
+        # ServiceExports are the user's: the controller only ever writes their status.
+        wanted = [r for r in refs if r.kind in (KIND_IMPORT, KIND_SLICE)]
+        await self._bounded(self._delete_one(r) for r in wanted if r.kind == KIND_SLICE)
+        await self._bounded(self._delete_one(r) for r in wanted if r.kind == KIND_IMPORT)
+
+    async def update_export_status(self, export: Mapping[str, Any]) -> None:
+        meta = export["metadata"]
+        ref = ObjectRef(KIND_EXPORT, meta["namespace"], meta["name"])
+        status = export.get("status")
+        if self._export_status.get(ref) == status:
+            return
+        res = self._write_resource(KIND_EXPORT)
+        try:
+            live = await self._send("PATCH", res.path(ref.namespace, ref.name, "status"),
+                                    {"status": status}, MERGE_PATCH)
+        except KubeApiError as exc:
+            if exc.code == 404:
+                return  # deleted meanwhile: the watch brings the removal
+            raise ClusterError(f"ServiceExport {ref.namespace}/{ref.name} status: {exc}") \
+                from None
+        self._export_status[ref] = live.get("status")
+
+    async def read_published(self) -> list[Mapping[str, Any]]:
+        if self._import_res is None:
+            await self._discover()
+        assert self._import_res is not None
+        imports, _ = await self.api.list(self._import_res.path(), MANAGED_SELECTOR)
+        slices, _ = await self.api.list(SLICES.path(), MANAGED_SELECTOR)
+        self._managed = {}
+        for res, items in ((self._import_res, imports), (SLICES, slices)):
+            for raw in items:
+                raw.setdefault("apiVersion", res.api_version)
+                raw.setdefault("kind", res.kind)
+                ref = self._ref(res, raw)
+                if ref is not None and _is_ours(raw):
+                    self._managed[ref] = raw
+        found: list[Mapping[str, Any]] = [self._as_rendered(o) for o in self._managed.values()]
+        for ref, export in self.objects.exports.items():
+            status = self._export_status.get(ref)
+            if status:
+                found.append({**export.manifest, "status": status})
+        return found
