@@ -1,0 +1,30 @@
+"""bench/tcp/run.py --smoke still runs and writes its results (no speed is asserted)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PEERS = ("iperf3", "haproxy", "nginx", "wrk", "taskset")
+
+
+@pytest.mark.skipif(any(shutil.which(p) is None for p in PEERS),
+                    reason="peer binaries absent (apt-get install -y iperf3 haproxy "
+                           "nginx-light wrk)")
+def test_tcp_bench_smoke_writes_results(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "tcp" / "run.py"), "--smoke",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = (tmp_path / "tcp-smoke.md").read_text()
+    assert "| iperf3 1 stream, Gbit/s |" in table and "new connections/s" in table
+    data = json.loads((tmp_path / "tcp-smoke.json").read_text())
+    run = data["runs"][0]
+    for target in ("direct", "haproxy", "haproxy-tuned", "mcsproxy"):
+        assert run[f"bulk1/{target}"]["gbit_s"] > 0
+        assert run[f"conn/{target}"]["conn_s"] > 0
