@@ -95,6 +95,49 @@ class OutlierConfig:
             raise ConfigError("--outlier-max-ejection-percent must be 0-100")
 
 
+@dataclass(frozen=True)
+class HttpConfig:
+    """HTTP/1.1 reverse proxying of appProtocol http ports, and the Host-routed front door."""
+
+    listen: tuple[str, int] | None = None  # --http-listen: the front door, off by default
+    header_timeout_s: float = 10.0  # from the first byte (or accept) to the end of the head
+    keepalive_timeout_s: float = 60.0  # idle downstream connection between requests
+    per_try_timeout_s: float = 15.0  # one attempt: request sent until the response head
+    request_timeout_s: float = 30.0  # every attempt together, until the response head
+    max_retries: int = 2
+    retry_budget_percent: int = 20  # retries in flight at most this share of requests
+    retry_min_concurrency: int = 3  # ... but always this many (Envoy's default)
+    retry_buffer_bytes: int = 64 * 1024  # idempotent bodies up to this size are replayable
+    max_header_bytes: int = 32 * 1024
+    max_headers: int = 100
+    max_uri_bytes: int = 8 * 1024
+    pool_max_idle: int = 64  # idle keep-alive connections kept per endpoint
+    pool_idle_timeout_s: float = 4.0  # below common backend keep-alive timeouts (5 s)
+    cluster_header: str | None = None  # response header naming the serving cluster
+    via: str = "mcsproxy"
+
+    def __post_init__(self) -> None:
+        for name in ("header_timeout_s", "keepalive_timeout_s", "per_try_timeout_s",
+                     "request_timeout_s", "pool_idle_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"HTTP {name.removesuffix('_s').replace('_', ' ')} must be > 0")
+        if self.max_retries < 0 or not 0 <= self.retry_budget_percent <= 100:
+            raise ConfigError("--http-max-retries must be >= 0, the retry budget 0-100 %")
+        if self.retry_min_concurrency < 0 or self.retry_buffer_bytes < 0:
+            raise ConfigError("HTTP retry concurrency and buffer must be >= 0")
+        if self.max_header_bytes < 1024 or self.max_headers < 8 or self.max_uri_bytes < 256:
+            raise ConfigError("HTTP limits too small (header bytes >= 1024, headers >= 8, "
+                              "URI >= 256)")
+        if self.pool_max_idle < 0:
+            raise ConfigError("--http-pool-max-idle must be >= 0")
+        token = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+        if self.cluster_header is not None and not token.match(self.cluster_header):
+            raise ConfigError(f"--http-cluster-header {self.cluster_header!r} is not a "
+                              "header name")
+        if not token.match(self.via):
+            raise ConfigError("the Via name must be a token")
+
+
 LB_POLICIES = ("round-robin", "least-connections")
 
 
@@ -115,6 +158,7 @@ class ProxyConfig:
     worker_argv: tuple[str, ...] = ()  # the gateway command line the supervisor re-runs
     health: HealthConfig = field(default_factory=HealthConfig)
     outlier: OutlierConfig = field(default_factory=OutlierConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
 
     def __post_init__(self) -> None:
         if self.lb_policy not in LB_POLICIES:
