@@ -97,7 +97,8 @@ class Controller:
         """Load every member, take back earlier output, reconcile everything once."""
         for client in self.clients.values():
             await self._adopt(client)
-        await self.flush()
+        # Feeds start from the full state (their snapshot), not from a first giant delta.
+        await self.flush(publish=False)
         self._publish_members()
         self.synced.set()
 
@@ -207,7 +208,7 @@ class Controller:
         result = render(res, inputs, ips, now)
         return {c: result.objects_for(c) for c in clusters}
 
-    async def flush(self) -> int:
+    async def flush(self, publish: bool = True) -> int:
         """Reconcile every dirty key and write what changed; returns keys reconciled."""
         if not self._dirty:
             return 0
@@ -246,7 +247,7 @@ class Controller:
         self.metrics.services_reconciled.inc(len(dirty))
         observed = min(dirty.values())
         observed_wall = time.time() - (time.monotonic() - observed)
-        if self.publisher is not None:
+        if self.publisher is not None and publish:
             for c in clusters:
                 if upserts[c] or deletes[c]:
                     self.publisher.publish(c, upserts[c], deletes[c], observed_wall)
@@ -277,9 +278,9 @@ class Controller:
         retry = self._retry.pop(cluster, set())
         try:
             # Imports before the slices that point at them; slices gone before imports.
-            ordered = sorted((r for r in upserts if r.kind != KIND_EXPORT),
-                             key=lambda r: (r.kind != KIND_IMPORT, r))
-            await client.apply([upserts[r] for r in ordered])
+            await client.apply(
+                [o for r, o in upserts.items() if r.kind == KIND_IMPORT]
+                + [o for r, o in upserts.items() if r.kind == KIND_SLICE])
             for ref in sorted(r for r in upserts if r.kind == KIND_EXPORT):
                 await client.update_export_status(upserts[ref])
             gone = sorted(deletes | {r for r in retry if r not in self.written[cluster]},
