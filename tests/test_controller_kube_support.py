@@ -73,13 +73,14 @@ class Clusterset:
     emulators: dict[str, KubeEmulator]
     clients: dict[str, KubeClusterClient] = field(default_factory=dict)
     controller: Controller | None = None
+    timings: KubeTimings = FAST
     _tasks: list[Any] = field(default_factory=list)
 
     def __getitem__(self, cluster: str) -> KubeEmulator:
         return self.emulators[cluster]
 
     def client(self, cluster: str) -> KubeClusterClient:
-        return KubeClusterClient(cluster, self.emulators[cluster].api_client(), FAST)
+        return KubeClusterClient(cluster, self.emulators[cluster].api_client(), self.timings)
 
     async def start_controller(self, **kwargs: Any) -> Controller:
         self.clients = {c: self.client(c) for c in self.emulators}

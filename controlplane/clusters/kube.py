@@ -636,8 +636,8 @@ class KubeClusterClient:
                 if ref is not None and _is_ours(raw):
                     self._managed[ref] = raw
         found: list[Mapping[str, Any]] = [self._as_rendered(o) for o in self._managed.values()]
-        for ref, export in self.objects.exports.items():
-            status = self._export_status.get(ref)
+        for key, export in self.objects.exports.items():
+            status = self._export_status.get(ObjectRef(KIND_EXPORT, *key))
             if status:
                 found.append({**export.manifest, "status": status})
         return found
