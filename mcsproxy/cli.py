@@ -25,6 +25,11 @@ def _add_gateway_parser(sub: argparse._SubParsersAction) -> None:  # type: ignor
                    help="largest EDNS0 UDP payload answered (bytes)")
     p.add_argument("--admin-listen", default="127.0.0.1:9901", metavar="HOST:PORT")
     p.add_argument("--log-level", default="info", choices=sorted(LEVELS))
+    p.add_argument("--clusterset-cidr", default="127.240.0.0/16", metavar="CIDR[,CIDR6]",
+                   help="ClusterSetIPs the gateway allocates itself (Karmada services)")
+    p.add_argument("--vip-interface", default=None, metavar="NAME",
+                   help="keep the ClusterSetIPs on this interface as /32 and /128 "
+                        "(created as a dummy link if missing; needs CAP_NET_ADMIN)")
     add_proxy_arguments(p)
     p.set_defaults(func=_run_gateway)
 
@@ -51,6 +56,8 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
         admin=AdminConfig(listen=parse_host_port(args.admin_listen, "--admin-listen")),
         proxy=proxy_config(args),
         log_level=args.log_level,
+        clusterset_cidr=args.clusterset_cidr,
+        vip_interface=args.vip_interface,
     )
 
 

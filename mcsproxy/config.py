@@ -6,6 +6,8 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 
+from mcsproxy.clustersetip import parse_cidrs
+
 _LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
 CLUSTER_ID_RE = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
 
@@ -185,9 +187,20 @@ class GatewayConfig:
     admin: AdminConfig = field(default_factory=AdminConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     log_level: str = "info"
+    # ClusterSetIPs the gateway allocates itself (Karmada services under --source kube);
+    # also the range whose stale /32s --vip-interface may remove from a shared interface.
+    clusterset_cidr: str = "127.240.0.0/16"
+    vip_interface: str | None = None  # keep the ClusterSetIPs on this interface
 
     def __post_init__(self) -> None:
         if not CLUSTER_ID_RE.match(self.cluster_id) or len(self.cluster_id) > 253:
             raise ConfigError(f"--cluster-id {self.cluster_id!r} is not an RFC-1123 name")
         if not self.sources:
             raise ConfigError("at least one --source is required")
+        try:
+            parse_cidrs(self.clusterset_cidr)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.vip_interface is not None and not re.fullmatch(r"[^\s/]{1,15}",
+                                                                self.vip_interface):
+            raise ConfigError(f"--vip-interface {self.vip_interface!r} is not an interface name")

@@ -18,9 +18,15 @@ class SourceSpecError(ValueError):
     pass
 
 
-def make_source(spec: str, cluster_id: str) -> Source:
+def make_source(spec: str, cluster_id: str, *, clusterset_cidr: str | None = None) -> Source:
     """Build a source from its `--source` spelling."""
     kind, _, arg = spec.partition(":")
+    if kind == "kube" and not arg:
+        from mcsproxy.sources.kube import KubeSource
+
+        if clusterset_cidr is None:
+            return KubeSource(cluster_id)
+        return KubeSource(cluster_id, clusterset_cidr=clusterset_cidr)
     if kind == "file" and arg:
         from mcsproxy.sources.file import FileSource
 

@@ -1,0 +1,356 @@
+"""Karmada MultiClusterServices as imported services, for the kube source.
+
+Karmada (`networking.karmada.io/v1alpha1` MultiClusterService, `types: [CrossCluster]`)
+dispatches each provider cluster's EndpointSlices into the consumer clusters, named
+`<providerCluster>-<origName>`, labelled `kubernetes.io/service-name=<svc>` and
+`endpointslice.kubernetes.io/managed-by=endpointslice-dispatch-controller.karmada.io`,
+annotated `endpointslice.karmada.io/provision-cluster=<providerCluster>`. Karmada gives
+such a service no clusterset name, no ClusterSetIP and no health checks; this module makes
+each one an imported service like a ServiceImport would:
+
+- served while a CrossCluster MultiClusterService of that name exists in this cluster and
+  lists this cluster as a consumer (or lists none), and no real ServiceImport of that name
+  exists (a ServiceImport, written by an MCS controller, wins);
+- endpoints: the dispatched slices of the MultiClusterService's provider clusters (all of
+  them when it lists none), each endpoint tagged with its provider cluster;
+- ports, headlessness, session affinity, traffic distribution and IP families from the
+  local Service of that name when there is one (Karmada propagates it to consumers),
+  else the ports the slices carry;
+- a ClusterSetIP per family allocated from `--clusterset-cidr`
+  (mcsproxy.clustersetip: starts at a hash of namespace/name, probes past taken
+  addresses). MultiClusterServices are allocated in order of creationTimestamp, so an
+  older service keeps its address against a newer one that hashes to the same slot,
+  also across restarts. The address is stable while the gateway runs; it moves only
+  when a hash collision's older owner was deleted and the gateway restarts.
+
+The import goes through mcsproxy.manifests like every other object, so a Service whose
+ports do not validate is rejected with the same messages. Each change costs work for its
+own service key only.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mcsproxy.clustersetip import AllocationError, ClusterSetIPAllocator
+from mcsproxy.manifests import (
+    LABEL_MANAGED_BY,
+    LABEL_SERVICE_NAME,
+    ManifestError,
+    SliceSpec,
+    parse_endpoint_slice,
+    parse_service_import,
+)
+from mcsproxy.model import ServiceKey
+from mcsproxy.store import ObjectId, SnapshotStore
+
+KARMADA_GROUP = "networking.karmada.io"
+KARMADA_MANAGER = "endpointslice-dispatch-controller.karmada.io"
+KARMADA_SLICE_SELECTOR = f"{LABEL_MANAGED_BY}={KARMADA_MANAGER}"
+ANNOTATION_PROVISION_CLUSTER = "endpointslice.karmada.io/provision-cluster"
+LABEL_K8S_SERVICE_NAME = "kubernetes.io/service-name"
+# Store ids of what this module writes; distinct kinds so they never collide with the
+# ServiceImports and MCS-labelled slices of the same names.
+KIND_IMPORT = "MultiClusterService"
+KIND_SLICE = "KarmadaEndpointSlice"
+
+Obj = Mapping[str, Any]
+
+
+def _key(obj: Obj) -> tuple[ServiceKey, str]:
+    meta = obj.get("metadata")
+    if not isinstance(meta, Mapping) or not isinstance(meta.get("name"), str):
+        raise ManifestError("object has no metadata.name")
+    ns = meta.get("namespace") or "default"
+    return ServiceKey(str(ns), meta["name"]), str(meta.get("creationTimestamp") or "")
+
+
+def _cluster_names(value: Any, what: str) -> frozenset[str] | None:
+    """providerClusters / consumerClusters: None (all clusters) when empty."""
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise ManifestError(f"{what} must be a list")
+    names = set()
+    for item in value:
+        name = item.get("name") if isinstance(item, Mapping) else None
+        if not isinstance(name, str) or not name:
+            raise ManifestError(f"{what} entries need a name")
+        names.add(name)
+    return frozenset(names) or None
+
+
+@dataclass(frozen=True, slots=True)
+class McsInfo:
+    created: str
+    cross_cluster: bool
+    providers: frozenset[str] | None
+    consumers: frozenset[str] | None
+    annotations: Mapping[str, str]
+
+
+def parse_mcs(obj: Obj) -> tuple[ServiceKey, McsInfo]:
+    key, created = _key(obj)
+    where = f"MultiClusterService {key}"
+    spec = obj.get("spec") or {}
+    if not isinstance(spec, Mapping):
+        raise ManifestError(f"{where}: spec must be a mapping")
+    types = spec.get("types") or []
+    if not isinstance(types, list):
+        raise ManifestError(f"{where}: spec.types must be a list")
+    try:
+        providers = _cluster_names(spec.get("providerClusters"), "spec.providerClusters")
+        consumers = _cluster_names(spec.get("consumerClusters"), "spec.consumerClusters")
+    except ManifestError as exc:
+        raise ManifestError(f"{where}: {exc.message}") from None
+    annotations = (obj.get("metadata") or {}).get("annotations") or {}
+    return key, McsInfo(created, "CrossCluster" in types, providers, consumers,
+                        dict(annotations) if isinstance(annotations, Mapping) else {})
+
+
+def service_fields(obj: Obj) -> tuple[ServiceKey, dict[str, Any]]:
+    """Only what a ServiceImport copies from a Service: a small copy per Service."""
+    key, _ = _key(obj)
+    spec = obj.get("spec") or {}
+    if not isinstance(spec, Mapping):
+        raise ManifestError(f"Service {key}: spec must be a mapping")
+    kept = {f: spec[f] for f in ("ports", "sessionAffinity", "sessionAffinityConfig",
+                                 "trafficDistribution", "ipFamilies") if f in spec}
+    kept["headless"] = spec.get("clusterIP") == "None"
+    return key, kept
+
+
+class KarmadaServices:
+    """MultiClusterServices, local Services and dispatched slices → store objects."""
+
+    def __init__(self, store: SnapshotStore, source: str, cluster_id: str,
+                 allocator: ClusterSetIPAllocator, *, changed: Callable[[], None],
+                 reject: Callable[[str], None]) -> None:
+        self.store = store
+        self.source = source
+        self.cluster_id = cluster_id
+        self.allocator = allocator
+        self.changed = changed
+        self.reject = reject
+        self.mcs: dict[ServiceKey, McsInfo] = {}
+        self.services: dict[ServiceKey, dict[str, Any]] = {}
+        self.slices: dict[ServiceKey, dict[str, SliceSpec]] = defaultdict(dict)
+        self.slice_keys: dict[tuple[str, str], ServiceKey] = {}  # (ns, slice name) → key
+        self.real_imports: set[ServiceKey] = set()  # keys a ServiceImport serves
+        self._written: dict[ServiceKey, set[ObjectId]] = {}
+        self.on_first_mcs: Callable[[], None] | None = None
+
+    @property
+    def served(self) -> int:
+        return len(self._written)
+
+    # -- handlers (see kube_watch.Handler) -------------------------------------------
+    def mcs_upsert(self, obj: Obj) -> None:
+        try:
+            key, info = parse_mcs(obj)
+        except ManifestError as exc:
+            self._reject(exc)
+            return
+        if self.mcs.get(key) != info:
+            self.mcs[key] = info
+            if self.on_first_mcs is not None:
+                self.on_first_mcs()
+            self.refresh(key)
+
+    def mcs_delete(self, obj: Obj) -> None:
+        key, _ = _key(obj)
+        if self.mcs.pop(key, None) is not None:
+            self.refresh(key)
+
+    def mcs_replace(self, objects: Sequence[Obj]) -> None:
+        seen = set()
+        parsed = []
+        for obj in objects:
+            meta = obj.get("metadata") or {}
+            # A listed object that does not validate keeps its last good version.
+            seen.add(ServiceKey(str(meta.get("namespace") or "default"), str(meta.get("name"))))
+            try:
+                parsed.append(parse_mcs(obj))
+            except ManifestError as exc:
+                self._reject(exc)
+        if parsed and self.on_first_mcs is not None:
+            self.on_first_mcs()
+        # Oldest first: on a hash collision the older service keeps the address.
+        for key, info in sorted(parsed, key=lambda p: (p[1].created, p[0])):
+            seen.add(key)
+            if self.mcs.get(key) != info:
+                self.mcs[key] = info
+                self.refresh(key)
+        for key in [k for k in self.mcs if k not in seen]:
+            del self.mcs[key]
+            self.refresh(key)
+
+    def service_upsert(self, obj: Obj) -> None:
+        try:
+            key, fields = service_fields(obj)
+        except ManifestError as exc:
+            self._reject(exc)
+            return
+        if self.services.get(key) != fields:
+            self.services[key] = fields
+            if key in self.mcs:
+                self.refresh(key)
+
+    def service_delete(self, obj: Obj) -> None:
+        key, _ = _key(obj)
+        if self.services.pop(key, None) is not None and key in self.mcs:
+            self.refresh(key)
+
+    def service_replace(self, objects: Sequence[Obj]) -> None:
+        fresh: dict[ServiceKey, dict[str, Any]] = {}
+        for obj in objects:
+            try:
+                key, fields = service_fields(obj)
+            except ManifestError as exc:
+                self._reject(exc)
+                continue
+            fresh[key] = fields
+        touched = {k for k in self.services.keys() | fresh.keys()
+                   if self.services.get(k) != fresh.get(k)}
+        self.services = fresh
+        for key in touched & self.mcs.keys():
+            self.refresh(key)
+
+    def slice_upsert(self, obj: Obj) -> None:
+        parsed = self._parse_slice(obj)
+        if parsed is None:
+            return
+        key, name, spec = parsed
+        old_key = self.slice_keys.get((key.namespace, name))
+        if old_key is not None and old_key != key:
+            self._drop_slice(key.namespace, name)
+        if spec is None:
+            self._drop_slice(key.namespace, name)
+            return
+        if self.slices[key].get(name) != spec:
+            self.slices[key][name] = spec
+            self.slice_keys[(key.namespace, name)] = key
+            self.refresh(key)
+
+    def slice_delete(self, obj: Obj) -> None:
+        meta = obj.get("metadata") or {}
+        self._drop_slice(str(meta.get("namespace") or "default"), str(meta.get("name")))
+
+    def slice_replace(self, objects: Sequence[Obj]) -> None:
+        seen: set[tuple[str, str]] = set()
+        for obj in objects:
+            meta = obj.get("metadata") or {}
+            seen.add((str(meta.get("namespace") or "default"), str(meta.get("name"))))
+            self.slice_upsert(obj)
+        for ns, name in [k for k in self.slice_keys if k not in seen]:
+            self._drop_slice(ns, name)
+
+    def _parse_slice(self, obj: Obj) -> tuple[ServiceKey, str, SliceSpec | None] | None:
+        meta = obj.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        annotations = meta.get("annotations") or {}
+        ns, name = str(meta.get("namespace") or "default"), str(meta.get("name"))
+        svc = labels.get(LABEL_K8S_SERVICE_NAME)
+        if not svc or LABEL_SERVICE_NAME in labels:
+            # Not tied to a service, or an MCS-imported slice the other handler serves.
+            return ServiceKey(ns, svc or ""), name, None
+        cluster = annotations.get(ANNOTATION_PROVISION_CLUSTER)
+        try:
+            if not cluster:
+                raise ManifestError(f"EndpointSlice {ns}/{name}: dispatched by Karmada but "
+                                    f"without the {ANNOTATION_PROVISION_CLUSTER} annotation")
+            spec = parse_endpoint_slice(obj, service_name=svc, cluster=cluster)
+        except ManifestError as exc:
+            self._reject(exc)
+            return None  # the last good version stays
+        return ServiceKey(ns, svc), name, spec
+
+    def _drop_slice(self, ns: str, name: str) -> None:
+        key = self.slice_keys.pop((ns, name), None)
+        if key is None:
+            return
+        slices = self.slices.get(key)
+        if slices is not None:
+            slices.pop(name, None)
+            if not slices:
+                del self.slices[key]
+        self.refresh(key)
+
+    def set_real_import(self, key: ServiceKey, present: bool) -> None:
+        if present == (key in self.real_imports):
+            return
+        if present:
+            self.real_imports.add(key)
+        else:
+            self.real_imports.discard(key)
+        if key in self.mcs:
+            self.refresh(key)
+
+    def _reject(self, exc: ManifestError) -> None:
+        self.reject(str(exc))
+
+    # -- one service key -------------------------------------------------------------
+    def refresh(self, key: ServiceKey) -> None:
+        """Write (or remove) the import and slices of `key`: work for this key only."""
+        mcs = self.mcs.get(key)
+        wanted: dict[ObjectId, Any] = {}
+        if (mcs is not None and mcs.cross_cluster and key not in self.real_imports
+                and (mcs.consumers is None or self.cluster_id in mcs.consumers)):
+            slices = {n: s for n, s in self.slices.get(key, {}).items()
+                      if mcs.providers is None or s.cluster in mcs.providers}
+            try:
+                spec = parse_service_import(self._import_object(key, mcs, slices))
+            except (ManifestError, AllocationError) as exc:
+                self._reject(ManifestError(f"MultiClusterService {key}: {exc}"))
+                return  # whatever was served for the key stays
+            wanted[ObjectId(self.source, KIND_IMPORT, key.namespace, key.name)] = spec
+            for name, slice_spec in slices.items():
+                wanted[ObjectId(self.source, KIND_SLICE, key.namespace, name)] = slice_spec
+        elif self.allocator.get(key):
+            self.allocator.release(key)
+        for oid in self._written.get(key, set()) - wanted.keys():
+            self.store.delete(oid)
+        for oid, spec in wanted.items():
+            self.store.upsert(oid, spec)
+        if wanted:
+            self._written[key] = set(wanted)
+        else:
+            self._written.pop(key, None)
+        self.changed()
+
+    def _import_object(self, key: ServiceKey, mcs: McsInfo,
+                       slices: Mapping[str, SliceSpec]) -> dict[str, Any]:
+        service = self.services.get(key, {})
+        headless = bool(service.get("headless"))
+        if "ports" in service:
+            ports = service.get("ports") or []
+        else:
+            seen: dict[tuple[str, str], int] = {}
+            for slice_spec in slices.values():
+                for ep in slice_spec.endpoints:
+                    for p in ep.ports:
+                        seen.setdefault((p.name, p.protocol), p.port)
+            ports = [{"name": n, "protocol": proto, "port": port}
+                     for (n, proto), port in sorted(seen.items())]
+        spec: dict[str, Any] = {
+            "type": "Headless" if headless else "ClusterSetIP",
+            "ports": [{k: p[k] for k in ("name", "protocol", "port", "appProtocol") if k in p}
+                      if isinstance(p, Mapping) else p for p in ports],
+        }
+        for field in ("sessionAffinity", "sessionAffinityConfig", "trafficDistribution"):
+            if field in service:
+                spec[field] = service[field]
+        if not headless:
+            families = service.get("ipFamilies") or ()
+            spec["ips"] = list(self.allocator.ensure(
+                key, families if isinstance(families, list) else ()))
+        clusters = sorted({s.cluster for s in slices.values()})
+        return {
+            "metadata": {"name": key.name, "namespace": key.namespace,
+                         "annotations": mcs.annotations},
+            "spec": spec,
+            "status": {"clusters": [{"cluster": c} for c in clusters]},
+        }

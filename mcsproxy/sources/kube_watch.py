@@ -1,0 +1,313 @@
+"""List + watch of one Kubernetes resource through kubernetes_asyncio, kept in step.
+
+client-go's reflector and kopf's watching layer are the models. A (paged) list learns the
+current state and a resourceVersion; a watch from that version follows the changes;
+bookmarks move the version forward on quiet resources; a watch that ends is resumed from
+the last version seen, without a relist. 410 Gone means the server's history no longer
+reaches back that far: the resource is listed again and the handler diffs the new list
+against what it holds, so deletions missed while away are applied and nothing is doubled.
+A resource the server does not serve (404: its CRD is not installed) counts as empty and
+is asked for again later. Every wait has a timeout; failures back off exponentially with
+full jitter so a fleet of gateways does not reconnect in step.
+
+Requests go through the client's generated list functions with `_preload_content=False`:
+the objects stay plain dicts (what mcsproxy.manifests validates) and the watch stream is
+read line by line here, with a bound on the line length and a read timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import aiohttp
+from kubernetes_asyncio.client import ApiClient, CoreV1Api, CustomObjectsApi
+from kubernetes_asyncio.client.exceptions import ApiException
+
+log = logging.getLogger("mcsproxy.sources.kube")
+
+Obj = dict[str, Any]
+MAX_LINE_BYTES = 64 * 1024 * 1024  # one watch event; a huge EndpointSlice is ~1 MB
+PARSE_IN_THREAD_BYTES = 256 * 1024  # larger list pages are parsed off the event loop
+# A watch that ends this soon without an event is suspicious (a proxy cutting streams,
+# an overloaded server): the next one waits a backoff step instead of hammering.
+SHORT_WATCH_S = 1.0
+
+
+class ResourceGone(Exception):
+    """410: the resourceVersion is older than the server's history; relist."""
+
+
+class NotServed(Exception):
+    """404 on a list: the server does not serve this resource (CRD not installed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    group: str  # "" for the core group
+    versions: tuple[str, ...]  # tried in order; the first one served is used
+    plural: str
+    label_selector: str | None = None
+
+    def describe(self, version: str | None = None) -> str:
+        gv = f"{self.group}/{version or self.versions[0]}" if self.group else "v1"
+        selector = f" [{self.label_selector}]" if self.label_selector else ""
+        return f"{self.plural}.{gv}{selector}"
+
+
+@dataclass(frozen=True, slots=True)
+class WatchTimings:
+    request_timeout_s: float = 30.0  # a list page, or a watch's response headers
+    watch_timeout_s: float = 300.0  # timeoutSeconds asked of the server, jittered +-20 %
+    idle_margin_s: float = 30.0  # no byte for timeoutSeconds + this: the stream is dead
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    not_served_retry_s: float = 60.0
+    page_size: int = 500
+
+
+class Handler(Protocol):
+    """Where a reflector's objects go. `replace` gets every object of a (re)list."""
+
+    def replace(self, objects: Sequence[Obj]) -> None: ...
+    def upsert(self, obj: Obj) -> None: ...
+    def delete(self, obj: Obj) -> None: ...
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, ApiException):
+        return f"HTTP {exc.status} {exc.reason}".strip()
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class Reflector:
+    """Keeps one Handler in step with one resource; `run` until cancelled."""
+
+    def __init__(
+        self,
+        api: ApiClient,
+        resource: Resource,
+        handler: Handler,
+        *,
+        timings: WatchTimings | None = None,
+        on_state: Callable[[], None] | None = None,
+    ) -> None:
+        self.resource = resource
+        self.handler = handler
+        self.timings = timings or WatchTimings()
+        self.on_state = on_state or (lambda: None)
+        self._custom = CustomObjectsApi(api)
+        self._core = CoreV1Api(api)
+        self._version_index = 0
+        self.resource_version: str | None = None
+        self.synced = False  # listed at least once (or found not served)
+        self.connected = False
+        self.served = True
+        self.error: str | None = None
+        self.lists = 0
+        self.relists_gone = 0
+        self.watches = 0
+        self.events = 0
+
+    @property
+    def version(self) -> str:
+        return self.resource.versions[self._version_index]
+
+    @property
+    def name(self) -> str:
+        return self.resource.describe(self.version)
+
+    # -- the loop --------------------------------------------------------------------
+    async def run(self) -> None:
+        delay = self.timings.backoff_initial_s
+        while True:
+            try:
+                if self.resource_version is None:
+                    await self._list()
+                    delay = self.timings.backoff_initial_s
+                if await self._watch():
+                    delay = self.timings.backoff_initial_s
+                    continue
+                # A short, empty watch: resume after a backoff step, not at once.
+                await asyncio.sleep(random.uniform(delay / 2, delay))
+                delay = min(self.timings.backoff_max_s, delay * 2)
+            except ResourceGone:
+                self.relists_gone += 1
+                log.info("%s: resourceVersion %s expired (410); relisting", self.name,
+                         self.resource_version)
+                self.resource_version = None
+            except NotServed:
+                await self._not_served()
+                delay = self.timings.backoff_initial_s
+            except (ApiException, aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+                self._set_state(connected=False, error=_error_text(exc))
+                # Full jitter: a fleet of gateways must not come back in step.
+                await asyncio.sleep(random.uniform(0, delay))
+                delay = min(self.timings.backoff_max_s, delay * 2)
+
+    def _set_state(self, *, connected: bool, error: str | None) -> None:
+        if connected != self.connected or error != self.error:
+            if not connected and self.connected:
+                log.warning("%s: disconnected (%s); serving what was last seen, retrying",
+                            self.name, error)
+            elif connected and not self.connected and self.lists:
+                log.info("%s: connected", self.name)
+            self.connected, self.error = connected, error
+            self.on_state()
+
+    async def _not_served(self) -> None:
+        if self._version_index + 1 < len(self.resource.versions):
+            self._version_index += 1  # the next version may be served: try it at once
+            return
+        if self.served or not self.synced:
+            log.info("%s: not served by the API server (CRD not installed?); treating it as "
+                     "empty and asking again every %.0f s", self.resource.describe(),
+                     self.timings.not_served_retry_s)
+        self.served = False
+        self._version_index = 0
+        self.resource_version = None
+        self.handler.replace(())
+        self.synced = True
+        self._set_state(connected=True, error=None)
+        await asyncio.sleep(self.timings.not_served_retry_s)
+
+    # -- requests --------------------------------------------------------------------
+    def _call(self, **kwargs: Any) -> Any:
+        if self.resource.label_selector:
+            kwargs["label_selector"] = self.resource.label_selector
+        if self.resource.group:
+            return self._custom.list_cluster_custom_object(
+                self.resource.group, self.version, self.resource.plural,
+                _preload_content=False, **kwargs)
+        if self.resource.plural != "services":
+            raise ValueError(f"core resource {self.resource.plural} is not supported")
+        return self._core.list_service_for_all_namespaces(_preload_content=False, **kwargs)
+
+    async def _list(self) -> None:
+        items: list[Obj] = []
+        token: str | None = None
+        timeout = aiohttp.ClientTimeout(total=self.timings.request_timeout_s)
+        while True:
+            kwargs: dict[str, Any] = {"limit": self.timings.page_size,
+                                      "_request_timeout": timeout}
+            if token:
+                kwargs["_continue"] = token
+            response = await self._call(**kwargs)
+            async with response:
+                if response.status == 404:
+                    raise NotServed()
+                body = await response.read()
+                if response.status == 410 and token:
+                    # The continue token expired between pages: start the list over.
+                    items, token = [], None
+                    continue
+                if response.status != 200:
+                    raise ApiException(status=response.status, reason=_reason(body))
+            page = await _loads(body)
+            if not isinstance(page, dict) or not isinstance(page.get("items", []), list):
+                raise ValueError("list response is not a Kubernetes list")
+            items.extend(i for i in page.get("items") or () if isinstance(i, dict))
+            meta = page.get("metadata") or {}
+            token = meta.get("continue")
+            if not token:
+                break
+        rv = (page.get("metadata") or {}).get("resourceVersion")
+        if not isinstance(rv, str) or not rv:
+            raise ValueError("list response has no resourceVersion")
+        self.handler.replace(items)
+        self.resource_version = rv
+        self.lists += 1
+        self.served = True
+        first = not self.synced
+        self.synced = True
+        self._set_state(connected=True, error=None)
+        if first:
+            self.on_state()  # synced changed even if the connection state did not
+        log.debug("%s: listed %d objects at resourceVersion %s", self.name, len(items), rv)
+
+    async def _watch(self) -> bool:
+        """Follow changes until the stream ends; False when it ended early and empty."""
+        t = self.timings
+        server_timeout = max(1, round(t.watch_timeout_s * random.uniform(0.8, 1.2)))
+        timeout = aiohttp.ClientTimeout(
+            sock_connect=t.request_timeout_s, sock_read=server_timeout + t.idle_margin_s)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        events = 0
+        response = await self._call(
+            watch=True, resource_version=self.resource_version, allow_watch_bookmarks=True,
+            timeout_seconds=server_timeout, _request_timeout=timeout)
+        async with response:
+            if response.status == 410:
+                raise ResourceGone()
+            if response.status == 404:
+                raise NotServed()
+            if response.status != 200:
+                body = await asyncio.wait_for(response.content.read(4096), t.request_timeout_s)
+                raise ApiException(status=response.status, reason=_reason(body))
+            self.watches += 1
+            self._set_state(connected=True, error=None)
+            buffer = bytearray()
+            scanned = 0
+            while True:
+                chunk = await response.content.readany()  # bounded by sock_read above
+                if not chunk:
+                    break
+                buffer += chunk
+                while (end := buffer.find(b"\n", scanned)) >= 0:
+                    line = bytes(buffer[:end])
+                    del buffer[:end + 1]
+                    scanned = 0
+                    if line.strip():
+                        self._event(line)
+                        events += 1
+                scanned = len(buffer)
+                if scanned > MAX_LINE_BYTES:
+                    raise ValueError(f"watch event longer than {MAX_LINE_BYTES} bytes")
+        return events > 0 or loop.time() - started >= SHORT_WATCH_S
+
+    def _event(self, line: bytes) -> None:
+        event = json.loads(line)
+        kind = event.get("type") if isinstance(event, dict) else None
+        obj = event.get("object") if isinstance(event, dict) else None
+        if not isinstance(obj, dict):
+            raise ValueError("watch event without an object")
+        if kind == "ERROR":
+            code = obj.get("code")
+            if code == 410:
+                raise ResourceGone()
+            raise ApiException(status=code if isinstance(code, int) else 500,
+                               reason=str(obj.get("message") or obj.get("reason") or ""))
+        meta = obj.get("metadata")
+        rv = meta.get("resourceVersion") if isinstance(meta, dict) else None
+        if kind in ("ADDED", "MODIFIED"):
+            self.handler.upsert(obj)
+        elif kind == "DELETED":
+            self.handler.delete(obj)
+        elif kind != "BOOKMARK":
+            log.warning("%s: ignoring watch event of type %r", self.name, kind)
+            return
+        self.events += 1
+        if isinstance(rv, str) and rv:
+            self.resource_version = rv
+
+
+def _reason(body: bytes) -> str:
+    """The message of a `kind: Status` body, or the start of whatever came instead."""
+    try:
+        status = json.loads(body)
+        return str(status.get("message") or status.get("reason"))
+    except (ValueError, AttributeError):
+        return body[:200].decode("utf-8", "replace")
+
+
+async def _loads(body: bytes) -> Any:
+    if len(body) > PARSE_IN_THREAD_BYTES:
+        return await asyncio.to_thread(json.loads, body)
+    return json.loads(body)

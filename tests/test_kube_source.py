@@ -1,0 +1,363 @@
+"""`--source kube` against the API emulator, through the real kubernetes_asyncio client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes_asyncio.client import CustomObjectsApi, DiscoveryV1Api
+
+from mcsproxy.model import ServiceKey
+from mcsproxy.sources.kube import KubeSource
+from mcsproxy.sources.kube_watch import WatchTimings
+from mcsproxy.store import SnapshotStore
+from tests.kube_emulator import KubeEmulator
+
+MCS = "multicluster.x-k8s.io"
+KARMADA = "networking.karmada.io"
+FAST = WatchTimings(request_timeout_s=1.0, watch_timeout_s=2.0, idle_margin_s=0.5,
+                    backoff_initial_s=0.02, backoff_max_s=0.2, not_served_retry_s=0.2,
+                    page_size=1)
+WEB = ServiceKey("test", "web")
+
+
+def service_import(name: str, ip: str | None = "127.240.3.1", version: str = "v1alpha1",
+                   ports: list[dict[str, Any]] | None = None, namespace: str = "test",
+                   **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "type": "ClusterSetIP" if ip else "Headless",
+        "ports": ports if ports is not None else [{"name": "http", "protocol": "TCP",
+                                                   "port": 80}],
+        **spec}
+    if ip:
+        body["ips"] = [ip]
+    return {"apiVersion": f"{MCS}/{version}", "kind": "ServiceImport",
+            "metadata": {"name": name, "namespace": namespace}, "spec": body}
+
+
+def imported_slice(name: str, service: str, cluster: str, addresses: list[str],
+                   namespace: str = "test", port: int = 8080) -> dict[str, Any]:
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": name, "namespace": namespace, "labels": {
+                "multicluster.kubernetes.io/service-name": service,
+                "multicluster.kubernetes.io/source-cluster": cluster,
+                "endpointslice.kubernetes.io/managed-by": "mcsproxy.io"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "protocol": "TCP", "port": port}],
+            "endpoints": [{"addresses": [a], "conditions": {"ready": True}} for a in addresses]}
+
+
+def karmada_slice(provider: str, orig: str, service: str, addresses: list[str],
+                  namespace: str = "test", port: int = 8080) -> dict[str, Any]:
+    """A slice as Karmada's dispatch controller writes it into a consumer cluster."""
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": f"{provider}-{orig}", "namespace": namespace,
+                         "labels": {"kubernetes.io/service-name": service,
+                                    "endpointslice.kubernetes.io/managed-by":
+                                        "endpointslice-dispatch-controller.karmada.io"},
+                         "annotations": {"endpointslice.karmada.io/provision-cluster": provider}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "protocol": "TCP", "port": port}],
+            "endpoints": [{"addresses": [a], "conditions": {"ready": True}} for a in addresses]}
+
+
+def multicluster_service(name: str, providers: list[str] | None = None,
+                         consumers: list[str] | None = None, namespace: str = "test",
+                         created: str = "2024-01-01T00:00:00Z") -> dict[str, Any]:
+    spec: dict[str, Any] = {"types": ["CrossCluster"]}
+    if providers:
+        spec["providerClusters"] = [{"name": p} for p in providers]
+    if consumers:
+        spec["consumerClusters"] = [{"name": c} for c in consumers]
+    return {"apiVersion": f"{KARMADA}/v1alpha1", "kind": "MultiClusterService",
+            "metadata": {"name": name, "namespace": namespace, "creationTimestamp": created},
+            "spec": spec}
+
+
+def local_service(name: str, ports: list[dict[str, Any]], namespace: str = "test",
+                  **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"clusterIP": "10.96.0.10", "ports": ports, **spec}}
+
+
+class Running:
+    def __init__(self, emu: KubeEmulator, source: KubeSource, store: SnapshotStore) -> None:
+        self.emu, self.source, self.store = emu, source, store
+
+    @property
+    def status(self) -> Any:
+        return self.store.sources[self.source.name]
+
+    async def until(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+        """Wait for the store to reach a state; re-checked on each snapshot or API request."""
+        changed = asyncio.Event()
+        self.store.subscribe(lambda _snapshot: changed.set())
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await self.emu.wait_for(changed.is_set, timeout=0.2)
+
+    def endpoints(self, key: ServiceKey = WEB) -> list[tuple[str, str]]:
+        svc = self.store.current.services.get(key)
+        return sorted((e.cluster, e.address) for e in svc.endpoints) if svc else []
+
+
+@contextlib.asynccontextmanager
+async def running(emu: KubeEmulator, tmp_path: Path, cluster_id: str = "east",
+                  **kwargs: Any) -> AsyncIterator[Running]:
+    store = SnapshotStore(cluster_id)
+    source = KubeSource(cluster_id, kubeconfig=str(emu.kubeconfig(tmp_path / "kubeconfig")),
+                        timings=FAST, **kwargs)
+    task = asyncio.create_task(source.run(store))
+    try:
+        async with asyncio.timeout(5):
+            await store.loaded.wait()
+        yield Running(emu, source, store)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@pytest.fixture
+async def emu() -> AsyncIterator[KubeEmulator]:
+    async with KubeEmulator(bookmark_interval=0.1) as emu:
+        yield emu
+
+
+async def test_imports_appear_change_and_disappear(emu: KubeEmulator, tmp_path: Path) -> None:
+    emu.put_object(service_import("web"))
+    emu.put_object(imported_slice("web-west", "web", "west", ["10.1.0.1", "10.1.0.2"]))
+    emu.put_object(service_import("other", "127.240.3.2", version="v1beta1"))
+    async with running(emu, tmp_path) as run, emu.api_client() as api:
+        web = run.store.current.services[WEB]
+        assert web.ips == ("127.240.3.1",) and [p.port for p in web.ports] == [80]
+        assert run.endpoints() == [("west", "10.1.0.1"), ("west", "10.1.0.2")]
+        assert run.store.current.get("test", "other").ips == ("127.240.3.2",)
+        assert run.status.synced and run.status.connected and run.status.error is None
+        # Listed in pages of one: the continue token was followed.
+        assert any(r.query.get("continue") for r in emu.requests)
+
+        custom, discovery = CustomObjectsApi(api), DiscoveryV1Api(api)
+        await discovery.create_namespaced_endpoint_slice(
+            "test", imported_slice("web-north", "web", "north", ["10.2.0.1"]))
+        await run.until(lambda: ("north", "10.2.0.1") in run.endpoints())
+        await custom.patch_namespaced_custom_object(
+            MCS, "v1alpha1", "test", "serviceimports", "web",
+            {"spec": {"ports": [{"name": "http", "protocol": "TCP", "port": 8000}]}},
+            _content_type="application/merge-patch+json")
+        await run.until(lambda: run.store.current.services[WEB].ports[0].port == 8000)
+        await discovery.delete_namespaced_endpoint_slice("web-west", "test")
+        await run.until(lambda: run.endpoints() == [("north", "10.2.0.1")])
+        await custom.delete_namespaced_custom_object(MCS, "v1alpha1", "test",
+                                                     "serviceimports", "web")
+        await run.until(lambda: WEB not in run.store.current.services)
+        # A slice whose import is gone serves nothing, and nothing else moved.
+        assert run.store.current.get("test", "other") is not None
+        # One v1alpha1 watch: v1beta1 (same storage) is not watched twice.
+        watched = {r.path for r in emu.requests if r.query.get("watch") == "True"}
+        assert f"/apis/{MCS}/v1alpha1/serviceimports" in watched
+        assert f"/apis/{MCS}/v1beta1/serviceimports" not in watched
+
+
+async def test_a_burst_of_changes_costs_one_snapshot(emu: KubeEmulator, tmp_path: Path) -> None:
+    emu.put_object(service_import("web"))
+    async with running(emu, tmp_path) as run:
+        before = run.store.current.version
+        for i in range(50):
+            emu.put_object(imported_slice(f"web-{i}", "web", "west", [f"10.1.1.{i + 1}"]))
+        await run.until(lambda: len(run.endpoints()) == 50)
+        # 50 watch events, coalesced: far fewer snapshots than events.
+        assert run.store.current.version - before < 10
+
+
+async def test_bad_object_is_skipped_and_last_good_kept(
+        emu: KubeEmulator, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    emu.put_object(service_import("web"))
+    bad = service_import("broken", ports=[{"name": "x", "protocol": "TCP", "port": 70000}])
+    emu.put_object(bad)
+    caplog.set_level(logging.ERROR, "mcsproxy.sources.kube")
+    async with running(emu, tmp_path) as run:
+        assert run.store.current.get("test", "broken") is None
+        assert run.store.current.get("test", "web") is not None
+        assert "ServiceImport test/broken" in caplog.text
+        # A good version is later broken: the good one keeps serving.
+        emu.put_object(service_import("web", ports=[{"name": "x", "protocol": "ICMP",
+                                                     "port": 80}]))
+        emu.put_object(service_import("sentinel", "127.240.3.9"))
+        await run.until(lambda: run.store.current.get("test", "sentinel") is not None)
+        assert run.store.current.services[WEB].ports[0].protocol == "TCP"
+        assert "ServiceImport test/web" in caplog.text
+        assert run.source.m_rejected._value.get() >= 2
+
+
+async def test_410_relist_applies_what_was_missed(emu: KubeEmulator, tmp_path: Path) -> None:
+    emu.put_object(service_import("web"))
+    emu.put_object(service_import("gone", "127.240.3.3"))
+    emu.put_object(imported_slice("web-west", "web", "west", ["10.1.0.1"]))
+    async with running(emu, tmp_path) as run:
+        lists = sum(r.lists for r in run.source.reflectors)
+        emu.hang()  # the watches stall while things change
+        emu.drop_watches()
+        emu.store.delete(emu.store.by_kind(f"{MCS}/v1alpha1", "ServiceImport"), "test", "gone",
+                         None)
+        emu.put_object(imported_slice("web-west", "web", "west", ["10.1.0.9"]))
+        emu.put_object(service_import("new", "127.240.3.4"))
+        emu.expire_history()  # and the history that would tell them is gone
+        emu.hang(False)
+        await run.until(lambda: run.store.current.get("test", "new") is not None
+                        and run.store.current.get("test", "gone") is None
+                        and run.endpoints() == [("west", "10.1.0.9")])
+        assert sum(r.relists_gone for r in run.source.reflectors) >= 2
+        assert sum(r.lists for r in run.source.reflectors) > lists
+        assert sorted(str(k) for k in run.store.current.services) == [
+            "test/new", "test/web"]
+
+
+async def test_api_server_down_keeps_serving_then_resyncs(
+        emu: KubeEmulator, tmp_path: Path) -> None:
+    emu.put_object(service_import("web"))
+    emu.put_object(imported_slice("web-west", "web", "west", ["10.1.0.1"]))
+    async with running(emu, tmp_path) as run:
+        version = run.store.current.version
+        await emu.stop()
+        await run.until(lambda: not run.status.connected)
+        assert run.status.error and run.status.synced
+        # Static stability: the last snapshot keeps serving, unchanged.
+        assert run.store.current.version == version
+        assert run.endpoints() == [("west", "10.1.0.1")]
+        emu.put_object(imported_slice("web-west", "web", "west", ["10.1.0.2"]))  # while away
+        await emu.start()
+        await run.until(lambda: run.status.connected
+                        and run.endpoints() == [("west", "10.1.0.2")])
+        assert run.status.error is None
+
+
+async def test_api_server_hanging_times_out_and_recovers(
+        emu: KubeEmulator, tmp_path: Path) -> None:
+    emu.put_object(service_import("web"))
+    async with running(emu, tmp_path) as run:
+        emu.hang()
+        emu.drop_watches()
+        await run.until(lambda: not run.status.connected, timeout=8)
+        assert "Timeout" in (run.status.error or "") or "Disconnected" in (run.status.error
+                                                                           or "")
+        emu.hang(False)
+        emu.put_object(service_import("late", "127.240.3.5"))
+        await run.until(lambda: run.store.current.get("test", "late") is not None
+                        and run.status.connected, timeout=8)
+
+
+async def test_servfail_state_until_first_complete_list(
+        emu: KubeEmulator, tmp_path: Path) -> None:
+    emu.put_object(service_import("web"))
+    emu.fail_next(3, 503, path="/endpointslices")
+    store = SnapshotStore("east")
+    source = KubeSource("east", kubeconfig=str(emu.kubeconfig(tmp_path / "kc")), timings=FAST)
+    task = asyncio.create_task(source.run(store))
+    try:
+        await emu.wait_for(lambda: sum(r.path.endswith("/endpointslices")
+                                       for r in emu.requests) >= 2)
+        assert not store.loaded.is_set()  # the DNS answers SERVFAIL meanwhile
+        async with asyncio.timeout(5):
+            await store.loaded.wait()
+        assert store.current.get("test", "web") is not None
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_v1beta1_only_cluster(tmp_path: Path) -> None:
+    async with KubeEmulator() as emu:
+        emu.store.types.pop((MCS, "v1alpha1", "serviceimports"), None)
+        emu.put_object(service_import("web", version="v1beta1"))
+        async with running(emu, tmp_path) as run:
+            assert run.store.current.services[WEB].ips == ("127.240.3.1",)
+            await emu.wait_for(lambda: any(
+                r.path == f"/apis/{MCS}/v1beta1/serviceimports" and r.query.get("watch")
+                for r in emu.requests))
+
+
+async def test_karmada_dispatched_slices_form_a_served_service(
+        emu: KubeEmulator, tmp_path: Path) -> None:
+    emu.put_object(multicluster_service("web", providers=["member1", "member2"]))
+    emu.put_object(karmada_slice("member1", "web-abc", "web", ["10.11.0.1"]))
+    emu.put_object(karmada_slice("member2", "web-def", "web", ["10.12.0.1", "10.12.0.2"]))
+    emu.put_object(karmada_slice("member9", "web-zzz", "web", ["10.19.0.1"]))  # not a provider
+    emu.put_object(local_service("web", [{"name": "http", "protocol": "TCP", "port": 80,
+                                          "targetPort": 8080}]))
+    # The cluster's own slices (kubernetes.io/service-name, no Karmada manager) stay out.
+    emu.put_object({**karmada_slice("x", "own", "web", ["10.0.0.1"]), "metadata": {
+        "name": "web-own", "namespace": "test",
+        "labels": {"kubernetes.io/service-name": "web"}}})
+    async with running(emu, tmp_path, cluster_id="member3") as run, emu.api_client() as api:
+        web = run.store.current.services[WEB]
+        assert web.type == "ClusterSetIP" and len(web.ips) == 1
+        assert web.ips[0].startswith("127.240.")
+        assert [(p.name, p.port) for p in web.ports] == [("http", 80)]  # the Service's port
+        assert run.endpoints() == [("member1", "10.11.0.1"), ("member2", "10.12.0.1"),
+                                   ("member2", "10.12.0.2")]
+        assert web.clusters == ("member1", "member2")
+        assert web.endpoints[0].port_for(web.ports[0]) == 8080
+        ip = web.ips[0]
+
+        await DiscoveryV1Api(api).delete_namespaced_endpoint_slice("member1-web-abc", "test")
+        await run.until(lambda: run.endpoints() == [("member2", "10.12.0.1"),
+                                                    ("member2", "10.12.0.2")])
+        assert run.store.current.services[WEB].ips == (ip,)  # stable while it lives
+        await CustomObjectsApi(api).delete_namespaced_custom_object(
+            KARMADA, "v1alpha1", "test", "multiclusterservices", "web")
+        await run.until(lambda: WEB not in run.store.current.services)
+
+    # Stable across restarts: the same set of services gets the same addresses.
+    emu.put_object(multicluster_service("web", providers=["member1", "member2"]))
+    async with running(emu, tmp_path, cluster_id="member3") as again:
+        assert again.store.current.services[WEB].ips == (ip,)
+
+
+async def test_karmada_ports_from_slices_and_consumers(
+        emu: KubeEmulator, tmp_path: Path) -> None:
+    emu.put_object(multicluster_service("web"))  # providers and consumers: all clusters
+    emu.put_object(karmada_slice("member1", "web-abc", "web", ["10.11.0.1"], port=9090))
+    emu.put_object(multicluster_service("elsewhere", consumers=["member7"]))
+    emu.put_object(karmada_slice("member1", "elsewhere-1", "elsewhere", ["10.11.0.2"]))
+    async with running(emu, tmp_path, cluster_id="member3") as run:
+        web = run.store.current.services[WEB]
+        assert [(p.name, p.protocol, p.port) for p in web.ports] == [("http", "TCP", 9090)]
+        assert run.store.current.get("test", "elsewhere") is None  # not a consumer here
+        # A ServiceImport of the same name (an MCS controller's) wins over Karmada's.
+        emu.put_object(service_import("web", "127.240.9.9"))
+        await run.until(lambda: run.store.current.services[WEB].ips == ("127.240.9.9",))
+        assert run.endpoints() == []
+
+
+async def test_karmada_colliding_hashes_oldest_keeps_the_address(
+        emu: KubeEmulator, tmp_path: Path) -> None:
+    # A /29 pool has 6 usable addresses minus .0: collisions are certain.
+    names = [f"svc{i}" for i in range(5)]
+    for i, name in enumerate(names):
+        emu.put_object(multicluster_service(name, created=f"2024-01-0{i + 1}T00:00:00Z"))
+    async with running(emu, tmp_path, clusterset_cidr="127.240.7.0/29") as run:
+        first = {n: run.store.current.get("test", n).ips for n in names}
+        assert len({ips for ips in first.values()}) == 5
+    async with running(emu, tmp_path, clusterset_cidr="127.240.7.0/29") as run:
+        assert {n: run.store.current.get("test", n).ips for n in names} == first
+
+
+async def test_without_karmada_the_source_still_syncs(tmp_path: Path) -> None:
+    async with KubeEmulator() as emu:
+        emu.store.types.pop((KARMADA, "v1alpha1", "multiclusterservices"), None)
+        emu.put_object(service_import("web"))
+        async with running(emu, tmp_path) as run:
+            assert run.store.current.get("test", "web") is not None
+            assert run.status.connected and run.status.error is None
+            # No MultiClusterService: the cluster's Services are never listed.
+            assert not any(r.path == "/api/v1/services" for r in emu.requests)
