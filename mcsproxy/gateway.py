@@ -28,7 +28,10 @@ class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.store = SnapshotStore(config.cluster_id)
-        self.sources: list[Source] = [make_source(s, config.cluster_id) for s in config.sources]
+        self.sources: list[Source] = [
+            make_source(s, config.cluster_id, clusterset_cidr=config.clusterset_cidr)
+            for s in config.sources
+        ]
         self.dns = DnsServer(config.dns, self.store)
         self.admin = AdminServer(self)
         self.proxy = ProxyManager(config.proxy, self.store) if config.proxy.enabled else None
@@ -41,6 +44,16 @@ class Gateway:
                 self.components.insert(1, self.proxy)
                 if config.proxy.workers > 1:
                     self.components.insert(2, WorkerPool(config.proxy))
+        if config.vip_interface and config.proxy.worker_index == 0:
+            from mcsproxy.vip import VipInterface
+
+            # First up, last down: a bad interface stops the start before anything listens,
+            # and the addresses go only after the listeners have closed.
+            self.vip: VipInterface | None = VipInterface(
+                config.vip_interface, self.store, config.clusterset_cidr)
+            self.components.insert(0, self.vip)
+        else:
+            self.vip = None
         self.stopping = False
         self._tasks: list[asyncio.Task[Any]] = []
         self._stop = asyncio.Event()

@@ -1,0 +1,268 @@
+"""`--vip-interface NAME`: keep exactly the current ClusterSetIPs on one interface.
+
+In a cluster the gateway runs on the node's network (hostNetwork DaemonSet with
+NET_ADMIN). Each ClusterSetIP is put on a dummy interface as a /32 (/128), so the node
+accepts connections to it and the proxy's listeners get them; a pod's packet to a
+ClusterSetIP reaches the node through the pod's default route. Addresses follow the
+snapshots: a new import's address is added, a withdrawn one removed, and all of them go on
+shutdown (the interface too when the gateway created it).
+
+The interface is created as a `dummy` link when missing. A kernel without the dummy
+driver (and test network namespaces) can name an existing interface instead, such as
+`lo` inside a namespace. On an interface the gateway did not create it removes only host
+addresses it added itself, or stale ones inside `--clusterset-cidr` (left by an earlier
+run that was killed); the interface's other addresses (127.0.0.1/8, ::1, the node IP)
+are never touched.
+
+Netlink through pyroute2. Its asyncio flavour cannot run on uvloop (no netlink datagram
+transport), so the synchronous IPRoute runs in one dedicated worker thread: netlink calls
+never block the event loop and are applied in order. Each snapshot costs work for its
+changed services only; a failed call is retried with a full resynchronisation.
+
+Without `--vip-interface` nothing here runs and the proxy binds its listeners with
+IP_FREEBIND, for set-ups that route ClusterSetIPs to the node by other means.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+import socket
+from collections import Counter
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from mcsproxy.clustersetip import Network, parse_cidrs
+from mcsproxy.model import ServiceKey, Snapshot
+from mcsproxy.store import SnapshotStore
+from mcsproxy.tasks import cancel_and_wait, spawn
+
+log = logging.getLogger("mcsproxy.vip")
+
+IFA_F_NODAD = 0x02  # a ClusterSetIP is ours alone: no duplicate address detection
+RETRY_INITIAL_S = 0.5
+RETRY_MAX_S = 30.0
+
+
+class VipError(OSError):
+    """The interface cannot be used; the gateway refuses to start."""
+
+
+def _host_prefix(ip: str) -> int:
+    return 128 if ":" in ip else 32
+
+
+class VipInterface:
+    """A gateway component (start/stop) that owns the ClusterSetIPs on one interface."""
+
+    def __init__(self, ifname: str, store: SnapshotStore,
+                 clusterset_cidr: str = "127.240.0.0/16", *, create: bool = True) -> None:
+        self.ifname = ifname
+        self.store = store
+        self.create = create
+        self.pools: tuple[Network, ...] = parse_cidrs(clusterset_cidr)
+        self.index: int | None = None
+        self.created = False
+        self.present: set[str] = set()  # host addresses of ours now on the interface
+        self.adds = 0
+        self.removes = 0
+        self.error: str | None = None
+        self._by_key: dict[ServiceKey, tuple[str, ...]] = {}
+        self._wanted: Counter[str] = Counter()
+        self._dirty: set[str] = set()
+        self._resync = True
+        self._wake = asyncio.Event()
+        self._ipr: IPRoute | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._idle = asyncio.Event()
+        self._busy = False
+
+    # -- component -------------------------------------------------------------------
+    async def start(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vip-netlink")
+        try:
+            await self._call(self._open)
+        except BaseException:
+            await self._close()
+            raise
+        self._on_snapshot(self.store.current, everything=True)
+        self.store.subscribe(self._on_snapshot)
+        self._task = spawn(self._sync_loop(), name=f"vip {self.ifname}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            await cancel_and_wait([self._task])
+            self._task = None
+        try:
+            if self._ipr is not None:
+                await self._call(self._remove_all)
+        finally:
+            await self._close()
+
+    async def settled(self) -> None:
+        """Wait until every change seen so far is on the interface (tests, shutdown)."""
+        while self._busy or self._dirty or self._resync or self._wake.is_set():
+            self._idle.clear()
+            await self._idle.wait()
+
+    # -- snapshots → wanted addresses ------------------------------------------------
+    def _on_snapshot(self, snapshot: Snapshot, everything: bool = False) -> None:
+        keys: Iterable[ServiceKey] = snapshot.services if everything else snapshot.changed
+        for key in keys:
+            svc = snapshot.services.get(key)
+            new = svc.ips if svc is not None and not svc.headless else ()
+            old = self._by_key.get(key, ())
+            if new == old:
+                continue
+            if new:
+                self._by_key[key] = new
+            else:
+                self._by_key.pop(key, None)
+            for ip in old:
+                self._wanted[ip] -= 1
+                if self._wanted[ip] <= 0:
+                    del self._wanted[ip]
+                    self._dirty.add(ip)
+            for ip in new:
+                self._wanted[ip] += 1
+                if self._wanted[ip] == 1:
+                    self._dirty.add(ip)
+        if self._dirty:
+            self._wake.set()
+
+    @property
+    def wanted(self) -> frozenset[str]:
+        return frozenset(self._wanted)
+
+    async def _sync_loop(self) -> None:
+        delay = RETRY_INITIAL_S
+        self._wake.set()
+        while True:
+            if not self._wake.is_set():
+                self._idle.set()
+            await self._wake.wait()
+            self._wake.clear()
+            dirty, self._dirty = self._dirty, set()
+            resync, self._resync = self._resync, False
+            self._busy = True
+            try:
+                await self._call(self._apply, dirty, resync)
+                delay = RETRY_INITIAL_S
+                self.error = None
+            except (NetlinkError, OSError) as exc:
+                self.error = f"{self.ifname}: {exc}"
+                log.error("vip interface %s: %s; resynchronising in %.1f s", self.ifname, exc,
+                          delay)
+                self._dirty |= dirty
+                self._resync = True
+                await asyncio.sleep(delay)
+                delay = min(RETRY_MAX_S, delay * 2)
+                self._wake.set()
+            finally:
+                self._busy = False
+
+    # -- netlink (runs in the worker thread only) --------------------------------------
+    async def _call(self, func: Any, *args: Any) -> Any:
+        assert self._executor is not None
+        return await asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
+
+    def _open(self) -> None:
+        self._ipr = IPRoute()
+        found = self._ipr.link_lookup(ifname=self.ifname)
+        if not found:
+            if not self.create:
+                raise VipError(f"--vip-interface {self.ifname}: no such interface")
+            try:
+                self._ipr.link("add", ifname=self.ifname, kind="dummy")
+            except NetlinkError as exc:
+                raise VipError(
+                    f"--vip-interface {self.ifname}: no such interface, and a dummy link "
+                    f"cannot be created ({exc.args[1] if len(exc.args) > 1 else exc}); "
+                    "create it, or name an existing interface such as lo") from None
+            self.created = True
+            found = self._ipr.link_lookup(ifname=self.ifname)
+            log.info("vip interface %s created (dummy)", self.ifname)
+        self.index = found[0]
+        try:
+            self._ipr.link("set", index=self.index, state="up")
+        except NetlinkError as exc:
+            raise VipError(f"--vip-interface {self.ifname}: cannot set it up: {exc}") from None
+
+    def _ours(self, ip: str) -> bool:
+        """A host address we may remove: one we added, or a stale one in our range."""
+        if ip in self.present or self.created:
+            return True
+        addr = ipaddress.ip_address(ip)
+        return any(addr in pool for pool in self.pools)
+
+    def _dump(self) -> set[str]:
+        assert self._ipr is not None
+        return {
+            a.get("address") for a in self._ipr.addr("dump", index=self.index)
+            if a["prefixlen"] == (128 if a["family"] == socket.AF_INET6 else 32)
+            and a.get("address")
+        }
+
+    def _apply(self, dirty: set[str], resync: bool) -> None:
+        assert self._ipr is not None
+        wanted = self._wanted
+        if resync:
+            on_link = self._dump()
+            self.present = {ip for ip in on_link if ip in wanted}
+            stale = {ip for ip in on_link if ip not in wanted and self._ours(ip)}
+            dirty = dirty | set(wanted) | stale
+            self.present |= stale
+        for ip in sorted(dirty):
+            if ip in wanted and ip not in self.present:
+                self._add(ip)
+            elif ip not in wanted and ip in self.present:
+                self._del(ip)
+
+    def _add(self, ip: str) -> None:
+        assert self._ipr is not None
+        try:
+            self._ipr.addr("add", index=self.index, address=ip, prefixlen=_host_prefix(ip),
+                           flags=IFA_F_NODAD if ":" in ip else 0)
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise
+        self.present.add(ip)
+        self.adds += 1
+        log.info("vip %s/%d added on %s", ip, _host_prefix(ip), self.ifname)
+
+    def _del(self, ip: str) -> None:
+        assert self._ipr is not None
+        try:
+            self._ipr.addr("del", index=self.index, address=ip, prefixlen=_host_prefix(ip))
+        except NetlinkError as exc:
+            if exc.code not in (errno.EADDRNOTAVAIL, errno.ENODEV, errno.ENOENT):
+                raise
+        self.present.discard(ip)
+        self.removes += 1
+        log.info("vip %s/%d removed from %s", ip, _host_prefix(ip), self.ifname)
+
+    def _remove_all(self) -> None:
+        assert self._ipr is not None
+        if self.created:
+            self._ipr.link("del", index=self.index)
+            log.info("vip interface %s removed with its %d addresses", self.ifname,
+                     len(self.present))
+            self.present.clear()
+            return
+        for ip in sorted(self.present):
+            self._del(ip)
+
+    async def _close(self) -> None:
+        if self._ipr is not None and self._executor is not None:
+            ipr, self._ipr = self._ipr, None
+            await self._call(ipr.close)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None

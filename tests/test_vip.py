@@ -1,0 +1,213 @@
+"""--vip-interface inside network namespaces made by the test (root and iproute2 needed).
+
+Namespace `a` runs a backend and the gateway (`--vip-interface lo`: this kernel has no
+dummy link type); namespace `b` is a client joined to `a` by a veth pair, routing the
+clusterset range through it. The kernel's view of the addresses is read with `ip`,
+polled against a deadline (there is no event to wait on from outside the gateway).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+CIDR = "198.18.0.0/16"
+VIP = "198.18.5.7"
+VIP2 = "198.18.5.8"
+STALE = "198.18.9.9"  # left by an earlier run: inside the CIDR, so the gateway removes it
+FOREIGN = "10.99.0.1"  # someone else's host address on the same interface: never touched
+BACKEND_PORT = 18080
+
+BACKEND = f"""
+import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", {BACKEND_PORT}))
+s.listen(16)
+print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    c.sendall(b"backend-ok\\n")
+    c.close()
+"""
+
+CLIENT = """
+import socket, sys
+with socket.create_connection((sys.argv[1], 80), timeout=3) as c:
+    print(c.recv(100).decode().strip())
+"""
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=10, check=check)
+
+
+@dataclass
+class Namespaces:
+    a: str
+    b: str
+
+    def exec(self, ns: str, *args: str) -> list[str]:
+        return ["ip", "netns", "exec", ns, *args]
+
+    def host_addresses(self, ns: str, dev: str = "lo") -> set[str]:
+        out = run("ip", "-n", ns, "-o", "addr", "show", "dev", dev, check=False).stdout
+        return {f.split()[3] for f in out.splitlines() if len(f.split()) > 3}
+
+
+@pytest.fixture
+def netns() -> Iterator[Namespaces]:
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    if shutil.which("ip") is None:
+        pytest.skip("iproute2 (ip) is not installed")
+    tag = f"{os.getpid() % 100000}"
+    ns = Namespaces(f"mcsvip{tag}a", f"mcsvip{tag}b")
+    made: list[str] = []
+    try:
+        for name in (ns.a, ns.b):
+            result = run("ip", "netns", "add", name, check=False)
+            if result.returncode != 0:
+                pytest.skip(f"ip netns add failed: {result.stderr.strip()}")
+            made.append(name)
+        run("ip", "-n", ns.a, "link", "add", "va", "type", "veth", "peer", "name", "vb",
+            "netns", ns.b)
+        for name, dev, addr in ((ns.a, "va", "10.251.0.1/30"), (ns.b, "vb", "10.251.0.2/30")):
+            run("ip", "-n", name, "addr", "add", addr, "dev", dev)
+            run("ip", "-n", name, "link", "set", dev, "up")
+            run("ip", "-n", name, "link", "set", "lo", "up")
+        run("ip", "-n", ns.b, "route", "add", CIDR, "via", "10.251.0.1")
+        yield ns
+    finally:
+        for name in made:
+            run("ip", "netns", "del", name, check=False)
+
+
+@pytest.fixture
+def backend(netns: Namespaces) -> Iterator[None]:
+    proc = subprocess.Popen(netns.exec(netns.a, sys.executable, "-c", BACKEND),
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        yield
+    finally:
+        proc.kill()
+        proc.communicate(timeout=5)  # reaps it and closes its pipe
+
+
+def manifests(path: Path, vips: dict[str, str]) -> None:
+    docs = []
+    for name, ip in vips.items():
+        docs.append(f"""
+apiVersion: multicluster.x-k8s.io/v1alpha1
+kind: ServiceImport
+metadata: {{name: {name}, namespace: test}}
+spec:
+  type: ClusterSetIP
+  ips: ["{ip}"]
+  ports: [{{name: http, protocol: TCP, port: 80}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}-east
+  namespace: test
+  labels:
+    multicluster.kubernetes.io/service-name: {name}
+    multicluster.kubernetes.io/source-cluster: east
+addressType: IPv4
+ports: [{{name: http, protocol: TCP, port: {BACKEND_PORT}}}]
+endpoints: [{{addresses: ["127.0.0.1"]}}]
+""")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("---\n".join(docs) or "\n")
+    tmp.replace(path)
+
+
+def eventually(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def gateway(netns: Namespaces, source: Path, interface: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        netns.exec(netns.a, sys.executable, "-m", "mcsproxy", "gateway", "--cluster-id", "east",
+                   "--source", f"file:{source}", "--vip-interface", interface,
+                   "--clusterset-cidr", CIDR, "--dns-listen", "127.0.0.1:0",
+                   "--admin-listen", "127.0.0.1:0", "--log-level", "info"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def stop(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate(timeout=5)
+    return proc.returncode, err
+
+
+def test_vips_follow_imports_and_serve_a_client_in_another_namespace(
+        netns: Namespaces, backend: None, tmp_path: Path) -> None:
+    run("ip", "-n", netns.a, "addr", "add", f"{STALE}/32", "dev", "lo")
+    run("ip", "-n", netns.a, "addr", "add", f"{FOREIGN}/32", "dev", "lo")
+    source = tmp_path / "imports.yaml"
+    manifests(source, {"web": VIP})
+    proc = gateway(netns, source, "lo")
+    try:
+        eventually(lambda: f"{VIP}/32" in netns.host_addresses(netns.a), f"{VIP} on lo")
+        eventually(lambda: f"{STALE}/32" not in netns.host_addresses(netns.a),
+                   "the stale address to go")
+        # A client in the other namespace reaches the backend through the ClusterSetIP.
+        answer = run(*netns.exec(netns.b, sys.executable, "-c", CLIENT, VIP)).stdout.strip()
+        assert answer == "backend-ok"
+
+        manifests(source, {"api": VIP2})  # web withdrawn, api imported
+        eventually(lambda: f"{VIP2}/32" in netns.host_addresses(netns.a)
+                   and f"{VIP}/32" not in netns.host_addresses(netns.a), "the swap")
+        answer = run(*netns.exec(netns.b, sys.executable, "-c", CLIENT, VIP2)).stdout.strip()
+        assert answer == "backend-ok"
+        failed = run(*netns.exec(netns.b, sys.executable, "-c", CLIENT, VIP), check=False)
+        assert failed.returncode != 0  # the withdrawn address answers no more
+    finally:
+        code, err = stop(proc)
+    assert code == 0, err
+    left = netns.host_addresses(netns.a)
+    assert not any(a.startswith("198.18.") for a in left), left  # clean removal on shutdown
+    assert {f"{FOREIGN}/32", "127.0.0.1/8"} <= left
+
+
+def test_missing_interface_is_created_or_refused_clearly(
+        netns: Namespaces, tmp_path: Path) -> None:
+    probe = run("ip", "-n", netns.a, "link", "add", "mcsprobe", "type", "dummy", check=False)
+    source = tmp_path / "imports.yaml"
+    manifests(source, {"web": VIP})
+    proc = gateway(netns, source, "mcs0")
+    if probe.returncode != 0:
+        # No dummy driver (this machine): the gateway refuses to start and says why.
+        _, err = proc.communicate(timeout=15)
+        assert proc.returncode == 1
+        assert "mcs0" in err and "dummy" in err and "lo" in err
+        return
+    run("ip", "-n", netns.a, "link", "del", "mcsprobe")
+    try:
+        eventually(lambda: f"{VIP}/32" in netns.host_addresses(netns.a, "mcs0"), "VIP on mcs0")
+    finally:
+        code, err = stop(proc)
+    assert code == 0, err
+    links = run("ip", "-n", netns.a, "-o", "link", "show").stdout
+    assert "mcs0" not in links  # the gateway made it, the gateway removed it
