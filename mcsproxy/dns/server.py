@@ -29,23 +29,29 @@ BIND_ATTEMPTS: Final = 10  # port 0: the UDP port picked may be taken for TCP
 
 
 class UdpProtocol(asyncio.DatagramProtocol):
-    __slots__ = ("memo_get", "respond", "sendto", "server", "transport")
+    __slots__ = ("memo_get", "respond", "sendto", "server", "sock_sendto", "transport")
 
-    def __init__(self, server: DnsServer) -> None:
+    def __init__(self, server: DnsServer, sock: socket.socket) -> None:
         self.server = server
         self.memo_get = server.responder.memo.get
         self.respond = server.responder.respond
+        # sendto on the socket itself: uvloop's transport turns the address tuple back
+        # into a sockaddr through getaddrinfo on every call, a visible share of a query.
+        self.sock_sendto = sock.sendto
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio's; the methods are what counts.
         self.transport = cast(asyncio.DatagramTransport, transport)
-        self.sendto = self.transport.sendto
+        self.sendto = self.server.udp_send
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         tail = self.memo_get(data[2:])
         if tail is not None:
-            self.sendto(data[:2] + tail, addr)
+            try:
+                self.sock_sendto(data[:2] + tail, addr)
+            except OSError:
+                self.sendto(data[:2] + tail, addr)
             return
         try:
             answer = self.respond(data, False)
@@ -168,6 +174,7 @@ class DnsServer:
         )
         self.bound: tuple[str, int] | None = None
         self._udp: asyncio.DatagramTransport | None = None
+        self._udp_sock: socket.socket | None = None  # owned by self._udp once it exists
         self._tcp: asyncio.AbstractServer | None = None
         self._connections: set[TcpProtocol] = set()
         self._refused_logged = False
@@ -202,10 +209,18 @@ class DnsServer:
         loop = asyncio.get_running_loop()
         host, port = self.config.listen
         for attempt in range(BIND_ATTEMPTS):
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                sock.bind((host, port))
+            except OSError:
+                sock.close()
+                raise
+            sock.setblocking(False)
+            self._udp_sock = sock
             udp, _ = await loop.create_datagram_endpoint(
-                lambda: UdpProtocol(self), local_addr=(host, port)
+                lambda sock=sock: UdpProtocol(self, sock), sock=sock  # type: ignore[misc]
             )
-            sock = udp.get_extra_info("socket")
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF_BYTES)
             except OSError as exc:
@@ -236,12 +251,25 @@ class DnsServer:
         if self._udp is not None:
             self._udp.close()
             self._udp = None
+            self._udp_sock = None
         if self.forwarder is not None:
             await self.forwarder.stop()
         # Let the transports' close callbacks run before the loop goes away.
         await asyncio.sleep(0)
 
     # -- used by the protocols ---------------------------------------------------------
+    def udp_send(self, answer: bytes, addr: tuple[str, int]) -> None:
+        if self._udp_sock is None:
+            return
+        try:
+            self._udp_sock.sendto(answer, addr)
+        except BlockingIOError:
+            if self._udp is not None:
+                self._udp.sendto(answer, addr)  # queued by the transport until writable
+        except OSError as exc:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("dns: cannot answer %s: %s", addr[0], exc)
+
     def admit(self, conn: TcpProtocol) -> bool:
         if len(self._connections) >= self.config.tcp_max_connections:
             if not self._refused_logged:
