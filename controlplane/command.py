@@ -155,9 +155,23 @@ def run_from_args(args: argparse.Namespace, config_error: type[Exception]) -> in
 
     from mcsproxy.config import ConfigError, parse_host_port
 
-    if args.kubeconfig or args.contexts:
-        raise config_error("Kubernetes mode (--kubeconfig/--contexts) is not available yet; "
-                           "use --clusters-dir DIR --output-dir OUT")
+    if args.contexts or args.member_secrets:
+        if args.clusters_dir or args.output_dir or args.once:
+            raise config_error("--contexts/--member-secrets (Kubernetes mode) and "
+                               "--clusters-dir/--output-dir/--once do not mix")
+        from controlplane.clusters import kube_app
+
+        try:
+            kube_config = kube_app.config_from_args(args)
+        except ValueError as exc:
+            raise config_error(str(exc)) from None
+        try:
+            return uvloop.run(kube_app.run(kube_config))
+        except ClusterError as exc:
+            print(f"mcsproxy controller: error: {exc}", file=sys.stderr)
+            return 1
+    if args.kubeconfig:
+        raise config_error("--kubeconfig needs --contexts a,b,c (or --member-secrets NS)")
     if not args.clusters_dir or not args.output_dir:
         raise config_error("controller needs --clusters-dir DIR and --output-dir OUT")
     try:

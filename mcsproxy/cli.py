@@ -113,8 +113,18 @@ def _add_controller_parser(sub: argparse._SubParsersAction) -> None:  # type: ig
     p.add_argument("--serve", metavar="HOST:PORT", help="stream snapshots to gateways here")
     p.add_argument("--clusterset-cidr", default="127.240.0.0/16",
                    help="ClusterSetIP range; IPv4,IPv6 for dual stack")
-    p.add_argument("--kubeconfig", metavar="PATH", help="Kubernetes mode (not yet available)")
-    p.add_argument("--contexts", metavar="A,B,C", help="Kubernetes mode (not yet available)")
+    p.add_argument("--kubeconfig", metavar="PATH", help="Kubernetes mode: the kubeconfig")
+    p.add_argument("--contexts", metavar="A,B=ID",
+                   help="Kubernetes mode: member contexts (cluster ID = context, or after =)")
+    p.add_argument("--member-secrets", metavar="NAMESPACE",
+                   help="Kubernetes mode in-cluster: member kubeconfigs from Secrets labelled "
+                        "mcsproxy.io/member-cluster=<id> in NAMESPACE")
+    p.add_argument("--leader-elect", action=argparse.BooleanOptionalAction, default=True,
+                   help="Kubernetes mode: only the holder of a Lease writes (default on)")
+    p.add_argument("--lease-namespace", metavar="NS",
+                   help="the Lease's namespace (default: --member-secrets, else kube-system)")
+    p.add_argument("--lease-duration", type=float, default=15.0, metavar="SECONDS")
+    p.add_argument("--identity", help="leader election identity (default: host-pid)")
     p.add_argument("--log-level", default="info", choices=sorted(LEVELS))
     p.set_defaults(func=_run_controller)
 

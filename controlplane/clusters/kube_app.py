@@ -1,0 +1,284 @@
+"""`mcsproxy controller` in Kubernetes mode: members from kubeconfig contexts or from
+Secrets, one leader at a time on a Lease, the gateway stream while leading.
+
+Members come from `--kubeconfig PATH --contexts a,b=cluster-b` (the cluster ID is the
+context name unless given after `=`), or, in-cluster, from `--member-secrets NAMESPACE`:
+every Secret there labelled `mcsproxy.io/member-cluster` holds a kubeconfig under the key
+`kubeconfig`; the label's value is the cluster ID (the Secret's name when empty). The
+Lease lives in the first context's cluster, or with the Secrets in their own cluster.
+
+Each leadership term builds fresh member clients, waits until every member has been read
+once (a member not read yet would look like one without exports, and its imports
+elsewhere would be deleted), then reconciles and serves until the term ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from kubernetes_asyncio import config as kube_config
+from kubernetes_asyncio.client import ApiClient, Configuration
+
+from controlplane.allocator import DEFAULT_CIDR
+from controlplane.clusters import ClusterError
+from controlplane.clusters.kube import KubeClusterClient, KubeTimings
+from controlplane.clusters.kube_api import Backoff, KubeApi
+from controlplane.controller import Controller
+from controlplane.leader import LeaderElector, LeaseConfig
+from controlplane.metrics import ControllerMetrics
+from controlplane.server import ControllerServer
+from controlplane.stream import HEARTBEAT_S, StreamHub
+from mcsproxy.config import CLUSTER_ID_RE
+from mcsproxy.tasks import cancel_and_wait, spawn
+
+log = logging.getLogger("controlplane.kube")
+
+MEMBER_LABEL = "mcsproxy.io/member-cluster"
+KUBECONFIG_KEY = "kubeconfig"
+
+
+def default_identity() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def check_cluster_id(cluster: str, where: str) -> str:
+    if not CLUSTER_ID_RE.match(cluster) or len(cluster) > 253:
+        raise ValueError(f"{where}: {cluster!r} is not an RFC-1123 cluster ID")
+    return cluster
+
+
+def parse_contexts(text: str) -> tuple[tuple[str, str], ...]:
+    """`a,b=cluster-b` → ((context, cluster ID), ...)."""
+    found: list[tuple[str, str]] = []
+    for item in (p.strip() for p in text.split(",")):
+        if not item:
+            continue
+        context, _, cluster = item.partition("=")
+        context, cluster = context.strip(), (cluster.strip() or context.strip())
+        found.append((context, check_cluster_id(cluster, f"--contexts {item}")))
+    if not found:
+        raise ValueError("--contexts names no context")
+    ids = [c for _, c in found]
+    if len(set(ids)) != len(ids):
+        raise ValueError("--contexts: a cluster ID appears twice")
+    return tuple(found)
+
+
+@dataclass(frozen=True)
+class KubeControllerConfig:
+    kubeconfig: Path | None = None
+    contexts: tuple[tuple[str, str], ...] = ()
+    member_secrets: str | None = None  # namespace of the member Secrets (in-cluster mode)
+    serve: tuple[str, int] | None = None
+    clusterset_cidr: str = DEFAULT_CIDR
+    leader_elect: bool = True
+    lease_namespace: str | None = None  # default: --member-secrets or kube-system
+    lease_name: str = "mcsproxy-controller"
+    lease_duration_s: float = 15.0
+    identity: str = field(default_factory=default_identity)
+    heartbeat_s: float = HEARTBEAT_S
+    timings: KubeTimings = field(default_factory=KubeTimings)
+
+    def __post_init__(self) -> None:
+        if bool(self.contexts) == bool(self.member_secrets):
+            raise ValueError("Kubernetes mode needs --contexts or --member-secrets (one)")
+
+    def lease(self) -> LeaseConfig:
+        duration = self.lease_duration_s
+        return LeaseConfig(
+            namespace=self.lease_namespace or self.member_secrets or "kube-system",
+            identity=self.identity, name=self.lease_name, lease_duration_s=duration,
+            renew_deadline_s=duration * 2 / 3, retry_period_s=duration / 7.5)
+
+
+async def _client_for(kubeconfig: Path | None, context: str | None) -> ApiClient:
+    """The host cluster: a kubeconfig context, else the pod's service account."""
+    if kubeconfig is None and context is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        cfg = Configuration()
+        kube_config.load_incluster_config(client_configuration=cfg)
+        return ApiClient(cfg)
+    try:
+        return await kube_config.new_client_from_config(
+            config_file=str(kubeconfig) if kubeconfig else None, context=context,
+            persist_config=False)
+    except (kube_config.ConfigException, OSError, ValueError, KeyError) as exc:
+        raise ClusterError(f"kubeconfig {kubeconfig or '(default)'}: {exc}") from None
+
+
+def member_from_secret(secret: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A member Secret → (cluster ID, kubeconfig dict); ValueError says what is wrong."""
+    meta = secret.get("metadata") or {}
+    name = str(meta.get("name"))
+    cluster = (meta.get("labels") or {}).get(MEMBER_LABEL) or name
+    check_cluster_id(cluster, f"Secret {name}")
+    raw = (secret.get("data") or {}).get(KUBECONFIG_KEY)
+    if not raw:
+        raise ValueError(f"Secret {name}: no {KUBECONFIG_KEY!r} key")
+    try:
+        doc = yaml.safe_load(base64.b64decode(raw))
+    except (ValueError, yaml.YAMLError) as exc:
+        raise ValueError(f"Secret {name}: {KUBECONFIG_KEY} is not a kubeconfig: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"Secret {name}: {KUBECONFIG_KEY} is not a kubeconfig mapping")
+    return cluster, doc
+
+
+class KubeControllerApp:
+    def __init__(self, config: KubeControllerConfig) -> None:
+        self.config = config
+        self.metrics = ControllerMetrics()
+        self.controller: Controller | None = None
+        self.server: ControllerServer | None = None
+        self.elector: LeaderElector | None = None
+        self.led = asyncio.Event()  # set once the first term has reconciled everything
+        self._host: ApiClient | None = None
+        self._stop = asyncio.Event()
+
+    async def _host_client(self) -> ApiClient:
+        if self._host is None:
+            cfg = self.config
+            context = cfg.contexts[0][0] if cfg.contexts else None
+            self._host = await _client_for(cfg.kubeconfig, context)
+        return self._host
+
+    async def _members(self) -> list[KubeClusterClient]:
+        cfg = self.config
+        if cfg.contexts:
+            return [await KubeClusterClient.from_kubeconfig(cluster, cfg.kubeconfig, context,
+                                                            cfg.timings)
+                    for context, cluster in cfg.contexts]
+        assert cfg.member_secrets is not None
+        api = KubeApi(await self._host_client(), "host", cfg.timings.request_timeout_s)
+        secrets, _ = await api.list(f"/api/v1/namespaces/{cfg.member_secrets}/secrets",
+                                    MEMBER_LABEL)
+        members: dict[str, dict[str, Any]] = {}
+        for secret in sorted(secrets, key=lambda s: str((s.get("metadata") or {}).get("name"))):
+            try:
+                cluster, doc = member_from_secret(secret)
+            except ValueError as exc:
+                log.error("%s: skipped", exc)
+                continue
+            if cluster in members:
+                log.error("Secret for cluster %s appears twice: the first one is used", cluster)
+                continue
+            members[cluster] = doc
+        if not members:
+            raise ClusterError(f"no member Secrets labelled {MEMBER_LABEL} in namespace "
+                               f"{cfg.member_secrets}")
+        return [await KubeClusterClient.from_kubeconfig_dict(c, doc, cfg.timings)
+                for c, doc in members.items()]
+
+    async def _until_all_answer(self, clients: list[KubeClusterClient]) -> None:
+        backoff = Backoff(self.config.timings.backoff_base_s, self.config.timings.backoff_cap_s)
+        pending = list(clients)
+        while pending:
+            results = await asyncio.gather(*(c.sync() for c in pending), return_exceptions=True)
+            failed = [(c, r) for c, r in zip(pending, results, strict=True)
+                      if isinstance(r, BaseException)]
+            for _, error in failed:
+                if not isinstance(error, ClusterError):
+                    raise error
+                log.error("waiting for member: %s", error)
+            pending = [c for c, _ in failed]
+            if pending:
+                await asyncio.sleep(backoff.next())
+
+    async def lead(self) -> None:
+        """One term as the writer: until cancelled."""
+        cfg = self.config
+        clients: list[KubeClusterClient] = []
+        hub = StreamHub(self.metrics, cfg.heartbeat_s) if cfg.serve else None
+        controller: Controller | None = None
+        server: ControllerServer | None = None
+        try:
+            clients = await self._members()
+            await self._until_all_answer(clients)
+            controller = Controller(clients, cidrs=cfg.clusterset_cidr, metrics=self.metrics,
+                                    publisher=hub)
+            if hub is not None:
+                for c in controller.clients:
+                    hub.attach(c, controller.written.setdefault(c, {}))
+            await controller.start()
+            self.controller = controller
+            log.info("controller reconciled clusters=%s", ",".join(controller.clients))
+            if cfg.serve is not None and hub is not None:
+                server = ControllerServer(controller, hub, cfg.serve)
+                await server.start()
+                self.server = server
+            self.led.set()
+            await controller.run()
+        finally:
+            self.controller = self.server = None
+            if server is not None:
+                await server.stop()
+            if controller is not None:
+                await controller.close()
+            else:
+                for client in clients:
+                    await client.close()
+
+    async def run(self) -> None:
+        """Until stop(): lead when elected (or at once without leader election)."""
+        cfg = self.config
+        if cfg.leader_elect:
+            api = KubeApi(await self._host_client(), "lease", cfg.timings.request_timeout_s)
+            self.elector = LeaderElector(api, cfg.lease())
+            work = spawn(self.elector.run(self.lead), name="leader election")
+        else:
+            work = spawn(self.lead(), name="controller term")
+        stop = spawn(self._stop.wait(), name="controller stop signal")
+        try:
+            await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await cancel_and_wait([work, stop])
+            if self._host is not None:
+                await self._host.close()
+                self._host = None
+        if work.done() and not work.cancelled() and work.exception() is not None:
+            raise work.exception()  # type: ignore[misc]
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+async def run(config: KubeControllerConfig) -> int:
+    import signal
+
+    app = KubeControllerApp(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, app.stop)
+    await app.run()
+    return 0
+
+
+def config_from_args(args: Any) -> KubeControllerConfig:
+    """The controller's Kubernetes flags → config; ValueError for bad flags."""
+    from mcsproxy.config import ConfigError, parse_host_port
+
+    try:
+        serve = parse_host_port(args.serve, "--serve") if args.serve else None
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+    if args.lease_duration < 3:
+        raise ValueError("--lease-duration must be at least 3 seconds")
+    return KubeControllerConfig(
+        kubeconfig=Path(args.kubeconfig) if args.kubeconfig else None,
+        contexts=parse_contexts(args.contexts) if args.contexts else (),
+        member_secrets=args.member_secrets,
+        serve=serve,
+        clusterset_cidr=args.clusterset_cidr,
+        leader_elect=args.leader_elect,
+        lease_namespace=args.lease_namespace,
+        lease_duration_s=float(args.lease_duration),
+        identity=args.identity or default_identity(),
+    )
