@@ -1,0 +1,87 @@
+"""A whole gateway on `--source kube`: DNS, proxy and /readyz over a Karmada service."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from mcsproxy.config import AdminConfig, DnsConfig, GatewayConfig, HealthConfig, ProxyConfig
+from mcsproxy.gateway import Gateway
+from tests.kube_emulator import KubeEmulator
+from tests.proxy_fixtures import Backend, ask, free_port
+from tests.test_controller import dns_a
+from tests.test_kube_source import karmada_slice, local_service, multicluster_service
+
+HOST = "127.50.0.1"
+NAME = "web.test.svc.clusterset.local"
+
+
+async def readyz(config: GatewayConfig) -> tuple[int, dict]:
+    host, port = config.admin.listen
+    timeout = aiohttp.ClientTimeout(total=3)
+    async with aiohttp.ClientSession(timeout=timeout) as session, \
+            session.get(f"http://{host}:{port}/readyz") as response:
+        return response.status, await response.json()
+
+
+async def test_karmada_service_served_with_failover_and_static_stability(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    west = await Backend("west-1", "127.50.1.1", free_port("127.50.1.1"), "member1").start()
+    north = await Backend("north-1", "127.50.2.1", free_port("127.50.2.1"), "member2").start()
+    async with KubeEmulator(bookmark_interval=0.1) as emu:
+        emu.put_object(multicluster_service("web"))
+        emu.put_object(local_service("web", [{"name": "http", "protocol": "TCP", "port": 80}]))
+        emu.put_object(karmada_slice("member1", "web-a", "web", [west.host], port=west.port))
+        emu.put_object(karmada_slice("member2", "web-b", "web", [north.host], port=north.port))
+        monkeypatch.setenv("KUBECONFIG", str(emu.kubeconfig(tmp_path / "kubeconfig")))
+        config = GatewayConfig(
+            cluster_id="member3", sources=("kube",), clusterset_cidr="127.240.50.0/24",
+            dns=DnsConfig(listen=(HOST, free_port(HOST, socket.SOCK_DGRAM))),
+            admin=AdminConfig(listen=(HOST, free_port(HOST))),
+            proxy=ProxyConfig(health=HealthConfig(interval_s=0.2, timeout_s=0.2,
+                                                  healthy_threshold=1,
+                                                  unhealthy_threshold=1)))
+        gateway = Gateway(config)
+        await gateway.start()
+        try:
+            async with asyncio.timeout(5):
+                await gateway.store.loaded.wait()
+            [ip] = await dns_a(config.dns.listen, NAME)
+            assert ip.startswith("127.240.50.")
+            assert gateway.proxy is not None
+            await asyncio.wait_for(
+                gateway.proxy.wait_applied(gateway.store.current.version), 5)
+            seen = {await ask(ip, 80) for _ in range(6)}
+            assert seen == {"west-1", "north-1"}  # every provider cluster serves
+
+            await west.stop()  # a provider cluster fails: the other one takes it all
+            assert {await ask(ip, 80) for _ in range(6)} == {"north-1"}
+
+            await emu.stop()  # the API server goes away
+            status = gateway.store.sources["kube"]
+            async with asyncio.timeout(5):
+                while status.connected:
+                    await asyncio.sleep(0.02)
+            code, detail = await readyz(config)
+            assert code == 200 and detail["sources"]["kube"]["connected"] is False
+            assert detail["sources"]["kube"]["error"]
+            assert await dns_a(config.dns.listen, NAME) == [ip]  # still serving
+            assert await ask(ip, 80) == "north-1"
+
+            emu.put_object(karmada_slice("member1", "web-a", "web", [north.host],
+                                         port=north.port))
+            await emu.start()
+            async with asyncio.timeout(5):
+                while not status.connected:
+                    await asyncio.sleep(0.02)
+            code, detail = await readyz(config)
+            assert code == 200 and detail["sources"]["kube"]["error"] is None
+            assert await dns_a(config.dns.listen, NAME) == [ip]  # the same address
+        finally:
+            await gateway.stop()
+            await west.stop()
+            await north.stop()
