@@ -253,10 +253,10 @@ class ProxyManager:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if self.config.workers > 1:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET:
-                # A ClusterSetIP need not be on an interface yet (in a cluster the VIP is
-                # routed to the node); FREEBIND lets the bind succeed regardless.
-                sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
+            # A ClusterSetIP need not be on an interface yet (in a cluster the VIP is
+            # routed to the node); FREEBIND lets the bind succeed regardless. Linux takes
+            # the IP-level option on IPv6 sockets too.
+            sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
             sock.bind((lkey.ip, lkey.port))
         except BaseException:
             sock.close()
