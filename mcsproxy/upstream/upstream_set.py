@@ -257,8 +257,11 @@ class UpstreamSet:
         return [h for level in self._levels for h in level if h not in exclude]
 
     # -- outcomes reported by the proxies ---------------------------------------------
-    def connect_ok(self, host: Host, conn: Connection) -> None:
-        host.consecutive_failures = 0
+    def connect_ok(self, host: Host, conn: Connection, reset_failures: bool = True) -> None:
+        """`conn` now uses `host`. The HTTP proxy passes reset_failures=False: for it a
+        connection that opens says nothing about health; `response_status` does."""
+        if reset_failures:
+            host.consecutive_failures = 0
         host.conns.add(conn)
 
     def release(self, host: Host, conn: Connection) -> None:
