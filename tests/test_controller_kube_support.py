@@ -9,7 +9,10 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from controlplane.clusters.kube import KubeClusterClient, KubeTimings
 from controlplane.controller import Controller
@@ -135,3 +138,16 @@ async def clusterset(names: tuple[str, ...] = ("a", "b", "c"),
             yield cs
         finally:
             await cs.stop_controller()
+
+
+def write_kubeconfig(cs: Clusterset, path: Path) -> Path:
+    """One kubeconfig with a context per member, named by its cluster ID."""
+    merged: dict[str, Any] = {"apiVersion": "v1", "kind": "Config", "clusters": [],
+                              "users": [], "contexts": []}
+    for cluster, emu in cs.emulators.items():
+        doc = yaml.safe_load(emu.kubeconfig(path.with_suffix(f".{cluster}"), cluster).read_text())
+        for key in ("clusters", "users", "contexts"):
+            merged[key].extend(doc[key])
+        merged.setdefault("current-context", cluster)
+    path.write_text(yaml.safe_dump(merged))
+    return path
