@@ -23,6 +23,7 @@ import pytest
 CIDR = "198.18.0.0/16"
 VIP = "198.18.5.7"
 VIP2 = "198.18.5.8"
+VIP6 = "fd00:198:18::7"
 STALE = "198.18.9.9"  # left by an earlier run: inside the CIDR, so the gateway removes it
 FOREIGN = "10.99.0.1"  # someone else's host address on the same interface: never touched
 BACKEND_PORT = 18080
@@ -105,8 +106,10 @@ def backend(netns: Namespaces) -> Iterator[None]:
 
 
 def manifests(path: Path, vips: dict[str, str]) -> None:
+    """One ClusterSetIP service per name; `ip` may be "v4,v6" for a dual-stack one."""
     docs = []
-    for name, ip in vips.items():
+    for name, ips in vips.items():
+        ip = '", "'.join(ips.split(","))
         docs.append(f"""
 apiVersion: multicluster.x-k8s.io/v1alpha1
 kind: ServiceImport
@@ -166,10 +169,11 @@ def test_vips_follow_imports_and_serve_a_client_in_another_namespace(
     run("ip", "-n", netns.a, "addr", "add", f"{STALE}/32", "dev", "lo")
     run("ip", "-n", netns.a, "addr", "add", f"{FOREIGN}/32", "dev", "lo")
     source = tmp_path / "imports.yaml"
-    manifests(source, {"web": VIP})
+    manifests(source, {"web": f"{VIP},{VIP6}"})
     proc = gateway(netns, source, "lo")
     try:
-        eventually(lambda: f"{VIP}/32" in netns.host_addresses(netns.a), f"{VIP} on lo")
+        eventually(lambda: {f"{VIP}/32", f"{VIP6}/128"} <= netns.host_addresses(netns.a),
+                   f"{VIP} and {VIP6} on lo")
         eventually(lambda: f"{STALE}/32" not in netns.host_addresses(netns.a),
                    "the stale address to go")
         # A client in the other namespace reaches the backend through the ClusterSetIP.
@@ -178,7 +182,8 @@ def test_vips_follow_imports_and_serve_a_client_in_another_namespace(
 
         manifests(source, {"api": VIP2})  # web withdrawn, api imported
         eventually(lambda: f"{VIP2}/32" in netns.host_addresses(netns.a)
-                   and f"{VIP}/32" not in netns.host_addresses(netns.a), "the swap")
+                   and not {f"{VIP}/32", f"{VIP6}/128"} & netns.host_addresses(netns.a),
+                   "the swap")
         answer = run(*netns.exec(netns.b, sys.executable, "-c", CLIENT, VIP2)).stdout.strip()
         assert answer == "backend-ok"
         failed = run(*netns.exec(netns.b, sys.executable, "-c", CLIENT, VIP), check=False)
@@ -187,7 +192,8 @@ def test_vips_follow_imports_and_serve_a_client_in_another_namespace(
         code, err = stop(proc)
     assert code == 0, err
     left = netns.host_addresses(netns.a)
-    assert not any(a.startswith("198.18.") for a in left), left  # clean removal on shutdown
+    # Clean removal on shutdown.
+    assert not any(a.startswith(("198.18.", "fd00:198:")) for a in left), left
     assert {f"{FOREIGN}/32", "127.0.0.1/8"} <= left
 
 
@@ -211,3 +217,21 @@ def test_missing_interface_is_created_or_refused_clearly(
     assert code == 0, err
     links = run("ip", "-n", netns.a, "-o", "link", "show").stdout
     assert "mcs0" not in links  # the gateway made it, the gateway removed it
+
+
+async def test_without_vip_interface_listeners_bind_freely_ipv4_and_ipv6() -> None:
+    """No --vip-interface: IP_FREEBIND lets listeners bind ClusterSetIPs on no interface."""
+    from mcsproxy.model import ServicePort
+    from tests.proxy_fixtures import Clusterset, endpoint
+
+    clusterset = Clusterset()
+    ports = [ServicePort("web", "TCP", 80)]
+    clusterset.publish("v4", "198.18.200.1", ports, [endpoint("127.0.0.1", "east", 9)])
+    clusterset.publish("v6", "fd00:198:200::1", ports, [endpoint("127.0.0.1", "east", 9)])
+    manager = await clusterset.proxy()
+    try:
+        await clusterset.served(manager)
+        assert {str(k) for k in manager.listeners} == {
+            "198.18.200.1:80/TCP", "[fd00:198:200::1]:80/TCP"}
+    finally:
+        await manager.stop()
