@@ -10,6 +10,7 @@ from typing import Any, Protocol
 from mcsproxy.admin import AdminServer
 from mcsproxy.config import GatewayConfig
 from mcsproxy.dns.server import DnsServer
+from mcsproxy.http.frontdoor import FrontDoor
 from mcsproxy.proxy import ProxyManager
 from mcsproxy.proxy.workers import WorkerPool
 from mcsproxy.sources import Source, make_source
@@ -44,6 +45,9 @@ class Gateway:
                 self.components.insert(1, self.proxy)
                 if config.proxy.workers > 1:
                     self.components.insert(2, WorkerPool(config.proxy))
+            if config.proxy.http.listen is not None:
+                front = FrontDoor(self.proxy, config.dns.domain)
+                self.components.insert(self.components.index(self.proxy) + 1, front)
         if config.vip_interface and config.proxy.worker_index == 0:
             from mcsproxy.vip import VipInterface
 

@@ -7,8 +7,8 @@ unchanged listeners keep their sockets, and established connections of a closed 
 carry on (closing a listening socket does not touch accepted ones). A ClusterSetIP:port
 taken over by another service is rebound in place.
 
-SCTP ports are logged once as unsupported; appProtocol http ports are proxied as TCP
-(and health-checked with HTTP GET) until the HTTP proxy lands.
+SCTP ports are logged once as unsupported; appProtocol http ports are served by the
+HTTP/1.1 proxy (mcsproxy.http) and health-checked with HTTP GET.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from functools import partial
 from typing import Any, NamedTuple
 
 from mcsproxy.config import ProxyConfig
+from mcsproxy.http import HttpEngine, serves_http
 from mcsproxy.model import ImportedService, ServiceKey, ServicePort, Snapshot
 from mcsproxy.proxy.context import ListenerContext, Tracked
 from mcsproxy.proxy.tcp import ClientSide
@@ -101,6 +102,7 @@ class ProxyManager:
         self.listeners: dict[ListenerKey, Listener] = {}
         self.upstreams: dict[UpstreamKey, UpstreamSet] = {}
         self.conns: set[Tracked] = set()
+        self.http = HttpEngine(config)
         self._pending: set[ServiceKey] | None = None  # None: apply everything
         self._latest: Snapshot = store.current
         self._wake = asyncio.Event()
@@ -112,6 +114,7 @@ class ProxyManager:
     # -- component --------------------------------------------------------------------
     async def start(self) -> None:
         self.store.subscribe(self._on_snapshot)
+        await self.http.start()
         await self._apply()
         self._tasks.append(spawn(self._apply_loop(), name="proxy listeners"))
         if self.config.idle_timeout_s or self.config.udp_idle_timeout_s:
@@ -124,6 +127,7 @@ class ProxyManager:
             listener.close()
         for conn in list(self.conns):
             conn.abort()
+        await self.http.stop()
         for upstream in self.upstreams.values():
             await upstream.stop()
         servers = [lst.server for lst in self.listeners.values() if lst.server is not None]
@@ -174,11 +178,11 @@ class ProxyManager:
         for lkey in [k for k in self.listeners if k not in wanted]:
             log.info("listener %s closed", lkey)
             self.listeners.pop(lkey).close()
-        for lkey, (ukey, _port) in wanted.items():
+        for lkey, (ukey, port) in wanted.items():
             upstream = self.upstreams[ukey]
             listener = self.listeners.get(lkey)
             if listener is None:
-                await self._open(lkey, ukey, upstream)
+                await self._open(lkey, ukey, upstream, serves_http(port))
             elif listener.upstream_key != ukey:
                 log.info("listener %s moves from %s to %s", lkey, listener.upstream_key, ukey)
                 listener.upstream_key = ukey
@@ -220,7 +224,8 @@ class ProxyManager:
         else:
             upstream.update(targets, service.locality, affinity)
 
-    async def _open(self, lkey: ListenerKey, ukey: UpstreamKey, upstream: UpstreamSet) -> None:
+    async def _open(self, lkey: ListenerKey, ukey: UpstreamKey, upstream: UpstreamSet,
+                    http: bool = False) -> None:
         ctx = ListenerContext(str(lkey), upstream, self.config, self.conns)
         listener = Listener(lkey, ukey, ctx)
         loop = asyncio.get_running_loop()
@@ -233,8 +238,9 @@ class ProxyManager:
                     listener.transport = transport
                 else:
                     sock.listen(LISTEN_BACKLOG)
+                    factory = self.http.protocol_factory(ctx) if http else partial(ClientSide, ctx)
                     listener.server = await loop.create_server(
-                        partial(ClientSide, ctx), sock=sock, backlog=LISTEN_BACKLOG)
+                        factory, sock=sock, backlog=LISTEN_BACKLOG)
             except BaseException:
                 sock.close()
                 raise

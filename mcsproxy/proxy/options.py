@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from mcsproxy.config import LB_POLICIES, HealthConfig, OutlierConfig, ProxyConfig
+from mcsproxy.config import (
+    LB_POLICIES,
+    HealthConfig,
+    HttpConfig,
+    OutlierConfig,
+    ProxyConfig,
+    parse_host_port,
+)
 
 
 def add_proxy_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,6 +44,56 @@ def add_proxy_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--outlier-base-ejection", type=float, default=30.0, metavar="S")
     g.add_argument("--outlier-max-ejection", type=float, default=300.0, metavar="S")
     g.add_argument("--outlier-max-ejection-percent", type=int, default=50, metavar="P")
+    add_http_arguments(p)
+
+
+def add_http_arguments(p: argparse.ArgumentParser) -> None:
+    d = HttpConfig()
+    g = p.add_argument_group("HTTP proxy (appProtocol: http ports and the front door)")
+    g.add_argument("--http-listen", default=None, metavar="HOST:PORT",
+                   help="front door routing by Host: <svc>.<ns>.svc.<domain>[:port] (default off)")
+    g.add_argument("--http-header-timeout", type=float, default=d.header_timeout_s, metavar="S",
+                   help=f"to receive a request head (default {d.header_timeout_s:g})")
+    g.add_argument("--http-keepalive-timeout", type=float, default=d.keepalive_timeout_s,
+                   metavar="S", help=f"idle client connection (default {d.keepalive_timeout_s:g})")
+    g.add_argument("--http-per-try-timeout", type=float, default=d.per_try_timeout_s,
+                   metavar="S", help=f"one attempt, until the response head "
+                   f"(default {d.per_try_timeout_s:g})")
+    g.add_argument("--http-request-timeout", type=float, default=d.request_timeout_s,
+                   metavar="S", help=f"all attempts together (default {d.request_timeout_s:g})")
+    g.add_argument("--http-max-retries", type=int, default=d.max_retries, metavar="N")
+    g.add_argument("--http-retry-budget", type=int, default=d.retry_budget_percent,
+                   metavar="PCT", help="retries in flight at most PCT %% of requests in flight")
+    g.add_argument("--http-retry-buffer", type=int, default=d.retry_buffer_bytes, metavar="B",
+                   help="idempotent request bodies up to B bytes are kept for a retry")
+    g.add_argument("--http-max-header-bytes", type=int, default=d.max_header_bytes, metavar="B")
+    g.add_argument("--http-max-headers", type=int, default=d.max_headers, metavar="N")
+    g.add_argument("--http-max-uri-bytes", type=int, default=d.max_uri_bytes, metavar="B")
+    g.add_argument("--http-pool-max-idle", type=int, default=d.pool_max_idle, metavar="N",
+                   help="idle keep-alive connections kept per endpoint")
+    g.add_argument("--http-pool-idle-timeout", type=float, default=d.pool_idle_timeout_s,
+                   metavar="S")
+    g.add_argument("--http-cluster-header", default=None, metavar="NAME",
+                   help="response header naming the cluster that served (default off)")
+
+
+def http_config(args: argparse.Namespace) -> HttpConfig:
+    return HttpConfig(
+        listen=parse_host_port(args.http_listen, "--http-listen") if args.http_listen else None,
+        header_timeout_s=args.http_header_timeout,
+        keepalive_timeout_s=args.http_keepalive_timeout,
+        per_try_timeout_s=args.http_per_try_timeout,
+        request_timeout_s=args.http_request_timeout,
+        max_retries=args.http_max_retries,
+        retry_budget_percent=args.http_retry_budget,
+        retry_buffer_bytes=args.http_retry_buffer,
+        max_header_bytes=args.http_max_header_bytes,
+        max_headers=args.http_max_headers,
+        max_uri_bytes=args.http_max_uri_bytes,
+        pool_max_idle=args.http_pool_max_idle,
+        pool_idle_timeout_s=args.http_pool_idle_timeout,
+        cluster_header=args.http_cluster_header,
+    )
 
 
 def proxy_config(args: argparse.Namespace) -> ProxyConfig:
@@ -65,4 +122,5 @@ def proxy_config(args: argparse.Namespace) -> ProxyConfig:
             max_ejection_s=args.outlier_max_ejection,
             max_ejection_percent=args.outlier_max_ejection_percent,
         ),
+        http=http_config(args),
     )

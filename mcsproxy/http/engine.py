@@ -1,0 +1,134 @@
+"""What every HTTP connection of one proxy process shares: pools, the clock tick, bytes.
+
+One `HttpEngine` per `ProxyManager`. Its tick (a named task) refreshes the coarse clock
+and the Date header, and checks every client connection's timeouts: header read
+(slowloris), keep-alive idle, connect, per try, overall and body idle. The data path
+only stores numbers; no timer is armed per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from mcsproxy.config import ProxyConfig
+from mcsproxy.http.pool import EndpointPool
+from mcsproxy.http.server import ClientConnection
+from mcsproxy.http.wire import ErrorResponses, RequestIds, http_date
+from mcsproxy.model import ServicePort
+from mcsproxy.tasks import cancel_and_wait, spawn
+
+if TYPE_CHECKING:  # the proxy package imports this module: no import back at run time
+    from mcsproxy.proxy.context import ListenerContext
+    from mcsproxy.upstream import Host, UpstreamSet
+
+log = logging.getLogger("mcsproxy.http")
+
+MIN_TICK_S = 0.01
+MAX_TICK_S = 0.5
+
+
+def serves_http(port: ServicePort) -> bool:
+    """Ports proxied as HTTP/1.1 (h2c stays a TCP stream: we do not speak HTTP/2)."""
+    return port.protocol == "TCP" and (port.app_protocol or "").lower() == "http"
+
+
+class HttpRoute:
+    """Where one listener (or one front-door service port) sends requests, and its
+    retry budget: retries in flight stay below a share of the requests in flight."""
+
+    __slots__ = ("active", "ctx", "name", "retries", "retries_refused")
+
+    def __init__(self, ctx: ListenerContext) -> None:
+        self.ctx = ctx  # ctx.upstream follows the manager's rebinds
+        self.name = ctx.name
+        self.active = 0
+        self.retries = 0
+        self.retries_refused = 0
+
+
+def tick_for(config: ProxyConfig) -> float:
+    """A quarter of the shortest timeout, so each fires within 25 % of its value."""
+    http = config.http
+    shortest = min(http.header_timeout_s, http.keepalive_timeout_s, http.per_try_timeout_s,
+                   http.request_timeout_s, config.connect_timeout_s)
+    return min(MAX_TICK_S, max(MIN_TICK_S, shortest / 4))
+
+
+class HttpEngine:
+    """Component-like (start/stop), owned by the proxy manager."""
+
+    def __init__(self, config: ProxyConfig) -> None:
+        self.config = config
+        self.http = config.http
+        self.clients: set[ClientConnection] = set()
+        self.pools: dict[Host, EndpointPool] = {}
+        self.tick_s = tick_for(config)
+        self.now = time.monotonic()
+        self._second = int(time.time())
+        self.date = http_date(self._second)
+        self.via = f"Via: 1.1 {self.http.via}\r\n".encode()
+        self._fwd_tail = b"X-Forwarded-Proto: http\r\n" + self.via
+        self.errors = ErrorResponses(self.via)
+        self.ids = RequestIds()
+        self._task: asyncio.Task[Any] | None = None
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = spawn(self._ticker(), name="http tick")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            await cancel_and_wait([self._task])
+            self._task = None
+        for client in list(self.clients):
+            client.abort_all()
+        for pool in self.pools.values():
+            pool.close()
+        self.pools.clear()
+
+    def protocol_factory(self, ctx: ListenerContext) -> partial[ClientConnection]:
+        """The Protocol factory of one ClusterSetIP:port listener."""
+        return partial(ClientConnection, self, HttpRoute(ctx))
+
+    def pool_for(self, host: Host, upstream: UpstreamSet) -> EndpointPool:
+        pool = self.pools.get(host)
+        if pool is None:
+            pool = self.pools[host] = EndpointPool(self, host, upstream)
+        return pool
+
+    def forwarded_headers(self, client_chain: bytes) -> bytes:
+        return b"X-Forwarded-For: " + client_chain + b"\r\n" + self._fwd_tail
+
+    # -- the tick ---------------------------------------------------------------------
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_s)
+            self.tick()
+
+    def tick(self) -> None:
+        now = self.now = time.monotonic()
+        second = int(time.time())
+        if second != self._second:
+            self._second = second
+            self.date = http_date(second)
+        tick_s = self.tick_s
+        for client in list(self.clients):
+            try:
+                client.check(now, tick_s)
+            except Exception:  # one broken connection must not stop every timeout
+                log.exception("http: timeout check failed; closing the connection")
+                client.abort_all()
+        for host, pool in list(self.pools.items()):
+            pool.sweep(now)
+            if host.removed and not pool.idle and not pool.tunnels:
+                del self.pools[host]
+
+    def state(self) -> dict[str, object]:
+        return {
+            "clients": len(self.clients),
+            "pools": {str(h): len(p.idle) for h, p in self.pools.items()},
+        }

@@ -1,0 +1,129 @@
+"""`--http-listen HOST:PORT`: one HTTP listener routing by Host to imported services.
+
+`Host: <svc>.<ns>.svc.<domain>[:port]` selects the service port with that number (without
+a port: port 80, or the service's only TCP port). The endpoint sets, their health and
+ejection are the proxy manager's own, shared with the ClusterSetIP listeners. Anything
+else is refused: a Host outside the clusterset domain gets 421, an unknown service or
+port 404. The request target must be origin-form, so the front door never proxies to an
+address a client names: it is not an open proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from functools import partial
+
+from mcsproxy.http.engine import HttpRoute
+from mcsproxy.http.server import ClientConnection
+from mcsproxy.model import ImportedService, ServiceKey, ServicePort
+from mcsproxy.proxy.context import ListenerContext
+from mcsproxy.proxy.manager import LISTEN_BACKLOG, ProxyManager, UpstreamKey
+
+log = logging.getLogger("mcsproxy.http.frontdoor")
+
+Resolved = tuple[HttpRoute | None, tuple[int, str] | None]
+MAX_CACHED_HOSTS = 4096
+
+
+def default_port(service: ImportedService) -> ServicePort | None:
+    tcp = [p for p in service.ports if p.protocol == "TCP"]
+    for port in tcp:
+        if port.port == 80:
+            return port
+    return tcp[0] if len(tcp) == 1 else None
+
+
+class FrontDoor:
+    """Component: the listener, and the Host → route table rebuilt per applied snapshot."""
+
+    def __init__(self, proxy: ProxyManager, domain: str) -> None:
+        self.proxy = proxy
+        self.config = proxy.config
+        listen = self.config.http.listen
+        assert listen is not None
+        self.listen = listen
+        self.suffix = b".svc." + domain.strip(".").lower().encode()
+        self.routes: dict[UpstreamKey, HttpRoute] = {}
+        self.cache: dict[bytes, Resolved] = {}
+        self.version = -1
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        host, port = self.listen
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.config.workers > 1:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            partial(ClientConnection, self.proxy.http, None, self), sock=sock,
+            backlog=LISTEN_BACKLOG)
+        log.info("HTTP front door on %s:%d", host, port)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            try:
+                async with asyncio.timeout(1.0):
+                    await self.server.wait_closed()
+            except TimeoutError:
+                log.warning("front door listener did not close within 1 s")
+            self.server = None
+
+    def resolve(self, host: bytes) -> Resolved:
+        if self.proxy.applied_version != self.version:
+            self.version = self.proxy.applied_version
+            self.cache.clear()
+            for ukey in [k for k in self.routes if k not in self.proxy.upstreams]:
+                del self.routes[ukey]
+        found = self.cache.get(host)
+        if found is None:
+            found = self._lookup(host)
+            if len(self.cache) < MAX_CACHED_HOSTS:
+                self.cache[host] = found
+        return found
+
+    def _lookup(self, raw: bytes) -> Resolved:
+        # Service names hold no colon; an IPv6 literal fails the suffix test below.
+        name, _, port_text = raw.strip().lower().partition(b":")
+        name = name.rstrip(b".")
+        if not name.endswith(self.suffix):
+            return None, (421, "not a clusterset service name")
+        labels = name[: -len(self.suffix)].split(b".")
+        if len(labels) != 2:
+            return None, (404, "no such service")
+        service = self.proxy.store.current.services.get(
+            ServiceKey(labels[1].decode("ascii", "replace"), labels[0].decode("ascii", "replace")))
+        if service is None or service.headless:
+            return None, (404, "no such service")
+        if port_text:
+            if not port_text.isdigit():
+                return None, (400, "invalid port in Host")
+            number = int(port_text)
+            port = next((p for p in service.ports
+                         if p.port == number and p.protocol == "TCP"), None)
+        else:
+            port = default_port(service)
+        if port is None:
+            return None, (404, "no such service port")
+        ukey = UpstreamKey(service.key, port.name, "TCP")
+        upstream = self.proxy.upstreams.get(ukey)
+        if upstream is None:
+            return None, (503, "service not served yet")
+        route = self.routes.get(ukey)
+        if route is None:
+            ctx = ListenerContext(f"front door {ukey}", upstream, self.config, set())
+            route = self.routes[ukey] = HttpRoute(ctx)
+        else:
+            route.ctx.upstream = upstream
+        return route, None

@@ -1,0 +1,299 @@
+"""Upstream side: one keep-alive connection to an endpoint, and the idle pool per endpoint.
+
+An `UpstreamConn` parses responses with llhttp (strict) and hands them to the `Exchange`
+bound to it; between requests it sits in its endpoint's `EndpointPool`. A pooled
+connection is checked before reuse (closed, said anything, or idle too long: dropped) and
+the pool is bounded: beyond `pool_max_idle` a returning connection is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
+
+from mcsproxy.http.wire import (
+    CONNECTION,
+    CONTENT_LENGTH,
+    CRLF,
+    RESPONSE_KINDS,
+    TRANSFER_ENCODING,
+    UPGRADE,
+)
+
+if TYPE_CHECKING:
+    from mcsproxy.http.engine import HttpEngine
+    from mcsproxy.http.server import Exchange
+    from mcsproxy.upstream import Host, UpstreamSet
+
+# Request bytes queued towards an endpoint before the client's reading pauses.
+UPSTREAM_WRITE_HIGH_WATER = 256 * 1024
+
+
+class StopParsing(Exception):
+    """Raised from a parser callback to end a response llhttp would wait on (HEAD)."""
+
+
+class UpstreamConn(asyncio.Protocol):
+    """One connection to an endpoint; at most one request in flight on it."""
+
+    __slots__ = (
+        "chunked",
+        "conn_tokens",
+        "dead",
+        "discarding",
+        "exchange",
+        "idle_since",
+        "in_head",
+        "interim",
+        "keep_alive",
+        "length",
+        "parser",
+        "parts",
+        "pool",
+        "stopped",
+        "transport",
+        "tunnel",
+        "upgrade",
+    )
+
+    def __init__(self, pool: EndpointPool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.parser = HttpResponseParser(self)
+        self.exchange: Exchange | None = None
+        self.tunnel: Any = None  # the client connection once upgraded
+        self.idle_since = 0.0
+        self.dead = False
+        self.discarding = False  # reading the rest of a response no one wants (retried)
+        self.stopped = False
+        self.in_head = False
+        self.interim = False
+        self.keep_alive = False
+        self.parts: list[bytes] = []
+        self.length: bytes | None = None
+        self.chunked = False
+        self.conn_tokens: list[bytes] | None = None
+        self.upgrade: bytes | None = None
+
+    # -- transport events -------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.transport.set_write_buffer_limits(UPSTREAM_WRITE_HIGH_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.idle = 0
+            tunnel.transport.write(data)
+            return
+        ex = self.exchange
+        if ex is None and not self.discarding:
+            # An idle pooled connection must stay silent; anything else desynchronises it.
+            self.dead = True
+            self.transport.abort()
+            return
+        client = ex.client if ex is not None else None
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            ex = self.exchange
+            if ex is not None:
+                ex.upgraded(self, data[exc.args[0]:])
+        except HttpParserError as exc:
+            if not self.stopped:
+                self.fail(f"malformed response ({exc})")
+        if self.discarding:  # the unwanted response did not end within this read
+            self.discarding = False
+            self.dead = True
+            self.transport.abort()
+        if client is not None:
+            client.idle = 0
+            if client.out:
+                client.flush()
+
+    def eof_received(self) -> bool:
+        return False  # close; connection_lost tells the exchange
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.dead = True
+        if self in self.pool.tunnels:
+            self.pool.release_tunnel(self)
+        tunnel = self.tunnel
+        if tunnel is not None:
+            self.tunnel = None
+            tunnel.upstream_closed(exc)
+            return
+        ex = self.exchange
+        if ex is not None:
+            ex.upstream_lost(self, exc)
+        else:
+            self.pool.forget(self)
+
+    def pause_writing(self) -> None:
+        peer = self.tunnel if self.tunnel is not None else (
+            self.exchange.client if self.exchange is not None else None)
+        if peer is not None:
+            peer.pause(PAUSE_UPSTREAM)
+
+    def resume_writing(self) -> None:
+        peer = self.tunnel if self.tunnel is not None else (
+            self.exchange.client if self.exchange is not None else None)
+        if peer is not None:
+            peer.resume(PAUSE_UPSTREAM)
+
+    def fail(self, why: str) -> None:
+        ex = self.exchange
+        if ex is not None:
+            ex.upstream_failed(self, why)
+        else:
+            self.dead = True
+            self.transport.abort()
+
+    def abort(self) -> None:
+        """For the upstream set's drain grace: end the connection now."""
+        self.transport.abort()
+
+    # -- response parser callbacks ----------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.in_head = True
+        self.parts = []
+        self.length = None
+        self.chunked = False
+        self.conn_tokens = None
+        self.upgrade = None
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.in_head:
+            return  # trailer fields after a chunked body: not forwarded
+        kind = RESPONSE_KINDS.get(name.lower())
+        if kind is None:
+            self.parts.append(name + b": " + value + CRLF)
+        elif kind == CONTENT_LENGTH:
+            self.length = value
+        elif kind == TRANSFER_ENCODING:
+            self.chunked = True
+        elif kind == CONNECTION:
+            if self.conn_tokens is None:
+                self.conn_tokens = []
+            self.conn_tokens.append(value)
+        elif kind == UPGRADE:
+            self.upgrade = value
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        ex = self.exchange
+        if ex is None:
+            return
+        parser = self.parser
+        status = parser.get_status_code()
+        self.keep_alive = parser.should_keep_alive()
+        if status < 200 and status != 101:
+            self.interim = True
+            ex.interim(status, self)
+            return
+        self.interim = False
+        ex.response_head(status, self)
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.exchange
+        if ex is not None:
+            ex.response_body(body)
+
+    def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
+        ex = self.exchange
+        if ex is not None:
+            ex.response_done(self)
+        elif self.discarding:
+            self.discarding = False
+            if self.keep_alive:
+                self.pool.put(self)
+            else:
+                self.transport.close()
+
+
+PAUSE_UPSTREAM = 4  # the client connection's pause reason: an endpoint's buffer is full
+
+
+class EndpointPool:
+    """Idle keep-alive connections to one endpoint, newest last (reused first)."""
+
+    __slots__ = ("cluster_header", "engine", "host", "idle", "tunnels", "upstream")
+
+    def __init__(self, engine: HttpEngine, host: Host, upstream: UpstreamSet) -> None:
+        self.engine = engine
+        self.host = host
+        self.upstream = upstream
+        self.idle: list[UpstreamConn] = []
+        self.tunnels: set[UpstreamConn] = set()
+        name = engine.http.cluster_header
+        self.cluster_header = (f"{name}: {host.cluster}\r\n".encode()
+                               if name is not None else b"")
+
+    def take(self) -> UpstreamConn | None:
+        idle = self.idle
+        if not idle:
+            return None
+        limit = self.engine.now - self.engine.http.pool_idle_timeout_s
+        while idle:
+            up = idle.pop()
+            if up.dead or up.transport.is_closing():
+                continue
+            if up.idle_since < limit:
+                up.transport.close()
+                continue
+            return up
+        return None
+
+    def put(self, up: UpstreamConn) -> None:
+        if (up.dead or self.host.removed or len(self.idle) >= self.engine.http.pool_max_idle
+                or up.transport.is_closing()):
+            up.transport.close()
+            return
+        up.idle_since = self.engine.now
+        self.idle.append(up)
+
+    def forget(self, up: UpstreamConn) -> None:
+        if up in self.idle:
+            self.idle.remove(up)
+
+    def connect(self) -> asyncio.Task[Any]:
+        loop = asyncio.get_running_loop()
+        host = self.host
+        return loop.create_task(loop.create_connection(self._make, host.address, host.port))
+
+    def _make(self) -> UpstreamConn:
+        return UpstreamConn(self)
+
+    def hold_tunnel(self, up: UpstreamConn) -> None:
+        self.tunnels.add(up)
+
+    def release_tunnel(self, up: UpstreamConn) -> None:
+        self.tunnels.discard(up)
+        self.upstream.release(self.host, up)
+
+    def sweep(self, now: float) -> None:
+        """Close connections idle longer than the pool's idle timeout (oldest are first)."""
+        idle = self.idle
+        limit = now - self.engine.http.pool_idle_timeout_s
+        n = 0
+        while n < len(idle) and idle[n].idle_since < limit:
+            idle[n].transport.close()
+            n += 1
+        if n:
+            del idle[:n]
+        if self.host.removed:
+            for up in idle:
+                up.transport.close()
+            idle.clear()
+
+    def close(self) -> None:
+        for up in self.idle:
+            up.transport.abort()
+        self.idle.clear()
+        for up in list(self.tunnels):
+            up.transport.abort()

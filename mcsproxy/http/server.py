@@ -1,0 +1,961 @@
+"""Downstream side: one `ClientConnection` Protocol per client, one `Exchange` per request.
+
+The connection owns the llhttp request parser (strict: smuggling shapes are parse errors),
+the limits (URI, header count and bytes), the pipeline queue and the pause reasons of its
+reading. Parsed requests queue up as `Exchange`s; only the head of the queue talks to an
+endpoint, so pipelined requests are answered in order. An exchange picks an endpoint per
+request through the shared upstream set, borrows a pooled keep-alive connection (or
+opens one), re-frames the request (our own Content-Length or chunked framing, never the
+client's bytes verbatim), streams the body both ways with backpressure and decides about
+retries: always after a failed connect; after 502/503/504, a reset or a per-try timeout
+only for idempotent requests whose body is absent or small enough to replay.
+
+Everything written to the client goes through `out` and leaves in one join and one write
+per read event. Timeouts are checked by the engine's tick (`check`), so the data path only
+stores numbers and never arms a timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
+
+from mcsproxy.http.pool import PAUSE_UPSTREAM, StopParsing, UpstreamConn
+from mcsproxy.http.wire import (
+    CONNECTION,
+    CONTENT_LENGTH,
+    CRLF,
+    EXPECT,
+    HOST,
+    IDEMPOTENT,
+    LAST_CHUNK,
+    MAX_REQUEST_ID,
+    REQUEST_KINDS,
+    TRANSFER_ENCODING,
+    UPGRADE,
+    X_FORWARDED_FOR,
+    X_REQUEST_ID,
+    connection_tokens,
+    drop_nominated,
+    status_line,
+)
+
+if TYPE_CHECKING:
+    from mcsproxy.http.engine import HttpEngine, HttpRoute
+    from mcsproxy.http.frontdoor import FrontDoor
+    from mcsproxy.upstream import Host, UpstreamSet
+
+log = logging.getLogger("mcsproxy.http")
+
+# Pause reasons of a client connection's reading (a bit each).
+PAUSE_PIPELINE = 1  # too many requests queued behind the one in flight
+PAUSE_UNSENT = 2  # body bytes waiting for an endpoint connection
+# PAUSE_UPSTREAM = 4 (pool.py): the endpoint connection's write buffer is full
+PAUSE_TUNNEL = 8  # the tunnelled peer's write buffer is full
+
+MAX_PIPELINE = 16
+UNSENT_HIGH_WATER = 256 * 1024
+CLIENT_WRITE_HIGH_WATER = 256 * 1024
+RETRY_STATUSES = frozenset({502, 503, 504})
+NO_BODY_STATUSES = frozenset({204, 304})
+
+# Response framing towards the client.
+RAW = 0
+CHUNKED = 1
+
+
+class RequestError(Exception):
+    """A request we refuse; raised inside parser callbacks, answered by data_received."""
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(text)
+        self.status = status
+        self.text = text
+
+
+class ClientConnection(asyncio.Protocol):
+    """One downstream connection: parsing, limits, the pipeline and flow control."""
+
+    __slots__ = (
+        "broken",
+        "client_ip",
+        "closed",
+        "conn_tokens",
+        "current",
+        "engine",
+        "eof",
+        "expect",
+        "front",
+        "fwd",
+        "has_request_id",
+        "head_bytes",
+        "head_since",
+        "host",
+        "idle",
+        "idle_since",
+        "in_head",
+        "last",
+        "length",
+        "nheaders",
+        "out",
+        "parser",
+        "parts",
+        "paused",
+        "queue",
+        "request_error",
+        "route",
+        "te",
+        "transport",
+        "tunnel",
+        "upgrade",
+        "upgrading",
+        "url",
+        "write_paused",
+        "xff",
+    )
+
+    def __init__(self, engine: HttpEngine, route: HttpRoute | None,
+                 front: FrontDoor | None = None) -> None:
+        self.engine = engine
+        self.route = route
+        self.front = front
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.parser = HttpRequestParser(self)
+        self.queue: deque[Exchange] = deque()
+        self.current: Exchange | None = None  # the request being parsed (its body)
+        self.last: Exchange | None = None  # the latest request parsed
+        self.eof = False
+        self.out: list[bytes] = []
+        self.paused = 0
+        self.write_paused = False
+        self.closed = False
+        self.broken: bytes | None = None  # an error answer owed after the queue drains
+        self.request_error: RequestError | None = None
+        self.tunnel: UpstreamConn | None = None
+        self.upgrading: Exchange | None = None
+        self.idle = 0
+        self.in_head = True  # waiting for the first request's head from accept on
+        self.head_since = engine.now
+        self.idle_since = engine.now
+        self.head_bytes = 0
+        self.client_ip = b""
+        self.fwd = b""
+        self._reset_head()
+
+    def _reset_head(self) -> None:
+        self.url = b""
+        self.parts: list[bytes] = []
+        self.host: bytes | None = None
+        self.xff: bytes | None = None
+        self.conn_tokens: list[bytes] | None = None
+        self.te: bytes | None = None
+        self.length: bytes | None = None
+        self.expect = False
+        self.upgrade: bytes | None = None
+        self.has_request_id = False
+        self.nheaders = 0
+
+    # -- transport events -------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.transport.set_write_buffer_limits(CLIENT_WRITE_HIGH_WATER)
+        peer = transport.get_extra_info("peername")
+        self.client_ip = (peer[0] if peer else "unknown").encode()
+        self.fwd = self.engine.forwarded_headers(self.client_ip)
+        self.engine.clients.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.idle = 0
+        if self.tunnel is not None:
+            self.tunnel.transport.write(data)
+            return
+        if self.upgrading is not None:
+            self.upgrading.tunnel_data(data)
+            return
+        if self.in_head:
+            self.head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            ex = self.last
+            if ex is None or not ex.upgrade:
+                self.reject(RequestError(400, "unexpected protocol upgrade"))
+                return
+            if ex.finished:  # answered already (no endpoint): nothing to tunnel
+                self.close()
+                return
+            self.upgrading = ex
+            rest = data[exc.args[0]:]
+            if rest:
+                ex.tunnel_data(rest)
+        except HttpParserError as exc:
+            err = self.request_error or RequestError(400, f"malformed request: {exc}")
+            self.reject(err)
+            return
+        if self.in_head and self.head_bytes > self.engine.http.max_header_bytes:
+            self.reject(RequestError(431, "request header fields too large"))
+            return
+        if self.out:
+            self.flush()
+
+    def eof_received(self) -> bool:
+        # A half-closed client still gets the answers to what it sent, then we close.
+        if not self.queue and self.upgrading is None and self.tunnel is None:
+            return False
+        self.eof = True
+        if self.tunnel is not None:
+            self.tunnel.transport.write_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.engine.clients.discard(self)
+        tunnel = self.tunnel
+        if tunnel is not None:
+            self.tunnel = None
+            tunnel.tunnel = None
+            tunnel.transport.close() if exc is None else tunnel.transport.abort()
+        while self.queue:
+            self.queue.popleft().abandon()
+        if self.upgrading is not None:
+            self.upgrading.abandon()
+            self.upgrading = None
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        up = self.active_upstream()
+        if up is not None:
+            up.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        up = self.active_upstream()
+        if up is not None:
+            up.transport.resume_reading()
+
+    def active_upstream(self) -> UpstreamConn | None:
+        if self.tunnel is not None:
+            return self.tunnel
+        if self.queue:
+            return self.queue[0].up
+        return self.upgrading.up if self.upgrading is not None else None
+
+    # -- flow control and output ------------------------------------------------------
+    def pause(self, reason: int) -> None:
+        if not self.paused and not self.closed:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def resume(self, reason: int) -> None:
+        if self.paused & reason:
+            self.paused &= ~reason
+            if not self.paused and not self.closed:
+                self.transport.resume_reading()
+
+    def flush(self) -> None:
+        out = self.out
+        if out:
+            if not self.closed:
+                self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+
+    def reject(self, err: RequestError) -> None:
+        """A request we cannot parse or accept: answer it in turn, then close."""
+        self.in_head = False
+        ex = self.current
+        if ex is not None and ex.started and not ex.finished:
+            # The body of the request in flight is broken: that request fails, we close.
+            self.current = None
+            ex.keep_alive = False
+            ex.fail(err.status, err.text)
+            return
+        if self.log_enabled():
+            log.info("client %s: %d %s", self.client_ip.decode(), err.status, err.text)
+        answer = self.engine.errors.build(err.status, err.text, self.engine.date, close=True)
+        if self.queue:
+            self.broken = answer  # earlier requests are answered first
+            self.pause(PAUSE_PIPELINE)
+            return
+        self.flush()
+        self.out.append(answer)
+        self.close()
+
+    @staticmethod
+    def log_enabled() -> bool:
+        return log.isEnabledFor(logging.INFO)
+
+    def close(self) -> None:
+        self.flush()
+        if not self.closed:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.out.clear()
+        if not self.closed:
+            self.transport.abort()
+
+    # -- request parser callbacks -----------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.in_head = True
+        self.head_since = self.engine.now
+        self.head_bytes = 0
+        self._reset_head()
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > self.engine.http.max_uri_bytes:
+            self.request_error = RequestError(414, "request URI too long")
+            raise self.request_error
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.in_head:
+            return  # trailer fields after a chunked body: not forwarded
+        self.nheaders += 1
+        http = self.engine.http
+        if self.nheaders > http.max_headers:
+            self.request_error = RequestError(431, "too many header fields")
+            raise self.request_error
+        kind = REQUEST_KINDS.get(name.lower())
+        if kind is None:
+            self.parts.append(name + b": " + value + CRLF)
+        elif kind == HOST:
+            if self.host is not None:
+                self.request_error = RequestError(400, "more than one Host header")
+                raise self.request_error
+            self.host = value
+            self.parts.append(name + b": " + value + CRLF)
+        elif kind == CONTENT_LENGTH:
+            self.length = value  # llhttp rejects duplicates and anything but digits
+        elif kind == TRANSFER_ENCODING:
+            self.te = value
+        elif kind == X_FORWARDED_FOR:
+            self.xff = value if self.xff is None else self.xff + b", " + value
+        elif kind == X_REQUEST_ID:
+            if len(value) <= MAX_REQUEST_ID and not self.has_request_id:
+                self.has_request_id = True
+                self.parts.append(name + b": " + value + CRLF)
+        elif kind == CONNECTION:
+            if self.conn_tokens is None:
+                self.conn_tokens = []
+            self.conn_tokens.append(value)
+        elif kind == EXPECT:
+            if value.lower() != b"100-continue":
+                self.request_error = RequestError(417, "only Expect: 100-continue is supported")
+                raise self.request_error
+            self.expect = True
+        elif kind == UPGRADE:
+            self.upgrade = value
+        # DROP: hop-by-hop, or a header we set ourselves
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        parser = self.parser
+        version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            self._refuse(505 if version[:1] > "1" else 400, f"HTTP/{version} is not supported")
+        method = parser.get_method()
+        url = self.url
+        if url[:1] != b"/" and not (url == b"*" and method == b"OPTIONS"):
+            # Absolute and authority forms (CONNECT) would make us an open proxy.
+            self._refuse(400, "only origin-form request targets are accepted")
+        if self.host is None:
+            self._refuse(400, "missing Host header")
+        chunked = False
+        if self.te is not None:
+            if version == "1.0":
+                self._refuse(400, "Transfer-Encoding in an HTTP/1.0 request")
+            if self.te.strip().lower() != b"chunked":
+                self._refuse(501, "only the chunked transfer coding is supported")
+            chunked = True
+        length = int(self.length) if self.length is not None else 0
+        upgrade = parser.should_upgrade() and self.upgrade is not None
+        keep_alive = parser.should_keep_alive() and not upgrade
+        error: tuple[int, str] | None = None
+        route = self.route
+        if route is None:
+            assert self.front is not None
+            route, error = self.front.resolve(self.host)
+        parts = self.parts
+        if self.conn_tokens is not None:
+            nominated = connection_tokens(self.conn_tokens) - {b"close", b"keep-alive"}
+            if nominated:
+                parts = drop_nominated(parts, nominated)
+        fwd = self.fwd if self.xff is None else self.engine.forwarded_headers(
+            self.xff + b", " + self.client_ip)
+        if upgrade:
+            parts.append(b"Connection: upgrade\r\nUpgrade: " + self.upgrade + CRLF)  # type: ignore[operator]
+        if self.expect and version == "1.1":
+            parts.append(b"Expect: 100-continue\r\n")
+        if chunked:
+            framing = b"Transfer-Encoding: chunked\r\n\r\n"
+        elif self.length is not None and (length or method not in IDEMPOTENT):
+            framing = b"Content-Length: %d\r\n\r\n" % length
+        else:
+            framing = CRLF
+        head = b"".join((
+            method, b" ", url, b" HTTP/1.1\r\n", *parts, fwd,
+            b"" if self.has_request_id else self.engine.ids.next_header(), framing,
+        ))
+        ex = Exchange(self, route, method, head, chunked, length, keep_alive, version == "1.1")
+        ex.upgrade = upgrade
+        ex.error = error
+        self.current = self.last = ex
+        queue = self.queue
+        queue.append(ex)
+        if len(queue) == 1:
+            ex.start()
+        elif len(queue) >= MAX_PIPELINE:
+            self.pause(PAUSE_PIPELINE)
+
+    def _refuse(self, status: int, text: str) -> None:
+        self.request_error = RequestError(status, text)
+        raise self.request_error
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.current
+        if ex is not None:
+            ex.request_body(body)
+
+    def on_message_complete(self) -> None:
+        ex = self.current
+        self.current = None
+        if ex is not None:
+            ex.request_done()
+
+    # -- the pipeline -----------------------------------------------------------------
+    def exchange_finished(self, ex: Exchange) -> None:
+        queue = self.queue
+        if queue and queue[0] is ex:
+            queue.popleft()
+        self.flush()
+        if self.closed:
+            return
+        if not ex.keep_alive:
+            self.close()
+            return
+        if queue:
+            if self.paused & PAUSE_PIPELINE and len(queue) < MAX_PIPELINE and \
+                    self.broken is None:
+                self.resume(PAUSE_PIPELINE)
+            queue[0].start()
+            return
+        self.idle_since = self.engine.now
+        if self.broken is not None:
+            self.out.append(self.broken)
+            self.close()
+        elif self.eof:
+            self.close()
+
+    def start_tunnel(self, up: UpstreamConn) -> None:
+        self.upgrading = None
+        self.tunnel = up
+        if self.write_paused:
+            up.transport.pause_reading()
+
+    def upstream_closed(self, exc: Exception | None) -> None:
+        """The tunnelled endpoint connection ended: end ours the same way."""
+        self.tunnel = None
+        if exc is None:
+            self.close()
+        else:
+            self.abort()
+
+    # -- timeouts (the engine's tick) ---------------------------------------------------
+    def check(self, now: float, tick_s: float) -> None:
+        self.idle += 1
+        http = self.engine.http
+        if self.tunnel is not None or self.upgrading is not None:
+            if self.idle * tick_s > self.engine.config.idle_timeout_s > 0:
+                self.abort_all()
+            return
+        queue = self.queue
+        if not queue:
+            if self.in_head:
+                if now - self.head_since > http.header_timeout_s:
+                    if self.head_bytes:  # a request began: say why it ends
+                        self.out.append(self.engine.errors.build(
+                            408, "timed out reading the request head", self.engine.date, True))
+                    self.close()
+            elif now - self.idle_since > http.keepalive_timeout_s:
+                self.close()
+            return
+        queue[0].check(now, self.idle * tick_s)
+
+    def abort_all(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.transport.abort()
+        self.abort()
+
+
+class Exchange:
+    """One request: endpoint choice, attempts, body relay both ways, and its answer."""
+
+    __slots__ = (
+        "chunked",
+        "client",
+        "connect_deadline",
+        "connecting",
+        "deadline",
+        "error",
+        "finished",
+        "host",
+        "http11",
+        "idempotent",
+        "is_head",
+        "keep_alive",
+        "length",
+        "method",
+        "pool",
+        "replay",
+        "req_done",
+        "request_head",
+        "resp_done",
+        "resp_mode",
+        "resp_started",
+        "retries",
+        "route",
+        "sent",
+        "started",
+        "timed_out",
+        "tried",
+        "try_deadline",
+        "unsent",
+        "unsent_size",
+        "until_close",
+        "up",
+        "upgrade",
+        "upstream",
+    )
+
+    def __init__(self, client: ClientConnection, route: HttpRoute | None, method: bytes,
+                 head: bytes, chunked: bool, length: int, keep_alive: bool,
+                 http11: bool) -> None:
+        self.client = client
+        self.route = route
+        self.method = method
+        self.request_head = head
+        self.chunked = chunked
+        self.length = length
+        self.keep_alive = keep_alive
+        self.http11 = http11
+        self.is_head = method == b"HEAD"
+        self.idempotent = method in IDEMPOTENT
+        # The body is kept for a replay when it is small enough and the method idempotent.
+        self.replay: list[bytes] | None = (
+            [] if self.idempotent and not chunked
+            and length <= client.engine.http.retry_buffer_bytes else None)
+        self.unsent: list[bytes] = []
+        self.unsent_size = 0
+        self.upgrade = False
+        self.error: tuple[int, str] | None = None
+        self.req_done = not chunked and length == 0  # no body: nothing more to read
+        self.resp_started = False
+        self.resp_done = False
+        self.resp_mode = RAW
+        self.until_close = False
+        self.finished = False
+        self.started = False
+        self.sent = False  # a byte of this request went to the current endpoint
+        self.timed_out = False
+        self.retries = 0
+        self.tried: list[Host] = []
+        self.host: Host | None = None
+        self.upstream: UpstreamSet | None = None
+        self.pool: Any = None
+        self.up: UpstreamConn | None = None
+        self.connecting: asyncio.Task[Any] | None = None
+        self.deadline = 0.0
+        self.try_deadline = 0.0
+        self.connect_deadline = 0.0
+
+    # -- attempts ---------------------------------------------------------------------
+    def start(self) -> None:
+        self.started = True
+        if self.error is not None or self.route is None:
+            status, text = self.error or (404, "no such service")
+            self.fail(status, text)
+            return
+        self.route.active += 1
+        engine = self.client.engine
+        self.deadline = engine.now + engine.http.request_timeout_s
+        self.attempt()
+
+    def attempt(self) -> None:
+        host = self.choose()
+        if host is None:
+            if self.tried:
+                self.fail(502, "no endpoint answered")
+            else:
+                self.fail(503, "no healthy endpoint")
+            return
+        self.host = host
+        engine = self.client.engine
+        pool = self.pool = engine.pools.get(host) or engine.pool_for(host, self.upstream)
+        self.try_deadline = engine.now + engine.http.per_try_timeout_s
+        up = pool.take()
+        if up is not None:
+            self.bind(up)
+            return
+        self.connect_deadline = engine.now + engine.config.connect_timeout_s
+        self.timed_out = False
+        task = self.connecting = pool.connect()
+        task.add_done_callback(self.connect_done)
+
+    def choose(self) -> Host | None:
+        route = self.route
+        assert route is not None
+        upstream = self.upstream = route.ctx.upstream
+        tried = self.tried
+        if not tried:
+            client_ip = None
+            if upstream.affinity is not None:
+                client_ip = self.client.client_ip.decode()
+            return upstream.pick(client_ip)
+        # A retry goes to another endpoint, in another cluster when a healthy one is left.
+        clusters = {h.cluster for h in tried}
+        avoid = [h for h in upstream.hosts.values() if h.cluster in clusters]
+        if len(avoid) < len(upstream.hosts):
+            host = upstream.pick(None, avoid)
+            if host is not None and host.healthy:
+                return host
+        return upstream.pick(None, tried)
+
+    def connect_done(self, task: asyncio.Task[Any]) -> None:
+        if task is not self.connecting:
+            return
+        self.connecting = None
+        if task.cancelled():
+            if not self.timed_out:
+                return  # the client went away
+            reason = "connect timeout"
+        else:
+            exc = task.exception()
+            if exc is None:
+                _, up = task.result()
+                if self.finished:
+                    up.transport.close()
+                    return
+                self.bind(up)
+                self.client.flush()
+                return
+            reason = f"connect failed ({getattr(exc, 'strerror', None) or type(exc).__name__})"
+        assert self.host is not None and self.upstream is not None
+        self.upstream.connect_failed(self.host, reason)
+        # Nothing was sent: a failed connect is retried whatever the method.
+        if self.can_retry():
+            self.retry()
+        else:
+            self.fail(504 if self.timed_out else 502, f"no endpoint answered ({reason})")
+        self.client.flush()
+
+    def bind(self, up: UpstreamConn) -> None:
+        self.up = up
+        up.exchange = self
+        assert self.host is not None and self.upstream is not None
+        self.upstream.connect_ok(self.host, up, reset_failures=False)
+        client = self.client
+        if client.write_paused:
+            up.transport.pause_reading()
+        chunked = self.chunked
+        data = [self.request_head]
+        for body in self.replay if self.replay is not None else self.unsent:
+            if chunked:
+                data.append(b"%x\r\n" % len(body))
+                data.append(body)
+                data.append(CRLF)
+            else:
+                data.append(body)
+        if self.unsent:
+            self.unsent = []
+            self.unsent_size = 0
+            client.resume(PAUSE_UNSENT)
+        if self.req_done and chunked:
+            data.append(LAST_CHUNK)
+        up.transport.write(data[0] if len(data) == 1 else b"".join(data))
+        self.sent = True
+
+    def can_retry(self) -> bool:
+        route = self.route
+        engine = self.client.engine
+        http = engine.http
+        if self.retries >= http.max_retries or self.finished or self.client.closed:
+            return False
+        budget = max(http.retry_min_concurrency, route.active * http.retry_budget_percent // 100)  # type: ignore[union-attr]
+        if route.retries >= budget:  # type: ignore[union-attr]
+            route.retries_refused += 1  # type: ignore[union-attr]
+            return False
+        return True
+
+    def replayable(self) -> bool:
+        """After bytes went out: may the request be sent again elsewhere?"""
+        return self.idempotent and self.replay is not None and not self.upgrade
+
+    def retry(self) -> None:
+        assert self.host is not None
+        self.tried.append(self.host)
+        if self.retries == 0:
+            self.route.retries += 1  # type: ignore[union-attr]
+        self.retries += 1
+        self.sent = False
+        self.attempt()
+
+    # -- request body (from the client connection) ------------------------------------
+    def request_body(self, data: bytes) -> None:
+        if self.resp_done:
+            return  # answered early: the rest of the body is read and dropped
+        if self.replay is not None:
+            self.replay.append(data)
+        up = self.up
+        if up is not None:
+            if self.chunked:
+                up.transport.writelines((b"%x\r\n" % len(data), data, CRLF))
+            else:
+                up.transport.write(data)
+        elif self.replay is None:
+            self.unsent.append(data)
+            self.unsent_size += len(data)
+            if self.unsent_size > UNSENT_HIGH_WATER:
+                self.client.pause(PAUSE_UNSENT)
+
+    def request_done(self) -> None:
+        self.req_done = True
+        if self.finished:
+            return
+        up = self.up
+        if up is not None and self.chunked:
+            up.transport.write(LAST_CHUNK)
+
+    def tunnel_data(self, data: bytes) -> None:
+        """Bytes after an Upgrade request's head, before the endpoint agreed to switch."""
+        self.unsent.append(data)
+        self.unsent_size += len(data)
+        if self.unsent_size > UNSENT_HIGH_WATER:
+            self.client.pause(PAUSE_UNSENT)
+
+    # -- the response (from the endpoint connection) ----------------------------------
+    def interim(self, status: int, up: UpstreamConn) -> None:
+        if self.http11 and not self.resp_started:
+            self.client.out.append(b"".join((status_line(status), *up.parts, CRLF)))
+
+    def response_head(self, status: int, up: UpstreamConn) -> None:
+        host = self.host
+        assert host is not None and self.upstream is not None
+        self.upstream.response_status(host, status)
+        if status in RETRY_STATUSES and self.replayable() and self.can_retry():
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s: %d from %s, retrying", self.route.name, status, host)  # type: ignore[union-attr]
+            self.detach(discard=True)
+            self.retry()
+            return
+        client = self.client
+        parts = up.parts
+        if up.conn_tokens is not None:
+            nominated = connection_tokens(up.conn_tokens) - {b"close", b"keep-alive", b"upgrade"}
+            if nominated:
+                parts = drop_nominated(parts, nominated)
+        length = up.length
+        stop = False
+        if status == 101:
+            if not self.upgrade or up.upgrade is None:
+                up.fail("101 without an upgrade request")
+                return
+            framing = b"Connection: upgrade\r\nUpgrade: " + up.upgrade + CRLF
+            up.interim = True  # llhttp ends the 101 message; the tunnel starts instead
+        elif self.is_head or status in NO_BODY_STATUSES:
+            framing = b"Content-Length: " + length + CRLF \
+                if length is not None and status != 204 else b""
+            # llhttp would wait for the body a HEAD response announces: stop it here.
+            stop = self.is_head and status not in NO_BODY_STATUSES and (
+                length != b"0" or up.chunked)
+        elif length is not None and not up.chunked:
+            framing = b"Content-Length: " + length + CRLF
+        elif self.http11:
+            framing = b"Transfer-Encoding: chunked\r\n"
+            self.resp_mode = CHUNKED
+            self.until_close = not up.chunked
+        else:
+            framing = b""
+            self.keep_alive = False
+            self.until_close = not up.chunked
+        if status == 101:
+            conn = b""
+        elif not self.keep_alive or client.broken is not None:
+            self.keep_alive = False
+            conn = b"Connection: close\r\n"
+        else:
+            conn = b"" if self.http11 else b"Connection: keep-alive\r\n"
+        engine = client.engine
+        client.out.append(b"".join((status_line(status), *parts, framing, engine.via,
+                                    self.pool.cluster_header, conn, CRLF)))
+        self.resp_started = True
+        if stop:
+            up.keep_alive = False
+            up.stopped = True
+            self.response_done(up)
+            raise StopParsing
+
+    def response_body(self, data: bytes) -> None:
+        out = self.client.out
+        if self.resp_mode == CHUNKED:
+            out.append(b"%x\r\n" % len(data))
+            out.append(data)
+            out.append(CRLF)
+        else:
+            out.append(data)
+
+    def response_done(self, up: UpstreamConn) -> None:
+        if self.resp_mode == CHUNKED:
+            self.client.out.append(LAST_CHUNK)
+        self.resp_done = True
+        if not self.req_done:
+            self.keep_alive = False  # the client is still sending a body no one will read
+        self.detach(reuse=up.keep_alive and self.req_done and not self.until_close)
+        self.finish()
+
+    def upgraded(self, up: UpstreamConn, rest: bytes) -> None:
+        """The endpoint switched protocols: both connections become one byte tunnel."""
+        client = self.client
+        assert self.pool is not None and self.host is not None and self.upstream is not None
+        self.up = None
+        up.exchange = None
+        self.pool.hold_tunnel(up)  # still counted by the upstream set until it closes
+        up.tunnel = client
+        client.flush()
+        if rest:
+            client.transport.write(rest)
+        if self.unsent:
+            up.transport.write(b"".join(self.unsent))
+            self.unsent = []
+            self.unsent_size = 0
+            client.resume(PAUSE_UNSENT)
+        client.start_tunnel(up)
+        self.resp_done = True
+        self.finish(tunnel=True)
+
+    def upstream_lost(self, up: UpstreamConn, exc: Exception | None) -> None:
+        if self.until_close and self.resp_started and exc is None:
+            up.keep_alive = False
+            self.response_done(up)  # the end of a body delimited by the connection
+            self.client.flush()
+            return
+        self.upstream_failed(up, "connection reset" if exc is not None else
+                             "connection closed before the response")
+        self.client.flush()
+
+    def upstream_failed(self, up: UpstreamConn, why: str, status: int = 502) -> None:
+        """The endpoint broke off (reset, malformed response, per-try timeout)."""
+        self.detach(abort=True)
+        if self.resp_started:
+            self.client.abort()  # a truncated response must not look complete
+            self.finish()
+            return
+        assert self.host is not None and self.upstream is not None
+        self.upstream.connect_failed(self.host, why)
+        if self.replayable() and self.can_retry():
+            self.retry()
+        else:
+            self.fail(status, f"upstream {why}")
+
+    def detach(self, reuse: bool = False, discard: bool = False, abort: bool = False) -> None:
+        """Give the endpoint connection back: to the pool, to drain its answer, or closed."""
+        up = self.up
+        if up is None:
+            return
+        self.up = None
+        up.exchange = None
+        assert self.host is not None and self.upstream is not None
+        self.upstream.release(self.host, up)
+        client = self.client
+        if client.write_paused:
+            up.transport.resume_reading()
+        client.resume(PAUSE_UPSTREAM)
+        if abort or up.dead:
+            up.dead = True
+            up.transport.abort()
+        elif discard:
+            if self.req_done:
+                up.discarding = True  # read the unwanted answer; reused if it ends now
+            else:
+                up.dead = True
+                up.transport.abort()
+        elif reuse:
+            self.pool.put(up)
+        else:
+            up.transport.close()
+
+    # -- endings ----------------------------------------------------------------------
+    def fail(self, status: int, text: str) -> None:
+        """Answer with an error of our own (before any response byte went out)."""
+        self.detach(abort=True)
+        self.cancel_connect()
+        if self.resp_started:
+            self.client.abort()
+            self.finish()
+            return
+        if log.isEnabledFor(logging.INFO) and status >= 500:
+            log.info("%s: %d %s", self.route.name if self.route else "front door", status, text)
+        if not self.req_done:
+            self.keep_alive = False
+        engine = self.client.engine
+        self.client.out.append(engine.errors.build(status, text, engine.date,
+                                                   close=not self.keep_alive,
+                                                   head_only=self.is_head))
+        self.resp_started = True
+        self.resp_done = True
+        self.finish()
+
+    def finish(self, tunnel: bool = False) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        route = self.route
+        if route is not None and self.error is None:
+            route.active -= 1
+            if self.retries:
+                route.retries -= 1
+        if not tunnel:
+            self.client.exchange_finished(self)
+        elif self.client.queue and self.client.queue[0] is self:
+            self.client.queue.popleft()
+
+    def abandon(self) -> None:
+        """The client went away."""
+        self.cancel_connect()
+        self.detach(abort=not (self.req_done and self.resp_done))
+        if self.started and not self.finished:
+            self.finished = True
+            route = self.route
+            if route is not None and self.error is None:
+                route.active -= 1
+                if self.retries:
+                    route.retries -= 1
+
+    def cancel_connect(self) -> None:
+        task = self.connecting
+        if task is not None:
+            self.connecting = None
+            task.cancel()
+
+    def check(self, now: float, idle_s: float) -> None:
+        """Timeouts, from the engine's tick."""
+        if self.resp_started:
+            limit = self.client.engine.config.idle_timeout_s
+            if limit and idle_s > limit:
+                self.client.abort_all()
+                self.detach(abort=True)
+            return
+        if not self.started or self.finished:
+            return
+        if now > self.deadline:
+            self.fail(504, "upstream timeout")
+        elif self.connecting is not None:
+            if now > self.connect_deadline:
+                self.timed_out = True
+                self.connecting.cancel()
+        elif self.up is not None and now > self.try_deadline:
+            self.upstream_failed(self.up, "timeout (per try)", status=504)
+        self.client.flush()
