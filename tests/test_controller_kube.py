@@ -217,3 +217,31 @@ async def test_hung_api_server_is_marked_stale_by_the_probe() -> None:
         assert "GET /version" in (controller.members()["a"]["error"] or "")
         cs["a"].hang(False)
         await cs.wait(lambda: not stale_marked(cs, "b") and cs.addresses("b", "web"))
+
+
+async def test_karmada_multiclusterservice_is_watched(cs: Clusterset) -> None:
+    for c in cs.emulators:
+        cs[c].put_object(namespace("demo"))
+    cs["a"].put_object(service("web"))
+    cs["a"].put_object(member_slice("web", ["10.1.0.1"]))
+    await cs.start_controller()
+    assert cs.imports("b") == {}
+    cs["a"].put_object({
+        "apiVersion": "networking.karmada.io/v1alpha1", "kind": "MultiClusterService",
+        "metadata": {"name": "web", "namespace": "demo"},
+        "spec": {"types": ["CrossCluster"], "providerClusters": [{"name": "a"}],
+                 "consumerClusters": [{"name": "a"}, {"name": "b"}]}})
+    await cs.wait(lambda: cs.addresses("b", "web") == {"10.1.0.1"})
+    assert "web" in cs.imports("a") and cs.imported_slices("a") == []  # never back to source
+    assert cs.imports("c") == {}
+
+
+async def test_cluster_without_karmada_crd_is_fine(cs: Clusterset) -> None:
+    del cs["c"].store.types[("networking.karmada.io", "v1alpha1", "multiclusterservices")]
+    for c in cs.emulators:
+        cs[c].put_object(namespace("demo"))
+    export_web(cs, "a", ["10.1.0.1"])
+    await cs.start_controller()
+    assert cs.addresses("c", "web") == {"10.1.0.1"}
+    assert not any("multiclusterservices" in r.path for r in cs["c"].requests)
+    assert any("multiclusterservices" in r.path for r in cs["b"].requests)
