@@ -81,8 +81,6 @@ class VipInterface:
         self._ipr: IPRoute | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[Any] | None = None
-        self._idle = asyncio.Event()
-        self._busy = False
 
     # -- component -------------------------------------------------------------------
     async def start(self) -> None:
@@ -105,12 +103,6 @@ class VipInterface:
                 await self._call(self._remove_all)
         finally:
             await self._close()
-
-    async def settled(self) -> None:
-        """Wait until every change seen so far is on the interface (tests, shutdown)."""
-        while self._busy or self._dirty or self._resync or self._wake.is_set():
-            self._idle.clear()
-            await self._idle.wait()
 
     # -- snapshots → wanted addresses ------------------------------------------------
     def _on_snapshot(self, snapshot: Snapshot, everything: bool = False) -> None:
@@ -145,13 +137,10 @@ class VipInterface:
         delay = RETRY_INITIAL_S
         self._wake.set()
         while True:
-            if not self._wake.is_set():
-                self._idle.set()
             await self._wake.wait()
             self._wake.clear()
             dirty, self._dirty = self._dirty, set()
             resync, self._resync = self._resync, False
-            self._busy = True
             try:
                 await self._call(self._apply, dirty, resync)
                 delay = RETRY_INITIAL_S
@@ -165,8 +154,6 @@ class VipInterface:
                 await asyncio.sleep(delay)
                 delay = min(RETRY_MAX_S, delay * 2)
                 self._wake.set()
-            finally:
-                self._busy = False
 
     # -- netlink (runs in the worker thread only) --------------------------------------
     async def _call(self, func: Any, *args: Any) -> Any:
