@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -111,10 +112,10 @@ class Running:
 
 @contextlib.asynccontextmanager
 async def running(emu: KubeEmulator, tmp_path: Path, cluster_id: str = "east",
-                  **kwargs: Any) -> AsyncIterator[Running]:
+                  timings: WatchTimings = FAST, **kwargs: Any) -> AsyncIterator[Running]:
     store = SnapshotStore(cluster_id)
     source = KubeSource(cluster_id, kubeconfig=str(emu.kubeconfig(tmp_path / "kubeconfig")),
-                        timings=FAST, **kwargs)
+                        timings=timings, **kwargs)
     task = asyncio.create_task(source.run(store))
     try:
         async with asyncio.timeout(5):
@@ -361,3 +362,26 @@ async def test_without_karmada_the_source_still_syncs(tmp_path: Path) -> None:
             assert run.status.connected and run.status.error is None
             # No MultiClusterService: the cluster's Services are never listed.
             assert not any(r.path == "/api/v1/services" for r in emu.requests)
+
+
+async def test_bookmarks_keep_a_quiet_watch_resumable(tmp_path: Path) -> None:
+    # A short history: without bookmarks, a resume after unrelated churn would be a 410.
+    async with KubeEmulator(history=5, bookmark_interval=0.05) as emu:
+        emu.put_object(service_import("web"))
+        # Watches long enough that none ends by itself during the test.
+        quiet = dataclasses.replace(FAST, watch_timeout_s=60.0)
+        async with running(emu, tmp_path, timings=quiet) as run:
+            await emu.wait_for(lambda: emu.watch_count == len(run.source.reflectors))
+            for i in range(20):  # other resources move the resourceVersion on
+                emu.put_object({"apiVersion": "v1", "kind": "ConfigMap",
+                                "metadata": {"name": f"cm{i}", "namespace": "test"}})
+            current = str(emu.store.rv)
+            await emu.wait_for(lambda: all(r.resource_version == current
+                                           for r in run.source.reflectors))
+            emu.drop_watches()
+            emu.put_object(service_import("late", "127.240.3.6"))
+            await run.until(lambda: run.store.current.get("test", "late") is not None)
+            assert sum(r.relists_gone for r in run.source.reflectors) == 0
+            watches = [r for r in emu.requests if r.query.get("watch") == "True"
+                       and r.path.endswith("/serviceimports")]
+            assert watches[-1].query["resourceVersion"] == current
