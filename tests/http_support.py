@@ -7,6 +7,7 @@ can assert connection reuse, retries and streaming from the endpoint's side.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field
 
 from httptools import HttpRequestParser
@@ -195,10 +196,8 @@ class RawClient:
 
     async def close(self) -> None:
         self.writer.close()
-        try:
+        with contextlib.suppress(ConnectionError):
             await self.writer.wait_closed()
-        except ConnectionError:
-            pass
 
     def send(self, data: bytes) -> None:
         self.writer.write(data)

@@ -87,7 +87,6 @@ class ClientConnection(asyncio.Protocol):
         "conn_tokens",
         "current",
         "engine",
-        "eof",
         "expect",
         "front",
         "fwd",
@@ -128,7 +127,6 @@ class ClientConnection(asyncio.Protocol):
         self.queue: deque[Exchange] = deque()
         self.current: Exchange | None = None  # the request being parsed (its body)
         self.last: Exchange | None = None  # the latest request parsed
-        self.eof = False
         self.out: list[bytes] = []
         self.paused = 0
         self.write_paused = False
@@ -203,13 +201,12 @@ class ClientConnection(asyncio.Protocol):
             self.flush()
 
     def eof_received(self) -> bool:
-        # A half-closed client still gets the answers to what it sent, then we close.
-        if not self.queue and self.upgrading is None and self.tunnel is None:
-            return False
-        self.eof = True
+        # As nginx (proxy_ignore_client_abort off): a client that stops sending has given
+        # up on its requests; their endpoint connections are aborted. Tunnels half-close.
         if self.tunnel is not None:
             self.tunnel.transport.write_eof()
-        return True
+            return True
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -447,8 +444,6 @@ class ClientConnection(asyncio.Protocol):
         if self.broken is not None:
             self.out.append(self.broken)
             self.close()
-        elif self.eof:
-            self.close()
 
     def start_tunnel(self, up: UpstreamConn) -> None:
         self.upgrading = None
@@ -501,6 +496,8 @@ class Exchange:
         "connecting",
         "deadline",
         "error",
+        "fail_status",
+        "fail_why",
         "finished",
         "host",
         "http11",
@@ -561,6 +558,8 @@ class Exchange:
         self.started = False
         self.sent = False  # a byte of this request went to the current endpoint
         self.timed_out = False
+        self.fail_status = 502  # what the client gets when no endpoint is left: 504 after timeouts
+        self.fail_why = ""
         self.retries = 0
         self.tried: list[Host] = []
         self.host: Host | None = None
@@ -588,7 +587,8 @@ class Exchange:
         host = self.choose()
         if host is None:
             if self.tried:
-                self.fail(502, "no endpoint answered")
+                self.fail(self.fail_status, f"no endpoint answered (last: {self.fail_why})"
+                          if self.fail_status == 502 else "upstream timeout")
             else:
                 self.fail(503, "no healthy endpoint")
             return
@@ -645,6 +645,9 @@ class Exchange:
             reason = f"connect failed ({getattr(exc, 'strerror', None) or type(exc).__name__})"
         assert self.host is not None and self.upstream is not None
         self.upstream.connect_failed(self.host, reason)
+        self.fail_why = reason
+        if self.timed_out:
+            self.fail_status = 504
         # Nothing was sent: a failed connect is retried whatever the method.
         if self.can_retry():
             self.retry()
@@ -855,6 +858,8 @@ class Exchange:
             return
         assert self.host is not None and self.upstream is not None
         self.upstream.connect_failed(self.host, why)
+        self.fail_status = status
+        self.fail_why = why
         if self.replayable() and self.can_retry():
             self.retry()
         else:

@@ -1,0 +1,421 @@
+"""HTTP/1.1 proxying through ClusterSetIPs with real sockets: reuse, pipelining, headers,
+streaming, retries, ejection, errors, 100-continue and WebSocket tunnels."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import aiohttp
+from aiohttp import web
+
+from mcsproxy.config import HttpConfig, OutlierConfig
+from tests.http_support import (
+    HTTP_PORT,
+    RawClient,
+    Response,
+    publish,
+    start_backends,
+)
+from tests.proxy_fixtures import Clusterset, endpoint, free_port
+
+FAST = HttpConfig(per_try_timeout_s=0.3, request_timeout_s=1.0, header_timeout_s=1.0)
+
+
+async def stop_all(*things: object) -> None:
+    for thing in things:
+        await thing.stop()  # type: ignore[attr-defined]
+
+
+async def test_keepalive_reuses_one_upstream_connection() -> None:
+    [backend] = await start_backends({"east": 1}, 51)
+    cs = Clusterset("east")
+    publish(cs, "ka", "127.240.51.1", [backend])
+    proxy = await cs.proxy()
+    try:
+        for _ in range(3):  # three client connections one after the other
+            client = await RawClient.open("127.240.51.1", 80)
+            for _ in range(20):
+                r = await client.get("/")
+                assert (r.status, r.body) == (200, b"east-1")
+            await client.close()
+        assert len(backend.requests) == 60
+        assert backend.connections == 1
+    finally:
+        await stop_all(proxy, backend)
+
+
+async def test_pipelined_requests_are_answered_in_order() -> None:
+    [backend] = await start_backends({"east": 1}, 52)
+    cs = Clusterset("east")
+    publish(cs, "pipe", "127.240.52.1", [backend])
+    proxy = await cs.proxy()
+    try:
+        client = await RawClient.open("127.240.52.1", 80)
+        client.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+                    b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello"
+                    b"GET /chunked HTTP/1.1\r\nHost: a\r\n\r\n"
+                    b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+                    b"GET /headers HTTP/1.1\r\nHost: last\r\n\r\n")
+        bodies = [(await client.response()).body for _ in range(5)]
+        assert bodies[:4] == [b"east-1", b"hello", b"hello world", b"abcde"]
+        assert b"Host: last" in bodies[4]
+        await client.close()
+    finally:
+        await stop_all(proxy, backend)
+
+
+async def test_headers_forwarded_hop_by_hop_removed_and_cluster_named() -> None:
+    [backend] = await start_backends({"west": 1}, 53)
+    cs = Clusterset("east")
+    publish(cs, "hdr", "127.240.53.1", [backend])
+    proxy = await cs.proxy(http=HttpConfig(cluster_header="X-Served-By-Cluster"))
+    try:
+        client = await RawClient.open("127.240.53.1", 80)
+        r = await client.get("/headers", host="hdr.example", extra=(
+            "X-Forwarded-For: 10.0.0.9\r\nX-Forwarded-Proto: https\r\n"
+            "Connection: keep-alive, X-Hop\r\nX-Hop: secret\r\nKeep-Alive: timeout=5\r\n"
+            "TE: trailers\r\nProxy-Authorization: Basic eA==\r\nX-App: kept\r\n"))
+        assert r.status == 200
+        assert r.headers[b"x-served-by-cluster"] == b"west"
+        assert r.headers[b"via"] == b"1.1 mcsproxy"
+        assert backend.header(0, b"host") == [b"hdr.example"]
+        assert backend.header(0, b"x-forwarded-for") == [b"10.0.0.9, 127.0.0.1"]
+        assert backend.header(0, b"x-forwarded-proto") == [b"http"]
+        assert backend.header(0, b"via") == [b"1.1 mcsproxy"]
+        assert backend.header(0, b"x-app") == [b"kept"]
+        for gone in (b"connection", b"x-hop", b"keep-alive", b"te", b"proxy-authorization"):
+            assert backend.header(0, gone) == [], gone
+        generated = backend.header(0, b"x-request-id")
+        assert len(generated) == 1 and generated[0]
+        await client.get("/", extra="X-Request-Id: abc-123\r\n")
+        assert backend.header(1, b"x-request-id") == [b"abc-123"]
+        await client.get("/")
+        assert backend.header(2, b"x-request-id") != generated  # a fresh one per request
+        r = await client.get("/hop")
+        assert b"x-secret" not in r.headers and b"keep-alive" not in r.headers
+        await client.close()
+    finally:
+        await stop_all(proxy, backend)
+
+
+async def test_head_chunked_and_until_close_responses() -> None:
+    [backend] = await start_backends({"east": 1}, 54)
+    cs = Clusterset("east")
+    publish(cs, "bodies", "127.240.54.1", [backend])
+    proxy = await cs.proxy()
+    try:
+        client = await RawClient.open("127.240.54.1", 80)
+        r = await client.get("/", method="HEAD")
+        assert (r.status, r.headers[b"content-length"]) == (200, b"6")
+        r = await client.get("/chunked")
+        assert r.headers[b"transfer-encoding"] == b"chunked" and r.body == b"hello world"
+        r = await client.get("/until-close")
+        assert r.body == b"until close"
+        assert (await client.get("/")).body == b"east-1"  # still keep-alive to the client
+        await client.close()
+    finally:
+        await stop_all(proxy, backend)
+
+
+async def test_100_mb_streams_both_ways_with_bounded_buffers() -> None:
+    [backend] = await start_backends({"east": 1}, 55)
+    cs = Clusterset("east")
+    publish(cs, "bulk", "127.240.55.1", [backend])
+    proxy = await cs.proxy()
+    size = 100 * 1024 * 1024
+    high_water = 0
+
+    def buffered() -> int:
+        total = 0
+        for client in proxy.http.clients:
+            total += client.transport.get_write_buffer_size() + sum(map(len, client.out))
+            for ex in client.queue:
+                total += ex.unsent_size
+                if ex.up is not None:
+                    total += ex.up.transport.get_write_buffer_size()
+        return total
+
+    async def sample(stop: asyncio.Event) -> None:
+        nonlocal high_water
+        while not stop.is_set():
+            high_water = max(high_water, buffered())
+            await asyncio.sleep(0.002)
+
+    done = asyncio.Event()
+    sampler = asyncio.create_task(sample(done))
+    try:
+        backend.hold_reading.clear()  # the endpoint reads nothing at first: buffers fill up
+        client = await RawClient.open("127.240.55.1", 80)
+        client.send(b"POST /count HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % size)
+        chunk = b"y" * (1 << 20)
+
+        async def upload() -> None:
+            for _ in range(100):
+                client.writer.write(chunk)
+                await client.writer.drain()
+
+        sending = asyncio.create_task(upload())
+        await asyncio.sleep(0.2)
+        backend.hold_reading.set()
+        await asyncio.wait_for(sending, 30)
+        r = await client.response(timeout=30)
+        assert (r.status, r.body) == (200, str(size).encode())
+        client.send(b"GET /big/%d HTTP/1.1\r\nHost: a\r\n\r\n" % size)
+        head = await client.reader.readuntil(b"\r\n\r\n")
+        assert b"Content-Length: %d" % size in head
+        await asyncio.sleep(0.1)  # the client reads nothing for a while: backpressure
+        got = 0
+        async with asyncio.timeout(30):
+            while got < size:
+                got += len(await client.reader.read(1 << 20))
+        assert got == size
+        await client.close()
+    finally:
+        done.set()
+        await sampler
+        await stop_all(proxy, backend)
+    # Each direction holds at most a write high-water mark plus one read's worth.
+    assert 0 < high_water < 2 * 1024 * 1024, high_water
+
+
+async def test_idempotent_request_retried_in_another_cluster_post_is_not() -> None:
+    backends = await start_backends({"east": 2, "west": 1}, 56)
+    east1, east2, west1 = backends
+    east1.status = east2.status = 503
+    cs = Clusterset("east")
+    publish(cs, "retry", "127.240.56.1", backends)
+    proxy = await cs.proxy(outlier=OutlierConfig(consecutive_failures=0))
+    try:
+        client = await RawClient.open("127.240.56.1", 80)
+        for _ in range(6):
+            r = await client.get("/")
+            assert (r.status, r.body) == (200, b"west-1")
+        # Each failure in east is retried in west, never in the other east endpoint.
+        assert len(east1.requests) + len(east2.requests) <= 6
+        assert len(west1.requests) == 6
+        for method in ("PUT", "DELETE"):
+            r = await _body_request(client, method, b"hi")
+            assert (r.status, r.body) == (200, b"hi")  # small idempotent bodies are replayed
+        before = len(east1.requests) + len(east2.requests) + len(west1.requests)
+        statuses = [(await _body_request(client, "POST", b"data")).status for _ in range(6)]
+        after = len(east1.requests) + len(east2.requests) + len(west1.requests)
+        assert after - before == 6  # one try each: a POST with a body is never retried
+        assert 503 in statuses
+        await client.close()
+    finally:
+        await stop_all(proxy, *backends)
+
+
+async def _body_request(client: RawClient, method: str, body: bytes) -> Response:
+    client.send(f"{method} /echo HTTP/1.1\r\nHost: a\r\nContent-Length: {len(body)}\r\n\r\n"
+                .encode() + body)
+    return await client.response()
+
+
+async def test_connect_failure_retried_for_any_method() -> None:
+    [live] = await start_backends({"west": 1}, 57)
+    dead_port = free_port("127.57.9.9")
+    cs = Clusterset("east")
+    cs.publish("conn", "127.240.57.1", [HTTP_PORT],
+               [endpoint("127.57.9.9", "east", dead_port), endpoint(live.host, "west", live.port)])
+    proxy = await cs.proxy(outlier=OutlierConfig(consecutive_failures=0))
+    try:
+        client = await RawClient.open("127.240.57.1", 80)
+        for _ in range(4):
+            r = await _body_request(client, "POST", b"payload")
+            assert (r.status, r.body) == (200, b"payload")
+        await client.close()
+    finally:
+        await stop_all(proxy, live)
+
+
+async def test_errors_name_the_reason() -> None:
+    slow = await start_backends({"east": 1, "west": 1}, 58)
+    cs = Clusterset("east")
+    publish(cs, "slow", "127.240.58.1", slow)
+    cs.publish("empty", "127.240.58.2", [HTTP_PORT], [])
+    dead = free_port("127.58.9.9")
+    cs.publish("dead", "127.240.58.3", [HTTP_PORT], [endpoint("127.58.9.9", "east", dead)])
+    proxy = await cs.proxy(http=FAST, outlier=OutlierConfig(consecutive_failures=0))
+    try:
+        client = await RawClient.open("127.240.58.2", 80)
+        r = await client.get("/")
+        assert (r.status, r.body) == (503, b"no healthy endpoint\n")
+        r = await client.get("/", method="HEAD")
+        assert r.status == 503
+        await client.close()
+        client = await RawClient.open("127.240.58.3", 80)
+        r = await client.get("/")
+        assert r.status == 502 and r.body.startswith(b"no endpoint answered")
+        await client.close()
+        client = await RawClient.open("127.240.58.1", 80)
+        started = time.monotonic()
+        r = await client.get("/slow")
+        assert r.status == 504 and b"timeout" in r.body
+        assert time.monotonic() - started < 2.0
+        # One try per endpoint (a retry never goes back to one already tried).
+        assert [len(b.requests) for b in slow] == [1, 1]
+        await client.close()
+    finally:
+        await stop_all(proxy, *slow)
+
+
+async def test_reset_before_response_retried_for_get_not_post() -> None:
+    backends = await start_backends({"east": 1, "west": 1}, 59)
+    cs = Clusterset("east")
+    publish(cs, "reset", "127.240.59.1", backends)
+    proxy = await cs.proxy(outlier=OutlierConfig(consecutive_failures=0))
+
+    def tries() -> int:
+        return sum(len(b.requests) for b in backends)
+
+    try:
+        client = await RawClient.open("127.240.59.1", 80)
+        r = await client.get("/reset")
+        assert r.status == 502 and b"reset" in r.body or b"closed" in r.body, r.body
+        assert tries() == 2  # both endpoints tried
+        await client.close()
+        client = await RawClient.open("127.240.59.1", 80)
+        client.send(b"POST /reset HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx")
+        assert (await client.response()).status == 502
+        assert tries() == 3  # one try only
+        await client.close()
+    finally:
+        await stop_all(proxy, *backends)
+
+
+async def test_retry_budget_caps_retries() -> None:
+    backends = await start_backends({"east": 1, "west": 1}, 60)
+    for b in backends:
+        b.status = 503
+    cs = Clusterset("east")
+    publish(cs, "budget", "127.240.60.1", backends)
+    proxy = await cs.proxy(http=HttpConfig(retry_budget_percent=0, retry_min_concurrency=0),
+                           outlier=OutlierConfig(consecutive_failures=0))
+    try:
+        client = await RawClient.open("127.240.60.1", 80)
+        for _ in range(4):
+            assert (await client.get("/")).status == 503
+        assert sum(len(b.requests) for b in backends) == 4  # no retry left in the budget
+        await client.close()
+    finally:
+        await stop_all(proxy, *backends)
+
+
+async def test_ejection_after_five_5xx_and_return_after_ejection_time() -> None:
+    sick, healthy = await start_backends({"east": 1, "west": 1}, 61)
+    sick.status = 500
+    cs = Clusterset("east")
+    publish(cs, "eject", "127.240.61.1", [sick, healthy])
+    proxy = await cs.proxy(outlier=OutlierConfig(consecutive_failures=5, base_ejection_s=0.5,
+                                                 max_ejection_s=1.0),
+                           http=HttpConfig(max_retries=0))
+    try:
+        client = await RawClient.open("127.240.61.1", 80)
+        statuses = [(await client.get("/")).status for _ in range(10)]
+        assert statuses.count(500) == 5 and len(sick.requests) == 5  # then ejected
+        for _ in range(20):
+            assert (await client.get("/")).body == b"west-1"
+        assert len(sick.requests) == 5
+        sick.status = 200
+        ejected_at = time.monotonic()
+        async with asyncio.timeout(5):  # back after the ejection time, without sleeping blind
+            while len(sick.requests) == 5:
+                await client.get("/")
+        assert time.monotonic() - ejected_at >= 0.3
+        await client.close()
+    finally:
+        await stop_all(proxy, sick, healthy)
+
+
+async def test_expect_100_continue() -> None:
+    [backend] = await start_backends({"east": 1}, 62)
+    cs = Clusterset("east")
+    publish(cs, "cont", "127.240.62.1", [backend])
+    proxy = await cs.proxy()
+    try:
+        client = await RawClient.open("127.240.62.1", 80)
+        client.send(b"POST /continue HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n"
+                    b"Expect: 100-continue\r\n\r\n")
+        interim = await client.response()
+        assert interim.status == 100
+        client.send(b"body")
+        r = await client.response()
+        assert r.status == 200 and backend.requests[0][1] == b"/continue"
+        assert backend.header(0, b"expect") == [b"100-continue"]
+        await client.close()
+    finally:
+        await stop_all(proxy, backend)
+
+
+async def test_websocket_echo_through_the_proxy() -> None:
+    async def ws_handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            await ws.send_str("echo " + msg.data)
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", ws_handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    host = "127.63.1.1"
+    port = free_port(host)
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    cs = Clusterset("east")
+    cs.publish("ws", "127.240.63.1", [HTTP_PORT], [endpoint(host, "east", port)])
+    proxy = await cs.proxy()
+    try:
+        async with aiohttp.ClientSession() as session, \
+                session.ws_connect("http://127.240.63.1/ws") as ws:
+            for i in range(20):
+                await ws.send_str(f"m{i}")
+                msg = await asyncio.wait_for(ws.receive(), 3)
+                assert msg.data == f"echo m{i}"
+        async with aiohttp.ClientSession() as session, \
+                session.get("http://127.240.63.1/ws") as resp:
+            assert resp.status != 101  # not an upgrade request: a plain answer
+    finally:
+        await proxy.stop()
+        await runner.cleanup()
+
+
+async def test_client_disconnect_mid_request_frees_the_endpoint() -> None:
+    [backend] = await start_backends({"east": 1}, 64)
+    cs = Clusterset("east")
+    publish(cs, "gone", "127.240.64.1", [backend])
+    proxy = await cs.proxy()
+    try:
+        sock = socket.create_connection(("127.240.64.1", 80))
+        sock.sendall(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+        async with asyncio.timeout(3):
+            while not backend.requests:
+                await asyncio.sleep(0.01)
+        sock.close()
+        upstream = next(iter(proxy.upstreams.values()))
+        async with asyncio.timeout(3):
+            while any(h.active for h in upstream.hosts.values()) or proxy.http.clients:
+                await asyncio.sleep(0.01)
+    finally:
+        await stop_all(proxy, backend)
+
+
+async def test_backend_unused_when_snapshot_removes_it() -> None:
+    a, b = await start_backends({"east": 1, "west": 1}, 65)
+    cs = Clusterset("east")
+    publish(cs, "move", "127.240.65.1", [a, b])
+    proxy = await cs.proxy()
+    try:
+        client = await RawClient.open("127.240.65.1", 80)
+        assert {(await client.get("/")).body for _ in range(4)} == {b"east-1", b"west-1"}
+        publish(cs, "move", "127.240.65.1", [b])
+        await cs.served(proxy)
+        assert {(await client.get("/")).body for _ in range(6)} == {b"west-1"}
+        await client.close()
+    finally:
+        await stop_all(proxy, a, b)
