@@ -376,8 +376,8 @@ async def test_bookmarks_keep_a_quiet_watch_resumable(tmp_path: Path) -> None:
                 emu.put_object({"apiVersion": "v1", "kind": "ConfigMap",
                                 "metadata": {"name": f"cm{i}", "namespace": "test"}})
             current = str(emu.store.rv)
-            await emu.wait_for(lambda: all(r.resource_version == current
-                                           for r in run.source.reflectors))
+            await run.until(lambda: all(r.resource_version == current  # by bookmarks
+                                        for r in run.source.reflectors))
             emu.drop_watches()
             emu.put_object(service_import("late", "127.240.3.6"))
             await run.until(lambda: run.store.current.get("test", "late") is not None)
