@@ -33,18 +33,34 @@ class ControllerConfig:
     once: bool = False
     serve: tuple[str, int] | None = None
     clusterset_cidr: str = DEFAULT_CIDR
+    cluster_cidrs: tuple[tuple[str, str], ...] = ()
     poll_interval_s: float = POLL_INTERVAL_S
     heartbeat_s: float = HEARTBEAT_S
 
     def __post_init__(self) -> None:
         try:
             parse_cidrs(self.clusterset_cidr)
+            for _cluster, cidr in self.cluster_cidrs:
+                parse_cidrs(cidr)
         except ValueError as exc:
             raise ControllerConfigError(str(exc)) from None
         if not self.clusters_dir.is_dir():
             raise ControllerConfigError(f"--clusters-dir {self.clusters_dir}: not a directory")
         if self.output_dir.resolve() == self.clusters_dir.resolve():
             raise ControllerConfigError("--output-dir must differ from --clusters-dir")
+
+
+def parse_cluster_cidrs(values: list[str]) -> tuple[tuple[str, str], ...]:
+    """`--cluster-cidr east=127.240.1.0/24` (repeatable) → ((cluster, cidr), ...)."""
+    pairs: dict[str, str] = {}
+    for value in values:
+        cluster, sep, cidr = value.partition("=")
+        if not sep or not cluster or not cidr:
+            raise ControllerConfigError(f"--cluster-cidr: expected CLUSTER=CIDR, got {value!r}")
+        if cluster in pairs:
+            raise ControllerConfigError(f"--cluster-cidr: {cluster} given twice")
+        pairs[cluster] = cidr
+    return tuple(sorted(pairs.items()))
 
 
 class DirectoryControllerApp:
@@ -69,7 +85,9 @@ class DirectoryControllerApp:
             raise ClusterError(f"--clusters-dir {self.config.clusters_dir}: no cluster folders")
         self.config.output_dir.mkdir(parents=True, exist_ok=True)
         controller = Controller([self._client(c) for c in clusters],
-                                cidrs=self.config.clusterset_cidr, metrics=self.metrics,
+                                cidrs=self.config.clusterset_cidr,
+                                cluster_cidrs=dict(self.config.cluster_cidrs),
+                                metrics=self.metrics,
                                 publisher=self.hub)
         self.controller = controller
         if self.hub is not None:
@@ -181,6 +199,7 @@ def run_from_args(args: argparse.Namespace, config_error: type[Exception]) -> in
             once=args.once,
             serve=parse_host_port(args.serve, "--serve") if args.serve else None,
             clusterset_cidr=args.clusterset_cidr,
+            cluster_cidrs=parse_cluster_cidrs(args.cluster_cidr),
         )
     except (ControllerConfigError, ConfigError) as exc:
         raise config_error(str(exc)) from None

@@ -71,12 +71,18 @@ class Controller:
         clients: Iterable[ClusterClient],
         *,
         cidrs: str = DEFAULT_CIDR,
+        cluster_cidrs: Mapping[str, str] = EMPTY_MAPPING,
         metrics: ControllerMetrics | None = None,
         publisher: Publisher | None = None,
         now: Callable[[], str] = rfc3339_now,
     ) -> None:
         self.clients: dict[str, ClusterClient] = {c.cluster_id: c for c in clients}
         self.allocator = ClusterSetIPAllocator(parse_cidrs(cidrs))
+        # KEP-1645 lets each consumer have its own ClusterSetIPs; a range per cluster is
+        # what lets several clusters' gateways share one host (the local demo).
+        self.cluster_allocators = {
+            c: ClusterSetIPAllocator(parse_cidrs(cidr)) for c, cidr in cluster_cidrs.items()
+        }
         self.metrics = metrics or ControllerMetrics()
         self.publisher = publisher
         self._now = now
@@ -118,9 +124,10 @@ class Controller:
             self._refs.setdefault(key, {}).setdefault(cluster, set()).add(ref)
             self._dirty.setdefault(key, time.monotonic())
             prior.add(cluster, obj)
+        allocator = self.cluster_allocators.get(cluster, self.allocator)
         for key, ips in sorted(prior.ips.items()):
-            if not self.allocator.get(key):
-                self.allocator.reserve(key, ips)
+            if not allocator.get(key):
+                allocator.reserve(key, ips)
         self.clients[cluster] = client
         self._mark(keys_to_reconcile({cluster: client.objects}))
         self._mark_cluster_namespaces(cluster)
@@ -196,16 +203,21 @@ class Controller:
             for c in clusters
         ))
         res = resolve(inputs)
+        cluster_ips: dict[str, tuple[str, ...]] = {}
         if res.needs_ips:
             ips = self.allocator.ensure(key, res.ip_families)
+            for c, allocator in self.cluster_allocators.items():
+                cluster_ips[c] = allocator.ensure(key, res.ip_families)
         else:
             self.allocator.release(key)
+            for allocator in self.cluster_allocators.values():
+                allocator.release(key)
             ips = ()
         if res.imported:
             self._imported.add(key)
         else:
             self._imported.discard(key)
-        result = render(res, inputs, ips, now)
+        result = render(res, inputs, ips, now, cluster_ips)
         return {c: result.objects_for(c) for c in clusters}
 
     async def flush(self, publish: bool = True) -> int:

@@ -275,12 +275,15 @@ class ServiceResult:
     # Karmada providers get no endpoints of their own back.
     not_to_self: frozenset[str] = frozenset()
     exports: Mapping[str, Obj] = field(default_factory=lambda: EMPTY_MAPPING)
+    # Consumers with a ClusterSetIP range of their own (--cluster-cidr) get their own copy.
+    cluster_imports: Mapping[str, Obj] = field(default_factory=lambda: EMPTY_MAPPING)
 
     def objects_for(self, cluster: str) -> dict[ObjectRef, Obj]:
         objects: dict[ObjectRef, Obj] = {}
         ns, name = self.key
         if self.service_import is not None and cluster in self.consumers:
-            objects[ObjectRef(KIND_IMPORT, ns, name)] = self.service_import
+            objects[ObjectRef(KIND_IMPORT, ns, name)] = self.cluster_imports.get(
+                cluster, self.service_import)
             for source, slices in self.slices.items():
                 if source == cluster and cluster in self.not_to_self:
                     continue
@@ -445,7 +448,14 @@ def _export_obj(
     return obj
 
 
-def render(res: Resolution, inputs: ServiceInputs, ips: Sequence[str], now: str) -> ServiceResult:
+def render(
+    res: Resolution,
+    inputs: ServiceInputs,
+    ips: Sequence[str],
+    now: str,
+    cluster_ips: Mapping[str, Sequence[str]] = EMPTY_MAPPING,
+) -> ServiceResult:
+    """`ips` for every consumer, except those named in `cluster_ips` (own ranges)."""
     exports = {m.cluster: _export_obj(m, res, now) for m in inputs.members if m.export is not None}
     if not res.imported:
         return ServiceResult(res.key, exports=exports)
@@ -462,6 +472,8 @@ def render(res: Resolution, inputs: ServiceInputs, ips: Sequence[str], now: str)
         slices={c: s for c, s in slices.items() if s},
         not_to_self=frozenset(e.cluster for e in res.exporters if e.export is None),
         exports=exports,
+        cluster_imports={c: _import_obj(res, own) for c, own in cluster_ips.items()
+                         if c in res.consumers},
     )
 
 

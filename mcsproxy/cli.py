@@ -113,6 +113,8 @@ def _add_controller_parser(sub: argparse._SubParsersAction) -> None:  # type: ig
     p.add_argument("--serve", metavar="HOST:PORT", help="stream snapshots to gateways here")
     p.add_argument("--clusterset-cidr", default="127.240.0.0/16",
                    help="ClusterSetIP range; IPv4,IPv6 for dual stack")
+    p.add_argument("--cluster-cidr", action="append", default=[], metavar="CLUSTER=CIDR",
+                   help="a ClusterSetIP range of that consumer cluster's own (repeatable)")
     p.add_argument("--kubeconfig", metavar="PATH", help="Kubernetes mode: the kubeconfig")
     p.add_argument("--contexts", metavar="A,B=ID",
                    help="Kubernetes mode: member contexts (cluster ID = context, or after =)")

@@ -105,6 +105,20 @@ def test_addresses_survive_a_restart_with_new_services(tmp_path: Path) -> None:
     assert len(all_ips) == len(set(all_ips)) == 4
 
 
+def test_a_cluster_with_its_own_range_gets_its_own_stable_addresses(tmp_path: Path) -> None:
+    clusters, out = tmp_path / "clusters", tmp_path / "out"
+    member(clusters, "a", 1)
+    member(clusters, "b", 2)
+    own = ("--cluster-cidr", "b=127.242.0.0/24")
+    assert once(clusters, out, *own) == 0
+    ip_a = read_out(out, "a")["serviceimport_test_web.yaml"]["spec"]["ips"]
+    ip_b = read_out(out, "b")["serviceimport_test_web.yaml"]["spec"]["ips"]
+    assert ip_a[0].startswith("127.240.") and ip_b[0].startswith("127.242.0.")
+    before = stamps(out)
+    assert once(clusters, out, *own) == 0
+    assert stamps(out) == before  # read back, not reallocated
+
+
 def test_bad_file_fails_once_with_file_and_line_and_writes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -121,7 +135,10 @@ def test_bad_file_fails_once_with_file_and_line_and_writes_nothing(
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["--kubeconfig", "k"], "not available yet"),
+    (["--kubeconfig", "k"], "--kubeconfig needs --contexts"),
+    (["--clusters-dir", ".", "--output-dir", "o", "--cluster-cidr", "east"], "CLUSTER=CIDR"),
+    (["--clusters-dir", ".", "--output-dir", "o", "--cluster-cidr", "a=10.0.0.0/40"],
+     "clusterset-cidr"),
     (["--clusters-dir", "/nonexistent-dir", "--output-dir", "/tmp/x"], "not a directory"),
     (["--clusters-dir", ".", "--output-dir", "o", "--clusterset-cidr", "10.0.0.0/33"],
      "clusterset-cidr"),

@@ -35,6 +35,11 @@ class DemoCluster:
         return f"127.0.{self.index}.{pod + 1}"
 
     @property
+    def clusterset_cidr(self) -> str:
+        """Each cluster's ClusterSetIPs of its own, so three gateways share this host."""
+        return f"127.240.{self.index}.0/24"
+
+    @property
     def gateway_ip(self) -> str:
         return f"127.0.10.{self.index}"
 

@@ -114,7 +114,8 @@ class Demo:
             "controller",
             self._mcsproxy("controller", "--clusters-dir", str(self.clusters_dir),
                            "--output-dir", str(self.output_dir),
-                           "--clusterset-cidr", CLUSTERSET_CIDR),
+                           "--clusterset-cidr", CLUSTERSET_CIDR,
+                           *(f"--cluster-cidr={c.name}={c.clusterset_cidr}" for c in CLUSTERS)),
             self.workdir / "logs" / "controller.log",
         )
         await controller.start()
