@@ -275,7 +275,7 @@ async def test_reset_before_response_retried_for_get_not_post() -> None:
     try:
         client = await RawClient.open("127.240.59.1", 80)
         r = await client.get("/reset")
-        assert r.status == 502 and b"reset" in r.body or b"closed" in r.body, r.body
+        assert r.status == 502 and (b"reset" in r.body or b"closed" in r.body), r.body
         assert tries() == 2  # both endpoints tried
         await client.close()
         client = await RawClient.open("127.240.59.1", 80)

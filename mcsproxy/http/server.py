@@ -58,6 +58,7 @@ PAUSE_UNSENT = 2  # body bytes waiting for an endpoint connection
 PAUSE_TUNNEL = 8  # the tunnelled peer's write buffer is full
 
 MAX_PIPELINE = 16
+LINGER_S = 1.0
 UNSENT_HIGH_WATER = 256 * 1024
 CLIENT_WRITE_HIGH_WATER = 256 * 1024
 RETRY_STATUSES = frozenset({502, 503, 504})
@@ -94,11 +95,13 @@ class ClientConnection(asyncio.Protocol):
         "head_bytes",
         "head_since",
         "host",
+        "hsize",
         "idle",
         "idle_since",
         "in_head",
         "last",
         "length",
+        "lingering",
         "nheaders",
         "out",
         "parser",
@@ -131,6 +134,7 @@ class ClientConnection(asyncio.Protocol):
         self.paused = 0
         self.write_paused = False
         self.closed = False
+        self.lingering = False  # answered and half-closed; reading what is left, then close
         self.broken: bytes | None = None  # an error answer owed after the queue drains
         self.request_error: RequestError | None = None
         self.tunnel: UpstreamConn | None = None
@@ -156,6 +160,7 @@ class ClientConnection(asyncio.Protocol):
         self.upgrade: bytes | None = None
         self.has_request_id = False
         self.nheaders = 0
+        self.hsize = 0
 
     # -- transport events -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -167,6 +172,8 @@ class ClientConnection(asyncio.Protocol):
         self.engine.clients.add(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            return  # after our last answer: read and dropped until the client closes
         self.idle = 0
         if self.tunnel is not None:
             self.tunnel.transport.write(data)
@@ -286,8 +293,19 @@ class ClientConnection(asyncio.Protocol):
         return log.isEnabledFor(logging.INFO)
 
     def close(self) -> None:
+        """Lingering close: FIN after the last answer, drop the client's further bytes,
+        close on its EOF or after a tick or two. Closing a socket with unread input sends
+        RST, which would destroy the answer still on its way to the client."""
         self.flush()
-        if not self.closed:
+        if self.closed or self.lingering:
+            return
+        self.lingering = True
+        self.idle = 0
+        self.paused = 0
+        try:
+            self.transport.write_eof()
+            self.transport.resume_reading()
+        except (OSError, RuntimeError):
             self.transport.close()
 
     def abort(self) -> None:
@@ -299,7 +317,9 @@ class ClientConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.in_head = True
         self.head_since = self.engine.now
-        self.head_bytes = 0
+        # Bytes of this head seen so far, counted per read (so approximate by one read),
+        # and at least 1: a head that began is answered 408 when it times out.
+        self.head_bytes = 1
         self._reset_head()
 
     def on_url(self, url: bytes) -> None:
@@ -312,10 +332,12 @@ class ClientConnection(asyncio.Protocol):
         if not self.in_head:
             return  # trailer fields after a chunked body: not forwarded
         self.nheaders += 1
+        self.hsize += len(name) + len(value) + 4
         http = self.engine.http
         if self.nheaders > http.max_headers:
-            self.request_error = RequestError(431, "too many header fields")
-            raise self.request_error
+            self._refuse(431, "too many header fields")
+        if self.hsize > http.max_header_bytes:
+            self._refuse(431, "request header fields too large")
         kind = REQUEST_KINDS.get(name.lower())
         if kind is None:
             self.parts.append(name + b": " + value + CRLF)
@@ -432,6 +454,8 @@ class ClientConnection(asyncio.Protocol):
         if self.closed:
             return
         if not ex.keep_alive:
+            if self.broken is not None:
+                self.out.append(self.broken)
             self.close()
             return
         if queue:
@@ -462,6 +486,10 @@ class ClientConnection(asyncio.Protocol):
     # -- timeouts (the engine's tick) ---------------------------------------------------
     def check(self, now: float, tick_s: float) -> None:
         self.idle += 1
+        if self.lingering:
+            if self.idle * tick_s > LINGER_S:
+                self.transport.close()
+            return
         http = self.engine.http
         if self.tunnel is not None or self.upgrading is not None:
             if self.idle * tick_s > self.engine.config.idle_timeout_s > 0:

@@ -1,0 +1,50 @@
+"""The --http-listen front door: routes by Host to imported services, and nowhere else."""
+
+from __future__ import annotations
+
+from mcsproxy.config import HttpConfig
+from mcsproxy.http.frontdoor import FrontDoor
+from mcsproxy.model import ServicePort
+from tests.http_support import HTTP_PORT, RawClient, start_backends
+from tests.proxy_fixtures import Clusterset, endpoint, free_port
+
+
+async def test_front_door_routes_by_host_only_to_imported_services() -> None:
+    web, api = await start_backends({"east": 1, "west": 1}, 81)
+    cs = Clusterset("east")
+    cs.publish("web", "127.240.81.1", [HTTP_PORT], [endpoint(web.host, "east", web.port)])
+    cs.publish("api", "127.240.81.2", [ServicePort("grpc", "TCP", 9090),
+                                       ServicePort("http", "TCP", 8080, "http")],
+               [endpoint(api.host, "west", api.port, name="http"),
+                endpoint(api.host, "west", api.port, name="grpc")])
+    listen = ("127.0.0.81", free_port("127.0.0.81"))
+    proxy = await cs.proxy(http=HttpConfig(listen=listen))
+    front = FrontDoor(proxy, "clusterset.local")
+    await front.start()
+    try:
+        client = await RawClient.open(*listen)
+        for host, status, body in [
+            ("web.test.svc.clusterset.local", 200, b"east-1"),
+            ("WEB.test.svc.clusterset.local.:80", 200, b"east-1"),
+            ("api.test.svc.clusterset.local:8080", 200, b"west-1"),
+            ("api.test.svc.clusterset.local", 404, b"no such service port\n"),  # two ports
+            ("web.test.svc.clusterset.local:81", 404, b"no such service port\n"),
+            ("nope.test.svc.clusterset.local", 404, b"no such service\n"),
+            ("web.test.svc.cluster.local", 421, b"not a clusterset service name\n"),
+            (f"127.81.1.1:{web.port}", 421, b"not a clusterset service name\n"),
+            ("evil.example", 421, b"not a clusterset service name\n"),
+        ]:
+            r = await client.get("/", host=host)
+            assert (r.status, r.body) == (status, body), host
+        # The ClusterSetIP listeners and the front door share one upstream set per port.
+        assert len(proxy.upstreams) == 3
+        client.send(b"GET http://127.81.1.1/ HTTP/1.1\r\nHost: web.test.svc.clusterset.local"
+                    b"\r\n\r\n")
+        assert (await client.response()).status == 400  # never an open proxy
+        await client.close()
+        assert len(web.requests) == 2 and len(api.requests) == 1
+    finally:
+        await front.stop()
+        await proxy.stop()
+        await web.stop()
+        await api.stop()
