@@ -1,0 +1,342 @@
+"""HTTP keep-alive benchmark: wrk, 100-byte and 64 KiB responses, through each proxy.
+
+Peers in the same run, alternating within each repetition: direct to the nginx backend,
+HAProxy 2.6 `mode http` (`http-reuse always`), nginx as reverse proxy (upstream keepalive),
+and `mcsproxy gateway` proxying an appProtocol http port with every feature on (health
+checks, outlier ejection, retries and budget, X-Forwarded-*/Via/x-request-id, the cluster
+response header). Pinning: wrk and the nginx backend on core 0, the proxy under test alone
+on core 1, one worker/thread each. CPU of the proxy from /proc/<pid>/stat utime+stime.
+Also: memory per idle keep-alive client connection (RSS growth over N idle connections)
+and `--workers 2` scaling (labelled: unpinned, the load generator shares the cores).
+Results: bench/results/http.md and http.json (or --out DIR).
+
+    .venv/bin/python bench/http/run.py            # 3 repetitions
+    .venv/bin/python bench/http/run.py --smoke    # seconds; proves it still runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("bench_tcp_run", ROOT / "bench" / "tcp" / "run.py")
+assert _spec is not None and _spec.loader is not None
+tcp = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tcp)  # shared helpers: Procs, cpu_seconds, wait_port, medians
+
+LOAD_CORE, PROXY_CORE = tcp.LOAD_CORE, tcp.PROXY_CORE
+BACKEND = ("127.0.0.1", 8081)
+PORTS = {"haproxy": 8090, "nginx": 8091}
+MCS_IP, MCS_W2_IP = "127.240.251.1", "127.240.251.2"
+PEERS = ("haproxy", "nginx", "wrk", "taskset")
+SIZES = {"100B": "/small", "64KiB": "/big"}
+WRK_CONNS = 50
+
+BACKEND_CONF = """daemon off; worker_processes 1; pid {run}/backend.pid;
+error_log {run}/backend.err warn;
+events {{ worker_connections 8192; multi_accept on; }}
+http {{ access_log off; client_body_temp_path {run}/b1; proxy_temp_path {run}/b2;
+  fastcgi_temp_path {run}/b3; uwsgi_temp_path {run}/b4; scgi_temp_path {run}/b5;
+  sendfile on; tcp_nopush on; tcp_nodelay on;
+  keepalive_requests 10000000; keepalive_timeout 120s;
+  open_file_cache max=100 inactive=600s; open_file_cache_valid 600s;
+  default_type application/octet-stream;
+  server {{ listen {ip}:{port} backlog=4096 reuseport; root {run}/www;
+    location = /small {{ return 200 "{body}\\n"; }}
+    location = /big {{ try_files /big =404; }} }} }}
+"""
+NGINX_PROXY_CONF = """daemon off; worker_processes 1; pid {run}/proxy.pid;
+error_log {run}/proxy.err warn; worker_rlimit_nofile 20000;
+events {{ worker_connections 8192; multi_accept on; }}
+http {{ access_log off; client_body_temp_path {run}/p1; proxy_temp_path {run}/p2;
+  fastcgi_temp_path {run}/p3; uwsgi_temp_path {run}/p4; scgi_temp_path {run}/p5;
+  tcp_nodelay on; keepalive_requests 10000000; keepalive_timeout 120s;
+  upstream be {{ server {bip}:{bport}; keepalive 128; keepalive_requests 10000000; }}
+  server {{ listen 127.0.0.1:{port} backlog=4096;
+    location / {{ proxy_pass http://be; proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffer_size 16k; proxy_buffers 8 16k; proxy_busy_buffers_size 32k; }} }} }}
+"""
+HAPROXY_CONF = """global
+  nbthread 1
+  maxconn 8000
+  tune.bufsize 16384
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  option http-keep-alive
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:{port}
+  default_backend be
+backend be
+  server s1 {bip}:{bport} maxconn 1000
+"""
+SERVICE_YAML = """apiVersion: multicluster.x-k8s.io/v1alpha1
+kind: ServiceImport
+metadata: {{name: {name}, namespace: bench}}
+spec:
+  type: ClusterSetIP
+  ips: ["{ip}"]
+  ports: [{{name: http, protocol: TCP, port: {port}, appProtocol: http}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}-local
+  namespace: bench
+  labels:
+    multicluster.kubernetes.io/service-name: {name}
+    multicluster.kubernetes.io/source-cluster: local
+addressType: IPv4
+ports: [{{name: http, protocol: TCP, port: {bport}}}]
+endpoints: [{{addresses: ["{bip}"]}}]
+"""
+
+
+def wrk(ip: str, port: int, path: str, seconds: float, conns: int,
+        core: str | None = LOAD_CORE) -> dict[str, float]:
+    """req/s and p50/p99 latency (µs) from wrk --latency, keep-alive."""
+    cmd = ["wrk", "-t1", f"-c{conns}", f"-d{seconds:g}s", "--latency", f"http://{ip}:{port}{path}"]
+    if core is not None:
+        cmd = ["taskset", "-c", core, *cmd]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30, check=True)
+    result: dict[str, float] = {}
+    for line in out.stdout.splitlines():
+        parts = line.split()
+        if line.startswith("Requests/sec:"):
+            result["req_s"] = float(parts[1])
+        elif len(parts) == 2 and parts[0] in ("50%", "99%"):
+            result["p50_us" if parts[0] == "50%" else "p99_us"] = _micros(parts[1])
+        elif "Non-2xx" in line or "Socket errors" in line:
+            result["errors"] = result.get("errors", 0) + sum(
+                int(x.strip(",")) for x in parts if x.strip(",").isdigit())
+    if "req_s" not in result:
+        raise RuntimeError(f"wrk gave no rate: {out.stdout} {out.stderr}")
+    return result
+
+
+def _micros(text: str) -> float:
+    for suffix, factor in (("us", 1.0), ("ms", 1e3), ("s", 1e6)):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * factor
+    raise ValueError(text)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def idle_memory(ip: str, port: int, pid: int, n: int) -> float:
+    """Bytes of proxy RSS per idle keep-alive client connection (one request each first)."""
+    request = f"GET /small HTTP/1.1\r\nHost: {ip}\r\n\r\n".encode()
+    before = rss_kib(pid)
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            s = socket.create_connection((ip, port), timeout=5)
+            s.sendall(request)
+            socks.append(s)
+        for s in socks:
+            got = b""
+            while b"\r\n\r\n" not in got:
+                got += s.recv(4096)
+        time.sleep(0.3)
+        after = rss_kib(pid)
+    finally:
+        for s in socks:
+            s.close()
+    return max(0, after - before) * 1024 / n
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="one short repetition")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=5)
+    ap.add_argument("--idle-conns", type=int, default=2000)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = ap.parse_args()
+    missing = [p for p in PEERS if shutil.which(p) is None]
+    if missing:
+        print(f"missing peers: {', '.join(missing)} (apt-get install -y haproxy nginx-light "
+              "wrk)", file=sys.stderr)
+        return 3
+    reps, secs, idle = (1, 1.0, 200) if args.smoke else (args.reps, args.seconds, args.idle_conns)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4 * idle + 1024)), hard))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    procs = tcp.Procs()
+    with tempfile.TemporaryDirectory(prefix="mcsbench-http-") as run:
+        try:
+            targets = start_all(procs, Path(run))
+            results = measure(targets, reps, secs, idle)
+        finally:
+            procs.stop()
+    write(out, results, args.smoke, reps, secs)
+    return 0
+
+
+def start_mcsproxy(procs: tcp.Procs, run: Path, name: str, ip: str, workers: int,
+                   core: str) -> int:
+    src = run / name
+    src.mkdir()
+    (src / "svc.yaml").write_text(SERVICE_YAML.format(name=name, ip=ip, port=BACKEND[1],
+                                                      bip=BACKEND[0], bport=BACKEND[1]))
+    p = procs.start(core, sys.executable, "-m", "mcsproxy", "gateway", "--cluster-id", "local",
+                    "--source", f"file:{src}", "--log-level", "warning",
+                    "--dns-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
+                    "--health-http-path", "/small", "--http-cluster-header", "x-mcs-cluster",
+                    "--workers", str(workers), stderr=None)
+    return p.pid
+
+
+def start_all(procs: tcp.Procs, run: Path) -> dict[str, dict[str, object]]:
+    (run / "www").mkdir()
+    (run / "www" / "big").write_bytes(b"b" * 65536)
+    fmt = {"run": run, "bip": BACKEND[0], "bport": BACKEND[1]}
+    (run / "backend.conf").write_text(BACKEND_CONF.format(run=run, ip=BACKEND[0],
+                                                          port=BACKEND[1], body="x" * 99))
+    procs.start(LOAD_CORE, "nginx", "-c", str(run / "backend.conf"), "-p", str(run))
+    (run / "haproxy.cfg").write_text(HAPROXY_CONF.format(port=PORTS["haproxy"], **fmt))
+    hp = procs.start(PROXY_CORE, "haproxy", "-f", str(run / "haproxy.cfg"), "-db")
+    (run / "proxy.conf").write_text(NGINX_PROXY_CONF.format(port=PORTS["nginx"], **fmt))
+    procs.start(PROXY_CORE, "nginx", "-c", str(run / "proxy.conf"), "-p", str(run))
+    mcs = start_mcsproxy(procs, run, "one", MCS_IP, 1, PROXY_CORE)
+    w2 = start_mcsproxy(procs, run, "two", MCS_W2_IP, 2, f"{LOAD_CORE},{PROXY_CORE}")
+    targets: dict[str, dict[str, object]] = {
+        "direct": {"ip": BACKEND[0], "port": BACKEND[1], "pid": None},
+        "haproxy": {"ip": "127.0.0.1", "port": PORTS["haproxy"], "pid": hp.pid},
+        "nginx": {"ip": "127.0.0.1", "port": PORTS["nginx"], "pid": None},
+        "mcsproxy": {"ip": MCS_IP, "port": BACKEND[1], "pid": mcs},
+        "_workers2": {"ip": MCS_W2_IP, "port": BACKEND[1], "pid": w2},
+    }
+    for t in targets.values():
+        tcp.wait_port(str(t["ip"]), int(t["port"]))  # type: ignore[call-overload]
+    # nginx's master forks the worker that serves: measure the worker.
+    master = int((run / "proxy.pid").read_text())
+    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    targets["nginx"]["pid"] = int(children[0]) if children else master
+    time.sleep(0.5)
+    return targets
+
+
+def measure(targets: dict[str, dict[str, object]], reps: int, secs: float,
+            idle: int) -> dict[str, object]:
+    names = [n for n in targets if not n.startswith("_")]
+    runs: list[dict[str, object]] = []
+    for rep in range(reps):
+        order = names[rep % len(names):] + names[:rep % len(names)]  # alternate who goes first
+        row: dict[str, object] = {}
+        for size, path in SIZES.items():
+            for name in order:
+                t = targets[name]
+                pid = t["pid"]
+                cpu0 = tcp.cpu_seconds(pid) if pid else 0.0
+                r = wrk(str(t["ip"]), int(t["port"]), path, secs, WRK_CONNS)  # type: ignore[call-overload]
+                cpu = tcp.cpu_seconds(pid) - cpu0 if pid else None
+                r["cpu_us_per_req"] = cpu / (r["req_s"] * secs) * 1e6 if cpu is not None else None  # type: ignore[assignment]
+                row[f"{size}/{name}"] = r
+        runs.append(row)
+        print(f"rep {rep + 1}/{reps}: " + ", ".join(
+            f"{k}={v['req_s']:.0f}" for k, v in row.items()), file=sys.stderr)  # type: ignore[index]
+    memory = {}
+    for name in ("haproxy", "nginx", "mcsproxy"):
+        t = targets[name]
+        memory[name] = idle_memory(str(t["ip"]), int(t["port"]), int(t["pid"]), idle)  # type: ignore[call-overload]
+    # --workers 2 against 1 worker, both unpinned so each may use both cores.
+    scaling = {}
+    for label, name in (("workers1", "mcsproxy"), ("workers2", "_workers2")):
+        t = targets[name]
+        scaling[label] = wrk(str(t["ip"]), int(t["port"]), "/small", secs, WRK_CONNS * 2,  # type: ignore[call-overload]
+                             core=None)
+    return {"runs": runs, "targets": names, "idle_bytes_per_conn": memory,
+            "idle_conns": idle, "scaling": scaling}
+
+
+def write(out: Path, results: dict[str, object], smoke: bool, reps: int, secs: float) -> None:
+    runs: list[dict[str, object]] = results["runs"]  # type: ignore[assignment]
+    versions = {
+        "haproxy": subprocess.run(["haproxy", "-v"], capture_output=True, text=True)
+        .stdout.split("\n")[0],
+        "nginx": subprocess.run(["nginx", "-v"], capture_output=True, text=True)
+        .stderr.strip(),
+        "wrk": subprocess.run(["wrk", "-v"], capture_output=True, text=True)
+        .stdout.split("\n")[0].strip(),
+        "python": sys.version.split()[0],
+        "kernel": platform.release(),
+    }
+
+    def fmt(v: float | None, digits: str = ".3g") -> str:
+        return "—" if v is None else format(v, digits)
+
+    lines = [
+        "# HTTP keep-alive proxy benchmark" + (" (smoke: not a measurement)" if smoke else ""),
+        "",
+        f"Machine: {os.cpu_count()} cores, {platform.machine()}, kernel {versions['kernel']}; "
+        f"{versions['haproxy']}; {versions['nginx']}; {versions['wrk']}; "
+        f"Python {versions['python']} + uvloop + httptools.",
+        f"Pinning: wrk (1 thread, {WRK_CONNS} keep-alive connections) and the nginx backend on "
+        f"core {LOAD_CORE}; the proxy under test alone on core {PROXY_CORE}, one worker/thread. "
+        f"{reps} repetitions of {secs:g} s, peers alternating; medians; ratios per repetition.",
+        "mcsproxy runs with every feature on: active HTTP health checks, outlier ejection, "
+        "retries with a budget, X-Forwarded-For/-Proto, Via, x-request-id generation, the "
+        "cluster response header.",
+        "",
+        "| response | figure | direct | HAProxy | nginx | mcsproxy | mcsproxy / HAProxy "
+        "| mcsproxy / nginx |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    summary: dict[str, object] = {}
+    for size in SIZES:
+        for field, label in (("req_s", "req/s"), ("cpu_us_per_req", "proxy CPU µs/req"),
+                             ("p50_us", "p50 µs"), ("p99_us", "p99 µs")):
+            vals = {n: tcp.median(runs, f"{size}/{n}", field) for n in results["targets"]}  # type: ignore[attr-defined]
+            r_h = tcp.ratio_median(runs, f"{size}/mcsproxy", f"{size}/haproxy", field)
+            r_n = tcp.ratio_median(runs, f"{size}/mcsproxy", f"{size}/nginx", field)
+            summary[f"{size}.{field}"] = {**vals, "ratio_haproxy": r_h, "ratio_nginx": r_n}
+            lines.append(f"| {size} | {label} | {fmt(vals['direct'])} | {fmt(vals['haproxy'])} | "
+                         f"{fmt(vals['nginx'])} | {fmt(vals['mcsproxy'])} | {fmt(r_h)}x | "
+                         f"{fmt(r_n)}x |")
+    mem: dict[str, float] = results["idle_bytes_per_conn"]  # type: ignore[assignment]
+    scaling: dict[str, dict[str, float]] = results["scaling"]  # type: ignore[assignment]
+    w1, w2 = scaling["workers1"]["req_s"], scaling["workers2"]["req_s"]
+    lines += [
+        "",
+        f"Memory per idle keep-alive client connection (RSS growth over "
+        f"{results['idle_conns']} connections, one request each): "
+        + ", ".join(f"{n} {v / 1024:.1f} KiB" for n, v in mem.items()) + ".",
+        "",
+        f"`--workers 2` scaling (unpinned: wrk, backend and both workers share the 2 cores; "
+        f"{WRK_CONNS * 2} connections, 100 B): 1 worker {w1:.0f} req/s, 2 workers {w2:.0f} "
+        f"req/s ({w2 / w1:.2f}x).",
+    ]
+    stem = "http-smoke" if smoke else "http"
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(
+        {"versions": versions, "reps": reps, "seconds": secs, "summary": summary,
+         "runs": runs, "idle_bytes_per_conn": mem, "scaling": scaling,
+         "pinning": {"load": LOAD_CORE, "proxy": PROXY_CORE}}, indent=1))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
