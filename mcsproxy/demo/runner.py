@@ -84,6 +84,7 @@ class Demo:
     children: list[Child] = field(default_factory=list)
     imports: dict[str, dict[str, Any]] = field(default_factory=dict)  # cluster → svc → import
     load: LoadGenerator | None = None
+    started_in_s: float = 0.0
     _runner: web.AppRunner | None = None
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
@@ -127,7 +128,11 @@ class Demo:
                 self._mcsproxy("gateway", "--cluster-id", c.name,
                                "--source", f"file:{self.output_dir / c.name}",
                                "--dns-listen", c.dns_listen,
-                               "--admin-listen", c.admin_listen),
+                               "--admin-listen", c.admin_listen,
+                               # Quick health checks and short ejections make a kill and a
+                               # restore visible within seconds.
+                               "--health-interval", "1", "--health-timeout", "0.5",
+                               "--outlier-base-ejection", "3"),
                 self.workdir / "logs" / f"gateway-{c.name}.log",
             )
             await gateway.start()
@@ -137,7 +142,7 @@ class Demo:
         if self.with_load:
             self.load = LoadGenerator(self.imports)
             self._tasks.append(spawn(self.load.run(), name="demo load"))
-        log.info("demo started in %.1fs", time.monotonic() - started)
+        self.started_in_s = time.monotonic() - started
 
     async def _wait_for_imports(self) -> None:
         deadline = time.monotonic() + START_DEADLINE_S
@@ -229,7 +234,8 @@ class Demo:
 
     def banner(self) -> str:
         lines = [f"mcsproxy demo: clusters {', '.join(c.name for c in CLUSTERS)}; "
-                 f"namespace {NAMESPACE}; files and logs in {self.workdir}", ""]
+                 f"namespace {NAMESPACE}; started in {self.started_in_s:.1f}s; "
+                 f"files and logs in {self.workdir}", ""]
         east = CLUSTERS[0]
         web_ip = self.imports[east.name]["web"]["spec"].get("ips", ["?"])[0]
         echo_ip = self.imports[east.name]["echo"]["spec"].get("ips", ["?"])[0]
