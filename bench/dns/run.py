@@ -29,8 +29,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-HZ = os.sysconf("SC_CLK_TCK")
-LOAD_CORE, SERVER_CORE = "0", "1"
+sys.path.insert(0, str(ROOT))
+
+from bench.common import LOAD_CORE, cpu_seconds, version  # noqa: E402
+from bench.common import PROXY_CORE as SERVER_CORE  # noqa: E402
+
 HOST = "127.0.0.1"
 PORTS = {"knot": 5355, "dnsdist": 5356, "mcsproxy": 5357}
 QNAME = "web.ns1.svc.clusterset.local"
@@ -80,12 +83,6 @@ spec:
   ips: ["{ADDRESS}"]
   ports: [{{name: http, protocol: TCP, port: 80}}]
 """
-
-
-def cpu_ticks(pid: int) -> int:
-    """utime + stime of a process and its threads, in clock ticks."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
 
 
 def query_once(port: int, timeout: float = 0.2) -> bool:
@@ -168,20 +165,12 @@ def dnsperf(port: int, seconds: float, queries: Path) -> dict[str, float]:
 
 
 def measure(server: Server, seconds: float, queries: Path) -> dict[str, float]:
-    before = cpu_ticks(server.proc.pid)
+    before = cpu_seconds(server.proc.pid)
     result = dnsperf(server.port, seconds, queries)
-    used_s = (cpu_ticks(server.proc.pid) - before) / HZ
+    used_s = cpu_seconds(server.proc.pid) - before
     result["cpu_s"] = used_s
     result["cpu_us_per_query"] = used_s * 1e6 / max(result["completed"], 1)
     return result
-
-
-def version(argv: list[str]) -> str:
-    try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-    except OSError:
-        return "absent"
-    return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr) else ""
 
 
 def write_results(out_dir: Path, runs: list[dict[str, dict[str, float]]], names: list[str],

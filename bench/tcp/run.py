@@ -18,9 +18,6 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,8 +25,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-HZ = os.sysconf("SC_CLK_TCK")
-LOAD_CORE, PROXY_CORE = "0", "1"
+sys.path.insert(0, str(ROOT))
+
+from bench.common import (  # noqa: E402
+    LOAD_CORE,
+    PROXY_CORE,
+    Procs,
+    cpu_seconds,
+    median,
+    ratio_median,
+    wait_port,
+)
+
 BACKEND_IP = "127.0.0.1"
 IPERF_PORT, WEB_PORT = 5201, 8081
 HAPROXY_IP, TUNED_IP, MCS_IP = "127.0.0.1", "127.0.0.1", "127.240.250.1"
@@ -80,46 +87,6 @@ addressType: IPv4
 ports: [{{name: iperf, protocol: TCP, port: {iperf}}}, {{name: web, protocol: TCP, port: {web}}}]
 endpoints: [{{addresses: ["{backend}"]}}]
 """
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / HZ
-
-
-def wait_port(ip: str, port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((ip, port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{ip}:{port} did not open within {timeout}s")
-
-
-class Procs:
-    """Every process started here, stopped by pid."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, core: str, *cmd: str, **kw: object) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(["taskset", "-c", core, *cmd], stdout=subprocess.DEVNULL,
-                                stderr=kw.pop("stderr", subprocess.DEVNULL), **kw)  # type: ignore[call-overload]
-        self.procs.append(proc)
-        return proc
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def iperf(ip: str, port: int, streams: int, seconds: int) -> float:
@@ -279,17 +246,6 @@ def measure(targets: dict[str, dict[str, object]], reps: int, secs: int,
         print(f"rep {rep + 1}/{reps}: " + ", ".join(
             f"{k}={next(iter(v.values())):.3g}" for k, v in row.items()), file=sys.stderr)
     return {"runs": runs, "targets": names}
-
-
-def median(runs: list[dict[str, object]], key: str, field: str) -> float | None:
-    vals = [r[key][field] for r in runs if key in r and r[key][field] is not None]  # type: ignore[index]
-    return statistics.median(vals) if vals else None  # type: ignore[type-var]
-
-
-def ratio_median(runs: list[dict[str, object]], a: str, b: str, field: str) -> float | None:
-    vals = [r[a][field] / r[b][field] for r in runs  # type: ignore[index,operator]
-            if a in r and b in r and r[b][field]]  # type: ignore[index]
-    return statistics.median(vals) if vals else None
 
 
 def write(out: Path, results: dict[str, object], smoke: bool, reps: int, secs: int) -> None:
