@@ -1,5 +1,11 @@
 """The controller's HTTP listener (`--serve`): the gateway stream, health, metrics and a
-status page saying which members answer and which are stale."""
+status page saying which members answer and which are stale.
+
+In Kubernetes mode the listener lives as long as the process, leader or standby: /healthz
+and /readyz answer on a standby too (a PodDisruptionBudget counts only ready pods, so a
+standby that never became ready would block every drain of the leader's node), while the
+stream and the member status exist only while this replica leads (503 otherwise; the
+gateway's controlplane source retries)."""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from controlplane.controller import Controller
+from controlplane.metrics import ControllerMetrics
 from controlplane.stream import StreamHub
 from mcsproxy.config import is_loopback
 
@@ -18,12 +25,17 @@ SHUTDOWN_TIMEOUT_S = 2.0
 
 
 class ControllerServer:
-    def __init__(self, controller: Controller, hub: StreamHub, listen: tuple[str, int]) -> None:
-        self.controller = controller
+    def __init__(self, controller: Controller | None, hub: StreamHub | None,
+                 listen: tuple[str, int], *, metrics: ControllerMetrics | None = None) -> None:
+        self.controller = controller  # None: a standby (Kubernetes mode, not leading)
         self.hub = hub
         self.listen = listen
+        if metrics is None:
+            assert controller is not None, "a standby server needs the metrics to serve"
+            metrics = controller.metrics
+        self.metrics = metrics
         self.app = web.Application()
-        self.app.router.add_get("/v1/stream", hub.handle)
+        self.app.router.add_get("/v1/stream", self._stream)
         self.app.router.add_get("/healthz", self._healthz)
         self.app.router.add_get("/readyz", self._readyz)
         self.app.router.add_get("/metrics", self._metrics)
@@ -31,19 +43,42 @@ class ControllerServer:
         self._runner: web.AppRunner | None = None
         self.bound: tuple[str, int] | None = None
 
+    def lead(self, controller: Controller, hub: StreamHub) -> None:
+        """This replica's term began: serve its controller and stream."""
+        self.controller, self.hub = controller, hub
+
+    def stand_by(self) -> None:
+        """The term ended: end its streams (gateways reconnect to the next leader)."""
+        if self.hub is not None:
+            self.hub.close()
+        self.controller = self.hub = None
+
+    async def _stream(self, request: web.Request) -> web.StreamResponse:
+        if self.hub is None:
+            return web.json_response({"error": "this controller replica is not the leader"},
+                                     status=503)
+        return await self.hub.handle(request)
+
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
     async def _readyz(self, request: web.Request) -> web.Response:
+        if self.controller is None:
+            # A standby is ready: to take over, and for the PodDisruptionBudget.
+            return web.json_response({"ready": True, "leading": False})
         ready = self.controller.synced.is_set()
-        return web.json_response({"ready": ready}, status=200 if ready else 503)
+        return web.json_response({"ready": ready, "leading": True},
+                                 status=200 if ready else 503)
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self.controller.metrics.registry)
+        body = generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _status(self, request: web.Request) -> web.Response:
+        if self.controller is None or self.hub is None:
+            return web.json_response({"leading": False}, status=503)
         return web.json_response({
+            "leading": True,
             "members": self.controller.members(),
             "feeds": {c: {"version": f.version, "objects": len(f.objects),
                           "subscribers": len(f.subscribers)}
@@ -66,7 +101,8 @@ class ControllerServer:
         log.info("controller serving on %s:%d", *self.bound)
 
     async def stop(self) -> None:
-        self.hub.close()
+        if self.hub is not None:
+            self.hub.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -6,6 +6,8 @@ context name unless given after `=`), or, in-cluster, from `--member-secrets NAM
 every Secret there labelled `mcsproxy.io/member-cluster` holds a kubeconfig under the key
 `kubeconfig`; the label's value is the cluster ID (the Secret's name when empty). The
 Lease lives in the first context's cluster, or with the Secrets in their own cluster.
+The --serve listener runs for the whole process: health and readiness on a standby too,
+the stream and member status only while leading.
 
 Each leadership term builds fresh member clients, waits until every member has been read
 once (a member not read yet would look like one without exports, and its imports
@@ -198,7 +200,6 @@ class KubeControllerApp:
         clients: list[KubeClusterClient] = []
         hub = StreamHub(self.metrics, cfg.heartbeat_s) if cfg.serve else None
         controller: Controller | None = None
-        server: ControllerServer | None = None
         try:
             clients = await self._members()
             await self._until_all_answer(clients)
@@ -210,16 +211,14 @@ class KubeControllerApp:
             await controller.start()
             self.controller = controller
             log.info("controller reconciled clusters=%s", ",".join(controller.clients))
-            if cfg.serve is not None and hub is not None:
-                server = ControllerServer(controller, hub, cfg.serve)
-                await server.start()
-                self.server = server
+            if self.server is not None and hub is not None:
+                self.server.lead(controller, hub)
             self.led.set()
             await controller.run()
         finally:
-            self.controller = self.server = None
-            if server is not None:
-                await server.stop()
+            self.controller = None
+            if self.server is not None:
+                self.server.stand_by()
             if controller is not None:
                 await controller.close()
             else:
@@ -227,7 +226,21 @@ class KubeControllerApp:
                     await client.close()
 
     async def run(self) -> None:
-        """Until stop(): lead when elected (or at once without leader election)."""
+        """Until stop(): lead when elected (or at once without leader election).
+
+        The listener (--serve) is up the whole time, so a standby answers its probes."""
+        cfg = self.config
+        if cfg.serve is not None:
+            self.server = ControllerServer(None, None, cfg.serve, metrics=self.metrics)
+            await self.server.start()
+        try:
+            await self._run_terms()
+        finally:
+            if self.server is not None:
+                await self.server.stop()
+                self.server = None
+
+    async def _run_terms(self) -> None:
         cfg = self.config
         if cfg.leader_elect:
             api = KubeApi(await self._host_client(), "lease", cfg.timings.request_timeout_s)

@@ -1,0 +1,97 @@
+"""Kubernetes mode with --serve: a standby replica answers /healthz and /readyz (the
+PodDisruptionBudget in deploy/ counts only ready pods), but serves no stream; after a
+handover the new leader streams and the old one, standing by again, does not."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import aiohttp
+
+from controlplane.clusters.kube_app import KubeControllerApp, KubeControllerConfig
+from mcsproxy.tasks import cancel_and_wait, spawn
+from tests.proxy_fixtures import free_port
+from tests.test_controller_kube_support import (
+    FAST,
+    clusterset,
+    member_slice,
+    namespace,
+    service,
+    service_export,
+    write_kubeconfig,
+)
+
+HOST = "127.51.0.1"
+
+
+def replica(kubeconfig: Path, identity: str) -> tuple[KubeControllerApp, str]:
+    port = free_port(HOST)
+    app = KubeControllerApp(KubeControllerConfig(
+        kubeconfig=kubeconfig, contexts=(("a", "a"), ("b", "b")), serve=(HOST, port),
+        lease_namespace="kube-system", lease_duration_s=1.5, identity=identity,
+        timings=FAST))
+    return app, f"http://{HOST}:{port}"
+
+
+async def get(session: aiohttp.ClientSession, url: str) -> tuple[int, object]:
+    async with session.get(url, timeout=aiohttp.ClientTimeout(total=5)) as resp:
+        if resp.content_type == "application/json":
+            return resp.status, await resp.json()
+        await resp.read()
+        return resp.status, None
+
+
+async def until_answers(session: aiohttp.ClientSession, url: str) -> None:
+    """The listener comes up before the election: poll it with a deadline."""
+    async with asyncio.timeout(5):
+        while True:
+            try:
+                await get(session, url)
+                return
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.02)
+
+
+async def test_standby_is_ready_but_streams_nothing_until_it_leads(tmp_path: Path) -> None:
+    async with clusterset(("a", "b")) as cs, aiohttp.ClientSession() as session:
+        for c in cs.emulators:
+            cs[c].put_object(namespace("demo"))
+        cs["a"].put_object(service("web"))
+        cs["a"].put_object(member_slice("web", ["10.1.0.1"]))
+        cs["a"].put_object(service_export("web"))
+        kubeconfig = write_kubeconfig(cs, tmp_path / "kubeconfig")
+        (one, one_url), (two, two_url) = replica(kubeconfig, "one"), replica(kubeconfig, "two")
+        first = spawn(one.run(), name="controller one")
+        second: asyncio.Task[None] | None = None
+        try:
+            await asyncio.wait_for(one.led.wait(), 10)
+            second = spawn(two.run(), name="controller two")
+            await until_answers(session, f"{two_url}/healthz")
+            assert two.elector is not None and two.elector.terms == 0
+
+            assert await get(session, f"{one_url}/readyz") == (
+                200, {"ready": True, "leading": True})
+            assert await get(session, f"{two_url}/readyz") == (
+                200, {"ready": True, "leading": False})
+            assert (await get(session, f"{two_url}/healthz"))[0] == 200
+            assert (await get(session, f"{two_url}/metrics"))[0] == 200
+            status, body = await get(session, f"{two_url}/v1/stream?cluster=b")
+            assert status == 503 and "not the leader" in str(body)
+            assert (await get(session, f"{two_url}/status"))[0] == 503
+            status, body = await get(session, f"{one_url}/status")
+            assert status == 200 and isinstance(body, dict) and body["leading"] is True
+
+            one.stop()
+            await first
+            await asyncio.wait_for(two.led.wait(), 5)
+            assert await get(session, f"{two_url}/readyz") == (
+                200, {"ready": True, "leading": True})
+            async with session.get(f"{two_url}/v1/stream?cluster=b",
+                                   timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                assert resp.status == 200
+                assert await resp.content.readline()  # the snapshot's first line
+        finally:
+            one.stop()
+            two.stop()
+            await cancel_and_wait([t for t in (first, second) if t is not None])
