@@ -37,8 +37,8 @@ tcp = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(tcp)  # shared helpers: Procs, cpu_seconds, wait_port, medians
 
 LOAD_CORE, PROXY_CORE = tcp.LOAD_CORE, tcp.PROXY_CORE
-BACKEND = ("127.0.0.1", 8081)
-PORTS = {"haproxy": 8090, "nginx": 8091}
+BACKEND = ("127.0.0.1", 18481)  # own ports: other benches use 8081 with reuseport
+PORTS = {"haproxy": 18490, "nginx": 18491}
 MCS_IP, MCS_W2_IP = "127.240.251.1", "127.240.251.2"
 PEERS = ("haproxy", "nginx", "wrk", "taskset")
 SIZES = {"100B": "/small", "64KiB": "/big"}
@@ -53,7 +53,7 @@ http {{ access_log off; client_body_temp_path {run}/b1; proxy_temp_path {run}/b2
   keepalive_requests 10000000; keepalive_timeout 120s;
   open_file_cache max=100 inactive=600s; open_file_cache_valid 600s;
   default_type application/octet-stream;
-  server {{ listen {ip}:{port} backlog=4096 reuseport; root {run}/www;
+  server {{ listen {ip}:{port} backlog=4096; root {run}/www;
     location = /small {{ return 200 "{body}\\n"; }}
     location = /big {{ try_files /big =404; }} }} }}
 """
@@ -210,6 +210,7 @@ def start_mcsproxy(procs: tcp.Procs, run: Path, name: str, ip: str, workers: int
 
 
 def start_all(procs: tcp.Procs, run: Path) -> dict[str, dict[str, object]]:
+    run.chmod(0o755)  # nginx workers run unprivileged: they must read www/big
     (run / "www").mkdir()
     (run / "www" / "big").write_bytes(b"b" * 65536)
     fmt = {"run": run, "bip": BACKEND[0], "bport": BACKEND[1]}

@@ -17,6 +17,7 @@ from mcsproxy.http.wire import (
     CONNECTION,
     CONTENT_LENGTH,
     CRLF,
+    PLAIN_CONNECTION,
     RESPONSE_KINDS,
     TRANSFER_ENCODING,
     UPGRADE,
@@ -175,6 +176,8 @@ class UpstreamConn(asyncio.Protocol):
         elif kind == TRANSFER_ENCODING:
             self.chunked = True
         elif kind == CONNECTION:
+            if value in PLAIN_CONNECTION:
+                return
             if self.conn_tokens is None:
                 self.conn_tokens = []
             self.conn_tokens.append(value)

@@ -34,6 +34,7 @@ from mcsproxy.http.wire import (
     IDEMPOTENT,
     LAST_CHUNK,
     MAX_REQUEST_ID,
+    PLAIN_CONNECTION,
     REQUEST_KINDS,
     TRANSFER_ENCODING,
     UPGRADE,
@@ -358,6 +359,8 @@ class ClientConnection(asyncio.Protocol):
                 self.has_request_id = True
                 self.parts.append(name + b": " + value + CRLF)
         elif kind == CONNECTION:
+            if value in PLAIN_CONNECTION:
+                return
             if self.conn_tokens is None:
                 self.conn_tokens = []
             self.conn_tokens.append(value)
@@ -491,7 +494,7 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.close()
             return
         http = self.engine.http
-        if self.tunnel is not None or self.upgrading is not None:
+        if self.tunnel is not None:
             if self.idle * tick_s > self.engine.config.idle_timeout_s > 0:
                 self.abort_all()
             return
@@ -654,6 +657,9 @@ class Exchange:
 
     def connect_done(self, task: asyncio.Task[Any]) -> None:
         if task is not self.connecting:
+            # Abandoned: a connection that opened anyway is closed, not leaked.
+            if not task.cancelled() and task.exception() is None:
+                task.result()[0].close()
             return
         self.connecting = None
         if task.cancelled():

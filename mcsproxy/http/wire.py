@@ -62,6 +62,10 @@ IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
 MAX_REQUEST_ID = 200
 
 
+# Connection values that nominate no header (llhttp already acts on close/keep-alive).
+PLAIN_CONNECTION = frozenset({b"keep-alive", b"Keep-Alive", b"close", b"Close"})
+
+
 def connection_tokens(values: list[bytes]) -> set[bytes]:
     """The lowercased tokens of every Connection header value."""
     return {t.strip().lower() for v in values for t in v.split(b",") if t.strip()}
