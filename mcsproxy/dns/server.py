@@ -11,6 +11,7 @@ import asyncio
 import errno
 import logging
 import socket
+from time import perf_counter
 from typing import Final, cast
 
 from mcsproxy.config import DnsConfig
@@ -18,6 +19,7 @@ from mcsproxy.dns.forward import Forwarder, Reply
 from mcsproxy.dns.responder import Forward, Responder
 from mcsproxy.dns.wire import SERVFAIL, error_response
 from mcsproxy.model import Snapshot
+from mcsproxy.observability.stats import DnsStats
 from mcsproxy.store import SnapshotStore
 
 log = logging.getLogger("mcsproxy.dns")
@@ -29,7 +31,8 @@ BIND_ATTEMPTS: Final = 10  # port 0: the UDP port picked may be taken for TCP
 
 
 class UdpProtocol(asyncio.DatagramProtocol):
-    __slots__ = ("memo_get", "respond", "sendto", "server", "sock_sendto", "transport")
+    __slots__ = ("hits", "memo_get", "respond", "sendto", "server", "sock_sendto", "stats",
+                 "transport")
 
     def __init__(self, server: DnsServer, sock: socket.socket) -> None:
         self.server = server
@@ -39,6 +42,9 @@ class UdpProtocol(asyncio.DatagramProtocol):
         # into a sockaddr through getaddrinfo on every call, a visible share of a query.
         self.sock_sendto = sock.sendto
         self.transport: asyncio.DatagramTransport | None = None
+        self.stats = server.stats
+        # Memo hits counted per answer (bytes hash once, cached): labels come at scrape time.
+        self.hits = server.stats.memo_hits
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio's; the methods are what counts.
@@ -48,22 +54,26 @@ class UdpProtocol(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         tail = self.memo_get(data[2:])
         if tail is not None:
+            hits = self.hits
+            hits[tail] = hits.get(tail, 0) + 1
             try:
                 self.sock_sendto(data[:2] + tail, addr)
             except OSError:
                 self.sendto(data[:2] + tail, addr)
             return
+        started = perf_counter()
         try:
             answer = self.respond(data, False)
         except Exception:
             log.exception("dns: failed to answer a %d-byte query from %s", len(data), addr[0])
             answer = error_response(data, SERVFAIL) if len(data) >= 12 else None
-        if answer is None:
-            return
         if isinstance(answer, Forward):
             self.server.forward(data, answer.question, self._reply_to(addr))
-        else:
+            return
+        self.stats.count_answer("udp", answer)
+        if answer is not None:
             self.sendto(answer, addr)
+            self.stats.latency["built"].observe(perf_counter() - started)
 
     def _reply_to(self, addr: tuple[str, int]) -> Reply:
         def reply(answer: bytes) -> None:
@@ -118,17 +128,20 @@ class TcpProtocol(asyncio.Protocol):
                 return
 
     def _answer(self, message: bytes) -> None:
+        started = perf_counter()
         try:
             answer = self.server.responder.respond(message, True)
         except Exception:
             log.exception("dns: failed to answer a %d-byte TCP query", len(message))
             answer = error_response(message, SERVFAIL) if len(message) >= 12 else None
-        if answer is None:
-            return
         if isinstance(answer, Forward):
-            self.server.forward(message, answer.question, self._send)
-        else:
+            self.server.forward(message, answer.question, self._send, "tcp")
+            return
+        stats = self.server.stats
+        stats.count_answer("tcp", answer)
+        if answer is not None:
             self._send(answer)
+            stats.latency["built"].observe(perf_counter() - started)
 
     def _send(self, answer: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -173,6 +186,7 @@ class DnsServer:
             Forwarder(config.upstream, config.upstream_timeout_s) if config.upstream else None
         )
         self.bound: tuple[str, int] | None = None
+        self.stats = DnsStats()
         self._udp: asyncio.DatagramTransport | None = None
         self._udp_sock: socket.socket | None = None  # owned by self._udp once it exists
         self._tcp: asyncio.AbstractServer | None = None
@@ -285,6 +299,14 @@ class DnsServer:
         if len(self._connections) < self.config.tcp_max_connections:
             self._refused_logged = False
 
-    def forward(self, query: bytes, question: bytes, reply: Reply) -> None:
+    def forward(self, query: bytes, question: bytes, reply: Reply, transport: str = "udp") -> None:
         assert self.forwarder is not None
-        self.forwarder.forward(query, question, reply)
+        started = perf_counter()
+        stats = self.stats
+
+        def counted(answer: bytes) -> None:
+            stats.count_answer(transport, answer)
+            stats.latency["forwarded"].observe(perf_counter() - started)
+            reply(answer)
+
+        self.forwarder.forward(query, question, counted)

@@ -7,6 +7,7 @@ import time
 from typing import Protocol
 
 from mcsproxy.config import ProxyConfig
+from mcsproxy.observability.accesslog import AccessLog
 from mcsproxy.upstream import UpstreamSet
 
 log = logging.getLogger("mcsproxy.proxy")
@@ -27,15 +28,17 @@ class ListenerContext:
     """Mutable on purpose: a snapshot that moves a ClusterSetIP:port to another service
     rebinds `upstream` here and the listener keeps its socket."""
 
-    __slots__ = ("_last_give_up_log", "config", "conns", "gave_up", "name", "upstream")
+    __slots__ = ("_last_give_up_log", "access_log", "config", "conns", "gave_up", "name",
+                 "upstream")
 
     def __init__(self, name: str, upstream: UpstreamSet, config: ProxyConfig,
-                 conns: set[Tracked]) -> None:
+                 conns: set[Tracked], access_log: AccessLog | None = None) -> None:
         self.name = name
         self.upstream = upstream
         self.config = config
         self.conns = conns  # shared by every listener of the manager, for the idle sweep
         self.gave_up = 0
+        self.access_log = access_log  # None unless --access-log
         self._last_give_up_log = 0.0
 
     def give_up(self, why: str) -> None:

@@ -23,6 +23,8 @@ from typing import Any, NamedTuple
 from mcsproxy.config import ProxyConfig
 from mcsproxy.http import HttpEngine, serves_http
 from mcsproxy.model import ImportedService, ServiceKey, ServicePort, Snapshot
+from mcsproxy.observability.accesslog import AccessLog
+from mcsproxy.observability.events import EventRing
 from mcsproxy.proxy.context import ListenerContext, Tracked
 from mcsproxy.proxy.tcp import ClientSide
 from mcsproxy.proxy.udp import UdpListener
@@ -110,6 +112,8 @@ class ProxyManager:
         self._sctp_logged: set[UpstreamKey] = set()
         self._tasks: list[asyncio.Task[Any]] = []
         self.applied_version = -1
+        self.access_log: AccessLog | None = None  # set by the gateway before start()
+        self.events: EventRing | None = None
 
     # -- component --------------------------------------------------------------------
     async def start(self) -> None:
@@ -216,6 +220,7 @@ class ProxyManager:
         if upstream is None:
             upstream = UpstreamSet(str(ukey), self.store.cluster_id, self.config,
                                    locality=service.locality, affinity_timeout_s=affinity)
+            upstream.events = self.events
             self.upstreams[ukey] = upstream
             upstream.update(targets, service.locality, affinity)
             health = self.config.health
@@ -226,7 +231,7 @@ class ProxyManager:
 
     async def _open(self, lkey: ListenerKey, ukey: UpstreamKey, upstream: UpstreamSet,
                     http: bool = False) -> None:
-        ctx = ListenerContext(str(lkey), upstream, self.config, self.conns)
+        ctx = ListenerContext(str(lkey), upstream, self.config, self.conns, self.access_log)
         listener = Listener(lkey, ukey, ctx)
         loop = asyncio.get_running_loop()
         try:

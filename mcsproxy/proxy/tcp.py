@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from mcsproxy.proxy.context import ListenerContext
@@ -48,7 +49,9 @@ class UpstreamSide(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.client_transport.write(data)
-        self.client.idle = 0
+        client = self.client
+        client.idle = 0
+        client.received += len(data)
 
     def eof_received(self) -> bool:
         return self.client.upstream_eof()
@@ -78,6 +81,10 @@ class ClientSide(asyncio.Protocol):
         "got_upstream_eof",
         "host",
         "idle",
+        "received",
+        "sent",
+        "started",
+        "t_connect",
         "timed_out",
         "transport",
         "tried",
@@ -102,12 +109,19 @@ class ClientSide(asyncio.Protocol):
         self.got_upstream_eof = False
         self.closed = False
         self.idle = 0
+        # Bytes relayed each way: folded into the cluster's counters when the upstream
+        # side ends; until then the metrics collector reads them live.
+        self.sent = 0
+        self.received = 0
+        self.started = 0.0
+        self.t_connect = 0.0
 
     # -- client events ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.transport.set_write_buffer_limits(CLIENT_WRITE_HIGH_WATER)
         self.ctx.conns.add(self)
+        self.started = time.monotonic()
         self.connect_next()
 
     def data_received(self, data: bytes) -> None:
@@ -115,6 +129,7 @@ class ClientSide(asyncio.Protocol):
         if up is not None:
             up.write(data)
             self.idle = 0
+            self.sent += len(data)
             return
         self.early.append(data)
         self.early_size += len(data)
@@ -142,6 +157,8 @@ class ClientSide(asyncio.Protocol):
         self.closed = True
         self.ctx.conns.discard(self)
         self.cancel_connect()
+        if self.ctx.access_log is not None:
+            self.log_access()
         up = self.up
         if up is not None:
             if exc is None:
@@ -158,13 +175,20 @@ class ClientSide(asyncio.Protocol):
             client_ip = peer[0] if peer else None
         host = upstream.pick(client_ip, self.tried)
         if host is None:
+            if self.tried:
+                self.tried[-1].stats.failed += 1
+            else:
+                upstream.stats.no_endpoint += 1
             self.ctx.give_up("no eligible endpoint" if not self.tried else
                              f"{len(self.tried)} connect attempts failed")
             self.transport.abort()
             return
         self.host = host
+        if self.attempts:
+            upstream.stats.retries += 1
         self.attempts += 1
         self.timed_out = False
+        self.t_connect = time.monotonic()
         loop = asyncio.get_running_loop()
         task = loop.create_task(
             loop.create_connection(self.make_upstream_side, host.address, host.port)
@@ -206,6 +230,7 @@ class ClientSide(asyncio.Protocol):
         if self.closed:
             return
         if self.attempts >= self.ctx.config.connect_attempts:
+            host.stats.failed += 1
             self.ctx.give_up(f"{self.attempts} connect attempts failed, last: {reason}")
             self.transport.abort()
             return
@@ -228,11 +253,16 @@ class ClientSide(asyncio.Protocol):
             return
         self.up = up
         up.set_write_buffer_limits(UPSTREAM_WRITE_HIGH_WATER)
-        assert self.host is not None
-        self.upstream.connect_ok(self.host, self)
+        host = self.host
+        assert host is not None
+        self.upstream.connect_ok(host, self)
+        stats = host.stats
+        stats.connections += 1
+        stats.connect_time.observe(time.monotonic() - self.t_connect)
         if self.early:
             up.write(b"".join(self.early) if len(self.early) > 1 else self.early[0])
             self.early = []
+            self.sent += self.early_size
             if self.early_size >= EARLY_DATA_LIMIT:
                 self.transport.resume_reading()
             self.early_size = 0
@@ -250,8 +280,12 @@ class ClientSide(asyncio.Protocol):
         return True
 
     def upstream_lost(self, exc: Exception | None) -> None:
-        if self.host is not None:
-            self.upstream.release(self.host, self)
+        host = self.host
+        if host is not None:
+            stats = host.stats
+            stats.bytes_to_upstream += self.sent
+            stats.bytes_to_client += self.received
+            self.upstream.release(host, self)
         if self.closed:
             return
         if exc is None:
@@ -269,6 +303,27 @@ class ClientSide(asyncio.Protocol):
         self.transport.abort()
         if self.up is not None:
             self.up.abort()
+
+    def log_access(self) -> None:
+        host = self.host
+        if self.up is not None:
+            outcome = "ok"
+        elif host is None:
+            outcome = "no_endpoint"
+        elif self.connect_task is None and len(self.tried) >= self.attempts:
+            outcome = "failed"
+        else:
+            outcome = "client_closed"
+        peer = self.transport.get_extra_info("peername")
+        assert self.ctx.access_log is not None
+        self.ctx.access_log.record(
+            kind="tcp", client=f"{peer[0]}:{peer[1]}" if peer else None,
+            listener=self.ctx.name, upstream=self.upstream.name,
+            cluster=host.cluster if host is not None else None,
+            endpoint=f"{host.address}:{host.port}" if host is not None else None,
+            outcome=outcome, attempts=self.attempts,
+            duration_ms=round((time.monotonic() - self.started) * 1000, 3),
+            bytes_to_upstream=self.sent, bytes_to_client=self.received)
 
     def expire(self) -> None:
         if log.isEnabledFor(logging.DEBUG):

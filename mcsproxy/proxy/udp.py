@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from mcsproxy.proxy.context import ListenerContext
@@ -65,8 +66,8 @@ class UdpListener(asyncio.DatagramProtocol):
 class UdpFlow(asyncio.DatagramProtocol):
     """One client address's datagrams to one endpoint and the replies back."""
 
-    __slots__ = ("client_addr", "host", "idle", "listener", "pending", "task", "transport",
-                 "upstream")
+    __slots__ = ("client_addr", "host", "idle", "listener", "pending", "received", "sent",
+                 "started", "task", "transport", "upstream")
 
     def __init__(self, listener: UdpListener, client_addr: Address) -> None:
         self.listener = listener
@@ -77,10 +78,14 @@ class UdpFlow(asyncio.DatagramProtocol):
         self.pending: list[bytes] | None = []
         self.task: asyncio.Task[Any] | None = None
         self.idle = 0
+        self.sent = 0  # datagram bytes each way, folded into the cluster's counters at the end
+        self.received = 0
+        self.started = time.monotonic()
 
     def open(self) -> bool:
         host = self.upstream.pick(self.client_addr[0])
         if host is None:
+            self.upstream.stats.no_endpoint += 1
             self.listener.ctx.give_up("no eligible endpoint")
             return False
         self.host = host
@@ -99,25 +104,30 @@ class UdpFlow(asyncio.DatagramProtocol):
         if exc is not None:
             assert self.host is not None
             self.upstream.connect_failed(self.host, str(exc))
+            self.host.stats.failed += 1
             self._forget()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         assert self.host is not None
         self.upstream.connect_ok(self.host, self)
+        self.host.stats.connections += 1
         pending, self.pending = self.pending, None
         for data in pending or ():
             self.transport.sendto(data)
+            self.sent += len(data)
 
     def send(self, data: bytes) -> None:
         self.idle = 0
         if self.transport is not None:
             self.transport.sendto(data)
+            self.sent += len(data)
         elif self.pending is not None and len(self.pending) < PENDING_DATAGRAMS_MAX:
             self.pending.append(data)
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
         self.idle = 0
+        self.received += len(data)
         self.listener.reply(data, self.client_addr)
 
     def error_received(self, exc: Exception) -> None:
@@ -127,8 +137,20 @@ class UdpFlow(asyncio.DatagramProtocol):
             self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.host is not None:
-            self.upstream.release(self.host, self)
+        host = self.host
+        if host is not None:
+            host.stats.bytes_to_upstream += self.sent
+            host.stats.bytes_to_client += self.received
+            self.upstream.release(host, self)
+        ctx = self.listener.ctx
+        if ctx.access_log is not None:
+            ctx.access_log.record(
+                kind="udp", client=f"{self.client_addr[0]}:{self.client_addr[1]}",
+                listener=ctx.name, upstream=self.upstream.name,
+                cluster=host.cluster if host is not None else None,
+                endpoint=f"{host.address}:{host.port}" if host is not None else None,
+                outcome="ok", duration_ms=round((time.monotonic() - self.started) * 1000, 3),
+                bytes_to_upstream=self.sent, bytes_to_client=self.received)
         self._forget()
 
     def _forget(self) -> None:

@@ -30,6 +30,8 @@ from typing import Protocol
 
 from mcsproxy.config import HealthConfig, OutlierConfig, ProxyConfig
 from mcsproxy.model import Locality
+from mcsproxy.observability.events import EventRing
+from mcsproxy.observability.stats import ClusterStats, UpstreamStats, connect_outcome
 from mcsproxy.upstream.balance import (
     AffinityTable,
     LoadPlan,
@@ -68,6 +70,7 @@ class Host:
         "port",
         "ready",
         "removed",
+        "stats",
         "times_ejected",
     )
 
@@ -87,6 +90,7 @@ class Host:
         self.ejected_until = 0.0
         self.removed = False
         self.conns: set[Connection] = set()
+        self.stats = ClusterStats()  # replaced by its set's shared per-cluster counters
 
     @property
     def ejected(self) -> bool:
@@ -143,6 +147,8 @@ class UpstreamSet:
         self._next_expiry = INF
         self._panic_logged: tuple[bool, ...] = ()
         self.health_checker: HealthCheckerLike | None = None
+        self.stats = UpstreamStats()
+        self.events: EventRing | None = None  # state changes for the status page
 
     # -- snapshot updates -------------------------------------------------------------
     def update(
@@ -166,6 +172,7 @@ class UpstreamSet:
                 host = self._revive(t) or Host(t, level)
                 log.info("upstream %s: endpoint %s added (priority %d)", self.name, host, level)
             host.cluster, host.ready, host.level = t.cluster, t.ready, level
+            host.stats = self.stats.cluster(t.cluster)
             new[host.key] = host
         for key, host in self.hosts.items():
             if key not in new:
@@ -262,6 +269,7 @@ class UpstreamSet:
         connection that opens says nothing about health; `response_status` does."""
         if reset_failures:
             host.consecutive_failures = 0
+        host.stats.attempts["ok"] += 1
         host.conns.add(conn)
 
     def release(self, host: Host, conn: Connection) -> None:
@@ -272,6 +280,10 @@ class UpstreamSet:
 
     def connect_failed(self, host: Host, reason: str) -> None:
         """A local-origin failure (refused, timed out, reset before any byte)."""
+        host.stats.attempts[connect_outcome(reason)] += 1
+        self._failure(host, reason)
+
+    def _failure(self, host: Host, reason: str) -> None:
         host.consecutive_failures += 1
         if log.isEnabledFor(logging.DEBUG):
             log.debug("upstream %s: connect to %s failed: %s", self.name, host, reason)
@@ -282,7 +294,7 @@ class UpstreamSet:
     def response_status(self, host: Host, status: int) -> None:
         """HTTP: a 5xx counts as a failure toward ejection, anything else resets the count."""
         if status >= 500:
-            self.connect_failed(host, f"status {status}")
+            self._failure(host, f"status {status}")
         else:
             host.consecutive_failures = 0
 
@@ -303,9 +315,11 @@ class UpstreamSet:
         host.hc_streak = 0
         if ok:
             log.info("upstream %s: endpoint %s healthy (active check)", self.name, host)
+            self._event("health", f"endpoint {host} healthy (active check)")
         else:
             log.warning("upstream %s: endpoint %s unhealthy (active check: %s)",
                         self.name, host, failure)
+            self._event("health", f"endpoint {host} unhealthy (active check: {failure})")
         self._rebuild()
 
     def _eject(self, host: Host, why: str) -> None:
@@ -323,6 +337,8 @@ class UpstreamSet:
         self._next_expiry = min(self._next_expiry, host.ejected_until)
         log.warning("upstream %s: endpoint %s ejected for %.0fs: %s",
                     self.name, host, duration, why)
+        host.stats.ejections += 1
+        self._event("ejection", f"endpoint {host} ejected for {duration:.0f}s: {why}")
         self._rebuild()
 
     def _expire_ejections(self) -> None:
@@ -335,12 +351,14 @@ class UpstreamSet:
                 host.ejected_until = 0.0
                 host.consecutive_failures = 0
                 log.info("upstream %s: endpoint %s returned from ejection", self.name, host)
+                self._event("ejection", f"endpoint {host} returned from ejection")
             else:
                 nxt = min(nxt, host.ejected_until)
         self._next_expiry = nxt
         self._rebuild()
 
     def _rebuild(self) -> None:
+        old_split = self.split() if self.events is not None and self.plan.loads else None
         nlevels = 1 + max((h.level for h in self.hosts.values()), default=-1)
         levels: list[list[Host]] = [[] for _ in range(nlevels)]
         for host in self.hosts.values():
@@ -362,9 +380,33 @@ class UpstreamSet:
             if any(plan.panic):
                 log.warning("upstream %s: panic mode (loads %s, panic %s): balancing over "
                             "unhealthy endpoints too", self.name, plan.loads, plan.panic)
+                self._event("panic", f"panic mode (priority loads {list(plan.loads)}): "
+                            "balancing over unhealthy endpoints too")
             else:
                 log.info("upstream %s: left panic mode (loads %s)", self.name, plan.loads)
+                self._event("panic", f"left panic mode (priority loads {list(plan.loads)})")
         self._panic_logged = plan.panic
+        if old_split is not None:
+            new_split = self.split()
+            if new_split != old_split:
+                self._event("failover", "traffic split " + _shares(old_split) + " -> "
+                            + _shares(new_split))
+
+    def split(self) -> dict[str, float]:
+        """Expected share (percent) of new connections per cluster: each level's load
+        divided evenly over the hosts `pick` chooses from in that level."""
+        shares: dict[str, float] = {}
+        for load, hosts in zip(self.plan.loads, self._avail, strict=False):
+            if not load or not hosts:
+                continue
+            each = load / len(hosts)
+            for h in hosts:
+                shares[h.cluster] = shares.get(h.cluster, 0.0) + each
+        return {c: round(v, 1) for c, v in sorted(shares.items())}
+
+    def _event(self, kind: str, text: str) -> None:
+        if self.events is not None:
+            self.events.add(kind, self.name, text)
 
     # -- lifecycle --------------------------------------------------------------------
     def attach_health_checker(self, checker: HealthCheckerLike) -> None:
@@ -390,6 +432,10 @@ class UpstreamSet:
             ],
             "draining": len(self.draining),
         }
+
+
+def _shares(split: dict[str, float]) -> str:
+    return ", ".join(f"{c} {v:g}%" for c, v in split.items()) or "nowhere"
 
 
 class HealthCheckerLike(Protocol):
