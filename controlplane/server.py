@@ -55,8 +55,12 @@ class ControllerServer:
 
     async def _stream(self, request: web.Request) -> web.StreamResponse:
         if self.hub is None:
-            return web.json_response({"error": "this controller replica is not the leader"},
-                                     status=503)
+            response = web.json_response(
+                {"error": "this controller replica is not the leader"}, status=503)
+            # A gateway's retry must open a new connection, which a Service may send to
+            # the leader; a kept-alive one would lead back here.
+            response.force_close()
+            return response
         return await self.hub.handle(request)
 
     async def _healthz(self, request: web.Request) -> web.Response:

@@ -76,8 +76,11 @@ async def test_standby_is_ready_but_streams_nothing_until_it_leads(tmp_path: Pat
                 200, {"ready": True, "leading": False})
             assert (await get(session, f"{two_url}/healthz"))[0] == 200
             assert (await get(session, f"{two_url}/metrics"))[0] == 200
-            status, body = await get(session, f"{two_url}/v1/stream?cluster=b")
-            assert status == 503 and "not the leader" in str(body)
+            async with session.get(f"{two_url}/v1/stream?cluster=b",
+                                   timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                assert resp.status == 503 and "not the leader" in await resp.text()
+                # The retry opens a new connection (through a Service: maybe the leader's).
+                assert resp.headers.get("Connection") == "close"
             assert (await get(session, f"{two_url}/status"))[0] == 503
             status, body = await get(session, f"{one_url}/status")
             assert status == 200 and isinstance(body, dict) and body["leading"] is True
