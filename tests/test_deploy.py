@@ -7,14 +7,18 @@
   openAPIV3Schema (jsonschema), unknown fields rejected as the API server's strict field
   validation does.
 - The kustomize base and overlays rendered with `kubectl kustomize` when kubectl is there.
-- RBAC granted to each identity == the API calls listed in deploy/rbac-calls.yaml.
-- Workload hardening, probes and ports, container args against the real CLI parser.
+- RBAC granted to each identity == the API calls listed in deploy/rbac-calls.yaml (which
+  tests/test_deploy_rbac.py holds to the requests the code really sends).
+- Workload hardening, probes and ports; container args through the real CLI parser and
+  the real config builders (unknown flags and bad values fail).
+- The example member Secrets through the controller's own Secret reader.
 - The image's pinned dependencies against pyproject.toml.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import copy
 import functools
 import re
@@ -33,8 +37,11 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
+from controlplane.clusters import kube_app
+from controlplane.clusters.kube_app import MEMBER_LABEL, KubeControllerConfig, member_from_secret
 from mcsproxy import manifests
-from mcsproxy.cli import build_parser
+from mcsproxy.cli import build_parser, gateway_config
+from mcsproxy.sources import make_source
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -71,15 +78,6 @@ OVERLAY_EXCLUDES: dict[str, set[str]] = {
     "overlays/member": {"Deployment", "Role"},
     "overlays/gateway-deployment": {"DaemonSet"},
 }
-
-# Command-line flags and subcommands the manifests use that land with other issues (the
-# controller, issue 5; --vip-interface / --clusterset-cidr on the gateway, issue 6). Until
-# then the args test checks everything else and says which of these are still missing.
-PENDING_CLI = {
-    "controller", "--vip-interface", "--clusterset-cidr", "--kubeconfig-secret",
-    "--contexts", "--serve", "--leader-elect", "--lease-name", "--lease-namespace",
-}
-
 
 # ---------------------------------------------------------------------------- loading
 
@@ -411,9 +409,6 @@ def test_overlays_set_their_cluster_id() -> None:
         assert config["data"]["clusterset-cidr"] == "198.18.0.0/16"
     assert len(set(ids.values())) == len(ids), ids
     local = rendered("overlays/local")
-    contexts = next(d for d in local if d["kind"] == "ConfigMap"
-                    and d["metadata"]["name"] == "mcsproxy-controller")["data"]["contexts"]
-    assert ids["overlays/local"] in contexts.split(",")
     assert {c["image"] for w in workloads(local) for c in containers(w)} == {"mcsproxy:dev"}
 
 
@@ -427,6 +422,9 @@ Grant = tuple[str, str, str, str, str]  # scope, group, resource, verb, resource
 
 
 def _expand(scope: str, rule: dict[str, Any]) -> set[Grant]:
+    if "nonResourceURLs" in rule:
+        return {(scope, "(non-resource URL)", url, v, "*") for url in rule["nonResourceURLs"]
+                for v in rule["verbs"]}
     groups = rule.get("apiGroups", [rule.get("group", "")])
     resources = rule.get("resources", [rule.get("resource")])
     names = rule.get("resourceNames") or ["*"]
@@ -472,8 +470,13 @@ def check_rbac(docs: tuple[dict[str, Any], ...] | list[dict[str, Any]]) -> None:
                              f"called but not granted {sorted(want - got)}")
     for doc in docs:
         for rule in doc.get("rules", ()) if doc["kind"] in ("Role", "ClusterRole") else ():
-            for field in ("apiGroups", "resources", "verbs", "resourceNames"):
-                assert "*" not in rule.get(field, ()), f"{ident(doc)}: wildcard in {field}"
+            for field in ("apiGroups", "resources", "verbs", "resourceNames", "nonResourceURLs"):
+                assert not any("*" in item for item in rule.get(field, ())), \
+                    f"{ident(doc)}: wildcard in {field}"
+            if "nonResourceURLs" in rule:
+                # The API server accepts these only in a ClusterRole, and alone in a rule.
+                assert doc["kind"] == "ClusterRole", ident(doc)
+                assert not {"apiGroups", "resources", "resourceNames"} & set(rule), ident(doc)
 
 
 def test_rbac_matches_the_api_calls() -> None:
@@ -603,22 +606,35 @@ def test_controller_runs_two_replicas_with_leader_election_and_a_pdb() -> None:
     base = DEPLOY / "base/controller"
     deployment = file_docs(base / "deployment.yaml")[0]
     assert deployment["spec"]["replicas"] == 2
-    flags = _flags(containers(deployment)[0]["args"])
-    assert "--leader-elect" in flags
+    config = controller_config(deployment, [doc for _, doc in all_file_docs()])
+    assert config.leader_elect
+    assert config.identity == f"{deployment['metadata']['name']}-0"  # the pod's name
+    lease = config.lease()
+    # The Lease and the member Secrets live in the controller's own namespace: where its
+    # Role grants them, by the names the code uses.
     calls = expected_calls()["controller"]["calls"]
-    lease_names = {n for c in calls if c["resource"] == "leases"
-                   for n in c.get("resourceNames", ())}
-    secret_names = {n for c in calls if c["resource"] == "secrets"
-                    for n in c.get("resourceNames", ())}
-    assert lease_names == {flags["--lease-name"]}
-    assert secret_names == {flags["--kubeconfig-secret"]}
-    example = file_docs(DEPLOY / "examples/member-kubeconfig-secret.yaml")[0]
-    assert example["metadata"]["name"] in secret_names
-    kubeconfig = yaml.safe_load(example["stringData"]["kubeconfig"])
-    assert {c["name"] for c in kubeconfig["contexts"]} == {"east", "west", "central"}
+    assert lease.namespace == config.member_secrets == NAMESPACE
+    assert {n for c in calls if c["resource"] == "leases"
+            for n in c.get("resourceNames", ())} == {lease.name}
+    assert {c["scope"] for c in calls} == {"namespace"}
     pdb = file_docs(base / "pdb.yaml")[0]
     assert pdb["spec"]["minAvailable"] == 1
     assert pdb["spec"]["selector"] == deployment["spec"]["selector"]
+
+
+def test_example_member_secrets_are_read_by_the_controller() -> None:
+    """deploy/examples/member-kubeconfig-secret.yaml through the controller's own reader,
+    as the API server would hand the Secrets over (stringData → base64 data)."""
+    found = {}
+    for doc in file_docs(DEPLOY / "examples/member-kubeconfig-secret.yaml"):
+        assert doc["metadata"]["namespace"] == NAMESPACE
+        assert MEMBER_LABEL in doc["metadata"]["labels"]
+        data = {k: base64.b64encode(v.encode()).decode() for k, v in doc["stringData"].items()}
+        cluster, kubeconfig = member_from_secret({**doc, "data": data})
+        assert kubeconfig["current-context"] in {c["name"] for c in kubeconfig["contexts"]}
+        found[cluster] = doc["metadata"]["name"]
+    assert found == {"east": "mcsproxy-member-east", "west": "mcsproxy-member-west",
+                     "central": "central"}  # an empty label value: the Secret's name
 
 
 def test_dns_service_reaches_the_gateway_dns_port() -> None:
@@ -644,27 +660,70 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
     return {}
 
 
-def test_container_args_parse_with_the_cli() -> None:
+def _env_values(w: dict[str, Any], c: dict[str, Any], docs: Any) -> dict[str, str]:
+    """What the kubelet would put into the container's env (sample values for fields)."""
+    fields = {"metadata.namespace": w["metadata"]["namespace"],
+              "metadata.name": f"{w['metadata']['name']}-0", "status.hostIP": "10.0.0.1"}
+    out = {}
+    for e in c.get("env", ()):
+        source = e.get("valueFrom", {})
+        if "fieldRef" in source:
+            out[e["name"]] = fields[source["fieldRef"]["fieldPath"]]
+        elif "configMapKeyRef" in source:
+            ref = source["configMapKeyRef"]
+            cm = next(d for d in docs if d["kind"] == "ConfigMap"
+                      and d["metadata"]["name"] == ref["name"])
+            out[e["name"]] = cm["data"][ref["key"]]
+        else:
+            out[e["name"]] = e["value"]
+    return out
+
+
+def parsed_args(w: dict[str, Any], c: dict[str, Any], docs: Any) -> argparse.Namespace:
+    """The container's args with $(VAR) expanded, through the real parser: an unknown
+    subcommand, an unknown flag or a bad value fails."""
+    env = _env_values(w, c, docs)
+    args = [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env[m.group(1)], a)
+            for a in c["args"]]
     commands = _subcommands(build_parser())
-    pending: set[str] = set()
-    checked = 0
-    for path, w in all_file_docs():
-        if w["kind"] not in ("Deployment", "DaemonSet"):
-            continue
+    assert args[0] in commands, f"{ident(w)}: unknown subcommand {args[0]}"
+    parser = commands[args[0]]
+    parsed, unknown = parser.parse_known_args(args[1:])
+    assert not unknown, f"{ident(w)}: {args[0]} does not accept {unknown}"
+    parsed.command = args[0]
+    return parsed
+
+
+def controller_config(w: dict[str, Any], docs: Any) -> KubeControllerConfig:
+    args = parsed_args(w, containers(w)[0], docs)
+    assert args.command == "controller"
+    return kube_app.config_from_args(args)
+
+
+def test_container_args_parse_with_the_cli() -> None:
+    docs = [doc for _, doc in all_file_docs()]
+    commands = set()
+    for w in workloads(docs):
         for c in containers(w):
-            command, args = c["args"][0], c["args"][1:]
-            if command not in commands:
-                assert command in PENDING_CLI, f"{rel(path)}: unknown subcommand {command}"
-                pending.add(command)
-                continue
-            _, unknown = commands[command].parse_known_args(args)
-            stray = {u.partition("=")[0] for u in unknown}
-            assert stray <= PENDING_CLI, f"{rel(path)}: {command} does not accept {stray}"
-            pending |= stray
-            checked += 1
-    assert checked >= 1
-    if pending:
-        pytest.skip(f"the CLI does not have these yet (other issues): {sorted(pending)}")
+            args = parsed_args(w, c, docs)
+            commands.add(args.command)
+            if args.command == "gateway":
+                config = gateway_config(args)
+                for spec in config.sources:
+                    make_source(spec, config.cluster_id, clusterset_cidr=config.clusterset_cidr)
+                assert config.admin.listen[1] == _listen_port(_flags(c["args"])["--admin-listen"])
+            else:
+                config = controller_config(w, docs)
+                assert config.serve is not None and config.serve[1] == 9902
+    assert commands == {"gateway", "controller"}
+
+
+def test_args_check_rejects_an_unknown_flag() -> None:
+    docs = [doc for _, doc in all_file_docs()]
+    w = copy.deepcopy(file_docs(DEPLOY / "base/controller/deployment.yaml")[0])
+    containers(w)[0]["args"].append("--kubeconfig-secret=mcsproxy-members")
+    with pytest.raises(AssertionError, match="does not accept"):
+        parsed_args(w, containers(w)[0], docs)
 
 
 # ---------------------------------------------------------------- image and pinned deps
