@@ -34,6 +34,7 @@ from controlplane.allocator import DEFAULT_CIDR
 from controlplane.clusters import ClusterError
 from controlplane.clusters.kube import KubeClusterClient, KubeTimings
 from controlplane.clusters.kube_api import Backoff, KubeApi
+from controlplane.command import parse_cluster_cidrs
 from controlplane.controller import Controller
 from controlplane.leader import LeaderElector, LeaseConfig
 from controlplane.metrics import ControllerMetrics
@@ -82,6 +83,7 @@ class KubeControllerConfig:
     member_secrets: str | None = None  # namespace of the member Secrets (in-cluster mode)
     serve: tuple[str, int] | None = None
     clusterset_cidr: str = DEFAULT_CIDR
+    cluster_cidrs: tuple[tuple[str, str], ...] = ()
     leader_elect: bool = True
     lease_namespace: str | None = None  # default: --member-secrets or kube-system
     lease_name: str = "mcsproxy-controller"
@@ -203,7 +205,8 @@ class KubeControllerApp:
         try:
             clients = await self._members()
             await self._until_all_answer(clients)
-            controller = Controller(clients, cidrs=cfg.clusterset_cidr, metrics=self.metrics,
+            controller = Controller(clients, cidrs=cfg.clusterset_cidr,
+                                    cluster_cidrs=dict(cfg.cluster_cidrs), metrics=self.metrics,
                                     publisher=hub)
             if hub is not None:
                 for c in controller.clients:
@@ -290,6 +293,7 @@ def config_from_args(args: Any) -> KubeControllerConfig:
         member_secrets=args.member_secrets,
         serve=serve,
         clusterset_cidr=args.clusterset_cidr,
+        cluster_cidrs=parse_cluster_cidrs(args.cluster_cidr),
         leader_elect=args.leader_elect,
         lease_namespace=args.lease_namespace,
         lease_duration_s=float(args.lease_duration),
