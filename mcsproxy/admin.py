@@ -1,17 +1,25 @@
-"""The admin listener (aiohttp): health, readiness and, later, metrics and status pages.
+"""The admin listener (aiohttp): health, readiness, metrics, the active configuration,
+endpoints, `/explain`, and the live status page at `/`.
 
-Kept off the data path: aiohttp is fine here and too slow for the proxy.
+Kept off the data path: aiohttp is fine here and too slow for the proxy. Listens on
+loopback by default; anywhere else it warns, since it shows the whole configuration.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
+from aiohttp import ClientError, ClientSession, ClientTimeout, web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector
+from prometheus_client import generate_latest as render_metrics
 
 from mcsproxy.config import is_loopback
+from mcsproxy.model import ImportedService, ServiceKey
 
 if TYPE_CHECKING:
     from mcsproxy.gateway import Gateway
@@ -19,6 +27,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("mcsproxy.admin")
 
 GATEWAY_KEY = web.AppKey("gateway", object)
+STATIC_DIR = Path(__file__).parent / "admin_static"
+STATIC_FILES = {"status.js": "text/javascript", "status.css": "text/css",
+                "controller.html": "text/html"}
+DEMO_TIMEOUT_S = 5.0
 
 
 def readiness(gateway: Gateway) -> tuple[bool, dict[str, object]]:
@@ -46,13 +58,177 @@ def readiness(gateway: Gateway) -> tuple[bool, dict[str, object]]:
     return ready, detail
 
 
+def jsonable(value: Any) -> Any:
+    """Snapshot and config dataclasses as plain JSON data (tuples → lists)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, tuple | list | set | frozenset):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def service_json(service: ImportedService) -> dict[str, Any]:
+    out = jsonable(service)
+    out["key"] = str(service.key)
+    out["locality"] = service.locality
+    return out  # type: ignore[no-any-return]
+
+
+def _gateway(request: web.Request) -> Gateway:
+    return request.app[GATEWAY_KEY]  # type: ignore[return-value]
+
+
+def _service_arg(request: web.Request) -> ServiceKey | None:
+    text = request.query.get("service")
+    if text is None:
+        return None
+    ns, sep, name = text.partition("/")
+    if not sep or not ns or not name:
+        raise web.HTTPBadRequest(text=f"service must be namespace/name, got {text!r}\n")
+    return ServiceKey(ns, name)
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.Response(text="ok\n")
 
 
 async def readyz(request: web.Request) -> web.Response:
-    ready, detail = readiness(request.app[GATEWAY_KEY])  # type: ignore[arg-type]
+    ready, detail = readiness(_gateway(request))
     return web.json_response(detail, status=200 if ready else 503)
+
+
+async def config_dump(request: web.Request) -> web.Response:
+    """The active snapshot (every service, or `?service=ns/name`) and the configuration."""
+    gateway = _gateway(request)
+    snapshot = gateway.store.current
+    key = _service_arg(request)
+    keys = sorted(snapshot.services) if key is None else [key]
+    if key is not None and key not in snapshot.services:
+        raise web.HTTPNotFound(text=f"no service {key} in snapshot v{snapshot.version}\n")
+    return web.json_response({
+        "snapshot": {"version": snapshot.version, "built_at": snapshot.built_at,
+                     "services": [service_json(snapshot.services[k]) for k in keys]},
+        "config": jsonable(gateway.config),
+    })
+
+
+async def endpoints(request: web.Request) -> web.Response:
+    """Every endpoint the proxy balances over, with its health and connections."""
+    gateway = _gateway(request)
+    key = _service_arg(request)
+    proxy = gateway.proxy
+    if proxy is None:
+        raise web.HTTPNotFound(text="no proxy runs here (--no-proxy)\n")
+    workers = gateway.observer.workers
+    if workers is not None:
+        await gateway.observer.gather()  # refreshes the workers' connection counts
+    now = time.monotonic()
+    rows = []
+    for ukey, upstream in sorted(proxy.upstreams.items(), key=lambda kv: str(kv[0])):
+        if key is not None and ukey.service != key:
+            continue
+        extra = workers.active.get(upstream.name, {}) if workers is not None else {}
+        for host in (*upstream.hosts.values(), *upstream.draining):
+            hp = f"{host.address}:{host.port}"
+            rows.append({
+                "service": str(ukey.service), "port": ukey.port_name, "protocol": ukey.protocol,
+                "upstream": upstream.name, "address": host.address, "target_port": host.port,
+                "cluster": host.cluster, "priority": host.level, "ready": host.ready,
+                "healthy": host.healthy, "active_check_up": host.active_up,
+                "ejected": host.ejected,
+                "ejected_for_s": round(max(0.0, host.ejected_until - now), 1)
+                if host.ejected else 0.0,
+                "times_ejected": host.times_ejected,
+                "consecutive_failures": host.consecutive_failures,
+                "draining": host.removed,
+                "active_connections": host.active + extra.get(hp, 0),
+            })
+    return web.json_response({"endpoints": rows})
+
+
+async def explain_handler(request: web.Request) -> web.Response:
+    from mcsproxy.observability.explain import explain
+
+    gateway = _gateway(request)
+    key = _service_arg(request)
+    if key is None:
+        raise web.HTTPBadRequest(text="usage: /explain?service=namespace/name[&port=P]\n")
+    service = gateway.store.current.services.get(key)
+    if service is None:
+        raise web.HTTPNotFound(text=f"no service {key} in the snapshot\n")
+    port = request.query.get("port")
+    if port is not None and not any(port in (p.name, str(p.port)) for p in service.ports):
+        raise web.HTTPNotFound(text=f"service {key} has no port {port!r}\n")
+    proxy = gateway.proxy
+    upstreams = None
+    if proxy is not None:
+        upstreams = {(u.port_name, u.protocol): s for u, s in proxy.upstreams.items()
+                     if u.service == key}
+    result = explain(service, port, gateway.config.cluster_id, gateway.config.proxy, upstreams)
+    if request.query.get("format") == "text":
+        lines = []
+        for p in result["ports"]:
+            lines.append(f"{result['service']} port {p['port'].get('name') or p['port']['port']}"
+                         f"/{p['port']['protocol']}:")
+            lines += [f"  {w}" for w in p["words"]]
+        lines += [f"  {w}" for w in result.get("words", []) if not result["ports"]]
+        return web.Response(text="\n".join(lines) + "\n")
+    return web.json_response(result)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    gateway = _gateway(request)
+    families = await gateway.observer.gather()
+    body = render_metrics(families) + render_metrics(request.app[PROCESS_KEY])
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def api_status(request: web.Request) -> web.Response:
+    from mcsproxy.observability.status import build_status
+
+    gateway = _gateway(request)
+    try:
+        since = int(request.query.get("since", "0"))
+    except ValueError:
+        raise web.HTTPBadRequest(text="since must be an integer\n") from None
+    families = await gateway.observer.gather()
+    ready, detail = readiness(gateway)
+    return web.json_response(build_status(gateway, families, ready, detail, since))
+
+
+async def index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC_DIR / "index.html",
+                            headers={"Cache-Control": "no-cache"})
+
+
+async def static(request: web.Request) -> web.FileResponse:
+    name = request.match_info["name"]
+    if name not in STATIC_FILES:
+        raise web.HTTPNotFound()
+    return web.FileResponse(STATIC_DIR / name, headers={"Content-Type": STATIC_FILES[name],
+                                                        "Cache-Control": "no-cache"})
+
+
+async def demo_relay(request: web.Request) -> web.Response:
+    """The demo's control API, relayed so the page's buttons stay same-origin."""
+    url = _gateway(request).config.admin.demo_control
+    if url is None:
+        raise web.HTTPNotFound(text="not started by mcsproxy demo (no --demo-control)\n")
+    path = "/clusters"
+    if request.method == "POST":
+        path += f"/{request.match_info['name']}/{request.match_info['action']}"
+    try:
+        async with ClientSession(timeout=ClientTimeout(total=DEMO_TIMEOUT_S)) as http, \
+                http.request(request.method, url.rstrip("/") + path) as resp:
+            return web.Response(body=await resp.read(), status=resp.status,
+                                content_type="application/json")
+    except (ClientError, TimeoutError) as exc:
+        raise web.HTTPBadGateway(text=f"demo control at {url}: {exc}\n") from None
+
+
+PROCESS_KEY = web.AppKey("process_metrics", CollectorRegistry)
 
 
 class AdminServer:
@@ -60,8 +236,21 @@ class AdminServer:
         self.gateway = gateway
         self.app = web.Application()
         self.app[GATEWAY_KEY] = gateway
-        self.app.router.add_get("/healthz", healthz)
-        self.app.router.add_get("/readyz", readyz)
+        process = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=process)
+        self.app[PROCESS_KEY] = process
+        r = self.app.router
+        r.add_get("/", index)
+        r.add_get("/static/{name}", static)
+        r.add_get("/healthz", healthz)
+        r.add_get("/readyz", readyz)
+        r.add_get("/metrics", metrics)
+        r.add_get("/config_dump", config_dump)
+        r.add_get("/endpoints", endpoints)
+        r.add_get("/explain", explain_handler)
+        r.add_get("/api/status", api_status)
+        r.add_get("/demo/clusters", demo_relay)
+        r.add_post("/demo/clusters/{name}/{action:kill|restore}", demo_relay)
         self._runner: web.AppRunner | None = None
         self.bound: tuple[str, int] | None = None
 

@@ -24,6 +24,11 @@ def _add_gateway_parser(sub: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("--dns-edns-max", type=int, default=1232,
                    help="largest EDNS0 UDP payload answered (bytes)")
     p.add_argument("--admin-listen", default="127.0.0.1:9901", metavar="HOST:PORT")
+    p.add_argument("--access-log", default=None, metavar="-|PATH",
+                   help="one line per connection and HTTP request to stderr (-) or a file "
+                        "(default off)")
+    p.add_argument("--access-log-format", default="text", choices=["text", "json"])
+    p.add_argument("--demo-control", default=None, metavar="URL", help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="info", choices=sorted(LEVELS))
     p.add_argument("--clusterset-cidr", default="127.240.0.0/16", metavar="CIDR[,CIDR6]",
                    help="ClusterSetIPs the gateway allocates itself (Karmada services)")
@@ -53,11 +58,14 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
             edns_max_payload=args.dns_edns_max,
             ttl_s=args.dns_ttl,
         ),
-        admin=AdminConfig(listen=parse_host_port(args.admin_listen, "--admin-listen")),
+        admin=AdminConfig(listen=parse_host_port(args.admin_listen, "--admin-listen"),
+                          demo_control=args.demo_control),
         proxy=proxy_config(args),
         log_level=args.log_level,
         clusterset_cidr=args.clusterset_cidr,
         vip_interface=args.vip_interface,
+        access_log=args.access_log,
+        access_log_format=args.access_log_format,
     )
 
 
@@ -139,6 +147,21 @@ def _run_controller(args: argparse.Namespace) -> int:
     return run_from_args(args, ConfigError)
 
 
+def _add_status_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("status", help="a running gateway's services, endpoints and events")
+    p.add_argument("--admin", default="http://127.0.0.1:9901", metavar="URL",
+                   help="the gateway's admin listener (default http://127.0.0.1:9901)")
+    p.add_argument("--events", type=int, default=10, metavar="N", help="recent events shown")
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
+    p.set_defaults(func=_run_status)
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    from mcsproxy.statuscmd import run_status
+
+    return run_status(args.admin, args.events, args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mcsproxy", description="Kubernetes Multi-Cluster Services data plane"
@@ -147,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_gateway_parser(sub)
     _add_demo_parser(sub)
     _add_controller_parser(sub)
+    _add_status_parser(sub)
     return parser
 
 

@@ -55,6 +55,14 @@ class DnsConfig:
 @dataclass(frozen=True)
 class AdminConfig:
     listen: tuple[str, int] = ("127.0.0.1", 9901)
+    # `mcsproxy demo`'s control API: the status page shows kill/restore buttons and the
+    # admin relays their POSTs to it (same origin for the browser).
+    demo_control: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.demo_control is not None and not re.fullmatch(
+                r"http://[^/\s]+(:\d+)?/?", self.demo_control):
+            raise ConfigError(f"--demo-control {self.demo_control!r}: expected http://HOST:PORT")
 
 
 @dataclass(frozen=True)
@@ -191,8 +199,12 @@ class GatewayConfig:
     # also the range whose stale /32s --vip-interface may remove from a shared interface.
     clusterset_cidr: str = "127.240.0.0/16"
     vip_interface: str | None = None  # keep the ClusterSetIPs on this interface
+    access_log: str | None = None  # "-" (stderr) or a path; None: off
+    access_log_format: str = "text"  # or "json"
 
     def __post_init__(self) -> None:
+        if self.access_log_format not in ("text", "json"):
+            raise ConfigError("--access-log-format must be text or json")
         if not CLUSTER_ID_RE.match(self.cluster_id) or len(self.cluster_id) > 253:
             raise ConfigError(f"--cluster-id {self.cluster_id!r} is not an RFC-1123 name")
         if not self.sources:

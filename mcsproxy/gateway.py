@@ -11,6 +11,7 @@ from mcsproxy.admin import AdminServer
 from mcsproxy.config import GatewayConfig
 from mcsproxy.dns.server import DnsServer
 from mcsproxy.http.frontdoor import FrontDoor
+from mcsproxy.observability.observer import Observer
 from mcsproxy.proxy import ProxyManager
 from mcsproxy.proxy.workers import WorkerPool
 from mcsproxy.sources import Source, make_source
@@ -36,6 +37,10 @@ class Gateway:
         self.dns = DnsServer(config.dns, self.store)
         self.admin = AdminServer(self)
         self.proxy = ProxyManager(config.proxy, self.store) if config.proxy.enabled else None
+        self.observer = Observer(self)  # events, access log, worker reports, metrics
+        if self.proxy is not None:
+            self.proxy.events = self.observer.events
+            self.proxy.access_log = self.observer.access_log
         # Started in this order, stopped in reverse: admin last up, first to say "not ready".
         self.components: list[Component] = [self.dns, self.admin]
         if self.proxy is not None:
@@ -48,6 +53,7 @@ class Gateway:
             if config.proxy.http.listen is not None:
                 front = FrontDoor(self.proxy, config.dns.domain)
                 self.components.insert(self.components.index(self.proxy) + 1, front)
+        self.components.insert(0, self.observer)  # up first, down last: everyone reports
         if config.vip_interface and config.proxy.worker_index == 0:
             from mcsproxy.vip import VipInterface
 

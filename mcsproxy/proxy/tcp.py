@@ -222,7 +222,8 @@ class ClientSide(asyncio.Protocol):
             exc = task.exception()
             if exc is None:
                 return  # upstream_connected already ran
-            reason = getattr(exc, "strerror", None) or type(exc).__name__
+            reason = "connection refused" if isinstance(exc, ConnectionRefusedError) else \
+                getattr(exc, "strerror", None) or type(exc).__name__
         host = self.host
         assert host is not None
         self.upstream.connect_failed(host, reason)

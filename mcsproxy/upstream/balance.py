@@ -123,6 +123,20 @@ def priority_load(
     return LoadPlan(tuple(loads), panic)
 
 
+def cluster_shares(loads: Sequence[int], levels: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Expected percent of new connections per cluster: each level's load divided evenly
+    over the hosts chosen from in that level (`levels[i]`: the cluster of each such host),
+    as round robin does; least-connections follows it on average."""
+    shares: dict[str, float] = {}
+    for load, clusters in zip(loads, levels, strict=False):
+        if not load or not clusters:
+            continue
+        each = load / len(clusters)
+        for cluster in clusters:
+            shares[cluster] = shares.get(cluster, 0.0) + each
+    return {c: round(v, 1) for c, v in sorted(shares.items())}
+
+
 def choose_level(loads: Sequence[int], roll: int) -> int:
     """The level a roll in [0, 100) lands in, by cumulative load."""
     acc = 0

@@ -37,6 +37,7 @@ from mcsproxy.upstream.balance import (
     LoadPlan,
     Target,
     choose_level,
+    cluster_shares,
     pick_least_connections,
     pick_round_robin,
     priority_load,
@@ -393,16 +394,8 @@ class UpstreamSet:
                             + _shares(new_split))
 
     def split(self) -> dict[str, float]:
-        """Expected share (percent) of new connections per cluster: each level's load
-        divided evenly over the hosts `pick` chooses from in that level."""
-        shares: dict[str, float] = {}
-        for load, hosts in zip(self.plan.loads, self._avail, strict=False):
-            if not load or not hosts:
-                continue
-            each = load / len(hosts)
-            for h in hosts:
-                shares[h.cluster] = shares.get(h.cluster, 0.0) + each
-        return {c: round(v, 1) for c, v in sorted(shares.items())}
+        """Expected percent of new connections per cluster (see `cluster_shares`)."""
+        return cluster_shares(self.plan.loads, [[h.cluster for h in lv] for lv in self._avail])
 
     def _event(self, kind: str, text: str) -> None:
         if self.events is not None:

@@ -1,0 +1,307 @@
+"""The gateway's observer: event ring, access log, snapshot timing and worker reports,
+and `collect()`, which turns every counter of this process into metric families.
+
+Metric names follow `mcsproxy_<subsystem>_<name>_<unit>`; labels are bounded (service,
+port, cluster, outcome, qtype, rcode, source, priority; never a client address).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from mcsproxy.model import ServiceKey, Snapshot
+from mcsproxy.observability.accesslog import AccessLog
+from mcsproxy.observability.events import EventRing
+from mcsproxy.observability.families import Families
+from mcsproxy.observability.stats import APPLY_BUCKETS, CONNECT_BUCKETS, DNS_BUCKETS, Buckets
+from mcsproxy.observability.workers import WorkerReporter, WorkerReports
+from mcsproxy.tasks import cancel_and_wait, spawn
+
+if TYPE_CHECKING:
+    from mcsproxy.gateway import Gateway
+    from mcsproxy.proxy.manager import UpstreamKey
+    from mcsproxy.upstream import UpstreamSet
+
+log = logging.getLogger("mcsproxy.observability")
+
+SOURCE_POLL_S = 1.0
+HOST_STATES = ("healthy", "unhealthy", "ejected")
+
+
+def port_label(ukey: UpstreamKey, snapshot: Snapshot) -> str:
+    """The service port's name, or its number when unnamed (then it is the only port)."""
+    if ukey.port_name:
+        return ukey.port_name
+    service = snapshot.services.get(ukey.service)
+    if service is not None:
+        for p in service.ports:
+            if p.name == "" and p.protocol == ukey.protocol:
+                return str(p.port)
+    return "-"
+
+
+def host_state(host: Any) -> str:
+    if host.ejected:
+        return "ejected"
+    return "healthy" if host.active_up else "unhealthy"
+
+
+class Observer:
+    """Component: started first, stopped last, so every other component can report."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        config = gateway.config
+        self.worker_index = config.proxy.worker_index
+        self.events = EventRing()
+        self.access_log: AccessLog | None = (
+            AccessLog(config.access_log, config.access_log_format)
+            if config.access_log else None)
+        self.apply_time = Buckets(APPLY_BUCKETS)
+        self.started_at = time.time()
+        self.workers = WorkerReports(config.proxy.workers) \
+            if config.proxy.workers > 1 and self.worker_index == 0 else None
+        self.reporter = WorkerReporter(self.worker_index, self.report) \
+            if self.worker_index > 0 else None
+        self._sources: dict[str, tuple[bool, bool, str | None]] = {}
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    # -- component --------------------------------------------------------------------
+    async def start(self) -> None:
+        if self.access_log is not None:
+            await self.access_log.start()
+        if self.reporter is not None:
+            await self.reporter.start()
+            return
+        self.gateway.store.subscribe(self._on_snapshot)
+        self._tasks.append(spawn(self._watch_sources(), name="observer sources"))
+
+    async def stop(self) -> None:
+        await cancel_and_wait(self._tasks)
+        self._tasks.clear()
+        if self.reporter is not None:
+            await self.reporter.stop()
+        if self.access_log is not None:
+            await self.access_log.stop()
+
+    # -- events -----------------------------------------------------------------------
+    def _on_snapshot(self, snapshot: Snapshot) -> None:
+        changed = sorted(str(k) for k in snapshot.changed)
+        shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5
+                                          else "")
+        self.events.add("snapshot", f"v{snapshot.version}",
+                        f"snapshot v{snapshot.version}: {len(snapshot.services)} services, "
+                        f"{len(changed)} changed" + (f" ({shown})" if changed else ""))
+        self._tasks = [t for t in self._tasks if not t.done()]
+        self._tasks.append(spawn(self._time_apply(snapshot), name="observer apply timing"))
+
+    async def _time_apply(self, snapshot: Snapshot) -> None:
+        """Built (the snapshot's wall-clock stamp) until DNS and proxy serve it."""
+        proxy = self.gateway.proxy
+        if proxy is not None:
+            await proxy.wait_applied(snapshot.version)
+        if snapshot.built_at:
+            self.apply_time.observe(max(0.0, time.time() - snapshot.built_at))
+
+    async def _watch_sources(self) -> None:
+        while True:
+            for name, st in self.gateway.store.sources.items():
+                now = (st.connected, st.synced, st.error)
+                before = self._sources.get(name)
+                if before != now:
+                    self._sources[name] = now
+                    if before is not None or not st.connected or st.error:
+                        state = "connected" if st.connected else "disconnected"
+                        state += ", synced" if st.synced else ", not synced"
+                        self.events.add("source", name, state +
+                                        (f" (error: {st.error})" if st.error else ""))
+            await asyncio.sleep(SOURCE_POLL_S)
+
+    # -- metrics ----------------------------------------------------------------------
+    async def gather(self) -> Families:
+        """This process's families, plus every worker's when there are workers."""
+        families = self.collect()
+        if self.workers is not None:
+            await self.workers.merge_into(families)
+            families.gauge("mcsproxy_gateway_workers_reporting",
+                           "Extra proxy worker processes that answered this scrape").add(
+                (), self.workers.reporting)
+        return families
+
+    def report(self) -> dict[str, Any]:
+        """What a worker sends the main process."""
+        return {"pid": os.getpid(), "index": self.worker_index,
+                "families": self.collect().to_json(), "active": self.active_by_host()}
+
+    def active_by_host(self) -> dict[str, dict[str, int]]:
+        proxy = self.gateway.proxy
+        if proxy is None:
+            return {}
+        return {u.name: {f"{h.address}:{h.port}": h.active for h in u.hosts.values()}
+                for u in proxy.upstreams.values()}
+
+    def collect(self) -> Families:
+        f = Families()
+        if self.worker_index == 0:
+            self._collect_dns(f)
+            self._collect_store(f)
+        self._collect_proxy(f)
+        if self.access_log is not None:
+            records = f.counter("mcsproxy_accesslog_records",
+                                "Access log records by fate (written, dropped: queue full "
+                                "or write error)", ["outcome"])
+            records.add(["written"], self.access_log.written)
+            records.add(["dropped"], self.access_log.dropped + self.access_log.write_failed)
+        return f
+
+    def _collect_dns(self, f: Families) -> None:
+        stats = self.gateway.dns.stats
+        stats.fold()
+        queries = f.counter("mcsproxy_dns_queries",
+                            "DNS queries answered, by transport, question type and rcode "
+                            "(dropped: not answered)", ["transport", "qtype", "rcode"])
+        for key, n in stats.counts.items():
+            queries.add(key, n)
+        latency = f.histogram("mcsproxy_dns_query_duration_seconds",
+                              "Time to answer a query that missed the answer memo (built) "
+                              "or was forwarded (forwarded); memo hits are not timed",
+                              ["path"], DNS_BUCKETS)
+        for path, buckets in stats.latency.items():
+            latency.observe_buckets([path], buckets)
+
+    def _collect_store(self, f: Families) -> None:
+        store = self.gateway.store
+        snap = store.current
+        f.gauge("mcsproxy_snapshot_version", "Version of the snapshot being served").add(
+            (), snap.version)
+        f.gauge("mcsproxy_snapshot_age_seconds", "Seconds since the served snapshot was "
+                "built (0 before the first)").add(
+            (), max(0.0, time.time() - snap.built_at) if snap.built_at else 0.0)
+        f.gauge("mcsproxy_snapshot_services", "Services in the served snapshot").add(
+            (), len(snap.services))
+        f.histogram("mcsproxy_snapshot_apply_duration_seconds",
+                    "Snapshot built until DNS and every listener serve it", [],
+                    APPLY_BUCKETS).observe_buckets((), self.apply_time)
+        connected = f.gauge("mcsproxy_source_connected", "1 while the source reaches its "
+                            "origin", ["source"])
+        synced = f.gauge("mcsproxy_source_synced", "1 once the source delivered its initial "
+                         "state", ["source"])
+        objects = f.gauge("mcsproxy_source_objects", "Objects the source holds", ["source"])
+        for name, st in store.sources.items():
+            connected.add([name], int(st.connected))
+            synced.add([name], int(st.synced))
+            objects.add([name], st.objects)
+        ready = store.loaded.is_set() and not self.gateway.stopping
+        f.gauge("mcsproxy_gateway_ready", "1 while /readyz says ready").add((), int(ready))
+        f.gauge("mcsproxy_gateway_start_time_seconds", "Unix time the gateway started").add(
+            (), self.started_at)
+
+    def _collect_proxy(self, f: Families) -> None:
+        proxy = self.gateway.proxy
+        if proxy is None:
+            return
+        snap = proxy.store.current
+        svc = ["service", "port"]
+        conns = f.counter("mcsproxy_proxy_connections",
+                          "Client connections (UDP: flows) by destination cluster and "
+                          "outcome: ok (connected), failed (every attempt failed; the last "
+                          "one's cluster), no_endpoint (cluster none)",
+                          [*svc, "cluster", "outcome"])
+        attempts = f.counter("mcsproxy_upstream_connect_attempts",
+                             "Upstream connect attempts by outcome (ok, refused, timeout, "
+                             "error)", [*svc, "cluster", "outcome"])
+        connect_time = f.histogram("mcsproxy_upstream_connect_duration_seconds",
+                                   "Upstream TCP connect latency of successful attempts",
+                                   [*svc, "cluster"], CONNECT_BUCKETS)
+        retries = f.counter("mcsproxy_proxy_retries",
+                            "Attempts after the first on another endpoint (TCP connects, "
+                            "HTTP requests)", svc)
+        exhausted = f.counter("mcsproxy_proxy_retry_budget_exhausted",
+                              "HTTP retries refused because the retry budget was spent", svc)
+        nbytes = f.counter("mcsproxy_proxy_transferred_bytes",
+                           "Bytes relayed, by direction (to_upstream, to_client)",
+                           [*svc, "cluster", "direction"])
+        active = f.gauge("mcsproxy_upstream_active_connections",
+                         "Open connections to the cluster's endpoints", [*svc, "cluster"],
+                         summed=True)
+        endpoints = f.gauge("mcsproxy_upstream_endpoints",
+                            "Endpoints by health state (healthy, unhealthy: failing active "
+                            "checks, ejected: outlier detection)", [*svc, "cluster", "state"])
+        ejections = f.counter("mcsproxy_upstream_ejections",
+                              "Outlier ejections of the cluster's endpoints", [*svc, "cluster"])
+        requests = f.counter("mcsproxy_http_requests",
+                             "HTTP requests by destination cluster and outcome (status class "
+                             "or error)", [*svc, "cluster", "outcome"])
+        load = f.gauge("mcsproxy_upstream_priority_load_percent",
+                       "Share of new connections each priority level receives", [*svc, "priority"])
+        panic = f.gauge("mcsproxy_upstream_panic", "1 while the priority level is in panic "
+                        "(balancing over unhealthy endpoints too)", [*svc, "priority"])
+        share = f.gauge("mcsproxy_upstream_expected_share_percent",
+                        "Share of new connections each cluster is expected to receive",
+                        [*svc, "cluster"])
+        total_ok = 0
+        for ukey, upstream in proxy.upstreams.items():
+            labels = [str(ukey.service), port_label(ukey, snap)]
+            st = upstream.stats
+            conns.add([*labels, "none", "no_endpoint"], st.no_endpoint)
+            retries.add(labels, st.retries)
+            exhausted.add(labels, st.retry_budget_exhausted)
+            live = _live_bytes(upstream)
+            for cluster, cs in st.clusters.items():
+                cl = [*labels, cluster]
+                conns.add([*cl, "ok"], cs.connections)
+                conns.add([*cl, "failed"], cs.failed)
+                total_ok += cs.connections
+                for outcome, n in cs.attempts.items():
+                    attempts.add([*cl, outcome], n)
+                connect_time.observe_buckets(cl, cs.connect_time)
+                up, down = live.get(cluster, (0, 0))
+                nbytes.add([*cl, "to_upstream"], cs.bytes_to_upstream + up)
+                nbytes.add([*cl, "to_client"], cs.bytes_to_client + down)
+                ejections.add(cl, cs.ejections)
+                for outcome, n in cs.requests.items():
+                    requests.add([*cl, outcome], n)
+                active.add(cl, 0)
+                for state in HOST_STATES:
+                    endpoints.add([*cl, state], 0)
+            for host in upstream.hosts.values():
+                cl = [*labels, host.cluster]
+                active.add(cl, host.active)
+                endpoints.add([*cl, host_state(host)], 1)
+            for level, (pct, in_panic) in enumerate(zip(upstream.plan.loads, upstream.plan.panic,
+                                                        strict=True)):
+                load.add([*labels, str(level)], pct)
+                panic.add([*labels, str(level)], int(in_panic))
+            for cluster, pct in upstream.split().items():
+                share.add([*labels, cluster], pct)
+        f.gauge("mcsproxy_proxy_active_connections", "Open client connections and UDP flows",
+                summed=True).add((), len(proxy.conns))
+        f.gauge("mcsproxy_proxy_listeners", "Listening sockets (ClusterSetIP x port)").add(
+            (), len(proxy.listeners))
+        f.counter("mcsproxy_proxy_worker_connections",
+                  "Connections each proxy process made (how --workers share the load)",
+                  ["worker"]).add([str(self.worker_index)], total_ok)
+
+
+def _live_bytes(upstream: UpstreamSet) -> dict[str, tuple[int, int]]:
+    """Bytes of connections still open, per cluster (ended ones are in the counters)."""
+    out: dict[str, tuple[int, int]] = {}
+    for host in (*upstream.hosts.values(), *upstream.draining):
+        if not host.conns:
+            continue
+        up = down = 0
+        for conn in host.conns:
+            up += getattr(conn, "sent", 0)
+            down += getattr(conn, "received", 0)
+        a, b = out.get(host.cluster, (0, 0))
+        out[host.cluster] = (a + up, b + down)
+    return out
+
+
+def service_key(text: str) -> ServiceKey | None:
+    ns, sep, name = text.partition("/")
+    return ServiceKey(ns, name) if sep and ns and name else None

@@ -1,0 +1,121 @@
+"""The status page's and `mcsproxy status`'s data: clusters x services at a glance.
+
+Health and the expected split come from this process's upstream sets; traffic counters
+(connections, requests, active) from the merged metric families, so with `--workers N`
+the page shows every process's traffic. The page computes the live split from the
+difference between two reads of the counters.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from mcsproxy.observability.families import Families
+from mcsproxy.observability.observer import host_state, port_label
+
+if TYPE_CHECKING:
+    from mcsproxy.gateway import Gateway
+
+EVENTS_SHOWN = 50
+
+
+def _traffic_by_cluster(families: Families) -> dict[tuple[str, str], dict[str, dict[str, float]]]:
+    """(service, port) → cluster → {connections, requests, active} from the families."""
+    out: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
+
+    def slot(service: str, port: str, cluster: str) -> dict[str, float]:
+        return out.setdefault((service, port), {}).setdefault(
+            cluster, {"connections": 0, "requests": 0, "active": 0, "failed": 0})
+
+    fams = families.by_name
+    if "mcsproxy_proxy_connections" in fams:
+        for (service, port, cluster, outcome), n in \
+                fams["mcsproxy_proxy_connections"].values.items():
+            if outcome == "ok":
+                slot(service, port, cluster)["connections"] += n
+            elif outcome == "failed":
+                slot(service, port, cluster)["failed"] += n
+    if "mcsproxy_http_requests" in fams:
+        for (service, port, cluster, _outcome), n in \
+                fams["mcsproxy_http_requests"].values.items():
+            slot(service, port, cluster)["requests"] += n
+    if "mcsproxy_upstream_active_connections" in fams:
+        fam = fams["mcsproxy_upstream_active_connections"]
+        for (service, port, cluster), n in fam.values.items():
+            slot(service, port, cluster)["active"] += n
+    return out
+
+
+def build_status(gateway: Gateway, families: Families, ready: bool, detail: dict[str, Any],
+                 events_since: int = 0) -> dict[str, Any]:
+    """`ready, detail` as /readyz reports them."""
+    snapshot = gateway.store.current
+    proxy = gateway.proxy
+    observer = gateway.observer
+    local = gateway.config.cluster_id
+    traffic = _traffic_by_cluster(families)
+    clusters: set[str] = {local}
+    services: list[dict[str, Any]] = []
+    upstreams = {(u.service, u.port_name, u.protocol): (u, s)
+                 for u, s in (proxy.upstreams.items() if proxy is not None else ())}
+    for key in sorted(snapshot.services):
+        service = snapshot.services[key]
+        clusters.update(service.endpoint_clusters())
+        for port in service.ports:
+            entry = upstreams.get((key, port.name, port.protocol))
+            plabel = port.name or str(port.port)
+            row: dict[str, Any] = {
+                "service": str(key), "port": plabel, "number": port.port,
+                "protocol": port.protocol, "app_protocol": port.app_protocol,
+                "ips": list(service.ips), "headless": service.headless,
+                "locality": service.locality, "clusters": {}, "panic": False,
+                "loads": [], "served": entry is not None,
+            }
+            cells: dict[str, dict[str, Any]] = {}
+            if entry is not None:
+                ukey, upstream = entry
+                plabel = port_label(ukey, snapshot)
+                row["panic"] = any(upstream.plan.panic)
+                row["loads"] = list(upstream.plan.loads)
+                split = upstream.split()
+                for host in upstream.hosts.values():
+                    cell = cells.setdefault(host.cluster, {
+                        "endpoints": 0, "healthy": 0, "unhealthy": 0, "ejected": 0,
+                        "priority": host.level})
+                    cell["endpoints"] += 1
+                    cell[host_state(host)] += 1
+                for cluster, cell in cells.items():
+                    cell["expected_share"] = split.get(cluster, 0.0)
+            else:
+                for ep in service.endpoints:
+                    if ep.port_for(port) is None and not service.headless:
+                        continue
+                    cell = cells.setdefault(ep.cluster, {
+                        "endpoints": 0, "healthy": 0, "unhealthy": 0, "ejected": 0})
+                    cell["endpoints"] += 1
+                    cell["healthy" if ep.ready else "unhealthy"] += 1
+            for cluster, counts in traffic.get((str(key), plabel), {}).items():
+                if cluster == "none":
+                    continue
+                cells.setdefault(cluster, {"endpoints": 0, "healthy": 0, "unhealthy": 0,
+                                           "ejected": 0}).update(counts)
+            row["clusters"] = dict(sorted(cells.items()))
+            services.append(row)
+    return {
+        "time": time.time(),
+        "gateway": {
+            "cluster_id": local, "ready": ready, "uptime_s": round(
+                time.time() - observer.started_at, 1),
+            "snapshot_version": detail["snapshot_version"],
+            "snapshot_age_s": detail["snapshot_age_s"], "services": detail["services"],
+            "workers": gateway.config.proxy.workers, "proxy": proxy is not None,
+            "active_connections": families.by_name["mcsproxy_proxy_active_connections"]
+            .total() if "mcsproxy_proxy_active_connections" in families.by_name else 0,
+        },
+        "sources": detail["sources"],
+        "clusters": sorted(clusters, key=lambda c: (c != local, c)),
+        "services": services,
+        "events": observer.events.since(events_since, EVENTS_SHOWN),
+        "demo_control": gateway.config.admin.demo_control,
+    }

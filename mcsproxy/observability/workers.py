@@ -1,0 +1,126 @@
+"""`--workers N`: each extra proxy process reports its counters to the main one.
+
+A worker serves one JSON document (its pid, its metric families, its active connections
+per endpoint) to whoever connects to its abstract Unix socket
+`@mcsproxy-<main pid>-worker-<index>` (Linux; no file to create or clean up). The main
+process's admin asks every worker when `/metrics` or the status page is read, so totals
+are exact at scrape time, not a second late. Counters of a worker that restarted are kept
+from its last report (`retired`), so the sums never go backwards; what a dying worker
+counted after its last report is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from mcsproxy.observability.families import Families
+
+log = logging.getLogger("mcsproxy.observability.workers")
+
+FETCH_TIMEOUT_S = 1.0
+REPORT_MAX_BYTES = 64 * 1024 * 1024
+
+
+def socket_name(main_pid: int, index: int) -> str:
+    return f"\0mcsproxy-{main_pid}-worker-{index}"
+
+
+class WorkerReporter:
+    """In a worker: answers each connection with `report()` as JSON, then closes."""
+
+    def __init__(self, index: int, report: Callable[[], dict[str, Any]]) -> None:
+        self.index = index
+        self.report = report
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(socket_name(os.getppid(), self.index))
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self._server = await asyncio.start_unix_server(self._serve, sock=sock)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(json.dumps(self.report(), separators=(",", ":")).encode())
+            async with asyncio.timeout(FETCH_TIMEOUT_S):
+                await writer.drain()
+        except (OSError, TimeoutError) as exc:
+            log.debug("worker report not delivered: %s", exc)
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+
+async def fetch_report(main_pid: int, index: int) -> dict[str, Any] | None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(FETCH_TIMEOUT_S):
+            await asyncio.get_running_loop().sock_connect(sock, socket_name(main_pid, index))
+            reader, writer = await asyncio.open_unix_connection(sock=sock,
+                                                                limit=REPORT_MAX_BYTES)
+            data = await reader.read(REPORT_MAX_BYTES)
+        return json.loads(data)  # type: ignore[no-any-return]
+    except (OSError, TimeoutError, ValueError) as exc:
+        log.debug("worker %d did not report: %s", index, exc)
+        return None
+    finally:
+        if writer is not None:
+            writer.close()
+        else:
+            sock.close()
+
+
+class WorkerReports:
+    """In the main process: the latest report of every worker, plus the retired counters."""
+
+    def __init__(self, workers: int) -> None:
+        self.indices = range(1, workers)
+        self.pids: dict[int, int] = {}
+        self.last: dict[int, Families] = {}
+        self.retired = Families()
+
+        self.reporting = 0
+        self.active: dict[str, dict[str, int]] = {}  # upstream → "addr:port" → connections
+
+    async def merge_into(self, families: Families) -> None:
+        """Ask every worker, then add their families (and the retired counters) to ours.
+
+        A worker that does not answer this time counts with its last report's counters, so
+        a slow worker never makes a total dip."""
+        reports = await asyncio.gather(*(fetch_report(os.getpid(), i) for i in self.indices))
+        self.reporting = 0
+        self.active = {}
+        for index, report in zip(self.indices, reports, strict=True):
+            if report is None:
+                if index in self.last:
+                    families.merge(self.last[index], counters_only=True)
+                continue
+            fresh = Families.from_json(report["families"])
+            if self.pids.get(index, report["pid"]) != report["pid"] and index in self.last:
+                self.retired.merge(self.last[index], counters_only=True)
+            self.pids[index] = report["pid"]
+            self.last[index] = fresh
+            self.reporting += 1
+            families.merge(fresh)
+            for upstream, hosts in report.get("active", {}).items():
+                mine = self.active.setdefault(upstream, {})
+                for host, n in hosts.items():
+                    mine[host] = mine.get(host, 0) + n
+        families.merge(self.retired, counters_only=True)

@@ -1,0 +1,118 @@
+"""Metric names and labels after real traffic: DNS queries, TCP connections through a
+ClusterSetIP to backends in two clusters, refused connects to a third, a service whose
+only endpoint is dead and one with no endpoint at all."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.dns_support import make_query
+from tests.proxy_fixtures import Backend, ask, free_port
+from tests.test_metrics_support import service_yaml, start_gateway, value
+
+HOST = "127.57.9.1"
+ALLOWED_LABELS = {"service", "port", "cluster", "outcome", "qtype", "rcode", "transport",
+                  "path", "direction", "state", "priority", "source", "worker", "le"}
+
+
+def dead(cluster: str, host: str) -> Backend:
+    """An endpoint nothing listens on: connects are refused."""
+    return Backend(f"{cluster}-dead", host, free_port(host), cluster)
+
+
+def udp_query(addr: tuple[str, int], name: str, qtype: str = "A") -> bytes:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(2)
+        sock.sendto(make_query(name, qtype), addr)
+        return sock.recv(4096)
+
+
+async def test_metrics_after_dns_and_proxy_traffic(tmp_path: Path) -> None:
+    east = await Backend("east-1", "127.57.1.1", free_port("127.57.1.1"), "east").start()
+    west = await Backend("west-1", "127.57.2.1", free_port("127.57.2.1"), "west").start()
+    south = dead("south", "127.57.3.1")
+    files = {
+        "web": service_yaml("web", "127.240.57.1", [east, west, south]),
+        "dead": service_yaml("dead", "127.240.57.2", [dead("south", "127.57.3.2")]),
+        "none": service_yaml("none", "127.240.57.3", []),
+    }
+    gw = await start_gateway(tmp_path, HOST, files=files)
+    try:
+        loop = asyncio.get_running_loop()
+        for name, qtype in [("web", "A"), ("web", "A"), ("web", "AAAA"), ("nothing", "A")]:
+            await loop.run_in_executor(None, udp_query, gw.dns,
+                                       f"{name}.test.svc.clusterset.local.", qtype)
+        answers = [await ask("127.240.57.1", 80) for _ in range(12)]
+        assert set(answers) == {"east-1", "west-1"}
+        for ip in ("127.240.57.2", "127.240.57.3"):
+            with pytest.raises((ConnectionError, OSError)):
+                await ask(ip, 80)
+
+        # Connections close asynchronously; the active gauge settles at 0.
+        deadline = time.monotonic() + 5
+        while True:
+            m = await gw.metrics()
+            if value(m, "mcsproxy_upstream_active_connections") == 0 and \
+                    value(m, "mcsproxy_proxy_connections_total", service="test/none") == 1:
+                break
+            assert time.monotonic() < deadline, m.get("mcsproxy_upstream_active_connections")
+            await asyncio.sleep(0.05)
+
+        # DNS: the repeated question is a memo hit and still counted with its labels.
+        assert value(m, "mcsproxy_dns_queries_total", transport="udp", qtype="A",
+                     rcode="NOERROR") == 2
+        assert value(m, "mcsproxy_dns_queries_total", qtype="AAAA", rcode="NOERROR") == 1
+        assert value(m, "mcsproxy_dns_queries_total", qtype="A", rcode="NXDOMAIN") == 1
+        assert value(m, "mcsproxy_dns_query_duration_seconds_count", path="built") == 3
+
+        web = {"service": "test/web", "port": "web"}
+        ok = {c: value(m, "mcsproxy_proxy_connections_total", **web, cluster=c, outcome="ok")
+              for c in ("east", "west", "south")}
+        assert ok["east"] + ok["west"] == 12 and ok["south"] == 0
+        assert ok["east"] == answers.count("east-1")
+        refused = value(m, "mcsproxy_upstream_connect_attempts_total", **web, cluster="south",
+                        outcome="refused")
+        assert refused >= 1
+        # Every refused connect was retried on another endpoint; the client never saw it.
+        assert value(m, "mcsproxy_proxy_retries_total", **web) == refused
+        assert value(m, "mcsproxy_upstream_connect_attempts_total", **web, outcome="ok") == 12
+        assert value(m, "mcsproxy_upstream_connect_duration_seconds_count", **web) == 12
+        assert value(m, "mcsproxy_proxy_transferred_bytes_total", **web, cluster="east",
+                     direction="to_client") >= ok["east"] * len("east-1\n")
+        assert value(m, "mcsproxy_upstream_endpoints", **web) == 3
+        # The refused endpoint is ejected after 5 consecutive failures (outlier detection).
+        ejected = value(m, "mcsproxy_upstream_endpoints", **web, cluster="south", state="ejected")
+        assert ejected == value(m, "mcsproxy_upstream_ejections_total", **web, cluster="south")
+        assert ejected == (refused >= 5)
+        assert value(m, "mcsproxy_upstream_expected_share_percent", **web,
+                     cluster="south") == pytest.approx(0 if ejected else 33.3, abs=0.1)
+        assert value(m, "mcsproxy_upstream_priority_load_percent", **web, priority="0") == 100
+
+        assert value(m, "mcsproxy_proxy_connections_total", service="test/dead",
+                     cluster="south", outcome="failed") == 1
+        assert value(m, "mcsproxy_proxy_connections_total", service="test/none",
+                     cluster="none", outcome="no_endpoint") == 1
+        assert value(m, "mcsproxy_proxy_worker_connections_total", worker="0") == 12
+
+        assert value(m, "mcsproxy_snapshot_version") == gw.gateway.store.current.version
+        assert value(m, "mcsproxy_snapshot_services") == 3
+        assert value(m, "mcsproxy_snapshot_apply_duration_seconds_count") >= 1
+        assert value(m, "mcsproxy_source_synced") == 1
+        assert value(m, "mcsproxy_gateway_ready") == 1
+        assert value(m, "process_cpu_seconds_total") > 0
+
+        for name, samples in m.items():
+            if name.startswith("mcsproxy_"):
+                assert "_" in name.removeprefix("mcsproxy_"), name
+                for labels, _ in samples:
+                    assert set(labels) <= ALLOWED_LABELS, (name, labels)
+                    assert not any(v.startswith("127.") for v in labels.values()), (name, labels)
+    finally:
+        await gw.stop()
+        await east.stop()
+        await west.stop()
