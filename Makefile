@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: test lint demo bench clean
+.PHONY: test lint demo bench bench-smoke bench-peers clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,6 +19,32 @@ lint: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/mcsproxy demo
+
+# Peers the benchmarks compare with (Debian packages) and the binaries that show they are there.
+BENCH_APT := haproxy nginx wrk dnsperf iperf3 knot dnsdist iproute2 util-linux
+BENCH_BIN := haproxy nginx wrk dnsperf iperf3 knotd dnsdist ip taskset
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+BENCH_ARGS ?=
+BENCH_SMOKE_OUT ?= /tmp/mcsproxy-bench-smoke
+
+$(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $@
+
+bench-peers:
+	@missing=""; for b in $(BENCH_BIN); do command -v $$b >/dev/null || missing="$$missing $$b"; done; \
+	if [ -n "$$missing" ]; then echo "installing peers (missing:$$missing)"; \
+	  $(SUDO) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $(BENCH_APT); fi
+
+# Every benchmark (~20 min on 2 cores; BENCH_ARGS=--quick skips the 50k-service size);
+# results in bench/results/<date>.md with JSON and PNG plots.
+bench: $(VENV)/.bench-installed bench-peers
+	$(PY) bench/run_all.py $(BENCH_ARGS)
+
+# Each benchmark in its smoke mode (seconds each), results in $(BENCH_SMOKE_OUT).
+bench-smoke: $(VENV)/.bench-installed bench-peers
+	$(PY) bench/run_all.py --smoke --out $(BENCH_SMOKE_OUT) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
