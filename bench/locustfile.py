@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import time
 
@@ -93,6 +94,9 @@ class ClustersetUser(User):
         self.timeout = float(CONFIG.get("timeout", 5))
         self.resolver = StubResolver(CONFIG["dns"], 1.0) if CONFIG.get("dns") else None
         self.http_conn: socket.socket | None = None
+        if "rate" in CONFIG:
+            # Users spawn together; spread their phases so the load is steady, not bursts.
+            gevent.sleep(random.uniform(0, 1 / float(CONFIG["rate"])))
 
     def on_stop(self) -> None:
         self._close_http()
