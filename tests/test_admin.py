@@ -1,0 +1,154 @@
+"""The admin API of a running gateway: /config_dump, /endpoints, /explain, /api/status,
+the demo relay, and `mcsproxy status` printing the same as a table."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from tests.proxy_fixtures import Backend, ask, free_port
+from tests.test_metrics_support import service_yaml, start_gateway
+
+HOST = "127.57.29.1"
+
+
+async def test_config_dump_endpoints_explain_and_status(tmp_path: Path) -> None:
+    east = await Backend("east-1", "127.57.21.1", free_port("127.57.21.1"), "east").start()
+    west = await Backend("west-1", "127.57.22.1", free_port("127.57.22.1"), "west").start()
+    files = {"web": service_yaml("web", "127.240.57.21", [east, west]),
+             "api": service_yaml("api", "127.240.57.22", [east], traffic="PreferClose",
+                                 port_name="", port=8080)}
+    gw = await start_gateway(tmp_path, HOST, files=files)
+    try:
+        dump = await gw.get_json("/config_dump")
+        assert dump["snapshot"]["version"] == gw.gateway.store.current.version
+        services = {s["key"]: s for s in dump["snapshot"]["services"]}
+        assert set(services) == {"test/web", "test/api"}
+        web_svc = services["test/web"]
+        assert web_svc["ips"] == ["127.240.57.21"] and web_svc["locality"] == "spread"
+        assert sorted(e["cluster"] for e in web_svc["endpoints"]) == ["east", "west"]
+        assert services["test/api"]["locality"] == "local-first"
+        assert dump["config"]["cluster_id"] == "east"
+        assert dump["config"]["proxy"]["overprovisioning_factor"] == 1.4
+        one = await gw.get_json("/config_dump?service=test/api")
+        assert [s["key"] for s in one["snapshot"]["services"]] == ["test/api"]
+        await gw.get_json("/config_dump?service=test/nope", status=404)
+        await gw.get_json("/config_dump?service=bad", status=400)
+
+        # An open connection shows on its endpoint.
+        reader, writer = await asyncio.open_connection("127.240.57.22", 8080)
+        assert await reader.readline() == b"east-1\n"
+        rows = (await gw.get_json("/endpoints?service=test/api"))["endpoints"]
+        assert [(r["address"], r["cluster"], r["priority"], r["healthy"], r["ejected"],
+                 r["active_connections"], r["port"]) for r in rows] == [
+            ("127.57.21.1", "east", 0, True, False, 1, "")]
+        writer.close()
+        await writer.wait_closed()
+        rows = (await gw.get_json("/endpoints"))["endpoints"]
+        assert {(r["service"], r["cluster"]) for r in rows} == {
+            ("test/web", "east"), ("test/web", "west"), ("test/api", "east")}
+
+        explained = await gw.get_json("/explain?service=test/web")
+        port = explained["ports"][0]
+        assert port["live"] and port["split"] == {"east": 50.0, "west": 50.0}
+        assert port["levels"] == [{"priority": 0, "clusters": ["east", "west"], "endpoints": 2,
+                                   "healthy": 2, "health_percent": 100, "load_percent": 100,
+                                   "panic": False}]
+        api = await gw.get_json("/explain?service=test/api&port=8080")
+        assert [p["port"]["port"] for p in api["ports"]] == [8080]
+        assert api["words"][0].startswith(
+            "Locality local-first (trafficDistribution: PreferClose)")
+        async with gw.http.get(gw.admin + "/explain?service=test/web&format=text") as resp:
+            body = await resp.text()
+        assert body.startswith("test/web port web/TCP:\n  Locality spread")
+        assert "east 50%, west 50%" in body
+        await gw.get_json("/explain", status=400)
+        await gw.get_json("/explain?service=test/nope", status=404)
+        await gw.get_json("/explain?service=test/web&port=9", status=404)
+
+        for _ in range(4):
+            await ask("127.240.57.21", 80)
+        status = await gw.get_json("/api/status")
+        assert status["clusters"] == ["east", "west"]
+        web_row = next(s for s in status["services"] if s["service"] == "test/web")
+        cells = web_row["clusters"]
+        assert cells["east"]["connections"] + cells["west"]["connections"] == 4
+        assert cells["east"]["expected_share"] == 50.0
+        assert any(e["kind"] == "snapshot" for e in status["events"])
+        latest = status["events"][-1]["seq"]
+        assert (await gw.get_json(f"/api/status?since={latest}"))["events"] == []
+
+        # The CLI prints the same as a table.
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "mcsproxy", "status", "--admin", gw.admin,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 20)
+        assert proc.returncode == 0, err.decode()
+        lines = out.decode().splitlines()
+        assert lines[0].startswith("gateway east: ready, snapshot v")
+        header = next(line for line in lines if line.startswith("SERVICE"))
+        assert header.split() == ["SERVICE", "LOCALITY", "east", "(local)", "west"]
+        row = next(line for line in lines if line.startswith("test/web:web/TCP"))
+        assert "spread" in row and "1/1 50%" in row
+        assert any(line.startswith("test/api:8080/TCP") and "local-first" in line
+                   for line in lines)
+        assert "RECENT EVENTS" in lines
+    finally:
+        await gw.stop()
+        await east.stop()
+        await west.stop()
+
+
+async def test_status_cli_reports_an_unreachable_admin() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mcsproxy", "status", "--admin",
+        f"http://127.57.29.2:{free_port('127.57.29.2')}",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 1 and out == b""
+    assert b"cannot read" in err
+
+
+async def test_demo_buttons_are_relayed_to_the_demo_control_api(tmp_path: Path) -> None:
+    """A stand-in for `mcsproxy demo`'s control API (its real one is tested in test_demo)."""
+    calls: list[str] = []
+    state = {"east": {"backends": "running"}}
+
+    async def clusters(request: web.Request) -> web.Response:
+        return web.json_response(state)
+
+    async def action(request: web.Request) -> web.Response:
+        name, verb = request.match_info["name"], request.match_info["action"]
+        calls.append(f"{verb} {name}")
+        state[name]["backends"] = "killed" if verb == "kill" else "running"
+        return web.json_response(state)
+
+    app = web.Application()
+    app.router.add_get("/clusters", clusters)
+    app.router.add_post("/clusters/{name}/{action}", action)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port("127.57.29.3")
+    await web.TCPSite(runner, "127.57.29.3", port).start()
+    gw = await start_gateway(tmp_path, HOST, demo_control=f"http://127.57.29.3:{port}")
+    try:
+        assert (await gw.get_json("/api/status"))["demo_control"] == \
+            f"http://127.57.29.3:{port}"
+        assert await gw.get_json("/demo/clusters") == {"east": {"backends": "running"}}
+        async with gw.http.post(gw.admin + "/demo/clusters/east/kill") as resp:
+            assert resp.status == 200
+            assert (await resp.json())["east"]["backends"] == "killed"
+        assert calls == ["kill east"]
+        async with gw.http.post(gw.admin + "/demo/clusters/east/explode") as resp:
+            assert resp.status in (404, 405)
+    finally:
+        await gw.stop()
+        await runner.cleanup()
+    gw = await start_gateway(tmp_path, HOST)
+    try:
+        await gw.get_json("/demo/clusters", status=404)
+    finally:
+        await gw.stop()
