@@ -34,15 +34,17 @@ def socket_name(main_pid: int, index: int) -> str:
 class WorkerReporter:
     """In a worker: answers each connection with `report()` as JSON, then closes."""
 
-    def __init__(self, index: int, report: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, index: int, report: Callable[[], dict[str, Any]],
+                 main_pid: int | None = None) -> None:
         self.index = index
         self.report = report
+        self.main_pid = os.getppid() if main_pid is None else main_pid
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.bind(socket_name(os.getppid(), self.index))
+            sock.bind(socket_name(self.main_pid, self.index))
             sock.setblocking(False)
         except OSError:
             sock.close()
@@ -90,8 +92,9 @@ async def fetch_report(main_pid: int, index: int) -> dict[str, Any] | None:
 class WorkerReports:
     """In the main process: the latest report of every worker, plus the retired counters."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, main_pid: int | None = None) -> None:
         self.indices = range(1, workers)
+        self.main_pid = os.getpid() if main_pid is None else main_pid
         self.pids: dict[int, int] = {}
         self.last: dict[int, Families] = {}
         self.retired = Families()
@@ -104,7 +107,7 @@ class WorkerReports:
 
         A worker that does not answer this time counts with its last report's counters, so
         a slow worker never makes a total dip."""
-        reports = await asyncio.gather(*(fetch_report(os.getpid(), i) for i in self.indices))
+        reports = await asyncio.gather(*(fetch_report(self.main_pid, i) for i in self.indices))
         self.reporting = 0
         self.active = {}
         for index, report in zip(self.indices, reports, strict=True):

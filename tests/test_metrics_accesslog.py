@@ -1,0 +1,82 @@
+"""The access log: one record per proxied connection, text or JSON, written off the loop;
+a full queue drops and counts instead of blocking."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from mcsproxy.observability.accesslog import AccessLog, format_text
+from tests.proxy_fixtures import Backend, ask, free_port
+from tests.test_metrics_support import service_yaml, start_gateway, value
+
+HOST = "127.57.49.1"
+
+
+async def wait_lines(path: Path, n: int) -> list[str]:
+    deadline = time.monotonic() + 5
+    while True:
+        lines = path.read_text().splitlines() if path.exists() else []
+        if len(lines) >= n:
+            return lines
+        assert time.monotonic() < deadline, lines
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+async def test_one_record_per_connection(tmp_path: Path, fmt: str) -> None:
+    east = await Backend("east-1", "127.57.41.1", free_port("127.57.41.1"), "east").start()
+    files = {"web": service_yaml("web", "127.240.57.41", [east]),
+             "none": service_yaml("none", "127.240.57.42", [])}
+    log_path = tmp_path / "access.log"
+    gw = await start_gateway(tmp_path, HOST, files=files, access_log=str(log_path),
+                             access_log_format=fmt)
+    try:
+        assert await ask("127.240.57.41", 80) == "east-1"
+        with pytest.raises(OSError):
+            await ask("127.240.57.42", 80)
+        lines = await wait_lines(log_path, 2)
+        if fmt == "json":
+            records = sorted((json.loads(line) for line in lines), key=lambda r: r["outcome"])
+            ok, none = records[1], records[0]
+            assert none["outcome"] == "no_endpoint" and none["upstream"] == "test/none:web/TCP"
+            assert "cluster" not in none
+            assert ok["outcome"] == "ok" and ok["cluster"] == "east"
+            assert ok["endpoint"] == f"127.57.41.1:{east.port}"
+            assert ok["listener"] == "127.240.57.41:80/TCP" and ok["kind"] == "tcp"
+            assert ok["client"].startswith("127.") and ok["attempts"] == 1
+            assert ok["bytes_to_client"] >= len("east-1\n")
+            assert ok["time"].endswith("Z") and ok["duration_ms"] >= 0
+        else:
+            ok = next(line for line in lines if "outcome=ok" in line)
+            assert "kind=tcp" in ok and "upstream=test/web:web/TCP" in ok
+            assert "cluster=east" in ok and f"endpoint=127.57.41.1:{east.port}" in ok
+            assert any("outcome=no_endpoint" in line for line in lines)
+        m = await gw.metrics()
+        assert value(m, "mcsproxy_accesslog_records_total", outcome="written") == 2
+        assert value(m, "mcsproxy_accesslog_records_total", outcome="dropped") == 0
+    finally:
+        await gw.stop()
+        await east.stop()
+
+
+async def test_a_full_queue_drops_and_counts(tmp_path: Path) -> None:
+    log = AccessLog(str(tmp_path / "a.log"), "text", queue_max=2)
+    await log.start()
+    for i in range(5):
+        log.record(kind="tcp", outcome="ok", attempts=i)
+    assert log.dropped == 3
+    await log.stop()
+    assert log.written == 2
+    assert (tmp_path / "a.log").read_text().count("\n") == 2
+
+
+def test_text_format_quotes_what_needs_it() -> None:
+    line = format_text({"time": 0.0, "kind": "http", "path": "/a b\"c", "status": 200,
+                        "duration_ms": 1.5, "cluster": None})
+    assert line == 'time=1970-01-01T00:00:00.000Z kind=http duration_ms=1.500 ' \
+        'path="/a b\\"c" status=200'

@@ -1,0 +1,73 @@
+"""Merging worker reports: counters and histograms add up, state gauges stay the main
+process's, and a restarted worker's old counts are kept so totals never go backwards."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import generate_latest
+
+from mcsproxy.observability.families import Families
+from mcsproxy.observability.stats import Buckets, DnsStats, answer_labels
+from mcsproxy.observability.workers import WorkerReporter, WorkerReports
+
+FAKE_MAIN_PID = 1  # an abstract socket name no real gateway uses
+
+
+def families(connections: float, active: float, endpoints: float) -> Families:
+    f = Families()
+    f.counter("mcsproxy_proxy_connections", "c", ["cluster"]).add(["east"], connections)
+    f.gauge("mcsproxy_upstream_active_connections", "a", summed=True).add((), active)
+    f.gauge("mcsproxy_upstream_endpoints", "e").add((), endpoints)
+    b = Buckets((0.1, 1.0))
+    b.observe(0.05)
+    f.histogram("mcsproxy_upstream_connect_duration_seconds", "h", [], b.bounds) \
+        .observe_buckets((), b)
+    return f
+
+
+async def test_worker_reports_merge_and_survive_a_restart() -> None:
+    report: dict[str, Any] = {"pid": 1001, "families": families(5, 2, 1).to_json()}
+    reporter = WorkerReporter(1, lambda: dict(report, index=1), main_pid=FAKE_MAIN_PID)
+    reports = WorkerReports(2, main_pid=FAKE_MAIN_PID)
+    await reporter.start()
+    try:
+        main = families(3, 1, 1)
+        await reports.merge_into(main)
+        assert reports.reporting == 1
+        assert main["mcsproxy_proxy_connections"].total() == 8
+        assert main["mcsproxy_upstream_active_connections"].total() == 3  # summed gauge
+        assert main["mcsproxy_upstream_endpoints"].total() == 1  # the main process's view
+        assert main["mcsproxy_upstream_connect_duration_seconds"].total() == 2
+        text = generate_latest(main).decode()
+        assert 'mcsproxy_proxy_connections_total{cluster="east"} 8.0' in text
+        assert 'mcsproxy_upstream_connect_duration_seconds_bucket{le="0.1"} 2.0' in text
+
+        # The worker restarts (new pid, counting from zero): its old 5 are kept.
+        report.update(pid=1002, families=families(1, 0, 1).to_json())
+        main = families(3, 1, 1)
+        await reports.merge_into(main)
+        assert main["mcsproxy_proxy_connections"].total() == 3 + 5 + 1
+    finally:
+        await reporter.stop()
+    # A worker that does not answer counts with its last report.
+    main = families(3, 1, 1)
+    await reports.merge_into(main)
+    assert reports.reporting == 0
+    assert main["mcsproxy_proxy_connections"].total() == 3 + 5 + 1
+    assert main["mcsproxy_upstream_active_connections"].total() == 1
+
+
+def test_dns_memo_hits_are_labelled_from_the_answer_bytes() -> None:
+    # Header after the ID: flags (NXDOMAIN), counts, then the question as asked.
+    tail = bytes([0x81, 0x83]) + bytes([0, 1, 0, 0, 0, 1, 0, 0]) + \
+        b"\x03www\x07example\x00" + bytes([0, 33, 0, 1])
+    assert answer_labels(tail) == ("SRV", "NXDOMAIN")
+    stats = DnsStats()
+    stats.memo_hits[tail] = 3
+    stats.count_answer("tcp", b"\x00\x01" + tail)
+    stats.count_answer("udp", None)
+    stats.fold()
+    assert stats.counts == {("udp", "SRV", "NXDOMAIN"): 3, ("tcp", "SRV", "NXDOMAIN"): 1,
+                            ("udp", "other", "dropped"): 1}
+    assert stats.memo_hits == {}
