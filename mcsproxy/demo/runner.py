@@ -132,7 +132,9 @@ class Demo:
                                # Quick health checks and short ejections make a kill and a
                                # restore visible within seconds.
                                "--health-interval", "1", "--health-timeout", "0.5",
-                               "--outlier-base-ejection", "3"),
+                               "--outlier-base-ejection", "3",
+                               # The status page shows kill/restore buttons for this API.
+                               "--demo-control", CONTROL_URL),
                 self.workdir / "logs" / f"gateway-{c.name}.log",
             )
             await gateway.start()
