@@ -159,6 +159,8 @@ class ProxyConfig:
     connect_attempts: int = 3  # the first try plus retries on other endpoints
     idle_timeout_s: float = 3600.0  # 0 disables
     drain_grace_s: float | None = None  # None: removed endpoints' connections may finish
+    # On SIGTERM: listeners close, in-flight connections and requests get this long.
+    drain_timeout_s: float = 10.0
     udp_idle_timeout_s: float = 30.0
     udp_max_flows: int = 16384
     overprovisioning_factor: float = 1.4
@@ -179,6 +181,8 @@ class ProxyConfig:
             raise ConfigError("idle timeouts must be >= 0 (UDP: > 0)")
         if self.drain_grace_s is not None and self.drain_grace_s < 0:
             raise ConfigError("--drain-grace must be >= 0")
+        if self.drain_timeout_s < 0:
+            raise ConfigError("--drain-timeout must be >= 0")
         if self.udp_max_flows < 1:
             raise ConfigError("--udp-max-flows must be >= 1")
         if self.overprovisioning_factor < 1 or not 0 <= self.panic_threshold_percent <= 100:

@@ -92,6 +92,17 @@ class Gateway:
             except Exception:
                 log.exception("stopping %r failed", component)
 
+    async def drain(self) -> None:
+        """Listeners close, in-flight requests and connections get --drain-timeout; the
+        admin (failing /readyz), DNS and sources keep running meanwhile."""
+        timeout_s = self.config.proxy.drain_timeout_s
+        drainers = [c for c in self.components if hasattr(c, "drain")]
+        if not drainers or not timeout_s:
+            return
+        log.info("draining for at most %.1f s", timeout_s)
+        left = await asyncio.gather(*(c.drain(timeout_s) for c in drainers))
+        log.info("drained; %d connections left to close", sum(left))
+
     def request_stop(self) -> None:
         self._stop.set()
 
@@ -106,5 +117,7 @@ class Gateway:
             await self._stop.wait()
         finally:
             log.info("gateway stopping")
+            self.stopping = True  # /readyz answers 503 from here on
+            await self.drain()
             await self.stop()
             log.info("gateway stopped")

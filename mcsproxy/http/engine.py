@@ -75,6 +75,7 @@ class HttpEngine:
         self.errors = ErrorResponses(self.via)
         self.ids = RequestIds()
         self._task: asyncio.Task[Any] | None = None
+        self.draining = False
 
     async def start(self) -> None:
         if self._task is None:
@@ -89,6 +90,11 @@ class HttpEngine:
         for pool in self.pools.values():
             pool.close()
         self.pools.clear()
+
+    def drain(self) -> None:
+        """Responses from now on carry Connection: close; idle clients close on the next
+        tick after DRAIN_IDLE_S (ClientConnection.check)."""
+        self.draining = True
 
     def protocol_factory(self, ctx: ListenerContext) -> partial[ClientConnection]:
         """The Protocol factory of one ClusterSetIP:port listener."""

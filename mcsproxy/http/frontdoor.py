@@ -70,6 +70,13 @@ class FrontDoor:
             backlog=LISTEN_BACKLOG)
         log.info("HTTP front door on %s:%d", host, port)
 
+    async def drain(self, timeout_s: float) -> int:
+        """Stop accepting; the proxy manager's drain waits for the connections (its engine
+        holds them)."""
+        if self.server is not None:
+            self.server.close()
+        return 0
+
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()

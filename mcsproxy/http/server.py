@@ -59,6 +59,10 @@ PAUSE_UNSENT = 2  # body bytes waiting for an endpoint connection
 PAUSE_TUNNEL = 8  # the tunnelled peer's write buffer is full
 
 MAX_PIPELINE = 16
+# While the gateway drains, a keep-alive connection idle this long is closed. Not at once:
+# a client that just got an answer may have its next request on the way (an idle close
+# races it), and every answer now says Connection: close anyway.
+DRAIN_IDLE_S = 0.5
 LINGER_S = 1.0
 UNSENT_HIGH_WATER = 256 * 1024
 CLIENT_WRITE_HIGH_WATER = 256 * 1024
@@ -506,7 +510,11 @@ class ClientConnection(asyncio.Protocol):
                         self.out.append(self.engine.errors.build(
                             408, "timed out reading the request head", self.engine.date, True))
                     self.close()
-            elif now - self.idle_since > http.keepalive_timeout_s:
+                elif not self.head_bytes and self.engine.draining and \
+                        now - self.head_since > DRAIN_IDLE_S:
+                    self.close()  # accepted just before the drain, never sent a byte
+            elif now - self.idle_since > (DRAIN_IDLE_S if self.engine.draining
+                                          else http.keepalive_timeout_s):
                 self.close()
             return
         queue[0].check(now, self.idle * tick_s)
@@ -820,7 +828,7 @@ class Exchange:
             self.until_close = not up.chunked
         if status == 101:
             conn = b""
-        elif not self.keep_alive or client.broken is not None:
+        elif not self.keep_alive or client.broken is not None or client.engine.draining:
             self.keep_alive = False
             conn = b"Connection: close\r\n"
         else:

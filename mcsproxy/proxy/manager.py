@@ -39,6 +39,8 @@ IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 # The idle sweep runs this many times per idle timeout; a connection is closed after
 # between 1 and 1 + 1/IDLE_SWEEPS idle timeouts without a byte.
 IDLE_SWEEPS = 4
+# While draining, how often the count of open connections is looked at again.
+DRAIN_POLL_S = 0.05
 
 
 class ListenerKey(NamedTuple):
@@ -112,6 +114,7 @@ class ProxyManager:
         self._sctp_logged: set[UpstreamKey] = set()
         self._tasks: list[asyncio.Task[Any]] = []
         self.applied_version = -1
+        self.draining = False  # set by drain(): no listener opens any more
         self.access_log: AccessLog | None = None  # set by the gateway before start()
         self.events: EventRing | None = None
 
@@ -143,6 +146,31 @@ class ProxyManager:
                     await server.wait_closed()
             except TimeoutError:
                 log.warning("listener did not close within 1 s")
+
+    async def drain(self, timeout_s: float) -> int:
+        """Graceful stop, first half: stream listeners close (UDP keeps answering its
+        flows), HTTP responses say Connection: close and idle keep-alive connections
+        close; then wait until every TCP connection and HTTP client has ended, at most
+        `timeout_s`. Returns how many were still open (stop() aborts them)."""
+        self.draining = True
+        for listener in self.listeners.values():
+            if listener.server is not None:
+                listener.server.close()
+        self.http.drain()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        # Polled: connections end in Protocol callbacks, which have no one to notify.
+        while self.open_streams() and loop.time() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        left = self.open_streams()
+        if left:
+            log.warning("drain: %d connections still open after %.1f s; closing them",
+                        left, timeout_s)
+        return left
+
+    def open_streams(self) -> int:
+        tcp = sum(1 for c in self.conns if isinstance(c, ClientSide))
+        return tcp + len(self.http.clients)
 
     async def wait_applied(self, version: int) -> None:
         """Until a snapshot of at least `version` is being served (for tests and admin)."""
@@ -186,6 +214,8 @@ class ProxyManager:
             upstream = self.upstreams[ukey]
             listener = self.listeners.get(lkey)
             if listener is None:
+                if self.draining:
+                    continue
                 await self._open(lkey, ukey, upstream, serves_http(port))
             elif listener.upstream_key != ukey:
                 log.info("listener %s moves from %s to %s", lkey, listener.upstream_key, ukey)

@@ -26,6 +26,9 @@ def add_proxy_arguments(p: argparse.ArgumentParser) -> None:
                    help="close TCP connections idle this long; 0: never (default 3600)")
     g.add_argument("--drain-grace", type=float, default=None, metavar="S",
                    help="close connections of removed endpoints after S (default: never)")
+    g.add_argument("--drain-timeout", type=float, default=10.0, metavar="S",
+                   help="on SIGTERM: /readyz fails, listeners close, in-flight requests and "
+                        "connections get S to finish (default 10)")
     g.add_argument("--udp-idle-timeout", type=float, default=30.0, metavar="S")
     g.add_argument("--udp-max-flows", type=int, default=16384, metavar="N",
                    help="UDP flows per listener; datagrams of new clients beyond it drop")
@@ -104,6 +107,7 @@ def proxy_config(args: argparse.Namespace) -> ProxyConfig:
         connect_attempts=args.connect_attempts,
         idle_timeout_s=args.idle_timeout,
         drain_grace_s=args.drain_grace,
+        drain_timeout_s=args.drain_timeout,
         udp_idle_timeout_s=args.udp_idle_timeout,
         udp_max_flows=args.udp_max_flows,
         workers=args.workers,

@@ -70,6 +70,22 @@ class WorkerPool:
             await asyncio.sleep(RESTART_DELAY_S)
             await self._launch(index)
 
+    async def drain(self, timeout_s: float) -> int:
+        """SIGTERM every worker (each drains its own connections) and wait for them, one
+        second beyond their own drain timeout at most; stop() kills what is left."""
+        self._stopping = True
+        await cancel_and_wait(self._tasks)
+        for proc in self.procs.values():
+            if proc.returncode is None:
+                proc.terminate()
+        procs = list(self.procs.values())
+        try:
+            async with asyncio.timeout(timeout_s + 1.0):
+                await asyncio.gather(*(proc.wait() for proc in procs))
+        except TimeoutError:
+            pass
+        return sum(1 for proc in procs if proc.returncode is None)
+
     async def stop(self) -> None:
         self._stopping = True
         await cancel_and_wait(self._tasks)

@@ -1,0 +1,190 @@
+"""Graceful drain: SIGTERM to a real gateway under load, and snapshots that change every
+100 ms under load. Clients must see no failed request."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from pathlib import Path
+
+from tests.chaos.support import (
+    GatewayProcess,
+    Port,
+    SlowHttp,
+    Svc,
+    Tally,
+    http_load,
+    wait_until,
+    write_imports,
+)
+from tests.http_support import HTTP_PORT
+from tests.proxy_fixtures import Backend, Clusterset, ask, endpoint
+
+WEB = Port("web", 80, 8080, app_protocol="http")
+ECHO = Port("echo", 7, 7007)
+
+
+async def stream_echo(ip: str, port: int, chunks: int, gap_s: float,
+                      started: asyncio.Event) -> bytes:
+    """A TCP client mid-stream: chunk after chunk, each echoed, then EOF and 'bye'."""
+    reader, writer = await asyncio.open_connection(ip, port)
+    try:
+        await reader.readline()  # the backend's name
+        started.set()
+        got = b""
+        for i in range(chunks):
+            payload = b"%04d" % i * 256
+            writer.write(payload)
+            got += await asyncio.wait_for(reader.readexactly(len(payload)), 3)
+            await asyncio.sleep(gap_s)
+        writer.write_eof()
+        got += await asyncio.wait_for(reader.read(), 3)
+        return got
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def refused(ip: str, port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection(ip, port)
+    except ConnectionRefusedError:
+        return True
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+    return False
+
+
+async def test_sigterm_under_load_fails_readiness_and_finishes_in_flight_work(
+        tmp_path: Path) -> None:
+    backends = [await SlowHttp(f"b{i}", f"127.77.{i}.1", 8080).start() for i in (1, 2)]
+    echo = await Backend("echo", "127.77.1.1", 7007, "east").start()
+    imports = tmp_path / "imports.yaml"
+    write_imports(imports, [
+        Svc("web", "127.240.77.1", [WEB], {"east": [("127.77.1.1", True)],
+                                           "west": [("127.77.2.1", True)]}),
+        Svc("echo", "127.240.77.2", [ECHO], {"east": [("127.77.1.1", True)]}),
+    ])
+    gw = GatewayProcess(f"file:{imports}", "--drain-timeout", "5", "--health-interval", "0")
+    tally = Tally()
+    stop_load = asyncio.Event()
+    try:
+        await gw.start()
+        await gw.wait_ready()
+        await gw.wait_line("listener 127.240.77.2:7/TCP serving")
+        load = asyncio.create_task(http_load("http://127.240.77.1/delay/150", tally,
+                                             stop_load, users=8, refused_ends=True))
+        streaming = asyncio.Event()
+        stream = asyncio.create_task(stream_echo("127.240.77.2", 7, 30, 0.05, streaming))
+        await asyncio.wait_for(streaming.wait(), 5)
+        await wait_until(lambda: tally.ok >= 16, "16 answers before SIGTERM")
+
+        ok_at_term = tally.ok
+        t0 = time.monotonic()
+        gw.signal(signal.SIGTERM)
+        status, detail = await gw.admin_get("/readyz")  # the admin stays up while draining
+        assert status == 503 and detail["stopping"] is True, detail  # type: ignore[index]
+        assert await refused("127.240.77.1", 80)
+        await asyncio.wait_for(load, 5)  # every user ended on a refused connect
+        echoed = await asyncio.wait_for(stream, 5)
+        assert await gw.wait() == 0, gw.log
+        elapsed = time.monotonic() - t0
+
+        assert tally.failed == 0, tally.errors
+        assert tally.ok > ok_at_term, "requests in flight at SIGTERM were answered"
+        assert echoed == b"".join(b"%04d" % i * 256 for i in range(30)) + b"bye"
+        assert elapsed < 5.0, "drained before the timeout: nothing was left to wait for"
+        assert "drained; 0 connections left" in gw.log, gw.log
+        assert "Traceback" not in gw.log
+    finally:
+        stop_load.set()
+        await gw.stop()
+        for b in backends:
+            await b.stop()
+        await echo.stop()
+
+
+async def test_drain_timeout_bounds_a_connection_that_never_ends(tmp_path: Path) -> None:
+    echo = await Backend("echo", "127.77.1.2", 7008, "east").start()
+    imports = tmp_path / "imports.yaml"
+    write_imports(imports, [Svc("echo", "127.240.77.3", [Port("echo", 7, 7008)],
+                                {"east": [("127.77.1.2", True)]})])
+    gw = GatewayProcess(f"file:{imports}", "--drain-timeout", "1", "--health-interval", "0")
+    try:
+        await gw.start()
+        await gw.wait_line("listener 127.240.77.3:7/TCP serving")
+        reader, writer = await asyncio.open_connection("127.240.77.3", 7)
+        assert await reader.readline() == b"echo\n"
+        t0 = time.monotonic()
+        gw.signal(signal.SIGTERM)
+        assert await gw.wait() == 0, gw.log
+        elapsed = time.monotonic() - t0
+        assert 1.0 <= elapsed < 4.0, elapsed
+        assert "1 connections still open after 1.0 s" in gw.log, gw.log
+        with contextlib.suppress(ConnectionError):
+            assert await asyncio.wait_for(reader.read(), 3) == b""  # closed by the gateway
+        writer.close()
+    finally:
+        await gw.stop()
+        await echo.stop()
+
+
+async def test_snapshot_changes_every_100ms_under_load_lose_nothing() -> None:
+    """Endpoints rotate (each set keeps two live endpoints) and a second service comes and
+    goes, every 100 ms for 2 s, while HTTP and TCP clients run: zero errors."""
+    https = [await SlowHttp(f"h{i}", f"127.77.3.{i}", 8081).start() for i in (1, 2, 3)]
+    echoes = [await Backend(f"e{i}", f"127.77.4.{i}", 7009, "east").start() for i in (1, 2, 3)]
+    cs = Clusterset()
+    tcp_port = [ECHO]
+    http_port = [HTTP_PORT]
+
+    def publish(step: int) -> None:
+        live = [i for i in range(3) if i != step % 3]
+        cs.publish("web", "127.240.77.10", http_port,
+                   [endpoint(https[i].host, f"c{i}", 8081) for i in live])
+        cs.publish("echo", "127.240.77.11", tcp_port,
+                   [endpoint(echoes[i].host, f"c{i}", 7009, name="echo") for i in live])
+        if step % 2:
+            cs.publish("extra", "127.240.77.12", tcp_port,
+                       [endpoint(echoes[0].host, "c0", 7009, name="echo")])
+        else:
+            cs.withdraw("extra")
+
+    publish(0)
+    manager = await cs.proxy()
+    tally = Tally()
+    tcp_ok = 0
+    stop = asyncio.Event()
+
+    async def tcp_user() -> None:
+        nonlocal tcp_ok
+        while not stop.is_set():
+            try:
+                assert (await ask("127.240.77.11", 7)).startswith("e")
+                tcp_ok += 1
+            except (OSError, TimeoutError, AssertionError) as exc:
+                tally.fail(f"tcp: {exc!r}")
+
+    try:
+        await cs.served(manager)
+        load = asyncio.gather(http_load("http://127.240.77.10/", tally, stop, users=4),
+                              tcp_user(), tcp_user())
+        for step in range(1, 21):
+            publish(step)
+            await asyncio.sleep(0.1)  # the churn's pace, not a wait for a result
+        stop.set()
+        await asyncio.wait_for(load, 10)
+        assert manager.applied_version == cs.store.current.version
+        assert tally.failed == 0, tally.errors
+        assert tally.ok > 50 and tcp_ok > 50, (tally.ok, tcp_ok)
+    finally:
+        stop.set()
+        await manager.stop()
+        for h in https:
+            await h.stop()
+        for e in echoes:
+            await e.stop()
