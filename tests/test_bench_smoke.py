@@ -115,7 +115,7 @@ def test_run_all_smoke_runs_the_peerless_benchmarks(tmp_path: Path) -> None:
                            "--only", "snapshot,controlplane", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (md,) = tmp_path.glob("*-smoke.md")
+    (md,) = tmp_path.glob("[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]-smoke.md")  # dated summary
     text = md.read_text()
     assert "- snapshot: ok" in text and "- controlplane: ok" in text
     assert "Control plane, 200 services" in text

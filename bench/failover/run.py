@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
 import os
 import shutil
@@ -164,9 +165,11 @@ class Clusterset:
             self.start(cluster)
 
     def _teardown_ns(self, cluster: str) -> None:
-        # Deleting the namespace deletes its veth end, and with it the pair.
-        subprocess.run(["ip", "netns", "del", self.ns(cluster)], capture_output=True,
-                       timeout=10, check=False)
+        # Deleting the namespace deletes its veth end, and with it the pair; the host end
+        # is deleted too in case a killed run left the namespace held open.
+        host = f"mcsb{CLUSTERS.index(cluster) + 1}h"
+        for argv in (["netns", "del", self.ns(cluster)], ["link", "del", host]):
+            subprocess.run(["ip", *argv], capture_output=True, timeout=10, check=False)
 
     def teardown(self) -> None:
         for pod in self.pods:
@@ -537,11 +540,9 @@ def main(argv: list[str] | None = None) -> int:
     targets = args.targets.split(",")
     missing = [t for t in ("taskset", *(["haproxy"] if "haproxy" in targets else []))
                if shutil.which(t) is None]
-    try:
-        import locust  # noqa: F401
-        import matplotlib  # noqa: F401
-    except ImportError as e:
-        missing.append(f"{e.name} (pip install -e '.[bench]')")
+    # find_spec, not import: importing locust monkey-patches this process with gevent.
+    missing += [f"{m} (pip install -e '.[bench]')" for m in ("locust", "matplotlib")
+                if importlib.util.find_spec(m) is None]
     if missing:
         print(f"missing: {', '.join(missing)}", file=sys.stderr)
         return 3
