@@ -97,6 +97,8 @@ class Controller:
         self._tasks: dict[str, asyncio.Task[Any]] = {}
         self.batches = 0
         self.synced = asyncio.Event()
+        # key → (reason, message) of each conflict between its exports, for /status.
+        self.conflicts: dict[ServiceKey, tuple[tuple[str, str], ...]] = {}
 
     # -- start ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -203,6 +205,10 @@ class Controller:
             for c in clusters
         ))
         res = resolve(inputs)
+        if res.conflicts:
+            self.conflicts[key] = res.conflicts
+        else:
+            self.conflicts.pop(key, None)
         cluster_ips: dict[str, tuple[str, ...]] = {}
         if res.needs_ips:
             ips = self.allocator.ensure(key, res.ip_families)
@@ -274,6 +280,10 @@ class Controller:
             self.metrics.propagation.labels("written").observe(done - seen)
         self.metrics.reconcile.observe(time.perf_counter() - started)
         self.metrics.imports.set(len(self._imported))
+        self.metrics.set_conflicts(self.conflicts)  # type: ignore[arg-type]
+        for c in clusters:
+            objects = self.clients[c].objects
+            self.metrics.exports.labels(c).set(len(objects.exports) + len(objects.mcs))
         self.batches += 1
         return len(dirty)
 

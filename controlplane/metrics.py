@@ -11,6 +11,33 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 
 
 class ControllerMetrics:
+    def set_conflicts(self, conflicts: dict[object, tuple[tuple[str, str], ...]]) -> None:
+        counts: dict[str, int] = {}
+        for found in conflicts.values():
+            for reason, _ in found:
+                counts[reason] = counts.get(reason, 0) + 1
+        self._conflict_reasons.update(counts)
+        for reason in self._conflict_reasons:  # reasons that went away read 0
+            self.conflicts.labels(reason).set(counts.get(reason, 0))
+
+    def propagation_summary(self) -> dict[str, dict[str, float | None]]:
+        """Per stage: changes observed, and the p50/p99 bucket bounds, for /status."""
+        buckets: dict[str, list[tuple[float, float]]] = {}
+        for metric in self.propagation.collect():
+            for s in metric.samples:
+                if s.name.endswith("_bucket"):
+                    buckets.setdefault(s.labels["stage"], []).append(
+                        (float(s.labels["le"]), s.value))
+        out: dict[str, dict[str, float | None]] = {}
+        for stage, pairs in sorted(buckets.items()):
+            pairs.sort()
+            total = pairs[-1][1] if pairs else 0.0
+            row: dict[str, float | None] = {"count": total}
+            for name, q in (("p50_s", 0.5), ("p99_s", 0.99)):
+                row[name] = next((le for le, n in pairs if total and n >= q * total), None)
+            out[stage] = row
+        return out
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -53,6 +80,15 @@ class ControllerMetrics:
         self.stream_subscribers = Gauge(
             "mcsproxy_controller_stream_subscribers",
             "Gateways connected to the stream", registry=r)
+        self.conflicts = Gauge(
+            "mcsproxy_controller_conflicts",
+            "Services whose exports conflict, by KEP-1645 condition reason", ["reason"],
+            registry=r)
+        self._conflict_reasons: set[str] = set()
+        self.exports = Gauge(
+            "mcsproxy_controller_exports",
+            "ServiceExports (and Karmada MultiClusterServices) in each member cluster",
+            ["cluster"], registry=r)
         self.stream_resyncs = Counter(
             "mcsproxy_controller_stream_resyncs_total",
             "Full snapshots sent to gateways (first connect, too old a version, lagging)",

@@ -10,6 +10,7 @@ gateway's controlplane source retries)."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -22,6 +23,8 @@ from mcsproxy.config import is_loopback
 log = logging.getLogger("controlplane.server")
 
 SHUTDOWN_TIMEOUT_S = 2.0
+# The status page shares the gateway page's stylesheet (mcsproxy/admin_static).
+STATUS_PAGE = Path(__file__).resolve().parent.parent / "mcsproxy" / "admin_static"
 
 
 class ControllerServer:
@@ -40,6 +43,8 @@ class ControllerServer:
         self.app.router.add_get("/readyz", self._readyz)
         self.app.router.add_get("/metrics", self._metrics)
         self.app.router.add_get("/status", self._status)
+        self.app.router.add_get("/", self._page)
+        self.app.router.add_get("/static/status.css", self._css)
         self._runner: web.AppRunner | None = None
         self.bound: tuple[str, int] | None = None
 
@@ -78,12 +83,29 @@ class ControllerServer:
         body = generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    async def _page(self, request: web.Request) -> web.FileResponse:
+        return web.FileResponse(STATUS_PAGE / "controller.html",
+                                headers={"Cache-Control": "no-cache"})
+
+    async def _css(self, request: web.Request) -> web.FileResponse:
+        return web.FileResponse(STATUS_PAGE / "status.css",
+                                headers={"Content-Type": "text/css"})
+
     async def _status(self, request: web.Request) -> web.Response:
         if self.controller is None or self.hub is None:
             return web.json_response({"leading": False}, status=503)
+        controller = self.controller
         return web.json_response({
             "leading": True,
-            "members": self.controller.members(),
+            "members": controller.members(),
+            "exports": {c: sorted([str(k) for k in cl.objects.exports]
+                                  + [f"{k} (Karmada)" for k in cl.objects.mcs])
+                        for c, cl in sorted(controller.clients.items())},
+            "imports": controller.imported_count,
+            "conflicts": [{"service": str(k), "reasons": [r for r, _ in found],
+                           "messages": [m for _, m in found]}
+                          for k, found in sorted(controller.conflicts.items())],
+            "propagation": controller.metrics.propagation_summary(),
             "feeds": {c: {"version": f.version, "objects": len(f.objects),
                           "subscribers": len(f.subscribers)}
                       for c, f in sorted(self.hub.feeds.items())},

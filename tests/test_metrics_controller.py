@@ -1,0 +1,96 @@
+"""The controller's /metrics and status page: exports per member, conflicts by reason,
+propagation latency, and the page at / (loaded in headless Chromium when present)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import yaml
+from aiohttp import ClientSession, ClientTimeout
+
+from controlplane.command import ControllerConfig, DirectoryControllerApp
+from tests.proxy_fixtures import free_port
+from tests.test_metrics_support import parse_metrics, value
+from tests.test_reconcile_support import eslice, export, namespace, service
+from tests.test_status_page import ARTIFACTS, CHROMIUM, Browser
+
+HOST = "127.57.59.1"
+
+
+def write(path: Path, *docs: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+
+
+async def test_controller_metrics_status_and_page(tmp_path: Path) -> None:
+    clusters, out = tmp_path / "clusters", tmp_path / "out"
+    write(clusters / "east" / "web.yaml", namespace(), service(),
+          eslice("web-x", ["127.0.1.1"]), export(created="2024-01-01T00:00:00Z"))
+    # West exports the same service with another port: a PortConflict (oldest wins).
+    write(clusters / "west" / "web.yaml", namespace(),
+          service(ports=(("http", "TCP", 81),)), eslice("web-y", ["127.0.2.1"]),
+          export(created="2024-02-01T00:00:00Z"))
+    write(clusters / "south" / "ns.yaml", namespace())
+    listen = (HOST, free_port(HOST))
+    app = DirectoryControllerApp(ControllerConfig(clusters, out, serve=listen,
+                                                  poll_interval_s=0.05))
+    await app.start()
+    task = asyncio.create_task(app.serve())
+    base = f"http://{HOST}:{listen[1]}"
+    try:
+        async with ClientSession(timeout=ClientTimeout(total=5)) as http:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    async with http.get(base + "/status") as resp:
+                        if resp.status == 200:
+                            status = await resp.json()
+                            break
+                except OSError:
+                    pass
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            # A change propagates: one more endpoint in east.
+            write(clusters / "east" / "web.yaml", namespace(), service(),
+                  eslice("web-x", ["127.0.1.1", "127.0.1.2"]), export())
+            deadline = time.monotonic() + 10
+            while True:
+                async with http.get(base + "/metrics") as resp:
+                    m = parse_metrics(await resp.text())
+                if value(m, "mcsproxy_controller_propagation_seconds_count", stage="written"):
+                    break
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            async with http.get(base + "/status") as resp:
+                status = await resp.json()
+            async with http.get(base + "/") as resp:
+                assert resp.status == 200 and "mcsproxy controller" in await resp.text()
+        assert value(m, "mcsproxy_controller_conflicts", reason="PortConflict") == 1
+        assert value(m, "mcsproxy_controller_exports", cluster="east") == 1
+        assert value(m, "mcsproxy_controller_exports", cluster="south") == 0
+        assert value(m, "mcsproxy_controller_member_connected", cluster="west") == 1
+        assert value(m, "mcsproxy_controller_reconcile_seconds_count") >= 1
+        assert status["exports"] == {"east": ["test/web"], "south": [], "west": ["test/web"]}
+        assert [(c["service"], c["reasons"]) for c in status["conflicts"]] == [
+            ("test/web", ["PortConflict"])]
+        written = status["propagation"]["written"]
+        assert written["count"] >= 1 and written["p99_s"] is not None
+
+        if CHROMIUM is not None:
+            browser = await Browser.launch(tmp_path / "chromium-profile")
+            try:
+                await browser.call("Page.navigate", url=base + "/")
+                rows = await browser.wait_for(
+                    "[...document.querySelectorAll('#members tbody tr')]"
+                    ".map(r => r.dataset.cluster).join(',')", "member rows")
+                assert rows == "east,south,west"
+                text = await browser.evaluate("document.body.innerText")
+                assert "PortConflict" in text and "all members answering" in text
+                await browser.screenshot(ARTIFACTS / "controller_page.png")
+            finally:
+                await browser.close()
+    finally:
+        app.stop()
+        await task
