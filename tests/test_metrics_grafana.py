@@ -1,0 +1,89 @@
+"""deploy/grafana/mcsproxy-dashboard.json parses, and every metric it queries is in the
+gateway's or the controller's exposition after real traffic (no dashboard panel that
+can only ever say "no data" because of a renamed metric)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from pathlib import Path
+
+import yaml
+from aiohttp import ClientSession, ClientTimeout
+
+from controlplane.command import ControllerConfig, DirectoryControllerApp
+from tests.proxy_fixtures import Backend, ask, free_port
+from tests.test_metrics_support import service_yaml, start_gateway
+from tests.test_reconcile_support import eslice, export, namespace, service
+
+DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / \
+    "mcsproxy-dashboard.json"
+HOST = "127.57.69.1"
+METRIC_RE = re.compile(r"\b(mcsproxy_[a-z0-9_]+)")
+
+
+def declared(exposition: str) -> set[str]:
+    """Sample names a query may use: every family's, histogram parts included."""
+    names = set()
+    for line in exposition.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            names.add(name)
+            if kind == "histogram":
+                names.update(f"{name}{s}" for s in ("_bucket", "_sum", "_count"))
+        elif line and not line.startswith("#"):
+            names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
+    return names
+
+
+def dashboard_queries() -> list[str]:
+    board = json.loads(DASHBOARD.read_text())
+    ids = [p["id"] for p in board["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    assert {v["name"] for v in board["templating"]["list"]} == {"datasource", "service"}
+    exprs = []
+    for panel in board["panels"]:
+        assert {"x", "y", "w", "h"} <= set(panel["gridPos"])
+        if panel["type"] == "row":
+            continue
+        assert panel["targets"], panel["title"]
+        exprs += [t["expr"] for t in panel["targets"]]
+    return exprs
+
+
+async def test_every_dashboard_metric_is_exposed(tmp_path: Path) -> None:
+    exprs = dashboard_queries()
+    wanted = {m for e in exprs for m in METRIC_RE.findall(e)}
+    assert len(wanted) > 25
+
+    east = await Backend("east-1", "127.57.61.1", free_port("127.57.61.1"), "east").start()
+    gw = await start_gateway(tmp_path, HOST, access_log=str(tmp_path / "access.log"),
+                             files={"web": service_yaml("web", "127.240.57.61", [east])})
+    clusters = tmp_path / "clusters"
+    (clusters / "east").mkdir(parents=True)
+    (clusters / "east" / "web.yaml").write_text(yaml.safe_dump_all(
+        [namespace(), service(), eslice("web-x", ["127.0.1.1"]), export()]))
+    listen = (HOST, free_port(HOST))
+    app = DirectoryControllerApp(ControllerConfig(clusters, tmp_path / "out", serve=listen))
+    await app.start()
+    task = asyncio.create_task(app.serve())
+    try:
+        await ask("127.240.57.61", 80)
+        async with ClientSession(timeout=ClientTimeout(total=5)) as http:
+            async with http.get(gw.admin + "/metrics") as resp:
+                exposed = declared(await resp.text())
+            async with asyncio.timeout(10):
+                while True:
+                    try:
+                        async with http.get(f"http://{HOST}:{listen[1]}/metrics") as resp:
+                            exposed |= declared(await resp.text())
+                            break
+                    except OSError:
+                        await asyncio.sleep(0.05)
+    finally:
+        app.stop()
+        await task
+        await gw.stop()
+        await east.stop()
+    assert sorted(wanted - exposed) == []
