@@ -78,6 +78,7 @@ class FileSource:
         self._stamps: dict[Path, FileStamp] = {}
         self._good: dict[Path, dict[ObjectId, Spec]] = {}
         self._errors: dict[Path, str] = {}
+        self._missing: str | None = None  # the source's own path is gone
 
     def _list_files(self) -> dict[Path, FileStamp]:
         if self.path.is_dir():
@@ -103,6 +104,15 @@ class FileSource:
         Runs in a worker thread: it reads and parses files, and touches no shared state
         but this source's own dictionaries.
         """
+        if not self.path.exists():
+            # The whole source went away (an unmounted volume, a directory being
+            # replaced): keep serving the last good objects, as a disconnected API
+            # server's are. Files removed from a path that is still there are deletions.
+            if self._missing is None:
+                self._missing = f"{self.path}: no such file or directory"
+                log.error("source %s: %s; keeping the last good objects", self.name,
+                          self._missing)
+            return False
         stamps = self._list_files()
         changed = False
         for gone in set(self._stamps) - set(stamps):
@@ -130,11 +140,9 @@ class FileSource:
             log.info("file loaded path=%s objects=%d", path, len(objects))
             changed = True
         self._stamps = stamps
-        if self.path.exists():
-            self._errors.pop(self.path, None)
-        elif self.path not in self._errors:
-            self._errors[self.path] = f"{self.path}: no such file or directory"
-            log.error("source %s: %s", self.name, self._errors[self.path])
+        if self._missing is not None:
+            self._missing = None
+            log.info("source %s: the path is back", self.name)
         return changed
 
     def merged(self) -> dict[ObjectId, Spec]:
@@ -151,7 +159,8 @@ class FileSource:
         status = store.register_source(self.name)
         while True:
             changed = await asyncio.to_thread(self.scan)
-            status.error = "; ".join(self._errors.values()) or None
+            status.error = "; ".join([*self._errors.values(), *filter(None, [self._missing])]) \
+                or None
             if changed or not status.synced:
                 objects = self.merged()
                 store.replace_source(self.name, objects)
