@@ -23,6 +23,12 @@ def _add_gateway_parser(sub: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("--dns-ttl", type=int, default=5, help="TTL of service records (s)")
     p.add_argument("--dns-edns-max", type=int, default=1232,
                    help="largest EDNS0 UDP payload answered (bytes)")
+    p.add_argument("--dns-allow-from", default=",".join(DnsConfig.allow_from), metavar="CIDR,...",
+                   help="clients whose names outside the zone are forwarded to --dns-upstream "
+                        "(others: REFUSED); default loopback, RFC 1918 and fc00::/7")
+    p.add_argument("--dns-rrl", type=float, default=0.0, metavar="QPS",
+                   help="UDP answers per second per client /24 (/56); over it every 2nd "
+                        "answer is truncated, the rest dropped (default 0: off)")
     p.add_argument("--admin-listen", default="127.0.0.1:9901", metavar="HOST:PORT")
     p.add_argument("--access-log", default=None, metavar="-|PATH",
                    help="one line per connection and HTTP request to stderr (-) or a file "
@@ -47,6 +53,14 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
         raise ConfigError("--dns-edns-max must be 512-65535")
     if not 0 <= args.dns_ttl <= 86400:
         raise ConfigError("--dns-ttl must be 0-86400")
+    if args.dns_rrl < 0:
+        raise ConfigError("--dns-rrl must be >= 0")
+    from mcsproxy.dns.guard import parse_networks
+
+    try:
+        allow_from = tuple(str(n) for n in parse_networks(args.dns_allow_from))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return GatewayConfig(
         cluster_id=args.cluster_id,
         sources=tuple(args.source),
@@ -57,6 +71,8 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
             if args.dns_upstream else None,
             edns_max_payload=args.dns_edns_max,
             ttl_s=args.dns_ttl,
+            allow_from=allow_from,
+            rrl_qps=args.dns_rrl,
         ),
         admin=AdminConfig(listen=parse_host_port(args.admin_listen, "--admin-listen"),
                           demo_control=args.demo_control),

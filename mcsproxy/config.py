@@ -50,6 +50,10 @@ class DnsConfig:
     ttl_s: int = 5
     tcp_idle_timeout_s: float = 10.0
     tcp_max_connections: int = 1024
+    # Clients whose names outside the zone are forwarded (mcsproxy.dns.guard).
+    allow_from: tuple[str, ...] = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12",
+                                   "192.168.0.0/16", "fc00::/7")
+    rrl_qps: float = 0.0  # UDP answers per second per client /24 or /56; 0: unlimited
 
 
 @dataclass(frozen=True)

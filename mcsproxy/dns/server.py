@@ -16,6 +16,7 @@ from typing import Final, cast
 
 from mcsproxy.config import DnsConfig
 from mcsproxy.dns.forward import Forwarder, Reply
+from mcsproxy.dns.guard import AllowList, ResponseRateLimit, parse_networks, refused
 from mcsproxy.dns.responder import Forward, Responder
 from mcsproxy.dns.wire import SERVFAIL, error_response
 from mcsproxy.model import Snapshot
@@ -31,8 +32,8 @@ BIND_ATTEMPTS: Final = 10  # port 0: the UDP port picked may be taken for TCP
 
 
 class UdpProtocol(asyncio.DatagramProtocol):
-    __slots__ = ("hits", "memo_get", "respond", "sendto", "server", "sock_sendto", "stats",
-                 "transport")
+    __slots__ = ("hits", "memo_get", "respond", "rrl", "sendto", "server", "sock_sendto",
+                 "stats", "transport")
 
     def __init__(self, server: DnsServer, sock: socket.socket) -> None:
         self.server = server
@@ -45,6 +46,7 @@ class UdpProtocol(asyncio.DatagramProtocol):
         self.stats = server.stats
         # Memo hits counted per answer (bytes hash once, cached): labels come at scrape time.
         self.hits = server.stats.memo_hits
+        self.rrl = server.rrl
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio's; the methods are what counts.
@@ -52,6 +54,12 @@ class UdpProtocol(asyncio.DatagramProtocol):
         self.sendto = self.server.udp_send
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        rrl = self.rrl
+        if rrl is not None and not rrl.allow(addr[0]):
+            limited = rrl.limited(data)
+            if limited is not None:
+                self.sendto(limited, addr)
+            return
         tail = self.memo_get(data[2:])
         if tail is not None:
             hits = self.hits
@@ -68,8 +76,11 @@ class UdpProtocol(asyncio.DatagramProtocol):
             log.exception("dns: failed to answer a %d-byte query from %s", len(data), addr[0])
             answer = error_response(data, SERVFAIL) if len(data) >= 12 else None
         if isinstance(answer, Forward):
-            self.server.forward(data, answer.question, self._reply_to(addr))
-            return
+            if not self.server.allow.allows(addr[0]):
+                answer = refused(data)
+            else:
+                self.server.forward(data, answer.question, self._reply_to(addr))
+                return
         self.stats.count_answer("udp", answer)
         if answer is not None:
             self.sendto(answer, addr)
@@ -93,7 +104,7 @@ class UdpProtocol(asyncio.DatagramProtocol):
 class TcpProtocol(asyncio.Protocol):
     """One TCP client: 2-byte length framing, several queries, an idle timeout."""
 
-    __slots__ = ("buffer", "last_active", "loop", "server", "timer", "transport")
+    __slots__ = ("buffer", "last_active", "loop", "peer", "server", "timer", "transport")
 
     def __init__(self, server: DnsServer) -> None:
         self.server = server
@@ -102,8 +113,11 @@ class TcpProtocol(asyncio.Protocol):
         self.last_active = self.loop.time()
         self.timer: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
+        self.peer = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if peer else ""
         if not self.server.admit(self):
             cast(asyncio.Transport, transport).abort()
             return
@@ -135,8 +149,11 @@ class TcpProtocol(asyncio.Protocol):
             log.exception("dns: failed to answer a %d-byte TCP query", len(message))
             answer = error_response(message, SERVFAIL) if len(message) >= 12 else None
         if isinstance(answer, Forward):
-            self.server.forward(message, answer.question, self._send, "tcp")
-            return
+            if not self.server.allow.allows(self.peer):
+                answer = refused(message)
+            else:
+                self.server.forward(message, answer.question, self._send, "tcp")
+                return
         stats = self.server.stats
         stats.count_answer("tcp", answer)
         if answer is not None:
@@ -185,6 +202,8 @@ class DnsServer:
         self.forwarder = (
             Forwarder(config.upstream, config.upstream_timeout_s) if config.upstream else None
         )
+        self.allow = AllowList(parse_networks(config.allow_from))
+        self.rrl = ResponseRateLimit(config.rrl_qps) if config.rrl_qps > 0 else None
         self.bound: tuple[str, int] | None = None
         self.stats = DnsStats()
         self._udp: asyncio.DatagramTransport | None = None

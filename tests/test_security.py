@@ -1,0 +1,224 @@
+"""No open doors: DNS is not an open resolver and rate-limits answers per client network,
+the HTTP front door never proxies to an address a client names, the admin listener stays
+on loopback unless told (and warns), and credentials never reach the logs."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import dnslib
+import yaml
+
+from mcsproxy.config import DnsConfig
+from mcsproxy.dns.server import DnsServer
+from mcsproxy.store import SnapshotStore
+from tests.chaos.support import (
+    GatewayProcess,
+    Port,
+    SlowHttp,
+    Svc,
+    wait_until,
+    write_imports,
+)
+from tests.dns_support import make_query
+from tests.kube_emulator import KubeEmulator
+from tests.proxy_fixtures import free_port
+
+
+class Upstream(asyncio.DatagramProtocol):
+    """A resolver that answers everything with 192.0.2.1 and counts what it was asked."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.DatagramTransport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.asked += 1
+        reply = dnslib.DNSRecord.parse(data).reply()
+        reply.add_answer(dnslib.RR(str(reply.q.qname), rdata=dnslib.A("192.0.2.1")))
+        self.transport.sendto(reply.pack(), addr)
+
+
+async def udp_ask(server: tuple[str, int], name: str, source: str = "127.0.0.1",
+                  timeout: float = 1.0) -> dnslib.DNSRecord | None:
+    loop = asyncio.get_running_loop()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((source, 0))
+        sock.setblocking(False)
+        await loop.sock_sendto(sock, make_query(name), server)
+        try:
+            async with asyncio.timeout(timeout):
+                return dnslib.DNSRecord.parse(await loop.sock_recv(sock, 4096))
+        except TimeoutError:
+            return None
+
+
+async def dns_server(**config: object) -> tuple[DnsServer, Upstream, asyncio.DatagramTransport]:
+    loop = asyncio.get_running_loop()
+    transport, upstream = await loop.create_datagram_endpoint(Upstream,
+                                                              local_addr=("127.0.0.1", 0))
+    store = SnapshotStore("east")
+    store.register_source("test")
+    store.mark_synced("test")
+    store.commit()
+    server = DnsServer(DnsConfig(listen=("127.0.0.1", 0),
+                                 upstream=transport.get_extra_info("sockname")[:2],
+                                 **config), store)  # type: ignore[arg-type]
+    await server.start()
+    return server, upstream, transport
+
+
+async def test_dns_forwards_only_for_allowed_client_networks() -> None:
+    server, upstream, transport = await dns_server(allow_from=("10.0.0.0/8",))
+    try:
+        assert server.bound is not None
+        outside = await udp_ask(server.bound, "example.com.")
+        assert outside is not None and dnslib.RCODE.get(outside.header.rcode) == "REFUSED"
+        assert upstream.asked == 0 and server.allow.refused == 1
+        # The zone is answered to anyone (NXDOMAIN here: nothing is imported).
+        zone = await udp_ask(server.bound, "web.test.svc.clusterset.local.")
+        assert zone is not None and dnslib.RCODE.get(zone.header.rcode) == "NXDOMAIN"
+    finally:
+        await server.stop()
+        transport.close()
+    server, upstream, transport = await dns_server()  # the default: loopback is allowed
+    try:
+        assert server.bound is not None
+        inside = await udp_ask(server.bound, "example.com.")
+        assert inside is not None and str(inside.rr[0].rdata) == "192.0.2.1"
+        assert upstream.asked == 1
+    finally:
+        await server.stop()
+        transport.close()
+
+
+async def test_dns_response_rate_limit_per_client_network() -> None:
+    server, _upstream, transport = await dns_server(rrl_qps=10)
+    try:
+        assert server.bound is not None and server.rrl is not None
+        loop = asyncio.get_running_loop()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            sock.setblocking(False)
+            for i in range(100):
+                await loop.sock_sendto(sock, make_query(f"n{i}.test.svc.clusterset.local."),
+                                       server.bound)
+            answers = []
+            try:
+                async with asyncio.timeout(0.5):  # bounded: whatever came back by then
+                    while True:
+                        answers.append(dnslib.DNSRecord.parse(await loop.sock_recv(sock, 4096)))
+            except TimeoutError:
+                pass
+        full = [a for a in answers if not a.header.tc]
+        truncated = [a for a in answers if a.header.tc]
+        # A burst of 10 plus what refills while 100 queries arrive; half the rest slip
+        # through truncated (a real client retries over TCP), the other half are dropped.
+        assert 10 <= len(full) <= 20, len(full)
+        assert truncated and len(truncated) + server.rrl.dropped + len(full) >= 100
+        assert server.rrl.dropped >= 35
+        # Another /24 has its own budget.
+        other = await udp_ask(server.bound, "web.test.svc.clusterset.local.", "127.0.9.1")
+        assert other is not None and not other.header.tc
+        assert len(server.rrl) == 2
+    finally:
+        await server.stop()
+        transport.close()
+
+
+async def test_front_door_is_not_an_open_proxy(tmp_path: Path) -> None:
+    backend = await SlowHttp("inside", "127.77.7.1", 8090).start()
+    bait = await SlowHttp("bait", "127.77.7.2", 8091).start()  # never imported
+    path = tmp_path / "imports.yaml"
+    write_imports(path, [Svc("web", "127.240.77.40", [Port("web", 80, 8090, app_protocol="http")],
+                             {"east": [("127.77.7.1", True)]})])
+    front = free_port("127.0.0.1")
+    gw = GatewayProcess(f"file:{path}", "--http-listen", f"127.0.0.1:{front}",
+                        "--health-interval", "0")
+    try:
+        await gw.start()
+        await gw.wait_ready()
+        await gw.wait_line("HTTP front door on")
+        attempts = {
+            "absolute-form": b"GET http://127.77.7.2:8091/ HTTP/1.1\r\nHost: 127.77.7.2:8091\r\n",
+            "CONNECT": b"CONNECT 127.77.7.2:8091 HTTP/1.1\r\nHost: 127.77.7.2:8091\r\n",
+            "Host of an IP": b"GET / HTTP/1.1\r\nHost: 127.77.7.2:8091\r\n",
+            "Host outside the zone": b"GET / HTTP/1.1\r\nHost: example.com\r\n",
+        }
+        for what, head in attempts.items():
+            reader, writer = await asyncio.open_connection("127.0.0.1", front)
+            writer.write(head + b"\r\n")
+            status_line = await asyncio.wait_for(reader.readline(), 3)
+            writer.close()
+            status = int(status_line.split()[1])
+            assert 400 <= status < 500, (what, status_line)
+        assert bait.served == 0
+        # The same front door does serve the imported service.
+        reader, writer = await asyncio.open_connection("127.0.0.1", front)
+        writer.write(b"GET / HTTP/1.1\r\nHost: web.chaos.svc.clusterset.local\r\n\r\n")
+        assert b" 200 " in await asyncio.wait_for(reader.readline(), 3)
+        writer.close()
+    finally:
+        await gw.stop()
+        await backend.stop()
+        await bait.stop()
+
+
+async def test_admin_on_loopback_by_default_and_warns_elsewhere(tmp_path: Path) -> None:
+    path = tmp_path / "imports.yaml"
+    write_imports(path, [])
+    gw = GatewayProcess(f"file:{path}", "--no-proxy")
+    gw.cmd.remove("--admin-listen")
+    gw.cmd.remove("127.0.0.1:0")  # the admin's: the DNS one is "--dns-listen 127.0.0.1:0"
+    gw.cmd += ["--dns-listen", "127.0.0.1:0", "--admin-listen",
+               f"127.0.0.1:{free_port('127.0.0.1')}"]
+    from mcsproxy.cli import build_parser
+    default = build_parser().parse_args(["gateway", "--cluster-id", "x", "--source", "kube"])
+    assert default.admin_listen.startswith("127.0.0.1:")
+    exposed = GatewayProcess(f"file:{path}", "--no-proxy")
+    exposed.cmd[exposed.cmd.index("--admin-listen") + 1] = "0.0.0.0:0"
+    try:
+        await gw.start()
+        assert "non-loopback" not in gw.log
+        await exposed.start()
+        assert "admin listener on non-loopback address 0.0.0.0" in exposed.log
+    finally:
+        await gw.stop()
+        await exposed.stop()
+
+
+TOKEN = "s3cr3t-controller-token-9876543210"
+
+
+async def test_controller_kube_mode_never_logs_its_token(tmp_path: Path) -> None:
+    async with KubeEmulator(token=TOKEN) as a, KubeEmulator(token=TOKEN) as b:
+        merged: dict[str, list[object]] = {"clusters": [], "users": [], "contexts": []}
+        for name, emu in (("a", a), ("b", b)):
+            doc = yaml.safe_load(emu.kubeconfig(tmp_path / f"kc.{name}", name).read_text())
+            for key in merged:
+                merged[key] += doc[key]
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "Config",
+                                              "current-context": "a", **merged}))
+        b.fail_next(None, 401)  # an error path too: the refusal is logged, the token not
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "mcsproxy", "controller", "--kubeconfig", str(kubeconfig),
+            "--contexts", "a,b", "--no-leader-elect", "--log-level", "debug",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        try:
+            # Both members were talked to, b refusing (polled: another process's progress).
+            await wait_until(lambda: len(a.requests) >= 3 and len(b.requests) >= 3,
+                             "requests to both members", timeout=15)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out, _ = await asyncio.wait_for(proc.communicate(), 15)
+        text = out.decode(errors="replace")
+        assert "DEBUG" in text, text[-2000:]  # the most talkative level was on
+        assert TOKEN not in text
+        assert TOKEN[:12] not in text
