@@ -75,7 +75,13 @@ class Observer:
         if self.access_log is not None:
             await self.access_log.start()
         if self.reporter is not None:
-            await self.reporter.start()
+            try:
+                await self.reporter.start()
+            except OSError as exc:
+                # The proxy matters more than its counters: serve, and say why they are missing.
+                log.warning("worker %d cannot report metrics to the main process: %s",
+                            self.worker_index, exc)
+                self.reporter = None
             return
         self.gateway.store.subscribe(self._on_snapshot)
         self._tasks.append(spawn(self._watch_sources(), name="observer sources"))
@@ -248,6 +254,8 @@ class Observer:
             labels = [str(ukey.service), port_label(ukey, snap)]
             st = upstream.stats
             conns.add([*labels, "none", "no_endpoint"], st.no_endpoint)
+            for outcome, n in st.unrouted.items():
+                requests.add([*labels, "none", outcome], n)
             retries.add(labels, st.retries)
             exhausted.add(labels, st.retry_budget_exhausted)
             live = _live_bytes(upstream)

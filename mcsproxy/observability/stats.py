@@ -85,13 +85,14 @@ class ClusterStats:
 class UpstreamStats:
     """One service port's counters: per destination cluster, and those without one."""
 
-    __slots__ = ("clusters", "no_endpoint", "retries", "retry_budget_exhausted")
+    __slots__ = ("clusters", "no_endpoint", "retries", "retry_budget_exhausted", "unrouted")
 
     def __init__(self) -> None:
         self.clusters: dict[str, ClusterStats] = {}
         self.no_endpoint = 0  # client connections that found no endpoint at all
         self.retries = 0  # connect (or HTTP) attempts after the first
         self.retry_budget_exhausted = 0  # HTTP retries refused by the retry budget
+        self.unrouted: dict[str, int] = {}  # HTTP requests no endpoint answered, by outcome
 
     def cluster(self, name: str) -> ClusterStats:
         stats = self.clusters.get(name)

@@ -259,6 +259,7 @@ class ClientSide(asyncio.Protocol):
         self.upstream.connect_ok(host, self)
         stats = host.stats
         stats.connections += 1
+        stats.attempts["ok"] += 1
         stats.connect_time.observe(time.monotonic() - self.t_connect)
         if self.early:
             up.write(b"".join(self.early) if len(self.early) > 1 else self.early[0])

@@ -112,6 +112,7 @@ class UdpFlow(asyncio.DatagramProtocol):
         assert self.host is not None
         self.upstream.connect_ok(self.host, self)
         self.host.stats.connections += 1
+        self.host.stats.attempts["ok"] += 1
         pending, self.pending = self.pending, None
         for data in pending or ():
             self.transport.sendto(data)

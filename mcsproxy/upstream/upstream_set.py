@@ -270,7 +270,6 @@ class UpstreamSet:
         connection that opens says nothing about health; `response_status` does."""
         if reset_failures:
             host.consecutive_failures = 0
-        host.stats.attempts["ok"] += 1
         host.conns.add(conn)
 
     def release(self, host: Host, conn: Connection) -> None:
