@@ -167,6 +167,8 @@ class ProxyConfig:
     drain_timeout_s: float = 10.0
     udp_idle_timeout_s: float = 30.0
     udp_max_flows: int = 16384
+    max_connections_per_listener: int = 0  # 0: unlimited
+    max_connections_per_client: int = 0  # per client address and listener; 0: unlimited
     overprovisioning_factor: float = 1.4
     panic_threshold_percent: int = 50
     workers: int = 1
@@ -187,6 +189,8 @@ class ProxyConfig:
             raise ConfigError("--drain-grace must be >= 0")
         if self.drain_timeout_s < 0:
             raise ConfigError("--drain-timeout must be >= 0")
+        if self.max_connections_per_listener < 0 or self.max_connections_per_client < 0:
+            raise ConfigError("--max-connections-per-listener/-client must be >= 0")
         if self.udp_max_flows < 1:
             raise ConfigError("--udp-max-flows must be >= 1")
         if self.overprovisioning_factor < 1 or not 0 <= self.panic_threshold_percent <= 100:

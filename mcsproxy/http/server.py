@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -74,6 +75,9 @@ RAW = 0
 CHUNKED = 1
 
 
+# Outcome label of a request answered by an endpoint, by status // 100.
+STATUS_CLASSES = ("", "1xx", "2xx", "3xx", "4xx", "5xx")
+
 class RequestError(Exception):
     """A request we refuse; raised inside parser callbacks, answered by data_received."""
 
@@ -106,6 +110,7 @@ class ClientConnection(asyncio.Protocol):
         "in_head",
         "last",
         "length",
+        "limit_key",
         "lingering",
         "nheaders",
         "out",
@@ -151,6 +156,7 @@ class ClientConnection(asyncio.Protocol):
         self.head_bytes = 0
         self.client_ip = b""
         self.fwd = b""
+        self.limit_key: str | None = None  # counted by the listener's connection limits
         self._reset_head()
 
     def _reset_head(self) -> None:
@@ -170,6 +176,14 @@ class ClientConnection(asyncio.Protocol):
     # -- transport events -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        route = self.route
+        if route is not None and (route.ctx.config.max_connections_per_listener
+                                  or route.ctx.config.max_connections_per_client):
+            self.limit_key = route.ctx.admit(transport)
+            if self.limit_key is None:
+                self.closed = True
+                self.transport.abort()
+                return
         self.transport.set_write_buffer_limits(CLIENT_WRITE_HIGH_WATER)
         peer = transport.get_extra_info("peername")
         self.client_ip = (peer[0] if peer else "unknown").encode()
@@ -221,6 +235,9 @@ class ClientConnection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.limit_key is not None and self.route is not None:
+            self.route.ctx.leave(self.limit_key)
+            self.limit_key = None
         self.closed = True
         self.engine.clients.discard(self)
         tunnel = self.tunnel
@@ -532,6 +549,7 @@ class Exchange:
         "chunked",
         "client",
         "connect_deadline",
+        "connect_t0",
         "connecting",
         "deadline",
         "error",
@@ -545,6 +563,7 @@ class Exchange:
         "keep_alive",
         "length",
         "method",
+        "outcome",
         "pool",
         "replay",
         "req_done",
@@ -556,6 +575,8 @@ class Exchange:
         "route",
         "sent",
         "started",
+        "status",
+        "t0",
         "timed_out",
         "tried",
         "try_deadline",
@@ -609,6 +630,11 @@ class Exchange:
         self.deadline = 0.0
         self.try_deadline = 0.0
         self.connect_deadline = 0.0
+        # For the metrics and the access log: the status sent, or how the request ended.
+        self.status = 0
+        self.outcome: str | None = None
+        self.t0 = time.monotonic()
+        self.connect_t0 = 0.0
 
     # -- attempts ---------------------------------------------------------------------
     def start(self) -> None:
@@ -641,6 +667,7 @@ class Exchange:
             return
         self.connect_deadline = engine.now + engine.config.connect_timeout_s
         self.timed_out = False
+        self.connect_t0 = time.monotonic()
         task = self.connecting = pool.connect()
         task.add_done_callback(self.connect_done)
 
@@ -678,6 +705,10 @@ class Exchange:
             exc = task.exception()
             if exc is None:
                 _, up = task.result()
+                if self.host is not None:
+                    stats = self.host.stats
+                    stats.attempts["ok"] += 1
+                    stats.connect_time.observe(time.monotonic() - self.connect_t0)
                 if self.finished:
                     up.transport.close()
                     return
@@ -732,6 +763,8 @@ class Exchange:
         budget = max(http.retry_min_concurrency, route.active * http.retry_budget_percent // 100)  # type: ignore[union-attr]
         if route.retries >= budget:  # type: ignore[union-attr]
             route.retries_refused += 1  # type: ignore[union-attr]
+            if self.upstream is not None:
+                self.upstream.stats.retry_budget_exhausted += 1
             return False
         return True
 
@@ -745,6 +778,8 @@ class Exchange:
         if self.retries == 0:
             self.route.retries += 1  # type: ignore[union-attr]
         self.retries += 1
+        if self.upstream is not None:
+            self.upstream.stats.retries += 1
         self.sent = False
         self.attempt()
 
@@ -796,6 +831,7 @@ class Exchange:
             self.detach(discard=True)
             self.retry()
             return
+        self.status = status
         client = self.client
         parts = up.parts
         if up.conn_tokens is not None:
@@ -896,6 +932,7 @@ class Exchange:
         self.detach(abort=True)
         if self.resp_started:
             self.client.abort()  # a truncated response must not look complete
+            self.outcome = "reset"
             self.finish()
             return
         assert self.host is not None and self.upstream is not None
@@ -941,8 +978,11 @@ class Exchange:
         self.cancel_connect()
         if self.resp_started:
             self.client.abort()
+            self.outcome = "reset"
             self.finish()
             return
+        self.status = status
+        self.outcome = "no_endpoint" if self.host is None else "failed"
         if log.isEnabledFor(logging.INFO) and status >= 500:
             log.info("%s: %d %s", self.route.name if self.route else "front door", status, text)
         if not self.req_done:
@@ -959,6 +999,7 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
+        self.account()
         route = self.route
         if route is not None and self.error is None:
             route.active -= 1
@@ -975,11 +1016,39 @@ class Exchange:
         self.detach(abort=not (self.req_done and self.resp_done))
         if self.started and not self.finished:
             self.finished = True
+            self.outcome = "client_closed"
+            self.account()
             route = self.route
             if route is not None and self.error is None:
                 route.active -= 1
                 if self.retries:
                     route.retries -= 1
+
+    def account(self) -> None:
+        """Count the request (service, cluster, outcome) and write its access log line."""
+        upstream = self.upstream
+        if upstream is None:
+            return  # answered before a service was chosen (bad request, unknown host)
+        outcome = self.outcome or (STATUS_CLASSES[self.status // 100]
+                                   if 1 <= self.status // 100 <= 5 else "other")
+        host = self.host
+        if host is not None and outcome != "no_endpoint":
+            counts = host.stats.requests
+        else:
+            counts = upstream.stats.unrouted
+        counts[outcome] = counts.get(outcome, 0) + 1
+        route = self.route
+        if route is None or route.ctx.access_log is None:
+            return
+        target = self.request_head.split(b" ", 2)
+        route.ctx.access_log.record(
+            kind="http", client=self.client.client_ip.decode(), listener=route.name,
+            upstream=upstream.name, cluster=host.cluster if host is not None else None,
+            endpoint=f"{host.address}:{host.port}" if host is not None else None,
+            method=self.method.decode(errors="replace"),
+            path=target[1].decode(errors="replace") if len(target) > 1 else None,
+            status=self.status or None, outcome=outcome, attempts=len(self.tried) + 1,
+            duration_ms=round((time.monotonic() - self.t0) * 1000, 3))
 
     def cancel_connect(self) -> None:
         task = self.connecting

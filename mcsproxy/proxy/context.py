@@ -28,8 +28,8 @@ class ListenerContext:
     """Mutable on purpose: a snapshot that moves a ClusterSetIP:port to another service
     rebinds `upstream` here and the listener keeps its socket."""
 
-    __slots__ = ("_last_give_up_log", "access_log", "config", "conns", "gave_up", "name",
-                 "upstream")
+    __slots__ = ("_last_give_up_log", "_last_refusal_log", "access_log", "active", "by_client",
+                 "config", "conns", "gave_up", "name", "refused", "upstream")
 
     def __init__(self, name: str, upstream: UpstreamSet, config: ProxyConfig,
                  conns: set[Tracked], access_log: AccessLog | None = None) -> None:
@@ -40,6 +40,48 @@ class ListenerContext:
         self.gave_up = 0
         self.access_log = access_log  # None unless --access-log
         self._last_give_up_log = 0.0
+        # --max-connections-per-listener / -per-client: open connections, refusals.
+        self.active = 0
+        self.by_client: dict[str, int] = {}
+        self.refused = 0
+        self._last_refusal_log = 0.0
+
+    def admit(self, transport: object) -> str | None:
+        """Count a new stream connection in; None (and counted, logged at most 1/s) when
+        a limit refuses it. The returned key goes back to `leave`."""
+        config = self.config
+        client = ""
+        if config.max_connections_per_client:
+            peer = transport.get_extra_info("peername")  # type: ignore[attr-defined]
+            client = peer[0] if peer else ""
+            if self.by_client.get(client, 0) >= config.max_connections_per_client:
+                return self._refuse(f"client {client} has "
+                                    f"{config.max_connections_per_client} connections")
+        if config.max_connections_per_listener and \
+                self.active >= config.max_connections_per_listener:
+            return self._refuse(f"{self.active} connections open")
+        self.active += 1
+        if config.max_connections_per_client:
+            self.by_client[client] = self.by_client.get(client, 0) + 1
+        return client
+
+    def leave(self, client: str) -> None:
+        self.active -= 1
+        if self.config.max_connections_per_client:
+            left = self.by_client.get(client, 1) - 1
+            if left:
+                self.by_client[client] = left
+            else:
+                self.by_client.pop(client, None)
+
+    def _refuse(self, why: str) -> None:
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._last_refusal_log >= GIVE_UP_LOG_INTERVAL_S:
+            self._last_refusal_log = now
+            log.warning("listener %s: connection refused by a limit (%s); %d refused so far",
+                        self.name, why, self.refused)
+        return None
 
     def give_up(self, why: str) -> None:
         """A client connection or flow that found no endpoint: counted, logged at most 1/s."""

@@ -32,6 +32,11 @@ def add_proxy_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--udp-idle-timeout", type=float, default=30.0, metavar="S")
     g.add_argument("--udp-max-flows", type=int, default=16384, metavar="N",
                    help="UDP flows per listener; datagrams of new clients beyond it drop")
+    g.add_argument("--max-connections-per-listener", type=int, default=0, metavar="N",
+                   help="open TCP/HTTP connections per ClusterSetIP:port; more are closed at "
+                        "accept (default 0: unlimited)")
+    g.add_argument("--max-connections-per-client", type=int, default=0, metavar="N",
+                   help="the same per client address and listener (default 0: unlimited)")
     g.add_argument("--workers", type=int, default=1, metavar="N",
                    help="proxy processes sharing the listeners with SO_REUSEPORT")
     g.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
@@ -110,6 +115,8 @@ def proxy_config(args: argparse.Namespace) -> ProxyConfig:
         drain_timeout_s=args.drain_timeout,
         udp_idle_timeout_s=args.udp_idle_timeout,
         udp_max_flows=args.udp_max_flows,
+        max_connections_per_listener=args.max_connections_per_listener,
+        max_connections_per_client=args.max_connections_per_client,
         workers=args.workers,
         worker_index=args.worker_index,
         worker_argv=tuple(getattr(args, "argv", ())),

@@ -16,6 +16,7 @@ path resets one integer per chunk and never touches a timer.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from typing import Any
@@ -81,6 +82,7 @@ class ClientSide(asyncio.Protocol):
         "got_upstream_eof",
         "host",
         "idle",
+        "limit_key",
         "received",
         "sent",
         "started",
@@ -109,6 +111,7 @@ class ClientSide(asyncio.Protocol):
         self.got_upstream_eof = False
         self.closed = False
         self.idle = 0
+        self.limit_key: str | None = None  # counted by the listener's connection limits
         # Bytes relayed each way: folded into the cluster's counters when the upstream
         # side ends; until then the metrics collector reads them live.
         self.sent = 0
@@ -119,6 +122,13 @@ class ClientSide(asyncio.Protocol):
     # -- client events ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        config = self.ctx.config
+        if config.max_connections_per_listener or config.max_connections_per_client:
+            self.limit_key = self.ctx.admit(transport)
+            if self.limit_key is None:
+                self.closed = True
+                self.transport.abort()
+                return
         self.transport.set_write_buffer_limits(CLIENT_WRITE_HIGH_WATER)
         self.ctx.conns.add(self)
         self.started = time.monotonic()
@@ -154,6 +164,11 @@ class ClientSide(asyncio.Protocol):
             self.up.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.limit_key is not None:
+            self.ctx.leave(self.limit_key)
+            self.limit_key = None
+        elif self.closed and not self.started:
+            return  # refused by a limit at accept: nothing began
         self.closed = True
         self.ctx.conns.discard(self)
         self.cancel_connect()
@@ -222,6 +237,12 @@ class ClientSide(asyncio.Protocol):
             exc = task.exception()
             if exc is None:
                 return  # upstream_connected already ran
+            if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+                # Our own descriptors ran out: not the endpoint's fault, so no failure is
+                # held against it (no ejection); this client is shed.
+                self.ctx.give_up("out of file descriptors")
+                self.transport.abort()
+                return
             reason = "connection refused" if isinstance(exc, ConnectionRefusedError) else \
                 getattr(exc, "strerror", None) or type(exc).__name__
         host = self.host

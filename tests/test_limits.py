@@ -1,0 +1,150 @@
+"""Limits: connections per listener and per client address (TCP and HTTP listeners), and
+running out of file descriptors (EMFILE) pauses accepting instead of crashing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import resource
+import socket
+
+from mcsproxy.model import ServicePort
+from mcsproxy.proxy.manager import ListenerKey
+from tests.chaos.support import GatewayProcess, Port, SlowHttp, Svc, write_imports
+from tests.http_support import HTTP_PORT
+from tests.proxy_fixtures import Backend, Clusterset, ask, endpoint
+
+
+async def refused_at_accept(ip: str, port: int, source: str = "127.0.0.1") -> bool:
+    """True when the gateway accepted and closed at once (no byte, EOF or reset)."""
+    reader, writer = await asyncio.open_connection(ip, port, local_addr=(source, 0))
+    try:
+        data = await asyncio.wait_for(reader.read(100), 3)
+        return data == b""
+    except ConnectionError:
+        return True
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def hold(ip: str, port: int, n: int, source: str = "127.0.0.1",
+               ) -> list[asyncio.StreamWriter]:
+    writers = []
+    for _ in range(n):
+        reader, writer = await asyncio.open_connection(ip, port, local_addr=(source, 0))
+        assert await asyncio.wait_for(reader.readline(), 3) == b"lim\n"
+        writers.append(writer)
+    return writers
+
+
+async def close_all(writers: list[asyncio.StreamWriter]) -> None:
+    for w in writers:
+        w.close()
+        with contextlib.suppress(ConnectionError):
+            await w.wait_closed()
+
+
+async def test_max_connections_per_listener_and_per_client() -> None:
+    backend = await Backend("lim", "127.77.8.1", 7020, "east").start()
+    cs = Clusterset()
+    cs.publish("lim", "127.240.77.50", [ServicePort("echo", "TCP", 7)],
+               [endpoint("127.77.8.1", "east", 7020, name="echo")])
+    manager = await cs.proxy(max_connections_per_listener=4, max_connections_per_client=2)
+    try:
+        await cs.served(manager)
+        ctx = manager.listeners[ListenerKey("127.240.77.50", 7, "TCP")].ctx
+        first = await hold("127.240.77.50", 7, 2)
+        assert await refused_at_accept("127.240.77.50", 7)  # a third from 127.0.0.1
+        second = await hold("127.240.77.50", 7, 2, source="127.0.0.2")  # its own budget
+        assert await refused_at_accept("127.240.77.50", 7, source="127.0.0.3")  # listener full
+        assert ctx.refused == 2 and ctx.active == 4
+        await close_all(first)
+        await asyncio.wait_for(_until(lambda: ctx.active == 2), 3)
+        assert await ask("127.240.77.50", 7) == "lim"  # room again
+        await close_all(second)
+        await asyncio.wait_for(_until(lambda: ctx.active == 0 and not ctx.by_client), 3)
+    finally:
+        await manager.stop()
+        await backend.stop()
+
+
+async def _until(cond: object) -> None:
+    while not cond():  # type: ignore[operator]
+        await asyncio.sleep(0.01)
+
+
+async def test_http_listener_connection_limit() -> None:
+    backend = await SlowHttp("h", "127.77.8.2", 8095).start()
+    cs = Clusterset()
+    cs.publish("web", "127.240.77.51", [HTTP_PORT], [endpoint("127.77.8.2", "east", 8095)])
+    manager = await cs.proxy(max_connections_per_listener=2)
+    try:
+        await cs.served(manager)
+        conns = [await asyncio.open_connection("127.240.77.51", 80) for _ in range(2)]
+        for reader, writer in conns:
+            writer.write(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+            assert b" 200 " in await asyncio.wait_for(reader.readline(), 3)
+        reader, writer = await asyncio.open_connection("127.240.77.51", 80)
+        writer.write(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+        with contextlib.suppress(ConnectionError):
+            assert await asyncio.wait_for(reader.read(100), 3) == b""
+        writer.close()
+        ctx = manager.listeners[ListenerKey("127.240.77.51", 80, "TCP")].ctx
+        assert ctx.refused == 1
+        for _, w in conns:
+            w.close()
+    finally:
+        await manager.stop()
+        await backend.stop()
+
+
+async def test_emfile_pauses_accepting_and_the_gateway_survives(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    backend = await Backend("lim", "127.77.8.3", 7021, "east").start()
+    path = tmp_path / "imports.yaml"
+    write_imports(path, [Svc("fd", "127.240.77.52", [Port("echo", 7, 7021)],
+                             {"east": [("127.77.8.3", True)]})])
+    limit = 64
+
+    def low_nofile() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    gw = GatewayProcess(f"file:{path}", "--health-interval", "0", "--drain-timeout", "0")
+    socks: list[socket.socket] = []
+    try:
+        await gw.start(preexec_fn=low_nofile)
+        await gw.wait_line("listener 127.240.77.52:7/TCP serving")
+        # Far more connections than descriptors: each accepted one costs two (client and
+        # endpoint side). The kernel queues the rest in the backlog.
+        for _ in range(limit * 2):
+            s = socket.socket()
+            s.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                s.connect(("127.240.77.52", 7))
+            socks.append(s)
+        await asyncio.sleep(1.0)  # let the gateway hit the ceiling (nothing to wait on)
+        assert gw.proc is not None and gw.proc.returncode is None, gw.log
+        assert "out of file descriptors" in gw.log, gw.log  # the ceiling was hit
+        for s in socks:
+            s.close()
+        socks.clear()
+        # Descriptors free again: served as before, the process never died.
+        async with asyncio.timeout(10):
+            while True:
+                try:
+                    assert await ask("127.240.77.52", 7, timeout=2) == "lim"
+                    break
+                except (OSError, TimeoutError):
+                    await asyncio.sleep(0.2)
+        status, _ = await gw.admin_get("/healthz")
+        assert status == 200
+        _, body = await gw.admin_get("/endpoints")
+        (row,) = body["endpoints"]  # type: ignore[index]
+        assert not row["ejected"] and row["times_ejected"] == 0, row  # not blamed
+        assert gw.proc.returncode is None
+    finally:
+        for s in socks:
+            s.close()
+        await gw.stop()
+        await backend.stop()
