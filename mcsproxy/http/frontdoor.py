@@ -129,7 +129,8 @@ class FrontDoor:
             return None, (503, "service not served yet")
         route = self.routes.get(ukey)
         if route is None:
-            ctx = ListenerContext(f"front door {ukey}", upstream, self.config, set())
+            ctx = ListenerContext(f"front door {ukey}", upstream, self.config, set(),
+                                  self.proxy.access_log)
             route = self.routes[ukey] = HttpRoute(ctx)
         else:
             route.ctx.upstream = upstream
