@@ -100,8 +100,8 @@ class Observer:
         shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5
                                           else "")
         self.events.add("snapshot", f"v{snapshot.version}",
-                        f"snapshot v{snapshot.version}: {len(snapshot.services)} services, "
-                        f"{len(changed)} changed" + (f" ({shown})" if changed else ""))
+                        f"{len(snapshot.services)} services, {len(changed)} changed"
+                        + (f" ({shown})" if changed else ""))
         self._tasks = [t for t in self._tasks if not t.done()]
         self._tasks.append(spawn(self._time_apply(snapshot), name="observer apply timing"))
 
