@@ -89,6 +89,8 @@ def object_kind(obj: Mapping[str, Any]) -> str | None:
     """'ServiceImport' / 'EndpointSlice' when the object is one we serve, else None."""
     api_version = obj.get("apiVersion")
     kind = obj.get("kind")
+    if not isinstance(api_version, str):  # a list or a map here is junk, not our object
+        return None
     if kind == "ServiceImport" and api_version in {f"{MCS_GROUP}/{v}" for v in MCS_VERSIONS}:
         return "ServiceImport"
     if kind == "EndpointSlice" and api_version == "discovery.k8s.io/v1":
