@@ -7,6 +7,7 @@ loopback by default; anywhere else it warns, since it shows the whole configurat
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -54,6 +55,9 @@ def readiness(gateway: Gateway) -> tuple[bool, dict[str, object]]:
         "services": len(snapshot.services),
         "sources": sources,
         "stopping": gateway.stopping,
+        # Live asyncio tasks of this process: flat over hours, or something leaks
+        # (bench/soak watches it).
+        "tasks": len(asyncio.all_tasks()),
     }
     return ready, detail
 
