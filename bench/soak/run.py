@@ -255,9 +255,20 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     duration = args.duration or (20.0 if args.smoke else 600.0)
     idle = args.idle if args.idle is not None else (1000 if args.smoke else 10_000)
+    # This process holds both ends of every idle connection (client and backend), the
+    # gateway both of its own: 2N descriptors each, plus the load's. Root may raise the
+    # hard limit; otherwise N shrinks to fit, and the report says so.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = min(hard, max(soft, 2 * idle + 1024))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))  # the gateway inherits it
+    want = max(soft, 2 * idle + 4096)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(hard, want)))
+    except (ValueError, OSError):
+        want = hard
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        if 2 * idle + 4096 > hard:
+            idle = max(0, (hard - 4096) // 2)
+            print(f"RLIMIT_NOFILE hard limit {hard}: holding {idle} idle connections",
+                  file=sys.stderr)
     with contextlib.suppress(OSError):
         os.sched_setaffinity(0, {int(LOAD_CORE)})
     procs = Procs()
