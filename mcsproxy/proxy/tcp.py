@@ -19,6 +19,7 @@ import asyncio
 import errno
 import logging
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 from mcsproxy.proxy.context import ListenerContext
@@ -34,6 +35,19 @@ UPSTREAM_WRITE_HIGH_WATER = 1024 * 1024
 CLIENT_WRITE_HIGH_WATER = 1024 * 1024
 # Bytes a client may send before the upstream connect completes (then reading pauses).
 EARLY_DATA_LIMIT = 64 * 1024
+
+
+def finish_abandoned(coro: Coroutine[Any, Any, Any]) -> None:
+    """The last step of a connect coroutine whose future was cancelled: it raises
+    CancelledError (or, having connected just before, returns a transport it closes)."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        done.value[0].abort()
+        return
+    except (asyncio.CancelledError, OSError):
+        return
+    coro.close()  # it waits on something else still: end it there
 
 
 class UpstreamSide(asyncio.Protocol):
@@ -73,8 +87,9 @@ class ClientSide(asyncio.Protocol):
     __slots__ = (
         "attempts",
         "closed",
-        "connect_task",
         "connect_timer",
+        "connect_waiter",
+        "connecting",
         "ctx",
         "early",
         "early_size",
@@ -87,7 +102,6 @@ class ClientSide(asyncio.Protocol):
         "sent",
         "started",
         "t_connect",
-        "timed_out",
         "transport",
         "tried",
         "up",
@@ -102,9 +116,10 @@ class ClientSide(asyncio.Protocol):
         self.host: Host | None = None
         self.tried: list[Host] = []
         self.attempts = 0
-        self.connect_task: asyncio.Task[Any] | None = None
+        # The upstream connect in progress (a loop.create_connection coroutine).
+        self.connecting: Coroutine[Any, Any, Any] | None = None
+        self.connect_waiter: object = None  # the future `connecting` awaits
         self.connect_timer: asyncio.TimerHandle | None = None
-        self.timed_out = False
         self.early: list[bytes] = []
         self.early_size = 0
         self.got_client_eof = False
@@ -188,63 +203,95 @@ class ClientSide(asyncio.Protocol):
         if upstream.affinity is not None:
             peer = self.transport.get_extra_info("peername")
             client_ip = peer[0] if peer else None
-        host = upstream.pick(client_ip, self.tried)
+        tried = self.tried
+        host = upstream.pick(client_ip, tried)
         if host is None:
-            if self.tried:
-                self.tried[-1].stats.failed += 1
+            if tried:
+                tried[-1].stats.failed += 1
             else:
                 upstream.stats.no_endpoint += 1
-            self.ctx.give_up("no eligible endpoint" if not self.tried else
-                             f"{len(self.tried)} connect attempts failed")
+            self.ctx.give_up("no eligible endpoint" if not tried else
+                             f"{len(tried)} connect attempts failed")
             self.transport.abort()
             return
         self.host = host
         if self.attempts:
             upstream.stats.retries += 1
         self.attempts += 1
-        self.timed_out = False
         self.t_connect = time.monotonic()
         loop = asyncio.get_running_loop()
-        task = loop.create_task(
-            loop.create_connection(self.make_upstream_side, host.address, host.port)
-        )
-        task.add_done_callback(self.connect_done)
-        self.connect_task = task
+        # The coroutine is driven by hand (connect_step) rather than by a Task: a Task
+        # costs an object, a context copy and two more trips through the loop per
+        # connect, measured ~8 % of the proxy's instructions per short connection.
+        self.connecting = loop.create_connection(self.make_upstream_side,
+                                                 host.address, host.port)
         self.connect_timer = loop.call_later(self.ctx.config.connect_timeout_s,
                                              self.connect_timeout)
+        self.connect_waiter = None
+        self.connect_step(None)
+
+    def connect_step(self, waited: object) -> None:
+        """Resume the connect coroutine: at its start, and each time the future it
+        waits on is done. Upstream_connected has run by the time it finishes."""
+        if waited is not self.connect_waiter:
+            return  # an abandoned attempt's future: abandon_connect finishes that one
+        coro = self.connecting
+        if coro is None:
+            return
+        try:
+            waiter = coro.send(None)
+        except StopIteration:
+            self.connecting = self.connect_waiter = None
+            return
+        except asyncio.CancelledError:
+            self.connecting = self.connect_waiter = None  # the loop is shutting down
+            return
+        except Exception as exc:  # whatever the connect raised counts against the endpoint
+            self.connecting = self.connect_waiter = None
+            self.connect_error(exc)
+            return
+        self.connect_waiter = waiter
+        if waiter is None:  # a bare yield (asyncio.sleep(0)): resume on the next turn
+            asyncio.get_running_loop().call_soon(self.connect_step, None)
+        else:
+            waiter.add_done_callback(self.connect_step)
+
+    def abandon_connect(self) -> None:
+        """Stop the connect in progress as Task.cancel would: cancel the future it waits
+        on, so that the coroutine unwinds through its own cleanup (closing its socket,
+        unregistering it from the loop), then drive it to its end."""
+        coro, waiter = self.connecting, self.connect_waiter
+        self.connecting = self.connect_waiter = None
+        if coro is None:
+            return
+        if waiter is not None and waiter.cancel():  # type: ignore[attr-defined]
+            waiter.add_done_callback(  # type: ignore[attr-defined]
+                lambda _: finish_abandoned(coro))
+        else:
+            coro.close()
 
     def make_upstream_side(self) -> UpstreamSide:
         return UpstreamSide(self)
 
     def connect_timeout(self) -> None:
         self.connect_timer = None
-        if self.connect_task is not None:
-            self.timed_out = True
-            self.connect_task.cancel()
+        if self.connecting is not None:
+            self.abandon_connect()
+            self.connect_failed("timeout")
 
-    def connect_done(self, task: asyncio.Task[Any]) -> None:
-        if task is not self.connect_task:
+    def connect_error(self, exc: Exception) -> None:
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+            self.cancel_connect()
+            # Our own descriptors ran out: not the endpoint's fault, so no failure is
+            # held against it (no ejection); this client is shed.
+            self.ctx.give_up("out of file descriptors")
+            self.transport.abort()
             return
-        self.connect_task = None
-        if self.connect_timer is not None:
-            self.connect_timer.cancel()
-            self.connect_timer = None
-        if task.cancelled():
-            if not self.timed_out:
-                return  # the client went away or the proxy is stopping
-            reason = "timeout"
-        else:
-            exc = task.exception()
-            if exc is None:
-                return  # upstream_connected already ran
-            if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
-                # Our own descriptors ran out: not the endpoint's fault, so no failure is
-                # held against it (no ejection); this client is shed.
-                self.ctx.give_up("out of file descriptors")
-                self.transport.abort()
-                return
-            reason = "connection refused" if isinstance(exc, ConnectionRefusedError) else \
-                getattr(exc, "strerror", None) or type(exc).__name__
+        self.connect_failed("connection refused" if isinstance(exc, ConnectionRefusedError)
+                            else getattr(exc, "strerror", None) or type(exc).__name__)
+
+    def connect_failed(self, reason: str) -> None:
+        self.cancel_connect()
         host = self.host
         assert host is not None
         self.upstream.connect_failed(host, reason)
@@ -262,9 +309,7 @@ class ClientSide(asyncio.Protocol):
         if self.connect_timer is not None:
             self.connect_timer.cancel()
             self.connect_timer = None
-        if self.connect_task is not None:
-            task, self.connect_task = self.connect_task, None
-            task.cancel()
+        self.abandon_connect()
 
     def upstream_connected(self, up: asyncio.Transport) -> None:
         if self.connect_timer is not None:
@@ -333,7 +378,7 @@ class ClientSide(asyncio.Protocol):
             outcome = "ok"
         elif host is None:
             outcome = "no_endpoint"
-        elif self.connect_task is None and len(self.tried) >= self.attempts:
+        elif self.connecting is None and len(self.tried) >= self.attempts:
             outcome = "failed"
         else:
             outcome = "client_closed"
