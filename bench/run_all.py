@@ -84,6 +84,15 @@ def run_bench(b: Bench, out: Path, smoke: bool, quick: bool) -> dict[str, object
             "md": f"{stem}.md"}
 
 
+def earlier(b: Bench, out: Path, smoke: bool) -> dict[str, object]:
+    stem = b.smoke_stem if smoke else b.stem
+    path = out / f"{stem}.json"
+    if not path.exists():
+        return {"status": "no results"}
+    return {"status": "ok (results of an earlier run)", "data": json.loads(path.read_text()),
+            "md": f"{stem}.md"}
+
+
 # Each summariser turns one benchmark's JSON into rows:
 # (benchmark, figure, mcsproxy value, peer, peer value, mcsproxy / peer, better-when).
 
@@ -299,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="skip the 50k-service control plane")
     ap.add_argument("--only", help="comma-separated: " + ",".join(b.name for b in BENCHES))
     ap.add_argument("--skip", default="", help="comma-separated names to leave out")
+    ap.add_argument("--summary-only", action="store_true",
+                    help="run nothing: rebuild the dated summary from the results in --out")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     names = {b.name for b in BENCHES}
@@ -309,8 +320,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown benchmarks: {', '.join(sorted(unknown))}")
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.date.today().isoformat()
-    runs = {b.name: run_bench(b, args.out, args.smoke, args.quick)
-            for b in BENCHES if b.name in only - skip}
+    chosen = [b for b in BENCHES if b.name in only - skip]
+    if args.summary_only:
+        runs = {b.name: earlier(b, args.out, args.smoke) for b in chosen}
+    else:
+        runs = {b.name: run_bench(b, args.out, args.smoke, args.quick) for b in chosen}
     write_summary(args.out, runs, args.smoke, stamp, args.quick)
     failed = [n for n, r in runs.items() if not str(r["status"]).startswith(("ok", "skipped"))]
     if failed:
