@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,bench]'
 	touch $@
 
 test: $(VENV)/.installed
@@ -27,10 +27,6 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 BENCH_ARGS ?=
 BENCH_SMOKE_OUT ?= /tmp/mcsproxy-bench-smoke
 
-$(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
-	$(PY) -m pip install --quiet -e '.[test,bench]'
-	touch $@
-
 bench-peers:
 	@missing=""; for b in $(BENCH_BIN); do command -v $$b >/dev/null || missing="$$missing $$b"; done; \
 	if [ -n "$$missing" ]; then echo "installing peers (missing:$$missing)"; \
@@ -39,11 +35,11 @@ bench-peers:
 
 # Every benchmark (~20 min on 2 cores; BENCH_ARGS=--quick skips the 50k-service size);
 # results in bench/results/<date>.md with JSON and PNG plots.
-bench: $(VENV)/.bench-installed bench-peers
+bench: $(VENV)/.installed bench-peers
 	$(PY) bench/run_all.py $(BENCH_ARGS)
 
 # Each benchmark in its smoke mode (seconds each), results in $(BENCH_SMOKE_OUT).
-bench-smoke: $(VENV)/.bench-installed bench-peers
+bench-smoke: $(VENV)/.installed bench-peers
 	$(PY) bench/run_all.py --smoke --out $(BENCH_SMOKE_OUT) $(BENCH_ARGS)
 
 # Known vulnerabilities in the installed dependencies. Needs PyPI's JSON API (the advisory
