@@ -162,8 +162,9 @@ async def test_front_door_is_not_an_open_proxy(tmp_path: Path) -> None:
         # The same front door does serve the imported service.
         reader, writer = await asyncio.open_connection("127.0.0.1", front)
         writer.write(b"GET / HTTP/1.1\r\nHost: web.chaos.svc.clusterset.local\r\n\r\n")
-        assert b" 200 " in await asyncio.wait_for(reader.readline(), 3)
+        line = await asyncio.wait_for(reader.readline(), 3)
         writer.close()
+        assert b" 200 " in line, (line, gw.log)
     finally:
         await gw.stop()
         await backend.stop()
