@@ -37,7 +37,6 @@ from kubernetes_asyncio.client import ApiClient
 from controlplane.clusters import ChangeSet, ClusterError, Connection, Notify
 from controlplane.clusters.kube_api import (
     MERGE_PATCH,
-    Backoff,
     KubeApi,
     KubeApiError,
     Obj,
@@ -58,6 +57,7 @@ from controlplane.resources import (
     ObjectRef,
     parse_member_object,
 )
+from mcsproxy.backoff import Backoff
 from mcsproxy.manifests import (
     LABEL_MANAGED_BY,
     LABEL_SOURCE_CLUSTER,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -21,6 +20,7 @@ import aiohttp
 from kubernetes_asyncio.client import ApiClient
 
 from controlplane.clusters import ClusterError
+from mcsproxy.backoff import describe_error
 
 Obj = dict[str, Any]
 MERGE_PATCH = "application/merge-patch+json"
@@ -38,24 +38,6 @@ class KubeApiError(ClusterError):
 
 class WatchExpired(Exception):
     """The watch's resourceVersion is too old (410 Gone): relist."""
-
-
-class Backoff:
-    """Exponential backoff with equal jitter, so members that failed together do not all
-    come back in the same instant."""
-
-    __slots__ = ("attempt", "base_s", "cap_s")
-
-    def __init__(self, base_s: float = 0.2, cap_s: float = 30.0) -> None:
-        self.base_s, self.cap_s, self.attempt = base_s, cap_s, 0
-
-    def next(self) -> float:
-        delay = min(self.cap_s, self.base_s * 2 ** min(self.attempt, 30))
-        self.attempt += 1
-        return delay * random.uniform(0.5, 1.0)
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 def _status_error(code: int, body: bytes) -> ClusterError:
@@ -101,7 +83,7 @@ class KubeApi:
                 finally:
                     resp.release()
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise ClusterError(f"{method} {path}: {_describe(exc)}") from None
+            raise ClusterError(f"{method} {path}: {describe_error(exc)}") from None
         if not 200 <= resp.status < 300:
             raise _status_error(resp.status, data)
         try:
@@ -147,7 +129,7 @@ class KubeApi:
             async with asyncio.timeout(self.timeout_s):
                 resp = await self._send("GET", path, query, None, None, timeout)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise ClusterError(f"watch {path}: {_describe(exc)}") from None
+            raise ClusterError(f"watch {path}: {describe_error(exc)}") from None
         try:
             if resp.status == 410:
                 raise WatchExpired(path)
@@ -160,7 +142,7 @@ class KubeApi:
                 except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
                     # A broken stream is not yet a dead server: the caller reconnects, and
                     # only a failing reconnect marks the cluster stale.
-                    yield {"type": "BROKEN", "error": _describe(exc)}
+                    yield {"type": "BROKEN", "error": describe_error(exc)}
                     return
                 if not line:
                     return
@@ -178,8 +160,3 @@ class KubeApi:
                 yield event
         finally:
             resp.close()  # an unfinished stream cannot go back to the pool
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -33,13 +33,14 @@ from kubernetes_asyncio.client import ApiClient, Configuration
 from controlplane.allocator import DEFAULT_CIDR
 from controlplane.clusters import ClusterError
 from controlplane.clusters.kube import KubeClusterClient, KubeTimings
-from controlplane.clusters.kube_api import Backoff, KubeApi
+from controlplane.clusters.kube_api import KubeApi
 from controlplane.command import parse_cluster_cidrs
 from controlplane.controller import Controller
 from controlplane.leader import LeaderElector, LeaseConfig
 from controlplane.metrics import ControllerMetrics
 from controlplane.server import ControllerServer
 from controlplane.stream import HEARTBEAT_S, StreamHub
+from mcsproxy.backoff import Backoff
 from mcsproxy.config import CLUSTER_ID_RE
 from mcsproxy.tasks import cancel_and_wait, spawn
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -21,12 +20,14 @@ from typing import Any
 import aiohttp
 from prometheus_client import CollectorRegistry, Histogram
 
+from mcsproxy.backoff import Backoff, describe_error
 from mcsproxy.manifests import (
     ManifestError,
     object_kind,
     parse_endpoint_slice,
     parse_service_import,
 )
+from mcsproxy.sources.lines import LineTooLong, read_lines
 from mcsproxy.store import ObjectId, SnapshotStore, SourceStatus, Spec
 
 log = logging.getLogger("mcsproxy.sources.controlplane")
@@ -92,7 +93,7 @@ class ControlplaneSource:
     async def run(self, store: SnapshotStore) -> None:
         status = store.register_source(self.name)
         status.connected = False
-        delay = self.backoff_initial_s
+        backoff = Backoff(self.backoff_initial_s, self.backoff_max_s)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             while True:
@@ -105,17 +106,16 @@ class ControlplaneSource:
                     log.error("controlplane stream: %s; reconnecting for a full resync", exc)
                     self.epoch = None
                 except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                    reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                    reason = describe_error(exc)
                 if status.connected:
                     log.warning("controlplane stream down (%s): serving the last snapshot "
                                 "(version %d)", reason, self.version)
                 status.connected = False
                 status.error = reason
                 if self.connects != applied_before:
-                    delay = self.backoff_initial_s  # that session worked: start over
-                # Full jitter keeps a fleet of gateways from reconnecting in step.
-                await asyncio.sleep(random.uniform(delay / 2, delay))
-                delay = min(self.backoff_max_s, delay * 2)
+                    backoff.reset()  # that session worked: start over
+                # Jitter keeps a fleet of gateways from reconnecting in step.
+                await asyncio.sleep(backoff.next())
 
     async def _session(
         self, session: aiohttp.ClientSession, store: SnapshotStore, status: SourceStatus
@@ -135,23 +135,11 @@ class ControlplaneSource:
                 heartbeat = 5.0
             # Three missed heartbeats: the controller (or the path to it) is gone.
             read_timeout = min(max(3 * heartbeat, 0.5), 120.0)
-            buffer = bytearray()
-            scanned = 0
-            while True:
-                chunk = await asyncio.wait_for(response.content.readany(), read_timeout)
-                if not chunk:
-                    return
-                buffer += chunk
-                while (end := buffer.find(b"\n", scanned)) >= 0:
-                    line = bytes(buffer[:end])
-                    del buffer[:end + 1]
-                    scanned = 0
-                    if line.strip():
-                        self._handle(line, store, status)
-                scanned = len(buffer)
-                if scanned > MAX_MESSAGE_BYTES:
-                    raise StreamProtocolError(
-                        f"message longer than {MAX_MESSAGE_BYTES} bytes without a newline")
+            try:
+                await read_lines(response.content, lambda line: self._handle(line, store, status),
+                                 max_bytes=MAX_MESSAGE_BYTES, read_timeout_s=read_timeout)
+            except LineTooLong as exc:
+                raise StreamProtocolError(str(exc)) from None
 
     # -- messages ------------------------------------------------------------------------
     def _handle(self, line: bytes, store: SnapshotStore, status: SourceStatus) -> None:

@@ -29,6 +29,9 @@ import aiohttp
 from kubernetes_asyncio.client import ApiClient, CoreV1Api, CustomObjectsApi
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from mcsproxy.backoff import Backoff, describe_error
+from mcsproxy.sources.lines import read_lines
+
 log = logging.getLogger("mcsproxy.sources.kube")
 
 Obj = dict[str, Any]
@@ -82,8 +85,7 @@ class Handler(Protocol):
 def _error_text(exc: BaseException) -> str:
     if isinstance(exc, ApiException):
         return f"HTTP {exc.status} {exc.reason}".strip()
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return describe_error(exc)
 
 
 class Reflector:
@@ -125,18 +127,17 @@ class Reflector:
 
     # -- the loop --------------------------------------------------------------------
     async def run(self) -> None:
-        delay = self.timings.backoff_initial_s
+        backoff = Backoff(self.timings.backoff_initial_s, self.timings.backoff_max_s)
         while True:
             try:
                 if self.resource_version is None:
                     await self._list()
-                    delay = self.timings.backoff_initial_s
+                    backoff.reset()
                 if await self._watch():
-                    delay = self.timings.backoff_initial_s
+                    backoff.reset()
                     continue
                 # A short, empty watch: resume after a backoff step, not at once.
-                await asyncio.sleep(random.uniform(delay / 2, delay))
-                delay = min(self.timings.backoff_max_s, delay * 2)
+                await asyncio.sleep(backoff.next())
             except ResourceGone:
                 self.relists_gone += 1
                 log.info("%s: resourceVersion %s expired (410); relisting", self.name,
@@ -144,12 +145,11 @@ class Reflector:
                 self.resource_version = None
             except NotServed:
                 await self._not_served()
-                delay = self.timings.backoff_initial_s
+                backoff.reset()
             except (ApiException, aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
                 self._set_state(connected=False, error=_error_text(exc))
                 # Full jitter: a fleet of gateways must not come back in step.
-                await asyncio.sleep(random.uniform(0, delay))
-                delay = min(self.timings.backoff_max_s, delay * 2)
+                await asyncio.sleep(backoff.next_full())
 
     def _set_state(self, *, connected: bool, error: str | None) -> None:
         if connected != self.connected or error != self.error:
@@ -239,7 +239,6 @@ class Reflector:
             sock_connect=t.request_timeout_s, sock_read=server_timeout + t.idle_margin_s)
         loop = asyncio.get_running_loop()
         started = loop.time()
-        events = 0
         response = await self._call(
             watch=True, resource_version=self.resource_version, allow_watch_bookmarks=True,
             timeout_seconds=server_timeout, _request_timeout=timeout)
@@ -253,23 +252,8 @@ class Reflector:
                 raise ApiException(status=response.status, reason=_reason(body))
             self.watches += 1
             self._set_state(connected=True, error=None)
-            buffer = bytearray()
-            scanned = 0
-            while True:
-                chunk = await response.content.readany()  # bounded by sock_read above
-                if not chunk:
-                    break
-                buffer += chunk
-                while (end := buffer.find(b"\n", scanned)) >= 0:
-                    line = bytes(buffer[:end])
-                    del buffer[:end + 1]
-                    scanned = 0
-                    if line.strip():
-                        self._event(line)
-                        events += 1
-                scanned = len(buffer)
-                if scanned > MAX_LINE_BYTES:
-                    raise ValueError(f"watch event longer than {MAX_LINE_BYTES} bytes")
+            # Each read is bounded by sock_read above.
+            events = await read_lines(response.content, self._event, max_bytes=MAX_LINE_BYTES)
         return events > 0 or loop.time() - started >= SHORT_WATCH_S
 
     def _event(self, line: bytes) -> None:

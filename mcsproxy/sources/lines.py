@@ -1,0 +1,53 @@
+"""Reading a long-lived response one newline-terminated message at a time.
+
+Both streams a gateway follows send one JSON document a line: a Kubernetes watch and the
+controller's stream. Lines are cut from whatever chunks arrive (readany, not readline, so
+a line can be larger than aiohttp's read buffer), and a line that never ends is an error
+rather than unbounded memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import aiohttp
+
+
+class LineTooLong(ValueError):
+    """More than the allowed bytes arrived without a newline."""
+
+
+async def read_lines(
+    content: aiohttp.StreamReader,
+    on_line: Callable[[bytes], None],
+    *,
+    max_bytes: int,
+    read_timeout_s: float | None = None,
+) -> int:
+    """Call `on_line` with each non-blank line until the stream ends; return how many.
+
+    `read_timeout_s` bounds each wait for the next chunk; leave it None only when the
+    response already has a socket read timeout.
+    """
+    buffer = bytearray()
+    scanned = 0  # the bytes of `buffer` already searched for a newline
+    count = 0
+    while True:
+        if read_timeout_s is None:
+            chunk = await content.readany()
+        else:
+            chunk = await asyncio.wait_for(content.readany(), read_timeout_s)
+        if not chunk:
+            return count
+        buffer += chunk
+        while (end := buffer.find(b"\n", scanned)) >= 0:
+            line = bytes(buffer[:end])
+            del buffer[:end + 1]
+            scanned = 0
+            if line.strip():
+                on_line(line)
+                count += 1
+        scanned = len(buffer)
+        if scanned > max_bytes:
+            raise LineTooLong(f"message longer than {max_bytes} bytes without a newline")
