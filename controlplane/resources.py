@@ -20,12 +20,12 @@ from mcsproxy.manifests import (
     MCS_VERSIONS,
     ManifestError,
     SliceSpec,
-    _list,
-    _mapping,
-    _name,
-    _port_number,
-    _protocol,
-    _str_map,
+    as_list,
+    as_mapping,
+    as_port_number,
+    as_protocol,
+    as_str_map,
+    namespaced_name,
     parse_endpoint_slice,
 )
 from mcsproxy.model import DEFAULT_AFFINITY_TIMEOUT_S, ServiceKey
@@ -110,24 +110,24 @@ def parse_timestamp(value: Any, what: str) -> datetime:
 
 
 def _service(obj: Mapping[str, Any]) -> ServiceInfo:
-    meta = _mapping(obj.get("metadata"), "metadata")
-    namespace, name = _name(meta, "Service")
+    meta = as_mapping(obj.get("metadata"), "metadata")
+    namespace, name = namespaced_name(meta, "Service")
     where = f"Service {namespace}/{name}"
-    spec = _mapping(obj.get("spec"), f"{where}: spec")
+    spec = as_mapping(obj.get("spec"), f"{where}: spec")
     svc_type = spec.get("type") or "ClusterIP"
     if svc_type not in ("ClusterIP", "NodePort", "LoadBalancer", EXTERNAL_NAME):
         raise ManifestError(f"{where}: unknown spec.type {svc_type!r}")
     ports: list[PortInfo] = []
-    for i, raw in enumerate(_list(spec.get("ports"), f"{where}: spec.ports")):
-        p = _mapping(raw, f"{where}: spec.ports[{i}]")
+    for i, raw in enumerate(as_list(spec.get("ports"), f"{where}: spec.ports")):
+        p = as_mapping(raw, f"{where}: spec.ports[{i}]")
         pname = p.get("name") or ""
         app = p.get("appProtocol")
         if not isinstance(pname, str) or (app is not None and not isinstance(app, str)):
             raise ManifestError(f"{where}: spec.ports[{i}] name/appProtocol must be strings")
         ports.append(PortInfo(
             pname,
-            _protocol(p.get("protocol"), f"{where}: spec.ports[{i}].protocol"),
-            _port_number(p.get("port"), f"{where}: spec.ports[{i}].port"),
+            as_protocol(p.get("protocol"), f"{where}: spec.ports[{i}].protocol"),
+            as_port_number(p.get("port"), f"{where}: spec.ports[{i}].port"),
             app,
         ))
     affinity = spec.get("sessionAffinity") or "None"
@@ -135,8 +135,8 @@ def _service(obj: Mapping[str, Any]) -> ServiceInfo:
         raise ManifestError(f"{where}: spec.sessionAffinity must be None or ClientIP")
     timeout: int | None = None
     if affinity == "ClientIP":
-        cfg = _mapping(spec.get("sessionAffinityConfig"), f"{where}: sessionAffinityConfig")
-        client_ip = _mapping(cfg.get("clientIP"), f"{where}: sessionAffinityConfig.clientIP")
+        cfg = as_mapping(spec.get("sessionAffinityConfig"), f"{where}: sessionAffinityConfig")
+        client_ip = as_mapping(cfg.get("clientIP"), f"{where}: sessionAffinityConfig.clientIP")
         timeout = client_ip.get("timeoutSeconds", DEFAULT_AFFINITY_TIMEOUT_S)
         if isinstance(timeout, bool) or not isinstance(timeout, int) or not 1 <= timeout <= 86400:
             raise ManifestError(f"{where}: timeoutSeconds must be 1-86400")
@@ -146,7 +146,7 @@ def _service(obj: Mapping[str, Any]) -> ServiceInfo:
     traffic = spec.get("trafficDistribution")
     if traffic is not None and not isinstance(traffic, str):
         raise ManifestError(f"{where}: spec.trafficDistribution must be a string")
-    families = tuple(_list(spec.get("ipFamilies"), f"{where}: spec.ipFamilies")) or ("IPv4",)
+    families = tuple(as_list(spec.get("ipFamilies"), f"{where}: spec.ipFamilies")) or ("IPv4",)
     if any(f not in ("IPv4", "IPv6") for f in families) or len(set(families)) != len(families):
         raise ManifestError(f"{where}: spec.ipFamilies must hold IPv4 and/or IPv6 once each")
     return ServiceInfo(
@@ -163,10 +163,10 @@ def _service(obj: Mapping[str, Any]) -> ServiceInfo:
 
 
 def _export(obj: Mapping[str, Any]) -> ExportInfo:
-    meta = _mapping(obj.get("metadata"), "metadata")
-    namespace, name = _name(meta, KIND_EXPORT)
+    meta = as_mapping(obj.get("metadata"), "metadata")
+    namespace, name = namespaced_name(meta, KIND_EXPORT)
     where = f"ServiceExport {namespace}/{name}"
-    spec = _mapping(obj.get("spec"), f"{where}: spec")
+    spec = as_mapping(obj.get("spec"), f"{where}: spec")
     manifest = {k: v for k, v in obj.items() if k != "status"}
     kept_meta = {k: meta[k] for k in ("name", "namespace", "labels", "annotations",
                                       "creationTimestamp", "uid") if k in meta}
@@ -178,8 +178,8 @@ def _export(obj: Mapping[str, Any]) -> ExportInfo:
     return ExportInfo(
         key=ServiceKey(namespace, name),
         created=created,
-        exported_labels=_str_map(spec.get("exportedLabels"), f"{where}: spec.exportedLabels"),
-        exported_annotations=_str_map(
+        exported_labels=as_str_map(spec.get("exportedLabels"), f"{where}: spec.exportedLabels"),
+        exported_annotations=as_str_map(
             spec.get("exportedAnnotations"), f"{where}: spec.exportedAnnotations"
         ),
         manifest=manifest,
@@ -188,8 +188,8 @@ def _export(obj: Mapping[str, Any]) -> ExportInfo:
 
 def _cluster_names(value: Any, what: str) -> tuple[str, ...]:
     names = []
-    for i, raw in enumerate(_list(value, what)):
-        entry = _mapping(raw, f"{what}[{i}]")
+    for i, raw in enumerate(as_list(value, what)):
+        entry = as_mapping(raw, f"{what}[{i}]")
         cluster = entry.get("name")
         if not isinstance(cluster, str) or not cluster:
             raise ManifestError(f"{what}[{i}].name must be a cluster name")
@@ -198,11 +198,11 @@ def _cluster_names(value: Any, what: str) -> tuple[str, ...]:
 
 
 def _mcs(obj: Mapping[str, Any]) -> McsInfo:
-    meta = _mapping(obj.get("metadata"), "metadata")
-    namespace, name = _name(meta, KIND_MCS)
+    meta = as_mapping(obj.get("metadata"), "metadata")
+    namespace, name = namespaced_name(meta, KIND_MCS)
     where = f"MultiClusterService {namespace}/{name}"
-    spec = _mapping(obj.get("spec"), f"{where}: spec")
-    types = _list(spec.get("types"), f"{where}: spec.types")
+    spec = as_mapping(obj.get("spec"), f"{where}: spec")
+    types = as_list(spec.get("types"), f"{where}: spec.types")
     return McsInfo(
         key=ServiceKey(namespace, name),
         created=parse_timestamp(meta.get("creationTimestamp"), f"{where}: creationTimestamp"),
@@ -227,7 +227,7 @@ def parse_member_object(obj: Mapping[str, Any], cluster: str) -> tuple[ObjectRef
     """One member-cluster object → (ref, record); None for kinds reconcile ignores."""
     api_version, kind = obj.get("apiVersion"), obj.get("kind")
     if kind == KIND_NAMESPACE and api_version == "v1":
-        meta = _mapping(obj.get("metadata"), "metadata")
+        meta = as_mapping(obj.get("metadata"), "metadata")
         name = meta.get("name")
         if not isinstance(name, str) or not name:
             raise ManifestError("Namespace has no metadata.name")
@@ -236,9 +236,9 @@ def parse_member_object(obj: Mapping[str, Any], cluster: str) -> tuple[ObjectRef
         svc = _service(obj)
         return ObjectRef(KIND_SERVICE, svc.key.namespace, svc.key.name), svc
     if kind == KIND_SLICE and api_version == "discovery.k8s.io/v1":
-        meta = _mapping(obj.get("metadata"), "metadata")
-        namespace, name = _name(meta, KIND_SLICE)
-        labels = _str_map(meta.get("labels"), f"EndpointSlice {namespace}/{name}: labels")
+        meta = as_mapping(obj.get("metadata"), "metadata")
+        namespace, name = namespaced_name(meta, KIND_SLICE)
+        labels = as_str_map(meta.get("labels"), f"EndpointSlice {namespace}/{name}: labels")
         service_name = labels.get(LABEL_K8S_SERVICE_NAME)
         if not service_name or not _is_member_slice(labels):
             return None

@@ -98,7 +98,14 @@ def object_kind(obj: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _mapping(value: Any, what: str) -> Mapping[str, Any]:
+# Field validators: the gateway's parsers below and the controller's member-object parsers
+# (controlplane/resources.py) judge the same fields with the same code and messages. Each
+# takes the value and `what` (where it sits, for the error) and returns it checked, or
+# raises ManifestError.
+
+
+def as_mapping(value: Any, what: str) -> Mapping[str, Any]:
+    """A mapping; a missing one (None) is empty."""
     if value is None:
         return EMPTY_MAPPING
     if not isinstance(value, Mapping):
@@ -106,7 +113,8 @@ def _mapping(value: Any, what: str) -> Mapping[str, Any]:
     return value
 
 
-def _list(value: Any, what: str) -> list[Any]:
+def as_list(value: Any, what: str) -> list[Any]:
+    """A list; a missing one (None) is empty."""
     if value is None:
         return []
     if not isinstance(value, list):
@@ -114,28 +122,31 @@ def _list(value: Any, what: str) -> list[Any]:
     return value
 
 
-def _str_map(value: Any, what: str) -> Mapping[str, str]:
-    m = _mapping(value, what)
+def as_str_map(value: Any, what: str) -> Mapping[str, str]:
+    """Labels or annotations: strings to strings."""
+    m = as_mapping(value, what)
     for k, v in m.items():
         if not isinstance(k, str) or not isinstance(v, str):
             raise ManifestError(f"{what} must map strings to strings ({k!r})")
     return dict(m) if m else EMPTY_MAPPING
 
 
-def _port_number(value: Any, what: str) -> int:
+def as_port_number(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
         raise ManifestError(f"{what} must be an integer 1-65535, not {value!r}")
     return value
 
 
-def _protocol(value: Any, what: str) -> str:
+def as_protocol(value: Any, what: str) -> str:
+    """TCP, UDP or SCTP; TCP when missing, as Kubernetes defaults it."""
     proto = "TCP" if value is None else value
     if proto not in PROTOCOLS:
         raise ManifestError(f"{what} must be one of {', '.join(PROTOCOLS)}, not {value!r}")
     return proto
 
 
-def _name(meta: Mapping[str, Any], kind: str) -> tuple[str, str]:
+def namespaced_name(meta: Mapping[str, Any], kind: str) -> tuple[str, str]:
+    """(namespace, name) from metadata; namespace "default" when missing."""
     name = meta.get("name")
     if not isinstance(name, str) or not name:
         raise ManifestError(f"{kind} has no metadata.name")
@@ -146,10 +157,10 @@ def _name(meta: Mapping[str, Any], kind: str) -> tuple[str, str]:
 
 
 def parse_service_import(obj: Mapping[str, Any]) -> ImportSpec:
-    meta = _mapping(obj.get("metadata"), "metadata")
-    namespace, name = _name(meta, "ServiceImport")
+    meta = as_mapping(obj.get("metadata"), "metadata")
+    namespace, name = namespaced_name(meta, "ServiceImport")
     where = f"ServiceImport {namespace}/{name}"
-    spec = _mapping(obj.get("spec"), f"{where}: spec")
+    spec = as_mapping(obj.get("spec"), f"{where}: spec")
     svc_type = spec.get("type", "ClusterSetIP")
     if svc_type not in ("ClusterSetIP", "Headless"):
         raise ManifestError(
@@ -157,7 +168,7 @@ def parse_service_import(obj: Mapping[str, Any]) -> ImportSpec:
         )
     ips: list[str] = []
     families: set[int] = set()
-    for raw in _list(spec.get("ips"), f"{where}: spec.ips"):
+    for raw in as_list(spec.get("ips"), f"{where}: spec.ips"):
         try:
             ip = ipaddress.ip_address(raw)
         except (ValueError, TypeError):
@@ -171,13 +182,13 @@ def parse_service_import(obj: Mapping[str, Any]) -> ImportSpec:
     ports: list[ServicePort] = []
     seen_names: set[str] = set()
     seen_numbers: set[tuple[str, int]] = set()
-    for i, raw in enumerate(_list(spec.get("ports"), f"{where}: spec.ports")):
-        p = _mapping(raw, f"{where}: spec.ports[{i}]")
+    for i, raw in enumerate(as_list(spec.get("ports"), f"{where}: spec.ports")):
+        p = as_mapping(raw, f"{where}: spec.ports[{i}]")
         pname = p.get("name") or ""
         if not isinstance(pname, str):
             raise ManifestError(f"{where}: spec.ports[{i}].name must be a string")
-        number = _port_number(p.get("port"), f"{where}: spec.ports[{i}].port")
-        proto = _protocol(p.get("protocol"), f"{where}: spec.ports[{i}].protocol")
+        number = as_port_number(p.get("port"), f"{where}: spec.ports[{i}].port")
+        proto = as_protocol(p.get("protocol"), f"{where}: spec.ports[{i}].protocol")
         app = p.get("appProtocol")
         if app is not None and not isinstance(app, str):
             raise ManifestError(f"{where}: spec.ports[{i}].appProtocol must be a string")
@@ -190,8 +201,8 @@ def parse_service_import(obj: Mapping[str, Any]) -> ImportSpec:
     if affinity not in ("None", "ClientIP"):
         raise ManifestError(f"{where}: spec.sessionAffinity must be None or ClientIP")
     timeout = DEFAULT_AFFINITY_TIMEOUT_S
-    cfg = _mapping(spec.get("sessionAffinityConfig"), f"{where}: spec.sessionAffinityConfig")
-    client_ip = _mapping(cfg.get("clientIP"), f"{where}: sessionAffinityConfig.clientIP")
+    cfg = as_mapping(spec.get("sessionAffinityConfig"), f"{where}: spec.sessionAffinityConfig")
+    client_ip = as_mapping(cfg.get("clientIP"), f"{where}: sessionAffinityConfig.clientIP")
     if client_ip.get("timeoutSeconds") is not None:
         timeout = client_ip["timeoutSeconds"]
         if isinstance(timeout, bool) or not isinstance(timeout, int) or not 1 <= timeout <= 86400:
@@ -199,10 +210,10 @@ def parse_service_import(obj: Mapping[str, Any]) -> ImportSpec:
     traffic = spec.get("trafficDistribution")
     if traffic is not None and not isinstance(traffic, str):
         raise ManifestError(f"{where}: spec.trafficDistribution must be a string")
-    status = _mapping(obj.get("status"), f"{where}: status")
+    status = as_mapping(obj.get("status"), f"{where}: status")
     clusters = tuple(
-        str(_mapping(c, f"{where}: status.clusters").get("cluster", ""))
-        for c in _list(status.get("clusters"), f"{where}: status.clusters")
+        str(as_mapping(c, f"{where}: status.clusters").get("cluster", ""))
+        for c in as_list(status.get("clusters"), f"{where}: status.clusters")
     )
     return ImportSpec(
         key=ServiceKey(namespace, name),
@@ -212,7 +223,7 @@ def parse_service_import(obj: Mapping[str, Any]) -> ImportSpec:
         session_affinity=affinity,
         affinity_timeout_s=timeout,
         traffic_distribution=traffic,
-        annotations=_str_map(meta.get("annotations"), f"{where}: metadata.annotations"),
+        annotations=as_str_map(meta.get("annotations"), f"{where}: metadata.annotations"),
         clusters=tuple(c for c in clusters if c),
     )
 
@@ -236,10 +247,10 @@ def parse_endpoint_slice(
     `service_name` / `cluster` let a caller that knows them another way (Karmada's
     dispatched slices) supply what the MCS labels would say.
     """
-    meta = _mapping(obj.get("metadata"), "metadata")
-    namespace, name = _name(meta, "EndpointSlice")
+    meta = as_mapping(obj.get("metadata"), "metadata")
+    namespace, name = namespaced_name(meta, "EndpointSlice")
     where = f"EndpointSlice {namespace}/{name}"
-    labels = _str_map(meta.get("labels"), f"{where}: metadata.labels")
+    labels = as_str_map(meta.get("labels"), f"{where}: metadata.labels")
     service_name = service_name or labels.get(LABEL_SERVICE_NAME)
     if not service_name:
         return None
@@ -253,22 +264,22 @@ def parse_endpoint_slice(
         raise ManifestError(f"{where}: addressType must be IPv4, IPv6 or FQDN")
     family = 4 if address_type == "IPv4" else 6
     ports: list[EndpointPort] = []
-    for i, raw in enumerate(_list(obj.get("ports"), f"{where}: ports")):
-        p = _mapping(raw, f"{where}: ports[{i}]")
+    for i, raw in enumerate(as_list(obj.get("ports"), f"{where}: ports")):
+        p = as_mapping(raw, f"{where}: ports[{i}]")
         if p.get("port") is None:
             continue  # a nil port means "all ports": nothing we can map by name
         ports.append(
             EndpointPort(
                 str(p.get("name") or ""),
-                _protocol(p.get("protocol"), f"{where}: ports[{i}].protocol"),  # type: ignore[arg-type]
-                _port_number(p.get("port"), f"{where}: ports[{i}].port"),
+                as_protocol(p.get("protocol"), f"{where}: ports[{i}].protocol"),  # type: ignore[arg-type]
+                as_port_number(p.get("port"), f"{where}: ports[{i}].port"),
             )
         )
     shared_ports = tuple(ports)
     endpoints: list[Endpoint] = []
-    for i, raw in enumerate(_list(obj.get("endpoints"), f"{where}: endpoints")):
-        ep = _mapping(raw, f"{where}: endpoints[{i}]")
-        addresses = _list(ep.get("addresses"), f"{where}: endpoints[{i}].addresses")
+    for i, raw in enumerate(as_list(obj.get("endpoints"), f"{where}: endpoints")):
+        ep = as_mapping(raw, f"{where}: endpoints[{i}]")
+        addresses = as_list(ep.get("addresses"), f"{where}: endpoints[{i}].addresses")
         if not addresses:
             raise ManifestError(f"{where}: endpoints[{i}] has no addresses")
         parsed: list[str] = []
@@ -282,7 +293,7 @@ def parse_endpoint_slice(
             if ip.version != family:
                 raise ManifestError(f"{where}: endpoints[{i}] address {ip} is not {address_type}")
             parsed.append(str(ip))
-        conds = _mapping(ep.get("conditions"), f"{where}: endpoints[{i}].conditions")
+        conds = as_mapping(ep.get("conditions"), f"{where}: endpoints[{i}].conditions")
         try:
             ready = _condition(conds, "ready", True)
             serving = _condition(conds, "serving", ready)
