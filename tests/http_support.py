@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from httptools import HttpRequestParser
 
 from mcsproxy.model import ServicePort
-from tests.proxy_fixtures import Clusterset, endpoint, free_port
+from tests.proxy_fixtures import Clusterset, LoopbackServer, endpoint, free_port
 
 HTTP_PORT = ServicePort("web", "TCP", 80, "http")
 
@@ -125,7 +125,7 @@ class BackendConn(asyncio.Protocol):
 
 
 @dataclass
-class HttpBackend:
+class HttpBackend(LoopbackServer):
     name: str
     host: str
     cluster: str
@@ -141,18 +141,8 @@ class HttpBackend:
         self.hold_reading.set()
         if not self.port:
             self.port = free_port(self.host)
-        loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: BackendConn(self), self.host, self.port,
-                                               reuse_address=True)
+        await self.listen(lambda: BackendConn(self))
         return self
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            for t in list(self.transports):
-                t.abort()
-            await self.server.wait_closed()
-            self.server = None
 
     def header(self, index: int, name: bytes) -> list[bytes]:
         return [v for n, v in self.requests[index][2] if n.lower() == name]

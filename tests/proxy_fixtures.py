@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -46,8 +46,30 @@ class NamedEcho(asyncio.Protocol):
         self.backend.transports.discard(self.transport)
 
 
+class LoopbackServer:
+    """Listening and stopping for the test backends (dataclasses with these fields)."""
+
+    host: str
+    port: int
+    server: asyncio.Server | None
+    transports: set[asyncio.Transport]  # open connections, aborted by stop()
+
+    async def listen(self, protocol: Callable[[], asyncio.Protocol]) -> None:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(protocol, self.host, self.port,
+                                               reuse_address=True)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            for t in list(self.transports):
+                t.abort()
+            await self.server.wait_closed()
+            self.server = None
+
+
 @dataclass
-class Backend:
+class Backend(LoopbackServer):
     name: str
     host: str
     port: int
@@ -57,18 +79,8 @@ class Backend:
     transports: set[asyncio.Transport] = field(default_factory=set)
 
     async def start(self) -> Backend:
-        loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: NamedEcho(self), self.host, self.port,
-                                               reuse_address=True)
+        await self.listen(lambda: NamedEcho(self))
         return self
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            for t in list(self.transports):
-                t.abort()
-            await self.server.wait_closed()
-            self.server = None
 
 
 def endpoint(address: str, cluster: str, port: int, name: str = "web",

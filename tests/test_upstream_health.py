@@ -4,16 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import random
-import socket
 
 from mcsproxy.config import HealthConfig, ProxyConfig
 from mcsproxy.upstream import HealthChecker, Target, UpstreamSet, probe_http, probe_tcp
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+from tests.proxy_fixtures import free_port
 
 
 class HttpStatus(asyncio.Protocol):
