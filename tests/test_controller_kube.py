@@ -15,6 +15,7 @@ from tests.test_controller_kube_support import (
     IMPORTS,
     Clusterset,
     clusterset,
+    export_web,
     member_slice,
     namespace,
     service,
@@ -30,13 +31,6 @@ FAST_PROBE = KubeTimings(request_timeout_s=0.3, watch_timeout_s=30.0, probe_inte
 async def cs() -> AsyncIterator[Clusterset]:
     async with clusterset() as cs:
         yield cs
-
-
-def export_web(cs: Clusterset, cluster: str, addresses: list[str], **kwargs: Any) -> None:
-    emu = cs[cluster]
-    emu.put_object(service("web"))
-    emu.put_object(member_slice("web", addresses))
-    emu.put_object(service_export("web", **kwargs))
 
 
 def conditions(cs: Clusterset, cluster: str, name: str = "web") -> dict[str, dict[str, Any]]:

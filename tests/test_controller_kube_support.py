@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from controlplane.clusters.kube import KubeClusterClient, KubeTimings
+from controlplane.clusters.kube_app import KubeControllerApp, KubeControllerConfig
 from controlplane.controller import Controller
 from controlplane.resources import CONTROLLER_MANAGER
 from mcsproxy.manifests import LABEL_MANAGED_BY
@@ -138,6 +139,23 @@ async def clusterset(names: tuple[str, ...] = ("a", "b", "c"),
             yield cs
         finally:
             await cs.stop_controller()
+
+
+def export_web(cs: Clusterset, cluster: str, addresses: list[str], **kwargs: Any) -> None:
+    """Service demo/web with one slice of `addresses` in `cluster`, exported."""
+    emu = cs[cluster]
+    emu.put_object(service("web"))
+    emu.put_object(member_slice("web", addresses))
+    emu.put_object(service_export("web", **kwargs))
+
+
+def kube_controller(kubeconfig: Path, identity: str, clusters: tuple[str, ...] = ("a", "b", "c"),
+                    **kwargs: Any) -> KubeControllerApp:
+    """A Kubernetes-mode replica over write_kubeconfig's contexts, on a short Lease."""
+    return KubeControllerApp(KubeControllerConfig(
+        kubeconfig=kubeconfig, contexts=tuple((c, c) for c in clusters),
+        lease_namespace="kube-system", lease_duration_s=1.5, identity=identity,
+        timings=FAST, **kwargs))
 
 
 def write_kubeconfig(cs: Clusterset, path: Path) -> Path:

@@ -9,16 +9,14 @@ from pathlib import Path
 
 import aiohttp
 
-from controlplane.clusters.kube_app import KubeControllerApp, KubeControllerConfig
+from controlplane.clusters.kube_app import KubeControllerApp
 from mcsproxy.tasks import cancel_and_wait, spawn
 from tests.proxy_fixtures import free_port
 from tests.test_controller_kube_support import (
-    FAST,
     clusterset,
-    member_slice,
+    export_web,
+    kube_controller,
     namespace,
-    service,
-    service_export,
     write_kubeconfig,
 )
 
@@ -27,10 +25,7 @@ HOST = "127.51.0.1"
 
 def replica(kubeconfig: Path, identity: str) -> tuple[KubeControllerApp, str]:
     port = free_port(HOST)
-    app = KubeControllerApp(KubeControllerConfig(
-        kubeconfig=kubeconfig, contexts=(("a", "a"), ("b", "b")), serve=(HOST, port),
-        lease_namespace="kube-system", lease_duration_s=1.5, identity=identity,
-        timings=FAST))
+    app = kube_controller(kubeconfig, identity, ("a", "b"), serve=(HOST, port))
     return app, f"http://{HOST}:{port}"
 
 
@@ -57,9 +52,7 @@ async def test_standby_is_ready_but_streams_nothing_until_it_leads(tmp_path: Pat
     async with clusterset(("a", "b")) as cs, aiohttp.ClientSession() as session:
         for c in cs.emulators:
             cs[c].put_object(namespace("demo"))
-        cs["a"].put_object(service("web"))
-        cs["a"].put_object(member_slice("web", ["10.1.0.1"]))
-        cs["a"].put_object(service_export("web"))
+        export_web(cs, "a", ["10.1.0.1"])
         kubeconfig = write_kubeconfig(cs, tmp_path / "kubeconfig")
         (one, one_url), (two, two_url) = replica(kubeconfig, "one"), replica(kubeconfig, "two")
         first = spawn(one.run(), name="controller one")

@@ -30,10 +30,10 @@ from tests.test_controller_kube_support import (
     EXPORTS,
     FAST,
     clusterset,
+    export_web,
     member_slice,
     namespace,
     service,
-    service_export,
 )
 from tests.test_deploy import NAMESPACE, ROOT, expected_calls
 from tests.test_kube_source import multicluster_service, running, service_import
@@ -188,9 +188,7 @@ async def record_controller(tmp_path: Path) -> tuple[list[Request], list[Request
                              "metadata": {"name": f"mcsproxy-member-{c}", "namespace": NAMESPACE,
                                           "labels": {MEMBER_LABEL: c}},
                              "data": {"kubeconfig": base64.b64encode(raw).decode()}})
-        m1.put_object(service("web"))
-        m1.put_object(member_slice("web", ["10.1.0.1"]))
-        m1.put_object(service_export("web"))
+        export_web(cs, "m1", ["10.1.0.1"])
         app = KubeControllerApp(KubeControllerConfig(
             kubeconfig=home.kubeconfig(tmp_path / "home", "home"), member_secrets=NAMESPACE,
             lease_namespace=NAMESPACE, lease_duration_s=1.5, identity="recorder",

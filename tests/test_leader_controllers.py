@@ -16,33 +16,23 @@ from mcsproxy.tasks import cancel_and_wait, spawn
 from tests.test_controller_kube_support import (
     FAST,
     clusterset,
+    export_web,
+    kube_controller,
     member_slice,
     namespace,
-    service,
-    service_export,
     write_kubeconfig,
 )
 
 LEASES = "leases.coordination.k8s.io"
 
 
-def app(kubeconfig: Path, identity: str, **kwargs: object) -> KubeControllerApp:
-    config = KubeControllerConfig(
-        kubeconfig=kubeconfig, contexts=(("a", "a"), ("b", "b"), ("c", "c")),
-        lease_namespace="kube-system", lease_duration_s=1.5, identity=identity,
-        timings=FAST, **kwargs)  # type: ignore[arg-type]
-    return KubeControllerApp(config)
-
-
 async def test_one_controller_writes_and_the_other_takes_over(tmp_path: Path) -> None:
     async with clusterset() as cs:
         for c in cs.emulators:
             cs[c].put_object(namespace("demo"))
-        cs["a"].put_object(service("web"))
-        cs["a"].put_object(member_slice("web", ["10.1.0.1"]))
-        cs["a"].put_object(service_export("web"))
+        export_web(cs, "a", ["10.1.0.1"])
         kubeconfig = write_kubeconfig(cs, tmp_path / "kubeconfig")
-        one, two = app(kubeconfig, "one"), app(kubeconfig, "two")
+        one, two = kube_controller(kubeconfig, "one"), kube_controller(kubeconfig, "two")
         first = spawn(one.run(), name="controller one")
         await asyncio.wait_for(one.led.wait(), 10)
         second = spawn(two.run(), name="controller two")
@@ -76,9 +66,7 @@ async def test_members_from_secrets(tmp_path: Path) -> None:
     async with clusterset(("a", "b")) as cs:
         for c in cs.emulators:
             cs[c].put_object(namespace("demo"))
-        cs["b"].put_object(service("web"))
-        cs["b"].put_object(member_slice("web", ["10.2.0.1"]))
-        cs["b"].put_object(service_export("web"))
+        export_web(cs, "b", ["10.2.0.1"])
         for c, emu in cs.emulators.items():
             raw = emu.kubeconfig(tmp_path / f"member-{c}", "member").read_bytes()
             cs["a"].put_object({
@@ -106,9 +94,7 @@ async def test_cli_kubernetes_mode_runs_and_stops_on_sigterm(tmp_path: Path) -> 
     async with clusterset() as cs:
         for c in cs.emulators:
             cs[c].put_object(namespace("demo"))
-        cs["c"].put_object(service("web"))
-        cs["c"].put_object(member_slice("web", ["10.3.0.1"]))
-        cs["c"].put_object(service_export("web"))
+        export_web(cs, "c", ["10.3.0.1"])
         kubeconfig = write_kubeconfig(cs, tmp_path / "kubeconfig")
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "mcsproxy", "controller", "--kubeconfig", str(kubeconfig),
