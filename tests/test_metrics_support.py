@@ -25,13 +25,15 @@ LABEL_RE = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 def service_yaml(name: str, ip: str, backends: Sequence[Backend], *, port_name: str = "web",
                  protocol: str = "TCP", port: int = 80, traffic: str | None = None,
                  namespace: str = "test", app_protocol: str | None = None) -> str:
+    """A ClusterSetIP import and a slice per backend; `ip` may be "v4,v6" (dual-stack)."""
     app = f", appProtocol: {app_protocol}" if app_protocol else ""
+    ips = ", ".join(f'"{i}"' for i in ip.split(","))
     docs = [f"""apiVersion: multicluster.x-k8s.io/v1alpha1
 kind: ServiceImport
 metadata: {{name: {name}, namespace: {namespace}}}
 spec:
   type: ClusterSetIP
-  ips: ["{ip}"]
+  ips: [{ips}]
   ports: [{{name: {port_name}, protocol: {protocol}, port: {port}{app}}}]
 """ + (f"  trafficDistribution: {traffic}\n" if traffic else "")]
     by_cluster: dict[str, list[Backend]] = {}

@@ -20,6 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.proxy_fixtures import Backend
+from tests.test_metrics_support import service_yaml
+
 CIDR = "198.18.0.0/16"
 VIP = "198.18.5.7"
 VIP2 = "198.18.5.8"
@@ -107,30 +110,8 @@ def backend(netns: Namespaces) -> Iterator[None]:
 
 def manifests(path: Path, vips: dict[str, str]) -> None:
     """One ClusterSetIP service per name; `ip` may be "v4,v6" for a dual-stack one."""
-    docs = []
-    for name, ips in vips.items():
-        ip = '", "'.join(ips.split(","))
-        docs.append(f"""
-apiVersion: multicluster.x-k8s.io/v1alpha1
-kind: ServiceImport
-metadata: {{name: {name}, namespace: test}}
-spec:
-  type: ClusterSetIP
-  ips: ["{ip}"]
-  ports: [{{name: http, protocol: TCP, port: 80}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {name}-east
-  namespace: test
-  labels:
-    multicluster.kubernetes.io/service-name: {name}
-    multicluster.kubernetes.io/source-cluster: east
-addressType: IPv4
-ports: [{{name: http, protocol: TCP, port: {BACKEND_PORT}}}]
-endpoints: [{{addresses: ["127.0.0.1"]}}]
-""")
+    backend = Backend("east-1", "127.0.0.1", BACKEND_PORT, "east")
+    docs = [service_yaml(name, ips, [backend], port_name="http") for name, ips in vips.items()]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("---\n".join(docs) or "\n")
     tmp.replace(path)
