@@ -35,6 +35,77 @@ UPSTREAM_WRITE_HIGH_WATER = 1024 * 1024
 CLIENT_WRITE_HIGH_WATER = 1024 * 1024
 # Bytes a client may send before the upstream connect completes (then reading pauses).
 EARLY_DATA_LIMIT = 64 * 1024
+# A read at least this big says the direction carries bulk data: its reading moves to a
+# BulkReader. Short exchanges stay on data_received, which costs fewer instructions per
+# read (callgrind, 1600 short connections: 162k -> 179k per connection when every side
+# was a BufferedProtocol) while bulk data gains most (4.3M -> 2.8M per MiB each way).
+BULK_READ_BYTES = 64 * 1024
+# Bytes read from a socket at once, into the shared read buffer.
+READ_BUFFER_BYTES = 256 * 1024
+
+
+class ReadBuffer:
+    """The one receive buffer every bulk reader of the process reads into.
+
+    A read hands the bytes to the other side's transport.write at once, in the same
+    callback, so one buffer serves every connection: no bytes object is allocated and
+    filled per read. When that transport could not send everything and queued the rest,
+    the queue still points into this memory; `detach` gives it to the transport and
+    takes a fresh buffer for the next read (only under backpressure).
+    """
+
+    __slots__ = ("view",)
+
+    def __init__(self) -> None:
+        self.view = memoryview(bytearray(READ_BUFFER_BYTES))
+
+    def detach(self) -> None:
+        self.view = memoryview(bytearray(READ_BUFFER_BYTES))
+
+
+READ = ReadBuffer()
+
+
+class BulkReader(asyncio.BufferedProtocol):
+    """Reads one side of a connection once it carries bulk data (set_protocol): straight
+    into READ and on to the other side's transport; every other event goes to the side's
+    own protocol as before."""
+
+    __slots__ = ("client", "inner", "sink", "to_upstream")
+
+    def __init__(self, inner: ClientSide | UpstreamSide, client: ClientSide,
+                 sink: asyncio.Transport, to_upstream: bool) -> None:
+        self.inner = inner
+        self.client = client
+        self.sink = sink
+        self.to_upstream = to_upstream
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return READ.view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        sink = self.sink
+        sink.write(READ.view[:nbytes])
+        if sink.get_write_buffer_size():
+            READ.detach()
+        client = self.client
+        client.idle = 0
+        if self.to_upstream:
+            client.sent += nbytes
+        else:
+            client.received += nbytes
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.inner.connection_lost(exc)
 
 
 def finish_abandoned(coro: Coroutine[Any, Any, Any]) -> None:
@@ -53,13 +124,15 @@ def finish_abandoned(coro: Coroutine[Any, Any, Any]) -> None:
 class UpstreamSide(asyncio.Protocol):
     """The connection to the chosen endpoint; forwards to the client side."""
 
-    __slots__ = ("client", "client_transport")
+    __slots__ = ("client", "client_transport", "transport")
 
     def __init__(self, client: ClientSide) -> None:
         self.client = client
         self.client_transport = client.transport
+        self.transport: asyncio.BaseTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
         self.client.upstream_connected(transport)  # type: ignore[arg-type]
 
     def data_received(self, data: bytes) -> None:
@@ -67,6 +140,9 @@ class UpstreamSide(asyncio.Protocol):
         client = self.client
         client.idle = 0
         client.received += len(data)
+        if len(data) >= BULK_READ_BYTES:
+            self.transport.set_protocol(  # type: ignore[union-attr]
+                BulkReader(self, client, self.client_transport, False))
 
     def eof_received(self) -> bool:
         return self.client.upstream_eof()
@@ -155,6 +231,8 @@ class ClientSide(asyncio.Protocol):
             up.write(data)
             self.idle = 0
             self.sent += len(data)
+            if len(data) >= BULK_READ_BYTES:
+                self.transport.set_protocol(BulkReader(self, self, up, True))
             return
         self.early.append(data)
         self.early_size += len(data)

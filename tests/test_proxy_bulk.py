@@ -1,0 +1,65 @@
+"""Bulk data through the TCP proxy keeps every byte, on uvloop and on asyncio's own loop.
+
+The bulk path reads into one shared buffer and hands it to the other side's transport;
+a payload that never repeats, and a client that reads slowly so that the transports
+queue, would show any byte the buffer's reuse overwrote.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+import uvloop
+
+from mcsproxy.model import ServicePort
+from tests.proxy_fixtures import Backend, Clusterset, endpoint, free_port
+
+WEB = ServicePort("web", "TCP", 80)
+PAYLOAD_BYTES = 8 * 1024 * 1024
+CHUNK = 300_000  # not a multiple of the read buffer, so reads straddle writes
+
+
+async def echo_through_proxy(net: int) -> None:
+    host = f"127.{net}.1.1"
+    backend = await Backend("east-1", host, free_port(host), "east").start()
+    cs = Clusterset("east")
+    ip = f"127.240.{net}.1"
+    cs.publish("bulk", ip, [WEB], [endpoint(host, "east", backend.port)])
+    proxy = await cs.proxy()
+    payload = os.urandom(PAYLOAD_BYTES)
+    try:
+        async with asyncio.timeout(30):
+            reader, writer = await asyncio.open_connection(ip, 80)
+
+            async def send() -> None:
+                for start in range(0, len(payload), CHUNK):
+                    writer.write(payload[start:start + CHUNK])
+                    await writer.drain()
+                writer.write_eof()
+
+            sender = asyncio.ensure_future(send())
+            got = bytearray()
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                got += data
+                if len(got) % 7 == 0:
+                    await asyncio.sleep(0.001)  # a slow reader: the proxy's queues fill
+            await sender
+            writer.close()
+            await writer.wait_closed()
+        expected = b"east-1\n" + payload + b"bye"
+        assert len(got) == len(expected)
+        assert bytes(got) == expected
+    finally:
+        await proxy.stop()
+        await backend.stop()
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_bulk_echo_keeps_every_byte(loop: str) -> None:
+    run = uvloop.run if loop == "uvloop" else asyncio.run
+    run(echo_through_proxy(61 if loop == "uvloop" else 62))
