@@ -225,7 +225,8 @@ PAUSE_UPSTREAM = 4  # the client connection's pause reason: an endpoint's buffer
 class EndpointPool:
     """Idle keep-alive connections to one endpoint, newest last (reused first)."""
 
-    __slots__ = ("cluster_header", "engine", "host", "idle", "tunnels", "upstream")
+    __slots__ = ("engine", "host", "idle", "tail", "tail_close", "tail_keep_alive", "tunnels",
+                 "upstream")
 
     def __init__(self, engine: HttpEngine, host: Host, upstream: UpstreamSet) -> None:
         self.engine = engine
@@ -234,8 +235,13 @@ class EndpointPool:
         self.idle: list[UpstreamConn] = []
         self.tunnels: set[UpstreamConn] = set()
         name = engine.http.cluster_header
-        self.cluster_header = (f"{name}: {host.cluster}\r\n".encode()
-                               if name is not None else b"")
+        cluster_header = (f"{name}: {host.cluster}\r\n".encode() if name is not None else b"")
+        # The end of every response head from this endpoint, built once: Via, the
+        # cluster header, the Connection header if any, the empty line.
+        tail = engine.via + cluster_header
+        self.tail = tail + b"\r\n"
+        self.tail_close = tail + b"Connection: close\r\n\r\n"
+        self.tail_keep_alive = tail + b"Connection: keep-alive\r\n\r\n"  # to HTTP/1.0
 
     def take(self) -> UpstreamConn | None:
         idle = self.idle

@@ -37,6 +37,7 @@ from mcsproxy.http.wire import (
     MAX_REQUEST_ID,
     PLAIN_CONNECTION,
     REQUEST_KINDS,
+    STATUS_LINES,
     TRANSFER_ENCODING,
     UPGRADE,
     X_FORWARDED_FOR,
@@ -76,7 +77,8 @@ CHUNKED = 1
 
 
 # Outcome label of a request answered by an endpoint, by status // 100.
-STATUS_CLASSES = ("", "1xx", "2xx", "3xx", "4xx", "5xx")
+STATUS_CLASSES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+
 
 class RequestError(Exception):
     """A request we refuse; raised inside parser callbacks, answered by data_received."""
@@ -561,7 +563,6 @@ class Exchange:
         "idempotent",
         "is_head",
         "keep_alive",
-        "length",
         "method",
         "outcome",
         "pool",
@@ -573,7 +574,6 @@ class Exchange:
         "resp_started",
         "retries",
         "route",
-        "sent",
         "started",
         "status",
         "t0",
@@ -591,50 +591,44 @@ class Exchange:
     def __init__(self, client: ClientConnection, route: HttpRoute | None, method: bytes,
                  head: bytes, chunked: bool, length: int, keep_alive: bool,
                  http11: bool) -> None:
+        # Built for every request: only what every request reads is set here. The
+        # deadlines, connect_* and timed_out are set by start() and attempt() before use.
         self.client = client
         self.route = route
         self.method = method
         self.request_head = head
         self.chunked = chunked
-        self.length = length
         self.keep_alive = keep_alive
         self.http11 = http11
         self.is_head = method == b"HEAD"
-        self.idempotent = method in IDEMPOTENT
+        idempotent = self.idempotent = method in IDEMPOTENT
+        no_body = self.req_done = not chunked and length == 0  # nothing more to read
         # The body is kept for a replay when it is small enough and the method idempotent.
-        self.replay: list[bytes] | None = (
-            [] if self.idempotent and not chunked
-            and length <= client.engine.http.retry_buffer_bytes else None)
-        self.unsent: list[bytes] = []
+        if no_body:
+            self.replay: list[bytes] | tuple[()] | None = () if idempotent else None
+        else:
+            self.replay = ([] if idempotent and not chunked
+                           and length <= client.engine.http.retry_buffer_bytes else None)
+        self.unsent: list[bytes] | None = None  # body bytes waiting for a connection
         self.unsent_size = 0
         self.upgrade = False
         self.error: tuple[int, str] | None = None
-        self.req_done = not chunked and length == 0  # no body: nothing more to read
-        self.resp_started = False
-        self.resp_done = False
+        self.resp_started = self.resp_done = self.until_close = False
+        self.finished = self.started = False
         self.resp_mode = RAW
-        self.until_close = False
-        self.finished = False
-        self.started = False
-        self.sent = False  # a byte of this request went to the current endpoint
-        self.timed_out = False
         self.fail_status = 502  # what the client gets when no endpoint is left: 504 after timeouts
         self.fail_why = ""
         self.retries = 0
-        self.tried: list[Host] = []
+        self.tried: tuple[Host, ...] = ()
         self.host: Host | None = None
         self.upstream: UpstreamSet | None = None
         self.pool: Any = None
         self.up: UpstreamConn | None = None
         self.connecting: asyncio.Task[Any] | None = None
-        self.deadline = 0.0
-        self.try_deadline = 0.0
-        self.connect_deadline = 0.0
         # For the metrics and the access log: the status sent, or how the request ended.
         self.status = 0
         self.outcome: str | None = None
         self.t0 = time.monotonic()
-        self.connect_t0 = 0.0
 
     # -- attempts ---------------------------------------------------------------------
     def start(self) -> None:
@@ -649,7 +643,12 @@ class Exchange:
         self.attempt()
 
     def attempt(self) -> None:
-        host = self.choose()
+        if self.tried:
+            host = self.choose_again()
+        else:
+            upstream = self.upstream = self.route.ctx.upstream  # type: ignore[union-attr]
+            host = upstream.pick(self.client.client_ip.decode()
+                                 if upstream.affinity is not None else None)
         if host is None:
             if self.tried:
                 self.fail(self.fail_status, f"no endpoint answered (last: {self.fail_why})"
@@ -659,7 +658,8 @@ class Exchange:
             return
         self.host = host
         engine = self.client.engine
-        pool = self.pool = engine.pools.get(host) or engine.pool_for(host, self.upstream)
+        pool = self.pool = engine.pools.get(host) or engine.pool_for(
+            host, self.upstream)  # type: ignore[arg-type]
         self.try_deadline = engine.now + engine.http.per_try_timeout_s
         up = pool.take()
         if up is not None:
@@ -671,17 +671,12 @@ class Exchange:
         task = self.connecting = pool.connect()
         task.add_done_callback(self.connect_done)
 
-    def choose(self) -> Host | None:
+    def choose_again(self) -> Host | None:
+        """A retry goes to another endpoint, in another cluster when a healthy one is left."""
         route = self.route
         assert route is not None
         upstream = self.upstream = route.ctx.upstream
         tried = self.tried
-        if not tried:
-            client_ip = None
-            if upstream.affinity is not None:
-                client_ip = self.client.client_ip.decode()
-            return upstream.pick(client_ip)
-        # A retry goes to another endpoint, in another cluster when a healthy one is left.
         clusters = {h.cluster for h in tried}
         avoid = [h for h in upstream.hosts.values() if h.cluster in clusters]
         if len(avoid) < len(upstream.hosts):
@@ -731,14 +726,17 @@ class Exchange:
     def bind(self, up: UpstreamConn) -> None:
         self.up = up
         up.exchange = self
-        assert self.host is not None and self.upstream is not None
-        self.upstream.connect_ok(self.host, up, reset_failures=False)
+        self.upstream.connect_ok(self.host, up, False)  # type: ignore[union-attr, arg-type]
         client = self.client
         if client.write_paused:
             up.transport.pause_reading()
         chunked = self.chunked
+        bodies = self.replay if self.replay is not None else self.unsent
+        if not bodies and not (chunked and self.req_done):
+            up.transport.write(self.request_head)  # no body (yet): the head alone
+            return
         data = [self.request_head]
-        for body in self.replay if self.replay is not None else self.unsent:
+        for body in bodies or ():
             if chunked:
                 data.append(b"%x\r\n" % len(body))
                 data.append(body)
@@ -746,13 +744,12 @@ class Exchange:
             else:
                 data.append(body)
         if self.unsent:
-            self.unsent = []
+            self.unsent = None
             self.unsent_size = 0
             client.resume(PAUSE_UNSENT)
         if self.req_done and chunked:
             data.append(LAST_CHUNK)
         up.transport.write(data[0] if len(data) == 1 else b"".join(data))
-        self.sent = True
 
     def can_retry(self) -> bool:
         route = self.route
@@ -774,13 +771,12 @@ class Exchange:
 
     def retry(self) -> None:
         assert self.host is not None
-        self.tried.append(self.host)
+        self.tried += (self.host,)
         if self.retries == 0:
             self.route.retries += 1  # type: ignore[union-attr]
         self.retries += 1
         if self.upstream is not None:
             self.upstream.stats.retries += 1
-        self.sent = False
         self.attempt()
 
     # -- request body (from the client connection) ------------------------------------
@@ -788,7 +784,7 @@ class Exchange:
         if self.resp_done:
             return  # answered early: the rest of the body is read and dropped
         if self.replay is not None:
-            self.replay.append(data)
+            self.replay.append(data)  # type: ignore[union-attr]
         up = self.up
         if up is not None:
             if self.chunked:
@@ -796,6 +792,8 @@ class Exchange:
             else:
                 up.transport.write(data)
         elif self.replay is None:
+            if self.unsent is None:
+                self.unsent = []
             self.unsent.append(data)
             self.unsent_size += len(data)
             if self.unsent_size > UNSENT_HIGH_WATER:
@@ -811,6 +809,8 @@ class Exchange:
 
     def tunnel_data(self, data: bytes) -> None:
         """Bytes after an Upgrade request's head, before the endpoint agreed to switch."""
+        if self.unsent is None:
+            self.unsent = []
         self.unsent.append(data)
         self.unsent_size += len(data)
         if self.unsent_size > UNSENT_HIGH_WATER:
@@ -862,16 +862,16 @@ class Exchange:
             framing = b""
             self.keep_alive = False
             self.until_close = not up.chunked
+        pool = self.pool
         if status == 101:
-            conn = b""
+            tail = pool.tail
         elif not self.keep_alive or client.broken is not None or client.engine.draining:
             self.keep_alive = False
-            conn = b"Connection: close\r\n"
+            tail = pool.tail_close
         else:
-            conn = b"" if self.http11 else b"Connection: keep-alive\r\n"
-        engine = client.engine
-        client.out.append(b"".join((status_line(status), *parts, framing, engine.via,
-                                    self.pool.cluster_header, conn, CRLF)))
+            tail = pool.tail if self.http11 else pool.tail_keep_alive
+        client.out.append(b"".join((STATUS_LINES.get(status) or status_line(status), *parts,
+                                    framing, tail)))
         self.resp_started = True
         if stop:
             up.keep_alive = False
@@ -894,7 +894,9 @@ class Exchange:
         self.resp_done = True
         if not self.req_done:
             self.keep_alive = False  # the client is still sending a body no one will read
-        self.detach(reuse=up.keep_alive and self.req_done and not self.until_close)
+            self.detach()
+        else:
+            self.detach(up.keep_alive and not self.until_close)
         self.finish()
 
     def upgraded(self, up: UpstreamConn, rest: bytes) -> None:
@@ -910,7 +912,7 @@ class Exchange:
             client.transport.write(rest)
         if self.unsent:
             up.transport.write(b"".join(self.unsent))
-            self.unsent = []
+            self.unsent = None
             self.unsent_size = 0
             client.resume(PAUSE_UNSENT)
         client.start_tunnel(up)
@@ -951,12 +953,12 @@ class Exchange:
             return
         self.up = None
         up.exchange = None
-        assert self.host is not None and self.upstream is not None
-        self.upstream.release(self.host, up)
+        self.upstream.release(self.host, up)  # type: ignore[union-attr, arg-type]
         client = self.client
         if client.write_paused:
             up.transport.resume_reading()
-        client.resume(PAUSE_UPSTREAM)
+        if client.paused & PAUSE_UPSTREAM:
+            client.resume(PAUSE_UPSTREAM)
         if abort or up.dead:
             up.dead = True
             up.transport.abort()
@@ -1029,8 +1031,7 @@ class Exchange:
         upstream = self.upstream
         if upstream is None:
             return  # answered before a service was chosen (bad request, unknown host)
-        outcome = self.outcome or (STATUS_CLASSES[self.status // 100]
-                                   if 1 <= self.status // 100 <= 5 else "other")
+        outcome = self.outcome or STATUS_CLASSES.get(self.status // 100, "other")
         host = self.host
         if host is not None and outcome != "no_endpoint":
             counts = host.stats.requests
