@@ -46,7 +46,6 @@ class UpstreamConn(asyncio.Protocol):
         "discarding",
         "exchange",
         "idle_since",
-        "in_head",
         "interim",
         "keep_alive",
         "length",
@@ -69,10 +68,9 @@ class UpstreamConn(asyncio.Protocol):
         self.dead = False
         self.discarding = False  # reading the rest of a response no one wants (retried)
         self.stopped = False
-        self.in_head = False
         self.interim = False
         self.keep_alive = False
-        self.parts: list[bytes] = []
+        self.parts: list[bytes] = []  # fields to forward: (name, ": ", value, CRLF) groups
         self.length: bytes | None = None
         self.chunked = False
         self.conn_tokens: list[bytes] | None = None
@@ -158,7 +156,6 @@ class UpstreamConn(asyncio.Protocol):
 
     # -- response parser callbacks ----------------------------------------------------
     def on_message_begin(self) -> None:
-        self.in_head = True
         self.parts = []
         self.length = None
         self.chunked = False
@@ -166,11 +163,13 @@ class UpstreamConn(asyncio.Protocol):
         self.upgrade = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.in_head:
-            return  # trailer fields after a chunked body: not forwarded
+        # Called for every field of every response: kept short. Trailer fields (after a
+        # chunked body) land here too, after the head went out: not forwarded, and what
+        # they set is reset by on_message_begin before anyone reads it again.
         kind = RESPONSE_KINDS.get(name.lower())
         if kind is None:
-            self.parts.append(name + b": " + value + CRLF)
+            # Flat (name, ": ", value, CRLF) groups: joined once into the response head.
+            self.parts += (name, b": ", value, CRLF)
         elif kind == CONTENT_LENGTH:
             self.length = value
         elif kind == TRANSFER_ENCODING:
@@ -185,7 +184,6 @@ class UpstreamConn(asyncio.Protocol):
             self.upgrade = value
 
     def on_headers_complete(self) -> None:
-        self.in_head = False
         ex = self.exchange
         if ex is None:
             return

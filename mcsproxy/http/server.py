@@ -161,6 +161,14 @@ class ClientConnection(asyncio.Protocol):
         self.limit_key: str | None = None  # counted by the listener's connection limits
         self._reset_head()
 
+    def on_message_begin(self) -> None:
+        self.in_head = True
+        self.head_since = self.engine.now
+        # Bytes of this head seen so far, counted per read (so approximate by one read),
+        # and at least 1: a head that began is answered 408 when it times out.
+        self.head_bytes = 1
+        self._reset_head()
+
     def _reset_head(self) -> None:
         self.url = b""
         self.parts: list[bytes] = []
@@ -338,14 +346,6 @@ class ClientConnection(asyncio.Protocol):
             self.transport.abort()
 
     # -- request parser callbacks -----------------------------------------------------
-    def on_message_begin(self) -> None:
-        self.in_head = True
-        self.head_since = self.engine.now
-        # Bytes of this head seen so far, counted per read (so approximate by one read),
-        # and at least 1: a head that began is answered 408 when it times out.
-        self.head_bytes = 1
-        self._reset_head()
-
     def on_url(self, url: bytes) -> None:
         self.url += url
         if len(self.url) > self.engine.http.max_uri_bytes:
@@ -400,7 +400,8 @@ class ClientConnection(asyncio.Protocol):
         self.in_head = False
         parser = self.parser
         version = parser.get_http_version()
-        if version != "1.1" and version != "1.0":
+        http11 = version == "1.1"
+        if not http11 and version != "1.0":
             self._refuse(505 if version[:1] > "1" else 400, f"HTTP/{version} is not supported")
         method = parser.get_method()
         url = self.url
@@ -411,14 +412,14 @@ class ClientConnection(asyncio.Protocol):
             self._refuse(400, "missing Host header")
         chunked = False
         if self.te is not None:
-            if version == "1.0":
+            if not http11:
                 self._refuse(400, "Transfer-Encoding in an HTTP/1.0 request")
             if self.te.strip().lower() != b"chunked":
                 self._refuse(501, "only the chunked transfer coding is supported")
             chunked = True
-        length = int(self.length) if self.length is not None else 0
-        upgrade = parser.should_upgrade() and self.upgrade is not None
-        keep_alive = parser.should_keep_alive() and not upgrade
+        length = 0 if self.length is None else int(self.length)
+        upgrade = self.upgrade is not None and parser.should_upgrade()
+        keep_alive = not upgrade and parser.should_keep_alive()
         error: tuple[int, str] | None = None
         route = self.route
         if route is None:
@@ -433,7 +434,7 @@ class ClientConnection(asyncio.Protocol):
             self.xff + b", " + self.client_ip)
         if upgrade:
             parts.append(b"Connection: upgrade\r\nUpgrade: " + self.upgrade + CRLF)  # type: ignore[operator]
-        if self.expect and version == "1.1":
+        if self.expect and http11:
             parts.append(b"Expect: 100-continue\r\n")
         if chunked:
             framing = b"Transfer-Encoding: chunked\r\n\r\n"
@@ -445,9 +446,8 @@ class ClientConnection(asyncio.Protocol):
             method, b" ", url, b" HTTP/1.1\r\n", *parts, fwd,
             b"" if self.has_request_id else self.engine.ids.next_header(), framing,
         ))
-        ex = Exchange(self, route, method, head, chunked, length, keep_alive, version == "1.1")
-        ex.upgrade = upgrade
-        ex.error = error
+        ex = Exchange(self, route, method, head, chunked, length, keep_alive, http11, upgrade,
+                      error)
         self.current = self.last = ex
         queue = self.queue
         queue.append(ex)
@@ -590,7 +590,8 @@ class Exchange:
 
     def __init__(self, client: ClientConnection, route: HttpRoute | None, method: bytes,
                  head: bytes, chunked: bool, length: int, keep_alive: bool,
-                 http11: bool) -> None:
+                 http11: bool, upgrade: bool = False,
+                 error: tuple[int, str] | None = None) -> None:
         # Built for every request: only what every request reads is set here. The
         # deadlines, connect_* and timed_out are set by start() and attempt() before use.
         self.client = client
@@ -611,8 +612,8 @@ class Exchange:
                            and length <= client.engine.http.retry_buffer_bytes else None)
         self.unsent: list[bytes] | None = None  # body bytes waiting for a connection
         self.unsent_size = 0
-        self.upgrade = False
-        self.error: tuple[int, str] | None = None
+        self.upgrade = upgrade
+        self.error = error
         self.resp_started = self.resp_done = self.until_close = False
         self.finished = self.started = False
         self.resp_mode = RAW
@@ -837,7 +838,8 @@ class Exchange:
         if up.conn_tokens is not None:
             nominated = connection_tokens(up.conn_tokens) - {b"close", b"keep-alive", b"upgrade"}
             if nominated:
-                parts = drop_nominated(parts, nominated)
+                parts = drop_nominated([b"".join(parts[i:i + 4])
+                                        for i in range(0, len(parts), 4)], nominated)
         length = up.length
         stop = False
         if status == 101:
