@@ -273,7 +273,8 @@ class ProxyManager:
                     listener.transport = transport
                 else:
                     sock.listen(LISTEN_BACKLOG)
-                    factory = self.http.protocol_factory(ctx) if http else partial(ClientSide, ctx)
+                    factory = self.http.protocol_factory(ctx) if http else \
+                        partial(ClientSide, ctx, loop)
                     listener.server = await loop.create_server(
                         factory, sock=sock, backlog=LISTEN_BACKLOG)
             except BaseException:
