@@ -8,9 +8,13 @@ response header). Pinning: wrk and the nginx backend on core 0, the proxy under 
 on core 1, one worker/thread each. CPU of the proxy from /proc/<pid>/stat utime+stime.
 Also: memory per idle keep-alive client connection (RSS growth over N idle connections)
 and `--workers 2` scaling (labelled: unpinned, the load generator shares the cores).
+With --baseline REV a second gateway runs the mcsproxy package of git revision REV
+(extracted with git archive, pinned like the first) in the same repetitions, so a change
+is measured before and after against the same peers.
 Results: bench/results/http.md and http.json (or --out DIR).
 
     .venv/bin/python bench/http/run.py            # 3 repetitions
+    .venv/bin/python bench/http/run.py --baseline 5209414
     .venv/bin/python bench/http/run.py --smoke    # seconds; proves it still runs
 """
 
@@ -39,7 +43,7 @@ _spec.loader.exec_module(tcp)  # shared helpers: Procs, cpu_seconds, wait_port, 
 LOAD_CORE, PROXY_CORE = tcp.LOAD_CORE, tcp.PROXY_CORE
 BACKEND = ("127.0.0.1", 18481)  # own ports: other benches use 8081 with reuseport
 PORTS = {"haproxy": 18490, "nginx": 18491}
-MCS_IP, MCS_W2_IP = "127.240.251.1", "127.240.251.2"
+MCS_IP, MCS_W2_IP, MCS_BASE_IP = "127.240.251.1", "127.240.251.2", "127.240.251.3"
 PEERS = ("haproxy", "nginx", "wrk", "taskset")
 SIZES = {"100B": "/small", "64KiB": "/big"}
 WRK_CONNS = 50
@@ -173,6 +177,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5)
     ap.add_argument("--idle-conns", type=int, default=2000)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--baseline", metavar="REV",
+                    help="also measure the mcsproxy package of this git revision")
     args = ap.parse_args()
     missing = [p for p in PEERS if shutil.which(p) is None]
     if missing:
@@ -187,16 +193,18 @@ def main() -> int:
     procs = tcp.Procs()
     with tempfile.TemporaryDirectory(prefix="mcsbench-http-") as run:
         try:
-            targets = start_all(procs, Path(run))
+            targets = start_all(procs, Path(run), args.baseline)
             results = measure(targets, reps, secs, idle)
         finally:
             procs.stop()
+    results["baseline"] = args.baseline
     write(out, results, args.smoke, reps, secs)
     return 0
 
 
 def start_mcsproxy(procs: tcp.Procs, run: Path, name: str, ip: str, workers: int,
-                   core: str) -> int:
+                   core: str, cwd: Path | None = None) -> int:
+    """`cwd`: a directory holding another mcsproxy package (`python -m` imports it first)."""
     src = run / name
     src.mkdir()
     (src / "svc.yaml").write_text(SERVICE_YAML.format(name=name, ip=ip, port=BACKEND[1],
@@ -205,11 +213,12 @@ def start_mcsproxy(procs: tcp.Procs, run: Path, name: str, ip: str, workers: int
                     "--source", f"file:{src}", "--log-level", "warning",
                     "--dns-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
                     "--health-http-path", "/small", "--http-cluster-header", "x-mcs-cluster",
-                    "--workers", str(workers), stderr=None)
+                    "--workers", str(workers), stderr=None, cwd=cwd)
     return p.pid
 
 
-def start_all(procs: tcp.Procs, run: Path) -> dict[str, dict[str, object]]:
+def start_all(procs: tcp.Procs, run: Path,
+              baseline: str | None = None) -> dict[str, dict[str, object]]:
     run.chmod(0o755)  # nginx workers run unprivileged: they must read www/big
     (run / "www").mkdir()
     (run / "www" / "big").write_bytes(b"b" * 65536)
@@ -230,6 +239,14 @@ def start_all(procs: tcp.Procs, run: Path) -> dict[str, dict[str, object]]:
         "mcsproxy": {"ip": MCS_IP, "port": BACKEND[1], "pid": mcs},
         "_workers2": {"ip": MCS_W2_IP, "port": BACKEND[1], "pid": w2},
     }
+    if baseline:
+        base = run / "baseline"
+        base.mkdir()
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", baseline, "mcsproxy"],
+                                 capture_output=True, check=True, timeout=60).stdout
+        subprocess.run(["tar", "-x", "-C", str(base)], input=archive, check=True, timeout=60)
+        pid = start_mcsproxy(procs, run, "base", MCS_BASE_IP, 1, PROXY_CORE, cwd=base)
+        targets["baseline"] = {"ip": MCS_BASE_IP, "port": BACKEND[1], "pid": pid}
     for t in targets.values():
         tcp.wait_port(str(t["ip"]), int(t["port"]))  # type: ignore[call-overload]
     # nginx's master forks the worker that serves: measure the worker.
@@ -289,6 +306,8 @@ def write(out: Path, results: dict[str, object], smoke: bool, reps: int, secs: f
     def fmt(v: float | None, digits: str = ".3g") -> str:
         return "—" if v is None else format(v, digits)
 
+    names: list[str] = results["targets"]  # type: ignore[assignment]
+    base = results.get("baseline") if "baseline" in names else None
     lines = [
         "# HTTP keep-alive proxy benchmark" + (" (smoke: not a measurement)" if smoke else ""),
         "",
@@ -300,11 +319,13 @@ def write(out: Path, results: dict[str, object], smoke: bool, reps: int, secs: f
         f"{reps} repetitions of {secs:g} s, peers alternating; medians; ratios per repetition.",
         "mcsproxy runs with every feature on: active HTTP health checks, outlier ejection, "
         "retries with a budget, X-Forwarded-For/-Proto, Via, x-request-id generation, the "
-        "cluster response header.",
+        "cluster response header."
+        + (f" The column before is mcsproxy at git revision {base}, the same flags, measured "
+           "in the same repetitions." if base else ""),
         "",
         "| response | figure | direct | HAProxy | nginx | mcsproxy | mcsproxy / HAProxy "
-        "| mcsproxy / nginx |",
-        "|---|---|---|---|---|---|---|---|",
+        "| mcsproxy / nginx |" + (" before | before / HAProxy |" if base else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|---|" if base else ""),
     ]
     summary: dict[str, object] = {}
     for size in SIZES:
@@ -314,9 +335,14 @@ def write(out: Path, results: dict[str, object], smoke: bool, reps: int, secs: f
             r_h = tcp.ratio_median(runs, f"{size}/mcsproxy", f"{size}/haproxy", field)
             r_n = tcp.ratio_median(runs, f"{size}/mcsproxy", f"{size}/nginx", field)
             summary[f"{size}.{field}"] = {**vals, "ratio_haproxy": r_h, "ratio_nginx": r_n}
-            lines.append(f"| {size} | {label} | {fmt(vals['direct'])} | {fmt(vals['haproxy'])} | "
-                         f"{fmt(vals['nginx'])} | {fmt(vals['mcsproxy'])} | {fmt(r_h)}x | "
-                         f"{fmt(r_n)}x |")
+            line = (f"| {size} | {label} | {fmt(vals['direct'])} | {fmt(vals['haproxy'])} | "
+                    f"{fmt(vals['nginx'])} | {fmt(vals['mcsproxy'])} | {fmt(r_h)}x | "
+                    f"{fmt(r_n)}x |")
+            if base:
+                r_b = tcp.ratio_median(runs, f"{size}/baseline", f"{size}/haproxy", field)
+                summary[f"{size}.{field}"]["baseline_ratio_haproxy"] = r_b  # type: ignore[index]
+                line += f" {fmt(vals['baseline'])} | {fmt(r_b)}x |"
+            lines.append(line)
     mem: dict[str, float] = results["idle_bytes_per_conn"]  # type: ignore[assignment]
     scaling: dict[str, dict[str, float]] = results["scaling"]  # type: ignore[assignment]
     w1, w2 = scaling["workers1"]["req_s"], scaling["workers2"]["req_s"]
@@ -333,7 +359,8 @@ def write(out: Path, results: dict[str, object], smoke: bool, reps: int, secs: f
     stem = "http-smoke" if smoke else "http"
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     (out / f"{stem}.json").write_text(json.dumps(
-        {"versions": versions, "reps": reps, "seconds": secs, "summary": summary,
+        {"versions": versions, "reps": reps, "seconds": secs, "baseline": base,
+         "summary": summary,
          "runs": runs, "idle_bytes_per_conn": mem, "scaling": scaling,
          "pinning": {"load": LOAD_CORE, "proxy": PROXY_CORE}}, indent=1))
     print("\n".join(lines))
