@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import resource
 import sys
 from collections.abc import Sequence
 
@@ -85,6 +87,33 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
     )
 
 
+def raise_nofile_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard one; return (before, after).
+
+    Every proxied connection holds two descriptors, so the soft limit many shells and
+    init systems hand out (1024) would cap the gateway at ~500 connections while the
+    hard limit, which only an administrator sets, allows far more. Go's runtime does the
+    same at start; nothing here uses select(), so high descriptor numbers are safe.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:  # the kernel caps NOFILE at fs.nr_open anyway
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                target = int(f.read())
+        except (OSError, ValueError):
+            return soft, soft
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            logging.getLogger("mcsproxy.gateway").warning(
+                "open files limit stays %d (hard %d): %s", soft, hard, exc)
+            return soft, soft
+        return soft, target
+    return soft, soft
+
+
 def _run_gateway(args: argparse.Namespace) -> int:
     import uvloop
 
@@ -93,6 +122,9 @@ def _run_gateway(args: argparse.Namespace) -> int:
 
     config = gateway_config(args)
     setup_logging(config.log_level)
+    before, after = raise_nofile_limit()
+    logging.getLogger("mcsproxy.gateway").info(
+        "open files limit %d%s", after, f" (raised from {before})" if after != before else "")
 
     async def main() -> None:
         await Gateway(config).run()

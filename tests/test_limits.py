@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import resource
 import socket
+from pathlib import Path
 
 from mcsproxy.model import ServicePort
 from mcsproxy.proxy.manager import ListenerKey
@@ -146,5 +147,35 @@ async def test_emfile_pauses_accepting_and_the_gateway_survives(tmp_path) -> Non
     finally:
         for s in socks:
             s.close()
+        await gw.stop()
+        await backend.stop()
+
+
+async def test_gateway_raises_its_open_files_soft_limit_to_the_hard_one(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Started with a soft limit of 64 and a hard one of 1024, the gateway holds 100
+    proxied connections (200+ descriptors): it raised the soft limit itself."""
+    backend = await Backend("lim", "127.77.8.4", 7022, "east").start()
+    path = tmp_path / "imports.yaml"
+    write_imports(path, [Svc("fd", "127.240.77.53", [Port("echo", 7, 7022)],
+                             {"east": [("127.77.8.4", True)]})])
+
+    def low_soft_nofile() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 1024))
+
+    gw = GatewayProcess(f"file:{path}", "--health-interval", "0", "--drain-timeout", "0")
+    writers: list[asyncio.StreamWriter] = []
+    try:
+        await gw.start(preexec_fn=low_soft_nofile)
+        await gw.wait_line("listener 127.240.77.53:7/TCP serving")
+        assert gw.proc is not None
+        limits = Path(f"/proc/{gw.proc.pid}/limits").read_text()
+        row = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+        assert row.split()[3:5] == ["1024", "1024"], row
+        assert "open files limit 1024 (raised from 64)" in gw.log, gw.log
+        writers = await hold("127.240.77.53", 7, 100)
+        assert "out of file descriptors" not in gw.log, gw.log
+        assert gw.proc.returncode is None
+    finally:
+        await close_all(writers)
         await gw.stop()
         await backend.stop()
