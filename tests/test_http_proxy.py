@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -419,3 +420,149 @@ async def test_backend_unused_when_snapshot_removes_it() -> None:
         await client.close()
     finally:
         await stop_all(proxy, a, b)
+
+
+def blackholed(host: str) -> tuple[socket.socket, list[socket.socket], int]:
+    """A listening socket that never accepts, its one-slot accept queue filled: further
+    SYNs are dropped, so connects to it time out as to a blackholed address."""
+    listener = socket.socket()
+    listener.bind((host, 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    filler = socket.create_connection((host, port), timeout=1)
+    return listener, [filler], port
+
+
+async def test_connect_failures_are_retried_outside_the_retry_budget() -> None:
+    # Several requests meet a blackholed endpoint at once; with no replay allowed at all
+    # by the budget each is still sent on to the live cluster: nothing went out before.
+    [live] = await start_backends({"west": 1}, 66)
+    listener, fillers, dead_port = blackholed("127.66.9.9")
+    cs = Clusterset("east")
+    cs.publish("bh", "127.240.66.1", [HTTP_PORT],
+               [endpoint("127.66.9.9", "east", dead_port), endpoint(live.host, "west", live.port)],
+               traffic="PreferClose")  # east first, always: every request meets the blackhole
+    proxy = await cs.proxy(connect_timeout_s=0.2,
+                           http=HttpConfig(retry_budget_percent=0, retry_min_concurrency=0),
+                           outlier=OutlierConfig(consecutive_failures=0))
+    clients: list[RawClient] = []
+    try:
+        clients += [await RawClient.open("127.240.66.1", 80) for _ in range(4)]
+        answers = await asyncio.gather(
+            *(_body_request(c, m, b"x") for c, m in zip(clients, ("GET", "POST") * 2,
+                                                         strict=True)))
+        assert [(r.status, r.body) for r in answers] == [(200, b"x")] * 4
+        assert len(live.requests) == 4
+        upstream = next(iter(proxy.upstreams.values()))
+        assert upstream.stats.retry_budget_exhausted == 0
+    finally:
+        for c in clients:
+            await c.close()
+        await stop_all(proxy, live)
+        for s in (listener, *fillers):
+            s.close()
+
+
+class ScriptedEndpoint:
+    """A raw HTTP/1.1 endpoint for failure shapes: `answer(n)` is called for the n-th
+    request head (from 1) on each connection and returns the bytes to send, b"" to say
+    nothing, or None to close the connection without an answer."""
+
+    def __init__(self, host: str, answer: Any, delay: float = 0.0) -> None:
+        self.host = host
+        self.answer = answer
+        self.delay = delay
+        self.connections = 0
+        self.requests = 0
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.port = 0
+
+    async def start(self) -> ScriptedEndpoint:
+        self.server = await asyncio.start_server(self._serve, self.host, 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.add(writer)
+        n = 0
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                n += 1
+                self.requests += 1
+                data = self.answer(n)
+                if data is None:
+                    break
+                if self.delay:
+                    await asyncio.sleep(self.delay)
+                writer.write(data)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self.writers.discard(writer)
+            writer.close()
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in list(self.writers):
+            writer.transport.abort()
+        await self.server.wait_closed()
+
+
+def ok(body: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+async def test_replays_over_the_budget_wait_for_a_slot_instead_of_failing() -> None:
+    # Requests stuck on an endpoint that never answers time out together; the budget
+    # (one replay in flight) lets them go to the live endpoint one after the other.
+    silent = await ScriptedEndpoint("127.67.1.1", lambda n: b"").start()
+    slow = await ScriptedEndpoint("127.67.2.1", lambda n: ok(b"west"), delay=0.2).start()
+    cs = Clusterset("east")
+    cs.publish("stuck", "127.240.67.1", [HTTP_PORT],
+               [endpoint(silent.host, "east", silent.port), endpoint(slow.host, "west", slow.port)],
+               traffic="PreferClose")
+    proxy = await cs.proxy(http=HttpConfig(per_try_timeout_s=0.3, request_timeout_s=5.0,
+                                           retry_budget_percent=0, retry_min_concurrency=1),
+                           outlier=OutlierConfig(consecutive_failures=0))
+    clients: list[RawClient] = []
+    try:
+        clients += [await RawClient.open("127.240.67.1", 80) for _ in range(4)]
+        answers = await asyncio.gather(*(c.get("/") for c in clients))
+        assert [(r.status, r.body) for r in answers] == [(200, b"west")] * 4
+        assert (silent.requests, slow.requests) == (4, 4)
+        upstream = next(iter(proxy.upstreams.values()))
+        assert upstream.stats.retry_budget_exhausted >= 1  # the budget did hold them back
+    finally:
+        for c in clients:
+            await c.close()
+        await stop_all(proxy, silent, slow)
+
+
+async def test_reused_connection_closed_before_answering_is_retried_on_a_new_one() -> None:
+    # The endpoint closes each keep-alive connection on its second request, unanswered
+    # (as a backend closing an idle connection while our request is on its way).
+    once = await ScriptedEndpoint("127.68.1.1", lambda n: ok(b"fresh") if n == 1 else None
+                                  ).start()
+    cs = Clusterset("east")
+    cs.publish("race", "127.240.68.1", [HTTP_PORT], [endpoint(once.host, "east", once.port)])
+    proxy = await cs.proxy(http=HttpConfig(max_retries=0, retry_budget_percent=0,
+                                           retry_min_concurrency=0),
+                           outlier=OutlierConfig(consecutive_failures=1))
+    try:
+        client = await RawClient.open("127.240.68.1", 80)
+        for _ in range(3):
+            r = await client.get("/")
+            assert (r.status, r.body) == (200, b"fresh")
+        assert once.connections == 3 and once.requests == 5
+        upstream = next(iter(proxy.upstreams.values()))
+        assert not any(h.ejected for h in upstream.hosts.values())  # the race blames no one
+        # A POST is not replayed: the endpoint may have acted on it.
+        client.send(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx")
+        assert (await client.response()).status == 502
+        await client.close()
+    finally:
+        await stop_all(proxy, once)

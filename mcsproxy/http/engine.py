@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -38,16 +39,18 @@ def serves_http(port: ServicePort) -> bool:
 
 class HttpRoute:
     """Where one listener (or one front-door service port) sends requests, and its
-    retry budget: retries in flight stay below a share of the requests in flight."""
+    retry budget: replays in flight stay below a share of the requests in flight. A
+    replay over the budget waits in `waiting` for a replay in flight to end."""
 
-    __slots__ = ("active", "ctx", "name", "retries", "retries_refused")
+    __slots__ = ("active", "ctx", "name", "retries", "retries_refused", "waiting")
 
     def __init__(self, ctx: ListenerContext) -> None:
         self.ctx = ctx  # ctx.upstream follows the manager's rebinds
         self.name = ctx.name
         self.active = 0
-        self.retries = 0
+        self.retries = 0  # requests holding a slot of the retry budget
         self.retries_refused = 0
+        self.waiting: deque[Any] = deque()  # Exchanges waiting for a slot
 
 
 def tick_for(config: ProxyConfig) -> float:

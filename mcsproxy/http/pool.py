@@ -40,6 +40,7 @@ class UpstreamConn(asyncio.Protocol):
     """One connection to an endpoint; at most one request in flight on it."""
 
     __slots__ = (
+        "began",
         "chunked",
         "conn_tokens",
         "dead",
@@ -52,6 +53,7 @@ class UpstreamConn(asyncio.Protocol):
         "parser",
         "parts",
         "pool",
+        "reused",
         "stopped",
         "transport",
         "tunnel",
@@ -69,6 +71,11 @@ class UpstreamConn(asyncio.Protocol):
         self.discarding = False  # reading the rest of a response no one wants (retried)
         self.stopped = False
         self.interim = False
+        # Taken from the pool (not opened for this request), and whether any byte of the
+        # current response arrived: a reused connection that ends before it is the
+        # keep-alive race (the endpoint closed it idle), not a failure of the endpoint.
+        self.reused = False
+        self.began = False
         self.keep_alive = False
         self.parts: list[bytes] = []  # fields to forward: (name, ": ", value, CRLF) groups
         self.length: bytes | None = None
@@ -156,6 +163,7 @@ class UpstreamConn(asyncio.Protocol):
 
     # -- response parser callbacks ----------------------------------------------------
     def on_message_begin(self) -> None:
+        self.began = True
         self.parts = []
         self.length = None
         self.chunked = False
@@ -253,6 +261,8 @@ class EndpointPool:
             if up.idle_since < limit:
                 up.transport.close()
                 continue
+            up.reused = True
+            up.began = False
             return up
         return None
 

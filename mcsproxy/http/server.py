@@ -48,6 +48,7 @@ from mcsproxy.http.wire import (
 )
 
 if TYPE_CHECKING:
+    from mcsproxy.config import HttpConfig
     from mcsproxy.http.engine import HttpEngine, HttpRoute
     from mcsproxy.http.frontdoor import FrontDoor
     from mcsproxy.upstream import Host, UpstreamSet
@@ -549,10 +550,25 @@ class ClientConnection(asyncio.Protocol):
         self.abort()
 
 
+def resume_waiting(route: HttpRoute, http: HttpConfig) -> None:
+    """Replays waiting for a retry budget slot go, as far as the budget allows."""
+    waiting = route.waiting
+    while waiting and route.retries < max(http.retry_min_concurrency,
+                                          route.active * http.retry_budget_percent // 100):
+        ex = waiting.popleft()
+        if ex.finished:
+            continue  # answered meanwhile (request timeout) or the client went away
+        route.retries += 1
+        ex.budgeted = True
+        ex.attempt()
+        ex.client.flush()
+
+
 class Exchange:
     """One request: endpoint choice, attempts, body relay both ways, and its answer."""
 
     __slots__ = (
+        "budgeted",
         "chunked",
         "client",
         "connect_deadline",
@@ -563,6 +579,7 @@ class Exchange:
         "fail_status",
         "fail_why",
         "finished",
+        "fresh_retried",
         "host",
         "http11",
         "idempotent",
@@ -625,6 +642,8 @@ class Exchange:
         self.fail_status = 502  # what the client gets when no endpoint is left: 504 after timeouts
         self.fail_why = ""
         self.retries = 0
+        self.budgeted = False  # holds a slot of the route's retry budget
+        self.fresh_retried = False
         self.tried: tuple[Host, ...] = ()
         self.host: Host | None = None
         self.upstream: UpstreamSet | None = None
@@ -648,8 +667,12 @@ class Exchange:
         self.deadline = engine.now + engine.http.request_timeout_s
         self.attempt()
 
-    def attempt(self) -> None:
-        if self.tried:
+    def attempt(self, again: Host | None = None) -> None:
+        """One try: a pooled or new connection to a chosen endpoint; `again`: a new
+        connection to that endpoint (its reused one broke off before answering)."""
+        if again is not None:
+            host: Host | None = again
+        elif self.tried:
             host = self.choose_again()
         else:
             upstream = self.upstream = self.route.ctx.upstream  # type: ignore[union-attr]
@@ -667,7 +690,7 @@ class Exchange:
         pool = self.pool = engine.pools.get(host) or engine.pool_for(
             host, self.upstream)  # type: ignore[arg-type]
         self.try_deadline = engine.now + engine.http.per_try_timeout_s
-        up = pool.take()
+        up = pool.take() if again is None else None
         if up is not None:
             self.bind(up)
             return
@@ -722,9 +745,10 @@ class Exchange:
         self.fail_why = reason
         if self.timed_out:
             self.fail_status = 504
-        # Nothing was sent: a failed connect is retried whatever the method.
-        if self.can_retry():
-            self.retry()
+        # Nothing was sent: a failed connect is retried whatever the method, and outside
+        # the retry budget (see can_retry).
+        if self.can_retry(replay=False):
+            self.retry(replay=False)
         else:
             self.fail(504 if self.timed_out else 502, f"no endpoint answered ({reason})")
         self.client.flush()
@@ -757,33 +781,74 @@ class Exchange:
             data.append(LAST_CHUNK)
         up.transport.write(data[0] if len(data) == 1 else b"".join(data))
 
-    def can_retry(self) -> bool:
-        route = self.route
-        engine = self.client.engine
-        http = engine.http
+    def can_retry(self, replay: bool = True) -> bool:
+        """May the request be tried again (at most max_retries times)?
+
+        The retry budget bounds replays only: a request sent again after its bytes went
+        out (5xx, reset, per-try timeout) is extra work for the endpoints, and a storm of
+        them is what the budget prevents. A retry after a failed connect is the request's
+        first sending: it costs the endpoints nothing, and refusing it would turn one
+        dead endpoint into errors whenever several requests meet it at once.
+
+        A replay over the budget waits for a slot while replays are in flight (each ends
+        within a per-try timeout): a burst of requests stuck on a blackholed endpoint
+        times out in one tick and is then replayed a few at a time instead of answered
+        504. With no replay in flight (a budget of 0) it is refused at once."""
+        http = self.client.engine.http
         if self.retries >= http.max_retries or self.finished or self.client.closed:
             return False
-        budget = max(http.retry_min_concurrency, route.active * http.retry_budget_percent // 100)  # type: ignore[union-attr]
-        if route.retries >= budget:  # type: ignore[union-attr]
-            route.retries_refused += 1  # type: ignore[union-attr]
-            if self.upstream is not None:
-                self.upstream.stats.retry_budget_exhausted += 1
-            return False
-        return True
+        if not replay or self.budgeted:
+            return True
+        route = self.route
+        assert route is not None
+        if route.retries < max(http.retry_min_concurrency,
+                               route.active * http.retry_budget_percent // 100):
+            route.retries += 1
+            self.budgeted = True
+            return True
+        route.retries_refused += 1
+        if self.upstream is not None:
+            self.upstream.stats.retry_budget_exhausted += 1
+        return route.retries > 0
 
     def replayable(self) -> bool:
         """After bytes went out: may the request be sent again elsewhere?"""
         return self.idempotent and self.replay is not None and not self.upgrade
 
-    def retry(self) -> None:
+    def retry(self, replay: bool = True) -> None:
+        """Try another endpoint; a replay without a budget slot waits for one."""
         assert self.host is not None
         self.tried += (self.host,)
-        if self.retries == 0:
-            self.route.retries += 1  # type: ignore[union-attr]
         self.retries += 1
         if self.upstream is not None:
             self.upstream.stats.retries += 1
+        if replay and not self.budgeted:
+            self.route.waiting.append(self)  # type: ignore[union-attr]
+            return
         self.attempt()
+
+    def retry_fresh(self, up: UpstreamConn) -> bool:
+        """A reused connection that ended before any byte of the answer: the endpoint
+        closed it while idle as the request went out (the keep-alive race), so the
+        endpoint is not blamed, and a replayable request is sent once more on a new
+        connection to it, outside max_retries and the budget (as nginx does)."""
+        if (not up.reused or up.began or self.resp_started or self.fresh_retried
+                or not self.replayable() or self.finished or self.client.closed):
+            return False
+        self.fresh_retried = True
+        self.detach(abort=True)
+        self.attempt(self.host)
+        return True
+
+    def release_budget(self) -> None:
+        """The request ends: its budget slot goes to the first replay waiting for one."""
+        route = self.route
+        assert route is not None
+        self.budgeted = False
+        route.retries -= 1
+        if route.waiting:
+            asyncio.get_running_loop().call_soon(
+                resume_waiting, route, self.client.engine.http)
 
     # -- request body (from the client connection) ------------------------------------
     def request_body(self, data: bytes) -> None:
@@ -931,11 +996,16 @@ class Exchange:
             self.response_done(up)  # the end of a body delimited by the connection
             self.client.flush()
             return
+        if self.retry_fresh(up):
+            self.client.flush()
+            return
         self.upstream_failed(up, "connection reset" if exc is not None else
-                             "connection closed before the response")
+                             "connection closed before the response",
+                             blame=not (up.reused and not up.began))
         self.client.flush()
 
-    def upstream_failed(self, up: UpstreamConn, why: str, status: int = 502) -> None:
+    def upstream_failed(self, up: UpstreamConn, why: str, status: int = 502,
+                        blame: bool = True) -> None:
         """The endpoint broke off (reset, malformed response, per-try timeout)."""
         self.detach(abort=True)
         if self.resp_started:
@@ -944,7 +1014,8 @@ class Exchange:
             self.finish()
             return
         assert self.host is not None and self.upstream is not None
-        self.upstream.connect_failed(self.host, why)
+        if blame:
+            self.upstream.connect_failed(self.host, why)
         self.fail_status = status
         self.fail_why = why
         if self.replayable() and self.can_retry():
@@ -1011,8 +1082,8 @@ class Exchange:
         route = self.route
         if route is not None and self.error is None:
             route.active -= 1
-            if self.retries:
-                route.retries -= 1
+            if self.budgeted:
+                self.release_budget()
         if not tunnel:
             self.client.exchange_finished(self)
         elif self.client.queue and self.client.queue[0] is self:
@@ -1029,8 +1100,8 @@ class Exchange:
             route = self.route
             if route is not None and self.error is None:
                 route.active -= 1
-                if self.retries:
-                    route.retries -= 1
+                if self.budgeted:
+                    self.release_budget()
 
     def account(self) -> None:
         """Count the request (service, cluster, outcome) and write its access log line."""
