@@ -47,7 +47,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -254,7 +254,8 @@ endpoints: [{addrs}]""")
 
 
 @contextmanager
-def proxy(target: str, cs: Clusterset, run: Path) -> Iterator[dict[str, object]]:
+def proxy(target: str, cs: Clusterset, run: Path,
+          access_log: Path | None = None) -> Iterator[dict[str, object]]:
     """Start the proxy under test on PROXY_CORE; yield the locust configuration for it."""
     procs = Procs()
     try:
@@ -263,10 +264,15 @@ def proxy(target: str, cs: Clusterset, run: Path) -> Iterator[dict[str, object]]
             src.mkdir(exist_ok=True)
             (src / "bench.yaml").write_text(slices_yaml(cs))
             dns = free_port()
+            logging = (("--access-log", str(access_log), "--access-log-format", "json",
+                        "--log-level", "info") if access_log is not None
+                       else ("--log-level", "warning"))
             procs.start(PROXY_CORE, sys.executable, "-m", "mcsproxy", "gateway",
                         "--cluster-id", "cluster-a", "--source", f"file:{src}",
                         "--dns-listen", f"127.0.0.1:{dns}", "--admin-listen", "127.0.0.1:0",
-                        "--log-level", "warning", *GATEWAY_FLAGS, stderr=None)
+                        *logging, *GATEWAY_FLAGS,
+                        stderr=None if access_log is None else
+                        access_log.with_suffix(".err").open("ab"))
             wait_port(WEB_VIP, 80)
             wait_port(ECHO_VIP, TCP_PORT)
             yield {"dns": f"127.0.0.1:{dns}", "http": f"{WEB_NAME}:80",
@@ -297,11 +303,12 @@ class Timing:
 
 
 def run_one(scenario: str, target: str, cs: Clusterset, timing: Timing, run: Path,
-            csv_dir: Path) -> dict[str, object]:
+            csv_dir: Path, keep: bool = False) -> dict[str, object]:
     """One scenario against one proxy: load, fault at warm_s, records analysed."""
     if scenario == "cluster-returns":
         cs.stop(FAULT_CLUSTER)
-    with proxy(target, cs, run) as endpoints:
+    access_log = run / f"{scenario}-{target}.access.log" if keep else None
+    with proxy(target, cs, run, access_log) as endpoints:
         # Let the health checks see the starting state (2 checks at 1 s) before load.
         time.sleep(2.5 if scenario == "cluster-returns" else 1.0)
         log = run / f"{scenario}-{target}.requests.csv"
@@ -327,6 +334,8 @@ def run_one(scenario: str, target: str, cs: Clusterset, timing: Timing, run: Pat
             time.sleep(timing.warm_s)
             fault_at = time.time()
             inject(scenario, cs)
+            if keep:
+                (run / f"{scenario}-{target}.fault").write_text(f"{fault_at}\n")
             locust.wait(timeout=seconds + CLIENT_TIMEOUT_S + 30)
         finally:
             if locust.poll() is None:
@@ -366,15 +375,10 @@ def p99(values: list[float]) -> float | None:
     return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
 
 
-def analyse(records: list[tuple[float, str, bool, float, str]], fault_at: float,
-            scenario: str, target: str, after_s: float) -> dict[str, object]:
-    """Failures, time to recover and the split per time bucket, times relative to the fault."""
-    if not records:
-        raise RuntimeError(f"{scenario}/{target}: no requests were made")
-    first = min(r[0] for r in records)
-    # Failures count when they happen (completion); recovery is judged by when requests
-    # start, so a request still stuck on a dead endpoint counts against its own window.
-    done = [(r[0] + r[3] / 1000 - fault_at, r) for r in records]
+def recovery(records: list[tuple[float, str, bool, float, str]], fault_at: float,
+             first: float, end: float) -> tuple[float, float | None]:
+    """The baseline p99 (ms) and the time to recover of these records (see the module
+    docstring), None when they did not recover within the run."""
     begun = [(r[0] - fault_at, r) for r in records]
     # Baseline: the median p99 of the 1 s windows before the fault, so that it is compared
     # with windows of the same size after it.
@@ -387,19 +391,32 @@ def analyse(records: list[tuple[float, str, bool, float, str]], fault_at: float,
     measured = sorted(q for q in windows if q is not None)
     base_p99 = measured[len(measured) // 2] if measured else 0.0
     bound = max(base_p99 * P99_SLACK, base_p99 + P99_FLOOR_MS)
-    failures = [t for t, r in done if not r[2]]
-    after = [t for t in failures if t >= 0]
     failed_starts = [t for t, r in begun if not r[2]]
-    end = min(max(t for t, _ in done), after_s)  # the stop phase is not steady load
-    recovered: float | None = None
     w = 0.0
     while w + RECOVERY_WINDOW_S <= end:
         if not any(t >= w for t in failed_starts):
             q = p99([r[3] for t, r in begun if w <= t < w + RECOVERY_WINDOW_S])
             if q is not None and q <= bound:
-                recovered = w
-                break
+                return base_p99, w
         w += RECOVERY_STEP_S
+    return base_p99, None
+
+
+def analyse(records: list[tuple[float, str, bool, float, str]], fault_at: float,
+            scenario: str, target: str, after_s: float) -> dict[str, object]:
+    """Failures, time to recover and the split per time bucket, times relative to the fault."""
+    if not records:
+        raise RuntimeError(f"{scenario}/{target}: no requests were made")
+    first = min(r[0] for r in records)
+    # Failures count when they happen (completion); recovery is judged by when requests
+    # start, so a request still stuck on a dead endpoint counts against its own window.
+    done = [(r[0] + r[3] / 1000 - fault_at, r) for r in records]
+    failures = [t for t, r in done if not r[2]]
+    after = [t for t in failures if t >= 0]
+    end = min(max(t for t, _ in done), after_s)  # the stop phase is not steady load
+    base_p99, recovered = recovery(records, fault_at, first, end)
+    # The HTTP requests alone: the HTTP proxy's own recovery, without the TCP echo's.
+    _, recovered_http = recovery([r for r in records if r[1] == "http"], fault_at, first, end)
     buckets: dict[int, dict[str, int]] = {}
     for r in records:
         b = int((r[0] - fault_at) // BUCKET_S)
@@ -421,7 +438,7 @@ def analyse(records: list[tuple[float, str, bool, float, str]], fault_at: float,
                            for k in ("http", "tcp")},
         "errors": sorted({r[4] for r in records if not r[2]}),
         "last_failure_s": max(after) if after else None,
-        "baseline_p99_ms": base_p99, "recovery_s": recovered,
+        "baseline_p99_ms": base_p99, "recovery_s": recovered, "recovery_http_s": recovered_http,
         "returning_cluster_first_served_s": back,
         "split_last_3s": split, "req_s": len(records) / max(end - (first - fault_at), 1e-9),
         "buckets": {str(k * BUCKET_S): v for k, v in sorted(buckets.items())},
@@ -491,17 +508,19 @@ def write(out: Path, results: list[dict[str, object]], skipped: dict[str, str], 
         "`option redispatch`, `retry-on conn-failure empty-response response-timeout 503`).",
         "Recovery: from the fault until every request started from then on succeeds and "
         "the p99 of the requests started in a 1 s window is within 20 % of the p99 before "
-        f"the fault (floor {P99_FLOOR_MS:g} ms).", "",
+        f"the fault (floor {P99_FLOOR_MS:g} ms); \"HTTP only\": the same over the HTTP "
+        "requests alone (the HTTP proxy's own recovery, without the TCP echo's connects).", "",
         "| scenario | proxy | requests | failed | failed after fault | failed after "
-        f"{CONNECT_TIMEOUT_S + HEALTH_INTERVAL_S} s | recovery s | baseline p99 ms | "
-        "split a/b/c, last 3 s | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"{CONNECT_TIMEOUT_S + HEALTH_INTERVAL_S} s | recovery s | recovery s, HTTP only | "
+        "baseline p99 ms | split a/b/c, last 3 s | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         split: dict[str, float] = r["split_last_3s"]  # type: ignore[assignment]
         lines.append(
             f"| {r['scenario']} | {r['target']} | {r['requests']} | {r['failed']} | "
             f"{r['failed_after_fault']} | {r['failed_after_grace']} | {fmt(r['recovery_s'])} | "
+            f"{fmt(r.get('recovery_http_s'))} | "
             f"{fmt(r['baseline_p99_ms'], '.1f')} | "
             + "/".join(f"{split[c] * 100:.0f}" for c in CLUSTERS)
             + f" | {', '.join(r['errors']) or '—'} |")  # type: ignore[arg-type]
@@ -542,6 +561,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=10.0, help="requests/s per user")
     ap.add_argument("--no-netns", action="store_true", help="clusters on loopback addresses")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--keep", type=Path, metavar="DIR",
+                    help="keep the work files in DIR (per-request CSVs, the gateway's JSON "
+                         "access log and log): to find out which requests failed and why")
     args = ap.parse_args(argv)
     targets = args.targets.split(",")
     missing = [t for t in ("taskset", *(["haproxy"] if "haproxy" in targets else []))
@@ -566,13 +588,17 @@ def main(argv: list[str] | None = None) -> int:
     csv_dir.mkdir(parents=True, exist_ok=True)
     procs = Procs()
     results = []
-    with tempfile.TemporaryDirectory(prefix="mcsbench-failover-") as tmp:
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
+    with (nullcontext(str(args.keep)) if args.keep is not None
+          else tempfile.TemporaryDirectory(prefix="mcsbench-failover-")) as tmp:
         cs = Clusterset(procs, netns)
         try:
             cs.setup()
             for scenario in scenarios:
                 for target in targets:
-                    r = run_one(scenario, target, cs, timing, Path(tmp), csv_dir)
+                    r = run_one(scenario, target, cs, timing, Path(tmp), csv_dir,
+                                keep=args.keep is not None)
                     print(f"{scenario} / {target}: {r['failed']} failed of {r['requests']}, "
                           f"recovery {fmt(r['recovery_s'])} s", file=sys.stderr, flush=True)
                     results.append(r)
