@@ -4,6 +4,11 @@ Sources upsert and delete parsed objects; `commit()` rebuilds only the services 
 objects touch, reuses every other ImportedService as it was, and swaps the new Snapshot
 in whole. Consumers (DNS, proxy, admin) subscribe and get the new snapshot, with the set
 of changed keys so they can update incrementally.
+
+A snapshot's services are a ServiceMap, which shares all but the touched buckets with
+the previous snapshot's: copying a whole dict per commit cost 40 ms at 50,000 services
+(cache misses over a large heap), the one step of a change proportional to the
+clusterset (bench/controlplane).
 """
 
 from __future__ import annotations
@@ -12,10 +17,9 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, ItemsView, Iterable, Iterator, Mapping, ValuesView
 from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from mcsproxy.manifests import ImportSpec, SliceSpec
 from mcsproxy.model import EMPTY_SNAPSHOT, ImportedService, ServiceKey, Snapshot
@@ -32,6 +36,100 @@ class ObjectId(NamedTuple):
 
 Spec = ImportSpec | SliceSpec
 Subscriber = Callable[[Snapshot], None]
+
+BUCKETS: Final = 1024  # a power of two; at 1M services a touched bucket is ~1000 entries
+_MASK: Final = BUCKETS - 1
+_EMPTY_BUCKET: dict[ServiceKey, ImportedService] = {}  # shared, never written to
+
+
+class ServiceMap(Mapping[ServiceKey, ImportedService]):
+    """An immutable map of services that shares structure with the map it came from.
+
+    The keys are spread over BUCKETS dicts by hash; `evolve` copies only the buckets the
+    update touches (and the tuple of bucket references), so a one-service change costs
+    the same at 1,000 or 50,000 services while a reader holding the old map never sees
+    it change. Lookups are one hash and two indexings.
+    """
+
+    __slots__ = ("_buckets", "_len")
+
+    def __init__(self, buckets: tuple[dict[ServiceKey, ImportedService], ...] | None = None,
+                 length: int = 0) -> None:
+        self._buckets = (_EMPTY_BUCKET,) * BUCKETS if buckets is None else buckets
+        self._len = length
+
+    @classmethod
+    def of(cls, services: Mapping[ServiceKey, ImportedService]) -> ServiceMap:
+        if isinstance(services, ServiceMap):
+            return services
+        return cls().evolve(services)
+
+    def evolve(self, updates: Mapping[ServiceKey, ImportedService | None]) -> ServiceMap:
+        """A new map with `updates` applied (None deletes); this one is left as it is."""
+        buckets = list(self._buckets)
+        copied: set[int] = set()
+        length = self._len
+        for key, svc in updates.items():
+            i = hash(key) & _MASK
+            bucket = buckets[i]
+            if i not in copied:
+                bucket = buckets[i] = dict(bucket)
+                copied.add(i)
+            if svc is None:
+                if bucket.pop(key, None) is not None:
+                    length -= 1
+            else:
+                if key not in bucket:
+                    length += 1
+                bucket[key] = svc
+        return ServiceMap(tuple(buckets), length)
+
+    def __getitem__(self, key: ServiceKey) -> ImportedService:
+        return self._buckets[hash(key) & _MASK][key]
+
+    def get(self, key: ServiceKey, default: ImportedService | None = None  # type: ignore[override]
+            ) -> ImportedService | None:
+        return self._buckets[hash(key) & _MASK].get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            return key in self._buckets[hash(key) & _MASK]
+        except TypeError:  # unhashable: not a key, as with a dict
+            return False
+
+    def __iter__(self) -> Iterator[ServiceKey]:
+        for bucket in self._buckets:
+            yield from bucket
+
+    def __len__(self) -> int:
+        return self._len
+
+    def values(self) -> ValuesView[ImportedService]:
+        return _Values(self)
+
+    def items(self) -> ItemsView[ServiceKey, ImportedService]:
+        return _Items(self)
+
+    def __repr__(self) -> str:
+        return f"ServiceMap({len(self)} services)"
+
+
+class _Values(ValuesView[ImportedService]):
+    __slots__ = ()
+    _mapping: ServiceMap
+
+    def __iter__(self) -> Iterator[ImportedService]:
+        for bucket in self._mapping._buckets:
+            yield from bucket.values()
+
+
+class _Items(ItemsView[ServiceKey, ImportedService]):
+    __slots__ = ()
+    _mapping: ServiceMap
+
+    def __iter__(self) -> Iterator[tuple[ServiceKey, ImportedService]]:
+        for bucket in self._mapping._buckets:
+            yield from bucket.items()
 
 
 @dataclass(slots=True)
@@ -116,25 +214,24 @@ class SnapshotStore:
         if not self._dirty and not first:
             return self.current
         started = time.perf_counter()
-        services = dict(self.current.services)
-        changed: set[ServiceKey] = set()
+        current = self.current.services
+        updates: dict[ServiceKey, ImportedService | None] = {}
         for key in self._dirty:
             new = self._build_service(key)
-            old = services.get(key)
+            old = current.get(key)
             if new is None:
                 if old is not None:
-                    del services[key]
-                    changed.add(key)
+                    updates[key] = None
             elif new != old:
-                services[key] = new
-                changed.add(key)
+                updates[key] = new
         self._dirty.clear()
-        if not changed and not first:
+        if not updates and not first:
             return self.current
+        services = ServiceMap.of(current).evolve(updates)
         snapshot = Snapshot(
             version=self.current.version + 1,
-            services=MappingProxyType(services),
-            changed=frozenset(changed),
+            services=services,
+            changed=frozenset(updates),
             built_at=time.time(),
         )
         self.current = snapshot
@@ -143,7 +240,7 @@ class SnapshotStore:
         elapsed = time.perf_counter() - started
         log.info(
             "snapshot version=%d services=%d changed=%d build_ms=%.1f",
-            snapshot.version, len(services), len(changed), elapsed * 1000,
+            snapshot.version, len(services), len(updates), elapsed * 1000,
         )
         for callback in self._subscribers:
             try:

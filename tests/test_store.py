@@ -9,7 +9,7 @@ import pytest
 
 from mcsproxy.manifests import ImportSpec, SliceSpec
 from mcsproxy.model import Endpoint, ServiceKey, ServicePort
-from mcsproxy.store import ObjectId, SnapshotStore
+from mcsproxy.store import BUCKETS, ObjectId, ServiceMap, SnapshotStore
 
 KEY = ServiceKey("test", "web")
 OTHER = ServiceKey("test", "api")
@@ -115,3 +115,42 @@ def test_a_failing_subscriber_does_not_stop_the_others(
         snap = store.commit()
     assert seen == [snap]
     assert "boom" in caplog.text
+
+
+def test_a_one_service_change_copies_one_bucket_not_the_clusterset() -> None:
+    s = SnapshotStore("cluster-a")
+    s.register_source("s1")
+    keys = [ServiceKey("test", f"s{i}") for i in range(3 * BUCKETS)]
+    for key in keys:
+        s.upsert(oid("ServiceImport", key.name), imp(key))
+    s.mark_synced("s1")
+    before = s.commit()
+    s.upsert(oid("EndpointSlice", "s7-a"), slc(keys[7], "cluster-a", "10.0.0.7"))
+    after = s.commit()
+    assert after.changed == {keys[7]} and len(after.services) == len(keys)
+    old, new = before.services, after.services
+    assert isinstance(old, ServiceMap) and isinstance(new, ServiceMap)
+    # Structure shared: every bucket but the changed key's is the very same dict.
+    differing = [i for i, (a, b) in enumerate(zip(old._buckets, new._buckets, strict=True))
+                 if a is not b]
+    assert differing == [hash(keys[7]) % BUCKETS]
+    assert all(new[k] is old[k] for k in keys if k != keys[7])
+    # ...and the reader of the old snapshot still sees it as it was.
+    assert old[keys[7]].endpoints == () and len(new[keys[7]].endpoints) == 1
+
+
+def test_service_map_reads_like_the_dict_it_replaces() -> None:
+    services = {ServiceKey("ns", f"s{i}"): imp(ServiceKey("ns", f"s{i}")) for i in range(50)}
+    m = ServiceMap.of(services)  # type: ignore[arg-type]
+    assert m == services and len(m) == 50 and set(m) == set(services)
+    assert dict(m.items()) == services and sorted(map(id, m.values())) == sorted(
+        map(id, services.values()))
+    gone, added = ServiceKey("ns", "s3"), ServiceKey("other", "x")
+    m2 = m.evolve({gone: None, added: imp(added),  # type: ignore[dict-item]
+                   ServiceKey("ns", "never-there"): None})
+    assert len(m2) == 50 and gone not in m2 and added in m2 and m2.get(gone) is None
+    assert len(m) == 50 and gone in m and added not in m  # the old map is untouched
+    assert [] not in m and m.get(added, "default") == "default"  # type: ignore[comparison-overlap]
+    with pytest.raises(KeyError):
+        m2[gone]
+    assert ServiceMap.of(m) is m and len(ServiceMap()) == 0

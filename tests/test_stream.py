@@ -13,10 +13,12 @@ from aiohttp import web
 from controlplane.command import ControllerConfig, DirectoryControllerApp
 from controlplane.resources import ObjectRef
 from controlplane.stream import SUBSCRIBER_QUEUE, Feed, Subscriber
+from mcsproxy.dns.wire import encode_name
+from mcsproxy.dns.zone import ZoneIndex
 from mcsproxy.gateway import Gateway
 from mcsproxy.model import ServiceKey
 from mcsproxy.sources.controlplane import ControlplaneSource
-from mcsproxy.store import SnapshotStore
+from mcsproxy.store import ServiceMap, SnapshotStore
 from mcsproxy.tasks import cancel_and_wait, spawn
 from tests.proxy_fixtures import Backend, ask, free_port
 from tests.test_controller import clusterset_with_backends, dns_a, gateway_config, until
@@ -243,3 +245,45 @@ def test_large_snapshots_come_in_parts_applied_at_once() -> None:
         assert not store.current.services  # nothing applied before the last part
     source._handle(lines[-1], store, status)
     assert len(store.current.services) == 2500 and source.version == 0
+
+
+def test_a_one_service_delta_rebuilds_only_that_service_downstream() -> None:
+    def imported(i: int, ip: str) -> dict:
+        return {"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceImport",
+                "metadata": {"name": f"s{i}", "namespace": "test"},
+                "spec": {"type": "ClusterSetIP", "ips": [ip],
+                         "ports": [{"name": "http", "protocol": "TCP", "port": 80}]}}
+
+    objects = {ObjectRef("ServiceImport", "test", f"s{i}"): imported(i, f"127.240.{i // 250}."
+                                                                     f"{i % 250 + 1}")
+               for i in range(1500)}
+    feed = Feed("b", "e1", objects)
+    store = SnapshotStore("b")
+    zone = ZoneIndex("clusterset.local", 5)
+    rebuilt: list[int] = []
+    store.subscribe(lambda snapshot: rebuilt.append(zone.apply(snapshot)))
+    source = ControlplaneSource("http://127.0.0.1:1", "b")
+    status = store.register_source(source.name)
+    for line in feed.snapshot().splitlines():
+        source._handle(line, store, status)
+    assert rebuilt == [1500]
+    before_services, before_entries = store.current.services, dict(zone.services)
+    untouched = encode_name("s8.test.svc.clusterset.local").lower()
+    packed = zone.names[untouched].rrsets()  # packed on a first query, then kept
+
+    ref = ObjectRef("ServiceImport", "test", "s7")
+    objects[ref] = imported(7, "127.240.9.9")
+    feed.publish({ref: objects[ref]}, [], None)
+    source._handle(feed.history[-1][1], store, status)
+
+    seven = ServiceKey("test", "s7")
+    assert source.version == 1 and store.current.changed == {seven} and rebuilt == [1500, 1]
+    assert store.current.services[seven].ips == ("127.240.9.9",)
+    assert before_services[seven].ips == ("127.240.0.8",)  # the old snapshot is unchanged
+    assert isinstance(store.current.services, ServiceMap)
+    # Every other service's ImportedService and DNS entry are the same objects as before.
+    assert all(store.current.services[k] is before_services[k] for k in before_services
+               if k != seven)
+    assert all(zone.services[k] is e for k, e in before_entries.items() if k != seven)
+    assert zone.services[seven] is not before_entries[seven]
+    assert zone.names[untouched].rrsets() is packed
