@@ -8,7 +8,10 @@ request through the shared upstream set, borrows a pooled keep-alive connection 
 opens one), re-frames the request (our own Content-Length or chunked framing, never the
 client's bytes verbatim), streams the body both ways with backpressure and decides about
 retries: always after a failed connect; after 502/503/504, a reset or a per-try timeout
-only for idempotent requests whose body is absent or small enough to replay.
+only for idempotent requests whose body is absent or small enough to replay, and only
+within the route's retry budget (a replay over it waits for a slot). A reused keep-alive
+connection that ends before any response byte is the keep-alive race: a replayable
+request goes once more to the same endpoint on a new connection.
 
 Everything written to the client goes through `out` and leaves in one write (writev)
 per read event. Timeouts are checked by the engine's tick (`check`), so the data path only
@@ -562,6 +565,15 @@ def resume_waiting(route: HttpRoute, http: HttpConfig) -> None:
         ex.budgeted = True
         ex.attempt()
         ex.client.flush()
+    if waiting and not route.retries:
+        # The budget shrank to nothing (fewer requests in flight, no minimum): no slot
+        # will free, so the rest are answered now rather than at their deadline.
+        while waiting:
+            ex = waiting.popleft()
+            if not ex.finished:
+                ex.fail(ex.fail_status, f"no endpoint answered (last: {ex.fail_why}; "
+                        "retry budget exhausted)")
+                ex.client.flush()
 
 
 class Exchange:
