@@ -25,6 +25,7 @@ log = logging.getLogger("mcsproxy.observability.workers")
 
 FETCH_TIMEOUT_S = 1.0
 REPORT_MAX_BYTES = 64 * 1024 * 1024
+READ_CHUNK_BYTES = 256 * 1024
 
 
 def socket_name(main_pid: int, index: int) -> str:
@@ -75,9 +76,19 @@ async def fetch_report(main_pid: int, index: int) -> dict[str, Any] | None:
     try:
         async with asyncio.timeout(FETCH_TIMEOUT_S):
             await asyncio.get_running_loop().sock_connect(sock, socket_name(main_pid, index))
-            reader, writer = await asyncio.open_unix_connection(sock=sock,
-                                                                limit=REPORT_MAX_BYTES)
-            data = await reader.read(REPORT_MAX_BYTES)
+            reader, writer = await asyncio.open_unix_connection(sock=sock)
+            # Until EOF (the worker closes after its report): one read() returns whatever
+            # has arrived, and a report of some 100 KB (a few dozen services) arrives in
+            # pieces, more so when the worker is descheduled mid-write. The truncated
+            # JSON used to count as "did not report", so the worker's last full report
+            # stood in, and its newer counts were missing from every such scrape.
+            data = bytearray()
+            while chunk := await reader.read(READ_CHUNK_BYTES):
+                data += chunk
+                if len(data) > REPORT_MAX_BYTES:
+                    log.warning("worker %d report exceeds %d bytes; ignored", index,
+                                REPORT_MAX_BYTES)
+                    return None
         return json.loads(data)  # type: ignore[no-any-return]
     except (OSError, TimeoutError, ValueError) as exc:
         log.debug("worker %d did not report: %s", index, exc)
