@@ -4,12 +4,21 @@ Each worker is the same gateway command with a hidden `--worker-index i`; a work
 its own sources, store and proxy on its own event loop (no DNS, no admin), so the kernel
 spreads new connections over N processes and throughput scales with cores. The
 supervisor (index 0) restarts a worker that dies and stops every worker by its pid.
+
+A worker also stops when the supervisor dies without stopping it (SIGKILL, OOM, crash):
+the kernel sends it SIGTERM (PR_SET_PDEATHSIG), so it drains and exits. An orphaned worker
+would otherwise keep its SO_REUSEPORT listeners forever with a frozen configuration, and a
+restarted gateway (or anything else binding the same address) would silently share its
+connections with it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import os
+import signal
 import sys
 from typing import Any
 
@@ -20,10 +29,35 @@ log = logging.getLogger("mcsproxy.proxy.workers")
 
 RESTART_DELAY_S = 1.0
 STOP_TIMEOUT_S = 5.0
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# The worker's entry: `python -c WORKER_MAIN <supervisor pid> gateway ...` (the same
+# interpreter and sys.path as `python -m mcsproxy`, so a cwd-local package still wins).
+WORKER_MAIN = "import sys; from mcsproxy.proxy.workers import worker_main; sys.exit(worker_main())"
 
 
-def worker_command(argv: tuple[str, ...], index: int) -> list[str]:
-    """The gateway command line for worker `index` (any earlier --worker-index dropped)."""
+def die_with_parent(parent_pid: int) -> bool:
+    """Ask for SIGTERM when the parent exits; False if it is already gone (or is not
+    `parent_pid`: a worker orphaned before this call was reparented at once)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
+    return os.getppid() == parent_pid
+
+
+def worker_main(argv: list[str] | None = None) -> int:
+    """A worker process: tied to its supervisor's life, then the ordinary gateway CLI."""
+    from mcsproxy.cli import main
+
+    args = sys.argv[1:] if argv is None else argv
+    if not die_with_parent(int(args[0])):
+        return 0  # the supervisor died while this process started: nobody to serve for
+    return main(args[1:])
+
+
+def worker_command(argv: tuple[str, ...], index: int, parent_pid: int | None = None) -> list[str]:
+    """The gateway command line for worker `index` (any earlier --worker-index dropped),
+    run by worker_main on behalf of `parent_pid` (default: this process)."""
     args: list[str] = []
     skip = False
     for arg in argv:
@@ -36,7 +70,8 @@ def worker_command(argv: tuple[str, ...], index: int) -> list[str]:
         if arg.startswith("--worker-index="):
             continue
         args.append(arg)
-    return [sys.executable, "-m", "mcsproxy", *args, "--worker-index", str(index)]
+    parent = os.getpid() if parent_pid is None else parent_pid
+    return [sys.executable, "-c", WORKER_MAIN, str(parent), *args, "--worker-index", str(index)]
 
 
 class WorkerPool:
