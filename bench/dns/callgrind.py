@@ -9,8 +9,9 @@ is not counted: over loopback it is most of a query's cost (bench/dns/run.py's t
 
 Measured here (12 800 queries): uvloop DatagramProtocol 19.0k per query; the socket
 read directly with loop.add_reader + recvfrom(65535) until EAGAIN 19.7k, with
-recvfrom_into a reusable buffer 20.8k (uvloop's transport already reads up to 32
-datagrams per wakeup, so batching in Python gains nothing).
+recvfrom_into a reusable buffer 20.8k (one system call per datagram either way);
+recvmmsg + one sendmmsg per batch through ctypes (mcsproxy/dns/batch.py) 13.7k, and
+the system calls per query drop from 2 to about 0.5 under dnsperf.
 """
 
 from __future__ import annotations

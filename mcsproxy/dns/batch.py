@@ -144,15 +144,17 @@ class BatchedUdp:
             (i * ctypes.sizeof(_IoVec) + _IoVec.iov_len.offset) // ctypes.sizeof(ctypes.c_size_t)
             for i in range(BATCH))
         self._slot_at = tuple(i * SLOT for i in range(BATCH))
+        # Per slot: its index, where its datagram starts, where recvmmsg writes the length
+        # received, where sendmmsg reads the length to send.
+        self._positions = tuple(zip(range(BATCH), self._slot_at, self._length_at,
+                                    self._answer_length_at, strict=True))
         loop.add_reader(self.fd, self._readable)
 
     def _readable(self) -> None:
         recvmmsg = self._recvmmsg
-        fd, recv_at = self.fd, self._recv_at
-        slots, lengths, length_at = self.slots, self._lengths, self._length_at
-        answer_lengths, answer_length_at = self._answer_lengths, self._answer_length_at
+        fd, recv_at, positions = self.fd, self._recv_at, self._positions
+        slots, lengths, answer_lengths = self.slots, self._lengths, self._answer_lengths
         memo_get, hits = self.memo_get, self.hits
-        slot_at = self._slot_at
         for _ in range(BATCHES_PER_WAKEUP):
             n = recvmmsg(fd, recv_at, BATCH, MSG_DONTWAIT, None)
             if n <= 0:
@@ -160,14 +162,13 @@ class BatchedUdp:
                     self._recv_failed(ctypes.get_errno())
                 return
             start = 0  # answers in slots start..i-1 wait for one sendmmsg
-            for i in range(n):
-                at = slot_at[i]
-                tail = memo_get(slots[at + 2:at + lengths[length_at[i]]])
+            for i, at, length_at, answer_length_at in positions[:n]:
+                tail = memo_get(slots[at + 2:at + lengths[length_at]])
                 if tail is not None:
                     hits[tail] = hits.get(tail, 0) + 1
                     size = len(tail) + 2
                     slots[at + 2:at + size] = tail
-                    answer_lengths[answer_length_at[i]] = size
+                    answer_lengths[answer_length_at] = size
                     continue
                 if start < i:
                     self._send(start, i)
