@@ -4,13 +4,16 @@ Per size, in a fresh process pinned to one core (controller, stream server and o
 gateway source share it, so the figures include their contention):
   - full reconcile: every key resolved, rendered and "written" (to in-memory clusters, so
     API/disk latency is excluded, as the target says), wall time and RSS growth;
-  - the first gateway sync over the stream (snapshot parts → gateway store);
+  - the first gateway sync over the stream (snapshot parts → gateway store → DNS index);
   - one endpoint change, repeated: time until written to the consumer cluster and until
-    applied by the gateway over the stream (p50/p99), and how many keys were reconciled
-    per change (1 = no work proportional to the clusterset).
+    applied by the gateway over the stream (its store swapped in a new snapshot and its
+    DNS zone index updated; p50/p99), how many keys were reconciled per change (1 = no
+    work proportional to the clusterset), and the garbage collector's pauses meanwhile.
 
     python bench/controlplane/bench_controlplane.py            # 1k, 10k, 50k
     python bench/controlplane/bench_controlplane.py --smoke    # seconds; CI runs this
+    python bench/controlplane/bench_controlplane.py --sizes 50000 --changes 100 \
+        --out /tmp/cp --profile /tmp/cp/prof      # where a change's time goes (pstats)
 Results: bench/results/controlplane.{md,json} (smoke: controlplane-smoke.*).
 """
 
@@ -18,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
+import gc
 import json
 import os
 import platform
@@ -41,6 +46,7 @@ from controlplane.metrics import ControllerMetrics  # noqa: E402
 from controlplane.resources import ObjectRef, parse_member_object  # noqa: E402
 from controlplane.server import ControllerServer  # noqa: E402
 from controlplane.stream import StreamHub  # noqa: E402
+from mcsproxy.dns.zone import ZoneIndex  # noqa: E402
 from mcsproxy.model import ServiceKey, Snapshot  # noqa: E402
 from mcsproxy.sources.controlplane import ControlplaneSource  # noqa: E402
 from mcsproxy.store import SnapshotStore  # noqa: E402
@@ -144,7 +150,29 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-async def measure(n: int, changes: int) -> dict[str, Any]:
+class GcPauses:
+    """Collector pauses while installed: a full collection walks the whole heap (the
+    controller's and the gateway's objects), so it shows up as per-change latency."""
+
+    def __init__(self) -> None:
+        self.pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: Mapping[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.pauses[info["generation"]].append((time.perf_counter() - self._started) * 1000)
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self)
+
+
+async def measure(n: int, changes: int, profile: str | None = None) -> dict[str, Any]:
     rss_start = rss_mib()
     t = time.perf_counter()
     members = {c: MemoryCluster(c, load(c, member_docs(i, n))) for i, c in enumerate(CLUSTERS)}
@@ -170,8 +198,11 @@ async def measure(n: int, changes: int) -> dict[str, Any]:
     source = ControlplaneSource(f"http://{HOST}:{server.bound[1]}", consumer)
     applied = asyncio.Event()
     probe: dict[str, ServiceKey | None] = {"key": None}
+    # The gateway's DNS index is kept in step too: "applied" means answerable by DNS.
+    zone = ZoneIndex("clusterset.local", 5)
 
     def on_snapshot(snapshot: Snapshot) -> None:
+        zone.apply(snapshot)
         if probe["key"] in snapshot.changed:
             applied.set()
 
@@ -190,6 +221,10 @@ async def measure(n: int, changes: int) -> dict[str, Any]:
         applied_ms: list[float] = []
         reconciled_before = metrics.services_reconciled._value.get()
         target = members[consumer]
+        profiler = cProfile.Profile() if profile else None
+        gc_pauses = GcPauses().__enter__()
+        if profiler is not None:
+            profiler.enable()
         for generation in range(1, changes + 1):
             i = rng.randrange(n)
             source_cluster = CLUSTERS[generation % 2]  # a provider other than the consumer
@@ -208,6 +243,10 @@ async def measure(n: int, changes: int) -> dict[str, Any]:
                 written_ms.append((time.perf_counter() - started) * 1000)
                 await applied.wait()
                 applied_ms.append((time.perf_counter() - started) * 1000)
+        gc_pauses.__exit__()
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(profile)  # type: ignore[arg-type]
         per_change = (metrics.services_reconciled._value.get() - reconciled_before) / changes
     finally:
         await cancel_and_wait(tasks)
@@ -227,21 +266,27 @@ async def measure(n: int, changes: int) -> dict[str, Any]:
         "written_p99_ms": round(percentile(written_ms, 99), 3),
         "applied_p50_ms": round(percentile(applied_ms, 50), 3),
         "applied_p99_ms": round(percentile(applied_ms, 99), 3),
+        "gc_full_collections": len(gc_pauses.pauses[2]),
+        "gc_max_pause_ms": round(max((p for ps in gc_pauses.pauses.values() for p in ps),
+                                     default=0.0), 1),
     }
 
 
-def run_one(n: int, changes: int) -> dict[str, Any]:
+def run_one(n: int, changes: int, profile: str | None = None) -> dict[str, Any]:
     import uvloop
 
-    return uvloop.run(measure(n, changes))
+    return uvloop.run(measure(n, changes, profile))
 
 
-def child(n: int, changes: int, pin: bool) -> dict[str, Any]:
+def child(n: int, changes: int, pin: bool, profile: str | None = None) -> dict[str, Any]:
     """Each size in a fresh process, so RSS figures do not include an earlier size."""
     cmd = [sys.executable, __file__, "--one", str(n), "--changes", str(changes)]
+    if profile:
+        cmd += ["--profile", f"{profile}.{n}"]
     if pin and shutil.which("taskset") and (os.cpu_count() or 1) > 1:
         cmd = ["taskset", "-c", "1", *cmd]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=1800)
+    # stderr passes through: a failing size shows why.
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, timeout=1800)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -254,12 +299,14 @@ def report(rows: list[dict[str, Any]], pinned: bool) -> str:
         f"{', pinned to core 1 (taskset -c 1)' if pinned else ' (not pinned)'}; controller, "
         "stream server and one gateway source share that core. Member clusters are "
         "in-memory (API/disk latency excluded). 3 clusters export every service, "
-        f"{ENDPOINTS} endpoints per cluster per service.",
+        f"{ENDPOINTS} endpoints per cluster per service. Applied = the gateway's store "
+        "swapped in the snapshot with the change and its DNS zone index updated.",
         "",
         "| services | full reconcile (s) | µs/service | RSS inputs (MiB) | RSS reconcile "
         "(MiB) | gateway first sync (s) | keys reconciled/change | written p50/p99 (ms) | "
-        "applied by gateway p50/p99 (ms) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "applied by gateway p50/p99 (ms) | GC during changes: full collections, longest "
+        "pause (ms) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
@@ -267,7 +314,8 @@ def report(rows: list[dict[str, Any]], pinned: bool) -> str:
             f" | {r['rss_inputs_mib']} | {r['rss_reconcile_mib']} | "
             f"{r['gateway_initial_sync_s']} | {r['keys_reconciled_per_change']:g} | "
             f"{r['written_p50_ms']} / {r['written_p99_ms']} | "
-            f"{r['applied_p50_ms']} / {r['applied_p99_ms']} |")
+            f"{r['applied_p50_ms']} / {r['applied_p99_ms']} | "
+            f"{r.get('gc_full_collections', '-')}, {r.get('gc_max_pause_ms', '-')} |")
     lines += ["", "Target: one endpoint change applied by a gateway over the stream in p99 < "
               "100 ms, flat across sizes (no work proportional to the clusterset).", ""]
     return "\n".join(lines)
@@ -280,21 +328,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--changes", type=int, default=200)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--no-pin", action="store_true")
+    parser.add_argument("--profile", metavar="PATH",
+                        help="cProfile the change loop of each size into PATH.<size> "
+                        "(pstats format); the figures then include the profiler's cost")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(run_one(args.one, args.changes)))
+        print(json.dumps(run_one(args.one, args.changes, args.profile)))
         return 0
     sizes = [200] if args.smoke else [int(s) for s in args.sizes.split(",")]
     changes = 20 if args.smoke else args.changes
     pin = not args.no_pin
-    rows = []
-    for n in sizes:
-        row = child(n, changes, pin)
-        print(json.dumps(row), flush=True)
-        rows.append(row)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.profile:
+        Path(args.profile).parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for n in sizes:
+        row = child(n, changes, pin, args.profile)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
     stem = "controlplane-smoke" if args.smoke else "controlplane"
     pinned = pin and bool(shutil.which("taskset")) and (os.cpu_count() or 1) > 1
     (out / f"{stem}.md").write_text(report(rows, pinned))
