@@ -7,7 +7,12 @@ checks, outlier ejection, retries and budget, X-Forwarded-*/Via/x-request-id, th
 response header). Pinning: wrk and the nginx backend on core 0, the proxy under test alone
 on core 1, one worker/thread each. CPU of the proxy from /proc/<pid>/stat utime+stime.
 Also: memory per idle keep-alive client connection (RSS growth over N idle connections)
-and `--workers 2` scaling (labelled: unpinned, the load generator shares the cores).
+and `--workers 2` scaling: a 1-worker and a 2-worker gateway of their own, both unpinned
+(taskset 0,1), wrk (2 threads, 100 connections) unpinned, the backend on core 0; the same
+repetitions alternating; CPU per process (main, worker, backend, wrk) and the connections
+each process holds mid-run. Every address must be free before the start: with
+SO_REUSEPORT a second run (or an orphaned worker) on the same address would silently
+share the listener and the measurement.
 With --baseline REV a second gateway runs the mcsproxy package of git revision REV
 (extracted with git archive, pinned like the first) in the same repetitions, so a change
 is measured before and after against the same peers.
@@ -16,6 +21,7 @@ Results: bench/results/http.md and http.json (or --out DIR).
     .venv/bin/python bench/http/run.py            # 3 repetitions
     .venv/bin/python bench/http/run.py --baseline 5209414
     .venv/bin/python bench/http/run.py --smoke    # seconds; proves it still runs
+    .venv/bin/python bench/http/run.py --workers-only  # rewrite only the scaling line
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import platform
 import resource
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,9 +51,12 @@ LOAD_CORE, PROXY_CORE = tcp.LOAD_CORE, tcp.PROXY_CORE
 BACKEND = ("127.0.0.1", 18481)  # own ports: other benches use 8081 with reuseport
 PORTS = {"haproxy": 18490, "nginx": 18491}
 MCS_IP, MCS_W2_IP, MCS_BASE_IP = "127.240.251.1", "127.240.251.2", "127.240.251.3"
+MCS_W1_IP = "127.240.251.4"  # the 1-worker gateway of the scaling figure, unpinned
 PEERS = ("haproxy", "nginx", "wrk", "taskset")
 SIZES = {"100B": "/small", "64KiB": "/big"}
 WRK_CONNS = 50
+SCALING_CONNS, SCALING_THREADS = 100, 2
+ALL_CORES = f"{LOAD_CORE},{PROXY_CORE}"
 
 BACKEND_CONF = """daemon off; worker_processes 1; pid {run}/backend.pid;
 error_log {run}/backend.err warn;
@@ -119,8 +129,12 @@ def wrk(ip: str, port: int, path: str, seconds: float, conns: int,
     if core is not None:
         cmd = ["taskset", "-c", core, *cmd]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30, check=True)
+    return parse_wrk(out.stdout, out.stderr)
+
+
+def parse_wrk(stdout: str, stderr: str = "") -> dict[str, float]:
     result: dict[str, float] = {}
-    for line in out.stdout.splitlines():
+    for line in stdout.splitlines():
         parts = line.split()
         if line.startswith("Requests/sec:"):
             result["req_s"] = float(parts[1])
@@ -130,7 +144,7 @@ def wrk(ip: str, port: int, path: str, seconds: float, conns: int,
             result["errors"] = result.get("errors", 0) + sum(
                 int(x.strip(",")) for x in parts if x.strip(",").isdigit())
     if "req_s" not in result:
-        raise RuntimeError(f"wrk gave no rate: {out.stdout} {out.stderr}")
+        raise RuntimeError(f"wrk gave no rate: {stdout} {stderr}")
     return result
 
 
@@ -170,6 +184,155 @@ def idle_memory(ip: str, port: int, pid: int, n: int) -> float:
     return max(0, after - before) * 1024 / n
 
 
+def children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def socket_pids(ip: str, port: int, listening: bool) -> list[int]:
+    """Pid of every TCP socket on ip:port (listeners, or accepted connections), one per
+    socket, from `ss -p`."""
+    state = ["-l"] if listening else ["state", "established"]
+    out = subprocess.run(["ss", "-tnpH", *state, "src", f"{ip}:{port}"], capture_output=True,
+                         text=True, timeout=10, check=True).stdout
+    return [int(part.split(",")[0]) for line in out.splitlines()
+            for part in line.split("pid=")[1:]]
+
+
+def check_free(addresses: list[tuple[str, int]]) -> None:
+    """Refuse to start over somebody's listener: SO_REUSEPORT lets another run's gateway
+    (or an orphaned worker) share our address, and the other peers would fail to bind
+    and leave us measuring a foreign server."""
+    taken = [f"{ip}:{port} (pids {socket_pids(ip, port, True) or '?'})"
+             for ip, port in addresses if socket_pids(ip, port, True)]
+    if taken:
+        raise RuntimeError("already listening, another benchmark runs or left processes "
+                           "behind: " + ", ".join(taken))
+
+
+def cpu_or_zero(pid: int) -> float:
+    try:
+        return tcp.cpu_seconds(pid)
+    except FileNotFoundError:
+        return 0.0
+
+
+def scaling_run(ip: str, port: int, secs: float, gateway: int,
+                backend: int) -> dict[str, object]:
+    """wrk against one gateway, unpinned; CPU % of each of its processes, of the backend
+    and of wrk; how many client connections each gateway process holds half-way."""
+    procs = {"main": gateway, **{f"worker{i + 1}": c for i, c in enumerate(children(gateway))},
+             "backend": backend}
+    cpu0 = {k: cpu_or_zero(v) for k, v in procs.items()}
+    cmd = ["wrk", f"-t{SCALING_THREADS}", f"-c{SCALING_CONNS}", f"-d{secs:g}s", "--latency",
+           f"http://{ip}:{port}/small"]
+    t0 = time.monotonic()
+    wrk_proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(secs / 2)
+    holders = socket_pids(ip, port, False)
+    stdout, stderr = wrk_proc.communicate(timeout=secs + 30)
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk's share is taken by difference
+    elapsed = time.monotonic() - t0
+    result: dict[str, object] = dict(parse_wrk(stdout, stderr))
+    cpu = {k: round(100 * (cpu_or_zero(v) - cpu0[k]) / elapsed, 1) for k, v in procs.items()}
+    result["cpu_pct"] = cpu
+    result["conns"] = {k: holders.count(v) for k, v in procs.items() if k != "backend"}
+    result["foreign_conns"] = sum(1 for h in holders if h not in procs.values())
+    result["_rusage"] = ru.ru_utime + ru.ru_stime
+    return result
+
+
+def measure_scaling(targets: dict[str, dict[str, object]], reps: int,
+                    secs: float) -> dict[str, object]:
+    """`--workers 2` against 1 worker, the same placement, alternating over `reps`."""
+    backend = int(targets["direct"]["backend_pid"])  # type: ignore[call-overload]
+    runs: list[dict[str, object]] = []
+    for rep in range(reps):
+        row: dict[str, object] = {}
+        order = ("workers1", "workers2") if rep % 2 == 0 else ("workers2", "workers1")
+        for label in order:
+            t = targets[f"_{label}"]
+            ip, port = str(t["ip"]), int(t["port"])  # type: ignore[call-overload]
+            owners = set(socket_pids(ip, port, True))
+            mine = {int(t["pid"]), *children(int(t["pid"]))}  # type: ignore[call-overload]
+            if not owners <= mine:
+                raise RuntimeError(f"{ip}:{port} is also served by pids {owners - mine}")
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            r = scaling_run(ip, port, secs, int(t["pid"]), backend)  # type: ignore[call-overload]
+            used = r.pop("_rusage") - (before.ru_utime + before.ru_stime)  # type: ignore[operator]
+            r["cpu_pct"]["wrk"] = round(100 * used / secs, 1)  # type: ignore[index]
+            row[label] = r
+        runs.append(row)
+        print(f"scaling rep {rep + 1}/{reps}: " + ", ".join(
+            f"{k}={v['req_s']:.0f} cpu={v['cpu_pct']} conns={v['conns']}"  # type: ignore[index]
+            for k, v in row.items()), file=sys.stderr)
+    summary: dict[str, object] = {}
+    for label in ("workers1", "workers2"):
+        summary[label] = {"req_s": tcp.median(runs, label, "req_s"),
+                          "p50_us": tcp.median(runs, label, "p50_us"),
+                          "p99_us": tcp.median(runs, label, "p99_us"),
+                          "errors": sum(r[label].get("errors", 0) for r in runs)}  # type: ignore[attr-defined]
+        summary[label]["cpu_pct"] = {  # type: ignore[index]
+            k: statistics.median(r[label]["cpu_pct"][k] for r in runs)  # type: ignore[index]
+            for k in runs[0][label]["cpu_pct"]}  # type: ignore[index]
+        summary[label]["conns"] = runs[-1][label]["conns"]  # type: ignore[index]
+    summary["ratio"] = tcp.ratio_median(runs, "workers2", "workers1", "req_s")
+    summary["placement"] = (
+        f"both gateways unpinned (taskset {ALL_CORES}), wrk unpinned ({SCALING_THREADS} threads, "
+        f"{SCALING_CONNS} connections, 100 B), nginx backend on core {LOAD_CORE}")
+    summary["runs"] = runs
+    return summary
+
+
+def scaling_text(scaling: dict[str, object], reps: int, secs: float) -> str:
+    w1: dict[str, object] = scaling["workers1"]  # type: ignore[assignment]
+    w2: dict[str, object] = scaling["workers2"]  # type: ignore[assignment]
+
+    def cpu(w: dict[str, object]) -> str:
+        return ", ".join(f"{k} {v:.0f}%" for k, v in w["cpu_pct"].items())  # type: ignore[attr-defined]
+
+    errors = int(w1["errors"]) + int(w2["errors"])  # type: ignore[call-overload]
+    return (
+        f"`--workers 2` scaling ({scaling['placement']}; {reps} repetitions of {secs:g} s "
+        f"alternating, medians): 1 worker {w1['req_s']:.0f} req/s, 2 workers "
+        f"{w2['req_s']:.0f} req/s ({scaling['ratio']:.2f}x). CPU per process, 1 worker: "
+        f"{cpu(w1)}; 2 workers: {cpu(w2)} (200% = both cores). Client connections per "
+        f"process: " + ", ".join(f"{k} {v}" for k, v in w2["conns"].items())  # type: ignore[attr-defined]
+        + "."
+        + (f" wrk errors: {errors}." if errors else "")
+        + " The machine is saturated with 2 workers: wrk and the backend need about a core "
+        "between them, so 2 cores cannot show 2x.")
+
+
+def workers_only(out: Path, reps: int, secs: float, smoke: bool) -> int:
+    """Start the backend and the two scaling gateways only; rewrite the scaling line of
+    the existing results (the rest of the table is kept as measured)."""
+    stem = "http-smoke" if smoke else "http"
+    md, js = out / f"{stem}.md", out / f"{stem}.json"
+    if not md.exists() or not js.exists():
+        print(f"--workers-only needs {md} and {js} from a full run", file=sys.stderr)
+        return 2
+    procs = tcp.Procs()
+    with tempfile.TemporaryDirectory(prefix="mcsbench-http-") as run:
+        try:
+            targets = start_all(procs, Path(run), scaling_only=True)
+            scaling = measure_scaling(targets, reps, secs)
+        finally:
+            procs.stop()
+    data = json.loads(js.read_text())
+    data["scaling"] = scaling
+    js.write_text(json.dumps(data, indent=1))
+    lines = [ln for ln in md.read_text().splitlines() if not ln.startswith("`--workers 2`")]
+    while lines and not lines[-1]:
+        lines.pop()
+    lines += ["", scaling_text(scaling, reps, secs)]
+    md.write_text("\n".join(lines) + "\n")
+    print(lines[-1])
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="one short repetition")
@@ -179,6 +342,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--baseline", metavar="REV",
                     help="also measure the mcsproxy package of this git revision")
+    ap.add_argument("--workers-only", action="store_true",
+                    help="measure only --workers 2 scaling; rewrite that line of the results")
     args = ap.parse_args()
     missing = [p for p in PEERS if shutil.which(p) is None]
     if missing:
@@ -190,6 +355,8 @@ def main() -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4 * idle + 1024)), hard))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.workers_only:
+        return workers_only(out, reps, secs, args.smoke)
     procs = tcp.Procs()
     with tempfile.TemporaryDirectory(prefix="mcsbench-http-") as run:
         try:
@@ -217,8 +384,10 @@ def start_mcsproxy(procs: tcp.Procs, run: Path, name: str, ip: str, workers: int
     return p.pid
 
 
-def start_all(procs: tcp.Procs, run: Path,
-              baseline: str | None = None) -> dict[str, dict[str, object]]:
+def start_all(procs: tcp.Procs, run: Path, baseline: str | None = None,
+              scaling_only: bool = False) -> dict[str, dict[str, object]]:
+    check_free([BACKEND, *(("127.0.0.1", p) for p in PORTS.values()),
+                *((ip, BACKEND[1]) for ip in (MCS_IP, MCS_W2_IP, MCS_BASE_IP, MCS_W1_IP))])
     run.chmod(0o755)  # nginx workers run unprivileged: they must read www/big
     (run / "www").mkdir()
     (run / "www" / "big").write_bytes(b"b" * 65536)
@@ -226,19 +395,23 @@ def start_all(procs: tcp.Procs, run: Path,
     (run / "backend.conf").write_text(BACKEND_CONF.format(run=run, ip=BACKEND[0],
                                                           port=BACKEND[1], body="x" * 99))
     procs.start(LOAD_CORE, "nginx", "-c", str(run / "backend.conf"), "-p", str(run))
+    w1 = start_mcsproxy(procs, run, "scale1", MCS_W1_IP, 1, ALL_CORES)
+    w2 = start_mcsproxy(procs, run, "two", MCS_W2_IP, 2, ALL_CORES)
+    targets: dict[str, dict[str, object]] = {
+        "direct": {"ip": BACKEND[0], "port": BACKEND[1], "pid": None},
+        "_workers1": {"ip": MCS_W1_IP, "port": BACKEND[1], "pid": w1},
+        "_workers2": {"ip": MCS_W2_IP, "port": BACKEND[1], "pid": w2},
+    }
+    if scaling_only:
+        return started(procs, run, targets)
     (run / "haproxy.cfg").write_text(HAPROXY_CONF.format(port=PORTS["haproxy"], **fmt))
     hp = procs.start(PROXY_CORE, "haproxy", "-f", str(run / "haproxy.cfg"), "-db")
     (run / "proxy.conf").write_text(NGINX_PROXY_CONF.format(port=PORTS["nginx"], **fmt))
     procs.start(PROXY_CORE, "nginx", "-c", str(run / "proxy.conf"), "-p", str(run))
     mcs = start_mcsproxy(procs, run, "one", MCS_IP, 1, PROXY_CORE)
-    w2 = start_mcsproxy(procs, run, "two", MCS_W2_IP, 2, f"{LOAD_CORE},{PROXY_CORE}")
-    targets: dict[str, dict[str, object]] = {
-        "direct": {"ip": BACKEND[0], "port": BACKEND[1], "pid": None},
-        "haproxy": {"ip": "127.0.0.1", "port": PORTS["haproxy"], "pid": hp.pid},
-        "nginx": {"ip": "127.0.0.1", "port": PORTS["nginx"], "pid": None},
-        "mcsproxy": {"ip": MCS_IP, "port": BACKEND[1], "pid": mcs},
-        "_workers2": {"ip": MCS_W2_IP, "port": BACKEND[1], "pid": w2},
-    }
+    targets["haproxy"] = {"ip": "127.0.0.1", "port": PORTS["haproxy"], "pid": hp.pid}
+    targets["nginx"] = {"ip": "127.0.0.1", "port": PORTS["nginx"], "pid": None}
+    targets["mcsproxy"] = {"ip": MCS_IP, "port": BACKEND[1], "pid": mcs}
     if baseline:
         base = run / "baseline"
         base.mkdir()
@@ -247,13 +420,27 @@ def start_all(procs: tcp.Procs, run: Path,
         subprocess.run(["tar", "-x", "-C", str(base)], input=archive, check=True, timeout=60)
         pid = start_mcsproxy(procs, run, "base", MCS_BASE_IP, 1, PROXY_CORE, cwd=base)
         targets["baseline"] = {"ip": MCS_BASE_IP, "port": BACKEND[1], "pid": pid}
-    for t in targets.values():
-        tcp.wait_port(str(t["ip"]), int(t["port"]))  # type: ignore[call-overload]
+    started(procs, run, targets)
     # nginx's master forks the worker that serves: measure the worker.
     master = int((run / "proxy.pid").read_text())
-    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
-    targets["nginx"]["pid"] = int(children[0]) if children else master
+    workers = children(master)
+    targets["nginx"]["pid"] = workers[0] if workers else master
+    return targets
+
+
+def started(procs: tcp.Procs, run: Path,
+            targets: dict[str, dict[str, object]]) -> dict[str, dict[str, object]]:
+    """Every target answers, and every process started is still ours and alive (a peer
+    that could not bind exits, and its port may answer for somebody else)."""
+    for t in targets.values():
+        tcp.wait_port(str(t["ip"]), int(t["port"]))  # type: ignore[call-overload]
     time.sleep(0.5)
+    dead = [" ".join(map(str, p.args)) for p in procs.procs if p.poll() is not None]
+    if dead:
+        raise RuntimeError(f"exited at start: {dead}")
+    backend = int((run / "backend.pid").read_text())
+    workers = children(backend)
+    targets["direct"]["backend_pid"] = workers[0] if workers else backend  # CPU, not "proxy"
     return targets
 
 
@@ -280,12 +467,7 @@ def measure(targets: dict[str, dict[str, object]], reps: int, secs: float,
     for name in ("haproxy", "nginx", "mcsproxy"):
         t = targets[name]
         memory[name] = idle_memory(str(t["ip"]), int(t["port"]), int(t["pid"]), idle)  # type: ignore[call-overload]
-    # --workers 2 against 1 worker, both unpinned so each may use both cores.
-    scaling = {}
-    for label, name in (("workers1", "mcsproxy"), ("workers2", "_workers2")):
-        t = targets[name]
-        scaling[label] = wrk(str(t["ip"]), int(t["port"]), "/small", secs, WRK_CONNS * 2,  # type: ignore[call-overload]
-                             core=None)
+    scaling = measure_scaling(targets, reps, secs)
     return {"runs": runs, "targets": names, "idle_bytes_per_conn": memory,
             "idle_conns": idle, "scaling": scaling}
 
@@ -344,17 +526,14 @@ def write(out: Path, results: dict[str, object], smoke: bool, reps: int, secs: f
                 line += f" {fmt(vals['baseline'])} | {fmt(r_b)}x |"
             lines.append(line)
     mem: dict[str, float] = results["idle_bytes_per_conn"]  # type: ignore[assignment]
-    scaling: dict[str, dict[str, float]] = results["scaling"]  # type: ignore[assignment]
-    w1, w2 = scaling["workers1"]["req_s"], scaling["workers2"]["req_s"]
+    scaling: dict[str, object] = results["scaling"]  # type: ignore[assignment]
     lines += [
         "",
         f"Memory per idle keep-alive client connection (RSS growth over "
         f"{results['idle_conns']} connections, one request each): "
         + ", ".join(f"{n} {v / 1024:.1f} KiB" for n, v in mem.items()) + ".",
         "",
-        f"`--workers 2` scaling (unpinned: wrk, backend and both workers share the 2 cores; "
-        f"{WRK_CONNS * 2} connections, 100 B): 1 worker {w1:.0f} req/s, 2 workers {w2:.0f} "
-        f"req/s ({w2 / w1:.2f}x).",
+        scaling_text(scaling, reps, secs),
     ]
     stem = "http-smoke" if smoke else "http"
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
