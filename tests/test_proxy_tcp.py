@@ -297,3 +297,34 @@ async def test_sctp_is_logged_once_and_not_served(caplog: pytest.LogCaptureFixtu
         assert proxy.listeners == {}
     finally:
         await proxy.stop()
+
+
+async def test_endpoint_change_keeps_listeners_without_walking_every_service() -> None:
+    backends = await start_backends({"east": 1, "west": 1}, 91)
+    east, west = backends
+    cs = Clusterset("east")
+    ip = "127.240.91.1"
+    cs.publish("walk", ip, [WEB], [endpoint(east.host, "east", east.port)])
+    proxy = await cs.proxy()
+    try:
+        assert await ask(ip, 80) == "east-1"
+        walks = proxy.listener_walks
+        listener = proxy.listeners[next(iter(proxy.listeners))]
+        # endpoints only: served at once, same listener object, no walk over the services
+        cs.publish("walk", ip, [WEB], [endpoint(west.host, "west", west.port)])
+        await cs.served(proxy)
+        assert proxy.listener_walks == walks
+        assert await ask(ip, 80) == "west-1"
+        assert proxy.listeners[next(iter(proxy.listeners))] is listener
+        # a new port changes the listener set: walked, and the new listener serves
+        cs.publish("walk", ip, [WEB, ServicePort("alt", "TCP", 81, None)],
+                   [endpoint(west.host, "west", west.port),
+                    endpoint(west.host, "west", west.port, name="alt")])
+        await cs.served(proxy)
+        assert proxy.listener_walks == walks + 1
+        assert await ask(ip, 81) == "west-1"
+        cs.withdraw("walk")
+        await cs.served(proxy)
+        assert proxy.listeners == {}
+    finally:
+        await stop_all(proxy, *backends)

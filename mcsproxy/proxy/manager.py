@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -92,6 +92,13 @@ def wanted_listeners(
                 yield ListenerKey(ip, port.port, port.protocol), ukey, service, port
 
 
+def listener_shape(service: ImportedService | None) -> object:
+    """What of a service decides its listeners (None: not imported)."""
+    if service is None:
+        return None
+    return (service.headless, tuple(service.ips), tuple(service.ports))
+
+
 def is_http(port: ServicePort) -> bool:
     return (port.app_protocol or "").lower() in ("http", "kubernetes.io/h2c") and \
         port.protocol == "TCP"
@@ -114,6 +121,11 @@ class ProxyManager:
         self._sctp_logged: set[UpstreamKey] = set()
         self._tasks: list[asyncio.Task[Any]] = []
         self.applied_version = -1
+        # The listener set depends only on each service's IPs and ports: a change that
+        # leaves those alone (an endpoint change) skips the walk over every service.
+        self._applied_services: Mapping[ServiceKey, ImportedService] | None = None
+        self._listeners_complete = False  # every wanted listener open at the last walk
+        self.listener_walks = 0
         self.draining = False  # set by drain(): no listener opens any more
         self.access_log: AccessLog | None = None  # set by the gateway before start()
         self.events: EventRing | None = None
@@ -195,6 +207,14 @@ class ProxyManager:
         snapshot = self._latest
         changed, self._pending = self._pending, set()
         self._update_upstreams(snapshot, changed)
+        previous, self._applied_services = self._applied_services, snapshot.services
+        if changed is not None and previous is not None and self._listeners_complete and all(
+                listener_shape(previous.get(k)) == listener_shape(snapshot.services.get(k))
+                for k in changed):
+            self.applied_version = snapshot.version
+            self._applied.set()
+            return
+        self.listener_walks += 1
         wanted: dict[ListenerKey, tuple[UpstreamKey, ServicePort]] = {}
         for lkey, ukey, _service, port in wanted_listeners(iter(snapshot.services.values())):
             if port.protocol == "SCTP":
@@ -221,6 +241,7 @@ class ProxyManager:
                 log.info("listener %s moves from %s to %s", lkey, listener.upstream_key, ukey)
                 listener.upstream_key = ukey
                 listener.ctx.upstream = upstream
+        self._listeners_complete = all(lkey in self.listeners for lkey in wanted)
         self.applied_version = snapshot.version
         self._applied.set()
 
