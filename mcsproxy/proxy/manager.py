@@ -112,6 +112,8 @@ class ProxyManager:
         self.store = store
         self.listeners: dict[ListenerKey, Listener] = {}
         self.upstreams: dict[UpstreamKey, UpstreamSet] = {}
+        # Per service, so dropping a service's stale ports does not scan every upstream.
+        self._upstream_keys: dict[ServiceKey, set[UpstreamKey]] = {}
         self.conns: set[Tracked] = set()
         self.http = HttpEngine(config)
         self._pending: set[ServiceKey] | None = None  # None: apply everything
@@ -152,6 +154,7 @@ class ProxyManager:
         servers = [lst.server for lst in self.listeners.values() if lst.server is not None]
         self.listeners.clear()
         self.upstreams.clear()
+        self._upstream_keys.clear()
         for server in servers:
             try:
                 async with asyncio.timeout(1.0):
@@ -258,7 +261,10 @@ class ProxyManager:
                     ukey = UpstreamKey(skey, port.name, port.protocol)
                     live.add(ukey)
                     self._update_upstream(ukey, service, port)
-            for ukey in [k for k in self.upstreams if k.service == skey and k not in live]:
+            had = self._upstream_keys.pop(skey, set())
+            if live:
+                self._upstream_keys[skey] = live
+            for ukey in had - live:
                 upstream = self.upstreams.pop(ukey)
                 upstream.close()
                 spawn(upstream.stop(), name=f"stop upstream {ukey}")
