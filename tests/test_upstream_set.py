@@ -106,6 +106,20 @@ def test_exclude_tries_rest_of_level_then_other_cluster_then_anything() -> None:
     assert u.pick(exclude={first, second, third}) is None
 
 
+def test_spread_retry_leaves_the_tried_cluster_first() -> None:
+    u = make({"east": 2, "west": 2, "central": 2})
+    for _ in range(30):
+        first = u.pick()
+        assert first is not None
+        second = u.pick(exclude={first})
+        assert second is not None and second.cluster != first.cluster
+        third = u.pick(exclude={first, second})
+        assert third is not None and third.cluster not in (first.cluster, second.cluster)
+        # every cluster tried once: the pods left are used before giving up
+        fourth = u.pick(exclude={first, second, third})
+        assert fourth is not None and fourth not in (first, second, third)
+
+
 def test_exclude_falls_back_to_unhealthy_hosts_last() -> None:
     u = make({"east": 1, "west": 1}, "local-first")
     west = next(h for h in u.hosts.values() if h.cluster == "west")

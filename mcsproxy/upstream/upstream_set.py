@@ -221,8 +221,9 @@ class UpstreamSet:
         """The host for a new connection, or None when the set has nowhere to send it.
 
         `exclude` holds hosts already tried for this connection: the rest of the chosen
-        level is tried first, then healthy hosts of the other levels in priority order
-        (another cluster once the local one is exhausted), then anything not yet tried.
+        level is tried first (its clusters not tried yet before the others), then healthy
+        hosts of the other levels in priority order (another cluster once the local one is
+        exhausted), then anything not yet tried.
         """
         if self._next_expiry != INF and self._clock() >= self._next_expiry:
             self._expire_ejections()
@@ -244,6 +245,14 @@ class UpstreamSet:
             hosts = [h for h in hosts if h not in exclude] or self._fallback(exclude)
             if not hosts:
                 return None
+            if len(hosts) > 1:
+                # A connect that timed out hints at a partitioned cluster: its other pods
+                # are likely behind the same fault, so spread retries leave it first.
+                # Under local-first the level is one cluster and nothing changes.
+                tried = {h.cluster for h in exclude}
+                fresh = [h for h in hosts if h.cluster not in tried]
+                if fresh:
+                    hosts = fresh
         host = self._choose(hosts)
         if affinity is not None and client_ip is not None:
             affinity.remember(client_ip, host.key)
