@@ -37,17 +37,33 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in path.read_text().split()] if path.exists() else []
 
 
+def alive(pid: int) -> bool:
+    """Running (a zombie left for its parent to reap counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def start_two_worker_gateway(tmp_path: Path, backend: Backend, ip: str, net: int,
+                                   *extra: str) -> asyncio.subprocess.Process:
+    """`mcsproxy gateway --workers 2` over a file source importing `backend` at `ip`:80,
+    its DNS and admin listeners on 127.<net>.9.1."""
+    (tmp_path / "web.yaml").write_text(SERVICE.format(ip=ip, host=backend.host,
+                                                      port=backend.port))
+    own = f"127.{net}.9.1"
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mcsproxy", "gateway", "--cluster-id", "east",
+        "--source", f"file:{tmp_path}", "--workers", "2", "--log-level", "warning",
+        "--dns-listen", f"{own}:{free_port(own)}",
+        "--admin-listen", f"{own}:{free_port(own)}", *extra,
+    )
+
+
 async def test_gateway_with_two_workers_serves_and_stops_them(tmp_path: Path) -> None:
     backend = await Backend("east-1", "127.46.1.1", free_port("127.46.1.1"), "east").start()
     ip = "127.240.46.1"
-    (tmp_path / "web.yaml").write_text(SERVICE.format(ip=ip, host=backend.host,
-                                                      port=backend.port))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mcsproxy", "gateway", "--cluster-id", "east",
-        "--source", f"file:{tmp_path}", "--workers", "2", "--log-level", "warning",
-        "--dns-listen", f"127.46.9.1:{free_port('127.46.9.1')}",
-        "--admin-listen", f"127.46.9.1:{free_port('127.46.9.1')}",
-    )
+    proc = await start_two_worker_gateway(tmp_path, backend, ip, 46)
     try:
         async with asyncio.timeout(20):
             while True:
@@ -66,6 +82,4 @@ async def test_gateway_with_two_workers_serves_and_stops_them(tmp_path: Path) ->
         async with asyncio.timeout(15):
             assert await proc.wait() == 0
         await backend.stop()
-    for pid in workers:
-        assert not Path(f"/proc/{pid}").exists() or \
-            Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    assert not any(alive(pid) for pid in workers)

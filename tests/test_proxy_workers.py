@@ -10,14 +10,7 @@ from pathlib import Path
 
 from mcsproxy.proxy.workers import WORKER_MAIN, worker_command
 from tests.proxy_fixtures import Backend, ask, free_port
-from tests.test_proxy_gateway import SERVICE, children
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+from tests.test_proxy_gateway import alive, children, start_two_worker_gateway
 
 
 def test_worker_command_names_its_supervisor_and_index() -> None:
@@ -34,15 +27,7 @@ async def test_worker_stops_when_its_supervisor_is_killed(tmp_path: Path) -> Non
     connections."""
     backend = await Backend("east-1", "127.47.1.1", free_port("127.47.1.1"), "east").start()
     ip = "127.240.47.1"
-    (tmp_path / "web.yaml").write_text(SERVICE.format(ip=ip, host=backend.host,
-                                                      port=backend.port))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mcsproxy", "gateway", "--cluster-id", "east",
-        "--source", f"file:{tmp_path}", "--workers", "2", "--log-level", "warning",
-        "--drain-timeout", "1",
-        "--dns-listen", f"127.47.9.1:{free_port('127.47.9.1')}",
-        "--admin-listen", f"127.47.9.1:{free_port('127.47.9.1')}",
-    )
+    proc = await start_two_worker_gateway(tmp_path, backend, ip, 47, "--drain-timeout", "1")
     workers: list[int] = []
     try:
         async with asyncio.timeout(20):
