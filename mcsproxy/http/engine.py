@@ -15,7 +15,7 @@ from collections import deque
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from mcsproxy.config import ProxyConfig
+from mcsproxy.config import HttpConfig, ProxyConfig
 from mcsproxy.http.pool import EndpointPool
 from mcsproxy.http.server import ClientConnection
 from mcsproxy.http.wire import ErrorResponses, RequestIds, http_date
@@ -51,6 +51,11 @@ class HttpRoute:
         self.retries = 0  # requests holding a slot of the retry budget
         self.retries_refused = 0
         self.waiting: deque[Any] = deque()  # Exchanges waiting for a slot
+
+    def has_budget(self, http: HttpConfig) -> bool:
+        """May one more replay take a slot of the retry budget?"""
+        return self.retries < max(http.retry_min_concurrency,
+                                  self.active * http.retry_budget_percent // 100)
 
 
 def tick_for(config: ProxyConfig) -> float:

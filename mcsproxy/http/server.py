@@ -556,8 +556,7 @@ class ClientConnection(asyncio.Protocol):
 def resume_waiting(route: HttpRoute, http: HttpConfig) -> None:
     """Replays waiting for a retry budget slot go, as far as the budget allows."""
     waiting = route.waiting
-    while waiting and route.retries < max(http.retry_min_concurrency,
-                                          route.active * http.retry_budget_percent // 100):
+    while waiting and route.has_budget(http):
         ex = waiting.popleft()
         if ex.finished:
             continue  # answered meanwhile (request timeout) or the client went away
@@ -813,8 +812,7 @@ class Exchange:
             return True
         route = self.route
         assert route is not None
-        if route.retries < max(http.retry_min_concurrency,
-                               route.active * http.retry_budget_percent // 100):
+        if route.has_budget(http):
             route.retries += 1
             self.budgeted = True
             return True
