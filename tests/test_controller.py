@@ -14,11 +14,13 @@ import dnslib
 import pytest
 import yaml
 
+from controlplane.clusters.directory import DirectoryCluster
 from controlplane.command import ControllerConfig, DirectoryControllerApp
 from controlplane.reconcile import STALE_ANNOTATION
 from mcsproxy.cli import main
 from mcsproxy.config import AdminConfig, DnsConfig, GatewayConfig
 from mcsproxy.gateway import Gateway
+from mcsproxy.model import ServiceKey
 from tests.proxy_fixtures import Backend, ask, free_port
 from tests.test_reconcile_support import eslice, export, namespace, service
 
@@ -220,6 +222,23 @@ async def test_bad_file_keeps_the_last_good_state(tmp_path: Path) -> None:
         member(clusters, "a", 1)
         await until(lambda: controller.clients["a"].connection.error is None)
         assert stamps(out) == before
+
+
+async def test_a_member_file_caught_half_written_withdraws_nothing(tmp_path: Path) -> None:
+    clusters, out = tmp_path / "clusters", tmp_path / "out"
+    member(clusters, "a", 1)
+    cluster = DirectoryCluster("a", clusters, out)
+    await cluster.sync()
+    held = cluster.objects.refs()
+    assert len(held) == 4
+    (clusters / "a" / "web.yaml").write_text("")  # a writer's truncate, before its write
+    assert not await cluster.sync() and cluster.objects.refs() == held
+    member(clusters, "a", 2)
+    assert not await cluster.sync() and cluster.objects.refs() == held
+    assert await cluster.sync()  # it held still for a scan: read now
+    assert cluster.objects.refs() == held
+    assert [e.addresses for s in cluster.objects.slices_for(ServiceKey("test", "web"))
+            for e in s.endpoints] == [("127.0.2.1",)]
 
 
 async def test_unreadable_member_goes_stale_then_recovers(tmp_path: Path) -> None:

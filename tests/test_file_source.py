@@ -146,3 +146,19 @@ async def test_single_file_source_and_missing_path(tmp_path: Path) -> None:
         assert store.sources[source.name].error is None
     finally:
         await cancel_and_wait([task])
+
+
+def test_a_file_caught_half_written_is_read_once_it_holds_still(tmp_path: Path) -> None:
+    """Written in place (truncate, then write), a file can be seen empty: that must not
+    withdraw its objects unless it stays that way."""
+    path = tmp_path / "web.yaml"
+    write(path, import_yaml("web", "ClusterSetIP", WEB, '["127.240.0.21"]'))
+    source = FileSource(str(tmp_path))
+    assert source.scan() and KEY.name in {o.name for o in source.merged()}
+    path.write_text("")  # the writer's truncate, before its write
+    assert not source.scan() and KEY.name in {o.name for o in source.merged()}
+    assert source.scan() and source.merged() == {}  # held still: now it is the content
+    path.write_text(import_yaml("web", "ClusterSetIP", WEB, '["127.240.0.21"]'))
+    assert not source.scan() and source.merged() == {}
+    os.utime(path, ns=(0, 0))  # long untouched: taken at once
+    assert source.scan() and KEY.name in {o.name for o in source.merged()}

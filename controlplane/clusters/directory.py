@@ -39,7 +39,7 @@ from controlplane.resources import (
 )
 from mcsproxy.config import CLUSTER_ID_RE
 from mcsproxy.manifests import ManifestError, load_yaml_documents
-from mcsproxy.sources.file import YAML_SUFFIXES, FileStamp
+from mcsproxy.sources.file import YAML_SUFFIXES, FileStamp, SettleGate
 
 log = logging.getLogger("controlplane.clusters.directory")
 
@@ -120,6 +120,7 @@ class DirectoryCluster:
         self.connection = Connection()
         self._cache: dict[Path, tuple[FileStamp, FileObjects | ManifestError]] = {}
         self._committed: dict[Path, tuple[FileStamp, FileObjects]] = {}
+        self._settle = SettleGate()  # only _scan touches it, one scan at a time
         self._owner: dict[ObjectRef, set[Path]] = {}
         self._written: dict[str, Obj] = {}
         self.files_written = 0
@@ -146,6 +147,8 @@ class DirectoryCluster:
             cached = self._cache.get(path)
             if cached is not None and cached[0] == stamp:
                 continue
+            if not self._settle.ready(path, stamp):
+                continue  # the cache keeps the last version read, so nothing is dirty
             try:
                 text = path.read_text(encoding="utf-8")
                 scan.parsed[path] = parse_cluster_file(text, str(path), self.cluster_id)
@@ -153,6 +156,7 @@ class DirectoryCluster:
                 scan.parsed[path] = exc
             except (OSError, UnicodeDecodeError) as exc:
                 scan.parsed[path] = ManifestError(f"cannot read: {exc}", str(path))
+        self._settle.end_scan(scan.stamps)
         return scan
 
     def _set_connected(self, connected: bool, error: str | None, changes: ChangeSet) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,8 @@ log = logging.getLogger("mcsproxy.sources.file")
 
 POLL_INTERVAL_S = 0.25
 YAML_SUFFIXES = (".yaml", ".yml")
+# A file this long untouched is taken at once; a fresher change waits one more scan.
+SETTLE_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +36,31 @@ class FileStamp:
     mtime_ns: int
     size: int
     inode: int
+
+
+class SettleGate:
+    """Which changed files may be read now. A file written in place (truncated, then
+    written) can be caught half-way; read then, an empty file would withdraw every
+    object it holds. So a change is read once its stamp held still over two scans in a
+    row, or once it is SETTLE_S old; the first scan takes everything, since there is no
+    last good state to keep serving yet. A writer stalled mid-file for longer than a
+    scan interval can still be caught: renaming a finished file into place is the safe
+    way to publish."""
+
+    def __init__(self, settle_s: float = SETTLE_S) -> None:
+        self.settle_ns = int(settle_s * 1e9)
+        self._seen: dict[Path, FileStamp] = {}
+        self._first = True
+
+    def ready(self, path: Path, stamp: FileStamp) -> bool:
+        previous, self._seen[path] = self._seen.get(path), stamp
+        return (self._first or previous == stamp
+                or time.time_ns() - stamp.mtime_ns >= self.settle_ns)
+
+    def end_scan(self, present: set[Path] | dict[Path, FileStamp]) -> None:
+        self._first = False
+        for gone in set(self._seen) - set(present):
+            del self._seen[gone]
 
 
 def parse_file_text(text: str, origin: str, source: str) -> dict[ObjectId, Spec]:
@@ -75,7 +103,8 @@ class FileSource:
         self.path = Path(path)
         self.name = f"file:{path}"
         self.poll_interval_s = poll_interval_s
-        self._stamps: dict[Path, FileStamp] = {}
+        self._stamps: dict[Path, FileStamp] = {}  # as last read
+        self._settle = SettleGate()
         self._good: dict[Path, dict[ObjectId, Spec]] = {}
         self._errors: dict[Path, str] = {}
         self._missing: str | None = None  # the source's own path is gone
@@ -117,12 +146,14 @@ class FileSource:
         changed = False
         for gone in set(self._stamps) - set(stamps):
             log.info("file removed path=%s", gone)
+            del self._stamps[gone]
             self._good.pop(gone, None)
             self._errors.pop(gone, None)
             changed = True
         for path, stamp in sorted(stamps.items()):
-            if self._stamps.get(path) == stamp:
+            if self._stamps.get(path) == stamp or not self._settle.ready(path, stamp):
                 continue
+            self._stamps[path] = stamp
             try:
                 text = path.read_text(encoding="utf-8")
                 objects = parse_file_text(text, str(path), self.name)
@@ -139,7 +170,7 @@ class FileSource:
             self._good[path] = objects
             log.info("file loaded path=%s objects=%d", path, len(objects))
             changed = True
-        self._stamps = stamps
+        self._settle.end_scan(stamps)
         if self._missing is not None:
             self._missing = None
             log.info("source %s: the path is back", self.name)
