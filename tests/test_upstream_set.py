@@ -160,6 +160,36 @@ def test_success_resets_the_failure_count() -> None:
     assert host.ejected
 
 
+def test_a_connect_timeout_from_a_silent_cluster_ejects_at_once() -> None:
+    u = make({"east": 2, "west": 2}, connect_timeout_s=1.0)
+    clock = u._clock
+    assert isinstance(clock, FakeClock)
+    east = [h for h in u.hosts.values() if h.cluster == "east"]
+    west = [h for h in u.hosts.values() if h.cluster == "west"]
+    for h in (*east, *west):
+        u.connect_ok(h, Conn())
+    clock.now += 0.5
+    u.connect_ok(east[1], Conn())  # east answered while east[0]'s connect waited
+    clock.now += 0.6
+    u.connect_failed(east[0], "timeout")
+    assert not east[0].ejected and east[0].consecutive_failures == 1  # a lost SYN
+    u.connect_failed(west[0], "timeout")
+    assert west[0].ejected  # nothing in west answered for the whole wait
+    assert west[0].stats.attempts["timeout"] == 1
+    u.connect_failed(west[1], "connect timeout")  # the HTTP proxy's word for it
+    assert west[1].ejected and west[1].stats.attempts["timeout"] == 2
+    u.connect_failed(east[0], "timeout")  # east[1] answered within this wait too
+    assert not east[0].ejected and east[0].consecutive_failures == 2
+    assert [u.pick().cluster for _ in range(4)] == ["east"] * 4  # type: ignore[union-attr]
+
+
+def test_a_silent_cluster_is_not_ejected_with_outlier_ejection_off() -> None:
+    u = make({"east": 1}, outlier=OutlierConfig(consecutive_failures=0))
+    host = next(iter(u.hosts.values()))
+    u.connect_failed(host, "timeout")
+    assert not host.ejected and u.pick() is host
+
+
 def test_max_ejection_percent_bounds_ejections(caplog: pytest.LogCaptureFixture) -> None:
     u = make({"east": 4}, outlier=OutlierConfig(consecutive_failures=1, max_ejection_percent=50))
     hosts = list(u.hosts.values())

@@ -705,9 +705,12 @@ class Exchange:
         if up is not None:
             self.bind(up)
             return
-        self.connect_deadline = engine.now + engine.config.connect_timeout_s
         self.timed_out = False
+        # From the precise start, not the tick's clock: a connect must never time out
+        # early (up to a tick late is fine), or the outlier rule for a silent cluster
+        # (UpstreamSet.connect_failed) would judge from a shorter wait than it assumes.
         self.connect_t0 = time.monotonic()
+        self.connect_deadline = self.connect_t0 + engine.config.connect_timeout_s
         task = self.connecting = pool.connect()
         task.add_done_callback(self.connect_done)
 

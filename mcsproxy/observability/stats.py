@@ -57,7 +57,7 @@ class Buckets:
 
 def connect_outcome(reason: str) -> str:
     """A failed connect's reason folded into a bounded label value."""
-    if reason == "timeout":
+    if reason in ("timeout", "connect timeout"):  # the TCP and the HTTP proxy's words
         return "timeout"
     if "refused" in reason.lower() or reason == "port unreachable":
         return "refused"

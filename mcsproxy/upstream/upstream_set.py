@@ -69,6 +69,7 @@ class Host:
         "key",
         "level",
         "port",
+        "reached_at",
         "ready",
         "removed",
         "stats",
@@ -89,6 +90,7 @@ class Host:
         self.consecutive_failures = 0
         self.times_ejected = 0
         self.ejected_until = 0.0
+        self.reached_at = -INF  # when it last answered: a connect completed, a response
         self.removed = False
         self.conns: set[Connection] = set()
         self.stats = ClusterStats()  # replaced by its set's shared per-cluster counters
@@ -279,6 +281,7 @@ class UpstreamSet:
         connection that opens says nothing about health; `response_status` does."""
         if reset_failures:
             host.consecutive_failures = 0
+            host.reached_at = self._clock()
         host.conns.add(conn)
 
     def release(self, host: Host, conn: Connection) -> None:
@@ -289,8 +292,23 @@ class UpstreamSet:
 
     def connect_failed(self, host: Host, reason: str) -> None:
         """A local-origin failure (refused, timed out, reset before any byte)."""
-        host.stats.attempts[connect_outcome(reason)] += 1
+        outcome = connect_outcome(reason)
+        host.stats.attempts[outcome] += 1
+        if outcome == "timeout" and self._cluster_silent(host):
+            # Not one endpoint of the cluster answered during the whole wait: a
+            # partition, not a lost SYN (a connect started later would have got through).
+            # Waiting for more timeouts would cost more clients a full connect timeout.
+            host.consecutive_failures += 1
+            if self.outlier.consecutive_failures and not host.ejected:
+                self._eject(host, f"connect timed out and nothing in {host.cluster} has "
+                            f"answered for {self.config.connect_timeout_s:g}s")
+            return
         self._failure(host, reason)
+
+    def _cluster_silent(self, host: Host) -> bool:
+        since = self._clock() - self.config.connect_timeout_s
+        return all(h.reached_at < since for h in self.hosts.values()
+                   if h.cluster == host.cluster)
 
     def _failure(self, host: Host, reason: str) -> None:
         host.consecutive_failures += 1
@@ -302,6 +320,7 @@ class UpstreamSet:
 
     def response_status(self, host: Host, status: int) -> None:
         """HTTP: a 5xx counts as a failure toward ejection, anything else resets the count."""
+        host.reached_at = self._clock()
         if status >= 500:
             self._failure(host, f"status {status}")
         else:
