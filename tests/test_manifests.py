@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import ipaddress
 from typing import Any
 
 import pytest
@@ -149,3 +150,24 @@ def test_yaml_errors_carry_the_line() -> None:
 def test_documents_report_their_first_line() -> None:
     text = "# comment\na: 1\n---\n\nb: 2\n"
     assert list(load_yaml_documents(text, "f.yaml")) == [(2, {"a": 1}), (5, {"b": 2})]
+
+
+@pytest.mark.parametrize("address", [
+    "10.0.0.1", "0.0.0.0", "255.255.255.255", "010.0.0.1", "10.0.0.01", "10.0.0", "10.0.0.1.1",
+    "256.0.0.1", " 10.0.0.1", "10.0.0.1 ", "10.0.0.1\x00", "0x0a.0.0.1", "10.0.0.-1",
+    "\u0661\u0660.0.0.1", "10.0.0.1/32", "fd00::1", "::ffff:10.0.0.1", 167772161, None,
+])
+def test_ipv4_slice_addresses_agree_with_ipaddress(address: Any) -> None:
+    """The fast IPv4 check accepts exactly the canonical forms ipaddress accepts."""
+    try:
+        ip = ipaddress.ip_address(address)  # type: ignore[arg-type]
+        expected = str(ip) if ip.version == 4 else None
+    except (ValueError, TypeError):
+        expected = None
+    obj = _with(SLICE, "endpoints", [{"addresses": [address]}])
+    if expected is None:
+        with pytest.raises(ManifestError, match="address"):
+            parse_endpoint_slice(obj)
+    else:
+        spec = parse_endpoint_slice(obj)
+        assert spec is not None and spec.endpoints[0].address == expected
