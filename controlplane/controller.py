@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,6 +30,7 @@ from controlplane.reconcile import (
     resolve,
 )
 from controlplane.resources import KIND_EXPORT, KIND_IMPORT, KIND_SLICE, ObjectRef
+from mcsproxy.gc_pause import collector_paused
 from mcsproxy.manifests import LABEL_SERVICE_NAME
 from mcsproxy.model import EMPTY_MAPPING, ServiceKey
 from mcsproxy.tasks import cancel_and_wait, spawn
@@ -36,6 +38,7 @@ from mcsproxy.tasks import cancel_and_wait, spawn
 log = logging.getLogger("controlplane.controller")
 
 WRITE_RETRY_S = 1.0
+BULK_KEYS = 500  # a flush this large reconciles with the cyclic collector paused
 
 
 class Publisher:
@@ -237,31 +240,8 @@ class Controller:
         upserts: dict[str, dict[ObjectRef, Obj]] = {c: {} for c in clusters}
         deletes: dict[str, set[ObjectRef]] = {c: set() for c in clusters}
         touched: dict[str, set[ServiceKey]] = {c: set() for c in clusters}
-        for key in sorted(dirty):
-            desired = self._reconcile_key(key, clusters, now)
-            refs_by_cluster = self._refs.get(key, {})
-            for c in clusters:
-                written = self.written[c]
-                retry = self._retry.get(c, ())
-                new = desired[c]
-                old_refs = refs_by_cluster.get(c, set())
-                for ref in old_refs - new.keys():
-                    deletes[c].add(ref)
-                    written.pop(ref, None)
-                    touched[c].add(key)
-                for ref, obj in new.items():
-                    if written.get(ref) != obj or ref in retry:
-                        upserts[c][ref] = obj
-                        written[ref] = obj
-                        touched[c].add(key)
-                if new:
-                    refs_by_cluster[c] = set(new)
-                else:
-                    refs_by_cluster.pop(c, None)
-            if refs_by_cluster:
-                self._refs[key] = refs_by_cluster
-            else:
-                self._refs.pop(key, None)
+        with collector_paused() if len(dirty) >= BULK_KEYS else nullcontext():
+            self._reconcile_into(dirty, clusters, now, upserts, deletes, touched)
         self.metrics.services_reconciled.inc(len(dirty))
         observed = min(dirty.values())
         observed_wall = time.time() - (time.monotonic() - observed)
@@ -287,6 +267,37 @@ class Controller:
         self.batches += 1
         return len(dirty)
 
+
+    def _reconcile_into(self, dirty: Mapping[ServiceKey, float], clusters: list[str],
+                        now: str, upserts: dict[str, dict[ObjectRef, Obj]],
+                        deletes: dict[str, set[ObjectRef]],
+                        touched: dict[str, set[ServiceKey]]) -> None:
+        """Reconcile the dirty keys; collect per cluster what to write and delete."""
+        for key in sorted(dirty):
+            desired = self._reconcile_key(key, clusters, now)
+            refs_by_cluster = self._refs.get(key, {})
+            for c in clusters:
+                written = self.written[c]
+                retry = self._retry.get(c, ())
+                new = desired[c]
+                old_refs = refs_by_cluster.get(c, set())
+                for ref in old_refs - new.keys():
+                    deletes[c].add(ref)
+                    written.pop(ref, None)
+                    touched[c].add(key)
+                for ref, obj in new.items():
+                    if written.get(ref) != obj or ref in retry:
+                        upserts[c][ref] = obj
+                        written[ref] = obj
+                        touched[c].add(key)
+                if new:
+                    refs_by_cluster[c] = set(new)
+                else:
+                    refs_by_cluster.pop(c, None)
+            if refs_by_cluster:
+                self._refs[key] = refs_by_cluster
+            else:
+                self._refs.pop(key, None)
     def _update_stale_gauge(self, cluster: str) -> None:
         client = self.clients[cluster]
         stale = 0 if client.connection.connected else sum(

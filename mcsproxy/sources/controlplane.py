@@ -21,6 +21,7 @@ import aiohttp
 from prometheus_client import CollectorRegistry, Histogram
 
 from mcsproxy.backoff import Backoff, describe_error
+from mcsproxy.gc_pause import collector_paused
 from mcsproxy.manifests import (
     ManifestError,
     object_kind,
@@ -35,6 +36,7 @@ log = logging.getLogger("mcsproxy.sources.controlplane")
 STREAM_PATH = "/v1/stream"
 HEARTBEAT_HEADER = "X-Mcsproxy-Heartbeat"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a full snapshot of a large clusterset fits
+BULK_MESSAGE_BYTES = 64 * 1024  # parsed with the cyclic collector paused (gc_pause.py)
 CONNECT_TIMEOUT_S = 5.0
 BACKOFF_INITIAL_S = 0.2
 BACKOFF_MAX_S = 10.0
@@ -143,6 +145,13 @@ class ControlplaneSource:
 
     # -- messages ------------------------------------------------------------------------
     def _handle(self, line: bytes, store: SnapshotStore, status: SourceStatus) -> None:
+        if len(line) >= BULK_MESSAGE_BYTES:
+            with collector_paused():
+                self._handle_message(line, store, status)
+        else:
+            self._handle_message(line, store, status)
+
+    def _handle_message(self, line: bytes, store: SnapshotStore, status: SourceStatus) -> None:
         try:
             message = json.loads(line)
         except ValueError as exc:

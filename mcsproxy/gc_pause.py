@@ -1,0 +1,55 @@
+"""Bulk building without the cyclic garbage collector.
+
+A first sync or a full reconcile builds millions of small objects that all survive. The
+collector, triggered by allocation counts, scans them again and again and finds nothing
+to free, during the build and again as they age through its generations afterwards.
+Measured at 5,000 services in 3 clusters, 10 endpoints each: a gateway's first sync over the
+controller's stream 4.7 s → 1.9 s, the controller's full reconcile 2.3 s → 1.1 s.
+
+So around such synchronous bulk work the collector is paused, and what exists afterwards
+is frozen (gc.freeze: left out of later collections). Reference counting still frees
+frozen objects that are dropped; only cyclic garbage that happened to be uncollected at
+a freeze waits. The first pause of a new burst of bulk work (none for a second before,
+or a minute since the last clean-up) hands the frozen objects back and collects once:
+one full pass per resync, none for the parts of one snapshot, none on a first sync.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+BURST_GAP_S = 1.0  # pauses closer than this belong to one burst (a snapshot's parts)
+CLEANUP_EVERY_S = 60.0  # and a burst that never ends still cleans up this often
+
+
+class _Bursts:
+    frozen = False  # by us; gc.get_freeze_count() would walk every frozen object
+    last_end = float("-inf")
+    last_cleanup = float("-inf")
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """Pause automatic collection for a synchronous block (no await inside: other tasks
+    must not run with the collector off), then freeze what survived. Nested, or with the
+    collector already disabled: left as found."""
+    if not gc.isenabled():
+        yield
+        return
+    now = time.monotonic()
+    if _Bursts.frozen and (now - _Bursts.last_end > BURST_GAP_S
+                                  or now - _Bursts.last_cleanup > CLEANUP_EVERY_S):
+        gc.unfreeze()
+        gc.collect()
+        _Bursts.last_cleanup = now
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        _Bursts.frozen = True
+        gc.enable()
+        _Bursts.last_end = time.monotonic()
