@@ -566,3 +566,49 @@ async def test_reused_connection_closed_before_answering_is_retried_on_a_new_one
         await client.close()
     finally:
         await stop_all(proxy, once)
+
+
+async def test_request_on_an_endpoint_of_a_silent_cluster_is_retried_at_once() -> None:
+    """A request sent on a connection to an endpoint whose cluster then goes silent (its
+    connects time out, nothing answers) is retried when the endpoint is ejected, not
+    after its 10 s per-try timeout."""
+    [live] = await start_backends({"west": 1}, 93)
+    hole = socket.socket()
+    hole.bind(("127.93.9.9", 0))
+    hole.listen(1)
+    cs = Clusterset("east")
+    # PreferClose: the local (east) endpoint first, west only once east is out.
+    cs.publish("silent", "127.240.93.1", [HTTP_PORT],
+               [endpoint("127.93.9.9", "east", hole.getsockname()[1]),
+                endpoint(live.host, "west", live.port)], traffic="PreferClose")
+    proxy = await cs.proxy(connect_timeout_s=0.3, http=HttpConfig(per_try_timeout_s=10,
+                                                                   request_timeout_s=20))
+    fillers: list[socket.socket] = []
+    try:
+        first = await RawClient.open("127.240.93.1", 80)
+        first.send(b"GET /one HTTP/1.1\r\nHost: a\r\n\r\n")  # connects, sent, never answered
+        upstream = next(iter(proxy.upstreams.values()))
+        silent = next(h for h in upstream.hosts.values() if h.cluster == "east")
+        async with asyncio.timeout(2):
+            while not silent.conns:
+                await asyncio.sleep(0.01)
+        # Now east's accept queue is full: new connects to it get no SYN-ACK.
+        for _ in range(4):
+            f = socket.socket()
+            f.setblocking(False)
+            f.connect_ex(hole.getsockname())
+            fillers.append(f)
+        started = time.monotonic()
+        second = await RawClient.open("127.240.93.1", 80)
+        r2 = await second.get("/two")
+        r1 = await first.response(timeout=5)
+        took = time.monotonic() - started
+        assert (r1.status, r1.body, r2.status, r2.body) == (200, b"west-1", 200, b"west-1")
+        assert took < 2.0, took  # the 0.3 s connect timeout, not the 10 s per-try one
+        assert silent.ejected and not silent.conns
+        await first.close()
+        await second.close()
+    finally:
+        await stop_all(proxy, live)
+        for s in (hole, *fillers):
+            s.close()

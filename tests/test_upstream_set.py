@@ -27,10 +27,14 @@ class Conn:
     def __init__(self) -> None:
         self.aborted = False
         self.aborted_event = asyncio.Event()
+        self.told_silent = False
 
     def abort(self) -> None:
         self.aborted = True
         self.aborted_event.set()
+
+    def cluster_silent(self) -> None:
+        self.told_silent = True
 
 
 def targets(spec: dict[str, int]) -> list[Target]:
@@ -181,6 +185,26 @@ def test_a_connect_timeout_from_a_silent_cluster_ejects_at_once() -> None:
     u.connect_failed(east[0], "timeout")  # east[1] answered within this wait too
     assert not east[0].ejected and east[0].consecutive_failures == 2
     assert [u.pick().cluster for _ in range(4)] == ["east"] * 4  # type: ignore[union-attr]
+
+
+def test_a_silent_cluster_tells_the_ejected_endpoints_connections() -> None:
+    u = make({"east": 2, "west": 2}, connect_timeout_s=1.0)
+    clock = u._clock
+    assert isinstance(clock, FakeClock)
+    east = [h for h in u.hosts.values() if h.cluster == "east"]
+    on_ejected, on_sibling = Conn(), Conn()
+    u.connect_ok(east[0], on_ejected, reset_failures=False)  # HTTP: no sign of life yet
+    u.connect_ok(east[1], on_sibling, reset_failures=False)
+    u.connect_failed(east[0], "timeout (per try)")  # a response timeout counts the same
+    assert east[0].ejected and on_ejected.told_silent and not on_sibling.told_silent
+    clock.now += 0.5
+    u.response_status(east[1], 200)
+    u.connect_failed(east[1], "timeout")
+    assert not east[1].ejected and not on_sibling.told_silent  # east answered just now
+    west = [h for h in u.hosts.values() if h.cluster == "west"]
+    u.health_result(west[1], None, HC)  # a probe that passed is an answer too
+    u.connect_failed(west[0], "timeout")
+    assert not west[0].ejected
 
 
 def test_a_silent_cluster_is_not_ejected_with_outlier_ejection_off() -> None:

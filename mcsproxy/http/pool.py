@@ -161,6 +161,14 @@ class UpstreamConn(asyncio.Protocol):
         """For the upstream set's drain grace: end the connection now."""
         self.transport.abort()
 
+    def cluster_silent(self) -> None:
+        """The endpoint's cluster answered nothing for a whole connect timeout (see
+        UpstreamSet.connect_failed): a request still waiting for its first response byte
+        here would wait out its per-try timeout (15 s by default). It fails now and is
+        retried elsewhere like one that timed out; a response under way is left alone."""
+        if self.exchange is not None and not self.began and self.tunnel is None:
+            self.fail(f"no answer, {self.pool.host.cluster} silent")
+
     # -- response parser callbacks ----------------------------------------------------
     def on_message_begin(self) -> None:
         self.began = True

@@ -49,6 +49,7 @@ from mcsproxy.http.wire import (
     drop_nominated,
     status_line,
 )
+from mcsproxy.upstream.upstream_set import PER_TRY_TIMEOUT
 
 if TYPE_CHECKING:
     from mcsproxy.config import HttpConfig
@@ -1164,5 +1165,5 @@ class Exchange:
                 self.timed_out = True
                 self.connecting.cancel()
         elif self.up is not None and now > self.try_deadline:
-            self.upstream_failed(self.up, "timeout (per try)", status=504)
+            self.upstream_failed(self.up, PER_TRY_TIMEOUT, status=504)
         self.client.flush()

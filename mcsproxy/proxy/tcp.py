@@ -459,6 +459,10 @@ class ClientSide(asyncio.Protocol):
         if self.up is not None:
             self.up.abort()
 
+    def cluster_silent(self) -> None:
+        """An established stream is left to its own idle timeout: unlike an HTTP request
+        it cannot be replayed elsewhere, and a short partition may heal under it."""
+
     def log_access(self) -> None:
         host = self.host
         if self.up is not None:

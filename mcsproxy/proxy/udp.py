@@ -166,5 +166,8 @@ class UdpFlow(asyncio.DatagramProtocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def cluster_silent(self) -> None:
+        """UDP never times out a connect: nothing to do."""
+
     def expire(self) -> None:
         self.abort()

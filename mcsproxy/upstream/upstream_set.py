@@ -50,9 +50,16 @@ INF = float("inf")
 
 
 class Connection(Protocol):
-    """What an upstream set needs of a proxied connection: a way to end it when draining."""
+    """What an upstream set needs of a proxied connection: a way to end it when draining,
+    and to hear that its endpoint was ejected because its cluster went silent."""
 
     def abort(self) -> None: ...
+
+    def cluster_silent(self) -> None: ...
+
+
+# The HTTP proxy's reason for a request that got no answer within its per-try timeout.
+PER_TRY_TIMEOUT = "timeout (per try)"
 
 
 class Host:
@@ -90,7 +97,7 @@ class Host:
         self.consecutive_failures = 0
         self.times_ejected = 0
         self.ejected_until = 0.0
-        self.reached_at = -INF  # when it last answered: a connect completed, a response
+        self.reached_at = -INF  # last answer: a connect completed, a response, a probe
         self.removed = False
         self.conns: set[Connection] = set()
         self.stats = ClusterStats()  # replaced by its set's shared per-cluster counters
@@ -294,14 +301,19 @@ class UpstreamSet:
         """A local-origin failure (refused, timed out, reset before any byte)."""
         outcome = connect_outcome(reason)
         host.stats.attempts[outcome] += 1
-        if outcome == "timeout" and self._cluster_silent(host):
+        timed_out = outcome == "timeout" or (
+            reason == PER_TRY_TIMEOUT
+            and self.config.http.per_try_timeout_s >= self.config.connect_timeout_s)
+        if timed_out and self.outlier.consecutive_failures and self._cluster_silent(host):
             # Not one endpoint of the cluster answered during the whole wait: a
             # partition, not a lost SYN (a connect started later would have got through).
-            # Waiting for more timeouts would cost more clients a full connect timeout.
+            # Waiting for more timeouts would cost more clients a full timeout each.
             host.consecutive_failures += 1
-            if self.outlier.consecutive_failures and not host.ejected:
-                self._eject(host, f"connect timed out and nothing in {host.cluster} has "
+            if not host.ejected:
+                self._eject(host, f"{reason} and nothing in {host.cluster} has "
                             f"answered for {self.config.connect_timeout_s:g}s")
+            for conn in list(host.conns):
+                conn.cluster_silent()
             return
         self._failure(host, reason)
 
@@ -332,6 +344,8 @@ class UpstreamSet:
         if host.removed:
             return
         ok = failure is None
+        if ok:
+            host.reached_at = self._clock()
         if ok == host.active_up:
             host.hc_streak = 0
             return
