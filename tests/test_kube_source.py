@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -177,6 +178,25 @@ async def test_a_burst_of_changes_costs_one_snapshot(emu: KubeEmulator, tmp_path
         await run.until(lambda: len(run.endpoints()) == 50)
         # 50 watch events, coalesced: far fewer snapshots than events.
         assert run.store.current.version - before < 10
+
+
+async def test_a_large_list_is_applied_whole_and_the_collector_runs_again(
+        emu: KubeEmulator, tmp_path: Path) -> None:
+    """600 imports and slices: applied with the collector paused (BULK_ITEMS), all of them
+    served, and automatic collection back on afterwards."""
+    for i in range(600):
+        emu.put_object(service_import(f"svc-{i}", f"127.240.{4 + i // 250}.{i % 250 + 1}"))
+        emu.put_object(imported_slice(f"svc-{i}-west", f"svc-{i}", "west", [f"10.3.{i // 250}."
+                                                                            f"{i % 250 + 1}"]))
+    timings = dataclasses.replace(FAST, page_size=1000)
+    try:
+        async with running(emu, tmp_path, timings=timings) as run:
+            assert gc.isenabled()
+            await run.until(lambda: sum(1 for s in run.store.current.services.values()
+                                        if s.endpoints) == 600)
+            assert run.store.current.get("test", "svc-599").endpoints[0].address == "10.3.2.100"
+    finally:
+        gc.unfreeze()
 
 
 async def test_bad_object_is_skipped_and_last_good_kept(

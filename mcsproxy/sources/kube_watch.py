@@ -30,6 +30,7 @@ from kubernetes_asyncio.client import ApiClient, CoreV1Api, CustomObjectsApi
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from mcsproxy.backoff import Backoff, describe_error
+from mcsproxy.gc_pause import collector_paused
 from mcsproxy.sources.lines import read_lines
 
 log = logging.getLogger("mcsproxy.sources.kube")
@@ -37,6 +38,7 @@ log = logging.getLogger("mcsproxy.sources.kube")
 Obj = dict[str, Any]
 MAX_LINE_BYTES = 64 * 1024 * 1024  # one watch event; a huge EndpointSlice is ~1 MB
 PARSE_IN_THREAD_BYTES = 256 * 1024  # larger list pages are parsed off the event loop
+BULK_ITEMS = 500  # a list this long is applied with the cyclic collector paused
 # A watch that ends this soon without an event is suspicious (a proxy cutting streams,
 # an overloaded server): the next one waits a backoff step instead of hammering.
 SHORT_WATCH_S = 1.0
@@ -220,7 +222,11 @@ class Reflector:
         rv = (page.get("metadata") or {}).get("resourceVersion")
         if not isinstance(rv, str) or not rv:
             raise ValueError("list response has no resourceVersion")
-        self.handler.replace(items)
+        if len(items) >= BULK_ITEMS:
+            with collector_paused():
+                self.handler.replace(items)
+        else:
+            self.handler.replace(items)
         self.resource_version = rv
         self.lists += 1
         self.served = True
