@@ -267,7 +267,6 @@ class Controller:
         self.batches += 1
         return len(dirty)
 
-
     def _reconcile_into(self, dirty: Mapping[ServiceKey, float], clusters: list[str],
                         now: str, upserts: dict[str, dict[ObjectRef, Obj]],
                         deletes: dict[str, set[ObjectRef]],
@@ -298,6 +297,7 @@ class Controller:
                 self._refs[key] = refs_by_cluster
             else:
                 self._refs.pop(key, None)
+
     def _update_stale_gauge(self, cluster: str) -> None:
         client = self.clients[cluster]
         stale = 0 if client.connection.connected else sum(
