@@ -12,7 +12,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import nullcontext
 from datetime import UTC, datetime
 from typing import Any
 
@@ -240,7 +239,7 @@ class Controller:
         upserts: dict[str, dict[ObjectRef, Obj]] = {c: {} for c in clusters}
         deletes: dict[str, set[ObjectRef]] = {c: set() for c in clusters}
         touched: dict[str, set[ServiceKey]] = {c: set() for c in clusters}
-        with collector_paused() if len(dirty) >= BULK_KEYS else nullcontext():
+        with collector_paused(len(dirty) >= BULK_KEYS):
             self._reconcile_into(dirty, clusters, now, upserts, deletes, touched)
         self.metrics.services_reconciled.inc(len(dirty))
         observed = min(dirty.values())

@@ -32,11 +32,11 @@ class _Bursts:
 
 
 @contextmanager
-def collector_paused() -> Iterator[None]:
+def collector_paused(bulk: bool = True) -> Iterator[None]:
     """Pause automatic collection for a synchronous block (no await inside: other tasks
-    must not run with the collector off), then freeze what survived. Nested, or with the
-    collector already disabled: left as found."""
-    if not gc.isenabled():
+    must not run with the collector off), then freeze what survived. Not `bulk` (the
+    caller's size check), nested, or with the collector already disabled: left as found."""
+    if not bulk or not gc.isenabled():
         yield
         return
     now = time.monotonic()

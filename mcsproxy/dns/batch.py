@@ -181,11 +181,14 @@ class BatchedUdp:
             if n < BATCH or self._pending:
                 return
 
+    def _addr(self, i: int) -> tuple:  # type: ignore[type-arg]
+        """Slot i's peer address as a tuple (only off the memo path)."""
+        name = bytes(self.names[i * SOCKADDR_MAX:(i + 1) * SOCKADDR_MAX])
+        return sockaddr_tuple(self.family, name)
+
     def _slow(self, i: int) -> None:
         at = self._slot_at[i]
-        data = self.slots[at:at + self._lengths[self._length_at[i]]]
-        name = bytes(self.names[i * SOCKADDR_MAX:(i + 1) * SOCKADDR_MAX])
-        self.slow(data, sockaddr_tuple(self.family, name))
+        self.slow(self.slots[at:at + self._lengths[self._length_at[i]]], self._addr(i))
 
     def _send(self, start: int, end: int) -> None:
         while start < end and not self._pending:
@@ -204,8 +207,7 @@ class BatchedUdp:
         for i in range(start, end):  # the socket is full: keep them until it drains
             at = self._slot_at[i]
             size = self._answer_lengths[self._answer_length_at[i]]
-            name = bytes(self.names[i * SOCKADDR_MAX:(i + 1) * SOCKADDR_MAX])
-            self._queue(self.slots[at:at + size], sockaddr_tuple(self.family, name))
+            self._queue(self.slots[at:at + size], self._addr(i))
 
     def sendto(self, data: bytes, addr: tuple) -> None:  # type: ignore[type-arg]
         """One datagram from outside the batch (first answers, errors, forwarded replies)."""
@@ -249,7 +251,7 @@ class BatchedUdp:
 
     def _recv_failed(self, code: int) -> None:
         if code not in RETRY and log.isEnabledFor(logging.DEBUG):
-            # A queued ICMP error and the like: reported once, the socket reads on.
+            # A queued ICMP error and the like: logged, and the socket reads on.
             log.debug("dns udp error: %s", errno.errorcode.get(code, code))
 
     def is_closing(self) -> bool:

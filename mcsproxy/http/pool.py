@@ -161,6 +161,12 @@ class UpstreamConn(asyncio.Protocol):
         """For the upstream set's drain grace: end the connection now."""
         self.transport.abort()
 
+    @property
+    def closed_while_idle(self) -> bool:
+        """Taken from the pool and ended before any byte of the answer: the keep-alive
+        race (the endpoint closed it idle as the request went out), not its failure."""
+        return self.reused and not self.began
+
     def cluster_silent(self) -> None:
         """The endpoint's cluster answered nothing for a whole connect timeout (see
         UpstreamSet.connect_failed): a request still waiting for its first response byte

@@ -846,7 +846,7 @@ class Exchange:
         closed it while idle as the request went out (the keep-alive race), so the
         endpoint is not blamed, and a replayable request is sent once more on a new
         connection to it, outside max_retries and the budget (as nginx does)."""
-        if (not up.reused or up.began or self.resp_started or self.fresh_retried
+        if (not up.closed_while_idle or self.resp_started or self.fresh_retried
                 or not self.replayable() or self.finished or self.client.closed):
             return False
         self.fresh_retried = True
@@ -1015,7 +1015,7 @@ class Exchange:
             return
         self.upstream_failed(up, "connection reset" if exc is not None else
                              "connection closed before the response",
-                             blame=not (up.reused and not up.began))
+                             blame=not up.closed_while_idle)
         self.client.flush()
 
     def upstream_failed(self, up: UpstreamConn, why: str, status: int = 502,

@@ -145,10 +145,7 @@ class ControlplaneSource:
 
     # -- messages ------------------------------------------------------------------------
     def _handle(self, line: bytes, store: SnapshotStore, status: SourceStatus) -> None:
-        if len(line) >= BULK_MESSAGE_BYTES:
-            with collector_paused():
-                self._handle_message(line, store, status)
-        else:
+        with collector_paused(len(line) >= BULK_MESSAGE_BYTES):
             self._handle_message(line, store, status)
 
     def _handle_message(self, line: bytes, store: SnapshotStore, status: SourceStatus) -> None:

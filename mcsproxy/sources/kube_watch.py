@@ -222,10 +222,7 @@ class Reflector:
         rv = (page.get("metadata") or {}).get("resourceVersion")
         if not isinstance(rv, str) or not rv:
             raise ValueError("list response has no resourceVersion")
-        if len(items) >= BULK_ITEMS:
-            with collector_paused():
-                self.handler.replace(items)
-        else:
+        with collector_paused(len(items) >= BULK_ITEMS):
             self.handler.replace(items)
         self.resource_version = rv
         self.lists += 1
