@@ -198,6 +198,38 @@ async def test_half_close_and_bulk_echo() -> None:
         await stop_all(proxy, backend)
 
 
+
+async def test_endpoint_half_close_reaches_the_client_which_may_still_send() -> None:
+    """The endpoint answers and shuts its side first: the client sees EOF (forwarded a
+    loop pass later), keeps its own direction open and still gets bytes through."""
+    host = "127.37.2.1"
+    received: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    async def speak_first(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"greeting")
+        writer.write_eof()
+        received.set_result(await reader.read())
+        writer.close()
+
+    server = await asyncio.start_server(speak_first, host, 0)
+    port = server.sockets[0].getsockname()[1]
+    cs = Clusterset("east")
+    ip = "127.240.37.2"
+    cs.publish("first", ip, [WEB], [endpoint(host, "east", port)])
+    proxy = await cs.proxy()
+    try:
+        reader, writer = await asyncio.open_connection(ip, 80)
+        assert await asyncio.wait_for(reader.read(), 3) == b"greeting"
+        writer.write(b"after your EOF")
+        writer.write_eof()
+        assert await asyncio.wait_for(received, 3) == b"after your EOF"
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        await proxy.stop()
+        server.close()
+        await server.wait_closed()
+
 class Flood(asyncio.Protocol):
     """Writes until its transport pauses, then reports."""
 

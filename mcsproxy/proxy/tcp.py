@@ -431,8 +431,16 @@ class ClientSide(asyncio.Protocol):
             self.close_both()
             return False
         if not self.closed:
-            self.transport.write_eof()
+            # Forwarded after the events of this poll: a request-response client (an
+            # HTTP/1.0 exchange, Connection: close) usually closes as the endpoint does,
+            # and then close_both sends the FIN. A shutdown costs libuv an epoll
+            # modification, a writable event, the shutdown call and another modification.
+            self.loop.call_soon(self.forward_upstream_eof)
         return True
+
+    def forward_upstream_eof(self) -> None:
+        if not self.closed and not self.got_client_eof:
+            self.transport.write_eof()
 
     def upstream_lost(self, exc: Exception | None) -> None:
         host = self.host
