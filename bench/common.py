@@ -81,10 +81,15 @@ def median(runs: list[dict[str, object]], key: str, field: str) -> float | None:
     return statistics.median(vals) if vals else None  # type: ignore[type-var]
 
 
-def ratio_median(runs: list[dict[str, object]], a: str, b: str, field: str) -> float | None:
-    """Median over repetitions of run[a][field] / run[b][field] (same minutes compared)."""
-    vals = [r[a][field] / r[b][field] for r in runs  # type: ignore[index,operator]
+def ratios(runs: list[dict[str, object]], a: str, b: str, field: str) -> list[float]:
+    """run[a][field] / run[b][field] per repetition (same minutes compared)."""
+    return [r[a][field] / r[b][field] for r in runs  # type: ignore[index,operator]
             if a in r and b in r and r[b][field]]  # type: ignore[index]
+
+
+def ratio_median(runs: list[dict[str, object]], a: str, b: str, field: str) -> float | None:
+    """Median over repetitions of run[a][field] / run[b][field]."""
+    vals = ratios(runs, a, b, field)
     return statistics.median(vals) if vals else None
 
 
