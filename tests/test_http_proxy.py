@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import aiohttp
+import pytest
 import uvloop
 from aiohttp import web
 
@@ -635,13 +636,15 @@ class NaglingBackend(asyncio.Protocol):
             self.transport.write(self.TAIL)
 
 
-def test_a_response_tail_held_by_nagle_is_not_left_waiting_for_a_delayed_ack() -> None:
+@pytest.mark.parametrize("run", [uvloop.run, asyncio.run], ids=["uvloop", "asyncio"])
+def test_a_response_tail_held_by_nagle_is_not_left_waiting_for_a_delayed_ack(
+        run: Any) -> None:
     """Linux delays the proxy's ACK up to 40 ms on a request-response connection; the
     endpoint's tail waits for that ACK unless the proxy acknowledges a partial response
-    at once. Without that, nearly every response here took over 40 ms. Run on uvloop as
-    the gateway is: asyncio leaves TCP_NODELAY off on sockets accepted from a listener
-    made with protocol 0, and the proxy's own Nagle would then hold the tail instead."""
-    uvloop.run(nagling_endpoint_through_the_proxy())
+    at once. Without that, nearly every response here took over 40 ms. On asyncio's
+    loop the proxy's own Nagle held the tail as well, until the listeners named their
+    protocol (asyncio turns TCP_NODELAY on only for IPPROTO_TCP sockets)."""
+    run(nagling_endpoint_through_the_proxy())
 
 
 async def nagling_endpoint_through_the_proxy() -> None:

@@ -53,7 +53,8 @@ class FrontDoor:
     async def start(self) -> None:
         host, port = self.listen
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP named for asyncio's loop, as in the proxy's listeners (manager._bind).
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if self.config.workers > 1:

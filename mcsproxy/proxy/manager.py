@@ -315,8 +315,11 @@ class ProxyManager:
 
     def _bind(self, lkey: ListenerKey) -> socket.socket:
         family = socket.AF_INET6 if ":" in lkey.ip else socket.AF_INET
-        kind = socket.SOCK_DGRAM if lkey.protocol == "UDP" else socket.SOCK_STREAM
-        sock = socket.socket(family, kind)
+        kind, proto = ((socket.SOCK_DGRAM, socket.IPPROTO_UDP) if lkey.protocol == "UDP"
+                       else (socket.SOCK_STREAM, socket.IPPROTO_TCP))
+        # The protocol number is named, not left 0: asyncio's loop turns Nagle off on
+        # accepted sockets only when it reads IPPROTO_TCP there (uvloop always does).
+        sock = socket.socket(family, kind, proto)
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
