@@ -669,3 +669,88 @@ async def nagling_endpoint_through_the_proxy() -> None:
         await proxy.stop()
         server.close()
         await server.wait_closed()
+
+
+def pattern_body(size: int, seed: int) -> bytes:
+    """Distinct bytes per response, with blank lines inside (a parser that looked for the
+    end of a head in the body would cut it there)."""
+    unit = bytes((seed + i) % 256 for i in range(251)) + b"\r\n\r\n"
+    return (unit * (size // len(unit) + 1))[:size]
+
+
+class ScriptedBackend(asyncio.Protocol):
+    """Content-Length answers shaped by the path: /one/N (head and body in one
+    write), /split/N (the head in two writes 20 ms apart), /interim/N (a 103 first, in
+    the same write), /extra/N (bytes after the body). Counts its connections."""
+
+    connections = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        ScriptedBackend.connections += 1
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.served = 0
+
+    def data_received(self, data: bytes) -> None:
+        path = data.split(b" ", 2)[1]
+        _, shape, size = path.split(b"/")
+        self.served += 1
+        body = pattern_body(int(size), self.served)
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-Seed: %d\r\n\r\n" % (
+            len(body), self.served)
+        if shape == b"split":
+            self.transport.write(head[:20])
+            asyncio.get_running_loop().call_later(0.02, self.transport.write, head[20:] + body)
+        elif shape == b"interim":
+            self.transport.write(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n"
+                                 + head + body)
+        elif shape == b"extra":
+            self.transport.write(head + body + b"HTTP/1.1 200 OK\r\n\r\n")
+        else:
+            self.transport.write(head if data.startswith(b"HEAD ") else head + body)
+
+
+async def test_large_bodies_byte_for_byte_and_no_reuse_after_an_unasked_response() -> None:
+    """Large bodies arrive whole over one reused endpoint connection, with a head split
+    over reads or after an interim response; bytes past a response's Content-Length (a
+    response nobody asked for) end that connection's reuse: it is out of step."""
+    host = "127.38.8.1"
+    ScriptedBackend.connections = 0
+    server = await asyncio.get_running_loop().create_server(ScriptedBackend, host, 0)
+    port = server.sockets[0].getsockname()[1]
+    cs = Clusterset("east")
+    cs.publish("pass", "127.240.38.8", [HTTP_PORT], [endpoint(host, "east", port)])
+    proxy = await cs.proxy()
+    try:
+        client = await RawClient.open("127.240.38.8", 80)
+        sizes = [16 * 1024, 70_000, 300_000, 1_000_000, 16 * 1024 - 1, 100]
+        for served, size in enumerate(sizes, start=1):
+            r = await client.get(f"/one/{size}")
+            assert r.status == 200 and r.headers[b"x-seed"] == str(served).encode()
+            assert r.body == pattern_body(size, served)
+        r = await client.get("/split/50000")
+        assert r.body == pattern_body(50000, len(sizes) + 1)
+        hint = await client.get("/interim/30000")  # 103, then the answer in the same read
+        r = await client.response()
+        assert (hint.status, r.status) == (103, 200)
+        assert r.body == pattern_body(30000, len(sizes) + 2)
+        assert ScriptedBackend.connections == 1
+        r = await client.get("/extra/40000")
+        assert r.body == pattern_body(40000, len(sizes) + 3)
+        r = await client.get("/one/20000")  # the next request needs a new connection
+        assert r.body == pattern_body(20000, 1)
+        assert ScriptedBackend.connections == 2
+        r = await client.get("/extra/100")  # the same through llhttp
+        assert r.body == pattern_body(100, 2)
+        r = await client.get("/one/100")
+        assert r.body == pattern_body(100, 1)
+        assert ScriptedBackend.connections == 3
+        head = await client.get("/one/30000", method="HEAD")
+        assert head.status == 200 and head.body == b""
+        assert head.headers[b"content-length"] == b"30000"
+        r = await client.get("/one/17000")  # the client connection is still in step
+        assert r.body == pattern_body(17000, int(r.headers[b"x-seed"]))
+        await client.close()
+    finally:
+        await proxy.stop()
+        server.close()
+        await server.wait_closed()

@@ -201,6 +201,10 @@ class UpstreamConn(asyncio.Protocol):
 
     # -- response parser callbacks ----------------------------------------------------
     def on_message_begin(self) -> None:
+        if self.exchange is None and not self.discarding:
+            # A second response in the read that ended ours: nobody asked for it, and a
+            # connection that sent it is out of step. fail() drops it from the pool.
+            raise StopParsing
         self.began = True
         self.parts = []
         self.length = None
