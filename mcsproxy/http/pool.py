@@ -133,11 +133,11 @@ class UpstreamConn(asyncio.Protocol):
 
         On a request-response connection Linux delays its ACK up to 40 ms, hoping to send
         it with the next request. An endpoint that holds a response's short last segment
-        until its data before is acknowledged (Nagle's rule: nginx with sendfile and
-        tcp_nopush, whose keep-alive connections are uncorked without TCP_NODELAY) would
-        wait for that ACK: measured here, about 0.3 % of 64 KiB responses came 40-50 ms late
-        and wrk's p99 was 33 ms instead of 8 ms. One setsockopt per read that leaves a
-        response unfinished; a response read whole costs nothing."""
+        until the bytes sent before it are acknowledged (Nagle's rule: nginx with sendfile
+        and tcp_nopush, whose keep-alive connections are uncorked without TCP_NODELAY)
+        would wait for that ACK: measured here, about 0.3 % of 64 KiB responses came
+        40-50 ms late and wrk's p99 was 33 ms instead of 8 ms. One setsockopt per read
+        that leaves a response unfinished; a response read whole costs nothing."""
         if TCP_QUICKACK is not None and self.sock is not None:
             # Closing under us (OSError): nothing is waiting for this ACK any more.
             with contextlib.suppress(OSError):

@@ -439,7 +439,9 @@ class ClientSide(asyncio.Protocol):
         return True
 
     def forward_upstream_eof(self) -> None:
-        if not self.closed and not self.got_client_eof:
+        # Closed meanwhile (client EOF, idle expiry, the endpoint gone): nothing to forward,
+        # and write_eof on a closed uvloop transport raises.
+        if not (self.closed or self.got_client_eof or self.transport.is_closing()):
             self.transport.write_eof()
 
     def upstream_lost(self, exc: Exception | None) -> None:
