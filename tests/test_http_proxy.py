@@ -718,11 +718,11 @@ async def test_large_bodies_byte_for_byte_and_no_reuse_after_an_unasked_response
     server = await asyncio.get_running_loop().create_server(ScriptedBackend, host, 0)
     port = server.sockets[0].getsockname()[1]
     cs = Clusterset("east")
-    cs.publish("pass", "127.240.38.8", [HTTP_PORT], [endpoint(host, "east", port)])
+    cs.publish("bodies", "127.240.38.8", [HTTP_PORT], [endpoint(host, "east", port)])
     proxy = await cs.proxy()
     try:
         client = await RawClient.open("127.240.38.8", 80)
-        sizes = [16 * 1024, 70_000, 300_000, 1_000_000, 16 * 1024 - 1, 100]
+        sizes = [100, 16 * 1024, 70_000, 300_000, 1_000_000]
         for served, size in enumerate(sizes, start=1):
             r = await client.get(f"/one/{size}")
             assert r.status == 200 and r.headers[b"x-seed"] == str(served).encode()
@@ -734,12 +734,12 @@ async def test_large_bodies_byte_for_byte_and_no_reuse_after_an_unasked_response
         assert (hint.status, r.status) == (103, 200)
         assert r.body == pattern_body(30000, len(sizes) + 2)
         assert ScriptedBackend.connections == 1
-        r = await client.get("/extra/40000")
+        r = await client.get("/extra/40000")  # a large answer, stray bytes after it
         assert r.body == pattern_body(40000, len(sizes) + 3)
         r = await client.get("/one/20000")  # the next request needs a new connection
         assert r.body == pattern_body(20000, 1)
         assert ScriptedBackend.connections == 2
-        r = await client.get("/extra/100")  # the same through llhttp
+        r = await client.get("/extra/100")  # a small one: all of it in one read
         assert r.body == pattern_body(100, 2)
         r = await client.get("/one/100")
         assert r.body == pattern_body(100, 1)
