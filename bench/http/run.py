@@ -15,7 +15,9 @@ SO_REUSEPORT a second run (or an orphaned worker) on the same address would sile
 share the listener and the measurement.
 With --baseline REV a second gateway runs the mcsproxy package of git revision REV
 (extracted with git archive, pinned like the first) in the same repetitions, so a change
-is measured before and after against the same peers.
+is measured before and after against the same peers. An A/A run (the same code in both
+slots, 5 repetitions) differed by 18 % in 64 KiB CPU per request here: smaller effects
+need bench/http/micro.py's instruction counts.
 Results: bench/results/http.md and http.json (or --out DIR).
 
     .venv/bin/python bench/http/run.py            # 3 repetitions
