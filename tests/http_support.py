@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from httptools import HttpRequestParser
@@ -156,6 +157,24 @@ async def start_backends(spec: dict[str, int], net: int) -> list[HttpBackend]:
             backends.append(await HttpBackend(f"{cluster}-{i}", f"127.{net}.{ci}.{i}",
                                               cluster).start())
     return backends
+
+
+@contextlib.asynccontextmanager
+async def protocol_behind_proxy(factory: Callable[[], asyncio.Protocol], host: str,
+                                ip: str, name: str) -> AsyncIterator[None]:
+    """A scripted endpoint (a bare Protocol on host) as the one endpoint of an HTTP
+    service at ip:80 in cluster east, the gateway serving it until the block ends."""
+    server = await asyncio.get_running_loop().create_server(factory, host, 0)
+    cs = Clusterset("east")
+    cs.publish(name, ip, [HTTP_PORT],
+               [endpoint(host, "east", server.sockets[0].getsockname()[1])])
+    proxy = await cs.proxy()
+    try:
+        yield
+    finally:
+        await proxy.stop()
+        server.close()
+        await server.wait_closed()
 
 
 def publish(cs: Clusterset, name: str, ip: str, backends: list[HttpBackend],

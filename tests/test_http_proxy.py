@@ -18,6 +18,7 @@ from tests.http_support import (
     HTTP_PORT,
     RawClient,
     Response,
+    protocol_behind_proxy,
     publish,
     start_backends,
 )
@@ -648,14 +649,7 @@ def test_a_response_tail_held_by_nagle_is_not_left_waiting_for_a_delayed_ack(
 
 
 async def nagling_endpoint_through_the_proxy() -> None:
-    host = "127.38.7.1"
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(NaglingBackend, host, 0)
-    port = server.sockets[0].getsockname()[1]
-    cs = Clusterset("east")
-    cs.publish("nagle", "127.240.38.7", [HTTP_PORT], [endpoint(host, "east", port)])
-    proxy = await cs.proxy()
-    try:
+    async with protocol_behind_proxy(NaglingBackend, "127.38.7.1", "127.240.38.7", "nagle"):
         client = await RawClient.open("127.240.38.7", 80)
         late = 0
         for _ in range(30):
@@ -665,10 +659,6 @@ async def nagling_endpoint_through_the_proxy() -> None:
             late += time.monotonic() - started >= 0.035
         await client.close()
         assert late <= 3, f"{late} of 30 responses waited for a delayed ACK"
-    finally:
-        await proxy.stop()
-        server.close()
-        await server.wait_closed()
 
 
 def pattern_body(size: int, seed: int) -> bytes:
@@ -713,14 +703,8 @@ async def test_large_bodies_byte_for_byte_and_no_reuse_after_an_unasked_response
     """Large bodies arrive whole over one reused endpoint connection, with a head split
     over reads or after an interim response; bytes past a response's Content-Length (a
     response nobody asked for) end that connection's reuse: it is out of step."""
-    host = "127.38.8.1"
     ScriptedBackend.connections = 0
-    server = await asyncio.get_running_loop().create_server(ScriptedBackend, host, 0)
-    port = server.sockets[0].getsockname()[1]
-    cs = Clusterset("east")
-    cs.publish("bodies", "127.240.38.8", [HTTP_PORT], [endpoint(host, "east", port)])
-    proxy = await cs.proxy()
-    try:
+    async with protocol_behind_proxy(ScriptedBackend, "127.38.8.1", "127.240.38.8", "bodies"):
         client = await RawClient.open("127.240.38.8", 80)
         sizes = [100, 16 * 1024, 70_000, 300_000, 1_000_000]
         for served, size in enumerate(sizes, start=1):
@@ -750,7 +734,3 @@ async def test_large_bodies_byte_for_byte_and_no_reuse_after_an_unasked_response
         r = await client.get("/one/17000")  # the client connection is still in step
         assert r.body == pattern_body(17000, int(r.headers[b"x-seed"]))
         await client.close()
-    finally:
-        await proxy.stop()
-        server.close()
-        await server.wait_closed()
