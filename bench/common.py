@@ -7,6 +7,7 @@ putting the repository root on sys.path (bench/ is a namespace package, no __ini
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import signal
@@ -15,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +31,18 @@ def cpu_seconds(pid: int) -> float:
     """utime + stime of a process (all its threads), in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / HZ
+
+
+@contextlib.contextmanager
+def on_load_core() -> Iterator[None]:
+    """Run the enclosed work (an in-process load client) on the load core, then give the
+    affinity back: left unpinned it would share the proxy's core and slow what it measures."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {int(LOAD_CORE)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def wait_port(ip: str, port: int, timeout: float = 10.0) -> None:

@@ -22,11 +22,14 @@ def test_http_bench_smoke_writes_results(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = (tmp_path / "http-smoke.md").read_text()
     assert "| 100B | req/s |" in table and "| 64KiB | proxy CPU µs/req |" in table
+    assert "| 100B | proxy CPU µs/req at fixed rate |" in table
     data = json.loads((tmp_path / "http-smoke.json").read_text())
     run = data["runs"][0]
     for size in ("100B", "64KiB"):
         for target in ("direct", "haproxy", "nginx", "mcsproxy"):
             assert run[f"{size}/{target}"]["req_s"] > 0
             assert not run[f"{size}/{target}"].get("errors"), (size, target)
+            fixed = run[f"fixed/{size}/{target}"]  # the open-loop client's row
+            assert fixed["rate"] > 0 and 0 < fixed["p50_us"] <= fixed["p99_us"], (size, target)
     assert data["idle_bytes_per_conn"]["mcsproxy"] >= 0
     assert data["scaling"]["workers2"]["req_s"] > 0

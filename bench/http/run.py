@@ -50,6 +50,9 @@ tcp = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(tcp)  # shared helpers: Procs, cpu_seconds, wait_port, medians
 
 LOAD_CORE, PROXY_CORE = tcp.LOAD_CORE, tcp.PROXY_CORE
+from bench.common import on_load_core  # noqa: E402  (importable once tcp set sys.path)
+from bench.http.openloop import fixed_rate  # noqa: E402
+
 BACKEND = ("127.0.0.1", 18481)  # own ports: other benches use 8081 with reuseport
 PORTS = {"haproxy": 18490, "nginx": 18491}
 MCS_IP, MCS_W2_IP, MCS_BASE_IP = "127.240.251.1", "127.240.251.2", "127.240.251.3"
@@ -57,6 +60,9 @@ MCS_W1_IP = "127.240.251.4"  # the 1-worker gateway of the scaling figure, unpin
 PEERS = ("haproxy", "nginx", "wrk", "taskset")
 SIZES = {"100B": "/small", "64KiB": "/big"}
 WRK_CONNS = 50
+# The open-loop client (bench/http/openloop.py): its rate ceiling and run length.
+FIXED_RATE_CAP = 5000.0
+FIXED_SECONDS = 3.0
 SCALING_CONNS, SCALING_THREADS = 100, 2
 ALL_CORES = f"{LOAD_CORE},{PROXY_CORE}"
 
@@ -449,6 +455,7 @@ def started(procs: tcp.Procs, run: Path,
 def measure(targets: dict[str, dict[str, object]], reps: int, secs: float,
             idle: int) -> dict[str, object]:
     names = [n for n in targets if not n.startswith("_")]
+    fixed_s = min(secs, FIXED_SECONDS)
     runs: list[dict[str, object]] = []
     for rep in range(reps):
         order = names[rep % len(names):] + names[:rep % len(names)]  # alternate who goes first
@@ -462,9 +469,24 @@ def measure(targets: dict[str, dict[str, object]], reps: int, secs: float,
                 cpu = tcp.cpu_seconds(pid) - cpu0 if pid else None
                 r["cpu_us_per_req"] = cpu / (r["req_s"] * secs) * 1e6 if cpu is not None else None  # type: ignore[assignment]
                 row[f"{size}/{name}"] = r
+        for size, path in SIZES.items():
+            # Latency and CPU at one offered load for all: half the slowest proxy's maximum,
+            # capped by what the Python client sustains beside the backend on its core.
+            rate = min(min(row[f"{size}/{n}"]["req_s"] for n in names if n != "direct") / 2,  # type: ignore[index]
+                       FIXED_RATE_CAP)
+            for name in order:
+                t = targets[name]
+                pid = t["pid"]
+                cpu0 = tcp.cpu_seconds(pid) if pid else 0.0
+                with on_load_core():
+                    p50, p99 = fixed_rate(str(t["ip"]), int(t["port"]), path, rate, fixed_s)  # type: ignore[call-overload]
+                cpu = tcp.cpu_seconds(pid) - cpu0 if pid else None
+                row[f"fixed/{size}/{name}"] = {
+                    "rate": rate, "p50_us": p50, "p99_us": p99,
+                    "cpu_us_per_req": cpu / (rate * fixed_s) * 1e6 if cpu is not None else None}
         runs.append(row)
         print(f"rep {rep + 1}/{reps}: " + ", ".join(
-            f"{k}={v['req_s']:.0f}" for k, v in row.items()), file=sys.stderr)  # type: ignore[index]
+            f"{k}={v['req_s']:.0f}" for k, v in row.items() if "req_s" in v), file=sys.stderr)  # type: ignore[index, operator]
     memory = {}
     for name in ("haproxy", "nginx", "mcsproxy"):
         t = targets[name]
@@ -512,24 +534,41 @@ def write(out: Path, results: dict[str, object], smoke: bool, reps: int, secs: f
         "|---|---|---|---|---|---|---|---|" + ("---|---|" if base else ""),
     ]
     summary: dict[str, object] = {}
+
+    def add_row(key: str, size: str, field: str, label: str) -> None:
+        """One figure of one response size: every peer, the ratios, the baseline's."""
+        vals = {n: tcp.median(runs, f"{key}/{n}", field) for n in names}
+        r_h = tcp.ratio_median(runs, f"{key}/mcsproxy", f"{key}/haproxy", field)
+        r_n = tcp.ratio_median(runs, f"{key}/mcsproxy", f"{key}/nginx", field)
+        summary[f"{key}.{field}"] = {**vals, "ratio_haproxy": r_h, "ratio_nginx": r_n}
+        line = (f"| {size} | {label} | {fmt(vals['direct'])} | {fmt(vals['haproxy'])} | "
+                f"{fmt(vals['nginx'])} | {fmt(vals['mcsproxy'])} | {fmt(r_h)}x | "
+                f"{fmt(r_n)}x |")
+        if base:
+            r_b = tcp.ratio_median(runs, f"{key}/baseline", f"{key}/haproxy", field)
+            summary[f"{key}.{field}"]["baseline_ratio_haproxy"] = r_b  # type: ignore[index]
+            line += f" {fmt(vals['baseline'])} | {fmt(r_b)}x |"
+        lines.append(line)
+
     for size in SIZES:
         for field, label in (("req_s", "req/s"), ("cpu_us_per_req", "proxy CPU µs/req"),
                              ("p50_us", "p50 µs"), ("p99_us", "p99 µs")):
-            vals = {n: tcp.median(runs, f"{size}/{n}", field) for n in results["targets"]}  # type: ignore[attr-defined]
-            r_h = tcp.ratio_median(runs, f"{size}/mcsproxy", f"{size}/haproxy", field)
-            r_n = tcp.ratio_median(runs, f"{size}/mcsproxy", f"{size}/nginx", field)
-            summary[f"{size}.{field}"] = {**vals, "ratio_haproxy": r_h, "ratio_nginx": r_n}
-            line = (f"| {size} | {label} | {fmt(vals['direct'])} | {fmt(vals['haproxy'])} | "
-                    f"{fmt(vals['nginx'])} | {fmt(vals['mcsproxy'])} | {fmt(r_h)}x | "
-                    f"{fmt(r_n)}x |")
-            if base:
-                r_b = tcp.ratio_median(runs, f"{size}/baseline", f"{size}/haproxy", field)
-                summary[f"{size}.{field}"]["baseline_ratio_haproxy"] = r_b  # type: ignore[index]
-                line += f" {fmt(vals['baseline'])} | {fmt(r_b)}x |"
-            lines.append(line)
+            add_row(size, size, field, label)
+        for field, label in (("p50_us", "p50 µs at fixed rate"),
+                             ("p99_us", "p99 µs at fixed rate"),
+                             ("cpu_us_per_req", "proxy CPU µs/req at fixed rate")):
+            add_row(f"fixed/{size}", size, field, label)
+    rates = {size: tcp.median(runs, f"fixed/{size}/mcsproxy", "rate") for size in SIZES}
     mem: dict[str, float] = results["idle_bytes_per_conn"]  # type: ignore[assignment]
     scaling: dict[str, object] = results["scaling"]  # type: ignore[assignment]
     lines += [
+        "",
+        "Rows \"at fixed rate\": an open-loop client (bench/http/openloop.py, 32 keep-alive "
+        "connections, on the load core) sends requests at one rate for every peer, half the "
+        f"slowest proxy's maximum and at most {FIXED_RATE_CAP:.0f}/s ("
+        + ", ".join(f"{size} {fmt(r, '.0f')}/s" for size, r in rates.items())
+        + "); latency counts from when a request was issued, including any wait for a free "
+        "connection. wrk's rows are at saturation, where p99 mostly restates the rate.",
         "",
         f"Memory per idle keep-alive client connection (RSS growth over "
         f"{results['idle_conns']} connections, one request each): "

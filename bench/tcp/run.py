@@ -33,6 +33,7 @@ from bench.common import (  # noqa: E402
     Procs,
     cpu_seconds,
     median,
+    on_load_core,
     ratio_median,
     ratios,
     wait_port,
@@ -148,7 +149,8 @@ def latency(ip: str, port: int, rate: float, seconds: float) -> tuple[float, flo
     """p50/p99 in µs of connect+request+close at a fixed (open-loop) rate."""
     import uvloop
 
-    samples = sorted(uvloop.run(_latency(ip, port, rate, seconds)))
+    with on_load_core():
+        samples = sorted(uvloop.run(_latency(ip, port, rate, seconds)))
     return (samples[len(samples) // 2] * 1e6, samples[int(len(samples) * 0.99)] * 1e6)
 
 
@@ -242,10 +244,18 @@ def measure(targets: dict[str, dict[str, object]], reps: int, secs: int,
         # Added latency at half the slowest proxy's maximum rate, capped by what the
         # Python open-loop client itself can sustain beside the backend on one core.
         lat_rate = min(min(rates[n] for n in names if n != "direct") / 2, 1500.0)
+        # The proxy's CPU at this same offered load too: at its own maximum a slower proxy
+        # also pays for waking the load generator and backend on the other core more often
+        # (they idle more), so CPU per connection at saturation mixes both effects.
         for name in order:
             t = targets[name]
+            pid = t["pid"]
+            cpu0 = cpu_seconds(pid) if pid else 0.0  # type: ignore[arg-type]
             p50, p99 = latency(str(t["ip"]), int(t["web"]), lat_rate, lat_seconds)  # type: ignore[call-overload]
-            row[f"lat/{name}"] = {"rate": lat_rate, "p50_us": p50, "p99_us": p99}
+            cpu = cpu_seconds(pid) - cpu0 if pid else None  # type: ignore[arg-type]
+            row[f"lat/{name}"] = {"rate": lat_rate, "p50_us": p50, "p99_us": p99,
+                                  "cpu_us_per_conn": cpu / (lat_rate * lat_seconds) * 1e6
+                                  if cpu is not None else None}
         runs.append(row)
         print(f"rep {rep + 1}/{reps}: " + ", ".join(
             f"{k}={next(iter(v.values())):.3g}" for k, v in row.items()), file=sys.stderr)
@@ -284,7 +294,9 @@ def write(out: Path, results: dict[str, object], smoke: bool, reps: int, secs: i
                for s in (1, 8)] + [("conn", "conn_s", "new connections/s (wrk, close)"),
                                    ("conn", "cpu_us_per_conn", "proxy CPU µs per connection"),
                                    ("lat", "p50_us", "p50 µs at fixed rate"),
-                                   ("lat", "p99_us", "p99 µs at fixed rate")]
+                                   ("lat", "p99_us", "p99 µs at fixed rate"),
+                                   ("lat", "cpu_us_per_conn",
+                                    "proxy CPU µs per connection at fixed rate")]
     for prefix, field, label in figures:
         vals = {n: median(runs, f"{prefix}/{n}", field) for n in results["targets"]}  # type: ignore[attr-defined]
         if all(v is None for v in vals.values()):
