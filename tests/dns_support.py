@@ -66,6 +66,8 @@ spec:
 
 HTTP_PORTS = "[{name: http, protocol: TCP, port: 80}, {name: http-udp, protocol: UDP, port: 80}]"
 WEB_PORTS = "[{name: web, protocol: TCP, port: 8080}]"
+WEB_METRICS_PORTS = ("[{name: web, protocol: TCP, port: 8080}, "
+                     "{name: metrics, protocol: TCP, port: 9090}]")
 BIG_ADDRESSES = [f"10.5.{i // 250}.{i % 250 + 1}" for i in range(200)]
 
 EXTRA_ZONE = "\n---\n".join([
@@ -79,6 +81,12 @@ EXTRA_ZONE = "\n---\n".join([
     import_yaml("big", "Headless", WEB_PORTS),
     slice_yaml("big", "cluster-a", "IPv4", BIG_ADDRESSES, WEB_PORTS),
     import_yaml("api", "ClusterSetIP", WEB_PORTS, '["127.240.1.1"]', namespace="prod"),
+    # cluster-b's Service does not expose `metrics`; portless's slice names no port at all
+    import_yaml("partial", "Headless", WEB_METRICS_PORTS),
+    slice_yaml("partial", "cluster-a", "IPv4", ["10.8.0.1"], WEB_METRICS_PORTS),
+    slice_yaml("partial", "cluster-b", "IPv4", ["10.8.0.2"], WEB_PORTS),
+    import_yaml("portless", "Headless", WEB_PORTS),
+    slice_yaml("portless", "cluster-a", "IPv4", ["10.9.0.1"], "[]"),
 ])
 
 

@@ -94,6 +94,23 @@ CASES = [
         f"_dns._udp.headless.{T} 5 IN SRV 10 100 53 web-1.cluster-a.headless.{T}",
         f"_dns._udp.headless.{T} 5 IN SRV 10 100 53 10-4-0-7.cluster-b.headless.{T}",
     ]),
+    # a port goes only to clusters whose Service exposes it (mcs-spec, Export and import 7)
+    Case(f"_metrics._tcp.partial.{T}", "SRV", answer=[
+        f"_metrics._tcp.partial.{T} 5 IN SRV 10 100 9090 10-8-0-1.cluster-a.partial.{T}",
+    ]),
+    Case(f"_web._tcp.partial.{T}", "SRV", answer=[
+        f"_web._tcp.partial.{T} 5 IN SRV 10 100 8080 10-8-0-1.cluster-a.partial.{T}",
+        f"_web._tcp.partial.{T} 5 IN SRV 10 100 8080 10-8-0-2.cluster-b.partial.{T}",
+    ]),
+    Case(f"partial.{T}", "SRV", answer=[
+        f"partial.{T} 5 IN SRV 10 100 8080 10-8-0-1.cluster-a.partial.{T}",
+        f"partial.{T} 5 IN SRV 10 100 9090 10-8-0-1.cluster-a.partial.{T}",
+        f"partial.{T} 5 IN SRV 10 100 8080 10-8-0-2.cluster-b.partial.{T}",
+    ]),
+    # a slice that names no port: its endpoints keep the service port
+    Case(f"_web._tcp.portless.{T}", "SRV", answer=[
+        f"_web._tcp.portless.{T} 5 IN SRV 10 100 8080 10-9-0-1.cluster-a.portless.{T}",
+    ]),
     # headless with no ready endpoint: the name does not exist
     Case(f"sleepy.{T}", "A", "NXDOMAIN", ns=NXDOMAIN),
     Case(f"_web._tcp.sleepy.{T}", "SRV", "NXDOMAIN", ns=NXDOMAIN),

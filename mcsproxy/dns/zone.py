@@ -29,7 +29,7 @@ from mcsproxy.dns.wire import (
     srv_rdata,
     txt_rdata,
 )
-from mcsproxy.model import Endpoint, ImportedService, ServiceKey, Snapshot
+from mcsproxy.model import Endpoint, ImportedService, ServiceKey, ServicePort, Snapshot
 
 log = logging.getLogger("mcsproxy.dns.zone")
 
@@ -156,7 +156,9 @@ class ServiceEntry:
             svc_ptr = OWNER
             for prefix, e in self.named_endpoints():
                 for port in self.svc.ports:
-                    number = e.port_for(port) or port.port
+                    number = srv_port(e, port)
+                    if number is None:
+                        continue
                     target = prefix + svc_ptr
                     _add_records(sets, SRV, rr(OWNER, SRV, ttl, srv_rdata(
                         SRV_PRIORITY, SRV_WEIGHT, number, target)))
@@ -176,13 +178,29 @@ class ServiceEntry:
         port = next(p for p in self.svc.ports if p.name == port_name and p.protocol == protocol)
         if self.svc.headless:
             for prefix, e in self.named_endpoints():
-                number = e.port_for(port) or port.port
+                number = srv_port(e, port)
+                if number is None:
+                    continue
                 _add_records(records, SRV, rr(OWNER, SRV, self.ttl, srv_rdata(
                     SRV_PRIORITY, SRV_WEIGHT, number, prefix + svc_ptr)))
         else:
             _add_records(records, SRV, rr(OWNER, SRV, self.ttl, srv_rdata(
                 SRV_PRIORITY, SRV_WEIGHT, port.port, svc_ptr)))
         return _pack(records)
+
+
+def srv_port(endpoint: Endpoint, port: ServicePort) -> int | None:
+    """The port a headless SRV record names for this endpoint, None for no record.
+
+    An endpoint whose slice lists ports but not this one belongs to a cluster whose
+    Service does not expose it, and gets none of its traffic (mcs-spec "Export and
+    import" 7; the proxy's eligible_targets skips it too). A slice without ports names
+    none of them: the service port stands.
+    """
+    number = endpoint.port_for(port)
+    if number is None and not endpoint.ports:
+        return port.port
+    return number
 
 
 class ZoneIndex:
