@@ -66,11 +66,38 @@ class SliceSpec:
     endpoints: tuple[Endpoint, ...]
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader whose scalar constructors report a value they cannot build at its line.
+
+    PyYAML resolves `2024-02-30` as a timestamp, `!!float foo` as a float, and their
+    constructors raise a bare ValueError (no mark), which would escape as a crash."""
+
+
+def _checked(tag: str) -> None:
+    build = yaml.SafeLoader.yaml_constructors[tag]
+
+    def construct(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+        try:
+            return build(loader, node)
+        except (ValueError, OverflowError) as exc:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {node.value!r} as {tag.rsplit(':', 1)[-1]}: {exc}",
+                node.start_mark) from None
+
+    _Loader.add_constructor(tag, construct)
+
+
+for _tag in ("timestamp", "int", "float"):
+    _checked(f"tag:yaml.org,2002:{_tag}")
+
+
 def load_yaml_documents(text: str, origin: str) -> Iterator[tuple[int, Any]]:
     """Yield (1-based line, document) for each YAML document; ManifestError on bad YAML."""
-    loader = yaml.SafeLoader(text)
+    loader = _Loader(text)
+    line: int | None = None
     try:
         while loader.check_node():
+            line = loader.get_mark().line + 1
             node = loader.get_node()
             if node is None:
                 continue
@@ -82,6 +109,11 @@ def load_yaml_documents(text: str, origin: str) -> Iterator[tuple[int, Any]]:
         raise ManifestError(f"invalid YAML: {exc.problem or exc}", origin, line) from None
     except yaml.YAMLError as exc:
         raise ManifestError(f"invalid YAML: {exc}", origin) from None
+    except RecursionError:
+        raise ManifestError("invalid YAML: nested too deeply", origin, line) from None
+    except (ValueError, TypeError, OverflowError) as exc:
+        # Whatever else a constructor raises: the document's line is the closest we know.
+        raise ManifestError(f"invalid YAML: {exc}", origin, line) from None
     finally:
         loader.dispose()
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from mcsproxy.model import ServiceKey, Snapshot
+from mcsproxy.sources import file as file_source
 from mcsproxy.sources.file import FileSource
 from mcsproxy.store import SnapshotStore
 from mcsproxy.tasks import cancel_and_wait, spawn
@@ -109,9 +110,47 @@ async def test_invalid_file_is_rejected_with_line_and_last_good_keeps_serving(
             await asyncio.sleep(POLL_S)
     assert f"{path / 'web-a.yaml'}:" in caplog.text
     assert addresses(store.current) == ["10.0.0.1"]
+    # A value YAML reads but cannot build (an impossible date): rejected the same way, and
+    # the source keeps reading (it used to die on the bare ValueError).
+    dated = slice_yaml("web", "cluster-a", "IPv4", ["10.0.0.9"], WEB).replace(
+        "metadata:\n", "metadata:\n  creationTimestamp: 2024-02-30\n", 1)
+    assert "2024-02-30" in dated
+    with caplog.at_level(logging.ERROR, logger="mcsproxy.sources.file"):
+        write(path / "web-a.yaml", dated)
+        deadline = asyncio.get_running_loop().time() + WAIT_S
+        while "2024-02-30" not in caplog.text:
+            assert asyncio.get_running_loop().time() < deadline, "no date rejection logged"
+            await asyncio.sleep(POLL_S)
+    assert f"{path / 'web-a.yaml'}:" in caplog.text and "as timestamp" in caplog.text
+    assert addresses(store.current) == ["10.0.0.1"]
     # Fixed: served again.
     write(path / "web-a.yaml", slice_yaml("web", "cluster-a", "IPv4", ["10.0.0.5"], WEB))
     await watcher.until(lambda s: addresses(s) == ["10.0.0.5"], "the fixed file is in")
+
+
+async def test_a_parser_failure_rejects_the_file_and_the_source_goes_on(
+    source_dir, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, store, watcher = source_dir
+    real_parse = file_source.parse_file_text
+
+    def parse(text: str, origin: str, source: str) -> object:
+        if "# trip" in text:
+            raise RuntimeError("a parser defect")  # stands in for a bug we do not know of
+        return real_parse(text, origin, source)
+
+    monkeypatch.setattr(file_source, "parse_file_text", parse)
+    with caplog.at_level(logging.ERROR, logger="mcsproxy.sources.file"):
+        write(path / "web-a.yaml", "# trip\n" + slice_yaml("web", "cluster-a", "IPv4",
+                                                            ["10.0.0.7"], WEB))
+        deadline = asyncio.get_running_loop().time() + WAIT_S
+        while "the parser failed" not in caplog.text:
+            assert asyncio.get_running_loop().time() < deadline, "no rejection logged"
+            await asyncio.sleep(POLL_S)
+    assert str(path / "web-a.yaml") in caplog.text and "a parser defect" in caplog.text
+    assert addresses(store.current) == ["10.0.0.1"]
+    write(path / "web-a.yaml", slice_yaml("web", "cluster-a", "IPv4", ["10.0.0.6"], WEB))
+    await watcher.until(lambda s: addresses(s) == ["10.0.0.6"], "the next change is applied")
 
 
 async def test_deleted_file_removes_its_objects(source_dir) -> None:

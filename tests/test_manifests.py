@@ -147,6 +147,24 @@ def test_yaml_errors_carry_the_line() -> None:
     assert str(info.value).startswith("f.yaml:5: invalid YAML")
 
 
+@pytest.mark.parametrize(("text", "line", "message"), [
+    # Values PyYAML resolves but cannot build raise plain ValueError, not YAMLError.
+    ("a: 1\n---\nmetadata:\n  creationTimestamp: 2024-02-30\n", 4,
+     "cannot read '2024-02-30' as timestamp"),
+    ("a: !!timestamp 2024-13-45\n", 1, "as timestamp"),
+    ("a:\n  b: !!float foo\n", 2, "cannot read 'foo' as float"),
+    ("a: !!int 0x_\n", 1, "as int"),
+    # Composing recursion: the line where the document starts (its ---).
+    ("a: 1\n---\nb: " + "[" * 5000 + "]" * 5000 + "\n", 2, "nested too deeply"),
+])
+def test_unbuildable_values_are_manifest_errors_with_their_line(
+        text: str, line: int, message: str) -> None:
+    with pytest.raises(ManifestError) as info:
+        list(load_yaml_documents(text, "f.yaml"))
+    assert info.value.line == line
+    assert str(info.value).startswith(f"f.yaml:{line}: invalid YAML") and message in str(info.value)
+
+
 def test_documents_report_their_first_line() -> None:
     text = "# comment\na: 1\n---\n\nb: 2\n"
     assert list(load_yaml_documents(text, "f.yaml")) == [(2, {"a": 1}), (5, {"b": 2})]

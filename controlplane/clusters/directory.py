@@ -265,7 +265,8 @@ class DirectoryCluster:
             try:
                 with open(entry.path, encoding="utf-8") as f:
                     obj = yaml.load(f, Loader=_Loader)
-            except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
+            except (OSError, ValueError, RecursionError, yaml.YAMLError) as exc:
+                # ValueError: also a value PyYAML resolves but cannot build (an edited date).
                 log.warning("%s: unreadable earlier output (%s): it will be rewritten",
                             entry.path, exc)
                 obj = None

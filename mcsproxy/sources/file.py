@@ -166,6 +166,13 @@ class FileSource:
                 log.error("rejected %s: cannot read: %s; keeping its last good version", path, exc)
                 self._errors[path] = f"{path}: {exc}"
                 continue
+            except Exception as exc:
+                # A parser defect must not end the source (every later change would be lost):
+                # the file is rejected, loudly, with the traceback.
+                log.exception("rejected %s: the parser failed; keeping its last good version",
+                              path)
+                self._errors[path] = f"{path}: parser failure: {exc!r}"
+                continue
             self._errors.pop(path, None)
             self._good[path] = objects
             log.info("file loaded path=%s objects=%d", path, len(objects))
