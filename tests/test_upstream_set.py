@@ -224,6 +224,47 @@ def test_max_ejection_percent_bounds_ejections(caplog: pytest.LogCaptureFixture)
     assert sum("not ejected" in r.getMessage() for r in caplog.records) == 2
 
 
+@pytest.mark.parametrize(("hosts", "percent", "ejectable"), [
+    (4, 50, 2), (3, 50, 1), (5, 50, 2), (10, 25, 2), (1, 50, 0), (1, 100, 1), (2, 50, 1),
+])
+def test_max_ejection_percent_is_never_exceeded(hosts: int, percent: int,
+                                                ejectable: int) -> None:
+    u = make({"east": hosts}, outlier=OutlierConfig(consecutive_failures=1,
+                                                    max_ejection_percent=percent))
+    for h in list(u.hosts.values()):
+        u.connect_failed(h, "refused")
+    assert sum(h.ejected for h in u.hosts.values()) == ejectable
+
+
+def test_an_endpoint_back_from_draining_still_returns_from_its_ejection() -> None:
+    u = make({"east": 2}, outlier=OutlierConfig(consecutive_failures=1, base_ejection_s=30))
+    clock = u._clock
+    assert isinstance(clock, FakeClock)
+    host = u.hosts[("127.0.1.1", 8080)]
+    u.connect_ok(host, Conn())  # keeps it draining when removed
+    u.connect_failed(host, "refused")
+    assert host.ejected
+    u.update([t for t in targets({"east": 2}) if t.address != "127.0.1.1"])
+    clock.now += 31  # its ejection runs out while it is gone
+    u.pick()
+    u.update(targets({"east": 2}))
+    assert u.hosts[("127.0.1.1", 8080)] is host
+    u.pick()
+    assert host.healthy and ("127.0.1.1", 8080) in {u.pick().key for _ in range(4)}  # type: ignore[union-attr]
+
+
+def test_affinity_holds_in_panic() -> None:
+    # Every endpoint fails its active checks: the level is in panic and pick chooses among
+    # all of them, so a client must still stay on one.
+    u = make({"east": 3})
+    u.update(targets({"east": 3}), affinity_timeout_s=60)
+    for h in list(u.hosts.values()):
+        for _ in range(3):
+            u.health_result(h, "refused", HC)
+    assert u.plan.panic == (True,)
+    assert len({u.pick("10.0.0.7") for _ in range(12)}) == 1
+
+
 def test_affinity_sticks_until_timeout_and_leaves_an_unhealthy_host() -> None:
     u = make({"east": 3})
     u.update(targets({"east": 3}), affinity_timeout_s=60)
@@ -268,6 +309,21 @@ async def test_drain_grace_aborts_connections_of_removed_hosts() -> None:
     conn = Conn()
     u.connect_ok(host, conn)
     u.update(targets({"east": 0, "x": 0}))
+    assert not conn.aborted
+    await asyncio.wait_for(conn.aborted_event.wait(), 2)
+
+
+async def test_a_second_removal_gets_a_whole_drain_grace() -> None:
+    u = make({"east": 2}, drain_grace_s=0.3)
+    host = u.hosts[("127.0.1.1", 8080)]
+    conn = Conn()
+    u.connect_ok(host, conn)
+    gone = [t for t in targets({"east": 2}) if t.address != "127.0.1.1"]
+    u.update(gone)
+    await asyncio.sleep(0.15)
+    u.update(targets({"east": 2}))  # back: the first removal's grace is void
+    u.update(gone)
+    await asyncio.sleep(0.25)  # past the first grace, within the second
     assert not conn.aborted
     await asyncio.wait_for(conn.aborted_event.wait(), 2)
 

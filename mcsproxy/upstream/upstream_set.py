@@ -71,6 +71,7 @@ class Host:
         "cluster",
         "conns",
         "consecutive_failures",
+        "drain_timer",
         "ejected_until",
         "hc_streak",
         "key",
@@ -100,6 +101,7 @@ class Host:
         self.reached_at = -INF  # last answer: a connect completed, a response, a probe
         self.removed = False
         self.conns: set[Connection] = set()
+        self.drain_timer: asyncio.TimerHandle | None = None  # the grace of this removal
         self.stats = ClusterStats()  # replaced by its set's shared per-cluster counters
 
     @property
@@ -188,6 +190,10 @@ class UpstreamSet:
             if key not in new:
                 self._retire(host)
         self.hosts = new
+        # Over every host: one revived from draining may bring an ejection that ran out
+        # (or runs out) while it was gone, which pick must still see expire.
+        self._next_expiry = min((h.ejected_until for h in new.values() if h.ejected_until),
+                                default=INF)
         self._rebuild()
         if self.health_checker is not None:
             self.health_checker.sync(list(new.values()))
@@ -198,6 +204,7 @@ class UpstreamSet:
             if host.key == (target.address, target.port):
                 self.draining.discard(host)
                 host.removed = False
+                self._cancel_drain_timer(host)
                 return host
         return None
 
@@ -211,9 +218,19 @@ class UpstreamSet:
         log.info("upstream %s: endpoint %s removed, draining %d connections (grace %s)",
                  self.name, host, len(host.conns), "unlimited" if grace is None else f"{grace}s")
         if grace is not None:
-            asyncio.get_running_loop().call_later(grace, self._drain_expired, host)
+            host.drain_timer = asyncio.get_running_loop().call_later(
+                grace, self._drain_expired, host)
+
+    @staticmethod
+    def _cancel_drain_timer(host: Host) -> None:
+        # A grace belongs to one removal: revived and removed again, the endpoint's
+        # connections get the whole grace of the new removal.
+        if host.drain_timer is not None:
+            host.drain_timer.cancel()
+            host.drain_timer = None
 
     def _drain_expired(self, host: Host) -> None:
+        host.drain_timer = None
         if not host.removed or not host.conns:
             return
         log.info("upstream %s: drain grace over for %s, closing %d connections",
@@ -241,7 +258,10 @@ class UpstreamSet:
             key = affinity.get(client_ip)
             if key is not None:
                 host = self.hosts.get(key)
-                if host is not None and host.healthy and host not in exclude:
+                # Sticky while pick could choose it: healthy, or its level in panic (then
+                # every host of the level is chosen from, and so is this client's).
+                if host is not None and host not in exclude and (
+                        host.healthy or self.plan.panic[host.level]):
                     affinity.remember(client_ip, key)
                     return host
                 affinity.forget(client_ip)
@@ -295,6 +315,7 @@ class UpstreamSet:
         host.conns.discard(conn)
         if host.removed and not host.conns and host in self.draining:
             self.draining.discard(host)
+            self._cancel_drain_timer(host)
             log.info("upstream %s: endpoint %s drained", self.name, host)
 
     def connect_failed(self, host: Host, reason: str) -> None:
@@ -367,7 +388,8 @@ class UpstreamSet:
     def _eject(self, host: Host, why: str) -> None:
         total = len(self.hosts)
         ejected = sum(1 for h in self.hosts.values() if h.ejected)
-        if total == 0 or ejected * 100 >= self.outlier.max_ejection_percent * total:
+        # Counting this one: never more than max_ejection_percent of the endpoints out.
+        if (ejected + 1) * 100 > self.outlier.max_ejection_percent * total:
             if host.consecutive_failures == self.outlier.consecutive_failures:
                 log.warning("upstream %s: endpoint %s not ejected (max ejection %d%% reached)",
                             self.name, host, self.outlier.max_ejection_percent)
