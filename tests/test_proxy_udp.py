@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import pytest
+import uvloop
+
 from mcsproxy.model import ServicePort
 from mcsproxy.proxy.udp import UdpFlow, UdpListener
 from tests.proxy_fixtures import Clusterset, endpoint, free_port
@@ -123,3 +126,53 @@ async def test_udp_port_unreachable_moves_the_flow_elsewhere() -> None:
         c.close()
         live.close()
         await proxy.stop()
+
+
+def connected_udp_sockets(address: str, port: int) -> int:
+    """UDP sockets of this machine whose remote end is address:port (/proc/net/udp)."""
+    remote = f"{int.from_bytes(socket.inet_aton(address), 'little'):08X}:{port:04X}"
+    with open("/proc/net/udp") as f:
+        return sum(1 for line in f.readlines()[1:] if line.split()[2] == remote)
+
+
+async def abort_a_flow_while_its_socket_is_set_up() -> tuple[int, int]:
+    loop = asyncio.get_running_loop()
+    backend, port = await udp_backend("east-1", "127.42.4.1")
+    cs = Clusterset("east")
+    ip = "127.240.42.4"
+    cs.publish("dns", ip, [DNS], [endpoint("127.42.4.1", "east", port, name="dns",
+                                           protocol="UDP")])
+    proxy = await cs.proxy()
+    listener: UdpListener = next(iter(proxy.listeners.values())).transport.get_protocol()  # type: ignore[attr-defined]
+    host = next(iter(next(iter(proxy.upstreams.values())).hosts.values()))
+    c, _ = await client("127.42.4.9")
+    aborted: asyncio.Future[UdpFlow] = loop.create_future()
+
+    def each_pass() -> None:
+        # The flow's socket exists but connection_made has not run: the one loop pass in
+        # which stop(), a closing listener or a drain timer may abort it.
+        flows = list(listener.flows.values())
+        if flows and flows[0].transport is None and connected_udp_sockets("127.42.4.1", port):
+            flows[0].abort()
+            aborted.set_result(flows[0])
+        else:
+            loop.call_soon(each_pass)
+
+    try:
+        c.sendto(b"q", (ip, 53))
+        loop.call_soon(each_pass)
+        await asyncio.wait_for(aborted, 3)
+        await asyncio.sleep(0.1)
+    finally:
+        await asyncio.wait_for(proxy.stop(), 5)
+        c.close()
+        backend.close()
+    await asyncio.sleep(0.1)
+    return connected_udp_sockets("127.42.4.1", port), len(host.conns)
+
+
+@pytest.mark.parametrize("run", [uvloop.run, asyncio.run], ids=["uvloop", "asyncio"])
+def test_a_flow_aborted_while_its_socket_is_set_up_leaks_nothing(run) -> None:  # type: ignore[no-untyped-def]
+    # uvloop hands the socket over (connection_made) even after the opening was cancelled.
+    sockets, counted = run(abort_a_flow_while_its_socket_is_set_up())
+    assert (sockets, counted) == (0, 0)

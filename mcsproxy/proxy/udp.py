@@ -66,8 +66,8 @@ class UdpListener(asyncio.DatagramProtocol):
 class UdpFlow(asyncio.DatagramProtocol):
     """One client address's datagrams to one endpoint and the replies back."""
 
-    __slots__ = ("client_addr", "host", "idle", "listener", "pending", "received", "sent",
-                 "started", "task", "transport", "upstream")
+    __slots__ = ("client_addr", "closed", "host", "idle", "listener", "pending", "received",
+                 "sent", "started", "task", "transport", "upstream")
 
     def __init__(self, listener: UdpListener, client_addr: Address) -> None:
         self.listener = listener
@@ -77,6 +77,7 @@ class UdpFlow(asyncio.DatagramProtocol):
         self.host: Host | None = None
         self.pending: list[bytes] | None = []
         self.task: asyncio.Task[Any] | None = None
+        self.closed = False
         self.idle = 0
         self.sent = 0  # datagram bytes each way, folded into the cluster's counters at the end
         self.received = 0
@@ -109,6 +110,11 @@ class UdpFlow(asyncio.DatagramProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if self.closed:
+            # Aborted while the socket was set up: uvloop still hands it over after the
+            # cancel, and nothing would ever close it (the flow is out of every table).
+            transport.abort()
+            return
         assert self.host is not None
         self.upstream.connect_ok(self.host, self)
         self.host.stats.connections += 1
@@ -160,6 +166,7 @@ class UdpFlow(asyncio.DatagramProtocol):
             del self.listener.flows[self.client_addr]
 
     def abort(self) -> None:
+        self.closed = True
         if self.task is not None:
             self.task.cancel()
             self._forget()
