@@ -8,9 +8,11 @@ import time
 from collections import Counter
 
 import pytest
+import uvloop
 
 from mcsproxy.config import HealthConfig, OutlierConfig
 from mcsproxy.model import ServicePort
+from mcsproxy.proxy import tcp
 from tests.proxy_fixtures import Backend, Clusterset, ask, endpoint, free_port
 
 WEB = ServicePort("web", "TCP", 80)
@@ -124,6 +126,46 @@ async def test_blackholed_endpoint_costs_at_most_the_connect_timeout() -> None:
         await stop_all(proxy, *backends)
         for s in (hole, *fillers):
             s.close()
+
+
+async def served_through_a_stall() -> tuple[str, list[tuple[int, int, int]]]:
+    backends = await start_backends({"east": 2}, 36)
+    cs = Clusterset("east")
+    ip = "127.240.36.1"
+    cs.publish("stall", ip, [WEB], endpoints_of(backends))
+    proxy = await cs.proxy(connect_timeout_s=0.3)
+    try:
+        answer = await ask(ip, 80)
+        await asyncio.sleep(0.1)
+        upstream = next(iter(proxy.upstreams.values()))
+        hosts = [(h.stats.attempts["timeout"], int(h.ejected), len(h.conns))
+                 for h in upstream.hosts.values()]
+    finally:
+        await stop_all(proxy, *backends)
+    return answer, hosts
+
+
+@pytest.mark.parametrize("run", [uvloop.run, asyncio.run], ids=["uvloop", "asyncio"])
+def test_a_connect_done_during_a_loop_stall_is_not_a_timeout(
+        run, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    # The loop stalls (a GC pause, a burst of work) right after the first connect starts,
+    # past the connect timeout: the timer and the finished connect are due together. The
+    # timer used to win: a live endpoint was charged a timeout (and ejected as a silent
+    # cluster), and the finished connect was adopted under the retry's endpoint, then
+    # closed with the client's connection.
+    connect_next = tcp.ClientSide.connect_next
+    stalled: list[bool] = []
+
+    def connect_then_stall(self: tcp.ClientSide) -> None:
+        connect_next(self)
+        if not stalled:
+            stalled.append(True)
+            time.sleep(0.5)
+
+    monkeypatch.setattr(tcp.ClientSide, "connect_next", connect_then_stall)
+    answer, hosts = run(served_through_a_stall())
+    assert answer.startswith("east-")
+    assert hosts == [(0, 0, 0), (0, 0, 0)]  # (timeouts, ejected, connections counted)
 
 
 async def test_not_ready_and_removed_endpoints_get_nothing_new() -> None:

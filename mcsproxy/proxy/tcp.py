@@ -44,6 +44,9 @@ EARLY_DATA_LIMIT = 64 * 1024
 # read (callgrind, 1600 short connections: 162k -> 179k per connection when every side
 # was a BufferedProtocol) while bulk data gains most (4.3M -> 2.8M per MiB each way).
 BULK_READ_BYTES = 64 * 1024
+# After the connect timeout, how long the loop may take to run a connect's completion it
+# has already seen before the connect is judged timed out (see connect_timeout).
+CONNECT_VERDICT_DELAY_S = 0.02
 # Bytes read from a socket at once, into the shared read buffer.
 READ_BUFFER_BYTES = 256 * 1024
 
@@ -137,7 +140,13 @@ class UpstreamSide(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
-        self.client.upstream_connected(transport)  # type: ignore[arg-type]
+        client = self.client
+        if client.attempt is not self:
+            # A connect given up on (timed out, or its client gone) that completed anyway:
+            # adopting it would count it under the retry's endpoint.
+            transport.abort()
+            return
+        client.upstream_connected(transport)  # type: ignore[arg-type]
 
     def data_received(self, data: bytes) -> None:
         self.client_transport.write(data)
@@ -158,13 +167,16 @@ class UpstreamSide(asyncio.Protocol):
         self.client_transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.client.upstream_lost(exc)
+        client = self.client
+        if client.up is self.transport:  # not a connect that was given up on
+            client.upstream_lost(exc)
 
 
 class ClientSide(asyncio.Protocol):
     """One accepted client connection and, once connected, its upstream."""
 
     __slots__ = (
+        "attempt",
         "attempts",
         "closed",
         "connect_timer",
@@ -204,6 +216,7 @@ class ClientSide(asyncio.Protocol):
         # The upstream connect in progress (a loop.create_connection coroutine).
         self.connecting: Coroutine[Any, Any, Any] | None = None
         self.connect_waiter: object = None  # the future `connecting` awaits
+        self.attempt: UpstreamSide | None = None  # the protocol of the connect in progress
         self.connect_timer: asyncio.TimerHandle | None = None
         self.early: list[bytes] = []
         self.early_size = 0
@@ -349,6 +362,7 @@ class ClientSide(asyncio.Protocol):
         unregistering it from the loop), then drive it to its end."""
         coro, waiter = self.connecting, self.connect_waiter
         self.connecting = self.connect_waiter = None
+        self.attempt = None
         if coro is None:
             return
         if waiter is not None and waiter.cancel():  # type: ignore[attr-defined]
@@ -358,11 +372,22 @@ class ClientSide(asyncio.Protocol):
             coro.close()
 
     def make_upstream_side(self) -> UpstreamSide:
-        return UpstreamSide(self)
+        side = self.attempt = UpstreamSide(self)
+        return side
 
     def connect_timeout(self) -> None:
+        # Due timers run before callbacks already queued, and a finished connect reaches
+        # connection_made through a few of them: after a stall (a GC pause, a burst of
+        # work) a connect that completed in time would be judged a timeout, its endpoint
+        # charged with it. The verdict waits until the loop has caught up.
         self.connect_timer = None
         if self.connecting is not None:
+            self.connect_timer = self.loop.call_later(CONNECT_VERDICT_DELAY_S,
+                                                      self.connect_timed_out)
+
+    def connect_timed_out(self) -> None:
+        self.connect_timer = None
+        if self.connecting is not None and self.up is None:
             self.abandon_connect()
             self.connect_failed("timeout")
 
