@@ -358,6 +358,52 @@ async def test_listeners_follow_snapshots_without_disturbing_connections() -> No
         await stop_all(proxy, backend)
 
 
+async def echo_head_backend(host: str) -> tuple[asyncio.Server, int]:
+    """An HTTP endpoint that answers with the request head it received (one per connection)."""
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                     % len(head) + head)
+        await writer.drain()
+        writer.close()
+
+    port = free_port(host)
+    return await asyncio.start_server(handle, host, port), port
+
+
+async def proxied_as(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
+    """'http' when the gateway parsed the request (it adds X-Forwarded-For), else 'tcp'."""
+    writer.write(b"GET / HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(), 3)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    return "http" if b"x-forwarded-for" in answer.lower() else "tcp"
+
+
+async def test_a_port_gaining_or_losing_app_protocol_http_changes_how_it_is_proxied() -> None:
+    server, port = await echo_head_backend("127.38.1.1")
+    cs = Clusterset("east")
+    ip = "127.240.38.1"
+    http = ServicePort("web", "TCP", 80, "http")
+    cs.publish("web", ip, [WEB], [endpoint("127.38.1.1", "east", port)])
+    proxy = await cs.proxy()
+    try:
+        assert await proxied_as(*await asyncio.open_connection(ip, 80)) == "tcp"
+        established = await asyncio.open_connection(ip, 80)
+        cs.publish("web", ip, [http], [endpoint("127.38.1.1", "east", port)])
+        await cs.served(proxy)
+        assert await proxied_as(*await asyncio.open_connection(ip, 80)) == "http"
+        assert await proxied_as(*established) == "tcp"  # kept as it was accepted
+        # Moved in one snapshot to another service whose port is plain TCP: back to streams.
+        cs.withdraw("web")
+        cs.publish("other", ip, [WEB], [endpoint("127.38.1.1", "east", port)])
+        await cs.served(proxy)
+        assert await proxied_as(*await asyncio.open_connection(ip, 80)) == "tcp"
+    finally:
+        await proxy.stop()
+        server.close()
+
+
 async def test_sctp_is_logged_once_and_not_served(caplog: pytest.LogCaptureFixture) -> None:
     cs = Clusterset("east")
     sctp = ServicePort("sig", "SCTP", 3868)

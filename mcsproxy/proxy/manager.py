@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -62,8 +62,28 @@ class UpstreamKey(NamedTuple):
         return f"{self.service}:{self.port_name or '-'}/{self.protocol}"
 
 
+class StreamFactory:
+    """The Protocol of each connection a stream listener accepts, by what its port serves
+    now: a port that gains or loses `appProtocol: http` keeps its socket (and every
+    established connection), and the next connection is proxied the new way."""
+
+    __slots__ = ("ctx", "http", "http_factory", "loop")
+
+    def __init__(self, ctx: ListenerContext, loop: asyncio.AbstractEventLoop,
+                 http_factory: Callable[[], asyncio.Protocol], http: bool) -> None:
+        self.ctx = ctx
+        self.loop = loop
+        self.http_factory = http_factory
+        self.http = http
+
+    def __call__(self) -> asyncio.Protocol:
+        if self.http:
+            return self.http_factory()
+        return ClientSide(self.ctx, self.loop)
+
+
 class Listener:
-    __slots__ = ("ctx", "key", "server", "transport", "upstream_key")
+    __slots__ = ("ctx", "factory", "key", "server", "transport", "upstream_key")
 
     def __init__(self, key: ListenerKey, upstream_key: UpstreamKey, ctx: ListenerContext) -> None:
         self.key = key
@@ -71,6 +91,7 @@ class Listener:
         self.ctx = ctx
         self.server: asyncio.Server | None = None
         self.transport: asyncio.DatagramTransport | None = None
+        self.factory: StreamFactory | None = None  # stream listeners
 
     def close(self) -> None:
         if self.server is not None:
@@ -240,10 +261,15 @@ class ProxyManager:
                 if self.draining:
                     continue
                 await self._open(lkey, ukey, upstream, serves_http(port))
-            elif listener.upstream_key != ukey:
+                continue
+            if listener.upstream_key != ukey:
                 log.info("listener %s moves from %s to %s", lkey, listener.upstream_key, ukey)
                 listener.upstream_key = ukey
                 listener.ctx.upstream = upstream
+            http = serves_http(port)
+            if listener.factory is not None and listener.factory.http != http:
+                log.info("listener %s now proxies %s", lkey, "HTTP" if http else "TCP streams")
+                listener.factory.http = http
         self._listeners_complete = all(lkey in self.listeners for lkey in wanted)
         self.applied_version = snapshot.version
         self._applied.set()
@@ -285,6 +311,8 @@ class ProxyManager:
                 upstream.attach_health_checker(HealthChecker(upstream, health, is_http(port)))
         else:
             upstream.update(targets, service.locality, affinity)
+            if isinstance(upstream.health_checker, HealthChecker):
+                upstream.health_checker.http = is_http(port)  # appProtocol may change
 
     async def _open(self, lkey: ListenerKey, ukey: UpstreamKey, upstream: UpstreamSet,
                     http: bool = False) -> None:
@@ -300,8 +328,8 @@ class ProxyManager:
                     listener.transport = transport
                 else:
                     sock.listen(LISTEN_BACKLOG)
-                    factory = self.http.protocol_factory(ctx) if http else \
-                        partial(ClientSide, ctx, loop)
+                    factory = listener.factory = StreamFactory(
+                        ctx, loop, self.http.protocol_factory(ctx), http)
                     listener.server = await loop.create_server(
                         factory, sock=sock, backlog=LISTEN_BACKLOG)
             except BaseException:
