@@ -81,12 +81,13 @@ def test_panic_when_total_health_is_short() -> None:
                   traffic="PreferClose")
     upstream = live(svc, unhealthy={"10.0.0.2", "10.0.0.3", "10.0.0.4", "10.1.0.1", "10.1.0.2"})
     out = explain_port(svc, PORT, "east", CONFIG, upstream)
-    # East 25 % healthy (35 % health), west none: loads normalised, both levels in panic.
-    assert [lv["load_percent"] for lv in out["levels"]] == [100, 0]
+    # East 25 % healthy (35 % health), west none: both levels in panic, so the loads
+    # follow the endpoint counts (4 and 2 of 6), healthy or not.
+    assert [lv["load_percent"] for lv in out["levels"]] == [67, 33]
     assert [lv["panic"] for lv in out["levels"]] == [True, True]
     assert out["panic"]
-    assert out["split"] == {"east": 100.0}  # every east endpoint, healthy or not: 4 x 25 %
-    assert any("Total health is 35%" in w for w in out["words"])
+    assert out["split"] == {"east": 67.0, "west": 33.0}
+    assert any("Total health is 35% and every level is in panic" in w for w in out["words"])
     assert any("Priority 0 is in panic: 25% of its endpoints are healthy, below the 50% "
                "panic threshold" in w for w in out["words"])
 

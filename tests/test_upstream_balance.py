@@ -103,8 +103,11 @@ def test_level_health(healthy: int, total: int, health: int) -> None:
         ((25, 100), (100, 100), (35, 65), (False, False)),
         ((25, 25), (100, 100), (50, 50), (True, True)),
         ((5, 65), (100, 100), (8, 92), (True, False)),
-        # every level down: all of it to level 0, in panic (balance over every host)
-        ((0, 0), (2, 3), (100, 0), (True, True)),
+        # every level in panic: load by host count, not health (Envoy's total panic)
+        ((0, 0), (2, 3), (40, 60), (True, True)),
+        ((0, 0), (1, 9), (10, 90), (True, True)),
+        ((3, 0), (10, 2), (84, 16), (True, True)),
+        ((1, 0, 0), (4, 0, 2), (67, 0, 33), (True, False, True)),  # empty counts as panic
         # no local endpoints at all: the remote level carries everything, no panic
         ((0, 3), (0, 3), (0, 100), (False, False)),
         # local cluster fully down, remote healthy: clean failover, no panic
@@ -129,8 +132,11 @@ def test_priority_load(healthy: tuple[int, ...], total: tuple[int, ...],
 def test_priority_load_factor_and_threshold_are_parameters() -> None:
     # Without overprovisioning 90 % health keeps only 90 % of the load local.
     assert priority_load((9, 10), (10, 10), 1.0, 50).loads == (90, 10)
-    # A panic threshold of 0 never panics.
+    # A panic threshold of 0 never panics; health alone decides.
     assert priority_load((1, 1), (10, 10), 1.4, 0).panic == (False, False)
+    assert priority_load((3, 0), (10, 2), 1.4, 0) == LoadPlan((100, 0), (False, False))
+    # ...until nothing is healthy: the first level with hosts, over all of them.
+    assert priority_load((0, 0), (0, 3), 1.4, 0) == LoadPlan((0, 100), (False, True))
     with pytest.raises(ValueError):
         priority_load((1,), (1, 2))
 

@@ -132,11 +132,18 @@ def explain_port(service: ImportedService, port: ServicePort, local_cluster: str
             f"healthy, x {factor:g} overprovisioning = {h}% health.")
     spill = nlevels > 1 and bool(plan.loads) and plan.loads[0] < 100
     normalized = min(100, health_sum)
-    if nlevels and normalized < 100 and health_sum > 0:
+    total_panic = bool(targets) and normalized < 100 and all(
+        lv["panic"] for lv in levels if lv["endpoints"])
+    if total_panic:
+        words.append(f"Total health is {normalized}% and every level is in panic: health "
+                     "says nothing, so loads follow the number of endpoints per level "
+                     "(Envoy's total panic).")
+    elif nlevels and normalized < 100 and health_sum > 0:
         words.append(f"Total health is {normalized}% (< 100%): loads are scaled in proportion "
                      "to each level's health.")
     elif nlevels and health_sum == 0 and targets:
-        words.append("No level has any health: priority 0 takes everything, in panic.")
+        words.append("No level has any health and panic is off: the first level with "
+                     "endpoints takes everything, over all of them.")
     if spill:
         words.append(f"Priority 0 takes {plan.loads[0]}% of new connections; "
                      f"{100 - plan.loads[0]}% spill to priority 1"
@@ -156,7 +163,7 @@ def explain_port(service: ImportedService, port: ServicePort, local_cluster: str
             "level).")
     if service.session_affinity == "ClientIP":
         words.append(f"sessionAffinity ClientIP ({service.affinity_timeout_s}s): a client "
-                     "keeps its endpoint while it stays healthy.")
+                     "keeps its endpoint while it stays healthy (or its level is in panic).")
     if upstream is None:
         words.append("No proxy runs here (--no-proxy): health is assumed from readiness.")
     return {

@@ -91,7 +91,12 @@ def priority_load(
     is not enough healthy capacity anywhere: loads are scaled in proportion to health (the
     rounding remainder goes to the first level with health, as Envoy does) and each level
     whose healthy share is below `panic_threshold` percent is in panic — it balances over
-    all its hosts, healthy or not. With no health at all, level 0 gets everything, in panic.
+    all its hosts, healthy or not. When every level is in panic (an empty level counts as
+    in panic, as in Envoy), health says nothing any more: load follows the number of
+    hosts per level (Envoy's recalculateLoadInTotalPanic), the remainder to the first
+    level with hosts. With no health at all and panic disabled, the first level with
+    hosts gets everything, balanced over all of them: failing every request instead
+    would help no one.
     """
     if len(healthy) != len(total):
         raise ValueError("healthy and total must have one entry per level")
@@ -100,11 +105,6 @@ def priority_load(
         return LoadPlan((), ())
     health = [level_health(h, t, overprovisioning) for h, t in zip(healthy, total, strict=True)]
     total_health = min(100, sum(health))
-    if total_health == 0:
-        first = next((i for i, t in enumerate(total) if t > 0), 0)
-        loads = [0] * n
-        loads[first] = 100
-        return LoadPlan(tuple(loads), tuple(t > 0 for t in total))
     if total_health == 100:
         loads = []
         left = 100
@@ -113,13 +113,24 @@ def priority_load(
             loads.append(take)
             left -= take
         return LoadPlan(tuple(loads), (False,) * n)
+    in_panic = [(t == 0 and panic_threshold > 0) or h * 100 < panic_threshold * t
+                for h, t in zip(healthy, total, strict=True)]
+    panic = tuple(t > 0 and p for t, p in zip(total, in_panic, strict=True))
+    hosts = sum(total)
+    if hosts and (all(in_panic) or total_health == 0):
+        if not all(in_panic):  # panic disabled and nothing healthy: Envoy's corner case
+            first = next(i for i, t in enumerate(total) if t > 0)
+            return LoadPlan(tuple(100 if i == first else 0 for i in range(n)),
+                            tuple(t > 0 for t in total))
+        loads = [t * 100 // hosts for t in total]
+        loads[next(i for i, t in enumerate(total) if t > 0)] += 100 - sum(loads)
+        return LoadPlan(tuple(loads), panic)
+    if total_health == 0:  # no hosts at all
+        return LoadPlan((100,) + (0,) * (n - 1), (False,) * n)
     loads = [h * 100 // total_health for h in health]
     remainder = 100 - sum(loads)
     first_healthy = next(i for i, h in enumerate(health) if h > 0)
     loads[first_healthy] += remainder
-    panic = tuple(
-        t > 0 and h * 100 < panic_threshold * t for h, t in zip(healthy, total, strict=True)
-    )
     return LoadPlan(tuple(loads), panic)
 
 
