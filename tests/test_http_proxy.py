@@ -213,6 +213,31 @@ async def test_idempotent_request_retried_in_another_cluster_post_is_not() -> No
         await stop_all(proxy, *backends)
 
 
+async def test_the_last_endpoints_own_5xx_reaches_the_client_when_no_retry_is_left() -> None:
+    backends = await start_backends({"east": 1, "west": 1}, 73)
+    for b in backends:
+        b.status = 503
+    cs = Clusterset("east")
+    publish(cs, "sick", "127.240.73.1", backends)
+    publish(cs, "lone", "127.240.73.2", backends[:1])
+    proxy = await cs.proxy(outlier=OutlierConfig(consecutive_failures=0))
+    try:
+        client = await RawClient.open("127.240.73.1", 80)
+        r = await client.get("/")
+        # Retried once in the other cluster, whose answer is the client's: not a 502.
+        assert r.status == 503 and r.body in (b"sick east-1", b"sick west-1")
+        assert r.headers[b"x-backend"] == r.body[5:]
+        assert sorted(len(b.requests) for b in backends) == [1, 1]
+        await client.close()
+        client = await RawClient.open("127.240.73.2", 80)  # nowhere to retry at all
+        r = await client.get("/")
+        assert (r.status, r.body) == (503, b"sick east-1")
+        assert len(backends[0].requests) == 2
+        await client.close()
+    finally:
+        await stop_all(proxy, *backends)
+
+
 async def _body_request(client: RawClient, method: str, body: bytes) -> Response:
     client.send(f"{method} /echo HTTP/1.1\r\nHost: a\r\nContent-Length: {len(body)}\r\n\r\n"
                 .encode() + body)

@@ -679,11 +679,14 @@ class Exchange:
         self.deadline = engine.now + engine.http.request_timeout_s
         self.attempt()
 
-    def attempt(self, again: Host | None = None) -> None:
+    def attempt(self, again: Host | None = None, chosen: Host | None = None) -> None:
         """One try: a pooled or new connection to a chosen endpoint; `again`: a new
-        connection to that endpoint (its reused one broke off before answering)."""
+        connection to that endpoint (its reused one broke off before answering);
+        `chosen`: the endpoint a retry already picked."""
         if again is not None:
             host: Host | None = again
+        elif chosen is not None:
+            host = chosen
         elif self.tried:
             host = self.choose_again()
         else:
@@ -715,12 +718,13 @@ class Exchange:
         task = self.connecting = pool.connect()
         task.add_done_callback(self.connect_done)
 
-    def choose_again(self) -> Host | None:
-        """A retry goes to another endpoint, in another cluster when a healthy one is left."""
+    def choose_again(self, also: Host | None = None) -> Host | None:
+        """A retry goes to another endpoint, in another cluster when a healthy one is left;
+        `also`: the endpoint being left, not yet in `tried`."""
         route = self.route
         assert route is not None
         upstream = self.upstream = route.ctx.upstream
-        tried = self.tried
+        tried = self.tried if also is None else (*self.tried, also)
         clusters = {h.cluster for h in tried}
         avoid = [h for h in upstream.hosts.values() if h.cluster in clusters]
         if len(avoid) < len(upstream.hosts):
@@ -829,8 +833,9 @@ class Exchange:
         """After bytes went out: may the request be sent again elsewhere?"""
         return self.idempotent and self.replay is not None and not self.upgrade
 
-    def retry(self, replay: bool = True) -> None:
-        """Try another endpoint; a replay without a budget slot waits for one."""
+    def retry(self, replay: bool = True, chosen: Host | None = None) -> None:
+        """Try another endpoint (`chosen` when already picked); a replay without a budget
+        slot waits for one (and then picks afresh)."""
         assert self.host is not None
         self.tried += (self.host,)
         self.retries += 1
@@ -839,7 +844,7 @@ class Exchange:
         if replay and not self.budgeted:
             self.route.waiting.append(self)  # type: ignore[union-attr]
             return
-        self.attempt()
+        self.attempt(chosen=chosen)
 
     def retry_fresh(self, up: UpstreamConn) -> bool:
         """A reused connection that ended before any byte of the answer: the endpoint
@@ -909,12 +914,17 @@ class Exchange:
     def response_head(self, status: int, up: UpstreamConn) -> None:
         host = self.host
         self.upstream.response_status(host, status)  # type: ignore[union-attr, arg-type]
-        if status in RETRY_STATUSES and self.replayable() and self.can_retry():
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("%s: %d from %s, retrying", self.route.name, status, host)  # type: ignore[union-attr]
-            self.detach(discard=True)
-            self.retry()
-            return
+        if status in RETRY_STATUSES and self.replayable():
+            # Only with somewhere else to go: otherwise this answer (its body, its
+            # Retry-After) is worth more to the client than a 502 of our own.
+            following = self.choose_again(host)
+            if following is not None and self.can_retry():
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("%s: %d from %s, retrying", self.route.name, status, host)  # type: ignore[union-attr]
+                self.fail_why = f"status {status}"
+                self.detach(discard=True)
+                self.retry(chosen=following)
+                return
         self.status = status
         client = self.client
         parts = up.parts
