@@ -71,6 +71,84 @@ async def test_pipelined_requests_are_answered_in_order() -> None:
         await stop_all(proxy, backend)
 
 
+class StrayAfterFirst(asyncio.Protocol):
+    """Answers each request `real-N`; after the first, in the same write, a response
+    nobody asked for."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.answered = 0
+
+    def data_received(self, data: bytes) -> None:
+        for _ in range(data.count(b"\r\n\r\n")):
+            self.answered += 1
+            body = b"real-%d" % self.answered
+            out = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            if self.answered == 1:
+                out += b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray"
+            self.transport.write(out)
+
+
+async def test_bytes_after_a_response_never_answer_the_next_pipelined_request() -> None:
+    # The next queued request used to start inside the endpoint parser's callback, on
+    # the connection just pooled, with the stray bytes still to be parsed as its answer.
+    async with protocol_behind_proxy(StrayAfterFirst, "127.74.1.1", "127.240.74.1", "stray"):
+        client = await RawClient.open("127.240.74.1", 80)
+        client.send(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\n\r\n")
+        bodies = [(await client.response()).body for _ in range(2)]
+        assert bodies[0] == b"real-1" and bodies[1].startswith(b"real-"), bodies
+        await client.close()
+
+
+async def test_a_refused_pipelined_request_is_answered_after_every_one_before_it() -> None:
+    [backend] = await start_backends({"east": 1}, 74)
+    cs = Clusterset("east")
+    publish(cs, "pipe", "127.240.74.2", [backend])
+    proxy = await cs.proxy()
+    try:
+        client = await RawClient.open("127.240.74.2", 80)
+        client.send(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n"
+                    b"GET /b HTTP/1.1\r\nHost: a\r\n\r\n"
+                    b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi"
+                    b"GET /d HTTP/1.1\r\nHost: a\r\nNo colon here\r\n\r\n")
+        answers = [await client.response() for _ in range(4)]
+        assert [(r.status, r.body[:6]) for r in answers] == [
+            (200, b"east-1"), (200, b"east-1"), (200, b"hi"), (400, b"malfor")]
+        assert [r.headers.get(b"connection") for r in answers] == [None, None, b"close", b"close"]
+        assert await client.closed()
+        await client.close()
+        # A queued request whose own body is malformed is never sent anywhere.
+        client = await RawClient.open("127.240.74.2", 80)
+        client.send(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n"
+                    b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    b"5\r\nhello\r\nzz\r\n")
+        answers = [await client.response() for _ in range(2)]
+        assert [r.status for r in answers] == [200, 400]
+        assert await client.closed()
+        await client.close()
+        assert [m for m, _, _ in backend.requests] == [b"GET", b"GET", b"POST", b"GET"]
+    finally:
+        await stop_all(proxy, backend)
+
+
+async def test_one_read_of_many_pipelined_requests_queues_at_most_128() -> None:
+    [backend] = await start_backends({"east": 1}, 75)
+    cs = Clusterset("east")
+    publish(cs, "pipe", "127.240.75.1", [backend])
+    proxy = await cs.proxy()
+    try:
+        client = await RawClient.open("127.240.75.1", 80)
+        client.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n" * 300)  # one write, one read
+        answers = [await client.response() for _ in range(129)]
+        assert [r.status for r in answers] == [200] * 128 + [429]
+        assert answers[-1].body == b"too many pipelined requests\n"
+        assert await client.closed()
+        await client.close()
+        assert len(backend.requests) == 128
+    finally:
+        await stop_all(proxy, backend)
+
+
 async def test_headers_forwarded_hop_by_hop_removed_and_cluster_named() -> None:
     [backend] = await start_backends({"west": 1}, 53)
     cs = Clusterset("east")

@@ -65,7 +65,8 @@ PAUSE_UNSENT = 2  # body bytes waiting for an endpoint connection
 # PAUSE_UPSTREAM = 4 (pool.py): the endpoint connection's write buffer is full
 PAUSE_TUNNEL = 8  # the tunnelled peer's write buffer is full
 
-MAX_PIPELINE = 16
+MAX_PIPELINE = 16  # queued requests at which reading pauses
+MAX_QUEUED = 128  # ... and beyond which one read's further requests are refused (429)
 # While the gateway drains, a keep-alive connection idle this long is closed. Not at once:
 # a client that just got an answer may have its next request on the way (an idle close
 # races it), and every answer now says Connection: close anyway.
@@ -319,6 +320,12 @@ class ClientConnection(asyncio.Protocol):
             ex.keep_alive = False
             ex.fail(err.status, err.text)
             return
+        if ex is not None and not ex.started:
+            # A queued request whose own body is broken: it is never sent anywhere, and
+            # this refusal is its answer, after those of the requests before it.
+            self.current = None
+            if self.queue and self.queue[-1] is ex:
+                self.queue.pop()
         if self.log_enabled():
             log.info("client %s: %d %s", self.client_ip.decode(), err.status, err.text)
         answer = self.engine.errors.build(err.status, err.text, self.engine.date, close=True)
@@ -456,10 +463,14 @@ class ClientConnection(asyncio.Protocol):
             method, b" ", url, b" HTTP/1.1\r\n", *parts, fwd,
             b"" if self.has_request_id else self.engine.ids.next_header(), framing,
         ))
+        queue = self.queue
+        if len(queue) >= MAX_QUEUED:
+            # Pausing reads stops the next read, not the rest of this one: a read of tiny
+            # pipelined requests would otherwise queue thousands of exchanges.
+            self._refuse(429, "too many pipelined requests")
         ex = Exchange(self, route, method, head, chunked, length, keep_alive, http11, upgrade,
                       error)
         self.current = self.last = ex
-        queue = self.queue
         queue.append(ex)
         if len(queue) == 1:
             ex.start()
@@ -498,12 +509,22 @@ class ClientConnection(asyncio.Protocol):
             if self.paused & PAUSE_PIPELINE and len(queue) < MAX_PIPELINE and \
                     self.broken is None:
                 self.resume(PAUSE_PIPELINE)
-            queue[0].start()
+            # Started once the callback that finished this one has returned: from inside
+            # an endpoint's parser, the connection just pooled would be taken with the
+            # rest of that read still unparsed (bytes after the response would answer
+            # the next request), and requests answered at once would each start the
+            # next one a call deeper, without end.
+            asyncio.get_running_loop().call_soon(self.start_next)
             return
         self.idle_since = self.engine.now
         if self.broken is not None:
             self.out.append(self.broken)
             self.close()
+
+    def start_next(self) -> None:
+        queue = self.queue
+        if queue and not queue[0].started and not self.closed:
+            queue[0].start()
 
     def start_tunnel(self, up: UpstreamConn) -> None:
         self.upgrading = None
@@ -960,7 +981,7 @@ class Exchange:
         pool = self.pool
         if status == 101:
             tail = pool.tail
-        elif not self.keep_alive or client.broken is not None or client.engine.draining:
+        elif not self.keep_alive or client.engine.draining or self.last_before_broken():
             self.keep_alive = False
             tail = pool.tail_close
         else:
@@ -1088,7 +1109,7 @@ class Exchange:
         self.outcome = "no_endpoint" if self.host is None else "failed"
         if log.isEnabledFor(logging.INFO) and status >= 500:
             log.info("%s: %d %s", self.route.name if self.route else "front door", status, text)
-        if not self.req_done:
+        if not self.req_done or self.last_before_broken():
             self.keep_alive = False
         engine = self.client.engine
         self.client.out.append(engine.errors.build(status, text, engine.date,
@@ -1097,6 +1118,13 @@ class Exchange:
         self.resp_started = True
         self.resp_done = True
         self.finish()
+
+    def last_before_broken(self) -> bool:
+        """A request we refused waits for its answer after this one, the last queued: this
+        answer says Connection: close (the refusal follows it, then the close). Requests
+        queued before the refused one are still all answered, in order."""
+        client = self.client
+        return client.broken is not None and len(client.queue) <= 1
 
     def finish(self, tunnel: bool = False) -> None:
         if self.finished:
