@@ -339,6 +339,33 @@ async def test_connect_failure_retried_for_any_method() -> None:
         await stop_all(proxy, live)
 
 
+async def test_timeouts_start_when_the_request_is_sent_not_while_the_body_streams() -> None:
+    backends = await start_backends({"east": 2}, 76)
+    cs = Clusterset("east")
+    publish(cs, "upload", "127.240.76.1", backends)
+    proxy = await cs.proxy(http=FAST, connect_timeout_s=0.2, idle_timeout_s=0.5)
+    try:
+        # 2000 bytes over ~1.2 s, longer than the per-try (0.3 s) and request (1 s)
+        # timeouts: the endpoint reads steadily, so neither is its fault.
+        client = await RawClient.open("127.240.76.1", 80)
+        client.send(b"POST /count HTTP/1.1\r\nHost: a\r\nContent-Length: 2000\r\n\r\n")
+        for _ in range(20):
+            await asyncio.sleep(0.06)
+            client.send(b"x" * 100)
+        r = await client.response()
+        assert (r.status, r.body) == (200, b"2000")
+        upstream = next(iter(proxy.upstreams.values()))
+        assert not any(h.ejected or h.consecutive_failures for h in upstream.hosts.values())
+        # A client that stops sending its body is the one timed out (idle timeout).
+        client.send(b"POST /count HTTP/1.1\r\nHost: a\r\nContent-Length: 2000\r\n\r\nxx")
+        r = await client.response()
+        assert (r.status, r.body) == (408, b"timed out reading the request body\n")
+        assert not any(h.ejected or h.consecutive_failures for h in upstream.hosts.values())
+        await client.close()
+    finally:
+        await stop_all(proxy, *backends)
+
+
 async def test_errors_name_the_reason() -> None:
     slow = await start_backends({"east": 1, "west": 1}, 58)
     cs = Clusterset("east")

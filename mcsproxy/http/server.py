@@ -24,6 +24,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from math import inf as INF
 from typing import TYPE_CHECKING, Any
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
@@ -697,7 +698,9 @@ class Exchange:
             return
         self.route.active += 1
         engine = self.client.engine
-        self.deadline = engine.now + engine.http.request_timeout_s
+        # The request and per-try timeouts measure the endpoints: they run from the end of
+        # the request (as Envoy's), not while a client is still uploading its body.
+        self.deadline = engine.now + engine.http.request_timeout_s if self.req_done else INF
         self.attempt()
 
     def attempt(self, again: Host | None = None, chosen: Host | None = None) -> None:
@@ -725,7 +728,7 @@ class Exchange:
         engine = self.client.engine
         pool = self.pool = engine.pools.get(host) or engine.pool_for(
             host, self.upstream)  # type: ignore[arg-type]
-        self.try_deadline = engine.now + engine.http.per_try_timeout_s
+        self.try_deadline = engine.now + engine.http.per_try_timeout_s if self.req_done else INF
         up = pool.take() if again is None else None
         if up is not None:
             self.bind(up)
@@ -914,6 +917,11 @@ class Exchange:
         self.req_done = True
         if self.finished:
             return
+        if self.started:
+            http = self.client.engine.http
+            now = self.client.engine.now
+            self.deadline = now + http.request_timeout_s
+            self.try_deadline = now + http.per_try_timeout_s
         up = self.up
         if up is not None and self.chunked:
             up.transport.write(LAST_CHUNK)
@@ -1196,7 +1204,11 @@ class Exchange:
             return
         if not self.started or self.finished:
             return
-        if now > self.deadline:
+        limit = self.client.engine.config.idle_timeout_s
+        if not self.req_done and limit and idle_s > limit:
+            # Still uploading: the client's silence is what can last too long here.
+            self.fail(408, "timed out reading the request body")
+        elif now > self.deadline:
             self.fail(504, "upstream timeout")
         elif self.connecting is not None:
             if now > self.connect_deadline:
