@@ -519,6 +519,46 @@ async def test_websocket_echo_through_the_proxy() -> None:
         await runner.cleanup()
 
 
+class UpgradeThenHalfClose(asyncio.Protocol):
+    """Switches protocols, says its last word and half-closes; records what it gets after."""
+
+    def __init__(self) -> None:
+        self.after_eof = bytearray()
+        self.got_eof = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.upgraded = False
+        UpgradeThenHalfClose.last = self  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        if not self.upgraded:
+            self.upgraded = True
+            self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade"
+                                 b"\r\nUpgrade: demo\r\n\r\nlast word")
+            self.transport.write_eof()
+            return
+        self.after_eof += data
+
+    def eof_received(self) -> bool:
+        self.got_eof.set_result(bytes(self.after_eof))
+        return False
+
+
+async def test_a_tunnel_half_closes_each_way() -> None:
+    async with protocol_behind_proxy(UpgradeThenHalfClose, "127.74.3.1", "127.240.74.3",
+                                     "tunnel"):
+        reader, writer = await asyncio.open_connection("127.240.74.3", 80)
+        writer.write(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: demo\r\n\r\n")
+        received = await asyncio.wait_for(reader.read(), 3)  # up to the endpoint's FIN
+        assert received.endswith(b"\r\n\r\nlast word")
+        writer.write(b"still talking")  # the client's direction is still open
+        writer.write_eof()
+        endpoint = UpgradeThenHalfClose.last  # type: ignore[attr-defined]
+        assert await asyncio.wait_for(endpoint.got_eof, 3) == b"still talking"
+        writer.close()
+
+
 async def test_client_disconnect_mid_request_frees_the_endpoint() -> None:
     [backend] = await start_backends({"east": 1}, 64)
     cs = Clusterset("east")

@@ -144,6 +144,8 @@ class UpstreamConn(asyncio.Protocol):
                 self.sock.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
 
     def eof_received(self) -> bool:
+        if self.tunnel is not None:
+            return self.tunnel.tunnel_upstream_eof()  # type: ignore[no-any-return]
         return False  # close; connection_lost tells the exchange
 
     def connection_lost(self, exc: Exception | None) -> None:

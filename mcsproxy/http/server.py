@@ -66,6 +66,11 @@ PAUSE_UNSENT = 2  # body bytes waiting for an endpoint connection
 # PAUSE_UPSTREAM = 4 (pool.py): the endpoint connection's write buffer is full
 PAUSE_TUNNEL = 8  # the tunnelled peer's write buffer is full
 
+# Ends of a tunnel seen (ClientConnection.tunnel_eofs).
+CLIENT_EOF = 1
+UPSTREAM_EOF = 2
+BOTH_EOF = 3
+
 MAX_PIPELINE = 16  # queued requests at which reading pauses
 MAX_QUEUED = 128  # ... and beyond which one read's further requests are refused (429)
 # While the gateway drains, a keep-alive connection idle this long is closed. Not at once:
@@ -132,6 +137,7 @@ class ClientConnection(asyncio.Protocol):
         "te",
         "transport",
         "tunnel",
+        "tunnel_eofs",
         "upgrade",
         "upgrading",
         "url",
@@ -157,6 +163,7 @@ class ClientConnection(asyncio.Protocol):
         self.broken: bytes | None = None  # an error answer owed after the queue drains
         self.request_error: RequestError | None = None
         self.tunnel: UpstreamConn | None = None
+        self.tunnel_eofs = 0  # CLIENT_EOF | UPSTREAM_EOF once the tunnel's ends half-close
         self.upgrading: Exchange | None = None
         self.idle = 0
         self.in_head = True  # waiting for the first request's head from accept on
@@ -247,9 +254,25 @@ class ClientConnection(asyncio.Protocol):
         # As nginx (proxy_ignore_client_abort off): a client that stops sending has given
         # up on its requests; their endpoint connections are aborted. Tunnels half-close.
         if self.tunnel is not None:
+            self.tunnel_eofs |= CLIENT_EOF
+            if self.tunnel_eofs == BOTH_EOF:
+                return False  # both ways done: close (connection_lost closes the other)
             self.tunnel.transport.write_eof()
             return True
         return False
+
+    def tunnel_upstream_eof(self) -> bool:
+        """The tunnelled endpoint will send no more: half-close towards the client, which
+        may still send (its eof_received ends the tunnel). True keeps the endpoint's
+        connection open for that."""
+        self.tunnel_eofs |= UPSTREAM_EOF
+        if self.tunnel_eofs == BOTH_EOF:
+            return False
+        try:
+            self.transport.write_eof()
+        except (OSError, RuntimeError):
+            return False
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.limit_key is not None and self.route is not None:
@@ -536,10 +559,12 @@ class ClientConnection(asyncio.Protocol):
     def upstream_closed(self, exc: Exception | None) -> None:
         """The tunnelled endpoint connection ended: end ours the same way."""
         self.tunnel = None
-        if exc is None:
-            self.close()
-        else:
+        if exc is not None:
             self.abort()
+        elif self.tunnel_eofs & CLIENT_EOF:
+            self.transport.close()  # nothing more to read from the client: no lingering
+        else:
+            self.close()
 
     # -- timeouts (the engine's tick) ---------------------------------------------------
     def check(self, now: float, tick_s: float) -> None:
