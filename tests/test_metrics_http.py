@@ -45,6 +45,17 @@ async def test_http_requests_by_cluster_and_outcome(tmp_path: Path) -> None:
                      outcome="ok") == value(
             m, "mcsproxy_upstream_connect_duration_seconds_count", **web, cluster="east") >= 1
 
+        # Bytes exchanged with each cluster's endpoint: exactly what the backends wrote.
+        ok_answer = len(b"HTTP/1.1 200 X\r\nContent-Length: 6\r\nX-Backend: east-1\r\n\r\neast-1")
+        sick_answer = len(b"HTTP/1.1 503 X\r\nContent-Length: 11\r\nX-Backend: west-1\r\n\r\n"
+                          b"sick west-1")
+        assert value(m, "mcsproxy_proxy_transferred_bytes_total", **web, cluster="east",
+                     direction="to_client") == len(east.requests) * ok_answer
+        assert value(m, "mcsproxy_proxy_transferred_bytes_total", **web, cluster="west",
+                     direction="to_client") == len(west.requests) * sick_answer
+        assert value(m, "mcsproxy_proxy_transferred_bytes_total", **web, cluster="east",
+                     direction="to_upstream") > len(east.requests) * 40  # request heads
+
         deadline = time.monotonic() + 5
         while len(log_path.read_text().splitlines() if log_path.exists() else []) < 7:
             assert time.monotonic() < deadline
@@ -53,6 +64,11 @@ async def test_http_requests_by_cluster_and_outcome(tmp_path: Path) -> None:
         ok = [r for r in records if r.get("outcome") == "2xx"]
         assert len(ok) == 6 and ok[0]["kind"] == "http" and ok[0]["method"] == "GET"
         assert ok[0]["path"] == "/" and ok[0]["status"] == 200 and ok[0]["cluster"] == "east"
+        # Every attempt's bytes: a request retried after west's 503 carries both answers.
+        assert {r["bytes_to_client"] for r in ok} <= {ok_answer, ok_answer + sick_answer}
+        assert sum(r["bytes_to_client"] for r in ok) == (
+            len(east.requests) * ok_answer + len(west.requests) * sick_answer)
+        assert all(r["bytes_to_upstream"] > 40 for r in ok)
         gone = [r for r in records if r.get("upstream", "").startswith("test/gone")]
         assert [(r["status"], r["outcome"]) for r in gone] == [(503, "no_endpoint")]
     finally:

@@ -57,7 +57,9 @@ class UpstreamConn(asyncio.Protocol):
         "parser",
         "parts",
         "pool",
+        "received",
         "reused",
+        "sent",
         "sock",
         "stopped",
         "transport",
@@ -88,6 +90,10 @@ class UpstreamConn(asyncio.Protocol):
         self.chunked = False
         self.conn_tokens: list[bytes] | None = None
         self.upgrade: bytes | None = None
+        # Bytes written to and read from the endpoint since the last fold (the metrics
+        # read them live while the connection serves a request or a tunnel).
+        self.sent = 0
+        self.received = 0
 
     # -- transport events -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -96,6 +102,7 @@ class UpstreamConn(asyncio.Protocol):
         self.sock = transport.get_extra_info("socket")
 
     def data_received(self, data: bytes) -> None:
+        self.received += len(data)
         tunnel = self.tunnel
         if tunnel is not None:
             tunnel.idle = 0
@@ -127,6 +134,16 @@ class UpstreamConn(asyncio.Protocol):
             client.idle = 0
             if client.out:
                 client.flush()
+
+    def fold(self) -> tuple[int, int]:
+        """Add the bytes since the last fold to the cluster's counters; (sent, received)."""
+        sent, received = self.sent, self.received
+        if sent or received:
+            stats = self.pool.host.stats
+            stats.bytes_to_upstream += sent
+            stats.bytes_to_client += received
+            self.sent = self.received = 0
+        return sent, received
 
     def ack_now(self) -> None:
         """A response is under way and this read did not end it: acknowledge now.
@@ -161,6 +178,7 @@ class UpstreamConn(asyncio.Protocol):
         if ex is not None:
             ex.upstream_lost(self, exc)
         else:
+            self.fold()  # the tail of a response being discarded
             self.pool.forget(self)
 
     def pause_writing(self) -> None:
@@ -335,6 +353,7 @@ class EndpointPool:
 
     def release_tunnel(self, up: UpstreamConn) -> None:
         self.tunnels.discard(up)
+        up.fold()
         self.upstream.release(self.host, up)
 
     def sweep(self, now: float) -> None:

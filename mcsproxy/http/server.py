@@ -219,6 +219,7 @@ class ClientConnection(asyncio.Protocol):
             return  # after our last answer: read and dropped until the client closes
         self.idle = 0
         if self.tunnel is not None:
+            self.tunnel.sent += len(data)
             self.tunnel.transport.write(data)
             return
         if self.upgrading is not None:
@@ -647,6 +648,7 @@ class Exchange:
         "method",
         "outcome",
         "pool",
+        "received",
         "replay",
         "req_done",
         "request_head",
@@ -655,6 +657,7 @@ class Exchange:
         "resp_started",
         "retries",
         "route",
+        "sent",
         "started",
         "status",
         "t0",
@@ -713,6 +716,7 @@ class Exchange:
         self.status = 0
         self.outcome: str | None = None
         self.t0 = time.monotonic()
+        self.sent = self.received = 0  # bytes to and from endpoints, every attempt's
 
     # -- attempts ---------------------------------------------------------------------
     def start(self) -> None:
@@ -831,6 +835,7 @@ class Exchange:
         chunked = self.chunked
         bodies = self.replay if self.replay is not None else self.unsent
         if not bodies and not (chunked and self.req_done):
+            up.sent += len(self.request_head)
             up.transport.write(self.request_head)  # no body (yet): the head alone
             return
         data = [self.request_head]
@@ -847,7 +852,9 @@ class Exchange:
             client.resume(PAUSE_UNSENT)
         if self.req_done and chunked:
             data.append(LAST_CHUNK)
-        up.transport.write(data[0] if len(data) == 1 else b"".join(data))
+        payload = data[0] if len(data) == 1 else b"".join(data)
+        up.sent += len(payload)
+        up.transport.write(payload)
 
     def can_retry(self, replay: bool = True) -> bool:
         """May the request be tried again (at most max_retries times)?
@@ -927,8 +934,11 @@ class Exchange:
         up = self.up
         if up is not None:
             if self.chunked:
-                up.transport.writelines((b"%x\r\n" % len(data), data, CRLF))
+                size = b"%x\r\n" % len(data)
+                up.sent += len(size) + len(data) + 2
+                up.transport.writelines((size, data, CRLF))
             else:
+                up.sent += len(data)
                 up.transport.write(data)
         elif self.replay is None:
             if self.unsent is None:
@@ -949,6 +959,7 @@ class Exchange:
             self.try_deadline = now + http.per_try_timeout_s
         up = self.up
         if up is not None and self.chunked:
+            up.sent += len(LAST_CHUNK)
             up.transport.write(LAST_CHUNK)
 
     def tunnel_data(self, data: bytes) -> None:
@@ -1014,7 +1025,8 @@ class Exchange:
         pool = self.pool
         if status == 101:
             tail = pool.tail
-        elif not self.keep_alive or client.engine.draining or self.last_before_broken():
+        elif not self.keep_alive or client.engine.draining or (
+                client.broken is not None and len(client.queue) <= 1):  # last_before_broken
             self.keep_alive = False
             tail = pool.tail_close
         else:
@@ -1060,7 +1072,9 @@ class Exchange:
         if rest:
             client.transport.write(rest)
         if self.unsent:
-            up.transport.write(b"".join(self.unsent))
+            early = b"".join(self.unsent)
+            up.sent += len(early)
+            up.transport.write(early)
             self.unsent = None
             self.unsent_size = 0
             client.resume(PAUSE_UNSENT)
@@ -1108,6 +1122,9 @@ class Exchange:
             return
         self.up = None
         up.exchange = None
+        sent, received = up.fold()
+        self.sent += sent
+        self.received += received
         self.upstream.release(self.host, up)  # type: ignore[union-attr, arg-type]
         client = self.client
         if client.write_paused:
@@ -1211,7 +1228,8 @@ class Exchange:
             method=self.method.decode(errors="replace"),
             path=target[1].decode(errors="replace") if len(target) > 1 else None,
             status=self.status or None, outcome=outcome, attempts=len(self.tried) + 1,
-            duration_ms=round((time.monotonic() - self.t0) * 1000, 3))
+            duration_ms=round((time.monotonic() - self.t0) * 1000, 3),
+            bytes_to_upstream=self.sent, bytes_to_client=self.received)
 
     def cancel_connect(self) -> None:
         task = self.connecting
