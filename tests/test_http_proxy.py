@@ -131,6 +131,51 @@ async def test_a_refused_pipelined_request_is_answered_after_every_one_before_it
         await stop_all(proxy, backend)
 
 
+class TransferCoded(asyncio.Protocol):
+    """Answers /close with `Transfer-Encoding: gzip` (the body ends at the close) and
+    /chunked with `gzip, chunked`."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if data.startswith(b"GET /close "):
+            self.transport.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n"
+                                 b"Connection: close\r\n\r\n" + GZIPPED)
+            self.transport.close()
+        else:
+            self.transport.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+                                 b"%x\r\n%s\r\n0\r\n\r\n" % (len(GZIPPED), GZIPPED))
+
+
+GZIPPED = b"\x1f\x8b" + bytes(range(256)) * 4  # what it holds does not matter here
+
+
+def dechunk(body: bytes) -> bytes:
+    out = b""
+    while True:
+        size, _, rest = body.partition(b"\r\n")
+        n = int(size, 16)
+        if n == 0:
+            assert rest == b"\r\n", rest  # the last chunk, then the end: complete
+            return out
+        out += rest[:n]
+        body = rest[n + 2:]
+
+
+async def test_transfer_codings_other_than_chunked_are_kept_and_the_body_completes() -> None:
+    async with protocol_behind_proxy(TransferCoded, "127.74.4.1", "127.240.74.4", "coded"):
+        for path in ("/close", "/chunked"):
+            reader, writer = await asyncio.open_connection("127.240.74.4", 80)
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+                         .encode())
+            answer = await asyncio.wait_for(reader.read(), 3)
+            writer.close()
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert b"\r\nTransfer-Encoding: gzip, chunked\r\n" in head, (path, head)
+            assert dechunk(body) == GZIPPED, path
+
+
 async def test_one_read_of_many_pipelined_requests_queues_at_most_128() -> None:
     [backend] = await start_backends({"east": 1}, 75)
     cs = Clusterset("east")

@@ -23,6 +23,7 @@ from mcsproxy.http.wire import (
     RESPONSE_KINDS,
     TRANSFER_ENCODING,
     UPGRADE,
+    transfer_codings,
 )
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ class UpstreamConn(asyncio.Protocol):
     __slots__ = (
         "began",
         "chunked",
+        "codings",
         "conn_tokens",
         "dead",
         "discarding",
@@ -62,6 +64,7 @@ class UpstreamConn(asyncio.Protocol):
         "sent",
         "sock",
         "stopped",
+        "te",
         "transport",
         "tunnel",
         "upgrade",
@@ -88,6 +91,8 @@ class UpstreamConn(asyncio.Protocol):
         self.parts: list[bytes] = []  # fields to forward: (name, ": ", value, CRLF) groups
         self.length: bytes | None = None
         self.chunked = False
+        self.te: bytes | None = None  # Transfer-Encoding as received
+        self.codings: bytes | None = None  # its codings other than a final chunked
         self.conn_tokens: list[bytes] | None = None
         self.upgrade: bytes | None = None
         # Bytes written to and read from the endpoint since the last fold (the metrics
@@ -229,6 +234,7 @@ class UpstreamConn(asyncio.Protocol):
         self.parts = []
         self.length = None
         self.chunked = False
+        self.te = self.codings = None
         self.conn_tokens = None
         self.upgrade = None
 
@@ -243,7 +249,7 @@ class UpstreamConn(asyncio.Protocol):
         elif kind == CONTENT_LENGTH:
             self.length = value
         elif kind == TRANSFER_ENCODING:
-            self.chunked = True
+            self.te = value if self.te is None else self.te + b", " + value
         elif kind == CONNECTION:
             if value in PLAIN_CONNECTION:
                 return
@@ -260,6 +266,9 @@ class UpstreamConn(asyncio.Protocol):
         parser = self.parser
         status = parser.get_status_code()
         self.keep_alive = parser.should_keep_alive()
+        if self.te is not None:
+            # Only a final chunked frames the body; `gzip` alone runs until the close.
+            self.chunked, self.codings = transfer_codings(self.te)
         if status < 200 and status != 101:
             self.interim = True
             ex.interim(status, self)

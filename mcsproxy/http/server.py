@@ -1011,11 +1011,13 @@ class Exchange:
                 if length is not None and status != 204 else b""
             # llhttp would wait for the body a HEAD response announces: stop it here.
             stop = self.is_head and status not in NO_BODY_STATUSES and (
-                length != b"0" or up.chunked)
-        elif length is not None and not up.chunked:
+                length != b"0" or up.te is not None)
+        elif length is not None and up.te is None:
             framing = b"Content-Length: " + length + CRLF
         elif self.http11:
-            framing = b"Transfer-Encoding: chunked\r\n"
+            # Re-chunked by us; any other coding (gzip) still applies to what we forward.
+            framing = b"Transfer-Encoding: chunked\r\n" if up.codings is None else \
+                b"Transfer-Encoding: " + up.codings + b", chunked\r\n"
             self.resp_mode = CHUNKED
             self.until_close = not up.chunked
         else:

@@ -71,6 +71,16 @@ def connection_tokens(values: list[bytes]) -> set[bytes]:
     return {t.strip().lower() for v in values for t in v.split(b",") if t.strip()}
 
 
+def transfer_codings(value: bytes) -> tuple[bool, bytes | None]:
+    """A response's Transfer-Encoding: whether chunked is its final coding (else the body
+    runs until the connection closes), and the codings before it, still to be forwarded."""
+    codings = [c.strip().lower() for c in value.split(b",") if c.strip()]
+    chunked = bool(codings) and codings[-1] == b"chunked"
+    if chunked:
+        codings.pop()
+    return chunked, b", ".join(codings) or None
+
+
 def drop_nominated(parts: list[bytes], names: set[bytes]) -> list[bytes]:
     """Header lines whose name the Connection header did not nominate as hop-by-hop."""
     return [p for p in parts if p.split(b":", 1)[0].lower() not in names]
