@@ -194,6 +194,25 @@ async def test_one_read_of_many_pipelined_requests_queues_at_most_128() -> None:
         await stop_all(proxy, backend)
 
 
+async def test_http10_without_host_gets_the_clusterset_ip_as_host() -> None:
+    [backend] = await start_backends({"east": 1}, 78)
+    cs = Clusterset("east")
+    publish(cs, "old", "127.240.78.1", [backend])
+    proxy = await cs.proxy()
+    try:
+        client = await RawClient.open("127.240.78.1", 80)
+        client.send(b"GET /headers HTTP/1.0\r\n\r\n")  # as HAProxy's default httpchk
+        r = await client.response()
+        assert r.status == 200 and b"Host: 127.240.78.1:80\n" in r.body
+        await client.close()
+        client = await RawClient.open("127.240.78.1", 80)
+        client.send(b"GET /headers HTTP/1.1\r\n\r\n")
+        assert (await client.response()).status == 400  # HTTP/1.1 must name it
+        await client.close()
+    finally:
+        await stop_all(proxy, backend)
+
+
 async def test_headers_forwarded_hop_by_hop_removed_and_cluster_named() -> None:
     [backend] = await start_backends({"west": 1}, 53)
     cs = Clusterset("east")

@@ -451,7 +451,13 @@ class ClientConnection(asyncio.Protocol):
             # Absolute and authority forms (CONNECT) would make us an open proxy.
             self._refuse(400, "only origin-form request targets are accepted")
         if self.host is None:
-            self._refuse(400, "missing Host header")
+            if http11 or self.route is None:  # HTTP/1.1 requires it; the front door routes by it
+                self._refuse(400, "missing Host header")
+            # HTTP/1.0 may leave it out (health checkers do), but what we send is 1.1:
+            # the address the client reached, its ClusterSetIP:port, stands in.
+            ip, port = self.transport.get_extra_info("sockname")[:2]
+            self.parts.append(b"Host: %s\r\n" % (f"[{ip}]:{port}" if ":" in ip
+                                                    else f"{ip}:{port}").encode())
         chunked = False
         if self.te is not None:
             if not http11:
