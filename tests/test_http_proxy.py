@@ -14,6 +14,7 @@ import uvloop
 from aiohttp import web
 
 from mcsproxy.config import HttpConfig, OutlierConfig
+from mcsproxy.http.server import Exchange
 from tests.http_support import (
     HTTP_PORT,
     RawClient,
@@ -428,6 +429,40 @@ async def test_timeouts_start_when_the_request_is_sent_not_while_the_body_stream
         await client.close()
     finally:
         await stop_all(proxy, *backends)
+
+
+async def answered_through_a_stall() -> tuple[int, list[int]]:
+    [backend] = await start_backends({"east": 1}, 79)
+    cs = Clusterset("east")
+    publish(cs, "stall", "127.240.79.1", [backend])
+    proxy = await cs.proxy(http=FAST, connect_timeout_s=0.2)
+    try:
+        client = await RawClient.open("127.240.79.1", 80)
+        status = (await client.get("/")).status
+        await client.close()
+        upstream = next(iter(proxy.upstreams.values()))
+        timeouts = [h.stats.attempts["timeout"] for h in upstream.hosts.values()]
+    finally:
+        await stop_all(proxy, backend)
+    return status, timeouts
+
+
+@pytest.mark.parametrize("run", [uvloop.run, asyncio.run], ids=["uvloop", "asyncio"])
+def test_a_connect_made_right_after_a_loop_stall_is_not_a_timeout(
+        run, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    # The loop stalls past the connect timeout as the first connect starts; the tick
+    # that finds the deadline passed used to cancel a connect that had no chance yet.
+    attempt = Exchange.attempt
+    stalled: list[bool] = []
+
+    def attempt_then_stall(self: Exchange, *args: Any, **kwargs: Any) -> None:
+        attempt(self, *args, **kwargs)
+        if not stalled:
+            stalled.append(True)
+            time.sleep(0.4)
+
+    monkeypatch.setattr(Exchange, "attempt", attempt_then_stall)
+    assert run(answered_through_a_stall()) == (200, [0])
 
 
 async def test_errors_name_the_reason() -> None:

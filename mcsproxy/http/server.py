@@ -50,7 +50,7 @@ from mcsproxy.http.wire import (
     drop_nominated,
     status_line,
 )
-from mcsproxy.upstream.upstream_set import PER_TRY_TIMEOUT
+from mcsproxy.upstream.upstream_set import CONNECT_VERDICT_DELAY_S, PER_TRY_TIMEOUT
 
 if TYPE_CHECKING:
     from mcsproxy.config import HttpConfig
@@ -831,6 +831,10 @@ class Exchange:
             self.fail(504 if self.timed_out else 502, f"no endpoint answered ({reason})")
         self.client.flush()
 
+    def connect_verdict(self, task: asyncio.Task[Any]) -> None:
+        if task is self.connecting:  # still not connected: a timeout (connect_done says so)
+            task.cancel()
+
     def bind(self, up: UpstreamConn) -> None:
         self.up = up
         up.exchange = self
@@ -1262,9 +1266,10 @@ class Exchange:
         elif now > self.deadline:
             self.fail(504, "upstream timeout")
         elif self.connecting is not None:
-            if now > self.connect_deadline:
+            if now > self.connect_deadline and not self.timed_out:
                 self.timed_out = True
-                self.connecting.cancel()
+                asyncio.get_running_loop().call_later(
+                    CONNECT_VERDICT_DELAY_S, self.connect_verdict, self.connecting)
         elif self.up is not None and now > self.try_deadline:
             self.upstream_failed(self.up, PER_TRY_TIMEOUT, status=504)
         self.client.flush()

@@ -28,6 +28,7 @@ from typing import Any
 
 from mcsproxy.proxy.context import ListenerContext
 from mcsproxy.upstream import Host, UpstreamSet
+from mcsproxy.upstream.upstream_set import CONNECT_VERDICT_DELAY_S
 
 log = logging.getLogger("mcsproxy.proxy.tcp")
 
@@ -44,9 +45,6 @@ EARLY_DATA_LIMIT = 64 * 1024
 # read (callgrind, 1600 short connections: 162k -> 179k per connection when every side
 # was a BufferedProtocol) while bulk data gains most (4.3M -> 2.8M per MiB each way).
 BULK_READ_BYTES = 64 * 1024
-# After the connect timeout, how long the loop may take to run a connect's completion it
-# has already seen before the connect is judged timed out (see connect_timeout).
-CONNECT_VERDICT_DELAY_S = 0.02
 # Bytes read from a socket at once, into the shared read buffer.
 READ_BUFFER_BYTES = 256 * 1024
 
@@ -376,10 +374,8 @@ class ClientSide(asyncio.Protocol):
         return side
 
     def connect_timeout(self) -> None:
-        # Due timers run before callbacks already queued, and a finished connect reaches
-        # connection_made through a few of them: after a stall (a GC pause, a burst of
-        # work) a connect that completed in time would be judged a timeout, its endpoint
-        # charged with it. The verdict waits until the loop has caught up.
+        # A finished connect reaches connection_made through a few queued callbacks: the
+        # verdict waits CONNECT_VERDICT_DELAY_S for the loop to catch up.
         self.connect_timer = None
         if self.connecting is not None:
             self.connect_timer = self.loop.call_later(CONNECT_VERDICT_DELAY_S,

@@ -60,6 +60,11 @@ class Connection(Protocol):
 
 # The HTTP proxy's reason for a request that got no answer within its per-try timeout.
 PER_TRY_TIMEOUT = "timeout (per try)"
+# Past a connect timeout, how long the proxies let the loop run a completion it has
+# already seen before they judge the connect timed out: due timers (and ticks) run before
+# the callbacks already queued, so after a stall (a GC pause, a burst of work) a connect
+# that finished in time would otherwise be charged to its endpoint as a timeout.
+CONNECT_VERDICT_DELAY_S = 0.02
 
 
 class Host:
