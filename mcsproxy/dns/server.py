@@ -31,6 +31,7 @@ log = logging.getLogger("mcsproxy.dns")
 UDP_RCVBUF_BYTES: Final = 1 << 20  # absorbs bursts while the loop is busy elsewhere
 TCP_WRITE_HIGH_WATER: Final = 64 * 1024  # stop reading queries while answers pile up
 TCP_BACKLOG: Final = 256
+TCP_CLIENT_SHARE: Final = 4  # one client address may hold 1/4 of --dns-tcp-max-connections
 BIND_ATTEMPTS: Final = 10  # port 0: the UDP port picked may be taken for TCP
 _NO_MEMO: Final[dict[bytes, bytes]] = {}
 
@@ -108,13 +109,19 @@ class UdpProtocol(asyncio.DatagramProtocol):
 class TcpProtocol(asyncio.Protocol):
     """One TCP client: 2-byte length framing, several queries, an idle timeout."""
 
-    __slots__ = ("buffer", "last_active", "loop", "peer", "server", "timer", "transport")
+    __slots__ = ("buffer", "eof", "forwarding", "last_active", "loop", "paused", "peer",
+                 "server", "timer", "transport")
 
     def __init__(self, server: DnsServer) -> None:
         self.server = server
         self.loop = asyncio.get_running_loop()
         self.buffer = bytearray()
+        # When the last complete query arrived (or the connection opened): only whole
+        # queries keep a connection alive, so a client dripping bytes is timed out too.
         self.last_active = self.loop.time()
+        self.paused = False  # answers are piling up unread: no more are made
+        self.forwarding = 0  # queries sent on to the forwarder, not answered yet
+        self.eof = False  # the client half-closed: close once those are answered
         self.timer: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
         self.peer = ""
@@ -130,17 +137,21 @@ class TcpProtocol(asyncio.Protocol):
         self.timer = self.loop.call_later(self.server.config.tcp_idle_timeout_s, self._idle)
 
     def data_received(self, data: bytes) -> None:
-        self.last_active = self.loop.time()
+        self.buffer += data
+        self._answer_buffered()
+
+    def _answer_buffered(self) -> None:
+        # Complete messages are answered until the answers back up (pause_writing): the
+        # rest waits in the buffer, which then holds at most one read beyond that, and
+        # reading is paused until the client takes its answers.
         buffer = self.buffer
-        buffer += data
-        # Every complete message is answered at once, so the buffer never holds more
-        # than one partial message (at most 65 537 bytes) plus the last read.
-        while len(buffer) >= 2:
+        while len(buffer) >= 2 and not self.paused:
             size = (buffer[0] << 8) | buffer[1]
             if len(buffer) < size + 2:
                 break
             message = bytes(buffer[2:size + 2])
             del buffer[:size + 2]
+            self.last_active = self.loop.time()
             self._answer(message)
             if self.transport is None:
                 return
@@ -156,7 +167,8 @@ class TcpProtocol(asyncio.Protocol):
             if not self.server.allow.allows(self.peer):
                 answer = refused(message)
             else:
-                self.server.forward(message, answer.question, self._send, "tcp")
+                self.forwarding += 1
+                self.server.forward(message, answer.question, self._forwarded, "tcp")
                 return
         stats = self.server.stats
         stats.count_answer("tcp", answer)
@@ -168,22 +180,40 @@ class TcpProtocol(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(len(answer).to_bytes(2, "big") + answer)
 
+    def _forwarded(self, answer: bytes) -> None:
+        self.forwarding -= 1
+        self._send(answer)
+        if self.eof and not self.forwarding and self.transport is not None:
+            self.transport.close()
+
+    def eof_received(self) -> bool:
+        # A client may send its last query and half-close at once: answers still owed
+        # by the forwarder go out before the close.
+        self.eof = True
+        return self.forwarding > 0
+
     def _idle(self) -> None:
-        if self.transport is None:
+        transport = self.transport
+        if transport is None:
             return
         left = self.last_active + self.server.config.tcp_idle_timeout_s - self.loop.time()
         if left > 0:
             self.timer = self.loop.call_later(left, self._idle)
+        elif transport.get_write_buffer_size():
+            transport.abort()  # it does not read its answers: a close would wait forever
         else:
-            self.transport.close()
+            transport.close()
 
     def pause_writing(self) -> None:
+        self.paused = True
         if self.transport is not None:
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self.paused = False
         if self.transport is not None:
             self.transport.resume_reading()
+            self._answer_buffered()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:
@@ -193,7 +223,10 @@ class TcpProtocol(asyncio.Protocol):
 
     def close(self) -> None:
         if self.transport is not None:
-            self.transport.close()
+            if self.transport.get_write_buffer_size():
+                self.transport.abort()
+            else:
+                self.transport.close()
 
 
 class DnsServer:
@@ -216,6 +249,8 @@ class DnsServer:
         self._tcp: asyncio.AbstractServer | None = None
         self._connections: set[TcpProtocol] = set()
         self._refused_logged = False
+        self._per_client: dict[str, int] = {}  # open TCP connections per client address
+        self._refused_clients: set[str] = set()  # refusals logged (once per episode)
         self._subscribed = False
 
     # -- snapshots ---------------------------------------------------------------------
@@ -327,17 +362,35 @@ class DnsServer:
                 log.debug("dns: cannot answer %s: %s", addr[0], exc)
 
     def admit(self, conn: TcpProtocol) -> bool:
-        if len(self._connections) >= self.config.tcp_max_connections:
+        limit = self.config.tcp_max_connections
+        if len(self._connections) >= limit:
             if not self._refused_logged:
                 log.warning("dns: %d TCP connections open, refusing more",
                             len(self._connections))
                 self._refused_logged = True
             return False
+        # One address never holds every slot: a quarter of them at most.
+        held = self._per_client.get(conn.peer, 0)
+        if held >= max(1, limit // TCP_CLIENT_SHARE):
+            if conn.peer not in self._refused_clients:
+                self._refused_clients.add(conn.peer)
+                log.warning("dns: %s holds %d TCP connections, refusing more from it",
+                            conn.peer, held)
+            return False
+        self._per_client[conn.peer] = held + 1
         self._connections.add(conn)
         return True
 
     def release(self, conn: TcpProtocol) -> None:
+        if conn not in self._connections:
+            return  # refused at accept
         self._connections.discard(conn)
+        left = self._per_client.get(conn.peer, 1) - 1
+        if left:
+            self._per_client[conn.peer] = left
+        else:
+            self._per_client.pop(conn.peer, None)
+            self._refused_clients.discard(conn.peer)
         if len(self._connections) < self.config.tcp_max_connections:
             self._refused_logged = False
 

@@ -1,0 +1,111 @@
+"""DNS over TCP against clients that misbehave: never reading, dripping bytes, hoarding
+connections, half-closing with a forwarded query outstanding."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+
+import dnslib
+
+from mcsproxy.dns.server import TCP_WRITE_HIGH_WATER
+from tests.dns_support import make_query, running_dns
+from tests.test_dns_forward import upstream
+
+QUERY = make_query("myservice.test.svc.clusterset.local.")
+FRAMED = len(QUERY).to_bytes(2, "big") + QUERY
+
+
+async def open_from(addr: tuple[str, int], local_ip: str = "127.0.0.1",
+                    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.wait_for(asyncio.open_connection(*addr, local_addr=(local_ip, 0)), 3)
+
+
+async def answered(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """True when a query on this connection gets its answer (False: closed or refused)."""
+    try:
+        writer.write(FRAMED)
+        size = int.from_bytes(await asyncio.wait_for(reader.readexactly(2), 3))
+        return len(await asyncio.wait_for(reader.readexactly(size), 3)) == size
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return False
+
+
+async def answered_on_a_new_connection(addr: tuple[str, int]) -> bool:
+    reader, writer = await open_from(addr)
+    try:
+        return await answered(reader, writer)
+    finally:
+        writer.close()
+
+
+async def until(predicate, what: str, timeout: float = 3.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, what
+        await asyncio.sleep(0.02)
+
+
+async def test_a_client_that_never_reads_holds_bounded_answers_and_is_dropped() -> None:
+    async with running_dns(tcp_idle_timeout_s=0.5, tcp_max_connections=4) as dns:
+        sock = socket.create_connection(dns.bound)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        sent = 0
+        with contextlib.suppress(BlockingIOError):
+            for _ in range(30_000):  # ~1.4 MB of queries, never reading an answer
+                sent += sock.send(FRAMED)
+        await asyncio.sleep(0.3)
+        [conn] = list(dns._connections)
+        assert conn.transport is not None
+        # Answers stop being made once they back up: one answer past the high-water mark.
+        assert conn.transport.get_write_buffer_size() <= TCP_WRITE_HIGH_WATER + 1024
+        assert sent > 10 * TCP_WRITE_HIGH_WATER
+        # It sends nothing more: dropped at the idle timeout (a close would wait forever
+        # for it to read), and its slot is free again.
+        await until(lambda: not dns._connections, "the non-reader was not dropped")
+        sock.close()
+        assert await answered_on_a_new_connection(dns.bound)
+
+
+async def test_bytes_dripped_without_a_whole_query_do_not_keep_a_connection() -> None:
+    async with running_dns(tcp_idle_timeout_s=0.5) as dns:
+        reader, writer = await open_from(dns.bound)
+        started = asyncio.get_running_loop().time()
+        with contextlib.suppress(ConnectionError):
+            for byte in FRAMED * 10:  # one byte every 0.1 s: never a whole query in time
+                writer.write(bytes([byte]))
+                await asyncio.sleep(0.1)
+                if reader.at_eof():
+                    break
+        assert await asyncio.wait_for(reader.read(), 3) == b""
+        assert asyncio.get_running_loop().time() - started < 0.5 + 0.5
+        writer.close()
+
+
+async def test_one_client_address_holds_at_most_a_quarter_of_the_connections() -> None:
+    async with running_dns(tcp_max_connections=8) as dns:
+        mine = [await open_from(dns.bound) for _ in range(3)]
+        assert [await answered(*c) for c in mine] == [True, True, False]
+        other = await open_from(dns.bound, "127.0.0.2")
+        assert await answered(*other)
+        mine[0][1].close()
+        await until(lambda: len(dns._connections) == 2, "a connection was not released")
+        assert await answered_on_a_new_connection(dns.bound)  # a slot for it again
+        for _, writer in (*mine, other):
+            writer.close()
+
+
+async def test_a_forwarded_query_is_answered_after_the_client_half_closes() -> None:
+    async with upstream() as (addr, _fake), running_dns(upstream=addr,
+                                                         upstream_timeout_s=1.0) as dns:
+        reader, writer = await open_from(dns.bound)
+        query = make_query("example.com.")
+        writer.write(len(query).to_bytes(2, "big") + query)
+        writer.write_eof()  # the last query: nothing more from this client
+        size = int.from_bytes(await asyncio.wait_for(reader.readexactly(2), 3))
+        reply = dnslib.DNSRecord.parse(await asyncio.wait_for(reader.readexactly(size), 3))
+        assert [str(r.rdata) for r in reply.rr] == ["192.0.2.1"]
+        assert await asyncio.wait_for(reader.read(), 3) == b""  # then it closes
+        writer.close()
