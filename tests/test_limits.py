@@ -71,6 +71,42 @@ async def test_max_connections_per_listener_and_per_client() -> None:
         await backend.stop()
 
 
+async def test_idle_connections_whose_client_does_not_read_give_their_slots_back() -> None:
+    async def spew(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            for _ in range(200):  # far more than the buffers between it and the client
+                writer.write(b"x" * 65536)
+                await writer.drain()
+
+    server = await asyncio.start_server(spew, "127.77.8.2", 0)
+    port = server.sockets[0].getsockname()[1]
+    cs = Clusterset()
+    cs.publish("spew", "127.240.77.51", [ServicePort("echo", "TCP", 7)],
+               [endpoint("127.77.8.2", "east", port, name="echo")])
+    manager = await cs.proxy(max_connections_per_listener=2, idle_timeout_s=0.5)
+    hogs = []
+    try:
+        await cs.served(manager)
+        ctx = manager.listeners[ListenerKey("127.240.77.51", 7, "TCP")].ctx
+        for _ in range(2):  # connect and never read: every buffer on the way fills up
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.240.77.51", 7))
+            hogs.append(s)
+        await asyncio.wait_for(_until(lambda: ctx.active == 2), 3)
+        # Nothing moves once the buffers are full: the idle sweep ends both. A close would
+        # wait forever to flush towards a client that does not read.
+        await asyncio.wait_for(_until(lambda: ctx.active == 0), 5)
+        reader, writer = await asyncio.open_connection("127.240.77.51", 7)
+        assert len(await asyncio.wait_for(reader.read(100), 3)) > 0  # a slot for it again
+        writer.close()
+    finally:
+        for s in hogs:
+            s.close()
+        await manager.stop()
+        server.close()
+
+
 async def _until(cond: object) -> None:
     while not cond():  # type: ignore[operator]
         await asyncio.sleep(0.01)

@@ -518,4 +518,11 @@ class ClientSide(asyncio.Protocol):
     def expire(self) -> None:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("listener %s: closing idle connection to %s", self.ctx.name, self.host)
-        self.close_both()
+        up = self.up
+        if self.transport.get_write_buffer_size() or (
+                up is not None and up.get_write_buffer_size()):
+            # Idle with bytes still queued: that peer is not reading, and a close would
+            # wait for it forever (the connection, and its limit slot, never released).
+            self.abort()
+        else:
+            self.close_both()
