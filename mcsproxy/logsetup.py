@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
           "error": logging.ERROR}
@@ -20,3 +21,29 @@ def setup_logging(level: str) -> None:
     root.setLevel(LEVELS[level])
     # aiohttp's access log is per request: our own access log owns that job.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # aiohttp's server logs each malformed request to the admin API with a traceback:
+    # anyone who can reach the port could fill the log. One line a second, with a count.
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, RateLimit) for f in server_log.filters):
+        server_log.addFilter(RateLimit(1.0))
+
+
+class RateLimit(logging.Filter):
+    """Lets one record through per `interval_s`; the next one says how many were dropped."""
+
+    def __init__(self, interval_s: float) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self.last = -float("inf")
+        self.dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        if now - self.last < self.interval_s:
+            self.dropped += 1
+            return False
+        self.last = now
+        if self.dropped:
+            record.msg = f"{record.msg} ({self.dropped} similar records dropped)"
+            self.dropped = 0
+        return True

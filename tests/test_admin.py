@@ -152,3 +152,31 @@ async def test_demo_buttons_are_relayed_to_the_demo_control_api(tmp_path: Path) 
         await gw.get_json("/demo/clusters", status=404)
     finally:
         await gw.stop()
+
+
+def test_aiohttp_server_errors_are_logged_at_most_once_a_second() -> None:
+    # A malformed request to the admin API makes aiohttp log an error with a traceback:
+    # without a limit, anyone reaching the port could fill the log.
+    import logging
+    import time
+
+    from mcsproxy.logsetup import RateLimit, setup_logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        setup_logging("info")
+        assert any(isinstance(f, RateLimit) for f in logging.getLogger("aiohttp.server").filters)
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    limit = RateLimit(0.2)
+
+    def record() -> logging.LogRecord:
+        return logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1,
+                                 "Error handling request", None, None)
+
+    assert sum(limit.filter(record()) for _ in range(50)) == 1
+    time.sleep(0.25)
+    later = record()
+    assert limit.filter(later) and later.getMessage().endswith("(49 similar records dropped)")
