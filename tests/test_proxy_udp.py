@@ -176,3 +176,23 @@ def test_a_flow_aborted_while_its_socket_is_set_up_leaks_nothing(run) -> None:  
     # uvloop hands the socket over (connection_made) even after the opening was cancelled.
     sockets, counted = run(abort_a_flow_while_its_socket_is_set_up())
     assert (sockets, counted) == (0, 0)
+
+
+async def test_a_second_gateway_cannot_take_a_udp_clusterset_ip(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # As for TCP: the second process to want the address says it cannot listen, instead
+    # of binding beside the first and silently taking its datagrams.
+    backend, port = await udp_backend("east-1", "127.42.5.1")
+    cs = Clusterset("east")
+    cs.publish("dns", "127.240.42.5", [DNS], [endpoint("127.42.5.1", "east", port, name="dns",
+                                                       protocol="UDP")])
+    first = await cs.proxy()
+    second = await cs.proxy()
+    try:
+        await cs.served(second)
+        assert len(first.listeners) == 1 and not second.listeners
+        assert "cannot listen" in caplog.text
+    finally:
+        await second.stop()
+        await first.stop()
+        backend.close()

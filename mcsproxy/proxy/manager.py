@@ -350,7 +350,11 @@ class ProxyManager:
         sock = socket.socket(family, kind, proto)
         try:
             sock.setblocking(False)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if kind == socket.SOCK_STREAM:
+                # TCP: rebinding while old connections linger in TIME_WAIT. Not for UDP,
+                # where it lets a second process bind the same address and take its
+                # datagrams without an error.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if self.config.workers > 1:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             # A ClusterSetIP need not be on an interface yet (in a cluster the VIP is
