@@ -8,9 +8,19 @@ import resource
 import sys
 from collections.abc import Sequence
 
-from mcsproxy.config import AdminConfig, ConfigError, DnsConfig, GatewayConfig, parse_host_port
+from mcsproxy.config import (
+    CLUSTER_ID_RE,
+    AdminConfig,
+    ConfigError,
+    DnsConfig,
+    GatewayConfig,
+    parse_host_port,
+)
 from mcsproxy.logsetup import LEVELS, setup_logging
 from mcsproxy.proxy.options import add_proxy_arguments, proxy_config
+
+# Room under DNS's 253 characters for <hostname>.<cluster>.<svc>.<ns>.svc. in front.
+MAX_DOMAIN = 128
 
 
 def _add_gateway_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -51,6 +61,10 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
     domain = args.dns_domain.strip(".").lower()
     if not domain:
         raise ConfigError("--dns-domain must not be empty")
+    if not CLUSTER_ID_RE.match(domain) or len(domain) > MAX_DOMAIN:
+        raise ConfigError(f"--dns-domain {args.dns_domain!r}: expected a DNS name of "
+                          f"RFC 1123 labels (letters, digits, '-'), at most {MAX_DOMAIN} "
+                          "characters")
     if not 512 <= args.dns_edns_max <= 65535:
         raise ConfigError("--dns-edns-max must be 512-65535")
     if not 0 <= args.dns_ttl <= 86400:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from mcsproxy.clustersetip import parse_cidrs
 
@@ -14,6 +15,16 @@ CLUSTER_ID_RE = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
 
 class ConfigError(ValueError):
     pass
+
+
+def require_finite(config: object, flag_prefix: str = "") -> None:
+    """Every float setting is a number: NaN passes every < and <= check, and a NaN
+    timeout later crashes the task that sleeps on it. Errors name the flag."""
+    for f in fields(config):  # type: ignore[arg-type]
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            name = f.name.removesuffix("_s").removesuffix("_qps").replace("_", "-")
+            raise ConfigError(f"--{flag_prefix}{name} must be a finite number, not {value}")
 
 
 def parse_host_port(value: str, what: str) -> tuple[str, int]:
@@ -55,6 +66,9 @@ class DnsConfig:
                                    "192.168.0.0/16", "fc00::/7")
     rrl_qps: float = 0.0  # UDP answers per second per client /24 or /56; 0: unlimited
 
+    def __post_init__(self) -> None:
+        require_finite(self, "dns-")
+
 
 @dataclass(frozen=True)
 class AdminConfig:
@@ -81,6 +95,7 @@ class HealthConfig:
     http_path: str = "/"
 
     def __post_init__(self) -> None:
+        require_finite(self, "health-")
         if self.interval_s < 0 or self.timeout_s <= 0:
             raise ConfigError("health interval must be >= 0 and timeout > 0")
         if self.healthy_threshold < 1 or self.unhealthy_threshold < 1:
@@ -101,6 +116,7 @@ class OutlierConfig:
     max_ejection_percent: int = 50
 
     def __post_init__(self) -> None:
+        require_finite(self, "outlier-")
         if self.consecutive_failures < 0 or self.base_ejection_s <= 0:
             raise ConfigError("outlier failures must be >= 0 and base ejection time > 0")
         if self.max_ejection_s < self.base_ejection_s:
@@ -131,6 +147,7 @@ class HttpConfig:
     via: str = "mcsproxy"
 
     def __post_init__(self) -> None:
+        require_finite(self, "http-")
         for name in ("header_timeout_s", "keepalive_timeout_s", "per_try_timeout_s",
                      "request_timeout_s", "pool_idle_timeout_s"):
             if getattr(self, name) <= 0:
@@ -179,6 +196,7 @@ class ProxyConfig:
     http: HttpConfig = field(default_factory=HttpConfig)
 
     def __post_init__(self) -> None:
+        require_finite(self)
         if self.lb_policy not in LB_POLICIES:
             raise ConfigError(f"--lb-policy must be one of {', '.join(LB_POLICIES)}")
         if self.connect_timeout_s <= 0 or self.connect_attempts < 1:

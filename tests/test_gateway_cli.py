@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import dnslib
+import pytest
 
 from tests.dns_support import EXAMPLES, make_query
 
@@ -101,3 +102,24 @@ def test_gateway_process_serves_dns_and_stops_on_sigterm(tmp_path: Path) -> None
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--idle-timeout", "nan"], "--idle-timeout must be a finite number, not nan"),
+    (["--connect-timeout", "inf"], "--connect-timeout must be a finite number, not inf"),
+    (["--health-interval", "nan"], "--health-interval must be a finite number"),
+    (["--http-per-try-timeout", "nan"], "--http-per-try-timeout must be a finite number"),
+    (["--dns-rrl", "nan"], "--dns-rrl must be a finite number"),
+    (["--dns-domain", "a b..c"], "--dns-domain 'a b..c': expected a DNS name"),
+    (["--dns-domain", "x" * 64 + ".local"], "expected a DNS name of RFC 1123 labels"),
+])
+def test_bad_values_are_refused_with_the_flag_named(
+        flags: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # NaN passes every < check (a NaN idle timeout crashed the idle sweep), and a bad
+    # domain ended in a traceback: both are refused before anything starts.
+    from mcsproxy.cli import main
+
+    code = main(["gateway", "--cluster-id", "east", "--source", "file:/nonexistent",
+                 "--dns-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", *flags])
+    assert code == 2
+    assert message in capsys.readouterr().err
