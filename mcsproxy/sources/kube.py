@@ -16,7 +16,8 @@ resume, bookmarks, 410 relist with a diff, backoff with jitter):
 
 Every object goes through mcsproxy.manifests; one that does not validate is logged with
 its name and skipped, and its last good version keeps serving. Changes are committed to
-the store coalesced (one snapshot per burst, at most every `commit_delay_s`), and each
+the store coalesced (one snapshot per burst, at most every `commit_delay_s`) from the
+first complete sync on, also while a watch started later has not listed yet, and each
 change costs work for its own service key only.
 
 Static stability: while the API server is unreachable the store keeps serving the last
@@ -167,6 +168,7 @@ class KubeSource:
         self._api: ApiClient | None = None
         self._commit_handle: asyncio.TimerHandle | None = None
         self._import_counts: dict[ServiceKey, int] = {}
+        self._synced_once = False
         self.registry = CollectorRegistry(auto_describe=True)
         self.m_connected = Gauge("mcsproxy_source_kube_connected",
                                  "1 while every watch of the kube source is connected",
@@ -260,8 +262,13 @@ class KubeSource:
         self.karmada.set_real_import(key, count > 0)
 
     def changed(self) -> None:
-        """Something reached the store: commit soon, once for the whole burst."""
-        if self._commit_handle is None and self.synced:
+        """Something reached the store: commit soon, once for the whole burst.
+
+        Gated on the first sync only, not on every watch being synced now: a watch started
+        later (Services, for the first MultiClusterService) may take long or keep failing
+        to list, and that must not hold back every other change.
+        """
+        if self._commit_handle is None and self._synced_once:
             loop = asyncio.get_running_loop()
             self._commit_handle = loop.call_later(self.commit_delay_s, self._commit)
 
@@ -293,4 +300,5 @@ class KubeSource:
             log.info("kube source synced: %s", ", ".join(
                 f"{r.name}={'listed' if r.served else 'not served'}" for r in self.reflectors))
             self.store.mark_synced(self.name)
+            self._synced_once = True
             self._commit()

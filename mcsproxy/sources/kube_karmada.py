@@ -15,7 +15,9 @@ each one an imported service like a ServiceImport would:
   them when it lists none), each endpoint tagged with its provider cluster;
 - ports, headlessness, session affinity, traffic distribution and IP families from the
   local Service of that name when there is one (Karmada propagates it to consumers),
-  else the ports the slices carry;
+  else the ports the slices carry. A service is served only once Services have been
+  listed (the watch starts with the first MultiClusterService): while that list fails,
+  Karmada's services wait and the error is in the source status, the rest is published;
 - a ClusterSetIP per family allocated from `--clusterset-cidr`
   (mcsproxy.clustersetip: starts at a hash of namespace/name, probes past taken
   addresses). MultiClusterServices are allocated in order of creationTimestamp, so an
@@ -142,6 +144,7 @@ class KarmadaServices:
         self.real_imports: set[ServiceKey] = set()  # keys a ServiceImport serves
         self._written: dict[ServiceKey, set[ObjectId]] = {}
         self.on_first_mcs: Callable[[], None] | None = None
+        self.services_listed = False  # the Services watch has listed once
 
     @property
     def served(self) -> int:
@@ -205,6 +208,8 @@ class KarmadaServices:
             self.refresh(key)
 
     def service_replace(self, objects: Sequence[Obj]) -> None:
+        first = not self.services_listed
+        self.services_listed = True
         fresh: dict[ServiceKey, dict[str, Any]] = {}
         for obj in objects:
             try:
@@ -216,7 +221,10 @@ class KarmadaServices:
         touched = {k for k in self.services.keys() | fresh.keys()
                    if self.services.get(k) != fresh.get(k)}
         self.services = fresh
-        for key in touched & self.mcs.keys():
+        # The first list releases every service waiting for it (see refresh); oldest
+        # first, as in mcs_replace, so a hash collision leaves the older one its address.
+        keys = self.mcs.keys() if first else touched & self.mcs.keys()
+        for key in sorted(keys, key=lambda k: (self.mcs[k].created, k)):
             self.refresh(key)
 
     def slice_upsert(self, obj: Obj) -> None:
@@ -299,6 +307,10 @@ class KarmadaServices:
         wanted: dict[ObjectId, Any] = {}
         if (mcs is not None and mcs.cross_cluster and key not in self.real_imports
                 and (mcs.consumers is None or self.cluster_id in mcs.consumers)):
+            if not self.services_listed:
+                # Its ports may come from a local Service not seen yet: serve nothing rather
+                # than ports that may be wrong until the Services watch has listed.
+                return
             slices = {n: s for n, s in self.slices.get(key, {}).items()
                       if mcs.providers is None or s.cluster in mcs.providers}
             try:

@@ -1,0 +1,65 @@
+"""The gateway's sources under partial failure, through real sockets and real clients: a
+watch started late or failing, an API server answering 404 for a while or not answering,
+a controller stream that hangs or keeps getting cut. The last good view keeps serving,
+errors are reported, and what still works keeps being published."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from mcsproxy.model import ServiceKey
+from tests.kube_emulator import KubeEmulator
+from tests.test_kube_source import (
+    imported_slice,
+    karmada_slice,
+    local_service,
+    multicluster_service,
+    running,
+    service_import,
+)
+
+KWEB = ServiceKey("test", "kweb")
+HTTP80 = [{"name": "http", "protocol": "TCP", "port": 80}]
+
+
+@pytest.fixture
+async def emu() -> AsyncIterator[KubeEmulator]:
+    async with KubeEmulator(bookmark_interval=0.1) as emu:
+        yield emu
+
+
+# -- kube source: Karmada's lazily started Services watch -------------------------------
+async def test_first_multicluster_service_after_sync_is_published(
+        emu: KubeEmulator, tmp_path: Path) -> None:
+    """The first MultiClusterService starts the Services watch; once it has listed, the
+    service is published with the local Service's ports, without waiting for another
+    change to flush it."""
+    async with running(emu, tmp_path) as run:
+        emu.put_object(local_service("kweb", HTTP80))
+        emu.put_object(karmada_slice("west", "kweb-abc", "kweb", ["10.11.0.1"]))
+        emu.put_object(multicluster_service("kweb"))
+        await run.until(lambda: KWEB in run.store.current.services)
+        assert [p.port for p in run.store.current.services[KWEB].ports] == [80]
+
+
+async def test_services_watch_failing_does_not_freeze_the_source(
+        emu: KubeEmulator, tmp_path: Path) -> None:
+    """While the Services list keeps failing (no RBAC), ServiceImports and their slices
+    keep being published; the Karmada service waits for its ports and the error is in
+    the status. Once the list works, the Karmada service follows."""
+    emu.fail_next(None, 403, method="GET", path="/api/v1/services")
+    async with running(emu, tmp_path) as run:
+        emu.put_object(karmada_slice("west", "kweb-abc", "kweb", ["10.11.0.1"]))
+        emu.put_object(multicluster_service("kweb"))
+        await run.until(lambda: "services" in (run.status.error or ""))
+        emu.put_object(service_import("web"))
+        emu.put_object(imported_slice("web-west", "web", "west", ["10.1.0.1"]))
+        await run.until(lambda: run.endpoints() == [("west", "10.1.0.1")])
+        assert KWEB not in run.store.current.services
+        assert not run.status.connected and "403" in (run.status.error or "")
+        emu.clear_faults()
+        await run.until(lambda: KWEB in run.store.current.services)
+        await run.until(lambda: run.status.connected and run.status.error is None)
