@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from mcsproxy.model import ServiceKey
+from mcsproxy.model import ServiceKey, Snapshot
 from tests.kube_emulator import KubeEmulator
 from tests.test_kube_source import (
+    WEB,
     imported_slice,
     karmada_slice,
     local_service,
@@ -63,3 +64,32 @@ async def test_services_watch_failing_does_not_freeze_the_source(
         emu.clear_faults()
         await run.until(lambda: KWEB in run.store.current.services)
         await run.until(lambda: run.status.connected and run.status.error is None)
+
+
+# -- kube source: the API server misbehaving ---------------------------------------------
+async def test_404_on_a_served_resource_keeps_the_last_imports(
+        emu: KubeEmulator, tmp_path: Path) -> None:
+    """ServiceImports answering 404 on every version after they were listed (an API server
+    whose CRD handlers are not ready yet): the imports keep serving, the error is reported
+    and the resource is asked again with backoff, not after not_served_retry_s."""
+    emu.put_object(service_import("web"))
+    emu.put_object(imported_slice("web-west", "web", "west", ["10.1.0.1"]))
+    async with running(emu, tmp_path) as run:
+        missing: list[int] = []
+
+        def check(snapshot: Snapshot) -> None:
+            if WEB not in snapshot.services:
+                missing.append(snapshot.version)
+
+        run.store.subscribe(check)
+        asked = sum(1 for r in emu.requests if r.path.endswith("/serviceimports"))
+        emu.fail_next(None, 404, method="GET", path="/serviceimports")
+        emu.drop_watches()
+        # The watch, then both versions' lists answered 404, then asked again.
+        await run.until(lambda: sum(1 for r in emu.requests
+                                    if r.path.endswith("/serviceimports")) >= asked + 4)
+        assert missing == []
+        assert "404" in (run.status.error or "") and not run.status.connected
+        emu.clear_faults()
+        await run.until(lambda: run.status.connected and run.status.error is None)
+        assert missing == [] and run.endpoints() == [("west", "10.1.0.1")]

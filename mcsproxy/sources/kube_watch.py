@@ -7,8 +7,10 @@ the last version seen, without a relist. 410 Gone means the server's history no 
 reaches back that far: the resource is listed again and the handler diffs the new list
 against what it holds, so deletions missed while away are applied and nothing is doubled.
 A resource the server does not serve (404: its CRD is not installed) counts as empty and
-is asked for again later. Every wait has a timeout; failures back off exponentially with
-full jitter so a fleet of gateways does not reconnect in step.
+is asked for again later; once listed, a 404 is an error like any other (the last good
+view stays, retried with backoff), never a reason to drop what was seen. Every wait has
+a timeout; failures back off exponentially with full jitter so a fleet of gateways does
+not reconnect in step.
 
 Requests go through the client's generated list functions with `_preload_content=False`:
 the objects stay plain dicts (what mcsproxy.manifests validates) and the watch stream is
@@ -146,8 +148,10 @@ class Reflector:
                          self.resource_version)
                 self.resource_version = None
             except NotServed:
-                await self._not_served()
-                backoff.reset()
+                if await self._not_served():
+                    backoff.reset()
+                else:
+                    await asyncio.sleep(backoff.next_full())
             except (ApiException, aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
                 self._set_state(connected=False, error=_error_text(exc))
                 # Full jitter: a fleet of gateways must not come back in step.
@@ -163,10 +167,20 @@ class Reflector:
             self.connected, self.error = connected, error
             self.on_state()
 
-    async def _not_served(self) -> None:
+    async def _not_served(self) -> bool:
+        """404 on every version: empty if it was never listed; False to back off."""
         if self._version_index + 1 < len(self.resource.versions):
             self._version_index += 1  # the next version may be served: try it at once
-            return
+            return True
+        if self.lists:
+            # Listed before: an API server whose CRD handlers are not ready yet (restart,
+            # CRD update) is likelier than a CRD removed, and removing one deletes its
+            # objects first, which the watch has seen. Keep the last good view.
+            self._version_index = 0
+            self.resource_version = None
+            self._set_state(connected=False, error="HTTP 404 Not Found (served before; "
+                            "keeping the last objects)")
+            return False
         if self.served or not self.synced:
             log.info("%s: not served by the API server (CRD not installed?); treating it as "
                      "empty and asking again every %.0f s", self.resource.describe(),
@@ -178,6 +192,7 @@ class Reflector:
         self.synced = True
         self._set_state(connected=True, error=None)
         await asyncio.sleep(self.timings.not_served_retry_s)
+        return True
 
     # -- requests --------------------------------------------------------------------
     def _call(self, **kwargs: Any) -> Any:
