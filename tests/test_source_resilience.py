@@ -5,6 +5,7 @@ errors are reported, and what still works keeps being published."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from mcsproxy.model import ServiceKey, Snapshot
 from tests.kube_emulator import KubeEmulator
 from tests.test_kube_source import (
+    FAST,
     WEB,
     imported_slice,
     karmada_slice,
@@ -93,3 +95,22 @@ async def test_404_on_a_served_resource_keeps_the_last_imports(
         emu.clear_faults()
         await run.until(lambda: run.status.connected and run.status.error is None)
         assert missing == [] and run.endpoints() == [("west", "10.1.0.1")]
+
+
+async def test_a_watch_without_response_headers_is_given_up_within_request_timeout(
+        emu: KubeEmulator, tmp_path: Path) -> None:
+    """The watches end and the API server takes the new ones but never answers: noticed
+    within request_timeout_s, not after timeoutSeconds + idle_margin_s (20 s here)."""
+    emu.put_object(service_import("web"))
+    timings = dataclasses.replace(FAST, request_timeout_s=0.5, watch_timeout_s=20.0,
+                                  idle_margin_s=2.0)
+    async with running(emu, tmp_path, timings=timings) as run:
+        emu.hang()
+        emu.drop_watches()
+        try:
+            await run.until(lambda: not run.status.connected, timeout=3.0)
+            assert "TimeoutError" in (run.status.error or "")
+            assert WEB in run.store.current.services
+        finally:
+            emu.hang(False)
+        await run.until(lambda: run.status.connected and run.status.error is None)

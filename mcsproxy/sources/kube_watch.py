@@ -257,9 +257,13 @@ class Reflector:
             sock_connect=t.request_timeout_s, sock_read=server_timeout + t.idle_margin_s)
         loop = asyncio.get_running_loop()
         started = loop.time()
-        response = await self._call(
-            watch=True, resource_version=self.resource_version, allow_watch_bookmarks=True,
-            timeout_seconds=server_timeout, _request_timeout=timeout)
+        # sock_read bounds the stream's reads, minutes apart; an API server that takes
+        # the request and never answers must be noticed within request_timeout_s.
+        async with asyncio.timeout(t.request_timeout_s):
+            response = await self._call(
+                watch=True, resource_version=self.resource_version,
+                allow_watch_bookmarks=True, timeout_seconds=server_timeout,
+                _request_timeout=timeout)
         async with response:
             if response.status == 410:
                 raise ResourceGone()
