@@ -5,13 +5,22 @@ errors are reported, and what still works keeps being published."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
+from controlplane.metrics import ControllerMetrics
+from controlplane.resources import ObjectRef
+from controlplane.server import ControllerServer
+from controlplane.stream import StreamHub
 from mcsproxy.model import ServiceKey, Snapshot
+from mcsproxy.sources.controlplane import ControlplaneSource
+from mcsproxy.store import SnapshotStore
+from mcsproxy.tasks import cancel_and_wait, spawn
 from tests.kube_emulator import KubeEmulator
 from tests.test_kube_source import (
     FAST,
@@ -26,6 +35,7 @@ from tests.test_kube_source import (
 
 KWEB = ServiceKey("test", "kweb")
 HTTP80 = [{"name": "http", "protocol": "TCP", "port": 80}]
+CONTROLLER_HOST, RELAY_HOST = "127.86.0.1", "127.86.0.2"
 
 
 @pytest.fixture
@@ -114,3 +124,97 @@ async def test_a_watch_without_response_headers_is_given_up_within_request_timeo
         finally:
             emu.hang(False)
         await run.until(lambda: run.status.connected and run.status.error is None)
+
+
+# -- controlplane source: the stream's connection misbehaving ---------------------------
+class Relay:
+    """A TCP relay in front of the controller; `mode(n)` decides connection n's fate:
+    "hang" (taken, never answered), "pass", or ("cut", seconds) then a reset."""
+
+    def __init__(self, target: tuple[str, int],
+                 mode: Callable[[int], str | tuple[str, float]]) -> None:
+        self.target, self.mode = target, mode
+        self.accepted: list[float] = []  # loop time of each connection
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+
+    async def start(self, host: str) -> str:
+        self._server = await asyncio.start_server(self._connection, host, 0)
+        return f"http://{host}:{self._server.sockets[0].getsockname()[1]}"
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        await cancel_and_wait(list(self._tasks))
+
+    async def _connection(self, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self.accepted.append(asyncio.get_running_loop().time())
+        mode = self.mode(len(self.accepted))
+        upstream: asyncio.StreamWriter | None = None
+        try:
+            if mode == "hang":
+                while await reader.read(65536):
+                    pass
+                return
+            up_reader, upstream = await asyncio.open_connection(*self.target)
+            pipes = [spawn(_pipe(reader, upstream), name="relay up"),
+                     spawn(_pipe(up_reader, writer), name="relay down")]
+            try:
+                if isinstance(mode, tuple):
+                    await asyncio.sleep(mode[1])
+                else:
+                    await asyncio.gather(*pipes)
+            finally:
+                await cancel_and_wait(pipes)
+        finally:
+            writer.transport.abort()
+            if upstream is not None:
+                upstream.transport.abort()
+            self._tasks.discard(task)
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+
+
+@contextlib.asynccontextmanager
+async def controller_behind(
+        mode: Callable[[int], str | tuple[str, float]]) -> AsyncIterator[tuple[Relay, str]]:
+    """A controller's stream server with one ServiceImport for cluster east, and a relay
+    in front of it; yields the relay and its URL."""
+    hub = StreamHub(heartbeat_s=0.2)
+    hub.attach("east", {ObjectRef("ServiceImport", "test", "web"): service_import("web")})
+    server = ControllerServer(None, hub, (CONTROLLER_HOST, 0), metrics=ControllerMetrics())
+    await server.start()
+    assert server.bound is not None
+    relay = Relay(server.bound, mode)
+    try:
+        yield relay, await relay.start(RELAY_HOST)
+    finally:
+        await relay.stop()
+        hub.close()
+        await server.stop()
+
+
+async def test_controlplane_stream_without_response_headers_reconnects() -> None:
+    """The first connection is taken and never answered: given up after the headers
+    timeout, the next one syncs."""
+    async with controller_behind(lambda n: "hang" if n == 1 else "pass") as (relay, url):
+        store = SnapshotStore("east")
+        source = ControlplaneSource(url, "east", headers_timeout_s=0.3,
+                                    backoff_initial_s=0.05, backoff_max_s=0.2)
+        task = spawn(source.run(store), name="test source")
+        try:
+            async with asyncio.timeout(3):
+                await store.loaded.wait()
+            assert WEB in store.current.services and len(relay.accepted) >= 2
+        finally:
+            await cancel_and_wait([task])
+

@@ -38,6 +38,10 @@ HEARTBEAT_HEADER = "X-Mcsproxy-Heartbeat"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a full snapshot of a large clusterset fits
 BULK_MESSAGE_BYTES = 64 * 1024  # parsed with the cyclic collector paused (gc_pause.py)
 CONNECT_TIMEOUT_S = 5.0
+# The controller answers a stream request at once; a peer (or proxy) that takes the
+# connection and says nothing must not hold the source: reconnect instead. Covers the
+# connect too, hence longer than CONNECT_TIMEOUT_S.
+HEADERS_TIMEOUT_S = 10.0
 BACKOFF_INITIAL_S = 0.2
 BACKOFF_MAX_S = 10.0
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -68,6 +72,7 @@ class ControlplaneSource:
         cluster_id: str,
         *,
         connect_timeout_s: float = CONNECT_TIMEOUT_S,
+        headers_timeout_s: float = HEADERS_TIMEOUT_S,
         backoff_initial_s: float = BACKOFF_INITIAL_S,
         backoff_max_s: float = BACKOFF_MAX_S,
     ) -> None:
@@ -77,6 +82,7 @@ class ControlplaneSource:
         self.cluster_id = cluster_id
         self.name = f"controlplane:{self.url}"
         self.connect_timeout_s = connect_timeout_s
+        self.headers_timeout_s = headers_timeout_s
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.epoch: str | None = None
@@ -126,7 +132,9 @@ class ControlplaneSource:
         params = {"cluster": self.cluster_id, "version": str(self.version)}
         if self.epoch is not None:
             params["epoch"] = self.epoch
-        async with session.get(self.url + STREAM_PATH, params=params) as response:
+        async with asyncio.timeout(self.headers_timeout_s):
+            response = await session.get(self.url + STREAM_PATH, params=params)
+        async with response:
             if response.status != 200:
                 body = (await asyncio.wait_for(response.content.read(512), 5.0)).decode(
                     "utf-8", "replace")
