@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Callable
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -218,3 +219,23 @@ async def test_controlplane_stream_without_response_headers_reconnects() -> None
         finally:
             await cancel_and_wait([task])
 
+
+async def test_controlplane_backoff_starts_over_after_a_resumed_session_worked() -> None:
+    """Every session works for a while and is then cut. Only the first gets a snapshot;
+    the others resume (members, heartbeats). Each worked, so each reconnect waits the
+    initial backoff, not a delay doubling towards backoff_max_s."""
+    session_s = 0.3
+    async with controller_behind(lambda n: ("cut", session_s)) as (relay, url):
+        store = SnapshotStore("east")
+        source = ControlplaneSource(url, "east", backoff_initial_s=0.05, backoff_max_s=5.0)
+        task = spawn(source.run(store), name="test source")
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(6):
+                    while len(relay.accepted) < 8:
+                        await asyncio.sleep(0.05)
+        finally:
+            await cancel_and_wait([task])
+        assert source.resyncs == 1  # the later sessions resumed
+        gaps = [round(b - a - session_s, 2) for a, b in pairwise(relay.accepted)]
+        assert len(gaps) >= 7 and max(gaps) < 0.25, gaps

@@ -90,6 +90,7 @@ class ControlplaneSource:
         self.members: dict[str, Any] = {}  # member clusters as the controller sees them
         self._partial: tuple[str, int, dict[ObjectId, Spec]] | None = None
         self.connects = 0
+        self.messages = 0  # valid messages applied, over all sessions
         self.resyncs = 0
         self.registry = CollectorRegistry(auto_describe=True)
         self.propagation = Histogram(
@@ -105,7 +106,7 @@ class ControlplaneSource:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             while True:
-                applied_before = self.connects
+                messages_before = self.messages
                 try:
                     await self._session(session, store, status)
                     reason = "stream ended"
@@ -120,8 +121,9 @@ class ControlplaneSource:
                                 "(version %d)", reason, self.version)
                 status.connected = False
                 status.error = reason
-                if self.connects != applied_before:
-                    backoff.reset()  # that session worked: start over
+                if self.messages != messages_before:
+                    # That session worked (a resumed one sends no snapshot): start over.
+                    backoff.reset()
                 # Jitter keeps a fleet of gateways from reconnecting in step.
                 await asyncio.sleep(backoff.next())
 
@@ -185,6 +187,7 @@ class ControlplaneSource:
             log.info("controlplane stream connected url=%s version=%d", self.url, self.version)
         status.connected = True
         status.error = None
+        self.messages += 1
 
     def _parse_objects(self, raw: Any, what: str) -> dict[ObjectId, Spec]:
         if not isinstance(raw, list):
