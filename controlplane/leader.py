@@ -1,8 +1,9 @@
 """Leader election on a coordination.k8s.io/v1 Lease, the way client-go's leaderelection does.
 
 Of several controllers only the Lease holder writes. The holder renews every retry period;
-when it cannot renew within `renew_deadline_s` it stops its work (cancels it) before
-anyone else may take over. A candidate takes the Lease once the holder's record has not
+when it cannot renew within `renew_deadline_s` (counted from when its last successful
+renewal was sent, not answered) it stops its work (cancels it) before anyone else may
+take over. A candidate takes the Lease once the holder's record has not
 changed for the holder's `leaseDurationSeconds`, measured on the candidate's own clock
 from when it first saw that record (so clocks need not agree between hosts). Writes use
 the Lease's resourceVersion: of two candidates racing, one gets 409 and stays candidate.
@@ -62,6 +63,9 @@ class LeaderElector:
         self._wall = wall
         self._observed: tuple[Any, ...] | None = None  # the holder's record as last seen
         self._observed_at = 0.0
+        # The clock reading taken before the last attempt that left us holding the Lease:
+        # that write was committed no earlier, so others' lease duration runs from later.
+        self._renewed_at = 0.0
         self._lease: Obj | None = None
         self.is_leader = False
         self.terms = 0  # times this elector became leader
@@ -124,7 +128,7 @@ class LeaderElector:
         spec = lease.get("spec") or {}
         self._observed = (spec.get("holderIdentity"), spec.get("renewTime"),
                           spec.get("leaseTransitions"), spec.get("leaseDurationSeconds"))
-        self._observed_at = now
+        self._observed_at = self._renewed_at = now
 
     async def _attempt(self, timeout_s: float) -> bool:
         try:
@@ -144,14 +148,16 @@ class LeaderElector:
     async def _hold(self) -> None:
         """Renew until a renewal misses the deadline; then return (leadership lost)."""
         cfg = self.config
-        last_renewed = self._clock()
+        # Measured from before each successful write, not from its answer: a renewal
+        # answered late must not stretch our term past the others' lease duration.
+        last_renewed = self._renewed_at
         while True:
             deadline = last_renewed + cfg.renew_deadline_s
             await asyncio.sleep(max(0.0, min(cfg.retry_period_s, deadline - self._clock())))
             if self._clock() >= deadline:
                 return
             if await self._attempt(deadline - self._clock()):
-                last_renewed = self._clock()
+                last_renewed = self._renewed_at
             elif self._clock() >= deadline:
                 return
 

@@ -1,0 +1,154 @@
+"""The controller under a slow or flaky API server: no two leaders at once, no exit on a
+transient member error, no member held up by another that hangs.
+
+Everything goes through the real client to the API emulator, some of it through a
+loopback proxy that holds answers back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from controlplane.clusters.kube_api import KubeApi
+from controlplane.leader import LeaderElector, LeaseConfig
+from mcsproxy.tasks import cancel_and_wait, spawn
+from tests.kube_emulator import KubeEmulator
+
+LEASES = "leases.coordination.k8s.io"
+
+# What the proxy does with one request: None forwards it, ("delay", s) forwards it at once
+# but holds the answer s seconds, "hang" never answers.
+Policy = Callable[[str, str], Any]
+
+
+class HoldingProxy:
+    """A loopback reverse proxy in front of an API server that can delay or withhold answers."""
+
+    def __init__(self, upstream: str, policy: Policy) -> None:
+        self.upstream, self.policy = upstream, policy
+        self._closing = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> str:
+        self._session = aiohttp.ClientSession(auto_decompress=False)
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5,
+                                     access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        return f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+
+    async def stop(self) -> None:
+        self._closing.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        policy = self.policy(request.method, request.path)
+        if policy == "hang":
+            await self._closing.wait()
+            if request.transport is not None:
+                request.transport.abort()
+            return web.Response(status=503)
+        assert self._session is not None
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() not in ("host", "content-length")}
+        async with self._session.request(request.method, self.upstream + request.path_qs,
+                                         data=await request.read(), headers=headers) as resp:
+            body, status = await resp.read(), resp.status
+            ctype = resp.headers.get("Content-Type", "application/json")
+        if isinstance(policy, tuple) and policy[0] == "delay":
+            await asyncio.sleep(policy[1])
+        return web.Response(body=body, status=status, headers={"Content-Type": ctype})
+
+
+class Candidate:
+    """An elector whose work records when it runs and when it is stopped."""
+
+    def __init__(self, url: str, identity: str, **timings: Any) -> None:
+        from kubernetes_asyncio.client import ApiClient, Configuration
+
+        self.client = ApiClient(Configuration(host=url))
+        self.elector = LeaderElector(KubeApi(self.client, identity, timeout_s=2.0),
+                                     LeaseConfig("kube-system", identity, **timings))
+        self.leading = asyncio.Event()
+        self.started: list[float] = []
+        self.stopped: list[float] = []
+        self.task: asyncio.Task[Any] | None = None
+
+    async def _work(self) -> None:
+        self.started.append(time.monotonic())
+        self.leading.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self.stopped.append(time.monotonic())
+            self.leading.clear()
+
+    def start(self) -> None:
+        self.task = spawn(self.elector.run(self._work), name=f"elector {id(self)}")
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            await cancel_and_wait([self.task])
+            self.task = None
+        await self.client.close()
+
+
+@pytest.fixture
+async def emu() -> AsyncIterator[KubeEmulator]:
+    async with KubeEmulator() as emu:
+        yield emu
+
+
+async def test_a_renewal_answered_late_does_not_stretch_the_term_past_the_lease(
+        emu: KubeEmulator) -> None:
+    # A renewal committed at T but answered `delay` later must not move the holder's
+    # deadline to T + delay + renew deadline: the standby may lead from T + lease duration.
+    # Whole seconds: the Lease records its duration rounded up.
+    timings = {"lease_duration_s": 1.0, "renew_deadline_s": 0.8, "retry_period_s": 0.05}
+    delay = 0.65  # within the attempt's timeout, so the renewal counts as made
+    state: dict[str, Any] = {"armed": False, "cut": None}
+
+    def policy(method: str, path: str) -> Any:
+        if state["cut"]:
+            return "hang"
+        if state["armed"] and method == "PUT" and "/leases/" in path:
+            state["cut"] = time.monotonic()  # answered late, then nothing reaches the server
+            return ("delay", delay)
+        return None
+
+    proxy = HoldingProxy(emu.url, policy)
+    a = Candidate(await proxy.start(), "ctl-a", **timings)
+    b = Candidate(emu.url, "ctl-b", **timings)
+    try:
+        a.start()
+        await asyncio.wait_for(a.leading.wait(), 5)
+        b.start()
+        await emu.wait_for(lambda: sum(1 for r in emu.requests if r.method == "GET") >= 6)
+        state["armed"] = True
+        await asyncio.wait_for(b.leading.wait(), 5)
+        await asyncio.wait_for(_until(lambda: bool(a.stopped)), 5)
+        assert a.stopped[0] > state["cut"] + delay  # the late answer was taken as a renewal
+        assert a.stopped[0] <= b.started[0], (
+            f"both led for {a.stopped[0] - b.started[0]:.2f}s")
+    finally:
+        await a.stop()
+        await b.stop()
+        await proxy.stop()
+
+
+async def _until(predicate: Callable[[], bool]) -> None:
+    while not predicate():
+        await asyncio.sleep(0.01)
