@@ -3,16 +3,18 @@
 Of several controllers only the Lease holder writes. The holder renews every retry period;
 when it cannot renew within `renew_deadline_s` (counted from when its last successful
 renewal was sent, not answered) it stops its work (cancels it) before anyone else may
-take over. A candidate takes the Lease once the holder's record has not
-changed for the holder's `leaseDurationSeconds`, measured on the candidate's own clock
-from when it first saw that record (so clocks need not agree between hosts). Writes use
-the Lease's resourceVersion: of two candidates racing, one gets 409 and stays candidate.
-A holder that stops cleanly releases the Lease so a standby takes over at once.
+take over; when a renewal finds another holder, it stops at once. A candidate takes the
+Lease once the holder's record has not changed for the holder's `leaseDurationSeconds`,
+measured on the candidate's own clock from when it first saw that record (so clocks need
+not agree between hosts). Writes use the Lease's resourceVersion: of two candidates
+racing, one gets 409 and stays candidate. A holder that stops cleanly releases the Lease
+so a standby takes over at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import math
 import random
@@ -33,6 +35,12 @@ LEASE_PATH = "/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
 
 def micro_time(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class Attempt(enum.Enum):
+    HELD = "held"  # we hold the Lease now
+    TAKEN = "taken"  # another identity holds it, unexpired
+    FAILED = "failed"  # no answer, an error, or a write race lost: try again
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,8 +87,8 @@ class LeaderElector:
                 "leaseDurationSeconds": max(1, math.ceil(self.config.lease_duration_s)),
                 "acquireTime": acquire, "renewTime": now, "leaseTransitions": transitions}
 
-    async def try_acquire_or_renew(self) -> bool:
-        """One attempt: True when we hold the Lease afterwards."""
+    async def try_acquire_or_renew(self) -> Attempt:
+        """One attempt: whether we hold the Lease afterwards, or someone else does."""
         cfg = self.config
         now_wall, now = micro_time(self._wall()), self._clock()
         try:
@@ -95,10 +103,10 @@ class LeaderElector:
                 self._lease = await self.api.request("POST", self._collection, body=body)
             except KubeApiError as exc2:
                 if exc2.code == 409:
-                    return False  # another candidate created it first
+                    return Attempt.TAKEN  # another candidate created it first
                 raise
             self._observe(self._lease, now)
-            return True
+            return Attempt.HELD
         spec = lease.get("spec") or {}
         holder = spec.get("holderIdentity") or ""
         record = (holder, spec.get("renewTime"), spec.get("leaseTransitions"),
@@ -107,7 +115,7 @@ class LeaderElector:
             self._observed, self._observed_at = record, now
         duration = float(spec.get("leaseDurationSeconds") or cfg.lease_duration_s)
         if holder and holder != cfg.identity and now < self._observed_at + duration:
-            return False
+            return Attempt.TAKEN
         transitions = int(spec.get("leaseTransitions") or 0)
         if holder == cfg.identity:
             acquire = spec.get("acquireTime") or now_wall
@@ -119,10 +127,11 @@ class LeaderElector:
                 "PUT", f"{self._collection}/{cfg.name}", body=body)
         except KubeApiError as exc:
             if exc.code in (409, 404):
-                return False  # someone else wrote it since we read it
+                # Someone wrote it since we read it; the next read says who holds it.
+                return Attempt.FAILED
             raise
         self._observe(self._lease, now)
-        return True
+        return Attempt.HELD
 
     def _observe(self, lease: Obj, now: float) -> None:
         spec = lease.get("spec") or {}
@@ -130,23 +139,24 @@ class LeaderElector:
                           spec.get("leaseTransitions"), spec.get("leaseDurationSeconds"))
         self._observed_at = self._renewed_at = now
 
-    async def _attempt(self, timeout_s: float) -> bool:
+    async def _attempt(self, timeout_s: float) -> Attempt:
         try:
             async with asyncio.timeout(max(0.001, timeout_s)):
                 return await self.try_acquire_or_renew()
         except (ClusterError, TimeoutError) as exc:
             log.warning("lease %s/%s: %s", self.config.namespace, self.config.name,
                         str(exc) or "timed out")
-            return False
+            return Attempt.FAILED
 
     async def _acquire(self) -> None:
         cfg = self.config
-        while not await self._attempt(cfg.retry_period_s):
+        while await self._attempt(cfg.retry_period_s) is not Attempt.HELD:
             # Jitter keeps candidates that started together from colliding every round.
             await asyncio.sleep(cfg.retry_period_s * random.uniform(1.0, 1.2))
 
     async def _hold(self) -> None:
-        """Renew until a renewal misses the deadline; then return (leadership lost)."""
+        """Renew until a renewal misses the deadline or finds another holder; then return
+        (leadership lost)."""
         cfg = self.config
         # Measured from before each successful write, not from its answer: a renewal
         # answered late must not stretch our term past the others' lease duration.
@@ -155,11 +165,22 @@ class LeaderElector:
             deadline = last_renewed + cfg.renew_deadline_s
             await asyncio.sleep(max(0.0, min(cfg.retry_period_s, deadline - self._clock())))
             if self._clock() >= deadline:
-                return
-            if await self._attempt(deadline - self._clock()):
+                break
+            result = await self._attempt(deadline - self._clock())
+            if result is Attempt.HELD:
                 last_renewed = self._renewed_at
-            elif self._clock() >= deadline:
+            elif result is Attempt.TAKEN:
+                # The other holder writes already: retrying until the deadline would only
+                # keep two writers going.
+                holder = self._observed[0] if self._observed else None
+                log.error("lease %s/%s: now held by %s: stopped writing", cfg.namespace,
+                          cfg.name, holder if holder and holder != cfg.identity
+                          else "another candidate")
                 return
+            elif self._clock() >= deadline:
+                break
+        log.error("lease %s/%s: not renewed within %.1fs: stopped writing",
+                  cfg.namespace, cfg.name, cfg.renew_deadline_s)
 
     async def release(self) -> None:
         """Give the Lease up so a standby need not wait out the duration."""
@@ -205,5 +226,3 @@ class LeaderElector:
             if finished:
                 work.result()  # its error, if any, ends run()
                 return
-            log.error("lease %s/%s: not renewed within %.1fs: stopped writing",
-                      cfg.namespace, cfg.name, cfg.renew_deadline_s)

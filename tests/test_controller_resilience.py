@@ -152,3 +152,25 @@ async def test_a_renewal_answered_late_does_not_stretch_the_term_past_the_lease(
 async def _until(predicate: Callable[[], bool]) -> None:
     while not predicate():
         await asyncio.sleep(0.01)
+
+
+async def test_a_leader_that_finds_another_holder_stops_at_once(emu: KubeEmulator) -> None:
+    # A long renew deadline: waiting it out would leave two writers for seconds.
+    a = Candidate(emu.url, "ctl-a", lease_duration_s=3.0, renew_deadline_s=2.0,
+                  retry_period_s=0.1)
+    try:
+        a.start()
+        await asyncio.wait_for(a.leading.wait(), 5)
+        lease = emu.get_object(LEASES, "mcsproxy-controller", "kube-system")
+        assert lease is not None
+        # Another replica took the Lease (as one would after a partition healed).
+        lease["spec"].update(holderIdentity="ctl-b", renewTime="2030-01-01T00:00:00.000000Z")
+        emu.put_object({**lease, "apiVersion": "coordination.k8s.io/v1", "kind": "Lease"})
+        taken = time.monotonic()
+        await asyncio.wait_for(_until(lambda: bool(a.stopped)), 5)
+        assert a.stopped[0] - taken < 0.5  # the next renewal (0.1 s) saw it
+        spec = (emu.get_object(LEASES, "mcsproxy-controller", "kube-system") or {})["spec"]
+        assert spec["holderIdentity"] == "ctl-b"  # and left it alone
+        assert not a.elector.is_leader
+    finally:
+        await a.stop()
