@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -20,6 +21,13 @@ from controlplane.clusters.kube_api import KubeApi
 from controlplane.leader import LeaderElector, LeaseConfig
 from mcsproxy.tasks import cancel_and_wait, spawn
 from tests.kube_emulator import KubeEmulator
+from tests.test_controller_kube_support import (
+    clusterset,
+    export_web,
+    kube_controller,
+    namespace,
+    write_kubeconfig,
+)
 
 LEASES = "leases.coordination.k8s.io"
 
@@ -174,3 +182,29 @@ async def test_a_leader_that_finds_another_holder_stops_at_once(emu: KubeEmulato
         assert not a.elector.is_leader
     finally:
         await a.stop()
+
+
+async def test_one_member_error_while_the_term_starts_is_retried_not_fatal(
+        tmp_path: Path) -> None:
+    async with clusterset() as cs:
+        for c in cs.emulators:
+            cs[c].put_object(namespace("demo"))
+        export_web(cs, "a", ["10.1.0.1"])
+        # One 503 from member b when its ServiceImports are read back at term start.
+        cs["b"].fail_next(1, 503, method="GET", path="/serviceimports")
+        app = kube_controller(write_kubeconfig(cs, tmp_path / "kubeconfig"), "one")
+        task = spawn(app.run(), name="controller")
+        try:
+            led = spawn(app.led.wait(), name="led")
+            await asyncio.wait({task, led}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+            await cancel_and_wait([led])
+            assert not task.done(), task.exception()
+            assert app.led.is_set()
+            read_back = [r for r in cs["b"].requests
+                         if r.method == "GET" and r.path.endswith("/serviceimports")]
+            assert len(read_back) >= 2  # the failed read, then the one that worked
+            await cs.wait(lambda: all(cs.addresses(c, "web") == {"10.1.0.1"}
+                                      for c in cs.emulators))
+        finally:
+            app.stop()
+            await cancel_and_wait([task])

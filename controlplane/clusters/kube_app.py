@@ -11,7 +11,8 @@ the stream and member status only while leading.
 
 Each leadership term builds fresh member clients, waits until every member has been read
 once (a member not read yet would look like one without exports, and its imports
-elsewhere would be deleted), then reconciles and serves until the term ends.
+elsewhere would be deleted), then reconciles and serves until the term ends. A member
+that fails while being read starts the reading over after a backoff, never ends the term.
 """
 
 from __future__ import annotations
@@ -197,22 +198,44 @@ class KubeControllerApp:
             if pending:
                 await asyncio.sleep(backoff.next())
 
-    async def lead(self) -> None:
-        """One term as the writer: until cancelled."""
+    async def _start_controller(
+            self, clients: list[KubeClusterClient]) -> tuple[Controller, StreamHub | None]:
+        """A controller that has read every member and reconciled once.
+
+        A member failing meanwhile (one 503) starts it over after a backoff: it is not the
+        end of the term, which would end the process. Each try starts from nothing, so no
+        half-read member state is carried over."""
         cfg = self.config
-        clients: list[KubeClusterClient] = []
-        hub = StreamHub(self.metrics, cfg.heartbeat_s) if cfg.serve else None
-        controller: Controller | None = None
-        try:
-            clients = await self._members()
+        backoff = Backoff(cfg.timings.backoff_base_s, cfg.timings.backoff_cap_s)
+        failing = ""
+        while True:
             await self._until_all_answer(clients)
+            hub = StreamHub(self.metrics, cfg.heartbeat_s) if cfg.serve else None
             controller = Controller(clients, cidrs=cfg.clusterset_cidr,
                                     cluster_cidrs=dict(cfg.cluster_cidrs), metrics=self.metrics,
                                     publisher=hub)
             if hub is not None:
                 for c in controller.clients:
                     hub.attach(c, controller.written.setdefault(c, {}))
-            await controller.start()
+            try:
+                await controller.start()
+            except ClusterError as exc:
+                if str(exc) != failing:  # once per distinct failure, not every retry
+                    log.error("reading members failed (%s): starting over", exc)
+                failing = str(exc)
+                await asyncio.sleep(backoff.next())
+                continue
+            if failing:
+                log.info("members read after earlier failures")
+            return controller, hub
+
+    async def lead(self) -> None:
+        """One term as the writer: until cancelled."""
+        clients: list[KubeClusterClient] = []
+        controller: Controller | None = None
+        try:
+            clients = await self._members()
+            controller, hub = await self._start_controller(clients)
             self.controller = controller
             log.info("controller reconciled clusters=%s", ",".join(controller.clients))
             if self.server is not None and hub is not None:
