@@ -3,7 +3,9 @@ reconciled, only objects that differ are written, and gateway streams get the de
 
 Every member cluster is a ClusterClient (directory today, Kubernetes later). One task per
 client watches it; one task (this loop) reconciles dirty keys in batches, so a burst of
-changes costs one pass and ordering per key is trivially kept.
+changes costs one pass and ordering per key is trivially kept. Each cluster has its own
+writer task: a member that is slow or hung delays only its own writes, and what is
+reconciled meanwhile is merged into its next write.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -47,6 +50,37 @@ class Publisher:
                 deletes: Iterable[ObjectRef], observed: float | None) -> None: ...
 
     def set_members(self, members: Mapping[str, Mapping[str, Any]]) -> None: ...
+
+
+class _FlushReport:
+    """One flush's keys, reported in the metrics once every cluster's write is done."""
+
+    __slots__ = ("done", "pending", "seen", "started")
+
+    def __init__(self, started: float, seen: Iterable[float], pending: int) -> None:
+        self.started, self.seen, self.pending = started, list(seen), pending
+        self.done = asyncio.Event()
+
+
+@dataclass(slots=True)
+class _Batch:
+    """What a cluster's writer has still to write."""
+
+    upserts: dict[ObjectRef, Obj] = field(default_factory=dict)
+    deletes: set[ObjectRef] = field(default_factory=set)
+    keys: set[ServiceKey] = field(default_factory=set)
+    reports: list[_FlushReport] = field(default_factory=list)
+
+    def merge(self, upserts: Mapping[ObjectRef, Obj], deletes: set[ObjectRef],
+              keys: set[ServiceKey], report: _FlushReport) -> None:
+        # The later flush wins per object: its upsert cancels a queued delete and back.
+        for ref in deletes:
+            self.upserts.pop(ref, None)
+        self.deletes.difference_update(upserts)
+        self.deletes |= deletes
+        self.upserts.update(upserts)
+        self.keys |= keys
+        self.reports.append(report)
 
 
 def rfc3339_now() -> str:
@@ -97,6 +131,9 @@ class Controller:
         self._dirty: dict[ServiceKey, float] = {}  # key → when the change was first seen
         self._wake = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[Any]] = {}
+        self._queued: dict[str, _Batch] = {}  # per cluster, waiting for its writer
+        self._writers: dict[str, asyncio.Task[Any]] = {}
+        self._writer_error: BaseException | None = None
         self.batches = 0
         self.synced = asyncio.Event()
         # key → (reason, message) of each conflict between its exports, for /status.
@@ -228,8 +265,11 @@ class Controller:
         result = render(res, inputs, ips, now, cluster_ips)
         return {c: result.objects_for(c) for c in clusters}
 
-    async def flush(self, publish: bool = True) -> int:
-        """Reconcile every dirty key and write what changed; returns keys reconciled."""
+    async def flush(self, publish: bool = True, wait: bool = True) -> int:
+        """Reconcile every dirty key and write what changed; returns keys reconciled.
+
+        The writes go to each cluster's writer; `wait=False` returns without waiting
+        for them (the run loop: a hung cluster must not hold up the next flush)."""
         if not self._dirty:
             return 0
         started = time.perf_counter()
@@ -251,20 +291,55 @@ class Controller:
             streamed = time.monotonic()
             for seen in dirty.values():
                 self.metrics.propagation.labels("streamed").observe(streamed - seen)
-        for c in clusters:
-            if upserts[c] or deletes[c] or c in self._retry:
-                await self._write(c, upserts[c], deletes[c], touched[c])
-        done = time.monotonic()
-        for seen in dirty.values():
-            self.metrics.propagation.labels("written").observe(done - seen)
-        self.metrics.reconcile.observe(time.perf_counter() - started)
+        writing = [c for c in clusters if upserts[c] or deletes[c] or c in self._retry]
+        report = _FlushReport(started, dirty.values(), len(writing))
+        for c in writing:
+            self._queue(c, upserts[c], deletes[c], touched[c], report)
+        if not writing:
+            self._flushed(report)
         self.metrics.imports.set(len(self._imported))
         self.metrics.set_conflicts(self.conflicts)  # type: ignore[arg-type]
         for c in clusters:
             objects = self.clients[c].objects
             self.metrics.exports.labels(c).set(len(objects.exports) + len(objects.mcs))
         self.batches += 1
+        if wait:
+            await report.done.wait()
+            if self._writer_error is not None:
+                raise self._writer_error
         return len(dirty)
+
+    def _flushed(self, report: _FlushReport) -> None:
+        done = time.monotonic()
+        for seen in report.seen:
+            self.metrics.propagation.labels("written").observe(done - seen)
+        self.metrics.reconcile.observe(time.perf_counter() - report.started)
+        report.done.set()
+
+    def _queue(self, cluster: str, upserts: Mapping[ObjectRef, Obj], deletes: set[ObjectRef],
+               keys: set[ServiceKey], report: _FlushReport) -> None:
+        self._queued.setdefault(cluster, _Batch()).merge(upserts, deletes, keys, report)
+        if cluster not in self._writers:
+            self._writers[cluster] = spawn(self._writer(cluster),
+                                           name=f"write cluster {cluster}")
+
+    async def _writer(self, cluster: str) -> None:
+        """Writes the cluster's queued batches, one at a time, until none is left."""
+        try:
+            while (batch := self._queued.pop(cluster, None)) is not None:
+                try:
+                    await self._write(cluster, batch.upserts, batch.deletes, batch.keys)
+                except Exception as exc:
+                    self._writer_error = exc  # a bug, not a cluster failing: stop the loop
+                    self._wake.set()
+                    raise
+                finally:
+                    for report in batch.reports:
+                        report.pending -= 1
+                        if not report.pending:
+                            self._flushed(report)
+        finally:
+            self._writers.pop(cluster, None)
 
     def _reconcile_into(self, dirty: Mapping[ServiceKey, float], clusters: list[str],
                         now: str, upserts: dict[str, dict[ObjectRef, Obj]],
@@ -343,13 +418,15 @@ class Controller:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
-                await self.flush()
+                if self._writer_error is not None:
+                    raise self._writer_error
+                await self.flush(wait=False)
         finally:
-            await cancel_and_wait(list(self._tasks.values()))
+            await cancel_and_wait([*self._tasks.values(), *self._writers.values()])
             self._tasks.clear()
 
     async def close(self) -> None:
-        await cancel_and_wait(list(self._tasks.values()))
+        await cancel_and_wait([*self._tasks.values(), *self._writers.values()])
         self._tasks.clear()
         for client in self.clients.values():
             await client.close()

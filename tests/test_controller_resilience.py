@@ -25,7 +25,10 @@ from tests.test_controller_kube_support import (
     clusterset,
     export_web,
     kube_controller,
+    member_slice,
     namespace,
+    service,
+    service_export,
     write_kubeconfig,
 )
 
@@ -208,3 +211,30 @@ async def test_one_member_error_while_the_term_starts_is_retried_not_fatal(
         finally:
             app.stop()
             await cancel_and_wait([task])
+
+
+async def test_a_hung_member_does_not_hold_up_writes_to_the_others() -> None:
+    async with clusterset() as cs:
+        for c in cs.emulators:
+            cs[c].put_object(namespace("demo"))
+        export_web(cs, "a", ["10.1.0.1"])
+        await cs.start_controller()
+        await cs.wait(lambda: cs.addresses("c", "web") == {"10.1.0.1"})
+        cs["b"].hang()  # b's API server takes requests and never answers
+        try:
+            # Sixteen new imports pending for b: its writes now fail after the 2 s timeout,
+            # and are retried every second.
+            for i in range(16):
+                cs["a"].put_object(service(f"svc{i}"))
+                cs["a"].put_object(member_slice(f"svc{i}", [f"10.2.0.{i + 1}"]))
+                cs["a"].put_object(service_export(f"svc{i}"))
+            await cs.wait(lambda: len(cs.imports("c")) == 17, 15)
+            for n in range(3):
+                address = f"10.1.1.{n + 1}"
+                changed = time.monotonic()
+                cs["a"].put_object(member_slice("web", ["10.1.0.1", address]))
+                await cs.wait(lambda a=address: a in cs.addresses("c", "web"), 10)
+                assert time.monotonic() - changed < 0.5, n
+                await asyncio.sleep(0.7)
+        finally:
+            cs["b"].hang(False)
