@@ -60,3 +60,36 @@ async def listeners(ip: str) -> list[str]:
         "ss", "-ltnpH", "src", f"{ip}:80", stdout=asyncio.subprocess.PIPE)
     out, _ = await ss.communicate()
     return out.decode().splitlines()
+
+
+async def test_a_worker_that_cannot_be_restarted_at_once_is_retried(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # Restarting a worker fails while the supervisor is out of descriptors (EMFILE):
+    # the supervising task used to end there, leaving the gateway a worker short for good.
+    import errno
+
+    from mcsproxy.config import ProxyConfig
+    from mcsproxy.proxy import workers
+
+    monkeypatch.setattr(workers, "RESTART_DELAY_S", 0.05)
+    monkeypatch.setattr(workers, "worker_command", lambda argv, index: [
+        sys.executable, "-c", "import time; time.sleep(0.1)"])  # a worker that dies soon
+    real_exec = asyncio.create_subprocess_exec
+    launches: list[str] = []
+
+    async def exec_failing_twice(*cmd: str, **kw: object) -> asyncio.subprocess.Process:
+        launches.append("fail" if len(launches) in (1, 2) else "ok")
+        if launches[-1] == "fail":
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return await real_exec(*cmd, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(workers.asyncio, "create_subprocess_exec", exec_failing_twice)
+    pool = workers.WorkerPool(ProxyConfig(workers=2, worker_argv=("gateway",)))
+    await pool.start()
+    try:
+        deadline = asyncio.get_running_loop().time() + 5
+        while launches.count("ok") < 3:
+            assert asyncio.get_running_loop().time() < deadline, launches
+            await asyncio.sleep(0.05)
+        assert launches[:4] == ["ok", "fail", "fail", "ok"]
+    finally:
+        await pool.stop()

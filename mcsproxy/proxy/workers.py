@@ -28,6 +28,7 @@ from mcsproxy.tasks import cancel_and_wait, spawn
 log = logging.getLogger("mcsproxy.proxy.workers")
 
 RESTART_DELAY_S = 1.0
+MAX_RESTART_DELAY_S = 30.0
 STOP_TIMEOUT_S = 5.0
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # The worker's entry: `python -c WORKER_MAIN <supervisor pid> gateway ...` (the same
@@ -102,8 +103,18 @@ class WorkerPool:
                 return
             log.error("proxy worker %d (pid %d) exited with %s; restarting in %.0fs",
                       index, self.procs[index].pid, code, RESTART_DELAY_S)
-            await asyncio.sleep(RESTART_DELAY_S)
-            await self._launch(index)
+            delay = RESTART_DELAY_S
+            while True:
+                await asyncio.sleep(delay)
+                try:
+                    await self._launch(index)
+                    break
+                except OSError as exc:
+                    # Out of file descriptors or processes for a moment: keep trying
+                    # (slower) rather than end this task and serve with a worker short.
+                    delay = min(delay * 2, MAX_RESTART_DELAY_S)
+                    log.error("proxy worker %d: cannot start: %s; retrying in %.0fs",
+                              index, exc.strerror or exc, delay)
 
     async def drain(self, timeout_s: float) -> int:
         """SIGTERM every worker (each drains its own connections) and wait for them, one
