@@ -48,3 +48,25 @@ async def test_front_door_routes_by_host_only_to_imported_services() -> None:
         await proxy.stop()
         await web.stop()
         await api.stop()
+
+
+async def test_a_front_door_that_cannot_listen_says_which_address() -> None:
+    import socket
+
+    import pytest
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.82", 0))
+    taken.listen(1)
+    listen = taken.getsockname()[:2]
+    cs = Clusterset("east")
+    proxy = await cs.proxy(http=HttpConfig(listen=listen))
+    front = FrontDoor(proxy, "clusterset.local")
+    try:
+        with pytest.raises(OSError, match=rf"--http-listen 127\.0\.0\.82:{listen[1]}: "
+                                          "Address already in use"):
+            await front.start()
+    finally:
+        await front.stop()
+        await proxy.stop()
+        taken.close()

@@ -62,6 +62,10 @@ class FrontDoor:
             sock.bind((host, port))
             sock.listen(LISTEN_BACKLOG)
             sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            # The bare errno text ("Permission denied") would not say which listener.
+            raise OSError(exc.errno, f"--http-listen {host}:{port}: {exc.strerror}") from None
         except BaseException:
             sock.close()
             raise
