@@ -177,12 +177,18 @@ async def test_single_file_source_and_missing_path(tmp_path: Path) -> None:
     source = FileSource(str(path), poll_interval_s=POLL_S)
     task = spawn(source.run(store), name="file")
     try:
-        # A missing path is an error in the status, yet the (empty) first load counts.
-        await watcher.until(lambda s: store.loaded.is_set(), "loaded")
-        assert "no such file" in (store.sources[source.name].error or "")
+        # A path that has never existed is an error in the status, and the source does
+        # not count as synced (a typo must not look like an empty clusterset).
+        deadline = asyncio.get_running_loop().time() + WAIT_S
+        while source.name not in store.sources or \
+                "no such file" not in (store.sources[source.name].error or ""):
+            assert asyncio.get_running_loop().time() < deadline, "no error in the status"
+            await asyncio.sleep(POLL_S)
+        await asyncio.sleep(5 * POLL_S)
+        assert not store.sources[source.name].synced and not store.loaded.is_set()
         write(path, (EXAMPLES / "services.yaml").read_text())
         await watcher.until(lambda s: len(s.services) == 2, "file appeared")
-        assert store.sources[source.name].error is None
+        assert store.sources[source.name].error is None and store.loaded.is_set()
     finally:
         await cancel_and_wait([task])
 

@@ -199,7 +199,10 @@ class FileSource:
             changed = await asyncio.to_thread(self.scan)
             status.error = "; ".join([*self._errors.values(), *filter(None, [self._missing])]) \
                 or None
-            if changed or not status.synced:
+            # A path that has never existed is not an empty configuration but most
+            # likely a wrong one: the source stays unsynced (the gateway unready, DNS
+            # SERVFAIL) with the error in its status until the path appears.
+            if changed or (not status.synced and (self._missing is None or self._stamps)):
                 objects = self.merged()
                 store.replace_source(self.name, objects)
                 status.objects = len(objects)
