@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -34,6 +35,7 @@ from mcsproxy.demo.clusterset import (
     cluster_manifests,
 )
 from mcsproxy.demo.load import LoadGenerator
+from mcsproxy.proxy.workers import WORKER_MAIN
 from mcsproxy.tasks import cancel_and_wait, spawn
 
 log = logging.getLogger("mcsproxy.demo")
@@ -104,7 +106,10 @@ class Demo:
             (folder / "objects.yaml").write_text(text)
 
     def _mcsproxy(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "mcsproxy", *args]
+        # Run through the gateway workers' entry, which asks for SIGTERM when this process
+        # dies: a demo killed without a chance to stop its children (SIGKILL, OOM) must
+        # not leave them holding its ports, or the next `mcsproxy demo` cannot start.
+        return [sys.executable, "-c", WORKER_MAIN, str(os.getpid()), *args]
 
     async def start(self) -> None:
         started = time.monotonic()
@@ -269,7 +274,9 @@ async def run_demo(workdir: str | None, with_load: bool) -> int:
     demo = Demo(path, with_load=with_load)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # SIGHUP: the terminal was closed. The children are in sessions of their own, so
+    # nobody else tells them.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     try:
         try:
@@ -279,7 +286,8 @@ async def run_demo(workdir: str | None, with_load: bool) -> int:
             return 1
         print(demo.banner(), flush=True)
         await stop.wait()
-        print("\nstopping the demo", flush=True)
+        with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+            print("\nstopping the demo", flush=True)
         return 0
     finally:
         await demo.stop()

@@ -47,7 +47,8 @@ def die_with_parent(parent_pid: int) -> bool:
 
 
 def worker_main(argv: list[str] | None = None) -> int:
-    """A worker process: tied to its supervisor's life, then the ordinary gateway CLI."""
+    """A worker process (or a child of `mcsproxy demo`): tied to its supervisor's life,
+    then the ordinary mcsproxy CLI."""
     from mcsproxy.cli import main
 
     args = sys.argv[1:] if argv is None else argv
