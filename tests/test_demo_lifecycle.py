@@ -3,11 +3,16 @@ root, or failing to start, leaves nothing running and says why."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,11 +23,11 @@ from tests.test_demo import BANNER_END, children_of
 pytestmark = pytest.mark.timeout(90)
 
 
-def start_demo(workdir: Path, *prefix: str,
+def start_demo(workdir: Path, *prefix: str, entry: tuple[str, ...] = ("-m", "mcsproxy"),
                env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], list[str]]:
     """The demo with its banner read (lines so far, ending with BANNER_END if it started)."""
     proc = subprocess.Popen(
-        [*prefix, sys.executable, "-m", "mcsproxy", "demo", "--workdir", str(workdir)],
+        [*prefix, sys.executable, *entry, "demo", "--workdir", str(workdir)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     assert proc.stdout is not None
@@ -86,3 +91,59 @@ def test_demo_children_die_with_the_demo(
     assert wait_gone(kids, 10) == []
     if sig == signal.SIGHUP:
         assert rc == 0  # a clean stop, as on Ctrl-C
+
+
+def unprivileged() -> list[str]:
+    """A command prefix that runs the demo without the right to bind ports below 1024."""
+    if os.geteuid() != 0:
+        return []
+    # uid 0 without any capability binds like an ordinary user, and can still use the
+    # root-owned tmp_path and the checkout.
+    prefix = ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"]
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root and setpriv (util-linux) is missing: cannot drop "
+                    "CAP_NET_BIND_SERVICE")
+    done = subprocess.run([*prefix, "true"], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"setpriv cannot drop capabilities here: {done.stderr.strip()}")
+    return prefix
+
+
+def test_demo_without_root_serves_the_commands_it_prints(
+    tmp_path: Path, cleanup: list[tuple[subprocess.Popen[str], Path]],
+) -> None:
+    workdir = tmp_path / "demo"
+    proc, lines = start_demo(workdir, *unprivileged())
+    cleanup.append((proc, workdir))
+    text = "\n".join(lines)
+    assert lines and lines[-1] == BANNER_END, text
+    web_url = re.search(r"^  curl (http://\S+)", text, re.M)
+    echo = re.search(r"^  echo hello \| nc -q1 (\S+) (\d+)", text, re.M)
+    assert web_url and echo, text
+    with urllib.request.urlopen(web_url.group(1), timeout=3) as resp:
+        assert json.load(resp)["service"] == "web"
+    with socket.create_connection((echo.group(1), int(echo.group(2))), timeout=3) as sock:
+        sock.sendall(b"hello\n")
+        sock.settimeout(3)
+        assert sock.recv(200).rstrip().endswith(b"hello")
+
+
+def test_demo_names_a_clusterset_ip_it_cannot_serve_instead_of_printing_the_banner(
+    tmp_path: Path, cleanup: list[tuple[subprocess.Popen[str], Path]],
+) -> None:
+    start = int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    if start <= 7:
+        pytest.skip(f"net.ipv4.ip_unprivileged_port_start={start}: anyone may bind port 7")
+    # The demo believes it may bind ports below 1024, as if the check were wrong: the
+    # gateways then fail to listen there but still report ready.
+    force = ("import sys; import mcsproxy.demo.runner as r; "
+             "r.can_bind_low_ports = lambda: True; from mcsproxy.cli import main; "
+             "sys.exit(main(sys.argv[1:]))")
+    workdir = tmp_path / "demo"
+    proc, lines = start_demo(workdir, *unprivileged(), entry=("-c", force))
+    cleanup.append((proc, workdir))
+    out = "\n".join(lines)
+    assert BANNER_END not in lines, out
+    assert proc.wait(15) == 1, out
+    assert re.search(r"gateway-\w+ cannot listen on [\d.]+:(7|80) \(demo/\w+\): "
+                     r"Permission denied", out), out

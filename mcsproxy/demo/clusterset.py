@@ -1,7 +1,8 @@
 """The demo clusterset: which clusters exist, what runs where, and its manifests.
 
 Every address is on loopback so the demo needs no root: cluster N's pods live on
-127.0.N.x, its gateway on 127.0.10.N, ClusterSetIPs come from 127.240.0.0/16.
+127.0.N.x, its gateway on 127.0.10.N, ClusterSetIPs come from 127.240.0.0/16. A process
+that may not bind ports below 1024 gets the services' unprivileged ports instead.
 """
 
 from __future__ import annotations
@@ -12,18 +13,28 @@ from typing import Any
 NAMESPACE = "demo"
 CLUSTERSET_CIDR = "127.240.0.0/16"
 CONTROL_URL = "http://127.0.0.1:9900"
+# Without root (or CAP_NET_BIND_SERVICE) ports below 1024 cannot be bound: a service
+# port there moves up by this much (web 8080, echo 8007) rather than leave the
+# ClusterSetIP unserved.
+UNPRIVILEGED_PORT_OFFSET = 8000
 
 
 @dataclass(frozen=True)
 class DemoService:
     name: str
     kind: str  # "http" | "echo"
-    port: int  # the service port clients dial
+    port: int  # the service port clients dial (when ports below 1024 can be bound)
     target_port: int  # where the backends listen
     exporters: tuple[str, ...]
     replicas: int = 2
     prefer_close: bool = False
     headless: bool = False
+
+    def service_port(self, low_ports: bool) -> int:
+        """The port clients dial, when this process can (or cannot) bind ports < 1024."""
+        if low_ports or self.port >= 1024:
+            return self.port
+        return self.port + UNPRIVILEGED_PORT_OFFSET
 
 
 @dataclass(frozen=True)
@@ -77,7 +88,7 @@ def pod_name(svc: DemoService, c: DemoCluster, pod: int) -> str:
     return f"{svc.name}-{pod}" if svc.headless else f"{svc.name}-{c.name}-{pod}"
 
 
-def _service(svc: DemoService, created: str) -> dict[str, Any]:
+def _service(svc: DemoService, created: str, low_ports: bool) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "type": "ClusterIP",
         "clusterIP": "None" if svc.headless else None,
@@ -85,7 +96,7 @@ def _service(svc: DemoService, created: str) -> dict[str, Any]:
         "ports": [{
             "name": "http" if svc.kind == "http" else "tcp",
             "protocol": "TCP",
-            "port": svc.port,
+            "port": svc.service_port(low_ports),
             "targetPort": svc.target_port,
             **({"appProtocol": "http"} if svc.kind == "http" else {}),
         }],
@@ -133,8 +144,9 @@ def _slice(svc: DemoService, c: DemoCluster) -> dict[str, Any]:
     }
 
 
-def cluster_manifests(c: DemoCluster) -> list[dict[str, Any]]:
-    """What member cluster `c` holds: the namespace, and each service it exports."""
+def cluster_manifests(c: DemoCluster, low_ports: bool = True) -> list[dict[str, Any]]:
+    """What member cluster `c` holds: the namespace, and each service it exports (on
+    ports below 1024 only if `low_ports`)."""
     docs: list[dict[str, Any]] = [
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}
     ]
@@ -143,7 +155,7 @@ def cluster_manifests(c: DemoCluster) -> list[dict[str, Any]]:
             continue
         # Exports in the first exporting cluster are the oldest: they win any conflict.
         created = f"2026-01-0{svc.exporters.index(c.name) + 1}T00:00:00Z"
-        docs.append(_service(svc, created))
+        docs.append(_service(svc, created, low_ports))
         docs.append(_slice(svc, c))
         docs.append({
             "apiVersion": "multicluster.x-k8s.io/v1alpha1",

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -31,6 +33,7 @@ from mcsproxy.demo.clusterset import (
     CONTROL_URL,
     NAMESPACE,
     SERVICES,
+    UNPRIVILEGED_PORT_OFFSET,
     DemoCluster,
     cluster_manifests,
 )
@@ -46,6 +49,23 @@ STOP_GRACE_S = 5.0
 
 class DemoError(RuntimeError):
     pass
+
+
+def can_bind_low_ports() -> bool:
+    """Whether this process may bind the services' ports below 1024 (root,
+    CAP_NET_BIND_SERVICE, a lowered net.ipv4.ip_unprivileged_port_start): trying is the
+    one check that covers them all."""
+    # An address of the clusterset range that no cluster's ClusterSetIPs come from.
+    probe = str(ipaddress.ip_network(CLUSTERSET_CIDR)[1])
+    for port in sorted({svc.port for svc in SERVICES if svc.port < 1024}):
+        with socket.socket() as sock:
+            try:
+                sock.bind((probe, port))
+            except PermissionError:
+                return False
+            except OSError:
+                pass  # in use: the kernel checks the permission first, so it was granted
+    return True
 
 
 @dataclass
@@ -82,6 +102,7 @@ class Child:
 class Demo:
     workdir: Path
     with_load: bool = False
+    low_ports: bool = True  # whether services may listen below 1024
     backends: Backends = field(default_factory=Backends)
     children: list[Child] = field(default_factory=list)
     imports: dict[str, dict[str, Any]] = field(default_factory=dict)  # cluster → svc → import
@@ -102,7 +123,7 @@ class Demo:
         for c in CLUSTERS:
             folder = self.clusters_dir / c.name
             folder.mkdir(parents=True, exist_ok=True)
-            text = yaml.safe_dump_all(cluster_manifests(c), sort_keys=False)
+            text = yaml.safe_dump_all(cluster_manifests(c, self.low_ports), sort_keys=False)
             (folder / "objects.yaml").write_text(text)
 
     def _mcsproxy(self, *args: str) -> list[str]:
@@ -114,6 +135,7 @@ class Demo:
     async def start(self) -> None:
         started = time.monotonic()
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
+        self.low_ports = can_bind_low_ports()
         self.write_manifests()
         await self.backends.start()
         controller = Child(
@@ -145,6 +167,7 @@ class Demo:
             await gateway.start()
             self.children.append(gateway)
         await self._wait_for_gateways()
+        await self._wait_for_listeners()
         await self._start_control_api()
         if self.with_load:
             self.load = LoadGenerator(self.imports)
@@ -190,6 +213,39 @@ class Demo:
         if pending:
             raise DemoError(f"gateways not ready in {START_DEADLINE_S:.0f}s: "
                             f"{', '.join(pending)}; see {self.workdir / 'logs'}")
+
+    async def _wait_for_listeners(self) -> None:
+        """Every ClusterSetIP accepts connections. A gateway is ready even when one of its
+        listeners failed to bind; the banner must not print commands that cannot work."""
+        deadline = time.monotonic() + START_DEADLINE_S
+        pending = [
+            (c.name, f"{NAMESPACE}/{name}", ip, port["port"])
+            for c in CLUSTERS
+            for name, imp in self.imports[c.name].items()
+            for ip in imp["spec"].get("ips", [])
+            for port in imp["spec"].get("ports", [])
+            if port.get("protocol", "TCP") == "TCP"
+        ]
+        while pending:
+            self._check_children()
+            cluster, svc, ip, port = pending[0]
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(ip, port), 1)
+            except (OSError, TimeoutError) as exc:
+                log_path = self.workdir / "logs" / f"gateway-{cluster}.log"
+                # The gateway logs why a listener failed and carries on without it.
+                if reason := _listen_error(log_path, ip, port):
+                    raise DemoError(f"gateway-{cluster} cannot listen on {ip}:{port} "
+                                    f"({svc}): {reason}; see {log_path}") from None
+                if time.monotonic() >= deadline:
+                    raise DemoError(f"gateway-{cluster} does not accept connections on "
+                                    f"{ip}:{port} ({svc}): {exc or 'timed out'}") from None
+                await asyncio.sleep(0.1)
+                continue
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            pending.pop(0)
 
     def _check_children(self) -> None:
         for child in self.children:
@@ -244,8 +300,14 @@ class Demo:
                  f"namespace {NAMESPACE}; started in {self.started_in_s:.1f}s; "
                  f"files and logs in {self.workdir}", ""]
         east = CLUSTERS[0]
-        web_ip = self.imports[east.name]["web"]["spec"].get("ips", ["?"])[0]
-        echo_ip = self.imports[east.name]["echo"]["spec"].get("ips", ["?"])[0]
+        web, echo = (self.imports[east.name][name]["spec"] for name in ("web", "echo"))
+        web_ip, echo_ip = web.get("ips", ["?"])[0], echo.get("ips", ["?"])[0]
+        web_port, echo_port = web["ports"][0]["port"], echo["ports"][0]["port"]
+        web_url = f"http://{web_ip}/" if web_port == 80 else f"http://{web_ip}:{web_port}/"
+        if not self.low_ports:
+            lines[-1:-1] = [f"Not allowed to bind ports below 1024 (not root): those services "
+                            f"moved up by {UNPRIVILEGED_PORT_OFFSET} (web {web_port}, "
+                            f"echo {echo_port})."]
         dns_host, dns_port = east.dns_listen.split(":")
         dns = f"@{dns_host} -p {dns_port}"
         lines += [
@@ -253,8 +315,8 @@ class Demo:
             f"  dig {dns} web.{NAMESPACE}.svc.clusterset.local",
             f"  dig {dns} db.{NAMESPACE}.svc.clusterset.local",
             f"  dig {dns} _tcp._tcp.echo.{NAMESPACE}.svc.clusterset.local SRV",
-            f"  curl http://{web_ip}/          # web, PreferClose: served by east while healthy",
-            f"  echo hello | nc -q1 {echo_ip} 7   # echo, spread over all three clusters",
+            f"  curl {web_url}          # web, PreferClose: served by east while healthy",
+            f"  echo hello | nc -q1 {echo_ip} {echo_port}   # echo, spread over all three clusters",
             "",
             "Gateways (DNS / status page):",
         ]
@@ -266,6 +328,15 @@ class Demo:
             "Ctrl-C stops everything.",
         ]
         return "\n".join(lines)
+
+
+def _listen_error(log_path: Path, ip: str, port: int) -> str | None:
+    """Why the gateway logging to `log_path` could not listen on ip:port, if it said so."""
+    with contextlib.suppress(OSError):
+        for line in log_path.read_text(errors="replace").splitlines():
+            if f"listener {ip}:{port}/TCP " in line and "cannot listen: " in line:
+                return line.split("cannot listen: ", 1)[1]
+    return None
 
 
 async def run_demo(workdir: str | None, with_load: bool) -> int:
