@@ -147,3 +147,20 @@ def test_demo_names_a_clusterset_ip_it_cannot_serve_instead_of_printing_the_bann
     assert proc.wait(15) == 1, out
     assert re.search(r"gateway-\w+ cannot listen on [\d.]+:(7|80) \(demo/\w+\): "
                      r"Permission denied", out), out
+
+
+def test_demo_start_failure_shows_the_childs_log_and_keeps_it(tmp_path: Path) -> None:
+    # East's DNS port is taken (as an orphan of an earlier demo would hold it), so
+    # gateway-east exits at once.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as blocker:
+        blocker.bind(("127.0.10.1", 5353))
+        done = subprocess.run(
+            [sys.executable, "-m", "mcsproxy", "demo"], capture_output=True, text=True,
+            timeout=60, env={**os.environ, "TMPDIR": str(tmp_path)},  # its own work dir
+        )
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out
+    assert "gateway-east exited with 1" in out
+    assert re.search(r"^  \| .*Address already in use", out, re.M), out  # the log's tail
+    kept = re.search(r"files and logs kept in (\S+)", out)
+    assert kept and (Path(kept.group(1)) / "logs" / "gateway-east.log").is_file(), out

@@ -45,6 +45,7 @@ log = logging.getLogger("mcsproxy.demo")
 
 START_DEADLINE_S = 15.0
 STOP_GRACE_S = 5.0
+LOG_TAIL_LINES = 20  # of a failed child's log, in the start-up error
 
 
 class DemoError(RuntimeError):
@@ -183,7 +184,7 @@ class Demo:
                 return
             await asyncio.sleep(0.1)
         raise DemoError(f"the controller wrote no imports in {START_DEADLINE_S:.0f}s; "
-                        f"see {self.workdir / 'logs' / 'controller.log'}")
+                        + log_tail(self.workdir / "logs" / "controller.log"))
 
     def _read_imports(self, c: DemoCluster) -> dict[str, Any]:
         found: dict[str, Any] = {}
@@ -212,7 +213,9 @@ class Demo:
                     await asyncio.sleep(0.1)
         if pending:
             raise DemoError(f"gateways not ready in {START_DEADLINE_S:.0f}s: "
-                            f"{', '.join(pending)}; see {self.workdir / 'logs'}")
+                            f"{', '.join(pending)}; " + "\n".join(
+                                log_tail(self.workdir / "logs" / f"gateway-{name}.log")
+                                for name in pending))
 
     async def _wait_for_listeners(self) -> None:
         """Every ClusterSetIP accepts connections. A gateway is ready even when one of its
@@ -251,7 +254,7 @@ class Demo:
         for child in self.children:
             if child.proc is not None and child.proc.returncode is not None:
                 raise DemoError(f"{child.name} exited with {child.proc.returncode}; "
-                                f"see {child.log_path}")
+                                + log_tail(child.log_path))
 
     # -- control API -----------------------------------------------------------------
     async def _start_control_api(self) -> None:
@@ -330,6 +333,17 @@ class Demo:
         return "\n".join(lines)
 
 
+def log_tail(path: Path) -> str:
+    """The end of a child's log for an error message: the reason is usually there."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror or exc}"
+    if not lines:
+        return f"{path} is empty"
+    return f"the end of {path}:\n" + "\n".join(f"  | {line}" for line in lines)
+
+
 def _listen_error(log_path: Path, ip: str, port: int) -> str | None:
     """Why the gateway logging to `log_path` could not listen on ip:port, if it said so."""
     with contextlib.suppress(OSError):
@@ -349,11 +363,15 @@ async def run_demo(workdir: str | None, with_load: bool) -> int:
     # nobody else tells them.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
+    keep = not own_dir
     try:
         try:
             await demo.start()
         except DemoError as exc:
             print(f"mcsproxy demo: {exc}", file=sys.stderr)
+            if own_dir:
+                keep = True  # the logs it names say more than the message can
+                print(f"mcsproxy demo: files and logs kept in {path}", file=sys.stderr)
             return 1
         print(demo.banner(), flush=True)
         await stop.wait()
@@ -362,7 +380,7 @@ async def run_demo(workdir: str | None, with_load: bool) -> int:
         return 0
     finally:
         await demo.stop()
-        if own_dir:
+        if not keep:
             shutil.rmtree(path, ignore_errors=True)
 
 
