@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.test_demo import BANNER_END, children_of
 
@@ -164,3 +165,36 @@ def test_demo_start_failure_shows_the_childs_log_and_keeps_it(tmp_path: Path) ->
     assert re.search(r"^  \| .*Address already in use", out, re.M), out  # the log's tail
     kept = re.search(r"files and logs kept in (\S+)", out)
     assert kept and (Path(kept.group(1)) / "logs" / "gateway-east.log").is_file(), out
+
+
+def test_demo_ctrl_c_with_open_connections_stops_every_gateway_within_seconds(
+    tmp_path: Path, cleanup: list[tuple[subprocess.Popen[str], Path]],
+) -> None:
+    workdir = tmp_path / "demo"
+    proc, lines = start_demo(workdir)
+    cleanup.append((proc, workdir))
+    assert lines and lines[-1] == BANNER_END, "\n".join(lines)
+    conns = []
+    try:
+        for folder in sorted((workdir / "out").iterdir()):  # one per consumer cluster
+            for doc in yaml.safe_load_all((folder / "serviceimport_demo_echo.yaml").read_text()):
+                if doc and doc.get("kind") == "ServiceImport":
+                    spec = doc["spec"]
+                    conn = socket.create_connection((spec["ips"][0], spec["ports"][0]["port"]),
+                                                    timeout=3)
+                    conns.append(conn)
+                    conn.sendall(b"hi\n")
+                    assert conn.recv(100).rstrip().endswith(b"hi")
+        assert len(conns) == 3  # a client held open through every gateway
+
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+        took = time.monotonic() - started
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+    finally:
+        for conn in conns:
+            conn.close()
+    assert "did not stop" not in out, out
+    assert took < 4.5, f"Ctrl-C took {took:.1f}s"

@@ -45,6 +45,9 @@ log = logging.getLogger("mcsproxy.demo")
 
 START_DEADLINE_S = 15.0
 STOP_GRACE_S = 5.0
+# The gateways' --drain-timeout: open client connections must not outlast STOP_GRACE_S,
+# or Ctrl-C waits for it and then kills the gateway anyway.
+DRAIN_TIMEOUT_S = 2.0
 LOG_TAIL_LINES = 20  # of a failed child's log, in the start-up error
 
 
@@ -81,7 +84,7 @@ class Child:
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
-                start_new_session=True,  # Ctrl-C reaches us; we stop children in order
+                start_new_session=True,  # Ctrl-C reaches only us; we stop the children
             )
         finally:
             out.close()
@@ -161,6 +164,7 @@ class Demo:
                                # restore visible within seconds.
                                "--health-interval", "1", "--health-timeout", "0.5",
                                "--outlier-base-ejection", "3",
+                               "--drain-timeout", str(DRAIN_TIMEOUT_S),
                                # The status page shows kill/restore buttons for this API.
                                "--demo-control", CONTROL_URL),
                 self.workdir / "logs" / f"gateway-{c.name}.log",
@@ -294,8 +298,8 @@ class Demo:
         await cancel_and_wait(self._tasks)
         if self._runner is not None:
             await self._runner.cleanup()
-        for child in reversed(self.children):
-            await child.stop()
+        # All at once: each gateway may use its whole drain timeout.
+        await asyncio.gather(*(child.stop() for child in self.children))
         await self.backends.stop()
 
     def banner(self) -> str:
