@@ -151,17 +151,37 @@ class DirectoryControllerApp:
 
 async def run(config: ControllerConfig) -> int:
     app = DirectoryControllerApp(config)
+    # Installed before the initial reconcile (seconds at thousands of services): a signal
+    # then ends it cleanly instead of a KeyboardInterrupt traceback or a bare SIGTERM death.
+    loop = asyncio.get_running_loop()
+    starting = asyncio.current_task()
+    phase = "starting"
+
+    def on_signal() -> None:
+        nonlocal phase
+        if phase == "starting" and starting is not None:
+            starting.cancel()
+        phase = "stopping"
+        app.stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
     try:
         await app.start()
+    except asyncio.CancelledError:
+        if phase != "stopping":
+            raise
+        await app.close()
+        log.info("stopped during the initial reconcile")
+        return 0
     except ClusterError:
         await app.close()
         raise
-    if config.once:
+    if phase == "starting":
+        phase = "serving"
+    if config.once or phase == "stopping":
         await app.close()
         return 0
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, app.stop)
     await app.serve()
     return 0
 
