@@ -69,6 +69,9 @@ async def test_metrics_after_dns_and_proxy_traffic(tmp_path: Path) -> None:
         assert value(m, "mcsproxy_dns_queries_total", qtype="AAAA", rcode="NOERROR") == 1
         assert value(m, "mcsproxy_dns_queries_total", qtype="A", rcode="NXDOMAIN") == 1
         assert value(m, "mcsproxy_dns_query_duration_seconds_count", path="built") == 3
+        # No --dns-upstream here: the forwarding failures are there, at zero.
+        assert "mcsproxy_dns_forward_failures_total" in m
+        assert value(m, "mcsproxy_dns_forward_failures_total", outcome="timeout") == 0
 
         web = {"service": "test/web", "port": "web"}
         ok = {c: value(m, "mcsproxy_proxy_connections_total", **web, cluster=c, outcome="ok")

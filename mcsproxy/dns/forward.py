@@ -4,7 +4,8 @@ Only queries the responder has parsed and found outside its zone come here, so t
 gateway never relays anything but plain questions. IDs are remapped (a client cannot
 collide with another client's ID or guess ours), the upstream's answer must echo the
 question we sent, every query has a timeout, and the table of pending queries is
-bounded: when it is full, the client gets SERVFAIL at once.
+bounded: when it is full, the client gets SERVFAIL at once. Timeouts are counted and
+logged at most once a second: a dead upstream must not turn every query into a log line.
 """
 
 from __future__ import annotations
@@ -12,14 +13,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable
 from typing import Final
 
 from mcsproxy.dns.wire import ECHOED_FLAGS, FLAG_QR, HEADER_TAIL, SERVFAIL
+from mcsproxy.observability.stats import DnsStats
 
 log = logging.getLogger("mcsproxy.dns.forward")
 
 MAX_PENDING: Final = 4096
+LOG_INTERVAL_S: Final = 1.0
 Reply = Callable[[bytes], None]
 
 
@@ -55,11 +59,13 @@ class _UpstreamProtocol(asyncio.DatagramProtocol):
 
 
 class Forwarder:
-    def __init__(self, upstream: tuple[str, int], timeout_s: float,
+    def __init__(self, upstream: tuple[str, int], timeout_s: float, stats: DnsStats,
                  max_pending: int = MAX_PENDING) -> None:
         self.upstream = upstream
         self.timeout_s = timeout_s
         self.max_pending = max_pending
+        self.failures = stats.forward_failures
+        self._last_timeout_log = 0.0
         self.pending: dict[int, _Pending] = {}
         self._transport: asyncio.DatagramTransport | None = None
         self._random = random.Random()
@@ -95,8 +101,12 @@ class Forwarder:
     def _expire(self, new_id: int) -> None:
         entry = self.pending.pop(new_id, None)
         if entry is not None:
-            log.warning("upstream %s:%d did not answer within %.1fs", *self.upstream,
-                        self.timeout_s)
+            self.failures["timeout"] += 1
+            now = time.monotonic()
+            if now - self._last_timeout_log >= LOG_INTERVAL_S:
+                self._last_timeout_log = now
+                log.warning("upstream %s:%d did not answer within %.1fs; %d timeouts so far",
+                            *self.upstream, self.timeout_s, self.failures["timeout"])
             entry.reply(servfail(entry.query, entry.question))
 
     def on_answer(self, data: bytes) -> None:

@@ -236,13 +236,14 @@ class DnsServer:
         self.config = config
         self.store = store
         self.responder = Responder(config, store.loaded)
+        self.stats = DnsStats()
         self.forwarder = (
-            Forwarder(config.upstream, config.upstream_timeout_s) if config.upstream else None
+            Forwarder(config.upstream, config.upstream_timeout_s, self.stats)
+            if config.upstream else None
         )
         self.allow = AllowList(parse_networks(config.allow_from))
         self.rrl = ResponseRateLimit(config.rrl_qps) if config.rrl_qps > 0 else None
         self.bound: tuple[str, int] | None = None
-        self.stats = DnsStats()
         self._udp: asyncio.DatagramTransport | None = None
         self._udp_sock: socket.socket | None = None  # owned by self._udp once it exists
         self._batch: batch.BatchedUdp | None = None  # instead of self._udp where available

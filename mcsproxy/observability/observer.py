@@ -178,6 +178,12 @@ class Observer:
                               ["path"], DNS_BUCKETS)
         for path, buckets in stats.latency.items():
             latency.observe_buckets([path], buckets)
+        failures = f.counter("mcsproxy_dns_forward_failures",
+                             "Forwarded queries the gateway answered SERVFAIL itself, by "
+                             "outcome (timeout: the upstream did not answer in time)",
+                             ["outcome"])
+        for outcome, n in stats.forward_failures.items():
+            failures.add([outcome], n)
 
     def _collect_store(self, f: Families) -> None:
         store = self.gateway.store

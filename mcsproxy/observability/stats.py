@@ -109,6 +109,7 @@ QTYPES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "TXT",
 RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP",
           5: "REFUSED"}
 MEMO_HITS_FOLD_AT = 65536  # distinct answers counted before they are folded into labels
+FORWARD_FAILURES = ("timeout",)  # why the gateway answered a forwarded query SERVFAIL itself
 
 
 def answer_labels(msg: bytes, offset: int = 0) -> tuple[str, str]:
@@ -142,12 +143,13 @@ class DnsStats:
     the answers are read for their qtype and rcode only when folded, at collection time.
     """
 
-    __slots__ = ("counts", "latency", "memo_hits")
+    __slots__ = ("counts", "forward_failures", "latency", "memo_hits")
 
     def __init__(self) -> None:
         self.memo_hits: dict[bytes, int] = {}
         self.counts: dict[tuple[str, str, str], int] = {}
         self.latency = {"built": Buckets(DNS_BUCKETS), "forwarded": Buckets(DNS_BUCKETS)}
+        self.forward_failures = dict.fromkeys(FORWARD_FAILURES, 0)
 
     def count(self, transport: str, qtype: str, rcode: str, n: int = 1) -> None:
         key = (transport, qtype, rcode)
