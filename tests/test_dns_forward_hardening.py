@@ -1,24 +1,32 @@
 """--dns-upstream under abuse: a silent upstream does not flood the log, and its
-timeouts are counted."""
+timeouts are counted; forwards leave from changing random ports and only the port a
+query left from takes its answer."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 
 import dnslib
 import pytest
+import uvloop
 
-from tests.dns_support import TIMEOUT_S, make_query, running_dns, udp_client
+from mcsproxy.dns import forward
+from tests.dns_support import TIMEOUT_S, make_query, running_dns, udp_client, udp_exchange
 
 
 class FakeUpstream(asyncio.DatagramProtocol):
-    """Answers every name with 192.0.2.1, except silent.* (never answered)."""
+    """Answers every name with 192.0.2.1, except silent.* (never answered) and forged.*
+    (first a forged answer, with the right ID, to each address in forge_to but the
+    query's, then the real one 50 ms later)."""
 
     def __init__(self) -> None:
         self.seen: list[tuple[dnslib.DNSRecord, tuple[str, int]]] = []
+        self.forge_to: set[tuple[str, int]] = set()
+        self.forged = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -31,6 +39,15 @@ class FakeUpstream(asyncio.DatagramProtocol):
             return
         reply = query.reply()
         reply.add_answer(*dnslib.RR.fromZone(f"{name} 60 IN A 192.0.2.1"))
+        if name.startswith("forged."):
+            fake = query.reply()
+            fake.add_answer(*dnslib.RR.fromZone(f"{name} 60 IN A 203.0.113.66"))
+            for other in self.forge_to - {addr}:
+                self.transport.sendto(fake.pack(), other)  # type: ignore[attr-defined]
+                self.forged += 1
+            asyncio.get_running_loop().call_later(
+                0.05, self.transport.sendto, reply.pack(), addr)  # type: ignore[attr-defined]
+            return
         self.transport.sendto(reply.pack(), addr)  # type: ignore[attr-defined]
 
 
@@ -65,3 +82,67 @@ async def test_timeouts_are_counted_and_logged_at_most_once_a_second(
         assert len(warnings) == 1, [r.getMessage() for r in warnings]
         assert "timeouts so far" in warnings[0].getMessage()
         assert dns.stats.forward_failures["timeout"] == 50
+
+
+async def test_forwards_leave_from_a_rotating_pool_of_ports() -> None:
+    async with upstream() as (addr, fake), running_dns(upstream=addr,
+                                                        upstream_timeout_s=1.0) as dns:
+        assert dns.forwarder is not None
+        for i in range(128):
+            reply = dnslib.DNSRecord.parse(
+                await udp_exchange(dns.bound, make_query(f"q{i}.example.")))
+            assert [str(r.rdata) for r in reply.rr] == ["192.0.2.1"]
+        # Even had every query drawn the same socket, it was replaced 3 times.
+        ports = {source[1] for _, source in fake.seen}
+        assert len(ports) >= 128 // 32, ports  # ROTATE_AFTER_QUERIES is 32
+        assert len(dns.forwarder.sockets) <= forward.MAX_SOCKETS
+        # Sockets replaced with nothing left to wait for are closed.
+        assert len(dns.forwarder.sockets) == forward.POOL_SIZE
+
+
+async def test_an_answer_to_another_port_of_the_pool_is_ignored() -> None:
+    """The ID and question are right but the answer comes to another of our ports: it
+    is not the answer to the query (a spoofer guessed the ID but not the port)."""
+    async with upstream() as (addr, fake), running_dns(upstream=addr,
+                                                        upstream_timeout_s=1.0) as dns:
+        assert dns.forwarder is not None
+        for i in range(24):
+            await udp_exchange(dns.bound, make_query(f"warm{i}.example."))
+        fake.forge_to = {source for _, source in fake.seen}
+        reply = dnslib.DNSRecord.parse(
+            await udp_exchange(dns.bound, make_query("forged.example.")))
+        assert [str(r.rdata) for r in reply.rr] == ["192.0.2.1"]
+        assert fake.forged, "the upstream should have seen other ports to send to"
+
+
+@pytest.mark.parametrize("run", [uvloop.run, asyncio.run], ids=["uvloop", "asyncio"])
+def test_forwarding_recovers_after_the_upstream_port_was_closed(
+        run: Callable[[Coroutine[Any, Any, None]], None]) -> None:
+    """ICMP port unreachable comes back on the pool's sockets while the upstream is down:
+    none of them stops taking answers once it is up again (uvloop stops watching a
+    socket with a pending error for good)."""
+    run(forward_after_port_unreachable())
+
+
+async def forward_after_port_unreachable() -> None:
+    loop = asyncio.get_running_loop()
+    probe, _ = await loop.create_datagram_endpoint(
+        asyncio.DatagramProtocol, local_addr=("127.0.0.1", 0))
+    addr = probe.get_extra_info("sockname")[:2]
+    probe.close()  # nothing listens there now
+    async with running_dns(upstream=addr, upstream_timeout_s=0.1) as dns:
+        async with udp_client(dns.bound) as (transport, client):
+            for i in range(40):
+                transport.sendto(make_query(f"down{i}.example."))
+                await asyncio.sleep(0.005)  # each ICMP error is seen before the next query
+            answers = [await asyncio.wait_for(client.answers.get(), TIMEOUT_S)
+                       for _ in range(40)]
+        assert {rcode(a) for a in answers} == {"SERVFAIL"}
+        up, _fake = await loop.create_datagram_endpoint(FakeUpstream, local_addr=addr)
+        try:
+            for i in range(20):
+                reply = dnslib.DNSRecord.parse(
+                    await udp_exchange(dns.bound, make_query(f"up{i}.example.")))
+                assert [str(r.rdata) for r in reply.rr] == ["192.0.2.1"], i
+        finally:
+            up.close()

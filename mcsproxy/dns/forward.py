@@ -6,24 +6,40 @@ collide with another client's ID or guess ours), the upstream's answer must echo
 question we sent, every query has a timeout, and the table of pending queries is
 bounded: when it is full, the client gets SERVFAIL at once. Timeouts are counted and
 logged at most once a second: a dead upstream must not turn every query into a log line.
+
+Against off-path spoofing (RFC 5452) a forged answer must guess the source port as well
+as the ID: IDs come from `secrets`, and queries leave through a small pool of connected
+UDP sockets, each on a port the kernel picked at random; an answer counts only on the
+socket its query left from. Each socket is replaced after a few dozen queries or
+seconds, so the ports keep moving; a socket per query would cost ~20 us more per query
+and a file descriptor per pending query. Replacements are opened off the query's path,
+the old socket serving until its successor is ready.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
+import secrets
+import socket
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import Final, cast
 
 from mcsproxy.dns.wire import ECHOED_FLAGS, FLAG_QR, HEADER_TAIL, SERVFAIL
 from mcsproxy.observability.stats import DnsStats
+from mcsproxy.tasks import cancel_and_wait, spawn
 
 log = logging.getLogger("mcsproxy.dns.forward")
 
 MAX_PENDING: Final = 4096
 LOG_INTERVAL_S: Final = 1.0
+POOL_SIZE: Final = 8  # sockets in use at a time, a query goes out on a random one
+ROTATE_AFTER_QUERIES: Final = 32  # a socket is replaced after carrying this many queries
+ROTATE_AFTER_S: Final = 10.0  # ... or after this long, so quiet times do not pin ports
+# Replaced sockets stay open until their queries are answered or time out; with them, no
+# more than this many are open (over it, rotation waits).
+MAX_SOCKETS: Final = 64
 Reply = Callable[[bytes], None]
 
 
@@ -32,30 +48,47 @@ def servfail(query: bytes, question: bytes) -> bytes:
     return query[:2] + HEADER_TAIL.pack(flags, 1, 0, 0, 0) + question
 
 
-class _Pending:
-    __slots__ = ("query", "question", "reply", "timer")
+class _Socket(asyncio.DatagramProtocol):
+    """A UDP socket connected to the upstream (the kernel drops datagrams from elsewhere).
 
-    def __init__(self, query: bytes, question: bytes, reply: Reply,
-                 timer: asyncio.TimerHandle) -> None:
-        self.query = query
-        self.question = question
-        self.reply = reply
-        self.timer = timer
+    A datagram transport rather than add_reader on a bare socket: uvloop stops watching
+    a socket for good once an ICMP error is pending on it (a down upstream)."""
 
+    __slots__ = ("forwarder", "opened", "replacing", "retired", "sent", "transport",
+                 "waiting")
 
-class _UpstreamProtocol(asyncio.DatagramProtocol):
-    __slots__ = ("forwarder",)
-
-    def __init__(self, forwarder: Forwarder) -> None:
+    def __init__(self, forwarder: Forwarder, opened: float) -> None:
         self.forwarder = forwarder
+        self.opened = opened
+        self.sent = 0
+        self.waiting = 0  # pending queries sent on it
+        self.replacing = False  # its successor is being opened
+        self.retired = False  # out of the pool: closed once nothing waits on it
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio's; the methods are what counts.
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.forwarder.on_answer(data)
+        self.forwarder.on_answer(data, self)
 
     def error_received(self, exc: Exception) -> None:
         # ICMP port unreachable and the like: the pending queries will time out.
         if log.isEnabledFor(logging.DEBUG):
             log.debug("upstream error: %s", exc)
+
+
+class _Pending:
+    __slots__ = ("query", "question", "reply", "timer", "via")
+
+    def __init__(self, query: bytes, question: bytes, reply: Reply,
+                 timer: asyncio.TimerHandle, via: _Socket) -> None:
+        self.query = query
+        self.question = question
+        self.reply = reply
+        self.timer = timer
+        self.via = via
 
 
 class Forwarder:
@@ -67,40 +100,114 @@ class Forwarder:
         self.failures = stats.forward_failures
         self._last_timeout_log = 0.0
         self.pending: dict[int, _Pending] = {}
-        self._transport: asyncio.DatagramTransport | None = None
-        self._random = random.Random()
+        self.pool: list[_Socket] = []
+        self.sockets: set[_Socket] = set()  # the pool and retired sockets still awaited
+        self._opening: set[asyncio.Task[None]] = set()  # successors being opened
+        self._family = socket.AF_INET
+        self._address: tuple[str, int] | tuple[str, int, int, int] = upstream
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._transport, _ = await loop.create_datagram_endpoint(
-            lambda: _UpstreamProtocol(self), remote_addr=self.upstream
-        )
+        loop = self._loop = asyncio.get_running_loop()
+        family, _, _, _, address = (await loop.getaddrinfo(
+            *self.upstream, type=socket.SOCK_DGRAM))[0]
+        self._family, self._address = family, address
+        try:
+            for _ in range(POOL_SIZE):
+                self.pool.append(await self._open())
+        except OSError:
+            await self.stop()
+            raise
         log.info("dns forwarding names outside the zone to %s:%d", *self.upstream)
 
     async def stop(self) -> None:
         for entry in self.pending.values():
             entry.timer.cancel()
         self.pending.clear()
-        if self._transport is not None:
-            self._transport.close()
-            self._transport = None
+        await cancel_and_wait(list(self._opening))
+        for conn in list(self.sockets):
+            self._close(conn)
+        self.pool = []
+
+    async def _open(self) -> _Socket:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(self._family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            # No bind: connect picks the local port, at random among the free ones (Linux
+            # and the BSDs randomise UDP ephemeral ports, RFC 6056).
+            sock.connect(self._address)
+            _, conn = await loop.create_datagram_endpoint(
+                lambda: _Socket(self, loop.time()), sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        self.sockets.add(conn)
+        return conn
+
+    def _close(self, conn: _Socket) -> None:
+        self.sockets.discard(conn)
+        if conn.transport is not None:
+            conn.transport.close()
+
+    def _pick(self) -> _Socket:
+        pool = self.pool
+        i = secrets.randbelow(len(pool))
+        conn = pool[i]
+        assert self._loop is not None
+        if not conn.replacing and (conn.sent >= ROTATE_AFTER_QUERIES
+                                   or self._loop.time() - conn.opened >= ROTATE_AFTER_S) \
+                and len(self.sockets) + len(self._opening) < MAX_SOCKETS:
+            conn.replacing = True
+            task = spawn(self._replace(i, conn), "dns-forward-socket")
+            self._opening.add(task)
+            task.add_done_callback(self._opening.discard)
+        return conn
+
+    async def _replace(self, i: int, old: _Socket) -> None:
+        try:
+            fresh = await self._open()
+        except OSError as exc:  # out of file descriptors, say: keep the port a while longer
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("cannot open a socket to the upstream: %s", exc)
+            assert self._loop is not None
+            old.replacing, old.sent, old.opened = False, 0, self._loop.time()
+            return
+        if i >= len(self.pool) or self.pool[i] is not old:
+            self._close(fresh)  # stopped meanwhile
+            return
+        self.pool[i] = fresh
+        old.retired = True
+        if not old.waiting:
+            self._close(old)
 
     def forward(self, query: bytes, question: bytes, reply: Reply) -> None:
-        transport = self._transport
-        if transport is None or len(self.pending) >= self.max_pending:
+        if not self.pool or len(self.pending) >= self.max_pending:
             reply(servfail(query, question))
             return
         while True:
-            new_id = self._random.getrandbits(16)
+            new_id = secrets.randbits(16)
             if new_id not in self.pending:
                 break
+        conn = self._pick()
         timer = asyncio.get_running_loop().call_later(self.timeout_s, self._expire, new_id)
-        self.pending[new_id] = _Pending(query, question, reply, timer)
-        transport.sendto(new_id.to_bytes(2, "big") + query[2:])
+        self.pending[new_id] = _Pending(query, question, reply, timer, conn)
+        conn.sent += 1
+        conn.waiting += 1
+        if conn.transport is not None:
+            conn.transport.sendto(new_id.to_bytes(2, "big") + query[2:])
+
+    def _done(self, entry: _Pending) -> None:
+        entry.timer.cancel()
+        conn = entry.via
+        conn.waiting -= 1
+        if conn.retired and not conn.waiting and conn in self.sockets:
+            self._close(conn)
 
     def _expire(self, new_id: int) -> None:
         entry = self.pending.pop(new_id, None)
         if entry is not None:
+            self._done(entry)
             self.failures["timeout"] += 1
             now = time.monotonic()
             if now - self._last_timeout_log >= LOG_INTERVAL_S:
@@ -109,16 +216,19 @@ class Forwarder:
                             *self.upstream, self.timeout_s, self.failures["timeout"])
             entry.reply(servfail(entry.query, entry.question))
 
-    def on_answer(self, data: bytes) -> None:
+    def on_answer(self, data: bytes, via: _Socket) -> None:
         if len(data) < 12 or not data[2] & 0x80:
             return
         new_id = (data[0] << 8) | data[1]
         entry = self.pending.get(new_id)
-        if entry is None:
-            return  # late (already answered SERVFAIL) or not ours
+        if entry is None or entry.via is not via:
+            return  # late (already answered SERVFAIL), or not ours: the port is wrong
         question = entry.question
-        if data[12:12 + len(question)].lower() != question.lower():
+        # Names compare without case (servers need not keep it), type and class exactly.
+        name_end = 12 + len(question) - 4
+        if data[12:name_end].lower() != question[:-4].lower() \
+                or data[name_end:name_end + 4] != question[-4:]:
             return  # not the answer to what we asked: keep waiting for the real one
         del self.pending[new_id]
-        entry.timer.cancel()
+        self._done(entry)
         entry.reply(entry.query[:2] + data[2:])
