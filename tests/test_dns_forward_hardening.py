@@ -146,3 +146,57 @@ async def forward_after_port_unreachable() -> None:
                 assert [str(r.rdata) for r in reply.rr] == ["192.0.2.1"], i
         finally:
             up.close()
+
+
+async def udp_ask_from(source: str, addr: tuple[str, int], packet: bytes) -> bytes:
+    loop = asyncio.get_running_loop()
+    transport, proto = await loop.create_datagram_endpoint(
+        _Answers, local_addr=(source, 0), remote_addr=addr)
+    try:
+        transport.sendto(packet)
+        return await asyncio.wait_for(proto.answers.get(), TIMEOUT_S)
+    finally:
+        transport.close()
+
+
+class _Answers(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.answers: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def datagram_received(self, data: bytes, addr: object) -> None:
+        self.answers.put_nowait(data)
+
+
+async def read_answers(reader: asyncio.StreamReader, n: int, within_s: float) -> list[bytes]:
+    """Up to n framed answers, those that come within within_s."""
+    answers: list[bytes] = []
+    deadline = asyncio.get_running_loop().time() + within_s
+    with contextlib.suppress(TimeoutError):
+        while len(answers) < n:
+            left = deadline - asyncio.get_running_loop().time()
+            size = int.from_bytes(await asyncio.wait_for(reader.readexactly(2), left), "big")
+            answers.append(await asyncio.wait_for(reader.readexactly(size), left))
+    return answers
+
+
+async def test_one_client_cannot_take_every_pending_slot() -> None:
+    """A TCP client pipelines as many queries as the pending table holds, to an upstream
+    that does not answer them: past its share it gets SERVFAIL at once, and a client
+    at another address is still forwarded."""
+    async with upstream() as (addr, _fake), running_dns(upstream=addr,
+                                                         upstream_timeout_s=3.0) as dns:
+        assert dns.forwarder is not None
+        dns.forwarder.max_pending = 40  # a client's share: 10
+        reader, writer = await asyncio.open_connection(*dns.bound, local_addr=("127.0.0.3", 0))
+        try:
+            writer.write(b"".join(len(q).to_bytes(2, "big") + q for q in (
+                make_query(f"silent.h{i}.example.") for i in range(40))))
+            refused = await read_answers(reader, 30, within_s=1.0)
+            assert len(refused) == 30 and {rcode(a) for a in refused} == {"SERVFAIL"}
+            reply = dnslib.DNSRecord.parse(await udp_ask_from(
+                "127.0.0.4", dns.bound, make_query("other.example.")))
+            assert [str(r.rdata) for r in reply.rr] == ["192.0.2.1"]
+            assert dns.stats.forward_failures["client_limit"] == 30
+            assert dns.forwarder.by_client == {"127.0.0.3": 10}
+        finally:
+            writer.close()

@@ -4,8 +4,10 @@ Only queries the responder has parsed and found outside its zone come here, so t
 gateway never relays anything but plain questions. IDs are remapped (a client cannot
 collide with another client's ID or guess ours), the upstream's answer must echo the
 question we sent, every query has a timeout, and the table of pending queries is
-bounded: when it is full, the client gets SERVFAIL at once. Timeouts are counted and
-logged at most once a second: a dead upstream must not turn every query into a log line.
+bounded: when it is full, or when the client's address already holds a quarter of it
+(one client pipelining thousands of queries must not starve the others), the client
+gets SERVFAIL at once. Those refusals and timeouts are counted and logged at most once a
+second: a dead upstream must not turn every query into a log line.
 
 Against off-path spoofing (RFC 5452) a forged answer must guess the source port as well
 as the ID: IDs come from `secrets`, and queries leave through a small pool of connected
@@ -33,6 +35,7 @@ from mcsproxy.tasks import cancel_and_wait, spawn
 log = logging.getLogger("mcsproxy.dns.forward")
 
 MAX_PENDING: Final = 4096
+CLIENT_SHARE: Final = 4  # one client address may hold 1/4 of the pending table
 LOG_INTERVAL_S: Final = 1.0
 POOL_SIZE: Final = 8  # sockets in use at a time, a query goes out on a random one
 ROTATE_AFTER_QUERIES: Final = 32  # a socket is replaced after carrying this many queries
@@ -80,15 +83,16 @@ class _Socket(asyncio.DatagramProtocol):
 
 
 class _Pending:
-    __slots__ = ("query", "question", "reply", "timer", "via")
+    __slots__ = ("client", "query", "question", "reply", "timer", "via")
 
     def __init__(self, query: bytes, question: bytes, reply: Reply,
-                 timer: asyncio.TimerHandle, via: _Socket) -> None:
+                 timer: asyncio.TimerHandle, via: _Socket, client: str) -> None:
         self.query = query
         self.question = question
         self.reply = reply
         self.timer = timer
         self.via = via
+        self.client = client
 
 
 class Forwarder:
@@ -99,7 +103,9 @@ class Forwarder:
         self.max_pending = max_pending
         self.failures = stats.forward_failures
         self._last_timeout_log = 0.0
+        self._last_refusal_log = 0.0
         self.pending: dict[int, _Pending] = {}
+        self.by_client: dict[str, int] = {}  # pending queries per client address
         self.pool: list[_Socket] = []
         self.sockets: set[_Socket] = set()  # the pool and retired sockets still awaited
         self._opening: set[asyncio.Task[None]] = set()  # successors being opened
@@ -124,6 +130,7 @@ class Forwarder:
         for entry in self.pending.values():
             entry.timer.cancel()
         self.pending.clear()
+        self.by_client.clear()
         await cancel_and_wait(list(self._opening))
         for conn in list(self.sockets):
             self._close(conn)
@@ -181,24 +188,49 @@ class Forwarder:
         if not old.waiting:
             self._close(old)
 
-    def forward(self, query: bytes, question: bytes, reply: Reply) -> None:
-        if not self.pool or len(self.pending) >= self.max_pending:
+    def forward(self, query: bytes, question: bytes, reply: Reply, client: str) -> None:
+        if not self.pool:
             reply(servfail(query, question))
             return
+        if len(self.pending) >= self.max_pending:
+            self._refuse(query, question, reply, "pending_full",
+                         f"{len(self.pending)} forwards pending")
+            return
+        held = self.by_client.get(client, 0)
+        if held >= max(1, self.max_pending // CLIENT_SHARE):
+            self._refuse(query, question, reply, "client_limit",
+                         f"{client} has {held} forwards pending")
+            return
+        self.by_client[client] = held + 1
         while True:
             new_id = secrets.randbits(16)
             if new_id not in self.pending:
                 break
         conn = self._pick()
         timer = asyncio.get_running_loop().call_later(self.timeout_s, self._expire, new_id)
-        self.pending[new_id] = _Pending(query, question, reply, timer, conn)
+        self.pending[new_id] = _Pending(query, question, reply, timer, conn, client)
         conn.sent += 1
         conn.waiting += 1
         if conn.transport is not None:
             conn.transport.sendto(new_id.to_bytes(2, "big") + query[2:])
 
+    def _refuse(self, query: bytes, question: bytes, reply: Reply, outcome: str,
+                why: str) -> None:
+        self.failures[outcome] += 1
+        now = time.monotonic()
+        if now - self._last_refusal_log >= LOG_INTERVAL_S:
+            self._last_refusal_log = now
+            log.warning("dns forward: %s, answering SERVFAIL; %d so far", why,
+                        self.failures[outcome])
+        reply(servfail(query, question))
+
     def _done(self, entry: _Pending) -> None:
         entry.timer.cancel()
+        left = self.by_client[entry.client] - 1
+        if left:
+            self.by_client[entry.client] = left
+        else:
+            del self.by_client[entry.client]
         conn = entry.via
         conn.waiting -= 1
         if conn.retired and not conn.waiting and conn in self.sockets:

@@ -84,7 +84,8 @@ class UdpProtocol(asyncio.DatagramProtocol):
             if not self.server.allow.allows(addr[0]):
                 answer = refused(data)
             else:
-                self.server.forward(data, answer.question, self._reply_to(addr))
+                self.server.forward(data, answer.question, self._reply_to(addr), "udp",
+                                    addr[0])
                 return
         self.stats.count_answer("udp", answer)
         if answer is not None:
@@ -168,7 +169,8 @@ class TcpProtocol(asyncio.Protocol):
                 answer = refused(message)
             else:
                 self.forwarding += 1
-                self.server.forward(message, answer.question, self._forwarded, "tcp")
+                self.server.forward(message, answer.question, self._forwarded, "tcp",
+                                    self.peer)
                 return
         stats = self.server.stats
         stats.count_answer("tcp", answer)
@@ -395,7 +397,8 @@ class DnsServer:
         if len(self._connections) < self.config.tcp_max_connections:
             self._refused_logged = False
 
-    def forward(self, query: bytes, question: bytes, reply: Reply, transport: str = "udp") -> None:
+    def forward(self, query: bytes, question: bytes, reply: Reply, transport: str,
+                client: str) -> None:
         assert self.forwarder is not None
         started = perf_counter()
         stats = self.stats
@@ -405,4 +408,4 @@ class DnsServer:
             stats.latency["forwarded"].observe(perf_counter() - started)
             reply(answer)
 
-        self.forwarder.forward(query, question, counted)
+        self.forwarder.forward(query, question, counted, client)

@@ -180,7 +180,9 @@ class Observer:
             latency.observe_buckets([path], buckets)
         failures = f.counter("mcsproxy_dns_forward_failures",
                              "Forwarded queries the gateway answered SERVFAIL itself, by "
-                             "outcome (timeout: the upstream did not answer in time)",
+                             "outcome (timeout: the upstream did not answer in time; "
+                             "pending_full: too many forwards pending; client_limit: too "
+                             "many pending for the client's address)",
                              ["outcome"])
         for outcome, n in stats.forward_failures.items():
             failures.add([outcome], n)

@@ -109,7 +109,8 @@ QTYPES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "TXT",
 RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP",
           5: "REFUSED"}
 MEMO_HITS_FOLD_AT = 65536  # distinct answers counted before they are folded into labels
-FORWARD_FAILURES = ("timeout",)  # why the gateway answered a forwarded query SERVFAIL itself
+# Why the gateway answered a forwarded query SERVFAIL itself.
+FORWARD_FAILURES = ("timeout", "pending_full", "client_limit")
 
 
 def answer_labels(msg: bytes, offset: int = 0) -> tuple[str, str]:
