@@ -1,6 +1,7 @@
 """--dns-upstream under abuse: a silent upstream does not flood the log, and its
 timeouts are counted; forwards leave from changing random ports and only the port a
-query left from takes its answer."""
+query left from takes its answer; one client cannot hold every pending slot; a TCP
+client gets the whole answer the upstream truncated over UDP."""
 
 from __future__ import annotations
 
@@ -15,13 +16,23 @@ import pytest
 import uvloop
 
 from mcsproxy.dns import forward
-from tests.dns_support import TIMEOUT_S, make_query, running_dns, udp_client, udp_exchange
+from tests.dns_support import (
+    TIMEOUT_S,
+    make_query,
+    running_dns,
+    tcp_exchange,
+    udp_client,
+    udp_exchange,
+)
+
+BIG = 100  # records in the answer to big.*: more than 512 bytes
 
 
 class FakeUpstream(asyncio.DatagramProtocol):
-    """Answers every name with 192.0.2.1, except silent.* (never answered) and forged.*
+    """Answers every name with 192.0.2.1, except silent.* (never answered), forged.*
     (first a forged answer, with the right ID, to each address in forge_to but the
-    query's, then the real one 50 ms later)."""
+    query's, then the real one 50 ms later) and big.*, big-stalled.* (over UDP truncated,
+    TC=1 and no records)."""
 
     def __init__(self) -> None:
         self.seen: list[tuple[dnslib.DNSRecord, tuple[str, int]]] = []
@@ -37,6 +48,11 @@ class FakeUpstream(asyncio.DatagramProtocol):
         name = str(query.q.qname)
         if name.startswith("silent."):
             return
+        if name.startswith(("big.", "big-stalled.")):
+            reply = query.reply()
+            reply.header.tc = 1
+            self.transport.sendto(reply.pack(), addr)  # type: ignore[attr-defined]
+            return
         reply = query.reply()
         reply.add_answer(*dnslib.RR.fromZone(f"{name} 60 IN A 192.0.2.1"))
         if name.startswith("forged."):
@@ -51,15 +67,53 @@ class FakeUpstream(asyncio.DatagramProtocol):
         self.transport.sendto(reply.pack(), addr)  # type: ignore[attr-defined]
 
 
-@contextlib.asynccontextmanager
-async def upstream() -> AsyncIterator[tuple[tuple[str, int], FakeUpstream]]:
-    loop = asyncio.get_running_loop()
-    transport, proto = await loop.create_datagram_endpoint(
-        FakeUpstream, local_addr=("127.0.0.1", 0))
+def big_answer(query: dnslib.DNSRecord) -> bytes:
+    reply = query.reply()
+    for i in range(BIG):
+        reply.add_answer(dnslib.RR(query.q.qname, rdata=dnslib.A(f"192.0.2.{i + 1}"), ttl=60))
+    return bytes(reply.pack())
+
+
+async def serve_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """The upstream over TCP: big.* in full, big-stalled.* never; one query per
+    connection."""
     try:
-        yield transport.get_extra_info("sockname")[:2], proto
+        size = int.from_bytes(await reader.readexactly(2), "big")
+        query = dnslib.DNSRecord.parse(await reader.readexactly(size))
+        if str(query.q.qname).startswith("big-stalled."):
+            await reader.read()  # until the gateway gives up and closes
+            return
+        answer = big_answer(query)
+        writer.write(len(answer).to_bytes(2, "big") + answer)
+        await writer.drain()
+    finally:
+        writer.close()
+
+
+@contextlib.asynccontextmanager
+async def upstream(tcp: bool = False) -> AsyncIterator[tuple[tuple[str, int], FakeUpstream]]:
+    loop = asyncio.get_running_loop()
+    for _ in range(10):  # the UDP port may be taken for TCP
+        transport, proto = await loop.create_datagram_endpoint(
+            FakeUpstream, local_addr=("127.0.0.1", 0))
+        addr = transport.get_extra_info("sockname")[:2]
+        if not tcp:
+            server = None
+            break
+        try:
+            server = await asyncio.start_server(serve_tcp, *addr)
+            break
+        except OSError:
+            transport.close()
+    else:
+        raise AssertionError("no port free for both UDP and TCP")
+    try:
+        yield addr, proto
     finally:
         transport.close()
+        if server is not None:
+            server.close()
+            await server.wait_closed()
 
 
 def rcode(raw: bytes) -> str:
@@ -200,3 +254,36 @@ async def test_one_client_cannot_take_every_pending_slot() -> None:
             assert dns.forwarder.by_client == {"127.0.0.3": 10}
         finally:
             writer.close()
+
+
+@pytest.mark.parametrize("upstream_tcp", [True, False])
+async def test_a_tcp_client_gets_the_answer_truncated_over_udp(upstream_tcp: bool) -> None:
+    """The upstream truncates over UDP: a TCP client's query is asked again over TCP and
+    gets the whole answer; a UDP client gets the truncated one, to retry over TCP itself.
+    An upstream without TCP: the TCP client gets the truncated answer, not a timeout."""
+    async with upstream(tcp=upstream_tcp) as (addr, _fake), \
+            running_dns(upstream=addr, upstream_timeout_s=3.0) as dns:
+        started = asyncio.get_running_loop().time()
+        reply = dnslib.DNSRecord.parse(
+            (await tcp_exchange(dns.bound, make_query("big.example.")))[0])
+        assert rcode(reply.pack()) == "NOERROR"
+        if upstream_tcp:
+            assert not reply.header.tc and len(reply.rr) == BIG
+        else:
+            assert reply.header.tc and not reply.rr
+            assert asyncio.get_running_loop().time() - started < 1.0
+        reply = dnslib.DNSRecord.parse(await udp_exchange(dns.bound, make_query("big.example.")))
+        assert reply.header.tc and not reply.rr
+        assert dns.forwarder is not None and not dns.forwarder.pending
+        assert dns.forwarder.tcp_retries == 0
+
+
+async def test_the_tcp_retry_is_bounded_by_the_timeout() -> None:
+    async with upstream(tcp=True) as (addr, _fake), \
+            running_dns(upstream=addr, upstream_timeout_s=0.3) as dns:
+        reply = (await tcp_exchange(dns.bound, make_query("big-stalled.example.")))[0]
+        assert rcode(reply) == "SERVFAIL"
+        assert dns.stats.forward_failures["timeout"] == 1
+        assert dns.forwarder is not None and not dns.forwarder.pending
+        await asyncio.sleep(0.01)  # the cancelled retry closes its connection
+        assert dns.forwarder.tcp_retries == 0

@@ -16,6 +16,10 @@ socket its query left from. Each socket is replaced after a few dozen queries or
 seconds, so the ports keep moving; a socket per query would cost ~20 us more per query
 and a file descriptor per pending query. Replacements are opened off the query's path,
 the old socket serving until its successor is ready.
+
+A client that asked over TCP cannot retry a truncated answer (TC=1) anywhere: when the
+upstream truncates, the gateway asks it again over TCP, within the same timeout, and
+hands on that answer (the truncated one if the upstream does not take TCP).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import time
 from collections.abc import Callable
 from typing import Final, cast
 
-from mcsproxy.dns.wire import ECHOED_FLAGS, FLAG_QR, HEADER_TAIL, SERVFAIL
+from mcsproxy.dns.wire import ECHOED_FLAGS, FLAG_QR, FLAG_TC, HEADER_TAIL, SERVFAIL
 from mcsproxy.observability.stats import DnsStats
 from mcsproxy.tasks import cancel_and_wait, spawn
 
@@ -43,6 +47,7 @@ ROTATE_AFTER_S: Final = 10.0  # ... or after this long, so quiet times do not pi
 # Replaced sockets stay open until their queries are answered or time out; with them, no
 # more than this many are open (over it, rotation waits).
 MAX_SOCKETS: Final = 64
+MAX_TCP_RETRIES: Final = 64  # truncated answers asked again over TCP at a time
 Reply = Callable[[bytes], None]
 
 
@@ -83,16 +88,18 @@ class _Socket(asyncio.DatagramProtocol):
 
 
 class _Pending:
-    __slots__ = ("client", "query", "question", "reply", "timer", "via")
+    __slots__ = ("client", "query", "question", "reply", "retry", "tcp", "timer", "via")
 
     def __init__(self, query: bytes, question: bytes, reply: Reply,
-                 timer: asyncio.TimerHandle, via: _Socket, client: str) -> None:
+                 timer: asyncio.TimerHandle, via: _Socket, client: str, tcp: bool) -> None:
         self.query = query
         self.question = question
         self.reply = reply
         self.timer = timer
         self.via = via
         self.client = client
+        self.tcp = tcp  # the client asked over TCP
+        self.retry: asyncio.Task[None] | None = None  # asking again over TCP
 
 
 class Forwarder:
@@ -106,6 +113,7 @@ class Forwarder:
         self._last_refusal_log = 0.0
         self.pending: dict[int, _Pending] = {}
         self.by_client: dict[str, int] = {}  # pending queries per client address
+        self.tcp_retries = 0
         self.pool: list[_Socket] = []
         self.sockets: set[_Socket] = set()  # the pool and retired sockets still awaited
         self._opening: set[asyncio.Task[None]] = set()  # successors being opened
@@ -127,11 +135,14 @@ class Forwarder:
         log.info("dns forwarding names outside the zone to %s:%d", *self.upstream)
 
     async def stop(self) -> None:
+        retries = []
         for entry in self.pending.values():
             entry.timer.cancel()
+            if entry.retry is not None:
+                retries.append(entry.retry)
         self.pending.clear()
         self.by_client.clear()
-        await cancel_and_wait(list(self._opening))
+        await cancel_and_wait([*retries, *self._opening])
         for conn in list(self.sockets):
             self._close(conn)
         self.pool = []
@@ -188,7 +199,8 @@ class Forwarder:
         if not old.waiting:
             self._close(old)
 
-    def forward(self, query: bytes, question: bytes, reply: Reply, client: str) -> None:
+    def forward(self, query: bytes, question: bytes, reply: Reply, client: str,
+                tcp: bool = False) -> None:
         if not self.pool:
             reply(servfail(query, question))
             return
@@ -208,7 +220,7 @@ class Forwarder:
                 break
         conn = self._pick()
         timer = asyncio.get_running_loop().call_later(self.timeout_s, self._expire, new_id)
-        self.pending[new_id] = _Pending(query, question, reply, timer, conn, client)
+        self.pending[new_id] = _Pending(query, question, reply, timer, conn, client, tcp)
         conn.sent += 1
         conn.waiting += 1
         if conn.transport is not None:
@@ -240,6 +252,8 @@ class Forwarder:
         entry = self.pending.pop(new_id, None)
         if entry is not None:
             self._done(entry)
+            if entry.retry is not None:
+                entry.retry.cancel()
             self.failures["timeout"] += 1
             now = time.monotonic()
             if now - self._last_timeout_log >= LOG_INTERVAL_S:
@@ -253,14 +267,48 @@ class Forwarder:
             return
         new_id = (data[0] << 8) | data[1]
         entry = self.pending.get(new_id)
-        if entry is None or entry.via is not via:
-            return  # late (already answered SERVFAIL), or not ours: the port is wrong
-        question = entry.question
-        # Names compare without case (servers need not keep it), type and class exactly.
-        name_end = 12 + len(question) - 4
-        if data[12:name_end].lower() != question[:-4].lower() \
-                or data[name_end:name_end + 4] != question[-4:]:
+        if entry is None or entry.via is not via or entry.retry is not None:
+            return  # late (already answered), not ours (wrong port), or asked over TCP
+        if not _echoes(data, entry.question):
             return  # not the answer to what we asked: keep waiting for the real one
+        if entry.tcp and data[2] & (FLAG_TC >> 8) and self.tcp_retries < MAX_TCP_RETRIES:
+            entry.retry = spawn(self._retry_tcp(new_id, entry, data), "dns-forward-tcp")
+            return
         del self.pending[new_id]
         self._done(entry)
         entry.reply(entry.query[:2] + data[2:])
+
+    async def _retry_tcp(self, new_id: int, entry: _Pending, truncated: bytes) -> None:
+        self.tcp_retries += 1
+        answer = truncated  # if the upstream does not take TCP, the best there is
+        writer: asyncio.StreamWriter | None = None
+        try:
+            reader, writer = await asyncio.open_connection(*self._address[:2])
+            packet = new_id.to_bytes(2, "big") + entry.query[2:]
+            writer.write(len(packet).to_bytes(2, "big") + packet)
+            size = int.from_bytes(await reader.readexactly(2), "big")
+            data = await reader.readexactly(size)
+            if len(data) >= 12 and data[:2] == packet[:2] and _echoes(data, entry.question):
+                answer = data
+            elif log.isEnabledFor(logging.DEBUG):
+                log.debug("upstream's TCP answer does not match the query")
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("cannot ask the upstream over TCP: %s", exc)
+        finally:
+            self.tcp_retries -= 1
+            if writer is not None:
+                writer.close()
+        # Still ours: not timed out (that cancels this task) nor stopped.
+        if self.pending.get(new_id) is entry:
+            del self.pending[new_id]
+            self._done(entry)
+            entry.reply(entry.query[:2] + answer[2:])
+
+
+def _echoes(answer: bytes, question: bytes) -> bool:
+    """Whether `answer` is to `question` (as asked): names compare without case (servers
+    need not keep it), type and class exactly."""
+    name_end = 12 + len(question) - 4
+    return (answer[12:name_end].lower() == question[:-4].lower()
+            and answer[name_end:name_end + 4] == question[-4:])

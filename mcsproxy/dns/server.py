@@ -408,4 +408,4 @@ class DnsServer:
             stats.latency["forwarded"].observe(perf_counter() - started)
             reply(answer)
 
-        self.forwarder.forward(query, question, counted, client)
+        self.forwarder.forward(query, question, counted, client, transport == "tcp")
