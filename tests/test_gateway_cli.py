@@ -123,3 +123,15 @@ def test_bad_values_are_refused_with_the_flag_named(
                  "--dns-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", *flags])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_dns_address_that_cannot_be_bound_is_named(capsys: pytest.CaptureFixture[str]) -> None:
+    from mcsproxy.cli import main
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        code = main(["gateway", "--cluster-id", "east", "--source", "file:/nonexistent",
+                     "--dns-listen", f"127.0.0.1:{port}", "--admin-listen", "127.0.0.1:0"])
+    assert code == 1
+    assert f"--dns-listen 127.0.0.1:{port}/udp: Address already in use" in capsys.readouterr().err

@@ -231,6 +231,11 @@ class TcpProtocol(asyncio.Protocol):
                 self.transport.close()
 
 
+def _listen_error(exc: OSError, where: str) -> OSError:
+    """The bare errno text would not say which of the gateway's listeners failed."""
+    return OSError(exc.errno, f"--dns-listen {where}: {exc.strerror}")
+
+
 class DnsServer:
     """The gateway component: listeners, responder, optional forwarder."""
 
@@ -289,9 +294,9 @@ class DnsServer:
             sock = socket.socket(family, socket.SOCK_DGRAM)
             try:
                 sock.bind((host, port))
-            except OSError:
+            except OSError as exc:
                 sock.close()
-                raise
+                raise _listen_error(exc, f"{host}:{port}/udp") from None
             sock.setblocking(False)
             self._udp_sock = sock
             udp: asyncio.DatagramTransport | batch.BatchedUdp
@@ -321,7 +326,7 @@ class DnsServer:
                 self._batch = None
                 if port == 0 and exc.errno == errno.EADDRINUSE and attempt + 1 < BIND_ATTEMPTS:
                     continue
-                raise
+                raise _listen_error(exc, f"{host}:{bound_port}/tcp") from None
             if self._batch is None:
                 self._udp = cast(asyncio.DatagramTransport, udp)
             self.bound = (host, bound_port)
