@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,8 +165,9 @@ async def run(config: ControllerConfig) -> int:
         phase = "stopping"
         app.stop()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
+    if threading.current_thread() is threading.main_thread():  # (not when embedded)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
     try:
         await app.start()
     except asyncio.CancelledError:
