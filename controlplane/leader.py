@@ -112,7 +112,10 @@ class LeaderElector:
         record = (holder, spec.get("renewTime"), spec.get("leaseTransitions"),
                   spec.get("leaseDurationSeconds"))
         if record != self._observed:
-            self._observed, self._observed_at = record, now
+            # Seen when the answer came, not when the read was sent (as client-go): a read
+            # slow on its way in may return a record written well after it was sent, and
+            # dating it earlier would let us take over before its holder's term is up.
+            self._observed, self._observed_at = record, self._clock()
         duration = float(spec.get("leaseDurationSeconds") or cfg.lease_duration_s)
         if holder and holder != cfg.identity and now < self._observed_at + duration:
             return Attempt.TAKEN

@@ -160,6 +160,36 @@ async def test_a_renewal_answered_late_does_not_stretch_the_term_past_the_lease(
         await proxy.stop()
 
 
+async def test_a_standby_dates_a_record_from_when_its_read_returned() -> None:
+    # A read slow on its way in (0.9 s) returns the holder's record as written up to then:
+    # dated from when the read was sent, the standby would take over 0.9 s early.
+    from controlplane.leader import Attempt
+
+    clock = [0.0]
+    lease = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+             "metadata": {"name": "mcsproxy-controller", "namespace": "kube-system"},
+             "spec": {"holderIdentity": "ctl-a", "renewTime": "2026-11-27T00:00:00.000000Z",
+                      "leaseDurationSeconds": 2, "leaseTransitions": 0}}
+    writes: list[str] = []
+
+    class SlowReads:
+        async def request(self, method: str, path: str, body: Any = None) -> Any:
+            if method == "GET":
+                clock[0] += 0.9
+                return lease
+            writes.append(method)
+            return body
+
+    elector = LeaderElector(SlowReads(), LeaseConfig(  # type: ignore[arg-type]
+        "kube-system", "ctl-b", lease_duration_s=2.0, renew_deadline_s=1.5,
+        retry_period_s=0.5), clock=lambda: clock[0])
+    assert await elector.try_acquire_or_renew() is Attempt.TAKEN  # first seen, sent at 0
+    clock[0] = 2.0  # 2 s after that read was sent, 1.1 s after it returned: not yet
+    assert await elector.try_acquire_or_renew() is Attempt.TAKEN and not writes
+    clock[0] = 2.95
+    assert await elector.try_acquire_or_renew() is Attempt.HELD and writes == ["PUT"]
+
+
 async def _until(predicate: Callable[[], bool]) -> None:
     while not predicate():
         await asyncio.sleep(0.01)
