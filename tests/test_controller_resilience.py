@@ -17,7 +17,6 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from controlplane.clusters.kube_api import KubeApi
 from controlplane.leader import LeaderElector, LeaseConfig
 from mcsproxy.tasks import cancel_and_wait, spawn
 from tests.kube_emulator import KubeEmulator
@@ -31,6 +30,7 @@ from tests.test_controller_kube_support import (
     service_export,
     write_kubeconfig,
 )
+from tests.test_leader import Candidate
 
 LEASES = "leases.coordination.k8s.io"
 
@@ -84,39 +84,6 @@ class HoldingProxy:
         return web.Response(body=body, status=status, headers={"Content-Type": ctype})
 
 
-class Candidate:
-    """An elector whose work records when it runs and when it is stopped."""
-
-    def __init__(self, url: str, identity: str, **timings: Any) -> None:
-        from kubernetes_asyncio.client import ApiClient, Configuration
-
-        self.client = ApiClient(Configuration(host=url))
-        self.elector = LeaderElector(KubeApi(self.client, identity, timeout_s=2.0),
-                                     LeaseConfig("kube-system", identity, **timings))
-        self.leading = asyncio.Event()
-        self.started: list[float] = []
-        self.stopped: list[float] = []
-        self.task: asyncio.Task[Any] | None = None
-
-    async def _work(self) -> None:
-        self.started.append(time.monotonic())
-        self.leading.set()
-        try:
-            await asyncio.Event().wait()
-        finally:
-            self.stopped.append(time.monotonic())
-            self.leading.clear()
-
-    def start(self) -> None:
-        self.task = spawn(self.elector.run(self._work), name=f"elector {id(self)}")
-
-    async def stop(self) -> None:
-        if self.task is not None:
-            await cancel_and_wait([self.task])
-            self.task = None
-        await self.client.close()
-
-
 @pytest.fixture
 async def emu() -> AsyncIterator[KubeEmulator]:
     async with KubeEmulator() as emu:
@@ -141,8 +108,8 @@ async def test_a_renewal_answered_late_does_not_stretch_the_term_past_the_lease(
         return None
 
     proxy = HoldingProxy(emu.url, policy)
-    a = Candidate(await proxy.start(), "ctl-a", **timings)
-    b = Candidate(emu.url, "ctl-b", **timings)
+    a = Candidate(await proxy.start(), "ctl-a", api_timeout_s=2.0, **timings)
+    b = Candidate(emu.url, "ctl-b", api_timeout_s=2.0, **timings)
     try:
         a.start()
         await asyncio.wait_for(a.leading.wait(), 5)
@@ -197,8 +164,8 @@ async def _until(predicate: Callable[[], bool]) -> None:
 
 async def test_a_leader_that_finds_another_holder_stops_at_once(emu: KubeEmulator) -> None:
     # A long renew deadline: waiting it out would leave two writers for seconds.
-    a = Candidate(emu.url, "ctl-a", lease_duration_s=3.0, renew_deadline_s=2.0,
-                  retry_period_s=0.1)
+    a = Candidate(emu.url, "ctl-a", api_timeout_s=2.0, lease_duration_s=3.0,
+                  renew_deadline_s=2.0, retry_period_s=0.1)
     try:
         a.start()
         await asyncio.wait_for(a.leading.wait(), 5)

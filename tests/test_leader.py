@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from kubernetes_asyncio.client import ApiClient, Configuration
 
 from controlplane.clusters.kube_api import KubeApi
 from controlplane.leader import LeaderElector, LeaseConfig
@@ -26,11 +27,12 @@ async def emu() -> AsyncIterator[KubeEmulator]:
 class Candidate:
     """An elector whose work records when it runs and when it is stopped."""
 
-    def __init__(self, emu: KubeEmulator, identity: str, **timings: Any) -> None:
-        self.client = emu.api_client()
+    def __init__(self, url: str, identity: str, api_timeout_s: float = 1.0,
+                 **timings: Any) -> None:
+        self.client = ApiClient(Configuration(host=url))
         cfg = {"lease_duration_s": 1.0, "renew_deadline_s": 0.6, "retry_period_s": 0.1,
                **timings}
-        self.elector = LeaderElector(KubeApi(self.client, identity, timeout_s=1.0),
+        self.elector = LeaderElector(KubeApi(self.client, identity, timeout_s=api_timeout_s),
                                      LeaseConfig("kube-system", identity, **cfg))
         self.leading = asyncio.Event()
         self.started: list[float] = []
@@ -61,7 +63,7 @@ async def pair(emu: KubeEmulator) -> AsyncIterator[list[Candidate]]:
     made: list[Candidate] = []
 
     def make(identity: str, **timings: Any) -> Candidate:
-        made.append(Candidate(emu, identity, **timings))
+        made.append(Candidate(emu.url, identity, **timings))
         return made[-1]
 
     yield make  # type: ignore[misc]
