@@ -35,6 +35,21 @@ def children_of(workdir: Path) -> list[int]:
     return pids
 
 
+def read_banner(proc: subprocess.Popen[str], timeout: float = 30.0) -> list[str]:
+    """The demo's output up to its banner's last line (or its end, or the timeout)."""
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line.rstrip("\n"))
+        if line.strip() == BANNER_END:
+            break
+    return lines
+
+
 @pytest.fixture
 def demo(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], list[str], Path]]:
     workdir = tmp_path / "demo"
@@ -42,17 +57,9 @@ def demo(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], list[str], Pat
         [sys.executable, "-m", "mcsproxy", "demo", "--workdir", str(workdir)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    lines: list[str] = []
-    deadline = time.monotonic() + 30
     assert proc.stdout is not None
     try:
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line.rstrip("\n"))
-            if line.strip() == BANNER_END:
-                break
+        lines = read_banner(proc)
         assert lines and lines[-1] == BANNER_END, "\n".join(lines)
         yield proc, lines, workdir
     finally:

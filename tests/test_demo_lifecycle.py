@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_demo import BANNER_END, children_of
+from tests.test_demo import BANNER_END, children_of, read_banner
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -31,17 +31,7 @@ def start_demo(workdir: Path, *prefix: str, entry: tuple[str, ...] = ("-m", "mcs
         [*prefix, sys.executable, *entry, "demo", "--workdir", str(workdir)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
-    assert proc.stdout is not None
-    lines: list[str] = []
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line.rstrip("\n"))
-        if line.strip() == BANNER_END:
-            break
-    return proc, lines
+    return proc, read_banner(proc)
 
 
 def wait_gone(pids: list[int], timeout: float) -> list[int]:
