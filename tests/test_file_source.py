@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,13 @@ class Watcher:
             return await asyncio.wait_for(wait(), WAIT_S)
         except TimeoutError:
             raise AssertionError(f"no snapshot where {what}") from None
+
+
+async def until_true(cond: Callable[[], bool], what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + WAIT_S
+    while not cond():
+        assert asyncio.get_running_loop().time() < deadline, what
+        await asyncio.sleep(POLL_S)
 
 
 def addresses(snapshot: Snapshot) -> list[str]:
@@ -94,20 +102,14 @@ async def test_invalid_file_is_rejected_with_line_and_last_good_keeps_serving(
     bad = "# a comment\n---\n" + bad.replace('"10.0.0.9"', '"not-an-ip"')
     with caplog.at_level(logging.ERROR, logger="mcsproxy.sources.file"):
         write(path / "web-a.yaml", bad)
-        deadline = asyncio.get_running_loop().time() + WAIT_S
-        while "not-an-ip" not in caplog.text:
-            assert asyncio.get_running_loop().time() < deadline, "no rejection logged"
-            await asyncio.sleep(POLL_S)
+        await until_true(lambda: "not-an-ip" in caplog.text, "no rejection logged")
     line = next(r.getMessage() for r in caplog.records if "not-an-ip" in r.getMessage())
     assert f"{path / 'web-a.yaml'}:4:" in line  # file:line of the bad document
     assert store.current.version == version and addresses(store.current) == ["10.0.0.1"]
     # Broken YAML too: the line of the error is named.
     write(path / "web-a.yaml", "apiVersion: v1\nkind: [unclosed\n")
     with caplog.at_level(logging.ERROR, logger="mcsproxy.sources.file"):
-        deadline = asyncio.get_running_loop().time() + WAIT_S
-        while "invalid YAML" not in caplog.text:
-            assert asyncio.get_running_loop().time() < deadline, "no YAML rejection logged"
-            await asyncio.sleep(POLL_S)
+        await until_true(lambda: "invalid YAML" in caplog.text, "no YAML rejection logged")
     assert f"{path / 'web-a.yaml'}:" in caplog.text
     assert addresses(store.current) == ["10.0.0.1"]
     # A value YAML reads but cannot build (an impossible date): rejected the same way, and
@@ -117,10 +119,7 @@ async def test_invalid_file_is_rejected_with_line_and_last_good_keeps_serving(
     assert "2024-02-30" in dated
     with caplog.at_level(logging.ERROR, logger="mcsproxy.sources.file"):
         write(path / "web-a.yaml", dated)
-        deadline = asyncio.get_running_loop().time() + WAIT_S
-        while "2024-02-30" not in caplog.text:
-            assert asyncio.get_running_loop().time() < deadline, "no date rejection logged"
-            await asyncio.sleep(POLL_S)
+        await until_true(lambda: "2024-02-30" in caplog.text, "no date rejection logged")
     assert f"{path / 'web-a.yaml'}:" in caplog.text and "as timestamp" in caplog.text
     assert addresses(store.current) == ["10.0.0.1"]
     # Fixed: served again.
@@ -143,10 +142,7 @@ async def test_a_parser_failure_rejects_the_file_and_the_source_goes_on(
     with caplog.at_level(logging.ERROR, logger="mcsproxy.sources.file"):
         write(path / "web-a.yaml", "# trip\n" + slice_yaml("web", "cluster-a", "IPv4",
                                                             ["10.0.0.7"], WEB))
-        deadline = asyncio.get_running_loop().time() + WAIT_S
-        while "the parser failed" not in caplog.text:
-            assert asyncio.get_running_loop().time() < deadline, "no rejection logged"
-            await asyncio.sleep(POLL_S)
+        await until_true(lambda: "the parser failed" in caplog.text, "no rejection logged")
     assert str(path / "web-a.yaml") in caplog.text and "a parser defect" in caplog.text
     assert addresses(store.current) == ["10.0.0.1"]
     write(path / "web-a.yaml", slice_yaml("web", "cluster-a", "IPv4", ["10.0.0.6"], WEB))
@@ -179,11 +175,8 @@ async def test_single_file_source_and_missing_path(tmp_path: Path) -> None:
     try:
         # A path that has never existed is an error in the status, and the source does
         # not count as synced (a typo must not look like an empty clusterset).
-        deadline = asyncio.get_running_loop().time() + WAIT_S
-        while source.name not in store.sources or \
-                "no such file" not in (store.sources[source.name].error or ""):
-            assert asyncio.get_running_loop().time() < deadline, "no error in the status"
-            await asyncio.sleep(POLL_S)
+        await until_true(lambda: source.name in store.sources and "no such file" in (
+            store.sources[source.name].error or ""), "no error in the status")
         await asyncio.sleep(5 * POLL_S)
         assert not store.sources[source.name].synced and not store.loaded.is_set()
         write(path, (EXAMPLES / "services.yaml").read_text())
