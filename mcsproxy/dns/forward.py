@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from typing import Final, cast
 
+from mcsproxy.clientcounts import ClientCounts, client_share
 from mcsproxy.dns.wire import ECHOED_FLAGS, FLAG_QR, FLAG_TC, HEADER_TAIL, SERVFAIL
 from mcsproxy.observability.stats import DnsStats
 from mcsproxy.tasks import cancel_and_wait, spawn
@@ -39,7 +40,6 @@ from mcsproxy.tasks import cancel_and_wait, spawn
 log = logging.getLogger("mcsproxy.dns.forward")
 
 MAX_PENDING: Final = 4096
-CLIENT_SHARE: Final = 4  # one client address may hold 1/4 of the pending table
 LOG_INTERVAL_S: Final = 1.0
 POOL_SIZE: Final = 8  # sockets in use at a time, a query goes out on a random one
 ROTATE_AFTER_QUERIES: Final = 32  # a socket is replaced after carrying this many queries
@@ -112,7 +112,7 @@ class Forwarder:
         self._last_timeout_log = 0.0
         self._last_refusal_log = 0.0
         self.pending: dict[int, _Pending] = {}
-        self.by_client: dict[str, int] = {}  # pending queries per client address
+        self.by_client = ClientCounts()  # pending queries per client address
         self.tcp_retries = 0
         self.pool: list[_Socket] = []
         self.sockets: set[_Socket] = set()  # the pool and retired sockets still awaited
@@ -208,12 +208,10 @@ class Forwarder:
             self._refuse(query, question, reply, "pending_full",
                          f"{len(self.pending)} forwards pending")
             return
-        held = self.by_client.get(client, 0)
-        if held >= max(1, self.max_pending // CLIENT_SHARE):
+        if not self.by_client.take(client, client_share(self.max_pending)):
             self._refuse(query, question, reply, "client_limit",
-                         f"{client} has {held} forwards pending")
+                         f"{client} has {self.by_client[client]} forwards pending")
             return
-        self.by_client[client] = held + 1
         while True:
             new_id = secrets.randbits(16)
             if new_id not in self.pending:
@@ -238,11 +236,7 @@ class Forwarder:
 
     def _done(self, entry: _Pending) -> None:
         entry.timer.cancel()
-        left = self.by_client[entry.client] - 1
-        if left:
-            self.by_client[entry.client] = left
-        else:
-            del self.by_client[entry.client]
+        self.by_client.give(entry.client)
         conn = entry.via
         conn.waiting -= 1
         if conn.retired and not conn.waiting and conn in self.sockets:

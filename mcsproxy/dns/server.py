@@ -16,6 +16,7 @@ import socket
 from time import perf_counter
 from typing import Final, cast
 
+from mcsproxy.clientcounts import ClientCounts, client_share
 from mcsproxy.config import DnsConfig
 from mcsproxy.dns import batch
 from mcsproxy.dns.forward import Forwarder, Reply
@@ -31,7 +32,6 @@ log = logging.getLogger("mcsproxy.dns")
 UDP_RCVBUF_BYTES: Final = 1 << 20  # absorbs bursts while the loop is busy elsewhere
 TCP_WRITE_HIGH_WATER: Final = 64 * 1024  # stop reading queries while answers pile up
 TCP_BACKLOG: Final = 256
-TCP_CLIENT_SHARE: Final = 4  # one client address may hold 1/4 of --dns-tcp-max-connections
 BIND_ATTEMPTS: Final = 10  # port 0: the UDP port picked may be taken for TCP
 _NO_MEMO: Final[dict[bytes, bytes]] = {}
 
@@ -257,7 +257,7 @@ class DnsServer:
         self._tcp: asyncio.AbstractServer | None = None
         self._connections: set[TcpProtocol] = set()
         self._refused_logged = False
-        self._per_client: dict[str, int] = {}  # open TCP connections per client address
+        self._per_client = ClientCounts()  # open TCP connections per client address
         self._refused_clients: set[str] = set()  # refusals logged (once per episode)
         self._subscribed = False
 
@@ -378,14 +378,12 @@ class DnsServer:
                 self._refused_logged = True
             return False
         # One address never holds every slot: a quarter of them at most.
-        held = self._per_client.get(conn.peer, 0)
-        if held >= max(1, limit // TCP_CLIENT_SHARE):
+        if not self._per_client.take(conn.peer, client_share(limit)):
             if conn.peer not in self._refused_clients:
                 self._refused_clients.add(conn.peer)
                 log.warning("dns: %s holds %d TCP connections, refusing more from it",
-                            conn.peer, held)
+                            conn.peer, self._per_client[conn.peer])
             return False
-        self._per_client[conn.peer] = held + 1
         self._connections.add(conn)
         return True
 
@@ -393,11 +391,7 @@ class DnsServer:
         if conn not in self._connections:
             return  # refused at accept
         self._connections.discard(conn)
-        left = self._per_client.get(conn.peer, 1) - 1
-        if left:
-            self._per_client[conn.peer] = left
-        else:
-            self._per_client.pop(conn.peer, None)
+        if not self._per_client.give(conn.peer):
             self._refused_clients.discard(conn.peer)
         if len(self._connections) < self.config.tcp_max_connections:
             self._refused_logged = False

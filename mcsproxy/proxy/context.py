@@ -6,6 +6,7 @@ import logging
 import time
 from typing import Protocol
 
+from mcsproxy.clientcounts import ClientCounts
 from mcsproxy.config import ProxyConfig
 from mcsproxy.observability.accesslog import AccessLog
 from mcsproxy.upstream import UpstreamSet
@@ -42,7 +43,7 @@ class ListenerContext:
         self._last_give_up_log = 0.0
         # --max-connections-per-listener / -per-client: open connections, refusals.
         self.active = 0
-        self.by_client: dict[str, int] = {}
+        self.by_client = ClientCounts()
         self.refused = 0
         self._last_refusal_log = 0.0
 
@@ -54,25 +55,21 @@ class ListenerContext:
         if config.max_connections_per_client:
             peer = transport.get_extra_info("peername")  # type: ignore[attr-defined]
             client = peer[0] if peer else ""
-            if self.by_client.get(client, 0) >= config.max_connections_per_client:
+            if not self.by_client.take(client, config.max_connections_per_client):
                 return self._refuse(f"client {client} has "
                                     f"{config.max_connections_per_client} connections")
         if config.max_connections_per_listener and \
                 self.active >= config.max_connections_per_listener:
+            if config.max_connections_per_client:
+                self.by_client.give(client)
             return self._refuse(f"{self.active} connections open")
         self.active += 1
-        if config.max_connections_per_client:
-            self.by_client[client] = self.by_client.get(client, 0) + 1
         return client
 
     def leave(self, client: str) -> None:
         self.active -= 1
         if self.config.max_connections_per_client:
-            left = self.by_client.get(client, 1) - 1
-            if left:
-                self.by_client[client] = left
-            else:
-                self.by_client.pop(client, None)
+            self.by_client.give(client)
 
     def _refuse(self, why: str) -> None:
         self.refused += 1
