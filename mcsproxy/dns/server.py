@@ -195,16 +195,13 @@ class TcpProtocol(asyncio.Protocol):
         return self.forwarding > 0
 
     def _idle(self) -> None:
-        transport = self.transport
-        if transport is None:
+        if self.transport is None:
             return
         left = self.last_active + self.server.config.tcp_idle_timeout_s - self.loop.time()
         if left > 0:
             self.timer = self.loop.call_later(left, self._idle)
-        elif transport.get_write_buffer_size():
-            transport.abort()  # it does not read its answers: a close would wait forever
         else:
-            transport.close()
+            self.close()
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -226,7 +223,7 @@ class TcpProtocol(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None:
             if self.transport.get_write_buffer_size():
-                self.transport.abort()
+                self.transport.abort()  # it does not read its answers: a close would wait forever
             else:
                 self.transport.close()
 

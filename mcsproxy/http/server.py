@@ -1037,8 +1037,7 @@ class Exchange:
         pool = self.pool
         if status == 101:
             tail = pool.tail
-        elif not self.keep_alive or client.engine.draining or (
-                client.broken is not None and len(client.queue) <= 1):  # last_before_broken
+        elif not self.keep_alive or client.engine.draining or self.last_before_broken():
             self.keep_alive = False
             tail = pool.tail_close
         else:
