@@ -52,11 +52,27 @@ async def test_a_client_that_never_reads_holds_bounded_answers_and_is_dropped() 
         sock = socket.create_connection(dns.bound)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.setblocking(False)
-        sent = 0
-        with contextlib.suppress(BlockingIOError):
-            for _ in range(30_000):  # ~1.4 MB of queries, never reading an answer
-                sent += sock.send(FRAMED)
-        await asyncio.sleep(0.3)
+        # Queries as fast as the server reads them, never reading an answer, until the
+        # answers back up past every kernel buffer on the way (megabytes on loopback),
+        # then 2 MB more (or 0.25 s more, within the idle timeout): a server that
+        # answered everything it read would now hold megabytes of answers.
+        loop = asyncio.get_running_loop()
+        sent, pending = 0, b""
+        deadline, backed_up = loop.time() + 10, None
+        while backed_up is None or (sent < backed_up + (2 << 20) and loop.time() < deadline):
+            assert loop.time() < deadline, "answers never backed up"
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    pending = pending or FRAMED * 100
+                    n = sock.send(pending)
+                    sent += n
+                    pending = pending[n:]
+            await asyncio.sleep(0.005)
+            if backed_up is None and any(
+                    c.transport is not None
+                    and c.transport.get_write_buffer_size() >= TCP_WRITE_HIGH_WATER
+                    for c in dns._connections):
+                backed_up, deadline = sent, loop.time() + 0.25
         [conn] = list(dns._connections)
         assert conn.transport is not None
         # Answers stop being made once they back up: one answer past the high-water mark.
