@@ -72,6 +72,7 @@ async def test_metrics_after_dns_and_proxy_traffic(tmp_path: Path) -> None:
         # No --dns-upstream here: the forwarding failures are there, at zero.
         assert "mcsproxy_dns_forward_failures_total" in m
         assert value(m, "mcsproxy_dns_forward_failures_total", outcome="timeout") == 0
+        assert value(m, "mcsproxy_dns_forward_mismatched_answers_total", outcome="case") == 0
 
         web = {"service": "test/web", "port": "web"}
         ok = {c: value(m, "mcsproxy_proxy_connections_total", **web, cluster=c, outcome="ok")

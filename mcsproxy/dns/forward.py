@@ -17,6 +17,13 @@ seconds, so the ports keep moving; a socket per query would cost ~20 us more per
 and a file descriptor per pending query. Replacements are opened off the query's path,
 the old socket serving until its successor is ready.
 
+DNS 0x20 adds a guess more: the question goes upstream with the case of its letters
+drawn at random (one bit of secret per letter), and the answer's question must echo it
+byte for byte. The client gets its own case back in the question; the records keep the
+upstream's. An upstream that does not preserve case (rare) fails that check like a forgery
+does: its answers are dropped and counted as mismatched (`case`), with a warning at most
+once a second, and its queries time out.
+
 A client that asked over TCP cannot retry a truncated answer (TC=1) anywhere: when the
 upstream truncates, the gateway asks it again over TCP, within the same timeout, and
 hands on that answer (the truncated one if the upstream does not take TCP).
@@ -49,11 +56,24 @@ ROTATE_AFTER_S: Final = 10.0  # ... or after this long, so quiet times do not pi
 MAX_SOCKETS: Final = 64
 MAX_TCP_RETRIES: Final = 64  # truncated answers asked again over TCP at a time
 Reply = Callable[[bytes], None]
+# 0x20 where a byte is an ASCII letter, 0 elsewhere: the bits 0x20 may flip. Label lengths
+# (at most 63) are below "A" (65), so only the letters of a wire name are touched.
+_LETTER_BITS: Final = bytes(0x20 if chr(b).isascii() and chr(b).isalpha() else 0
+                            for b in range(256))
 
 
 def servfail(query: bytes, question: bytes) -> bytes:
     flags = FLAG_QR | (((query[2] << 8) | query[3]) & ECHOED_FLAGS) | SERVFAIL
     return query[:2] + HEADER_TAIL.pack(flags, 1, 0, 0, 0) + question
+
+
+def encode_0x20(question: bytes) -> bytes:
+    """`question` with the case of each letter of its name drawn at random (~1 us: two
+    big-int operations rather than a loop over the bytes)."""
+    name = question[:-4]
+    size = len(name)
+    flips = int.from_bytes(name.translate(_LETTER_BITS), "big") & secrets.randbits(8 * size)
+    return (int.from_bytes(name.lower(), "big") ^ flips).to_bytes(size, "big") + question[-4:]
 
 
 class _Socket(asyncio.DatagramProtocol):
@@ -88,12 +108,16 @@ class _Socket(asyncio.DatagramProtocol):
 
 
 class _Pending:
-    __slots__ = ("client", "query", "question", "reply", "retry", "tcp", "timer", "via")
+    __slots__ = ("asked", "client", "packet", "query", "question", "reply", "retry", "tcp",
+                 "timer", "via")
 
-    def __init__(self, query: bytes, question: bytes, reply: Reply,
-                 timer: asyncio.TimerHandle, via: _Socket, client: str, tcp: bool) -> None:
+    def __init__(self, query: bytes, question: bytes, packet: bytes, asked: bytes,
+                 reply: Reply, timer: asyncio.TimerHandle, via: _Socket, client: str,
+                 tcp: bool) -> None:
         self.query = query
-        self.question = question
+        self.question = question  # as the client asked it, its case restored in the answer
+        self.packet = packet  # as it went upstream: our ID, the 0x20 question
+        self.asked = asked  # the 0x20 question, which the answer must echo exactly
         self.reply = reply
         self.timer = timer
         self.via = via
@@ -109,8 +133,10 @@ class Forwarder:
         self.timeout_s = timeout_s
         self.max_pending = max_pending
         self.failures = stats.forward_failures
+        self.mismatches = stats.forward_mismatches
         self._last_timeout_log = 0.0
         self._last_refusal_log = 0.0
+        self._last_mismatch_log = 0.0
         self.pending: dict[int, _Pending] = {}
         self.by_client = ClientCounts()  # pending queries per client address
         self.tcp_retries = 0
@@ -216,13 +242,23 @@ class Forwarder:
             new_id = secrets.randbits(16)
             if new_id not in self.pending:
                 break
+        end = 12 + len(question)
+        if query[12:end] == question:
+            asked = encode_0x20(question)
+            packet = new_id.to_bytes(2, "big") + query[2:12] + asked + query[end:]
+        else:
+            # Only a query dnslib read with its name compressed (a pointer into the
+            # header): where the name ends in it is unknown, so it goes as it came.
+            asked = question
+            packet = new_id.to_bytes(2, "big") + query[2:]
         conn = self._pick()
         timer = asyncio.get_running_loop().call_later(self.timeout_s, self._expire, new_id)
-        self.pending[new_id] = _Pending(query, question, reply, timer, conn, client, tcp)
+        self.pending[new_id] = _Pending(query, question, packet, asked, reply, timer, conn,
+                                        client, tcp)
         conn.sent += 1
         conn.waiting += 1
         if conn.transport is not None:
-            conn.transport.sendto(new_id.to_bytes(2, "big") + query[2:])
+            conn.transport.sendto(packet)
 
     def _refuse(self, query: bytes, question: bytes, reply: Reply, outcome: str,
                 why: str) -> None:
@@ -263,14 +299,32 @@ class Forwarder:
         entry = self.pending.get(new_id)
         if entry is None or entry.via is not via or entry.retry is not None:
             return  # late (already answered), not ours (wrong port), or asked over TCP
-        if not _echoes(data, entry.question):
-            return  # not the answer to what we asked: keep waiting for the real one
+        asked = entry.asked
+        if data[12:12 + len(asked)] != asked:
+            # Not the answer to what we asked, case included: keep waiting for the real one.
+            self._mismatched(data, asked)
+            return
         if entry.tcp and data[2] & (FLAG_TC >> 8) and self.tcp_retries < MAX_TCP_RETRIES:
             entry.retry = spawn(self._retry_tcp(new_id, entry, data), "dns-forward-tcp")
             return
         del self.pending[new_id]
         self._done(entry)
-        entry.reply(entry.query[:2] + data[2:])
+        entry.reply(_for_client(entry, data))
+
+    def _mismatched(self, answer: bytes, asked: bytes) -> None:
+        """An answer with a pending query's ID (and port) but not its question: forged, or
+        from an upstream that does not keep the case of the question (`case`)."""
+        echoed = answer[12:12 + len(asked)]
+        reason = "case" if echoed.lower() == asked.lower() else "question"
+        self.mismatches[reason] += 1
+        now = time.monotonic()
+        if now - self._last_mismatch_log >= LOG_INTERVAL_S:
+            self._last_mismatch_log = now
+            why = ("its question in another letter case (an upstream that does not "
+                   "preserve case defeats DNS 0x20)" if reason == "case"
+                   else "another question (forged?)")
+            log.warning("dns forward: dropped an answer from %s:%d with %s; %d so far",
+                        *self.upstream, why, self.mismatches[reason])
 
     async def _retry_tcp(self, new_id: int, entry: _Pending, truncated: bytes) -> None:
         self.tcp_retries += 1
@@ -278,12 +332,16 @@ class Forwarder:
         writer: asyncio.StreamWriter | None = None
         try:
             reader, writer = await asyncio.open_connection(*self._address[:2])
-            packet = new_id.to_bytes(2, "big") + entry.query[2:]
+            packet = entry.packet  # the same ID and 0x20 question as over UDP
             writer.write(len(packet).to_bytes(2, "big") + packet)
             size = int.from_bytes(await reader.readexactly(2), "big")
             data = await reader.readexactly(size)
-            if len(data) >= 12 and data[:2] == packet[:2] and _echoes(data, entry.question):
-                answer = data
+            asked = entry.asked
+            if len(data) >= 12 and data[:2] == packet[:2]:
+                if data[12:12 + len(asked)] == asked:
+                    answer = data
+                else:
+                    self._mismatched(data, asked)
             elif log.isEnabledFor(logging.DEBUG):
                 log.debug("upstream's TCP answer does not match the query")
         except (OSError, asyncio.IncompleteReadError) as exc:
@@ -297,12 +355,11 @@ class Forwarder:
         if self.pending.get(new_id) is entry:
             del self.pending[new_id]
             self._done(entry)
-            entry.reply(entry.query[:2] + answer[2:])
+            entry.reply(_for_client(entry, answer))
 
 
-def _echoes(answer: bytes, question: bytes) -> bool:
-    """Whether `answer` is to `question` (as asked): names compare without case (servers
-    need not keep it), type and class exactly."""
-    name_end = 12 + len(question) - 4
-    return (answer[12:name_end].lower() == question[:-4].lower()
-            and answer[name_end:name_end + 4] == question[-4:])
+def _for_client(entry: _Pending, answer: bytes) -> bytes:
+    """The upstream's answer, which echoes `entry.asked`, with the client's ID and its
+    question as the client wrote it (the same length: only the case differs)."""
+    end = 12 + len(entry.question)
+    return entry.query[:2] + answer[2:12] + entry.question + answer[end:]

@@ -186,6 +186,13 @@ class Observer:
                              ["outcome"])
         for outcome, n in stats.forward_failures.items():
             failures.add([outcome], n)
+        mismatches = f.counter("mcsproxy_dns_forward_mismatched_answers",
+                               "Upstream answers dropped because their question was not "
+                               "the one sent (question: another one, forged or misrouted; "
+                               "case: the same name in another letter case, DNS 0x20)",
+                               ["outcome"])
+        for reason, n in stats.forward_mismatches.items():
+            mismatches.add([reason], n)
 
     def _collect_store(self, f: Families) -> None:
         store = self.gateway.store

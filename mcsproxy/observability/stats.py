@@ -111,6 +111,9 @@ RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP",
 MEMO_HITS_FOLD_AT = 65536  # distinct answers counted before they are folded into labels
 # Why the gateway answered a forwarded query SERVFAIL itself.
 FORWARD_FAILURES = ("timeout", "pending_full", "client_limit")
+# Why an upstream answer with a pending query's ID was dropped: its question differs from
+# the one sent, or only in letter case (DNS 0x20).
+FORWARD_MISMATCHES = ("question", "case")
 
 
 def answer_labels(msg: bytes, offset: int = 0) -> tuple[str, str]:
@@ -144,13 +147,14 @@ class DnsStats:
     the answers are read for their qtype and rcode only when folded, at collection time.
     """
 
-    __slots__ = ("counts", "forward_failures", "latency", "memo_hits")
+    __slots__ = ("counts", "forward_failures", "forward_mismatches", "latency", "memo_hits")
 
     def __init__(self) -> None:
         self.memo_hits: dict[bytes, int] = {}
         self.counts: dict[tuple[str, str, str], int] = {}
         self.latency = {"built": Buckets(DNS_BUCKETS), "forwarded": Buckets(DNS_BUCKETS)}
         self.forward_failures = dict.fromkeys(FORWARD_FAILURES, 0)
+        self.forward_mismatches = dict.fromkeys(FORWARD_MISMATCHES, 0)
 
     def count(self, transport: str, qtype: str, rcode: str, n: int = 1) -> None:
         key = (transport, qtype, rcode)
