@@ -135,7 +135,8 @@ def _run_gateway(args: argparse.Namespace) -> int:
     from mcsproxy.sources import SourceSpecError
 
     config = gateway_config(args)
-    setup_logging(config.log_level)
+    proxy = config.proxy
+    setup_logging(config.log_level, proxy.worker_index if proxy.workers > 1 else None)
     before, after = raise_nofile_limit()
     logging.getLogger("mcsproxy.gateway").info(
         "open files limit %d%s", after, f" (raised from {before})" if after != before else "")

@@ -10,10 +10,13 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNI
           "error": logging.ERROR}
 
 
-def setup_logging(level: str) -> None:
+def setup_logging(level: str, worker: int | None = None) -> None:
+    """`worker`: the index of this process under `--workers N` (N > 1), written on every
+    line, since the workers share one stderr; None for a process that runs alone."""
+    tag = "" if worker is None else f"worker={worker} "
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s",
+        logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(name)s %(message)s",
                           datefmt="%Y-%m-%dT%H:%M:%S")
     )
     root = logging.getLogger()

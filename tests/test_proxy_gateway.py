@@ -46,9 +46,10 @@ def alive(pid: int) -> bool:
 
 
 async def start_two_worker_gateway(tmp_path: Path, backend: Backend, ip: str, net: int,
-                                   *extra: str) -> asyncio.subprocess.Process:
+                                   *extra: str, stderr: int | None = None,
+                                   ) -> asyncio.subprocess.Process:
     """`mcsproxy gateway --workers 2` over a file source importing `backend` at `ip`:80,
-    its DNS and admin listeners on 127.<net>.9.1."""
+    its DNS and admin listeners on 127.<net>.9.1; `extra` arguments come last (and win)."""
     (tmp_path / "web.yaml").write_text(SERVICE.format(ip=ip, host=backend.host,
                                                       port=backend.port))
     own = f"127.{net}.9.1"
@@ -56,7 +57,7 @@ async def start_two_worker_gateway(tmp_path: Path, backend: Backend, ip: str, ne
         sys.executable, "-m", "mcsproxy", "gateway", "--cluster-id", "east",
         "--source", f"file:{tmp_path}", "--workers", "2", "--log-level", "warning",
         "--dns-listen", f"{own}:{free_port(own)}",
-        "--admin-listen", f"{own}:{free_port(own)}", *extra,
+        "--admin-listen", f"{own}:{free_port(own)}", *extra, stderr=stderr,
     )
 
 

@@ -93,3 +93,31 @@ async def test_a_worker_that_cannot_be_restarted_at_once_is_retried(monkeypatch)
         assert launches[:4] == ["ok", "fail", "fail", "ok"]
     finally:
         await pool.stop()
+
+
+async def test_each_process_tags_its_log_lines_with_its_worker_index(tmp_path: Path) -> None:
+    """The workers write to the supervisor's stderr: every line says which one wrote it."""
+    backend = await Backend("east-1", "127.203.1.1", free_port("127.203.1.1"), "east").start()
+    proc = await start_two_worker_gateway(tmp_path, backend, "127.240.203.1", 203,
+                                          "--log-level", "info",
+                                          stderr=asyncio.subprocess.PIPE)
+    assert proc.stderr is not None
+    lines: list[str] = []
+    try:
+        async with asyncio.timeout(20):
+            while not ({"worker=0", "worker=1"} <= {w for line in lines
+                                                    for w in line.split()[2:3]}):
+                line = await proc.stderr.readline()
+                assert line, f"stderr closed early: {lines}"
+                lines.append(line.decode())
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(15):
+            _, rest = await proc.communicate()
+        lines += rest.decode().splitlines()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await backend.stop()
+    # `<time> <LEVEL> worker=<i> <logger> <message>`, on every line.
+    assert all(line.split()[2] in ("worker=0", "worker=1") for line in lines), lines
