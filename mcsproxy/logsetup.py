@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
@@ -50,3 +51,27 @@ class RateLimit(logging.Filter):
             record.msg = f"{record.msg} ({self.dropped} similar records dropped)"
             self.dropped = 0
         return True
+
+
+def exception_line(exc: BaseException) -> str:
+    """`Type: message (file:line)`, the line where `exc` was raised: an unexpected error in
+    one log line, the full traceback being for --log-level debug."""
+    message = " ".join(str(exc).split())  # a multi-line message would break the one line
+    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    tb = exc.__traceback__
+    if tb is None:
+        return text
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{text} ({_short_path(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno})"
+
+
+def _short_path(path: str) -> str:
+    """`path` relative to the sys.path entry it is under (mcsproxy/dns/forward.py rather
+    than a site-packages path; the longest entry wins, as imports resolve it)."""
+    best = ""
+    for entry in sys.path:
+        root = os.path.join(os.path.abspath(entry or "."), "")
+        if path.startswith(root) and len(root) > len(best):
+            best = root
+    return path[len(best):]

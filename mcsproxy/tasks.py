@@ -7,6 +7,8 @@ import logging
 from collections.abc import Coroutine
 from typing import Any
 
+from mcsproxy.logsetup import exception_line
+
 log = logging.getLogger("mcsproxy.tasks")
 
 
@@ -15,7 +17,11 @@ def _guard(task: asyncio.Task[Any]) -> None:
         return
     exc = task.exception()
     if exc is not None:
-        log.error("task %s failed: %r", task.get_name(), exc, exc_info=exc)
+        # One line, like every other event; the traceback is for whoever turned debug on.
+        if log.isEnabledFor(logging.DEBUG):
+            log.error("task %s failed: %r", task.get_name(), exc, exc_info=exc)
+        else:
+            log.error("task %s failed: %s", task.get_name(), exception_line(exc))
     else:
         log.debug("task %s finished", task.get_name())
 
