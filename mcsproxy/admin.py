@@ -3,6 +3,7 @@ endpoints, `/explain`, and the live status page at `/`.
 
 Kept off the data path: aiohttp is fine here and too slow for the proxy. Listens on
 loopback by default; anywhere else it warns, since it shows the whole configuration.
+Connections are capped and slow request heads cut off (`AdminConfig.limits`, webguard).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from prometheus_client import generate_latest as render_metrics
 
 from mcsproxy.config import is_loopback
 from mcsproxy.model import ImportedService, ServiceKey
+from mcsproxy.webguard import ConnectionGuard, serve
 
 if TYPE_CHECKING:
     from mcsproxy.gateway import Gateway
@@ -257,19 +259,14 @@ class AdminServer:
         r.add_post("/demo/clusters/{name}/{action:kill|restore}", demo_relay)
         self._runner: web.AppRunner | None = None
         self.bound: tuple[str, int] | None = None
+        self.guard = ConnectionGuard("admin", gateway.config.admin.limits)
 
     async def start(self) -> None:
         host, port = self.gateway.config.admin.listen
         if not is_loopback(host):
             log.warning("admin listener on non-loopback address %s: anyone who reaches it "
                         "can read the configuration", host)
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, reuse_address=True)
-        await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        self.bound = sockets[0].getsockname()[:2] if sockets else (host, port)
+        self._runner, self.bound = await serve(self.app, (host, port), self.guard)
         log.info("admin listening on %s:%d", *self.bound)
 
     async def stop(self) -> None:

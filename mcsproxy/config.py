@@ -71,11 +71,36 @@ class DnsConfig:
 
 
 @dataclass(frozen=True)
+class WebLimits:
+    """What one aiohttp listener (the admin API, the controller's --serve) lets clients
+    hold: without them a client that opens many connections, or sends its request head a
+    byte at a time (slowloris), keeps sockets and memory for ever. No flags: the admin
+    API is a small, mostly local audience."""
+
+    head_timeout_s: float = 10.0  # accept to the end of the first request head
+    # Idle between requests; also the deadline, counted from the previous response, for
+    # the next request's head to arrive complete (aiohttp's keep-alive timer).
+    keepalive_timeout_s: float = 15.0
+    max_connections: int = 256
+    max_connections_per_client: int | None = None  # None: a quarter of max_connections
+
+    def __post_init__(self) -> None:
+        for name in ("head_timeout_s", "keepalive_timeout_s"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"{name} must be a finite number > 0, not {value}")
+        if self.max_connections < 1 or (self.max_connections_per_client is not None
+                                        and self.max_connections_per_client < 1):
+            raise ConfigError("connection limits must be >= 1")
+
+
+@dataclass(frozen=True)
 class AdminConfig:
     listen: tuple[str, int] = ("127.0.0.1", 9901)
     # `mcsproxy demo`'s control API: the status page shows kill/restore buttons and the
     # admin relays their POSTs to it (same origin for the browser).
     demo_control: str | None = None
+    limits: WebLimits = field(default_factory=WebLimits)
 
     def __post_init__(self) -> None:
         if self.demo_control is not None and not re.fullmatch(

@@ -14,7 +14,14 @@ from typing import Any
 
 from aiohttp import ClientSession, ClientTimeout
 
-from mcsproxy.config import AdminConfig, DnsConfig, GatewayConfig, HealthConfig, ProxyConfig
+from mcsproxy.config import (
+    AdminConfig,
+    DnsConfig,
+    GatewayConfig,
+    HealthConfig,
+    ProxyConfig,
+    WebLimits,
+)
 from mcsproxy.gateway import Gateway
 from tests.proxy_fixtures import Backend
 
@@ -124,7 +131,8 @@ class RunningGateway:
 async def start_gateway(tmp_path: Path, host: str, *, cluster: str = "east",
                         health: HealthConfig | None = None, access_log: str | None = None,
                         access_log_format: str = "text", demo_control: str | None = None,
-                        files: dict[str, str] | None = None, **proxy: Any) -> RunningGateway:
+                        files: dict[str, str] | None = None,
+                        admin_limits: WebLimits | None = None, **proxy: Any) -> RunningGateway:
     source = tmp_path / "imports"
     source.mkdir(exist_ok=True)
     for name, text in (files or {}).items():
@@ -132,7 +140,8 @@ async def start_gateway(tmp_path: Path, host: str, *, cluster: str = "east",
     config = GatewayConfig(
         cluster_id=cluster, sources=(f"file:{source}",),
         dns=DnsConfig(listen=(host, 0)),
-        admin=AdminConfig(listen=(host, 0), demo_control=demo_control),
+        admin=AdminConfig(listen=(host, 0), demo_control=demo_control,
+                          limits=admin_limits or WebLimits()),
         proxy=ProxyConfig(health=health or HealthConfig(interval_s=0), **proxy),
         access_log=access_log, access_log_format=access_log_format,
     )

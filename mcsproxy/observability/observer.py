@@ -155,6 +155,12 @@ class Observer:
         if self.worker_index == 0:
             self._collect_dns(f)
             self._collect_store(f)
+            closed = f.counter("mcsproxy_admin_connections_closed",
+                               "Admin connections closed by a limit: connection_limit, "
+                               "client_limit (refused at accept), head_timeout (no complete "
+                               "request head in time)", ["outcome"])
+            for reason, n in self.gateway.admin.guard.closed.items():
+                closed.add([reason], n)
         self._collect_proxy(f)
         if self.access_log is not None:
             records = f.counter("mcsproxy_accesslog_records",

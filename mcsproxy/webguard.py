@@ -1,0 +1,204 @@
+"""Limits for the aiohttp listeners (the admin API, the controller's `--serve`): a deadline
+for the first request head, a cap on open connections and a smaller one per client
+address (`WebLimits`).
+
+aiohttp has no connection cap, and bounds a request head only with its keep-alive timer
+(3630 s by default; before 3.10 not even armed until the first request ended). Rather than
+patching aiohttp, each accepted connection meets a small protocol first: it refuses the
+connection outright when a cap is reached (aiohttp never sees it), and otherwise hands
+every byte to aiohttp's own protocol, watching only for the end of the first head.
+Later heads on a kept-alive connection are bounded by aiohttp's keep-alive timer, which
+closes a connection whose next request has not arrived complete in time."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import cast
+
+from aiohttp import web
+
+from mcsproxy.clientcounts import ClientCounts, client_share
+from mcsproxy.config import WebLimits
+
+log = logging.getLogger("mcsproxy.webguard")
+
+CLOSE_REASONS = ("connection_limit", "client_limit", "head_timeout")
+LOG_INTERVAL_S = 1.0
+
+
+class ConnectionGuard:
+    """One listener's open connections and what its limits closed, by reason."""
+
+    __slots__ = ("_last_log", "active", "by_client", "closed", "limits", "name", "on_close",
+                 "per_client")
+
+    def __init__(self, name: str, limits: WebLimits,
+                 on_close: Callable[[str], None] | None = None) -> None:
+        self.name = name
+        self.limits = limits
+        self.per_client = (client_share(limits.max_connections)
+                           if limits.max_connections_per_client is None
+                           else limits.max_connections_per_client)
+        self.active = 0
+        self.by_client = ClientCounts()
+        self.closed = dict.fromkeys(CLOSE_REASONS, 0)
+        self.on_close = on_close  # e.g. a prometheus_client counter's inc, per reason
+        self._last_log = -LOG_INTERVAL_S
+
+    def admit(self, client: str) -> bool:
+        if self.active >= self.limits.max_connections:
+            self.count("connection_limit", f"{self.active} connections open")
+            return False
+        if not self.by_client.take(client, self.per_client):
+            self.count("client_limit", f"client {client} holds {self.per_client} connections")
+            return False
+        self.active += 1
+        return True
+
+    def leave(self, client: str) -> None:
+        self.active -= 1
+        self.by_client.give(client)
+
+    def count(self, reason: str, why: str) -> None:
+        """A connection closed by a limit: counted always, logged at most once a second
+        (a flood of them must not become a flood of log lines)."""
+        self.closed[reason] += 1
+        if self.on_close is not None:
+            self.on_close(reason)
+        now = time.monotonic()
+        if now - self._last_log >= LOG_INTERVAL_S:
+            self._last_log = now
+            log.warning("%s: connection closed by a limit (%s); %d so far", self.name, why,
+                        sum(self.closed.values()))
+
+
+class GuardedConnection(asyncio.Protocol):
+    """Stands between the transport and aiohttp's RequestHandler for one connection."""
+
+    __slots__ = ("_client", "_guard", "_head_timer", "_http", "_make_http", "_tail")
+
+    def __init__(self, guard: ConnectionGuard,
+                 make_http: Callable[[], web.RequestHandler]) -> None:
+        self._guard = guard
+        self._make_http = make_http
+        self._http: web.RequestHandler | None = None  # None: refused (or already lost)
+        self._client = ""
+        self._head_timer: asyncio.TimerHandle | None = None
+        # The last two bytes of the first head so far: its blank line may straddle reads.
+        # Empty until a byte other than CR/LF arrived.
+        self._tail = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        self._client = peer[0] if peer else ""
+        if not self._guard.admit(self._client):
+            # Reset rather than FIN: nothing was read, and nothing waits to be sent.
+            cast(asyncio.Transport, transport).abort()
+            return
+        self._head_timer = asyncio.get_running_loop().call_later(
+            self._guard.limits.head_timeout_s, self._head_expired)
+        self._http = self._make_http()
+        self._http.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        http = self._http
+        if http is None:
+            return
+        if self._head_timer is not None and self._head_ended(data):
+            self._head_timer.cancel()
+            self._head_timer = None
+        http.data_received(data)
+
+    def _head_ended(self, data: bytes) -> bool:
+        if not self._tail:
+            # Empty lines before the request line are allowed (RFC 9112 §2.2): they do
+            # not end a head, or a client could disarm the timer with one CRLF.
+            data = data.lstrip(b"\r\n")
+            if not data:
+                return False
+        seen = self._tail + data
+        # CRLF CRLF, or bare LFs, which aiohttp's parsers accept as well.
+        if b"\n\r\n" in seen or b"\n\n" in seen:
+            return True
+        self._tail = seen[-2:]
+        return False
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        self._guard.count("head_timeout", f"client {self._client} sent no complete request "
+                                          f"head in {self._guard.limits.head_timeout_s:g} s")
+        if self._http is not None:
+            self._http.force_close()  # the transport reports connection_lost in turn
+
+    def eof_received(self) -> bool | None:
+        return self._http.eof_received() if self._http is not None else None
+
+    def pause_writing(self) -> None:
+        if self._http is not None:
+            self._http.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._http is not None:
+            self._http.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        http, self._http = self._http, None
+        if http is None:
+            return  # refused at accept: never counted in
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        self._guard.leave(self._client)
+        http.connection_lost(exc)
+
+
+class GuardedSite(web.BaseSite):
+    """aiohttp's TCPSite, with every accepted connection passing `guard` first."""
+
+    __slots__ = ("_guard", "_host", "_port")
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int,
+                 guard: ConnectionGuard) -> None:
+        super().__init__(runner)
+        self._host = host
+        self._port = port
+        self._guard = guard
+
+    @property
+    def name(self) -> str:
+        return f"http://{self._host}:{self._port}"
+
+    @property
+    def bound(self) -> tuple[str, int]:
+        sockets = getattr(self._server, "sockets", None) or []
+        return sockets[0].getsockname()[:2] if sockets else (self._host, self._port)
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert server is not None
+        guard = self._guard
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: GuardedConnection(guard, server), self._host, self._port,
+            backlog=self._backlog, reuse_address=True)
+
+
+async def serve(app: web.Application, listen: tuple[str, int], guard: ConnectionGuard,
+                **runner_options: float) -> tuple[web.AppRunner, tuple[str, int]]:
+    """Start `app` on `listen` behind `guard`, idle keep-alive connections closed after
+    the guard's keep-alive timeout. Returns the runner (its cleanup() stops it all) and
+    the bound address."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           keepalive_timeout=guard.limits.keepalive_timeout_s,
+                           **runner_options)
+    await runner.setup()
+    site = GuardedSite(runner, *listen, guard)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner, site.bound
