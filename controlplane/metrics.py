@@ -89,6 +89,11 @@ class ControllerMetrics:
             "mcsproxy_controller_exports",
             "ServiceExports (and Karmada MultiClusterServices) in each member cluster",
             ["cluster"], registry=r)
+        self.http_connections_closed = Counter(
+            "mcsproxy_controller_http_connections_closed",
+            "Connections to --serve closed by a limit: connection_limit, client_limit "
+            "(refused at accept), head_timeout (no complete request head in time)",
+            ["outcome"], registry=r)
         self.stream_resyncs = Counter(
             "mcsproxy_controller_stream_resyncs_total",
             "Full snapshots sent to gateways (first connect, too old a version, lagging)",

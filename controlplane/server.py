@@ -18,18 +18,24 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from controlplane.controller import Controller
 from controlplane.metrics import ControllerMetrics
 from controlplane.stream import StreamHub
-from mcsproxy.config import is_loopback
+from mcsproxy.config import WebLimits, is_loopback
+from mcsproxy.webguard import ConnectionGuard, serve
 
 log = logging.getLogger("controlplane.server")
 
 SHUTDOWN_TIMEOUT_S = 2.0
+# Every gateway of every consumer cluster holds one stream connection, and the gateways of
+# a cluster may reach the controller from one NATed address: far more room than the
+# admin API's, per client address too (a quarter of it).
+LIMITS = WebLimits(max_connections=4096)
 # The status page shares the gateway page's stylesheet (mcsproxy/admin_static).
 STATUS_PAGE = Path(__file__).resolve().parent.parent / "mcsproxy" / "admin_static"
 
 
 class ControllerServer:
     def __init__(self, controller: Controller | None, hub: StreamHub | None,
-                 listen: tuple[str, int], *, metrics: ControllerMetrics | None = None) -> None:
+                 listen: tuple[str, int], *, metrics: ControllerMetrics | None = None,
+                 limits: WebLimits = LIMITS) -> None:
         self.controller = controller  # None: a standby (Kubernetes mode, not leading)
         self.hub = hub
         self.listen = listen
@@ -47,6 +53,9 @@ class ControllerServer:
         self.app.router.add_get("/static/status.css", self._css)
         self._runner: web.AppRunner | None = None
         self.bound: tuple[str, int] | None = None
+        closed = metrics.http_connections_closed
+        self.guard = ConnectionGuard("controller", limits,
+                                     on_close=lambda reason: closed.labels(reason).inc())
 
     def lead(self, controller: Controller, hub: StreamHub) -> None:
         """This replica's term began: serve its controller and stream."""
@@ -117,13 +126,8 @@ class ControllerServer:
         if not is_loopback(host):
             log.warning("controller listening on non-loopback %s: the stream has no auth; "
                         "put it behind a network policy", host)
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
-                                     shutdown_timeout=SHUTDOWN_TIMEOUT_S)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, reuse_address=True)
-        await site.start()
-        sockets = getattr(site._server, "sockets", None) or []
-        self.bound = sockets[0].getsockname()[:2] if sockets else (host, port)
+        self._runner, self.bound = await serve(self.app, (host, port), self.guard,
+                                               shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         log.info("controller serving on %s:%d", *self.bound)
 
     async def stop(self) -> None:

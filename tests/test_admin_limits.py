@@ -1,6 +1,7 @@
-"""The gateway's admin API (aiohttp) under a client that sends its request head a byte
-at a time (slowloris), too many connections from one address or in all, and idle
-keep-alive connections: each is closed, counted, and nobody else notices."""
+"""The aiohttp listeners (the gateway's admin API, the controller's --serve) under a
+client that sends its request head a byte at a time (slowloris), too many connections
+from one address or in all, and idle keep-alive connections: each is closed, counted,
+and nobody else notices."""
 
 from __future__ import annotations
 
@@ -10,12 +11,17 @@ import time
 from pathlib import Path
 
 from aiohttp import ClientSession, ClientTimeout, TCPConnector
+from prometheus_client import generate_latest
 
+from controlplane.metrics import ControllerMetrics
+from controlplane.server import ControllerServer
+from controlplane.stream import StreamHub
 from mcsproxy.config import WebLimits
-from tests.test_metrics_support import start_gateway, value
+from tests.test_metrics_support import parse_metrics, start_gateway, value
 
 NET = "127.119"
 ADMIN_HOST = f"{NET}.0.1"
+CONTROLLER_HOST = f"{NET}.0.2"
 HEAD_TIMEOUT_S = 1.0
 # Starts with an empty line, which must not count as the end of the head.
 SLOW_HEAD = b"\r\nGET /healthz HTTP/1.1\r\nHost: admin\r\nUser-Agent: slowloris\r\n\r\n"
@@ -174,3 +180,55 @@ async def test_admin_closes_idle_keepalive_connections(tmp_path: Path) -> None:
     finally:
         await gw.stop()
 
+
+async def test_controller_server_cuts_slow_heads_caps_connections_keeps_streams(
+        ) -> None:
+    metrics = ControllerMetrics()
+    hub = StreamHub(heartbeat_s=0.1)
+    hub.attach("east", {})
+    server = ControllerServer(None, hub, (CONTROLLER_HOST, 0), metrics=metrics,
+                              limits=WebLimits(head_timeout_s=HEAD_TIMEOUT_S,
+                                               max_connections=4,
+                                               max_connections_per_client=2))
+    await server.start()
+    assert server.bound is not None
+    listen = server.bound
+    url = f"http://{listen[0]}:{listen[1]}"
+    held = []
+    try:
+        async with client(f"{NET}.4.2") as gateway, \
+                gateway.get(url + "/v1/stream?cluster=east") as stream:
+            assert stream.status == 200
+            slow = asyncio.create_task(trickle(listen, f"{NET}.4.3"))
+            async with client(f"{NET}.4.4") as http, http.get(url + "/healthz") as resp:
+                assert resp.status == 200
+            assert not slow.done()
+            lived, _ = await slow
+            assert HEAD_TIMEOUT_S <= lived < HEAD_TIMEOUT_S + 1.0
+            # The stream's head came at once: it outlives the head timeout.
+            async with asyncio.timeout(3):
+                while b'"heartbeat"' not in await stream.content.readline():
+                    pass
+            assert hub.feeds["east"].subscribers
+
+            # With the stream open: two more from one address, a third refused...
+            for source in (f"{NET}.4.5", f"{NET}.4.5"):
+                held.append(conn := await connect(listen, source))
+                assert await get(*conn) == b"HTTP/1.1 200 OK"
+            assert await refused(listen, f"{NET}.4.5")
+            # ... one from elsewhere fills the cap, the next is refused.
+            held.append(conn := await connect(listen, f"{NET}.4.6"))
+            assert await get(*conn) == b"HTTP/1.1 200 OK"
+            assert await refused(listen, f"{NET}.4.7")
+            assert b'"heartbeat"' in await asyncio.wait_for(stream.content.readline(), 3)
+
+        text = generate_latest(metrics.registry).decode()
+        samples = parse_metrics(text)
+        for reason in ("head_timeout", "client_limit", "connection_limit"):
+            assert value(samples, "mcsproxy_controller_http_connections_closed_total",
+                         outcome=reason) == 1, text
+    finally:
+        for _, writer in held:
+            await close(writer)
+        hub.close()
+        await server.stop()
