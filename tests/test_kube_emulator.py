@@ -534,3 +534,15 @@ async def test_put_object_keeps_given_metadata(emu: KubeEmulator, api: ApiClient
     assert item["metadata"]["creationTimestamp"] == "2020-01-01T00:00:00Z"
     assert item["status"] == {"conditions": []} and item["apiVersion"] == f"{MCS}/v1alpha1"
     assert [o["metadata"]["name"] for o in emu.list_objects(f"serviceexports.{MCS}")] == ["old"]
+
+
+async def test_delete_object_removes_directly_and_watches_see_it(
+        emu: KubeEmulator, api: ApiClient) -> None:
+    core = CoreV1Api(api)
+    await core.create_namespaced_config_map("ns", configmap("a"))
+    watcher = asyncio.create_task(collect(core.list_namespaced_config_map, "ns", n=2))
+    await emu.wait_for(lambda: emu.watch_count == 1)
+    assert emu.delete_object("configmaps", "a", "ns")
+    assert not emu.delete_object("configmaps", "a", "ns")
+    assert [e["type"] for e in await asyncio.wait_for(watcher, 5)] == ["ADDED", "DELETED"]
+    assert emu.get_object("configmaps", "a", "ns") is None

@@ -172,6 +172,15 @@ class KubeEmulator:
         except ApiError:
             return None
 
+    def delete_object(self, resource: str, name: str, namespace: str | None = None) -> bool:
+        """Delete as the API server would (finalizers only mark it); False when missing."""
+        rtype = self.store.by_name(resource)
+        try:
+            self.store.delete(rtype, namespace or "", name)
+        except ApiError:
+            return False
+        return True
+
     def list_objects(self, resource: str, namespace: str | None = None) -> list[Obj]:
         rtype = self.store.by_name(resource)
         everything = label_selector(None)
