@@ -43,7 +43,8 @@ VERBS = {"GET": "get", "POST": "create", "PUT": "update", "PATCH": "patch", "DEL
 # Where each identity's API calls are made (generic transport modules, kube_api.py, name
 # no method or resource of their own).
 MODULES = {
-    "controller": ["controlplane/leader.py", "controlplane/clusters/kube_app.py"],
+    "controller": ["controlplane/leader.py", "controlplane/clusters/kube_app.py",
+                   "controlplane/clusters/kube_members.py"],
     "controller-member": ["controlplane/clusters/kube.py"],
     "gateway": ["mcsproxy/sources/kube.py", "mcsproxy/sources/kube_watch.py",
                 "mcsproxy/sources/kube_karmada.py"],
@@ -202,6 +203,9 @@ async def record_controller(tmp_path: Path) -> tuple[list[Request], list[Request
             assert exported is not None and exported.get("status", {}).get("conditions")
             for emu in (m1, m2):  # the liveness probe and every watch have run
                 await emu.wait_for(lambda e=emu: any(r.path == "/version" for r in e.requests))
+            # The member Secrets are watched for the whole term.
+            await home.wait_for(lambda: any(r.path.endswith("/secrets") and is_watch(r)
+                                            for r in home.requests))
             renewals = sum(1 for r in home.requests if r.method == "PUT")
             await home.wait_for(lambda: sum(1 for r in home.requests if r.method == "PUT")
                                 > renewals)
@@ -274,7 +278,8 @@ def test_the_check_fails_on_an_ungranted_and_on_an_unused_call() -> None:
     lease = "/apis/coordination.k8s.io/v1/namespaces/" + NAMESPACE + "/leases"
     used = [Request("POST", lease, {}), Request("GET", lease + "/mcsproxy-controller", {}),
             Request("PUT", lease + "/mcsproxy-controller", {}),
-            Request("GET", f"/api/v1/namespaces/{NAMESPACE}/secrets", {})]
+            Request("GET", f"/api/v1/namespaces/{NAMESPACE}/secrets", {}),
+            Request("GET", f"/api/v1/namespaces/{NAMESPACE}/secrets", {"watch": "true"})]
     check_identity("controller", used)
     try:
         check_identity("controller", [*used, Request("DELETE", lease + "/x", {})])

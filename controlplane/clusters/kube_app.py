@@ -13,12 +13,17 @@ Each leadership term builds fresh member clients, waits until every member has b
 once (a member not read yet would look like one without exports, and its imports
 elsewhere would be deleted), then reconciles and serves until the term ends. A member
 that fails while being read starts the reading over after a backoff, never ends the term.
+
+With --member-secrets the Secrets are watched for the whole term (kube_members.py says
+what is retried and what is fatal): when the set of members changes, the term's
+controller is rebuilt on the new set the way a term starts, every member read again. A
+removed member is no longer read or written: its exports leave the other members, and
+what was imported into it stays as last written (nothing can reach it any more).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import os
 import socket
@@ -27,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from kubernetes_asyncio import config as kube_config
 from kubernetes_asyncio.client import ApiClient, Configuration
 
@@ -35,6 +39,14 @@ from controlplane.allocator import DEFAULT_CIDR
 from controlplane.clusters import ClusterError
 from controlplane.clusters.kube import KubeClusterClient, KubeTimings
 from controlplane.clusters.kube_api import KubeApi
+from controlplane.clusters.kube_members import (
+    KUBECONFIG_KEY,
+    MEMBER_LABEL,
+    Kubeconfig,
+    MemberSecrets,
+    check_cluster_id,
+    member_from_secret,
+)
 from controlplane.command import parse_cluster_cidrs
 from controlplane.controller import Controller
 from controlplane.leader import LeaderElector, LeaseConfig
@@ -42,23 +54,16 @@ from controlplane.metrics import ControllerMetrics
 from controlplane.server import ControllerServer
 from controlplane.stream import HEARTBEAT_S, StreamHub
 from mcsproxy.backoff import Backoff
-from mcsproxy.config import CLUSTER_ID_RE
 from mcsproxy.tasks import cancel_and_wait, spawn
 
 log = logging.getLogger("controlplane.kube")
 
-MEMBER_LABEL = "mcsproxy.io/member-cluster"
-KUBECONFIG_KEY = "kubeconfig"
+__all__ = ["KUBECONFIG_KEY", "MEMBER_LABEL", "KubeControllerApp", "KubeControllerConfig",
+           "check_cluster_id", "config_from_args", "member_from_secret", "run"]
 
 
 def default_identity() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
-
-
-def check_cluster_id(cluster: str, where: str) -> str:
-    if not CLUSTER_ID_RE.match(cluster) or len(cluster) > 253:
-        raise ValueError(f"{where}: {cluster!r} is not an RFC-1123 cluster ID")
-    return cluster
 
 
 def parse_contexts(text: str) -> tuple[tuple[str, str], ...]:
@@ -120,24 +125,6 @@ async def _client_for(kubeconfig: Path | None, context: str | None) -> ApiClient
         raise ClusterError(f"kubeconfig {kubeconfig or '(default)'}: {exc}") from None
 
 
-def member_from_secret(secret: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-    """A member Secret → (cluster ID, kubeconfig dict); ValueError says what is wrong."""
-    meta = secret.get("metadata") or {}
-    name = str(meta.get("name"))
-    cluster = (meta.get("labels") or {}).get(MEMBER_LABEL) or name
-    check_cluster_id(cluster, f"Secret {name}")
-    raw = (secret.get("data") or {}).get(KUBECONFIG_KEY)
-    if not raw:
-        raise ValueError(f"Secret {name}: no {KUBECONFIG_KEY!r} key")
-    try:
-        doc = yaml.safe_load(base64.b64decode(raw))
-    except (ValueError, yaml.YAMLError) as exc:
-        raise ValueError(f"Secret {name}: {KUBECONFIG_KEY} is not a kubeconfig: {exc}") from None
-    if not isinstance(doc, dict):
-        raise ValueError(f"Secret {name}: {KUBECONFIG_KEY} is not a kubeconfig mapping")
-    return cluster, doc
-
-
 class KubeControllerApp:
     def __init__(self, config: KubeControllerConfig) -> None:
         self.config = config
@@ -156,32 +143,19 @@ class KubeControllerApp:
             self._host = await _client_for(cfg.kubeconfig, context)
         return self._host
 
-    async def _members(self) -> list[KubeClusterClient]:
+    async def _clients(self, members: Mapping[str, Kubeconfig] | None,
+                       into: list[KubeClusterClient]) -> None:
+        """A client per member (from the contexts when `members` is None), into `into` as
+        they are made, so the caller closes those made before one failed."""
         cfg = self.config
-        if cfg.contexts:
-            return [await KubeClusterClient.from_kubeconfig(cluster, cfg.kubeconfig, context,
-                                                            cfg.timings)
-                    for context, cluster in cfg.contexts]
-        assert cfg.member_secrets is not None
-        api = KubeApi(await self._host_client(), "host", cfg.timings.request_timeout_s)
-        secrets, _ = await api.list(f"/api/v1/namespaces/{cfg.member_secrets}/secrets",
-                                    MEMBER_LABEL)
-        members: dict[str, dict[str, Any]] = {}
-        for secret in sorted(secrets, key=lambda s: str((s.get("metadata") or {}).get("name"))):
-            try:
-                cluster, doc = member_from_secret(secret)
-            except ValueError as exc:
-                log.error("%s: skipped", exc)
-                continue
-            if cluster in members:
-                log.error("Secret for cluster %s appears twice: the first one is used", cluster)
-                continue
-            members[cluster] = doc
-        if not members:
-            raise ClusterError(f"no member Secrets labelled {MEMBER_LABEL} in namespace "
-                               f"{cfg.member_secrets}")
-        return [await KubeClusterClient.from_kubeconfig_dict(c, doc, cfg.timings)
-                for c, doc in members.items()]
+        if members is None:
+            for context, cluster in cfg.contexts:
+                into.append(await KubeClusterClient.from_kubeconfig(
+                    cluster, cfg.kubeconfig, context, cfg.timings))
+        else:
+            for cluster, doc in members.items():
+                into.append(await KubeClusterClient.from_kubeconfig_dict(
+                    cluster, doc, cfg.timings))
 
     async def _until_all_answer(self, clients: list[KubeClusterClient]) -> None:
         backoff = Backoff(self.config.timings.backoff_base_s, self.config.timings.backoff_cap_s)
@@ -231,10 +205,42 @@ class KubeControllerApp:
 
     async def lead(self) -> None:
         """One term as the writer: until cancelled."""
+        cfg = self.config
+        if cfg.member_secrets is None:
+            await self._serve_members(None)
+            return
+        api = KubeApi(await self._host_client(), "host", cfg.timings.request_timeout_s)
+        secrets = MemberSecrets(api, cfg.member_secrets, cfg.timings)
+        await secrets.load()
+        changed = asyncio.Event()
+        watch = spawn(secrets.watch(changed.set), name="member Secrets watch")
+        try:
+            while True:
+                changed.clear()  # before reading the set: a later change wakes us again
+                members = dict(secrets.members)
+                serving = spawn(self._serve_members(members), name="controller")
+                woken = spawn(changed.wait(), name="member Secrets changed")
+                try:
+                    done, _ = await asyncio.wait({serving, woken, watch},
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    await cancel_and_wait([serving, woken])
+                for task in (serving, watch):
+                    if task in done:
+                        task.result()  # neither ends by itself but by an error: raise it
+                        return
+                log.info("member clusters changed (%s): restarting the controller on them",
+                         _difference(members, secrets.members))
+        finally:
+            await cancel_and_wait([watch])
+
+    async def _serve_members(self, members: Mapping[str, Kubeconfig] | None) -> None:
+        """The controller over one set of members (the contexts when None), until
+        cancelled."""
         clients: list[KubeClusterClient] = []
         controller: Controller | None = None
         try:
-            clients = await self._members()
+            await self._clients(members, clients)
             controller, hub = await self._start_controller(clients)
             self.controller = controller
             log.info("controller reconciled clusters=%s", ",".join(controller.clients))
@@ -288,6 +294,14 @@ class KubeControllerApp:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def _difference(old: Mapping[str, Kubeconfig], new: Mapping[str, Kubeconfig]) -> str:
+    """`+added -removed ~kubeconfig-changed` cluster IDs, for the log."""
+    parts = [f"+{c}" for c in sorted(new.keys() - old.keys())]
+    parts += [f"-{c}" for c in sorted(old.keys() - new.keys())]
+    parts += [f"~{c}" for c in sorted(old.keys() & new.keys()) if old[c] != new[c]]
+    return " ".join(parts)
 
 
 async def run(config: KubeControllerConfig) -> int:

@@ -1,0 +1,223 @@
+"""In-cluster mode: member clusters from labelled Secrets in the host cluster.
+
+The host API server (its own emulator, holding the Secrets and the Lease) fails, goes
+away and comes back; member Secrets appear, go and turn invalid while the controller
+runs. Everything goes through the real kubernetes-asyncio client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controlplane.clusters import ClusterError
+from controlplane.clusters.kube_app import MEMBER_LABEL, KubeControllerApp, KubeControllerConfig
+from mcsproxy.tasks import cancel_and_wait, spawn
+from tests.kube_emulator import KubeEmulator
+from tests.test_controller_kube_support import (
+    FAST,
+    Clusterset,
+    clusterset,
+    export_web,
+    member_slice,
+    namespace,
+)
+
+HOST_IP = "127.163.0.1"  # the host cluster's API server; the members use 127.0.0.1
+NS = "mcsproxy"
+SECRETS = "/namespaces/mcsproxy/secrets"
+WAIT_S = 10.0
+
+
+def member_secret(name: str, cluster: str, kubeconfig: bytes) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": name, "namespace": NS, "labels": {MEMBER_LABEL: cluster}},
+            "data": {"kubeconfig": base64.b64encode(kubeconfig).decode()}}
+
+
+class Setup:
+    def __init__(self, cs: Clusterset, host: KubeEmulator, tmp_path: Path) -> None:
+        self.cs, self.host, self.tmp_path = cs, host, tmp_path
+
+    def kubeconfig(self, cluster: str) -> bytes:
+        return self.cs[cluster].kubeconfig(self.tmp_path / f"member-{cluster}",
+                                           "member").read_bytes()
+
+    def add_member(self, cluster: str, kubeconfig: bytes | None = None) -> None:
+        self.host.put_object(member_secret(f"member-{cluster}", cluster,
+                                           kubeconfig or self.kubeconfig(cluster)))
+
+    def app(self, **kwargs: Any) -> KubeControllerApp:
+        return KubeControllerApp(KubeControllerConfig(
+            kubeconfig=self.host.kubeconfig(self.tmp_path / "host", "host"),
+            member_secrets=NS, lease_duration_s=3.0, identity="in-cluster", timings=FAST,
+            **kwargs))
+
+    def secret_requests(self) -> int:
+        return sum(1 for r in self.host.requests if r.path.endswith(SECRETS))
+
+
+@pytest.fixture
+async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
+    async with clusterset() as cs:
+        host = KubeEmulator()
+        await host.start(HOST_IP)
+        try:
+            for c in cs.emulators:
+                cs[c].put_object(namespace("demo"))
+            export_web(cs, "b", ["10.2.0.1"])
+            yield Setup(cs, host, tmp_path)
+        finally:
+            await host.stop()
+
+
+@contextlib.asynccontextmanager
+async def running(app: KubeControllerApp) -> AsyncIterator[asyncio.Task[Any]]:
+    task = spawn(app.run(), name="secrets controller")
+    try:
+        yield task
+    finally:
+        app.stop()
+        await cancel_and_wait([task])
+
+
+async def until(cond: Callable[[], bool], task: asyncio.Task[Any], what: str) -> None:
+    """Until cond() holds; fails at once if the controller ended meanwhile."""
+    deadline = asyncio.get_running_loop().time() + WAIT_S
+    while not cond():
+        assert not task.done(), f"the controller ended: {task.exception()!r}"
+        assert asyncio.get_running_loop().time() < deadline, what
+        await asyncio.sleep(0.02)
+
+
+def serving(app: KubeControllerApp) -> set[str]:
+    """The members of the controller now serving (it writes before it is published)."""
+    return set(app.controller.clients) if app.controller is not None else set()
+
+
+def secret_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno >= logging.ERROR and "member Secrets" in r.getMessage()]
+
+
+async def test_a_failing_secret_list_at_startup_is_retried_not_fatal(
+        setup: Setup, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    setup.add_member("a")
+    setup.add_member("b")
+    setup.host.fail_next(4, 503, method="GET", path=SECRETS)
+    app = setup.app()
+    async with running(app) as task:
+        await until(app.led.is_set, task, "never led")
+        assert setup.secret_requests() >= 5  # four 503s, then the list that worked
+        await until(lambda: setup.cs.addresses("a", "web") == {"10.2.0.1"}, task,
+                    "b's export never imported into a")
+    assert len(secret_errors(caplog)) == 1, secret_errors(caplog)  # once, not per retry
+
+
+async def test_forbidden_secret_list_at_startup_ends_with_a_clear_error(
+        setup: Setup) -> None:
+    setup.add_member("a")
+    setup.host.fail_next(None, 403, path=SECRETS)  # RBAC: no retry can fix it
+    with pytest.raises(ClusterError, match="403"):
+        await asyncio.wait_for(setup.app().run(), WAIT_S)
+
+
+async def test_no_member_secrets_at_startup_ends_with_a_clear_error(setup: Setup) -> None:
+    with pytest.raises(ClusterError, match="no member Secrets"):
+        await asyncio.wait_for(setup.app().run(), WAIT_S)
+
+
+async def test_member_secrets_added_and_removed_at_runtime(setup: Setup) -> None:
+    cs = setup.cs
+    setup.add_member("a")
+    setup.add_member("b")
+    app = setup.app()
+    async with running(app) as task:
+        await until(lambda: cs.addresses("a", "web") == {"10.2.0.1"}, task, "no import")
+        assert not cs.imported_slices("c")
+        setup.add_member("c")
+        await until(lambda: cs.addresses("c", "web") == {"10.2.0.1"}, task,
+                    "the member added at runtime got no imports")
+        await until(lambda: serving(app) == {"a", "b", "c"}, task, "c is not served")
+        setup.host.delete_object("secrets", "member-b", NS)
+        await until(lambda: not cs.imports("a") and not cs.imports("c"), task,
+                    "the removed member's export is still imported")
+        await until(lambda: serving(app) == {"a", "c"}, task, "b is still served")
+
+
+async def test_secret_watch_survives_5xx_and_keeps_the_members(
+        setup: Setup, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    cs = setup.cs
+    setup.add_member("a")
+    setup.add_member("b")
+    app = setup.app()
+    async with running(app) as task:
+        await until(lambda: serving(app) == {"a", "b"}, task, "never served")
+        controller = app.controller
+        setup.host.fail_next(None, 503, path=SECRETS)
+        setup.host.drop_watches()
+        failed = setup.secret_requests() + 4
+        await until(lambda: setup.secret_requests() >= failed, task, "no retries")
+        # Still reconciling with the members it had: b's change reaches a.
+        cs["b"].put_object(member_slice("web", ["10.2.0.1", "10.2.0.2"]))
+        await until(lambda: cs.addresses("a", "web") == {"10.2.0.1", "10.2.0.2"}, task,
+                    "the members stopped being served")
+        assert app.controller is controller
+        setup.add_member("c")  # while the Secrets cannot be read
+        setup.host.clear_faults()
+        await until(lambda: cs.addresses("c", "web") == {"10.2.0.1", "10.2.0.2"}, task,
+                    "the member added during the outage was not picked up")
+    assert len(secret_errors(caplog)) == 1, secret_errors(caplog)
+
+
+async def test_secret_watch_survives_the_host_api_server_going_away(
+        setup: Setup, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    cs = setup.cs
+    for c in ("a", "b", "c"):
+        setup.add_member(c)
+    app = setup.app(leader_elect=False)  # the Lease would end the term: not under test here
+    async with running(app) as task:
+        await until(lambda: cs.addresses("c", "web") == {"10.2.0.1"}, task, "no import")
+        await setup.host.stop()  # connection refused from now on
+        await until(lambda: bool(secret_errors(caplog)), task, "the outage went unnoticed")
+        setup.host.delete_object("secrets", "member-b", NS)  # missed while away
+        cs["b"].put_object(member_slice("web", ["10.2.0.1", "10.2.0.2"]))
+        await until(lambda: cs.addresses("a", "web") == {"10.2.0.1", "10.2.0.2"}, task,
+                    "the members stopped being served")
+        await setup.host.start()
+        await until(lambda: not cs.imports("a") and not cs.imports("c"), task,
+                    "the Secret deleted during the outage was not noticed")
+    assert len(secret_errors(caplog)) == 1, secret_errors(caplog)
+
+
+@pytest.mark.parametrize("broken", [b"not: [yaml", b"apiVersion: v1\nkind: Config\n"])
+async def test_an_invalid_kubeconfig_later_keeps_the_last_good_one(
+        setup: Setup, caplog: pytest.LogCaptureFixture, broken: bytes) -> None:
+    cs = setup.cs
+    setup.add_member("a")
+    setup.add_member("b")
+    app = setup.app()
+    async with running(app) as task:
+        await until(lambda: serving(app) == {"a", "b"}, task, "never served")
+        controller = app.controller
+        setup.add_member("b", broken)
+        await until(lambda: any("member-b" in m for m in secret_errors(caplog)), task,
+                    "the broken Secret was not reported")
+        cs["b"].put_object(member_slice("web", ["10.2.0.1", "10.2.0.2"]))
+        await until(lambda: cs.addresses("a", "web") == {"10.2.0.1", "10.2.0.2"}, task,
+                    "b stopped being served")
+        assert app.controller is controller  # not restarted for a broken Secret
+        setup.add_member("c")  # later changes still apply, with b's last good kubeconfig
+        await until(lambda: cs.addresses("c", "web") == {"10.2.0.1", "10.2.0.2"}, task,
+                    "c was not added")
+        await until(lambda: serving(app) == {"a", "b", "c"}, task, "c is not served")
