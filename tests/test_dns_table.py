@@ -5,17 +5,25 @@ Expected answers are zone-file lines, as in CoreDNS's plugin tests.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import dnslib
 import pytest
 
+from mcsproxy.config import DnsConfig
+from mcsproxy.dns.server import DnsServer
+from mcsproxy.store import SnapshotStore
 from tests.dns_support import (
     BIG_ADDRESSES,
     SOA_LINE,
     exchange,
+    import_yaml,
+    load_store,
     make_query,
     running_dns,
+    slice_yaml,
     tcp_exchange,
     udp_exchange,
     zone_lines,
@@ -236,6 +244,46 @@ async def test_big_headless_is_truncated_over_udp_and_whole_over_tcp(dns) -> Non
     reply = dnslib.DNSRecord.parse(raw)
     assert not reply.header.tc
     assert zone_lines(reply.rr) == BIG_LINES
+
+
+@contextlib.asynccontextmanager
+async def serving(texts: dict[str, str]) -> AsyncIterator[DnsServer]:
+    """A DNS server for a zone of its own."""
+    store = SnapshotStore("cluster-a")
+    load_store(store, texts)
+    server = DnsServer(DnsConfig(listen=("127.0.0.1", 0)), store)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+FOUR_PORTS = "[" + ", ".join(f"{{name: p{i}, protocol: TCP, port: {8000 + i}}}"
+                             for i in range(4)) + "]"
+HUGE_ADDRESSES = [f"10.10.{i // 250}.{i % 250 + 1}" for i in range(450)]
+
+
+async def test_an_answer_beyond_64k_keeps_over_tcp_the_records_that_fit() -> None:
+    # 450 endpoints x 4 ports: ~72 kB of bare SRV records, more than a TCP message holds.
+    # TCP is the last resort: an empty TC answer there leaves the name unresolvable.
+    huge = import_yaml("huge", "Headless", FOUR_PORTS) + "\n---\n" + slice_yaml(
+        "huge", "cluster-a", "IPv4", HUGE_ADDRESSES, FOUR_PORTS)
+    async with serving({"huge.yaml": huge}) as server:
+        [raw] = await tcp_exchange(server.bound, make_query(f"huge.{T}", "SRV", edns=1232))
+        assert 65535 - 60 < len(raw) <= 65535
+        reply = dnslib.DNSRecord.parse(raw)
+        assert reply.header.tc and len(reply.rr) == reply.header.a > 1500
+        assert all(r.rtype == dnslib.QTYPE.SRV and str(r.rdata.target).endswith(f".huge.{T}")
+                   for r in reply.rr)
+        assert [r.rtype for r in reply.ar] == [dnslib.QTYPE.OPT]
+        # the A records all fit; over UDP the client is still sent to TCP
+        [raw] = await tcp_exchange(server.bound, make_query(f"huge.{T}"))
+        assert sorted(str(r.rdata) for r in dnslib.DNSRecord.parse(raw).rr) == sorted(
+            HUGE_ADDRESSES)
+        reply = dnslib.DNSRecord.parse(
+            await udp_exchange(server.bound, make_query(f"huge.{T}", "SRV")))
+        assert reply.header.tc and reply.rr == []
 
 
 async def test_a_bigger_edns_cap_lets_more_through_udp() -> None:

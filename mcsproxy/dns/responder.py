@@ -49,6 +49,7 @@ from mcsproxy.dns.wire import (
     parse_query,
     pointer,
     rr,
+    whole_records,
 )
 from mcsproxy.dns.zone import Node, ZoneIndex
 from mcsproxy.model import Snapshot
@@ -196,8 +197,11 @@ class Responder:
         msg = b"".join((q.id, HEADER_TAIL.pack(flags, 1, an_count, ns_count, ar), q.question,
                         answers, authority, opt))
         if len(msg) > limit:
-            # Too big for this transport: the question alone with TC set; the client
-            # retries over TCP and gets it all.
-            msg = b"".join((q.id, HEADER_TAIL.pack(flags | FLAG_TC, 1, 0, 0, ar), q.question,
-                            opt))
+            # Too big for this transport. Over UDP the question alone with TC set: the
+            # client retries over TCP and gets it all. Over TCP there is nothing to retry
+            # with: as many whole records as fit in a message, TC set.
+            count, cut = (whole_records(answers, limit - 12 - len(q.question) - len(opt))
+                          if tcp else (0, 0))
+            msg = b"".join((q.id, HEADER_TAIL.pack(flags | FLAG_TC, 1, count, 0, ar),
+                            q.question, answers[:cut], opt))
         return msg

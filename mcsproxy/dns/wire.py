@@ -87,6 +87,25 @@ def rr(owner: bytes, rtype: int, ttl: int, rdata: bytes) -> bytes:
     return owner + RR_FIXED.pack(rtype, CLASS_IN, ttl, len(rdata)) + rdata
 
 
+def whole_records(packed: bytes, room: int) -> tuple[int, int]:
+    """(how many, how many bytes) of the leading records of `packed` that fit in `room`.
+
+    Owner names are pointers or labels ending in one (as this package packs them)."""
+    pos = count = 0
+    size = len(packed)
+    while pos < size:
+        end = pos
+        while packed[end] and packed[end] < 0xC0:
+            end += packed[end] + 1
+        end += 2 if packed[end] else 1
+        end += RR_FIXED.size + ((packed[end + 8] << 8) | packed[end + 9])
+        if end > room:
+            break
+        pos = end
+        count += 1
+    return count, pos
+
+
 def address_rdata(address: str) -> tuple[int, bytes]:
     """(A or AAAA, packed address) for an IP literal."""
     if ":" in address:
