@@ -132,6 +132,55 @@ async def test_dns_response_rate_limit_per_client_network() -> None:
         transport.close()
 
 
+async def test_dns_rrl_truncated_answers_send_stub_resolvers_to_tcp() -> None:
+    """The slipped answer must be one glibc follows over TCP: it ignores an answer whose
+    question does not match its own, and takes an empty NOERROR with neither AA, RA nor
+    an additional record for a referral. A response sent to us is never answered."""
+    server, _upstream, transport = await dns_server(rrl_qps=0.01)  # a burst of 1
+    zone_name = "web.test.svc.clusterset.local."
+    response = bytearray(make_query(zone_name))
+    response[2] |= 0x80  # QR
+    packets = [
+        make_query(zone_name),  # the burst: answered
+        make_query(zone_name),  # over the limit from here: every 2nd one slips
+        make_query(zone_name, edns=1232),
+        bytes(response),
+        bytes(response),  # its turn to slip, but a response gets nothing
+        make_query(zone_name),
+        make_query("WEB.test.svc.clusterset.local."),
+        make_query("example.com."),
+        make_query("example.com."),
+    ]
+    try:
+        assert server.bound is not None and server.rrl is not None
+        loop = asyncio.get_running_loop()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            sock.setblocking(False)
+            answers: dict[int, dnslib.DNSRecord] = {}
+            for i, packet in enumerate(packets):
+                await loop.sock_sendto(sock, packet, server.bound)
+                try:
+                    async with asyncio.timeout(0.2):
+                        answers[i] = dnslib.DNSRecord.parse(await loop.sock_recv(sock, 4096))
+                except TimeoutError:
+                    pass
+        assert sorted(answers) == [0, 2, 6, 8]
+        assert not answers[0].header.tc
+        for i in (2, 6, 8):
+            reply, query = answers[i], dnslib.DNSRecord.parse(packets[i])
+            assert reply.header.tc and reply.header.id == query.header.id
+            assert reply.questions == query.questions and reply.rr == reply.auth == []
+            assert dnslib.RCODE.get(reply.header.rcode) == "NOERROR"
+        assert [r.rtype for r in answers[2].ar] == [dnslib.QTYPE.OPT] and answers[6].ar == []
+        assert answers[6].header.aa and not answers[6].header.ra
+        assert answers[8].header.ra and not answers[8].header.aa  # forwarded names
+        assert (server.rrl.slipped, server.rrl.dropped) == (3, 5)
+    finally:
+        await server.stop()
+        transport.close()
+
+
 async def test_front_door_is_not_an_open_proxy(tmp_path: Path) -> None:
     backend = await SlowHttp("inside", "127.77.7.1", 8090).start()
     bait = await SlowHttp("bait", "127.77.7.2", 8091).start()  # never imported

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import ipaddress
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
-from mcsproxy.dns.wire import FLAG_TC, REFUSED, error_response
+from mcsproxy.dns.wire import REFUSED, error_response
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -121,17 +121,17 @@ class ResponseRateLimit:
         bucket[0] = tokens
         return False
 
-    def limited(self, query: bytes) -> bytes | None:
-        """What an over-limit client gets: every RRL_SLIP-th a truncated answer, else
-        nothing."""
+    def limited(self, query: bytes,
+                truncated: Callable[[bytes], bytes | None]) -> bytes | None:
+        """What an over-limit client gets: every RRL_SLIP-th query `truncated(query)` (its
+        question with TC set, see Responder.truncated), else nothing."""
         self._slip += 1
-        if self._slip % RRL_SLIP or len(query) < 12:
+        answer = truncated(query) if self._slip % RRL_SLIP == 0 else None
+        if answer is None:
             self.dropped += 1
-            return None
-        self.slipped += 1
-        answer = bytearray(error_response(query, 0))
-        answer[2] |= FLAG_TC >> 8
-        return bytes(answer)
+        else:
+            self.slipped += 1
+        return answer
 
     def _prune(self, now: float) -> bool:
         if now - self._last_prune < 1.0:  # at most once a second: a flood of new prefixes

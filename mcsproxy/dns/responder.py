@@ -26,6 +26,7 @@ from mcsproxy.dns.wire import (
     ECHOED_FLAGS,
     FLAG_AA,
     FLAG_QR,
+    FLAG_RA,
     FLAG_TC,
     FORMERR,
     HEADER_TAIL,
@@ -134,6 +135,30 @@ class Responder:
                 memo.clear()  # bounded: random names cannot grow it without limit
             memo[data[2:]] = answer[2:]
         return answer
+
+    def truncated(self, data: bytes) -> bytes | None:
+        """A UDP client's question with TC set and no records: "ask again over TCP".
+
+        Response rate limiting sends it instead of the answer (guard.ResponseRateLimit).
+        It echoes the question and, for an EDNS query, an OPT record, and it carries AA
+        for names in the zone (RA for names we forward): glibc's stub resolver ignores an
+        answer whose question does not match its own, and takes an empty NOERROR answer
+        with neither AA, RA nor any additional record for a referral and gives up on the
+        server, instead of retrying over TCP. None for anything but a plain query
+        (responses above all: they are never answered)."""
+        q = parse_query(data)
+        if type(q) is int:
+            return None
+        assert isinstance(q, Query)
+        if self.zone.lookup(q.qname) is not ZoneIndex.OUT_OF_ZONE:
+            answer = bytearray(self.message(q, NOERROR, False))
+        elif self.forwarding:
+            answer = bytearray(self.message(q, NOERROR, False, aa=False))
+            answer[3] |= FLAG_RA
+        else:
+            return self.message(q, REFUSED, False, aa=False)  # no bigger than the query
+        answer[2] |= FLAG_TC >> 8
+        return bytes(answer)
 
     def answer(self, q: Query, tcp: bool) -> tuple[bytes | Forward, bool]:
         """(answer, whether it may be memoised)."""

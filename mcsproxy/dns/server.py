@@ -61,7 +61,7 @@ class UdpProtocol(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         rrl = self.rrl
         if rrl is not None and not rrl.allow(addr[0]):
-            limited = rrl.limited(data)
+            limited = rrl.limited(data, self.server.responder.truncated)
             if limited is not None:
                 self.sendto(limited, addr)
             return

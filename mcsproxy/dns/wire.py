@@ -21,6 +21,7 @@ FLAG_QR = 0x8000
 FLAG_AA = 0x0400
 FLAG_TC = 0x0200
 FLAG_RD = 0x0100
+FLAG_RA = 0x0080
 FLAG_CD = 0x0010
 OPCODE_MASK = 0x7800
 ECHOED_FLAGS = FLAG_RD | FLAG_CD  # copied from the query into the answer
