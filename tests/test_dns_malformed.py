@@ -13,7 +13,14 @@ from mcsproxy.config import DnsConfig
 from mcsproxy.dns.responder import Responder
 from mcsproxy.dns.wire import FORMERR, NOTIMP
 from mcsproxy.store import SnapshotStore
-from tests.dns_support import load_store, make_query, running_dns, tcp_exchange, udp_client
+from tests.dns_support import (
+    exchange,
+    load_store,
+    make_query,
+    running_dns,
+    tcp_exchange,
+    udp_client,
+)
 
 NAME = b"\x09myservice\x04test\x03svc\x0aclusterset\x05local\x00"
 A_IN = b"\x00\x01\x00\x01"
@@ -107,3 +114,22 @@ async def test_server_keeps_answering_after_every_bad_packet() -> None:
         err, ok = await tcp_exchange(server.bound, bad, good)
         assert err[3] & 0x0F == FORMERR
         assert [str(r.rdata) for r in dnslib.DNSRecord.parse(ok).rr] == ["127.240.0.10"]
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_another_opcode_gets_notimp_with_its_question_and_opt(transport: str) -> None:
+    # RFC 6891 7: an OPT in the query MUST be answered with one, errors included.
+    async with running_dns() as server:
+        for opcode, flags in (("NOTIFY", 0x2000), ("opcode 3", 0x1900)):
+            packet = header(flags=flags, ar=1) + NAME + A_IN + OPT_RR
+            reply = dnslib.DNSRecord.parse(await exchange(transport, server.bound, packet))
+            assert dnslib.RCODE.get(reply.header.rcode) == "NOTIMP", opcode
+            assert reply.header.opcode == flags >> 11 and reply.header.qr, opcode
+            assert reply.header.rd == flags >> 8 & 1, opcode
+            assert [str(q.qname) for q in reply.questions] == [
+                "myservice.test.svc.clusterset.local."], opcode
+            assert reply.rr == [] and [r.rtype for r in reply.ar] == [dnslib.QTYPE.OPT], opcode
+        # what does not read as a query still gets the header alone
+        reply = dnslib.DNSRecord.parse(
+            await exchange(transport, server.bound, header(flags=0x1000, qd=0)))
+        assert dnslib.RCODE.get(reply.header.rcode) == "NOTIMP" and reply.questions == []

@@ -36,6 +36,7 @@ from mcsproxy.dns.wire import (
     NOERROR,
     NOTIMP,
     NXDOMAIN,
+    OPCODE_MASK,
     OPT,
     OPT_FIXED,
     REFUSED,
@@ -126,6 +127,8 @@ class Responder:
             query = parse_unusual(data)
             common = False
         if type(query) is int:
+            if query == NOTIMP and data[2] & (OPCODE_MASK >> 8):
+                return self.not_implemented(data, tcp)
             return None if query == DROP else error_response(data, query)
         assert isinstance(query, Query)
         answer, cacheable = self.answer(query, tcp)
@@ -135,6 +138,21 @@ class Responder:
                 memo.clear()  # bounded: random names cannot grow it without limit
             memo[data[2:]] = answer[2:]
         return answer
+
+    def not_implemented(self, data: bytes, tcp: bool) -> bytes:
+        """NOTIMP for an opcode other than QUERY, its opcode echoed; with the question and,
+        for a query with an OPT record, ours (RFC 6891 7: a responder MUST include one),
+        when the rest of the message reads as a query; else the header alone."""
+        flags = (data[2] << 8) | data[3]
+        as_query = data[:2] + (flags & ~OPCODE_MASK).to_bytes(2, "big") + data[4:]
+        q = parse_query(as_query)
+        if type(q) is int and q == UNUSUAL:
+            q = parse_unusual(as_query)
+        if type(q) is int:
+            return error_response(data, NOTIMP)
+        assert isinstance(q, Query)
+        q.flags = flags
+        return self.message(q, NOTIMP, tcp, aa=False)
 
     def truncated(self, data: bytes) -> bytes | None:
         """A UDP client's question with TC set and no records: "ask again over TCP".
@@ -207,7 +225,9 @@ class Responder:
         authority: bytes = b"",
         aa: bool = True,
     ) -> bytes:
-        flags = FLAG_QR | (FLAG_AA if aa else 0) | (q.flags & ECHOED_FLAGS) | (rcode & 0xF)
+        # The opcode is QUERY's 0 in every answer but not_implemented's.
+        flags = (FLAG_QR | (FLAG_AA if aa else 0) | (q.flags & (ECHOED_FLAGS | OPCODE_MASK))
+                 | (rcode & 0xF))
         edns = q.edns
         if edns is None:
             opt = b""
