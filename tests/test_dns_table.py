@@ -143,6 +143,7 @@ CASES = [
     Case(T, "A", ns=NODATA),
     Case(Z, "A", ns=NODATA),
     Case(Z, "SOA", answer=[SOA_LINE]),
+    Case(Z, "ANY", answer=[SOA_LINE]),  # the apex's one record set, not NODATA
     # outside the zone
     Case("example.com.", "A", "REFUSED"),
     Case("local.", "A", "REFUSED"),

@@ -19,6 +19,7 @@ import dnslib
 
 from mcsproxy.config import DnsConfig
 from mcsproxy.dns.wire import (
+    ANY,
     AXFR,
     BADVERS,
     CLASS_IN,
@@ -200,7 +201,7 @@ class Responder:
         rrset = found.rrsets().get(q.qtype)
         if rrset is not None:
             return self.message(q, NOERROR, tcp, rrset[0], rrset[1]), True
-        if q.qtype == SOA and q.qname == self.zone.apex:
+        if q.qname == self.zone.apex and q.qtype in (SOA, ANY):
             return self.message(q, NOERROR, tcp, 1, self.soa(len(q.qname))), True
         return self.message(q, NOERROR, tcp, authority=self.soa(len(q.qname))), True
 
