@@ -133,3 +133,20 @@ async def test_another_opcode_gets_notimp_with_its_question_and_opt(transport: s
         reply = dnslib.DNSRecord.parse(
             await exchange(transport, server.bound, header(flags=0x1000, qd=0)))
         assert dnslib.RCODE.get(reply.header.rcode) == "NOTIMP" and reply.questions == []
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_formerr_to_a_query_with_an_opt_carries_ours(transport: str) -> None:
+    # RFC 6891 7 again: no question (a DNS cookie probe's shape) or two, but one OPT record.
+    async with running_dns() as server:
+        for name, packet in (
+            ("qdcount 0", header(qd=0, ar=1) + OPT_RR),
+            ("qdcount 2", header(qd=2, ar=1) + NAME + A_IN + NAME + A_IN + OPT_RR),
+        ):
+            reply = dnslib.DNSRecord.parse(await exchange(transport, server.bound, packet))
+            assert dnslib.RCODE.get(reply.header.rcode) == "FORMERR", name
+            assert reply.header.id == 0xBEEF and reply.header.qr, name
+            assert [(r.rtype, r.rclass) for r in reply.ar] == [(dnslib.QTYPE.OPT, 1232)], name
+        two = dnslib.DNSRecord.parse(await exchange(transport, server.bound,
+                                                    CASES["two OPTs"][0]))
+        assert dnslib.RCODE.get(two.header.rcode) == "FORMERR" and two.ar == []

@@ -25,6 +25,7 @@ from mcsproxy.dns.wire import (
     CLASS_IN,
     DROP,
     ECHOED_FLAGS,
+    EDNS_DO,
     FLAG_AA,
     FLAG_QR,
     FLAG_RA,
@@ -130,6 +131,8 @@ class Responder:
         if type(query) is int:
             if query == NOTIMP and data[2] & (OPCODE_MASK >> 8):
                 return self.not_implemented(data, tcp)
+            if query == FORMERR:
+                return self.format_error(data)
             return None if query == DROP else error_response(data, query)
         assert isinstance(query, Query)
         answer, cacheable = self.answer(query, tcp)
@@ -139,6 +142,23 @@ class Responder:
                 memo.clear()  # bounded: random names cannot grow it without limit
             memo[data[2:]] = answer[2:]
         return answer
+
+    def format_error(self, data: bytes) -> bytes:
+        """FORMERR, the header alone, with our OPT record when the query carries exactly
+        one (RFC 6891 7), e.g. a query with no question or two: their count is wrong, the
+        OPT record may still be fine."""
+        answer = error_response(data, FORMERR)
+        if not (data[10] or data[11]):
+            return answer
+        try:
+            record = dnslib.DNSRecord.parse(data)
+        except Exception:  # untrusted bytes; dnslib raises several unrelated types
+            return answer
+        opts = [a for a in record.ar if a.rtype == OPT]
+        if len(opts) != 1:
+            return answer  # RFC 6891 6.1.1: two OPTs are the error itself
+        opt = b"\x00" + OPT_FIXED.pack(OPT, self.edns_max, 0, 0, opts[0].ttl & EDNS_DO, 0)
+        return answer[:10] + b"\x00\x01" + opt
 
     def not_implemented(self, data: bytes, tcp: bool) -> bytes:
         """NOTIMP for an opcode other than QUERY, its opcode echoed; with the question and,
