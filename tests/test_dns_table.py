@@ -248,11 +248,11 @@ async def test_big_headless_is_truncated_over_udp_and_whole_over_tcp(dns) -> Non
 
 
 @contextlib.asynccontextmanager
-async def serving(texts: dict[str, str]) -> AsyncIterator[DnsServer]:
+async def serving(texts: dict[str, str], **config: object) -> AsyncIterator[DnsServer]:
     """A DNS server for a zone of its own."""
     store = SnapshotStore("cluster-a")
     load_store(store, texts)
-    server = DnsServer(DnsConfig(listen=("127.0.0.1", 0)), store)
+    server = DnsServer(DnsConfig(listen=("127.0.0.1", 0), **config), store)  # type: ignore[arg-type]
     await server.start()
     try:
         yield server
@@ -285,6 +285,21 @@ async def test_an_answer_beyond_64k_keeps_over_tcp_the_records_that_fit() -> Non
         reply = dnslib.DNSRecord.parse(
             await udp_exchange(server.bound, make_query(f"huge.{T}", "SRV")))
         assert reply.header.tc and reply.rr == []
+
+
+async def test_an_edns_cap_of_65535_never_makes_an_answer_too_big_to_send() -> None:
+    # 4091 A records: 65515 bytes, past the 65507 a UDP datagram can carry over IPv4.
+    # It used to fail at sendto and the client heard nothing; now it is sent to TCP.
+    addresses = [f"10.11.{i // 250}.{i % 250 + 1}" for i in range(4091)]
+    zone = import_yaml("huge", "Headless", FOUR_PORTS) + "\n---\n" + slice_yaml(
+        "huge", "cluster-a", "IPv4", addresses, FOUR_PORTS)
+    async with serving({"huge.yaml": zone}, edns_max_payload=65535) as server:
+        [raw] = await tcp_exchange(server.bound, make_query(f"huge.{T}", edns=65535))
+        assert 65507 < len(raw) <= 65535 and not dnslib.DNSRecord.parse(raw).header.tc
+        reply = dnslib.DNSRecord.parse(
+            await udp_exchange(server.bound, make_query(f"huge.{T}", edns=65535)))
+        assert reply.header.tc and reply.rr == []
+        assert next(r for r in reply.ar if r.rtype == dnslib.QTYPE.OPT).rclass == 65507
 
 
 async def test_a_bigger_edns_cap_lets_more_through_udp() -> None:

@@ -46,6 +46,7 @@ from mcsproxy.dns.wire import (
     SOA,
     TCP_LIMIT,
     TYPE_CLASS,
+    UDP_MAX_PAYLOAD,
     UDP_PLAIN_LIMIT,
     UNUSUAL,
     Query,
@@ -107,7 +108,9 @@ class Responder:
         self.zone = ZoneIndex(config.domain, config.ttl_s, eager=eager)
         self.loaded = loaded
         self.forwarding = config.upstream is not None
-        self.edns_max = config.edns_max_payload
+        # --dns-edns-max may say 65535, but a larger datagram cannot be sent at all: the
+        # client would wait for its timeout instead of retrying over TCP.
+        self.edns_max = min(config.edns_max_payload, UDP_MAX_PAYLOAD)
         self.ttl = config.ttl_s
         self.memo: dict[bytes, bytes] = {}
         self.serial = 0

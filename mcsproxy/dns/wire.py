@@ -30,6 +30,7 @@ EDNS_DO = 0x8000
 MAX_NAME = 255
 MAX_LABEL = 63
 UDP_PLAIN_LIMIT = 512
+UDP_MAX_PAYLOAD = 65507  # 65535 less the IPv4 and UDP headers: no datagram carries more
 TCP_LIMIT = 65535
 
 HEADER_TAIL = struct.Struct(">HHHHH")  # flags, qd, an, ns, ar (the 10 bytes after the ID)
