@@ -409,6 +409,35 @@ async def test_bounded_history_expires_old_versions() -> None:
         assert [e["object"].metadata.name for e in events] == ["c", "d", "e"]
 
 
+async def test_lost_events_reach_no_watch_only_a_list(api: ApiClient, emu: KubeEmulator) -> None:
+    core = CoreV1Api(api)
+    first = await core.create_namespaced_config_map("ns", configmap("a"))
+    emu.lose_events()
+    await core.create_namespaced_config_map("ns", configmap("lost"))
+    emu.lose_events(False)
+    await core.create_namespaced_config_map("ns", configmap("seen"))
+    events = await collect(core.list_namespaced_config_map, "ns", n=1,
+                           resource_version=first.metadata.resource_version)
+    assert [(e["type"], e["object"].metadata.name) for e in events] == [("ADDED", "seen")]
+    listed = await core.list_namespaced_config_map("ns")
+    assert [o.metadata.name for o in listed.items] == ["a", "lost", "seen"]
+
+
+async def test_held_answers_come_after_later_events(api: ApiClient, emu: KubeEmulator) -> None:
+    core = CoreV1Api(api)
+    created = await core.create_namespaced_config_map("ns", configmap("a"))
+    emu.hold_answers(method="PATCH", path="/configmaps/a")
+    patch = asyncio.ensure_future(core.patch_namespaced_config_map("a", "ns", {"data": {"k": "1"}}))
+    await emu.wait_for(lambda: (emu.get_object("configmaps", "a", "ns") or {}).get("data"))
+    emu.put_object(configmap("a", k="2") | {"metadata": {"name": "a", "namespace": "ns"}})
+    events = await collect(core.list_namespaced_config_map, "ns", n=2,
+                           resource_version=created.metadata.resource_version)
+    assert [e["object"].data for e in events] == [{"k": "1"}, {"k": "2"}]
+    assert not patch.done()  # its answer still held, after the later change's event
+    emu.release_answers()
+    assert (await asyncio.wait_for(patch, 5)).data == {"k": "1"}
+
+
 async def test_timeout_seconds_ends_the_stream(emu: KubeEmulator, api: ApiClient) -> None:
     loop = asyncio.get_running_loop()
     started = loop.time()

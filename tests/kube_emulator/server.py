@@ -83,6 +83,8 @@ class KubeEmulator:
         self.requests: list[Request] = []
         self.host, self.port = "127.0.0.1", 0
         self._faults: list[_Fault] = []
+        self._hold: _Fault | None = None  # whose answers wait for release_answers()
+        self._answers = asyncio.Event()
         self._released = asyncio.Event()
         self._released.set()
         self._stopping = False
@@ -196,6 +198,16 @@ class KubeEmulator:
     def clear_faults(self) -> None:
         self._faults.clear()
 
+    def hold_answers(self, *, method: str | None = None, path: str | None = None) -> None:
+        """Matching requests take effect at once but are answered only on release_answers():
+        the client then gets the answer after the watch events of later changes."""
+        self._hold = _Fault(None, 200, method, path)
+        self._answers.clear()
+
+    def release_answers(self) -> None:
+        self._hold = None
+        self._answers.set()
+
     def hang(self, enabled: bool = True) -> None:
         """While enabled, requests (watches included) wait without an answer."""
         if enabled:
@@ -206,6 +218,11 @@ class KubeEmulator:
     def expire_history(self) -> None:
         """Forget the event history: any watch resume answers ERROR 410 Expired."""
         self.store.expire_history()
+
+    def lose_events(self, enabled: bool = True) -> None:
+        """While enabled, changes are stored but no watch ever sees them, open or resumed
+        later: only a list finds them, as after an event lost on the way."""
+        self.store.lose_events = enabled
 
     def drop_watches(self, *, abort: bool = False) -> None:
         """End every open watch stream: cleanly, or by resetting the connection."""
@@ -245,7 +262,10 @@ class KubeEmulator:
                         fault.remaining -= 1
                     reason = _REASONS.get(fault.status, "InternalError")
                     raise ApiError(fault.status, reason, f"injected fault ({fault.status})")
-            return await self._dispatch(request)
+            response = await self._dispatch(request)
+            if self._hold is not None and self._hold.matches(request):
+                await self._answers.wait()
+            return response
         except ApiError as error:
             return _error_response(error)
         except SelectorError as error:

@@ -145,6 +145,7 @@ class Store:
         self.compacted = 0  # resuming a watch from below this RV answers 410 Expired
         self.watchers: set[Watcher] = set()
         self.watch_queue = watch_queue
+        self.lose_events = False  # changes no watch sees, open or resumed: only a list
 
     # -- types -------------------------------------------------------------------------
     def register(self, group: str, version: str, plural: str, kind: str, *,
@@ -186,6 +187,8 @@ class Store:
             del bucket[key]
         else:
             bucket[key] = obj
+        if self.lose_events:
+            return obj
         if len(self.history) == self.history.maxlen:
             self.compacted = self.history[0].rv
         event = Event(self.rv, rtype, kind, obj, old)
