@@ -6,6 +6,12 @@ client watches it; one task (this loop) reconciles dirty keys in batches, so a b
 changes costs one pass and ordering per key is trivially kept. Each cluster has its own
 writer task: a member that is slow or hung delays only its own writes, and what is
 reconciled meanwhile is merged into its next write.
+
+Drift: a client reports our objects that someone else changed or removed (a kube client
+watches them). What no longer matches what we wrote is queued for that cluster's writer
+as it is: nothing to reconcile, nothing new for the streams, and written after whatever
+that writer is writing now, so against the cluster's latest state. The echoes of our own
+writes match what we wrote and are left alone: no loop.
 """
 
 from __future__ import annotations
@@ -72,7 +78,7 @@ class _Batch:
     reports: list[_FlushReport] = field(default_factory=list)
 
     def merge(self, upserts: Mapping[ObjectRef, Obj], deletes: set[ObjectRef],
-              keys: set[ServiceKey], report: _FlushReport) -> None:
+              keys: set[ServiceKey], report: _FlushReport | None) -> None:
         # The later flush wins per object: its upsert cancels a queued delete and back.
         for ref in deletes:
             self.upserts.pop(ref, None)
@@ -80,11 +86,21 @@ class _Batch:
         self.deletes |= deletes
         self.upserts.update(upserts)
         self.keys |= keys
-        self.reports.append(report)
+        if report is not None:  # a drift repair is no flush of ours
+            self.reports.append(report)
 
 
 def rfc3339_now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def drifted(wanted: Mapping[str, Any], live: Mapping[str, Any] | None) -> bool:
+    """The cluster holds `live` where we wrote `wanted`: does it need writing again?"""
+    if live is None:
+        return True
+    if wanted.get("kind") == KIND_EXPORT:  # only its status is ours
+        return live.get("status") != wanted.get("status")
+    return live != wanted
 
 
 def service_key_of_output(obj: Mapping[str, Any]) -> ServiceKey | None:
@@ -213,7 +229,32 @@ class Controller:
         self.metrics.member_input_error.labels(cluster).set(
             int(bool(self.clients[cluster].connection.error)
                 and self.clients[cluster].connection.connected))
+        if changes.published:
+            self._repair(cluster, changes.published)
         self._wake.set()
+
+    def _repair(self, cluster: str, live: Mapping[ObjectRef, Mapping[str, Any] | None]) -> None:
+        """Our objects someone else changed or removed: what differs is written again."""
+        written = self.written.get(cluster, {})
+        upserts: dict[ObjectRef, Obj] = {}
+        keys: set[ServiceKey] = set()
+        for ref, obj in live.items():
+            wanted = written.get(ref)
+            if wanted is None or not drifted(wanted, obj):
+                continue  # not (or no longer) ours to hold there, or as we wrote it
+            key = service_key_of_output(wanted)
+            assert key is not None
+            log.info("cluster %s: %s %s/%s %s by someone else: writing it again", cluster,
+                     ref.kind, ref.namespace, ref.name, "removed" if obj is None else "changed")
+            self.metrics.drift_repairs.labels(cluster).inc()
+            upserts[ref] = wanted
+            keys.add(key)
+            if ref.kind == KIND_IMPORT and obj is None:
+                # The new import gets a new uid: its slices must name it as their owner.
+                upserts.update((r, written[r]) for r in self._refs.get(key, {}).get(cluster, ())
+                               if r.kind == KIND_SLICE and r in written)
+        if upserts:
+            self._queue(cluster, upserts, set(), keys, None)
 
     @property
     def imported_count(self) -> int:
@@ -317,7 +358,7 @@ class Controller:
         report.done.set()
 
     def _queue(self, cluster: str, upserts: Mapping[ObjectRef, Obj], deletes: set[ObjectRef],
-               keys: set[ServiceKey], report: _FlushReport) -> None:
+               keys: set[ServiceKey], report: _FlushReport | None) -> None:
         self._queued.setdefault(cluster, _Batch()).merge(upserts, deletes, keys, report)
         if cluster not in self._writers:
             self._writers[cluster] = spawn(self._writer(cluster),

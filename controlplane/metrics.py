@@ -59,6 +59,10 @@ class ControllerMetrics:
         self.objects_deleted = Counter(
             "mcsproxy_controller_objects_deleted_total",
             "Objects deleted from member clusters", ["cluster"], registry=r)
+        self.drift_repairs = Counter(
+            "mcsproxy_controller_drift_repairs_total",
+            "Objects we wrote into member clusters, found changed or removed by someone "
+            "else and written again", ["cluster"], registry=r)
         self.write_errors = Counter(
             "mcsproxy_controller_write_errors_total",
             "Failed writes to member clusters", ["cluster"], registry=r)

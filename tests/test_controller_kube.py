@@ -209,8 +209,8 @@ async def test_hung_api_server_is_marked_stale_by_the_probe() -> None:
         export_web(cs, "a", ["10.1.0.1"])
         controller = await cs.start_controller()
         # Watches still being opened would time out too: only the probe can tell once
-        # every watch is open and silent.
-        await cs["a"].wait_for(lambda: cs["a"].watch_count == 5)
+        # every watch is open and silent (five inputs, and our imports and slices).
+        await cs["a"].wait_for(lambda: cs["a"].watch_count == 7)
         cs["a"].hang()  # open watches stay open and silent; new requests get no answer
         await cs.wait(lambda: stale_marked(cs, "b"))
         assert "GET /version" in (controller.members()["a"]["error"] or "")

@@ -7,8 +7,9 @@ watch). The controller only speaks this interface:
 - reading: `objects` is the cluster's last good view (Namespaces, Services, member
   EndpointSlices, ServiceExports, Karmada MultiClusterServices) indexed by service key;
   `sync()` loads it once; `watch(notify)` keeps it current and calls `notify` with the
-  service keys and namespaces that changed; `connection` says whether the view is live
-  or stale (the cluster stopped answering: its last view is kept, marked stale).
+  service keys and namespaces that changed (and, where the client can see them, the
+  managed objects someone else changed or removed); `connection` says whether the view
+  is live or stale (the cluster stopped answering: its last view is kept, marked stale).
 - writing: `read_published()` returns what the controller wrote before (ServiceImports,
   imported EndpointSlices, ServiceExports with status) so ClusterSetIPs and condition
   transition times survive restarts; `apply()` creates or replaces managed objects,
@@ -37,14 +38,19 @@ class ChangeSet:
     keys: set[ServiceKey] = field(default_factory=set)
     namespaces: set[str] = field(default_factory=set)  # a Namespace appeared or went
     connection: bool = False  # connected/stale flipped: every key of the cluster is dirty
+    # Objects we manage as the cluster now holds them, after a change that was not our own
+    # write (None: gone; of a ServiceExport only the status, the rest is the user's). The
+    # controller writes again whatever differs from what it wrote: drift repair.
+    published: dict[ObjectRef, Mapping[str, Any] | None] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.keys or self.namespaces or self.connection)
+        return bool(self.keys or self.namespaces or self.connection or self.published)
 
     def update(self, other: ChangeSet) -> None:
         self.keys |= other.keys
         self.namespaces |= other.namespaces
         self.connection = self.connection or other.connection
+        self.published.update(other.published)
 
 
 @dataclass(slots=True)

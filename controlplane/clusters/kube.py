@@ -16,6 +16,12 @@ compared with what the cluster holds and written only when they differ (create, 
 replace with the resourceVersion read, re-reading on 409). Imported slices get the
 ServiceImport's real uid as owner. Deletes touch only objects carrying our label, with
 the uid as precondition. ServiceExport status goes through the status subresource.
+
+Drift: our own objects are watched too (label-selected). A change that is not the echo
+of our own write
+(its resourceVersion is not one our writes got back) is reported to the controller,
+which writes again whatever no longer matches what it wrote. Not seeing our own objects
+stops only that repair: it is logged and retried, and never makes the member stale.
 """
 
 from __future__ import annotations
@@ -81,6 +87,9 @@ CONFLICT_RETRIES = 4
 PROBE = "probe"
 SYNC = "sync"
 _SHORT_WATCH_S = 1.0  # a watch that ends sooner without events counts as a failed attempt
+# Resource versions our latest writes of one object got back: their watch events are our
+# own echo (arriving after the answer, or after a later write), not someone else's change.
+OWN_VERSIONS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +120,8 @@ NAMESPACES = Resource(KIND_NAMESPACE, "", "v1", "namespaces", namespaced=False)
 SERVICES = Resource(KIND_SERVICE, "", "v1", "services")
 MEMBER_SLICES = Resource(KIND_SLICE, "discovery.k8s.io", "v1", "endpointslices",
                          selector=MEMBER_SLICE_SELECTOR)
-SLICES = Resource(KIND_SLICE, "discovery.k8s.io", "v1", "endpointslices")
+SLICES = Resource(KIND_SLICE, "discovery.k8s.io", "v1", "endpointslices",
+                  selector=MANAGED_SELECTOR)  # the imported slices we write
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,12 +135,15 @@ class KubeTimings:
 
 
 class _Informer:
-    __slots__ = ("refs", "resource", "rv")
+    __slots__ = ("error", "managed", "refs", "resource", "rv")
 
-    def __init__(self, resource: Resource) -> None:
+    def __init__(self, resource: Resource, managed: bool = False) -> None:
         self.resource = resource
         self.rv: str | None = None  # None: list before watching
         self.refs: set[ObjectRef] = set()
+        # Our own output (imports, imported slices), watched for drift, not the view.
+        self.managed = managed
+        self.error: str | None = None  # the last failure of a managed informer, logged once
 
 
 def _meta(obj: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -164,6 +177,9 @@ class KubeClusterClient:
         self._input_errors: dict[ObjectRef, str] = {}
         self._export_status: dict[ObjectRef, Any] = {}
         self._managed: dict[ObjectRef, Obj] = {}  # our objects as the cluster holds them
+        self._own_versions: dict[ObjectRef, tuple[str, ...]] = {}
+        self._writing: set[ObjectRef] = set()  # a write of it is in flight
+        self._overtaken: set[ObjectRef] = set()  # someone else's change came in meanwhile
         self.writes = 0  # POST/PUT/PATCH/DELETE requests sent
 
     # -- construction --------------------------------------------------------------------
@@ -211,7 +227,8 @@ class KubeClusterClient:
             raise ClusterError(f"the {MCS_GROUP} CRDs (ServiceExport, ServiceImport) are not "
                                "served by this cluster")
         self._export_res = Resource(KIND_EXPORT, MCS_GROUP, mcs_version, "serviceexports")
-        self._import_res = Resource(KIND_IMPORT, MCS_GROUP, mcs_version, "serviceimports")
+        self._import_res = Resource(KIND_IMPORT, MCS_GROUP, mcs_version, "serviceimports",
+                                    selector=MANAGED_SELECTOR)
         resources = [NAMESPACES, SERVICES, MEMBER_SLICES, self._export_res]
         if KARMADA_VERSION in await self._served_versions(KARMADA_GROUP):
             served = await self.api.request("GET", f"/apis/{KARMADA_GROUP}/{KARMADA_VERSION}")
@@ -220,8 +237,10 @@ class KubeClusterClient:
                 resources.append(Resource(KIND_MCS, KARMADA_GROUP, KARMADA_VERSION,
                                           "multiclusterservices"))
         self._informers = [_Informer(r) for r in resources]
-        log.info("cluster %s: watching %s", self.cluster_id,
-                 ", ".join(f"{r.plural}.{r.api_version}" for r in resources))
+        self._informers += [_Informer(r, managed=True) for r in (self._import_res, SLICES)]
+        log.info("cluster %s: watching %s and our own %s, %s", self.cluster_id,
+                 ", ".join(f"{r.plural}.{r.api_version}" for r in resources),
+                 self._import_res.plural, SLICES.plural)
 
     # -- the view ------------------------------------------------------------------------
     def _ref(self, res: Resource, raw: Mapping[str, Any]) -> ObjectRef | None:
@@ -240,8 +259,13 @@ class KubeClusterClient:
         ref = self._ref(res, raw)
         if ref is None:
             return None
-        if res.kind == KIND_EXPORT:
-            self._export_status[ref] = raw.get("status")
+        if res.kind == KIND_EXPORT and not self._is_echo(ref, raw):
+            status = raw.get("status")
+            if status != self._export_status.get(ref):
+                self._export_status[ref] = status
+                changes.published[ref] = {"status": status}
+                if ref in self._writing:
+                    self._overtaken.add(ref)
         try:
             parsed = parse_member_object(raw, self.cluster_id)
         except ManifestError as exc:
@@ -263,9 +287,14 @@ class KubeClusterClient:
         inf.refs.discard(ref)
         self._input_errors.pop(ref, None)
         self._export_status.pop(ref, None)
+        self._own_versions.pop(ref, None)
 
     def _replace(self, inf: _Informer, items: list[Obj], rv: str, changes: ChangeSet) -> None:
         """A fresh list is the whole truth for its resource: diff it against the view."""
+        if inf.managed:
+            self._replace_managed(inf, items, changes)
+            inf.rv = rv
+            return
         seen = {ref for raw in items if (ref := self._upsert(inf, raw, changes)) is not None}
         for ref in inf.refs - seen:
             self._remove(inf, ref, changes)
@@ -273,6 +302,84 @@ class KubeClusterClient:
                     if r.kind == inf.resource.kind and r not in seen]:
             del self._input_errors[ref]
         inf.rv = rv
+
+    # -- our own objects, for drift ------------------------------------------------------
+    def _own(self, ref: ObjectRef, live: Obj) -> Obj:
+        """`live` is what one of our writes got back: its watch event will be our echo."""
+        rv = _meta(live).get("resourceVersion")
+        if rv:
+            self._own_versions[ref] = (*self._own_versions.get(ref, ()),
+                                       str(rv))[-OWN_VERSIONS:]
+        return live
+
+    def _remember(self, ref: ObjectRef, live: Obj) -> Obj:
+        self._managed[ref] = live
+        return self._own(ref, live)
+
+    def _forget(self, ref: ObjectRef) -> Obj | None:
+        self._own_versions.pop(ref, None)
+        return self._managed.pop(ref, None)
+
+    def _is_echo(self, ref: ObjectRef, raw: Mapping[str, Any]) -> bool:
+        rv = _meta(raw).get("resourceVersion")
+        return bool(rv) and str(rv) in self._own_versions.get(ref, ())
+
+    def _managed_ref(self, res: Resource, raw: Obj) -> ObjectRef | None:
+        raw.setdefault("apiVersion", res.api_version)  # built-in list items lack them
+        raw.setdefault("kind", res.kind)
+        return self._ref(res, raw)
+
+    def _managed_event(self, inf: _Informer, kind: str, raw: Obj, changes: ChangeSet) -> None:
+        """A watch event about one of our objects: reported unless it is our own echo."""
+        if kind not in ("ADDED", "MODIFIED", "DELETED"):
+            return
+        ref = self._managed_ref(inf.resource, raw)
+        if ref is None:
+            return
+        current = self._managed.get(ref)
+        if current is not None and _meta(current).get("uid") != _meta(raw).get("uid"):
+            return  # an earlier object of that name, already replaced by one we wrote
+        if kind == "DELETED" or not _is_ours(raw):
+            if current is None:
+                return
+            self._forget(ref)
+            changes.published[ref] = None
+        elif self._is_echo(ref, raw) or (
+                current is not None
+                and _meta(current).get("resourceVersion") == _meta(raw).get("resourceVersion")):
+            return
+        else:
+            self._managed[ref] = raw
+            changes.published[ref] = self._as_rendered(raw)
+        if ref in self._writing:
+            self._overtaken.add(ref)
+
+    def _replace_managed(self, inf: _Informer, items: list[Obj], changes: ChangeSet) -> None:
+        """A fresh list of our objects: all of them go to the controller to compare."""
+        res = inf.resource
+        listed = {ref: raw for raw in items
+                  if (ref := self._managed_ref(res, raw)) is not None and _is_ours(raw)}
+        for ref in [r for r in self._managed if r.kind == res.kind and r not in listed]:
+            self._forget(ref)
+            changes.published[ref] = None
+        for ref, raw in listed.items():
+            if not (ref in self._managed and self._is_echo(ref, raw)):
+                self._managed[ref] = raw  # else what our write got back, as new or newer
+        for ref in listed:  # rendered once every import's uid is in
+            changes.published[ref] = self._as_rendered(self._managed[ref])
+
+    def _informer_health(self, inf: _Informer, error: str | None, changes: ChangeSet) -> None:
+        if not inf.managed:
+            self._set_health(inf.resource.plural, error, changes)
+            return
+        # Not seeing our own objects stops only drift repair, not the member's endpoints.
+        if error is not None and error != inf.error:
+            log.warning("cluster %s: watching our %s failed (%s): what someone else changes "
+                        "there is not repaired until it works again", self.cluster_id,
+                        inf.resource.plural, error)
+        elif error is None and inf.error is not None:
+            log.info("cluster %s: watching our %s again", self.cluster_id, inf.resource.plural)
+        inf.error = error
 
     # -- connection state ----------------------------------------------------------------
     def _set_health(self, part: str, error: str | None, changes: ChangeSet) -> None:
@@ -358,7 +465,7 @@ class KubeClusterClient:
                 if inf.rv is None:
                     items, rv = await self.api.list(res.path(), res.selector)
                     self._replace(inf, items, rv, changes)
-                    self._set_health(res.plural, None, changes)
+                    self._informer_health(inf, None, changes)
                     if changes:
                         notify(self.cluster_id, changes)
                         changes = ChangeSet()
@@ -371,7 +478,7 @@ class KubeClusterClient:
                          self.cluster_id, res.plural)
                 inf.rv = None
             except ClusterError as exc:
-                self._set_health(res.plural, str(exc), changes)
+                self._informer_health(inf, str(exc), changes)
                 delay = backoff.next()
             if changes:
                 notify(self.cluster_id, changes)
@@ -393,14 +500,16 @@ class KubeClusterClient:
                 changes = ChangeSet()
                 kind = event["type"]
                 if kind == "OPEN":
-                    self._set_health(res.plural, None, changes)
+                    self._informer_health(inf, None, changes)
                 elif kind == "BROKEN":
                     log.debug("cluster %s: %s watch broke (%s)", self.cluster_id,
                               res.plural, event["error"])
                 else:
                     events += 1
                     obj = event["object"]
-                    if kind == "DELETED":
+                    if inf.managed:
+                        self._managed_event(inf, kind, obj, changes)
+                    elif kind == "DELETED":
                         ref = self._ref(res, obj)
                         if ref is not None:
                             self._remove(inf, ref, changes)
@@ -513,13 +622,23 @@ class KubeClusterClient:
         res = self._write_resource(str(desired["kind"]))
         ns, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
         ref = ObjectRef(res.kind, ns, name)
+        self._writing.add(ref)
+        try:
+            await self._write_attempts(res, ref, desired)
+        finally:
+            self._writing.discard(ref)
+            self._overtaken.discard(ref)
+
+    async def _write_attempts(self, res: Resource, ref: ObjectRef,
+                              desired: Mapping[str, Any]) -> None:
+        ns, name = ref.namespace, ref.name
         for _ in range(CONFLICT_RETRIES):
             live = self._managed.get(ref)
             try:
                 if live is None:
                     try:
-                        live = await self._send("POST", res.path(ns),
-                                                self._to_cluster(res, desired))
+                        live = self._remember(ref, await self._send(
+                            "POST", res.path(ns), self._to_cluster(res, desired)))
                     except KubeApiError as exc:
                         if exc.code != 409:
                             raise
@@ -529,30 +648,33 @@ class KubeClusterClient:
                         if not _is_ours(live):
                             self._refuse_foreign(ref)
                             return
-                    self._managed[ref] = live
+                        self._managed[ref] = live
                 if _without_status(self._as_rendered(live)) != _without_status(desired):
                     body = self._to_cluster(res, desired)
                     body["metadata"]["resourceVersion"] = _meta(live).get("resourceVersion")
-                    live = self._managed[ref] = await self._send("PUT", res.path(ns, name),
-                                                                 body)
+                    live = self._remember(ref, await self._send("PUT", res.path(ns, name),
+                                                                body))
                 wanted = desired.get("status")
                 if wanted is not None and live.get("status") != wanted:
-                    live = self._managed[ref] = await self._send(
-                        "PATCH", res.path(ns, name, "status"), {"status": wanted}, MERGE_PATCH)
-                return
+                    live = self._remember(ref, await self._send(
+                        "PATCH", res.path(ns, name, "status"), {"status": wanted}, MERGE_PATCH))
+                if ref not in self._overtaken:
+                    return
+                # Someone else's change came in meanwhile: our answer may be older than it.
+                self._overtaken.discard(ref)
             except KubeApiError as exc:
                 if exc.code not in (404, 409) or live is None:
                     raise ClusterError(f"{ref.kind} {ns}/{name}: {exc}") from None
-                # Someone changed or removed it since we read it: read again, then retry.
-                fresh = await self._get(res, ns, name)
-                if fresh is not None and not _is_ours(fresh):
-                    self._managed.pop(ref, None)
-                    self._refuse_foreign(ref)
-                    return
-                if fresh is None:
-                    self._managed.pop(ref, None)
-                else:
-                    self._managed[ref] = fresh
+            # Someone changed or removed it since we read it: read again, then retry.
+            fresh = await self._get(res, ns, name)
+            if fresh is not None and not _is_ours(fresh):
+                self._forget(ref)
+                self._refuse_foreign(ref)
+                return
+            if fresh is None:
+                self._forget(ref)
+            else:
+                self._managed[ref] = fresh
         raise ClusterError(f"{ref.kind} {ns}/{name}: still conflicting after "
                            f"{CONFLICT_RETRIES} attempts")
 
@@ -580,7 +702,7 @@ class KubeClusterClient:
     async def _delete_one(self, ref: ObjectRef) -> None:
         res = self._write_resource(ref.kind)
         for _ in range(CONFLICT_RETRIES):
-            live = self._managed.pop(ref, None) or await self._get(res, ref.namespace, ref.name)
+            live = self._forget(ref) or await self._get(res, ref.namespace, ref.name)
             if live is None:
                 return
             if not _is_ours(live):
@@ -611,6 +733,7 @@ class KubeClusterClient:
         if self._export_status.get(ref) == status:
             return
         res = self._write_resource(KIND_EXPORT)
+        self._writing.add(ref)
         try:
             live = await self._send("PATCH", res.path(ref.namespace, ref.name, "status"),
                                     {"status": status}, MERGE_PATCH)
@@ -619,22 +742,18 @@ class KubeClusterClient:
                 return  # deleted meanwhile: the watch brings the removal
             raise ClusterError(f"ServiceExport {ref.namespace}/{ref.name} status: {exc}") \
                 from None
-        self._export_status[ref] = live.get("status")
+        finally:
+            self._writing.discard(ref)
+            overtaken = ref in self._overtaken
+            self._overtaken.discard(ref)
+        self._own(ref, live)
+        if not overtaken:  # else someone else's status, maybe newer than ours, is kept
+            self._export_status[ref] = live.get("status")
 
     async def read_published(self) -> list[Mapping[str, Any]]:
-        if self._import_res is None:
-            await self._discover()
-        assert self._import_res is not None
-        imports, _ = await self.api.list(self._import_res.path(), MANAGED_SELECTOR)
-        slices, _ = await self.api.list(SLICES.path(), MANAGED_SELECTOR)
-        self._managed = {}
-        for res, items in ((self._import_res, imports), (SLICES, slices)):
-            for raw in items:
-                raw.setdefault("apiVersion", res.api_version)
-                raw.setdefault("kind", res.kind)
-                ref = self._ref(res, raw)
-                if ref is not None and _is_ours(raw):
-                    self._managed[ref] = raw
+        # sync() listed our own objects too: the first list of their informers.
+        if not self._informers or any(inf.rv is None for inf in self._informers if inf.managed):
+            await self._sync_into(ChangeSet())
         found: list[Mapping[str, Any]] = [self._as_rendered(o) for o in self._managed.values()]
         for key, export in self.objects.exports.items():
             status = self._export_status.get(ObjectRef(KIND_EXPORT, *key))

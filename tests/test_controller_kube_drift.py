@@ -1,0 +1,147 @@
+"""Drift repair in Kubernetes mode: what the controller wrote into a member and someone
+else deleted or edited is written again, without waiting for a change in the exports,
+and the echoes of its own writes never start a write loop."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from tests.test_controller_kube_support import (
+    EXPORTS,
+    IMPORTS,
+    SLICES,
+    Clusterset,
+    clusterset,
+    export_web,
+    namespace,
+    writes,
+)
+
+REPAIR_S = 5.0  # each repair must land within this
+
+
+@pytest.fixture
+async def cs() -> AsyncIterator[Clusterset]:
+    async with clusterset(("a", "b")) as cs:
+        for c in cs.emulators:
+            cs[c].put_object(namespace("demo"))
+        export_web(cs, "a", ["10.1.0.1"])
+        yield cs
+
+
+def content(obj: dict[str, Any] | None) -> Any:
+    """What the controller owns of an object: everything but server-set metadata."""
+    if obj is None:
+        return None
+    meta = obj["metadata"]
+    return ({k: v for k, v in obj.items() if k != "metadata"},
+            meta.get("labels"), meta.get("annotations"),
+            [o["name"] for o in meta.get("ownerReferences", ())])
+
+
+class Written:
+    """b's import and imported slice as the controller wrote them, to compare with."""
+
+    def __init__(self, cs: Clusterset) -> None:
+        self.cs = cs
+        self.import_ = content(cs.imports("b")["web"])
+        [self.slice] = cs.imported_slices("b")
+        self.slice_name = self.slice["metadata"]["name"]
+        export = cs["a"].get_object(EXPORTS, "web", "demo")
+        assert export is not None
+        self.export_status = export["status"]
+
+    def restored(self) -> bool:
+        imp = self.cs.imports("b").get("web")
+        slices = self.cs.imported_slices("b")
+        export = self.cs["a"].get_object(EXPORTS, "web", "demo") or {}
+        return (imp is not None and content(imp) == self.import_
+                and [content(s) for s in slices] == [content(self.slice)]
+                # the slice is owned by the import that is there now
+                and slices[0]["metadata"]["ownerReferences"][0]["uid"] == imp["metadata"]["uid"]
+                and export.get("status") == self.export_status)
+
+
+async def until_restored(cs: Clusterset, written: Written) -> None:
+    await cs.wait(written.restored, timeout=REPAIR_S)
+
+
+async def test_deleted_and_edited_objects_are_written_again_without_a_loop(
+        cs: Clusterset) -> None:
+    controller = await cs.start_controller()
+    b = cs["b"]
+    written = Written(cs)
+    old_uid = cs.imports("b")["web"]["metadata"]["uid"]
+
+    # The import deleted: written again (a new uid), and the slice now names that one.
+    b.store.delete(b.store.by_name(IMPORTS), "demo", "web")
+    await until_restored(cs, written)
+    assert cs.imports("b")["web"]["metadata"]["uid"] != old_uid
+
+    # The imported slice deleted.
+    b.store.delete(b.store.by_name(SLICES), "demo", written.slice_name)
+    await until_restored(cs, written)
+
+    # The slice edited: other endpoints, another port.
+    edited = copy.deepcopy(b.get_object(SLICES, written.slice_name, "demo"))
+    assert edited is not None
+    edited["endpoints"] = [{"addresses": ["10.6.6.6"], "conditions": {"ready": True}}]
+    edited["ports"][0]["port"] = 9999
+    b.put_object(edited)
+    await until_restored(cs, written)
+
+    # The import edited: no ports, no addresses, another status.
+    imp = copy.deepcopy(cs.imports("b")["web"])
+    imp["spec"]["ports"], imp["spec"]["ips"] = [], []
+    imp["status"] = {"clusters": [{"cluster": "zz"}]}
+    b.put_object(imp)
+    await until_restored(cs, written)
+
+    # The export's status (the conditions the controller writes) edited in a.
+    export = copy.deepcopy(cs["a"].get_object(EXPORTS, "web", "demo"))
+    assert export is not None
+    export["status"] = {"conditions": []}
+    cs["a"].put_object(export)
+    await until_restored(cs, written)
+
+    repaired = controller.metrics.registry.get_sample_value(
+        "mcsproxy_controller_drift_repairs_total", {"cluster": "b"})
+    assert repaired is not None and repaired >= 4
+
+    # Its own writes' echoes are not drift: nothing is written while nothing changes.
+    before = {c: writes(cs[c]) for c in cs.emulators}
+    with pytest.raises(TimeoutError):
+        await cs.wait(lambda: {c: writes(cs[c]) for c in cs.emulators} != before,
+                      timeout=0.5)
+
+
+async def test_a_change_made_while_our_answer_is_on_its_way_is_not_lost(
+        cs: Clusterset) -> None:
+    controller = await cs.start_controller()
+    written = Written(cs)
+    b = cs["b"]
+
+    def repaired() -> float:
+        return controller.metrics.registry.get_sample_value(
+            "mcsproxy_controller_drift_repairs_total", {"cluster": "b"}) or 0.0
+
+    def edit_slice(address: str) -> None:
+        edited = copy.deepcopy(b.get_object(SLICES, written.slice_name, "demo"))
+        assert edited is not None
+        edited["endpoints"] = [{"addresses": [address], "conditions": {"ready": True}}]
+        b.put_object(edited)
+
+    # The repair's replace takes effect, but its answer is held back ...
+    b.hold_answers(method="PUT", path="/endpointslices/")
+    edit_slice("10.6.6.6")
+    await cs.wait(lambda: cs.addresses("b", "web") == {"10.1.0.1"})
+    # ... while someone edits the slice again, and that event is seen first.
+    edit_slice("10.7.7.7")
+    await cs.wait(lambda: repaired() == 2)
+    b.release_answers()
+    # The older answer does not hide the newer change: it is read again and repaired.
+    await until_restored(cs, written)
