@@ -5,6 +5,7 @@ and the echoes of its own writes never start a write loop."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 
 from tests.test_controller_kube_support import (
     EXPORTS,
+    FAST,
     IMPORTS,
     SLICES,
     Clusterset,
@@ -117,6 +119,28 @@ async def test_deleted_and_edited_objects_are_written_again_without_a_loop(
     with pytest.raises(TimeoutError):
         await cs.wait(lambda: {c: writes(cs[c]) for c in cs.emulators} != before,
                       timeout=0.5)
+
+
+async def test_a_change_whose_event_was_lost_is_found_by_the_periodic_relist() -> None:
+    async with clusterset(("a", "b")) as cs:
+        cs.timings = dataclasses.replace(FAST, resync_s=1.0)
+        for c in cs.emulators:
+            cs[c].put_object(namespace("demo"))
+        export_web(cs, "a", ["10.1.0.1"])
+        await cs.start_controller()
+        written = Written(cs)
+        b = cs["b"]
+        b.lose_events()  # no watch, open or resumed, ever sees this deletion
+        b.store.delete(b.store.by_name(SLICES), "demo", written.slice_name)
+        b.lose_events(False)
+        await until_restored(cs, written)
+        # Relisting every second finds nothing to write when nothing changed.
+        lists = sum(1 for r in b.requests if r.path.endswith("/serviceimports")
+                    and "watch" not in r.query)
+        before = writes(b)
+        await b.wait_for(lambda: sum(1 for r in b.requests if r.path.endswith("/serviceimports")
+                                     and "watch" not in r.query) >= lists + 2)
+        assert writes(b) == before
 
 
 async def test_a_change_made_while_our_answer_is_on_its_way_is_not_lost(

@@ -17,8 +17,8 @@ replace with the resourceVersion read, re-reading on 409). Imported slices get t
 ServiceImport's real uid as owner. Deletes touch only objects carrying our label, with
 the uid as precondition. ServiceExport status goes through the status subresource.
 
-Drift: our own objects are watched too (label-selected). A change that is not the echo
-of our own write
+Drift: our own objects are watched too (label-selected), and relisted every
+`resync_s` in case an event was lost. A change that is not the echo of our own write
 (its resourceVersion is not one our writes got back) is reported to the controller,
 which writes again whatever no longer matches what it wrote. Not seeing our own objects
 stops only that repair: it is logged and retried, and never makes the member stale.
@@ -132,10 +132,11 @@ class KubeTimings:
     backoff_base_s: float = 0.2
     backoff_cap_s: float = 30.0
     write_concurrency: int = 8
+    resync_s: float = 1800.0  # our own objects are relisted this often (lost events)
 
 
 class _Informer:
-    __slots__ = ("error", "managed", "refs", "resource", "rv")
+    __slots__ = ("error", "managed", "refs", "resource", "resync_at", "rv")
 
     def __init__(self, resource: Resource, managed: bool = False) -> None:
         self.resource = resource
@@ -144,6 +145,7 @@ class _Informer:
         # Our own output (imports, imported slices), watched for drift, not the view.
         self.managed = managed
         self.error: str | None = None  # the last failure of a managed informer, logged once
+        self.resync_at = 0.0  # monotonic time of its next relist (managed only)
 
 
 def _meta(obj: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -367,6 +369,7 @@ class KubeClusterClient:
                 self._managed[ref] = raw  # else what our write got back, as new or newer
         for ref in listed:  # rendered once every import's uid is in
             changes.published[ref] = self._as_rendered(self._managed[ref])
+        inf.resync_at = time.monotonic() + self.timings.resync_s
 
     def _informer_health(self, inf: _Informer, error: str | None, changes: ChangeSet) -> None:
         if not inf.managed:
@@ -462,6 +465,8 @@ class KubeClusterClient:
             changes = ChangeSet()
             delay = 0.0
             try:
+                if inf.managed and time.monotonic() >= inf.resync_at:
+                    inf.rv = None  # the periodic relist finds what a lost event hid
                 if inf.rv is None:
                     items, rv = await self.api.list(res.path(), res.selector)
                     self._replace(inf, items, rv, changes)
@@ -492,6 +497,8 @@ class KubeClusterClient:
         loop = asyncio.get_running_loop()
         started, events = loop.time(), 0
         timeout_s = self.timings.watch_timeout_s * random.uniform(1.0, 2.0)
+        if inf.managed:  # ends in time for the next relist
+            timeout_s = max(1.0, min(timeout_s, inf.resync_at - time.monotonic()))
         stream = self.api.watch(res.path(), inf.rv, label_selector=res.selector,
                                 timeout_s=timeout_s,
                                 idle_s=timeout_s + self.timings.request_timeout_s)
