@@ -74,19 +74,17 @@ class _Batch:
 
     upserts: dict[ObjectRef, Obj] = field(default_factory=dict)
     deletes: set[ObjectRef] = field(default_factory=set)
-    keys: set[ServiceKey] = field(default_factory=set)
     reports: list[_FlushReport] = field(default_factory=list)
 
     def merge(self, upserts: Mapping[ObjectRef, Obj], deletes: set[ObjectRef],
-              keys: set[ServiceKey], report: _FlushReport | None) -> None:
+              report: _FlushReport | None) -> None:
         # The later flush wins per object: its upsert cancels a queued delete and back.
         for ref in deletes:
             self.upserts.pop(ref, None)
         self.deletes.difference_update(upserts)
         self.deletes |= deletes
         self.upserts.update(upserts)
-        self.keys |= keys
-        if report is not None:  # a drift repair is no flush of ours
+        if report is not None:  # a drift repair or a retry is no flush of ours
             self.reports.append(report)
 
 
@@ -142,7 +140,8 @@ class Controller:
         # refs in which cluster belong to it: the base every diff is taken against.
         self.written: dict[str, dict[ObjectRef, Obj]] = {}
         self._refs: dict[ServiceKey, dict[str, set[ObjectRef]]] = {}
-        self._retry: dict[str, set[ObjectRef]] = {}
+        # Per cluster, refs whose write failed: queued again, as they are wanted by then.
+        self._rewrite: dict[str, set[ObjectRef]] = {}
         self._imported: set[ServiceKey] = set()
         self._dirty: dict[ServiceKey, float] = {}  # key → when the change was first seen
         self._wake = asyncio.Event()
@@ -237,7 +236,6 @@ class Controller:
         """Our objects someone else changed or removed: what differs is written again."""
         written = self.written.get(cluster, {})
         upserts: dict[ObjectRef, Obj] = {}
-        keys: set[ServiceKey] = set()
         for ref, obj in live.items():
             wanted = written.get(ref)
             if wanted is None or not drifted(wanted, obj):
@@ -248,13 +246,12 @@ class Controller:
                      ref.kind, ref.namespace, ref.name, "removed" if obj is None else "changed")
             self.metrics.drift_repairs.labels(cluster).inc()
             upserts[ref] = wanted
-            keys.add(key)
             if ref.kind == KIND_IMPORT and obj is None:
                 # The new import gets a new uid: its slices must name it as their owner.
                 upserts.update((r, written[r]) for r in self._refs.get(key, {}).get(cluster, ())
                                if r.kind == KIND_SLICE and r in written)
         if upserts:
-            self._queue(cluster, upserts, set(), keys, None)
+            self._queue(cluster, upserts, set(), None)
 
     @property
     def imported_count(self) -> int:
@@ -319,9 +316,8 @@ class Controller:
         now = self._now()
         upserts: dict[str, dict[ObjectRef, Obj]] = {c: {} for c in clusters}
         deletes: dict[str, set[ObjectRef]] = {c: set() for c in clusters}
-        touched: dict[str, set[ServiceKey]] = {c: set() for c in clusters}
         with collector_paused(len(dirty) >= BULK_KEYS):
-            self._reconcile_into(dirty, clusters, now, upserts, deletes, touched)
+            self._reconcile_into(dirty, clusters, now, upserts, deletes)
         self.metrics.services_reconciled.inc(len(dirty))
         observed = min(dirty.values())
         observed_wall = time.time() - (time.monotonic() - observed)
@@ -332,10 +328,10 @@ class Controller:
             streamed = time.monotonic()
             for seen in dirty.values():
                 self.metrics.propagation.labels("streamed").observe(streamed - seen)
-        writing = [c for c in clusters if upserts[c] or deletes[c] or c in self._retry]
+        writing = [c for c in clusters if upserts[c] or deletes[c]]
         report = _FlushReport(started, dirty.values(), len(writing))
         for c in writing:
-            self._queue(c, upserts[c], deletes[c], touched[c], report)
+            self._queue(c, upserts[c], deletes[c], report)
         if not writing:
             self._flushed(report)
         self.metrics.imports.set(len(self._imported))
@@ -358,8 +354,8 @@ class Controller:
         report.done.set()
 
     def _queue(self, cluster: str, upserts: Mapping[ObjectRef, Obj], deletes: set[ObjectRef],
-               keys: set[ServiceKey], report: _FlushReport | None) -> None:
-        self._queued.setdefault(cluster, _Batch()).merge(upserts, deletes, keys, report)
+               report: _FlushReport | None) -> None:
+        self._queued.setdefault(cluster, _Batch()).merge(upserts, deletes, report)
         if cluster not in self._writers:
             self._writers[cluster] = spawn(self._writer(cluster),
                                            name=f"write cluster {cluster}")
@@ -369,7 +365,7 @@ class Controller:
         try:
             while (batch := self._queued.pop(cluster, None)) is not None:
                 try:
-                    await self._write(cluster, batch.upserts, batch.deletes, batch.keys)
+                    await self._write(cluster, batch.upserts, batch.deletes)
                 except Exception as exc:
                     self._writer_error = exc  # a bug, not a cluster failing: stop the loop
                     self._wake.set()
@@ -384,26 +380,22 @@ class Controller:
 
     def _reconcile_into(self, dirty: Mapping[ServiceKey, float], clusters: list[str],
                         now: str, upserts: dict[str, dict[ObjectRef, Obj]],
-                        deletes: dict[str, set[ObjectRef]],
-                        touched: dict[str, set[ServiceKey]]) -> None:
+                        deletes: dict[str, set[ObjectRef]]) -> None:
         """Reconcile the dirty keys; collect per cluster what to write and delete."""
         for key in sorted(dirty):
             desired = self._reconcile_key(key, clusters, now)
             refs_by_cluster = self._refs.get(key, {})
             for c in clusters:
                 written = self.written[c]
-                retry = self._retry.get(c, ())
                 new = desired[c]
                 old_refs = refs_by_cluster.get(c, set())
                 for ref in old_refs - new.keys():
                     deletes[c].add(ref)
                     written.pop(ref, None)
-                    touched[c].add(key)
                 for ref, obj in new.items():
-                    if written.get(ref) != obj or ref in retry:
+                    if written.get(ref) != obj:
                         upserts[c][ref] = obj
                         written[ref] = obj
-                        touched[c].add(key)
                 if new:
                     refs_by_cluster[c] = set(new)
                 else:
@@ -421,9 +413,8 @@ class Controller:
         self.metrics.stale_endpoints.labels(cluster).set(stale)
 
     async def _write(self, cluster: str, upserts: Mapping[ObjectRef, Obj],
-                     deletes: set[ObjectRef], keys: set[ServiceKey]) -> None:
+                     deletes: set[ObjectRef]) -> None:
         client = self.clients[cluster]
-        retry = self._retry.pop(cluster, set())
         try:
             # Imports before the slices that point at them; slices gone before imports.
             await client.apply(
@@ -431,22 +422,32 @@ class Controller:
                 + [o for r, o in upserts.items() if r.kind == KIND_SLICE])
             for ref in sorted(r for r in upserts if r.kind == KIND_EXPORT):
                 await client.update_export_status(upserts[ref])
-            gone = sorted(deletes | {r for r in retry if r not in self.written[cluster]},
-                          key=lambda r: (r.kind == KIND_IMPORT, r))
-            await client.delete(gone)
+            await client.delete(sorted(deletes, key=lambda r: (r.kind == KIND_IMPORT, r)))
         except (ClusterError, OSError) as exc:
             self.metrics.write_errors.labels(cluster).inc()
             log.error("writing to cluster %s failed (%s); retrying in %.0fs",
                       cluster, exc, WRITE_RETRY_S)
-            self._retry[cluster] = retry | set(upserts) | deletes
-            asyncio.get_running_loop().call_later(WRITE_RETRY_S, self._retry_later, keys)
+            asyncio.get_running_loop().call_later(WRITE_RETRY_S, self._retry_later, cluster,
+                                                  set(upserts) | deletes)
             return
         self.metrics.objects_written.labels(cluster).inc(len(upserts))
         self.metrics.objects_deleted.labels(cluster).inc(len(deletes))
 
-    def _retry_later(self, keys: set[ServiceKey]) -> None:
-        self._mark(keys)
+    def _retry_later(self, cluster: str, refs: set[ObjectRef]) -> None:
+        self._rewrite.setdefault(cluster, set()).update(refs)
         self._wake.set()
+
+    def _write_again(self) -> None:
+        """Queue the failed writes again, as wanted now: not by reconciling their keys
+        again, which finds nothing to write (what we wrote is what is wanted), nor from
+        the failed batch, which a later flush may have changed or undone meanwhile."""
+        rewrite, self._rewrite = self._rewrite, {}
+        for cluster, refs in rewrite.items():
+            written = self.written.get(cluster)
+            if written is None or cluster not in self.clients:
+                continue  # a cluster that failed to join
+            self._queue(cluster, {r: written[r] for r in refs if r in written},
+                        {r for r in refs if r not in written}, None)
 
     # -- run -----------------------------------------------------------------------------
     async def run(self) -> None:
@@ -461,6 +462,7 @@ class Controller:
                 self._wake.clear()
                 if self._writer_error is not None:
                     raise self._writer_error
+                self._write_again()
                 await self.flush(wait=False)
         finally:
             await cancel_and_wait([*self._tasks.values(), *self._writers.values()])

@@ -1,6 +1,7 @@
 """Drift repair in Kubernetes mode: what the controller wrote into a member and someone
 else deleted or edited is written again, without waiting for a change in the exports,
-and the echoes of its own writes never start a write loop."""
+and the echoes of its own writes never start a write loop. A write that failed is
+written again too, whatever else was written to that member meanwhile."""
 
 from __future__ import annotations
 
@@ -19,7 +20,10 @@ from tests.test_controller_kube_support import (
     Clusterset,
     clusterset,
     export_web,
+    member_slice,
     namespace,
+    service,
+    service_export,
     writes,
 )
 
@@ -169,3 +173,20 @@ async def test_a_change_made_while_our_answer_is_on_its_way_is_not_lost(
     b.release_answers()
     # The older answer does not hide the newer change: it is read again and repaired.
     await until_restored(cs, written)
+
+
+async def test_a_failed_write_is_not_dropped_by_a_later_batch_for_other_services(
+        cs: Clusterset) -> None:
+    await cs.start_controller()
+    a, b = cs["a"], cs["b"]
+    b.fail_next(1, 500, method="PUT", path="/endpointslices/")
+    a.put_object(member_slice("web", ["10.1.0.1", "10.1.0.2"]))
+    await b.wait_for(lambda: any(r.method == "PUT" and "/endpointslices/" in r.path
+                                 for r in b.requests))
+    # Before its retry is due, a batch for another service is written to b ...
+    a.put_object(service("api"))
+    a.put_object(member_slice("api", ["10.1.0.9"]))
+    a.put_object(service_export("api"))
+    await cs.wait(lambda: cs.addresses("b", "api") == {"10.1.0.9"})
+    # ... and the failed write still happens.
+    await cs.wait(lambda: cs.addresses("b", "web") == {"10.1.0.1", "10.1.0.2"})
