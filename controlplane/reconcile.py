@@ -145,12 +145,15 @@ def _property_conflict(
 def _merge_ports(
     exporters: Sequence[Exporter],
 ) -> tuple[tuple[PortInfo, ...], tuple[str, str] | None]:
-    """Union by name, then by (protocol, port); the oldest export keeps a disputed port."""
+    """Union by name, then by (protocol, port); the oldest export keeps a disputed port.
+
+    A name used for non-identical (port, protocol, appProtocol) is disputed too (KEP-1645
+    "Service Port"): appProtocol decides how the gateway proxies the port."""
     by_name: dict[str, tuple[PortInfo, str]] = {}
     by_number: dict[tuple[str, int], tuple[PortInfo, str]] = {}
     merged: list[PortInfo] = []
     disagree: set[str] = set()
-    first: tuple[PortInfo, str] | None = None
+    first: tuple[PortInfo, str, PortInfo] | None = None
     for e in exporters:
         for p in e.service.ports:
             known = by_name.get(p.name)
@@ -160,17 +163,21 @@ def _merge_ports(
                     by_name[p.name] = by_number[(p.protocol, p.port)] = (p, e.cluster)
                     merged.append(p)
                     continue
-            elif (known[0].protocol, known[0].port) == (p.protocol, p.port):
+            elif known[0] == p:
                 continue
             disagree.add(e.cluster)
-            first = first or known
+            first = first or (*known, p)
     if first is None:
         return tuple(merged), None
-    port, owner = first
+    port, owner, other = first
     label = f'"{port.name}" ' if port.name else "(unnamed) "
+    shown = f"{label}{port.port}/{port.protocol}"
+    if (port.name, port.protocol, port.port) == (other.name, other.protocol, other.port):
+        shown += (f' with appProtocol "{port.app_protocol}"' if port.app_protocol
+                  else " without appProtocol")
     return tuple(merged), (
         "PortConflict",
-        f"Conflicting ports. Using port {label}{port.port}/{port.protocol} from oldest service "
+        f"Conflicting ports. Using port {shown} from oldest service "
         f'export in "{owner}". {len(disagree)}/{len(exporters)} clusters disagree.',
     )
 

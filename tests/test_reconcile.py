@@ -201,6 +201,34 @@ def test_port_union_by_name_then_protocol_and_port(a_ports, b_ports, union, conf
                                         "1/2 clusters disagree.")
 
 
+@pytest.mark.parametrize(("a_app", "b_app", "kept", "shown"), [
+    ("http", None, "http", 'port "http" 80/TCP with appProtocol "http"'),
+    (None, "http", None, 'port "http" 80/TCP without appProtocol'),
+    ("http", "kubernetes.io/h2c", "http", 'port "http" 80/TCP with appProtocol "http"'),
+])
+def test_same_port_with_another_app_protocol_is_a_port_conflict(a_app, b_app, kept,
+                                                                shown) -> None:
+    # KEP-1645: a name used for non-identical (port, protocol, appProtocol) is settled
+    # oldest-wins; appProtocol decides whether the gateway proxies the port as HTTP.
+    def svc(app: str | None) -> dict:
+        body = service(ports=[("http", "TCP", 80)])
+        if app is not None:
+            body["spec"]["ports"][0]["appProtocol"] = app
+        return body
+
+    desired = reconcile({
+        "a": exporter("a", svc=svc(a_app)),
+        "b": exporter("b", created="2024-02-01T00:00:00Z", svc=svc(b_app)),
+    })
+    port = service_import(desired, "b")["spec"]["ports"][0]
+    assert port.get("appProtocol") == kept
+    for c in ("a", "b"):
+        cond = export_status(desired, c)["Conflict"]
+        assert (cond["status"], cond["reason"]) == ("True", "PortConflict")
+        assert cond["message"] == (f'Conflicting ports. Using {shown} from oldest service '
+                                   'export in "a". 1/2 clusters disagree.')
+
+
 def test_traffic_to_a_port_goes_only_to_clusters_exposing_it() -> None:
     a = cluster("a", namespace(), service(ports=[("http", "TCP", 80)]),
                 eslice("web-a", ["127.0.1.1"], ports=[("http", "TCP", 8080)]), export())
