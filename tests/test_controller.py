@@ -271,6 +271,20 @@ async def test_a_new_cluster_folder_joins(tmp_path: Path) -> None:
         await until(lambda: (out / "c" / "serviceimport_test_web.yaml").exists())
 
 
+async def test_a_namespace_implied_by_a_new_service_brings_the_imports(tmp_path: Path) -> None:
+    clusters, out = tmp_path / "clusters", tmp_path / "out"
+    member(clusters, "a", 1)
+    write_docs(clusters / "b" / "other.yaml", namespace("other"))
+    async with Running(clusters, out):
+        # b's first object in "test" comes without a Namespace document: b has the
+        # namespace now, so the import of a's test/web must follow, and leave with it.
+        write_docs(clusters / "b" / "api.yaml", service("api"))
+        web_b = out / "b" / "serviceimport_test_web.yaml"
+        await until(web_b.exists)
+        (clusters / "b" / "api.yaml").unlink()
+        await until(lambda: not web_b.exists())
+
+
 # -- end to end: controller → gateway (file source) → DNS and TCP --------------------------
 def dns_query(server: tuple[str, int], name: str, qtype: str = "A") -> dnslib.DNSRecord:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:

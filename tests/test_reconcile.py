@@ -49,6 +49,22 @@ def test_every_cluster_with_the_namespace_imports_exporters_included() -> None:
     assert desired["c"] == {}
 
 
+def test_an_exporting_cluster_has_the_namespace_without_a_namespace_object() -> None:
+    # Kubernetes admits no Service or ServiceExport in a namespace that does not exist;
+    # a directory member may leave the Namespace document out. A Karmada
+    # MultiClusterService in a folder says nothing about that cluster's namespaces.
+    desired = reconcile({
+        "a": cluster("a", service(), eslice("web-a", ["127.0.1.1"]), export()),
+        "b": cluster("b", service("api"), mcs("other")),
+        "c": cluster("c", mcs("other")),
+    })
+    assert service_import(desired, "a")["status"]["clusters"] == [{"cluster": "a"}]
+    assert service_import(desired, "b") is not None
+    assert service_import(desired, "c") is None
+    ready = export_status(desired, "a")["Ready"]
+    assert (ready["status"], ready["reason"]) == ("True", "Exported")
+
+
 def test_import_disappears_everywhere_after_the_last_export_goes() -> None:
     a_with, b_with = exporter("a"), exporter("b", created="2024-02-01T00:00:00Z")
     a_without = cluster("a", namespace(), service(), eslice("web-a", ["127.0.1.1"]))

@@ -6,7 +6,7 @@ events) and get back what changed, so the controller re-reconciles only those ke
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Protocol
 
 from controlplane.resources import (
@@ -32,10 +32,18 @@ class Changes(Protocol):
 
 
 class ClusterObjects:
-    __slots__ = ("_by_ref", "exports", "mcs", "namespaces", "services", "slices")
+    __slots__ = ("_by_ref", "_declared", "_in_namespace", "exports", "mcs", "namespaces",
+                 "services", "slices")
 
     def __init__(self) -> None:
         self._by_ref: dict[ObjectRef, Parsed] = {}
+        # A namespace exists where a Namespace object says so, or where a Service, an
+        # EndpointSlice or a ServiceExport stands in it (Kubernetes admits none in a
+        # namespace that does not exist; a directory may leave the Namespace out). A
+        # MultiClusterService does not count: it stands for the clusterset, not for the
+        # cluster whose folder holds it.
+        self._declared: set[str] = set()
+        self._in_namespace: Counter[str] = Counter()
         self.namespaces: set[str] = set()
         self.services: dict[ServiceKey, ServiceInfo] = {}
         self.exports: dict[ServiceKey, ExportInfo] = {}
@@ -65,16 +73,22 @@ class ClusterObjects:
         old = self._by_ref.get(ref)
         if old == parsed:
             return
+        if ref.kind not in (KIND_NAMESPACE, KIND_MCS):
+            # Counted before the old version leaves, so a replaced object does not flip
+            # its namespace out and back in.
+            self._in_namespace[ref.namespace] += 1
         if old is not None:
             self._unindex(ref, old, changes)
         self._by_ref[ref] = parsed
         if ref.kind == KIND_NAMESPACE:
-            self.namespaces.add(ref.name)
-            changes.namespaces.add(ref.name)
+            self._declared.add(ref.name)
+            self._namespace_moved(ref.name, changes)
             return
         key = service_key_of(ref, parsed)
         assert key is not None
         changes.keys.add(key)
+        if ref.kind != KIND_MCS:
+            self._namespace_moved(ref.namespace, changes)
         if ref.kind == KIND_SERVICE:
             self.services[key] = parsed  # type: ignore[assignment]
         elif ref.kind == KIND_EXPORT:
@@ -89,14 +103,29 @@ class ClusterObjects:
         if old is not None:
             self._unindex(ref, old, changes)
 
+    def _namespace_moved(self, namespace: str, changes: Changes) -> None:
+        """Bring `namespaces` up to date for one namespace; note it when it flipped."""
+        exists = namespace in self._declared or self._in_namespace[namespace] > 0
+        if exists != (namespace in self.namespaces):
+            if exists:
+                self.namespaces.add(namespace)
+            else:
+                self.namespaces.discard(namespace)
+            changes.namespaces.add(namespace)
+
     def _unindex(self, ref: ObjectRef, old: Parsed, changes: Changes) -> None:
         if ref.kind == KIND_NAMESPACE:
-            self.namespaces.discard(ref.name)
-            changes.namespaces.add(ref.name)
+            self._declared.discard(ref.name)
+            self._namespace_moved(ref.name, changes)
             return
         key = service_key_of(ref, old)
         assert key is not None
         changes.keys.add(key)
+        if ref.kind != KIND_MCS:
+            self._in_namespace[ref.namespace] -= 1
+            if not self._in_namespace[ref.namespace]:
+                del self._in_namespace[ref.namespace]
+            self._namespace_moved(ref.namespace, changes)
         if ref.kind == KIND_SERVICE:
             self.services.pop(key, None)
         elif ref.kind == KIND_EXPORT:
