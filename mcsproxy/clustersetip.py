@@ -8,6 +8,12 @@ plane side of the import layers.
 A new service starts probing at a hash of its key, so allocations do not depend on the
 order services appear in and a restart that reads back nothing still tends to land on the
 same addresses.
+
+A released address is held for the service that had it: another service gets it only when
+nothing else in the range is free, the longest released first. Clients may still hold it
+from DNS, and a member may still hold the old ServiceImport while the new one is written,
+so reusing it at once would send one service's traffic to another. The service itself
+takes its address back if it is exported again.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from mcsproxy.model import ServiceKey
 
 DEFAULT_CIDR = "127.240.0.0/16"
 FAMILY_NAMES = {4: "IPv4", 6: "IPv6"}
+MAX_HELD = 65536  # released addresses remembered; past that the longest released is free
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -53,6 +60,9 @@ class ClusterSetIPAllocator:
         self.pools: dict[int, Network] = {p.version: p for p in pools}
         self._owner: dict[str, ServiceKey] = {}
         self._by_key: dict[ServiceKey, tuple[str, ...]] = {}
+        # Released address → the service that had it, longest released first; and back.
+        self._held: dict[str, ServiceKey] = {}
+        self._held_by_key: dict[ServiceKey, set[str]] = {}
 
     def __len__(self) -> int:
         return len(self._owner)
@@ -73,6 +83,7 @@ class ClusterSetIPAllocator:
                 continue
             if any(ipaddress.ip_address(k).version == ip.version for k in kept):
                 continue
+            self._unhold(str(ip))
             self._owner[str(ip)] = key
             kept.append(str(ip))
         if kept:
@@ -89,15 +100,40 @@ class ClusterSetIPAllocator:
             ip = current.pop(version, None) or self._allocate(key, version)
             result.append(ip)
         for dropped in current.values():
-            self._owner.pop(dropped, None)
+            self._free(dropped, key)
         self._by_key[key] = tuple(result)
         return self._by_key[key]
 
     def release(self, key: ServiceKey) -> None:
         for ip in self._by_key.pop(key, ()):
-            self._owner.pop(ip, None)
+            self._free(ip, key)
+
+    def _free(self, ip: str, key: ServiceKey) -> None:
+        if self._owner.pop(ip, None) is None:
+            return
+        self._unhold(ip)
+        self._held[ip] = key
+        self._held_by_key.setdefault(key, set()).add(ip)
+        if len(self._held) > MAX_HELD:
+            self._unhold(next(iter(self._held)))
+
+    def _unhold(self, ip: str) -> None:
+        key = self._held.pop(ip, None)
+        if key is not None:
+            mine = self._held_by_key[key]
+            mine.discard(ip)
+            if not mine:
+                del self._held_by_key[key]
+
+    def _take(self, ip: str, key: ServiceKey) -> str:
+        self._unhold(ip)
+        self._owner[ip] = key
+        return ip
 
     def _allocate(self, key: ServiceKey, version: int) -> str:
+        for ip in self._held_by_key.get(key, ()):
+            if ipaddress.ip_address(ip).version == version:
+                return self._take(ip, key)  # exported again: its own address back
         pool = self.pools[version]
         first = int(pool.network_address) + 1  # skip the network address
         usable = pool.num_addresses - 2  # and the broadcast (or last) one
@@ -108,7 +144,9 @@ class ClusterSetIPAllocator:
             if version == 4 and value & 0xFF in (0, 255):
                 continue  # x.y.z.0 and .255 confuse people and some tools
             ip = str(ipaddress.ip_address(value))
-            if ip not in self._owner:
-                self._owner[ip] = key
-                return ip
+            if ip not in self._owner and ip not in self._held:
+                return self._take(ip, key)
+        for ip in self._held:  # nothing else is free: the longest released goes first
+            if ipaddress.ip_address(ip).version == version:
+                return self._take(ip, key)
         raise AllocationError(f"--clusterset-cidr {pool} is full ({usable} addresses)")

@@ -7,6 +7,7 @@ import ipaddress
 
 import pytest
 
+from controlplane.allocator import AllocationError, ClusterSetIPAllocator, parse_cidrs
 from controlplane.reconcile import MAX_ENDPOINTS_PER_SLICE, STALE_ANNOTATION, owner_uid
 from controlplane.resources import KIND_IMPORT, parse_member_object
 from mcsproxy.manifests import ManifestError, parse_endpoint_slice, parse_service_import
@@ -316,6 +317,35 @@ def test_cluster_set_ips_are_stable_across_runs_and_unique() -> None:
     all_ips = [service_import(later, "a", n)["spec"]["ips"][0] for n in
                ["s0", "s1", "s2", "s3", "s4"]]
     assert len(set(all_ips)) == 5
+
+
+def test_a_released_address_goes_to_another_service_only_when_nothing_else_is_free() -> None:
+    # Clients may still hold a released ClusterSetIP from DNS and a member may still hold
+    # the old ServiceImport: another service gets it last, the service itself gets it back.
+    allocator = ClusterSetIPAllocator(parse_cidrs("127.241.0.0/28"))  # 14 addresses
+    gone = ServiceKey("test", "gone")
+    (released,) = allocator.ensure(gone, ["IPv4"])
+    allocator.release(gone)
+    others = [allocator.ensure(ServiceKey("test", f"s{i}"), ["IPv4"])[0] for i in range(13)]
+    assert released not in others and len(set(others)) == 13
+    allocator.release(ServiceKey("test", "s0"))
+    assert allocator.ensure(gone, ["IPv4"]) == (released,)
+    allocator.release(gone)
+    # The range is full but for two released addresses: the longest released goes first.
+    assert allocator.ensure(ServiceKey("test", "new"), ["IPv4"]) == (others[0],)
+    assert allocator.ensure(ServiceKey("test", "newer"), ["IPv4"]) == (released,)
+    with pytest.raises(AllocationError):
+        allocator.ensure(ServiceKey("test", "newest"), ["IPv4"])
+
+
+def test_a_released_family_is_held_too() -> None:
+    allocator = ClusterSetIPAllocator(parse_cidrs("127.241.0.0/28,fd00:241::/124"))
+    key = ServiceKey("test", "web")
+    v4, v6 = allocator.ensure(key, ["IPv4", "IPv6"])
+    assert allocator.ensure(key, ["IPv4"]) == (v4,)  # the service went single-stack
+    others = [allocator.ensure(ServiceKey("test", f"s{i}"), ["IPv6"])[0] for i in range(13)]
+    assert v6 not in others
+    assert allocator.ensure(key, ["IPv4", "IPv6"]) == (v4, v6)
 
 
 def test_dual_stack_gets_one_address_per_family() -> None:
