@@ -129,7 +129,9 @@ def _property_conflict(
     what: str,
     exporters: Sequence[Exporter],
     value: Callable[[Exporter], Any],
+    total: int | None = None,
 ) -> tuple[str, str] | None:
+    """`exporters` are those compared; `total` (default: all of them) those exporting."""
     if len(exporters) < 2:
         return None
     winner = value(exporters[0])
@@ -138,7 +140,7 @@ def _property_conflict(
         return None
     return reason, (
         f"Conflicting {what}. Using {_shown(winner)} from oldest service export in "
-        f'"{exporters[0].cluster}". {disagree}/{len(exporters)} clusters disagree.'
+        f'"{exporters[0].cluster}". {disagree}/{total or len(exporters)} clusters disagree.'
     )
 
 
@@ -240,7 +242,8 @@ def resolve(inputs: ServiceInputs) -> Resolution:
         _property_conflict("SessionAffinityConflict", "session affinity", exporters,
                            lambda e: e.service.session_affinity),
         _property_conflict("SessionAffinityConfigConflict", "session affinity timeout",
-                           same_affinity, lambda e: e.service.affinity_timeout_s),
+                           same_affinity, lambda e: e.service.affinity_timeout_s,
+                           len(exporters)),
         _property_conflict("LabelsConflict", "exported labels", labelled, labels),
         _property_conflict("AnnotationsConflict", "exported annotations", labelled, annotations),
         _property_conflict("InternalTrafficPolicyConflict", "internal traffic policy",

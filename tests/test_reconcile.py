@@ -187,6 +187,24 @@ def test_conflict_counts_disagreeing_clusters() -> None:
     assert message.endswith('"a". 1/4 clusters disagree.')
 
 
+def test_affinity_timeout_conflict_counts_every_exporting_cluster() -> None:
+    def client_ip(timeout: int | None = None) -> dict:
+        config = {"clientIP": {"timeoutSeconds": timeout}} if timeout else {}
+        return service(sessionAffinity="ClientIP", sessionAffinityConfig=config)
+
+    desired = reconcile({
+        "a": exporter("a", svc=client_ip(60)),
+        "b": exporter("b", created="2024-02-01T00:00:00Z", svc=client_ip()),
+        "c": exporter("c", created="2024-03-01T00:00:00Z", svc=service()),
+    })
+    conflict = export_status(desired, "c")["Conflict"]
+    assert conflict["reason"] == "SessionAffinityConflict,SessionAffinityConfigConflict"
+    assert conflict["message"] == (
+        'Conflicting session affinity. Using "ClientIP" from oldest service export in "a". '
+        "1/3 clusters disagree. Conflicting session affinity timeout. Using 60 from oldest "
+        'service export in "a". 1/3 clusters disagree.')
+
+
 # -- rule 7: ports ------------------------------------------------------------------------
 def _ports(desired: dict, c: str = "a") -> list[tuple]:
     return [(p.get("name", ""), p["protocol"], p["port"])
