@@ -90,8 +90,11 @@ class ClusterSetIPAllocator:
             self._by_key[key] = tuple(kept)
 
     def ensure(self, key: ServiceKey, families: Iterable[str]) -> tuple[str, ...]:
-        """The key's addresses for `families` (those with a pool; else the first pool)."""
-        wanted = [v for v, name in FAMILY_NAMES.items() if name in families and v in self.pools]
+        """The key's addresses for `families`, in their order, the Service's primary family
+        first (those with a pool; else the first pool)."""
+        versions = {name: v for v, name in FAMILY_NAMES.items()}
+        wanted = list(dict.fromkeys(versions[f] for f in families
+                                    if f in versions and versions[f] in self.pools))
         if not wanted:
             wanted = [min(self.pools)]
         current = {ipaddress.ip_address(ip).version: ip for ip in self._by_key.get(key, ())}

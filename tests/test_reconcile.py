@@ -374,6 +374,15 @@ def test_dual_stack_gets_one_address_per_family() -> None:
     assert spec["ipFamilies"] == ["IPv4", "IPv6"]
 
 
+def test_an_ipv6_primary_service_gets_its_ipv6_address_first() -> None:
+    svc = service(ipFamilies=["IPv6", "IPv4"])
+    desired = reconcile({"a": exporter("a", svc=svc)}, cidrs="127.240.0.0/16,fd00:240::/112")
+    spec = service_import(desired, "a")["spec"]
+    assert [ipaddress.ip_address(ip).version for ip in spec["ips"]] == [6, 4]
+    assert spec["ipFamilies"] == ["IPv6", "IPv4"]
+    parse_service_import(service_import(desired, "a"))
+
+
 # -- rule 10-11: labels, annotations, status.clusters -------------------------------------
 def test_import_labels_come_only_from_exported_labels() -> None:
     svc = service()
