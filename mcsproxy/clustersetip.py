@@ -93,8 +93,9 @@ class ClusterSetIPAllocator:
         """The key's addresses for `families`, in their order, the Service's primary family
         first (those with a pool; else the first pool)."""
         versions = {name: v for v, name in FAMILY_NAMES.items()}
-        wanted = list(dict.fromkeys(versions[f] for f in families
-                                    if f in versions and versions[f] in self.pools))
+        wanted = list(dict.fromkeys(versions[f] for f in families  # raw input: any type
+                                    if isinstance(f, str) and f in versions
+                                    and versions[f] in self.pools))
         if not wanted:
             wanted = [min(self.pools)]
         current = {ipaddress.ip_address(ip).version: ip for ip in self._by_key.get(key, ())}

@@ -381,6 +381,10 @@ def test_an_ipv6_primary_service_gets_its_ipv6_address_first() -> None:
     assert [ipaddress.ip_address(ip).version for ip in spec["ips"]] == [6, 4]
     assert spec["ipFamilies"] == ["IPv6", "IPv4"]
     parse_service_import(service_import(desired, "a"))
+    # The gateway passes a Karmada Service's ipFamilies unchecked: junk is skipped.
+    allocator = ClusterSetIPAllocator(parse_cidrs("127.240.0.0/16,fd00:240::/112"))
+    got = allocator.ensure(ServiceKey("test", "web"), [{"x": 1}, "IPv6", "IPv6", "IPv4"])
+    assert [ipaddress.ip_address(ip).version for ip in got] == [6, 4]
 
 
 # -- rule 10-11: labels, annotations, status.clusters -------------------------------------
