@@ -17,7 +17,7 @@ import pytest
 from controlplane.metrics import ControllerMetrics
 from controlplane.resources import ObjectRef
 from controlplane.server import ControllerServer
-from controlplane.stream import StreamHub
+from controlplane.stream import SNAPSHOT_CHUNK, StreamHub
 from mcsproxy.model import ServiceKey, Snapshot
 from mcsproxy.sources.controlplane import ControlplaneSource
 from mcsproxy.store import SnapshotStore
@@ -239,3 +239,35 @@ async def test_controlplane_backoff_starts_over_after_a_resumed_session_worked()
         assert source.resyncs == 1  # the later sessions resumed
         gaps = [round(b - a - session_s, 2) for a, b in pairwise(relay.accepted)]
         assert len(gaps) >= 7 and max(gaps) < 0.25, gaps
+
+
+async def test_controlplane_snapshot_rejected_in_a_later_part_backs_off() -> None:
+    """A snapshot in parts whose last part holds an object that does not validate: the
+    parts before it apply nothing, so the session did not work and the reconnects (each
+    fetching the whole snapshot again) back off instead of repeating at the initial delay.
+    Nothing of the rejected snapshot is served."""
+    objects = {ObjectRef("ServiceImport", "test", f"s{i:04}"):
+               service_import(f"s{i:04}", f"127.240.{i // 250}.{i % 250 + 1}")
+               for i in range(SNAPSHOT_CHUNK)}
+    objects[ObjectRef("ServiceImport", "test", "zbad")] = service_import(
+        "zbad", ports=[{"name": "x", "protocol": "TCP", "port": 70000}])
+    hub = StreamHub(heartbeat_s=0.2)
+    hub.attach("east", objects)
+    server = ControllerServer(None, hub, (CONTROLLER_HOST, 0), metrics=ControllerMetrics())
+    await server.start()
+    assert server.bound is not None
+    relay = Relay(server.bound, lambda n: "pass")
+    url = await relay.start(RELAY_HOST)
+    store = SnapshotStore("east")
+    source = ControlplaneSource(url, "east", backoff_initial_s=0.05, backoff_max_s=5.0)
+    task = spawn(source.run(store), name="test source")
+    try:
+        await asyncio.sleep(1.5)  # 0.05 doubling: at most 6 tries; at 0.05 each: ~30
+    finally:
+        await cancel_and_wait([task])
+        await relay.stop()
+        hub.close()
+        await server.stop()
+    assert 2 <= len(relay.accepted) <= 7, relay.accepted
+    assert "zbad" in (store.sources[source.name].error or "")
+    assert len(store.current.services) == 0 and not store.loaded.is_set()

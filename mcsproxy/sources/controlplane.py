@@ -90,7 +90,7 @@ class ControlplaneSource:
         self.members: dict[str, Any] = {}  # member clusters as the controller sees them
         self._partial: tuple[str, int, dict[ObjectId, Spec]] | None = None
         self.connects = 0
-        self.messages = 0  # valid messages applied, over all sessions
+        self.messages = 0  # valid messages applied (a snapshot once, whole), all sessions
         self.resyncs = 0
         self.registry = CollectorRegistry(auto_describe=True)
         self.propagation = Histogram(
@@ -167,7 +167,11 @@ class ControlplaneSource:
             raise StreamProtocolError("malformed message: not a JSON object")
         kind = message.get("type")
         if kind == "snapshot":
-            self._apply_snapshot(message, store)
+            if not self._apply_snapshot(message, store):
+                # A part of a snapshot applies nothing yet: it is not a session that
+                # worked (a bad object in a later part would otherwise reset the backoff
+                # and have the full snapshot fetched again every few hundred ms).
+                return
         elif self._partial is not None:
             raise StreamProtocolError(f"{kind} message inside a snapshot")
         elif kind == "delta":
@@ -208,8 +212,9 @@ class ControlplaneSource:
             raise StreamProtocolError(f"malformed {message.get('type')}: {field} {value!r}")
         return value
 
-    def _apply_snapshot(self, message: Mapping[str, Any], store: SnapshotStore) -> None:
-        """Collect snapshot parts; apply them all at once when the last one arrives."""
+    def _apply_snapshot(self, message: Mapping[str, Any], store: SnapshotStore) -> bool:
+        """Collect snapshot parts; apply them all at once when the last one arrives.
+        False while parts are still to come."""
         version = self._version(message, "version")
         epoch = message.get("epoch")
         if not isinstance(epoch, str):
@@ -223,7 +228,7 @@ class ControlplaneSource:
             objects = self._partial[2]
         if message.get("more") is True:
             self._partial = (epoch, version, objects)
-            return
+            return False
         self._partial = None
         store.replace_source(self.name, objects)
         self.epoch, self.version = epoch, version
@@ -234,6 +239,7 @@ class ControlplaneSource:
         status.last_change = time.time()
         store.mark_synced(self.name)
         store.commit()
+        return True
 
     def _apply_delta(self, message: Mapping[str, Any], store: SnapshotStore) -> None:
         start = self._version(message, "from")
