@@ -200,3 +200,43 @@ def test_a_file_caught_half_written_is_read_once_it_holds_still(tmp_path: Path) 
     assert not source.scan() and source.merged() == {}
     os.utime(path, ns=(0, 0))  # long untouched: taken at once
     assert source.scan() and KEY.name in {o.name for o in source.merged()}
+
+
+async def test_a_file_that_cannot_be_looked_at_is_rejected_and_the_source_goes_on(
+        source_dir) -> None:
+    """A symlink loop among the files (stat fails with ELOOP, not ENOENT): that file is
+    rejected with the reason in the status, the others keep serving, and later changes
+    are still applied. Once it is fixed, the error goes."""
+    path, store, watcher = source_dir
+    os.symlink("loop.yaml", path / "loop.yaml")
+    status = store.sources[next(iter(store.sources))]
+    await until_true(lambda: "loop.yaml" in (status.error or ""), "no error for the loop")
+    write(path / "web-a.yaml", slice_yaml("web", "cluster-a", "IPv4", ["10.0.0.2"], WEB))
+    await watcher.until(lambda s: addresses(s) == ["10.0.0.2"], "a later change applied")
+    (path / "loop.yaml").unlink()
+    await until_true(lambda: status.error is None, "the error stays after the fix")
+
+
+async def test_a_directory_that_cannot_be_listed_keeps_the_last_good_objects(
+        source_dir, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The directory is there when checked and gone (or unreadable) when listed, as when
+    it is removed between the two: the last good objects keep serving, the error is in
+    the status, and the source picks up changes once it can list again."""
+    path, store, watcher = source_dir
+    listable = True
+    iterdir = Path.iterdir
+
+    def flaky_iterdir(self: Path):  # type: ignore[no-untyped-def]
+        if self == path and not listable:
+            raise PermissionError(13, "Permission denied", str(self))
+        return iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", flaky_iterdir)
+    listable = False
+    status = store.sources[next(iter(store.sources))]
+    await until_true(lambda: "cannot list" in (status.error or ""), "no error in the status")
+    assert addresses(store.current) == ["10.0.0.1"]
+    write(path / "web-a.yaml", slice_yaml("web", "cluster-a", "IPv4", ["10.0.0.3"], WEB))
+    listable = True
+    await watcher.until(lambda s: addresses(s) == ["10.0.0.3"], "changes applied again")
+    await until_true(lambda: status.error is None, "the error stays")

@@ -107,9 +107,13 @@ class FileSource:
         self._settle = SettleGate()
         self._good: dict[Path, dict[ObjectId, Spec]] = {}
         self._errors: dict[Path, str] = {}
-        self._missing: str | None = None  # the source's own path is gone
+        self._missing: str | None = None  # the source's own path is gone or unlistable
+        self._unreadable: dict[Path, str] = {}  # files there that cannot be stat'ed
 
-    def _list_files(self) -> dict[Path, FileStamp]:
+    def _list_files(self) -> tuple[dict[Path, FileStamp], dict[Path, str]]:
+        """Stamps of the files to serve, and the files there that cannot be looked at
+        (a symlink loop, no permission): neither gone nor readable. OSError when the
+        path itself cannot be listed."""
         if self.path.is_dir():
             candidates = [
                 p for p in self.path.iterdir()
@@ -118,14 +122,18 @@ class FileSource:
         else:
             candidates = [self.path]
         stamps: dict[Path, FileStamp] = {}
+        unreadable: dict[Path, str] = {}
         for p in candidates:
             try:
                 st = p.stat()
             except FileNotFoundError:
+                continue  # removed meanwhile, or a dangling symlink: gone
+            except OSError as exc:
+                unreadable[p] = f"{p}: cannot read: {exc.strerror or exc}"
                 continue
             if st.st_size or p.is_file():
                 stamps[p] = FileStamp(st.st_mtime_ns, st.st_size, st.st_ino)
-        return stamps
+        return stamps, unreadable
 
     def scan(self) -> bool:
         """Re-read changed files; True when the set of good objects may have changed.
@@ -133,18 +141,30 @@ class FileSource:
         Runs in a worker thread: it reads and parses files, and touches no shared state
         but this source's own dictionaries.
         """
-        if not self.path.exists():
-            # The whole source went away (an unmounted volume, a directory being
-            # replaced): keep serving the last good objects, as a disconnected API
-            # server's are. Files removed from a path that is still there are deletions.
-            if self._missing is None:
-                self._missing = f"{self.path}: no such file or directory"
-                log.error("source %s: %s; keeping the last good objects", self.name,
-                          self._missing)
+        # The whole source gone (an unmounted volume, a directory being replaced) or
+        # there but not listable (no permission, removed between two checks): keep
+        # serving the last good objects, as a disconnected API server's are. Files
+        # removed from a path that is still there are deletions.
+        problem: str | None = None
+        try:
+            if self.path.exists():
+                stamps, unreadable = self._list_files()
+            else:
+                problem = f"{self.path}: no such file or directory"
+        except OSError as exc:
+            # Raised from here, it would end the source for good, its status healthy.
+            problem = f"{self.path}: cannot list: {exc.strerror or exc}"
+        if problem is not None:
+            if self._missing != problem:
+                log.error("source %s: %s; keeping the last good objects", self.name, problem)
+            self._missing = problem
             return False
-        stamps = self._list_files()
+        for path, message in unreadable.items():
+            if self._unreadable.get(path) != message:
+                log.error("rejected %s; keeping its last good version", message)
+        self._unreadable = unreadable
         changed = False
-        for gone in set(self._stamps) - set(stamps):
+        for gone in set(self._stamps) - set(stamps) - set(unreadable):
             log.info("file removed path=%s", gone)
             del self._stamps[gone]
             self._good.pop(gone, None)
@@ -197,8 +217,8 @@ class FileSource:
         status = store.register_source(self.name)
         while True:
             changed = await asyncio.to_thread(self.scan)
-            status.error = "; ".join([*self._errors.values(), *filter(None, [self._missing])]) \
-                or None
+            status.error = "; ".join([*self._errors.values(), *self._unreadable.values(),
+                                      *filter(None, [self._missing])]) or None
             # A path that has never existed is not an empty configuration but most
             # likely a wrong one: the source stays unsynced (the gateway unready, DNS
             # SERVFAIL) with the error in its status until the path appears.
