@@ -448,3 +448,36 @@ async def test_endpoint_change_keeps_listeners_without_walking_every_service() -
         assert proxy.listeners == {}
     finally:
         await stop_all(proxy, *backends)
+
+
+async def test_a_listener_that_could_not_bind_is_tried_again_without_a_new_snapshot(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The ClusterSetIP:port is held by another socket when the snapshot comes (an old
+    gateway process still closing, another daemon): once it is free the listener opens,
+    though no snapshot follows (a static file source sends none). The failure is logged
+    once, not at every retry."""
+    (backend,) = await start_backends({"east": 1}, 94)
+    ip = "127.240.94.1"
+    blocker = socket.socket()
+    blocker.bind((ip, 80))
+    blocker.listen()
+    cs = Clusterset("east")
+    cs.publish("web", ip, [WEB], endpoints_of([backend]))
+    proxy = await cs.proxy()
+    try:
+        await cs.served(proxy)
+        assert proxy.listeners == {}
+        await asyncio.sleep(1.0)  # a retry or two, still taken
+        assert caplog.text.count("cannot listen") == 1
+        blocker.close()
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                assert await ask(ip, 80, timeout=1) == "east-1"
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the listener never opened"
+                await asyncio.sleep(0.05)
+    finally:
+        blocker.close()
+        await stop_all(proxy, backend)

@@ -5,7 +5,9 @@ per (ClusterSetIP, port, protocol). A new snapshot updates only the upstream set
 services it changed, opens listeners that appeared and closes those that went away;
 unchanged listeners keep their sockets, and established connections of a closed listener
 carry on (closing a listening socket does not touch accepted ones). A ClusterSetIP:port
-taken over by another service is rebound in place.
+taken over by another service is rebound in place. A listener that cannot bind (the
+address held by another process for now) is tried again with backoff, also when no new
+snapshot comes.
 
 SCTP ports are logged once as unsupported; appProtocol http ports are served by the
 HTTP/1.1 proxy (mcsproxy.http) and health-checked with HTTP GET.
@@ -14,12 +16,14 @@ HTTP/1.1 proxy (mcsproxy.http) and health-checked with HTTP GET.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from typing import Any, NamedTuple
 
+from mcsproxy.backoff import Backoff
 from mcsproxy.config import ProxyConfig
 from mcsproxy.http import HttpEngine, serves_http
 from mcsproxy.model import ImportedService, ServiceKey, ServicePort, Snapshot
@@ -41,6 +45,10 @@ IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 IDLE_SWEEPS = 4
 # While draining, how often the count of open connections is looked at again.
 DRAIN_POLL_S = 0.05
+# A listener that could not bind (its address taken for now) is tried again after this
+# backoff, also when no new snapshot comes; its error is logged once, not per retry.
+LISTEN_RETRY_INITIAL_S = 0.5
+LISTEN_RETRY_MAX_S = 30.0
 
 
 class ListenerKey(NamedTuple):
@@ -148,6 +156,7 @@ class ProxyManager:
         # leaves those alone (an endpoint change) skips the walk over every service.
         self._applied_services: Mapping[ServiceKey, ImportedService] | None = None
         self._listeners_complete = False  # every wanted listener open at the last walk
+        self._bind_errors: dict[ListenerKey, str] = {}  # wanted listeners that cannot bind
         self.listener_walks = 0
         self.draining = False  # set by drain(): no listener opens any more
         self.access_log: AccessLog | None = None  # set by the gateway before start()
@@ -222,8 +231,17 @@ class ProxyManager:
         self._wake.set()
 
     async def _apply_loop(self) -> None:
+        retry = Backoff(LISTEN_RETRY_INITIAL_S, LISTEN_RETRY_MAX_S)
         while True:
-            await self._wake.wait()
+            if self._listeners_complete or self.draining:
+                retry.reset()
+                await self._wake.wait()
+            else:
+                # Some listener could not bind: walk again when the backoff says, not
+                # only when a snapshot happens to come (a static one never does).
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(retry.next()):
+                        await self._wake.wait()
             self._wake.clear()
             await self._apply()
 
@@ -254,6 +272,8 @@ class ProxyManager:
         for lkey in [k for k in self.listeners if k not in wanted]:
             log.info("listener %s closed", lkey)
             self.listeners.pop(lkey).close()
+        for lkey in [k for k in self._bind_errors if k not in wanted]:
+            del self._bind_errors[lkey]
         for lkey, (ukey, port) in wanted.items():
             upstream = self.upstreams[ukey]
             listener = self.listeners.get(lkey)
@@ -336,8 +356,12 @@ class ProxyManager:
                 sock.close()
                 raise
         except OSError as exc:
-            log.error("listener %s for %s: cannot listen: %s", lkey, ukey, exc.strerror or exc)
+            error = str(exc.strerror or exc)
+            if self._bind_errors.get(lkey) != error:
+                log.error("listener %s for %s: cannot listen: %s", lkey, ukey, error)
+            self._bind_errors[lkey] = error
             return
+        self._bind_errors.pop(lkey, None)
         self.listeners[lkey] = listener
         log.info("listener %s serving %s", lkey, ukey)
 
