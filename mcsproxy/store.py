@@ -162,21 +162,26 @@ class SnapshotStore:
         status = self.sources.setdefault(name, SourceStatus())
         return status
 
-    def upsert(self, oid: ObjectId, spec: Spec) -> None:
+    def upsert(self, oid: ObjectId, spec: Spec) -> bool:
+        """Add or change an object; True when it is new."""
         old = self._objects.get(oid)
         if old == spec:
-            return
+            return False
         if old is not None:
             self._unindex(oid, old)
         self._objects[oid] = spec
         index = self._imports_by_key if isinstance(spec, ImportSpec) else self._slices_by_key
         index[spec.key].add(oid)
         self._dirty.add(spec.key)
+        return old is None
 
-    def delete(self, oid: ObjectId) -> None:
+    def delete(self, oid: ObjectId) -> bool:
+        """Remove an object; True when there was one."""
         old = self._objects.pop(oid, None)
-        if old is not None:
-            self._unindex(oid, old)
+        if old is None:
+            return False
+        self._unindex(oid, old)
+        return True
 
     def replace_source(self, source: str, objects: dict[ObjectId, Spec]) -> None:
         """Make `objects` the whole content of `source`: what is missing is deleted."""

@@ -271,3 +271,40 @@ async def test_controlplane_snapshot_rejected_in_a_later_part_backs_off() -> Non
     assert 2 <= len(relay.accepted) <= 7, relay.accepted
     assert "zbad" in (store.sources[source.name].error or "")
     assert len(store.current.services) == 0 and not store.loaded.is_set()
+
+
+async def test_controlplane_object_count_follows_the_deltas() -> None:
+    """The source's object count (admin /readyz detail, the objects metric) follows what
+    deltas add and remove, not only what the last full snapshot held."""
+    hub = StreamHub(heartbeat_s=0.2)
+    web = ObjectRef("ServiceImport", "test", "web")
+    hub.attach("east", {web: service_import("web")})
+    server = ControllerServer(None, hub, (CONTROLLER_HOST, 0), metrics=ControllerMetrics())
+    await server.start()
+    assert server.bound is not None
+    store = SnapshotStore("east")
+    source = ControlplaneSource(f"http://{CONTROLLER_HOST}:{server.bound[1]}", "east")
+    task = spawn(source.run(store), name="test source")
+    try:
+        async with asyncio.timeout(5):
+            await store.loaded.wait()
+        status = store.sources[source.name]
+        assert status.objects == 1
+        api = ObjectRef("ServiceImport", "test", "api")
+        west = ObjectRef("EndpointSlice", "test", "web-west")
+        hub.publish("east", {api: service_import("api", "127.240.3.2"),
+                             west: imported_slice("web-west", "web", "west", ["10.1.0.1"])},
+                    [], None)
+        async with asyncio.timeout(5):
+            while status.objects != 3:
+                await asyncio.sleep(0.01)
+        hub.publish("east", {west: imported_slice("web-west", "web", "west", ["10.1.0.2"])},
+                    [web, ObjectRef("ServiceImport", "test", "never-sent")], None)
+        async with asyncio.timeout(5):
+            while len(store.current.services) != 1:
+                await asyncio.sleep(0.01)
+        assert status.objects == 2
+    finally:
+        await cancel_and_wait([task])
+        hub.close()
+        await server.stop()

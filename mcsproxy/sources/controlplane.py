@@ -255,14 +255,15 @@ class ControlplaneSource:
             for d in deletes
         ):
             raise StreamProtocolError(f"malformed delta {version}: bad delete list")
+        status = store.register_source(self.name)
         for d in deletes:
-            store.delete(ObjectId(self.name, d["kind"], d["namespace"], d["name"]))
+            status.objects -= store.delete(
+                ObjectId(self.name, d["kind"], d["namespace"], d["name"]))
         for oid, spec in upserts.items():
-            store.upsert(oid, spec)
+            status.objects += store.upsert(oid, spec)
         self.version = version
         if self.connects == 0:
             self.connects = 1
-        status = store.register_source(self.name)
         status.last_change = time.time()
         store.commit()
         observed = message.get("observed")
