@@ -131,6 +131,42 @@ def object_kind(obj: Mapping[str, Any]) -> str | None:
     return None
 
 
+# The API groups whose objects we read from files, with the versions and kinds that exist
+# there. Objects of other groups (Namespace, Service, ...) are skipped, but a document of
+# these groups with any other kind or version is a typo: skipped too, it would silently
+# withdraw what it meant to describe, so file readers reject it instead.
+OUR_GROUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    MCS_GROUP: (MCS_VERSIONS, ("ServiceImport", "ServiceExport")),
+    "discovery.k8s.io": (("v1",), ("EndpointSlice",)),
+}
+_KIND_GROUP = {kind: group for group, (_v, kinds) in OUR_GROUPS.items() for kind in kinds}
+
+
+def kind_error(obj: Mapping[str, Any]) -> str | None:
+    """Why a file's object cannot be what it claims (a mistyped kind of our API groups,
+    a version that does not exist, one of our kinds under another apiVersion), else None.
+    """
+    api_version, kind = obj.get("apiVersion"), obj.get("kind")
+    group, _, version = (api_version if isinstance(api_version, str) else "").rpartition("/")
+    if group in OUR_GROUPS:
+        versions, kinds = OUR_GROUPS[group]
+        expected = f"(expected {' or '.join(kinds)})"
+        if not isinstance(kind, str) or not kind:
+            return f"{api_version} object without a kind {expected}"
+        if kind not in kinds:
+            return f"kind {kind!r} does not exist in {group} {expected}"
+        if version not in versions:
+            return (f"{kind} apiVersion {api_version!r}: expected "
+                    f"{' or '.join(f'{group}/{v}' for v in versions)}")
+        return None
+    if isinstance(kind, str) and kind in _KIND_GROUP:
+        expected_group = _KIND_GROUP[kind]
+        versions = OUR_GROUPS[expected_group][0]
+        return (f"{kind} apiVersion {api_version!r}: expected "
+                f"{' or '.join(f'{expected_group}/{v}' for v in versions)}")
+    return None
+
+
 # Field validators: the gateway's parsers below and the controller's member-object parsers
 # (controlplane/resources.py) judge the same fields with the same code and messages. Each
 # takes the value and `what` (where it sits, for the error) and returns it checked, or

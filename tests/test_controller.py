@@ -136,6 +136,25 @@ def test_bad_file_fails_once_with_file_and_line_and_writes_nothing(
     assert not (out / "a").exists()
 
 
+def test_a_mistyped_export_kind_fails_once_instead_of_unexporting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`kind: ServiceExprt` used to be skipped as some other kind: the service was quietly
+    not exported and --once exited 0."""
+    clusters, out = tmp_path / "clusters", tmp_path / "out"
+    member(clusters, "a", 1)
+    web = clusters / "a" / "web.yaml"
+    text = web.read_text()
+    assert text.count("kind: ServiceExport") == 1
+    web.write_text(text.replace("kind: ServiceExport", "kind: ServiceExprt"))
+    line = text[:text.index("kind: ServiceExport")].rfind("---\n")
+    line = text[:line].count("\n") + 2  # the document after that separator
+    assert once(clusters, out) == 1
+    err = capsys.readouterr().err
+    assert f"{web}:{line}: kind 'ServiceExprt' does not exist in multicluster.x-k8s.io" in err
+    assert not (out / "a").exists()
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["--kubeconfig", "k"], "--kubeconfig needs --contexts"),
     (["--clusters-dir", ".", "--output-dir", "o", "--cluster-cidr", "east"], "CLUSTER=CIDR"),

@@ -166,6 +166,34 @@ async def test_unknown_kinds_are_ignored(source_dir) -> None:
     assert set(snap.services) == {KEY, ServiceKey("test", "api")}
 
 
+@pytest.mark.parametrize(("old", "new", "reason"), [
+    ("kind: ServiceImport", "kind: ServiceImprt", "kind 'ServiceImprt' does not exist"),
+    ("multicluster.x-k8s.io/v1beta1", "multicluster.x-k8s.io/v9", "expected multicluster"),
+    ("apiVersion: multicluster.x-k8s.io/v1beta1", "apiVersion: v1", "expected multicluster"),
+    ("kind: ServiceImport\n", "", "object without a kind"),
+])
+async def test_a_mistyped_kind_or_version_is_rejected_not_skipped(
+    source_dir, caplog: pytest.LogCaptureFixture, old: str, new: str, reason: str
+) -> None:
+    """A typo in kind or apiVersion used to make the document 'another kind', skipped: the
+    service silently vanished instead of the file being rejected with its line."""
+    path, store, _watcher = source_dir
+    text = "# a comment\n---\n" + import_yaml("web", "Headless", WEB)
+    assert old in text
+    with caplog.at_level(logging.ERROR, logger="mcsproxy.sources.file"):
+        write(path / "web.yaml", text.replace(old, new))
+        await until_true(lambda: reason in caplog.text, f"no rejection: {caplog.text}")
+    assert f"{path / 'web.yaml'}:4: " in caplog.text  # file:line of the bad document
+    await asyncio.sleep(5 * POLL_S)
+    assert KEY in store.current.services and addresses(store.current) == ["10.0.0.1"]
+    # The kinds of those groups a consumer cluster also holds stay skipped, not rejected.
+    with caplog.at_level(logging.INFO, logger="mcsproxy.sources.file"):
+        write(path / "export.yaml", "apiVersion: multicluster.x-k8s.io/v1alpha1\n"
+              "kind: ServiceExport\nmetadata: {name: web, namespace: test}\n")
+        await until_true(lambda: f"path={path / 'export.yaml'} objects=0" in caplog.text,
+                         f"export.yaml not loaded: {caplog.text}")
+
+
 async def test_single_file_source_and_missing_path(tmp_path: Path) -> None:
     store = SnapshotStore("cluster-a")
     watcher = Watcher(store)

@@ -38,7 +38,7 @@ from controlplane.resources import (
     parse_member_object,
 )
 from mcsproxy.config import CLUSTER_ID_RE
-from mcsproxy.manifests import ManifestError, load_yaml_documents
+from mcsproxy.manifests import ManifestError, kind_error, load_yaml_documents
 from mcsproxy.sources.file import YAML_SUFFIXES, FileStamp, SettleGate
 
 log = logging.getLogger("controlplane.clusters.directory")
@@ -80,6 +80,8 @@ def parse_cluster_file(text: str, origin: str, cluster: str) -> FileObjects:
             except ManifestError as exc:
                 raise exc.at(origin, line) from None
             if parsed is None:
+                if (error := kind_error(item)) is not None:
+                    raise ManifestError(error, origin, line)
                 continue
             ref, record = parsed
             if ref in objects:

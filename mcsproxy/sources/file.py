@@ -16,6 +16,7 @@ from pathlib import Path
 
 from mcsproxy.manifests import (
     ManifestError,
+    kind_error,
     load_yaml_documents,
     object_kind,
     parse_endpoint_slice,
@@ -78,6 +79,8 @@ def parse_file_text(text: str, origin: str, source: str) -> dict[ObjectId, Spec]
         for item in items:
             kind = object_kind(item) if isinstance(item, dict) else None
             if kind is None:
+                if isinstance(item, dict) and (error := kind_error(item)) is not None:
+                    raise ManifestError(error, origin, line)
                 continue  # other kinds (Namespace, Service, ...) are not ours to serve
             try:
                 spec: Spec | None
