@@ -336,6 +336,8 @@ def parse_endpoint_slice(
     labels = as_str_map(meta.get("labels"), f"{where}: metadata.labels")
     service_name = service_name or labels.get(LABEL_SERVICE_NAME)
     if not service_name:
+        if LABEL_SOURCE_CLUSTER in labels:  # imported, but tied to no service: a mistake
+            raise ManifestError(f"{where}: label {LABEL_SERVICE_NAME} is missing")
         return None
     cluster = cluster or labels.get(LABEL_SOURCE_CLUSTER)
     if not cluster:

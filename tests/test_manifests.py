@@ -125,6 +125,10 @@ def test_invalid_service_imports(path: str, value: Any, message: str) -> None:
         ("ports.0.port", 70000, r"ports\[0\].port must be an integer"),
         ("metadata.labels", {"multicluster.kubernetes.io/service-name": "web"},
          "source-cluster is missing"),
+        # An imported slice (it names its source cluster) whose service label is lost was
+        # skipped as "not ours": its endpoints quietly left the service.
+        ("metadata.labels", {"multicluster.kubernetes.io/source-cluster": "east"},
+         "service-name is missing"),
     ],
 )
 def test_invalid_slices(path: str, value: Any, message: str) -> None:
