@@ -18,6 +18,7 @@ from controlplane.controller import Controller
 from controlplane.metrics import ControllerMetrics
 from controlplane.server import ControllerServer
 from controlplane.stream import HEARTBEAT_S, StreamHub
+from mcsproxy.config import CLUSTER_ID_RE
 from mcsproxy.tasks import cancel_and_wait, spawn
 
 log = logging.getLogger("controlplane.command")
@@ -41,8 +42,8 @@ class ControllerConfig:
     def __post_init__(self) -> None:
         try:
             parse_cidrs(self.clusterset_cidr)
-            for _cluster, cidr in self.cluster_cidrs:
-                parse_cidrs(cidr)
+            for cluster, cidr in self.cluster_cidrs:
+                parse_cidrs(cidr, f"--cluster-cidr {cluster}={cidr}")
         except ValueError as exc:
             raise ControllerConfigError(str(exc)) from None
         if not self.clusters_dir.is_dir():
@@ -58,8 +59,15 @@ def parse_cluster_cidrs(values: list[str]) -> tuple[tuple[str, str], ...]:
         cluster, sep, cidr = value.partition("=")
         if not sep or not cluster or not cidr:
             raise ControllerConfigError(f"--cluster-cidr: expected CLUSTER=CIDR, got {value!r}")
+        if not CLUSTER_ID_RE.match(cluster):
+            raise ControllerConfigError(f"--cluster-cidr {value}: {cluster!r} is not an "
+                                        "RFC-1123 cluster ID")
         if cluster in pairs:
             raise ControllerConfigError(f"--cluster-cidr: {cluster} given twice")
+        try:
+            parse_cidrs(cidr, f"--cluster-cidr {value}")
+        except ValueError as exc:
+            raise ControllerConfigError(str(exc)) from None
         pairs[cluster] = cidr
     return tuple(sorted(pairs.items()))
 

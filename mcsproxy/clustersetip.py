@@ -35,8 +35,8 @@ class AllocationError(RuntimeError):
     pass
 
 
-def parse_cidrs(text: str) -> tuple[Network, ...]:
-    """'127.240.0.0/16' or a dual-stack '127.240.0.0/16,fd00:240::/112'."""
+def parse_cidrs(text: str, flag: str = "--clusterset-cidr") -> tuple[Network, ...]:
+    """'127.240.0.0/16' or a dual-stack '127.240.0.0/16,fd00:240::/112'; errors name `flag`."""
     pools: dict[int, Network] = {}
     for part in (p.strip() for p in text.split(",")):
         if not part:
@@ -44,14 +44,14 @@ def parse_cidrs(text: str) -> tuple[Network, ...]:
         try:
             net = ipaddress.ip_network(part, strict=True)
         except ValueError as exc:
-            raise ValueError(f"--clusterset-cidr: {exc}") from None
+            raise ValueError(f"{flag}: {exc}") from None
         if net.version in pools:
-            raise ValueError(f"--clusterset-cidr: two IPv{net.version} ranges")
+            raise ValueError(f"{flag}: two IPv{net.version} ranges")
         if net.num_addresses < 4:
-            raise ValueError(f"--clusterset-cidr: {net} is too small")
+            raise ValueError(f"{flag}: {net} is too small")
         pools[net.version] = net
     if not pools:
-        raise ValueError("--clusterset-cidr: no range given")
+        raise ValueError(f"{flag}: no range given")
     return tuple(pools[v] for v in sorted(pools))
 
 

@@ -158,8 +158,19 @@ def test_a_mistyped_export_kind_fails_once_instead_of_unexporting(
 @pytest.mark.parametrize(("argv", "message"), [
     (["--kubeconfig", "k"], "--kubeconfig needs --contexts"),
     (["--clusters-dir", ".", "--output-dir", "o", "--cluster-cidr", "east"], "CLUSTER=CIDR"),
+    # The message names the flag that was wrong (it used to say --clusterset-cidr).
     (["--clusters-dir", ".", "--output-dir", "o", "--cluster-cidr", "a=10.0.0.0/40"],
-     "clusterset-cidr"),
+     "--cluster-cidr a=10.0.0.0/40: "),
+    (["--clusters-dir", ".", "--output-dir", "o", "--cluster-cidr", "East_1=10.0.0.0/24"],
+     "'East_1' is not an RFC-1123 cluster ID"),
+    # Kubernetes mode: checked before connecting. A missing kubeconfig was called
+    # "Invalid kube-config file. Expected key contexts" (exit 1, after a library warning);
+    # nan passed the lease-duration check; bad ranges passed until connected.
+    (["--kubeconfig", "/nonexistent/kubeconfig", "--contexts", "a"],
+     "--kubeconfig /nonexistent/kubeconfig: no such file"),
+    (["--contexts", "a", "--lease-duration", "nan"], "--lease-duration must be at least 3"),
+    (["--contexts", "a", "--clusterset-cidr", "10.0.0.0/33"], "--clusterset-cidr: "),
+    (["--contexts", "a", "--cluster-cidr", "a=bad"], "--cluster-cidr a=bad: "),
     (["--clusters-dir", "/nonexistent-dir", "--output-dir", "/tmp/x"], "not a directory"),
     (["--clusters-dir", ".", "--output-dir", "o", "--clusterset-cidr", "10.0.0.0/33"],
      "clusterset-cidr"),

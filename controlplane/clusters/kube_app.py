@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import socket
 from collections.abc import Mapping
@@ -35,7 +36,7 @@ from typing import Any
 from kubernetes_asyncio import config as kube_config
 from kubernetes_asyncio.client import ApiClient, Configuration
 
-from controlplane.allocator import DEFAULT_CIDR
+from controlplane.allocator import DEFAULT_CIDR, parse_cidrs
 from controlplane.clusters import ClusterError
 from controlplane.clusters.kube import KubeClusterClient, KubeTimings
 from controlplane.clusters.kube_api import KubeApi
@@ -323,8 +324,13 @@ def config_from_args(args: Any) -> KubeControllerConfig:
         serve = parse_host_port(args.serve, "--serve") if args.serve else None
     except ConfigError as exc:
         raise ValueError(str(exc)) from None
-    if args.lease_duration < 3:
-        raise ValueError("--lease-duration must be at least 3 seconds")
+    if not math.isfinite(args.lease_duration) or args.lease_duration < 3:
+        raise ValueError(f"--lease-duration must be at least 3 seconds, not {args.lease_duration}")
+    # Checked here, before any connection: the client library would otherwise log a
+    # warning and call a missing file "invalid", and a bad range only failed once connected.
+    if args.kubeconfig and not Path(args.kubeconfig).is_file():
+        raise ValueError(f"--kubeconfig {args.kubeconfig}: no such file")
+    parse_cidrs(args.clusterset_cidr)
     return KubeControllerConfig(
         kubeconfig=Path(args.kubeconfig) if args.kubeconfig else None,
         contexts=parse_contexts(args.contexts) if args.contexts else (),
