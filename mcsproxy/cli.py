@@ -7,6 +7,7 @@ import logging
 import resource
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from mcsproxy.config import (
     CLUSTER_ID_RE,
@@ -21,6 +22,14 @@ from mcsproxy.proxy.options import add_proxy_arguments, proxy_config
 
 # Room under DNS's 253 characters for <hostname>.<cluster>.<svc>.<ns>.svc. in front.
 MAX_DOMAIN = 128
+
+
+class _Parser(argparse.ArgumentParser):
+    """A flag argparse rejects is reported in one line, like every other bad flag: its
+    default prints the whole usage first (30 lines for the gateway), burying the reason."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_gateway_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -177,7 +186,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _add_controller_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("controller", help="run the MCS controller (directory mode)")
+    p = sub.add_parser("controller", help="run the MCS controller (directory or Kubernetes mode)")
     p.add_argument("--clusters-dir", metavar="DIR", help="DIR/<cluster-id>/*.yaml per member")
     p.add_argument("--output-dir", metavar="OUT", help="OUT/<cluster-id>/ receives the imports")
     p.add_argument("--once", action="store_true", help="reconcile once and exit")
@@ -226,7 +235,7 @@ def _run_status(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mcsproxy", description="Kubernetes Multi-Cluster Services data plane"
     )
     sub = parser.add_subparsers(dest="command", required=True)

@@ -125,6 +125,21 @@ def test_bad_values_are_refused_with_the_flag_named(
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [
+    ["gateway", "--cluster-id", "east", "--source", "kube", "--dns-ttl", "abc"],
+    ["gateway", "--cluster-id", "east", "--source", "kube", "--log-level", "verbose"],
+    ["gateway", "--source", "kube"],
+    ["controller", "--clusters-dir", ".", "--output-dir", "o", "--lease-duration", "x"],
+])
+def test_flags_argparse_refuses_give_one_line_and_exit_2(argv: list[str]) -> None:
+    """They used to print the whole usage first (30 lines for the gateway)."""
+    proc = subprocess.run([sys.executable, "-m", "mcsproxy", *argv], capture_output=True,
+                          text=True, timeout=DEADLINE_S)
+    assert proc.returncode == 2
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert f"mcsproxy {argv[0]}: error: " in proc.stderr and "--help" in proc.stderr
+
+
 def test_a_dns_address_that_cannot_be_bound_is_named(capsys: pytest.CaptureFixture[str]) -> None:
     from mcsproxy.cli import main
 
