@@ -180,8 +180,14 @@ def _run_demo(args: argparse.Namespace) -> int:
 
         setup_logging("warning")
         return uvloop.run(run_demo(args.workdir, args.load))
-    if args.action != "status" and not args.cluster:
-        raise ConfigError(f"demo {args.action} needs a cluster name")
+    from mcsproxy.demo.clusterset import CLUSTERS
+
+    names = [c.name for c in CLUSTERS]
+    if args.action != "status" and args.cluster not in names:
+        # Checked here, not by the running demo: its answer was a raw JSON body, exit 1.
+        what = f"no cluster {args.cluster!r}" if args.cluster else "needs a cluster name"
+        raise ConfigError(f"demo {args.action} {what}; the demo's clusters are "
+                          f"{', '.join(names)}")
     return control(args.action, args.cluster or "")
 
 

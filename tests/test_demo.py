@@ -137,6 +137,18 @@ def test_demo_quickstart_failover_and_clean_stop(
     assert children_of(workdir) == []
 
 
+@pytest.mark.parametrize("argv", [["kill", "nosuch"], ["restore"]])
+def test_demo_control_of_a_cluster_that_does_not_exist_names_the_clusters(
+        argv: list[str]) -> None:
+    done = subprocess.run([sys.executable, "-m", "mcsproxy", "demo", *argv],
+                          capture_output=True, text=True, timeout=10)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"mcsproxy: error: demo {argv[0]} "
+        + ("no cluster 'nosuch'" if len(argv) > 1 else "needs a cluster name")
+        + "; the demo's clusters are east, west, central"], done.stderr
+
+
 def test_demo_control_without_a_running_demo_says_so() -> None:
     done = subprocess.run([sys.executable, "-m", "mcsproxy", "demo", "kill", "east"],
                           capture_output=True, text=True, timeout=10)
