@@ -37,28 +37,33 @@ def _add_gateway_parser(sub: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("--cluster-id", required=True, help="the local cluster's ID (priority 0)")
     p.add_argument("--source", action="append", default=[], metavar="SOURCE",
                    help="file:PATH, kube or controlplane:http://HOST:PORT (repeatable)")
-    p.add_argument("--dns-listen", default="127.0.0.1:5353", metavar="HOST:PORT")
-    p.add_argument("--dns-domain", default="clusterset.local")
+    p.add_argument("--dns-listen", default="127.0.0.1:5353", metavar="HOST:PORT",
+                   help="DNS responder, UDP and TCP (default 127.0.0.1:5353; port 0: any)")
+    p.add_argument("--dns-domain", default="clusterset.local", metavar="DOMAIN",
+                   help="the zone served (default clusterset.local)")
     p.add_argument("--dns-upstream", default=None, metavar="HOST:PORT",
                    help="forward names outside the zone here (default: REFUSED)")
-    p.add_argument("--dns-ttl", type=int, default=5, help="TTL of service records (s)")
+    p.add_argument("--dns-ttl", type=int, default=5, help="TTL of service records (s, default 5)")
     p.add_argument("--dns-edns-max", type=int, default=1232,
-                   help="largest EDNS0 UDP payload answered (bytes)")
+                   help="largest EDNS0 UDP payload answered (bytes, default 1232)")
     p.add_argument("--dns-allow-from", default=",".join(DnsConfig.allow_from), metavar="CIDR,...",
                    help="clients whose names outside the zone are forwarded to --dns-upstream "
                         "(others: REFUSED); default loopback, RFC 1918 and fc00::/7")
     p.add_argument("--dns-rrl", type=float, default=0.0, metavar="QPS",
                    help="UDP answers per second per client /24 (/56); over it every 2nd "
                         "answer is truncated, the rest dropped (default 0: off)")
-    p.add_argument("--admin-listen", default="127.0.0.1:9901", metavar="HOST:PORT")
+    p.add_argument("--admin-listen", default="127.0.0.1:9901", metavar="HOST:PORT",
+                   help="admin API, /metrics and status page (default 127.0.0.1:9901)")
     p.add_argument("--access-log", default=None, metavar="-|PATH",
                    help="one line per connection and HTTP request to stderr (-) or a file "
                         "(default off)")
-    p.add_argument("--access-log-format", default="text", choices=["text", "json"])
+    p.add_argument("--access-log-format", default="text", choices=["text", "json"],
+                   help="(default text)")
     p.add_argument("--demo-control", default=None, metavar="URL", help=argparse.SUPPRESS)
-    p.add_argument("--log-level", default="info", choices=sorted(LEVELS))
+    p.add_argument("--log-level", default="info", choices=sorted(LEVELS), help="(default info)")
     p.add_argument("--clusterset-cidr", default="127.240.0.0/16", metavar="CIDR[,CIDR6]",
-                   help="ClusterSetIPs the gateway allocates itself (Karmada services)")
+                   help="ClusterSetIPs the gateway allocates itself (Karmada services; "
+                        "default 127.240.0.0/16)")
     p.add_argument("--vip-interface", default=None, metavar="NAME",
                    help="keep the ClusterSetIPs on this interface as /32 and /128 "
                         "(created as a dummy link if missing; needs CAP_NET_ADMIN)")
@@ -197,8 +202,8 @@ def _add_controller_parser(sub: argparse._SubParsersAction) -> None:  # type: ig
     p.add_argument("--output-dir", metavar="OUT", help="OUT/<cluster-id>/ receives the imports")
     p.add_argument("--once", action="store_true", help="reconcile once and exit")
     p.add_argument("--serve", metavar="HOST:PORT", help="stream snapshots to gateways here")
-    p.add_argument("--clusterset-cidr", default="127.240.0.0/16",
-                   help="ClusterSetIP range; IPv4,IPv6 for dual stack")
+    p.add_argument("--clusterset-cidr", default="127.240.0.0/16", metavar="CIDR[,CIDR6]",
+                   help="ClusterSetIP range; IPv4,IPv6 for dual stack (default 127.240.0.0/16)")
     p.add_argument("--cluster-cidr", action="append", default=[], metavar="CLUSTER=CIDR",
                    help="a ClusterSetIP range of that consumer cluster's own (repeatable)")
     p.add_argument("--kubeconfig", metavar="PATH", help="Kubernetes mode: the kubeconfig")
@@ -211,9 +216,10 @@ def _add_controller_parser(sub: argparse._SubParsersAction) -> None:  # type: ig
                    help="Kubernetes mode: only the holder of a Lease writes (default on)")
     p.add_argument("--lease-namespace", metavar="NS",
                    help="the Lease's namespace (default: --member-secrets, else kube-system)")
-    p.add_argument("--lease-duration", type=float, default=15.0, metavar="SECONDS")
+    p.add_argument("--lease-duration", type=float, default=15.0, metavar="SECONDS",
+                   help="Kubernetes mode: leader Lease duration (default 15)")
     p.add_argument("--identity", help="leader election identity (default: host-pid)")
-    p.add_argument("--log-level", default="info", choices=sorted(LEVELS))
+    p.add_argument("--log-level", default="info", choices=sorted(LEVELS), help="(default info)")
     p.set_defaults(func=_run_controller)
 
 
@@ -229,7 +235,8 @@ def _add_status_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore
     p = sub.add_parser("status", help="a running gateway's services, endpoints and events")
     p.add_argument("--admin", default="http://127.0.0.1:9901", metavar="URL",
                    help="the gateway's admin listener (default http://127.0.0.1:9901)")
-    p.add_argument("--events", type=int, default=10, metavar="N", help="recent events shown")
+    p.add_argument("--events", type=int, default=10, metavar="N",
+                   help="recent events shown (default 10)")
     p.add_argument("--json", action="store_true", help="print the raw JSON")
     p.set_defaults(func=_run_status)
 
@@ -238,6 +245,18 @@ def _run_status(args: argparse.Namespace) -> int:
     from mcsproxy.statuscmd import run_status
 
     return run_status(args.admin, args.events, args.json)
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append "(default X)" to each flag's help that does not say its default yet, so
+    --help shows every default the README and the architecture contract state."""
+    for action in parser._actions:
+        default = action.default
+        if (default in (None, False, [], argparse.SUPPRESS) or action.help == argparse.SUPPRESS
+                or not action.option_strings or "default" in (action.help or "")):
+            continue
+        shown = f"{default:g}" if isinstance(default, float) else str(default)
+        action.help = f"{action.help} (default {shown})" if action.help else f"(default {shown})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_parser(sub)
     _add_controller_parser(sub)
     _add_status_parser(sub)
+    for subparser in sub.choices.values():
+        _show_defaults(subparser)
     return parser
 
 

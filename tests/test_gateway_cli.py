@@ -140,6 +140,25 @@ def test_flags_argparse_refuses_give_one_line_and_exit_2(argv: list[str]) -> Non
     assert f"mcsproxy {argv[0]}: error: " in proc.stderr and "--help" in proc.stderr
 
 
+def test_help_shows_the_defaults_the_contract_states() -> None:
+    """--dns-listen, --admin-listen, --dns-domain and --log-level had no help at all, so
+    --help never said the defaults docs/architecture.md fixes."""
+    def help_of(command: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "mcsproxy", command, "--help"],
+                              capture_output=True, text=True, timeout=DEADLINE_S)
+        assert proc.returncode == 0, proc.stderr
+        return " ".join(proc.stdout.split())  # argparse wraps lines anywhere
+
+    gateway = help_of("gateway")
+    for flag, default in [("--dns-listen", "127.0.0.1:5353"), ("--admin-listen",
+                          "127.0.0.1:9901"), ("--dns-domain", "clusterset.local"),
+                          ("--log-level", "info"), ("--clusterset-cidr", "127.240.0.0/16")]:
+        assert re.search(rf"{flag} \S+ [^-]*default {re.escape(default)}\b", gateway), flag
+    controller = help_of("controller")
+    assert re.search(r"--clusterset-cidr \S+ [^-]*default 127\.240\.0\.0/16", controller)
+    assert re.search(r"--log-level \S+ \(default info\)", controller)
+
+
 def test_a_dns_address_that_cannot_be_bound_is_named(capsys: pytest.CaptureFixture[str]) -> None:
     from mcsproxy.cli import main
 
