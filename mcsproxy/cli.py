@@ -244,7 +244,12 @@ def _add_status_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore
 def _run_status(args: argparse.Namespace) -> int:
     from mcsproxy.statuscmd import run_status
 
-    return run_status(args.admin, args.events, args.json)
+    if args.events < 0:  # a negative slice bound showed all events but the first N
+        raise ConfigError(f"--events must be >= 0, not {args.events}")
+    admin = args.admin if "://" in args.admin else f"http://{args.admin}"  # HOST:PORT too
+    if not admin.startswith(("http://", "https://")):
+        raise ConfigError(f"--admin {args.admin!r}: expected http://HOST:PORT")
+    return run_status(admin, args.events, args.json)
 
 
 def _show_defaults(parser: argparse.ArgumentParser) -> None:

@@ -140,6 +140,23 @@ def test_flags_argparse_refuses_give_one_line_and_exit_2(argv: list[str]) -> Non
     assert f"mcsproxy {argv[0]}: error: " in proc.stderr and "--help" in proc.stderr
 
 
+def test_status_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    from mcsproxy.cli import main
+
+    # --events -1 showed every event but the first (a negative slice bound).
+    assert main(["status", "--events", "-1"]) == 2
+    assert "--events must be >= 0" in capsys.readouterr().err
+    assert main(["status", "--admin", "ftp://x"]) == 2
+    assert "expected http://HOST:PORT" in capsys.readouterr().err
+    # HOST:PORT, as the demo banner prints DNS addresses, was 'unknown url type'.
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        assert main(["status", "--admin", f"127.0.0.1:{port}"]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot read http://127.0.0.1:{port}/api/status" in err and "refused" in err
+
+
 def test_help_shows_the_defaults_the_contract_states() -> None:
     """--dns-listen, --admin-listen, --dns-domain and --log-level had no help at all, so
     --help never said the defaults docs/architecture.md fixes."""
