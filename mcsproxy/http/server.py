@@ -242,6 +242,14 @@ class ClientConnection(asyncio.Protocol):
             if rest:
                 ex.tunnel_data(rest)
         except HttpParserError as exc:
+            last = self.last
+            if self.request_error is None and self.current is None and last is not None \
+                    and not last.keep_alive:
+                # Bytes after a request whose answer ends the connection (Connection:
+                # close, HTTP/1.0): RFC 9112 9.6, no further request is processed, and no
+                # answer may follow the one that says close. Dropped, as after close().
+                self.pause(PAUSE_PIPELINE)
+                return
             err = self.request_error or RequestError(400, f"malformed request: {exc}")
             self.reject(err)
             return
