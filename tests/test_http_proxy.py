@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 import time
 from typing import Any
 
@@ -669,6 +670,8 @@ async def test_client_disconnect_mid_request_frees_the_endpoint() -> None:
         async with asyncio.timeout(3):
             while not backend.requests:
                 await asyncio.sleep(0.01)
+        # Reset, not closed: a FIN alone may be a half-close still waiting for the answer.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()
         upstream = next(iter(proxy.upstreams.values()))
         async with asyncio.timeout(3):

@@ -1,5 +1,5 @@
 """RFC 9110/9112 message semantics end to end, with real sockets: what a client may send
-after a request that closes the connection."""
+after a request that closes the connection, half-closing clients."""
 
 from __future__ import annotations
 
@@ -28,6 +28,32 @@ async def test_nothing_is_answered_after_a_request_that_closes_the_connection() 
             assert await client.reader.read() == b""  # nothing after: the close
             await client.close()
         assert [u for _, u, _ in backend.requests] == [b"/0", b"/a"] * 2
+    finally:
+        await proxy.stop()
+        await backend.stop()
+
+
+async def test_a_client_that_half_closes_after_its_requests_gets_their_answers() -> None:
+    # `nc -N`, or any client that shuts its sending side down once the request is out:
+    # its answers used to be dropped (the connection closed on the FIN, the request
+    # never reached the endpoint). The last answer says close; then the connection ends.
+    [backend] = await start_backends({"east": 1}, 199)
+    cs = Clusterset("east")
+    publish(cs, "half", "127.199.0.2", [backend])
+    proxy = await cs.proxy()
+    try:
+        for requests in (b"GET /a HTTP/1.0\r\n\r\n",
+                         b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n"
+                         b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi"):
+            client = await RawClient.open("127.199.0.2", 80)
+            client.send(requests)
+            client.writer.write_eof()
+            answers = [await client.response() for _ in range(requests.count(b"HTTP/1."))]
+            assert [r.status for r in answers] == [200] * len(answers)
+            assert answers[-1].headers[b"connection"] == b"close"
+            assert answers[-1].body == (b"hi" if len(answers) == 2 else b"east-1")
+            assert await client.reader.read() == b""
+            await client.close()
     finally:
         await proxy.stop()
         await backend.stop()

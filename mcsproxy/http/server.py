@@ -66,7 +66,8 @@ PAUSE_UNSENT = 2  # body bytes waiting for an endpoint connection
 # PAUSE_UPSTREAM = 4 (pool.py): the endpoint connection's write buffer is full
 PAUSE_TUNNEL = 8  # the tunnelled peer's write buffer is full
 
-# Ends of a tunnel seen (ClientConnection.tunnel_eofs).
+# Ends of a tunnel seen (ClientConnection.tunnel_eofs); CLIENT_EOF also when a client
+# half-closes outside a tunnel.
 CLIENT_EOF = 1
 UPSTREAM_EOF = 2
 BOTH_EOF = 3
@@ -163,7 +164,7 @@ class ClientConnection(asyncio.Protocol):
         self.broken: bytes | None = None  # an error answer owed after the queue drains
         self.request_error: RequestError | None = None
         self.tunnel: UpstreamConn | None = None
-        self.tunnel_eofs = 0  # CLIENT_EOF | UPSTREAM_EOF once the tunnel's ends half-close
+        self.tunnel_eofs = 0  # CLIENT_EOF | UPSTREAM_EOF once the ends half-close
         self.upgrading: Exchange | None = None
         self.idle = 0
         self.in_head = True  # waiting for the first request's head from accept on
@@ -260,13 +261,20 @@ class ClientConnection(asyncio.Protocol):
             self.flush()
 
     def eof_received(self) -> bool:
-        # As nginx (proxy_ignore_client_abort off): a client that stops sending has given
-        # up on its requests; their endpoint connections are aborted. Tunnels half-close.
+        # A client that half-closes after whole requests (`nc -N`, shutdown(SHUT_WR)) still
+        # waits for their answers (RFC 9112 9.6 leaves half-close to the client): they are
+        # sent, the last says Connection: close, then we close. One that stops in the
+        # middle of a request has given up on it: the connection and any endpoint
+        # connection serving it are closed. Tunnels half-close.
+        self.tunnel_eofs |= CLIENT_EOF
         if self.tunnel is not None:
-            self.tunnel_eofs |= CLIENT_EOF
             if self.tunnel_eofs == BOTH_EOF:
                 return False  # both ways done: close (connection_lost closes the other)
             self.tunnel.transport.write_eof()
+            return True
+        queue = self.queue
+        if queue and self.current is None and self.upgrading is None and not self.lingering:
+            queue[-1].keep_alive = False
             return True
         return False
 
@@ -382,6 +390,9 @@ class ClientConnection(asyncio.Protocol):
         if self.closed or self.lingering:
             return
         self.lingering = True
+        if self.tunnel_eofs & CLIENT_EOF:
+            self.transport.close()  # the client half-closed: nothing left to linger for
+            return
         self.idle = 0
         self.paused = 0
         try:
