@@ -1,9 +1,12 @@
 """RFC 9110/9112 message semantics end to end, with real sockets: what a client may send
-after a request that closes the connection, half-closing clients."""
+after a request that closes the connection, half-closing clients, answers before the
+request body."""
 
 from __future__ import annotations
 
-from tests.http_support import RawClient, publish, start_backends
+import asyncio
+
+from tests.http_support import RawClient, protocol_behind_proxy, publish, start_backends
 from tests.proxy_fixtures import Clusterset
 
 
@@ -57,3 +60,30 @@ async def test_a_client_that_half_closes_after_its_requests_gets_their_answers()
     finally:
         await proxy.stop()
         await backend.stop()
+
+
+class RefuseAtHead(asyncio.Protocol):
+    """Answers 401 as soon as a request head is in, without 100 Continue or the body."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if b"\r\n\r\n" in data:
+            self.transport.write(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 4\r\n\r\nnope")
+
+
+async def test_an_answer_before_the_request_body_says_the_connection_closes() -> None:
+    # Expect: 100-continue answered with a final status: the client has not sent its
+    # body, so we close after the answer; the answer used to claim keep-alive (no
+    # Connection: close), and a request the client then sent on it was lost.
+    async with protocol_behind_proxy(RefuseAtHead, "127.199.1.1", "127.199.0.3", "early"):
+        client = await RawClient.open("127.199.0.3", 80)
+        client.send(b"PUT /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n"
+                    b"Expect: 100-continue\r\n\r\n")
+        answer = await client.response()
+        assert (answer.status, answer.body) == (401, b"nope")
+        assert answer.headers[b"connection"] == b"close"
+        client.send(b"hello")  # the body after all, as RFC 9110 10.1.1 allows
+        assert await client.closed()
+        await client.close()

@@ -1056,7 +1056,11 @@ class Exchange:
         pool = self.pool
         if status == 101:
             tail = pool.tail
-        elif not self.keep_alive or client.engine.draining or self.last_before_broken():
+        elif not self.keep_alive or not self.req_done or client.engine.draining \
+                or self.last_before_broken():
+            # An answer before the whole request body (a final status instead of 100
+            # Continue, an early 413): the connection closes after it (response_done),
+            # and RFC 9110 10.1.1 wants the answer to say so.
             self.keep_alive = False
             tail = pool.tail_close
         else:
