@@ -38,11 +38,18 @@ async def test_front_door_routes_by_host_only_to_imported_services() -> None:
             assert (r.status, r.body) == (status, body), host
         # The ClusterSetIP listeners and the front door share one upstream set per port.
         assert len(proxy.upstreams) == 3
+        # An absolute-form target routes by its authority (RFC 9112 3.2.2), by the same
+        # rules as Host: never to an address the client names (not an open proxy).
         client.send(b"GET http://127.81.1.1/ HTTP/1.1\r\nHost: web.test.svc.clusterset.local"
                     b"\r\n\r\n")
-        assert (await client.response()).status == 400  # never an open proxy
+        assert (await client.response()).status == 421
+        client.send(b"GET http://web.test.svc.clusterset.local/x HTTP/1.1\r\nHost: evil\r\n"
+                    b"\r\n")
+        assert ((r := await client.response()).status, r.body) == (200, b"east-1")
         await client.close()
-        assert len(web.requests) == 2 and len(api.requests) == 1
+        assert len(web.requests) == 3 and len(api.requests) == 1
+        assert web.header(2, b"host") == [b"web.test.svc.clusterset.local"]
+        assert web.requests[2][1] == b"/x"
     finally:
         await front.stop()
         await proxy.stop()

@@ -1,6 +1,6 @@
 """RFC 9110/9112 message semantics end to end, with real sockets: what a client may send
 after a request that closes the connection, half-closing clients, answers before the
-request body."""
+request body, request-target forms."""
 
 from __future__ import annotations
 
@@ -87,3 +87,33 @@ async def test_an_answer_before_the_request_body_says_the_connection_closes() ->
         client.send(b"hello")  # the body after all, as RFC 9110 10.1.1 allows
         assert await client.closed()
         await client.close()
+
+
+async def test_absolute_form_targets_are_accepted_and_sent_in_origin_form() -> None:
+    # RFC 9112 3.2.2: a server must accept absolute-form; its authority replaces Host.
+    # They used to be refused 400. The endpoint is still the listener's service's.
+    [backend] = await start_backends({"east": 1}, 199)
+    cs = Clusterset("east")
+    publish(cs, "absolute", "127.199.0.4", [backend])
+    proxy = await cs.proxy()
+    try:
+        client = await RawClient.open("127.199.0.4", 80)
+        for target, sent, host in [
+            (b"http://web.example:8080/p?q=1", b"/p?q=1", b"web.example:8080"),
+            (b"HTTP://web.example?q", b"/?q", b"web.example"),
+        ]:
+            r = await client.get(target.decode(), host="ignored")
+            assert (r.status, r.body) == (200, b"east-1")
+            assert (backend.requests[-1][1], backend.header(-1, b"host")) == (sent, [host])
+        client.send(b"OPTIONS http://web.example HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await client.response()).status == 200
+        assert backend.requests[-1][1] == b"*"  # RFC 9112 3.2.4
+        await client.close()
+        for refused in (b"http://user@web.example/", b"ftp://web.example/", b"web.example:80"):
+            client = await RawClient.open("127.199.0.4", 80)
+            assert (await client.get(refused.decode())).status == 400, refused
+            await client.close()
+        assert len(backend.requests) == 3
+    finally:
+        await proxy.stop()
+        await backend.stop()

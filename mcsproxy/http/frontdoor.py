@@ -4,8 +4,9 @@
 a port: port 80, or the service's only TCP port). The endpoint sets, their health and
 ejection are the proxy manager's own, shared with the ClusterSetIP listeners. Anything
 else is refused: a Host outside the clusterset domain gets 421, an unknown service or
-port 404. The request target must be origin-form, so the front door never proxies to an
-address a client names: it is not an open proxy.
+port 404. An absolute-form request target routes by its authority instead of Host, with
+the same rules, so the front door never proxies to an address a client names: it is not
+an open proxy.
 """
 
 from __future__ import annotations

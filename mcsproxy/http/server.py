@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import deque
 from math import inf as INF
@@ -83,6 +84,9 @@ UNSENT_HIGH_WATER = 256 * 1024
 CLIENT_WRITE_HIGH_WATER = 256 * 1024
 RETRY_STATUSES = frozenset({502, 503, 504})
 NO_BODY_STATUSES = frozenset({204, 304})
+
+# An absolute-form request target: scheme, authority (no userinfo), path and query.
+ABSOLUTE_FORM = re.compile(rb"(?i)https?://([a-z0-9._~!$&'()*+,;=%:\[\]-]+)([/?][^#]*)?\Z")
 
 # Response framing towards the client.
 RAW = 0
@@ -466,17 +470,23 @@ class ClientConnection(asyncio.Protocol):
             self._refuse(505 if version[:1] > "1" else 400, f"HTTP/{version} is not supported")
         method = parser.get_method()
         url = self.url
+        authority = None
         if url[:1] != b"/" and not (url == b"*" and method == b"OPTIONS"):
-            # Absolute and authority forms (CONNECT) would make us an open proxy.
-            self._refuse(400, "only origin-form request targets are accepted")
+            url, authority = self._origin_form(url, method)
         if self.host is None:
-            if http11 or self.route is None:  # HTTP/1.1 requires it; the front door routes by it
-                self._refuse(400, "missing Host header")
-            # HTTP/1.0 may leave it out (health checkers do), but what we send is 1.1:
-            # the address the client reached, its ClusterSetIP:port, stands in.
-            ip, port = self.transport.get_extra_info("sockname")[:2]
-            self.parts.append(b"Host: %s\r\n" % (f"[{ip}]:{port}" if ":" in ip
-                                                    else f"{ip}:{port}").encode())
+            if http11 or (self.route is None and authority is None):
+                self._refuse(400, "missing Host header")  # HTTP/1.1 requires it
+            if authority is None:
+                # HTTP/1.0 may leave it out (health checkers do), but what we send is 1.1:
+                # the address the client reached, its ClusterSetIP:port, stands in.
+                ip, port = self.transport.get_extra_info("sockname")[:2]
+                self.parts.append(b"Host: %s\r\n" % (f"[{ip}]:{port}" if ":" in ip
+                                                        else f"{ip}:{port}").encode())
+        if authority is not None:
+            # RFC 9112 3.2.2: the target's authority stands for any Host field received.
+            self.host = authority
+            self.parts = [p for p in self.parts if p[:5].lower() != b"host:"]
+            self.parts.append(b"Host: " + authority + CRLF)
         chunked = False
         if self.te is not None:
             if not http11:
@@ -526,6 +536,21 @@ class ClientConnection(asyncio.Protocol):
             ex.start()
         elif len(queue) >= MAX_PIPELINE:
             self.pause(PAUSE_PIPELINE)
+
+    def _origin_form(self, url: bytes, method: bytes) -> tuple[bytes, bytes]:
+        """An absolute-form target (RFC 9112 3.2.2, which servers must accept): the
+        origin-form we send and its authority, the Host of the request. The endpoint
+        stays the route's (the front door routes by that Host, as by any): never an
+        open proxy. Authority-form (CONNECT) and anything else is refused."""
+        match = ABSOLUTE_FORM.match(url)
+        if match is None:
+            self._refuse(400, "only origin-form and absolute-form request targets are accepted")
+        authority, path = match.group(1), match.group(2) or b""
+        if not path:
+            path = b"*" if method == b"OPTIONS" else b"/"  # RFC 9112 3.2.4
+        elif path[:1] == b"?":
+            path = b"/" + path
+        return path, authority
 
     def _refuse(self, status: int, text: str) -> None:
         self.request_error = RequestError(status, text)
