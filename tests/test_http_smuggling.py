@@ -71,7 +71,9 @@ SHAPES: list[tuple[str, bytes, int]] = [
     ("HTTP/1.2", b"GET / HTTP/1.2\r\n" + H + b"\r\n", 400),
     ("lowercase method", b"get / HTTP/1.1\r\n" + H + b"\r\n", 400),
     ("space in target", b"GET /a b HTTP/1.1\r\n" + H + b"\r\n", 400),
-    ("absolute-form target", b"GET http://evil.example/ HTTP/1.1\r\n" + H + b"\r\n", 400),
+    # absolute-form is accepted (test_http_semantics); with userinfo it is not
+    ("userinfo in the target", b"GET http://u@evil.example/ HTTP/1.1\r\n" + H + b"\r\n", 400),
+    ("scheme other than http", b"GET ftp://evil.example/ HTTP/1.1\r\n" + H + b"\r\n", 400),
     ("CONNECT", b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n", 400),
     ("Expect other than 100-continue", b"GET / HTTP/1.1\r\n" + H +
      b"Expect: 200-ok\r\n\r\n", 417),
