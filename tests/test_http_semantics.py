@@ -1,13 +1,21 @@
 """RFC 9110/9112 message semantics end to end, with real sockets: what a client may send
 after a request that closes the connection, half-closing clients, answers before the
-request body, request-target forms."""
+request body, request-target forms, chunked bodies of tiny chunks."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import socket
+import tracemalloc
 
-from tests.http_support import RawClient, protocol_behind_proxy, publish, start_backends
-from tests.proxy_fixtures import Clusterset
+import uvloop
+from httptools import HttpRequestParser
+
+from mcsproxy.http.pool import PAUSE_UPSTREAM
+from tests.http_support import HTTP_PORT, RawClient, protocol_behind_proxy, publish, start_backends
+from tests.proxy_fixtures import Clusterset, endpoint
 
 
 async def test_nothing_is_answered_after_a_request_that_closes_the_connection() -> None:
@@ -117,3 +125,86 @@ async def test_absolute_form_targets_are_accepted_and_sent_in_origin_form() -> N
     finally:
         await proxy.stop()
         await backend.stop()
+
+
+class SlowReader(asyncio.Protocol):
+    """Reads nothing until `go` is set, then hashes the request body and answers it."""
+
+    go = asyncio.Event()
+    transports: list[asyncio.Transport] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        SlowReader.transports.append(self.transport)
+        self.parser = HttpRequestParser(self)
+        self.digest = hashlib.sha256()
+        asyncio.get_running_loop().create_task(self.hold())
+
+    async def hold(self) -> None:
+        self.transport.pause_reading()
+        await SlowReader.go.wait()
+        self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed_data(data)
+
+    def on_body(self, body: bytes) -> None:
+        self.digest.update(body)
+
+    def on_message_complete(self) -> None:
+        digest = self.digest.hexdigest().encode()
+        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(digest), digest))
+
+
+def test_a_body_of_tiny_chunks_to_a_slow_endpoint_stays_within_the_buffer_limit() -> None:
+    # The endpoint connection's write buffer pauses the client at 256 KiB, counted in
+    # bytes; each 1-byte chunk was three bytes objects there (size line, data, CRLF),
+    # each with its buffer descriptors in uvloop's queued write (asyncio's transport
+    # copies into one bytearray: uvloop only), so 450 KB of such a body held 12 MB.
+    # Small chunks of one read now go on as one.
+    uvloop.run(tiny_chunks_to_a_slow_endpoint())
+
+
+async def tiny_chunks_to_a_slow_endpoint() -> None:
+    SlowReader.go = asyncio.Event()
+    SlowReader.transports = []
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # little in the kernel
+    listener.bind(("127.199.1.2", 0))
+    listener.listen()
+    server = await asyncio.get_running_loop().create_server(SlowReader, sock=listener)
+    cs = Clusterset("east")
+    cs.publish("tiny", "127.199.0.5", [HTTP_PORT],
+               [endpoint("127.199.1.2", "east", listener.getsockname()[1])])
+    proxy = await cs.proxy()
+    chunks = b"1\r\nx\r\n2\r\nyz\r\n" * 10_000  # 160 KB of chunks, 30 KB of body
+    tracemalloc.start()
+    client = await RawClient.open("127.199.0.5", 80)
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        client.send(b"PUT /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+        async with asyncio.timeout(5):  # connected: the body goes straight to the endpoint
+            while not any(c.queue and c.queue[0].up for c in proxy.http.clients):
+                await asyncio.sleep(0.01)
+        sent = 0
+        while not any(c.paused & PAUSE_UPSTREAM for c in proxy.http.clients):
+            assert sent < 200, "the proxy never paused the client"
+            client.send(chunks)
+            sent += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(client.writer.drain(), 1)
+        held = tracemalloc.get_traced_memory()[0] - base
+        assert held < 3_000_000, f"{held} bytes held for a slow endpoint"
+        SlowReader.go.set()
+        client.send(b"0\r\n\r\n")
+        answer = await client.response(timeout=20)
+        assert answer.body == hashlib.sha256(b"xyz" * 10_000 * sent).hexdigest().encode()
+    finally:
+        tracemalloc.stop()
+        client.writer.transport.abort()
+        await proxy.stop()
+        for transport in SlowReader.transports:
+            transport.abort()
+        server.close()
+        await server.wait_closed()
