@@ -1,11 +1,12 @@
 """RFC 9110/9112 message semantics end to end, with real sockets: what a client may send
 after a request that closes the connection, half-closing clients, answers before the
-request body, request-target forms, chunked bodies of tiny chunks."""
+request body, request-target forms, bodies of tiny chunks both ways."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import socket
 import tracemalloc
@@ -14,6 +15,7 @@ import uvloop
 from httptools import HttpRequestParser
 
 from mcsproxy.http.pool import PAUSE_UPSTREAM
+from mcsproxy.http.server import ClientConnection
 from tests.http_support import HTTP_PORT, RawClient, protocol_behind_proxy, publish, start_backends
 from tests.proxy_fixtures import Clusterset, endpoint
 
@@ -208,3 +210,68 @@ async def tiny_chunks_to_a_slow_endpoint() -> None:
             transport.abort()
         server.close()
         await server.wait_closed()
+
+
+class TinyChunks(asyncio.Protocol):
+    """Answers with a chunked body of 1-byte chunks: COUNT of them, written in bursts."""
+
+    COUNT = 600_000
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if b"\r\n\r\n" in data:
+            self.transport.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            asyncio.get_running_loop().create_task(self.spray())
+
+    async def spray(self) -> None:
+        burst = b"1\r\nx\r\n" * 10_000
+        for _ in range(self.COUNT // 10_000):
+            self.transport.write(burst)  # the same object: held once, however often queued
+            while self.transport.get_write_buffer_size() > 1 << 20:
+                await asyncio.sleep(0.01)
+        self.transport.write(b"0\r\n\r\n")
+
+
+def test_a_response_of_tiny_chunks_to_a_slow_client_stays_within_the_buffer_limit() -> None:
+    # The mirror image: each 1-byte chunk of a response was three objects in the client
+    # connection's write buffer (uvloop), 235 KB of it 6.7 MB. Output pieces of one read
+    # are now joined when there are many, and a small chunk is framed in one object.
+    uvloop.run(tiny_chunks_to_a_slow_client())
+
+
+async def tiny_chunks_to_a_slow_client() -> None:
+    async with protocol_behind_proxy(TinyChunks, "127.199.1.3", "127.199.0.6", "spray"):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # little in the kernel
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.199.0.6", 80))
+        client = RawClient(*await asyncio.open_connection(sock=sock))
+        client.writer.transport.pause_reading()
+        ours: list[ClientConnection] = []
+        async with asyncio.timeout(5):
+            while not ours:
+                await asyncio.sleep(0.01)
+                ours = [c for c in gc.get_objects() if isinstance(c, ClientConnection)]
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            client.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            async with asyncio.timeout(10):  # until the proxy stops reading the endpoint
+                while not ours[0].write_paused:
+                    await asyncio.sleep(0.01)
+            held = tracemalloc.get_traced_memory()[0] - base
+            assert held < 3_000_000, f"{held} bytes held for a slow client"
+            tracemalloc.stop()
+            client.writer.transport.resume_reading()
+            head = await client.reader.readuntil(b"\r\n\r\n")
+            assert b"Transfer-Encoding: chunked" in head
+            body = b""
+            async with asyncio.timeout(10):
+                while not body.endswith(b"\r\n0\r\n\r\n"):
+                    body += await client.reader.read(1 << 20)
+            assert body == b"1\r\nx\r\n" * TinyChunks.COUNT + b"0\r\n\r\n"
+        finally:
+            tracemalloc.stop()
+            client.writer.transport.abort()

@@ -81,7 +81,8 @@ MAX_QUEUED = 128  # ... and beyond which one read's further requests are refused
 DRAIN_IDLE_S = 0.5
 LINGER_S = 1.0
 UNSENT_HIGH_WATER = 256 * 1024
-SMALL_CHUNK = 4096  # request body chunks below this are joined per read
+SMALL_CHUNK = 4096  # body chunks below this are joined per read (request) or framed in one
+MAX_PIECES = 16  # output pieces of one read written as they are; more are joined first
 CLIENT_WRITE_HIGH_WATER = 256 * 1024
 RETRY_STATUSES = frozenset({502, 503, 504})
 NO_BODY_STATUSES = frozenset({204, 304})
@@ -355,10 +356,15 @@ class ClientConnection(asyncio.Protocol):
             if not self.closed:
                 if len(out) == 1:
                     self.transport.write(out[0])
-                else:
+                elif len(out) <= MAX_PIECES:
                     # One writev of the pieces: joining them first would copy every body
                     # byte once more (a 64 KiB response is a head and a body piece).
                     self.transport.writelines(out)
+                else:
+                    # Many pieces (small chunks, many pipelined answers): uvloop would keep
+                    # each with its buffer descriptors while the client is slow, far more
+                    # memory than the bytes its write limit counts. One copy instead.
+                    self.transport.write(b"".join(out))
             out.clear()
 
     def reject(self, err: RequestError) -> None:
@@ -1133,7 +1139,11 @@ class Exchange:
     def response_body(self, data: bytes) -> None:
         out = self.client.out
         if self.resp_mode == CHUNKED:
-            out.append(b"%x\r\n" % len(data))
+            n = len(data)
+            if n < SMALL_CHUNK:  # one object, not three (see ClientConnection.flush)
+                out.append(b"%x\r\n%b\r\n" % (n, data))
+                return
+            out.append(b"%x\r\n" % n)
             out.append(data)
             out.append(CRLF)
         else:
