@@ -8,6 +8,7 @@ import socket
 import pytest
 import uvloop
 
+from mcsproxy.config import OutlierConfig
 from mcsproxy.model import ServicePort
 from mcsproxy.proxy.udp import UdpFlow, UdpListener
 from tests.proxy_fixtures import Clusterset, endpoint, free_port
@@ -196,3 +197,34 @@ async def test_a_second_gateway_cannot_take_a_udp_clusterset_ip(
         await second.stop()
         await first.stop()
         backend.close()
+
+
+async def test_a_port_unreachable_endpoint_is_ejected_though_every_flow_opens() -> None:
+    # Opening a flow (a connected UDP socket) sends nothing, so it is no sign of health:
+    # it used to reset the failure count, and an endpoint answering port unreachable was
+    # never ejected, taking every other new client's first datagrams forever.
+    live, live_port = await udp_backend("west-1", "127.92.2.1")
+    cs = Clusterset("east")
+    ip = "127.240.92.1"
+    dead_port = free_port("127.92.1.1", socket.SOCK_DGRAM)
+    cs.publish("dns", ip, [DNS], [
+        endpoint("127.92.1.1", "east", dead_port, name="dns", protocol="UDP"),
+        endpoint("127.92.2.1", "west", live_port, name="dns", protocol="UDP"),
+    ])
+    proxy = await cs.proxy(outlier=OutlierConfig(consecutive_failures=3))
+    dead = next(h for h in next(iter(proxy.upstreams.values())).hosts.values()
+                if h.port == dead_port)
+    try:
+        for i in range(8):  # each a new client: a new flow
+            c, proto = await client(f"127.92.9.{i + 1}")
+            try:
+                async with asyncio.timeout(5):
+                    while proto.replies.empty():
+                        c.sendto(b"hi", (ip, 53))
+                        await asyncio.sleep(0.05)
+            finally:
+                c.close()
+        assert dead.ejected and dead.consecutive_failures >= 3
+    finally:
+        live.close()
+        await proxy.stop()

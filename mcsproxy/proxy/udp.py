@@ -116,7 +116,10 @@ class UdpFlow(asyncio.DatagramProtocol):
             transport.abort()
             return
         assert self.host is not None
-        self.upstream.connect_ok(self.host, self)
+        # A UDP socket connects without a packet: opening says nothing of the endpoint's
+        # health, its first reply does (`answered`). Resetting the failure count here
+        # would let a port-unreachable endpoint take every other new flow forever.
+        self.upstream.connect_ok(self.host, self, reset_failures=False)
         self.host.stats.connections += 1
         self.host.stats.attempts["ok"] += 1
         pending, self.pending = self.pending, None
@@ -134,6 +137,8 @@ class UdpFlow(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
         self.idle = 0
+        if not self.received and self.host is not None:
+            self.upstream.answered(self.host)
         self.received += len(data)
         self.listener.reply(data, self.client_addr)
 

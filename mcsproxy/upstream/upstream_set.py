@@ -8,6 +8,7 @@ ClusterSetIPs) and by every protocol handler (TCP, UDP, and the HTTP proxy):
     upstream.connect_failed(host, "refused")           # counts toward outlier ejection
     upstream.connect_ok(host, conn)                    # conn has .abort(); counted as active
     upstream.response_status(host, 503)                # HTTP: 5xx counts as a failure
+    upstream.answered(host)                            # UDP: a reply says it is alive
     upstream.release(host, conn)                       # the connection ended
 
 Health lives here: active checks (`HealthChecker`, started with `start()`) report through
@@ -355,6 +356,13 @@ class UpstreamSet:
         limit = self.outlier.consecutive_failures
         if limit and host.consecutive_failures >= limit and not host.ejected:
             self._eject(host, f"{host.consecutive_failures} consecutive failures ({reason})")
+
+    def answered(self, host: Host) -> None:
+        """UDP: the endpoint replied on a flow. Opening a flow proves nothing (a UDP socket
+        connects without a packet), so this, not `connect_ok`, resets the failure count
+        that port-unreachable answers build up toward ejection."""
+        host.consecutive_failures = 0
+        host.reached_at = self._clock()
 
     def response_status(self, host: Host, status: int) -> None:
         """HTTP: a 5xx counts as a failure toward ejection, anything else resets the count."""
