@@ -228,3 +228,28 @@ async def test_a_port_unreachable_endpoint_is_ejected_though_every_flow_opens() 
     finally:
         live.close()
         await proxy.stop()
+
+
+async def test_a_datagram_right_after_its_flow_expired_opens_a_new_flow() -> None:
+    # The idle sweep and the listener's read can run in the same loop pass: a datagram
+    # read just after its flow expired used to go to the closing socket and be lost.
+    backend, port = await udp_backend("east-1", "127.92.3.1")
+    cs = Clusterset("east")
+    ip = "127.240.92.3"
+    cs.publish("dns", ip, [DNS], [endpoint("127.92.3.1", "east", port, name="dns",
+                                           protocol="UDP")])
+    proxy = await cs.proxy()
+    c, proto = await client("127.92.9.30")
+    try:
+        c.sendto(b"one", (ip, 53))
+        assert (await asyncio.wait_for(proto.replies.get(), 3))[0] == b"east-1:one"
+        listener: UdpListener = next(iter(proxy.listeners.values())).transport.get_protocol()  # type: ignore[union-attr,assignment]
+        flow = next(iter(listener.flows.values()))
+        flow.expire()
+        listener.datagram_received(b"two", c.get_extra_info("sockname"))
+        assert (await asyncio.wait_for(proto.replies.get(), 3))[0] == b"east-1:two"
+        assert flow not in proxy.conns and len(listener.flows) == 1
+    finally:
+        c.close()
+        backend.close()
+        await proxy.stop()

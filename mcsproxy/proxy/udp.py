@@ -172,9 +172,12 @@ class UdpFlow(asyncio.DatagramProtocol):
 
     def abort(self) -> None:
         self.closed = True
+        # Out of the table at once, not at connection_lost a loop pass later: a datagram
+        # of this client read in between would go to the closing socket and be lost
+        # instead of opening a fresh flow.
+        self._forget()
         if self.task is not None:
             self.task.cancel()
-            self._forget()
         if self.transport is not None:
             self.transport.abort()
 
