@@ -253,3 +253,31 @@ async def test_a_datagram_right_after_its_flow_expired_opens_a_new_flow() -> Non
         c.close()
         backend.close()
         await proxy.stop()
+
+
+async def test_flows_of_a_removed_endpoint_end_and_the_client_moves_on() -> None:
+    # A flow lasts while its client sends: drained like a TCP connection, it kept going
+    # to the removed endpoint (a deleted pod) for as long as the client talked.
+    a, a_port = await udp_backend("east-1", "127.92.4.1")
+    b, b_port = await udp_backend("east-2", "127.92.4.2")
+    cs = Clusterset("east")
+    ip = "127.240.92.4"
+    cs.publish("dns", ip, [DNS], [endpoint("127.92.4.1", "east", a_port, name="dns",
+                                           protocol="UDP")])
+    proxy = await cs.proxy()
+    c, proto = await client("127.92.9.40")
+    try:
+        c.sendto(b"one", (ip, 53))
+        assert (await asyncio.wait_for(proto.replies.get(), 3))[0] == b"east-1:one"
+        cs.publish("dns", ip, [DNS], [endpoint("127.92.4.2", "east", b_port, name="dns",
+                                               protocol="UDP")])
+        await cs.served(proxy)
+        c.sendto(b"two", (ip, 53))
+        assert (await asyncio.wait_for(proto.replies.get(), 3))[0] == b"east-2:two"
+        upstream = next(iter(proxy.upstreams.values()))
+        assert not upstream.draining
+    finally:
+        c.close()
+        a.close()
+        b.close()
+        await proxy.stop()

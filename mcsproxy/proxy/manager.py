@@ -322,7 +322,8 @@ class ProxyManager:
         upstream = self.upstreams.get(ukey)
         if upstream is None:
             upstream = UpstreamSet(str(ukey), self.store.cluster_id, self.config,
-                                   locality=service.locality, affinity_timeout_s=affinity)
+                                   locality=service.locality, affinity_timeout_s=affinity,
+                                   datagram=port.protocol == "UDP")
             upstream.events = self.events
             self.upstreams[ukey] = upstream
             upstream.update(targets, service.locality, affinity)

@@ -4,7 +4,8 @@ The listener keeps a bounded flow table; a datagram from a new client address op
 flow to the host the upstream set picks (affinity by client IP applies) and replies on
 that flow go back to that client from the ClusterSetIP:port it wrote to. A flow ends
 when idle (the manager's sweep), when its endpoint answers ICMP port unreachable (the
-next datagram opens a fresh flow, likely elsewhere) or when its listener closes.
+next datagram opens a fresh flow, likely elsewhere), when its endpoint leaves the snapshot
+or when its listener closes.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ Health lives here: active checks (`HealthChecker`, started with `start()`) repor
 the per-level host lists and Envoy's load plan once, so `pick` only indexes lists.
 `update()` takes a new target list from a snapshot: hosts that stay keep their state and
 connections; removed hosts get nothing new and their connections drain (aborted after
-`drain_grace_s` when one is configured). Every state change is logged once.
+`drain_grace_s` when one is configured; UDP flows, which have no end, at once). Every
+state change is logged once.
 """
 
 from __future__ import annotations
@@ -143,8 +144,11 @@ class UpstreamSet:
         affinity_timeout_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        datagram: bool = False,
     ) -> None:
         self.name = name
+        # UDP: a removed endpoint's flows end at once (see _retire).
+        self.datagram = datagram
         self.local_cluster = local_cluster
         self.config = config
         self.outlier: OutlierConfig = config.outlier
@@ -218,6 +222,16 @@ class UpstreamSet:
         host.removed = True
         if not host.conns:
             log.info("upstream %s: endpoint %s removed", self.name, host)
+            return
+        if self.datagram:
+            # A UDP flow never finishes by itself: it lasts while its client keeps sending,
+            # so a drain would send to a deleted pod for as long as the client talks. As
+            # kube-proxy deletes the conntrack entries of a removed UDP endpoint, its flows
+            # end now and the client's next datagram opens a flow to a live endpoint.
+            log.info("upstream %s: endpoint %s removed, closing its %d flows",
+                     self.name, host, len(host.conns))
+            for conn in list(host.conns):
+                conn.abort()
             return
         self.draining.add(host)
         grace = self.config.drain_grace_s
