@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 import time
 from collections import Counter
 
@@ -481,3 +482,61 @@ async def test_a_listener_that_could_not_bind_is_tried_again_without_a_new_snaps
     finally:
         blocker.close()
         await stop_all(proxy, backend)
+
+
+def set_reset_on_close(writer: asyncio.StreamWriter) -> None:
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                               struct.pack("ii", 1, 0))
+
+
+async def resets_through_the_proxy() -> tuple[str, str]:
+    """(what the client sees of the endpoint's RST, what the endpoint sees of the client's)."""
+    endpoint_saw: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"x" * 1000)
+        command = await reader.readexactly(5)
+        if command == b"reset":
+            set_reset_on_close(writer)
+            writer.transport.abort()
+            return
+        try:
+            rest = await reader.read()
+            endpoint_saw.set_result(f"EOF after {len(rest)}")
+        except ConnectionResetError:
+            endpoint_saw.set_result("reset")
+        writer.close()
+
+    host = "127.92.20.1"
+    server = await asyncio.start_server(serve, host, port := free_port(host))
+    cs = Clusterset("east")
+    ip = "127.240.92.20"
+    cs.publish("rst", ip, [WEB], [endpoint(host, "east", port)])
+    proxy = await cs.proxy()
+    try:
+        reader, writer = await asyncio.open_connection(ip, 80)
+        await reader.readexactly(1000)
+        writer.write(b"reset")
+        try:
+            client_saw = f"EOF after {len(await asyncio.wait_for(reader.read(), 3))}"
+        except ConnectionResetError:
+            client_saw = "reset"
+        writer.close()
+        reader, writer = await asyncio.open_connection(ip, 80)
+        await reader.readexactly(1000)
+        writer.write(b"data-")
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        set_reset_on_close(writer)
+        writer.transport.abort()
+        return client_saw, await asyncio.wait_for(endpoint_saw, 3)
+    finally:
+        await proxy.stop()
+        server.close()
+
+
+@pytest.mark.parametrize("run", [uvloop.run, asyncio.run], ids=["uvloop", "asyncio"])
+def test_a_reset_reaches_the_other_side_as_a_reset(run) -> None:  # type: ignore[no-untyped-def]
+    # transport.abort() closes with a FIN: a connection reset mid-stream by either peer
+    # reached the other as an orderly end, so a cut response or upload looked complete.
+    assert run(resets_through_the_proxy()) == ("reset", "reset")

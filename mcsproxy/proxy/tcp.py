@@ -8,7 +8,8 @@ held, up to EARLY_DATA_LIMIT, then its reading pauses.
 
 Backpressure both ways: when one side's write buffer passes its high-water mark the
 other side stops reading until it drains. Half-close is propagated (EOF from one side
-becomes write_eof on the other; the pair closes when both directions are done). Idle
+becomes write_eof on the other; the pair closes when both directions are done), and so
+is a reset (a side lost with an error closes the other with a RST, not a FIN). Idle
 connections are expired by the manager's sweep, which only reads `idle` — the data
 path resets one integer per chunk and never touches a timer.
 
@@ -20,8 +21,11 @@ BulkReader that reads into one shared buffer instead of a new bytes object per r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
+import socket
+import struct
 import time
 from collections.abc import Coroutine
 from typing import Any
@@ -69,6 +73,20 @@ class ReadBuffer:
 
 
 READ = ReadBuffer()
+
+# SO_LINGER on with a zero timeout: close() sends a RST instead of a FIN.
+LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def reset(transport: asyncio.BaseTransport) -> None:
+    """Close with a RST: one peer reset its connection, and the other must not take the
+    end of the stream for an orderly one (a FIN) — a truncated upload or response would
+    look complete. transport.abort() alone closes the socket with a FIN."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+    transport.abort()
 
 
 class BulkReader(asyncio.BufferedProtocol):
@@ -292,7 +310,7 @@ class ClientSide(asyncio.Protocol):
             if exc is None:
                 up.close()
             else:
-                up.abort()
+                reset(up)
 
     # -- connecting, with retries -----------------------------------------------------
     def connect_next(self) -> None:
@@ -477,7 +495,7 @@ class ClientSide(asyncio.Protocol):
         if exc is None:
             self.transport.close()
         else:
-            self.transport.abort()
+            reset(self.transport)
 
     # -- ending -----------------------------------------------------------------------
     def close_both(self) -> None:
