@@ -281,3 +281,32 @@ async def test_flows_of_a_removed_endpoint_end_and_the_client_moves_on() -> None
         a.close()
         b.close()
         await proxy.stop()
+
+
+async def test_datagrams_refused_before_any_reply_go_to_another_endpoint() -> None:
+    # Port unreachable used to end the flow and lose the datagram that met it: half of
+    # the new clients waited out their own retry timeout (a resolver's 1-5 s). Like a
+    # refused TCP connect, the flow now moves before the client sees anything.
+    live, live_port = await udp_backend("west-1", "127.92.5.2")
+    cs = Clusterset("east")
+    ip = "127.240.92.5"
+    dead_port = free_port("127.92.5.1", socket.SOCK_DGRAM)
+    cs.publish("dns", ip, [DNS], [
+        endpoint("127.92.5.1", "east", dead_port, name="dns", protocol="UDP"),
+        endpoint("127.92.5.2", "west", live_port, name="dns", protocol="UDP"),
+    ])
+    proxy = await cs.proxy(outlier=OutlierConfig(consecutive_failures=0))
+    try:
+        for i in range(6):
+            c, proto = await client(f"127.92.9.{50 + i}")
+            try:
+                c.sendto(b"q%d" % i, (ip, 53))  # once: no resending
+                data, _ = await asyncio.wait_for(proto.replies.get(), 2)
+                assert data == b"west-1:q%d" % i
+            finally:
+                c.close()
+        upstream = next(iter(proxy.upstreams.values()))
+        assert upstream.stats.retries >= 3  # round robin sent every other flow to the dead one
+    finally:
+        live.close()
+        await proxy.stop()

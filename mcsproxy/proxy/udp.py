@@ -3,9 +3,11 @@
 The listener keeps a bounded flow table; a datagram from a new client address opens a
 flow to the host the upstream set picks (affinity by client IP applies) and replies on
 that flow go back to that client from the ClusterSetIP:port it wrote to. A flow ends
-when idle (the manager's sweep), when its endpoint answers ICMP port unreachable (the
-next datagram opens a fresh flow, likely elsewhere), when its endpoint leaves the snapshot
-or when its listener closes.
+when idle (the manager's sweep), when its endpoint answers ICMP port unreachable, when
+its endpoint leaves the snapshot or when its listener closes. Port unreachable before any
+reply moves the flow: the datagrams it sent go again to another endpoint (bounded by
+connect_attempts, as a TCP connect's retries); after a reply the next datagram opens a
+fresh flow, likely elsewhere.
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ log = logging.getLogger("mcsproxy.proxy.udp")
 
 # Datagrams held per flow while its upstream socket is being set up.
 PENDING_DATAGRAMS_MAX = 64
+# What a flow keeps of the datagrams it sent before its endpoint's first reply, to send
+# them again to another endpoint when that one answers port unreachable. A flow that
+# sends more before any reply (a one-way stream) keeps nothing and is not moved.
+REPLAY_DATAGRAMS_MAX = 8
+REPLAY_BYTES_MAX = 8 * 1024
 
 Address = tuple[Any, ...]
 
@@ -51,6 +58,20 @@ class UdpListener(asyncio.DatagramProtocol):
             self.flows[addr] = flow
         flow.send(data)
 
+    def move(self, failed: UdpFlow, replay: list[bytes]) -> None:
+        """`failed` (already out of the table) met port unreachable before any reply: the
+        client's datagrams go again to another endpoint, as a refused TCP connect is
+        retried before the client sees anything."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        flow = UdpFlow(self, failed.client_addr, failed.tried)
+        if not flow.open():
+            return
+        flow.upstream.stats.retries += 1
+        self.flows[flow.client_addr] = flow
+        for data in replay:
+            flow.send(data)
+
     def error_received(self, exc: Exception) -> None:
         log.debug("listener %s: %r", self.ctx.name, exc)
 
@@ -68,11 +89,17 @@ class UdpFlow(asyncio.DatagramProtocol):
     """One client address's datagrams to one endpoint and the replies back."""
 
     __slots__ = ("client_addr", "closed", "host", "idle", "listener", "pending", "received",
-                 "sent", "started", "task", "transport", "upstream")
+                 "replay", "replay_bytes", "sent", "started", "task", "transport", "tried",
+                 "upstream")
 
-    def __init__(self, listener: UdpListener, client_addr: Address) -> None:
+    def __init__(self, listener: UdpListener, client_addr: Address,
+                 tried: list[Host] | None = None) -> None:
         self.listener = listener
         self.client_addr = client_addr
+        self.tried: list[Host] = tried if tried is not None else []  # endpoints that refused
+        # Sent before the first reply (see REPLAY_*); None once replied or over the bound.
+        self.replay: list[bytes] | None = []
+        self.replay_bytes = 0
         self.upstream: UpstreamSet = listener.ctx.upstream
         self.transport: asyncio.DatagramTransport | None = None
         self.host: Host | None = None
@@ -85,10 +112,14 @@ class UdpFlow(asyncio.DatagramProtocol):
         self.started = time.monotonic()
 
     def open(self) -> bool:
-        host = self.upstream.pick(self.client_addr[0])
+        host = self.upstream.pick(self.client_addr[0], self.tried)
         if host is None:
-            self.upstream.stats.no_endpoint += 1
-            self.listener.ctx.give_up("no eligible endpoint")
+            if self.tried:
+                self.tried[-1].stats.failed += 1
+            else:
+                self.upstream.stats.no_endpoint += 1
+            self.listener.ctx.give_up("no eligible endpoint" if not self.tried else
+                                      f"{len(self.tried)} endpoints port unreachable")
             return False
         self.host = host
         loop = asyncio.get_running_loop()
@@ -135,19 +166,34 @@ class UdpFlow(asyncio.DatagramProtocol):
             self.sent += len(data)
         elif self.pending is not None and len(self.pending) < PENDING_DATAGRAMS_MAX:
             self.pending.append(data)
+        else:
+            return
+        replay = self.replay
+        if replay is not None:
+            self.replay_bytes += len(data)
+            if len(replay) < REPLAY_DATAGRAMS_MAX and self.replay_bytes <= REPLAY_BYTES_MAX:
+                replay.append(data)
+            else:
+                self.replay = None
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
         self.idle = 0
         if not self.received and self.host is not None:
             self.upstream.answered(self.host)
+            self.replay = None
         self.received += len(data)
         self.listener.reply(data, self.client_addr)
 
     def error_received(self, exc: Exception) -> None:
         # A connected UDP socket reports the endpoint's ICMP port unreachable here.
-        if isinstance(exc, ConnectionRefusedError) and self.host is not None:
+        if isinstance(exc, ConnectionRefusedError) and self.host is not None \
+                and not self.closed:
             self.upstream.connect_failed(self.host, "port unreachable")
+            self.tried.append(self.host)
+            replay = self.replay
             self.abort()
+            if replay and len(self.tried) < self.listener.ctx.config.connect_attempts:
+                self.listener.move(self, replay)
 
     def connection_lost(self, exc: Exception | None) -> None:
         host = self.host
