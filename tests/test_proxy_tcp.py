@@ -540,3 +540,40 @@ def test_a_reset_reaches_the_other_side_as_a_reset(run) -> None:  # type: ignore
     # transport.abort() closes with a FIN: a connection reset mid-stream by either peer
     # reached the other as an orderly end, so a cut response or upload looked complete.
     assert run(resets_through_the_proxy()) == ("reset", "reset")
+
+
+class Http2Only(asyncio.Protocol):
+    """An h2c server with prior knowledge only (as a gRPC server): whatever it reads, it
+    answers with HTTP/2 SETTINGS and GOAWAY frames and closes."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        settings = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+        goaway = b"\x00\x00\x08\x07\x00\x00\x00\x00\x00" + b"\x00" * 4 + b"\x00\x00\x00\x01"
+        self.transport.write(settings + goaway)
+        self.transport.close()
+
+
+async def test_an_h2c_port_is_health_checked_by_tcp_connect() -> None:
+    # h2c stays a TCP stream (the proxy does not speak HTTP/2), yet it was probed with
+    # an HTTP/1.1 GET: an HTTP/2-only endpoint (a gRPC server) never answers with an
+    # HTTP/1.1 status line, so every endpoint of every h2c service went unhealthy.
+    loop = asyncio.get_running_loop()
+    host = "127.92.21.1"
+    server = await loop.create_server(Http2Only, host, port := free_port(host))
+    cs = Clusterset("east")
+    ip = "127.240.92.21"
+    grpc = ServicePort("grpc", "TCP", 80, app_protocol="kubernetes.io/h2c")
+    cs.publish("grpc", ip, [grpc], [endpoint(host, "east", port, name="grpc")])
+    proxy = await cs.proxy(health=HealthConfig(interval_s=0.05, timeout_s=0.5,
+                                               healthy_threshold=1, unhealthy_threshold=1))
+    try:
+        upstream = next(iter(proxy.upstreams.values()))
+        assert upstream.health_checker is not None
+        await asyncio.sleep(0.3)  # several probe rounds
+        assert all(h.healthy for h in upstream.hosts.values())
+    finally:
+        await proxy.stop()
+        server.close()

@@ -10,7 +10,8 @@ address held by another process for now) is tried again with backoff, also when 
 snapshot comes.
 
 SCTP ports are logged once as unsupported; appProtocol http ports are served by the
-HTTP/1.1 proxy (mcsproxy.http) and health-checked with HTTP GET.
+HTTP/1.1 proxy (mcsproxy.http) and health-checked with HTTP GET. Every other TCP port,
+h2c included (we do not speak HTTP/2), is a stream checked by TCP connect.
 """
 
 from __future__ import annotations
@@ -126,11 +127,6 @@ def listener_shape(service: ImportedService | None) -> object:
     if service is None:
         return None
     return (service.headless, tuple(service.ips), tuple(service.ports))
-
-
-def is_http(port: ServicePort) -> bool:
-    return (port.app_protocol or "").lower() in ("http", "kubernetes.io/h2c") and \
-        port.protocol == "TCP"
 
 
 class ProxyManager:
@@ -329,11 +325,11 @@ class ProxyManager:
             upstream.update(targets, service.locality, affinity)
             health = self.config.health
             if health.interval_s > 0 and port.protocol == "TCP":
-                upstream.attach_health_checker(HealthChecker(upstream, health, is_http(port)))
+                upstream.attach_health_checker(HealthChecker(upstream, health, serves_http(port)))
         else:
             upstream.update(targets, service.locality, affinity)
             if isinstance(upstream.health_checker, HealthChecker):
-                upstream.health_checker.http = is_http(port)  # appProtocol may change
+                upstream.health_checker.http = serves_http(port)  # appProtocol may change
 
     async def _open(self, lkey: ListenerKey, ukey: UpstreamKey, upstream: UpstreamSet,
                     http: bool = False) -> None:
