@@ -71,7 +71,8 @@ async def test_udp_echo_through_a_clusterset_ip() -> None:
         await proxy.stop()
 
 
-async def test_udp_flow_table_is_bounded_and_flows_expire_when_idle() -> None:
+async def test_udp_flow_table_is_bounded_and_flows_expire_when_idle(
+        caplog: pytest.LogCaptureFixture) -> None:
     east, east_port = await udp_backend("east-1", "127.43.1.1")
     cs = Clusterset("east")
     ip = "127.240.43.1"
@@ -91,6 +92,9 @@ async def test_udp_flow_table_is_bounded_and_flows_expire_when_idle() -> None:
             while table.dropped == 0:
                 await asyncio.sleep(0.01)
         assert proto3.replies.empty() and len(table.flows) == 2
+        # logged as the limit it is, not as a missing endpoint
+        assert "new UDP flow refused by a limit (flow table full" in caplog.text
+        assert "no endpoint" not in caplog.text
         # idle flows expire; then the third client gets a flow
         async with asyncio.timeout(3):
             while table.flows:

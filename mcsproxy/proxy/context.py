@@ -71,14 +71,19 @@ class ListenerContext:
         if self.config.max_connections_per_client:
             self.by_client.give(client)
 
-    def _refuse(self, why: str) -> None:
+    def _refuse(self, why: str, what: str = "connection") -> None:
         self.refused += 1
         now = time.monotonic()
         if now - self._last_refusal_log >= GIVE_UP_LOG_INTERVAL_S:
             self._last_refusal_log = now
-            log.warning("listener %s: connection refused by a limit (%s); %d refused so far",
-                        self.name, why, self.refused)
+            log.warning("listener %s: %s refused by a limit (%s); %d refused so far",
+                        self.name, what, why, self.refused)
         return None
+
+    def refuse_flow(self, why: str) -> None:
+        """A UDP datagram that would open a flow beyond a limit: counted, logged at most
+        1/s as a limit (not as a missing endpoint, where an operator would look first)."""
+        self._refuse(why, "new UDP flow")
 
     def give_up(self, why: str) -> None:
         """A client connection or flow that found no endpoint: counted, logged at most 1/s."""

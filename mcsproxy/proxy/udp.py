@@ -50,7 +50,7 @@ class UdpListener(asyncio.DatagramProtocol):
         if flow is None:
             if len(self.flows) >= self.ctx.config.udp_max_flows:
                 self.dropped += 1
-                self.ctx.give_up(f"flow table full ({len(self.flows)} flows)")
+                self.ctx.refuse_flow(f"flow table full: --udp-max-flows {len(self.flows)}")
                 return
             flow = UdpFlow(self, addr)
             if not flow.open():
