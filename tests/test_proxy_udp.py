@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import resource
 import socket
 
 import pytest
@@ -313,4 +315,40 @@ async def test_datagrams_refused_before_any_reply_go_to_another_endpoint() -> No
         assert upstream.stats.retries >= 3  # round robin sent every other flow to the dead one
     finally:
         live.close()
+        await proxy.stop()
+
+
+async def test_running_out_of_descriptors_does_not_eject_udp_endpoints() -> None:
+    # A flow whose socket cannot be made (EMFILE) was charged to its endpoint: under
+    # descriptor exhaustion healthy endpoints were ejected, as the TCP proxy avoids.
+    a, a_port = await udp_backend("east-1", "127.92.6.1")
+    b, b_port = await udp_backend("west-1", "127.92.6.2")
+    cs = Clusterset("east")
+    ip = "127.240.92.6"
+    cs.publish("dns", ip, [DNS], [
+        endpoint("127.92.6.1", "east", a_port, name="dns", protocol="UDP"),
+        endpoint("127.92.6.2", "west", b_port, name="dns", protocol="UDP"),
+    ])
+    proxy = await cs.proxy(outlier=OutlierConfig(consecutive_failures=2))
+    clients = [await client(f"127.92.9.{60 + i}") for i in range(8)]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")), hard))
+        try:
+            for c, _ in clients:
+                c.sendto(b"q", (ip, 53))
+            await asyncio.sleep(0.3)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        hosts = next(iter(proxy.upstreams.values())).hosts.values()
+        assert [(h.consecutive_failures, h.ejected) for h in hosts] == [(0, False)] * 2
+        c, proto = await client("127.92.9.70")  # and the gateway serves again
+        clients.append((c, proto))
+        c.sendto(b"again", (ip, 53))
+        assert (await asyncio.wait_for(proto.replies.get(), 3))[0].endswith(b":again")
+    finally:
+        for c, _ in clients:
+            c.close()
+        a.close()
+        b.close()
         await proxy.stop()

@@ -13,6 +13,7 @@ fresh flow, likely elsewhere.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from typing import Any
@@ -136,9 +137,14 @@ class UdpFlow(asyncio.DatagramProtocol):
         exc = task.exception()
         if exc is not None:
             assert self.host is not None
+            self._forget()
+            if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+                # Our own descriptors ran out, as in the TCP proxy: not the endpoint's
+                # fault, so nothing is held against it (no ejection); this flow is shed.
+                self.listener.ctx.give_up("out of file descriptors")
+                return
             self.upstream.connect_failed(self.host, str(exc))
             self.host.stats.failed += 1
-            self._forget()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
