@@ -333,7 +333,7 @@ async def test_running_out_of_descriptors_does_not_eject_udp_endpoints() -> None
     clients = [await client(f"127.92.9.{60 + i}") for i in range(8)]
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")), hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) - 1, hard))
         try:
             for c, _ in clients:
                 c.sendto(b"q", (ip, 53))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import resource
 
 from mcsproxy.config import HealthConfig, ProxyConfig
 from mcsproxy.upstream import HealthChecker, Target, UpstreamSet, probe_http, probe_tcp
@@ -77,3 +79,29 @@ async def test_checker_takes_a_dead_endpoint_out_and_brings_it_back() -> None:
         live.close()
         if revived is not None:
             revived.close()
+
+
+async def test_a_probe_without_a_descriptor_gives_no_verdict() -> None:
+    # The gateway's own descriptors running out (EMFILE) made every probe fail: after
+    # two rounds every endpoint was unhealthy, so local-first went into total panic and
+    # spread by host counts, though no endpoint was at fault.
+    loop = asyncio.get_running_loop()
+    servers = [await loop.create_server(asyncio.Protocol, f"127.92.7.{i}", 0) for i in (1, 2)]
+    cfg = HealthConfig(interval_s=0.02, timeout_s=0.5, healthy_threshold=1,
+                       unhealthy_threshold=1)
+    u = UpstreamSet("ns/s:p", "east", ProxyConfig(health=cfg), rng=random.Random(1))
+    u.update([Target(f"127.92.7.{i}", s.sockets[0].getsockname()[1], "east", True)
+              for i, s in zip((1, 2), servers, strict=True)])
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) - 1, hard))
+        try:
+            u.attach_health_checker(HealthChecker(u, cfg, http=False, rng=random.Random(2)))
+            await asyncio.sleep(0.2)  # several probe rounds
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert all(h.active_up for h in u.hosts.values())
+    finally:
+        await u.stop()
+        for s in servers:
+            s.close()

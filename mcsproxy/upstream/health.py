@@ -9,6 +9,7 @@ which applies the healthy/unhealthy thresholds and logs each change once.
 from __future__ import annotations
 
 import asyncio
+import errno
 import random
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,15 @@ if TYPE_CHECKING:
     from mcsproxy.upstream.upstream_set import Host, UpstreamSet
 
 MAX_STATUS_LINE = 1024
+# A probe that could not be made because this process ran out of descriptors: no verdict
+# on the endpoint (every endpoint would fail alike and go unhealthy together).
+NO_DESCRIPTOR = "out of file descriptors"
+
+
+def _failure(exc: OSError | ValueError) -> str:
+    if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+        return NO_DESCRIPTOR
+    return getattr(exc, "strerror", None) or type(exc).__name__
 
 
 async def probe_tcp(address: str, port: int, timeout_s: float) -> str | None:
@@ -30,7 +40,7 @@ async def probe_tcp(address: str, port: int, timeout_s: float) -> str | None:
     except TimeoutError:
         return "timeout"
     except OSError as exc:
-        return exc.strerror or type(exc).__name__
+        return _failure(exc)
     transport.close()
     return None
 
@@ -49,7 +59,7 @@ async def probe_http(address: str, port: int, path: str, timeout_s: float) -> st
     except TimeoutError:
         return "timeout"
     except (OSError, ValueError) as exc:
-        return getattr(exc, "strerror", None) or type(exc).__name__
+        return _failure(exc)
     finally:
         if writer is not None:
             writer.transport.abort()
@@ -96,6 +106,7 @@ class HealthChecker:
         await asyncio.sleep(self._rng.uniform(0, cfg.interval_s))
         while True:
             failure = await self.probe(host)
-            self.upstream.health_result(host, failure, cfg)
+            if failure != NO_DESCRIPTOR:
+                self.upstream.health_result(host, failure, cfg)
             spread = cfg.interval_s * cfg.jitter
             await asyncio.sleep(cfg.interval_s + self._rng.uniform(-spread, spread))
