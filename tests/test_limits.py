@@ -61,6 +61,9 @@ async def test_max_connections_per_listener_and_per_client() -> None:
         second = await hold("127.240.77.50", 7, 2, source="127.0.0.2")  # its own budget
         assert await refused_at_accept("127.240.77.50", 7, source="127.0.0.3")  # listener full
         assert ctx.refused == 2 and ctx.active == 4
+        # Exported by reason, from counters that outlive the listener.
+        assert manager.refusals["client_limit"] == 1
+        assert manager.refusals["listener_limit"] == 1
         await close_all(first)
         await asyncio.wait_for(_until(lambda: ctx.active == 2), 3)
         assert await ask("127.240.77.50", 7) == "lim"  # room again

@@ -120,3 +120,24 @@ async def test_metrics_after_dns_and_proxy_traffic(tmp_path: Path) -> None:
         await gw.stop()
         await east.stop()
         await west.stop()
+
+
+async def test_connections_turned_away_by_a_limit_are_counted(tmp_path: Path) -> None:
+    east = await Backend("east-1", "127.57.4.1", free_port("127.57.4.1"), "east").start()
+    gw = await start_gateway(tmp_path, "127.57.9.2",
+                             files={"web": service_yaml("web", "127.240.57.9", [east])},
+                             max_connections_per_client=1)
+    held: asyncio.StreamWriter | None = None
+    try:
+        reader, held = await asyncio.open_connection("127.240.57.9", 80)
+        assert await asyncio.wait_for(reader.readline(), 3) == b"east-1\n"
+        with pytest.raises((ConnectionError, OSError, AssertionError)):
+            assert await ask("127.240.57.9", 80) == "east-1"  # a second from 127.0.0.1
+        m = await gw.metrics()
+        assert value(m, "mcsproxy_proxy_refused_total", outcome="client_limit") == 1
+        assert value(m, "mcsproxy_proxy_refused_total", outcome="listener_limit") == 0
+    finally:
+        if held is not None:
+            held.close()
+        await gw.stop()
+        await east.stop()

@@ -97,6 +97,7 @@ async def test_udp_flow_table_is_bounded_and_flows_expire_when_idle(
         # logged as the limit it is, not as a missing endpoint
         assert "new UDP flow refused by a limit (flow table full" in caplog.text
         assert "no endpoint" not in caplog.text
+        assert proxy.refusals["udp_flow_limit"] == table.dropped
         # idle flows expire; then the third client gets a flow
         async with asyncio.timeout(3):
             while table.flows:

@@ -311,6 +311,13 @@ class Observer:
                 summed=True).add((), len(proxy.conns))
         f.gauge("mcsproxy_proxy_listeners", "Listening sockets (ClusterSetIP x port)").add(
             (), len(proxy.listeners))
+        refused = f.counter("mcsproxy_proxy_refused",
+                            "Client connections and UDP flows turned away before any endpoint "
+                            "was tried, by outcome: listener_limit, client_limit "
+                            "(--max-connections-per-listener/-client), udp_flow_limit "
+                            "(--udp-max-flows), out_of_descriptors", ["outcome"])
+        for outcome, n in proxy.refusals.items():
+            refused.add([outcome], n)
         f.counter("mcsproxy_proxy_worker_connections",
                   "Connections each proxy process made (how --workers share the load)",
                   ["worker"]).add([str(self.worker_index)], total_ok)

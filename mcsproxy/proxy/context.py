@@ -14,6 +14,14 @@ from mcsproxy.upstream import UpstreamSet
 log = logging.getLogger("mcsproxy.proxy")
 
 GIVE_UP_LOG_INTERVAL_S = 1.0
+# Why a client connection or UDP flow was turned away before reaching any endpoint, for
+# mcsproxy_proxy_refused_total: the per-listener limits, the flow table, and running out
+# of our own file descriptors (the endpoint is not blamed, the client is shed).
+REFUSAL_REASONS = ("listener_limit", "client_limit", "udp_flow_limit", "out_of_descriptors")
+
+
+def new_refusals() -> dict[str, int]:
+    return dict.fromkeys(REFUSAL_REASONS, 0)
 
 
 class Tracked(Protocol):
@@ -30,10 +38,11 @@ class ListenerContext:
     rebinds `upstream` here and the listener keeps its socket."""
 
     __slots__ = ("_last_give_up_log", "_last_refusal_log", "access_log", "active", "by_client",
-                 "config", "conns", "gave_up", "name", "refused", "upstream")
+                 "config", "conns", "gave_up", "name", "refusals", "refused", "upstream")
 
     def __init__(self, name: str, upstream: UpstreamSet, config: ProxyConfig,
-                 conns: set[Tracked], access_log: AccessLog | None = None) -> None:
+                 conns: set[Tracked], access_log: AccessLog | None = None,
+                 refusals: dict[str, int] | None = None) -> None:
         self.name = name
         self.upstream = upstream
         self.config = config
@@ -46,6 +55,9 @@ class ListenerContext:
         self.by_client = ClientCounts()
         self.refused = 0
         self._last_refusal_log = 0.0
+        # By reason, shared by every listener of the manager: listeners come and go with
+        # snapshots, and the counters exported must never go backwards.
+        self.refusals = refusals if refusals is not None else new_refusals()
 
     def admit(self, transport: object) -> str | None:
         """Count a new stream connection in; None (and counted, logged at most 1/s) when
@@ -57,12 +69,13 @@ class ListenerContext:
             client = peer[0] if peer else ""
             if not self.by_client.take(client, config.max_connections_per_client):
                 return self._refuse(f"client {client} has "
-                                    f"{config.max_connections_per_client} connections")
+                                    f"{config.max_connections_per_client} connections",
+                                    "client_limit")
         if config.max_connections_per_listener and \
                 self.active >= config.max_connections_per_listener:
             if config.max_connections_per_client:
                 self.by_client.give(client)
-            return self._refuse(f"{self.active} connections open")
+            return self._refuse(f"{self.active} connections open", "listener_limit")
         self.active += 1
         return client
 
@@ -71,8 +84,9 @@ class ListenerContext:
         if self.config.max_connections_per_client:
             self.by_client.give(client)
 
-    def _refuse(self, why: str, what: str = "connection") -> None:
+    def _refuse(self, why: str, reason: str, what: str = "connection") -> None:
         self.refused += 1
+        self.refusals[reason] += 1
         now = time.monotonic()
         if now - self._last_refusal_log >= GIVE_UP_LOG_INTERVAL_S:
             self._last_refusal_log = now
@@ -83,7 +97,13 @@ class ListenerContext:
     def refuse_flow(self, why: str) -> None:
         """A UDP datagram that would open a flow beyond a limit: counted, logged at most
         1/s as a limit (not as a missing endpoint, where an operator would look first)."""
-        self._refuse(why, "new UDP flow")
+        self._refuse(why, "udp_flow_limit", "new UDP flow")
+
+    def shed(self) -> None:
+        """A client connection or flow dropped because this process ran out of file
+        descriptors: counted, logged at most 1/s (not the endpoint's fault)."""
+        self.refusals["out_of_descriptors"] += 1
+        self.give_up("out of file descriptors")
 
     def give_up(self, why: str) -> None:
         """A client connection or flow that found no endpoint: counted, logged at most 1/s."""

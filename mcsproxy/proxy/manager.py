@@ -30,7 +30,7 @@ from mcsproxy.http import HttpEngine, serves_http
 from mcsproxy.model import ImportedService, ServiceKey, ServicePort, Snapshot
 from mcsproxy.observability.accesslog import AccessLog
 from mcsproxy.observability.events import EventRing
-from mcsproxy.proxy.context import ListenerContext, Tracked
+from mcsproxy.proxy.context import ListenerContext, Tracked, new_refusals
 from mcsproxy.proxy.tcp import ClientSide
 from mcsproxy.proxy.udp import UdpListener
 from mcsproxy.store import SnapshotStore
@@ -140,6 +140,7 @@ class ProxyManager:
         # Per service, so dropping a service's stale ports does not scan every upstream.
         self._upstream_keys: dict[ServiceKey, set[UpstreamKey]] = {}
         self.conns: set[Tracked] = set()
+        self.refusals = new_refusals()  # every listener's, by reason
         self.http = HttpEngine(config)
         self._pending: set[ServiceKey] | None = None  # None: apply everything
         self._latest: Snapshot = store.current
@@ -333,7 +334,8 @@ class ProxyManager:
 
     async def _open(self, lkey: ListenerKey, ukey: UpstreamKey, upstream: UpstreamSet,
                     http: bool = False) -> None:
-        ctx = ListenerContext(str(lkey), upstream, self.config, self.conns, self.access_log)
+        ctx = ListenerContext(str(lkey), upstream, self.config, self.conns, self.access_log,
+                              self.refusals)
         listener = Listener(lkey, ukey, ctx)
         loop = asyncio.get_running_loop()
         try:

@@ -410,7 +410,7 @@ class ClientSide(asyncio.Protocol):
             self.cancel_connect()
             # Our own descriptors ran out: not the endpoint's fault, so no failure is
             # held against it (no ejection); this client is shed.
-            self.ctx.give_up("out of file descriptors")
+            self.ctx.shed()
             self.transport.abort()
             return
         self.connect_failed("connection refused" if isinstance(exc, ConnectionRefusedError)

@@ -141,7 +141,7 @@ class UdpFlow(asyncio.DatagramProtocol):
             if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
                 # Our own descriptors ran out, as in the TCP proxy: not the endpoint's
                 # fault, so nothing is held against it (no ejection); this flow is shed.
-                self.listener.ctx.give_up("out of file descriptors")
+                self.listener.ctx.shed()
                 return
             self.upstream.connect_failed(self.host, str(exc))
             self.host.stats.failed += 1
