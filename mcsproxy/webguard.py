@@ -1,14 +1,18 @@
 """Limits for the aiohttp listeners (the admin API, the controller's `--serve`): a deadline
-for the first request head, a cap on open connections and a smaller one per client
-address (`WebLimits`).
+for every request head, a cap on open connections and a smaller one per client address
+(`WebLimits`).
 
 aiohttp has no connection cap, and bounds a request head only with its keep-alive timer
-(3630 s by default; before 3.10 not even armed until the first request ended). Rather than
-patching aiohttp, each accepted connection meets a small protocol first: it refuses the
-connection outright when a cap is reached (aiohttp never sees it), and otherwise hands
-every byte to aiohttp's own protocol, watching only for the end of the first head.
-Later heads on a kept-alive connection are bounded by aiohttp's keep-alive timer, which
-closes a connection whose next request has not arrived complete in time."""
+(3630 s by default; before 3.10 not even armed until the first request ended), counted
+from the previous response and not reset by bytes of the next head: a kept-alive
+connection's next head sent a byte at a time was held the whole keep-alive timeout (15 s
+here), longer than the head timeout. Rather than patching aiohttp, each accepted
+connection meets a small protocol first: it refuses the connection outright when a cap is
+reached (aiohttp never sees it), and otherwise hands every byte to aiohttp's own protocol,
+watching only for where a head starts and ends. The first head has `head_timeout_s` from
+accept; a later one from its first byte that arrives while aiohttp waits for the next
+request. Bytes that arrive while a request is in progress (its body, a response streamed
+for ever, pipelined requests) arm nothing."""
 
 from __future__ import annotations
 
@@ -87,8 +91,8 @@ class GuardedConnection(asyncio.Protocol):
         self._http: web.RequestHandler | None = None  # None: refused (or already lost)
         self._client = ""
         self._head_timer: asyncio.TimerHandle | None = None
-        # The last two bytes of the first head so far: its blank line may straddle reads.
-        # Empty until a byte other than CR/LF arrived.
+        # The last two bytes of the head being timed: its blank line may straddle reads.
+        # Empty until a byte other than CR/LF arrived, and again once the head ended.
         self._tail = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -107,9 +111,16 @@ class GuardedConnection(asyncio.Protocol):
         http = self._http
         if http is None:
             return
-        if self._head_timer is not None and self._head_ended(data):
-            self._head_timer.cancel()
-            self._head_timer = None
+        if self._head_timer is not None:
+            if self._head_ended(data):
+                self._head_timer.cancel()
+                self._head_timer = None
+        elif _awaits_request(http) and not self._head_ended(data):
+            # The first bytes of the next request on a kept-alive connection, not all of
+            # its head. (A request's own body cannot get here: aiohttp waits for the next
+            # request only once the previous one is answered and its body read.)
+            self._head_timer = asyncio.get_running_loop().call_later(
+                self._guard.limits.head_timeout_s, self._head_expired)
         http.data_received(data)
 
     def _head_ended(self, data: bytes) -> bool:
@@ -122,6 +133,7 @@ class GuardedConnection(asyncio.Protocol):
         seen = self._tail + data
         # CRLF CRLF, or bare LFs, which aiohttp's parsers accept as well.
         if b"\n\r\n" in seen or b"\n\n" in seen:
+            self._tail = b""  # the next head may again start with empty lines
             return True
         self._tail = seen[-2:]
         return False
@@ -153,6 +165,16 @@ class GuardedConnection(asyncio.Protocol):
             self._head_timer = None
         self._guard.leave(self._client)
         http.connection_lost(exc)
+
+
+def _awaits_request(http: web.RequestHandler) -> bool:
+    """True while aiohttp waits for the next request on `http`'s connection: none in
+    progress or queued, the previous one answered and its body read. aiohttp's own test
+    for an idle connection (RequestHandler._process_keepalive); were the attribute gone
+    in some later aiohttp, later heads would be left to its keep-alive timer, as before
+    (tests/test_admin_limits.py would notice)."""
+    waiter = getattr(http, "_waiter", None)
+    return waiter is not None and not waiter.done()
 
 
 class GuardedSite(web.BaseSite):

@@ -60,25 +60,37 @@ async def refused(listen: tuple[str, int], source: str) -> bool:
 
 async def trickle(listen: tuple[str, int], source: str, head: bytes = SLOW_HEAD,
                   ) -> tuple[float, int]:
-    """Sends `head` a byte every TRICKLE_S until the server hangs up; returns how long the
-    connection lived and how many bytes went out. Fails if the whole head went out."""
+    """Sends `head` a byte every TRICKLE_S on a new connection until the server hangs up;
+    returns how long the connection lived and how many bytes went out. Fails if the whole
+    head went out."""
     reader, writer = await connect(listen, source)
     started = time.monotonic()
     try:
-        for sent in range(1, len(head) + 1):
-            writer.write(head[sent - 1:sent])
-            if await closed_by_server(reader, TRICKLE_S):
-                return time.monotonic() - started, sent
-        raise AssertionError(f"the server waited {time.monotonic() - started:.1f} s for "
-                             "a head sent a byte at a time")
+        return await trickle_on(reader, writer, started, head)
     finally:
         await close(writer)
+
+
+async def trickle_on(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     started: float, head: bytes = SLOW_HEAD) -> tuple[float, int]:
+    """`trickle` on an open connection; how long it lived is counted from `started`."""
+    for sent in range(1, len(head) + 1):
+        writer.write(head[sent - 1:sent])
+        if await closed_by_server(reader, TRICKLE_S):
+            return time.monotonic() - started, sent
+    raise AssertionError(f"the server waited {time.monotonic() - started:.1f} s for "
+                         "a head sent a byte at a time")
 
 
 async def get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
               path: str = "/healthz") -> bytes:
     """One keep-alive request on a raw connection; the status line (the body is read)."""
     writer.write(f"GET {path} HTTP/1.1\r\nHost: admin\r\n\r\n".encode())
+    return await response(reader)
+
+
+async def response(reader: asyncio.StreamReader) -> bytes:
+    """The status line of the next response (its body is read)."""
     async with asyncio.timeout(3):
         status = await reader.readline()
         length = 0
@@ -117,6 +129,41 @@ async def test_admin_cuts_a_slowloris_head_and_serves_everyone_else(tmp_path: Pa
             while guard.active != 1:
                 await asyncio.sleep(0.01)
     finally:
+        await gw.stop()
+
+
+async def test_admin_cuts_a_slowloris_head_on_a_kept_alive_connection(
+        tmp_path: Path) -> None:
+    """A later request's head gets head_timeout_s from its first byte as well, not
+    aiohttp's keep-alive timeout counted from the response before (which bytes of the next
+    head do not reset). Neither idle time between requests nor a request body sent slowly
+    counts as a head."""
+    gw = await start_gateway(tmp_path, ADMIN_HOST, admin_limits=WebLimits(
+        head_timeout_s=HEAD_TIMEOUT_S, keepalive_timeout_s=4 * HEAD_TIMEOUT_S))
+    assert gw.gateway.admin.bound is not None
+    reader, writer = conn = await connect(gw.gateway.admin.bound, f"{NET}.5.2")
+    try:
+        assert await get(*conn) == b"HTTP/1.1 200 OK"
+        await asyncio.sleep(1.5 * HEAD_TIMEOUT_S)
+        assert await get(*conn) == b"HTTP/1.1 200 OK"
+        # A body of 8 bytes, one every TRICKLE_S: 1.6 s, more than the head timeout. The
+        # 405 comes first; aiohttp reads the rest of the body before the next request.
+        writer.write(b"POST /healthz HTTP/1.1\r\nHost: admin\r\nContent-Length: 8\r\n\r\n")
+        for byte in b"slowbody":
+            writer.write(bytes([byte]))
+            await asyncio.sleep(TRICKLE_S)
+        assert await response(reader) == b"HTTP/1.1 405 Method Not Allowed"
+        assert await get(*conn) == b"HTTP/1.1 200 OK"
+        guard = gw.gateway.admin.guard
+        assert guard.closed["head_timeout"] == 0
+
+        await asyncio.sleep(0.5 * HEAD_TIMEOUT_S)  # the deadline counts from the head
+        lived, sent = await trickle_on(reader, writer, time.monotonic())
+        assert HEAD_TIMEOUT_S <= lived < HEAD_TIMEOUT_S + 0.5
+        assert sent < len(SLOW_HEAD)
+        assert guard.closed["head_timeout"] == 1
+    finally:
+        await close(writer)
         await gw.stop()
 
 
