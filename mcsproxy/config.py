@@ -77,7 +77,7 @@ class WebLimits:
     byte at a time (slowloris), keeps sockets and memory for ever. No flags: the admin
     API is a small, mostly local audience."""
 
-    head_timeout_s: float = 10.0  # accept to the end of the first request head
+    head_timeout_s: float = 10.0  # first byte of a request head (accept, for the first) to its end
     # Idle between requests; also the deadline, counted from the previous response, for
     # the next request's head to arrive complete (aiohttp's keep-alive timer).
     keepalive_timeout_s: float = 15.0
