@@ -253,7 +253,8 @@ async def tiny_chunks_to_a_slow_client() -> None:
         async with asyncio.timeout(5):
             while not ours:
                 await asyncio.sleep(0.01)
-                ours = [c for c in gc.get_objects() if isinstance(c, ClientConnection)]
+                ours = [c for c in gc.get_objects() if isinstance(c, ClientConnection)
+                        and not c.closed]
         tracemalloc.start()
         try:
             base = tracemalloc.get_traced_memory()[0]
