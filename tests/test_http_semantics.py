@@ -1,6 +1,6 @@
 """RFC 9110/9112 message semantics end to end, with real sockets: what a client may send
 after a request that closes the connection, half-closing clients, answers before the
-request body, request-target forms, bodies of tiny chunks both ways."""
+request body, request-target forms, bodies of tiny chunks both ways, keep-alive after HEAD."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import tracemalloc
 import uvloop
 from httptools import HttpRequestParser
 
+from mcsproxy.config import OutlierConfig
 from mcsproxy.http.pool import PAUSE_UPSTREAM
 from mcsproxy.http.server import ClientConnection
 from tests.http_support import HTTP_PORT, RawClient, protocol_behind_proxy, publish, start_backends
@@ -276,3 +277,80 @@ async def tiny_chunks_to_a_slow_client() -> None:
         finally:
             tracemalloc.stop()
             client.writer.transport.abort()
+
+
+class HeadAware(asyncio.Protocol):
+    """Answers GET with 1000 bytes of `g` (Content-Length), /chunked with a chunked
+    `hello`; HEAD with the same head and no body, except /wrong: the body follows it."""
+
+    connections = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.parser = HttpRequestParser(self)
+        HeadAware.connections += 1
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed_data(data)
+
+    def on_url(self, url: bytes) -> None:
+        self.path = url
+
+    def on_message_complete(self) -> None:
+        if self.path == b"/chunked":
+            head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            body = b"5\r\nhello\r\n0\r\n\r\n"
+        else:
+            head = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"
+            body = b"g" * 1000
+        if self.parser.get_method() == b"HEAD" and self.path != b"/wrong":
+            body = b""
+        self.transport.write(head + body)
+
+
+async def test_keep_alive_after_head_and_the_next_answer_framed_by_its_own_length() -> None:
+    # llhttp cannot be told that a response answers HEAD (httptools has no API for its
+    # F_SKIPBODY): it waits for the 1000 bytes the head announces. The endpoint
+    # connection used to be closed after every HEAD for that; now the parser is renewed.
+    HeadAware.connections = 0
+    async with protocol_behind_proxy(HeadAware, "127.199.1.4", "127.199.0.7", "head"):
+        client = await RawClient.open("127.199.0.7", 80)
+        for _ in range(5):
+            r = await client.get("/", method="HEAD")
+            assert (r.status, r.headers[b"content-length"]) == (200, b"1000")
+        r = await client.get("/")  # the same endpoint connection: framed by its own head
+        assert (r.status, r.body) == (200, b"g" * 1000)
+        assert (await client.get("/chunked", method="HEAD")).status == 200
+        assert (await client.get("/chunked")).body == b"hello"
+        client.send(b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n"
+                    b"HEAD /chunked HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        answers = [await client.response(head=head) for head in (True, False, True, False)]
+        assert [r.body for r in answers] == [b"", b"g" * 1000, b"", b"g" * 1000]
+        assert HeadAware.connections == 1
+        # An endpoint that sends a body after a HEAD answer is out of step: its
+        # connection is dropped, and the next request gets a new one, framed right.
+        r = await client.get("/wrong", method="HEAD")
+        assert (r.status, r.body) == (200, b"")
+        assert (await client.get("/")).body == b"g" * 1000
+        assert HeadAware.connections == 2
+        await client.close()
+
+
+async def test_a_head_answered_503_and_retried_leaves_its_connection_reusable() -> None:
+    sick, healthy = await start_backends({"east": 1, "west": 1}, 213)
+    sick.status = 503
+    cs = Clusterset("east")
+    publish(cs, "head", "127.199.0.8", [sick, healthy], traffic="PreferClose")
+    proxy = await cs.proxy(outlier=OutlierConfig(consecutive_failures=0))
+    try:
+        client = await RawClient.open("127.199.0.8", 80)
+        for _ in range(3):
+            r = await client.get("/", method="HEAD")
+            assert (r.status, r.headers[b"x-backend"]) == (200, b"west-1")
+        assert len(sick.requests) == 3  # each tried east first, then west
+        assert (sick.connections, healthy.connections) == (1, 1)
+        await client.close()
+    finally:
+        await proxy.stop()
+        await sick.stop()
+        await healthy.stop()

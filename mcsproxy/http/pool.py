@@ -38,7 +38,7 @@ TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 
 
 class StopParsing(Exception):
-    """Raised from a parser callback to end a response llhttp would wait on (HEAD)."""
+    """Raised from a parser callback to stop parsing a response nobody asked for."""
 
 
 class UpstreamConn(asyncio.Protocol):
@@ -63,7 +63,6 @@ class UpstreamConn(asyncio.Protocol):
         "reused",
         "sent",
         "sock",
-        "stopped",
         "te",
         "transport",
         "tunnel",
@@ -80,7 +79,6 @@ class UpstreamConn(asyncio.Protocol):
         self.idle_since = 0.0
         self.dead = False
         self.discarding = False  # reading the rest of a response no one wants (retried)
-        self.stopped = False
         self.interim = False
         # Taken from the pool (not opened for this request), and whether any byte of the
         # current response arrived: a reused connection that ends before it is the
@@ -127,8 +125,7 @@ class UpstreamConn(asyncio.Protocol):
             if ex is not None:
                 ex.upgraded(self, data[exc.args[0]:])
         except HttpParserError as exc:
-            if not self.stopped:
-                self.fail(f"malformed response ({exc})")
+            self.fail(f"malformed response ({exc})")
         if self.began and self.exchange is not None:
             self.ack_now()
         if self.discarding:  # the unwanted response did not end within this read
@@ -280,6 +277,18 @@ class UpstreamConn(asyncio.Protocol):
         ex = self.exchange
         if ex is not None:
             ex.response_body(body)
+        elif not self.discarding:
+            # Body bytes after a HEAD answer (the endpoint sent the body anyway, read by
+            # the parser skip_body replaced): the connection is out of step.
+            self.dead = True
+            self.transport.abort()
+
+    def skip_body(self) -> None:
+        """The answer to a HEAD request ended with its head, whatever length or coding it
+        announces. llhttp would wait for that body (httptools cannot tell it the request
+        was HEAD), so the connection gets a fresh parser and stays reusable; the old one
+        parses what is left of this read, which must be nothing (see on_body)."""
+        self.parser = HttpResponseParser(self)
 
     def on_message_complete(self) -> None:
         if self.interim:

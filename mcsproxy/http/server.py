@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
-from mcsproxy.http.pool import PAUSE_UPSTREAM, StopParsing, UpstreamConn
+from mcsproxy.http.pool import PAUSE_UPSTREAM, UpstreamConn
 from mcsproxy.http.wire import (
     CONNECTION,
     CONTENT_LENGTH,
@@ -1100,7 +1100,7 @@ class Exchange:
         elif self.is_head or status in NO_BODY_STATUSES:
             framing = b"Content-Length: " + length + CRLF \
                 if length is not None and status != 204 else b""
-            # llhttp would wait for the body a HEAD response announces: stop it here.
+            # llhttp would wait for the body a HEAD response announces: it ends here.
             stop = self.is_head and status not in NO_BODY_STATUSES and (
                 length != b"0" or up.te is not None)
         elif length is not None and up.te is None:
@@ -1131,10 +1131,8 @@ class Exchange:
                                     framing, tail)))
         self.resp_started = True
         if stop:
-            up.keep_alive = False
-            up.stopped = True
+            up.skip_body()
             self.response_done(up)
-            raise StopParsing
 
     def response_body(self, data: bytes) -> None:
         out = self.client.out
@@ -1235,7 +1233,13 @@ class Exchange:
             up.dead = True
             up.transport.abort()
         elif discard:
-            if self.req_done:
+            if self.is_head:  # nothing follows the head of an answer to HEAD
+                up.skip_body()
+                if up.keep_alive:
+                    self.pool.put(up)
+                else:
+                    up.transport.close()
+            elif self.req_done:
                 up.discarding = True  # read the unwanted answer; reused if it ends now
             else:
                 up.dead = True
