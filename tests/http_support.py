@@ -31,16 +31,35 @@ class BackendConn(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         self.backend.connections += 1
         self.backend.transports.add(self.transport)
+        self.held: list[bytes] | None = None
         if self.backend.hold_reading.is_set() is False:
+            # asyncio's transport keeps a pause from connection_made; uvloop's starts
+            # reading once it returns, whatever was asked (and so read everything). So
+            # the pause is asked again right after, and a read that comes first anyway
+            # pauses too and is kept: at most one read is taken in while held.
+            self.held = []
             self.transport.pause_reading()
-            asyncio.get_running_loop().create_task(self._resume_later())
+            loop = asyncio.get_running_loop()
+            loop.call_soon(self._pause)
+            self.resuming = loop.create_task(self._resume_later())
+
+    def _pause(self) -> None:
+        if self.held is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
 
     async def _resume_later(self) -> None:
         await self.backend.hold_reading.wait()
+        held, self.held = self.held or [], None
         if not self.transport.is_closing():
+            for data in held:
+                self.parser.feed_data(data)
             self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
+        if self.held is not None:
+            self.held.append(data)
+            self.transport.pause_reading()
+            return
         self.parser.feed_data(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
