@@ -315,25 +315,28 @@ async def test_keep_alive_after_head_and_the_next_answer_framed_by_its_own_lengt
     HeadAware.connections = 0
     async with protocol_behind_proxy(HeadAware, "127.199.1.4", "127.199.0.7", "head"):
         client = await RawClient.open("127.199.0.7", 80)
-        for _ in range(5):
-            r = await client.get("/", method="HEAD")
-            assert (r.status, r.headers[b"content-length"]) == (200, b"1000")
-        r = await client.get("/")  # the same endpoint connection: framed by its own head
-        assert (r.status, r.body) == (200, b"g" * 1000)
-        assert (await client.get("/chunked", method="HEAD")).status == 200
-        assert (await client.get("/chunked")).body == b"hello"
-        client.send(b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n"
-                    b"HEAD /chunked HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n")
-        answers = [await client.response(head=head) for head in (True, False, True, False)]
-        assert [r.body for r in answers] == [b"", b"g" * 1000, b"", b"g" * 1000]
-        assert HeadAware.connections == 1
-        # An endpoint that sends a body after a HEAD answer is out of step: its
-        # connection is dropped, and the next request gets a new one, framed right.
-        r = await client.get("/wrong", method="HEAD")
-        assert (r.status, r.body) == (200, b"")
-        assert (await client.get("/")).body == b"g" * 1000
-        assert HeadAware.connections == 2
-        await client.close()
+        try:
+            for _ in range(5):
+                r = await client.get("/", method="HEAD")
+                assert (r.status, r.headers[b"content-length"]) == (200, b"1000")
+            r = await client.get("/")  # the same endpoint connection: framed by its own head
+            assert (r.status, r.body) == (200, b"g" * 1000)
+            assert (await client.get("/chunked", method="HEAD")).status == 200
+            assert (await client.get("/chunked")).body == b"hello"
+            get = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+            client.send(b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n" + get +
+                        b"HEAD /chunked HTTP/1.1\r\nHost: a\r\n\r\n" + get)
+            answers = [await client.response(head=head) for head in (True, False, True, False)]
+            assert [r.body for r in answers] == [b"", b"g" * 1000, b"", b"g" * 1000]
+            assert HeadAware.connections == 1
+            # An endpoint that sends a body after a HEAD answer is out of step: its
+            # connection is dropped, and the next request gets a new one, framed right.
+            r = await client.get("/wrong", method="HEAD")
+            assert (r.status, r.body) == (200, b"")
+            assert (await client.get("/")).body == b"g" * 1000
+            assert HeadAware.connections == 2
+        finally:
+            await client.close()
 
 
 async def test_a_head_answered_503_and_retried_leaves_its_connection_reusable() -> None:
@@ -342,15 +345,15 @@ async def test_a_head_answered_503_and_retried_leaves_its_connection_reusable() 
     cs = Clusterset("east")
     publish(cs, "head", "127.199.0.8", [sick, healthy], traffic="PreferClose")
     proxy = await cs.proxy(outlier=OutlierConfig(consecutive_failures=0))
+    client = await RawClient.open("127.199.0.8", 80)
     try:
-        client = await RawClient.open("127.199.0.8", 80)
         for _ in range(3):
             r = await client.get("/", method="HEAD")
             assert (r.status, r.headers[b"x-backend"]) == (200, b"west-1")
         assert len(sick.requests) == 3  # each tried east first, then west
         assert (sick.connections, healthy.connections) == (1, 1)
-        await client.close()
     finally:
+        await client.close()
         await proxy.stop()
         await sick.stop()
         await healthy.stop()
