@@ -196,3 +196,24 @@ async def test_after_a_failed_connect_any_body_goes_whole_to_the_next_endpoint()
         assert (r.status, r.body) == (200, str(len(big)).encode())
         assert [u for _, u, _ in west.requests] == [b"/echo", b"/count"]
         await client.close()
+
+
+async def test_a_head_with_a_body_answered_503_at_its_head_leaves_no_pooled_connection() -> None:
+    # Retried while its body is still on the way: the endpoint connection waits for
+    # the rest of that body and must be closed, not pooled for the next request.
+    seen: list[int] = []
+    bodiless = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\n"
+    async with east_then_west(lambda: Scripted(1, bodiless, seen), "127.211.0.8") as west:
+        client = await RawClient.open("127.211.0.8", 80)
+        try:
+            for _ in range(2):
+                sending = asyncio.create_task(upload(client, [
+                    b"HEAD /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\n",
+                    b"ab", b"cd"], 0.2))
+                r = await client.response(head=True)
+                await sending
+                assert (r.status, r.headers[b"x-backend"]) == (200, b"west-1")
+            assert len(seen) == 2  # a new connection to east each time
+            assert [m for m, _, _ in west.requests] == [b"HEAD", b"HEAD"]
+        finally:
+            await client.close()

@@ -1233,17 +1233,17 @@ class Exchange:
             up.dead = True
             up.transport.abort()
         elif discard:
-            if self.is_head:  # nothing follows the head of an answer to HEAD
+            if not self.req_done:  # the endpoint still waits for the rest of the body
+                up.dead = True
+                up.transport.abort()
+            elif self.is_head:  # nothing follows the head of an answer to HEAD
                 up.skip_body()
                 if up.keep_alive:
                     self.pool.put(up)
                 else:
                     up.transport.close()
-            elif self.req_done:
-                up.discarding = True  # read the unwanted answer; reused if it ends now
             else:
-                up.dead = True
-                up.transport.abort()
+                up.discarding = True  # read the unwanted answer; reused if it ends now
         elif reuse:
             self.pool.put(up)
         else:
