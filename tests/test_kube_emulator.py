@@ -575,3 +575,31 @@ async def test_delete_object_removes_directly_and_watches_see_it(
     assert not emu.delete_object("configmaps", "a", "ns")
     assert [e["type"] for e in await asyncio.wait_for(watcher, 5)] == ["ADDED", "DELETED"]
     assert emu.get_object("configmaps", "a", "ns") is None
+
+
+async def test_accepted_tokens_are_a_set_the_test_rotates(tmp_path: Path) -> None:
+    async with KubeEmulator(token="old") as emu:
+        async with emu.api_client() as old:
+            await CoreV1Api(old).list_namespace()
+            emu.tokens = {"new"}  # rotated: the old token is refused from now on
+            with pytest.raises(ApiException) as error:
+                await CoreV1Api(old).list_namespace()
+            assert error.value.status == 401 and emu.unauthorized == 1
+        async with ApiClient() as new:
+            new.configuration.host = emu.url
+            new.configuration.api_key["BearerToken"] = "Bearer new"
+            await CoreV1Api(new).list_namespace()
+        assert emu.unauthorized == 1
+
+
+async def test_tls_serves_https_trusted_through_its_ca_file(tmp_path: Path) -> None:
+    async with KubeEmulator(tls=True) as emu:
+        assert emu.url.startswith("https://")
+        path = emu.kubeconfig(tmp_path / "kubeconfig")
+        async with await config.new_client_from_config(config_file=str(path)) as client:
+            await CoreV1Api(client).create_namespace({"metadata": {"name": "ns"}})
+        async with ApiClient() as untrusting:  # the system CAs do not know it
+            untrusting.configuration.host = emu.url
+            with pytest.raises(aiohttp.ClientConnectorCertificateError):
+                await CoreV1Api(untrusting).list_namespace()
+        assert emu.get_object("namespaces", "ns") is not None

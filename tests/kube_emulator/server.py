@@ -7,6 +7,11 @@ import base64
 import contextlib
 import json
 import math
+import shutil
+import ssl
+import subprocess
+import tempfile
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,12 +78,23 @@ class KubeEmulator:
     """Serves the Kubernetes REST API for registered resources from memory.
 
     Data survives `stop()`/`start()`; the port is reused on restart.
+
+    Authentication: while `tokens` is not empty, a request needs `Authorization: Bearer T`
+    for a T in it, else it is answered 401 (counted in `unauthorized`). A test rotates
+    credentials by changing the set; `token` (in it from the start) is the one kubeconfig()
+    and api_client() use. `tls=True` serves HTTPS with a self-signed certificate for the
+    host, its CA file at `ca_file`, as an in-cluster client needs.
     """
 
     def __init__(self, *, token: str | None = None, history: int = 1000,
-                 bookmark_interval: float = 60.0, watch_queue: int = 10_000):
+                 bookmark_interval: float = 60.0, watch_queue: int = 10_000,
+                 tls: bool = False):
         self.store = Store(history, watch_queue)
         self.token = token
+        self.tokens: set[str] = {token} if token else set()
+        self.unauthorized = 0
+        self.tls = tls
+        self._certs: Path | None = None  # removed with the emulator object
         self.bookmark_interval = bookmark_interval
         self.requests: list[Request] = []
         self.host, self.port = "127.0.0.1", 0
@@ -103,7 +119,8 @@ class KubeEmulator:
         self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0,
                                      access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port).start()
+        await web.TCPSite(self._runner, self.host, self.port,
+                          ssl_context=self._ssl_context() if self.tls else None).start()
         self.port = self._runner.addresses[0][1]
         self._stopping = False
         return self.url
@@ -127,15 +144,39 @@ class KubeEmulator:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
+
+    @property
+    def ca_file(self) -> Path:
+        """The CA certificate a client trusts for this (tls=True) emulator, once started."""
+        assert self._certs is not None, "not a started tls=True emulator"
+        return self._certs / "ca.crt"
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        """A self-signed certificate for the host (made once: a restart keeps it)."""
+        if self._certs is None:
+            directory = self._certs = Path(tempfile.mkdtemp(prefix="kube-emulator-"))
+            weakref.finalize(self, shutil.rmtree, directory, True)
+            subprocess.run(
+                ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                 "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1",
+                 "-subj", "/CN=kube-emulator", "-addext", f"subjectAltName=IP:{self.host}",
+                 "-keyout", str(directory / "tls.key"), "-out", str(directory / "ca.crt")],
+                check=True, capture_output=True)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.ca_file, self._certs / "tls.key")
+        return context
 
     # -- client helpers ------------------------------------------------------------------
     def kubeconfig(self, path: str | Path, context_name: str = "emulator",
                    namespace: str = "default") -> Path:
         """Write a kubeconfig that kubernetes_asyncio.config.load_kube_config accepts."""
         user = {"token": self.token} if self.token else {}
+        cluster: dict[str, Any] = {"server": self.url}
+        if self.tls:
+            cluster["certificate-authority"] = str(self.ca_file)
         doc = {"apiVersion": "v1", "kind": "Config", "current-context": context_name,
-               "clusters": [{"name": context_name, "cluster": {"server": self.url}}],
+               "clusters": [{"name": context_name, "cluster": cluster}],
                "users": [{"name": context_name, "user": user}],
                "contexts": [{"name": context_name, "context": {
                    "cluster": context_name, "user": context_name, "namespace": namespace}}]}
@@ -145,6 +186,8 @@ class KubeEmulator:
 
     def client_configuration(self) -> Configuration:
         config = Configuration(host=self.url)
+        if self.tls:
+            config.ssl_ca_cert = str(self.ca_file)
         if self.token:
             config.api_key["BearerToken"] = f"Bearer {self.token}"
         return config
@@ -251,7 +294,8 @@ class KubeEmulator:
         self.requests.append(Request(request.method, request.path, dict(request.query)))
         self._notify()
         try:
-            if self.token and request.headers.get("Authorization") != f"Bearer {self.token}":
+            if self.tokens and not self._authorized(request.headers.get("Authorization")):
+                self.unauthorized += 1
                 raise ApiError(401, "Unauthorized", "Unauthorized")
             await self._released.wait()
             if self._stopping:
@@ -272,6 +316,10 @@ class KubeEmulator:
             return _error_response(ApiError(400, "BadRequest", str(error)))
         finally:
             self._notify()
+
+    def _authorized(self, header: str | None) -> bool:
+        scheme, _, token = (header or "").partition(" ")
+        return scheme == "Bearer" and token in self.tokens
 
     @staticmethod
     def _drop(request: web.Request) -> web.StreamResponse:
