@@ -25,7 +25,8 @@ snapshot; the source reports `connected: false` and the error in /readyz detail 
 retrying. The gateway answers SERVFAIL only until the first complete list of everything.
 
 Credentials: `KUBECONFIG` when set (its current context), else the in-cluster service
-account (token refreshed as it rotates), else `~/.kube/config`.
+account, else `~/.kube/config`; reloaded as they rotate or expire (a rewritten token file
+or kubeconfig, an exec plugin's expiry, a 401), see mcsproxy.kubeclient.
 """
 
 from __future__ import annotations
@@ -40,10 +41,17 @@ from pathlib import Path
 from typing import Any
 
 from kubernetes_asyncio import config as kube_config
-from kubernetes_asyncio.client import ApiClient, Configuration
+from kubernetes_asyncio.client import ApiClient
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from mcsproxy.clustersetip import DEFAULT_CIDR, ClusterSetIPAllocator, parse_cidrs
+from mcsproxy.kubeclient import (
+    SERVICE_ACCOUNT_DIR,
+    CredentialSource,
+    InCluster,
+    KubeconfigFile,
+    new_client,
+)
 from mcsproxy.manifests import (
     LABEL_SERVICE_NAME,
     MCS_GROUP,
@@ -154,10 +162,12 @@ class KubeSource:
         kubeconfig: str | None = None,
         timings: WatchTimings | None = None,
         commit_delay_s: float = COMMIT_DELAY_S,
+        service_account_dir: Path = SERVICE_ACCOUNT_DIR,
     ) -> None:
         self.name = "kube"
         self.cluster_id = cluster_id
         self.kubeconfig = kubeconfig
+        self.service_account_dir = service_account_dir
         self.timings = timings or WatchTimings()
         self.commit_delay_s = commit_delay_s
         self.allocator = ClusterSetIPAllocator(parse_cidrs(clusterset_cidr))
@@ -206,25 +216,24 @@ class KubeSource:
             if self._api is not None:
                 await self._api.close()
 
+    def _credentials(self) -> CredentialSource:
+        path = self.kubeconfig or os.environ.get("KUBECONFIG")
+        if path:
+            return KubeconfigFile(path.split(os.pathsep)[0])
+        if os.environ.get("KUBERNETES_SERVICE_HOST"):
+            return InCluster(self.service_account_dir)
+        if Path("~/.kube/config").expanduser().exists():
+            return KubeconfigFile(Path("~/.kube/config").expanduser())
+        raise kube_config.ConfigException(
+            "no KUBECONFIG, no in-cluster service account, no ~/.kube/config")
+
     async def _client(self, status: Any) -> ApiClient:
         """The API client; retried while no configuration can be loaded."""
         while True:
-            configuration = Configuration()
             try:
-                path = self.kubeconfig or os.environ.get("KUBECONFIG")
-                if path:
-                    await kube_config.load_kube_config(
-                        config_file=path.split(os.pathsep)[0],
-                        client_configuration=configuration)
-                elif os.environ.get("KUBERNETES_SERVICE_HOST"):
-                    kube_config.load_incluster_config(client_configuration=configuration)
-                elif Path("~/.kube/config").expanduser().exists():
-                    await kube_config.load_kube_config(client_configuration=configuration)
-                else:
-                    raise kube_config.ConfigException(
-                        "no KUBECONFIG, no in-cluster service account, no ~/.kube/config")
-                log.info("kube source: API server %s", configuration.host)
-                return ApiClient(configuration)
+                client = await new_client(self._credentials())
+                log.info("kube source: API server %s", client.configuration.host)
+                return client
             except (kube_config.ConfigException, OSError, ValueError) as exc:
                 status.error = f"kubernetes client configuration: {exc}"
                 log.error("kube source: %s; retrying in %.0f s", status.error, CONFIG_RETRY_S)

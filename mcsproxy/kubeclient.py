@@ -1,0 +1,323 @@
+"""Kubernetes API clients whose credentials are reloaded as they rotate or expire.
+
+kubernetes-asyncio reads credentials when a configuration is loaded, and then keeps them:
+an `exec` plugin's token is used until the API server refuses it, for ever, and the
+in-cluster token file is re-read at most once a minute, a 401 or not. Production
+credentials do not last:
+
+- the in-cluster service-account token is bound: the kubelet rewrites the file about
+  hourly and the old token expires later;
+- a kubeconfig `exec` plugin (EKS, GKE, AKS) hands out tokens valid for minutes, saying
+  until when in the ExecCredential's `status.expirationTimestamp`;
+- a kubeconfig file mounted from a Secret is rewritten when the Secret changes.
+
+A client made here keeps its credentials current itself:
+
+- Before a request: when the files behind them changed (token file, CA, kubeconfig; one
+  stat each) or an exec credential is about to expire (a fifth of its lifetime before,
+  at most EXPIRY_MARGIN_S), they are reloaded first.
+- On 401: they are reloaded (token file re-read, plugin run again, kubeconfig re-read) and,
+  when that gave other credentials, the request is sent once more at once. Otherwise the
+  401 goes to the caller, which retries with its own backoff, reloading again each time.
+  A streak of refusals is logged once (info when a reload helped at once, a warning
+  when it did not, then its end); a token never reaches the log.
+- A reload that fails or gives nothing new is not tried again for RELOAD_PAUSE_S: a dead
+  plugin is not run for every request.
+
+An open watch is not cut when its token expires: the API server authenticates a request
+when it starts, and the next watch carries the current credentials. New TLS material (a
+client certificate from a plugin, a new CA) gets a new connection pool; the old one is
+closed with the client, its open streams ending on their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import os
+import time
+from collections.abc import Hashable, Mapping
+from pathlib import Path
+from typing import Any
+
+from kubernetes_asyncio import config as kube_config
+from kubernetes_asyncio.client import ApiClient, Configuration
+from kubernetes_asyncio.client.exceptions import ApiException
+from kubernetes_asyncio.client.rest import RESTClientObject
+from kubernetes_asyncio.config.incluster_config import InClusterConfigLoader
+
+log = logging.getLogger("mcsproxy.kubeclient")
+
+SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+EXPIRY_MARGIN_S = 300.0  # renew an exec credential this long before it expires, at most
+EXPIRY_MARGIN_SHARE = 0.2  # ... and at most this share of its lifetime
+RELOAD_PAUSE_S = 1.0
+# What the connection pool is built from: a change needs a new pool.
+_POOL_FIELDS = ("host", "ssl_ca_cert", "cert_file", "key_file", "verify_ssl",
+                "tls_server_name", "proxy")
+_AUTH = "authorization"  # the header key kubernetes-asyncio's auth settings use
+
+
+class CredentialSource:
+    """Where a client's configuration comes from; `load` may be called again and again."""
+
+    describe = "kubernetes credentials"
+
+    async def load(self, configuration: Configuration) -> float | None:
+        """Fill `configuration` afresh; the credential's expiry (epoch seconds) if known."""
+        raise NotImplementedError
+
+    def stamp(self) -> Hashable:
+        """Changes when the files behind the credentials change (cheap: stat only)."""
+        return None
+
+
+def _stat(path: Path | str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)  # follows the kubelet's ..data symlink swap
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _exec_expiry(loader: Any) -> float | None:
+    expiry = getattr(loader, "exec_plugin_expiry", None)
+    return expiry.timestamp() if expiry is not None else None
+
+
+class InCluster(CredentialSource):
+    """The pod's service account: KUBERNETES_SERVICE_HOST/PORT, `token` and `ca.crt`."""
+
+    def __init__(self, directory: Path | str = SERVICE_ACCOUNT_DIR) -> None:
+        self.directory = Path(directory)
+        self.describe = f"service account token {self.directory / 'token'}"
+
+    async def load(self, configuration: Configuration) -> float | None:
+        # try_refresh_token=False: the library's own hook re-reads once a minute and never
+        # on a 401; the client below does both.
+        InClusterConfigLoader(token_filename=str(self.directory / "token"),
+                              cert_filename=str(self.directory / "ca.crt"),
+                              try_refresh_token=False).load_and_set(configuration)
+        return None
+
+    def stamp(self) -> Hashable:
+        return _stat(self.directory / "token"), _stat(self.directory / "ca.crt")
+
+
+class KubeconfigFile(CredentialSource):
+    """A kubeconfig file (None: $KUBECONFIG or ~/.kube/config) and context."""
+
+    def __init__(self, path: str | Path | None, context: str | None = None) -> None:
+        self.path = str(path) if path else kube_config.KUBE_CONFIG_DEFAULT_LOCATION
+        self.context = context
+        self.describe = f"kubeconfig {self.path}" + (f" context {context}" if context else "")
+
+    async def load(self, configuration: Configuration) -> float | None:
+        loader = await kube_config.load_kube_config(
+            config_file=self.path, context=self.context, client_configuration=configuration,
+            persist_config=False)
+        return _exec_expiry(loader)
+
+    def stamp(self) -> Hashable:
+        return tuple(_stat(Path(p).expanduser()) for p in self.path.split(os.pathsep) if p)
+
+
+class KubeconfigDict(CredentialSource):
+    """A kubeconfig already read (a member Secret's): only an exec plugin can renew it."""
+
+    def __init__(self, doc: Mapping[str, Any], context: str | None = None,
+                 describe: str = "kubeconfig") -> None:
+        self.doc = copy.deepcopy(dict(doc))
+        self.context = context
+        self.describe = describe
+
+    async def load(self, configuration: Configuration) -> float | None:
+        loader = await kube_config.load_kube_config_from_dict(
+            config_dict=copy.deepcopy(self.doc), context=self.context,
+            client_configuration=configuration)
+        return _exec_expiry(loader)
+
+
+class RefreshingApiClient(ApiClient):
+    """An ApiClient that reloads its credentials from `source` (see the module doc)."""
+
+    def __init__(self, source: CredentialSource, configuration: Configuration,
+                 stamp: Hashable, expires: float | None) -> None:
+        super().__init__(configuration)
+        self.source = source
+        self.generation = 0  # counts reloads that changed something
+        self.reloads = 0  # reloads tried
+        self._stamp = stamp
+        self._expires: float | None = None
+        self._renew_at = float("inf")
+        self._set_expiry(expires)
+        self._quiet_until = 0.0
+        self._reloading: asyncio.Future[None] | None = None  # waited for by other requests
+        self._refusals = 0  # 401s in the current streak
+        self._told = False  # the streak's reload-and-retry was logged
+        self._stuck = False  # ... and that reloading did not help
+        self._reload_error: str | None = None
+        self._pool_key = _pool_key(configuration)
+        self._old_pools: list[RESTClientObject] = []
+
+    async def close(self) -> None:
+        for pool in self._old_pools:
+            await pool.close()
+        self._old_pools.clear()
+        await super().close()
+
+    # -- credentials -----------------------------------------------------------------
+    def _set_expiry(self, expires: float | None) -> None:
+        self._expires = expires
+        if expires is None:
+            self._renew_at = float("inf")
+        else:
+            lifetime = max(0.0, expires - time.time())
+            self._renew_at = expires - min(EXPIRY_MARGIN_S, EXPIRY_MARGIN_SHARE * lifetime)
+
+    def _due(self) -> str | None:
+        now = time.time()
+        if now < self._quiet_until:
+            return None
+        if now >= self._renew_at:
+            return "about to expire"
+        if self.source.stamp() != self._stamp:
+            return "changed on disk"
+        return None
+
+    async def _reload(self, why: str, generation: int) -> bool:
+        """Reload unless another request did since `generation`; True when the
+        credentials now differ from those of `generation`."""
+        while self._reloading is not None:  # one reload at a time; the others wait for it
+            await self._reloading
+        if self.generation != generation:
+            return True
+        if time.time() < self._quiet_until:
+            return False
+        self._reloading = asyncio.get_running_loop().create_future()
+        try:
+            return await self._reload_now(why)
+        finally:
+            self._reloading.set_result(None)
+            self._reloading = None
+
+    async def _reload_now(self, why: str) -> bool:
+        self.reloads += 1
+        fresh = Configuration()
+        stamp = self.source.stamp()
+        try:
+            expires = await self.source.load(fresh)
+            pool_key = _pool_key(fresh)
+            pool = RESTClientObject(fresh) if pool_key != self._pool_key else None
+        except Exception as exc:  # the loaders fail in many ways (even AssertionError)
+            self._quiet_until = time.time() + RELOAD_PAUSE_S
+            text = str(exc) or type(exc).__name__
+            if text != self._reload_error:
+                log.error("%s: reloading the credentials (%s) failed: %s; keeping the "
+                          "current ones", self.source.describe, why, text)
+            self._reload_error = text
+            return False
+        if self._reload_error is not None:
+            log.info("%s: credentials reloaded again", self.source.describe)
+            self._reload_error = None
+        self._stamp = stamp
+        self._set_expiry(expires)
+        changed = fresh.api_key != self.configuration.api_key or pool is not None
+        if not changed:
+            self._quiet_until = time.time() + RELOAD_PAUSE_S
+            return False
+        self.configuration.api_key = dict(fresh.api_key)
+        self.configuration.api_key_prefix = dict(fresh.api_key_prefix)
+        if pool is not None:
+            for name in _POOL_FIELDS:
+                setattr(self.configuration, name, getattr(fresh, name))
+            self._old_pools.append(self.rest_client)
+            self.rest_client, self._pool_key = pool, pool_key
+        self.generation += 1
+        log.debug("%s: credentials reloaded (%s)", self.source.describe, why)
+        return True
+
+    def _authorize(self, headers: dict[str, Any]) -> None:
+        token = self.configuration.api_key.get("BearerToken")
+        if token:
+            prefix = self.configuration.api_key_prefix.get("BearerToken")
+            headers[_AUTH] = f"{prefix} {token}" if prefix else token
+        else:
+            headers.pop(_AUTH, None)
+
+    def _accepted(self) -> None:
+        if self._refusals:
+            (log.info if self._stuck else log.debug)(
+                "%s: credentials accepted again after %d refused requests",
+                self.source.describe, self._refusals)
+            self._refusals, self._told, self._stuck = 0, False, False
+
+    async def _refused(self, generation: int, *, reload: bool) -> bool:
+        """A 401 for credentials of `generation`: True when there are others to try."""
+        self._refusals += 1
+        retry = reload and await self._reload("refused with 401", generation)
+        if retry:
+            if not self._told:  # concurrent requests meet the same rotation
+                self._told = True
+                log.info("%s: the API server refused the credentials (401 Unauthorized): "
+                         "reloaded them, retrying", self.source.describe)
+        elif not self._stuck:
+            self._stuck = True
+            log.warning("%s: the API server refuses the credentials (401 Unauthorized) and "
+                        "reloading them gave no others; retrying with backoff, reloading "
+                        "again each time", self.source.describe)
+        else:
+            log.debug("%s: refused again (401), %d in a row", self.source.describe,
+                      self._refusals)
+        return retry
+
+    # -- requests --------------------------------------------------------------------
+    async def request(self, method: str, url: str, query_params: Any = None,
+                      headers: dict[str, Any] | None = None, post_params: Any = None,
+                      body: Any = None, _preload_content: bool = True,
+                      _request_timeout: Any = None) -> Any:
+        headers = {} if headers is None else headers
+        why = self._due()
+        if why is not None:
+            await self._reload(why, self.generation)
+        for attempt in (1, 2):
+            generation = self.generation
+            self._authorize(headers)  # the current credentials, whatever was computed before
+            try:
+                response = await super().request(
+                    method, url, query_params=query_params, headers=headers,
+                    post_params=post_params, body=body, _preload_content=_preload_content,
+                    _request_timeout=_request_timeout)
+            except ApiException as exc:  # _preload_content=True: non-2xx raises
+                if exc.status != 401:
+                    self._accepted()
+                    raise
+                if not await self._refused(generation, reload=attempt == 1):
+                    raise
+                continue
+            if response.status != 401:
+                self._accepted()
+                return response
+            if not await self._refused(generation, reload=attempt == 1):
+                return response
+            response.close()  # unread: the connection cannot go back to the pool
+        raise AssertionError("unreachable")
+
+
+def _pool_key(configuration: Configuration) -> tuple[Any, ...]:
+    """What the connection pool is built from, the files' stats included (a CA or a
+    client certificate rewritten in place)."""
+    values = tuple(getattr(configuration, name) for name in _POOL_FIELDS)
+    files = tuple(_stat(f) if f else None for f in (
+        configuration.ssl_ca_cert, configuration.cert_file, configuration.key_file))
+    return values + files
+
+
+async def new_client(source: CredentialSource) -> RefreshingApiClient:
+    """A client for `source`; the loader's exception (ConfigException, OSError, ValueError,
+    KeyError, TypeError) when it cannot be configured."""
+    configuration = Configuration()
+    stamp = source.stamp()
+    expires = await source.load(configuration)
+    return RefreshingApiClient(source, configuration, stamp, expires)
