@@ -64,6 +64,7 @@ from controlplane.resources import (
     parse_member_object,
 )
 from mcsproxy.backoff import Backoff
+from mcsproxy.kubeclient import KubeconfigDict, KubeconfigFile, new_client
 from mcsproxy.manifests import (
     LABEL_MANAGED_BY,
     LABEL_SOURCE_CLUSTER,
@@ -190,9 +191,7 @@ class KubeClusterClient:
                               context: str | None,
                               timings: KubeTimings = KubeTimings()) -> KubeClusterClient:
         try:
-            client = await kube_config.new_client_from_config(
-                config_file=str(path) if path else None, context=context,
-                persist_config=False)
+            client = await new_client(KubeconfigFile(path, context))
         except (kube_config.ConfigException, OSError, ValueError, KeyError) as exc:
             raise ClusterError(f"cluster {cluster_id}: kubeconfig context {context!r}: "
                                f"{exc}") from None
@@ -202,7 +201,8 @@ class KubeClusterClient:
     async def from_kubeconfig_dict(cls, cluster_id: str, config_dict: Mapping[str, Any],
                                    timings: KubeTimings = KubeTimings()) -> KubeClusterClient:
         try:
-            client = await kube_config.new_client_from_config_dict(dict(config_dict))
+            client = await new_client(KubeconfigDict(config_dict,
+                                                     describe=f"cluster {cluster_id} kubeconfig"))
         except (kube_config.ConfigException, OSError, ValueError, KeyError,
                 TypeError) as exc:
             raise ClusterError(f"cluster {cluster_id}: kubeconfig: {exc}") from None

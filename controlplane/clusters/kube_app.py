@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from kubernetes_asyncio import config as kube_config
-from kubernetes_asyncio.client import ApiClient, Configuration
+from kubernetes_asyncio.client import ApiClient
 
 from controlplane.allocator import DEFAULT_CIDR, parse_cidrs
 from controlplane.clusters import ClusterError
@@ -55,6 +55,7 @@ from controlplane.metrics import ControllerMetrics
 from controlplane.server import ControllerServer
 from controlplane.stream import HEARTBEAT_S, StreamHub
 from mcsproxy.backoff import Backoff
+from mcsproxy.kubeclient import SERVICE_ACCOUNT_DIR, InCluster, KubeconfigFile, new_client
 from mcsproxy.tasks import cancel_and_wait, spawn
 
 log = logging.getLogger("controlplane.kube")
@@ -99,6 +100,7 @@ class KubeControllerConfig:
     identity: str = field(default_factory=default_identity)
     heartbeat_s: float = HEARTBEAT_S
     timings: KubeTimings = field(default_factory=KubeTimings)
+    service_account_dir: Path = SERVICE_ACCOUNT_DIR  # in-cluster: token and ca.crt
 
     def __post_init__(self) -> None:
         if bool(self.contexts) == bool(self.member_secrets):
@@ -112,16 +114,14 @@ class KubeControllerConfig:
             renew_deadline_s=duration * 2 / 3, retry_period_s=duration / 7.5)
 
 
-async def _client_for(kubeconfig: Path | None, context: str | None) -> ApiClient:
-    """The host cluster: a kubeconfig context, else the pod's service account."""
+async def _client_for(kubeconfig: Path | None, context: str | None,
+                      service_account_dir: Path = SERVICE_ACCOUNT_DIR) -> ApiClient:
+    """The host cluster: a kubeconfig context, else the pod's service account; either
+    reloaded as its credentials rotate (mcsproxy.kubeclient)."""
     if kubeconfig is None and context is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
-        cfg = Configuration()
-        kube_config.load_incluster_config(client_configuration=cfg)
-        return ApiClient(cfg)
+        return await new_client(InCluster(service_account_dir))
     try:
-        return await kube_config.new_client_from_config(
-            config_file=str(kubeconfig) if kubeconfig else None, context=context,
-            persist_config=False)
+        return await new_client(KubeconfigFile(kubeconfig, context))
     except (kube_config.ConfigException, OSError, ValueError, KeyError) as exc:
         raise ClusterError(f"kubeconfig {kubeconfig or '(default)'}: {exc}") from None
 
@@ -141,7 +141,7 @@ class KubeControllerApp:
         if self._host is None:
             cfg = self.config
             context = cfg.contexts[0][0] if cfg.contexts else None
-            self._host = await _client_for(cfg.kubeconfig, context)
+            self._host = await _client_for(cfg.kubeconfig, context, cfg.service_account_dir)
         return self._host
 
     async def _clients(self, members: Mapping[str, Kubeconfig] | None,
