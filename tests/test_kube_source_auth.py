@@ -132,3 +132,20 @@ async def test_a_kubeconfig_rewritten_with_a_new_token_is_read_again(tmp_path: P
             emu.kubeconfig(tmp_path / "kubeconfig.new").replace(kubeconfig)
             emu.tokens = {"two"}
             await reaches_gateway(run)
+
+
+async def test_a_new_in_cluster_ca_gets_a_new_connection_pool(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with KubeEmulator(tls=True, token="one", bookmark_interval=0.1) as emu:
+        sa = service_account(tmp_path / "serviceaccount", emu, "one")
+        monkeypatch.delenv("KUBECONFIG", raising=False)
+        monkeypatch.setenv("KUBERNETES_SERVICE_HOST", emu.host)
+        monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(emu.port))
+        async with gateway(emu, service_account_dir=sa) as run:
+            # The API server comes back with a certificate from a new CA, which the
+            # kubelet puts into ca.crt: the old pool's TLS context would never trust it.
+            await emu.stop()
+            emu.rotate_certificate()
+            await emu.start()
+            service_account(sa, emu, "one")
+            await reaches_gateway(run)

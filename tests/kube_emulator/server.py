@@ -83,7 +83,8 @@ class KubeEmulator:
     for a T in it, else it is answered 401 (counted in `unauthorized`). A test rotates
     credentials by changing the set; `token` (in it from the start) is the one kubeconfig()
     and api_client() use. `tls=True` serves HTTPS with a self-signed certificate for the
-    host, its CA file at `ca_file`, as an in-cluster client needs.
+    host, its CA file at `ca_file`, as an in-cluster client needs; rotate_certificate()
+    makes a new one (a new CA) for the next start().
     """
 
     def __init__(self, *, token: str | None = None, history: int = 1000,
@@ -155,17 +156,22 @@ class KubeEmulator:
     def _ssl_context(self) -> ssl.SSLContext:
         """A self-signed certificate for the host (made once: a restart keeps it)."""
         if self._certs is None:
-            directory = self._certs = Path(tempfile.mkdtemp(prefix="kube-emulator-"))
-            weakref.finalize(self, shutil.rmtree, directory, True)
-            subprocess.run(
-                ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                 "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1",
-                 "-subj", "/CN=kube-emulator", "-addext", f"subjectAltName=IP:{self.host}",
-                 "-keyout", str(directory / "tls.key"), "-out", str(directory / "ca.crt")],
-                check=True, capture_output=True)
+            self._certs = Path(tempfile.mkdtemp(prefix="kube-emulator-"))
+            weakref.finalize(self, shutil.rmtree, self._certs, True)
+            self.rotate_certificate()
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(self.ca_file, self._certs / "tls.key")
         return context
+
+    def rotate_certificate(self) -> None:
+        """A new key and self-signed certificate (a new CA): served from the next start()."""
+        assert self._certs is not None, "not a started tls=True emulator"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+             "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1",
+             "-subj", "/CN=kube-emulator", "-addext", f"subjectAltName=IP:{self.host}",
+             "-keyout", str(self._certs / "tls.key"), "-out", str(self._certs / "ca.crt")],
+            check=True, capture_output=True)
 
     # -- client helpers ------------------------------------------------------------------
     def kubeconfig(self, path: str | Path, context_name: str = "emulator",
