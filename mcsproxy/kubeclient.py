@@ -1,8 +1,8 @@
 """Kubernetes API clients whose credentials are reloaded as they rotate or expire.
 
 kubernetes-asyncio reads credentials when a configuration is loaded, and then keeps them:
-an `exec` plugin's token is used until the API server refuses it, for ever, and the
-in-cluster token file is re-read at most once a minute, a 401 or not. Production
+an `exec` plugin's token is sent after it expired, for ever, a kubeconfig is never read
+again, and the in-cluster token file is re-read at most once a minute, a 401 or not. Production
 credentials do not last:
 
 - the in-cluster service-account token is bound: the kubelet rewrites the file about
@@ -27,7 +27,8 @@ A client made here keeps its credentials current itself:
 An open watch is not cut when its token expires: the API server authenticates a request
 when it starts, and the next watch carries the current credentials. New TLS material (a
 client certificate from a plugin, a new CA) gets a new connection pool; the old one is
-closed with the client, its open streams ending on their own.
+closed OLD_POOL_CLOSE_S later (or with the client): a stream still open on it then breaks
+and reconnects through the new one.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 EXPIRY_MARGIN_S = 300.0  # renew an exec credential this long before it expires, at most
 EXPIRY_MARGIN_SHARE = 0.2  # ... and at most this share of its lifetime
 RELOAD_PAUSE_S = 1.0
+OLD_POOL_CLOSE_S = 600.0  # a replaced connection pool is closed this much later
 # What the connection pool is built from: a change needs a new pool.
 _POOL_FIELDS = ("host", "ssl_ca_cert", "cert_file", "key_file", "verify_ssl",
                 "tls_server_name", "proxy")
@@ -149,27 +151,39 @@ class RefreshingApiClient(ApiClient):
         self.generation = 0  # counts reloads that changed something
         self.reloads = 0  # reloads tried
         self._stamp = stamp
-        self._expires: float | None = None
         self._renew_at = float("inf")
         self._set_expiry(expires)
         self._quiet_until = 0.0
-        self._reloading: asyncio.Future[None] | None = None  # waited for by other requests
+        self._reloading = asyncio.Lock()
         self._refusals = 0  # 401s in the current streak
         self._told = False  # the streak's reload-and-retry was logged
         self._stuck = False  # ... and that reloading did not help
         self._reload_error: str | None = None
         self._pool_key = _pool_key(configuration)
         self._old_pools: list[RESTClientObject] = []
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
-        for pool in self._old_pools:
+        pools, self._old_pools = self._old_pools, []
+        for pool in pools:
             await pool.close()
-        self._old_pools.clear()
         await super().close()
+
+    def _retire(self, pool: RESTClientObject) -> None:
+        """The replaced pool's open streams end on their own; what is left is closed
+        later (the reflectors then reconnect through the new pool)."""
+        self._old_pools.append(pool)
+        asyncio.get_running_loop().call_later(OLD_POOL_CLOSE_S, self._close_old, pool)
+
+    def _close_old(self, pool: RESTClientObject) -> None:
+        if pool in self._old_pools:
+            self._old_pools.remove(pool)
+            task = asyncio.ensure_future(pool.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     # -- credentials -----------------------------------------------------------------
     def _set_expiry(self, expires: float | None) -> None:
-        self._expires = expires
         if expires is None:
             self._renew_at = float("inf")
         else:
@@ -189,18 +203,12 @@ class RefreshingApiClient(ApiClient):
     async def _reload(self, why: str, generation: int) -> bool:
         """Reload unless another request did since `generation`; True when the
         credentials now differ from those of `generation`."""
-        while self._reloading is not None:  # one reload at a time; the others wait for it
-            await self._reloading
-        if self.generation != generation:
-            return True
-        if time.time() < self._quiet_until:
-            return False
-        self._reloading = asyncio.get_running_loop().create_future()
-        try:
+        async with self._reloading:  # one at a time: concurrent 401s share one reload
+            if self.generation != generation:
+                return True
+            if time.time() < self._quiet_until:
+                return False
             return await self._reload_now(why)
-        finally:
-            self._reloading.set_result(None)
-            self._reloading = None
 
     async def _reload_now(self, why: str) -> bool:
         self.reloads += 1
@@ -232,7 +240,7 @@ class RefreshingApiClient(ApiClient):
         if pool is not None:
             for name in _POOL_FIELDS:
                 setattr(self.configuration, name, getattr(fresh, name))
-            self._old_pools.append(self.rest_client)
+            self._retire(self.rest_client)
             self.rest_client, self._pool_key = pool, pool_key
         self.generation += 1
         log.debug("%s: credentials reloaded (%s)", self.source.describe, why)
@@ -246,8 +254,9 @@ class RefreshingApiClient(ApiClient):
         else:
             headers.pop(_AUTH, None)
 
-    def _accepted(self) -> None:
-        if self._refusals:
+    def _answered(self, status: int) -> None:
+        """Anything but a 401 and a 5xx (a proxy's, perhaps) ends a streak of refusals."""
+        if self._refusals and status < 500:
             (log.info if self._stuck else log.debug)(
                 "%s: credentials accepted again after %d refused requests",
                 self.source.describe, self._refusals)
@@ -291,13 +300,13 @@ class RefreshingApiClient(ApiClient):
                     _request_timeout=_request_timeout)
             except ApiException as exc:  # _preload_content=True: non-2xx raises
                 if exc.status != 401:
-                    self._accepted()
+                    self._answered(exc.status)
                     raise
                 if not await self._refused(generation, reload=attempt == 1):
                     raise
                 continue
             if response.status != 401:
-                self._accepted()
+                self._answered(response.status)
                 return response
             if not await self._refused(generation, reload=attempt == 1):
                 return response
