@@ -11,7 +11,9 @@ Drift: a client reports our objects that someone else changed or removed (a kube
 watches them). What no longer matches what we wrote is queued for that cluster's writer
 as it is: nothing to reconcile, nothing new for the streams, and written after whatever
 that writer is writing now, so against the cluster's latest state. The echoes of our own
-writes match what we wrote and are left alone: no loop.
+writes match what we wrote and are left alone: no loop. An object with our label that we
+did not write there (left by an earlier controller, made by hand) has its service
+reconciled again and is deleted unless that wants it: at once, not at the next term.
 """
 
 from __future__ import annotations
@@ -143,6 +145,8 @@ class Controller:
         # Per cluster, refs whose write failed: queued again, as they are wanted by then.
         self._rewrite: dict[str, set[ObjectRef]] = {}
         self._imported: set[ServiceKey] = set()
+        # key → cluster → our-labelled objects seen there that `written` lacked.
+        self._unwanted: dict[ServiceKey, dict[str, set[ObjectRef]]] = {}
         self._dirty: dict[ServiceKey, float] = {}  # key → when the change was first seen
         self._wake = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[Any]] = {}
@@ -238,8 +242,12 @@ class Controller:
         upserts: dict[ObjectRef, Obj] = {}
         for ref, obj in live.items():
             wanted = written.get(ref)
-            if wanted is None or not drifted(wanted, obj):
-                continue  # not (or no longer) ours to hold there, or as we wrote it
+            if wanted is None:
+                if obj is not None and ref.kind in (KIND_IMPORT, KIND_SLICE):
+                    self._found_unwanted(cluster, ref, obj)
+                continue  # not (or no longer) ours to hold there
+            if not drifted(wanted, obj):
+                continue  # as we wrote it
             key = service_key_of_output(wanted)
             assert key is not None
             log.info("cluster %s: %s %s/%s %s by someone else: writing it again", cluster,
@@ -252,6 +260,18 @@ class Controller:
                                if r.kind == KIND_SLICE and r in written)
         if upserts:
             self._queue(cluster, upserts, set(), None)
+
+    def _found_unwanted(self, cluster: str, ref: ObjectRef, obj: Mapping[str, Any]) -> None:
+        """An object with our label that we did not write there (left by an earlier
+        controller or a term that ended mid-write, made by hand): its key is reconciled
+        again and it is deleted unless that finds it wanted. Not decided here: `written`
+        may be about to change for a key already dirty, and an object our own queued or
+        in-flight writes create is in `written` from the moment its batch is reconciled."""
+        key = service_key_of_output(obj)
+        if key is None:
+            return
+        self._unwanted.setdefault(key, {}).setdefault(cluster, set()).add(ref)
+        self._mark((key,))
 
     @property
     def imported_count(self) -> int:
@@ -318,6 +338,7 @@ class Controller:
         deletes: dict[str, set[ObjectRef]] = {c: set() for c in clusters}
         with collector_paused(len(dirty) >= BULK_KEYS):
             self._reconcile_into(dirty, clusters, now, upserts, deletes)
+        unwanted = self._take_unwanted(dirty)
         self.metrics.services_reconciled.inc(len(dirty))
         observed = min(dirty.values())
         observed_wall = time.time() - (time.monotonic() - observed)
@@ -328,10 +349,11 @@ class Controller:
             streamed = time.monotonic()
             for seen in dirty.values():
                 self.metrics.propagation.labels("streamed").observe(streamed - seen)
-        writing = [c for c in clusters if upserts[c] or deletes[c]]
+        writing = [c for c in clusters if upserts[c] or deletes[c] or unwanted.get(c)]
         report = _FlushReport(started, dirty.values(), len(writing))
         for c in writing:
-            self._queue(c, upserts[c], deletes[c], report)
+            # Unwanted objects were never in the streams: their deletes are not streamed.
+            self._queue(c, upserts[c], deletes[c] | unwanted.get(c, set()), report)
         if not writing:
             self._flushed(report)
         self.metrics.imports.set(len(self._imported))
@@ -404,6 +426,24 @@ class Controller:
                 self._refs[key] = refs_by_cluster
             else:
                 self._refs.pop(key, None)
+
+    def _take_unwanted(self, dirty: Iterable[ServiceKey]) -> dict[str, set[ObjectRef]]:
+        """Per cluster, the unwanted objects of the keys just reconciled that nothing
+        wants there now: to delete."""
+        found: dict[str, set[ObjectRef]] = {}
+        if not self._unwanted:
+            return found
+        for key in dirty:
+            for c, refs in self._unwanted.pop(key, {}).items():
+                written = self.written.get(c)
+                if written is None or c not in self.clients:
+                    continue
+                for ref in sorted(refs - written.keys()):
+                    log.info("cluster %s: %s %s/%s carries our label but is not wanted "
+                             "there: deleting it", c, ref.kind, ref.namespace, ref.name)
+                    found.setdefault(c, set()).add(ref)
+                    self.metrics.unwanted_removed.labels(c).inc()
+        return found
 
     def _update_stale_gauge(self, cluster: str) -> None:
         client = self.clients[cluster]

@@ -63,6 +63,11 @@ class ControllerMetrics:
             "mcsproxy_controller_drift_repairs_total",
             "Objects we wrote into member clusters, found changed or removed by someone "
             "else and written again", ["cluster"], registry=r)
+        self.unwanted_removed = Counter(
+            "mcsproxy_controller_unwanted_removed_total",
+            "Objects labelled as ours found in member clusters while running (left by an "
+            "earlier controller, made by hand) that nothing wants there, deleted",
+            ["cluster"], registry=r)
         self.write_errors = Counter(
             "mcsproxy_controller_write_errors_total",
             "Failed writes to member clusters", ["cluster"], registry=r)

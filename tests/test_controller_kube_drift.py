@@ -12,6 +12,11 @@ from typing import Any
 
 import pytest
 
+from controlplane.clusters import ChangeSet
+from controlplane.controller import Controller
+from controlplane.resources import KIND_IMPORT, ObjectRef
+from mcsproxy.model import ServiceKey
+from mcsproxy.tasks import spawn
 from tests.test_controller_kube_support import (
     EXPORTS,
     FAST,
@@ -28,6 +33,7 @@ from tests.test_controller_kube_support import (
 )
 
 REPAIR_S = 5.0  # each repair must land within this
+API = ServiceKey("demo", "api")
 
 
 @pytest.fixture
@@ -190,3 +196,95 @@ async def test_a_failed_write_is_not_dropped_by_a_later_batch_for_other_services
     await cs.wait(lambda: cs.addresses("b", "api") == {"10.1.0.9"})
     # ... and the failed write still happens.
     await cs.wait(lambda: cs.addresses("b", "web") == {"10.1.0.1", "10.1.0.2"})
+
+
+def stray(obj: dict[str, Any], name: str) -> dict[str, Any]:
+    """A copy of one of our objects under another name, as a hand or an earlier controller
+    would have left it: our label, no server-set fields."""
+    copied = copy.deepcopy(obj)
+    meta = copied["metadata"]
+    for server_set in ("uid", "resourceVersion", "creationTimestamp", "generation"):
+        meta.pop(server_set, None)
+    meta["name"] = name
+    return copied
+
+
+def deletes(emu: Any) -> list[str]:
+    return [r.path for r in emu.requests if r.method == "DELETE"]
+
+
+async def test_objects_with_our_label_that_nothing_wants_are_deleted_while_running(
+        cs: Clusterset) -> None:
+    """A ServiceImport and an imported slice labelled as ours appear in b while the
+    controller runs (not wanted there: no such export): both are deleted, by the watch,
+    and nothing that is wanted is ever deleted or written again."""
+    controller = await cs.start_controller()
+    b = cs["b"]
+    written = Written(cs)
+    uids = {o["metadata"]["uid"] for o in (cs.imports("b")["web"], *cs.imported_slices("b"))}
+    before = writes(b)
+    b.put_object(stray(cs.imports("b")["web"], "ghost"))
+    ghost_slice = stray(written.slice, "ghost-b-1")
+    ghost_slice["metadata"]["labels"]["multicluster.kubernetes.io/service-name"] = "ghost"
+    ghost_slice["metadata"]["ownerReferences"][0]["name"] = "ghost"
+    b.put_object(ghost_slice)
+    await cs.wait(lambda: "ghost" not in cs.imports("b") and len(cs.imported_slices("b")) == 1,
+                  timeout=REPAIR_S)
+    assert sorted(deletes(b)) == [
+        "/apis/discovery.k8s.io/v1/namespaces/demo/endpointslices/ghost-b-1",
+        "/apis/multicluster.x-k8s.io/v1alpha1/namespaces/demo/serviceimports/ghost"]
+    assert writes(b) == before + 2
+    assert written.restored()
+    assert {o["metadata"]["uid"] for o in (cs.imports("b")["web"],
+                                           *cs.imported_slices("b"))} == uids
+    assert controller.metrics.registry.get_sample_value(
+        "mcsproxy_controller_unwanted_removed_total", {"cluster": "b"}) == 2
+
+
+async def test_an_unwanted_object_whose_event_was_lost_is_deleted_by_the_relist() -> None:
+    async with clusterset(("a", "b")) as cs:
+        cs.timings = dataclasses.replace(FAST, resync_s=1.0)
+        for c in cs.emulators:
+            cs[c].put_object(namespace("demo"))
+        export_web(cs, "a", ["10.1.0.1"])
+        await cs.start_controller()
+        b = cs["b"]
+        b.lose_events()  # only the periodic relist finds it
+        b.put_object(stray(cs.imports("b")["web"], "ghost"))
+        b.lose_events(False)
+        await cs.wait(lambda: "ghost" not in cs.imports("b"), timeout=REPAIR_S)
+        assert deletes(b) == [
+            "/apis/multicluster.x-k8s.io/v1alpha1/namespaces/demo/serviceimports/ghost"]
+
+
+async def test_an_object_with_our_label_is_kept_when_its_service_becomes_wanted(
+        cs: Clusterset) -> None:
+    """b reports a labelled import of api in the very turn a's export of api is seen, before
+    that export is reconciled (what the controller wrote has no import of api yet): the
+    decision waits for api's reconcile, which wants it there, so it is taken over (written
+    as wanted), never deleted."""
+    a, b = cs["a"], cs["b"]
+    cs.clients = {c: cs.client(c) for c in cs.emulators}
+    controller = Controller(cs.clients.values())
+    cs.controller = controller
+    await controller.start()
+    early = stray(cs.imports("b")["web"], "api")
+    early["spec"]["ports"] = []
+    seen = controller.on_change
+
+    def on_change(cluster: str, changes: ChangeSet) -> None:
+        seen(cluster, changes)
+        if cluster == "a" and API in changes.keys and API in cs.clients["a"].objects.exports \
+                and "api" not in cs.imports("b"):
+            b.put_object(early)  # and b's watch reports it in the same turn
+            seen("b", ChangeSet(published={ObjectRef(KIND_IMPORT, "demo", "api"): early}))
+
+    controller.on_change = on_change  # type: ignore[method-assign]
+    cs._tasks.append(spawn(controller.run(), name="test controller"))
+    a.put_object(service("api"))
+    a.put_object(member_slice("api", ["10.1.0.9"], name="api-abc"))
+    await cs.wait(lambda: API in cs.clients["a"].objects.services)  # else not exportable
+    a.put_object(service_export("api"))
+    await cs.wait(lambda: cs.addresses("b", "api") == {"10.1.0.9"}, timeout=REPAIR_S)
+    await cs.wait(lambda: cs.imports("b")["api"]["spec"]["ports"] != [], timeout=REPAIR_S)
+    assert deletes(b) == []

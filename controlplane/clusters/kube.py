@@ -20,7 +20,8 @@ the uid as precondition. ServiceExport status goes through the status subresourc
 Drift: our own objects are watched too (label-selected), and relisted every
 `resync_s` in case an event was lost. A change that is not the echo of our own write
 (its resourceVersion is not one our writes got back) is reported to the controller,
-which writes again whatever no longer matches what it wrote. Not seeing our own objects
+which writes again whatever no longer matches what it wrote, and deletes what carries our
+label but is not wanted there. Not seeing our own objects
 stops only that repair: it is logged and retried, and never makes the member stale.
 """
 
