@@ -114,7 +114,7 @@ class DirectoryControllerApp:
             await asyncio.sleep(max(1.0, self.config.poll_interval_s))
             try:
                 found = await asyncio.to_thread(discover_clusters, self.config.clusters_dir)
-            except ClusterError as exc:
+            except (ClusterError, OSError) as exc:  # tried again: discovery never ends
                 log.error("%s", exc)
                 continue
             for cluster in found:
@@ -123,7 +123,7 @@ class DirectoryControllerApp:
                 client = self._client(cluster)
                 try:
                     await self.controller.add_cluster(client)
-                except ClusterError as exc:
+                except (ClusterError, OSError) as exc:
                     log.error("new cluster %s not added yet: %s", cluster, exc)
                     self.controller.clients.pop(cluster, None)
                     continue

@@ -400,3 +400,51 @@ def test_a_signal_during_the_initial_reconcile_stops_the_controller_cleanly(
     assert proc.returncode == 0, output
     assert "Traceback" not in output
     assert "stopped during the initial reconcile" in output  # it did land there
+
+
+async def test_a_member_file_that_cannot_be_looked_at_does_not_end_the_watch(
+        tmp_path: Path) -> None:
+    """A symlink loop among a member's files (stat fails with ELOOP, not ENOENT) is
+    rejected like a bad file, the reason in the cluster's error, its last good state
+    kept; once it is gone, changes are followed again."""
+    clusters, out = tmp_path / "clusters", tmp_path / "out"
+    member(clusters, "a", 1)
+    write_docs(clusters / "b" / "ns.yaml", namespace())
+    async with Running(clusters, out) as app:
+        controller = app.controller
+        assert controller is not None
+        os.symlink("loop.yaml", clusters / "a" / "loop.yaml")
+        await until(lambda: "loop.yaml" in (controller.clients["a"].connection.error or ""))
+        assert controller.members()["a"]["stale"] is False
+        (clusters / "a" / "loop.yaml").unlink()
+        await until(lambda: controller.clients["a"].connection.error is None)
+        member(clusters, "a", 7)
+        await until(lambda: "127.0.7.1" in str(read_out(out, "b")))
+
+
+async def test_a_member_folder_that_turns_into_a_symlink_loop_goes_stale_then_recovers(
+        tmp_path: Path) -> None:
+    clusters, out = tmp_path / "clusters", tmp_path / "out"
+    member(clusters, "a", 1)
+    write_docs(clusters / "b" / "ns.yaml", namespace())
+    async with Running(clusters, out) as app:
+        controller = app.controller
+        assert controller is not None
+        os.rename(clusters / "a", tmp_path / "a-away")
+        os.symlink("a", clusters / "a")  # a loop where the folder was
+        await until(lambda: controller.members()["a"]["stale"])
+        os.unlink(clusters / "a")
+        os.rename(tmp_path / "a-away", clusters / "a")
+        await until(lambda: not controller.members()["a"]["stale"])
+        member(clusters, "a", 7)
+        await until(lambda: "127.0.7.1" in str(read_out(out, "b")))
+
+
+def test_once_with_a_member_file_that_cannot_be_looked_at_fails_with_its_name(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    clusters, out = tmp_path / "clusters", tmp_path / "out"
+    member(clusters, "a", 1)
+    os.symlink("loop.yaml", clusters / "a" / "loop.yaml")
+    assert once(clusters, out) == 1
+    err = capsys.readouterr().err
+    assert "loop.yaml" in err and "Traceback" not in err

@@ -6,7 +6,8 @@ loop). A cluster's view is replaced only when every one of its files is good: a 
 does not parse or validate is rejected with its file and line and the cluster keeps its
 last good view (a half-read cluster could drop a Service while keeping its export). A
 cluster folder that goes missing or unreadable marks the cluster disconnected: its last
-view stays, stale.
+view stays, stale. A file that cannot even be looked at (a symlink loop, no permission)
+is rejected like a bad one; nothing found in the folders ends the watch.
 
 Writing: one file per object, `<kind>_<namespace>_<name>.yaml`, written by atomic rename
 and only when the object changed; files no longer wanted are removed. Other files in OUT
@@ -44,6 +45,7 @@ from mcsproxy.sources.file import YAML_SUFFIXES, FileStamp, SettleGate
 log = logging.getLogger("controlplane.clusters.directory")
 
 POLL_INTERVAL_S = 0.25
+_UNREADABLE = FileStamp(-1, -1, -1)  # a member file that cannot be stat'ed
 _Dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _KIND_BY_PREFIX = {"serviceimport": KIND_IMPORT, "endpointslice": KIND_SLICE,
@@ -139,11 +141,18 @@ class DirectoryCluster:
             return _Scan(unreadable=f"{self.source_dir}: {exc.strerror or exc}")
         scan = _Scan()
         for entry in names:
+            path = Path(entry.path)
             try:
                 st = entry.stat()
             except FileNotFoundError:
                 continue
-            path = Path(entry.path)
+            except OSError as exc:
+                # A symlink loop, no permission: neither gone nor readable. Raised from
+                # here it would end the watch, the cluster still shown as connected.
+                scan.stamps[path] = _UNREADABLE
+                scan.parsed[path] = ManifestError(f"cannot read: {exc.strerror or exc}",
+                                                  str(path))
+                continue
             stamp = FileStamp(st.st_mtime_ns, st.st_size, st.st_ino)
             scan.stamps[path] = stamp
             cached = self._cache.get(path)
@@ -235,8 +244,15 @@ class DirectoryCluster:
             return cached[1][ref]
         return self._committed[path][1][ref]
 
+    async def _read_folder(self) -> ChangeSet:
+        try:
+            scan = await asyncio.to_thread(self._scan)
+        except OSError as exc:  # whatever else the folder does: stale, never the end
+            scan = _Scan(unreadable=f"{self.source_dir}: {exc.strerror or exc}")
+        return self._commit(scan)
+
     async def sync(self) -> ChangeSet:
-        changes = self._commit(await asyncio.to_thread(self._scan))
+        changes = await self._read_folder()
         if not self.connection.connected or self.connection.error:
             raise ClusterError(f"cluster {self.cluster_id}: {self.connection.error}")
         return changes
@@ -244,7 +260,7 @@ class DirectoryCluster:
     async def watch(self, notify: Notify) -> None:
         while True:
             started = time.monotonic()
-            changes = self._commit(await asyncio.to_thread(self._scan))
+            changes = await self._read_folder()
             if changes:
                 notify(self.cluster_id, changes)
             # A huge folder must not keep a core busy stat-ing: back off to 4 scans.
