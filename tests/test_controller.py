@@ -402,6 +402,33 @@ def test_a_signal_during_the_initial_reconcile_stops_the_controller_cleanly(
     assert "stopped during the initial reconcile" in output  # it did land there
 
 
+async def test_output_removed_or_edited_by_someone_else_is_written_again(
+        tmp_path: Path) -> None:
+    """Files the controller wrote into OUT and someone deletes or edits are written again
+    within the check interval; a file named like ours that nothing wants is removed; a
+    file not named like ours is left alone; nothing is written while nothing changes."""
+    clusters, out = tmp_path / "clusters", tmp_path / "out"
+    member(clusters, "a", 1)
+    write_docs(clusters / "b" / "ns.yaml", namespace())
+    async with Running(clusters, out):
+        wanted = read_out(out, "b")
+        imp = out / "b" / "serviceimport_test_web.yaml"
+        [slice_name] = [n for n in wanted if n.startswith("endpointslice")]
+        imp.unlink()
+        await until(lambda: read_out(out, "b") == wanted)
+        edited = dict(wanted[slice_name], endpoints=[])
+        write_docs(out / "b" / slice_name, edited)
+        await until(lambda: read_out(out, "b") == wanted)
+        write_docs(out / "b" / "serviceimport_test_ghost.yaml",
+                   dict(wanted[imp.name], metadata={"name": "ghost", "namespace": "test"}))
+        (out / "b" / "notes.txt").write_text("mine\n")
+        await until(lambda: read_out(out, "b") == wanted)
+        before = stamps(out)
+        await asyncio.sleep(1.5)  # more than one check of OUT
+        assert stamps(out) == before
+        assert (out / "b" / "notes.txt").read_text() == "mine\n"
+
+
 async def test_a_member_file_that_cannot_be_looked_at_does_not_end_the_watch(
         tmp_path: Path) -> None:
     """A symlink loop among a member's files (stat fails with ELOOP, not ENOENT) is

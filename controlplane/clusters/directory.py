@@ -11,7 +11,10 @@ is rejected like a bad one; nothing found in the folders ends the watch.
 
 Writing: one file per object, `<kind>_<namespace>_<name>.yaml`, written by atomic rename
 and only when the object changed; files no longer wanted are removed. Other files in OUT
-are left alone.
+are left alone. OUT is checked about once a second, as a kube client watches its own
+objects: a file of ours deleted or edited by someone else is reported (the controller
+writes it again) and a file named like ours that we did not write is reported too (the
+controller removes it unless it wants it).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from mcsproxy.sources.file import YAML_SUFFIXES, FileStamp, SettleGate
 log = logging.getLogger("controlplane.clusters.directory")
 
 POLL_INTERVAL_S = 0.25
+OUTPUT_CHECK_S = 1.0  # how often OUT is compared with what we wrote there
 _UNREADABLE = FileStamp(-1, -1, -1)  # a member file that cannot be stat'ed
 _Dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -127,6 +131,10 @@ class DirectoryCluster:
         self._settle = SettleGate()  # only _scan touches it, one scan at a time
         self._owner: dict[ObjectRef, set[Path]] = {}
         self._written: dict[str, Obj] = {}
+        self._stamps: dict[str, FileStamp | None] = {}  # of _written's files, as left
+        # Writes and the check of OUT run in worker threads: one at a time.
+        self._out_lock = asyncio.Lock()
+        self._next_output_check = 0.0
         self.files_written = 0
         self.files_deleted = 0
 
@@ -261,11 +269,83 @@ class DirectoryCluster:
         while True:
             started = time.monotonic()
             changes = await self._read_folder()
+            if started >= self._next_output_check and not self._out_lock.locked():
+                self._next_output_check = started + OUTPUT_CHECK_S
+                changes.update(await self._check_output())
             if changes:
                 notify(self.cluster_id, changes)
             # A huge folder must not keep a core busy stat-ing: back off to 4 scans.
             spent = time.monotonic() - started
             await asyncio.sleep(max(self.poll_interval_s, 4 * spent))
+
+    # -- our output, checked -------------------------------------------------------------
+    def _load_output(self, path: str, match: re.Match[str]) -> Obj:
+        """An output file as it stands; a damaged one as a stub that is still ours by name
+        (so it is replaced or removed)."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                obj = yaml.load(f, Loader=_Loader)
+        except (OSError, ValueError, RecursionError, yaml.YAMLError) as exc:
+            # ValueError: also a value PyYAML resolves but cannot build (an edited date).
+            log.warning("%s: unreadable earlier output (%s): it will be rewritten", path, exc)
+            obj = None
+        meta = obj.get("metadata") if isinstance(obj, dict) else None
+        kind = _KIND_BY_PREFIX[match.group(1)]
+        if not isinstance(meta, dict) or obj.get("kind") != kind:
+            obj = {"kind": kind, "metadata": {"namespace": match.group(2),
+                                              "name": match.group(3)}}
+        return obj
+
+    def _output_changes(self) -> list[tuple[str, Obj | None, FileStamp | None]]:
+        """The files of OUT that are not as we left them: (name, what it holds now or None
+        when gone, its stamp). Runs in a worker thread, under the output lock."""
+        try:
+            entries = {e.name: e for e in os.scandir(self.out_dir)}
+        except FileNotFoundError:
+            entries = {}
+        except OSError as exc:  # nothing can be written there either: said by the writes
+            log.debug("%s: cannot check (%s)", self.out_dir, exc)
+            return []
+        found: list[tuple[str, Obj | None, FileStamp | None]] = []
+        for name in self._written.keys() - entries.keys():
+            found.append((name, None, None))
+        for name, entry in sorted(entries.items()):
+            match = _OUTPUT_NAME.match(name)
+            if match is None:
+                continue
+            try:
+                st = entry.stat()
+            except FileNotFoundError:
+                if name in self._written:
+                    found.append((name, None, None))
+                continue
+            except OSError:
+                stamp = None
+            else:
+                stamp = FileStamp(st.st_mtime_ns, st.st_size, st.st_ino)
+            if name in self._written and stamp is not None and stamp == self._stamps.get(name):
+                continue
+            found.append((name, self._load_output(entry.path, match), stamp))
+        return found
+
+    async def _check_output(self) -> ChangeSet:
+        """Report what someone else did to OUT, as a kube client reports our objects."""
+        changes = ChangeSet()
+        async with self._out_lock:
+            found = await asyncio.to_thread(self._output_changes)
+            for name, obj, stamp in found:
+                match = _OUTPUT_NAME.match(name)
+                assert match is not None
+                ref = ObjectRef(_KIND_BY_PREFIX[match.group(1)], match.group(2),
+                                match.group(3))
+                if obj is None:
+                    self._written.pop(name, None)
+                    self._stamps.pop(name, None)
+                else:  # what stands there now: a write of ours compares with it
+                    self._written[name] = obj
+                    self._stamps[name] = stamp
+                changes.published[ref] = obj
+        return changes
 
     # -- writing -------------------------------------------------------------------------
     def _read_published(self) -> list[Obj]:
@@ -280,23 +360,19 @@ class DirectoryCluster:
             match = _OUTPUT_NAME.match(entry.name)
             if match is None:
                 continue
-            try:
-                with open(entry.path, encoding="utf-8") as f:
-                    obj = yaml.load(f, Loader=_Loader)
-            except (OSError, ValueError, RecursionError, yaml.YAMLError) as exc:
-                # ValueError: also a value PyYAML resolves but cannot build (an edited date).
-                log.warning("%s: unreadable earlier output (%s): it will be rewritten",
-                            entry.path, exc)
-                obj = None
-            meta = obj.get("metadata") if isinstance(obj, dict) else None
-            kind = _KIND_BY_PREFIX[match.group(1)]
-            if not isinstance(meta, dict) or obj.get("kind") != kind:
-                # Still ours by name: remember it so it is replaced or removed.
-                obj = {"kind": kind, "metadata": {"namespace": match.group(2),
-                                                  "name": match.group(3)}}
+            obj = self._load_output(entry.path, match)
             self._written[entry.name] = obj
+            self._stamps[entry.name] = self._stamp(entry.path)
             found.append(obj)
         return found
+
+    @staticmethod
+    def _stamp(path: str | Path) -> FileStamp | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None  # checked again: read, compared, reported if it is not ours
+        return FileStamp(st.st_mtime_ns, st.st_size, st.st_ino)
 
     async def read_published(self) -> list[Obj]:
         return await asyncio.to_thread(self._read_published)
@@ -313,12 +389,14 @@ class DirectoryCluster:
             tmp.write_bytes(dump_yaml(obj))
             os.replace(tmp, target)
             self._written[name] = obj
+            self._stamps[name] = self._stamp(target)
             self.files_written += 1
 
     def _delete(self, refs: Sequence[ObjectRef]) -> None:
         for ref in refs:
             name = output_file_name(ref)
             self._written.pop(name, None)
+            self._stamps.pop(name, None)
             try:
                 (self.out_dir / name).unlink()
                 self.files_deleted += 1
@@ -327,14 +405,17 @@ class DirectoryCluster:
 
     async def apply(self, objects: Sequence[Obj]) -> None:
         if objects:
-            await asyncio.to_thread(self._write, objects)
+            async with self._out_lock:
+                await asyncio.to_thread(self._write, objects)
 
     async def update_export_status(self, export: Obj) -> None:
-        await asyncio.to_thread(self._write, [export])
+        async with self._out_lock:
+            await asyncio.to_thread(self._write, [export])
 
     async def delete(self, refs: Sequence[ObjectRef]) -> None:
         if refs:
-            await asyncio.to_thread(self._delete, refs)
+            async with self._out_lock:
+                await asyncio.to_thread(self._delete, refs)
 
     async def close(self) -> None:
         return None
