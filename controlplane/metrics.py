@@ -71,6 +71,10 @@ class ControllerMetrics:
         self.write_errors = Counter(
             "mcsproxy_controller_write_errors_total",
             "Failed writes to member clusters", ["cluster"], registry=r)
+        self.member_secret_errors = Counter(
+            "mcsproxy_controller_member_secret_errors_total",
+            "Failed requests listing or watching the member Secrets (--member-secrets); "
+            "the last good members keep being served", registry=r)
         self.member_connected = Gauge(
             "mcsproxy_controller_member_connected",
             "1 while the member cluster answers, 0 while its endpoints are stale",

@@ -120,6 +120,8 @@ async def test_a_failing_secret_list_at_startup_is_retried_not_fatal(
         await until(lambda: setup.cs.addresses("a", "web") == {"10.2.0.1"}, task,
                     "b's export never imported into a")
     assert len(secret_errors(caplog)) == 1, secret_errors(caplog)  # once, not per retry
+    assert app.metrics.registry.get_sample_value(
+        "mcsproxy_controller_member_secret_errors_total") == 4  # but each one counted
 
 
 async def test_forbidden_secret_list_at_startup_ends_with_a_clear_error(
@@ -221,3 +223,35 @@ async def test_an_invalid_kubeconfig_later_keeps_the_last_good_one(
         await until(lambda: cs.addresses("c", "web") == {"10.2.0.1", "10.2.0.2"}, task,
                     "c was not added")
         await until(lambda: serving(app) == {"a", "b", "c"}, task, "c is not served")
+
+
+async def test_member_secret_changes_in_quick_succession_make_one_rebuild(
+        setup: Setup, caplog: pytest.LogCaptureFixture) -> None:
+    """Five Secret changes within 0.2 s (a rollout touching several Secrets) rebuild the
+    controller once, on the set they end with, after it held still; the controller
+    already serving keeps serving until then."""
+    caplog.set_level(logging.INFO)
+    cs = setup.cs
+    setup.add_member("a")
+    setup.add_member("b")
+    app = setup.app()
+    async with running(app) as task:
+        await until(lambda: serving(app) == {"a", "b"}, task, "never served")
+        first = app.controller
+        for change in (lambda: setup.add_member("c"),
+                       lambda: setup.host.delete_object("secrets", "member-b", NS),
+                       lambda: setup.add_member("b"),
+                       lambda: setup.host.delete_object("secrets", "member-c", NS),
+                       lambda: setup.add_member("c")):
+            change()
+            await asyncio.sleep(0.04)
+        assert app.controller is first  # not torn down while the Secrets still move
+        await until(lambda: serving(app) == {"a", "b", "c"}, task, "the final set is not served")
+        await until(lambda: cs.addresses("c", "web") == {"10.2.0.1"}, task,
+                    "c got no imports")
+        await asyncio.sleep(1.5)  # longer than the settle time: no later rebuild either
+        assert serving(app) == {"a", "b", "c"}
+    rebuilds = [r.getMessage() for r in caplog.records
+                if "restarting the controller" in r.getMessage()]
+    assert len(rebuilds) == 1 and app.rebuilds == 1, rebuilds
+    assert "+c" in rebuilds[0] and "-b" not in rebuilds[0]

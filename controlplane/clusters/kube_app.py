@@ -16,9 +16,12 @@ that fails while being read starts the reading over after a backoff, never ends 
 
 With --member-secrets the Secrets are watched for the whole term (kube_members.py says
 what is retried and what is fatal): when the set of members changes, the term's
-controller is rebuilt on the new set the way a term starts, every member read again. A
-removed member is no longer read or written: its exports leave the other members, and
-what was imported into it stays as last written (nothing can reach it any more).
+controller is rebuilt on the new set the way a term starts, every member read again.
+Changes in quick succession (a rollout updating several Secrets) make one rebuild: it
+waits until the set has held still for MEMBER_SETTLE_S (at most MEMBER_SETTLE_MAX_S),
+the current controller serving meanwhile, and takes the latest set. A removed member is
+no longer read or written: its exports leave the other members, and what was imported
+into it stays as last written (nothing can reach it any more).
 """
 
 from __future__ import annotations
@@ -59,6 +62,11 @@ from mcsproxy.kubeclient import SERVICE_ACCOUNT_DIR, InCluster, KubeconfigFile, 
 from mcsproxy.tasks import cancel_and_wait, spawn
 
 log = logging.getLogger("controlplane.kube")
+
+# A changed member set is applied once it held still this long, or this long at most
+# after the first change (Secrets that keep changing still get applied).
+MEMBER_SETTLE_S = 1.0
+MEMBER_SETTLE_MAX_S = 5.0
 
 __all__ = ["KUBECONFIG_KEY", "MEMBER_LABEL", "KubeControllerApp", "KubeControllerConfig",
            "check_cluster_id", "config_from_args", "member_from_secret", "run"]
@@ -134,6 +142,7 @@ class KubeControllerApp:
         self.server: ControllerServer | None = None
         self.elector: LeaderElector | None = None
         self.led = asyncio.Event()  # set once the first term has reconciled everything
+        self.rebuilds = 0  # controllers rebuilt on a changed member set
         self._host: ApiClient | None = None
         self._stop = asyncio.Event()
 
@@ -211,29 +220,28 @@ class KubeControllerApp:
             await self._serve_members(None)
             return
         api = KubeApi(await self._host_client(), "host", cfg.timings.request_timeout_s)
-        secrets = MemberSecrets(api, cfg.member_secrets, cfg.timings)
+        secrets = MemberSecrets(api, cfg.member_secrets, cfg.timings, self.metrics)
         await secrets.load()
         changed = asyncio.Event()
         watch = spawn(secrets.watch(changed.set), name="member Secrets watch")
+        serving: asyncio.Task[None] | None = None
         try:
             while True:
                 changed.clear()  # before reading the set: a later change wakes us again
                 members = dict(secrets.members)
                 serving = spawn(self._serve_members(members), name="controller")
-                woken = spawn(changed.wait(), name="member Secrets changed")
-                try:
-                    done, _ = await asyncio.wait({serving, woken, watch},
-                                                 return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    await cancel_and_wait([serving, woken])
-                for task in (serving, watch):
-                    if task in done:
-                        task.result()  # neither ends by itself but by an error: raise it
+                tasks = (serving, watch)
+                while secrets.members == members:  # (a set changed back is no change)
+                    if not await _changed(changed, tasks, None):
                         return
+                    if not await _settled(changed, tasks):
+                        return
+                await cancel_and_wait([serving])
+                self.rebuilds += 1
                 log.info("member clusters changed (%s): restarting the controller on them",
                          _difference(members, secrets.members))
         finally:
-            await cancel_and_wait([watch])
+            await cancel_and_wait([t for t in (serving, watch) if t is not None])
 
     async def _serve_members(self, members: Mapping[str, Kubeconfig] | None) -> None:
         """The controller over one set of members (the contexts when None), until
@@ -295,6 +303,38 @@ class KubeControllerApp:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+async def _changed(changed: asyncio.Event, tasks: tuple[asyncio.Task[Any], ...],
+                   timeout: float | None) -> bool | None:
+    """True once `changed` is set, None after `timeout`; False when one of `tasks` (that
+    only an error ends) ended: its error is raised."""
+    woken = spawn(changed.wait(), name="member Secrets changed")
+    try:
+        done, _ = await asyncio.wait({woken, *tasks}, timeout=timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        await cancel_and_wait([woken])
+    for task in tasks:
+        if task in done:
+            task.result()
+            return False
+    return True if woken in done else None
+
+
+async def _settled(changed: asyncio.Event, tasks: tuple[asyncio.Task[Any], ...]) -> bool:
+    """Until the member set held still for MEMBER_SETTLE_S (MEMBER_SETTLE_MAX_S at most);
+    False as _changed() says."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + MEMBER_SETTLE_MAX_S
+    while (left := deadline - loop.time()) > 0:
+        changed.clear()
+        found = await _changed(changed, tasks, min(MEMBER_SETTLE_S, left))
+        if found is False:
+            return False
+        if found is None:
+            break
+    return True
 
 
 def _difference(old: Mapping[str, Kubeconfig], new: Mapping[str, Kubeconfig]) -> str:

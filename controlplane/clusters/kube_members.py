@@ -39,6 +39,7 @@ from kubernetes_asyncio.client import Configuration
 from controlplane.clusters import ClusterError
 from controlplane.clusters.kube import KubeTimings
 from controlplane.clusters.kube_api import KubeApi, KubeApiError, Obj, WatchExpired
+from controlplane.metrics import ControllerMetrics
 from mcsproxy.backoff import Backoff
 from mcsproxy.config import CLUSTER_ID_RE
 
@@ -94,10 +95,12 @@ def _name(secret: Mapping[str, Any]) -> str:
 class MemberSecrets:
     """The member Secrets of one namespace: `members` is the set the controller runs on."""
 
-    def __init__(self, api: KubeApi, namespace: str, timings: KubeTimings) -> None:
+    def __init__(self, api: KubeApi, namespace: str, timings: KubeTimings,
+                 metrics: ControllerMetrics | None = None) -> None:
         self.api = api
         self.namespace = namespace
         self.timings = timings
+        self.metrics = metrics
         self.path = f"/api/v1/namespaces/{quote(namespace, safe='')}/secrets"
         self.members: dict[str, Kubeconfig] = {}  # cluster ID → kubeconfig
         self._good: dict[str, tuple[str, Kubeconfig]] = {}  # Secret → last usable member
@@ -115,6 +118,7 @@ class MemberSecrets:
             try:
                 items, rv = await self.api.list(self.path, MEMBER_LABEL)
             except KubeApiError as exc:
+                self._count_failure()
                 raise ClusterError(f"member Secrets in namespace {self.namespace}: {exc}") \
                     from None
             except ClusterError as exc:
@@ -184,7 +188,12 @@ class MemberSecrets:
         return events > 0 or loop.time() - started >= _SHORT_WATCH_S
 
     # -- failure streaks -----------------------------------------------------------------
+    def _count_failure(self) -> None:
+        if self.metrics is not None:
+            self.metrics.member_secret_errors.inc()
+
     def _failed(self, exc: ClusterError) -> None:
+        self._count_failure()
         self._failures += 1
         if self._failures > 1:  # the streak was reported when it began
             log.debug("member Secrets in namespace %s: still failing: %s", self.namespace, exc)
