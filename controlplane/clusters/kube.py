@@ -21,7 +21,7 @@ Drift: our own objects are watched too (label-selected), and relisted every
 `resync_s` in case an event was lost. A change that is not the echo of our own write
 (its resourceVersion is not one our writes got back) is reported to the controller,
 which writes again whatever no longer matches what it wrote, and deletes what carries our
-label but is not wanted there. Not seeing our own objects
+label but is not wanted there (the bookkeeping: kube_managed.py). Not seeing our own objects
 stops only that repair: it is logged and retried, and never makes the member stale.
 """
 
@@ -49,8 +49,13 @@ from controlplane.clusters.kube_api import (
     Obj,
     WatchExpired,
 )
+from controlplane.clusters.kube_managed import (
+    OwnObjects,
+    is_ours,
+    metadata_of,
+    without_status,
+)
 from controlplane.clusters.state import ClusterObjects
-from controlplane.reconcile import IMPORT_API_VERSION, owner_uid
 from controlplane.resources import (
     CONTROLLER_MANAGER,
     KARMADA_DISPATCH_MANAGER,
@@ -73,7 +78,6 @@ from mcsproxy.manifests import (
     MCS_VERSIONS,
     ManifestError,
 )
-from mcsproxy.model import ServiceKey
 from mcsproxy.tasks import cancel_and_wait, spawn
 
 log = logging.getLogger("controlplane.clusters.kube")
@@ -89,9 +93,6 @@ CONFLICT_RETRIES = 4
 PROBE = "probe"
 SYNC = "sync"
 _SHORT_WATCH_S = 1.0  # a watch that ends sooner without events counts as a failed attempt
-# Resource versions our latest writes of one object got back: their watch events are our
-# own echo (arriving after the answer, or after a later write), not someone else's change.
-OWN_VERSIONS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,20 +151,6 @@ class _Informer:
         self.resync_at = 0.0  # monotonic time of its next relist (managed only)
 
 
-def _meta(obj: Mapping[str, Any]) -> Mapping[str, Any]:
-    meta = obj.get("metadata")
-    return meta if isinstance(meta, Mapping) else {}
-
-
-def _is_ours(obj: Mapping[str, Any]) -> bool:
-    labels = _meta(obj).get("labels")
-    return isinstance(labels, Mapping) and labels.get(LABEL_MANAGED_BY) == CONTROLLER_MANAGER
-
-
-def _without_status(obj: Mapping[str, Any]) -> Obj:
-    return {k: v for k, v in obj.items() if k != "status"}
-
-
 class KubeClusterClient:
     """A member cluster's API server behind the ClusterClient interface."""
 
@@ -180,10 +167,7 @@ class KubeClusterClient:
         self._failing: dict[str, str] = {}  # informer plural / probe / sync → error
         self._input_errors: dict[ObjectRef, str] = {}
         self._export_status: dict[ObjectRef, Any] = {}
-        self._managed: dict[ObjectRef, Obj] = {}  # our objects as the cluster holds them
-        self._own_versions: dict[ObjectRef, tuple[str, ...]] = {}
-        self._writing: set[ObjectRef] = set()  # a write of it is in flight
-        self._overtaken: set[ObjectRef] = set()  # someone else's change came in meanwhile
+        self.own = OwnObjects()  # our imports and slices as the cluster holds them
         self.writes = 0  # POST/PUT/PATCH/DELETE requests sent
 
     # -- construction --------------------------------------------------------------------
@@ -247,11 +231,11 @@ class KubeClusterClient:
 
     # -- the view ------------------------------------------------------------------------
     def _ref(self, res: Resource, raw: Mapping[str, Any]) -> ObjectRef | None:
-        meta = _meta(raw)
-        name = meta.get("name")
+        found = metadata_of(raw)
+        name = found.get("name")
         if not isinstance(name, str) or not name:
             return None
-        namespace = str(meta.get("namespace") or "") if res.namespaced else ""
+        namespace = str(found.get("namespace") or "") if res.namespaced else ""
         return ObjectRef(res.kind, namespace, name)
 
     def _upsert(self, inf: _Informer, raw: Obj, changes: ChangeSet) -> ObjectRef | None:
@@ -262,13 +246,12 @@ class KubeClusterClient:
         ref = self._ref(res, raw)
         if ref is None:
             return None
-        if res.kind == KIND_EXPORT and not self._is_echo(ref, raw):
+        if res.kind == KIND_EXPORT and not self.own.is_echo(ref, raw):
             status = raw.get("status")
             if status != self._export_status.get(ref):
                 self._export_status[ref] = status
                 changes.published[ref] = {"status": status}
-                if ref in self._writing:
-                    self._overtaken.add(ref)
+                self.own.changed_by_others(ref)
         try:
             parsed = parse_member_object(raw, self.cluster_id)
         except ManifestError as exc:
@@ -290,7 +273,7 @@ class KubeClusterClient:
         inf.refs.discard(ref)
         self._input_errors.pop(ref, None)
         self._export_status.pop(ref, None)
-        self._own_versions.pop(ref, None)
+        self.own.forget_versions(ref)
 
     def _replace(self, inf: _Informer, items: list[Obj], rv: str, changes: ChangeSet) -> None:
         """A fresh list is the whole truth for its resource: diff it against the view."""
@@ -307,26 +290,6 @@ class KubeClusterClient:
         inf.rv = rv
 
     # -- our own objects, for drift ------------------------------------------------------
-    def _own(self, ref: ObjectRef, live: Obj) -> Obj:
-        """`live` is what one of our writes got back: its watch event will be our echo."""
-        rv = _meta(live).get("resourceVersion")
-        if rv:
-            self._own_versions[ref] = (*self._own_versions.get(ref, ()),
-                                       str(rv))[-OWN_VERSIONS:]
-        return live
-
-    def _remember(self, ref: ObjectRef, live: Obj) -> Obj:
-        self._managed[ref] = live
-        return self._own(ref, live)
-
-    def _forget(self, ref: ObjectRef) -> Obj | None:
-        self._own_versions.pop(ref, None)
-        return self._managed.pop(ref, None)
-
-    def _is_echo(self, ref: ObjectRef, raw: Mapping[str, Any]) -> bool:
-        rv = _meta(raw).get("resourceVersion")
-        return bool(rv) and str(rv) in self._own_versions.get(ref, ())
-
     def _managed_ref(self, res: Resource, raw: Obj) -> ObjectRef | None:
         raw.setdefault("apiVersion", res.api_version)  # built-in list items lack them
         raw.setdefault("kind", res.kind)
@@ -337,39 +300,15 @@ class KubeClusterClient:
         if kind not in ("ADDED", "MODIFIED", "DELETED"):
             return
         ref = self._managed_ref(inf.resource, raw)
-        if ref is None:
-            return
-        current = self._managed.get(ref)
-        if current is not None and _meta(current).get("uid") != _meta(raw).get("uid"):
-            return  # an earlier object of that name, already replaced by one we wrote
-        if kind == "DELETED" or not _is_ours(raw):
-            if current is None:
-                return
-            self._forget(ref)
-            changes.published[ref] = None
-        elif self._is_echo(ref, raw) or (
-                current is not None
-                and _meta(current).get("resourceVersion") == _meta(raw).get("resourceVersion")):
-            return
-        else:
-            self._managed[ref] = raw
-            changes.published[ref] = self._as_rendered(raw)
-        if ref in self._writing:
-            self._overtaken.add(ref)
+        if ref is not None:
+            self.own.on_event(ref, kind, raw, changes.published)
 
     def _replace_managed(self, inf: _Informer, items: list[Obj], changes: ChangeSet) -> None:
         """A fresh list of our objects: all of them go to the controller to compare."""
         res = inf.resource
         listed = {ref: raw for raw in items
-                  if (ref := self._managed_ref(res, raw)) is not None and _is_ours(raw)}
-        for ref in [r for r in self._managed if r.kind == res.kind and r not in listed]:
-            self._forget(ref)
-            changes.published[ref] = None
-        for ref, raw in listed.items():
-            if not (ref in self._managed and self._is_echo(ref, raw)):
-                self._managed[ref] = raw  # else what our write got back, as new or newer
-        for ref in listed:  # rendered once every import's uid is in
-            changes.published[ref] = self._as_rendered(self._managed[ref])
+                  if (ref := self._managed_ref(res, raw)) is not None and is_ours(raw)}
+        self.own.on_list(res.kind, listed, changes.published)
         inf.resync_at = time.monotonic() + self.timings.resync_s
 
     def _informer_health(self, inf: _Informer, error: str | None, changes: ChangeSet) -> None:
@@ -523,7 +462,7 @@ class KubeClusterClient:
                             self._remove(inf, ref, changes)
                     elif kind in ("ADDED", "MODIFIED"):
                         self._upsert(inf, obj, changes)
-                    rv = _meta(obj).get("resourceVersion")
+                    rv = metadata_of(obj).get("resourceVersion")
                     if rv:
                         inf.rv = str(rv)
                 if changes:
@@ -553,39 +492,6 @@ class KubeClusterClient:
             raise ClusterError(f"cluster {self.cluster_id}: not synced yet")
         return res
 
-    def _import_uid(self, namespace: str, name: str) -> str | None:
-        live = self._managed.get(ObjectRef(KIND_IMPORT, namespace, name))
-        uid = _meta(live).get("uid") if live else None
-        return str(uid) if uid else None
-
-    def _as_rendered(self, live: Mapping[str, Any]) -> Obj:
-        """A managed object as the reconcile renders it: without server fields, our label
-        on imports, or the real owner uid (when it is the current import's)."""
-        meta = _meta(live)
-        kind = str(live.get("kind"))
-        namespace, name = str(meta.get("namespace") or ""), str(meta.get("name"))
-        out_meta: Obj = {"name": name, "namespace": namespace}
-        labels = dict(meta.get("labels") or {})
-        if kind == KIND_IMPORT:
-            labels.pop(LABEL_MANAGED_BY, None)
-        if labels:
-            out_meta["labels"] = labels
-        if meta.get("annotations"):
-            out_meta["annotations"] = dict(meta["annotations"])
-        owners = meta.get("ownerReferences")
-        if owners:
-            out_meta["ownerReferences"] = [
-                {**o, "apiVersion": IMPORT_API_VERSION,
-                 "uid": owner_uid(ServiceKey(namespace, str(o.get("name"))))}
-                if o.get("kind") == KIND_IMPORT
-                and o.get("uid") == self._import_uid(namespace, str(o.get("name"))) else o
-                for o in owners]
-        out: Obj = {"apiVersion": IMPORT_API_VERSION if kind == KIND_IMPORT
-                    else live.get("apiVersion"), "kind": kind, "metadata": out_meta}
-        out.update((k, v) for k, v in live.items()
-                   if k not in ("apiVersion", "kind", "metadata"))
-        return out
-
     def _to_cluster(self, res: Resource, desired: Mapping[str, Any]) -> Obj:
         meta = dict(desired["metadata"])
         meta["labels"] = {**(meta.get("labels") or {}), LABEL_MANAGED_BY: CONTROLLER_MANAGER}
@@ -593,7 +499,7 @@ class KubeClusterClient:
             owners = []
             for o in meta["ownerReferences"]:
                 if o.get("kind") == KIND_IMPORT:
-                    uid = self._import_uid(meta["namespace"], o["name"])
+                    uid = self.own.import_uid(meta["namespace"], o["name"])
                     if uid is None:
                         continue  # an owner that does not exist would get it collected
                     o = {**o, "apiVersion": self._write_resource(KIND_IMPORT).api_version,
@@ -603,7 +509,7 @@ class KubeClusterClient:
                 meta["ownerReferences"] = owners
             else:
                 meta.pop("ownerReferences")
-        body = _without_status(desired)
+        body = without_status(desired)
         body["apiVersion"] = res.api_version
         body["metadata"] = meta
         return body
@@ -630,22 +536,22 @@ class KubeClusterClient:
         res = self._write_resource(str(desired["kind"]))
         ns, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
         ref = ObjectRef(res.kind, ns, name)
-        self._writing.add(ref)
+        self.own.writing.add(ref)
         try:
             await self._write_attempts(res, ref, desired)
         finally:
-            self._writing.discard(ref)
-            self._overtaken.discard(ref)
+            self.own.writing.discard(ref)
+            self.own.overtaken.discard(ref)
 
     async def _write_attempts(self, res: Resource, ref: ObjectRef,
                               desired: Mapping[str, Any]) -> None:
         ns, name = ref.namespace, ref.name
         for _ in range(CONFLICT_RETRIES):
-            live = self._managed.get(ref)
+            live = self.own.live.get(ref)
             try:
                 if live is None:
                     try:
-                        live = self._remember(ref, await self._send(
+                        live = self.own.remember(ref, await self._send(
                             "POST", res.path(ns), self._to_cluster(res, desired)))
                     except KubeApiError as exc:
                         if exc.code != 409:
@@ -653,36 +559,36 @@ class KubeClusterClient:
                         live = await self._get(res, ns, name)
                         if live is None:
                             continue
-                        if not _is_ours(live):
+                        if not is_ours(live):
                             self._refuse_foreign(ref)
                             return
-                        self._managed[ref] = live
-                if _without_status(self._as_rendered(live)) != _without_status(desired):
+                        self.own.live[ref] = live
+                if without_status(self.own.rendered(live)) != without_status(desired):
                     body = self._to_cluster(res, desired)
-                    body["metadata"]["resourceVersion"] = _meta(live).get("resourceVersion")
-                    live = self._remember(ref, await self._send("PUT", res.path(ns, name),
-                                                                body))
+                    body["metadata"]["resourceVersion"] = metadata_of(live).get("resourceVersion")
+                    live = self.own.remember(ref, await self._send("PUT", res.path(ns, name),
+                                                                   body))
                 wanted = desired.get("status")
                 if wanted is not None and live.get("status") != wanted:
-                    live = self._remember(ref, await self._send(
+                    live = self.own.remember(ref, await self._send(
                         "PATCH", res.path(ns, name, "status"), {"status": wanted}, MERGE_PATCH))
-                if ref not in self._overtaken:
+                if ref not in self.own.overtaken:
                     return
                 # Someone else's change came in meanwhile: our answer may be older than it.
-                self._overtaken.discard(ref)
+                self.own.overtaken.discard(ref)
             except KubeApiError as exc:
                 if exc.code not in (404, 409) or live is None:
                     raise ClusterError(f"{ref.kind} {ns}/{name}: {exc}") from None
             # Someone changed or removed it since we read it: read again, then retry.
             fresh = await self._get(res, ns, name)
-            if fresh is not None and not _is_ours(fresh):
-                self._forget(ref)
+            if fresh is not None and not is_ours(fresh):
+                self.own.forget(ref)
                 self._refuse_foreign(ref)
                 return
             if fresh is None:
-                self._forget(ref)
+                self.own.forget(ref)
             else:
-                self._managed[ref] = fresh
+                self.own.live[ref] = fresh
         raise ClusterError(f"{ref.kind} {ns}/{name}: still conflicting after "
                            f"{CONFLICT_RETRIES} attempts")
 
@@ -710,14 +616,14 @@ class KubeClusterClient:
     async def _delete_one(self, ref: ObjectRef) -> None:
         res = self._write_resource(ref.kind)
         for _ in range(CONFLICT_RETRIES):
-            live = self._forget(ref) or await self._get(res, ref.namespace, ref.name)
+            live = self.own.forget(ref) or await self._get(res, ref.namespace, ref.name)
             if live is None:
                 return
-            if not _is_ours(live):
+            if not is_ours(live):
                 self._refuse_foreign(ref)
                 return
             body = {"apiVersion": "v1", "kind": "DeleteOptions",
-                    "preconditions": {"uid": _meta(live).get("uid")}}
+                    "preconditions": {"uid": metadata_of(live).get("uid")}}
             try:
                 await self._send("DELETE", res.path(ref.namespace, ref.name), body)
                 return
@@ -741,7 +647,7 @@ class KubeClusterClient:
         if self._export_status.get(ref) == status:
             return
         res = self._write_resource(KIND_EXPORT)
-        self._writing.add(ref)
+        self.own.writing.add(ref)
         try:
             live = await self._send("PATCH", res.path(ref.namespace, ref.name, "status"),
                                     {"status": status}, MERGE_PATCH)
@@ -751,10 +657,10 @@ class KubeClusterClient:
             raise ClusterError(f"ServiceExport {ref.namespace}/{ref.name} status: {exc}") \
                 from None
         finally:
-            self._writing.discard(ref)
-            overtaken = ref in self._overtaken
-            self._overtaken.discard(ref)
-        self._own(ref, live)
+            self.own.writing.discard(ref)
+            overtaken = ref in self.own.overtaken
+            self.own.overtaken.discard(ref)
+        self.own.expect_echo(ref, live)
         if not overtaken:  # else someone else's status, maybe newer than ours, is kept
             self._export_status[ref] = live.get("status")
 
@@ -762,7 +668,7 @@ class KubeClusterClient:
         # sync() listed our own objects too: the first list of their informers.
         if not self._informers or any(inf.rv is None for inf in self._informers if inf.managed):
             await self._sync_into(ChangeSet())
-        found: list[Mapping[str, Any]] = [self._as_rendered(o) for o in self._managed.values()]
+        found: list[Mapping[str, Any]] = [self.own.rendered(o) for o in self.own.live.values()]
         for key, export in self.objects.exports.items():
             status = self._export_status.get(ObjectRef(KIND_EXPORT, *key))
             if status:
