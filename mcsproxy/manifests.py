@@ -8,6 +8,7 @@ input is accepted or rejected alike whatever carried it.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -32,18 +33,33 @@ LABEL_MANAGED_BY = "endpointslice.kubernetes.io/managed-by"
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 
 
-class ManifestError(ValueError):
-    """An object that cannot be served, with where it came from."""
+FieldPath = tuple[str | int, ...]  # mapping keys and list indexes from an object's root
 
-    def __init__(self, message: str, origin: str = "", line: int | None = None) -> None:
+
+class ManifestError(ValueError):
+    """An object that cannot be served, with where it came from.
+
+    `path` is the offending field (("spec", "ips", 1)); without one, a message that
+    starts with a field expression ("ServiceImport ns/web: spec.ports[0].port must be
+    ...") names it. Given a DocLine from load_yaml_documents, `line` becomes that
+    field's line (the key's, or the list item's), else the document's first line.
+    """
+
+    def __init__(self, message: str, origin: str = "", line: int | None = None,
+                 path: FieldPath | None = None) -> None:
         self.message = message
         self.origin = origin
-        self.line = line
-        where = f"{origin}:{line}" if origin and line is not None else origin
+        self.path = path
+        node = getattr(line, "node", None)
+        if node is not None:  # only on an error: the happy path never walks nodes
+            line = _field_line(node, path if path is not None else _message_path(message),
+                               message)
+        self.line = None if line is None else int(line)  # never keeps the node tree
+        where = f"{origin}:{self.line}" if origin and line is not None else origin
         super().__init__(f"{where}: {message}" if where else message)
 
     def at(self, origin: str, line: int | None) -> ManifestError:
-        return ManifestError(self.message, origin, line)
+        return ManifestError(self.message, origin, line, self.path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,8 +107,23 @@ for _tag in ("timestamp", "int", "float"):
     _checked(f"tag:yaml.org,2002:{_tag}")
 
 
+class DocLine(int):
+    """A document's first line (1-based) that also holds the document's composed node
+    while the reader looks at the document. A ManifestError given it as its line names
+    the offending field's line instead: the marks are already in the node tree PyYAML
+    composed before constructing, so placing an error costs nothing until one occurs."""
+
+    node: yaml.Node
+
+    def __new__(cls, line: int, node: yaml.Node) -> DocLine:
+        self = super().__new__(cls, line)
+        self.node = node
+        return self
+
+
 def load_yaml_documents(text: str, origin: str) -> Iterator[tuple[int, Any]]:
-    """Yield (1-based line, document) for each YAML document; ManifestError on bad YAML."""
+    """Yield (1-based line, document) for each YAML document; ManifestError on bad YAML.
+    The line is a DocLine: pass it to ManifestError to name the bad field's line."""
     loader = _Loader(text)
     line: int | None = None
     try:
@@ -102,7 +133,7 @@ def load_yaml_documents(text: str, origin: str) -> Iterator[tuple[int, Any]]:
             if node is None:
                 continue
             line = node.start_mark.line + 1
-            yield line, loader.construct_document(node)
+            yield DocLine(line, node), loader.construct_document(node)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
@@ -116,6 +147,77 @@ def load_yaml_documents(text: str, origin: str) -> Iterator[tuple[int, Any]]:
         raise ManifestError(f"invalid YAML: {exc}", origin, line) from None
     finally:
         loader.dispose()
+
+
+_FIELD_EXPR = re.compile(r"(?:[A-Z][A-Za-z]* [^\s:]+: )?"  # "ServiceImport ns/name: "
+                         r"([A-Za-z_]\w*(?:\.[A-Za-z_]\w*|\[\d+\])*)(?=[\s:]|$)")
+_SUBJECT = re.compile(r"([A-Z][A-Za-z]*) ([^\s/:]+)/([^\s:]+): ")
+
+
+def _message_path(message: str) -> FieldPath:
+    """The field a message starts with: "Service ns/s: spec.ports[0].port must be ..."
+    → ("spec", "ports", 0, "port"). A first word that is no field of the object
+    ("duplicate port ...") simply finds nothing: the document's line stands."""
+    found = _FIELD_EXPR.match(message)
+    if found is None:
+        return ()
+    return tuple(int(part[1:-1]) if part.startswith("[") else part
+                 for part in re.findall(r"\[\d+\]|[^.\[]+", found.group(1)))
+
+
+def _get(node: yaml.Node, key: str) -> tuple[yaml.Node, yaml.Node] | None:
+    """(key node, value node) of a mapping's key, None when absent or not a mapping."""
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            if isinstance(k, yaml.ScalarNode) and k.value == key:
+                return k, v
+    return None
+
+
+def _scalar(node: yaml.Node, *keys: str) -> str | None:
+    for key in keys:
+        found = _get(node, key)
+        if found is None:
+            return None
+        node = found[1]
+    return node.value if isinstance(node, yaml.ScalarNode) else None
+
+
+def _list_item(root: yaml.Node, message: str) -> yaml.Node | None:
+    """In a `kind: List` document, the item the message is about: the one its
+    "Kind namespace/name:" names, or the only one."""
+    items = _get(root, "items")
+    if _scalar(root, "kind") != "List" or items is None:
+        return None
+    nodes = items[1].value if isinstance(items[1], yaml.SequenceNode) else []
+    subject = _SUBJECT.match(message)
+    if subject is not None:
+        kind, namespace, name = subject.groups()
+        for item in nodes:
+            if (_scalar(item, "kind") == kind and _scalar(item, "metadata", "name") == name
+                    and (_scalar(item, "metadata", "namespace") or "default") == namespace):
+                return item
+    return nodes[0] if len(nodes) == 1 else None
+
+
+def _field_line(root: yaml.Node, path: FieldPath, message: str) -> int:
+    """The 1-based line of `path` in a document: the key's line for a mapping entry,
+    the item's for a list entry. A field that is missing reports where its parent is."""
+    node, mark = root, root.start_mark
+    if path[:1] != ("items",) and (item := _list_item(root, message)) is not None:
+        node, mark = item, item.start_mark
+    for part in path:
+        if isinstance(part, int):
+            if not isinstance(node, yaml.SequenceNode) or not 0 <= part < len(node.value):
+                break
+            node = node.value[part]
+            mark = node.start_mark
+        else:
+            found = _get(node, part)
+            if found is None:
+                break
+            mark, node = found[0].start_mark, found[1]
+    return mark.line + 1
 
 
 def object_kind(obj: Mapping[str, Any]) -> str | None:
@@ -218,10 +320,11 @@ def namespaced_name(meta: Mapping[str, Any], kind: str) -> tuple[str, str]:
     """(namespace, name) from metadata; namespace "default" when missing."""
     name = meta.get("name")
     if not isinstance(name, str) or not name:
-        raise ManifestError(f"{kind} has no metadata.name")
+        raise ManifestError(f"{kind} has no metadata.name", path=("metadata", "name"))
     namespace = meta.get("namespace", "default")
     if not isinstance(namespace, str) or not namespace:
-        raise ManifestError(f"{kind} {name}: metadata.namespace must be a string")
+        raise ManifestError(f"{kind} {name}: metadata.namespace must be a string",
+                            path=("metadata", "namespace"))
     return namespace, name
 
 
@@ -237,17 +340,20 @@ def parse_service_import(obj: Mapping[str, Any]) -> ImportSpec:
         )
     ips: list[str] = []
     families: set[int] = set()
-    for raw in as_list(spec.get("ips"), f"{where}: spec.ips"):
+    for k, raw in enumerate(as_list(spec.get("ips"), f"{where}: spec.ips")):
         try:
             ip = ipaddress.ip_address(raw)
         except (ValueError, TypeError):
-            raise ManifestError(f"{where}: spec.ips has an invalid address {raw!r}") from None
+            raise ManifestError(f"{where}: spec.ips has an invalid address {raw!r}",
+                                path=("spec", "ips", k)) from None
         if ip.version in families:
-            raise ManifestError(f"{where}: spec.ips has two IPv{ip.version} addresses")
+            raise ManifestError(f"{where}: spec.ips has two IPv{ip.version} addresses",
+                                path=("spec", "ips", k))
         families.add(ip.version)
         ips.append(str(ip))
     if svc_type == "Headless" and ips:
-        raise ManifestError(f"{where}: a Headless import must not have spec.ips")
+        raise ManifestError(f"{where}: a Headless import must not have spec.ips",
+                            path=("spec", "ips"))
     ports: list[ServicePort] = []
     seen_names: set[str] = set()
     seen_numbers: set[tuple[str, int]] = set()
@@ -262,7 +368,8 @@ def parse_service_import(obj: Mapping[str, Any]) -> ImportSpec:
         if app is not None and not isinstance(app, str):
             raise ManifestError(f"{where}: spec.ports[{i}].appProtocol must be a string")
         if pname in seen_names or (proto, number) in seen_numbers:
-            raise ManifestError(f"{where}: duplicate port {pname or number}/{proto}")
+            raise ManifestError(f"{where}: duplicate port {pname or number}/{proto}",
+                                path=("spec", "ports", i))
         seen_names.add(pname)
         seen_numbers.add((proto, number))
         ports.append(ServicePort(pname, proto, number, app))  # type: ignore[arg-type]
@@ -271,11 +378,12 @@ def parse_service_import(obj: Mapping[str, Any]) -> ImportSpec:
         raise ManifestError(f"{where}: spec.sessionAffinity must be None or ClientIP")
     timeout = DEFAULT_AFFINITY_TIMEOUT_S
     cfg = as_mapping(spec.get("sessionAffinityConfig"), f"{where}: spec.sessionAffinityConfig")
-    client_ip = as_mapping(cfg.get("clientIP"), f"{where}: sessionAffinityConfig.clientIP")
+    client_ip = as_mapping(cfg.get("clientIP"), f"{where}: spec.sessionAffinityConfig.clientIP")
     if client_ip.get("timeoutSeconds") is not None:
         timeout = client_ip["timeoutSeconds"]
         if isinstance(timeout, bool) or not isinstance(timeout, int) or not 1 <= timeout <= 86400:
-            raise ManifestError(f"{where}: timeoutSeconds must be 1-86400")
+            raise ManifestError(
+                f"{where}: spec.sessionAffinityConfig.clientIP.timeoutSeconds must be 1-86400")
     traffic = spec.get("trafficDistribution")
     if traffic is not None and not isinstance(traffic, str):
         raise ManifestError(f"{where}: spec.trafficDistribution must be a string")
@@ -337,11 +445,13 @@ def parse_endpoint_slice(
     service_name = service_name or labels.get(LABEL_SERVICE_NAME)
     if not service_name:
         if LABEL_SOURCE_CLUSTER in labels:  # imported, but tied to no service: a mistake
-            raise ManifestError(f"{where}: label {LABEL_SERVICE_NAME} is missing")
+            raise ManifestError(f"{where}: label {LABEL_SERVICE_NAME} is missing",
+                                path=("metadata", "labels"))
         return None
     cluster = cluster or labels.get(LABEL_SOURCE_CLUSTER)
     if not cluster:
-        raise ManifestError(f"{where}: label {LABEL_SOURCE_CLUSTER} is missing")
+        raise ManifestError(f"{where}: label {LABEL_SOURCE_CLUSTER} is missing",
+                            path=("metadata", "labels"))
     address_type = obj.get("addressType")
     if address_type == "FQDN":
         return SliceSpec(ServiceKey(namespace, service_name), cluster, ())
@@ -366,20 +476,23 @@ def parse_endpoint_slice(
         ep = as_mapping(raw, f"{where}: endpoints[{i}]")
         addresses = as_list(ep.get("addresses"), f"{where}: endpoints[{i}].addresses")
         if not addresses:
-            raise ManifestError(f"{where}: endpoints[{i}] has no addresses")
+            raise ManifestError(f"{where}: endpoints[{i}] has no addresses",
+                                path=("endpoints", i, "addresses"))
         parsed: list[str] = []
         for raw_addr in addresses:
             if family == 4 and _is_canonical_ipv4(raw_addr):
                 parsed.append(raw_addr)
                 continue
+            at = ("endpoints", i, "addresses", len(parsed))
             try:
                 ip = ipaddress.ip_address(raw_addr)
             except (ValueError, TypeError):
                 raise ManifestError(
-                    f"{where}: endpoints[{i}] has an invalid address {raw_addr!r}"
+                    f"{where}: endpoints[{i}] has an invalid address {raw_addr!r}", path=at
                 ) from None
             if ip.version != family:
-                raise ManifestError(f"{where}: endpoints[{i}] address {ip} is not {address_type}")
+                raise ManifestError(f"{where}: endpoints[{i}] address {ip} is not {address_type}",
+                                    path=at)
             parsed.append(str(ip))
         conds = as_mapping(ep.get("conditions"), f"{where}: endpoints[{i}].conditions")
         try:

@@ -104,7 +104,9 @@ async def test_invalid_file_is_rejected_with_line_and_last_good_keeps_serving(
         write(path / "web-a.yaml", bad)
         await until_true(lambda: "not-an-ip" in caplog.text, "no rejection logged")
     line = next(r.getMessage() for r in caplog.records if "not-an-ip" in r.getMessage())
-    assert f"{path / 'web-a.yaml'}:4:" in line  # file:line of the bad document
+    bad_line = bad[:bad.index("not-an-ip")].count("\n") + 1
+    assert bad_line > 4  # not the document's first line: the address's own
+    assert f"{path / 'web-a.yaml'}:{bad_line}:" in line
     assert store.current.version == version and addresses(store.current) == ["10.0.0.1"]
     # Broken YAML too: the line of the error is named.
     write(path / "web-a.yaml", "apiVersion: v1\nkind: [unclosed\n")
@@ -166,14 +168,16 @@ async def test_unknown_kinds_are_ignored(source_dir) -> None:
     assert set(snap.services) == {KEY, ServiceKey("test", "api")}
 
 
-@pytest.mark.parametrize(("old", "new", "reason"), [
-    ("kind: ServiceImport", "kind: ServiceImprt", "kind 'ServiceImprt' does not exist"),
-    ("multicluster.x-k8s.io/v1beta1", "multicluster.x-k8s.io/v9", "expected multicluster"),
-    ("apiVersion: multicluster.x-k8s.io/v1beta1", "apiVersion: v1", "expected multicluster"),
-    ("kind: ServiceImport\n", "", "object without a kind"),
+# The line named: the mistyped field's (apiVersion is line 4, kind line 5), else the
+# document's first line (4).
+@pytest.mark.parametrize(("old", "new", "reason", "line"), [
+    ("kind: ServiceImport", "kind: ServiceImprt", "kind 'ServiceImprt' does not exist", 5),
+    ("multicluster.x-k8s.io/v1beta1", "multicluster.x-k8s.io/v9", "expected multicluster", 4),
+    ("apiVersion: multicluster.x-k8s.io/v1beta1", "apiVersion: v1", "expected multicluster", 4),
+    ("kind: ServiceImport\n", "", "object without a kind", 4),
 ])
 async def test_a_mistyped_kind_or_version_is_rejected_not_skipped(
-    source_dir, caplog: pytest.LogCaptureFixture, old: str, new: str, reason: str
+    source_dir, caplog: pytest.LogCaptureFixture, old: str, new: str, reason: str, line: int
 ) -> None:
     """A typo in kind or apiVersion used to make the document 'another kind', skipped: the
     service silently vanished instead of the file being rejected with its line."""
@@ -183,7 +187,7 @@ async def test_a_mistyped_kind_or_version_is_rejected_not_skipped(
     with caplog.at_level(logging.ERROR, logger="mcsproxy.sources.file"):
         write(path / "web.yaml", text.replace(old, new))
         await until_true(lambda: reason in caplog.text, f"no rejection: {caplog.text}")
-    assert f"{path / 'web.yaml'}:4: " in caplog.text  # file:line of the bad document
+    assert f"{path / 'web.yaml'}:{line}: " in caplog.text
     await asyncio.sleep(5 * POLL_S)
     assert KEY in store.current.services and addresses(store.current) == ["10.0.0.1"]
     # The kinds of those groups a consumer cluster also holds stay skipped, not rejected.

@@ -193,3 +193,134 @@ def test_ipv4_slice_addresses_agree_with_ipaddress(address: Any) -> None:
     else:
         spec = parse_endpoint_slice(obj)
         assert spec is not None and spec.endpoints[0].address == expected
+
+
+# A file as the readers see it: the bad fields sit deep in later documents. Each case
+# marks its offending line with "#<" and the error must name exactly that line.
+FILE_HEAD = """\
+# services of the shop
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: multicluster.x-k8s.io/v1beta1
+kind: ServiceImport
+metadata:
+  name: web
+  namespace: shop
+spec:
+  type: ClusterSetIP
+  ips: [127.240.0.1]
+  ports:
+  - name: http
+    protocol: TCP
+    port: 80
+---
+"""
+FILE_SLICE = """\
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-east
+  namespace: shop
+  labels:
+    multicluster.kubernetes.io/service-name: web
+    multicluster.kubernetes.io/source-cluster: east
+addressType: IPv4
+ports:
+- name: http
+  port: 8080
+endpoints:
+- addresses:
+  - 10.0.0.1
+  - 10.0.0.2
+  conditions:
+    ready: true
+- addresses:
+  - 10.0.0.3
+"""
+
+
+def _first_error(text: str) -> ManifestError:
+    """Read every document as the file readers do (mcsproxy.sources.file,
+    controlplane.clusters.directory): parse errors re-placed with .at(origin, line)."""
+    from mcsproxy.sources.file import parse_file_text
+
+    with pytest.raises(ManifestError) as info:
+        parse_file_text(text, "f.yaml", "file:f.yaml")
+    return info.value
+
+
+@pytest.mark.parametrize(("old", "new", "message"), [
+    # A bad IP in a list of several, in the third document.
+    ("  - 10.0.0.2\n", "  - 999.1.1.1 #<\n", "endpoints[0] has an invalid address '999.1.1.1'"),
+    ("  - 10.0.0.3\n", "  - fd00::3 #<\n", "endpoints[1] address fd00::3 is not IPv4"),
+    # Wrong types: the key's line.
+    ("  port: 8080\n", "  port: '8080' #<\n", "ports[0].port must be an integer 1-65535"),
+    ("    ready: true\n", "    ready: yes please #<\n", "conditions.ready must be a boolean"),
+    ("addressType: IPv4\n", "addressType: IPv5 #<\n", "addressType must be IPv4, IPv6 or FQDN"),
+    ("ports:\n- name: http\n", "ports: #<\n  name: http\n", "ports must be a list"),
+    # Missing fields: where they belong (the list item, the labels, the metadata).
+    ("- addresses:\n  - 10.0.0.3\n", "- conditions: {} #<\n", "endpoints[1] has no addresses"),
+    ("    multicluster.kubernetes.io/source-cluster: east\n", "",
+     "label multicluster.kubernetes.io/source-cluster is missing"),
+    ("  name: web-east\n", "", "EndpointSlice has no metadata.name"),
+])
+def test_slice_errors_name_the_line_of_the_bad_field(old: str, new: str, message: str) -> None:
+    """They named the line where the document starts (22), however far below the
+    field was: in a 200-endpoint slice that points at nothing useful."""
+    text = FILE_HEAD + FILE_SLICE.replace(old, new)
+    assert old in FILE_SLICE
+    if "#<" in text:
+        line = text[:text.index("#<")].count("\n") + 1
+    elif message.startswith("label "):
+        line = text[:text.index("  labels:")].count("\n") + 1
+    else:
+        line = text[:text.index("metadata:\n  namespace: shop\n  labels")].count("\n") + 1
+    error = _first_error(text)
+    assert message in error.message
+    assert (error.origin, error.line) == ("f.yaml", line), str(error)
+    assert str(error).startswith(f"f.yaml:{line}: ")
+    assert type(error.line) is int  # the node tree is not kept by a cached error
+
+
+@pytest.mark.parametrize(("old", "new", "message"), [
+    ("  ips: [127.240.0.1]\n", "  ips: [127.240.0.1,\n    127.240.0.999] #<\n",
+     "invalid address '127.240.0.999'"),
+    ("    port: 80\n", "    port: 99999 #<\n", "spec.ports[0].port must be an integer 1-65535"),
+    ("    protocol: TCP\n", "    protocol: [TCP] #<\n", "spec.ports[0].protocol must be one of"),
+    ("    port: 80\n", "    port: 80\n  - name: http #<\n    port: 81\n", "duplicate port http"),
+    ("  type: ClusterSetIP\n", "  type: Headless\n", "a Headless import must not have spec.ips"),
+    ("  ports:\n", "  sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}} #<\n  ports:\n",
+     "spec.sessionAffinityConfig.clientIP.timeoutSeconds must be 1-86400"),
+])
+def test_import_errors_name_the_line_of_the_bad_field(old: str, new: str, message: str) -> None:
+    head = FILE_HEAD.replace(old, new)
+    assert old in FILE_HEAD
+    text = head + FILE_SLICE
+    marker = "#<" if "#<" in text else "  ips:"
+    line = text[:text.index(marker)].count("\n") + 1
+    error = _first_error(text)
+    assert message in error.message
+    assert error.line == line, str(error)
+
+
+def test_an_item_of_a_list_document_is_found_by_its_name() -> None:
+    """`kubectl get -o yaml` writes one List document; the bad item's field is named."""
+    text = ("apiVersion: v1\nkind: List\nitems:\n"
+            + "".join(f"- apiVersion: multicluster.x-k8s.io/v1beta1\n  kind: ServiceImport\n"
+                      f"  metadata: {{name: s{i}, namespace: shop}}\n"
+                      f"  spec:\n    type: {'Bogus' if i == 2 else 'Headless'}\n"
+                      for i in range(4)))
+    error = _first_error(text)
+    assert "ServiceImport shop/s2: spec.type" in error.message
+    assert error.line == text[:text.index("Bogus")].count("\n") + 1
+
+
+def test_errors_without_a_document_keep_the_line_given() -> None:
+    """Other sources (the Kubernetes API, the controller stream) have no lines."""
+    assert ManifestError("x: spec.ips bad", "f.yaml", 7).line == 7
+    assert str(ManifestError("spec.ips bad")) == "spec.ips bad"
+    error = ManifestError("bad", path=("spec", "ips", 0))
+    assert (error.line, error.at("g.yaml", 3).line, error.at("g.yaml", 3).path) == (
+        None, 3, ("spec", "ips", 0))
