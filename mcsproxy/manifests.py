@@ -233,39 +233,74 @@ def object_kind(obj: Mapping[str, Any]) -> str | None:
     return None
 
 
-# The API groups whose objects we read from files, with the versions and kinds that exist
-# there. Objects of other groups (Namespace, Service, ...) are skipped, but a document of
-# these groups with any other kind or version is a typo: skipped too, it would silently
-# withdraw what it meant to describe, so file readers reject it instead.
+# The API groups whose objects file readers take (the gateway: ServiceImport and
+# EndpointSlice; the controller's member folders also Namespace, Service, ServiceExport and
+# Karmada's MultiClusterService), with the versions and kinds that exist there. An object
+# of another group (apps/v1 Deployment, ...) is skipped, and so is any kind these groups
+# have that no reader takes (v1 ConfigMap). But a document of these groups whose kind or
+# version does not exist is a typo: skipped, it would silently withdraw what it meant to
+# describe, so file readers reject it instead.
+CORE_KINDS = (
+    "Binding", "ComponentStatus", "ConfigMap", "Endpoints", "Event", "LimitRange",
+    "Namespace", "Node", "PersistentVolume", "PersistentVolumeClaim", "Pod", "PodTemplate",
+    "ReplicationController", "ResourceQuota", "Secret", "Service", "ServiceAccount",
+    "List", "Status",
+    "Config",  # not an API kind, but a kubeconfig file says apiVersion: v1, kind: Config
+)
+KARMADA_NETWORKING_GROUP = "networking.karmada.io"
 OUR_GROUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     MCS_GROUP: (MCS_VERSIONS, ("ServiceImport", "ServiceExport")),
     "discovery.k8s.io": (("v1",), ("EndpointSlice",)),
+    "": (("v1",), CORE_KINDS),  # the core group: apiVersion v1
+    KARMADA_NETWORKING_GROUP: (("v1alpha1",), ("MultiClusterService", "MultiClusterIngress")),
 }
-_KIND_GROUP = {kind: group for group, (_v, kinds) in OUR_GROUPS.items() for kind in kinds}
+# Kinds some file reader takes: a FooList of them would drop every item unread.
+READ_KINDS = frozenset({"ServiceImport", "ServiceExport", "EndpointSlice", "Namespace",
+                        "Service", "MultiClusterService"})
+# Kinds no other group has: under another apiVersion they are a typo of ours. (Service,
+# Namespace or MultiClusterService also exist elsewhere, as Knative's or GKE's.)
+_KIND_GROUP = {kind: group for group in (MCS_GROUP, "discovery.k8s.io")
+               for kind in OUR_GROUPS[group][1]}
+
+
+def _group_words(group: str) -> str:
+    return group or "the core API group (apiVersion v1)"
+
+
+def _api_versions(group: str) -> str:
+    return " or ".join(f"{group}/{v}" if group else v for v in OUR_GROUPS[group][0])
 
 
 def kind_error(obj: Mapping[str, Any]) -> str | None:
-    """Why a file's object cannot be what it claims (a mistyped kind of our API groups,
-    a version that does not exist, one of our kinds under another apiVersion), else None.
+    """Why a file's object cannot be what it claims (a kind that does not exist in its
+    API group, a version that does not exist, one of our kinds under another apiVersion),
+    else None. Messages start with the field at fault, so the error names its line.
     """
     api_version, kind = obj.get("apiVersion"), obj.get("kind")
-    group, _, version = (api_version if isinstance(api_version, str) else "").rpartition("/")
-    if group in OUR_GROUPS:
-        versions, kinds = OUR_GROUPS[group]
-        expected = f"(expected {' or '.join(kinds)})"
-        if not isinstance(kind, str) or not kind:
-            return f"{api_version} object without a kind {expected}"
-        if kind not in kinds:
-            return f"kind {kind!r} does not exist in {group} {expected}"
-        if version not in versions:
-            return (f"{kind} apiVersion {api_version!r}: expected "
-                    f"{' or '.join(f'{group}/{v}' for v in versions)}")
+    if not isinstance(api_version, str) or not api_version:
+        group: str | None = None  # no group at all: not one we read
+        version = ""
+    else:
+        group, _, version = api_version.rpartition("/")
+    if isinstance(kind, str) and kind in _KIND_GROUP and group != _KIND_GROUP[kind]:
+        return (f"apiVersion {api_version!r} does not exist for {kind}: expected "
+                f"{_api_versions(_KIND_GROUP[kind])}")
+    if group not in OUR_GROUPS:
         return None
-    if isinstance(kind, str) and kind in _KIND_GROUP:
-        expected_group = _KIND_GROUP[kind]
-        versions = OUR_GROUPS[expected_group][0]
-        return (f"{kind} apiVersion {api_version!r}: expected "
-                f"{' or '.join(f'{expected_group}/{v}' for v in versions)}")
+    versions, kinds = OUR_GROUPS[group]
+    hint = ("a kind such as Service or Namespace" if not group
+            else " or ".join(kinds))
+    if not isinstance(kind, str) or not kind:
+        return f"{api_version} object without a kind (expected {hint})"
+    if kind.endswith("List") and kind[:-4] in kinds:
+        if kind[:-4] in READ_KINDS:
+            return (f"kind {kind!r} is not read: put the objects under kind: List, or one "
+                    "per document")
+    elif kind not in kinds:
+        return f"kind {kind!r} does not exist in {_group_words(group)} (expected {hint})"
+    if version not in versions:
+        return (f"apiVersion {api_version!r} does not exist for {kind}: expected "
+                f"{_api_versions(group)}")
     return None
 
 

@@ -154,6 +154,31 @@ def test_a_mistyped_export_kind_fails_once_instead_of_unexporting(
     assert not (out / "a").exists()
 
 
+@pytest.mark.parametrize(("old", "new", "message"), [
+    ("kind: Service\n", "kind: Servce\n", "kind 'Servce' does not exist in the core API group"),
+    ("kind: Namespace\n", "kind: Namespce\n", "kind 'Namespce' does not exist"),
+    ("apiVersion: v1\nkind: Service\n", "apiVersion: v2\nkind: Service\n",
+     "apiVersion 'v2' does not exist for Service: expected v1"),
+])
+def test_a_mistyped_core_kind_or_version_fails_once_instead_of_vanishing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], old: str, new: str, message: str
+) -> None:
+    """`kind: Servce` (core group) was skipped as a foreign kind: the service was quietly
+    not exported, its export judged against no Service, and --once exited 0."""
+    clusters, out = tmp_path / "clusters", tmp_path / "out"
+    member(clusters, "a", 1)
+    web = clusters / "a" / "web.yaml"
+    text = web.read_text()
+    assert text.count(old) == 1
+    web.write_text(text.replace(old, new))
+    field = new.split("\n")[0 if "apiVersion: v2" in new else -2]
+    line = text.replace(old, new)[:text.replace(old, new).index(field)].count("\n") + 1
+    assert once(clusters, out) == 1
+    err = capsys.readouterr().err
+    assert f"{web}:{line}: {message}" in err
+    assert not (out / "a").exists()
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["--kubeconfig", "k"], "--kubeconfig needs --contexts"),
     (["--clusters-dir", ".", "--output-dir", "o", "--cluster-cidr", "east"], "CLUSTER=CIDR"),

@@ -324,3 +324,49 @@ def test_errors_without_a_document_keep_the_line_given() -> None:
     error = ManifestError("bad", path=("spec", "ips", 0))
     assert (error.line, error.at("g.yaml", 3).line, error.at("g.yaml", 3).path) == (
         None, 3, ("spec", "ips", 0))
+
+
+@pytest.mark.parametrize(("doc", "message"), [
+    # The core group (apiVersion v1), which the controller reads Service and Namespace from.
+    ("apiVersion: v1\nkind: Servce #<\n", "kind 'Servce' does not exist in the core API group"),
+    ("apiVersion: v1\nkind: Namespce #<\n", "kind 'Namespce' does not exist in the core"),
+    ("apiVersion: v2 #<\nkind: Service\n", "apiVersion 'v2' does not exist for Service: "
+     "expected v1"),
+    # Karmada's networking group (the controller reads MultiClusterService).
+    ("apiVersion: networking.karmada.io/v1alpha1\nkind: MultiClusterServce #<\n",
+     "kind 'MultiClusterServce' does not exist in networking.karmada.io"),
+    ("apiVersion: networking.karmada.io/v1 #<\nkind: MultiClusterService\n",
+     "expected networking.karmada.io/v1alpha1"),
+    # discovery.k8s.io: only v1 exists now (v1beta1 was removed in Kubernetes 1.25).
+    ("apiVersion: discovery.k8s.io/v1beta1 #<\nkind: EndpointSlice\n",
+     "apiVersion 'discovery.k8s.io/v1beta1' does not exist for EndpointSlice"),
+    ("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlices #<\n", "does not exist in discovery"),
+    # A typed list of a kind we read would drop its items unread.
+    ("apiVersion: multicluster.x-k8s.io/v1beta1\nkind: ServiceImportList #<\nitems: []\n",
+     "kind 'ServiceImportList' is not read: put the objects under kind: List"),
+    ("apiVersion: v1\nkind: ServiceList #<\nitems: []\n", "kind 'ServiceList' is not read"),
+])
+def test_a_mistyped_kind_or_version_of_a_group_we_read_is_rejected_at_its_line(
+        doc: str, message: str) -> None:
+    """They were skipped as 'another kind': the Service or the MultiClusterService they
+    meant to describe silently disappeared from the controller's view."""
+    text = FILE_HEAD + doc + "metadata: {name: web, namespace: shop}\n"
+    error = _first_error(text)
+    assert message in error.message
+    assert error.line == text[:text.index("#<")].count("\n") + 1, str(error)
+
+
+@pytest.mark.parametrize("doc", [
+    "apiVersion: apps/v1\nkind: Deploymnt\n",  # a wholly foreign group: not ours to judge
+    "apiVersion: v1\nkind: ConfigMap\n",
+    "apiVersion: v1\nkind: ConfigMapList\nitems: []\n",
+    "apiVersion: networking.karmada.io/v1alpha1\nkind: MultiClusterIngress\n",
+    "apiVersion: serving.knative.dev/v1\nkind: Service\n",  # Service of another group
+    "apiVersion: v1\nkind: Config\nclusters: []\n",  # a kubeconfig
+    "kind: Service\n",  # no apiVersion at all
+])
+def test_foreign_groups_and_existing_kinds_are_still_skipped(doc: str) -> None:
+    from mcsproxy.sources.file import parse_file_text
+
+    text = FILE_HEAD + doc + "metadata: {name: web, namespace: shop}\n"
+    assert len(parse_file_text(text, "f.yaml", "file:f.yaml")) == 1  # the ServiceImport
