@@ -126,7 +126,7 @@ class ControllerServer:
         if not is_loopback(host):
             log.warning("controller listening on non-loopback %s: the stream has no auth; "
                         "put it behind a network policy", host)
-        self._runner, self.bound = await serve(self.app, (host, port), self.guard,
+        self._runner, self.bound = await serve(self.app, (host, port), self.guard, "--serve",
                                                shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         log.info("controller serving on %s:%d", *self.bound)
 

@@ -266,7 +266,8 @@ class AdminServer:
         if not is_loopback(host):
             log.warning("admin listener on non-loopback address %s: anyone who reaches it "
                         "can read the configuration", host)
-        self._runner, self.bound = await serve(self.app, (host, port), self.guard)
+        self._runner, self.bound = await serve(self.app, (host, port), self.guard,
+                                               "--admin-listen")
         log.info("admin listening on %s:%d", *self.bound)
 
     async def stop(self) -> None:

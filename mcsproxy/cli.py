@@ -288,8 +288,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mcsproxy: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"mcsproxy: error: {exc}", file=sys.stderr)
+        print(f"mcsproxy: error: {os_error_text(exc)}", file=sys.stderr)
         return 1
+
+
+def os_error_text(exc: OSError) -> str:
+    """One line without the "[Errno 99]" prefix: the listeners and the access log put
+    their flag and address in strerror ("--dns-listen 10.9.9.9:53/udp: Cannot assign
+    requested address"), a file error gets its file name."""
+    if exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return str(exc) or type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import re
 from dataclasses import dataclass, field, fields
 
@@ -27,12 +28,32 @@ def require_finite(config: object, flag_prefix: str = "") -> None:
             raise ConfigError(f"--{flag_prefix}{name} must be a finite number, not {value}")
 
 
+_HOST_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+
+
+def is_host(host: str) -> bool:
+    """An IP address (IPv6 with an optional %zone) or an RFC 1123 host name. A name whose
+    last label is all digits is neither: 999.1.1.1 is a mistyped address, not a name."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    labels = host.removesuffix(".").split(".")
+    return (len(host) <= 253 and all(_HOST_LABEL.match(label) for label in labels)
+            and not labels[-1].isdigit())
+
+
 def parse_host_port(value: str, what: str) -> tuple[str, int]:
-    """'HOST:PORT' or '[V6]:PORT' → (host, port)."""
+    """'HOST:PORT' or '[V6]:PORT' → (host, port). HOST must be an IP address or a host
+    name: a value no listener could ever use is a flag error (exit 2), not a bind
+    failure found after the other listeners are up."""
     host, sep, port_text = value.rpartition(":")
     if not sep or not host:
         raise ConfigError(f"{what}: expected HOST:PORT, got {value!r}")
     host = host.strip("[]")
+    if not is_host(host):
+        raise ConfigError(f"{what} {value}: {host!r} is not an IP address or a host name")
     try:
         port = int(port_text)
     except ValueError:
@@ -40,6 +61,17 @@ def parse_host_port(value: str, what: str) -> tuple[str, int]:
     if not 0 <= port <= 65535:
         raise ConfigError(f"{what}: port out of range: {port}")
     return host, port
+
+
+def listen_error(exc: OSError, flag: str, where: str) -> OSError:
+    """A listener's bind or resolve failure as one line naming the flag, the address and
+    the reason: `--admin-listen 10.9.9.9:9901: Cannot assign requested address`. (asyncio
+    words it "error while attempting to bind on address (...)" and a failed lookup
+    names neither the flag nor the host.)"""
+    errno = exc.errno if isinstance(exc.errno, int) else None
+    # A socket.gaierror has a negative EAI_* code and its own text.
+    reason = os.strerror(errno) if errno and errno > 0 else exc.strerror or str(exc)
+    return OSError(errno, f"{flag} {where}: {reason}")
 
 
 def is_loopback(host: str) -> bool:

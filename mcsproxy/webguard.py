@@ -25,7 +25,7 @@ from typing import cast
 from aiohttp import web
 
 from mcsproxy.clientcounts import ClientCounts, client_share
-from mcsproxy.config import WebLimits
+from mcsproxy.config import WebLimits, listen_error
 
 log = logging.getLogger("mcsproxy.webguard")
 
@@ -209,10 +209,10 @@ class GuardedSite(web.BaseSite):
 
 
 async def serve(app: web.Application, listen: tuple[str, int], guard: ConnectionGuard,
-                **runner_options: float) -> tuple[web.AppRunner, tuple[str, int]]:
+                flag: str, **runner_options: float) -> tuple[web.AppRunner, tuple[str, int]]:
     """Start `app` on `listen` behind `guard`, idle keep-alive connections closed after
     the guard's keep-alive timeout. Returns the runner (its cleanup() stops it all) and
-    the bound address."""
+    the bound address. A bind failure is an OSError naming `flag` and the address."""
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
                            keepalive_timeout=guard.limits.keepalive_timeout_s,
                            **runner_options)
@@ -220,6 +220,11 @@ async def serve(app: web.Application, listen: tuple[str, int], guard: Connection
     site = GuardedSite(runner, *listen, guard)
     try:
         await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        host, port = listen
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise listen_error(exc, flag, where) from None
     except BaseException:
         await runner.cleanup()
         raise

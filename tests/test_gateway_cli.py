@@ -186,3 +186,81 @@ def test_a_dns_address_that_cannot_be_bound_is_named(capsys: pytest.CaptureFixtu
                      "--dns-listen", f"127.0.0.1:{port}", "--admin-listen", "127.0.0.1:0"])
     assert code == 1
     assert f"--dns-listen 127.0.0.1:{port}/udp: Address already in use" in capsys.readouterr().err
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mcsproxy", *argv], capture_output=True,
+                          text=True, timeout=DEADLINE_S * 2)
+
+
+def _gateway(*flags: str) -> subprocess.CompletedProcess[str]:
+    defaults = {"--dns-listen": "127.0.0.1:0", "--admin-listen": "127.0.0.1:0"}
+    for flag in flags:
+        defaults.pop(flag, None)
+    return _run("gateway", "--cluster-id", "east", "--source", f"file:{EXAMPLES}",
+                "--log-level", "error", *flags, *(x for kv in defaults.items() for x in kv))
+
+
+def _one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
+    """The error is the process's only output line, without a traceback or "[Errno N]"."""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mcsproxy: error: "), proc.stderr
+    assert "Errno" not in lines[0] and "Traceback" not in proc.stderr
+    return lines[0].removeprefix("mcsproxy: error: ")
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--dns-listen", "999.1.1.1:53"], "--dns-listen 999.1.1.1:53: '999.1.1.1' is not an IP "
+     "address or a host name"),
+    (["--admin-listen", "999.1.1.1:9901"], "--admin-listen 999.1.1.1:9901: '999.1.1.1' is not"),
+    (["--http-listen", "10.0.0:8080"], "--http-listen 10.0.0:8080: '10.0.0' is not an IP"),
+    (["--dns-upstream", "bad_host!:53"], "--dns-upstream bad_host!:53: 'bad_host!' is not"),
+])
+def test_an_address_no_listener_could_use_is_a_flag_error(argv: list[str], message: str) -> None:
+    """999.1.1.1 went on to a DNS lookup and ended as "[Errno -2] ... Name or service not
+    known", exit 1, after the other listeners had started."""
+    proc = _gateway(*argv)
+    assert proc.returncode == 2
+    line = _one_error_line(proc)
+    assert line.startswith(message) and line.endswith("is not an IP address or a host name")
+
+
+def test_an_address_that_cannot_be_bound_is_one_line_naming_the_flag(tmp_path: Path) -> None:
+    """The admin listener's failure read "[Errno 98] error while attempting to bind on
+    address ('127.0.0.1', N): address already in use", naming no flag; an unwritable
+    access log "[Errno 2] No such file or directory: '...'"."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = _gateway("--admin-listen", f"127.0.0.1:{port}")
+        assert proc.returncode == 1
+        assert _one_error_line(proc) == f"--admin-listen 127.0.0.1:{port}: Address already in use"
+        proc = _run("controller", "--clusters-dir", str(EXAMPLES.parent / "clusters"),
+                    "--output-dir", str(tmp_path / "out"), "--log-level", "error",
+                    "--serve", f"127.0.0.1:{port}")
+        assert proc.returncode == 1
+        assert _one_error_line(proc) == f"--serve 127.0.0.1:{port}: Address already in use"
+    missing = tmp_path / "no-such-dir" / "access.log"
+    proc = _gateway("--access-log", str(missing))
+    assert proc.returncode == 1
+    assert _one_error_line(proc) == (f"--access-log {missing}: cannot open: "
+                                     "No such file or directory")
+
+
+def test_the_controller_refuses_an_unusable_serve_address_as_a_flag_error(
+        tmp_path: Path) -> None:
+    proc = _run("controller", "--clusters-dir", str(tmp_path), "--output-dir",
+                str(tmp_path / "out"), "--serve", "999.1.1.1:9902")
+    assert proc.returncode == 2
+    assert _one_error_line(proc) == ("--serve 999.1.1.1:9902: '999.1.1.1' is not an IP "
+                                     "address or a host name")
+
+
+@pytest.mark.parametrize("value", ["127.0.0.1:0", "0.0.0.0:53", "[::]:53", "[::1]:9901",
+                                   "[fe80::1%lo]:53", "localhost:9901", "gw-0.mcs.svc:53",
+                                   "node1.example.com.:53"])
+def test_addresses_and_host_names_are_still_taken(value: str) -> None:
+    from mcsproxy.config import parse_host_port
+
+    assert parse_host_port(value, "--dns-listen")[1] == int(value.rsplit(":", 1)[1])

@@ -89,7 +89,11 @@ class AccessLog:
             self._file = sys.stderr
         else:
             # Opening once at start is the only blocking file call made on the loop.
-            self._file = open(self.target, "a", encoding="utf-8")  # noqa: SIM115
+            try:
+                self._file = open(self.target, "a", encoding="utf-8")  # noqa: SIM115
+            except OSError as exc:  # the bare "[Errno 2] ... 'x/a.log'" named no flag
+                raise OSError(exc.errno, f"--access-log {self.target}: cannot open: "
+                                         f"{exc.strerror or exc}") from None
         self._tasks.append(spawn(self._writer(), name="access log writer"))
 
     async def _writer(self) -> None:
