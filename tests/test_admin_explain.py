@@ -42,7 +42,8 @@ def test_spread_over_every_cluster() -> None:
     not_ready = [e for e in out["endpoints"] if not e["eligible"]]
     assert [(e["address"], e["why"]) for e in not_ready] == [
         ("10.2.0.2", "not ready")]
-    assert any(w.startswith("Locality spread (the default") for w in out["words"])
+    assert out["words"][0] == ("Locality spread (the KEP-1645 default): one priority level "
+                               "with every cluster's endpoints, the local one included.")
     assert any("1 of 4 endpoints are not eligible" in w for w in out["words"])
 
 
@@ -100,3 +101,30 @@ def test_without_a_proxy_readiness_stands_for_health() -> None:
     assert not port["live"] and port["split"] == {"east": 100.0}
     assert any("--no-proxy" in w for w in out["words"])
     assert explain(svc, "nope", "east", CONFIG, None)["ports"] == []
+
+
+def _nested_parentheses(text: str) -> bool:
+    depth = 0
+    for ch in text:
+        depth += (ch == "(") - (ch == ")")
+        if depth > 1:
+            return True
+    return False
+
+
+def test_no_sentence_has_brackets_inside_brackets() -> None:
+    """The default's reason read "spread (the default (KEP-1645: spread over every
+    exporting cluster))": a reason in parentheses must not bring its own."""
+    spread = service([("10.0.0.1", "east", True), ("10.1.0.1", "west", True),
+                      ("10.1.0.2", "west", False)])
+    close = service([("10.0.0.1", "east", True), ("10.1.0.1", "west", True)],
+                    traffic="PreferClose")
+    annotated = ImportedService(
+        key=spread.key, type=spread.type, ips=spread.ips, ports=spread.ports,
+        endpoints=spread.endpoints, annotations={"mcsproxy.io/locality": "local-first"})
+    words = []
+    for svc in (spread, close, annotated):
+        words += explain_port(svc, PORT, "east", CONFIG, live(svc, {"10.0.0.1"}))["words"]
+        words += explain_port(svc, PORT, "east", CONFIG, None)["words"]
+    assert any("annotation mcsproxy.io/locality: local-first" in w for w in words)
+    assert [w for w in words if _nested_parentheses(w)] == []

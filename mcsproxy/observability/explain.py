@@ -24,12 +24,13 @@ from mcsproxy.upstream.upstream_set import UpstreamSet
 
 
 def locality_reason(service: ImportedService) -> str:
+    """Why the locality is what it is; the words put it in parentheses, so it has none."""
     override = service.annotations.get(LOCALITY_ANNOTATION)
     if override in ("local-first", "spread"):
         return f"annotation {LOCALITY_ANNOTATION}: {override}"
     if service.traffic_distribution == "PreferClose":
         return "trafficDistribution: PreferClose"
-    return "the default (KEP-1645: spread over every exporting cluster)"
+    return "the KEP-1645 default"
 
 
 def endpoint_why(ep: Endpoint, port: ServicePort, eligible: bool, any_ready: bool) -> str:
