@@ -94,3 +94,52 @@ async def test_controller_metrics_status_and_page(tmp_path: Path) -> None:
     finally:
         app.stop()
         await task
+
+
+def test_controller_and_gateway_expose_no_created_series(tmp_path: Path) -> None:
+    """The controller's /metrics had a `<name>_created` gauge beside every counter and
+    histogram (22 series, prometheus_client's default) that the gateway's never had.
+    Real processes: the switch is per process, so this one's state cannot hide it."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    from tests.dns_support import EXAMPLES
+
+    serve, admin = free_port(HOST), free_port(HOST)
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "mcsproxy", "controller", "--clusters-dir",
+                          str(EXAMPLES.parent / "clusters"), "--output-dir", str(tmp_path),
+                          "--serve", f"{HOST}:{serve}", "--log-level", "warning"]),
+        subprocess.Popen([sys.executable, "-m", "mcsproxy", "gateway", "--cluster-id",
+                          "cluster-a", "--source", f"controlplane:http://{HOST}:{serve}",
+                          "--dns-listen", f"{HOST}:0", "--admin-listen", f"{HOST}:{admin}",
+                          "--log-level", "warning"]),
+    ]
+
+    def scrape(port: int, family: str) -> str:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=2) as r:
+                    text = r.read().decode()
+                if family in text:
+                    return text
+            except OSError:
+                pass
+            assert all(p.poll() is None for p in procs), "a process exited"
+            assert time.monotonic() < deadline, f"no {family} on :{port}"
+            time.sleep(0.1)
+
+    try:
+        controller = scrape(serve, "mcsproxy_controller_propagation_seconds_count")
+        gateway = scrape(admin, "mcsproxy_source_connected")
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=20)
+    for text in (controller, gateway):
+        created = [line for line in text.splitlines() if "_created" in line]
+        assert created == [], created[:3]
+    assert "mcsproxy_controller_services_reconciled_total" in controller  # counters remain
