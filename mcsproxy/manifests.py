@@ -82,8 +82,13 @@ class SliceSpec:
     endpoints: tuple[Endpoint, ...]
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader whose scalar constructors report a value they cannot build at its line.
+# libyaml's parser when PyYAML was built with it (the PyPI wheels are): measured on 10,000
+# EndpointSlices of 30 endpoints (20 MB), 6.6 s against 55 s of CPU for the pure-Python one.
+_BaseLoader: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _Loader(_BaseLoader):  # type: ignore[misc,valid-type]
+    """A safe loader whose scalar constructors report a value they cannot build at its line.
 
     PyYAML resolves `2024-02-30` as a timestamp, `!!float foo` as a float, and their
     constructors raise a bare ValueError (no mark), which would escape as a crash."""
@@ -127,8 +132,12 @@ def load_yaml_documents(text: str, origin: str) -> Iterator[tuple[int, Any]]:
     loader = _Loader(text)
     line: int | None = None
     try:
+        # The pure-Python parser's mark: where a document too deep to compose starts
+        # (libyaml's parser has none, and stops at 1000 levels with a marked error).
+        mark = getattr(loader, "get_mark", None)
         while loader.check_node():
-            line = loader.get_mark().line + 1
+            if mark is not None:
+                line = mark().line + 1
             node = loader.get_node()
             if node is None:
                 continue
