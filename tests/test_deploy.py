@@ -524,6 +524,55 @@ def _listen_port(value: str | None) -> int:
     return int(value.rsplit(":", 1)[1])
 
 
+# Linux's default net.ipv4.ip_unprivileged_port_start, on a node and in a new pod network
+# namespace alike.
+UNPRIVILEGED_PORT_START = 1024
+
+
+def lowest_example_listener_port() -> int:
+    """The gateway listens on each ClusterSetIP on the import's own port (spec.ports[].port,
+    mcsproxy.proxy.manager binds it as it is): the example frontend import's is 80."""
+    return min(p.port for _, doc in example_custom_resources()
+               if doc["kind"] == "ServiceImport"
+               for p in manifests.parse_service_import(doc).ports)
+
+
+def check_binds_service_ports(w: dict[str, Any], c: dict[str, Any]) -> None:
+    """A gateway must be able to listen on any service port, 80 and 53 included: as root
+    only with CAP_NET_BIND_SERVICE (capabilities are dropped), as non-root only where the
+    pod's own network namespace lowers ip_unprivileged_port_start (not on the node's
+    network, where net.* sysctls are refused; added capabilities never reach non-root)."""
+    where = ident(w)
+    pod = w["spec"]["template"]["spec"]
+    pod_ctx = pod.get("securityContext", {})
+    ctx = c["securityContext"]
+    run_as = ctx.get("runAsUser", pod_ctx.get("runAsUser"))
+    if run_as == 0:
+        assert "NET_BIND_SERVICE" in ctx["capabilities"].get("add", ()), \
+            f"{where}: root without CAP_NET_BIND_SERVICE cannot listen on port 80"
+        return
+    sysctls = {s["name"]: s["value"] for s in pod_ctx.get("sysctls", ())}
+    start = int(sysctls.get("net.ipv4.ip_unprivileged_port_start", UNPRIVILEGED_PORT_START))
+    assert not pod.get("hostNetwork", False) and start <= 1, \
+        f"{where}: a non-root gateway cannot listen on ports below {start}"
+
+
+def test_service_ports_below_1024_need_the_bind_right() -> None:
+    assert lowest_example_listener_port() < UNPRIVILEGED_PORT_START
+    docs = [doc for _, doc in all_file_docs()]
+    for w in workloads(docs):
+        bad = copy.deepcopy(w)
+        c = containers(bad)[0]
+        if c["args"][0] != "gateway":
+            continue
+        c["securityContext"]["capabilities"]["add"] = [
+            a for a in c["securityContext"]["capabilities"].get("add", ())
+            if a != "NET_BIND_SERVICE"]
+        bad["spec"]["template"]["spec"]["securityContext"].pop("sysctls", None)
+        with pytest.raises(AssertionError, match="cannot listen on port"):
+            check_binds_service_ports(bad, c)
+
+
 def check_workload(w: dict[str, Any], docs: Any) -> None:
     where = ident(w)
     pod = w["spec"]["template"]["spec"]
@@ -540,12 +589,17 @@ def check_workload(w: dict[str, Any], docs: Any) -> None:
         assert ctx["capabilities"]["drop"] == ["ALL"], where
         added = set(ctx["capabilities"].get("add", ()))
         run_as = ctx.get("runAsUser", pod_ctx.get("runAsUser"))
+        flags = _flags(c["args"])
         if added:
-            # Only the node-network gateway manages interfaces, and added capabilities
-            # reach a process only when it runs as UID 0.
-            assert added == {"NET_ADMIN"} and host_network and run_as == 0, where
+            # Added capabilities reach a process only when it runs as UID 0.
+            assert added <= {"NET_ADMIN", "NET_BIND_SERVICE"} and run_as == 0, where
         else:
             assert run_as == 65532 and pod_ctx.get("runAsNonRoot") is True, where
+        # NET_ADMIN exactly where the gateway manages the VIP interface (node network).
+        assert ("NET_ADMIN" in added) == ("--vip-interface" in flags), where
+        assert "NET_ADMIN" not in added or host_network, where
+        if c["args"][0] == "gateway" and "--no-proxy" not in flags:
+            check_binds_service_ports(w, c)
         tmp = [m for m in c["volumeMounts"] if m["mountPath"] == "/tmp"]
         assert tmp and "emptyDir" in volumes[tmp[0]["name"]], f"{where}: /tmp not writable"
         res = c["resources"]
@@ -558,7 +612,6 @@ def check_workload(w: dict[str, Any], docs: Any) -> None:
                             ("startupProbe", "/healthz")):
             get = c[probe]["httpGet"]
             assert get["path"] == path and get["port"] in ports, f"{where} {probe}"
-        flags = _flags(c["args"])
         admin_flag = "--admin-listen" if c["args"][0] == "gateway" else "--serve"
         probe_port = ports[c["livenessProbe"]["httpGet"]["port"]]["containerPort"]
         assert _listen_port(flags[admin_flag]) == probe_port, f"{where}: probes miss {admin_flag}"
