@@ -573,6 +573,38 @@ def test_service_ports_below_1024_need_the_bind_right() -> None:
             check_binds_service_ports(bad, c)
 
 
+# How long a terminating pod keeps serving before SIGTERM, so that kube-proxy has dropped
+# it from the mcsproxy-dns Service (and routes from it) before DNS and listeners close.
+MIN_PRESTOP_S = 3
+
+
+def check_graceful_stop(w: dict[str, Any], c: dict[str, Any], docs: Any) -> None:
+    """On SIGTERM the gateway closes its listeners at once and DNS and the admin port as
+    soon as no connection is left (mcsproxy.gateway.Gateway.run/drain): a preStop sleep
+    keeps it serving while its endpoints are removed, and the grace period must cover the
+    sleep plus --drain-timeout, or the kubelet's SIGKILL cuts the drain short."""
+    where = ident(w)
+    command = c.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command")
+    assert command and command[0] == "sleep" and len(command) == 2, \
+        f"{where}: no preStop sleep before SIGTERM"
+    sleep_s = float(command[1])
+    assert sleep_s >= MIN_PRESTOP_S, f"{where}: preStop sleep {sleep_s} s is too short"
+    drain_s = gateway_config(parsed_args(w, c, docs)).proxy.drain_timeout_s
+    grace_s = w["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
+    assert grace_s > sleep_s + drain_s, \
+        f"{where}: terminationGracePeriodSeconds {grace_s} <= preStop {sleep_s} + drain {drain_s}"
+
+
+def test_graceful_stop_check_catches_a_short_grace_period() -> None:
+    docs = [doc for _, doc in all_file_docs()]
+    w = copy.deepcopy(file_docs(DEPLOY / "base/gateway/daemonset.yaml")[0])
+    c = containers(w)[0]
+    check_graceful_stop(w, c, docs)
+    c["args"].append("--drain-timeout=30")
+    with pytest.raises(AssertionError, match="terminationGracePeriodSeconds"):
+        check_graceful_stop(w, c, docs)
+
+
 def check_workload(w: dict[str, Any], docs: Any) -> None:
     where = ident(w)
     pod = w["spec"]["template"]["spec"]
@@ -600,6 +632,8 @@ def check_workload(w: dict[str, Any], docs: Any) -> None:
         assert "NET_ADMIN" not in added or host_network, where
         if c["args"][0] == "gateway" and "--no-proxy" not in flags:
             check_binds_service_ports(w, c)
+        if c["args"][0] == "gateway":
+            check_graceful_stop(w, c, docs)
         tmp = [m for m in c["volumeMounts"] if m["mountPath"] == "/tmp"]
         assert tmp and "emptyDir" in volumes[tmp[0]["name"]], f"{where}: /tmp not writable"
         res = c["resources"]
