@@ -738,6 +738,20 @@ def test_dns_service_reaches_the_gateway_dns_port() -> None:
     assert block is not None and "forward . MCSPROXY_DNS_IP:53" in block.group(1)
 
 
+def test_k3s_gets_the_stub_domain_without_replacing_its_corefile() -> None:
+    """k3s rewrites its `coredns` ConfigMap (with its NodeHosts) on every restart and
+    imports `*.server` keys of `coredns-custom`: the same server block goes there."""
+    corefile = file_docs(DEPLOY / "dns/coredns-clusterset.yaml")[0]["data"]["Corefile"]
+    stock_block = corefile[corefile.index("clusterset.local:53 {"):]
+    custom = file_docs(DEPLOY / "dns/coredns-custom-k3s.yaml")[0]
+    assert (custom["metadata"]["name"], custom["metadata"]["namespace"]) == (
+        "coredns-custom", "kube-system")
+    servers = {k: v for k, v in custom["data"].items() if k.endswith(".server")}
+    assert list(servers.values()) == [stock_block], "the k3s block differs from the stock one"
+    readme = (DEPLOY / "dns/README.md").read_text()
+    assert "coredns-custom-k3s.yaml" in readme and "k3d" in readme
+
+
 # ------------------------------------------------------------------ args vs the real CLI
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
