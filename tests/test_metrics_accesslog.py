@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -80,3 +81,66 @@ def test_text_format_quotes_what_needs_it() -> None:
                         "duration_ms": 1.5, "cluster": None})
     assert line == 'time=1970-01-01T00:00:00.000Z kind=http duration_ms=1.500 ' \
         'path="/a b\\"c" status=200'
+
+
+async def test_a_rotated_file_is_reopened(tmp_path: Path) -> None:
+    """logrotate renames the file (then maybe compresses it): records after that go to a
+    new file at the configured path, not on into the renamed one forever."""
+    path = tmp_path / "a.log"
+    log = AccessLog(str(path), "json")
+    await log.start()
+    try:
+        log.record(kind="tcp", outcome="ok", attempts=1)
+        await log.flush()
+        path.rename(tmp_path / "a.log.1")
+        log.record(kind="tcp", outcome="ok", attempts=2)
+        await log.flush()
+        path.unlink()  # removed outright (create-less rotation, an operator's rm)
+        log.record(kind="tcp", outcome="ok", attempts=3)
+        await log.flush()
+    finally:
+        await log.stop()
+    assert [json.loads(x)["attempts"] for x in (tmp_path / "a.log.1").read_text().splitlines()] \
+        == [1]
+    assert [json.loads(x)["attempts"] for x in path.read_text().splitlines()] == [3]
+    assert log.written == 3
+
+
+async def test_a_write_error_counts_what_was_lost_and_keeps_lines_whole(
+        tmp_path: Path) -> None:
+    """A full disk (here: RLIMIT_FSIZE) tears the batch being written. The records that
+    did not make it are counted dropped and never written later; the next batch starts
+    on a line of its own, so every record counted written is one whole JSON line."""
+    script = f"""
+import asyncio, json, resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+from mcsproxy.observability.accesslog import AccessLog
+async def main():
+    log = AccessLog({str(tmp_path / "a.log")!r}, "json")
+    await log.start()
+    resource.setrlimit(resource.RLIMIT_FSIZE, (3000, resource.RLIM_INFINITY))
+    for i in range(40):
+        log.record(kind="tcp", outcome="ok", attempts=i, client="127.0.0.1:1234")
+    await log.flush()
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+    for i in range(3):
+        log.record(kind="tcp", outcome="ok", attempts=100 + i)
+    await log.stop()
+    print(json.dumps([log.written, log.write_failed]))
+asyncio.run(main())
+"""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, cwd=Path(__file__).resolve().parent.parent)
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    written, failed = json.loads(out)
+    assert written + failed == 43 and failed > 0
+    good = []
+    for line in (tmp_path / "a.log").read_text().splitlines():
+        try:
+            good.append(json.loads(line)["attempts"])
+        except ValueError:
+            continue  # the one record torn by the error
+    assert len(good) == written
+    assert good[-3:] == [100, 101, 102]

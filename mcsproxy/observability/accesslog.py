@@ -4,7 +4,14 @@
 event loop only appends a tuple of fields to a bounded list; a writer task formats and
 writes batches in a worker thread, so a slow disk or a blocked stderr never stalls the
 proxy. When the list is full, records are dropped and counted
-(`mcsproxy_accesslog_dropped_total`) rather than blocking.
+(`mcsproxy_accesslog_records_total{outcome="dropped"}`) rather than blocking.
+
+A file is written with one `write(2)` per batch on an `O_APPEND` descriptor, so the
+processes of `--workers N` sharing it never interleave inside a line. Before each batch
+the path is checked: when logrotate (or anyone) has renamed or removed the file, a new
+one is opened there, so no SIGHUP or copytruncate is needed. A write that fails (full
+disk) loses the rest of its batch, counted as dropped; the next batch starts on a new
+line, so every record counted written is one whole line.
 """
 
 from __future__ import annotations
@@ -12,9 +19,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
+import threading
 import time
-from typing import IO, Any
+from typing import Any
 
 from mcsproxy.tasks import cancel_and_wait, spawn
 
@@ -70,7 +79,14 @@ class AccessLog:
         self.dropped = 0
         self.write_failed = 0
         self.written = 0
-        self._file: IO[str] | None = None
+        self._fd: int | None = None  # the file's descriptor (None: stderr, or stopped)
+        self._ident: tuple[int, int] | None = None  # its (st_dev, st_ino)
+        self._torn = False  # the last write failed mid-line
+        # One batch at a time, and never a close under a write: stop() flushes while a
+        # cancelled writer task's thread may still be writing, and a descriptor closed
+        # under it could be reused by another file the gateway opens.
+        self._lock = threading.Lock()
+        self._reopen_failed = False
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
 
@@ -85,12 +101,10 @@ class AccessLog:
             self._wake.set()
 
     async def start(self) -> None:
-        if self.target == "-":
-            self._file = sys.stderr
-        else:
+        if self.target != "-":
             # Opening once at start is the only blocking file call made on the loop.
             try:
-                self._file = open(self.target, "a", encoding="utf-8")  # noqa: SIM115
+                self._open()
             except OSError as exc:  # the bare "[Errno 2] ... 'x/a.log'" named no flag
                 raise OSError(exc.errno, f"--access-log {self.target}: cannot open: "
                                          f"{exc.strerror or exc}") from None
@@ -105,26 +119,88 @@ class AccessLog:
 
     async def flush(self) -> None:
         batch, self.pending = self.pending, []
-        if not batch or self._file is None:
+        if not batch:
             return
         await asyncio.to_thread(self._write, batch)
 
-    def _write(self, batch: list[dict[str, Any]]) -> None:
-        assert self._file is not None
-        text = "".join(self.format(r) + "\n" for r in batch)
+    def _open(self) -> None:
+        fd = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        st = os.fstat(fd)
+        self._fd, self._ident, self._torn = fd, (st.st_dev, st.st_ino), False
+
+    def _follow_rotation(self) -> None:
+        """Reopen the path when the open file is no longer the one there."""
         try:
-            self._file.write(text)
-            self._file.flush()
-        except (OSError, ValueError) as exc:
-            log.warning("access log: cannot write %d records: %s", len(batch), exc)
-            self.write_failed += len(batch)  # this thread's own counter: no race with record()
+            st = os.stat(self.target)
+            if (st.st_dev, st.st_ino) == self._ident:
+                return
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return  # cannot tell (a directory's permissions): keep the open file
+        old = self._fd
+        try:
+            self._open()
+        except OSError as exc:
+            if not self._reopen_failed:
+                log.warning("access log: %s was moved or removed and cannot be opened again "
+                            "(%s); writing on to the old file", self.target, exc)
+            self._reopen_failed = True
             return
-        self.written += len(batch)
+        self._reopen_failed = False
+        if old is not None:
+            os.close(old)
+        log.info("access log: %s was moved or removed; writing to a new file there",
+                 self.target)
+
+    def _write(self, batch: list[dict[str, Any]]) -> None:
+        # The counters are this thread's own (under the lock): no race with record().
+        with self._lock:
+            lines = [(self.format(r) + "\n").encode() for r in batch]
+            if self.target == "-":
+                try:
+                    sys.stderr.write(b"".join(lines).decode())
+                    sys.stderr.flush()
+                except (OSError, ValueError) as exc:
+                    log.warning("access log: cannot write %d records: %s", len(batch), exc)
+                    self.write_failed += len(batch)
+                    return
+                self.written += len(batch)
+                return
+            if self._fd is None:  # stopped
+                self.write_failed += len(batch)
+                return
+            self._follow_rotation()
+            prefix = b"\n" if self._torn else b""
+            data = memoryview(prefix + b"".join(lines))
+            done = 0
+            try:
+                while done < len(data):
+                    done += os.write(self._fd, data[done:])
+            except OSError as exc:
+                log.warning("access log: cannot write %d records: %s", len(batch), exc)
+                if done:
+                    self._torn = data[done - 1] != ord("\n")
+                whole, end = 0, len(prefix)
+                for line in lines:
+                    end += len(line)
+                    if end > done:
+                        break
+                    whole += 1
+                self.written += whole
+                self.write_failed += len(batch) - whole
+                return
+            self._torn = False
+            self.written += len(batch)
 
     async def stop(self) -> None:
         await cancel_and_wait(self._tasks)
         self._tasks.clear()
         await self.flush()
-        if self._file is not None and self._file is not sys.stderr:
-            self._file.close()
-        self._file = None
+        await asyncio.to_thread(self._close)  # waits for a write in flight: off the loop
+
+    def _close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+            self._fd = None
