@@ -1,6 +1,8 @@
 """deploy/grafana/mcsproxy-dashboard.json parses, and every metric it queries is in the
 gateway's or the controller's exposition after real traffic (no dashboard panel that
-can only ever say "no data" because of a renamed metric)."""
+can only ever say "no data" because of a renamed metric); every query, evaluated
+against that scrape, returns series carrying the labels its legend shows, and the
+per-cluster panels show every cluster that carried traffic, TCP or HTTP."""
 
 from __future__ import annotations
 
@@ -13,8 +15,11 @@ import yaml
 from aiohttp import ClientSession, ClientTimeout
 
 from controlplane.command import ControllerConfig, DirectoryControllerApp
+from tests.dns_support import make_query, udp_exchange
+from tests.http_support import HttpBackend, RawClient
+from tests.promql_support import evaluate
 from tests.proxy_fixtures import Backend, ask, free_port
-from tests.test_metrics_support import service_yaml, start_gateway
+from tests.test_metrics_support import parse_metrics, service_yaml, start_gateway
 from tests.test_reconcile_support import eslice, export, namespace, service
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / \
@@ -37,6 +42,13 @@ def declared(exposition: str) -> set[str]:
     return names
 
 
+def dashboard_targets() -> list[tuple[str, str, str]]:
+    """(panel title, expr, legendFormat) of every query."""
+    board = json.loads(DASHBOARD.read_text())
+    return [(p["title"], t["expr"], t.get("legendFormat", ""))
+            for p in board["panels"] if p["type"] != "row" for t in p["targets"]]
+
+
 def dashboard_queries() -> list[str]:
     board = json.loads(DASHBOARD.read_text())
     ids = [p["id"] for p in board["panels"]]
@@ -57,9 +69,14 @@ async def test_every_dashboard_metric_is_exposed(tmp_path: Path) -> None:
     wanted = {m for e in exprs for m in METRIC_RE.findall(e)}
     assert len(wanted) > 25
 
-    east = await Backend("east-1", "127.57.61.1", free_port("127.57.61.1"), "east").start()
+    # A TCP service only west serves, an HTTP one only east serves: each cluster is in
+    # one protocol's counters only.
+    west = await Backend("west-1", "127.57.61.1", free_port("127.57.61.1"), "west").start()
+    east = await HttpBackend("east-1", "127.57.62.1", "east").start()
     gw = await start_gateway(tmp_path, HOST, access_log=str(tmp_path / "access.log"),
-                             files={"web": service_yaml("web", "127.240.57.61", [east])})
+                             files={"db": service_yaml("db", "127.240.57.61", [west]),
+                                    "web": service_yaml("web", "127.240.57.62", [east],
+                                                        app_protocol="http")})
     clusters = tmp_path / "clusters"
     (clusters / "east").mkdir(parents=True)
     (clusters / "east" / "web.yaml").write_text(yaml.safe_dump_all(
@@ -70,14 +87,21 @@ async def test_every_dashboard_metric_is_exposed(tmp_path: Path) -> None:
     task = asyncio.create_task(app.serve())
     try:
         await ask("127.240.57.61", 80)
+        client = await RawClient.open("127.240.57.62", 80)
+        assert (await client.get("/")).status == 200
+        await client.close()
+        await udp_exchange(gw.dns, make_query("db.test.svc.clusterset.local"))
         async with ClientSession(timeout=ClientTimeout(total=5)) as http:
             async with http.get(gw.admin + "/metrics") as resp:
-                exposed = declared(await resp.text())
+                text = await resp.text()
+                exposed = declared(text)
             async with asyncio.timeout(10):
                 while True:
                     try:
                         async with http.get(f"http://{HOST}:{listen[1]}/metrics") as resp:
-                            exposed |= declared(await resp.text())
+                            controller = await resp.text()
+                            exposed |= declared(controller)
+                            text += controller
                             break
                     except OSError:
                         await asyncio.sleep(0.05)
@@ -86,4 +110,19 @@ async def test_every_dashboard_metric_is_exposed(tmp_path: Path) -> None:
         await task
         await gw.stop()
         await east.stop()
+        await west.stop()
     assert sorted(wanted - exposed) == []
+
+    samples = parse_metrics(text)
+    for title, expr, legend in dashboard_targets():
+        result = evaluate(expr, samples)
+        # Series made by the first conflict or failed write only.
+        assert result or title in ("Conflicts by reason", "Write errors"), \
+            f"{title}: {expr} returns nothing"
+        shown = set(re.findall(r"\{\{(\w+)\}\}", legend))
+        for series in result:
+            assert shown <= {k for k, _ in series}, f"{title}: {expr} has no {shown}"
+        # HTTP-only queries show east alone, the controller's clusters are members.
+        if "by (cluster" in expr and re.search(r"mcsproxy_(proxy|upstream)_", expr):
+            clusters = {dict(s).get("cluster") for s in result}
+            assert {"east", "west"} <= clusters, f"{title}: {expr} shows only {clusters}"
