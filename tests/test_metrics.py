@@ -141,3 +141,50 @@ async def test_connections_turned_away_by_a_limit_are_counted(tmp_path: Path) ->
             held.close()
         await gw.stop()
         await east.stop()
+
+
+async def test_counters_survive_a_service_removed_and_imported_again(tmp_path: Path) -> None:
+    """Between two scrapes a service goes and comes back (a recreated ServiceImport): the
+    series is there in both scrapes, so it must not start again from 0, and a connection
+    open across it keeps counting its bytes; nor may the per-worker total drop when a
+    service goes."""
+    east = await Backend("east-1", "127.59.1.1", free_port("127.59.1.1"), "east").start()
+    text = service_yaml("web", "127.240.59.1", [east])
+    gw = await start_gateway(tmp_path, "127.59.9.1", files={"web": text})
+    web = {"service": "test/web", "port": "web", "cluster": "east"}
+    writer: asyncio.StreamWriter | None = None
+    try:
+        for _ in range(3):
+            assert await ask("127.240.59.1", 80) == "east-1"
+        reader, writer = await asyncio.open_connection("127.240.59.1", 80)
+        assert await asyncio.wait_for(reader.readline(), 3) == b"east-1\n"
+        writer.write(b"x" * 1000 + b"\n")
+        assert len(await asyncio.wait_for(reader.readexactly(1001), 3)) == 1001
+        before = await gw.metrics()
+        assert value(before, "mcsproxy_proxy_connections_total", **web, outcome="ok") == 4
+        sent = value(before, "mcsproxy_proxy_transferred_bytes_total", **web,
+                     direction="to_upstream")
+        assert sent >= 1001
+
+        await gw.publish("web", "---\n")
+        m = await gw.metrics()
+        assert value(m, "mcsproxy_proxy_connections_total", service="test/web") == 0
+        assert value(m, "mcsproxy_proxy_worker_connections_total", worker="0") == 4
+        await gw.publish("web", text)
+        writer.write(b"y" * 500 + b"\n")  # the connection from before still flows
+        assert len(await asyncio.wait_for(reader.readexactly(501), 3)) == 501
+        assert await ask("127.240.59.1", 80) == "east-1"
+
+        after = await gw.metrics()
+        assert value(after, "mcsproxy_proxy_connections_total", **web, outcome="ok") == 5
+        assert value(after, "mcsproxy_upstream_connect_attempts_total", **web,
+                     outcome="ok") == 5
+        assert value(after, "mcsproxy_upstream_connect_duration_seconds_count", **web) == 5
+        assert value(after, "mcsproxy_proxy_worker_connections_total", worker="0") == 5
+        assert value(after, "mcsproxy_proxy_transferred_bytes_total", **web,
+                     direction="to_upstream") >= sent + 501
+    finally:
+        if writer is not None:
+            writer.close()
+        await gw.stop()
+        await east.stop()

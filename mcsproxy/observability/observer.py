@@ -17,7 +17,13 @@ from mcsproxy.model import ServiceKey, Snapshot
 from mcsproxy.observability.accesslog import AccessLog
 from mcsproxy.observability.events import EventRing
 from mcsproxy.observability.families import Families
-from mcsproxy.observability.stats import APPLY_BUCKETS, CONNECT_BUCKETS, DNS_BUCKETS, Buckets
+from mcsproxy.observability.stats import (
+    APPLY_BUCKETS,
+    CONNECT_BUCKETS,
+    DNS_BUCKETS,
+    Buckets,
+    UpstreamStats,
+)
 from mcsproxy.observability.workers import WorkerReporter, WorkerReports
 from mcsproxy.tasks import cancel_and_wait, spawn
 
@@ -29,6 +35,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("mcsproxy.observability")
 
 SOURCE_POLL_S = 1.0
+# A service port's counters from upstream sets replaced or removed are added to the
+# series as long as it comes back within this long (longer than any scrape interval).
+RETIRED_KEEP_S = 600.0
 HOST_STATES = ("healthy", "unhealthy", "ejected")
 
 
@@ -69,6 +78,17 @@ class Observer:
             if self.worker_index > 0 else None
         self._sources: dict[str, tuple[bool, bool, str | None]] = {}
         self._tasks: list[asyncio.Task[Any]] = []
+        # Counters must not go backwards while a series is exported: a service port
+        # removed and imported again between two scrapes gets a new upstream set with
+        # counters at 0, and the old set's draining connections still count into the
+        # old one. So the sets a port had are kept and summed (see _retire_upstreams).
+        self._last_upstreams: dict[UpstreamKey, UpstreamSet] = {}
+        # Per port: retired sets with connections still open (their bytes still grow),
+        # and the counters of those done, folded into one (so a port that flaps for
+        # weeks holds one object, not every set it ever had).
+        self._retired: dict[UpstreamKey, tuple[UpstreamStats, list[UpstreamSet]]] = {}
+        self._seen_at: dict[UpstreamKey, float] = {}
+        self._expired_connections = 0
 
     # -- component --------------------------------------------------------------------
     async def start(self) -> None:
@@ -270,30 +290,41 @@ class Observer:
         share = f.gauge("mcsproxy_upstream_expected_share_percent",
                         "Share of new connections each cluster is expected to receive",
                         [*svc, "cluster"])
-        total_ok = 0
+        self._retire_upstreams(proxy.upstreams)
+        total_ok = self._expired_connections
+        for ukey, (folded, sets) in self._retired.items():
+            if ukey not in proxy.upstreams:  # not exported now, but still counted below
+                total_ok += sum(cs.connections for st in (folded, *(u.stats for u in sets))
+                                for cs in st.clusters.values())
         for ukey, upstream in proxy.upstreams.items():
             labels = [str(ukey.service), port_label(ukey, snap)]
-            st = upstream.stats
-            conns.add([*labels, "none", "no_endpoint"], st.no_endpoint)
-            for outcome, n in st.unrouted.items():
-                requests.add([*labels, "none", outcome], n)
-            retries.add(labels, st.retries)
-            exhausted.add(labels, st.retry_budget_exhausted)
-            live = _live_bytes(upstream)
-            for cluster, cs in st.clusters.items():
+            folded, sets = self._retired.get(ukey, (None, []))
+            for counted in (folded, *sets, upstream):
+                if counted is None:
+                    continue
+                st = counted if isinstance(counted, UpstreamStats) else counted.stats
+                conns.add([*labels, "none", "no_endpoint"], st.no_endpoint)
+                for outcome, n in st.unrouted.items():
+                    requests.add([*labels, "none", outcome], n)
+                retries.add(labels, st.retries)
+                exhausted.add(labels, st.retry_budget_exhausted)
+                live = {} if isinstance(counted, UpstreamStats) else _live_bytes(counted)
+                for cluster, cs in st.clusters.items():
+                    cl = [*labels, cluster]
+                    conns.add([*cl, "ok"], cs.connections)
+                    conns.add([*cl, "failed"], cs.failed)
+                    total_ok += cs.connections
+                    for outcome, n in cs.attempts.items():
+                        attempts.add([*cl, outcome], n)
+                    connect_time.observe_buckets(cl, cs.connect_time)
+                    up, down = live.get(cluster, (0, 0))
+                    nbytes.add([*cl, "to_upstream"], cs.bytes_to_upstream + up)
+                    nbytes.add([*cl, "to_client"], cs.bytes_to_client + down)
+                    ejections.add(cl, cs.ejections)
+                    for outcome, n in cs.requests.items():
+                        requests.add([*cl, outcome], n)
+            for cluster in upstream.stats.clusters:
                 cl = [*labels, cluster]
-                conns.add([*cl, "ok"], cs.connections)
-                conns.add([*cl, "failed"], cs.failed)
-                total_ok += cs.connections
-                for outcome, n in cs.attempts.items():
-                    attempts.add([*cl, outcome], n)
-                connect_time.observe_buckets(cl, cs.connect_time)
-                up, down = live.get(cluster, (0, 0))
-                nbytes.add([*cl, "to_upstream"], cs.bytes_to_upstream + up)
-                nbytes.add([*cl, "to_client"], cs.bytes_to_client + down)
-                ejections.add(cl, cs.ejections)
-                for outcome, n in cs.requests.items():
-                    requests.add([*cl, outcome], n)
                 active.add(cl, 0)
                 for state in HOST_STATES:
                     endpoints.add([*cl, state], 0)
@@ -321,6 +352,33 @@ class Observer:
         f.counter("mcsproxy_proxy_worker_connections",
                   "Connections each proxy process made (how --workers share the load)",
                   ["worker"]).add([str(self.worker_index)], total_ok)
+
+
+    def _retire_upstreams(self, live: dict[UpstreamKey, UpstreamSet]) -> None:
+        """Keep the upstream sets replaced or removed since the last collection, per
+        service port, until the port has been gone for RETIRED_KEEP_S."""
+        now = time.monotonic()
+        for ukey, old in self._last_upstreams.items():
+            if live.get(ukey) is not old:
+                self._retired.setdefault(ukey, (UpstreamStats(), []))[1].append(old)
+        self._last_upstreams = dict(live)
+        for folded, sets in self._retired.values():
+            for old in [u for u in sets if not u.draining
+                        and not any(h.conns for h in u.hosts.values())]:
+                sets.remove(old)
+                folded.absorb(old.stats)
+        for ukey in live:
+            if ukey in self._retired:
+                self._seen_at[ukey] = now
+        for ukey in [k for k in self._retired if k not in live]:
+            seen = self._seen_at.setdefault(ukey, now)
+            if now - seen > RETIRED_KEEP_S:
+                # The series is long gone: its connections stay in the worker's total.
+                folded, sets = self._retired.pop(ukey)
+                self._expired_connections += sum(
+                    cs.connections for st in (folded, *(u.stats for u in sets))
+                    for cs in st.clusters.values())
+                del self._seen_at[ukey]
 
 
 def _live_bytes(upstream: UpstreamSet) -> dict[str, tuple[int, int]]:

@@ -100,6 +100,30 @@ class UpstreamStats:
             stats = self.clusters[name] = ClusterStats()
         return stats
 
+    def absorb(self, other: UpstreamStats) -> None:
+        """Add another set's counters to these (a retired upstream set's, for metrics)."""
+        self.no_endpoint += other.no_endpoint
+        self.retries += other.retries
+        self.retry_budget_exhausted += other.retry_budget_exhausted
+        _add_counts(self.unrouted, other.unrouted)
+        for name, o in other.clusters.items():
+            c = self.cluster(name)
+            _add_counts(c.attempts, o.attempts)
+            c.connections += o.connections
+            c.failed += o.failed
+            c.bytes_to_upstream += o.bytes_to_upstream
+            c.bytes_to_client += o.bytes_to_client
+            c.ejections += o.ejections
+            c.connect_time.counts = [a + b for a, b in zip(
+                c.connect_time.counts, o.connect_time.counts, strict=True)]
+            c.connect_time.sum += o.connect_time.sum
+            _add_counts(c.requests, o.requests)
+
+
+def _add_counts(into: dict[str, int], other: dict[str, int]) -> None:
+    for key, n in other.items():
+        into[key] = into.get(key, 0) + n
+
 
 # DNS ------------------------------------------------------------------------------------
 
