@@ -353,7 +353,6 @@ class Observer:
                   "Connections each proxy process made (how --workers share the load)",
                   ["worker"]).add([str(self.worker_index)], total_ok)
 
-
     def _retire_upstreams(self, live: dict[UpstreamKey, UpstreamSet]) -> None:
         """Keep the upstream sets replaced or removed since the last collection, per
         service port, until the port has been gone for RETIRED_KEEP_S."""
