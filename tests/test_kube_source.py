@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubernetes_asyncio.client import CustomObjectsApi, DiscoveryV1Api
+from kubernetes_asyncio.client import CoreV1Api, CustomObjectsApi, DiscoveryV1Api
 
 from mcsproxy.model import ServiceKey
 from mcsproxy.sources.kube import KubeSource
@@ -63,6 +63,19 @@ def karmada_slice(provider: str, orig: str, service: str, addresses: list[str],
                                     "endpointslice.kubernetes.io/managed-by":
                                         "endpointslice-dispatch-controller.karmada.io"},
                          "annotations": {"endpointslice.karmada.io/provision-cluster": provider}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "protocol": "TCP", "port": port}],
+            "endpoints": [{"addresses": [a], "conditions": {"ready": True}} for a in addresses]}
+
+
+def native_slice(name: str, service: str, addresses: list[str], namespace: str = "test",
+                 port: int = 8080) -> dict[str, Any]:
+    """A slice as kube-controller-manager writes it for a local Service with a selector."""
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": name, "namespace": namespace,
+                         "labels": {"kubernetes.io/service-name": service,
+                                    "endpointslice.kubernetes.io/managed-by":
+                                        "endpointslice-controller.k8s.io"}},
             "addressType": "IPv4",
             "ports": [{"name": "http", "protocol": "TCP", "port": port}],
             "endpoints": [{"addresses": [a], "conditions": {"ready": True}} for a in addresses]}
@@ -334,14 +347,126 @@ async def test_karmada_dispatched_slices_form_a_served_service(
         await run.until(lambda: run.endpoints() == [("member2", "10.12.0.1"),
                                                     ("member2", "10.12.0.2")])
         assert run.store.current.services[WEB].ips == (ip,)  # stable while it lives
+        # Without the MultiClusterService the dispatched slices decide, unfiltered (Karmada
+        # itself dispatches only providers' slices).
         await CustomObjectsApi(api).delete_namespaced_custom_object(
             KARMADA, "v1alpha1", "test", "multiclusterservices", "web")
+        await run.until(lambda: run.endpoints() == [("member2", "10.12.0.1"),
+                                                    ("member2", "10.12.0.2"),
+                                                    ("member9", "10.19.0.1")])
+        assert run.store.current.services[WEB].ips == (ip,)
+        for name in ("member2-web-def", "member9-web-zzz"):
+            await DiscoveryV1Api(api).delete_namespaced_endpoint_slice(name, "test")
         await run.until(lambda: WEB not in run.store.current.services)
 
     # Stable across restarts: the same set of services gets the same addresses.
     emu.put_object(multicluster_service("web", providers=["member1", "member2"]))
     async with running(emu, tmp_path, cluster_id="member3") as again:
         assert again.store.current.services[WEB].ips == (ip,)
+
+
+async def test_karmada_consumer_without_multicluster_service(
+        emu: KubeEmulator, tmp_path: Path) -> None:
+    """What a Karmada consumer member really holds: the propagated Service and the
+    providers' dispatched slices, never the MultiClusterService (Karmada does not apply it
+    to members). That is enough to serve the service."""
+    emu.put_object(local_service("web", [{"name": "http", "protocol": "TCP", "port": 80}]))
+    emu.put_object(karmada_slice("member1", "web-abc", "web", ["10.11.0.1"]))
+    emu.put_object(karmada_slice("member2", "web-def", "web", ["10.12.0.1"]))
+    # A local Service nobody dispatches slices for stays out.
+    emu.put_object(local_service("plain", [{"name": "http", "protocol": "TCP", "port": 80}]))
+    async with running(emu, tmp_path, cluster_id="member3") as run, emu.api_client() as api:
+        await run.until(lambda: WEB in run.store.current.services)
+        web = run.store.current.services[WEB]
+        assert web.type == "ClusterSetIP" and web.ips[0].startswith("127.240.")
+        assert [(p.name, p.port) for p in web.ports] == [("http", 80)]  # the Service's
+        assert run.endpoints() == [("member1", "10.11.0.1"), ("member2", "10.12.0.1")]
+        assert web.clusters == ("member1", "member2")
+        assert run.store.current.get("test", "plain") is None
+        ip = web.ips
+
+        # Slices added and removed move the endpoints; the address stays.
+        emu.put_object(karmada_slice("member1", "web-ghi", "web", ["10.11.0.2"]))
+        await run.until(lambda: ("member1", "10.11.0.2") in run.endpoints())
+        discovery = DiscoveryV1Api(api)
+        await discovery.delete_namespaced_endpoint_slice("member2-web-def", "test")
+        await run.until(lambda: run.endpoints() == [("member1", "10.11.0.1"),
+                                                    ("member1", "10.11.0.2")])
+        assert run.store.current.services[WEB].ips == ip
+
+        # The last dispatched slice gone (and the Service): no longer served.
+        await discovery.delete_namespaced_endpoint_slice("member1-web-abc", "test")
+        await discovery.delete_namespaced_endpoint_slice("member1-web-ghi", "test")
+        await CoreV1Api(api).delete_namespaced_service("web", "test")
+        await run.until(lambda: WEB not in run.store.current.services)
+        assert run.status.connected and run.status.error is None
+
+
+async def test_karmada_local_endpoints_when_also_a_provider(
+        emu: KubeEmulator, tmp_path: Path) -> None:
+    """Karmada never dispatches a cluster's slices back to itself: a provider that is also
+    a consumer gets its own endpoints from the Service's native slices, tagged with its
+    own cluster id, so local-first and failover work."""
+    emu.put_object(local_service("web", [{"name": "http", "protocol": "TCP", "port": 80}],
+                                 trafficDistribution="PreferClose"))
+    emu.put_object(native_slice("web-x1", "web", ["10.10.0.1"]))
+    emu.put_object(karmada_slice("member2", "web-def", "web", ["10.12.0.1"]))
+    # Native slices of a Service Karmada serves nothing for stay out.
+    emu.put_object(native_slice("plain-x1", "plain", ["10.10.0.9"]))
+    async with running(emu, tmp_path, cluster_id="member1") as run, emu.api_client() as api:
+        await run.until(lambda: WEB in run.store.current.services)
+        assert run.endpoints() == [("member1", "10.10.0.1"), ("member2", "10.12.0.1")]
+        assert run.store.current.services[WEB].traffic_distribution == "PreferClose"
+        assert run.store.current.get("test", "plain") is None
+        # Local endpoints follow the native slices.
+        emu.put_object(native_slice("web-x1", "web", ["10.10.0.1", "10.10.0.2"]))
+        await run.until(lambda: ("member1", "10.10.0.2") in run.endpoints())
+        # A propagated MultiClusterService that does not list this cluster as a provider
+        # leaves the local endpoints out.
+        emu.put_object(multicluster_service("web", providers=["member2"]))
+        await run.until(lambda: run.endpoints() == [("member2", "10.12.0.1")])
+        await CustomObjectsApi(api).delete_namespaced_custom_object(
+            KARMADA, "v1alpha1", "test", "multiclusterservices", "web")
+        await run.until(lambda: len(run.endpoints()) == 3)
+        # Local endpoints alone do not make a Karmada service: the name goes with the last
+        # dispatched slice.
+        await DiscoveryV1Api(api).delete_namespaced_endpoint_slice("member2-web-def", "test")
+        await run.until(lambda: WEB not in run.store.current.services)
+
+
+async def test_karmada_without_multicluster_services_oldest_service_keeps_the_address(
+        emu: KubeEmulator, tmp_path: Path) -> None:
+    """No MultiClusterService to date them: the Services' creationTimestamps order the
+    allocation, so colliding hashes resolve the same way across restarts, whatever order
+    the slices are listed in."""
+    names = [f"svc{i}" for i in range(5)]
+    for i, name in enumerate(reversed(names)):
+        emu.put_object({**local_service(name, [{"name": "http", "protocol": "TCP",
+                                                "port": 80}]),
+                        "metadata": {"name": name, "namespace": "test",
+                                     "creationTimestamp": f"2024-01-0{i + 1}T00:00:00Z"}})
+    for name in names:
+        emu.put_object(karmada_slice("member1", f"{name}-abc", name, ["10.11.0.1"]))
+    async with running(emu, tmp_path, clusterset_cidr="127.240.7.0/29") as run:
+        await run.until(lambda: all(run.store.current.get("test", n) for n in names))
+        first = {n: run.store.current.get("test", n).ips for n in names}
+        assert len({ips for ips in first.values()}) == 5
+    async with running(emu, tmp_path, clusterset_cidr="127.240.7.0/29") as run:
+        await run.until(lambda: all(run.store.current.get("test", n) for n in names))
+        assert {n: run.store.current.get("test", n).ips for n in names} == first
+
+
+async def test_karmada_member_without_the_multicluster_service_crd(tmp_path: Path) -> None:
+    """A member without Karmada's networking CRD (404 on the group) still serves the
+    dispatched slices."""
+    async with KubeEmulator() as emu:
+        emu.store.types.pop((KARMADA, "v1alpha1", "multiclusterservices"), None)
+        emu.put_object(local_service("web", [{"name": "http", "protocol": "TCP", "port": 80}]))
+        emu.put_object(karmada_slice("member1", "web-abc", "web", ["10.11.0.1"]))
+        async with running(emu, tmp_path, cluster_id="member3") as run:
+            await run.until(lambda: WEB in run.store.current.services)
+            assert run.endpoints() == [("member1", "10.11.0.1")]
+            assert run.status.connected and run.status.error is None
 
 
 async def test_karmada_ports_from_slices_and_consumers(

@@ -8,11 +8,14 @@ resume, bookmarks, 410 relist with a diff, backoff with jitter):
   one version is watched, never both (that would see every import twice).
 - EndpointSlices labelled `multicluster.kubernetes.io/service-name` (server-side label
   selector: the cluster's own slices never reach the gateway).
-- Karmada: MultiClusterServices (`networking.karmada.io/v1alpha1`), the slices Karmada's
-  dispatch controller writes (selected by their managed-by label) and, once a
-  MultiClusterService exists, Services (for ports); see kube_karmada.py. A cluster
-  without Karmada answers 404 for MultiClusterServices, which counts as none; it is asked
-  again every minute, so installing Karmada later needs no restart.
+- Karmada: the slices Karmada's dispatch controller writes (selected by their managed-by
+  label), MultiClusterServices (`networking.karmada.io/v1alpha1`; optional: Karmada does
+  not put them in the members, some installs do) and, once the first Karmada service
+  appears, Services (for ports) and the cluster's own EndpointSlices (managed-by
+  `endpointslice-controller.k8s.io`: the local endpoints of a cluster that is also a
+  provider); see kube_karmada.py. A cluster without the Karmada CRD answers 404 for
+  MultiClusterServices, which counts as none; it is asked again every minute, so
+  installing it later needs no restart.
 
 Every object goes through mcsproxy.manifests; one that does not validate is logged with
 its name and skipped, and its last good version keeps serving. Changes are committed to
@@ -64,6 +67,7 @@ from mcsproxy.model import ServiceKey
 from mcsproxy.sources.kube_karmada import (
     KARMADA_GROUP,
     KARMADA_SLICE_SELECTOR,
+    NATIVE_SLICE_SELECTOR,
     KarmadaServices,
 )
 from mcsproxy.sources.kube_watch import Handler, Obj, Reflector, Resource, WatchTimings
@@ -79,6 +83,7 @@ IMPORTS = Resource(MCS_GROUP, MCS_VERSIONS, "serviceimports")
 MCS_SLICES = Resource("discovery.k8s.io", ("v1",), "endpointslices", LABEL_SERVICE_NAME)
 KARMADA_SLICES = Resource("discovery.k8s.io", ("v1",), "endpointslices",
                           KARMADA_SLICE_SELECTOR)
+NATIVE_SLICES = Resource("discovery.k8s.io", ("v1",), "endpointslices", NATIVE_SLICE_SELECTOR)
 MULTICLUSTER_SERVICES = Resource(KARMADA_GROUP, ("v1alpha1",), "multiclusterservices")
 SERVICES = Resource("", ("v1",), "services")
 
@@ -197,7 +202,7 @@ class KubeSource:
         status.connected = False
         self.karmada = KarmadaServices(store, self.name, self.cluster_id, self.allocator,
                                        changed=self.changed, reject=self.reject)
-        self.karmada.on_first_mcs = self._start_services
+        self.karmada.on_first_service = self._start_services
         try:
             self._api = await self._client(status)
             k = self.karmada
@@ -247,12 +252,15 @@ class KubeSource:
         self._tasks.append(spawn(reflector.run(), name=f"kube watch {resource.describe()}"))
 
     def _start_services(self) -> None:
-        """Services are watched only once a MultiClusterService needs their ports."""
+        """Services and the cluster's own slices are watched only once a Karmada service
+        (a dispatched slice or a MultiClusterService) needs their ports and endpoints."""
         assert self.karmada is not None
-        self.karmada.on_first_mcs = None
+        self.karmada.on_first_service = None
         k = self.karmada
         self._start(SERVICES, CallbackHandler(k.service_replace, k.service_upsert,
                                               k.service_delete))
+        self._start(NATIVE_SLICES, CallbackHandler(k.local_replace, k.local_upsert,
+                                                   k.local_delete))
 
     # -- state -----------------------------------------------------------------------
     def reject(self, message: str) -> None:
@@ -274,7 +282,7 @@ class KubeSource:
         """Something reached the store: commit soon, once for the whole burst.
 
         Gated on the first sync only, not on every watch being synced now: a watch started
-        later (Services, for the first MultiClusterService) may take long or keep failing
+        later (Services, for the first Karmada service) may take long or keep failing
         to list, and that must not hold back every other change.
         """
         if self._commit_handle is None and self._synced_once:

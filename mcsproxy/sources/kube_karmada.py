@@ -1,29 +1,49 @@
-"""Karmada MultiClusterServices as imported services, for the kube source.
+"""Karmada's cross-cluster services as imported services, for the kube source.
 
-Karmada (`networking.karmada.io/v1alpha1` MultiClusterService, `types: [CrossCluster]`)
-dispatches each provider cluster's EndpointSlices into the consumer clusters, named
+Karmada (`networking.karmada.io/v1alpha1` MultiClusterService, `types: [CrossCluster]`,
+on the Karmada API server) propagates the Service to its provider and consumer clusters
+and dispatches each provider's EndpointSlices into the consumers, named
 `<providerCluster>-<origName>`, labelled `kubernetes.io/service-name=<svc>` and
 `endpointslice.kubernetes.io/managed-by=endpointslice-dispatch-controller.karmada.io`,
-annotated `endpointslice.karmada.io/provision-cluster=<providerCluster>`. Karmada gives
-such a service no clusterset name, no ClusterSetIP and no health checks; this module makes
-each one an imported service like a ServiceImport would:
+annotated `endpointslice.karmada.io/provision-cluster=<providerCluster>`. The
+MultiClusterService itself is not applied to the members (its Work to the providers is
+`propagation.karmada.io/instruction: suppressed`), and a cluster's own slices are never
+dispatched back to it. Karmada gives such a service no clusterset name, no ClusterSetIP
+and no health checks; this module makes each one an imported service like a ServiceImport
+would, from what a consumer member really has:
 
-- served while a CrossCluster MultiClusterService of that name exists in this cluster and
-  lists this cluster as a consumer (or lists none), and no real ServiceImport of that name
-  exists (a ServiceImport, written by an MCS controller, wins);
-- endpoints: the dispatched slices of the MultiClusterService's provider clusters (all of
-  them when it lists none), each endpoint tagged with its provider cluster;
+- served while Karmada has dispatched at least one slice of that name into this cluster
+  and no real ServiceImport of that name exists (a ServiceImport, written by an MCS
+  controller, wins). When the last dispatched slice goes, the service goes. A cluster
+  that is the *only* provider gets no dispatched slice, so the name is not served there
+  (its own clients reach the Service by its cluster name);
+- a MultiClusterService in this cluster is optional (some installs propagate it): while
+  one of that name exists it decides instead, as before: served while it is CrossCluster
+  and lists this cluster as a consumer (or lists none), even with no slice yet, and only
+  its provider clusters' slices count (all when it lists none);
+- endpoints: the dispatched slices, each endpoint tagged with its provider cluster, plus
+  this cluster's own endpoints: the local Service's native slices (managed-by
+  `endpointslice-controller.k8s.io`), tagged with `--cluster-id`, so that local-first
+  (`trafficDistribution: PreferClose`) and failover between local and remote work when
+  this cluster is also a provider. Without a MultiClusterService the provider list is
+  unknown: a cluster whose own Service has endpoints is taken for a provider (a consumer
+  that runs no backends has empty native slices, which add nothing). With one, the local
+  endpoints count only when it lists this cluster as a provider (or lists none);
 - ports, headlessness, session affinity, traffic distribution and IP families from the
   local Service of that name when there is one (Karmada propagates it to consumers),
-  else the ports the slices carry. A service is served only once Services have been
-  listed (the watch starts with the first MultiClusterService): while that list fails,
-  Karmada's services wait and the error is in the source status, the rest is published;
+  else the ports the slices carry; `mcsproxy.io/` annotations from the MultiClusterService
+  when there is one, else from the Service. A service is served only once Services,
+  native slices and MultiClusterServices have all been listed (the first two watches start
+  with the first Karmada service; a cluster without the Karmada CRD lists no
+  MultiClusterService, which is fine): while a list fails, Karmada's services wait and the
+  error is in the source status, the rest is published;
 - a ClusterSetIP per family allocated from `--clusterset-cidr`
   (mcsproxy.clustersetip: starts at a hash of namespace/name, probes past taken
-  addresses). MultiClusterServices are allocated in order of creationTimestamp, so an
-  older service keeps its address against a newer one that hashes to the same slot,
-  also across restarts. The address is stable while the gateway runs; it moves only
-  when a hash collision's older owner was deleted and the gateway restarts.
+  addresses). Services are allocated oldest first, by the creationTimestamp of the
+  MultiClusterService if there is one, else of the local Service, else of the oldest
+  dispatched slice, so an older service keeps its address against a newer one that hashes
+  to the same slot, also across restarts. The address is stable while the gateway runs;
+  it moves only when a hash collision's older owner was deleted and the gateway restarts.
 
 The import goes through mcsproxy.manifests like every other object, so a Service whose
 ports do not validate is rejected with the same messages. Each change costs work for its
@@ -33,7 +53,7 @@ own service key only.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +74,11 @@ KARMADA_MANAGER = "endpointslice-dispatch-controller.karmada.io"
 KARMADA_SLICE_SELECTOR = f"{LABEL_MANAGED_BY}={KARMADA_MANAGER}"
 ANNOTATION_PROVISION_CLUSTER = "endpointslice.karmada.io/provision-cluster"
 LABEL_K8S_SERVICE_NAME = "kubernetes.io/service-name"
+# The cluster's own slices, written by kube-controller-manager for Services with a selector.
+NATIVE_MANAGER = "endpointslice-controller.k8s.io"
+NATIVE_SLICE_SELECTOR = f"{LABEL_MANAGED_BY}={NATIVE_MANAGER}"
+# Of a Service's annotations (when no MultiClusterService carries them), only ours.
+OWN_ANNOTATION_PREFIX = "mcsproxy.io/"
 # Store ids of what this module writes; distinct kinds so they never collide with the
 # ServiceImports and MCS-labelled slices of the same names.
 KIND_IMPORT = "MultiClusterService"
@@ -115,18 +140,24 @@ def parse_mcs(obj: Obj) -> tuple[ServiceKey, McsInfo]:
 
 def service_fields(obj: Obj) -> tuple[ServiceKey, dict[str, Any]]:
     """Only what a ServiceImport copies from a Service: a small copy per Service."""
-    key, _ = _key(obj)
+    key, created = _key(obj)
     spec = obj.get("spec") or {}
     if not isinstance(spec, Mapping):
         raise ManifestError(f"Service {key}: spec must be a mapping")
     kept = {f: spec[f] for f in ("ports", "sessionAffinity", "sessionAffinityConfig",
                                  "trafficDistribution", "ipFamilies") if f in spec}
     kept["headless"] = spec.get("clusterIP") == "None"
+    kept["created"] = created
+    annotations = (obj.get("metadata") or {}).get("annotations") or {}
+    if isinstance(annotations, Mapping):
+        kept["annotations"] = {k: v for k, v in annotations.items()
+                               if isinstance(k, str) and k.startswith(OWN_ANNOTATION_PREFIX)}
     return key, kept
 
 
 class KarmadaServices:
-    """MultiClusterServices, local Services and dispatched slices → store objects."""
+    """Dispatched slices, local Services, native slices and (optional) MultiClusterServices
+    → store objects."""
 
     def __init__(self, store: SnapshotStore, source: str, cluster_id: str,
                  allocator: ClusterSetIPAllocator, *, changed: Callable[[], None],
@@ -139,16 +170,64 @@ class KarmadaServices:
         self.reject = reject
         self.mcs: dict[ServiceKey, McsInfo] = {}
         self.services: dict[ServiceKey, dict[str, Any]] = {}
+        # Dispatched slices: per service key, slice name → spec; their creationTimestamps.
         self.slices: dict[ServiceKey, dict[str, SliceSpec]] = defaultdict(dict)
         self.slice_keys: dict[tuple[str, str], ServiceKey] = {}  # (ns, slice name) → key
+        self.slice_created: dict[tuple[str, str], str] = {}
+        # The cluster's own (native) slices: per service key, slice name → spec, or the
+        # error of a version that did not validate (reported only for served keys).
+        self.local: dict[ServiceKey, dict[str, SliceSpec]] = defaultdict(dict)
+        self.local_keys: dict[tuple[str, str], ServiceKey] = {}
+        self.local_errors: dict[tuple[str, str], str] = {}
         self.real_imports: set[ServiceKey] = set()  # keys a ServiceImport serves
         self._written: dict[ServiceKey, set[ObjectId]] = {}
-        self.on_first_mcs: Callable[[], None] | None = None
+        # Called once, with the first Karmada service (a MultiClusterService or a
+        # dispatched slice): starts the Services and native slices watches.
+        self.on_first_service: Callable[[], None] | None = None
         self.services_listed = False  # the Services watch has listed once
+        self.local_listed = False  # the native slices watch has listed once
+        self.mcs_listed = False  # MultiClusterServices listed once (or found not served)
 
     @property
     def served(self) -> int:
         return len(self._written)
+
+    @property
+    def ready(self) -> bool:
+        """Everything a service's import is made of has been listed once."""
+        return self.services_listed and self.local_listed and self.mcs_listed
+
+    def _keys(self) -> set[ServiceKey]:
+        """Every key Karmada may serve: a MultiClusterService's or a dispatched slice's."""
+        return self.mcs.keys() | self.slices.keys()
+
+    def _created(self, key: ServiceKey) -> str:
+        mcs = self.mcs.get(key)
+        if mcs is not None and mcs.created:
+            return mcs.created
+        service = self.services.get(key)
+        if service and service.get("created"):
+            return str(service["created"])
+        return min((self.slice_created.get((key.namespace, n), "")
+                    for n in self.slices.get(key, {})), default="")
+
+    def _oldest_first(self, keys: Iterable[ServiceKey]) -> list[ServiceKey]:
+        # On a hash collision the older service keeps the address.
+        return sorted(keys, key=lambda k: (self._created(k), k))
+
+    def _first_service(self) -> None:
+        if self.on_first_service is not None:
+            self.on_first_service()
+
+    def _listed(self, flag: str) -> bool:
+        """Mark one watch listed; True when that made everything ready (release all)."""
+        was_ready = self.ready
+        setattr(self, flag, True)
+        if self.ready and not was_ready:
+            for key in self._oldest_first(self._keys()):
+                self.refresh(key)
+            return True
+        return False
 
     # -- handlers (see kube_watch.Handler) -------------------------------------------
     def mcs_upsert(self, obj: Obj) -> None:
@@ -159,8 +238,7 @@ class KarmadaServices:
             return
         if self.mcs.get(key) != info:
             self.mcs[key] = info
-            if self.on_first_mcs is not None:
-                self.on_first_mcs()
+            self._first_service()
             self.refresh(key)
 
     def mcs_delete(self, obj: Obj) -> None:
@@ -179,17 +257,20 @@ class KarmadaServices:
                 parsed.append(parse_mcs(obj))
             except ManifestError as exc:
                 self._reject(exc)
-        if parsed and self.on_first_mcs is not None:
-            self.on_first_mcs()
-        # Oldest first: on a hash collision the older service keeps the address.
-        for key, info in sorted(parsed, key=lambda p: (p[1].created, p[0])):
+        if parsed:
+            self._first_service()
+        touched = set()
+        for key, info in parsed:
             seen.add(key)
             if self.mcs.get(key) != info:
                 self.mcs[key] = info
-                self.refresh(key)
+                touched.add(key)
         for key in [k for k in self.mcs if k not in seen]:
             del self.mcs[key]
-            self.refresh(key)
+            touched.add(key)
+        if not self._listed("mcs_listed"):
+            for key in self._oldest_first(touched):
+                self.refresh(key)
 
     def service_upsert(self, obj: Obj) -> None:
         try:
@@ -199,17 +280,15 @@ class KarmadaServices:
             return
         if self.services.get(key) != fields:
             self.services[key] = fields
-            if key in self.mcs:
+            if key in self._keys():
                 self.refresh(key)
 
     def service_delete(self, obj: Obj) -> None:
         key, _ = _key(obj)
-        if self.services.pop(key, None) is not None and key in self.mcs:
+        if self.services.pop(key, None) is not None and key in self._keys():
             self.refresh(key)
 
     def service_replace(self, objects: Sequence[Obj]) -> None:
-        first = not self.services_listed
-        self.services_listed = True
         fresh: dict[ServiceKey, dict[str, Any]] = {}
         for obj in objects:
             try:
@@ -221,11 +300,11 @@ class KarmadaServices:
         touched = {k for k in self.services.keys() | fresh.keys()
                    if self.services.get(k) != fresh.get(k)}
         self.services = fresh
-        # The first list releases every service waiting for it (see refresh); oldest
-        # first, as in mcs_replace, so a hash collision leaves the older one its address.
-        keys = self.mcs.keys() if first else touched & self.mcs.keys()
-        for key in sorted(keys, key=lambda k: (self.mcs[k].created, k)):
-            self.refresh(key)
+        # The first list (with the others) releases every service waiting for it (see
+        # refresh), oldest first.
+        if not self._listed("services_listed"):
+            for key in self._oldest_first(touched & self._keys()):
+                self.refresh(key)
 
     def slice_upsert(self, obj: Obj) -> None:
         parsed = self._parse_slice(obj)
@@ -241,6 +320,8 @@ class KarmadaServices:
         if self.slices[key].get(name) != spec:
             self.slices[key][name] = spec
             self.slice_keys[(key.namespace, name)] = key
+            self.slice_created[(key.namespace, name)] = _key(obj)[1]
+            self._first_service()
             self.refresh(key)
 
     def slice_delete(self, obj: Obj) -> None:
@@ -278,6 +359,7 @@ class KarmadaServices:
 
     def _drop_slice(self, ns: str, name: str) -> None:
         key = self.slice_keys.pop((ns, name), None)
+        self.slice_created.pop((ns, name), None)
         if key is None:
             return
         slices = self.slices.get(key)
@@ -287,6 +369,64 @@ class KarmadaServices:
                 del self.slices[key]
         self.refresh(key)
 
+    # The cluster's own slices (NATIVE_SLICE_SELECTOR): every Service's, as kube-proxy
+    # watches them; they matter only for the keys Karmada serves.
+    def local_upsert(self, obj: Obj) -> None:
+        meta = obj.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        ns, name = str(meta.get("namespace") or "default"), str(meta.get("name"))
+        svc = labels.get(LABEL_K8S_SERVICE_NAME) if isinstance(labels, Mapping) else None
+        key = ServiceKey(ns, svc) if isinstance(svc, str) and svc else None
+        old_key = self.local_keys.get((ns, name))
+        if old_key is not None and old_key != key:
+            self._drop_local(ns, name)
+        if key is None:
+            return
+        try:
+            spec = parse_endpoint_slice(obj, service_name=key.name, cluster=self.cluster_id)
+        except ManifestError as exc:
+            # The last good version stays; reported when the key is served (refresh).
+            self.local_errors[(ns, name)] = str(exc)
+            self.local_keys.setdefault((ns, name), key)
+            if key in self._written:
+                self.reject(str(exc))
+            return
+        self.local_errors.pop((ns, name), None)
+        if spec is None:
+            self._drop_local(ns, name)
+            return
+        self.local_keys[(ns, name)] = key
+        if self.local[key].get(name) != spec:
+            self.local[key][name] = spec
+            if key in self._keys():
+                self.refresh(key)
+
+    def local_delete(self, obj: Obj) -> None:
+        meta = obj.get("metadata") or {}
+        self._drop_local(str(meta.get("namespace") or "default"), str(meta.get("name")))
+
+    def local_replace(self, objects: Sequence[Obj]) -> None:
+        seen: set[tuple[str, str]] = set()
+        for obj in objects:
+            meta = obj.get("metadata") or {}
+            seen.add((str(meta.get("namespace") or "default"), str(meta.get("name"))))
+            self.local_upsert(obj)
+        for ns, name in [k for k in self.local_keys if k not in seen]:
+            self._drop_local(ns, name)
+        self._listed("local_listed")
+
+    def _drop_local(self, ns: str, name: str) -> None:
+        key = self.local_keys.pop((ns, name), None)
+        self.local_errors.pop((ns, name), None)
+        if key is None:
+            return
+        slices = self.local.get(key)
+        if slices is not None and slices.pop(name, None) is not None:
+            if not slices:
+                del self.local[key]
+            if key in self._keys():
+                self.refresh(key)
+
     def set_real_import(self, key: ServiceKey, present: bool) -> None:
         if present == (key in self.real_imports):
             return
@@ -294,7 +434,7 @@ class KarmadaServices:
             self.real_imports.add(key)
         else:
             self.real_imports.discard(key)
-        if key in self.mcs:
+        if key in self._keys():
             self.refresh(key)
 
     def _reject(self, exc: ManifestError) -> None:
@@ -304,19 +444,33 @@ class KarmadaServices:
     def refresh(self, key: ServiceKey) -> None:
         """Write (or remove) the import and slices of `key`: work for this key only."""
         mcs = self.mcs.get(key)
+        dispatched = self.slices.get(key, {})
+        if mcs is not None:  # a local MultiClusterService decides
+            providers = mcs.providers
+            wanted_here = mcs.cross_cluster and (mcs.consumers is None
+                                                 or self.cluster_id in mcs.consumers)
+        else:  # what Karmada really leaves in a consumer: the dispatched slices
+            providers = None
+            wanted_here = bool(dispatched)
         wanted: dict[ObjectId, Any] = {}
-        if (mcs is not None and mcs.cross_cluster and key not in self.real_imports
-                and (mcs.consumers is None or self.cluster_id in mcs.consumers)):
-            if not self.services_listed:
+        if wanted_here and key not in self.real_imports:
+            if not self.ready:
                 # Its ports may come from a local Service not seen yet: serve nothing rather
-                # than ports that may be wrong until the Services watch has listed.
+                # than ports that may be wrong until everything has been listed.
                 return
-            slices = {n: s for n, s in self.slices.get(key, {}).items()
-                      if mcs.providers is None or s.cluster in mcs.providers}
+            slices = {n: s for n, s in dispatched.items()
+                      if s.cluster != self.cluster_id
+                      and (providers is None or s.cluster in providers)}
+            if providers is None or self.cluster_id in providers:
+                slices.update(self.local.get(key, {}))
+                for (ns, name), error in self.local_errors.items():
+                    if self.local_keys.get((ns, name)) == key:
+                        self.reject(error)
             try:
                 spec = parse_service_import(self._import_object(key, mcs, slices))
             except (ManifestError, AllocationError) as exc:
-                self._reject(ManifestError(f"MultiClusterService {key}: {exc}"))
+                what = "MultiClusterService" if mcs is not None else "Karmada service"
+                self._reject(ManifestError(f"{what} {key}: {exc}"))
                 return  # whatever was served for the key stays
             wanted[ObjectId(self.source, KIND_IMPORT, key.namespace, key.name)] = spec
             for name, slice_spec in slices.items():
@@ -333,7 +487,7 @@ class KarmadaServices:
             self._written.pop(key, None)
         self.changed()
 
-    def _import_object(self, key: ServiceKey, mcs: McsInfo,
+    def _import_object(self, key: ServiceKey, mcs: McsInfo | None,
                        slices: Mapping[str, SliceSpec]) -> dict[str, Any]:
         service = self.services.get(key, {})
         headless = bool(service.get("headless"))
@@ -362,7 +516,8 @@ class KarmadaServices:
         clusters = sorted({s.cluster for s in slices.values()})
         return {
             "metadata": {"name": key.name, "namespace": key.namespace,
-                         "annotations": mcs.annotations},
+                         "annotations": (mcs.annotations if mcs is not None
+                                         else service.get("annotations") or {})},
             "spec": spec,
             "status": {"clusters": [{"cluster": c} for c in clusters]},
         }
