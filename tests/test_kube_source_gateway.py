@@ -11,10 +11,16 @@ import pytest
 
 from mcsproxy.config import AdminConfig, DnsConfig, GatewayConfig, HealthConfig, ProxyConfig
 from mcsproxy.gateway import Gateway
+from mcsproxy.model import ServiceKey
 from tests.kube_emulator import KubeEmulator
 from tests.proxy_fixtures import Backend, ask, free_port
 from tests.test_controller import dns_a
-from tests.test_kube_source import karmada_slice, local_service, multicluster_service
+from tests.test_kube_source import (
+    karmada_slice,
+    local_service,
+    multicluster_service,
+    native_slice,
+)
 
 HOST = "127.50.0.1"
 NAME = "web.test.svc.clusterset.local"
@@ -84,4 +90,75 @@ async def test_karmada_service_served_with_failover_and_static_stability(
         finally:
             await gateway.stop()
             await west.stop()
+            await north.stop()
+
+
+def gateway_config(cluster_id: str) -> GatewayConfig:
+    return GatewayConfig(
+        cluster_id=cluster_id, sources=("kube",), clusterset_cidr="127.240.50.0/24",
+        dns=DnsConfig(listen=(HOST, free_port(HOST, socket.SOCK_DGRAM))),
+        admin=AdminConfig(listen=(HOST, free_port(HOST))),
+        proxy=ProxyConfig(health=HealthConfig(interval_s=0.2, timeout_s=0.2,
+                                              healthy_threshold=1, unhealthy_threshold=1)))
+
+
+async def serving_ip(gateway: Gateway, config: GatewayConfig) -> str:
+    async with asyncio.timeout(5):
+        await gateway.store.loaded.wait()
+        while ServiceKey("test", "web") not in gateway.store.current.services:
+            await asyncio.sleep(0.02)
+    [ip] = await dns_a(config.dns.listen, NAME)
+    assert gateway.proxy is not None
+    await asyncio.wait_for(gateway.proxy.wait_applied(gateway.store.current.version), 5)
+    return ip
+
+
+async def test_karmada_consumer_served_without_a_multicluster_service(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A consumer member as Karmada leaves it: the propagated Service and the providers'
+    dispatched slices, no MultiClusterService. DNS answers and connections reach both."""
+    west = await Backend("west-1", "127.50.1.1", free_port("127.50.1.1"), "member1").start()
+    north = await Backend("north-1", "127.50.2.1", free_port("127.50.2.1"), "member2").start()
+    async with KubeEmulator(bookmark_interval=0.1) as emu:
+        emu.put_object(local_service("web", [{"name": "http", "protocol": "TCP", "port": 80}]))
+        emu.put_object(karmada_slice("member1", "web-a", "web", [west.host], port=west.port))
+        emu.put_object(karmada_slice("member2", "web-b", "web", [north.host], port=north.port))
+        monkeypatch.setenv("KUBECONFIG", str(emu.kubeconfig(tmp_path / "kubeconfig")))
+        config = gateway_config("member3")
+        gateway = Gateway(config)
+        await gateway.start()
+        try:
+            ip = await serving_ip(gateway, config)
+            assert ip.startswith("127.240.50.")
+            assert {await ask(ip, 80) for _ in range(6)} == {"west-1", "north-1"}
+        finally:
+            await gateway.stop()
+            await west.stop()
+            await north.stop()
+
+
+async def test_karmada_provider_and_consumer_prefers_its_own_endpoints(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A member that is provider and consumer: its own endpoints (the Service's native
+    slices; Karmada never dispatches them back) are local, so PreferClose stays local and
+    fails over to the dispatched provider when they fail."""
+    local = await Backend("local-1", "127.50.1.1", free_port("127.50.1.1"), "member1").start()
+    north = await Backend("north-1", "127.50.2.1", free_port("127.50.2.1"), "member2").start()
+    async with KubeEmulator(bookmark_interval=0.1) as emu:
+        emu.put_object(local_service("web", [{"name": "http", "protocol": "TCP", "port": 80}],
+                                     trafficDistribution="PreferClose"))
+        emu.put_object(native_slice("web-x1", "web", [local.host], port=local.port))
+        emu.put_object(karmada_slice("member2", "web-b", "web", [north.host], port=north.port))
+        monkeypatch.setenv("KUBECONFIG", str(emu.kubeconfig(tmp_path / "kubeconfig")))
+        config = gateway_config("member1")
+        gateway = Gateway(config)
+        await gateway.start()
+        try:
+            ip = await serving_ip(gateway, config)
+            assert {await ask(ip, 80) for _ in range(6)} == {"local-1"}
+            await local.stop()  # the local cluster fails: the remote provider takes over
+            assert {await ask(ip, 80) for _ in range(6)} == {"north-1"}
+        finally:
+            await gateway.stop()
+            await local.stop()
             await north.stop()
