@@ -752,6 +752,115 @@ def test_k3s_gets_the_stub_domain_without_replacing_its_corefile() -> None:
     assert "coredns-custom-k3s.yaml" in readme and "k3d" in readme
 
 
+# ------------------------------------------------------------------- the DNS port itself
+
+# Ports a Kubernetes node's own software commonly holds. The gateway DaemonSet listens on
+# the node's network, so its DNS port must avoid every one of them, or its bind fails
+# with EADDRINUSE and the DaemonSet crash-loops on that node.
+NODE_HELD_PORTS: dict[int, str] = {
+    53: "DNS (systemd-resolved, dnsmasq)", 5353: "mDNS (avahi-daemon, systemd-resolved)",
+    5355: "LLMNR (systemd-resolved)", 9153: "CoreDNS metrics", 9253: "node-local-dns metrics",
+    179: "BGP (Calico)", 2379: "etcd", 2380: "etcd peers", 6443: "kube-apiserver",
+    4789: "VXLAN", 8472: "VXLAN (flannel, Cilium)", 6081: "Geneve",
+    9099: "Calico felix health", 9100: "node exporter", 4240: "Cilium health",
+    4244: "Hubble", 9962: "Cilium metrics", 9963: "Cilium operator metrics",
+    9964: "Cilium Envoy metrics", 9901: "the gateway's own admin port",
+    **{p: "kubelet, kube-proxy, kube-controller-manager, kube-scheduler"
+       for p in range(10248, 10261)},
+}
+# kube-proxy reserves NodePorts on every node; the kernel hands out source ports of
+# outgoing connections from ip_local_port_range (Linux default 32768-60999).
+NODE_HELD_RANGES = ((30000, 32767, "the NodePort range"),
+                    (32768, 60999, "the ephemeral port range"))
+
+# Where the docs state the port the manifests' gateways answer DNS on (the CLI default,
+# 127.0.0.1:5353, is another matter and is not matched).
+DOC_DNS_PORT = [re.compile(p) for p in (
+    r"--dns-listen=\$\(NODE_IP\):(\d+)", r"`\$\(NODE_IP\):(\d+)`",
+    r"--dns-listen=0\.0\.0\.0:(\d+)", r"`0\.0\.0\.0:(\d+)` \(the pod IP\)",
+    r"<node IP>:(\d+)`", r"@<node IP> -p (\d+)", r"port 53 → (\d+)", r"node IP and (\d+)",
+    r"node IP, port (\d+)", r"DNS port (\d+)")]
+DNS_PORT_DOCS = ("README.md", "deploy/README.md", "deploy/dns/README.md", "docs/dns-wiring.md")
+
+
+def gateway_dns_ports(docs: Any) -> dict[str, int]:
+    """Each gateway workload's DNS port, with --dns-listen, both containerPorts and the
+    mcsproxy-dns Service's targetPorts (resolved against the workload) all agreeing."""
+    services = [d for d in docs if d["kind"] == "Service"
+                and d["metadata"]["name"] == "mcsproxy-dns"]
+    out = {}
+    for w in workloads(docs):
+        c = containers(w)[0]
+        if c["args"][0] != "gateway":
+            continue
+        where = ident(w)
+        dns_port = _listen_port(_flags(c["args"])["--dns-listen"])
+        ports = {p["name"]: p for p in c["ports"]}
+        for name, protocol in (("dns-udp", "UDP"), ("dns-tcp", "TCP")):
+            assert (ports[name]["containerPort"], ports[name]["protocol"]) == (
+                dns_port, protocol), f"{where}: containerPort {name} is not --dns-listen"
+        labels = w["spec"]["template"]["metadata"]["labels"]
+        for svc in services:
+            if not svc["spec"]["selector"].items() <= labels.items():
+                continue
+            for p in svc["spec"]["ports"]:
+                target = p["targetPort"]
+                target = ports[target]["containerPort"] if isinstance(target, str) else target
+                assert target == dns_port, f"{where}: mcsproxy-dns {p['name']} -> {target}"
+        pod = w["spec"]["template"]["spec"]
+        if pod.get("hostNetwork", False):
+            assert dns_port not in NODE_HELD_PORTS, \
+                f"{where}: DNS port {dns_port} on the node network is {NODE_HELD_PORTS[dns_port]}"
+            for low, high, what in NODE_HELD_RANGES:
+                assert not low <= dns_port <= high, f"{where}: DNS port {dns_port} is in {what}"
+        out[where] = dns_port
+    return out
+
+
+def _manifest_dns_port() -> int:
+    ports = gateway_dns_ports([doc for _, doc in all_file_docs()])
+    assert len(ports) == 2 and len(set(ports.values())) == 1, \
+        f"the DaemonSet and the Deployment answer DNS on different ports: {ports}"
+    return next(iter(ports.values()))
+
+
+def test_gateway_dns_port_is_one_port_off_the_nodes_ports() -> None:
+    """A node with avahi-daemon or systemd-resolved's MulticastDNS holds *:5353 with
+    SO_REUSEADDR: the host-network gateway could not bind --dns-listen=$(NODE_IP):5353."""
+    port = _manifest_dns_port()
+    if KUBECTL is not None:
+        for overlay in OVERLAYS:
+            assert set(gateway_dns_ports(rendered(overlay)).values()) == {port}, overlay
+
+
+def test_dns_port_check_catches_mdns_on_the_node_network() -> None:
+    docs = [copy.deepcopy(doc) for _, doc in all_file_docs()]
+    ds = next(d for d in docs if d["kind"] == "DaemonSet")
+    c = containers(ds)[0]
+    c["args"] = [re.sub(r"^--dns-listen=(.*):\d+$", r"--dns-listen=\1:5353", a)
+                 for a in c["args"]]
+    for p in c["ports"]:
+        if p["name"].startswith("dns-"):
+            p["containerPort"] = 5353
+    with pytest.raises(AssertionError, match="mDNS"):
+        gateway_dns_ports(docs)
+    c["ports"][0]["containerPort"] = 5354
+    with pytest.raises(AssertionError, match="is not --dns-listen"):
+        gateway_dns_ports(docs)
+
+
+def test_docs_name_the_manifests_dns_port() -> None:
+    port = _manifest_dns_port()
+    texts = {name: (ROOT / name).read_text() for name in DNS_PORT_DOCS}
+    texts.update({rel(p): p.read_text() for p in manifest_files()})
+    for name, text in texts.items():
+        found = [(m.group(0), int(m.group(1))) for rx in DOC_DNS_PORT for m in rx.finditer(text)]
+        if name in DNS_PORT_DOCS:
+            assert found, f"{name} does not say where the gateway answers DNS"
+        wrong = [f for f, p in found if p != port]
+        assert not wrong, f"{name} says {wrong}, the manifests use {port}"
+
+
 # ------------------------------------------------------------------ args vs the real CLI
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
