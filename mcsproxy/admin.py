@@ -48,6 +48,9 @@ def readiness(gateway: Gateway) -> tuple[bool, dict[str, object]]:
         }
         for name, st in store.sources.items()
     }
+    # A listener that cannot bind leaves readiness alone: it is one ClusterSetIP:port, and
+    # failing the probe would take DNS and every other service off the node with it.
+    proxy = gateway.proxy
     ready = store.loaded.is_set() and not gateway.stopping
     detail: dict[str, object] = {
         "ready": ready,
@@ -56,6 +59,7 @@ def readiness(gateway: Gateway) -> tuple[bool, dict[str, object]]:
         "snapshot_age_s": round(time.time() - snapshot.built_at, 3) if snapshot.built_at else None,
         "services": len(snapshot.services),
         "sources": sources,
+        "listeners_failing": proxy.failing_listeners() if proxy is not None else [],
         "stopping": gateway.stopping,
         # Live asyncio tasks of this process: flat over hours, or something leaks
         # (bench/soak watches it).

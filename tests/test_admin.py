@@ -4,13 +4,15 @@ the demo relay, and `mcsproxy status` printing the same as a table."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
+import time
 from pathlib import Path
 
 from aiohttp import web
 
 from tests.proxy_fixtures import Backend, ask, free_port
-from tests.test_metrics_support import service_yaml, start_gateway
+from tests.test_metrics_support import service_yaml, start_gateway, value
 
 HOST = "127.57.29.1"
 
@@ -100,6 +102,45 @@ async def test_config_dump_endpoints_explain_and_status(tmp_path: Path) -> None:
         await gw.stop()
         await east.stop()
         await west.stop()
+
+
+async def test_a_listener_that_cannot_bind_shows_without_failing_readiness(
+        tmp_path: Path) -> None:
+    """A ClusterSetIP:port held by another socket: the gauge counts it and /readyz names
+    it while staying 200 (the other service and DNS keep serving); once the socket is
+    gone the retry binds and both clear."""
+    backend = await Backend("east-1", "127.57.81.1", free_port("127.57.81.1"), "east").start()
+    blocked, free = "127.240.57.81", "127.240.57.82"
+    blocker = socket.socket()
+    blocker.bind((blocked, 80))
+    blocker.listen()
+    files = {"web": service_yaml("web", blocked, [backend]),
+             "api": service_yaml("api", free, [backend])}
+    gw = await start_gateway(tmp_path, "127.57.89.1", files=files)
+    try:
+        assert value(await gw.metrics(), "mcsproxy_proxy_listeners_failing") == 1
+        assert value(await gw.metrics(), "mcsproxy_proxy_listeners") == 1
+        detail = await gw.get_json("/readyz")  # 200: still ready
+        assert detail["ready"] is True
+        assert detail["listeners_failing"] == [
+            {"address": blocked, "port": 80, "protocol": "TCP", "service": "test/web:web/TCP",
+             "error": "Address already in use"}]
+        assert await ask(free, 80) == "east-1"
+        await asyncio.sleep(0.7)  # a retry, still held: still counted once
+        assert value(await gw.metrics(), "mcsproxy_proxy_listeners_failing") == 1
+
+        blocker.close()
+        deadline = time.monotonic() + 10
+        while value(await gw.metrics(), "mcsproxy_proxy_listeners_failing") != 0:
+            assert time.monotonic() < deadline, "the listener never bound"
+            await asyncio.sleep(0.1)
+        assert (await gw.get_json("/readyz"))["listeners_failing"] == []
+        assert value(await gw.metrics(), "mcsproxy_proxy_listeners") == 2
+        assert await ask(blocked, 80) == "east-1"
+    finally:
+        blocker.close()
+        await gw.stop()
+        await backend.stop()
 
 
 async def test_status_cli_reports_an_unreachable_admin() -> None:

@@ -342,6 +342,10 @@ class Observer:
                 summed=True).add((), len(proxy.conns))
         f.gauge("mcsproxy_proxy_listeners", "Listening sockets (ClusterSetIP x port)").add(
             (), len(proxy.listeners))
+        f.gauge("mcsproxy_proxy_listeners_failing",
+                "Listeners a service wants that could not bind now (the address is held "
+                "elsewhere; tried again with backoff, /readyz lists them)").add(
+            (), len(proxy.failing_listeners()))
         refused = f.counter("mcsproxy_proxy_refused",
                             "Client connections and UDP flows turned away before any endpoint "
                             "was tried, by outcome: listener_limit, client_limit "

@@ -153,7 +153,8 @@ class ProxyManager:
         # leaves those alone (an endpoint change) skips the walk over every service.
         self._applied_services: Mapping[ServiceKey, ImportedService] | None = None
         self._listeners_complete = False  # every wanted listener open at the last walk
-        self._bind_errors: dict[ListenerKey, str] = {}  # wanted listeners that cannot bind
+        # Wanted listeners that could not bind at their last try: service port, error.
+        self._bind_errors: dict[ListenerKey, tuple[UpstreamKey, str]] = {}
         self.listener_walks = 0
         self.draining = False  # set by drain(): no listener opens any more
         self.access_log: AccessLog | None = None  # set by the gateway before start()
@@ -356,9 +357,9 @@ class ProxyManager:
                 raise
         except OSError as exc:
             error = str(exc.strerror or exc)
-            if self._bind_errors.get(lkey) != error:
+            if self._bind_errors.get(lkey) != (ukey, error):
                 log.error("listener %s for %s: cannot listen: %s", lkey, ukey, error)
-            self._bind_errors[lkey] = error
+            self._bind_errors[lkey] = (ukey, error)
             return
         self._bind_errors.pop(lkey, None)
         self.listeners[lkey] = listener
@@ -404,6 +405,13 @@ class ProxyManager:
                 limit = tcp_ticks if isinstance(conn, ClientSide) else udp_ticks
                 if limit and conn.idle > limit:
                     conn.expire()
+
+    def failing_listeners(self) -> list[dict[str, object]]:
+        """Listeners the snapshot wants that could not bind at their last try (tried
+        again with backoff): /readyz's detail and the listeners_failing gauge."""
+        return [{"address": lkey.ip, "port": lkey.port, "protocol": lkey.protocol,
+                 "service": str(ukey), "error": error}
+                for lkey, (ukey, error) in sorted(self._bind_errors.items())]
 
     def state(self) -> dict[str, object]:
         """Plain data for the admin page: listeners and upstream health."""
