@@ -32,8 +32,9 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -592,12 +593,14 @@ class KubeClusterClient:
         raise ClusterError(f"{ref.kind} {ns}/{name}: still conflicting after "
                            f"{CONFLICT_RETRIES} attempts")
 
-    async def _bounded(self, calls: Iterable[Awaitable[None]]) -> None:
+    async def _bounded(self, calls: Iterable[Callable[[], Awaitable[None]]]) -> None:
+        """Each call made (its coroutine created) only once it may run: a batch cut short
+        (the term ended) leaves no coroutine that was never awaited."""
         gate = asyncio.Semaphore(self.timings.write_concurrency)
 
-        async def one(call: Awaitable[None]) -> None:
+        async def one(call: Callable[[], Awaitable[None]]) -> None:
             async with gate:
-                await call
+                await call()
 
         results = await asyncio.gather(*(one(c) for c in calls), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
@@ -610,8 +613,10 @@ class KubeClusterClient:
 
     async def apply(self, objects: Sequence[Mapping[str, Any]]) -> None:
         # Imports first: their uids become the slices' owner references.
-        await self._bounded(self._write_one(o) for o in objects if o["kind"] == KIND_IMPORT)
-        await self._bounded(self._write_one(o) for o in objects if o["kind"] != KIND_IMPORT)
+        await self._bounded(partial(self._write_one, o) for o in objects
+                            if o["kind"] == KIND_IMPORT)
+        await self._bounded(partial(self._write_one, o) for o in objects
+                            if o["kind"] != KIND_IMPORT)
 
     async def _delete_one(self, ref: ObjectRef) -> None:
         res = self._write_resource(ref.kind)
@@ -637,8 +642,9 @@ class KubeClusterClient:
     async def delete(self, refs: Sequence[ObjectRef]) -> None:
         # ServiceExports are the user's: the controller only ever writes their status.
         wanted = [r for r in refs if r.kind in (KIND_IMPORT, KIND_SLICE)]
-        await self._bounded(self._delete_one(r) for r in wanted if r.kind == KIND_SLICE)
-        await self._bounded(self._delete_one(r) for r in wanted if r.kind == KIND_IMPORT)
+        await self._bounded(partial(self._delete_one, r) for r in wanted if r.kind == KIND_SLICE)
+        await self._bounded(partial(self._delete_one, r) for r in wanted
+                            if r.kind == KIND_IMPORT)
 
     async def update_export_status(self, export: Mapping[str, Any]) -> None:
         meta = export["metadata"]
