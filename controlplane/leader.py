@@ -9,6 +9,15 @@ measured on the candidate's own clock from when it first saw that record (so clo
 not agree between hosts). Writes use the Lease's resourceVersion: of two candidates
 racing, one gets 409 and stays candidate. A holder that stops cleanly releases the Lease
 so a standby takes over at once.
+
+Fencing: stopping the work is not enough on its own. A process paused past its lease
+(SIGSTOP, a stall) wakes with answers waiting for its writers, which would start their
+next writes before the renewal loop gets to run and cancel them. So every write of a
+term asks `write_time_left()` first (each member's KubeClusterClient has it as its
+`fence`, set in kube_app.py): none is started once the renew deadline has passed on this
+replica's monotonic clock, whether or not the renewal loop has noticed yet, and one
+still under way then is cut short. A request already handed to the socket when the
+process stopped may still reach the API server: nothing on this side can stop that one.
 """
 
 from __future__ import annotations
@@ -156,6 +165,13 @@ class LeaderElector:
         while await self._attempt(cfg.retry_period_s) is not Attempt.HELD:
             # Jitter keeps candidates that started together from colliding every round.
             await asyncio.sleep(cfg.retry_period_s * random.uniform(1.0, 1.2))
+
+    def write_time_left(self) -> float:
+        """Until the renew deadline, counted from before the last successful renewal: no
+        other candidate can have taken the Lease before it. 0 when not leading."""
+        if not self.is_leader:
+            return 0.0
+        return self._renewed_at + self.config.renew_deadline_s - self._clock()
 
     async def _hold(self) -> None:
         """Renew until a renewal misses the deadline or finds another holder; then return

@@ -31,7 +31,7 @@ import logging
 import math
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,10 +162,17 @@ class KubeControllerApp:
             for context, cluster in cfg.contexts:
                 into.append(await KubeClusterClient.from_kubeconfig(
                     cluster, cfg.kubeconfig, context, cfg.timings))
+                into[-1].fence = self._fence
         else:
             for cluster, doc in members.items():
                 into.append(await KubeClusterClient.from_kubeconfig_dict(
                     cluster, doc, cfg.timings))
+                into[-1].fence = self._fence
+
+    @property
+    def _fence(self) -> Callable[[], float] | None:
+        """What the members' writes ask before each is sent (leader.py, fencing)."""
+        return None if self.elector is None else self.elector.write_time_left
 
     async def _until_all_answer(self, clients: list[KubeClusterClient]) -> None:
         backoff = Backoff(self.config.timings.backoff_base_s, self.config.timings.backoff_cap_s)
