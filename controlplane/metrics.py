@@ -121,3 +121,7 @@ class ControllerMetrics:
             "mcsproxy_controller_stream_resyncs_total",
             "Full snapshots sent to gateways (first connect, too old a version, lagging)",
             registry=r)
+        self.stream_dropped = Counter(
+            "mcsproxy_controller_stream_dropped_total",
+            "Gateway streams closed because the gateway took no data for the write timeout "
+            "(stopped reading); it resumes or resyncs when it reconnects", registry=r)

@@ -14,6 +14,15 @@ A gateway that reconnects with the epoch and version it has gets only the deltas
 it, while they are still in the bounded history; otherwise (first connect, a controller
 restart = new epoch, too old, or it fell behind and its queue overflowed) a snapshot.
 Messages are encoded once per change and shared by every subscriber of the cluster.
+
+What the controller holds for one gateway is bounded: its queue (SUBSCRIBER_QUEUE messages
+and SUBSCRIBER_QUEUE_BYTES; beyond either the queue is dropped and the gateway gets one
+snapshot instead, which coalesces everything it missed) and at most one message or
+snapshot part in the socket's buffer. A gateway that stops reading (a stuck process, a
+black-holed path with the TCP connection still up) makes a write wait: after
+WRITE_TIMEOUT_S its connection is aborted and counted (stream_dropped_total); when it
+comes back it resumes from its version or gets a snapshot. Publishing never waits for a
+gateway.
 """
 
 from __future__ import annotations
@@ -37,6 +46,11 @@ log = logging.getLogger("controlplane.stream")
 
 HISTORY_VERSIONS = 1024  # deltas kept per cluster for resuming gateways
 SUBSCRIBER_QUEUE = 256  # messages a slow gateway may lag before it gets a resync
+SUBSCRIBER_QUEUE_BYTES = 16 * 1024 * 1024  # ... or bytes of them
+# A write (one message or snapshot part) not taken by the gateway in this time ends its
+# stream. Far above the gateway's own read timeout (3 heartbeats), so a gateway that
+# reads, however slowly, is not dropped for a large snapshot part on a slow link.
+WRITE_TIMEOUT_S = 30.0
 HEARTBEAT_S = 5.0
 SNAPSHOT_CHUNK = 1000  # objects per snapshot message
 
@@ -47,23 +61,38 @@ def encode(message: Mapping[str, Any]) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode() + b"\n"
 
 
-class Subscriber:
-    __slots__ = ("lagging", "queue")
+class StreamStalled(Exception):
+    """The gateway did not take a write within the write timeout."""
 
-    def __init__(self) -> None:
+
+class Subscriber:
+    __slots__ = ("lagging", "max_bytes", "queue", "queued_bytes")
+
+    def __init__(self, max_bytes: int = SUBSCRIBER_QUEUE_BYTES) -> None:
         self.queue: asyncio.Queue[bytes] = asyncio.Queue(SUBSCRIBER_QUEUE)
+        self.max_bytes = max_bytes
+        self.queued_bytes = 0
         self.lagging = False
 
     def offer(self, message: bytes) -> None:
         if self.lagging:
             return
-        try:
-            self.queue.put_nowait(message)
-        except asyncio.QueueFull:
+        # One message is always taken into an empty queue, however large.
+        if self.queue.full() or (self.queued_bytes
+                                 and self.queued_bytes + len(message) > self.max_bytes):
             # Dropping deltas would leave a hole; the writer sends a snapshot instead.
             self.lagging = True
             while not self.queue.empty():
                 self.queue.get_nowait()
+            self.queued_bytes = 0
+            return
+        self.queue.put_nowait(message)
+        self.queued_bytes += len(message)
+
+    async def next(self) -> bytes:
+        message = await self.queue.get()
+        self.queued_bytes -= len(message)
+        return message
 
 
 class Feed:
@@ -79,7 +108,7 @@ class Feed:
         self.version = 0
         self.history: deque[tuple[int, bytes]] = deque(maxlen=HISTORY_VERSIONS)
         self.subscribers: set[Subscriber] = set()
-        self._snapshot: tuple[int, bytes] | None = None
+        self._snapshot: tuple[int, list[bytes]] | None = None
 
     def publish(self, upserts: Mapping[ObjectRef, Obj], deletes: Iterable[ObjectRef],
                 observed: float | None) -> None:
@@ -97,8 +126,12 @@ class Feed:
             sub.offer(message)
 
     def snapshot(self) -> bytes:
+        return b"".join(self.snapshot_parts())
+
+    def snapshot_parts(self) -> list[bytes]:
         """The whole set as snapshot messages of SNAPSHOT_CHUNK objects each (every line
-        stays small enough to parse comfortably); all but the last say "more": true."""
+        stays small enough to parse comfortably, and each is written, and waited for, on
+        its own); all but the last say "more": true."""
         if self._snapshot is None or self._snapshot[0] != self.version:
             objects = list(self.objects.values())
             parts = []
@@ -108,7 +141,7 @@ class Feed:
                     "type": "snapshot", "epoch": self.epoch, "version": self.version,
                     "objects": chunk, "more": start + SNAPSHOT_CHUNK < len(objects),
                 }))
-            self._snapshot = (self.version, b"".join(parts))
+            self._snapshot = (self.version, parts)
         return self._snapshot[1]
 
     def since(self, epoch: str | None, version: int) -> list[bytes] | None:
@@ -126,9 +159,13 @@ class StreamHub:
     """The controller's Publisher for gateways, and the aiohttp handler serving them."""
 
     def __init__(self, metrics: ControllerMetrics | None = None,
-                 heartbeat_s: float = HEARTBEAT_S) -> None:
+                 heartbeat_s: float = HEARTBEAT_S, *,
+                 write_timeout_s: float = WRITE_TIMEOUT_S,
+                 queue_bytes: int = SUBSCRIBER_QUEUE_BYTES) -> None:
         self.epoch = uuid.uuid4().hex
         self.heartbeat_s = heartbeat_s
+        self.write_timeout_s = write_timeout_s
+        self.queue_bytes = queue_bytes
         self.metrics = metrics
         self.feeds: dict[str, Feed] = {}
         self._members = encode({"type": "members", "members": {}})
@@ -176,7 +213,7 @@ class StreamHub:
             HEARTBEAT_HEADER: str(self.heartbeat_s),
         })
         await response.prepare(request)
-        sub = Subscriber()
+        sub = Subscriber(self.queue_bytes)
         feed.subscribers.add(sub)  # before reading the version: no delta can slip between
         self._count()
         log.info("gateway of cluster %s connected from %s (epoch=%s version=%d)",
@@ -187,9 +224,17 @@ class StreamHub:
                 await self._resync(response, feed)
             else:
                 for message in backlog:
-                    await response.write(message)
-            await response.write(self._members)
+                    await self._write(response, message)
+            await self._write(response, self._members)
             await self._pump(response, feed, sub)
+        except StreamStalled:
+            log.warning("gateway of cluster %s at %s took no data for %.1fs: stream closed",
+                        cluster, request.remote, self.write_timeout_s)
+            if self.metrics is not None:
+                self.metrics.stream_dropped.inc()
+            # Not close(): it would wait, for ever, for the unsent bytes to go.
+            if request.transport is not None:
+                request.transport.abort()
         except (ConnectionResetError, ConnectionError):
             log.info("gateway of cluster %s went away", cluster)
         finally:
@@ -200,7 +245,17 @@ class StreamHub:
     async def _resync(self, response: web.StreamResponse, feed: Feed) -> None:
         if self.metrics is not None:
             self.metrics.stream_resyncs.inc()
-        await response.write(feed.snapshot())
+        for part in feed.snapshot_parts():
+            await self._write(response, part)
+
+    async def _write(self, response: web.StreamResponse, data: bytes) -> None:
+        """Write, waiting at most write_timeout_s for the gateway to take it (aiohttp
+        waits for the socket to drain once more than 64 KiB are pending)."""
+        try:
+            async with asyncio.timeout(self.write_timeout_s):
+                await response.write(data)
+        except TimeoutError:
+            raise StreamStalled from None
 
     async def _pump(self, response: web.StreamResponse, feed: Feed, sub: Subscriber) -> None:
         closing = asyncio.ensure_future(self._closing.wait())
@@ -211,16 +266,16 @@ class StreamHub:
                     log.warning("gateway of cluster %s fell behind: resync", feed.cluster)
                     await self._resync(response, feed)
                     continue
-                getter = asyncio.ensure_future(sub.queue.get())
+                getter = asyncio.ensure_future(sub.next())
                 done, _ = await asyncio.wait({getter, closing}, timeout=self.heartbeat_s,
                                              return_when=asyncio.FIRST_COMPLETED)
                 if getter.done():
-                    await response.write(getter.result())
+                    await self._write(response, getter.result())
                     continue
                 getter.cancel()
                 if closing in done:
                     break
-                await response.write(encode({
+                await self._write(response, encode({
                     "type": "heartbeat", "epoch": feed.epoch, "version": feed.version,
                     "time": time.time(),
                 }))

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import time
 from collections import deque
 from pathlib import Path
 
 from aiohttp import web
 
 from controlplane.command import ControllerConfig, DirectoryControllerApp
+from controlplane.metrics import ControllerMetrics
 from controlplane.resources import ObjectRef
-from controlplane.stream import SUBSCRIBER_QUEUE, Feed, Subscriber
+from controlplane.server import ControllerServer
+from controlplane.stream import SUBSCRIBER_QUEUE, Feed, StreamHub, Subscriber
 from mcsproxy.dns.wire import encode_name
 from mcsproxy.dns.zone import ZoneIndex
 from mcsproxy.gateway import Gateway
@@ -22,10 +26,12 @@ from mcsproxy.store import ServiceMap, SnapshotStore
 from mcsproxy.tasks import cancel_and_wait, spawn
 from tests.proxy_fixtures import Backend, ask, free_port
 from tests.test_controller import clusterset_with_backends, dns_a, gateway_config, until
+from tests.test_kube_source import service_import
 from tests.test_reconcile_support import eslice, export, namespace, service
 
 WEB = ServiceKey("test", "web")
 HOST = "127.49.0.1"
+SLOW_HOST = "127.131.0.1"
 
 
 def write_member(root: Path, cluster: str, addresses: list[str]) -> None:
@@ -125,6 +131,80 @@ def test_a_lagging_subscriber_is_marked_for_resync_not_grown() -> None:
     for i in range(SUBSCRIBER_QUEUE + 5):
         sub.offer(b"%d\n" % i)
     assert sub.lagging and sub.queue.empty()
+
+
+def test_a_subscriber_queue_is_bounded_in_bytes_too() -> None:
+    sub = Subscriber(max_bytes=1000)
+    sub.offer(b"x" * 5000)  # an empty queue takes one message, however large
+    assert not sub.lagging and sub.queued_bytes == 5000
+    sub.offer(b"y")
+    assert sub.lagging and sub.queue.empty() and sub.queued_bytes == 0
+    fresh = Subscriber(max_bytes=1000)
+    for _ in range(3):
+        fresh.offer(b"z" * 400)
+    assert fresh.lagging and fresh.queued_bytes == 0
+
+
+async def test_a_gateway_that_stops_reading_is_dropped_while_the_others_keep_up() -> None:
+    """One gateway reads the response head and then nothing (a stuck process; its socket
+    buffer is small): once the kernel buffers are full, a write waits, and after the
+    write timeout its connection is aborted and counted. Meanwhile another gateway gets
+    every change, and what the controller holds for the stuck one stays bounded."""
+    metrics = ControllerMetrics()
+    queue_bytes = 256 * 1024
+    hub = StreamHub(metrics, heartbeat_s=0.2)
+    hub.write_timeout_s, hub.queue_bytes = 0.5, queue_bytes  # small limits for the test
+    objects: dict[ObjectRef, dict] = {
+        ObjectRef("ServiceImport", "test", "web"): service_import("web")}
+    hub.attach("east", objects)
+    server = ControllerServer(None, hub, (SLOW_HOST, 0), metrics=metrics)
+    await server.start()
+    assert server.bound is not None
+    loop = asyncio.get_running_loop()
+    stuck = socket.socket()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stuck.setblocking(False)
+    store = SnapshotStore("east")
+    source, task = await start_source(f"http://{SLOW_HOST}:{server.bound[1]}", store)
+    try:
+        await loop.sock_connect(stuck, server.bound)
+        await loop.sock_sendall(stuck, b"GET /v1/stream?cluster=east HTTP/1.1\r\n"
+                                       b"Host: controller\r\n\r\n")
+        async with asyncio.timeout(5):
+            assert b" 200 " in await loop.sock_recv(stuck, 1024)
+            await store.loaded.wait()
+        feed = hub.feeds["east"]
+        await until(lambda: len(feed.subscribers) == 2)
+        pad = "p" * 64 * 1024
+        published = 0
+        async with asyncio.timeout(15):  # ~6 MB/s: the kernel buffers fill in about 1 s
+            while len(feed.subscribers) == 2:
+                name = f"s{published % 20}"
+                ref = ObjectRef("ServiceImport", "test", name)
+                objects[ref] = service_import(name, f"127.240.4.{published % 20 + 1}")
+                objects[ref]["metadata"]["annotations"] = {"pad": pad}
+                hub.publish("east", {ref: objects[ref]}, [], time.time())
+                published += 1
+                assert all(sub.queued_bytes <= queue_bytes + len(pad) + 1024
+                           for sub in feed.subscribers)
+                await asyncio.sleep(0.01)
+        assert metrics.stream_dropped._value.get() == 1
+        assert published > 20
+        # The other gateway kept up: it has the last change.
+        await until(lambda: source.version == feed.version, timeout=2)
+        assert len(store.current.services) == 21
+        # The stuck gateway's connection was aborted, not left open.
+        async with asyncio.timeout(5):
+            try:
+                while await loop.sock_recv(stuck, 1 << 20):
+                    pass
+            except ConnectionResetError:
+                pass
+    finally:
+        stuck.close()
+        await cancel_and_wait([task])
+        hub.close()
+        await server.stop()
 
 
 async def test_gateway_over_the_stream_serves_and_survives_the_stream_going_down(
