@@ -130,7 +130,8 @@ async def test_a_watch_without_response_headers_is_given_up_within_request_timeo
 # -- controlplane source: the stream's connection misbehaving ---------------------------
 class Relay:
     """A TCP relay in front of the controller; `mode(n)` decides connection n's fate:
-    "hang" (taken, never answered), "pass", or ("cut", seconds) then a reset."""
+    "hang" (taken, never answered), "pass", ("cut", seconds) then a reset, or ("mute",
+    seconds) then nothing gets through any more while both connections stay up."""
 
     def __init__(self, target: tuple[str, int],
                  mode: Callable[[int], str | tuple[str, float]]) -> None:
@@ -171,6 +172,10 @@ class Relay:
                     await asyncio.gather(*pipes)
             finally:
                 await cancel_and_wait(pipes)
+            if isinstance(mode, tuple) and mode[0] == "mute":
+                with contextlib.suppress(OSError):
+                    while await reader.read(65536):
+                        pass
         finally:
             writer.transport.abort()
             if upstream is not None:
@@ -306,5 +311,46 @@ async def test_controlplane_object_count_follows_the_deltas() -> None:
         assert status.objects == 2
     finally:
         await cancel_and_wait([task])
+        hub.close()
+        await server.stop()
+
+
+async def test_controlplane_stream_gone_silent_is_given_up_and_resumed() -> None:
+    """The connection stays up but nothing comes through any more (a black-holed path, a
+    stuck controller): after three missed heartbeats the source gives up on it, serves
+    what it has meanwhile, reconnects and resumes from its version, no snapshot."""
+    hub = StreamHub(heartbeat_s=0.2)
+    web = ObjectRef("ServiceImport", "test", "web")
+    hub.attach("east", {web: service_import("web")})
+    server = ControllerServer(None, hub, (CONTROLLER_HOST, 0), metrics=ControllerMetrics())
+    await server.start()
+    assert server.bound is not None
+    relay = Relay(server.bound, lambda n: ("mute", 0.3) if n == 1 else "pass")
+    url = await relay.start(RELAY_HOST)
+    store = SnapshotStore("east")
+    source = ControlplaneSource(url, "east", backoff_initial_s=0.05, backoff_max_s=0.2)
+    task = spawn(source.run(store), name="test source")
+    try:
+        async with asyncio.timeout(5):
+            await store.loaded.wait()
+        status = store.sources[source.name]
+        async with asyncio.timeout(5):
+            while relay.accepted[-1] + 0.35 > asyncio.get_running_loop().time():
+                await asyncio.sleep(0.02)  # muted now
+        api = ObjectRef("ServiceImport", "test", "api")
+        hub.publish("east", {api: service_import("api", "127.240.3.2")}, [], None)
+        async with asyncio.timeout(3):
+            while status.connected:
+                await asyncio.sleep(0.01)
+        assert "Timeout" in (status.error or "")
+        assert WEB in store.current.services  # the last good state keeps serving
+        async with asyncio.timeout(5):
+            while not (status.connected and ServiceKey("test", "api") in
+                       store.current.services):
+                await asyncio.sleep(0.01)
+        assert len(relay.accepted) == 2 and source.resyncs == 1
+    finally:
+        await cancel_and_wait([task])
+        await relay.stop()
         hub.close()
         await server.stop()
