@@ -3,7 +3,10 @@
 Each worker is the same gateway command with a hidden `--worker-index i`; a worker runs
 its own sources, store and proxy on its own event loop (no DNS, no admin), so the kernel
 spreads new connections over N processes and throughput scales with cores. The
-supervisor (index 0) restarts a worker that dies and stops every worker by its pid.
+supervisor (index 0) restarts a worker that dies and stops every worker by its pid. A
+worker that keeps dying soon after its start is restarted after doubling delays (1 s up to
+30 s), so a crash loop does not keep a core busy starting interpreters; one that lived
+STABLE_S before dying is restarted after 1 s again.
 
 A worker also stops when the supervisor dies without stopping it (SIGKILL, OOM, crash):
 the kernel sends it SIGTERM (PR_SET_PDEATHSIG), so it drains and exits. An orphaned worker
@@ -22,6 +25,7 @@ import signal
 import sys
 from typing import Any
 
+from mcsproxy.backoff import Backoff
 from mcsproxy.config import ProxyConfig
 from mcsproxy.tasks import cancel_and_wait, spawn
 
@@ -29,6 +33,7 @@ log = logging.getLogger("mcsproxy.proxy.workers")
 
 RESTART_DELAY_S = 1.0
 MAX_RESTART_DELAY_S = 30.0
+STABLE_S = 60.0  # a worker that ran this long before dying starts its backoff over
 STOP_TIMEOUT_S = 5.0
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # The worker's entry: `python -c WORKER_MAIN <supervisor pid> gateway ...` (the same
@@ -98,13 +103,19 @@ class WorkerPool:
         log.info("proxy worker %d started pid=%d", index, self.procs[index].pid)
 
     async def _supervise(self, index: int) -> None:
+        loop = asyncio.get_running_loop()
+        backoff = Backoff(RESTART_DELAY_S, MAX_RESTART_DELAY_S)
         while True:
+            started = loop.time()
             code = await self.procs[index].wait()
             if self._stopping:
                 return
-            log.error("proxy worker %d (pid %d) exited with %s; restarting in %.0fs",
-                      index, self.procs[index].pid, code, RESTART_DELAY_S)
-            delay = RESTART_DELAY_S
+            lived = loop.time() - started
+            if lived >= STABLE_S:
+                backoff.reset()  # it served a while: a one-off death, not a crash loop
+            delay = backoff.step()
+            log.error("proxy worker %d (pid %d) exited with %s after %.1fs; restarting in "
+                      "%.1fs", index, self.procs[index].pid, code, lived, delay)
             while True:
                 await asyncio.sleep(delay)
                 try:
@@ -113,8 +124,8 @@ class WorkerPool:
                 except OSError as exc:
                     # Out of file descriptors or processes for a moment: keep trying
                     # (slower) rather than end this task and serve with a worker short.
-                    delay = min(delay * 2, MAX_RESTART_DELAY_S)
-                    log.error("proxy worker %d: cannot start: %s; retrying in %.0fs",
+                    delay = backoff.step()
+                    log.error("proxy worker %d: cannot start: %s; retrying in %.1fs",
                               index, exc.strerror or exc, delay)
 
     async def drain(self, timeout_s: float) -> int:
