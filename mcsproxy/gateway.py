@@ -20,6 +20,11 @@ from mcsproxy.tasks import cancel_and_wait, spawn
 
 log = logging.getLogger("mcsproxy.gateway")
 
+# Each starts the drain; another one while draining closes what is left at once. SIGHUP
+# too: its default action killed the process outright (connections reset, no drain, the
+# VIPs left on --vip-interface) when a terminal closed or someone sent it for a reload.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
 
 class Component(Protocol):
     async def start(self) -> None: ...
@@ -67,6 +72,8 @@ class Gateway:
         self.stopping = False
         self._tasks: list[asyncio.Task[Any]] = []
         self._stop = asyncio.Event()
+        self._draining: asyncio.Task[None] | None = None
+        self._hurried = False
 
     async def start(self) -> None:
         for source in self.sources:
@@ -104,11 +111,18 @@ class Gateway:
         log.info("drained; %d connections left to close", sum(left))
 
     def request_stop(self) -> None:
+        """Drain, then stop. Asked again while draining: close what is still open now (a
+        second Ctrl-C does not wait out --drain-timeout; the workers, signalled again
+        by stop(), do the same)."""
+        if self._draining is not None and not self._draining.done() and not self._hurried:
+            self._hurried = True
+            log.warning("stop signal while draining: closing what is still open now")
+            self._draining.cancel()
         self._stop.set()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self.request_stop)
         await self.start()
         log.info("gateway started cluster_id=%s sources=%s", self.config.cluster_id,
@@ -118,6 +132,12 @@ class Gateway:
         finally:
             log.info("gateway stopping")
             self.stopping = True  # /readyz answers 503 from here on
-            await self.drain()
+            self._draining = spawn(self.drain(), name="drain")
+            try:
+                await self._draining
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not self._hurried or (task is not None and task.cancelling()):
+                    raise
             await self.stop()
             log.info("gateway stopped")

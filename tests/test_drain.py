@@ -9,6 +9,8 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.chaos.support import (
     GatewayProcess,
     Port,
@@ -208,3 +210,67 @@ async def test_snapshot_changes_every_100ms_under_load_lose_nothing() -> None:
             await h.stop()
         for e in echoes:
             await e.stop()
+
+
+async def _gateway_holding_connections(tmp_path: Path, ip: str, backend: Backend,
+                                       *args: str) -> tuple[GatewayProcess, list[object]]:
+    """A gateway with --drain-timeout 20 and four TCP connections through it that never
+    end (with --workers 2, some on each process)."""
+    imports = tmp_path / "imports.yaml"
+    write_imports(imports, [Svc("echo", ip, [Port("echo", 7, backend.port)],
+                                {"east": [(backend.host, True)]})])
+    gw = GatewayProcess(f"file:{imports}", "--drain-timeout", "20", "--health-interval", "0",
+                        *args)
+    await gw.start()
+    await gw.wait_line(f"listener {ip}:7/TCP serving")
+    writers: list[object] = []
+    for _ in range(4):
+        reader, writer = await asyncio.open_connection(ip, 7)
+        assert await reader.readline() == b"echo\n"
+        writers.append(writer)
+    return gw, writers
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_a_second_signal_ends_the_drain_at_once(tmp_path: Path, workers: str) -> None:
+    """An operator's second Ctrl-C (or a second SIGTERM) while connections drain closes
+    them now instead of waiting out --drain-timeout: it used to be ignored."""
+    echo = await Backend("echo", "127.95.1.1", 7095, "east").start()
+    ip = "127.240.95.1" if workers == "1" else "127.240.95.2"
+    gw, writers = await _gateway_holding_connections(tmp_path, ip, echo, "--workers", workers)
+    try:
+        if workers == "2":  # the worker serves too, so it has connections to drain
+            await gw.wait_line("worker=1 mcsproxy.proxy listener")
+        gw.signal(signal.SIGTERM)
+        await gw.wait_line("draining for at most 20.0 s")
+        t0 = time.monotonic()
+        gw.signal(signal.SIGINT)
+        assert await gw.wait() == 0, gw.log
+        assert time.monotonic() - t0 < 5.0, gw.log
+        assert "closing what is still open now" in gw.log, gw.log
+        assert "gateway stopped" in gw.log, gw.log
+        assert "Traceback" not in gw.log, gw.log
+    finally:
+        for writer in writers:
+            writer.close()  # type: ignore[attr-defined]
+        await gw.stop()
+        await echo.stop()
+
+
+async def test_sighup_drains_like_sigterm(tmp_path: Path) -> None:
+    """SIGHUP (a closed terminal, a reload habit) killed the gateway outright: open
+    connections reset, no drain, VIPs left on the interface. It now stops like SIGTERM."""
+    echo = await Backend("echo", "127.95.1.3", 7095, "east").start()
+    gw, writers = await _gateway_holding_connections(tmp_path, "127.240.95.3", echo)
+    try:
+        gw.signal(signal.SIGHUP)
+        await gw.wait_line("draining for at most 20.0 s")
+        status, _ = await gw.admin_get("/readyz")
+        assert status == 503
+        for writer in writers:
+            writer.close()  # type: ignore[attr-defined]
+        assert await gw.wait() == 0, gw.log
+        assert "drained; 0 connections left" in gw.log, gw.log
+    finally:
+        await gw.stop()
+        await echo.stop()
