@@ -174,7 +174,8 @@ async def run(config: ControllerConfig) -> int:
         app.stop()
 
     if threading.current_thread() is threading.main_thread():  # (not when embedded)
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        # SIGHUP too: its default action killed the controller outright.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, on_signal)
     try:
         await app.start()

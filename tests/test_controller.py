@@ -398,7 +398,7 @@ def test_example_clusterset_is_copyable(tmp_path: Path) -> None:
     assert once(tmp_path / "c", tmp_path / "o") == 0
 
 
-@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGHUP"])
 def test_a_signal_during_the_initial_reconcile_stops_the_controller_cleanly(
         tmp_path: Path, sig: str) -> None:
     # Thousands of services take the first reconcile seconds; the signal handlers used

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from controlplane.clusters.kube_app import KubeControllerApp, KubeControllerConfig
 from mcsproxy.tasks import cancel_and_wait, spawn
 from tests.test_controller_kube_support import (
@@ -90,7 +92,9 @@ async def test_members_from_secrets(tmp_path: Path) -> None:
             await cancel_and_wait([task])
 
 
-async def test_cli_kubernetes_mode_runs_and_stops_on_sigterm(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+async def test_cli_kubernetes_mode_runs_and_stops_on_sigterm(tmp_path: Path, sig: str) -> None:
+    # SIGHUP too: it used to kill the process outright, the Lease held until it expired.
     async with clusterset() as cs:
         for c in cs.emulators:
             cs[c].put_object(namespace("demo"))
@@ -106,7 +110,7 @@ async def test_cli_kubernetes_mode_runs_and_stops_on_sigterm(tmp_path: Path) -> 
                                       for c in cs.emulators), timeout=20)
         finally:
             if proc.returncode is None:
-                proc.send_signal(signal.SIGTERM)
+                proc.send_signal(getattr(signal, sig))
             _, err = await asyncio.wait_for(proc.communicate(), 10)
         assert proc.returncode == 0, err.decode()
         lease = cs["a"].get_object(LEASES, "mcsproxy-controller", "default")

@@ -357,7 +357,9 @@ async def run(config: KubeControllerConfig) -> int:
 
     app = KubeControllerApp(config)
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # SIGHUP too: its default action killed the process outright, and the standby then
+    # waited the Lease out instead of taking over at once.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, app.stop)
     await app.run()
     return 0
