@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import resource
 import sys
 from collections.abc import Sequence
@@ -278,7 +279,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def open_standard_fds() -> None:
+    """/dev/null on whichever of fds 0, 1 and 2 the process was started without (`<&-
+    >&- 2>&-`, some init systems). Left closed, the next descriptors opened take their
+    numbers: the event loop's own (libuv aborts with SIGABRT when it closes an fd <= 2,
+    so at every stop, and in each --workers child between fork and exec), or a socket
+    that a stray write to "stderr" would then corrupt."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: fd itself
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    # Python leaves sys.stdout and sys.stderr None for an fd closed at its start.
+    if sys.stdout is None:
+        sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 (for the process's life)
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    open_standard_fds()
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # --workers re-runs it

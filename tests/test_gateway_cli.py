@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import select
 import shutil
@@ -102,6 +103,41 @@ def test_gateway_process_serves_dns_and_stops_on_sigterm(tmp_path: Path) -> None
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def test_gateway_started_with_stdio_closed_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    """With fds 0-2 closed at start (`<&- >&- 2>&-`) the event loop's own descriptors got
+    those numbers, and libuv aborts (SIGABRT) when it closes an fd <= 2: at every stop."""
+    imports = tmp_path / "imports"
+    shutil.copytree(EXAMPLES, imports)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        admin = s.getsockname()
+
+    def close_stdio() -> None:
+        for fd in (0, 1, 2):
+            os.close(fd)
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mcsproxy", "gateway", "--cluster-id", "cluster-a",
+         "--source", f"file:{imports}", "--dns-listen", "127.0.0.1:0",
+         "--admin-listen", f"{admin[0]}:{admin[1]}"], preexec_fn=close_stdio)
+    try:
+        deadline = time.monotonic() + DEADLINE_S
+        while True:
+            assert time.monotonic() < deadline and proc.poll() is None
+            try:
+                if http_get(admin, "/readyz")[0] == 200:
+                    break
+            except OSError:
+                pass  # not listening yet
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=DEADLINE_S) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.mark.parametrize(("flags", "message"), [

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from mcsproxy.proxy.workers import WORKER_MAIN, worker_command
 from tests.proxy_fixtures import Backend, ask, free_port
-from tests.test_proxy_gateway import alive, children, start_two_worker_gateway
+from tests.test_proxy_gateway import SERVICE, alive, children, start_two_worker_gateway
 
 
 def test_worker_command_names_its_supervisor_and_index() -> None:
@@ -180,3 +180,39 @@ async def test_a_worker_that_lived_a_while_is_restarted_after_the_first_delay_ag
         await pool.stop()
     # Each run lasts ~0.3 s (+ the interpreter's start), each pause stays 0.05 s.
     assert len(launched) >= 4, launched
+
+
+async def test_a_gateway_started_with_stdio_closed_runs_workers_and_stops_cleanly(
+        tmp_path: Path) -> None:
+    """Started with fds 0-2 closed (`<&- >&- 2>&-`, some init systems), the event loop's
+    own descriptors took those numbers: libuv aborts closing an fd <= 2, so every worker
+    died in the fork before its exec (a crash loop) and SIGTERM ended in SIGABRT."""
+    backend = await Backend("east-1", "127.95.6.1", free_port("127.95.6.1"), "east").start()
+    ip = "127.240.95.6"
+    (tmp_path / "web.yaml").write_text(SERVICE.format(ip=ip, host=backend.host,
+                                                      port=backend.port))
+    own = "127.95.9.1"
+
+    def close_stdio() -> None:
+        for fd in (0, 1, 2):
+            os.close(fd)
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mcsproxy", "gateway", "--cluster-id", "east",
+        "--source", f"file:{tmp_path}", "--workers", "2", "--drain-timeout", "1",
+        "--dns-listen", f"{own}:{free_port(own)}", "--admin-listen", f"{own}:{free_port(own)}",
+        preexec_fn=close_stdio)
+    try:
+        async with asyncio.timeout(10):
+            while not ((workers := children(proc.pid))
+                       and any(f"pid={workers[0]}," in line for line in await listeners(ip))):
+                assert proc.returncode is None
+                await asyncio.sleep(0.1)
+        assert await ask(ip, 80) == "east-1"
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await backend.stop()
