@@ -112,9 +112,11 @@ class Gateway:
 
     def request_stop(self) -> None:
         """Drain, then stop. Asked again while draining: close what is still open now (a
-        second Ctrl-C does not wait out --drain-timeout; the workers, signalled again
-        by stop(), do the same)."""
-        if self._draining is not None and not self._draining.done() and not self._hurried:
+        second Ctrl-C does not wait out --drain-timeout; the supervisor kills its
+        workers). A worker does not count signals: it gets one from its supervisor
+        besides any sent to the whole process group (Ctrl-C) or cgroup (systemd)."""
+        if self._draining is not None and not self._draining.done() and not self._hurried \
+                and self.config.proxy.worker_index == 0:
             self._hurried = True
             log.warning("stop signal while draining: closing what is still open now")
             self._draining.cancel()

@@ -212,35 +212,38 @@ async def test_snapshot_changes_every_100ms_under_load_lose_nothing() -> None:
             await e.stop()
 
 
-async def _gateway_holding_connections(tmp_path: Path, ip: str, backend: Backend,
-                                       *args: str) -> tuple[GatewayProcess, list[object]]:
+async def _gateway_holding_connections(
+        tmp_path: Path, ip: str, backend: Backend, *args: str, preexec_fn: object = None,
+) -> tuple[GatewayProcess, list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]:
     """A gateway with --drain-timeout 20 and four TCP connections through it that never
-    end (with --workers 2, some on each process)."""
+    end (with --workers 2, likely some on each process)."""
     imports = tmp_path / "imports.yaml"
     write_imports(imports, [Svc("echo", ip, [Port("echo", 7, backend.port)],
                                 {"east": [(backend.host, True)]})])
     gw = GatewayProcess(f"file:{imports}", "--drain-timeout", "20", "--health-interval", "0",
                         *args)
-    await gw.start()
+    await gw.start(preexec_fn)
     await gw.wait_line(f"listener {ip}:7/TCP serving")
-    writers: list[object] = []
+    if "2" in args:  # --workers 2: the worker serves too
+        await gw.wait_line("worker=1 mcsproxy.proxy listener")
+    conns = []
     for _ in range(4):
         reader, writer = await asyncio.open_connection(ip, 7)
         assert await reader.readline() == b"echo\n"
-        writers.append(writer)
-    return gw, writers
+        conns.append((reader, writer))
+    return gw, conns
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 async def test_a_second_signal_ends_the_drain_at_once(tmp_path: Path, workers: str) -> None:
     """An operator's second Ctrl-C (or a second SIGTERM) while connections drain closes
     them now instead of waiting out --drain-timeout: it used to be ignored."""
-    echo = await Backend("echo", "127.95.1.1", 7095, "east").start()
-    ip = "127.240.95.1" if workers == "1" else "127.240.95.2"
-    gw, writers = await _gateway_holding_connections(tmp_path, ip, echo, "--workers", workers)
+    echo = await Backend("echo", f"127.95.1.{workers}", 7095, "east").start()
+    ip = f"127.240.95.{workers}"
+    gw: GatewayProcess | None = None
+    conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     try:
-        if workers == "2":  # the worker serves too, so it has connections to drain
-            await gw.wait_line("worker=1 mcsproxy.proxy listener")
+        gw, conns = await _gateway_holding_connections(tmp_path, ip, echo, "--workers", workers)
         gw.signal(signal.SIGTERM)
         await gw.wait_line("draining for at most 20.0 s")
         t0 = time.monotonic()
@@ -251,9 +254,10 @@ async def test_a_second_signal_ends_the_drain_at_once(tmp_path: Path, workers: s
         assert "gateway stopped" in gw.log, gw.log
         assert "Traceback" not in gw.log, gw.log
     finally:
-        for writer in writers:
-            writer.close()  # type: ignore[attr-defined]
-        await gw.stop()
+        for _, writer in conns:
+            writer.close()
+        if gw is not None:
+            await gw.stop()
         await echo.stop()
 
 
@@ -261,16 +265,52 @@ async def test_sighup_drains_like_sigterm(tmp_path: Path) -> None:
     """SIGHUP (a closed terminal, a reload habit) killed the gateway outright: open
     connections reset, no drain, VIPs left on the interface. It now stops like SIGTERM."""
     echo = await Backend("echo", "127.95.1.3", 7095, "east").start()
-    gw, writers = await _gateway_holding_connections(tmp_path, "127.240.95.3", echo)
+    gw: GatewayProcess | None = None
+    conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     try:
+        gw, conns = await _gateway_holding_connections(tmp_path, "127.240.95.3", echo)
         gw.signal(signal.SIGHUP)
         await gw.wait_line("draining for at most 20.0 s")
         status, _ = await gw.admin_get("/readyz")
         assert status == 503
-        for writer in writers:
-            writer.close()  # type: ignore[attr-defined]
+        for _, writer in conns:
+            writer.close()
         assert await gw.wait() == 0, gw.log
         assert "drained; 0 connections left" in gw.log, gw.log
     finally:
         await gw.stop()
+        await echo.stop()
+
+
+async def test_workers_drain_when_the_whole_process_group_is_signalled(
+        tmp_path: Path) -> None:
+    """Ctrl-C in a terminal (or systemd's SIGTERM to the cgroup) reaches the workers as
+    well as the supervisor, which signals them too: that is not a second signal, and the
+    workers' connections drain rather than being closed at once."""
+    import os
+
+    echo = await Backend("echo", "127.95.1.4", 7095, "east").start()
+    gw: GatewayProcess | None = None
+    conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        gw, conns = await _gateway_holding_connections(
+            tmp_path, "127.240.95.4", echo, "--workers", "2", preexec_fn=os.setsid)
+        assert gw.proc is not None
+        os.killpg(gw.proc.pid, signal.SIGINT)
+        await gw.wait_line("worker=1 mcsproxy.gateway draining")
+        await asyncio.sleep(1.0)  # the supervisor's SIGTERM has reached the worker
+        for reader, writer in conns:  # every connection, on either process, still served
+            writer.write(b"ping")
+            assert await asyncio.wait_for(reader.readexactly(4), 3) == b"ping"
+            writer.write_eof()
+            assert await asyncio.wait_for(reader.read(), 3) == b"bye"
+            writer.close()
+        assert await gw.wait() == 0, gw.log
+        assert "closing what is still open now" not in gw.log, gw.log
+        assert "still open after" not in gw.log, gw.log
+    finally:
+        for _, writer in conns:
+            writer.close()
+        if gw is not None:
+            await gw.stop()
         await echo.stop()

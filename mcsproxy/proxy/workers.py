@@ -142,6 +142,13 @@ class WorkerPool:
                 await asyncio.gather(*(proc.wait() for proc in procs))
         except TimeoutError:
             pass
+        except asyncio.CancelledError:
+            # The gateway was told to stop again: no more waiting for the workers' drain
+            # (their connections would be aborted at its end all the same).
+            for proc in procs:
+                if proc.returncode is None:
+                    proc.kill()
+            raise
         return sum(1 for proc in procs if proc.returncode is None)
 
     async def stop(self) -> None:
