@@ -141,5 +141,9 @@ class Gateway:
                 task = asyncio.current_task()
                 if not self._hurried or (task is not None and task.cancelling()):
                     raise
+            except Exception:
+                # Whatever broke the drain, every component still stops: the addresses
+                # leave --vip-interface, workers end, sources close their connections.
+                log.exception("draining failed; stopping without it")
             await self.stop()
             log.info("gateway stopped")

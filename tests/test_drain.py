@@ -314,3 +314,46 @@ async def test_workers_drain_when_the_whole_process_group_is_signalled(
         if gw is not None:
             await gw.stop()
         await echo.stop()
+
+
+class FailingDrain:
+    """A component whose drain raises: whatever goes wrong there, the gateway must still
+    stop every component (listeners closed, addresses removed, workers ended)."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+
+    async def start(self) -> None:
+        pass
+
+    async def drain(self, timeout_s: float) -> int:
+        raise RuntimeError("drain broke")
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+
+async def test_a_drain_that_fails_still_stops_the_gateway(tmp_path: Path) -> None:
+    import socket
+
+    from mcsproxy.config import AdminConfig, DnsConfig, GatewayConfig, ProxyConfig
+    from mcsproxy.gateway import Gateway
+    from tests.proxy_fixtures import free_port
+
+    host = "127.161.0.1"
+    dns = (host, free_port(host, socket.SOCK_DGRAM))
+    gateway = Gateway(GatewayConfig(
+        cluster_id="east", sources=(f"file:{tmp_path}",), dns=DnsConfig(listen=dns),
+        admin=AdminConfig(listen=(host, free_port(host))),
+        proxy=ProxyConfig(drain_timeout_s=1.0)))
+    failing = FailingDrain()
+    gateway.components.append(failing)
+    runner = asyncio.create_task(gateway.run())
+    async with asyncio.timeout(5):
+        await gateway.store.loaded.wait()
+    gateway.request_stop()
+    async with asyncio.timeout(5):
+        await runner
+    assert failing.stopped
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(dns)  # the DNS listener was closed by stop()
