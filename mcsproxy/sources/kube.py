@@ -70,7 +70,14 @@ from mcsproxy.sources.kube_karmada import (
     NATIVE_SLICE_SELECTOR,
     KarmadaServices,
 )
-from mcsproxy.sources.kube_watch import Handler, Obj, Reflector, Resource, WatchTimings
+from mcsproxy.sources.kube_watch import (
+    Handler,
+    Obj,
+    Reflector,
+    Resource,
+    SkipLog,
+    WatchTimings,
+)
 from mcsproxy.store import ObjectId, SnapshotStore, Spec
 from mcsproxy.tasks import cancel_and_wait, spawn
 
@@ -155,7 +162,10 @@ class StoreHandler:
         for oid in self.known.keys() - listed:
             self._remove(oid)
         for obj in objects:
-            self.upsert(obj)
+            try:
+                self.upsert(obj)
+            except Exception as exc:  # one object must not stop the list
+                self.source.skipped.skip("kube source", obj, exc, "listed object")
 
 
 class KubeSource:
@@ -191,6 +201,11 @@ class KubeSource:
         self.m_rejected = Counter("mcsproxy_source_kube_rejected_objects",
                                   "Objects rejected by validation (their last good version "
                                   "keeps serving)", registry=self.registry)
+        self.m_failed = Counter("mcsproxy_source_kube_failed_objects",
+                                "Objects or watch events skipped because applying them "
+                                "raised (logged; their last good version keeps serving)",
+                                registry=self.registry)
+        self.skipped = SkipLog(self.m_failed.inc)  # listed objects; events: per reflector
         self.m_relists = Gauge("mcsproxy_source_kube_relists_gone",
                                "Relists after 410 Gone, over all watches",
                                registry=self.registry)
@@ -201,7 +216,8 @@ class KubeSource:
         status = store.register_source(self.name)
         status.connected = False
         self.karmada = KarmadaServices(store, self.name, self.cluster_id, self.allocator,
-                                       changed=self.changed, reject=self.reject)
+                                       changed=self.changed, reject=self.reject,
+                                       failed=self._listed_object_failed)
         self.karmada.on_first_service = self._start_services
         try:
             self._api = await self._client(status)
@@ -247,7 +263,7 @@ class KubeSource:
     def _start(self, resource: Resource, handler: Handler) -> None:
         assert self._api is not None
         reflector = Reflector(self._api, resource, handler, timings=self.timings,
-                              on_state=self._state_changed)
+                              on_state=self._state_changed, on_failed=self.m_failed.inc)
         self.reflectors.append(reflector)
         self._tasks.append(spawn(reflector.run(), name=f"kube watch {resource.describe()}"))
 
@@ -266,6 +282,9 @@ class KubeSource:
     def reject(self, message: str) -> None:
         self.m_rejected.inc()
         log.error("kube source: rejected %s; keeping its last good version", message)
+
+    def _listed_object_failed(self, obj: Obj, exc: Exception) -> None:
+        self.skipped.skip("kube source", obj, exc, "listed object")
 
     def _import_counted(self, key: ServiceKey, delta: int) -> None:
         """A ServiceImport of `key` appeared or went: while one exists it overrides a

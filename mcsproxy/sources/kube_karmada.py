@@ -155,19 +155,27 @@ def service_fields(obj: Obj) -> tuple[ServiceKey, dict[str, Any]]:
     return key, kept
 
 
+def _raise(obj: Obj, exc: Exception) -> None:
+    raise exc
+
+
 class KarmadaServices:
     """Dispatched slices, local Services, native slices and (optional) MultiClusterServices
     → store objects."""
 
     def __init__(self, store: SnapshotStore, source: str, cluster_id: str,
                  allocator: ClusterSetIPAllocator, *, changed: Callable[[], None],
-                 reject: Callable[[str], None]) -> None:
+                 reject: Callable[[str], None],
+                 failed: Callable[[Obj, Exception], None] | None = None) -> None:
         self.store = store
         self.source = source
         self.cluster_id = cluster_id
         self.allocator = allocator
         self.changed = changed
         self.reject = reject
+        # A listed object whose handling raised unexpectedly: skipped, its last good
+        # version kept (kube_watch.SkipLog); a watch event's is the Reflector's to skip.
+        self.failed = failed or _raise
         self.mcs: dict[ServiceKey, McsInfo] = {}
         self.services: dict[ServiceKey, dict[str, Any]] = {}
         # Dispatched slices: per service key, slice name → spec; their creationTimestamps.
@@ -257,6 +265,8 @@ class KarmadaServices:
                 parsed.append(parse_mcs(obj))
             except ManifestError as exc:
                 self._reject(exc)
+            except Exception as exc:  # one object must not stop the list
+                self.failed(obj, exc)
         if parsed:
             self._first_service()
         touched = set()
@@ -296,6 +306,13 @@ class KarmadaServices:
             except ManifestError as exc:
                 self._reject(exc)
                 continue
+            except Exception as exc:  # one object must not stop the list
+                self.failed(obj, exc)
+                meta = obj.get("metadata") or {}
+                key = ServiceKey(str(meta.get("namespace") or "default"), str(meta.get("name")))
+                if key in self.services:
+                    fresh[key] = self.services[key]  # the last good version stays
+                continue
             fresh[key] = fields
         touched = {k for k in self.services.keys() | fresh.keys()
                    if self.services.get(k) != fresh.get(k)}
@@ -333,7 +350,10 @@ class KarmadaServices:
         for obj in objects:
             meta = obj.get("metadata") or {}
             seen.add((str(meta.get("namespace") or "default"), str(meta.get("name"))))
-            self.slice_upsert(obj)
+            try:
+                self.slice_upsert(obj)
+            except Exception as exc:  # one object must not stop the list
+                self.failed(obj, exc)
         for ns, name in [k for k in self.slice_keys if k not in seen]:
             self._drop_slice(ns, name)
 
@@ -410,7 +430,10 @@ class KarmadaServices:
         for obj in objects:
             meta = obj.get("metadata") or {}
             seen.add((str(meta.get("namespace") or "default"), str(meta.get("name"))))
-            self.local_upsert(obj)
+            try:
+                self.local_upsert(obj)
+            except Exception as exc:  # one object must not stop the list
+                self.failed(obj, exc)
         for ns, name in [k for k in self.local_keys if k not in seen]:
             self._drop_local(ns, name)
         self._listed("local_listed")

@@ -15,6 +15,14 @@ not reconnect in step.
 Requests go through the client's generated list functions with `_preload_content=False`:
 the objects stay plain dicts (what mcsproxy.manifests validates) and the watch stream is
 read line by line here, with a bound on the line length and a read timeout.
+
+What the code does not expect never ends a reflector silently. An object that makes its
+handler raise (an odd shape that slipped past validation) is skipped: logged once with its
+kind, namespace and name, counted, and the watch goes on (its last good version keeps
+serving). Anything else that escapes the loop (a watch line that cannot be decoded, a
+list that cannot be taken apart, a client error of an unforeseen kind) is a failure of
+the loop: the reflector reports `connected: false` with the error and relists after a
+backoff step, until it works again; the handler keeps what it had meanwhile.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from mcsproxy.backoff import Backoff, describe_error
 from mcsproxy.gc_pause import collector_paused
+from mcsproxy.logsetup import exception_line
 from mcsproxy.sources.lines import read_lines
 
 log = logging.getLogger("mcsproxy.sources.kube")
@@ -52,6 +61,13 @@ class ResourceGone(Exception):
 
 class NotServed(Exception):
     """404 on a list: the server does not serve this resource (CRD not installed)."""
+
+
+class Undecodable(Exception):
+    """A watch line that is not a JSON event: what it said is unknown, so relist."""
+
+
+MAX_REPORTED = 10_000  # objects remembered as already logged (then forgotten, all at once)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +102,32 @@ class Handler(Protocol):
     def delete(self, obj: Obj) -> None: ...
 
 
+class SkipLog:
+    """Objects skipped because applying them raised: counted, each version logged once
+    (a relist or a resumed watch brings the same one again)."""
+
+    def __init__(self, on_skip: Callable[[], None] | None = None) -> None:
+        self.count = 0
+        self.on_skip = on_skip or (lambda: None)
+        self._reported: set[tuple[str, ...]] = set()  # (namespace, name, resourceVersion)
+
+    def skip(self, where: str, obj: Obj, exc: Exception, what: str = "object") -> None:
+        self.count += 1
+        self.on_skip()
+        meta = obj.get("metadata")
+        meta = meta if isinstance(meta, dict) else {}
+        ident = tuple(str(meta.get(f) or "") for f in ("namespace", "name", "resourceVersion"))
+        name = f"{obj.get('kind') or 'object'} {ident[0] or '-'}/{ident[1] or '-'}"
+        if ident in self._reported:
+            log.debug("%s: skipped %s %s again: %s", where, what, name, describe_error(exc))
+            return
+        if len(self._reported) >= MAX_REPORTED:
+            self._reported.clear()
+        self._reported.add(ident)
+        log.error("%s: skipped %s %s that could not be applied (%s); its last good version "
+                  "keeps serving", where, what, name, exception_line(exc))
+
+
 def _error_text(exc: BaseException) -> str:
     if isinstance(exc, ApiException):
         return f"HTTP {exc.status} {exc.reason}".strip()
@@ -103,6 +145,7 @@ class Reflector:
         *,
         timings: WatchTimings | None = None,
         on_state: Callable[[], None] | None = None,
+        on_failed: Callable[[], None] | None = None,
     ) -> None:
         self.resource = resource
         self.handler = handler
@@ -120,6 +163,12 @@ class Reflector:
         self.relists_gone = 0
         self.watches = 0
         self.events = 0
+        self.skips = SkipLog(on_failed)  # events and listed objects skipped
+        self._loop_error: str | None = None  # the last unexpected failure logged
+
+    @property
+    def failed_objects(self) -> int:
+        return self.skips.count
 
     @property
     def version(self) -> str:
@@ -156,6 +205,29 @@ class Reflector:
                 self._set_state(connected=False, error=_error_text(exc))
                 # Full jitter: a fleet of gateways must not come back in step.
                 await asyncio.sleep(backoff.next_full())
+            except Exception as exc:  # the loop must outlive the unforeseen
+                await self._loop_failed(exc, backoff)
+
+    async def _loop_failed(self, exc: Exception, backoff: Backoff) -> None:
+        """Something no branch above expects: whatever was being applied may be half
+        done, so the state is relisted (diffed against what the handler holds) after a
+        backoff step; the status says disconnected, with the error, until then."""
+        error = describe_error(exc)
+        if error != self._loop_error:
+            self._loop_error = error
+            log.error("%s: watch loop failed (%s); relisting after backoff", self.name,
+                      exception_line(exc))
+        self.resource_version = None
+        self._set_state(connected=False, error=error)
+        await asyncio.sleep(backoff.next_full())
+
+    def _identified(self, obj: Obj, what: str) -> bool:
+        """Every handler indexes metadata.name: an object without one is skipped."""
+        meta = obj.get("metadata")
+        if isinstance(meta, dict) and isinstance(meta.get("name"), str) and meta["name"]:
+            return True
+        self.skips.skip(self.name, obj, ValueError("no metadata.name"), what)
+        return False
 
     def _set_state(self, *, connected: bool, error: str | None) -> None:
         if connected != self.connected or error != self.error:
@@ -165,6 +237,8 @@ class Reflector:
             elif connected and not self.connected and self.lists:
                 log.info("%s: connected", self.name)
             self.connected, self.error = connected, error
+            if connected:
+                self._loop_error = None
             self.on_state()
 
     async def _not_served(self) -> bool:
@@ -229,12 +303,13 @@ class Reflector:
             page = await _loads(body)
             if not isinstance(page, dict) or not isinstance(page.get("items", []), list):
                 raise ValueError("list response is not a Kubernetes list")
-            items.extend(i for i in page.get("items") or () if isinstance(i, dict))
+            items.extend(i for i in page.get("items") or ()
+                         if isinstance(i, dict) and self._identified(i, "listed object"))
             meta = page.get("metadata") or {}
-            token = meta.get("continue")
+            token = meta.get("continue") if isinstance(meta, dict) else None
             if not token:
                 break
-        rv = (page.get("metadata") or {}).get("resourceVersion")
+        rv = meta.get("resourceVersion") if isinstance(meta, dict) else None
         if not isinstance(rv, str) or not rv:
             raise ValueError("list response has no resourceVersion")
         with collector_paused(len(items) >= BULK_ITEMS):
@@ -279,7 +354,10 @@ class Reflector:
         return events > 0 or loop.time() - started >= SHORT_WATCH_S
 
     def _event(self, line: bytes) -> None:
-        event = json.loads(line)
+        try:
+            event = json.loads(line)
+        except (ValueError, RecursionError) as exc:
+            raise Undecodable(f"undecodable watch event: {describe_error(exc)}") from None
         kind = event.get("type") if isinstance(event, dict) else None
         obj = event.get("object") if isinstance(event, dict) else None
         if not isinstance(obj, dict):
@@ -292,10 +370,15 @@ class Reflector:
                                reason=str(obj.get("message") or obj.get("reason") or ""))
         meta = obj.get("metadata")
         rv = meta.get("resourceVersion") if isinstance(meta, dict) else None
-        if kind in ("ADDED", "MODIFIED"):
-            self.handler.upsert(obj)
-        elif kind == "DELETED":
-            self.handler.delete(obj)
+        if kind in ("ADDED", "MODIFIED", "DELETED"):
+            if self._identified(obj, "watch event of"):
+                try:
+                    if kind == "DELETED":
+                        self.handler.delete(obj)
+                    else:
+                        self.handler.upsert(obj)
+                except Exception as exc:  # one object must not end the watch
+                    self.skips.skip(self.name, obj, exc, "watch event of")
         elif kind != "BOOKMARK":
             log.warning("%s: ignoring watch event of type %r", self.name, kind)
             return
