@@ -146,3 +146,19 @@ async def test_a_failing_loop_reports_disconnected_until_it_recovers(
         assert sum(r.lists for r in run.source.reflectors) > failed_lists
         assert run.store.current.get("test", "web") is not None
         assert ServiceKey("test", "later") in run.store.current.services
+
+
+async def test_a_service_with_odd_ports_is_rejected_not_blamed_on_later_slices(
+        emu: KubeEmulator, tmp_path: Path) -> None:
+    """A Service's ports are indexed only when its import is made, by whichever change
+    comes next: refused with the Service, they no longer fail every later slice."""
+    emu.put_object(local_service("web", [{"name": "http", "protocol": "TCP", "port": 80}]))
+    emu.put_object(karmada_slice("member1", "web-abc", "web", ["10.11.0.1"]))
+    async with running(emu, tmp_path, cluster_id="member3") as run:
+        await run.until(lambda: run.endpoints() == [("member1", "10.11.0.1")])
+        emu.put_object({**local_service("web", []), "spec": {"ports": 5}})
+        emu.put_object(karmada_slice("member2", "web-def", "web", ["10.12.0.1"]))
+        await run.until(lambda: ("member2", "10.12.0.1") in run.endpoints())
+        assert [p.port for p in run.store.current.services[WEB].ports] == [80]
+        assert run.source.m_failed._value.get() == 0
+        assert run.source.m_rejected._value.get() >= 1

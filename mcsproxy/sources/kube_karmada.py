@@ -144,6 +144,9 @@ def service_fields(obj: Obj) -> tuple[ServiceKey, dict[str, Any]]:
     spec = obj.get("spec") or {}
     if not isinstance(spec, Mapping):
         raise ManifestError(f"Service {key}: spec must be a mapping")
+    if not isinstance(spec.get("ports", []), list):
+        # Indexed per port when the import is made: refused here, where the Service is.
+        raise ManifestError(f"Service {key}: spec.ports must be a list")
     kept = {f: spec[f] for f in ("ports", "sessionAffinity", "sessionAffinityConfig",
                                  "trafficDistribution", "ipFamilies") if f in spec}
     kept["headless"] = spec.get("clusterIP") == "None"
