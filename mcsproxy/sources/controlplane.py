@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, Histogram
 
 from mcsproxy.backoff import Backoff, describe_error
 from mcsproxy.gc_pause import collector_paused
+from mcsproxy.logsetup import exception_line
 from mcsproxy.manifests import (
     ManifestError,
     object_kind,
@@ -116,6 +117,14 @@ class ControlplaneSource:
                     self.epoch = None
                 except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                     reason = describe_error(exc)
+                except Exception as exc:
+                    # Unforeseen (a defect, an input no check above expected): ending the
+                    # task would leave the source silently stale while its status still
+                    # said connected. What was being applied may be half done: resync.
+                    reason = describe_error(exc)
+                    log.error("controlplane stream failed (%s); reconnecting for a full "
+                              "resync", exception_line(exc))
+                    self.epoch = None
                 if status.connected:
                     log.warning("controlplane stream down (%s): serving the last snapshot "
                                 "(version %d)", reason, self.version)
@@ -161,7 +170,7 @@ class ControlplaneSource:
     def _handle_message(self, line: bytes, store: SnapshotStore, status: SourceStatus) -> None:
         try:
             message = json.loads(line)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise StreamProtocolError(f"malformed message (not JSON): {exc}") from None
         if not isinstance(message, dict):
             raise StreamProtocolError("malformed message: not a JSON object")

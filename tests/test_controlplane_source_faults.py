@@ -1,0 +1,83 @@
+"""`--source controlplane:` meeting what its code does not expect: the stream must not
+end for good while the source still reports connected."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from mcsproxy.model import ServiceKey
+from mcsproxy.sources import controlplane
+from mcsproxy.sources.controlplane import ControlplaneSource
+from mcsproxy.store import SnapshotStore
+from mcsproxy.tasks import cancel_and_wait, spawn
+from tests.test_kube_source import WEB, service_import
+
+DEEP = b"[" * 100_000 + b"]" * 100_000  # json.loads: RecursionError, not ValueError
+LATER = ServiceKey("test", "later")
+
+
+def _line(message: dict[str, Any]) -> bytes:
+    return json.dumps(message).encode() + b"\n"
+
+
+async def test_an_unforeseen_failure_reconnects_and_reports_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    sessions: list[int] = []
+    second = asyncio.Event()
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        sessions.append(len(sessions))
+        response = web.StreamResponse(headers={"X-Mcsproxy-Heartbeat": "5"})
+        await response.prepare(request)
+        if len(sessions) == 1:
+            await response.write(_line({"type": "snapshot", "epoch": "e", "version": 1,
+                                        "objects": [service_import("web")]}))
+            await response.write(DEEP + b"\n")  # the decoder fails
+        elif len(sessions) == 2:
+            await response.write(_line({"type": "members", "members": {}}))
+        else:
+            await second.wait()
+            await response.write(_line({"type": "snapshot", "epoch": "e", "version": 2,
+                                        "objects": [service_import("web"),
+                                                    service_import("later", "127.240.3.2")]}))
+        await asyncio.sleep(30)
+        return response
+
+    app = web.Application()
+    app.router.add_get(controlplane.STREAM_PATH, stream)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    store = SnapshotStore("east")
+    source = ControlplaneSource(f"http://127.0.0.1:{port}", "east",
+                                backoff_initial_s=0.02, backoff_max_s=0.1)
+
+
+    def defect(members: dict[str, Any]) -> None:
+        raise KeyError("a defect")  # what no except clause of the loop foresaw
+
+    monkeypatch.setattr(source, "_set_members", defect)
+    task = spawn(source.run(store), name="test source")
+    try:
+        async with asyncio.timeout(5):
+            while len(sessions) < 3 or store.sources[source.name].connected:
+                await asyncio.sleep(0.01)
+        status = store.sources[source.name]
+        assert "KeyError" in (status.error or "")
+        assert WEB in store.current.services  # the last snapshot keeps serving
+        second.set()
+        async with asyncio.timeout(5):
+            while LATER not in store.current.services:
+                await asyncio.sleep(0.01)
+        assert status.connected and status.error is None
+        assert not task.done()
+    finally:
+        await cancel_and_wait([task])
+        await runner.cleanup()
