@@ -95,6 +95,12 @@ def _key(obj: Obj) -> tuple[ServiceKey, str]:
     return ServiceKey(str(ns), meta["name"]), str(meta.get("creationTimestamp") or "")
 
 
+def _ns_name(obj: Obj) -> tuple[str, str]:
+    """(namespace, name) as an object gives them, whether or not it validates."""
+    meta = obj.get("metadata") or {}
+    return str(meta.get("namespace") or "default"), str(meta.get("name"))
+
+
 def _cluster_names(value: Any, what: str) -> frozenset[str] | None:
     """providerClusters / consumerClusters: None (all clusters) when empty."""
     if value is None:
@@ -261,9 +267,8 @@ class KarmadaServices:
         seen = set()
         parsed = []
         for obj in objects:
-            meta = obj.get("metadata") or {}
             # A listed object that does not validate keeps its last good version.
-            seen.add(ServiceKey(str(meta.get("namespace") or "default"), str(meta.get("name"))))
+            seen.add(ServiceKey(*_ns_name(obj)))
             try:
                 parsed.append(parse_mcs(obj))
             except ManifestError as exc:
@@ -311,8 +316,7 @@ class KarmadaServices:
                 continue
             except Exception as exc:  # one object must not stop the list
                 self.failed(obj, exc)
-                meta = obj.get("metadata") or {}
-                key = ServiceKey(str(meta.get("namespace") or "default"), str(meta.get("name")))
+                key = ServiceKey(*_ns_name(obj))
                 if key in self.services:
                     fresh[key] = self.services[key]  # the last good version stays
                 continue
@@ -345,26 +349,30 @@ class KarmadaServices:
             self.refresh(key)
 
     def slice_delete(self, obj: Obj) -> None:
-        meta = obj.get("metadata") or {}
-        self._drop_slice(str(meta.get("namespace") or "default"), str(meta.get("name")))
+        self._drop_slice(*_ns_name(obj))
 
     def slice_replace(self, objects: Sequence[Obj]) -> None:
+        self._replace_each(objects, self.slice_upsert, self.slice_keys, self._drop_slice)
+
+    def _replace_each(self, objects: Sequence[Obj], upsert: Callable[[Obj], None],
+                      known: Mapping[tuple[str, str], ServiceKey],
+                      drop: Callable[[str, str], None]) -> None:
+        """A list of slices: each upserted, and those `known` but not listed dropped."""
         seen: set[tuple[str, str]] = set()
         for obj in objects:
-            meta = obj.get("metadata") or {}
-            seen.add((str(meta.get("namespace") or "default"), str(meta.get("name"))))
+            seen.add(_ns_name(obj))
             try:
-                self.slice_upsert(obj)
+                upsert(obj)
             except Exception as exc:  # one object must not stop the list
                 self.failed(obj, exc)
-        for ns, name in [k for k in self.slice_keys if k not in seen]:
-            self._drop_slice(ns, name)
+        for ns, name in [k for k in known if k not in seen]:
+            drop(ns, name)
 
     def _parse_slice(self, obj: Obj) -> tuple[ServiceKey, str, SliceSpec | None] | None:
         meta = obj.get("metadata") or {}
         labels = meta.get("labels") or {}
         annotations = meta.get("annotations") or {}
-        ns, name = str(meta.get("namespace") or "default"), str(meta.get("name"))
+        ns, name = _ns_name(obj)
         svc = labels.get(LABEL_K8S_SERVICE_NAME)
         if not svc or LABEL_SERVICE_NAME in labels:
             # Not tied to a service, or an MCS-imported slice the other handler serves.
@@ -397,7 +405,7 @@ class KarmadaServices:
     def local_upsert(self, obj: Obj) -> None:
         meta = obj.get("metadata") or {}
         labels = meta.get("labels") or {}
-        ns, name = str(meta.get("namespace") or "default"), str(meta.get("name"))
+        ns, name = _ns_name(obj)
         svc = labels.get(LABEL_K8S_SERVICE_NAME) if isinstance(labels, Mapping) else None
         key = ServiceKey(ns, svc) if isinstance(svc, str) and svc else None
         old_key = self.local_keys.get((ns, name))
@@ -425,20 +433,10 @@ class KarmadaServices:
                 self.refresh(key)
 
     def local_delete(self, obj: Obj) -> None:
-        meta = obj.get("metadata") or {}
-        self._drop_local(str(meta.get("namespace") or "default"), str(meta.get("name")))
+        self._drop_local(*_ns_name(obj))
 
     def local_replace(self, objects: Sequence[Obj]) -> None:
-        seen: set[tuple[str, str]] = set()
-        for obj in objects:
-            meta = obj.get("metadata") or {}
-            seen.add((str(meta.get("namespace") or "default"), str(meta.get("name"))))
-            try:
-                self.local_upsert(obj)
-            except Exception as exc:  # one object must not stop the list
-                self.failed(obj, exc)
-        for ns, name in [k for k in self.local_keys if k not in seen]:
-            self._drop_local(ns, name)
+        self._replace_each(objects, self.local_upsert, self.local_keys, self._drop_local)
         self._listed("local_listed")
 
     def _drop_local(self, ns: str, name: str) -> None:
