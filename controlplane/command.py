@@ -177,6 +177,7 @@ async def run(config: ControllerConfig) -> int:
         # SIGHUP too: its default action killed the controller outright.
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, on_signal)
+    log.info("controller starting: the initial reconcile")
     try:
         await app.start()
     except asyncio.CancelledError:

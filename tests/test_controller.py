@@ -404,6 +404,7 @@ def test_a_signal_during_the_initial_reconcile_stops_the_controller_cleanly(
     # Thousands of services take the first reconcile seconds; the signal handlers used
     # to be installed only after it (Ctrl-C: a KeyboardInterrupt traceback, SIGTERM: a
     # bare kill).
+    import select
     import signal
     import subprocess
     import sys
@@ -418,9 +419,16 @@ def test_a_signal_during_the_initial_reconcile_stops_the_controller_cleanly(
         [sys.executable, "-m", "mcsproxy", "controller", "--clusters-dir",
          str(tmp_path / "clusters"), "--output-dir", str(tmp_path / "out")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    time.sleep(1.0)  # past the imports, into the initial reconcile
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 30
+    seen: list[str] = []
+    while not any("the initial reconcile" in line for line in seen):  # handlers are in
+        assert time.monotonic() < deadline and proc.poll() is None, "".join(seen)
+        if select.select([proc.stdout], [], [], 0.5)[0]:
+            seen.append(proc.stdout.readline())
     proc.send_signal(getattr(signal, sig))
     output, _ = proc.communicate(timeout=60)
+    output = "".join(seen) + output
     assert proc.returncode == 0, output
     assert "Traceback" not in output
     assert "stopped during the initial reconcile" in output  # it did land there
