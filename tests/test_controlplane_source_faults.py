@@ -59,7 +59,6 @@ async def test_an_unforeseen_failure_reconnects_and_reports_it(
     source = ControlplaneSource(f"http://127.0.0.1:{port}", "east",
                                 backoff_initial_s=0.02, backoff_max_s=0.1)
 
-
     def defect(members: dict[str, Any]) -> None:
         raise KeyError("a defect")  # what no except clause of the loop foresaw
 
