@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import dnslib
 
@@ -108,16 +109,51 @@ def load_store(store: SnapshotStore, texts: dict[str, str] | None = None) -> Non
 
 
 @contextlib.asynccontextmanager
-async def running_dns(load: bool = True, **config: object) -> AsyncIterator[DnsServer]:
+async def running_dns(load: bool = True, texts: dict[str, str] | None = None,
+                      **config: object) -> AsyncIterator[DnsServer]:
+    """A DNS server for the test zone, for a zone of its own (texts), or for none."""
     store = SnapshotStore("cluster-a")
     if load:
-        load_store(store)
+        load_store(store, texts)
     server = DnsServer(DnsConfig(listen=("127.0.0.1", 0), **config), store)  # type: ignore[arg-type]
     await server.start()
     try:
         yield server
     finally:
         await server.stop()
+
+
+P = TypeVar("P", bound=asyncio.DatagramProtocol)
+TcpHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def fake_upstream(protocol: Callable[[], P], host: str = "127.0.0.1",
+                        tcp: Callable[[P], TcpHandler] | None = None,
+                        ) -> AsyncIterator[tuple[tuple[str, int], P]]:
+    """A fake --dns-upstream: protocol on a UDP port of host and, with tcp (given the
+    protocol, it returns the connection handler), a TCP server on the same port."""
+    loop = asyncio.get_running_loop()
+    for _ in range(10):  # the UDP port may be taken for TCP
+        transport, proto = await loop.create_datagram_endpoint(protocol, local_addr=(host, 0))
+        addr = transport.get_extra_info("sockname")[:2]
+        if tcp is None:
+            server = None
+            break
+        try:
+            server = await asyncio.start_server(tcp(proto), *addr)
+            break
+        except OSError:
+            transport.close()
+    else:
+        raise AssertionError("no port free for both UDP and TCP")
+    try:
+        yield addr, proto
+    finally:
+        transport.close()
+        if server is not None:
+            server.close()
+            await server.wait_closed()
 
 
 # -- clients -------------------------------------------------------------------------

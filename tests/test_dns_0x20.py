@@ -7,12 +7,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
 
 import dnslib
 import pytest
 
-from tests.dns_support import make_query, running_dns, tcp_exchange, udp_exchange
+from tests.dns_support import (
+    fake_upstream,
+    make_query,
+    running_dns,
+    tcp_exchange,
+    udp_exchange,
+)
 
 UPSTREAM_IP = "127.203.0.1"
 NAME = "Service.Long-Name-For-Case.Example.ORG."  # the client's own case
@@ -70,26 +75,8 @@ class Upstream(asyncio.DatagramProtocol):
             writer.close()
 
 
-@contextlib.asynccontextmanager
-async def upstream() -> AsyncIterator[tuple[tuple[str, int], Upstream]]:
-    loop = asyncio.get_running_loop()
-    for _ in range(10):  # the UDP port may be taken for TCP
-        transport, proto = await loop.create_datagram_endpoint(
-            Upstream, local_addr=(UPSTREAM_IP, 0))
-        addr = transport.get_extra_info("sockname")[:2]
-        try:
-            server = await asyncio.start_server(proto.serve_tcp, *addr)
-            break
-        except OSError:
-            transport.close()
-    else:
-        raise AssertionError("no port free for both UDP and TCP")
-    try:
-        yield addr, proto
-    finally:
-        transport.close()
-        server.close()
-        await server.wait_closed()
+def upstream() -> contextlib.AbstractAsyncContextManager[tuple[tuple[str, int], Upstream]]:
+    return fake_upstream(Upstream, UPSTREAM_IP, tcp=lambda proto: proto.serve_tcp)
 
 
 async def test_the_forwarded_case_is_random_and_the_client_gets_its_own_back() -> None:

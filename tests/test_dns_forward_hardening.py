@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import dnslib
@@ -18,6 +18,7 @@ import uvloop
 from mcsproxy.dns import forward
 from tests.dns_support import (
     TIMEOUT_S,
+    fake_upstream,
     make_query,
     running_dns,
     tcp_exchange,
@@ -90,30 +91,9 @@ async def serve_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) 
         writer.close()
 
 
-@contextlib.asynccontextmanager
-async def upstream(tcp: bool = False) -> AsyncIterator[tuple[tuple[str, int], FakeUpstream]]:
-    loop = asyncio.get_running_loop()
-    for _ in range(10):  # the UDP port may be taken for TCP
-        transport, proto = await loop.create_datagram_endpoint(
-            FakeUpstream, local_addr=("127.0.0.1", 0))
-        addr = transport.get_extra_info("sockname")[:2]
-        if not tcp:
-            server = None
-            break
-        try:
-            server = await asyncio.start_server(serve_tcp, *addr)
-            break
-        except OSError:
-            transport.close()
-    else:
-        raise AssertionError("no port free for both UDP and TCP")
-    try:
-        yield addr, proto
-    finally:
-        transport.close()
-        if server is not None:
-            server.close()
-            await server.wait_closed()
+def upstream(tcp: bool = False,
+             ) -> contextlib.AbstractAsyncContextManager[tuple[tuple[str, int], FakeUpstream]]:
+    return fake_upstream(FakeUpstream, tcp=(lambda _proto: serve_tcp) if tcp else None)
 
 
 def rcode(raw: bytes) -> str:

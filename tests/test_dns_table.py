@@ -5,22 +5,16 @@ Expected answers are zone-file lines, as in CoreDNS's plugin tests.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import dnslib
 import pytest
 
-from mcsproxy.config import DnsConfig
-from mcsproxy.dns.server import DnsServer
-from mcsproxy.store import SnapshotStore
 from tests.dns_support import (
     BIG_ADDRESSES,
     SOA_LINE,
     exchange,
     import_yaml,
-    load_store,
     make_query,
     running_dns,
     slice_yaml,
@@ -247,19 +241,6 @@ async def test_big_headless_is_truncated_over_udp_and_whole_over_tcp(dns) -> Non
     assert zone_lines(reply.rr) == BIG_LINES
 
 
-@contextlib.asynccontextmanager
-async def serving(texts: dict[str, str], **config: object) -> AsyncIterator[DnsServer]:
-    """A DNS server for a zone of its own."""
-    store = SnapshotStore("cluster-a")
-    load_store(store, texts)
-    server = DnsServer(DnsConfig(listen=("127.0.0.1", 0), **config), store)  # type: ignore[arg-type]
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
 FOUR_PORTS = "[" + ", ".join(f"{{name: p{i}, protocol: TCP, port: {8000 + i}}}"
                              for i in range(4)) + "]"
 HUGE_ADDRESSES = [f"10.10.{i // 250}.{i % 250 + 1}" for i in range(450)]
@@ -270,7 +251,7 @@ async def test_an_answer_beyond_64k_keeps_over_tcp_the_records_that_fit() -> Non
     # TCP is the last resort: an empty TC answer there leaves the name unresolvable.
     huge = import_yaml("huge", "Headless", FOUR_PORTS) + "\n---\n" + slice_yaml(
         "huge", "cluster-a", "IPv4", HUGE_ADDRESSES, FOUR_PORTS)
-    async with serving({"huge.yaml": huge}) as server:
+    async with running_dns(texts={"huge.yaml": huge}) as server:
         [raw] = await tcp_exchange(server.bound, make_query(f"huge.{T}", "SRV", edns=1232))
         assert 65535 - 60 < len(raw) <= 65535
         reply = dnslib.DNSRecord.parse(raw)
@@ -293,7 +274,7 @@ async def test_an_edns_cap_of_65535_never_makes_an_answer_too_big_to_send() -> N
     addresses = [f"10.11.{i // 250}.{i % 250 + 1}" for i in range(4091)]
     zone = import_yaml("huge", "Headless", FOUR_PORTS) + "\n---\n" + slice_yaml(
         "huge", "cluster-a", "IPv4", addresses, FOUR_PORTS)
-    async with serving({"huge.yaml": zone}, edns_max_payload=65535) as server:
+    async with running_dns(texts={"huge.yaml": zone}, edns_max_payload=65535) as server:
         [raw] = await tcp_exchange(server.bound, make_query(f"huge.{T}", edns=65535))
         assert 65507 < len(raw) <= 65535 and not dnslib.DNSRecord.parse(raw).header.tc
         reply = dnslib.DNSRecord.parse(

@@ -5,9 +5,11 @@ on loopback unless told (and warns), and credentials never reach the logs."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import dnslib
@@ -45,18 +47,29 @@ class Upstream(asyncio.DatagramProtocol):
         self.transport.sendto(reply.pack(), addr)
 
 
-async def udp_ask(server: tuple[str, int], name: str, source: str = "127.0.0.1",
-                  timeout: float = 1.0) -> dnslib.DNSRecord | None:
-    loop = asyncio.get_running_loop()
+@contextlib.contextmanager
+def client_socket(source: str = "127.0.0.1") -> Iterator[socket.socket]:
+    """A non-blocking UDP socket on source, for the loop's sock_* calls."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind((source, 0))
         sock.setblocking(False)
-        await loop.sock_sendto(sock, make_query(name), server)
-        try:
-            async with asyncio.timeout(timeout):
-                return dnslib.DNSRecord.parse(await loop.sock_recv(sock, 4096))
-        except TimeoutError:
-            return None
+        yield sock
+
+
+async def receive(sock: socket.socket, timeout: float) -> dnslib.DNSRecord | None:
+    """The next answer on sock, or None if none came within timeout."""
+    try:
+        async with asyncio.timeout(timeout):
+            return dnslib.DNSRecord.parse(await asyncio.get_running_loop().sock_recv(sock, 4096))
+    except TimeoutError:
+        return None
+
+
+async def udp_ask(server: tuple[str, int], name: str, source: str = "127.0.0.1",
+                  timeout: float = 1.0) -> dnslib.DNSRecord | None:
+    with client_socket(source) as sock:
+        await asyncio.get_running_loop().sock_sendto(sock, make_query(name), server)
+        return await receive(sock, timeout)
 
 
 async def dns_server(**config: object) -> tuple[DnsServer, Upstream, asyncio.DatagramTransport]:
@@ -103,9 +116,7 @@ async def test_dns_response_rate_limit_per_client_network() -> None:
     try:
         assert server.bound is not None and server.rrl is not None
         loop = asyncio.get_running_loop()
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            sock.setblocking(False)
+        with client_socket() as sock:
             for i in range(100):
                 await loop.sock_sendto(sock, make_query(f"n{i}.test.svc.clusterset.local."),
                                        server.bound)
@@ -154,17 +165,12 @@ async def test_dns_rrl_truncated_answers_send_stub_resolvers_to_tcp() -> None:
     try:
         assert server.bound is not None and server.rrl is not None
         loop = asyncio.get_running_loop()
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            sock.setblocking(False)
+        with client_socket() as sock:
             answers: dict[int, dnslib.DNSRecord] = {}
             for i, packet in enumerate(packets):
                 await loop.sock_sendto(sock, packet, server.bound)
-                try:
-                    async with asyncio.timeout(0.2):
-                        answers[i] = dnslib.DNSRecord.parse(await loop.sock_recv(sock, 4096))
-                except TimeoutError:
-                    pass
+                if (answer := await receive(sock, 0.2)) is not None:
+                    answers[i] = answer
         assert sorted(answers) == [0, 2, 6, 8]
         assert not answers[0].header.tc
         for i in (2, 6, 8):
