@@ -220,6 +220,20 @@ async def until(check: Callable[[], object], timeout: float = 5.0) -> None:
             await asyncio.sleep(0.02)
 
 
+def a_exports_to_b(tmp_path: Path) -> tuple[Path, Path]:
+    """CLUSTERS with a exporting web at 127.0.1.1 and b holding only the namespace; OUT."""
+    clusters, out = tmp_path / "clusters", tmp_path / "out"
+    member(clusters, "a", 1)
+    write_docs(clusters / "b" / "ns.yaml", namespace())
+    return clusters, out
+
+
+async def a_changes_reach_b(clusters: Path, out: Path) -> None:
+    """a's endpoint moves to 127.0.7.1; until the running controller writes it into b."""
+    member(clusters, "a", 7)
+    await until(lambda: "127.0.7.1" in str(read_out(out, "b")))
+
+
 class Running:
     def __init__(self, clusters: Path, out: Path) -> None:
         self.app = DirectoryControllerApp(ControllerConfig(clusters, out, poll_interval_s=0.05))
@@ -237,9 +251,7 @@ class Running:
 
 
 async def test_running_controller_follows_changes(tmp_path: Path) -> None:
-    clusters, out = tmp_path / "clusters", tmp_path / "out"
-    member(clusters, "a", 1)
-    write_docs(clusters / "b" / "ns.yaml", namespace())
+    clusters, out = a_exports_to_b(tmp_path)
     async with Running(clusters, out) as app:
         web_b = out / "b" / "serviceimport_test_web.yaml"
         assert web_b.exists()
@@ -439,9 +451,7 @@ async def test_output_removed_or_edited_by_someone_else_is_written_again(
     """Files the controller wrote into OUT and someone deletes or edits are written again
     within the check interval; a file named like ours that nothing wants is removed; a
     file not named like ours is left alone; nothing is written while nothing changes."""
-    clusters, out = tmp_path / "clusters", tmp_path / "out"
-    member(clusters, "a", 1)
-    write_docs(clusters / "b" / "ns.yaml", namespace())
+    clusters, out = a_exports_to_b(tmp_path)
     async with Running(clusters, out):
         wanted = read_out(out, "b")
         imp = out / "b" / "serviceimport_test_web.yaml"
@@ -466,9 +476,7 @@ async def test_a_member_file_that_cannot_be_looked_at_does_not_end_the_watch(
     """A symlink loop among a member's files (stat fails with ELOOP, not ENOENT) is
     rejected like a bad file, the reason in the cluster's error, its last good state
     kept; once it is gone, changes are followed again."""
-    clusters, out = tmp_path / "clusters", tmp_path / "out"
-    member(clusters, "a", 1)
-    write_docs(clusters / "b" / "ns.yaml", namespace())
+    clusters, out = a_exports_to_b(tmp_path)
     async with Running(clusters, out) as app:
         controller = app.controller
         assert controller is not None
@@ -477,15 +485,12 @@ async def test_a_member_file_that_cannot_be_looked_at_does_not_end_the_watch(
         assert controller.members()["a"]["stale"] is False
         (clusters / "a" / "loop.yaml").unlink()
         await until(lambda: controller.clients["a"].connection.error is None)
-        member(clusters, "a", 7)
-        await until(lambda: "127.0.7.1" in str(read_out(out, "b")))
+        await a_changes_reach_b(clusters, out)
 
 
 async def test_a_member_folder_that_turns_into_a_symlink_loop_goes_stale_then_recovers(
         tmp_path: Path) -> None:
-    clusters, out = tmp_path / "clusters", tmp_path / "out"
-    member(clusters, "a", 1)
-    write_docs(clusters / "b" / "ns.yaml", namespace())
+    clusters, out = a_exports_to_b(tmp_path)
     async with Running(clusters, out) as app:
         controller = app.controller
         assert controller is not None
@@ -495,8 +500,7 @@ async def test_a_member_folder_that_turns_into_a_symlink_loop_goes_stale_then_re
         os.unlink(clusters / "a")
         os.rename(tmp_path / "a-away", clusters / "a")
         await until(lambda: not controller.members()["a"]["stale"])
-        member(clusters, "a", 7)
-        await until(lambda: "127.0.7.1" in str(read_out(out, "b")))
+        await a_changes_reach_b(clusters, out)
 
 
 def test_once_with_a_member_file_that_cannot_be_looked_at_fails_with_its_name(

@@ -5,6 +5,7 @@ written again too, whatever else was written to that member meanwhile."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from collections.abc import AsyncIterator
@@ -36,12 +37,21 @@ REPAIR_S = 5.0  # each repair must land within this
 API = ServiceKey("demo", "api")
 
 
-@pytest.fixture
-async def cs() -> AsyncIterator[Clusterset]:
+@contextlib.asynccontextmanager
+async def a_exports_web(resync_s: float | None = None) -> AsyncIterator[Clusterset]:
+    """Members a and b with namespace demo, a exporting web; resync_s: relist that often."""
     async with clusterset(("a", "b")) as cs:
+        if resync_s is not None:
+            cs.timings = dataclasses.replace(FAST, resync_s=resync_s)
         for c in cs.emulators:
             cs[c].put_object(namespace("demo"))
         export_web(cs, "a", ["10.1.0.1"])
+        yield cs
+
+
+@pytest.fixture
+async def cs() -> AsyncIterator[Clusterset]:
+    async with a_exports_web() as cs:
         yield cs
 
 
@@ -132,11 +142,7 @@ async def test_deleted_and_edited_objects_are_written_again_without_a_loop(
 
 
 async def test_a_change_whose_event_was_lost_is_found_by_the_periodic_relist() -> None:
-    async with clusterset(("a", "b")) as cs:
-        cs.timings = dataclasses.replace(FAST, resync_s=1.0)
-        for c in cs.emulators:
-            cs[c].put_object(namespace("demo"))
-        export_web(cs, "a", ["10.1.0.1"])
+    async with a_exports_web(resync_s=1.0) as cs:
         await cs.start_controller()
         written = Written(cs)
         b = cs["b"]
@@ -242,11 +248,7 @@ async def test_objects_with_our_label_that_nothing_wants_are_deleted_while_runni
 
 
 async def test_an_unwanted_object_whose_event_was_lost_is_deleted_by_the_relist() -> None:
-    async with clusterset(("a", "b")) as cs:
-        cs.timings = dataclasses.replace(FAST, resync_s=1.0)
-        for c in cs.emulators:
-            cs[c].put_object(namespace("demo"))
-        export_web(cs, "a", ["10.1.0.1"])
+    async with a_exports_web(resync_s=1.0) as cs:
         await cs.start_controller()
         b = cs["b"]
         b.lose_events()  # only the periodic relist finds it

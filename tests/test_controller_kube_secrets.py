@@ -107,6 +107,25 @@ def secret_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
             if r.levelno >= logging.ERROR and "member Secrets" in r.getMessage()]
 
 
+@contextlib.asynccontextmanager
+async def serving_a_and_b(
+        setup: Setup) -> AsyncIterator[tuple[KubeControllerApp, asyncio.Task[Any]]]:
+    """Members a and b from their Secrets, the controller running and serving both."""
+    setup.add_member("a")
+    setup.add_member("b")
+    app = setup.app()
+    async with running(app) as task:
+        await until(lambda: serving(app) == {"a", "b"}, task, "never served")
+        yield app, task
+
+
+async def b_changes_reach_a(setup: Setup, task: asyncio.Task[Any], what: str) -> None:
+    """b's web slice changes; until a imports the new addresses."""
+    cs = setup.cs
+    cs["b"].put_object(member_slice("web", ["10.2.0.1", "10.2.0.2"]))
+    await until(lambda: cs.addresses("a", "web") == {"10.2.0.1", "10.2.0.2"}, task, what)
+
+
 async def test_a_failing_secret_list_at_startup_is_retried_not_fatal(
         setup: Setup, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
@@ -159,20 +178,14 @@ async def test_secret_watch_survives_5xx_and_keeps_the_members(
         setup: Setup, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     cs = setup.cs
-    setup.add_member("a")
-    setup.add_member("b")
-    app = setup.app()
-    async with running(app) as task:
-        await until(lambda: serving(app) == {"a", "b"}, task, "never served")
+    async with serving_a_and_b(setup) as (app, task):
         controller = app.controller
         setup.host.fail_next(None, 503, path=SECRETS)
         setup.host.drop_watches()
         failed = setup.secret_requests() + 4
         await until(lambda: setup.secret_requests() >= failed, task, "no retries")
         # Still reconciling with the members it had: b's change reaches a.
-        cs["b"].put_object(member_slice("web", ["10.2.0.1", "10.2.0.2"]))
-        await until(lambda: cs.addresses("a", "web") == {"10.2.0.1", "10.2.0.2"}, task,
-                    "the members stopped being served")
+        await b_changes_reach_a(setup, task, "the members stopped being served")
         assert app.controller is controller
         setup.add_member("c")  # while the Secrets cannot be read
         setup.host.clear_faults()
@@ -193,9 +206,7 @@ async def test_secret_watch_survives_the_host_api_server_going_away(
         await setup.host.stop()  # connection refused from now on
         await until(lambda: bool(secret_errors(caplog)), task, "the outage went unnoticed")
         setup.host.delete_object("secrets", "member-b", NS)  # missed while away
-        cs["b"].put_object(member_slice("web", ["10.2.0.1", "10.2.0.2"]))
-        await until(lambda: cs.addresses("a", "web") == {"10.2.0.1", "10.2.0.2"}, task,
-                    "the members stopped being served")
+        await b_changes_reach_a(setup, task, "the members stopped being served")
         await setup.host.start()
         await until(lambda: not cs.imports("a") and not cs.imports("c"), task,
                     "the Secret deleted during the outage was not noticed")
@@ -206,18 +217,12 @@ async def test_secret_watch_survives_the_host_api_server_going_away(
 async def test_an_invalid_kubeconfig_later_keeps_the_last_good_one(
         setup: Setup, caplog: pytest.LogCaptureFixture, broken: bytes) -> None:
     cs = setup.cs
-    setup.add_member("a")
-    setup.add_member("b")
-    app = setup.app()
-    async with running(app) as task:
-        await until(lambda: serving(app) == {"a", "b"}, task, "never served")
+    async with serving_a_and_b(setup) as (app, task):
         controller = app.controller
         setup.add_member("b", broken)
         await until(lambda: any("member-b" in m for m in secret_errors(caplog)), task,
                     "the broken Secret was not reported")
-        cs["b"].put_object(member_slice("web", ["10.2.0.1", "10.2.0.2"]))
-        await until(lambda: cs.addresses("a", "web") == {"10.2.0.1", "10.2.0.2"}, task,
-                    "b stopped being served")
+        await b_changes_reach_a(setup, task, "b stopped being served")
         assert app.controller is controller  # not restarted for a broken Secret
         setup.add_member("c")  # later changes still apply, with b's last good kubeconfig
         await until(lambda: cs.addresses("c", "web") == {"10.2.0.1", "10.2.0.2"}, task,
@@ -232,11 +237,7 @@ async def test_member_secret_changes_in_quick_succession_make_one_rebuild(
     already serving keeps serving until then."""
     caplog.set_level(logging.INFO)
     cs = setup.cs
-    setup.add_member("a")
-    setup.add_member("b")
-    app = setup.app()
-    async with running(app) as task:
-        await until(lambda: serving(app) == {"a", "b"}, task, "never served")
+    async with serving_a_and_b(setup) as (app, task):
         first = app.controller
         for change in (lambda: setup.add_member("c"),
                        lambda: setup.host.delete_object("secrets", "member-b", NS),

@@ -10,7 +10,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
@@ -158,7 +158,13 @@ def kube_controller(kubeconfig: Path, identity: str, clusters: tuple[str, ...] =
         timings=FAST, **kwargs))
 
 
-def write_kubeconfig(cs: Clusterset, path: Path) -> Path:
+class Members(Protocol):
+    """A Clusterset, or anything else holding an emulator per cluster ID."""
+
+    emulators: dict[str, KubeEmulator]
+
+
+def write_kubeconfig(cs: Members, path: Path) -> Path:
     """One kubeconfig with a context per member, named by its cluster ID."""
     merged: dict[str, Any] = {"apiVersion": "v1", "kind": "Config", "clusters": [],
                               "users": [], "contexts": []}

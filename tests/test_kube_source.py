@@ -125,11 +125,9 @@ class Running:
 
 
 @contextlib.asynccontextmanager
-async def running(emu: KubeEmulator, tmp_path: Path, cluster_id: str = "east",
-                  timings: WatchTimings = FAST, **kwargs: Any) -> AsyncIterator[Running]:
-    store = SnapshotStore(cluster_id)
-    source = KubeSource(cluster_id, kubeconfig=str(emu.kubeconfig(tmp_path / "kubeconfig")),
-                        timings=timings, **kwargs)
+async def started(emu: KubeEmulator, source: KubeSource,
+                  store: SnapshotStore) -> AsyncIterator[Running]:
+    """source running into store, its first snapshot loaded; cancelled on the way out."""
     task = asyncio.create_task(source.run(store))
     try:
         async with asyncio.timeout(5):
@@ -139,6 +137,15 @@ async def running(emu: KubeEmulator, tmp_path: Path, cluster_id: str = "east",
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+@contextlib.asynccontextmanager
+async def running(emu: KubeEmulator, tmp_path: Path, cluster_id: str = "east",
+                  timings: WatchTimings = FAST, **kwargs: Any) -> AsyncIterator[Running]:
+    source = KubeSource(cluster_id, kubeconfig=str(emu.kubeconfig(tmp_path / "kubeconfig")),
+                        timings=timings, **kwargs)
+    async with started(emu, source, SnapshotStore(cluster_id)) as run:
+        yield run
 
 
 @pytest.fixture

@@ -20,22 +20,14 @@ from mcsproxy.sources.kube import KubeSource
 from mcsproxy.store import SnapshotStore
 from tests.kube_auth_support import ExecPlugin, exec_kubeconfig, service_account
 from tests.kube_emulator import KubeEmulator
-from tests.test_kube_source import FAST, WEB, Running, service_import
+from tests.test_kube_source import FAST, WEB, Running, service_import, started
 
 
 @contextlib.asynccontextmanager
 async def gateway(emu: KubeEmulator, **kwargs: object) -> AsyncIterator[Running]:
-    store = SnapshotStore("east")
     source = KubeSource("east", timings=FAST, **kwargs)  # type: ignore[arg-type]
-    task = asyncio.create_task(source.run(store))
-    try:
-        async with asyncio.timeout(5):
-            await store.loaded.wait()
-        yield Running(emu, source, store)
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    async with started(emu, source, SnapshotStore("east")) as run:
+        yield run
 
 
 async def reaches_gateway(run: Running) -> None:

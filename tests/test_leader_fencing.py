@@ -16,9 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
-
-import yaml
+from typing import TypeVar
 
 from controlplane.clusters import ChangeSet
 from controlplane.clusters.kube import KubeTimings
@@ -34,6 +32,7 @@ from tests.test_controller_kube_support import (
     ours,
     service,
     service_export,
+    write_kubeconfig,
 )
 
 T = TypeVar("T")
@@ -84,18 +83,6 @@ class ThreadedEmulators:
                 await asyncio.sleep(0.02)
 
 
-def kubeconfig(emus: ThreadedEmulators, path: Path) -> Path:
-    merged: dict[str, Any] = {"apiVersion": "v1", "kind": "Config", "clusters": [],
-                              "users": [], "contexts": []}
-    for cluster, emu in emus.emulators.items():
-        doc = yaml.safe_load(emu.kubeconfig(path.with_suffix(f".{cluster}"), cluster).read_text())
-        for key in ("clusters", "users", "contexts"):
-            merged[key].extend(doc[key])
-        merged.setdefault("current-context", cluster)
-    path.write_text(yaml.safe_dump(merged))
-    return path
-
-
 @contextmanager
 def paused(seconds: float) -> Iterator[None]:
     """The process stops for `seconds` (the body included): nothing of this loop runs,
@@ -131,7 +118,7 @@ async def test_a_leader_resumed_after_its_lease_ran_out_sends_no_write(tmp_path:
         emus.call(setup)
         lease_s = 1.5
         app = KubeControllerApp(KubeControllerConfig(
-            kubeconfig=kubeconfig(emus, tmp_path / "kubeconfig"),
+            kubeconfig=write_kubeconfig(emus, tmp_path / "kubeconfig"),
             contexts=(("a", "a"), ("b", "b")), lease_namespace="kube-system",
             lease_duration_s=lease_s, identity="one",
             timings=KubeTimings(request_timeout_s=8.0, probe_interval_s=0.2,

@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import AsyncIterator, Callable
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -191,22 +192,34 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 
 @contextlib.asynccontextmanager
+async def stream_server(objects: dict[ObjectRef, dict[str, Any]]
+                        ) -> AsyncIterator[tuple[StreamHub, tuple[str, int]]]:
+    """A controller's stream server holding `objects` for cluster east; yields its hub
+    (to publish more) and the address it is bound to."""
+    hub = StreamHub(heartbeat_s=0.2)
+    hub.attach("east", objects)
+    server = ControllerServer(None, hub, (CONTROLLER_HOST, 0), metrics=ControllerMetrics())
+    await server.start()
+    assert server.bound is not None
+    try:
+        yield hub, server.bound
+    finally:
+        hub.close()
+        await server.stop()
+
+
+@contextlib.asynccontextmanager
 async def controller_behind(
         mode: Callable[[int], str | tuple[str, float]]) -> AsyncIterator[tuple[Relay, str]]:
     """A controller's stream server with one ServiceImport for cluster east, and a relay
     in front of it; yields the relay and its URL."""
-    hub = StreamHub(heartbeat_s=0.2)
-    hub.attach("east", {ObjectRef("ServiceImport", "test", "web"): service_import("web")})
-    server = ControllerServer(None, hub, (CONTROLLER_HOST, 0), metrics=ControllerMetrics())
-    await server.start()
-    assert server.bound is not None
-    relay = Relay(server.bound, mode)
-    try:
-        yield relay, await relay.start(RELAY_HOST)
-    finally:
-        await relay.stop()
-        hub.close()
-        await server.stop()
+    web = {ObjectRef("ServiceImport", "test", "web"): service_import("web")}
+    async with stream_server(web) as (_hub, bound):
+        relay = Relay(bound, mode)
+        try:
+            yield relay, await relay.start(RELAY_HOST)
+        finally:
+            await relay.stop()
 
 
 async def test_controlplane_stream_without_response_headers_reconnects() -> None:
@@ -256,23 +269,17 @@ async def test_controlplane_snapshot_rejected_in_a_later_part_backs_off() -> Non
                for i in range(SNAPSHOT_CHUNK)}
     objects[ObjectRef("ServiceImport", "test", "zbad")] = service_import(
         "zbad", ports=[{"name": "x", "protocol": "TCP", "port": 70000}])
-    hub = StreamHub(heartbeat_s=0.2)
-    hub.attach("east", objects)
-    server = ControllerServer(None, hub, (CONTROLLER_HOST, 0), metrics=ControllerMetrics())
-    await server.start()
-    assert server.bound is not None
-    relay = Relay(server.bound, lambda n: "pass")
-    url = await relay.start(RELAY_HOST)
-    store = SnapshotStore("east")
-    source = ControlplaneSource(url, "east", backoff_initial_s=0.05, backoff_max_s=5.0)
-    task = spawn(source.run(store), name="test source")
-    try:
-        await asyncio.sleep(1.5)  # 0.05 doubling: at most 6 tries; at 0.05 each: ~30
-    finally:
-        await cancel_and_wait([task])
-        await relay.stop()
-        hub.close()
-        await server.stop()
+    async with stream_server(objects) as (_hub, bound):
+        relay = Relay(bound, lambda n: "pass")
+        url = await relay.start(RELAY_HOST)
+        store = SnapshotStore("east")
+        source = ControlplaneSource(url, "east", backoff_initial_s=0.05, backoff_max_s=5.0)
+        task = spawn(source.run(store), name="test source")
+        try:
+            await asyncio.sleep(1.5)  # 0.05 doubling: at most 6 tries; at 0.05 each: ~30
+        finally:
+            await cancel_and_wait([task])
+            await relay.stop()
     assert 2 <= len(relay.accepted) <= 7, relay.accepted
     assert "zbad" in (store.sources[source.name].error or "")
     assert len(store.current.services) == 0 and not store.loaded.is_set()
@@ -281,76 +288,64 @@ async def test_controlplane_snapshot_rejected_in_a_later_part_backs_off() -> Non
 async def test_controlplane_object_count_follows_the_deltas() -> None:
     """The source's object count (admin /readyz detail, the objects metric) follows what
     deltas add and remove, not only what the last full snapshot held."""
-    hub = StreamHub(heartbeat_s=0.2)
     web = ObjectRef("ServiceImport", "test", "web")
-    hub.attach("east", {web: service_import("web")})
-    server = ControllerServer(None, hub, (CONTROLLER_HOST, 0), metrics=ControllerMetrics())
-    await server.start()
-    assert server.bound is not None
-    store = SnapshotStore("east")
-    source = ControlplaneSource(f"http://{CONTROLLER_HOST}:{server.bound[1]}", "east")
-    task = spawn(source.run(store), name="test source")
-    try:
-        async with asyncio.timeout(5):
-            await store.loaded.wait()
-        status = store.sources[source.name]
-        assert status.objects == 1
-        api = ObjectRef("ServiceImport", "test", "api")
-        west = ObjectRef("EndpointSlice", "test", "web-west")
-        hub.publish("east", {api: service_import("api", "127.240.3.2"),
-                             west: imported_slice("web-west", "web", "west", ["10.1.0.1"])},
-                    [], None)
-        async with asyncio.timeout(5):
-            while status.objects != 3:
-                await asyncio.sleep(0.01)
-        hub.publish("east", {west: imported_slice("web-west", "web", "west", ["10.1.0.2"])},
-                    [web, ObjectRef("ServiceImport", "test", "never-sent")], None)
-        async with asyncio.timeout(5):
-            while len(store.current.services) != 1:
-                await asyncio.sleep(0.01)
-        assert status.objects == 2
-    finally:
-        await cancel_and_wait([task])
-        hub.close()
-        await server.stop()
+    async with stream_server({web: service_import("web")}) as (hub, bound):
+        store = SnapshotStore("east")
+        source = ControlplaneSource(f"http://{CONTROLLER_HOST}:{bound[1]}", "east")
+        task = spawn(source.run(store), name="test source")
+        try:
+            async with asyncio.timeout(5):
+                await store.loaded.wait()
+            status = store.sources[source.name]
+            assert status.objects == 1
+            api = ObjectRef("ServiceImport", "test", "api")
+            west = ObjectRef("EndpointSlice", "test", "web-west")
+            hub.publish("east", {api: service_import("api", "127.240.3.2"),
+                                 west: imported_slice("web-west", "web", "west", ["10.1.0.1"])},
+                        [], None)
+            async with asyncio.timeout(5):
+                while status.objects != 3:
+                    await asyncio.sleep(0.01)
+            hub.publish("east", {west: imported_slice("web-west", "web", "west", ["10.1.0.2"])},
+                        [web, ObjectRef("ServiceImport", "test", "never-sent")], None)
+            async with asyncio.timeout(5):
+                while len(store.current.services) != 1:
+                    await asyncio.sleep(0.01)
+            assert status.objects == 2
+        finally:
+            await cancel_and_wait([task])
 
 
 async def test_controlplane_stream_gone_silent_is_given_up_and_resumed() -> None:
     """The connection stays up but nothing comes through any more (a black-holed path, a
     stuck controller): after three missed heartbeats the source gives up on it, serves
     what it has meanwhile, reconnects and resumes from its version, no snapshot."""
-    hub = StreamHub(heartbeat_s=0.2)
     web = ObjectRef("ServiceImport", "test", "web")
-    hub.attach("east", {web: service_import("web")})
-    server = ControllerServer(None, hub, (CONTROLLER_HOST, 0), metrics=ControllerMetrics())
-    await server.start()
-    assert server.bound is not None
-    relay = Relay(server.bound, lambda n: ("mute", 0.3) if n == 1 else "pass")
-    url = await relay.start(RELAY_HOST)
-    store = SnapshotStore("east")
-    source = ControlplaneSource(url, "east", backoff_initial_s=0.05, backoff_max_s=0.2)
-    task = spawn(source.run(store), name="test source")
-    try:
-        async with asyncio.timeout(5):
-            await store.loaded.wait()
-        status = store.sources[source.name]
-        async with asyncio.timeout(5):
-            while relay.accepted[-1] + 0.35 > asyncio.get_running_loop().time():
-                await asyncio.sleep(0.02)  # muted now
-        api = ObjectRef("ServiceImport", "test", "api")
-        hub.publish("east", {api: service_import("api", "127.240.3.2")}, [], None)
-        async with asyncio.timeout(3):
-            while status.connected:
-                await asyncio.sleep(0.01)
-        assert "Timeout" in (status.error or "")
-        assert WEB in store.current.services  # the last good state keeps serving
-        async with asyncio.timeout(5):
-            while not (status.connected and ServiceKey("test", "api") in
-                       store.current.services):
-                await asyncio.sleep(0.01)
-        assert len(relay.accepted) == 2 and source.resyncs == 1
-    finally:
-        await cancel_and_wait([task])
-        await relay.stop()
-        hub.close()
-        await server.stop()
+    async with stream_server({web: service_import("web")}) as (hub, bound):
+        relay = Relay(bound, lambda n: ("mute", 0.3) if n == 1 else "pass")
+        url = await relay.start(RELAY_HOST)
+        store = SnapshotStore("east")
+        source = ControlplaneSource(url, "east", backoff_initial_s=0.05, backoff_max_s=0.2)
+        task = spawn(source.run(store), name="test source")
+        try:
+            async with asyncio.timeout(5):
+                await store.loaded.wait()
+            status = store.sources[source.name]
+            async with asyncio.timeout(5):
+                while relay.accepted[-1] + 0.35 > asyncio.get_running_loop().time():
+                    await asyncio.sleep(0.02)  # muted now
+            api = ObjectRef("ServiceImport", "test", "api")
+            hub.publish("east", {api: service_import("api", "127.240.3.2")}, [], None)
+            async with asyncio.timeout(3):
+                while status.connected:
+                    await asyncio.sleep(0.01)
+            assert "Timeout" in (status.error or "")
+            assert WEB in store.current.services  # the last good state keeps serving
+            async with asyncio.timeout(5):
+                while not (status.connected and ServiceKey("test", "api") in
+                           store.current.services):
+                    await asyncio.sleep(0.01)
+            assert len(relay.accepted) == 2 and source.resyncs == 1
+        finally:
+            await cancel_and_wait([task])
+            await relay.stop()
