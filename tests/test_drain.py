@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import signal
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -212,38 +213,47 @@ async def test_snapshot_changes_every_100ms_under_load_lose_nothing() -> None:
             await e.stop()
 
 
+@contextlib.asynccontextmanager
 async def _gateway_holding_connections(
-        tmp_path: Path, ip: str, backend: Backend, *args: str, preexec_fn: object = None,
-) -> tuple[GatewayProcess, list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]:
-    """A gateway with --drain-timeout 20 and four TCP connections through it that never
-    end (with --workers 2, likely some on each process)."""
-    imports = tmp_path / "imports.yaml"
-    write_imports(imports, [Svc("echo", ip, [Port("echo", 7, backend.port)],
-                                {"east": [(backend.host, True)]})])
-    gw = GatewayProcess(f"file:{imports}", "--drain-timeout", "20", "--health-interval", "0",
-                        *args)
-    await gw.start(preexec_fn)
-    await gw.wait_line(f"listener {ip}:7/TCP serving")
-    if "2" in args:  # --workers 2: the worker serves too
-        await gw.wait_line("worker=1 mcsproxy.proxy listener")
-    conns = []
-    for _ in range(4):
-        reader, writer = await asyncio.open_connection(ip, 7)
-        assert await reader.readline() == b"echo\n"
-        conns.append((reader, writer))
-    return gw, conns
+        tmp_path: Path, ip: str, echo_host: str, *args: str, preexec_fn: object = None,
+) -> AsyncIterator[tuple[GatewayProcess,
+                         list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]]:
+    """An echo backend on `echo_host`, a gateway with --drain-timeout 20 and four TCP
+    connections through it that never end (with --workers 2, likely some on each
+    process). On leaving: connections closed, gateway and backend stopped."""
+    backend = await Backend("echo", echo_host, 7095, "east").start()
+    gw: GatewayProcess | None = None
+    conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        imports = tmp_path / "imports.yaml"
+        write_imports(imports, [Svc("echo", ip, [Port("echo", 7, backend.port)],
+                                    {"east": [(backend.host, True)]})])
+        gw = GatewayProcess(f"file:{imports}", "--drain-timeout", "20",
+                            "--health-interval", "0", *args)
+        await gw.start(preexec_fn)
+        await gw.wait_line(f"listener {ip}:7/TCP serving")
+        if "2" in args:  # --workers 2: the worker serves too
+            await gw.wait_line("worker=1 mcsproxy.proxy listener")
+        for _ in range(4):
+            reader, writer = await asyncio.open_connection(ip, 7)
+            assert await reader.readline() == b"echo\n"
+            conns.append((reader, writer))
+        yield gw, conns
+    finally:
+        for _, writer in conns:
+            writer.close()
+        if gw is not None:
+            await gw.stop()
+        await backend.stop()
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 async def test_a_second_signal_ends_the_drain_at_once(tmp_path: Path, workers: str) -> None:
     """An operator's second Ctrl-C (or a second SIGTERM) while connections drain closes
     them now instead of waiting out --drain-timeout: it used to be ignored."""
-    echo = await Backend("echo", f"127.95.1.{workers}", 7095, "east").start()
     ip = f"127.240.95.{workers}"
-    gw: GatewayProcess | None = None
-    conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-    try:
-        gw, conns = await _gateway_holding_connections(tmp_path, ip, echo, "--workers", workers)
+    async with _gateway_holding_connections(
+            tmp_path, ip, f"127.95.1.{workers}", "--workers", workers) as (gw, _):
         gw.signal(signal.SIGTERM)
         await gw.wait_line("draining for at most 20.0 s")
         t0 = time.monotonic()
@@ -253,22 +263,13 @@ async def test_a_second_signal_ends_the_drain_at_once(tmp_path: Path, workers: s
         assert "closing what is still open now" in gw.log, gw.log
         assert "gateway stopped" in gw.log, gw.log
         assert "Traceback" not in gw.log, gw.log
-    finally:
-        for _, writer in conns:
-            writer.close()
-        if gw is not None:
-            await gw.stop()
-        await echo.stop()
 
 
 async def test_sighup_drains_like_sigterm(tmp_path: Path) -> None:
     """SIGHUP (a closed terminal, a reload habit) killed the gateway outright: open
     connections reset, no drain, VIPs left on the interface. It now stops like SIGTERM."""
-    echo = await Backend("echo", "127.95.1.3", 7095, "east").start()
-    gw: GatewayProcess | None = None
-    conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-    try:
-        gw, conns = await _gateway_holding_connections(tmp_path, "127.240.95.3", echo)
+    async with _gateway_holding_connections(tmp_path, "127.240.95.3", "127.95.1.3") as (
+            gw, conns):
         gw.signal(signal.SIGHUP)
         await gw.wait_line("draining for at most 20.0 s")
         status, _ = await gw.admin_get("/readyz")
@@ -277,9 +278,6 @@ async def test_sighup_drains_like_sigterm(tmp_path: Path) -> None:
             writer.close()
         assert await gw.wait() == 0, gw.log
         assert "drained; 0 connections left" in gw.log, gw.log
-    finally:
-        await gw.stop()
-        await echo.stop()
 
 
 async def test_workers_drain_when_the_whole_process_group_is_signalled(
@@ -289,12 +287,9 @@ async def test_workers_drain_when_the_whole_process_group_is_signalled(
     workers' connections drain rather than being closed at once."""
     import os
 
-    echo = await Backend("echo", "127.95.1.4", 7095, "east").start()
-    gw: GatewayProcess | None = None
-    conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-    try:
-        gw, conns = await _gateway_holding_connections(
-            tmp_path, "127.240.95.4", echo, "--workers", "2", preexec_fn=os.setsid)
+    async with _gateway_holding_connections(
+            tmp_path, "127.240.95.4", "127.95.1.4", "--workers", "2",
+            preexec_fn=os.setsid) as (gw, conns):
         assert gw.proc is not None
         os.killpg(gw.proc.pid, signal.SIGINT)
         await gw.wait_line("worker=1 mcsproxy.gateway draining")
@@ -308,12 +303,6 @@ async def test_workers_drain_when_the_whole_process_group_is_signalled(
         assert await gw.wait() == 0, gw.log
         assert "closing what is still open now" not in gw.log, gw.log
         assert "still open after" not in gw.log, gw.log
-    finally:
-        for _, writer in conns:
-            writer.close()
-        if gw is not None:
-            await gw.stop()
-        await echo.stop()
 
 
 class FailingDrain:

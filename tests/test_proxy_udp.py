@@ -11,11 +11,22 @@ import pytest
 import uvloop
 
 from mcsproxy.config import OutlierConfig
-from mcsproxy.model import ServicePort
+from mcsproxy.model import Endpoint, ServicePort
 from mcsproxy.proxy.udp import UdpFlow, UdpListener
 from tests.proxy_fixtures import Clusterset, endpoint, free_port
 
 DNS = ServicePort("dns", "UDP", 53)
+
+
+def dns_endpoint(address: str, cluster: str, port: int) -> Endpoint:
+    return endpoint(address, cluster, port, name="dns", protocol="UDP")
+
+
+def dns_clusterset(ip: str, *endpoints: Endpoint) -> Clusterset:
+    """The east clusterset, serving the UDP `dns` service at `ip` on these endpoints."""
+    cs = Clusterset("east")
+    cs.publish("dns", ip, [DNS], endpoints)
+    return cs
 
 
 class NamedUdpEcho(asyncio.DatagramProtocol):
@@ -53,10 +64,8 @@ async def client(local: str) -> tuple[asyncio.DatagramTransport, Client]:
 
 async def test_udp_echo_through_a_clusterset_ip() -> None:
     east, east_port = await udp_backend("east-1", "127.42.1.1")
-    cs = Clusterset("east")
     ip = "127.240.42.1"
-    cs.publish("dns", ip, [DNS], [endpoint("127.42.1.1", "east", east_port, name="dns",
-                                           protocol="UDP")])
+    cs = dns_clusterset(ip, dns_endpoint("127.42.1.1", "east", east_port))
     proxy = await cs.proxy()
     c, proto = await client("127.42.9.1")
     try:
@@ -76,10 +85,8 @@ async def test_udp_echo_through_a_clusterset_ip() -> None:
 async def test_udp_flow_table_is_bounded_and_flows_expire_when_idle(
         caplog: pytest.LogCaptureFixture) -> None:
     east, east_port = await udp_backend("east-1", "127.43.1.1")
-    cs = Clusterset("east")
     ip = "127.240.43.1"
-    cs.publish("dns", ip, [DNS], [endpoint("127.43.1.1", "east", east_port, name="dns",
-                                           protocol="UDP")])
+    cs = dns_clusterset(ip, dns_endpoint("127.43.1.1", "east", east_port))
     proxy = await cs.proxy(udp_max_flows=2, udp_idle_timeout_s=0.2)
     clients = [await client(f"127.43.9.{i}") for i in range(1, 4)]
     try:
@@ -113,13 +120,10 @@ async def test_udp_flow_table_is_bounded_and_flows_expire_when_idle(
 
 async def test_udp_port_unreachable_moves_the_flow_elsewhere() -> None:
     live, live_port = await udp_backend("west-1", "127.44.2.1")
-    cs = Clusterset("east")
     ip = "127.240.44.1"
     dead_port = free_port("127.44.1.1", socket.SOCK_DGRAM)
-    cs.publish("dns", ip, [DNS], [
-        endpoint("127.44.1.1", "east", dead_port, name="dns", protocol="UDP"),
-        endpoint("127.44.2.1", "west", live_port, name="dns", protocol="UDP"),
-    ])
+    cs = dns_clusterset(ip, dns_endpoint("127.44.1.1", "east", dead_port),
+                        dns_endpoint("127.44.2.1", "west", live_port))
     proxy = await cs.proxy()
     c, proto = await client("127.44.9.1")
     try:
@@ -146,10 +150,8 @@ def connected_udp_sockets(address: str, port: int) -> int:
 async def abort_a_flow_while_its_socket_is_set_up() -> tuple[int, int]:
     loop = asyncio.get_running_loop()
     backend, port = await udp_backend("east-1", "127.42.4.1")
-    cs = Clusterset("east")
     ip = "127.240.42.4"
-    cs.publish("dns", ip, [DNS], [endpoint("127.42.4.1", "east", port, name="dns",
-                                           protocol="UDP")])
+    cs = dns_clusterset(ip, dns_endpoint("127.42.4.1", "east", port))
     proxy = await cs.proxy()
     listener: UdpListener = next(iter(proxy.listeners.values())).transport.get_protocol()  # type: ignore[attr-defined]
     host = next(iter(next(iter(proxy.upstreams.values())).hosts.values()))
@@ -191,9 +193,7 @@ async def test_a_second_gateway_cannot_take_a_udp_clusterset_ip(
     # As for TCP: the second process to want the address says it cannot listen, instead
     # of binding beside the first and silently taking its datagrams.
     backend, port = await udp_backend("east-1", "127.42.5.1")
-    cs = Clusterset("east")
-    cs.publish("dns", "127.240.42.5", [DNS], [endpoint("127.42.5.1", "east", port, name="dns",
-                                                       protocol="UDP")])
+    cs = dns_clusterset("127.240.42.5", dns_endpoint("127.42.5.1", "east", port))
     first = await cs.proxy()
     second = await cs.proxy()
     try:
@@ -211,13 +211,10 @@ async def test_a_port_unreachable_endpoint_is_ejected_though_every_flow_opens() 
     # it used to reset the failure count, and an endpoint answering port unreachable was
     # never ejected, taking every other new client's first datagrams forever.
     live, live_port = await udp_backend("west-1", "127.92.2.1")
-    cs = Clusterset("east")
     ip = "127.240.92.1"
     dead_port = free_port("127.92.1.1", socket.SOCK_DGRAM)
-    cs.publish("dns", ip, [DNS], [
-        endpoint("127.92.1.1", "east", dead_port, name="dns", protocol="UDP"),
-        endpoint("127.92.2.1", "west", live_port, name="dns", protocol="UDP"),
-    ])
+    cs = dns_clusterset(ip, dns_endpoint("127.92.1.1", "east", dead_port),
+                        dns_endpoint("127.92.2.1", "west", live_port))
     proxy = await cs.proxy(outlier=OutlierConfig(consecutive_failures=3))
     dead = next(h for h in next(iter(proxy.upstreams.values())).hosts.values()
                 if h.port == dead_port)
@@ -241,10 +238,8 @@ async def test_a_datagram_right_after_its_flow_expired_opens_a_new_flow() -> Non
     # The idle sweep and the listener's read can run in the same loop pass: a datagram
     # read just after its flow expired used to go to the closing socket and be lost.
     backend, port = await udp_backend("east-1", "127.92.3.1")
-    cs = Clusterset("east")
     ip = "127.240.92.3"
-    cs.publish("dns", ip, [DNS], [endpoint("127.92.3.1", "east", port, name="dns",
-                                           protocol="UDP")])
+    cs = dns_clusterset(ip, dns_endpoint("127.92.3.1", "east", port))
     proxy = await cs.proxy()
     c, proto = await client("127.92.9.30")
     try:
@@ -267,17 +262,14 @@ async def test_flows_of_a_removed_endpoint_end_and_the_client_moves_on() -> None
     # to the removed endpoint (a deleted pod) for as long as the client talked.
     a, a_port = await udp_backend("east-1", "127.92.4.1")
     b, b_port = await udp_backend("east-2", "127.92.4.2")
-    cs = Clusterset("east")
     ip = "127.240.92.4"
-    cs.publish("dns", ip, [DNS], [endpoint("127.92.4.1", "east", a_port, name="dns",
-                                           protocol="UDP")])
+    cs = dns_clusterset(ip, dns_endpoint("127.92.4.1", "east", a_port))
     proxy = await cs.proxy()
     c, proto = await client("127.92.9.40")
     try:
         c.sendto(b"one", (ip, 53))
         assert (await asyncio.wait_for(proto.replies.get(), 3))[0] == b"east-1:one"
-        cs.publish("dns", ip, [DNS], [endpoint("127.92.4.2", "east", b_port, name="dns",
-                                               protocol="UDP")])
+        cs.publish("dns", ip, [DNS], [dns_endpoint("127.92.4.2", "east", b_port)])
         await cs.served(proxy)
         c.sendto(b"two", (ip, 53))
         assert (await asyncio.wait_for(proto.replies.get(), 3))[0] == b"east-2:two"
@@ -295,13 +287,10 @@ async def test_datagrams_refused_before_any_reply_go_to_another_endpoint() -> No
     # the new clients waited out their own retry timeout (a resolver's 1-5 s). Like a
     # refused TCP connect, the flow now moves before the client sees anything.
     live, live_port = await udp_backend("west-1", "127.92.5.2")
-    cs = Clusterset("east")
     ip = "127.240.92.5"
     dead_port = free_port("127.92.5.1", socket.SOCK_DGRAM)
-    cs.publish("dns", ip, [DNS], [
-        endpoint("127.92.5.1", "east", dead_port, name="dns", protocol="UDP"),
-        endpoint("127.92.5.2", "west", live_port, name="dns", protocol="UDP"),
-    ])
+    cs = dns_clusterset(ip, dns_endpoint("127.92.5.1", "east", dead_port),
+                        dns_endpoint("127.92.5.2", "west", live_port))
     proxy = await cs.proxy(outlier=OutlierConfig(consecutive_failures=0))
     try:
         for i in range(6):
@@ -324,12 +313,9 @@ async def test_running_out_of_descriptors_does_not_eject_udp_endpoints() -> None
     # descriptor exhaustion healthy endpoints were ejected, as the TCP proxy avoids.
     a, a_port = await udp_backend("east-1", "127.92.6.1")
     b, b_port = await udp_backend("west-1", "127.92.6.2")
-    cs = Clusterset("east")
     ip = "127.240.92.6"
-    cs.publish("dns", ip, [DNS], [
-        endpoint("127.92.6.1", "east", a_port, name="dns", protocol="UDP"),
-        endpoint("127.92.6.2", "west", b_port, name="dns", protocol="UDP"),
-    ])
+    cs = dns_clusterset(ip, dns_endpoint("127.92.6.1", "east", a_port),
+                        dns_endpoint("127.92.6.2", "west", b_port))
     proxy = await cs.proxy(outlier=OutlierConfig(consecutive_failures=2))
     clients = [await client(f"127.92.9.{60 + i}") for i in range(8)]
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

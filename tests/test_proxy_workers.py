@@ -124,17 +124,11 @@ async def test_each_process_tags_its_log_lines_with_its_worker_index(tmp_path: P
     assert all(line.split()[2] in ("worker=0", "worker=1") for line in lines), lines
 
 
-async def test_a_worker_that_keeps_crashing_is_restarted_with_growing_delays(
-        monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    # A worker that dies at once, every time (a bad node, an OOM kill at start), was
-    # restarted every RESTART_DELAY_S forever: an interpreter start a second, a core
-    # kept busy by a crash loop. Delays now double, and reset once a worker has lived.
+async def launches_of_a_pool_running_for(seconds: float, monkeypatch) -> list[float]:  # type: ignore[no-untyped-def]
+    """Runs a two-worker pool for `seconds`: the loop time of each worker launch."""
     from mcsproxy.config import ProxyConfig
     from mcsproxy.proxy import workers
 
-    monkeypatch.setattr(workers, "RESTART_DELAY_S", 0.05)
-    monkeypatch.setattr(workers, "worker_command", lambda argv, index: [
-        sys.executable, "-c", "import sys; sys.exit(3)"])
     real_exec = asyncio.create_subprocess_exec
     launched: list[float] = []
 
@@ -146,9 +140,23 @@ async def test_a_worker_that_keeps_crashing_is_restarted_with_growing_delays(
     pool = workers.WorkerPool(ProxyConfig(workers=2, worker_argv=("gateway",)))
     await pool.start()
     try:
-        await asyncio.sleep(2.0)
+        await asyncio.sleep(seconds)
     finally:
         await pool.stop()
+    return launched
+
+
+async def test_a_worker_that_keeps_crashing_is_restarted_with_growing_delays(
+        monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # A worker that dies at once, every time (a bad node, an OOM kill at start), was
+    # restarted every RESTART_DELAY_S forever: an interpreter start a second, a core
+    # kept busy by a crash loop. Delays now double, and reset once a worker has lived.
+    from mcsproxy.proxy import workers
+
+    monkeypatch.setattr(workers, "RESTART_DELAY_S", 0.05)
+    monkeypatch.setattr(workers, "worker_command", lambda argv, index: [
+        sys.executable, "-c", "import sys; sys.exit(3)"])
+    launched = await launches_of_a_pool_running_for(2.0, monkeypatch)
     gaps = [b - a for a, b in itertools.pairwise(launched)]
     # 0.05, 0.1, 0.2, 0.4, 0.8 s (plus each start) fit in 2 s; a fixed delay fit ~20.
     assert 3 <= len(launched) <= 7, gaps
@@ -157,27 +165,13 @@ async def test_a_worker_that_keeps_crashing_is_restarted_with_growing_delays(
 
 async def test_a_worker_that_lived_a_while_is_restarted_after_the_first_delay_again(
         monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from mcsproxy.config import ProxyConfig
     from mcsproxy.proxy import workers
 
     monkeypatch.setattr(workers, "RESTART_DELAY_S", 0.05)
     monkeypatch.setattr(workers, "STABLE_S", 0.2)
     monkeypatch.setattr(workers, "worker_command", lambda argv, index: [
         sys.executable, "-c", "import time; time.sleep(0.3)"])  # lives past STABLE_S
-    real_exec = asyncio.create_subprocess_exec
-    launched: list[float] = []
-
-    async def counting_exec(*cmd: str, **kw: object) -> asyncio.subprocess.Process:
-        launched.append(asyncio.get_running_loop().time())
-        return await real_exec(*cmd, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(workers.asyncio, "create_subprocess_exec", counting_exec)
-    pool = workers.WorkerPool(ProxyConfig(workers=2, worker_argv=("gateway",)))
-    await pool.start()
-    try:
-        await asyncio.sleep(2.0)
-    finally:
-        await pool.stop()
+    launched = await launches_of_a_pool_running_for(2.0, monkeypatch)
     # Each run lasts ~0.3 s (+ the interpreter's start), each pause stays 0.05 s.
     assert len(launched) >= 4, launched
 
