@@ -132,24 +132,25 @@ class WorkerPool:
         """SIGTERM every worker (each drains its own connections) and wait for them, one
         second beyond their own drain timeout at most; stop() kills what is left."""
         self._stopping = True
-        await cancel_and_wait(self._tasks)
-        for proc in self.procs.values():
-            if proc.returncode is None:
-                proc.terminate()
-        procs = list(self.procs.values())
         try:
+            await cancel_and_wait(self._tasks)
+            for proc in self.procs.values():
+                if proc.returncode is None:
+                    proc.terminate()
             async with asyncio.timeout(timeout_s + 1.0):
-                await asyncio.gather(*(proc.wait() for proc in procs))
+                await asyncio.gather(*(proc.wait() for proc in self.procs.values()))
         except TimeoutError:
             pass
         except asyncio.CancelledError:
-            # The gateway was told to stop again: no more waiting for the workers' drain
-            # (their connections would be aborted at its end all the same).
-            for proc in procs:
+            # The gateway was told to stop again, whenever in this drain: no more waiting
+            # for the workers' (their connections would be aborted at its end all the
+            # same). Told while the restart tasks were still being cancelled, the workers
+            # used to be left to stop()'s SIGTERM and its 5 s wait.
+            for proc in self.procs.values():
                 if proc.returncode is None:
                     proc.kill()
             raise
-        return sum(1 for proc in procs if proc.returncode is None)
+        return sum(1 for proc in self.procs.values() if proc.returncode is None)
 
     async def stop(self) -> None:
         self._stopping = True
