@@ -160,8 +160,10 @@ def test_forwarding_recovers_after_the_upstream_port_was_closed(
 
 async def forward_after_port_unreachable() -> None:
     loop = asyncio.get_running_loop()
+    # An address of its own: a freed port of 127.0.0.1 may be taken again before the
+    # upstream comes back (by the forwarder's own sockets, which leave from 127.0.0.1).
     probe, _ = await loop.create_datagram_endpoint(
-        asyncio.DatagramProtocol, local_addr=("127.0.0.1", 0))
+        asyncio.DatagramProtocol, local_addr=("127.165.0.1", 0))
     addr = probe.get_extra_info("sockname")[:2]
     probe.close()  # nothing listens there now
     async with running_dns(upstream=addr, upstream_timeout_s=0.1) as dns:
