@@ -5,17 +5,28 @@ would show."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 from pathlib import Path
 
 import dnslib
 
 from mcsproxy.config import DnsConfig
+from mcsproxy.dns.responder import next_serial
 from mcsproxy.dns.server import DnsServer
 from mcsproxy.sources.file import FileSource
 from mcsproxy.store import SnapshotStore
 from mcsproxy.tasks import cancel_and_wait, spawn
-from tests.dns_support import import_yaml, make_query, slice_yaml, udp_exchange
+from tests.dns_support import (
+    exchange,
+    import_yaml,
+    load_store,
+    make_query,
+    running_dns,
+    slice_yaml,
+    udp_exchange,
+    zone_texts,
+)
 
 WEB = "[{name: web, protocol: TCP, port: 8080}]"
 NAME = "web.test.svc.clusterset.local."
@@ -98,3 +109,45 @@ async def test_dns_follows_file_reloads(tmp_path: Path) -> None:
     finally:
         await cancel_and_wait([task])
         await server.stop()
+
+
+async def soa_serials(server: DnsServer) -> list[int]:
+    """The serial of the apex SOA over UDP and of an NXDOMAIN's SOA over TCP."""
+    serials = []
+    for transport, name in (("udp", "clusterset.local."), ("tcp", "nothing." + NAME)):
+        reply = dnslib.DNSRecord.parse(
+            await exchange(transport, server.bound, make_query(name, "SOA")))
+        [soa] = [r for r in reply.rr + reply.auth if r.rtype == dnslib.QTYPE.SOA]
+        serials.append(soa.rdata.times[0])
+    return serials
+
+
+async def test_every_snapshot_gets_a_greater_soa_serial_within_one_second_too() -> None:
+    # Snapshots a few milliseconds apart: at most one second boundary falls between four,
+    # so some share a second, and used to share a serial (a cache comparing serials would
+    # miss the change).
+    async with running_dns() as server:
+        texts = zone_texts()
+        seconds = [int(server.store.current.built_at)]
+        serials = [await soa_serials(server)]
+        for i in range(3):
+            texts["more.yaml"] = import_yaml(f"more{i}", "ClusterSetIP", WEB,
+                                             f'["127.240.9.{i + 1}"]')
+            load_store(server.store, texts)
+            seconds.append(int(server.store.current.built_at))
+            serials.append(await soa_serials(server))
+        assert server.store.current.version == 4
+        assert len(set(seconds)) < len(seconds), "no two snapshots in one second"
+        assert all(udp == tcp for udp, tcp in serials), serials
+        for before, after in itertools.pairwise(serials):
+            # RFC 1982: greater by less than 2**31, modulo 2**32
+            assert 0 < (after[0] - before[0]) % 2**32 < 2**31, serials
+
+
+def test_the_serial_follows_the_clock_and_never_goes_back() -> None:
+    assert next_serial(None, 1_800_000_000) == 1_800_000_000  # a start: the clock
+    assert next_serial(1_800_000_000, 1_800_000_001) == 1_800_000_001
+    assert next_serial(1_800_000_000, 1_800_000_000) == 1_800_000_001  # the same second
+    assert next_serial(1_800_000_005, 1_800_000_001) == 1_800_000_006  # ahead of the clock
+    assert next_serial(2**32 - 1, 2**32 - 1) == 0  # wraps (RFC 1982)
+    assert next_serial(2**32 - 1, 2**32 + 3) == 3

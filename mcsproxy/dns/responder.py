@@ -64,6 +64,26 @@ log = logging.getLogger("mcsproxy.dns")
 MEMO_MAX_ENTRIES: Final = 32768
 SOA_REFRESH, SOA_RETRY, SOA_EXPIRE = 3600, 600, 86400
 SOA_TIMERS: Final = struct.Struct(">IIIII")  # serial, refresh, retry, expire, minimum
+SERIAL_BITS: Final = 32
+SERIAL_MASK: Final = (1 << SERIAL_BITS) - 1
+SERIAL_HALF: Final = 1 << (SERIAL_BITS - 1)
+
+
+def serial_after(a: int, b: int) -> bool:
+    """Whether serial a is greater than serial b in RFC 1982 serial number arithmetic."""
+    return a != b and ((a - b) & SERIAL_MASK) < SERIAL_HALF
+
+
+def next_serial(previous: int | None, clock_s: int) -> int:
+    """The SOA serial for a new zone: the clock in seconds, or previous + 1 when the clock
+    has not moved past it (two snapshots in one second). A cache or secondary that
+    compares serials (RFC 1982) sees every change; starting from the clock, a restart
+    does not go back unless the last run got more changes ahead of the clock than the
+    restart took seconds."""
+    clock_s &= SERIAL_MASK
+    if previous is None or serial_after(clock_s, previous):
+        return clock_s
+    return (previous + 1) & SERIAL_MASK
 
 
 class Forward:
@@ -113,12 +133,12 @@ class Responder:
         self.edns_max = min(config.edns_max_payload, UDP_MAX_PAYLOAD)
         self.ttl = config.ttl_s
         self.memo: dict[bytes, bytes] = {}
-        self.serial = 0
+        self.serial: int | None = None  # none until the first snapshot
         self._soa: dict[int, bytes] = {}
 
     def apply(self, snapshot: Snapshot) -> int:
         rebuilt = self.zone.apply(snapshot)
-        self.serial = (int(snapshot.built_at) or snapshot.version) & 0xFFFFFFFF
+        self.serial = next_serial(self.serial, int(snapshot.built_at) or snapshot.version)
         self._soa.clear()
         self.memo.clear()  # the same dict object: the UDP fast path holds its .get
         return rebuilt
@@ -235,7 +255,7 @@ class Responder:
         if packed is None:
             apex = pointer(12 + qname_len - len(self.zone.apex))
             rdata = b"\x02ns\x03dns" + apex + b"\x0ahostmaster" + apex + SOA_TIMERS.pack(
-                self.serial, SOA_REFRESH, SOA_RETRY, SOA_EXPIRE, self.ttl)
+                self.serial or 0, SOA_REFRESH, SOA_RETRY, SOA_EXPIRE, self.ttl)
             packed = self._soa[qname_len] = rr(apex, SOA, self.ttl, rdata)
         return packed
 
