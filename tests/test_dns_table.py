@@ -13,6 +13,7 @@ import pytest
 from tests.dns_support import (
     BIG_ADDRESSES,
     SOA_LINE,
+    WEB_PORTS,
     exchange,
     import_yaml,
     make_query,
@@ -34,10 +35,20 @@ class Case:
     rcode: str = "NOERROR"
     answer: list[str] = field(default_factory=list)
     ns: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)  # the additional section, OPT aside
 
 
 NODATA = [SOA_LINE]
 NXDOMAIN = [SOA_LINE]
+MYSERVICE_A = [f"myservice.{T} 5 IN A 127.240.0.10"]
+DUAL_ADDRESSES = [f"dual.{T} 5 IN A 127.240.0.11", f"dual.{T} 5 IN AAAA fd00::11"]
+HEADLESS_ENDPOINTS = [
+    f"web-0.cluster-a.headless.{T} 5 IN A 10.4.0.5",
+    f"web-1.cluster-a.headless.{T} 5 IN A 10.4.0.6",
+    f"10-4-0-7.cluster-b.headless.{T} 5 IN A 10.4.0.7",
+]
+PARTIAL_A = f"10-8-0-1.cluster-a.partial.{T} 5 IN A 10.8.0.1"
+PARTIAL_B = f"10-8-0-2.cluster-b.partial.{T} 5 IN A 10.8.0.2"
 
 CASES = [
     # dns-version
@@ -47,9 +58,11 @@ CASES = [
     Case(f"myservice.{T}", "A", answer=[f"myservice.{T} 5 IN A 127.240.0.10"]),
     Case(f"myservice.{T}", "AAAA", ns=NODATA),
     Case(f"myservice.{T}", "TXT", ns=NODATA),
-    # SRV per named port; the unnamed port has none
+    # SRV per named port; the unnamed port has none. The targets' addresses come in the
+    # additional section (KEP-1645 DNS specification 2.3.2 and 2.4.2 allow them)
     Case(f"_https._tcp.myservice.{T}", "SRV",
-         answer=[f"_https._tcp.myservice.{T} 5 IN SRV 10 100 443 myservice.{T}"]),
+         answer=[f"_https._tcp.myservice.{T} 5 IN SRV 10 100 443 myservice.{T}"],
+         extra=MYSERVICE_A),
     Case(f"_https._udp.myservice.{T}", "SRV", "NXDOMAIN", ns=NXDOMAIN),
     Case(f"_tcp.myservice.{T}", "SRV", ns=NODATA),  # empty non-terminal
     Case(f"_https._tcp.myservice.{T}", "A", ns=NODATA),
@@ -57,8 +70,9 @@ CASES = [
     Case(f"myservice.{T}", "SRV", answer=[
         f"myservice.{T} 5 IN SRV 10 100 443 myservice.{T}",
         f"myservice.{T} 5 IN SRV 10 100 8080 myservice.{T}",
-    ]),
-    Case(f"dual.{T}", "SRV", answer=[f"dual.{T} 5 IN SRV 10 100 80 dual.{T}"]),
+    ], extra=MYSERVICE_A),
+    Case(f"dual.{T}", "SRV", answer=[f"dual.{T} 5 IN SRV 10 100 80 dual.{T}"],
+         extra=DUAL_ADDRESSES),
     # cluster-targeted names: reserved, NXDOMAIN for both service types
     Case(f"cluster-a.myservice.{T}", "A", "NXDOMAIN", ns=NXDOMAIN),
     Case(f"cluster-b.myservice.{T}", "AAAA", "NXDOMAIN", ns=NXDOMAIN),
@@ -90,29 +104,29 @@ CASES = [
         f"_https._tcp.headless.{T} 5 IN SRV 10 100 443 web-0.cluster-a.headless.{T}",
         f"_https._tcp.headless.{T} 5 IN SRV 10 100 443 web-1.cluster-a.headless.{T}",
         f"_https._tcp.headless.{T} 5 IN SRV 10 100 443 10-4-0-7.cluster-b.headless.{T}",
-    ]),
+    ], extra=HEADLESS_ENDPOINTS),
     Case(f"_dns._udp.headless.{T}", "SRV", answer=[
         f"_dns._udp.headless.{T} 5 IN SRV 10 100 53 web-0.cluster-a.headless.{T}",
         f"_dns._udp.headless.{T} 5 IN SRV 10 100 53 web-1.cluster-a.headless.{T}",
         f"_dns._udp.headless.{T} 5 IN SRV 10 100 53 10-4-0-7.cluster-b.headless.{T}",
-    ]),
+    ], extra=HEADLESS_ENDPOINTS),
     # a port goes only to clusters whose Service exposes it (mcs-spec, Export and import 7)
     Case(f"_metrics._tcp.partial.{T}", "SRV", answer=[
         f"_metrics._tcp.partial.{T} 5 IN SRV 10 100 9090 10-8-0-1.cluster-a.partial.{T}",
-    ]),
+    ], extra=[PARTIAL_A]),
     Case(f"_web._tcp.partial.{T}", "SRV", answer=[
         f"_web._tcp.partial.{T} 5 IN SRV 10 100 8080 10-8-0-1.cluster-a.partial.{T}",
         f"_web._tcp.partial.{T} 5 IN SRV 10 100 8080 10-8-0-2.cluster-b.partial.{T}",
-    ]),
+    ], extra=[PARTIAL_A, PARTIAL_B]),
     Case(f"partial.{T}", "SRV", answer=[
         f"partial.{T} 5 IN SRV 10 100 8080 10-8-0-1.cluster-a.partial.{T}",
         f"partial.{T} 5 IN SRV 10 100 9090 10-8-0-1.cluster-a.partial.{T}",
         f"partial.{T} 5 IN SRV 10 100 8080 10-8-0-2.cluster-b.partial.{T}",
-    ]),
+    ], extra=[PARTIAL_A, PARTIAL_B]),
     # a slice that names no port: its endpoints keep the service port
     Case(f"_web._tcp.portless.{T}", "SRV", answer=[
         f"_web._tcp.portless.{T} 5 IN SRV 10 100 8080 10-9-0-1.cluster-a.portless.{T}",
-    ]),
+    ], extra=[f"10-9-0-1.cluster-a.portless.{T} 5 IN A 10.9.0.1"]),
     # headless with no ready endpoint: the name does not exist
     Case(f"sleepy.{T}", "A", "NXDOMAIN", ns=NXDOMAIN),
     Case(f"_web._tcp.sleepy.{T}", "SRV", "NXDOMAIN", ns=NXDOMAIN),
@@ -127,9 +141,10 @@ CASES = [
     Case(f"dual.{T}", "A", answer=[f"dual.{T} 5 IN A 127.240.0.11"]),
     Case(f"dual.{T}", "AAAA", answer=[f"dual.{T} 5 IN AAAA fd00::11"]),
     Case(f"_http._tcp.dual.{T}", "SRV",
-         answer=[f"_http._tcp.dual.{T} 5 IN SRV 10 100 80 dual.{T}"]),
+         answer=[f"_http._tcp.dual.{T} 5 IN SRV 10 100 80 dual.{T}"], extra=DUAL_ADDRESSES),
     Case(f"_http-udp._udp.dual.{T}", "SRV",
-         answer=[f"_http-udp._udp.dual.{T} 5 IN SRV 10 100 80 dual.{T}"]),
+         answer=[f"_http-udp._udp.dual.{T} 5 IN SRV 10 100 80 dual.{T}"],
+         extra=DUAL_ADDRESSES),
     Case(f"prod.svc.{Z}", "A", ns=NODATA),
     Case(f"api.prod.svc.{Z}", "A", answer=[f"api.prod.svc.{Z} 5 IN A 127.240.1.1"]),
     # svc, namespace and apex exist and are empty
@@ -157,8 +172,10 @@ async def test_dns_table(dns, transport: str) -> None:
     for case in CASES:
         packet = make_query(case.qname, case.qtype)
         reply = dnslib.DNSRecord.parse(await exchange(transport, dns.bound, packet))
-        got = (dnslib.RCODE.get(reply.header.rcode), zone_lines(reply.rr), zone_lines(reply.auth))
-        want = (case.rcode, sorted(case.answer), sorted(case.ns))
+        extra = [r for r in reply.ar if r.rtype != dnslib.QTYPE.OPT]
+        got = (dnslib.RCODE.get(reply.header.rcode), zone_lines(reply.rr), zone_lines(reply.auth),
+               zone_lines(extra))
+        want = (case.rcode, sorted(case.answer), sorted(case.ns), sorted(case.extra))
         if got != want:
             failures.append(f"{case.qname} {case.qtype}: got {got}, want {want}")
         assert reply.header.id == dnslib.DNSRecord.parse(packet).header.id
@@ -239,6 +256,40 @@ async def test_big_headless_is_truncated_over_udp_and_whole_over_tcp(dns) -> Non
     reply = dnslib.DNSRecord.parse(raw)
     assert not reply.header.tc
     assert zone_lines(reply.rr) == BIG_LINES
+    # SRV: answers that do not fit are truncated with or without their additional records
+    srv = make_query(f"_web._tcp.big.{T}", "SRV", edns=1232)
+    reply = dnslib.DNSRecord.parse(await udp_exchange(dns.bound, srv))
+    assert reply.header.tc and reply.rr == []
+    assert [r.rtype for r in reply.ar] == [dnslib.QTYPE.OPT]
+    reply = dnslib.DNSRecord.parse((await tcp_exchange(dns.bound, srv))[0])
+    assert not reply.header.tc and len(reply.rr) == 200
+    assert sorted(str(r.rdata) for r in reply.ar if r.rtype == dnslib.QTYPE.A) == sorted(
+        BIG_ADDRESSES)
+
+
+async def test_additional_records_give_way_first_and_never_set_tc() -> None:
+    # 10 endpoints: their SRV records fit in 512 bytes, their addresses do not as well.
+    # RFC 2181 9: additional records are left out before answers, without TC.
+    addresses = [f"10.12.0.{i}" for i in range(1, 11)]
+    zone = import_yaml("ten", "Headless", WEB_PORTS) + "\n---\n" + slice_yaml(
+        "ten", "cluster-a", "IPv4", addresses, WEB_PORTS)
+    targets = {f"{a.replace('.', '-')}.cluster-a.ten.{T}": a for a in addresses}
+    async with running_dns(texts={"ten.yaml": zone}) as server:
+        name = f"_web._tcp.ten.{T}"
+        for transport, edns, room in (("udp", None, 512), ("udp", 1232, 1232),
+                                      ("tcp", None, 65535)):
+            raw = await exchange(transport, server.bound, make_query(name, "SRV", edns=edns))
+            reply = dnslib.DNSRecord.parse(raw)
+            assert len(raw) <= room and not reply.header.tc
+            assert sorted(str(r.rdata.target) for r in reply.rr) == sorted(targets)
+            extra = {str(r.rname): str(r.rdata) for r in reply.ar
+                     if r.rtype != dnslib.QTYPE.OPT}
+            assert extra.items() <= targets.items(), extra
+            if edns is None and transport == "udp":
+                assert 0 < len(extra) < len(targets), len(raw)
+                assert len(raw) + 36 > 512  # an address record here: 36 or 37 bytes
+            else:
+                assert extra == targets
 
 
 FOUR_PORTS = "[" + ", ".join(f"{{name: p{i}, protocol: TCP, port: {8000 + i}}}"

@@ -56,7 +56,7 @@ from mcsproxy.dns.wire import (
     rr,
     whole_records,
 )
-from mcsproxy.dns.zone import Node, ZoneIndex
+from mcsproxy.dns.zone import Additional, Node, ZoneIndex
 from mcsproxy.model import Snapshot
 
 log = logging.getLogger("mcsproxy.dns")
@@ -243,7 +243,7 @@ class Responder:
         assert isinstance(found, Node)
         rrset = found.rrsets().get(q.qtype)
         if rrset is not None:
-            return self.message(q, NOERROR, tcp, rrset[0], rrset[1]), True
+            return self.message(q, NOERROR, tcp, rrset[0], rrset[1], additional=rrset[2]), True
         if q.qname == self.zone.apex and q.qtype in (SOA, ANY):
             return self.message(q, NOERROR, tcp, 1, self.soa(len(q.qname))), True
         return self.message(q, NOERROR, tcp, authority=self.soa(len(q.qname))), True
@@ -268,6 +268,7 @@ class Responder:
         answers: bytes = b"",
         authority: bytes = b"",
         aa: bool = True,
+        additional: Additional | None = None,
     ) -> bytes:
         # The opcode is QUERY's 0 in every answer but not_implemented's.
         flags = (FLAG_QR | (FLAG_AA if aa else 0) | (q.flags & (ECHOED_FLAGS | OPCODE_MASK))
@@ -283,14 +284,26 @@ class Responder:
             limit = TCP_LIMIT
         ar = 1 if opt else 0
         ns_count = 1 if authority else 0
+        extra = b""
+        if additional is not None:
+            # Whole record sets of the additional section while they fit; the rest is
+            # left out without TC (RFC 2181 9): it only saves the client a query.
+            room = limit - 12 - len(q.question) - len(answers) - len(authority) - len(opt)
+            packed, ends = additional
+            for count, end in ends:
+                if end > room:
+                    break
+                ar = count + (1 if opt else 0)
+                extra = packed[:end]
         msg = b"".join((q.id, HEADER_TAIL.pack(flags, 1, an_count, ns_count, ar), q.question,
-                        answers, authority, opt))
+                        answers, authority, extra, opt))
         if len(msg) > limit:
             # Too big for this transport. Over UDP the question alone with TC set: the
             # client retries over TCP and gets it all. Over TCP there is nothing to retry
             # with: as many whole records as fit in a message, TC set.
             count, cut = (whole_records(answers, limit - 12 - len(q.question) - len(opt))
                           if tcp else (0, 0))
-            msg = b"".join((q.id, HEADER_TAIL.pack(flags | FLAG_TC, 1, count, 0, ar),
+            msg = b"".join((q.id, HEADER_TAIL.pack(flags | FLAG_TC, 1, count, 0,
+                                                   1 if opt else 0),
                             q.question, answers[:cut], opt))
         return msg

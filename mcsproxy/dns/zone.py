@@ -7,13 +7,17 @@ only depend on the lowercased name. The index is updated incrementally from
 `Snapshot.changed`; record sets, and the per-endpoint names of headless services, are
 packed on the first query for them and kept until the service changes (bench/snapshot
 measures this against packing everything eagerly).
+
+An SRV record set carries the address records of its targets for the additional section
+(KEP-1645 DNS specification 2.3.2 and 2.4.2 allow them; CoreDNS sends them), kept apart
+from the answer so that an answer short of room can drop them first (responder.message).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
-from typing import Final
+from collections.abc import Callable, Iterable, Iterator
+from typing import Final, TypeVar
 
 from mcsproxy.dns.wire import (
     ANY,
@@ -39,8 +43,13 @@ DNS_VERSION_TTL: Final = 28800
 SRV_PRIORITY: Final = 10
 SRV_WEIGHT: Final = 100
 
-RRsets = dict[int, tuple[int, bytes]]  # qtype → (record count, packed records)
+# The additional section of an answer: packed records, and (records, bytes) at the end of
+# each record set in it, so that a message short of room keeps whole record sets only.
+Additional = tuple[bytes, tuple[tuple[int, int], ...]]
+RRset = tuple[int, bytes, Additional | None]  # record count, packed records, additional
+RRsets = dict[int, RRset]  # qtype → its record set
 EMPTY_RRSETS: RRsets = {}
+K = TypeVar("K")
 
 
 class Node:
@@ -67,8 +76,9 @@ def _with_any(rrsets: RRsets) -> RRsets:
     """Add the ANY answer: every record set of the name (RFC 8482 allows fewer; we can)."""
     if rrsets:
         rrsets[ANY] = (
-            sum(count for count, _ in rrsets.values()),
-            b"".join(packed for _, packed in rrsets.values()),
+            sum(count for count, _, _ in rrsets.values()),
+            b"".join(packed for _, packed, _ in rrsets.values()),
+            None,
         )
     return rrsets
 
@@ -76,14 +86,54 @@ def _with_any(rrsets: RRsets) -> RRsets:
 EMPTY_NODE: Final = Node(rrsets=EMPTY_RRSETS)
 
 
-def _add_records(rrsets: dict[int, list[bytes]], rtype: int, record: bytes) -> None:
-    records = rrsets.setdefault(rtype, [])
+def _add_records(rrsets: dict[K, list[bytes]], key: K, record: bytes) -> None:
+    records = rrsets.setdefault(key, [])
     if record not in records:
         records.append(record)
 
 
-def _pack(rrsets: dict[int, list[bytes]]) -> RRsets:
-    return {rtype: (len(records), b"".join(records)) for rtype, records in rrsets.items()}
+def _address_records(owner: bytes, addresses: Iterable[str], ttl: int,
+                     ) -> Iterator[tuple[int, bytes]]:
+    """(A or AAAA, packed record at `owner`) for each address."""
+    for address in addresses:
+        rtype, rdata = address_rdata(address)
+        yield rtype, rr(owner, rtype, ttl, rdata)
+
+
+def _add_addresses(rrsets: dict[int, list[bytes]], addresses: Iterable[str], ttl: int) -> None:
+    """The question's name's A and AAAA records."""
+    for rtype, record in _address_records(OWNER, addresses, ttl):
+        _add_records(rrsets, rtype, record)
+
+
+# Additional records by (owner, type): one record set each.
+Extra = dict[tuple[bytes, int], list[bytes]]
+
+
+def _add_extra(extra: Extra, owner: bytes, addresses: Iterable[str], ttl: int) -> None:
+    for rtype, record in _address_records(owner, addresses, ttl):
+        _add_records(extra, (owner, rtype), record)
+
+
+def _pack(rrsets: dict[int, list[bytes]], srv_additional: Extra | None = None) -> RRsets:
+    packed: RRsets = {rtype: (len(records), b"".join(records), None)
+                      for rtype, records in rrsets.items()}
+    if srv_additional and SRV in packed:
+        count, records, _ = packed[SRV]
+        packed[SRV] = (count, records, _pack_additional(srv_additional.values()))
+    return packed
+
+
+def _pack_additional(rrsets: Iterable[list[bytes]]) -> Additional:
+    data = bytearray()
+    ends = []
+    count = 0
+    for records in rrsets:
+        for record in records:
+            data += record
+        count += len(records)
+        ends.append((count, len(data)))
+    return bytes(data), tuple(ends)
 
 
 def dashed(address: str) -> str:
@@ -127,10 +177,7 @@ class ServiceEntry:
         if nodes is None:
             grouped: dict[bytes, dict[int, list[bytes]]] = {}
             for name, e in self.named_endpoints():
-                sets = grouped.setdefault(name, {})
-                for address in e.addresses:
-                    rtype, rdata = address_rdata(address)
-                    _add_records(sets, rtype, rr(OWNER, rtype, self.ttl, rdata))
+                _add_addresses(grouped.setdefault(name, {}), e.addresses, self.ttl)
             nodes = self._endpoint_nodes = {
                 name: Node(rrsets=_with_any(_pack(sets))) for name, sets in grouped.items()
             }
@@ -150,26 +197,13 @@ class ServiceEntry:
         sets: dict[int, list[bytes]] = {}
         ttl = self.ttl
         if self.svc.headless:
-            for address in self.ready_addresses():
-                rtype, rdata = address_rdata(address)
-                _add_records(sets, rtype, rr(OWNER, rtype, ttl, rdata))
-            svc_ptr = OWNER
-            for prefix, e in self.named_endpoints():
-                for port in self.svc.ports:
-                    number = srv_port(e, port)
-                    if number is None:
-                        continue
-                    target = prefix + svc_ptr
-                    _add_records(sets, SRV, rr(OWNER, SRV, ttl, srv_rdata(
-                        SRV_PRIORITY, SRV_WEIGHT, number, target)))
-        else:
-            for address in self.svc.ips:
-                rtype, rdata = address_rdata(address)
-                _add_records(sets, rtype, rr(OWNER, rtype, ttl, rdata))
-            for port in self.svc.ports:  # one per distinct (target, port)
-                _add_records(sets, SRV, rr(OWNER, SRV, ttl, srv_rdata(
-                    SRV_PRIORITY, SRV_WEIGHT, port.port, OWNER)))
-        return _pack(sets)
+            _add_addresses(sets, self.ready_addresses(), ttl)
+            return _pack(sets, self.srv_records(sets, self.svc.ports, OWNER))
+        _add_addresses(sets, self.svc.ips, ttl)
+        for port in self.svc.ports:  # one per distinct (target, port)
+            _add_records(sets, SRV, rr(OWNER, SRV, ttl, srv_rdata(
+                SRV_PRIORITY, SRV_WEIGHT, port.port, OWNER)))
+        return _pack(sets, self.service_additional(OWNER))
 
     def port_rrsets(self, prefix_len: int, port_name: str, protocol: str) -> RRsets:
         """SRV at _<port>._<proto>.<service>: the service (or each endpoint) as target."""
@@ -177,16 +211,34 @@ class ServiceEntry:
         records: dict[int, list[bytes]] = {}
         port = next(p for p in self.svc.ports if p.name == port_name and p.protocol == protocol)
         if self.svc.headless:
-            for prefix, e in self.named_endpoints():
+            return _pack(records, self.srv_records(records, (port,), svc_ptr))
+        _add_records(records, SRV, rr(OWNER, SRV, self.ttl, srv_rdata(
+            SRV_PRIORITY, SRV_WEIGHT, port.port, svc_ptr)))
+        return _pack(records, self.service_additional(svc_ptr))
+
+    def service_additional(self, svc_ptr: bytes) -> Extra:
+        """The SRV target's addresses: the ClusterSetIPs at the service name."""
+        extra: Extra = {}
+        _add_extra(extra, svc_ptr, self.svc.ips, self.ttl)
+        return extra
+
+    def srv_records(self, sets: dict[int, list[bytes]], ports: Iterable[ServicePort],
+                    svc_ptr: bytes) -> Extra:
+        """A headless service's SRV records, one per ready endpoint and port, into `sets`;
+        returns the addresses of the endpoints they name, for the additional section."""
+        extra: Extra = {}
+        for prefix, e in self.named_endpoints():
+            target = prefix + svc_ptr
+            named = False
+            for port in ports:
                 number = srv_port(e, port)
-                if number is None:
-                    continue
-                _add_records(records, SRV, rr(OWNER, SRV, self.ttl, srv_rdata(
-                    SRV_PRIORITY, SRV_WEIGHT, number, prefix + svc_ptr)))
-        else:
-            _add_records(records, SRV, rr(OWNER, SRV, self.ttl, srv_rdata(
-                SRV_PRIORITY, SRV_WEIGHT, port.port, svc_ptr)))
-        return _pack(records)
+                if number is not None:
+                    named = True
+                    _add_records(sets, SRV, rr(OWNER, SRV, self.ttl, srv_rdata(
+                        SRV_PRIORITY, SRV_WEIGHT, number, target)))
+            if named:
+                _add_extra(extra, target, e.addresses, self.ttl)
+        return extra
 
 
 def srv_port(endpoint: Endpoint, port: ServicePort) -> int | None:
@@ -221,7 +273,8 @@ class ZoneIndex:
         self.names[self.apex] = EMPTY_NODE
         self.names[self.svc_wire] = EMPTY_NODE
         self.names[encode_labels("dns-version") + self.apex] = Node(
-            rrsets=_with_any({TXT: (1, rr(OWNER, TXT, DNS_VERSION_TTL, txt_rdata(DNS_VERSION)))})
+            rrsets=_with_any({TXT: (1, rr(OWNER, TXT, DNS_VERSION_TTL, txt_rdata(DNS_VERSION)),
+                                    None)})
         )
 
     # -- updates -----------------------------------------------------------------------
