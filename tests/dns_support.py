@@ -115,7 +115,8 @@ async def running_dns(load: bool = True, texts: dict[str, str] | None = None,
     store = SnapshotStore("cluster-a")
     if load:
         load_store(store, texts)
-    server = DnsServer(DnsConfig(listen=("127.0.0.1", 0), **config), store)  # type: ignore[arg-type]
+    config.setdefault("listen", ("127.0.0.1", 0))
+    server = DnsServer(DnsConfig(**config), store)  # type: ignore[arg-type]
     await server.start()
     try:
         yield server
@@ -227,3 +228,4 @@ def zone_lines(records: list[dnslib.RR]) -> list[str]:
 
 SOA_LINE = ("clusterset.local. 5 IN SOA ns.dns.clusterset.local. hostmaster.clusterset.local. "
             "SERIAL 3600 600 86400 5")
+NS_LINE = "clusterset.local. 5 IN NS ns.dns.clusterset.local."

@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 import dnslib
 import pytest
 
+from mcsproxy.dns.responder import own_addresses
 from tests.dns_support import (
     BIG_ADDRESSES,
+    NS_LINE,
     SOA_LINE,
     WEB_PORTS,
     exchange,
@@ -152,7 +154,14 @@ CASES = [
     Case(T, "A", ns=NODATA),
     Case(Z, "A", ns=NODATA),
     Case(Z, "SOA", answer=[SOA_LINE]),
-    Case(Z, "ANY", answer=[SOA_LINE]),  # the apex's one record set, not NODATA
+    # NS at the apex (RFC 1034 4.2.1), the SOA's MNAME, with the address DNS listens on
+    # (as CoreDNS's kubernetes plugin answers for its zone)
+    Case(Z, "NS", answer=[NS_LINE], extra=[f"ns.dns.{Z} 5 IN A 127.0.0.1"]),
+    Case(Z, "ANY", answer=[SOA_LINE, NS_LINE]),  # the apex's record sets, not NODATA
+    Case(f"ns.dns.{Z}", "A", answer=[f"ns.dns.{Z} 5 IN A 127.0.0.1"]),
+    Case(f"ns.dns.{Z}", "AAAA", ns=NODATA),
+    Case(f"dns.{Z}", "A", ns=NODATA),
+    Case(f"svc.{Z}", "NS", ns=NODATA),  # no delegation below the apex
     # outside the zone
     Case("example.com.", "A", "REFUSED"),
     Case("local.", "A", "REFUSED"),
@@ -265,6 +274,23 @@ async def test_big_headless_is_truncated_over_udp_and_whole_over_tcp(dns) -> Non
     assert not reply.header.tc and len(reply.rr) == 200
     assert sorted(str(r.rdata) for r in reply.ar if r.rtype == dnslib.QTYPE.A) == sorted(
         BIG_ADDRESSES)
+
+
+async def test_the_name_server_is_the_address_dns_listens_on() -> None:
+    async with running_dns(listen=("::1", 0)) as server:
+        for transport in ("udp", "tcp"):
+            reply = dnslib.DNSRecord.parse(
+                await exchange(transport, server.bound, make_query(Z, "NS", edns=1232)))
+            assert zone_lines(reply.rr) == [NS_LINE]
+            assert zone_lines([r for r in reply.ar if r.rtype != dnslib.QTYPE.OPT]) == [
+                f"ns.dns.{Z} 5 IN AAAA ::1"]
+            reply = dnslib.DNSRecord.parse(
+                await exchange(transport, server.bound, make_query(f"ns.dns.{Z}", "AAAA")))
+            assert zone_lines(reply.rr) == [f"ns.dns.{Z} 5 IN AAAA ::1"]
+    # Listening on every address, or on a host name: the name server has no address of
+    # its own to give (NS answered alone, ns.dns.<zone> NODATA).
+    assert own_addresses("0.0.0.0") == own_addresses("::") == own_addresses("gw.local") == ()
+    assert own_addresses("10.1.2.3") == ("10.1.2.3",)
 
 
 async def test_additional_records_give_way_first_and_never_set_tc() -> None:

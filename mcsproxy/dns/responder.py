@@ -11,6 +11,7 @@ Two levels of precomputation keep the hot path short:
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import struct
 from typing import Final
@@ -56,7 +57,7 @@ from mcsproxy.dns.wire import (
     rr,
     whole_records,
 )
-from mcsproxy.dns.zone import Additional, Node, ZoneIndex
+from mcsproxy.dns.zone import NS_LABELS, Additional, Node, ZoneIndex
 from mcsproxy.model import Snapshot
 
 log = logging.getLogger("mcsproxy.dns")
@@ -122,10 +123,22 @@ def parse_unusual(data: bytes) -> Query | int:
                  wire.lower(), question.qtype, question.qclass, edns)
 
 
+def own_addresses(host: str) -> tuple[str, ...]:
+    """The addresses ns.dns.<zone> answers with: the one DNS listens on. None for a
+    wildcard (which of the host's addresses a client reaches it on is not ours to know)
+    or a host name (resolving it here would block, and it may name several)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return ()
+    return () if ip.is_unspecified else (str(ip),)
+
+
 class Responder:
     def __init__(self, config: DnsConfig, loaded: asyncio.Event,
                  eager: bool = False) -> None:
-        self.zone = ZoneIndex(config.domain, config.ttl_s, eager=eager)
+        self.zone = ZoneIndex(config.domain, config.ttl_s, eager=eager,
+                              ns_addresses=own_addresses(config.listen[0]))
         self.loaded = loaded
         self.forwarding = config.upstream is not None
         # --dns-edns-max may say 65535, but a larger datagram cannot be sent at all: the
@@ -245,7 +258,13 @@ class Responder:
         if rrset is not None:
             return self.message(q, NOERROR, tcp, rrset[0], rrset[1], additional=rrset[2]), True
         if q.qname == self.zone.apex and q.qtype in (SOA, ANY):
-            return self.message(q, NOERROR, tcp, 1, self.soa(len(q.qname))), True
+            # The SOA follows the serial, so it is packed here rather than in the zone.
+            count, packed = 1, self.soa(len(q.qname))
+            if q.qtype == ANY:
+                for n, records, _ in found.rrsets().values():
+                    count += n
+                    packed += records
+            return self.message(q, NOERROR, tcp, count, packed), True
         return self.message(q, NOERROR, tcp, authority=self.soa(len(q.qname))), True
 
     # -- packing -----------------------------------------------------------------------
@@ -254,7 +273,7 @@ class Responder:
         packed = self._soa.get(qname_len)
         if packed is None:
             apex = pointer(12 + qname_len - len(self.zone.apex))
-            rdata = b"\x02ns\x03dns" + apex + b"\x0ahostmaster" + apex + SOA_TIMERS.pack(
+            rdata = NS_LABELS + apex + b"\x0ahostmaster" + apex + SOA_TIMERS.pack(
                 self.serial or 0, SOA_REFRESH, SOA_RETRY, SOA_EXPIRE, self.ttl)
             packed = self._soa[qname_len] = rr(apex, SOA, self.ttl, rdata)
         return packed

@@ -8,6 +8,10 @@ only depend on the lowercased name. The index is updated incrementally from
 packed on the first query for them and kept until the service changes (bench/snapshot
 measures this against packing everything eagerly).
 
+The apex has an NS record set (RFC 1034 4.2.1: every zone has one at its top) naming the
+SOA's MNAME, ns.dns.<zone>, as CoreDNS's kubernetes plugin does; that name answers with the
+address the responder listens on, which also comes with the NS answer as additional data.
+
 An SRV record set carries the address records of its targets for the additional section
 (KEP-1645 DNS specification 2.3.2 and 2.4.2 allow them; CoreDNS sends them), kept apart
 from the answer so that an answer short of room can drop them first (responder.message).
@@ -21,6 +25,7 @@ from typing import Final, TypeVar
 
 from mcsproxy.dns.wire import (
     ANY,
+    NS,
     SRV,
     TXT,
     NameError_,
@@ -38,6 +43,7 @@ from mcsproxy.model import Endpoint, ImportedService, ServiceKey, ServicePort, S
 log = logging.getLogger("mcsproxy.dns.zone")
 
 OWNER: Final = pointer(12)  # the question's name
+NS_LABELS: Final = b"\x02ns\x03dns"  # the name server: ns.dns.<zone>, CoreDNS's name for it
 DNS_VERSION: Final = "1.0.0"
 DNS_VERSION_TTL: Final = 28800
 SRV_PRIORITY: Final = 10
@@ -260,7 +266,8 @@ class ZoneIndex:
 
     OUT_OF_ZONE: Final = object()
 
-    def __init__(self, domain: str, ttl: int, eager: bool = False) -> None:
+    def __init__(self, domain: str, ttl: int, eager: bool = False,
+                 ns_addresses: tuple[str, ...] = ()) -> None:
         self.apex = encode_name(domain)
         self.svc_wire = encode_labels("svc") + self.apex
         self.ttl = ttl
@@ -270,12 +277,27 @@ class ZoneIndex:
         self.services: dict[ServiceKey, ServiceEntry] = {}
         self.headless: dict[bytes, ServiceEntry] = {}  # service wire → entry
         self._namespaces: dict[bytes, int] = {}  # namespace wire name → services in it
-        self.names[self.apex] = EMPTY_NODE
+        self.names[self.apex] = self._apex_node(ns_addresses)
+        self.names[encode_labels("dns") + self.apex] = EMPTY_NODE  # an empty non-terminal
+        ns_sets: dict[int, list[bytes]] = {}
+        _add_addresses(ns_sets, ns_addresses, ttl)
+        self.names[NS_LABELS + self.apex] = Node(rrsets=_with_any(_pack(ns_sets)))
         self.names[self.svc_wire] = EMPTY_NODE
         self.names[encode_labels("dns-version") + self.apex] = Node(
             rrsets=_with_any({TXT: (1, rr(OWNER, TXT, DNS_VERSION_TTL, txt_rdata(DNS_VERSION)),
                                     None)})
         )
+
+    def _apex_node(self, ns_addresses: tuple[str, ...]) -> Node:
+        """NS at the apex, with the name server's addresses as additional data. No ANY
+        record set: the apex's ANY answer holds the SOA too, which the responder packs."""
+        # In an answer to the apex's NS question the NS record comes first, right after
+        # the question: its RDATA, the name server's name, is where the glue points.
+        ns_name_at = 12 + len(self.apex) + 4 + 2 + 10
+        glue: Extra = {}
+        _add_extra(glue, pointer(ns_name_at), ns_addresses, self.ttl)
+        record = rr(OWNER, NS, self.ttl, NS_LABELS + OWNER)
+        return Node(rrsets={NS: (1, record, _pack_additional(glue.values()) if glue else None)})
 
     # -- updates -----------------------------------------------------------------------
     def apply(self, snapshot: Snapshot) -> int:
