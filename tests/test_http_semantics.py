@@ -281,7 +281,9 @@ async def tiny_chunks_to_a_slow_client() -> None:
 
 class HeadAware(asyncio.Protocol):
     """Answers GET with 1000 bytes of `g` (Content-Length), /chunked with a chunked
-    `hello`; HEAD with the same head and no body, except /wrong: the body follows it."""
+    `hello`; HEAD with the same head and no body, except /wrong: the body follows it.
+    HEAD /unframed: a head framed by neither Content-Length nor chunked; /unframed-close
+    says Connection: close as well."""
 
     connections = 0
 
@@ -297,6 +299,10 @@ class HeadAware(asyncio.Protocol):
         self.path = url
 
     def on_message_complete(self) -> None:
+        if self.path.startswith(b"/unframed"):
+            close = b"Connection: close\r\n" if self.path == b"/unframed-close" else b""
+            self.transport.write(b"HTTP/1.1 200 OK\r\n" + close + b"\r\n")
+            return
         if self.path == b"/chunked":
             head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
             body = b"5\r\nhello\r\n0\r\n\r\n"
@@ -335,6 +341,19 @@ async def test_keep_alive_after_head_and_the_next_answer_framed_by_its_own_lengt
             assert (r.status, r.body) == (200, b"")
             assert (await client.get("/")).body == b"g" * 1000
             assert HeadAware.connections == 2
+            # RFC 9112 6.3: an answer to HEAD ends with its head even when framed by
+            # neither Content-Length nor chunked, which llhttp takes for a body running
+            # until the close: its connection used to be closed, 5 HEADs took 5.
+            for _ in range(5):
+                r = await client.get("/unframed", method="HEAD")
+                assert r.status == 200
+                assert b"connection" not in r.headers  # the client's stays open too
+            assert (await client.get("/")).body == b"g" * 1000
+            assert HeadAware.connections == 2
+            # Unless the endpoint said close; the client's connection stays all the same.
+            assert (await client.get("/unframed-close", method="HEAD")).status == 200
+            assert (await client.get("/")).body == b"g" * 1000
+            assert HeadAware.connections == 3
         finally:
             await client.close()
 

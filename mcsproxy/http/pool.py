@@ -23,6 +23,7 @@ from mcsproxy.http.wire import (
     RESPONSE_KINDS,
     TRANSFER_ENCODING,
     UPGRADE,
+    connection_tokens,
     transfer_codings,
 )
 
@@ -48,6 +49,7 @@ class UpstreamConn(asyncio.Protocol):
         "began",
         "chunked",
         "codings",
+        "conn_close",
         "conn_tokens",
         "dead",
         "discarding",
@@ -92,6 +94,7 @@ class UpstreamConn(asyncio.Protocol):
         self.te: bytes | None = None  # Transfer-Encoding as received
         self.codings: bytes | None = None  # its codings other than a final chunked
         self.conn_tokens: list[bytes] | None = None
+        self.conn_close = False  # a plain `Connection: close` (token lists: conn_tokens)
         self.upgrade: bytes | None = None
         # Bytes written to and read from the endpoint since the last fold (the metrics
         # read them live while the connection serves a request or a tunnel).
@@ -233,6 +236,7 @@ class UpstreamConn(asyncio.Protocol):
         self.chunked = False
         self.te = self.codings = None
         self.conn_tokens = None
+        self.conn_close = False
         self.upgrade = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -249,6 +253,8 @@ class UpstreamConn(asyncio.Protocol):
             self.te = value if self.te is None else self.te + b", " + value
         elif kind == CONNECTION:
             if value in PLAIN_CONNECTION:
+                if value[0] in b"cC":
+                    self.conn_close = True
                 return
             if self.conn_tokens is None:
                 self.conn_tokens = []
@@ -263,6 +269,8 @@ class UpstreamConn(asyncio.Protocol):
         parser = self.parser
         status = parser.get_status_code()
         self.keep_alive = parser.should_keep_alive()
+        if ex.is_head and not self.keep_alive:
+            self.keep_alive = self.head_keeps_alive()
         if self.te is not None:
             # Only a final chunked frames the body; `gzip` alone runs until the close.
             self.chunked, self.codings = transfer_codings(self.te)
@@ -272,6 +280,16 @@ class UpstreamConn(asyncio.Protocol):
             return
         self.interim = False
         ex.response_head(status, self)
+
+    def head_keeps_alive(self) -> bool:
+        """Whether an answer to HEAD leaves its connection open. llhttp takes an answer
+        framed by neither Content-Length nor chunked for one whose body runs until the
+        close, and so never keeps its connection; but an answer to HEAD ends with its head
+        (RFC 9112 6.3), and the endpoint meant to keep the connection unless it said close.
+        HTTP/1.0 answers stay closed: keeping one open needs a keep-alive we do not track."""
+        if self.conn_close or self.parser.get_http_version() != "1.1":
+            return False
+        return self.conn_tokens is None or b"close" not in connection_tokens(self.conn_tokens)
 
     def on_body(self, body: bytes) -> None:
         ex = self.exchange
