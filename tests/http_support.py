@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from httptools import HttpRequestParser
 
 from mcsproxy.model import ServicePort
+from mcsproxy.proxy import ProxyManager
 from tests.proxy_fixtures import Clusterset, LoopbackServer, endpoint, free_port
 
 HTTP_PORT = ServicePort("web", "TCP", 80, "http")
@@ -180,16 +181,17 @@ async def start_backends(spec: dict[str, int], net: int) -> list[HttpBackend]:
 
 @contextlib.asynccontextmanager
 async def protocol_behind_proxy(factory: Callable[[], asyncio.Protocol], host: str,
-                                ip: str, name: str) -> AsyncIterator[None]:
+                                ip: str, name: str) -> AsyncIterator[ProxyManager]:
     """A scripted endpoint (a bare Protocol on host) as the one endpoint of an HTTP
-    service at ip:80 in cluster east, the gateway serving it until the block ends."""
+    service at ip:80 in cluster east, the gateway (yielded) serving it until the block
+    ends."""
     server = await asyncio.get_running_loop().create_server(factory, host, 0)
     cs = Clusterset("east")
     cs.publish(name, ip, [HTTP_PORT],
                [endpoint(host, "east", server.sockets[0].getsockname()[1])])
     proxy = await cs.proxy()
     try:
-        yield
+        yield proxy
     finally:
         await proxy.stop()
         server.close()

@@ -73,6 +73,81 @@ async def test_a_client_that_half_closes_after_its_requests_gets_their_answers()
         await backend.stop()
 
 
+class AnswersLater(asyncio.Protocol):
+    """Answers `ok` to a request for /later/<seconds> that many seconds after it came;
+    counts requests and the connections open to it."""
+
+    requests = 0
+    open = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        AnswersLater.open += 1
+
+    def data_received(self, data: bytes) -> None:
+        AnswersLater.requests += 1
+        delay = float(data.split(b" ", 2)[1].rsplit(b"/", 1)[1])
+        asyncio.get_running_loop().call_later(delay, self.answer)
+
+    def answer(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        AnswersLater.open -= 1
+
+
+async def test_a_client_that_closes_while_its_answer_is_awaited_frees_the_endpoint() -> None:
+    # A FIN after whole requests was always taken for a half-close: the endpoint
+    # connection stayed until the answer came (then pooled) or the request timed out
+    # (30 s). Scratch run, 50 such clients and a 5 s endpoint: 50 endpoint connections
+    # open 1 s after the close, now 0 from 0.5 s on. What tells a closed socket from a
+    # half-closed one is the RST it answers data with (the 100 Continue probe).
+    AnswersLater.requests = AnswersLater.open = 0
+    async with protocol_behind_proxy(AnswersLater, "127.199.1.6", "127.199.0.10",
+                                     "gone") as proxy:
+        socks = []
+        for _ in range(10):
+            sock = socket.create_connection(("127.199.0.10", 80))
+            sock.sendall(b"GET /later/5 HTTP/1.1\r\nHost: a\r\n\r\n")
+            socks.append(sock)
+        async with asyncio.timeout(3):
+            while AnswersLater.requests < 10:
+                await asyncio.sleep(0.01)
+        for sock in socks:
+            sock.close()
+        async with asyncio.timeout(2):  # the probe's wait and two ticks, well before 5 s
+            while AnswersLater.open or proxy.http.clients:
+                await asyncio.sleep(0.01)
+        upstream = next(iter(proxy.upstreams.values()))
+        [host] = upstream.hosts.values()
+        assert host.stats.requests == {"client_closed": 10}
+        assert upstream.stats.retries == 0
+
+
+async def test_a_half_closed_client_waiting_long_gets_a_100_continue_then_its_answer() -> None:
+    # The probe that finds a closed client reaches a half-closed one too: HTTP/1.1 gets
+    # a 100 Continue before an answer slower than PROBE_AFTER_S, HTTP/1.0 nothing (it
+    # cannot be sent a 1xx). Either way the answer follows and the endpoint is kept.
+    AnswersLater.requests = AnswersLater.open = 0
+    async with protocol_behind_proxy(AnswersLater, "127.199.1.7", "127.199.0.11",
+                                     "probed") as proxy:
+        for request, expected in ((b"GET /later/1 HTTP/1.1\r\nHost: a\r\n\r\n", [100, 200]),
+                                  (b"GET /later/1 HTTP/1.0\r\n\r\n", [200])):
+            client = await RawClient.open("127.199.0.11", 80)
+            client.send(request)
+            client.writer.write_eof()
+            answers = [await client.response()]
+            while answers[-1].status < 200:
+                answers.append(await client.response())
+            assert [r.status for r in answers] == expected
+            assert answers[-1].body == b"ok"
+            assert await client.closed()
+            await client.close()
+        [host] = next(iter(proxy.upstreams.values())).hosts.values()
+        assert host.stats.requests == {"2xx": 2}
+
+
 class RefuseAtHead(asyncio.Protocol):
     """Answers 401 as soon as a request head is in, without 100 Continue or the body."""
 

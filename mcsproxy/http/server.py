@@ -23,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
+import sys
 import time
 from collections import deque
 from math import inf as INF
@@ -80,6 +82,16 @@ MAX_QUEUED = 128  # ... and beyond which one read's further requests are refused
 # races it), and every answer now says Connection: close anyway.
 DRAIN_IDLE_S = 0.5
 LINGER_S = 1.0
+# A client that sent FIN after whole requests may have half-closed (it still reads: its
+# answers are owed) or closed its socket (nothing will read them): the two look the same
+# until data reaches it, when a closed socket answers RST. An answer not begun this long
+# after the FIN is preceded by a 100 Continue (RFC 9110 15.2: an HTTP/1.1 client parses
+# a 1xx it did not expect) to tell them apart; a quicker answer is its own test.
+PROBE_AFTER_S = 0.25
+PROBE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Linux only: the state of our end, read without disturbing the socket (its first byte).
+TCP_INFO: int | None = getattr(socket, "TCP_INFO", None) if sys.platform == "linux" else None
+TCP_CLOSE = 7  # the peer reset the connection
 UNSENT_HIGH_WATER = 256 * 1024
 SMALL_CHUNK = 4096  # body chunks below this are joined per read (request) or framed in one
 MAX_PIECES = 16  # output pieces of one read written as they are; more are joined first
@@ -139,6 +151,7 @@ class ClientConnection(asyncio.Protocol):
         "parser",
         "parts",
         "paused",
+        "probe_at",
         "queue",
         "request_error",
         "route",
@@ -173,6 +186,7 @@ class ClientConnection(asyncio.Protocol):
         self.request_error: RequestError | None = None
         self.tunnel: UpstreamConn | None = None
         self.tunnel_eofs = 0  # CLIENT_EOF | UPSTREAM_EOF once the ends half-close
+        self.probe_at = INF  # when a client that sent FIN is probed (see PROBE_AFTER_S)
         self.upgrading: Exchange | None = None
         self.idle = 0
         self.in_head = True  # waiting for the first request's head from accept on
@@ -274,7 +288,8 @@ class ClientConnection(asyncio.Protocol):
     def eof_received(self) -> bool:
         # A client that half-closes after whole requests (`nc -N`, shutdown(SHUT_WR)) still
         # waits for their answers (RFC 9112 9.6 leaves half-close to the client): they are
-        # sent, the last says Connection: close, then we close. One that stops in the
+        # sent, the last says Connection: close, then we close; one that closed its
+        # socket instead is found out by the tick (check, gone). One that stops in the
         # middle of a request has given up on it: the connection and any endpoint
         # connection serving it are closed. Tunnels half-close.
         self.tunnel_eofs |= CLIENT_EOF
@@ -286,6 +301,7 @@ class ClientConnection(asyncio.Protocol):
         queue = self.queue
         if queue and self.current is None and self.upgrading is None and not self.lingering:
             queue[-1].keep_alive = False
+            self.probe_at = self.engine.now + PROBE_AFTER_S
             return True
         return False
 
@@ -675,7 +691,35 @@ class ClientConnection(asyncio.Protocol):
                                           else http.keepalive_timeout_s):
                 self.close()
             return
+        if self.tunnel_eofs & CLIENT_EOF and self.gone(now):
+            # Gone, not half-closed: nobody reads the answers. As nginx does (with
+            # proxy_ignore_client_abort off), the endpoint connections serving them are
+            # closed now, not at the request timeout, and nothing is retried: connection_lost
+            # abandons every request (client_closed), at once, so no answer arriving before
+            # the transport reports the abort is written to it (it runs again then: no-op).
+            self.abort_all()
+            self.connection_lost(None)
+            return
         queue[0].check(now, self.idle * tick_s)
+
+    def gone(self, now: float) -> bool:
+        """A client that sent FIN with requests waiting: has it closed its socket?"""
+        if TCP_INFO is None:
+            return False
+        try:
+            state = self.transport.get_extra_info("socket").getsockopt(
+                socket.IPPROTO_TCP, TCP_INFO, 1)[0]
+        except (OSError, AttributeError):
+            return False
+        if state == TCP_CLOSE:  # it answered what we sent since its FIN with RST
+            return True
+        if now >= self.probe_at:
+            self.probe_at = INF
+            ex = self.queue[0]
+            if ex.http11 and not ex.resp_started:  # never a 1xx to HTTP/1.0 (RFC 9110 15.2)
+                self.out.append(PROBE)
+                self.flush()
+        return False
 
     def abort_all(self) -> None:
         if self.tunnel is not None:
