@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import datetime
 import json
 import math
 import shutil
 import ssl
 import subprocess
 import tempfile
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +50,7 @@ class Request(NamedTuple):
     method: str
     path: str
     query: dict[str, str]
+    user: str | None = None  # the client certificate's CN, when one authenticated it
 
 
 @dataclass(slots=True)
@@ -70,6 +73,40 @@ def _line(kind: str, obj: Obj) -> bytes:
     return json.dumps({"type": kind, "object": obj}, separators=(",", ":")).encode() + b"\n"
 
 
+_X509_V_FLAG_NO_CHECK_TIME = 0x200000  # OpenSSL's; the ssl module has no name for it
+_EC = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+# `openssl ca` is the one openssl command that sets an end date to the second.
+_CA_CONFIG = """\
+[ca]
+default_ca = ca_default
+[ca_default]
+database = {dir}/index.txt
+new_certs_dir = {dir}
+rand_serial = yes
+default_md = sha256
+policy = policy_any
+unique_subject = no
+[policy_any]
+commonName = supplied
+"""
+
+
+def _openssl(*args: str | Path) -> None:
+    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
+
+
+def _asn1_time(when: datetime.datetime) -> str:
+    return when.strftime("%Y%m%d%H%M%SZ")
+
+
+def _common_name(peer: dict[str, Any]) -> str | None:
+    for rdn in peer.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
+
+
 def _error_response(error: ApiError) -> web.Response:
     return web.json_response(error.status(), status=error.code)
 
@@ -85,16 +122,24 @@ class KubeEmulator:
     and api_client() use. `tls=True` serves HTTPS with a self-signed certificate for the
     host, its CA file at `ca_file`, as an in-cluster client needs; rotate_certificate()
     makes a new one (a new CA) for the next start().
+
+    Client certificates (tls=True): issue_client_certificate() signs them with a client CA of
+    the emulator's own. As kube-apiserver does, a valid one authenticates the request as its
+    CN (`Request.user`), whatever `tokens` say, and an expired one is answered 401; one
+    from another CA fails the handshake. `handshake_expiry=True` refuses an expired one in
+    the handshake too (a TLS alert), as a TLS-terminating proxy in front would.
+    rotate_client_ca() makes a new client CA for the next start().
     """
 
     def __init__(self, *, token: str | None = None, history: int = 1000,
                  bookmark_interval: float = 60.0, watch_queue: int = 10_000,
-                 tls: bool = False):
+                 tls: bool = False, handshake_expiry: bool = False):
         self.store = Store(history, watch_queue)
         self.token = token
         self.tokens: set[str] = {token} if token else set()
         self.unauthorized = 0
         self.tls = tls
+        self.handshake_expiry = handshake_expiry
         self._certs: Path | None = None  # removed with the emulator object
         self.bookmark_interval = bookmark_interval
         self.requests: list[Request] = []
@@ -159,19 +204,51 @@ class KubeEmulator:
             self._certs = Path(tempfile.mkdtemp(prefix="kube-emulator-"))
             weakref.finalize(self, shutil.rmtree, self._certs, True)
             self.rotate_certificate()
+            self.rotate_client_ca()
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(self.ca_file, self._certs / "tls.key")
+        context.load_verify_locations(self._certs / "client-ca.crt")
+        context.verify_mode = ssl.CERT_OPTIONAL  # token clients send none
+        if not self.handshake_expiry:  # kube-apiserver checks the dates per request
+            context.verify_flags |= _X509_V_FLAG_NO_CHECK_TIME
         return context
 
     def rotate_certificate(self) -> None:
         """A new key and self-signed certificate (a new CA): served from the next start()."""
         assert self._certs is not None, "not a started tls=True emulator"
-        subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-             "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1",
-             "-subj", "/CN=kube-emulator", "-addext", f"subjectAltName=IP:{self.host}",
-             "-keyout", str(self._certs / "tls.key"), "-out", str(self._certs / "ca.crt")],
-            check=True, capture_output=True)
+        _openssl("req", "-x509", *_EC, "-days", "1", "-subj", "/CN=kube-emulator",
+                 "-addext", f"subjectAltName=IP:{self.host}",
+                 "-keyout", self._certs / "tls.key", "-out", self.ca_file)
+
+    def rotate_client_ca(self) -> None:
+        """A new client CA: certificates from the old one fail the handshake from the next
+        start()."""
+        assert self._certs is not None, "not a started tls=True emulator"
+        ca = self._certs / "client-ca"
+        shutil.rmtree(ca, ignore_errors=True)
+        ca.mkdir()
+        (ca / "index.txt").write_text("")
+        (ca / "openssl.cnf").write_text(_CA_CONFIG.format(dir=ca))
+        _openssl("req", "-x509", *_EC, "-days", "1", "-subj", "/CN=kube-emulator-clients",
+                 "-keyout", ca / "ca.key", "-out", self._certs / "client-ca.crt")
+
+    def issue_client_certificate(self, directory: Path, name: str,
+                                 lifetime_s: float) -> tuple[Path, Path]:
+        """A client certificate for user `name` (CN), valid for `lifetime_s` from now (whole
+        seconds, rounded down): its certificate and key files in `directory`."""
+        assert self._certs is not None, "not a started tls=True emulator"
+        ca = self._certs / "client-ca"
+        directory.mkdir(parents=True, exist_ok=True)
+        cert, key, csr = (directory / f"{name}.{ext}" for ext in ("crt", "key", "csr"))
+        now = datetime.datetime.now(datetime.UTC)
+        _openssl("req", "-new", *_EC, "-subj", f"/CN={name}", "-keyout", key, "-out", csr)
+        _openssl("ca", "-batch", "-notext", "-config", ca / "openssl.cnf",
+                 "-cert", self._certs / "client-ca.crt", "-keyfile", ca / "ca.key",
+                 "-startdate", _asn1_time(now - datetime.timedelta(minutes=1)),
+                 "-enddate", _asn1_time(now + datetime.timedelta(seconds=lifetime_s)),
+                 "-in", csr, "-out", cert)
+        csr.unlink()
+        return cert, key
 
     # -- client helpers ------------------------------------------------------------------
     def kubeconfig(self, path: str | Path, context_name: str = "emulator",
@@ -297,10 +374,17 @@ class KubeEmulator:
 
     # -- HTTP ----------------------------------------------------------------------------
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        self.requests.append(Request(request.method, request.path, dict(request.query)))
+        peer = request.transport.get_extra_info("peercert") if request.transport else None
+        user = _common_name(peer) if peer else None
+        self.requests.append(Request(request.method, request.path, dict(request.query), user))
         self._notify()
         try:
-            if self.tokens and not self._authorized(request.headers.get("Authorization")):
+            if (peer and not self.handshake_expiry  # else checked once, by the handshake
+                    and time.time() >= ssl.cert_time_to_seconds(peer["notAfter"])):
+                self.unauthorized += 1
+                raise ApiError(401, "Unauthorized", "Unauthorized")
+            if (self.tokens and user is None
+                    and not self._authorized(request.headers.get("Authorization"))):
                 self.unauthorized += 1
                 raise ApiError(401, "Unauthorized", "Unauthorized")
             await self._released.wait()
