@@ -8,18 +8,25 @@ credentials do not last:
 - the in-cluster service-account token is bound: the kubelet rewrites the file about
   hourly and the old token expires later;
 - a kubeconfig `exec` plugin (EKS, GKE, AKS) hands out tokens valid for minutes, saying
-  until when in the ExecCredential's `status.expirationTimestamp`;
-- a kubeconfig file mounted from a Secret is rewritten when the Secret changes.
+  until when in the ExecCredential's `status.expirationTimestamp`, or a client certificate
+  (kubernetes-asyncio keeps no expiry for that one);
+- a kubeconfig file mounted from a Secret is rewritten when the Secret changes, and so are
+  the client certificate and key files it names (cert-manager, the kubelet's own).
 
 A client made here keeps its credentials current itself:
 
-- Before a request: when the files behind them changed (token file, CA, kubeconfig; one
-  stat each) or an exec credential is about to expire (a fifth of its lifetime before,
-  at most EXPIRY_MARGIN_S), they are reloaded first.
+- Before a request: when the files behind them changed (token file, kubeconfig, and the
+  CA, client certificate and key files in use; one stat each) or the credential is about
+  to expire (an exec token's expiry or the client certificate's end date, whichever comes
+  first; a fifth of its lifetime before, at most EXPIRY_MARGIN_S), they are reloaded first.
 - On 401: they are reloaded (token file re-read, plugin run again, kubeconfig re-read) and,
   when that gave other credentials, the request is sent once more at once. Otherwise the
   401 goes to the caller, which retries with its own backoff, reloading again each time.
-  A streak of refusals is logged once (info when a reload helped at once, a warning
+  A TLS failure, or a connection closed before any answer while a client certificate is
+  presented, counts as such a refusal too (TLS 1.3 sends a refused certificate's alert
+  after the handshake, and asyncio drops it: the request ends as "Server disconnected");
+  it is retried at once only when the reload gave other credentials, and logged only then.
+  A streak of 401s is logged once (info when a reload helped at once, a warning
   when it did not, then its end); a token never reaches the log.
 - A reload that fails or gives nothing new is not tried again for RELOAD_PAUSE_S: a dead
   plugin is not run for every request.
@@ -35,13 +42,16 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import datetime
 import logging
 import os
+import ssl
 import time
 from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
+from aiohttp import ClientSSLError, ServerDisconnectedError
 from kubernetes_asyncio import config as kube_config
 from kubernetes_asyncio.client import ApiClient, Configuration
 from kubernetes_asyncio.client.exceptions import ApiException
@@ -86,6 +96,54 @@ def _stat(path: Path | str) -> tuple[int, int, int] | None:
 def _exec_expiry(loader: Any) -> float | None:
     expiry = getattr(loader, "exec_plugin_expiry", None)
     return expiry.timestamp() if expiry is not None else None
+
+
+def _der(data: bytes, at: int) -> tuple[int, int, int]:
+    """The tag, and where the value starts and ends, of the DER element at `at`."""
+    tag, length = data[at], data[at + 1]
+    at += 2
+    if length & 0x80:
+        size = length & 0x7F
+        length = int.from_bytes(data[at:at + size], "big")
+        at += size
+    return tag, at, at + length
+
+
+def _not_after(cert_file: str | None) -> float | None:
+    """The end date (epoch seconds) of the first certificate in a PEM file; None when
+    there is none or it cannot be read (the TLS setup reports that). The standard library
+    only decodes a peer's certificate, and this is all that is needed of one."""
+    if not cert_file:
+        return None
+    try:
+        pem = Path(cert_file).read_text()
+        start = pem.index(ssl.PEM_HEADER)
+        der = ssl.PEM_cert_to_DER_cert(pem[start:pem.index(ssl.PEM_FOOTER, start)
+                                           + len(ssl.PEM_FOOTER)])
+        _, at, _ = _der(der, 0)  # Certificate
+        _, at, _ = _der(der, at)  # TBSCertificate
+        tag, _, end = _der(der, at)
+        if tag == 0xA0:  # [0] version
+            at = end
+        for _field in ("serialNumber", "signature", "issuer"):
+            at = _der(der, at)[2]
+        _, at, _ = _der(der, at)  # validity
+        at = _der(der, at)[2]  # notBefore
+        tag, start, end = _der(der, at)
+        text = der[start:end].decode("ascii")
+        form = "%y%m%d%H%M%SZ" if tag == 0x17 else "%Y%m%d%H%M%SZ"  # UTCTime, else Generalized
+        return datetime.datetime.strptime(text, form).replace(
+            tzinfo=datetime.UTC).timestamp()
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+async def _load(source: CredentialSource, configuration: Configuration) -> float | None:
+    """source.load, and the credential's expiry: the exec token's or the client
+    certificate's end date (from a plugin, a kubeconfig file or its data), the earlier."""
+    ends = [t for t in (await source.load(configuration),
+                        _not_after(configuration.cert_file)) if t is not None]
+    return min(ends, default=None)
 
 
 class InCluster(CredentialSource):
@@ -146,11 +204,12 @@ class RefreshingApiClient(ApiClient):
 
     def __init__(self, source: CredentialSource, configuration: Configuration,
                  stamp: Hashable, expires: float | None) -> None:
+        files = _tls_files(configuration)  # before the pool reads them
         super().__init__(configuration)
         self.source = source
         self.generation = 0  # counts reloads that changed something
         self.reloads = 0  # reloads tried
-        self._stamp = stamp
+        self._stamp = stamp, files
         self._renew_at = float("inf")
         self._set_expiry(expires)
         self._quiet_until = 0.0
@@ -159,7 +218,7 @@ class RefreshingApiClient(ApiClient):
         self._told = False  # the streak's reload-and-retry was logged
         self._stuck = False  # ... and that reloading did not help
         self._reload_error: str | None = None
-        self._pool_key = _pool_key(configuration)
+        self._pool_key = _pool_key(configuration, files)
         self._old_pools: list[RESTClientObject] = []
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -196,7 +255,7 @@ class RefreshingApiClient(ApiClient):
             return None
         if now >= self._renew_at:
             return "about to expire"
-        if self.source.stamp() != self._stamp:
+        if (self.source.stamp(), _tls_files(self.configuration)) != self._stamp:
             return "changed on disk"
         return None
 
@@ -215,8 +274,9 @@ class RefreshingApiClient(ApiClient):
         fresh = Configuration()
         stamp = self.source.stamp()
         try:
-            expires = await self.source.load(fresh)
-            pool_key = _pool_key(fresh)
+            expires = await _load(self.source, fresh)
+            files = _tls_files(fresh)  # before the pool reads them
+            pool_key = _pool_key(fresh, files)
             pool = RESTClientObject(fresh) if pool_key != self._pool_key else None
         except Exception as exc:  # the loaders fail in many ways (even AssertionError)
             self._quiet_until = time.time() + RELOAD_PAUSE_S
@@ -229,7 +289,7 @@ class RefreshingApiClient(ApiClient):
         if self._reload_error is not None:
             log.info("%s: credentials reloaded again", self.source.describe)
             self._reload_error = None
-        self._stamp = stamp
+        self._stamp = stamp, files
         self._set_expiry(expires)
         changed = fresh.api_key != self.configuration.api_key or pool is not None
         if not changed:
@@ -298,6 +358,15 @@ class RefreshingApiClient(ApiClient):
                     method, url, query_params=query_params, headers=headers,
                     post_params=post_params, body=body, _preload_content=_preload_content,
                     _request_timeout=_request_timeout)
+            except (ClientSSLError, ServerDisconnectedError) as exc:
+                if (attempt == 2 or (isinstance(exc, ServerDisconnectedError)
+                                     and not self.configuration.cert_file)
+                        or not await self._reload(f"{type(exc).__name__}", generation)):
+                    raise  # the caller's backoff and log; most are not about credentials
+                log.info("%s: the API server closed the connection (%s); reloaded the "
+                         "credentials, which differ now: retrying", self.source.describe,
+                         type(exc).__name__)
+                continue
             except ApiException as exc:  # _preload_content=True: non-2xx raises
                 if exc.status != 401:
                     self._answered(exc.status)
@@ -314,13 +383,16 @@ class RefreshingApiClient(ApiClient):
         raise AssertionError("unreachable")
 
 
-def _pool_key(configuration: Configuration) -> tuple[Any, ...]:
-    """What the connection pool is built from, the files' stats included (a CA or a
-    client certificate rewritten in place)."""
-    values = tuple(getattr(configuration, name) for name in _POOL_FIELDS)
-    files = tuple(_stat(f) if f else None for f in (
+def _tls_files(configuration: Configuration) -> tuple[Any, ...]:
+    """The stats of the CA, client certificate and key files: a file rewritten in place
+    (whatever names it: a kubeconfig, a plugin) needs a new pool."""
+    return tuple(_stat(f) if f else None for f in (
         configuration.ssl_ca_cert, configuration.cert_file, configuration.key_file))
-    return values + files
+
+
+def _pool_key(configuration: Configuration, files: tuple[Any, ...]) -> tuple[Any, ...]:
+    """What the connection pool is built from, the files' stats included."""
+    return tuple(getattr(configuration, name) for name in _POOL_FIELDS) + files
 
 
 async def new_client(source: CredentialSource) -> RefreshingApiClient:
@@ -328,5 +400,5 @@ async def new_client(source: CredentialSource) -> RefreshingApiClient:
     KeyError, TypeError) when it cannot be configured."""
     configuration = Configuration()
     stamp = source.stamp()
-    expires = await source.load(configuration)
+    expires = await _load(source, configuration)
     return RefreshingApiClient(source, configuration, stamp, expires)

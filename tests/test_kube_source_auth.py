@@ -18,7 +18,13 @@ import pytest
 
 from mcsproxy.sources.kube import KubeSource
 from mcsproxy.store import SnapshotStore
-from tests.kube_auth_support import ExecPlugin, exec_kubeconfig, service_account
+from tests.kube_auth_support import (
+    ExecPlugin,
+    exec_kubeconfig,
+    service_account,
+    user_kubeconfig,
+    write_atomically,
+)
 from tests.kube_emulator import KubeEmulator
 from tests.test_kube_source import FAST, WEB, Running, service_import, started
 
@@ -141,3 +147,63 @@ async def test_a_new_in_cluster_ca_gets_a_new_connection_pool(
             await emu.start()
             service_account(sa, emu, "one")
             await reaches_gateway(run)
+
+
+@pytest.mark.parametrize("handshake_expiry", [False, True], ids=["401", "tls-alert"])
+async def test_an_exec_client_certificate_is_renewed_before_it_expires(
+        tmp_path: Path, handshake_expiry: bool) -> None:
+    async with KubeEmulator(tls=True, handshake_expiry=handshake_expiry,
+                            bookmark_interval=0.1) as emu:
+        emu.tokens = {"not-used"}  # only the certificates authenticate
+        certs = tmp_path / "certs"
+        plugin = ExecPlugin(tmp_path / "plugin",
+                            certificate=emu.issue_client_certificate(certs, "gw-1", 3.0))
+        kubeconfig = exec_kubeconfig(emu, tmp_path / "kubeconfig", plugin)
+        async with gateway(emu, kubeconfig=str(kubeconfig)) as run:
+            plugin.certificate = emu.issue_client_certificate(certs, "gw-2", 3600.0)
+            await asyncio.sleep(3.2)  # gw-1 expired
+            seen = len(emu.requests)
+            await reaches_gateway(run)
+        assert emu.unauthorized == 0  # renewed in time: never refused
+        assert {r.user for r in emu.requests[seen:]} == {"gw-2"}
+
+
+async def test_client_certificate_files_rewritten_in_place_are_used_for_new_connections(
+        tmp_path: Path) -> None:
+    async with KubeEmulator(tls=True, bookmark_interval=0.1) as emu:
+        emu.tokens = {"not-used"}
+        cert, key = emu.issue_client_certificate(tmp_path / "tls", "gw-1", 3600.0)
+        kubeconfig = user_kubeconfig(emu, tmp_path / "kubeconfig", {
+            "client-certificate": str(cert), "client-key": str(key)})
+        async with gateway(emu, kubeconfig=str(kubeconfig)) as run:
+            await emu.wait_for(lambda: emu.watch_count == len(run.source.reflectors))
+            # cert-manager (or the kubelet) renews: the same files, the kubeconfig untouched.
+            new = emu.issue_client_certificate(tmp_path / "new", "gw-2", 3600.0)
+            for source, target in ((new[1], key), (new[0], cert)):
+                write_atomically(target, source.read_text())
+            seen = len(emu.requests)
+            await reaches_gateway(run)
+        assert {r.user for r in emu.requests[seen:]} == {"gw-2"}
+
+
+async def test_a_client_certificate_refused_in_the_handshake_is_fetched_again(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    certs = tmp_path / "certs"
+    async with KubeEmulator(tls=True, bookmark_interval=0.1) as emu:
+        emu.tokens = {"not-used"}
+        plugin = ExecPlugin(tmp_path / "plugin",
+                            certificate=emu.issue_client_certificate(certs, "gw-1", 3600.0))
+        kubeconfig = exec_kubeconfig(emu, tmp_path / "kubeconfig", plugin)
+        async with gateway(emu, kubeconfig=str(kubeconfig)) as run:
+            # A new client CA: gw-1, valid by its dates, is refused in the handshake (TLS
+            # 1.3 sends the alert after it, and asyncio reports "Server disconnected").
+            await emu.stop()
+            emu.rotate_client_ca()
+            await emu.start()
+            plugin.certificate = emu.issue_client_certificate(certs, "gw-2", 3600.0)
+            seen = len(emu.requests)
+            await reaches_gateway(run)
+        assert {r.user for r in emu.requests[seen:]} == {"gw-2"}
+    key = (certs / "gw-2.key").read_text().splitlines()[1]
+    assert key not in caplog.text
