@@ -42,16 +42,15 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import datetime
 import logging
 import os
-import ssl
 import time
 from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
 from aiohttp import ClientSSLError, ServerDisconnectedError
+from cryptography import x509
 from kubernetes_asyncio import config as kube_config
 from kubernetes_asyncio.client import ApiClient, Configuration
 from kubernetes_asyncio.client.exceptions import ApiException
@@ -98,44 +97,16 @@ def _exec_expiry(loader: Any) -> float | None:
     return expiry.timestamp() if expiry is not None else None
 
 
-def _der(data: bytes, at: int) -> tuple[int, int, int]:
-    """The tag, and where the value starts and ends, of the DER element at `at`."""
-    tag, length = data[at], data[at + 1]
-    at += 2
-    if length & 0x80:
-        size = length & 0x7F
-        length = int.from_bytes(data[at:at + size], "big")
-        at += size
-    return tag, at, at + length
-
-
 def _not_after(cert_file: str | None) -> float | None:
     """The end date (epoch seconds) of the first certificate in a PEM file; None when
-    there is none or it cannot be read (the TLS setup reports that). The standard library
-    only decodes a peer's certificate, and this is all that is needed of one."""
+    there is none or it cannot be read (the TLS setup reports that)."""
     if not cert_file:
         return None
     try:
-        pem = Path(cert_file).read_text()
-        start = pem.index(ssl.PEM_HEADER)
-        der = ssl.PEM_cert_to_DER_cert(pem[start:pem.index(ssl.PEM_FOOTER, start)
-                                           + len(ssl.PEM_FOOTER)])
-        _, at, _ = _der(der, 0)  # Certificate
-        _, at, _ = _der(der, at)  # TBSCertificate
-        tag, _, end = _der(der, at)
-        if tag == 0xA0:  # [0] version
-            at = end
-        for _field in ("serialNumber", "signature", "issuer"):
-            at = _der(der, at)[2]
-        _, at, _ = _der(der, at)  # validity
-        at = _der(der, at)[2]  # notBefore
-        tag, start, end = _der(der, at)
-        text = der[start:end].decode("ascii")
-        form = "%y%m%d%H%M%SZ" if tag == 0x17 else "%Y%m%d%H%M%SZ"  # UTCTime, else Generalized
-        return datetime.datetime.strptime(text, form).replace(
-            tzinfo=datetime.UTC).timestamp()
-    except (OSError, ValueError, IndexError):
+        cert = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
+    except (OSError, ValueError):
         return None
+    return cert.not_valid_after_utc.timestamp()
 
 
 async def _load(source: CredentialSource, configuration: Configuration) -> float | None:
