@@ -1,9 +1,10 @@
 """The clusterset zone as an index of names → packed record sets, updated per snapshot.
 
-Every record set is packed once, with its owner name (and the SOA's, and SRV targets
-where they share the service name) written as compression pointers into the question,
-which always sits at offset 12: the packed bytes follow any casing of the question and
-only depend on the lowercased name. The index is updated incrementally from
+Every record set is packed once, with its owner name (and the SOA's) written as
+compression pointers into the question, which always sits at offset 12: the packed bytes
+follow any casing of the question and only depend on the lowercased name. SRV targets are
+written out in full: RFC 2782 forbids compressing them, and resolvers that follow it
+(CoreDNS writes them so too) may misread a pointer there. The index is updated incrementally from
 `Snapshot.changed`; record sets, and the per-endpoint names of headless services, are
 packed on the first query for them and kept until the service changes (bench/snapshot
 measures this against packing everything eagerly).
@@ -199,7 +200,7 @@ class ServiceEntry:
         return list(seen)
 
     def service_rrsets(self) -> RRsets:
-        """A/AAAA and bare SRV at the service name; targets point back at the question."""
+        """A/AAAA and bare SRV at the service name."""
         sets: dict[int, list[bytes]] = {}
         ttl = self.ttl
         if self.svc.headless:
@@ -208,7 +209,7 @@ class ServiceEntry:
         _add_addresses(sets, self.svc.ips, ttl)
         for port in self.svc.ports:  # one per distinct (target, port)
             _add_records(sets, SRV, rr(OWNER, SRV, ttl, srv_rdata(
-                SRV_PRIORITY, SRV_WEIGHT, port.port, OWNER)))
+                SRV_PRIORITY, SRV_WEIGHT, port.port, self.wire)))
         return _pack(sets, self.service_additional(OWNER))
 
     def port_rrsets(self, prefix_len: int, port_name: str, protocol: str) -> RRsets:
@@ -219,7 +220,7 @@ class ServiceEntry:
         if self.svc.headless:
             return _pack(records, self.srv_records(records, (port,), svc_ptr))
         _add_records(records, SRV, rr(OWNER, SRV, self.ttl, srv_rdata(
-            SRV_PRIORITY, SRV_WEIGHT, port.port, svc_ptr)))
+            SRV_PRIORITY, SRV_WEIGHT, port.port, self.wire)))
         return _pack(records, self.service_additional(svc_ptr))
 
     def service_additional(self, svc_ptr: bytes) -> Extra:
@@ -234,7 +235,7 @@ class ServiceEntry:
         returns the addresses of the endpoints they name, for the additional section."""
         extra: Extra = {}
         for prefix, e in self.named_endpoints():
-            target = prefix + svc_ptr
+            target = prefix + self.wire
             named = False
             for port in ports:
                 number = srv_port(e, port)
@@ -243,7 +244,7 @@ class ServiceEntry:
                     _add_records(sets, SRV, rr(OWNER, SRV, self.ttl, srv_rdata(
                         SRV_PRIORITY, SRV_WEIGHT, number, target)))
             if named:
-                _add_extra(extra, target, e.addresses, self.ttl)
+                _add_extra(extra, prefix + svc_ptr, e.addresses, self.ttl)
         return extra
 
 
