@@ -21,6 +21,7 @@ from mcsproxy.cli import main
 from mcsproxy.config import AdminConfig, DnsConfig, GatewayConfig
 from mcsproxy.gateway import Gateway
 from mcsproxy.model import ServiceKey
+from tests.fs_support import at_the_start_of_a_second, coarse_fs_skip_reason, coarse_timestamps_dir
 from tests.proxy_fixtures import Backend, ask, free_port
 from tests.test_reconcile_support import eslice, export, namespace, service
 
@@ -303,8 +304,52 @@ async def test_a_member_file_caught_half_written_withdraws_nothing(tmp_path: Pat
     assert not await cluster.sync() and cluster.objects.refs() == held
     assert await cluster.sync()  # it held still for a scan: read now
     assert cluster.objects.refs() == held
-    assert [e.addresses for s in cluster.objects.slices_for(ServiceKey("test", "web"))
-            for e in s.endpoints] == [("127.0.2.1",)]
+    assert endpoint_addresses(cluster) == [("127.0.2.1",)]
+
+
+def endpoint_addresses(cluster: DirectoryCluster) -> list[tuple[str, ...]]:
+    return [e.addresses for s in cluster.objects.slices_for(ServiceKey("test", "web"))
+            for e in s.endpoints]
+
+
+async def test_a_member_file_rewritten_with_its_mtime_put_back_is_read(tmp_path: Path) -> None:
+    """`cp -p`, `rsync -t`, `touch -r`: the same size, the same inode, the old mtime; only
+    the ctime tells. It used to be ignored for good."""
+    clusters, out = tmp_path / "clusters", tmp_path / "out"
+    member(clusters, "a", 1)
+    cluster = DirectoryCluster("a", clusters, out)
+    await cluster.sync()
+    web = clusters / "a" / "web.yaml"
+    before = web.stat()
+    member(clusters, "a", 2)
+    os.utime(web, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = web.stat()
+    assert (after.st_mtime_ns, after.st_size, after.st_ino) == (
+        before.st_mtime_ns, before.st_size, before.st_ino)
+    await cluster.sync()  # a fresh change waits a scan to settle
+    assert await cluster.sync()
+    assert endpoint_addresses(cluster) == [("127.0.2.1",)]
+
+
+@pytest.mark.skipif(coarse_fs_skip_reason() is not None, reason=coarse_fs_skip_reason() or "")
+async def test_a_member_file_written_twice_within_one_timestamp_tick_is_read(
+        tmp_path: Path) -> None:
+    """On a filesystem with one-second stamps, a rewrite (same size) just after a read
+    leaves mtime, size, inode and ctime as they were: only the bytes differ."""
+    with coarse_timestamps_dir(tmp_path) as clusters:
+        web = clusters / "a" / "web.yaml"
+        cluster = DirectoryCluster("a", clusters, tmp_path / "out")
+        at_the_start_of_a_second()
+        member(clusters, "a", 1)
+        await cluster.sync()
+        before = web.stat()
+        member(clusters, "a", 2)
+        after = web.stat()
+        assert (after.st_mtime_ns, after.st_ctime_ns, after.st_size, after.st_ino) == (
+            before.st_mtime_ns, before.st_ctime_ns, before.st_size, before.st_ino)
+        assert await cluster.sync()
+        assert endpoint_addresses(cluster) == [("127.0.2.1",)]
+        assert not await cluster.sync()  # read again, found the same: nothing to do
 
 
 async def test_unreadable_member_goes_stale_then_recovers(tmp_path: Path) -> None:

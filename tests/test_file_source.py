@@ -16,6 +16,7 @@ from mcsproxy.sources.file import FileSource
 from mcsproxy.store import SnapshotStore
 from mcsproxy.tasks import cancel_and_wait, spawn
 from tests.dns_support import EXAMPLES, import_yaml, slice_yaml
+from tests.fs_support import at_the_start_of_a_second, coarse_fs_skip_reason, coarse_timestamps_dir
 
 POLL_S = 0.02
 WAIT_S = 5.0
@@ -232,6 +233,43 @@ def test_a_file_caught_half_written_is_read_once_it_holds_still(tmp_path: Path) 
     assert not source.scan() and source.merged() == {}
     os.utime(path, ns=(0, 0))  # long untouched: taken at once
     assert source.scan() and KEY.name in {o.name for o in source.merged()}
+
+
+async def test_a_rewrite_that_puts_back_the_mtime_is_applied(source_dir) -> None:
+    """`cp -p`, `rsync -t`, `touch -r`: new bytes of the same size in the same file and
+    the old mtime put back. (mtime, size, inode) say nothing changed; the ctime does. It
+    used to keep serving the old address for good."""
+    path, _store, watcher = source_dir
+    target = path / "web-a.yaml"
+    before = target.stat()
+    target.write_text(slice_yaml("web", "cluster-a", "IPv4", ["10.0.0.9"], WEB))
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = target.stat()
+    assert (after.st_mtime_ns, after.st_size, after.st_ino) == (
+        before.st_mtime_ns, before.st_size, before.st_ino)
+    await watcher.until(lambda s: addresses(s) == ["10.0.0.9"], "the rewrite applied")
+
+
+@pytest.mark.skipif(coarse_fs_skip_reason() is not None, reason=coarse_fs_skip_reason() or "")
+def test_two_writes_within_one_timestamp_tick_are_both_read(tmp_path: Path) -> None:
+    """On a filesystem with one-second stamps, a file rewritten (same size) just after it
+    was read shows no new mtime, size, inode, or even ctime: only its bytes differ."""
+    def ips(source: FileSource) -> list[tuple[str, ...]]:
+        return [spec.ips for spec in source.merged().values()]  # type: ignore[union-attr]
+
+    with coarse_timestamps_dir(tmp_path) as folder:
+        path = folder / "web.yaml"
+        source = FileSource(str(folder))
+        at_the_start_of_a_second()
+        path.write_text(import_yaml("web", "ClusterSetIP", WEB, '["127.240.0.21"]'))
+        assert source.scan() and ips(source) == [("127.240.0.21",)]
+        before = path.stat()
+        path.write_text(import_yaml("web", "ClusterSetIP", WEB, '["127.240.0.22"]'))
+        after = path.stat()
+        assert (after.st_mtime_ns, after.st_ctime_ns, after.st_size, after.st_ino) == (
+            before.st_mtime_ns, before.st_ctime_ns, before.st_size, before.st_ino)
+        assert source.scan() and ips(source) == [("127.240.0.22",)]
+        assert not source.scan()  # read again, found the same: no change to apply
 
 
 async def test_a_file_that_cannot_be_looked_at_is_rejected_and_the_source_goes_on(

@@ -1,7 +1,8 @@
 """Directory mode: DIR/<cluster-id>/*.yaml is a member cluster, OUT/<cluster-id>/ is what
 the controller would write into it.
 
-Reading: files are polled by stat; only changed files are parsed again (off the event
+Reading: files are polled by stat, and read again while a change could hide under an
+unchanged stamp (see FileRead); only changed files are parsed again (off the event
 loop). A cluster's view is replaced only when every one of its files is good: a file that
 does not parse or validate is rejected with its file and line and the cluster keeps its
 last good view (a half-read cluster could drop a Service while keeping its export). A
@@ -43,13 +44,13 @@ from controlplane.resources import (
 )
 from mcsproxy.config import CLUSTER_ID_RE
 from mcsproxy.manifests import ManifestError, kind_error, load_yaml_documents
-from mcsproxy.sources.file import YAML_SUFFIXES, FileStamp, SettleGate
+from mcsproxy.sources.file import YAML_SUFFIXES, FileRead, FileStamp, SettleGate, read_file
 
 log = logging.getLogger("controlplane.clusters.directory")
 
 POLL_INTERVAL_S = 0.25
 OUTPUT_CHECK_S = 1.0  # how often OUT is compared with what we wrote there
-_UNREADABLE = FileStamp(-1, -1, -1)  # a member file that cannot be stat'ed
+_UNREADABLE = FileRead(FileStamp(-1, -1, -1, -1), b"")  # a member file that cannot be stat'ed
 _Dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _KIND_BY_PREFIX = {"serviceimport": KIND_IMPORT, "endpointslice": KIND_SLICE,
@@ -114,7 +115,8 @@ def discover_clusters(clusters_dir: Path) -> list[str]:
 class _Scan:
     unreadable: str | None = None
     stamps: dict[Path, FileStamp] = field(default_factory=dict)
-    parsed: dict[Path, FileObjects | ManifestError] = field(default_factory=dict)
+    parsed: dict[Path, tuple[FileRead, FileObjects | ManifestError]] = field(
+        default_factory=dict)
 
 
 class DirectoryCluster:
@@ -126,8 +128,8 @@ class DirectoryCluster:
         self.poll_interval_s = poll_interval_s
         self.objects = ClusterObjects()
         self.connection = Connection()
-        self._cache: dict[Path, tuple[FileStamp, FileObjects | ManifestError]] = {}
-        self._committed: dict[Path, tuple[FileStamp, FileObjects]] = {}
+        self._cache: dict[Path, tuple[FileRead, FileObjects | ManifestError]] = {}
+        self._committed: dict[Path, tuple[FileRead, FileObjects]] = {}
         self._settle = SettleGate()  # only _scan touches it, one scan at a time
         self._owner: dict[ObjectRef, set[Path]] = {}
         self._written: dict[str, Obj] = {}
@@ -157,24 +159,36 @@ class DirectoryCluster:
             except OSError as exc:
                 # A symlink loop, no permission: neither gone nor readable. Raised from
                 # here it would end the watch, the cluster still shown as connected.
-                scan.stamps[path] = _UNREADABLE
-                scan.parsed[path] = ManifestError(f"cannot read: {exc.strerror or exc}",
-                                                  str(path))
+                scan.stamps[path] = _UNREADABLE.stamp
+                scan.parsed[path] = (_UNREADABLE, ManifestError(
+                    f"cannot read: {exc.strerror or exc}", str(path)))
                 continue
-            stamp = FileStamp(st.st_mtime_ns, st.st_size, st.st_ino)
+            stamp = FileStamp.of(st)
             scan.stamps[path] = stamp
             cached = self._cache.get(path)
-            if cached is not None and cached[0] == stamp:
+            if cached is not None and cached[0].holds(stamp):
                 continue
             if not self._settle.ready(path, stamp):
                 continue  # the cache keeps the last version read, so nothing is dirty
             try:
-                text = path.read_text(encoding="utf-8")
-                scan.parsed[path] = parse_cluster_file(text, str(path), self.cluster_id)
+                read, data = read_file(path, stamp)
+            except OSError as exc:
+                read = FileRead(stamp, b"", time.time_ns())
+                scan.parsed[path] = (read, ManifestError(f"cannot read: {exc}", str(path)))
+                continue
+            if cached is not None and cached[0] == read:
+                # Read again while its stamp could hide a change: none. The new read
+                # time is kept so the file is not read again and again.
+                scan.parsed[path] = (read, cached[1])
+                continue
+            try:
+                result: FileObjects | ManifestError = parse_cluster_file(
+                    data.decode("utf-8"), str(path), self.cluster_id)
             except ManifestError as exc:
-                scan.parsed[path] = exc
-            except (OSError, UnicodeDecodeError) as exc:
-                scan.parsed[path] = ManifestError(f"cannot read: {exc}", str(path))
+                result = exc
+            except UnicodeDecodeError as exc:
+                result = ManifestError(f"cannot read: {exc}", str(path))
+            scan.parsed[path] = (read, result)
         self._settle.end_scan(scan.stamps)
         return scan
 
@@ -200,11 +214,10 @@ class DirectoryCluster:
             return changes
         for gone in set(self._cache) - set(scan.stamps):
             del self._cache[gone]
-        for path, result in scan.parsed.items():
-            self._cache[path] = (scan.stamps[path], result)
+        self._cache.update(scan.parsed)
         errors = [str(r) for _, r in self._cache.values() if isinstance(r, ManifestError)]
-        dirty = {p for p, (stamp, _) in self._cache.items()
-                 if self._committed.get(p, (None,))[0] != stamp}
+        dirty = {p for p, (read, _) in self._cache.items()
+                 if self._committed.get(p, (None,))[0] != read}
         dirty |= set(self._committed) - set(self._cache)
         # The same object may stand in several files (a Namespace repeated in each one)
         # as long as every copy says the same; it lives while any file holds it.
@@ -234,8 +247,8 @@ class DirectoryCluster:
         for path in dirty:
             self._committed.pop(path, None)
             if path in self._cache:
-                stamp, objects = self._cache[path]
-                self._committed[path] = (stamp, objects)  # type: ignore[assignment]
+                read, objects = self._cache[path]
+                self._committed[path] = (read, objects)  # type: ignore[assignment]
         for ref, holders in owners.items():
             if holders:
                 self._owner[ref] = holders
@@ -322,7 +335,7 @@ class DirectoryCluster:
             except OSError:
                 stamp = None
             else:
-                stamp = FileStamp(st.st_mtime_ns, st.st_size, st.st_ino)
+                stamp = FileStamp.of(st)
             if name in self._written and stamp is not None and stamp == self._stamps.get(name):
                 continue
             found.append((name, self._load_output(entry.path, match), stamp))
@@ -372,7 +385,7 @@ class DirectoryCluster:
             st = os.stat(path)
         except OSError:
             return None  # checked again: read, compared, reported if it is not ours
-        return FileStamp(st.st_mtime_ns, st.st_size, st.st_ino)
+        return FileStamp.of(st)
 
     async def read_published(self) -> list[Obj]:
         return await asyncio.to_thread(self._read_published)

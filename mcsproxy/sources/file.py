@@ -2,16 +2,19 @@
 
 PATH is a file or a directory of *.yaml / *.yml files. Files are polled (stat only) a few
 times a second, so a change is applied well within one second with no inotify
-dependency. Each file is accepted or rejected whole: a file that does not parse or
-validate is logged with its line and the last good version of it keeps serving.
+dependency; a file changed in the last RACY_S seconds is also read again and compared by
+content (see FileRead). Each file is accepted or rejected whole: a file that does not
+parse or validate is logged with its line and the last good version of it keeps serving.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mcsproxy.manifests import (
@@ -30,13 +33,52 @@ POLL_INTERVAL_S = 0.25
 YAML_SUFFIXES = (".yaml", ".yml")
 # A file this long untouched is taken at once; a fresher change waits one more scan.
 SETTLE_S = 1.0
+# Coarser than any file timestamp we expect (ext2/ext3 with small inodes and NFS: 1 s;
+# the kernel's coarse clock: a few ms): a file read this long after its last change
+# cannot change again without a new stamp.
+RACY_S = 2.0
+_RACY_NS = int(RACY_S * 1e9)
 
 
 @dataclass(frozen=True, slots=True)
 class FileStamp:
+    """What stat says about a file's version. ctime is in it because no one can set it:
+    `cp -p`, `rsync -t`, `touch -r` put back an mtime (and the size may be the same),
+    but the ctime moves with every write, rename and utime."""
+
     mtime_ns: int
     size: int
     inode: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileStamp:
+        return cls(st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns)
+
+
+@dataclass(frozen=True, slots=True)
+class FileRead:
+    """A version of a file as read: its stamp and a digest of its bytes. Equal reads hold
+    the same bytes under the same stamp; when the read began is not part of that."""
+
+    stamp: FileStamp
+    digest: bytes
+    read_ns: int = field(default=0, compare=False)
+
+    def holds(self, stamp: FileStamp) -> bool:
+        """True when the file at `stamp` surely still holds what was read. Two writes
+        within one timestamp tick (a second on ext3, a few ms elsewhere) leave the stamp
+        as it was, ctime too; so a read that began within RACY_S of the last change
+        proves nothing and the file is read again and compared by digest (git's "racy
+        clean" rule). That costs a few reads per change, none for files left alone."""
+        return stamp == self.stamp and self.read_ns - stamp.ctime_ns >= _RACY_NS
+
+
+def read_file(path: Path, stamp: FileStamp) -> tuple[FileRead, bytes]:
+    """The file's bytes and the FileRead to compare later versions with; OSError."""
+    started = time.time_ns()  # before the read: the bytes are at least this new
+    data = path.read_bytes()
+    return FileRead(stamp, hashlib.blake2b(data, digest_size=16).digest(), started), data
 
 
 class SettleGate:
@@ -106,7 +148,7 @@ class FileSource:
         self.path = Path(path)
         self.name = f"file:{path}"
         self.poll_interval_s = poll_interval_s
-        self._stamps: dict[Path, FileStamp] = {}  # as last read
+        self._reads: dict[Path, FileRead] = {}  # as last read
         self._settle = SettleGate()
         self._good: dict[Path, dict[ObjectId, Spec]] = {}
         self._errors: dict[Path, str] = {}
@@ -135,7 +177,7 @@ class FileSource:
                 unreadable[p] = f"{p}: cannot read: {exc.strerror or exc}"
                 continue
             if st.st_size or p.is_file():
-                stamps[p] = FileStamp(st.st_mtime_ns, st.st_size, st.st_ino)
+                stamps[p] = FileStamp.of(st)
         return stamps, unreadable
 
     def scan(self) -> bool:
@@ -167,25 +209,36 @@ class FileSource:
                 log.error("rejected %s; keeping its last good version", message)
         self._unreadable = unreadable
         changed = False
-        for gone in set(self._stamps) - set(stamps) - set(unreadable):
+        for gone in set(self._reads) - set(stamps) - set(unreadable):
             log.info("file removed path=%s", gone)
-            del self._stamps[gone]
+            del self._reads[gone]
             self._good.pop(gone, None)
             self._errors.pop(gone, None)
             changed = True
         for path, stamp in sorted(stamps.items()):
-            if self._stamps.get(path) == stamp or not self._settle.ready(path, stamp):
+            last = self._reads.get(path)
+            if (last is not None and last.holds(stamp)) or not self._settle.ready(path, stamp):
                 continue
-            self._stamps[path] = stamp
             try:
-                text = path.read_text(encoding="utf-8")
-                objects = parse_file_text(text, str(path), self.name)
+                read, data = read_file(path, stamp)
+            except OSError as exc:
+                if self._errors.get(path) != f"{path}: {exc}":  # tried again while racy
+                    log.error("rejected %s: cannot read: %s; keeping its last good version",
+                              path, exc)
+                self._errors[path] = f"{path}: {exc}"
+                self._reads[path] = FileRead(stamp, b"", time.time_ns())
+                continue
+            self._reads[path] = read
+            if read == last:
+                continue  # read again while its stamp could hide a change: none
+            try:
+                objects = parse_file_text(data.decode("utf-8"), str(path), self.name)
             except ManifestError as exc:
                 if self._errors.get(path) != str(exc):
                     log.error("rejected %s; keeping its last good version", exc)
                 self._errors[path] = str(exc)
                 continue
-            except (OSError, UnicodeDecodeError) as exc:
+            except UnicodeDecodeError as exc:
                 log.error("rejected %s: cannot read: %s; keeping its last good version", path, exc)
                 self._errors[path] = f"{path}: {exc}"
                 continue
@@ -225,7 +278,7 @@ class FileSource:
             # A path that has never existed is not an empty configuration but most
             # likely a wrong one: the source stays unsynced (the gateway unready, DNS
             # SERVFAIL) with the error in its status until the path appears.
-            if changed or (not status.synced and (self._missing is None or self._stamps)):
+            if changed or (not status.synced and (self._missing is None or self._reads)):
                 objects = self.merged()
                 store.replace_source(self.name, objects)
                 status.objects = len(objects)
