@@ -83,13 +83,17 @@ class DirectoryControllerApp:
         self.server: ControllerServer | None = None
         self._tasks: list[asyncio.Task[object]] = []
         self._stop = asyncio.Event()
+        self._rejected: dict[Path, str] = {}  # DIR's folders that cannot be a cluster, as logged
 
     def _client(self, cluster: str) -> DirectoryCluster:
         return DirectoryCluster(cluster, self.config.clusters_dir, self.config.output_dir,
                                 self.config.poll_interval_s)
 
     async def start(self) -> Controller:
-        clusters = discover_clusters(self.config.clusters_dir)
+        clusters, rejected = discover_clusters(self.config.clusters_dir)
+        if rejected:  # at start, fatal as a bad file is: the operator is there to rename it
+            path, reason = min(rejected.items())
+            raise ClusterError(f"{path}: {reason}")
         if not clusters:
             raise ClusterError(f"--clusters-dir {self.config.clusters_dir}: no cluster folders")
         self.config.output_dir.mkdir(parents=True, exist_ok=True)
@@ -113,10 +117,12 @@ class DirectoryControllerApp:
         while True:
             await asyncio.sleep(max(1.0, self.config.poll_interval_s))
             try:
-                found = await asyncio.to_thread(discover_clusters, self.config.clusters_dir)
+                found, rejected = await asyncio.to_thread(discover_clusters,
+                                                          self.config.clusters_dir)
             except (ClusterError, OSError) as exc:  # tried again: discovery never ends
                 log.error("%s", exc)
                 continue
+            self._report_rejected(rejected)
             for cluster in found:
                 if cluster in self.controller.clients:
                     continue
@@ -131,6 +137,17 @@ class DirectoryControllerApp:
                     self.hub.attach(cluster, self.controller.written[cluster])
                     self.hub.set_members(self.controller.members())
                 log.info("cluster %s joined", cluster)
+
+    def _report_rejected(self, rejected: dict[Path, str]) -> None:
+        """Each folder that cannot be a cluster, said once (discovery looks every second),
+        and again only if it changes; the other folders join regardless."""
+        for path, reason in sorted(rejected.items()):
+            if self._rejected.get(path) != reason:
+                log.error("ignoring %s: %s; the other cluster folders are still served",
+                          path, reason)
+        for path in sorted(self._rejected.keys() - rejected.keys()):
+            log.info("%s: gone or renamed, no longer ignored", path)
+        self._rejected = rejected
 
     async def serve(self) -> None:
         """After start(): keep reconciling (and streaming) until stop() or a signal."""

@@ -4,6 +4,7 @@ running controller reacting to file changes, and a gateway serving what it wrote
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import socket
@@ -380,6 +381,29 @@ async def test_a_new_cluster_folder_joins(tmp_path: Path) -> None:
     async with Running(clusters, out):
         write_docs(clusters / "c" / "ns.yaml", namespace())
         await until(lambda: (out / "c" / "serviceimport_test_web.yaml").exists())
+
+
+async def test_a_misnamed_folder_is_reported_once_and_new_folders_still_join(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A folder that cannot be a cluster ID used to stop discovery (every new folder
+    waited for it to go) and was logged every second."""
+    caplog.set_level(logging.INFO, logger="controlplane.command")
+    clusters, out = tmp_path / "clusters", tmp_path / "out"
+    member(clusters, "a", 1)
+    bad = clusters / "Not_A_Cluster"
+    async with Running(clusters, out) as app:
+        bad.mkdir()
+        write_docs(clusters / "c" / "ns.yaml", namespace())
+        await until(lambda: (out / "c" / "serviceimport_test_web.yaml").exists())
+        write_docs(clusters / "d" / "ns.yaml", namespace())  # a later look at DIR
+        await until(lambda: (out / "d" / "serviceimport_test_web.yaml").exists())
+        assert app.controller is not None and set(app.controller.members()) == {"a", "c", "d"}
+        said = [r.getMessage() for r in caplog.records if str(bad) in r.getMessage()]
+        assert said == [f"ignoring {bad}: folder name 'Not_A_Cluster' is not an RFC-1123 "
+                        "cluster ID; the other cluster folders are still served"]
+        bad.rmdir()
+        await until(lambda: any(f"{bad}: gone or renamed" in r.getMessage()
+                                for r in caplog.records))
 
 
 async def test_a_namespace_implied_by_a_new_service_brings_the_imports(tmp_path: Path) -> None:

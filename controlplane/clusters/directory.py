@@ -98,17 +98,22 @@ def parse_cluster_file(text: str, origin: str, cluster: str) -> FileObjects:
     return objects
 
 
-def discover_clusters(clusters_dir: Path) -> list[str]:
-    """The cluster folders under DIR; ClusterError for a folder that is not a cluster ID."""
+def discover_clusters(clusters_dir: Path) -> tuple[list[str], dict[Path, str]]:
+    """The cluster folders under DIR, and the folders that cannot be one (path → why):
+    one misnamed folder must not hide the others. ClusterError when DIR cannot be listed."""
     try:
         entries = sorted(p for p in clusters_dir.iterdir()
                          if p.is_dir() and not p.name.startswith("."))
     except OSError as exc:
         raise ClusterError(f"--clusters-dir {clusters_dir}: {exc.strerror or exc}") from None
+    clusters: list[str] = []
+    rejected: dict[Path, str] = {}
     for p in entries:
         if not CLUSTER_ID_RE.match(p.name) or len(p.name) > 253:
-            raise ClusterError(f"{p}: folder name {p.name!r} is not an RFC-1123 cluster ID")
-    return [p.name for p in entries]
+            rejected[p] = f"folder name {p.name!r} is not an RFC-1123 cluster ID"
+        else:
+            clusters.append(p.name)
+    return clusters, rejected
 
 
 @dataclass(slots=True)
