@@ -47,6 +47,10 @@ async def test_config_dump_endpoints_explain_and_status(tmp_path: Path) -> None:
         assert [(r["address"], r["cluster"], r["priority"], r["healthy"], r["ejected"],
                  r["active_connections"], r["port"]) for r in rows] == [
             ("127.57.21.1", "east", 0, True, False, 1, "")]
+        # A count, as the page and `mcsproxy status` print it: 1, not 1.0.
+        gateway_row = (await gw.get_json("/api/status"))["gateway"]
+        assert gateway_row["active_connections"] == 1
+        assert type(gateway_row["active_connections"]) is int
         writer.close()
         await writer.wait_closed()
         rows = (await gw.get_json("/endpoints"))["endpoints"]
@@ -78,6 +82,8 @@ async def test_config_dump_endpoints_explain_and_status(tmp_path: Path) -> None:
         web_row = next(s for s in status["services"] if s["service"] == "test/web")
         cells = web_row["clusters"]
         assert cells["east"]["connections"] + cells["west"]["connections"] == 4
+        assert {type(v) for c in cells.values()
+                for k, v in c.items() if k in ("connections", "failed", "active")} == {int}
         assert cells["east"]["expected_share"] == 50.0
         assert any(e["kind"] == "snapshot" for e in status["events"])
         latest = status["events"][-1]["seq"]

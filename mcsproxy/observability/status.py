@@ -20,11 +20,13 @@ if TYPE_CHECKING:
 EVENTS_SHOWN = 50
 
 
-def _traffic_by_cluster(families: Families) -> dict[tuple[str, str], dict[str, dict[str, float]]]:
-    """(service, port) → cluster → {connections, requests, active} from the families."""
-    out: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
+def _traffic_by_cluster(families: Families) -> dict[tuple[str, str], dict[str, dict[str, int]]]:
+    """(service, port) → cluster → {connections, requests, active, failed} from the
+    families. Sample values are floats (Prometheus has no other type); these are counts,
+    and the API says so: 3, not 3.0."""
+    out: dict[tuple[str, str], dict[str, dict[str, int]]] = {}
 
-    def slot(service: str, port: str, cluster: str) -> dict[str, float]:
+    def slot(service: str, port: str, cluster: str) -> dict[str, int]:
         return out.setdefault((service, port), {}).setdefault(
             cluster, {"connections": 0, "requests": 0, "active": 0, "failed": 0})
 
@@ -33,17 +35,17 @@ def _traffic_by_cluster(families: Families) -> dict[tuple[str, str], dict[str, d
         for (service, port, cluster, outcome), n in \
                 fams["mcsproxy_proxy_connections"].values.items():
             if outcome == "ok":
-                slot(service, port, cluster)["connections"] += n
+                slot(service, port, cluster)["connections"] += int(n)
             elif outcome == "failed":
-                slot(service, port, cluster)["failed"] += n
+                slot(service, port, cluster)["failed"] += int(n)
     if "mcsproxy_http_requests" in fams:
         for (service, port, cluster, _outcome), n in \
                 fams["mcsproxy_http_requests"].values.items():
-            slot(service, port, cluster)["requests"] += n
+            slot(service, port, cluster)["requests"] += int(n)
     if "mcsproxy_upstream_active_connections" in fams:
         fam = fams["mcsproxy_upstream_active_connections"]
         for (service, port, cluster), n in fam.values.items():
-            slot(service, port, cluster)["active"] += n
+            slot(service, port, cluster)["active"] += int(n)
     return out
 
 
@@ -102,6 +104,7 @@ def build_status(gateway: Gateway, families: Families, ready: bool, detail: dict
                                            "ejected": 0}).update(counts)
             row["clusters"] = dict(sorted(cells.items()))
             services.append(row)
+    active = families.by_name.get("mcsproxy_proxy_active_connections")
     return {
         "time": time.time(),
         "gateway": {
@@ -110,8 +113,7 @@ def build_status(gateway: Gateway, families: Families, ready: bool, detail: dict
             "snapshot_version": detail["snapshot_version"],
             "snapshot_age_s": detail["snapshot_age_s"], "services": detail["services"],
             "workers": gateway.config.proxy.workers, "proxy": proxy is not None,
-            "active_connections": families.by_name["mcsproxy_proxy_active_connections"]
-            .total() if "mcsproxy_proxy_active_connections" in families.by_name else 0,
+            "active_connections": int(active.total()) if active is not None else 0,
         },
         "sources": detail["sources"],
         "clusters": sorted(clusters, key=lambda c: (c != local, c)),
