@@ -12,7 +12,10 @@ driver (and test network namespaces) can name an existing interface instead, suc
 `lo` inside a namespace. On an interface the gateway did not create it removes only host
 addresses it added itself, or stale ones inside `--clusterset-cidr` (left by an earlier
 run that was killed); the interface's other addresses (127.0.0.1/8, ::1, the node IP)
-are never touched.
+are never touched. Such leftovers are adopted at start and kept until a snapshot with
+every source synced says which of them are stale: the sources are not read yet when the
+interface is opened, and removing them then took every ClusterSetIP off the node until
+its source delivered again (seconds, or the whole outage of an unreachable API server).
 
 Netlink through pyroute2. Its asyncio flavour cannot run on uvloop (no netlink datagram
 transport), so the synchronous IPRoute runs in one dedicated worker thread: netlink calls
@@ -77,6 +80,7 @@ class VipInterface:
         self._wanted: Counter[str] = Counter()
         self._dirty: set[str] = set()
         self._resync = True
+        self._complete = False  # a snapshot with every source synced has been seen
         self._wake = asyncio.Event()
         self._ipr: IPRoute | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -126,6 +130,10 @@ class VipInterface:
                 self._wanted[ip] += 1
                 if self._wanted[ip] == 1:
                     self._dirty.add(ip)
+        if not self._complete and self.store.loaded.is_set():
+            # Only now is an address on the link that no service wants known to be stale.
+            self._complete = self._resync = True
+            self._wake.set()
         if self._dirty:
             self._wake.set()
 
@@ -142,7 +150,7 @@ class VipInterface:
             dirty, self._dirty = self._dirty, set()
             resync, self._resync = self._resync, False
             try:
-                await self._call(self._apply, dirty, resync)
+                await self._call(self._apply, dirty, resync, self._complete)
                 delay = RETRY_INITIAL_S
                 self.error = None
             except (NetlinkError, OSError) as exc:
@@ -197,15 +205,16 @@ class VipInterface:
             and a.get("address")
         }
 
-    def _apply(self, dirty: set[str], resync: bool) -> None:
+    def _apply(self, dirty: set[str], resync: bool, prune: bool) -> None:
+        """Add and remove the `dirty` addresses; on `resync` compare the whole link. Our
+        addresses no service wants are removed only when `prune` (the snapshot is
+        complete); until then they are adopted, so a wanted one is never re-added."""
         assert self._ipr is not None
         wanted = self._wanted
         if resync:
             on_link = self._dump()
-            self.present = {ip for ip in on_link if ip in wanted}
-            stale = {ip for ip in on_link if ip not in wanted and self._ours(ip)}
-            dirty = dirty | set(wanted) | stale
-            self.present |= stale
+            self.present = {ip for ip in on_link if ip in wanted or self._ours(ip)}
+            dirty = dirty | set(wanted) | (self.present if prune else set())
         for ip in sorted(dirty):
             if ip in wanted and ip not in self.present:
                 self._add(ip)

@@ -9,6 +9,7 @@ polled against a deadline (there is no event to wait on from outside the gateway
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -125,13 +126,20 @@ def eventually(predicate: Callable[[], bool], what: str, timeout: float = 10.0) 
         time.sleep(0.05)
 
 
-def gateway(netns: Namespaces, source: Path, interface: str) -> subprocess.Popen[str]:
+def gateway(netns: Namespaces, source: Path, interface: str,
+            *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         netns.exec(netns.a, sys.executable, "-m", "mcsproxy", "gateway", "--cluster-id", "east",
                    "--source", f"file:{source}", "--vip-interface", interface,
                    "--clusterset-cidr", CIDR, "--dns-listen", "127.0.0.1:0",
-                   "--admin-listen", "127.0.0.1:0", "--log-level", "info"),
+                   "--admin-listen", "127.0.0.1:0", "--log-level", "info", *extra),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def listener_pids(netns: Namespaces, ip: str, port: int = 80) -> list[int]:
+    """Pids of the processes listening on ip:port in namespace a (one per --workers)."""
+    out = run("ip", "netns", "exec", netns.a, "ss", "-Hltnp", f"src {ip}:{port}").stdout
+    return sorted(int(pid) for pid in re.findall(r"pid=(\d+)", out))
 
 
 def stop(proc: subprocess.Popen[str]) -> tuple[int, str]:
@@ -198,6 +206,58 @@ def test_missing_interface_is_created_or_refused_clearly(
     assert code == 0, err
     links = run("ip", "-n", netns.a, "-o", "link", "show").stdout
     assert "mcs0" not in links  # the gateway made it, the gateway removed it
+
+
+def test_restart_after_sigkill_adopts_leftover_vips_and_a_killed_worker_rebinds(
+        netns: Namespaces, backend: None, tmp_path: Path) -> None:
+    """SIGKILL leaves the VIPs behind; the next gateway removes the withdrawn one once its
+    source has synced and never takes the still-wanted one off the link, not even for the
+    moment before its first snapshot (it used to: the sources are read after the interface
+    is opened). A SIGKILLed worker is restarted and binds beside the supervisor again."""
+    source = tmp_path / "imports.yaml"
+    manifests(source, {"web": VIP, "api": VIP2})
+    proc = gateway(netns, source, "lo", "--workers", "2")
+    try:
+        eventually(lambda: {f"{VIP}/32", f"{VIP2}/32"} <= netns.host_addresses(netns.a),
+                   "both VIPs")
+    finally:
+        proc.kill()  # no drain, no clean-up
+        proc.communicate(timeout=10)
+    assert {f"{VIP}/32", f"{VIP2}/32"} <= netns.host_addresses(netns.a)
+
+    manifests(source, {"api": VIP2})  # web withdrawn while no gateway ran
+    monitor = subprocess.Popen(["ip", "-n", netns.a, "-o", "monitor", "address"],
+                               stdout=subprocess.PIPE, text=True)
+    proc = gateway(netns, source, "lo", "--workers", "2")
+    try:
+        eventually(lambda: f"{VIP}/32" not in netns.host_addresses(netns.a),
+                   "the withdrawn VIP to go")
+        eventually(lambda: len(listener_pids(netns, VIP2)) == 2, "two processes listening")
+        answer = run(*netns.exec(netns.b, sys.executable, "-c", CLIENT, VIP2)).stdout.strip()
+        assert answer == "backend-ok"
+        monitor.terminate()
+        events = monitor.communicate(timeout=5)[0].splitlines()
+        assert any("Deleted" in e and f" {VIP}/32" in e for e in events), events
+        assert not [e for e in events if f" {VIP2}/32" in e], "the wanted VIP was churned"
+
+        supervisor = proc.pid  # `ip netns exec` execs: this is the gateway itself
+        workers = [pid for pid in listener_pids(netns, VIP2) if pid != supervisor]
+        assert len(workers) == 1
+        os.kill(workers[0], signal.SIGKILL)
+        eventually(lambda: len(pids := listener_pids(netns, VIP2)) == 2
+                   and supervisor in pids and workers[0] not in pids,
+                   "the restarted worker listening beside the supervisor")
+        assert {f"{VIP2}/32"} <= netns.host_addresses(netns.a)
+        answer = run(*netns.exec(netns.b, sys.executable, "-c", CLIENT, VIP2)).stdout.strip()
+        assert answer == "backend-ok"
+    finally:
+        if monitor.poll() is None:
+            monitor.kill()
+            monitor.communicate(timeout=5)
+        code, err = stop(proc)
+    assert code == 0, err
+    assert "vip interface" not in err  # no netlink call failed (an EEXIST would show here)
+    assert not any(a.startswith("198.18.") for a in netns.host_addresses(netns.a))
 
 
 async def test_without_vip_interface_listeners_bind_freely_ipv4_and_ipv6() -> None:
