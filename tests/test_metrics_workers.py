@@ -17,7 +17,10 @@ import os
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from aiohttp import ClientSession, ClientTimeout
 
@@ -30,43 +33,67 @@ HOST = "127.57.39.1"
 CONNECTIONS = 60
 
 
-async def test_two_workers_report_into_one_exposition(tmp_path: Path) -> None:
-    backend = await Backend("east-1", "127.57.31.1", free_port("127.57.31.1"), "east").start()
-    ip = "127.240.57.31"
-    port = free_port(ip)
-    (tmp_path / "web.yaml").write_text(service_yaml("web", ip, [backend], port=port))
+Samples = dict[str, list[tuple[dict[str, str], float]]]
+
+
+@asynccontextmanager
+async def two_workers(source: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process,
+                                                           Callable[[], Awaitable[Samples]]]]:
+    """`gateway --workers 2` over `source`, once both processes serve every listener and
+    the worker reports; yields the process and a scrape of its /metrics."""
     admin = f"{HOST}:{free_port(HOST)}"
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "mcsproxy", "gateway", "--cluster-id", "east",
-        "--source", f"file:{tmp_path}", "--workers", "2", "--log-level", "warning",
+        "--source", f"file:{source}", "--workers", "2", "--log-level", "warning",
         "--health-interval", "0", "--dns-listen", f"{HOST}:{free_port(HOST)}",
         "--admin-listen", admin)
     try:
         async with ClientSession(timeout=ClientTimeout(total=10)) as http:
 
-            async def scrape() -> dict[str, list[tuple[dict[str, str], float]]]:
+            async def scrape() -> Samples:
                 async with http.get(f"http://{admin}/metrics") as resp:
                     return parse_metrics(await resp.text())
 
-            async def worker_listening() -> bool:
-                # Its own report: the exposition keeps the main process's listener gauge.
-                report = await fetch_report(proc.pid, 1)
-                return report is not None and sum(
-                    v for fam in report["families"] if fam["name"] == "mcsproxy_proxy_listeners"
-                    for _key, v in fam["values"]) == 1
+            listeners = len(list(source.glob("*.yaml")))
+            await until_both_serve(proc.pid, scrape, listeners)
+            yield proc, scrape
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(15):
+            assert await proc.wait() == 0
 
-            deadline = time.monotonic() + 30
-            while True:  # until both processes serve the listener and the worker reports
-                try:
-                    m = await scrape()
-                    if value(m, "mcsproxy_gateway_workers_reporting") == 1 and \
-                            value(m, "mcsproxy_proxy_listeners") == 1 and \
-                            await worker_listening():
-                        break
-                except OSError:
-                    pass
-                assert time.monotonic() < deadline, "gateway with 2 workers did not come up"
-                await asyncio.sleep(0.1)
+
+async def until_both_serve(main_pid: int, scrape: Callable[[], Awaitable[Samples]],
+                           listeners: int) -> None:
+    async def worker_listening() -> bool:
+        # Its own report: the exposition keeps the main process's listener gauge.
+        report = await fetch_report(main_pid, 1)
+        return report is not None and sum(
+            v for fam in report["families"] if fam["name"] == "mcsproxy_proxy_listeners"
+            for _key, v in fam["values"]) == listeners
+
+    deadline = time.monotonic() + 30
+    while True:  # until both processes serve the listeners and the worker reports
+        try:
+            m = await scrape()
+            if value(m, "mcsproxy_gateway_workers_reporting") == 1 and \
+                    value(m, "mcsproxy_proxy_listeners") == listeners and \
+                    await worker_listening():
+                return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "gateway with 2 workers did not come up"
+        await asyncio.sleep(0.1)
+
+
+async def test_two_workers_report_into_one_exposition(tmp_path: Path) -> None:
+    backend = await Backend("east-1", "127.57.31.1", free_port("127.57.31.1"), "east").start()
+    ip = "127.240.57.31"
+    port = free_port(ip)
+    (tmp_path / "web.yaml").write_text(service_yaml("web", ip, [backend], port=port))
+    try:
+        async with two_workers(tmp_path) as (_, scrape):
             for _ in range(CONNECTIONS):
                 assert await ask(ip, port) == "east-1"
             # Counted at connect, so exact at once; the active gauge drops as the closes
@@ -93,10 +120,47 @@ async def test_two_workers_report_into_one_exposition(tmp_path: Path) -> None:
         # Gauges of state are the main process's own: one endpoint, not two.
         assert value(m, "mcsproxy_upstream_endpoints", **web) == 1
     finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(15):
-            assert await proc.wait() == 0
+        await backend.stop()
+
+
+async def test_a_restarted_workers_counters_go_with_their_service(tmp_path: Path) -> None:
+    """The counters a killed worker reported are kept (the sums never go backwards), but only
+    while their service is served: they used to stay in /metrics for good, so every worker
+    restart under service churn added the series of services long withdrawn."""
+    backend = await Backend("east-1", "127.57.41.1", free_port("127.57.41.1"), "east").start()
+    services = {"web": "127.240.57.41", "gone": "127.240.57.42"}
+    ports = {name: free_port(ip) for name, ip in services.items()}
+    for name, ip in services.items():
+        (tmp_path / f"{name}.yaml").write_text(
+            service_yaml(name, ip, [backend], port=ports[name]))
+    try:
+        async with two_workers(tmp_path) as (proc, scrape):
+            for name, ip in services.items():
+                assert await ask(ip, ports[name]) == "east-1"
+            # Scraped before the kill: what a worker counted after its last report is lost.
+            m = await scrape()
+            assert value(m, "mcsproxy_proxy_connections_total", outcome="ok") == 2
+            before = await fetch_report(proc.pid, 1)
+            assert before is not None
+            os.kill(before["pid"], signal.SIGKILL)
+            await until_both_serve(proc.pid, scrape, 2)  # its last report is now retired
+            (tmp_path / "gone.yaml").unlink()
+            deadline = time.monotonic() + 15
+            while True:
+                m = await scrape()
+                if value(m, "mcsproxy_snapshot_services") == 1 and \
+                        value(m, "mcsproxy_proxy_listeners") == 1:
+                    break
+                assert time.monotonic() < deadline, "the withdrawal was not applied"
+                await asyncio.sleep(0.1)
+            await until_both_serve(proc.pid, scrape, 1)
+            m = await scrape()
+        left = {name for name, samples in m.items()
+                for labels, _ in samples if labels.get("service") == "test/gone"}
+        assert not left, left
+        web = {"service": "test/web", "port": "web", "cluster": "east"}
+        assert value(m, "mcsproxy_proxy_connections_total", **web, outcome="ok") == 1
+    finally:
         await backend.stop()
 
 
@@ -120,5 +184,50 @@ async def test_a_report_larger_than_one_read_arrives_whole() -> None:
             await reports.merge_into(merged)
             assert reports.reporting == 1
             assert merged["mcsproxy_proxy_connections"].total() == 20_000
+    finally:
+        await reporter.stop()
+
+
+async def test_retired_counters_stay_bounded_under_churn() -> None:
+    """100 rounds: a new service each round, the last one withdrawn, the worker restarted.
+    The retired counters of a withdrawn port come back with it within RETIRED_KEEP_S (no
+    counter reset) and are forgotten after it, so they do not pile up."""
+    now = [0.0]
+    report: dict[str, Any] = {}
+
+    def worker(pid: int, services: list[str]) -> None:
+        fam = Families()
+        conns = fam.counter("mcsproxy_proxy_connections", "c", ["service", "port", "outcome"])
+        for name in services:
+            conns.add([name, "web", "ok"], 1)
+        report.update(pid=pid, index=1, families=fam.to_json())
+
+    def main(services: list[str]) -> Families:
+        fam = Families()  # the main process's own: every port it serves, zeros included
+        conns = fam.counter("mcsproxy_proxy_connections", "c", ["service", "port", "outcome"])
+        for name in services:
+            conns.add([name, "web", "ok"], 0)
+        return fam
+
+    main_pid = os.getpid()
+    reporter = WorkerReporter(1, lambda: report, main_pid=main_pid)
+    reports = WorkerReports(2, main_pid=main_pid, clock=lambda: now[0])
+    await reporter.start()
+    try:
+        for r in range(100):
+            worker(1000 + r, ["ns/base", f"ns/churn-{r}"])
+            merged = main(["ns/base", f"ns/churn-{r}"])
+            await reports.merge_into(merged)  # the previous pid's report is retired
+            served = {key[0] for key in merged["mcsproxy_proxy_connections"].values}
+            assert served == {"ns/base", f"ns/churn-{r}"}, served
+            # Every worker before this one counted a connection to the base service.
+            assert merged["mcsproxy_proxy_connections"].total(service="ns/base") == r + 1
+            now[0] += 60.0
+        retired = reports.retired["mcsproxy_proxy_connections"].values
+        assert len(retired) <= 2 + 600 // 60, len(retired)  # base + those not yet forgotten
+        # A withdrawn port back within RETIRED_KEEP_S gets its retired counts again.
+        merged = main(["ns/base", "ns/churn-95"])
+        await reports.merge_into(merged)
+        assert merged["mcsproxy_proxy_connections"].total(service="ns/churn-95") == 1
     finally:
         await reporter.stop()

@@ -24,7 +24,7 @@ from mcsproxy.observability.stats import (
     Buckets,
     UpstreamStats,
 )
-from mcsproxy.observability.workers import WorkerReporter, WorkerReports
+from mcsproxy.observability.workers import RETIRED_KEEP_S, WorkerReporter, WorkerReports
 from mcsproxy.tasks import cancel_and_wait, spawn
 
 if TYPE_CHECKING:
@@ -35,9 +35,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("mcsproxy.observability")
 
 SOURCE_POLL_S = 1.0
-# A service port's counters from upstream sets replaced or removed are added to the
-# series as long as it comes back within this long (longer than any scrape interval).
-RETIRED_KEEP_S = 600.0
 HOST_STATES = ("healthy", "unhealthy", "ejected")
 
 

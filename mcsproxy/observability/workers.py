@@ -6,7 +6,10 @@ per endpoint) to whoever connects to its abstract Unix socket
 process's admin asks every worker when `/metrics` or the status page is read, so totals
 are exact at scrape time, not a second late. Counters of a worker that restarted are kept
 from its last report (`retired`), so the sums never go backwards; what a dying worker
-counted after its last report is lost.
+counted after its last report is lost. Like the main process's own, the retired counters
+of a service port are exported only while it is served and forgotten once it has been gone
+for RETIRED_KEEP_S: they used to stay in /metrics for good, so every worker restart under
+service churn added the series of services long withdrawn.
 """
 
 from __future__ import annotations
@@ -16,14 +19,18 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
-from mcsproxy.observability.families import Families
+from mcsproxy.observability.families import Families, Family
 
 log = logging.getLogger("mcsproxy.observability.workers")
 
 FETCH_TIMEOUT_S = 1.0
+# A service port's counters of sets (or worker processes) gone are added to its series as
+# long as it comes back within this long (longer than any scrape interval).
+RETIRED_KEEP_S = 600.0
 REPORT_MAX_BYTES = 64 * 1024 * 1024
 READ_CHUNK_BYTES = 256 * 1024
 
@@ -103,12 +110,15 @@ async def fetch_report(main_pid: int, index: int) -> dict[str, Any] | None:
 class WorkerReports:
     """In the main process: the latest report of every worker, plus the retired counters."""
 
-    def __init__(self, workers: int, main_pid: int | None = None) -> None:
+    def __init__(self, workers: int, main_pid: int | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.indices = range(1, workers)
         self.main_pid = os.getpid() if main_pid is None else main_pid
         self.pids: dict[int, int] = {}
         self.last: dict[int, Families] = {}
         self.retired = Families()
+        self._clock = clock
+        self._gone_at: dict[tuple[str, str], float] = {}  # retired (service, port) not served
 
         self.reporting = 0
         self.active: dict[str, dict[str, int]] = {}  # upstream → "addr:port" → connections
@@ -137,4 +147,42 @@ class WorkerReports:
                 mine = self.active.setdefault(upstream, {})
                 for host, n in hosts.items():
                     mine[host] = mine.get(host, 0) + n
-        families.merge(self.retired, counters_only=True)
+        families.merge(self._served_retired(served_ports(families)), counters_only=True)
+
+    def _served_retired(self, served: set[tuple[str, str]]) -> Families:
+        """The retired series of the service ports served now (and those without a service);
+        those of a port gone for RETIRED_KEEP_S are dropped from `retired`."""
+        now = self._clock()
+        gone_at: dict[tuple[str, str], float] = {}
+        out = Families()
+        for fam in self.retired:
+            at = _service_port_at(fam)
+            mine = out.family(fam.name, fam.kind, fam.help, fam.labels, summed=fam.summed,
+                              bounds=fam.bounds)
+            for key, value in list(fam.values.items()):
+                port = (key[at[0]], key[at[1]]) if at is not None else None
+                if port is None or port in served:
+                    mine.values[key] = value
+                    continue
+                since = gone_at[port] = self._gone_at.get(port, now)
+                if now - since > RETIRED_KEEP_S:
+                    del fam.values[key]
+                    del gone_at[port]
+        self._gone_at = gone_at
+        return out
+
+
+def _service_port_at(fam: Family) -> tuple[int, int] | None:
+    if "service" in fam.labels and "port" in fam.labels:
+        return fam.labels.index("service"), fam.labels.index("port")
+    return None
+
+
+def served_ports(families: Families) -> set[tuple[str, str]]:
+    """The (service, port) label pairs of every series a live process exports."""
+    out: set[tuple[str, str]] = set()
+    for fam in families:
+        at = _service_port_at(fam)
+        if at is not None:
+            out.update((key[at[0]], key[at[1]]) for key in fam.values)
+    return out
