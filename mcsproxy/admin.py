@@ -26,6 +26,7 @@ from mcsproxy.webguard import ConnectionGuard, serve
 
 if TYPE_CHECKING:
     from mcsproxy.gateway import Gateway
+    from mcsproxy.observability.families import Families
 
 log = logging.getLogger("mcsproxy.admin")
 
@@ -188,10 +189,17 @@ async def explain_handler(request: web.Request) -> web.Response:
     return web.json_response(result)
 
 
+def _render(families: Families, process: CollectorRegistry) -> bytes:
+    return render_metrics(families) + render_metrics(process)
+
+
 async def metrics(request: web.Request) -> web.Response:
     gateway = _gateway(request)
     families = await gateway.observer.gather()
-    body = render_metrics(families) + render_metrics(request.app[PROCESS_KEY])
+    # Rendered off the loop: prometheus-client takes ~10 us a series, and 2,000 services x 3
+    # clusters are 200,000 of them; on the loop DNS and the proxy stopped for those
+    # seconds (measured: a DNS answer 4.5 s late). `families` is this scrape's own copy.
+    body = await asyncio.to_thread(_render, families, request.app[PROCESS_KEY])
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

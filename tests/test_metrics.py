@@ -7,13 +7,14 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
 
-from tests.dns_support import make_query
+from tests.dns_support import make_query, udp_client
 from tests.proxy_fixtures import Backend, ask, free_port
-from tests.test_metrics_support import service_yaml, start_gateway, value
+from tests.test_metrics_support import parse_metrics, service_yaml, start_gateway, value
 
 HOST = "127.57.9.1"
 ALLOWED_LABELS = {"service", "port", "cluster", "outcome", "qtype", "rcode", "transport",
@@ -188,3 +189,39 @@ async def test_counters_survive_a_service_removed_and_imported_again(tmp_path: P
             writer.close()
         await gw.stop()
         await east.stop()
+
+
+async def test_dns_is_answered_while_a_large_exposition_is_rendered(tmp_path: Path) -> None:
+    """1,000 services x 3 clusters are ~100,000 series, about a second of prometheus-client
+    rendering. It ran on the event loop, so DNS (and the proxy) stopped for the whole
+    render; it runs in a thread now, and only collecting the counters holds the loop."""
+    backends = [Backend(f"{c}-1", "127.57.12.1", 9, c) for c in ("east", "west", "north")]
+    files = {f"s{i}": service_yaml(f"s{i}", f"127.241.{i // 250}.{i % 250 + 1}", backends,
+                                   port=8080) for i in range(1000)}
+    gw = await start_gateway(tmp_path, "127.57.12.2", files=files)
+    try:
+        query = make_query("s7.test.svc.clusterset.local")
+        answered: list[float] = []
+
+        async def ask_dns_until(done: asyncio.Event) -> None:
+            async with udp_client(gw.dns) as (transport, client):
+                while not done.is_set():
+                    transport.sendto(query)
+                    await asyncio.wait_for(client.answers.get(), 10)
+                    answered.append(time.monotonic())
+                    await asyncio.sleep(0.005)
+
+        done = asyncio.Event()
+        asker = asyncio.create_task(ask_dns_until(done))
+        started = time.monotonic()
+        async with gw.http.get(gw.admin + "/metrics") as resp:
+            body = await resp.text()
+        took = time.monotonic() - started  # parsing it (below) would hold this loop too
+        done.set()
+        await asker
+        assert value(parse_metrics(body), "mcsproxy_snapshot_services") == 1000
+        during = [started, *(t for t in answered if t > started), started + took]
+        longest = max(b - a for a, b in pairwise(during))
+        assert longest < took / 2, (longest, took)
+    finally:
+        await gw.stop()
