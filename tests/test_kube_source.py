@@ -101,6 +101,21 @@ def local_service(name: str, ports: list[dict[str, Any]], namespace: str = "test
             "spec": {"clusterIP": "10.96.0.10", "ports": ports, **spec}}
 
 
+def claimed_service(name: str, ports: list[dict[str, Any]], namespace: str = "test",
+                    **spec: Any) -> dict[str, Any]:
+    """A Service as Karmada propagates it for a CrossCluster MultiClusterService: the MCS
+    controller's claim on the template is copied into every provider and consumer."""
+    svc = local_service(name, ports, namespace, **spec)
+    svc["metadata"] |= {
+        "labels": {"resourcetemplate.karmada.io/claimed-by": "MultiClusterService",
+                   "multiclusterservice.karmada.io/permanent-id": f"id-{name}",
+                   "karmada.io/managed": "true"},
+        "annotations": {"multiclusterservice.karmada.io/name": name,
+                        "multiclusterservice.karmada.io/namespace": namespace,
+                        "resourcebinding.karmada.io/name": f"{name}-service"}}
+    return svc
+
+
 class Running:
     def __init__(self, emu: KubeEmulator, source: KubeSource, store: SnapshotStore) -> None:
         self.emu, self.source, self.store = emu, source, store
@@ -441,6 +456,51 @@ async def test_karmada_local_endpoints_when_also_a_provider(
         await run.until(lambda: WEB not in run.store.current.services)
 
 
+async def test_karmada_sole_provider_serves_its_own_endpoints(
+        emu: KubeEmulator, tmp_path: Path) -> None:
+    """The only provider gets no dispatched slice (Karmada never sends a cluster's own slices
+    back): the claim Karmada copies onto the propagated Service plus local endpoints make
+    it a provider, so the clusterset name resolves there too, and keeps its address when
+    another provider's slices arrive."""
+    http = [{"name": "http", "protocol": "TCP", "port": 80}]
+    emu.put_object(claimed_service("web", http))
+    emu.put_object(native_slice("web-x1", "web", ["10.10.0.1"]))
+    # Claimed but no local endpoints: a consumer with nothing dispatched yet stays out.
+    emu.put_object(claimed_service("cons", http))
+    emu.put_object(native_slice("cons-x1", "cons", []))
+    # Local endpoints of a Service Karmada has not claimed stay out.
+    emu.put_object(local_service("plain", http))
+    emu.put_object(native_slice("plain-x1", "plain", ["10.10.0.9"]))
+    async with running(emu, tmp_path, cluster_id="member1") as run, emu.api_client() as api:
+        # In the first snapshot already: no NXDOMAIN window when the gateway restarts.
+        web = run.store.current.services[WEB]
+        assert web.type == "ClusterSetIP" and web.ips[0].startswith("127.240.")
+        assert [(p.name, p.port) for p in web.ports] == [("http", 80)]
+        assert run.endpoints() == [("member1", "10.10.0.1")]
+        assert run.store.current.get("test", "cons") is None
+        assert run.store.current.get("test", "plain") is None
+        ip = web.ips
+
+        # Another provider's slice arrives: merged, the address stays.
+        emu.put_object(karmada_slice("member2", "web-def", "web", ["10.12.0.1"]))
+        await run.until(lambda: len(run.endpoints()) == 2)
+        assert run.store.current.services[WEB].ips == ip
+        await DiscoveryV1Api(api).delete_namespaced_endpoint_slice("member2-web-def", "test")
+        await run.until(lambda: run.endpoints() == [("member1", "10.10.0.1")])
+        assert run.store.current.services[WEB].ips == ip
+
+        # Karmada drops the claim (the MultiClusterService is gone or no longer
+        # CrossCluster): no longer served.
+        emu.put_object(local_service("web", http))
+        await run.until(lambda: WEB not in run.store.current.services)
+        # Claimed again; then its last local endpoint goes.
+        emu.put_object(claimed_service("web", http))
+        await run.until(lambda: WEB in run.store.current.services)
+        emu.put_object(native_slice("web-x1", "web", []))
+        await run.until(lambda: WEB not in run.store.current.services)
+        assert run.status.connected and run.status.error is None
+
+
 async def test_karmada_without_multicluster_services_oldest_service_keeps_the_address(
         emu: KubeEmulator, tmp_path: Path) -> None:
     """No MultiClusterService to date them: the Services' creationTimestamps order the
@@ -512,8 +572,14 @@ async def test_without_karmada_the_source_still_syncs(tmp_path: Path) -> None:
         async with running(emu, tmp_path) as run:
             assert run.store.current.get("test", "web") is not None
             assert run.status.connected and run.status.error is None
-            # No MultiClusterService: the cluster's Services are never listed.
-            assert not any(r.path == "/api/v1/services" for r in emu.requests)
+            # No Karmada service: of the cluster's Services only those Karmada claims
+            # (by label selector) are ever listed, never all of them.
+            await emu.wait_for(lambda: any(r.path == "/api/v1/services"
+                                           for r in emu.requests))
+            services = [r for r in emu.requests if r.path == "/api/v1/services"]
+            assert all(
+                r.query.get("labelSelector") == "resourcetemplate.karmada.io/claimed-by="
+                                                "MultiClusterService" for r in services)
 
 
 async def test_bookmarks_keep_a_quiet_watch_resumable(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from tests.kube_emulator import KubeEmulator
 from tests.proxy_fixtures import Backend, ask, free_port
 from tests.test_controller import dns_a
 from tests.test_kube_source import (
+    claimed_service,
     karmada_slice,
     local_service,
     multicluster_service,
@@ -93,11 +94,11 @@ async def test_karmada_service_served_with_failover_and_static_stability(
             await north.stop()
 
 
-def gateway_config(cluster_id: str) -> GatewayConfig:
+def gateway_config(cluster_id: str, host: str = HOST) -> GatewayConfig:
     return GatewayConfig(
         cluster_id=cluster_id, sources=("kube",), clusterset_cidr="127.240.50.0/24",
-        dns=DnsConfig(listen=(HOST, free_port(HOST, socket.SOCK_DGRAM))),
-        admin=AdminConfig(listen=(HOST, free_port(HOST))),
+        dns=DnsConfig(listen=(host, free_port(host, socket.SOCK_DGRAM))),
+        admin=AdminConfig(listen=(host, free_port(host))),
         proxy=ProxyConfig(health=HealthConfig(interval_s=0.2, timeout_s=0.2,
                                               healthy_threshold=1, unhealthy_threshold=1)))
 
@@ -158,6 +159,43 @@ async def test_karmada_provider_and_consumer_prefers_its_own_endpoints(
             assert {await ask(ip, 80) for _ in range(6)} == {"local-1"}
             await local.stop()  # the local cluster fails: the remote provider takes over
             assert {await ask(ip, 80) for _ in range(6)} == {"north-1"}
+        finally:
+            await gateway.stop()
+            await local.stop()
+            await north.stop()
+
+
+async def test_karmada_sole_provider_resolves_its_clusterset_name(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The only provider of a CrossCluster MultiClusterService gets no dispatched slice.
+    Its clients still resolve the clusterset name (the portable name of MCS) and reach
+    the local backends; a second provider joining keeps the address and adds its own."""
+    host = "127.50.3.1"
+    local = await Backend("local-1", "127.50.3.2", free_port("127.50.3.2"), "member1").start()
+    north = await Backend("north-1", "127.50.3.3", free_port("127.50.3.3"), "member2").start()
+    async with KubeEmulator(bookmark_interval=0.1) as emu:
+        emu.put_object(claimed_service("web", [{"name": "http", "protocol": "TCP",
+                                                "port": 80}]))
+        emu.put_object(native_slice("web-x1", "web", [local.host], port=local.port))
+        monkeypatch.setenv("KUBECONFIG", str(emu.kubeconfig(tmp_path / "kubeconfig")))
+        config = gateway_config("member1", host)
+        gateway = Gateway(config)
+        await gateway.start()
+        try:
+            ip = await serving_ip(gateway, config)
+            assert ip.startswith("127.240.50.")
+            assert {await ask(ip, 80) for _ in range(6)} == {"local-1"}
+
+            emu.put_object(karmada_slice("member2", "web-b", "web", [north.host],
+                                         port=north.port))
+            async with asyncio.timeout(5):
+                while len(gateway.store.current.services[ServiceKey("test", "web")]
+                          .endpoints) < 2:
+                    await asyncio.sleep(0.02)
+            await asyncio.wait_for(
+                gateway.proxy.wait_applied(gateway.store.current.version), 5)
+            assert await dns_a(config.dns.listen, NAME) == [ip]
+            assert {await ask(ip, 80) for _ in range(8)} == {"local-1", "north-1"}
         finally:
             await gateway.stop()
             await local.stop()

@@ -10,7 +10,9 @@ resume, bookmarks, 410 relist with a diff, backoff with jitter):
   selector: the cluster's own slices never reach the gateway).
 - Karmada: the slices Karmada's dispatch controller writes (selected by their managed-by
   label), MultiClusterServices (`networking.karmada.io/v1alpha1`; optional: Karmada does
-  not put them in the members, some installs do) and, once the first Karmada service
+  not put them in the members, some installs do), the Services Karmada claims for a
+  CrossCluster MultiClusterService (label-selected; a failing list, say Services not
+  granted, does not hold back the first sync) and, once the first Karmada service
   appears, Services (for ports) and the cluster's own EndpointSlices (managed-by
   `endpointslice-controller.k8s.io`: the local endpoints of a cluster that is also a
   provider); see kube_karmada.py. A cluster without the Karmada CRD answers 404 for
@@ -65,6 +67,7 @@ from mcsproxy.manifests import (
 )
 from mcsproxy.model import ServiceKey
 from mcsproxy.sources.kube_karmada import (
+    CLAIMED_SERVICE_SELECTOR,
     KARMADA_GROUP,
     KARMADA_SLICE_SELECTOR,
     NATIVE_SLICE_SELECTOR,
@@ -93,6 +96,7 @@ KARMADA_SLICES = Resource("discovery.k8s.io", ("v1",), "endpointslices",
 NATIVE_SLICES = Resource("discovery.k8s.io", ("v1",), "endpointslices", NATIVE_SLICE_SELECTOR)
 MULTICLUSTER_SERVICES = Resource(KARMADA_GROUP, ("v1alpha1",), "multiclusterservices")
 SERVICES = Resource("", ("v1",), "services")
+CLAIMED_SERVICES = Resource("", ("v1",), "services", CLAIMED_SERVICE_SELECTOR)
 
 
 class CallbackHandler:
@@ -188,6 +192,7 @@ class KubeSource:
         self.allocator = ClusterSetIPAllocator(parse_cidrs(clusterset_cidr))
         self.store = SnapshotStore(cluster_id)  # replaced by the gateway's in run()
         self.reflectors: list[Reflector] = []
+        self._optional: list[Reflector] = []  # their failing does not hold the first sync
         self.karmada: KarmadaServices | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._api: ApiClient | None = None
@@ -229,6 +234,11 @@ class KubeSource:
                         CallbackHandler(k.mcs_replace, k.mcs_upsert, k.mcs_delete))
             self._start(KARMADA_SLICES,
                         CallbackHandler(k.slice_replace, k.slice_upsert, k.slice_delete))
+            # Services may be denied (RBAC) in a cluster that serves no Karmada service:
+            # that must not hold back the first sync (as for the later Services watch).
+            self._start(CLAIMED_SERVICES,
+                        CallbackHandler(k.claimed_replace, k.claimed_upsert, k.claimed_delete),
+                        optional=True)
             await asyncio.gather(*self._tasks)
         finally:
             if self._commit_handle is not None:
@@ -260,16 +270,19 @@ class KubeSource:
                 log.error("kube source: %s; retrying in %.0f s", status.error, CONFIG_RETRY_S)
                 await asyncio.sleep(CONFIG_RETRY_S * random.uniform(0.8, 1.2))
 
-    def _start(self, resource: Resource, handler: Handler) -> None:
+    def _start(self, resource: Resource, handler: Handler, *, optional: bool = False) -> None:
         assert self._api is not None
         reflector = Reflector(self._api, resource, handler, timings=self.timings,
                               on_state=self._state_changed, on_failed=self.m_failed.inc)
         self.reflectors.append(reflector)
+        if optional:
+            self._optional.append(reflector)
         self._tasks.append(spawn(reflector.run(), name=f"kube watch {resource.describe()}"))
 
     def _start_services(self) -> None:
         """Services and the cluster's own slices are watched only once a Karmada service
-        (a dispatched slice or a MultiClusterService) needs their ports and endpoints."""
+        (a dispatched slice, a MultiClusterService or a claimed Service) needs their ports
+        and endpoints."""
         assert self.karmada is not None
         self.karmada.on_first_service = None
         k = self.karmada
@@ -317,7 +330,10 @@ class KubeSource:
 
     @property
     def synced(self) -> bool:
-        return bool(self.reflectors) and all(r.synced for r in self.reflectors)
+        # An optional watch holds the first sync while it works (so that sync is complete),
+        # not while it fails.
+        return bool(self.reflectors) and all(
+            r.synced or (r in self._optional and r.error is not None) for r in self.reflectors)
 
     @property
     def objects(self) -> int:

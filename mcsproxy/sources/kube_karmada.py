@@ -8,15 +8,22 @@ and dispatches each provider's EndpointSlices into the consumers, named
 annotated `endpointslice.karmada.io/provision-cluster=<providerCluster>`. The
 MultiClusterService itself is not applied to the members (its Work to the providers is
 `propagation.karmada.io/instruction: suppressed`), and a cluster's own slices are never
-dispatched back to it. Karmada gives such a service no clusterset name, no ClusterSetIP
-and no health checks; this module makes each one an imported service like a ServiceImport
-would, from what a consumer member really has:
+dispatched back to it. What a provider does get: the propagated Service carries Karmada's
+claim, `resourcetemplate.karmada.io/claimed-by=MultiClusterService` (set on the Service
+template by the MultiClusterService controller while the service is CrossCluster, removed
+when it stops being one or is deleted; the binding controller copies the template's labels
+verbatim into every provider and consumer). Karmada gives such a service no clusterset
+name, no ClusterSetIP and no health checks; this module makes each one an imported
+service like a ServiceImport would, from what a member really has:
 
-- served while Karmada has dispatched at least one slice of that name into this cluster
-  and no real ServiceImport of that name exists (a ServiceImport, written by an MCS
-  controller, wins). When the last dispatched slice goes, the service goes. A cluster
-  that is the *only* provider gets no dispatched slice, so the name is not served there
-  (its own clients reach the Service by its cluster name);
+- served while Karmada has dispatched at least one slice of that name into this cluster,
+  or the local Service carries the claim and its native slices hold at least one endpoint
+  (a provider: so the *only* provider, which gets no dispatched slice, serves the name
+  too; the claim alone does not, as consumers carry it too), and no real ServiceImport of
+  that name exists (a ServiceImport, written by an MCS controller, wins). When neither
+  holds any more, the service goes. Claimed Services are watched, label-selected, from the
+  start; the first one starts the Services and native slices watches like a dispatched
+  slice does;
 - a MultiClusterService in this cluster is optional (some installs propagate it): while
   one of that name exists it decides instead, as before: served while it is CrossCluster
   and lists this cluster as a consumer (or lists none), even with no slice yet, and only
@@ -77,6 +84,12 @@ LABEL_K8S_SERVICE_NAME = "kubernetes.io/service-name"
 # The cluster's own slices, written by kube-controller-manager for Services with a selector.
 NATIVE_MANAGER = "endpointslice-controller.k8s.io"
 NATIVE_SLICE_SELECTOR = f"{LABEL_MANAGED_BY}={NATIVE_MANAGER}"
+# Karmada's MultiClusterService controller claims the Service template of a CrossCluster
+# MultiClusterService with this label (and removes it when the service stops being one);
+# the template's labels are copied verbatim into each provider and consumer member.
+LABEL_CLAIMED_BY = "resourcetemplate.karmada.io/claimed-by"
+CLAIMED_BY_MCS = "MultiClusterService"
+CLAIMED_SERVICE_SELECTOR = f"{LABEL_CLAIMED_BY}={CLAIMED_BY_MCS}"
 # Of a Service's annotations (when no MultiClusterService carries them), only ours.
 OWN_ANNOTATION_PREFIX = "mcsproxy.io/"
 # Store ids of what this module writes; distinct kinds so they never collide with the
@@ -164,6 +177,13 @@ def service_fields(obj: Obj) -> tuple[ServiceKey, dict[str, Any]]:
     return key, kept
 
 
+def _claimed(obj: Obj) -> bool:
+    """Whether a Service carries the claim (the watch selects on it; checked again so an
+    object that reaches us without it, whatever the server, is never taken for one)."""
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    return isinstance(labels, Mapping) and labels.get(LABEL_CLAIMED_BY) == CLAIMED_BY_MCS
+
+
 def _raise(obj: Obj, exc: Exception) -> None:
     raise exc
 
@@ -197,9 +217,12 @@ class KarmadaServices:
         self.local_keys: dict[tuple[str, str], ServiceKey] = {}
         self.local_errors: dict[tuple[str, str], str] = {}
         self.real_imports: set[ServiceKey] = set()  # keys a ServiceImport serves
+        # Services Karmada claims for a CrossCluster MultiClusterService (their own watch,
+        # label-selected, running from the start: the only provider has nothing else).
+        self.claimed: set[ServiceKey] = set()
         self._written: dict[ServiceKey, set[ObjectId]] = {}
-        # Called once, with the first Karmada service (a MultiClusterService or a
-        # dispatched slice): starts the Services and native slices watches.
+        # Called once, with the first Karmada service (a MultiClusterService, a dispatched
+        # slice or a claimed Service): starts the Services and native slices watches.
         self.on_first_service: Callable[[], None] | None = None
         self.services_listed = False  # the Services watch has listed once
         self.local_listed = False  # the native slices watch has listed once
@@ -215,8 +238,9 @@ class KarmadaServices:
         return self.services_listed and self.local_listed and self.mcs_listed
 
     def _keys(self) -> set[ServiceKey]:
-        """Every key Karmada may serve: a MultiClusterService's or a dispatched slice's."""
-        return self.mcs.keys() | self.slices.keys()
+        """Every key Karmada may serve: a MultiClusterService's, a dispatched slice's or a
+        claimed Service's."""
+        return self.mcs.keys() | self.slices.keys() | self.claimed
 
     def _created(self, key: ServiceKey) -> str:
         mcs = self.mcs.get(key)
@@ -329,6 +353,34 @@ class KarmadaServices:
         if not self._listed("services_listed"):
             for key in self._oldest_first(touched & self._keys()):
                 self.refresh(key)
+
+    # Services claimed by Karmada's MultiClusterService controller (CLAIMED_SERVICE_SELECTOR).
+    def claimed_upsert(self, obj: Obj) -> None:
+        key = ServiceKey(*_ns_name(obj))
+        claimed = _claimed(obj)
+        if claimed == (key in self.claimed):
+            return
+        if claimed:
+            self.claimed.add(key)
+            self._first_service()
+        else:
+            self.claimed.discard(key)
+        self.refresh(key)
+
+    def claimed_delete(self, obj: Obj) -> None:
+        key = ServiceKey(*_ns_name(obj))
+        if key in self.claimed:
+            self.claimed.discard(key)
+            self.refresh(key)
+
+    def claimed_replace(self, objects: Sequence[Obj]) -> None:
+        listed = {ServiceKey(*_ns_name(obj)) for obj in objects if _claimed(obj)}
+        touched = listed ^ self.claimed
+        self.claimed = listed
+        if listed:
+            self._first_service()
+        for key in self._oldest_first(touched):
+            self.refresh(key)
 
     def slice_upsert(self, obj: Obj) -> None:
         parsed = self._parse_slice(obj)
@@ -473,9 +525,11 @@ class KarmadaServices:
             providers = mcs.providers
             wanted_here = mcs.cross_cluster and (mcs.consumers is None
                                                  or self.cluster_id in mcs.consumers)
-        else:  # what Karmada really leaves in a consumer: the dispatched slices
+        else:  # what Karmada really leaves in a member: dispatched slices, the claim
             providers = None
-            wanted_here = bool(dispatched)
+            # The claim marks consumers too: only local endpoints make this a provider.
+            wanted_here = bool(dispatched) or (key in self.claimed and any(
+                s.endpoints for s in self.local.get(key, {}).values()))
         wanted: dict[ObjectId, Any] = {}
         if wanted_here and key not in self.real_imports:
             if not self.ready:
