@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from controlplane.allocator import DEFAULT_CIDR, parse_cidrs
@@ -17,7 +17,7 @@ from controlplane.clusters.directory import POLL_INTERVAL_S, DirectoryCluster, d
 from controlplane.controller import Controller
 from controlplane.metrics import ControllerMetrics
 from controlplane.server import ControllerServer
-from controlplane.stream import HEARTBEAT_S, StreamHub
+from controlplane.stream import HEARTBEAT_S, StreamHub, StreamLimits
 from mcsproxy.config import CLUSTER_ID_RE
 from mcsproxy.tasks import cancel_and_wait, spawn
 
@@ -38,6 +38,7 @@ class ControllerConfig:
     cluster_cidrs: tuple[tuple[str, str], ...] = ()
     poll_interval_s: float = POLL_INTERVAL_S
     heartbeat_s: float = HEARTBEAT_S
+    stream_limits: StreamLimits = field(default_factory=StreamLimits)
 
     def __post_init__(self) -> None:
         try:
@@ -72,13 +73,22 @@ def parse_cluster_cidrs(values: list[str]) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(pairs.items()))
 
 
+def stream_limits_from_args(args: argparse.Namespace) -> StreamLimits:
+    """--stream-write-timeout and --stream-queue-bytes, in either mode."""
+    try:
+        return StreamLimits(args.stream_write_timeout, args.stream_queue_bytes)
+    except ValueError as exc:
+        raise ControllerConfigError(str(exc)) from None
+
+
 class DirectoryControllerApp:
     """The controller in directory mode, with its optional stream listener."""
 
     def __init__(self, config: ControllerConfig) -> None:
         self.config = config
         self.metrics = ControllerMetrics()
-        self.hub = StreamHub(self.metrics, config.heartbeat_s) if config.serve else None
+        self.hub = (StreamHub(self.metrics, config.heartbeat_s, config.stream_limits)
+                    if config.serve else None)
         self.controller: Controller | None = None
         self.server: ControllerServer | None = None
         self._tasks: list[asyncio.Task[object]] = []
@@ -215,12 +225,27 @@ async def run(config: ControllerConfig) -> int:
     return 0
 
 
+def config_from_args(args: argparse.Namespace) -> ControllerConfig:
+    """The directory-mode flags → config; ControllerConfigError or ConfigError."""
+    from mcsproxy.config import parse_host_port
+
+    return ControllerConfig(
+        clusters_dir=Path(args.clusters_dir),
+        output_dir=Path(args.output_dir),
+        once=args.once,
+        serve=parse_host_port(args.serve, "--serve") if args.serve else None,
+        clusterset_cidr=args.clusterset_cidr,
+        cluster_cidrs=parse_cluster_cidrs(args.cluster_cidr),
+        stream_limits=stream_limits_from_args(args),
+    )
+
+
 def run_from_args(args: argparse.Namespace, config_error: type[Exception]) -> int:
     """The `controller` subcommand: flags → config → run. Errors leave as config_error
     (exit 2, bad flags) or ClusterError/OSError messages (exit 1)."""
     import uvloop
 
-    from mcsproxy.config import ConfigError, parse_host_port
+    from mcsproxy.config import ConfigError
 
     if args.contexts or args.member_secrets:
         if args.clusters_dir or args.output_dir or args.once:
@@ -242,14 +267,7 @@ def run_from_args(args: argparse.Namespace, config_error: type[Exception]) -> in
     if not args.clusters_dir or not args.output_dir:
         raise config_error("controller needs --clusters-dir DIR and --output-dir OUT")
     try:
-        config = ControllerConfig(
-            clusters_dir=Path(args.clusters_dir),
-            output_dir=Path(args.output_dir),
-            once=args.once,
-            serve=parse_host_port(args.serve, "--serve") if args.serve else None,
-            clusterset_cidr=args.clusterset_cidr,
-            cluster_cidrs=parse_cluster_cidrs(args.cluster_cidr),
-        )
+        config = config_from_args(args)
     except (ControllerConfigError, ConfigError) as exc:
         raise config_error(str(exc)) from None
     try:

@@ -16,13 +16,13 @@ restart = new epoch, too old, or it fell behind and its queue overflowed) a snap
 Messages are encoded once per change and shared by every subscriber of the cluster.
 
 What the controller holds for one gateway is bounded: its queue (SUBSCRIBER_QUEUE messages
-and SUBSCRIBER_QUEUE_BYTES; beyond either the queue is dropped and the gateway gets one
-snapshot instead, which coalesces everything it missed) and at most one message or
-snapshot part in the socket's buffer. A gateway that stops reading (a stuck process, a
-black-holed path with the TCP connection still up) makes a write wait: after
-WRITE_TIMEOUT_S its connection is aborted and counted (stream_dropped_total); when it
-comes back it resumes from its version or gets a snapshot. Publishing never waits for a
-gateway.
+and StreamLimits.queue_bytes, --stream-queue-bytes; beyond either the queue is dropped and
+the gateway gets one snapshot instead, which coalesces everything it missed) and at most
+one message or snapshot part in the socket's buffer. A gateway that stops reading (a stuck
+process, a black-holed path with the TCP connection still up) makes a write wait: after
+StreamLimits.write_timeout_s (--stream-write-timeout) its connection is aborted and counted
+(stream_dropped_total); when it comes back it resumes from its version or gets a snapshot.
+Publishing never waits for a gateway.
 """
 
 from __future__ import annotations
@@ -30,10 +30,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 import uuid
 from collections import deque
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -59,6 +61,24 @@ Obj = Mapping[str, Any]
 
 def encode(message: Mapping[str, Any]) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
+@dataclass(frozen=True, slots=True)
+class StreamLimits:
+    """How long a write to one gateway may wait and how much may queue for it
+    (--stream-write-timeout, --stream-queue-bytes)."""
+
+    write_timeout_s: float = WRITE_TIMEOUT_S
+    queue_bytes: int = SUBSCRIBER_QUEUE_BYTES
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.write_timeout_s) or self.write_timeout_s <= 0:
+            raise ValueError("--stream-write-timeout must be a finite number of seconds > 0, "
+                             f"not {self.write_timeout_s:g}")
+        # One message always goes into an empty queue, so any size > 0 works; at the
+        # smallest every delta that finds another one queued turns into a snapshot.
+        if self.queue_bytes < 1:
+            raise ValueError(f"--stream-queue-bytes must be at least 1, not {self.queue_bytes}")
 
 
 class StreamStalled(Exception):
@@ -159,13 +179,12 @@ class StreamHub:
     """The controller's Publisher for gateways, and the aiohttp handler serving them."""
 
     def __init__(self, metrics: ControllerMetrics | None = None,
-                 heartbeat_s: float = HEARTBEAT_S, *,
-                 write_timeout_s: float = WRITE_TIMEOUT_S,
-                 queue_bytes: int = SUBSCRIBER_QUEUE_BYTES) -> None:
+                 heartbeat_s: float = HEARTBEAT_S,
+                 limits: StreamLimits = StreamLimits()) -> None:
         self.epoch = uuid.uuid4().hex
         self.heartbeat_s = heartbeat_s
-        self.write_timeout_s = write_timeout_s
-        self.queue_bytes = queue_bytes
+        self.write_timeout_s = limits.write_timeout_s
+        self.queue_bytes = limits.queue_bytes
         self.metrics = metrics
         self.feeds: dict[str, Feed] = {}
         self._members = encode({"type": "members", "members": {}})

@@ -203,6 +203,12 @@ def _add_controller_parser(sub: argparse._SubParsersAction) -> None:  # type: ig
     p.add_argument("--output-dir", metavar="OUT", help="OUT/<cluster-id>/ receives the imports")
     p.add_argument("--once", action="store_true", help="reconcile once and exit")
     p.add_argument("--serve", metavar="HOST:PORT", help="stream snapshots to gateways here")
+    p.add_argument("--stream-write-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="stream: a gateway that takes no data for this long is disconnected "
+                        "(default 30)")
+    p.add_argument("--stream-queue-bytes", type=int, default=16 * 1024 * 1024, metavar="BYTES",
+                   help="stream: a gateway with more than this queued for it gets one "
+                        "snapshot instead (default 16777216: 16 MiB)")
     p.add_argument("--clusterset-cidr", default="127.240.0.0/16", metavar="CIDR[,CIDR6]",
                    help="ClusterSetIP range; IPv4,IPv6 for dual stack (default 127.240.0.0/16)")
     p.add_argument("--cluster-cidr", action="append", default=[], metavar="CLUSTER=CIDR",

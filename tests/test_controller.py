@@ -15,10 +15,13 @@ import dnslib
 import pytest
 import yaml
 
+from controlplane import command
+from controlplane.clusters import kube_app
 from controlplane.clusters.directory import DirectoryCluster
 from controlplane.command import ControllerConfig, DirectoryControllerApp
 from controlplane.reconcile import STALE_ANNOTATION
-from mcsproxy.cli import main
+from controlplane.stream import StreamLimits
+from mcsproxy.cli import build_parser, main
 from mcsproxy.config import AdminConfig, DnsConfig, GatewayConfig
 from mcsproxy.gateway import Gateway
 from mcsproxy.model import ServiceKey
@@ -200,11 +203,30 @@ def test_a_mistyped_core_kind_or_version_fails_once_instead_of_vanishing(
     (["--clusters-dir", "/nonexistent-dir", "--output-dir", "/tmp/x"], "not a directory"),
     (["--clusters-dir", ".", "--output-dir", "o", "--clusterset-cidr", "10.0.0.0/33"],
      "clusterset-cidr"),
+    (["--clusters-dir", ".", "--output-dir", "o", "--stream-write-timeout", "0"],
+     "--stream-write-timeout must be a finite number of seconds > 0, not 0"),
+    (["--contexts", "a", "--stream-write-timeout", "inf"],
+     "--stream-write-timeout must be a finite number of seconds > 0, not inf"),
+    (["--clusters-dir", ".", "--output-dir", "o", "--stream-queue-bytes", "0"],
+     "--stream-queue-bytes must be at least 1, not 0"),
+    (["--contexts", "a", "--stream-queue-bytes", "-5"],
+     "--stream-queue-bytes must be at least 1, not -5"),
 ])
 def test_bad_flags_exit_2_with_the_reason(argv: list[str], message: str,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["controller", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_stream_flags_reach_the_config_in_both_modes(tmp_path: Path) -> None:
+    """--stream-write-timeout and --stream-queue-bytes; without them, the defaults."""
+    directory = ["--clusters-dir", str(tmp_path), "--output-dir", str(tmp_path / "out")]
+    flags = ["--stream-write-timeout", "2.5", "--stream-queue-bytes", "65536"]
+    for argv, limits in [([], StreamLimits()), (flags, StreamLimits(2.5, 65536))]:
+        args = build_parser().parse_args(["controller", *directory, *argv])
+        assert command.config_from_args(args).stream_limits == limits
+        args = build_parser().parse_args(["controller", "--contexts", "a", *argv])
+        assert kube_app.config_from_args(args).stream_limits == limits
 
 
 def test_bad_cluster_folder_name_is_rejected(tmp_path: Path,

@@ -10,6 +10,7 @@ from pathlib import Path
 import aiohttp
 
 from controlplane.clusters.kube_app import KubeControllerApp
+from controlplane.stream import StreamLimits
 from mcsproxy.tasks import cancel_and_wait, spawn
 from tests.proxy_fixtures import free_port
 from tests.test_controller_kube_support import (
@@ -21,11 +22,13 @@ from tests.test_controller_kube_support import (
 )
 
 HOST = "127.51.0.1"
+LIMITS = StreamLimits(write_timeout_s=7.0, queue_bytes=65536)  # not the defaults
 
 
 def replica(kubeconfig: Path, identity: str) -> tuple[KubeControllerApp, str]:
     port = free_port(HOST)
-    app = kube_controller(kubeconfig, identity, ("a", "b"), serve=(HOST, port))
+    app = kube_controller(kubeconfig, identity, ("a", "b"), serve=(HOST, port),
+                          stream_limits=LIMITS)
     return app, f"http://{HOST}:{port}"
 
 
@@ -77,6 +80,10 @@ async def test_standby_is_ready_but_streams_nothing_until_it_leads(tmp_path: Pat
             assert (await get(session, f"{two_url}/status"))[0] == 503
             status, body = await get(session, f"{one_url}/status")
             assert status == 200 and isinstance(body, dict) and body["leading"] is True
+            # The leader's stream has the limits it was configured with.
+            hub = one.server.hub if one.server is not None else None
+            assert hub is not None
+            assert (hub.write_timeout_s, hub.queue_bytes) == (7.0, 65536)
 
             one.stop()
             await first

@@ -210,6 +210,8 @@ def test_help_shows_the_defaults_the_contract_states() -> None:
     controller = help_of("controller")
     assert re.search(r"--clusterset-cidr \S+ [^-]*default 127\.240\.0\.0/16", controller)
     assert re.search(r"--log-level \S+ \(default info\)", controller)
+    assert re.search(r"--stream-write-timeout \S+ [^-]*default 30\)", controller)
+    assert re.search(r"--stream-queue-bytes \S+ [^-]*default 16777216: 16 MiB\)", controller)
 
 
 def test_a_dns_address_that_cannot_be_bound_is_named(capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,6 +4,7 @@ deltas, resume vs resync, the stream going away, malformed messages."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 import time
@@ -12,11 +13,11 @@ from pathlib import Path
 
 from aiohttp import web
 
-from controlplane.command import ControllerConfig, DirectoryControllerApp
-from controlplane.metrics import ControllerMetrics
+from controlplane.command import ControllerConfig, DirectoryControllerApp, config_from_args
 from controlplane.resources import ObjectRef
 from controlplane.server import ControllerServer
-from controlplane.stream import SUBSCRIBER_QUEUE, Feed, StreamHub, Subscriber
+from controlplane.stream import SUBSCRIBER_QUEUE, Feed, Subscriber
+from mcsproxy.cli import build_parser
 from mcsproxy.dns.wire import encode_name
 from mcsproxy.dns.zone import ZoneIndex
 from mcsproxy.gateway import Gateway
@@ -145,15 +146,22 @@ def test_a_subscriber_queue_is_bounded_in_bytes_too() -> None:
     assert fresh.lagging and fresh.queued_bytes == 0
 
 
-async def test_a_gateway_that_stops_reading_is_dropped_while_the_others_keep_up() -> None:
+async def test_a_gateway_that_stops_reading_is_dropped_while_the_others_keep_up(
+        tmp_path: Path) -> None:
     """One gateway reads the response head and then nothing (a stuck process; its socket
     buffer is small): once the kernel buffers are full, a write waits, and after the
     write timeout its connection is aborted and counted. Meanwhile another gateway gets
-    every change, and what the controller holds for the stuck one stays bounded."""
-    metrics = ControllerMetrics()
+    every change, and what the controller holds for the stuck one stays bounded. Both
+    limits are the controller's flags (the defaults, 30 s and 16 MiB, would not do it
+    within the test's deadline)."""
     queue_bytes = 256 * 1024
-    hub = StreamHub(metrics, heartbeat_s=0.2)
-    hub.write_timeout_s, hub.queue_bytes = 0.5, queue_bytes  # small limits for the test
+    args = build_parser().parse_args([
+        "controller", "--clusters-dir", str(tmp_path), "--output-dir", str(tmp_path / "out"),
+        "--serve", f"{SLOW_HOST}:0",
+        "--stream-write-timeout", "0.5", "--stream-queue-bytes", str(queue_bytes)])
+    app = DirectoryControllerApp(dataclasses.replace(config_from_args(args), heartbeat_s=0.2))
+    hub, metrics = app.hub, app.metrics
+    assert hub is not None
     objects: dict[ObjectRef, dict] = {
         ObjectRef("ServiceImport", "test", "web"): service_import("web")}
     hub.attach("east", objects)

@@ -51,12 +51,12 @@ from controlplane.clusters.kube_members import (
     check_cluster_id,
     member_from_secret,
 )
-from controlplane.command import parse_cluster_cidrs
+from controlplane.command import parse_cluster_cidrs, stream_limits_from_args
 from controlplane.controller import Controller
 from controlplane.leader import LeaderElector, LeaseConfig
 from controlplane.metrics import ControllerMetrics
 from controlplane.server import ControllerServer
-from controlplane.stream import HEARTBEAT_S, StreamHub
+from controlplane.stream import HEARTBEAT_S, StreamHub, StreamLimits
 from mcsproxy.backoff import Backoff
 from mcsproxy.kubeclient import SERVICE_ACCOUNT_DIR, InCluster, KubeconfigFile, new_client
 from mcsproxy.tasks import cancel_and_wait, spawn
@@ -107,6 +107,7 @@ class KubeControllerConfig:
     lease_duration_s: float = 15.0
     identity: str = field(default_factory=default_identity)
     heartbeat_s: float = HEARTBEAT_S
+    stream_limits: StreamLimits = field(default_factory=StreamLimits)
     timings: KubeTimings = field(default_factory=KubeTimings)
     service_account_dir: Path = SERVICE_ACCOUNT_DIR  # in-cluster: token and ca.crt
 
@@ -201,7 +202,8 @@ class KubeControllerApp:
         failing = ""
         while True:
             await self._until_all_answer(clients)
-            hub = StreamHub(self.metrics, cfg.heartbeat_s) if cfg.serve else None
+            hub = (StreamHub(self.metrics, cfg.heartbeat_s, cfg.stream_limits)
+                   if cfg.serve else None)
             controller = Controller(clients, cidrs=cfg.clusterset_cidr,
                                     cluster_cidrs=dict(cfg.cluster_cidrs), metrics=self.metrics,
                                     publisher=hub)
@@ -391,4 +393,5 @@ def config_from_args(args: Any) -> KubeControllerConfig:
         lease_namespace=args.lease_namespace,
         lease_duration_s=float(args.lease_duration),
         identity=args.identity or default_identity(),
+        stream_limits=stream_limits_from_args(args),
     )
