@@ -131,10 +131,18 @@ class BackendConn(asyncio.Protocol):
             size = int(path[5:])
             self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
             asyncio.get_running_loop().create_task(self._stream(size))
+        elif path.startswith(b"/sleep/"):
+            # The answer after that many milliseconds: a request of known duration.
+            asyncio.get_running_loop().call_later(int(path[7:]) / 1000, self._send_late,
+                                                  backend.name.encode())
         elif path == b"/hop":
             self.send(200, b"ok", b"Connection: x-secret\r\nX-Secret: 1\r\nKeep-Alive: 5\r\n")
         else:
             self.send(200, backend.name.encode())
+
+    def _send_late(self, body: bytes) -> None:
+        if not self.transport.is_closing():
+            self.send(200, body)
 
     async def _stream(self, size: int) -> None:
         chunk = b"x" * 65536

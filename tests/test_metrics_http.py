@@ -1,5 +1,5 @@
 """HTTP requests in the metrics and the access log: by destination cluster and outcome,
-retries after a 503, no endpoint at all, upstream connect latency."""
+retries after a 503, no endpoint at all, upstream connect latency, request duration."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import json
 import time
 from pathlib import Path
 
+from mcsproxy.config import HttpConfig
+from mcsproxy.observability.stats import REQUEST_BUCKETS
 from tests.http_support import HttpBackend, RawClient
 from tests.test_metrics_support import service_yaml, start_gateway, value
 
@@ -71,6 +73,75 @@ async def test_http_requests_by_cluster_and_outcome(tmp_path: Path) -> None:
         assert all(r["bytes_to_upstream"] > 40 for r in ok)
         gone = [r for r in records if r.get("upstream", "").startswith("test/gone")]
         assert [(r["status"], r["outcome"]) for r in gone] == [(503, "no_endpoint")]
+    finally:
+        await gw.stop()
+        await east.stop()
+        await west.stop()
+
+
+def buckets(samples: dict[str, list[tuple[dict[str, str], float]]],
+            **labels: str) -> dict[str, float]:
+    """The request duration histogram's cumulative counts by `le`."""
+    return {lab["le"]: v for lab, v in samples.get(
+        "mcsproxy_http_request_duration_seconds_bucket", [])
+        if all(lab.get(k) == want for k, want in labels.items())}
+
+
+async def test_http_request_duration_by_service_port_and_cluster(tmp_path: Path) -> None:
+    """Requests of known duration land in their buckets, per service port and serving
+    cluster: fast ones, answers after 150 ms, a 504 after the per-try timeout (0.7 s; the
+    tick checking it is 0.175 s, so it ends within 0.525-0.875 s); unrouted requests and
+    clusters without requests get no series, and a withdrawn service's go (and resume from
+    where they were when it comes back)."""
+    east = await HttpBackend("east-1", "127.57.81.1", "east").start()
+    west = await HttpBackend("west-1", "127.57.82.1", "west").start()
+    files = {"web": service_yaml("web", "127.240.57.81", [east], app_protocol="http"),
+             "api": service_yaml("api", "127.240.57.82", [west], app_protocol="http"),
+             "gone": service_yaml("gone", "127.240.57.83", [], app_protocol="http")}
+    gw = await start_gateway(tmp_path, "127.57.89.1", files=files,
+                             http=HttpConfig(per_try_timeout_s=0.7, request_timeout_s=2.0))
+    try:
+        for ip, paths in (("127.240.57.81", ["/", "/", "/", "/sleep/150", "/sleep/150"]),
+                          ("127.240.57.82", ["/", "/"]), ("127.240.57.83", ["/"])):
+            client = await RawClient.open(ip, 80)
+            for path in paths:
+                await client.get(path)
+            await client.close()
+        client = await RawClient.open("127.240.57.81", 80)
+        assert (await client.get("/slow")).status == 504  # the endpoint never answers
+        await client.close()
+
+        m = await gw.metrics()
+        web = {"service": "test/web", "port": "web", "cluster": "east"}
+        got = buckets(m, **web)
+        assert list(got) == [repr(b) for b in REQUEST_BUCKETS] + ["+Inf"]
+        assert (got["0.1"], got["0.25"], got["0.5"], got["1.0"], got["+Inf"]) == \
+            (3, 5, 5, 6, 6), got
+        count = value(m, "mcsproxy_http_request_duration_seconds_count", **web)
+        assert count == value(m, "mcsproxy_http_requests_total", **web) == 6
+        assert 2 * 0.15 + 0.525 <= value(
+            m, "mcsproxy_http_request_duration_seconds_sum", **web) < 2 * 0.1 + 1.0 + 0.3
+        api = {"service": "test/api", "port": "web"}
+        assert buckets(m, **api, cluster="west")["0.1"] == value(
+            m, "mcsproxy_http_request_duration_seconds_count", **api) == 2
+        # Only where requests were counted: not the no_endpoint one (cluster none).
+        assert {(lab["service"], lab["cluster"]) for lab, _ in
+                m["mcsproxy_http_request_duration_seconds_count"]} == {
+            ("test/web", "east"), ("test/api", "west")}
+        assert value(m, "mcsproxy_http_requests_total", service="test/gone") == 1
+
+        await gw.publish("api", "---\n")
+        m = await gw.metrics()
+        assert {lab["service"] for lab, _ in
+                m["mcsproxy_http_request_duration_seconds_count"]} == {"test/web"}
+        assert buckets(m, **web) == got
+        # Back within RETIRED_KEEP_S: counted on from where it was, like every counter.
+        await gw.publish("api", files["api"])
+        client = await RawClient.open("127.240.57.82", 80)
+        assert (await client.get("/")).status == 200
+        await client.close()
+        m = await gw.metrics()
+        assert value(m, "mcsproxy_http_request_duration_seconds_count", **api) == 3
     finally:
         await gw.stop()
         await east.stop()

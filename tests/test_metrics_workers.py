@@ -26,6 +26,7 @@ from aiohttp import ClientSession, ClientTimeout
 
 from mcsproxy.observability.families import Families
 from mcsproxy.observability.workers import WorkerReporter, WorkerReports, fetch_report
+from tests.http_support import HttpBackend, RawClient
 from tests.proxy_fixtures import Backend, ask, free_port
 from tests.test_metrics_support import parse_metrics, service_yaml, value
 
@@ -119,6 +120,39 @@ async def test_two_workers_report_into_one_exposition(tmp_path: Path) -> None:
             CONNECTIONS * len("east-1\nbye")
         # Gauges of state are the main process's own: one endpoint, not two.
         assert value(m, "mcsproxy_upstream_endpoints", **web) == 1
+    finally:
+        await backend.stop()
+
+
+async def test_two_workers_sum_the_http_request_duration(tmp_path: Path) -> None:
+    """Each HTTP request on a connection of its own, so SO_REUSEPORT spreads them over both
+    processes: the histogram in the exposition is the sum of both, bucket by bucket."""
+    backend = await HttpBackend("east-1", "127.57.33.1", "east").start()
+    ip = "127.240.57.33"
+    port = free_port(ip)
+    (tmp_path / "web.yaml").write_text(service_yaml("web", ip, [backend], port=port,
+                                                    app_protocol="http"))
+    try:
+        async with two_workers(tmp_path) as (proc, scrape):
+            for path in ["/"] * (CONNECTIONS - 10) + ["/sleep/150"] * 10:
+                client = await RawClient.open(ip, port)
+                assert (await client.get(path)).status == 200
+                await client.close()
+            m = await scrape()
+            report = await fetch_report(proc.pid, 1)
+        assert report is not None
+        web = {"service": "test/web", "port": "web", "cluster": "east"}
+        assert value(m, "mcsproxy_http_request_duration_seconds_count", **web) == CONNECTIONS
+        assert value(m, "mcsproxy_http_request_duration_seconds_bucket", **web,
+                     le="0.1") == CONNECTIONS - 10
+        assert value(m, "mcsproxy_http_request_duration_seconds_bucket", **web,
+                     le="0.25") == CONNECTIONS
+        assert value(m, "mcsproxy_http_request_duration_seconds_sum", **web) >= 10 * 0.15
+        # The worker's own part: some, not all (the main process served the rest).
+        mine = [counts for fam in report["families"]
+                if fam["name"] == "mcsproxy_http_request_duration_seconds"
+                for _key, (counts, _sum) in fam["values"]]
+        assert len(mine) == 1 and 0 < sum(mine[0]) < CONNECTIONS, mine
     finally:
         await backend.stop()
 

@@ -1328,7 +1328,6 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
-        self.account()
         route = self.route
         if route is not None and self.error is None:
             route.active -= 1
@@ -1338,6 +1337,9 @@ class Exchange:
             self.client.exchange_finished(self)
         elif self.client.queue and self.client.queue[0] is self:
             self.client.queue.popleft()
+        # Once exchange_finished has written the answer's last bytes to the client's
+        # transport: the request duration ends there.
+        self.account()
 
     def abandon(self) -> None:
         """The client went away."""
@@ -1354,14 +1356,20 @@ class Exchange:
                     self.release_budget()
 
     def account(self) -> None:
-        """Count the request (service, cluster, outcome) and write its access log line."""
+        """Count and time the request (service, cluster, outcome) and write its access log
+        line. Timed from the end of its head (t0) to now: the last byte of the answer
+        handed to the client's transport, or the request's end without one (reset,
+        client_closed); requests no endpoint took (no_endpoint) are not timed."""
         upstream = self.upstream
         if upstream is None:
             return  # answered before a service was chosen (bad request, unknown host)
+        elapsed = time.monotonic() - self.t0
         outcome = self.outcome or STATUS_CLASSES.get(self.status // 100, "other")
         host = self.host
         if host is not None and outcome != "no_endpoint":
-            counts = host.stats.requests
+            stats = host.stats
+            counts = stats.requests
+            stats.request_time.observe(elapsed)
         else:
             counts = upstream.stats.unrouted
         counts[outcome] = counts.get(outcome, 0) + 1
@@ -1376,7 +1384,7 @@ class Exchange:
             method=self.method.decode(errors="replace"),
             path=target[1].decode(errors="replace") if len(target) > 1 else None,
             status=self.status or None, outcome=outcome, attempts=len(self.tried) + 1,
-            duration_ms=round((time.monotonic() - self.t0) * 1000, 3),
+            duration_ms=round(elapsed * 1000, 3),
             bytes_to_upstream=self.sent, bytes_to_client=self.received)
 
     def cancel_connect(self) -> None:

@@ -21,6 +21,7 @@ from mcsproxy.observability.stats import (
     APPLY_BUCKETS,
     CONNECT_BUCKETS,
     DNS_BUCKETS,
+    REQUEST_BUCKETS,
     Buckets,
     UpstreamStats,
 )
@@ -280,6 +281,13 @@ class Observer:
         requests = f.counter("mcsproxy_http_requests",
                              "HTTP requests by destination cluster and outcome (status class "
                              "or error)", [*svc, "cluster", "outcome"])
+        request_time = f.histogram(
+            "mcsproxy_http_request_duration_seconds",
+            "HTTP request duration: from the request head received in full to the last "
+            "byte of the response handed to the client connection's transport (reset, "
+            "client_closed: to where the request ended), by destination cluster as in "
+            "mcsproxy_http_requests_total; no_endpoint requests are not timed",
+            [*svc, "cluster"], REQUEST_BUCKETS)
         load = f.gauge("mcsproxy_upstream_priority_load_percent",
                        "Share of new connections each priority level receives", [*svc, "priority"])
         panic = f.gauge("mcsproxy_upstream_panic", "1 while the priority level is in panic "
@@ -318,8 +326,10 @@ class Observer:
                     nbytes.add([*cl, "to_upstream"], cs.bytes_to_upstream + up)
                     nbytes.add([*cl, "to_client"], cs.bytes_to_client + down)
                     ejections.add(cl, cs.ejections)
-                    for outcome, n in cs.requests.items():
-                        requests.add([*cl, outcome], n)
+                    if cs.requests:  # HTTP ports only: TCP and UDP get no empty series
+                        for outcome, n in cs.requests.items():
+                            requests.add([*cl, outcome], n)
+                        request_time.observe_buckets(cl, cs.request_time)
             for cluster in upstream.stats.clusters:
                 cl = [*labels, cluster]
                 active.add(cl, 0)

@@ -17,6 +17,12 @@ CONNECT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 # DNS answers built from the index take microseconds; forwarded ones an upstream RTT.
 DNS_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
                0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# HTTP requests through the gateway: a loopback endpoint answers in a few hundred us, a
+# remote cluster adds its RTT; 15 and 30 are the default per-try and request timeouts
+# (--http-per-try-timeout, --http-request-timeout), so le="15" counts the requests no
+# timeout touched and (15, 30] those a per-try timeout ended or retried.
+REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                   2.5, 5.0, 15.0, 30.0)
 APPLY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                  5.0, 10.0)
 
@@ -36,6 +42,13 @@ class Buckets:
     def observe(self, value: float) -> None:
         self.counts[bisect_left(self.bounds, value)] += 1
         self.sum += value
+
+    def add(self, other: Buckets) -> None:
+        """Add another histogram of the same bounds (a retired upstream set's)."""
+        counts = self.counts
+        for i, n in enumerate(other.counts):
+            counts[i] += n
+        self.sum += other.sum
 
     @property
     def count(self) -> int:
@@ -68,7 +81,7 @@ class ClusterStats:
     """One service port's traffic to one destination cluster."""
 
     __slots__ = ("attempts", "bytes_to_client", "bytes_to_upstream", "connect_time",
-                 "connections", "ejections", "failed", "requests")
+                 "connections", "ejections", "failed", "request_time", "requests")
 
     def __init__(self) -> None:
         self.attempts = dict.fromkeys(CONNECT_OUTCOMES, 0)  # connect attempts by outcome
@@ -80,6 +93,8 @@ class ClusterStats:
         self.ejections = 0
         self.connect_time = Buckets(CONNECT_BUCKETS)
         self.requests: dict[str, int] = {}  # HTTP requests by outcome (2xx ... error kind)
+        # Each request counted in `requests` is timed here too (see Exchange.account).
+        self.request_time = Buckets(REQUEST_BUCKETS)
 
 
 class UpstreamStats:
@@ -114,10 +129,9 @@ class UpstreamStats:
             c.bytes_to_upstream += o.bytes_to_upstream
             c.bytes_to_client += o.bytes_to_client
             c.ejections += o.ejections
-            c.connect_time.counts = [a + b for a, b in zip(
-                c.connect_time.counts, o.connect_time.counts, strict=True)]
-            c.connect_time.sum += o.connect_time.sum
+            c.connect_time.add(o.connect_time)
             _add_counts(c.requests, o.requests)
+            c.request_time.add(o.request_time)
 
 
 def _add_counts(into: dict[str, int], other: dict[str, int]) -> None:
