@@ -8,7 +8,13 @@ from typing import Any
 from prometheus_client import generate_latest
 
 from mcsproxy.observability.families import Families
-from mcsproxy.observability.stats import Buckets, DnsStats, answer_labels
+from mcsproxy.observability.stats import (
+    REQUEST_BUCKETS,
+    Buckets,
+    DnsStats,
+    RequestBuckets,
+    answer_labels,
+)
 from mcsproxy.observability.workers import WorkerReporter, WorkerReports
 
 FAKE_MAIN_PID = 1  # an abstract socket name no real gateway uses
@@ -24,6 +30,20 @@ def families(connections: float, active: float, endpoints: float) -> Families:
     f.histogram("mcsproxy_upstream_connect_duration_seconds", "h", [], b.bounds) \
         .observe_buckets((), b)
     return f
+
+
+def test_the_unrolled_request_histogram_buckets_as_bisect_does() -> None:
+    """RequestBuckets.observe is generated comparisons, not bisect: on every bound, just
+    below and above it, and at the ends, it counts in the bucket Buckets.observe does."""
+    values = [0.0, 1e-9, 1e9, float("inf")] + [
+        v for bound in REQUEST_BUCKETS for v in (bound * (1 - 1e-12), bound,
+                                                 bound * (1 + 1e-12))]
+    fast, plain = RequestBuckets(), Buckets(REQUEST_BUCKETS)
+    for v in values:
+        fast.observe(v)
+        plain.observe(v)
+        assert fast.counts == plain.counts, v
+    assert fast.sum == plain.sum and fast.count == len(values)
 
 
 async def test_worker_reports_merge_and_survive_a_restart() -> None:
