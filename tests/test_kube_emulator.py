@@ -266,6 +266,14 @@ async def test_status_subresource_is_isolated(api: ApiClient) -> None:
     assert via_status["metadata"]["labels"] == {"kept": "yes"}
     got = await custom.get_namespaced_custom_object_status(*args, "e")
     assert got["status"] == {"conditions": []}
+    # A status merge patch carrying the resourceVersion it was built on is refused once the
+    # object moved on: how a writer of a list read from the object avoids lost updates.
+    with pytest.raises(ApiException) as error:
+        await custom.patch_namespaced_custom_object_status(
+            *args, "e", {"metadata": {"resourceVersion": written["metadata"]["resourceVersion"]},
+                         "status": status}, _content_type=MERGE)
+    assert error.value.status == 409
+    assert (await custom.get_namespaced_custom_object_status(*args, "e"))["status"] == got["status"]
 
 
 async def test_generation_bumps_on_spec_changes_only(api: ApiClient) -> None:
