@@ -8,6 +8,7 @@ import ipaddress
 import pytest
 
 from controlplane.allocator import AllocationError, ClusterSetIPAllocator, parse_cidrs
+from controlplane.conditions import EXPORT_CONDITION_TYPES, with_own_conditions
 from controlplane.reconcile import MAX_ENDPOINTS_PER_SLICE, STALE_ANNOTATION, owner_uid
 from controlplane.resources import KIND_IMPORT, parse_member_object
 from mcsproxy.manifests import ManifestError, parse_endpoint_slice, parse_service_import
@@ -111,6 +112,7 @@ def test_valid_export_conditions_carry_every_field() -> None:
     desired = reconcile({"a": exporter("a"), "b": cluster("b", namespace())})
     conds = export_status(desired, "a")
     assert [c for c in conds] == ["Valid", "Ready", "Conflict"]
+    assert set(conds) == EXPORT_CONDITION_TYPES  # all ours: any other type is left alone
     assert (conds["Valid"]["status"], conds["Valid"]["reason"]) == ("True", "Valid")
     assert (conds["Ready"]["status"], conds["Ready"]["reason"]) == ("True", "Exported")
     assert (conds["Conflict"]["status"], conds["Conflict"]["reason"]) == ("False", "NoConflicts")
@@ -129,6 +131,26 @@ def test_last_transition_time_kept_until_the_status_changes() -> None:
     conds = export_status(flipped, "a")
     assert conds["Conflict"]["lastTransitionTime"] == LATER
     assert conds["Valid"]["lastTransitionTime"] == NOW
+
+
+@pytest.mark.parametrize(("live", "ours", "written"), [
+    # Theirs stay where they are, ours take the place of their type.
+    ("P Valid- Ready- Q", "Valid Ready Conflict", "P Valid Ready Q Conflict"),
+    # One of ours no longer written (an export turned invalid) goes; theirs do not.
+    ("Valid- Ready- Conflict- Q", "Valid Ready", "Valid Ready Q"),
+    ("", "Valid Ready", "Valid Ready"),
+    ("Q P", "Valid", "Q P Valid"),
+])
+def test_export_conditions_written_keep_everyone_elses(live: str, ours: str,
+                                                       written: str) -> None:
+    """Names: a condition type; "-" marks the stale one of ours the object holds."""
+    def cond(name: str) -> dict[str, str]:
+        return {"type": name.rstrip("-"), "status": "True",
+                "reason": "Old" if name.endswith("-") else "New"}
+
+    merged = with_own_conditions([cond(n) for n in live.split()],
+                                 [cond(n) for n in ours.split()])
+    assert merged == [cond(n) for n in written.split()]
 
 
 # -- rules 5-6: conflicts, oldest wins, reported on every export --------------------------
