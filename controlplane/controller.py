@@ -28,7 +28,7 @@ from typing import Any
 
 from controlplane.allocator import DEFAULT_CIDR, ClusterSetIPAllocator, parse_cidrs
 from controlplane.clusters import ChangeSet, ClusterClient, ClusterError
-from controlplane.conditions import conditions_by_type
+from controlplane.conditions import conditions_by_type, own_export_conditions
 from controlplane.metrics import ControllerMetrics
 from controlplane.reconcile import (
     Obj,
@@ -98,8 +98,8 @@ def drifted(wanted: Mapping[str, Any], live: Mapping[str, Any] | None) -> bool:
     """The cluster holds `live` where we wrote `wanted`: does it need writing again?"""
     if live is None:
         return True
-    if wanted.get("kind") == KIND_EXPORT:  # only its status is ours
-        return live.get("status") != wanted.get("status")
+    if wanted.get("kind") == KIND_EXPORT:  # only its conditions of our types are ours
+        return own_export_conditions(live) != own_export_conditions(wanted)
     return live != wanted
 
 

@@ -290,3 +290,102 @@ async def test_an_object_with_our_label_is_kept_when_its_service_becomes_wanted(
     await cs.wait(lambda: cs.addresses("b", "api") == {"10.1.0.9"}, timeout=REPAIR_S)
     await cs.wait(lambda: cs.imports("b")["api"]["spec"]["ports"] != [], timeout=REPAIR_S)
     assert deletes(b) == []
+
+
+def foreign(type_: str, status: str = "True") -> dict[str, str]:
+    """A condition of a type another controller owns (a policy engine, a GitOps tool)."""
+    return {"type": type_, "status": status, "reason": "Checked",
+            "message": f"{type_} says so", "lastTransitionTime": "2024-01-01T00:00:00Z"}
+
+
+def export_conditions(cs: Clusterset, cluster: str = "a") -> list[dict[str, Any]]:
+    export = cs[cluster].get_object(EXPORTS, "web", "demo") or {}
+    return list(export.get("status", {}).get("conditions", []))
+
+
+def set_export_conditions(cs: Clusterset, conditions: list[dict[str, Any]]) -> None:
+    """Someone else's write of a's ServiceExport status."""
+    export = copy.deepcopy(cs["a"].get_object(EXPORTS, "web", "demo"))
+    assert export is not None
+    export["status"] = {"conditions": conditions}
+    cs["a"].put_object(export)
+
+
+def by_type(conditions: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {c["type"]: c for c in conditions}
+
+
+def conflict_in_b() -> list[dict[str, Any]]:
+    """b exports web too, on another port: a's export gets Conflict=True."""
+    return [service("web", ports=[("http", 81)]), member_slice("web", ["10.2.0.1"]),
+            service_export("web")]
+
+
+async def test_conditions_of_other_controllers_are_kept_and_are_no_drift(
+        cs: Clusterset) -> None:
+    """Conditions are a map keyed by type: the controller owns Valid, Ready and Conflict of
+    a ServiceExport, and writes them without removing, changing or reordering anyone
+    else's; another controller's conditions coming and changing are no reason to write."""
+    await cs.start_controller()
+    a = cs["a"]
+    ours = export_conditions(cs)
+    assert [c["type"] for c in ours] == ["Valid", "Ready", "Conflict"]
+
+    async def nothing_written_by_us() -> None:
+        before = {c: writes(cs[c]) for c in cs.emulators}
+        with pytest.raises(TimeoutError):
+            await cs.wait(lambda: {c: writes(cs[c]) for c in cs.emulators} != before,
+                          timeout=0.5)
+
+    # Another controller puts its conditions before and after ours: no write by us.
+    policy, synced = foreign("PolicyCompliant"), foreign("Synced")
+    set_export_conditions(cs, [policy, *ours, synced])
+    await nothing_written_by_us()
+    # ... and changes one of them: still none.
+    policy = foreign("PolicyCompliant", "False")
+    set_export_conditions(cs, [policy, *ours, synced])
+    await nothing_written_by_us()
+    assert export_conditions(cs) == [policy, *ours, synced]
+
+    # A conflict comes and goes: each time ours change, theirs stay as and where they were.
+    for obj in conflict_in_b():
+        cs["b"].put_object(obj)
+    await cs.wait(lambda: by_type(export_conditions(cs))["Conflict"]["status"] == "True")
+    now = export_conditions(cs)
+    assert (now[0], now[-1]) == (policy, synced)
+    assert [c["type"] for c in now] == ["PolicyCompliant", "Valid", "Ready", "Conflict",
+                                        "Synced"]
+    cs["b"].store.delete(cs["b"].store.by_name(EXPORTS), "demo", "web")
+    await cs.wait(lambda: by_type(export_conditions(cs))["Conflict"]["status"] == "False")
+    now = export_conditions(cs)
+    assert (now[0], now[-1]) == (policy, synced)
+
+    # One of ours edited by someone else is still drift: repaired, theirs kept.
+    repaired = export_conditions(cs)
+    tampered = copy.deepcopy(repaired)
+    tampered[2]["reason"] = "Tampered"  # Ready
+    set_export_conditions(cs, tampered)
+    await cs.wait(lambda: export_conditions(cs) == repaired, timeout=REPAIR_S)
+    assert a.get_object(EXPORTS, "web", "demo") is not None
+
+
+async def test_a_status_write_on_a_stale_read_is_refused_and_done_again(
+        cs: Clusterset) -> None:
+    """The status write carries the resourceVersion it was built on: a condition another
+    controller added since (its event not seen yet) is not lost to a blind overwrite."""
+    await cs.start_controller()
+    a = cs["a"]
+
+    def status_writes() -> int:
+        return sum(1 for r in a.requests
+                   if r.method == "PATCH" and r.path.endswith("/serviceexports/web/status"))
+
+    before = status_writes()
+    a.lose_events()  # our view of a's export stays as it was
+    set_export_conditions(cs, [*export_conditions(cs), foreign("Synced")])
+    for obj in conflict_in_b():
+        cs["b"].put_object(obj)
+    await cs.wait(lambda: by_type(export_conditions(cs))["Conflict"]["status"] == "True")
+    assert [c["type"] for c in export_conditions(cs)] == ["Valid", "Ready", "Conflict",
+                                                          "Synced"]
+    assert status_writes() == before + 2  # refused (409), read again, written

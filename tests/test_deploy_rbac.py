@@ -10,8 +10,8 @@ emulators; every request they send is turned into the attributes Kubernetes auth
   identity's modules shows up among its recorded requests, so a call on a code path the
   scenario does not reach still fails the test.
 
-The scenario drives the rare paths on purpose: 409 on an update (get, then update
-again), export deletion (deletes with preconditions), the Lease's create/renew/release.
+The scenario drives the rare paths on purpose: 409 on an update or a status patch (get,
+then write again), export deletion (deletes with preconditions), the Lease's create/renew/release.
 """
 
 from __future__ import annotations
@@ -219,6 +219,12 @@ async def record_controller(tmp_path: Path) -> tuple[list[Request], list[Request
             m1.put_object(service("web", ports=[("http", 80), ("admin", 81)]))
             await cs.wait(lambda: len(cs.imports("m2").get("web", {}).get("spec", {})
                                       .get("ports", ())) == 2)
+            # The export's conditions cleared by hand: written again, on a 409 read again.
+            m1.fail_next(1, 409, method="PATCH", path="/serviceexports/")
+            edited = dict(exported, status={"conditions": []})
+            m1.put_object(edited)
+            await m1.wait_for(lambda: (m1.get_object(EXPORTS, "web", "demo") or {})
+                              .get("status", {}).get("conditions"))
             # The export goes: imports and slices are deleted everywhere.
             m1.store.delete(m1.store.by_name(EXPORTS), "demo", "web")
             await cs.wait(lambda: not any(cs.imports(c) or cs.imported_slices(c)

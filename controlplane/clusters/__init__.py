@@ -84,7 +84,8 @@ class ClusterClient(Protocol):
         """Remove managed objects; a missing one is not an error."""
 
     async def update_export_status(self, export: Mapping[str, Any]) -> None:
-        """Write `export["status"]` onto the ServiceExport `export` names."""
+        """Write `export["status"]` onto the ServiceExport `export` names. In a real
+        cluster only its conditions of our types are ours: anyone else's stay."""
 
     async def close(self) -> None: ...
 

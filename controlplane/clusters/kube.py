@@ -15,7 +15,9 @@ Writing: ServiceImports and imported EndpointSlices carry our managed-by label; 
 compared with what the cluster holds and written only when they differ (create, or
 replace with the resourceVersion read, re-reading on 409). Imported slices get the
 ServiceImport's real uid as owner. Deletes touch only objects carrying our label, with
-the uid as precondition. ServiceExport status goes through the status subresource.
+the uid as precondition. ServiceExport status goes through the status subresource: only
+the conditions of our types are ours (conditions.py); the list written is the one last
+seen with ours put in, sent with the resourceVersion it was seen at (a 409 reads again).
 
 Drift: our own objects are watched too (label-selected), and relisted every
 `resync_s` in case an event was lost. A change that is not the echo of our own write
@@ -37,7 +39,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
 from kubernetes_asyncio import config as kube_config
@@ -58,6 +60,7 @@ from controlplane.clusters.kube_managed import (
     without_status,
 )
 from controlplane.clusters.state import ClusterObjects
+from controlplane.conditions import own_export_conditions, with_own_conditions
 from controlplane.resources import (
     CONTROLLER_MANAGER,
     KARMADA_DISPATCH_MANAGER,
@@ -140,6 +143,19 @@ class KubeTimings:
     resync_s: float = 1800.0  # our own objects are relisted this often (lost events)
 
 
+class _SeenStatus(NamedTuple):
+    """A ServiceExport's status as last seen, and the resourceVersion it was seen at: what
+    our next status write is built on, and its precondition."""
+
+    status: Any
+    rv: str | None
+
+    @classmethod
+    def of(cls, raw: Mapping[str, Any]) -> _SeenStatus:
+        rv = metadata_of(raw).get("resourceVersion")
+        return cls(raw.get("status"), str(rv) if rv else None)
+
+
 class _Informer:
     __slots__ = ("error", "managed", "refs", "resource", "resync_at", "rv")
 
@@ -168,7 +184,7 @@ class KubeClusterClient:
         self._export_res: Resource | None = None
         self._failing: dict[str, str] = {}  # informer plural / probe / sync → error
         self._input_errors: dict[ObjectRef, str] = {}
-        self._export_status: dict[ObjectRef, Any] = {}
+        self._export_status: dict[ObjectRef, _SeenStatus] = {}
         self.own = OwnObjects()  # our imports and slices as the cluster holds them
         self.writes = 0  # POST/PUT/PATCH/DELETE requests sent
         # Seconds writes may still be sent: the leader's lease (leader.py, fencing); no
@@ -252,11 +268,12 @@ class KubeClusterClient:
         if ref is None:
             return None
         if res.kind == KIND_EXPORT and not self.own.is_echo(ref, raw):
-            status = raw.get("status")
-            if status != self._export_status.get(ref):
-                self._export_status[ref] = status
-                changes.published[ref] = {"status": status}
-                self.own.changed_by_others(ref)
+            seen = self._export_status.get(ref)
+            now = self._export_status[ref] = _SeenStatus.of(raw)  # a newer base for writes
+            if now.status != (seen.status if seen else None):
+                # The controller tells drift (our conditions) from anyone else's.
+                changes.published[ref] = {"status": now.status}
+            self.own.changed_by_others(ref)
         try:
             parsed = parse_member_object(raw, self.cluster_id)
         except ManifestError as exc:
@@ -665,26 +682,54 @@ class KubeClusterClient:
     async def update_export_status(self, export: Mapping[str, Any]) -> None:
         meta = export["metadata"]
         ref = ObjectRef(KIND_EXPORT, meta["namespace"], meta["name"])
-        status = export.get("status")
-        if self._export_status.get(ref) == status:
+        wanted = export.get("status")
+        if not isinstance(wanted, Mapping):
             return
         res = self._write_resource(KIND_EXPORT)
         self.own.writing.add(ref)
         try:
-            live = await self._send("PATCH", res.path(ref.namespace, ref.name, "status"),
-                                    {"status": status}, MERGE_PATCH)
+            await self._status_attempts(res, ref, wanted)
         except KubeApiError as exc:
-            if exc.code == 404:
-                return  # deleted meanwhile: the watch brings the removal
             raise ClusterError(f"ServiceExport {ref.namespace}/{ref.name} status: {exc}") \
                 from None
         finally:
             self.own.writing.discard(ref)
-            overtaken = ref in self.own.overtaken
             self.own.overtaken.discard(ref)
-        self.own.expect_echo(ref, live)
-        if not overtaken:  # else someone else's status, maybe newer than ours, is kept
-            self._export_status[ref] = live.get("status")
+
+    async def _status_attempts(self, res: Resource, ref: ObjectRef,
+                               wanted: Mapping[str, Any]) -> None:
+        ours = own_export_conditions({"status": wanted})
+        seen = self._export_status.get(ref)
+        for _ in range(CONFLICT_RETRIES):
+            if seen is None:
+                live = await self._get(res, ref.namespace, ref.name)
+                if live is None:
+                    return  # deleted meanwhile: the watch brings the removal
+                seen = self._export_status[ref] = _SeenStatus.of(live)
+            if own_export_conditions({"status": seen.status}) == ours:
+                return  # anyone else's conditions are no reason to write
+            before = seen.status.get("conditions") if isinstance(seen.status, Mapping) else None
+            status = {**wanted, "conditions": with_own_conditions(
+                before if isinstance(before, list) else [], list(ours.values()))}
+            body: Obj = {"status": status}
+            if seen.rv:  # built on that version: refused (409) if anyone wrote since
+                body["metadata"] = {"resourceVersion": seen.rv}
+            try:
+                live = await self._send("PATCH", res.path(ref.namespace, ref.name, "status"),
+                                        body, MERGE_PATCH)
+            except KubeApiError as exc:
+                if exc.code == 404:
+                    return
+                if exc.code != 409:
+                    raise
+                seen = None  # someone wrote since: read it, build on that
+                continue
+            self.own.expect_echo(ref, live)
+            if ref not in self.own.overtaken:  # else a newer status came in meanwhile
+                self._export_status[ref] = _SeenStatus.of(live)
+            return
+        raise ClusterError(f"ServiceExport {ref.namespace}/{ref.name} status: still "
+                           f"conflicting after {CONFLICT_RETRIES} attempts")
 
     async def read_published(self) -> list[Mapping[str, Any]]:
         # sync() listed our own objects too: the first list of their informers.
@@ -692,7 +737,8 @@ class KubeClusterClient:
             await self._sync_into(ChangeSet())
         found: list[Mapping[str, Any]] = [self.own.rendered(o) for o in self.own.live.values()]
         for key, export in self.objects.exports.items():
-            status = self._export_status.get(ObjectRef(KIND_EXPORT, *key))
-            if status:
-                found.append({**export.manifest, "status": status})
+            seen = self._export_status.get(ObjectRef(KIND_EXPORT, *key))
+            ours = own_export_conditions({"status": seen.status}) if seen else {}
+            if ours:  # as we wrote it: anyone else's conditions are not ours to keep
+                found.append({**export.manifest, "status": {"conditions": list(ours.values())}})
         return found
