@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 import time
@@ -100,10 +101,11 @@ async def test_refused_endpoints_are_retried_and_ejected() -> None:
         await stop_all(proxy, *backends)
 
 
-async def test_blackholed_endpoint_costs_at_most_the_connect_timeout() -> None:
-    backends = await start_backends({"east": 1}, 34)
+def blackhole(address: str) -> list[socket.socket]:
+    """A listening socket on `address` whose SYNs are dropped (connects to it hang), and
+    the sockets that keep it so: close them all after use."""
     hole = socket.socket()
-    hole.bind(("127.34.9.9", 0))
+    hole.bind((address, 0))
     hole.listen(0)  # never accepted: once the queue is full, SYNs are dropped
     fillers = []
     for _ in range(4):
@@ -111,6 +113,12 @@ async def test_blackholed_endpoint_costs_at_most_the_connect_timeout() -> None:
         f.setblocking(False)
         f.connect_ex(hole.getsockname())
         fillers.append(f)
+    return [hole, *fillers]
+
+
+async def test_blackholed_endpoint_costs_at_most_the_connect_timeout() -> None:
+    backends = await start_backends({"east": 1}, 34)
+    hole, *fillers = blackhole("127.34.9.9")
     cs = Clusterset("east")
     ip = "127.240.34.1"
     cs.publish("hole", ip, [WEB], [endpoint("127.34.9.9", "west", hole.getsockname()[1]),
@@ -126,6 +134,37 @@ async def test_blackholed_endpoint_costs_at_most_the_connect_timeout() -> None:
     finally:
         await stop_all(proxy, *backends)
         for s in (hole, *fillers):
+            s.close()
+
+
+async def test_overlapping_connects_each_time_out_on_their_own_deadline() -> None:
+    # The connect timeouts of a listener share one timer (ConnectDeadlines): a
+    # connect started while another waits must still get its whole timeout, and the
+    # timer must come back for it after the first one expired.
+    sockets = blackhole("127.84.9.9")
+    cs = Clusterset("east")
+    ip = "127.240.84.1"
+    cs.publish("hole", ip, [WEB], [endpoint("127.84.9.9", "east", sockets[0].getsockname()[1])])
+    timeout = 0.4
+    proxy = await cs.proxy(connect_timeout_s=timeout, connect_attempts=1)
+
+    async def time_to_close(delay: float) -> float:
+        await asyncio.sleep(delay)
+        started = time.monotonic()
+        reader, writer = await asyncio.open_connection(ip, 80)
+        async with asyncio.timeout(timeout + 2):
+            with contextlib.suppress(ConnectionError):
+                assert await reader.read() == b""
+        writer.close()
+        return time.monotonic() - started
+
+    try:
+        waited = await asyncio.gather(time_to_close(0), time_to_close(0.2), time_to_close(0.25))
+        for w in waited:
+            assert timeout - 0.01 <= w < timeout + 0.15, waited
+    finally:
+        await stop_all(proxy)
+        for s in sockets:
             s.close()
 
 

@@ -233,6 +233,7 @@ class ClientSide(asyncio.Protocol):
         self.connecting: Coroutine[Any, Any, Any] | None = None
         self.connect_waiter: object = None  # the future `connecting` awaits
         self.attempt: UpstreamSide | None = None  # the protocol of the connect in progress
+        # The connect timeout is in ctx.connect_deadlines; this is the verdict after it.
         self.connect_timer: asyncio.TimerHandle | None = None
         self.early: list[bytes] = []
         self.early_size = 0
@@ -334,15 +335,17 @@ class ClientSide(asyncio.Protocol):
         if self.attempts:
             upstream.stats.retries += 1
         self.attempts += 1
-        self.t_connect = time.monotonic()
+        self.t_connect = now = time.monotonic()
         loop = self.loop
         # The coroutine is driven by hand (connect_step) rather than by a Task: a Task
         # costs an object, a context copy and two more trips through the loop per
         # connect, measured ~8 % of the proxy's instructions per short connection.
         self.connecting = loop.create_connection(self.make_upstream_side,
                                                  host.address, host.port)
-        self.connect_timer = loop.call_later(self.ctx.config.connect_timeout_s,
-                                             self.connect_timeout)
+        deadlines = self.ctx.connect_deadlines
+        deadlines.pending[self] = now + deadlines.timeout_s
+        if deadlines.timer is None:
+            deadlines.arm(loop)
         self.connect_waiter = None
         self.connect_step(None)
 
@@ -394,7 +397,6 @@ class ClientSide(asyncio.Protocol):
     def connect_timeout(self) -> None:
         # A finished connect reaches connection_made through a few queued callbacks: the
         # verdict waits CONNECT_VERDICT_DELAY_S for the loop to catch up.
-        self.connect_timer = None
         if self.connecting is not None:
             self.connect_timer = self.loop.call_later(CONNECT_VERDICT_DELAY_S,
                                                       self.connect_timed_out)
@@ -432,13 +434,16 @@ class ClientSide(asyncio.Protocol):
         self.connect_next()
 
     def cancel_connect(self) -> None:
+        if self.up is None:  # else upstream_connected took it out
+            self.ctx.connect_deadlines.pending.pop(self, None)
         if self.connect_timer is not None:
             self.connect_timer.cancel()
             self.connect_timer = None
         self.abandon_connect()
 
     def upstream_connected(self, up: asyncio.Transport) -> None:
-        if self.connect_timer is not None:
+        self.ctx.connect_deadlines.pending.pop(self, None)
+        if self.connect_timer is not None:  # the verdict on a timeout
             self.connect_timer.cancel()
             self.connect_timer = None
         if self.closed:
