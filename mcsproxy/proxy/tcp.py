@@ -14,8 +14,9 @@ connections are expired by the manager's sweep, which only reads `idle` — the 
 path resets one integer per chunk and never touches a timer.
 
 Costs, measured with bench/tcp/callgrind.py: the connect coroutine is driven by hand
-(no Task per connection), and a direction that carries bulk data switches to a
-BulkReader that reads into one shared buffer instead of a new bytes object per read.
+(no Task per connection, and no callback for its last step), connect timeouts share one
+timer per listener (ConnectDeadlines), and a direction that carries bulk data switches
+to a BulkReader that reads into one shared buffer instead of a new bytes object per read.
 """
 
 from __future__ import annotations
