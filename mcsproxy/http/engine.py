@@ -30,6 +30,8 @@ log = logging.getLogger("mcsproxy.http")
 
 MIN_TICK_S = 0.01
 MAX_TICK_S = 0.5
+# Client addresses whose header bytes are kept for sharing; past it, they start afresh.
+MAX_CLIENT_ADDRESSES = 4096
 
 
 def serves_http(port: ServicePort) -> bool:
@@ -80,6 +82,7 @@ class HttpEngine:
         self.date = http_date(self._second)
         self.via = f"Via: 1.1 {self.http.via}\r\n".encode()
         self._fwd_tail = b"X-Forwarded-Proto: http\r\n" + self.via
+        self._clients_by_address: dict[str, tuple[bytes, bytes]] = {}
         self.errors = ErrorResponses(self.via)
         self.ids = RequestIds()
         self._task: asyncio.Task[Any] | None = None
@@ -116,6 +119,17 @@ class HttpEngine:
 
     def forwarded_headers(self, client_chain: bytes) -> bytes:
         return b"X-Forwarded-For: " + client_chain + b"\r\n" + self._fwd_tail
+
+    def client_headers(self, address: str) -> tuple[bytes, bytes]:
+        """A client address as bytes and the X-Forwarded-* fields of its requests: one
+        copy shared by every connection from that address, not one per connection."""
+        known = self._clients_by_address.get(address)
+        if known is None:
+            if len(self._clients_by_address) >= MAX_CLIENT_ADDRESSES:
+                self._clients_by_address.clear()
+            ip = address.encode()
+            known = self._clients_by_address[address] = (ip, self.forwarded_headers(ip))
+        return known
 
     # -- the tick ---------------------------------------------------------------------
     async def _ticker(self) -> None:

@@ -175,9 +175,12 @@ class ClientConnection(asyncio.Protocol):
         self.parser = HttpRequestParser(self)
         self.queue: deque[Exchange] = deque()
         self.current: Exchange | None = None  # the request being parsed (its body)
-        self.last: Exchange | None = None  # the latest request parsed
+        # The latest request parsed, until it is answered on a connection that stays
+        # open: an idle keep-alive connection holds no request.
+        self.last: Exchange | None = None
         self.out: list[bytes] = []
-        self.chunks: list[bytes] = []  # small chunks of this read's request body, see on_body
+        # Small chunks of this read's request body (see on_body), made by the first one.
+        self.chunks: list[bytes] | None = None
         self.paused = 0
         self.write_paused = False
         self.closed = False
@@ -196,6 +199,7 @@ class ClientConnection(asyncio.Protocol):
         self.client_ip = b""
         self.fwd = b""
         self.limit_key: str | None = None  # counted by the listener's connection limits
+        self.parts: list[bytes] = []
         self._reset_head()
 
     def on_message_begin(self) -> None:
@@ -204,11 +208,13 @@ class ClientConnection(asyncio.Protocol):
         # Bytes of this head seen so far, counted per read (so approximate by one read),
         # and at least 1: a head that began is answered 408 when it times out.
         self.head_bytes = 1
-        self._reset_head()
 
     def _reset_head(self) -> None:
+        """Once a head is made into a request (and before the first): what it left is
+        dropped, not held while the connection waits for the next request. A head that
+        fails ends the connection, so no head ever starts from another's leftovers."""
         self.url = b""
-        self.parts: list[bytes] = []
+        self.parts.clear()
         self.host: bytes | None = None
         self.xff: bytes | None = None
         self.conn_tokens: list[bytes] | None = None
@@ -233,8 +239,7 @@ class ClientConnection(asyncio.Protocol):
                 return
         self.transport.set_write_buffer_limits(CLIENT_WRITE_HIGH_WATER)
         peer = transport.get_extra_info("peername")
-        self.client_ip = (peer[0] if peer else "unknown").encode()
-        self.fwd = self.engine.forwarded_headers(self.client_ip)
+        self.client_ip, self.fwd = self.engine.client_headers(peer[0] if peer else "unknown")
         self.engine.clients.add(self)
 
     def data_received(self, data: bytes) -> None:
@@ -265,7 +270,7 @@ class ClientConnection(asyncio.Protocol):
             if rest:
                 ex.tunnel_data(rest)
         except HttpParserError as exc:
-            self.chunks.clear()  # of a body that fails with its request
+            self.chunks = None  # of a body that fails with its request
             last = self.last
             if self.request_error is None and self.current is None and last is not None \
                     and not last.keep_alive:
@@ -551,6 +556,7 @@ class ClientConnection(asyncio.Protocol):
             method, b" ", url, b" HTTP/1.1\r\n", *parts, fwd,
             b"" if self.has_request_id else self.engine.ids.next_header(), framing,
         ))
+        self._reset_head()
         queue = self.queue
         if len(queue) >= MAX_QUEUED:
             # Pausing reads stops the next read, not the rest of this one: a read of tiny
@@ -588,7 +594,10 @@ class ClientConnection(asyncio.Protocol):
         ex = self.current
         if ex is not None:
             if ex.chunked and len(body) < SMALL_CHUNK:
-                self.chunks.append(body)
+                if self.chunks is None:
+                    self.chunks = [body]
+                else:
+                    self.chunks.append(body)
                 return
             if self.chunks:
                 self.send_chunks()
@@ -599,7 +608,7 @@ class ClientConnection(asyncio.Protocol):
         bytes objects in the endpoint connection's write buffer, whose limit counts only
         their bytes: a body of 1-byte chunks to a slow endpoint held 12 MB there (26
         times the limit). Never held past the read: a streaming client is not delayed."""
-        chunks = self.chunks
+        chunks: list[bytes] = self.chunks  # type: ignore[assignment]  # not empty
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
         ex = self.current
@@ -627,6 +636,8 @@ class ClientConnection(asyncio.Protocol):
                 self.out.append(self.broken)
             self.close()
             return
+        if self.last is ex:
+            self.last = None
         if queue:
             if self.paused & PAUSE_PIPELINE and len(queue) < MAX_PIPELINE and \
                     self.broken is None:
