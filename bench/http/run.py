@@ -184,7 +184,9 @@ def idle_memory(ip: str, port: int, pid: int, n: int) -> float:
             got = b""
             while b"\r\n\r\n" not in got:
                 got += s.recv(4096)
-        time.sleep(0.3)
+        # Idle means idle for a while: mcsproxy frees a connection's parser and queue after
+        # a whole tick (0.25 s) without a read, HAProxy its buffers at once.
+        time.sleep(1.0)
         after = rss_kib(pid)
     finally:
         for s in socks:
