@@ -339,3 +339,26 @@ async def test_running_out_of_descriptors_does_not_eject_udp_endpoints() -> None
         a.close()
         b.close()
         await proxy.stop()
+
+
+async def test_zero_length_datagrams_are_forwarded_both_ways() -> None:
+    # An empty datagram is valid UDP (keepalives, liveness probes): asyncio's and uvloop's
+    # sendto drop it silently, so it never reached the endpoint, nor a reply the client.
+    loop = asyncio.get_running_loop()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as ep, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+        ep.bind(("127.92.7.1", 0))
+        c.bind(("127.92.9.71", 0))
+        ep.setblocking(False)
+        c.setblocking(False)
+        ip = "127.240.92.7"
+        cs = dns_clusterset(ip, dns_endpoint("127.92.7.1", "east", ep.getsockname()[1]))
+        proxy = await cs.proxy()
+        try:
+            c.sendto(b"", (ip, 53))
+            data, flow = await asyncio.wait_for(loop.sock_recvfrom(ep, 100), 2)
+            assert data == b""
+            ep.sendto(b"", flow)
+            assert await asyncio.wait_for(loop.sock_recvfrom(c, 100), 2) == (b"", (ip, 53))
+        finally:
+            await proxy.stop()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import socket
 import time
 from typing import Any
 
@@ -32,6 +33,21 @@ REPLAY_DATAGRAMS_MAX = 8
 REPLAY_BYTES_MAX = 8 * 1024
 
 Address = tuple[Any, ...]
+
+
+def send_empty(transport: asyncio.DatagramTransport, addr: Address | None = None) -> None:
+    """A zero-length datagram, which asyncio's and uvloop's `sendto` drop without a word
+    though it is valid UDP (keepalives, NAT and liveness probes): sent on the transport's
+    own socket. Raises the OSError the send met."""
+    sock = socket.socket(fileno=transport.get_extra_info("socket").fileno())
+    try:
+        if addr is None:
+            sock.send(b"")
+        else:
+            sock.sendto(b"", addr)
+    finally:
+        sock.detach()  # the transport owns the descriptor
+
 
 
 class UdpListener(asyncio.DatagramProtocol):
@@ -82,8 +98,15 @@ class UdpListener(asyncio.DatagramProtocol):
         self.flows.clear()
 
     def reply(self, data: bytes, addr: Address) -> None:
-        if self.transport is not None:
+        if self.transport is None:
+            return
+        if data:
             self.transport.sendto(data, addr)
+            return
+        try:
+            send_empty(self.transport, addr)
+        except OSError as exc:
+            self.error_received(exc)  # as the transport reports a failed sendto
 
 
 class UdpFlow(asyncio.DatagramProtocol):
@@ -162,14 +185,12 @@ class UdpFlow(asyncio.DatagramProtocol):
         self.host.stats.attempts["ok"] += 1
         pending, self.pending = self.pending, None
         for data in pending or ():
-            self.transport.sendto(data)
-            self.sent += len(data)
+            self._sendto(data)
 
     def send(self, data: bytes) -> None:
         self.idle = 0
         if self.transport is not None:
-            self.transport.sendto(data)
-            self.sent += len(data)
+            self._sendto(data)
         elif self.pending is not None and len(self.pending) < PENDING_DATAGRAMS_MAX:
             self.pending.append(data)
         else:
@@ -181,6 +202,17 @@ class UdpFlow(asyncio.DatagramProtocol):
                 replay.append(data)
             else:
                 self.replay = None
+
+    def _sendto(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.sent += len(data)
+        if data:
+            self.transport.sendto(data)
+            return
+        try:
+            send_empty(self.transport)
+        except OSError as exc:
+            self.error_received(exc)  # port unreachable shows here as on any send
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
         self.idle = 0
