@@ -362,3 +362,38 @@ async def test_zero_length_datagrams_are_forwarded_both_ways() -> None:
             assert await asyncio.wait_for(loop.sock_recvfrom(c, 100), 2) == (b"", (ip, 53))
         finally:
             await proxy.stop()
+
+
+async def test_client_ip_affinity_holds_across_workers() -> None:
+    # With --workers the kernel spreads a listener's datagrams by addresses and ports, so
+    # one client's flows from different source ports reached different workers, each
+    # with its own affinity table (and round-robin position): in a 2-worker gateway 6 of
+    # 10 client addresses reached both endpoints.
+    a, a_port = await udp_backend("east-1", "127.92.8.1")
+    b, b_port = await udp_backend("east-2", "127.92.8.2")
+    ip = "127.240.92.8"
+    cs = Clusterset("east")
+    cs.publish("dns", ip, [DNS], [dns_endpoint("127.92.8.1", "east", a_port),
+                                   dns_endpoint("127.92.8.2", "east", b_port)],
+               affinity="ClientIP")
+    workers = [await cs.proxy(workers=2), await cs.proxy(workers=2)]  # one reuseport group
+    # 21 one-flow clients first: whatever their split, the two workers' round-robin
+    # positions end up of different parity, as workers serving different clients do.
+    clients = [await client(f"127.92.10.{i + 1}") for i in range(21)]
+    clients += [await client(f"127.92.9.{80 + i // 6}") for i in range(60)]
+    try:
+        served: dict[str, set[bytes]] = {}
+        for c, proto in clients:
+            c.sendto(b"q", (ip, 53))
+            data, _ = await asyncio.wait_for(proto.replies.get(), 3)
+            served.setdefault(c.get_extra_info("sockname")[0], set()).add(data.split(b":")[0])
+        assert all(len(names) == 1 for names in served.values()), served
+        # and the client addresses are still spread over both workers
+        assert all(any(isinstance(f, UdpFlow) for f in w.conns) for w in workers)
+    finally:
+        for c, _ in clients:
+            c.close()
+        a.close()
+        b.close()
+        for w in workers:
+            await w.stop()

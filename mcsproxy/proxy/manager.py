@@ -33,6 +33,7 @@ from mcsproxy.observability.events import EventRing
 from mcsproxy.proxy.context import ListenerContext, Tracked, new_refusals
 from mcsproxy.proxy.tcp import ClientSide
 from mcsproxy.proxy.udp import UdpListener
+from mcsproxy.proxy.workers import steer_by_client_ip
 from mcsproxy.store import SnapshotStore
 from mcsproxy.tasks import cancel_and_wait, spawn
 from mcsproxy.upstream import HealthChecker, UpstreamSet, eligible_targets
@@ -92,7 +93,7 @@ class StreamFactory:
 
 
 class Listener:
-    __slots__ = ("ctx", "factory", "key", "server", "transport", "upstream_key")
+    __slots__ = ("ctx", "factory", "key", "server", "steered", "transport", "upstream_key")
 
     def __init__(self, key: ListenerKey, upstream_key: UpstreamKey, ctx: ListenerContext) -> None:
         self.key = key
@@ -101,6 +102,14 @@ class Listener:
         self.server: asyncio.Server | None = None
         self.transport: asyncio.DatagramTransport | None = None
         self.factory: StreamFactory | None = None  # stream listeners
+        self.steered = False  # workers chosen by client address (see workers.py)
+
+    def socket(self) -> Any:
+        """The listening socket, as its transport or server lends it."""
+        if self.server is not None:
+            return self.server.sockets[0]
+        assert self.transport is not None
+        return self.transport.get_extra_info("socket")
 
     def close(self) -> None:
         if self.server is not None:
@@ -126,7 +135,9 @@ def listener_shape(service: ImportedService | None) -> object:
     """What of a service decides its listeners (None: not imported)."""
     if service is None:
         return None
-    return (service.headless, tuple(service.ips), tuple(service.ports))
+    # Affinity too: with --workers it decides how the kernel spreads a listener's packets.
+    return (service.headless, tuple(service.ips), tuple(service.ports),
+            service.session_affinity)
 
 
 class ProxyManager:
@@ -284,6 +295,7 @@ class ProxyManager:
                 log.info("listener %s moves from %s to %s", lkey, listener.upstream_key, ukey)
                 listener.upstream_key = ukey
                 listener.ctx.upstream = upstream
+            self._steer(listener, upstream)
             http = serves_http(port)
             if listener.factory is not None and listener.factory.http != http:
                 log.info("listener %s now proxies %s", lkey, "HTTP" if http else "TCP streams")
@@ -364,6 +376,22 @@ class ProxyManager:
         self._bind_errors.pop(lkey, None)
         self.listeners[lkey] = listener
         log.info("listener %s serving %s", lkey, ukey)
+        self._steer(listener, upstream)
+
+    def _steer(self, listener: Listener, upstream: UpstreamSet) -> None:
+        """With --workers, a ClientIP affinity service's listener hands each client address
+        to one worker, whose affinity table then holds for all of that client's
+        connections and flows (the kernel's default spreads them by source port)."""
+        steer = self.config.workers > 1 and upstream.affinity is not None
+        if steer == listener.steered:
+            return
+        try:
+            steer_by_client_ip(listener.socket(), self.config.workers, steer)
+        except OSError as exc:
+            log.warning("listener %s: cannot steer clients to workers by address (%s): "
+                        "sessionAffinity ClientIP holds per worker only", listener.key, exc)
+            return
+        listener.steered = steer
 
     def _bind(self, lkey: ListenerKey) -> socket.socket:
         family = socket.AF_INET6 if ":" in lkey.ip else socket.AF_INET

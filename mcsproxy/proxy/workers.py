@@ -13,15 +13,24 @@ the kernel sends it SIGTERM (PR_SET_PDEATHSIG), so it drains and exits. An orpha
 would otherwise keep its SO_REUSEPORT listeners forever with a frozen configuration, and a
 restarted gateway (or anything else binding the same address) would silently share its
 connections with it.
+
+The kernel spreads a listener's packets over the workers by a hash of each flow's
+addresses and ports, so one client's connections (and UDP flows) from different source
+ports land on different workers, each with its own sessionAffinity table: ClientIP
+affinity would hold per worker only. Listeners of ClientIP services therefore get a
+classic BPF program (`steer_by_client_ip`) that picks the worker by the client address
+alone, as kube-proxy's affinity is by client address across every connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import os
 import signal
+import socket
 import sys
 from typing import Any
 
@@ -39,6 +48,48 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # The worker's entry: `python -c WORKER_MAIN <supervisor pid> gateway ...` (the same
 # interpreter and sys.path as `python -m mcsproxy`, so a cwd-local package still wins).
 WORKER_MAIN = "import sys; from mcsproxy.proxy.workers import worker_main; sys.exit(worker_main())"
+# <asm-generic/socket.h>, <linux/filter.h>: not in Python's socket module.
+SO_ATTACH_REUSEPORT_CBPF = 51
+SO_DETACH_REUSEPORT_BPF = 68
+SKF_NET_OFF = -0x100000  # loads relative to the IP header (the program starts past UDP/TCP)
+BPF_LD_W_ABS, BPF_TAX, BPF_XOR_X, BPF_MOD_K, BPF_RET_A = 0x20, 0x07, 0xAC, 0x94, 0x16
+
+
+class SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
+                ("k", ctypes.c_uint32)]
+
+
+class SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(SockFilter))]
+
+
+def client_ip_program(family: int, workers: int) -> list[tuple[int, int]]:
+    """(code, k) of a reuseport program: the source address (IPv6: its four words XORed)
+    modulo the number of workers, the index of the socket that gets the packet. An index
+    past the group's sockets (a worker restarting) falls back to the kernel's hash."""
+    words = (12,) if family == socket.AF_INET else (8, 12, 16, 20)
+    prog = [(BPF_LD_W_ABS, (SKF_NET_OFF + words[0]) & 0xFFFFFFFF)]
+    for offset in words[1:]:
+        prog += [(BPF_TAX, 0), (BPF_LD_W_ABS, (SKF_NET_OFF + offset) & 0xFFFFFFFF),
+                 (BPF_XOR_X, 0)]
+    return [*prog, (BPF_MOD_K, workers), (BPF_RET_A, 0)]
+
+
+def steer_by_client_ip(sock: Any, workers: int, on: bool) -> None:
+    """Make the reuseport group of `sock` (a bound SO_REUSEPORT socket, or the stand-in a
+    transport gives for one: anything with `family` and `setsockopt`) pick its socket by
+    client address (`on`), or by the kernel's hash of addresses and ports again. The
+    program belongs to the group: every worker sets the same one."""
+    if not on:
+        # ENOENT: none attached, another worker detached it first.
+        with contextlib.suppress(FileNotFoundError):
+            sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, 0)
+        return
+    code = client_ip_program(sock.family, workers)
+    filters = (SockFilter * len(code))(*(SockFilter(c, 0, 0, k) for c, k in code))
+    fprog = SockFprog(len(code), filters)
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, bytes(fprog))
 
 
 def die_with_parent(parent_pid: int) -> bool:
