@@ -5,15 +5,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from prometheus_client import generate_latest
 
 from mcsproxy.observability.families import Families
 from mcsproxy.observability.stats import (
+    CONNECT_BUCKETS,
+    DNS_BUCKETS,
     REQUEST_BUCKETS,
     Buckets,
     DnsStats,
-    RequestBuckets,
     answer_labels,
+    histogram,
 )
 from mcsproxy.observability.workers import WorkerReporter, WorkerReports
 
@@ -32,13 +35,14 @@ def families(connections: float, active: float, endpoints: float) -> Families:
     return f
 
 
-def test_the_unrolled_request_histogram_buckets_as_bisect_does() -> None:
-    """RequestBuckets.observe is generated comparisons, not bisect: on every bound, just
+@pytest.mark.parametrize("bounds", [REQUEST_BUCKETS, CONNECT_BUCKETS, DNS_BUCKETS, (1.0,)])
+def test_the_unrolled_histograms_bucket_as_bisect_does(bounds: tuple[float, ...]) -> None:
+    """histogram().observe is generated comparisons, not bisect: on every bound, just
     below and above it, and at the ends, it counts in the bucket Buckets.observe does."""
     values = [0.0, 1e-9, 1e9, float("inf")] + [
-        v for bound in REQUEST_BUCKETS for v in (bound * (1 - 1e-12), bound,
-                                                 bound * (1 + 1e-12))]
-    fast, plain = RequestBuckets(), Buckets(REQUEST_BUCKETS)
+        v for bound in bounds for v in (bound * (1 - 1e-12), bound, bound * (1 + 1e-12))]
+    fast, plain = histogram(bounds), Buckets(bounds)
+    assert type(fast) is not Buckets and type(histogram(bounds)) is type(fast)
     for v in values:
         fast.observe(v)
         plain.observe(v)

@@ -2,8 +2,8 @@
 
 No locks, no label lookups, no prometheus-client calls per packet: each proxy connection
 holds the `ClusterStats` of the (service port, destination cluster) it uses and bumps
-integers on it. Histograms are fixed bucket arrays (`Buckets.observe` is one bisect; the one
-observed per HTTP request a few float comparisons, see `unrolled_observe`).
+integers on it. Histograms are fixed bucket arrays, observed with a few float comparisons
+(`histogram`, `unrolled_observe`).
 """
 
 from __future__ import annotations
@@ -92,14 +92,19 @@ def unrolled_observe(bounds: Sequence[float]) -> Callable[[Buckets, float], None
     return namespace["observe"]
 
 
-class RequestBuckets(Buckets):
-    """The HTTP request duration histogram (REQUEST_BUCKETS): one observation per request."""
+_HISTOGRAM_CLASSES: dict[tuple[float, ...], type[Buckets]] = {}
 
-    __slots__ = ()
-    observe = unrolled_observe(REQUEST_BUCKETS)  # type: ignore[assignment]
 
-    def __init__(self) -> None:
-        super().__init__(REQUEST_BUCKETS)
+def histogram(bounds: Sequence[float]) -> Buckets:
+    """A histogram of these bounds whose observe is `unrolled_observe`'s: every histogram
+    the data path observes (per connection, request or DNS answer) is made here. One
+    class per bucket set, made on first use."""
+    key = tuple(bounds)
+    cls = _HISTOGRAM_CLASSES.get(key)
+    if cls is None:
+        cls = _HISTOGRAM_CLASSES[key] = type(
+            "UnrolledBuckets", (Buckets,), {"__slots__": (), "observe": unrolled_observe(key)})
+    return cls(key)
 
 
 def connect_outcome(reason: str) -> str:
@@ -125,10 +130,10 @@ class ClusterStats:
         self.bytes_to_upstream = 0
         self.bytes_to_client = 0
         self.ejections = 0
-        self.connect_time = Buckets(CONNECT_BUCKETS)
+        self.connect_time = histogram(CONNECT_BUCKETS)
         self.requests: dict[str, int] = {}  # HTTP requests by outcome (2xx ... error kind)
         # Each request counted in `requests` is timed here too (see Exchange.account).
-        self.request_time = RequestBuckets()
+        self.request_time = histogram(REQUEST_BUCKETS)
 
 
 class UpstreamStats:
@@ -224,7 +229,7 @@ class DnsStats:
     def __init__(self) -> None:
         self.memo_hits: dict[bytes, int] = {}
         self.counts: dict[tuple[str, str, str], int] = {}
-        self.latency = {"built": Buckets(DNS_BUCKETS), "forwarded": Buckets(DNS_BUCKETS)}
+        self.latency = {"built": histogram(DNS_BUCKETS), "forwarded": histogram(DNS_BUCKETS)}
         self.forward_failures = dict.fromkeys(FORWARD_FAILURES, 0)
         self.forward_mismatches = dict.fromkeys(FORWARD_MISMATCHES, 0)
 
