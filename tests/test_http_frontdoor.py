@@ -6,7 +6,7 @@ from mcsproxy.config import HttpConfig
 from mcsproxy.http.frontdoor import FrontDoor
 from mcsproxy.model import ServicePort
 from tests.http_support import HTTP_PORT, RawClient, start_backends
-from tests.proxy_fixtures import Clusterset, endpoint, free_port
+from tests.proxy_fixtures import Backend, Clusterset, endpoint, free_port
 
 
 async def test_front_door_routes_by_host_only_to_imported_services() -> None:
@@ -77,3 +77,35 @@ async def test_a_front_door_that_cannot_listen_says_which_address() -> None:
         await front.stop()
         await proxy.stop()
         taken.close()
+
+
+async def test_a_port_without_app_protocol_http_is_not_proxied_as_http() -> None:
+    # Its ClusterSetIP listener relays TCP. The front door used to send HTTP to it: a
+    # Redis endpoint answered garbage, every request was a 502 blamed on an endpoint,
+    # and after 5 of them any client had ejected half the endpoints the TCP
+    # clients of that port share (one upstream set per port) for 30 s.
+    backends = [await Backend(f"r{i}", f"127.223.1.{i}", free_port(f"127.223.1.{i}"),
+                              "east" if i == 1 else "west").start() for i in (1, 2)]
+    cs = Clusterset("east")
+    cs.publish("redis", "127.223.0.3", [ServicePort("redis", "TCP", 6379)],
+               [endpoint(b.host, b.cluster, b.port, name="redis") for b in backends])
+    listen = ("127.223.0.100", free_port("127.223.0.100"))
+    proxy = await cs.proxy(http=HttpConfig(listen=listen))
+    front = FrontDoor(proxy, "clusterset.local")
+    await front.start()
+    try:
+        client = await RawClient.open(*listen)
+        for host in ("redis.test.svc.clusterset.local:6379",
+                     "redis.test.svc.clusterset.local"):  # its only TCP port
+            for _ in range(6):
+                r = await client.get("/", host=host)
+                assert (r.status, r.body) == (404, b"service port is not appProtocol http\n")
+        await client.close()
+        assert [b.accepted for b in backends] == [0, 0]
+        [upstream] = proxy.upstreams.values()
+        assert all(h.healthy for h in upstream.hosts.values())
+    finally:
+        await front.stop()
+        await proxy.stop()
+        for b in backends:
+            await b.stop()

@@ -1,12 +1,13 @@
 """`--http-listen HOST:PORT`: one HTTP listener routing by Host to imported services.
 
 `Host: <svc>.<ns>.svc.<domain>[:port]` selects the service port with that number (without
-a port: port 80, or the service's only TCP port). The endpoint sets, their health and
-ejection are the proxy manager's own, shared with the ClusterSetIP listeners. Anything
-else is refused: a Host outside the clusterset domain gets 421, an unknown service or
-port 404. An absolute-form request target routes by its authority instead of Host, with
-the same rules, so the front door never proxies to an address a client names: it is not
-an open proxy.
+a port: port 80, or the service's only TCP port), if it has `appProtocol: http`. The
+endpoint sets, their health and ejection are the proxy manager's own, shared with the
+ClusterSetIP listeners. Anything else is refused: a Host outside the clusterset domain
+gets 421, an unknown service or port, or one without `appProtocol: http` (a TCP relay),
+404. An absolute-form request target routes by its authority instead of Host, with the
+same rules, so the front door never proxies to an address a client names: it is not an
+open proxy.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 import socket
 from functools import partial
 
-from mcsproxy.http.engine import HttpRoute
+from mcsproxy.http.engine import HttpRoute, serves_http
 from mcsproxy.http.server import ClientConnection
 from mcsproxy.model import ImportedService, ServiceKey, ServicePort
 from mcsproxy.proxy.context import ListenerContext
@@ -129,6 +130,11 @@ class FrontDoor:
             port = default_port(service)
         if port is None:
             return None, (404, "no such service port")
+        if not serves_http(port):
+            # Its ClusterSetIP listener relays TCP, and it shares its endpoints' health
+            # with us: HTTP sent to a port that may not speak it would be a 502 blamed on
+            # healthy endpoints, and any client could get them ejected.
+            return None, (404, "service port is not appProtocol http")
         ukey = UpstreamKey(service.key, port.name, "TCP")
         upstream = self.proxy.upstreams.get(ukey)
         if upstream is None:
