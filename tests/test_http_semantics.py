@@ -451,3 +451,33 @@ async def test_a_head_answered_503_and_retried_leaves_its_connection_reusable() 
         await proxy.stop()
         await sick.stop()
         await healthy.stop()
+
+
+async def test_an_upgrade_in_an_http10_request_is_ignored() -> None:
+    # RFC 9110 7.8: a server MUST ignore Upgrade in an HTTP/1.0 request. It used to be
+    # sent on as an HTTP/1.1 upgrade, and an endpoint that switched made a tunnel of an
+    # HTTP/1.0 connection; now the request goes as a plain one and the connection stays
+    # HTTP (llhttp stops at an upgrade request: what follows gets a fresh parser).
+    [backend] = await start_backends({"east": 1}, 223)
+    cs = Clusterset("east")
+    publish(cs, "up10", "127.223.0.9", [backend])
+    proxy = await cs.proxy()
+    try:
+        client = await RawClient.open("127.223.0.9", 80)
+        upgrade = b"Upgrade: websocket\r\n\r\n"
+        client.send(b"GET /a HTTP/1.0\r\nConnection: keep-alive, Upgrade\r\n" + upgrade +
+                    b"GET /b HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+                    b"GET /c HTTP/1.0\r\nConnection: Upgrade\r\n" + upgrade +
+                    b"GET /d HTTP/1.1\r\nHost: a\r\n\r\n")  # after a close: dropped
+        answers = [await client.response() for _ in range(3)]
+        assert [(r.status, r.body) for r in answers] == [(200, b"east-1")] * 3
+        assert [r.headers[b"connection"] for r in answers] == [b"keep-alive"] * 2 + [b"close"]
+        assert await client.closed()
+        await client.close()
+        assert [u for _, u, _ in backend.requests] == [b"/a", b"/b", b"/c"]
+        for i in range(3):
+            assert backend.header(i, b"upgrade") == []
+            assert backend.header(i, b"connection") == []
+    finally:
+        await proxy.stop()
+        await backend.stop()

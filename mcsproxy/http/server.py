@@ -269,6 +269,17 @@ class ClientConnection(asyncio.Protocol):
             parser.feed_data(data)
         except HttpParserUpgrade as exc:
             ex = self.last
+            if ex is not None and not ex.upgrade and not ex.http11 and self.current is None:
+                # An Upgrade we ignore (HTTP/1.0, see on_headers_complete): llhttp stopped
+                # after the request all the same. What follows is HTTP for a fresh parser,
+                # or, after an answer that closes, dropped (RFC 9112 9.6).
+                self.parser = HttpRequestParser(self)
+                if ex.keep_alive:
+                    self.data_received(data[exc.args[0]:])
+                else:
+                    self.pause(PAUSE_PIPELINE)
+                    self.flush()
+                return
             if ex is None or not ex.upgrade:
                 self.reject(RequestError(400, "unexpected protocol upgrade"))
                 return
@@ -538,7 +549,9 @@ class ClientConnection(asyncio.Protocol):
                 self._refuse(501, "only the chunked transfer coding is supported")
             chunked = True
         length = 0 if self.length is None else int(self.length)
-        upgrade = self.upgrade is not None and parser.should_upgrade()
+        # RFC 9110 7.8: a server MUST ignore Upgrade in an HTTP/1.0 request; it goes on as
+        # a plain request (the Upgrade field is hop-by-hop: never forwarded unasked).
+        upgrade = http11 and self.upgrade is not None and parser.should_upgrade()
         keep_alive = not upgrade and parser.should_keep_alive()
         error: tuple[int, str] | None = None
         route = self.route
