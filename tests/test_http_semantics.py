@@ -481,3 +481,25 @@ async def test_an_upgrade_in_an_http10_request_is_ignored() -> None:
     finally:
         await proxy.stop()
         await backend.stop()
+
+
+async def test_an_error_of_ours_to_an_http10_keep_alive_client_says_keep_alive() -> None:
+    # RFC 9112 9.3 / RFC 2068 19.7.1: an HTTP/1.0 connection persists only if the answer
+    # says `Connection: keep-alive`. Ours did on relayed answers but not on our own
+    # errors, which left the connection open while telling the client it would close.
+    cs = Clusterset("east")
+    cs.publish("empty", "127.223.0.10", [HTTP_PORT], [])
+    proxy = await cs.proxy()
+    try:
+        client = await RawClient.open("127.223.0.10", 80)
+        ka = b"Connection: keep-alive\r\n\r\n"
+        client.send(b"GET / HTTP/1.0\r\n" + ka + b"HEAD / HTTP/1.0\r\n" + ka +
+                    b"GET / HTTP/1.0\r\n\r\n")
+        answers = [await client.response(head=head) for head in (False, True, False)]
+        assert [(r.status, r.headers.get(b"connection")) for r in answers] == [
+            (503, b"keep-alive"), (503, b"keep-alive"), (503, b"close")]
+        assert answers[0].body == b"no healthy endpoint\n"
+        assert await client.closed()
+        await client.close()
+    finally:
+        await proxy.stop()

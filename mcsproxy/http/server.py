@@ -1354,7 +1354,8 @@ class Exchange:
         engine = self.client.engine
         self.client.out.append(engine.errors.build(status, text, engine.date,
                                                    close=not self.keep_alive,
-                                                   head_only=self.is_head))
+                                                   head_only=self.is_head,
+                                                   http10=not self.http11))
         self.resp_started = True
         self.resp_done = True
         self.finish()

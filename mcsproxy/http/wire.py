@@ -91,17 +91,18 @@ def http_date(now: float) -> bytes:
 
 
 class ErrorResponses:
-    """Short text responses naming the reason, built once per (status, text, close, head)."""
+    """Short text responses naming the reason, built once per (status, text, close, head,
+    HTTP/1.0)."""
 
     __slots__ = ("_cache", "via")
 
     def __init__(self, via: bytes) -> None:
         self.via = via
-        self._cache: dict[tuple[int, str, bool, bool], tuple[bytes, bytes]] = {}
+        self._cache: dict[tuple[int, str, bool, bool, bool], tuple[bytes, bytes]] = {}
 
     def build(self, status: int, text: str, date: bytes, close: bool,
-              head_only: bool = False) -> bytes:
-        key = (status, text, close, head_only)
+              head_only: bool = False, http10: bool = False) -> bytes:
+        key = (status, text, close, head_only, http10)
         cached = self._cache.get(key)
         if cached is None:
             body = text.encode() + b"\n"
@@ -110,7 +111,9 @@ class ErrorResponses:
                 b"Content-Type: text/plain; charset=utf-8\r\n",
                 b"Content-Length: %d\r\n" % len(body),
                 self.via,
-                b"Connection: close\r\n" if close else b"",
+                # An HTTP/1.0 connection persists only if the answer says so.
+                b"Connection: close\r\n" if close else
+                b"Connection: keep-alive\r\n" if http10 else b"",
                 CRLF,
                 b"" if head_only else body,
             ))
