@@ -733,6 +733,70 @@ async def test_a_tunnel_half_closes_each_way() -> None:
         writer.close()
 
 
+class IgnoresUpgrade(asyncio.Protocol):
+    """Refuses every Upgrade as Go's net/http does without a hijacking handler: reads
+    each request's body by its Content-Length and answers 200 naming the path and the
+    body, in order; /slow/ paths 0.2 s late. Records what it parsed."""
+
+    seen: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.buf = b""
+        self.ready_at = 0.0
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        loop = asyncio.get_running_loop()
+        while b"\r\n\r\n" in self.buf:
+            head, rest = self.buf.split(b"\r\n\r\n", 1)
+            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)
+            if len(rest) < length:
+                return
+            body, self.buf = rest[:length], rest[length:]
+            path = head.split(b" ")[1]
+            IgnoresUpgrade.seen.append(path + b" " + body)
+            answer = path + b" " + body
+            self.ready_at = max(self.ready_at, loop.time() + (0.2 if b"/slow/" in path else 0))
+            loop.call_at(self.ready_at, self.transport.write,
+                         b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer))
+
+
+async def test_an_upgrade_refused_gets_its_body_and_nothing_the_client_sent_after() -> None:
+    # llhttp ends an Upgrade request with its head. What followed was held until a 101,
+    # and sent as the body when the endpoint connection opened after it: an endpoint
+    # that refused (200) read the client's further bytes as a request of its own, never
+    # parsed by us, and its late answer went to the next client on that pooled
+    # connection. And a body sent on a pooled connection was held: the refusing endpoint
+    # waited for it until the per-try timeout (504).
+    IgnoresUpgrade.seen = []
+    upgrade = b"Connection: Upgrade\r\nUpgrade: h2c\r\n"
+    async with protocol_behind_proxy(IgnoresUpgrade, "127.223.2.1", "127.223.0.11",
+                                     "refuses"):
+        first = await RawClient.open("127.223.0.11", 80)  # a new endpoint connection
+        first.send(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n" + upgrade +
+                   b"\r\nGET /slow/smuggled HTTP/1.1\r\nHost: a\r\n\r\n")
+        r = await first.response()
+        assert (r.status, r.body, r.headers[b"connection"]) == (200, b"/up ", b"close")
+        assert await first.closed()
+        victim = await RawClient.open("127.223.0.11", 80)  # takes the pooled connection
+        assert (await victim.get("/victim")).body == b"/victim "
+        # An Upgrade request's body goes as its body, on a pooled connection too.
+        victim.send(b"POST /body HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n" + upgrade +
+                    b"\r\nabcHELD")
+        r = await victim.response(timeout=2)
+        assert (r.status, r.body) == (200, b"/body abc")
+        assert IgnoresUpgrade.seen == [b"/up ", b"/victim ", b"/body abc"]
+        # One with a chunked body cannot be passed on checked: refused.
+        chunked = await RawClient.open("127.223.0.11", 80)
+        chunked.send(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n" +
+                     upgrade + b"\r\n3\r\nabc\r\n0\r\n\r\n")
+        assert (await chunked.response()).status == 501
+        for client in (first, victim, chunked):
+            await client.close()
+
+
 async def test_client_disconnect_mid_request_frees_the_endpoint() -> None:
     [backend] = await start_backends({"east": 1}, 64)
     cs = Clusterset("east")

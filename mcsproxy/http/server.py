@@ -552,6 +552,10 @@ class ClientConnection(asyncio.Protocol):
         # RFC 9110 7.8: a server MUST ignore Upgrade in an HTTP/1.0 request; it goes on as
         # a plain request (the Upgrade field is hop-by-hop: never forwarded unasked).
         upgrade = http11 and self.upgrade is not None and parser.should_upgrade()
+        if upgrade and chunked:
+            # llhttp leaves an Upgrade request's body unparsed (see Exchange.tunnel_data):
+            # a chunked one could only be passed on unchecked.
+            self._refuse(501, "an Upgrade request with a chunked body is not supported")
         keep_alive = not upgrade and parser.should_keep_alive()
         error: tuple[int, str] | None = None
         route = self.route
@@ -807,6 +811,7 @@ class Exchange:
         "fail_why",
         "finished",
         "fresh_retried",
+        "held",
         "host",
         "http11",
         "idempotent",
@@ -836,6 +841,7 @@ class Exchange:
         "until_close",
         "up",
         "upgrade",
+        "upgrade_body",
         "upstream",
     )
 
@@ -864,6 +870,10 @@ class Exchange:
         self.unsent: list[bytes] | None = None  # body bytes waiting for a connection
         self.unsent_size = 0
         self.upgrade = upgrade
+        # llhttp ends an Upgrade request with its head: the body its head announces comes
+        # through tunnel_data, and only then is the request done.
+        self.upgrade_body = length if upgrade else 0
+        self.held: bytearray | None = None  # sent after a 101 only (tunnel_data)
         self.error = error
         self.resp_started = self.resp_done = self.until_close = False
         self.finished = self.started = False
@@ -1126,6 +1136,8 @@ class Exchange:
                 self.client.pause(PAUSE_UNSENT)
 
     def request_done(self) -> None:
+        if self.upgrade_body:
+            return  # see tunnel_data
         self.req_done = True
         if self.finished:
             return
@@ -1140,12 +1152,25 @@ class Exchange:
             up.transport.write(LAST_CHUNK)
 
     def tunnel_data(self, data: bytes) -> None:
-        """Bytes after an Upgrade request's head, before the endpoint agreed to switch."""
-        if self.unsent is None:
-            self.unsent = []
-        self.unsent.append(data)
-        self.unsent_size += len(data)
-        if self.unsent_size > UNSENT_HIGH_WATER:
+        """Bytes after an Upgrade request's head, before the endpoint agreed to switch:
+        first the body its Content-Length announces, sent as any body (an endpoint that
+        refuses the upgrade, or h2c's, reads it before answering); the rest is held for
+        the tunnel. Never sent before a 101: an endpoint that refuses would read it as
+        a further request on a connection we pool, one we never parsed (smuggled), its
+        answer left for the next request to take."""
+        left = self.upgrade_body
+        if left:
+            self.upgrade_body = max(0, left - len(data))
+            self.request_body(data[:left])
+            if not self.upgrade_body:
+                self.request_done()
+            data = data[left:]
+            if not data:
+                return
+        if self.held is None:
+            self.held = bytearray()
+        self.held += data
+        if len(self.held) > UNSENT_HIGH_WATER:
             self.client.pause(PAUSE_UNSENT)
 
     # -- the response (from the endpoint connection) ----------------------------------
@@ -1255,12 +1280,10 @@ class Exchange:
         client.flush()
         if rest:
             client.transport.write(rest)
-        if self.unsent:
-            early = b"".join(self.unsent)
-            up.sent += len(early)
-            up.transport.write(early)
-            self.unsent = None
-            self.unsent_size = 0
+        if self.held:
+            up.sent += len(self.held)
+            up.transport.write(bytes(self.held))
+            self.held = None
             client.resume(PAUSE_UNSENT)
         client.start_tunnel(up)
         self.resp_done = True
