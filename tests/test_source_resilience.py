@@ -222,6 +222,25 @@ async def controller_behind(
             await relay.stop()
 
 
+@contextlib.asynccontextmanager
+async def synced_source() -> AsyncIterator[
+        tuple[StreamHub, ControlplaneSource, SnapshotStore, asyncio.Task[None]]]:
+    """A controller's stream server with one ServiceImport for cluster east and a source
+    connected to it directly, synced; yields the hub, the source, its store and its task
+    (cancelled at the end)."""
+    web = {ObjectRef("ServiceImport", "test", "web"): service_import("web")}
+    async with stream_server(web) as (hub, bound):
+        store = SnapshotStore("east")
+        source = ControlplaneSource(f"http://{CONTROLLER_HOST}:{bound[1]}", "east")
+        task = spawn(source.run(store), name="test source")
+        try:
+            async with asyncio.timeout(5):
+                await store.loaded.wait()
+            yield hub, source, store, task
+        finally:
+            await cancel_and_wait([task])
+
+
 async def test_controlplane_stream_without_response_headers_reconnects() -> None:
     """The first connection is taken and never answered: given up after the headers
     timeout, the next one syncs."""
@@ -289,31 +308,23 @@ async def test_controlplane_object_count_follows_the_deltas() -> None:
     """The source's object count (admin /readyz detail, the objects metric) follows what
     deltas add and remove, not only what the last full snapshot held."""
     web = ObjectRef("ServiceImport", "test", "web")
-    async with stream_server({web: service_import("web")}) as (hub, bound):
-        store = SnapshotStore("east")
-        source = ControlplaneSource(f"http://{CONTROLLER_HOST}:{bound[1]}", "east")
-        task = spawn(source.run(store), name="test source")
-        try:
-            async with asyncio.timeout(5):
-                await store.loaded.wait()
-            status = store.sources[source.name]
-            assert status.objects == 1
-            api = ObjectRef("ServiceImport", "test", "api")
-            west = ObjectRef("EndpointSlice", "test", "web-west")
-            hub.publish("east", {api: service_import("api", "127.240.3.2"),
-                                 west: imported_slice("web-west", "web", "west", ["10.1.0.1"])},
-                        [], None)
-            async with asyncio.timeout(5):
-                while status.objects != 3:
-                    await asyncio.sleep(0.01)
-            hub.publish("east", {west: imported_slice("web-west", "web", "west", ["10.1.0.2"])},
-                        [web, ObjectRef("ServiceImport", "test", "never-sent")], None)
-            async with asyncio.timeout(5):
-                while len(store.current.services) != 1:
-                    await asyncio.sleep(0.01)
-            assert status.objects == 2
-        finally:
-            await cancel_and_wait([task])
+    async with synced_source() as (hub, source, store, _task):
+        status = store.sources[source.name]
+        assert status.objects == 1
+        api = ObjectRef("ServiceImport", "test", "api")
+        west = ObjectRef("EndpointSlice", "test", "web-west")
+        hub.publish("east", {api: service_import("api", "127.240.3.2"),
+                             west: imported_slice("web-west", "web", "west", ["10.1.0.1"])},
+                    [], None)
+        async with asyncio.timeout(5):
+            while status.objects != 3:
+                await asyncio.sleep(0.01)
+        hub.publish("east", {west: imported_slice("web-west", "web", "west", ["10.1.0.2"])},
+                    [web, ObjectRef("ServiceImport", "test", "never-sent")], None)
+        async with asyncio.timeout(5):
+            while len(store.current.services) != 1:
+                await asyncio.sleep(0.01)
+        assert status.objects == 2
 
 
 async def test_controlplane_stream_gone_silent_is_given_up_and_resumed() -> None:
@@ -349,3 +360,4 @@ async def test_controlplane_stream_gone_silent_is_given_up_and_resumed() -> None
         finally:
             await cancel_and_wait([task])
             await relay.stop()
+
