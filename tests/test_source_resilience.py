@@ -13,6 +13,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from controlplane.metrics import ControllerMetrics
@@ -361,3 +362,29 @@ async def test_controlplane_stream_gone_silent_is_given_up_and_resumed() -> None
             await cancel_and_wait([task])
             await relay.stop()
 
+
+async def test_controlplane_source_cancelled_as_a_message_arrives_ends(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cancel (the gateway shutting down) landing in the loop turn in which a message
+    arrives ends the source. asyncio.wait_for, on Python 3.11, returned the message and
+    dropped the cancel: the source kept following the stream and whoever waited for it to
+    end waited for ever (a hang of the backoff test above under load; with heartbeats every
+    millisecond, 21 of 300 cancels at a random moment were lost)."""
+    async with synced_source() as (_hub, _source, _store, task):
+        try:
+            loop = asyncio.get_running_loop()
+            feed_data = aiohttp.StreamReader.feed_data
+
+            def feed_and_cancel(reader: aiohttp.StreamReader, data: bytes,
+                                size: int = 0) -> bool:
+                more = feed_data(reader, data, size)
+                # After the reader's wakeup, before the source's: the race, every time.
+                loop.call_soon(task.cancel)
+                return more
+
+            # The next heartbeat (every 0.2 s) arrives with a cancel.
+            monkeypatch.setattr(aiohttp.StreamReader, "feed_data", feed_and_cancel)
+            await asyncio.wait([task], timeout=2)
+            assert task.cancelled()
+        finally:
+            monkeypatch.undo()  # or the cancel ending the test would be lost too

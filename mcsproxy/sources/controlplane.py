@@ -147,8 +147,8 @@ class ControlplaneSource:
             response = await session.get(self.url + STREAM_PATH, params=params)
         async with response:
             if response.status != 200:
-                body = (await asyncio.wait_for(response.content.read(512), 5.0)).decode(
-                    "utf-8", "replace")
+                async with asyncio.timeout(5.0):  # not wait_for: see lines.read_lines
+                    body = (await response.content.read(512)).decode("utf-8", "replace")
                 raise StreamProtocolError(f"HTTP {response.status} from controller: {body}")
             try:
                 heartbeat = float(response.headers.get(HEARTBEAT_HEADER, "5"))

@@ -345,7 +345,8 @@ class Reflector:
             if response.status == 404:
                 raise NotServed()
             if response.status != 200:
-                body = await asyncio.wait_for(response.content.read(4096), t.request_timeout_s)
+                async with asyncio.timeout(t.request_timeout_s):  # not wait_for: lines.py
+                    body = await response.content.read(4096)
                 raise ApiException(status=response.status, reason=_reason(body))
             self.watches += 1
             self._set_state(connected=True, error=None)

@@ -34,10 +34,11 @@ async def read_lines(
     scanned = 0  # the bytes of `buffer` already searched for a newline
     count = 0
     while True:
-        if read_timeout_s is None:
+        # Not asyncio.wait_for: on Python 3.11, when a chunk and a cancel arrive in the
+        # same loop turn it returns the chunk and drops the cancel, and a task following
+        # a stream for ever never ends (a gateway's source outliving its shutdown).
+        async with asyncio.timeout(read_timeout_s):
             chunk = await content.readany()
-        else:
-            chunk = await asyncio.wait_for(content.readany(), read_timeout_s)
         if not chunk:
             return count
         buffer += chunk
