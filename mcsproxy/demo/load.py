@@ -39,10 +39,14 @@ class LoadGenerator:
             return str(json.loads(await resp.text())["cluster"])
 
     async def _echo(self, ip: str, port: int) -> str:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(ip, port), 2)
+        # asyncio.timeout, not wait_for: on 3.11 wait_for drops a cancel (Ctrl-C) that
+        # arrives as the wait completes (gh-86296), and the demo would not stop.
+        async with asyncio.timeout(2):
+            reader, writer = await asyncio.open_connection(ip, port)
         try:
             writer.write(b"ping\n")
-            line = await asyncio.wait_for(reader.readline(), 2)
+            async with asyncio.timeout(2):
+                line = await reader.readline()
         finally:
             writer.close()
             with contextlib.suppress(OSError):

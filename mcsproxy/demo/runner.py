@@ -95,7 +95,8 @@ class Child:
             return
         proc.terminate()
         try:
-            await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
+            async with asyncio.timeout(STOP_GRACE_S):
+                await proc.wait()
         except TimeoutError:
             log.warning("%s did not stop within %.0fs: killing it", self.name, STOP_GRACE_S)
             proc.kill()
@@ -237,7 +238,8 @@ class Demo:
             self._check_children()
             cluster, svc, ip, port = pending[0]
             try:
-                _, writer = await asyncio.wait_for(asyncio.open_connection(ip, port), 1)
+                async with asyncio.timeout(1):
+                    _, writer = await asyncio.open_connection(ip, port)
             except (OSError, TimeoutError) as exc:
                 log_path = self.workdir / "logs" / f"gateway-{cluster}.log"
                 # The gateway logs why a listener failed and carries on without it.
