@@ -278,6 +278,7 @@ class StreamHub:
 
     async def _pump(self, response: web.StreamResponse, feed: Feed, sub: Subscriber) -> None:
         closing = asyncio.ensure_future(self._closing.wait())
+        getter: asyncio.Future[Any] | None = None
         try:
             while not self._closing.is_set():
                 if sub.lagging:
@@ -299,7 +300,11 @@ class StreamHub:
                     "time": time.time(),
                 }))
         finally:
+            # Cancelled while waiting (the gateway went, the server stops): the pending
+            # getter would be left behind, one task per stream.
             closing.cancel()
+            if getter is not None:
+                getter.cancel()
 
     def _count(self) -> None:
         if self.metrics is not None:

@@ -16,7 +16,7 @@ from aiohttp import web
 from controlplane.command import ControllerConfig, DirectoryControllerApp, config_from_args
 from controlplane.resources import ObjectRef
 from controlplane.server import ControllerServer
-from controlplane.stream import SUBSCRIBER_QUEUE, Feed, Subscriber
+from controlplane.stream import SUBSCRIBER_QUEUE, Feed, StreamHub, Subscriber
 from mcsproxy.cli import build_parser
 from mcsproxy.dns.wire import encode_name
 from mcsproxy.dns.zone import ZoneIndex
@@ -144,6 +144,26 @@ def test_a_subscriber_queue_is_bounded_in_bytes_too() -> None:
     for _ in range(3):
         fresh.offer(b"z" * 400)
     assert fresh.lagging and fresh.queued_bytes == 0
+
+
+async def test_a_stream_cancelled_while_waiting_leaves_no_task_behind() -> None:
+    """A stream handler cancelled (the server stopping) while it waits for the next
+    message: its wait for that message is cancelled with it, not left pending."""
+    hub = StreamHub(heartbeat_s=30)
+    hub.attach("east", {})
+    sub = Subscriber()
+    pump = asyncio.create_task(hub._pump(None, hub.feeds["east"], sub))  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)  # waiting: nothing queued, no heartbeat due
+
+    def waiting_for_next() -> list[asyncio.Task]:
+        return [t for t in asyncio.all_tasks()
+                if getattr(t.get_coro(), "__qualname__", "") == "Subscriber.next"
+                and not t.done()]
+
+    assert len(waiting_for_next()) == 1
+    await cancel_and_wait([pump])
+    await asyncio.sleep(0)
+    assert waiting_for_next() == []
 
 
 async def test_a_gateway_that_stops_reading_is_dropped_while_the_others_keep_up(
