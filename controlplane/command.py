@@ -15,6 +15,7 @@ from controlplane.allocator import DEFAULT_CIDR, parse_cidrs
 from controlplane.clusters import ClusterError
 from controlplane.clusters.directory import POLL_INTERVAL_S, DirectoryCluster, discover_clusters
 from controlplane.controller import Controller
+from controlplane.holds import DirectoryHoldStore
 from controlplane.metrics import ControllerMetrics
 from controlplane.server import ControllerServer
 from controlplane.stream import HEARTBEAT_S, StreamHub, StreamLimits
@@ -111,7 +112,8 @@ class DirectoryControllerApp:
                                 cidrs=self.config.clusterset_cidr,
                                 cluster_cidrs=dict(self.config.cluster_cidrs),
                                 metrics=self.metrics,
-                                publisher=self.hub)
+                                publisher=self.hub,
+                                holds=DirectoryHoldStore(self.config.output_dir))
         self.controller = controller
         if self.hub is not None:
             for c in clusters:

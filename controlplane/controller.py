@@ -29,6 +29,7 @@ from typing import Any
 from controlplane.allocator import DEFAULT_CIDR, ClusterSetIPAllocator, parse_cidrs
 from controlplane.clusters import ChangeSet, ClusterClient, ClusterError
 from controlplane.conditions import conditions_by_type, own_export_conditions
+from controlplane.holds import Hold, HoldStore
 from controlplane.metrics import ControllerMetrics
 from controlplane.reconcile import (
     Obj,
@@ -127,6 +128,7 @@ class Controller:
         metrics: ControllerMetrics | None = None,
         publisher: Publisher | None = None,
         now: Callable[[], str] = rfc3339_now,
+        holds: HoldStore | None = None,
     ) -> None:
         self.clients: dict[str, ClusterClient] = {c.cluster_id: c for c in clients}
         self.allocator = ClusterSetIPAllocator(parse_cidrs(cidrs))
@@ -135,6 +137,9 @@ class Controller:
         self.cluster_allocators = {
             c: ClusterSetIPAllocator(parse_cidrs(cidr)) for c, cidr in cluster_cidrs.items()
         }
+        # Released addresses held back, kept across restarts (holds.py).
+        self.holds = holds
+        self._holds_saved: tuple[int, ...] = ()  # each allocator's held_changes, as saved
         self.metrics = metrics or ControllerMetrics()
         self.publisher = publisher
         self._now = now
@@ -161,6 +166,8 @@ class Controller:
     # -- start ---------------------------------------------------------------------------
     async def start(self) -> None:
         """Load every member, take back earlier output, reconcile everything once."""
+        if self.holds is not None:  # before anything is allocated
+            self._restore_holds(await self.holds.load())
         for client in self.clients.values():
             await self._adopt(client)
         # Feeds start from the full state (their snapshot), not from a first giant delta.
@@ -192,6 +199,27 @@ class Controller:
         self._mark(keys_to_reconcile({cluster: client.objects}))
         self._mark_cluster_namespaces(cluster)
         self.metrics.member_connected.labels(cluster).set(int(client.connection.connected))
+
+    def _allocators(self) -> list[tuple[str | None, ClusterSetIPAllocator]]:
+        return [(None, self.allocator), *sorted(self.cluster_allocators.items())]
+
+    def _restore_holds(self, holds: list[Hold]) -> None:
+        for cluster, allocator in self._allocators():
+            allocator.restore_held((h.ip, h.service, h.released) for h in holds
+                                   if h.cluster == cluster)
+        self._holds_saved = tuple(a.held_changes for _, a in self._allocators())
+
+    def _save_holds(self) -> None:
+        """Hand the holds to the store when they changed: it writes them in the
+        background, so a slow or failing store never holds up reconciling."""
+        if self.holds is None:
+            return
+        changes = tuple(a.held_changes for _, a in self._allocators())
+        if changes == self._holds_saved:
+            return
+        self._holds_saved = changes
+        self.holds.save([Hold(cluster, ip, key, when) for cluster, a in self._allocators()
+                         for ip, key, when in a.held()])
 
     async def add_cluster(self, client: ClusterClient) -> None:
         """A member that joined while running (a new folder, a new context)."""
@@ -338,6 +366,7 @@ class Controller:
         deletes: dict[str, set[ObjectRef]] = {c: set() for c in clusters}
         with collector_paused(len(dirty) >= BULK_KEYS):
             self._reconcile_into(dirty, clusters, now, upserts, deletes)
+        self._save_holds()
         unwanted = self._take_unwanted(dirty)
         self.metrics.services_reconciled.inc(len(dirty))
         observed = min(dirty.values())
@@ -511,5 +540,7 @@ class Controller:
     async def close(self) -> None:
         await cancel_and_wait([*self._tasks.values(), *self._writers.values()])
         self._tasks.clear()
+        if self.holds is not None:
+            await self.holds.close()
         for client in self.clients.values():
             await client.close()

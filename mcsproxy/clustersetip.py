@@ -13,14 +13,17 @@ A released address is held for the service that had it: another service gets it 
 nothing else in the range is free, the longest released first. Clients may still hold it
 from DNS, and a member may still hold the old ServiceImport while the new one is written,
 so reusing it at once would send one service's traffic to another. The service itself
-takes its address back if it is exported again.
+takes its address back if it is exported again. The holds, with when each address was
+released, can be read out (`held()`) and put back (`restore_held()`), so that a restart
+does not forget them (the controller keeps them in OUT or a ConfigMap: controlplane/holds.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import ipaddress
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 
 from mcsproxy.model import ServiceKey
 
@@ -56,13 +59,16 @@ def parse_cidrs(text: str, flag: str = "--clusterset-cidr") -> tuple[Network, ..
 
 
 class ClusterSetIPAllocator:
-    def __init__(self, pools: Iterable[Network]) -> None:
+    def __init__(self, pools: Iterable[Network], clock: Callable[[], float] = time.time) -> None:
         self.pools: dict[int, Network] = {p.version: p for p in pools}
+        self._clock = clock  # wall clock: release times outlive the process
         self._owner: dict[str, ServiceKey] = {}
         self._by_key: dict[ServiceKey, tuple[str, ...]] = {}
-        # Released address → the service that had it, longest released first; and back.
-        self._held: dict[str, ServiceKey] = {}
+        # Released address → (the service that had it, when), longest released first; and
+        # back.
+        self._held: dict[str, tuple[ServiceKey, float]] = {}
         self._held_by_key: dict[ServiceKey, set[str]] = {}
+        self.held_changes = 0  # bumped on every change to the holds: a new count is saved
 
     def __len__(self) -> int:
         return len(self._owner)
@@ -108,6 +114,43 @@ class ClusterSetIPAllocator:
         self._by_key[key] = tuple(result)
         return self._by_key[key]
 
+    def held(self) -> list[tuple[str, ServiceKey, float]]:
+        """(address, the service that had it, when released), longest released first."""
+        return [(ip, key, when) for ip, (key, when) in self._held.items()]
+
+    def restore_held(self, holds: Iterable[tuple[str, ServiceKey, float]]) -> int:
+        """Hold again what an earlier run held, where it is in a pool and not in use;
+        merged with the current holds by release time. Returns how many were taken."""
+        latest = dict(self._held)
+        for text, key, when in holds:
+            try:
+                ip = ipaddress.ip_address(text)
+            except ValueError:
+                continue
+            if not self._usable(ip) or str(ip) in self._owner:
+                continue  # another range now, or a foreign file: not ours to hold
+            if str(ip) not in latest or latest[str(ip)][1] < when:  # the later release counts
+                latest[str(ip)] = (key, when)
+        ordered = sorted(latest.items(), key=lambda item: item[1][1])[-MAX_HELD:]
+        before = dict(self._held)
+        self._held.clear()
+        self._held_by_key.clear()
+        for ip, (key, when) in ordered:
+            self._hold(ip, key, when)
+        if self._held != before:
+            self.held_changes += 1
+        return len(self._held.keys() - before.keys())
+
+    def _usable(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        """One `_allocate` could hand out."""
+        pool = self.pools.get(ip.version)
+        if pool is None:
+            return False
+        offset = int(ip) - int(pool.network_address) - 1
+        if not 0 <= offset < pool.num_addresses - 2:
+            return False
+        return not (ip.version == 4 and int(ip) & 0xFF in (0, 255))
+
     def release(self, key: ServiceKey) -> None:
         for ip in self._by_key.pop(key, ()):
             self._free(ip, key)
@@ -116,14 +159,20 @@ class ClusterSetIPAllocator:
         if self._owner.pop(ip, None) is None:
             return
         self._unhold(ip)
-        self._held[ip] = key
-        self._held_by_key.setdefault(key, set()).add(ip)
+        self._hold(ip, key, self._clock())
+        self.held_changes += 1
         if len(self._held) > MAX_HELD:
             self._unhold(next(iter(self._held)))
 
+    def _hold(self, ip: str, key: ServiceKey, when: float) -> None:
+        self._held[ip] = (key, when)
+        self._held_by_key.setdefault(key, set()).add(ip)
+
     def _unhold(self, ip: str) -> None:
-        key = self._held.pop(ip, None)
-        if key is not None:
+        held = self._held.pop(ip, None)
+        if held is not None:
+            self.held_changes += 1
+            key = held[0]
             mine = self._held_by_key[key]
             mine.discard(ip)
             if not mine:

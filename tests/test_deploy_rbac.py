@@ -11,7 +11,8 @@ emulators; every request they send is turned into the attributes Kubernetes auth
   scenario does not reach still fails the test.
 
 The scenario drives the rare paths on purpose: 409 on an update or a status patch (get,
-then write again), export deletion (deletes with preconditions), the Lease's create/renew/release.
+then write again), export deletion (deletes with preconditions), the Lease's create/renew/release,
+the held-ClusterSetIPs ConfigMap's read, create (an address released) and update (taken back).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from controlplane.clusters.kube_app import MEMBER_LABEL, KubeControllerApp, KubeControllerConfig
+from controlplane.clusters.kube_holds import HOLDS_CONFIGMAP, holds_json
 from tests.kube_emulator import KubeEmulator, Request
 from tests.test_controller_kube_support import (
     EXPORTS,
@@ -44,7 +46,7 @@ VERBS = {"GET": "get", "POST": "create", "PUT": "update", "PATCH": "patch", "DEL
 # no method or resource of their own).
 MODULES = {
     "controller": ["controlplane/leader.py", "controlplane/clusters/kube_app.py",
-                   "controlplane/clusters/kube_members.py"],
+                   "controlplane/clusters/kube_members.py", "controlplane/clusters/kube_holds.py"],
     "controller-member": ["controlplane/clusters/kube.py"],
     "gateway": ["mcsproxy/sources/kube.py", "mcsproxy/sources/kube_watch.py",
                 "mcsproxy/sources/kube_karmada.py"],
@@ -225,10 +227,20 @@ async def record_controller(tmp_path: Path) -> tuple[list[Request], list[Request
             m1.put_object(edited)
             await m1.wait_for(lambda: (m1.get_object(EXPORTS, "web", "demo") or {})
                               .get("status", {}).get("conditions"))
-            # The export goes: imports and slices are deleted everywhere.
+            # The export goes: imports and slices are deleted everywhere, and its address
+            # is held (the ConfigMap created).
+            ip = cs.imports("m2")["web"]["spec"]["ips"]
             m1.store.delete(m1.store.by_name(EXPORTS), "demo", "web")
             await cs.wait(lambda: not any(cs.imports(c) or cs.imported_slices(c)
                                           for c in ("m1", "m2")))
+            await home.wait_for(lambda: home.get_object("configmaps", HOLDS_CONFIGMAP,
+                                                        NAMESPACE) is not None)
+            # Exported again: it takes its address back (the ConfigMap updated).
+            m1.put_object(exported)
+            await cs.wait(lambda: cs.imports("m2").get("web", {}).get("spec", {})
+                          .get("ips") == ip)
+            await home.wait_for(lambda: not holds_json(home.get_object(
+                "configmaps", HOLDS_CONFIGMAP, NAMESPACE) or {})["holds"])
         finally:
             app.stop()
             await asyncio.wait_for(task, 10)
@@ -286,6 +298,10 @@ def test_the_check_fails_on_an_ungranted_and_on_an_unused_call() -> None:
             Request("PUT", lease + "/mcsproxy-controller", {}),
             Request("GET", f"/api/v1/namespaces/{NAMESPACE}/secrets", {}),
             Request("GET", f"/api/v1/namespaces/{NAMESPACE}/secrets", {"watch": "true"})]
+    configmaps = f"/api/v1/namespaces/{NAMESPACE}/configmaps"
+    used += [Request("GET", f"{configmaps}/{HOLDS_CONFIGMAP}", {}),
+             Request("POST", configmaps, {}),
+             Request("PUT", f"{configmaps}/{HOLDS_CONFIGMAP}", {})]
     check_identity("controller", used)
     try:
         check_identity("controller", [*used, Request("DELETE", lease + "/x", {})])
@@ -316,6 +332,6 @@ def test_static_check_sees_every_method_and_resource_in_the_source() -> None:
     assert {"namespaces", "services", "endpointslices", "serviceexports",
             "serviceimports", "multiclusterservices"} <= resources
     assert named_in_source("controller", words) == ({"GET", "POST", "PUT"},
-                                                    {"leases", "secrets"})
+                                                    {"leases", "secrets", "configmaps"})
     _, gateway = named_in_source("gateway", words)
     assert {"serviceimports", "endpointslices", "multiclusterservices", "services"} <= gateway

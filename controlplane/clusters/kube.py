@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -52,6 +51,7 @@ from controlplane.clusters.kube_api import (
     KubeApiError,
     Obj,
     WatchExpired,
+    fenced,
 )
 from controlplane.clusters.kube_managed import (
     OwnObjects,
@@ -546,20 +546,9 @@ class KubeClusterClient:
 
     async def _send(self, method: str, path: str, body: Any,
                     content_type: str | None = None) -> Obj:
-        # Only while this replica certainly holds the lease (leader.py, fencing): after a
-        # pause, or renewals too slow, another may lead now.
-        left = math.inf if self.fence is None else self.fence()
-        if left <= 0:
-            raise ClusterError(f"cluster {self.cluster_id}: {method} {path} not sent: "
-                               "this controller's lease may have run out")
-        self.writes += 1
-        try:
-            async with asyncio.timeout(None if math.isinf(left) else left):
-                return await self.api.request(method, path, body=body,
-                                              content_type=content_type)
-        except TimeoutError:
-            raise ClusterError(f"cluster {self.cluster_id}: {method} {path} cut short: "
-                               "this controller's lease may have run out") from None
+        async with fenced(self.fence, f"cluster {self.cluster_id}: {method} {path}"):
+            self.writes += 1
+            return await self.api.request(method, path, body=body, content_type=content_type)
 
     def _refuse_foreign(self, ref: ObjectRef) -> None:
         log.warning("cluster %s: %s %s/%s exists and is not managed by us (%s=%s): left alone",

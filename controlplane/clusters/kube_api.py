@@ -12,8 +12,10 @@ ClusterError, any other non-2xx answer a KubeApiError carrying the Status code a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator, Mapping
+import math
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -38,6 +40,22 @@ class KubeApiError(ClusterError):
 
 class WatchExpired(Exception):
     """The watch's resourceVersion is too old (410 Gone): relist."""
+
+
+@contextlib.asynccontextmanager
+async def fenced(fence: Callable[[], float] | None, what: str) -> AsyncIterator[None]:
+    """Around a write: entered only while this replica certainly holds the lease, cut
+    short once it may no longer (leader.py, fencing): after a pause, or renewals too slow,
+    another may lead now. `fence` gives the seconds left; None: no limit."""
+    left = math.inf if fence is None else fence()
+    if left <= 0:
+        raise ClusterError(f"{what} not sent: this controller's lease may have run out")
+    try:
+        async with asyncio.timeout(None if math.isinf(left) else left):
+            yield
+    except TimeoutError:
+        raise ClusterError(f"{what} cut short: this controller's lease may have run "
+                           "out") from None
 
 
 def _status_error(code: int, body: bytes) -> ClusterError:

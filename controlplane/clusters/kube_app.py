@@ -43,6 +43,7 @@ from controlplane.allocator import DEFAULT_CIDR, parse_cidrs
 from controlplane.clusters import ClusterError
 from controlplane.clusters.kube import KubeClusterClient, KubeTimings
 from controlplane.clusters.kube_api import KubeApi
+from controlplane.clusters.kube_holds import KubeHoldStore
 from controlplane.clusters.kube_members import (
     KUBECONFIG_KEY,
     MEMBER_LABEL,
@@ -175,6 +176,14 @@ class KubeControllerApp:
         """What the members' writes ask before each is sent (leader.py, fencing)."""
         return None if self.elector is None else self.elector.write_time_left
 
+    async def _hold_store(self) -> KubeHoldStore:
+        """The held ClusterSetIPs beside the Lease, written under the same fence."""
+        cfg = self.config
+        api = KubeApi(await self._host_client(), "holds", cfg.timings.request_timeout_s)
+        return KubeHoldStore(api, cfg.lease().namespace, fence=self._fence,
+                             backoff_base_s=cfg.timings.backoff_base_s,
+                             backoff_cap_s=cfg.timings.backoff_cap_s)
+
     async def _until_all_answer(self, clients: list[KubeClusterClient]) -> None:
         backoff = Backoff(self.config.timings.backoff_base_s, self.config.timings.backoff_cap_s)
         pending = list(clients)
@@ -206,7 +215,7 @@ class KubeControllerApp:
                    if cfg.serve else None)
             controller = Controller(clients, cidrs=cfg.clusterset_cidr,
                                     cluster_cidrs=dict(cfg.cluster_cidrs), metrics=self.metrics,
-                                    publisher=hub)
+                                    publisher=hub, holds=await self._hold_store())
             if hub is not None:
                 for c in controller.clients:
                     hub.attach(c, controller.written.setdefault(c, {}))
