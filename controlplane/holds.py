@@ -115,6 +115,8 @@ class HoldStore:
         self._saved: bytes | None = None  # as last read or written
         self._pending: bytes | None = None  # to write
         self._writer: asyncio.Task[None] | None = None
+        self._waiting = False  # the writer sleeps between attempts
+        self._closing = False
         self.writes = 0
         self.write_failures = 0
 
@@ -159,9 +161,15 @@ class HoldStore:
                     self._pending = None
                     break
                 if not await self._try_write(data):
+                    if self._closing:
+                        break
                     delay = backoff.next()
                     log.error("%s: retrying in %.1fs", self.where, delay)
-                    await asyncio.sleep(delay)
+                    self._waiting = True
+                    try:
+                        await asyncio.sleep(delay)
+                    finally:
+                        self._waiting = False
                     continue
                 backoff.reset()
         finally:
@@ -181,9 +189,16 @@ class HoldStore:
         return True
 
     async def close(self) -> None:
-        """Stop retrying; what is still unsaved gets one last try."""
-        if self._writer is not None:
-            await cancel_and_wait([self._writer])
+        """Stop retrying; what is still unsaved gets one last try. A write under way is
+        waited for, not cancelled: its thread would go on beside the last try's."""
+        self._closing = True
+        writer = self._writer
+        if writer is None:
+            return
+        if not self._waiting:
+            await asyncio.wait([writer])  # it stops after this try, saved or not
+            return
+        await cancel_and_wait([writer])
         if self._pending is not None and self._pending != self._saved:
             await self._try_write(self._pending)
 

@@ -27,7 +27,7 @@ from mcsproxy.gateway import Gateway
 from mcsproxy.model import ServiceKey
 from tests.fs_support import at_the_start_of_a_second, coarse_fs_skip_reason, coarse_timestamps_dir
 from tests.proxy_fixtures import Backend, ask, free_port
-from tests.test_reconcile_support import eslice, export, namespace, service
+from tests.test_reconcile_support import colliding_names, eslice, export, namespace, service
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "clusters"
 
@@ -110,6 +110,44 @@ def test_addresses_survive_a_restart_with_new_services(tmp_path: Path) -> None:
     assert docs["serviceimport_test_web.yaml"]["spec"]["ips"] == ip
     all_ips = [d["spec"]["ips"][0] for n, d in docs.items() if n.startswith("serviceimport")]
     assert len(all_ips) == len(set(all_ips)) == 4
+
+
+def test_a_released_address_stays_held_across_a_restart(tmp_path: Path) -> None:
+    """Three real runs: `gone` is exported, then unexported, then after that restart a new
+    service whose hash lands on the same address gets another one (before: it got it)."""
+    clusters, out = tmp_path / "clusters", tmp_path / "out"
+    cidr = ("--clusterset-cidr", "127.241.0.0/29")
+    gone, new, ip = colliding_names("127.241.0.0/29")
+    member(clusters, "a", 1, name=gone)
+    assert once(clusters, out, *cidr) == 0
+    assert read_out(out, "a")[f"serviceimport_test_{gone}.yaml"]["spec"]["ips"] == [ip]
+    write_docs(clusters / "a" / f"{gone}.yaml", namespace(), service(gone))  # unexported
+    assert once(clusters, out, *cidr) == 0
+    assert not (out / "a" / f"serviceimport_test_{gone}.yaml").exists()
+    member(clusters, "a", 1, name=new)
+    assert once(clusters, out, *cidr) == 0
+    assert read_out(out, "a")[f"serviceimport_test_{new}.yaml"]["spec"]["ips"] != [ip]
+    # The hold is a dotfile beside the cluster folders, which neither DIR's discovery nor
+    # a gateway's `file:` source reads.
+    assert sorted(p.name for p in out.iterdir()) == [".clustersetip-holds.json", "a"]
+
+
+@pytest.mark.parametrize("content", [b"{not json", b'{"kind": "Something", "holds": []}',
+                                     b'{"kind":"ClusterSetIPHolds","version":1,"holds":[7]}',
+                                     b"\xff\xfe"])
+def test_a_damaged_or_foreign_holds_file_is_logged_and_replaced(
+        tmp_path: Path, content: bytes, capsys: pytest.CaptureFixture[str]) -> None:
+    clusters, out = tmp_path / "clusters", tmp_path / "out"
+    member(clusters, "a", 1)
+    member(clusters, "a", 1, name="api")
+    assert once(clusters, out) == 0
+    holds = out / ".clustersetip-holds.json"
+    holds.write_bytes(content)
+    write_docs(clusters / "a" / "web.yaml", namespace(), service("web"))  # unexported
+    assert once(clusters, out) == 0
+    assert f"WARNING controlplane.holds {holds}: " in capsys.readouterr().err
+    assert "serviceimport_test_api.yaml" in {p.name for p in (out / "a").iterdir()}
+    assert [h["service"] for h in yaml.safe_load(holds.read_text())["holds"]] == ["test/web"]
 
 
 def test_a_cluster_with_its_own_range_gets_its_own_stable_addresses(tmp_path: Path) -> None:

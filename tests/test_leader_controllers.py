@@ -14,18 +14,40 @@ from pathlib import Path
 import pytest
 
 from controlplane.clusters.kube_app import KubeControllerApp, KubeControllerConfig
+from controlplane.clusters.kube_holds import HOLDS_CONFIGMAP, holds_json
 from mcsproxy.tasks import cancel_and_wait, spawn
 from tests.test_controller_kube_support import (
+    EXPORTS,
     FAST,
+    Clusterset,
     clusterset,
     export_web,
     kube_controller,
     member_slice,
     namespace,
+    service,
+    service_export,
     write_kubeconfig,
 )
+from tests.test_reconcile_support import colliding_names
 
 LEASES = "leases.coordination.k8s.io"
+TINY = "127.241.0.0/29"  # six addresses: two names share a first probe
+
+
+def export(cs: Clusterset, cluster: str, name: str) -> None:
+    cs[cluster].put_object(service(name))
+    cs[cluster].put_object(member_slice(name, ["10.1.0.1"]))
+    cs[cluster].put_object(service_export(name))
+
+
+def import_ips(cs: Clusterset, cluster: str, name: str) -> list[str] | None:
+    return cs.imports(cluster).get(name, {}).get("spec", {}).get("ips")
+
+
+def held(cs: Clusterset) -> list[tuple[str, str]]:
+    obj = cs["a"].get_object("configmaps", HOLDS_CONFIGMAP, "kube-system")
+    return [] if obj is None else [(h["ip"], h["service"]) for h in holds_json(obj)["holds"]]
 
 
 async def test_one_controller_writes_and_the_other_takes_over(tmp_path: Path) -> None:
@@ -62,6 +84,75 @@ async def test_one_controller_writes_and_the_other_takes_over(tmp_path: Path) ->
             one.stop()
             two.stop()
             await cancel_and_wait([first, second])
+
+
+async def test_a_new_leader_keeps_holding_a_released_address(tmp_path: Path) -> None:
+    """`gone` is unexported under leader one; after the handover a new service whose hash
+    lands on the same address gets another one (before: it got that one)."""
+    gone, new, ip = colliding_names(TINY, "demo")
+    async with clusterset() as cs:
+        for c in cs.emulators:
+            cs[c].put_object(namespace("demo"))
+        export(cs, "a", gone)
+        kubeconfig = write_kubeconfig(cs, tmp_path / "kubeconfig")
+        one = kube_controller(kubeconfig, "one", clusterset_cidr=TINY)
+        two = kube_controller(kubeconfig, "two", clusterset_cidr=TINY)
+        first = spawn(one.run(), name="controller one")
+        await asyncio.wait_for(one.led.wait(), 10)
+        second = spawn(two.run(), name="controller two")
+        try:
+            await cs.wait(lambda: import_ips(cs, "b", gone) == [ip])
+            cs["a"].store.delete(cs["a"].store.by_name(EXPORTS), "demo", gone)
+            await cs.wait(lambda: import_ips(cs, "b", gone) is None)
+            await cs["a"].wait_for(lambda: held(cs) == [(ip, f"demo/{gone}")])
+            one.stop()
+            await first
+            await asyncio.wait_for(two.led.wait(), 5)
+            export(cs, "a", new)
+            await cs.wait(lambda: import_ips(cs, "b", new) is not None)
+            assert import_ips(cs, "b", new) != [ip]
+            # Exported again, `gone` takes its own address back: no longer held.
+            export(cs, "a", gone)
+            await cs.wait(lambda: import_ips(cs, "b", gone) == [ip])
+            await cs["a"].wait_for(lambda: held(cs) == [])
+        finally:
+            one.stop()
+            two.stop()
+            await cancel_and_wait([first, second])
+
+
+@pytest.mark.parametrize("ours", [True, False])
+async def test_a_damaged_or_foreign_holds_configmap_is_ignored(
+        tmp_path: Path, ours: bool, caplog: pytest.LogCaptureFixture) -> None:
+    labels = {"app.kubernetes.io/managed-by": "controller.mcsproxy.io"} if ours else {}
+    damaged = {"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": {"name": HOLDS_CONFIGMAP, "namespace": "kube-system",
+                            "labels": labels},
+               "data": {"holds.json": "{not json"}}
+    async with clusterset() as cs:
+        for c in cs.emulators:
+            cs[c].put_object(namespace("demo"))
+        cs["a"].put_object(damaged)
+        export_web(cs, "a", ["10.1.0.1"])
+        app = kube_controller(write_kubeconfig(cs, tmp_path / "kubeconfig"), "one")
+        task = spawn(app.run(), name="controller")
+        try:
+            await cs.wait(lambda: import_ips(cs, "b", "web") is not None)
+            ip = import_ips(cs, "b", "web")
+            cs["a"].store.delete(cs["a"].store.by_name(EXPORTS), "demo", "web")
+            await cs.wait(lambda: import_ips(cs, "b", "web") is None)
+            if ours:  # replaced at the next release
+                await cs["a"].wait_for(lambda: held(cs) == [(ip[0], "demo/web")])
+            else:  # someone else's: read as nothing, never written
+                export_web(cs, "a", ["10.1.0.1"])
+                await cs.wait(lambda: import_ips(cs, "b", "web") == ip)
+                obj = cs["a"].get_object("configmaps", HOLDS_CONFIGMAP, "kube-system")
+                assert obj is not None and obj["data"] == damaged["data"]
+        finally:
+            app.stop()
+            await cancel_and_wait([task])
+    assert (f"configmap kube-system/{HOLDS_CONFIGMAP}: not a usable record" in caplog.text
+            if ours else "is not managed by us" in caplog.text)
 
 
 async def test_members_from_secrets(tmp_path: Path) -> None:

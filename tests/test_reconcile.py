@@ -378,6 +378,32 @@ def test_a_released_address_goes_to_another_service_only_when_nothing_else_is_fr
         allocator.ensure(ServiceKey("test", "newest"), ["IPv4"])
 
 
+def test_restored_holds_keep_their_order_and_only_usable_addresses() -> None:
+    """What a restart reads back is held as before, by release time; addresses outside
+    the range, at its edges or in use are dropped."""
+    before = ClusterSetIPAllocator(parse_cidrs("127.241.0.0/29"), clock=iter([10.0]).__next__)
+    a, b = ServiceKey("test", "a"), ServiceKey("test", "b")
+    (ip,) = before.ensure(a, ["IPv4"])
+    before.release(a)
+    assert before.held() == [(ip, a, 10.0)]
+
+    after = ClusterSetIPAllocator(parse_cidrs("127.241.0.0/29"))  # .1 to .6
+    after.reserve(ServiceKey("test", "owner"), ["127.241.0.6"])
+    changes = after.held_changes
+    assert after.restore_held([
+        ("127.241.0.5", b, 20.0), ("127.241.0.3", a, 10.0),  # sorted by release time
+        ("127.241.0.5", a, 5.0),  # an older release of the same address loses
+        ("127.241.0.0", a, 1.0), ("127.241.0.7", a, 1.0), ("10.0.0.1", a, 1.0),
+        ("not an address", a, 1.0), ("127.241.0.6", a, 1.0),  # in use
+    ]) == 2
+    assert after.held_changes > changes
+    assert after.held() == [("127.241.0.3", a, 10.0), ("127.241.0.5", b, 20.0)]
+    assert after.ensure(b, ["IPv4"]) == ("127.241.0.5",)  # its own back
+    new = [after.ensure(ServiceKey("test", f"n{i}"), ["IPv4"])[0] for i in range(4)]
+    assert sorted(new[:3]) == ["127.241.0.1", "127.241.0.2", "127.241.0.4"]
+    assert new[3] == "127.241.0.3"  # the held one only when nothing else is free
+
+
 def test_a_released_family_is_held_too() -> None:
     allocator = ClusterSetIPAllocator(parse_cidrs("127.241.0.0/28,fd00:241::/124"))
     key = ServiceKey("test", "web")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from controlplane.allocator import ClusterSetIPAllocator, parse_cidrs
 from controlplane.clusters import ChangeSet
 from controlplane.clusters.state import ClusterObjects
 from controlplane.reconcile import reconcile_clusterset
@@ -15,6 +16,7 @@ from controlplane.resources import (
     ObjectRef,
     parse_member_object,
 )
+from mcsproxy.model import ServiceKey
 
 NOW = "2025-01-01T00:00:00Z"
 LATER = "2025-01-02T00:00:00Z"
@@ -122,3 +124,16 @@ def export_status(desired: Mapping[str, Mapping[ObjectRef, Obj]], cluster_id: st
 
 def slices(desired: Mapping[str, Mapping[ObjectRef, Obj]], cluster_id: str) -> list[Obj]:
     return [o for r, o in sorted(desired[cluster_id].items()) if r.kind == KIND_SLICE]
+
+
+def colliding_names(cidr: str, ns: str = "test") -> tuple[str, str, str]:
+    """Two service names whose first probe in `cidr` is the same address, and that
+    address: found with the real allocator, so the collision follows its hash."""
+    first: dict[str, str] = {}
+    for i in range(1000):
+        name = f"svc{i}"
+        (ip,) = ClusterSetIPAllocator(parse_cidrs(cidr)).ensure(ServiceKey(ns, name), ["IPv4"])
+        if ip in first:
+            return first[ip], name, ip
+        first[ip] = name
+    raise AssertionError(f"no two names collide in {cidr}")
