@@ -14,7 +14,8 @@ Fencing: stopping the work is not enough on its own. A process paused past its l
 (SIGSTOP, a stall) wakes with answers waiting for its writers, which would start their
 next writes before the renewal loop gets to run and cancel them. So every write of a
 term asks `write_time_left()` first (each member's KubeClusterClient has it as its
-`fence`, set in kube_app.py): none is started once the renew deadline has passed on this
+`fence`, set in kube_app.py, and so does the ConfigMap of held ClusterSetIPs; both go
+through kube_api.fenced): none is started once the renew deadline has passed on this
 replica's monotonic clock, whether or not the renewal loop has noticed yet, and one
 still under way then is cut short. A request already handed to the socket when the
 process stopped may still reach the API server: nothing on this side can stop that one.
