@@ -101,6 +101,27 @@ async def test_refused_endpoints_are_retried_and_ejected() -> None:
         await stop_all(proxy, *backends)
 
 
+async def test_local_first_keeps_its_last_connect_attempt_for_another_cluster() -> None:
+    # More local endpoints refuse than there are connect attempts, before health checks
+    # or ejection notice: the tries used to stay local, and every client saw a reset
+    # though west was up. The local cluster gets the tries but the last, which goes to
+    # another cluster (architecture.md: the client never sees the failed connects).
+    west = (await start_backends({"west": 1}, 161))[0]
+    dead = [endpoint(f"127.161.9.{i}", "east", free_port(f"127.161.9.{i}")) for i in (1, 2, 3)]
+    cs = Clusterset("east")
+    ip = "127.240.161.1"
+    cs.publish("lastcall", ip, [WEB], [*dead, *endpoints_of([west])], traffic="PreferClose")
+    proxy = await cs.proxy(connect_attempts=3, outlier=OutlierConfig(consecutive_failures=0))
+    try:
+        assert [await ask(ip, 80) for _ in range(12)] == ["west-1"] * 12
+        upstream = next(iter(proxy.upstreams.values()))
+        assert upstream.plan.loads == (100, 0)  # nothing marked east down: still local-first
+        # two local tries per client, then west
+        assert upstream.stats.cluster("east").attempts["refused"] == 24
+    finally:
+        await stop_all(proxy, west)
+
+
 def blackhole(address: str) -> list[socket.socket]:
     """A listening socket on `address` whose SYNs are dropped (connects to it hang), and
     the sockets that keep it so: close them all after use."""

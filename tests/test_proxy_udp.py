@@ -22,10 +22,10 @@ def dns_endpoint(address: str, cluster: str, port: int) -> Endpoint:
     return endpoint(address, cluster, port, name="dns", protocol="UDP")
 
 
-def dns_clusterset(ip: str, *endpoints: Endpoint) -> Clusterset:
+def dns_clusterset(ip: str, *endpoints: Endpoint, traffic: str | None = None) -> Clusterset:
     """The east clusterset, serving the UDP `dns` service at `ip` on these endpoints."""
     cs = Clusterset("east")
-    cs.publish("dns", ip, [DNS], endpoints)
+    cs.publish("dns", ip, [DNS], endpoints, traffic=traffic)
     return cs
 
 
@@ -282,6 +282,20 @@ async def test_flows_of_a_removed_endpoint_end_and_the_client_moves_on() -> None
         await proxy.stop()
 
 
+async def six_new_clients_hear(ip: str, name: str, first_client: str) -> None:
+    """Six clients from first_client on each send one datagram to ip:53, once (no
+    resending), and each hears the answer of the backend called `name`."""
+    base, last = first_client.rsplit(".", 1)
+    for i in range(6):
+        c, proto = await client(f"{base}.{int(last) + i}")
+        try:
+            c.sendto(b"q%d" % i, (ip, 53))
+            data, _ = await asyncio.wait_for(proto.replies.get(), 2)
+            assert data == name.encode() + b":q%d" % i
+        finally:
+            c.close()
+
+
 async def test_datagrams_refused_before_any_reply_go_to_another_endpoint() -> None:
     # Port unreachable used to end the flow and lose the datagram that met it: half of
     # the new clients waited out their own retry timeout (a resolver's 1-5 s). Like a
@@ -293,16 +307,29 @@ async def test_datagrams_refused_before_any_reply_go_to_another_endpoint() -> No
                         dns_endpoint("127.92.5.2", "west", live_port))
     proxy = await cs.proxy(outlier=OutlierConfig(consecutive_failures=0))
     try:
-        for i in range(6):
-            c, proto = await client(f"127.92.9.{50 + i}")
-            try:
-                c.sendto(b"q%d" % i, (ip, 53))  # once: no resending
-                data, _ = await asyncio.wait_for(proto.replies.get(), 2)
-                assert data == b"west-1:q%d" % i
-            finally:
-                c.close()
+        await six_new_clients_hear(ip, "west-1", "127.92.9.50")
         upstream = next(iter(proxy.upstreams.values()))
         assert upstream.stats.retries >= 3  # round robin sent every other flow to the dead one
+    finally:
+        live.close()
+        await proxy.stop()
+
+
+async def test_local_first_keeps_its_last_try_for_another_cluster() -> None:
+    # As over TCP: three local endpoints port unreachable, three tries per datagram. The
+    # tries used to stay local and the client's datagram was lost though west was up.
+    live, live_port = await udp_backend("west-1", "127.161.5.9")
+    ip = "127.240.161.5"
+    dead = [dns_endpoint(f"127.161.5.{i}", "east", free_port(f"127.161.5.{i}",
+                                                              socket.SOCK_DGRAM))
+            for i in (1, 2, 3)]
+    cs = dns_clusterset(ip, *dead, dns_endpoint("127.161.5.9", "west", live_port),
+                        traffic="PreferClose")
+    proxy = await cs.proxy(connect_attempts=3, outlier=OutlierConfig(consecutive_failures=0))
+    try:
+        await six_new_clients_hear(ip, "west-1", "127.161.6.10")
+        upstream = next(iter(proxy.upstreams.values()))
+        assert upstream.stats.cluster("east").attempts["refused"] == 12  # two local each
     finally:
         live.close()
         await proxy.stop()

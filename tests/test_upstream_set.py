@@ -110,6 +110,20 @@ def test_exclude_tries_rest_of_level_then_other_cluster_then_anything() -> None:
     assert u.pick(exclude={first, second, third}) is None
 
 
+def test_the_last_try_leaves_the_tried_clusters_while_one_is_healthy() -> None:
+    u = make({"east": 3, "west": 1}, "local-first")
+    east = [h for h in u.hosts.values() if h.cluster == "east"]
+    west = next(h for h in u.hosts.values() if h.cluster == "west")
+    assert u.pick(exclude=east[:2]) is east[2]  # tries left: the rest of the level first
+    assert u.pick(exclude=east[:2], last_try=True) is west
+    assert u.pick(exclude=east[:1], last_try=True) is west
+    for _ in range(3):
+        u.health_result(west, "timeout", HC)
+    # no healthy host elsewhere: the last try stays where the ordinary order leads
+    assert u.pick(exclude=east[:2], last_try=True) is east[2]
+    assert u.pick(exclude=[*east, west], last_try=True) is None
+
+
 def test_spread_retry_leaves_the_tried_cluster_first() -> None:
     u = make({"east": 2, "west": 2, "central": 2})
     for _ in range(30):

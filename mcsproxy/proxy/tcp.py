@@ -333,7 +333,8 @@ class ClientSide(asyncio.Protocol):
             peer = self.transport.get_extra_info("peername")
             client_ip = peer[0] if peer else None
         tried = self.tried
-        host = upstream.pick(client_ip, tried)
+        host = upstream.pick(client_ip, tried,
+                             self.attempts + 1 >= self.ctx.config.connect_attempts)
         if host is None:
             if tried:
                 tried[-1].stats.failed += 1

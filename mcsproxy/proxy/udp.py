@@ -136,7 +136,8 @@ class UdpFlow(asyncio.DatagramProtocol):
         self.started = time.monotonic()
 
     def open(self) -> bool:
-        host = self.upstream.pick(self.client_addr[0], self.tried)
+        host = self.upstream.pick(self.client_addr[0], self.tried, len(self.tried) + 1
+                                  >= self.listener.ctx.config.connect_attempts)
         if host is None:
             if self.tried:
                 self.tried[-1].stats.failed += 1

@@ -263,13 +263,17 @@ class UpstreamSet:
         self.update(())
 
     # -- the hot path -----------------------------------------------------------------
-    def pick(self, client_ip: str | None = None, exclude: Collection[Host] = ()) -> Host | None:
+    def pick(self, client_ip: str | None = None, exclude: Collection[Host] = (),
+             last_try: bool = False) -> Host | None:
         """The host for a new connection, or None when the set has nowhere to send it.
 
         `exclude` holds hosts already tried for this connection: the rest of the chosen
         level is tried first (its clusters not tried yet before the others), then healthy
         hosts of the other levels in priority order (another cluster once the local one is
-        exhausted), then anything not yet tried.
+        exhausted), then anything not yet tried. `last_try`: no attempt follows this one,
+        so it goes to a healthy host of a cluster not tried yet when there is one; else a
+        local cluster with more endpoints down than the attempts allowed would use them
+        all up and fail the client while another cluster is up.
         """
         if self._next_expiry != INF and self._clock() >= self._next_expiry:
             self._expire_ejections()
@@ -291,7 +295,8 @@ class UpstreamSet:
         level = 0 if len(avail) == 1 else choose_level(self.plan.loads, self._randbelow(100))
         hosts = avail[level]
         if exclude:
-            hosts = [h for h in hosts if h not in exclude] or self._fallback(exclude)
+            away = self._fallback(exclude, {h.cluster for h in exclude}) if last_try else None
+            hosts = away or [h for h in hosts if h not in exclude] or self._fallback(exclude)
             if not hosts:
                 return None
             if len(hosts) > 1:
@@ -315,11 +320,17 @@ class UpstreamSet:
         self._rr += 1
         return pick_round_robin(hosts, self._rr)
 
-    def _fallback(self, exclude: Collection[Host]) -> list[Host]:
+    def _fallback(self, exclude: Collection[Host],
+                  avoid: Collection[str] | None = None) -> list[Host]:
+        """Healthy hosts of the first level that has any, not tried and outside the
+        clusters to `avoid`; without `avoid`, anything not tried when none is healthy."""
         for level in self._levels:
-            hosts = [h for h in level if h.healthy and h not in exclude]
+            hosts = [h for h in level if h.healthy and h not in exclude
+                     and (avoid is None or h.cluster not in avoid)]
             if hosts:
                 return hosts
+        if avoid is not None:
+            return []
         return [h for level in self._levels for h in level if h not in exclude]
 
     # -- outcomes reported by the proxies ---------------------------------------------
