@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -100,12 +100,13 @@ class Clusterset:
 
     def publish(self, name: str, ip: str, ports: Sequence[ServicePort],
                 endpoints: Sequence[Endpoint], *, affinity: str = "None",
-                traffic: str | None = None) -> None:
+                affinity_timeout_s: int = 10800, traffic: str | None = None,
+                annotations: Mapping[str, str] = MappingProxyType({})) -> None:
         key = ServiceKey("test", name)
         self.store.upsert(
             ObjectId("test", "ServiceImport", "test", name),
-            ImportSpec(key, "ClusterSetIP", (ip,), tuple(ports), affinity, 10800, traffic,
-                       MappingProxyType({}), ()),
+            ImportSpec(key, "ClusterSetIP", (ip,), tuple(ports), affinity, affinity_timeout_s,
+                       traffic, annotations, ()),
         )
         by_cluster: dict[str, list[Endpoint]] = {}
         for ep in endpoints:

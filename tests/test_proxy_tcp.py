@@ -13,7 +13,7 @@ import pytest
 import uvloop
 
 from mcsproxy.config import HealthConfig, OutlierConfig
-from mcsproxy.model import ServicePort
+from mcsproxy.model import LOCALITY_ANNOTATION, ServicePort
 from mcsproxy.proxy import tcp
 from tests.proxy_fixtures import Backend, Clusterset, ask, endpoint, free_port
 
@@ -389,6 +389,52 @@ async def test_affinity_keeps_a_client_on_one_endpoint() -> None:
     proxy = await cs.proxy()
     try:
         assert len({await ask(ip, 80) for _ in range(20)}) == 1
+    finally:
+        await stop_all(proxy, *backends)
+
+
+async def test_affinity_lasts_the_imports_timeout_seconds() -> None:
+    # mcs-spec "Data plane": ClientIP keeps a client on one endpoint for timeoutSeconds,
+    # taken from the import (kube-proxy's 10800 when unset); affinity None is no table.
+    backends = await start_backends({"east": 2, "west": 2}, 162)
+    cs = Clusterset("east")
+    ip = "127.240.162.1"
+    cs.publish("sticky", ip, [WEB], endpoints_of(backends), affinity="ClientIP",
+               affinity_timeout_s=30)
+    proxy = await cs.proxy()
+    try:
+        upstream = next(iter(proxy.upstreams.values()))
+        assert upstream.affinity is not None and upstream.affinity.timeout_s == 30
+        assert len({await ask(ip, 80) for _ in range(12)}) == 1
+        cs.publish("sticky", ip, [WEB], endpoints_of(backends), affinity="ClientIP",
+                   affinity_timeout_s=600)
+        await cs.served(proxy)
+        assert upstream.affinity is not None and upstream.affinity.timeout_s == 600
+        cs.publish("sticky", ip, [WEB], endpoints_of(backends))
+        await cs.served(proxy)
+        assert upstream.affinity is None
+        assert len({await ask(ip, 80) for _ in range(12)}) == 4
+    finally:
+        await stop_all(proxy, *backends)
+
+
+@pytest.mark.parametrize(("traffic", "annotation", "clusters"), [
+    (None, None, {"east", "west"}),  # spread by default, the local cluster included
+    ("PreferClose", None, {"east"}),
+    ("PreferClose", "spread", {"east", "west"}),  # the annotation wins
+    (None, "local-first", {"east"}),
+    ("PreferClose", "nearest", {"east"}),  # an unknown annotation value is ignored
+])
+async def test_locality_follows_traffic_distribution_and_the_annotation(
+        traffic: str | None, annotation: str | None, clusters: set[str]) -> None:
+    backends = await start_backends({"east": 1, "west": 1}, 163)
+    cs = Clusterset("east")
+    ip = "127.240.163.1"
+    cs.publish("where", ip, [WEB], endpoints_of(backends), traffic=traffic,
+               annotations={LOCALITY_ANNOTATION: annotation} if annotation else {})
+    proxy = await cs.proxy()
+    try:
+        assert {(await ask(ip, 80)).split("-")[0] for _ in range(10)} == clusters
     finally:
         await stop_all(proxy, *backends)
 
