@@ -177,10 +177,14 @@ async def dns():
 
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
 async def test_dns_table(dns, transport: str) -> None:
+    await check_cases(dns.bound, transport, CASES)
+
+
+async def check_cases(bound: tuple[str, int], transport: str, cases: list[Case]) -> None:
     failures = []
-    for case in CASES:
+    for case in cases:
         packet = make_query(case.qname, case.qtype)
-        reply = dnslib.DNSRecord.parse(await exchange(transport, dns.bound, packet))
+        reply = dnslib.DNSRecord.parse(await exchange(transport, bound, packet))
         extra = [r for r in reply.ar if r.rtype != dnslib.QTYPE.OPT]
         got = (dnslib.RCODE.get(reply.header.rcode), zone_lines(reply.rr), zone_lines(reply.auth),
                zone_lines(extra))
@@ -192,6 +196,34 @@ async def test_dns_table(dns, transport: str) -> None:
         assert reply.header.aa == (case.rcode != "REFUSED")
         assert [str(q.qname) for q in reply.questions] == [case.qname]
     assert not failures, "\n".join(failures)
+
+
+# mcs-spec "Export and import" 14: a cluster ID may be `name.extra`; a headless
+# endpoint's name then has two labels between its hostname and the service.
+DOTTED_ZONE = import_yaml("hd", "Headless", WEB_PORTS) + "\n---\n" + slice_yaml(
+    "hd", "east.prod", "IPv4", ["10.13.0.1", "10.13.0.2"], WEB_PORTS,
+    hostnames=["web-0", ""])
+DOTTED_WEB_0 = f"web-0.east.prod.hd.{T} 5 IN A 10.13.0.1"
+DOTTED_DASHED = f"10-13-0-2.east.prod.hd.{T} 5 IN A 10.13.0.2"
+DOTTED_CASES = [
+    Case(f"web-0.east.prod.hd.{T}", "A", answer=[DOTTED_WEB_0]),
+    Case(f"10-13-0-2.east.prod.hd.{T}", "A", answer=[DOTTED_DASHED]),
+    Case(f"_web._tcp.hd.{T}", "SRV", answer=[
+        f"_web._tcp.hd.{T} 5 IN SRV 10 100 8080 web-0.east.prod.hd.{T}",
+        f"_web._tcp.hd.{T} 5 IN SRV 10 100 8080 10-13-0-2.east.prod.hd.{T}",
+    ], extra=[DOTTED_WEB_0, DOTTED_DASHED]),
+    # the cluster-targeted shapes stay NXDOMAIN, the ID's last label alone too
+    Case(f"east.prod.hd.{T}", "A", "NXDOMAIN", ns=NXDOMAIN),
+    Case(f"prod.hd.{T}", "A", "NXDOMAIN", ns=NXDOMAIN),
+    Case(f"web-0.prod.hd.{T}", "A", "NXDOMAIN", ns=NXDOMAIN),
+    Case(f"web-0.east.hd.{T}", "A", "NXDOMAIN", ns=NXDOMAIN),
+]
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_headless_names_under_a_dotted_cluster_id(transport: str) -> None:
+    async with running_dns(texts={"hd.yaml": DOTTED_ZONE}) as server:
+        await check_cases(server.bound, transport, DOTTED_CASES)
 
 
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
