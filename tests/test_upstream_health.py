@@ -105,3 +105,41 @@ async def test_a_probe_without_a_descriptor_gives_no_verdict() -> None:
         await u.stop()
         for s in servers:
             s.close()
+
+
+class Silent(asyncio.Protocol):
+    """Takes a probe's connection and never answers; counts connections open at once."""
+
+    open = 0
+    most = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        Silent.open += 1
+        Silent.most = max(Silent.most, Silent.open)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        Silent.open -= 1
+
+
+async def test_one_probe_in_flight_per_endpoint_though_probes_outlast_the_interval() -> None:
+    # style.md: one probe in flight per endpoint. A probe that waits 0.3 s for a status
+    # line, every 0.02 s, would pile up ~15 open probes if probes ran off a timer.
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(Silent, "127.161.7.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    cfg = HealthConfig(interval_s=0.02, timeout_s=0.3, healthy_threshold=1,
+                       unhealthy_threshold=1, jitter=0.1)
+    u = UpstreamSet("ns/s:p", "east", ProxyConfig(health=cfg), rng=random.Random(3))
+    u.update([Target("127.161.7.1", port, "east", True)])
+    u.attach_health_checker(HealthChecker(u, cfg, http=True, rng=random.Random(4)))
+    host = u.hosts[("127.161.7.1", port)]
+    try:
+        async with asyncio.timeout(5):
+            while host.active_up:  # the first probe timed out
+                await asyncio.sleep(0.01)
+            while Silent.open == 0:  # the second one is waiting
+                await asyncio.sleep(0.01)
+        assert Silent.most == 1
+    finally:
+        await u.stop()
+        server.close()
