@@ -5,10 +5,10 @@ while clients may still reach it: a cached DNS answer (TTL 5 s), a long-lived co
 a member still holding the old ServiceImport. Held only in memory, a restart or a new
 leader forgot them and could give a just-released address to the next new service (a /24
 with 200 services, one released, one new: 4.2 % of 20,000 restarts did; 0 while running,
-and 0 now). So the holds are
-saved: in directory mode as OUT/.clustersetip-holds.json, in Kubernetes mode as the
-ConfigMap `mcsproxy-clustersetip-holds` in the controller's own namespace
-(clusters/kube_holds.py); read at start, before the first reconcile allocates anything.
+and 0 now). So the holds are saved: in directory mode as OUT/.clustersetip-holds.json, in
+Kubernetes mode as the ConfigMap `mcsproxy-clustersetip-holds` in the controller's own
+namespace (clusters/kube_holds.py); read at start, before the first reconcile allocates
+anything.
 
 At most PERSISTED_HOLDS (1,024) of the latest releases are saved, with their release
 time: a hold matters for seconds to minutes after a release, so the latest ones are the
