@@ -120,9 +120,7 @@ class FrontDoor:
             ServiceKey(labels[1].decode("ascii", "replace"), labels[0].decode("ascii", "replace")))
         if service is None or service.headless:
             return None, (404, "no such service")
-        if port_text:
-            if not port_text.isdigit():
-                return None, (400, "invalid port in Host")
+        if port_text:  # digits only: the request head's Host check (ClientConnection)
             number = int(port_text)
             port = next((p for p in service.ports
                          if p.port == number and p.protocol == "TCP"), None)

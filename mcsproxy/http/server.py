@@ -47,10 +47,12 @@ from mcsproxy.http.wire import (
     STATUS_LINES,
     TRANSFER_ENCODING,
     UPGRADE,
+    VALID_HOSTS,
     X_FORWARDED_FOR,
     X_REQUEST_ID,
     connection_tokens,
     drop_nominated,
+    host_is_valid,
     status_line,
 )
 from mcsproxy.upstream.upstream_set import CONNECT_VERDICT_DELAY_S, PER_TRY_TIMEOUT
@@ -527,7 +529,8 @@ class ClientConnection(asyncio.Protocol):
         authority = None
         if url[:1] != b"/" and not (url == b"*" and method == b"OPTIONS"):
             url, authority = self._origin_form(url, method)
-        if self.host is None:
+        host = self.host
+        if host is None:
             if http11 or (self.route is None and authority is None):
                 self._refuse(400, "missing Host header")  # HTTP/1.1 requires it
             if authority is None:
@@ -536,7 +539,13 @@ class ClientConnection(asyncio.Protocol):
                 ip, port = self.transport.get_extra_info("sockname")[:2]
                 self.parts.append(b"Host: %s\r\n" % (f"[{ip}]:{port}" if ":" in ip
                                                         else f"{ip}:{port}").encode())
+        elif host not in VALID_HOSTS and not host_is_valid(host):
+            # RFC 9112 3.2: a MUST, even when an absolute-form target replaces it (as
+            # nginx). Forwarded, `a b` or `u@h` would reach endpoints that trust Host.
+            self._refuse(400, "invalid Host header")
         if authority is not None:
+            if authority not in VALID_HOSTS and not host_is_valid(authority):
+                self._refuse(400, "invalid authority in the request target")
             # RFC 9112 3.2.2: the target's authority stands for any Host field received.
             self.host = authority
             self.parts = [p for p in self.parts if p[:5].lower() != b"host:"]

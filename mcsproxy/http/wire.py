@@ -1,12 +1,15 @@
 """Bytes built once: status lines, header kinds, error responses, the Date header, request IDs.
 
-Nothing here runs per header or per request beyond dictionary look-ups and one join.
+Nothing here runs per header or per request beyond dictionary look-ups and one join (the
+Host check matches a value only the first time it is seen).
 """
 
 from __future__ import annotations
 
 import email.utils
+import ipaddress
 import os
+import re
 from http import HTTPStatus
 
 CRLF = b"\r\n"
@@ -57,6 +60,35 @@ REQUEST_KINDS: dict[bytes, int] = {
     b"expect": EXPECT,
 }
 RESPONSE_KINDS: dict[bytes, int] = dict(_HOP_BY_HOP)
+
+# A Host value (RFC 9110 7.2, RFC 3986 3.2.2-3.2.3): uri-host [":" port]. The host is an
+# IP-literal in brackets or a reg-name (an IPv4 address is one too) and never empty: an
+# http URI with an empty host is invalid (RFC 9110 4.2.1). No userinfo. llhttp leaves a
+# value's trailing whitespace in, which is not part of it (RFC 9110 5.5).
+HOST_VALUE = re.compile(
+    rb"(?:\[(?:[0-9A-Fa-f:.]+|[vV][0-9A-Fa-f]+\.[A-Za-z0-9._~!$&'()*+,;=:-]+)\]"
+    rb"|(?:[A-Za-z0-9._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})+)(?::[0-9]*)?[ \t]*")
+# Values that passed: a request whose Host was seen before costs a set look-up, not a
+# match (bench/http/micro.py: +7,200 instructions per request with a match each time,
+# 6.9 %; +430, 0.4 %, with this set). Emptied when full: Hosts a client makes up cost it
+# the match, and us no memory.
+VALID_HOSTS: set[bytes] = set()
+MAX_VALID_HOSTS = 1024
+
+
+def host_is_valid(value: bytes) -> bool:
+    """The check behind VALID_HOSTS (test membership first); remembers what passes."""
+    if HOST_VALUE.fullmatch(value) is None:
+        return False
+    if value[:1] == b"[" and value[1:2] not in (b"v", b"V"):
+        try:
+            ipaddress.IPv6Address(value[1:value.index(b"]")].decode("ascii"))
+        except ValueError:
+            return False
+    if len(VALID_HOSTS) >= MAX_VALID_HOSTS:
+        VALID_HOSTS.clear()
+    VALID_HOSTS.add(value)
+    return True
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
 MAX_REQUEST_ID = 200
