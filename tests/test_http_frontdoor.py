@@ -118,3 +118,54 @@ async def test_a_port_without_app_protocol_http_is_not_proxied_as_http() -> None
     finally:
         for b in backends:
             await b.stop()
+
+
+# RFC 9112 3.2: a request whose Host is not uri-host [":" port] gets 400. They used to be
+# forwarded unchanged by the ClusterSetIP listeners (the front door answered 421 or 404).
+INVALID_HOSTS = [b"a b", b"x/y", b"a:b:c", b"exa mple.com:80", b"u@h", b"", b"h:80x",
+                 b"[::1", b"::1", b"[::1]x", b"[zz::1]", b"[fe80::1%eth0]", b"a\\b", b"h#f",
+                 b"h?q", b"\x80", b"u@web.test.svc.clusterset.local",
+                 b"web.test.svc.clusterset.local:80:80", b"web.test.svc.clusterset.local :80"]
+# (Host, the front door's answer): ours are proxied, any other valid one is not ours.
+VALID_HOSTS = [(b"web.test.svc.clusterset.local", 200), (b"web.test.svc.clusterset.local:80", 200),
+               (b"WEB.test.svc.clusterset.local.", 200), (b"svc.ns.svc.clusterset.local:8080", 404),
+               (b"10.0.0.1:80", 421), (b"[::1]:80", 421), (b"[::ffff:10.0.0.1]", 421),
+               (b"EXAMPLE.com.", 421), (b"xn--bcher-kva.example", 421), (b"a%2Db.example", 421),
+               (b"h:", 421)]
+
+
+async def test_an_invalid_host_gets_400_from_listener_and_front_door() -> None:
+    [web] = await start_backends({"east": 1}, 147)
+    cs = Clusterset("east")
+    cs.publish("web", "127.240.147.1", [HTTP_PORT], [endpoint(web.host, "east", web.port)])
+    try:
+        async with front_door(cs, "127.0.0.147") as (_, listen):
+            for where in (("127.240.147.1", 80), listen):
+                before = len(web.requests)
+                for host in INVALID_HOSTS:
+                    client = await RawClient.open(*where)
+                    client.send(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+                    r = await client.response()
+                    assert (r.status, r.body) == (400, b"invalid Host header\n"), (where, host)
+                    # Like every other 400 of a request head: the connection closes.
+                    assert r.headers.get(b"connection") == b"close", host
+                    assert await client.closed(), host
+                    await client.close()
+                assert len(web.requests) == before, where  # none of them reached it
+                for host, status in VALID_HOSTS:
+                    client = await RawClient.open(*where)
+                    client.send(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+                    r = await client.response()
+                    assert r.status == (200 if where != listen else status), (where, host)
+                    if r.status == 200:
+                        assert web.header(-1, b"host") == [host], host  # unchanged
+                    await client.close()
+            # An absolute-form target's authority is held to the same rule.
+            client = await RawClient.open(*listen)
+            client.send(b"GET http://web.test.svc.clusterset.local:x/ HTTP/1.1\r\n"
+                        b"Host: web.test.svc.clusterset.local\r\n\r\n")
+            r = await client.response()
+            assert (r.status, r.body) == (400, b"invalid authority in the request target\n")
+            await client.close()
+    finally:
+        await web.stop()
