@@ -87,7 +87,8 @@ TOKENS = st.sampled_from(["Content-Length", "content-length", "Transfer-Encoding
                           "Expect", "Upgrade", "X-Other"])
 VALUES = st.sampled_from(["0", "5", "-1", "1e3", "18446744073709551616", "chunked",
                           "chunked, identity", "identity", "Chunked", "close", "keep-alive",
-                          "100-continue", "websocket", "web", "\tchunked", "5, 5", ""])
+                          "100-continue", "websocket", "web", "\tchunked", "5, 5", "",
+                          "a b", "u@web", "web:1:2", "[::1]:80"])
 LINE_ENDS = st.sampled_from(["\r\n", "\n", "\r"])
 BODIES = st.sampled_from(["", "hello", "5\r\nhello\r\n0\r\n\r\n", "0\r\n\r\n",
                           "ffffffffffffffff\r\n", "3\r\nabc\r\n", "G"])
