@@ -125,13 +125,18 @@ async def test_a_port_without_app_protocol_http_is_not_proxied_as_http() -> None
 INVALID_HOSTS = [b"a b", b"x/y", b"a:b:c", b"exa mple.com:80", b"u@h", b"", b"h:80x",
                  b"[::1", b"::1", b"[::1]x", b"[zz::1]", b"[fe80::1%eth0]", b"a\\b", b"h#f",
                  b"h?q", b"\x80", b"u@web.test.svc.clusterset.local",
-                 b"web.test.svc.clusterset.local:80:80", b"web.test.svc.clusterset.local :80"]
+                 b"web.test.svc.clusterset.local:80:80", b"web.test.svc.clusterset.local :80",
+                 # no TCP port is above 65535 (these were forwarded as they came)
+                 b"h:65536", b"h:99999999999", b"[::1]:70000", b"h:" + b"9" * 5000,
+                 b"web.test.svc.clusterset.local:99999999999"]
 # (Host, the front door's answer): ours are proxied, any other valid one is not ours.
 VALID_HOSTS = [(b"web.test.svc.clusterset.local", 200), (b"web.test.svc.clusterset.local:80", 200),
                (b"WEB.test.svc.clusterset.local.", 200), (b"svc.ns.svc.clusterset.local:8080", 404),
                (b"10.0.0.1:80", 421), (b"[::1]:80", 421), (b"[::ffff:10.0.0.1]", 421),
                (b"EXAMPLE.com.", 421), (b"xn--bcher-kva.example", 421), (b"a%2Db.example", 421),
-               (b"h:", 421)]
+               (b"h:", 421), (b"h:65535", 421),
+               # any number of leading zeros: int() of over 4,300 digits raises
+               (b"web.test.svc.clusterset.local:" + b"0" * 5000 + b"80", 200)]
 
 
 async def test_an_invalid_host_gets_400_from_listener_and_front_door() -> None:

@@ -69,7 +69,7 @@ SHAPES: list[tuple[str, bytes, int]] = [
     ("no Host", b"GET / HTTP/1.1\r\n\r\n", 400),
     # not uri-host [":" port] (RFC 9112 3.2); more in test_http_frontdoor
     *[(f"invalid Host {host!r}", b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n", 400)
-      for host in (b"", b"exa mple.com:80", b"u@a", b"a/b", b"a:1:2")],
+      for host in (b"", b"exa mple.com:80", b"u@a", b"a/b", b"a:1:2", b"a:65536")],
     ("invalid target authority", b"GET http://a:1:2/ HTTP/1.1\r\n" + H + b"\r\n", 400),
     ("HTTP/0.9", b"GET /\r\n\r\n", 400),
     ("HTTP/1.2", b"GET / HTTP/1.2\r\n" + H + b"\r\n", 400),

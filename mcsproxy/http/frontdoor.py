@@ -121,7 +121,9 @@ class FrontDoor:
         if service is None or service.headless:
             return None, (404, "no such service")
         if port_text:  # digits only: the request head's Host check (ClientConnection)
-            number = int(port_text)
+            # ... and at most 65535 once its leading zeros are gone (any number of them
+            # is valid, and int() raises past 4,300 digits).
+            number = int(port_text.lstrip(b"0") or b"0")
             port = next((p for p in service.ports
                          if p.port == number and p.protocol == "TCP"), None)
         else:
