@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,10 +25,12 @@ from typing import Any
 
 from aiohttp import ClientSession, ClientTimeout
 
+from mcsproxy.http.wire import REFUSAL_REASONS
 from mcsproxy.observability.families import Families
 from mcsproxy.observability.workers import WorkerReporter, WorkerReports, fetch_report
 from tests.http_support import HttpBackend, RawClient
 from tests.proxy_fixtures import Backend, ask, free_port
+from tests.test_http_smuggling import SHAPES
 from tests.test_metrics_support import parse_metrics, service_yaml, value
 
 HOST = "127.57.39.1"
@@ -38,16 +41,17 @@ Samples = dict[str, list[tuple[dict[str, str], float]]]
 
 
 @asynccontextmanager
-async def two_workers(source: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process,
+async def two_workers(source: Path, *extra: str) -> AsyncIterator[tuple[asyncio.subprocess.Process,
                                                            Callable[[], Awaitable[Samples]]]]:
     """`gateway --workers 2` over `source`, once both processes serve every listener and
-    the worker reports; yields the process and a scrape of its /metrics."""
+    the worker reports; yields the process and a scrape of its /metrics. `extra`: more
+    gateway arguments."""
     admin = f"{HOST}:{free_port(HOST)}"
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "mcsproxy", "gateway", "--cluster-id", "east",
         "--source", f"file:{source}", "--workers", "2", "--log-level", "warning",
         "--health-interval", "0", "--dns-listen", f"{HOST}:{free_port(HOST)}",
-        "--admin-listen", admin)
+        "--admin-listen", admin, *extra)
     try:
         async with ClientSession(timeout=ClientTimeout(total=10)) as http:
 
@@ -153,6 +157,97 @@ async def test_two_workers_sum_the_http_request_duration(tmp_path: Path) -> None
                 if fam["name"] == "mcsproxy_http_request_duration_seconds"
                 for _key, (counts, _sum) in fam["values"]]
         assert len(mine) == 1 and 0 < sum(mine[0]) < CONNECTIONS, mine
+    finally:
+        await backend.stop()
+
+
+# The refusal's text (what the client reads) by the reason label it is counted under.
+REFUSAL_TEXTS = [(b"malformed request", "malformed"), (b"only origin-form", "malformed"),
+                 (b"invalid Host", "invalid_host"), (b"missing Host", "invalid_host"),
+                 (b"more than one Host", "invalid_host"), (b"invalid authority", "invalid_host"),
+                 (b"HTTP/", "http_version"), (b"only the chunked", "transfer_coding"),
+                 (b"Transfer-Encoding in", "transfer_coding"), (b"only Expect", "expect"),
+                 (b"too many header fields", "too_many_headers"),
+                 (b"request header fields too large", "headers_too_large"),
+                 (b"request URI too long", "uri_too_long")]
+
+
+async def test_two_workers_count_every_refused_request(tmp_path: Path) -> None:
+    """Requests refused before a service is chosen are in no service's counters: each
+    refusal shape once, through a listener and the front door, each on a connection of
+    its own (so both processes refuse some), counted by kind, status and reason."""
+    backend = await HttpBackend("east-1", "127.57.35.1", "east").start()
+    ip, tcp_ip = "127.240.57.35", "127.240.57.36"
+    port = free_port(ip)
+    front = (HOST, free_port(HOST))
+    (tmp_path / "web.yaml").write_text(service_yaml("web", ip, [backend], port=port,
+                                                    app_protocol="http"))
+    (tmp_path / "redis.yaml").write_text(service_yaml("redis", tcp_ip, [backend],
+                                                      port=free_port(tcp_ip)))
+    want: Counter[tuple[str, str, str]] = Counter()
+
+    async def refused(where: tuple[str, int], raw: bytes, status: int) -> bytes:
+        client = await RawClient.open(*where)
+        client.send(raw)
+        r = await client.response()
+        await client.close()
+        assert r.status == status, (raw[:60], r.status, r.body)
+        return r.body
+
+    try:
+        async with two_workers(tmp_path, "--http-listen", f"{front[0]}:{front[1]}",
+                               "--http-header-timeout", "0.5") as (proc, scrape):
+            failed = 0
+            for name, raw, status in SHAPES:
+                body = await refused((ip, port), raw, status)
+                now_failed = value(await scrape(), "mcsproxy_http_requests_total",
+                                   outcome="failed")
+                if now_failed > failed:
+                    # A body that breaks after its head chose the service: that request
+                    # is the service's, counted there (failed), not as a refusal.
+                    assert b"Transfer-Encoding: chunked" in raw and status == 400, name
+                    failed = now_failed
+                    continue
+                [reason] = {r for text, r in REFUSAL_TEXTS if body.startswith(text)} or {name}
+                want["listener", str(status), reason] += 1
+            for where, kind in (((ip, port), "listener"), (front, "front_door")):
+                await refused(where, b"GET / HTTP/1.1\r\nHost: h:99999999999\r\n\r\n", 400)
+                want[kind, "400", "invalid_host"] += 1
+            for host, status, reason in [("evil.example", 421, "not_clusterset"),
+                                         ("nope.test.svc.clusterset.local", 404,
+                                          "unknown_service"),
+                                         ("redis.test.svc.clusterset.local", 404, "not_http")]:
+                await refused(front, b"GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % host.encode(),
+                              status)
+                want["front_door", str(status), reason] += 1
+            # Served requests are not refusals: nor are the 128 before the 429.
+            client = await RawClient.open(ip, port)
+            client.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n" * 300)  # one write, one read
+            assert [(await client.response()).status for _ in range(129)] == [200] * 128 + [429]
+            await client.close()
+            want["listener", "429", "too_many_pipelined"] += 1
+            # Slowloris: a head never finished gets 408; a connection that never sent a byte
+            # is closed without an answer.
+            slow = await RawClient.open(*front)
+            slow.send(b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: ")
+            silent = await RawClient.open(ip, port)
+            assert (await slow.response()).status == 408
+            assert await silent.closed()
+            await slow.close()
+            await silent.close()
+            want["front_door", "408", "head_timeout"] += 1
+            want["listener", "none", "head_timeout"] += 1
+            m = await scrape()
+            report = await fetch_report(proc.pid, 1)
+        got = {(lab["listener_kind"], lab["status"], lab["reason"]): v
+               for lab, v in m.get("mcsproxy_http_refused_total", [])}
+        assert got == want
+        assert {reason for _, _, reason in got} <= set(REFUSAL_REASONS)  # the bounded set
+        assert value(m, "mcsproxy_http_requests_total", outcome="2xx") == 128
+        # Both processes refused some: the exposition is their sum.
+        assert report is not None
+        [mine] = [fam for fam in report["families"] if fam["name"] == "mcsproxy_http_refused"]
+        assert 0 < sum(v for _key, v in mine["values"]) < sum(want.values())
     finally:
         await backend.stop()
 

@@ -87,6 +87,10 @@ class HttpEngine:
         self.ids = RequestIds()
         self._task: asyncio.Task[Any] | None = None
         self.draining = False
+        # Requests refused before a service was chosen, which http_requests_total (per
+        # service) cannot count: (listener kind, status, reason) -> count. Only refusal
+        # paths add to it.
+        self.refused: dict[tuple[str, str, str], int] = {}
 
     async def start(self) -> None:
         if self._task is None:
@@ -106,6 +110,10 @@ class HttpEngine:
         """Responses from now on carry Connection: close; idle clients close on the next
         tick after DRAIN_IDLE_S (ClientConnection.check)."""
         self.draining = True
+
+    def count_refused(self, kind: str, status: str, reason: str) -> None:
+        key = (kind, status, reason)
+        self.refused[key] = self.refused.get(key, 0) + 1
 
     def protocol_factory(self, ctx: ListenerContext) -> partial[ClientConnection]:
         """The Protocol factory of one ClusterSetIP:port listener."""

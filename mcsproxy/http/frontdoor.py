@@ -19,13 +19,15 @@ from functools import partial
 
 from mcsproxy.http.engine import HttpRoute, serves_http
 from mcsproxy.http.server import ClientConnection
+from mcsproxy.http.wire import NOT_CLUSTERSET, NOT_HTTP, NOT_SERVED, UNKNOWN_SERVICE
 from mcsproxy.model import ImportedService, ServiceKey, ServicePort
 from mcsproxy.proxy.context import ListenerContext
 from mcsproxy.proxy.manager import LISTEN_BACKLOG, ProxyManager, UpstreamKey
 
 log = logging.getLogger("mcsproxy.http.frontdoor")
 
-Resolved = tuple[HttpRoute | None, tuple[int, str] | None]
+# An error is (status, text, reason label of mcsproxy_http_refused_total).
+Resolved = tuple[HttpRoute | None, tuple[int, str, str] | None]
 MAX_CACHED_HOSTS = 4096
 
 
@@ -112,14 +114,14 @@ class FrontDoor:
         name, _, port_text = raw.strip().lower().partition(b":")
         name = name.rstrip(b".")
         if not name.endswith(self.suffix):
-            return None, (421, "not a clusterset service name")
+            return None, (421, "not a clusterset service name", NOT_CLUSTERSET)
         labels = name[: -len(self.suffix)].split(b".")
         if len(labels) != 2:
-            return None, (404, "no such service")
+            return None, (404, "no such service", UNKNOWN_SERVICE)
         service = self.proxy.store.current.services.get(
             ServiceKey(labels[1].decode("ascii", "replace"), labels[0].decode("ascii", "replace")))
         if service is None or service.headless:
-            return None, (404, "no such service")
+            return None, (404, "no such service", UNKNOWN_SERVICE)
         if port_text:  # digits only: the request head's Host check (ClientConnection)
             # ... and at most 65535 once its leading zeros are gone (any number of them
             # is valid, and int() raises past 4,300 digits).
@@ -129,16 +131,16 @@ class FrontDoor:
         else:
             port = default_port(service)
         if port is None:
-            return None, (404, "no such service port")
+            return None, (404, "no such service port", UNKNOWN_SERVICE)
         if not serves_http(port):
             # Its ClusterSetIP listener relays TCP, and it shares its endpoints' health
             # with us: HTTP sent to a port that may not speak it would be a 502 blamed on
             # healthy endpoints, and any client could get them ejected.
-            return None, (404, "service port is not appProtocol http")
+            return None, (404, "service port is not appProtocol http", NOT_HTTP)
         ukey = UpstreamKey(service.key, port.name, "TCP")
         upstream = self.proxy.upstreams.get(ukey)
         if upstream is None:
-            return None, (503, "service not served yet")
+            return None, (503, "service not served yet", NOT_SERVED)
         route = self.routes.get(ukey)
         if route is None:
             ctx = ListenerContext(f"front door {ukey}", upstream, self.config, set(),

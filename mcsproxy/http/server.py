@@ -38,15 +38,26 @@ from mcsproxy.http.wire import (
     CONTENT_LENGTH,
     CRLF,
     EXPECT,
+    EXPECT_UNSUPPORTED,
+    HEAD_TIMEOUT,
+    HEADERS_TOO_LARGE,
     HOST,
+    HTTP_VERSION,
     IDEMPOTENT,
+    INVALID_HOST,
     LAST_CHUNK,
+    MALFORMED,
     MAX_REQUEST_ID,
     PLAIN_CONNECTION,
     REQUEST_KINDS,
     STATUS_LINES,
+    TOO_MANY_HEADERS,
+    TOO_MANY_PIPELINED,
+    TRANSFER_CODING,
     TRANSFER_ENCODING,
+    UNKNOWN_SERVICE,
     UPGRADE,
+    URI_TOO_LONG,
     VALID_HOSTS,
     X_FORWARDED_FOR,
     X_REQUEST_ID,
@@ -118,12 +129,15 @@ STATUS_CLASSES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 
 
 class RequestError(Exception):
-    """A request we refuse; raised inside parser callbacks, answered by data_received."""
+    """A request we refuse; raised inside parser callbacks, answered by data_received.
+    `reason` is its label in mcsproxy_http_refused_total: one of REFUSAL_REASONS, never
+    text from the request (the label set stays bounded)."""
 
-    def __init__(self, status: int, text: str) -> None:
+    def __init__(self, status: int, text: str, reason: str) -> None:
         super().__init__(text)
         self.status = status
         self.text = text
+        self.reason = reason
 
 
 class ClientConnection(asyncio.Protocol):
@@ -283,7 +297,7 @@ class ClientConnection(asyncio.Protocol):
                     self.flush()
                 return
             if ex is None or not ex.upgrade:
-                self.reject(RequestError(400, "unexpected protocol upgrade"))
+                self.reject(RequestError(400, "unexpected protocol upgrade", MALFORMED))
                 return
             if ex.finished:  # answered already (no endpoint): nothing to tunnel
                 self.close()
@@ -302,13 +316,13 @@ class ClientConnection(asyncio.Protocol):
                 # answer may follow the one that says close. Dropped, as after close().
                 self.pause(PAUSE_PIPELINE)
                 return
-            err = self.request_error or RequestError(400, f"malformed request: {exc}")
+            err = self.request_error or RequestError(400, f"malformed request: {exc}", MALFORMED)
             self.reject(err)
             return
         if self.chunks:
             self.send_chunks()
         if self.in_head and self.head_bytes > self.engine.http.max_header_bytes:
-            self.reject(RequestError(431, "request header fields too large"))
+            self.reject(RequestError(431, "request header fields too large", HEADERS_TOO_LARGE))
             return
         if self.out:
             self.flush()
@@ -427,6 +441,7 @@ class ClientConnection(asyncio.Protocol):
             self.current = None
             if self.queue and self.queue[-1] is ex:
                 self.queue.pop()
+        self.engine.count_refused(self.listener_kind(), str(err.status), err.reason)
         if self.log_enabled():
             log.info("client %s: %d %s", self.client_ip.decode(), err.status, err.text)
         answer = self.engine.errors.build(err.status, err.text, self.engine.date, close=True)
@@ -437,6 +452,10 @@ class ClientConnection(asyncio.Protocol):
         self.flush()
         self.out.append(answer)
         self.close()
+
+    def listener_kind(self) -> str:
+        """The listener_kind label of what this connection came in by."""
+        return "listener" if self.front is None else "front_door"
 
     @staticmethod
     def log_enabled() -> bool:
@@ -470,7 +489,7 @@ class ClientConnection(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         self.url += url
         if len(self.url) > self.engine.http.max_uri_bytes:
-            self.request_error = RequestError(414, "request URI too long")
+            self.request_error = RequestError(414, "request URI too long", URI_TOO_LONG)
             raise self.request_error
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -480,15 +499,15 @@ class ClientConnection(asyncio.Protocol):
         self.hsize += len(name) + len(value) + 4
         http = self.engine.http
         if self.nheaders > http.max_headers:
-            self._refuse(431, "too many header fields")
+            self._refuse(431, "too many header fields", TOO_MANY_HEADERS)
         if self.hsize > http.max_header_bytes:
-            self._refuse(431, "request header fields too large")
+            self._refuse(431, "request header fields too large", HEADERS_TOO_LARGE)
         kind = REQUEST_KINDS.get(name.lower())
         if kind is None:
             self.parts.append(name + b": " + value + CRLF)
         elif kind == HOST:
             if self.host is not None:
-                self.request_error = RequestError(400, "more than one Host header")
+                self.request_error = RequestError(400, "more than one Host header", INVALID_HOST)
                 raise self.request_error
             self.host = value
             self.parts.append(name + b": " + value + CRLF)
@@ -510,7 +529,8 @@ class ClientConnection(asyncio.Protocol):
             self.conn_tokens.append(value)
         elif kind == EXPECT:
             if value.lower() != b"100-continue":
-                self.request_error = RequestError(417, "only Expect: 100-continue is supported")
+                self.request_error = RequestError(417, "only Expect: 100-continue is supported",
+                                                  EXPECT_UNSUPPORTED)
                 raise self.request_error
             self.expect = True
         elif kind == UPGRADE:
@@ -523,7 +543,8 @@ class ClientConnection(asyncio.Protocol):
         version = parser.get_http_version()
         http11 = version == "1.1"
         if not http11 and version != "1.0":
-            self._refuse(505 if version[:1] > "1" else 400, f"HTTP/{version} is not supported")
+            self._refuse(505 if version[:1] > "1" else 400, f"HTTP/{version} is not supported",
+                         HTTP_VERSION)
         method = parser.get_method()
         url = self.url
         authority = None
@@ -532,7 +553,7 @@ class ClientConnection(asyncio.Protocol):
         host = self.host
         if host is None:
             if http11 or (self.route is None and authority is None):
-                self._refuse(400, "missing Host header")  # HTTP/1.1 requires it
+                self._refuse(400, "missing Host header", INVALID_HOST)  # HTTP/1.1 requires it
             if authority is None:
                 # HTTP/1.0 may leave it out (health checkers do), but what we send is 1.1:
                 # the address the client reached, its ClusterSetIP:port, stands in.
@@ -542,10 +563,10 @@ class ClientConnection(asyncio.Protocol):
         elif host not in VALID_HOSTS and not host_is_valid(host):
             # RFC 9112 3.2: a MUST, even when an absolute-form target replaces it (as
             # nginx). Forwarded, `a b` or `u@h` would reach endpoints that trust Host.
-            self._refuse(400, "invalid Host header")
+            self._refuse(400, "invalid Host header", INVALID_HOST)
         if authority is not None:
             if authority not in VALID_HOSTS and not host_is_valid(authority):
-                self._refuse(400, "invalid authority in the request target")
+                self._refuse(400, "invalid authority in the request target", INVALID_HOST)
             # RFC 9112 3.2.2: the target's authority stands for any Host field received.
             self.host = authority
             self.parts = [p for p in self.parts if p[:5].lower() != b"host:"]
@@ -553,9 +574,9 @@ class ClientConnection(asyncio.Protocol):
         chunked = False
         if self.te is not None:
             if not http11:
-                self._refuse(400, "Transfer-Encoding in an HTTP/1.0 request")
+                self._refuse(400, "Transfer-Encoding in an HTTP/1.0 request", TRANSFER_CODING)
             if self.te.strip().lower() != b"chunked":
-                self._refuse(501, "only the chunked transfer coding is supported")
+                self._refuse(501, "only the chunked transfer coding is supported", TRANSFER_CODING)
             chunked = True
         length = 0 if self.length is None else int(self.length)
         # RFC 9110 7.8: a server MUST ignore Upgrade in an HTTP/1.0 request; it goes on as
@@ -564,9 +585,10 @@ class ClientConnection(asyncio.Protocol):
         if upgrade and chunked:
             # llhttp leaves an Upgrade request's body unparsed (see Exchange.tunnel_data):
             # a chunked one could only be passed on unchecked.
-            self._refuse(501, "an Upgrade request with a chunked body is not supported")
+            self._refuse(501, "an Upgrade request with a chunked body is not supported",
+                         TRANSFER_CODING)
         keep_alive = not upgrade and parser.should_keep_alive()
-        error: tuple[int, str] | None = None
+        error: tuple[int, str, str] | None = None
         route = self.route
         if route is None:
             assert self.front is not None
@@ -597,7 +619,7 @@ class ClientConnection(asyncio.Protocol):
         if len(queue) >= MAX_QUEUED:
             # Pausing reads stops the next read, not the rest of this one: a read of tiny
             # pipelined requests would otherwise queue thousands of exchanges.
-            self._refuse(429, "too many pipelined requests")
+            self._refuse(429, "too many pipelined requests", TOO_MANY_PIPELINED)
         ex = Exchange(self, route, method, head, chunked, length, keep_alive, http11, upgrade,
                       error)
         self.current = self.last = ex
@@ -614,7 +636,8 @@ class ClientConnection(asyncio.Protocol):
         open proxy. Authority-form (CONNECT) and anything else is refused."""
         match = ABSOLUTE_FORM.match(url)
         if match is None:
-            self._refuse(400, "only origin-form and absolute-form request targets are accepted")
+            self._refuse(400, "only origin-form and absolute-form request targets are accepted",
+                         MALFORMED)
         authority, path = match.group(1), match.group(2) or b""
         if not path:
             path = b"*" if method == b"OPTIONS" else b"/"  # RFC 9112 3.2.4
@@ -622,8 +645,8 @@ class ClientConnection(asyncio.Protocol):
             path = b"/" + path
         return path, authority
 
-    def _refuse(self, status: int, text: str) -> None:
-        self.request_error = RequestError(status, text)
+    def _refuse(self, status: int, text: str, reason: str) -> None:
+        self.request_error = RequestError(status, text, reason)
         raise self.request_error
 
     def on_body(self, body: bytes) -> None:
@@ -730,6 +753,8 @@ class ClientConnection(asyncio.Protocol):
                     if self.head_bytes:  # a request began: say why it ends
                         self.out.append(self.engine.errors.build(
                             408, "timed out reading the request head", self.engine.date, True))
+                    self.engine.count_refused(self.listener_kind(),
+                                              "408" if self.head_bytes else "none", HEAD_TIMEOUT)
                     self.close()
                 elif not self.head_bytes and self.engine.draining and \
                         now - self.head_since > DRAIN_IDLE_S:
@@ -857,7 +882,7 @@ class Exchange:
     def __init__(self, client: ClientConnection, route: HttpRoute | None, method: bytes,
                  head: bytes, chunked: bool, length: int, keep_alive: bool,
                  http11: bool, upgrade: bool = False,
-                 error: tuple[int, str] | None = None) -> None:
+                 error: tuple[int, str, str] | None = None) -> None:
         # Built for every request: only what every request reads is set here. The
         # deadlines, connect_* and timed_out are set by start() and attempt() before use.
         self.client = client
@@ -908,7 +933,9 @@ class Exchange:
     def start(self) -> None:
         self.started = True
         if self.error is not None or self.route is None:
-            status, text = self.error or (404, "no such service")
+            status, text, reason = self.error or (404, "no such service", UNKNOWN_SERVICE)
+            client = self.client
+            client.engine.count_refused(client.listener_kind(), str(status), reason)
             self.fail(status, text)
             return
         self.route.active += 1

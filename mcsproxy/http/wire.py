@@ -98,6 +98,28 @@ def host_is_valid(value: bytes) -> bool:
     VALID_HOSTS.add(value)
     return True
 
+# Why a request was refused before any service was chosen: the reason label of
+# mcsproxy_http_refused_total, a fixed set (never text from the request).
+MALFORMED = "malformed"  # llhttp refused it, or a request target that is not ours to accept
+INVALID_HOST = "invalid_host"  # missing, repeated or not uri-host [":" port]
+HTTP_VERSION = "http_version"
+TRANSFER_CODING = "transfer_coding"
+EXPECT_UNSUPPORTED = "expect"
+TOO_MANY_HEADERS = "too_many_headers"
+HEADERS_TOO_LARGE = "headers_too_large"
+URI_TOO_LONG = "uri_too_long"
+TOO_MANY_PIPELINED = "too_many_pipelined"
+HEAD_TIMEOUT = "head_timeout"  # 408, or a close when no byte of a request came
+# The front door's: a Host outside the clusterset domain (421), an unknown service or
+# port (404), a port that is not appProtocol http (404), a port not served yet (503).
+NOT_CLUSTERSET = "not_clusterset"
+UNKNOWN_SERVICE = "unknown_service"
+NOT_HTTP = "not_http"
+NOT_SERVED = "not_served"
+REFUSAL_REASONS = (MALFORMED, INVALID_HOST, HTTP_VERSION, TRANSFER_CODING, EXPECT_UNSUPPORTED,
+                   TOO_MANY_HEADERS, HEADERS_TOO_LARGE, URI_TOO_LONG, TOO_MANY_PIPELINED,
+                   HEAD_TIMEOUT, NOT_CLUSTERSET, UNKNOWN_SERVICE, NOT_HTTP, NOT_SERVED)
+
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
 MAX_REQUEST_ID = 200
 

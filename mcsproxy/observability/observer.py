@@ -360,6 +360,17 @@ class Observer:
                             "(--udp-max-flows), out_of_descriptors", ["outcome"])
         for outcome, n in proxy.refusals.items():
             refused.add([outcome], n)
+        # Its own family, not proxy_refused_total: that one counts connections turned away
+        # at accept by outcome; these are requests (a front door connection can have many)
+        # answered with a status, and a sum over both would mean nothing.
+        http_refused = f.counter("mcsproxy_http_refused",
+                                 "HTTP requests refused before a service was chosen (not in "
+                                 "mcsproxy_http_requests_total), by listener_kind (listener: "
+                                 "a ClusterSetIP, front_door: --http-listen), status sent "
+                                 "(none: closed without one) and reason",
+                                 ["listener_kind", "status", "reason"])
+        for key, n in proxy.http.refused.items():
+            http_refused.add(key, n)
         f.counter("mcsproxy_proxy_worker_connections",
                   "Connections each proxy process made (how --workers share the load)",
                   ["worker"]).add([str(self.worker_index)], total_ok)
