@@ -90,6 +90,9 @@ async def test_every_dashboard_metric_is_exposed(tmp_path: Path) -> None:
         client = await RawClient.open("127.240.57.62", 80)
         assert (await client.get("/")).status == 200
         await client.close()
+        client = await RawClient.open("127.240.57.62", 80)  # refused before a service
+        assert (await client.get("/", host="h:65536")).status == 400
+        await client.close()
         await udp_exchange(gw.dns, make_query("db.test.svc.clusterset.local"))
         async with ClientSession(timeout=ClientTimeout(total=5)) as http:
             async with http.get(gw.admin + "/metrics") as resp:
