@@ -11,7 +11,8 @@ from dataclasses import dataclass, field, fields
 from mcsproxy.clustersetip import parse_cidrs
 
 _LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
-CLUSTER_ID_RE = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
+# \Z, not $: $ also matches before a final newline, and every caller uses .match().
+CLUSTER_ID_RE = re.compile(rf"^{_LABEL}(\.{_LABEL})*\Z")
 
 
 class ConfigError(ValueError):

@@ -267,9 +267,12 @@ def test_stream_flags_reach_the_config_in_both_modes(tmp_path: Path) -> None:
         assert kube_app.config_from_args(args).stream_limits == limits
 
 
-def test_bad_cluster_folder_name_is_rejected(tmp_path: Path,
+# "b\n" passed as cluster b: `$` matches before a final newline, and the newline went
+# into every label naming the cluster (mcs-spec.md 14: cluster IDs are RFC-1123 labels).
+@pytest.mark.parametrize("name", ["Not_A_Cluster", "b\n"])
+def test_bad_cluster_folder_name_is_rejected(tmp_path: Path, name: str,
                                              capsys: pytest.CaptureFixture[str]) -> None:
-    (tmp_path / "Not_A_Cluster").mkdir()
+    (tmp_path / name).mkdir()
     assert once(tmp_path, tmp_path.parent / f"{tmp_path.name}-out") == 1
     assert "RFC-1123" in capsys.readouterr().err
 

@@ -161,6 +161,22 @@ def test_bad_values_are_refused_with_the_flag_named(
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--cluster-id", "east\n"], "is not an RFC-1123 name"),
+    (["--dns-domain", "clusterset.local\n"], "expected a DNS name of RFC 1123 labels"),
+])
+def test_a_name_with_a_final_newline_is_refused(flags: list[str], message: str) -> None:
+    """`$` matches before a final newline: "east\\n" was a cluster ID, the newline in every
+    label naming the cluster, and "clusterset.local\\n" a zone."""
+    from mcsproxy.cli import build_parser, gateway_config
+    from mcsproxy.config import ConfigError
+
+    args = build_parser().parse_args(["gateway", "--cluster-id", "east", "--source", "kube",
+                                      *flags])
+    with pytest.raises(ConfigError, match=message):
+        gateway_config(args)
+
+
 @pytest.mark.parametrize("argv", [
     ["gateway", "--cluster-id", "east", "--source", "kube", "--dns-ttl", "abc"],
     ["gateway", "--cluster-id", "east", "--source", "kube", "--log-level", "verbose"],
