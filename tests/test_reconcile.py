@@ -80,6 +80,17 @@ def test_import_disappears_everywhere_after_the_last_export_goes() -> None:
                                                                {"cluster": "b"}]
 
 
+def test_a_cluster_that_unexports_takes_its_endpoints_out_of_every_consumer() -> None:
+    # mcs-spec.md 1 and 12: b keeps its Service but drops its ServiceExport.
+    b_without = cluster("b", namespace(), service(), eslice("web-b", ["127.0.2.1"]))
+    desired = reconcile({"a": exporter("a"), "b": b_without, "c": cluster("c", namespace())})
+    for c in ("a", "b", "c"):
+        assert service_import(desired, c)["status"]["clusters"] == [{"cluster": "a"}]
+        assert [s["metadata"]["labels"]["multicluster.kubernetes.io/source-cluster"]
+                for s in slices(desired, c)] == ["a"]
+    assert not any(r.kind == "ServiceExport" for r in desired["b"])
+
+
 # -- rule 4: types and validity -----------------------------------------------------------
 @pytest.mark.parametrize(("svc", "expected"), [
     (service(svc_type="ClusterIP"), "ClusterSetIP"),
@@ -106,6 +117,28 @@ def test_invalid_exports_get_valid_false_and_no_import(docs: tuple, reason: str)
     assert conds["Valid"]["status"] == "False" and conds["Valid"]["reason"] == reason
     assert conds["Ready"]["status"] == "False" and conds["Ready"]["reason"] == "Failed"
     assert "Conflict" not in conds
+
+
+@pytest.mark.parametrize(("docs", "reason"), [
+    ((namespace(), service(svc_type="ExternalName", ports=()),
+      export(created="2023-01-01T00:00:00Z")), "InvalidServiceType"),
+    ((namespace(), export(created="2023-01-01T00:00:00Z")), "NoService"),
+])
+def test_an_invalid_export_takes_no_part_beside_valid_ones(docs: tuple, reason: str) -> None:
+    """mcs-spec.md 4, 6, 11: c's export is the oldest but invalid: it neither wins nor
+    disagrees nor appears in status.clusters; c still imports (it has the namespace)."""
+    desired = reconcile({"a": exporter("a"), "b": exporter("b", addresses=["127.0.2.1"]),
+                         "c": cluster("c", *docs)})
+    for c in ("a", "b", "c"):
+        imp = service_import(desired, c)
+        assert imp["spec"]["type"] == "ClusterSetIP"
+        assert imp["status"]["clusters"] == [{"cluster": "a"}, {"cluster": "b"}]
+    conds = export_status(desired, "c")
+    assert (conds["Valid"]["status"], conds["Valid"]["reason"]) == ("False", reason)
+    assert "Conflict" not in conds
+    for c in ("a", "b"):
+        conflict = export_status(desired, c)["Conflict"]
+        assert (conflict["status"], conflict["reason"]) == ("False", "NoConflicts")
 
 
 def test_valid_export_conditions_carry_every_field() -> None:
@@ -185,6 +218,42 @@ def test_equal_timestamps_are_settled_by_cluster_name() -> None:
         "a": exporter("a"),
     })
     assert service_import(desired, "b")["spec"]["type"] == "ClusterSetIP"
+
+
+@pytest.mark.parametrize(("a_created", "b_created", "oldest"), [
+    # Compared as instants: 01:00+02:00 is 23:00Z the day before.
+    ("2024-01-01T01:00:00+02:00", "2024-01-01T00:00:00Z", "a"),
+    ("2024-01-01T00:00:00.5Z", "2024-01-01T00:00:00Z", "b"),
+    # An export without creationTimestamp cannot be shown to be the oldest.
+    (None, "2024-06-01T00:00:00Z", "b"),
+    ("2024-06-01T00:00:00Z", None, "a"),
+])
+def test_oldest_export_is_the_earliest_creation_instant(a_created, b_created, oldest) -> None:
+    members = {"a": cluster("a", namespace(), service(headless=True), export(created=a_created)),
+               "b": cluster("b", namespace(), service(), export(created=b_created))}
+    desired = reconcile(members)
+    expected = "Headless" if oldest == "a" else "ClusterSetIP"
+    assert service_import(desired, "a")["spec"]["type"] == expected
+    for c in ("a", "b"):
+        assert export_status(desired, c)["Conflict"]["message"] == (
+            f'Conflicting type. Using "{expected}" from oldest service export in '
+            f'"{oldest}". 1/2 clusters disagree.')
+
+
+def test_a_cleared_conflict_says_no_conflicts_and_the_address_stays() -> None:
+    headless_b = exporter("b", created="2024-02-01T00:00:00Z", svc=service(headless=True))
+    first = reconcile({"a": exporter("a"), "b": headless_b})
+    assert export_status(first, "b")["Conflict"]["status"] == "True"
+    previous = {c: list(objects.values()) for c, objects in first.items()}
+    cleared = reconcile({"a": exporter("a"), "b": exporter("b", created="2024-02-01T00:00:00Z")},
+                        previous=previous, now=LATER)
+    for c in ("a", "b"):
+        conds = export_status(cleared, c)
+        assert (conds["Conflict"]["status"], conds["Conflict"]["reason"],
+                conds["Conflict"]["lastTransitionTime"]) == ("False", "NoConflicts", LATER)
+        assert conds["Valid"]["lastTransitionTime"] == NOW
+        assert service_import(cleared, c)["spec"]["ips"] == \
+            service_import(first, c)["spec"]["ips"]
 
 
 def test_several_conflicts_are_joined_by_commas() -> None:
@@ -359,6 +428,22 @@ def test_cluster_set_ips_are_stable_across_runs_and_unique() -> None:
     assert len(set(all_ips)) == 5
 
 
+def test_cluster_set_ips_stay_when_the_oldest_exporter_leaves() -> None:
+    # mcs-spec.md 9: stable for the import's life, whichever export now wins.
+    cidrs = "127.240.0.0/16,fd00:240::/112"
+    b = exporter("b", created="2024-02-01T00:00:00Z",
+                 svc=service(ipFamilies=["IPv6", "IPv4"]))
+    first = reconcile({"a": exporter("a", svc=service(ipFamilies=["IPv4", "IPv6"])), "b": b},
+                      cidrs=cidrs)
+    v4, v6 = service_import(first, "a")["spec"]["ips"]
+    later = reconcile({"a": cluster("a", namespace()), "b": b}, cidrs=cidrs,
+                      previous={c: list(objects.values()) for c, objects in first.items()})
+    for c in ("a", "b"):
+        spec = service_import(later, c)["spec"]
+        assert spec["ips"] == [v6, v4]  # b's primary family first now
+        assert spec["ipFamilies"] == ["IPv6", "IPv4"]
+
+
 def test_a_released_address_goes_to_another_service_only_when_nothing_else_is_free() -> None:
     # Clients may still hold a released ClusterSetIP from DNS and a member may still hold
     # the old ServiceImport: another service gets it last, the service itself gets it back.
@@ -447,13 +532,22 @@ def test_import_labels_come_only_from_exported_labels() -> None:
     assert meta["annotations"] == {"note": "x"}
 
 
-def test_annotation_conflict_oldest_wins() -> None:
+@pytest.mark.parametrize(("field", "reason"), [
+    ("labels", "LabelsConflict"),
+    ("annotations", "AnnotationsConflict"),
+])
+def test_exported_labels_and_annotations_conflict_oldest_wins(field: str, reason: str) -> None:
     desired = reconcile({
-        "a": exporter("a", annotations={"k": "1"}),
-        "b": exporter("b", created="2024-02-01T00:00:00Z", annotations={"k": "2"}),
+        "a": exporter("a", **{field: {"k": "1"}}),
+        "b": exporter("b", created="2024-02-01T00:00:00Z", **{field: {"k": "2"}}),
     })
-    assert service_import(desired, "b")["metadata"]["annotations"] == {"k": "1"}
-    assert export_status(desired, "b")["Conflict"]["reason"] == "AnnotationsConflict"
+    assert service_import(desired, "b")["metadata"][field] == {"k": "1"}
+    for c in ("a", "b"):
+        conflict = export_status(desired, c)["Conflict"]
+        assert (conflict["status"], conflict["reason"]) == ("True", reason)
+        assert conflict["message"] == (
+            f'Conflicting exported {field}. Using {{"k": "1"}} from oldest service export '
+            'in "a". 1/2 clusters disagree.')
 
 
 def test_status_clusters_lists_exporters() -> None:
@@ -504,6 +598,22 @@ def test_headless_endpoints_keep_hostname_and_conditions() -> None:
     assert got[2]["conditions"] == {"ready": False, "serving": False, "terminating": True}
 
 
+@pytest.mark.parametrize("conditions", [
+    {"ready": True, "serving": True, "terminating": False},
+    {"ready": False, "serving": True, "terminating": True},  # draining, still serving
+    {"ready": False, "serving": False, "terminating": True},
+    {"ready": False, "serving": False, "terminating": False},
+])
+@pytest.mark.parametrize("headless", [False, True])
+def test_endpoint_conditions_are_copied_as_they_are(conditions: dict, headless: bool) -> None:
+    a = cluster("a", namespace(), service(headless=headless),
+                eslice("web-a", ["10.4.0.5"], conditions=conditions), export())
+    desired = reconcile({"a": a, "b": cluster("b", namespace())})
+    for c in ("a", "b"):
+        [got] = slices(desired, c)
+        assert got["endpoints"][0]["conditions"] == conditions
+
+
 def test_imported_and_dispatched_slices_are_not_exported_again() -> None:
     a = cluster("a", namespace(), service(), export(),
                 eslice("web-a", ["127.0.1.1"]),
@@ -545,6 +655,15 @@ def test_mcs_providers_to_consumers_never_back_to_source() -> None:
     assert sources("b") == {"a"}  # b's own endpoints are not dispatched back to b
     assert sources("c") == {"a", "b"}
     assert not any(r.kind == "ServiceExport" for r in desired["c"])
+
+
+def test_mcs_consumer_without_the_namespace_gets_nothing() -> None:
+    members = {"a": cluster("a", namespace(), service(), eslice("web-a", ["127.0.1.1"])),
+               "b": cluster("b", namespace("other"), mcs(providers=["a"], consumers=["b", "c"])),
+               "c": cluster("c", namespace())}
+    desired = reconcile(members)
+    assert desired["b"] == {}
+    assert service_import(desired, "c")["status"]["clusters"] == [{"cluster": "a"}]
 
 
 def test_mcs_empty_lists_mean_every_cluster_and_other_types_are_ignored() -> None:

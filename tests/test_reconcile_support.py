@@ -60,13 +60,16 @@ def export(name: str = "web", ns: str = "test", created: str | None = "2024-01-0
 def eslice(name: str, addresses: Iterable[str], svc: str = "web", ns: str = "test", *,
            ports: Iterable[tuple[str, str, int]] = (("http", "TCP", 8080),),
            family: str = "IPv4", hostnames: Iterable[str | None] | None = None,
-           ready: bool = True, labels: Mapping[str, str] | None = None) -> Obj:
+           ready: bool = True, labels: Mapping[str, str] | None = None,
+           conditions: Mapping[str, bool] | None = None) -> Obj:
+    """`conditions`, when given, are every endpoint's as they stand (else from `ready`)."""
     addresses = list(addresses)
     names = list(hostnames) if hostnames is not None else [None] * len(addresses)
+    if conditions is None:
+        conditions = {"ready": ready, "serving": ready, "terminating": not ready}
     endpoints = []
     for address, hostname in zip(addresses, names, strict=True):
-        ep: Obj = {"addresses": [address],
-                   "conditions": {"ready": ready, "serving": ready, "terminating": not ready}}
+        ep: Obj = {"addresses": [address], "conditions": dict(conditions)}
         if hostname:
             ep["hostname"] = hostname
         endpoints.append(ep)
