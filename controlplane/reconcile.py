@@ -4,9 +4,9 @@
 imports it, the merged ports and properties (oldest export wins), and every conflict.
 `render()` turns that into objects: one ServiceImport shared by every consumer, imported
 EndpointSlices per source cluster, and each ServiceExport with its conditions.
-`reconcile_clusterset()` runs both over every key for table tests and `--once`; the
-controller calls the per-key functions for dirty keys only, so one change costs work for
-one service, not for the clusterset.
+`reconcile_clusterset()` runs both over every key for the table tests; the controller
+(`--once` included) calls the per-key functions for dirty keys only, so one change costs
+work for one service, not for the clusterset.
 """
 
 from __future__ import annotations
