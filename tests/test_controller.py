@@ -339,6 +339,26 @@ async def test_running_controller_follows_changes(tmp_path: Path) -> None:
         assert app.metrics.propagation.labels("written")._sum.get() > 0
 
 
+async def test_one_source_unexporting_leaves_every_consumer(tmp_path: Path) -> None:
+    """mcs-spec.md 3 and 12: b's slices and export status go from every OUT, a's stay."""
+    clusters, out = a_exports_to_b(tmp_path)
+    member(clusters, "b", 2, created="2024-02-01T00:00:00Z")
+
+    def sources(cluster: str) -> list[str]:
+        return sorted(d["metadata"]["labels"]["multicluster.kubernetes.io/source-cluster"]
+                      for n, d in read_out(out, cluster).items()
+                      if n.startswith("endpointslice"))
+
+    async with Running(clusters, out):
+        assert sources("a") == sources("b") == ["a", "b"]
+        write_docs(clusters / "b" / "web.yaml", namespace(), service(),
+                   eslice("web-x", ["127.0.2.1"]))  # the export is gone, the Service stays
+        await until(lambda: sources("a") == sources("b") == ["a"])
+        assert not (out / "b" / "serviceexport_test_web.yaml").exists()
+        imported = read_out(out, "b")["serviceimport_test_web.yaml"]
+        assert imported["status"]["clusters"] == [{"cluster": "a"}]
+
+
 async def test_bad_file_keeps_the_last_good_state(tmp_path: Path) -> None:
     clusters, out = tmp_path / "clusters", tmp_path / "out"
     member(clusters, "a", 1)
