@@ -29,7 +29,7 @@ def require_finite(config: object, flag_prefix: str = "") -> None:
             raise ConfigError(f"--{flag_prefix}{name} must be a finite number, not {value}")
 
 
-_HOST_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_HOST_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 
 
 def is_host(host: str) -> bool:
@@ -219,7 +219,7 @@ class HttpConfig:
                               "URI >= 256)")
         if self.pool_max_idle < 0:
             raise ConfigError("--http-pool-max-idle must be >= 0")
-        token = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+        token = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
         if self.cluster_header is not None and not token.match(self.cluster_header):
             raise ConfigError(f"--http-cluster-header {self.cluster_header!r} is not a "
                               "header name")

@@ -164,6 +164,8 @@ def test_bad_values_are_refused_with_the_flag_named(
 @pytest.mark.parametrize(("flags", "message"), [
     (["--cluster-id", "east\n"], "is not an RFC-1123 name"),
     (["--dns-domain", "clusterset.local\n"], "expected a DNS name of RFC 1123 labels"),
+    (["--http-cluster-header", "X-Cluster\n"], "is not a header name"),
+    (["--admin-listen", "gw\n:9901"], "is not an IP address or a host name"),
 ])
 def test_a_name_with_a_final_newline_is_refused(flags: list[str], message: str) -> None:
     """`$` matches before a final newline: "east\\n" was a cluster ID, the newline in every

@@ -55,7 +55,7 @@ _Dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _KIND_BY_PREFIX = {"serviceimport": KIND_IMPORT, "endpointslice": KIND_SLICE,
                    "serviceexport": KIND_EXPORT}
-_OUTPUT_NAME = re.compile(r"^(serviceimport|endpointslice|serviceexport)_([^_/]+)_([^_/]+)\.yaml$")
+_OUTPUT_NAME = re.compile(r"^(serviceimport|endpointslice|serviceexport)_([^_/]+)_([^_/]+)\.yaml\Z")
 
 Obj = Mapping[str, Any]
 FileObjects = dict[ObjectRef, Parsed]
