@@ -379,16 +379,19 @@ def _slices_obj(
         (p.name, p.protocol) for p in exporter.service.ports
     }
     groups: dict[tuple[int, tuple[tuple[str, str, int], ...]], list[Endpoint]] = {}
-    seen: set[tuple[str, ...]] = set()
+    seen: set[tuple[tuple[str, ...], tuple[tuple[str, str, int], ...]]] = set()
     for s in slices:
         for ep in s.endpoints:
             ports = tuple(sorted((p.name, p.protocol, p.port) for p in ep.ports
                                  if (p.name, p.protocol) in served))
             if import_ports and not ports:
                 continue  # nothing a client of the import could reach there
-            if ep.addresses in seen:
-                continue  # the same endpoint in two slices while the source moves it
-            seen.add(ep.addresses)
+            # The same endpoint with the same ports in two slices (the source moving it)
+            # is one. With other ports it is not: a selectorless Service's slices may be
+            # one per port, and kube-proxy serves each port from the slice naming it.
+            if (ep.addresses, ports) in seen:
+                continue
+            seen.add((ep.addresses, ports))
             groups.setdefault((ep.family, ports), []).append(ep)
     prefix = slice_name_prefix(key, exporter.cluster)
     owner = {"apiVersion": IMPORT_API_VERSION, "kind": KIND_IMPORT, "name": key.name,

@@ -589,6 +589,26 @@ def test_at_most_100_endpoints_per_slice() -> None:
     assert len({s["metadata"]["name"] for s in got}) == 3
 
 
+HTTP, METRICS = ("http", "TCP", 8080), ("metrics", "TCP", 9091)
+
+
+@pytest.mark.parametrize(("second_slice_ports", "imported"), [
+    # The source moving an endpoint between its slices: one endpoint, not two.
+    ([HTTP], [([HTTP], ["10.4.0.5"])]),
+    # A selectorless Service's slices written one per port: kube-proxy serves each port
+    # from the slice naming it, so each port keeps the endpoint (metrics was dropped).
+    ([METRICS], [([HTTP], ["10.4.0.5"]), ([METRICS], ["10.4.0.5"])]),
+])
+def test_an_endpoint_in_two_slices_of_its_source(second_slice_ports: list,
+                                                  imported: list) -> None:
+    a = cluster("a", namespace(), service(ports=[("http", "TCP", 80), ("metrics", "TCP", 9090)]),
+                eslice("web-1", ["10.4.0.5"], ports=[HTTP]),
+                eslice("web-2", ["10.4.0.5"], ports=second_slice_ports), export())
+    got = [([(p["name"], p["protocol"], p["port"]) for p in s["ports"]],
+            [e["addresses"][0] for e in s["endpoints"]]) for s in slices(reconcile({"a": a}), "a")]
+    assert sorted(got) == imported
+
+
 def test_headless_endpoints_keep_hostname_and_conditions() -> None:
     a = cluster("a", namespace(), service(headless=True),
                 eslice("web-a", ["10.4.0.5", "10.4.0.6"], hostnames=["web-0", None]),
