@@ -683,3 +683,31 @@ async def test_an_h2c_port_is_health_checked_by_tcp_connect() -> None:
     finally:
         await proxy.stop()
         server.close()
+
+
+# appProtocol → HTTP/1.1 proxy and HTTP health checks, or a TCP relay and TCP connect
+# checks. Only `http`, compared case-insensitively as RFC 6335 service names are. h2c is
+# HTTP/2; ws/wss endpoints may answer a plain GET with 400/426 (an HTTP check would mark
+# them all down), https is TLS end to end: all stay TCP streams, like any other value.
+APP_PROTOCOLS = [
+    ("http", True), ("HTTP", True), ("Http", True),
+    (None, False), ("https", False), ("kubernetes.io/h2c", False), ("kubernetes.io/ws", False),
+    ("kubernetes.io/wss", False), ("http2", False), ("grpc", False), ("example.com/http", False),
+]
+
+
+@pytest.mark.parametrize(("app_protocol", "http"), APP_PROTOCOLS)
+async def test_which_app_protocols_get_the_http_proxy(app_protocol: str | None,
+                                                      http: bool) -> None:
+    cs = Clusterset("east")
+    ip = f"127.240.93.{APP_PROTOCOLS.index((app_protocol, http)) + 1}"
+    port = ServicePort("web", "TCP", 80, app_protocol=app_protocol)
+    cs.publish("web", ip, [port], [endpoint("127.93.0.1", "east", 8080, name="web")])
+    proxy = await cs.proxy(health=HealthConfig(interval_s=60))
+    try:
+        [listener] = proxy.listeners.values()
+        [upstream] = proxy.upstreams.values()
+        assert listener.factory is not None and listener.factory.http is http
+        assert upstream.health_checker is not None and upstream.health_checker.http is http
+    finally:
+        await proxy.stop()
