@@ -17,6 +17,7 @@ from mcsproxy.manifests import (
     parse_service_import,
 )
 from mcsproxy.model import ServiceKey, ServicePort
+from tests.test_reconcile_support import with_fields
 
 IMPORT: dict[str, Any] = {
     "apiVersion": "multicluster.x-k8s.io/v1alpha1",
@@ -84,16 +85,7 @@ def test_slice_without_mcs_label_is_not_ours() -> None:
 
 
 def _with(obj: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
-    out = copy.deepcopy(obj)
-    *parents, leaf = path.split(".")
-    node: Any = out
-    for p in parents:
-        node = node[int(p)] if isinstance(node, list) else node[p]
-    if isinstance(node, list):
-        node[int(leaf)] = value
-    else:
-        node[leaf] = value
-    return out
+    return with_fields(obj, (path, value))
 
 
 @pytest.mark.parametrize(
@@ -135,6 +127,79 @@ def test_invalid_service_imports(path: str, value: Any, message: str) -> None:
 def test_invalid_slices(path: str, value: Any, message: str) -> None:
     with pytest.raises(ManifestError, match=message):
         parse_endpoint_slice(_with(SLICE, path, value))
+
+
+def _slice_shape(obj: dict[str, Any]) -> tuple[Any, ...]:
+    """(endpoint count, first endpoint's address, addresses, ports, conditions)."""
+    spec = parse_endpoint_slice(obj)
+    assert spec is not None
+    if not spec.endpoints:
+        return (0,)
+    e = spec.endpoints[0]
+    return (len(spec.endpoints), e.address, e.addresses,
+            [(p.name, p.protocol, p.port) for p in e.ports], (e.ready, e.serving, e.terminating))
+
+
+def _slice_with(**changes: Any) -> dict[str, Any]:
+    return with_fields(SLICE, *((path.replace("__", "."), v) for path, v in changes.items()))
+
+
+FIRST = ("10.0.0.1",)
+HTTP_8080 = [("http", "TCP", 8080)]
+READY = (True, True, False)
+
+
+# Odd but valid, as API servers and controllers write them: accepted and read as
+# kube-proxy reads them.
+@pytest.mark.parametrize(("obj", "shape"), [
+    (SLICE, (2, "10.0.0.1", FIRST, HTTP_8080, READY)),
+    # FQDN slices are for other consumers: no endpoint, and no error for its names.
+    (_slice_with(addressType="FQDN", endpoints=[{"addresses": ["web-0.example.com"]}]), (0,)),
+    # No ports (a headless Service without ports): null and [] alike expose none.
+    (_slice_with(ports=None), (2, "10.0.0.1", FIRST, [], READY)),
+    (_slice_with(ports=[]), (2, "10.0.0.1", FIRST, [], READY)),
+    # A nil port number means "all ports": nothing to match by name, so no port.
+    (_slice_with(ports__0__port=None), (2, "10.0.0.1", FIRST, [], READY)),
+    # name "" and no name are both the unnamed port; protocol defaults to TCP.
+    (_slice_with(ports__0__name=""), (2, "10.0.0.1", FIRST, [("", "TCP", 8080)], READY)),
+    (_slice_with(ports=[{"port": 8080}]), (2, "10.0.0.1", FIRST, [("", "TCP", 8080)], READY)),
+    (_slice_with(ports=[{"name": "http", "port": 8080}]), (2, "10.0.0.1", FIRST, HTTP_8080,
+                                                           READY)),
+    # Conditions {} or absent: ready unknown is ready.
+    (_slice_with(endpoints__0__conditions={}), (2, "10.0.0.1", FIRST, HTTP_8080, READY)),
+    (_slice_with(endpoints__0__conditions=None), (2, "10.0.0.1", FIRST, HTTP_8080, READY)),
+    # Several addresses: the first is the endpoint's (kube-proxy's), all are kept for DNS.
+    (_slice_with(endpoints__0__addresses=["10.0.0.1", "10.0.0.9"]),
+     (2, "10.0.0.1", ("10.0.0.1", "10.0.0.9"), HTTP_8080, READY)),
+    # Topology fields and fields we do not know are ignored.
+    (_slice_with(endpoints__0__hints={"forZones": [{"name": "z1"}], "forNodes": [{"name": "n"}]},
+                 endpoints__0__nodeName="n", endpoints__0__deprecatedTopology={"a": "b"},
+                 endpoints__0__targetRef={"kind": "Pod", "name": "web-0"}, futureField=[1]),
+     (2, "10.0.0.1", FIRST, HTTP_8080, READY)),
+    # More than the API server's 1000 endpoints per slice: all taken.
+    (_slice_with(endpoints=[{"addresses": [f"10.1.{i // 250}.{i % 250}"]} for i in range(1500)]),
+     (1500, "10.1.0.0", ("10.1.0.0",), HTTP_8080, READY)),
+])
+def test_odd_but_valid_slices(obj: dict[str, Any], shape: tuple[Any, ...]) -> None:
+    assert _slice_shape(obj) == shape
+
+
+@pytest.mark.parametrize(("path", "value", "field", "expected"), [
+    # Fields of newer MCS API versions, status we do not know: accepted and ignored.
+    ("spec.ipFamilies", ["IPv4", "IPv6"], "ips", ("127.240.0.1", "fd00::1")),
+    ("spec.internalTrafficPolicy", "Local", "type", "ClusterSetIP"),
+    ("futureField", {"x": 1}, "type", "ClusterSetIP"),
+    ("status", {"clusters": [{"cluster": "east", "weight": 3}],
+                "conditions": [{"type": "Ready", "status": "True"}], "newThing": 1},
+     "clusters", ("east",)),
+    # sessionAffinityConfig beside sessionAffinity None: no affinity.
+    ("spec.sessionAffinity", "None", "session_affinity", "None"),
+    # name "" is the unnamed port; protocol defaults to TCP; appProtocol kept as written.
+    ("spec.ports", [{"name": "", "port": 80, "appProtocol": "HTTP"}], "ports",
+     (ServicePort("", "TCP", 80, "HTTP"),)),
+])
+def test_odd_but_valid_service_imports(path: str, value: Any, field: str, expected: Any) -> None:
+    assert getattr(parse_service_import(_with(IMPORT, path, value)), field) == expected
 
 
 def test_headless_import_must_not_have_ips() -> None:

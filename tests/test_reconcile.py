@@ -10,7 +10,7 @@ import pytest
 from controlplane.allocator import AllocationError, ClusterSetIPAllocator, parse_cidrs
 from controlplane.conditions import EXPORT_CONDITION_TYPES, with_own_conditions
 from controlplane.reconcile import MAX_ENDPOINTS_PER_SLICE, STALE_ANNOTATION, owner_uid
-from controlplane.resources import KIND_IMPORT, parse_member_object
+from controlplane.resources import KIND_EXPORT, KIND_IMPORT, ObjectRef, parse_member_object
 from mcsproxy.manifests import ManifestError, parse_endpoint_slice, parse_service_import
 from mcsproxy.model import ServiceKey
 from tests.test_reconcile_support import (
@@ -27,6 +27,7 @@ from tests.test_reconcile_support import (
     service,
     service_import,
     slices,
+    with_fields,
 )
 
 
@@ -607,6 +608,83 @@ def test_an_endpoint_in_two_slices_of_its_source(second_slice_ports: list,
     got = [([(p["name"], p["protocol"], p["port"]) for p in s["ports"]],
             [e["addresses"][0] for e in s["endpoints"]]) for s in slices(reconcile({"a": a}), "a")]
     assert sorted(got) == imported
+
+
+ONE = eslice("web-a", ["10.4.0.5"])
+UNNAMED = service(ports=[("", "TCP", 80)])
+PORTLESS = service(headless=True, ports=())
+
+
+# Odd but valid member objects, as API servers and controllers write them: exported,
+# and imported as kube-proxy and CoreDNS read them. (svc, member slices, export) →
+# (import spec fields it must hold, imported slices as (ports, [addresses per endpoint])).
+@pytest.mark.parametrize(("svc", "member_slices", "exp", "spec", "imported"), [
+    # FQDN slices are not endpoints of the Service: ignored beside the IPv4 one.
+    (service(), [ONE, with_fields(eslice("web-fqdn", ["x"]), ("addressType", "FQDN"),
+                                  ("endpoints.0.addresses", ["web.example.com"]))],
+     export(), {}, [([HTTP], [["10.4.0.5"]])]),
+    # A headless Service without ports: slices with ports null or [] both import.
+    (PORTLESS, [with_fields(ONE, ("ports", None)),
+                with_fields(eslice("web-b", ["10.4.0.6"]), ("ports", []))],
+     export(), {"type": "Headless", "ports": []}, [([], [["10.4.0.5"], ["10.4.0.6"]])]),
+    # The unnamed port: name "" or absent, protocol absent (TCP).
+    (with_fields(UNNAMED, ("spec.ports.0", {"port": 80})),
+     [with_fields(ONE, ("ports", [{"name": "", "port": 8080}]))], export(),
+     {"ports": [{"protocol": "TCP", "port": 80}]}, [([("", "TCP", 8080)], [["10.4.0.5"]])]),
+    (UNNAMED, [with_fields(ONE, ("ports", [{"port": 8080}]))], export(),
+     {"ports": [{"protocol": "TCP", "port": 80}]}, [([("", "TCP", 8080)], [["10.4.0.5"]])]),
+    # conditions {} or absent: ready; written back explicit for every consumer.
+    (service(), [with_fields(ONE, ("endpoints.0.conditions", {}))], export(), {},
+     [([HTTP], [["10.4.0.5"]])]),
+    (service(), [with_fields(ONE, ("endpoints.0", {"addresses": ["10.4.0.5"]}))], export(), {},
+     [([HTTP], [["10.4.0.5"]])]),
+    # Several addresses, topology and unknown fields: addresses kept, the rest ignored.
+    (service(), [with_fields(ONE, ("endpoints.0.addresses", ["10.4.0.5", "10.4.0.9"]),
+                             ("endpoints.0.nodeName", "n1"), ("endpoints.0.futureField", 1),
+                             ("endpoints.0.hints", {"forZones": [{"name": "z1"}]}))],
+     export(), {},
+     [([HTTP], [["10.4.0.5", "10.4.0.9"]])]),
+    # appProtocol as written (the gateway folds case); PreferDualStack with one family
+    # gets one address; sessionAffinityConfig beside None is no affinity;
+    # publishNotReadyAddresses is already in the slice's conditions.
+    (with_fields(service(), ("spec.ports.0.appProtocol", "HTTP"),
+                 ("spec.ipFamilyPolicy", "PreferDualStack"), ("spec.ipFamilies", ["IPv4"]),
+                 ("spec.sessionAffinity", "None"),
+                 ("spec.sessionAffinityConfig", {"clientIP": {"timeoutSeconds": 60}}),
+                 ("spec.publishNotReadyAddresses", True)), [ONE], export(),
+     {"ipFamilies": ["IPv4"], "sessionAffinity": "None",
+      "ports": [{"name": "http", "protocol": "TCP", "port": 80, "appProtocol": "HTTP"}]},
+     [([HTTP], [["10.4.0.5"]])]),
+    # A ServiceExport with fields and status a newer MCS API has: valid, echoed as written.
+    (service(), [ONE], with_fields(export(), ("spec", {"futureField": True}),
+                                   ("status", {"conditions": [], "newThing": 1})), {},
+     [([HTTP], [["10.4.0.5"]])]),
+])
+def test_odd_but_valid_member_objects(svc: dict, member_slices: list, exp: dict, spec: dict,
+                                      imported: list) -> None:
+    desired = reconcile({"a": cluster("a", namespace(), svc, *member_slices, exp)},
+                        cidrs="127.240.0.0/16,fd00:240::/112")
+    assert export_status(desired, "a")["Valid"]["status"] == "True"
+    imp = service_import(desired, "a")
+    assert {k: imp["spec"][k] for k in spec} == spec
+    assert "sessionAffinityConfig" not in imp["spec"]
+    assert len(imp["spec"].get("ips", [])) == (imp["spec"]["type"] == "ClusterSetIP")
+    got = slices(desired, "a")
+    assert [([(p.get("name", ""), p["protocol"], p["port"]) for p in s["ports"]],
+             [e["addresses"] for e in s["endpoints"]]) for s in got] == imported
+    assert all(e["conditions"]["ready"] for s in got for e in s["endpoints"])
+    exported = desired["a"][ObjectRef(KIND_EXPORT, "test", "web")]
+    assert exported.get("spec") == exp.get("spec")
+    parse_service_import(imp)  # the gateway takes what was written
+    for s in got:
+        parse_endpoint_slice(s)
+
+
+def test_a_member_slice_of_more_than_1000_endpoints_is_imported_whole() -> None:
+    addresses = [f"10.1.{i // 250}.{i % 250 + 1}" for i in range(1500)]
+    got = slices(reconcile({"a": exporter("a", addresses=addresses)}), "a")
+    assert sorted(e["addresses"][0] for s in got for e in s["endpoints"]) == sorted(addresses)
+    assert max(len(s["endpoints"]) for s in got) == MAX_ENDPOINTS_PER_SLICE
 
 
 def test_headless_endpoints_keep_hostname_and_conditions() -> None:

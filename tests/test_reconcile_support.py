@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -22,6 +23,22 @@ NOW = "2025-01-01T00:00:00Z"
 LATER = "2025-01-02T00:00:00Z"
 MCS_API = "multicluster.x-k8s.io/v1alpha1"
 Obj = dict[str, Any]
+
+
+def with_fields(doc: Obj, *changes: tuple[str, Any]) -> Obj:
+    """A copy of doc with each (dotted path, value) set; a number indexes a list
+    ("ports.0.name")."""
+    doc = copy.deepcopy(doc)
+    for path, value in changes:
+        *parents, leaf = path.split(".")
+        node: Any = doc
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        if isinstance(node, list):
+            node[int(leaf)] = value
+        else:
+            node[leaf] = value
+    return doc
 
 
 def namespace(name: str = "test") -> Obj:
