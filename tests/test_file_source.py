@@ -169,6 +169,16 @@ async def test_unknown_kinds_are_ignored(source_dir) -> None:
     assert set(snap.services) == {KEY, ServiceKey("test", "api")}
 
 
+async def test_an_fqdn_slice_is_ignored_and_the_file_beside_it_served(source_dir) -> None:
+    # Kubernetes' FQDN slices name hosts, not addresses: neither proxy nor DNS use them,
+    # and they must not reject the file (and with it the service's other slices).
+    path, store, watcher = source_dir
+    write(path / "web-b.yaml", slice_yaml("web", "cluster-b", "FQDN", ["web-0.example.com"], WEB)
+          + "---\n" + slice_yaml("web", "cluster-b", "IPv4", ["10.0.0.2"], WEB))
+    await watcher.until(lambda s: addresses(s) == ["10.0.0.1", "10.0.0.2"], "web-b.yaml in")
+    assert [s.error for s in store.sources.values()] == [None]
+
+
 # The line named: the mistyped field's (apiVersion is line 4, kind line 5), else the
 # document's first line (4).
 @pytest.mark.parametrize(("old", "new", "reason", "line"), [
