@@ -226,6 +226,40 @@ async def test_headless_names_under_a_dotted_cluster_id(transport: str) -> None:
         await check_cases(server.bound, transport, DOTTED_CASES)
 
 
+# Odd but valid slices. A hostname on a ClusterSetIP service's endpoint names nothing
+# (MCS DNS: per-endpoint names are for headless services only). An endpoint of several
+# addresses answers with all of them, as CoreDNS does; an FQDN slice adds nothing; the
+# same endpoint in two slices (the source moving it) answers once.
+ODD_ZONE = "\n---\n".join([
+    import_yaml("vip", "ClusterSetIP", WEB_PORTS, '["127.240.14.1"]'),
+    slice_yaml("vip", "cluster-a", "IPv4", ["10.14.0.1"], WEB_PORTS, hostnames=["web-0"]),
+    import_yaml("multi", "Headless", WEB_PORTS),
+    slice_yaml("multi", "cluster-a", "IPv4", ["10.14.1.1"], WEB_PORTS, hostnames=["web-0"])
+    .replace('["10.14.1.1"]', '["10.14.1.1", "10.14.1.9"]'),
+    slice_yaml("multi", "cluster-a", "IPv4", ["10.14.1.1"], WEB_PORTS, hostnames=["web-0"])
+    .replace("name: multi-cluster-a-ipv4", "name: multi-moved"),
+    slice_yaml("multi", "cluster-a", "FQDN", ["multi.example.com"], WEB_PORTS),
+])
+MULTI_WEB_0 = [f"web-0.cluster-a.multi.{T} 5 IN A 10.14.1.1",
+               f"web-0.cluster-a.multi.{T} 5 IN A 10.14.1.9"]
+ODD_CASES = [
+    Case(f"vip.{T}", "A", answer=[f"vip.{T} 5 IN A 127.240.14.1"]),
+    Case(f"web-0.cluster-a.vip.{T}", "A", "NXDOMAIN", ns=NXDOMAIN),
+    Case(f"multi.{T}", "A", answer=[f"multi.{T} 5 IN A 10.14.1.1",
+                                    f"multi.{T} 5 IN A 10.14.1.9"]),
+    Case(f"web-0.cluster-a.multi.{T}", "A", answer=MULTI_WEB_0),
+    Case(f"_web._tcp.multi.{T}", "SRV", answer=[
+        f"_web._tcp.multi.{T} 5 IN SRV 10 100 8080 web-0.cluster-a.multi.{T}"],
+        extra=MULTI_WEB_0),
+]
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_odd_but_valid_slices(transport: str) -> None:
+    async with running_dns(texts={"odd.yaml": ODD_ZONE}) as server:
+        await check_cases(server.bound, transport, ODD_CASES)
+
+
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
 async def test_answer_keeps_the_question_case(dns, transport: str) -> None:
     for qname in ("MyService.TEST.svc.ClusterSet.LOCAL.", "myservice.test.svc.clusterset.local.",
