@@ -541,7 +541,10 @@ def parse_endpoint_slice(
         conds = as_mapping(ep.get("conditions"), f"{where}: endpoints[{i}].conditions")
         try:
             ready = _condition(conds, "ready", True)
-            serving = _condition(conds, "serving", ready)
+            # Nil serving is true, not "as ready": the v1 API reference says so and
+            # kube-proxy parses it so; the older "defer to ready" wording would hide a
+            # terminating endpoint (ready false, serving unset) from the fallback.
+            serving = _condition(conds, "serving", True)
             terminating = _condition(conds, "terminating", False)
         except ManifestError as exc:
             raise ManifestError(f"{where}: endpoints[{i}].{exc.message}") from None

@@ -84,10 +84,12 @@ class Backend(LoopbackServer):
 
 
 def endpoint(address: str, cluster: str, port: int, name: str = "web",
-             protocol: str = "TCP", ready: bool = True) -> Endpoint:
+             protocol: str = "TCP", ready: bool = True, serving: bool | None = None,
+             terminating: bool = False) -> Endpoint:
     return Endpoint(address=address, addresses=(address,), family=4, cluster=cluster,
                     ports=(EndpointPort(name, protocol, port),),  # type: ignore[arg-type]
-                    ready=ready, serving=ready)
+                    ready=ready, serving=ready if serving is None else serving,
+                    terminating=terminating)
 
 
 class Clusterset:

@@ -69,9 +69,16 @@ def test_slice_conditions_follow_the_api_defaults() -> None:
     spec = parse_endpoint_slice(SLICE)
     assert spec is not None
     first, second = spec.endpoints
-    # A nil ready means ready; a nil serving follows ready; a nil terminating is false.
+    # Nil ready and nil serving are true, nil terminating is false (the v1 API reference
+    # and kube-proxy; serving does not follow ready).
     assert (first.ready, first.serving, first.terminating) == (True, True, False)
     assert (second.ready, second.serving, second.terminating) == (False, True, True)
+    draining = {**SLICE, "endpoints": [
+        {"addresses": ["10.0.0.3"], "conditions": {"ready": False, "terminating": True}}]}
+    spec = parse_endpoint_slice(draining)
+    assert spec is not None
+    (third,) = spec.endpoints
+    assert (third.ready, third.serving, third.terminating) == (False, True, True)
     assert first.hostname == "web-0" and first.cluster == "east" and first.zone == "z1"
     assert first.port_for(ServicePort("http", "TCP", 80)) == 8080
     assert first.port_for(ServicePort("http", "UDP", 80)) is None

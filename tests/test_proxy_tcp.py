@@ -256,6 +256,16 @@ async def test_not_ready_and_removed_endpoints_get_nothing_new() -> None:
         assert await asyncio.wait_for(reader.readline(), 3) == b"still here\n"
         writer.close()
         await writer.wait_closed()
+        # Nothing ready anywhere: kube-proxy's fallback takes the serving-and-terminating
+        # endpoint, here in another cluster, and never the local one that is serving but
+        # not terminating (it is starting or failing its readiness probe).
+        cs.publish("ready", ip, [WEB], [
+            endpoint(other.host, "east", other.port, ready=False, serving=True),
+            endpoint(w1.host, "west", w1.port, ready=False, serving=True, terminating=True)])
+        await cs.served(proxy)
+        before = other.accepted
+        assert {await ask(ip, 80) for _ in range(10)} == {"west-1"}
+        assert other.accepted == before
     finally:
         await stop_all(proxy, *backends)
 

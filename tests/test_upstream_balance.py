@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
+from _pytest.mark import ParameterSet
 
+from mcsproxy.manifests import parse_endpoint_slice
 from mcsproxy.model import Endpoint, EndpointPort, ImportedService, ServiceKey, ServicePort
 from mcsproxy.upstream.balance import (
     AffinityTable,
@@ -33,6 +36,62 @@ def ep(address: str, cluster: str = "a", *, ready: bool = True, serving: bool | 
     )
 
 
+def parsed(address: str, cluster: str = "a", **conditions: bool) -> Endpoint:
+    """An endpoint through the EndpointSlice parser; a condition left out is nil."""
+    spec = parse_endpoint_slice({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": f"s-{cluster}", "namespace": "ns", "labels": {
+            "multicluster.kubernetes.io/service-name": "s",
+            "multicluster.kubernetes.io/source-cluster": cluster}},
+        "addressType": "IPv4", "ports": [{"name": "http", "protocol": "TCP", "port": 8080}],
+        "endpoints": [{"addresses": [address], "conditions": conditions}],
+    })
+    assert spec is not None
+    return spec.endpoints[0]
+
+
+# kube-proxy (pkg/proxy endpointslicecache.go, topology.go): nil ready and nil serving are
+# true, nil terminating is false; ready endpoints are used, and only when none is ready the
+# serving-and-terminating ones. (ready, serving, terminating) with None for nil → "ready",
+# "fallback" or "never".
+CONDITIONS: dict[tuple[bool | None, bool | None, bool | None], str] = {
+    (None, None, None): "ready", (None, None, False): "ready", (None, None, True): "ready",
+    (None, False, None): "ready", (None, False, False): "ready", (None, False, True): "ready",
+    (None, True, None): "ready", (None, True, False): "ready", (None, True, True): "ready",
+    (True, None, None): "ready", (True, None, False): "ready", (True, None, True): "ready",
+    (True, False, None): "ready", (True, False, False): "ready", (True, False, True): "ready",
+    (True, True, None): "ready", (True, True, False): "ready", (True, True, True): "ready",
+    (False, None, None): "never", (False, None, False): "never",
+    (False, None, True): "fallback",  # nil serving is true, not "as ready"
+    (False, False, None): "never", (False, False, False): "never",
+    (False, False, True): "never",
+    (False, True, None): "never", (False, True, False): "never",  # starting, not draining
+    (False, True, True): "fallback",
+}
+assert set(CONDITIONS) == set(itertools.product((None, True, False), repeat=3))
+
+
+def condition_rows() -> list[ParameterSet]:
+    """Per combination: beside a ready endpoint of another cluster, and beside nothing
+    usable (a not-ready endpoint that is not terminating)."""
+    rows: list[ParameterSet] = []
+    for (r, s, t), use in CONDITIONS.items():
+        name = "/".join(f"{k}={'nil' if v is None else v}"
+                        for k, v in (("ready", r), ("serving", s), ("terminating", t)))
+        conds = {k: v for k, v in (("ready", r), ("serving", s), ("terminating", t))
+                 if v is not None}
+        me = parsed("10.1.0.1", **conds)
+        mine = [("10.1.0.1", 8080, "a", use == "ready")]
+        rows.append(pytest.param(
+            (me, ep("10.2.0.1", "b")),
+            (mine if use == "ready" else []) + [("10.2.0.1", 8080, "b", True)],
+            id=f"{name}+ready"))
+        idle = parsed("10.3.0.1", "b", ready=False, serving=True, terminating=False)
+        rows.append(pytest.param((me, idle), mine if use != "never" else [],
+                                 id=f"{name}+not-ready"))
+    return rows
+
+
 def svc(*endpoints: Endpoint) -> ImportedService:
     return ImportedService(ServiceKey("ns", "s"), "ClusterSetIP", ("127.240.0.1",), (HTTP,),
                            endpoints=endpoints)
@@ -56,7 +115,11 @@ def svc(*endpoints: Endpoint) -> ImportedService:
           ep("10.0.0.5", ports=(EndpointPort("http", "UDP", 8080),))), []),
         # duplicates collapse
         ((ep("10.0.0.1"), ep("10.0.0.1", "b")), [("10.0.0.1", 8080, "a", True)]),
+        # per service, not per cluster: a ready remote endpoint beats a terminating local one
+        ((ep("10.0.0.2", "a", ready=False, serving=True, terminating=True), ep("10.0.0.6", "b")),
+         [("10.0.0.6", 8080, "b", True)]),
         ((), []),
+        *condition_rows(),
     ],
 )
 def test_eligible_targets(endpoints: tuple[Endpoint, ...], expected: list[tuple]) -> None:

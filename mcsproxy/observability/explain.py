@@ -38,12 +38,13 @@ def endpoint_why(ep: Endpoint, port: ServicePort, eligible: bool, any_ready: boo
         label = port.name or str(port.port)
         return f"its slice has no port named {label!r}/{port.protocol}"
     if eligible:
-        return "ready" if ep.ready else "serving but not ready (terminating): used because " \
+        return "ready" if ep.ready else "serving and terminating: used because " \
             "no endpoint is ready"
     if ep.ready:
         return "duplicate address and port"
-    if ep.serving:
-        return "serving but not ready: ready endpoints exist"
+    if ep.serving and ep.terminating:
+        return "serving and terminating: ready endpoints exist" if any_ready \
+            else "duplicate address and port"
     return "not ready"
 
 

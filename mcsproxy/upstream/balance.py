@@ -24,19 +24,23 @@ class Target(NamedTuple):
     address: str
     port: int
     cluster: str
-    ready: bool  # False: serving but not ready (terminating), used only as a last resort
+    ready: bool  # False: serving and terminating, used only because nothing is ready
 
 
 def eligible_targets(service: ImportedService, port: ServicePort) -> tuple[Target, ...]:
     """Endpoints that may get new connections on `port`, as kube-proxy chooses them.
 
     Ready endpoints whose slice has a port of the same name and protocol; when no endpoint
-    is ready, the serving ones (terminating included) so a rolling restart does not drop
-    traffic. Not-ready, non-serving endpoints and those without the port never appear.
-    Duplicate (address, port) pairs collapse to the first seen.
+    of the service, in any cluster, is ready for the port, the ones that are serving and
+    terminating, so a rolling restart does not drop traffic (KEP-1669). An endpoint that
+    is neither ready nor terminating is never used: it is starting or failing its
+    readiness probe. The fallback is per service, not per cluster, as kube-proxy's is per
+    service and not per zone: a ready remote endpoint beats a terminating local one, and
+    locality priorities apply afterwards to whichever set was chosen. Duplicate
+    (address, port) pairs collapse to the first seen.
     """
     ready: list[Target] = []
-    serving: list[Target] = []
+    terminating: list[Target] = []
     seen: set[tuple[str, int]] = set()
     for ep in service.endpoints:
         target_port = ep.port_for(port)
@@ -45,12 +49,12 @@ def eligible_targets(service: ImportedService, port: ServicePort) -> tuple[Targe
         if ep.ready:
             seen.add((ep.address, target_port))
             ready.append(Target(ep.address, target_port, ep.cluster, True))
-        elif ep.serving:
-            serving.append(Target(ep.address, target_port, ep.cluster, False))
+        elif ep.serving and ep.terminating:
+            terminating.append(Target(ep.address, target_port, ep.cluster, False))
     if ready:
         return tuple(ready)
     unique: dict[tuple[str, int], Target] = {}
-    for t in serving:
+    for t in terminating:
         unique.setdefault((t.address, t.port), t)
     return tuple(unique.values())
 
