@@ -124,9 +124,9 @@ def parse_unusual(data: bytes) -> Query | int:
 
 
 def own_addresses(host: str) -> tuple[str, ...]:
-    """The addresses ns.dns.<zone> answers with: the one DNS listens on. None for a
-    wildcard (which of the host's addresses a client reaches it on is not ours to know)
-    or a host name (resolving it here would block, and it may name several)."""
+    """The addresses ns.dns.<zone> answers with: the one DNS listens on. None (an empty
+    tuple) for a wildcard (which of the host's addresses a client reaches it on is not
+    ours to know) or a host name (resolving it here would block, and it may name several)."""
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:

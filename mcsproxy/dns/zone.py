@@ -4,10 +4,10 @@ Every record set is packed once, with its owner name (and the SOA's) written as
 compression pointers into the question, which always sits at offset 12: the packed bytes
 follow any casing of the question and only depend on the lowercased name. SRV targets are
 written out in full: RFC 2782 forbids compressing them, and resolvers that follow it
-(CoreDNS writes them so too) may misread a pointer there. The index is updated incrementally from
-`Snapshot.changed`; record sets, and the per-endpoint names of headless services, are
-packed on the first query for them and kept until the service changes (bench/snapshot
-measures this against packing everything eagerly).
+(CoreDNS writes them so too) may misread a pointer there. The index is updated
+incrementally from `Snapshot.changed`; record sets, and the per-endpoint names of
+headless services, are packed on the first query for them and kept until the service
+changes (bench/snapshot measures this against packing everything eagerly).
 
 The apex has an NS record set (RFC 1034 4.2.1: every zone has one at its top) naming the
 SOA's MNAME, ns.dns.<zone>, as CoreDNS's kubernetes plugin does; that name answers with the
@@ -200,7 +200,8 @@ class ServiceEntry:
         return list(seen)
 
     def service_rrsets(self) -> RRsets:
-        """A/AAAA and bare SRV at the service name."""
+        """A/AAAA and bare SRV at the service name; the SRV targets' addresses go with
+        the SRV record set as its additional data."""
         sets: dict[int, list[bytes]] = {}
         ttl = self.ttl
         if self.svc.headless:
