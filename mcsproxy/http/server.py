@@ -790,6 +790,8 @@ class ClientConnection(asyncio.Protocol):
             state = self.transport.get_extra_info("socket").getsockopt(
                 socket.IPPROTO_TCP, TCP_INFO, 1)[0]
         except (OSError, AttributeError):
+            # The transport closed meanwhile (no socket object to ask, or its descriptor
+            # gone): not known to be gone here; connection_lost deals with that one.
             return False
         if state == TCP_CLOSE:  # it answered what we sent since its FIN with RST
             return True

@@ -49,7 +49,6 @@ def send_empty(transport: asyncio.DatagramTransport, addr: Address | None = None
         sock.detach()  # the transport owns the descriptor
 
 
-
 class UdpListener(asyncio.DatagramProtocol):
     """The ClusterSetIP:port socket: demultiplexes datagrams to flows by client address."""
 
