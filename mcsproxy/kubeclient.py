@@ -332,7 +332,7 @@ class RefreshingApiClient(ApiClient):
             except (ClientSSLError, ServerDisconnectedError) as exc:
                 if (attempt == 2 or (isinstance(exc, ServerDisconnectedError)
                                      and not self.configuration.cert_file)
-                        or not await self._reload(f"{type(exc).__name__}", generation)):
+                        or not await self._reload(type(exc).__name__, generation)):
                     raise  # the caller's backoff and log; most are not about credentials
                 log.info("%s: the API server closed the connection (%s); reloaded the "
                          "credentials, which differ now: retrying", self.source.describe,
