@@ -40,7 +40,8 @@ class ChangeSet:
     connection: bool = False  # connected/stale flipped: every key of the cluster is dirty
     # Objects we manage as the cluster now holds them, after a change that was not our own
     # write (None: gone; of a ServiceExport only the status, the rest is the user's). The
-    # controller writes again whatever differs from what it wrote: drift repair.
+    # controller writes again whatever differs from what it wrote (of a status, only the
+    # conditions of our types count: conditions.py): drift repair.
     published: dict[ObjectRef, Mapping[str, Any] | None] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
