@@ -31,6 +31,8 @@ CONFIGMAP_PATH = "/api/v1/namespaces/{namespace}/configmaps"
 
 
 class KubeHoldStore(HoldStore):
+    """The held ClusterSetIPs in the ConfigMap `name` of `namespace` (the module's)."""
+
     def __init__(self, api: KubeApi, namespace: str, *,
                  fence: Callable[[], float] | None = None, name: str = HOLDS_CONFIGMAP,
                  backoff_base_s: float = 0.2, backoff_cap_s: float = 30.0) -> None:
