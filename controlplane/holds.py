@@ -44,6 +44,7 @@ PERSISTED_HOLDS = 1024
 HOLDS_KIND = "ClusterSetIPHolds"
 HOLDS_VERSION = 1
 HOLDS_FILE = ".clustersetip-holds.json"  # a dotfile: OUT's readers all skip those
+CLOSE_WAIT_S = 10.0  # for a write under way when the controller stops
 
 
 class Hold(NamedTuple):
@@ -197,7 +198,13 @@ class HoldStore:
         if writer is None:
             return
         if not self._waiting:
-            await asyncio.wait([writer])  # it stops after this try, saved or not
+            # It stops after this try, saved or not; a write hung past CLOSE_WAIT_S (a
+            # filesystem that stopped answering) does not hold up shutdown.
+            _, pending = await asyncio.wait([writer], timeout=CLOSE_WAIT_S)
+            if pending:
+                log.warning("%s: a write of the held ClusterSetIPs did not finish within "
+                            "%.0f s; stopping without it", self.where, CLOSE_WAIT_S)
+                await cancel_and_wait([writer])
             return
         await cancel_and_wait([writer])
         if self._pending is not None and self._pending != self._saved:

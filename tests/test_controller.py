@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from controlplane import command
+from controlplane import holds as holds_module
 from controlplane.clusters import kube_app
 from controlplane.clusters.directory import DirectoryCluster
 from controlplane.command import ControllerConfig, DirectoryControllerApp
@@ -148,6 +149,26 @@ def test_a_damaged_or_foreign_holds_file_is_logged_and_replaced(
     assert f"WARNING controlplane.holds {holds}: " in capsys.readouterr().err
     assert "serviceimport_test_api.yaml" in {p.name for p in (out / "a").iterdir()}
     assert [h["service"] for h in yaml.safe_load(holds.read_text())["holds"]] == ["test/web"]
+
+
+async def test_a_holds_write_that_hangs_does_not_hold_up_stopping(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A save still under way when the controller stops is waited for (its thread would
+    race the last try), but not for ever: a filesystem that stopped answering."""
+    hung = asyncio.Event()
+
+    class HungStore(holds_module.HoldStore):
+        async def _write(self, data: bytes) -> None:
+            hung.set()
+            await asyncio.Event().wait()
+
+    monkeypatch.setattr(holds_module, "CLOSE_WAIT_S", 0.2)
+    store = HungStore()
+    store.save([holds_module.Hold(None, "127.241.0.4", ServiceKey("test", "web"), 1.0)])
+    await asyncio.wait_for(hung.wait(), 2)
+    async with asyncio.timeout(2):
+        await store.close()
+    assert store.writes == 0
 
 
 def test_a_cluster_with_its_own_range_gets_its_own_stable_addresses(tmp_path: Path) -> None:
