@@ -146,3 +146,25 @@ async def test_http_request_duration_by_service_port_and_cluster(tmp_path: Path)
         await gw.stop()
         await east.stop()
         await west.stop()
+
+
+async def test_an_open_http_client_connection_counts_as_open(tmp_path: Path) -> None:
+    """HTTP client connections were left out of proxy_active_connections, so /metrics,
+    /api/status and `mcsproxy status` said 0 open connections beside a keep-alive client."""
+    east = await HttpBackend("east-1", "127.57.91.1", "east").start()
+    files = {"web": service_yaml("web", "127.240.57.91", [east], app_protocol="http")}
+    gw = await start_gateway(tmp_path, "127.57.99.1", files=files)
+    try:
+        client = await RawClient.open("127.240.57.91", 80)
+        assert (await client.get("/")).status == 200
+        await asyncio.sleep(0.3)  # idle past the tick that drops its parser: still open
+        assert value(await gw.metrics(), "mcsproxy_proxy_active_connections") == 1
+        assert (await gw.get_json("/api/status"))["gateway"]["active_connections"] == 1
+        await client.close()
+        deadline = time.monotonic() + 5
+        while value(await gw.metrics(), "mcsproxy_proxy_active_connections") != 0:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+    finally:
+        await gw.stop()
+        await east.stop()

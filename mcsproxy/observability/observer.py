@@ -345,8 +345,11 @@ class Observer:
                 panic.add([*labels, str(level)], int(in_panic))
             for cluster, pct in upstream.split().items():
                 share.add([*labels, cluster], pct)
-        f.gauge("mcsproxy_proxy_active_connections", "Open client connections and UDP flows",
-                summed=True).add((), len(proxy.conns))
+        # HTTP client connections live in the engine's own set, not in proxy.conns (that
+        # one is the TCP and UDP idle sweep's); without them a keep-alive client read 0.
+        f.gauge("mcsproxy_proxy_active_connections", "Open client connections (TCP and "
+                "HTTP) and UDP flows", summed=True).add(
+            (), len(proxy.conns) + len(proxy.http.clients))
         f.gauge("mcsproxy_proxy_listeners", "Listening sockets (ClusterSetIP x port)").add(
             (), len(proxy.listeners))
         f.gauge("mcsproxy_proxy_listeners_failing",
