@@ -36,6 +36,8 @@ def cell_text(cell: dict[str, Any] | None) -> str:
     total = cell.get("connections", 0) + cell.get("requests", 0)
     if total:
         text += f" {total:g} total"
+    if cell.get("failed"):  # as the page shows them: every attempt failed, this cluster last
+        text += f" {cell['failed']:g} failed"
     return text
 
 
@@ -77,7 +79,7 @@ def render(status: dict[str, Any], events: int = 10) -> str:
     if len(rows) > 1:
         lines += table(rows)
         lines.append("cells: healthy/total endpoints, expected share of new connections, "
-                     "open connections, connections so far")
+                     "open connections, connections so far, connections failed")
     else:
         lines.append("no services")
     recent = status["events"][-events:] if events else []

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from aiohttp import web
 
 from tests.proxy_fixtures import Backend, ask, free_port
@@ -147,6 +148,33 @@ async def test_a_listener_that_cannot_bind_shows_without_failing_readiness(
         blocker.close()
         await gw.stop()
         await backend.stop()
+
+
+async def test_failed_connections_show_alike_in_metrics_status_and_the_cli(
+        tmp_path: Path) -> None:
+    """The page printed "N failed" from /api/status but `mcsproxy status` left it out, so
+    a cluster refusing every connect looked idle in the terminal."""
+    dead = Backend("west-1", "127.57.83.1", free_port("127.57.83.1"), "west")  # not started
+    files = {"web": service_yaml("web", "127.240.57.83", [dead])}
+    gw = await start_gateway(tmp_path, "127.57.89.3", files=files)
+    try:
+        for _ in range(2):
+            with pytest.raises(OSError):
+                await ask("127.240.57.83", 80)
+        failed = value(await gw.metrics(), "mcsproxy_proxy_connections_total",
+                       service="test/web", cluster="west", outcome="failed")
+        assert failed == 2
+        row = (await gw.get_json("/api/status"))["services"][0]
+        assert row["clusters"]["west"]["failed"] == failed
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "mcsproxy", "status", "--admin", gw.admin,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 20)
+        assert proc.returncode == 0, err.decode()
+        line = next(x for x in out.decode().splitlines() if x.startswith("test/web:web/TCP"))
+        assert line.endswith("2 failed"), line
+    finally:
+        await gw.stop()
 
 
 async def test_status_cli_reports_an_unreachable_admin() -> None:
