@@ -256,3 +256,38 @@ async def test_member_secret_changes_in_quick_succession_make_one_rebuild(
                 if "restarting the controller" in r.getMessage()]
     assert len(rebuilds) == 1 and app.rebuilds == 1, rebuilds
     assert "+c" in rebuilds[0] and "-b" not in rebuilds[0]
+
+
+@pytest.mark.parametrize("leave", ["deleted", "unlabelled"])
+async def test_a_member_that_leaves_is_gone_not_stale_and_says_what_it_keeps(
+        setup: Setup, caplog: pytest.LogCaptureFixture, leave: str) -> None:
+    """Its Secret deleted or unlabelled, b's export leaves a at once (not kept as stale,
+    as for a member that stops answering), its ClusterSetIP is held and given back when b
+    returns; what we wrote into b stays there, and a warning says how much and where."""
+    caplog.set_level(logging.INFO)
+    cs = setup.cs
+    async with serving_a_and_b(setup) as (app, task):
+        await until(lambda: cs.addresses("a", "web") == {"10.2.0.1"}, task, "no import")
+        ip = cs.imports("a")["web"]["spec"]["ips"]
+        left = [*cs.imports("b").values(), *cs.imported_slices("b")]
+        assert len(left) == 2  # b imports its own export too
+        if leave == "deleted":
+            setup.host.delete_object("secrets", "member-b", NS)
+        else:
+            secret = member_secret("member-b", "b", setup.kubeconfig("b"))
+            secret["metadata"]["labels"] = {}
+            setup.host.put_object(secret)
+        await until(lambda: not cs.imports("a"), task, "b's export is still imported")
+        await until(lambda: serving(app) == {"a"}, task, "b is still served")
+        assert not cs.imported_slices("a")  # gone, not annotated stale
+        held = setup.host.get_object("configmaps", "mcsproxy-clustersetip-holds", NS)
+        assert held is not None and ip[0] in str(held["data"])
+        assert [*cs.imports("b").values(), *cs.imported_slices("b")] == left
+        setup.add_member("b")
+        await until(lambda: cs.addresses("a", "web") == {"10.2.0.1"}, task, "b not back")
+        assert cs.imports("a")["web"]["spec"]["ips"] == ip
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelno == logging.WARNING and "member cluster b left" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert f"{len(left)} objects" in warnings[0]
+    assert "managed-by=controller.mcsproxy.io" in warnings[0]

@@ -21,7 +21,7 @@ Changes in quick succession (a rollout updating several Secrets) make one rebuil
 waits until the set has held still for MEMBER_SETTLE_S (at most MEMBER_SETTLE_MAX_S),
 the current controller serving meanwhile, and takes the latest set. A removed member is
 no longer read or written: its exports leave the other members, and what was imported
-into it stays as last written (nothing can reach it any more).
+into it stays as last written (nothing can reach it any more), which a warning says.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from kubernetes_asyncio.client import ApiClient
 
 from controlplane.allocator import DEFAULT_CIDR, parse_cidrs
 from controlplane.clusters import ClusterError
-from controlplane.clusters.kube import KubeClusterClient, KubeTimings
+from controlplane.clusters.kube import MANAGED_SELECTOR, KubeClusterClient, KubeTimings
 from controlplane.clusters.kube_api import KubeApi
 from controlplane.clusters.kube_holds import KubeHoldStore
 from controlplane.clusters.kube_members import (
@@ -56,6 +56,7 @@ from controlplane.command import parse_cluster_cidrs, stream_limits_from_args
 from controlplane.controller import Controller
 from controlplane.leader import LeaderElector, LeaseConfig
 from controlplane.metrics import ControllerMetrics
+from controlplane.resources import KIND_IMPORT, KIND_SLICE
 from controlplane.server import ControllerServer
 from controlplane.stream import HEARTBEAT_S, StreamHub, StreamLimits
 from mcsproxy.backoff import Backoff
@@ -254,6 +255,7 @@ class KubeControllerApp:
                         return
                     if not await _settled(changed, tasks):
                         return
+                _report_departed(self.controller, members, secrets.members)
                 await cancel_and_wait([serving])
                 self.rebuilds += 1
                 log.info("member clusters changed (%s): restarting the controller on them",
@@ -353,6 +355,22 @@ async def _settled(changed: asyncio.Event, tasks: tuple[asyncio.Task[Any], ...])
         if found is None:
             break
     return True
+
+
+def _report_departed(controller: Controller | None, old: Mapping[str, Kubeconfig],
+                     new: Mapping[str, Kubeconfig]) -> None:
+    """A warning per member that left: what we wrote into it stays there, since nothing
+    may reach it any more (its Secret, the only credentials, is gone), and only its
+    operator can remove it. Said here, where the old controller still knows how much."""
+    for cluster in sorted(old.keys() - new.keys()):
+        written = controller.written.get(cluster) if controller is not None else None
+        # ServiceExport status is written too, but is the exporter's own object.
+        count = None if written is None else sum(
+            1 for ref in written if ref.kind in (KIND_IMPORT, KIND_SLICE))
+        what = "the objects" if count is None else f"{count} objects"
+        log.warning("member cluster %s left: %s we wrote there (ServiceImports, imported "
+                    "EndpointSlices labelled %s) stay as last written: delete them there "
+                    "if it is not coming back", cluster, what, MANAGED_SELECTOR)
 
 
 def _difference(old: Mapping[str, Kubeconfig], new: Mapping[str, Kubeconfig]) -> str:
