@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -114,6 +116,22 @@ async def serving_ip(gateway: Gateway, config: GatewayConfig) -> str:
     return ip
 
 
+@contextlib.asynccontextmanager
+async def served_gateway(emu: KubeEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                         cluster_id: str, host: str = HOST,
+                         ) -> AsyncIterator[tuple[Gateway, GatewayConfig, str]]:
+    """A gateway of `cluster_id` on `--source kube` against `emu`, serving test/web:
+    yields it, its config and the service's ClusterSetIP; stopped on the way out."""
+    monkeypatch.setenv("KUBECONFIG", str(emu.kubeconfig(tmp_path / "kubeconfig")))
+    config = gateway_config(cluster_id, host)
+    gateway = Gateway(config)
+    await gateway.start()
+    try:
+        yield gateway, config, await serving_ip(gateway, config)
+    finally:
+        await gateway.stop()
+
+
 async def test_karmada_consumer_served_without_a_multicluster_service(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A consumer member as Karmada leaves it: the propagated Service and the providers'
@@ -124,16 +142,11 @@ async def test_karmada_consumer_served_without_a_multicluster_service(
         emu.put_object(local_service("web", [{"name": "http", "protocol": "TCP", "port": 80}]))
         emu.put_object(karmada_slice("member1", "web-a", "web", [west.host], port=west.port))
         emu.put_object(karmada_slice("member2", "web-b", "web", [north.host], port=north.port))
-        monkeypatch.setenv("KUBECONFIG", str(emu.kubeconfig(tmp_path / "kubeconfig")))
-        config = gateway_config("member3")
-        gateway = Gateway(config)
-        await gateway.start()
         try:
-            ip = await serving_ip(gateway, config)
-            assert ip.startswith("127.240.50.")
-            assert {await ask(ip, 80) for _ in range(6)} == {"west-1", "north-1"}
+            async with served_gateway(emu, tmp_path, monkeypatch, "member3") as (_, _, ip):
+                assert ip.startswith("127.240.50.")
+                assert {await ask(ip, 80) for _ in range(6)} == {"west-1", "north-1"}
         finally:
-            await gateway.stop()
             await west.stop()
             await north.stop()
 
@@ -150,17 +163,12 @@ async def test_karmada_provider_and_consumer_prefers_its_own_endpoints(
                                      trafficDistribution="PreferClose"))
         emu.put_object(native_slice("web-x1", "web", [local.host], port=local.port))
         emu.put_object(karmada_slice("member2", "web-b", "web", [north.host], port=north.port))
-        monkeypatch.setenv("KUBECONFIG", str(emu.kubeconfig(tmp_path / "kubeconfig")))
-        config = gateway_config("member1")
-        gateway = Gateway(config)
-        await gateway.start()
         try:
-            ip = await serving_ip(gateway, config)
-            assert {await ask(ip, 80) for _ in range(6)} == {"local-1"}
-            await local.stop()  # the local cluster fails: the remote provider takes over
-            assert {await ask(ip, 80) for _ in range(6)} == {"north-1"}
+            async with served_gateway(emu, tmp_path, monkeypatch, "member1") as (_, _, ip):
+                assert {await ask(ip, 80) for _ in range(6)} == {"local-1"}
+                await local.stop()  # the local cluster fails: the remote provider takes over
+                assert {await ask(ip, 80) for _ in range(6)} == {"north-1"}
         finally:
-            await gateway.stop()
             await local.stop()
             await north.stop()
 
@@ -177,26 +185,22 @@ async def test_karmada_sole_provider_resolves_its_clusterset_name(
         emu.put_object(claimed_service("web", [{"name": "http", "protocol": "TCP",
                                                 "port": 80}]))
         emu.put_object(native_slice("web-x1", "web", [local.host], port=local.port))
-        monkeypatch.setenv("KUBECONFIG", str(emu.kubeconfig(tmp_path / "kubeconfig")))
-        config = gateway_config("member1", host)
-        gateway = Gateway(config)
-        await gateway.start()
         try:
-            ip = await serving_ip(gateway, config)
-            assert ip.startswith("127.240.50.")
-            assert {await ask(ip, 80) for _ in range(6)} == {"local-1"}
+            async with served_gateway(emu, tmp_path, monkeypatch, "member1",
+                                      host) as (gateway, config, ip):
+                assert ip.startswith("127.240.50.")
+                assert {await ask(ip, 80) for _ in range(6)} == {"local-1"}
 
-            emu.put_object(karmada_slice("member2", "web-b", "web", [north.host],
-                                         port=north.port))
-            async with asyncio.timeout(5):
-                while len(gateway.store.current.services[ServiceKey("test", "web")]
-                          .endpoints) < 2:
-                    await asyncio.sleep(0.02)
-            await asyncio.wait_for(
-                gateway.proxy.wait_applied(gateway.store.current.version), 5)
-            assert await dns_a(config.dns.listen, NAME) == [ip]
-            assert {await ask(ip, 80) for _ in range(8)} == {"local-1", "north-1"}
+                emu.put_object(karmada_slice("member2", "web-b", "web", [north.host],
+                                             port=north.port))
+                async with asyncio.timeout(5):
+                    while len(gateway.store.current.services[ServiceKey("test", "web")]
+                              .endpoints) < 2:
+                        await asyncio.sleep(0.02)
+                await asyncio.wait_for(
+                    gateway.proxy.wait_applied(gateway.store.current.version), 5)
+                assert await dns_a(config.dns.listen, NAME) == [ip]
+                assert {await ask(ip, 80) for _ in range(8)} == {"local-1", "north-1"}
         finally:
-            await gateway.stop()
             await local.stop()
             await north.stop()
