@@ -153,14 +153,13 @@ async def test_a_stream_cancelled_while_waiting_leaves_no_task_behind() -> None:
     hub.attach("east", {})
     sub = Subscriber()
     pump = asyncio.create_task(hub._pump(None, hub.feeds["east"], sub))  # type: ignore[arg-type]
-    await asyncio.sleep(0.05)  # waiting: nothing queued, no heartbeat due
 
     def waiting_for_next() -> list[asyncio.Task]:
         return [t for t in asyncio.all_tasks()
                 if getattr(t.get_coro(), "__qualname__", "") == "Subscriber.next"
                 and not t.done()]
 
-    assert len(waiting_for_next()) == 1
+    await until(lambda: len(waiting_for_next()) == 1)  # nothing queued, no heartbeat due
     await cancel_and_wait([pump])
     await asyncio.sleep(0)
     assert waiting_for_next() == []
