@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: test lint demo bench bench-smoke bench-peers clean audit
+.PHONY: test lint build demo bench bench-smoke bench-peers clean audit
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -10,12 +10,25 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	touch $@
 
-test: $(VENV)/.installed
-	$(VENV)/bin/ruff check mcsproxy controlplane tests bench
+# Recompiles the data path (mcsproxy/compiled.py) when a compiled source changed since the
+# last build; until then those modules run interpreted. MCSPROXY_COMPILE=0 builds none.
+build: $(VENV)/.installed
+	@env -u MCSPROXY_INTERPRETED $(PY) -c 'import sys, mcsproxy.compiled as c; \
+	  sys.exit(c.state()[0] != "compiled" and "$(MCSPROXY_COMPILE)" != "0")' \
+	  || $(PY) setup.py --quiet build_ext --inplace
+
+# The data-path tests run twice: compiled (what ships) and interpreted (MCSPROXY_COMPILE=0
+# builds); the second run is skipped when PYTEST_ARGS picks tests.
+DATA_PATH_TESTS := tests/test_http_proxy.py tests/test_http_semantics.py \
+	tests/test_http_smuggling.py tests/test_http_retry_bodies.py tests/test_proxy_tcp.py
+
+test: build
+	$(VENV)/bin/ruff check mcsproxy controlplane tests bench setup.py
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(if $(PYTEST_ARGS),,MCSPROXY_INTERPRETED=1 $(PY) -m pytest -q $(DATA_PATH_TESTS))
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check mcsproxy controlplane tests bench
+	$(VENV)/bin/ruff check mcsproxy controlplane tests bench setup.py
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/mcsproxy demo
@@ -53,7 +66,8 @@ audit: $(VENV)/.installed
 	    [ "$(AUDIT_STRICT)" = 0 ]; }
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info mcsproxy/_dataplane_sources.json
+	find mcsproxy -name '*.so' -delete
 
 run-example: $(VENV)/.installed
 	$(VENV)/bin/mcsproxy gateway --cluster-id cluster-a --source file:examples/gateway

@@ -7,6 +7,7 @@ import logging
 import signal
 from typing import Any, Protocol
 
+from mcsproxy import compiled
 from mcsproxy.admin import AdminServer
 from mcsproxy.config import GatewayConfig
 from mcsproxy.dns.server import DnsServer
@@ -127,8 +128,9 @@ class Gateway:
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self.request_stop)
         await self.start()
-        log.info("gateway started cluster_id=%s sources=%s", self.config.cluster_id,
-                 ",".join(self.config.sources))
+        log.info("gateway started cluster_id=%s sources=%s data_path=%s (%s)",
+                 self.config.cluster_id, ",".join(self.config.sources), compiled.STATE,
+                 compiled.REASON)
         try:
             await self._stop.wait()
         finally:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import os
 import pstats
 import sys
 import time
@@ -24,6 +25,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+if "--profile" in sys.argv:
+    # cProfile sees no function of a compiled module: profile the sources
+    # (mcsproxy/compiled.py; read when mcsproxy is first imported, just below).
+    os.environ["MCSPROXY_INTERPRETED"] = "1"
 
 from mcsproxy.config import ProxyConfig  # noqa: E402
 from mcsproxy.http.engine import HttpEngine  # noqa: E402

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import os
 import re
 import signal
 import subprocess
@@ -33,6 +34,7 @@ _spec.loader.exec_module(run_mod)
 sys.path.insert(0, str(ROOT))
 
 from bench import common as tcp  # noqa: E402
+from mcsproxy import compiled  # noqa: E402
 
 BACKEND = ("127.0.0.1", 18581)
 PROXY_IP = "127.240.251.9"
@@ -93,6 +95,14 @@ def main() -> int:
             procs.stop()
 
 
+def gateway_env(mode: str) -> dict[str, str]:
+    """cProfile sees no function of a compiled module: profile the sources."""
+    env = dict(os.environ)
+    if mode == "cprofile":
+        env[compiled.INTERPRETED_ENV] = "1"
+    return env
+
+
 def measure(procs: tcp.Procs, run: Path, args: argparse.Namespace) -> int:
     (run / "www").mkdir()
     (run / "www" / "big").write_bytes(b"b" * 65536)
@@ -114,7 +124,7 @@ def measure(procs: tcp.Procs, run: Path, args: argparse.Namespace) -> int:
                      "--log-level", "warning", "--dns-listen", "127.0.0.1:0",
                      "--admin-listen", "127.0.0.1:0", "--health-http-path", "/small",
                      "--http-cluster-header", "x-mcs-cluster", "--drain-timeout", "1",
-                     stderr=None)
+                     stderr=None, env=gateway_env(args.mode))
     tcp.wait_port(PROXY_IP, BACKEND[1], timeout=120)
     path = PATHS[args.size]
     client(PROXY_IP, BACKEND[1], path, args.conns, args.conns * 20)  # warm-up

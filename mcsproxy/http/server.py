@@ -28,7 +28,7 @@ import sys
 import time
 from collections import deque
 from math import inf as INF
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
@@ -591,7 +591,8 @@ class ClientConnection(asyncio.Protocol):
         error: tuple[int, str, str] | None = None
         route = self.route
         if route is None:
-            assert self.front is not None
+            # A front-door request without Host and without an authority was refused.
+            assert self.front is not None and self.host is not None
             route, error = self.front.resolve(self.host)
         parts = self.parts
         if self.conn_tokens is not None:
@@ -645,7 +646,7 @@ class ClientConnection(asyncio.Protocol):
             path = b"/" + path
         return path, authority
 
-    def _refuse(self, status: int, text: str, reason: str) -> None:
+    def _refuse(self, status: int, text: str, reason: str) -> NoReturn:
         self.request_error = RequestError(status, text, reason)
         raise self.request_error
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from mcsproxy import compiled
 from mcsproxy.observability.families import Families
 from mcsproxy.observability.observer import host_state, port_label
 
@@ -114,6 +115,7 @@ def build_status(gateway: Gateway, families: Families, ready: bool, detail: dict
             "snapshot_age_s": detail["snapshot_age_s"], "services": detail["services"],
             "workers": gateway.config.proxy.workers, "proxy": proxy is not None,
             "active_connections": int(active.total()) if active is not None else 0,
+            "data_path": compiled.STATE,
         },
         "sources": detail["sources"],
         "clusters": sorted(clusters, key=lambda c: (c != local, c)),

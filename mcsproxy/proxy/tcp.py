@@ -87,7 +87,7 @@ def reset(transport: asyncio.BaseTransport) -> None:
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
-    transport.abort()
+    transport.abort()  # type: ignore[attr-defined]  # every stream transport has it
 
 
 class BulkReader(asyncio.BufferedProtocol):
@@ -171,7 +171,7 @@ class UpstreamSide(asyncio.Protocol):
         if client.attempt is not self:
             # A connect given up on (timed out, or its client gone) that completed anyway:
             # adopting it would count it under the retry's endpoint.
-            transport.abort()
+            transport.abort()  # type: ignore[attr-defined]
             return
         client.upstream_connected(transport)  # type: ignore[arg-type]
 

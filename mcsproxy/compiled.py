@@ -1,0 +1,110 @@
+"""Which modules mypyc compiles, and the guard that keeps a stale build from running.
+
+setup.py compiles MODULES with mypyc (bench/results/http.md: about a third fewer
+instructions per HTTP request) and records each source's SHA-256 in SOURCES_FILE. The
+extension modules sit beside their sources, and Python imports an extension before a
+.py of the same name, so in a checkout a build older than an edited source would run
+the old code without a word. `install` puts a finder first on sys.meta_path that loads
+every compiled module from its source when any source differs from what was compiled
+(they are one mypyc group and call each other natively, so a mix is not possible), or
+when MCSPROXY_INTERPRETED=1 asks for it (cProfile sees into interpreted code only).
+Content, not mtimes: an install or a checkout writes files in any order.
+
+This module must import nothing from mcsproxy: setup.py loads it by path before the
+package is installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import json
+import os
+import sys
+from collections.abc import Sequence
+from importlib.machinery import ModuleSpec
+from pathlib import Path
+from types import ModuleType
+
+# The HTTP and TCP data paths: per-request and per-connection work, nothing else.
+MODULES = (
+    "mcsproxy.http.server",
+    "mcsproxy.http.pool",
+    "mcsproxy.http.wire",
+    "mcsproxy.proxy.tcp",
+)
+INTERPRETED_ENV = "MCSPROXY_INTERPRETED"
+PACKAGE_DIR = Path(__file__).resolve().parent
+# Written by setup.py next to this file: {module: sha256 of the source compiled}.
+SOURCES_FILE = "_dataplane_sources.json"
+
+
+def source_path(module: str, package_dir: Path = PACKAGE_DIR) -> Path:
+    return package_dir.parent.joinpath(*module.split(".")).with_suffix(".py")
+
+
+def extension_path(module: str, package_dir: Path = PACKAGE_DIR) -> Path | None:
+    source = source_path(module, package_dir)
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        candidate = source.with_suffix(suffix)
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def source_digests(package_dir: Path = PACKAGE_DIR) -> dict[str, str]:
+    """{module: sha256 of its source} for MODULES, as setup.py records them."""
+    return {m: hashlib.sha256(source_path(m, package_dir).read_bytes()).hexdigest()
+            for m in MODULES}
+
+
+def state(package_dir: Path = PACKAGE_DIR) -> tuple[str, str]:
+    """("compiled" | "interpreted", why): what the next import of MODULES will load."""
+    if os.environ.get(INTERPRETED_ENV, "") not in ("", "0"):
+        return "interpreted", f"{INTERPRETED_ENV} is set"
+    if any(extension_path(m, package_dir) is None for m in MODULES):
+        return "interpreted", "not compiled (built with MCSPROXY_COMPILE=0 or without mypyc)"
+    try:
+        built = json.loads((package_dir / SOURCES_FILE).read_text())
+    except (OSError, ValueError) as e:
+        return "interpreted", f"no record of the compiled sources ({e})"
+    stale = []
+    for module in MODULES:
+        source = source_path(module, package_dir)
+        # A missing source is fine: a wheel may ship the extensions alone.
+        if source.exists() and \
+                hashlib.sha256(source.read_bytes()).hexdigest() != built.get(module):
+            stale.append(source.name)
+    if stale:
+        return "interpreted", (f"{', '.join(stale)} changed since it was compiled; "
+                               "`make build` recompiles")
+    return "compiled", "mypyc"
+
+
+class SourceFirstFinder:
+    """Finds MODULES as plain source files, ahead of their compiled extensions."""
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None,
+                  target: ModuleType | None = None) -> ModuleSpec | None:
+        if fullname not in MODULES:
+            return None
+        source = source_path(fullname)
+        if not source.exists():
+            return None
+        return importlib.util.spec_from_file_location(fullname, source)
+
+
+def install() -> str:
+    """Called once by mcsproxy/__init__.py; returns "compiled" or "interpreted"."""
+    kind, why = state()
+    if kind == "interpreted" and not any(isinstance(f, SourceFirstFinder)
+                                         for f in sys.meta_path):
+        sys.meta_path.insert(0, SourceFirstFinder())
+    global STATE, REASON
+    STATE, REASON = kind, why
+    return kind
+
+
+STATE = "interpreted"
+REASON = "not checked yet"
