@@ -127,14 +127,15 @@ class ListenerContext:
             peer = transport.get_extra_info("peername")  # type: ignore[attr-defined]
             client = peer[0] if peer else ""
             if not self.by_client.take(client, config.max_connections_per_client):
-                return self._refuse(f"client {client} has "
-                                    f"{config.max_connections_per_client} connections",
-                                    "client_limit")
+                self._refuse(f"client {client} has "
+                             f"{config.max_connections_per_client} connections", "client_limit")
+                return None
         if config.max_connections_per_listener and \
                 self.active >= config.max_connections_per_listener:
             if config.max_connections_per_client:
                 self.by_client.give(client)
-            return self._refuse(f"{self.active} connections open", "listener_limit")
+            self._refuse(f"{self.active} connections open", "listener_limit")
+            return None
         self.active += 1
         return client
 
