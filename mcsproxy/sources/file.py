@@ -73,12 +73,18 @@ class FileRead:
         clean" rule). That costs a few reads per change, none for files left alone."""
         return stamp == self.stamp and self.read_ns - stamp.ctime_ns >= _RACY_NS
 
+    @classmethod
+    def of(cls, stamp: FileStamp, data: bytes, read_ns: int) -> FileRead:
+        """`data` as the file held it at `stamp`, from no earlier than `read_ns` on (a
+        read began then, or a write of ours was renamed into place after it)."""
+        return cls(stamp, hashlib.blake2b(data, digest_size=16).digest(), read_ns)
+
 
 def read_file(path: Path, stamp: FileStamp) -> tuple[FileRead, bytes]:
     """The file's bytes and the FileRead to compare later versions with; OSError."""
     started = time.time_ns()  # before the read: the bytes are at least this new
     data = path.read_bytes()
-    return FileRead(stamp, hashlib.blake2b(data, digest_size=16).digest(), started), data
+    return FileRead.of(stamp, data, started), data
 
 
 class SettleGate:
