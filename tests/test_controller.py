@@ -17,15 +17,18 @@ import yaml
 
 from controlplane import command
 from controlplane import holds as holds_module
-from controlplane.clusters import kube_app
+from controlplane.clusters import ChangeSet, kube_app
 from controlplane.clusters.directory import DirectoryCluster
 from controlplane.command import ControllerConfig, DirectoryControllerApp
 from controlplane.reconcile import STALE_ANNOTATION
+from controlplane.resources import KIND_IMPORT, ObjectRef
 from controlplane.stream import StreamLimits
 from mcsproxy.cli import build_parser, main
 from mcsproxy.config import AdminConfig, DnsConfig, GatewayConfig
 from mcsproxy.gateway import Gateway
 from mcsproxy.model import ServiceKey
+from mcsproxy.sources.file import FileStamp
+from mcsproxy.tasks import cancel_and_wait
 from tests.fs_support import at_the_start_of_a_second, coarse_fs_skip_reason, coarse_timestamps_dir
 from tests.proxy_fixtures import Backend, ask, free_port
 from tests.test_reconcile_support import colliding_names, eslice, export, namespace, service
@@ -642,6 +645,69 @@ async def test_output_removed_or_edited_by_someone_else_is_written_again(
         await asyncio.sleep(1.5)  # more than one check of OUT
         assert stamps(out) == before
         assert (out / "b" / "notes.txt").read_text() == "mine\n"
+
+
+def edit_in_place_keeping_mtime(path: Path, old: bytes, new: bytes) -> None:
+    """Someone else's edit of the same size, the mtime put back (`touch -r`, `cp -p`)."""
+    before = path.stat()
+    data = path.read_bytes()
+    assert old in data and len(old) == len(new)
+    with open(path, "r+b") as f:
+        f.write(data.replace(old, new))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+@pytest.mark.skipif(coarse_fs_skip_reason() is not None, reason=coarse_fs_skip_reason() or "")
+async def test_output_edited_within_the_timestamp_tick_of_our_write_is_written_again(
+        tmp_path: Path) -> None:
+    """On a filesystem with one-second stamps, an edit of the same size just after our
+    write, its mtime put back, leaves mtime, ctime, size and inode as we left them: only
+    the bytes tell. It used to stay in OUT, served by any gateway reading it, for good."""
+    clusters, _ = a_exports_to_b(tmp_path)
+    with coarse_timestamps_dir(tmp_path) as mnt:
+        out = mnt / "out"
+        at_the_start_of_a_second()
+        async with Running(clusters, out) as app:
+            wanted = read_out(out, "b")
+            [slice_file] = (out / "b").glob("endpointslice_*.yaml")
+            before = slice_file.stat()
+            edit_in_place_keeping_mtime(slice_file, b"127.0.1.1", b"127.0.6.6")
+            after = slice_file.stat()
+            assert (after.st_mtime_ns, after.st_ctime_ns, after.st_size, after.st_ino) == (
+                before.st_mtime_ns, before.st_ctime_ns, before.st_size, before.st_ino)
+            await until(lambda: read_out(out, "b") == wanted, timeout=3.5)  # 3 checks
+            assert app.metrics.registry.get_sample_value(
+                "mcsproxy_controller_drift_repairs_total", {"cluster": "b"}) == 1
+
+
+async def test_output_edited_before_our_write_was_stat_ed_is_reported(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An edit landing between our rename and our stat, on any filesystem: the stamp kept
+    is already of their version, so only the bytes can tell it from ours."""
+    (tmp_path / "clusters" / "b").mkdir(parents=True)
+    cluster = DirectoryCluster("b", tmp_path / "clusters", tmp_path / "out")
+    await cluster.sync()
+    ours = {"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceImport",
+            "metadata": {"name": "web", "namespace": "test"},
+            "spec": {"type": "ClusterSetIP", "ips": ["10.0.0.1"]}}
+    theirs = {**ours, "spec": {"type": "ClusterSetIP", "ips": ["10.0.0.9"]}}
+    stamp = DirectoryCluster._stamp
+
+    def edited_first(path: str | Path) -> FileStamp | None:
+        edit_in_place_keeping_mtime(Path(path), b"10.0.0.1", b"10.0.0.9")
+        return stamp(path)
+
+    monkeypatch.setattr(DirectoryCluster, "_stamp", staticmethod(edited_first))
+    await cluster.apply([ours])
+    monkeypatch.undo()
+    seen: list[ChangeSet] = []
+    watching = asyncio.create_task(cluster.watch(lambda _, changes: seen.append(changes)))
+    try:
+        await until(lambda: any(c.published for c in seen), timeout=3.5)  # 3 checks
+    finally:
+        await cancel_and_wait([watching])
+    assert [c.published for c in seen if c.published] == [
+        {ObjectRef(KIND_IMPORT, "test", "web"): theirs}]
 
 
 async def test_a_member_file_that_cannot_be_looked_at_does_not_end_the_watch(

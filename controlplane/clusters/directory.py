@@ -15,7 +15,9 @@ and only when the object changed; files no longer wanted are removed. Other file
 are left alone. OUT is checked about once a second, as a kube client watches its own
 objects: a file of ours deleted or edited by someone else is reported (the controller
 writes it again) and a file named like ours that we did not write is reported too (the
-controller removes it unless it wants it).
+controller removes it unless it wants it). An edit is told by the file's stamp and, while
+that stamp could hide one (FileRead's racy rule, as for the member files), by its bytes:
+a file whose stamp moved without its bytes changing (`touch`) is no edit.
 """
 
 from __future__ import annotations
@@ -138,7 +140,10 @@ class DirectoryCluster:
         self._settle = SettleGate()  # only _scan touches it, one scan at a time
         self._owner: dict[ObjectRef, set[Path]] = {}
         self._written: dict[str, Obj] = {}
-        self._stamps: dict[str, FileStamp | None] = {}  # of _written's files, as left
+        # Of _written's files, the version we wrote or last saw (None: it could not be
+        # looked at). A stamp alone is not enough: an edit within the timestamp tick of
+        # our write (a second on some filesystems) keeps it, `touch -r` puts mtime back.
+        self._reads: dict[str, FileRead | None] = {}
         # Writes and the check of OUT run in worker threads: one at a time.
         self._out_lock = asyncio.Lock()
         self._next_output_check = 0.0
@@ -297,12 +302,24 @@ class DirectoryCluster:
             await asyncio.sleep(max(self.poll_interval_s, 4 * spent))
 
     # -- our output, checked -------------------------------------------------------------
-    def _load_output(self, path: str, match: re.Match[str]) -> Obj:
-        """An output file as it stands; a damaged one as a stub that is still ours by name
-        (so it is replaced or removed)."""
+    @staticmethod
+    def _read_output(path: str, stamp: FileStamp | None) -> tuple[FileRead | None, bytes | str]:
+        """An output file's version and bytes, or why it cannot be read."""
+        if stamp is None:
+            return None, "cannot be looked at"
         try:
-            with open(path, encoding="utf-8") as f:
-                obj = yaml.load(f, Loader=_Loader)
+            return read_file(Path(path), stamp)
+        except OSError as exc:
+            return None, str(exc)
+
+    @staticmethod
+    def _load_output(path: str, match: re.Match[str], data: bytes | str) -> Obj:
+        """An output file as `data` holds it (a str: why it could not be read); a damaged
+        one as a stub that is still ours by name (so it is replaced or removed)."""
+        try:
+            if isinstance(data, str):
+                raise OSError(data)
+            obj = yaml.load(data.decode("utf-8"), Loader=_Loader)
         except (OSError, ValueError, RecursionError, yaml.YAMLError) as exc:
             # ValueError: also a value PyYAML resolves but cannot build (an edited date).
             log.warning("%s: unreadable earlier output (%s): it will be rewritten", path, exc)
@@ -314,9 +331,9 @@ class DirectoryCluster:
                                               "name": match.group(3)}}
         return obj
 
-    def _output_changes(self) -> list[tuple[str, Obj | None, FileStamp | None]]:
+    def _output_changes(self) -> list[tuple[str, Obj | None, FileRead | None]]:
         """The files of OUT that are not as we left them: (name, what it holds now or None
-        when gone, its stamp). Runs in a worker thread, under the output lock."""
+        when gone, its version). Runs in a worker thread, under the output lock."""
         try:
             entries = {e.name: e for e in os.scandir(self.out_dir)}
         except FileNotFoundError:
@@ -324,7 +341,7 @@ class DirectoryCluster:
         except OSError as exc:  # nothing can be written there either: said by the writes
             log.debug("%s: cannot check (%s)", self.out_dir, exc)
             return []
-        found: list[tuple[str, Obj | None, FileStamp | None]] = []
+        found: list[tuple[str, Obj | None, FileRead | None]] = []
         for name in self._written.keys() - entries.keys():
             found.append((name, None, None))
         for name, entry in sorted(entries.items()):
@@ -341,9 +358,16 @@ class DirectoryCluster:
                 stamp = None
             else:
                 stamp = FileStamp.of(st)
-            if name in self._written and stamp is not None and stamp == self._stamps.get(name):
+            known = self._reads.get(name) if name in self._written else None
+            if known is not None and stamp is not None and known.holds(stamp):
                 continue
-            found.append((name, self._load_output(entry.path, match), stamp))
+            read, data = self._read_output(entry.path, stamp)
+            if known is not None and read is not None and read.digest == known.digest:
+                # Read again while its stamp could hide a change, or touched: the same
+                # bytes. The new read is kept so that it is not read again and again.
+                self._reads[name] = read
+                continue
+            found.append((name, self._load_output(entry.path, match, data), read))
         return found
 
     async def _check_output(self) -> ChangeSet:
@@ -351,17 +375,17 @@ class DirectoryCluster:
         changes = ChangeSet()
         async with self._out_lock:
             found = await asyncio.to_thread(self._output_changes)
-            for name, obj, stamp in found:
+            for name, obj, read in found:
                 match = _OUTPUT_NAME.match(name)
                 assert match is not None
                 ref = ObjectRef(_KIND_BY_PREFIX[match.group(1)], match.group(2),
                                 match.group(3))
                 if obj is None:
                     self._written.pop(name, None)
-                    self._stamps.pop(name, None)
+                    self._reads.pop(name, None)
                 else:  # what stands there now: a write of ours compares with it
                     self._written[name] = obj
-                    self._stamps[name] = stamp
+                    self._reads[name] = read
                 changes.published[ref] = obj
         return changes
 
@@ -378,9 +402,10 @@ class DirectoryCluster:
             match = _OUTPUT_NAME.match(entry.name)
             if match is None:
                 continue
-            obj = self._load_output(entry.path, match)
+            read, data = self._read_output(entry.path, self._stamp(entry.path))
+            obj = self._load_output(entry.path, match, data)
             self._written[entry.name] = obj
-            self._stamps[entry.name] = self._stamp(entry.path)
+            self._reads[entry.name] = read
             found.append(obj)
         return found
 
@@ -404,17 +429,23 @@ class DirectoryCluster:
                 continue
             target = self.out_dir / name
             tmp = self.out_dir / f".{name}.tmp"
-            tmp.write_bytes(dump_yaml(obj))
+            data = dump_yaml(obj)
+            tmp.write_bytes(data)
+            renamed = time.time_ns()  # the file holds `data` from about now on
             os.replace(tmp, target)
             self._written[name] = obj
-            self._stamps[name] = self._stamp(target)
+            # Stat'ed after the rename, so the stamp may already be of someone else's
+            # edit: their ctime is then as fresh as ours, and the racy rule has the bytes
+            # compared with ours at the next checks.
+            stamp = self._stamp(target)
+            self._reads[name] = None if stamp is None else FileRead.of(stamp, data, renamed)
             self.files_written += 1
 
     def _delete(self, refs: Sequence[ObjectRef]) -> None:
         for ref in refs:
             name = output_file_name(ref)
             self._written.pop(name, None)
-            self._stamps.pop(name, None)
+            self._reads.pop(name, None)
             try:
                 (self.out_dir / name).unlink()
                 self.files_deleted += 1
