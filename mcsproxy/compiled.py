@@ -8,7 +8,8 @@ the old code without a word. `install` puts a finder first on sys.meta_path that
 every compiled module from its source when any source differs from what was compiled
 (they are one mypyc group and call each other natively, so a mix is not possible), or
 when MCSPROXY_INTERPRETED=1 asks for it (cProfile sees into interpreted code only).
-Content, not mtimes: an install or a checkout writes files in any order.
+Content, not mtimes: an install or a checkout writes files in any order. An extension of
+a module not in MODULES (left by a build of another revision) is never loaded either.
 
 This module must import nothing from mcsproxy: setup.py loads it by path before the
 package is installed.
@@ -37,6 +38,7 @@ MODULES = (
     "mcsproxy.proxy.context",
     "mcsproxy.upstream.upstream_set",
     "mcsproxy.upstream.balance",
+    "mcsproxy.http.engine",
 )
 INTERPRETED_ENV = "MCSPROXY_INTERPRETED"
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -87,27 +89,32 @@ def state(package_dir: Path = PACKAGE_DIR) -> tuple[str, str]:
 
 
 class SourceFirstFinder:
-    """Finds MODULES as plain source files, ahead of their compiled extensions."""
+    """Finds every mcsproxy module as its plain source file, ahead of any extension,
+    except MODULES while their build is current (`compiled`): an extension left over
+    from an older build, or from a module no longer in MODULES, never runs."""
+
+    def __init__(self, compiled: frozenset[str], package_dir: Path = PACKAGE_DIR) -> None:
+        self.compiled = compiled
+        self.package_dir = package_dir
 
     def find_spec(self, fullname: str, path: Sequence[str] | None,
                   target: ModuleType | None = None) -> ModuleSpec | None:
-        if fullname not in MODULES:
+        if not fullname.startswith("mcsproxy.") or fullname in self.compiled:
             return None
-        source = source_path(fullname)
-        if not source.exists():
+        source = source_path(fullname, self.package_dir)
+        if not source.exists():  # a package (its __init__.py), or a wheel without sources
             return None
         return importlib.util.spec_from_file_location(fullname, source)
 
 
 def install() -> str:
     """Called once by mcsproxy/__init__.py; returns "compiled" or "interpreted"."""
-    kind, why = state()
-    if kind == "interpreted" and not any(isinstance(f, SourceFirstFinder)
-                                         for f in sys.meta_path):
-        sys.meta_path.insert(0, SourceFirstFinder())
     global STATE, REASON
-    STATE, REASON = kind, why
-    return kind
+    STATE, REASON = state()
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, SourceFirstFinder)]
+    sys.meta_path.insert(0, SourceFirstFinder(
+        frozenset(MODULES) if STATE == "compiled" else frozenset()))
+    return STATE
 
 
 STATE = "interpreted"

@@ -70,6 +70,25 @@ def test_state_follows_what_was_compiled(tmp_path: Path,
     assert compiled.state(package)[0] == "interpreted"
 
 
+def test_finder_loads_sources_unless_their_build_is_current(tmp_path: Path) -> None:
+    package = fake_package(tmp_path)
+    build(package)
+    # An extension left by a build of a revision that compiled one more module.
+    leftover = compiled.source_path("mcsproxy.config", package)
+    leftover.write_text("NAME = 'config'\n")
+    leftover.with_suffix(importlib.machinery.EXTENSION_SUFFIXES[0]).write_bytes(b"\x7fELF")
+    current = compiled.SourceFirstFinder(frozenset(compiled.MODULES), package)
+    spec = current.find_spec("mcsproxy.config", None)
+    assert spec is not None and spec.origin == str(leftover)
+    assert current.find_spec("mcsproxy.http.server", None) is None  # the extension loads
+    assert current.find_spec("mcsproxy.http", None) is None  # a package: the normal way
+    assert current.find_spec("json", None) is None
+    stale = compiled.SourceFirstFinder(frozenset(), package)
+    spec = stale.find_spec("mcsproxy.http.server", None)
+    assert spec is not None and spec.origin == str(
+        compiled.source_path("mcsproxy.http.server", package))
+
+
 def loaded(interpreted: str | None) -> list[str]:
     """The state and the loader of each compiled module, in a fresh interpreter."""
     env = {k: v for k, v in os.environ.items() if k != compiled.INTERPRETED_ENV}
