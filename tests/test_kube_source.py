@@ -493,10 +493,56 @@ async def test_karmada_sole_provider_serves_its_own_endpoints(
         # CrossCluster): no longer served.
         emu.put_object(local_service("web", http))
         await run.until(lambda: WEB not in run.store.current.services)
-        # Claimed again; then its last local endpoint goes.
-        emu.put_object(claimed_service("web", http))
-        await run.until(lambda: WEB in run.store.current.services)
+        assert run.status.connected and run.status.error is None
+
+
+async def test_karmada_sole_provider_scaled_to_zero_keeps_its_name(
+        emu: KubeEmulator, tmp_path: Path) -> None:
+    """KEP-1645: an import lives as long as its export, whatever its endpoint count. The
+    only provider scaled to zero (its native slice emptied, then deleted) keeps the name,
+    ports and ClusterSetIP with no endpoints, and serves its endpoints again when they
+    return; its Service deleted, or the claim dropped, ends it."""
+    http = [{"name": "http", "protocol": "TCP", "port": 80}]
+    emu.put_object(claimed_service("web", http))
+    emu.put_object(native_slice("web-x1", "web", ["10.10.0.1"]))
+    async with running(emu, tmp_path, cluster_id="member1") as run, emu.api_client() as api:
+        ip = run.store.current.services[WEB].ips
+        discovery = DiscoveryV1Api(api)
+        karmada = run.source.karmada
+        assert karmada is not None
+
+        def served_empty() -> bool:
+            web = run.store.current.services.get(WEB)
+            return web is not None and not web.endpoints
+
         emu.put_object(native_slice("web-x1", "web", []))
+        await run.until(served_empty)
+        await discovery.delete_namespaced_endpoint_slice("web-x1", "test")
+        await run.until(lambda: ("test", "web-x1") not in karmada.local_keys)
+        web = run.store.current.services[WEB]
+        assert (web.ips, [(p.name, p.port) for p in web.ports]) == (ip, [("http", 80)])
+        assert not web.endpoints
+
+        emu.put_object(native_slice("web-x2", "web", ["10.10.0.2"]))
+        await run.until(lambda: run.endpoints() == [("member1", "10.10.0.2")])
+        assert run.store.current.services[WEB].ips == ip
+
+        # At zero again, the claim dropped: gone; claimed again at zero: still out (it
+        # could be a consumer), until an endpoint shows it provides.
+        emu.put_object(native_slice("web-x2", "web", []))
+        await run.until(served_empty)
+        emu.put_object(local_service("web", http))
+        await run.until(lambda: WEB not in run.store.current.services)
+        emu.put_object(claimed_service("web", http))
+        await run.until(lambda: WEB in karmada.claimed)
+        assert WEB not in run.store.current.services
+        emu.put_object(native_slice("web-x2", "web", ["10.10.0.2"]))
+        await run.until(lambda: WEB in run.store.current.services)
+
+        # The provider's Service deleted: the name goes, with or without endpoints.
+        emu.put_object(native_slice("web-x2", "web", []))
+        await run.until(served_empty)
+        await CoreV1Api(api).delete_namespaced_service("web", "test")
         await run.until(lambda: WEB not in run.store.current.services)
         assert run.status.connected and run.status.error is None
 

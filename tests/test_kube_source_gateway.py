@@ -5,18 +5,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
+import dnslib
 import pytest
+from kubernetes_asyncio.client import CoreV1Api
 
 from mcsproxy.config import AdminConfig, DnsConfig, GatewayConfig, HealthConfig, ProxyConfig
 from mcsproxy.gateway import Gateway
-from mcsproxy.model import ServiceKey
+from mcsproxy.model import ImportedService, ServiceKey
+from tests.http_support import HttpBackend, RawClient
 from tests.kube_emulator import KubeEmulator
 from tests.proxy_fixtures import Backend, ask, free_port
-from tests.test_controller import dns_a
+from tests.test_controller import dns_a, dns_query
 from tests.test_kube_source import (
     claimed_service,
     karmada_slice,
@@ -27,6 +31,7 @@ from tests.test_kube_source import (
 
 HOST = "127.50.0.1"
 NAME = "web.test.svc.clusterset.local"
+WEB = ServiceKey("test", "web")
 
 
 async def readyz(config: GatewayConfig) -> tuple[int, dict]:
@@ -116,6 +121,16 @@ async def serving_ip(gateway: Gateway, config: GatewayConfig) -> str:
     return ip
 
 
+async def applied(gateway: Gateway,
+                  predicate: Callable[[ImportedService | None], bool]) -> None:
+    """Until test/web in the store satisfies `predicate` and the proxy serves that snapshot."""
+    async with asyncio.timeout(5):
+        while not predicate(gateway.store.current.services.get(WEB)):
+            await asyncio.sleep(0.02)
+    assert gateway.proxy is not None
+    await asyncio.wait_for(gateway.proxy.wait_applied(gateway.store.current.version), 5)
+
+
 @contextlib.asynccontextmanager
 async def served_gateway(emu: KubeEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                          cluster_id: str, host: str = HOST,
@@ -193,14 +208,72 @@ async def test_karmada_sole_provider_resolves_its_clusterset_name(
 
                 emu.put_object(karmada_slice("member2", "web-b", "web", [north.host],
                                              port=north.port))
-                async with asyncio.timeout(5):
-                    while len(gateway.store.current.services[ServiceKey("test", "web")]
-                              .endpoints) < 2:
-                        await asyncio.sleep(0.02)
-                await asyncio.wait_for(
-                    gateway.proxy.wait_applied(gateway.store.current.version), 5)
+                await applied(gateway, lambda web: web is not None and len(web.endpoints) == 2)
                 assert await dns_a(config.dns.listen, NAME) == [ip]
                 assert {await ask(ip, 80) for _ in range(8)} == {"local-1", "north-1"}
         finally:
             await local.stop()
             await north.stop()
+
+
+async def test_karmada_sole_provider_at_zero_endpoints_keeps_name_and_address(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """KEP-1645: an import with no endpoints still resolves. The only provider scaled to zero
+    keeps its name and ClusterSetIP; a connection is closed at once (not hung), an http
+    port answers 503; its endpoints back, traffic flows at the same address; its Service
+    deleted, the name is gone."""
+    host, address = "127.50.4.1", "127.50.4.2"
+    tcp = await Backend("local-1", address, free_port(address), "member1").start()
+    web = await HttpBackend("local-1", address, "member1").start()
+
+    def provider_slice(addresses: list[str]) -> dict:
+        eslice = native_slice("web-x1", "web", addresses)
+        eslice["ports"] = [{"name": "http", "protocol": "TCP", "port": web.port},
+                           {"name": "tcp", "protocol": "TCP", "port": tcp.port}]
+        return eslice
+
+    async def http_get(ip: str) -> tuple[int, bytes]:
+        client = await RawClient.open(ip, 80)
+        try:
+            response = await client.get()
+        finally:
+            await client.close()
+        return response.status, response.body
+
+    async with KubeEmulator(bookmark_interval=0.1) as emu:
+        emu.put_object(claimed_service("web", [
+            {"name": "http", "protocol": "TCP", "port": 80, "appProtocol": "http"},
+            {"name": "tcp", "protocol": "TCP", "port": 81}]))
+        emu.put_object(provider_slice([address]))
+        try:
+            async with served_gateway(emu, tmp_path, monkeypatch, "member1",
+                                      host) as (gateway, config, ip):
+                assert await ask(ip, 81) == "local-1"
+                assert (await http_get(ip))[0] == 200
+
+                emu.put_object(provider_slice([]))  # scaled to zero
+                await applied(gateway, lambda svc: svc is not None and not svc.endpoints)
+                assert await dns_a(config.dns.listen, NAME) == [ip]
+                client = await RawClient.open(ip, 81)
+                started = time.monotonic()
+                assert await client.closed(timeout=1.0)
+                assert time.monotonic() - started < 1.0
+                await client.close()
+                assert await http_get(ip) == (503, b"no healthy endpoint\n")
+
+                emu.put_object(provider_slice([address]))  # back
+                await applied(gateway, lambda svc: svc is not None and bool(svc.endpoints))
+                assert await dns_a(config.dns.listen, NAME) == [ip]
+                assert await ask(ip, 81) == "local-1"
+                assert await http_get(ip) == (200, b"local-1")
+
+                async with emu.api_client() as api:
+                    await CoreV1Api(api).delete_namespaced_service("web", "test")
+                await applied(gateway, lambda svc: svc is None)
+                reply = await asyncio.to_thread(dns_query, config.dns.listen, NAME)
+                assert reply.header.rcode == dnslib.RCODE.NXDOMAIN
+                with pytest.raises(OSError):
+                    await ask(ip, 81)
+        finally:
+            await tcp.stop()
+            await web.stop()

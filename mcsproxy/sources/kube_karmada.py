@@ -16,14 +16,18 @@ verbatim into every provider and consumer). Karmada gives such a service no clus
 name, no ClusterSetIP and no health checks; this module makes each one an imported
 service like a ServiceImport would, from what a member really has:
 
-- served while Karmada has dispatched at least one slice of that name into this cluster,
-  or the local Service carries the claim and its native slices hold at least one endpoint
-  (a provider: so the *only* provider, which gets no dispatched slice, serves the name
-  too; the claim alone does not, as consumers carry it too), and no real ServiceImport of
-  that name exists (a ServiceImport, written by an MCS controller, wins). When neither
-  holds any more, the service goes. Claimed Services are watched, label-selected, from the
-  start; the first one starts the Services and native slices watches like a dispatched
-  slice does;
+- served while Karmada has dispatched at least one slice of that name into this cluster
+  (an empty one too), or the local Service carries the claim and its native slices have
+  held at least one endpoint since it was claimed (a provider: so the *only* provider,
+  which gets no dispatched slice, serves the name too; the claim alone does not, as
+  consumers carry it too), and no real ServiceImport of that name exists (a ServiceImport,
+  written by an MCS controller, wins). A provider scaled to zero (its native slices empty
+  or deleted) keeps the name, ports and ClusterSetIP, with no endpoints, as an import with
+  no endpoints does (KEP-1645), until its Service is deleted or loses the claim; a gateway
+  started while its provider has no endpoint cannot tell it from a consumer and serves the
+  name once one appears. When neither holds any more, the service goes. Claimed Services
+  are watched, label-selected, from the start; the first one starts the Services and
+  native slices watches like a dispatched slice does;
 - a MultiClusterService in this cluster is optional (some installs propagate it): while
   one of that name exists it decides instead, as before: served while it is CrossCluster
   and lists this cluster as a consumer (or lists none), even with no slice yet, and only
@@ -220,6 +224,11 @@ class KarmadaServices:
         # Services Karmada claims for a CrossCluster MultiClusterService (their own watch,
         # label-selected, running from the start: the only provider has nothing else).
         self.claimed: set[ServiceKey] = set()
+        # Claimed keys whose native slices have held an endpoint since the claim: this
+        # cluster provides them. Kept at zero endpoints (KEP-1645: an import lives as long
+        # as its export, whatever its endpoint count; nothing else tells a provider scaled
+        # to zero from a consumer); dropped with the claim or the Service.
+        self.providing: set[ServiceKey] = set()
         self._written: dict[ServiceKey, set[ObjectId]] = {}
         # Called once, with the first Karmada service (a MultiClusterService, a dispatched
         # slice or a claimed Service): starts the Services and native slices watches.
@@ -521,15 +530,19 @@ class KarmadaServices:
         """Write (or remove) the import and slices of `key`: work for this key only."""
         mcs = self.mcs.get(key)
         dispatched = self.slices.get(key, {})
+        # The claim marks consumers too: only local endpoints make this a provider, and it
+        # stays one while claimed (every claim change and local slice change comes here).
+        if key not in self.claimed:
+            self.providing.discard(key)
+        elif any(s.endpoints for s in self.local.get(key, {}).values()):
+            self.providing.add(key)
         if mcs is not None:  # a local MultiClusterService decides
             providers = mcs.providers
             wanted_here = mcs.cross_cluster and (mcs.consumers is None
                                                  or self.cluster_id in mcs.consumers)
         else:  # what Karmada really leaves in a member: dispatched slices, the claim
             providers = None
-            # The claim marks consumers too: only local endpoints make this a provider.
-            wanted_here = bool(dispatched) or (key in self.claimed and any(
-                s.endpoints for s in self.local.get(key, {}).values()))
+            wanted_here = bool(dispatched) or key in self.providing
         wanted: dict[ObjectId, Any] = {}
         if wanted_here and key not in self.real_imports:
             if not self.ready:
