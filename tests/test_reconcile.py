@@ -772,6 +772,26 @@ def test_mcs_empty_lists_mean_every_cluster_and_other_types_are_ignored() -> Non
     assert service_import(reconcile(members), "b") is None
 
 
+def test_mcs_sole_provider_at_zero_endpoints_keeps_the_import() -> None:
+    # KEP-1645: the import lives while its export does, whatever its endpoint count (the
+    # gateway's kube source does the same for a claimed Service without a member MCS).
+    def members(*docs: object) -> dict[str, object]:
+        return {"a": cluster("a", namespace(), mcs(providers=["a"]), *docs),
+                "b": cluster("b", namespace())}
+
+    def written() -> dict[str, list[object]]:
+        return {c: list(objects.values()) for c, objects in desired.items()}
+
+    desired = reconcile(members(service(), eslice("web-a", ["127.0.1.1"])))
+    ips = service_import(desired, "b")["spec"]["ips"]
+    for docs in [(service(), eslice("web-a", [])), (service(),)]:  # emptied, deleted
+        desired = reconcile(members(*docs), previous=written())
+        assert [service_import(desired, c)["spec"]["ips"] for c in "ab"] == [ips, ips]
+        assert slices(desired, "b") == []
+    assert reconcile(members(eslice("web-a", ["127.0.1.1"])), previous=written()) == {
+        "a": {}, "b": {}}  # the provider's Service deleted
+
+
 def test_mcs_provider_without_the_service_provides_nothing() -> None:
     members = {"a": cluster("a", namespace(), mcs(providers=["a"])),
                "b": cluster("b", namespace())}
