@@ -62,8 +62,14 @@ async def test_front_door_routes_by_host_only_to_imported_services() -> None:
             client.send(b"GET http://web.test.svc.clusterset.local/x HTTP/1.1\r\nHost: evil\r\n"
                         b"\r\n")
             assert ((r := await client.response()).status, r.body) == (200, b"east-1")
+            # An Upgrade answered by us (no endpoint took it) leaves the connection HTTP:
+            # the request after it is parsed and answered.
+            client.send(b"GET / HTTP/1.1\r\nHost: nope.test.svc.clusterset.local\r\n"
+                        b"Connection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+                        b"GET /y HTTP/1.1\r\nHost: web.test.svc.clusterset.local\r\n\r\n")
+            assert [(await client.response()).status for _ in range(2)] == [404, 200]
             await client.close()
-        assert len(web.requests) == 3 and len(api.requests) == 1
+        assert len(web.requests) == 4 and len(api.requests) == 1
         assert web.header(2, b"host") == [b"web.test.svc.clusterset.local"]
         assert web.requests[2][1] == b"/x"
     finally:

@@ -739,9 +739,11 @@ class IgnoresUpgrade(asyncio.Protocol):
     body, in order; /slow/ paths 0.2 s late. Records what it parsed."""
 
     seen: list[bytes] = []
+    connections = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        IgnoresUpgrade.connections += 1
         self.buf = b""
         self.ready_at = 0.0
 
@@ -776,9 +778,11 @@ async def test_an_upgrade_refused_gets_its_body_and_nothing_the_client_sent_afte
                                      "refuses"):
         first = await RawClient.open("127.223.0.11", 80)  # a new endpoint connection
         first.send(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n" + upgrade +
-                   b"\r\nGET /slow/smuggled HTTP/1.1\r\nHost: a\r\n\r\n")
+                   b"\r\nGET /slow/smuggled HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
         r = await first.response()
-        assert (r.status, r.body, r.headers[b"connection"]) == (200, b"/up ", b"close")
+        assert (r.status, r.body, r.headers.get(b"connection")) == (200, b"/up ", None)
+        # After the refusal, what followed is a request of its own, parsed by us.
+        assert (await first.response()).body == b"/slow/smuggled "
         assert await first.closed()
         victim = await RawClient.open("127.223.0.11", 80)  # takes the pooled connection
         assert (await victim.get("/victim")).body == b"/victim "
@@ -787,7 +791,7 @@ async def test_an_upgrade_refused_gets_its_body_and_nothing_the_client_sent_afte
                     b"\r\nabcHELD")
         r = await victim.response(timeout=2)
         assert (r.status, r.body) == (200, b"/body abc")
-        assert IgnoresUpgrade.seen == [b"/up ", b"/victim ", b"/body abc"]
+        assert IgnoresUpgrade.seen == [b"/up ", b"/slow/smuggled ", b"/victim ", b"/body abc"]
         # One with a chunked body cannot be passed on checked: refused.
         chunked = await RawClient.open("127.223.0.11", 80)
         chunked.send(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n" +
@@ -795,6 +799,37 @@ async def test_an_upgrade_refused_gets_its_body_and_nothing_the_client_sent_afte
         assert (await chunked.response()).status == 501
         for client in (first, victim, chunked):
             await client.close()
+
+
+async def test_a_refused_upgrade_leaves_both_connections_usable() -> None:
+    # An endpoint that answers an Upgrade with a framed final status (Go's net/http, a
+    # WebSocket handler's 400/426) refused it: as nginx and HAProxy do, the client
+    # connection goes on as HTTP/1.1 and the endpoint connection back to the pool. It
+    # used to answer `Connection: close` and close: the request pipelined behind the
+    # Upgrade was dropped and every refused upgrade cost the client a new connection.
+    # What the client sent after the Upgrade is still held until the answer, then parsed
+    # by us as the next request: the absolute-form target reaches the endpoint rewritten
+    # (never the raw bytes), and nothing else reaches it.
+    IgnoresUpgrade.seen = []
+    IgnoresUpgrade.connections = 0
+    upgrade = b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
+    async with protocol_behind_proxy(IgnoresUpgrade, "127.223.2.2", "127.223.0.12",
+                                     "refuses-ka"):
+        client = await RawClient.open("127.223.0.12", 80)
+        client.send(b"GET /slow/ws HTTP/1.1\r\nHost: a\r\n" + upgrade +
+                    b"\r\nGET http://a/next HTTP/1.1\r\nHost: a\r\n\r\n")
+        answers = [await client.response(timeout=2) for _ in range(2)]
+        assert [(r.status, r.body) for r in answers] == [(200, b"/slow/ws "), (200, b"/next ")]
+        assert b"connection" not in answers[0].headers
+        for i in range(3):  # the same client connection, the same endpoint connection
+            client.send(b"POST /ws HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n" + upgrade +
+                        b"\r\n%d" % i)
+            assert (await client.response(timeout=2)).body == b"/ws %d" % i
+        assert (await client.get("/last")).body == b"/last "
+        assert IgnoresUpgrade.seen == [b"/slow/ws ", b"/next ", b"/ws 0", b"/ws 1", b"/ws 2",
+                                       b"/last "]
+        assert IgnoresUpgrade.connections == 1
+        await client.close()
 
 
 async def test_client_disconnect_mid_request_frees_the_endpoint() -> None:

@@ -300,7 +300,12 @@ class ClientConnection(asyncio.Protocol):
                 self.reject(RequestError(400, "unexpected protocol upgrade", MALFORMED))
                 return
             if ex.finished:  # answered already (no endpoint): nothing to tunnel
-                self.close()
+                if ex.keep_alive:  # framed: what follows is HTTP again, as after a refusal
+                    self.last = None
+                    self.parser = HttpRequestParser(self)
+                    self.data_received(data[exc.args[0]:])
+                else:
+                    self.close()
                 return
             self.upgrading = ex
             rest = data[exc.args[0]:]
@@ -587,7 +592,9 @@ class ClientConnection(asyncio.Protocol):
             # a chunked one could only be passed on unchecked.
             self._refuse(501, "an Upgrade request with a chunked body is not supported",
                          TRANSFER_CODING)
-        keep_alive = not upgrade and parser.should_keep_alive()
+        # An Upgrade the endpoint refuses (a final status, not 101) leaves the connection
+        # HTTP/1.1 (see ClientConnection.upgrade_refused).
+        keep_alive = parser.should_keep_alive()
         error: tuple[int, str, str] | None = None
         route = self.route
         if route is None:
@@ -696,6 +703,14 @@ class ClientConnection(asyncio.Protocol):
                 self.out.append(self.broken)
             self.close()
             return
+        if ex.upgrade:
+            # Refused (a final answer, no 101): the bytes held since are the next requests.
+            # Not from inside the endpoint's parser, which pooled its connection already
+            # with the rest of that read unparsed (see below).
+            self.idle_since = self.engine.now
+            if self.upgrading is ex:
+                asyncio.get_running_loop().call_soon(self.upgrade_refused, ex)
+            return  # else still in our parser: data_received goes on (HttpParserUpgrade)
         if self.last is ex:
             self.last = None
         if queue:
@@ -718,6 +733,23 @@ class ClientConnection(asyncio.Protocol):
         queue = self.queue
         if queue and not queue[0].started and not self.closed:
             queue[0].start()
+
+    def upgrade_refused(self, ex: Exchange) -> None:
+        """The answer to an Upgrade request was final and framed, and the connection stays
+        open (as nginx's and HAProxy's): what the client sent after the request, held
+        from the endpoint until now (Exchange.tunnel_data), is parsed as HTTP by a fresh
+        parser (llhttp stops for good at an upgrade), like any further request."""
+        if self.upgrading is not ex or self.closed or self.lingering:
+            return
+        self.upgrading = None
+        if self.last is ex:
+            self.last = None
+        held = ex.held
+        ex.held = None
+        self.resume(PAUSE_UNSENT)
+        self.parser = HttpRequestParser(self)
+        if held:
+            self.data_received(bytes(held))
 
     def start_tunnel(self, up: UpstreamConn) -> None:
         self.upgrading = None
