@@ -11,6 +11,7 @@ import hashlib
 import socket
 import tracemalloc
 
+import pytest
 import uvloop
 from httptools import HttpRequestParser
 
@@ -97,28 +98,36 @@ class AnswersLater(asyncio.Protocol):
         AnswersLater.open -= 1
 
 
-async def test_a_client_that_closes_while_its_answer_is_awaited_frees_the_endpoint() -> None:
+@pytest.mark.parametrize("request_line", [b"GET /later/5 HTTP/1.1\r\nHost: a\r\n\r\n",
+                                          b"GET /later/5 HTTP/1.0\r\n\r\n"])
+async def test_a_client_that_closes_while_its_answer_is_awaited_frees_the_endpoint(
+        request_line: bytes) -> None:
     # A FIN after whole requests was always taken for a half-close: the endpoint
     # connection stayed until the answer came (then pooled) or the request timed out
     # (30 s). Scratch run, 50 such clients and a 5 s endpoint: 50 endpoint connections
     # open 1 s after the close, now 0 from 0.5 s on. What tells a closed socket from a
-    # half-closed one is the RST it answers data with (the 100 Continue probe).
+    # half-closed one is the RST it answers data with (the 100 Continue probe; to
+    # HTTP/1.0, which must not get a 1xx, one byte of urgent data). HTTP/1.0 clients
+    # held their 10 endpoint connections until the answer.
     AnswersLater.requests = AnswersLater.open = 0
-    async with protocol_behind_proxy(AnswersLater, "127.199.1.6", "127.199.0.10",
-                                     "gone") as proxy:
+    ip = "127.199.0.10" if b"1.1" in request_line else "127.199.0.12"
+    async with protocol_behind_proxy(AnswersLater, "127.199.1.6", ip, "gone") as proxy:
         socks = []
         for _ in range(10):
-            sock = socket.create_connection(("127.199.0.10", 80))
-            sock.sendall(b"GET /later/5 HTTP/1.1\r\nHost: a\r\n\r\n")
+            sock = socket.create_connection((ip, 80))
+            sock.sendall(request_line)
             socks.append(sock)
         async with asyncio.timeout(3):
             while AnswersLater.requests < 10:
                 await asyncio.sleep(0.01)
+        assert AnswersLater.open == 10
         for sock in socks:
             sock.close()
-        async with asyncio.timeout(2):  # the probe's wait and two ticks, well before 5 s
-            while AnswersLater.open or proxy.http.clients:
-                await asyncio.sleep(0.01)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + 2  # the probe's wait and two ticks, well before 5 s
+        while (AnswersLater.open or proxy.http.clients) and loop.time() < until:
+            await asyncio.sleep(0.01)
+        assert (AnswersLater.open, len(proxy.http.clients)) == (0, 0)
         upstream = next(iter(proxy.upstreams.values()))
         [host] = upstream.hosts.values()
         assert host.stats.requests == {"client_closed": 10}

@@ -21,6 +21,7 @@ stores numbers and never arms a timer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import socket
@@ -102,6 +103,11 @@ LINGER_S = 1.0
 # a 1xx it did not expect) to tell them apart; a quicker answer is its own test.
 PROBE_AFTER_S = 0.25
 PROBE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# An HTTP/1.0 client must not get a 1xx (RFC 9110 15.2): it gets one byte of TCP urgent
+# data instead. A closed socket answers it with RST as it would any data; a reading one
+# takes it out of band, never into the stream it parses (nor is its socket woken for
+# it) unless it asked for SO_OOBINLINE, which no HTTP client does.
+URGENT_PROBE = b"\n"
 # Linux only: the state of our end, read without disturbing the socket (its first byte).
 TCP_INFO: int | None = getattr(socket, "TCP_INFO", None) if sys.platform == "linux" else None
 TCP_CLOSE = 7  # the peer reset the connection
@@ -831,10 +837,28 @@ class ClientConnection(asyncio.Protocol):
         if now >= self.probe_at:
             self.probe_at = INF
             ex = self.queue[0]
-            if ex.http11 and not ex.resp_started:  # never a 1xx to HTTP/1.0 (RFC 9110 15.2)
+            if ex.resp_started:
+                return False  # its answer under way is the test
+            if ex.http11:
                 self.out.append(PROBE)
                 self.flush()
+            elif not self.transport.get_write_buffer_size():  # no answer it would be inside
+                self.probe_urgent()
         return False
+
+    def probe_urgent(self) -> None:
+        """URGENT_PROBE, out of band: the transport has no call for it, so it is sent on
+        the descriptor, borrowed (detached, never closed here)."""
+        try:
+            sock = socket.socket(fileno=self.transport.get_extra_info("socket").fileno())
+        except (OSError, AttributeError):
+            return  # closed meanwhile: connection_lost deals with it
+        try:
+            # Reset already (OSError): the next tick's TCP_INFO reads TCP_CLOSE anyway.
+            with contextlib.suppress(OSError):
+                sock.send(URGENT_PROBE, socket.MSG_OOB)
+        finally:
+            sock.detach()
 
     def abort_all(self) -> None:
         if self.tunnel is not None:
