@@ -87,6 +87,7 @@ class BackendConn(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.method = self.parser.get_method()
+        self.head_count = len(self.headers)  # fields after these are trailer fields
         self.backend.requests.append((self.method, self.url, list(self.headers)))
         if any(n.lower() == b"expect" for n, _ in self.headers) and \
                 self.url.startswith(b"/continue"):
@@ -98,6 +99,7 @@ class BackendConn(asyncio.Protocol):
             self.body += body
 
     def on_message_complete(self) -> None:
+        self.backend.trailers.append(self.headers[self.head_count:])
         self.respond()
 
     def send(self, status: int, body: bytes, extra: bytes = b"") -> None:
@@ -122,6 +124,13 @@ class BackendConn(asyncio.Protocol):
         elif path == b"/chunked":
             self.transport.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
                                  b"5\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n")
+        elif path == b"/trailers":
+            # What may follow a body, what must not (RFC 9110 6.5.1), and hop-by-hop.
+            self.transport.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                 b"2\r\nok\r\n0\r\nX-Checksum: abc\r\nHost: evil\r\n"
+                                 b"Content-Type: text/evil\r\nSet-Cookie: s=1\r\n"
+                                 b"Keep-Alive: 1\r\nX-Forwarded-For: 6.6.6.6\r\n"
+                                 b"Server-Timing: db;dur=5\r\n\r\n")
         elif path == b"/until-close":
             self.transport.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil close")
             self.transport.close()
@@ -162,6 +171,7 @@ class HttpBackend(LoopbackServer):
     status: int = 200
     connections: int = 0
     requests: list[tuple[bytes, bytes, list[tuple[bytes, bytes]]]] = field(default_factory=list)
+    trailers: list[list[tuple[bytes, bytes]]] = field(default_factory=list)  # per request
     server: asyncio.Server | None = None
     transports: set[asyncio.Transport] = field(default_factory=set)
     hold_reading: asyncio.Event = field(default_factory=asyncio.Event)
@@ -218,6 +228,17 @@ class Response:
     headers: dict[bytes, bytes]
     body: bytes
     raw_head: bytes
+    trailers: dict[bytes, bytes] = field(default_factory=dict)
+
+
+def fields(lines: list[bytes]) -> dict[bytes, bytes]:
+    """Field lines as {lowercased name: value}."""
+    found: dict[bytes, bytes] = {}
+    for line in lines:
+        if line:
+            name, _, value = line.partition(b":")
+            found[name.strip().lower()] = value.strip()
+    return found
 
 
 class RawClient:
@@ -250,11 +271,8 @@ class RawClient:
             raw = await self.reader.readuntil(b"\r\n\r\n")
             lines = raw.split(b"\r\n")
             status = int(lines[0].split()[1])
-            headers: dict[bytes, bytes] = {}
-            for line in lines[1:]:
-                if line:
-                    name, _, value = line.partition(b":")
-                    headers[name.strip().lower()] = value.strip()
+            headers = fields(lines[1:])
+            trailers: dict[bytes, bytes] = {}
             if head or status in (204, 304) or 100 <= status < 200:
                 body = b""
             elif b"content-length" in headers:
@@ -264,13 +282,16 @@ class RawClient:
                 while True:
                     size = int((await self.reader.readuntil(b"\r\n")).strip(), 16)
                     if size == 0:
-                        await self.reader.readuntil(b"\r\n")
+                        lines = []
+                        while (line := await self.reader.readuntil(b"\r\n")) != b"\r\n":
+                            lines.append(line[:-2])
+                        trailers = fields(lines)
                         break
                     body += await self.reader.readexactly(size)
                     await self.reader.readexactly(2)
             else:
                 body = await self.reader.read()
-        return Response(status, headers, body, raw)
+        return Response(status, headers, body, raw, trailers)
 
     async def closed(self, timeout: float = 5.0) -> bool:
         """True when the server closed (EOF) within the timeout."""

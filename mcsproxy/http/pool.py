@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,7 @@ from mcsproxy.http.wire import (
     TRANSFER_ENCODING,
     UPGRADE,
     connection_tokens,
+    tail_bytes,
     transfer_codings,
 )
 
@@ -31,6 +33,8 @@ if TYPE_CHECKING:
     from mcsproxy.http.engine import HttpEngine
     from mcsproxy.http.server import Exchange
     from mcsproxy.upstream import Host, UpstreamSet
+
+log = logging.getLogger("mcsproxy.http")
 
 # Request bytes queued towards an endpoint before the client's reading pauses.
 UPSTREAM_WRITE_HIGH_WATER = 256 * 1024
@@ -54,6 +58,7 @@ class UpstreamConn(asyncio.Protocol):
         "dead",
         "discarding",
         "exchange",
+        "head_parts",
         "idle_since",
         "interim",
         "keep_alive",
@@ -65,6 +70,7 @@ class UpstreamConn(asyncio.Protocol):
         "reused",
         "sent",
         "sock",
+        "tail",
         "te",
         "transport",
         "tunnel",
@@ -96,6 +102,11 @@ class UpstreamConn(asyncio.Protocol):
         self.conn_tokens: list[bytes] | None = None
         self.conn_close = False  # a plain `Connection: close` (token lists: conn_tokens)
         self.upgrade: bytes | None = None
+        # Of a chunked response: how many of `parts` are its head's (those after are its
+        # trailer fields), and the bytes read while its trailer section may be under way
+        # (see on_chunk_header; -1: not now).
+        self.head_parts = 0
+        self.tail = -1
         # Bytes written to and read from the endpoint since the last fold (the metrics
         # read them live while the connection serves a request or a tunnel).
         self.sent = 0
@@ -129,6 +140,8 @@ class UpstreamConn(asyncio.Protocol):
                 ex.upgraded(self, data[exc.args[0]:])
         except HttpParserError as exc:
             self.fail(f"malformed response ({exc})")
+        if self.tail >= 0:
+            self.count_tail(len(data))
         if self.began and self.exchange is not None:
             self.ack_now()
         if self.discarding:  # the unwanted response did not end within this read
@@ -241,8 +254,9 @@ class UpstreamConn(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # Called for every field of every response: kept short. Trailer fields (after a
-        # chunked body) land here too, after the head went out: not forwarded, and what
-        # they set is reset by on_message_begin before anyone reads it again.
+        # chunked body) land here too, after the head went out: those kept in `parts`
+        # (after head_parts) are forwarded by Exchange.response_done; what the others
+        # set is reset by on_message_begin before anyone reads it again.
         kind = RESPONSE_KINDS.get(name.lower())
         if kind is None:
             # Flat (name, ": ", value, CRLF) groups: joined once into the response head.
@@ -274,6 +288,7 @@ class UpstreamConn(asyncio.Protocol):
         if self.te is not None:
             # Only a final chunked frames the body; `gzip` alone runs until the close.
             self.chunked, self.codings = transfer_codings(self.te)
+            self.head_parts = len(self.parts)
         if status < 200 and status != 101:
             self.interim = True
             ex.interim(status, self)
@@ -291,7 +306,35 @@ class UpstreamConn(asyncio.Protocol):
             return False
         return self.conn_tokens is None or b"close" not in connection_tokens(self.conn_tokens)
 
+    def on_chunk_header(self) -> None:
+        # After each chunk size line (chunked responses only): body bytes follow, or,
+        # after the last one, the trailer section. llhttp holds a field until it ends,
+        # so the section is bounded here, by the reads that bring no body (count_tail).
+        self.tail = 0
+
+    def on_chunk_complete(self) -> None:
+        self.tail = -1
+
+    def count_tail(self, n: int) -> None:
+        """A read that ended after a chunk size line with no body since: the trailer
+        section's."""
+        self.tail = tail_bytes(self.tail, n)
+        if self.tail > self.pool.engine.http.max_header_bytes:
+            self.trailers_too_large()
+
+    def trailers_too_large(self) -> None:
+        """As a head too large would be: never held whole. The response to the client is
+        cut (it must not look complete: upstream_failed aborts the client connection)."""
+        self.tail = -1
+        if log.isEnabledFor(logging.WARNING):
+            log.warning("endpoint %s:%d: trailer section over %d bytes: response cut",
+                        self.pool.host.address, self.pool.host.port,
+                        self.pool.engine.http.max_header_bytes)
+        self.fail("trailer section too large")
+
     def on_body(self, body: bytes) -> None:
+        if self.tail >= 0:
+            self.tail = -1  # a chunk's data: not the trailer section
         ex = self.exchange
         if ex is not None:
             ex.response_body(body)

@@ -49,6 +49,7 @@ from mcsproxy.http.wire import (
     LAST_CHUNK,
     MALFORMED,
     MAX_REQUEST_ID,
+    NOT_IN_TRAILERS,
     PLAIN_CONNECTION,
     REQUEST_KINDS,
     STATUS_LINES,
@@ -66,6 +67,8 @@ from mcsproxy.http.wire import (
     drop_nominated,
     host_is_valid,
     status_line,
+    tail_bytes,
+    trailer_section,
 )
 from mcsproxy.upstream.upstream_set import CONNECT_VERDICT_DELAY_S, PER_TRY_TIMEOUT
 
@@ -181,6 +184,7 @@ class ClientConnection(asyncio.Protocol):
         "queue",
         "request_error",
         "route",
+        "tail",
         "te",
         "transport",
         "tunnel",
@@ -228,6 +232,7 @@ class ClientConnection(asyncio.Protocol):
         self.fwd = b""
         self.limit_key: str | None = None  # counted by the listener's connection limits
         self.parts: list[bytes] = []
+        self.tail = -1  # a chunked body's trailer section, as UpstreamConn.tail
         self._reset_head()
 
     def on_message_begin(self) -> None:
@@ -335,6 +340,13 @@ class ClientConnection(asyncio.Protocol):
         if self.in_head and self.head_bytes > self.engine.http.max_header_bytes:
             self.reject(RequestError(431, "request header fields too large", HEADERS_TOO_LARGE))
             return
+        if self.tail >= 0:
+            self.tail = tail_bytes(self.tail, len(data))
+            if self.tail > self.engine.http.max_header_bytes:
+                self.tail = -1
+                self.reject(RequestError(431, "request trailer section too large",
+                                         HEADERS_TOO_LARGE))
+                return
         if self.out:
             self.flush()
 
@@ -504,8 +516,8 @@ class ClientConnection(asyncio.Protocol):
             raise self.request_error
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.in_head:
-            return  # trailer fields after a chunked body: not forwarded
+        # Trailer fields of a chunked body too: counted against the same limits (the
+        # counts start again after the head), then passed on by on_trailer.
         self.nheaders += 1
         self.hsize += len(name) + len(value) + 4
         http = self.engine.http
@@ -513,6 +525,9 @@ class ClientConnection(asyncio.Protocol):
             self._refuse(431, "too many header fields", TOO_MANY_HEADERS)
         if self.hsize > http.max_header_bytes:
             self._refuse(431, "request header fields too large", HEADERS_TOO_LARGE)
+        if not self.in_head:
+            self.on_trailer(name, value)
+            return
         kind = REQUEST_KINDS.get(name.lower())
         if kind is None:
             self.parts.append(name + b": " + value + CRLF)
@@ -547,6 +562,13 @@ class ClientConnection(asyncio.Protocol):
         elif kind == UPGRADE:
             self.upgrade = value
         # DROP: hop-by-hop, or a header we set ourselves
+
+    def on_trailer(self, name: bytes, value: bytes) -> None:
+        """A trailer field goes on in the last chunk of the request's body (Exchange
+        end_chunk) unless it must not (NOT_IN_TRAILERS)."""
+        ex = self.current
+        if ex is not None and name.lower() not in NOT_IN_TRAILERS:
+            ex.end_chunk = b"".join((ex.end_chunk[:-2], name, b": ", value, CRLF, CRLF))
 
     def on_headers_complete(self) -> None:
         self.in_head = False
@@ -663,7 +685,15 @@ class ClientConnection(asyncio.Protocol):
         self.request_error = RequestError(status, text, reason)
         raise self.request_error
 
+    def on_chunk_header(self) -> None:
+        self.tail = 0  # see UpstreamConn.on_chunk_header
+
+    def on_chunk_complete(self) -> None:
+        self.tail = -1
+
     def on_body(self, body: bytes) -> None:
+        if self.tail >= 0:
+            self.tail = -1  # a chunk's data: not the trailer section
         ex = self.current
         if ex is not None:
             if ex.chunked and len(body) < SMALL_CHUNK:
@@ -899,6 +929,7 @@ class Exchange:
         "connect_t0",
         "connecting",
         "deadline",
+        "end_chunk",
         "error",
         "fail_status",
         "fail_why",
@@ -960,6 +991,8 @@ class Exchange:
         else:
             self.replay = ([] if idempotent and not chunked
                            and length <= client.engine.http.retry_buffer_bytes else None)
+            # What ends a chunked body: the last chunk, and any trailer fields (on_trailer).
+            self.end_chunk = LAST_CHUNK
         self.unsent: list[bytes] | None = None  # body bytes waiting for a connection
         self.unsent_size = 0
         self.upgrade = upgrade
@@ -1127,7 +1160,7 @@ class Exchange:
             self.unsent_size = 0
             client.resume(PAUSE_UNSENT)
         if self.req_done and chunked:
-            data.append(LAST_CHUNK)
+            data.append(self.end_chunk)
         payload = data[0] if len(data) == 1 else b"".join(data)
         up.sent += len(payload)
         up.transport.write(payload)
@@ -1243,8 +1276,8 @@ class Exchange:
             self.try_deadline = now + http.per_try_timeout_s
         up = self.up
         if up is not None and self.chunked:
-            up.sent += len(LAST_CHUNK)
-            up.transport.write(LAST_CHUNK)
+            up.sent += len(self.end_chunk)
+            up.transport.write(self.end_chunk)
 
     def tunnel_data(self, data: bytes) -> None:
         """Bytes after an Upgrade request's head, before the endpoint agreed to switch:
@@ -1355,7 +1388,11 @@ class Exchange:
 
     def response_done(self, up: UpstreamConn) -> None:
         if self.resp_mode == CHUNKED:
-            self.client.out.append(LAST_CHUNK)
+            if up.chunked and len(up.parts) > up.head_parts:
+                if not self.trailers(up):
+                    return
+            else:
+                self.client.out.append(LAST_CHUNK)
         self.resp_done = True
         if not self.req_done:
             self.keep_alive = False  # the client is still sending a body no one will read
@@ -1363,6 +1400,18 @@ class Exchange:
         else:
             self.detach(up.keep_alive and not self.until_close)
         self.finish()
+
+    def trailers(self, up: UpstreamConn) -> bool:
+        """The last chunk with the endpoint's trailer fields (RFC 9112 7.1.2), within the
+        limits of a head; False when over them (the response was cut)."""
+        parts, start = up.parts, up.head_parts
+        http = self.client.engine.http
+        if sum(map(len, parts[start:])) > http.max_header_bytes or \
+                len(parts) - start > 4 * http.max_headers:
+            up.trailers_too_large()
+            return False
+        self.client.out.append(trailer_section(parts, start))
+        return True
 
     def upgraded(self, up: UpstreamConn, rest: bytes) -> None:
         """The endpoint switched protocols: both connections become one byte tunnel."""

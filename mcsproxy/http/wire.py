@@ -125,6 +125,41 @@ IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
 MAX_REQUEST_ID = 200
 
 
+# Fields never passed on in a trailer section, either way: what RFC 9110 6.5.1 keeps out
+# of trailers (framing, routing, authentication, request modifiers, response controls,
+# content format), hop-by-hop fields, and the fields we set ourselves (an endpoint that
+# merges trailers into the head must not find a client's X-Forwarded-For there).
+NOT_IN_TRAILERS = frozenset({
+    b"content-length", b"transfer-encoding", b"trailer", b"te", b"host", b"connection",
+    b"keep-alive", b"proxy-connection", b"upgrade", b"authorization", b"proxy-authorization",
+    b"www-authenticate", b"proxy-authenticate", b"authentication-info", b"cookie",
+    b"set-cookie", b"cache-control", b"expect", b"max-forwards", b"pragma", b"range",
+    b"if-match", b"if-none-match", b"if-modified-since", b"if-unmodified-since", b"if-range",
+    b"age", b"expires", b"date", b"location", b"retry-after", b"vary", b"warning",
+    b"content-type", b"content-encoding", b"content-range", b"content-language",
+    b"content-location", b"via", b"forwarded", b"x-forwarded-for", b"x-forwarded-proto",
+    b"x-request-id",
+})
+
+
+def trailer_section(parts: list[bytes], start: int) -> bytes:
+    """The last chunk and the trailer section of a response: the (name, ": ", value, CRLF)
+    groups of `parts` from `start`, less NOT_IN_TRAILERS."""
+    kept = [b"0\r\n"]
+    for i in range(start, len(parts) - 3, 4):
+        if parts[i].lower() not in NOT_IN_TRAILERS:
+            kept += parts[i:i + 4]
+    kept.append(CRLF)
+    return b"".join(kept)
+
+
+def tail_bytes(tail: int, n: int) -> int:
+    """The bytes of a trailer section under way once a read of n more ended in it (see
+    UpstreamConn.on_chunk_header): 0, armed by a chunk size line in this read, whose
+    bytes before it were others', so not counted. Approximate by one read, as a head's."""
+    return 1 if tail == 0 else tail + n
+
+
 # Connection values that nominate no header (llhttp already acts on close/keep-alive).
 PLAIN_CONNECTION = frozenset({b"keep-alive", b"Keep-Alive", b"close", b"Close"})
 
