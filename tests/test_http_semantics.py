@@ -548,30 +548,51 @@ async def test_trailer_fields_are_forwarded_both_ways() -> None:
         await backend.stop()
 
 
-class EndlessTrailer(asyncio.Protocol):
-    """Answers a chunked body, then a trailer field whose value never ends (up to 8 MiB,
-    64 KiB at a time); counts what it wrote before its connection closed."""
+class Endless(asyncio.Protocol):
+    """Answers a request with `start`, then `piece` again and again, `step` bytes every
+    2 ms, up to `total` (8 MiB: endless, to a gateway that would read it all), then
+    `end`; counts what it wrote before its connection closed (`reset` before use)."""
 
+    start = b""
+    piece = b"v"
+    step = 65536
+    total = 8 << 20
+    end = b""
     written = 0
     closed: asyncio.Event
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.written = 0
+        cls.closed = asyncio.Event()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        self.transport.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-                             b"2\r\nok\r\n0\r\nX-Big: ")
+        self.transport.write(self.start)
         self.more()
 
     def more(self) -> None:
-        if self.transport.is_closing() or EndlessTrailer.written >= 8 << 20:
+        cls = type(self)
+        if self.transport.is_closing():
             return
-        self.transport.write(b"v" * 65536)
-        EndlessTrailer.written += 65536
+        if cls.written >= cls.total:
+            self.transport.write(cls.end)
+            return
+        block = cls.piece * max(1, min(cls.step, cls.total - cls.written) // len(cls.piece))
+        self.transport.write(block)
+        cls.written += len(block)
         asyncio.get_running_loop().call_later(0.002, self.more)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        EndlessTrailer.closed.set()
+        type(self).closed.set()
+
+
+class EndlessTrailer(Endless):
+    """A chunked body, then a trailer field whose value never ends."""
+
+    start = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-Big: "
 
 
 async def test_an_oversized_trailer_section_is_cut_never_buffered(
@@ -581,8 +602,7 @@ async def test_an_oversized_trailer_section_is_cut_never_buffered(
     # look complete) with a log line saying why, and closes the endpoint connection.
     # The endpoint below used to get all of its 8 MiB read and held by the parser.
     caplog.set_level(logging.INFO, "mcsproxy.http")
-    EndlessTrailer.written = 0
-    EndlessTrailer.closed = asyncio.Event()
+    EndlessTrailer.reset()
     async with protocol_behind_proxy(EndlessTrailer, "127.198.1.2", "127.198.0.2", "big"):
         reader, writer = await asyncio.open_connection("127.198.0.2", 80)
         writer.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
@@ -614,3 +634,4 @@ async def test_an_oversized_trailer_section_is_cut_never_buffered(
     finally:
         await proxy.stop()
         await backend.stop()
+
