@@ -10,6 +10,7 @@ import gc
 import hashlib
 import logging
 import socket
+import time
 import tracemalloc
 
 import pytest
@@ -635,3 +636,129 @@ async def test_an_oversized_trailer_section_is_cut_never_buffered(
         await proxy.stop()
         await backend.stop()
 
+
+class EndlessHeader(Endless):
+    """A response head whose one field value never ends."""
+
+    start = b"HTTP/1.1 200 OK\r\nX-Big: "
+
+
+class EndlessHeaderLines(Endless):
+    """A response head of short field lines that never ends."""
+
+    start = b"HTTP/1.1 200 OK\r\n"
+    piece = b"X-Line: v\r\n"
+
+
+class OneReadHead(Endless):
+    """A whole response head over 32 KiB sent at once (one field of 40000 bytes)."""
+
+    start = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Big: "
+    total = 40000
+    end = b"\r\n\r\nok"
+
+
+class ManyHeaderLines(Endless):
+    """A whole, small response head of 101 fields (the limit is 100)."""
+
+    start = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
+    piece = b"X-Line: v\r\n"
+    total = 101 * len(piece)
+    end = b"\r\nok"
+
+
+class HeadUnderLimit(Endless):
+    """A response head just under both limits: 94 fields (Content-Length and 93 of 350
+    bytes), 32.6 KiB, three fields per write."""
+
+    start = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
+    piece = b"X-Field: " + b"f" * 339 + b"\r\n"
+    step = 3 * len(piece)
+    total = 93 * len(piece)
+    end = b"\r\nok"
+
+
+async def test_an_endless_response_head_is_cut_at_the_header_limit(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # An endpoint's response head is held until it ends: one whose field value (or
+    # field lines) never ended was read and held without bound (28 MiB after 2 s, and
+    # the client waited out the per-try timeout). Now it is held to the request limits
+    # (--http-max-header-bytes 32 KiB): the endpoint connection is closed as soon as a
+    # read passes them, the client gets 502 naming why, with one warning per endpoint
+    # connection cut. The endpoint gets to write the limit plus socket buffers, not MiB.
+    caplog.set_level(logging.INFO, "mcsproxy.http")
+    for n, shape in enumerate((EndlessHeader, EndlessHeaderLines), start=1):
+        shape.reset()
+        ip = f"127.187.0.{n}"
+        async with protocol_behind_proxy(shape, f"127.187.1.{n}", ip, f"endless-{n}"):
+            client = await RawClient.open(ip, 80)
+            # Replayable or not, with no other endpoint to try: 502 naming the reason.
+            for method, text in (("GET", "no endpoint answered (last: response head too large)"),
+                                 ("POST", "upstream response head too large")):
+                caplog.clear()
+                started = time.monotonic()
+                client.send(f"{method} / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n"
+                            .encode())
+                r = await client.response(timeout=3)
+                assert (r.status, r.body) == (502, text.encode() + b"\n")
+                assert time.monotonic() - started < 1.0
+                [cut] = [rec.getMessage() for rec in caplog.records
+                         if rec.levelno == logging.WARNING]
+                assert cut.startswith(f"endpoint 127.187.1.{n}:") and \
+                    cut.endswith("response head over 32768 bytes: closed"), cut
+            await client.close()
+            async with asyncio.timeout(3):
+                await shape.closed.wait()
+            assert shape.written < 1 << 20, shape.written  # 2 cuts: not 8 MiB each
+
+
+async def test_a_response_head_is_held_to_the_header_limits_when_whole() -> None:
+    # Limits on a head that did end: over 32 KiB in one read, or over 100 fields, is a
+    # 502 as above (both used to be forwarded); just under both, it goes on whole.
+    for n, shape in enumerate((OneReadHead, ManyHeaderLines, HeadUnderLimit), start=3):
+        shape.reset()
+        ip = f"127.187.0.{n}"
+        async with protocol_behind_proxy(shape, f"127.187.1.{n}", ip, f"whole-{n}"):
+            client = await RawClient.open(ip, 80)
+            client.send(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n")
+            r = await client.response(timeout=3)
+            if shape is HeadUnderLimit:
+                assert (r.status, r.body) == (200, b"ok")
+                assert r.raw_head.count(shape.piece) == 93
+            else:
+                assert (r.status, r.body) == (502, b"upstream response head too large\n")
+            await client.close()
+
+
+async def test_an_endless_response_head_is_an_endpoint_failure() -> None:
+    # As any other gateway error of an endpoint: a GET goes on to another endpoint, a
+    # POST (not replayable) gets the 502, and the endpoint is ejected after
+    # consecutive_failures of them.
+    EndlessHeader.reset()
+    [good] = await start_backends({"east": 1}, 187)
+    server = await asyncio.get_running_loop().create_server(EndlessHeader, "127.187.2.9", 0)
+    cs = Clusterset("east")
+    cs.publish("endless-rr", "127.187.0.9", [HTTP_PORT],
+               [endpoint("127.187.2.9", "east", server.sockets[0].getsockname()[1]),
+                endpoint(good.host, "east", good.port)])
+    proxy = await cs.proxy(outlier=OutlierConfig(consecutive_failures=3))
+    try:
+        client = await RawClient.open("127.187.0.9", 80)
+        posts = []
+        for _ in range(2):  # round robin: one of them meets the endless endpoint
+            client.send(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n")
+            posts.append((await client.response(timeout=3)).status)
+        assert sorted(posts) == [200, 502]
+        for _ in range(6):
+            client.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            r = await client.response(timeout=3)
+            assert (r.status, r.body) == (200, b"east-1")
+        upstream = next(iter(proxy.upstreams.values()))
+        endless = next(h for h in upstream.hosts.values() if h.address == "127.187.2.9")
+        assert endless.ejected and endless.stats.attempts["error"] == 3
+        await client.close()
+    finally:
+        await proxy.stop()
+        await good.stop()
+        server.close()
+        await server.wait_closed()

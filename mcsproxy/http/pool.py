@@ -103,8 +103,9 @@ class UpstreamConn(asyncio.Protocol):
         self.conn_close = False  # a plain `Connection: close` (token lists: conn_tokens)
         self.upgrade: bytes | None = None
         # Of a chunked response: how many of `parts` are its head's (those after are its
-        # trailer fields), and the bytes read while its trailer section may be under way
-        # (see on_chunk_header; -1: not now).
+        # trailer fields). And the bytes read while a head or a trailer section may be
+        # under way, which llhttp holds until it ends (see on_message_begin and
+        # on_chunk_header; -1: not now).
         self.head_parts = 0
         self.tail = -1
         # Bytes written to and read from the endpoint since the last fold (the metrics
@@ -244,6 +245,9 @@ class UpstreamConn(asyncio.Protocol):
             # connection that sent it is out of step. fail() drops it from the pool.
             raise StopParsing
         self.began = True
+        # The head: counted from this read, whole (what came before it in the read is at
+        # most an interim response), until on_headers_complete.
+        self.tail = 1
         self.parts = []
         self.length = None
         self.chunked = False
@@ -277,8 +281,22 @@ class UpstreamConn(asyncio.Protocol):
             self.upgrade = value
 
     def on_headers_complete(self) -> None:
+        self.tail = -1
         ex = self.exchange
         if ex is None:
+            return
+        # The head as a whole, held to the limits of a request head: the count always (one
+        # comparison; `parts` holds 4 items a field, and a shift, unlike 4 * max_headers,
+        # makes no new int object when interpreted); the size only when the reads since
+        # the request went out exceed the limit (the head is within them), which a small
+        # answer's never do.
+        http = self.pool.engine.http
+        if len(self.parts) >> 2 > http.max_headers:
+            self.too_large(f"{http.max_headers} fields")
+            return
+        if self.received > http.max_header_bytes and \
+                sum(map(len, self.parts)) > http.max_header_bytes:
+            self.too_large(f"{http.max_header_bytes} bytes")
             return
         parser = self.parser
         status = parser.get_status_code()
@@ -316,21 +334,27 @@ class UpstreamConn(asyncio.Protocol):
         self.tail = -1
 
     def count_tail(self, n: int) -> None:
-        """A read that ended after a chunk size line with no body since: the trailer
-        section's."""
+        """A read that ended inside a head, or after a chunk size line with no body since
+        (the trailer section's)."""
         self.tail = tail_bytes(self.tail, n)
-        if self.tail > self.pool.engine.http.max_header_bytes:
-            self.trailers_too_large()
+        limit = self.pool.engine.http.max_header_bytes
+        if self.tail > limit:
+            self.too_large(f"{limit} bytes")
 
-    def trailers_too_large(self) -> None:
-        """As a head too large would be: never held whole. The response to the client is
-        cut (it must not look complete: upstream_failed aborts the client connection)."""
+    def too_large(self, over: str) -> None:
+        """A head or trailer section over the header limits (`over`): never held whole.
+        The endpoint connection is closed and upstream_failed treats it as any failure of
+        the endpoint: before a response byte went out, 502 (or a retry, for a replayable
+        request), blamed for outlier ejection; after (a trailer section), the response to
+        the client is cut, as it must not look complete. The head and the trailer section
+        of one response are told apart by `chunked`, set only once the head is over."""
         self.tail = -1
+        what = "trailer section" if self.chunked else "response head"
         if log.isEnabledFor(logging.WARNING):
-            log.warning("endpoint %s:%d: trailer section over %d bytes: response cut",
-                        self.pool.host.address, self.pool.host.port,
-                        self.pool.engine.http.max_header_bytes)
-        self.fail("trailer section too large")
+            log.warning("endpoint %s:%d: %s over %s: %s", self.pool.host.address,
+                        self.pool.host.port, what, over,
+                        "response cut" if self.chunked else "closed")
+        self.fail(f"{what} too large")
 
     def on_body(self, body: bytes) -> None:
         if self.tail >= 0:

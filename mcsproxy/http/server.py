@@ -1408,7 +1408,7 @@ class Exchange:
         http = self.client.engine.http
         if sum(map(len, parts[start:])) > http.max_header_bytes or \
                 len(parts) - start > 4 * http.max_headers:
-            up.trailers_too_large()
+            up.too_large(f"{http.max_header_bytes} bytes or {http.max_headers} fields")
             return False
         self.client.out.append(trailer_section(parts, start))
         return True

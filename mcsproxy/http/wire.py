@@ -154,9 +154,10 @@ def trailer_section(parts: list[bytes], start: int) -> bytes:
 
 
 def tail_bytes(tail: int, n: int) -> int:
-    """The bytes of a trailer section under way once a read of n more ended in it (see
-    UpstreamConn.on_chunk_header): 0, armed by a chunk size line in this read, whose
-    bytes before it were others', so not counted. Approximate by one read, as a head's."""
+    """The bytes of a head or trailer section under way once a read of n more ended in it
+    (see UpstreamConn.on_message_begin, on_chunk_header): 0, armed by a chunk size line in
+    this read, whose bytes before it were others', so not counted (a head is armed at 1:
+    its first read counts whole). Approximate by one read, as a request head's."""
     return 1 if tail == 0 else tail + n
 
 
