@@ -125,9 +125,12 @@ class BackendConn(asyncio.Protocol):
             self.transport.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
                                  b"5\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n")
         elif path == b"/trailers":
-            # What may follow a body, what must not (RFC 9110 6.5.1), and hop-by-hop.
-            self.transport.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            # What may follow a body, what must not (RFC 9110 6.5.1), and hop-by-hop (by
+            # name, or named by the head's Connection header).
+            self.transport.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
+                                 b"Connection: X-Secret\r\n\r\n"
                                  b"2\r\nok\r\n0\r\nX-Checksum: abc\r\nHost: evil\r\n"
+                                 b"X-Secret: 1\r\n"
                                  b"Content-Type: text/evil\r\nSet-Cookie: s=1\r\n"
                                  b"Keep-Alive: 1\r\nX-Forwarded-For: 6.6.6.6\r\n"
                                  b"Server-Timing: db;dur=5\r\n\r\n")

@@ -521,7 +521,8 @@ async def test_trailer_fields_are_forwarded_both_ways() -> None:
     # (an endpoint's checksum or Server-Timing never reached the client, a client's
     # never reached the endpoint). It goes on when the message goes on chunked, without
     # what must not be in trailers (RFC 9110 6.5.1: framing, routing, authentication,
-    # controls, content format), hop-by-hop fields, or headers we set ourselves.
+    # controls, content format), hop-by-hop fields (also those the head's Connection
+    # names), or headers we set ourselves.
     [backend] = await start_backends({"east": 1}, 198)
     cs = Clusterset("east")
     publish(cs, "trailers", "127.198.0.1", [backend])

@@ -1410,7 +1410,9 @@ class Exchange:
                 len(parts) - start > 4 * http.max_headers:
             up.too_large(f"{http.max_header_bytes} bytes or {http.max_headers} fields")
             return False
-        self.client.out.append(trailer_section(parts, start))
+        # Fields the Connection header names are hop-by-hop in trailers too (RFC 9110 7.6.1).
+        self.client.out.append(trailer_section(
+            parts, start, connection_tokens(up.conn_tokens) if up.conn_tokens else None))
         return True
 
     def upgraded(self, up: UpstreamConn, rest: bytes) -> None:

@@ -142,12 +142,14 @@ NOT_IN_TRAILERS = frozenset({
 })
 
 
-def trailer_section(parts: list[bytes], start: int) -> bytes:
+def trailer_section(parts: list[bytes], start: int, nominated: set[bytes] | None = None) -> bytes:
     """The last chunk and the trailer section of a response: the (name, ": ", value, CRLF)
-    groups of `parts` from `start`, less NOT_IN_TRAILERS."""
+    groups of `parts` from `start`, less NOT_IN_TRAILERS and the (lowercased) names the
+    head's Connection header `nominated` as hop-by-hop."""
     kept = [b"0\r\n"]
     for i in range(start, len(parts) - 3, 4):
-        if parts[i].lower() not in NOT_IN_TRAILERS:
+        name = parts[i].lower()
+        if name not in NOT_IN_TRAILERS and (nominated is None or name not in nominated):
             kept += parts[i:i + 4]
     kept.append(CRLF)
     return b"".join(kept)
