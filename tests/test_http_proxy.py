@@ -26,7 +26,7 @@ from tests.http_support import (
     publish,
     start_backends,
 )
-from tests.proxy_fixtures import Clusterset, endpoint, free_port
+from tests.proxy_fixtures import Clusterset, endpoint, free_port, patches_data_path
 
 FAST = HttpConfig(per_try_timeout_s=0.3, request_timeout_s=1.0, header_timeout_s=1.0)
 
@@ -523,6 +523,7 @@ async def answered_through_a_stall() -> tuple[int, list[int]]:
 
 
 @pytest.mark.parametrize("run", [uvloop.run, asyncio.run], ids=["uvloop", "asyncio"])
+@patches_data_path
 def test_a_connect_made_right_after_a_loop_stall_is_not_a_timeout(
         run, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     # The loop stalls past the connect timeout as the first connect starts; the tick

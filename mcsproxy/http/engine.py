@@ -13,7 +13,7 @@ import logging
 import time
 from collections import deque
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from mcsproxy.config import HttpConfig, ProxyConfig
 from mcsproxy.http.pool import EndpointPool
@@ -28,10 +28,10 @@ if TYPE_CHECKING:  # the proxy package imports this module: no import back at ru
 
 log = logging.getLogger("mcsproxy.http")
 
-MIN_TICK_S = 0.01
-MAX_TICK_S = 0.5
+MIN_TICK_S: Final = 0.01
+MAX_TICK_S: Final = 0.5
 # Client addresses whose header bytes are kept for sharing; past it, they start afresh.
-MAX_CLIENT_ADDRESSES = 4096
+MAX_CLIENT_ADDRESSES: Final = 4096
 
 
 def serves_http(port: ServicePort) -> bool:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mcsproxy.http")
 
 # Request bytes queued towards an endpoint before the client's reading pauses.
-UPSTREAM_WRITE_HIGH_WATER = 256 * 1024
+UPSTREAM_WRITE_HIGH_WATER: Final = 256 * 1024
 # Linux only; elsewhere the delayed-ACK stall below is left as it is.
 TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 
@@ -390,7 +390,7 @@ class UpstreamConn(asyncio.Protocol):
                 self.transport.close()
 
 
-PAUSE_UPSTREAM = 4  # the client connection's pause reason: an endpoint's buffer is full
+PAUSE_UPSTREAM: Final = 4  # the client connection's pause reason: an endpoint's buffer is full
 
 
 class EndpointPool:

@@ -29,7 +29,7 @@ import sys
 import time
 from collections import deque
 from math import inf as INF
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
@@ -81,60 +81,60 @@ if TYPE_CHECKING:
 log = logging.getLogger("mcsproxy.http")
 
 # Pause reasons of a client connection's reading (a bit each).
-PAUSE_PIPELINE = 1  # too many requests queued behind the one in flight
-PAUSE_UNSENT = 2  # body bytes waiting for an endpoint connection
+PAUSE_PIPELINE: Final = 1  # too many requests queued behind the one in flight
+PAUSE_UNSENT: Final = 2  # body bytes waiting for an endpoint connection
 # PAUSE_UPSTREAM = 4 (pool.py): the endpoint connection's write buffer is full
-PAUSE_TUNNEL = 8  # the tunnelled peer's write buffer is full
+PAUSE_TUNNEL: Final = 8  # the tunnelled peer's write buffer is full
 
 # Ends of a tunnel seen (ClientConnection.tunnel_eofs); CLIENT_EOF also when a client
 # half-closes outside a tunnel.
-CLIENT_EOF = 1
-UPSTREAM_EOF = 2
-BOTH_EOF = 3
+CLIENT_EOF: Final = 1
+UPSTREAM_EOF: Final = 2
+BOTH_EOF: Final = 3
 
-MAX_PIPELINE = 16  # queued requests at which reading pauses
-MAX_QUEUED = 128  # ... and beyond which one read's further requests are refused (429)
+MAX_PIPELINE: Final = 16  # queued requests at which reading pauses
+MAX_QUEUED: Final = 128  # ... and beyond which one read's further requests are refused (429)
 # While the gateway drains, a keep-alive connection idle this long is closed. Not at once:
 # a client that just got an answer may have its next request on the way (an idle close
 # races it), and every answer now says Connection: close anyway.
-DRAIN_IDLE_S = 0.5
-LINGER_S = 1.0
+DRAIN_IDLE_S: Final = 0.5
+LINGER_S: Final = 1.0
 # A client that sent FIN after whole requests may have half-closed (it still reads: its
 # answers are owed) or closed its socket (nothing will read them): the two look the same
 # until data reaches it, when a closed socket answers RST. An answer not begun this long
 # after the FIN is preceded by a 100 Continue (RFC 9110 15.2: an HTTP/1.1 client parses
 # a 1xx it did not expect) to tell them apart; a quicker answer is its own test.
-PROBE_AFTER_S = 0.25
-PROBE = b"HTTP/1.1 100 Continue\r\n\r\n"
+PROBE_AFTER_S: Final = 0.25
+PROBE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 # An HTTP/1.0 client must not get a 1xx (RFC 9110 15.2): it gets one byte of TCP urgent
 # data instead. A closed socket answers it with RST as it would any data; a reading one
 # takes it out of band, never into the stream it parses (nor is its socket woken for
 # it) unless it asked for SO_OOBINLINE, which no HTTP client does.
-URGENT_PROBE = b"\n"
+URGENT_PROBE: Final = b"\n"
 # Linux only: the state of our end, read without disturbing the socket (its first byte).
 TCP_INFO: int | None = getattr(socket, "TCP_INFO", None) if sys.platform == "linux" else None
-TCP_CLOSE = 7  # the peer reset the connection
-UNSENT_HIGH_WATER = 256 * 1024
-SMALL_CHUNK = 4096  # body chunks below this are joined per read (request) or framed in one
-MAX_PIECES = 16  # output pieces of one read written as they are; more are joined first
-CLIENT_WRITE_HIGH_WATER = 256 * 1024
-RETRY_STATUSES = frozenset({502, 503, 504})
-NO_BODY_STATUSES = frozenset({204, 304})
+TCP_CLOSE: Final = 7  # the peer reset the connection
+UNSENT_HIGH_WATER: Final = 256 * 1024
+SMALL_CHUNK: Final = 4096  # body chunks below this are joined per read (request) or framed in one
+MAX_PIECES: Final = 16  # output pieces of one read written as they are; more are joined first
+CLIENT_WRITE_HIGH_WATER: Final = 256 * 1024
+RETRY_STATUSES: Final = frozenset({502, 503, 504})
+NO_BODY_STATUSES: Final = frozenset({204, 304})
 
 # An absolute-form request target: scheme, authority (no userinfo), path and query.
-ABSOLUTE_FORM = re.compile(rb"(?i)https?://([a-z0-9._~!$&'()*+,;=%:\[\]-]+)([/?][^#]*)?\Z")
+ABSOLUTE_FORM: Final = re.compile(rb"(?i)https?://([a-z0-9._~!$&'()*+,;=%:\[\]-]+)([/?][^#]*)?\Z")
 
 # The queue of an idle connection (see ClientConnection.check): shared, and a tuple, so
 # that a request appended to it would fail loudly instead of being lost.
-NO_REQUESTS: Any = ()
+NO_REQUESTS: Final[Any] = ()
 
 # Response framing towards the client.
-RAW = 0
-CHUNKED = 1
+RAW: Final = 0
+CHUNKED: Final = 1
 
 
 # Outcome label of a request answered by an endpoint, by status // 100.
-STATUS_CLASSES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+STATUS_CLASSES: Final = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 
 
 class RequestError(Exception):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Protocol
+from typing import Final, Protocol
 
 from mcsproxy.clientcounts import ClientCounts
 from mcsproxy.config import ProxyConfig
@@ -14,11 +14,11 @@ from mcsproxy.upstream import UpstreamSet
 
 log = logging.getLogger("mcsproxy.proxy")
 
-GIVE_UP_LOG_INTERVAL_S = 1.0
+GIVE_UP_LOG_INTERVAL_S: Final = 1.0
 # Why a client connection or UDP flow was turned away before reaching any endpoint, for
 # mcsproxy_proxy_refused_total: the per-listener limits, the flow table, and running out
 # of our own file descriptors (the endpoint is not blamed, the client is shed).
-REFUSAL_REASONS = ("listener_limit", "client_limit", "udp_flow_limit", "out_of_descriptors")
+REFUSAL_REASONS: Final = ("listener_limit", "client_limit", "udp_flow_limit", "out_of_descriptors")
 
 
 def new_refusals() -> dict[str, int]:
@@ -41,7 +41,7 @@ class Connecting(Protocol):
 # A loop timer can fire a little before its time (libuv counts whole milliseconds from
 # the time cached at the start of the loop iteration): a deadline this close counts as
 # reached rather than re-arming the timer for a sliver; a farther one re-arms it.
-DEADLINE_SLACK_S = 0.001
+DEADLINE_SLACK_S: Final = 0.001
 
 
 class ConnectDeadlines:

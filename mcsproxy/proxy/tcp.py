@@ -29,7 +29,7 @@ import socket
 import struct
 import time
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, Final
 
 from mcsproxy.proxy.context import ListenerContext
 from mcsproxy.upstream import Host, UpstreamSet
@@ -41,17 +41,17 @@ log = logging.getLogger("mcsproxy.proxy.tcp")
 # 1 MiB, not uvloop's 64 KiB: measured (bench/tcp) 256 KiB gave ~0.6x tuned HAProxy on one
 # stream because reading paused and resumed on nearly every chunk; 1 MiB gives >= 1x.
 # Worst case a connection holds 2 MiB of buffered data.
-UPSTREAM_WRITE_HIGH_WATER = 1024 * 1024
-CLIENT_WRITE_HIGH_WATER = 1024 * 1024
+UPSTREAM_WRITE_HIGH_WATER: Final = 1024 * 1024
+CLIENT_WRITE_HIGH_WATER: Final = 1024 * 1024
 # Bytes a client may send before the upstream connect completes (then reading pauses).
-EARLY_DATA_LIMIT = 64 * 1024
+EARLY_DATA_LIMIT: Final = 64 * 1024
 # A read at least this big says the direction carries bulk data: its reading moves to a
 # BulkReader. Short exchanges stay on data_received, which costs fewer instructions per
 # read (callgrind, 1600 short connections: 162k -> 179k per connection when every side
 # was a BufferedProtocol) while bulk data gains most (4.3M -> 2.8M per MiB each way).
-BULK_READ_BYTES = 64 * 1024
+BULK_READ_BYTES: Final = 64 * 1024
 # Bytes read from a socket at once, into the shared read buffer.
-READ_BUFFER_BYTES = 256 * 1024
+READ_BUFFER_BYTES: Final = 256 * 1024
 
 
 class ReadBuffer:
@@ -73,10 +73,10 @@ class ReadBuffer:
         self.view = memoryview(bytearray(READ_BUFFER_BYTES))
 
 
-READ = ReadBuffer()
+READ: Final = ReadBuffer()
 
 # SO_LINGER on with a zero timeout: close() sends a RST instead of a FIN.
-LINGER_RESET = struct.pack("ii", 1, 0)
+LINGER_RESET: Final = struct.pack("ii", 1, 0)
 
 
 def reset(transport: asyncio.BaseTransport) -> None:

@@ -28,7 +28,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Collection, Iterable
-from typing import Protocol
+from typing import Final, Protocol
 
 from mcsproxy.config import HealthConfig, OutlierConfig, ProxyConfig
 from mcsproxy.model import Locality
@@ -48,7 +48,7 @@ from mcsproxy.upstream.balance import (
 
 log = logging.getLogger("mcsproxy.upstream")
 
-INF = float("inf")
+INF: Final = float("inf")
 
 
 class Connection(Protocol):
@@ -61,12 +61,12 @@ class Connection(Protocol):
 
 
 # The HTTP proxy's reason for a request that got no answer within its per-try timeout.
-PER_TRY_TIMEOUT = "timeout (per try)"
+PER_TRY_TIMEOUT: Final = "timeout (per try)"
 # Past a connect timeout, how long the proxies let the loop run a completion it has
 # already seen before they judge the connect timed out: due timers (and ticks) run before
 # the callbacks already queued, so after a stall (a GC pause, a burst of work) a connect
 # that finished in time would otherwise be charged to its endpoint as a timeout.
-CONNECT_VERDICT_DELAY_S = 0.02
+CONNECT_VERDICT_DELAY_S: Final = 0.02
 
 
 class Host:
