@@ -15,14 +15,7 @@ import uvloop
 from mcsproxy.config import HealthConfig, OutlierConfig
 from mcsproxy.model import LOCALITY_ANNOTATION, ServicePort
 from mcsproxy.proxy import tcp
-from tests.proxy_fixtures import (
-    Backend,
-    Clusterset,
-    ask,
-    endpoint,
-    free_port,
-    patches_data_path,
-)
+from tests.proxy_fixtures import Backend, Clusterset, ask, endpoint, free_port
 
 WEB = ServicePort("web", "TCP", 80)
 
@@ -214,7 +207,6 @@ async def served_through_a_stall() -> tuple[str, list[tuple[int, int, int]]]:
 
 
 @pytest.mark.parametrize("run", [uvloop.run, asyncio.run], ids=["uvloop", "asyncio"])
-@patches_data_path
 def test_a_connect_done_during_a_loop_stall_is_not_a_timeout(
         run, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     # The loop stalls (a GC pause, a burst of work) right after the first connect starts,
