@@ -75,6 +75,11 @@ def state(package_dir: Path = PACKAGE_DIR) -> tuple[str, str]:
         built = json.loads((package_dir / SOURCES_FILE).read_text())
     except (OSError, ValueError) as e:
         return "interpreted", f"no record of the compiled sources ({e})"
+    if sorted(built) != sorted(MODULES):
+        # The group was compiled together: a module taken out still runs as native code
+        # inside the others, against its now interpreted class.
+        return "interpreted", ("the list of compiled modules changed since the build; "
+                               "`make build` recompiles")
     stale = []
     for module in MODULES:
         source = source_path(module, package_dir)

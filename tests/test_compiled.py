@@ -61,12 +61,23 @@ def test_state_follows_what_was_compiled(tmp_path: Path,
     monkeypatch.setenv(compiled.INTERPRETED_ENV, "0")
     assert compiled.state(package)[0] == "compiled"
 
+    # A build of another module list (a module taken off it, or one added): the group's
+    # code calls the modules of its own list natively.
+    record = json.loads((package / compiled.SOURCES_FILE).read_text())
+    (package / compiled.SOURCES_FILE).write_text(json.dumps(
+        {**record, "mcsproxy.proxy.tcp": "0" * 64}))
+    kind, why = compiled.state(package)
+    assert kind == "interpreted" and why.startswith("the list of compiled modules changed")
+
     monkeypatch.delenv(compiled.INTERPRETED_ENV)
+    build(package)
     (package / compiled.SOURCES_FILE).unlink()
     assert compiled.state(package)[0] == "interpreted"
     # One extension missing means no build at all: the group is compiled together.
     build(package)
-    next(compiled.source_path("mcsproxy.proxy.tcp", package).parent.glob("tcp.*.so")).unlink()
+    extension = compiled.extension_path(compiled.MODULES[-1], package)
+    assert extension is not None
+    extension.unlink()
     assert compiled.state(package)[0] == "interpreted"
 
 
