@@ -7,6 +7,8 @@ PYTEST_ARGS ?=
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	# `make build` runs setup.py in this venv: the same setuptools floor as the build's.
+	$(PY) -m pip install --quiet 'setuptools>=77'
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	touch $@
 
