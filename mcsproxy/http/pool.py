@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+from itertools import islice
 from typing import TYPE_CHECKING, Any, Final
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
@@ -285,18 +286,10 @@ class UpstreamConn(asyncio.Protocol):
         ex = self.exchange
         if ex is None:
             return
-        # The head as a whole, held to the limits of a request head: the count always (one
-        # comparison; `parts` holds 4 items a field, and a shift, unlike 4 * max_headers,
-        # makes no new int object when interpreted); the size only when the reads since
-        # the request went out exceed the limit (the head is within them), which a small
-        # answer's never do.
-        http = self.pool.engine.http
-        if len(self.parts) >> 2 > http.max_headers:
-            self.too_large(f"{http.max_headers} fields")
-            return
-        if self.received > http.max_header_bytes and \
-                sum(map(len, self.parts)) > http.max_header_bytes:
-            self.too_large(f"{http.max_header_bytes} bytes")
+        # The head as a whole, held to the limits of a request head.
+        over = self.over_limits(0)
+        if over is not None:
+            self.too_large(over)
             return
         parser = self.parser
         status = parser.get_status_code()
@@ -323,6 +316,22 @@ class UpstreamConn(asyncio.Protocol):
         if self.conn_close or self.parser.get_http_version() != "1.1":
             return False
         return self.conn_tokens is None or b"close" not in connection_tokens(self.conn_tokens)
+
+    def over_limits(self, start: int) -> str | None:
+        """The header limit that the fields of `parts` from `start` (the head's: 0; a
+        trailer section's: head_parts) exceed, if any. The count always (one comparison;
+        `parts` holds 4 items a field, and a shift, unlike 4 * max_headers, makes no new
+        int object when interpreted); the size only when the bytes read since the request
+        went out exceed the limit (the section is within them), which a small answer's
+        never do."""
+        http = self.pool.engine.http
+        parts = self.parts
+        if (len(parts) - start) >> 2 > http.max_headers:
+            return f"{http.max_headers} fields"
+        if self.received > http.max_header_bytes and \
+                sum(map(len, islice(parts, start, None))) > http.max_header_bytes:
+            return f"{http.max_header_bytes} bytes"
+        return None
 
     def on_chunk_header(self) -> None:
         # After each chunk size line (chunked responses only): body bytes follow, or,

@@ -1404,15 +1404,14 @@ class Exchange:
     def trailers(self, up: UpstreamConn) -> bool:
         """The last chunk with the endpoint's trailer fields (RFC 9112 7.1.2), within the
         limits of a head; False when over them (the response was cut)."""
-        parts, start = up.parts, up.head_parts
-        http = self.client.engine.http
-        if sum(map(len, parts[start:])) > http.max_header_bytes or \
-                len(parts) - start > 4 * http.max_headers:
-            up.too_large(f"{http.max_header_bytes} bytes or {http.max_headers} fields")
+        over = up.over_limits(up.head_parts)
+        if over is not None:
+            up.too_large(over)
             return False
         # Fields the Connection header names are hop-by-hop in trailers too (RFC 9110 7.6.1).
         self.client.out.append(trailer_section(
-            parts, start, connection_tokens(up.conn_tokens) if up.conn_tokens else None))
+            up.parts, up.head_parts,
+            connection_tokens(up.conn_tokens) if up.conn_tokens else None))
         return True
 
     def upgraded(self, up: UpstreamConn, rest: bytes) -> None:
