@@ -18,6 +18,14 @@ from aiohttp import web
 
 from mcsproxy.config import HttpConfig, OutlierConfig
 from mcsproxy.http.server import Exchange
+from mcsproxy.http.wire import (
+    CONTENT_LENGTH,
+    HOST,
+    MAX_KIND_NAME,
+    MAX_SPELLINGS,
+    REQUEST_KINDS,
+    learn_kind,
+)
 from tests.http_support import (
     HTTP_PORT,
     RawClient,
@@ -249,6 +257,56 @@ async def test_headers_forwarded_hop_by_hop_removed_and_cluster_named() -> None:
         await client.close()
     finally:
         await stop_all(proxy, backend)
+
+
+@pytest.mark.parametrize("spell", [bytes.lower, bytes.upper, bytes.title],
+                         ids=["lower", "upper", "title"])
+async def test_header_kinds_hold_in_any_spelling(spell: Any) -> None:
+    # Kinds are looked up by the name as spelt and learnt per spelling (wire.learn_kind):
+    # every spelling of a name must act as its lowercase one, in requests and responses.
+    [backend] = await start_backends({"west": 1}, 55)
+    cs = Clusterset("east")
+    publish(cs, "spell", "127.240.55.1", [backend])
+    proxy = await cs.proxy()
+    try:
+        client = await RawClient.open("127.240.55.1", 80)
+        head = b"".join(spell(name) + b": " + value + b"\r\n" for name, value in (
+            (b"host", b"spell.example"), (b"x-forwarded-for", b"10.0.0.9"),
+            (b"x-forwarded-proto", b"https"), (b"connection", b"keep-alive, x-hop"),
+            (b"x-hop", b"secret"), (b"keep-alive", b"timeout=5"), (b"te", b"trailers"),
+            (b"x-request-id", b"id-1"), (b"x-app", b"kept")))
+        for _ in range(2):  # the second time, every spelling is a learnt one
+            client.send(b"GET /hop HTTP/1.1\r\n" + head + b"\r\n")
+            r = await client.response()
+            assert r.status == 200 and b"x-secret" not in r.headers
+            assert b"keep-alive" not in r.headers
+        for i in (0, 1):
+            assert backend.header(i, b"host") == [b"spell.example"]
+            assert backend.header(i, b"x-forwarded-for") == [b"10.0.0.9, 127.0.0.1"]
+            assert backend.header(i, b"x-forwarded-proto") == [b"http"]
+            assert backend.header(i, b"x-request-id") == [b"id-1"]
+            assert backend.header(i, b"x-app") == [b"kept"]
+            for gone in (b"connection", b"x-hop", b"keep-alive", b"te"):
+                assert backend.header(i, gone) == [], gone
+        client.send(b"GET / HTTP/1.1\r\n" + spell(b"host") + b": a\r\n" +
+                    spell(b"host") + b": b\r\n\r\n")
+        assert (await client.response()).status == 400  # two Host fields, however spelt
+        await client.close()
+    finally:
+        await stop_all(proxy, backend)
+
+
+def test_learnt_spellings_stay_bounded() -> None:
+    spellings: dict[bytes, int] = {}
+    assert learn_kind(b"Content-Length", spellings, REQUEST_KINDS) == CONTENT_LENGTH
+    assert learn_kind(b"X-App", spellings, REQUEST_KINDS) == 0
+    assert spellings == {b"Content-Length": CONTENT_LENGTH, b"X-App": 0}
+    long_name = b"x" * (MAX_KIND_NAME + 1)  # no kind has a name that long: not kept
+    assert learn_kind(long_name, spellings, REQUEST_KINDS) == 0 and long_name not in spellings
+    for i in range(MAX_SPELLINGS * 2):
+        assert learn_kind(b"X-%d" % i, spellings, REQUEST_KINDS) == 0
+        assert len(spellings) <= MAX_SPELLINGS
+    assert learn_kind(b"HOST", spellings, REQUEST_KINDS) == HOST
 
 
 async def test_head_chunked_and_until_close_responses() -> None:

@@ -15,7 +15,7 @@ import tracemalloc
 
 import pytest
 import uvloop
-from httptools import HttpRequestParser
+from httptools import HttpParserError, HttpRequestParser
 
 from mcsproxy.config import OutlierConfig
 from mcsproxy.http.pool import PAUSE_UPSTREAM
@@ -763,3 +763,24 @@ async def test_an_endless_response_head_is_an_endpoint_failure() -> None:
         await good.stop()
         server.close()
         await server.wait_closed()
+
+
+@pytest.mark.parametrize("version", [b"0.9", b"1.0", b"1.1", b"1.2", b"2.0", b"2.1", b"3.0",
+                                     b"9.9"])
+def test_llhttp_keeps_only_http11_alive_unasked(version: bytes) -> None:
+    # ClientConnection.on_headers_complete takes a request kept alive without
+    # Connection: keep-alive for HTTP/1.1 without asking llhttp for its version string:
+    # true only while llhttp accepts no version but these and keeps the others alive only
+    # when asked. A newer httptools that changes either fails here first.
+    class Head:
+        def on_headers_complete(self) -> None:
+            pass
+
+    parser = HttpRequestParser(Head())
+    try:
+        parser.feed_data(b"GET / HTTP/" + version + b"\r\nHost: a\r\n\r\n")
+    except HttpParserError:
+        assert version not in (b"0.9", b"1.0", b"1.1", b"2.0")
+        return
+    assert parser.get_http_version() == version.decode()
+    assert parser.should_keep_alive() == (version == b"1.1")

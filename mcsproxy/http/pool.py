@@ -23,9 +23,11 @@ from mcsproxy.http.wire import (
     CRLF,
     PLAIN_CONNECTION,
     RESPONSE_KINDS,
+    RESPONSE_SPELLINGS,
     TRANSFER_ENCODING,
     UPGRADE,
     connection_tokens,
+    learn_kind,
     tail_bytes,
     transfer_codings,
 )
@@ -262,8 +264,10 @@ class UpstreamConn(asyncio.Protocol):
         # chunked body) land here too, after the head went out: those kept in `parts`
         # (after head_parts) are forwarded by Exchange.response_done; what the others
         # set is reset by on_message_begin before anyone reads it again.
-        kind = RESPONSE_KINDS.get(name.lower())
+        kind = RESPONSE_SPELLINGS.get(name)
         if kind is None:
+            kind = learn_kind(name, RESPONSE_SPELLINGS, RESPONSE_KINDS)
+        if not kind:
             # Flat (name, ": ", value, CRLF) groups: joined once into the response head.
             self.parts += (name, b": ", value, CRLF)
         elif kind == CONTENT_LENGTH:

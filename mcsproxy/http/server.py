@@ -52,6 +52,7 @@ from mcsproxy.http.wire import (
     NOT_IN_TRAILERS,
     PLAIN_CONNECTION,
     REQUEST_KINDS,
+    REQUEST_SPELLINGS,
     STATUS_LINES,
     TOO_MANY_HEADERS,
     TOO_MANY_PIPELINED,
@@ -64,8 +65,9 @@ from mcsproxy.http.wire import (
     X_FORWARDED_FOR,
     X_REQUEST_ID,
     connection_tokens,
-    drop_nominated,
+    drop_fields,
     host_is_valid,
+    learn_kind,
     status_line,
     tail_bytes,
     trailer_section,
@@ -171,6 +173,7 @@ class ClientConnection(asyncio.Protocol):
         "idle",
         "idle_since",
         "in_head",
+        "keep_alive_asked",
         "last",
         "length",
         "limit_key",
@@ -251,6 +254,7 @@ class ClientConnection(asyncio.Protocol):
         self.host: bytes | None = None
         self.xff: bytes | None = None
         self.conn_tokens: list[bytes] | None = None
+        self.keep_alive_asked = False  # a plain Connection: keep-alive (else conn_tokens)
         self.te: bytes | None = None
         self.length: bytes | None = None
         self.expect = False
@@ -528,15 +532,18 @@ class ClientConnection(asyncio.Protocol):
         if not self.in_head:
             self.on_trailer(name, value)
             return
-        kind = REQUEST_KINDS.get(name.lower())
+        kind = REQUEST_SPELLINGS.get(name)
         if kind is None:
-            self.parts.append(name + b": " + value + CRLF)
+            kind = learn_kind(name, REQUEST_SPELLINGS, REQUEST_KINDS)
+        if not kind:
+            # Flat (name, ": ", value, CRLF) groups, as UpstreamConn.parts.
+            self.parts += (name, b": ", value, CRLF)
         elif kind == HOST:
             if self.host is not None:
                 self.request_error = RequestError(400, "more than one Host header", INVALID_HOST)
                 raise self.request_error
             self.host = value
-            self.parts.append(name + b": " + value + CRLF)
+            self.parts += (name, b": ", value, CRLF)
         elif kind == CONTENT_LENGTH:
             self.length = value  # llhttp rejects duplicates and anything but digits
         elif kind == TRANSFER_ENCODING:
@@ -546,9 +553,11 @@ class ClientConnection(asyncio.Protocol):
         elif kind == X_REQUEST_ID:
             if len(value) <= MAX_REQUEST_ID and not self.has_request_id:
                 self.has_request_id = True
-                self.parts.append(name + b": " + value + CRLF)
+                self.parts += (name, b": ", value, CRLF)
         elif kind == CONNECTION:
             if value in PLAIN_CONNECTION:
+                if value[0] in b"kK":
+                    self.keep_alive_asked = True
                 return
             if self.conn_tokens is None:
                 self.conn_tokens = []
@@ -573,7 +582,12 @@ class ClientConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self.in_head = False
         parser: HttpRequestParser = self.parser  # type: ignore[assignment]  # parsing
-        version = parser.get_http_version()
+        keep_alive = parser.should_keep_alive()
+        # llhttp accepts HTTP/0.9, 1.0, 1.1 and 2.0, and keeps all but 1.1 alive only when
+        # asked to (Connection: keep-alive): so a request kept alive unasked is 1.1, known
+        # without get_http_version, which formats a string (2,200 instructions a request).
+        version = "1.1" if keep_alive and not self.keep_alive_asked and \
+            self.conn_tokens is None else parser.get_http_version()
         http11 = version == "1.1"
         if not http11 and version != "1.0":
             self._refuse(505 if version[:1] > "1" else 400, f"HTTP/{version} is not supported",
@@ -591,8 +605,8 @@ class ClientConnection(asyncio.Protocol):
                 # HTTP/1.0 may leave it out (health checkers do), but what we send is 1.1:
                 # the address the client reached, its ClusterSetIP:port, stands in.
                 ip, port = self.transport.get_extra_info("sockname")[:2]
-                self.parts.append(b"Host: %s\r\n" % (f"[{ip}]:{port}" if ":" in ip
-                                                        else f"{ip}:{port}").encode())
+                self.parts += (b"Host", b": ", (f"[{ip}]:{port}" if ":" in ip
+                                                else f"{ip}:{port}").encode(), CRLF)
         elif host not in VALID_HOSTS and not host_is_valid(host):
             # RFC 9112 3.2: a MUST, even when an absolute-form target replaces it (as
             # nginx). Forwarded, `a b` or `u@h` would reach endpoints that trust Host.
@@ -602,8 +616,8 @@ class ClientConnection(asyncio.Protocol):
                 self._refuse(400, "invalid authority in the request target", INVALID_HOST)
             # RFC 9112 3.2.2: the target's authority stands for any Host field received.
             self.host = authority
-            self.parts = [p for p in self.parts if p[:5].lower() != b"host:"]
-            self.parts.append(b"Host: " + authority + CRLF)
+            self.parts = drop_fields(self.parts, {b"host"})
+            self.parts += (b"Host", b": ", authority, CRLF)
         chunked = False
         if self.te is not None:
             if not http11:
@@ -622,7 +636,6 @@ class ClientConnection(asyncio.Protocol):
                          TRANSFER_CODING)
         # An Upgrade the endpoint refuses (a final status, not 101) leaves the connection
         # HTTP/1.1 (see ClientConnection.upgrade_refused).
-        keep_alive = parser.should_keep_alive()
         error: tuple[int, str, str] | None = None
         route = self.route
         if route is None:
@@ -633,7 +646,7 @@ class ClientConnection(asyncio.Protocol):
         if self.conn_tokens is not None:
             nominated = connection_tokens(self.conn_tokens) - {b"close", b"keep-alive"}
             if nominated:
-                parts = drop_nominated(parts, nominated)
+                parts = drop_fields(parts, nominated)
         fwd = self.fwd if self.xff is None else self.engine.forwarded_headers(
             self.xff + b", " + self.client_ip)
         if upgrade:
@@ -1326,8 +1339,7 @@ class Exchange:
         if up.conn_tokens is not None:
             nominated = connection_tokens(up.conn_tokens) - {b"close", b"keep-alive", b"upgrade"}
             if nominated:
-                parts = drop_nominated([b"".join(parts[i:i + 4])
-                                        for i in range(0, len(parts), 4)], nominated)
+                parts = drop_fields(parts, nominated)
         length = up.length
         stop = False
         if status == 101:
