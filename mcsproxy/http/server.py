@@ -75,8 +75,7 @@ from mcsproxy.http.wire import (
 from mcsproxy.upstream.upstream_set import CONNECT_VERDICT_DELAY_S, PER_TRY_TIMEOUT
 
 if TYPE_CHECKING:
-    from mcsproxy.config import HttpConfig
-    from mcsproxy.http.engine import HttpEngine, HttpRoute
+    from mcsproxy.http.engine import HttpEngine, HttpRoute, HttpSettings
     from mcsproxy.http.frontdoor import FrontDoor
     from mcsproxy.upstream import Host, UpstreamSet
 
@@ -825,7 +824,7 @@ class ClientConnection(asyncio.Protocol):
             return
         http = self.engine.http
         if self.tunnel is not None:
-            if self.idle * tick_s > self.engine.config.idle_timeout_s > 0:
+            if self.idle * tick_s > self.engine.http.idle_timeout_s > 0:
                 self.abort_all()
             return
         queue = self.queue
@@ -909,7 +908,7 @@ class ClientConnection(asyncio.Protocol):
         self.abort()
 
 
-def resume_waiting(route: HttpRoute, http: HttpConfig) -> None:
+def resume_waiting(route: HttpRoute, http: HttpSettings) -> None:
     """Replays waiting for a retry budget slot go, as far as the budget allows."""
     waiting = route.waiting
     while waiting and route.has_budget(http):
@@ -1085,7 +1084,7 @@ class Exchange:
         # early (up to a tick late is fine), or the outlier rule for a silent cluster
         # (UpstreamSet.connect_failed) would judge from a shorter wait than it assumes.
         self.connect_t0 = time.monotonic()
-        self.connect_deadline = self.connect_t0 + engine.config.connect_timeout_s
+        self.connect_deadline = self.connect_t0 + engine.http.connect_timeout_s
         task = self.connecting = pool.connect()
         task.add_done_callback(self.connect_done)
 
@@ -1619,14 +1618,14 @@ class Exchange:
     def check(self, now: float, idle_s: float) -> None:
         """Timeouts, from the engine's tick."""
         if self.resp_started:
-            limit = self.client.engine.config.idle_timeout_s
+            limit = self.client.engine.http.idle_timeout_s
             if limit and idle_s > limit:
                 self.client.abort_all()
                 self.detach(abort=True)
             return
         if not self.started or self.finished:
             return
-        limit = self.client.engine.config.idle_timeout_s
+        limit = self.client.engine.http.idle_timeout_s
         if not self.req_done and limit and idle_s > limit:
             # Still uploading: the client's silence is what can last too long here.
             self.fail(408, "timed out reading the request body")
