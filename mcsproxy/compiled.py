@@ -28,10 +28,10 @@ from importlib.machinery import ModuleSpec
 from pathlib import Path
 from types import ModuleType
 
-# The HTTP data path and the endpoint choice: per-request work, nothing else. The TCP
-# proxy (proxy/tcp.py, context.py) stays interpreted: compiled it ran 6 % fewer
-# instructions per connection but cost ~4 % more CPU per connection in wrk A/B runs
-# against an A/A baseline (see the commit that took it out).
+# The HTTP data path, the endpoint choice and the counters they bump: per-request work,
+# nothing else. The TCP proxy (proxy/tcp.py, context.py) stays interpreted: compiled it
+# ran 6 % fewer instructions per connection but cost ~4 % more CPU per connection in wrk
+# A/B runs against an A/A baseline (see the commit that took it out).
 MODULES = (
     "mcsproxy.http.server",
     "mcsproxy.http.pool",
@@ -39,6 +39,7 @@ MODULES = (
     "mcsproxy.http.engine",
     "mcsproxy.upstream.upstream_set",
     "mcsproxy.upstream.balance",
+    "mcsproxy.observability.stats",
 )
 INTERPRETED_ENV = "MCSPROXY_INTERPRETED"
 PACKAGE_DIR = Path(__file__).resolve().parent
