@@ -26,9 +26,9 @@ import logging
 import re
 import socket
 import sys
-import time
 from collections import deque
 from math import inf as INF
+from time import monotonic
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
@@ -995,7 +995,8 @@ class Exchange:
         self.keep_alive = keep_alive
         self.http11 = http11
         self.is_head = method == b"HEAD"
-        idempotent = self.idempotent = method in IDEMPOTENT
+        # GET by a comparison, not a hash of a new bytes object and a set look-up.
+        idempotent = self.idempotent = method == b"GET" or method in IDEMPOTENT
         no_body = self.req_done = not chunked and length == 0  # nothing more to read
         # The body is kept for a replay when it is small enough and the method idempotent.
         if no_body:
@@ -1030,7 +1031,7 @@ class Exchange:
         # For the metrics and the access log: the status sent, or how the request ended.
         self.status = 0
         self.outcome: str | None = None
-        self.t0 = time.monotonic()
+        self.t0 = monotonic()
         self.sent = self.received = 0  # bytes to and from endpoints, every attempt's
 
     # -- attempts ---------------------------------------------------------------------
@@ -1083,7 +1084,7 @@ class Exchange:
         # From the precise start, not the tick's clock: a connect must never time out
         # early (up to a tick late is fine), or the outlier rule for a silent cluster
         # (UpstreamSet.connect_failed) would judge from a shorter wait than it assumes.
-        self.connect_t0 = time.monotonic()
+        self.connect_t0 = monotonic()
         self.connect_deadline = self.connect_t0 + engine.http.connect_timeout_s
         task = self.connecting = pool.connect()
         task.add_done_callback(self.connect_done)
@@ -1121,7 +1122,7 @@ class Exchange:
                 if self.host is not None:
                     stats = self.host.stats
                     stats.attempts["ok"] += 1
-                    stats.connect_time.observe(time.monotonic() - self.connect_t0)
+                    stats.connect_time.observe(monotonic() - self.connect_t0)
                 if self.finished:
                     up.transport.close()
                     return
@@ -1585,7 +1586,7 @@ class Exchange:
         upstream = self.upstream
         if upstream is None:
             return  # answered before a service was chosen (bad request, unknown host)
-        elapsed = time.monotonic() - self.t0
+        elapsed = monotonic() - self.t0
         outcome = self.outcome or STATUS_CLASSES.get(self.status // 100, "other")
         host = self.host
         if host is not None and outcome != "no_endpoint":

@@ -263,4 +263,6 @@ class RequestIds:
 
     def next_header(self) -> bytes:
         self._n += 1
-        return b"%b%x\r\n" % (self._prefix, self._n)
+        # Decimal by str(), compiled a C conversion: bytes %-formatting costs 850
+        # instructions a request (bench/http/micro.py).
+        return self._prefix + str(self._n).encode() + CRLF
