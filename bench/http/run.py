@@ -14,10 +14,10 @@ each process holds mid-run. Every address must be free before the start: with
 SO_REUSEPORT a second run (or an orphaned worker) on the same address would silently
 share the listener and the measurement.
 With --baseline REV a second gateway runs the mcsproxy package of git revision REV
-(extracted with git archive, pinned like the first) in the same repetitions, so a change
-is measured before and after against the same peers. An A/A run (the same code in both
-slots, 5 repetitions) differed by 18 % in 64 KiB CPU per request here: smaller effects
-need bench/http/micro.py's instruction counts.
+(extracted with git archive and compiled as `make build` does, pinned like the first) in
+the same repetitions, so a change is measured before and after against the same peers.
+An A/A run (the same code in both slots, 5 repetitions) differed by 18 % in 64 KiB CPU
+per request here: smaller effects need bench/http/micro.py's instruction counts.
 Results: bench/results/http.md and http.json (or --out DIR).
 
     .venv/bin/python bench/http/run.py            # 3 repetitions
@@ -425,9 +425,7 @@ def start_all(procs: tcp.Procs, run: Path, baseline: str | None = None,
     if baseline:
         base = run / "baseline"
         base.mkdir()
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", baseline, "mcsproxy"],
-                                 capture_output=True, check=True, timeout=60).stdout
-        subprocess.run(["tar", "-x", "-C", str(base)], input=archive, check=True, timeout=60)
+        extract_revision(baseline, base)
         pid = start_mcsproxy(procs, run, "base", MCS_BASE_IP, 1, PROXY_CORE, cwd=base)
         targets["baseline"] = {"ip": MCS_BASE_IP, "port": BACKEND[1], "pid": pid}
     started(procs, run, targets)
@@ -436,6 +434,27 @@ def start_all(procs: tcp.Procs, run: Path, baseline: str | None = None,
     workers = children(master)
     targets["nginx"]["pid"] = workers[0] if workers else master
     return targets
+
+
+def extract_revision(rev: str, into: Path) -> None:
+    """The mcsproxy package of git revision `rev` in `into`, compiled as `make build`
+    compiles it when that revision has a setup.py: measured interpreted, a baseline of
+    the compiled data path would look a third slower than it ran."""
+    present = subprocess.run(
+        ["git", "-C", str(ROOT), "ls-tree", "--name-only", rev, "setup.py", "pyproject.toml"],
+        capture_output=True, text=True, check=True, timeout=60).stdout.split()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "mcsproxy", *present],
+                             capture_output=True, check=True, timeout=60).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True, timeout=60)
+    if "setup.py" not in present:
+        return
+    subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=into,
+                   capture_output=True, check=True, timeout=900)
+    state = subprocess.run(
+        [sys.executable, "-c", "import mcsproxy.compiled as c; print(c.STATE, c.REASON)"],
+        cwd=into, capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    if not state.startswith("compiled"):
+        raise RuntimeError(f"baseline {rev} did not compile: {state}")
 
 
 def started(procs: tcp.Procs, run: Path,
