@@ -20,12 +20,12 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 from mcsproxy.http.wire import (
     CONNECTION,
     CONTENT_LENGTH,
-    CRLF,
     PLAIN_CONNECTION,
     RESPONSE_KINDS,
     RESPONSE_SPELLINGS,
     TRANSFER_ENCODING,
     UPGRADE,
+    add_field,
     connection_tokens,
     learn_kind,
     tail_bytes,
@@ -269,7 +269,7 @@ class UpstreamConn(asyncio.Protocol):
             kind = learn_kind(name, RESPONSE_SPELLINGS, RESPONSE_KINDS)
         if not kind:
             # Flat (name, ": ", value, CRLF) groups: joined once into the response head.
-            self.parts += (name, b": ", value, CRLF)
+            add_field(self.parts, name, value)
         elif kind == CONTENT_LENGTH:
             self.length = value
         elif kind == TRANSFER_ENCODING:

@@ -64,6 +64,7 @@ from mcsproxy.http.wire import (
     VALID_HOSTS,
     X_FORWARDED_FOR,
     X_REQUEST_ID,
+    add_field,
     connection_tokens,
     drop_fields,
     host_is_valid,
@@ -536,13 +537,13 @@ class ClientConnection(asyncio.Protocol):
             kind = learn_kind(name, REQUEST_SPELLINGS, REQUEST_KINDS)
         if not kind:
             # Flat (name, ": ", value, CRLF) groups, as UpstreamConn.parts.
-            self.parts += (name, b": ", value, CRLF)
+            add_field(self.parts, name, value)
         elif kind == HOST:
             if self.host is not None:
                 self.request_error = RequestError(400, "more than one Host header", INVALID_HOST)
                 raise self.request_error
             self.host = value
-            self.parts += (name, b": ", value, CRLF)
+            add_field(self.parts, name, value)
         elif kind == CONTENT_LENGTH:
             self.length = value  # llhttp rejects duplicates and anything but digits
         elif kind == TRANSFER_ENCODING:
@@ -552,7 +553,7 @@ class ClientConnection(asyncio.Protocol):
         elif kind == X_REQUEST_ID:
             if len(value) <= MAX_REQUEST_ID and not self.has_request_id:
                 self.has_request_id = True
-                self.parts += (name, b": ", value, CRLF)
+                add_field(self.parts, name, value)
         elif kind == CONNECTION:
             if value in PLAIN_CONNECTION:
                 if value[0] in b"kK":

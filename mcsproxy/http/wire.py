@@ -165,6 +165,16 @@ NOT_IN_TRAILERS: Final = frozenset({
 })
 
 
+def add_field(parts: list[bytes], name: bytes, value: bytes) -> None:
+    """A field as a (name, ": ", value, CRLF) group of `parts`, which are joined once into
+    the head. Four appends, not `+=` of a tuple: no tuple made and freed per field
+    (bench/http/micro.py: 800 instructions less a request of 7 fields)."""
+    parts.append(name)
+    parts.append(b": ")
+    parts.append(value)
+    parts.append(CRLF)
+
+
 def trailer_section(parts: list[bytes], start: int, nominated: set[bytes] | None = None) -> bytes:
     """The last chunk and the trailer section of a response: the (name, ": ", value, CRLF)
     groups of `parts` from `start`, less NOT_IN_TRAILERS and the (lowercased) names the
