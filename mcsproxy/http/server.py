@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
-from mcsproxy.http.pool import PAUSE_UPSTREAM, UpstreamConn
+from mcsproxy.http.pool import PAUSE_UPSTREAM, EndpointPool, UpstreamConn
 from mcsproxy.http.wire import (
     CONNECTION,
     CONTENT_LENGTH,
@@ -1026,7 +1026,7 @@ class Exchange:
         self.tried: tuple[Host, ...] = ()
         self.host: Host | None = None
         self.upstream: UpstreamSet | None = None
-        self.pool: Any = None
+        self.pool: EndpointPool | None = None
         self.up: UpstreamConn | None = None
         self.connecting: asyncio.Task[Any] | None = None
         # For the metrics and the access log: the status sent, or how the request ended.
@@ -1062,7 +1062,13 @@ class Exchange:
         elif self.tried:
             host = self.choose_again()
         else:
-            upstream = self.upstream = self.route.ctx.upstream  # type: ignore[union-attr]
+            route = self.route
+            assert route is not None  # start() answers a request without one
+            # Typed locals, here and below: a method of a compiled class called on an
+            # Optional attribute is a generic call (~200 instructions), on a local of its
+            # class a C call.
+            upstream: UpstreamSet = route.ctx.upstream
+            self.upstream = upstream
             host = upstream.pick(self.client.client_ip.decode()
                                  if upstream.affinity is not None else None)
         if host is None:
@@ -1151,7 +1157,9 @@ class Exchange:
     def bind(self, up: UpstreamConn) -> None:
         self.up = up
         up.exchange = self
-        self.upstream.connect_ok(self.host, up, False)  # type: ignore[union-attr, arg-type]
+        upstream, host = self.upstream, self.host
+        assert upstream is not None and host is not None  # attempt() chose them
+        upstream.connect_ok(host, up, False)
         client = self.client
         if client.write_paused:
             up.transport.pause_reading()
@@ -1321,8 +1329,9 @@ class Exchange:
             self.client.out.append(b"".join((status_line(status), *up.parts, CRLF)))
 
     def response_head(self, status: int, up: UpstreamConn) -> None:
-        host = self.host
-        self.upstream.response_status(host, status)  # type: ignore[union-attr, arg-type]
+        host, upstream = self.host, self.upstream
+        assert host is not None and upstream is not None  # bound
+        upstream.response_status(host, status)
         if status in RETRY_STATUSES and self.replayable():
             # Only with somewhere else to go: otherwise this answer (its body, its
             # Retry-After) is worth more to the client than a 502 of our own.
@@ -1368,6 +1377,7 @@ class Exchange:
             self.keep_alive = False
             self.until_close = not up.chunked
         pool = self.pool
+        assert pool is not None  # bound
         if status == 101:
             tail = pool.tail
         elif not self.keep_alive or not self.req_done or client.engine.draining \
@@ -1490,7 +1500,9 @@ class Exchange:
         sent, received = up.fold()
         self.sent += sent
         self.received += received
-        self.upstream.release(self.host, up)  # type: ignore[union-attr, arg-type]
+        upstream, host, pool = self.upstream, self.host, self.pool
+        assert upstream is not None and host is not None and pool is not None  # bound
+        upstream.release(host, up)
         client = self.client
         if client.write_paused:
             up.transport.resume_reading()
@@ -1506,13 +1518,13 @@ class Exchange:
             elif self.is_head:  # nothing follows the head of an answer to HEAD
                 up.skip_body()
                 if up.keep_alive:
-                    self.pool.put(up)
+                    pool.put(up)
                 else:
                     up.transport.close()
             else:
                 up.discarding = True  # read the unwanted answer; reused if it ends now
         elif reuse:
-            self.pool.put(up)
+            pool.put(up)
         else:
             up.transport.close()
 
