@@ -51,6 +51,7 @@ from mcsproxy.http.wire import (
     MAX_REQUEST_ID,
     NOT_IN_TRAILERS,
     PLAIN_CONNECTION,
+    REQUEST_KIND_LENGTHS,
     REQUEST_KINDS,
     REQUEST_SPELLINGS,
     STATUS_LINES,
@@ -532,9 +533,10 @@ class ClientConnection(asyncio.Protocol):
         if not self.in_head:
             self.on_trailer(name, value)
             return
-        kind = REQUEST_SPELLINGS.get(name)
-        if kind is None:
-            kind = learn_kind(name, REQUEST_SPELLINGS, REQUEST_KINDS)
+        kind = 0
+        if REQUEST_KIND_LENGTHS >> len(name) & 1:
+            known = REQUEST_SPELLINGS.get(name)
+            kind = learn_kind(name, REQUEST_SPELLINGS, REQUEST_KINDS) if known is None else known
         if not kind:
             # Flat (name, ": ", value, CRLF) groups, as UpstreamConn.parts.
             add_field(self.parts, name, value)
