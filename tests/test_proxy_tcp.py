@@ -391,6 +391,139 @@ async def test_backpressure_bounds_what_the_proxy_buffers() -> None:
         await proxy.stop()
 
 
+class Burst(asyncio.Protocol):
+    """Writes 4 MiB at once and keeps the connection open."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.write(b"x" * (4 * 1024 * 1024))  # type: ignore[attr-defined]
+
+
+async def test_write_limit_rises_to_1_mib_at_the_first_pause() -> None:
+    """Short connections never set their limits; one that queues data for a client that
+    reads slowly must still get the 1 MiB limit, not uvloop's 64 KiB (bulk throughput)."""
+    from mcsproxy.proxy.tcp import CLIENT_WRITE_HIGH_WATER, ClientSide
+
+    loop = asyncio.get_running_loop()
+    host = "127.38.1.2"
+    port = free_port(host)
+    server = await loop.create_server(Burst, host, port)
+    cs = Clusterset("east")
+    ip = "127.240.38.2"
+    cs.publish("burst", ip, [WEB], [endpoint(host, "east", port)])
+    proxy = await cs.proxy()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    try:
+        sock.setblocking(False)
+        await loop.sock_connect(sock, (ip, 80))  # and never read
+        deadline = time.monotonic() + 10
+        while True:
+            conns = [c for c in proxy.conns if isinstance(c, ClientSide)]
+            if conns and conns[0].transport.get_write_buffer_limits()[1] \
+                    == CLIENT_WRITE_HIGH_WATER:
+                break
+            assert time.monotonic() < deadline, "the client side's limit never rose"
+            await asyncio.sleep(0.01)
+        assert conns[0].transport.get_write_buffer_size() <= CLIENT_WRITE_HIGH_WATER + 256 * 1024
+    finally:
+        sock.close()
+        server.close()
+        await proxy.stop()
+
+
+async def test_a_side_that_pauses_gets_the_1_mib_limit() -> None:
+    """Without a bulk read (data in small reads), the first pause raises the limit."""
+    from mcsproxy.proxy.tcp import CLIENT_WRITE_HIGH_WATER, UPSTREAM_WRITE_HIGH_WATER, ClientSide
+
+    backends = await start_backends({"east": 1}, 164)
+    cs = Clusterset("east")
+    ip = "127.240.164.1"
+    cs.publish("paced", ip, [WEB], endpoints_of(backends))
+    proxy = await cs.proxy()
+    try:
+        reader, writer = await asyncio.open_connection(ip, 80)
+        await reader.readline()  # connected through
+        conn = next(c for c in proxy.conns if isinstance(c, ClientSide))
+        assert conn.up is not None
+        assert conn.transport.get_write_buffer_limits()[1] < CLIENT_WRITE_HIGH_WATER
+        conn.pause_writing()
+        assert conn.transport.get_write_buffer_limits()[1] == CLIENT_WRITE_HIGH_WATER
+        assert not conn.up.is_reading()
+        conn.resume_writing()
+        assert conn.up.is_reading()
+        conn.up.get_protocol().pause_writing()
+        assert conn.up.get_write_buffer_limits()[1] == UPSTREAM_WRITE_HIGH_WATER
+        assert not conn.transport.is_reading()
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        await stop_all(proxy, *backends)
+
+
+class QueueingUp:
+    """An upstream transport that queues everything, with uvloop's flow control."""
+
+    def __init__(self) -> None:
+        self.high = 64 * 1024  # uvloop's default
+        self.size = 0
+        self.paused = False
+        self.protocol: asyncio.Protocol | None = None
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self.high = high or 64 * 1024
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.high and not self.paused:
+            self.paused = True
+            assert self.protocol is not None
+            self.protocol.pause_writing()
+
+    def get_write_buffer_size(self) -> int:
+        return self.size
+
+    def write_eof(self) -> None: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+async def test_early_data_past_64_kib_leaves_no_reading_client_unpaused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Early data fills the upstream's queue past uvloop's default 64 KiB as the connect
+    completes: that write must not pause the client (then resumed for the early data
+    limit), or the upstream transport stays paused while the client reads, and nothing
+    bounds the queue until its first write completes."""
+    from mcsproxy.proxy.tcp import ClientSide, UpstreamSide
+
+    monkeypatch.setattr(ClientSide, "connect_next", lambda self: None)  # connect by hand
+    backends = await start_backends({"east": 1}, 166)
+    cs = Clusterset("east")
+    ip = "127.240.166.1"
+    cs.publish("early", ip, [WEB], endpoints_of(backends))
+    proxy = await cs.proxy()
+    try:
+        _, writer = await asyncio.open_connection(ip, 80)
+        writer.write(b"x" * (200 * 1024))
+        conn = None
+        for _ in range(200):
+            conns = [c for c in proxy.conns if isinstance(c, ClientSide)]
+            if conns and conns[0].early_size >= tcp.EARLY_DATA_LIMIT:
+                conn = conns[0]
+                break
+            await asyncio.sleep(0.01)
+        assert conn is not None and not conn.transport.is_reading()
+        conn.host = conn.upstream.pick()
+        up = QueueingUp()
+        up.protocol = side = UpstreamSide(conn)
+        side.transport = up  # type: ignore[assignment]
+        conn.upstream_connected(up)  # type: ignore[arg-type]
+        assert conn.transport.is_reading()
+        assert not up.paused  # else its pause was undone by the resume
+        writer.close()
+    finally:
+        await stop_all(proxy, *backends)
+
+
 async def test_affinity_keeps_a_client_on_one_endpoint() -> None:
     backends = await start_backends({"east": 2, "west": 2}, 39)
     cs = Clusterset("east")
