@@ -361,10 +361,13 @@ class ClientSide(asyncio.Protocol):
             self.transport.abort()
             return
         self.host = host
-        if self.attempts:
+        attempts = self.attempts
+        if attempts:
             upstream.stats.retries += 1
-        self.attempts += 1
-        self.t_connect = now = time.monotonic()
+            self.t_connect = now = time.monotonic()
+        else:  # the first attempt starts with the connection: one clock read fewer
+            self.t_connect = now = self.started
+        self.attempts = attempts + 1
         loop = self.loop
         # The coroutine is driven by hand (connect_step) rather than by a Task: a Task
         # costs an object, a context copy and two more trips through the loop per
