@@ -791,6 +791,49 @@ def test_a_reset_reaches_the_other_side_as_a_reset(run) -> None:  # type: ignore
     assert run(resets_through_the_proxy()) == ("reset", "reset")
 
 
+async def connect_coroutine_at_the_end() -> tuple[str, list[dict], bool]:
+    from mcsproxy.proxy.tcp import ClientSide
+
+    loop = asyncio.get_running_loop()
+    errors: list[dict] = []
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    backends = await start_backends({"east": 1}, 165)
+    cs = Clusterset("east")
+    ip = "127.240.165.1"
+    cs.publish("end", ip, [WEB], endpoints_of(backends))
+    proxy = await cs.proxy()
+    try:
+        reader, writer = await asyncio.open_connection(ip, 80)
+        line = await reader.readline()
+        conn = next(c for c in proxy.conns if isinstance(c, ClientSide))
+        coro = conn.connecting  # adopted: left at its last step
+        assert coro is not None
+        writer.close()
+        await writer.wait_closed()
+        for _ in range(100):
+            if conn.connecting is None:
+                break
+            await asyncio.sleep(0.01)
+        try:
+            coro.send(None)
+            finished = False
+        except RuntimeError:  # "cannot reuse already awaited coroutine"
+            finished = True
+    finally:
+        await stop_all(proxy, *backends)
+    return line.decode(), errors, finished
+
+
+@pytest.mark.parametrize("run", [uvloop.run, asyncio.run], ids=["uvloop", "asyncio"])
+def test_the_connect_coroutine_ends_with_its_connection(run) -> None:  # type: ignore[no-untyped-def]
+    # Its last step is taken when the connection ends: by next() on uvloop's coroutines
+    # (iterators), by send() on asyncio's (not iterators).
+    line, errors, finished = run(connect_coroutine_at_the_end())
+    assert line.startswith("east-1")
+    assert errors == []
+    assert finished
+
+
 class Http2Only(asyncio.Protocol):
     """An h2c server with prior knowledge only (as a gRPC server): whatever it reads, it
     answers with HTTP/2 SETTINGS and GOAWAY frames and closes."""
