@@ -15,8 +15,9 @@ path resets one integer per chunk and never touches a timer.
 
 Costs, measured with bench/tcp/callgrind.py: the connect coroutine is driven by hand
 (no Task per connection, and no callback for its last step), connect timeouts share one
-timer per listener (ConnectDeadlines), and a direction that carries bulk data switches
-to a BulkReader that reads into one shared buffer instead of a new bytes object per read.
+timer per listener (ConnectDeadlines), a direction that carries bulk data switches to a
+BulkReader that reads into one shared buffer instead of a new bytes object per read, and
+the 1 MiB write limits are set only on a side that queues or carries bulk data.
 """
 
 from __future__ import annotations
