@@ -23,6 +23,7 @@ from mcsproxy.model import ServicePort
 from mcsproxy.tasks import cancel_and_wait, spawn
 
 if TYPE_CHECKING:  # the proxy package imports this module: no import back at run time
+    from mcsproxy.observability.accesslog import AccessLog
     from mcsproxy.proxy.context import ListenerContext
     from mcsproxy.upstream import Host, UpstreamSet
 
@@ -78,11 +79,14 @@ class HttpRoute:
     retry budget: replays in flight stay below a share of the requests in flight. A
     replay over the budget waits in `waiting` for a replay in flight to end."""
 
-    __slots__ = ("active", "ctx", "name", "retries", "retries_refused", "waiting")
+    __slots__ = ("access_log", "active", "ctx", "name", "retries", "retries_refused", "waiting")
 
     def __init__(self, ctx: ListenerContext) -> None:
         self.ctx = ctx  # ctx.upstream follows the manager's rebinds
         self.name = ctx.name
+        # Fixed for the listener's life, read per request: here a load, on the
+        # (interpreted) context a generic look-up.
+        self.access_log: AccessLog | None = ctx.access_log
         self.active = 0
         self.retries = 0  # requests holding a slot of the retry budget
         self.retries_refused = 0

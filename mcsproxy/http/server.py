@@ -1612,10 +1612,11 @@ class Exchange:
             counts = upstream.stats.unrouted
         counts[outcome] = counts.get(outcome, 0) + 1
         route = self.route
-        if route is None or route.ctx.access_log is None:
+        if route is None or route.access_log is None:
             return
+        access_log = route.access_log
         target = self.request_head.split(b" ", 2)
-        route.ctx.access_log.record(
+        access_log.record(
             kind="http", client=self.client.client_ip.decode(), listener=route.name,
             upstream=upstream.name, cluster=host.cluster if host is not None else None,
             endpoint=f"{host.address}:{host.port}" if host is not None else None,
