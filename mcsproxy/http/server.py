@@ -607,8 +607,8 @@ class ClientConnection(asyncio.Protocol):
                 # HTTP/1.0 may leave it out (health checkers do), but what we send is 1.1:
                 # the address the client reached, its ClusterSetIP:port, stands in.
                 ip, port = self.transport.get_extra_info("sockname")[:2]
-                self.parts += (b"Host", b": ", (f"[{ip}]:{port}" if ":" in ip
-                                                else f"{ip}:{port}").encode(), CRLF)
+                add_field(self.parts, b"Host",
+                          (f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}").encode())
         elif host not in VALID_HOSTS and not host_is_valid(host):
             # RFC 9112 3.2: a MUST, even when an absolute-form target replaces it (as
             # nginx). Forwarded, `a b` or `u@h` would reach endpoints that trust Host.
@@ -619,7 +619,7 @@ class ClientConnection(asyncio.Protocol):
             # RFC 9112 3.2.2: the target's authority stands for any Host field received.
             self.host = authority
             self.parts = drop_fields(self.parts, {b"host"})
-            self.parts += (b"Host", b": ", authority, CRLF)
+            add_field(self.parts, b"Host", authority)
         chunked = False
         if self.te is not None:
             if not http11:
@@ -827,7 +827,7 @@ class ClientConnection(asyncio.Protocol):
             return
         http = self.engine.http
         if self.tunnel is not None:
-            if self.idle * tick_s > self.engine.http.idle_timeout_s > 0:
+            if self.idle * tick_s > http.idle_timeout_s > 0:
                 self.abort_all()
             return
         queue = self.queue
