@@ -21,10 +21,9 @@ from mcsproxy.http.server import Exchange
 from mcsproxy.http.wire import (
     CONTENT_LENGTH,
     HOST,
-    MAX_KIND_NAME,
     MAX_SPELLINGS,
     REQUEST_KINDS,
-    learn_kind,
+    FieldKinds,
 )
 from tests.http_support import (
     HTTP_PORT,
@@ -262,7 +261,7 @@ async def test_headers_forwarded_hop_by_hop_removed_and_cluster_named() -> None:
 @pytest.mark.parametrize("spell", [bytes.lower, bytes.upper, bytes.title],
                          ids=["lower", "upper", "title"])
 async def test_header_kinds_hold_in_any_spelling(spell: Any) -> None:
-    # Kinds are looked up by the name as spelt and learnt per spelling (wire.learn_kind):
+    # Kinds are looked up by the name as spelt and learnt per spelling (wire.FieldKinds):
     # every spelling of a name must act as its lowercase one, in requests and responses.
     [backend] = await start_backends({"west": 1}, 55)
     cs = Clusterset("east")
@@ -296,17 +295,18 @@ async def test_header_kinds_hold_in_any_spelling(spell: Any) -> None:
         await stop_all(proxy, backend)
 
 
-def test_learnt_spellings_stay_bounded() -> None:
-    spellings: dict[bytes, int] = {}
-    assert learn_kind(b"Content-Length", spellings, REQUEST_KINDS) == CONTENT_LENGTH
-    assert learn_kind(b"X-App", spellings, REQUEST_KINDS) == 0
-    assert spellings == {b"Content-Length": CONTENT_LENGTH, b"X-App": 0}
-    long_name = b"x" * (MAX_KIND_NAME + 1)  # no kind has a name that long: not kept
-    assert learn_kind(long_name, spellings, REQUEST_KINDS) == 0 and long_name not in spellings
+def test_field_kinds_by_length_and_learnt_spellings_stay_bounded() -> None:
+    fields = FieldKinds(REQUEST_KINDS)
+    assert fields.of(b"Content-Length") == CONTENT_LENGTH
+    assert fields.of(b"X-App-Name") == 0  # 10 bytes, as "connection": looked up
+    assert fields.of(b"X-App") == 0  # no kind's name is 5 bytes long: never looked up
+    assert fields.spellings == {b"Content-Length": CONTENT_LENGTH, b"X-App-Name": 0}
+    long_name = b"x" * (fields.longest + 1)  # no kind has a name that long: not kept
+    assert fields.learn(long_name) == 0 and long_name not in fields.spellings
     for i in range(MAX_SPELLINGS * 2):
-        assert learn_kind(b"X-%d" % i, spellings, REQUEST_KINDS) == 0
-        assert len(spellings) <= MAX_SPELLINGS
-    assert learn_kind(b"HOST", spellings, REQUEST_KINDS) == HOST
+        assert fields.learn(b"X-%d" % i) == 0
+        assert len(fields.spellings) <= MAX_SPELLINGS
+    assert fields.of(b"HOST") == HOST and fields.of(b"hOsT") == HOST
 
 
 async def test_head_chunked_and_until_close_responses() -> None:

@@ -21,14 +21,11 @@ from mcsproxy.http.wire import (
     CONNECTION,
     CONTENT_LENGTH,
     PLAIN_CONNECTION,
-    RESPONSE_KIND_LENGTHS,
-    RESPONSE_KINDS,
-    RESPONSE_SPELLINGS,
+    RESPONSE_FIELDS,
     TRANSFER_ENCODING,
     UPGRADE,
     add_field,
     connection_tokens,
-    learn_kind,
     tail_bytes,
     transfer_codings,
 )
@@ -265,10 +262,7 @@ class UpstreamConn(asyncio.Protocol):
         # chunked body) land here too, after the head went out: those kept in `parts`
         # (after head_parts) are forwarded by Exchange.response_done; what the others
         # set is reset by on_message_begin before anyone reads it again.
-        kind = 0
-        if RESPONSE_KIND_LENGTHS >> len(name) & 1:
-            known = RESPONSE_SPELLINGS.get(name)
-            kind = learn_kind(name, RESPONSE_SPELLINGS, RESPONSE_KINDS) if known is None else known
+        kind = RESPONSE_FIELDS.of(name)
         if not kind:
             # Flat (name, ": ", value, CRLF) groups: joined once into the response head.
             add_field(self.parts, name, value)

@@ -51,9 +51,7 @@ from mcsproxy.http.wire import (
     MAX_REQUEST_ID,
     NOT_IN_TRAILERS,
     PLAIN_CONNECTION,
-    REQUEST_KIND_LENGTHS,
-    REQUEST_KINDS,
-    REQUEST_SPELLINGS,
+    REQUEST_FIELDS,
     STATUS_LINES,
     TOO_MANY_HEADERS,
     TOO_MANY_PIPELINED,
@@ -69,7 +67,6 @@ from mcsproxy.http.wire import (
     connection_tokens,
     drop_fields,
     host_is_valid,
-    learn_kind,
     status_line,
     tail_bytes,
     trailer_section,
@@ -533,10 +530,7 @@ class ClientConnection(asyncio.Protocol):
         if not self.in_head:
             self.on_trailer(name, value)
             return
-        kind = 0
-        if REQUEST_KIND_LENGTHS >> len(name) & 1:
-            known = REQUEST_SPELLINGS.get(name)
-            kind = learn_kind(name, REQUEST_SPELLINGS, REQUEST_KINDS) if known is None else known
+        kind = REQUEST_FIELDS.of(name)
         if not kind:
             # Flat (name, ": ", value, CRLF) groups, as UpstreamConn.parts.
             add_field(self.parts, name, value)
