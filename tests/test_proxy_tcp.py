@@ -8,6 +8,7 @@ import socket
 import struct
 import time
 from collections import Counter
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 import uvloop
@@ -15,6 +16,7 @@ import uvloop
 from mcsproxy.config import HealthConfig, OutlierConfig
 from mcsproxy.model import LOCALITY_ANNOTATION, ServicePort
 from mcsproxy.proxy import tcp
+from mcsproxy.proxy.manager import ProxyManager
 from tests.proxy_fixtures import Backend, Clusterset, ask, endpoint, free_port
 
 WEB = ServicePort("web", "TCP", 80)
@@ -365,30 +367,39 @@ class Flood(asyncio.Protocol):
         self.paused.set()
 
 
-async def test_backpressure_bounds_what_the_proxy_buffers() -> None:
-    from mcsproxy.proxy.tcp import CLIENT_WRITE_HIGH_WATER, ClientSide
-
-    paused = asyncio.Event()
+@contextlib.asynccontextmanager
+async def client_that_never_reads(
+        endpoint_protocol: Callable[[], asyncio.Protocol], host: str,
+        ip: str) -> AsyncIterator[ProxyManager]:
+    """A proxy in front of an endpoint served by `endpoint_protocol` on `host`, and a
+    client connected through it (ClusterSetIP `ip`) that reads nothing."""
     loop = asyncio.get_running_loop()
-    host = "127.38.1.1"
     port = free_port(host)
-    server = await loop.create_server(lambda: Flood(paused), host, port)
+    server = await loop.create_server(endpoint_protocol, host, port)
     cs = Clusterset("east")
-    ip = "127.240.38.1"
-    cs.publish("flood", ip, [WEB], [endpoint(host, "east", port)])
+    cs.publish("slow-reader", ip, [WEB], [endpoint(host, "east", port)])
     proxy = await cs.proxy()
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
     try:
         sock.setblocking(False)
-        await loop.sock_connect(sock, (ip, 80))  # and never read
-        await asyncio.wait_for(paused.wait(), 10)
-        conn = next(c for c in proxy.conns if isinstance(c, ClientSide))
-        assert conn.transport.get_write_buffer_size() <= CLIENT_WRITE_HIGH_WATER + 256 * 1024
+        await loop.sock_connect(sock, (ip, 80))
+        yield proxy
     finally:
         sock.close()
         server.close()
         await proxy.stop()
+
+
+async def test_backpressure_bounds_what_the_proxy_buffers() -> None:
+    from mcsproxy.proxy.tcp import CLIENT_WRITE_HIGH_WATER, ClientSide
+
+    paused = asyncio.Event()
+    async with client_that_never_reads(lambda: Flood(paused), "127.38.1.1",
+                                       "127.240.38.1") as proxy:
+        await asyncio.wait_for(paused.wait(), 10)
+        conn = next(c for c in proxy.conns if isinstance(c, ClientSide))
+        assert conn.transport.get_write_buffer_size() <= CLIENT_WRITE_HIGH_WATER + 256 * 1024
 
 
 class Burst(asyncio.Protocol):
@@ -403,19 +414,7 @@ async def test_write_limit_rises_to_1_mib_at_the_first_pause() -> None:
     reads slowly must still get the 1 MiB limit, not uvloop's 64 KiB (bulk throughput)."""
     from mcsproxy.proxy.tcp import CLIENT_WRITE_HIGH_WATER, ClientSide
 
-    loop = asyncio.get_running_loop()
-    host = "127.38.1.2"
-    port = free_port(host)
-    server = await loop.create_server(Burst, host, port)
-    cs = Clusterset("east")
-    ip = "127.240.38.2"
-    cs.publish("burst", ip, [WEB], [endpoint(host, "east", port)])
-    proxy = await cs.proxy()
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-    try:
-        sock.setblocking(False)
-        await loop.sock_connect(sock, (ip, 80))  # and never read
+    async with client_that_never_reads(Burst, "127.38.1.2", "127.240.38.2") as proxy:
         deadline = time.monotonic() + 10
         while True:
             conns = [c for c in proxy.conns if isinstance(c, ClientSide)]
@@ -425,10 +424,6 @@ async def test_write_limit_rises_to_1_mib_at_the_first_pause() -> None:
             assert time.monotonic() < deadline, "the client side's limit never rose"
             await asyncio.sleep(0.01)
         assert conns[0].transport.get_write_buffer_size() <= CLIENT_WRITE_HIGH_WATER + 256 * 1024
-    finally:
-        sock.close()
-        server.close()
-        await proxy.stop()
 
 
 async def test_a_side_that_pauses_gets_the_1_mib_limit() -> None:
