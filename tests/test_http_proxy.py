@@ -15,6 +15,8 @@ import aiohttp
 import pytest
 import uvloop
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mcsproxy.config import HttpConfig, OutlierConfig
 from mcsproxy.http.server import Exchange
@@ -23,6 +25,7 @@ from mcsproxy.http.wire import (
     HOST,
     MAX_SPELLINGS,
     REQUEST_KINDS,
+    RESPONSE_KINDS,
     FieldKinds,
 )
 from tests.http_support import (
@@ -307,6 +310,21 @@ def test_field_kinds_by_length_and_learnt_spellings_stay_bounded() -> None:
         assert fields.learn(b"X-%d" % i) == 0
         assert len(fields.spellings) <= MAX_SPELLINGS
     assert fields.of(b"HOST") == HOST and fields.of(b"hOsT") == HOST
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(sorted(REQUEST_KINDS)).map(bytes.decode) |
+                st.text("abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=24), min_size=1,
+                max_size=30),
+       st.randoms())
+def test_field_kinds_match_a_lowercase_look_up(names: list[str], rnd: Any) -> None:
+    """Whatever the spellings and their order (learnt or not, the table emptied or not),
+    a name's kind is its lowercase name's in the table."""
+    for table in (REQUEST_KINDS, RESPONSE_KINDS):
+        fields = FieldKinds(table)
+        for name in names * 2:
+            spelt = "".join(c.upper() if rnd.random() < 0.5 else c for c in name).encode()
+            assert fields.of(spelt) == table.get(spelt.lower(), 0), spelt
 
 
 async def test_head_chunked_and_until_close_responses() -> None:
