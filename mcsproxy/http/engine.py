@@ -110,7 +110,6 @@ class HttpEngine:
     """Component-like (start/stop), owned by the proxy manager."""
 
     def __init__(self, config: ProxyConfig) -> None:
-        self.config = config
         self.http = HttpSettings(config)
         self.clients: set[ClientConnection] = set()
         self.pools: dict[Host, EndpointPool] = {}
