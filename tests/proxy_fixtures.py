@@ -26,6 +26,14 @@ patches_data_path = pytest.mark.skipif(
     reason="patches a compiled method; runs in the interpreted pass of make test")
 
 
+async def until(predicate: Callable[[], object], what: str, timeout: float = 10.0) -> None:
+    """Wait (polling) for a condition the proxy reaches on its own; fail naming `what`."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out: {what}"
+        await asyncio.sleep(0.01)
+
+
 def free_port(host: str, kind: int = socket.SOCK_STREAM) -> int:
     with socket.socket(socket.AF_INET, kind) as s:
         s.bind((host, 0))

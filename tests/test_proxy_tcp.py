@@ -17,7 +17,7 @@ from mcsproxy.config import HealthConfig, OutlierConfig
 from mcsproxy.model import LOCALITY_ANNOTATION, ServicePort
 from mcsproxy.proxy import tcp
 from mcsproxy.proxy.manager import ProxyManager
-from tests.proxy_fixtures import Backend, Clusterset, ask, endpoint, free_port
+from tests.proxy_fixtures import Backend, Clusterset, ask, endpoint, free_port, until
 
 WEB = ServicePort("web", "TCP", 80)
 
@@ -415,15 +415,14 @@ async def test_write_limit_rises_to_1_mib_at_the_first_pause() -> None:
     from mcsproxy.proxy.tcp import CLIENT_WRITE_HIGH_WATER, ClientSide
 
     async with client_that_never_reads(Burst, "127.38.1.2", "127.240.38.2") as proxy:
-        deadline = time.monotonic() + 10
-        while True:
-            conns = [c for c in proxy.conns if isinstance(c, ClientSide)]
-            if conns and conns[0].transport.get_write_buffer_limits()[1] \
-                    == CLIENT_WRITE_HIGH_WATER:
-                break
-            assert time.monotonic() < deadline, "the client side's limit never rose"
-            await asyncio.sleep(0.01)
-        assert conns[0].transport.get_write_buffer_size() <= CLIENT_WRITE_HIGH_WATER + 256 * 1024
+        def client_sides() -> list[ClientSide]:
+            return [c for c in proxy.conns if isinstance(c, ClientSide)]
+
+        await until(lambda: client_sides() and client_sides()[0].transport
+                    .get_write_buffer_limits()[1] == CLIENT_WRITE_HIGH_WATER,
+                    "the client side's limit to rise")
+        conn = client_sides()[0]
+        assert conn.transport.get_write_buffer_size() <= CLIENT_WRITE_HIGH_WATER + 256 * 1024
 
 
 async def test_a_side_that_pauses_gets_the_1_mib_limit() -> None:
@@ -499,14 +498,14 @@ async def test_early_data_past_64_kib_leaves_no_reading_client_unpaused(
     try:
         _, writer = await asyncio.open_connection(ip, 80)
         writer.write(b"x" * (200 * 1024))
-        conn = None
-        for _ in range(200):
-            conns = [c for c in proxy.conns if isinstance(c, ClientSide)]
-            if conns and conns[0].early_size >= tcp.EARLY_DATA_LIMIT:
-                conn = conns[0]
-                break
-            await asyncio.sleep(0.01)
-        assert conn is not None and not conn.transport.is_reading()
+        def client_sides() -> list[ClientSide]:
+            return [c for c in proxy.conns if isinstance(c, ClientSide)]
+
+        await until(lambda: client_sides() and
+                    client_sides()[0].early_size >= tcp.EARLY_DATA_LIMIT,
+                    "early data up to its limit")
+        conn = client_sides()[0]
+        assert not conn.transport.is_reading()
         conn.host = conn.upstream.pick()
         up = QueueingUp()
         up.protocol = side = UpstreamSide(conn)
@@ -805,10 +804,7 @@ async def connect_coroutine_at_the_end() -> tuple[str, list[dict], bool]:
         assert coro is not None
         writer.close()
         await writer.wait_closed()
-        for _ in range(100):
-            if conn.connecting is None:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: conn.connecting is None, "the connection to end")
         try:
             coro.send(None)
             finished = False
