@@ -47,3 +47,13 @@ def at_the_start_of_a_second() -> None:
     """Waits for a fresh second, so that what follows within ~0.5 s shares its stamps."""
     while time.time() % 1 > 0.1:
         time.sleep(0.01)
+
+
+def same_stamps(before: os.stat_result, after: os.stat_result) -> bool:
+    """Whether a rewrite left everything a stat shows as it was: the scenario these tests
+    need, which a slow moment can spoil by crossing into the next second (then retried)."""
+    return (after.st_mtime_ns, after.st_ctime_ns, after.st_size, after.st_ino) == (
+        before.st_mtime_ns, before.st_ctime_ns, before.st_size, before.st_ino)
+
+
+TRIES: int = 5  # fresh seconds to try a within-one-second scenario in
