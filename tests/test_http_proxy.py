@@ -1256,35 +1256,3 @@ async def test_large_bodies_byte_for_byte_and_no_reuse_after_an_unasked_response
         r = await client.get("/one/17000")  # the client connection is still in step
         assert r.body == pattern_body(17000, int(r.headers[b"x-seed"]))
         await client.close()
-
-
-async def test_a_body_queued_for_a_slow_client_survives_reads_for_others() -> None:
-    """Body bytes pass from the shared read buffer (mcsproxy/readbuffer.py) to the client
-    unparsed; bytes a slow client's transport queues keep that buffer, so the reads that
-    follow, for this response and for others, land elsewhere and it gets every byte."""
-    ScriptedBackend.connections = 0
-    size = 8_000_000
-    async with protocol_behind_proxy(ScriptedBackend, "127.38.9.1", "127.240.38.9", "slow"):
-        loop = asyncio.get_running_loop()
-        slow = socket.socket()
-        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # no autotuning either
-        slow.setblocking(False)
-        await loop.sock_connect(slow, ("127.240.38.9", 80))
-        await loop.sock_sendall(slow, f"GET /one/{size} HTTP/1.1\r\nHost: s\r\n\r\n".encode())
-        other = await RawClient.open("127.240.38.9", 80)
-        for served in range(1, 4):
-            await asyncio.sleep(0.05)  # the slow client's queue fills meanwhile
-            r = await other.get("/one/300000")
-            assert r.body == pattern_body(300000, served)
-        await other.close()
-        received = bytearray()
-        async with asyncio.timeout(20):
-            while b"\r\n\r\n" not in received or \
-                    len(received) - received.index(b"\r\n\r\n") - 4 < size:
-                chunk = await loop.sock_recv(slow, 1 << 16)
-                assert chunk, "closed early"
-                received += chunk
-        slow.close()
-        head, body = bytes(received).split(b"\r\n\r\n", 1)
-        assert b"X-Seed: 1" in head
-        assert body == pattern_body(size, 1)

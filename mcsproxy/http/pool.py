@@ -29,21 +29,16 @@ from mcsproxy.http.wire import (
     tail_bytes,
     transfer_codings,
 )
-from mcsproxy.readbuffer import READ
 
 if TYPE_CHECKING:
     from mcsproxy.http.engine import HttpEngine
-    from mcsproxy.http.server import ClientConnection, Exchange
+    from mcsproxy.http.server import Exchange
     from mcsproxy.upstream import Host, UpstreamSet
 
 log = logging.getLogger("mcsproxy.http")
 
 # Request bytes queued towards an endpoint before the client's reading pauses.
 UPSTREAM_WRITE_HIGH_WATER: Final = 256 * 1024
-# A read at least this big that begins with a response head passes the body after the
-# head on unparsed (pass_body); smaller ones go to the parser whole: looking for the end
-# of the head costs more than copying a small body.
-PASS_BODY_MIN: Final = 4096
 # Linux only; elsewhere the delayed-ACK stall below is left as it is.
 TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 
@@ -52,13 +47,11 @@ class StopParsing(Exception):
     """Raised from a parser callback to stop parsing a response nobody asked for."""
 
 
-class UpstreamConn(asyncio.BufferedProtocol):
-    """One connection to an endpoint; at most one request in flight on it. Read into the
-    shared READ buffer (mcsproxy/readbuffer.py)."""
+class UpstreamConn(asyncio.Protocol):
+    """One connection to an endpoint; at most one request in flight on it."""
 
     __slots__ = (
         "began",
-        "body_left",
         "chunked",
         "codings",
         "conn_close",
@@ -101,8 +94,6 @@ class UpstreamConn(asyncio.BufferedProtocol):
         # keep-alive race (the endpoint closed it idle), not a failure of the endpoint.
         self.reused = False
         self.began = False
-        # Of a Content-Length body passed on unparsed (pass_body): bytes still to come.
-        self.body_left = 0
         self.keep_alive = False
         self.parts: list[bytes] = []  # fields to forward: (name, ": ", value, CRLF) groups
         self.length: bytes | None = None
@@ -129,27 +120,12 @@ class UpstreamConn(asyncio.BufferedProtocol):
         self.transport.set_write_buffer_limits(UPSTREAM_WRITE_HIGH_WATER)
         self.sock = transport.get_extra_info("socket")
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return READ.view
-
-    def buffer_updated(self, nbytes: int) -> None:
-        data = READ.view[:nbytes]
-        self.received += nbytes
-        if self.body_left:
-            ex = self.exchange
-            if ex is None:  # given up on in the middle of its body: nobody reads the rest
-                self.dead = True
-                self.transport.abort()
-                return
-            self.pass_body(ex, data, 0)
-            self.flush_client(ex.client)
-            return
+    def data_received(self, data: bytes) -> None:
+        self.received += len(data)
         tunnel = self.tunnel
         if tunnel is not None:
             tunnel.idle = 0
             tunnel.transport.write(data)
-            if tunnel.transport.get_write_buffer_size():
-                READ.detach()
             return
         ex = self.exchange
         if ex is None and not self.discarding:
@@ -157,70 +133,27 @@ class UpstreamConn(asyncio.BufferedProtocol):
             self.dead = True
             self.transport.abort()
             return
-        head = 0
-        if nbytes >= PASS_BODY_MIN and ex is not None and not self.began:
-            head = READ.data.find(b"\r\n\r\n", 0, nbytes) + 4  # 3: not within this read
-        start = 0  # of what the parser is fed, in data (for the upgrade offset)
+        client = ex.client if ex is not None else None
         try:
-            if head > 3:
-                # A read that begins with a response head and goes on: the head goes to
-                # the parser, and a Content-Length body after it straight to the client,
-                # from this buffer. llhttp would hand the body over as a new bytes object
-                # (a copy), and the bytes read another.
-                self.parser.feed_data(data[:head])
-                assert ex is not None
-                if self.exchange is ex and self.length is not None and self.te is None \
-                        and not self.interim and ex.passes_body():
-                    self.body_left = int(self.length)
-                    self.pass_body(ex, data, head)
-                else:
-                    start = head
-                    self.parser.feed_data(data[head:])
-            else:
-                self.parser.feed_data(data)
+            self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
-            upgrading = self.exchange
-            if upgrading is not None:
-                upgrading.upgraded(self, bytes(data[start + exc.args[0]:]))
+            ex = self.exchange
+            if ex is not None:
+                ex.upgraded(self, data[exc.args[0]:])
         except HttpParserError as exc:
             self.fail(f"malformed response ({exc})")
         if self.tail >= 0:
-            self.count_tail(nbytes)
+            self.count_tail(len(data))
         if self.began and self.exchange is not None:
             self.ack_now()
         if self.discarding:  # the unwanted response did not end within this read
             self.discarding = False
             self.dead = True
             self.transport.abort()
-        if ex is not None:
-            self.flush_client(ex.client)
-
-    def pass_body(self, ex: Exchange, data: memoryview, start: int) -> None:
-        """Body bytes of a Content-Length response from `start` on go to the client as
-        they are; at its end the next response starts with a fresh parser (this one still
-        waits for the body it was not given), which is fed whatever followed the body in
-        this read: a second response nobody asked for fails the connection as ever."""
-        end = len(data)
-        take = min(end - start, self.body_left)
-        if take:
-            ex.client.out.append(data[start:start + take])
-        self.body_left -= take
-        if self.body_left:
-            self.ack_now()
-            return
-        self.parser = HttpResponseParser(self)
-        self.on_message_complete()
-        if start + take < end:
-            self.parser.feed_data(data[start + take:])
-
-    def flush_client(self, client: ClientConnection) -> None:
-        """Write what this read gave the client; bytes of READ the client's transport
-        could not send at once keep READ (see mcsproxy/readbuffer.py)."""
-        client.idle = 0
-        if client.out:
-            client.flush()
-            if not client.closed and client.transport.get_write_buffer_size():
-                READ.detach()
+        if client is not None:
+            client.idle = 0
+            if client.out:
+                client.flush()
 
     def fold(self) -> tuple[int, int]:
         """Add the bytes since the last fold to the cluster's counters; (sent, received)."""

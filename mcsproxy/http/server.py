@@ -211,8 +211,7 @@ class ClientConnection(asyncio.Protocol):
         # The latest request parsed, until it is answered on a connection that stays
         # open: an idle keep-alive connection holds no request.
         self.last: Exchange | None = None
-        # Bytes, or views of READ for a body passed on unparsed (UpstreamConn.pass_body).
-        self.out: list[bytes | memoryview] = []
+        self.out: list[bytes] = []
         # Small chunks of this read's request body (see on_body), made by the first one.
         self.chunks: list[bytes] | None = None
         self.paused = 0
@@ -1392,12 +1391,6 @@ class Exchange:
         if stop:
             up.skip_body()
             self.response_done(up)
-
-    def passes_body(self) -> bool:
-        """Whether the response under way goes to the client as the endpoint frames its
-        body (not re-chunked): its body bytes then go to `client.out` as they are read,
-        as response_body would put them."""
-        return self.resp_started and not self.resp_done and self.resp_mode == RAW
 
     def response_body(self, data: bytes) -> None:
         out = self.client.out

@@ -34,7 +34,6 @@ from types import CoroutineType
 from typing import Any, Final
 
 from mcsproxy.proxy.context import ListenerContext
-from mcsproxy.readbuffer import READ
 from mcsproxy.upstream import Host, UpstreamSet
 from mcsproxy.upstream.upstream_set import CONNECT_VERDICT_DELAY_S
 
@@ -55,6 +54,31 @@ EARLY_DATA_LIMIT: Final = 64 * 1024
 # read (callgrind, 1600 short connections: 162k -> 179k per connection when every side
 # was a BufferedProtocol) while bulk data gains most (4.3M -> 2.8M per MiB each way).
 BULK_READ_BYTES: Final = 64 * 1024
+# Bytes read from a socket at once, into the shared read buffer.
+READ_BUFFER_BYTES: Final = 256 * 1024
+
+
+class ReadBuffer:
+    """The one receive buffer every bulk reader of the process reads into.
+
+    A read hands the bytes to the other side's transport.write at once, in the same
+    callback, so one buffer serves every connection: no bytes object is allocated and
+    filled per read. When that transport could not send everything and queued the rest,
+    the queue still points into this memory; `detach` gives it to the transport and
+    takes a fresh buffer for the next read (only under backpressure).
+    """
+
+    __slots__ = ("view",)
+
+    def __init__(self) -> None:
+        self.view = memoryview(bytearray(READ_BUFFER_BYTES))
+
+    def detach(self) -> None:
+        self.view = memoryview(bytearray(READ_BUFFER_BYTES))
+
+
+READ: Final = ReadBuffer()
+
 # SO_LINGER on with a zero timeout: close() sends a RST instead of a FIN.
 LINGER_RESET: Final = struct.pack("ii", 1, 0)
 
