@@ -17,11 +17,15 @@ With --baseline REV a second gateway runs the mcsproxy package of git revision R
 (extracted with git archive and compiled as `make build` does, pinned like the first) in
 the same repetitions, so a change is measured before and after against the same peers.
 An A/A run (the same code in both slots, 5 repetitions) differed by 18 % in 64 KiB CPU
-per request here: smaller effects need bench/http/micro.py's instruction counts.
+per request here, and two gateway processes of the same code differ by 0-6 % in rate
+depending on which started first: --fresh starts both gateways anew before every
+repetition, the order alternating, so that a process's luck becomes noise the medians
+absorb instead of a bias; the results then add mcsproxy / before per repetition.
+Instruction counts (bench/http/micro.py) are deterministic but not time: check both.
 Results: bench/results/http.md and http.json (or --out DIR).
 
     .venv/bin/python bench/http/run.py            # 3 repetitions
-    .venv/bin/python bench/http/run.py --baseline 5209414
+    .venv/bin/python bench/http/run.py --baseline 5209414 --fresh
     .venv/bin/python bench/http/run.py --smoke    # seconds; proves it still runs
     .venv/bin/python bench/http/run.py --workers-only  # rewrite only the scaling line
 """
@@ -41,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -352,6 +357,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--baseline", metavar="REV",
                     help="also measure the mcsproxy package of this git revision")
+    ap.add_argument("--fresh", action="store_true",
+                    help="start the gateways under test anew before every repetition")
     ap.add_argument("--workers-only", action="store_true",
                     help="measure only --workers 2 scaling; rewrite that line of the results")
     args = ap.parse_args()
@@ -371,10 +378,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="mcsbench-http-") as run:
         try:
             targets = start_all(procs, Path(run), args.baseline)
-            results = measure(targets, reps, secs, idle)
+            restart = (lambda rep: restart_gateways(procs, targets, rep)) if args.fresh else None
+            results = measure(targets, reps, secs, idle, restart)
         finally:
             procs.stop()
-    results["baseline"] = args.baseline
+    # The commit, not a name that moves (HEAD, a branch): the results must say what ran.
+    results["baseline"] = args.baseline and subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", args.baseline],
+        capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    results["fresh"] = args.fresh
     write(out, results, args.smoke, reps, secs)
     return 0
 
@@ -383,7 +395,7 @@ def start_mcsproxy(procs: tcp.Procs, run: Path, name: str, ip: str, workers: int
                    core: str, cwd: Path | None = None) -> int:
     """`cwd`: a directory holding another mcsproxy package (`python -m` imports it first)."""
     src = run / name
-    src.mkdir()
+    src.mkdir(exist_ok=True)  # a restart (--fresh) reuses it
     (src / "svc.yaml").write_text(SERVICE_YAML.format(name=name, ip=ip, port=BACKEND[1],
                                                       bip=BACKEND[0], bport=BACKEND[1]))
     p = procs.start(core, sys.executable, "-m", "mcsproxy", "gateway", "--cluster-id", "local",
@@ -419,21 +431,41 @@ def start_all(procs: tcp.Procs, run: Path, baseline: str | None = None,
     (run / "proxy.conf").write_text(NGINX_PROXY_CONF.format(port=PORTS["nginx"], **fmt))
     procs.start(PROXY_CORE, "nginx", "-c", str(run / "proxy.conf"), "-p", str(run))
     mcs = start_mcsproxy(procs, run, "one", MCS_IP, 1, PROXY_CORE)
+    restartable = {"mcsproxy": (run, "one", MCS_IP, None)}
     targets["haproxy"] = {"ip": "127.0.0.1", "port": PORTS["haproxy"], "pid": hp.pid}
     targets["nginx"] = {"ip": "127.0.0.1", "port": PORTS["nginx"], "pid": None}
-    targets["mcsproxy"] = {"ip": MCS_IP, "port": BACKEND[1], "pid": mcs}
+    targets["mcsproxy"] = {"ip": MCS_IP, "port": BACKEND[1], "pid": mcs,
+                           "start": restartable["mcsproxy"]}
     if baseline:
         base = run / "baseline"
         base.mkdir()
         extract_revision(baseline, base)
         pid = start_mcsproxy(procs, run, "base", MCS_BASE_IP, 1, PROXY_CORE, cwd=base)
-        targets["baseline"] = {"ip": MCS_BASE_IP, "port": BACKEND[1], "pid": pid}
+        targets["baseline"] = {"ip": MCS_BASE_IP, "port": BACKEND[1], "pid": pid,
+                               "start": (run, "base", MCS_BASE_IP, base)}
     started(procs, run, targets)
     # nginx's master forks the worker that serves: measure the worker.
     master = int((run / "proxy.pid").read_text())
     workers = children(master)
     targets["nginx"]["pid"] = workers[0] if workers else master
     return targets
+
+
+def restart_gateways(procs: tcp.Procs, targets: dict[str, dict[str, object]],
+                     rep: int) -> None:
+    """--fresh: stop the gateways under test and start them again, which one first
+    alternating by repetition; their pids in `targets` follow."""
+    names = [n for n in ("mcsproxy", "baseline") if n in targets]
+    for name in names:
+        pid = targets[name]["pid"]
+        for proc in [p for p in procs.procs if p.pid == pid]:
+            procs.stop_one(proc)
+    for name in names if rep % 2 == 0 else names[::-1]:
+        start: tuple[Path, str, str, Path | None] = targets[name]["start"]  # type: ignore[assignment]
+        run, slot, ip, cwd = start
+        targets[name]["pid"] = start_mcsproxy(procs, run, slot, ip, 1, PROXY_CORE, cwd=cwd)
+        tcp.wait_port(ip, BACKEND[1])
+    time.sleep(0.5)  # as `started`: the first health checks and pool connections settle
 
 
 def extract_revision(rev: str, into: Path) -> None:
@@ -474,11 +506,13 @@ def started(procs: tcp.Procs, run: Path,
 
 
 def measure(targets: dict[str, dict[str, object]], reps: int, secs: float,
-            idle: int) -> dict[str, object]:
+            idle: int, restart: Callable[[int], None] | None = None) -> dict[str, object]:
     names = [n for n in targets if not n.startswith("_")]
     fixed_s = min(secs, FIXED_SECONDS)
     runs: list[dict[str, object]] = []
     for rep in range(reps):
+        if restart is not None and rep:
+            restart(rep)
         order = names[rep % len(names):] + names[:rep % len(names)]  # alternate who goes first
         row: dict[str, object] = {}
         for size, path in SIZES.items():
@@ -579,6 +613,21 @@ def write(out: Path, results: dict[str, object], smoke: bool, reps: int, secs: f
                              ("p99_us", "p99 µs at fixed rate"),
                              ("cpu_us_per_req", "proxy CPU µs/req at fixed rate")):
             add_row(f"fixed/{size}", size, field, label)
+    if base:
+        # The change itself: mcsproxy against the baseline in each repetition, medians and
+        # the lowest and highest (an A/A run of this shows the noise floor).
+        pairs = []
+        for size in SIZES:
+            for field, label in (("req_s", "req/s"), ("cpu_us_per_req", "CPU per request")):
+                r = tcp.ratios(runs, f"{size}/mcsproxy", f"{size}/baseline", field)
+                if r:
+                    pairs.append(f"{size} {label} {statistics.median(r):.3f}x "
+                                 f"({min(r):.3f}-{max(r):.3f})")
+        summary["mcsproxy_vs_baseline"] = pairs
+        lines += ["", "mcsproxy / before, per repetition (median, lowest-highest"
+                  + ("; both gateways started anew before each repetition, the order "
+                     "alternating" if results.get("fresh") else "") + "): "
+                  + ", ".join(pairs) + "."]
     rates = {size: tcp.median(runs, f"fixed/{size}/mcsproxy", "rate") for size in SIZES}
     mem: dict[str, float] = results["idle_bytes_per_conn"]  # type: ignore[assignment]
     scaling: dict[str, object] = results["scaling"]  # type: ignore[assignment]
