@@ -28,10 +28,11 @@ from importlib.machinery import ModuleSpec
 from pathlib import Path
 from types import ModuleType
 
-# The HTTP data path, the endpoint choice and the counters they bump: per-request work,
-# nothing else. The TCP proxy (proxy/tcp.py, context.py) stays interpreted: compiled it
-# ran 6 % fewer instructions per connection but cost ~4 % more CPU per connection in wrk
-# A/B runs against an A/A baseline (see the commit that took it out).
+# The HTTP and TCP data paths, the endpoint choice and the counters they bump: per-request
+# and per-connection work, nothing else. The TCP proxy (proxy/tcp.py, context.py) was left
+# out once on an A/B run that two gateway processes of the same code differ by as much;
+# with both started anew each repetition it gains 3.2-3.4 % connections per second (see
+# the commit that put it back).
 MODULES = (
     "mcsproxy.http.server",
     "mcsproxy.http.pool",
@@ -40,6 +41,8 @@ MODULES = (
     "mcsproxy.upstream.upstream_set",
     "mcsproxy.upstream.balance",
     "mcsproxy.observability.stats",
+    "mcsproxy.proxy.tcp",
+    "mcsproxy.proxy.context",
 )
 INTERPRETED_ENV = "MCSPROXY_INTERPRETED"
 PACKAGE_DIR = Path(__file__).resolve().parent

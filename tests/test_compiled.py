@@ -65,7 +65,7 @@ def test_state_follows_what_was_compiled(tmp_path: Path,
     # code calls the modules of its own list natively.
     record = json.loads((package / compiled.SOURCES_FILE).read_text())
     (package / compiled.SOURCES_FILE).write_text(json.dumps(
-        {**record, "mcsproxy.proxy.tcp": "0" * 64}))
+        {**record, "mcsproxy.proxy.udp": "0" * 64}))
     kind, why = compiled.state(package)
     assert kind == "interpreted" and why.startswith("the list of compiled modules changed")
 

@@ -17,7 +17,15 @@ from mcsproxy.config import HealthConfig, OutlierConfig
 from mcsproxy.model import LOCALITY_ANNOTATION, ServicePort
 from mcsproxy.proxy import tcp
 from mcsproxy.proxy.manager import ProxyManager
-from tests.proxy_fixtures import Backend, Clusterset, ask, endpoint, free_port, until
+from tests.proxy_fixtures import (
+    Backend,
+    Clusterset,
+    ask,
+    endpoint,
+    free_port,
+    patches_data_path,
+    until,
+)
 
 WEB = ServicePort("web", "TCP", 80)
 
@@ -209,6 +217,7 @@ async def served_through_a_stall() -> tuple[str, list[tuple[int, int, int]]]:
 
 
 @pytest.mark.parametrize("run", [uvloop.run, asyncio.run], ids=["uvloop", "asyncio"])
+@patches_data_path
 def test_a_connect_done_during_a_loop_stall_is_not_a_timeout(
         run, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     # The loop stalls (a GC pause, a burst of work) right after the first connect starts,
@@ -481,6 +490,7 @@ class QueueingUp:
     def abort(self) -> None: ...
 
 
+@patches_data_path
 async def test_early_data_past_64_kib_leaves_no_reading_client_unpaused(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Early data fills the upstream's queue past uvloop's default 64 KiB as the connect
