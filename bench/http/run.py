@@ -431,11 +431,11 @@ def start_all(procs: tcp.Procs, run: Path, baseline: str | None = None,
     (run / "proxy.conf").write_text(NGINX_PROXY_CONF.format(port=PORTS["nginx"], **fmt))
     procs.start(PROXY_CORE, "nginx", "-c", str(run / "proxy.conf"), "-p", str(run))
     mcs = start_mcsproxy(procs, run, "one", MCS_IP, 1, PROXY_CORE)
-    restartable = {"mcsproxy": (run, "one", MCS_IP, None)}
     targets["haproxy"] = {"ip": "127.0.0.1", "port": PORTS["haproxy"], "pid": hp.pid}
     targets["nginx"] = {"ip": "127.0.0.1", "port": PORTS["nginx"], "pid": None}
+    # "start": what restart_gateways (--fresh) needs to start it again.
     targets["mcsproxy"] = {"ip": MCS_IP, "port": BACKEND[1], "pid": mcs,
-                           "start": restartable["mcsproxy"]}
+                           "start": (run, "one", MCS_IP, None)}
     if baseline:
         base = run / "baseline"
         base.mkdir()
