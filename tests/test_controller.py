@@ -673,19 +673,28 @@ async def test_output_edited_within_the_timestamp_tick_of_our_write_is_written_a
     the bytes tell. It used to stay in OUT, served by any gateway reading it, for good."""
     clusters, _ = a_exports_to_b(tmp_path)
     with coarse_timestamps_dir(tmp_path) as mnt:
-        out = mnt / "out"
-        at_the_start_of_a_second()
-        async with Running(clusters, out) as app:
-            wanted = read_out(out, "b")
-            [slice_file] = (out / "b").glob("endpointslice_*.yaml")
-            before = slice_file.stat()
-            edit_in_place_keeping_mtime(slice_file, b"127.0.1.1", b"127.0.6.6")
-            after = slice_file.stat()
-            assert (after.st_mtime_ns, after.st_ctime_ns, after.st_size, after.st_ino) == (
-                before.st_mtime_ns, before.st_ctime_ns, before.st_size, before.st_ino)
-            await until(lambda: read_out(out, "b") == wanted, timeout=3.5)  # 3 checks
-            assert app.metrics.registry.get_sample_value(
-                "mcsproxy_controller_drift_repairs_total", {"cluster": "b"}) == 1
+        for attempt in range(TRIES):
+            # A controller of its own each try, from its first write.
+            if await edited_in_our_tick_is_repaired(clusters, mnt / f"out{attempt}"):
+                return
+        pytest.fail(f"each of {TRIES} tries crossed a second")
+
+
+async def edited_in_our_tick_is_repaired(clusters: Path, out: Path) -> bool:
+    """The scenario above once; False when a slow moment crossed into the next second
+    between our write and the edit (then it was not the scenario)."""
+    at_the_start_of_a_second()
+    async with Running(clusters, out) as app:
+        wanted = read_out(out, "b")
+        [slice_file] = (out / "b").glob("endpointslice_*.yaml")
+        before = slice_file.stat()
+        edit_in_place_keeping_mtime(slice_file, b"127.0.1.1", b"127.0.6.6")
+        if not same_stamps(before, slice_file.stat()):
+            return False
+        await until(lambda: read_out(out, "b") == wanted, timeout=3.5)  # 3 checks
+        assert app.metrics.registry.get_sample_value(
+            "mcsproxy_controller_drift_repairs_total", {"cluster": "b"}) == 1
+        return True
 
 
 async def test_output_edited_before_our_write_was_stat_ed_is_reported(
