@@ -96,7 +96,11 @@ async def test_a_renewal_answered_late_does_not_stretch_the_term_past_the_lease(
     # deadline to T + delay + renew deadline: the standby may lead from T + lease duration.
     # Whole seconds: the Lease records its duration rounded up.
     timings = {"lease_duration_s": 1.0, "renew_deadline_s": 0.8, "retry_period_s": 0.05}
-    delay = 0.65  # within the attempt's timeout, so the renewal counts as made
+    # Within the attempt's timeout, so the renewal counts as made; and 0.3 s short of the
+    # renew deadline, so the renewal before it (a retry period earlier, later under load:
+    # 0.16 s once in a full run) has not ended the term by the time the answer comes. A
+    # term stretched from the answer would still end 0.3 s past the standby's start.
+    delay = 0.5
     state: dict[str, Any] = {"armed": False, "cut": None}
 
     def policy(method: str, path: str) -> Any:
