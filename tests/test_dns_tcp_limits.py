@@ -11,6 +11,7 @@ import dnslib
 
 from mcsproxy.dns.server import TCP_WRITE_HIGH_WATER
 from tests.dns_support import make_query, running_dns
+from tests.proxy_fixtures import until
 from tests.test_dns_forward import upstream
 
 QUERY = make_query("myservice.test.svc.clusterset.local.")
@@ -38,13 +39,6 @@ async def answered_on_a_new_connection(addr: tuple[str, int]) -> bool:
         return await answered(reader, writer)
     finally:
         writer.close()
-
-
-async def until(predicate, what: str, timeout: float = 3.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, what
-        await asyncio.sleep(0.02)
 
 
 async def test_a_client_that_never_reads_holds_bounded_answers_and_is_dropped() -> None:
@@ -80,7 +74,7 @@ async def test_a_client_that_never_reads_holds_bounded_answers_and_is_dropped() 
         assert sent > 10 * TCP_WRITE_HIGH_WATER
         # It sends nothing more: dropped at the idle timeout (a close would wait forever
         # for it to read), and its slot is free again.
-        await until(lambda: not dns._connections, "the non-reader was not dropped")
+        await until(lambda: not dns._connections, "the non-reader to be dropped", 3.0)
         sock.close()
         assert await answered_on_a_new_connection(dns.bound)
 
@@ -107,7 +101,7 @@ async def test_one_client_address_holds_at_most_a_quarter_of_the_connections() -
         other = await open_from(dns.bound, "127.0.0.2")
         assert await answered(*other)
         mine[0][1].close()
-        await until(lambda: len(dns._connections) == 2, "a connection was not released")
+        await until(lambda: len(dns._connections) == 2, "a connection to be released", 3.0)
         assert await answered_on_a_new_connection(dns.bound)  # a slot for it again
         for _, writer in (*mine, other):
             writer.close()

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,6 +23,7 @@ from tests.fs_support import (
     coarse_timestamps_dir,
     same_stamps,
 )
+from tests.proxy_fixtures import until
 
 POLL_S = 0.02
 WAIT_S = 5.0
@@ -51,11 +52,7 @@ class Watcher:
             raise AssertionError(f"no snapshot where {what}") from None
 
 
-async def until_true(cond: Callable[[], bool], what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + WAIT_S
-    while not cond():
-        assert asyncio.get_running_loop().time() < deadline, what
-        await asyncio.sleep(POLL_S)
+until_true = functools.partial(until, timeout=WAIT_S)
 
 
 def addresses(snapshot: Snapshot) -> list[str]:

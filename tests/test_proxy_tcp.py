@@ -376,6 +376,10 @@ class Flood(asyncio.Protocol):
         self.paused.set()
 
 
+def client_sides(proxy: ProxyManager) -> list[tcp.ClientSide]:
+    return [c for c in proxy.conns if isinstance(c, tcp.ClientSide)]
+
+
 @contextlib.asynccontextmanager
 async def client_that_never_reads(
         endpoint_protocol: Callable[[], asyncio.Protocol], host: str,
@@ -401,13 +405,13 @@ async def client_that_never_reads(
 
 
 async def test_backpressure_bounds_what_the_proxy_buffers() -> None:
-    from mcsproxy.proxy.tcp import CLIENT_WRITE_HIGH_WATER, ClientSide
+    from mcsproxy.proxy.tcp import CLIENT_WRITE_HIGH_WATER
 
     paused = asyncio.Event()
     async with client_that_never_reads(lambda: Flood(paused), "127.38.1.1",
                                        "127.240.38.1") as proxy:
         await asyncio.wait_for(paused.wait(), 10)
-        conn = next(c for c in proxy.conns if isinstance(c, ClientSide))
+        conn = client_sides(proxy)[0]
         assert conn.transport.get_write_buffer_size() <= CLIENT_WRITE_HIGH_WATER + 256 * 1024
 
 
@@ -421,22 +425,19 @@ class Burst(asyncio.Protocol):
 async def test_write_limit_rises_to_1_mib_at_the_first_pause() -> None:
     """Short connections never set their limits; one that queues data for a client that
     reads slowly must still get the 1 MiB limit, not uvloop's 64 KiB (bulk throughput)."""
-    from mcsproxy.proxy.tcp import CLIENT_WRITE_HIGH_WATER, ClientSide
+    from mcsproxy.proxy.tcp import CLIENT_WRITE_HIGH_WATER
 
     async with client_that_never_reads(Burst, "127.38.1.2", "127.240.38.2") as proxy:
-        def client_sides() -> list[ClientSide]:
-            return [c for c in proxy.conns if isinstance(c, ClientSide)]
-
-        await until(lambda: client_sides() and client_sides()[0].transport
+        await until(lambda: client_sides(proxy) and client_sides(proxy)[0].transport
                     .get_write_buffer_limits()[1] == CLIENT_WRITE_HIGH_WATER,
                     "the client side's limit to rise")
-        conn = client_sides()[0]
+        conn = client_sides(proxy)[0]
         assert conn.transport.get_write_buffer_size() <= CLIENT_WRITE_HIGH_WATER + 256 * 1024
 
 
 async def test_a_side_that_pauses_gets_the_1_mib_limit() -> None:
     """Without a bulk read (data in small reads), the first pause raises the limit."""
-    from mcsproxy.proxy.tcp import CLIENT_WRITE_HIGH_WATER, UPSTREAM_WRITE_HIGH_WATER, ClientSide
+    from mcsproxy.proxy.tcp import CLIENT_WRITE_HIGH_WATER, UPSTREAM_WRITE_HIGH_WATER
 
     backends = await start_backends({"east": 1}, 164)
     cs = Clusterset("east")
@@ -446,7 +447,7 @@ async def test_a_side_that_pauses_gets_the_1_mib_limit() -> None:
     try:
         reader, writer = await asyncio.open_connection(ip, 80)
         await reader.readline()  # connected through
-        conn = next(c for c in proxy.conns if isinstance(c, ClientSide))
+        conn = client_sides(proxy)[0]
         assert conn.up is not None
         assert conn.transport.get_write_buffer_limits()[1] < CLIENT_WRITE_HIGH_WATER
         conn.pause_writing()
@@ -508,13 +509,10 @@ async def test_early_data_past_64_kib_leaves_no_reading_client_unpaused(
     try:
         _, writer = await asyncio.open_connection(ip, 80)
         writer.write(b"x" * (200 * 1024))
-        def client_sides() -> list[ClientSide]:
-            return [c for c in proxy.conns if isinstance(c, ClientSide)]
-
-        await until(lambda: client_sides() and
-                    client_sides()[0].early_size >= tcp.EARLY_DATA_LIMIT,
+        await until(lambda: client_sides(proxy) and
+                    client_sides(proxy)[0].early_size >= tcp.EARLY_DATA_LIMIT,
                     "early data up to its limit")
-        conn = client_sides()[0]
+        conn = client_sides(proxy)[0]
         assert not conn.transport.is_reading()
         conn.host = conn.upstream.pick()
         up = QueueingUp()
@@ -796,8 +794,6 @@ def test_a_reset_reaches_the_other_side_as_a_reset(run) -> None:  # type: ignore
 
 
 async def connect_coroutine_at_the_end() -> tuple[str, list[dict], bool]:
-    from mcsproxy.proxy.tcp import ClientSide
-
     loop = asyncio.get_running_loop()
     errors: list[dict] = []
     loop.set_exception_handler(lambda _, context: errors.append(context))
@@ -809,7 +805,7 @@ async def connect_coroutine_at_the_end() -> tuple[str, list[dict], bool]:
     try:
         reader, writer = await asyncio.open_connection(ip, 80)
         line = await reader.readline()
-        conn = next(c for c in proxy.conns if isinstance(c, ClientSide))
+        conn = client_sides(proxy)[0]
         coro = conn.connecting  # adopted: left at its last step
         assert coro is not None
         writer.close()
