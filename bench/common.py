@@ -19,6 +19,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from mcsproxy.compiled import interpreter
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 HZ = os.sysconf("SC_CLK_TCK")
@@ -127,7 +129,7 @@ def cpu_model() -> str:
 def machine() -> dict[str, object]:
     """What the results were measured on (named in every summary)."""
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "arch": platform.machine(),
-            "kernel": platform.release(), "python": sys.version.split()[0]}
+            "kernel": platform.release(), "python": interpreter()}
 
 
 def peer_versions() -> dict[str, str]:

@@ -22,6 +22,7 @@ import importlib.machinery
 import importlib.util
 import json
 import os
+import platform
 import sys
 from collections.abc import Sequence
 from importlib.machinery import ModuleSpec
@@ -114,6 +115,13 @@ class SourceFirstFinder:
         if not source.exists():  # a package (its __init__.py), or a wheel without sources
             return None
         return importlib.util.spec_from_file_location(fullname, source)
+
+
+def interpreter() -> str:
+    """The CPython running this process, for the start-up log and /api/status: the same
+    data path runs 8-16 % faster on a PGO+LTO build (distribution packages, the python
+    images) than on a plain source build such as pyenv's default (README, Development)."""
+    return f"{platform.python_version()} ({os.path.realpath(sys.executable)})"
 
 
 def install() -> str:

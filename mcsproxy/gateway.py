@@ -128,9 +128,9 @@ class Gateway:
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self.request_stop)
         await self.start()
-        log.info("gateway started cluster_id=%s sources=%s data_path=%s (%s)",
+        log.info("gateway started cluster_id=%s sources=%s data_path=%s (%s) python=%s",
                  self.config.cluster_id, ",".join(self.config.sources), compiled.STATE,
-                 compiled.REASON)
+                 compiled.REASON, compiled.interpreter())
         try:
             await self._stop.wait()
         finally:

@@ -4,6 +4,8 @@ the demo relay, and `mcsproxy status` printing the same as a table."""
 from __future__ import annotations
 
 import asyncio
+import os
+import platform
 import socket
 import sys
 import time
@@ -52,6 +54,10 @@ async def test_config_dump_endpoints_explain_and_status(tmp_path: Path) -> None:
         gateway_row = (await gw.get_json("/api/status"))["gateway"]
         assert gateway_row["active_connections"] == 1
         assert type(gateway_row["active_connections"]) is int
+        # Which CPython runs it: its speed depends on how that was built (PGO, LTO).
+        version, executable = gateway_row["python"].split(" ", 1)
+        assert version == platform.python_version()
+        assert os.path.samefile(executable.strip("()"), sys.executable)
         writer.close()
         await writer.wait_closed()
         rows = (await gw.get_json("/endpoints"))["endpoints"]

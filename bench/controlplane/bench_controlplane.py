@@ -46,6 +46,7 @@ from controlplane.metrics import ControllerMetrics  # noqa: E402
 from controlplane.resources import ObjectRef, parse_member_object  # noqa: E402
 from controlplane.server import ControllerServer  # noqa: E402
 from controlplane.stream import StreamHub  # noqa: E402
+from mcsproxy.compiled import interpreter  # noqa: E402
 from mcsproxy.dns.zone import ZoneIndex  # noqa: E402
 from mcsproxy.model import ServiceKey, Snapshot  # noqa: E402
 from mcsproxy.sources.controlplane import ControlplaneSource  # noqa: E402
@@ -353,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / f"{stem}.md").write_text(report(rows, pinned))
     (out / f"{stem}.json").write_text(json.dumps({
         "machine": {"arch": platform.machine(), "cores": os.cpu_count(),
-                    "python": platform.python_version(), "pinned_core": 1 if pinned else None},
+                    "python": interpreter(), "pinned_core": 1 if pinned else None},
         "rows": rows,
         "median_applied_p99_ms": statistics.median(r["applied_p99_ms"] for r in rows),
     }, indent=2))

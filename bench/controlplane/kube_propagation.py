@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from controlplane.clusters.kube import KubeClusterClient, KubeTimings  # noqa: E402
 from controlplane.controller import Controller  # noqa: E402
 from controlplane.reconcile import slice_name_prefix  # noqa: E402
+from mcsproxy.compiled import interpreter  # noqa: E402
 from mcsproxy.model import ServiceKey  # noqa: E402
 from mcsproxy.tasks import cancel_and_wait, spawn  # noqa: E402
 from tests.kube_emulator import KubeEmulator  # noqa: E402
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = "kube-propagation-smoke" if args.smoke else "kube-propagation"
     (out / f"{stem}.json").write_text(json.dumps(
         {"rows": rows, "median": summary, "pinning": pinned,
-         "python": platform.python_version()}, indent=2) + "\n")
+         "python": interpreter()}, indent=2) + "\n")
     text = report(rows, summary, pinned)
     (out / f"{stem}.md").write_text(text)
     print(text)

@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import LOAD_CORE, cpu_seconds, version  # noqa: E402
+from bench.common import LOAD_CORE, cpu_seconds, interpreter, version  # noqa: E402
 from bench.common import PROXY_CORE as SERVER_CORE  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -192,7 +192,7 @@ def write_results(out_dir: Path, runs: list[dict[str, dict[str, float]]], names:
         "knot": version(["knotd", "--version"]),
         "dnsdist": version(["dnsdist", "--version"]),
         "dnsperf": version(["sh", "-c", "dnsperf -h 2>&1 | grep -i version || true"]),
-        "python": sys.version.split()[0],
+        "python": interpreter(),
     }
     machine = (f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, "
                f"{platform.platform()}")

@@ -16,6 +16,9 @@ share the listener and the measurement.
 With --baseline REV a second gateway runs the mcsproxy package of git revision REV
 (extracted with git archive and compiled as `make build` does, pinned like the first) in
 the same repetitions, so a change is measured before and after against the same peers.
+--baseline-python PATH runs that second gateway (this tree's, or REV's compiled by PATH)
+with another interpreter, a venv's python holding mcsproxy's dependencies: how CPython was
+built (PGO, LTO) moves every figure here (README, Development).
 An A/A run (the same code in both slots, 5 repetitions) differed by 18 % in 64 KiB CPU
 per request here, and two gateway processes of the same code differ by 0-6 % in rate
 depending on which started first: --fresh starts both gateways anew before every
@@ -26,6 +29,7 @@ Results: bench/results/http.md and http.json (or --out DIR).
 
     .venv/bin/python bench/http/run.py            # 3 repetitions
     .venv/bin/python bench/http/run.py --baseline 5209414 --fresh
+    .venv/bin/python bench/http/run.py --baseline-python /other/venv/bin/python --fresh
     .venv/bin/python bench/http/run.py --smoke    # seconds; proves it still runs
     .venv/bin/python bench/http/run.py --workers-only  # rewrite only the scaling line
 """
@@ -55,7 +59,7 @@ tcp = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(tcp)  # shared helpers: Procs, cpu_seconds, wait_port, medians
 
 LOAD_CORE, PROXY_CORE = tcp.LOAD_CORE, tcp.PROXY_CORE
-from bench.common import on_load_core  # noqa: E402  (importable once tcp set sys.path)
+from bench.common import interpreter, on_load_core  # noqa: E402  (importable once tcp set sys.path)
 from bench.http.openloop import fixed_rate  # noqa: E402
 
 BACKEND = ("127.0.0.1", 18481)  # own ports: other benches use 8081 with reuseport
@@ -357,6 +361,9 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--baseline", metavar="REV",
                     help="also measure the mcsproxy package of this git revision")
+    ap.add_argument("--baseline-python", metavar="PATH",
+                    help="run the baseline (--baseline, or this tree) with this interpreter: "
+                         "another venv's python with mcsproxy's dependencies")
     ap.add_argument("--fresh", action="store_true",
                     help="start the gateways under test anew before every repetition")
     ap.add_argument("--workers-only", action="store_true",
@@ -377,7 +384,7 @@ def main() -> int:
     procs = tcp.Procs()
     with tempfile.TemporaryDirectory(prefix="mcsbench-http-") as run:
         try:
-            targets = start_all(procs, Path(run), args.baseline)
+            targets = start_all(procs, Path(run), args.baseline, args.baseline_python)
             restart = (lambda rep: restart_gateways(procs, targets, rep)) if args.fresh else None
             results = measure(targets, reps, secs, idle, restart)
         finally:
@@ -386,19 +393,22 @@ def main() -> int:
     results["baseline"] = args.baseline and subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short", args.baseline],
         capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    if args.baseline_python:
+        results["baseline_python"] = targets["baseline"]["python"]
     results["fresh"] = args.fresh
     write(out, results, args.smoke, reps, secs)
     return 0
 
 
 def start_mcsproxy(procs: tcp.Procs, run: Path, name: str, ip: str, workers: int,
-                   core: str, cwd: Path | None = None) -> int:
-    """`cwd`: a directory holding another mcsproxy package (`python -m` imports it first)."""
+                   core: str, cwd: Path | None = None, python: str = sys.executable) -> int:
+    """`cwd`: a directory holding another mcsproxy package (`python -m` imports it first);
+    `python`: the interpreter that runs it."""
     src = run / name
     src.mkdir(exist_ok=True)  # a restart (--fresh) reuses it
     (src / "svc.yaml").write_text(SERVICE_YAML.format(name=name, ip=ip, port=BACKEND[1],
                                                       bip=BACKEND[0], bport=BACKEND[1]))
-    p = procs.start(core, sys.executable, "-m", "mcsproxy", "gateway", "--cluster-id", "local",
+    p = procs.start(core, python, "-m", "mcsproxy", "gateway", "--cluster-id", "local",
                     "--source", f"file:{src}", "--log-level", "warning",
                     "--dns-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
                     "--health-http-path", "/small", "--http-cluster-header", "x-mcs-cluster",
@@ -407,6 +417,7 @@ def start_mcsproxy(procs: tcp.Procs, run: Path, name: str, ip: str, workers: int
 
 
 def start_all(procs: tcp.Procs, run: Path, baseline: str | None = None,
+              baseline_python: str | None = None,
               scaling_only: bool = False) -> dict[str, dict[str, object]]:
     check_free([BACKEND, *(("127.0.0.1", p) for p in PORTS.values()),
                 *((ip, BACKEND[1]) for ip in (MCS_IP, MCS_W2_IP, MCS_BASE_IP, MCS_W1_IP))])
@@ -435,14 +446,19 @@ def start_all(procs: tcp.Procs, run: Path, baseline: str | None = None,
     targets["nginx"] = {"ip": "127.0.0.1", "port": PORTS["nginx"], "pid": None}
     # "start": what restart_gateways (--fresh) needs to start it again.
     targets["mcsproxy"] = {"ip": MCS_IP, "port": BACKEND[1], "pid": mcs,
-                           "start": (run, "one", MCS_IP, None)}
-    if baseline:
-        base = run / "baseline"
-        base.mkdir()
-        extract_revision(baseline, base)
-        pid = start_mcsproxy(procs, run, "base", MCS_BASE_IP, 1, PROXY_CORE, cwd=base)
+                           "start": (run, "one", MCS_IP, None, sys.executable)}
+    if baseline or baseline_python:
+        python = baseline_python or sys.executable
+        base, compiled = ROOT, True
+        if baseline:
+            base = run / "baseline"
+            base.mkdir()
+            compiled = extract_revision(baseline, base, python)
+        described = interpreter_of(python, base, compiled)
+        pid = start_mcsproxy(procs, run, "base", MCS_BASE_IP, 1, PROXY_CORE, base, python)
         targets["baseline"] = {"ip": MCS_BASE_IP, "port": BACKEND[1], "pid": pid,
-                               "start": (run, "base", MCS_BASE_IP, base)}
+                               "start": (run, "base", MCS_BASE_IP, base, python),
+                               "python": described}
     started(procs, run, targets)
     # nginx's master forks the worker that serves: measure the worker.
     master = int((run / "proxy.pid").read_text())
@@ -461,17 +477,17 @@ def restart_gateways(procs: tcp.Procs, targets: dict[str, dict[str, object]],
         for proc in [p for p in procs.procs if p.pid == pid]:
             procs.stop_one(proc)
     for name in names if rep % 2 == 0 else names[::-1]:
-        start: tuple[Path, str, str, Path | None] = targets[name]["start"]  # type: ignore[assignment]
-        run, slot, ip, cwd = start
-        targets[name]["pid"] = start_mcsproxy(procs, run, slot, ip, 1, PROXY_CORE, cwd=cwd)
+        start: tuple[Path, str, str, Path | None, str] = targets[name]["start"]  # type: ignore[assignment]
+        run, slot, ip, cwd, python = start
+        targets[name]["pid"] = start_mcsproxy(procs, run, slot, ip, 1, PROXY_CORE, cwd, python)
         tcp.wait_port(ip, BACKEND[1])
     time.sleep(0.5)  # as `started`: the first health checks and pool connections settle
 
 
-def extract_revision(rev: str, into: Path) -> None:
-    """The mcsproxy package of git revision `rev` in `into`, compiled as `make build`
-    compiles it when that revision has a setup.py: measured interpreted, a baseline of
-    the compiled data path would look a third slower than it ran."""
+def extract_revision(rev: str, into: Path, python: str = sys.executable) -> bool:
+    """The mcsproxy package of git revision `rev` in `into`, compiled by `python` as `make
+    build` compiles it when that revision has a setup.py: measured interpreted, a baseline
+    of the compiled data path would look a third slower than it ran. Whether it was."""
     present = subprocess.run(
         ["git", "-C", str(ROOT), "ls-tree", "--name-only", rev, "setup.py", "pyproject.toml"],
         capture_output=True, text=True, check=True, timeout=60).stdout.split()
@@ -479,14 +495,28 @@ def extract_revision(rev: str, into: Path) -> None:
                              capture_output=True, check=True, timeout=60).stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True, timeout=60)
     if "setup.py" not in present:
-        return
-    subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=into,
+        return False
+    subprocess.run([python, "setup.py", "-q", "build_ext", "--inplace"], cwd=into,
                    capture_output=True, check=True, timeout=900)
-    state = subprocess.run(
-        [sys.executable, "-c", "import mcsproxy.compiled as c; print(c.STATE, c.REASON)"],
-        cwd=into, capture_output=True, text=True, check=True, timeout=60).stdout.strip()
-    if not state.startswith("compiled"):
-        raise RuntimeError(f"baseline {rev} did not compile: {state}")
+    return True
+
+
+def interpreter_of(python: str, tree: Path, compiled: bool) -> str:
+    """`python`'s version and path, as the results name it. With `compiled`, it must load
+    the compiled data path of the package in `tree`: one of another minor version finds no
+    extension built for it, and measured interpreted the baseline would look a third slower.
+    (Inline rather than mcsproxy.compiled.interpreter: an older revision has none.)"""
+    code = ("import os, platform, sys; "
+            "print(platform.python_version(), f'({os.path.realpath(sys.executable)})')")
+    if compiled:
+        code = ("import mcsproxy.compiled as c; "
+                "assert c.STATE == 'compiled', f'data path {c.STATE}: {c.REASON}'; " + code)
+    done = subprocess.run([python, "-c", code], cwd=tree, capture_output=True, text=True,
+                          timeout=60)
+    if done.returncode:
+        raise RuntimeError(f"baseline under {python} in {tree}: "
+                           f"{(done.stderr.strip().splitlines() or ['failed'])[-1]}")
+    return done.stdout.strip()
 
 
 def started(procs: tcp.Procs, run: Path,
@@ -560,7 +590,7 @@ def write(out: Path, results: dict[str, object], smoke: bool, reps: int, secs: f
         .stderr.strip(),
         "wrk": subprocess.run(["wrk", "-v"], capture_output=True, text=True)
         .stdout.split("\n")[0].strip(),
-        "python": sys.version.split()[0],
+        "python": interpreter(),
         "kernel": platform.release(),
     }
 
@@ -568,7 +598,8 @@ def write(out: Path, results: dict[str, object], smoke: bool, reps: int, secs: f
         return "—" if v is None else format(v, digits)
 
     names: list[str] = results["targets"]  # type: ignore[assignment]
-    base = results.get("baseline") if "baseline" in names else None
+    base = "baseline" in names and (f"at git revision {results['baseline']}"
+                                    if results.get("baseline") else "from the same tree")
     lines = [
         "# HTTP keep-alive proxy benchmark" + (" (smoke: not a measurement)" if smoke else ""),
         "",
@@ -581,8 +612,10 @@ def write(out: Path, results: dict[str, object], smoke: bool, reps: int, secs: f
         "mcsproxy runs with every feature on: active HTTP health checks, outlier ejection, "
         "retries with a budget, X-Forwarded-For/-Proto, Via, x-request-id generation, the "
         "cluster response header."
-        + (f" The column before is mcsproxy at git revision {base}, the same flags, measured "
-           "in the same repetitions." if base else ""),
+        + (f" The column before is mcsproxy {base}"
+           + (f", run by Python {results['baseline_python']}" if results.get("baseline_python")
+              else "")
+           + ", the same flags, measured in the same repetitions." if base else ""),
         "",
         "| response | figure | direct | HAProxy | nginx | mcsproxy | mcsproxy / HAProxy "
         "| mcsproxy / nginx |" + (" before | before / HAProxy |" if base else ""),

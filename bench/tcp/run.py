@@ -32,6 +32,7 @@ from bench.common import (  # noqa: E402
     PROXY_CORE,
     Procs,
     cpu_seconds,
+    interpreter,
     median,
     on_load_core,
     ratio_median,
@@ -273,7 +274,7 @@ def write(out: Path, results: dict[str, object], smoke: bool, reps: int, secs: i
         .stdout.split("\n")[0],
         "iperf3": subprocess.run(["iperf3", "-v"], capture_output=True, text=True)
         .stdout.split("\n")[0],
-        "python": sys.version.split()[0],
+        "python": interpreter(),
         "kernel": platform.release(),
     }
     summary: dict[str, object] = {}

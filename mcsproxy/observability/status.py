@@ -115,7 +115,7 @@ def build_status(gateway: Gateway, families: Families, ready: bool, detail: dict
             "snapshot_age_s": detail["snapshot_age_s"], "services": detail["services"],
             "workers": gateway.config.proxy.workers, "proxy": proxy is not None,
             "active_connections": int(active.total()) if active is not None else 0,
-            "data_path": compiled.STATE,
+            "data_path": compiled.STATE, "python": compiled.interpreter(),
         },
         "sources": detail["sources"],
         "clusters": sorted(clusters, key=lambda c: (c != local, c)),
