@@ -92,6 +92,55 @@ class Procs:
             self.stop_one(proc)
 
 
+def restart_in_turn(procs: Procs, targets: dict[str, dict[str, object]], rep: int) -> None:
+    """--fresh: stop the gateways under test (the targets with a "start", a callable that
+    starts one again, waits for it to listen and returns its pid) and start them again,
+    which one first alternating by repetition: two processes of the same code differ by
+    0-6 % depending on which started first, and alternating makes that noise, not bias."""
+    names = [n for n, t in targets.items() if "start" in t]
+    for name in names:
+        for proc in [p for p in procs.procs if p.pid == targets[name]["pid"]]:
+            procs.stop_one(proc)
+    for name in names if rep % 2 == 0 else names[::-1]:
+        targets[name]["pid"] = targets[name]["start"]()  # type: ignore[operator]
+    time.sleep(0.5)  # the first health checks and pool connections settle
+
+
+def extract_revision(rev: str, into: Path, python: str = sys.executable) -> bool:
+    """The mcsproxy package of git revision `rev` in `into`, compiled by `python` as `make
+    build` compiles it when that revision has a setup.py: measured interpreted, a baseline
+    of the compiled data path would look a third slower than it ran. Whether it was."""
+    present = subprocess.run(
+        ["git", "-C", str(ROOT), "ls-tree", "--name-only", rev, "setup.py", "pyproject.toml"],
+        capture_output=True, text=True, check=True, timeout=60).stdout.split()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "mcsproxy", *present],
+                             capture_output=True, check=True, timeout=60).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True, timeout=60)
+    if "setup.py" not in present:
+        return False
+    subprocess.run([python, "setup.py", "-q", "build_ext", "--inplace"], cwd=into,
+                   capture_output=True, check=True, timeout=900)
+    return True
+
+
+def interpreter_of(python: str, tree: Path, compiled: bool) -> str:
+    """`python`'s version and path, as the results name it. With `compiled`, it must load
+    the compiled data path of the package in `tree`: one of another minor version finds no
+    extension built for it, and measured interpreted the baseline would look a third slower.
+    (Inline rather than mcsproxy.compiled.interpreter: an older revision has none.)"""
+    code = ("import os, platform, sys; "
+            "print(platform.python_version(), f'({os.path.realpath(sys.executable)})')")
+    if compiled:
+        code = ("import mcsproxy.compiled as c; "
+                "assert c.STATE == 'compiled', f'data path {c.STATE}: {c.REASON}'; " + code)
+    done = subprocess.run([python, "-c", code], cwd=tree, capture_output=True, text=True,
+                          timeout=60)
+    if done.returncode:
+        raise RuntimeError(f"baseline under {python} in {tree}: "
+                           f"{(done.stderr.strip().splitlines() or ['failed'])[-1]}")
+    return done.stdout.strip()
+
+
 def median(runs: list[dict[str, object]], key: str, field: str) -> float | None:
     vals = [r[key][field] for r in runs if key in r and r[key][field] is not None]  # type: ignore[index]
     return statistics.median(vals) if vals else None  # type: ignore[type-var]

@@ -50,6 +50,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,7 +60,13 @@ tcp = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(tcp)  # shared helpers: Procs, cpu_seconds, wait_port, medians
 
 LOAD_CORE, PROXY_CORE = tcp.LOAD_CORE, tcp.PROXY_CORE
-from bench.common import interpreter, on_load_core  # noqa: E402  (importable once tcp set sys.path)
+from bench.common import (  # noqa: E402  (importable once tcp set sys.path)
+    extract_revision,
+    interpreter,
+    interpreter_of,
+    on_load_core,
+    restart_in_turn,
+)
 from bench.http.openloop import fixed_rate  # noqa: E402
 
 BACKEND = ("127.0.0.1", 18481)  # own ports: other benches use 8081 with reuseport
@@ -385,7 +392,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="mcsbench-http-") as run:
         try:
             targets = start_all(procs, Path(run), args.baseline, args.baseline_python)
-            restart = (lambda rep: restart_gateways(procs, targets, rep)) if args.fresh else None
+            restart = (lambda rep: restart_in_turn(procs, targets, rep)) if args.fresh else None
             results = measure(targets, reps, secs, idle, restart)
         finally:
             procs.stop()
@@ -416,6 +423,14 @@ def start_mcsproxy(procs: tcp.Procs, run: Path, name: str, ip: str, workers: int
     return p.pid
 
 
+def start_and_wait(procs: tcp.Procs, run: Path, slot: str, ip: str, cwd: Path | None,
+                   python: str) -> int:
+    """A gateway under test started again (--fresh), once it listens: its pid."""
+    pid = start_mcsproxy(procs, run, slot, ip, 1, PROXY_CORE, cwd, python)
+    tcp.wait_port(ip, BACKEND[1])
+    return pid
+
+
 def start_all(procs: tcp.Procs, run: Path, baseline: str | None = None,
               baseline_python: str | None = None,
               scaling_only: bool = False) -> dict[str, dict[str, object]]:
@@ -444,9 +459,9 @@ def start_all(procs: tcp.Procs, run: Path, baseline: str | None = None,
     mcs = start_mcsproxy(procs, run, "one", MCS_IP, 1, PROXY_CORE)
     targets["haproxy"] = {"ip": "127.0.0.1", "port": PORTS["haproxy"], "pid": hp.pid}
     targets["nginx"] = {"ip": "127.0.0.1", "port": PORTS["nginx"], "pid": None}
-    # "start": what restart_gateways (--fresh) needs to start it again.
-    targets["mcsproxy"] = {"ip": MCS_IP, "port": BACKEND[1], "pid": mcs,
-                           "start": (run, "one", MCS_IP, None, sys.executable)}
+    # "start": how restart_in_turn (--fresh) starts it again.
+    targets["mcsproxy"] = {"ip": MCS_IP, "port": BACKEND[1], "pid": mcs, "start": partial(
+        start_and_wait, procs, run, "one", MCS_IP, None, sys.executable)}
     if baseline or baseline_python:
         python = baseline_python or sys.executable
         base, compiled = ROOT, True
@@ -457,7 +472,8 @@ def start_all(procs: tcp.Procs, run: Path, baseline: str | None = None,
         described = interpreter_of(python, base, compiled)
         pid = start_mcsproxy(procs, run, "base", MCS_BASE_IP, 1, PROXY_CORE, base, python)
         targets["baseline"] = {"ip": MCS_BASE_IP, "port": BACKEND[1], "pid": pid,
-                               "start": (run, "base", MCS_BASE_IP, base, python),
+                               "start": partial(start_and_wait, procs, run, "base",
+                                                MCS_BASE_IP, base, python),
                                "python": described}
     started(procs, run, targets)
     # nginx's master forks the worker that serves: measure the worker.
@@ -465,58 +481,6 @@ def start_all(procs: tcp.Procs, run: Path, baseline: str | None = None,
     workers = children(master)
     targets["nginx"]["pid"] = workers[0] if workers else master
     return targets
-
-
-def restart_gateways(procs: tcp.Procs, targets: dict[str, dict[str, object]],
-                     rep: int) -> None:
-    """--fresh: stop the gateways under test and start them again, which one first
-    alternating by repetition; their pids in `targets` follow."""
-    names = [n for n in ("mcsproxy", "baseline") if n in targets]
-    for name in names:
-        pid = targets[name]["pid"]
-        for proc in [p for p in procs.procs if p.pid == pid]:
-            procs.stop_one(proc)
-    for name in names if rep % 2 == 0 else names[::-1]:
-        start: tuple[Path, str, str, Path | None, str] = targets[name]["start"]  # type: ignore[assignment]
-        run, slot, ip, cwd, python = start
-        targets[name]["pid"] = start_mcsproxy(procs, run, slot, ip, 1, PROXY_CORE, cwd, python)
-        tcp.wait_port(ip, BACKEND[1])
-    time.sleep(0.5)  # as `started`: the first health checks and pool connections settle
-
-
-def extract_revision(rev: str, into: Path, python: str = sys.executable) -> bool:
-    """The mcsproxy package of git revision `rev` in `into`, compiled by `python` as `make
-    build` compiles it when that revision has a setup.py: measured interpreted, a baseline
-    of the compiled data path would look a third slower than it ran. Whether it was."""
-    present = subprocess.run(
-        ["git", "-C", str(ROOT), "ls-tree", "--name-only", rev, "setup.py", "pyproject.toml"],
-        capture_output=True, text=True, check=True, timeout=60).stdout.split()
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "mcsproxy", *present],
-                             capture_output=True, check=True, timeout=60).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True, timeout=60)
-    if "setup.py" not in present:
-        return False
-    subprocess.run([python, "setup.py", "-q", "build_ext", "--inplace"], cwd=into,
-                   capture_output=True, check=True, timeout=900)
-    return True
-
-
-def interpreter_of(python: str, tree: Path, compiled: bool) -> str:
-    """`python`'s version and path, as the results name it. With `compiled`, it must load
-    the compiled data path of the package in `tree`: one of another minor version finds no
-    extension built for it, and measured interpreted the baseline would look a third slower.
-    (Inline rather than mcsproxy.compiled.interpreter: an older revision has none.)"""
-    code = ("import os, platform, sys; "
-            "print(platform.python_version(), f'({os.path.realpath(sys.executable)})')")
-    if compiled:
-        code = ("import mcsproxy.compiled as c; "
-                "assert c.STATE == 'compiled', f'data path {c.STATE}: {c.REASON}'; " + code)
-    done = subprocess.run([python, "-c", code], cwd=tree, capture_output=True, text=True,
-                          timeout=60)
-    if done.returncode:
-        raise RuntimeError(f"baseline under {python} in {tree}: "
-                           f"{(done.stderr.strip().splitlines() or ['failed'])[-1]}")
-    return done.stdout.strip()
 
 
 def started(procs: tcp.Procs, run: Path,

@@ -5,8 +5,12 @@ Peers in the same run, alternating within each repetition: direct, HAProxy 2.6 `
 generators and backends (iperf3 -s, nginx) on core 0, the proxy under test alone on
 core 1, one worker/thread each. CPU of the proxy from /proc/<pid>/stat utime+stime.
 Results: bench/results/tcp.md and tcp.json (or --out DIR).
+--baseline REV, --baseline-python PATH and --fresh add a second gateway measured in the
+same repetitions, as in bench/http/run.py: REV's package (compiled), or this tree's under
+another interpreter, both gateways started anew before every repetition with --fresh.
 
-    .venv/bin/python bench/tcp/run.py            # 3 repetitions
+    .venv/bin/python bench/tcp/run.py            # 7 repetitions
+    .venv/bin/python bench/tcp/run.py --baseline HEAD~1 --fresh
     .venv/bin/python bench/tcp/run.py --smoke    # seconds; proves it still runs
 """
 
@@ -18,10 +22,13 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,17 +39,21 @@ from bench.common import (  # noqa: E402
     PROXY_CORE,
     Procs,
     cpu_seconds,
+    extract_revision,
     interpreter,
+    interpreter_of,
     median,
     on_load_core,
     ratio_median,
     ratios,
+    restart_in_turn,
     wait_port,
 )
 
 BACKEND_IP = "127.0.0.1"
 IPERF_PORT, WEB_PORT = 5201, 8081
 HAPROXY_IP, TUNED_IP, MCS_IP = "127.0.0.1", "127.0.0.1", "127.240.250.1"
+MCS_BASE_IP = "127.240.250.2"
 HAPROXY_PORTS = {"iperf": 5290, "web": 8190}
 TUNED_PORTS = {"iperf": 5291, "web": 8191}
 PEERS = ("iperf3", "haproxy", "nginx", "wrk", "taskset")
@@ -163,6 +174,12 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--seconds", type=int, default=4)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--baseline", metavar="REV",
+                    help="also measure the mcsproxy package of this git revision")
+    ap.add_argument("--baseline-python", metavar="PATH",
+                    help="run the baseline (--baseline, or this tree) with this interpreter")
+    ap.add_argument("--fresh", action="store_true",
+                    help="start the gateways under test anew before every repetition")
     args = ap.parse_args()
     missing = [p for p in PEERS if shutil.which(p) is None]
     if missing:
@@ -178,15 +195,39 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="mcsbench-") as run:
         rundir = Path(run)
         try:
-            targets = start_all(procs, rundir)
-            results = measure(targets, reps, secs, streams_set, lat_seconds)
+            targets = start_all(procs, rundir, args.baseline, args.baseline_python)
+            restart = (lambda rep: restart_in_turn(procs, targets, rep)) if args.fresh else None
+            results = measure(targets, reps, secs, streams_set, lat_seconds, restart)
         finally:
             procs.stop()
+    if "baseline" in targets:
+        results["baseline"] = (f"at git revision {args.baseline}" if args.baseline
+                               else "from the same tree") + \
+            f", run by Python {targets['baseline']['python']}"
+    results["fresh"] = args.fresh
     write(out, results, args.smoke, reps, secs)
     return 0
 
 
-def start_all(procs: Procs, run: Path) -> dict[str, dict[str, object]]:
+def start_gateway(procs: Procs, run: Path, slot: str, ip: str, cwd: Path | None = None,
+                  python: str = sys.executable) -> int:
+    """`mcsproxy gateway` of the package in `cwd` (None: this tree's), by `python`,
+    pinned like the peers, once it listens: its pid."""
+    src = run / slot
+    src.mkdir(exist_ok=True)  # a restart (--fresh) reuses it
+    (src / "bench.yaml").write_text(SERVICE_YAML.format(ip=ip, iperf=IPERF_PORT,
+                                                        web=WEB_PORT, backend=BACKEND_IP))
+    p = procs.start(PROXY_CORE, python, "-m", "mcsproxy", "gateway", "--cluster-id",
+                    "local", "--source", f"file:{src}", "--log-level", "warning",
+                    "--dns-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
+                    stderr=None, cwd=cwd)
+    wait_port(ip, WEB_PORT)
+    wait_port(ip, IPERF_PORT)
+    return p.pid
+
+
+def start_all(procs: Procs, run: Path, baseline: str | None = None,
+              baseline_python: str | None = None) -> dict[str, dict[str, object]]:
     procs.start(LOAD_CORE, "iperf3", "-s", "-B", BACKEND_IP, "-p", str(IPERF_PORT))
     (run / "nginx.conf").write_text(NGINX_CONF.format(run=run, ip=BACKEND_IP, port=WEB_PORT,
                                                       body="x" * 99))
@@ -201,15 +242,21 @@ def start_all(procs: Procs, run: Path) -> dict[str, dict[str, object]]:
                                            **ports))
         p = procs.start(PROXY_CORE, "haproxy", "-f", str(cfg), "-db")
         targets[name] = {"ip": HAPROXY_IP, **ports, "pid": p.pid}
-    src = run / "mcs"
-    src.mkdir()
-    (src / "bench.yaml").write_text(SERVICE_YAML.format(ip=MCS_IP, iperf=IPERF_PORT,
-                                                        web=WEB_PORT, backend=BACKEND_IP))
-    p = procs.start(PROXY_CORE, sys.executable, "-m", "mcsproxy", "gateway", "--cluster-id",
-                    "local", "--source", f"file:{src}", "--log-level", "warning",
-                    "--dns-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
-                    stderr=None)
-    targets["mcsproxy"] = {"ip": MCS_IP, "iperf": IPERF_PORT, "web": WEB_PORT, "pid": p.pid}
+    # "start": how restart_in_turn (--fresh) starts a gateway again.
+    start = partial(start_gateway, procs, run, "mcs", MCS_IP)
+    targets["mcsproxy"] = {"ip": MCS_IP, "iperf": IPERF_PORT, "web": WEB_PORT,
+                           "pid": start(), "start": start}
+    if baseline or baseline_python:
+        python = baseline_python or sys.executable
+        base, compiled = ROOT, True
+        if baseline:
+            base = run / "baseline"
+            base.mkdir()
+            compiled = extract_revision(baseline, base, python)
+        described = interpreter_of(python, base, compiled)
+        start = partial(start_gateway, procs, run, "base", MCS_BASE_IP, base, python)
+        targets["baseline"] = {"ip": MCS_BASE_IP, "iperf": IPERF_PORT, "web": WEB_PORT,
+                               "pid": start(), "start": start, "python": described}
     for t in targets.values():
         wait_port(str(t["ip"]), int(t["web"]))  # type: ignore[call-overload]
         wait_port(str(t["ip"]), int(t["iperf"]))  # type: ignore[call-overload]
@@ -218,10 +265,13 @@ def start_all(procs: Procs, run: Path) -> dict[str, dict[str, object]]:
 
 
 def measure(targets: dict[str, dict[str, object]], reps: int, secs: int,
-            streams_set: tuple[int, ...], lat_seconds: float) -> dict[str, object]:
+            streams_set: tuple[int, ...], lat_seconds: float,
+            restart: Callable[[int], None] | None = None) -> dict[str, object]:
     names = list(targets)
     runs: list[dict[str, object]] = []
     for rep in range(reps):
+        if restart is not None and rep:
+            restart(rep)
         order = names[rep % len(names):] + names[:rep % len(names)]  # alternate who goes first
         row: dict[str, object] = {}
         for streams in streams_set:
@@ -319,6 +369,21 @@ def write(out: Path, results: dict[str, object], smoke: bool, reps: int, secs: i
         lines += ["", f"Latency rows: one request per new connection, open loop at "
                       f"{lat_rate:.0f} conn/s (half the slower proxy's maximum, capped by the "
                       "Python client); added latency = proxy - direct."]
+    if "baseline" in results:
+        # The change itself: mcsproxy against the baseline in each repetition (an A/A run
+        # of this shows the noise floor).
+        pairs = []
+        for prefix, field, label in figures:
+            r = ratios(runs, f"{prefix}/mcsproxy", f"{prefix}/baseline", field)
+            if r:
+                pairs.append(f"{label} {statistics.median(r):.3f}x "
+                             f"({min(r):.3f}-{max(r):.3f})")
+        summary["mcsproxy_vs_baseline"] = pairs
+        lines += ["", f"Before: mcsproxy {results['baseline']}, in the same repetitions"
+                  + ("; both gateways started anew before each, the order alternating"
+                     if results.get("fresh") else "")
+                  + ". mcsproxy / before per repetition (median, lowest-highest): "
+                  + "; ".join(pairs) + "."]
     stem = "tcp-smoke" if smoke else "tcp"
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     (out / f"{stem}.json").write_text(json.dumps(
