@@ -5,9 +5,10 @@ PY := $(VENV)/bin/python
 # CPython comes before whatever `python3` is on PATH: Debian's, Ubuntu's and Fedora's are
 # built with PGO and LTO, like the python:3.11 image the Dockerfile uses, while pyenv and
 # source builds are not unless configured so, and the data path runs mostly inside the
-# interpreter (measured on one core: a plain pyenv 3.11.7 build gave the gateway 14 % fewer
-# HTTP requests/s and 8 % fewer TCP connections/s than Debian's 3.11.2). `make
-# PYTHON=python3.12` picks another; an existing .venv is kept until `make clean`.
+# interpreter (measured on one core, against Debian's 3.11.2, a plain pyenv 3.11.7 build
+# cost the gateway 13 % more CPU per HTTP request and 8 % of its TCP connections/s: README,
+# Development). `make PYTHON=python3.12` picks another; an existing .venv is kept until
+# `make clean`.
 PYTHON ?= $(shell for p in /usr/bin/python3 /usr/local/bin/python3 python3; do \
 	  $$p -c 'import os, sys, sysconfig, ensurepip, venv; sys.exit(sys.version_info < (3, 11) \
 	    or not os.path.exists(sysconfig.get_path("include") + "/Python.h"))' 2>/dev/null \

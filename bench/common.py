@@ -141,6 +141,19 @@ def interpreter_of(python: str, tree: Path, compiled: bool) -> str:
     return done.stdout.strip()
 
 
+def prepare_baseline(run: Path, rev: str | None, python: str | None) -> tuple[Path, str, str]:
+    """For --baseline / --baseline-python: the tree whose package the baseline gateway runs
+    (REV's, extracted into run/baseline and compiled, or this one), the interpreter that
+    runs it, and how the results name that interpreter."""
+    python = python or sys.executable
+    base, compiled = ROOT, True
+    if rev:
+        base = run / "baseline"
+        base.mkdir()
+        compiled = extract_revision(rev, base, python)
+    return base, python, interpreter_of(python, base, compiled)
+
+
 def median(runs: list[dict[str, object]], key: str, field: str) -> float | None:
     vals = [r[key][field] for r in runs if key in r and r[key][field] is not None]  # type: ignore[index]
     return statistics.median(vals) if vals else None  # type: ignore[type-var]

@@ -61,10 +61,9 @@ _spec.loader.exec_module(tcp)  # shared helpers: Procs, cpu_seconds, wait_port, 
 
 LOAD_CORE, PROXY_CORE = tcp.LOAD_CORE, tcp.PROXY_CORE
 from bench.common import (  # noqa: E402  (importable once tcp set sys.path)
-    extract_revision,
     interpreter,
-    interpreter_of,
     on_load_core,
+    prepare_baseline,
     restart_in_turn,
 )
 from bench.http.openloop import fixed_rate  # noqa: E402
@@ -463,13 +462,7 @@ def start_all(procs: tcp.Procs, run: Path, baseline: str | None = None,
     targets["mcsproxy"] = {"ip": MCS_IP, "port": BACKEND[1], "pid": mcs, "start": partial(
         start_and_wait, procs, run, "one", MCS_IP, None, sys.executable)}
     if baseline or baseline_python:
-        python = baseline_python or sys.executable
-        base, compiled = ROOT, True
-        if baseline:
-            base = run / "baseline"
-            base.mkdir()
-            compiled = extract_revision(baseline, base, python)
-        described = interpreter_of(python, base, compiled)
+        base, python, described = prepare_baseline(run, baseline, baseline_python)
         pid = start_mcsproxy(procs, run, "base", MCS_BASE_IP, 1, PROXY_CORE, base, python)
         targets["baseline"] = {"ip": MCS_BASE_IP, "port": BACKEND[1], "pid": pid,
                                "start": partial(start_and_wait, procs, run, "base",

@@ -39,11 +39,10 @@ from bench.common import (  # noqa: E402
     PROXY_CORE,
     Procs,
     cpu_seconds,
-    extract_revision,
     interpreter,
-    interpreter_of,
     median,
     on_load_core,
+    prepare_baseline,
     ratio_median,
     ratios,
     restart_in_turn,
@@ -247,13 +246,7 @@ def start_all(procs: Procs, run: Path, baseline: str | None = None,
     targets["mcsproxy"] = {"ip": MCS_IP, "iperf": IPERF_PORT, "web": WEB_PORT,
                            "pid": start(), "start": start}
     if baseline or baseline_python:
-        python = baseline_python or sys.executable
-        base, compiled = ROOT, True
-        if baseline:
-            base = run / "baseline"
-            base.mkdir()
-            compiled = extract_revision(baseline, base, python)
-        described = interpreter_of(python, base, compiled)
+        base, python, described = prepare_baseline(run, baseline, baseline_python)
         start = partial(start_gateway, procs, run, "base", MCS_BASE_IP, base, python)
         targets["baseline"] = {"ip": MCS_BASE_IP, "iperf": IPERF_PORT, "web": WEB_PORT,
                                "pid": start(), "start": start, "python": described}
