@@ -28,6 +28,10 @@ $(VENV)/.installed: pyproject.toml
 # Recompiles the data path (mcsproxy/compiled.py) when a compiled source changed since the
 # last build; until then those modules run interpreted. MCSPROXY_COMPILE=0 builds none.
 build: $(VENV)/.installed
+	@$(PY) -c 'import os, shutil, sys; want = shutil.which(sys.argv[1]); \
+	  have = os.path.realpath(sys._base_executable); \
+	  want and os.path.realpath(want) != have and print(f"note: $(VENV) runs {have}, not " \
+	    f"{os.path.realpath(want)} (PYTHON): make clean rebuilds it", file=sys.stderr)' '$(PYTHON)'
 	@env -u MCSPROXY_INTERPRETED $(PY) -c 'import sys, mcsproxy.compiled as c; \
 	  sys.exit(c.state()[0] != "compiled" and "$(MCSPROXY_COMPILE)" != "0")' \
 	  || $(PY) setup.py --quiet build_ext --inplace
