@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # source builds are not unless configured so, and the data path runs mostly inside the
 # interpreter (measured on one core, against Debian's 3.11.2, a plain pyenv 3.11.7 build
 # cost the gateway 13 % more CPU per HTTP request and 8 % of its TCP connections/s: README,
-# Development). `make PYTHON=python3.12` picks another; an existing .venv is kept until
+# Development). `make PYTHON=python3.13` picks another; an existing .venv is kept until
 # `make clean`.
 PYTHON ?= $(shell for p in /usr/bin/python3 /usr/local/bin/python3 python3; do \
 	  $$p -c 'import os, sys, sysconfig, ensurepip, venv; sys.exit(sys.version_info < (3, 11) \

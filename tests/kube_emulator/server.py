@@ -75,7 +75,10 @@ def _line(kind: str, obj: Obj) -> bytes:
 
 _X509_V_FLAG_NO_CHECK_TIME = 0x200000  # OpenSSL's; the ssl module has no name for it
 _EC = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-# `openssl ca` is the one openssl command that sets an end date to the second.
+# `openssl ca` is the one openssl command that sets an end date to the second. The
+# extensions are a kubeadm client certificate's: Python 3.13's default contexts
+# (VERIFY_X509_STRICT) refuse one without an authority key identifier, and a CA without
+# a key usage.
 _CA_CONFIG = """\
 [ca]
 default_ca = ca_default
@@ -86,8 +89,15 @@ rand_serial = yes
 default_md = sha256
 policy = policy_any
 unique_subject = no
+x509_extensions = client_cert
 [policy_any]
 commonName = supplied
+[client_cert]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature, keyEncipherment
+extendedKeyUsage = clientAuth
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
 """
 
 
@@ -230,6 +240,7 @@ class KubeEmulator:
         (ca / "index.txt").write_text("")
         (ca / "openssl.cnf").write_text(_CA_CONFIG.format(dir=ca))
         _openssl("req", "-x509", *_EC, "-days", "1", "-subj", "/CN=kube-emulator-clients",
+                 "-addext", "keyUsage=critical,keyCertSign,cRLSign",  # strict: a CA's must
                  "-keyout", ca / "ca.key", "-out", self._certs / "client-ca.crt")
 
     def issue_client_certificate(self, directory: Path, name: str,
