@@ -141,17 +141,35 @@ def interpreter_of(python: str, tree: Path, compiled: bool) -> str:
     return done.stdout.strip()
 
 
+def commit_of(rev: str) -> str:
+    """The short commit `rev` names now: results say what ran, not a name that moves
+    (HEAD, a branch)."""
+    return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev],
+                          capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+
+
 def prepare_baseline(run: Path, rev: str | None, python: str | None) -> tuple[Path, str, str]:
     """For --baseline / --baseline-python: the tree whose package the baseline gateway runs
     (REV's, extracted into run/baseline and compiled, or this one), the interpreter that
-    runs it, and how the results name that interpreter."""
-    python = python or sys.executable
-    base, compiled = ROOT, True
+    runs it, and how the results name the baseline ("at git revision 1a2b3c4, run by
+    Python 3.11.7 (/path)"; the interpreter only when another one was asked for)."""
+    asked, python = python, python or sys.executable
+    base, compiled, where = ROOT, True, "from the same tree"
     if rev:
         base = run / "baseline"
         base.mkdir()
         compiled = extract_revision(rev, base, python)
-    return base, python, interpreter_of(python, base, compiled)
+        where = f"at git revision {commit_of(rev)}"
+    described = interpreter_of(python, base, compiled)
+    return base, python, where + (f", run by Python {described}" if asked else "")
+
+
+def change_ratio(runs: list[dict[str, object]], a: str, b: str, field: str,
+                 label: str) -> str | None:
+    """run[a][field] / run[b][field] per repetition as results print a change against its
+    baseline: the median and the lowest and highest (an A/A run shows the noise floor)."""
+    r = ratios(runs, a, b, field)
+    return f"{label} {statistics.median(r):.3f}x ({min(r):.3f}-{max(r):.3f})" if r else None
 
 
 def median(runs: list[dict[str, object]], key: str, field: str) -> float | None:

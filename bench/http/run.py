@@ -61,6 +61,7 @@ _spec.loader.exec_module(tcp)  # shared helpers: Procs, cpu_seconds, wait_port, 
 
 LOAD_CORE, PROXY_CORE = tcp.LOAD_CORE, tcp.PROXY_CORE
 from bench.common import (  # noqa: E402  (importable once tcp set sys.path)
+    change_ratio,
     interpreter,
     on_load_core,
     prepare_baseline,
@@ -395,12 +396,8 @@ def main() -> int:
             results = measure(targets, reps, secs, idle, restart)
         finally:
             procs.stop()
-    # The commit, not a name that moves (HEAD, a branch): the results must say what ran.
-    results["baseline"] = args.baseline and subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "--short", args.baseline],
-        capture_output=True, text=True, check=True, timeout=60).stdout.strip()
-    if args.baseline_python:
-        results["baseline_python"] = targets["baseline"]["python"]
+    if "baseline" in targets:
+        results["baseline"] = targets["baseline"]["words"]
     results["fresh"] = args.fresh
     write(out, results, args.smoke, reps, secs)
     return 0
@@ -462,12 +459,12 @@ def start_all(procs: tcp.Procs, run: Path, baseline: str | None = None,
     targets["mcsproxy"] = {"ip": MCS_IP, "port": BACKEND[1], "pid": mcs, "start": partial(
         start_and_wait, procs, run, "one", MCS_IP, None, sys.executable)}
     if baseline or baseline_python:
-        base, python, described = prepare_baseline(run, baseline, baseline_python)
+        base, python, words = prepare_baseline(run, baseline, baseline_python)
         pid = start_mcsproxy(procs, run, "base", MCS_BASE_IP, 1, PROXY_CORE, base, python)
         targets["baseline"] = {"ip": MCS_BASE_IP, "port": BACKEND[1], "pid": pid,
                                "start": partial(start_and_wait, procs, run, "base",
                                                 MCS_BASE_IP, base, python),
-                               "python": described}
+                               "words": words}
     started(procs, run, targets)
     # nginx's master forks the worker that serves: measure the worker.
     master = int((run / "proxy.pid").read_text())
@@ -555,8 +552,7 @@ def write(out: Path, results: dict[str, object], smoke: bool, reps: int, secs: f
         return "—" if v is None else format(v, digits)
 
     names: list[str] = results["targets"]  # type: ignore[assignment]
-    base = "baseline" in names and (f"at git revision {results['baseline']}"
-                                    if results.get("baseline") else "from the same tree")
+    base = results.get("baseline")
     lines = [
         "# HTTP keep-alive proxy benchmark" + (" (smoke: not a measurement)" if smoke else ""),
         "",
@@ -569,10 +565,8 @@ def write(out: Path, results: dict[str, object], smoke: bool, reps: int, secs: f
         "mcsproxy runs with every feature on: active HTTP health checks, outlier ejection, "
         "retries with a budget, X-Forwarded-For/-Proto, Via, x-request-id generation, the "
         "cluster response header."
-        + (f" The column before is mcsproxy {base}"
-           + (f", run by Python {results['baseline_python']}" if results.get("baseline_python")
-              else "")
-           + ", the same flags, measured in the same repetitions." if base else ""),
+        + (f" The column before is mcsproxy {base}, the same flags, measured in the same "
+           "repetitions." if base else ""),
         "",
         "| response | figure | direct | HAProxy | nginx | mcsproxy | mcsproxy / HAProxy "
         "| mcsproxy / nginx |" + (" before | before / HAProxy |" if base else ""),
@@ -604,15 +598,11 @@ def write(out: Path, results: dict[str, object], smoke: bool, reps: int, secs: f
                              ("cpu_us_per_req", "proxy CPU µs/req at fixed rate")):
             add_row(f"fixed/{size}", size, field, label)
     if base:
-        # The change itself: mcsproxy against the baseline in each repetition, medians and
-        # the lowest and highest (an A/A run of this shows the noise floor).
-        pairs = []
-        for size in SIZES:
-            for field, label in (("req_s", "req/s"), ("cpu_us_per_req", "CPU per request")):
-                r = tcp.ratios(runs, f"{size}/mcsproxy", f"{size}/baseline", field)
-                if r:
-                    pairs.append(f"{size} {label} {statistics.median(r):.3f}x "
-                                 f"({min(r):.3f}-{max(r):.3f})")
+        # The change itself: mcsproxy against the baseline in each repetition.
+        pairs = [p for size in SIZES
+                 for field, label in (("req_s", "req/s"), ("cpu_us_per_req", "CPU per request"))
+                 if (p := change_ratio(runs, f"{size}/mcsproxy", f"{size}/baseline", field,
+                                       f"{size} {label}"))]
         summary["mcsproxy_vs_baseline"] = pairs
         lines += ["", "mcsproxy / before, per repetition (median, lowest-highest"
                   + ("; both gateways started anew before each repetition, the order "

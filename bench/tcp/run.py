@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from bench.common import (  # noqa: E402
     LOAD_CORE,
     PROXY_CORE,
     Procs,
+    change_ratio,
     cpu_seconds,
     interpreter,
     median,
@@ -200,9 +200,7 @@ def main() -> int:
         finally:
             procs.stop()
     if "baseline" in targets:
-        results["baseline"] = (f"at git revision {args.baseline}" if args.baseline
-                               else "from the same tree") + \
-            f", run by Python {targets['baseline']['python']}"
+        results["baseline"] = targets["baseline"]["words"]
     results["fresh"] = args.fresh
     write(out, results, args.smoke, reps, secs)
     return 0
@@ -246,10 +244,10 @@ def start_all(procs: Procs, run: Path, baseline: str | None = None,
     targets["mcsproxy"] = {"ip": MCS_IP, "iperf": IPERF_PORT, "web": WEB_PORT,
                            "pid": start(), "start": start}
     if baseline or baseline_python:
-        base, python, described = prepare_baseline(run, baseline, baseline_python)
+        base, python, words = prepare_baseline(run, baseline, baseline_python)
         start = partial(start_gateway, procs, run, "base", MCS_BASE_IP, base, python)
         targets["baseline"] = {"ip": MCS_BASE_IP, "iperf": IPERF_PORT, "web": WEB_PORT,
-                               "pid": start(), "start": start, "python": described}
+                               "pid": start(), "start": start, "words": words}
     for t in targets.values():
         wait_port(str(t["ip"]), int(t["web"]))  # type: ignore[call-overload]
         wait_port(str(t["ip"]), int(t["iperf"]))  # type: ignore[call-overload]
@@ -363,14 +361,10 @@ def write(out: Path, results: dict[str, object], smoke: bool, reps: int, secs: i
                       f"{lat_rate:.0f} conn/s (half the slower proxy's maximum, capped by the "
                       "Python client); added latency = proxy - direct."]
     if "baseline" in results:
-        # The change itself: mcsproxy against the baseline in each repetition (an A/A run
-        # of this shows the noise floor).
-        pairs = []
-        for prefix, field, label in figures:
-            r = ratios(runs, f"{prefix}/mcsproxy", f"{prefix}/baseline", field)
-            if r:
-                pairs.append(f"{label} {statistics.median(r):.3f}x "
-                             f"({min(r):.3f}-{max(r):.3f})")
+        # The change itself: mcsproxy against the baseline in each repetition.
+        pairs = [p for prefix, field, label in figures
+                 if (p := change_ratio(runs, f"{prefix}/mcsproxy", f"{prefix}/baseline", field,
+                                       label))]
         summary["mcsproxy_vs_baseline"] = pairs
         lines += ["", f"Before: mcsproxy {results['baseline']}, in the same repetitions"
                   + ("; both gateways started anew before each, the order alternating"
