@@ -135,9 +135,12 @@ def http_rows(d: dict) -> list[Row]:
             v = s.get(f"{size}.{field}")
             if v is None:
                 continue
-            for peer, key in (("HAProxy", "haproxy"), ("nginx", "nginx")):
+            for peer, key in (("HAProxy", "haproxy"), ("nginx", "nginx"),
+                              ("HAProxy + features", "haproxy-features")):
+                if key not in v:  # results from before that peer was measured
+                    continue
                 rows.append(("HTTP", f"{size} keep-alive {label}", v["mcsproxy"], peer, v[key],
-                             v[f"ratio_{key}"], better))
+                             v[f"ratio_{key.replace('-', '_')}"], better))
     return rows
 
 

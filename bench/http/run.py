@@ -1,7 +1,8 @@
 """HTTP keep-alive benchmark: wrk, 100-byte and 64 KiB responses, through each proxy.
 
 Peers in the same run, alternating within each repetition: direct to the nginx backend,
-HAProxy 2.6 `mode http` (`http-reuse always`), nginx as reverse proxy (upstream keepalive),
+HAProxy 2.6 `mode http` (`http-reuse always`; also as "HAProxy + features", configured with
+its nearest equivalents of mcsproxy's features), nginx as reverse proxy (upstream keepalive),
 and `mcsproxy gateway` proxying an appProtocol http port with every feature on (health
 checks, outlier ejection, retries and budget, X-Forwarded-*/Via/x-request-id, the cluster
 response header). Pinning: wrk and the nginx backend on core 0, the proxy under test alone
@@ -70,7 +71,7 @@ from bench.common import (  # noqa: E402  (importable once tcp set sys.path)
 from bench.http.openloop import fixed_rate  # noqa: E402
 
 BACKEND = ("127.0.0.1", 18481)  # own ports: other benches use 8081 with reuseport
-PORTS = {"haproxy": 18490, "nginx": 18491}
+PORTS = {"haproxy": 18490, "nginx": 18491, "haproxy-features": 18492}
 MCS_IP, MCS_W2_IP, MCS_BASE_IP = "127.240.251.1", "127.240.251.2", "127.240.251.3"
 MCS_W1_IP = "127.240.251.4"  # the 1-worker gateway of the scaling figure, unpinned
 PEERS = ("haproxy", "nginx", "wrk", "taskset")
@@ -122,6 +123,45 @@ frontend fe
   bind 127.0.0.1:{port}
   default_backend be
 backend be
+  server s1 {bip}:{bport} maxconn 1000
+"""
+# The same HAProxy with what mcsproxy's flags switch on, as far as HAProxy 2.6 has it:
+# HTTP health checks at mcsproxy's defaults (5 s, 1 s timeout, 2 down, 2 up), outlier
+# ejection on 5 consecutive errors (observe layer7), 2 retries with redispatch on connect
+# failures and 502/503/504 (HAProxy has no retry budget), X-Forwarded-For/-Proto, Via both
+# ways, an x-request-id kept or generated (a process prefix and a counter, as mcsproxy
+# makes it; HAProxy's documented example format costs more), the cluster response header,
+# the 1 s connect and 10 s header-read timeouts. Not the target peer (that is the plain
+# configuration above): it shows what the same features cost HAProxy.
+HAPROXY_FEATURES_CONF = """global
+  nbthread 1
+  maxconn 8000
+  tune.bufsize 16384
+defaults
+  mode http
+  timeout connect 1s
+  timeout client 60s
+  timeout server 60s
+  timeout http-request 10s
+  timeout check 1s
+  option http-keep-alive
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:{port}
+  option forwardfor
+  unique-id-format %{{+X}}o%pid-%rt
+  http-request set-header X-Forwarded-Proto http
+  http-request add-header Via "1.1 mcsproxy"
+  http-request set-header x-request-id %[unique-id] unless {{ req.hdr(x-request-id) -m found }}
+  http-response add-header Via "1.1 mcsproxy"
+  http-response set-header x-mcs-cluster local
+  default_backend be
+backend be
+  option httpchk GET /small
+  retries 2
+  option redispatch
+  retry-on conn-failure empty-response response-timeout 502 503 504
+  default-server check inter 5s fall 2 rise 2 observe layer7 error-limit 5 on-error mark-down
   server s1 {bip}:{bport} maxconn 1000
 """
 SERVICE_YAML = """apiVersion: multicluster.x-k8s.io/v1alpha1
@@ -450,10 +490,15 @@ def start_all(procs: tcp.Procs, run: Path, baseline: str | None = None,
         return started(procs, run, targets)
     (run / "haproxy.cfg").write_text(HAPROXY_CONF.format(port=PORTS["haproxy"], **fmt))
     hp = procs.start(PROXY_CORE, "haproxy", "-f", str(run / "haproxy.cfg"), "-db")
+    (run / "haproxy-features.cfg").write_text(
+        HAPROXY_FEATURES_CONF.format(port=PORTS["haproxy-features"], **fmt))
+    hf = procs.start(PROXY_CORE, "haproxy", "-f", str(run / "haproxy-features.cfg"), "-db")
     (run / "proxy.conf").write_text(NGINX_PROXY_CONF.format(port=PORTS["nginx"], **fmt))
     procs.start(PROXY_CORE, "nginx", "-c", str(run / "proxy.conf"), "-p", str(run))
     mcs = start_mcsproxy(procs, run, "one", MCS_IP, 1, PROXY_CORE)
     targets["haproxy"] = {"ip": "127.0.0.1", "port": PORTS["haproxy"], "pid": hp.pid}
+    targets["haproxy-features"] = {"ip": "127.0.0.1", "port": PORTS["haproxy-features"],
+                                   "pid": hf.pid}
     targets["nginx"] = {"ip": "127.0.0.1", "port": PORTS["nginx"], "pid": None}
     # "start": how restart_in_turn (--fresh) starts it again.
     targets["mcsproxy"] = {"ip": MCS_IP, "port": BACKEND[1], "pid": mcs, "start": partial(
@@ -564,13 +609,17 @@ def write(out: Path, results: dict[str, object], smoke: bool, reps: int, secs: f
         f"{reps} repetitions of {secs:g} s, peers alternating; medians; ratios per repetition.",
         "mcsproxy runs with every feature on: active HTTP health checks, outlier ejection, "
         "retries with a budget, X-Forwarded-For/-Proto, Via, x-request-id generation, the "
-        "cluster response header."
+        "cluster response header. HAProxy + features is the same HAProxy with their "
+        "nearest equivalents (health checks, observe layer7, retries with retry-on and "
+        "redispatch, forwardfor, Via, unique-id as x-request-id, the response header): what "
+        "the features cost it; the target peer is HAProxy."
         + (f" The column before is mcsproxy {base}, the same flags, measured in the same "
            "repetitions." if base else ""),
         "",
         "| response | figure | direct | HAProxy | nginx | mcsproxy | mcsproxy / HAProxy "
-        "| mcsproxy / nginx |" + (" before | before / HAProxy |" if base else ""),
-        "|---|---|---|---|---|---|---|---|" + ("---|---|" if base else ""),
+        "| mcsproxy / nginx | HAProxy + features | mcsproxy / HAProxy + features |"
+        + (" before | before / HAProxy |" if base else ""),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if base else ""),
     ]
     summary: dict[str, object] = {}
 
@@ -579,10 +628,12 @@ def write(out: Path, results: dict[str, object], smoke: bool, reps: int, secs: f
         vals = {n: tcp.median(runs, f"{key}/{n}", field) for n in names}
         r_h = tcp.ratio_median(runs, f"{key}/mcsproxy", f"{key}/haproxy", field)
         r_n = tcp.ratio_median(runs, f"{key}/mcsproxy", f"{key}/nginx", field)
-        summary[f"{key}.{field}"] = {**vals, "ratio_haproxy": r_h, "ratio_nginx": r_n}
+        r_f = tcp.ratio_median(runs, f"{key}/mcsproxy", f"{key}/haproxy-features", field)
+        summary[f"{key}.{field}"] = {**vals, "ratio_haproxy": r_h, "ratio_nginx": r_n,
+                                     "ratio_haproxy_features": r_f}
         line = (f"| {size} | {label} | {fmt(vals['direct'])} | {fmt(vals['haproxy'])} | "
                 f"{fmt(vals['nginx'])} | {fmt(vals['mcsproxy'])} | {fmt(r_h)}x | "
-                f"{fmt(r_n)}x |")
+                f"{fmt(r_n)}x | {fmt(vals['haproxy-features'])} | {fmt(r_f)}x |")
         if base:
             r_b = tcp.ratio_median(runs, f"{key}/baseline", f"{key}/haproxy", field)
             summary[f"{key}.{field}"]["baseline_ratio_haproxy"] = r_b  # type: ignore[index]
