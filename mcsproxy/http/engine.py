@@ -21,6 +21,7 @@ from mcsproxy.http.server import ClientConnection
 from mcsproxy.http.wire import ErrorResponses, RequestIds, http_date
 from mcsproxy.model import ServicePort
 from mcsproxy.tasks import cancel_and_wait, spawn
+from mcsproxy.writebatch import WriteBatch
 
 if TYPE_CHECKING:  # the proxy package imports this module: no import back at run time
     from mcsproxy.observability.accesslog import AccessLog
@@ -109,8 +110,12 @@ def tick_for(config: ProxyConfig) -> float:
 class HttpEngine:
     """Component-like (start/stop), owned by the proxy manager."""
 
-    def __init__(self, config: ProxyConfig) -> None:
+    def __init__(self, config: ProxyConfig, writes: WriteBatch | None = None) -> None:
         self.http = HttpSettings(config)
+        # Answers and complete requests are written once the poll's callbacks are done
+        # (mcsproxy/writebatch.py), on the loop start() runs in; before it, at once.
+        self.writes = writes if writes is not None else WriteBatch()
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.clients: set[ClientConnection] = set()
         self.pools: dict[Host, EndpointPool] = {}
         self.tick_s = tick_for(config)
@@ -130,6 +135,7 @@ class HttpEngine:
         self.refused: dict[tuple[str, str, str], int] = {}
 
     async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
         if self._task is None:
             self._task = spawn(self._ticker(), name="http tick")
 

@@ -144,7 +144,7 @@ class FrontDoor:
         route = self.routes.get(ukey)
         if route is None:
             ctx = ListenerContext(f"front door {ukey}", upstream, self.config, set(),
-                                  self.proxy.access_log, self.proxy.refusals)
+                                  self.proxy.access_log, self.proxy.refusals, self.proxy.writes)
             route = self.routes[ukey] = HttpRoute(ctx)
         else:
             route.ctx.upstream = upstream

@@ -161,6 +161,7 @@ class ClientConnection(asyncio.Protocol):
         "current",
         "engine",
         "expect",
+        "flush_held",
         "front",
         "fwd",
         "has_request_id",
@@ -202,6 +203,7 @@ class ClientConnection(asyncio.Protocol):
         self.engine = engine
         self.route = route
         self.front = front
+        self.flush_held = False  # flush_soon's call is waiting in engine.writes
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         # The parser and the queue of an idle connection are dropped by check() and made
         # again by its next read: an empty deque alone holds a block of 64 slots (760 B).
@@ -432,6 +434,21 @@ class ClientConnection(asyncio.Protocol):
             self.paused &= ~reason
             if not self.paused and not self.closed:
                 self.transport.resume_reading()
+
+    def flush_soon(self) -> None:
+        """flush, once the loop has run the rest of this poll's callbacks (see
+        mcsproxy/writebatch.py). A flush() meanwhile writes it; so does every path that
+        closes or half-closes, each of which flushes first."""
+        engine = self.engine
+        if engine.loop is None:  # not started (tests that drive a connection by hand)
+            self.flush()
+        elif self.out and not self.flush_held:
+            self.flush_held = True
+            engine.writes.later(engine.loop, self)
+
+    def flush_deferred(self) -> None:
+        self.flush_held = False
+        self.flush()
 
     def flush(self) -> None:
         out = self.out
@@ -740,7 +757,7 @@ class ClientConnection(asyncio.Protocol):
         queue = self.queue
         if queue and queue[0] is ex:
             queue.popleft()
-        self.flush()
+        self.flush_soon()  # close() below, or the next answer's flush, writes it sooner
         if self.closed:
             return
         if not ex.keep_alive:
@@ -1162,8 +1179,7 @@ class Exchange:
         chunked = self.chunked
         bodies = self.replay if self.replay is not None else self.unsent
         if not bodies and not (chunked and self.req_done):
-            up.sent += len(self.request_head)
-            up.transport.write(self.request_head)  # no body (yet): the head alone
+            self.send(up, self.request_head)  # no body (yet): the head alone
             return
         data = [self.request_head]
         for body in bodies or ():
@@ -1179,9 +1195,19 @@ class Exchange:
             client.resume(PAUSE_UNSENT)
         if self.req_done and chunked:
             data.append(self.end_chunk)
-        payload = data[0] if len(data) == 1 else b"".join(data)
-        up.sent += len(payload)
-        up.transport.write(payload)
+        self.send(up, data[0] if len(data) == 1 else b"".join(data))
+
+    def send(self, up: UpstreamConn, data: bytes) -> None:
+        """The request's first bytes to the endpoint. A whole request (nothing of it left
+        to come from the client) goes once the poll's callbacks are done (see
+        mcsproxy/writebatch.py); the start of one whose body follows goes at once, so
+        that the body, written as it arrives, cannot overtake it."""
+        up.sent += len(data)
+        engine = self.client.engine
+        if self.req_done and engine.loop is not None:
+            engine.writes.write(engine.loop, up.transport, data)
+        else:
+            up.transport.write(data)
 
     def can_retry(self, replay: bool = True) -> bool:
         """May the request be tried again (at most max_retries times)?

@@ -11,6 +11,7 @@ from mcsproxy.clientcounts import ClientCounts
 from mcsproxy.config import ProxyConfig
 from mcsproxy.observability.accesslog import AccessLog
 from mcsproxy.upstream import UpstreamSet
+from mcsproxy.writebatch import WriteBatch
 
 log = logging.getLogger("mcsproxy.proxy")
 
@@ -96,11 +97,12 @@ class ListenerContext:
 
     __slots__ = ("_last_give_up_log", "_last_refusal_log", "access_log", "active", "by_client",
                  "config", "connect_deadlines", "conns", "gave_up", "name", "refusals", "refused",
-                 "upstream")
+                 "upstream", "writes")
 
     def __init__(self, name: str, upstream: UpstreamSet, config: ProxyConfig,
                  conns: set[Tracked], access_log: AccessLog | None = None,
-                 refusals: dict[str, int] | None = None) -> None:
+                 refusals: dict[str, int] | None = None,
+                 writes: WriteBatch | None = None) -> None:
         self.name = name
         self.upstream = upstream
         self.config = config
@@ -117,6 +119,8 @@ class ListenerContext:
         # snapshots, and the counters exported must never go backwards.
         self.refusals = refusals if refusals is not None else new_refusals()
         self.connect_deadlines = ConnectDeadlines(config.connect_timeout_s)
+        # Shared by every listener of the manager: one flush per poll for all of them.
+        self.writes = writes if writes is not None else WriteBatch()
 
     def admit(self, transport: object) -> str | None:
         """Count a new stream connection in; None (and counted, logged at most 1/s) when

@@ -37,6 +37,7 @@ from mcsproxy.proxy.workers import steer_by_client_ip
 from mcsproxy.store import SnapshotStore
 from mcsproxy.tasks import cancel_and_wait, spawn
 from mcsproxy.upstream import HealthChecker, UpstreamSet, eligible_targets
+from mcsproxy.writebatch import WriteBatch
 
 log = logging.getLogger("mcsproxy.proxy")
 
@@ -152,7 +153,8 @@ class ProxyManager:
         self._upstream_keys: dict[ServiceKey, set[UpstreamKey]] = {}
         self.conns: set[Tracked] = set()
         self.refusals = new_refusals()  # every listener's, by reason
-        self.http = HttpEngine(config)
+        self.writes = WriteBatch()  # short writes of every listener, made once per poll
+        self.http = HttpEngine(config, self.writes)
         self._pending: set[ServiceKey] | None = None  # None: apply everything
         self._latest: Snapshot = store.current
         self._wake = asyncio.Event()
@@ -348,7 +350,7 @@ class ProxyManager:
     async def _open(self, lkey: ListenerKey, ukey: UpstreamKey, upstream: UpstreamSet,
                     http: bool = False) -> None:
         ctx = ListenerContext(str(lkey), upstream, self.config, self.conns, self.access_log,
-                              self.refusals)
+                              self.refusals, self.writes)
         listener = Listener(lkey, ukey, ctx)
         loop = asyncio.get_running_loop()
         try:

@@ -17,7 +17,10 @@ Costs, measured with bench/tcp/callgrind.py: the connect coroutine is driven by 
 (no Task per connection, and no callback for its last step), connect timeouts share one
 timer per listener (ConnectDeadlines), a direction that carries bulk data switches to a
 BulkReader that reads into one shared buffer instead of a new bytes object per read, and
-the 1 MiB write limits are set only on a side that queues or carries bulk data.
+the 1 MiB write limits are set only on a side that queues or carries bulk data. Short
+reads are forwarded through the listener's WriteBatch (mcsproxy/writebatch.py), after the
+poll's other callbacks: every path here that half-closes or closes a transport flushes it
+first.
 """
 
 from __future__ import annotations
@@ -195,8 +198,12 @@ class UpstreamSide(asyncio.Protocol):
         client.upstream_connected(transport)  # type: ignore[arg-type]
 
     def data_received(self, data: bytes) -> None:
-        self.client_transport.write(data)
         client = self.client
+        if len(data) < BULK_READ_BYTES:
+            client.ctx.writes.write(client.loop, self.client_transport, data)
+        else:
+            client.ctx.writes.flush()
+            self.client_transport.write(data)
         client.idle = 0
         client.received += len(data)
         if len(data) >= BULK_READ_BYTES:
@@ -299,7 +306,12 @@ class ClientSide(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         up = self.up
         if up is not None:
-            up.write(data)
+            writes = self.ctx.writes
+            if len(data) < BULK_READ_BYTES:
+                writes.write(self.loop, up, data)
+            else:
+                writes.flush()
+                up.write(data)
             self.idle = 0
             self.sent += len(data)
             if len(data) >= BULK_READ_BYTES:
@@ -312,6 +324,7 @@ class ClientSide(asyncio.Protocol):
             self.transport.pause_reading()
 
     def eof_received(self) -> bool:
+        self.ctx.writes.flush()  # what the client sent goes before its EOF
         self.got_client_eof = True
         if self.up is not None:
             if self.got_upstream_eof:
@@ -335,6 +348,7 @@ class ClientSide(asyncio.Protocol):
             self.limit_key = None
         elif self.closed and not self.started:
             return  # refused by a limit at accept: nothing began
+        self.ctx.writes.flush()
         self.closed = True
         self.ctx.conns.discard(self)
         self.cancel_connect()
@@ -555,9 +569,11 @@ class ClientSide(asyncio.Protocol):
         # Closed meanwhile (client EOF, idle expiry, the endpoint gone): nothing to forward,
         # and write_eof on a closed uvloop transport raises.
         if not (self.closed or self.got_client_eof or self.transport.is_closing()):
+            self.ctx.writes.flush()
             self.transport.write_eof()
 
     def upstream_lost(self, exc: Exception | None) -> None:
+        self.ctx.writes.flush()
         host = self.host
         if host is not None:
             stats = host.stats
@@ -573,6 +589,7 @@ class ClientSide(asyncio.Protocol):
 
     # -- ending -----------------------------------------------------------------------
     def close_both(self) -> None:
+        self.ctx.writes.flush()
         self.transport.close()
         if self.up is not None:
             self.up.close()
@@ -610,6 +627,7 @@ class ClientSide(asyncio.Protocol):
     def expire(self) -> None:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("listener %s: closing idle connection to %s", self.ctx.name, self.host)
+        self.ctx.writes.flush()  # held bytes count as queued
         up = self.up
         if self.transport.get_write_buffer_size() or (
                 up is not None and up.get_write_buffer_size()):
