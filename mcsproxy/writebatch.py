@@ -7,9 +7,11 @@ is woken again between two of them: each wake of a sleeping task on another CPU 
 inter-processor interrupt, dear in a VM. Made together, after the poll's callbacks, they
 wake it once. Measured (2 cores, load on core 0, the gateway on core 1, 6 repetitions
 each): short TCP connections +4.5 to +6.6 % per second at 3.7 to 4.9 % less CPU each, the
-reschedule interrupts core 0 took per connection 0.72 -> 0.21 (HAProxy: 0.23); HTTP
-keep-alive 100 B requests +4.9 % per second, -4.7 % CPU per request. Bulk transfers do
-not go through here: they write from a shared read buffer that the next read reuses.
+reschedule interrupts core 0 took per connection 0.72 -> 0.21 (HAProxy: 0.23); with
+bench/tcp/run.py --fresh, 1.056x connections per second, 0.951x CPU each. HTTP
+keep-alive 100 B requests: +4.9 % per second and -4.7 % CPU in the scratch A/B, within
+noise (1.011x, 0.992x) with bench/http/run.py --fresh. Bulk transfers do not go through
+here: they write from a shared read buffer that the next read reuses.
 
 Whoever holds a write here must flush before anything that ends or half-closes the same
 transport (write_eof, close): `flush` writes everything held, so order per transport is

@@ -169,3 +169,19 @@ async def test_tcp_held_reply_goes_before_a_forwarded_eof() -> None:
     UpstreamSide(client).data_received(b"tail")
     client.forward_upstream_eof()
     assert down.events == [("write", b"tail"), "eof"]
+
+
+async def test_http_held_answer_goes_before_the_close_a_client_eof_makes() -> None:
+    from mcsproxy.http.engine import HttpEngine
+    from mcsproxy.http.server import ClientConnection
+
+    engine = HttpEngine(ProxyConfig())
+    engine.loop = asyncio.get_running_loop()  # as start() sets it
+    conn = ClientConnection(engine, None)
+    down = Recording()
+    conn.transport = down  # type: ignore[assignment]
+    conn.out.append(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    conn.flush_soon()
+    assert down.events == []  # held for the end of the poll
+    assert conn.eof_received() is False  # nothing in flight: the transport closes now
+    assert down.events == [("write", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")]

@@ -361,6 +361,8 @@ class ClientConnection(asyncio.Protocol):
         # socket instead is found out by the tick (check, gone). One that stops in the
         # middle of a request has given up on it: the connection and any endpoint
         # connection serving it are closed. Tunnels half-close.
+        if self.flush_held:
+            self.flush()  # an answer held for the end of the poll goes before any close
         self.tunnel_eofs |= CLIENT_EOF
         if self.tunnel is not None:
             if self.tunnel_eofs == BOTH_EOF:
