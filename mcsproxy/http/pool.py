@@ -29,6 +29,7 @@ from mcsproxy.http.wire import (
     tail_bytes,
     transfer_codings,
 )
+from mcsproxy.writebatch import HOLD_BELOW
 
 if TYPE_CHECKING:
     from mcsproxy.http.engine import HttpEngine
@@ -39,12 +40,6 @@ log = logging.getLogger("mcsproxy.http")
 
 # Request bytes queued towards an endpoint before the client's reading pauses.
 UPSTREAM_WRITE_HIGH_WATER: Final = 256 * 1024
-# An answer from a read smaller than this waits for the end of the poll (flush_soon, see
-# mcsproxy/writebatch.py): uvloop reads a stream again within one poll only after a read
-# that filled its 256 KiB buffer, so one such read per connection is what is held. A body
-# streaming in bigger reads is written at once, so that the client's backpressure
-# (pause_writing) stops the endpoint's next read: held, 100 MB test bodies piled up 7 MB.
-HOLD_BELOW: Final = 64 * 1024
 # Linux only; elsewhere the delayed-ACK stall below is left as it is.
 TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 
@@ -159,7 +154,7 @@ class UpstreamConn(asyncio.Protocol):
         if client is not None:
             client.idle = 0
             if client.out:
-                if len(data) < HOLD_BELOW:
+                if len(data) < HOLD_BELOW:  # see mcsproxy/writebatch.py
                     client.flush_soon()
                 else:
                     client.flush()

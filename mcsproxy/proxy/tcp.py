@@ -199,11 +199,7 @@ class UpstreamSide(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         client = self.client
-        if len(data) < BULK_READ_BYTES:
-            client.ctx.writes.write(client.loop, self.client_transport, data)
-        else:
-            client.ctx.writes.flush()
-            self.client_transport.write(data)
+        client.ctx.writes.pass_on(client.loop, self.client_transport, data)
         client.idle = 0
         client.received += len(data)
         if len(data) >= BULK_READ_BYTES:
@@ -306,12 +302,7 @@ class ClientSide(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         up = self.up
         if up is not None:
-            writes = self.ctx.writes
-            if len(data) < BULK_READ_BYTES:
-                writes.write(self.loop, up, data)
-            else:
-                writes.flush()
-                up.write(data)
+            self.ctx.writes.pass_on(self.loop, up, data)
             self.idle = 0
             self.sent += len(data)
             if len(data) >= BULK_READ_BYTES:
