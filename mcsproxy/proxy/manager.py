@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -31,7 +31,7 @@ from mcsproxy.model import ImportedService, ServiceKey, ServicePort, Snapshot
 from mcsproxy.observability.accesslog import AccessLog
 from mcsproxy.observability.events import EventRing
 from mcsproxy.proxy.context import ListenerContext, Tracked, new_refusals
-from mcsproxy.proxy.tcp import ClientSide
+from mcsproxy.proxy.tcp import ClientSide, StreamFactory
 from mcsproxy.proxy.udp import UdpListener
 from mcsproxy.proxy.workers import steer_by_client_ip
 from mcsproxy.store import SnapshotStore
@@ -71,26 +71,6 @@ class UpstreamKey(NamedTuple):
 
     def __str__(self) -> str:
         return f"{self.service}:{self.port_name or '-'}/{self.protocol}"
-
-
-class StreamFactory:
-    """The Protocol of each connection a stream listener accepts, by what its port serves
-    now: a port that gains or loses `appProtocol: http` keeps its socket (and every
-    established connection), and the next connection is proxied the new way."""
-
-    __slots__ = ("ctx", "http", "http_factory", "loop")
-
-    def __init__(self, ctx: ListenerContext, loop: asyncio.AbstractEventLoop,
-                 http_factory: Callable[[], asyncio.Protocol], http: bool) -> None:
-        self.ctx = ctx
-        self.loop = loop
-        self.http_factory = http_factory
-        self.http = http
-
-    def __call__(self) -> asyncio.Protocol:
-        if self.http:
-            return self.http_factory()
-        return ClientSide(self.ctx, self.loop)
 
 
 class Listener:

@@ -32,7 +32,7 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from types import CoroutineType
 from typing import Any, Final
 
@@ -627,3 +627,28 @@ class ClientSide(asyncio.Protocol):
             self.abort()
         else:
             self.close_both()
+
+
+class StreamFactory:
+    """The Protocol of each connection a stream listener accepts, by what its port serves
+    now: a port that gains or loses `appProtocol: http` keeps its socket (and every
+    established connection), and the next connection is proxied the new way.
+
+    Here rather than beside the listeners in manager.py: it runs for every accepted
+    connection, and compiled it costs ~1.3k instructions fewer per short TCP connection
+    than interpreted (callgrind through the gateway, 3000 connections: 71.4k against
+    72.6-73.5k)."""
+
+    __slots__ = ("ctx", "http", "http_factory", "loop")
+
+    def __init__(self, ctx: ListenerContext, loop: asyncio.AbstractEventLoop,
+                 http_factory: Callable[[], asyncio.Protocol], http: bool) -> None:
+        self.ctx = ctx
+        self.loop = loop
+        self.http_factory = http_factory
+        self.http = http
+
+    def __call__(self) -> asyncio.Protocol:
+        if self.http:
+            return self.http_factory()
+        return ClientSide(self.ctx, self.loop)
