@@ -122,6 +122,9 @@ def tcp_rows(d: dict) -> list[Row]:
                      v["ratio_tuned"], better))
         rows.append(("TCP", label, v["mcsproxy"], "HAProxy", v["haproxy"], v["ratio_default"],
                      better))
+        if v.get("ratio_bare") is not None:  # results from before that peer was measured
+            rows.append(("TCP", label, v["mcsproxy"], "bare uvloop relay", v["bare"],
+                         v["ratio_bare"], better))
     return rows
 
 
@@ -136,7 +139,8 @@ def http_rows(d: dict) -> list[Row]:
             if v is None:
                 continue
             for peer, key in (("HAProxy", "haproxy"), ("nginx", "nginx"),
-                              ("HAProxy + features", "haproxy-features")):
+                              ("HAProxy + features", "haproxy-features"),
+                              ("bare uvloop + httptools relay", "bare")):
                 if key not in v:  # results from before that peer was measured
                     continue
                 rows.append(("HTTP", f"{size} keep-alive {label}", v["mcsproxy"], peer, v[key],

@@ -26,7 +26,7 @@ def test_http_bench_smoke_writes_results(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "http-smoke.json").read_text())
     run = data["runs"][0]
     for size in ("100B", "64KiB"):
-        for target in ("direct", "haproxy", "nginx", "mcsproxy"):
+        for target in ("direct", "haproxy", "nginx", "mcsproxy", "bare"):
             assert run[f"{size}/{target}"]["req_s"] > 0
             assert not run[f"{size}/{target}"].get("errors"), (size, target)
             fixed = run[f"fixed/{size}/{target}"]  # the open-loop client's row

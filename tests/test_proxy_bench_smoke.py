@@ -26,7 +26,7 @@ def test_tcp_bench_smoke_writes_results(tmp_path: Path) -> None:
     assert "| range / tuned |" in table
     data = json.loads((tmp_path / "tcp-smoke.json").read_text())
     run = data["runs"][0]
-    for target in ("direct", "haproxy", "haproxy-tuned", "mcsproxy"):
+    for target in ("direct", "haproxy", "haproxy-tuned", "mcsproxy", "bare"):
         assert run[f"bulk1/{target}"]["gbit_s"] > 0
         assert run[f"conn/{target}"]["conn_s"] > 0
     assert len(data["summary"]["bulk1.gbit_s"]["ratios_tuned"]) == data["reps"]

@@ -3,10 +3,13 @@
 Peers in the same run, alternating within each repetition: direct to the nginx backend,
 HAProxy 2.6 `mode http` (`http-reuse always`; also as "HAProxy + features", configured with
 its nearest equivalents of mcsproxy's features), nginx as reverse proxy (upstream keepalive),
-and `mcsproxy gateway` proxying an appProtocol http port with every feature on (health
+`mcsproxy gateway` proxying an appProtocol http port with every feature on (health
 checks, outlier ejection, retries and budget, X-Forwarded-*/Via/x-request-id, the cluster
-response header). Pinning: wrk and the nginx backend on core 0, the proxy under test alone
-on core 1, one worker/thread each. CPU of the proxy from /proc/<pid>/stat utime+stime.
+response header), and a bare uvloop + httptools relay (bench/http/bare_relay.py: requests
+parsed for their ends and passed on unchanged, nothing else; what these libraries give
+before any of mcsproxy's work). Pinning: wrk and the nginx backend on core 0, the proxy
+under test alone on core 1, one worker/thread each. CPU of the proxy from /proc/<pid>/stat
+utime+stime.
 Also: memory per idle keep-alive client connection (RSS growth over N idle connections)
 and `--workers 2` scaling: a 1-worker and a 2-worker gateway of their own, both unpinned
 (taskset 0,1), wrk (2 threads, 100 connections) unpinned, the backend on core 0; the same
@@ -71,7 +74,7 @@ from bench.common import (  # noqa: E402  (importable once tcp set sys.path)
 from bench.http.openloop import fixed_rate  # noqa: E402
 
 BACKEND = ("127.0.0.1", 18481)  # own ports: other benches use 8081 with reuseport
-PORTS = {"haproxy": 18490, "nginx": 18491, "haproxy-features": 18492}
+PORTS = {"haproxy": 18490, "nginx": 18491, "haproxy-features": 18492, "bare": 18493}
 MCS_IP, MCS_W2_IP, MCS_BASE_IP = "127.240.251.1", "127.240.251.2", "127.240.251.3"
 MCS_W1_IP = "127.240.251.4"  # the 1-worker gateway of the scaling figure, unpinned
 PEERS = ("haproxy", "nginx", "wrk", "taskset")
@@ -496,10 +499,13 @@ def start_all(procs: tcp.Procs, run: Path, baseline: str | None = None,
     (run / "proxy.conf").write_text(NGINX_PROXY_CONF.format(port=PORTS["nginx"], **fmt))
     procs.start(PROXY_CORE, "nginx", "-c", str(run / "proxy.conf"), "-p", str(run))
     mcs = start_mcsproxy(procs, run, "one", MCS_IP, 1, PROXY_CORE)
+    bare = procs.start(PROXY_CORE, sys.executable, str(ROOT / "bench" / "http" / "bare_relay.py"),
+                       f"127.0.0.1:{PORTS['bare']}", f"{BACKEND[0]}:{BACKEND[1]}", stderr=None)
     targets["haproxy"] = {"ip": "127.0.0.1", "port": PORTS["haproxy"], "pid": hp.pid}
     targets["haproxy-features"] = {"ip": "127.0.0.1", "port": PORTS["haproxy-features"],
                                    "pid": hf.pid}
     targets["nginx"] = {"ip": "127.0.0.1", "port": PORTS["nginx"], "pid": None}
+    targets["bare"] = {"ip": "127.0.0.1", "port": PORTS["bare"], "pid": bare.pid}
     # "start": how restart_in_turn (--fresh) starts it again.
     targets["mcsproxy"] = {"ip": MCS_IP, "port": BACKEND[1], "pid": mcs, "start": partial(
         start_and_wait, procs, run, "one", MCS_IP, None, sys.executable)}
@@ -617,9 +623,10 @@ def write(out: Path, results: dict[str, object], smoke: bool, reps: int, secs: f
            "repetitions." if base else ""),
         "",
         "| response | figure | direct | HAProxy | nginx | mcsproxy | mcsproxy / HAProxy "
-        "| mcsproxy / nginx | HAProxy + features | mcsproxy / HAProxy + features |"
+        "| mcsproxy / nginx | HAProxy + features | mcsproxy / HAProxy + features "
+        "| bare relay | bare / HAProxy | mcsproxy / bare |"
         + (" before | before / HAProxy |" if base else ""),
-        "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if base else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if base else ""),
     ]
     summary: dict[str, object] = {}
 
@@ -629,11 +636,15 @@ def write(out: Path, results: dict[str, object], smoke: bool, reps: int, secs: f
         r_h = tcp.ratio_median(runs, f"{key}/mcsproxy", f"{key}/haproxy", field)
         r_n = tcp.ratio_median(runs, f"{key}/mcsproxy", f"{key}/nginx", field)
         r_f = tcp.ratio_median(runs, f"{key}/mcsproxy", f"{key}/haproxy-features", field)
+        r_bh = tcp.ratio_median(runs, f"{key}/bare", f"{key}/haproxy", field)
+        r_mb = tcp.ratio_median(runs, f"{key}/mcsproxy", f"{key}/bare", field)
         summary[f"{key}.{field}"] = {**vals, "ratio_haproxy": r_h, "ratio_nginx": r_n,
-                                     "ratio_haproxy_features": r_f}
+                                     "ratio_haproxy_features": r_f, "bare_vs_haproxy": r_bh,
+                                     "ratio_bare": r_mb}
         line = (f"| {size} | {label} | {fmt(vals['direct'])} | {fmt(vals['haproxy'])} | "
                 f"{fmt(vals['nginx'])} | {fmt(vals['mcsproxy'])} | {fmt(r_h)}x | "
-                f"{fmt(r_n)}x | {fmt(vals['haproxy-features'])} | {fmt(r_f)}x |")
+                f"{fmt(r_n)}x | {fmt(vals['haproxy-features'])} | {fmt(r_f)}x | "
+                f"{fmt(vals.get('bare'))} | {fmt(r_bh)}x | {fmt(r_mb)}x |")
         if base:
             r_b = tcp.ratio_median(runs, f"{key}/baseline", f"{key}/haproxy", field)
             summary[f"{key}.{field}"]["baseline_ratio_haproxy"] = r_b  # type: ignore[index]

@@ -1,7 +1,9 @@
 """TCP benchmark: bulk throughput (iperf3) and short-connection rate (wrk, Connection: close).
 
 Peers in the same run, alternating within each repetition: direct, HAProxy 2.6 `mode tcp`
-(default, and tuned with `tune.bufsize 262144`), and `mcsproxy gateway`. Pinning: load
+(default, and tuned with `tune.bufsize 262144`), `mcsproxy gateway`, and a bare uvloop
+relay (bench/tcp/bare_relay.py: a Protocol pair and nothing else, what CPython + uvloop
+give before any of mcsproxy's work). Pinning: load
 generators and backends (iperf3 -s, nginx) on core 0, the proxy under test alone on
 core 1, one worker/thread each. CPU of the proxy from /proc/<pid>/stat utime+stime.
 Results: bench/results/tcp.md and tcp.json (or --out DIR).
@@ -53,6 +55,7 @@ BACKEND_IP = "127.0.0.1"
 IPERF_PORT, WEB_PORT = 5201, 8081
 HAPROXY_IP, TUNED_IP, MCS_IP = "127.0.0.1", "127.0.0.1", "127.240.250.1"
 MCS_BASE_IP = "127.240.250.2"
+BARE_IP = "127.240.250.3"
 HAPROXY_PORTS = {"iperf": 5290, "web": 8190}
 TUNED_PORTS = {"iperf": 5291, "web": 8191}
 PEERS = ("iperf3", "haproxy", "nginx", "wrk", "taskset")
@@ -243,6 +246,10 @@ def start_all(procs: Procs, run: Path, baseline: str | None = None,
     start = partial(start_gateway, procs, run, "mcs", MCS_IP)
     targets["mcsproxy"] = {"ip": MCS_IP, "iperf": IPERF_PORT, "web": WEB_PORT,
                            "pid": start(), "start": start}
+    bare = procs.start(PROXY_CORE, sys.executable, str(ROOT / "bench" / "tcp" / "bare_relay.py"),
+                       BARE_IP, f"{IPERF_PORT}:{BACKEND_IP}:{IPERF_PORT}",
+                       f"{WEB_PORT}:{BACKEND_IP}:{WEB_PORT}", stderr=None)
+    targets["bare"] = {"ip": BARE_IP, "iperf": IPERF_PORT, "web": WEB_PORT, "pid": bare.pid}
     if baseline or baseline_python:
         base, python, words = prepare_baseline(run, baseline, baseline_python)
         start = partial(start_gateway, procs, run, "base", MCS_BASE_IP, base, python)
@@ -329,8 +336,8 @@ def write(out: Path, results: dict[str, object], smoke: bool, reps: int, secs: i
         "medians; ratios per repetition, their lowest and highest in the range column.",
         "",
         "| figure | direct | HAProxy default | HAProxy tuned | mcsproxy | mcsproxy / tuned "
-        "| range / tuned | mcsproxy / default |",
-        "|---|---|---|---|---|---|---|---|",
+        "| range / tuned | mcsproxy / default | bare relay | bare / tuned | mcsproxy / bare |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     figures = [(f"bulk{s}", "gbit_s", f"iperf3 {s} stream{'s' if s > 1 else ''}, Gbit/s")
                for s in (1, 8)] + [("conn", "conn_s", "new connections/s (wrk, close)"),
@@ -346,15 +353,19 @@ def write(out: Path, results: dict[str, object], smoke: bool, reps: int, secs: i
         r_t = ratio_median(runs, f"{prefix}/mcsproxy", f"{prefix}/haproxy-tuned", field)
         per_rep = ratios(runs, f"{prefix}/mcsproxy", f"{prefix}/haproxy-tuned", field)
         r_d = ratio_median(runs, f"{prefix}/mcsproxy", f"{prefix}/haproxy", field)
+        r_bt = ratio_median(runs, f"{prefix}/bare", f"{prefix}/haproxy-tuned", field)
+        r_mb = ratio_median(runs, f"{prefix}/mcsproxy", f"{prefix}/bare", field)
         summary[f"{prefix}.{field}"] = {**vals, "ratio_tuned": r_t, "ratio_default": r_d,
-                                         "ratios_tuned": per_rep}
+                                         "ratios_tuned": per_rep, "bare_vs_tuned": r_bt,
+                                         "ratio_bare": r_mb}
 
         def fmt(v: float | None) -> str:
             return "—" if v is None else f"{v:.3g}"
 
         lines.append(f"| {label} | {fmt(vals['direct'])} | {fmt(vals['haproxy'])} | "
                      f"{fmt(vals['haproxy-tuned'])} | {fmt(vals['mcsproxy'])} | "
-                     f"{fmt(r_t)}x | {spread(per_rep)} | {fmt(r_d)}x |")
+                     f"{fmt(r_t)}x | {spread(per_rep)} | {fmt(r_d)}x | "
+                     f"{fmt(vals.get('bare'))} | {fmt(r_bt)}x | {fmt(r_mb)}x |")
     lat_rate = median(runs, "lat/mcsproxy", "rate")
     if lat_rate:
         lines += ["", f"Latency rows: one request per new connection, open loop at "
