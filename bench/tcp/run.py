@@ -3,9 +3,9 @@
 Peers in the same run, alternating within each repetition: direct, HAProxy 2.6 `mode tcp`
 (default, and tuned with `tune.bufsize 262144`), `mcsproxy gateway`, and a bare uvloop
 relay (bench/tcp/bare_relay.py: a Protocol pair and nothing else, what CPython + uvloop
-give before any of mcsproxy's work). Pinning: load
-generators and backends (iperf3 -s, nginx) on core 0, the proxy under test alone on
-core 1, one worker/thread each. CPU of the proxy from /proc/<pid>/stat utime+stime.
+give before any of mcsproxy's work). Pinning: load generators and backends (iperf3 -s,
+nginx) on core 0, the proxy under test alone on core 1, one worker/thread each. CPU of
+the proxy from /proc/<pid>/stat utime+stime.
 Results: bench/results/tcp.md and tcp.json (or --out DIR).
 --baseline REV, --baseline-python PATH and --fresh add a second gateway measured in the
 same repetitions, as in bench/http/run.py: REV's package (compiled), or this tree's under
