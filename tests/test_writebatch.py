@@ -171,6 +171,39 @@ async def test_tcp_held_reply_goes_before_a_forwarded_eof() -> None:
     assert down.events == [("write", b"tail"), "eof"]
 
 
+class Stalled(Recording):
+    """A side whose peer reads nothing: what is written stays queued in the transport."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queued = 0
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.queued += len(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self.queued
+
+
+async def test_tcp_idle_expiry_counts_held_bytes_as_queued() -> None:
+    # A close would wait for a peer that reads nothing for ever (and keep the connection
+    # and its limit slot): expiry aborts a side with bytes still queued, the held included.
+    client, _, up = connection()
+    stalled = Stalled()
+    client.transport = stalled  # type: ignore[assignment]
+    UpstreamSide(client).data_received(b"unread")
+    client.expire()
+    assert stalled.events == [("write", b"unread"), "abort"] and up.events == ["abort"]
+
+
+async def test_tcp_idle_expiry_closes_when_nothing_is_queued() -> None:
+    client, down, up = connection()
+    UpstreamSide(client).data_received(b"tail")
+    client.expire()
+    assert down.events == [("write", b"tail"), "close"] and up.events == ["close"]
+
+
 async def test_http_held_answer_goes_before_the_close_a_client_eof_makes() -> None:
     from mcsproxy.http.engine import HttpEngine
     from mcsproxy.http.server import ClientConnection
