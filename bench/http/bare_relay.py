@@ -33,7 +33,7 @@ class Upstream(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         client = self.client
-        if client is None:
+        if client is None:  # nobody asked: out of step, or its client left
             self.transport.close()
             return
         client.transport.write(data)
@@ -46,6 +46,7 @@ class Upstream(asyncio.Protocol):
         else:
             self.transport.close()
         if client is not None:
+            client.up = None
             client.response_done()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -62,6 +63,7 @@ class Client(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.request: list[bytes] = []
+        self.up: Upstream | None = None  # serving the request in flight
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -76,7 +78,7 @@ class Client(asyncio.Protocol):
     def on_message_complete(self) -> None:
         data, self.request = b"".join(self.request), []
         if self.pool:
-            up = self.pool.pop()
+            up = self.up = self.pool.pop()
             up.client = self
             up.transport.write(data)
             return
@@ -91,12 +93,22 @@ class Client(asyncio.Protocol):
             self.transport.close()
             return
         _, up = task.result()
+        if self.transport.is_closing():
+            up.transport.close()
+            return
+        self.up = up
         up.client = self
         up.transport.write(data)
 
     def response_done(self) -> None:
         if not self.parser.should_keep_alive():
             self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        up, self.up = self.up, None
+        if up is not None:  # a response still on its way: that connection cannot be reused
+            up.client = None
+            up.transport.close()
 
 
 async def serve(listen: tuple[str, int], backend: tuple[str, int]) -> None:
