@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from mcsproxy.compiled import interpreter
+from mcsproxy.compiled import interpreter, state
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -31,8 +31,43 @@ STOP_TIMEOUT_S = 5.0
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process (all its threads), in seconds."""
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """utime and stime of a process (all its threads), in seconds: its own work, and the
+    kernel's on its behalf (system calls, and the loopback delivery of what it sends)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / HZ
+    return int(fields[11]) / HZ, int(fields[12]) / HZ
+
+
+def data_path() -> str:
+    """How this tree's gateway runs its data path (mcsproxy/compiled.py), for the results:
+    a source edited since `make build` runs interpreted, a third slower, and says so
+    only in its start-up log. Warned about here too, before anything is measured."""
+    mode, why = state()
+    if mode != "compiled":
+        print(f"warning: the gateway's data path runs interpreted ({why})", file=sys.stderr)
+        return f"interpreted ({why})"
+    return f"compiled ({why})"
+
+
+class CpuMeter:
+    """The CPU a process (None: none measured) spends over some work, per unit of it."""
+
+    __slots__ = ("pid", "start")
+
+    def __init__(self, pid: int | None) -> None:
+        self.pid = pid
+        self.start = cpu_split(pid) if pid else (0.0, 0.0)
+
+    def per_unit(self, units: float) -> dict[str, float | None]:
+        """µs per unit: all ("cpu"), the process's own ("user") and the kernel's ("sys")."""
+        if not self.pid or units <= 0:
+            return {"cpu": None, "user": None, "sys": None}
+        user, system = (b - a for a, b in zip(self.start, cpu_split(self.pid), strict=True))
+        return {"cpu": (user + system) / units * 1e6, "user": user / units * 1e6,
+                "sys": system / units * 1e6}
 
 
 @contextlib.contextmanager

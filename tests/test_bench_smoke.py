@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -119,3 +121,30 @@ def test_run_all_smoke_runs_the_peerless_benchmarks(tmp_path: Path) -> None:
     text = md.read_text()
     assert "- snapshot: ok" in text and "- controlplane: ok" in text
     assert "Control plane, 200 services" in text
+
+
+def test_cpu_meter_tells_a_process_own_work_from_the_kernels() -> None:
+    """bench/common.CpuMeter splits the CPU per unit of work into user and system time
+    (the benchmark tables' "its own" and "the kernel's" rows): a pure-Python loop is
+    mostly user time, reading /dev/zero into a large buffer mostly system time."""
+    common = load("bench/common.py", "bench_common_cpu")
+    assert common.CpuMeter(None).per_unit(10) == {"cpu": None, "user": None, "sys": None}
+    meter = common.CpuMeter(os.getpid())
+    until = time.process_time() + 0.3
+    while time.process_time() < until:
+        sum(range(1000))
+    own = meter.per_unit(2)
+    assert own["user"] > own["sys"]
+    assert own["cpu"] == pytest.approx(own["user"] + own["sys"])
+    assert own["cpu"] >= 0.2 / 2 * 1e6  # µs per unit: 0.3 s over 2 units, ticks of 10 ms
+    meter = common.CpuMeter(os.getpid())
+    buf = bytearray(1 << 20)
+    fd = os.open("/dev/zero", os.O_RDONLY)
+    try:
+        until = time.process_time() + 0.3
+        while time.process_time() < until:
+            os.readv(fd, [buf])  # the kernel zeroes 1 MiB: little for Python to do
+    finally:
+        os.close(fd)
+    kernel = meter.per_unit(1)
+    assert kernel["sys"] > kernel["user"]

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from mcsproxy import compiled
+
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = ("haproxy", "nginx", "wrk", "taskset")
 
@@ -23,11 +25,19 @@ def test_http_bench_smoke_writes_results(tmp_path: Path) -> None:
     table = (tmp_path / "http-smoke.md").read_text()
     assert "| 100B | req/s |" in table and "| 64KiB | proxy CPU µs/req |" in table
     assert "| 100B | proxy CPU µs/req at fixed rate |" in table
+    assert "| 100B | of which its own (user) |" in table
+    assert "| 64KiB | of which the kernel's (system) |" in table
+    assert f"mcsproxy's data path {compiled.state()[0]} (" in table
     data = json.loads((tmp_path / "http-smoke.json").read_text())
     run = data["runs"][0]
     for size in ("100B", "64KiB"):
         for target in ("direct", "haproxy", "nginx", "mcsproxy", "bare"):
             assert run[f"{size}/{target}"]["req_s"] > 0
+            if target != "direct":  # the CPU of the proxy under test, split
+                r = run[f"{size}/{target}"]
+                assert r["user_us_per_req"] >= 0 and r["sys_us_per_req"] >= 0, (size, target)
+                assert r["cpu_us_per_req"] == pytest.approx(
+                    r["user_us_per_req"] + r["sys_us_per_req"]), (size, target)
             assert not run[f"{size}/{target}"].get("errors"), (size, target)
             fixed = run[f"fixed/{size}/{target}"]  # the open-loop client's row
             assert fixed["rate"] > 0 and 0 < fixed["p50_us"] <= fixed["p99_us"], (size, target)

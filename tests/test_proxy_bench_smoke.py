@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from mcsproxy import compiled
+
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = ("iperf3", "haproxy", "nginx", "wrk", "taskset")
 
@@ -24,9 +26,16 @@ def test_tcp_bench_smoke_writes_results(tmp_path: Path) -> None:
     table = (tmp_path / "tcp-smoke.md").read_text()
     assert "| iperf3 1 stream, Gbit/s |" in table and "new connections/s" in table
     assert "| range / tuned |" in table
+    assert "| of which its own (user) |" in table and "| of which the kernel's (system) |" in table
+    assert f"mcsproxy's data path {compiled.state()[0]} (" in table
     data = json.loads((tmp_path / "tcp-smoke.json").read_text())
     run = data["runs"][0]
     for target in ("direct", "haproxy", "haproxy-tuned", "mcsproxy", "bare"):
         assert run[f"bulk1/{target}"]["gbit_s"] > 0
-        assert run[f"conn/{target}"]["conn_s"] > 0
+        conn = run[f"conn/{target}"]
+        assert conn["conn_s"] > 0
+        if target != "direct":  # the CPU of the proxy under test, split
+            assert conn["user_us_per_conn"] >= 0 and conn["sys_us_per_conn"] >= 0, target
+            assert conn["cpu_us_per_conn"] == pytest.approx(
+                conn["user_us_per_conn"] + conn["sys_us_per_conn"]), target
     assert len(data["summary"]["bulk1.gbit_s"]["ratios_tuned"]) == data["reps"]

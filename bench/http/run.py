@@ -65,7 +65,9 @@ _spec.loader.exec_module(tcp)  # shared helpers: Procs, cpu_seconds, wait_port, 
 
 LOAD_CORE, PROXY_CORE = tcp.LOAD_CORE, tcp.PROXY_CORE
 from bench.common import (  # noqa: E402  (importable once tcp set sys.path)
+    CpuMeter,
     change_ratio,
+    data_path,
     interpreter,
     on_load_core,
     prepare_baseline,
@@ -431,6 +433,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.workers_only:
         return workers_only(out, reps, secs, args.smoke)
+    mode = data_path()
     procs = tcp.Procs()
     with tempfile.TemporaryDirectory(prefix="mcsbench-http-") as run:
         try:
@@ -442,6 +445,7 @@ def main() -> int:
     if "baseline" in targets:
         results["baseline"] = targets["baseline"]["words"]
     results["fresh"] = args.fresh
+    results["data_path"] = mode
     write(out, results, args.smoke, reps, secs)
     return 0
 
@@ -553,11 +557,13 @@ def measure(targets: dict[str, dict[str, object]], reps: int, secs: float,
         for size, path in SIZES.items():
             for name in order:
                 t = targets[name]
-                pid = t["pid"]
-                cpu0 = tcp.cpu_seconds(pid) if pid else 0.0
-                r = wrk(str(t["ip"]), int(t["port"]), path, secs, WRK_CONNS)  # type: ignore[call-overload]
-                cpu = tcp.cpu_seconds(pid) - cpu0 if pid else None
-                r["cpu_us_per_req"] = cpu / (r["req_s"] * secs) * 1e6 if cpu is not None else None  # type: ignore[assignment]
+                meter = CpuMeter(t["pid"])  # type: ignore[arg-type]
+                r: dict[str, float | None] = {
+                    **wrk(str(t["ip"]), int(t["port"]), path, secs, WRK_CONNS)}  # type: ignore[call-overload]
+                spent = meter.per_unit(r["req_s"] * secs)  # type: ignore[operator]
+                r["cpu_us_per_req"] = spent["cpu"]
+                r["user_us_per_req"] = spent["user"]
+                r["sys_us_per_req"] = spent["sys"]
                 row[f"{size}/{name}"] = r
         for size, path in SIZES.items():
             # Latency and CPU at one offered load for all: half the slowest proxy's maximum,
@@ -597,6 +603,7 @@ def write(out: Path, results: dict[str, object], smoke: bool, reps: int, secs: f
         .stdout.split("\n")[0].strip(),
         "python": interpreter(),
         "kernel": platform.release(),
+        "data_path": results["data_path"],
     }
 
     def fmt(v: float | None, digits: str = ".3g") -> str:
@@ -609,7 +616,8 @@ def write(out: Path, results: dict[str, object], smoke: bool, reps: int, secs: f
         "",
         f"Machine: {os.cpu_count()} cores, {platform.machine()}, kernel {versions['kernel']}; "
         f"{versions['haproxy']}; {versions['nginx']}; {versions['wrk']}; "
-        f"Python {versions['python']} + uvloop + httptools.",
+        f"Python {versions['python']} + uvloop + httptools; mcsproxy's data path "
+        f"{versions['data_path']}.",
         f"Pinning: wrk (1 thread, {WRK_CONNS} keep-alive connections) and the nginx backend on "
         f"core {LOAD_CORE}; the proxy under test alone on core {PROXY_CORE}, one worker/thread. "
         f"{reps} repetitions of {secs:g} s, peers alternating; medians; ratios per repetition.",
@@ -653,6 +661,8 @@ def write(out: Path, results: dict[str, object], smoke: bool, reps: int, secs: f
 
     for size in SIZES:
         for field, label in (("req_s", "req/s"), ("cpu_us_per_req", "proxy CPU µs/req"),
+                             ("user_us_per_req", "of which its own (user)"),
+                             ("sys_us_per_req", "of which the kernel's (system)"),
                              ("p50_us", "p50 µs"), ("p99_us", "p99 µs")):
             add_row(size, size, field, label)
         for field, label in (("p50_us", "p50 µs at fixed rate"),

@@ -38,9 +38,11 @@ sys.path.insert(0, str(ROOT))
 from bench.common import (  # noqa: E402
     LOAD_CORE,
     PROXY_CORE,
+    CpuMeter,
     Procs,
     change_ratio,
     cpu_seconds,
+    data_path,
     interpreter,
     median,
     on_load_core,
@@ -193,6 +195,7 @@ def main() -> int:
     lat_seconds = 0.5 if args.smoke else 3.0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    mode = data_path()
     procs = Procs()
     with tempfile.TemporaryDirectory(prefix="mcsbench-") as run:
         rundir = Path(run)
@@ -205,6 +208,7 @@ def main() -> int:
     if "baseline" in targets:
         results["baseline"] = targets["baseline"]["words"]
     results["fresh"] = args.fresh
+    results["data_path"] = mode
     write(out, results, args.smoke, reps, secs)
     return 0
 
@@ -283,13 +287,13 @@ def measure(targets: dict[str, dict[str, object]], reps: int, secs: int,
         rates: dict[str, float] = {}
         for name in order:
             t = targets[name]
-            pid = t["pid"]
-            cpu0 = cpu_seconds(pid) if pid else 0.0  # type: ignore[arg-type]
+            meter = CpuMeter(t["pid"])  # type: ignore[arg-type]
             rate = wrk_close(str(t["ip"]), int(t["web"]), secs, 32)  # type: ignore[call-overload]
-            cpu = cpu_seconds(pid) - cpu0 if pid else None  # type: ignore[arg-type]
+            cpu = meter.per_unit(rate * secs)
             rates[name] = rate
-            row[f"conn/{name}"] = {"conn_s": rate, "cpu_us_per_conn":
-                                   cpu / (rate * secs) * 1e6 if cpu is not None else None}
+            row[f"conn/{name}"] = {"conn_s": rate, "cpu_us_per_conn": cpu["cpu"],
+                                   "user_us_per_conn": cpu["user"],
+                                   "sys_us_per_conn": cpu["sys"]}
         # Added latency at half the slowest proxy's maximum rate, capped by what the
         # Python open-loop client itself can sustain beside the backend on one core.
         lat_rate = min(min(rates[n] for n in names if n != "direct") / 2, 1500.0)
@@ -324,12 +328,14 @@ def write(out: Path, results: dict[str, object], smoke: bool, reps: int, secs: i
         .stdout.split("\n")[0],
         "python": interpreter(),
         "kernel": platform.release(),
+        "data_path": results["data_path"],
     }
     summary: dict[str, object] = {}
     lines = [
         "# TCP proxy benchmark" + (" (smoke: not a measurement)" if smoke else ""), "",
         f"Machine: {os.cpu_count()} cores, {platform.machine()}, kernel {versions['kernel']}; "
-        f"{versions['haproxy']}; {versions['iperf3']}; Python {versions['python']} + uvloop.",
+        f"{versions['haproxy']}; {versions['iperf3']}; Python {versions['python']} + uvloop; "
+        f"mcsproxy's data path {versions['data_path']}.",
         f"Pinning: iperf3 server/client, nginx backend, wrk and the latency client on core "
         f"{LOAD_CORE}; the proxy under test alone on core {PROXY_CORE}, one worker/thread. "
         f"{reps} repetitions of {secs} s (iperf3 omits its first second), peers alternating; "
@@ -342,6 +348,8 @@ def write(out: Path, results: dict[str, object], smoke: bool, reps: int, secs: i
     figures = [(f"bulk{s}", "gbit_s", f"iperf3 {s} stream{'s' if s > 1 else ''}, Gbit/s")
                for s in (1, 8)] + [("conn", "conn_s", "new connections/s (wrk, close)"),
                                    ("conn", "cpu_us_per_conn", "proxy CPU µs per connection"),
+                                   ("conn", "user_us_per_conn", "of which its own (user)"),
+                                   ("conn", "sys_us_per_conn", "of which the kernel's (system)"),
                                    ("lat", "p50_us", "p50 µs at fixed rate"),
                                    ("lat", "p99_us", "p99 µs at fixed rate"),
                                    ("lat", "cpu_us_per_conn",
