@@ -213,7 +213,7 @@ class ClientConnection(asyncio.Protocol):
         # The latest request parsed, until it is answered on a connection that stays
         # open: an idle keep-alive connection holds no request.
         self.last: Exchange | None = None
-        self.out: list[bytes] = []
+        self.out: list[bytes | memoryview] = []
         # Small chunks of this read's request body (see on_body), made by the first one.
         self.chunks: list[bytes] | None = None
         self.paused = 0
@@ -1419,6 +1419,16 @@ class Exchange:
         if stop:
             up.skip_body()
             self.response_done(up)
+
+    def passes_body_as_read(self) -> bool:
+        """Whether the body of the response under way goes to the client unchanged (not
+        re-chunked, not cut short by a HEAD), so UpstreamConn may pass it on as read."""
+        return self.resp_mode != CHUNKED and not self.is_head and not self.resp_done
+
+    def body_as_read(self, part: bytes | memoryview) -> None:
+        """Body bytes as the endpoint's read brought them (see passes_body_as_read): a
+        memoryview into that read where it also held the head, so nothing is copied."""
+        self.client.out.append(part)
 
     def response_body(self, data: bytes) -> None:
         out = self.client.out

@@ -1,0 +1,100 @@
+"""Large Content-Length response bodies, which the gateway passes on as the endpoint's
+reads bring them instead of through llhttp (UpstreamConn.pass_body): whole and in step
+however the reads fall, and an endpoint that sends too much or too little is caught."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from mcsproxy.http.pool import PASS_BODY_FROM
+from tests.http_support import RawClient, protocol_behind_proxy
+
+BODY = bytes(range(256)) * 400  # 100 KiB, every offset distinguishable mod 256
+assert len(BODY) >= PASS_BODY_FROM
+HEAD = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-Big: 1\r\n\r\n" % len(BODY)
+SMALL = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nsmall"
+
+
+class Scripted(asyncio.Protocol):
+    """Answers each request with the next script of `answers`: byte pieces written 15 ms
+    apart (so each is likely a read of its own at the gateway), then closes if the
+    script says so. Counts its connections."""
+
+    answers: list[tuple[list[bytes], bool]] = []
+    connections = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        type(self).connections += 1
+
+    def data_received(self, data: bytes) -> None:
+        pieces, close = type(self).answers.pop(0)
+        loop = asyncio.get_running_loop()
+        for i, piece in enumerate(pieces):
+            loop.call_later(0.015 * i, self.transport.write, piece)
+        if close:
+            loop.call_later(0.015 * len(pieces), self.transport.close)
+
+
+SPLITS = {
+    "head and body in one write": [HEAD + BODY],
+    "head alone, then the body in three": [HEAD, BODY[:30000], BODY[30000:30001], BODY[30001:]],
+    "head with the body's first bytes, then the rest": [HEAD + BODY[:10], BODY[10:]],
+    "head split inside, then the body": [HEAD[:20], HEAD[20:] + BODY[:5000], BODY[5000:]],
+    "after a 100 Continue in the same write": [b"HTTP/1.1 100 Continue\r\n\r\n" + HEAD
+                                               + BODY[:40000], BODY[40000:]],
+}
+
+
+@pytest.mark.parametrize("split", list(SPLITS))
+async def test_a_large_body_arrives_whole_and_the_connection_stays_in_step(split: str) -> None:
+    Scripted.connections = 0
+    Scripted.answers = [(SPLITS[split], False), ([SMALL], False), ([HEAD + BODY], False)]
+    async with protocol_behind_proxy(Scripted, "127.76.1.1", "127.240.76.1", "big"):
+        client = await RawClient.open("127.240.76.1", 80)
+        try:
+            first = await client.get("/big")
+            if first.status == 100:  # forwarded to an HTTP/1.1 client, then the answer
+                first = await client.response()
+            assert (first.status, first.headers[b"x-big"]) == (200, b"1")
+            assert first.body == BODY
+            assert (await client.get("/small")).body == b"small"  # the next answer, in step
+            assert (await client.get("/big")).body == BODY
+            assert Scripted.connections == 1  # reused after each body
+        finally:
+            await client.close()
+
+
+async def test_bytes_after_a_large_body_end_that_endpoint_connection() -> None:
+    # An endpoint that sends more than it announced is out of step: the answer goes
+    # out whole (as when llhttp read it), the connection to it is not used again.
+    Scripted.connections = 0
+    Scripted.answers = [([HEAD + BODY + b"HTTP/1.1 200 OK\r\n"], False), ([SMALL], False)]
+    async with protocol_behind_proxy(Scripted, "127.76.1.2", "127.240.76.2", "extra"):
+        client = await RawClient.open("127.240.76.2", 80)
+        try:
+            assert (await client.get("/big")).body == BODY
+            assert (await client.get("/small")).body == b"small"
+            assert Scripted.connections == 2
+        finally:
+            await client.close()
+
+
+async def test_an_endpoint_closing_inside_a_large_body_cuts_the_answer() -> None:
+    # Fewer bytes than announced, then the close: the client must not take the answer
+    # for a whole one, so its connection ends before the announced length.
+    Scripted.connections = 0
+    Scripted.answers = [([HEAD + BODY[:50000]], True)]
+    async with protocol_behind_proxy(Scripted, "127.76.1.3", "127.240.76.3", "cut"):
+        client = await RawClient.open("127.240.76.3", 80)
+        try:
+            client.send(b"GET /big HTTP/1.1\r\nHost: svc\r\n\r\n")
+            head = await asyncio.wait_for(client.reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200")
+            with pytest.raises(asyncio.IncompleteReadError) as cut:
+                await asyncio.wait_for(client.reader.readexactly(len(BODY)), 5)
+            assert cut.value.partial == BODY[:50000]
+        finally:
+            await client.close()
