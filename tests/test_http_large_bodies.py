@@ -67,6 +67,23 @@ async def test_a_large_body_arrives_whole_and_the_connection_stays_in_step(split
             await client.close()
 
 
+@pytest.mark.parametrize("status", [b"304 Not Modified", b"204 No Content"])
+async def test_a_large_length_on_an_answer_without_a_body_waits_for_none(status: bytes) -> None:
+    # A 304 announces the length of what it did not send (RFC 9110 8.6); a 204 with one
+    # is wrong but has no body either. Nothing follows their heads.
+    Scripted.connections = 0
+    Scripted.answers = [([b"HTTP/1.1 %b\r\nContent-Length: %d\r\n\r\n" % (status, len(BODY))],
+                         False), ([SMALL], False)]
+    async with protocol_behind_proxy(Scripted, "127.76.1.4", "127.240.76.4", "nobody"):
+        client = await RawClient.open("127.240.76.4", 80)
+        try:
+            assert (await client.get("/cached")).status == int(status[:3])
+            assert (await client.get("/small")).body == b"small"
+            assert Scripted.connections == 1
+        finally:
+            await client.close()
+
+
 async def test_bytes_after_a_large_body_end_that_endpoint_connection() -> None:
     # An endpoint that sends more than it announced is out of step: the answer goes
     # out whole (as when llhttp read it), the connection to it is not used again.

@@ -1421,9 +1421,11 @@ class Exchange:
             self.response_done(up)
 
     def passes_body_as_read(self) -> bool:
-        """Whether the body of the response under way goes to the client unchanged (not
-        re-chunked, not cut short by a HEAD), so UpstreamConn may pass it on as read."""
-        return self.resp_mode != CHUNKED and not self.is_head and not self.resp_done
+        """Whether the response under way has a body (not a 1xx, 204 or 304, whatever
+        Content-Length they announce; not an answer to HEAD) that goes to the client
+        unchanged (not re-chunked), so UpstreamConn may pass it on as read."""
+        return self.status >= 200 and self.status not in NO_BODY_STATUSES and \
+            self.resp_mode != CHUNKED and not self.is_head and not self.resp_done
 
     def body_as_read(self, part: bytes | memoryview) -> None:
         """Body bytes as the endpoint's read brought them (see passes_body_as_read): a
