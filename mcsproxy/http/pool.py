@@ -48,25 +48,11 @@ class StopParsing(Exception):
     """Raised from a parser callback to stop parsing a response nobody asked for."""
 
 
-class BodyFollows(Exception):
-    """Raised from on_headers_complete to take a large Content-Length body from the reads
-    themselves (UpstreamConn.pass_body), not from llhttp."""
-
-
-# A Content-Length body at least this long is passed on as read (UpstreamConn.pass_body):
-# llhttp hands a body over as a new bytes object per read, a copy of every byte (callgrind:
-# 66k of the 188k instructions of a 64 KiB response). Below it the copy costs less than
-# the switch (a search for the head's end, a raised exception, a fresh parser).
-PASS_BODY_FROM: Final = 32 * 1024
-
-
 class UpstreamConn(asyncio.Protocol):
     """One connection to an endpoint; at most one request in flight on it."""
 
     __slots__ = (
         "began",
-        "begins",
-        "body_left",
         "chunked",
         "codings",
         "conn_close",
@@ -109,10 +95,6 @@ class UpstreamConn(asyncio.Protocol):
         # keep-alive race (the endpoint closed it idle), not a failure of the endpoint.
         self.reused = False
         self.began = False
-        # Responses begun in the current read, and the bytes of a body passed on as read
-        # that are still to come (-1: llhttp reads the body; see pass_body).
-        self.begins = 0
-        self.body_left = -1
         self.keep_alive = False
         self.parts: list[bytes] = []  # fields to forward: (name, ": ", value, CRLF) groups
         self.length: bytes | None = None
@@ -153,22 +135,14 @@ class UpstreamConn(asyncio.Protocol):
             self.transport.abort()
             return
         client = ex.client if ex is not None else None
-        if self.body_left >= 0:
-            self.pass_body(data, data)
-        else:
-            self.begins = 0
-            try:
-                self.parser.feed_data(data)
-            except HttpParserUpgrade as exc:
-                ex = self.exchange
-                if ex is not None:
-                    ex.upgraded(self, data[exc.args[0]:])
-            except HttpParserError as exc:
-                if self.body_left >= 0:  # BodyFollows: the head ended in this read
-                    start = data.find(b"\r\n\r\n") + 4
-                    self.pass_body(memoryview(data)[start:], data)
-                else:
-                    self.fail(f"malformed response ({exc})")
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            ex = self.exchange
+            if ex is not None:
+                ex.upgraded(self, data[exc.args[0]:])
+        except HttpParserError as exc:
+            self.fail(f"malformed response ({exc})")
         if self.tail >= 0:
             self.count_tail(len(data))
         if self.began and self.exchange is not None:
@@ -276,7 +250,6 @@ class UpstreamConn(asyncio.Protocol):
             # connection that sent it is out of step. fail() drops it from the pool.
             raise StopParsing
         self.began = True
-        self.begins += 1
         # The head: counted from this read, whole (what came before it in the read is at
         # most an interim response), until on_headers_complete.
         self.tail = 1
@@ -337,13 +310,6 @@ class UpstreamConn(asyncio.Protocol):
             return
         self.interim = False
         ex.response_head(status, self)
-        if self.exchange is ex and self.begins == 1 and self.te is None and \
-                self.length is not None and len(self.length) > 4 and ex.passes_body_as_read():
-            # Only the first head of this read: its end is the first blank line in it.
-            length = int(self.length)
-            if length >= PASS_BODY_FROM:
-                self.body_left = length
-                raise BodyFollows
 
     def head_keeps_alive(self) -> bool:
         """Whether an answer to HEAD leaves its connection open. llhttp takes an answer
@@ -414,33 +380,6 @@ class UpstreamConn(asyncio.Protocol):
             # the parser skip_body replaced): the connection is out of step.
             self.dead = True
             self.transport.abort()
-
-    def pass_body(self, part: bytes | memoryview, data: bytes) -> None:
-        """Body bytes of a response whose body is passed on as read (BodyFollows): `part`,
-        all or the end of the read `data`, goes to the exchange as it is. Once the body is
-        whole the response ends as llhttp would have ended it, with a fresh parser for the
-        next one; bytes after it put the connection out of step, as in on_message_begin."""
-        left = self.body_left
-        extra = len(part) > left
-        if extra:
-            part = memoryview(data)[len(data) - len(part):len(data) - len(part) + left]
-        left -= len(part)
-        self.body_left = left
-        ex = self.exchange
-        if ex is not None:
-            if part:
-                ex.body_as_read(part)
-        elif not self.discarding:
-            self.dead = True  # nobody wants it, and nobody drains it
-            self.transport.abort()
-            return
-        if left == 0:
-            self.body_left = -1
-            self.parser = HttpResponseParser(self)
-            self.on_message_complete()
-            if extra:
-                self.dead = True
-                self.transport.abort()
 
     def skip_body(self) -> None:
         """The answer to a HEAD request ended with its head, whatever length or coding it

@@ -213,7 +213,7 @@ class ClientConnection(asyncio.Protocol):
         # The latest request parsed, until it is answered on a connection that stays
         # open: an idle keep-alive connection holds no request.
         self.last: Exchange | None = None
-        self.out: list[bytes | memoryview] = []
+        self.out: list[bytes] = []
         # Small chunks of this read's request body (see on_body), made by the first one.
         self.chunks: list[bytes] | None = None
         self.paused = 0
@@ -1419,18 +1419,6 @@ class Exchange:
         if stop:
             up.skip_body()
             self.response_done(up)
-
-    def passes_body_as_read(self) -> bool:
-        """Whether the response under way has a body (not a 1xx, 204 or 304, whatever
-        Content-Length they announce; not an answer to HEAD) that goes to the client
-        unchanged (not re-chunked), so UpstreamConn may pass it on as read."""
-        return self.status >= 200 and self.status not in NO_BODY_STATUSES and \
-            self.resp_mode != CHUNKED and not self.is_head and not self.resp_done
-
-    def body_as_read(self, part: bytes | memoryview) -> None:
-        """Body bytes as the endpoint's read brought them (see passes_body_as_read): a
-        memoryview into that read where it also held the head, so nothing is copied."""
-        self.client.out.append(part)
 
     def response_body(self, data: bytes) -> None:
         out = self.client.out
