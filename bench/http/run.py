@@ -572,14 +572,12 @@ def measure(targets: dict[str, dict[str, object]], reps: int, secs: float,
                        FIXED_RATE_CAP)
             for name in order:
                 t = targets[name]
-                pid = t["pid"]
-                cpu0 = tcp.cpu_seconds(pid) if pid else 0.0
+                meter = CpuMeter(t["pid"])  # type: ignore[arg-type]
                 with on_load_core():
                     p50, p99 = fixed_rate(str(t["ip"]), int(t["port"]), path, rate, fixed_s)  # type: ignore[call-overload]
-                cpu = tcp.cpu_seconds(pid) - cpu0 if pid else None
                 row[f"fixed/{size}/{name}"] = {
                     "rate": rate, "p50_us": p50, "p99_us": p99,
-                    "cpu_us_per_req": cpu / (rate * fixed_s) * 1e6 if cpu is not None else None}
+                    "cpu_us_per_req": meter.per_unit(rate * fixed_s)["cpu"]}
         runs.append(row)
         print(f"rep {rep + 1}/{reps}: " + ", ".join(
             f"{k}={v['req_s']:.0f}" for k, v in row.items() if "req_s" in v), file=sys.stderr)  # type: ignore[index, operator]

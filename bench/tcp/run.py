@@ -289,11 +289,11 @@ def measure(targets: dict[str, dict[str, object]], reps: int, secs: int,
             t = targets[name]
             meter = CpuMeter(t["pid"])  # type: ignore[arg-type]
             rate = wrk_close(str(t["ip"]), int(t["web"]), secs, 32)  # type: ignore[call-overload]
-            cpu = meter.per_unit(rate * secs)
+            spent = meter.per_unit(rate * secs)
             rates[name] = rate
-            row[f"conn/{name}"] = {"conn_s": rate, "cpu_us_per_conn": cpu["cpu"],
-                                   "user_us_per_conn": cpu["user"],
-                                   "sys_us_per_conn": cpu["sys"]}
+            row[f"conn/{name}"] = {"conn_s": rate, "cpu_us_per_conn": spent["cpu"],
+                                   "user_us_per_conn": spent["user"],
+                                   "sys_us_per_conn": spent["sys"]}
         # Added latency at half the slowest proxy's maximum rate, capped by what the
         # Python open-loop client itself can sustain beside the backend on one core.
         lat_rate = min(min(rates[n] for n in names if n != "direct") / 2, 1500.0)
@@ -302,13 +302,10 @@ def measure(targets: dict[str, dict[str, object]], reps: int, secs: int,
         # (they idle more), so CPU per connection at saturation mixes both effects.
         for name in order:
             t = targets[name]
-            pid = t["pid"]
-            cpu0 = cpu_seconds(pid) if pid else 0.0  # type: ignore[arg-type]
+            meter = CpuMeter(t["pid"])  # type: ignore[arg-type]
             p50, p99 = latency(str(t["ip"]), int(t["web"]), lat_rate, lat_seconds)  # type: ignore[call-overload]
-            cpu = cpu_seconds(pid) - cpu0 if pid else None  # type: ignore[arg-type]
             row[f"lat/{name}"] = {"rate": lat_rate, "p50_us": p50, "p99_us": p99,
-                                  "cpu_us_per_conn": cpu / (lat_rate * lat_seconds) * 1e6
-                                  if cpu is not None else None}
+                                  "cpu_us_per_conn": meter.per_unit(lat_rate * lat_seconds)["cpu"]}
         runs.append(row)
         print(f"rep {rep + 1}/{reps}: " + ", ".join(
             f"{k}={next(iter(v.values())):.3g}" for k, v in row.items()), file=sys.stderr)
