@@ -14,6 +14,7 @@ import pytest
 import uvloop
 
 from mcsproxy.model import ServicePort
+from mcsproxy.proxy.tcp import READ_BUFFER_BYTES, SPARE_BUFFERS, ReadBuffer
 from tests.proxy_fixtures import Backend, Clusterset, endpoint, free_port
 
 WEB = ServicePort("web", "TCP", 80)
@@ -63,3 +64,32 @@ async def echo_through_proxy(net: int) -> None:
 def test_bulk_echo_keeps_every_byte(loop: str) -> None:
     run = uvloop.run if loop == "uvloop" else asyncio.run
     run(echo_through_proxy(61 if loop == "uvloop" else 62))
+
+
+def test_a_read_buffer_is_taken_back_only_once_no_queue_holds_it() -> None:
+    reads = ReadBuffer()
+    first = reads.buf
+    queued = reads.view[:10]  # what a transport's write queue keeps of a read
+    reads.detach()
+    second = reads.buf
+    assert second is not first and reads.given == [first]
+    reads.detach()  # the first is still queued: not reused
+    third = reads.buf
+    assert third is not first and third is not second
+    assert reads.given == [first, second]
+    del queued  # that write completed
+    reads.detach()
+    assert reads.buf is first and reads.given == [third, second]
+    assert len(reads.view) == READ_BUFFER_BYTES
+    reads.view[:3] = b"abc"  # writable, and the whole buffer again
+    assert bytes(first[:3]) == b"abc" and len(first) == READ_BUFFER_BYTES
+
+
+def test_read_buffers_kept_for_reuse_are_bounded() -> None:
+    reads = ReadBuffer()
+    queued = []
+    for _ in range(SPARE_BUFFERS + 5):
+        queued.append(reads.view[:1])
+        reads.detach()
+    assert len(reads.given) == SPARE_BUFFERS
+    assert len({id(b) for b in reads.given}) == SPARE_BUFFERS

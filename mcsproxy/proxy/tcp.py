@@ -59,6 +59,8 @@ EARLY_DATA_LIMIT: Final = 64 * 1024
 BULK_READ_BYTES: Final = 64 * 1024
 # Bytes read from a socket at once, into the shared read buffer.
 READ_BUFFER_BYTES: Final = 256 * 1024
+# Read buffers given to write queues (ReadBuffer.detach) kept for reuse once drained.
+SPARE_BUFFERS: Final = 8
 
 
 class ReadBuffer:
@@ -68,16 +70,55 @@ class ReadBuffer:
     callback, so one buffer serves every connection: no bytes object is allocated and
     filled per read. When that transport could not send everything and queued the rest,
     the queue still points into this memory; `detach` gives it to the transport and
-    takes a fresh buffer for the next read (only under backpressure).
+    takes another buffer for the next read (only under backpressure). Given-away buffers
+    are kept (up to SPARE_BUFFERS) and taken again once their transport let go of them: a
+    new 256 KiB bytearray costs the kernel 64 page faults and a zeroing, and one stream at
+    ~17 Gbit/s detached ~340 times a second (iperf3: 21.7k minor faults/s against the
+    bare relay's 3.8k).
     """
 
-    __slots__ = ("view",)
+    __slots__ = ("buf", "given", "view")
 
     def __init__(self) -> None:
-        self.view = memoryview(bytearray(READ_BUFFER_BYTES))
+        self.buf = new_read_buffer()
+        self.view = memoryview(self.buf)
+        self.given: list[bytearray] = []
 
     def detach(self) -> None:
-        self.view = memoryview(bytearray(READ_BUFFER_BYTES))
+        # The transport's slices of the current buffer keep it exported (and so does the
+        # read in progress, whose export uvloop releases after buffer_updated).
+        given = self.given
+        buf = None
+        for i in range(len(given)):
+            if not exported(given[i]):
+                buf = given[i]
+                given[i] = self.buf
+                break
+        if buf is None:
+            if len(given) < SPARE_BUFFERS:
+                given.append(self.buf)
+            buf = new_read_buffer()
+        self.buf = buf
+        self.view = memoryview(buf)
+
+
+def new_read_buffer() -> bytearray:
+    """READ_BUFFER_BYTES long, with room for one byte more (see exported)."""
+    buf = bytearray(READ_BUFFER_BYTES + 1)
+    del buf[-1]
+    return buf
+
+
+def exported(buf: bytearray) -> bool:
+    """Whether a memoryview of `buf` is still alive somewhere (a transport's write queue):
+    CPython refuses to resize a bytearray while it is exported. The byte tried fits in
+    what new_read_buffer allocated, so the test moves no memory."""
+    try:
+        buf.append(0)
+    except BufferError:
+        return True
+    del buf[-1]
+    return False
 
 
 READ: Final = ReadBuffer()
