@@ -674,10 +674,10 @@ class ClientConnection(asyncio.Protocol):
             framing = b"Content-Length: %d\r\n\r\n" % length
         else:
             framing = CRLF
-        head = b"".join((
+        head = b"".join([
             method, b" ", url, b" HTTP/1.1\r\n", *parts, fwd,
             b"" if self.has_request_id else self.engine.ids.next_header(), framing,
-        ))
+        ])
         self._reset_head()
         queue = self.queue
         if len(queue) >= MAX_QUEUED:
@@ -1413,8 +1413,8 @@ class Exchange:
             tail = pool.tail_close
         else:
             tail = pool.tail if self.http11 else pool.tail_keep_alive
-        client.out.append(b"".join((STATUS_LINES.get(status) or status_line(status), *parts,
-                                    framing, tail)))
+        client.out.append(b"".join([STATUS_LINES.get(status) or status_line(status), *parts,
+                                    framing, tail]))
         self.resp_started = True
         if stop:
             up.skip_body()
