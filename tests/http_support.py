@@ -128,6 +128,11 @@ class BackendConn(asyncio.Protocol):
         elif path == b"/chunked":
             self.transport.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
                                  b"5\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n")
+        elif path == b"/fields-and-trailers":
+            # Head fields that go on unchanged, then trailer fields: which are which.
+            self.transport.write(b"HTTP/1.1 200 OK\r\nX-Head: h\r\nTransfer-Encoding: chunked\r\n"
+                                 b"Cache-Control: no-store\r\n\r\n"
+                                 b"2\r\nok\r\n0\r\nX-Checksum: abc\r\n\r\n")
         elif path == b"/trailers":
             # What may follow a body, what must not (RFC 9110 6.5.1), and hop-by-hop (by
             # name, or named by the head's Connection header).

@@ -537,6 +537,12 @@ async def test_trailer_fields_are_forwarded_both_ways() -> None:
                     b"Cookie: c=1\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n")
         assert (await client.response()).body == b"3"
         assert backend.trailers[-1] == [(b"X-Sum", b"9")]
+        # Head fields stay in the head, trailer fields in the trailer section (the head
+        # is joined from the list the trailer fields are then added to).
+        r = await client.get("/fields-and-trailers")
+        assert (r.body, r.trailers) == (b"ok", {b"x-checksum": b"abc"})
+        assert (r.headers[b"x-head"], r.headers[b"cache-control"]) == (b"h", b"no-store")
+        assert b"x-checksum" not in r.headers
         assert (await client.get("/")).body == b"east-1"  # both connections still in step
         assert backend.connections == 1
         await client.close()

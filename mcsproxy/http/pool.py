@@ -105,9 +105,9 @@ class UpstreamConn(asyncio.Protocol):
         self.conn_close = False  # a plain `Connection: close` (token lists: conn_tokens)
         self.upgrade: bytes | None = None
         # Of a chunked response: how many of `parts` are its head's (those after are its
-        # trailer fields). And the bytes read while a head or a trailer section may be
-        # under way, which llhttp holds until it ends (see on_message_begin and
-        # on_chunk_header; -1: not now).
+        # trailer fields; set by Exchange.response_head, which joins the head from them).
+        # And the bytes read while a head or a trailer section may be under way, which
+        # llhttp holds until it ends (see on_message_begin and on_chunk_header; -1: not now).
         self.head_parts = 0
         self.tail = -1
         # Bytes written to and read from the endpoint since the last fold (the metrics
@@ -303,7 +303,6 @@ class UpstreamConn(asyncio.Protocol):
         if self.te is not None:
             # Only a final chunked frames the body; `gzip` alone runs until the close.
             self.chunked, self.codings = transfer_codings(self.te)
-            self.head_parts = len(self.parts)
         if status < 200 and status != 101:
             self.interim = True
             ex.interim(status, self)

@@ -674,10 +674,14 @@ class ClientConnection(asyncio.Protocol):
             framing = b"Content-Length: %d\r\n\r\n" % length
         else:
             framing = CRLF
-        head = b"".join([
-            method, b" ", url, b" HTTP/1.1\r\n", *parts, fwd,
-            b"" if self.has_request_id else self.engine.ids.next_header(), framing,
-        ])
+        # The head joined from `parts` itself (cleared by _reset_head next): a new list
+        # with `*parts` spread into it cost 900 instructions more (bench/http/micro.py).
+        parts.insert(0, method + b" " + url + b" HTTP/1.1\r\n")
+        parts.append(fwd)
+        if not self.has_request_id:
+            parts.append(self.engine.ids.next_header())
+        parts.append(framing)
+        head = b"".join(parts)
         self._reset_head()
         queue = self.queue
         if len(queue) >= MAX_QUEUED:
@@ -1413,8 +1417,13 @@ class Exchange:
             tail = pool.tail_close
         else:
             tail = pool.tail if self.http11 else pool.tail_keep_alive
-        client.out.append(b"".join([STATUS_LINES.get(status) or status_line(status), *parts,
-                                    framing, tail]))
+        # Joined from `parts` itself, as the request head (ClientConnection
+        # on_headers_complete); the trailer fields of a chunked response come after it.
+        parts.insert(0, STATUS_LINES.get(status) or status_line(status))
+        parts.append(framing)
+        parts.append(tail)
+        client.out.append(b"".join(parts))
+        up.head_parts = len(up.parts)
         self.resp_started = True
         if stop:
             up.skip_body()
