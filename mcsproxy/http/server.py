@@ -458,6 +458,10 @@ class ClientConnection(asyncio.Protocol):
             if not self.closed:
                 if len(out) == 1:
                     self.transport.write(out[0])
+                elif len(out) == 2 and len(out[0]) + len(out[1]) < SMALL_CHUNK:
+                    # A head and a short body: copied into one write, as the cost of a
+                    # writev of two pieces (uvloop's and the kernel's) is more than that.
+                    self.transport.write(out[0] + out[1])
                 elif len(out) <= MAX_PIECES:
                     # One writev of the pieces: joining them first would copy every body
                     # byte once more (a 64 KiB response is a head and a body piece).
