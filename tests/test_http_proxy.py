@@ -736,6 +736,68 @@ async def test_expect_100_continue() -> None:
         await stop_all(proxy, backend)
 
 
+class RecordedWrites(asyncio.Transport):
+    """An endpoint connection's transport, with what the proxy wrote to it recorded."""
+
+    def __init__(self, inner: asyncio.Transport) -> None:
+        super().__init__()
+        self.inner = inner
+        self.writes: list[bytes] = []
+
+    def write(self, data: Any) -> None:
+        self.writes.append(bytes(data))
+        self.inner.write(data)
+
+    def writelines(self, parts: Any) -> None:
+        parts = [bytes(p) for p in parts]
+        self.writes.append(b"".join(parts))
+        self.inner.writelines(parts)
+
+    def __getattr__(self, name: str) -> Any:  # everything else as the real transport
+        return getattr(self.inner, name)
+
+    def is_closing(self) -> bool:
+        return self.inner.is_closing()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def abort(self) -> None:
+        self.inner.abort()
+
+
+async def test_a_short_body_goes_to_the_endpoint_in_its_heads_write() -> None:
+    # A pooled endpoint connection takes a POST's head at once; with its body in the
+    # same read, both go in one write (one TCP segment, one wake of the endpoint), and a
+    # head whose body comes in a later read is not held back past its own read.
+    [backend] = await start_backends({"east": 1}, 64)
+    cs = Clusterset("east")
+    publish(cs, "post", "127.240.64.1", [backend])
+    proxy = await cs.proxy()
+    try:
+        client = await RawClient.open("127.240.64.1", 80)
+        assert (await client.get("/")).status == 200  # the endpoint connection, pooled
+        [pool] = proxy.http.pools.values()
+        [up] = pool.idle
+        recorded = up.transport = RecordedWrites(up.transport)
+        client.send(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nbody")
+        assert (await client.response()).body == b"body"
+        [write] = recorded.writes
+        assert write.startswith(b"POST /echo HTTP/1.1\r\n") and write.endswith(b"\r\n\r\nbody")
+        recorded.writes.clear()
+        client.send(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n")
+        async with asyncio.timeout(5):
+            while not recorded.writes:  # the head, written once its read was done
+                await asyncio.sleep(0.01)
+        assert recorded.writes[0].endswith(b"\r\n\r\n")
+        client.send(b"later")
+        assert (await client.response()).body == b"later"
+        assert recorded.writes[1:] == [b"later"] and backend.connections == 1
+        await client.close()
+    finally:
+        await stop_all(proxy, backend)
+
+
 async def test_websocket_echo_through_the_proxy() -> None:
     async def ws_handler(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()

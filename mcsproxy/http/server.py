@@ -167,6 +167,7 @@ class ClientConnection(asyncio.Protocol):
         "has_request_id",
         "head_bytes",
         "head_since",
+        "held_head",
         "host",
         "hsize",
         "idle",
@@ -184,6 +185,7 @@ class ClientConnection(asyncio.Protocol):
         "paused",
         "probe_at",
         "queue",
+        "reading",
         "request_error",
         "route",
         "tail",
@@ -226,6 +228,10 @@ class ClientConnection(asyncio.Protocol):
         self.tunnel_eofs = 0  # CLIENT_EOF | UPSTREAM_EOF once the ends half-close
         self.probe_at = INF  # when a client that sent FIN is probed (see PROBE_AFTER_S)
         self.upgrading: Exchange | None = None
+        # Parsing a read, and the exchange whose request head waits for the rest of it
+        # (Exchange.send).
+        self.reading = False
+        self.held_head: Exchange | None = None
         self.idle = 0
         self.in_head = True  # waiting for the first request's head from accept on
         self.head_since = engine.now
@@ -296,6 +302,7 @@ class ClientConnection(asyncio.Protocol):
         if parser is None:  # dropped while the connection was idle (check)
             parser = self.parser = HttpRequestParser(self)
             self.queue = deque()
+        self.reading = True
         try:
             parser.feed_data(data)
         except HttpParserUpgrade as exc:
@@ -339,6 +346,10 @@ class ClientConnection(asyncio.Protocol):
             err = self.request_error or RequestError(400, f"malformed request: {exc}", MALFORMED)
             self.reject(err)
             return
+        finally:
+            self.reading = False
+            if self.held_head is not None:  # its body did not start in this read
+                self.release_held_head()
         if self.chunks:
             self.send_chunks()
         if self.in_head and self.head_bytes > self.engine.http.max_header_bytes:
@@ -436,6 +447,11 @@ class ClientConnection(asyncio.Protocol):
             self.paused &= ~reason
             if not self.paused and not self.closed:
                 self.transport.resume_reading()
+
+    def release_held_head(self) -> None:
+        ex: Exchange = self.held_head  # type: ignore[assignment]  # checked by the caller
+        self.held_head = None
+        ex.release_head()
 
     def flush_soon(self) -> None:
         """flush, once the loop has run the rest of this poll's callbacks (see
@@ -971,6 +987,7 @@ class Exchange:
         "fail_why",
         "finished",
         "fresh_retried",
+        "head_held",
         "held",
         "host",
         "http11",
@@ -1037,6 +1054,7 @@ class Exchange:
         # through tunnel_data, and only then is the request done.
         self.upgrade_body = length if upgrade else 0
         self.held: bytearray | None = None  # sent after a 101 only (tunnel_data)
+        self.head_held: bytes | None = None  # see send()
         self.error = error
         self.resp_started = self.resp_done = self.until_close = False
         self.finished = self.started = False
@@ -1210,14 +1228,35 @@ class Exchange:
     def send(self, up: UpstreamConn, data: bytes) -> None:
         """The request's first bytes to the endpoint. A whole request (nothing of it left
         to come from the client) goes once the poll's callbacks are done (see
-        mcsproxy/writebatch.py); the start of one whose body follows goes at once, so
-        that the body, written as it arrives, cannot overtake it."""
+        mcsproxy/writebatch.py). The start of one whose Content-Length body follows waits
+        for the rest of the client's read: a short body read with its head goes in the
+        same write (request_body), not in a second write and a second TCP segment that
+        wakes the endpoint again; a body still to come finds the head written when the
+        read is done (ClientConnection.release_held_head), so it cannot overtake it.
+        Chunked and Upgrade requests start at once, as does a request whose connect
+        completed after the read."""
         up.sent += len(data)
-        engine = self.client.engine
+        client = self.client
+        engine = client.engine
         if self.req_done and engine.loop is not None:
             engine.writes.write(engine.loop, up.transport, data)
+        elif self.chunked or self.upgrade or not client.reading:
+            up.transport.write(data)  # (a connect that completed later: no read to wait for)
         else:
-            up.transport.write(data)
+            holder = client.held_head
+            if holder is not None and holder is not self:
+                holder.release_head()  # another exchange's head, from earlier in this read
+            self.head_held = data
+            client.held_head = self
+
+    def release_head(self) -> None:
+        """The request head send() held, to the endpoint now (if still bound to one)."""
+        data = self.head_held
+        if data is not None:
+            self.head_held = None
+            up = self.up
+            if up is not None:
+                up.transport.write(data)
 
     def can_retry(self, replay: bool = True) -> bool:
         """May the request be tried again (at most max_retries times)?
@@ -1308,7 +1347,15 @@ class Exchange:
                 up.transport.writelines((size, data, CRLF))
             else:
                 up.sent += len(data)
-                up.transport.write(data)
+                head = self.head_held
+                if head is None:
+                    up.transport.write(data)
+                else:  # the body began in the read that brought its head (see send)
+                    self.head_held = None
+                    if len(data) < SMALL_CHUNK:
+                        up.transport.write(head + data)
+                    else:
+                        up.transport.writelines((head, data))
         elif self.replay is None:
             if self.unsent is None:
                 self.unsent = []
