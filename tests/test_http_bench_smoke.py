@@ -43,3 +43,24 @@ def test_http_bench_smoke_writes_results(tmp_path: Path) -> None:
             assert fixed["rate"] > 0 and 0 < fixed["p50_us"] <= fixed["p99_us"], (size, target)
     assert data["idle_bytes_per_conn"]["mcsproxy"] >= 0
     assert data["scaling"]["workers2"]["req_s"] > 0
+
+
+@pytest.mark.skipif(any(shutil.which(p) is None for p in PEERS),
+                    reason="peer binaries absent (apt-get install -y haproxy nginx-light wrk)")
+def test_http_post_bench_smoke_writes_results(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "http" / "post.py"), "--smoke",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = (tmp_path / "http-post-smoke.md").read_text()
+    assert "| req/s |" in table and "| of which the kernel's (system) |" in table
+    assert "mcsproxy / HAProxy: req/s " in table
+    data = json.loads((tmp_path / "http-post-smoke.json").read_text())
+    [run] = data["runs"]
+    for target in ("mcsproxy", "haproxy", "bare"):
+        r = run[target]
+        assert r["req_s"] > 0 and r["cpu_us_per_req"] == pytest.approx(
+            r["user_us_per_req"] + r["sys_us_per_req"]), target
+    counted = data["syscalls_per_req"]["mcsproxy"]
+    if counted is not None:  # perf present: a request is two reads and two writes at least
+        assert counted.get("read", 0) >= 1.9
+        assert counted.get("write", 0) + counted.get("writev", 0) >= 1.9
