@@ -8,6 +8,7 @@ putting the repository root on sys.path (bench/ is a namespace package, no __ini
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import platform
 import signal
@@ -18,6 +19,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 from mcsproxy.compiled import interpreter, state
 
@@ -27,6 +29,17 @@ HZ = os.sysconf("SC_CLK_TCK")
 # Load generator and backends on core 0, the server under test alone on core 1.
 LOAD_CORE, PROXY_CORE = "0", "1"
 STOP_TIMEOUT_S = 5.0
+
+
+def script_module(relpath: str) -> ModuleType:
+    """Another benchmark script (a path under the repository root), loaded as a module
+    for its set-up and peers: scripts are run by path, not imported as a package."""
+    name = "bench_" + relpath.removeprefix("bench/").removesuffix(".py").replace("/", "_")
+    spec = importlib.util.spec_from_file_location(name, ROOT / relpath)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def cpu_seconds(pid: int) -> float:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import os
 import re
 import signal
@@ -27,14 +26,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("bench_http_run", ROOT / "bench" / "http" / "run.py")
-assert _spec is not None and _spec.loader is not None
-run_mod = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(run_mod)
 sys.path.insert(0, str(ROOT))
 
 from bench import common as tcp  # noqa: E402
 from mcsproxy import compiled  # noqa: E402
+
+run_mod = tcp.script_module("bench/http/run.py")
 
 BACKEND = ("127.0.0.1", 18581)
 PROXY_IP = "127.240.251.9"

@@ -14,7 +14,6 @@ alternating, and counts the proxy's write system calls per request when `perf` c
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import re
 import shutil
@@ -26,13 +25,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("bench_http_run", ROOT / "bench" / "http" / "run.py")
-assert _spec is not None and _spec.loader is not None
-run_mod = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(run_mod)
 sys.path.insert(0, str(ROOT))
 
 from bench import common  # noqa: E402
+
+run_mod = common.script_module("bench/http/run.py")
 
 BODY_BYTES = 100
 SYSCALLS = ("read", "write", "writev", "recvfrom", "sendto")
