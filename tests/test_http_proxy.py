@@ -767,9 +767,10 @@ class RecordedWrites(asyncio.Transport):
 
 
 async def test_a_short_body_goes_to_the_endpoint_in_its_heads_write() -> None:
-    # A pooled endpoint connection takes a POST's head at once; with its body in the
-    # same read, both go in one write (one TCP segment, one wake of the endpoint), and a
-    # head whose body comes in a later read is not held back past its own read.
+    # A pooled endpoint connection took a POST's head at once; with its body in the same
+    # read, both now go in one write (one TCP segment, one wake of the endpoint), a
+    # chunked body's first chunk too, and a head whose body comes in a later read is not
+    # held back past its own read.
     [backend] = await start_backends({"east": 1}, 64)
     cs = Clusterset("east")
     publish(cs, "post", "127.240.64.1", [backend])
@@ -784,6 +785,13 @@ async def test_a_short_body_goes_to_the_endpoint_in_its_heads_write() -> None:
         assert (await client.response()).body == b"body"
         [write] = recorded.writes
         assert write.startswith(b"POST /echo HTTP/1.1\r\n") and write.endswith(b"\r\n\r\nbody")
+        recorded.writes.clear()
+        client.send(b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    b"4\r\nbody\r\n0\r\n\r\n")
+        assert (await client.response()).body == b"body"
+        head_and_chunk, last = recorded.writes  # the last chunk goes when the body ends
+        assert head_and_chunk.startswith(b"POST /echo HTTP/1.1\r\n")
+        assert head_and_chunk.endswith(b"\r\n\r\n4\r\nbody\r\n") and last == b"0\r\n\r\n"
         recorded.writes.clear()
         client.send(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n")
         async with asyncio.timeout(5):

@@ -1228,19 +1228,19 @@ class Exchange:
     def send(self, up: UpstreamConn, data: bytes) -> None:
         """The request's first bytes to the endpoint. A whole request (nothing of it left
         to come from the client) goes once the poll's callbacks are done (see
-        mcsproxy/writebatch.py). The start of one whose Content-Length body follows waits
-        for the rest of the client's read: a short body read with its head goes in the
-        same write (request_body), not in a second write and a second TCP segment that
+        mcsproxy/writebatch.py). The start of one whose body follows waits for the rest
+        of the client's read: a short body read with its head goes in the same write
+        (request_body, request_done), not in a second write and a second TCP segment that
         wakes the endpoint again; a body still to come finds the head written when the
         read is done (ClientConnection.release_held_head), so it cannot overtake it.
-        Chunked and Upgrade requests start at once, as does a request whose connect
-        completed after the read."""
+        Upgrade requests start at once, as does a request whose connect completed after
+        the read."""
         up.sent += len(data)
         client = self.client
         engine = client.engine
         if self.req_done and engine.loop is not None:
             engine.writes.write(engine.loop, up.transport, data)
-        elif self.chunked or self.upgrade or not client.reading:
+        elif self.upgrade or not client.reading:
             up.transport.write(data)  # (a connect that completed later: no read to wait for)
         else:
             holder = client.held_head
@@ -1337,14 +1337,17 @@ class Exchange:
         if up is not None:
             if self.chunked:
                 n = len(data)
+                head = self.head_held  # see send
+                self.head_held = None
                 if n < SMALL_CHUNK:  # one object, not three (see ClientConnection.send_chunks)
                     chunk = b"%x\r\n%b\r\n" % (n, data)
                     up.sent += len(chunk)
-                    up.transport.write(chunk)
+                    up.transport.write(chunk if head is None else head + chunk)
                     return
                 size = b"%x\r\n" % n
                 up.sent += len(size) + n + 2
-                up.transport.writelines((size, data, CRLF))
+                up.transport.writelines((size, data, CRLF) if head is None else
+                                        (head, size, data, CRLF))
             else:
                 up.sent += len(data)
                 head = self.head_held
@@ -1378,7 +1381,9 @@ class Exchange:
         up = self.up
         if up is not None and self.chunked:
             up.sent += len(self.end_chunk)
-            up.transport.write(self.end_chunk)
+            head = self.head_held  # see send: a chunked body that ended in its head's read
+            self.head_held = None
+            up.transport.write(self.end_chunk if head is None else head + self.end_chunk)
 
     def tunnel_data(self, data: bytes) -> None:
         """Bytes after an Upgrade request's head, before the endpoint agreed to switch:
