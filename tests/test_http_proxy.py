@@ -769,8 +769,8 @@ class RecordedWrites(asyncio.Transport):
 async def test_a_short_body_goes_to_the_endpoint_in_its_heads_write() -> None:
     # A pooled endpoint connection took a POST's head at once; with its body in the same
     # read, both now go in one write (one TCP segment, one wake of the endpoint), a
-    # chunked body's first chunk too, and a head whose body comes in a later read is not
-    # held back past its own read.
+    # chunked body's chunks and last chunk too, and a head whose body comes in a later
+    # read is not held back past its own read.
     [backend] = await start_backends({"east": 1}, 64)
     cs = Clusterset("east")
     publish(cs, "post", "127.240.64.1", [backend])
@@ -789,9 +789,22 @@ async def test_a_short_body_goes_to_the_endpoint_in_its_heads_write() -> None:
         client.send(b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
                     b"4\r\nbody\r\n0\r\n\r\n")
         assert (await client.response()).body == b"body"
-        head_and_chunk, last = recorded.writes  # the last chunk goes when the body ends
-        assert head_and_chunk.startswith(b"POST /echo HTTP/1.1\r\n")
-        assert head_and_chunk.endswith(b"\r\n\r\n4\r\nbody\r\n") and last == b"0\r\n\r\n"
+        [write] = recorded.writes  # head, chunk and last chunk
+        assert write.startswith(b"POST /echo HTTP/1.1\r\n")
+        assert write.endswith(b"\r\n\r\n4\r\nbody\r\n0\r\n\r\n")
+        recorded.writes.clear()
+        # A chunked body in reads of its own: each read's chunks in one write.
+        client.send(b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+        async with asyncio.timeout(5):
+            while not recorded.writes:
+                await asyncio.sleep(0.01)
+        client.send(b"2\r\nab\r\n3\r\ncde\r\n")
+        async with asyncio.timeout(5):
+            while len(recorded.writes) < 2:
+                await asyncio.sleep(0.01)
+        client.send(b"0\r\n\r\n")
+        assert (await client.response()).body == b"abcde"
+        assert recorded.writes[1:] == [b"5\r\nabcde\r\n", b"0\r\n\r\n"]
         recorded.writes.clear()
         client.send(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n")
         async with asyncio.timeout(5):

@@ -9,6 +9,7 @@ alternating, and counts the proxy's write system calls per request when `perf` c
 (`perf stat -e syscalls:sys_enter_*`, one pass of its own before the timed ones).
 
     .venv/bin/python bench/http/post.py --reps 5 --baseline HEAD~1
+    .venv/bin/python bench/http/post.py --chunked   # the body as one chunk and the last
 """
 
 from __future__ import annotations
@@ -36,6 +37,14 @@ SYSCALLS = ("read", "write", "writev", "recvfrom", "sendto")
 SCRIPT = f"""wrk.method = "POST"
 wrk.body = string.rep("p", {BODY_BYTES})
 wrk.headers["Content-Type"] = "application/json"
+"""
+# wrk adds Content-Length to any body it is given: a chunked request is written whole.
+CHUNKED_SCRIPT = f"""local req = "POST /small HTTP/1.1\\r\\nHost: bench\\r\\n" ..
+  "Content-Type: application/json\\r\\nTransfer-Encoding: chunked\\r\\n\\r\\n" ..
+  "{BODY_BYTES:x}\\r\\n" .. string.rep("p", {BODY_BYTES}) .. "\\r\\n0\\r\\n\\r\\n"
+request = function()
+  return req
+end
 """
 
 
@@ -76,6 +85,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=4)
     ap.add_argument("--baseline", metavar="REV", help="also run mcsproxy at this revision")
+    ap.add_argument("--chunked", action="store_true",
+                    help="the body chunked (one chunk and the last) instead of Content-Length")
     ap.add_argument("--smoke", action="store_true", help="one short repetition")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
@@ -84,12 +95,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="mcsbench-post-") as d:
         run = Path(d)
         script = run / "post.lua"
-        script.write_text(SCRIPT)
+        script.write_text(CHUNKED_SCRIPT if args.chunked else SCRIPT)
         try:
             targets = run_mod.start_all(procs, run, baseline=args.baseline)
             results = measure(targets, script, reps, secs)
         finally:
             procs.stop()
+    results["chunked"] = args.chunked
     write(Path(args.out), results, args.smoke, reps, secs)
     return 0
 
@@ -132,11 +144,14 @@ def write(out: Path, results: dict[str, object], smoke: bool, reps: int, secs: f
     syscalls: dict[str, dict[str, float] | None] = results["syscalls_per_req"]  # type: ignore[assignment]
     label = {"mcsproxy": "mcsproxy", "baseline": "before", "haproxy": "HAProxy",
              "bare": "bare relay"}
+    chunked = bool(results.get("chunked"))
+    framing = "chunked (one chunk, then the last)" if chunked else "with Content-Length"
     lines = [
-        "# HTTP keep-alive POST, 100-byte body",
+        f"# HTTP keep-alive POST, 100-byte body {framing}",
         "",
         f"wrk (1 thread, {run_mod.WRK_CONNS} keep-alive connections, POST /small with a "
-        f"{results['body_bytes']}-byte body) and the nginx backend on core {run_mod.LOAD_CORE}; "
+        f"{results['body_bytes']}-byte body {framing}) and the nginx backend on core "
+        f"{run_mod.LOAD_CORE}; "
         f"the proxy under test alone on core {run_mod.PROXY_CORE}, one worker. {reps} repetitions "
         f"of {secs:g} s, peers alternating; medians, ratios per repetition (lowest-highest). "
         f"mcsproxy's data path {results['data_path']}, every feature on as in http.md.",
@@ -159,7 +174,7 @@ def write(out: Path, results: dict[str, object], smoke: bool, reps: int, secs: f
         lines.append(f"mcsproxy / {label[other]}: req/s {ratio(runs, 'mcsproxy', other, 'req_s')}, "
                      f"CPU per request {ratio(runs, 'mcsproxy', other, 'cpu_us_per_req')}.")
     out.mkdir(parents=True, exist_ok=True)
-    stem = "http-post-smoke" if smoke else "http-post"
+    stem = ("http-post-chunked" if chunked else "http-post") + ("-smoke" if smoke else "")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     (out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
     print("\n".join(lines))

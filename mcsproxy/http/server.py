@@ -167,7 +167,6 @@ class ClientConnection(asyncio.Protocol):
         "has_request_id",
         "head_bytes",
         "head_since",
-        "held_head",
         "host",
         "hsize",
         "idle",
@@ -185,6 +184,7 @@ class ClientConnection(asyncio.Protocol):
         "paused",
         "probe_at",
         "queue",
+        "read_holder",
         "reading",
         "request_error",
         "route",
@@ -228,10 +228,10 @@ class ClientConnection(asyncio.Protocol):
         self.tunnel_eofs = 0  # CLIENT_EOF | UPSTREAM_EOF once the ends half-close
         self.probe_at = INF  # when a client that sent FIN is probed (see PROBE_AFTER_S)
         self.upgrading: Exchange | None = None
-        # Parsing a read, and the exchange whose request head waits for the rest of it
+        # Parsing a read, and the exchange whose request bytes wait for the rest of it
         # (Exchange.send).
         self.reading = False
-        self.held_head: Exchange | None = None
+        self.read_holder: Exchange | None = None
         self.idle = 0
         self.in_head = True  # waiting for the first request's head from accept on
         self.head_since = engine.now
@@ -348,8 +348,8 @@ class ClientConnection(asyncio.Protocol):
             return
         finally:
             self.reading = False
-            if self.held_head is not None:  # its body did not start in this read
-                self.release_held_head()
+            if self.read_holder is not None:  # a body that did not end in this read
+                self.release_read_held()
         if self.chunks:
             self.send_chunks()
         if self.in_head and self.head_bytes > self.engine.http.max_header_bytes:
@@ -448,10 +448,10 @@ class ClientConnection(asyncio.Protocol):
             if not self.paused and not self.closed:
                 self.transport.resume_reading()
 
-    def release_held_head(self) -> None:
-        ex: Exchange = self.held_head  # type: ignore[assignment]  # checked by the caller
-        self.held_head = None
-        ex.release_head()
+    def release_read_held(self) -> None:
+        ex: Exchange = self.read_holder  # type: ignore[assignment]  # checked by the caller
+        self.read_holder = None
+        ex.release_read_held()
 
     def flush_soon(self) -> None:
         """flush, once the loop has run the rest of this poll's callbacks (see
@@ -987,7 +987,6 @@ class Exchange:
         "fail_why",
         "finished",
         "fresh_retried",
-        "head_held",
         "held",
         "host",
         "http11",
@@ -997,6 +996,7 @@ class Exchange:
         "method",
         "outcome",
         "pool",
+        "read_held",
         "received",
         "replay",
         "req_done",
@@ -1054,7 +1054,7 @@ class Exchange:
         # through tunnel_data, and only then is the request done.
         self.upgrade_body = length if upgrade else 0
         self.held: bytearray | None = None  # sent after a 101 only (tunnel_data)
-        self.head_held: bytes | None = None  # see send()
+        self.read_held: bytes | None = None  # see send()
         self.error = error
         self.resp_started = self.resp_done = self.until_close = False
         self.finished = self.started = False
@@ -1229,12 +1229,13 @@ class Exchange:
         """The request's first bytes to the endpoint. A whole request (nothing of it left
         to come from the client) goes once the poll's callbacks are done (see
         mcsproxy/writebatch.py). The start of one whose body follows waits for the rest
-        of the client's read: a short body read with its head goes in the same write
-        (request_body, request_done), not in a second write and a second TCP segment that
-        wakes the endpoint again; a body still to come finds the head written when the
-        read is done (ClientConnection.release_held_head), so it cannot overtake it.
-        Upgrade requests start at once, as does a request whose connect completed after
-        the read."""
+        of the client's read (read_held): a short body read with its head goes in the
+        same write (request_body, request_done; a chunked one's small chunks and last
+        chunk too), not in a second write and a second TCP segment that wakes the
+        endpoint again; a body still to come finds the head written when the read is
+        done (ClientConnection.release_read_held), so it cannot overtake it. Upgrade
+        requests start at once, as does a request whose connect completed after the
+        read."""
         up.sent += len(data)
         client = self.client
         engine = client.engine
@@ -1243,17 +1244,25 @@ class Exchange:
         elif self.upgrade or not client.reading:
             up.transport.write(data)  # (a connect that completed later: no read to wait for)
         else:
-            holder = client.held_head
-            if holder is not None and holder is not self:
-                holder.release_head()  # another exchange's head, from earlier in this read
-            self.head_held = data
-            client.held_head = self
+            self.hold_for_read(data)
 
-    def release_head(self) -> None:
-        """The request head send() held, to the endpoint now (if still bound to one)."""
-        data = self.head_held
+    def hold_for_read(self, data: bytes) -> None:
+        """Request bytes for the endpoint, written with what follows them in this read or
+        at its end (see send). Only while the client's read is being parsed."""
+        client = self.client
+        holder = client.read_holder
+        if holder is not self:
+            if holder is not None:
+                holder.release_read_held()  # another exchange's, from earlier in this read
+            client.read_holder = self
+        held = self.read_held
+        self.read_held = data if held is None else held + data
+
+    def release_read_held(self) -> None:
+        """What hold_for_read held, to the endpoint now (if still bound to one)."""
+        data = self.read_held
         if data is not None:
-            self.head_held = None
+            self.read_held = None
             up = self.up
             if up is not None:
                 up.transport.write(data)
@@ -1337,24 +1346,27 @@ class Exchange:
         if up is not None:
             if self.chunked:
                 n = len(data)
-                head = self.head_held  # see send
-                self.head_held = None
                 if n < SMALL_CHUNK:  # one object, not three (see ClientConnection.send_chunks)
                     chunk = b"%x\r\n%b\r\n" % (n, data)
                     up.sent += len(chunk)
-                    up.transport.write(chunk if head is None else head + chunk)
+                    if self.client.reading:  # with the head and the last chunk, if they came
+                        self.hold_for_read(chunk)
+                    else:
+                        up.transport.write(chunk)
                     return
+                held = self.read_held  # see send
+                self.read_held = None
                 size = b"%x\r\n" % n
                 up.sent += len(size) + n + 2
-                up.transport.writelines((size, data, CRLF) if head is None else
-                                        (head, size, data, CRLF))
+                up.transport.writelines((size, data, CRLF) if held is None else
+                                        (held, size, data, CRLF))
             else:
                 up.sent += len(data)
-                head = self.head_held
+                head = self.read_held
                 if head is None:
                     up.transport.write(data)
                 else:  # the body began in the read that brought its head (see send)
-                    self.head_held = None
+                    self.read_held = None
                     if len(data) < SMALL_CHUNK:
                         up.transport.write(head + data)
                     else:
@@ -1381,9 +1393,9 @@ class Exchange:
         up = self.up
         if up is not None and self.chunked:
             up.sent += len(self.end_chunk)
-            head = self.head_held  # see send: a chunked body that ended in its head's read
-            self.head_held = None
-            up.transport.write(self.end_chunk if head is None else head + self.end_chunk)
+            held = self.read_held  # see send: a chunked body that ended in this read
+            self.read_held = None
+            up.transport.write(self.end_chunk if held is None else held + self.end_chunk)
 
     def tunnel_data(self, data: bytes) -> None:
         """Bytes after an Upgrade request's head, before the endpoint agreed to switch:
@@ -1585,6 +1597,7 @@ class Exchange:
         if up is None:
             return
         self.up = None
+        self.read_held = None  # for this connection only (see send); a retry starts anew
         up.exchange = None
         sent, received = up.fold()
         self.sent += sent
