@@ -102,6 +102,7 @@ def main() -> int:
         finally:
             procs.stop()
     results["chunked"] = args.chunked
+    results["baseline"] = args.baseline
     write(Path(args.out), results, args.smoke, reps, secs)
     return 0
 
@@ -154,7 +155,9 @@ def write(out: Path, results: dict[str, object], smoke: bool, reps: int, secs: f
         f"{run_mod.LOAD_CORE}; "
         f"the proxy under test alone on core {run_mod.PROXY_CORE}, one worker. {reps} repetitions "
         f"of {secs:g} s, peers alternating; medians, ratios per repetition (lowest-highest). "
-        f"mcsproxy's data path {results['data_path']}, every feature on as in http.md.",
+        f"mcsproxy's data path {results['data_path']}, every feature on as in http.md."
+        + (f" The column before is mcsproxy at git revision {results['baseline']}, the same "
+           "flags, in the same repetitions." if results.get("baseline") else ""),
         "",
         "| figure | " + " | ".join(label[n] for n in names) + " |",
         "|---|" + "---|" * len(names),
