@@ -753,8 +753,9 @@ class RecordedWrites(asyncio.Transport):
         self.writes.append(b"".join(parts))
         self.inner.writelines(parts)
 
-    def __getattr__(self, name: str) -> Any:  # everything else as the real transport
-        return getattr(self.inner, name)
+    # The rest as the real transport (asyncio.Transport's own methods raise).
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.inner.get_extra_info(name, default)
 
     def is_closing(self) -> bool:
         return self.inner.is_closing()
@@ -764,6 +765,21 @@ class RecordedWrites(asyncio.Transport):
 
     def abort(self) -> None:
         self.inner.abort()
+
+    def pause_reading(self) -> None:
+        self.inner.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.inner.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self.inner.is_reading()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self.inner.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_size(self) -> int:
+        return self.inner.get_write_buffer_size()
 
 
 async def test_a_short_body_goes_to_the_endpoint_in_its_heads_write() -> None:
