@@ -50,6 +50,8 @@ BENCHES = (
     Bench("dns", "bench/dns/run.py", "dns", "dns", ("dnsperf",)),
     Bench("tcp", "bench/tcp/run.py", "tcp", "tcp-smoke", ("iperf3", "haproxy", "nginx", "wrk")),
     Bench("http", "bench/http/run.py", "http", "http-smoke", ("haproxy", "nginx", "wrk")),
+    Bench("http-post", "bench/http/post.py", "http-post", "http-post-smoke",
+          ("haproxy", "nginx", "wrk")),
     Bench("snapshot", "bench/snapshot/run.py", "snapshot", "snapshot"),
     Bench("controlplane", "bench/controlplane/bench_controlplane.py", "controlplane",
           "controlplane-smoke", timeout_s=2400),
