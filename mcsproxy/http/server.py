@@ -348,8 +348,10 @@ class ClientConnection(asyncio.Protocol):
             return
         finally:
             self.reading = False
-            if self.read_holder is not None:  # a body that did not end in this read
-                self.release_read_held()
+            holder = self.read_holder
+            if holder is not None:  # a body that did not end in this read
+                self.read_holder = None
+                holder.release_read_held()
         if self.chunks:
             self.send_chunks()
         if self.in_head and self.head_bytes > self.engine.http.max_header_bytes:
@@ -447,11 +449,6 @@ class ClientConnection(asyncio.Protocol):
             self.paused &= ~reason
             if not self.paused and not self.closed:
                 self.transport.resume_reading()
-
-    def release_read_held(self) -> None:
-        ex: Exchange = self.read_holder  # type: ignore[assignment]  # checked by the caller
-        self.read_holder = None
-        ex.release_read_held()
 
     def flush_soon(self) -> None:
         """flush, once the loop has run the rest of this poll's callbacks (see
@@ -1233,7 +1230,7 @@ class Exchange:
         same write (request_body, request_done; a chunked one's small chunks and last
         chunk too), not in a second write and a second TCP segment that wakes the
         endpoint again; a body still to come finds the head written when the read is
-        done (ClientConnection.release_read_held), so it cannot overtake it. Upgrade
+        done (ClientConnection.data_received), so it cannot overtake it. Upgrade
         requests start at once, as does a request whose connect completed after the
         read."""
         up.sent += len(data)
@@ -1266,6 +1263,18 @@ class Exchange:
             up = self.up
             if up is not None:
                 up.transport.write(data)
+
+    def write_after_held(self, up: UpstreamConn, data: bytes) -> None:
+        """`data` to the endpoint, in one write with what hold_for_read held before it."""
+        held = self.read_held
+        if held is None:
+            up.transport.write(data)
+            return
+        self.read_held = None
+        if len(data) < SMALL_CHUNK:
+            up.transport.write(held + data)
+        else:  # not copied: the held bytes and it in one writev
+            up.transport.writelines((held, data))
 
     def can_retry(self, replay: bool = True) -> bool:
         """May the request be tried again (at most max_retries times)?
@@ -1362,15 +1371,7 @@ class Exchange:
                                         (held, size, data, CRLF))
             else:
                 up.sent += len(data)
-                head = self.read_held
-                if head is None:
-                    up.transport.write(data)
-                else:  # the body began in the read that brought its head (see send)
-                    self.read_held = None
-                    if len(data) < SMALL_CHUNK:
-                        up.transport.write(head + data)
-                    else:
-                        up.transport.writelines((head, data))
+                self.write_after_held(up, data)  # with its head, if it came in the same read
         elif self.replay is None:
             if self.unsent is None:
                 self.unsent = []
@@ -1393,9 +1394,7 @@ class Exchange:
         up = self.up
         if up is not None and self.chunked:
             up.sent += len(self.end_chunk)
-            held = self.read_held  # see send: a chunked body that ended in this read
-            self.read_held = None
-            up.transport.write(self.end_chunk if held is None else held + self.end_chunk)
+            self.write_after_held(up, self.end_chunk)  # a chunked body that ended in this read
 
     def tunnel_data(self, data: bytes) -> None:
         """Bytes after an Upgrade request's head, before the endpoint agreed to switch:
