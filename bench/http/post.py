@@ -18,7 +18,6 @@ import argparse
 import json
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -131,16 +130,8 @@ def measure(targets: dict[str, dict[str, object]], script: Path, reps: int,
             "body_bytes": BODY_BYTES, "data_path": common.data_path()}
 
 
-def ratio(runs: list[dict[str, dict[str, float | None]]], a: str, b: str, field: str) -> str:
-    values = [r[a][field] / r[b][field] for r in runs  # type: ignore[operator]
-              if r[a].get(field) and r[b].get(field)]
-    if not values:
-        return "—"
-    return f"{statistics.median(values):.3g}x ({min(values):.2f}-{max(values):.2f})"
-
-
 def write(out: Path, results: dict[str, object], smoke: bool, reps: int, secs: float) -> None:
-    runs: list[dict[str, dict[str, float | None]]] = results["runs"]  # type: ignore[assignment]
+    runs: list[dict[str, object]] = results["runs"]  # type: ignore[assignment]
     names: list[str] = results["targets"]  # type: ignore[assignment]
     syscalls: dict[str, dict[str, float] | None] = results["syscalls_per_req"]  # type: ignore[assignment]
     label = {"mcsproxy": "mcsproxy", "baseline": "before", "haproxy": "HAProxy",
@@ -165,7 +156,7 @@ def write(out: Path, results: dict[str, object], smoke: bool, reps: int, secs: f
     for field, title in (("req_s", "req/s"), ("cpu_us_per_req", "proxy CPU µs/req"),
                          ("user_us_per_req", "of which its own (user)"),
                          ("sys_us_per_req", "of which the kernel's (system)")):
-        cells = [f"{statistics.median(r[n][field] for r in runs):.4g}" for n in names]  # type: ignore[type-var]
+        cells = [f"{common.median(runs, n, field):.4g}" for n in names]
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
     for call in SYSCALLS:
         if any(s and s.get(call) for s in syscalls.values()):
@@ -174,8 +165,9 @@ def write(out: Path, results: dict[str, object], smoke: bool, reps: int, secs: f
             lines.append(f"| {call} calls per request (perf) | " + " | ".join(cells) + " |")
     lines.append("")
     for other in names[1:]:
-        lines.append(f"mcsproxy / {label[other]}: req/s {ratio(runs, 'mcsproxy', other, 'req_s')}, "
-                     f"CPU per request {ratio(runs, 'mcsproxy', other, 'cpu_us_per_req')}.")
+        rate = common.change_ratio(runs, "mcsproxy", other, "req_s", "req/s")
+        cpu = common.change_ratio(runs, "mcsproxy", other, "cpu_us_per_req", "CPU per request")
+        lines.append(f"mcsproxy / {label[other]}: {rate}, {cpu}.")
     out.mkdir(parents=True, exist_ok=True)
     stem = ("http-post-chunked" if chunked else "http-post") + ("-smoke" if smoke else "")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")

@@ -41,7 +41,6 @@ Results: bench/results/http.md and http.json (or --out DIR).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -58,13 +57,9 @@ from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("bench_tcp_run", ROOT / "bench" / "tcp" / "run.py")
-assert _spec is not None and _spec.loader is not None
-tcp = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tcp)  # shared helpers: Procs, cpu_seconds, wait_port, medians
+sys.path.insert(0, str(ROOT))
 
-LOAD_CORE, PROXY_CORE = tcp.LOAD_CORE, tcp.PROXY_CORE
-from bench.common import (  # noqa: E402  (importable once tcp set sys.path)
+from bench.common import (  # noqa: E402
     CpuMeter,
     change_ratio,
     data_path,
@@ -72,8 +67,12 @@ from bench.common import (  # noqa: E402  (importable once tcp set sys.path)
     on_load_core,
     prepare_baseline,
     restart_in_turn,
+    script_module,
 )
 from bench.http.openloop import fixed_rate  # noqa: E402
+
+tcp = script_module("bench/tcp/run.py")  # shared helpers: Procs, cpu_seconds, wait_port, medians
+LOAD_CORE, PROXY_CORE = tcp.LOAD_CORE, tcp.PROXY_CORE
 
 BACKEND = ("127.0.0.1", 18481)  # own ports: other benches use 8081 with reuseport
 PORTS = {"haproxy": 18490, "nginx": 18491, "haproxy-features": 18492, "bare": 18493}
