@@ -14,14 +14,21 @@ from mcsproxy import compiled
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = ("haproxy", "nginx", "wrk", "taskset")
+needs_peers = pytest.mark.skipif(
+    any(shutil.which(p) is None for p in PEERS),
+    reason="peer binaries absent (apt-get install -y haproxy nginx-light wrk)")
 
 
-@pytest.mark.skipif(any(shutil.which(p) is None for p in PEERS),
-                    reason="peer binaries absent (apt-get install -y haproxy nginx-light wrk)")
-def test_http_bench_smoke_writes_results(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "http" / "run.py"), "--smoke",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+def smoke(script: str, out: Path) -> None:
+    """bench/http/<script> --smoke, writing into `out`; it must exit 0."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "http" / script), "--smoke",
+                           "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@needs_peers
+def test_http_bench_smoke_writes_results(tmp_path: Path) -> None:
+    smoke("run.py", tmp_path)
     table = (tmp_path / "http-smoke.md").read_text()
     assert "| 100B | req/s |" in table and "| 64KiB | proxy CPU µs/req |" in table
     assert "| 100B | proxy CPU µs/req at fixed rate |" in table
@@ -45,12 +52,9 @@ def test_http_bench_smoke_writes_results(tmp_path: Path) -> None:
     assert data["scaling"]["workers2"]["req_s"] > 0
 
 
-@pytest.mark.skipif(any(shutil.which(p) is None for p in PEERS),
-                    reason="peer binaries absent (apt-get install -y haproxy nginx-light wrk)")
+@needs_peers
 def test_http_post_bench_smoke_writes_results(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "http" / "post.py"), "--smoke",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    smoke("post.py", tmp_path)
     table = (tmp_path / "http-post-smoke.md").read_text()
     assert "| req/s |" in table and "| of which the kernel's (system) |" in table
     assert "mcsproxy / HAProxy: req/s " in table
