@@ -44,6 +44,7 @@ class Bench:
     smoke_stem: str
     tools: tuple[str, ...] = ()
     timeout_s: int = 900
+    args: tuple[str, ...] = ()  # passed to the script, e.g. a variant of its workload
 
 
 BENCHES = (
@@ -52,6 +53,8 @@ BENCHES = (
     Bench("http", "bench/http/run.py", "http", "http-smoke", ("haproxy", "nginx", "wrk")),
     Bench("http-post", "bench/http/post.py", "http-post", "http-post-smoke",
           ("haproxy", "nginx", "wrk")),
+    Bench("http-post-chunked", "bench/http/post.py", "http-post-chunked",
+          "http-post-chunked-smoke", ("haproxy", "nginx", "wrk"), args=("--chunked",)),
     Bench("snapshot", "bench/snapshot/run.py", "snapshot", "snapshot"),
     Bench("controlplane", "bench/controlplane/bench_controlplane.py", "controlplane",
           "controlplane-smoke", timeout_s=2400),
@@ -66,7 +69,7 @@ def run_bench(b: Bench, out: Path, smoke: bool, quick: bool) -> dict[str, object
     if missing:
         print(f"== {b.name}: skipped, missing {', '.join(missing)}", flush=True)
         return {"status": f"skipped: missing {', '.join(missing)}"}
-    argv = [sys.executable, str(ROOT / b.script), "--out", str(out)]
+    argv = [sys.executable, str(ROOT / b.script), *b.args, "--out", str(out)]
     if smoke:
         argv.append("--smoke")
     elif b.name == "controlplane" and quick:

@@ -68,3 +68,14 @@ def test_http_post_bench_smoke_writes_results(tmp_path: Path) -> None:
     if counted is not None:  # perf present: a request is two reads and two writes at least
         assert counted.get("read", 0) >= 1.9
         assert counted.get("write", 0) + counted.get("writev", 0) >= 1.9
+
+
+@needs_peers
+def test_run_all_runs_the_chunked_post_variant(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run_all.py"), "--smoke",
+                           "--only", "http-post-chunked", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "http-post-chunked-smoke.json").read_text())
+    assert data["chunked"] is True  # run_all handed post.py its --chunked
+    assert "- http-post-chunked: ok" in proc.stdout
