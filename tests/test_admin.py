@@ -4,20 +4,28 @@ the demo relay, and `mcsproxy status` printing the same as a table."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
+import json
 import os
 import platform
 import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
 
+from bench.common import script_module
+from mcsproxy import admin
+from mcsproxy.model import ImportedService, ServiceKey
 from tests.proxy_fixtures import Backend, ask, free_port
 from tests.test_metrics_support import service_yaml, start_gateway, value
 
 HOST = "127.57.29.1"
+SNAPSHOT_BENCH = script_module("bench/snapshot/run.py")  # its generator of services
 
 
 async def test_config_dump_endpoints_explain_and_status(tmp_path: Path) -> None:
@@ -261,3 +269,76 @@ def test_aiohttp_server_errors_are_logged_at_most_once_a_second() -> None:
     time.sleep(0.25)
     later = record()
     assert limit.filter(later) and later.getMessage().endswith("(49 similar records dropped)")
+
+
+async def test_a_large_config_dump_is_streamed_and_lets_the_loop_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The whole dump used to be built and serialised in one stretch of the loop that the
+    # proxy and DNS share: 10,000 services of 30 endpoints held them up for 8 s.
+    gw = await start_gateway(tmp_path, "127.57.29.5")
+    store = gw.gateway.store
+    store.register_source("bulk")
+    for oid, spec in SNAPSHOT_BENCH.objects(350, 2):  # 350 services, 3 clusters of 2 each
+        store.upsert(oid, spec)
+    store.mark_synced("bulk")
+    store.commit()
+    snapshot = store.current
+    turns = 0
+
+    async def tick() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    seen: list[int] = []  # the loop's turn count as each service is serialised
+    serialise = admin.service_json
+
+    def recorded(service: ImportedService) -> dict[str, Any]:
+        seen.append(turns)
+        return serialise(service)
+
+    monkeypatch.setattr(admin, "service_json", recorded)
+    ticker = asyncio.ensure_future(tick())
+    try:
+        async with gw.http.get(gw.admin + "/config_dump") as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"] == "application/json"
+            assert "Content-Length" not in resp.headers  # streamed, not built whole
+            dump = await resp.json()
+    finally:
+        ticker.cancel()
+        await gw.stop()
+    assert dump["snapshot"]["version"] == snapshot.version
+    assert dump["snapshot"]["built_at"] == snapshot.built_at
+    assert dump["snapshot"]["services"] == json.loads(json.dumps(
+        [serialise(snapshot.services[k]) for k in sorted(snapshot.services)]))
+    assert dump["config"] == json.loads(json.dumps(admin.jsonable(gw.gateway.config)))
+    # Other work ran between one batch and the next: services serialised in one turn of
+    # the loop share its count. Each here weighs 7 (itself and 6 endpoints).
+    per_batch = -(-admin.DUMP_BATCH_WEIGHT // 7)
+    batches = [len(list(group)) for _, group in itertools.groupby(seen)]
+    assert batches == [per_batch] * (350 // per_batch) + [350 % per_batch]
+
+
+def test_jsonable_turns_dataclasses_mappings_and_sequences_into_json_data() -> None:
+    @dataclasses.dataclass(frozen=True)
+    class Inner:
+        port: int
+        names: tuple[str, ...]
+
+    @dataclasses.dataclass(frozen=True)
+    class Outer:
+        inner: Inner
+        by_key: dict[ServiceKey, Inner]
+        tags: frozenset[str]
+        missing: float | None = None
+
+    value = Outer(Inner(80, ("a", "b")), {ServiceKey("ns", "x"): Inner(1, ())},
+                  frozenset({"t"}))
+    assert admin.jsonable(value) == {
+        "inner": {"port": 80, "names": ["a", "b"]},
+        "by_key": {"ns/x": {"port": 1, "names": []}},
+        "tags": ["t"], "missing": None}
+    assert admin.jsonable(Outer) is Outer  # a class, not an instance: left alone
+    assert admin.jsonable(value) == admin.jsonable(value)  # field names cached per class
