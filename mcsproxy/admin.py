@@ -13,7 +13,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCol
 from prometheus_client import generate_latest as render_metrics
 
 from mcsproxy.config import is_loopback
+from mcsproxy.jsonstream import stream_json_list
 from mcsproxy.model import ImportedService, ServiceKey
 from mcsproxy.webguard import ConnectionGuard, serve
 
@@ -36,9 +37,6 @@ STATIC_DIR = Path(__file__).parent / "admin_static"
 STATIC_FILES = {"status.js": "text/javascript", "status.css": "text/css",
                 "controller.html": "text/html"}
 DEMO_TIMEOUT_S = 5.0
-# Services plus endpoints /config_dump serialises between two turns of the loop, where the
-# proxy and DNS run: ~10 ms of work.
-DUMP_BATCH_WEIGHT = 300
 FIELD_NAMES: dict[type, tuple[str, ...] | None] = {}
 
 
@@ -131,45 +129,23 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def config_dump(request: web.Request) -> web.StreamResponse:
-    """The active snapshot (every service, or `?service=ns/name`) and the configuration.
-
-    Written in batches of about DUMP_BATCH_WEIGHT services and endpoints, with the loop
-    given back between them: the proxy and DNS of this process run on it, and a large
-    clusterset serialised at once held them up for seconds (10,000 services of 30
-    endpoints: 7.4-8.9 s) and its JSON in memory several times over (+505 MiB)."""
+    """The active snapshot (every service, or `?service=ns/name`) and the configuration,
+    written as it is serialised (mcsproxy/jsonstream.py)."""
     gateway = _gateway(request)
     snapshot = gateway.store.current  # immutable: later snapshots do not change it
     key = _service_arg(request)
     if key is not None and key not in snapshot.services:
         raise web.HTTPNotFound(text=f"no service {key} in snapshot v{snapshot.version}\n")
     keys = sorted(snapshot.services) if key is None else [key]
-    response = web.StreamResponse(headers={"Content-Type": "application/json"})
-    await response.prepare(request)
     head = json.dumps({"version": snapshot.version, "built_at": snapshot.built_at})
-    try:
-        await response.write(f'{{"snapshot": {head[:-1]}, "services": ['.encode())
-        batch: list[str] = []
-        weight = 0
-        separator = ""
-        for k in keys:
-            service = snapshot.services[k]
-            batch.append(json.dumps(service_json(service)))
-            weight += 1 + len(service.endpoints)
-            if weight >= DUMP_BATCH_WEIGHT:
-                await response.write((separator + ", ".join(batch)).encode())
-                batch, weight, separator = [], 0, ", "
-                await asyncio.sleep(0)
-        if batch:
-            await response.write((separator + ", ".join(batch)).encode())
-        config = json.dumps(jsonable(gateway.config))
-        await response.write(f']}}, "config": {config}}}\n'.encode())
-        await response.write_eof()
-    except ConnectionError:
-        pass  # the client left mid-dump: nothing to answer
-    return response
+    services = ((service_json(s), 1 + len(s.endpoints))
+                for s in (snapshot.services[k] for k in keys))
+    return await stream_json_list(
+        request, f'{{"snapshot": {head[:-1]}, "services": [', services,
+        lambda: f']}}, "config": {json.dumps(jsonable(gateway.config))}}}\n')
 
 
-async def endpoints(request: web.Request) -> web.Response:
+async def endpoints(request: web.Request) -> web.StreamResponse:
     """Every endpoint the proxy balances over, with its health and connections."""
     gateway = _gateway(request)
     key = _service_arg(request)
@@ -180,27 +156,31 @@ async def endpoints(request: web.Request) -> web.Response:
     if workers is not None:
         await gateway.observer.gather()  # refreshes the workers' connection counts
     now = time.monotonic()
-    rows = []
-    for ukey, upstream in sorted(proxy.upstreams.items(), key=lambda kv: str(kv[0])):
-        if key is not None and ukey.service != key:
-            continue
-        extra = workers.active.get(upstream.name, {}) if workers is not None else {}
-        for host in (*upstream.hosts.values(), *upstream.draining):
-            hp = f"{host.address}:{host.port}"
-            rows.append({
-                "service": str(ukey.service), "port": ukey.port_name, "protocol": ukey.protocol,
-                "upstream": upstream.name, "address": host.address, "target_port": host.port,
-                "cluster": host.cluster, "priority": host.level, "ready": host.ready,
-                "healthy": host.healthy, "active_check_up": host.active_up,
-                "ejected": host.ejected,
-                "ejected_for_s": round(max(0.0, host.ejected_until - now), 1)
-                if host.ejected else 0.0,
-                "times_ejected": host.times_ejected,
-                "consecutive_failures": host.consecutive_failures,
-                "draining": host.removed,
-                "active_connections": host.active + extra.get(hp, 0),
-            })
-    return web.json_response({"endpoints": rows})
+    upstreams = sorted(proxy.upstreams.items(), key=lambda kv: str(kv[0]))
+
+    def rows() -> Iterator[tuple[dict[str, Any], int]]:
+        for ukey, upstream in upstreams:
+            if key is not None and ukey.service != key:
+                continue
+            extra = workers.active.get(upstream.name, {}) if workers is not None else {}
+            for host in (*upstream.hosts.values(), *upstream.draining):
+                hp = f"{host.address}:{host.port}"
+                yield {
+                    "service": str(ukey.service), "port": ukey.port_name,
+                    "protocol": ukey.protocol, "upstream": upstream.name,
+                    "address": host.address, "target_port": host.port,
+                    "cluster": host.cluster, "priority": host.level, "ready": host.ready,
+                    "healthy": host.healthy, "active_check_up": host.active_up,
+                    "ejected": host.ejected,
+                    "ejected_for_s": round(max(0.0, host.ejected_until - now), 1)
+                    if host.ejected else 0.0,
+                    "times_ejected": host.times_ejected,
+                    "consecutive_failures": host.consecutive_failures,
+                    "draining": host.removed,
+                    "active_connections": host.active + extra.get(hp, 0),
+                }, 1
+
+    return await stream_json_list(request, '{"endpoints": [', rows(), lambda: "]}\n")
 
 
 async def explain_handler(request: web.Request) -> web.Response:
@@ -247,8 +227,8 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-async def api_status(request: web.Request) -> web.Response:
-    from mcsproxy.observability.status import build_status
+async def api_status(request: web.Request) -> web.StreamResponse:
+    from mcsproxy.observability.status import status_parts
 
     gateway = _gateway(request)
     try:
@@ -257,7 +237,9 @@ async def api_status(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest(text="since must be an integer\n") from None
     families = await gateway.observer.gather()
     ready, detail = readiness(gateway)
-    return web.json_response(build_status(gateway, families, ready, detail, since))
+    rows, rest = status_parts(gateway, families, ready, detail, since)
+    return await stream_json_list(request, '{"services": [', rows,
+                                  lambda: f"], {json.dumps(rest())[1:]}\n")
 
 
 async def index(request: web.Request) -> web.FileResponse:

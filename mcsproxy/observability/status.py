@@ -9,6 +9,7 @@ difference between two reads of the counters.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from mcsproxy import compiled
@@ -17,6 +18,9 @@ from mcsproxy.observability.observer import host_state, port_label
 
 if TYPE_CHECKING:
     from mcsproxy.gateway import Gateway
+    from mcsproxy.model import ImportedService, ServicePort, Snapshot
+    from mcsproxy.proxy.manager import UpstreamKey
+    from mcsproxy.upstream import UpstreamSet
 
 EVENTS_SHOWN = 50
 
@@ -50,76 +54,94 @@ def _traffic_by_cluster(families: Families) -> dict[tuple[str, str], dict[str, d
     return out
 
 
-def build_status(gateway: Gateway, families: Families, ready: bool, detail: dict[str, Any],
-                 events_since: int = 0) -> dict[str, Any]:
-    """`ready, detail` as /readyz reports them."""
+def status_parts(gateway: Gateway, families: Families, ready: bool, detail: dict[str, Any],
+                 events_since: int = 0) -> tuple[Iterator[tuple[dict[str, Any], int]],
+                                                 Callable[[], dict[str, Any]]]:
+    """The status as (its service rows, each with the units of work it cost; the rest).
+
+    The rows are a generator, so an answer can be written as they are built
+    (mcsproxy/jsonstream.py); the rest is to be called after them: its `clusters` are
+    the ones the rows met. `ready, detail` as /readyz reports them."""
     snapshot = gateway.store.current
     proxy = gateway.proxy
     observer = gateway.observer
     local = gateway.config.cluster_id
     traffic = _traffic_by_cluster(families)
     clusters: set[str] = {local}
-    services: list[dict[str, Any]] = []
     upstreams = {(u.service, u.port_name, u.protocol): (u, s)
                  for u, s in (proxy.upstreams.items() if proxy is not None else ())}
-    for key in sorted(snapshot.services):
-        service = snapshot.services[key]
-        clusters.update(service.endpoint_clusters())
-        for port in service.ports:
-            entry = upstreams.get((key, port.name, port.protocol))
-            plabel = port.name or str(port.port)
-            row: dict[str, Any] = {
-                "service": str(key), "port": plabel, "number": port.port,
-                "protocol": port.protocol, "app_protocol": port.app_protocol,
-                "ips": list(service.ips), "headless": service.headless,
-                "locality": service.locality, "clusters": {}, "panic": False,
-                "loads": [], "served": entry is not None,
-            }
-            cells: dict[str, dict[str, Any]] = {}
-            if entry is not None:
-                ukey, upstream = entry
-                plabel = port_label(ukey, snapshot)
-                row["panic"] = any(upstream.plan.panic)
-                row["loads"] = list(upstream.plan.loads)
-                split = upstream.split()
-                for host in upstream.hosts.values():
-                    cell = cells.setdefault(host.cluster, {
-                        "endpoints": 0, "healthy": 0, "unhealthy": 0, "ejected": 0,
-                        "priority": host.level})
-                    cell["endpoints"] += 1
-                    cell[host_state(host)] += 1
-                for cluster, cell in cells.items():
-                    cell["expected_share"] = split.get(cluster, 0.0)
-            else:
-                for ep in service.endpoints:
-                    if ep.port_for(port) is None and not service.headless:
-                        continue
-                    cell = cells.setdefault(ep.cluster, {
-                        "endpoints": 0, "healthy": 0, "unhealthy": 0, "ejected": 0})
-                    cell["endpoints"] += 1
-                    cell["healthy" if ep.ready else "unhealthy"] += 1
-            for cluster, counts in traffic.get((str(key), plabel), {}).items():
-                if cluster == "none":
-                    continue
-                cells.setdefault(cluster, {"endpoints": 0, "healthy": 0, "unhealthy": 0,
-                                           "ejected": 0}).update(counts)
-            row["clusters"] = dict(sorted(cells.items()))
-            services.append(row)
-    active = families.by_name.get("mcsproxy_proxy_active_connections")
-    return {
-        "time": time.time(),
-        "gateway": {
-            "cluster_id": local, "ready": ready, "uptime_s": round(
-                time.time() - observer.started_at, 1),
-            "snapshot_version": detail["snapshot_version"],
-            "snapshot_age_s": detail["snapshot_age_s"], "services": detail["services"],
-            "workers": gateway.config.proxy.workers, "proxy": proxy is not None,
-            "active_connections": int(active.total()) if active is not None else 0,
-            "data_path": compiled.STATE, "python": compiled.interpreter(),
-        },
-        "sources": detail["sources"],
-        "clusters": sorted(clusters, key=lambda c: (c != local, c)),
-        "services": services,
-        "events": observer.events.since(events_since, EVENTS_SHOWN),
-        "demo_control": gateway.config.admin.demo_control,
+
+    def rows() -> Iterator[tuple[dict[str, Any], int]]:
+        for key in sorted(snapshot.services):
+            service = snapshot.services[key]
+            clusters.update(service.endpoint_clusters())
+            for port in service.ports:
+                yield service_row(snapshot, service, port, upstreams.get(
+                    (key, port.name, port.protocol)), traffic), 1 + len(service.endpoints)
+
+    def rest() -> dict[str, Any]:
+        active = families.by_name.get("mcsproxy_proxy_active_connections")
+        return {
+            "time": time.time(),
+            "gateway": {
+                "cluster_id": local, "ready": ready, "uptime_s": round(
+                    time.time() - observer.started_at, 1),
+                "snapshot_version": detail["snapshot_version"],
+                "snapshot_age_s": detail["snapshot_age_s"], "services": detail["services"],
+                "workers": gateway.config.proxy.workers, "proxy": proxy is not None,
+                "active_connections": int(active.total()) if active is not None else 0,
+                "data_path": compiled.STATE, "python": compiled.interpreter(),
+            },
+            "sources": detail["sources"],
+            "clusters": sorted(clusters, key=lambda c: (c != local, c)),
+            "events": observer.events.since(events_since, EVENTS_SHOWN),
+            "demo_control": gateway.config.admin.demo_control,
+        }
+
+    return rows(), rest
+
+
+def service_row(snapshot: Snapshot, service: ImportedService, port: ServicePort,
+                entry: tuple[UpstreamKey, UpstreamSet] | None,
+                traffic: dict[tuple[str, str], dict[str, dict[str, int]]]) -> dict[str, Any]:
+    """One service port's row: its endpoints' health per cluster and, with a proxy, the
+    expected split, and its traffic per cluster."""
+    key = service.key
+    plabel = port.name or str(port.port)
+    row: dict[str, Any] = {
+        "service": str(key), "port": plabel, "number": port.port,
+        "protocol": port.protocol, "app_protocol": port.app_protocol,
+        "ips": list(service.ips), "headless": service.headless,
+        "locality": service.locality, "clusters": {}, "panic": False,
+        "loads": [], "served": entry is not None,
     }
+    cells: dict[str, dict[str, Any]] = {}
+    if entry is not None:
+        ukey, upstream = entry
+        plabel = port_label(ukey, snapshot)
+        row["panic"] = any(upstream.plan.panic)
+        row["loads"] = list(upstream.plan.loads)
+        split = upstream.split()
+        for host in upstream.hosts.values():
+            cell = cells.setdefault(host.cluster, {
+                "endpoints": 0, "healthy": 0, "unhealthy": 0, "ejected": 0,
+                "priority": host.level})
+            cell["endpoints"] += 1
+            cell[host_state(host)] += 1
+        for cluster, cell in cells.items():
+            cell["expected_share"] = split.get(cluster, 0.0)
+    else:
+        for ep in service.endpoints:
+            if ep.port_for(port) is None and not service.headless:
+                continue
+            cell = cells.setdefault(ep.cluster, {
+                "endpoints": 0, "healthy": 0, "unhealthy": 0, "ejected": 0})
+            cell["endpoints"] += 1
+            cell["healthy" if ep.ready else "unhealthy"] += 1
+    for cluster, counts in traffic.get((str(key), plabel), {}).items():
+        if cluster == "none":
+            continue
+        cells.setdefault(cluster, {"endpoints": 0, "healthy": 0, "unhealthy": 0,
+                                   "ejected": 0}).update(counts)
+    row["clusters"] = dict(sorted(cells.items()))
+    return row
