@@ -11,8 +11,10 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from mcsproxy.jsonstream import WORK_PER_TURN
 from mcsproxy.model import ServiceKey, Snapshot
 from mcsproxy.observability.accesslog import AccessLog
 from mcsproxy.observability.events import EventRing
@@ -87,6 +89,7 @@ class Observer:
         self._retired: dict[UpstreamKey, tuple[UpstreamStats, list[UpstreamSet]]] = {}
         self._seen_at: dict[UpstreamKey, float] = {}
         self._expired_connections = 0
+        self._collecting = asyncio.Lock()  # gather(): one collection at a time
 
     # -- component --------------------------------------------------------------------
     async def start(self) -> None:
@@ -147,8 +150,20 @@ class Observer:
 
     # -- metrics ----------------------------------------------------------------------
     async def gather(self) -> Families:
-        """This process's families, plus every worker's when there are workers."""
-        families = self.collect()
+        """This process's families, plus every worker's when there are workers.
+
+        Collected a few upstream sets at a time, the loop given a turn between them
+        (the proxy and DNS run on it: 10,000 services made 500,000 series, 0.7 s of
+        work). One collection at a time, as each retires the upstream sets replaced
+        since the one before."""
+        async with self._collecting:
+            families = Families()
+            work = 0
+            for units in self._collect_steps(families):
+                work += units
+                if work >= WORK_PER_TURN:
+                    work = 0
+                    await asyncio.sleep(0)
         if self.workers is not None:
             await self.workers.merge_into(families)
             families.gauge("mcsproxy_gateway_workers_reporting",
@@ -169,7 +184,15 @@ class Observer:
                 for u in proxy.upstreams.values()}
 
     def collect(self) -> Families:
+        """This process's families, at once (a worker's report; gather() for a scrape)."""
         f = Families()
+        for _ in self._collect_steps(f):
+            pass
+        return f
+
+    def _collect_steps(self, f: Families) -> Iterator[int]:
+        """Fill `f`, yielding the units of work done (upstream sets, endpoints) as it
+        goes: the caller may give the loop a turn at each."""
         if self.worker_index == 0:
             self._collect_dns(f)
             self._collect_store(f)
@@ -179,14 +202,13 @@ class Observer:
                                "request head in time)", ["outcome"])
             for reason, n in self.gateway.admin.guard.closed.items():
                 closed.add([reason], n)
-        self._collect_proxy(f)
+        yield from self._collect_proxy(f)
         if self.access_log is not None:
             records = f.counter("mcsproxy_accesslog_records",
                                 "Access log records by fate (written, dropped: queue full "
                                 "or write error)", ["outcome"])
             records.add(["written"], self.access_log.written)
             records.add(["dropped"], self.access_log.dropped + self.access_log.write_failed)
-        return f
 
     def _collect_dns(self, f: Families) -> None:
         stats = self.gateway.dns.stats
@@ -245,7 +267,7 @@ class Observer:
         f.gauge("mcsproxy_gateway_start_time_seconds", "Unix time the gateway started").add(
             (), self.started_at)
 
-    def _collect_proxy(self, f: Families) -> None:
+    def _collect_proxy(self, f: Families) -> Iterator[int]:
         proxy = self.gateway.proxy
         if proxy is None:
             return
@@ -301,7 +323,8 @@ class Observer:
             if ukey not in proxy.upstreams:  # not exported now, but still counted below
                 total_ok += sum(cs.connections for st in (folded, *(u.stats for u in sets))
                                 for cs in st.clusters.values())
-        for ukey, upstream in proxy.upstreams.items():
+        # The sets as they are now: the proxy may replace some while this yields.
+        for ukey, upstream in list(proxy.upstreams.items()):
             labels = [str(ukey.service), port_label(ukey, snap)]
             folded, sets = self._retired.get(ukey, (None, []))
             for counted in (folded, *sets, upstream):
@@ -345,6 +368,7 @@ class Observer:
                 panic.add([*labels, str(level)], int(in_panic))
             for cluster, pct in upstream.split().items():
                 share.add([*labels, cluster], pct)
+            yield 1 + len(upstream.hosts)
         # HTTP client connections live in the engine's own set, not in proxy.conns (that
         # one is the TCP and UDP idle sweep's); without them a keep-alive client read 0.
         f.gauge("mcsproxy_proxy_active_connections", "Open client connections (TCP and "
