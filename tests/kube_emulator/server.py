@@ -188,8 +188,18 @@ class KubeEmulator:
         self._stopping = True
         self._released.set()
         self.drop_watches()
+        server = self._runner.server
         await self._runner.cleanup()
         self._runner = None
+        # A client reconnecting as the listener closed can have its connection accepted
+        # and reach the server only after the server's shutdown: nothing closed it, and
+        # its transport was collected in some later test (a ResourceWarning that failed
+        # it). Give those a moment to arrive, then cut them.
+        await asyncio.sleep(0.01)
+        if server is not None:
+            for handler in server.connections:
+                if handler.transport is not None:
+                    handler.transport.abort()
 
     async def __aenter__(self) -> KubeEmulator:
         await self.start()
