@@ -22,7 +22,7 @@ from bench.common import script_module
 from mcsproxy import admin, jsonstream
 from mcsproxy.model import ServiceKey
 from tests.proxy_fixtures import Backend, ask, free_port
-from tests.test_metrics_support import service_yaml, start_gateway, value
+from tests.test_metrics_support import RunningGateway, service_yaml, start_gateway, value
 
 HOST = "127.57.29.1"
 SNAPSHOT_BENCH = script_module("bench/snapshot/run.py")  # its generator of services
@@ -271,30 +271,46 @@ def test_aiohttp_server_errors_are_logged_at_most_once_a_second() -> None:
     assert limit.filter(later) and later.getMessage().endswith("(49 similar records dropped)")
 
 
+async def gateway_with_many_services(tmp_path: Path, host: str) -> RunningGateway:
+    """A gateway whose proxy serves 350 services (175 with a ClusterSetIP, two ports
+    each), every one in 3 clusters of 2 endpoints: bench/snapshot's generator."""
+    gw = await start_gateway(tmp_path, host)
+    store = gw.gateway.store
+    store.register_source("bulk")
+    for oid, spec in SNAPSHOT_BENCH.objects(350, 2):
+        store.upsert(oid, spec)
+    store.mark_synced("bulk")
+    store.commit()
+    assert gw.gateway.proxy is not None
+    await asyncio.wait_for(gw.gateway.proxy.wait_applied(store.current.version), 30)
+    return gw
+
+
+class LoopTurns:
+    """Counts the running loop's turns: a task that does nothing but yield."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.task = asyncio.ensure_future(self.tick())
+
+    async def tick(self) -> None:
+        while True:
+            self.count += 1
+            await asyncio.sleep(0)
+
+    def stop(self) -> None:
+        self.task.cancel()
+
+
 async def test_answers_about_every_service_are_streamed_and_let_the_loop_run(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Built and serialised whole, in one stretch of the loop that the proxy and DNS share,
     # 10,000 services of 30 endpoints held them up for 7.4-8.9 s (/config_dump), 2.1 s
     # (/endpoints) and 1.0 s (/api/status, asked every 1.5 s by the status page).
-    gw = await start_gateway(tmp_path, "127.57.29.5")
-    store = gw.gateway.store
-    store.register_source("bulk")
-    for oid, spec in SNAPSHOT_BENCH.objects(350, 2):  # 350 services, 3 clusters of 2 each
-        store.upsert(oid, spec)
-    store.mark_synced("bulk")
-    store.commit()
-    snapshot = store.current
+    gw = await gateway_with_many_services(tmp_path, "127.57.29.5")
+    snapshot = gw.gateway.store.current
     proxy = gw.gateway.proxy
     assert proxy is not None
-    await asyncio.wait_for(proxy.wait_applied(snapshot.version), 30)
-    turns = 0
-
-    async def tick() -> None:
-        nonlocal turns
-        while True:
-            turns += 1
-            await asyncio.sleep(0)
-
     pulled: dict[str, list[tuple[int, int]]] = {}  # path: (the loop's turn, units) an item
     stream = admin.stream_json_list
 
@@ -304,14 +320,14 @@ async def test_answers_about_every_service_are_streamed_and_let_the_loop_run(
 
         def each() -> Any:
             for item, units in items:
-                log.append((turns, units))
+                log.append((turns.count, units))
                 yield item, units
 
         return await stream(request, prefix, each(), suffix)
 
     monkeypatch.setattr(admin, "stream_json_list", recorded)
     answers = {}
-    ticker = asyncio.ensure_future(tick())
+    turns = LoopTurns()
     try:
         for path in ("/config_dump", "/endpoints", "/api/status"):
             async with gw.http.get(gw.admin + path) as resp:
@@ -321,7 +337,7 @@ async def test_answers_about_every_service_are_streamed_and_let_the_loop_run(
                 answers[path] = await resp.json()
         upstreams = list(proxy.upstreams.values())
     finally:
-        ticker.cancel()
+        turns.stop()
         await gw.stop()
 
     dump = answers["/config_dump"]
@@ -380,34 +396,17 @@ async def test_metric_families_are_gathered_with_turns_of_the_loop_between(
         tmp_path: Path) -> None:
     # 10,000 services made 500,000 series, collected in one stretch of the loop (0.7 s):
     # the status page's /api/status and every /metrics scrape stopped the proxy for it.
-    gw = await start_gateway(tmp_path, "127.57.29.6")
-    store = gw.gateway.store
-    store.register_source("bulk")
-    for oid, spec in SNAPSHOT_BENCH.objects(350, 2):
-        store.upsert(oid, spec)
-    store.mark_synced("bulk")
-    store.commit()
-    proxy = gw.gateway.proxy
-    assert proxy is not None
-    await asyncio.wait_for(proxy.wait_applied(store.current.version), 30)
+    gw = await gateway_with_many_services(tmp_path, "127.57.29.6")
     observer = gw.gateway.observer
-    turns = 0
-
-    async def tick() -> None:
-        nonlocal turns
-        while True:
-            turns += 1
-            await asyncio.sleep(0)
-
-    ticker = asyncio.ensure_future(tick())
+    turns = LoopTurns()
     try:
         await asyncio.sleep(0)
-        before = turns
+        before = turns.count
         gathered = await observer.gather()  # one process: no I/O, only its own turns
-        during = turns - before
+        during = turns.count - before
         at_once = observer.collect()
     finally:
-        ticker.cancel()
+        turns.stop()
         await gw.stop()
     # 350 upstream sets of 6 endpoints, a turn every WORK_PER_TURN units of (1 + 6) each
     assert during >= 350 * 7 // jsonstream.WORK_PER_TURN
