@@ -20,6 +20,23 @@ from aiohttp import web
 WORK_PER_TURN: Final = 300
 
 
+class Turns:
+    """Counts units of work; says when WORK_PER_TURN of them were done since the last
+    turn of the loop it said was due."""
+
+    __slots__ = ("work",)
+
+    def __init__(self) -> None:
+        self.work = 0
+
+    def due(self, units: int) -> bool:
+        self.work += units
+        if self.work < WORK_PER_TURN:
+            return False
+        self.work = 0
+        return True
+
+
 async def stream_json_list(request: web.Request, prefix: str,
                            items: Iterable[tuple[Any, int]],
                            suffix: Callable[[], str]) -> web.StreamResponse:
@@ -34,14 +51,13 @@ async def stream_json_list(request: web.Request, prefix: str,
     try:
         await response.write(prefix.encode())
         batch: list[str] = []
-        work = 0
+        turns = Turns()
         separator = ""
         for item, units in items:
             batch.append(json.dumps(item))
-            work += units
-            if work >= WORK_PER_TURN:
+            if turns.due(units):
                 await response.write((separator + ", ".join(batch)).encode())
-                batch, work, separator = [], 0, ", "
+                batch, separator = [], ", "
                 await asyncio.sleep(0)
         if batch:
             await response.write((separator + ", ".join(batch)).encode())

@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from mcsproxy.jsonstream import WORK_PER_TURN
+from mcsproxy.jsonstream import Turns
 from mcsproxy.model import ServiceKey, Snapshot
 from mcsproxy.observability.accesslog import AccessLog
 from mcsproxy.observability.events import EventRing
@@ -158,11 +158,9 @@ class Observer:
         since the one before."""
         async with self._collecting:
             families = Families()
-            work = 0
+            turns = Turns()
             for units in self._collect_steps(families):
-                work += units
-                if work >= WORK_PER_TURN:
-                    work = 0
+                if turns.due(units):
                     await asyncio.sleep(0)
         if self.workers is not None:
             await self.workers.merge_into(families)
