@@ -19,16 +19,17 @@ needs_peers = pytest.mark.skipif(
     reason="peer binaries absent (apt-get install -y haproxy nginx-light wrk)")
 
 
-def smoke(script: str, out: Path) -> None:
-    """bench/http/<script> --smoke, writing into `out`; it must exit 0."""
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "http" / script), "--smoke",
-                           "--out", str(out)], capture_output=True, text=True, timeout=120)
+def smoke(script: str, out: Path, *args: str) -> str:
+    """bench/<script> --smoke [args], writing into `out`; it must exit 0. Its stdout."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke", *args,
+                           "--out", str(out)], capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
 
 
 @needs_peers
 def test_http_bench_smoke_writes_results(tmp_path: Path) -> None:
-    smoke("run.py", tmp_path)
+    smoke("http/run.py", tmp_path)
     table = (tmp_path / "http-smoke.md").read_text()
     assert "| 100B | req/s |" in table and "| 64KiB | proxy CPU µs/req |" in table
     assert "| 100B | proxy CPU µs/req at fixed rate |" in table
@@ -54,7 +55,7 @@ def test_http_bench_smoke_writes_results(tmp_path: Path) -> None:
 
 @needs_peers
 def test_http_post_bench_smoke_writes_results(tmp_path: Path) -> None:
-    smoke("post.py", tmp_path)
+    smoke("http/post.py", tmp_path)
     table = (tmp_path / "http-post-smoke.md").read_text()
     assert "| req/s |" in table and "| of which the kernel's (system) |" in table
     assert "mcsproxy / HAProxy: req/s " in table
@@ -72,10 +73,7 @@ def test_http_post_bench_smoke_writes_results(tmp_path: Path) -> None:
 
 @needs_peers
 def test_run_all_runs_the_chunked_post_variant(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run_all.py"), "--smoke",
-                           "--only", "http-post-chunked", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    printed = smoke("run_all.py", tmp_path, "--only", "http-post-chunked")
     data = json.loads((tmp_path / "http-post-chunked-smoke.json").read_text())
     assert data["chunked"] is True  # run_all handed post.py its --chunked
-    assert "- http-post-chunked: ok" in proc.stdout
+    assert "- http-post-chunked: ok" in printed
