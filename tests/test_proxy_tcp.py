@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import os
 import socket
 import struct
 import time
@@ -224,17 +226,27 @@ def test_a_connect_done_during_a_loop_stall_is_not_a_timeout(
     # past the connect timeout: the timer and the finished connect are due together. The
     # timer used to win: a live endpoint was charged a timeout (and ejected as a silent
     # cluster), and the finished connect was adopted under the retry's endpoint, then
-    # closed with the client's connection.
-    connect_next = tcp.ClientSide.connect_next
+    # closed with the client's connection. Over loopback the connect is done when it is
+    # asked again, so the proxy is told it is not: it waits for writability as it would
+    # for an endpoint on another node.
+    connect_ex = socket.socket.connect_ex
+
+    def still_in_progress(self: socket.socket, address: object) -> int:
+        err = connect_ex(self, address)  # type: ignore[arg-type]
+        return errno.EALREADY if err == 0 else err
+
+    connect_next = tcp.TcpConnection.connect_next
     stalled: list[bool] = []
 
-    def connect_then_stall(self: tcp.ClientSide) -> None:
+    def connect_then_stall(self: tcp.TcpConnection) -> None:
         connect_next(self)
         if not stalled:
             stalled.append(True)
+            assert self.up is not None and self.up.writing  # waiting for the connect
             time.sleep(0.5)
 
-    monkeypatch.setattr(tcp.ClientSide, "connect_next", connect_then_stall)
+    monkeypatch.setattr(socket.socket, "connect_ex", still_in_progress)
+    monkeypatch.setattr(tcp.TcpConnection, "connect_next", connect_then_stall)
     answer, hosts = run(served_through_a_stall())
     assert answer.startswith("east-")
     assert hosts == [(0, 0, 0), (0, 0, 0)]  # (timeouts, ejected, connections counted)
@@ -376,16 +388,16 @@ class Flood(asyncio.Protocol):
         self.paused.set()
 
 
-def client_sides(proxy: ProxyManager) -> list[tcp.ClientSide]:
-    return [c for c in proxy.conns if isinstance(c, tcp.ClientSide)]
+def client_sides(proxy: ProxyManager) -> list[tcp.TcpConnection]:
+    return [c for c in proxy.conns if isinstance(c, tcp.TcpConnection)]
 
 
 @contextlib.asynccontextmanager
 async def client_that_never_reads(
         endpoint_protocol: Callable[[], asyncio.Protocol], host: str,
-        ip: str) -> AsyncIterator[ProxyManager]:
+        ip: str) -> AsyncIterator[tuple[ProxyManager, socket.socket]]:
     """A proxy in front of an endpoint served by `endpoint_protocol` on `host`, and a
-    client connected through it (ClusterSetIP `ip`) that reads nothing."""
+    client connected through it (ClusterSetIP `ip`) that reads nothing until told."""
     loop = asyncio.get_running_loop()
     port = free_port(host)
     server = await loop.create_server(endpoint_protocol, host, port)
@@ -397,130 +409,109 @@ async def client_that_never_reads(
     try:
         sock.setblocking(False)
         await loop.sock_connect(sock, (ip, 80))
-        yield proxy
+        yield proxy, sock
     finally:
         sock.close()
         server.close()
         await proxy.stop()
 
 
-async def test_backpressure_bounds_what_the_proxy_buffers() -> None:
-    from mcsproxy.proxy.tcp import CLIENT_WRITE_HIGH_WATER
+def paused_upstream(proxy: ProxyManager) -> bool:
+    conns = client_sides(proxy)
+    return bool(conns) and conns[0].up is not None and not conns[0].up.reading
 
+
+async def test_backpressure_bounds_what_the_proxy_buffers() -> None:
     paused = asyncio.Event()
     async with client_that_never_reads(lambda: Flood(paused), "127.38.1.1",
-                                       "127.240.38.1") as proxy:
+                                       "127.240.38.1") as (proxy, _):
         await asyncio.wait_for(paused.wait(), 10)
         conn = client_sides(proxy)[0]
-        assert conn.transport.get_write_buffer_size() <= CLIENT_WRITE_HIGH_WATER + 256 * 1024
+        assert conn.client.queued <= tcp.WRITE_HIGH_WATER + tcp.READ_BUFFER_BYTES
 
 
 class Burst(asyncio.Protocol):
-    """Writes 4 MiB at once and keeps the connection open."""
+    """Writes 16 MiB at once (more than the kernel buffers between the proxy and its
+    client take) and keeps the connection open."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.write(b"x" * (4 * 1024 * 1024))  # type: ignore[attr-defined]
+        transport.write(BURST)  # type: ignore[attr-defined]
 
 
-async def test_write_limit_rises_to_1_mib_at_the_first_pause() -> None:
-    """Short connections never set their limits; one that queues data for a client that
-    reads slowly must still get the 1 MiB limit, not uvloop's 64 KiB (bulk throughput)."""
-    from mcsproxy.proxy.tcp import CLIENT_WRITE_HIGH_WATER
+BURST = bytes(range(251)) * (16 * 4096)  # 16 MiB (a period that no buffer size divides)
 
-    async with client_that_never_reads(Burst, "127.38.1.2", "127.240.38.2") as proxy:
-        await until(lambda: client_sides(proxy) and client_sides(proxy)[0].transport
-                    .get_write_buffer_limits()[1] == CLIENT_WRITE_HIGH_WATER,
-                    "the client side's limit to rise")
+
+async def test_a_paused_side_resumes_once_its_reader_catches_up() -> None:
+    """16 MiB towards a client that reads nothing: the proxy queues at most its high-water
+    mark plus a read, stops reading the endpoint, and once the client reads, resumes under
+    the low-water mark and delivers every byte in order."""
+    loop = asyncio.get_running_loop()
+    async with client_that_never_reads(Burst, "127.38.1.2", "127.240.38.2") as (proxy, sock):
+        await until(lambda: paused_upstream(proxy), "the endpoint's reading to pause")
         conn = client_sides(proxy)[0]
-        assert conn.transport.get_write_buffer_size() <= CLIENT_WRITE_HIGH_WATER + 256 * 1024
+        assert conn.client.queued <= tcp.WRITE_HIGH_WATER + tcp.READ_BUFFER_BYTES
+        got = bytearray()
+        async with asyncio.timeout(10):
+            while len(got) < len(BURST):
+                got += await loop.sock_recv(sock, 65536)
+        assert bytes(got) == BURST
+        assert conn.up is not None and conn.up.reading and conn.client.queued == 0
 
 
-async def test_a_side_that_pauses_gets_the_1_mib_limit() -> None:
-    """Without a bulk read (data in small reads), the first pause raises the limit."""
-    from mcsproxy.proxy.tcp import CLIENT_WRITE_HIGH_WATER, UPSTREAM_WRITE_HIGH_WATER
-
-    backends = await start_backends({"east": 1}, 164)
+async def test_an_endpoint_that_reads_nothing_pauses_the_client() -> None:
+    loop = asyncio.get_running_loop()
+    listening = socket.socket()
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # accepted ones too
+    listening.bind(("127.164.1.1", 0))
+    listening.listen()
+    listening.setblocking(False)
     cs = Clusterset("east")
     ip = "127.240.164.1"
-    cs.publish("paced", ip, [WEB], endpoints_of(backends))
+    cs.publish("sink", ip, [WEB], [endpoint("127.164.1.1", "east", listening.getsockname()[1])])
     proxy = await cs.proxy()
     try:
-        reader, writer = await asyncio.open_connection(ip, 80)
-        await reader.readline()  # connected through
+        transport, _ = await loop.create_connection(Burst, ip, 80)
+        accepted, _ = await loop.sock_accept(listening)  # and never read
+        await until(lambda: client_sides(proxy) and not client_sides(proxy)[0].client.reading,
+                    "the client's reading to pause")
         conn = client_sides(proxy)[0]
         assert conn.up is not None
-        assert conn.transport.get_write_buffer_limits()[1] < CLIENT_WRITE_HIGH_WATER
-        conn.pause_writing()
-        assert conn.transport.get_write_buffer_limits()[1] == CLIENT_WRITE_HIGH_WATER
-        assert not conn.up.is_reading()
-        conn.resume_writing()
-        assert conn.up.is_reading()
-        conn.up.get_protocol().pause_writing()
-        assert conn.up.get_write_buffer_limits()[1] == UPSTREAM_WRITE_HIGH_WATER
-        assert not conn.transport.is_reading()
-        writer.close()
-        await writer.wait_closed()
+        assert conn.up.queued <= tcp.WRITE_HIGH_WATER + tcp.READ_BUFFER_BYTES
+        transport.close()
+        accepted.close()
     finally:
-        await stop_all(proxy, *backends)
-
-
-class QueueingUp:
-    """An upstream transport that queues everything, with uvloop's flow control."""
-
-    def __init__(self) -> None:
-        self.high = 64 * 1024  # uvloop's default
-        self.size = 0
-        self.paused = False
-        self.protocol: asyncio.Protocol | None = None
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        self.high = high or 64 * 1024
-
-    def write(self, data: bytes) -> None:
-        self.size += len(data)
-        if self.size > self.high and not self.paused:
-            self.paused = True
-            assert self.protocol is not None
-            self.protocol.pause_writing()
-
-    def get_write_buffer_size(self) -> int:
-        return self.size
-
-    def write_eof(self) -> None: ...
-    def close(self) -> None: ...
-    def abort(self) -> None: ...
+        await proxy.stop()
+        listening.close()
 
 
 @patches_data_path
-async def test_early_data_past_64_kib_leaves_no_reading_client_unpaused(
+async def test_early_data_past_its_limit_pauses_the_client_until_connected(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Early data fills the upstream's queue past uvloop's default 64 KiB as the connect
-    completes: that write must not pause the client (then resumed for the early data
-    limit), or the upstream transport stays paused while the client reads, and nothing
-    bounds the queue until its first write completes."""
-    from mcsproxy.proxy.tcp import ClientSide, UpstreamSide
-
-    monkeypatch.setattr(ClientSide, "connect_next", lambda self: None)  # connect by hand
+    """What the client sends while the connect is in progress is held up to
+    EARLY_DATA_LIMIT, then its reading pauses; connected, all of it goes through and the
+    client is read again."""
+    connect_next = tcp.TcpConnection.connect_next
+    monkeypatch.setattr(tcp.TcpConnection, "connect_next", lambda self: None)  # by hand
     backends = await start_backends({"east": 1}, 166)
     cs = Clusterset("east")
     ip = "127.240.166.1"
     cs.publish("early", ip, [WEB], endpoints_of(backends))
     proxy = await cs.proxy()
     try:
-        _, writer = await asyncio.open_connection(ip, 80)
-        writer.write(b"x" * (200 * 1024))
+        reader, writer = await asyncio.open_connection(ip, 80)
+        early = os.urandom(200 * 1024)
+        writer.write(early)
         await until(lambda: client_sides(proxy) and
                     client_sides(proxy)[0].early_size >= tcp.EARLY_DATA_LIMIT,
                     "early data up to its limit")
         conn = client_sides(proxy)[0]
-        assert not conn.transport.is_reading()
-        conn.host = conn.upstream.pick()
-        up = QueueingUp()
-        up.protocol = side = UpstreamSide(conn)
-        side.transport = up  # type: ignore[assignment]
-        conn.upstream_connected(up)  # type: ignore[arg-type]
-        assert conn.transport.is_reading()
-        assert not up.paused  # else its pause was undone by the resume
+        assert not conn.client.reading
+        assert conn.early_size < tcp.EARLY_DATA_LIMIT + tcp.READ_BUFFER_BYTES
+        connect_next(conn)
+        assert conn.connected
+        writer.write_eof()
+        echoed = await asyncio.wait_for(reader.read(), 10)
+        assert echoed == b"east-1\n" + early + b"bye"
         writer.close()
     finally:
         await stop_all(proxy, *backends)
@@ -793,44 +784,6 @@ def test_a_reset_reaches_the_other_side_as_a_reset(run) -> None:  # type: ignore
     assert run(resets_through_the_proxy()) == ("reset", "reset")
 
 
-async def connect_coroutine_at_the_end() -> tuple[str, list[dict], bool]:
-    loop = asyncio.get_running_loop()
-    errors: list[dict] = []
-    loop.set_exception_handler(lambda _, context: errors.append(context))
-    backends = await start_backends({"east": 1}, 165)
-    cs = Clusterset("east")
-    ip = "127.240.165.1"
-    cs.publish("end", ip, [WEB], endpoints_of(backends))
-    proxy = await cs.proxy()
-    try:
-        reader, writer = await asyncio.open_connection(ip, 80)
-        line = await reader.readline()
-        conn = client_sides(proxy)[0]
-        coro = conn.connecting  # adopted: left at its last step
-        assert coro is not None
-        writer.close()
-        await writer.wait_closed()
-        await until(lambda: conn.connecting is None, "the connection to end")
-        try:
-            coro.send(None)
-            finished = False
-        except RuntimeError:  # "cannot reuse already awaited coroutine"
-            finished = True
-    finally:
-        await stop_all(proxy, *backends)
-    return line.decode(), errors, finished
-
-
-@pytest.mark.parametrize("run", [uvloop.run, asyncio.run], ids=["uvloop", "asyncio"])
-def test_the_connect_coroutine_ends_with_its_connection(run) -> None:  # type: ignore[no-untyped-def]
-    # Its last step is taken when the connection ends: by next() on uvloop's coroutines
-    # (iterators), by send() on asyncio's (not iterators).
-    line, errors, finished = run(connect_coroutine_at_the_end())
-    assert line.startswith("east-1")
-    assert errors == []
-    assert finished
-
-
 class Http2Only(asyncio.Protocol):
     """An h2c server with prior knowledge only (as a gRPC server): whatever it reads, it
     answers with HTTP/2 SETTINGS and GOAWAY frames and closes."""
@@ -890,7 +843,7 @@ async def test_which_app_protocols_get_the_http_proxy(app_protocol: str | None,
     try:
         [listener] = proxy.listeners.values()
         [upstream] = proxy.upstreams.values()
-        assert listener.factory is not None and listener.factory.http is http
+        assert listener.stream is not None and listener.stream.http is http
         assert upstream.health_checker is not None and upstream.health_checker.http is http
     finally:
         await proxy.stop()

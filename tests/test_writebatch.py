@@ -3,18 +3,22 @@ order, and every TCP path that half-closes or closes a transport writes what is 
 it first. The end-to-end proxy tests cannot pin this down: libuv reads a socket's EOF a
 poll after its data, by which time the batch has run, so the orderings that need the
 flushes (another connection's event closing this one within the same poll) are made here
-with recording transports."""
+with recording transports, and for the TCP proxy's own sockets with socket pairs whose
+events are handed to it one at a time."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+from collections.abc import Iterator
 
 import pytest
 
 from mcsproxy.config import ProxyConfig
 from mcsproxy.proxy.context import ListenerContext
-from mcsproxy.proxy.tcp import ClientSide, UpstreamSide
+from mcsproxy.proxy.tcp import Side, TcpConnection
 from mcsproxy.upstream import UpstreamSet
 from mcsproxy.writebatch import WriteBatch
 
@@ -124,84 +128,99 @@ def test_a_batch_left_pending_by_an_ended_loop_serves_the_next() -> None:
     assert second.events == [("write", b"2")]
 
 
-def connection() -> tuple[ClientSide, Recording, Recording]:
-    """A client connection whose upstream is connected, on recording transports."""
+@contextlib.contextmanager
+def connection() -> Iterator[tuple[TcpConnection, socket.socket, socket.socket]]:
+    """A connected TCP connection on socket pairs, and its client's and endpoint's ends."""
     config = ProxyConfig()
     ctx = ListenerContext("test", UpstreamSet("ns/s:p", "east", config), config, set())
-    client = ClientSide(ctx, asyncio.get_running_loop())
-    down, up = Recording(), Recording()
-    client.transport = down  # type: ignore[assignment]
-    client.up = up  # type: ignore[assignment]
-    return client, down, up
+    ours_c, client = socket.socketpair()
+    ours_u, endpoint = socket.socketpair()
+    for sock in (ours_c, ours_u, client, endpoint):
+        sock.setblocking(False)
+    conn = TcpConnection(ctx, asyncio.get_running_loop(), ours_c, None)
+    conn.up = Side(ours_u)
+    conn.connected = True
+    try:
+        yield conn, client, endpoint
+    finally:
+        conn.abort()
+        client.close()
+        endpoint.close()
+
+
+def received(sock: socket.socket) -> list[bytes]:
+    """What is readable now, then b"" if the stream ended, or nothing if it is open."""
+    got = []
+    while True:
+        try:
+            data = sock.recv(65536)
+        except BlockingIOError:
+            return got
+        got.append(data)
+        if not data:
+            return got
 
 
 async def test_tcp_held_reply_goes_before_the_close_that_both_eofs_make() -> None:
-    client, down, _ = connection()
-    client.got_client_eof = True  # the client half-closed earlier
-    UpstreamSide(client).data_received(b"reply")
-    assert client.upstream_eof() is False  # both ways done: close_both, in this poll
-    assert down.events == [("write", b"reply"), "close"]
+    with connection() as (conn, client, endpoint):
+        assert conn.up is not None
+        client.shutdown(socket.SHUT_WR)  # the client half-closed earlier
+        conn.client_readable()
+        assert received(endpoint) == [b""]
+        endpoint.send(b"reply")
+        conn.upstream_readable()
+        assert received(client) == []  # held for the end of the poll
+        endpoint.shutdown(socket.SHUT_WR)
+        conn.upstream_readable()  # both ways done: closed, in this poll, the reply first
+        assert received(client) == [b"reply", b""] and conn.closed
 
 
 async def test_tcp_held_request_goes_before_the_eof_forwarded_upstream() -> None:
-    client, _, up = connection()
-    client.data_received(b"request")
-    client.eof_received()
-    assert up.events == [("write", b"request"), "eof"]
-
-
-async def test_tcp_held_reply_goes_before_the_close_when_the_endpoint_ends() -> None:
-    client, down, _ = connection()
-    UpstreamSide(client).data_received(b"last words")
-    client.upstream_lost(None)
-    assert down.events == [("write", b"last words"), "close"]
-
-
-async def test_tcp_held_request_goes_before_the_close_when_the_client_ends() -> None:
-    client, _, up = connection()
-    client.data_received(b"final")
-    client.connection_lost(None)
-    assert up.events == [("write", b"final"), "close"]
+    with connection() as (conn, client, endpoint):
+        client.send(b"request")
+        conn.client_readable()
+        client.shutdown(socket.SHUT_WR)
+        conn.client_readable()
+        assert received(endpoint) == [b"request", b""]
+        assert not conn.closed  # the endpoint may still answer
+        endpoint.send(b"answer")
+        conn.upstream_readable()
+        conn.flush_deferred()  # as the batch does at the end of the poll
+        assert received(client) == [b"answer"]
 
 
 async def test_tcp_held_reply_goes_before_a_forwarded_eof() -> None:
-    client, down, _ = connection()
-    UpstreamSide(client).data_received(b"tail")
-    client.forward_upstream_eof()
-    assert down.events == [("write", b"tail"), "eof"]
+    with connection() as (conn, client, endpoint):
+        endpoint.send(b"tail")
+        conn.upstream_readable()
+        endpoint.shutdown(socket.SHUT_WR)
+        conn.upstream_readable()
+        assert received(client) == [b"tail", b""]
+        client.send(b"after your EOF")  # the other direction stays open
+        conn.client_readable()
+        conn.flush_deferred()
+        assert received(endpoint) == [b"after your EOF"]
 
 
-class Stalled(Recording):
-    """A side whose peer reads nothing: what is written stays queued in the transport."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.queued = 0
-
-    def write(self, data: bytes) -> None:
-        super().write(data)
-        self.queued += len(data)
-
-    def get_write_buffer_size(self) -> int:
-        return self.queued
+async def test_tcp_held_bytes_wait_for_the_batch() -> None:
+    with connection() as (conn, client, endpoint):
+        batch = conn.ctx.writes
+        client.send(b"one")
+        conn.client_readable()
+        endpoint.send(b"two")
+        conn.upstream_readable()
+        assert received(endpoint) == [] and received(client) == []
+        batch.flush()
+        assert received(endpoint) == [b"one"] and received(client) == [b"two"]
 
 
-async def test_tcp_idle_expiry_counts_held_bytes_as_queued() -> None:
-    # A close would wait for a peer that reads nothing for ever (and keep the connection
-    # and its limit slot): expiry aborts a side with bytes still queued, the held included.
-    client, _, up = connection()
-    stalled = Stalled()
-    client.transport = stalled  # type: ignore[assignment]
-    UpstreamSide(client).data_received(b"unread")
-    client.expire()
-    assert stalled.events == [("write", b"unread"), "abort"] and up.events == ["abort"]
-
-
-async def test_tcp_idle_expiry_closes_when_nothing_is_queued() -> None:
-    client, down, up = connection()
-    UpstreamSide(client).data_received(b"tail")
-    client.expire()
-    assert down.events == [("write", b"tail"), "close"] and up.events == ["close"]
+async def test_tcp_idle_expiry_writes_what_is_held_then_closes() -> None:
+    with connection() as (conn, client, endpoint):
+        endpoint.send(b"last")
+        conn.upstream_readable()
+        conn.expire()
+        assert received(client) == [b"last", b""] and received(endpoint) == [b""]
+        assert conn.closed
 
 
 async def test_http_held_answer_goes_before_the_close_a_client_eof_makes() -> None:

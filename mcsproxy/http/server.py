@@ -275,7 +275,7 @@ class ClientConnection(asyncio.Protocol):
         route = self.route
         if route is not None and (route.ctx.config.max_connections_per_listener
                                   or route.ctx.config.max_connections_per_client):
-            self.limit_key = route.ctx.admit(transport)
+            self.limit_key = route.ctx.admit(transport.get_extra_info("peername"))
             if self.limit_key is None:
                 self.closed = True
                 self.transport.abort()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from mcsproxy.clientcounts import ClientCounts
 from mcsproxy.config import ProxyConfig
@@ -122,13 +122,13 @@ class ListenerContext:
         # Shared by every listener of the manager: one flush per poll for all of them.
         self.writes = writes if writes is not None else WriteBatch()
 
-    def admit(self, transport: object) -> str | None:
-        """Count a new stream connection in; None (and counted, logged at most 1/s) when
-        a limit refuses it. The returned key goes back to `leave`."""
+    def admit(self, peer: Any) -> str | None:
+        """Count a new stream connection from `peer` (its address, as accept gives it) in;
+        None (and counted, logged at most 1/s) when a limit refuses it. The returned key
+        goes back to `leave`."""
         config = self.config
         client = ""
         if config.max_connections_per_client:
-            peer = transport.get_extra_info("peername")  # type: ignore[attr-defined]
             client = peer[0] if peer else ""
             if not self.by_client.take(client, config.max_connections_per_client):
                 self._refuse(f"client {client} has "

@@ -31,7 +31,7 @@ from mcsproxy.model import ImportedService, ServiceKey, ServicePort, Snapshot
 from mcsproxy.observability.accesslog import AccessLog
 from mcsproxy.observability.events import EventRing
 from mcsproxy.proxy.context import ListenerContext, Tracked, new_refusals
-from mcsproxy.proxy.tcp import ClientSide, StreamFactory
+from mcsproxy.proxy.tcp import LISTEN_BACKLOG, StreamListener, TcpConnection
 from mcsproxy.proxy.udp import UdpListener
 from mcsproxy.proxy.workers import steer_by_client_ip
 from mcsproxy.store import SnapshotStore
@@ -41,7 +41,6 @@ from mcsproxy.writebatch import WriteBatch
 
 log = logging.getLogger("mcsproxy.proxy")
 
-LISTEN_BACKLOG = 4096
 IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 # The idle sweep runs this many times per idle timeout; a connection is closed after
 # between 1 and 1 + 1/IDLE_SWEEPS idle timeouts without a byte.
@@ -74,27 +73,26 @@ class UpstreamKey(NamedTuple):
 
 
 class Listener:
-    __slots__ = ("ctx", "factory", "key", "server", "steered", "transport", "upstream_key")
+    __slots__ = ("ctx", "key", "steered", "stream", "transport", "upstream_key")
 
     def __init__(self, key: ListenerKey, upstream_key: UpstreamKey, ctx: ListenerContext) -> None:
         self.key = key
         self.upstream_key = upstream_key
         self.ctx = ctx
-        self.server: asyncio.Server | None = None
-        self.transport: asyncio.DatagramTransport | None = None
-        self.factory: StreamFactory | None = None  # stream listeners
+        self.stream: StreamListener | None = None  # TCP ports
+        self.transport: asyncio.DatagramTransport | None = None  # UDP ports
         self.steered = False  # workers chosen by client address (see workers.py)
 
     def socket(self) -> Any:
-        """The listening socket, as its transport or server lends it."""
-        if self.server is not None:
-            return self.server.sockets[0]
+        """The listening socket."""
+        if self.stream is not None:
+            return self.stream.sock
         assert self.transport is not None
         return self.transport.get_extra_info("socket")
 
     def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
+        if self.stream is not None:
+            self.stream.close()
         if self.transport is not None:
             self.transport.close()
 
@@ -172,14 +170,14 @@ class ProxyManager:
         await self.http.stop()
         for upstream in self.upstreams.values():
             await upstream.stop()
-        servers = [lst.server for lst in self.listeners.values() if lst.server is not None]
+        streams = [lst.stream for lst in self.listeners.values() if lst.stream is not None]
         self.listeners.clear()
         self.upstreams.clear()
         self._upstream_keys.clear()
-        for server in servers:
+        for stream in streams:
             try:
                 async with asyncio.timeout(1.0):
-                    await server.wait_closed()
+                    await stream.wait_closed()
             except TimeoutError:
                 log.warning("listener did not close within 1 s")
 
@@ -190,8 +188,8 @@ class ProxyManager:
         `timeout_s`. Returns how many were still open (stop() aborts them)."""
         self.draining = True
         for listener in self.listeners.values():
-            if listener.server is not None:
-                listener.server.close()
+            if listener.stream is not None:
+                listener.stream.close()
         self.http.drain()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
@@ -205,7 +203,7 @@ class ProxyManager:
         return left
 
     def open_streams(self) -> int:
-        tcp = sum(1 for c in self.conns if isinstance(c, ClientSide))
+        tcp = sum(1 for c in self.conns if isinstance(c, TcpConnection))
         return tcp + len(self.http.clients)
 
     async def wait_applied(self, version: int) -> None:
@@ -279,9 +277,9 @@ class ProxyManager:
                 listener.ctx.upstream = upstream
             self._steer(listener, upstream)
             http = serves_http(port)
-            if listener.factory is not None and listener.factory.http != http:
+            if listener.stream is not None and listener.stream.http != http:
                 log.info("listener %s now proxies %s", lkey, "HTTP" if http else "TCP streams")
-                listener.factory.http = http
+                await listener.stream.set_http(http)
         self._listeners_complete = all(lkey in self.listeners for lkey in wanted)
         self.applied_version = snapshot.version
         self._applied.set()
@@ -342,10 +340,9 @@ class ProxyManager:
                     listener.transport = transport
                 else:
                     sock.listen(LISTEN_BACKLOG)
-                    factory = listener.factory = StreamFactory(
-                        ctx, loop, self.http.protocol_factory(ctx), http)
-                    listener.server = await loop.create_server(
-                        factory, sock=sock, backlog=LISTEN_BACKLOG)
+                    stream = StreamListener(ctx, loop, sock, self.http.protocol_factory(ctx), http)
+                    await stream.start()
+                    listener.stream = stream
             except BaseException:
                 sock.close()
                 raise
@@ -412,7 +409,7 @@ class ProxyManager:
             await asyncio.sleep(period)
             for conn in list(self.conns):
                 conn.idle += 1
-                limit = tcp_ticks if isinstance(conn, ClientSide) else udp_ticks
+                limit = tcp_ticks if isinstance(conn, TcpConnection) else udp_ticks
                 if limit and conn.idle > limit:
                     conn.expire()
 
