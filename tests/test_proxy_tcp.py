@@ -847,3 +847,66 @@ async def test_which_app_protocols_get_the_http_proxy(app_protocol: str | None,
         assert upstream.health_checker is not None and upstream.health_checker.http is http
     finally:
         await proxy.stop()
+
+
+class ShortOfDescriptors(socket.socket):
+    """A listening socket whose accept fails with EMFILE while `short` is set."""
+
+    short = True
+
+    def _accept(self) -> tuple[int, object]:
+        if self.short:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return super()._accept()  # type: ignore[misc]
+
+
+def listener_on(sock: socket.socket, ip: str) -> tcp.StreamListener:
+    """A TCP stream listener on `sock` (bound to `ip`, listening) whose service has no
+    endpoint: what it accepts is closed at once."""
+    from mcsproxy.config import ProxyConfig
+    from mcsproxy.proxy.context import ListenerContext
+    from mcsproxy.upstream import UpstreamSet
+
+    config = ProxyConfig()
+    ctx = ListenerContext("test", UpstreamSet("ns/s:p", "east", config), config, set())
+    sock.bind((ip, 0))
+    sock.listen(64)
+    sock.setblocking(False)
+    return tcp.StreamListener(ctx, asyncio.get_running_loop(), sock,
+                              lambda: asyncio.Protocol(), False)
+
+
+def queued(sock: socket.socket) -> int:
+    """Connections waiting in a listening socket's accept queue."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, tcp.TCP_INFO_HEAD)
+    return tcp.ACCEPT_QUEUE.unpack_from(info, tcp.ACCEPT_QUEUE_OFFSET)[0]
+
+
+async def test_one_readiness_event_accepts_every_waiting_connection() -> None:
+    listener = listener_on(socket.socket(), "127.94.1.1")
+    clients = [socket.create_connection(listener.sock.getsockname()) for _ in range(5)]
+    try:
+        assert queued(listener.sock) == 5
+        listener.accept_ready()
+        assert queued(listener.sock) == 0
+        assert listener.ctx.gave_up == 5  # each was taken, found no endpoint, was closed
+    finally:
+        listener.close()
+        for c in clients:
+            c.close()
+
+
+async def test_a_listener_short_of_descriptors_pauses_and_then_accepts() -> None:
+    listener = listener_on(ShortOfDescriptors(), "127.94.1.2")
+    listener.accept_here()
+    client = socket.create_connection(listener.sock.getsockname())
+    try:
+        await until(lambda: not listener.accepting, "accepting to pause")
+        assert listener.resume_timer is not None and queued(listener.sock) == 1
+        ShortOfDescriptors.short = False
+        await until(lambda: queued(listener.sock) == 0, "the waiting client to be accepted")
+        assert listener.accepting and listener.ctx.gave_up == 1
+    finally:
+        ShortOfDescriptors.short = True
+        listener.close()
+        client.close()

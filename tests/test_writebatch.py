@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 from collections.abc import Iterator
 
@@ -20,7 +21,7 @@ from mcsproxy.config import ProxyConfig
 from mcsproxy.proxy.context import ListenerContext
 from mcsproxy.proxy.tcp import Side, TcpConnection
 from mcsproxy.upstream import UpstreamSet
-from mcsproxy.writebatch import WriteBatch
+from mcsproxy.writebatch import HOLD_BELOW, WriteBatch
 
 
 class Recording:
@@ -212,6 +213,23 @@ async def test_tcp_held_bytes_wait_for_the_batch() -> None:
         assert received(endpoint) == [] and received(client) == []
         batch.flush()
         assert received(endpoint) == [b"one"] and received(client) == [b"two"]
+
+
+async def test_tcp_a_direction_that_carried_bulk_data_is_never_held() -> None:
+    # A busy stream brings many reads under HOLD_BELOW between its bulk ones: copying and
+    # holding each cost 8 iperf3 streams 14 % of their throughput.
+    with connection() as (conn, client, endpoint):
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        bulk = os.urandom(HOLD_BELOW)
+        endpoint.sendall(bulk)
+        conn.upstream_readable()
+        assert b"".join(received(client)) == bulk  # written at once
+        endpoint.send(b"short")
+        conn.upstream_readable()
+        assert received(client) == [b"short"]  # and so is what follows
+        client.send(b"short")
+        conn.client_readable()
+        assert received(endpoint) == []  # the other direction is still held
 
 
 async def test_tcp_idle_expiry_writes_what_is_held_then_closes() -> None:
