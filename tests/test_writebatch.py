@@ -232,6 +232,21 @@ async def test_tcp_a_direction_that_carried_bulk_data_is_never_held() -> None:
         assert received(endpoint) == []  # the other direction is still held
 
 
+async def test_tcp_a_bulk_read_that_fills_the_buffer_is_followed_by_another() -> None:
+    # As libuv reads a stream: fewer trips through the loop's poll per MiB.
+    from mcsproxy.proxy.tcp import READ_BUFFER_BYTES
+
+    with connection() as (conn, client, endpoint):
+        assert conn.up is not None
+        for sock in (client, endpoint, conn.client.sock, conn.up.sock):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        data = os.urandom(3 * READ_BUFFER_BYTES)
+        endpoint.sendall(data)
+        conn.upstream_readable()  # one readiness event
+        assert b"".join(received(client)) == data
+
+
 async def test_tcp_idle_expiry_writes_what_is_held_then_closes() -> None:
     with connection() as (conn, client, endpoint):
         endpoint.send(b"last")
