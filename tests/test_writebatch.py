@@ -176,31 +176,22 @@ async def test_tcp_held_reply_goes_before_the_close_that_both_eofs_make() -> Non
         assert received(client) == [b"reply", b""] and conn.closed
 
 
-async def test_tcp_held_request_goes_before_the_eof_forwarded_upstream() -> None:
+@pytest.mark.parametrize("towards_endpoint", [True, False], ids=["request", "reply"])
+async def test_tcp_held_bytes_go_before_the_eof_passed_on(towards_endpoint: bool) -> None:
     with connection() as (conn, client, endpoint):
-        client.send(b"request")
-        conn.client_readable()
-        client.shutdown(socket.SHUT_WR)
-        conn.client_readable()
-        assert received(endpoint) == [b"request", b""]
-        assert not conn.closed  # the endpoint may still answer
-        endpoint.send(b"answer")
-        conn.upstream_readable()
+        sender, receiver = (client, endpoint) if towards_endpoint else (endpoint, client)
+        read, read_back = ((conn.client_readable, conn.upstream_readable) if towards_endpoint
+                           else (conn.upstream_readable, conn.client_readable))
+        sender.send(b"last")
+        read()
+        sender.shutdown(socket.SHUT_WR)
+        read()
+        assert received(receiver) == [b"last", b""]
+        assert not conn.closed  # the other direction stays open
+        receiver.send(b"answer")
+        read_back()
         conn.flush_deferred()  # as the batch does at the end of the poll
-        assert received(client) == [b"answer"]
-
-
-async def test_tcp_held_reply_goes_before_a_forwarded_eof() -> None:
-    with connection() as (conn, client, endpoint):
-        endpoint.send(b"tail")
-        conn.upstream_readable()
-        endpoint.shutdown(socket.SHUT_WR)
-        conn.upstream_readable()
-        assert received(client) == [b"tail", b""]
-        client.send(b"after your EOF")  # the other direction stays open
-        conn.client_readable()
-        conn.flush_deferred()
-        assert received(endpoint) == [b"after your EOF"]
+        assert received(sender) == [b"answer"]
 
 
 async def test_tcp_held_bytes_wait_for_the_batch() -> None:
