@@ -11,6 +11,7 @@ import struct
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 
 import pytest
 import uvloop
@@ -876,19 +877,13 @@ def listener_on(sock: socket.socket, ip: str) -> tcp.StreamListener:
                               lambda: asyncio.Protocol(), False)
 
 
-def queued(sock: socket.socket) -> int:
-    """Connections waiting in a listening socket's accept queue."""
-    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, tcp.TCP_INFO_HEAD)
-    return tcp.ACCEPT_QUEUE.unpack_from(info, tcp.ACCEPT_QUEUE_OFFSET)[0]
-
-
 async def test_one_readiness_event_accepts_every_waiting_connection() -> None:
     listener = listener_on(socket.socket(), "127.94.1.1")
     clients = [socket.create_connection(listener.sock.getsockname()) for _ in range(5)]
     try:
-        assert queued(listener.sock) == 5
+        assert tcp.accept_queue_length(listener.sock) == 5
         listener.accept_ready()
-        assert queued(listener.sock) == 0
+        assert tcp.accept_queue_length(listener.sock) == 0
         assert listener.ctx.gave_up == 5  # each was taken, found no endpoint, was closed
     finally:
         listener.close()
@@ -902,9 +897,10 @@ async def test_a_listener_short_of_descriptors_pauses_and_then_accepts() -> None
     client = socket.create_connection(listener.sock.getsockname())
     try:
         await until(lambda: not listener.accepting, "accepting to pause")
-        assert listener.resume_timer is not None and queued(listener.sock) == 1
+        waiting = partial(tcp.accept_queue_length, listener.sock)
+        assert listener.resume_timer is not None and waiting() == 1
         ShortOfDescriptors.short = False
-        await until(lambda: queued(listener.sock) == 0, "the waiting client to be accepted")
+        await until(lambda: waiting() == 0, "the waiting client to be accepted")
         assert listener.accepting and listener.ctx.gave_up == 1
     finally:
         ShortOfDescriptors.short = True

@@ -83,6 +83,12 @@ LISTEN_BACKLOG: Final = 4096
 LINGER_RESET: Final = struct.pack("ii", 1, 0)
 
 
+def accept_queue_length(sock: socket.socket) -> int:
+    """Connections waiting in a listening socket's accept queue, from TCP_INFO."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_HEAD)
+    return int(ACCEPT_QUEUE.unpack_from(info, ACCEPT_QUEUE_OFFSET)[0])
+
+
 class ReadBuffer:
     """The one receive buffer every connection of the process reads into.
 
@@ -483,10 +489,7 @@ class TcpConnection:
             return
         up.writing = False
         self.loop.remove_writer(up.fd)
-        self.ctx.connect_deadlines.pending.pop(self, None)
-        if self.connect_timer is not None:
-            self.connect_timer.cancel()
-            self.connect_timer = None
+        self.stop_connect_timeout()
         err = up.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             self.connect_error(OSError(err, os.strerror(err)))
@@ -507,7 +510,6 @@ class TcpConnection:
 
     def connect_error(self, exc: OSError) -> None:
         if exc.errno in OUT_OF_DESCRIPTORS:
-            self.cancel_connect()
             # Our own descriptors ran out: not the endpoint's fault, so no failure is
             # held against it (no ejection); this client is shed.
             self.ctx.shed()
@@ -531,12 +533,15 @@ class TcpConnection:
             return
         self.connect_next()
 
-    def cancel_connect(self) -> None:
-        """Give up the connect in progress, if any: its socket is closed."""
+    def stop_connect_timeout(self) -> None:
         self.ctx.connect_deadlines.pending.pop(self, None)
         if self.connect_timer is not None:
             self.connect_timer.cancel()
             self.connect_timer = None
+
+    def cancel_connect(self) -> None:
+        """Give up the connect in progress, if any: its socket is closed."""
+        self.stop_connect_timeout()
         up = self.up
         if up is not None and not self.connected:
             self.up = None
@@ -714,12 +719,10 @@ class StreamListener:
         loop = self.loop
         family = self.family
         # Accepting until accept() fails costs the failing call and its BlockingIOError
-        # (~5 us in Python) on every readiness event; the listener's queue length, from
-        # TCP_INFO, costs one getsockopt (~0.9 us). Who comes meanwhile is seen next poll.
+        # (~5 us in Python) on every readiness event; the listener's queue length costs
+        # one getsockopt (~0.9 us). Who comes meanwhile is seen next poll.
         try:
-            waiting = ACCEPT_QUEUE.unpack_from(
-                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_HEAD),
-                ACCEPT_QUEUE_OFFSET)[0]
+            waiting = accept_queue_length(sock)
         except OSError:
             waiting = 1
         for _ in range(min(max(waiting, 1), ACCEPT_BATCH)):
