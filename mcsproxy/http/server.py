@@ -273,15 +273,15 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         route = self.route
+        peer = transport.get_extra_info("peername")
         if route is not None and (route.ctx.config.max_connections_per_listener
                                   or route.ctx.config.max_connections_per_client):
-            self.limit_key = route.ctx.admit(transport.get_extra_info("peername"))
+            self.limit_key = route.ctx.admit(peer)
             if self.limit_key is None:
                 self.closed = True
                 self.transport.abort()
                 return
         self.transport.set_write_buffer_limits(CLIENT_WRITE_HIGH_WATER)
-        peer = transport.get_extra_info("peername")
         self.client_ip, self.fwd = self.engine.client_headers(peer[0] if peer else "unknown")
         self.engine.clients.add(self)
 

@@ -593,9 +593,13 @@ class TcpConnection:
         for side in (self.client, up):
             if side is None:
                 continue
+            # Flags cleared with the registrations: a pause or push that runs on after a
+            # failed write (in the same callback) finds nothing left to unregister.
             if side.reading:
+                side.reading = False
                 loop.remove_reader(side.fd)
             if side.writing:
+                side.writing = False
                 loop.remove_writer(side.fd)
             if broken is not None and side is not broken:
                 close_with_reset(side.sock)
