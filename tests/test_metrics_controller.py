@@ -11,6 +11,7 @@ import yaml
 from aiohttp import ClientSession, ClientTimeout
 
 from controlplane.command import ControllerConfig, DirectoryControllerApp
+from tests.kube_auth_support import write_atomically
 from tests.proxy_fixtures import free_port
 from tests.test_metrics_support import parse_metrics, value
 from tests.test_reconcile_support import eslice, export, namespace, service
@@ -20,8 +21,11 @@ HOST = "127.57.59.1"
 
 
 def write(path: Path, *docs: dict) -> None:
+    """Replaced whole, as a ConfigMap volume is: the controller polls every 50 ms and
+    could otherwise read the file truncated mid-write (east with no export, so no
+    PortConflict in that reconcile) and the test would assert on that state."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    write_atomically(path, yaml.safe_dump_all(docs, sort_keys=False))
 
 
 async def test_controller_metrics_status_and_page(tmp_path: Path) -> None:
