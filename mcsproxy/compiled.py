@@ -44,6 +44,7 @@ MODULES = (
     "mcsproxy.observability.stats",
     "mcsproxy.proxy.tcp",
     "mcsproxy.proxy.context",
+    "mcsproxy.proxy.poller",
     "mcsproxy.writebatch",
 )
 INTERPRETED_ENV = "MCSPROXY_INTERPRETED"

@@ -165,7 +165,10 @@ async def test_emfile_pauses_accepting_and_the_gateway_survives(tmp_path) -> Non
             socks.append(s)
         await asyncio.sleep(1.0)  # let the gateway hit the ceiling (nothing to wait on)
         assert gw.proc is not None and gw.proc.returncode is None, gw.log
-        assert "out of file descriptors" in gw.log, gw.log  # the ceiling was hit
+        # The ceiling was hit: at accept, or at the endpoint's socket when one descriptor
+        # was left (which, depends on how many the gateway holds for itself).
+        assert "out of file descriptors" in gw.log or \
+            "cannot accept (Too many open files)" in gw.log, gw.log
         for s in socks:
             s.close()
         socks.clear()

@@ -10,6 +10,7 @@ from typing import Any, Final, Protocol
 from mcsproxy.clientcounts import ClientCounts
 from mcsproxy.config import ProxyConfig
 from mcsproxy.observability.accesslog import AccessLog
+from mcsproxy.proxy.poller import Poller
 from mcsproxy.upstream import UpstreamSet
 from mcsproxy.writebatch import WriteBatch
 
@@ -96,13 +97,13 @@ class ListenerContext:
     rebinds `upstream` here and the listener keeps its socket."""
 
     __slots__ = ("_last_give_up_log", "_last_refusal_log", "access_log", "active", "by_client",
-                 "config", "connect_deadlines", "conns", "gave_up", "name", "refusals", "refused",
-                 "upstream", "writes")
+                 "config", "connect_deadlines", "conns", "gave_up", "name", "poller", "refusals",
+                 "refused", "upstream", "writes")
 
     def __init__(self, name: str, upstream: UpstreamSet, config: ProxyConfig,
                  conns: set[Tracked], access_log: AccessLog | None = None,
                  refusals: dict[str, int] | None = None,
-                 writes: WriteBatch | None = None) -> None:
+                 writes: WriteBatch | None = None, poller: Poller | None = None) -> None:
         self.name = name
         self.upstream = upstream
         self.config = config
@@ -121,6 +122,16 @@ class ListenerContext:
         self.connect_deadlines = ConnectDeadlines(config.connect_timeout_s)
         # Shared by every listener of the manager: one flush per poll for all of them.
         self.writes = writes if writes is not None else WriteBatch()
+        # Shared by every listener of the manager, which closes it.
+        self.poller = poller
+
+    def poller_for(self, loop: asyncio.AbstractEventLoop) -> Poller:
+        """The manager's poller; a context made without one (tests, benchmarks) makes its
+        own on first use, closed with its loop's handles."""
+        poller = self.poller
+        if poller is None or poller.loop is not loop:
+            poller = self.poller = Poller(loop)
+        return poller
 
     def admit(self, peer: Any) -> str | None:
         """Count a new stream connection from `peer` (its address, as accept gives it) in;

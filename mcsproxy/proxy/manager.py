@@ -31,6 +31,7 @@ from mcsproxy.model import ImportedService, ServiceKey, ServicePort, Snapshot
 from mcsproxy.observability.accesslog import AccessLog
 from mcsproxy.observability.events import EventRing
 from mcsproxy.proxy.context import ListenerContext, Tracked, new_refusals
+from mcsproxy.proxy.poller import Poller
 from mcsproxy.proxy.tcp import LISTEN_BACKLOG, StreamListener, TcpConnection
 from mcsproxy.proxy.udp import UdpListener
 from mcsproxy.proxy.workers import steer_by_client_ip
@@ -133,6 +134,7 @@ class ProxyManager:
         self.refusals = new_refusals()  # every listener's, by reason
         self.writes = WriteBatch()  # short writes of every listener, made once per poll
         self.http = HttpEngine(config, self.writes)
+        self.poller: Poller | None = None  # the TCP proxy's sockets; made by start()
         self._pending: set[ServiceKey] | None = None  # None: apply everything
         self._latest: Snapshot = store.current
         self._wake = asyncio.Event()
@@ -153,6 +155,7 @@ class ProxyManager:
 
     # -- component --------------------------------------------------------------------
     async def start(self) -> None:
+        self.poller = Poller(asyncio.get_running_loop())
         self.store.subscribe(self._on_snapshot)
         await self.http.start()
         await self._apply()
@@ -167,6 +170,8 @@ class ProxyManager:
             listener.close()
         for conn in list(self.conns):
             conn.abort()
+        if self.poller is not None:
+            self.poller.close()
         await self.http.stop()
         for upstream in self.upstreams.values():
             await upstream.stop()
@@ -328,7 +333,7 @@ class ProxyManager:
     async def _open(self, lkey: ListenerKey, ukey: UpstreamKey, upstream: UpstreamSet,
                     http: bool = False) -> None:
         ctx = ListenerContext(str(lkey), upstream, self.config, self.conns, self.access_log,
-                              self.refusals, self.writes)
+                              self.refusals, self.writes, self.poller)
         listener = Listener(lkey, ukey, ctx)
         loop = asyncio.get_running_loop()
         try:

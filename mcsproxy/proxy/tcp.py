@@ -2,8 +2,9 @@
 
 A stream listener accepts connections off its socket itself (StreamListener); each
 becomes a TcpConnection holding two Sides, the client's socket and, once a connect
-succeeded, the endpoint's, each registered with the loop for reading (add_reader) and,
-while the kernel takes less than we offer, for writing. Measured against a pair of
+succeeded, the endpoint's, each registered for reading and, while the kernel takes less
+than we offer, for writing, with the manager's Poller: an epoll of our own, nested in the
+loop's (mcsproxy/proxy/poller.py says why). Measured against a pair of
 asyncio Protocols on uvloop transports (the textbook relay, bench/tcp/bare_relay.py),
 the same relay on raw sockets made 1.2-1.35x its short connections per second at about
 0.75x its CPU each, near HAProxy's rate: a uvloop transport costs two getsockname /
@@ -166,7 +167,7 @@ class Side:
         self.fd = sock.fileno()
         self.out: list[Any] = []  # bytes-like pieces not yet written, in order
         self.queued = 0  # their total length
-        self.reading = False  # registered with the loop for reading
+        self.reading = False  # registered with the poller for reading
         self.writing = False  # registered for writability: the kernel took less than offered
         self.got_eof = False  # its peer sent a FIN
         self.eof_due = False  # the other side's FIN, to pass on once `out` is written
@@ -192,6 +193,7 @@ class TcpConnection:
         "limit_key",
         "loop",
         "peer",
+        "poller",
         "received",
         "sent",
         "started",
@@ -205,6 +207,7 @@ class TcpConnection:
                  sock: socket.socket, peer: Any) -> None:
         self.ctx = ctx
         self.loop = loop
+        self.poller = ctx.poller_for(loop)
         self.upstream: UpstreamSet = ctx.upstream
         self.client = Side(sock)
         self.peer = peer  # the client's (address, port) from accept
@@ -248,7 +251,7 @@ class TcpConnection:
         ctx.conns.add(self)
         self.started = time.monotonic()
         self.client.reading = True
-        self.loop.add_reader(self.client.fd, self.client_readable)
+        self.poller.add_reader(self.client.fd, self.client_readable)
         self.connect_next()
 
     # -- readiness callbacks ----------------------------------------------------------
@@ -364,7 +367,7 @@ class TcpConnection:
             self.wait_writable(dst)
         elif dst.writing:
             dst.writing = False
-            self.loop.remove_writer(dst.fd)
+            self.poller.remove_writer(dst.fd)
         if src is not None and not src.reading and dst.queued < WRITE_LOW_WATER:
             self.resume(src)
         if not out and dst.eof_due:
@@ -385,19 +388,19 @@ class TcpConnection:
     def wait_writable(self, dst: Side) -> None:
         if not dst.writing:
             dst.writing = True
-            self.loop.add_writer(dst.fd, self.client_writable if dst is self.client
-                                 else self.upstream_writable)
+            self.poller.add_writer(dst.fd, self.client_writable if dst is self.client
+                                   else self.upstream_writable)
 
     def pause(self, src: Side) -> None:
         if src.reading:
             src.reading = False
-            self.loop.remove_reader(src.fd)
+            self.poller.remove_reader(src.fd)
 
     def resume(self, src: Side) -> None:
         if not (src.reading or src.got_eof or self.closed):
             src.reading = True
-            self.loop.add_reader(src.fd, self.client_readable if src is self.client
-                                 else self.upstream_readable)
+            self.poller.add_reader(src.fd, self.client_readable if src is self.client
+                                   else self.upstream_readable)
 
     def eof_from(self, src: Side, dst: Side | None) -> None:
         src.got_eof = True
@@ -476,7 +479,7 @@ class TcpConnection:
             self.connect_error(OSError(err, os.strerror(err)))
             return
         up.writing = True
-        self.loop.add_writer(up.fd, self.connect_done)
+        self.poller.add_writer(up.fd, self.connect_done)
         deadlines = self.ctx.connect_deadlines
         deadlines.pending[self] = now + deadlines.timeout_s
         if deadlines.timer is None:
@@ -488,7 +491,7 @@ class TcpConnection:
         if up is None or self.connected or self.closed:
             return
         up.writing = False
-        self.loop.remove_writer(up.fd)
+        self.poller.remove_writer(up.fd)
         self.stop_connect_timeout()
         err = up.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
@@ -546,7 +549,7 @@ class TcpConnection:
         if up is not None and not self.connected:
             self.up = None
             if up.writing:
-                self.loop.remove_writer(up.fd)
+                self.poller.remove_writer(up.fd)
             up.sock.close()
 
     def upstream_connected(self) -> None:
@@ -560,7 +563,7 @@ class TcpConnection:
         stats.attempts["ok"] += 1
         stats.connect_time.observe(time.monotonic() - self.t_connect)
         up.reading = True
-        self.loop.add_reader(up.fd, self.upstream_readable)
+        self.poller.add_reader(up.fd, self.upstream_readable)
         client = self.client
         if self.early:
             up.out = self.early
@@ -589,7 +592,7 @@ class TcpConnection:
         if not self.connected:
             self.cancel_connect()
             up = None
-        loop = self.loop
+        poller = self.poller
         for side in (self.client, up):
             if side is None:
                 continue
@@ -597,10 +600,10 @@ class TcpConnection:
             # failed write (in the same callback) finds nothing left to unregister.
             if side.reading:
                 side.reading = False
-                loop.remove_reader(side.fd)
+                poller.remove_reader(side.fd)
             if side.writing:
                 side.writing = False
-                loop.remove_writer(side.fd)
+                poller.remove_writer(side.fd)
             if broken is not None and side is not broken:
                 close_with_reset(side.sock)
             else:
