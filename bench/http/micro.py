@@ -10,6 +10,7 @@ figure covers the proxy alone.
 
     .venv/bin/python bench/http/micro.py --mode callgrind --requests 4000
     .venv/bin/python bench/http/micro.py --mode cprofile --out /tmp/http.prof
+    .venv/bin/python bench/http/micro.py --tcp --conns 8 --requests 3000   # TCP, per connection
 """
 
 from __future__ import annotations
@@ -55,25 +56,41 @@ async def _one_conn(ip: str, port: int, request: bytes, n: int) -> int:
     return done
 
 
-async def load(ip: str, port: int, path: str, conns: int, per_conn: int) -> int:
-    request = f"GET {path} HTTP/1.1\r\nHost: {ip}\r\nUser-Agent: micro\r\n\r\n".encode()
-    counts = await asyncio.gather(*(_one_conn(ip, port, request, per_conn)
-                                    for _ in range(conns)))
+async def _short_conns(ip: str, port: int, request: bytes, n: int) -> int:
+    """`--tcp`: a connection per request, closed by the endpoint (Connection: close)."""
+    for _ in range(n):
+        reader, writer = await asyncio.open_connection(ip, port)
+        try:
+            writer.write(request)
+            answer = await asyncio.wait_for(reader.read(), 30)
+            if not answer.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(f"unexpected answer: {answer[:200]!r}")
+        finally:
+            writer.close()
+    return n
+
+
+async def load(ip: str, port: int, path: str, conns: int, per_conn: int, short: bool) -> int:
+    close = "Connection: close\r\n" if short else ""
+    request = f"GET {path} HTTP/1.1\r\nHost: {ip}\r\nUser-Agent: micro\r\n{close}\r\n".encode()
+    one = _short_conns if short else _one_conn
+    counts = await asyncio.gather(*(one(ip, port, request, per_conn) for _ in range(conns)))
     return sum(counts)
 
 
-def client(ip: str, port: int, path: str, conns: int, total: int) -> int:
+def client(ip: str, port: int, path: str, conns: int, total: int, short: bool = False) -> int:
     """The load, in a child process (so its instructions are not the proxy's)."""
     out = subprocess.run(
         [sys.executable, __file__, "--client", ip, str(port), path, str(conns),
-         str(total // conns)], capture_output=True, text=True, timeout=900, check=True)
+         str(total // conns), "short" if short else "keep-alive"],
+        capture_output=True, text=True, timeout=900, check=True)
     return int(out.stdout.strip())
 
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--client":
-        ip, port, path, conns, per = sys.argv[2:7]
-        print(asyncio.run(load(ip, int(port), path, int(conns), int(per))))
+        ip, port, path, conns, per, kind = sys.argv[2:8]
+        print(asyncio.run(load(ip, int(port), path, int(conns), int(per), kind == "short")))
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mode", choices=("callgrind", "cprofile", "cpu"), default="callgrind")
@@ -81,6 +98,9 @@ def main() -> int:
     ap.add_argument("--conns", type=int, default=50)
     ap.add_argument("--size", choices=tuple(PATHS), default="100B")
     ap.add_argument("--out", default="", help="profile (cprofile) or callgrind output file")
+    ap.add_argument("--tcp", action="store_true",
+                    help="the port as a plain TCP stream, a new connection per request: "
+                         "the TCP proxy's cost per short connection")
     args = ap.parse_args()
     procs = tcp.Procs()
     with tempfile.TemporaryDirectory(prefix="mcsbench-micro-") as d:
@@ -108,8 +128,11 @@ def measure(procs: tcp.Procs, run: Path, args: argparse.Namespace) -> int:
     procs.start(tcp.LOAD_CORE, "nginx", "-c", str(run / "backend.conf"), "-p", str(run))
     src = run / "src"
     src.mkdir()
-    (src / "svc.yaml").write_text(run_mod.SERVICE_YAML.format(
-        name="micro", ip=PROXY_IP, port=BACKEND[1], bip=BACKEND[0], bport=BACKEND[1]))
+    service = run_mod.SERVICE_YAML.format(name="micro", ip=PROXY_IP, port=BACKEND[1],
+                                          bip=BACKEND[0], bport=BACKEND[1])
+    if args.tcp:
+        service = service.replace(", appProtocol: http", "")
+    (src / "svc.yaml").write_text(service)
     out = args.out or str(run / ("callgrind.out" if args.mode == "callgrind" else "prof"))
     wrap: list[str] = []
     if args.mode == "callgrind":
@@ -124,16 +147,18 @@ def measure(procs: tcp.Procs, run: Path, args: argparse.Namespace) -> int:
                      stderr=None, env=gateway_env(args.mode))
     tcp.wait_port(PROXY_IP, BACKEND[1], timeout=120)
     path = PATHS[args.size]
-    client(PROXY_IP, BACKEND[1], path, args.conns, args.conns * 20)  # warm-up
+    client(PROXY_IP, BACKEND[1], path, args.conns, args.conns * 20, args.tcp)  # warm-up
     if args.mode == "callgrind":
         subprocess.run(["callgrind_control", "-z", str(gw.pid)], check=True,
                        capture_output=True)
     cpu0 = tcp.cpu_seconds(gw.pid)
     t0 = time.monotonic()
-    n = client(PROXY_IP, BACKEND[1], path, args.conns, args.requests)
+    n = client(PROXY_IP, BACKEND[1], path, args.conns, args.requests, args.tcp)
     wall = time.monotonic() - t0
     cpu = tcp.cpu_seconds(gw.pid) - cpu0
-    line = f"{args.size}: {n} requests in {wall:.1f} s; proxy CPU {cpu / n * 1e6:.1f} µs/req"
+    unit = "conn" if args.tcp else "req"
+    line = (f"{args.size}{' over TCP' if args.tcp else ''}: {n} {unit}s in {wall:.1f} s; "
+            f"proxy CPU {cpu / n * 1e6:.1f} µs/{unit}")
     if args.mode == "callgrind":
         subprocess.run(["callgrind_control", "-d", str(gw.pid)], check=True,
                        capture_output=True)
@@ -142,7 +167,7 @@ def measure(procs: tcp.Procs, run: Path, args: argparse.Namespace) -> int:
         text = dumps[-1].read_text(errors="replace") if dumps else ""
         m = re.search(r"^(?:summary|totals): (\d+)", text, re.M)
         if m:
-            line += f"; {int(m.group(1)) / n:,.0f} instructions/req (callgrind)"
+            line += f"; {int(m.group(1)) / n:,.0f} instructions/{unit} (callgrind)"
     elif args.mode == "cprofile":
         gw.send_signal(signal.SIGTERM)
         gw.wait(timeout=60)
