@@ -87,6 +87,7 @@ LISTEN_BACKLOG: Final = 4096
 AF_INET: Final = int(socket.AF_INET)
 AF_INET6: Final = int(socket.AF_INET6)
 SOCK_STREAM: Final = int(socket.SOCK_STREAM)
+SOCK_STREAM_NONBLOCK: Final = int(socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
 IPPROTO_TCP: Final = int(socket.IPPROTO_TCP)
 TCP_NODELAY: Final = int(socket.TCP_NODELAY)
 TCP_INFO: Final = int(socket.TCP_INFO)
@@ -473,13 +474,15 @@ class TcpConnection:
         self.attempts = attempts + 1
         address = host.key
         try:
-            sock = _socket.socket(AF_INET6 if ":" in host.address else AF_INET, SOCK_STREAM)
+            # Non-blocking from the start: no ioctl to make it so (CPython then treats
+            # it as setblocking(False) would).
+            sock = _socket.socket(AF_INET6 if ":" in host.address else AF_INET,
+                                  SOCK_STREAM_NONBLOCK)
         except OSError as exc:
             self.connect_error(exc)
             return
         up = self.up = Side(sock)
         try:
-            sock.setblocking(False)
             sock.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
             err = sock.connect_ex(address)
             if err == EINPROGRESS:
