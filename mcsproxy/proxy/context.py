@@ -127,7 +127,7 @@ class ListenerContext:
 
     def poller_for(self, loop: asyncio.AbstractEventLoop) -> Poller:
         """The manager's poller; a context made without one (tests, benchmarks) makes its
-        own on first use, closed with its loop's handles."""
+        own on first use, whose epoll is closed once the loop lets go of its reader."""
         poller = self.poller
         if poller is None or poller.loop is not loop:
             poller = self.poller = Poller(loop)
