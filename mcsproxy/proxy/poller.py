@@ -12,9 +12,11 @@ from the epoll when reading stops. A proxied short connection cost 12 epoll_ctl 
 socket, a MOD when what it waits for changes, a DEL before it is closed.
 
 Level-triggered, like the loop: a socket whose callback left data unread is reported
-again next poll. A descriptor dropped while a batch of events is dispatched is skipped
-for the rest of that batch: its number may already belong to a new socket (a retried
-connect), which must not be told it is ready when it is not.
+again next poll. Every socket is removed (its reader and writer) before it is closed:
+`masks` is what the kernel holds, and a closed socket leaves the epoll on its own. A
+descriptor dropped while a batch of events is dispatched is skipped for the rest of that
+batch: its number may already belong to a new socket (a retried connect), which must not
+be told it is ready when it is not.
 """
 
 from __future__ import annotations
@@ -87,16 +89,10 @@ class Poller:
             if self.dispatching:
                 self.stale.add(fd)
         elif not old:
-            try:
-                self.epoll.register(fd, mask)
-            except FileExistsError:  # only if a socket was closed still registered
-                self.epoll.modify(fd, mask)
+            self.epoll.register(fd, mask)
             masks[fd] = mask
         else:
-            try:
-                self.epoll.modify(fd, mask)
-            except FileNotFoundError:  # the same, the other way round
-                self.epoll.register(fd, mask)
+            self.epoll.modify(fd, mask)
             masks[fd] = mask
 
     def ready(self) -> None:
