@@ -7,18 +7,21 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 
 import pytest
 
+from mcsproxy.proxy.udp import PENDING_DATAGRAMS_MAX, UdpListener
 from tests.dns_support import make_query, udp_client
 from tests.proxy_fixtures import Backend, ask, free_port
 from tests.test_metrics_support import parse_metrics, service_yaml, start_gateway, value
 
 HOST = "127.57.9.1"
 ALLOWED_LABELS = {"service", "port", "cluster", "outcome", "qtype", "rcode", "transport",
-                  "path", "direction", "state", "priority", "source", "worker", "le"}
+                  "path", "direction", "state", "priority", "source", "worker", "le",
+                  "reason"}
 
 
 def dead(cluster: str, host: str) -> Backend:
@@ -225,3 +228,35 @@ async def test_dns_is_answered_while_a_large_exposition_is_rendered(tmp_path: Pa
         assert longest < took / 2, (longest, took)
     finally:
         await gw.stop()
+
+
+@dataclass
+class UdpSink:
+    """A UDP endpoint for service_yaml (it reads host, port and cluster)."""
+
+    host: str
+    port: int
+    cluster: str
+
+
+async def test_dropped_udp_datagrams_are_exported_by_reason(tmp_path: Path) -> None:
+    loop = asyncio.get_running_loop()
+    sink = UdpSink("127.57.9.3", free_port("127.57.9.3", socket.SOCK_DGRAM), "east")
+    transport, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol,
+                                                       local_addr=(sink.host, sink.port))
+    gw = await start_gateway(tmp_path, HOST, files={"dns": service_yaml(
+        "dns", "127.240.57.11", [sink], port_name="dns", protocol="UDP", port=53)})  # type: ignore[list-item]
+    try:
+        proxy = gw.gateway.proxy
+        assert proxy is not None
+        listener: UdpListener = next(iter(proxy.listeners.values())).transport.get_protocol()  # type: ignore[union-attr,assignment]
+        # In one loop pass: past what a flow holds while its socket opens.
+        for i in range(PENDING_DATAGRAMS_MAX + 6):
+            listener.datagram_received(b"%d" % i, ("127.57.9.4", 4000))
+        m = await gw.metrics()
+        assert value(m, "mcsproxy_proxy_udp_dropped_total", reason="opening") == 6
+        assert value(m, "mcsproxy_proxy_udp_dropped_total", reason="endpoint_buffer_full") == 0
+        assert value(m, "mcsproxy_proxy_udp_dropped_total", reason="client_buffer_full") == 0
+    finally:
+        await gw.stop()
+        transport.close()

@@ -12,8 +12,8 @@ import uvloop
 
 from mcsproxy.config import OutlierConfig
 from mcsproxy.model import Endpoint, ServicePort
-from mcsproxy.proxy.udp import UdpFlow, UdpListener
-from tests.proxy_fixtures import Clusterset, endpoint, free_port
+from mcsproxy.proxy.udp import PENDING_DATAGRAMS_MAX, UdpFlow, UdpListener
+from tests.proxy_fixtures import Clusterset, endpoint, free_port, until
 
 DNS = ServicePort("dns", "UDP", 53)
 
@@ -424,3 +424,40 @@ async def test_client_ip_affinity_holds_across_workers() -> None:
         b.close()
         for w in workers:
             await w.stop()
+
+
+class CountingSink(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.received = 0
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        self.received += 1
+
+
+async def test_datagrams_past_what_an_opening_flow_holds_are_dropped_and_counted(
+        caplog: pytest.LogCaptureFixture) -> None:
+    loop = asyncio.get_running_loop()
+    port = free_port("127.42.6.1", socket.SOCK_DGRAM)
+    sink = CountingSink()
+    backend, _ = await loop.create_datagram_endpoint(lambda: sink,
+                                                     local_addr=("127.42.6.1", port))
+    ip = "127.240.42.6"
+    cs = dns_clusterset(ip, dns_endpoint("127.42.6.1", "east", port))
+    proxy = await cs.proxy()
+    listener: UdpListener = next(iter(proxy.listeners.values())).transport.get_protocol()  # type: ignore[attr-defined]
+    try:
+        # In one loop pass, so all of them arrive before the flow's socket is open: as a
+        # burst read in one go would.
+        for i in range(PENDING_DATAGRAMS_MAX + 36):
+            listener.datagram_received(b"%d" % i, ("127.42.6.9", 4000))
+        assert proxy.udp_drops.counts["opening"] == 36
+        await until(lambda: sink.received == PENDING_DATAGRAMS_MAX, "the held datagrams sent")
+        assert "UDP datagram dropped (over 64 datagrams held while a flow's socket opens)" \
+            in caplog.text
+        listener.datagram_received(b"more", ("127.42.6.9", 4000))  # the flow is open now
+        await until(lambda: sink.received == PENDING_DATAGRAMS_MAX + 1, "a later datagram")
+        assert proxy.udp_drops.counts == {"opening": 36, "endpoint_buffer_full": 0,
+                                          "client_buffer_full": 0}
+    finally:
+        await proxy.stop()
+        backend.close()

@@ -28,6 +28,7 @@ from mcsproxy.observability.stats import (
     UpstreamStats,
 )
 from mcsproxy.observability.workers import RETIRED_KEEP_S, WorkerReporter, WorkerReports
+from mcsproxy.proxy.udp import DROP_REASONS as UDP_DROP_REASONS
 from mcsproxy.tasks import cancel_and_wait, spawn
 
 if TYPE_CHECKING:
@@ -385,6 +386,12 @@ class Observer:
                             "(--udp-max-flows), out_of_descriptors", ["outcome"])
         for outcome, n in proxy.refusals.items():
             refused.add([outcome], n)
+        udp_dropped = f.counter("mcsproxy_proxy_udp_dropped",
+                                "UDP datagrams dropped by the proxy, by reason: " + "; ".join(
+                                    f"{r}: {why}" for r, why in UDP_DROP_REASONS.items()),
+                                ["reason"])
+        for reason, n in proxy.udp_drops.counts.items():
+            udp_dropped.add([reason], n)
         # Its own family, not proxy_refused_total: that one counts connections turned away
         # at accept by outcome; these are requests (a front door connection can have many)
         # answered with a status, and a sum over both would mean nothing.

@@ -33,7 +33,7 @@ from mcsproxy.observability.events import EventRing
 from mcsproxy.proxy.context import ListenerContext, Tracked, new_refusals
 from mcsproxy.proxy.poller import Poller
 from mcsproxy.proxy.tcp import LISTEN_BACKLOG, StreamListener, TcpConnection
-from mcsproxy.proxy.udp import UdpListener
+from mcsproxy.proxy.udp import UdpDrops, UdpListener
 from mcsproxy.proxy.workers import steer_by_client_ip
 from mcsproxy.store import SnapshotStore
 from mcsproxy.tasks import cancel_and_wait, spawn
@@ -132,6 +132,7 @@ class ProxyManager:
         self._upstream_keys: dict[ServiceKey, set[UpstreamKey]] = {}
         self.conns: set[Tracked] = set()
         self.refusals = new_refusals()  # every listener's, by reason
+        self.udp_drops = UdpDrops()  # every UDP listener's dropped datagrams, by reason
         self.writes = WriteBatch()  # short writes of every listener, made once per poll
         self.http = HttpEngine(config, self.writes)
         self.poller: Poller | None = None  # the TCP proxy's sockets; made by start()
@@ -341,7 +342,7 @@ class ProxyManager:
             try:
                 if lkey.protocol == "UDP":
                     transport, _ = await loop.create_datagram_endpoint(
-                        partial(UdpListener, ctx), sock=sock)
+                        partial(UdpListener, ctx, self.udp_drops), sock=sock)
                     listener.transport = transport
                 else:
                     sock.listen(LISTEN_BACKLOG)

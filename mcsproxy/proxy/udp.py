@@ -8,6 +8,14 @@ its endpoint leaves the snapshot or when its listener closes. Port unreachable b
 reply moves the flow: the datagrams it sent go again to another endpoint (bounded by
 connect_attempts, as a TCP connect's retries); after a reply the next datagram opens a
 fresh flow, likely elsewhere.
+
+Datagrams go out with a system call of our own, not the transport's sendto: when the
+kernel's send buffer is full (EAGAIN: a slow or congested link on the way) uvloop queues
+every later datagram behind the refused one without a limit, and aborting a transport
+with such a queue logs an error per datagram. Here the kernel's buffer is the only
+queue: a datagram it refuses is dropped, as a full queue in the kernel or a router drops
+one. So is one past what a flow holds while its socket opens. Each drop is counted by
+reason and logged at most once a second.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import socket
 import time
 from typing import Any
@@ -31,35 +40,54 @@ PENDING_DATAGRAMS_MAX = 64
 # sends more before any reply (a one-way stream) keeps nothing and is not moved.
 REPLAY_DATAGRAMS_MAX = 8
 REPLAY_BYTES_MAX = 8 * 1024
+DROP_LOG_INTERVAL_S = 1.0
+# mcsproxy_proxy_udp_dropped_total{reason}, and what the log line says of each.
+DROP_REASONS = {
+    "opening": f"over {PENDING_DATAGRAMS_MAX} datagrams held while a flow's socket opens",
+    "endpoint_buffer_full": "the send buffer towards the endpoint is full",
+    "client_buffer_full": "the send buffer towards the client is full",
+}
 
 Address = tuple[Any, ...]
 
 
-def send_empty(transport: asyncio.DatagramTransport, addr: Address | None = None) -> None:
-    """A zero-length datagram, which asyncio's and uvloop's `sendto` drop without a word
-    though it is valid UDP (keepalives, NAT and liveness probes): sent on the transport's
-    own socket. Raises the OSError the send met."""
-    sock = socket.socket(fileno=transport.get_extra_info("socket").fileno())
-    try:
-        if addr is None:
-            sock.send(b"")
-        else:
-            sock.sendto(b"", addr)
-    finally:
-        sock.detach()  # the transport owns the descriptor
+class UdpDrops:
+    """Datagrams the UDP proxy dropped, by reason. One per manager, shared by its
+    listeners: they come and go with snapshots, and the counters exported must never go
+    backwards. Logged at most once a second per reason (each points at another fault)."""
+
+    def __init__(self) -> None:
+        self.counts = dict.fromkeys(DROP_REASONS, 0)
+        self._last_log = dict.fromkeys(DROP_REASONS, 0.0)
+
+    def drop(self, listener: str, reason: str) -> None:
+        self.counts[reason] += 1
+        now = time.monotonic()
+        if now - self._last_log[reason] >= DROP_LOG_INTERVAL_S:
+            self._last_log[reason] = now
+            log.warning("listener %s: UDP datagram dropped (%s); %d so far",
+                        listener, DROP_REASONS[reason], self.counts[reason])
 
 
 class UdpListener(asyncio.DatagramProtocol):
     """The ClusterSetIP:port socket: demultiplexes datagrams to flows by client address."""
 
-    def __init__(self, ctx: ListenerContext) -> None:
+    def __init__(self, ctx: ListenerContext, drops: UdpDrops | None = None) -> None:
         self.ctx = ctx
+        self.drops = drops if drops is not None else UdpDrops()
         self.transport: asyncio.DatagramTransport | None = None
+        # Replies are sent on a duplicate of the listening socket (see the module's
+        # docstring); a duplicate, so that it owns its descriptor whatever the loop does
+        # with the transport's.
+        self.sock: socket.socket | None = None
         self.flows: dict[Address, UdpFlow] = {}
         self.dropped = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        sock = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
+        sock.setblocking(False)  # a full send buffer raises rather than waits
+        self.sock = sock
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
         flow = self.flows.get(addr)
@@ -95,23 +123,26 @@ class UdpListener(asyncio.DatagramProtocol):
         for flow in list(self.flows.values()):
             flow.abort()
         self.flows.clear()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
     def reply(self, data: bytes, addr: Address) -> None:
-        if self.transport is None:
-            return
-        if data:
-            self.transport.sendto(data, addr)
+        sock = self.sock
+        if sock is None:
             return
         try:
-            send_empty(self.transport, addr)
+            sock.sendto(data, addr)  # zero-length too (the transport's sendto drops those)
+        except BlockingIOError:
+            self.drops.drop(self.ctx.name, "client_buffer_full")
         except OSError as exc:
-            self.error_received(exc)  # as the transport reports a failed sendto
+            self.error_received(exc)
 
 
 class UdpFlow(asyncio.DatagramProtocol):
     """One client address's datagrams to one endpoint and the replies back."""
 
-    __slots__ = ("client_addr", "closed", "host", "idle", "listener", "pending", "received",
+    __slots__ = ("client_addr", "closed", "fd", "host", "idle", "listener", "pending", "received",
                  "replay", "replay_bytes", "sent", "started", "task", "transport", "tried",
                  "upstream")
 
@@ -125,6 +156,7 @@ class UdpFlow(asyncio.DatagramProtocol):
         self.replay_bytes = 0
         self.upstream: UpstreamSet = listener.ctx.upstream
         self.transport: asyncio.DatagramTransport | None = None
+        self.fd = -1  # the transport's socket, which datagrams are written to (module doc)
         self.host: Host | None = None
         self.pending: list[bytes] | None = []
         self.task: asyncio.Task[Any] | None = None
@@ -177,6 +209,7 @@ class UdpFlow(asyncio.DatagramProtocol):
             transport.abort()
             return
         assert self.host is not None
+        self.fd = transport.get_extra_info("socket").fileno()
         # A UDP socket connects without a packet: opening says nothing of the endpoint's
         # health, its first reply does (`answered`). Resetting the failure count here
         # would let a port-unreachable endpoint take every other new flow forever.
@@ -194,6 +227,7 @@ class UdpFlow(asyncio.DatagramProtocol):
         elif self.pending is not None and len(self.pending) < PENDING_DATAGRAMS_MAX:
             self.pending.append(data)
         else:
+            self.listener.drops.drop(self.listener.ctx.name, "opening")
             return
         replay = self.replay
         if replay is not None:
@@ -204,15 +238,18 @@ class UdpFlow(asyncio.DatagramProtocol):
                 self.replay = None
 
     def _sendto(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.sent += len(data)
-        if data:
-            self.transport.sendto(data)
-            return
+        if self.closed:
+            return  # its descriptor may be closed, and its number someone else's
         try:
-            send_empty(self.transport)
+            # The socket is connected: write() sends one datagram, zero-length too.
+            os.write(self.fd, data)
+        except BlockingIOError:
+            self.listener.drops.drop(self.listener.ctx.name, "endpoint_buffer_full")
+            return
         except OSError as exc:
             self.error_received(exc)  # port unreachable shows here as on any send
+            return
+        self.sent += len(data)
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
         self.idle = 0
@@ -234,6 +271,7 @@ class UdpFlow(asyncio.DatagramProtocol):
                 self.listener.move(self, replay)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True  # its descriptor is closed: nothing more is written to it
         host = self.host
         if host is not None:
             host.stats.bytes_to_upstream += self.sent
