@@ -12,11 +12,16 @@ frozen objects that are dropped; only cyclic garbage that happened to be uncolle
 a freeze waits. The first pause of a new burst of bulk work (none for a second before,
 or a minute since the last clean-up) hands the frozen objects back and collects once:
 one full pass per resync, none for the parts of one snapshot, none on a first sync.
+
+Work in a thread that makes garbage without cycles (a /metrics render) gets
+`collector_off`: there the collector, run by the thread's allocations, would hold the
+interpreter, and with it the event loop, for whole passes over a large heap.
 """
 
 from __future__ import annotations
 
 import gc
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -53,3 +58,34 @@ def collector_paused(bulk: bool = True) -> Iterator[None]:
         _Bursts.frozen = True
         gc.enable()
         _Bursts.last_end = time.monotonic()
+
+
+class _Off:
+    lock = threading.Lock()
+    holders = 0  # collector_off blocks running now
+    disabled = False  # by the first of them, so the last turns the collector back on
+
+
+@contextmanager
+def collector_off() -> Iterator[None]:
+    """Automatic collection off while the block runs, in any thread, nothing frozen: for
+    work whose objects are freed by reference counting (no cycles) and that allocates
+    enough to set off full collections. Measured on a gateway of 10,000 services (1.0M
+    series), a /metrics render set off two collections of 0.6-0.7 s per scrape, each
+    holding the interpreter, so the loop's proxy and DNS waited that long. Meanwhile no
+    other thread's garbage cycles are collected either; they are at the next collection
+    after the block. Concurrent blocks share one pause; a collector already disabled by
+    someone else is left as found."""
+    with _Off.lock:
+        if _Off.holders == 0 and gc.isenabled():
+            gc.disable()
+            _Off.disabled = True
+        _Off.holders += 1
+    try:
+        yield
+    finally:
+        with _Off.lock:
+            _Off.holders -= 1
+            if _Off.holders == 0 and _Off.disabled:
+                _Off.disabled = False
+                gc.enable()
