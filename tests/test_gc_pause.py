@@ -99,7 +99,7 @@ def test_a_metrics_render_sets_off_no_collection() -> None:
     for i in range(20_000):
         fam.add([f"ns/svc{i}", "east"], i)
     in_render: list[int] = []
-    rendered: list[bytes] = []
+    rendered: list[list[bytes]] = []
 
     def record(phase: str, info: dict[str, int]) -> None:
         if phase == "start" and threading.current_thread().name == "render":
@@ -114,7 +114,7 @@ def test_a_metrics_render_sets_off_no_collection() -> None:
         render.join(30)
     finally:
         gc.callbacks.remove(record)
-    assert rendered[0].count(b"\nmcsproxy_test_series{") == 20_000
+    assert b"".join(rendered[0]).count(b"\nmcsproxy_test_series{") == 20_000
     # Without the pause: 86 collections in the render. With it at most one, set off by
     # the first allocation after it ends (the allocation count kept rising meanwhile).
     assert len(in_render) <= 1, in_render

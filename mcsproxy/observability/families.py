@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 from prometheus_client.core import (
@@ -54,6 +55,21 @@ class Family:
             if all(labels.get(k) == v for k, v in match.items()):
                 out += sum(value[0]) if self.kind == "histogram" else value
         return out
+
+    def collect(self) -> Iterator[Metric]:
+        """prometheus-client's Collector interface: generate_latest(family) renders it."""
+        yield self.to_prometheus()
+
+    def pieces(self, size: int) -> Iterator[Family]:
+        """This family as families of at most `size` series each, in its own order (each
+        sorted within: see to_prometheus), for a render in parts (admin._render)."""
+        if len(self.values) <= size:
+            yield self
+            return
+        items = iter(self.values.items())
+        while chunk := dict(islice(items, size)):
+            yield Family(self.name, self.kind, self.help, self.labels, self.summed,
+                         self.bounds, chunk)
 
     def to_prometheus(self) -> Metric:
         if self.kind == "counter":
