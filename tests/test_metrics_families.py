@@ -4,7 +4,7 @@ process's, and a restarted worker's old counts are kept so totals never go backw
 from __future__ import annotations
 
 import bisect
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
 from prometheus_client import generate_latest
@@ -50,9 +50,21 @@ def test_histograms_bucket_as_bisect_does(bounds: tuple[float, ...]) -> None:
     assert buckets.sum == sum(values) and buckets.count == len(values)
 
 
+class FakeWorker:
+    """What a worker's Observer gives its WorkerReporter: a fresh copy of `families` on
+    every report (the reporter empties what it sends)."""
+
+    def __init__(self, families: Families) -> None:
+        self.families = families
+
+    async def collect(self) -> tuple[Families, Iterator[tuple[str, dict[str, int]]]]:
+        return Families.from_json(self.families.to_json()), iter(())
+
+
 async def test_worker_reports_merge_and_survive_a_restart() -> None:
-    report: dict[str, Any] = {"pid": 1001, "families": families(5, 2, 1).to_json()}
-    reporter = WorkerReporter(1, lambda: dict(report, index=1), main_pid=FAKE_MAIN_PID)
+    worker = FakeWorker(families(5, 2, 1))
+    reporter = WorkerReporter(1, worker.collect, main_pid=FAKE_MAIN_PID)
+    reporter.pid = 1001
     reports = WorkerReports(2, main_pid=FAKE_MAIN_PID)
     await reporter.start()
     try:
@@ -68,7 +80,8 @@ async def test_worker_reports_merge_and_survive_a_restart() -> None:
         assert 'mcsproxy_upstream_connect_duration_seconds_bucket{le="0.1"} 2.0' in text
 
         # The worker restarts (new pid, counting from zero): its old 5 are kept.
-        report.update(pid=1002, families=families(1, 0, 1).to_json())
+        reporter.pid = 1002
+        worker.families = families(1, 0, 1)
         main = families(3, 1, 1)
         await reports.merge_into(main)
         assert main["mcsproxy_proxy_connections"].total() == 3 + 5 + 1

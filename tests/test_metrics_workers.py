@@ -15,17 +15,18 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 from aiohttp import ClientSession, ClientTimeout
 
 from mcsproxy.http.wire import REFUSAL_REASONS
+from mcsproxy.observability import workers
 from mcsproxy.observability.families import Families
 from mcsproxy.observability.workers import WorkerReporter, WorkerReports, fetch_report
 from tests.http_support import HttpBackend, RawClient
@@ -74,9 +75,8 @@ async def until_both_serve(main_pid: int, scrape: Callable[[], Awaitable[Samples
     async def worker_listening() -> bool:
         # Its own report: the exposition keeps the main process's listener gauge.
         report = await fetch_report(main_pid, 1)
-        return report is not None and sum(
-            v for fam in report["families"] if fam["name"] == "mcsproxy_proxy_listeners"
-            for _key, v in fam["values"]) == listeners
+        return report is not None and \
+            report.families["mcsproxy_proxy_listeners"].total() == listeners
 
     deadline = time.monotonic() + 30
     while True:  # until both processes serve the listeners and the worker reports
@@ -153,9 +153,8 @@ async def test_two_workers_sum_the_http_request_duration(tmp_path: Path) -> None
                      le="0.25") == CONNECTIONS
         assert value(m, "mcsproxy_http_request_duration_seconds_sum", **web) >= 10 * 0.15
         # The worker's own part: some, not all (the main process served the rest).
-        mine = [counts for fam in report["families"]
-                if fam["name"] == "mcsproxy_http_request_duration_seconds"
-                for _key, (counts, _sum) in fam["values"]]
+        mine = [counts for counts, _sum in
+                report.families["mcsproxy_http_request_duration_seconds"].values.values()]
         assert len(mine) == 1 and 0 < sum(mine[0]) < CONNECTIONS, mine
     finally:
         await backend.stop()
@@ -246,8 +245,7 @@ async def test_two_workers_count_every_refused_request(tmp_path: Path) -> None:
         assert value(m, "mcsproxy_http_requests_total", outcome="2xx") == 128
         # Both processes refused some: the exposition is their sum.
         assert report is not None
-        [mine] = [fam for fam in report["families"] if fam["name"] == "mcsproxy_http_refused"]
-        assert 0 < sum(v for _key, v in mine["values"]) < sum(want.values())
+        assert 0 < report.families["mcsproxy_http_refused"].total() < sum(want.values())
     finally:
         await backend.stop()
 
@@ -271,7 +269,7 @@ async def test_a_restarted_workers_counters_go_with_their_service(tmp_path: Path
             assert value(m, "mcsproxy_proxy_connections_total", outcome="ok") == 2
             before = await fetch_report(proc.pid, 1)
             assert before is not None
-            os.kill(before["pid"], signal.SIGKILL)
+            os.kill(before.pid, signal.SIGKILL)
             await until_both_serve(proc.pid, scrape, 2)  # its last report is now retired
             (tmp_path / "gone.yaml").unlink()
             deadline = time.monotonic() + 15
@@ -293,6 +291,19 @@ async def test_a_restarted_workers_counters_go_with_their_service(tmp_path: Path
         await backend.stop()
 
 
+class FakeWorker:
+    """What a worker's Observer gives its WorkerReporter: a fresh copy of `families` on
+    every report (the reporter empties what it sends), and its active connections."""
+
+    def __init__(self, families: Families,
+                 active: dict[str, dict[str, int]] | None = None) -> None:
+        self.families = families
+        self.active = active or {}
+
+    async def collect(self) -> tuple[Families, Iterator[tuple[str, dict[str, int]]]]:
+        return Families.from_json(self.families.to_json()), iter(self.active.items())
+
+
 async def test_a_report_larger_than_one_read_arrives_whole() -> None:
     """A worker's report of a few hundred services is a megabyte of JSON, more than one read
     of the socket returns: it must be read to its end, not taken as "did not report" (then
@@ -301,10 +312,10 @@ async def test_a_report_larger_than_one_read_arrives_whole() -> None:
     many = big.counter("mcsproxy_proxy_connections", "c", ["service"])
     for i in range(20_000):  # about 1 MB of JSON
         many.add([f"ns/service-{i:05}"], 1)
-    report = {"pid": 1001, "index": 1, "families": big.to_json()}
-    assert len(json.dumps(report)) > 512 * 1024  # more than the socket buffers hold
+    active = {f"ns/service-{i:05}:web/TCP": {"127.0.0.1:80": i % 3} for i in range(2_500)}
+    assert len(json.dumps(big.to_json())) > 512 * 1024  # more than the socket buffers hold
     main_pid = os.getpid()  # our own pid: an abstract socket name no gateway has
-    reporter = WorkerReporter(1, lambda: report, main_pid=main_pid)
+    reporter = WorkerReporter(1, FakeWorker(big, active).collect, main_pid=main_pid)
     reports = WorkerReports(2, main_pid=main_pid)
     await reporter.start()
     try:
@@ -313,8 +324,96 @@ async def test_a_report_larger_than_one_read_arrives_whole() -> None:
             await reports.merge_into(merged)
             assert reports.reporting == 1
             assert merged["mcsproxy_proxy_connections"].total() == 20_000
+            assert reports.active == active  # in three {"active"} lines
     finally:
         await reporter.stop()
+
+
+async def test_a_worker_report_is_made_and_read_in_parts_with_turns_of_the_loop() -> None:
+    """Made and read whole, the report of 10,000 services (360,000 series) stopped the
+    loops for 1.7-2.6 s, longer than the 1 s the main process waited for it: the worker's
+    counters were missing from every scrape. Now lines of at most REPORT_PART_SERIES
+    series, and the loop given a turn after each line made, read and merged."""
+    part = workers.REPORT_PART_SERIES
+    big = Families()
+    many = big.counter("mcsproxy_proxy_connections", "c", ["service"])
+    for i in range(4 * part):
+        many.add([f"ns/service-{i:05}"], 1)
+    lines = list(workers.report_lines(Families.from_json(big.to_json()), iter(())))
+    assert [len(json.loads(line).get("family", {}).get("values", [])) for line in lines] == \
+        [part, part, part, part, 0]  # and {"end": true}
+    turns = 0
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    counter = asyncio.ensure_future(count_turns())
+    await asyncio.sleep(0)
+    try:
+        into = Families()
+        before = turns
+        await workers.merge_gradually(into, big)  # no I/O: turns only where it gives them
+        assert turns - before >= 4
+    finally:
+        counter.cancel()
+    assert into["mcsproxy_proxy_connections"].total() == 4 * part
+    assert not big["mcsproxy_proxy_connections"].values  # emptied as it went
+    main_pid = os.getpid()
+    reporter = WorkerReporter(1, FakeWorker(into).collect, main_pid=main_pid)
+    reports = WorkerReports(2, main_pid=main_pid)
+    await reporter.start()
+    try:
+        merged = Families()
+        await reports.merge_into(merged)
+    finally:
+        await reporter.stop()
+    assert reports.reporting == 1
+    assert merged["mcsproxy_proxy_connections"].total() == 4 * part
+
+
+async def test_a_report_cut_short_is_no_report() -> None:
+    """A worker that dies mid-report: what arrived must not count (its totals would dip),
+    its last whole report stands in."""
+    main_pid = os.getpid()
+    fams = families_with_connections(7)
+    reporter = WorkerReporter(1, FakeWorker(fams).collect, main_pid=main_pid)
+    reports = WorkerReports(2, main_pid=main_pid)
+    await reporter.start()
+    try:
+        merged = families_with_connections(0)
+        await reports.merge_into(merged)
+        assert reports.reporting == 1 and merged["mcsproxy_proxy_connections"].total() == 7
+    finally:
+        await reporter.stop()
+
+    async def cut_short(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        lines = list(workers.report_lines(families_with_connections(9), iter(())))
+        writer.write(workers._line({"pid": reporter.pid, "index": 1}))
+        writer.write(b"".join(lines[:-1]))  # everything but {"end": true}
+        await writer.drain()
+        writer.close()
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(workers.socket_name(main_pid, 1))
+    server = await asyncio.start_unix_server(cut_short, sock=sock)
+    try:
+        assert await fetch_report(main_pid, 1) is None
+        merged = families_with_connections(0)
+        await reports.merge_into(merged)
+        assert reports.reporting == 0
+        assert merged["mcsproxy_proxy_connections"].total() == 7  # the last whole one
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def families_with_connections(n: float) -> Families:
+    f = Families()
+    f.counter("mcsproxy_proxy_connections", "c", ["service"]).add(["ns/web"], n)
+    return f
 
 
 async def test_retired_counters_stay_bounded_under_churn() -> None:
@@ -322,14 +421,15 @@ async def test_retired_counters_stay_bounded_under_churn() -> None:
     The retired counters of a withdrawn port come back with it within RETIRED_KEEP_S (no
     counter reset) and are forgotten after it, so they do not pile up."""
     now = [0.0]
-    report: dict[str, Any] = {}
+    worker = FakeWorker(Families())
 
-    def worker(pid: int, services: list[str]) -> None:
+    def restart(pid: int, services: list[str]) -> None:
         fam = Families()
         conns = fam.counter("mcsproxy_proxy_connections", "c", ["service", "port", "outcome"])
         for name in services:
             conns.add([name, "web", "ok"], 1)
-        report.update(pid=pid, index=1, families=fam.to_json())
+        reporter.pid = pid
+        worker.families = fam
 
     def main(services: list[str]) -> Families:
         fam = Families()  # the main process's own: every port it serves, zeros included
@@ -339,12 +439,12 @@ async def test_retired_counters_stay_bounded_under_churn() -> None:
         return fam
 
     main_pid = os.getpid()
-    reporter = WorkerReporter(1, lambda: report, main_pid=main_pid)
+    reporter = WorkerReporter(1, worker.collect, main_pid=main_pid)
     reports = WorkerReports(2, main_pid=main_pid, clock=lambda: now[0])
     await reporter.start()
     try:
         for r in range(100):
-            worker(1000 + r, ["ns/base", f"ns/churn-{r}"])
+            restart(1000 + r, ["ns/base", f"ns/churn-{r}"])
             merged = main(["ns/base", f"ns/churn-{r}"])
             await reports.merge_into(merged)  # the previous pid's report is retired
             served = {key[0] for key in merged["mcsproxy_proxy_connections"].values}

@@ -60,6 +60,11 @@ class Family:
         """prometheus-client's Collector interface: generate_latest(family) renders it."""
         yield self.to_prometheus()
 
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "help": self.help,
+                "labels": list(self.labels), "summed": self.summed, "bounds": list(self.bounds),
+                "values": [[list(k), v] for k, v in self.values.items()]}
+
     def pieces(self, size: int) -> Iterator[Family]:
         """This family as families of at most `size` series each, in its own order (each
         sorted within: see to_prometheus), for a render in parts (admin._render)."""
@@ -128,35 +133,41 @@ class Families:
         """Add another process's families: counters and histograms sum, summed gauges sum,
         other gauges are kept from this process (a worker's view is not the operator's)."""
         for fam in other:
-            if fam.kind == "gauge" and (counters_only or not fam.summed):
-                continue
-            mine = self.family(fam.name, fam.kind, fam.help, fam.labels, summed=fam.summed,
-                               bounds=fam.bounds)
-            for key, value in fam.values.items():
-                if fam.kind == "histogram":
-                    old = mine.values.get(key)
-                    if old is None:
-                        mine.values[key] = [list(value[0]), value[1]]
-                    else:
-                        old[0] = [a + b for a, b in zip(old[0], value[0], strict=True)]
-                        old[1] += value[1]
+            self.merge_family(fam, counters_only=counters_only)
+
+    def merge_family(self, fam: Family, *, counters_only: bool = False) -> None:
+        """merge() of one family (or a part of one: Family.pieces)."""
+        if fam.kind == "gauge" and (counters_only or not fam.summed):
+            return
+        mine = self.family(fam.name, fam.kind, fam.help, fam.labels, summed=fam.summed,
+                           bounds=fam.bounds)
+        for key, value in fam.values.items():
+            if fam.kind == "histogram":
+                old = mine.values.get(key)
+                if old is None:
+                    mine.values[key] = [list(value[0]), value[1]]
                 else:
-                    mine.values[key] = mine.values.get(key, 0) + value
+                    old[0] = [a + b for a, b in zip(old[0], value[0], strict=True)]
+                    old[1] += value[1]
+            else:
+                mine.values[key] = mine.values.get(key, 0) + value
 
     def to_json(self) -> list[dict[str, Any]]:
-        return [{"name": f.name, "kind": f.kind, "help": f.help, "labels": list(f.labels),
-                 "summed": f.summed, "bounds": list(f.bounds),
-                 "values": [[list(k), v] for k, v in f.values.items()]} for f in self]
+        return [f.to_json() for f in self]
 
     @classmethod
     def from_json(cls, data: list[dict[str, Any]]) -> Families:
         out = cls()
         for f in data:
-            fam = out.family(f["name"], f["kind"], f["help"], f["labels"],
-                             summed=f["summed"], bounds=f["bounds"])
-            for key, value in f["values"]:
-                fam.values[tuple(key)] = value
+            out.add_json(f)
         return out
+
+    def add_json(self, f: dict[str, Any]) -> None:
+        """A family's (or a part's) Family.to_json: its series join those already here."""
+        fam = self.family(f["name"], f["kind"], f["help"], f["labels"],
+                          summed=f["summed"], bounds=f["bounds"])
+        for key, value in f["values"]:
+            fam.values[tuple(key)] = value
 
     def collect(self) -> Iterator[Metric]:
         """prometheus-client's Collector interface, so generate_latest(families) works."""
