@@ -23,7 +23,8 @@ from prometheus_client import generate_latest as render_metrics
 from bench.common import script_module
 from mcsproxy import admin, jsonstream
 from mcsproxy.model import ServiceKey
-from mcsproxy.observability.families import Families
+from mcsproxy.observability import status
+from mcsproxy.observability.families import Families, drop_gradually
 from tests.proxy_fixtures import Backend, ask, free_port
 from tests.test_metrics_support import RunningGateway, service_yaml, start_gateway, value
 
@@ -440,3 +441,46 @@ def test_metrics_are_rendered_in_parts_with_one_help_and_type_a_family() -> None
     for name in ("mcsproxy_test_share", "mcsproxy_test_seconds", "mcsproxy_test_small_total"):
         assert text.count(f"# TYPE {name} ") == text.count(f"# HELP {name} ") == 1
     assert [len(f.values) for f in families] == [0, 0, 0]  # freed as it went, in the thread
+
+
+async def test_the_status_traffic_table_and_freeing_the_families_give_the_loop_turns() -> None:
+    # Made in one go, 10,000 services' traffic table (100,000 series) stopped the loop
+    # for 43-61 ms every 1.5 s the status page is open, and freeing the families 40 ms.
+    per_turn = status.TRAFFIC_SERIES_PER_TURN
+    families = Families()
+    conns = families.counter("mcsproxy_proxy_connections", "c",
+                             ["service", "port", "cluster", "outcome"])
+    requests = families.counter("mcsproxy_http_requests", "r",
+                                ["service", "port", "cluster", "outcome"])
+    active = families.gauge("mcsproxy_upstream_active_connections", "a",
+                            ["service", "port", "cluster"])
+    for i in range(per_turn):
+        conns.add([f"ns/s{i}", "web", "east", "ok"], 2)
+        conns.add([f"ns/s{i}", "web", "west", "failed"], 1)
+        requests.add([f"ns/s{i}", "web", "east", "2xx"], 5)
+        active.add([f"ns/s{i}", "web", "east"], 1)
+    turns = 0
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    counter = asyncio.ensure_future(count_turns())
+    await asyncio.sleep(0)
+    try:
+        before = turns
+        traffic = await status.traffic_by_cluster(families)  # no I/O: only its own turns
+        made = turns - before
+        before = turns
+        await drop_gradually(families)
+        dropped = turns - before
+    finally:
+        counter.cancel()
+    assert len(traffic) == per_turn
+    assert traffic[("ns/s7", "web")] == {
+        "east": {"connections": 2, "requests": 5, "active": 1, "failed": 0},
+        "west": {"connections": 0, "requests": 0, "active": 0, "failed": 1}}
+    assert made >= 4 and dropped >= 4  # 4 x per_turn series each
+    assert all(not f.values for f in families)

@@ -8,6 +8,7 @@ difference between two reads of the counters.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -23,12 +24,16 @@ if TYPE_CHECKING:
     from mcsproxy.upstream import UpstreamSet
 
 EVENTS_SHOWN = 50
+TRAFFIC_SERIES_PER_TURN = 5000
 
 
-def _traffic_by_cluster(families: Families) -> dict[tuple[str, str], dict[str, dict[str, int]]]:
+async def traffic_by_cluster(
+        families: Families) -> dict[tuple[str, str], dict[str, dict[str, int]]]:
     """(service, port) → cluster → {connections, requests, active, failed} from the
-    families. Sample values are floats (Prometheus has no other type); these are counts,
-    and the API says so: 3, not 3.0."""
+    families, with a turn of the loop every TRAFFIC_SERIES_PER_TURN series (10,000
+    services: 100,000 series, made in one go a 43-60 ms stop of the loop). Sample values
+    are floats (Prometheus has no other type); these are counts, and the API says so: 3,
+    not 3.0."""
     out: dict[tuple[str, str], dict[str, dict[str, int]]] = {}
 
     def slot(service: str, port: str, cluster: str) -> dict[str, int]:
@@ -36,37 +41,42 @@ def _traffic_by_cluster(families: Families) -> dict[tuple[str, str], dict[str, d
             cluster, {"connections": 0, "requests": 0, "active": 0, "failed": 0})
 
     fams = families.by_name
-    if "mcsproxy_proxy_connections" in fams:
-        for (service, port, cluster, outcome), n in \
-                fams["mcsproxy_proxy_connections"].values.items():
-            if outcome == "ok":
-                slot(service, port, cluster)["connections"] += int(n)
-            elif outcome == "failed":
-                slot(service, port, cluster)["failed"] += int(n)
-    if "mcsproxy_http_requests" in fams:
-        for (service, port, cluster, _outcome), n in \
-                fams["mcsproxy_http_requests"].values.items():
-            slot(service, port, cluster)["requests"] += int(n)
-    if "mcsproxy_upstream_active_connections" in fams:
-        fam = fams["mcsproxy_upstream_active_connections"]
-        for (service, port, cluster), n in fam.values.items():
-            slot(service, port, cluster)["active"] += int(n)
+    done = 0
+    for name in ("mcsproxy_proxy_connections", "mcsproxy_http_requests",
+                 "mcsproxy_upstream_active_connections"):
+        if name not in fams:
+            continue
+        for key, n in fams[name].values.items():  # the scrape's own: nothing else changes it
+            service, port, cluster = key[0], key[1], key[2]
+            if name == "mcsproxy_proxy_connections":
+                if key[3] == "ok":
+                    slot(service, port, cluster)["connections"] += int(n)
+                elif key[3] == "failed":
+                    slot(service, port, cluster)["failed"] += int(n)
+            elif name == "mcsproxy_http_requests":
+                slot(service, port, cluster)["requests"] += int(n)
+            else:
+                slot(service, port, cluster)["active"] += int(n)
+            done += 1
+            if done % TRAFFIC_SERIES_PER_TURN == 0:
+                await asyncio.sleep(0)
     return out
 
 
-def status_parts(gateway: Gateway, families: Families, ready: bool, detail: dict[str, Any],
-                 events_since: int = 0) -> tuple[Iterator[tuple[dict[str, Any], int]],
-                                                 Callable[[], dict[str, Any]]]:
+def status_parts(gateway: Gateway, families: Families,
+                 traffic: dict[tuple[str, str], dict[str, dict[str, int]]], ready: bool,
+                 detail: dict[str, Any], events_since: int = 0,
+                 ) -> tuple[Iterator[tuple[dict[str, Any], int]], Callable[[], dict[str, Any]]]:
     """The status as (its service rows, each with the units of work it cost; the rest).
 
     The rows are a generator, so an answer can be written as they are built
     (mcsproxy/jsonstream.py); the rest is to be called after them: its `clusters` are
-    the ones the rows met. `ready, detail` as /readyz reports them."""
+    the ones the rows met. `traffic` from traffic_by_cluster(families); `ready, detail`
+    as /readyz reports them."""
     snapshot = gateway.store.current
     proxy = gateway.proxy
     observer = gateway.observer
     local = gateway.config.cluster_id
-    traffic = _traffic_by_cluster(families)
     clusters: set[str] = {local}
     upstreams = {(u.service, u.port_name, u.protocol): (u, s)
                  for u, s in (proxy.upstreams.items() if proxy is not None else ())}
