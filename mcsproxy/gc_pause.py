@@ -13,9 +13,10 @@ a freeze waits. The first pause of a new burst of bulk work (none for a second b
 or a minute since the last clean-up) hands the frozen objects back and collects once:
 one full pass per resync, none for the parts of one snapshot, none on a first sync.
 
-Work in a thread that makes garbage without cycles (a /metrics render) gets
-`collector_off`: there the collector, run by the thread's allocations, would hold the
-interpreter, and with it the event loop, for whole passes over a large heap.
+Work that makes many objects, all freed by reference counting, gets `collector_off`
+(a /metrics scrape, /api/status, a worker's report; in a thread, or across awaits on the
+loop): the collector, set off by those allocations, would hold the interpreter, and with
+it the event loop, for passes over them or over the whole heap, finding nothing to free.
 """
 
 from __future__ import annotations
@@ -68,14 +69,16 @@ class _Off:
 
 @contextmanager
 def collector_off() -> Iterator[None]:
-    """Automatic collection off while the block runs, in any thread, nothing frozen: for
-    work whose objects are freed by reference counting (no cycles) and that allocates
-    enough to set off full collections. Measured on a gateway of 10,000 services (1.0M
-    series), a /metrics render set off two collections of 0.6-0.7 s per scrape, each
-    holding the interpreter, so the loop's proxy and DNS waited that long. Meanwhile no
-    other thread's garbage cycles are collected either; they are at the next collection
-    after the block. Concurrent blocks share one pause; a collector already disabled by
-    someone else is left as found."""
+    """Automatic collection off while the block runs, nothing frozen: for work whose
+    objects are freed by reference counting (no cycles) and that allocates enough to set
+    off collections. Measured on a gateway of 10,000 services (1.01M series), a /metrics
+    render set off two full collections of 0.6-0.7 s per scrape, each holding the
+    interpreter, so the loop's proxy and DNS waited that long. The block may span awaits:
+    the loop's other tasks, and other threads, run without the collector meanwhile (the
+    data path makes no reference cycles); cycles made then are collected after it. Free
+    what the block made before it ends, or the first collection after it scans all of
+    it. Concurrent blocks share one pause; a collector already disabled by someone else
+    is left as found."""
     with _Off.lock:
         if _Off.holders == 0 and gc.isenabled():
             gc.disable()

@@ -460,3 +460,25 @@ async def test_retired_counters_stay_bounded_under_churn() -> None:
         assert merged["mcsproxy_proxy_connections"].total(service="ns/churn-95") == 1
     finally:
         await reporter.stop()
+
+
+async def test_concurrent_scrapes_merge_a_restarted_workers_report_once() -> None:
+    """/metrics and the status page may gather at once. Merging awaits between parts now,
+    so two merges could interleave: both would see the worker's new pid and retire its
+    last report twice, doubling the counts it had made."""
+    main_pid = os.getpid()
+    worker = FakeWorker(families_with_connections(5))
+    reporter = WorkerReporter(1, worker.collect, main_pid=main_pid)
+    reporter.pid = 1001
+    reports = WorkerReports(2, main_pid=main_pid)
+    await reporter.start()
+    try:
+        await reports.merge_into(families_with_connections(0))
+        reporter.pid = 1002  # restarted, counting from zero
+        worker.families = families_with_connections(1)
+        scrapes = [families_with_connections(3), families_with_connections(3)]
+        await asyncio.gather(*(reports.merge_into(m) for m in scrapes))
+    finally:
+        await reporter.stop()
+    assert [m["mcsproxy_proxy_connections"].total() for m in scrapes] == [3 + 5 + 1] * 2
+    assert reports.reporting == 1

@@ -198,6 +198,9 @@ class WorkerReports:
 
         self.reporting = 0
         self.active: dict[str, dict[str, int]] = {}  # upstream → "addr:port" → connections
+        # One merge at a time: a merge awaits between parts, and two interleaved (a scrape
+        # and the status page) both retired a restarted worker's last report.
+        self._merging = asyncio.Lock()
 
     async def merge_into(self, families: Families) -> None:
         """Ask every worker, then add their families (and the retired counters) to ours,
@@ -205,6 +208,10 @@ class WorkerReports:
 
         A worker that does not answer this time counts with its last report's counters, so
         a slow worker never makes a total dip."""
+        async with self._merging:
+            await self._merge_into(families)
+
+    async def _merge_into(self, families: Families) -> None:
         reports = await asyncio.gather(*(fetch_report(self.main_pid, i) for i in self.indices))
         self.reporting = 0
         self.active = {}
