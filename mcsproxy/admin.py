@@ -258,27 +258,30 @@ async def metrics(request: web.Request) -> web.StreamResponse:
 
 
 async def api_status(request: web.Request) -> web.StreamResponse:
+    from mcsproxy.observability.status import (
+        active_connections,
+        status_parts,
+        traffic_by_cluster,
+    )
+
     gateway = _gateway(request)
     try:
         since = int(request.query.get("since", "0"))
     except ValueError:
         raise web.HTTPBadRequest(text="since must be an integer\n") from None
-    with collector_off():  # until the families are freed, with the helper's frame
-        return await _api_status(request, gateway, since)
-
-
-async def _api_status(request: web.Request, gateway: Gateway,
-                      since: int) -> web.StreamResponse:
-    from mcsproxy.observability.status import status_parts, traffic_by_cluster
-
-    families = await gateway.observer.gather()
-    traffic = await traffic_by_cluster(families)
+    # The families are needed only for the traffic table and a total: they are freed
+    # before the answer is written, with the cyclic collector off until then (see
+    # metrics()). Not while writing: a client that stops reading would hold it off.
+    with collector_off():
+        families = await gateway.observer.gather()
+        traffic = await traffic_by_cluster(families)
+        active = active_connections(families)
+        await drop_gradually(families)  # at once, 500,000 series stopped the loop 40 ms
+        del families
     ready, detail = readiness(gateway)
-    rows, rest = status_parts(gateway, families, traffic, ready, detail, since)
-    response = await stream_json_list(request, '{"services": [', rows,
-                                      lambda: f"], {json.dumps(rest())[1:]}\n")
-    await drop_gradually(families)  # freed at once, 500,000 series stopped the loop 40 ms
-    return response
+    rows, rest = status_parts(gateway, traffic, active, ready, detail, since)
+    return await stream_json_list(request, '{"services": [', rows,
+                                  lambda: f"], {json.dumps(rest())[1:]}\n")
 
 
 async def index(request: web.Request) -> web.FileResponse:

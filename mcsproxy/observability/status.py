@@ -63,16 +63,22 @@ async def traffic_by_cluster(
     return out
 
 
-def status_parts(gateway: Gateway, families: Families,
-                 traffic: dict[tuple[str, str], dict[str, dict[str, int]]], ready: bool,
-                 detail: dict[str, Any], events_since: int = 0,
+def active_connections(families: Families) -> int:
+    """Open client connections (TCP and HTTP) and UDP flows, every process's."""
+    active = families.by_name.get("mcsproxy_proxy_active_connections")
+    return int(active.total()) if active is not None else 0
+
+
+def status_parts(gateway: Gateway,
+                 traffic: dict[tuple[str, str], dict[str, dict[str, int]]],
+                 active: int, ready: bool, detail: dict[str, Any], events_since: int = 0,
                  ) -> tuple[Iterator[tuple[dict[str, Any], int]], Callable[[], dict[str, Any]]]:
     """The status as (its service rows, each with the units of work it cost; the rest).
 
     The rows are a generator, so an answer can be written as they are built
     (mcsproxy/jsonstream.py); the rest is to be called after them: its `clusters` are
-    the ones the rows met. `traffic` from traffic_by_cluster(families); `ready, detail`
-    as /readyz reports them."""
+    the ones the rows met. `traffic` and `active` from the families, by
+    traffic_by_cluster and active_connections; `ready, detail` as /readyz reports them."""
     snapshot = gateway.store.current
     proxy = gateway.proxy
     observer = gateway.observer
@@ -90,7 +96,6 @@ def status_parts(gateway: Gateway, families: Families,
                     (key, port.name, port.protocol)), traffic), 1 + len(service.endpoints)
 
     def rest() -> dict[str, Any]:
-        active = families.by_name.get("mcsproxy_proxy_active_connections")
         return {
             "time": time.time(),
             "gateway": {
@@ -99,7 +104,7 @@ def status_parts(gateway: Gateway, families: Families,
                 "snapshot_version": detail["snapshot_version"],
                 "snapshot_age_s": detail["snapshot_age_s"], "services": detail["services"],
                 "workers": gateway.config.proxy.workers, "proxy": proxy is not None,
-                "active_connections": int(active.total()) if active is not None else 0,
+                "active_connections": active,
                 "data_path": compiled.STATE, "python": compiled.interpreter(),
             },
             "sources": detail["sources"],
