@@ -42,7 +42,7 @@ DATA_PATH_TESTS := tests/test_http_proxy.py tests/test_http_semantics.py \
 	tests/test_http_large_bodies.py tests/test_http_smuggling.py tests/test_http_retry_bodies.py \
 	tests/test_proxy_tcp.py tests/test_proxy_bulk.py tests/test_limits.py tests/test_upstream_set.py \
 	tests/test_upstream_balance.py tests/test_metrics_families.py tests/test_metrics_http.py \
-	tests/test_writebatch.py tests/test_proxy_poller.py
+	tests/test_writebatch.py tests/test_proxy_poller.py tests/test_proxy_ipv6.py
 
 test: build
 	$(VENV)/bin/ruff check mcsproxy controlplane tests bench setup.py
