@@ -26,7 +26,13 @@ from mcsproxy.model import ServiceKey
 from mcsproxy.observability import status
 from mcsproxy.observability.families import Families, drop_gradually
 from tests.proxy_fixtures import Backend, ask, free_port
-from tests.test_metrics_support import RunningGateway, service_yaml, start_gateway, value
+from tests.test_metrics_support import (
+    LoopTurns,
+    RunningGateway,
+    service_yaml,
+    start_gateway,
+    value,
+)
 
 HOST = "127.57.29.1"
 SNAPSHOT_BENCH = script_module("bench/snapshot/run.py")  # its generator of services
@@ -290,22 +296,6 @@ async def gateway_with_many_services(tmp_path: Path, host: str) -> RunningGatewa
     return gw
 
 
-class LoopTurns:
-    """Counts the running loop's turns: a task that does nothing but yield."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.task = asyncio.ensure_future(self.tick())
-
-    async def tick(self) -> None:
-        while True:
-            self.count += 1
-            await asyncio.sleep(0)
-
-    def stop(self) -> None:
-        self.task.cancel()
-
-
 async def test_answers_about_every_service_are_streamed_and_let_the_loop_run(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Built and serialised whole, in one stretch of the loop that the proxy and DNS share,
@@ -459,25 +449,17 @@ async def test_the_status_traffic_table_and_freeing_the_families_give_the_loop_t
         conns.add([f"ns/s{i}", "web", "west", "failed"], 1)
         requests.add([f"ns/s{i}", "web", "east", "2xx"], 5)
         active.add([f"ns/s{i}", "web", "east"], 1)
-    turns = 0
-
-    async def count_turns() -> None:
-        nonlocal turns
-        while True:
-            turns += 1
-            await asyncio.sleep(0)
-
-    counter = asyncio.ensure_future(count_turns())
+    turns = LoopTurns()
     await asyncio.sleep(0)
     try:
-        before = turns
+        before = turns.count
         traffic = await status.traffic_by_cluster(families)  # no I/O: only its own turns
-        made = turns - before
-        before = turns
+        made = turns.count - before
+        before = turns.count
         await drop_gradually(families)
-        dropped = turns - before
+        dropped = turns.count - before
     finally:
-        counter.cancel()
+        turns.stop()
     assert len(traffic) == per_turn
     assert traffic[("ns/s7", "web")] == {
         "east": {"connections": 2, "requests": 5, "active": 1, "failed": 0},

@@ -156,3 +156,19 @@ async def start_gateway(tmp_path: Path, host: str, *, cluster: str = "east",
 
 def load_json(text: str) -> Any:
     return json.loads(text)
+
+
+class LoopTurns:
+    """Counts the running loop's turns: a task that does nothing but yield."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.task = asyncio.ensure_future(self.tick())
+
+    async def tick(self) -> None:
+        while True:
+            self.count += 1
+            await asyncio.sleep(0)
+
+    def stop(self) -> None:
+        self.task.cancel()

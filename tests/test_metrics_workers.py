@@ -32,7 +32,7 @@ from mcsproxy.observability.workers import WorkerReporter, WorkerReports, fetch_
 from tests.http_support import HttpBackend, RawClient
 from tests.proxy_fixtures import Backend, ask, free_port
 from tests.test_http_smuggling import SHAPES
-from tests.test_metrics_support import parse_metrics, service_yaml, value
+from tests.test_metrics_support import LoopTurns, parse_metrics, service_yaml, value
 
 HOST = "127.57.39.1"
 CONNECTIONS = 60
@@ -342,23 +342,15 @@ async def test_a_worker_report_is_made_and_read_in_parts_with_turns_of_the_loop(
     lines = list(workers.report_lines(Families.from_json(big.to_json()), iter(())))
     assert [len(json.loads(line).get("family", {}).get("values", [])) for line in lines] == \
         [part, part, part, part, 0]  # and {"end": true}
-    turns = 0
-
-    async def count_turns() -> None:
-        nonlocal turns
-        while True:
-            turns += 1
-            await asyncio.sleep(0)
-
-    counter = asyncio.ensure_future(count_turns())
+    turns = LoopTurns()
     await asyncio.sleep(0)
     try:
         into = Families()
-        before = turns
+        before = turns.count
         await workers.merge_gradually(into, big)  # no I/O: turns only where it gives them
-        assert turns - before >= 4
+        assert turns.count - before >= 4
     finally:
-        counter.cancel()
+        turns.stop()
     assert into["mcsproxy_proxy_connections"].total() == 4 * part
     assert not big["mcsproxy_proxy_connections"].values  # emptied as it went
     main_pid = os.getpid()
