@@ -185,13 +185,6 @@ class Observer:
         return families, ((u.name, {f"{h.address}:{h.port}": h.active
                                     for h in u.hosts.values()}) for u in upstreams)
 
-    def collect(self) -> Families:
-        """This process's families, at once (what gather() makes with turns of the loop)."""
-        f = Families()
-        for _ in self._collect_steps(f):
-            pass
-        return f
-
     def _collect_steps(self, f: Families) -> Iterator[int]:
         """Fill `f`, yielding the units of work done (upstream sets, endpoints) as it
         goes: the caller may give the loop a turn at each."""

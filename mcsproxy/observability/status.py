@@ -25,6 +25,14 @@ if TYPE_CHECKING:
 
 EVENTS_SHOWN = 50
 TRAFFIC_SERIES_PER_TURN = 5000
+# The families the traffic table reads (labels service, port, cluster first), and which
+# column a series counts into, if any.
+TRAFFIC_COLUMNS: dict[str, Callable[[tuple[str, ...]], str | None]] = {
+    "mcsproxy_proxy_connections":
+        lambda key: {"ok": "connections", "failed": "failed"}.get(key[3]),
+    "mcsproxy_http_requests": lambda key: "requests",
+    "mcsproxy_upstream_active_connections": lambda key: "active",
+}
 
 
 async def traffic_by_cluster(
@@ -40,23 +48,15 @@ async def traffic_by_cluster(
         return out.setdefault((service, port), {}).setdefault(
             cluster, {"connections": 0, "requests": 0, "active": 0, "failed": 0})
 
-    fams = families.by_name
     done = 0
-    for name in ("mcsproxy_proxy_connections", "mcsproxy_http_requests",
-                 "mcsproxy_upstream_active_connections"):
-        if name not in fams:
+    for name, column_of in TRAFFIC_COLUMNS.items():
+        fam = families.by_name.get(name)
+        if fam is None:
             continue
-        for key, n in fams[name].values.items():  # the scrape's own: nothing else changes it
-            service, port, cluster = key[0], key[1], key[2]
-            if name == "mcsproxy_proxy_connections":
-                if key[3] == "ok":
-                    slot(service, port, cluster)["connections"] += int(n)
-                elif key[3] == "failed":
-                    slot(service, port, cluster)["failed"] += int(n)
-            elif name == "mcsproxy_http_requests":
-                slot(service, port, cluster)["requests"] += int(n)
-            else:
-                slot(service, port, cluster)["active"] += int(n)
+        for key, n in fam.values.items():
+            column = column_of(key)
+            if column is not None:
+                slot(key[0], key[1], key[2])[column] += int(n)
             done += 1
             if done % TRAFFIC_SERIES_PER_TURN == 0:
                 await asyncio.sleep(0)
