@@ -272,8 +272,10 @@ def test_two_writes_within_one_timestamp_tick_are_both_read(tmp_path: Path) -> N
 
     with coarse_timestamps_dir(tmp_path) as folder:
         path = folder / "web.yaml"
-        source = FileSource(str(folder))
         for _ in range(TRIES):
+            # A source of this try: one that read an earlier try's file sees the new stamp
+            # and, by its settle gate, reads the file only once it held still.
+            source = FileSource(str(folder))
             at_the_start_of_a_second()
             path.write_text(import_yaml("web", "ClusterSetIP", WEB, '["127.240.0.21"]'))
             assert source.scan() and ips(source) == [("127.240.0.21",)]
