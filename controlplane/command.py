@@ -167,12 +167,18 @@ class DirectoryControllerApp:
         if self.config.serve is not None and self.hub is not None:
             self.server = ControllerServer(self.controller, self.hub, self.config.serve)
             await self.server.start()
-        self._tasks = [spawn(self.controller.run(), name="controller loop"),
-                       spawn(self._discover(), name="cluster discovery")]
+        reconciling = spawn(self.controller.run(), name="controller loop")
+        stop = spawn(self._stop.wait(), name="controller stop signal")
+        self._tasks = [reconciling, spawn(self._discover(), name="cluster discovery"), stop]
         try:
-            await self._stop.wait()
+            # Also when the loop ends by itself (a bug: its task's guard logged why). A
+            # process left serving /healthz without it writes nothing more; exiting lets
+            # its supervisor restart it.
+            await asyncio.wait((reconciling, stop), return_when=asyncio.FIRST_COMPLETED)
         finally:
             await self.close()
+        if reconciling.done() and not reconciling.cancelled():
+            raise ClusterError(f"the controller loop ended: {reconciling.exception()!r}")
 
     def stop(self) -> None:
         self._stop.set()

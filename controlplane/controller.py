@@ -35,6 +35,7 @@ from controlplane.reconcile import (
     Obj,
     Prior,
     ServiceInputs,
+    assign_ips,
     keys_to_reconcile,
     member_input,
     render,
@@ -150,6 +151,10 @@ class Controller:
         # Per cluster, refs whose write failed: queued again, as they are wanted by then.
         self._rewrite: dict[str, set[ObjectRef]] = {}
         self._imported: set[ServiceKey] = set()
+        # ClusterSetIP services no address was free for (imported nowhere), and whether a
+        # reconcile since the last flush released addresses they could now have.
+        self._unallocated: set[ServiceKey] = set()
+        self._released = False
         # key → cluster → our-labelled objects seen there that `written` lacked.
         self._unwanted: dict[ServiceKey, dict[str, set[ObjectRef]]] = {}
         self._dirty: dict[ServiceKey, float] = {}  # key → when the change was first seen
@@ -334,22 +339,33 @@ class Controller:
             self.conflicts[key] = res.conflicts
         else:
             self.conflicts.pop(key, None)
-        cluster_ips: dict[str, tuple[str, ...]] = {}
-        if res.needs_ips:
-            ips = self.allocator.ensure(key, res.ip_families)
-            for c, allocator in self.cluster_allocators.items():
-                cluster_ips[c] = allocator.ensure(key, res.ip_families)
-        else:
-            self.allocator.release(key)
-            for allocator in self.cluster_allocators.values():
-                allocator.release(key)
-            ips = ()
+        had_ips = any(a.get(key) for _, a in self._allocators())
+        res, ips, cluster_ips = assign_ips(res, self.allocator, self.cluster_allocators)
+        if had_ips and not ips:
+            self._released = True
+        self._note_unallocated(key, res.unallocated)
         if res.imported:
             self._imported.add(key)
         else:
             self._imported.discard(key)
         result = render(res, inputs, ips, now, cluster_ips)
         return {c: result.objects_for(c) for c in clusters}
+
+    def _note_unallocated(self, key: ServiceKey, reason: str | None) -> None:
+        if reason is None:
+            if key in self._unallocated:
+                self._unallocated.discard(key)
+                log.info("service %s/%s has its ClusterSetIP now", *key)
+        elif key not in self._unallocated:
+            self._unallocated.add(key)
+            log.error("service %s/%s is not imported: %s", key.namespace, key.name, reason)
+
+    def _retry_unallocated(self) -> None:
+        """Services no address was free for are tried again once one was released."""
+        if self._released and self._unallocated:
+            self._mark(self._unallocated)
+            self._wake.set()
+        self._released = False
 
     async def flush(self, publish: bool = True, wait: bool = True) -> int:
         """Reconcile every dirty key and write what changed; returns keys reconciled.
@@ -366,6 +382,7 @@ class Controller:
         deletes: dict[str, set[ObjectRef]] = {c: set() for c in clusters}
         with collector_paused(len(dirty) >= BULK_KEYS):
             self._reconcile_into(dirty, clusters, now, upserts, deletes)
+        self._retry_unallocated()
         self._save_holds()
         unwanted = self._take_unwanted(dirty)
         self.metrics.services_reconciled.inc(len(dirty))
@@ -386,6 +403,7 @@ class Controller:
         if not writing:
             self._flushed(report)
         self.metrics.imports.set(len(self._imported))
+        self.metrics.unallocated.set(len(self._unallocated))
         self.metrics.set_conflicts(self.conflicts)  # type: ignore[arg-type]
         for c in clusters:
             objects = self.clients[c].objects
@@ -476,9 +494,11 @@ class Controller:
 
     def _update_stale_gauge(self, cluster: str) -> None:
         client = self.clients[cluster]
+        objects = client.objects
+        # Of exported services only: a member's other Services are not served anywhere.
         stale = 0 if client.connection.connected else sum(
-            len(s.endpoints) for by_name in client.objects.slices.values()
-            for s in by_name.values())
+            len(s.endpoints) for key in objects.exports.keys() | objects.mcs.keys()
+            for s in objects.slices.get(key, {}).values())
         self.metrics.stale_endpoints.labels(cluster).set(stale)
 
     async def _write(self, cluster: str, upserts: Mapping[ObjectRef, Obj],

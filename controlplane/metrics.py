@@ -100,6 +100,10 @@ class ControllerMetrics:
         self.imports = Gauge(
             "mcsproxy_controller_service_imports",
             "Services imported somewhere in the clusterset", registry=r)
+        self.unallocated = Gauge(
+            "mcsproxy_controller_unallocated_services",
+            "ClusterSetIP services imported nowhere because no address in their range "
+            "was free", registry=r)
         self.stream_subscribers = Gauge(
             "mcsproxy_controller_stream_subscribers",
             "Gateways connected to the stream", registry=r)

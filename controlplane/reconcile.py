@@ -15,11 +15,16 @@ import hashlib
 import json
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from controlplane.allocator import DEFAULT_CIDR, ClusterSetIPAllocator, parse_cidrs
+from controlplane.allocator import (
+    DEFAULT_CIDR,
+    AllocationError,
+    ClusterSetIPAllocator,
+    parse_cidrs,
+)
 from controlplane.clusters.state import ClusterObjects
 from controlplane.conditions import Conditions, condition, conditions_by_type
 from controlplane.resources import (
@@ -110,6 +115,8 @@ class Resolution:
     annotations: Mapping[str, str] = field(default_factory=lambda: EMPTY_MAPPING)
     conflicts: tuple[tuple[str, str], ...] = ()  # (reason, message)
     invalid: Mapping[str, tuple[str, str]] = field(default_factory=lambda: EMPTY_MAPPING)
+    # Why a ClusterSetIP service is imported nowhere for now: no address was free for it.
+    unallocated: str | None = None
 
     @property
     def imported(self) -> bool:
@@ -372,9 +379,13 @@ def _slices_obj(
     slices: Sequence[SliceSpec],
     import_ports: Sequence[PortInfo],
     stale: bool,
+    headless: bool = False,
 ) -> tuple[Obj, ...]:
     """One source cluster's endpoints as imported slices: ≤100 endpoints each, only the
-    ports the import serves and the source's Service exposes, matched by name."""
+    ports the import serves and the source's Service exposes, matched by name. A headless
+    service's endpoints are imported with none of those ports too: its DNS names list the
+    ready endpoints of every exporting cluster (mcs-spec.md, DNS), not only of those
+    exposing a port of the import."""
     served = {(p.name, p.protocol) for p in import_ports} & {
         (p.name, p.protocol) for p in exporter.service.ports
     }
@@ -384,7 +395,7 @@ def _slices_obj(
         for ep in s.endpoints:
             ports = tuple(sorted((p.name, p.protocol, p.port) for p in ep.ports
                                  if (p.name, p.protocol) in served))
-            if import_ports and not ports:
+            if import_ports and not ports and not headless:
                 continue  # nothing a client of the import could reach there
             # The same endpoint with the same ports in two slices (the source moving it)
             # is one. With other ports it is not: a selectorless Service's slices may be
@@ -438,7 +449,13 @@ def _export_obj(
         ]
     else:
         conditions = [condition("Valid", True, "Valid", "Service is valid for export", prev, now)]
-        if res.consumers:
+        if res.unallocated is not None:
+            conditions.append(condition(
+                "Ready", False, "Pending",
+                f"No ClusterSetIP free: {res.unallocated}; imported once one is released",
+                prev, now,
+            ))
+        elif res.consumers:
             conditions.append(condition(
                 "Ready", True, "Exported",
                 f"Service is imported by {len(res.consumers)} cluster(s)", prev, now,
@@ -461,6 +478,28 @@ def _export_obj(
     return obj
 
 
+def assign_ips(
+    res: Resolution,
+    allocator: ClusterSetIPAllocator,
+    cluster_allocators: Mapping[str, ClusterSetIPAllocator] = EMPTY_MAPPING,
+) -> tuple[Resolution, tuple[str, ...], dict[str, tuple[str, ...]]]:
+    """The service's ClusterSetIPs from the clusterset's range and each cluster's own, all
+    or none: a service no address is free for is imported nowhere for now, its exports
+    saying why, and what it held is released (held for it). An AllocationError raised
+    from here used to end the controller's loop, every other service's updates with it."""
+    if res.needs_ips:
+        try:
+            ips = allocator.ensure(res.key, res.ip_families)
+            own = {c: a.ensure(res.key, res.ip_families) for c, a in cluster_allocators.items()}
+            return res, ips, own
+        except AllocationError as exc:
+            res = replace(res, consumers=(), unallocated=str(exc))
+    allocator.release(res.key)
+    for a in cluster_allocators.values():
+        a.release(res.key)
+    return res, (), {}
+
+
 def render(
     res: Resolution,
     inputs: ServiceInputs,
@@ -475,7 +514,7 @@ def render(
     members = {m.cluster: m for m in inputs.members}
     slices = {
         e.cluster: _slices_obj(res.key, e, members[e.cluster].slices, res.ports,
-                               members[e.cluster].stale)
+                               members[e.cluster].stale, res.type == "Headless")
         for e in res.exporters
     }
     return ServiceResult(
@@ -551,12 +590,7 @@ def reconcile_clusterset(
                          prior.conditions.get((c, key), EMPTY_MAPPING))
             for c in clusters
         ))
-        res = resolve(inputs)
-        if res.needs_ips:
-            ips = allocator.ensure(key, res.ip_families)
-        else:
-            allocator.release(key)
-            ips = ()
+        res, ips, _ = assign_ips(resolve(inputs), allocator)
         result = render(res, inputs, ips, now)
         for c in clusters:
             desired[c].update(result.objects_for(c))

@@ -105,9 +105,12 @@ class ClusterSetIPAllocator:
         if not wanted:
             wanted = [min(self.pools)]
         current = {ipaddress.ip_address(ip).version: ip for ip in self._by_key.get(key, ())}
+        # Every missing family's address found before any is taken: a dual-stack service
+        # whose second range is full must not keep the first's address it got meanwhile.
+        found = {v: self._find(key, v) for v in wanted if v not in current}
         result = []
         for version in wanted:
-            ip = current.pop(version, None) or self._allocate(key, version)
+            ip = current.pop(version, None) or self._take(found[version], key)
             result.append(ip)
         for dropped in current.values():
             self._free(dropped, key)
@@ -142,7 +145,7 @@ class ClusterSetIPAllocator:
         return len(self._held.keys() - before.keys())
 
     def _usable(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-        """One `_allocate` could hand out."""
+        """One `_find` could hand out."""
         pool = self.pools.get(ip.version)
         if pool is None:
             return False
@@ -183,10 +186,11 @@ class ClusterSetIPAllocator:
         self._owner[ip] = key
         return ip
 
-    def _allocate(self, key: ServiceKey, version: int) -> str:
+    def _find(self, key: ServiceKey, version: int) -> str:
+        """The address `key` gets next in `version`'s pool (not taken yet)."""
         for ip in self._held_by_key.get(key, ()):
             if ipaddress.ip_address(ip).version == version:
-                return self._take(ip, key)  # exported again: its own address back
+                return ip  # exported again: its own address back
         pool = self.pools[version]
         first = int(pool.network_address) + 1  # skip the network address
         usable = pool.num_addresses - 2  # and the broadcast (or last) one
@@ -198,8 +202,8 @@ class ClusterSetIPAllocator:
                 continue  # x.y.z.0 and .255 confuse people and some tools
             ip = str(ipaddress.ip_address(value))
             if ip not in self._owner and ip not in self._held:
-                return self._take(ip, key)
+                return ip
         for ip in self._held:  # nothing else is free: the longest released goes first
             if ipaddress.ip_address(ip).version == version:
-                return self._take(ip, key)
+                return ip
         raise AllocationError(f"--clusterset-cidr {pool} is full ({usable} addresses)")

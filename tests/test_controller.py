@@ -17,7 +17,7 @@ import yaml
 
 from controlplane import command
 from controlplane import holds as holds_module
-from controlplane.clusters import ChangeSet, kube_app
+from controlplane.clusters import ChangeSet, ClusterError, kube_app
 from controlplane.clusters.directory import DirectoryCluster
 from controlplane.command import ControllerConfig, DirectoryControllerApp
 from controlplane.reconcile import STALE_ANNOTATION
@@ -330,8 +330,9 @@ async def a_changes_reach_b(clusters: Path, out: Path) -> None:
 
 
 class Running:
-    def __init__(self, clusters: Path, out: Path) -> None:
-        self.app = DirectoryControllerApp(ControllerConfig(clusters, out, poll_interval_s=0.05))
+    def __init__(self, clusters: Path, out: Path, **config: object) -> None:
+        self.app = DirectoryControllerApp(ControllerConfig(clusters, out, poll_interval_s=0.05,
+                                                           **config))  # type: ignore[arg-type]
         self.task: asyncio.Task | None = None
 
     async def __aenter__(self) -> DirectoryControllerApp:
@@ -488,6 +489,61 @@ async def test_unreadable_member_goes_stale_then_recovers(tmp_path: Path) -> Non
         assert app.metrics.stale_endpoints.labels("b")._value.get() == 1
         os.rename(hidden, clusters / "b")
         await until(lambda: stale_flags() == {"a": False, "b": False})
+
+
+async def test_a_service_no_address_is_free_for_waits_and_the_others_go_on(
+        tmp_path: Path) -> None:
+    """A /30 holds two services. The third used to raise AllocationError out of the
+    controller's loop, which then wrote nothing more while /healthz said ok."""
+    clusters, out = tmp_path / "clusters", tmp_path / "out"
+    member(clusters, "a", 1, name="s1")
+    member(clusters, "a", 1, name="s2")
+
+    def ready(name: str) -> tuple[str, str] | None:
+        export = read_out(out, "a").get(f"serviceexport_test_{name}.yaml")
+        cond = {c["type"]: c for c in export["status"]["conditions"]} if export else {}
+        return (cond["Ready"]["status"], cond["Ready"]["reason"]) if cond else None
+
+    async with Running(clusters, out, clusterset_cidr="127.241.0.0/30") as app:
+        s1_ip = read_out(out, "a")["serviceimport_test_s1.yaml"]["spec"]["ips"]
+        member(clusters, "a", 1, name="s3")
+        await until(lambda: ready("s3") == ("False", "Pending"))
+        assert "serviceimport_test_s3.yaml" not in read_out(out, "a")
+        assert app.metrics.unallocated._value.get() == 1
+        member(clusters, "a", 2, name="s2")  # the others are still reconciled
+        await until(lambda: "127.0.2.1" in str(read_out(out, "a")))
+        write_docs(clusters / "a" / "s1.yaml", namespace(), service("s1"))  # unexported
+        await until(lambda: ready("s3") == ("True", "Exported"))
+        assert read_out(out, "a")["serviceimport_test_s3.yaml"]["spec"]["ips"] == s1_ip
+        assert app.metrics.unallocated._value.get() == 0
+
+
+async def test_the_controller_exits_when_its_loop_ends(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loop ended by a bug left the process serving /healthz and writing nothing."""
+    clusters, out = a_exports_to_b(tmp_path)
+    app = DirectoryControllerApp(ControllerConfig(clusters, out, poll_interval_s=0.05))
+    await app.start()
+    assert app.controller is not None
+
+    def bug() -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(app.controller, "_write_again", bug)
+    serving = asyncio.create_task(app.serve())
+    member(clusters, "a", 7)  # a change wakes the loop
+    with pytest.raises(ClusterError, match="the controller loop ended: RuntimeError"):
+        await asyncio.wait_for(serving, 5)
+
+
+async def test_stale_endpoints_count_exported_services_only(tmp_path: Path) -> None:
+    clusters, out = a_exports_to_b(tmp_path)
+    write_docs(clusters / "a" / "internal.yaml", service("internal"),
+               eslice("internal-x", [f"127.0.1.{i}" for i in range(2, 7)], svc="internal"))
+    async with Running(clusters, out) as app:
+        os.rename(clusters / "a", tmp_path / "a-away")
+        await until(lambda: app.controller.members()["a"]["stale"])
+        assert app.metrics.stale_endpoints.labels("a")._value.get() == 1  # was 6
 
 
 async def test_a_new_cluster_folder_joins(tmp_path: Path) -> None:

@@ -4,10 +4,12 @@ MultiClusterService", through the pure reconcile_clusterset()."""
 from __future__ import annotations
 
 import ipaddress
+from typing import Any
 
 import pytest
 
 from controlplane.allocator import AllocationError, ClusterSetIPAllocator, parse_cidrs
+from controlplane.clusters.state import ClusterObjects
 from controlplane.conditions import EXPORT_CONDITION_TYPES, with_own_conditions
 from controlplane.reconcile import MAX_ENDPOINTS_PER_SLICE, STALE_ANNOTATION, owner_uid
 from controlplane.resources import KIND_EXPORT, KIND_IMPORT, ObjectRef, parse_member_object
@@ -464,6 +466,37 @@ def test_a_released_address_goes_to_another_service_only_when_nothing_else_is_fr
         allocator.ensure(ServiceKey("test", "newest"), ["IPv4"])
 
 
+def test_a_dual_stack_service_whose_second_range_is_full_takes_no_address() -> None:
+    allocator = ClusterSetIPAllocator(parse_cidrs("127.241.0.0/28,fd00:241::/126"))
+    allocator.ensure(ServiceKey("test", "v6"), ["IPv6"])
+    allocator.ensure(ServiceKey("test", "v6b"), ["IPv6"])  # the /126's two addresses
+    before = len(allocator)
+    with pytest.raises(AllocationError):
+        allocator.ensure(ServiceKey("test", "web"), ["IPv4", "IPv6"])
+    assert len(allocator) == before and allocator.get(ServiceKey("test", "web")) == ()
+
+
+def test_a_service_no_address_is_free_for_is_imported_nowhere_and_says_why() -> None:
+    """Before, the AllocationError left reconcile (the controller's loop with it)."""
+    docs = [namespace()]
+    for name in ("s1", "s2", "s3"):  # in age order; a /30 has two addresses
+        docs += [service(name), eslice(f"{name}-x", ["127.0.1.1"], svc=name),
+                 export(name, created=f"2024-01-0{name[1]}T00:00:00Z")]
+    desired = reconcile({"a": cluster("a", *docs), "b": cluster("b", namespace())},
+                        cidrs="127.241.0.0/30")
+    for c in ("a", "b"):
+        assert [service_import(desired, c, n) is not None for n in ("s1", "s2", "s3")] == [
+            True, True, False]
+        assert not [s for s in slices(desired, c)
+                    if s["metadata"]["labels"]["multicluster.kubernetes.io/service-name"]
+                    == "s3"]
+    ready = export_status(desired, "a", "s3")["Ready"]
+    assert (ready["status"], ready["reason"]) == ("False", "Pending")
+    assert ready["message"] == ("No ClusterSetIP free: --clusterset-cidr 127.241.0.0/30 is "
+                                "full (2 addresses); imported once one is released")
+    assert export_status(desired, "a", "s2")["Ready"]["status"] == "True"
+
+
 def test_restored_holds_keep_their_order_and_only_usable_addresses() -> None:
     """What a restart reads back is held as before, by release time; addresses outside
     the range, at its edges or in use are dropped."""
@@ -608,6 +641,30 @@ def test_an_endpoint_in_two_slices_of_its_source(second_slice_ports: list,
     got = [([(p["name"], p["protocol"], p["port"]) for p in s["ports"]],
             [e["addresses"][0] for e in s["endpoints"]]) for s in slices(reconcile({"a": a}), "a")]
     assert sorted(got) == imported
+
+
+def test_a_headless_exporter_without_the_imports_ports_is_still_in_its_dns() -> None:
+    """mcs-spec.md DNS: a headless name lists the ready endpoints of every cluster. b's
+    Service has no ports (DNS only) beside a's port: b's endpoints used to be left out."""
+    def member(cluster_id: str, address: str, created: str, **svc: Any) -> ClusterObjects:
+        ports = () if "ports" in svc else (("http", "TCP", 8080),)
+        return cluster(cluster_id, namespace(), service(**svc),
+                       eslice(f"web-{cluster_id}", [address], ports=ports),
+                       export(created=created))
+
+    def imported(desired: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+        return sorted((s["metadata"]["labels"]["multicluster.kubernetes.io/source-cluster"],
+                       [p["name"] for p in s["ports"]], [e["addresses"] for e in s["endpoints"]])
+                      for s in slices(desired, "a"))
+
+    first, second = "2024-01-01T00:00:00Z", "2024-02-01T00:00:00Z"
+    desired = reconcile({"a": member("a", "10.1.0.1", first, headless=True),
+                         "b": member("b", "10.2.0.1", second, headless=True, ports=())})
+    assert imported(desired) == [("a", ["http"], [["10.1.0.1"]]), ("b", [], [["10.2.0.1"]])]
+    # A ClusterSetIP service's traffic still goes only where the port is (rule 7).
+    desired = reconcile({"a": member("a", "10.1.0.1", first),
+                         "b": member("b", "10.2.0.1", second, ports=())})
+    assert imported(desired) == [("a", ["http"], [["10.1.0.1"]])]
 
 
 ONE = eslice("web-a", ["10.4.0.5"])
