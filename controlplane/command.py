@@ -227,7 +227,11 @@ async def run(config: ControllerConfig) -> int:
     if phase == "starting":
         phase = "serving"
     if config.once or phase == "stopping":
+        failed = app.controller.failed_clusters if app.controller is not None else set()
         await app.close()
+        if config.once and failed:  # each failure was logged with its reason
+            raise ClusterError(f"--once: writing to cluster(s) {', '.join(sorted(failed))} "
+                               "failed")
         return 0
     await app.serve()
     return 0

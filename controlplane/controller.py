@@ -163,6 +163,7 @@ class Controller:
         self._queued: dict[str, _Batch] = {}  # per cluster, waiting for its writer
         self._writers: dict[str, asyncio.Task[Any]] = {}
         self._writer_error: BaseException | None = None
+        self.failed_clusters: set[str] = set()  # whose last write failed (--once exits 1)
         self.batches = 0
         self.synced = asyncio.Event()
         # key → (reason, message) of each conflict between its exports, for /status.
@@ -513,12 +514,14 @@ class Controller:
                 await client.update_export_status(upserts[ref])
             await client.delete(sorted(deletes, key=lambda r: (r.kind == KIND_IMPORT, r)))
         except (ClusterError, OSError) as exc:
+            self.failed_clusters.add(cluster)
             self.metrics.write_errors.labels(cluster).inc()
             log.error("writing to cluster %s failed (%s); retrying in %.0fs",
                       cluster, exc, WRITE_RETRY_S)
             asyncio.get_running_loop().call_later(WRITE_RETRY_S, self._retry_later, cluster,
                                                   set(upserts) | deletes)
             return
+        self.failed_clusters.discard(cluster)
         self.metrics.objects_written.labels(cluster).inc(len(upserts))
         self.metrics.objects_deleted.labels(cluster).inc(len(deletes))
 

@@ -194,6 +194,35 @@ def test_a_cluster_with_its_own_range_gets_its_own_stable_addresses(tmp_path: Pa
     assert stamps(out) == before  # read back, not reallocated
 
 
+def test_once_exits_1_when_a_cluster_could_not_be_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It exited 0. The files it could write are written, and no temporary file is left."""
+    clusters, out = a_exports_to_b(tmp_path)
+    (out / "b" / "serviceimport_test_web.yaml").mkdir(parents=True)  # in the way
+    assert once(clusters, out) == 1
+    assert "--once: writing to cluster(s) b failed" in capsys.readouterr().err
+    assert [p.name for p in (out / "b").glob("endpointslice_*.yaml")]
+    assert not list((out / "b").glob(".*.tmp"))
+
+
+def test_objects_whose_file_names_would_be_too_long_are_written(tmp_path: Path) -> None:
+    """63-character names and a 122-character cluster ID made a slice's file name longer
+    than a file name can be (and every other file of its batch went unwritten)."""
+    clusters, out = tmp_path / "clusters", tmp_path / "out"
+    ns, name, source = "n" * 63, "s" * 63, "c" * 63 + "." + "d" * 58
+    write_docs(clusters / source / "web.yaml", namespace(ns), service(name, ns=ns),
+               eslice("web-x", ["127.0.1.1"], svc=name, ns=ns), export(name, ns=ns))
+    write_docs(clusters / "b" / "ns.yaml", namespace(ns))
+    assert once(clusters, out) == 0
+    kinds = sorted(d["kind"] for d in read_out(out, "b").values())
+    assert kinds == ["EndpointSlice", "ServiceImport"]
+    assert max(len(p.name) for p in (out / "b").iterdir()) <= 250
+    before = stamps(out)
+    assert once(clusters, out) == 0  # read back as ours: nothing rewritten
+    assert stamps(out) == before
+
+
 def test_bad_file_fails_once_with_file_and_line_and_writes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

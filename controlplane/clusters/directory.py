@@ -23,6 +23,8 @@ a file whose stamp moved without its bytes changing (`touch`) is no edit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -63,8 +65,19 @@ Obj = Mapping[str, Any]
 FileObjects = dict[ObjectRef, Parsed]
 
 
+# Linux's NAME_MAX (255 bytes), less what the temporary file beside it adds.
+MAX_OUTPUT_NAME = 255 - len("..tmp")
+
+
 def output_file_name(ref: ObjectRef) -> str:
-    return f"{ref.kind.lower()}_{ref.namespace}_{ref.name}.yaml"
+    """`<kind>_<namespace>_<name>.yaml`, or, past MAX_OUTPUT_NAME (a 63-character
+    namespace and a slice named after a long cluster ID), its start and a hash of the
+    whole: such an object could not be written at all."""
+    name = f"{ref.kind.lower()}_{ref.namespace}_{ref.name}.yaml"
+    if len(name.encode()) <= MAX_OUTPUT_NAME:
+        return name
+    digest = hashlib.blake2b(name.encode(), digest_size=8).hexdigest()
+    return f"{name[:MAX_OUTPUT_NAME - len(digest) - len('~.yaml')]}~{digest}.yaml"
 
 
 def dump_yaml(obj: Obj) -> bytes:
@@ -421,7 +434,10 @@ class DirectoryCluster:
         return await asyncio.to_thread(self._read_published)
 
     def _write(self, objects: Sequence[Obj]) -> None:
+        """Every object it can; then an OSError naming those it could not (each file on
+        its own: one that failed used to leave the rest of the batch unwritten)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        failed: list[str] = []
         for obj in objects:
             meta = obj["metadata"]
             name = output_file_name(ObjectRef(obj["kind"], meta["namespace"], meta["name"]))
@@ -430,9 +446,15 @@ class DirectoryCluster:
             target = self.out_dir / name
             tmp = self.out_dir / f".{name}.tmp"
             data = dump_yaml(obj)
-            tmp.write_bytes(data)
-            renamed = time.time_ns()  # the file holds `data` from about now on
-            os.replace(tmp, target)
+            try:
+                tmp.write_bytes(data)
+                renamed = time.time_ns()  # the file holds `data` from about now on
+                os.replace(tmp, target)
+            except OSError as exc:
+                failed.append(f"{name}: {exc.strerror or exc}")
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                continue
             self._written[name] = obj
             # Stat'ed after the rename, so the stamp may already be of someone else's
             # edit: their ctime is then as fresh as ours, and the racy rule has the bytes
@@ -440,6 +462,9 @@ class DirectoryCluster:
             stamp = self._stamp(target)
             self._reads[name] = None if stamp is None else FileRead.of(stamp, data, renamed)
             self.files_written += 1
+        if failed:
+            raise OSError(f"{len(failed)} of {len(objects)} files not written: "
+                          + "; ".join(failed[:3]) + ("; ..." if len(failed) > 3 else ""))
 
     def _delete(self, refs: Sequence[ObjectRef]) -> None:
         for ref in refs:
