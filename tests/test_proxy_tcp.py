@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import os
 import socket
 import struct
@@ -17,9 +18,9 @@ import pytest
 import uvloop
 
 from mcsproxy.config import HealthConfig, OutlierConfig
-from mcsproxy.model import LOCALITY_ANNOTATION, ServicePort
+from mcsproxy.model import LOCALITY_ANNOTATION, ServiceKey, ServicePort
 from mcsproxy.proxy import tcp
-from mcsproxy.proxy.manager import ProxyManager
+from mcsproxy.proxy.manager import ListenerKey, ProxyManager, UpstreamKey, settle_claims
 from tests.proxy_fixtures import (
     Backend,
     Clusterset,
@@ -906,3 +907,17 @@ async def test_a_listener_short_of_descriptors_pauses_and_then_accepts() -> None
         ShortOfDescriptors.short = True
         listener.close()
         client.close()
+
+
+@pytest.mark.parametrize("order", [1, -1])
+def test_a_clustersetip_port_two_services_claim_goes_to_the_smaller_key(
+        order: int, caplog: pytest.LogCaptureFixture) -> None:
+    """In either order: the snapshot's order is a hash order Python salts per process, and
+    with --workers 2 one address served both services (17 and 23 of 40 connections)."""
+    lkey = ListenerKey("127.240.9.1", 80, "TCP")
+    port = ServicePort("http", "TCP", 80)
+    a, b = (UpstreamKey(ServiceKey("demo", n), "http", "TCP") for n in ("a", "b"))
+    claims = [(lkey, a, port), (lkey, b, port)][::order]
+    with caplog.at_level(logging.WARNING, "mcsproxy.proxy.manager"):
+        assert settle_claims(claims) == {lkey: (a, port)}
+    assert "claimed by demo/a:http/TCP and demo/b:http/TCP; keeping demo/a:http/TCP" in caplog.text

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -109,6 +109,28 @@ def wanted_listeners(
             ukey = UpstreamKey(service.key, port.name, port.protocol)
             for ip in service.ips:
                 yield ListenerKey(ip, port.port, port.protocol), ukey, service, port
+
+
+Claim = tuple[ListenerKey, UpstreamKey, ServicePort]
+
+
+def settle_claims(claims: Iterable[Claim]) -> dict[ListenerKey, tuple[UpstreamKey, ServicePort]]:
+    """Each listener's service port; of two claiming one ClusterSetIP:port (a
+    misconfiguration, logged), the smaller key. It was the first met, in the snapshot's
+    hash order, which Python salts per process: with --workers 2 the processes disagreed
+    (17 connections to one service and 23 to the other through one address) and a
+    restart could change the winner."""
+    wanted: dict[ListenerKey, tuple[UpstreamKey, ServicePort]] = {}
+    for lkey, ukey, port in claims:
+        claimed = wanted.get(lkey)
+        if claimed is None:
+            wanted[lkey] = (ukey, port)
+            continue
+        keep, other = sorted((claimed[0], ukey))
+        log.warning("listener %s claimed by %s and %s; keeping %s", lkey, keep, other, keep)
+        if keep == ukey:
+            wanted[lkey] = (ukey, port)
+    return wanted
 
 
 def listener_shape(service: ImportedService | None) -> object:
@@ -240,6 +262,16 @@ class ProxyManager:
             self._wake.clear()
             await self._apply()
 
+    def _servable(self, claims: Iterable[tuple[ListenerKey, UpstreamKey, ImportedService,
+                                                ServicePort]]) -> Iterator[Claim]:
+        for lkey, ukey, _service, port in claims:
+            if port.protocol == "SCTP":
+                if ukey not in self._sctp_logged:
+                    self._sctp_logged.add(ukey)
+                    log.warning("service port %s: SCTP is not supported, not served", ukey)
+                continue
+            yield lkey, ukey, port
+
     async def _apply(self) -> None:
         snapshot = self._latest
         changed, self._pending = self._pending, set()
@@ -252,18 +284,7 @@ class ProxyManager:
             self._applied.set()
             return
         self.listener_walks += 1
-        wanted: dict[ListenerKey, tuple[UpstreamKey, ServicePort]] = {}
-        for lkey, ukey, _service, port in wanted_listeners(iter(snapshot.services.values())):
-            if port.protocol == "SCTP":
-                if ukey not in self._sctp_logged:
-                    self._sctp_logged.add(ukey)
-                    log.warning("service port %s: SCTP is not supported, not served", ukey)
-                continue
-            if lkey in wanted:
-                log.warning("listener %s claimed by %s and %s; keeping the first",
-                            lkey, wanted[lkey][0], ukey)
-                continue
-            wanted[lkey] = (ukey, port)
+        wanted = settle_claims(self._servable(wanted_listeners(iter(snapshot.services.values()))))
         for lkey in [k for k in self.listeners if k not in wanted]:
             log.info("listener %s closed", lkey)
             self.listeners.pop(lkey).close()
