@@ -41,8 +41,9 @@ class ManifestError(ValueError):
 
     `path` is the offending field (("spec", "ips", 1)); without one, a message that
     starts with a field expression ("ServiceImport ns/web: spec.ports[0].port must be
-    ...") names it. Given a DocLine from load_yaml_documents, `line` becomes that
-    field's line (the key's, or the list item's), else the document's first line.
+    ...") names it. Given a DocLine from load_yaml_documents (or document_objects, for
+    an item of a List), `line` becomes that field's line (the key's, or the list
+    item's), else the document's (or the item's) first line.
     """
 
     def __init__(self, message: str, origin: str = "", line: int | None = None,
@@ -52,8 +53,11 @@ class ManifestError(ValueError):
         self.path = path
         node = getattr(line, "node", None)
         if node is not None:  # only on an error: the happy path never walks nodes
-            line = _field_line(node, path if path is not None else _message_path(message),
-                               message)
+            item = getattr(line, "item", None)
+            if item is not None:
+                node = _list_item(node, item)
+            if node is not None:
+                line = _field_line(node, path if path is not None else _message_path(message))
         self.line = None if line is None else int(line)  # never keeps the node tree
         where = f"{origin}:{self.line}" if origin and line is not None else origin
         super().__init__(f"{where}: {message}" if where else message)
@@ -116,14 +120,31 @@ class DocLine(int):
     """A document's first line (1-based) that also holds the document's composed node
     while the reader looks at the document. A ManifestError given it as its line names
     the offending field's line instead: the marks are already in the node tree PyYAML
-    composed before constructing, so placing an error costs nothing until one occurs."""
+    composed before constructing, so placing an error costs nothing until one occurs.
+    With `item`, it stands for that item of a `kind: List` document's `items`: fields
+    are looked up from the item, and a missing one is placed at the item's first line."""
 
     node: yaml.Node
+    item: int | None
 
-    def __new__(cls, line: int, node: yaml.Node) -> DocLine:
+    def __new__(cls, line: int, node: yaml.Node, item: int | None = None) -> DocLine:
         self = super().__new__(cls, line)
         self.node = node
+        self.item = item
         return self
+
+
+def document_objects(line: int, doc: Mapping[str, Any]) -> Iterator[tuple[int, Any]]:
+    """The objects of one document, each with the line to report its errors at: a
+    `kind: List` document's items each as its own (an error in the third item names
+    that item's field, not the List), any other document as itself."""
+    items = doc.get("items") if doc.get("kind") == "List" else None
+    if not isinstance(items, list):
+        yield line, doc
+        return
+    node = getattr(line, "node", None)
+    for i, item in enumerate(items):
+        yield (line if node is None else DocLine(line, node, i)), item
 
 
 def load_yaml_documents(text: str, origin: str) -> Iterator[tuple[int, Any]]:
@@ -160,7 +181,6 @@ def load_yaml_documents(text: str, origin: str) -> Iterator[tuple[int, Any]]:
 
 _FIELD_EXPR = re.compile(r"(?:[A-Z][A-Za-z]* [^\s:]+: )?"  # "ServiceImport ns/name: "
                          r"([A-Za-z_]\w*(?:\.[A-Za-z_]\w*|\[\d+\])*)(?=[\s:]|$)")
-_SUBJECT = re.compile(r"([A-Z][A-Za-z]*) ([^\s/:]+)/([^\s:]+): ")
 
 
 def _message_path(message: str) -> FieldPath:
@@ -183,38 +203,24 @@ def _get(node: yaml.Node, key: str) -> tuple[yaml.Node, yaml.Node] | None:
     return None
 
 
-def _scalar(node: yaml.Node, *keys: str) -> str | None:
-    for key in keys:
-        found = _get(node, key)
-        if found is None:
-            return None
-        node = found[1]
-    return node.value if isinstance(node, yaml.ScalarNode) else None
+def _list_item(root: yaml.Node, index: int) -> yaml.Node | None:
+    """The node of a `kind: List` document's `index`th item; None when it cannot be
+    found there: the document's line stands then, rather than a field of the List."""
+    items = None
+    if isinstance(root, yaml.MappingNode):
+        for k, v in root.value:  # the last `items` key, as the constructor takes it
+            if isinstance(k, yaml.ScalarNode) and k.value == "items":
+                items = v
+    if isinstance(items, yaml.SequenceNode) and 0 <= index < len(items.value):
+        return items.value[index]
+    return None
 
 
-def _list_item(root: yaml.Node, message: str) -> yaml.Node | None:
-    """In a `kind: List` document, the item the message is about: the one its
-    "Kind namespace/name:" names, or the only one."""
-    items = _get(root, "items")
-    if _scalar(root, "kind") != "List" or items is None:
-        return None
-    nodes = items[1].value if isinstance(items[1], yaml.SequenceNode) else []
-    subject = _SUBJECT.match(message)
-    if subject is not None:
-        kind, namespace, name = subject.groups()
-        for item in nodes:
-            if (_scalar(item, "kind") == kind and _scalar(item, "metadata", "name") == name
-                    and (_scalar(item, "metadata", "namespace") or "default") == namespace):
-                return item
-    return nodes[0] if len(nodes) == 1 else None
-
-
-def _field_line(root: yaml.Node, path: FieldPath, message: str) -> int:
-    """The 1-based line of `path` in a document: the key's line for a mapping entry,
-    the item's for a list entry. A field that is missing reports where its parent is."""
+def _field_line(root: yaml.Node, path: FieldPath) -> int:
+    """The 1-based line of `path` in a document (or a List item): the key's line for a
+    mapping entry, the item's for a list entry. A field that is missing reports where
+    its parent is."""
     node, mark = root, root.start_mark
-    if path[:1] != ("items",) and (item := _list_item(root, message)) is not None:
-        node, mark = item, item.start_mark
     for part in path:
         if isinstance(part, int):
             if not isinstance(node, yaml.SequenceNode) or not 0 <= part < len(node.value):

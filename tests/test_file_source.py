@@ -212,6 +212,34 @@ async def test_a_mistyped_kind_or_version_is_rejected_not_skipped(
                          f"export.yaml not loaded: {caplog.text}")
 
 
+def list_yaml(*names: str) -> str:
+    """One `kind: List` document (as `kubectl get -o yaml` writes) of ServiceImports."""
+    items = "".join(f"- apiVersion: multicluster.x-k8s.io/v1beta1\n  kind: ServiceImport\n"
+                    f"  metadata:\n    name: {name}\n    namespace: test\n"
+                    for name in names)
+    return "apiVersion: v1\nkind: List\nitems:\n" + items
+
+
+async def test_a_bad_item_of_a_list_is_reported_at_its_own_line(
+    source_dir, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The second of three items repeats the first: the file is rejected whole at that
+    item's line (it used to be the List's line 1) and its last good version serves on."""
+    path, store, watcher = source_dir
+    api, db = ServiceKey("test", "api"), ServiceKey("test", "db")
+    write(path / "list.yaml", list_yaml("api", "db"))
+    await watcher.until(lambda s: {api, db} <= set(s.services), "the List is in")
+    bad = list_yaml("api", "api", "db")
+    with caplog.at_level(logging.ERROR, logger="mcsproxy.sources.file"):
+        write(path / "list.yaml", bad)
+        await until_true(lambda: "duplicate ServiceImport test/api" in caplog.text,
+                         "no rejection logged")
+    second = bad.index("- apiVersion", bad.index("- apiVersion") + 1)
+    assert f"{path / 'list.yaml'}:{bad[:second].count(chr(10)) + 1}: " in caplog.text
+    await asyncio.sleep(5 * POLL_S)
+    assert {KEY, api, db} <= set(store.current.services)
+
+
 async def test_single_file_source_and_missing_path(tmp_path: Path) -> None:
     store = SnapshotStore("cluster-a")
     watcher = Watcher(store)

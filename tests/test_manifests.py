@@ -393,6 +393,41 @@ def test_an_item_of_a_list_document_is_found_by_its_name() -> None:
     assert error.line == text[:text.index("Bogus")].count("\n") + 1
 
 
+# `kind: List` with the second of three items at fault: the error names a line of that
+# item ("#<"), whatever the message says. They named the List's own line: its `kind` key
+# (for a kind error), or line 1. KIND is an object kind the reader takes.
+LIST_ITEM = ("- apiVersion: multicluster.x-k8s.io/v1beta1\n  kind: KIND\n"
+             "  metadata: {{name: {}, namespace: shop}}\n")
+
+
+@pytest.mark.parametrize(("second", "message"), [
+    ("- apiVersion: multicluster.x-k8s.io/v1beta1\n  kind: KINDx #<\n"
+     "  metadata: {name: b, namespace: shop}\n", "kind 'KINDx' does not exist"),
+    ("- apiVersion: multicluster.x-k8s.io/v1beta1\n  kind: KIND\n  metadata: #<\n"
+     "    namespace: shop\n", "KIND has no metadata.name"),
+    ("- apiVersion: multicluster.x-k8s.io/v1beta1 #<\n  kind: KIND\n"
+     "  metadata: {name: a, namespace: shop}\n", "duplicate KIND shop/a"),
+    ("- apiVersion: multicluster.x-k8s.io/v1beta1\n  kind: KIND\n  metadata: [b] #<\n",
+     "metadata must be a mapping"),
+], ids=["mistyped kind", "no name", "duplicate", "wrong type"])
+@pytest.mark.parametrize("reader", ["gateway", "controller"])
+def test_an_error_in_a_list_item_names_a_line_of_that_item(
+        reader: str, second: str, message: str) -> None:
+    from controlplane.clusters.directory import parse_cluster_file
+    from mcsproxy.sources.file import parse_file_text
+
+    kind = "ServiceImport" if reader == "gateway" else "ServiceExport"
+    text = ("apiVersion: v1\nkind: List\nitems:\n" + LIST_ITEM.format("a") + second
+            + LIST_ITEM.format("c")).replace("KIND", kind)
+    with pytest.raises(ManifestError) as info:
+        if reader == "gateway":
+            parse_file_text(text, "f.yaml", "file:f.yaml")
+        else:
+            parse_cluster_file(text, "f.yaml", "east")
+    assert message.replace("KIND", kind) in info.value.message
+    assert info.value.line == text[:text.index("#<")].count("\n") + 1, str(info.value)
+
+
 def test_errors_without_a_document_keep_the_line_given() -> None:
     """Other sources (the Kubernetes API, the controller stream) have no lines."""
     assert ManifestError("x: spec.ips bad", "f.yaml", 7).line == 7

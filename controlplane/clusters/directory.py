@@ -47,7 +47,12 @@ from controlplane.resources import (
     parse_member_object,
 )
 from mcsproxy.config import CLUSTER_ID_RE
-from mcsproxy.manifests import ManifestError, kind_error, load_yaml_documents
+from mcsproxy.manifests import (
+    ManifestError,
+    document_objects,
+    kind_error,
+    load_yaml_documents,
+)
 from mcsproxy.sources.file import YAML_SUFFIXES, FileRead, FileStamp, SettleGate, read_file
 
 log = logging.getLogger("controlplane.clusters.directory")
@@ -92,23 +97,21 @@ def parse_cluster_file(text: str, origin: str, cluster: str) -> FileObjects:
             continue
         if not isinstance(doc, dict):
             raise ManifestError("a document must be a mapping", origin, line)
-        items = doc["items"] if doc.get("kind") == "List" and isinstance(doc.get("items"),
-                                                                          list) else [doc]
-        for item in items:
+        for at, item in document_objects(line, doc):
             if not isinstance(item, dict):
-                raise ManifestError("a List item must be a mapping", origin, line)
+                raise ManifestError("a List item must be a mapping", origin, at)
             try:
                 parsed = parse_member_object(item, cluster)
             except ManifestError as exc:
-                raise exc.at(origin, line) from None
+                raise exc.at(origin, at) from None
             if parsed is None:
                 if (error := kind_error(item)) is not None:
-                    raise ManifestError(error, origin, line)
+                    raise ManifestError(error, origin, at)
                 continue
             ref, record = parsed
             if ref in objects:
                 raise ManifestError(f"duplicate {ref.kind} {ref.namespace}/{ref.name}",
-                                    origin, line)
+                                    origin, at)
             objects[ref] = record
     return objects
 

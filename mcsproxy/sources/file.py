@@ -19,6 +19,7 @@ from pathlib import Path
 
 from mcsproxy.manifests import (
     ManifestError,
+    document_objects,
     kind_error,
     load_yaml_documents,
     object_kind,
@@ -120,15 +121,11 @@ def parse_file_text(text: str, origin: str, source: str) -> dict[ObjectId, Spec]
             continue
         if not isinstance(doc, dict):
             raise ManifestError("a document must be a mapping", origin, line)
-        if doc.get("kind") == "List" and isinstance(doc.get("items"), list):
-            items = doc["items"]
-        else:
-            items = [doc]
-        for item in items:
+        for at, item in document_objects(line, doc):
             kind = object_kind(item) if isinstance(item, dict) else None
             if kind is None:
                 if isinstance(item, dict) and (error := kind_error(item)) is not None:
-                    raise ManifestError(error, origin, line)
+                    raise ManifestError(error, origin, at)
                 continue  # other kinds (Namespace, Service, ...) are not ours to serve
             try:
                 spec: Spec | None
@@ -139,12 +136,12 @@ def parse_file_text(text: str, origin: str, source: str) -> dict[ObjectId, Spec]
                     spec = parse_endpoint_slice(item)
                     name = item["metadata"]["name"]
             except ManifestError as exc:
-                raise exc.at(origin, line) from None
+                raise exc.at(origin, at) from None
             if spec is None:
                 continue
             oid = ObjectId(source, kind, spec.key.namespace, name)
             if oid in objects:
-                raise ManifestError(f"duplicate {kind} {oid.namespace}/{name}", origin, line)
+                raise ManifestError(f"duplicate {kind} {oid.namespace}/{name}", origin, at)
             objects[oid] = spec
     return objects
 
