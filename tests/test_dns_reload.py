@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 from pathlib import Path
 
 import dnslib
+import pytest
 
 from mcsproxy.config import DnsConfig
 from mcsproxy.dns.responder import next_serial
@@ -106,6 +108,39 @@ async def test_dns_follows_file_reloads(tmp_path: Path) -> None:
         # deleted import: the namespace goes with its last service
         (tmp_path / "web.yaml").unlink()
         await until(server, changed, ("NXDOMAIN", []), "test.svc.clusterset.local.")
+    finally:
+        await cancel_and_wait([task])
+        await server.stop()
+
+
+async def test_a_service_moved_to_another_file_keeps_answering(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The same ServiceImport renamed into place under a new name, then the old file
+    deleted: every snapshot in between still holds it (NXDOMAIN for ~0.25 s before)."""
+    text = import_yaml("web", "ClusterSetIP", WEB, '["127.240.0.50"]')
+    old, new = tmp_path / "services.yaml", tmp_path / "imports.yaml"
+    write(old, text)
+    store = SnapshotStore("cluster-a")
+    changed = asyncio.Event()
+    server = DnsServer(DnsConfig(listen=("127.0.0.1", 0)), store)
+    await server.start()
+    store.subscribe(lambda _s: changed.set())
+    task = spawn(FileSource(str(tmp_path), poll_interval_s=0.02).run(store), name="file")
+    try:
+        await until(server, changed, ("NOERROR", ["127.240.0.50"]))
+        served: list[bool] = []
+        store.subscribe(lambda s: served.append(any(k.name == "web" for k in s.services)))
+        with caplog.at_level(logging.INFO, logger="mcsproxy.sources.file"):
+            write(new, text)
+            old.unlink()
+            deadline = asyncio.get_running_loop().time() + WAIT_S
+            while f"file removed path={old}" not in caplog.text:
+                assert asyncio.get_running_loop().time() < deadline, "deletion not applied"
+                assert await answer(server) == ("NOERROR", ["127.240.0.50"])
+                await asyncio.sleep(0.01)
+        assert f"file loaded path={new}" in caplog.text
+        assert all(served), served
+        assert await answer(server) == ("NOERROR", ["127.240.0.50"])
     finally:
         await cancel_and_wait([task])
         await server.stop()

@@ -60,6 +60,10 @@ def addresses(snapshot: Snapshot) -> list[str]:
     return sorted(e.address for e in svc.endpoints) if svc else []
 
 
+def names(source: FileSource) -> set[str]:
+    return {oid.name for oid in source.merged()}
+
+
 def write(path: Path, text: str) -> None:
     """Replace a file atomically, as editors and kubectl-style tools do."""
     tmp = path.with_name("." + path.name + ".tmp")
@@ -274,6 +278,45 @@ def test_a_file_caught_half_written_is_read_once_it_holds_still(tmp_path: Path) 
     assert not source.scan() and source.merged() == {}
     os.utime(path, ns=(0, 0))  # long untouched: taken at once
     assert source.scan() and KEY.name in {o.name for o in source.merged()}
+
+
+def test_an_object_moved_to_a_fresh_file_is_never_withdrawn(tmp_path: Path) -> None:
+    """A move as git checkout or the advised publish does it: the same object renamed
+    into place under a new name, then the old file deleted. The deletion was applied at
+    once and the fresh file a scan later: the service was withdrawn in between."""
+    old, new = tmp_path / "services.yaml", tmp_path / "imports.yaml"
+    text = import_yaml("web", "ClusterSetIP", WEB, '["127.240.0.21"]')
+    write(old, text)
+    source = FileSource(str(tmp_path))
+    assert source.scan() and names(source) == {"web"}
+    write(new, text)
+    old.unlink()
+    assert not source.scan() and names(source) == {"web"}  # the deletion waits
+    assert source.scan() and names(source) == {"web"}  # both in one change
+    assert source._reads.keys() == {new}  # the deletion went in with it, not later
+    new.unlink()  # a plain deletion, with nothing settling, is not held
+    assert source.scan() and names(source) == set()
+
+
+def test_a_file_rewritten_without_pause_holds_a_deletion_only_so_long(tmp_path: Path) -> None:
+    """A removal that waits for settling files is bounded: a file rewritten between every
+    two scans never settles, and must not keep a deleted file's objects served."""
+    old, busy = tmp_path / "web.yaml", tmp_path / "busy.yaml"
+    write(old, import_yaml("web", "ClusterSetIP", WEB, '["127.240.0.21"]'))
+    write(busy, import_yaml("api", "ClusterSetIP", WEB, '["127.240.0.22"]'))
+    source = FileSource(str(tmp_path))
+    assert source.scan() and names(source) == {"web", "api"}
+    old.unlink()
+    scans = 0
+    while "web" in names(source):
+        assert scans < 10, "the deleted file is served for good"
+        write(busy, import_yaml("api", "ClusterSetIP", WEB, f'["127.240.0.{30 + scans}"]'))
+        source.scan()
+        scans += 1
+    # Held while busy.yaml might have been where web went, then withdrawn: a poll interval
+    # to notice the deletion and the scans after it fit in the one second promised.
+    assert 1 < scans <= 1.0 / file_source.POLL_INTERVAL_S
+    assert names(source) == {"api"}
 
 
 async def test_a_rewrite_that_puts_back_the_mtime_is_applied(source_dir) -> None:

@@ -39,6 +39,10 @@ SETTLE_S = 1.0
 # cannot change again without a new stamp.
 RACY_S = 2.0
 _RACY_NS = int(RACY_S * 1e9)
+# A removal waits for files still settling at most this many scans (0.5 s at the default
+# poll): a move (the new name written, the old one deleted) settles in one, and a deletion
+# beside a file rewritten without pause is still served within a second.
+REMOVAL_HOLD_SCANS = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +161,7 @@ class FileSource:
         self._errors: dict[Path, str] = {}
         self._missing: str | None = None  # the source's own path is gone or unlistable
         self._unreadable: dict[Path, str] = {}  # files there that cannot be stat'ed
+        self._held: dict[Path, int] = {}  # removed files still served: scans held
 
     def _list_files(self) -> tuple[dict[Path, FileStamp], dict[Path, str]]:
         """Stamps of the files to serve, and the files there that cannot be looked at
@@ -212,15 +217,13 @@ class FileSource:
                 log.error("rejected %s; keeping its last good version", message)
         self._unreadable = unreadable
         changed = False
-        for gone in set(self._reads) - set(stamps) - set(unreadable):
-            log.info("file removed path=%s", gone)
-            del self._reads[gone]
-            self._good.pop(gone, None)
-            self._errors.pop(gone, None)
-            changed = True
+        settling = False  # a changed file left for a later scan
         for path, stamp in sorted(stamps.items()):
             last = self._reads.get(path)
-            if (last is not None and last.holds(stamp)) or not self._settle.ready(path, stamp):
+            if last is not None and last.holds(stamp):
+                continue
+            if not self._settle.ready(path, stamp):
+                settling = True
                 continue
             try:
                 read, data = read_file(path, stamp)
@@ -256,11 +259,33 @@ class FileSource:
             self._good[path] = objects
             log.info("file loaded path=%s objects=%d", path, len(objects))
             changed = True
+        changed |= self._remove(set(self._reads) - set(stamps) - set(unreadable), settling)
         self._settle.end_scan(stamps)
         if self._missing is not None:
             self._missing = None
             log.info("source %s: the path is back", self.name)
         return changed
+
+    def _remove(self, gone: set[Path], settling: bool) -> bool:
+        """Withdraw the files deleted; True when any was. While another file is still
+        settling, a deletion waits (up to REMOVAL_HOLD_SCANS): that file may be where
+        the objects moved (renamed into place, then the old file deleted), and taken
+        apart the two would withdraw them for a scan or two and serve them again."""
+        for back in set(self._held) - gone:
+            del self._held[back]
+        removed = False
+        for path in sorted(gone):
+            held = self._held.get(path, 0)
+            if settling and held < REMOVAL_HOLD_SCANS:
+                self._held[path] = held + 1
+                continue
+            self._held.pop(path, None)
+            log.info("file removed path=%s", path)
+            del self._reads[path]
+            self._good.pop(path, None)
+            self._errors.pop(path, None)
+            removed = True
+        return removed
 
     def merged(self) -> dict[ObjectId, Spec]:
         merged: dict[ObjectId, Spec] = {}
