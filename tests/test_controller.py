@@ -451,6 +451,27 @@ async def test_a_member_file_caught_half_written_withdraws_nothing(tmp_path: Pat
     assert endpoint_addresses(cluster) == [("127.0.2.1",)]
 
 
+async def test_a_member_file_moved_to_a_new_name_withdraws_nothing(tmp_path: Path) -> None:
+    """The new file renamed into place, then the old one deleted: the deletion used to be
+    applied a scan before the new file was read, withdrawing the export (and with it the
+    ServiceImport in every cluster) for that scan."""
+    clusters, out = tmp_path / "clusters", tmp_path / "out"
+    member(clusters, "a", 1)
+    cluster = DirectoryCluster("a", clusters, out)
+    await cluster.sync()
+    held = cluster.objects.refs()
+    old, new = clusters / "a" / "web.yaml", clusters / "a" / "moved.yaml"
+    tmp = clusters / "a" / ".moved.yaml.tmp"
+    tmp.write_bytes(old.read_bytes())
+    os.replace(tmp, new)
+    old.unlink()
+    assert not await cluster.sync() and cluster.objects.refs() == held  # the deletion waits
+    await cluster.sync()  # both in one change: nothing left the member
+    assert cluster.objects.refs() == held
+    new.unlink()  # nothing settling: withdrawn at once
+    assert await cluster.sync() and cluster.objects.refs() == set()
+
+
 def endpoint_addresses(cluster: DirectoryCluster) -> list[tuple[str, ...]]:
     return [e.addresses for s in cluster.objects.slices_for(ServiceKey("test", "web"))
             for e in s.endpoints]

@@ -140,6 +140,7 @@ class _Scan:
     stamps: dict[Path, FileStamp] = field(default_factory=dict)
     parsed: dict[Path, tuple[FileRead, FileObjects | ManifestError]] = field(
         default_factory=dict)
+    removed: list[Path] = field(default_factory=list)  # deleted files to withdraw now
 
 
 class DirectoryCluster:
@@ -215,6 +216,9 @@ class DirectoryCluster:
             except UnicodeDecodeError as exc:
                 result = ManifestError(f"cannot read: {exc}", str(path))
             scan.parsed[path] = (read, result)
+        # A move (the new file renamed into place, the old one deleted) withdrew the
+        # export for a scan, and with it the ServiceImport in every cluster.
+        scan.removed = self._settle.due(set(self._cache) - set(scan.stamps))
         self._settle.end_scan(scan.stamps)
         return scan
 
@@ -238,8 +242,8 @@ class DirectoryCluster:
         if scan.unreadable is not None:
             self._set_connected(False, scan.unreadable, changes)
             return changes
-        for gone in set(self._cache) - set(scan.stamps):
-            del self._cache[gone]
+        for gone in scan.removed:
+            self._cache.pop(gone, None)
         self._cache.update(scan.parsed)
         errors = [str(r) for _, r in self._cache.values() if isinstance(r, ManifestError)]
         dirty = {p for p, (read, _) in self._cache.items()

@@ -105,14 +105,38 @@ class SettleGate:
         self.settle_ns = int(settle_s * 1e9)
         self._seen: dict[Path, FileStamp] = {}
         self._first = True
+        self._settling = False  # a change this scan left for a later one
+        self._held: dict[Path, int] = {}  # deleted files still served: scans held
 
     def ready(self, path: Path, stamp: FileStamp) -> bool:
         previous, self._seen[path] = self._seen.get(path), stamp
-        return (self._first or previous == stamp
-                or time.time_ns() - stamp.mtime_ns >= self.settle_ns)
+        if (self._first or previous == stamp
+                or time.time_ns() - stamp.mtime_ns >= self.settle_ns):
+            return True
+        self._settling = True
+        return False
+
+    def due(self, gone: set[Path]) -> list[Path]:
+        """Of the files deleted, those to withdraw in this scan (after its ready() calls).
+        While another file is still settling a deletion waits, up to REMOVAL_HOLD_SCANS:
+        that file may be where the objects moved (renamed into place, then the old file
+        deleted), and taken apart the two would withdraw them for a scan or two and serve
+        them again."""
+        for back in set(self._held) - gone:
+            del self._held[back]
+        due = []
+        for path in sorted(gone):
+            held = self._held.get(path, 0)
+            if self._settling and held < REMOVAL_HOLD_SCANS:
+                self._held[path] = held + 1
+            else:
+                self._held.pop(path, None)
+                due.append(path)
+        return due
 
     def end_scan(self, present: set[Path] | dict[Path, FileStamp]) -> None:
         self._first = False
+        self._settling = False
         for gone in set(self._seen) - set(present):
             del self._seen[gone]
 
@@ -161,7 +185,6 @@ class FileSource:
         self._errors: dict[Path, str] = {}
         self._missing: str | None = None  # the source's own path is gone or unlistable
         self._unreadable: dict[Path, str] = {}  # files there that cannot be stat'ed
-        self._held: dict[Path, int] = {}  # removed files still served: scans held
 
     def _list_files(self) -> tuple[dict[Path, FileStamp], dict[Path, str]]:
         """Stamps of the files to serve, and the files there that cannot be looked at
@@ -217,13 +240,11 @@ class FileSource:
                 log.error("rejected %s; keeping its last good version", message)
         self._unreadable = unreadable
         changed = False
-        settling = False  # a changed file left for a later scan
         for path, stamp in sorted(stamps.items()):
             last = self._reads.get(path)
             if last is not None and last.holds(stamp):
                 continue
             if not self._settle.ready(path, stamp):
-                settling = True
                 continue
             try:
                 read, data = read_file(path, stamp)
@@ -259,33 +280,21 @@ class FileSource:
             self._good[path] = objects
             log.info("file loaded path=%s objects=%d", path, len(objects))
             changed = True
-        changed |= self._remove(set(self._reads) - set(stamps) - set(unreadable), settling)
+        changed |= self._remove(self._settle.due(set(self._reads) - set(stamps) - set(unreadable)))
         self._settle.end_scan(stamps)
         if self._missing is not None:
             self._missing = None
             log.info("source %s: the path is back", self.name)
         return changed
 
-    def _remove(self, gone: set[Path], settling: bool) -> bool:
-        """Withdraw the files deleted; True when any was. While another file is still
-        settling, a deletion waits (up to REMOVAL_HOLD_SCANS): that file may be where
-        the objects moved (renamed into place, then the old file deleted), and taken
-        apart the two would withdraw them for a scan or two and serve them again."""
-        for back in set(self._held) - gone:
-            del self._held[back]
-        removed = False
-        for path in sorted(gone):
-            held = self._held.get(path, 0)
-            if settling and held < REMOVAL_HOLD_SCANS:
-                self._held[path] = held + 1
-                continue
-            self._held.pop(path, None)
+    def _remove(self, gone: list[Path]) -> bool:
+        """Withdraw the files deleted (SettleGate.due); True when any was."""
+        for path in gone:
             log.info("file removed path=%s", path)
             del self._reads[path]
             self._good.pop(path, None)
             self._errors.pop(path, None)
-            removed = True
-        return removed
+        return bool(gone)
 
     def merged(self) -> dict[ObjectId, Spec]:
         merged: dict[ObjectId, Spec] = {}
