@@ -31,10 +31,11 @@ def add_proxy_arguments(p: argparse.ArgumentParser) -> None:
                         "connections get S to finish (default 10)")
     g.add_argument("--udp-idle-timeout", type=float, default=30.0, metavar="S")
     g.add_argument("--udp-max-flows", type=int, default=16384, metavar="N",
-                   help="UDP flows per listener; datagrams of new clients beyond it drop")
+                   help="UDP flows per listener and process (--workers); datagrams of new "
+                        "clients beyond it drop")
     g.add_argument("--max-connections-per-listener", type=int, default=0, metavar="N",
-                   help="open TCP/HTTP connections per ClusterSetIP:port; more are closed at "
-                        "accept (default 0: unlimited)")
+                   help="open TCP/HTTP connections per ClusterSetIP:port and process "
+                        "(--workers); more are closed at accept (default 0: unlimited)")
     g.add_argument("--max-connections-per-client", type=int, default=0, metavar="N",
                    help="the same per client address and listener (default 0: unlimited)")
     g.add_argument("--workers", type=int, default=1, metavar="N",
