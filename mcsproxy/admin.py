@@ -159,13 +159,13 @@ async def endpoints(request: web.Request) -> web.StreamResponse:
     workers = gateway.observer.workers
     if workers is not None:
         await gateway.observer.gather()  # refreshes the workers' connection counts
-    now = time.monotonic()
     upstreams = sorted(proxy.upstreams.items(), key=lambda kv: str(kv[0]))
 
     def rows() -> Iterator[tuple[dict[str, Any], int]]:
         for ukey, upstream in upstreams:
             if key is not None and ukey.service != key:
                 continue
+            upstream.expire_due()
             extra = workers.active.get(upstream.name, {}) if workers is not None else {}
             for host in (*upstream.hosts.values(), *upstream.draining):
                 hp = f"{host.address}:{host.port}"
@@ -176,8 +176,7 @@ async def endpoints(request: web.Request) -> web.StreamResponse:
                     "cluster": host.cluster, "priority": host.level, "ready": host.ready,
                     "healthy": host.healthy, "active_check_up": host.active_up,
                     "ejected": host.ejected,
-                    "ejected_for_s": round(max(0.0, host.ejected_until - now), 1)
-                    if host.ejected else 0.0,
+                    "ejected_for_s": round(upstream.ejected_for_s(host), 1),
                     "times_ejected": host.times_ejected,
                     "consecutive_failures": host.consecutive_failures,
                     "draining": host.removed,

@@ -22,6 +22,7 @@ from prometheus_client import generate_latest as render_metrics
 
 from bench.common import script_module
 from mcsproxy import admin, jsonstream
+from mcsproxy.config import OutlierConfig
 from mcsproxy.model import ServiceKey
 from mcsproxy.observability import status
 from mcsproxy.observability.families import Families, drop_gradually
@@ -129,6 +130,51 @@ async def test_config_dump_endpoints_explain_and_status(tmp_path: Path) -> None:
         assert any(line.startswith("test/api:8080/TCP") and "local-first" in line
                    for line in lines)
         assert "RECENT EVENTS" in lines
+    finally:
+        await gw.stop()
+        await east.stop()
+        await west.stop()
+
+
+async def test_an_ejection_that_ran_out_shows_as_over_with_no_connection_since(
+        tmp_path: Path) -> None:
+    """Only a new connection used to end an ejection: after it ran out /endpoints,
+    /metrics, /api/status and /explain all kept the endpoint out (and a local-first
+    service spilled) until the next client came."""
+    east = await Backend("east-1", "127.57.23.1", free_port("127.57.23.1"), "east").start()
+    west = await Backend("west-1", "127.57.24.1", free_port("127.57.24.1"), "west").start()
+    dead = Backend("east-2", "127.57.23.2", free_port("127.57.23.2"), "east")  # refuses
+    files = {"web": service_yaml("web", "127.240.57.23", [east, dead, west],
+                                 traffic="PreferClose")}
+    gw = await start_gateway(tmp_path, HOST, files=files, outlier=OutlierConfig(
+        consecutive_failures=1, base_ejection_s=0.3))
+    try:
+        assert gw.gateway.proxy is not None
+        (upstream,) = gw.gateway.proxy.upstreams.values()
+        host = upstream.hosts[(dead.host, dead.port)]
+        for _ in range(6):  # round-robin reaches the dead one; the client is retried
+            # (to west too once the dead one is out: east takes 70 % then)
+            assert await ask("127.240.57.23", 80) in ("east-1", "west-1")
+            if host.ejected:
+                break
+        assert host.ejected
+        # Wait out the ejection on the set's own clock; no connection comes meanwhile.
+        await asyncio.sleep(host.ejected_until - time.monotonic() + 0.05)
+
+        rows = (await gw.get_json("/endpoints?service=test/web"))["endpoints"]
+        row = next(r for r in rows if r["address"] == dead.host)
+        assert (row["ejected"], row["ejected_for_s"], row["healthy"]) == (False, 0.0, True)
+        m = await gw.metrics()
+        assert value(m, "mcsproxy_upstream_endpoints", service="test/web", state="ejected") == 0
+        assert value(m, "mcsproxy_upstream_expected_share_percent", cluster="east") == 100
+        status = await gw.get_json("/api/status")
+        cells = next(s for s in status["services"] if s["service"] == "test/web")["clusters"]
+        assert (cells["east"]["healthy"], cells["east"]["ejected"]) == (2, 0)
+        assert cells["east"]["expected_share"] == 100.0
+        assert any("returned from ejection" in e["text"] for e in status["events"])
+        port = (await gw.get_json("/explain?service=test/web"))["ports"][0]
+        assert port["split"] == {"east": 100.0} and not port["spill"]
+        assert not any(e["ejected"] for e in port["endpoints"])
     finally:
         await gw.stop()
         await east.stop()

@@ -3,11 +3,12 @@ upstream sets whose health is set through their own interface (probe results).""
 
 from __future__ import annotations
 
-from mcsproxy.config import HealthConfig, ProxyConfig
+from mcsproxy.config import HealthConfig, OutlierConfig, ProxyConfig
 from mcsproxy.model import ImportedService, ServiceKey, ServicePort
 from mcsproxy.observability.explain import explain, explain_port
 from mcsproxy.upstream import UpstreamSet, eligible_targets, priority_load
 from tests.proxy_fixtures import NO_HEALTH, endpoint
+from tests.test_upstream_set import FakeClock
 
 PORT = ServicePort("web", "TCP", 80)
 CONFIG = ProxyConfig(health=NO_HEALTH)
@@ -128,3 +129,25 @@ def test_no_sentence_has_brackets_inside_brackets() -> None:
         words += explain_port(svc, PORT, "east", CONFIG, None)["words"]
     assert any("annotation mcsproxy.io/locality: local-first" in w for w in words)
     assert [w for w in words if _nested_parentheses(w)] == []
+
+
+def test_an_ejection_that_ran_out_is_explained_as_over_without_a_connection() -> None:
+    """Explain read the ejection and the plan as the last pick left them: an ejection
+    that ran out with no connection since still kept its endpoint out of the split."""
+    svc = service([("10.0.0.1", "east", True), ("10.0.0.2", "east", True),
+                   ("10.1.0.1", "west", True)], traffic="PreferClose")
+    clock = FakeClock()
+    config = ProxyConfig(health=NO_HEALTH, outlier=OutlierConfig(
+        consecutive_failures=1, base_ejection_s=2))
+    upstream = UpstreamSet("test/web:web/TCP", "east", config, locality=svc.locality,
+                           clock=clock)
+    upstream.update(eligible_targets(svc, PORT))
+    upstream.connect_failed(upstream.hosts[("10.0.0.1", 8080)], "refused")
+    out = explain_port(svc, PORT, "east", config, upstream)
+    assert out["split"] == {"east": 70.0, "west": 30.0} and out["endpoints"][0]["ejected"]
+    clock.now += 3.5
+    out = explain_port(svc, PORT, "east", config, upstream)
+    assert out["split"] == {"east": 100.0} and not out["spill"]
+    assert [(e["ejected"], e["healthy"]) for e in out["endpoints"]] == [(False, True)] * 3
+    assert out["levels"][0]["healthy"] == 2
+

@@ -167,6 +167,54 @@ def test_outlier_ejection_time_grows_and_is_capped() -> None:
     assert durations == [10, 20, 25, 25]
 
 
+def test_an_ejection_ends_on_time_for_readers_when_no_connection_comes() -> None:
+    """Only pick() used to end an ejection: with no connection after it ran out, the
+    split, the plan and the seconds left that the admin, metrics, status page and explain
+    read still showed the endpoint out (a local-first service 30 % spilled for good)."""
+    u = make({"east": 2, "west": 2}, locality="local-first",
+             outlier=OutlierConfig(consecutive_failures=1, base_ejection_s=10))
+    clock = u._clock
+    assert isinstance(clock, FakeClock)
+    host = u.hosts[("127.0.1.1", 8080)]
+    u.connect_failed(host, "refused")
+    assert u.split() == {"east": 70.0, "west": 30.0}
+    clock.now += 4
+    assert u.split() == {"east": 70.0, "west": 30.0}
+    clock.now += 6
+    assert u.split() == {"east": 100.0}
+    assert not host.ejected and host.healthy
+    assert u.plan.loads == (100, 0)
+    assert u.snapshot_state()["loads"] == [100, 0]
+
+
+def test_the_seconds_left_of_an_ejection_are_read_on_the_sets_clock() -> None:
+    u = make({"east": 2}, outlier=OutlierConfig(consecutive_failures=1, base_ejection_s=10))
+    clock = u._clock
+    assert isinstance(clock, FakeClock)
+    host = u.hosts[("127.0.1.1", 8080)]
+    u.connect_failed(host, "refused")
+    clock.now += 4
+    assert u.ejected_for_s(host) == 6
+    clock.now += 6
+    assert u.ejected_for_s(host) == 0.0
+
+
+def test_an_ejection_that_ran_out_does_not_hold_back_the_next() -> None:
+    """With one ejection allowed at a time, one that ran out while no pick came still
+    counted, so the next failing endpoint stayed in."""
+    u = make({"east": 4}, outlier=OutlierConfig(consecutive_failures=1, base_ejection_s=10,
+                                                max_ejection_percent=25))
+    clock = u._clock
+    assert isinstance(clock, FakeClock)
+    first, second = u.hosts[("127.0.1.1", 8080)], u.hosts[("127.0.1.2", 8080)]
+    u.connect_failed(first, "refused")
+    u.connect_failed(second, "refused")
+    assert first.ejected and not second.ejected  # 25 %: one of four
+    clock.now += 10
+    u.connect_failed(second, "refused")
+    assert not first.ejected and second.ejected
+
+
 def test_success_resets_the_failure_count() -> None:
     u = make({"east": 2}, outlier=OutlierConfig(consecutive_failures=2))
     host = next(iter(u.hosts.values()))

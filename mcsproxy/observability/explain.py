@@ -54,6 +54,8 @@ def _clusters(names: list[str]) -> str:
 
 def explain_port(service: ImportedService, port: ServicePort, local_cluster: str,
                  config: ProxyConfig, upstream: UpstreamSet | None) -> dict[str, Any]:
+    if upstream is not None:
+        upstream.expire_due()  # before reading hosts and plan: see UpstreamSet.expire_due
     targets = eligible_targets(service, port)
     eligible = {(t.address, t.port) for t in targets}
     any_ready = any(t.ready for t in targets)

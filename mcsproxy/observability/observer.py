@@ -353,6 +353,7 @@ class Observer:
                 active.add(cl, 0)
                 for state in HOST_STATES:
                     endpoints.add([*cl, state], 0)
+            upstream.expire_due()  # an ejection that ran out while no connection came
             for host in upstream.hosts.values():
                 cl = [*labels, host.cluster]
                 active.add(cl, host.active)

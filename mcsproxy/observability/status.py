@@ -134,6 +134,7 @@ def service_row(snapshot: Snapshot, service: ImportedService, port: ServicePort,
     if entry is not None:
         ukey, upstream = entry
         plabel = port_label(ukey, snapshot)
+        upstream.expire_due()  # before reading hosts and plan: see UpstreamSet.expire_due
         row["panic"] = any(upstream.plan.panic)
         row["loads"] = list(upstream.plan.loads)
         split = upstream.split()

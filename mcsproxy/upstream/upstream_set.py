@@ -15,6 +15,9 @@ Health lives here: active checks (`HealthChecker`, started with `start()`) repor
 `health_result`, passive failures through `connect_failed`/`response_status`; a host is
 *healthy* when its active state is up and it is not ejected. Every health change rebuilds
 the per-level host lists and Envoy's load plan once, so `pick` only indexes lists.
+An ejection runs out when a reader next looks: `pick` checks the clock itself; every
+other reader (admin, metrics, status page, explain) calls `expire_due()` first, or it
+would report an ejection that ended while no connection came.
 `update()` takes a new target list from a snapshot: hosts that stay keep their state and
 connections; removed hosts get nothing new and their connections drain (aborted after
 `drain_grace_s` when one is configured; UDP flows, which have no end, at once). Every
@@ -424,6 +427,8 @@ class UpstreamSet:
         self._rebuild()
 
     def _eject(self, host: Host, why: str) -> None:
+        # An ejection that ran out while no pick came must not count against the limit.
+        self.expire_due()
         total = len(self.hosts)
         ejected = sum(1 for h in self.hosts.values() if h.ejected)
         # Counting this one: never more than max_ejection_percent of the endpoints out.
@@ -443,6 +448,16 @@ class UpstreamSet:
         self._event("ejection", f"endpoint {host} ejected for {duration:.0f}s: {why}")
         self._rebuild()
 
+    def expire_due(self) -> None:
+        """End the ejections that have run out. `pick` does this check inline (the hot
+        path); readers outside it call this before reading hosts, `plan` or the split."""
+        if self._next_expiry != INF and self._clock() >= self._next_expiry:
+            self._expire_ejections()
+
+    def ejected_for_s(self, host: Host) -> float:
+        """Seconds left of `host`'s ejection on this set's clock (0 when not ejected)."""
+        return max(0.0, host.ejected_until - self._clock()) if host.ejected else 0.0
+
     def _expire_ejections(self) -> None:
         now = self._clock()
         nxt = INF
@@ -460,7 +475,7 @@ class UpstreamSet:
         self._rebuild()
 
     def _rebuild(self) -> None:
-        old_split = self.split() if self.events is not None and self.plan.loads else None
+        old_split = self._split() if self.events is not None and self.plan.loads else None
         nlevels = 1 + max((h.level for h in self.hosts.values()), default=-1)
         levels: list[list[Host]] = [[] for _ in range(nlevels)]
         for host in self.hosts.values():
@@ -489,13 +504,18 @@ class UpstreamSet:
                 self._event("panic", f"left panic mode (priority loads {list(plan.loads)})")
         self._panic_logged = plan.panic
         if old_split is not None:
-            new_split = self.split()
+            new_split = self._split()
             if new_split != old_split:
                 self._event("failover", "traffic split " + _shares(old_split) + " -> "
                             + _shares(new_split))
 
     def split(self) -> dict[str, float]:
         """Expected percent of new connections per cluster (see `cluster_shares`)."""
+        self.expire_due()
+        return self._split()
+
+    def _split(self) -> dict[str, float]:
+        # Without expire_due: _rebuild compares the split before and after its own change.
         return cluster_shares(self.plan.loads, [[h.cluster for h in lv] for lv in self._avail])
 
     def _event(self, kind: str, text: str) -> None:
@@ -514,6 +534,7 @@ class UpstreamSet:
 
     def snapshot_state(self) -> dict[str, object]:
         """Plain data for logs and the admin page."""
+        self.expire_due()
         return {
             "locality": self.locality,
             "loads": list(self.plan.loads),
