@@ -149,6 +149,17 @@ async def config_dump(request: web.Request) -> web.StreamResponse:
         lambda: f']}}, "config": {json.dumps(jsonable(gateway.config))}}}\n')
 
 
+async def workers_active(gateway: Gateway) -> dict[str, dict[str, int]]:
+    """The other --workers processes' open connections: upstream set name → "addr:port"
+    → count, asked of the workers now (empty without workers). A host's own `active`
+    counts this process's only."""
+    workers = gateway.observer.workers
+    if workers is None:
+        return {}
+    await gateway.observer.gather()  # refreshes the workers' connection counts
+    return workers.active
+
+
 async def endpoints(request: web.Request) -> web.StreamResponse:
     """Every endpoint the proxy balances over, with its health and connections."""
     gateway = _gateway(request)
@@ -156,9 +167,7 @@ async def endpoints(request: web.Request) -> web.StreamResponse:
     proxy = gateway.proxy
     if proxy is None:
         raise web.HTTPNotFound(text="no proxy runs here (--no-proxy)\n")
-    workers = gateway.observer.workers
-    if workers is not None:
-        await gateway.observer.gather()  # refreshes the workers' connection counts
+    others = await workers_active(gateway)
     upstreams = sorted(proxy.upstreams.items(), key=lambda kv: str(kv[0]))
 
     def rows() -> Iterator[tuple[dict[str, Any], int]]:
@@ -166,7 +175,7 @@ async def endpoints(request: web.Request) -> web.StreamResponse:
             if key is not None and ukey.service != key:
                 continue
             upstream.expire_due()
-            extra = workers.active.get(upstream.name, {}) if workers is not None else {}
+            extra = others.get(upstream.name, {})
             for host in (*upstream.hosts.values(), *upstream.draining):
                 hp = f"{host.address}:{host.port}"
                 yield {
@@ -204,7 +213,8 @@ async def explain_handler(request: web.Request) -> web.Response:
     if proxy is not None:
         upstreams = {(u.port_name, u.protocol): s for u, s in proxy.upstreams.items()
                      if u.service == key}
-    result = explain(service, port, gateway.config.cluster_id, gateway.config.proxy, upstreams)
+    result = explain(service, port, gateway.config.cluster_id, gateway.config.proxy, upstreams,
+                     await workers_active(gateway) if proxy is not None else {})
     if request.query.get("format") == "text":
         lines = []
         for p in result["ports"]:

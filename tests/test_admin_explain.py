@@ -8,7 +8,7 @@ from mcsproxy.model import ImportedService, ServiceKey, ServicePort
 from mcsproxy.observability.explain import explain, explain_port
 from mcsproxy.upstream import UpstreamSet, eligible_targets, priority_load
 from tests.proxy_fixtures import NO_HEALTH, endpoint
-from tests.test_upstream_set import FakeClock
+from tests.test_upstream_set import Conn, FakeClock
 
 PORT = ServicePort("web", "TCP", 80)
 CONFIG = ProxyConfig(health=NO_HEALTH)
@@ -151,3 +151,13 @@ def test_an_ejection_that_ran_out_is_explained_as_over_without_a_connection() ->
     assert [(e["ejected"], e["healthy"]) for e in out["endpoints"]] == [(False, True)] * 3
     assert out["levels"][0]["healthy"] == 2
 
+
+def test_other_workers_connections_count_in_active_connections() -> None:
+    """With --workers N the other processes' connections (admin.workers_active) add to
+    this process's own, as /endpoints adds them; explain showed this process's only."""
+    svc = service([("10.0.0.1", "east", True), ("10.1.0.1", "west", True)])
+    upstream = live(svc)
+    upstream.connect_ok(upstream.hosts[("10.0.0.1", 8080)], Conn())
+    others = {upstream.name: {"10.0.0.1:8080": 4, "10.1.0.1:8080": 6}}
+    out = explain(svc, None, "east", CONFIG, {("web", "TCP"): upstream}, others)
+    assert [e["active_connections"] for e in out["ports"][0]["endpoints"]] == [5, 6]

@@ -42,12 +42,13 @@ Samples = dict[str, list[tuple[dict[str, str], float]]]
 
 
 @asynccontextmanager
-async def two_workers(source: Path, *extra: str) -> AsyncIterator[tuple[asyncio.subprocess.Process,
-                                                           Callable[[], Awaitable[Samples]]]]:
+async def two_workers(source: Path, *extra: str, admin: str | None = None,
+                      ) -> AsyncIterator[tuple[asyncio.subprocess.Process,
+                                               Callable[[], Awaitable[Samples]]]]:
     """`gateway --workers 2` over `source`, once both processes serve every listener and
     the worker reports; yields the process and a scrape of its /metrics. `extra`: more
-    gateway arguments."""
-    admin = f"{HOST}:{free_port(HOST)}"
+    gateway arguments; `admin`: its admin address, to ask more than /metrics."""
+    admin = admin or f"{HOST}:{free_port(HOST)}"
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "mcsproxy", "gateway", "--cluster-id", "east",
         "--source", f"file:{source}", "--workers", "2", "--log-level", "warning",
@@ -248,6 +249,41 @@ async def test_two_workers_count_every_refused_request(tmp_path: Path) -> None:
         assert 0 < report.families["mcsproxy_http_refused"].total() < sum(want.values())
     finally:
         await backend.stop()
+
+
+async def test_explain_counts_every_workers_connections_as_endpoints_does(
+        tmp_path: Path) -> None:
+    """/explain counted the main process's connections only (13 of 20 open), while
+    /endpoints and the metric add the worker's."""
+    backends = [await Backend(f"east-{i}", f"127.57.43.{i}", free_port(f"127.57.43.{i}"),
+                              "east").start() for i in (1, 2)]
+    ip = "127.240.57.43"
+    port = free_port(ip)
+    (tmp_path / "web.yaml").write_text(service_yaml("web", ip, backends, port=port))
+    admin = f"{HOST}:{free_port(HOST)}"
+    held = []
+    try:
+        async with two_workers(tmp_path, admin=admin) as (proc, _), \
+                ClientSession(timeout=ClientTimeout(total=10)) as http:
+            for _ in range(20):
+                reader, writer = await asyncio.open_connection(ip, port)
+                assert (await reader.readline()).startswith(b"east-")
+                held.append(writer)
+            report = await fetch_report(proc.pid, 1)
+            assert report is not None and sum(
+                sum(hosts.values()) for hosts in report.active.values()) > 0  # both hold some
+            async with http.get(f"http://{admin}/endpoints?service=test/web") as resp:
+                rows = (await resp.json())["endpoints"]
+            async with http.get(f"http://{admin}/explain?service=test/web") as resp:
+                explained = (await resp.json())["ports"][0]["endpoints"]
+            for writer in held:
+                writer.close()
+        by_endpoint = {r["address"]: r["active_connections"] for r in rows}
+        assert sum(by_endpoint.values()) == 20
+        assert {e["address"]: e["active_connections"] for e in explained} == by_endpoint
+    finally:
+        for backend in backends:
+            await backend.stop()
 
 
 async def test_a_restarted_workers_counters_go_with_their_service(tmp_path: Path) -> None:

@@ -53,9 +53,13 @@ def _clusters(names: list[str]) -> str:
 
 
 def explain_port(service: ImportedService, port: ServicePort, local_cluster: str,
-                 config: ProxyConfig, upstream: UpstreamSet | None) -> dict[str, Any]:
+                 config: ProxyConfig, upstream: UpstreamSet | None,
+                 others_active: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """`others_active`: "addr:port" → open connections of the other --workers processes
+    (admin.workers_active), added to this process's own."""
     if upstream is not None:
         upstream.expire_due()  # before reading hosts and plan: see UpstreamSet.expire_due
+    others = others_active or {}
     targets = eligible_targets(service, port)
     eligible = {(t.address, t.port) for t in targets}
     any_ready = any(t.ready for t in targets)
@@ -81,7 +85,8 @@ def explain_port(service: ImportedService, port: ServicePort, local_cluster: str
                 row.update(healthy=host.healthy, active_check_up=host.active_up,
                            ejected=host.ejected, times_ejected=host.times_ejected,
                            consecutive_failures=host.consecutive_failures,
-                           active_connections=host.active)
+                           active_connections=host.active
+                           + others.get(f"{host.address}:{host.port}", 0))
             else:
                 row["healthy"] = True  # no proxy: Kubernetes' readiness is all we know
         endpoints.append(row)
@@ -182,11 +187,13 @@ def explain_port(service: ImportedService, port: ServicePort, local_cluster: str
 
 
 def explain(service: ImportedService, port_filter: str | None, local_cluster: str,
-            config: ProxyConfig, upstreams: Mapping[tuple[str, str], UpstreamSet] | None
-            ) -> dict[str, Any]:
+            config: ProxyConfig, upstreams: Mapping[tuple[str, str], UpstreamSet] | None,
+            others_active: Mapping[str, Mapping[str, int]] | None = None) -> dict[str, Any]:
     """The explanation of every (or the one asked for) port of a service.
 
     `upstreams` maps (port name, protocol) to the live upstream set; None without a proxy.
+    `others_active`: the other --workers processes' open connections by upstream set name
+    and "addr:port" (admin.workers_active).
     """
     ports = [p for p in service.ports if port_filter in (None, p.name, str(p.port))]
     out: dict[str, Any] = {"service": str(service.key), "type": service.type,
@@ -209,6 +216,8 @@ def explain(service: ImportedService, port_filter: str | None, local_cluster: st
                                  "words": ["Not served yet: the proxy has not applied the "
                                            "snapshot with this port."]})
             continue
-        out["ports"].append(explain_port(service, port, local_cluster, config, upstream))
+        out["ports"].append(explain_port(
+            service, port, local_cluster, config, upstream,
+            (others_active or {}).get(upstream.name) if upstream is not None else None))
     out["words"] = [w for p in out["ports"] for w in p["words"]]
     return out
