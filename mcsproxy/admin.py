@@ -26,6 +26,7 @@ from mcsproxy.gc_pause import collector_off
 from mcsproxy.jsonstream import stream_json_list
 from mcsproxy.model import ImportedService, ServiceKey
 from mcsproxy.observability.families import drop_gradually
+from mcsproxy.observability.workers import health_scope
 from mcsproxy.webguard import ConnectionGuard, serve
 
 if TYPE_CHECKING:
@@ -192,7 +193,9 @@ async def endpoints(request: web.Request) -> web.StreamResponse:
                     "active_connections": host.active + extra.get(hp, 0),
                 }, 1
 
-    return await stream_json_list(request, '{"endpoints": [', rows(), lambda: "]}\n")
+    scope = json.dumps(health_scope(gateway.config.proxy.workers))
+    return await stream_json_list(request, f'{{"health_scope": {scope}, "endpoints": [',
+                                  rows(), lambda: "]}\n")
 
 
 async def explain_handler(request: web.Request) -> web.Response:

@@ -61,6 +61,8 @@ def render(status: dict[str, Any], events: int = 10) -> str:
         + f", {g['services']} services, {g['active_connections']:g} open connections"
         + (f", {g['workers']} proxy processes" if g.get("workers", 1) > 1 else ""),
     ]
+    if g.get("health_scope"):
+        lines.append(g["health_scope"])
     for name, s in status["sources"].items():
         lines.append(f"source {name}: {'connected' if s['connected'] else 'DISCONNECTED'}, "
                      f"{'synced' if s['synced'] else 'not synced'}, {s['objects']} objects"

@@ -79,13 +79,16 @@ async def test_config_dump_endpoints_explain_and_status(tmp_path: Path) -> None:
         assert os.path.samefile(executable.strip("()"), sys.executable)
         writer.close()
         await writer.wait_closed()
-        rows = (await gw.get_json("/endpoints"))["endpoints"]
+        everything = await gw.get_json("/endpoints")
+        assert everything["health_scope"] is None  # one process: its health is all there is
+        rows = everything["endpoints"]
         assert {(r["service"], r["cluster"]) for r in rows} == {
             ("test/web", "east"), ("test/web", "west"), ("test/api", "east")}
 
         explained = await gw.get_json("/explain?service=test/web")
         port = explained["ports"][0]
         assert port["live"] and port["split"] == {"east": 50.0, "west": 50.0}
+        assert port["health_scope"] is None
         assert port["levels"] == [{"priority": 0, "clusters": ["east", "west"], "endpoints": 2,
                                    "healthy": 2, "health_percent": 100, "load_percent": 100,
                                    "panic": False}]

@@ -22,9 +22,11 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from aiohttp import ClientSession, ClientTimeout
 
+from mcsproxy import statuscmd
 from mcsproxy.http.wire import REFUSAL_REASONS
 from mcsproxy.observability import workers
 from mcsproxy.observability.families import Families
@@ -284,6 +286,36 @@ async def test_explain_counts_every_workers_connections_as_endpoints_does(
     finally:
         for backend in backends:
             await backend.stop()
+
+
+async def test_the_pages_say_whose_health_and_ejections_they_show(tmp_path: Path) -> None:
+    """A worker's report carries counters and connections, not its ejections: /endpoints,
+    /explain, /api/status and `mcsproxy status` showed the main process's health as if it
+    were every process's, so an endpoint a worker ejected looked in service."""
+    backend = await Backend("east-1", "127.57.44.1", free_port("127.57.44.1"), "east").start()
+    ip = "127.240.57.44"
+    port = free_port(ip)
+    (tmp_path / "web.yaml").write_text(service_yaml("web", ip, [backend], port=port))
+    admin = f"{HOST}:{free_port(HOST)}"
+    try:
+        async with two_workers(tmp_path, admin=admin), \
+                ClientSession(timeout=ClientTimeout(total=10)) as http:
+
+            async def get(path: str) -> Any:
+                async with http.get(f"http://{admin}{path}") as resp:
+                    return await resp.json()
+
+            scope = (await get("/endpoints"))["health_scope"]
+            explained = (await get("/explain?service=test/web"))["ports"][0]
+            status_ = await get("/api/status")
+        assert scope == workers.health_scope(2)
+        assert scope.startswith("health and ejections shown are the main process's")
+        assert explained["health_scope"] == scope
+        assert explained["words"][-1] == scope[0].upper() + scope[1:] + "."
+        assert status_["gateway"]["health_scope"] == scope
+        assert scope in statuscmd.render(status_).splitlines()
+    finally:
+        await backend.stop()
 
 
 async def test_a_restarted_workers_counters_go_with_their_service(tmp_path: Path) -> None:

@@ -72,6 +72,7 @@ function renderSummary(status) {
     ` · ${g.services} services · ${status.clusters.length} clusters · `,
     `${g.active_connections} open connections`,
     g.workers > 1 ? ` · ${g.workers} proxy processes` : "",
+    g.health_scope ? el("div", {class: "scope"}, g.health_scope) : "",
     panics ? el("span", {class: "bad"}, ` · ${panics} in panic`) : "",
   );
 }

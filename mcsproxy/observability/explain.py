@@ -13,6 +13,7 @@ from typing import Any
 
 from mcsproxy.config import ProxyConfig
 from mcsproxy.model import LOCALITY_ANNOTATION, Endpoint, ImportedService, ServicePort
+from mcsproxy.observability.workers import health_scope
 from mcsproxy.upstream.balance import (
     cluster_shares,
     eligible_targets,
@@ -175,6 +176,9 @@ def explain_port(service: ImportedService, port: ServicePort, local_cluster: str
                      "keeps its endpoint while it stays healthy (or its level is in panic).")
     if upstream is None:
         words.append("No proxy runs here (--no-proxy): health is assumed from readiness.")
+    scope = health_scope(config.workers) if upstream is not None else None
+    if scope is not None:
+        words.append(scope[0].upper() + scope[1:] + ".")
     return {
         "port": {"name": port.name, "port": port.port, "protocol": port.protocol,
                  "app_protocol": port.app_protocol},
@@ -182,7 +186,7 @@ def explain_port(service: ImportedService, port: ServicePort, local_cluster: str
         "lb_policy": config.lb_policy, "overprovisioning_factor": factor,
         "panic_threshold_percent": threshold, "live": upstream is not None,
         "endpoints": endpoints, "levels": levels, "split": split,
-        "spill": spill, "panic": any(plan.panic), "words": words,
+        "spill": spill, "panic": any(plan.panic), "health_scope": scope, "words": words,
     }
 
 

@@ -292,7 +292,9 @@ class Observer:
                          summed=True)
         endpoints = f.gauge("mcsproxy_upstream_endpoints",
                             "Endpoints by health state (healthy, unhealthy: failing active "
-                            "checks, ejected: outlier detection)", [*svc, "cluster", "state"])
+                            "checks, ejected: outlier detection); with --workers N the main "
+                            "process's own",
+                            [*svc, "cluster", "state"])
         ejections = f.counter("mcsproxy_upstream_ejections",
                               "Outlier ejections of the cluster's endpoints", [*svc, "cluster"])
         requests = f.counter("mcsproxy_http_requests",

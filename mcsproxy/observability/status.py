@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from mcsproxy import compiled
 from mcsproxy.observability.families import Families
 from mcsproxy.observability.observer import host_state, port_label
+from mcsproxy.observability.workers import health_scope
 
 if TYPE_CHECKING:
     from mcsproxy.gateway import Gateway
@@ -106,6 +107,8 @@ def status_parts(gateway: Gateway,
                 "workers": gateway.config.proxy.workers, "proxy": proxy is not None,
                 "active_connections": active,
                 "data_path": compiled.STATE, "python": compiled.interpreter(),
+                "health_scope": health_scope(gateway.config.proxy.workers)
+                if proxy is not None else None,
             },
             "sources": detail["sources"],
             "clusters": sorted(clusters, key=lambda c: (c != local, c)),

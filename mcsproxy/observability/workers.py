@@ -89,6 +89,17 @@ def _line(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode() + b"\n"
 
 
+def health_scope(workers: int) -> str | None:
+    """What the health and ejection state shown covers, said wherever it is shown when
+    there are workers: each process ejects on the failures it sees, and a report carries
+    counters and connections, not that state. None with one process."""
+    if workers <= 1:
+        return None
+    return (f"health and ejections shown are the main process's; the other {workers - 1} "
+            f"of the {workers} proxy processes eject on the failures they see themselves, "
+            "not shown here")
+
+
 def socket_name(main_pid: int, index: int) -> str:
     return f"\0mcsproxy-{main_pid}-worker-{index}"
 
