@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import resource
+import select
 import socket
 
 import pytest
@@ -461,3 +462,75 @@ async def test_datagrams_past_what_an_opening_flow_holds_are_dropped_and_counted
     finally:
         await proxy.stop()
         backend.close()
+
+
+class Recorder(asyncio.DatagramProtocol):
+    """An endpoint that answers nothing and keeps what it got, in order."""
+
+    def __init__(self) -> None:
+        self.got: list[bytes] = []
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        self.got.append(data)
+
+
+async def recorder(host: str) -> tuple[asyncio.DatagramTransport, Recorder, int]:
+    port = free_port(host, socket.SOCK_DGRAM)
+    proto = Recorder()
+    transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+        lambda: proto, local_addr=(host, port))
+    return transport, proto, port  # type: ignore[return-value]
+
+
+def port_unreachable_pending(fd: int) -> bool:
+    """Whether an ICMP error waits on this connected UDP socket (its next write fails).
+    Blocks the loop on purpose: the flow must not read the error before its next write."""
+    poller = select.poll()
+    poller.register(fd, select.POLLERR)
+    return bool(poller.poll(200))
+
+
+async def test_a_datagram_whose_write_meets_port_unreachable_moves_with_the_flow() -> None:
+    # The port unreachable an earlier datagram brought back can surface as the next
+    # write's ECONNREFUSED, before the loop reads it. The flow moved then, from inside that
+    # write, with what it had kept, and only then kept the datagram being written: that
+    # one stayed behind on the dead flow (5 of 1,500 datagrams lost, none counted).
+    loop = asyncio.get_running_loop()
+    gone = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # closed at once, when told
+    gone.bind(("127.92.11.1", 0))
+    gone.setblocking(False)
+    gone_port = gone.getsockname()[1]
+    live, live_proto, live_port = await recorder("127.92.11.2")
+    ip = "127.240.92.11"
+    cs = dns_clusterset(ip, dns_endpoint("127.92.11.1", "east", gone_port),
+                        dns_endpoint("127.92.11.2", "east", live_port))
+    proxy = await cs.proxy(outlier=OutlierConfig(consecutive_failures=0))
+    listener: UdpListener = next(iter(proxy.listeners.values())).transport.get_protocol()  # type: ignore[attr-defined]
+    try:
+        # Round robin: of two new clients, one flow goes to the endpoint about to go.
+        for port in (4001, 4002):
+            listener.datagram_received(b"%d:0" % port, ("127.92.11.9", port))
+        addr, flow = next((a, f) for a, f in listener.flows.items()
+                          if f.host is not None and f.host.port == gone_port)
+        first = await asyncio.wait_for(loop.sock_recv(gone, 100), 3)
+        assert first == b"%d:0" % addr[1]
+        gone.close()
+        sent = [first]
+        for i in range(1, 6):  # the ICMP answer can be rate-limited: send until one comes
+            sent.append(b"%d:%d" % (addr[1], i))
+            listener.datagram_received(sent[-1], addr)
+            if port_unreachable_pending(flow.fd):
+                break
+        else:
+            pytest.fail("no port unreachable came back")
+        sent.append(b"%d:last" % addr[1])
+        listener.datagram_received(sent[-1], addr)  # this write meets ECONNREFUSED
+        assert flow.closed and listener.flows[addr] is not flow
+        await until(lambda: [d for d in live_proto.got if d.startswith(b"%d:" % addr[1])]
+                    == sent, "every datagram at the live endpoint", timeout=3)
+        assert proxy.udp_drops.counts == dict.fromkeys(proxy.udp_drops.counts, 0)
+    finally:
+        await proxy.stop()
+        live.close()
+        gone.close()
+

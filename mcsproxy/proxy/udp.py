@@ -7,7 +7,8 @@ when idle (the manager's sweep), when its endpoint answers ICMP port unreachable
 its endpoint leaves the snapshot or when its listener closes. Port unreachable before any
 reply moves the flow: the datagrams it sent go again to another endpoint (bounded by
 connect_attempts, as a TCP connect's retries); after a reply the next datagram opens a
-fresh flow, likely elsewhere.
+fresh flow, likely elsewhere. A datagram whose write met the port unreachable was not
+sent: it goes with the move, or where the client's next one goes.
 
 Datagrams go out with a system call of our own, not the transport's sendto: when the
 kernel's send buffer is full (EAGAIN: a slow or congested link on the way) uvloop queues
@@ -217,18 +218,27 @@ class UdpFlow(asyncio.DatagramProtocol):
         self.host.stats.connections += 1
         self.host.stats.attempts["ok"] += 1
         pending, self.pending = self.pending, None
-        for data in pending or ():
-            self._sendto(data)
+        if pending:
+            for i, data in enumerate(pending):
+                if not self._sendto(data):
+                    # Refused: what the flow kept moved with it; without a replay the
+                    # rest was never sent and goes where the client's next datagram goes.
+                    if self.replay is None:
+                        self._pass_on(pending[i:])
+                    break
 
     def send(self, data: bytes) -> None:
         self.idle = 0
-        if self.transport is not None:
-            self._sendto(data)
-        elif self.pending is not None and len(self.pending) < PENDING_DATAGRAMS_MAX:
-            self.pending.append(data)
-        else:
-            self.listener.drops.drop(self.listener.ctx.name, "opening")
-            return
+        opening = self.transport is None
+        if opening:
+            pending = self.pending
+            if pending is None or len(pending) >= PENDING_DATAGRAMS_MAX:
+                self.listener.drops.drop(self.listener.ctx.name, "opening")
+                return
+            pending.append(data)
+        # Kept before the write: the write itself can meet the endpoint's port unreachable
+        # (one that came back for an earlier datagram) and move the flow at once, and this
+        # datagram, not sent, must go with the move (it was lost: 5 of 1,500 datagrams).
         replay = self.replay
         if replay is not None:
             self.replay_bytes += len(data)
@@ -236,20 +246,35 @@ class UdpFlow(asyncio.DatagramProtocol):
                 replay.append(data)
             else:
                 self.replay = None
+        if not opening and not self._sendto(data) and self.replay is None:
+            self._pass_on((data,))
 
-    def _sendto(self, data: bytes) -> None:
+    def _sendto(self, data: bytes) -> bool:
+        """False when the flow is closed, or the write met port unreachable (which closes
+        it): the datagram was not sent."""
         if self.closed:
-            return  # its descriptor may be closed, and its number someone else's
+            return False  # its descriptor may be closed, and its number someone else's
         try:
             # The socket is connected: write() sends one datagram, zero-length too.
             os.write(self.fd, data)
         except BlockingIOError:
             self.listener.drops.drop(self.listener.ctx.name, "endpoint_buffer_full")
-            return
+            return True
         except OSError as exc:
             self.error_received(exc)  # port unreachable shows here as on any send
-            return
+            return not self.closed
         self.sent += len(data)
+        return True
+
+    def _pass_on(self, datagrams: tuple[bytes, ...] | list[bytes]) -> None:
+        """Datagrams this flow did not send and no move carries: each goes where the
+        client's next datagram goes (a fresh flow, counted if refused a flow by a limit
+        or finding no endpoint), as it would had the port unreachable been read first."""
+        listener = self.listener
+        if listener.flows.get(self.client_addr) is self:
+            return  # still in the table: handing them over would come back here
+        for data in datagrams:
+            listener.datagram_received(data, self.client_addr)
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
         self.idle = 0
