@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from mcsproxy.config import OutlierConfig
 from mcsproxy.proxy.udp import PENDING_DATAGRAMS_MAX, UdpListener
 from tests.dns_support import make_query, udp_client
 from tests.proxy_fixtures import Backend, ask, free_port
@@ -257,6 +258,73 @@ async def test_dropped_udp_datagrams_are_exported_by_reason(tmp_path: Path) -> N
         assert value(m, "mcsproxy_proxy_udp_dropped_total", reason="opening") == 6
         assert value(m, "mcsproxy_proxy_udp_dropped_total", reason="endpoint_buffer_full") == 0
         assert value(m, "mcsproxy_proxy_udp_dropped_total", reason="client_buffer_full") == 0
+    finally:
+        await gw.stop()
+        transport.close()
+
+
+class UdpEcho(asyncio.DatagramProtocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.DatagramTransport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        self.transport.sendto(data, addr)
+
+
+def udp_ask(src: str, dst: tuple[str, int], timeout: float) -> bytes | None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((src, 0))
+        sock.settimeout(timeout)
+        sock.sendto(b"q", dst)
+        try:
+            return sock.recv(100)
+        except TimeoutError:
+            return None
+
+
+async def test_udp_flows_count_as_connections_once_with_their_outcome(tmp_path: Path) -> None:
+    # A flow counted ok (connection and attempt) as its socket opened, before any packet:
+    # 4 answered clients of `half` were 6 ok connections, 3 clients no endpoint answered
+    # were 6 ok and 3 failed, and their 6 attempts 6 ok and 6 refused. As over TCP, a
+    # refused attempt is no connection and each attempt counts once. With as many dead
+    # endpoints as --connect-attempts, the last refusal did not count the flow failed.
+    loop = asyncio.get_running_loop()
+    live = UdpSink("127.57.10.1", free_port("127.57.10.1", socket.SOCK_DGRAM), "east")
+    transport, _ = await loop.create_datagram_endpoint(UdpEcho, local_addr=(live.host, live.port))
+    dead = [UdpSink(h, free_port(h, socket.SOCK_DGRAM), "east")
+            for h in ("127.57.10.2", "127.57.10.3", "127.57.10.4", "127.57.10.5")]
+    udp = {"port_name": "dns", "protocol": "UDP", "port": 53}
+    gw = await start_gateway(tmp_path, "127.57.9.5", outlier=OutlierConfig(consecutive_failures=0),
+                             files={"half": service_yaml("half", "127.240.57.12",
+                                                         [live, dead[0]], **udp),  # type: ignore[list-item]
+                                    "dead": service_yaml("dead", "127.240.57.13",
+                                                         dead[1:], **udp)})  # type: ignore[list-item]
+    try:
+        for i in range(4):
+            assert await loop.run_in_executor(None, udp_ask, f"127.57.11.{i + 1}",
+                                              ("127.240.57.12", 53), 2) == b"q"
+        for i in range(3):
+            assert await loop.run_in_executor(None, udp_ask, f"127.57.12.{i + 1}",
+                                              ("127.240.57.13", 53), 0.3) is None
+        deadline = time.monotonic() + 5
+        while True:
+            m = await gw.metrics()
+            if value(m, "mcsproxy_proxy_connections_total", service="test/dead") >= 3:
+                break
+            assert time.monotonic() < deadline, m.get("mcsproxy_proxy_connections_total")
+            await asyncio.sleep(0.05)
+
+        def count(name: str, service: str, outcome: str) -> float:
+            return value(m, name, service=f"test/{service}", outcome=outcome)
+
+        conns, attempts = "mcsproxy_proxy_connections_total", \
+            "mcsproxy_upstream_connect_attempts_total"
+        retries = value(m, "mcsproxy_proxy_retries_total", service="test/half")
+        assert (count(conns, "half", "ok"), count(conns, "half", "failed")) == (4, 0)
+        assert (count(attempts, "half", "ok"), count(attempts, "half", "refused")) == (4, retries)
+        assert retries >= 1  # round robin sent some flows to the dead endpoint first
+        assert (count(conns, "dead", "ok"), count(conns, "dead", "failed")) == (0, 3)
+        assert (count(attempts, "dead", "ok"), count(attempts, "dead", "refused")) == (0, 9)
     finally:
         await gw.stop()
         transport.close()

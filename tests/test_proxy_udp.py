@@ -534,3 +534,36 @@ async def test_a_datagram_whose_write_meets_port_unreachable_moves_with_the_flow
         live.close()
         gone.close()
 
+
+async def test_a_udp_attempt_counts_once_when_its_outcome_is_known() -> None:
+    # A flow counted as an ok connection (and attempt) when its socket opened, which sends
+    # nothing, and a port unreachable then added a refused attempt on top. Now the attempt
+    # waits for a reply, a port unreachable or the connect timeout (a one-way protocol
+    # never replies); a port unreachable after that ends the flow but is no second attempt.
+    loop = asyncio.get_running_loop()
+    quiet = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    quiet.bind(("127.92.12.1", 0))
+    quiet.setblocking(False)
+    ip = "127.240.92.12"
+    cs = dns_clusterset(ip, dns_endpoint("127.92.12.1", "east", quiet.getsockname()[1]))
+    proxy = await cs.proxy(connect_timeout_s=0.2, outlier=OutlierConfig(consecutive_failures=0))
+    listener: UdpListener = next(iter(proxy.listeners.values())).transport.get_protocol()  # type: ignore[attr-defined]
+    host = next(iter(next(iter(proxy.upstreams.values())).hosts.values()))
+    stats = host.stats
+    addr = ("127.92.12.9", 4000)
+    try:
+        listener.datagram_received(b"one", addr)
+        assert await asyncio.wait_for(loop.sock_recv(quiet, 100), 3) == b"one"
+        assert (stats.connections, stats.attempts["ok"]) == (0, 0)  # not known yet
+        await until(lambda: stats.connections == 1, "counted ok after the connect timeout",
+                    timeout=3)
+        flow = listener.flows[addr]
+        quiet.close()
+        listener.datagram_received(b"two", addr)
+        await until(lambda: flow.closed, "the flow ended by port unreachable", timeout=3)
+        assert (stats.connections, stats.failed) == (1, 0)
+        assert (stats.attempts["ok"], stats.attempts["refused"]) == (1, 0)
+        assert host.consecutive_failures == 1  # still a failure toward ejection
+    finally:
+        await proxy.stop()
+        quiet.close()

@@ -4,11 +4,20 @@ The listener keeps a bounded flow table; a datagram from a new client address op
 flow to the host the upstream set picks (affinity by client IP applies) and replies on
 that flow go back to that client from the ClusterSetIP:port it wrote to. A flow ends
 when idle (the manager's sweep), when its endpoint answers ICMP port unreachable, when
-its endpoint leaves the snapshot or when its listener closes. Port unreachable before any
-reply moves the flow: the datagrams it sent go again to another endpoint (bounded by
-connect_attempts, as a TCP connect's retries); after a reply the next datagram opens a
-fresh flow, likely elsewhere. A datagram whose write met the port unreachable was not
-sent: it goes with the move, or where the client's next one goes.
+its endpoint leaves the snapshot or when its listener closes.
+
+A UDP socket connects without a packet, so a flow's attempt at an endpoint is decided
+later, as a TCP connect is: refused when port unreachable comes back before the first
+reply and within connect_timeout of the socket opening, ok at the first reply or once
+that time has passed without it (a one-way protocol never replies; a blackholed endpoint
+cannot be told from one), or when the flow ends before. Each attempt counts once, with
+that outcome; a client's flow counts one ok connection, or failed once every attempt
+was refused. A refused attempt moves the flow: the datagrams it sent go again to another
+endpoint (bounded by connect_attempts, as a TCP connect's retries). Port unreachable on
+a flow already counted ok ends it: it is a failure toward ejection, not another attempt,
+and the next datagram opens a fresh flow, likely elsewhere. A datagram whose write met
+the port unreachable was not sent: it goes with the move, or where the client's next
+one goes.
 
 Datagrams go out with a system call of our own, not the transport's sendto: when the
 kernel's send buffer is full (EAGAIN: a slow or congested link on the way) uvloop queues
@@ -104,9 +113,9 @@ class UdpListener(asyncio.DatagramProtocol):
         flow.send(data)
 
     def move(self, failed: UdpFlow, replay: list[bytes]) -> None:
-        """`failed` (already out of the table) met port unreachable before any reply: the
-        client's datagrams go again to another endpoint, as a refused TCP connect is
-        retried before the client sees anything."""
+        """`failed` (already out of the table) met port unreachable before its attempt
+        counted ok: the client's datagrams go again to another endpoint, as a refused TCP
+        connect is retried before the client sees anything."""
         if self.transport is None or self.transport.is_closing():
             return
         flow = UdpFlow(self, failed.client_addr, failed.tried)
@@ -143,17 +152,20 @@ class UdpListener(asyncio.DatagramProtocol):
 class UdpFlow(asyncio.DatagramProtocol):
     """One client address's datagrams to one endpoint and the replies back."""
 
-    __slots__ = ("client_addr", "closed", "fd", "host", "idle", "listener", "pending", "received",
-                 "replay", "replay_bytes", "sent", "started", "task", "transport", "tried",
-                 "upstream")
+    __slots__ = ("client_addr", "closed", "fd", "host", "idle", "listener", "outcome", "pending",
+                 "received", "replay", "replay_bytes", "sent", "started", "task", "transport",
+                 "tried", "upstream")
 
     def __init__(self, listener: UdpListener, client_addr: Address,
                  tried: list[Host] | None = None) -> None:
         self.listener = listener
         self.client_addr = client_addr
         self.tried: list[Host] = tried if tried is not None else []  # endpoints that refused
-        # Sent before the first reply (see REPLAY_*); None once replied or over the bound.
+        # Sent while the attempt is undecided (see REPLAY_*); None once it counts ok or
+        # once over the bound.
         self.replay: list[bytes] | None = []
+        # The attempt's outcome, counted once: None while undecided, "ok" or "refused".
+        self.outcome: str | None = None
         self.replay_bytes = 0
         self.upstream: UpstreamSet = listener.ctx.upstream
         self.transport: asyncio.DatagramTransport | None = None
@@ -215,8 +227,12 @@ class UdpFlow(asyncio.DatagramProtocol):
         # health, its first reply does (`answered`). Resetting the failure count here
         # would let a port-unreachable endpoint take every other new flow forever.
         self.upstream.connect_ok(self.host, self, reset_failures=False)
-        self.host.stats.connections += 1
-        self.host.stats.attempts["ok"] += 1
+        # Counted at the first reply, at a port unreachable or, failing both, when
+        # connect_timeout has passed (connect_timeout below): on the listener's one timer.
+        deadlines = self.listener.ctx.connect_deadlines
+        deadlines.pending[self] = time.monotonic() + deadlines.timeout_s
+        if deadlines.timer is None:
+            deadlines.arm(asyncio.get_running_loop())
         pending, self.pending = self.pending, None
         if pending:
             for i, data in enumerate(pending):
@@ -280,22 +296,55 @@ class UdpFlow(asyncio.DatagramProtocol):
         self.idle = 0
         if not self.received and self.host is not None:
             self.upstream.answered(self.host)
-            self.replay = None
+            if self.outcome is None:
+                self._established()
         self.received += len(data)
         self.listener.reply(data, self.client_addr)
 
+    def connect_timeout(self) -> None:
+        """connect_timeout passed with no port unreachable: the attempt counts ok."""
+        if self.outcome is None and not self.closed:
+            self._established()
+
+    def _established(self) -> None:
+        self.outcome = "ok"
+        self.replay = None  # no longer moved: a later port unreachable ends the flow
+        self.listener.ctx.connect_deadlines.pending.pop(self, None)
+        host = self.host
+        assert host is not None
+        host.stats.connections += 1
+        host.stats.attempts["ok"] += 1
+
     def error_received(self, exc: Exception) -> None:
         # A connected UDP socket reports the endpoint's ICMP port unreachable here.
-        if isinstance(exc, ConnectionRefusedError) and self.host is not None \
-                and not self.closed:
-            self.upstream.connect_failed(self.host, "port unreachable")
-            self.tried.append(self.host)
-            replay = self.replay
+        host = self.host
+        if not isinstance(exc, ConnectionRefusedError) or host is None or self.closed:
+            return
+        if self.outcome is not None:
+            # Counted ok already: the endpoint went away under an established flow. Not
+            # another attempt (as a reset TCP stream is none), still a failure toward
+            # ejection. UpstreamSet has no public call for that alone.
+            self.upstream._failure(host, "port unreachable")
             self.abort()
-            if replay and len(self.tried) < self.listener.ctx.config.connect_attempts:
-                self.listener.move(self, replay)
+            return
+        self.outcome = "refused"
+        self.upstream.connect_failed(host, "port unreachable")  # the attempt: refused
+        self.tried.append(host)
+        replay = self.replay
+        self.abort()
+        ctx = self.listener.ctx
+        if replay and len(self.tried) < ctx.config.connect_attempts:
+            self.listener.move(self, replay)
+            return
+        # The client's flow failed: every attempt refused, or it sent too much before
+        # any reply to be moved. Its later datagrams open a fresh flow.
+        host.stats.failed += 1
+        ctx.give_up(f"{len(self.tried)} endpoints port unreachable" if replay else
+                    "port unreachable after more than a flow keeps to move")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.outcome is None and self.fd >= 0:
+            self._established()  # ended before its attempt was decided, never refused
         self.closed = True  # its descriptor is closed: nothing more is written to it
         host = self.host
         if host is not None:
@@ -309,7 +358,8 @@ class UdpFlow(asyncio.DatagramProtocol):
                 listener=ctx.name, upstream=self.upstream.name,
                 cluster=host.cluster if host is not None else None,
                 endpoint=f"{host.address}:{host.port}" if host is not None else None,
-                outcome="ok", duration_ms=round((time.monotonic() - self.started) * 1000, 3),
+                outcome=self.outcome or "ok",
+                duration_ms=round((time.monotonic() - self.started) * 1000, 3),
                 bytes_to_upstream=self.sent, bytes_to_client=self.received)
         self._forget()
 
@@ -324,6 +374,7 @@ class UdpFlow(asyncio.DatagramProtocol):
         # of this client read in between would go to the closing socket and be lost
         # instead of opening a fresh flow.
         self._forget()
+        self.listener.ctx.connect_deadlines.pending.pop(self, None)
         if self.task is not None:
             self.task.cancel()
         if self.transport is not None:
