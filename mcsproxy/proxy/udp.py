@@ -321,10 +321,8 @@ class UdpFlow(asyncio.DatagramProtocol):
         if not isinstance(exc, ConnectionRefusedError) or host is None or self.closed:
             return
         if self.outcome is not None:
-            # Counted ok already: the endpoint went away under an established flow. Not
-            # another attempt (as a reset TCP stream is none), still a failure toward
-            # ejection. UpstreamSet has no public call for that alone.
-            self.upstream._failure(host, "port unreachable")
+            # Counted ok already: the endpoint went away under an established flow.
+            self.upstream.flow_failed(host, "port unreachable")
             self.abort()
             return
         self.outcome = "refused"

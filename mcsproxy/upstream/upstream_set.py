@@ -385,6 +385,12 @@ class UpstreamSet:
         if limit and host.consecutive_failures >= limit and not host.ejected:
             self._eject(host, f"{host.consecutive_failures} consecutive failures ({reason})")
 
+    def flow_failed(self, host: Host, reason: str) -> None:
+        """UDP: an endpoint went away under a flow already counted ok (port unreachable).
+        Not another attempt, as a reset TCP stream is none; still a failure toward
+        ejection."""
+        self._failure(host, reason)
+
     def answered(self, host: Host) -> None:
         """UDP: the endpoint replied on a flow. Opening a flow proves nothing (a UDP socket
         connects without a packet), so this, not `connect_ok`, resets the failure count
