@@ -13,6 +13,8 @@ from mcsproxy.clustersetip import parse_cidrs
 _LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
 # \Z, not $: $ also matches before a final newline, and every caller uses .match().
 CLUSTER_ID_RE = re.compile(rf"^{_LABEL}(\.{_LABEL})*\Z")
+# What Kubernetes asks of a namespace, a Service's name and an endpoint's hostname.
+DNS_LABEL_RE = re.compile(rf"^{_LABEL}\Z")
 
 
 class ConfigError(ValueError):

@@ -1,6 +1,6 @@
 """DNS answers follow the files: add, change, remove an endpoint; an invalid file; a
-deleted file. The same question is asked again each time, so a stale memoised answer
-would show."""
+deleted file; names that are not DNS labels. The same question is asked again each time,
+so a stale memoised answer would show."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pytest
 from mcsproxy.config import DnsConfig
 from mcsproxy.dns.responder import next_serial
 from mcsproxy.dns.server import DnsServer
+from mcsproxy.model import ServiceKey
 from mcsproxy.sources.file import FileSource
 from mcsproxy.store import SnapshotStore
 from mcsproxy.tasks import cancel_and_wait, spawn
@@ -26,7 +27,6 @@ from tests.dns_support import (
     make_query,
     running_dns,
     slice_yaml,
-    udp_exchange,
     zone_texts,
 )
 
@@ -42,9 +42,15 @@ def write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-async def answer(server: DnsServer, name: str = NAME) -> tuple[str, list[str]]:
-    reply = dnslib.DNSRecord.parse(await udp_exchange(server.bound, make_query(name)))
+async def answer(server: DnsServer, name: str = NAME, transport: str = "udp",
+                 ) -> tuple[str, list[str]]:
+    reply = dnslib.DNSRecord.parse(await exchange(transport, server.bound, make_query(name)))
     return dnslib.RCODE.get(reply.header.rcode), sorted(str(r.rdata) for r in reply.rr)
+
+
+async def both(server: DnsServer, name: str = NAME) -> list[tuple[str, list[str]]]:
+    """The answer over UDP (memoised after the first time) and over TCP (never memoised)."""
+    return [await answer(server, name, transport) for transport in ("udp", "tcp")]
 
 
 async def until(server: DnsServer, changed: asyncio.Event, want: tuple[str, list[str]],
@@ -186,3 +192,55 @@ def test_the_serial_follows_the_clock_and_never_goes_back() -> None:
     assert next_serial(1_800_000_005, 1_800_000_001) == 1_800_000_006  # ahead of the clock
     assert next_serial(2**32 - 1, 2**32 - 1) == 0  # wraps (RFC 1982)
     assert next_serial(2**32 - 1, 2**32 + 3) == 3
+
+
+def clusterset_ip(ip: str, name: str = "web", namespace: str = "test") -> str:
+    return import_yaml(name, "ClusterSetIP", WEB, f'["{ip}"]', namespace=namespace)
+
+
+def no_dns_name_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "has no DNS name" in r.getMessage()]
+
+
+async def test_a_dotted_service_name_has_no_dns_name_and_leaving_updates_the_rest(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # A ServiceImport is a CRD: the API server asks its name to be a DNS subdomain only,
+    # so `a.b` passes. It used to be two labels in the zone, and removing it raised half
+    # way through the update: web kept its old address, over UDP until an unrelated
+    # snapshot came.
+    caplog.set_level(logging.WARNING, logger="mcsproxy.dns.zone")
+    dotted = "a.b.test.svc.clusterset.local."
+    texts = {"all.yaml": clusterset_ip("127.240.20.1", "a.b") + "\n---\n"
+             + clusterset_ip("127.240.20.2")}
+    async with running_dns(texts=texts) as server:
+        assert await both(server) == [("NOERROR", ["127.240.20.2"])] * 2
+        assert await both(server, dotted) == [("NXDOMAIN", [])] * 2
+        load_store(server.store, {"all.yaml": clusterset_ip("127.240.20.3")})
+        assert server.store.current.changed == {ServiceKey("test", "a.b"),
+                                                ServiceKey("test", "web")}
+        assert await both(server) == [("NOERROR", ["127.240.20.3"])] * 2
+        assert await both(server, dotted) == [("NXDOMAIN", [])] * 2
+    [warning] = no_dns_name_warnings(caplog)
+    assert "test/a.b" in warning
+
+
+@pytest.mark.parametrize(("namespace", "name"), [("Test", "web"), ("test", "WEB")])
+async def test_a_name_that_is_not_a_lowercase_label_leaves_the_lowercase_one_alone(
+        namespace: str, name: str, caplog: pytest.LogCaptureFixture) -> None:
+    # Test/web (or test/WEB) used to be web.test.svc.<zone> as well: whichever was added
+    # last answered, and removing either removed the names of both.
+    caplog.set_level(logging.WARNING, logger="mcsproxy.dns.zone")
+    texts = {"web.yaml": clusterset_ip("127.240.20.1"),
+             "odd.yaml": clusterset_ip("127.240.20.8", name, namespace)}
+    async with running_dns(texts=texts) as server:
+        assert await both(server) == [("NOERROR", ["127.240.20.1"])] * 2
+        texts["odd.yaml"] = clusterset_ip("127.240.20.9", name, namespace)
+        load_store(server.store, texts)  # changed: added to the zone again, logged once
+        assert await both(server) == [("NOERROR", ["127.240.20.1"])] * 2
+        del texts["odd.yaml"]
+        load_store(server.store, texts)
+        assert server.store.current.changed == {ServiceKey(namespace, name)}
+        assert await both(server) == [("NOERROR", ["127.240.20.1"])] * 2
+        assert (await answer(server, "test.svc.clusterset.local."))[0] == "NOERROR"
+    [warning] = no_dns_name_warnings(caplog)
+    assert f"{namespace}/{name}" in warning

@@ -260,6 +260,36 @@ async def test_odd_but_valid_slices(transport: str) -> None:
         await check_cases(server.bound, transport, ODD_CASES)
 
 
+# Endpoints named by what Kubernetes would refuse: a hostname that is not an RFC 1123
+# label, a cluster ID that is not an RFC 1123 name. They stay in the service's answer but
+# have no name of their own: `Web-0` would be web-0's name, `a.b` in cluster-a that of `a`
+# in cluster `b.cluster-a`.
+UNNAMED_ZONE = "\n---\n".join([
+    import_yaml("hu", "Headless", WEB_PORTS),
+    slice_yaml("hu", "cluster-a", "IPv4", ["10.15.0.1", "10.15.0.2", "10.15.0.3"], WEB_PORTS,
+               hostnames=["web-0", "Web-1", "a.b"]),
+    slice_yaml("hu", "East", "IPv4", ["10.15.0.4"], WEB_PORTS),
+])
+UNNAMED_WEB_0 = f"web-0.cluster-a.hu.{T} 5 IN A 10.15.0.1"
+UNNAMED_CASES = [
+    Case(f"hu.{T}", "A", answer=[f"hu.{T} 5 IN A 10.15.0.{i}" for i in range(1, 5)]),
+    Case(f"web-0.cluster-a.hu.{T}", "A", answer=[UNNAMED_WEB_0]),
+    Case(f"_web._tcp.hu.{T}", "SRV", answer=[
+        f"_web._tcp.hu.{T} 5 IN SRV 10 100 8080 web-0.cluster-a.hu.{T}"], extra=[UNNAMED_WEB_0]),
+    Case(f"web-1.cluster-a.hu.{T}", "A", "NXDOMAIN", ns=NXDOMAIN),
+    Case(f"10-15-0-2.cluster-a.hu.{T}", "A", "NXDOMAIN", ns=NXDOMAIN),
+    Case(f"a.b.cluster-a.hu.{T}", "A", "NXDOMAIN", ns=NXDOMAIN),
+    Case(f"10-15-0-4.east.hu.{T}", "A", "NXDOMAIN", ns=NXDOMAIN),
+]
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_endpoints_without_a_valid_hostname_or_cluster_have_no_name(
+        transport: str) -> None:
+    async with running_dns(texts={"hu.yaml": UNNAMED_ZONE}) as server:
+        await check_cases(server.bound, transport, UNNAMED_CASES)
+
+
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
 async def test_answer_keeps_the_question_case(dns, transport: str) -> None:
     for qname in ("MyService.TEST.svc.ClusterSet.LOCAL.", "myservice.test.svc.clusterset.local.",

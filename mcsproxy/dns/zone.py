@@ -9,6 +9,13 @@ incrementally from `Snapshot.changed`; record sets, and the per-endpoint names o
 headless services, are packed on the first query for them and kept until the service
 changes (bench/snapshot measures this against packing everything eagerly).
 
+A service has names only when its namespace and name are RFC 1123 labels, as Kubernetes
+asks of a namespace and a Service (a ServiceImport, a CRD, may be named `a.b`; a file
+source may say `Test`); a headless endpoint, when its hostname is one and its cluster ID
+is one or several. Anything else could share its names with another service or endpoint
+(`Test/web` those of `test/web`, hostname `a.b` in cluster `c` those of hostname `a` in
+cluster `b.c`), and a service name of two labels has no place in the index.
+
 The apex has an NS record set (RFC 1034 4.2.1: every zone has one at its top) naming the
 SOA's MNAME, ns.dns.<zone>, as CoreDNS's kubernetes plugin does; that name answers with the
 address the responder listens on, which also comes with the NS answer as additional data.
@@ -24,6 +31,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Final, TypeVar
 
+from mcsproxy.config import CLUSTER_ID_RE, DNS_LABEL_RE
 from mcsproxy.dns.wire import (
     ANY,
     NS,
@@ -147,13 +155,31 @@ def dashed(address: str) -> str:
     return address.replace(".", "-").replace(":", "-")
 
 
+def dns_label(name: str) -> bytes:
+    """A namespace, Service name or hostname as one wire label; NameError_ unless it is an
+    RFC 1123 label: encode_labels alone takes `a.b` for two labels and `Test` for `test`."""
+    if not DNS_LABEL_RE.match(name):
+        raise NameError_(f"{name!r} is not an RFC 1123 label")
+    return encode_labels(name)
+
+
+def endpoint_labels(endpoint: Endpoint) -> bytes:
+    """<hostname or dashed address>.<cluster> of a headless endpoint, as wire labels."""
+    if not CLUSTER_ID_RE.match(endpoint.cluster):
+        raise NameError_(f"cluster ID {endpoint.cluster!r} is not an RFC 1123 name")
+    host = dns_label(endpoint.hostname) if endpoint.hostname else encode_labels(
+        dashed(endpoint.address))
+    return host + encode_labels(endpoint.cluster)
+
+
 class ServiceEntry:
     """One imported service in the zone: its names, and its endpoints' names when headless."""
 
-    __slots__ = ("_endpoint_nodes", "_named", "names", "svc", "ttl", "wire")
+    __slots__ = ("_endpoint_nodes", "_named", "names", "ns_wire", "svc", "ttl", "wire")
 
-    def __init__(self, svc: ImportedService, wire: bytes, ttl: int) -> None:
+    def __init__(self, svc: ImportedService, ns_wire: bytes, wire: bytes, ttl: int) -> None:
         self.svc = svc
+        self.ns_wire = ns_wire  # <ns>.svc.<zone>, root byte included
         self.wire = wire  # <svc>.<ns>.svc.<zone>, root byte included
         self.ttl = ttl
         self.names: list[bytes] = []  # the names this service added to the index
@@ -169,9 +195,7 @@ class ServiceEntry:
                 if not e.ready:
                     continue
                 try:
-                    prefix = encode_labels(e.hostname or dashed(e.address)) + encode_labels(
-                        e.cluster
-                    )
+                    prefix = endpoint_labels(e)
                 except NameError_:
                     continue  # still in the service's A/AAAA answer, just not nameable
                 if len(prefix) + len(self.wire) <= 255:
@@ -279,6 +303,7 @@ class ZoneIndex:
         self.services: dict[ServiceKey, ServiceEntry] = {}
         self.headless: dict[bytes, ServiceEntry] = {}  # service wire → entry
         self._namespaces: dict[bytes, int] = {}  # namespace wire name → services in it
+        self._unnamed: set[ServiceKey] = set()  # services without a name, logged once each
         self.names[self.apex] = self._apex_node(ns_addresses)
         self.names[encode_labels("dns") + self.apex] = EMPTY_NODE  # an empty non-terminal
         ns_sets: dict[int, list[bytes]] = {}
@@ -314,6 +339,8 @@ class ZoneIndex:
             svc = snapshot.services.get(key)
             if svc is not None:
                 self._add(svc)
+            else:
+                self._unnamed.discard(key)  # should it come back unnamed, say so again
             rebuilt += 1
         self.version = snapshot.version
         return rebuilt
@@ -325,7 +352,7 @@ class ZoneIndex:
         for name in entry.names:
             self.names.pop(name, None)
         self.headless.pop(entry.wire, None)
-        ns_wire = entry.wire[entry.wire[0] + 1:]
+        ns_wire = entry.ns_wire
         left = self._namespaces[ns_wire] - 1
         if left:
             self._namespaces[ns_wire] = left
@@ -335,14 +362,16 @@ class ZoneIndex:
 
     def _add(self, svc: ImportedService) -> None:
         try:
-            ns_wire = encode_labels(svc.key.namespace) + self.svc_wire
-            wire = encode_labels(svc.key.name) + ns_wire
+            ns_wire = dns_label(svc.key.namespace) + self.svc_wire
+            wire = dns_label(svc.key.name) + ns_wire
             if len(wire) > 255:
                 raise NameError_("service name too long")
         except NameError_ as exc:
-            log.warning("service %s has no DNS name: %s", svc.key, exc)
+            if svc.key not in self._unnamed:  # not again each time the service changes
+                self._unnamed.add(svc.key)
+                log.warning("service %s has no DNS name: %s", svc.key, exc)
             return
-        entry = ServiceEntry(svc, wire, self.ttl)
+        entry = ServiceEntry(svc, ns_wire, wire, self.ttl)
         self.services[svc.key] = entry
         count = self._namespaces.get(ns_wire, 0)
         self._namespaces[ns_wire] = count + 1
