@@ -1,6 +1,6 @@
 """DNS answers follow the files: add, change, remove an endpoint; an invalid file; a
-deleted file; names that are not DNS labels. The same question is asked again each time,
-so a stale memoised answer would show."""
+deleted file; names that are not DNS labels; an update of the index that fails. The same
+question is asked again each time, so a stale memoised answer would show."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pytest
 from mcsproxy.config import DnsConfig
 from mcsproxy.dns.responder import next_serial
 from mcsproxy.dns.server import DnsServer
+from mcsproxy.dns.zone import ZoneIndex
 from mcsproxy.model import ServiceKey
 from mcsproxy.sources.file import FileSource
 from mcsproxy.store import SnapshotStore
@@ -244,3 +245,51 @@ async def test_a_name_that_is_not_a_lowercase_label_leaves_the_lowercase_one_alo
         assert (await answer(server, "test.svc.clusterset.local."))[0] == "NOERROR"
     [warning] = no_dns_name_warnings(caplog)
     assert f"{namespace}/{name}" in warning
+
+
+class FailsOnce(ZoneIndex):
+    """A zone whose next incremental update drops one service's names, then raises: the
+    index half-updated, as the dotted-name KeyError above left it."""
+
+    fail_next = False
+
+    def _remove(self, key: ServiceKey) -> None:
+        super()._remove(key)
+        if self.fail_next:
+            self.fail_next = False
+            raise KeyError(key)
+
+
+async def test_an_update_that_fails_half_way_is_replaced_by_a_rebuild(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR, logger="mcsproxy.dns")
+    texts = {"web.yaml": clusterset_ip("127.240.20.1"),
+             "api.yaml": clusterset_ip("127.240.20.5", "api", "prod")}
+    store = SnapshotStore("cluster-a")
+    load_store(store, texts)
+    server = DnsServer(DnsConfig(listen=("127.0.0.1", 0)), store)
+    zone = server.responder.zone = FailsOnce("clusterset.local", 5)
+    await server.start()
+    try:
+        assert await both(server) == [("NOERROR", ["127.240.20.1"])] * 2
+        before = await soa_serials(server)
+        texts["web.yaml"] = clusterset_ip("127.240.20.2")
+        texts["db.yaml"] = clusterset_ip("127.240.20.3", "db")
+        zone.fail_next = True
+        load_store(store, texts)
+        assert not zone.fail_next
+        assert await both(server) == [("NOERROR", ["127.240.20.2"])] * 2
+        assert await both(server, "db." + NAME.removeprefix("web.")) == [
+            ("NOERROR", ["127.240.20.3"])] * 2
+        assert [r.name for r in caplog.records if r.levelno >= logging.ERROR] == ["mcsproxy.dns"]
+        assert all(0 < (a - b) % 2**32 < 2**31 for a, b in zip(await soa_serials(server),
+                                                               before, strict=True))
+        # the rebuilt index takes the next snapshot incrementally: the namespace prod
+        # goes with its last service
+        del texts["api.yaml"]
+        load_store(store, texts)
+        assert zone.version == store.current.version
+        assert (await answer(server, "prod.svc.clusterset.local."))[0] == "NXDOMAIN"
+        assert await both(server) == [("NOERROR", ["127.240.20.2"])] * 2
+    finally:
+        await server.stop()

@@ -150,11 +150,22 @@ class Responder:
         self._soa: dict[int, bytes] = {}
 
     def apply(self, snapshot: Snapshot) -> int:
-        rebuilt = self.zone.apply(snapshot)
-        self.serial = next_serial(self.serial, int(snapshot.built_at) or snapshot.version)
-        self._soa.clear()
-        self.memo.clear()  # the same dict object: the UDP fast path holds its .get
-        return rebuilt
+        try:
+            return self._update_zone(snapshot)
+        finally:
+            # Whatever the zone holds now, it is not what the memo and the serial were
+            # made from: keeping them would answer from the old snapshot indefinitely.
+            self.serial = next_serial(self.serial, int(snapshot.built_at) or snapshot.version)
+            self._soa.clear()
+            self.memo.clear()  # the same dict object: the UDP fast path holds its .get
+
+    def _update_zone(self, snapshot: Snapshot) -> int:
+        try:
+            return self.zone.apply(snapshot)
+        except Exception:  # a bug of ours; the index is half-updated, so start it over
+            log.exception("dns zone update to snapshot version=%d failed; rebuilding the "
+                          "zone from the whole snapshot", snapshot.version)
+            return self.zone.rebuild(snapshot)
 
     # -- entry point -------------------------------------------------------------------
     def respond(self, data: bytes, tcp: bool) -> bytes | Forward | None:

@@ -5,7 +5,8 @@ compression pointers into the question, which always sits at offset 12: the pack
 follow any casing of the question and only depend on the lowercased name. SRV targets are
 written out in full: RFC 2782 forbids compressing them, and resolvers that follow it
 (CoreDNS writes them so too) may misread a pointer there. The index is updated
-incrementally from `Snapshot.changed`; record sets, and the per-endpoint names of
+incrementally from `Snapshot.changed` (rebuilt whole after a version it missed, or after
+an update that raised: responder.apply); record sets, and the per-endpoint names of
 headless services, are packed on the first query for them and kept until the service
 changes (bench/snapshot measures this against packing everything eagerly).
 
@@ -314,6 +315,7 @@ class ZoneIndex:
             rrsets=_with_any({TXT: (1, rr(OWNER, TXT, DNS_VERSION_TTL, txt_rdata(DNS_VERSION)),
                                     None)})
         )
+        self._fixed = dict(self.names)  # the names of no service, which a rebuild keeps
 
     def _apex_node(self, ns_addresses: tuple[str, ...]) -> Node:
         """NS at the apex, with the name server's addresses as additional data. No ANY
@@ -329,21 +331,32 @@ class ZoneIndex:
     # -- updates -----------------------------------------------------------------------
     def apply(self, snapshot: Snapshot) -> int:
         """Bring the index to `snapshot`; returns how many services were rebuilt."""
-        if snapshot.version == self.version + 1 and self.version >= 0:
-            keys: Iterable[ServiceKey] = snapshot.changed
-        else:
-            keys = set(self.services) | set(snapshot.services)
-        rebuilt = 0
-        for key in keys:
+        if snapshot.version != self.version + 1 or self.version < 0:
+            return self.rebuild(snapshot)
+        for key in snapshot.changed:
             self._remove(key)
             svc = snapshot.services.get(key)
             if svc is not None:
                 self._add(svc)
             else:
                 self._unnamed.discard(key)  # should it come back unnamed, say so again
-            rebuilt += 1
         self.version = snapshot.version
-        return rebuilt
+        return len(snapshot.changed)
+
+    def rebuild(self, snapshot: Snapshot) -> int:
+        """Forget every service, then add the snapshot's: after a version skipped, or when
+        an update raised half-way and left the index in no known state."""
+        self.version = -1  # should this raise too, the next snapshot starts over again
+        self.names.clear()
+        self.names.update(self._fixed)
+        self.services.clear()
+        self.headless.clear()
+        self._namespaces.clear()
+        self._unnamed = {key for key in self._unnamed if key in snapshot.services}
+        for svc in snapshot.services.values():
+            self._add(svc)
+        self.version = snapshot.version
+        return len(snapshot.services)
 
     def _remove(self, key: ServiceKey) -> None:
         entry = self.services.pop(key, None)
