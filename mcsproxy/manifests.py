@@ -92,10 +92,26 @@ _BaseLoader: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class _Loader(_BaseLoader):  # type: ignore[misc,valid-type]
-    """A safe loader whose scalar constructors report a value they cannot build at its line.
+    """A safe loader whose scalar constructors report a value they cannot build at its line,
+    and which rejects a key given twice in one mapping.
 
     PyYAML resolves `2024-02-30` as a timestamp, `!!float foo` as a float, and their
-    constructors raise a bare ValueError (no mark), which would escape as a crash."""
+    constructors raise a bare ValueError (no mark), which would escape as a crash. It also
+    keeps the last of two equal keys without a word (a second `endpoints:` replaced the
+    first), where kubectl refuses the file: so do we, at the second key's line."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != _MERGE_TAG:
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key_node.value!r}", key_node.start_mark)
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep)  # type: ignore[no-any-return]
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 def _checked(tag: str) -> None:

@@ -231,6 +231,11 @@ def test_yaml_errors_carry_the_line() -> None:
     ("a: !!timestamp 2024-13-45\n", 1, "as timestamp"),
     ("a:\n  b: !!float foo\n", 2, "cannot read 'foo' as float"),
     ("a: !!int 0x_\n", 1, "as int"),
+    # A key given twice: PyYAML kept the last (a second `endpoints:` replaced the first);
+    # kubectl refuses the file.
+    ("kind: EndpointSlice\nendpoints: []\nports: []\nendpoints: []\n", 4,
+     "duplicate key 'endpoints'"),
+    ("a:\n  - b: 1\n    c: 2\n    'b': 3\n", 4, "duplicate key 'b'"),
     # Too deep: libyaml stops at 1000 levels, on the line it reached; the pure-Python
     # parser's recursion names the line where the document starts (its ---).
     ("a: 1\n---\nb: " + "[" * 5000 + "]" * 5000 + "\n",
@@ -243,6 +248,12 @@ def test_unbuildable_values_are_manifest_errors_with_their_line(
         list(load_yaml_documents(text, "f.yaml"))
     assert info.value.line == line
     assert str(info.value).startswith(f"f.yaml:{line}: invalid YAML") and message in str(info.value)
+
+
+def test_merge_keys_are_not_duplicates() -> None:
+    text = "base: &b {x: 1}\nm:\n  <<: *b\n  y: 2\n"
+    assert [doc for _, doc in load_yaml_documents(text, "f.yaml")] == [
+        {"base": {"x": 1}, "m": {"x": 1, "y": 2}}]
 
 
 def test_documents_report_their_first_line() -> None:
