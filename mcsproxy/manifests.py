@@ -433,8 +433,13 @@ def parse_service_import(obj: Mapping[str, Any]) -> ImportSpec:
         app = p.get("appProtocol")
         if app is not None and not isinstance(app, str):
             raise ManifestError(f"{where}: spec.ports[{i}].appProtocol must be a string")
-        if pname in seen_names or (proto, number) in seen_numbers:
-            raise ManifestError(f"{where}: duplicate port {pname or number}/{proto}",
+        if pname in seen_names:
+            # Two unnamed ports read "duplicate port 81/TCP", which named no duplicate.
+            what = f"port name {pname!r}" if pname else "unnamed port (with several, " \
+                "each needs a name)"
+            raise ManifestError(f"{where}: duplicate {what}", path=("spec", "ports", i))
+        if (proto, number) in seen_numbers:
+            raise ManifestError(f"{where}: duplicate port {number}/{proto}",
                                 path=("spec", "ports", i))
         seen_names.add(pname)
         seen_numbers.add((proto, number))
