@@ -226,11 +226,14 @@ class StreamHub:
             version = int(request.query.get("version", "0"))
         except ValueError:
             return web.json_response({"error": "version must be an integer"}, status=400)
-        response = web.StreamResponse(headers={
+        headers = {
             "Content-Type": "application/x-ndjson",
             "Cache-Control": "no-store",
             HEARTBEAT_HEADER: str(self.heartbeat_s),
-        })
+        }
+        if request.method == "HEAD":  # it streamed the snapshot and counted a subscriber
+            return web.Response(headers=headers)
+        response = web.StreamResponse(headers=headers)
         await response.prepare(request)
         sub = Subscriber(self.queue_bytes)
         feed.subscribers.add(sub)  # before reading the version: no delta can slip between

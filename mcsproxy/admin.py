@@ -249,6 +249,8 @@ def _render(families: Families, process: CollectorRegistry) -> list[bytes]:
 
 
 async def metrics(request: web.Request) -> web.StreamResponse:
+    if request.method == "HEAD":  # no body, and no gathering for one (see stream_json_list)
+        return web.Response(headers={"Content-Type": CONTENT_TYPE_LATEST})
     gateway = _gateway(request)
     # The cyclic collector off until this scrape's series are freed (gc_pause, and
     # Observer.gather): turned on between gather and render, its next collection scanned

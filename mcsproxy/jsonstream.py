@@ -48,6 +48,11 @@ async def stream_json_list(request: web.Request, prefix: str,
     written since the last one cost WORK_PER_TURN units."""
     response = web.StreamResponse(headers={"Content-Type": "application/json"})
     await response.prepare(request)
+    if request.method == "HEAD":
+        # aiohttp sends what a StreamResponse writes after a HEAD's head too: the next
+        # answer on that connection was read from the middle of this body.
+        await response.write_eof()
+        return response
     try:
         await response.write(prefix.encode())
         batch: list[str] = []

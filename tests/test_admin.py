@@ -139,6 +139,35 @@ async def test_config_dump_endpoints_explain_and_status(tmp_path: Path) -> None:
         await west.stop()
 
 
+async def head_then_get(host: str, port: int, path: str) -> bytes:
+    """What follows the head of a HEAD's answer on a kept-alive connection, a GET after."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(f"HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n"
+                     "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        data = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    return data.partition(b"\r\n\r\n")[2]
+
+
+async def test_head_gets_no_body_and_keeps_the_connection_framed(tmp_path: Path) -> None:
+    """The streamed answers wrote their body after a HEAD's head too (/metrics 27 KB with
+    its Content-Length, the JSON ones unframed): the next answer on that connection was
+    read from the middle of it."""
+    east = await Backend("east-1", "127.57.25.1", free_port("127.57.25.1"), "east").start()
+    gw = await start_gateway(tmp_path, HOST, files={
+        "web": service_yaml("web", "127.240.57.25", [east])})
+    try:
+        host, port = gw.gateway.admin.bound
+        for path in ("/healthz", "/metrics", "/config_dump", "/endpoints", "/api/status"):
+            after = await head_then_get(host, port, path)
+            assert after.startswith(b"HTTP/1.1 200 OK\r\n"), (path, after[:80])
+    finally:
+        await gw.stop()
+        await east.stop()
+
+
 async def test_an_ejection_that_ran_out_shows_as_over_with_no_connection_since(
         tmp_path: Path) -> None:
     """Only a new connection used to end an ejection: after it ran out /endpoints,

@@ -334,6 +334,27 @@ async def test_unknown_cluster_is_a_clear_error(tmp_path: Path) -> None:
         await ctl.stop()
 
 
+async def test_head_on_the_stream_subscribes_nothing_and_sends_no_body(tmp_path: Path) -> None:
+    """It streamed the snapshot after the HEAD's head and counted a subscriber."""
+    clusters, out, port = tmp_path / "c", tmp_path / "o", free_port(HOST)
+    write_member(clusters, "a", ["127.0.1.1"])
+    ctl = Controller(clusters, out, port)
+    app = await ctl.start()
+    try:
+        reader, writer = await asyncio.open_connection(HOST, port)
+        writer.write(b"HEAD /v1/stream?cluster=a HTTP/1.1\r\nHost: x\r\n\r\n"
+                     b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        head, _, after = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"application/x-ndjson" in head
+        assert after.startswith(b"HTTP/1.1 200 OK\r\n"), after[:80]
+        assert app.hub is not None
+        assert not app.hub.feeds["a"].subscribers
+    finally:
+        await ctl.stop()
+
+
 def test_large_snapshots_come_in_parts_applied_at_once() -> None:
     objects = {}
     for i in range(2500):
