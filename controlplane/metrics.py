@@ -3,6 +3,8 @@ two controllers in one process, as in tests, never collide)."""
 
 from __future__ import annotations
 
+import math
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -39,8 +41,15 @@ class ControllerMetrics:
             pairs.sort()
             total = pairs[-1][1] if pairs else 0.0
             row: dict[str, float | None] = {"count": total}
-            for name, q in (("p50_s", 0.5), ("p99_s", 0.99)):
-                row[name] = next((le for le, n in pairs if total and n >= q * total), None)
+            for name, q in (("p50", 0.5), ("p99", 0.99)):
+                le = next((le for le, n in pairs if total and n >= q * total), None)
+                if le is not None and math.isinf(le):
+                    # JSON has no Infinity: it was written bare, which no JSON parser
+                    # takes (the status page failed on every refresh from then on).
+                    row[f"{name}_s"] = None
+                    row[f"{name}_above_s"] = max(b for b, _ in pairs if not math.isinf(b))
+                else:
+                    row[f"{name}_s"] = le
             out[stage] = row
         return out
 

@@ -4,6 +4,7 @@ propagation latency, and the page at / (loaded in headless Chromium when present
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import yaml
 from aiohttp import ClientSession, ClientTimeout
 
 from controlplane.command import ControllerConfig, DirectoryControllerApp
+from controlplane.metrics import ControllerMetrics
 from tests.kube_auth_support import write_atomically
 from tests.proxy_fixtures import free_port
 from tests.test_metrics_support import parse_metrics, value
@@ -147,3 +149,15 @@ def test_controller_and_gateway_expose_no_created_series(tmp_path: Path) -> None
         created = [line for line in text.splitlines() if "_created" in line]
         assert created == [], created[:3]
     assert "mcsproxy_controller_services_reconciled_total" in controller  # counters remain
+
+
+def test_a_propagation_past_the_last_bucket_is_valid_json() -> None:
+    """A change written 11 s after it was seen fell in the +Inf bucket, and /status wrote
+    it as a bare Infinity, which no JSON parser takes: the page failed on every refresh."""
+    metrics = ControllerMetrics()
+    metrics.propagation.labels("written").observe(0.002)
+    metrics.propagation.labels("written").observe(11.0)
+    summary = metrics.propagation_summary()
+    assert summary["written"] == {"count": 2.0, "p50_s": 0.0025, "p99_s": None,
+                                  "p99_above_s": 10.0}
+    json.dumps(summary, allow_nan=False)
