@@ -168,6 +168,9 @@ async def endpoints(request: web.Request) -> web.StreamResponse:
     proxy = gateway.proxy
     if proxy is None:
         raise web.HTTPNotFound(text="no proxy runs here (--no-proxy)\n")
+    if key is not None and key not in gateway.store.current.services:
+        # As /config_dump and /explain: a mistyped name read as a service without endpoints.
+        raise web.HTTPNotFound(text=f"no service {key} in the snapshot\n")
     others = await workers_active(gateway)
     upstreams = sorted(proxy.upstreams.items(), key=lambda kv: str(kv[0]))
 

@@ -103,6 +103,7 @@ async def test_config_dump_endpoints_explain_and_status(tmp_path: Path) -> None:
         await gw.get_json("/explain", status=400)
         await gw.get_json("/explain?service=test/nope", status=404)
         await gw.get_json("/explain?service=test/web&port=9", status=404)
+        await gw.get_json("/endpoints?service=test/wbe", status=404)  # was 200, no endpoints
 
         for _ in range(4):
             await ask("127.240.57.21", 80)
@@ -116,7 +117,13 @@ async def test_config_dump_endpoints_explain_and_status(tmp_path: Path) -> None:
         assert cells["east"]["expected_share"] == 50.0
         assert any(e["kind"] == "snapshot" for e in status["events"])
         latest = status["events"][-1]["seq"]
+        assert status["events_seq"] == latest
         assert (await gw.get_json(f"/api/status?since={latest}"))["events"] == []
+        # A page still open from before a restart asks past our numbering: it gets every
+        # recent event (it got none, for as long as the new process had fewer events).
+        after_restart = await gw.get_json(f"/api/status?since={latest + 100}")
+        assert after_restart["events"] == status["events"][-len(after_restart["events"]):]
+        assert after_restart["events"] and after_restart["events_seq"] == latest
 
         # The CLI prints the same as a table.
         proc = await asyncio.create_subprocess_exec(

@@ -132,6 +132,12 @@ function renderMatrix(status, shares) {
 }
 
 function renderEvents(status) {
+  if (status.events_seq < lastSeq) {
+    // A restarted gateway numbers its events from 1 again: those kept are another
+    // process's, and filtering by the old number hid every new one.
+    lastSeq = 0;
+    events = [];
+  }
   for (const e of status.events) {
     if (e.seq > lastSeq) { events.push(e); lastSeq = e.seq; }
   }

@@ -112,7 +112,11 @@ def status_parts(gateway: Gateway,
             },
             "sources": detail["sources"],
             "clusters": sorted(clusters, key=lambda c: (c != local, c)),
-            "events": observer.events.since(events_since, EVENTS_SHOWN),
+            # A `since` past our last event is from before a restart (numbering starts
+            # over): all recent events then, and `events_seq` tells the page to start over.
+            "events": observer.events.since(
+                events_since if events_since <= observer.events.seq else 0, EVENTS_SHOWN),
+            "events_seq": observer.events.seq,
             "demo_control": gateway.config.admin.demo_control,
         }
 
