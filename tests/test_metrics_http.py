@@ -39,6 +39,8 @@ async def test_http_requests_by_cluster_and_outcome(tmp_path: Path) -> None:
         assert value(m, "mcsproxy_http_requests_total", **web, cluster="east",
                      outcome="2xx") == 6
         assert value(m, "mcsproxy_http_requests_total", **web, cluster="west") == 0
+        # How --workers share the load counts HTTP requests too (it read 0 for HTTP).
+        assert value(m, "mcsproxy_proxy_worker_connections_total", worker="0") == 6
         # Each 503 from west was retried on east; the client never saw it.
         assert value(m, "mcsproxy_proxy_retries_total", **web) == len(west.requests) > 0
         assert value(m, "mcsproxy_http_requests_total", service="test/gone", cluster="none",

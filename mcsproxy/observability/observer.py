@@ -318,7 +318,8 @@ class Observer:
         total_ok = self._expired_connections
         for ukey, (folded, sets) in self._retired.items():
             if ukey not in proxy.upstreams:  # not exported now, but still counted below
-                total_ok += sum(cs.connections for st in (folded, *(u.stats for u in sets))
+                total_ok += sum(cs.connections + sum(cs.requests.values())
+                                for st in (folded, *(u.stats for u in sets))
                                 for cs in st.clusters.values())
         # The sets as they are now: the proxy may replace some while this yields.
         for ukey, upstream in list(proxy.upstreams.items()):
@@ -349,6 +350,7 @@ class Observer:
                     if cs.requests:  # HTTP ports only: TCP and UDP get no empty series
                         for outcome, n in cs.requests.items():
                             requests.add([*cl, outcome], n)
+                            total_ok += n
                         request_time.observe_buckets(cl, cs.request_time)
             for cluster in upstream.stats.clusters:
                 cl = [*labels, cluster]
@@ -402,8 +404,11 @@ class Observer:
                                  ["listener_kind", "status", "reason"])
         for key, n in proxy.http.refused.items():
             http_refused.add(key, n)
+        # HTTP counts its requests: its endpoint connections are pooled, and an HTTP-only
+        # gateway read 0 here for every process.
         f.counter("mcsproxy_proxy_worker_connections",
-                  "Connections each proxy process made (how --workers share the load)",
+                  "TCP connections, UDP flows and HTTP requests each proxy process carried "
+                  "(how --workers share the load)",
                   ["worker"]).add([str(self.worker_index)], total_ok)
 
     def _retire_upstreams(self, live: dict[UpstreamKey, UpstreamSet]) -> None:
