@@ -1,6 +1,7 @@
 """RFC 9110/9112 message semantics end to end, with real sockets: what a client may send
 after a request that closes the connection, half-closing clients, answers before the
-request body, request-target forms, bodies of tiny chunks both ways, keep-alive after HEAD."""
+request body, request-target forms, bodies of tiny chunks both ways, keep-alive after HEAD,
+the bodies of requests llhttp stops parsing at (CONNECT, an HTTP/1.0 Upgrade)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,15 @@ from httptools import HttpParserError, HttpRequestParser
 from mcsproxy.config import OutlierConfig
 from mcsproxy.http.pool import PAUSE_UPSTREAM
 from mcsproxy.http.server import ClientConnection
-from tests.http_support import HTTP_PORT, RawClient, protocol_behind_proxy, publish, start_backends
-from tests.proxy_fixtures import Clusterset, endpoint
+from tests.http_support import (
+    HTTP_PORT,
+    BackendConn,
+    RawClient,
+    protocol_behind_proxy,
+    publish,
+    start_backends,
+)
+from tests.proxy_fixtures import Clusterset, endpoint, until
 
 
 async def test_nothing_is_answered_after_a_request_that_closes_the_connection() -> None:
@@ -489,6 +497,117 @@ async def test_an_upgrade_in_an_http10_request_is_ignored() -> None:
         for i in range(3):
             assert backend.header(i, b"upgrade") == []
             assert backend.header(i, b"connection") == []
+    finally:
+        await proxy.stop()
+        await backend.stop()
+
+
+class AnswersBeforeTheBody(asyncio.Protocol):
+    """An endpoint that answers a request once it has its head, then reads past the body
+    the head announces before the next request, as Go's net/http may (RFC 9112 allows
+    it): a body announced and never sent takes the next request on that connection for
+    body bytes. Answers `victim` to /victim, `other` to anything else; `seen` holds each
+    request line read and its body."""
+
+    seen: list[tuple[bytes, bytes]] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.buf = b""
+        self.line = b""
+        self.body = b""
+        self.left = -1  # body bytes still to read (-1: waiting for a head)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while True:
+            if self.left >= 0:
+                take = self.buf[:self.left]
+                self.body += take
+                self.buf = self.buf[len(take):]
+                self.left -= len(take)
+                if self.left:
+                    return
+                AnswersBeforeTheBody.seen.append((self.line, self.body))
+                self.left = -1
+            head, sep, self.buf = self.buf.partition(b"\r\n\r\n")
+            if not sep:
+                self.buf = head
+                return
+            lines = head.split(b"\r\n")
+            self.line, self.body = lines[0], b""
+            self.left = sum(int(line.split(b":")[1]) for line in lines[1:]
+                            if line.lower().startswith(b"content-length:"))
+            answer = b"victim" if self.line.startswith(b"GET /victim ") else b"other"
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                                 % (len(answer), answer))
+
+
+async def test_a_body_llhttp_leaves_unparsed_never_takes_the_next_clients_request() -> None:
+    # llhttp stops after the head of a request it takes for a switch of protocols,
+    # before the body the head announces: any CONNECT, and an HTTP/1.0 request with
+    # `Connection: Upgrade` (an Upgrade we ignore). Both used to go to the endpoint with
+    # their Content-Length and without their body, and the endpoint connection was
+    # pooled: the next client's request on it was read as that body (the victim got the
+    # answer to a request it never sent). Now CONNECT is refused before anything is
+    # sent, and the HTTP/1.0 request goes on as a plain one, with its body.
+    AnswersBeforeTheBody.seen = []
+    victim_request = b"GET /victim HTTP/1.1\r\nHost: a\r\n\r\n"
+    async with protocol_behind_proxy(AnswersBeforeTheBody, "127.223.2.3", "127.223.0.13",
+                                     "desync"):
+        for attack, answer in (
+                (b"CONNECT /x HTTP/1.1\r\nHost: a\r\nContent-Length: 20\r\n\r\n" +
+                 b"A" * 20, (400, b"CONNECT is not supported\n")),
+                (b"POST /x HTTP/1.0\r\nHost: a\r\nConnection: Upgrade\r\n"
+                 b"Upgrade: websocket\r\nContent-Length: 20\r\n\r\n" + b"B" * 20,
+                 (200, b"other"))):
+            client = await RawClient.open("127.223.0.13", 80)
+            client.send(attack)
+            r = await client.response()
+            assert (r.status, r.body) == answer, attack
+            assert await client.closed()  # one answer, then the close
+            await client.close()
+            victim = await RawClient.open("127.223.0.13", 80)  # the pooled connection
+            victim.send(victim_request)
+            r = await victim.response()
+            assert (r.status, r.body) == (200, b"victim"), attack
+            await victim.close()
+    assert AnswersBeforeTheBody.seen == [
+        (b"GET /victim HTTP/1.1", b""), (b"POST /x HTTP/1.1", b"B" * 20),
+        (b"GET /victim HTTP/1.1", b"")]
+
+
+async def test_an_ignored_http10_upgrade_sends_its_body_over_reads_then_parses_on() -> None:
+    # The body of an HTTP/1.0 request whose Upgrade is ignored, after llhttp stopped at
+    # its head: it used to be lost (504, the endpoint waiting for it), and its bytes
+    # parsed as the next request. Now it goes as the body, in whatever reads it comes,
+    # and the request pipelined after it is parsed as one.
+    [backend] = await start_backends({"east": 1}, 224)
+    cs = Clusterset("east")
+    publish(cs, "up10body", "127.224.0.1", [backend])
+    proxy = await cs.proxy()
+    try:
+        client = await RawClient.open("127.224.0.1", 80)
+        client.send(b"POST /echo HTTP/1.0\r\nConnection: keep-alive, Upgrade\r\n"
+                    b"Upgrade: websocket\r\nContent-Length: 11\r\n\r\nhel")
+        await until(lambda: backend.transports, "the head at the endpoint")
+        [endpoint_side] = [t.get_protocol() for t in backend.transports]
+        assert isinstance(endpoint_side, BackendConn)
+        await until(lambda: endpoint_side.body_len == 3, "the head's read at the endpoint")
+        client.send(b"lo ")
+        await until(lambda: endpoint_side.body_len == 6, "a read of body alone at the endpoint")
+        client.send(b"world" + b"GET /b HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+                    b"POST /echo HTTP/1.0\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
+                    b"Content-Length: 2\r\n\r\nok" + b"GET /dropped HTTP/1.0\r\n\r\n")
+        answers = [await client.response() for _ in range(3)]
+        assert [(r.status, r.body) for r in answers] == [
+            (200, b"hello world"), (200, b"east-1"), (200, b"ok")]
+        assert [r.headers[b"connection"] for r in answers] == [b"keep-alive"] * 2 + [b"close"]
+        assert await client.closed()  # after an answer that closes: nothing more
+        await client.close()
+        assert [u for _, u, _ in backend.requests] == [b"/echo", b"/b", b"/echo"]
+        assert backend.header(0, b"content-length") == [b"11"]
+        assert backend.header(0, b"upgrade") == []
     finally:
         await proxy.stop()
         await backend.stop()

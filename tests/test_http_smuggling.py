@@ -79,6 +79,10 @@ SHAPES: list[tuple[str, bytes, int]] = [
     ("userinfo in the target", b"GET http://u@evil.example/ HTTP/1.1\r\n" + H + b"\r\n", 400),
     ("scheme other than http", b"GET ftp://evil.example/ HTTP/1.1\r\n" + H + b"\r\n", 400),
     ("CONNECT", b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n", 400),
+    # llhttp parses nothing after a CONNECT's head: origin-form, it used to be forwarded
+    # with its Content-Length and without its body (and answered twice)
+    ("CONNECT origin-form", b"CONNECT /x HTTP/1.1\r\n" + H + b"Content-Length: 5\r\n\r\nhello",
+     400),
     ("Expect other than 100-continue", b"GET / HTTP/1.1\r\n" + H +
      b"Expect: 200-ok\r\n\r\n", 417),
     ("too many headers", b"GET / HTTP/1.1\r\n" + H +

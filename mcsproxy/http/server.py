@@ -309,14 +309,17 @@ class ClientConnection(asyncio.Protocol):
             ex = self.last
             if ex is not None and not ex.upgrade and not ex.http11 and self.current is None:
                 # An Upgrade we ignore (HTTP/1.0, see on_headers_complete): llhttp stopped
-                # after the request all the same. What follows is HTTP for a fresh parser,
-                # or, after an answer that closes, dropped (RFC 9112 9.6).
+                # after the head all the same. Its body, if any, is read as an upgrade
+                # request's (Exchange.tunnel_data); what follows is HTTP for a fresh parser
+                # (http_again).
                 self.parser = HttpRequestParser(self)
-                if ex.keep_alive:
-                    self.data_received(data[exc.args[0]:])
+                rest = data[exc.args[0]:]
+                if ex.upgrade_body:
+                    self.upgrading = ex
+                    if rest:
+                        ex.tunnel_data(rest)
                 else:
-                    self.pause(PAUSE_PIPELINE)
-                    self.flush()
+                    self.http_again(ex, rest)
                 return
             if ex is None or not ex.upgrade:
                 self.reject(RequestError(400, "unexpected protocol upgrade", MALFORMED))
@@ -625,6 +628,12 @@ class ClientConnection(asyncio.Protocol):
             self._refuse(505 if version[:1] > "1" else 400, f"HTTP/{version} is not supported",
                          HTTP_VERSION)
         method = parser.get_method()
+        if method == b"CONNECT":
+            # llhttp takes any CONNECT for a switch of protocols and parses nothing after
+            # its head, not even the body it announces. `CONNECT /x` (origin-form) used to
+            # go to the endpoint with its Content-Length and without its body, and the
+            # pooled connection read the next client's request as that body.
+            self._refuse(400, "CONNECT is not supported", MALFORMED)
         url = self.url
         authority = None
         if url[:1] != b"/" and not (url == b"*" and method == b"OPTIONS"):
@@ -658,9 +667,13 @@ class ClientConnection(asyncio.Protocol):
                 self._refuse(501, "only the chunked transfer coding is supported", TRANSFER_CODING)
             chunked = True
         length = 0 if self.length is None else int(self.length)
+        # llhttp stops after the head of a request it takes for a switch of protocols
+        # (Upgrade with Connection: upgrade, HTTP/1.0 too): the body its head announces
+        # is parsed by us (Exchange.tunnel_data, upgrade_body).
+        stops = self.upgrade is not None and parser.should_upgrade()
         # RFC 9110 7.8: a server MUST ignore Upgrade in an HTTP/1.0 request; it goes on as
         # a plain request (the Upgrade field is hop-by-hop: never forwarded unasked).
-        upgrade = http11 and self.upgrade is not None and parser.should_upgrade()
+        upgrade = stops and http11
         if upgrade and chunked:
             # llhttp leaves an Upgrade request's body unparsed (see Exchange.tunnel_data):
             # a chunked one could only be passed on unchecked.
@@ -707,6 +720,8 @@ class ClientConnection(asyncio.Protocol):
             self._refuse(429, "too many pipelined requests", TOO_MANY_PIPELINED)
         ex = Exchange(self, route, method, head, chunked, length, keep_alive, http11, upgrade,
                       error)
+        if stops and not upgrade:
+            ex.upgrade_body = length  # an ignored Upgrade: llhttp stops all the same
         self.current = self.last = ex
         queue.append(ex)
         if len(queue) == 1:
@@ -835,6 +850,21 @@ class ClientConnection(asyncio.Protocol):
         self.parser = HttpRequestParser(self)
         if held:
             self.data_received(bytes(held))
+
+    def http_again(self, ex: Exchange, rest: bytes) -> None:
+        """The request `ex`, whose Upgrade was ignored, was read whole, body too: what the
+        client sent after it is HTTP again, or, after an answer that closes, dropped (RFC
+        9112 9.6)."""
+        if self.upgrading is ex:
+            self.upgrading = None
+        if self.closed or self.lingering:
+            return
+        if ex.keep_alive:
+            if rest:
+                self.data_received(rest)
+        else:
+            self.pause(PAUSE_PIPELINE)
+            self.flush()
 
     def start_tunnel(self, up: UpstreamConn) -> None:
         self.upgrading = None
@@ -1048,7 +1078,8 @@ class Exchange:
         self.unsent_size = 0
         self.upgrade = upgrade
         # llhttp ends an Upgrade request with its head: the body its head announces comes
-        # through tunnel_data, and only then is the request done.
+        # through tunnel_data, and only then is the request done. Set for an ignored
+        # Upgrade too (ClientConnection.on_headers_complete).
         self.upgrade_body = length if upgrade else 0
         self.held: bytearray | None = None  # sent after a 101 only (tunnel_data)
         self.read_held: bytes | None = None  # see send()
@@ -1402,13 +1433,18 @@ class Exchange:
         refuses the upgrade, or h2c's, reads it before answering); the rest is held for
         the tunnel. Never sent before a 101: an endpoint that refuses would read it as
         a further request on a connection we pool, one we never parsed (smuggled), its
-        answer left for the next request to take."""
+        answer left for the next request to take. After the body of a request whose
+        Upgrade we ignore (HTTP/1.0), the rest is HTTP again (ClientConnection
+        http_again)."""
         left = self.upgrade_body
         if left:
             self.upgrade_body = max(0, left - len(data))
             self.request_body(data[:left])
             if not self.upgrade_body:
                 self.request_done()
+                if not self.upgrade:  # an ignored Upgrade (HTTP/1.0): a plain request
+                    self.client.http_again(self, data[left:])
+                    return
             data = data[left:]
             if not data:
                 return
