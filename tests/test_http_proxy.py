@@ -190,6 +190,20 @@ async def test_transfer_codings_other_than_chunked_are_kept_and_the_body_complet
             assert dechunk(body) == GZIPPED, path
 
 
+async def test_a_transfer_coding_an_http10_client_cannot_read_gets_502() -> None:
+    # RFC 9112 6.1: HTTP/1.0 has no Transfer-Encoding, and we do not decode gzip: the
+    # client used to get the gzip bytes as the content, with no coding named anywhere.
+    async with protocol_behind_proxy(TransferCoded, "127.74.4.2", "127.240.74.5", "coded10"):
+        for path in ("/close", "/chunked"):
+            client = await RawClient.open("127.240.74.5", 80)
+            client.send(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+            r = await client.response()
+            assert (r.status, r.body) == (
+                502, b"response transfer coding an HTTP/1.0 client cannot decode\n"), path
+            assert await client.closed()
+            await client.close()
+
+
 async def test_one_read_of_many_pipelined_requests_queues_at_most_128() -> None:
     [backend] = await start_backends({"east": 1}, 75)
     cs = Clusterset("east")

@@ -55,6 +55,9 @@ SHAPES: list[tuple[str, bytes, int]] = [
     ("TE chunked, gzip", b"POST / HTTP/1.1\r\n" + H +
      b"Transfer-Encoding: chunked, gzip\r\n\r\nabc", 400),
     ("TE xchunked", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: xchunked\r\n\r\nabc", 501),
+    # two lines are one list (RFC 9110 5.3): it used to go on as `chunked` alone
+    ("TE gzip, then chunked on a second line", b"POST / HTTP/1.1\r\n" + H +
+     b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 501),
     ("TE twice", b"POST / HTTP/1.1\r\n" + H +
      b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
     ("TE vertical tab", b"POST / HTTP/1.1\r\n" + H +

@@ -582,7 +582,9 @@ class ClientConnection(asyncio.Protocol):
         elif kind == CONTENT_LENGTH:
             self.length = value  # llhttp rejects duplicates and anything but digits
         elif kind == TRANSFER_ENCODING:
-            self.te = value
+            # Field lines of one name combine into one list (RFC 9110 5.3): `gzip` and
+            # `chunked` on two lines are `gzip, chunked` (501), not `chunked`.
+            self.te = value if self.te is None else self.te + b", " + value
         elif kind == X_FORWARDED_FOR:
             self.xff = value if self.xff is None else self.xff + b", " + value
         elif kind == X_REQUEST_ID:
@@ -1504,6 +1506,11 @@ class Exchange:
             self.resp_mode = CHUNKED
             self.until_close = not up.chunked
         else:
+            if up.codings is not None:
+                # RFC 9112 6.1: an HTTP/1.0 client knows no Transfer-Encoding, and we do
+                # not decode: it used to get the gzip bytes as the content, no coding named.
+                self.fail(502, "response transfer coding an HTTP/1.0 client cannot decode")
+                return
             framing = b""
             self.keep_alive = False
             self.until_close = not up.chunked
