@@ -600,7 +600,8 @@ class ClientConnection(asyncio.Protocol):
                 self.conn_tokens = []
             self.conn_tokens.append(value)
         elif kind == EXPECT:
-            if value.lower() != b"100-continue":
+            # llhttp leaves trailing whitespace in a value, which is not part of it.
+            if value.rstrip(b" \t").lower() != b"100-continue":
                 self.request_error = RequestError(417, "only Expect: 100-continue is supported",
                                                   EXPECT_UNSUPPORTED)
                 raise self.request_error
