@@ -241,6 +241,29 @@ async def test_http10_without_host_gets_the_clusterset_ip_as_host() -> None:
         await stop_all(proxy, backend)
 
 
+async def test_content_length_0_kept_for_methods_that_define_content() -> None:
+    # RFC 9110 8.6: a request whose method defines content should say Content-Length: 0
+    # when it has none (endpoints may answer 411 without it); it was dropped from PUT.
+    # Dropped, as the RFC wants, from methods whose requests anticipate none.
+    [backend] = await start_backends({"east": 1}, 85)
+    cs = Clusterset("east")
+    publish(cs, "cl0", "127.240.85.1", [backend])
+    proxy = await cs.proxy()
+    kept, dropped = ("POST", "PUT", "PATCH", "PROPFIND"), ("GET", "HEAD", "OPTIONS", "DELETE")
+    try:
+        client = await RawClient.open("127.240.85.1", 80)
+        for method in kept + dropped:
+            r = await client.get("/", method=method, extra="Content-Length: 0\r\n")
+            assert r.status == 200, method
+        for i, method in enumerate(kept + dropped):
+            assert backend.requests[i][0] == method.encode()
+            assert backend.header(i, b"content-length") == ([b"0"] if method in kept else []), \
+                method
+        await client.close()
+    finally:
+        await stop_all(proxy, backend)
+
+
 async def test_headers_forwarded_hop_by_hop_removed_and_cluster_named() -> None:
     [backend] = await start_backends({"west": 1}, 53)
     cs = Clusterset("east")
@@ -270,6 +293,15 @@ async def test_headers_forwarded_hop_by_hop_removed_and_cluster_named() -> None:
         assert backend.header(2, b"x-request-id") != generated  # a fresh one per request
         r = await client.get("/hop")
         assert b"x-secret" not in r.headers and b"keep-alive" not in r.headers
+        # Connection cannot nominate fields we keep: it used to strip Host (required in
+        # HTTP/1.1) and the request id, the client's and ours.
+        await client.get("/", extra="Connection: host, x-request-id, X-Hop\r\nX-Hop: 1\r\n"
+                                    "X-Request-Id: kept-1\r\n")
+        assert backend.header(4, b"host") == [b"svc"]
+        assert backend.header(4, b"x-request-id") == [b"kept-1"]
+        assert backend.header(4, b"x-hop") == []
+        await client.get("/", extra="Connection: X-Request-Id\r\n")
+        assert len(backend.header(5, b"x-request-id")) == 1  # generated
         await client.close()
     finally:
         await stop_all(proxy, backend)

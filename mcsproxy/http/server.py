@@ -49,6 +49,8 @@ from mcsproxy.http.wire import (
     LAST_CHUNK,
     MALFORMED,
     MAX_REQUEST_ID,
+    NEVER_NOMINATED,
+    NO_CONTENT,
     NOT_IN_TRAILERS,
     PLAIN_CONNECTION,
     REQUEST_FIELDS,
@@ -692,7 +694,7 @@ class ClientConnection(asyncio.Protocol):
             route, error = self.front.resolve(self.host)
         parts = self.parts
         if self.conn_tokens is not None:
-            nominated = connection_tokens(self.conn_tokens) - {b"close", b"keep-alive"}
+            nominated = connection_tokens(self.conn_tokens) - NEVER_NOMINATED
             if nominated:
                 parts = drop_fields(parts, nominated)
         fwd = self.fwd if self.xff is None else self.engine.forwarded_headers(
@@ -703,7 +705,7 @@ class ClientConnection(asyncio.Protocol):
             parts.append(b"Expect: 100-continue\r\n")
         if chunked:
             framing = b"Transfer-Encoding: chunked\r\n\r\n"
-        elif self.length is not None and (length or method not in IDEMPOTENT):
+        elif self.length is not None and (length or method not in NO_CONTENT):
             framing = b"Content-Length: %d\r\n\r\n" % length
         else:
             framing = CRLF

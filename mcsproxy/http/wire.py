@@ -165,6 +165,10 @@ REFUSAL_REASONS: Final = (MALFORMED, INVALID_HOST, HTTP_VERSION, TRANSFER_CODING
                           NOT_HTTP, NOT_SERVED)
 
 IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
+# Methods whose requests anticipate no content: their `Content-Length: 0` is dropped (RFC
+# 9110 8.6: a user agent SHOULD NOT send it then). Any other method keeps it, as an
+# endpoint may answer 411 to a PUT or POST without it.
+NO_CONTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE"})
 MAX_REQUEST_ID: Final = 200
 
 
@@ -218,6 +222,10 @@ def tail_bytes(tail: int, n: int) -> int:
 
 # Connection values that nominate no header (llhttp already acts on close/keep-alive).
 PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"Keep-Alive", b"close", b"Close"})
+# Connection tokens that never remove a request field: close and keep-alive name none,
+# and Host (required in HTTP/1.1) and x-request-id are kept whatever the client nominates
+# (`Connection: host` used to strip Host, `Connection: x-request-id` any request id).
+NEVER_NOMINATED: Final = frozenset({b"close", b"keep-alive", b"host", b"x-request-id"})
 
 
 def connection_tokens(values: list[bytes]) -> set[bytes]:
