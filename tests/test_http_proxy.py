@@ -232,6 +232,8 @@ async def test_http10_without_host_gets_the_clusterset_ip_as_host() -> None:
         client.send(b"GET /headers HTTP/1.0\r\n\r\n")  # as HAProxy's default httpchk
         r = await client.response()
         assert r.status == 200 and b"Host: 127.240.78.1:80\n" in r.body
+        # RFC 9110 7.6.3: the protocol received, not the one sent (it said 1.1).
+        assert b"Via: 1.0 mcsproxy\n" in r.body and b"Via: 1.1" not in r.body
         await client.close()
         client = await RawClient.open("127.240.78.1", 80)
         client.send(b"GET /headers HTTP/1.1\r\n\r\n")

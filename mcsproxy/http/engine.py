@@ -123,6 +123,7 @@ class HttpEngine:
         self._second = int(time.time())
         self.date = http_date(self._second)
         self.via = f"Via: 1.1 {self.http.via}\r\n".encode()
+        self.via10 = f"Via: 1.0 {self.http.via}\r\n".encode()  # of HTTP/1.0 requests
         self._fwd_tail = b"X-Forwarded-Proto: http\r\n" + self.via
         self._clients_by_address: dict[str, tuple[bytes, bytes]] = {}
         self.errors = ErrorResponses(self.via)

@@ -697,8 +697,12 @@ class ClientConnection(asyncio.Protocol):
             nominated = connection_tokens(self.conn_tokens) - NEVER_NOMINATED
             if nominated:
                 parts = drop_fields(parts, nominated)
-        fwd = self.fwd if self.xff is None else self.engine.forwarded_headers(
+        engine = self.engine
+        fwd = self.fwd if self.xff is None else engine.forwarded_headers(
             self.xff + b", " + self.client_ip)
+        if not http11:
+            # Via names the protocol received (RFC 9110 7.6.3); fwd ends with 1.1's.
+            fwd = fwd[:len(fwd) - len(engine.via)] + engine.via10
         if upgrade:
             parts.append(b"Connection: upgrade\r\nUpgrade: " + self.upgrade + CRLF)  # type: ignore[operator]
         if self.expect and http11:
@@ -714,7 +718,7 @@ class ClientConnection(asyncio.Protocol):
         parts.insert(0, method + b" " + url + b" HTTP/1.1\r\n")
         parts.append(fwd)
         if not self.has_request_id:
-            parts.append(self.engine.ids.next_header())
+            parts.append(engine.ids.next_header())
         parts.append(framing)
         head = b"".join(parts)
         self._reset_head()
