@@ -571,6 +571,17 @@ async def test_put_object_keeps_given_metadata(emu: KubeEmulator, api: ApiClient
     assert item["metadata"]["creationTimestamp"] == "2020-01-01T00:00:00Z"
     assert item["status"] == {"conditions": []} and item["apiVersion"] == f"{MCS}/v1alpha1"
     assert [o["metadata"]["name"] for o in emu.list_objects(f"serviceexports.{MCS}")] == ["old"]
+    # Put again, changed: the same object (uid, creationTimestamp), as an update keeps them;
+    # deleted first, it is a new one.
+    uid = item["metadata"]["uid"]
+    changed = emu.put_object(service_export("old", status={"conditions": [{"type": "Valid"}]},
+                                            metadata={"name": "old", "namespace": "ns"}))
+    assert changed["metadata"]["uid"] == uid
+    assert changed["metadata"]["creationTimestamp"] == "2020-01-01T00:00:00Z"
+    assert emu.delete_object(f"serviceexports.{MCS}", "old", "ns")
+    again = emu.put_object(service_export("old", metadata={"name": "old", "namespace": "ns"}))
+    assert again["metadata"]["uid"] != uid
+    assert again["metadata"]["creationTimestamp"] != "2020-01-01T00:00:00Z"
 
 
 async def test_delete_object_removes_directly_and_watches_see_it(

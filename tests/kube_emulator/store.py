@@ -258,18 +258,22 @@ class Store:
         return self._commit(rtype, "ADDED", obj, None)
 
     def put(self, rtype: ResourceType, obj: Obj) -> Obj:
-        """Direct injection for tests: keeps creationTimestamp, status, uid, generation."""
+        """Direct injection for tests: keeps creationTimestamp, status, uid, generation as
+        given. Over an existing object it is a change of that object: the uid and
+        creationTimestamp not given are the existing object's (delete it first for a new
+        object of the same name)."""
         obj = copy.deepcopy(obj)
         meta = _metadata(obj)
-        meta.setdefault("uid", str(uuid.uuid4()))
-        meta.setdefault("creationTimestamp", now_rfc3339())
-        meta.setdefault("generation", 1)
         if not rtype.namespaced:
             meta.pop("namespace", None)
         elif not meta.get("namespace"):
             meta["namespace"] = "default"
         key = (meta.get("namespace", ""), meta["name"])
         old = self.objects[(rtype.group, rtype.plural)].get(key)
+        old_meta = old["metadata"] if old else {}
+        meta.setdefault("uid", old_meta.get("uid") or str(uuid.uuid4()))
+        meta.setdefault("creationTimestamp", old_meta.get("creationTimestamp") or now_rfc3339())
+        meta.setdefault("generation", 1)
         return self._commit(rtype, "MODIFIED" if old else "ADDED", {**obj, "metadata": meta}, old)
 
     def update(self, rtype: ResourceType, namespace: str, name: str, body: Any, *,
