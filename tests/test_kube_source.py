@@ -254,6 +254,55 @@ async def test_bad_object_is_skipped_and_last_good_kept(
         assert run.source.m_rejected._value.get() >= 2
 
 
+async def test_an_object_deleted_and_created_again_bad_while_away_is_not_kept(
+        emu: KubeEmulator, tmp_path: Path) -> None:
+    """Deleted, then created again under the same name with a spec that does not validate,
+    while the watches are down: the relist after 410 shows the new object only (another
+    uid). The version kept was the deleted object's, so it goes, as the live watch's
+    DELETED makes it go; a bad version of the same object keeps its last good one."""
+    bad_ports = [{"name": "http", "protocol": "TCP", "port": 70000}]
+    emu.put_object(service_import("web"))
+    emu.put_object(service_import("kept", "127.240.3.2"))
+    emu.put_object(imported_slice("web-west", "web", "west", ["10.1.0.1"]))
+    emu.put_object(imported_slice("web-north", "web", "north", ["10.2.0.1"]))
+    emu.put_object(multicluster_service("kweb"))
+    emu.put_object(local_service("kweb", [{"name": "http", "protocol": "TCP", "port": 80}]))
+    emu.put_object(karmada_slice("member1", "kweb-a", "kweb", ["10.11.0.1"]))
+    emu.put_object(karmada_slice("member2", "kweb-b", "kweb", ["10.12.0.1"]))
+    emu.put_object(native_slice("kweb-local", "kweb", ["10.13.0.1"]))
+    emu.put_object(multicluster_service("kother"))  # served: CrossCluster, every consumer
+    kweb = ServiceKey("test", "kweb")
+    async with running(emu, tmp_path, cluster_id="member3") as run:
+        await run.until(lambda: len(run.endpoints(kweb)) == 3
+                        and run.store.current.get("test", "kother") is not None)
+        emu.hang()
+        emu.drop_watches()
+        gone = [("serviceimports.multicluster.x-k8s.io", "web"),
+                ("endpointslices.discovery.k8s.io", "web-north"),
+                ("endpointslices.discovery.k8s.io", "member2-kweb-b"),
+                ("endpointslices.discovery.k8s.io", "kweb-local"),
+                ("multiclusterservices.networking.karmada.io", "kother")]
+        for resource, name in gone:
+            assert emu.delete_object(resource, name, "test")
+        emu.put_object(service_import("web", ports=bad_ports))
+        emu.put_object(service_import("kept", "127.240.3.2", ports=bad_ports))  # same uid
+        emu.put_object(imported_slice("web-north", "web", "north", ["10.2.0.1"], port=70000))
+        emu.put_object(karmada_slice("member2", "kweb-b", "kweb", ["10.12.0.1"], port=70000))
+        emu.put_object(native_slice("kweb-local", "kweb", ["10.13.0.1"], port=70000))
+        emu.put_object({**multicluster_service("kother"), "spec": {"types": "CrossCluster"}})
+        emu.put_object(service_import("sentinel", "127.240.3.9"))
+        emu.expire_history()
+        emu.hang(False)
+        await run.until(lambda: run.store.current.get("test", "sentinel") is not None
+                        and all(r.relists_gone for r in run.source.reflectors))
+        current = run.store.current
+        assert current.get("test", "web") is None
+        assert current.get("test", "kept").ports[0].port == 80  # its last good version
+        assert current.get("test", "kother") is None
+        assert run.endpoints(kweb) == [("member1", "10.11.0.1")]
+        assert run.source.objects == 4  # kept, sentinel, web-west; kweb's import and slice
+
+
 async def test_410_relist_applies_what_was_missed(emu: KubeEmulator, tmp_path: Path) -> None:
     emu.put_object(service_import("web"))
     emu.put_object(service_import("gone", "127.240.3.3"))

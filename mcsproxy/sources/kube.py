@@ -20,7 +20,10 @@ resume, bookmarks, 410 relist with a diff, backoff with jitter):
   installing it later needs no restart.
 
 Every object goes through mcsproxy.manifests; one that does not validate is logged with
-its name and skipped, and its last good version keeps serving. Changes are committed to
+its name and skipped, and its last good version keeps serving: the same object's, by
+metadata.uid. An object deleted and created again under its name is another object (a
+relist after 410 shows no DELETED in between): its invalid version withdraws the deleted
+one's, as a live watch's DELETED does. Changes are committed to
 the store coalesced (one snapshot per burst, at most every `commit_delay_s`) from the
 first complete sync on, also while a watch started later has not listed yet, and each
 change costs work for its own service key only.
@@ -80,6 +83,8 @@ from mcsproxy.sources.kube_watch import (
     Resource,
     SkipLog,
     WatchTimings,
+    object_uid,
+    recreated,
 )
 from mcsproxy.store import ObjectId, SnapshotStore, Spec
 from mcsproxy.tasks import cancel_and_wait, spawn
@@ -117,6 +122,7 @@ class StoreHandler:
         self.parse = parse
         self.on_key = on_key  # (service key, +1 / -1) as objects of a key come and go
         self.known: dict[ObjectId, ServiceKey] = {}
+        self.uids: dict[ObjectId, str] = {}  # metadata.uid of the version served
 
     def _oid(self, obj: Obj) -> ObjectId | None:
         meta = obj.get("metadata")
@@ -134,13 +140,18 @@ class StoreHandler:
             spec = self.parse(obj)
         except ManifestError as exc:
             self.source.reject(str(exc))
-            return  # the last good version stays in the store
+            if recreated(self.uids.get(oid), obj):
+                # Deleted and created again (a relist after 410 shows no DELETED): the
+                # last good version was another object's, and that object is gone.
+                self._remove(oid)
+            return  # the last good version of this object stays in the store
         if spec is None:
             self._remove(oid)
             return
         old_key = self.known.get(oid)
         self.source.store.upsert(oid, spec)
         self.known[oid] = spec.key
+        self.uids[oid] = object_uid(obj)
         if self.on_key is not None and old_key != spec.key:
             if old_key is not None:
                 self.on_key(old_key, -1)
@@ -154,6 +165,7 @@ class StoreHandler:
 
     def _remove(self, oid: ObjectId) -> None:
         key = self.known.pop(oid, None)
+        self.uids.pop(oid, None)
         if key is None:
             return
         self.source.store.delete(oid)

@@ -78,6 +78,7 @@ from mcsproxy.manifests import (
     parse_service_import,
 )
 from mcsproxy.model import ServiceKey
+from mcsproxy.sources.kube_watch import object_uid, recreated
 from mcsproxy.store import ObjectId, SnapshotStore
 
 KARMADA_GROUP = "networking.karmada.io"
@@ -210,16 +211,22 @@ class KarmadaServices:
         # version kept (kube_watch.SkipLog); a watch event's is the Reflector's to skip.
         self.failed = failed or _raise
         self.mcs: dict[ServiceKey, McsInfo] = {}
+        # metadata.uid of each version kept, MultiClusterServices and slices: a rejected
+        # version of the same object keeps it; one of an object deleted and created again
+        # under the same name (a relist shows no DELETED) does not.
+        self.mcs_uids: dict[ServiceKey, str] = {}
         self.services: dict[ServiceKey, dict[str, Any]] = {}
         # Dispatched slices: per service key, slice name → spec; their creationTimestamps.
         self.slices: dict[ServiceKey, dict[str, SliceSpec]] = defaultdict(dict)
         self.slice_keys: dict[tuple[str, str], ServiceKey] = {}  # (ns, slice name) → key
         self.slice_created: dict[tuple[str, str], str] = {}
+        self.slice_uids: dict[tuple[str, str], str] = {}
         # The cluster's own (native) slices: per service key, slice name → spec, or the
         # error of a version that did not validate (reported only for served keys).
         self.local: dict[ServiceKey, dict[str, SliceSpec]] = defaultdict(dict)
         self.local_keys: dict[tuple[str, str], ServiceKey] = {}
         self.local_errors: dict[tuple[str, str], str] = {}
+        self.local_uids: dict[tuple[str, str], str] = {}
         self.real_imports: set[ServiceKey] = set()  # keys a ServiceImport serves
         # Services Karmada claims for a CrossCluster MultiClusterService (their own watch,
         # label-selected, running from the start: the only provider has nothing else).
@@ -285,7 +292,11 @@ class KarmadaServices:
             key, info = parse_mcs(obj)
         except ManifestError as exc:
             self._reject(exc)
+            key = ServiceKey(*_ns_name(obj))
+            if recreated(self.mcs_uids.get(key), obj):  # the kept version's object is gone
+                self.mcs_delete(obj)
             return
+        self.mcs_uids[key] = object_uid(obj)
         if self.mcs.get(key) != info:
             self.mcs[key] = info
             self._first_service()
@@ -293,31 +304,39 @@ class KarmadaServices:
 
     def mcs_delete(self, obj: Obj) -> None:
         key, _ = _key(obj)
+        self.mcs_uids.pop(key, None)
         if self.mcs.pop(key, None) is not None:
             self.refresh(key)
 
     def mcs_replace(self, objects: Sequence[Obj]) -> None:
         seen = set()
         parsed = []
+        uids = {}
         for obj in objects:
-            # A listed object that does not validate keeps its last good version.
-            seen.add(ServiceKey(*_ns_name(obj)))
+            # A listed object that does not validate keeps its last good version, unless
+            # that was another object's (same name, another uid): then it goes.
+            key = ServiceKey(*_ns_name(obj))
             try:
                 parsed.append(parse_mcs(obj))
             except ManifestError as exc:
                 self._reject(exc)
             except Exception as exc:  # one object must not stop the list
                 self.failed(obj, exc)
+            if not recreated(self.mcs_uids.get(key), obj):
+                seen.add(key)
+            uids[key] = object_uid(obj)
         if parsed:
             self._first_service()
         touched = set()
         for key, info in parsed:
             seen.add(key)
+            self.mcs_uids[key] = uids.get(key, "")
             if self.mcs.get(key) != info:
                 self.mcs[key] = info
                 touched.add(key)
         for key in [k for k in self.mcs if k not in seen]:
             del self.mcs[key]
+            self.mcs_uids.pop(key, None)
             touched.add(key)
         if not self._listed("mcs_listed"):
             for key in self._oldest_first(touched):
@@ -402,6 +421,7 @@ class KarmadaServices:
         if spec is None:
             self._drop_slice(key.namespace, name)
             return
+        self.slice_uids[(key.namespace, name)] = object_uid(obj)
         if self.slices[key].get(name) != spec:
             self.slices[key][name] = spec
             self.slice_keys[(key.namespace, name)] = key
@@ -446,12 +466,15 @@ class KarmadaServices:
             spec = parse_endpoint_slice(obj, service_name=svc, cluster=cluster)
         except ManifestError as exc:
             self._reject(exc)
-            return None  # the last good version stays
+            if recreated(self.slice_uids.get((ns, name)), obj):
+                self._drop_slice(ns, name)  # the kept version's object is gone
+            return None  # the last good version of this object stays
         return ServiceKey(ns, svc), name, spec
 
     def _drop_slice(self, ns: str, name: str) -> None:
         key = self.slice_keys.pop((ns, name), None)
         self.slice_created.pop((ns, name), None)
+        self.slice_uids.pop((ns, name), None)
         if key is None:
             return
         slices = self.slices.get(key)
@@ -477,7 +500,10 @@ class KarmadaServices:
         try:
             spec = parse_endpoint_slice(obj, service_name=key.name, cluster=self.cluster_id)
         except ManifestError as exc:
-            # The last good version stays; reported when the key is served (refresh).
+            # The last good version of this object stays (reported when the key is served,
+            # see refresh); one of an object since deleted does not.
+            if recreated(self.local_uids.get((ns, name)), obj):
+                self._drop_local(ns, name)
             self.local_errors[(ns, name)] = str(exc)
             self.local_keys.setdefault((ns, name), key)
             if key in self._written:
@@ -488,6 +514,7 @@ class KarmadaServices:
             self._drop_local(ns, name)
             return
         self.local_keys[(ns, name)] = key
+        self.local_uids[(ns, name)] = object_uid(obj)
         if self.local[key].get(name) != spec:
             self.local[key][name] = spec
             if key in self._keys():
@@ -503,6 +530,7 @@ class KarmadaServices:
     def _drop_local(self, ns: str, name: str) -> None:
         key = self.local_keys.pop((ns, name), None)
         self.local_errors.pop((ns, name), None)
+        self.local_uids.pop((ns, name), None)
         if key is None:
             return
         slices = self.local.get(key)

@@ -31,7 +31,7 @@ import asyncio
 import json
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -126,6 +126,22 @@ class SkipLog:
         self._reported.add(ident)
         log.error("%s: skipped %s %s that could not be applied (%s); its last good version "
                   "keeps serving", where, what, name, exception_line(exc))
+
+
+def object_uid(obj: Mapping[str, Any]) -> str:
+    """metadata.uid, "" when missing."""
+    meta = obj.get("metadata")
+    uid = meta.get("uid") if isinstance(meta, Mapping) else None
+    return uid if isinstance(uid, str) else ""
+
+
+def recreated(served_uid: str | None, obj: Mapping[str, Any]) -> bool:
+    """Whether `obj` is another object than the one whose version is served: the same
+    name, another metadata.uid (deleted and created again; a relist after 410 shows no
+    DELETED in between). A rejected version of such an object has no last good version
+    to keep: the one served was the deleted object's."""
+    uid = object_uid(obj)
+    return bool(served_uid and uid and served_uid != uid)
 
 
 def _error_text(exc: BaseException) -> str:
