@@ -618,6 +618,26 @@ async def test_karmada_without_multicluster_services_oldest_service_keeps_the_ad
         assert {n: run.store.current.get("test", n).ips for n in names} == first
 
 
+async def test_a_failing_services_list_holds_back_karmada_services_only(
+        emu: KubeEmulator, tmp_path: Path) -> None:
+    """A dispatched slice at startup starts the Services and native slices watches; while
+    every Services list fails, the first sync publishes the ServiceImports, the source
+    status carries the error, and the Karmada service waits until the list works."""
+    emu.put_object(service_import("web"))
+    emu.put_object(imported_slice("web-west", "web", "west", ["10.1.0.1"]))
+    emu.put_object(local_service("kweb", [{"name": "http", "protocol": "TCP", "port": 80}]))
+    emu.put_object(karmada_slice("member1", "kweb-a", "kweb", ["10.11.0.1"]))
+    emu.fail_next(None, 503, path="/api/v1/services")  # the claimed Services' too
+    kweb = ServiceKey("test", "kweb")
+    async with running(emu, tmp_path, cluster_id="member3") as run:
+        assert run.endpoints() == [("west", "10.1.0.1")]
+        assert run.store.current.get("test", "kweb") is None
+        assert run.status.synced and "services.v1: HTTP 503" in (run.status.error or "")
+        emu.clear_faults()
+        await run.until(lambda: run.endpoints(kweb) == [("member1", "10.11.0.1")])
+        await run.until(lambda: run.status.error is None)
+
+
 async def test_karmada_member_without_the_multicluster_service_crd(tmp_path: Path) -> None:
     """A member without Karmada's networking CRD (404 on the group) still serves the
     dispatched slices."""

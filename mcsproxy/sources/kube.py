@@ -15,9 +15,10 @@ resume, bookmarks, 410 relist with a diff, backoff with jitter):
   granted, does not hold back the first sync) and, once the first Karmada service
   appears, Services (for ports) and the cluster's own EndpointSlices (managed-by
   `endpointslice-controller.k8s.io`: the local endpoints of a cluster that is also a
-  provider); see kube_karmada.py. A cluster without the Karmada CRD answers 404 for
-  MultiClusterServices, which counts as none; it is asked again every minute, so
-  installing it later needs no restart.
+  provider; a failing list of either does not hold back the first sync either: Karmada's
+  services wait for both, the rest is published); see kube_karmada.py. A cluster without
+  the Karmada CRD answers 404 for MultiClusterServices, which counts as none; it is asked
+  again every minute, so installing it later needs no restart.
 
 Every object goes through mcsproxy.manifests; one that does not validate is logged with
 its name and skipped, and its last good version keeps serving: the same object's, by
@@ -298,10 +299,13 @@ class KubeSource:
         assert self.karmada is not None
         self.karmada.on_first_service = None
         k = self.karmada
+        # Optional for the first sync: started while a dispatched slice or the claimed
+        # Services are listed, a failing list would else hold every other service back;
+        # Karmada's services wait for them anyway (KarmadaServices.ready).
         self._start(SERVICES, CallbackHandler(k.service_replace, k.service_upsert,
-                                              k.service_delete))
+                                              k.service_delete), optional=True)
         self._start(NATIVE_SLICES, CallbackHandler(k.local_replace, k.local_upsert,
-                                                   k.local_delete))
+                                                   k.local_delete), optional=True)
 
     # -- state -----------------------------------------------------------------------
     def reject(self, message: str) -> None:
