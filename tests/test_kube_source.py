@@ -263,22 +263,22 @@ async def test_an_object_deleted_and_created_again_bad_while_away_is_not_kept(
     bad_ports = [{"name": "http", "protocol": "TCP", "port": 70000}]
     emu.put_object(service_import("web"))
     emu.put_object(service_import("kept", "127.240.3.2"))
-    emu.put_object(imported_slice("web-west", "web", "west", ["10.1.0.1"]))
-    emu.put_object(imported_slice("web-north", "web", "north", ["10.2.0.1"]))
+    emu.put_object(imported_slice("kept-west", "kept", "west", ["10.1.0.1"]))
+    emu.put_object(imported_slice("kept-north", "kept", "north", ["10.2.0.1"]))
     emu.put_object(multicluster_service("kweb"))
     emu.put_object(local_service("kweb", [{"name": "http", "protocol": "TCP", "port": 80}]))
     emu.put_object(karmada_slice("member1", "kweb-a", "kweb", ["10.11.0.1"]))
     emu.put_object(karmada_slice("member2", "kweb-b", "kweb", ["10.12.0.1"]))
     emu.put_object(native_slice("kweb-local", "kweb", ["10.13.0.1"]))
     emu.put_object(multicluster_service("kother"))  # served: CrossCluster, every consumer
-    kweb = ServiceKey("test", "kweb")
+    kweb, kept = ServiceKey("test", "kweb"), ServiceKey("test", "kept")
     async with running(emu, tmp_path, cluster_id="member3") as run:
-        await run.until(lambda: len(run.endpoints(kweb)) == 3
+        await run.until(lambda: len(run.endpoints(kweb)) == 3 and len(run.endpoints(kept)) == 2
                         and run.store.current.get("test", "kother") is not None)
         emu.hang()
         emu.drop_watches()
         gone = [("serviceimports.multicluster.x-k8s.io", "web"),
-                ("endpointslices.discovery.k8s.io", "web-north"),
+                ("endpointslices.discovery.k8s.io", "kept-north"),
                 ("endpointslices.discovery.k8s.io", "member2-kweb-b"),
                 ("endpointslices.discovery.k8s.io", "kweb-local"),
                 ("multiclusterservices.networking.karmada.io", "kother")]
@@ -286,7 +286,7 @@ async def test_an_object_deleted_and_created_again_bad_while_away_is_not_kept(
             assert emu.delete_object(resource, name, "test")
         emu.put_object(service_import("web", ports=bad_ports))
         emu.put_object(service_import("kept", "127.240.3.2", ports=bad_ports))  # same uid
-        emu.put_object(imported_slice("web-north", "web", "north", ["10.2.0.1"], port=70000))
+        emu.put_object(imported_slice("kept-north", "kept", "north", ["10.2.0.1"], port=70000))
         emu.put_object(karmada_slice("member2", "kweb-b", "kweb", ["10.12.0.1"], port=70000))
         emu.put_object(native_slice("kweb-local", "kweb", ["10.13.0.1"], port=70000))
         emu.put_object({**multicluster_service("kother"), "spec": {"types": "CrossCluster"}})
@@ -294,13 +294,13 @@ async def test_an_object_deleted_and_created_again_bad_while_away_is_not_kept(
         emu.expire_history()
         emu.hang(False)
         await run.until(lambda: run.store.current.get("test", "sentinel") is not None
-                        and all(r.relists_gone for r in run.source.reflectors))
-        current = run.store.current
-        assert current.get("test", "web") is None
-        assert current.get("test", "kept").ports[0].port == 80  # its last good version
-        assert current.get("test", "kother") is None
-        assert run.endpoints(kweb) == [("member1", "10.11.0.1")]
-        assert run.source.objects == 4  # kept, sentinel, web-west; kweb's import and slice
+                        and run.store.current.get("test", "web") is None
+                        and run.store.current.get("test", "kother") is None
+                        and run.endpoints(kweb) == [("member1", "10.11.0.1")]
+                        and run.endpoints(kept) == [("west", "10.1.0.1")])
+        assert all(r.relists_gone for r in run.source.reflectors)
+        assert run.store.current.get("test", "kept").ports[0].port == 80  # its last good
+        assert run.source.objects == 4  # kept, kept-west, sentinel; Karmada's kweb
 
 
 async def test_410_relist_applies_what_was_missed(emu: KubeEmulator, tmp_path: Path) -> None:
