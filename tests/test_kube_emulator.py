@@ -23,6 +23,7 @@ from kubernetes_asyncio.client import (
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from tests.kube_emulator import KubeEmulator
+from tests.kube_emulator.server import MAX_LIST_SNAPSHOTS
 
 MCS = "multicluster.x-k8s.io"
 MERGE = "application/merge-patch+json"
@@ -146,6 +147,47 @@ async def test_list_across_namespaces_field_selector_and_pages(
     with pytest.raises(ApiException) as error:
         await core.list_namespaced_config_map("ns1", _continue="not-a-token")
     assert status_of(error)["reason"] == "BadRequest"
+
+
+async def test_a_paged_list_is_one_snapshot_at_the_first_page_version(
+        emu: KubeEmulator, api: ApiClient) -> None:
+    """Every page of a list is read at the first page's resourceVersion, as kube-apiserver
+    serves them: what changes between pages is in none of them, and a watch from that
+    version sees it. A continue token whose snapshot is gone answers 410 Expired."""
+    core = CoreV1Api(api)
+    for name in "abc":
+        await core.create_namespaced_config_map("ns", configmap(name, v="1"))
+    first = await core.list_namespaced_config_map("ns", limit=1)
+    rv = first.metadata.resource_version
+    # Between the pages: "a" (on page 1) changes, "c" (not read yet) goes, "d" comes.
+    await core.patch_namespaced_config_map("a", "ns", {"data": {"v": "2"}})
+    await core.delete_namespaced_config_map("c", "ns")
+    await core.create_namespaced_config_map("ns", configmap("d"))
+    pages, token = [first], first.metadata._continue
+    while token:
+        pages.append(await core.list_namespaced_config_map("ns", limit=1, _continue=token))
+        token = pages[-1].metadata._continue
+    assert [(i.metadata.name, i.data["v"]) for p in pages for i in p.items] == [
+        ("a", "1"), ("b", "1"), ("c", "1")]
+    assert {p.metadata.resource_version for p in pages} == {rv}
+    events = await collect(core.list_namespaced_config_map, "ns", n=3, resource_version=rv)
+    assert [(e["type"], e["object"].metadata.name) for e in events] == [
+        ("MODIFIED", "a"), ("DELETED", "c"), ("ADDED", "d")]
+    # A token can be used again (a retried page) until its snapshot is forgotten.
+    again = await core.list_namespaced_config_map("ns", limit=1,
+                                                  _continue=first.metadata._continue)
+    assert [i.metadata.name for i in again.items] == ["b"]
+    # Forgotten: compacted (the history expired), or MAX_LIST_SNAPSHOTS newer lists.
+    emu.expire_history()
+    with pytest.raises(ApiException) as error:
+        await core.list_namespaced_config_map("ns", limit=1, _continue=first.metadata._continue)
+    assert error.value.status == 410 and status_of(error)["reason"] == "Expired"
+    oldest = (await core.list_namespaced_config_map("ns", limit=1)).metadata._continue
+    for _ in range(MAX_LIST_SNAPSHOTS):
+        await core.list_namespaced_config_map("ns", limit=1)
+    with pytest.raises(ApiException) as error:
+        await core.list_namespaced_config_map("ns", limit=1, _continue=oldest)
+    assert error.value.status == 410
 
 
 async def test_replace_with_stale_resource_version_conflicts(api: ApiClient) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import datetime
 import json
@@ -13,6 +14,7 @@ import ssl
 import subprocess
 import tempfile
 import time
+import uuid
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +31,12 @@ from .store import BUILTIN_GROUPS, ApiError, Obj, ResourceType, Store
 _REASONS = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound",
             409: "Conflict", 410: "Expired", 429: "TooManyRequests", 500: "InternalError",
             503: "ServiceUnavailable", 504: "Timeout"}
+# Paged lists: each keeps the first page's snapshot for its continue tokens (which may be
+# used again, as a real server's); the least recently used beyond this many are
+# forgotten, and their tokens answer 410.
+MAX_LIST_SNAPSHOTS = 64
+_EXPIRED_CONTINUE = ("The provided continue parameter is too old to display a consistent "
+                     "list result. You can start a new list without the continue parameter.")
 _DEFAULT_TYPES = [  # group, versions, plural, kind, namespaced, status subresource
     ("", ["v1"], "namespaces", "Namespace", False, True),
     ("", ["v1"], "services", "Service", True, True),
@@ -51,6 +59,15 @@ class Request(NamedTuple):
     path: str
     query: dict[str, str]
     user: str | None = None  # the client certificate's CN, when one authenticated it
+
+
+@dataclass(frozen=True, slots=True)
+class _ListSnapshot:
+    """What a paged list's later pages are served from: the first page's state."""
+
+    rtype: ResourceType
+    rv: int
+    items: list[Obj]  # stored objects are replaced on change, never mutated: no copy
 
 
 @dataclass(slots=True)
@@ -162,6 +179,7 @@ class KubeEmulator:
         self._stopping = False
         self._changed = asyncio.Event()
         self._runner: web.AppRunner | None = None
+        self._lists: collections.OrderedDict[str, _ListSnapshot] = collections.OrderedDict()
         for group, versions, plural, kind, namespaced, status in _DEFAULT_TYPES:
             for version in versions:
                 self.register(group, version, plural, kind, namespaced=namespaced, status=status)
@@ -517,31 +535,52 @@ class KubeEmulator:
 
     def _list(self, rtype: ResourceType, version: str, namespace: str | None,
               labels: Predicate, fields: Predicate, query: Any) -> web.Response:
-        items = self.store.list(rtype, namespace, labels, fields)
-        meta: Obj = {}
+        """A list, in pages of `limit`: as kube-apiserver serves them, every page of one list
+        comes from the first page's state and carries its resourceVersion (a change made
+        between pages is for the watch from that version to see). A continue token whose
+        snapshot is gone (MAX_LIST_SNAPSHOTS newer lists, or its version compacted: see
+        expire_history) answers 410 Expired."""
         try:
             limit = int(query.get("limit") or 0)
-            after = json.loads(base64.urlsafe_b64decode(query.get("continue") or "W10="))
-        except ValueError:
+            token = query.get("continue")
+            ident, start = (json.loads(base64.urlsafe_b64decode(token)) if token
+                            else (None, 0))
+            start = int(start)
+        except (ValueError, TypeError):
             raise ApiError(400, "BadRequest", "invalid limit or continue token") from None
-        items = [o for o in items
-                 if [o["metadata"].get("namespace", ""), o["metadata"]["name"]] > after]
+        if ident is None:
+            snapshot = _ListSnapshot(rtype, self.store.rv,
+                                     self.store.list(rtype, namespace, labels, fields))
+        else:
+            ident = str(ident)
+            snapshot = self._lists.get(ident)
+            if snapshot is None or snapshot.rv < self.store.compacted:
+                raise ApiError(410, "Expired", _EXPIRED_CONTINUE)
+            if snapshot.rtype is not rtype:
+                raise ApiError(400, "BadRequest", "the continue token is another resource's")
+        items = snapshot.items[start:]
+        meta: Obj = {}
         if 0 < limit < len(items):
-            last = items[limit - 1]["metadata"]
-            key = json.dumps([last.get("namespace", ""), last["name"]]).encode()
+            ident = ident or uuid.uuid4().hex
+            self._lists[ident] = snapshot
+            self._lists.move_to_end(ident)
+            while len(self._lists) > MAX_LIST_SNAPSHOTS:
+                self._lists.popitem(last=False)
+            key = json.dumps([ident, start + limit]).encode()
             meta = {"continue": base64.urlsafe_b64encode(key).decode(),
                     "remainingItemCount": len(items) - limit}
             items = items[:limit]
-        return self._list_response(rtype, version, items, meta)
+        return self._list_response(rtype, version, items, meta, snapshot.rv)
 
     def _list_response(self, rtype: ResourceType, version: str, items: list[Obj],
-                       meta: Obj) -> web.Response:
+                       meta: Obj, rv: int | None = None) -> web.Response:
         # Built-in lists carry bare items; custom resource lists carry apiVersion/kind.
         if rtype.group not in BUILTIN_GROUPS:
             items = [rtype.present(obj, version) for obj in items]
         return web.json_response({
             "apiVersion": rtype.api_version(version), "kind": rtype.list_kind,
-            "metadata": {"resourceVersion": str(self.store.rv), **meta}, "items": items})
+            "metadata": {"resourceVersion": str(self.store.rv if rv is None else rv), **meta},
+            "items": items})
 
     async def _watch(self, request: web.Request, rtype: ResourceType, version: str,
                      namespace: str | None, labels: Predicate,
