@@ -680,6 +680,33 @@ async def test_karmada_colliding_hashes_oldest_keeps_the_address(
         assert {n: run.store.current.get("test", n).ips for n in names} == first
 
 
+async def test_karmada_services_a_relist_brings_are_allocated_oldest_first(
+        emu: KubeEmulator, tmp_path: Path) -> None:
+    """Two services that hash to the same address of the /29 (svc0 and svc2: .4) arrive in
+    one relist after 410, the newer one's slice listed first: the older one gets the
+    address, as on a fresh start, so a restart moves neither."""
+    http = [{"name": "http", "protocol": "TCP", "port": 80}]
+    for i, name in enumerate(("svc0", "svc2", "svc1")):
+        emu.put_object({**local_service(name, http), "metadata": {
+            "name": name, "namespace": "test", "creationTimestamp": f"2024-01-0{i + 1}T00:00:00Z"}})
+    emu.put_object(karmada_slice("member1", "c", "svc1", ["10.11.0.1"]))  # starts Karmada's
+    names = ("svc0", "svc2")
+    async with running(emu, tmp_path, clusterset_cidr="127.240.7.0/29") as run:
+        await run.until(lambda: run.store.current.get("test", "svc1") is not None)
+        emu.hang()
+        emu.drop_watches()
+        emu.put_object(karmada_slice("member1", "a", "svc2", ["10.11.0.2"]))  # listed first
+        emu.put_object(karmada_slice("member1", "b", "svc0", ["10.11.0.3"]))
+        emu.expire_history()
+        emu.hang(False)
+        await run.until(lambda: all(run.store.current.get("test", n) for n in names))
+        first = {n: run.store.current.get("test", n).ips for n in names}
+        assert first["svc0"] == ("127.240.7.4",)
+    async with running(emu, tmp_path, clusterset_cidr="127.240.7.0/29") as run:
+        await run.until(lambda: all(run.store.current.get("test", n) for n in names))
+        assert {n: run.store.current.get("test", n).ips for n in names} == first
+
+
 async def test_without_karmada_the_source_still_syncs(tmp_path: Path) -> None:
     async with KubeEmulator() as emu:
         emu.store.types.pop((KARMADA, "v1alpha1", "multiclusterservices"), None)

@@ -50,11 +50,16 @@ service like a ServiceImport would, from what a member really has:
   error is in the source status, the rest is published;
 - a ClusterSetIP per family allocated from `--clusterset-cidr`
   (mcsproxy.clustersetip: starts at a hash of namespace/name, probes past taken
-  addresses). Services are allocated oldest first, by the creationTimestamp of the
-  MultiClusterService if there is one, else of the local Service, else of the oldest
-  dispatched slice, so an older service keeps its address against a newer one that hashes
-  to the same slot, also across restarts. The address is stable while the gateway runs;
-  it moves only when a hash collision's older owner was deleted and the gateway restarts.
+  addresses). The services of one list (the first sync, a relist after 410, whichever
+  watch lists last) are allocated oldest first once it has been applied whole, by the
+  creationTimestamp of the MultiClusterService if there is one, else of the local Service,
+  else of the oldest dispatched slice, whatever order the objects and the watches come
+  in: an older service keeps its address against a newer one that hashes to the same
+  slot, also across restarts. The address is stable while the gateway runs (a key that
+  has one keeps it). A restart moves it in two cases only, both between services that
+  hash to the same slot: the newer one appeared first while the gateway ran, each by a
+  watch event (the newer took the slot, the older the next address; the restart gives the
+  slot to the older), or the slot's older owner was deleted.
 
 The import goes through mcsproxy.manifests like every other object, so a Service whose
 ports do not validate is rejected with the same messages. Each change costs work for its
@@ -63,6 +68,7 @@ own service key only.
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -193,6 +199,22 @@ def _raise(obj: Obj, exc: Exception) -> None:
     raise exc
 
 
+def _one_list(replace: Callable[[KarmadaServices, Sequence[Obj]], None],
+              ) -> Callable[[KarmadaServices, Sequence[Obj]], None]:
+    """A (re)list's handler: the refreshes it causes are deferred and made at its end,
+    oldest first (KarmadaServices._refresh_deferred), so new services get their
+    ClusterSetIPs in that order whatever order the objects and the watches' lists came
+    in. A key that has an address keeps it."""
+    @functools.wraps(replace)
+    def applied_whole(self: KarmadaServices, objects: Sequence[Obj]) -> None:
+        self._deferred = set()
+        try:
+            replace(self, objects)
+        finally:
+            self._refresh_deferred()
+    return applied_whole
+
+
 class KarmadaServices:
     """Dispatched slices, local Services, native slices and (optional) MultiClusterServices
     → store objects."""
@@ -243,6 +265,8 @@ class KarmadaServices:
         self.services_listed = False  # the Services watch has listed once
         self.local_listed = False  # the native slices watch has listed once
         self.mcs_listed = False  # MultiClusterServices listed once (or found not served)
+        # Keys a (re)list being applied changed: refreshed at its end (_one_list).
+        self._deferred: set[ServiceKey] | None = None
 
     @property
     def served(self) -> int:
@@ -271,6 +295,15 @@ class KarmadaServices:
     def _oldest_first(self, keys: Iterable[ServiceKey]) -> list[ServiceKey]:
         # On a hash collision the older service keeps the address.
         return sorted(keys, key=lambda k: (self._created(k), k))
+
+    def _refresh_deferred(self) -> None:
+        keys, self._deferred = self._deferred or set(), None
+        for key in self._oldest_first(keys):
+            try:
+                self.refresh(key)
+            except Exception as exc:  # one service must not stop the list
+                self.failed({"kind": "Service", "metadata": {
+                    "namespace": key.namespace, "name": key.name}}, exc)
 
     def _first_service(self) -> None:
         if self.on_first_service is not None:
@@ -308,6 +341,7 @@ class KarmadaServices:
         if self.mcs.pop(key, None) is not None:
             self.refresh(key)
 
+    @_one_list
     def mcs_replace(self, objects: Sequence[Obj]) -> None:
         seen = set()
         parsed = []
@@ -358,6 +392,7 @@ class KarmadaServices:
         if self.services.pop(key, None) is not None and key in self._keys():
             self.refresh(key)
 
+    @_one_list
     def service_replace(self, objects: Sequence[Obj]) -> None:
         fresh: dict[ServiceKey, dict[str, Any]] = {}
         for obj in objects:
@@ -401,6 +436,7 @@ class KarmadaServices:
             self.claimed.discard(key)
             self.refresh(key)
 
+    @_one_list
     def claimed_replace(self, objects: Sequence[Obj]) -> None:
         listed = {ServiceKey(*_ns_name(obj)) for obj in objects if _claimed(obj)}
         touched = listed ^ self.claimed
@@ -432,6 +468,7 @@ class KarmadaServices:
     def slice_delete(self, obj: Obj) -> None:
         self._drop_slice(*_ns_name(obj))
 
+    @_one_list
     def slice_replace(self, objects: Sequence[Obj]) -> None:
         self._replace_each(objects, self.slice_upsert, self.slice_keys, self._drop_slice)
 
@@ -523,6 +560,7 @@ class KarmadaServices:
     def local_delete(self, obj: Obj) -> None:
         self._drop_local(*_ns_name(obj))
 
+    @_one_list
     def local_replace(self, objects: Sequence[Obj]) -> None:
         self._replace_each(objects, self.local_upsert, self.local_keys, self._drop_local)
         self._listed("local_listed")
@@ -556,6 +594,9 @@ class KarmadaServices:
     # -- one service key -------------------------------------------------------------
     def refresh(self, key: ServiceKey) -> None:
         """Write (or remove) the import and slices of `key`: work for this key only."""
+        if self._deferred is not None:  # a list being applied: at its end (_one_list)
+            self._deferred.add(key)
+            return
         mcs = self.mcs.get(key)
         dispatched = self.slices.get(key, {})
         # The claim marks consumers too: only local endpoints make this a provider, and it
