@@ -14,6 +14,14 @@ that writer is writing now, so against the cluster's latest state. The echoes of
 writes match what we wrote and are left alone: no loop. An object with our label that we
 did not write there (left by an earlier controller, made by hand) has its service
 reconciled again and is deleted unless that wants it: at once, not at the next term.
+
+Unread members: a member that did not answer when the controller started (Kubernetes mode
+starts a term with the members that answer) is kept, tried again in the background and
+adopted once it answers, as one that joins. Until then its exports are unknown, and a
+member not read would look like one without exports: every key it may export is frozen,
+neither reconciled nor written anywhere, its objects left as last written. Those keys are
+the ones whose ServiceImport read back from a member lists it in `status.clusters`, or
+that have an imported EndpointSlice sourced from it. Every other key is reconciled.
 """
 
 from __future__ import annotations
@@ -42,8 +50,9 @@ from controlplane.reconcile import (
     resolve,
 )
 from controlplane.resources import KIND_EXPORT, KIND_IMPORT, KIND_SLICE, ObjectRef
+from mcsproxy.backoff import Backoff
 from mcsproxy.gc_pause import collector_paused
-from mcsproxy.manifests import LABEL_SERVICE_NAME
+from mcsproxy.manifests import LABEL_SERVICE_NAME, LABEL_SOURCE_CLUSTER
 from mcsproxy.model import EMPTY_MAPPING, ServiceKey
 from mcsproxy.tasks import cancel_and_wait, spawn
 
@@ -51,6 +60,7 @@ log = logging.getLogger("controlplane.controller")
 
 WRITE_RETRY_S = 1.0
 BULK_KEYS = 500  # a flush this large reconciles with the cyclic collector paused
+WAITING_SHOWN = 5  # keys named in the log line saying which wait on an unread member
 
 
 class Publisher:
@@ -60,6 +70,9 @@ class Publisher:
                 deletes: Iterable[ObjectRef], observed: float | None) -> None: ...
 
     def set_members(self, members: Mapping[str, Mapping[str, Any]]) -> None: ...
+
+    def attach(self, cluster: str, objects: Mapping[ObjectRef, Obj]) -> None:
+        """A member read after the start: `objects` is what it holds (filled in place)."""
 
 
 class _FlushReport:
@@ -130,8 +143,15 @@ class Controller:
         publisher: Publisher | None = None,
         now: Callable[[], str] = rfc3339_now,
         holds: HoldStore | None = None,
+        unread: Iterable[ClusterClient] = (),
+        retry: tuple[float, float] = (0.2, 30.0),
     ) -> None:
         self.clients: dict[str, ClusterClient] = {c.cluster_id: c for c in clients}
+        # Members not read yet, tried again with backoff (`retry`: base and cap, seconds)
+        # until they answer, and the keys frozen until they are: key → whom it waits on.
+        self.unread: dict[str, ClusterClient] = {c.cluster_id: c for c in unread}
+        self._retry = retry
+        self._frozen: dict[ServiceKey, set[str]] = {}
         self.allocator = ClusterSetIPAllocator(parse_cidrs(cidrs))
         # KEP-1645 lets each consumer have its own ClusterSetIPs; a range per cluster is
         # what lets several clusters' gateways share one host (the local demo).
@@ -171,11 +191,15 @@ class Controller:
 
     # -- start ---------------------------------------------------------------------------
     async def start(self) -> None:
-        """Load every member, take back earlier output, reconcile everything once."""
+        """Load every member, take back earlier output, reconcile everything once (but
+        the keys that wait on an unread member)."""
         if self.holds is not None:  # before anything is allocated
             self._restore_holds(await self.holds.load())
         for client in self.clients.values():
             await self._adopt(client)
+        for cluster in sorted(self.unread):
+            self.metrics.member_connected.labels(cluster).set(0)
+            self._report_waiting(cluster)
         # Feeds start from the full state (their snapshot), not from a first giant delta.
         await self.flush(publish=False)
         self._publish_members()
@@ -197,6 +221,8 @@ class Controller:
             self._refs.setdefault(key, {}).setdefault(cluster, set()).add(ref)
             self._dirty.setdefault(key, time.monotonic())
             prior.add(cluster, obj)
+            if self.unread and (waits := self._waits_on(obj)):
+                self._frozen.setdefault(key, set()).update(waits)
         allocator = self.cluster_allocators.get(cluster, self.allocator)
         for key, ips in sorted(prior.ips.items()):
             if not allocator.get(key):
@@ -205,6 +231,81 @@ class Controller:
         self._mark(keys_to_reconcile({cluster: client.objects}))
         self._mark_cluster_namespaces(cluster)
         self.metrics.member_connected.labels(cluster).set(int(client.connection.connected))
+
+    def _waits_on(self, obj: Mapping[str, Any]) -> set[str]:
+        """The unread members that a published object says export its key: those its
+        ServiceImport lists, the source of its imported slice."""
+        found: set[str] = set()
+        if obj.get("kind") == KIND_SLICE:
+            labels = obj["metadata"].get("labels")
+            source = labels.get(LABEL_SOURCE_CLUSTER) if isinstance(labels, Mapping) else None
+            if isinstance(source, str):
+                found.add(source)
+        elif obj.get("kind") == KIND_IMPORT:
+            status = obj.get("status")
+            listed = status.get("clusters") if isinstance(status, Mapping) else None
+            for entry in listed if isinstance(listed, list) else ():
+                if isinstance(entry, Mapping) and isinstance(entry.get("cluster"), str):
+                    found.add(entry["cluster"])
+        return found & self.unread.keys()
+
+    def waiting(self, cluster: str) -> list[ServiceKey]:
+        """The keys frozen until the unread member `cluster` is read."""
+        return sorted(k for k, on in self._frozen.items() if cluster in on)
+
+    def _report_waiting(self, cluster: str) -> None:
+        keys = self.waiting(cluster)
+        error = self.unread[cluster].connection.error or "not answering"
+        if keys:
+            more = f" (+{len(keys) - WAITING_SHOWN} more)" if len(keys) > WAITING_SHOWN else ""
+            log.warning("cluster %s not read (%s): %d service(s) it may export wait on it, "
+                        "left everywhere as last written until it answers: %s%s; the others "
+                        "are reconciled", cluster, error, len(keys),
+                        ", ".join(str(k) for k in keys[:WAITING_SHOWN]), more)
+        else:
+            log.warning("cluster %s not read (%s): no service imported elsewhere waits on "
+                        "it; it joins when it answers", cluster, error)
+        # What we last imported from it, for the stale gauge: its endpoints are not known.
+        self.metrics.stale_endpoints.labels(cluster).set(max(
+            (sum(len(o.get("endpoints") or ()) for o in written.values()
+                 if o.get("kind") == KIND_SLICE and self._waits_on(o) == {cluster})
+             for written in self.written.values()), default=0))
+
+    async def _join(self, client: ClusterClient) -> None:
+        """An unread member: read with backoff until it answers, then adopted (its keys
+        reconciled again) and watched."""
+        cluster = client.cluster_id
+        backoff = Backoff(*self._retry)
+        error = client.connection.error
+        while True:
+            before = {u: len(self.waiting(u)) for u in self.unread}
+            try:
+                await self._adopt(client)
+                break
+            except (ClusterError, OSError):
+                if client.connection.error != error:  # the client logs the failure
+                    error = client.connection.error
+                    self._publish_members()
+                await asyncio.sleep(backoff.next())
+        del self.unread[cluster]
+        self._update_stale_gauge(cluster)
+        for other in sorted(self.unread):  # it imported more of theirs
+            if len(self.waiting(other)) != before[other]:
+                self._report_waiting(other)
+        waited = [k for k, on in self._frozen.items() if cluster in on]
+        for key in waited:
+            on = self._frozen[key]
+            on.discard(cluster)
+            if not on:
+                del self._frozen[key]
+        self._mark(waited)
+        log.info("cluster %s read: the %d service(s) that waited on it are reconciled",
+                 cluster, len(waited))
+        if self.publisher is not None:
+            self.publisher.attach(cluster, self.written[cluster])
+        self._publish_members()
+        self._wake.set()
+        await client.watch(self.on_change)
 
     def _allocators(self) -> list[tuple[str | None, ClusterSetIPAllocator]]:
         return [(None, self.allocator), *sorted(self.cluster_allocators.items())]
@@ -312,11 +413,16 @@ class Controller:
         return len(self._imported)
 
     def members(self) -> dict[str, dict[str, Any]]:
-        return {
+        found = {
             c: {"connected": cl.connection.connected, "stale": not cl.connection.connected,
                 "since": cl.connection.since, "error": cl.connection.error}
             for c, cl in sorted(self.clients.items())
         }
+        for c, cl in self.unread.items():  # not read yet: stale whatever it says now
+            found[c] = {"connected": False, "stale": True, "since": cl.connection.since,
+                        "error": cl.connection.error or "not read yet", "unread": True,
+                        "services_waiting": len(self.waiting(c))}
+        return dict(sorted(found.items()))
 
     def _publish_members(self) -> None:
         if self.publisher is not None:
@@ -373,10 +479,14 @@ class Controller:
 
         The writes go to each cluster's writer; `wait=False` returns without waiting
         for them (the run loop: a hung cluster must not hold up the next flush)."""
-        if not self._dirty:
+        if self._frozen:  # those wait for an unread member, still dirty
+            dirty = {k: t for k, t in self._dirty.items() if k not in self._frozen}
+            self._dirty = {k: t for k, t in self._dirty.items() if k in self._frozen}
+        else:
+            dirty, self._dirty = self._dirty, {}
+        if not dirty:
             return 0
         started = time.perf_counter()
-        dirty, self._dirty = self._dirty, {}
         clusters = sorted(self.clients)
         now = self._now()
         upserts: dict[str, dict[ObjectRef, Obj]] = {c: {} for c in clusters}
@@ -548,6 +658,9 @@ class Controller:
             if cluster not in self._tasks:
                 self._tasks[cluster] = spawn(client.watch(self.on_change),
                                              name=f"watch cluster {cluster}")
+        for cluster, client in self.unread.items():
+            if cluster not in self._tasks:
+                self._tasks[cluster] = spawn(self._join(client), name=f"join cluster {cluster}")
         try:
             while True:
                 await self._wake.wait()
@@ -565,5 +678,5 @@ class Controller:
         self._tasks.clear()
         if self.holds is not None:
             await self.holds.close()
-        for client in self.clients.values():
+        for client in [*self.clients.values(), *self.unread.values()]:
             await client.close()
