@@ -3,23 +3,31 @@ the real kubernetes-asyncio client (list + watch, writes, status subresource).""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from controlplane.clusters.kube import KubeTimings
+from controlplane.clusters.kube_app import KubeControllerApp
 from controlplane.resources import KIND_IMPORT
+from mcsproxy.tasks import cancel_and_wait, spawn
 from tests.test_controller_kube_support import (
     EXPORTS,
     IMPORTS,
     Clusterset,
     clusterset,
     export_web,
+    kube_controller,
     member_slice,
     namespace,
     service,
     service_export,
+    write_kubeconfig,
     writes,
 )
 
@@ -244,3 +252,103 @@ async def test_cluster_without_karmada_crd_is_fine(cs: Clusterset) -> None:
     assert cs.addresses("c", "web") == {"10.1.0.1"}
     assert not any("multiclusterservices" in r.path for r in cs["c"].requests)
     assert any("multiclusterservices" in r.path for r in cs["b"].requests)
+
+
+def export_named(cs: Clusterset, cluster: str, name: str, addresses: list[str]) -> None:
+    cs[cluster].put_object(service(name))
+    cs[cluster].put_object(member_slice(name, addresses))
+    cs[cluster].put_object(service_export(name))
+
+
+def sourced_from(cs: Clusterset, cluster: str, source: str) -> dict[str, dict[str, Any]]:
+    """Our imported slices in `cluster` whose endpoints come from `source`, by name."""
+    return {s["metadata"]["name"]: s for s in cs.imported_slices(cluster)
+            if s["metadata"]["labels"]["multicluster.kubernetes.io/source-cluster"] == source}
+
+
+async def http_get(url: str) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as session, session.get(
+            url, timeout=aiohttp.ClientTimeout(total=5)) as resp:
+        if resp.status != 200 or resp.content_type == "application/json":
+            return resp.status, await resp.json(content_type=None)
+        return resp.status, json.loads(await resp.content.readline())  # a stream's first
+
+
+async def test_a_term_that_starts_with_a_member_down_serves_the_others(
+        tmp_path: Path) -> None:
+    """A controller restarted while c's API server is down: it leads, reconciles every
+    service c does not export (a's change and a's new export reach b), and leaves those c
+    may export (db, and shared, which a exports too) in b exactly as last written, until
+    c answers. Before: the term waited for c, reconciling nothing and not leading."""
+    async with clusterset() as cs:
+        for c in cs.emulators:
+            cs[c].put_object(namespace("demo"))
+        export_named(cs, "a", "web", ["10.1.0.1"])
+        export_named(cs, "c", "db", ["10.3.0.1"])
+        export_named(cs, "a", "shared", ["10.1.0.5"])
+        export_named(cs, "c", "shared", ["10.3.0.5"])
+        kubeconfig = write_kubeconfig(cs, tmp_path / "kubeconfig")
+
+        def app() -> KubeControllerApp:
+            return kube_controller(kubeconfig, "one", serve=("127.0.0.1", 0))
+
+        first = app()
+        task = spawn(first.run(), name="controller before")
+        try:
+            await cs.wait(lambda: cs.addresses("b", "db") == {"10.3.0.1"} and
+                          cs.addresses("b", "shared") == {"10.1.0.5", "10.3.0.5"} and
+                          cs.addresses("b", "web") == {"10.1.0.1"})
+        finally:
+            first.stop()
+            await cancel_and_wait([task])
+        from_c = sourced_from(cs, "b", "c")
+        imports_b = cs.imports("b")
+        await cs["c"].stop()
+
+        second = app()
+        task = spawn(second.run(), name="controller after")
+        try:
+            await asyncio.wait_for(second.led.wait(), 5)
+            assert second.server is not None and second.server.bound is not None
+            url = f"http://127.0.0.1:{second.server.bound[1]}"
+            assert await http_get(f"{url}/readyz") == (200, {"ready": True, "leading": True})
+            controller = second.controller
+            assert controller is not None
+            assert [str(k) for k in controller.waiting("c")] == ["demo/db", "demo/shared"]
+            member = controller.members()["c"]
+            assert member["stale"] and not member["connected"] and member["error"]
+            assert member["services_waiting"] == 2
+            gauge = second.metrics.registry.get_sample_value
+            assert gauge("mcsproxy_controller_member_connected", {"cluster": "c"}) == 0
+            # Its endpoints as last imported (db's and shared's), stale.
+            assert gauge("mcsproxy_controller_stale_endpoints", {"cluster": "c"}) == 2
+            # b's gateways get their stream; c's, not read yet, are told to come back.
+            status, snapshot = await http_get(f"{url}/v1/stream?cluster=b")
+            assert status == 200 and snapshot["type"] == "snapshot"
+            assert (await http_get(f"{url}/v1/stream?cluster=c"))[0] == 404
+
+            cs["a"].put_object(member_slice("shared", ["10.1.0.6"]))  # waits for c
+            cs["a"].put_object(member_slice("web", ["10.1.0.2"]))
+            export_named(cs, "a", "api", ["10.1.0.8"])
+            await cs.wait(lambda: cs.addresses("b", "web") == {"10.1.0.2"} and
+                          cs.addresses("b", "api") == {"10.1.0.8"} and
+                          cs.addresses("a", "api") == {"10.1.0.8"})
+            assert sourced_from(cs, "b", "c") == from_c  # untouched, not even marked
+            assert {n: cs.imports("b")[n] for n in ("db", "shared")} == \
+                {n: imports_b[n] for n in ("db", "shared")}
+            assert cs.addresses("b", "shared") == {"10.1.0.5", "10.3.0.5"}
+
+            cs["c"].put_object(member_slice("db", ["10.3.0.2"]))  # changed while away
+            await cs["c"].start()
+            await cs.wait(lambda: cs.addresses("b", "db") == {"10.3.0.2"} and
+                          cs.addresses("b", "shared") == {"10.1.0.6", "10.3.0.5"} and
+                          cs.addresses("c", "api") == {"10.1.0.8"} and
+                          cs.addresses("c", "web") == {"10.1.0.2"})
+            assert controller.waiting("c") == [] and controller.members()["c"]["connected"]
+            assert "unread" not in controller.members()["c"]
+            assert gauge("mcsproxy_controller_member_connected", {"cluster": "c"}) == 1
+            assert gauge("mcsproxy_controller_stale_endpoints", {"cluster": "c"}) == 0
+            assert (await http_get(f"{url}/v1/stream?cluster=c"))[0] == 200
+        finally:
+            second.stop()
+            await cancel_and_wait([task])

@@ -28,6 +28,8 @@ from tests.test_controller_kube_support import (
     export_web,
     member_slice,
     namespace,
+    service,
+    service_export,
 )
 
 HOST_IP = "127.163.0.1"  # the host cluster's API server; the members use 127.0.0.1
@@ -291,3 +293,41 @@ async def test_a_member_that_leaves_is_gone_not_stale_and_says_what_it_keeps(
     assert len(warnings) == 1, warnings
     assert f"{len(left)} objects" in warnings[0]
     assert "managed-by=controller.mcsproxy.io" in warnings[0]
+
+
+async def test_a_member_added_while_another_is_down_gets_what_does_not_wait_on_it(
+        setup: Setup, caplog: pytest.LogCaptureFixture) -> None:
+    """A new member Secret while c's API server is down: the rebuilt controller reads the
+    members that answer; d gets the imports no one waits for (b's web), not c's db until
+    c answers. Before: the rebuild waited for c, and d got nothing."""
+    caplog.set_level(logging.INFO)
+    cs = setup.cs
+    cs["c"].put_object(service("db"))
+    cs["c"].put_object(member_slice("db", ["10.3.0.1"]))
+    cs["c"].put_object(service_export("db"))
+    for c in ("a", "b", "c"):
+        setup.add_member(c)
+    async with KubeEmulator() as d, running(setup.app()) as task:
+        cs.emulators["d"] = d
+        d.put_object(namespace("demo"))
+        await until(lambda: cs.addresses("a", "db") == {"10.3.0.1"}
+                    and cs.addresses("a", "web") == {"10.2.0.1"}, task, "no imports")
+        await cs["c"].stop()
+        # The running controller marks c's endpoints stale; the rebuilt one keeps that.
+        await until(lambda: all(s["metadata"].get("annotations", {}).get("mcsproxy.io/stale")
+                                for s in cs.imported_slices("a")
+                                if s["metadata"]["name"].startswith("db-")), task, "not stale")
+        a_before = [*cs.imports("a").values(), *cs.imported_slices("a")]
+        setup.add_member("d")
+        await until(lambda: cs.addresses("d", "web") == {"10.2.0.1"}, task,
+                    "the new member got no imports while c was down")
+        assert "db" not in cs.imports("d")
+        assert [*cs.imports("a").values(), *cs.imported_slices("a")] == a_before
+        waiting = [r.getMessage() for r in caplog.records
+                   if r.getMessage().startswith("cluster c not read")]
+        assert len(waiting) == 1 and "1 service(s)" in waiting[0] \
+            and "demo/db" in waiting[0], waiting
+        await cs["c"].start()
+        await until(lambda: cs.addresses("d", "db") == {"10.3.0.1"}, task,
+                    "c's export did not reach d once c answered")
+        del cs.emulators["d"]

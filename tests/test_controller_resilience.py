@@ -204,11 +204,12 @@ async def test_one_member_error_while_the_term_starts_is_retried_not_fatal(
             await cancel_and_wait([led])
             assert not task.done(), task.exception()
             assert app.led.is_set()
+            # b, not read at the start, is read again in the background and joins.
+            await cs.wait(lambda: all(cs.addresses(c, "web") == {"10.1.0.1"}
+                                      for c in cs.emulators))
             read_back = [r for r in cs["b"].requests
                          if r.method == "GET" and r.path.endswith("/serviceimports")]
             assert len(read_back) >= 2  # the failed read, then the one that worked
-            await cs.wait(lambda: all(cs.addresses(c, "web") == {"10.1.0.1"}
-                                      for c in cs.emulators))
         finally:
             app.stop()
             await cancel_and_wait([task])

@@ -9,10 +9,13 @@ Lease lives in the first context's cluster, or with the Secrets in their own clu
 The --serve listener runs for the whole process: health and readiness on a standby too,
 the stream and member status only while leading.
 
-Each leadership term builds fresh member clients, waits until every member has been read
-once (a member not read yet would look like one without exports, and its imports
-elsewhere would be deleted), then reconciles and serves until the term ends. A member
-that fails while being read starts the reading over after a backoff, never ends the term.
+Each leadership term builds fresh member clients and reads each once, then reconciles
+and serves until the term ends. A member that does not answer that read is not waited
+for: it is tried again in the background and joins once it answers, and until then the
+services it may export are left everywhere as last written (a member not read yet would
+look like one without exports, and its imports elsewhere would be deleted: controller.py
+says which services wait). A member that fails after its first read, while the term
+starts, starts the reading over after a backoff, never ends the term.
 
 With --member-secrets the Secrets are watched for the whole term (kube_members.py says
 what is retried and what is fatal): when the set of members changes, the term's
@@ -185,39 +188,44 @@ class KubeControllerApp:
                              backoff_base_s=cfg.timings.backoff_base_s,
                              backoff_cap_s=cfg.timings.backoff_cap_s)
 
-    async def _until_all_answer(self, clients: list[KubeClusterClient]) -> None:
-        backoff = Backoff(self.config.timings.backoff_base_s, self.config.timings.backoff_cap_s)
-        pending = list(clients)
-        while pending:
-            results = await asyncio.gather(*(c.sync() for c in pending), return_exceptions=True)
-            failed = [(c, r) for c, r in zip(pending, results, strict=True)
-                      if isinstance(r, BaseException)]
-            for _, error in failed:
-                if not isinstance(error, ClusterError):
-                    raise error
-                log.error("waiting for member: %s", error)
-            pending = [c for c, _ in failed]
-            if pending:
-                await asyncio.sleep(backoff.next())
+    async def _read_once(self, clients: list[KubeClusterClient]
+                         ) -> tuple[list[KubeClusterClient], list[KubeClusterClient]]:
+        """Every member read once, all at the same time (each within the request
+        timeout): those that answered, and those that did not."""
+        results = await asyncio.gather(*(c.sync() for c in clients), return_exceptions=True)
+        read, unread = [], []
+        for client, result in zip(clients, results, strict=True):
+            if not isinstance(result, BaseException):
+                read.append(client)
+            elif isinstance(result, ClusterError):
+                unread.append(client)  # the client logged it
+            else:
+                raise result
+        return read, unread
 
     async def _start_controller(
             self, clients: list[KubeClusterClient]) -> tuple[Controller, StreamHub | None]:
-        """A controller that has read every member and reconciled once.
+        """A controller that has read every member that answers and reconciled once.
 
-        A member failing meanwhile (one 503) starts it over after a backoff: it is not the
-        end of the term, which would end the process. Each try starts from nothing, so no
-        half-read member state is carried over."""
+        A member that does not answer its first read is unread: the controller tries it
+        again in the background, and the keys it may export wait for it (controller.py).
+        A member failing after it answered (one 503) starts it over after a backoff: it
+        is not the end of the term, which would end the process; the next try gives each
+        member one read again, so a member that stays down is not waited for. Each try
+        starts from nothing, so no half-read member state is carried over."""
         cfg = self.config
         backoff = Backoff(cfg.timings.backoff_base_s, cfg.timings.backoff_cap_s)
         failing = ""
         while True:
-            await self._until_all_answer(clients)
+            read, unread = await self._read_once(clients)
             hub = (StreamHub(self.metrics, cfg.heartbeat_s, cfg.stream_limits)
                    if cfg.serve else None)
-            controller = Controller(clients, cidrs=cfg.clusterset_cidr,
+            controller = Controller(read, cidrs=cfg.clusterset_cidr,
                                     cluster_cidrs=dict(cfg.cluster_cidrs), metrics=self.metrics,
-                                    publisher=hub, holds=await self._hold_store())
-            if hub is not None:
+                                    publisher=hub, holds=await self._hold_store(),
+                                    unread=unread,
+                                    retry=(cfg.timings.backoff_base_s, cfg.timings.backoff_cap_s))
+            if hub is not None:  # an unread member's feed is added once it is read
                 for c in controller.clients:
                     hub.attach(c, controller.written.setdefault(c, {}))
             try:
@@ -272,7 +280,9 @@ class KubeControllerApp:
             await self._clients(members, clients)
             controller, hub = await self._start_controller(clients)
             self.controller = controller
-            log.info("controller reconciled clusters=%s", ",".join(controller.clients))
+            log.info("controller reconciled clusters=%s%s", ",".join(controller.clients),
+                     f" (not read yet: {','.join(sorted(controller.unread))})"
+                     if controller.unread else "")
             if self.server is not None and hub is not None:
                 self.server.lead(controller, hub)
             self.led.set()
