@@ -19,9 +19,11 @@ Unread members: a member that did not answer when the controller started (Kubern
 starts a term with the members that answer) is kept, tried again in the background and
 adopted once it answers, as one that joins. Until then its exports are unknown, and a
 member not read would look like one without exports: every key it may export is frozen,
-neither reconciled nor written anywhere, its objects left as last written. Those keys are
-the ones whose ServiceImport read back from a member lists it in `status.clusters`, or
-that have an imported EndpointSlice sourced from it. Every other key is reconciled.
+its ServiceImport, export statuses and the unread member's slices left as last written
+(_reconcile_frozen), only the slices of members that were read following them. Those
+keys are the ones whose ServiceImport read back from a member lists it in
+`status.clusters`, or that have an imported EndpointSlice sourced from it. Every other
+key is reconciled.
 """
 
 from __future__ import annotations
@@ -258,9 +260,10 @@ class Controller:
         error = self.unread[cluster].connection.error or "not answering"
         if keys:
             more = f" (+{len(keys) - WAITING_SHOWN} more)" if len(keys) > WAITING_SHOWN else ""
-            log.warning("cluster %s not read (%s): %d service(s) it may export wait on it, "
-                        "left everywhere as last written until it answers: %s%s; the others "
-                        "are reconciled", cluster, error, len(keys),
+            log.warning("cluster %s not read (%s): %d service(s) it may export wait on it "
+                        "(their imports and its slices left as last written, the other "
+                        "members' slices updated) until it answers: %s%s", cluster, error,
+                        len(keys),
                         ", ".join(str(k) for k in keys[:WAITING_SHOWN]), more)
         else:
             log.warning("cluster %s not read (%s): no service imported elsewhere waits on "
@@ -474,19 +477,64 @@ class Controller:
             self._wake.set()
         self._released = False
 
+    def _reconcile_frozen(
+        self, key: ServiceKey, clusters: list[str], now: str
+    ) -> dict[str, dict[ObjectRef, Obj]]:
+        """A key an unread member may export: only the slices of the members that were
+        read follow them; the ServiceImport, the export statuses and the unread member's
+        slices stay as last written, and so do its addresses. Frozen whole, a service
+        exported by a and by the unread c (the failover case) took none of a's endpoint
+        changes until c answered."""
+        inputs = ServiceInputs(key, tuple(
+            member_input(key, c, self.clients[c].objects,
+                         stale=not self.clients[c].connection.connected,
+                         previous_conditions=EMPTY_MAPPING)
+            for c in clusters))
+        res = resolve(inputs)
+        ips = self.allocator.get(key)
+        own = {c: a.get(key) for c, a in self.cluster_allocators.items()}
+        rendered = render(res, inputs, ips, now, own)
+        refs = self._refs.get(key, {})
+        import_ref = ObjectRef(KIND_IMPORT, *key)
+        # A member that joined since (a new member Secret) gets the import and the unread
+        # member's slices as another member holds them: the same objects in every
+        # consumer, but where a cluster has addresses of its own (--cluster-cidr).
+        model = next((c for c in clusters if import_ref in self.written[c]
+                      and c not in self.cluster_allocators), None)
+        desired: dict[str, dict[ObjectRef, Obj]] = {}
+        for c in clusters:
+            written = self.written[c]
+            source = c
+            if (import_ref not in written and model is not None
+                    and key.namespace in self.clients[c].objects.namespaces
+                    and c not in self.cluster_allocators):
+                source = model
+            held = self.written[source]
+            kept = {r: held[r] for r in refs.get(source, ()) if r in held
+                    and (r.kind != KIND_EXPORT or source == c)
+                    and not self._read_source(r, held[r])}
+            if import_ref in kept or import_ref in written:
+                kept.update((r, o) for r, o in rendered.objects_for(c).items()
+                            if self._read_source(r, o))
+            desired[c] = kept
+        return desired
+
+    def _read_source(self, ref: ObjectRef, obj: Mapping[str, Any]) -> bool:
+        """An imported slice whose source member was read (not an unread one's)."""
+        if ref.kind != KIND_SLICE:
+            return False
+        labels = obj.get("metadata", {}).get("labels") or {}
+        return labels.get(LABEL_SOURCE_CLUSTER) in self.clients
+
     async def flush(self, publish: bool = True, wait: bool = True) -> int:
         """Reconcile every dirty key and write what changed; returns keys reconciled.
 
         The writes go to each cluster's writer; `wait=False` returns without waiting
         for them (the run loop: a hung cluster must not hold up the next flush)."""
-        if self._frozen:  # those wait for an unread member, still dirty
-            dirty = {k: t for k, t in self._dirty.items() if k not in self._frozen}
-            self._dirty = {k: t for k, t in self._dirty.items() if k in self._frozen}
-        else:
-            dirty, self._dirty = self._dirty, {}
-        if not dirty:
+        if not self._dirty:
             return 0
         started = time.perf_counter()
+        dirty, self._dirty = self._dirty, {}
         clusters = sorted(self.clients)
         now = self._now()
         upserts: dict[str, dict[ObjectRef, Obj]] = {c: {} for c in clusters}
@@ -563,7 +611,10 @@ class Controller:
                         deletes: dict[str, set[ObjectRef]]) -> None:
         """Reconcile the dirty keys; collect per cluster what to write and delete."""
         for key in sorted(dirty):
-            desired = self._reconcile_key(key, clusters, now)
+            if key in self._frozen:
+                desired = self._reconcile_frozen(key, clusters, now)
+            else:
+                desired = self._reconcile_key(key, clusters, now)
             refs_by_cluster = self._refs.get(key, {})
             for c in clusters:
                 written = self.written[c]

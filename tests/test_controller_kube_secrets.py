@@ -295,11 +295,11 @@ async def test_a_member_that_leaves_is_gone_not_stale_and_says_what_it_keeps(
     assert "managed-by=controller.mcsproxy.io" in warnings[0]
 
 
-async def test_a_member_added_while_another_is_down_gets_what_does_not_wait_on_it(
+async def test_a_member_added_while_another_is_down_gets_every_import(
         setup: Setup, caplog: pytest.LogCaptureFixture) -> None:
     """A new member Secret while c's API server is down: the rebuilt controller reads the
-    members that answer; d gets the imports no one waits for (b's web), not c's db until
-    c answers. Before: the rebuild waited for c, and d got nothing."""
+    members that answer; d gets b's web, and c's db as the other members hold it (stale),
+    updated once c answers. Before: the rebuild waited for c, and d got nothing."""
     caplog.set_level(logging.INFO)
     cs = setup.cs
     cs["c"].put_object(service("db"))
@@ -319,15 +319,20 @@ async def test_a_member_added_while_another_is_down_gets_what_does_not_wait_on_i
                                 if s["metadata"]["name"].startswith("db-")), task, "not stale")
         a_before = [*cs.imports("a").values(), *cs.imported_slices("a")]
         setup.add_member("d")
-        await until(lambda: cs.addresses("d", "web") == {"10.2.0.1"}, task,
+        await until(lambda: cs.addresses("d", "web") == {"10.2.0.1"}
+                    and cs.addresses("d", "db") == {"10.3.0.1"}, task,
                     "the new member got no imports while c was down")
-        assert "db" not in cs.imports("d")
+        assert cs.imports("d")["db"]["spec"] == cs.imports("a")["db"]["spec"]
         assert [*cs.imports("a").values(), *cs.imported_slices("a")] == a_before
         waiting = [r.getMessage() for r in caplog.records
                    if r.getMessage().startswith("cluster c not read")]
         assert len(waiting) == 1 and "1 service(s)" in waiting[0] \
             and "demo/db" in waiting[0], waiting
+        assert all(s["metadata"].get("annotations", {}).get("mcsproxy.io/stale")
+                   for s in cs.imported_slices("d") if s["metadata"]["name"].startswith("db-"))
         await cs["c"].start()
-        await until(lambda: cs.addresses("d", "db") == {"10.3.0.1"}, task,
-                    "c's export did not reach d once c answered")
+        await until(lambda: cs.addresses("d", "db") == {"10.3.0.1"} and not any(
+            s["metadata"].get("annotations", {}).get("mcsproxy.io/stale")
+            for s in cs.imported_slices("d")), task,
+            "c's export was not reconciled into d once c answered")
         del cs.emulators["d"]

@@ -11,11 +11,12 @@ the stream and member status only while leading.
 
 Each leadership term builds fresh member clients and reads each once, then reconciles
 and serves until the term ends. A member that does not answer that read is not waited
-for: it is tried again in the background and joins once it answers, and until then the
-services it may export are left everywhere as last written (a member not read yet would
-look like one without exports, and its imports elsewhere would be deleted: controller.py
-says which services wait). A member that fails after its first read, while the term
-starts, starts the reading over after a backoff, never ends the term.
+for: it is tried again in the background and joins once it answers, and until then what
+it contributed to the services it may export is left everywhere as last written (a
+member not read yet would look like one without exports, and its imports elsewhere would
+be deleted: controller.py says which services wait, and what of them still changes). A
+member that fails after its first read, while the term starts, starts the reading over
+after a backoff, never ends the term.
 
 With --member-secrets the Secrets are watched for the whole term (kube_members.py says
 what is retried and what is fatal): when the set of members changes, the term's
