@@ -165,6 +165,7 @@ async def test_two_workers_sum_the_http_request_duration(tmp_path: Path) -> None
 
 # The refusal's text (what the client reads) by the reason label it is counted under.
 REFUSAL_TEXTS = [(b"malformed request", "malformed"), (b"only origin-form", "malformed"),
+                 (b"CONNECT is not supported", "malformed"),
                  (b"invalid Host", "invalid_host"), (b"missing Host", "invalid_host"),
                  (b"more than one Host", "invalid_host"), (b"invalid authority", "invalid_host"),
                  (b"HTTP/", "http_version"), (b"only the chunked", "transfer_coding"),
