@@ -148,6 +148,8 @@ class BackendConn(asyncio.Protocol):
             self.transport.close()
         elif path == b"/reset":
             self.transport.abort()
+        elif path.startswith(b"/size/"):
+            self.send(200, b"s" * int(path[6:]))  # head and body in one write
         elif path.startswith(b"/big/"):
             size = int(path[5:])
             self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)

@@ -1410,3 +1410,53 @@ async def test_large_bodies_byte_for_byte_and_no_reuse_after_an_unasked_response
         r = await client.get("/one/17000")  # the client connection is still in step
         assert r.body == pattern_body(17000, int(r.headers[b"x-seed"]))
         await client.close()
+
+
+async def test_a_client_that_stops_reading_never_times_out_an_endpoint() -> None:
+    # A client pipelines GETs and reads nothing. Once its write buffer is full, the
+    # endpoint connection of the next request is paused as it is bound, and its answer
+    # waits unread in the kernel: the per-try timer used to run on and fire (0.3 s),
+    # blaming a healthy endpoint (a failure toward ejection, an immediate one if its
+    # cluster looked silent) and replaying the GET to the other one: here the first
+    # endpoint was ejected and the other had 2 failures within the second.
+    backends = await start_backends({"east": 1, "west": 1}, 171)
+    cs = Clusterset("east")
+    publish(cs, "stalled", "127.240.171.1", backends)
+    proxy = await cs.proxy(http=HttpConfig(per_try_timeout_s=0.3, request_timeout_s=10.0),
+                           outlier=OutlierConfig(consecutive_failures=1))
+    sock = socket.socket()
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # little in the kernel
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, ("127.240.171.1", 80))
+        engine = proxy.http
+
+        def bound_while_paused() -> bool:
+            return any(c.write_paused and c.queue and c.queue[0].up is not None
+                       and not c.queue[0].resp_started for c in engine.clients)
+
+        # Answers of 16,000 bytes, each in one write (and one read): the answer that
+        # fills the client's buffer ends in that read, and the next request is bound
+        # while its client is paused. Sent 50 at a time, each batch once the one before
+        # reached the endpoints (one read of over 128 would get 429).
+        sent = 0
+        async with asyncio.timeout(10):
+            while not bound_while_paused():
+                await loop.sock_sendall(sock, b"".join(
+                    b"GET /size/16000?%d HTTP/1.1\r\nHost: a\r\n\r\n" % n
+                    for n in range(sent, sent + 50)))
+                sent += 50
+                while not bound_while_paused() and \
+                        sum(len(b.requests) for b in backends) < sent:
+                    await asyncio.sleep(0.01)
+        await asyncio.sleep(1.0)  # over three per-try timeouts
+        assert bound_while_paused()
+        upstream = next(iter(proxy.upstreams.values()))
+        assert [(h.consecutive_failures, h.ejected, h.stats.attempts["error"])
+                for h in upstream.hosts.values()] == [(0, False, 0)] * 2
+        urls = [u for b in backends for _, u, _ in b.requests]
+        assert len(urls) == len(set(urls)), "a request was sent twice"
+    finally:
+        sock.close()
+        await stop_all(proxy, *backends)

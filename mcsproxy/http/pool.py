@@ -239,8 +239,11 @@ class UpstreamConn(asyncio.Protocol):
         """The endpoint's cluster answered nothing for a whole connect timeout (see
         UpstreamSet.connect_failed): a request still waiting for its first response byte
         here would wait out its per-try timeout (15 s by default). It fails now and is
-        retried elsewhere like one that timed out; a response under way is left alone."""
-        if self.exchange is not None and not self.began and self.tunnel is None:
+        retried elsewhere like one that timed out; a response under way is left alone, and
+        so is a connection not read while its client does not read (Exchange.bind)."""
+        ex = self.exchange
+        if ex is not None and not self.began and self.tunnel is None \
+                and not ex.client.write_paused:  # (not read while its client is paused)
             self.fail(f"no answer, {self.pool.host.cluster} silent")
 
     # -- response parser callbacks ----------------------------------------------------

@@ -429,12 +429,19 @@ class ClientConnection(asyncio.Protocol):
         up = self.active_upstream()
         if up is not None:
             up.transport.pause_reading()
+            if up.exchange is not None:
+                up.exchange.paused_at = monotonic()
 
     def resume_writing(self) -> None:
         self.write_paused = False
         up = self.active_upstream()
         if up is not None:
             up.transport.resume_reading()
+            ex = up.exchange
+            if ex is not None:
+                # The endpoint was not read meanwhile (its answer may be waiting in the
+                # kernel): the time paused for the client is not the endpoint's.
+                ex.try_deadline += monotonic() - ex.paused_at
 
     def active_upstream(self) -> UpstreamConn | None:
         if self.tunnel is not None:
@@ -1031,6 +1038,7 @@ class Exchange:
         "keep_alive",
         "method",
         "outcome",
+        "paused_at",
         "pool",
         "read_held",
         "received",
@@ -1240,7 +1248,10 @@ class Exchange:
         upstream.connect_ok(host, up, False)
         client = self.client
         if client.write_paused:
+            # Not read until the client drains its answers: the per-try timer stands still
+            # meanwhile (check, ClientConnection.resume_writing).
             up.transport.pause_reading()
+            self.paused_at = monotonic()
         chunked = self.chunked
         bodies = self.replay if self.replay is not None else self.unsent
         if not bodies and not (chunked and self.req_done):
@@ -1802,6 +1813,8 @@ class Exchange:
                 self.timed_out = True
                 asyncio.get_running_loop().call_later(
                     CONNECT_VERDICT_DELAY_S, self.connect_verdict, self.connecting)
-        elif self.up is not None and now > self.try_deadline:
+        elif self.up is not None and now > self.try_deadline and not self.client.write_paused:
+            # (Paused for a client that does not read its answers, the endpoint connection
+            # is not read either: that wait is the client's, never the endpoint's failure.)
             self.upstream_failed(self.up, PER_TRY_TIMEOUT, status=504)
         self.client.flush()
