@@ -143,6 +143,14 @@ class BackendConn(asyncio.Protocol):
                                  b"Content-Type: text/evil\r\nSet-Cookie: s=1\r\n"
                                  b"Keep-Alive: 1\r\nX-Forwarded-For: 6.6.6.6\r\n"
                                  b"Server-Timing: db;dur=5\r\n\r\n")
+        elif path == b"/trailer-length":
+            # Content-Length in the trailer section (RFC 9110 6.5.1 keeps it out).
+            self.transport.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                 b"5\r\nhello\r\n0\r\nX-T: 1\r\nContent-Length: 5\r\n\r\n")
+        elif path == b"/both-lengths":
+            # Content-Length and chunked in one head: a smuggling shape.
+            self.transport.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
+                                 b"Content-Length: 5\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
         elif path == b"/until-close":
             self.transport.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil close")
             self.transport.close()

@@ -18,7 +18,7 @@ import pytest
 import uvloop
 from httptools import HttpParserError, HttpRequestParser
 
-from mcsproxy.config import OutlierConfig
+from mcsproxy.config import HttpConfig, OutlierConfig
 from mcsproxy.http.pool import PAUSE_UPSTREAM
 from mcsproxy.http.server import ClientConnection
 from tests.http_support import (
@@ -669,6 +669,34 @@ async def test_trailer_fields_are_forwarded_both_ways() -> None:
         old = await RawClient.open("127.198.0.1", 80)
         old.send(b"GET /trailers HTTP/1.0\r\n\r\n")
         assert (await old.response()).body == b"ok"
+        await old.close()
+    finally:
+        await proxy.stop()
+        await backend.stop()
+
+
+async def test_content_length_in_a_trailer_section_is_dropped_not_the_response() -> None:
+    # llhttp (strict) refuses Content-Length after chunked in the trailer section as in
+    # a head; the response whose head and body were queued for the client was then cut
+    # whole: 0 bytes and a FIN, no log line. The trailer field is dropped (as Host or
+    # Set-Cookie are) and the response goes on; a head with both still fails.
+    [backend] = await start_backends({"east": 1}, 172)
+    cs = Clusterset("east")
+    publish(cs, "trailer-length", "127.172.0.1", [backend])
+    proxy = await cs.proxy(http=HttpConfig(max_retries=0))
+    try:
+        client = await RawClient.open("127.172.0.1", 80)
+        r = await client.get("/trailer-length")
+        assert (r.status, r.body, r.trailers) == (200, b"hello", {b"x-t": b"1"})
+        assert (await client.get("/")).body == b"east-1"
+        assert backend.connections == 1  # the endpoint connection stayed in step, pooled
+        r = await client.get("/both-lengths")  # on that connection: strict again
+        assert (r.status, r.body) == (502, b"upstream malformed response (Content-Length "
+                                           b"can't be present with Transfer-Encoding)\n")
+        await client.close()
+        old = await RawClient.open("127.172.0.1", 80)  # HTTP/1.0: no trailer section
+        old.send(b"GET /trailer-length HTTP/1.0\r\n\r\n")
+        assert (await old.response()).body == b"hello"
         await old.close()
     finally:
         await proxy.stop()

@@ -306,6 +306,12 @@ class UpstreamConn(asyncio.Protocol):
         if self.te is not None:
             # Only a final chunked frames the body; `gzip` alone runs until the close.
             self.chunked, self.codings = transfer_codings(self.te)
+            if self.chunked:
+                # llhttp (strict) refuses Content-Length after chunked in the trailer
+                # section as in a head, and so cut the whole response; in trailers it
+                # frames nothing and is dropped (NOT_IN_TRAILERS). The head was checked
+                # already; on_message_complete makes the parser strict again.
+                parser.set_dangerous_leniencies(lenient_chunked_length=True)
         if status < 200 and status != 101:
             self.interim = True
             ex.interim(status, self)
@@ -394,6 +400,8 @@ class UpstreamConn(asyncio.Protocol):
         if self.interim:
             self.interim = False
             return
+        if self.chunked:  # the next head is strict again (see on_headers_complete)
+            self.parser.set_dangerous_leniencies(lenient_chunked_length=False)
         ex = self.exchange
         if ex is not None:
             ex.response_done(self)
