@@ -322,3 +322,15 @@ class RawClient:
                 return await self.reader.read() == b""
             except ConnectionError:
                 return True
+
+
+async def read_to_the_end(reader: asyncio.StreamReader) -> tuple[bytes, str]:
+    """Everything the connection brings, and how it ended: FIN or RST."""
+    got = b""
+    async with asyncio.timeout(5):
+        try:
+            while data := await reader.read(65536):
+                got += data
+        except ConnectionResetError:
+            return got, "RST"
+    return got, "FIN"

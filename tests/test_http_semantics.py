@@ -11,6 +11,7 @@ import gc
 import hashlib
 import logging
 import socket
+import struct
 import time
 import tracemalloc
 
@@ -27,6 +28,7 @@ from tests.http_support import (
     RawClient,
     protocol_behind_proxy,
     publish,
+    read_to_the_end,
     start_backends,
 )
 from tests.proxy_fixtures import Clusterset, endpoint, until
@@ -701,6 +703,63 @@ async def test_content_length_in_a_trailer_section_is_dropped_not_the_response()
     finally:
         await proxy.stop()
         await backend.stop()
+
+
+class CutShort(asyncio.Protocol):
+    """Answers chunked, `hello` and then, by path: /rst resets, /badchunk sends an invalid
+    chunk size, /fin closes without the last chunk, /badtrailer ends with a trailer
+    field llhttp refuses (a Content-Length that is not a number)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.parser = HttpRequestParser(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed_data(data)
+
+    def on_url(self, url: bytes) -> None:
+        self.path = url
+
+    def on_message_complete(self) -> None:
+        self.transport.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                             b"5\r\nhello\r\n")
+        if self.path == b"/badtrailer":
+            self.transport.write(b"0\r\nContent-Length: x\r\n\r\n")
+        else:
+            asyncio.get_running_loop().call_later(0.05, self.cut)
+
+    def cut(self) -> None:
+        if self.path == b"/rst":
+            self.transport.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.transport.abort()
+        elif self.path == b"/badchunk":
+            self.transport.write(b"zz\r\n")
+        else:
+            self.transport.close()
+
+
+async def test_a_response_cut_short_ends_with_a_reset_after_what_came(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # The endpoint breaks off a chunked answer (reset, bad chunk size, FIN before the
+    # last chunk, a malformed trailer section). An HTTP/1.0 client reads a body
+    # delimited by the close: it used to end with a FIN, exactly as a complete one. The
+    # bytes queued before the cut were dropped too (a refused trailer section: 0 bytes,
+    # no status). Now what came goes out, the client's connection then ends with RST,
+    # and a warning says why; an HTTP/1.1 client, sent the body re-chunked, gets the
+    # same (no last chunk, then RST).
+    async with protocol_behind_proxy(CutShort, "127.173.1.1", "127.173.0.1", "cut"):
+        for path in (b"/rst", b"/badchunk", b"/fin", b"/badtrailer"):
+            for version in (b"1.0", b"1.1"):
+                caplog.clear()
+                client = await RawClient.open("127.173.0.1", 80)
+                client.send(b"GET %s HTTP/%s\r\nHost: a\r\n\r\n" % (path, version))
+                got, end = await read_to_the_end(client.reader)
+                head, _, body = got.partition(b"\r\n\r\n")
+                assert (head.split(b"\r\n")[0], end) == (b"HTTP/1.1 200 OK", "RST"), path
+                assert body == (b"hello" if version == b"1.0" else b"5\r\nhello\r\n"), path
+                assert any("cut" in r.getMessage() for r in caplog.records), path
+                client.writer.transport.abort()
 
 
 class Endless(asyncio.Protocol):

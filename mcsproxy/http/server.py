@@ -25,8 +25,11 @@ import contextlib
 import logging
 import re
 import socket
+import struct
 import sys
+import termios
 from collections import deque
+from fcntl import ioctl
 from math import inf as INF
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Final, NoReturn
@@ -116,6 +119,10 @@ URGENT_PROBE: Final = b"\n"
 # Linux only: the state of our end, read without disturbing the socket (its first byte).
 TCP_INFO: int | None = getattr(socket, "TCP_INFO", None) if sys.platform == "linux" else None
 TCP_CLOSE: Final = 7  # the peer reset the connection
+# SO_LINGER on, 0 s: closing sends RST (see ClientConnection.cut).
+RESET_LINGER: Final = struct.pack("ii", 1, 0)
+# Linux only: the bytes of our end's send queue not yet acknowledged (SIOCOUTQ).
+OUTQ: int | None = getattr(termios, "TIOCOUTQ", None) if sys.platform == "linux" else None
 UNSENT_HIGH_WATER: Final = 256 * 1024
 SMALL_CHUNK: Final = 4096  # body chunks below this are joined per read (request) or framed in one
 MAX_PIECES: Final = 16  # output pieces of one read written as they are; more are joined first
@@ -161,6 +168,7 @@ class ClientConnection(asyncio.Protocol):
         "closed",
         "conn_tokens",
         "current",
+        "cutting",
         "engine",
         "expect",
         "flush_held",
@@ -224,6 +232,7 @@ class ClientConnection(asyncio.Protocol):
         self.write_paused = False
         self.closed = False
         self.lingering = False  # answered and half-closed; reading what is left, then close
+        self.cutting = False  # an answer broke off: RST once what was queued is sent (cut)
         self.broken: bytes | None = None  # an error answer owed after the queue drains
         self.request_error: RequestError | None = None
         self.tunnel: UpstreamConn | None = None
@@ -557,6 +566,41 @@ class ClientConnection(asyncio.Protocol):
         self.out.clear()
         if not self.closed:
             self.transport.abort()
+
+    def cut(self) -> None:
+        """An answer broke off after its first bytes were queued (the endpoint reset, sent
+        a malformed chunk or trailer, closed early, went silent): what was queued still
+        goes out, and then the connection ends with RST, not FIN, which would make a body
+        delimited by the close (an HTTP/1.0 client's) look complete. The RST waits for
+        those bytes to be acknowledged, up to LINGER_S (check). Nothing more is read or
+        answered: the requests queued behind are abandoned when it is sent."""
+        self.flush()
+        if self.closed:
+            return
+        self.closed = self.lingering = self.cutting = True
+        self.idle = 0
+        with contextlib.suppress(OSError, RuntimeError):
+            self.transport.pause_reading()
+
+    def delivered(self) -> bool:
+        """Has everything written reached the client (acknowledged, where Linux tells)?"""
+        if self.transport.get_write_buffer_size():
+            return False
+        if OUTQ is None:
+            return True
+        try:
+            fd = self.transport.get_extra_info("socket").fileno()
+            return not struct.unpack("i", ioctl(fd, OUTQ, bytes(4)))[0]
+        except (OSError, AttributeError):
+            return True  # closed meanwhile: nothing left to wait for
+
+    def reset(self) -> None:
+        """End the connection with RST (SO_LINGER 0), dropping anything unsent."""
+        with contextlib.suppress(OSError, AttributeError):
+            self.transport.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, RESET_LINGER)
+        self.out.clear()
+        self.transport.abort()
 
     # -- request parser callbacks -----------------------------------------------------
     def on_url(self, url: bytes) -> None:
@@ -902,7 +946,10 @@ class ClientConnection(asyncio.Protocol):
     def check(self, now: float, tick_s: float) -> None:
         self.idle += 1
         if self.lingering:
-            if self.idle * tick_s > LINGER_S:
+            if self.cutting:
+                if self.idle * tick_s > LINGER_S or self.delivered():
+                    self.reset()
+            elif self.idle * tick_s > LINGER_S:
                 self.transport.close()
             return
         http = self.engine.http
@@ -1637,9 +1684,10 @@ class Exchange:
         """The endpoint broke off (reset, malformed response, per-try timeout)."""
         self.detach(abort=True)
         if self.resp_started:
-            self.client.abort()  # a truncated response must not look complete
-            self.outcome = "reset"
-            self.finish()
+            if log.isEnabledFor(logging.WARNING) and self.host is not None:
+                log.warning("endpoint %s:%d: response cut (%s): the client's connection "
+                            "is reset", self.host.address, self.host.port, why)
+            self.cut()
             return
         assert self.host is not None and self.upstream is not None
         if blame:
@@ -1696,9 +1744,7 @@ class Exchange:
         self.detach(abort=True)
         self.cancel_connect()
         if self.resp_started:
-            self.client.abort()
-            self.outcome = "reset"
-            self.finish()
+            self.cut()
             return
         self.status = status
         self.outcome = "no_endpoint" if self.host is None else "failed"
@@ -1713,6 +1759,13 @@ class Exchange:
                                                    http10=not self.http11))
         self.resp_started = True
         self.resp_done = True
+        self.finish()
+
+    def cut(self) -> None:
+        """The answer under way breaks off: a truncated response must not look complete
+        (ClientConnection.cut: what was queued, then RST)."""
+        self.outcome = "reset"
+        self.client.cut()
         self.finish()
 
     def last_before_broken(self) -> bool:
@@ -1797,8 +1850,8 @@ class Exchange:
         if self.resp_started:
             limit = self.client.engine.http.idle_timeout_s
             if limit and idle_s > limit:
-                self.client.abort_all()
                 self.detach(abort=True)
+                self.cut()
             return
         if not self.started or self.finished:
             return
