@@ -1460,3 +1460,31 @@ async def test_a_client_that_stops_reading_never_times_out_an_endpoint() -> None
     finally:
         sock.close()
         await stop_all(proxy, *backends)
+
+
+async def test_a_status_code_outside_100_to_599_is_a_malformed_response() -> None:
+    # RFC 9112 4: three digits; RFC 9110 15: 100-599. llhttp takes any three digits:
+    # 000 and 099 were forwarded as interim responses (`HTTP/1.1 0 `), and the client
+    # then waited for the per-try timeout and a 504 that blamed the endpoint; 600 and
+    # 999 went on as final answers. Each is now one 502, the endpoint's failure.
+    codes = [b"000", b"099", b"600", b"999"]
+    each = iter(codes)  # one a request, whatever the connection (each failure closes it)
+    odd = await ScriptedEndpoint(
+        "127.174.1.1", lambda n: b"HTTP/1.1 %s Odd\r\nContent-Length: 2\r\n\r\nno" % next(each)
+    ).start()
+    cs = Clusterset("east")
+    cs.publish("odd", "127.240.174.1", [HTTP_PORT], [endpoint(odd.host, "east", odd.port)])
+    proxy = await cs.proxy(http=HttpConfig(per_try_timeout_s=0.3, request_timeout_s=1.0,
+                                           max_retries=0),
+                           outlier=OutlierConfig(consecutive_failures=0))
+    try:
+        client = await RawClient.open("127.240.174.1", 80)
+        client.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n" * len(codes))
+        answers = [await client.response(timeout=2) for _ in codes]
+        assert [(r.status, r.body) for r in answers] == [
+            (502, b"upstream malformed response (status %d)\n" % int(code)) for code in codes]
+        [host] = next(iter(proxy.upstreams.values())).hosts.values()
+        assert host.consecutive_failures == len(codes)
+        await client.close()
+    finally:
+        await stop_all(proxy, odd)
