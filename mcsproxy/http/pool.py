@@ -312,11 +312,11 @@ class UpstreamConn(asyncio.Protocol):
                 # frames nothing and is dropped (NOT_IN_TRAILERS). The head was checked
                 # already; on_message_complete makes the parser strict again.
                 parser.set_dangerous_leniencies(lenient_chunked_length=True)
-        if (status < 200 and status != 101) or status > 599:
-            if not 100 <= status <= 599:
-                # llhttp takes any three digits; RFC 9110 15 knows 100-599. 000 and 099
-                # were forwarded as interim answers (`HTTP/1.1 0 `), the client then left
-                # waiting for a 504.
+        if status < 200 and status != 101:
+            if status < 100:
+                # llhttp takes any three digits; RFC 9110 15 knows 100-599 (above 599:
+                # Exchange.response_head). 000 and 099 were forwarded as interim answers
+                # (`HTTP/1.1 0 `), the client then left waiting for a 504.
                 self.fail(f"malformed response (status {status})")
                 return
             self.interim = True

@@ -1527,6 +1527,12 @@ class Exchange:
             self.client.out.append(b"".join((status_line(status), *up.parts, CRLF)))
 
     def response_head(self, status: int, up: UpstreamConn) -> None:
+        line = STATUS_LINES.get(status)
+        if line is None:  # a code without a phrase: looked at only then
+            if status > 599:  # RFC 9110 15: 100-599 (below 100: UpstreamConn)
+                up.fail(f"malformed response (status {status})")
+                return
+            line = status_line(status)
         host, upstream = self.host, self.upstream
         assert host is not None and upstream is not None  # bound
         upstream.response_status(host, status)
@@ -1594,7 +1600,7 @@ class Exchange:
             tail = pool.tail if self.http11 else pool.tail_keep_alive
         # Joined from `parts` itself, as the request head (ClientConnection
         # on_headers_complete); the trailer fields of a chunked response come after it.
-        parts.insert(0, STATUS_LINES.get(status) or status_line(status))
+        parts.insert(0, line)
         parts.append(framing)
         parts.append(tail)
         client.out.append(b"".join(parts))
