@@ -447,10 +447,11 @@ class ClientConnection(asyncio.Protocol):
         if up is not None:
             up.transport.resume_reading()
             ex = up.exchange
-            if ex is not None:
+            if ex is not None and ex.paused_at:
                 # The endpoint was not read meanwhile (its answer may be waiting in the
                 # kernel): the time paused for the client is not the endpoint's.
                 ex.try_deadline += monotonic() - ex.paused_at
+                ex.paused_at = 0.0
 
     def active_upstream(self) -> UpstreamConn | None:
         if self.tunnel is not None:
@@ -1145,6 +1146,7 @@ class Exchange:
         # through tunnel_data, and only then is the request done. Set for an ignored
         # Upgrade too (ClientConnection.on_headers_complete).
         self.upgrade_body = length if upgrade else 0
+        self.paused_at = 0.0  # when its endpoint stopped being read for the client (0: not)
         self.held: bytearray | None = None  # sent after a 101 only (tunnel_data)
         self.read_held: bytes | None = None  # see send()
         self.error = error
