@@ -134,6 +134,14 @@ def service_key_of_output(obj: Mapping[str, Any]) -> ServiceKey | None:
     return ServiceKey(namespace, str(meta.get("name")))
 
 
+def slice_source(obj: Mapping[str, Any]) -> str | None:
+    """The source-cluster label of an imported EndpointSlice as written (None if none)."""
+    meta = obj.get("metadata")
+    labels = meta.get("labels") if isinstance(meta, Mapping) else None
+    source = labels.get(LABEL_SOURCE_CLUSTER) if isinstance(labels, Mapping) else None
+    return source if isinstance(source, str) else None
+
+
 class Controller:
     def __init__(
         self,
@@ -239,9 +247,8 @@ class Controller:
         ServiceImport lists, the source of its imported slice."""
         found: set[str] = set()
         if obj.get("kind") == KIND_SLICE:
-            labels = obj["metadata"].get("labels")
-            source = labels.get(LABEL_SOURCE_CLUSTER) if isinstance(labels, Mapping) else None
-            if isinstance(source, str):
+            source = slice_source(obj)
+            if source is not None:
                 found.add(source)
         elif obj.get("kind") == KIND_IMPORT:
             status = obj.get("status")
@@ -432,10 +439,8 @@ class Controller:
             self.publisher.set_members(self.members())
 
     # -- reconcile -----------------------------------------------------------------------
-    def _reconcile_key(
-        self, key: ServiceKey, clusters: list[str], now: str
-    ) -> dict[str, dict[ObjectRef, Obj]]:
-        inputs = ServiceInputs(key, tuple(
+    def _inputs(self, key: ServiceKey, clusters: list[str]) -> ServiceInputs:
+        return ServiceInputs(key, tuple(
             member_input(
                 key, c, self.clients[c].objects,
                 stale=not self.clients[c].connection.connected,
@@ -444,6 +449,11 @@ class Controller:
             )
             for c in clusters
         ))
+
+    def _reconcile_key(
+        self, key: ServiceKey, clusters: list[str], now: str
+    ) -> dict[str, dict[ObjectRef, Obj]]:
+        inputs = self._inputs(key, clusters)
         res = resolve(inputs)
         if res.conflicts:
             self.conflicts[key] = res.conflicts
@@ -485,11 +495,7 @@ class Controller:
         slices stay as last written, and so do its addresses. Frozen whole, a service
         exported by a and by the unread c (the failover case) took none of a's endpoint
         changes until c answered."""
-        inputs = ServiceInputs(key, tuple(
-            member_input(key, c, self.clients[c].objects,
-                         stale=not self.clients[c].connection.connected,
-                         previous_conditions=EMPTY_MAPPING)
-            for c in clusters))
+        inputs = self._inputs(key, clusters)
         res = resolve(inputs)
         ips = self.allocator.get(key)
         own = {c: a.get(key) for c, a in self.cluster_allocators.items()}
@@ -521,10 +527,7 @@ class Controller:
 
     def _read_source(self, ref: ObjectRef, obj: Mapping[str, Any]) -> bool:
         """An imported slice whose source member was read (not an unread one's)."""
-        if ref.kind != KIND_SLICE:
-            return False
-        labels = obj.get("metadata", {}).get("labels") or {}
-        return labels.get(LABEL_SOURCE_CLUSTER) in self.clients
+        return ref.kind == KIND_SLICE and slice_source(obj) in self.clients
 
     async def flush(self, publish: bool = True, wait: bool = True) -> int:
         """Reconcile every dirty key and write what changed; returns keys reconciled.
