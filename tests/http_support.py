@@ -334,3 +334,17 @@ async def read_to_the_end(reader: asyncio.StreamReader) -> tuple[bytes, str]:
         except ConnectionResetError:
             return got, "RST"
     return got, "FIN"
+
+
+async def head_then_get(host: str, port: int, path: str) -> tuple[bytes, bytes]:
+    """A HEAD of `path`, then a GET on the same kept-alive connection: the HEAD's answer
+    head, and what follows it (the GET's answer first, if the HEAD sent no body)."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(f"HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n"
+                     "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        data = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    head, _, after = data.partition(b"\r\n\r\n")
+    return head, after

@@ -26,6 +26,7 @@ from mcsproxy.config import OutlierConfig
 from mcsproxy.model import ServiceKey
 from mcsproxy.observability import status
 from mcsproxy.observability.families import Families, drop_gradually
+from tests.http_support import head_then_get
 from tests.proxy_fixtures import Backend, ask, free_port
 from tests.test_metrics_support import (
     LoopTurns,
@@ -146,18 +147,6 @@ async def test_config_dump_endpoints_explain_and_status(tmp_path: Path) -> None:
         await west.stop()
 
 
-async def head_then_get(host: str, port: int, path: str) -> bytes:
-    """What follows the head of a HEAD's answer on a kept-alive connection, a GET after."""
-    reader, writer = await asyncio.open_connection(host, port)
-    try:
-        writer.write(f"HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n"
-                     "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-        data = await asyncio.wait_for(reader.read(), 5)
-    finally:
-        writer.close()
-    return data.partition(b"\r\n\r\n")[2]
-
-
 async def test_head_gets_no_body_and_keeps_the_connection_framed(tmp_path: Path) -> None:
     """The streamed answers wrote their body after a HEAD's head too (/metrics 27 KB with
     its Content-Length, the JSON ones unframed): the next answer on that connection was
@@ -168,7 +157,7 @@ async def test_head_gets_no_body_and_keeps_the_connection_framed(tmp_path: Path)
     try:
         host, port = gw.gateway.admin.bound
         for path in ("/healthz", "/metrics", "/config_dump", "/endpoints", "/api/status"):
-            after = await head_then_get(host, port, path)
+            _, after = await head_then_get(host, port, path)
             assert after.startswith(b"HTTP/1.1 200 OK\r\n"), (path, after[:80])
     finally:
         await gw.stop()

@@ -25,6 +25,7 @@ from mcsproxy.model import ServiceKey
 from mcsproxy.sources.controlplane import ControlplaneSource
 from mcsproxy.store import ServiceMap, SnapshotStore
 from mcsproxy.tasks import cancel_and_wait, spawn
+from tests.http_support import head_then_get
 from tests.proxy_fixtures import Backend, ask, free_port
 from tests.test_controller import clusterset_with_backends, dns_a, gateway_config, until
 from tests.test_kube_source import service_import
@@ -341,12 +342,7 @@ async def test_head_on_the_stream_subscribes_nothing_and_sends_no_body(tmp_path:
     ctl = Controller(clusters, out, port)
     app = await ctl.start()
     try:
-        reader, writer = await asyncio.open_connection(HOST, port)
-        writer.write(b"HEAD /v1/stream?cluster=a HTTP/1.1\r\nHost: x\r\n\r\n"
-                     b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        data = await asyncio.wait_for(reader.read(), 5)
-        writer.close()
-        head, _, after = data.partition(b"\r\n\r\n")
+        head, after = await head_then_get(HOST, port, "/v1/stream?cluster=a")
         assert head.startswith(b"HTTP/1.1 200") and b"application/x-ndjson" in head
         assert after.startswith(b"HTTP/1.1 200 OK\r\n"), after[:80]
         assert app.hub is not None
