@@ -87,8 +87,14 @@ def test_malformed_query(responder: Responder, name: str) -> None:
 
 def test_unusual_but_valid_query_goes_through_dnslib(responder: Responder) -> None:
     # An answer section in a query, and a compressed name pointing back into it.
-    packet = (header(an=1) + NAME + A_IN
-              + b"\xc0\x0c" + A_IN + b"\x00\x00\x00\x05\x00\x04\x7f\x00\x00\x01")
+    packet = (
+        header(an=1)
+        + NAME
+        + A_IN
+        + b"\xc0\x0c"
+        + A_IN
+        + b"\x00\x00\x00\x05\x00\x04\x7f\x00\x00\x01"
+    )
     answer = dnslib.DNSRecord.parse(responder.respond(packet, tcp=False))  # type: ignore[arg-type]
     assert [str(r.rdata) for r in answer.rr] == ["127.240.0.10"]
     assert answer.header.id == 0xBEEF
@@ -127,11 +133,13 @@ async def test_another_opcode_gets_notimp_with_its_question_and_opt(transport: s
             assert reply.header.opcode == flags >> 11 and reply.header.qr, opcode
             assert reply.header.rd == flags >> 8 & 1, opcode
             assert [str(q.qname) for q in reply.questions] == [
-                "myservice.test.svc.clusterset.local."], opcode
+                "myservice.test.svc.clusterset.local."
+            ], opcode
             assert reply.rr == [] and [r.rtype for r in reply.ar] == [dnslib.QTYPE.OPT], opcode
         # what does not read as a query still gets the header alone
         reply = dnslib.DNSRecord.parse(
-            await exchange(transport, server.bound, header(flags=0x1000, qd=0)))
+            await exchange(transport, server.bound, header(flags=0x1000, qd=0))
+        )
         assert dnslib.RCODE.get(reply.header.rcode) == "NOTIMP" and reply.questions == []
 
 
@@ -147,6 +155,5 @@ async def test_formerr_to_a_query_with_an_opt_carries_ours(transport: str) -> No
             assert dnslib.RCODE.get(reply.header.rcode) == "FORMERR", name
             assert reply.header.id == 0xBEEF and reply.header.qr, name
             assert [(r.rtype, r.rclass) for r in reply.ar] == [(dnslib.QTYPE.OPT, 1232)], name
-        two = dnslib.DNSRecord.parse(await exchange(transport, server.bound,
-                                                    CASES["two OPTs"][0]))
+        two = dnslib.DNSRecord.parse(await exchange(transport, server.bound, CASES["two OPTs"][0]))
         assert dnslib.RCODE.get(two.header.rcode) == "FORMERR" and two.ar == []

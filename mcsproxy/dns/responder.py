@@ -119,8 +119,15 @@ def parse_unusual(data: bytes) -> Query | int:
         ttl = opts[0].ttl
         edns = (opts[0].rclass, ttl & 0x8000, (ttl >> 16) & 0xFF)
     flags = (data[2] << 8) | data[3]
-    return Query(data[:2], flags, wire + TYPE_CLASS.pack(question.qtype, question.qclass),
-                 wire.lower(), question.qtype, question.qclass, edns)
+    return Query(
+        data[:2],
+        flags,
+        wire + TYPE_CLASS.pack(question.qtype, question.qclass),
+        wire.lower(),
+        question.qtype,
+        question.qclass,
+        edns,
+    )
 
 
 def own_addresses(host: str) -> tuple[str, ...]:
@@ -135,10 +142,10 @@ def own_addresses(host: str) -> tuple[str, ...]:
 
 
 class Responder:
-    def __init__(self, config: DnsConfig, loaded: asyncio.Event,
-                 eager: bool = False) -> None:
-        self.zone = ZoneIndex(config.domain, config.ttl_s, eager=eager,
-                              ns_addresses=own_addresses(config.listen[0]))
+    def __init__(self, config: DnsConfig, loaded: asyncio.Event, eager: bool = False) -> None:
+        self.zone = ZoneIndex(
+            config.domain, config.ttl_s, eager=eager, ns_addresses=own_addresses(config.listen[0])
+        )
         self.loaded = loaded
         self.forwarding = config.upstream is not None
         # --dns-edns-max may say 65535, but a larger datagram cannot be sent at all: the
@@ -163,8 +170,11 @@ class Responder:
         try:
             return self.zone.apply(snapshot)
         except Exception:  # a bug of ours; the index is half-updated, so start it over
-            log.exception("dns zone update to snapshot version=%d failed; rebuilding the "
-                          "zone from the whole snapshot", snapshot.version)
+            log.exception(
+                "dns zone update to snapshot version=%d failed; rebuilding the "
+                "zone from the whole snapshot",
+                snapshot.version,
+            )
             return self.zone.rebuild(snapshot)
 
     # -- entry point -------------------------------------------------------------------
@@ -284,8 +294,13 @@ class Responder:
         packed = self._soa.get(qname_len)
         if packed is None:
             apex = pointer(12 + qname_len - len(self.zone.apex))
-            rdata = NS_LABELS + apex + b"\x0ahostmaster" + apex + SOA_TIMERS.pack(
-                self.serial or 0, SOA_REFRESH, SOA_RETRY, SOA_EXPIRE, self.ttl)
+            rdata = (
+                NS_LABELS
+                + apex
+                + b"\x0ahostmaster"
+                + apex
+                + SOA_TIMERS.pack(self.serial or 0, SOA_REFRESH, SOA_RETRY, SOA_EXPIRE, self.ttl)
+            )
             packed = self._soa[qname_len] = rr(apex, SOA, self.ttl, rdata)
         return packed
 
@@ -301,8 +316,12 @@ class Responder:
         additional: Additional | None = None,
     ) -> bytes:
         # The opcode is QUERY's 0 in every answer but not_implemented's.
-        flags = (FLAG_QR | (FLAG_AA if aa else 0) | (q.flags & (ECHOED_FLAGS | OPCODE_MASK))
-                 | (rcode & 0xF))
+        flags = (
+            FLAG_QR
+            | (FLAG_AA if aa else 0)
+            | (q.flags & (ECHOED_FLAGS | OPCODE_MASK))
+            | (rcode & 0xF)
+        )
         edns = q.edns
         if edns is None:
             opt = b""
@@ -325,15 +344,31 @@ class Responder:
                     break
                 ar = count + (1 if opt else 0)
                 extra = packed[:end]
-        msg = b"".join((q.id, HEADER_TAIL.pack(flags, 1, an_count, ns_count, ar), q.question,
-                        answers, authority, extra, opt))
+        msg = b"".join(
+            (
+                q.id,
+                HEADER_TAIL.pack(flags, 1, an_count, ns_count, ar),
+                q.question,
+                answers,
+                authority,
+                extra,
+                opt,
+            )
+        )
         if len(msg) > limit:
             # Too big for this transport. Over UDP the question alone with TC set: the
             # client retries over TCP and gets it all. Over TCP there is nothing to retry
             # with: as many whole records as fit in a message, TC set.
-            count, cut = (whole_records(answers, limit - 12 - len(q.question) - len(opt))
-                          if tcp else (0, 0))
-            msg = b"".join((q.id, HEADER_TAIL.pack(flags | FLAG_TC, 1, count, 0,
-                                                   1 if opt else 0),
-                            q.question, answers[:cut], opt))
+            count, cut = (
+                whole_records(answers, limit - 12 - len(q.question) - len(opt)) if tcp else (0, 0)
+            )
+            msg = b"".join(
+                (
+                    q.id,
+                    HEADER_TAIL.pack(flags | FLAG_TC, 1, count, 0, 1 if opt else 0),
+                    q.question,
+                    answers[:cut],
+                    opt,
+                )
+            )
         return msg
