@@ -51,6 +51,7 @@ from mcsproxy.dns.wire import (
     UDP_PLAIN_LIMIT,
     UNUSUAL,
     Query,
+    dnslib_may_read,
     error_response,
     parse_query,
     pointer,
@@ -98,6 +99,8 @@ class Forward:
 
 def parse_unusual(data: bytes) -> Query | int:
     """dnslib's reading of a query that is not the common shape (extra sections, TSIG…)."""
+    if not dnslib_may_read(data):
+        return FORMERR
     try:
         record = dnslib.DNSRecord.parse(data)
     except Exception:  # untrusted bytes; dnslib raises several unrelated types
@@ -205,7 +208,7 @@ class Responder:
         one (RFC 6891 7), e.g. a query with no question or two: their count is wrong, the
         OPT record may still be fine."""
         answer = error_response(data, FORMERR)
-        if not (data[10] or data[11]):
+        if not (data[10] or data[11]) or not dnslib_may_read(data):
             return answer
         try:
             record = dnslib.DNSRecord.parse(data)
