@@ -25,8 +25,9 @@ NAMES = [f"myservice.{T}", f"web-0.cluster-a.headless.{T}", f"nothere.{T}", f"du
 pytestmark = pytest.mark.skipif(not batch.AVAILABLE, reason="no recvmmsg/sendmmsg here")
 
 
-async def burst(addr: tuple[str, int], queries: list[bytes], family: int = socket.AF_INET,
-                clients: int = 1) -> dict[tuple[int, int], bytes]:
+async def burst(
+    addr: tuple[str, int], queries: list[bytes], family: int = socket.AF_INET, clients: int = 1
+) -> dict[tuple[int, int], bytes]:
     """Send every query at once (round robin over `clients` sockets), read every answer:
     (client, ID) → answer."""
     socks = [socket.socket(family, socket.SOCK_DGRAM) for _ in range(clients)]
@@ -67,8 +68,9 @@ def queries_for(n: int) -> list[bytes]:
     return out
 
 
-def check(server: DnsServer, answers: dict[tuple[int, int], bytes], queries: list[bytes],
-          clients: int = 1) -> None:
+def check(
+    server: DnsServer, answers: dict[tuple[int, int], bytes], queries: list[bytes], clients: int = 1
+) -> None:
     """Each answer byte for byte what the responder makes of its query, and a real one."""
     for i, query in enumerate(queries):
         answer = answers[(i % clients, i)]
@@ -171,7 +173,8 @@ async def test_an_unsendable_answer_does_not_stop_the_others() -> None:
 
 
 async def test_without_recvmmsg_the_datagram_transport_answers(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr(batch, "AVAILABLE", False)
     async with running_dns() as server:
         assert server.bound is not None and server._batch is None

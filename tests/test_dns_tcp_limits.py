@@ -18,8 +18,10 @@ QUERY = make_query("myservice.test.svc.clusterset.local.")
 FRAMED = len(QUERY).to_bytes(2, "big") + QUERY
 
 
-async def open_from(addr: tuple[str, int], local_ip: str = "127.0.0.1",
-                    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def open_from(
+    addr: tuple[str, int],
+    local_ip: str = "127.0.0.1",
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     return await asyncio.wait_for(asyncio.open_connection(*addr, local_addr=(local_ip, 0)), 3)
 
 
@@ -63,9 +65,10 @@ async def test_a_client_that_never_reads_holds_bounded_answers_and_is_dropped() 
                     pending = pending[n:]
             await asyncio.sleep(0.005)
             if backed_up is None and any(
-                    c.transport is not None
-                    and c.transport.get_write_buffer_size() >= TCP_WRITE_HIGH_WATER
-                    for c in dns._connections):
+                c.transport is not None
+                and c.transport.get_write_buffer_size() >= TCP_WRITE_HIGH_WATER
+                for c in dns._connections
+            ):
                 backed_up, deadline = sent, loop.time() + 0.25
         [conn] = list(dns._connections)
         assert conn.transport is not None
@@ -108,8 +111,10 @@ async def test_one_client_address_holds_at_most_a_quarter_of_the_connections() -
 
 
 async def test_a_forwarded_query_is_answered_after_the_client_half_closes() -> None:
-    async with upstream() as (addr, _fake), running_dns(upstream=addr,
-                                                         upstream_timeout_s=1.0) as dns:
+    async with (
+        upstream() as (addr, _fake),
+        running_dns(upstream=addr, upstream_timeout_s=1.0) as dns,
+    ):
         reader, writer = await open_from(dns.bound)
         query = make_query("example.com.")
         writer.write(len(query).to_bytes(2, "big") + query)

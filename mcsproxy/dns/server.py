@@ -37,8 +37,17 @@ _NO_MEMO: Final[dict[bytes, bytes]] = {}
 
 
 class UdpProtocol(asyncio.DatagramProtocol):
-    __slots__ = ("hits", "memo_get", "respond", "rrl", "sendto", "server", "sock_sendto",
-                 "stats", "transport")
+    __slots__ = (
+        "hits",
+        "memo_get",
+        "respond",
+        "rrl",
+        "sendto",
+        "server",
+        "sock_sendto",
+        "stats",
+        "transport",
+    )
 
     def __init__(self, server: DnsServer, sock: socket.socket) -> None:
         self.server = server
@@ -84,8 +93,7 @@ class UdpProtocol(asyncio.DatagramProtocol):
             if not self.server.allow.allows(addr[0]):
                 answer = refused(data)
             else:
-                self.server.forward(data, answer.question, self._reply_to(addr), "udp",
-                                    addr[0])
+                self.server.forward(data, answer.question, self._reply_to(addr), "udp", addr[0])
                 return
         self.stats.count_answer("udp", answer)
         if answer is not None:
@@ -110,8 +118,18 @@ class UdpProtocol(asyncio.DatagramProtocol):
 class TcpProtocol(asyncio.Protocol):
     """One TCP client: 2-byte length framing, several queries, an idle timeout."""
 
-    __slots__ = ("buffer", "eof", "forwarding", "last_active", "loop", "paused", "peer",
-                 "server", "timer", "transport")
+    __slots__ = (
+        "buffer",
+        "eof",
+        "forwarding",
+        "last_active",
+        "loop",
+        "paused",
+        "peer",
+        "server",
+        "timer",
+        "transport",
+    )
 
     def __init__(self, server: DnsServer) -> None:
         self.server = server
@@ -150,8 +168,8 @@ class TcpProtocol(asyncio.Protocol):
             size = (buffer[0] << 8) | buffer[1]
             if len(buffer) < size + 2:
                 break
-            message = bytes(buffer[2:size + 2])
-            del buffer[:size + 2]
+            message = bytes(buffer[2 : size + 2])
+            del buffer[: size + 2]
             self.last_active = self.loop.time()
             self._answer(message)
             if self.transport is None:
@@ -169,8 +187,7 @@ class TcpProtocol(asyncio.Protocol):
                 answer = refused(message)
             else:
                 self.forwarding += 1
-                self.server.forward(message, answer.question, self._forwarded, "tcp",
-                                    self.peer)
+                self.server.forward(message, answer.question, self._forwarded, "tcp", self.peer)
                 return
         stats = self.server.stats
         stats.count_answer("tcp", answer)
@@ -243,7 +260,8 @@ class DnsServer:
         self.stats = DnsStats()
         self.forwarder = (
             Forwarder(config.upstream, config.upstream_timeout_s, self.stats)
-            if config.upstream else None
+            if config.upstream
+            else None
         )
         self.allow = AllowList(parse_networks(config.allow_from))
         self.rrl = ResponseRateLimit(config.rrl_qps) if config.rrl_qps > 0 else None
@@ -280,8 +298,9 @@ class DnsServer:
                 await self.forwarder.stop()
             raise
         assert self.bound is not None
-        log.info("dns listening on %s:%d domain=%s", self.bound[0], self.bound[1],
-                 self.config.domain)
+        log.info(
+            "dns listening on %s:%d domain=%s", self.bound[0], self.bound[1], self.config.domain
+        )
 
     async def _bind(self) -> None:
         loop = asyncio.get_running_loop()
@@ -302,11 +321,13 @@ class DnsServer:
                 # RRL comes before the memo: with it on, every query takes the full path.
                 memo_get = protocol.memo_get if self.rrl is None else _NO_MEMO.get
                 udp = self._batch = batch.BatchedUdp(
-                    loop, sock, memo_get, protocol.hits, protocol.datagram_received)
+                    loop, sock, memo_get, protocol.hits, protocol.datagram_received
+                )
                 protocol.connection_made(udp)  # type: ignore[arg-type]
             else:
                 udp, _ = await loop.create_datagram_endpoint(
-                    lambda sock=sock: UdpProtocol(self, sock), sock=sock  # type: ignore[misc]
+                    lambda sock=sock: UdpProtocol(self, sock),
+                    sock=sock,  # type: ignore[misc]
                 )
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF_BYTES)
@@ -315,7 +336,10 @@ class DnsServer:
             bound_port = sock.getsockname()[1]
             try:
                 self._tcp = await loop.create_server(
-                    lambda: TcpProtocol(self), host, bound_port, reuse_address=True,
+                    lambda: TcpProtocol(self),
+                    host,
+                    bound_port,
+                    reuse_address=True,
                     backlog=TCP_BACKLOG,
                 )
             except OSError as exc:
@@ -370,16 +394,18 @@ class DnsServer:
         limit = self.config.tcp_max_connections
         if len(self._connections) >= limit:
             if not self._refused_logged:
-                log.warning("dns: %d TCP connections open, refusing more",
-                            len(self._connections))
+                log.warning("dns: %d TCP connections open, refusing more", len(self._connections))
                 self._refused_logged = True
             return False
         # One address never holds every slot: a quarter of them at most.
         if not self._per_client.take(conn.peer, client_share(limit)):
             if conn.peer not in self._refused_clients:
                 self._refused_clients.add(conn.peer)
-                log.warning("dns: %s holds %d TCP connections, refusing more from it",
-                            conn.peer, self._per_client[conn.peer])
+                log.warning(
+                    "dns: %s holds %d TCP connections, refusing more from it",
+                    conn.peer,
+                    self._per_client[conn.peer],
+                )
             return False
         self._connections.add(conn)
         return True
@@ -393,8 +419,9 @@ class DnsServer:
         if len(self._connections) < self.config.tcp_max_connections:
             self._refused_logged = False
 
-    def forward(self, query: bytes, question: bytes, reply: Reply, transport: str,
-                client: str) -> None:
+    def forward(
+        self, query: bytes, question: bytes, reply: Reply, transport: str, client: str
+    ) -> None:
         assert self.forwarder is not None
         started = perf_counter()
         stats = self.stats
