@@ -1,16 +1,19 @@
 """DNS over TCP against clients that misbehave: never reading, dripping bytes, hoarding
-connections, half-closing with a forwarded query outstanding."""
+connections, half-closing with a forwarded query outstanding; and the TCP listener taking
+the clients the UDP socket takes."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import socket
+from pathlib import Path
 
 import dnslib
+import pytest
 
 from mcsproxy.dns.server import TCP_WRITE_HIGH_WATER
-from tests.dns_support import make_query, running_dns
+from tests.dns_support import exchange, make_query, running_dns
 from tests.proxy_fixtures import until
 from tests.test_dns_forward import upstream
 
@@ -124,3 +127,30 @@ async def test_a_forwarded_query_is_answered_after_the_client_half_closes() -> N
         assert [str(r.rdata) for r in reply.rr] == ["192.0.2.1"]
         assert await asyncio.wait_for(reader.read(), 3) == b""  # then it closes
         writer.close()
+
+
+def dual_stack_by_default() -> bool:
+    """Whether a socket bound to `::` here takes IPv4 too (Linux: bindv6only 0)."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    sysctl = Path("/proc/sys/net/ipv6/bindv6only")
+    return not sysctl.exists() or sysctl.read_text().strip() == "0"
+
+
+@pytest.mark.skipif(not dual_stack_by_default(), reason="no dual-stack IPv6 sockets here")
+async def test_a_listener_on_the_ipv6_wildcard_answers_ipv4_over_tcp_as_over_udp() -> None:
+    # `--dns-listen [::]:PORT`: the UDP socket takes IPv4 clients, and the TCP listener was
+    # IPv6-only, so an IPv4 client's retry of a truncated answer was refused.
+    async with running_dns(listen=("::", 0)) as server:
+        assert server.bound is not None
+        ipv4 = ("127.0.0.1", server.bound[1])
+        query = make_query("big.test.svc.clusterset.local.")
+        truncated = dnslib.DNSRecord.parse(await exchange("udp", ipv4, query))
+        assert truncated.header.tc and not truncated.rr
+        whole = dnslib.DNSRecord.parse(await exchange("tcp", ipv4, query))
+        assert not whole.header.tc and len(whole.rr) == 200
+        whole6 = dnslib.DNSRecord.parse(await exchange("tcp", ("::1", server.bound[1]), query))
+        assert len(whole6.rr) == 200

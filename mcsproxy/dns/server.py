@@ -250,6 +250,25 @@ def _listen_error(exc: OSError, where: str) -> OSError:
     return OSError(exc.errno, f"--dns-listen {where}: {exc.strerror}")
 
 
+def _tcp_socket(udp: socket.socket, host: str, port: int) -> socket.socket:
+    """The TCP listener beside the UDP socket, bound as it is. create_server(host, port)
+    would bind every address a host name resolves to, and make a socket on `::` IPv6-only
+    where the UDP one takes IPv4 too (Linux's default): IPv4 clients got UDP answers,
+    truncated ones included, and were refused when they retried over TCP."""
+    sock = socket.socket(udp.family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if udp.family == socket.AF_INET6:
+            v6only = udp.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
+        sock.bind((host, port))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class DnsServer:
     """The gateway component: listeners, responder, optional forwarder."""
 
@@ -326,8 +345,8 @@ class DnsServer:
                 protocol.connection_made(udp)  # type: ignore[arg-type]
             else:
                 udp, _ = await loop.create_datagram_endpoint(
-                    lambda sock=sock: UdpProtocol(self, sock),
-                    sock=sock,  # type: ignore[misc]
+                    lambda sock=sock: UdpProtocol(self, sock),  # type: ignore[misc]
+                    sock=sock,
                 )
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF_BYTES)
@@ -337,9 +356,7 @@ class DnsServer:
             try:
                 self._tcp = await loop.create_server(
                     lambda: TcpProtocol(self),
-                    host,
-                    bound_port,
-                    reuse_address=True,
+                    sock=_tcp_socket(sock, host, bound_port),
                     backlog=TCP_BACKLOG,
                 )
             except OSError as exc:
