@@ -24,8 +24,14 @@ from mcsproxy.dns.wire import REFUSED, error_response
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-DEFAULT_ALLOW_FROM = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12",
-                      "192.168.0.0/16", "fc00::/7")
+DEFAULT_ALLOW_FROM = (
+    "127.0.0.0/8",
+    "::1/128",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "fc00::/7",
+)
 RRL_TABLE_MAX = 65536
 RRL_SLIP = 2
 MAX_CACHED_CLIENTS = 4096
@@ -90,8 +96,16 @@ def client_prefix(address: str) -> str:
 
 
 class ResponseRateLimit:
-    __slots__ = ("_buckets", "_last_prune", "_slip", "burst", "dropped", "qps", "slipped",
-                 "untracked")
+    __slots__ = (
+        "_buckets",
+        "_last_prune",
+        "_slip",
+        "burst",
+        "dropped",
+        "qps",
+        "slipped",
+        "untracked",
+    )
 
     def __init__(self, qps: float, burst: float | None = None) -> None:
         self.qps = qps
@@ -121,8 +135,7 @@ class ResponseRateLimit:
         bucket[0] = tokens
         return False
 
-    def limited(self, query: bytes,
-                truncated: Callable[[bytes], bytes | None]) -> bytes | None:
+    def limited(self, query: bytes, truncated: Callable[[bytes], bytes | None]) -> bytes | None:
         """What an over-limit client gets: every RRL_SLIP-th query `truncated(query)` (its
         question with TC set, see Responder.truncated), else nothing."""
         self._slip += 1
@@ -135,7 +148,7 @@ class ResponseRateLimit:
 
     def _prune(self, now: float) -> bool:
         if now - self._last_prune < 1.0:  # at most once a second: a flood of new prefixes
-            return False                  # must not make every packet walk the table
+            return False  # must not make every packet walk the table
         self._last_prune = now
         stale = [p for p, b in self._buckets.items() if now - b[1] > 1.0]
         for prefix in stale:
