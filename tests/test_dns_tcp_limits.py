@@ -1,6 +1,7 @@
 """DNS over TCP against clients that misbehave: never reading, dripping bytes, hoarding
-connections, half-closing with a forwarded query outstanding; and the TCP listener taking
-the clients the UDP socket takes."""
+connections, half-closing with a forwarded query outstanding; and a listener on the IPv6
+wildcard serving IPv4 clients as an IPv4 one would: over TCP too, each /24 with its own
+rate limit."""
 
 from __future__ import annotations
 
@@ -154,3 +155,33 @@ async def test_a_listener_on_the_ipv6_wildcard_answers_ipv4_over_tcp_as_over_udp
         assert not whole.header.tc and len(whole.rr) == 200
         whole6 = dnslib.DNSRecord.parse(await exchange("tcp", ("::1", server.bound[1]), query))
         assert len(whole6.rr) == 200
+
+
+async def rrl_answers(addr: tuple[str, int], source: str, count: int) -> list[bool]:
+    """Send `count` queries from `source` at once; for each answer received within 0.3 s
+    after the last, whether it was whole (False: truncated by RRL)."""
+    loop = asyncio.get_running_loop()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((source, 0))
+        sock.setblocking(False)
+        for _ in range(count):
+            await loop.sock_sendto(sock, QUERY, addr)
+        answers = []
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.3):
+                while True:
+                    answer = dnslib.DNSRecord.parse(await loop.sock_recv(sock, 4096))
+                    answers.append(not answer.header.tc)
+        return answers
+
+
+@pytest.mark.skipif(not dual_stack_by_default(), reason="no dual-stack IPv6 sockets here")
+async def test_a_listener_on_the_ipv6_wildcard_rate_limits_each_ipv4_network_apart() -> None:
+    # IPv4 clients come as ::ffff:a.b.c.d, whose /56 was all zeros: one flooding client
+    # used up the budget of every IPv4 client.
+    async with running_dns(listen=("::", 0), rrl_qps=0.01) as server:  # a burst of 1
+        assert server.bound is not None and server.rrl is not None
+        ipv4 = ("127.0.0.1", server.bound[1])
+        assert (await rrl_answers(ipv4, "127.0.0.1", 4)).count(True) == 1
+        assert await rrl_answers(ipv4, "127.0.9.1", 1) == [True]  # another /24
+        assert len(server.rrl) == 2

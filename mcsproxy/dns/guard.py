@@ -85,14 +85,18 @@ def refused(query: bytes) -> bytes | None:
 
 
 def client_prefix(address: str) -> str:
-    """The network an answer budget is shared by: /24 for IPv4, /56 for IPv6."""
+    """The network an answer budget is shared by: /24 for IPv4, /56 for IPv6. An IPv4
+    client of a socket on `::` comes as ::ffff:a.b.c.d, whose first 56 bits are all zero:
+    its own /24, or every IPv4 client would share one budget."""
     if ":" not in address:
         return address.rpartition(".")[0]
     try:
-        packed = ipaddress.IPv6Address(address.split("%", 1)[0]).packed
+        ip = ipaddress.IPv6Address(address.split("%", 1)[0])
     except ValueError:
         return address
-    return packed[:7].hex()
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped).rpartition(".")[0]
+    return ip.packed[:7].hex()
 
 
 class ResponseRateLimit:
