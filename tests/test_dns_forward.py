@@ -42,7 +42,8 @@ class FakeUpstream(asyncio.DatagramProtocol):
 async def upstream() -> AsyncIterator[tuple[tuple[str, int], FakeUpstream]]:
     loop = asyncio.get_running_loop()
     transport, proto = await loop.create_datagram_endpoint(
-        FakeUpstream, local_addr=("127.0.0.1", 0))
+        FakeUpstream, local_addr=("127.0.0.1", 0)
+    )
     try:
         yield transport.get_extra_info("sockname")[:2], proto
     finally:
@@ -50,44 +51,49 @@ async def upstream() -> AsyncIterator[tuple[tuple[str, int], FakeUpstream]]:
 
 
 async def test_outside_names_are_forwarded_inside_names_are_not() -> None:
-    async with upstream() as (addr, fake), running_dns(upstream=addr,
-                                                        upstream_timeout_s=0.3) as dns:
+    async with (
+        upstream() as (addr, fake),
+        running_dns(upstream=addr, upstream_timeout_s=0.3) as dns,
+    ):
         for transport in ("udp", "tcp"):
             query = make_query("example.com.")
-            raw = (await udp_exchange(dns.bound, query) if transport == "udp"
-                   else (await tcp_exchange(dns.bound, query))[0])
+            raw = (
+                await udp_exchange(dns.bound, query)
+                if transport == "udp"
+                else (await tcp_exchange(dns.bound, query))[0]
+            )
             reply = dnslib.DNSRecord.parse(raw)
             assert reply.header.id == dnslib.DNSRecord.parse(query).header.id
             assert [str(r.rdata) for r in reply.rr] == ["192.0.2.1"]
         # In the zone: answered here, never forwarded, even when it does not exist.
         reply = dnslib.DNSRecord.parse(
-            await udp_exchange(dns.bound, make_query("nothing.test.svc.clusterset.local.")))
+            await udp_exchange(dns.bound, make_query("nothing.test.svc.clusterset.local."))
+        )
         assert dnslib.RCODE.get(reply.header.rcode) == "NXDOMAIN"
         assert [str(q.q.qname).lower() for q in fake.seen] == ["example.com.", "example.com."]
 
         # An answer to another question is ignored; the real one gets through.
-        reply = dnslib.DNSRecord.parse(
-            await udp_exchange(dns.bound, make_query("spoof.example.")))
+        reply = dnslib.DNSRecord.parse(await udp_exchange(dns.bound, make_query("spoof.example.")))
         assert [str(r.rdata) for r in reply.rr] == ["192.0.2.1"]
         assert dns.stats.forward_mismatches == {"question": 1, "case": 0}
         # No answer: SERVFAIL after the timeout, and the pending table is empty again.
-        reply = dnslib.DNSRecord.parse(
-            await udp_exchange(dns.bound, make_query("silent.example.")))
+        reply = dnslib.DNSRecord.parse(await udp_exchange(dns.bound, make_query("silent.example.")))
         assert dnslib.RCODE.get(reply.header.rcode) == "SERVFAIL"
         assert str(reply.q.qname) == "silent.example."
         assert dns.forwarder is not None and not dns.forwarder.pending
 
 
 async def test_full_pending_table_answers_servfail_at_once() -> None:
-    async with upstream() as (addr, _fake), running_dns(upstream=addr,
-                                                         upstream_timeout_s=5.0) as dns:
+    async with (
+        upstream() as (addr, _fake),
+        running_dns(upstream=addr, upstream_timeout_s=5.0) as dns,
+    ):
         assert dns.forwarder is not None
         dns.forwarder.max_pending = 1
         first = asyncio.create_task(udp_exchange(dns.bound, make_query("silent.example.")))
         while not dns.forwarder.pending:
             await asyncio.sleep(0.01)
-        reply = dnslib.DNSRecord.parse(
-            await udp_exchange(dns.bound, make_query("example.com.")))
+        reply = dnslib.DNSRecord.parse(await udp_exchange(dns.bound, make_query("example.com.")))
         assert dnslib.RCODE.get(reply.header.rcode) == "SERVFAIL"
         first.cancel()
         with contextlib.suppress(asyncio.CancelledError):

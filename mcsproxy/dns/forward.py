@@ -58,8 +58,9 @@ MAX_TCP_RETRIES: Final = 64  # truncated answers asked again over TCP at a time
 Reply = Callable[[bytes], None]
 # 0x20 where a byte is an ASCII letter, 0 elsewhere: the bits 0x20 may flip. Label lengths
 # (at most 63) are below "A" (65), so only the letters of a wire name are touched.
-_LETTER_BITS: Final = bytes(0x20 if chr(b).isascii() and chr(b).isalpha() else 0
-                            for b in range(256))
+_LETTER_BITS: Final = bytes(
+    0x20 if chr(b).isascii() and chr(b).isalpha() else 0 for b in range(256)
+)
 
 
 def servfail(query: bytes, question: bytes) -> bytes:
@@ -82,8 +83,7 @@ class _Socket(asyncio.DatagramProtocol):
     A datagram transport rather than add_reader on a bare socket: uvloop stops watching
     a socket for good once an ICMP error is pending on it (a down upstream)."""
 
-    __slots__ = ("forwarder", "opened", "replacing", "retired", "sent", "transport",
-                 "waiting")
+    __slots__ = ("forwarder", "opened", "replacing", "retired", "sent", "transport", "waiting")
 
     def __init__(self, forwarder: Forwarder, opened: float) -> None:
         self.forwarder = forwarder
@@ -108,12 +108,31 @@ class _Socket(asyncio.DatagramProtocol):
 
 
 class _Pending:
-    __slots__ = ("asked", "client", "packet", "query", "question", "reply", "retry", "tcp",
-                 "timer", "via")
+    __slots__ = (
+        "asked",
+        "client",
+        "packet",
+        "query",
+        "question",
+        "reply",
+        "retry",
+        "tcp",
+        "timer",
+        "via",
+    )
 
-    def __init__(self, query: bytes, question: bytes, packet: bytes, asked: bytes,
-                 reply: Reply, timer: asyncio.TimerHandle, via: _Socket, client: str,
-                 tcp: bool) -> None:
+    def __init__(
+        self,
+        query: bytes,
+        question: bytes,
+        packet: bytes,
+        asked: bytes,
+        reply: Reply,
+        timer: asyncio.TimerHandle,
+        via: _Socket,
+        client: str,
+        tcp: bool,
+    ) -> None:
         self.query = query
         self.question = question  # as the client asked it, its case restored in the answer
         self.packet = packet  # as it went upstream: our ID, the 0x20 question
@@ -127,8 +146,13 @@ class _Pending:
 
 
 class Forwarder:
-    def __init__(self, upstream: tuple[str, int], timeout_s: float, stats: DnsStats,
-                 max_pending: int = MAX_PENDING) -> None:
+    def __init__(
+        self,
+        upstream: tuple[str, int],
+        timeout_s: float,
+        stats: DnsStats,
+        max_pending: int = MAX_PENDING,
+    ) -> None:
         self.upstream = upstream
         self.timeout_s = timeout_s
         self.max_pending = max_pending
@@ -149,8 +173,9 @@ class Forwarder:
 
     async def start(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
-        family, _, _, _, address = (await loop.getaddrinfo(
-            *self.upstream, type=socket.SOCK_DGRAM))[0]
+        family, _, _, _, address = (await loop.getaddrinfo(*self.upstream, type=socket.SOCK_DGRAM))[
+            0
+        ]
         self._family, self._address = family, address
         try:
             for _ in range(POOL_SIZE):
@@ -182,7 +207,8 @@ class Forwarder:
             # and the BSDs randomise UDP ephemeral ports, RFC 6056).
             sock.connect(self._address)
             _, conn = await loop.create_datagram_endpoint(
-                lambda: _Socket(self, loop.time()), sock=sock)
+                lambda: _Socket(self, loop.time()), sock=sock
+            )
         except BaseException:
             sock.close()
             raise
@@ -199,9 +225,14 @@ class Forwarder:
         i = secrets.randbelow(len(pool))
         conn = pool[i]
         assert self._loop is not None
-        if not conn.replacing and (conn.sent >= ROTATE_AFTER_QUERIES
-                                   or self._loop.time() - conn.opened >= ROTATE_AFTER_S) \
-                and len(self.sockets) + len(self._opening) < MAX_SOCKETS:
+        if (
+            not conn.replacing
+            and (
+                conn.sent >= ROTATE_AFTER_QUERIES
+                or self._loop.time() - conn.opened >= ROTATE_AFTER_S
+            )
+            and len(self.sockets) + len(self._opening) < MAX_SOCKETS
+        ):
             conn.replacing = True
             task = spawn(self._replace(i, conn), "dns-forward-socket")
             self._opening.add(task)
@@ -225,18 +256,25 @@ class Forwarder:
         if not old.waiting:
             self._close(old)
 
-    def forward(self, query: bytes, question: bytes, reply: Reply, client: str,
-                tcp: bool = False) -> None:
+    def forward(
+        self, query: bytes, question: bytes, reply: Reply, client: str, tcp: bool = False
+    ) -> None:
         if not self.pool:
             reply(servfail(query, question))
             return
         if len(self.pending) >= self.max_pending:
-            self._refuse(query, question, reply, "pending_full",
-                         f"{len(self.pending)} forwards pending")
+            self._refuse(
+                query, question, reply, "pending_full", f"{len(self.pending)} forwards pending"
+            )
             return
         if not self.by_client.take(client, client_share(self.max_pending)):
-            self._refuse(query, question, reply, "client_limit",
-                         f"{client} has {self.by_client[client]} forwards pending")
+            self._refuse(
+                query,
+                question,
+                reply,
+                "client_limit",
+                f"{client} has {self.by_client[client]} forwards pending",
+            )
             return
         while True:
             new_id = secrets.randbits(16)
@@ -253,21 +291,22 @@ class Forwarder:
             packet = new_id.to_bytes(2, "big") + query[2:]
         conn = self._pick()
         timer = asyncio.get_running_loop().call_later(self.timeout_s, self._expire, new_id)
-        self.pending[new_id] = _Pending(query, question, packet, asked, reply, timer, conn,
-                                        client, tcp)
+        self.pending[new_id] = _Pending(
+            query, question, packet, asked, reply, timer, conn, client, tcp
+        )
         conn.sent += 1
         conn.waiting += 1
         if conn.transport is not None:
             conn.transport.sendto(packet)
 
-    def _refuse(self, query: bytes, question: bytes, reply: Reply, outcome: str,
-                why: str) -> None:
+    def _refuse(self, query: bytes, question: bytes, reply: Reply, outcome: str, why: str) -> None:
         self.failures[outcome] += 1
         now = time.monotonic()
         if now - self._last_refusal_log >= LOG_INTERVAL_S:
             self._last_refusal_log = now
-            log.warning("dns forward: %s, answering SERVFAIL; %d so far", why,
-                        self.failures[outcome])
+            log.warning(
+                "dns forward: %s, answering SERVFAIL; %d so far", why, self.failures[outcome]
+            )
         reply(servfail(query, question))
 
     def _done(self, entry: _Pending) -> None:
@@ -288,8 +327,12 @@ class Forwarder:
             now = time.monotonic()
             if now - self._last_timeout_log >= LOG_INTERVAL_S:
                 self._last_timeout_log = now
-                log.warning("upstream %s:%d did not answer within %.1fs; %d timeouts so far",
-                            *self.upstream, self.timeout_s, self.failures["timeout"])
+                log.warning(
+                    "upstream %s:%d did not answer within %.1fs; %d timeouts so far",
+                    *self.upstream,
+                    self.timeout_s,
+                    self.failures["timeout"],
+                )
             entry.reply(servfail(entry.query, entry.question))
 
     def on_answer(self, data: bytes, via: _Socket) -> None:
@@ -300,7 +343,7 @@ class Forwarder:
         if entry is None or entry.via is not via or entry.retry is not None:
             return  # late (already answered), not ours (wrong port), or asked over TCP
         asked = entry.asked
-        if data[12:12 + len(asked)] != asked:
+        if data[12 : 12 + len(asked)] != asked:
             # Not the answer to what we asked, case included: keep waiting for the real one.
             self._mismatched(data, asked)
             return
@@ -314,17 +357,24 @@ class Forwarder:
     def _mismatched(self, answer: bytes, asked: bytes) -> None:
         """An answer with a pending query's ID (and port) but not its question: forged, or
         from an upstream that does not keep the case of the question (`case`)."""
-        echoed = answer[12:12 + len(asked)]
+        echoed = answer[12 : 12 + len(asked)]
         reason = "case" if echoed.lower() == asked.lower() else "question"
         self.mismatches[reason] += 1
         now = time.monotonic()
         if now - self._last_mismatch_log >= LOG_INTERVAL_S:
             self._last_mismatch_log = now
-            why = ("its question in another letter case (an upstream that does not "
-                   "preserve case defeats DNS 0x20)" if reason == "case"
-                   else "another question (forged?)")
-            log.warning("dns forward: dropped an answer from %s:%d with %s; %d so far",
-                        *self.upstream, why, self.mismatches[reason])
+            why = (
+                "its question in another letter case (an upstream that does not "
+                "preserve case defeats DNS 0x20)"
+                if reason == "case"
+                else "another question (forged?)"
+            )
+            log.warning(
+                "dns forward: dropped an answer from %s:%d with %s; %d so far",
+                *self.upstream,
+                why,
+                self.mismatches[reason],
+            )
 
     async def _retry_tcp(self, new_id: int, entry: _Pending, truncated: bytes) -> None:
         self.tcp_retries += 1
@@ -338,7 +388,7 @@ class Forwarder:
             data = await reader.readexactly(size)
             asked = entry.asked
             if len(data) >= 12 and data[:2] == packet[:2]:
-                if data[12:12 + len(asked)] == asked:
+                if data[12 : 12 + len(asked)] == asked:
                     answer = data
                 else:
                     self._mismatched(data, asked)
