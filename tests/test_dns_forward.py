@@ -9,12 +9,13 @@ from collections.abc import AsyncIterator
 
 import dnslib
 
-from tests.dns_support import make_query, running_dns, tcp_exchange, udp_exchange
+from tests.dns_support import exchange, make_query, running_dns, tcp_exchange, udp_exchange
 
 
 class FakeUpstream(asyncio.DatagramProtocol):
     """Answers example.com A with 192.0.2.1; stays silent for silent.example.; for
-    spoof.example. first sends an answer to another question with the right ID."""
+    spoof.example. first sends an answer to another question with the right ID; answers
+    noedns.* with a header-only FORMERR."""
 
     def __init__(self) -> None:
         self.seen: list[dnslib.DNSRecord] = []
@@ -27,6 +28,9 @@ class FakeUpstream(asyncio.DatagramProtocol):
         self.seen.append(query)
         name = str(query.q.qname).lower()  # DNS 0x20: the case is random
         if name == "silent.example.":
+            return
+        if name.startswith("noedns."):  # a server that cannot read EDNS: FORMERR, no question
+            self.transport.sendto(data[:2] + b"\x80\x01" + bytes(8), addr)  # type: ignore[attr-defined]
             return
         if name == "spoof.example.":
             fake = dnslib.DNSRecord.question("other.example.").reply()
@@ -98,3 +102,22 @@ async def test_full_pending_table_answers_servfail_at_once() -> None:
         first.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await first
+
+
+async def test_an_error_without_a_question_is_handed_on_at_once() -> None:
+    # It has no question to echo: it was dropped as a forgery, and the client (which
+    # would ask again without EDNS on FORMERR) waited for the timeout's SERVFAIL.
+    async with (
+        upstream() as (addr, _fake),
+        running_dns(upstream=addr, upstream_timeout_s=3.0) as dns,
+    ):
+        for transport in ("udp", "tcp"):
+            query = make_query("noedns.example.", edns=1232)
+            async with asyncio.timeout(1.0):
+                raw = await exchange(transport, dns.bound, query)
+            reply = dnslib.DNSRecord.parse(raw)
+            assert reply.header.id == dnslib.DNSRecord.parse(query).header.id, transport
+            assert dnslib.RCODE.get(reply.header.rcode) == "FORMERR", transport
+            assert reply.questions == [] and reply.header.qr, transport
+        assert dns.stats.forward_mismatches == {"question": 0, "case": 0}
+        assert dns.forwarder is not None and not dns.forwarder.pending

@@ -40,7 +40,15 @@ from collections.abc import Callable
 from typing import Final, cast
 
 from mcsproxy.clientcounts import ClientCounts, client_share
-from mcsproxy.dns.wire import ECHOED_FLAGS, FLAG_QR, FLAG_TC, HEADER_TAIL, SERVFAIL
+from mcsproxy.dns.wire import (
+    ECHOED_FLAGS,
+    FLAG_QR,
+    FLAG_TC,
+    HEADER_TAIL,
+    NOERROR,
+    NXDOMAIN,
+    SERVFAIL,
+)
 from mcsproxy.observability.stats import DnsStats
 from mcsproxy.tasks import cancel_and_wait, spawn
 
@@ -343,7 +351,7 @@ class Forwarder:
         if entry is None or entry.via is not via or entry.retry is not None:
             return  # late (already answered), not ours (wrong port), or asked over TCP
         asked = entry.asked
-        if data[12 : 12 + len(asked)] != asked:
+        if not _answers(data, asked):
             # Not the answer to what we asked, case included: keep waiting for the real one.
             self._mismatched(data, asked)
             return
@@ -388,7 +396,7 @@ class Forwarder:
             data = await reader.readexactly(size)
             asked = entry.asked
             if len(data) >= 12 and data[:2] == packet[:2]:
-                if data[12 : 12 + len(asked)] == asked:
+                if _answers(data, asked):
                     answer = data
                 else:
                     self._mismatched(data, asked)
@@ -408,8 +416,22 @@ class Forwarder:
             entry.reply(_for_client(entry, answer))
 
 
+def _answers(answer: bytes, asked: bytes) -> bool:
+    """Whether an upstream answer (of at least a header) may answer the question `asked`:
+    it echoes it byte for byte, or it is an error without a question section, as servers
+    send FORMERR (an upstream that cannot read EDNS: the client's cue to ask without it)
+    or REFUSED. That has nothing to echo; dnsdist takes it on ID and port alone too, and
+    dropping it left the client waiting for the timeout's SERVFAIL and logged a forgery."""
+    if answer[12 : 12 + len(asked)] == asked:
+        return True
+    return answer[4:6] == b"\x00\x00" and answer[3] & 0x0F not in (NOERROR, NXDOMAIN)
+
+
 def _for_client(entry: _Pending, answer: bytes) -> bytes:
     """The upstream's answer, which echoes `entry.asked`, with the client's ID and its
-    question as the client wrote it (the same length: only the case differs)."""
+    question as the client wrote it (the same length: only the case differs); an error
+    without a question as it came, with the client's ID."""
+    if answer[4:6] == b"\x00\x00":
+        return entry.query[:2] + answer[2:]
     end = 12 + len(entry.question)
     return entry.query[:2] + answer[2:12] + entry.question + answer[end:]
