@@ -1,7 +1,7 @@
 """DNS over TCP against clients that misbehave: never reading, dripping bytes, hoarding
-connections, half-closing with a forwarded query outstanding; and a listener on the IPv6
-wildcard serving IPv4 clients as an IPv4 one would: over TCP too, each /24 with its own
-rate limit."""
+connections, half-closing with a forwarded query outstanding. Also: a listener on the IPv6
+wildcard serving IPv4 clients as an IPv4 one would (over TCP too, each /24 with its own
+rate limit), and the queries that rate limit turns away still counted."""
 
 from __future__ import annotations
 
@@ -185,3 +185,15 @@ async def test_a_listener_on_the_ipv6_wildcard_rate_limits_each_ipv4_network_apa
         assert (await rrl_answers(ipv4, "127.0.0.1", 4)).count(True) == 1
         assert await rrl_answers(ipv4, "127.0.9.1", 1) == [True]  # another /24
         assert len(server.rrl) == 2
+
+
+async def test_rate_limited_queries_are_counted_as_dropped_or_answered() -> None:
+    # They were in no dns_queries_total series: a client network RRL cut off looked idle.
+    async with running_dns(rrl_qps=0.01) as server:  # a burst of 1
+        assert server.bound is not None and server.rrl is not None
+        answers = await rrl_answers(server.bound, "127.0.0.1", 6)
+        assert answers.count(True) == 1 and server.rrl.dropped and server.rrl.slipped
+        counts = server.stats.counts
+        assert counts.get(("udp", "other", "dropped")) == server.rrl.dropped
+        assert counts.get(("udp", "A", "NOERROR")) == 1 + server.rrl.slipped  # slipped: TC
+        assert sum(counts.values()) == 6

@@ -71,6 +71,9 @@ class UdpProtocol(asyncio.DatagramProtocol):
         rrl = self.rrl
         if rrl is not None and not rrl.allow(addr[0]):
             limited = rrl.limited(data, self.server.responder.truncated)
+            # Counted like any other answer or drop: the limit must not hide from
+            # dns_queries_total the very queries it turns away.
+            self.stats.count_answer("udp", limited)
             if limited is not None:
                 self.sendto(limited, addr)
             return
