@@ -121,3 +121,19 @@ async def test_an_error_without_a_question_is_handed_on_at_once() -> None:
             assert reply.questions == [] and reply.header.qr, transport
         assert dns.stats.forward_mismatches == {"question": 0, "case": 0}
         assert dns.forwarder is not None and not dns.forwarder.pending
+
+
+async def test_a_client_not_allowed_to_forward_gets_refused_with_its_question() -> None:
+    # Go's stub resolver ignores an answer without its question over UDP and waits out its
+    # timeout (5 s a try): the header-only REFUSED made a refusal a timeout.
+    async with (
+        upstream() as (addr, fake),
+        running_dns(upstream=addr, allow_from=("10.0.0.0/8",)) as dns,
+    ):
+        for transport in ("udp", "tcp"):
+            query = make_query("Example.COM.", "AAAA", edns=1232)
+            reply = dnslib.DNSRecord.parse(await exchange(transport, dns.bound, query))
+            assert dnslib.RCODE.get(reply.header.rcode) == "REFUSED", transport
+            assert reply.questions == dnslib.DNSRecord.parse(query).questions, transport
+            assert [r.rtype for r in reply.ar] == [dnslib.QTYPE.OPT], transport
+        assert fake.seen == [] and dns.allow.refused == 2

@@ -20,8 +20,6 @@ import ipaddress
 import time
 from collections.abc import Callable, Iterable
 
-from mcsproxy.dns.wire import REFUSED, error_response
-
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_ALLOW_FROM = (
@@ -78,10 +76,6 @@ class AllowList:
         if not found:
             self.refused += 1
         return found
-
-
-def refused(query: bytes) -> bytes | None:
-    return error_response(query, REFUSED) if len(query) >= 12 else None
 
 
 def client_prefix(address: str) -> str:

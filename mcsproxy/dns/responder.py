@@ -235,6 +235,20 @@ class Responder:
         q.flags = flags
         return self.message(q, NOTIMP, tcp, aa=False)
 
+    def refused(self, data: bytes, tcp: bool) -> bytes | None:
+        """REFUSED to a query whose name would be forwarded, but not for this client
+        (--dns-allow-from), with its question and OPT as every other answer of ours: Go's
+        stub resolver ignores an answer without its question over UDP and waits out its
+        timeout (5 s a try) instead of failing at once. Only queries respond() turned into
+        a Forward come here, so they parse."""
+        q = parse_query(data)
+        if type(q) is int and q == UNUSUAL:
+            q = parse_unusual(data)
+        if type(q) is int:
+            return error_response(data, REFUSED) if len(data) >= 12 else None
+        assert isinstance(q, Query)
+        return self.message(q, REFUSED, tcp, aa=False)
+
     def truncated(self, data: bytes) -> bytes | None:
         """A UDP client's question with TC set and no records: "ask again over TCP".
 

@@ -20,7 +20,7 @@ from mcsproxy.clientcounts import ClientCounts, client_share
 from mcsproxy.config import DnsConfig
 from mcsproxy.dns import batch
 from mcsproxy.dns.forward import Forwarder, Reply
-from mcsproxy.dns.guard import AllowList, ResponseRateLimit, parse_networks, refused
+from mcsproxy.dns.guard import AllowList, ResponseRateLimit, parse_networks
 from mcsproxy.dns.responder import Forward, Responder
 from mcsproxy.dns.wire import SERVFAIL, error_response
 from mcsproxy.model import Snapshot
@@ -94,7 +94,7 @@ class UdpProtocol(asyncio.DatagramProtocol):
             answer = error_response(data, SERVFAIL) if len(data) >= 12 else None
         if isinstance(answer, Forward):
             if not self.server.allow.allows(addr[0]):
-                answer = refused(data)
+                answer = self.server.responder.refused(data, False)
             else:
                 self.server.forward(data, answer.question, self._reply_to(addr), "udp", addr[0])
                 return
@@ -187,7 +187,7 @@ class TcpProtocol(asyncio.Protocol):
             answer = error_response(message, SERVFAIL) if len(message) >= 12 else None
         if isinstance(answer, Forward):
             if not self.server.allow.allows(self.peer):
-                answer = refused(message)
+                answer = self.server.responder.refused(message, True)
             else:
                 self.forwarding += 1
                 self.server.forward(message, answer.question, self._forwarded, "tcp", self.peer)
