@@ -15,7 +15,7 @@ from tests.dns_support import exchange, make_query, running_dns, tcp_exchange, u
 class FakeUpstream(asyncio.DatagramProtocol):
     """Answers example.com A with 192.0.2.1; stays silent for silent.example.; for
     spoof.example. first sends an answer to another question with the right ID; answers
-    noedns.* with a header-only FORMERR."""
+    noedns.* with a header-only FORMERR, refused.* with REFUSED, an OPT and no question."""
 
     def __init__(self) -> None:
         self.seen: list[dnslib.DNSRecord] = []
@@ -31,6 +31,11 @@ class FakeUpstream(asyncio.DatagramProtocol):
             return
         if name.startswith("noedns."):  # a server that cannot read EDNS: FORMERR, no question
             self.transport.sendto(data[:2] + b"\x80\x01" + bytes(8), addr)  # type: ignore[attr-defined]
+            return
+        if name.startswith("refused."):  # REFUSED, no question, an OPT record
+            opt = b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00"
+            answer = data[:2] + b"\x80\x05" + b"\x00\x00\x00\x00\x00\x00\x00\x01" + opt
+            self.transport.sendto(answer, addr)  # type: ignore[attr-defined]
             return
         if name == "spoof.example.":
             fake = dnslib.DNSRecord.question("other.example.").reply()
@@ -106,19 +111,27 @@ async def test_full_pending_table_answers_servfail_at_once() -> None:
 
 async def test_an_error_without_a_question_is_handed_on_at_once() -> None:
     # It has no question to echo: it was dropped as a forgery, and the client (which
-    # would ask again without EDNS on FORMERR) waited for the timeout's SERVFAIL.
+    # would ask again without EDNS on FORMERR) waited for the timeout's SERVFAIL. It
+    # reaches the client with the client's question: Go's stub resolver ignores an
+    # answer without its question over UDP and waits out its own timeout.
     async with (
         upstream() as (addr, _fake),
         running_dns(upstream=addr, upstream_timeout_s=3.0) as dns,
     ):
         for transport in ("udp", "tcp"):
-            query = make_query("noedns.example.", edns=1232)
-            async with asyncio.timeout(1.0):
-                raw = await exchange(transport, dns.bound, query)
-            reply = dnslib.DNSRecord.parse(raw)
-            assert reply.header.id == dnslib.DNSRecord.parse(query).header.id, transport
-            assert dnslib.RCODE.get(reply.header.rcode) == "FORMERR", transport
-            assert reply.questions == [] and reply.header.qr, transport
+            for name, rcode, additional in (
+                ("noedns.Example.", "FORMERR", []),
+                ("refused.Example.", "REFUSED", [dnslib.QTYPE.OPT]),
+            ):
+                query = make_query(name, edns=1232)
+                async with asyncio.timeout(1.0):
+                    raw = await exchange(transport, dns.bound, query)
+                reply = dnslib.DNSRecord.parse(raw)
+                asked = dnslib.DNSRecord.parse(query)
+                assert reply.header.id == asked.header.id, (transport, name)
+                assert dnslib.RCODE.get(reply.header.rcode) == rcode, (transport, name)
+                assert reply.questions == asked.questions and reply.header.qr, (transport, name)
+                assert [r.rtype for r in reply.ar] == additional, (transport, name)
         assert dns.stats.forward_mismatches == {"question": 0, "case": 0}
         assert dns.forwarder is not None and not dns.forwarder.pending
 

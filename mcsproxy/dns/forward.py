@@ -64,6 +64,8 @@ ROTATE_AFTER_S: Final = 10.0  # ... or after this long, so quiet times do not pi
 MAX_SOCKETS: Final = 64
 MAX_TCP_RETRIES: Final = 64  # truncated answers asked again over TCP at a time
 Reply = Callable[[bytes], None]
+LONE_ADDITIONAL: Final = b"\x00\x00\x00\x00\x00\x01"  # an, ns, ar counts: one additional
+ROOT_OPT: Final = b"\x00\x00\x29"  # a record owned by the root, of type OPT
 # 0x20 where a byte is an ASCII letter, 0 elsewhere: the bits 0x20 may flip. Label lengths
 # (at most 63) are below "A" (65), so only the letters of a wire name are touched.
 _LETTER_BITS: Final = bytes(
@@ -429,9 +431,16 @@ def _answers(answer: bytes, asked: bytes) -> bool:
 
 def _for_client(entry: _Pending, answer: bytes) -> bytes:
     """The upstream's answer, which echoes `entry.asked`, with the client's ID and its
-    question as the client wrote it (the same length: only the case differs); an error
-    without a question as it came, with the client's ID."""
+    question as the client wrote it (the same length: only the case differs).
+
+    An error without a question gets the client's: Go's stub resolver ignores a UDP
+    answer without its question and waits out its timeout. What followed the header is
+    kept only when it is a lone OPT record, which names nothing a pointer could reach
+    (inserting the question would move whatever a pointer points at)."""
     if answer[4:6] == b"\x00\x00":
-        return entry.query[:2] + answer[2:]
+        counts, rest = answer[6:12], answer[12:]
+        if counts != LONE_ADDITIONAL or rest[:3] != ROOT_OPT or len(rest) < 11:
+            counts, rest = bytes(6), b""
+        return entry.query[:2] + answer[2:4] + b"\x00\x01" + counts + entry.question + rest
     end = 12 + len(entry.question)
     return entry.query[:2] + answer[2:12] + entry.question + answer[end:]
