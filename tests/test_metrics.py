@@ -325,6 +325,12 @@ async def test_udp_flows_count_as_connections_once_with_their_outcome(tmp_path: 
         assert retries >= 1  # round robin sent some flows to the dead endpoint first
         assert (count(conns, "dead", "ok"), count(conns, "dead", "failed")) == (0, 3)
         assert (count(attempts, "dead", "ok"), count(attempts, "dead", "refused")) == (0, 9)
+        # Each answered flow's attempt timed, until its first reply (it was never
+        # recorded for UDP); refused attempts are not.
+        duration = "mcsproxy_upstream_connect_duration_seconds"
+        assert value(m, f"{duration}_count", service="test/half") == 4
+        assert 0 < value(m, f"{duration}_sum", service="test/half") < 4 * 2
+        assert value(m, f"{duration}_count", service="test/dead") == 0
     finally:
         await gw.stop()
         transport.close()

@@ -277,7 +277,9 @@ class Observer:
                              "Upstream connect attempts by outcome (ok, refused, timeout, "
                              "error)", [*svc, "cluster", "outcome"])
         connect_time = f.histogram("mcsproxy_upstream_connect_duration_seconds",
-                                   "Upstream TCP connect latency of successful attempts",
+                                   "Upstream connect latency of successful attempts "
+                                   "(UDP: flow opened until the endpoint's first reply; "
+                                   "flows it never answers are not timed)",
                                    [*svc, "cluster"], CONNECT_BUCKETS)
         retries = f.counter("mcsproxy_proxy_retries",
                             "Attempts after the first on another endpoint (TCP connects, "

@@ -298,6 +298,12 @@ class UdpFlow(asyncio.DatagramProtocol):
             self.upstream.answered(self.host)
             if self.outcome is None:
                 self._established()
+                # The attempt's connect time, as a TCP connect's: from the flow opening
+                # (the endpoint picked, its socket set up) to the reply that decided it
+                # ok. Attempts decided by connect_timeout or by the flow ending are not
+                # timed: a one-way protocol never replies, and every one of them would
+                # read as the timeout.
+                self.host.stats.connect_time.observe(time.monotonic() - self.started)
         self.received += len(data)
         self.listener.reply(data, self.client_addr)
 
