@@ -8,7 +8,10 @@ import json
 import time
 from pathlib import Path
 
+import pytest
+
 from mcsproxy.config import HttpConfig
+from mcsproxy.observability import observer
 from mcsproxy.observability.stats import REQUEST_BUCKETS
 from tests.http_support import HttpBackend, RawClient
 from tests.test_metrics_support import service_yaml, start_gateway, value
@@ -167,6 +170,32 @@ async def test_an_open_http_client_connection_counts_as_open(tmp_path: Path) -> 
         while value(await gw.metrics(), "mcsproxy_proxy_active_connections") != 0:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
+    finally:
+        await gw.stop()
+        await east.stop()
+
+
+async def test_worker_connections_keep_a_withdrawn_http_ports_requests(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mcsproxy_proxy_worker_connections_total counts HTTP requests; when a withdrawn
+    port's counters are forgotten (RETIRED_KEEP_S after it left) they must stay in the
+    worker's total, as its TCP connections do: only the connections were kept, and the
+    counter went from 3 back to 0."""
+    monkeypatch.setattr(observer, "RETIRED_KEEP_S", 0.0)  # forgotten at the next scrape
+    east = await HttpBackend("east-1", "127.57.91.1", "east").start()
+    web = service_yaml("web", "127.240.57.91", [east], app_protocol="http")
+    gw = await start_gateway(tmp_path, "127.57.99.1", files={"web": web})
+    try:
+        client = await RawClient.open("127.240.57.91", 80)
+        for _ in range(3):
+            assert (await client.get("/")).status == 200
+        await client.close()
+        total = "mcsproxy_proxy_worker_connections_total"
+        assert value(await gw.metrics(), total, worker="0") == 3
+        await gw.publish("web", "---\n")
+        for _ in range(3):  # retired, then forgotten: the total stays
+            assert value(await gw.metrics(), total, worker="0") == 3
+        assert not gw.gateway.observer._retired
     finally:
         await gw.stop()
         await east.stop()

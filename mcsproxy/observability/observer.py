@@ -320,9 +320,7 @@ class Observer:
         total_ok = self._expired_connections
         for ukey, (folded, sets) in self._retired.items():
             if ukey not in proxy.upstreams:  # not exported now, but still counted below
-                total_ok += sum(cs.connections + sum(cs.requests.values())
-                                for st in (folded, *(u.stats for u in sets))
-                                for cs in st.clusters.values())
+                total_ok += _carried(folded, sets)
         # The sets as they are now: the proxy may replace some while this yields.
         for ukey, upstream in list(proxy.upstreams.items()):
             labels = [str(ukey.service), port_label(ukey, snap)]
@@ -434,10 +432,16 @@ class Observer:
             if now - seen > RETIRED_KEEP_S:
                 # The series is long gone: its connections stay in the worker's total.
                 folded, sets = self._retired.pop(ukey)
-                self._expired_connections += sum(
-                    cs.connections for st in (folded, *(u.stats for u in sets))
-                    for cs in st.clusters.values())
+                self._expired_connections += _carried(folded, sets)
                 del self._seen_at[ukey]
+
+
+def _carried(folded: UpstreamStats, sets: list[UpstreamSet]) -> int:
+    """What a retired port adds to mcsproxy_proxy_worker_connections_total: its TCP
+    connections, UDP flows and HTTP requests, the same sum whether it is retired or
+    forgotten (HTTP requests were dropped at forgetting, and the counter went down)."""
+    return sum(cs.connections + sum(cs.requests.values())
+               for st in (folded, *(u.stats for u in sets)) for cs in st.clusters.values())
 
 
 def _live_bytes(upstream: UpstreamSet) -> dict[str, tuple[int, int]]:
