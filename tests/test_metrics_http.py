@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from mcsproxy.config import HttpConfig
 from mcsproxy.observability import observer
 from mcsproxy.observability.stats import REQUEST_BUCKETS
 from tests.http_support import HttpBackend, RawClient
+from tests.proxy_fixtures import Backend, free_port
 from tests.test_metrics_support import service_yaml, start_gateway, value
 
 HOST = "127.57.79.1"
@@ -199,3 +201,34 @@ async def test_worker_connections_keep_a_withdrawn_http_ports_requests(
     finally:
         await gw.stop()
         await east.stop()
+
+
+async def test_gateway_made_errors_are_logged_at_most_once_a_second(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Every request to a service whose endpoints are all down is answered 502, and each
+    one logged a line of its own: 20 requests, 20 lines (a storm at any real rate). Now
+    a line a second per listener, saying how many it held back; so for requests the
+    gateway refuses (400 from a scanner)."""
+    dead = Backend("east-1", "127.57.92.1", free_port("127.57.92.1"), "east")  # refused
+    files = {"web": service_yaml("web", "127.240.57.92", [dead], app_protocol="http")}
+    gw = await start_gateway(tmp_path, "127.57.99.2", files=files)
+    try:
+        caplog.set_level(logging.INFO, logger="mcsproxy.http")
+        started = time.monotonic()
+        for _ in range(20):
+            client = await RawClient.open("127.240.57.92", 80)
+            assert (await client.get("/")).status == 502
+            await client.close()
+        for _ in range(20):
+            reader, writer = await asyncio.open_connection("127.240.57.92", 80)
+            writer.write(b"NOT HTTP\r\n\r\n")
+            assert (await reader.read()).startswith(b"HTTP/1.1 400")
+            writer.close()
+        lines = [r.getMessage() for r in caplog.records if r.name == "mcsproxy.http"]
+        failed = [m for m in lines if " 502 " in m]
+        refused = [m for m in lines if " 400 " in m]
+        if time.monotonic() - started < 1.0:  # else a second line may be due
+            assert (len(failed), len(refused)) == (1, 1), lines
+        assert 1 <= len(failed) <= 3 and 1 <= len(refused) <= 3, lines
+    finally:
+        await gw.stop()

@@ -34,6 +34,31 @@ MIN_TICK_S: Final = 0.01
 MAX_TICK_S: Final = 0.5
 # Client addresses whose header bytes are kept for sharing; past it, they start afresh.
 MAX_CLIENT_ADDRESSES: Final = 4096
+# A line per error answer (502 with every endpoint down, 400 from a scanner) at most
+# this often per listener, as the TCP proxy's "no endpoint for a client".
+ERROR_LOG_INTERVAL_S: Final = 1.0
+
+
+class LogLimit:
+    """At most one log line per ERROR_LOG_INTERVAL_S: a service whose endpoints are all
+    down answered 502 to each request with a line of its own, one log line per request
+    (at 10,000 requests/s, 10,000 lines/s). The lines held back are counted into the next
+    one said."""
+
+    __slots__ = ("held", "last")
+
+    def __init__(self) -> None:
+        self.last = float("-inf")
+        self.held = 0
+
+    def take(self, now: float) -> int:
+        """The lines held back since the last one said when this one is to be said
+        (now), else -1 (held back)."""
+        if now - self.last < ERROR_LOG_INTERVAL_S:
+            self.held += 1
+            return -1
+        held, self.held, self.last = self.held, 0, now
+        return held
 
 
 def serves_http(port: ServicePort) -> bool:
@@ -80,7 +105,8 @@ class HttpRoute:
     retry budget: replays in flight stay below a share of the requests in flight. A
     replay over the budget waits in `waiting` for a replay in flight to end."""
 
-    __slots__ = ("access_log", "active", "ctx", "name", "retries", "retries_refused", "waiting")
+    __slots__ = ("access_log", "active", "ctx", "failure_log", "name", "retries",
+                 "retries_refused", "waiting")
 
     def __init__(self, ctx: ListenerContext) -> None:
         self.ctx = ctx  # ctx.upstream follows the manager's rebinds
@@ -92,6 +118,7 @@ class HttpRoute:
         self.retries = 0  # requests holding a slot of the retry budget
         self.retries_refused = 0
         self.waiting: deque[Any] = deque()  # Exchanges waiting for a slot
+        self.failure_log = LogLimit()  # the 5xx the gateway answers itself
 
     def has_budget(self, http: HttpSettings) -> bool:
         """May one more replay take a slot of the retry budget?"""
@@ -134,6 +161,10 @@ class HttpEngine:
         # service) cannot count: (listener kind, status, reason) -> count. Only refusal
         # paths add to it.
         self.refused: dict[tuple[str, str, str], int] = {}
+        # The log lines of refused requests and of 5xx answered with no route (the
+        # routes' own: HttpRoute.failure_log).
+        self.refusal_log = LogLimit()
+        self.failure_log = LogLimit()
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()

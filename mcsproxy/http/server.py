@@ -526,7 +526,10 @@ class ClientConnection(asyncio.Protocol):
                 self.queue.pop()
         self.engine.count_refused(self.listener_kind(), str(err.status), err.reason)
         if self.log_enabled():
-            log.info("client %s: %d %s", self.client_ip.decode(), err.status, err.text)
+            held = self.engine.refusal_log.take(self.engine.now)
+            if held >= 0:
+                log.info("client %s: %d %s%s", self.client_ip.decode(), err.status, err.text,
+                         f" ({held} more refused since the last line)" if held else "")
         answer = self.engine.errors.build(err.status, err.text, self.engine.date, close=True)
         if self.queue:
             self.broken = answer  # earlier requests are answered first
@@ -1757,7 +1760,13 @@ class Exchange:
         self.status = status
         self.outcome = "no_endpoint" if self.host is None else "failed"
         if log.isEnabledFor(logging.INFO) and status >= 500:
-            log.info("%s: %d %s", self.route.name if self.route else "front door", status, text)
+            route = self.route
+            engine = self.client.engine
+            held = (route.failure_log if route is not None else engine.failure_log).take(
+                engine.now)
+            if held >= 0:
+                log.info("%s: %d %s%s", route.name if route else "front door", status, text,
+                         f" ({held} more answered so since the last line)" if held else "")
         if not self.req_done or self.last_before_broken():
             self.keep_alive = False
         engine = self.client.engine
