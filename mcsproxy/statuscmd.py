@@ -81,7 +81,8 @@ def render(status: dict[str, Any], events: int = 10) -> str:
     if len(rows) > 1:
         lines += table(rows)
         lines.append("cells: healthy/total endpoints, expected share of new connections, "
-                     "open connections, connections so far, connections failed")
+                     "open connections, connections (HTTP: requests) so far, failed "
+                     "(every endpoint tried failed)")
     else:
         lines.append("no services")
     recent = status["events"][-events:] if events else []

@@ -26,7 +26,7 @@ from mcsproxy.config import OutlierConfig
 from mcsproxy.model import ServiceKey
 from mcsproxy.observability import status
 from mcsproxy.observability.families import Families, drop_gradually
-from tests.http_support import head_then_get
+from tests.http_support import RawClient, head_then_get
 from tests.proxy_fixtures import Backend, ask, free_port
 from tests.test_metrics_support import (
     LoopTurns,
@@ -251,26 +251,35 @@ async def test_a_listener_that_cannot_bind_shows_without_failing_readiness(
 async def test_failed_connections_show_alike_in_metrics_status_and_the_cli(
         tmp_path: Path) -> None:
     """The page printed "N failed" from /api/status but `mcsproxy status` left it out, so
-    a cluster refusing every connect looked idle in the terminal."""
+    a cluster refusing every connect looked idle in the terminal. HTTP requests no
+    endpoint answered (502) counted as requests served: "2 total", no failure."""
     dead = Backend("west-1", "127.57.83.1", free_port("127.57.83.1"), "west")  # not started
-    files = {"web": service_yaml("web", "127.240.57.83", [dead])}
+    files = {"web": service_yaml("web", "127.240.57.83", [dead]),
+             "api": service_yaml("api", "127.240.57.84", [dead], app_protocol="http")}
     gw = await start_gateway(tmp_path, "127.57.89.3", files=files)
     try:
         for _ in range(2):
             with pytest.raises(OSError):
                 await ask("127.240.57.83", 80)
+            client = await RawClient.open("127.240.57.84", 80)
+            assert (await client.get("/")).status == 502
+            await client.close()
+        assert value(await gw.metrics(), "mcsproxy_http_requests_total", service="test/api",
+                     cluster="west", outcome="failed") == 2
         failed = value(await gw.metrics(), "mcsproxy_proxy_connections_total",
                        service="test/web", cluster="west", outcome="failed")
         assert failed == 2
-        row = (await gw.get_json("/api/status"))["services"][0]
+        api, row = (await gw.get_json("/api/status"))["services"]
         assert row["clusters"]["west"]["failed"] == failed
+        assert (api["clusters"]["west"]["failed"], api["clusters"]["west"]["requests"]) == (2, 0)
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "mcsproxy", "status", "--admin", gw.admin,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         out, err = await asyncio.wait_for(proc.communicate(), 20)
         assert proc.returncode == 0, err.decode()
-        line = next(x for x in out.decode().splitlines() if x.startswith("test/web:web/TCP"))
-        assert line.endswith("2 failed"), line
+        for name in ("test/web:web/TCP", "test/api:web/TCP"):
+            line = next(x for x in out.decode().splitlines() if x.startswith(name))
+            assert line.endswith("2 failed") and "total" not in line, line
     finally:
         await gw.stop()
 

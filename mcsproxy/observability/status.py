@@ -31,7 +31,11 @@ TRAFFIC_SERIES_PER_TURN = 5000
 TRAFFIC_COLUMNS: dict[str, Callable[[tuple[str, ...]], str | None]] = {
     "mcsproxy_proxy_connections":
         lambda key: {"ok": "connections", "failed": "failed"}.get(key[3]),
-    "mcsproxy_http_requests": lambda key: "requests",
+    # A request no endpoint answered (outcome failed, the last one's cluster) is a failure,
+    # as a TCP connection whose every attempt failed: counted in `requests` it showed a
+    # cluster refusing every request as "31 total" with no failure, and as live traffic.
+    "mcsproxy_http_requests":
+        lambda key: "failed" if key[3] == "failed" else "requests",
     "mcsproxy_upstream_active_connections": lambda key: "active",
 }
 
