@@ -3,7 +3,9 @@ two controllers in one process, as in tests, never collide)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -27,6 +29,17 @@ class ControllerMetrics:
         self._conflict_reasons.update(counts)
         for reason in self._conflict_reasons:  # reasons that went away read 0
             self.conflicts.labels(reason).set(counts.get(reason, 0))
+
+    def forget_members(self, clusters: Iterable[str]) -> None:
+        """Remove the members' per-cluster gauges (their controller closed): a member that
+        left, or a term that ended, kept its last values for the life of the process, so
+        a removed member read as connected with its exports. The next controller sets
+        those of the members it has."""
+        for gauge in (self.member_connected, self.member_input_error, self.stale_endpoints,
+                      self.exports):
+            for cluster in clusters:
+                with contextlib.suppress(KeyError):  # never set for this member
+                    gauge.remove(cluster)
 
     def propagation_summary(self) -> dict[str, dict[str, float | None]]:
         """Per stage: changes observed, and the p50/p99 bucket bounds, for /status."""

@@ -174,6 +174,21 @@ async def test_member_secrets_added_and_removed_at_runtime(setup: Setup) -> None
         await until(lambda: not cs.imports("a") and not cs.imports("c"), task,
                     "the removed member's export is still imported")
         await until(lambda: serving(app) == {"a", "c"}, task, "b is still served")
+        # b's series go with it: they stayed at their last values (connected 1, its
+        # exports) for the life of the process, a member that left read as healthy.
+        await until(lambda: len(member_series(app, "c")) == 2, task, "c's series not set")
+        assert len(member_series(app, "a")) == 2
+        assert member_series(app, "b") == set()
+
+
+MEMBER_GAUGES = ("mcsproxy_controller_member_connected", "mcsproxy_controller_exports",
+                 "mcsproxy_controller_member_input_error", "mcsproxy_controller_stale_endpoints")
+
+
+def member_series(app: KubeControllerApp, cluster: str) -> set[str]:
+    """The per-member gauges with a series for `cluster`."""
+    return {n for n in MEMBER_GAUGES
+            if app.metrics.registry.get_sample_value(n, {"cluster": cluster}) is not None}
 
 
 async def test_secret_watch_survives_5xx_and_keeps_the_members(
