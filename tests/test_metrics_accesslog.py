@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -144,3 +145,33 @@ asyncio.run(main())
             continue  # the one record torn by the error
     assert len(good) == written
     assert good[-3:] == [100, 101, 102]
+
+
+async def test_a_failing_access_log_warns_once_and_once_when_it_writes_again(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A full disk made a warning per batch (5 a second for as long as it stayed full).
+    Now one when writes begin to fail and one, with the records lost, when a write
+    succeeds again (here: the path, a link to /dev/full, replaced by a file, as a
+    rotation would)."""
+    caplog.set_level(logging.INFO, logger="mcsproxy.accesslog")
+    path = tmp_path / "a.log"
+    path.symlink_to("/dev/full")  # every write: ENOSPC
+    log = AccessLog(str(path), "json")
+    await log.start()
+    try:
+        for i in range(5):
+            log.record(kind="tcp", outcome="ok", attempts=i)
+            await log.flush()
+        assert (log.written, log.write_failed) == (0, 5)
+        path.unlink()
+        log.record(kind="tcp", outcome="ok", attempts=5)
+        await log.flush()
+        log.record(kind="tcp", outcome="ok", attempts=6)
+        await log.flush()
+    finally:
+        await log.stop()
+    assert (log.written, log.write_failed) == (2, 5)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2, warnings
+    assert "cannot write" in warnings[0] and "No space left" in warnings[0]
+    assert "again; 5 records were lost" in warnings[1]

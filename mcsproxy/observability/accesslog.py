@@ -87,6 +87,10 @@ class AccessLog:
         # under it could be reused by another file the gateway opens.
         self._lock = threading.Lock()
         self._reopen_failed = False
+        # Records lost since writes began to fail (0 while they succeed): the failure and
+        # the recovery are each logged once, not a warning per batch (5 a second on a
+        # full disk, for as long as it stays full).
+        self._losing = 0
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
 
@@ -162,10 +166,9 @@ class AccessLog:
                     sys.stderr.write(b"".join(lines).decode())
                     sys.stderr.flush()
                 except (OSError, ValueError) as exc:
-                    log.warning("access log: cannot write %d records: %s", len(batch), exc)
-                    self.write_failed += len(batch)
+                    self._lost(len(batch), exc)
                     return
-                self.written += len(batch)
+                self._wrote(len(batch))
                 return
             if self._fd is None:  # stopped
                 self.write_failed += len(batch)
@@ -178,7 +181,6 @@ class AccessLog:
                 while done < len(data):
                     done += os.write(self._fd, data[done:])
             except OSError as exc:
-                log.warning("access log: cannot write %d records: %s", len(batch), exc)
                 if done:
                     self._torn = data[done - 1] != ord("\n")
                 whole, end = 0, len(prefix)
@@ -188,10 +190,26 @@ class AccessLog:
                         break
                     whole += 1
                 self.written += whole
-                self.write_failed += len(batch) - whole
+                self._lost(len(batch) - whole, exc)
                 return
             self._torn = False
-            self.written += len(batch)
+            self._wrote(len(batch))
+
+    def _lost(self, n: int, exc: BaseException) -> None:
+        """`n` records of a batch not written (under the lock)."""
+        self.write_failed += n
+        if not self._losing:
+            log.warning("access log: cannot write to %s (%s): records are dropped and "
+                        "counted until a write succeeds", self.target, exc)
+        self._losing += n
+
+    def _wrote(self, n: int) -> None:
+        """A whole batch of `n` records written (under the lock)."""
+        self.written += n
+        if self._losing:
+            log.warning("access log: writing to %s again; %d records were lost",
+                        self.target, self._losing)
+            self._losing = 0
 
     async def stop(self) -> None:
         await cancel_and_wait(self._tasks)
