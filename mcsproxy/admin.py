@@ -13,13 +13,14 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector
 from prometheus_client import generate_latest as render_metrics
+from prometheus_client.metrics_core import Metric
 
 from mcsproxy.config import is_loopback
 from mcsproxy.gc_pause import collector_off
@@ -334,6 +335,28 @@ async def demo_relay(request: web.Request) -> web.Response:
 PROCESS_KEY = web.AppKey("process_metrics", CollectorRegistry)
 
 
+class SourceMetrics:
+    """The sources' own metrics (a `registry` of prometheus-client metrics: the kube
+    source's watch state and rejected objects, the controlplane source's propagation
+    latency), as a collector of the process registry. They were never rendered: the
+    README's source_kube_* families were missing from every /metrics."""
+
+    def __init__(self, sources: Iterable[object]) -> None:
+        self.registries = [r for r in (getattr(s, "registry", None) for s in sources)
+                           if isinstance(r, CollectorRegistry)]
+
+    def describe(self) -> list[Metric]:
+        return []  # nothing to check at registration; collect() runs at each scrape
+
+    def collect(self) -> Iterator[Metric]:
+        for registry in self.registries:
+            for metric in registry.collect():
+                # No `<name>_created` series, which prometheus-client adds to counters and
+                # histograms by default: the gateway exports none (nor the controller).
+                metric.samples = [s for s in metric.samples if not s.name.endswith("_created")]
+                yield metric
+
+
 class AdminServer:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
@@ -341,6 +364,7 @@ class AdminServer:
         self.app[GATEWAY_KEY] = gateway
         process = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=process)
+        process.register(SourceMetrics(gateway.sources))  # type: ignore[arg-type]
         self.app[PROCESS_KEY] = process
         r = self.app.router
         r.add_get("/", index)

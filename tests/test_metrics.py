@@ -12,10 +12,13 @@ from itertools import pairwise
 from pathlib import Path
 
 import pytest
+from aiohttp import ClientSession, ClientTimeout
 
-from mcsproxy.config import OutlierConfig
+from mcsproxy.config import AdminConfig, DnsConfig, GatewayConfig, OutlierConfig
+from mcsproxy.gateway import Gateway
 from mcsproxy.proxy.udp import PENDING_DATAGRAMS_MAX, UdpListener
 from tests.dns_support import make_query, udp_client
+from tests.kube_emulator import KubeEmulator
 from tests.proxy_fixtures import Backend, ask, free_port
 from tests.test_metrics_support import parse_metrics, service_yaml, start_gateway, value
 
@@ -334,3 +337,37 @@ async def test_udp_flows_count_as_connections_once_with_their_outcome(tmp_path: 
     finally:
         await gw.stop()
         transport.close()
+
+
+async def test_the_kube_sources_own_metrics_are_exported(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's source_kube_* families lived in the source's own registry, which no
+    /metrics ever rendered: a scrape had none of them."""
+    async with KubeEmulator() as emu:
+        emu.put_object({
+            "apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceImport",
+            "metadata": {"name": "bad", "namespace": "test"},
+            "spec": {"type": "ClusterSetIP", "ips": ["127.240.57.20"],
+                     "ports": [{"name": "web", "protocol": "TCP", "port": 0}]}})
+        monkeypatch.setenv("KUBECONFIG", str(emu.kubeconfig(tmp_path / "kubeconfig")))
+        config = GatewayConfig(cluster_id="east", sources=("kube",),
+                               dns=DnsConfig(listen=("127.57.9.6", 0)),
+                               admin=AdminConfig(listen=("127.57.9.6", 0)))
+        gateway = Gateway(config)
+        await gateway.start()
+        try:
+            async with asyncio.timeout(5):
+                await gateway.store.loaded.wait()
+            assert gateway.admin.bound is not None
+            host, port = gateway.admin.bound
+            async with ClientSession(timeout=ClientTimeout(total=5)) as http, \
+                    http.get(f"http://{host}:{port}/metrics") as resp:
+                text = await resp.text()
+        finally:
+            await gateway.stop()
+    m = parse_metrics(text)
+    assert value(m, "mcsproxy_source_kube_connected") == 1
+    assert value(m, "mcsproxy_source_kube_rejected_objects_total") == 1
+    assert "mcsproxy_source_kube_failed_objects_total" in m
+    assert "mcsproxy_source_kube_relists_gone" in m
+    assert not [name for name in m if name.endswith("_created")]

@@ -139,7 +139,8 @@ def test_controller_and_gateway_expose_no_created_series(tmp_path: Path) -> None
 
     try:
         controller = scrape(serve, "mcsproxy_controller_propagation_seconds_count")
-        gateway = scrape(admin, "mcsproxy_source_connected")
+        # The controlplane source's own families too: never rendered before.
+        gateway = scrape(admin, "mcsproxy_source_controlplane_propagation_seconds_count")
     finally:
         for p in procs:
             p.terminate()
