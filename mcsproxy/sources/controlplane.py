@@ -105,6 +105,10 @@ class ControlplaneSource:
         status.connected = False
         backoff = Backoff(self.backoff_initial_s, self.backoff_max_s)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s)
+        # Whether this outage was logged: a source that never connected said nothing, so a
+        # gateway pointed at a wrong or dead controller logged only "gateway started" and
+        # stayed unready with no word of why (its /readyz said it).
+        outage_said = False
         async with aiohttp.ClientSession(timeout=timeout) as session:
             while True:
                 messages_before = self.messages
@@ -128,6 +132,13 @@ class ControlplaneSource:
                 if status.connected:
                     log.warning("controlplane stream down (%s): serving the last snapshot "
                                 "(version %d)", reason, self.version)
+                    outage_said = True
+                elif not outage_said:
+                    log.warning("controlplane stream: cannot connect to %s (%s); retrying "
+                                "with backoff%s", self.url, reason,
+                                f", serving the last snapshot (version {self.version})"
+                                if self.version else ", nothing served until it answers")
+                    outage_said = True
                 status.connected = False
                 status.error = reason
                 if self.messages != messages_before:
