@@ -9,6 +9,7 @@ watch loop itself restarts it with a relist, `connected: false` with the error m
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,9 +19,13 @@ import pytest
 from aiohttp import web
 
 from mcsproxy.model import ServiceKey
+from mcsproxy.sources.kube import KubeSource
+from mcsproxy.store import SnapshotStore
+from mcsproxy.tasks import cancel_and_wait, spawn
 from tests.kube_emulator import KubeEmulator
 from tests.kube_emulator import server as emulator_server
 from tests.test_kube_source import (
+    FAST,
     WEB,
     karmada_slice,
     local_service,
@@ -162,3 +167,27 @@ async def test_a_service_with_odd_ports_is_rejected_not_blamed_on_later_slices(
         assert [p.port for p in run.store.current.services[WEB].ports] == [80]
         assert run.source.m_failed._value.get() == 0
         assert run.source.m_rejected._value.get() >= 1
+
+
+async def test_an_api_server_never_reached_is_logged_once_per_watch(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A gateway whose API server did not answer from the start logged nothing at all
+    (only a watch that had connected said it was down): a warning per watch now, once,
+    not one per retry."""
+    caplog.set_level(logging.INFO, logger="mcsproxy.sources")
+    async with KubeEmulator() as dead:
+        kubeconfig = str(dead.kubeconfig(tmp_path / "kubeconfig"))
+    source = KubeSource("east", kubeconfig=kubeconfig, timings=FAST)
+    store = SnapshotStore("east")
+    task = spawn(source.run(store), name="kube source")
+    try:
+        async with asyncio.timeout(5):
+            while not source.reflectors or not all(
+                    r.error and r.lists == 0 for r in source.reflectors):
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)  # several more refused tries, backoff at most 0.2 s
+    finally:
+        await cancel_and_wait([task])
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == len(source.reflectors), warned
+    assert all("cannot reach the API server" in w for w in warned), warned

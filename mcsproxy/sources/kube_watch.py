@@ -250,6 +250,12 @@ class Reflector:
             if not connected and self.connected:
                 log.warning("%s: disconnected (%s); serving what was last seen, retrying",
                             self.name, error)
+            elif not connected and self.error is None and error is not None:
+                # Failing before it ever connected (a dead or wrong API server at start):
+                # said once, as a disconnect is. It said nothing, and a gateway that could
+                # not reach its API server logged only "gateway started".
+                log.warning("%s: cannot reach the API server (%s); retrying with backoff",
+                            self.name, error)
             elif connected and not self.connected and self.lists:
                 log.info("%s: connected", self.name)
             self.connected, self.error = connected, error
