@@ -371,3 +371,25 @@ async def test_the_kube_sources_own_metrics_are_exported(
     assert "mcsproxy_source_kube_failed_objects_total" in m
     assert "mcsproxy_source_kube_relists_gone" in m
     assert not [name for name in m if name.endswith("_created")]
+
+
+async def test_a_rejected_source_file_shows_in_the_metrics(tmp_path: Path) -> None:
+    """A file source with a rejected file read connected 1 and synced 1 (its last good
+    version serves): only /readyz named the error, no alert could see it."""
+    gw = await start_gateway(tmp_path, "127.57.9.7", files={"web": service_yaml(
+        "web", "127.240.57.21", [dead("east", "127.57.13.1")])})
+    try:
+        m = await gw.metrics()
+        assert value(m, "mcsproxy_source_error") == 0
+        (gw.source_dir / "bad.yaml").write_text("kind: [\n")
+        deadline = time.monotonic() + 5
+        while not value(m := await gw.metrics(), "mcsproxy_source_error"):
+            assert time.monotonic() < deadline, "the rejected file never showed"
+            await asyncio.sleep(0.05)
+        assert value(m, "mcsproxy_source_connected") == value(m, "mcsproxy_source_synced") == 1
+        (gw.source_dir / "bad.yaml").unlink()
+        while value(await gw.metrics(), "mcsproxy_source_error"):
+            assert time.monotonic() < deadline + 5, "the error never cleared"
+            await asyncio.sleep(0.05)
+    finally:
+        await gw.stop()

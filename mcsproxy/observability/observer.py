@@ -253,10 +253,17 @@ class Observer:
         synced = f.gauge("mcsproxy_source_synced", "1 once the source delivered its initial "
                          "state", ["source"])
         objects = f.gauge("mcsproxy_source_objects", "Objects the source holds", ["source"])
+        # Connected and synced say nothing of input the source refused: a file source with
+        # a rejected file (serving its last good version) read 1 and 1, healthy, to any
+        # alert; only /readyz named the error.
+        failing = f.gauge("mcsproxy_source_error", "1 while the source reports an error (a "
+                          "rejected file or object, a failing connection: /readyz says "
+                          "which); the last good state keeps serving", ["source"])
         for name, st in store.sources.items():
             connected.add([name], int(st.connected))
             synced.add([name], int(st.synced))
             objects.add([name], st.objects)
+            failing.add([name], int(st.error is not None))
         ready = store.loaded.is_set() and not self.gateway.stopping
         f.gauge("mcsproxy_gateway_ready", "1 while /readyz says ready").add((), int(ready))
         f.gauge("mcsproxy_gateway_start_time_seconds", "Unix time the gateway started").add(
