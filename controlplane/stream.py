@@ -288,6 +288,9 @@ class StreamHub:
                     sub.lagging = False
                     log.warning("gateway of cluster %s fell behind: resync", feed.cluster)
                     await self._resync(response, feed)
+                    # The members messages queued went with the rest: the latest one now,
+                    # as after a connect's resync.
+                    await self._write(response, self._members)
                     continue
                 getter = asyncio.ensure_future(sub.next())
                 done, _ = await asyncio.wait({getter, closing}, timeout=self.heartbeat_s,

@@ -11,6 +11,7 @@ import time
 from collections import deque
 from pathlib import Path
 
+import aiohttp
 from aiohttp import web
 
 from controlplane.command import ControllerConfig, DirectoryControllerApp, config_from_args
@@ -411,3 +412,47 @@ def test_a_one_service_delta_rebuilds_only_that_service_downstream() -> None:
     assert all(zone.services[k] is e for k, e in before_entries.items() if k != seven)
     assert zone.services[seven] is not before_entries[seven]
     assert zone.names[untouched].rrsets() is packed
+
+
+async def test_a_lagging_gateway_gets_the_members_again_after_its_resync() -> None:
+    """A subscriber that falls behind has its queue dropped, members messages with it, and
+    gets a snapshot instead: the snapshot carries objects only, so the gateway kept the
+    members it had (a member gone stale was never said) until they changed again."""
+    objects: dict[ObjectRef, dict] = {}
+    hub = StreamHub(heartbeat_s=0.3)
+    hub.attach("b", objects)
+    app = web.Application()
+    app.router.add_get("/v1/stream", hub.handle)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    await web.TCPSite(runner, HOST, 0).start()
+    port = runner.addresses[0][1]
+    try:
+        async with aiohttp.ClientSession() as http, \
+                http.get(f"http://{HOST}:{port}/v1/stream?cluster=b") as resp:
+
+            async def next_message() -> dict:
+                """The next message other than a heartbeat."""
+                async with asyncio.timeout(2):
+                    while (message := json.loads(await resp.content.readline()))["type"] \
+                            == "heartbeat":
+                        pass
+                    return message
+
+            assert (await next_message())["type"] == "snapshot"
+            assert (await next_message())["type"] == "members"
+            stale = {"a": {"connected": False, "stale": True, "since": 1.0, "error": "x"}}
+            hub.set_members(stale)  # queued, then dropped with the rest as it lags
+            for i in range(SUBSCRIBER_QUEUE + 1):
+                ref = ObjectRef("ServiceImport", "test", f"s{i}")
+                objects[ref] = {"n": i}
+                hub.publish("b", {ref: objects[ref]}, [], None)
+            message = await next_message()
+            while message["type"] == "snapshot" and message["more"]:
+                message = await next_message()
+            assert message["type"] == "snapshot" and len(message["objects"]) > 0
+            message = await next_message()
+            assert message == {"type": "members", "members": stale}, message
+    finally:
+        hub.close()
+        await runner.cleanup()
