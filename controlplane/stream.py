@@ -105,6 +105,9 @@ class Subscriber:
             while not self.queue.empty():
                 self.queue.get_nowait()
             self.queued_bytes = 0
+            # Wakes the writer, which resyncs now: with the queue empty and further offers
+            # dropped, it slept until the next heartbeat (5 s) while changes went unsent.
+            self.queue.put_nowait(b"")
             return
         self.queue.put_nowait(message)
         self.queued_bytes += len(message)
@@ -296,7 +299,8 @@ class StreamHub:
                 done, _ = await asyncio.wait({getter, closing}, timeout=self.heartbeat_s,
                                              return_when=asyncio.FIRST_COMPLETED)
                 if getter.done():
-                    await self._write(response, getter.result())
+                    if message := getter.result():  # b"": a wake-up (Subscriber.offer)
+                        await self._write(response, message)
                     continue
                 getter.cancel()
                 if closing in done:
