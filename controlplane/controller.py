@@ -241,6 +241,12 @@ class Controller:
         self._mark(keys_to_reconcile({cluster: client.objects}))
         self._mark_cluster_namespaces(cluster)
         self.metrics.member_connected.labels(cluster).set(int(client.connection.connected))
+        self._set_input_error_gauge(cluster)  # 0 from the start, not absent until a change
+
+    def _set_input_error_gauge(self, cluster: str) -> None:
+        connection = self.clients[cluster].connection
+        self.metrics.member_input_error.labels(cluster).set(
+            int(bool(connection.error) and connection.connected))
 
     def _waits_on(self, obj: Mapping[str, Any]) -> set[str]:
         """The unread members that a published object says export its key: those its
@@ -374,9 +380,9 @@ class Controller:
             self.metrics.member_connected.labels(cluster).set(int(client.connection.connected))
             self._update_stale_gauge(cluster)
             self._publish_members()
-        self.metrics.member_input_error.labels(cluster).set(
-            int(bool(self.clients[cluster].connection.error)
-                and self.clients[cluster].connection.connected))
+        elif changes.error:
+            self._publish_members()  # each member's error is in the members message
+        self._set_input_error_gauge(cluster)
         if changes.published:
             self._repair(cluster, changes.published)
         self._wake.set()

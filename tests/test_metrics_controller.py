@@ -162,3 +162,35 @@ def test_a_propagation_past_the_last_bucket_is_valid_json() -> None:
     assert summary["written"] == {"count": 2.0, "p50_s": 0.0025, "p99_s": None,
                                   "p99_above_s": 10.0}
     json.dumps(summary, allow_nan=False)
+
+
+async def test_a_rejected_member_file_sets_the_input_error_gauge(tmp_path: Path) -> None:
+    """A member file rejected whole keeps every object as it was, so the change carried
+    nothing the controller was told of: mcsproxy_controller_member_input_error never got
+    a series (nor the stream's members message the error)."""
+    clusters, out = tmp_path / "clusters", tmp_path / "out"
+    write(clusters / "east" / "web.yaml", namespace(), service(),
+          eslice("web-x", ["127.0.1.1"]), export())
+    app = DirectoryControllerApp(ControllerConfig(clusters, out, poll_interval_s=0.05))
+    await app.start()
+    task = asyncio.create_task(app.serve())
+    registry = app.metrics.registry
+
+    async def input_error(want: float) -> None:
+        deadline = time.monotonic() + 10
+        while registry.get_sample_value("mcsproxy_controller_member_input_error",
+                                        {"cluster": "east"}) != want:
+            assert time.monotonic() < deadline, f"input error never {want}"
+            await asyncio.sleep(0.05)
+
+    try:
+        await input_error(0)
+        write_atomically(clusters / "east" / "bad.yaml", "kind: [\n")
+        await input_error(1)
+        assert app.controller is not None
+        assert "bad.yaml" in app.controller.members()["east"]["error"]
+        (clusters / "east" / "bad.yaml").unlink()
+        await input_error(0)
+    finally:
+        app.stop()
+        await task

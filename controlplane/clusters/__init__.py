@@ -43,15 +43,21 @@ class ChangeSet:
     # controller writes again whatever differs from what it wrote (of a status, only the
     # conditions of our types count: conditions.py): drift repair.
     published: dict[ObjectRef, Mapping[str, Any] | None] = field(default_factory=dict)
+    # The member's error (rejected input, a failing part) appeared, changed or cleared,
+    # with nothing else changed: a file rejected whole keeps every object as it was, and
+    # without this the change was never reported (member_input_error never set).
+    error: bool = False
 
     def __bool__(self) -> bool:
-        return bool(self.keys or self.namespaces or self.connection or self.published)
+        return bool(self.keys or self.namespaces or self.connection or self.published
+                    or self.error)
 
     def update(self, other: ChangeSet) -> None:
         self.keys |= other.keys
         self.namespaces |= other.namespaces
         self.connection = self.connection or other.connection
         self.published.update(other.published)
+        self.error = self.error or other.error
 
 
 @dataclass(slots=True)

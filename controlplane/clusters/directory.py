@@ -235,6 +235,8 @@ class DirectoryCluster:
             else:
                 log.error("cluster %s unreadable (%s): keeping its last state, stale",
                           self.cluster_id, error)
+        if error != self.connection.error:
+            changes.error = True
         self.connection.error = error
 
     def _commit(self, scan: _Scan) -> ChangeSet:

@@ -365,6 +365,7 @@ class KubeClusterClient:
                           self.cluster_id, error)
             elif not first:
                 log.info("cluster %s answering again", self.cluster_id)
+        before = self.connection.error
         if self._failing:
             self.connection.error = "; ".join(sorted(set(self._failing.values())))
         elif self._input_errors:
@@ -374,6 +375,7 @@ class KubeClusterClient:
             self.connection.error = "; ".join(shown[:3]) + more
         else:
             self.connection.error = None
+        changes.error = changes.error or self.connection.error != before
 
     async def _sync_into(self, changes: ChangeSet) -> None:
         try:
