@@ -11,6 +11,7 @@ import dnslib
 import pytest
 
 from mcsproxy.dns.responder import own_addresses
+from mcsproxy.observability.stats import answer_labels
 from tests.dns_support import (
     BIG_ADDRESSES,
     NS_LINE,
@@ -345,6 +346,9 @@ async def test_edns_version_other_than_0_is_badvers(dns) -> None:
     opt = next(r for r in reply.ar if r.rtype == dnslib.QTYPE.OPT)
     assert (opt.ttl >> 24) << 4 | reply.header.rcode == 16  # BADVERS
     assert reply.rr == []
+    # Its rcode's high bits travel in the OPT record: the metric label read the header's
+    # low four bits alone, and counted BADVERS as NOERROR.
+    assert answer_labels(reply.pack()[2:]) == ("A", "BADVERS")
 
 
 BIG_LINES = sorted(f"big.{T} 5 IN A {a}" for a in BIG_ADDRESSES)

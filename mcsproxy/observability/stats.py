@@ -155,7 +155,7 @@ QTYPES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "TXT",
           33: "SRV", 35: "NAPTR", 41: "OPT", 64: "SVCB", 65: "HTTPS", 252: "AXFR",
           251: "IXFR", 255: "ANY"}
 RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP",
-          5: "REFUSED"}
+          5: "REFUSED", 16: "BADVERS"}
 MEMO_HITS_FOLD_AT = 65536  # distinct answers counted before they are folded into labels
 # Why the gateway answered a forwarded query SERVFAIL itself.
 FORWARD_FAILURES = ("timeout", "pending_full", "client_limit")
@@ -172,7 +172,8 @@ def answer_labels(msg: bytes, offset: int = 0) -> tuple[str, str]:
     """
     if len(msg) < offset + 10:
         return "other", "other"
-    rcode = RCODES.get(msg[offset + 1] & 0xF, "other")
+    low = msg[offset + 1] & 0xF
+    rcode = RCODES.get(low, "other")
     i = offset + 10
     end = len(msg)
     while i < end:
@@ -184,7 +185,15 @@ def answer_labels(msg: bytes, offset: int = 0) -> tuple[str, str]:
         i += n + 1
     if i + 3 > end:
         return "other", rcode
-    return QTYPES.get((msg[i + 1] << 8) | msg[i + 2], "other"), rcode
+    qtype = QTYPES.get((msg[i + 1] << 8) | msg[i + 2], "other")
+    # An extended rcode (BADVERS) keeps its high bits in the OPT record, which is the first
+    # record after the question in an answer without answer or authority records: read
+    # alone, the header's four bits said NOERROR.
+    opt = i + 5
+    if msg[offset + 4:offset + 8] == b"\0\0\0\0" and msg[opt:opt + 3] == b"\0\0\x29" \
+            and opt + 6 <= end and msg[opt + 5]:
+        rcode = RCODES.get(msg[opt + 5] << 4 | low, "other")
+    return qtype, rcode
 
 
 class DnsStats:
