@@ -603,6 +603,34 @@ async def test_listeners_follow_snapshots_without_disturbing_connections() -> No
         await stop_all(proxy, backend)
 
 
+async def test_a_renamed_port_keeps_its_connections_and_endpoint_state() -> None:
+    """Renaming a service port (and its endpoints' port) changes nothing a connection
+    uses: the listener stayed, but the old name's upstream set was closed, so every
+    endpoint retired and --drain-grace cut the established connections."""
+    backend = await Backend("east-1", "127.40.2.1", free_port("127.40.2.1"), "east").start()
+    cs = Clusterset("east")
+    ip = "127.240.40.3"
+    cs.publish("renamed", ip, [WEB], [endpoint(backend.host, "east", backend.port)])
+    proxy = await cs.proxy(drain_grace_s=0.0)
+    try:
+        upstream = proxy.upstreams[UpstreamKey(ServiceKey("test", "renamed"), "web", "TCP")]
+        reader, writer = await asyncio.open_connection(ip, 80)
+        assert await reader.readline() == b"east-1\n"
+        cs.publish("renamed", ip, [ServicePort("www", "TCP", 80)],
+                   [endpoint(backend.host, "east", backend.port, name="www")])
+        await cs.served(proxy)
+        writer.write(b"ping\n")  # a grace of 0 s aborted it on the next loop turn
+        assert await asyncio.wait_for(reader.readline(), 3) == b"ping\n"
+        ukey = UpstreamKey(ServiceKey("test", "renamed"), "www", "TCP")
+        assert set(proxy.upstreams) == {ukey}
+        assert proxy.upstreams[ukey] is upstream and not upstream.draining
+        assert await ask(ip, 80) == "east-1"
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        await stop_all(proxy, backend)
+
+
 async def echo_head_backend(host: str) -> tuple[asyncio.Server, int]:
     """An HTTP endpoint that answers with the request head it received (one per connection)."""
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

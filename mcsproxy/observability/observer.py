@@ -422,8 +422,11 @@ class Observer:
         """Keep the upstream sets replaced or removed since the last collection, per
         service port, until the port has been gone for RETIRED_KEEP_S."""
         now = time.monotonic()
+        # A set still live under another key is a renamed port's (ProxyManager's
+        # _keep_renamed): its counters go on in the new series, not twice.
+        kept = {id(u) for u in live.values()}
         for ukey, old in self._last_upstreams.items():
-            if live.get(ukey) is not old:
+            if live.get(ukey) is not old and id(old) not in kept:
                 self._retired.setdefault(ukey, (UpstreamStats(), []))[1].append(old)
         self._last_upstreams = dict(live)
         for folded, sets in self._retired.values():

@@ -150,8 +150,9 @@ class ProxyManager:
         self.store = store
         self.listeners: dict[ListenerKey, Listener] = {}
         self.upstreams: dict[UpstreamKey, UpstreamSet] = {}
-        # Per service, so dropping a service's stale ports does not scan every upstream.
-        self._upstream_keys: dict[ServiceKey, set[UpstreamKey]] = {}
+        # Per service, so dropping a service's stale ports does not scan every upstream;
+        # with each one's port number, which tells a renamed port (see _keep_renamed).
+        self._upstream_keys: dict[ServiceKey, dict[UpstreamKey, int]] = {}
         self.conns: set[Tracked] = set()
         self.refusals = new_refusals()  # every listener's, by reason
         self.udp_drops = UdpDrops()  # every UDP listener's dropped datagrams, by reason
@@ -316,21 +317,44 @@ class ProxyManager:
             if changed is None else changed
         for skey in keys:
             service = snapshot.services.get(skey)
-            live: set[UpstreamKey] = set()
+            live: dict[UpstreamKey, int] = {}
             if service is not None and not service.headless:
                 for port in service.ports:
-                    if port.protocol == "SCTP":
-                        continue
-                    ukey = UpstreamKey(skey, port.name, port.protocol)
-                    live.add(ukey)
-                    self._update_upstream(ukey, service, port)
-            had = self._upstream_keys.pop(skey, set())
+                    if port.protocol != "SCTP":
+                        live[UpstreamKey(skey, port.name, port.protocol)] = port.port
+            had = self._upstream_keys.pop(skey, {})
+            self._keep_renamed(had, live)
             if live:
+                assert service is not None
                 self._upstream_keys[skey] = live
-            for ukey in had - live:
+                for port in service.ports:
+                    ukey = UpstreamKey(skey, port.name, port.protocol)
+                    if ukey in live:
+                        self._update_upstream(ukey, service, port)
+            for ukey in had.keys() - live.keys():
                 upstream = self.upstreams.pop(ukey)
                 upstream.close()
                 spawn(upstream.stop(), name=f"stop upstream {ukey}")
+
+    def _keep_renamed(self, had: dict[UpstreamKey, int], live: dict[UpstreamKey, int]) -> None:
+        """A service port renamed, its number and protocol unchanged, keeps its upstream
+        set under the new name: its listener stays, and closing the old set retired every
+        endpoint, so --drain-grace cut the port's established connections (and UDP flows
+        at once) though nothing they use changed. The endpoints, matched by the new name,
+        then keep their connections and health when their address and port are the same."""
+        gone = [k for k in had if k not in live]
+        if not gone:
+            return
+        new = {(port, k.protocol): k for k, port in live.items() if k not in had}
+        for old in gone:
+            ukey = new.pop((had[old], old.protocol), None)
+            if ukey is None:
+                continue
+            log.info("service port %s renamed to %s", old, ukey.port_name or "-")
+            upstream = self.upstreams.pop(old)
+            upstream.name = str(ukey)
+            self.upstreams[ukey] = upstream
+            had[ukey] = had.pop(old)
 
     def _update_upstream(self, ukey: UpstreamKey, service: ImportedService,
                          port: ServicePort) -> None:
