@@ -360,6 +360,33 @@ def test_two_writes_within_one_timestamp_tick_are_both_read(tmp_path: Path) -> N
         assert not source.scan()  # read again, found the same: no change to apply
 
 
+def test_a_scan_with_nothing_changed_orders_no_paths(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each scan sorted every file's path to visit them in order, changed or not: with
+    3000 files that was ~40 ms of a 70 ms idle scan, four times a second, holding the
+    GIL in a thread beside the data path. Only files that may have changed are sorted."""
+    for i in range(50):
+        write(tmp_path / f"svc{i}.yaml",
+              import_yaml(f"svc{i}", "ClusterSetIP", WEB, f'["127.240.1.{i + 1}"]'))
+    monkeypatch.setattr(file_source, "_RACY_NS", 0)  # what was read holds at once
+    source = FileSource(str(tmp_path))
+    assert source.scan() and len(source.merged()) == 50
+    compared = 0
+    less_than = Path.__lt__
+
+    def counting(self: Path, other: Path) -> bool:
+        nonlocal compared
+        compared += 1
+        return less_than(self, other)
+
+    monkeypatch.setattr(Path, "__lt__", counting)
+    assert not source.scan()
+    assert compared == 0
+    write(tmp_path / "svc7.yaml", import_yaml("svc7", "ClusterSetIP", WEB, '["127.240.2.1"]'))
+    os.utime(tmp_path / "svc7.yaml", ns=(0, 0))  # long untouched: taken at once
+    assert source.scan() and len(source.merged()) == 50
+
+
 async def test_a_file_that_cannot_be_looked_at_is_rejected_and_the_source_goes_on(
         source_dir) -> None:
     """A symlink loop among the files (stat fails with ELOOP, not ENOENT): that file is
