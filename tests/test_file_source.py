@@ -6,6 +6,7 @@ import asyncio
 import functools
 import logging
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -385,6 +386,31 @@ def test_a_scan_with_nothing_changed_orders_no_paths(
     write(tmp_path / "svc7.yaml", import_yaml("svc7", "ClusterSetIP", WEB, '["127.240.2.1"]'))
     os.utime(tmp_path / "svc7.yaml", ns=(0, 0))  # long untouched: taken at once
     assert source.scan() and len(source.merged()) == 50
+
+
+async def test_a_scan_that_hangs_is_reported_and_the_last_good_objects_serve(
+        source_dir, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stat on a volume whose server went away never returns: nothing said so (the
+    status stayed connected with no error while every change was ignored)."""
+    path, store, watcher = source_dir
+    monkeypatch.setattr(file_source, "SCAN_STUCK_S", 0.05, raising=False)
+    hung, listing = threading.Event(), FileSource._list_files
+
+    def hanging(self: FileSource):  # type: ignore[no-untyped-def]
+        hung.wait()
+        return listing(self)
+
+    monkeypatch.setattr(FileSource, "_list_files", hanging)
+    status = store.sources[next(iter(store.sources))]
+    try:
+        await until_true(lambda: not status.connected, "the hung scan reported")
+        assert "a scan has not finished" in (status.error or "")
+        assert addresses(store.current) == ["10.0.0.1"]
+        write(path / "web-a.yaml", slice_yaml("web", "cluster-a", "IPv4", ["10.0.0.4"], WEB))
+    finally:
+        hung.set()  # the volume answers again
+    await watcher.until(lambda s: addresses(s) == ["10.0.0.4"], "changes applied again")
+    await until_true(lambda: status.connected and status.error is None, "the error stays")
 
 
 async def test_a_file_that_cannot_be_looked_at_is_rejected_and_the_source_goes_on(

@@ -140,6 +140,57 @@ def test_gateway_started_with_stdio_closed_stops_cleanly_on_sigterm(tmp_path: Pa
             proc.wait()
 
 
+# The gateway command with the file source's listing hanging from its third call on, as
+# a stat on an NFS volume whose server went away does; it says so on stderr first.
+HUNG_VOLUME_GATEWAY = """
+import sys, threading
+from mcsproxy.cli import main
+from mcsproxy.sources import file
+listing = file.FileSource._list_files
+calls = 0
+def hanging(self):
+    global calls
+    calls += 1
+    if calls > 2:
+        print("the volume hangs", file=sys.stderr, flush=True)
+        threading.Event().wait()
+    return listing(self)
+file.FileSource._list_files = hanging
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_gateway_whose_file_source_hangs_still_exits_on_sigterm(tmp_path: Path) -> None:
+    """A scan ran on asyncio's default executor, whose threads are joined at the loop's
+    shutdown: after "gateway stopped" the process waited for the hung stat for ever, and
+    a second SIGTERM did nothing. Now the gateway exits; the thread is left behind."""
+    imports = tmp_path / "imports"
+    imports.mkdir()
+    (imports / "services.yaml").write_text((EXAMPLES / "services.yaml").read_text())
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HUNG_VOLUME_GATEWAY, "gateway", "--cluster-id", "cluster-a",
+         "--source", f"file:{imports}", "--dns-listen", "127.0.0.1:0",
+         "--admin-listen", "127.0.0.1:0", "--no-proxy"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+    )
+    log: list[bytes] = []
+    try:
+        read_ports(proc, log)
+        assert proc.stderr is not None
+        while b"the volume hangs" not in log[-1]:
+            assert proc.poll() is None, b"".join(log).decode()
+            log.append(proc.stderr.readline())
+        proc.send_signal(signal.SIGTERM)
+        _, rest = proc.communicate(timeout=DEADLINE_S)
+        log.append(rest)
+        assert proc.returncode == 0, b"".join(log).decode()
+        assert b"gateway stopped" in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 @pytest.mark.parametrize(("flags", "message"), [
     (["--idle-timeout", "nan"], "--idle-timeout must be a finite number, not nan"),
     (["--connect-timeout", "inf"], "--connect-timeout must be a finite number, not inf"),

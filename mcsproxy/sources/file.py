@@ -26,7 +26,8 @@ from mcsproxy.manifests import (
     parse_endpoint_slice,
     parse_service_import,
 )
-from mcsproxy.store import ObjectId, SnapshotStore, Spec
+from mcsproxy.store import ObjectId, SnapshotStore, SourceStatus, Spec
+from mcsproxy.tasks import in_daemon_thread
 
 log = logging.getLogger("mcsproxy.sources.file")
 
@@ -43,6 +44,9 @@ _RACY_NS = int(RACY_S * 1e9)
 # poll): a move (the new name written, the old one deleted) settles in one, and a deletion
 # beside a file rewritten without pause is still served within a second.
 REMOVAL_HOLD_SCANS = 2
+# A scan still running after this long is reported (the status error, connected: false):
+# a stat or read hangs on a volume whose server is gone (NFS, FUSE).
+SCAN_STUCK_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,7 +315,8 @@ class FileSource:
     async def run(self, store: SnapshotStore) -> None:
         status = store.register_source(self.name)
         while True:
-            changed = await asyncio.to_thread(self.scan)
+            changed = await self._scan(status)
+            status.connected = True
             status.error = "; ".join([*self._errors.values(), *self._unreadable.values(),
                                       *filter(None, [self._missing])]) or None
             # A path that has never existed is not an empty configuration but most
@@ -325,3 +330,26 @@ class FileSource:
                 store.mark_synced(self.name)
                 store.commit()
             await asyncio.sleep(self.poll_interval_s)
+
+    async def _scan(self, status: SourceStatus) -> bool:
+        """scan() in a daemon thread (see in_daemon_thread), said to be stuck while it
+        takes SCAN_STUCK_S or more; the last good objects keep serving meanwhile."""
+        loop = asyncio.get_running_loop()
+        scan = in_daemon_thread(self.scan, f"scan {self.name}")
+        started = loop.time()
+        try:
+            while True:
+                done, _ = await asyncio.wait({scan}, timeout=SCAN_STUCK_S)
+                if done:
+                    break
+                status.connected = False
+                status.error = (f"{self.path}: a scan has not finished for "
+                                f"{loop.time() - started:.0f} s (a hung volume?)")
+                log.error("source %s: %s; keeping the last good objects", self.name,
+                          status.error)
+        finally:
+            scan.cancel()  # when cancelled itself: leave the thread behind
+        if not status.connected:
+            log.info("source %s: the scan finished after %.1f s", self.name,
+                     loop.time() - started)
+        return scan.result()
