@@ -388,6 +388,30 @@ def test_a_scan_with_nothing_changed_orders_no_paths(
     assert source.scan() and len(source.merged()) == 50
 
 
+def test_a_file_deleted_between_listing_and_reading_is_a_deletion(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """It was rejected with an error ("cannot read: No such file or directory; keeping
+    its last good version"), in the log and the status, for a plain deletion racing the
+    scan; under ConfigMap churn every file is read again after each update (new inodes),
+    which keeps that window open for the whole directory's read."""
+    path = tmp_path / "web.yaml"
+    write(path, import_yaml("web", "ClusterSetIP", WEB, '["127.240.0.21"]'))
+    source = FileSource(str(tmp_path))
+    assert source.scan() and names(source) == {"web"}
+    read = file_source.read_file
+
+    def deleted_first(p: Path, stamp: file_source.FileStamp):  # type: ignore[no-untyped-def]
+        p.unlink()
+        return read(p, stamp)
+
+    monkeypatch.setattr(file_source, "read_file", deleted_first)
+    write(path, import_yaml("web", "ClusterSetIP", WEB, '["127.240.0.22"]'))
+    os.utime(path, ns=(0, 0))  # long untouched: read in this scan
+    with caplog.at_level(logging.ERROR):
+        assert source.scan() and names(source) == set()
+    assert source._errors == {} and not caplog.records
+
+
 async def test_a_scan_that_hangs_is_reported_and_the_last_good_objects_serve(
         source_dir, monkeypatch: pytest.MonkeyPatch) -> None:
     """A stat on a volume whose server went away never returns: nothing said so (the

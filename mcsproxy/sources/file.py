@@ -254,6 +254,11 @@ class FileSource:
                 continue
             try:
                 read, data = read_file(path, stamp)
+            except FileNotFoundError:
+                # Deleted since the listing (a ConfigMap key kubelet removed, a move): a
+                # deletion like any other, not an error that rejects the file.
+                del stamps[path]
+                continue
             except OSError as exc:
                 if self._errors.get(path) != f"{path}: {exc}":  # tried again while racy
                     log.error("rejected %s: cannot read: %s; keeping its last good version",
