@@ -6,7 +6,9 @@ import asyncio
 import functools
 import logging
 import os
+import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -386,6 +388,51 @@ def test_a_scan_with_nothing_changed_orders_no_paths(
     write(tmp_path / "svc7.yaml", import_yaml("svc7", "ClusterSetIP", WEB, '["127.240.2.1"]'))
     os.utime(tmp_path / "svc7.yaml", ns=(0, 0))  # long untouched: taken at once
     assert source.scan() and len(source.merged()) == 50
+
+
+def publish_configmap(folder: Path, files: dict[str, str], settled: bool = False) -> None:
+    """What kubelet does to a ConfigMap volume: every key written anew into a fresh
+    timestamped directory, the `..data` symlink swapped to it by a rename, each key a
+    symlink through `..data`, and the old directory removed. `settled`: the files look
+    long untouched, so the next scan takes them."""
+    data = folder / "..data"
+    old = os.readlink(data) if data.is_symlink() else None
+    fresh = folder / f"..{time.time_ns()}"
+    fresh.mkdir()
+    for name, text in files.items():
+        (fresh / name).write_text(text)
+        if settled:
+            os.utime(fresh / name, ns=(0, 0))
+    os.symlink(fresh.name, folder / "..data_tmp")
+    os.replace(folder / "..data_tmp", data)
+    for name in files:
+        if not (folder / name).is_symlink():
+            os.symlink(f"..data/{name}", folder / name)
+    for link in folder.iterdir():
+        if link.is_symlink() and not link.name.startswith("..") and link.name not in files:
+            link.unlink()
+    if old is not None:
+        shutil.rmtree(folder / old)
+
+
+def test_a_configmap_update_reads_the_keys_that_changed(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Every key of the volume has a new inode after each update: each update parsed,
+    and logged as loaded, every file again, changed or not."""
+    web = import_yaml("web", "ClusterSetIP", WEB, '["127.240.0.21"]')
+    files = {"web.yaml": web, "web-a.yaml": slice_yaml("web", "cluster-a", "IPv4",
+                                                      ["10.0.0.1"], WEB)}
+    publish_configmap(tmp_path, files)
+    source = FileSource(str(tmp_path))
+    assert source.scan() and names(source) == {"web", "web-cluster-a-ipv4"}
+    files["web-a.yaml"] = slice_yaml("web", "cluster-a", "IPv4", ["10.0.0.2"], WEB)
+    publish_configmap(tmp_path, files, settled=True)
+    with caplog.at_level(logging.INFO, logger="mcsproxy.sources.file"):
+        assert source.scan()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"file loaded path={tmp_path / 'web-a.yaml'} objects=1"]
+    publish_configmap(tmp_path, {"web.yaml": web}, settled=True)  # a key removed
+    assert source.scan() and names(source) == {"web"}
 
 
 def test_a_file_deleted_between_listing_and_reading_is_a_deletion(

@@ -267,8 +267,11 @@ class FileSource:
                 self._reads[path] = FileRead(stamp, b"", time.time_ns())
                 continue
             self._reads[path] = read
-            if read == last:
-                continue  # read again while its stamp could hide a change: none
+            if last is not None and read.digest == last.digest:
+                # Read again while its stamp could hide a change, or the same bytes under
+                # a new stamp: a ConfigMap update gives every key a new inode, so each
+                # update parsed and logged every file of the volume again.
+                continue
             try:
                 objects = parse_file_text(data.decode("utf-8"), str(path), self.name)
             except ManifestError as exc:
