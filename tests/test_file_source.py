@@ -247,7 +247,8 @@ async def test_a_bad_item_of_a_list_is_reported_at_its_own_line(
     assert {KEY, api, db} <= set(store.current.services)
 
 
-async def test_single_file_source_and_missing_path(tmp_path: Path) -> None:
+async def test_single_file_source_and_missing_path(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     store = SnapshotStore("cluster-a")
     watcher = Watcher(store)
     path = tmp_path / "later.yaml"
@@ -260,9 +261,18 @@ async def test_single_file_source_and_missing_path(tmp_path: Path) -> None:
             store.sources[source.name].error or ""), "no error in the status")
         await asyncio.sleep(5 * POLL_S)
         assert not store.sources[source.name].synced and not store.loaded.is_set()
+        # Nothing was ever loaded: the log does not speak of last good objects.
+        assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [
+            f"source {source.name}: {path}: no such file or directory; nothing is served "
+            "from it until it can be read"]
         write(path, (EXAMPLES / "services.yaml").read_text())
         await watcher.until(lambda s: len(s.services) == 2, "file appeared")
         assert store.sources[source.name].error is None and store.loaded.is_set()
+        path.unlink()  # gone after a load: what it held keeps serving
+        await until_true(lambda: "no such file" in (store.sources[source.name].error or ""),
+                         "no error in the status")
+        assert len(store.current.services) == 2
+        assert "keeping the last good objects" in caplog.records[-1].getMessage()
     finally:
         await cancel_and_wait([task])
 

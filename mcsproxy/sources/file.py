@@ -236,7 +236,10 @@ class FileSource:
             problem = f"{self.path}: cannot list: {exc.strerror or exc}"
         if problem is not None:
             if self._missing != problem:
-                log.error("source %s: %s; keeping the last good objects", self.name, problem)
+                # Said of a wrong path at start too, it read as if something was served.
+                what = ("keeping the last good objects" if self._reads else
+                        "nothing is served from it until it can be read")
+                log.error("source %s: %s; %s", self.name, problem, what)
             self._missing = problem
             return False
         for path, message in unreadable.items():
