@@ -14,7 +14,7 @@ from mcsproxy.dns.server import DnsServer
 from mcsproxy.http.frontdoor import FrontDoor
 from mcsproxy.observability.observer import Observer
 from mcsproxy.proxy import ProxyManager
-from mcsproxy.proxy.workers import WorkerPool
+from mcsproxy.proxy.workers import Heartbeat, WorkerPool
 from mcsproxy.sources import Source, make_source
 from mcsproxy.store import SnapshotStore
 from mcsproxy.tasks import cancel_and_wait, spawn
@@ -52,6 +52,9 @@ class Gateway:
         if self.proxy is not None:
             if config.proxy.worker_index > 0:
                 self.components = [self.proxy]  # an extra proxy worker: no DNS, no admin
+                # Beating from the start: the supervisor kills a worker silent too long.
+                if (heartbeat := Heartbeat.from_environment()) is not None:
+                    self.components.insert(0, heartbeat)
             else:
                 self.components.insert(1, self.proxy)
                 if config.proxy.workers > 1:

@@ -9,6 +9,8 @@ import signal
 import sys
 from pathlib import Path
 
+import pytest
+
 from mcsproxy.proxy.workers import WORKER_MAIN, worker_command
 from tests.proxy_fixtures import Backend, ask, free_port
 from tests.test_proxy_gateway import SERVICE, alive, children, start_two_worker_gateway
@@ -174,6 +176,53 @@ async def test_a_worker_that_lived_a_while_is_restarted_after_the_first_delay_ag
     launched = await launches_of_a_pool_running_for(2.0, monkeypatch)
     # Each run lasts ~0.3 s (+ the interpreter's start), each pause stays 0.05 s.
     assert len(launched) >= 4, launched
+
+
+# A worker that beats as a live worker's loop does (or once, then hangs as a stuck loop).
+BEATING_WORKER = """
+import os, sys, time
+fd = os.environ.get("MCSPROXY_WORKER_HEARTBEAT_FD")
+for _ in range(1 if sys.argv[1] == "stuck" or fd is None else 1000):
+    if fd is not None:
+        os.write(int(fd), b".")
+    time.sleep(0.05)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("worker", ["stuck", "beating"])
+async def test_a_worker_whose_loop_is_stuck_is_killed_and_restarted(
+        worker: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A worker whose event loop no longer runs keeps its listeners in the SO_REUSEPORT
+    group: the kernel gave it its share of new connections, which waited unaccepted
+    (a SIGSTOPped one of --workers 2: 19 of 40 connections), and nothing noticed. One
+    that beats is left alone."""
+    from mcsproxy.proxy import workers
+
+    monkeypatch.setattr(workers, "RESTART_DELAY_S", 0.05)
+    monkeypatch.setattr(workers, "HEARTBEAT_S", 0.05, raising=False)
+    monkeypatch.setattr(workers, "WATCHDOG_S", 0.5, raising=False)
+    monkeypatch.setattr(workers, "worker_command", lambda argv, index: [
+        sys.executable, "-c", BEATING_WORKER, worker])
+    launched = await launches_of_a_pool_running_for(2.0, monkeypatch)
+    assert len(launched) >= 2 if worker == "stuck" else len(launched) == 1, launched
+
+
+async def test_a_worker_beats_from_its_event_loop() -> None:
+    from mcsproxy.proxy.workers import HEARTBEAT_FD_ENV, Heartbeat
+
+    read_fd, write_fd = os.pipe()
+    os.environ[HEARTBEAT_FD_ENV] = str(write_fd)
+    heartbeat = Heartbeat.from_environment()
+    assert heartbeat is not None and HEARTBEAT_FD_ENV not in os.environ
+    await heartbeat.start()
+    try:
+        assert await asyncio.get_running_loop().run_in_executor(
+            None, os.read, read_fd, 1) == b"."
+    finally:
+        await heartbeat.stop()
+        os.close(read_fd)
+    assert Heartbeat.from_environment() is None
 
 
 async def test_a_gateway_started_with_stdio_closed_runs_workers_and_stops_cleanly(

@@ -8,6 +8,13 @@ worker that keeps dying soon after its start is restarted after doubling delays 
 30 s), so a crash loop does not keep a core busy starting interpreters; one that lived
 STABLE_S before dying is restarted after 1 s again.
 
+A worker whose event loop is stuck (a bug: an endless loop, a deadlock; or stopped with
+SIGSTOP) is killed and restarted: it writes a byte to a pipe from the supervisor every
+HEARTBEAT_S, and one silent for WATCHDOG_S gets SIGKILL. Its listeners stay in the
+SO_REUSEPORT group while it lives, so the kernel kept handing it its share of new
+connections, which waited in its backlog for ever (19 of 40 with --workers 2), while
+/readyz said 200.
+
 A worker also stops when the supervisor dies without stopping it (SIGKILL, OOM, crash):
 the kernel sends it SIGTERM (PR_SET_PDEATHSIG), so it drains and exits. An orphaned worker
 would otherwise keep its SO_REUSEPORT listeners forever with a frozen configuration, and a
@@ -44,6 +51,12 @@ RESTART_DELAY_S = 1.0
 MAX_RESTART_DELAY_S = 30.0
 STABLE_S = 60.0  # a worker that ran this long before dying starts its backoff over
 STOP_TIMEOUT_S = 5.0
+HEARTBEAT_S = 1.0
+# Far above any pause of a working loop (a GC pass, a report of 10,000 services made a
+# part at a time), and time for the interpreter to start and import.
+WATCHDOG_S = 30.0
+# The write end of the heartbeat pipe, in a worker's environment.
+HEARTBEAT_FD_ENV = "MCSPROXY_WORKER_HEARTBEAT_FD"
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # The worker's entry: `python -c WORKER_MAIN <supervisor pid> gateway ...` (the same
 # interpreter and sys.path as `python -m mcsproxy`, so a cwd-local package still wins).
@@ -132,6 +145,39 @@ def worker_command(argv: tuple[str, ...], index: int, parent_pid: int | None = N
     return [sys.executable, "-c", WORKER_MAIN, str(parent), *args, "--worker-index", str(index)]
 
 
+class Heartbeat:
+    """Component of a worker: a byte to the supervisor's pipe every HEARTBEAT_S, from the
+    event loop, so that a loop that no longer runs goes silent (see WorkerPool)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    @classmethod
+    def from_environment(cls) -> Heartbeat | None:
+        fd = os.environ.pop(HEARTBEAT_FD_ENV, "")
+        return cls(int(fd)) if fd.isdigit() else None
+
+    async def start(self) -> None:
+        os.set_blocking(self.fd, False)
+        self._tasks.append(spawn(self._beat(), name="heartbeat"))
+
+    async def _beat(self) -> None:
+        while True:
+            try:
+                os.write(self.fd, b".")
+            except BlockingIOError:
+                pass  # the supervisor is behind on reading: it has heard from us
+            except OSError:
+                return  # the supervisor is gone (PR_SET_PDEATHSIG stops us)
+            await asyncio.sleep(HEARTBEAT_S)
+
+    async def stop(self) -> None:
+        await cancel_and_wait(self._tasks)
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
 class WorkerPool:
     """Component: starts workers 1..N-1 and keeps them running until stopped."""
 
@@ -140,6 +186,8 @@ class WorkerPool:
         self.procs: dict[int, asyncio.subprocess.Process] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = False
+        self._heard: dict[int, float] = {}  # loop time of each worker's last heartbeat
+        self._pipes: dict[int, int] = {}  # read end of each worker's heartbeat pipe
 
     async def start(self) -> None:
         if not self.config.worker_argv:
@@ -150,15 +198,70 @@ class WorkerPool:
 
     async def _launch(self, index: int) -> None:
         cmd = worker_command(self.config.worker_argv, index)
-        self.procs[index] = await asyncio.create_subprocess_exec(*cmd)
+        self._close_pipe(index)
+        read_fd, write_fd = os.pipe()
+        try:
+            os.set_blocking(read_fd, False)
+            self.procs[index] = await asyncio.create_subprocess_exec(
+                *cmd, pass_fds=(write_fd,), env={**os.environ, HEARTBEAT_FD_ENV: str(write_fd)})
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        loop = asyncio.get_running_loop()
+        self._pipes[index] = read_fd
+        self._heard[index] = loop.time()
+        loop.add_reader(read_fd, self._hear, index, read_fd)
         log.info("proxy worker %d started pid=%d", index, self.procs[index].pid)
+
+    def _hear(self, index: int, fd: int) -> None:
+        try:
+            beats = os.read(fd, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            beats = b""
+        if beats:
+            self._heard[index] = asyncio.get_running_loop().time()
+        else:  # the worker ended: its pipe is done
+            self._close_pipe(index)
+
+    def _close_pipe(self, index: int) -> None:
+        fd = self._pipes.pop(index, None)
+        if fd is not None:
+            asyncio.get_running_loop().remove_reader(fd)
+            os.close(fd)
+
+    async def _wait_alive(self, index: int) -> int | None:
+        """Until worker `index` exits (its exit code), or its loop has been silent for
+        WATCHDOG_S: then it is killed, and the wait goes on to its exit."""
+        loop = asyncio.get_running_loop()
+        proc = self.procs[index]
+        # One wait for the whole life: each cancelled proc.wait() left its future in the
+        # transport's list of exit waiters until the exit.
+        exited = spawn(proc.wait(), name=f"proxy worker {index} exit")
+        try:
+            while True:
+                done, _ = await asyncio.wait({exited}, timeout=HEARTBEAT_S)
+                if done:
+                    return exited.result()
+                silent = loop.time() - self._heard.get(index, loop.time())
+                if silent >= WATCHDOG_S:
+                    log.error("proxy worker %d (pid %d) sent no heartbeat for %.0fs (its "
+                              "event loop is stuck); killing it", index, proc.pid, silent)
+                    with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+                        proc.kill()
+                    return await exited
+        finally:
+            exited.cancel()
 
     async def _supervise(self, index: int) -> None:
         loop = asyncio.get_running_loop()
         backoff = Backoff(RESTART_DELAY_S, MAX_RESTART_DELAY_S)
         while True:
             started = loop.time()
-            code = await self.procs[index].wait()
+            code = await self._wait_alive(index)
             if self._stopping:
                 return
             lived = loop.time() - started
@@ -218,3 +321,5 @@ class WorkerPool:
                 proc.kill()
                 await proc.wait()
         self.procs.clear()
+        for index in list(self._pipes):
+            self._close_pipe(index)
