@@ -189,23 +189,35 @@ class FileSource:
         self._errors: dict[Path, str] = {}
         self._missing: str | None = None  # the source's own path is gone or unlistable
         self._unreadable: dict[Path, str] = {}  # files there that cannot be stat'ed
+        self._paths: dict[str, Path] = {}  # each file's Path, by name (see _list_files)
 
     def _list_files(self) -> tuple[dict[Path, FileStamp], dict[Path, str]]:
         """Stamps of the files to serve, and the files there that cannot be looked at
         (a symlink loop, no permission): neither gone nor readable. OSError when the
         path itself cannot be listed."""
         if self.path.is_dir():
-            candidates = [
-                p for p in self.path.iterdir()
-                if p.suffix in YAML_SUFFIXES and not p.name.startswith(".")
-            ]
+            # Names, not Paths, and each file's Path made once and kept: the dictionaries
+            # of a scan then find it by identity. A new Path per file and scan, compared
+            # by its parts, was half of an idle scan's time (3000 files: 22 of ~45 ms).
+            with os.scandir(self.path) as entries:
+                names = [e.name for e in entries
+                         if e.name.endswith(YAML_SUFFIXES) and not e.name.startswith(".")]
+            paths = self._paths
+            if len(paths) > 2 * len(names) + 64:  # many names gone: forget them
+                self._paths = paths = {n: paths[n] for n in names if n in paths}
+            candidates = []
+            for name in names:
+                path = paths.get(name)
+                if path is None:
+                    path = paths[name] = self.path / name
+                candidates.append(path)
         else:
             candidates = [self.path]
         stamps: dict[Path, FileStamp] = {}
         unreadable: dict[Path, str] = {}
         for p in candidates:
             try:
-                st = p.stat()
+                st = os.stat(p)
             except FileNotFoundError:
                 continue  # removed meanwhile, or a dangling symlink: gone
             except OSError as exc:
