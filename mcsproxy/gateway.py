@@ -114,11 +114,15 @@ class Gateway:
         left = await asyncio.gather(*(c.drain(timeout_s) for c in drainers))
         log.info("drained; %d connections left to close", sum(left))
 
-    def request_stop(self) -> None:
+    def request_stop(self, sig: signal.Signals | None = None) -> None:
         """Drain, then stop. Asked again while draining: close what is still open now (a
         second Ctrl-C does not wait out --drain-timeout; the supervisor kills its
         workers). A worker does not count signals: it gets one from its supervisor
         besides any sent to the whole process group (Ctrl-C) or cgroup (systemd)."""
+        if sig is not None and not self._stop.is_set():
+            # Which one: a SIGHUP from a closed terminal and a SIGTERM from kubelet
+            # otherwise left the same "gateway stopping" line.
+            log.info("%s received", sig.name)
         if self._draining is not None and not self._draining.done() and not self._hurried \
                 and self.config.proxy.worker_index == 0:
             self._hurried = True
@@ -129,7 +133,7 @@ class Gateway:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in STOP_SIGNALS:
-            loop.add_signal_handler(sig, self.request_stop)
+            loop.add_signal_handler(sig, self.request_stop, sig)
         await self.start()
         log.info("gateway started cluster_id=%s sources=%s data_path=%s (%s) python=%s",
                  self.config.cluster_id, ",".join(self.config.sources), compiled.STATE,

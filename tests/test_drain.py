@@ -272,6 +272,7 @@ async def test_sighup_drains_like_sigterm(tmp_path: Path) -> None:
             gw, conns):
         gw.signal(signal.SIGHUP)
         await gw.wait_line("draining for at most 20.0 s")
+        assert "SIGHUP received" in gw.log, gw.log  # the log says why it stopped
         status, _ = await gw.admin_get("/readyz")
         assert status == 503
         for _, writer in conns:
