@@ -208,6 +208,46 @@ async def test_a_worker_whose_loop_is_stuck_is_killed_and_restarted(
     assert len(launched) >= 2 if worker == "stuck" else len(launched) == 1, launched
 
 
+async def test_a_worker_restart_is_counted_in_the_metrics(tmp_path: Path) -> None:
+    """A worker that died and was restarted showed only in the log: a crash loop was
+    invisible to alerting on /metrics."""
+    backend = await Backend("east-1", "127.212.1.1", free_port("127.212.1.1"), "east").start()
+    admin = ("127.212.9.1", free_port("127.212.9.1"))
+    proc = await start_two_worker_gateway(tmp_path, backend, "127.240.212.1", 212,
+                                          "--admin-listen", f"{admin[0]}:{admin[1]}")
+
+    async def restarts() -> list[str]:
+        reader, writer = await asyncio.open_connection(*admin)
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        text = (await reader.read()).decode()
+        writer.close()
+        return [line for line in text.splitlines()
+                if line.startswith("mcsproxy_gateway_worker_restarts_total")]
+
+    try:
+        async with asyncio.timeout(20):
+            while not children(proc.pid):
+                await asyncio.sleep(0.05)
+            worker = children(proc.pid)[0]
+            os.kill(worker, signal.SIGKILL)
+            while children(proc.pid) in ([], [worker]):  # restarted after 1 s
+                await asyncio.sleep(0.05)
+            while True:
+                try:
+                    found = await restarts()
+                    break
+                except OSError:
+                    await asyncio.sleep(0.05)  # the admin not listening yet
+        assert sorted(found) == ['mcsproxy_gateway_worker_restarts_total{reason="exited"} 1.0',
+                                 'mcsproxy_gateway_worker_restarts_total{reason="stuck"} 0.0']
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(15):
+            assert await proc.wait() == 0
+        await backend.stop()
+
+
 async def test_a_worker_beats_from_its_event_loop() -> None:
     from mcsproxy.proxy.workers import HEARTBEAT_FD_ENV, Heartbeat
 

@@ -29,6 +29,7 @@ from mcsproxy.observability.stats import (
 )
 from mcsproxy.observability.workers import RETIRED_KEEP_S, WorkerReporter, WorkerReports
 from mcsproxy.proxy.udp import DROP_REASONS as UDP_DROP_REASONS
+from mcsproxy.proxy.workers import WorkerPool
 from mcsproxy.tasks import cancel_and_wait, spawn
 
 if TYPE_CHECKING:
@@ -173,6 +174,14 @@ class Observer:
                 families.gauge("mcsproxy_gateway_workers_reporting",
                                "Extra proxy worker processes that answered this scrape").add(
                     (), self.workers.reporting)
+                for pool in self.gateway.components:
+                    if isinstance(pool, WorkerPool):
+                        deaths = families.counter(
+                            "mcsproxy_gateway_worker_restarts",
+                            "Proxy worker processes restarted, by why they ended: exited "
+                            "(a crash, a kill) or stuck (no heartbeat: killed)", ["reason"])
+                        for reason, n in pool.deaths.items():
+                            deaths.add([reason], n)
         return families
 
     async def worker_report(self) -> tuple[Families, Iterator[tuple[str, dict[str, int]]]]:

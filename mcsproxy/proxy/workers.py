@@ -187,6 +187,10 @@ class WorkerPool:
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = False
         self._heard: dict[int, float] = {}  # loop time of each worker's last heartbeat
+        # Workers that ended unasked, by why: "exited" (a crash, a kill from outside, an
+        # OOM kill) or "stuck" (killed by the watchdog); each is restarted. Only the log
+        # said so: a crash-looping worker was invisible to alerting on /metrics.
+        self.deaths: dict[str, int] = {"exited": 0, "stuck": 0}
         self._pipes: dict[int, int] = {}  # read end of each worker's heartbeat pipe
 
     async def start(self) -> None:
@@ -235,7 +239,7 @@ class WorkerPool:
 
     async def _wait_alive(self, index: int) -> int | None:
         """Until worker `index` exits (its exit code), or its loop has been silent for
-        WATCHDOG_S: then it is killed, and the wait goes on to its exit."""
+        WATCHDOG_S: then it is killed, and None is returned once it has exited."""
         loop = asyncio.get_running_loop()
         proc = self.procs[index]
         # One wait for the whole life: each cancelled proc.wait() left its future in the
@@ -248,11 +252,13 @@ class WorkerPool:
                     return exited.result()
                 silent = loop.time() - self._heard.get(index, loop.time())
                 if silent >= WATCHDOG_S:
+                    self.deaths["stuck"] += 1
                     log.error("proxy worker %d (pid %d) sent no heartbeat for %.0fs (its "
                               "event loop is stuck); killing it", index, proc.pid, silent)
                     with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
                         proc.kill()
-                    return await exited
+                    await exited
+                    return None
         finally:
             exited.cancel()
 
@@ -264,12 +270,15 @@ class WorkerPool:
             code = await self._wait_alive(index)
             if self._stopping:
                 return
+            if code is not None:
+                self.deaths["exited"] += 1
             lived = loop.time() - started
             if lived >= STABLE_S:
                 backoff.reset()  # it served a while: a one-off death, not a crash loop
             delay = backoff.step()
             log.error("proxy worker %d (pid %d) exited with %s after %.1fs; restarting in "
-                      "%.1fs", index, self.procs[index].pid, code, lived, delay)
+                      "%.1fs", index, self.procs[index].pid,
+                      "SIGKILL (stuck)" if code is None else code, lived, delay)
             while True:
                 await asyncio.sleep(delay)
                 try:
