@@ -50,6 +50,8 @@ class Gateway:
         # Started in this order, stopped in reverse: admin last up, first to say "not ready".
         self.components: list[Component] = [self.dns, self.admin]
         if self.proxy is not None:
+            front = FrontDoor(self.proxy, config.dns.domain) \
+                if config.proxy.http.listen is not None else None
             if config.proxy.worker_index > 0:
                 self.components = [self.proxy]  # an extra proxy worker: no DNS, no admin
                 # Beating from the start: the supervisor kills a worker silent too long.
@@ -58,9 +60,8 @@ class Gateway:
             else:
                 self.components.insert(1, self.proxy)
                 if config.proxy.workers > 1:
-                    self.components.insert(2, WorkerPool(config.proxy))
-            if config.proxy.http.listen is not None:
-                front = FrontDoor(self.proxy, config.dns.domain)
+                    self.components.insert(2, WorkerPool(config.proxy, front))
+            if front is not None:  # after the proxy, before the workers that share its port
                 self.components.insert(self.components.index(self.proxy) + 1, front)
         self.components.insert(0, self.observer)  # up first, down last: everyone reports
         if config.vip_interface and config.proxy.worker_index == 0:

@@ -248,6 +248,31 @@ async def test_a_worker_restart_is_counted_in_the_metrics(tmp_path: Path) -> Non
         await backend.stop()
 
 
+async def test_workers_share_the_front_doors_port_when_it_is_port_0(tmp_path: Path) -> None:
+    """`--http-listen HOST:0` gave each process a port of its own: the workers' front
+    doors listened where no client knew to go, and the log said ":0" for all of them."""
+    backend = await Backend("east-1", "127.213.1.1", free_port("127.213.1.1"), "east").start()
+    proc = await start_two_worker_gateway(
+        tmp_path, backend, "127.240.213.1", 213, "--log-level", "info",
+        "--http-listen", "127.213.9.2:0", stderr=asyncio.subprocess.PIPE)
+    assert proc.stderr is not None
+    ports: dict[str, str] = {}
+    try:
+        async with asyncio.timeout(20):
+            while len(ports) < 2:
+                line = (await proc.stderr.readline()).decode()
+                assert line, "stderr closed early"
+                if "HTTP front door on " in line:
+                    ports[line.split()[2]] = line.rsplit(":", 1)[1].strip()
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(15):
+            await proc.communicate()
+        await backend.stop()
+    assert ports["worker=0"] == ports["worker=1"] != "0", ports
+
+
 async def test_a_worker_beats_from_its_event_loop() -> None:
     from mcsproxy.proxy.workers import HEARTBEAT_FD_ENV, Heartbeat
 

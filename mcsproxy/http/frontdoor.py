@@ -53,6 +53,7 @@ class FrontDoor:
         self.cache: dict[bytes, Resolved] = {}
         self.version = -1
         self.server: asyncio.Server | None = None
+        self.bound: tuple[str, int] | None = None  # the address bound (port 0: which one)
 
     async def start(self) -> None:
         host, port = self.listen
@@ -77,7 +78,10 @@ class FrontDoor:
         self.server = await loop.create_server(
             partial(ClientConnection, self.proxy.http, None, self), sock=sock,
             backlog=LISTEN_BACKLOG)
-        log.info("HTTP front door on %s:%d", host, port)
+        self.bound = (host, sock.getsockname()[1])
+        # The port bound, as the DNS and admin listeners say theirs: with port 0 the log
+        # said ":0", leaving the front door's real port unknown.
+        log.info("HTTP front door on %s:%d", host, self.bound[1])
 
     async def drain(self, timeout_s: float) -> int:
         """Stop accepting; the proxy manager's drain waits for the connections (its engine

@@ -181,8 +181,10 @@ class Heartbeat:
 class WorkerPool:
     """Component: starts workers 1..N-1 and keeps them running until stopped."""
 
-    def __init__(self, config: ProxyConfig) -> None:
+    def __init__(self, config: ProxyConfig, front_door: Any = None) -> None:
         self.config = config
+        # The supervisor's FrontDoor (started first), whose bound port the workers share.
+        self.front_door = front_door
         self.procs: dict[int, asyncio.subprocess.Process] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = False
@@ -201,7 +203,16 @@ class WorkerPool:
             self._tasks.append(spawn(self._supervise(index), name=f"proxy worker {index}"))
 
     async def _launch(self, index: int) -> None:
-        cmd = worker_command(self.config.worker_argv, index)
+        argv = self.config.worker_argv
+        bound = getattr(self.front_door, "bound", None)
+        if bound is not None and self.config.http.listen is not None \
+                and self.config.http.listen[1] == 0:
+            # `--http-listen HOST:0`: each worker bound a port of its own, outside the
+            # supervisor's SO_REUSEPORT group, where no client knew to go. Workers get
+            # the supervisor's port (the last --http-listen wins).
+            host = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+            argv = (*argv, "--http-listen", f"{host}:{bound[1]}")
+        cmd = worker_command(argv, index)
         self._close_pipe(index)
         read_fd, write_fd = os.pipe()
         try:
