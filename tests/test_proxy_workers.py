@@ -273,6 +273,36 @@ async def test_workers_share_the_front_doors_port_when_it_is_port_0(tmp_path: Pa
     assert ports["worker=0"] == ports["worker=1"] != "0", ports
 
 
+async def test_workers_that_ignore_sigterm_are_killed_after_one_deadline(
+        monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Stopping waited STOP_TIMEOUT_S for each worker in turn: with stuck workers the
+    stop took N times as long, past a pod's grace period."""
+    from mcsproxy.config import ProxyConfig
+    from mcsproxy.proxy import workers
+
+    monkeypatch.setattr(workers, "STOP_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(workers, "worker_command", lambda argv, index: [
+        sys.executable, "-c", "import signal, sys, time; "
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN); print(flush=True); time.sleep(60)"])
+    real_exec = asyncio.create_subprocess_exec
+
+    async def piped_exec(*cmd: str, **kw: object) -> asyncio.subprocess.Process:
+        return await real_exec(*cmd, stdout=asyncio.subprocess.PIPE, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(workers.asyncio, "create_subprocess_exec", piped_exec)
+    pool = workers.WorkerPool(ProxyConfig(workers=5, worker_argv=("gateway",)))
+    await pool.start()
+    procs = list(pool.procs.values())
+    for proc in procs:  # each has set SIGTERM aside
+        assert proc.stdout is not None
+        await proc.stdout.readline()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await pool.stop()
+    assert loop.time() - started < 1.5  # 4 workers in turn: 2 s
+    assert all(proc.returncode == -signal.SIGKILL for proc in procs)
+
+
 async def test_a_worker_beats_from_its_event_loop() -> None:
     from mcsproxy.proxy.workers import HEARTBEAT_FD_ENV, Heartbeat
 

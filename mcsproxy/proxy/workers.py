@@ -332,14 +332,18 @@ class WorkerPool:
         for proc in self.procs.values():
             if proc.returncode is None:
                 proc.terminate()
+        # One deadline for them all: waited one after the other, N workers that ignore
+        # SIGTERM (stuck loops) took N x STOP_TIMEOUT_S, past a pod's grace period, and
+        # the supervisor's SIGKILL then left them running with their listeners.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(STOP_TIMEOUT_S):
+                await asyncio.gather(*(proc.wait() for proc in self.procs.values()))
         for index, proc in self.procs.items():
-            try:
-                async with asyncio.timeout(STOP_TIMEOUT_S):
-                    await proc.wait()
-            except TimeoutError:
+            if proc.returncode is None:
                 log.warning("proxy worker %d (pid %d) ignored SIGTERM; killing", index, proc.pid)
-                proc.kill()
-                await proc.wait()
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+        await asyncio.gather(*(proc.wait() for proc in self.procs.values()))
         self.procs.clear()
         for index in list(self._pipes):
             self._close_pipe(index)
