@@ -964,6 +964,33 @@ async def test_a_tunnel_half_closes_each_way() -> None:
         writer.close()
 
 
+class HalfASwitch(asyncio.Protocol):
+    """Answers every request 101 with Upgrade but without Connection: upgrade."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: demo\r\n\r\nhi")
+
+
+async def test_a_101_without_connection_upgrade_is_a_502() -> None:
+    # RFC 9110 7.8: a 101 says Connection: upgrade. llhttp takes one without it for a
+    # plain message and fails on the bytes after it: the 101 had gone to the client,
+    # then a reset, and the client never learnt why.
+    async with protocol_behind_proxy(HalfASwitch, "127.76.3.1", "127.76.240.3", "half"):
+        client = await RawClient.open("127.76.240.3", 80)
+        client.send(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: demo\r\n\r\n")
+        r = await client.response()
+        assert (r.status, r.body) == (502, b"upstream 101 without Upgrade and "
+                                           b"Connection: upgrade\n")
+        # A refused upgrade: the connection goes on as HTTP.
+        r = await client.get("/")
+        assert (r.status, r.body) == (502, b"no endpoint answered (last: 101 without an "
+                                           b"upgrade request)\n")
+        await client.close()
+
+
 class IgnoresUpgrade(asyncio.Protocol):
     """Refuses every Upgrade as Go's net/http does without a hijacking handler: reads
     each request's body by its Content-Length and answers 200 naming the path and the

@@ -1562,8 +1562,16 @@ class Exchange:
         length = up.length
         stop = False
         if status == 101:
-            if not self.upgrade or up.upgrade is None:
+            if not self.upgrade:
                 up.fail("101 without an upgrade request")
+                return
+            if up.upgrade is None or up.conn_tokens is None \
+                    or b"upgrade" not in connection_tokens(up.conn_tokens):
+                # RFC 9110 7.8: a 101 names the protocol (Upgrade) and says the switch is
+                # hop-by-hop (Connection: upgrade). llhttp takes one without the latter for
+                # a plain message and then fails on what follows: the 101 had gone out,
+                # and the client got it and a reset instead of a 502.
+                up.fail("101 without Upgrade and Connection: upgrade")
                 return
             framing = b"Connection: upgrade\r\nUpgrade: " + up.upgrade + CRLF
             up.interim = True  # llhttp ends the 101 message; the tunnel starts instead
