@@ -216,9 +216,14 @@ async def test_absolute_form_targets_are_accepted_and_sent_in_origin_form() -> N
         assert (await client.response()).status == 200
         assert backend.requests[-1][1] == b"*"  # RFC 9112 3.2.4
         await client.close()
-        for refused in (b"http://user@web.example/", b"ftp://web.example/", b"web.example:80"):
+        # A fragment is no part of a request target (RFC 9112 3.2): `/x#f` went on as it came.
+        for refused in (b"http://user@web.example/", b"ftp://web.example/", b"web.example:80",
+                        b"/x#frag", b"/p?q=1#f", b"http://web.example/p#f"):
             client = await RawClient.open("127.199.0.4", 80)
-            assert (await client.get(refused.decode())).status == 400, refused
+            r = await client.get(refused.decode())
+            assert r.status == 400, refused
+            if b"#" in refused:
+                assert r.body == b"a fragment in the request target\n"
             await client.close()
         assert len(backend.requests) == 3
     finally:

@@ -695,6 +695,10 @@ class ClientConnection(asyncio.Protocol):
             # pooled connection read the next client's request as that body.
             self._refuse(400, "CONNECT is not supported", MALFORMED)
         url = self.url
+        if b"#" in url:
+            # RFC 9112 3.2: a request target has no fragment (a client strips it). An
+            # endpoint routing on the path would see one as part of it: refused, as nginx.
+            self._refuse(400, "a fragment in the request target", MALFORMED)
         authority = None
         if url[:1] != b"/" and not (url == b"*" and method == b"OPTIONS"):
             url, authority = self._origin_form(url, method)
