@@ -231,6 +231,45 @@ async def test_absolute_form_targets_are_accepted_and_sent_in_origin_form() -> N
         await backend.stop()
 
 
+async def test_trace_is_refused_and_options_at_max_forwards_0_answered_by_us() -> None:
+    # RFC 9110 7.6.2: an intermediary answers a TRACE or OPTIONS with Max-Forwards: 0 as
+    # its final recipient, and sends one less on. Both went on as they came. TRACE,
+    # which echoes cookies and credentials (cross-site tracing), is refused (as nginx).
+    [backend] = await start_backends({"east": 1}, 76)
+    cs = Clusterset("east")
+    publish(cs, "trace", "127.76.240.4", [backend])
+    proxy = await cs.proxy()
+    try:
+        client = await RawClient.open("127.76.240.4", 80)
+        for extra in ("Max-Forwards: 0\r\n", "", "Max-Forwards: 5\r\n"):
+            r = await client.get("/t", method="TRACE", extra=extra)
+            assert (r.status, r.body) == (405, b"TRACE is not allowed\n"), extra
+            assert b"connection" not in r.headers  # kept alive: a refused method, not a bad head
+        r = await client.get("*", method="OPTIONS", extra="Max-Forwards: 0\r\n")
+        assert (r.status, r.body) == (200, b"OPTIONS answered by the proxy: Max-Forwards is 0\n")
+        r = await client.get("/o", method="OPTIONS", extra="Max-Forwards: 00\r\n")
+        assert r.status == 200
+        assert backend.requests == []  # none of them went on
+        for sent, forwarded in (("3", b"2"), ("1", b"0"), ("9" * 30, b"999999999"), ("x", b"x")):
+            r = await client.get("/o", method="OPTIONS", extra=f"Max-Forwards: {sent}\r\n")
+            assert (r.status, backend.header(-1, b"max-forwards")) == (200, [forwarded]), sent
+        # Other methods: Max-Forwards is the endpoint's business, sent on as it came.
+        r = await client.get("/g", extra="Max-Forwards: 0\r\n")
+        assert (r.status, backend.header(-1, b"max-forwards")) == (200, [b"0"])
+        # With a body (RFC 9110 9.3.8: a client must not send one): answered before it
+        # came, so the connection closes after the answer, as after any early answer.
+        client.send(b"TRACE / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nxy")
+        assert (await client.response()).status == 405
+        await client.close()
+        assert [m for m, _, _ in backend.requests] == [b"OPTIONS"] * 4 + [b"GET"]
+        refused = proxy.http.refused
+        assert refused[("listener", "405", "trace")] == 4
+        assert refused[("listener", "200", "max_forwards")] == 2
+    finally:
+        await proxy.stop()
+        await backend.stop()
+
+
 class SlowReader(asyncio.Protocol):
     """Reads nothing until `go` is set, then hashes the request body and answers it."""
 

@@ -51,6 +51,9 @@ from mcsproxy.http.wire import (
     INVALID_HOST,
     LAST_CHUNK,
     MALFORMED,
+    MAX_FORWARDS,
+    MAX_FORWARDS_CAP,
+    MAX_FORWARDS_REACHED,
     MAX_REQUEST_ID,
     NEVER_NOMINATED,
     NO_CONTENT,
@@ -60,6 +63,7 @@ from mcsproxy.http.wire import (
     STATUS_LINES,
     TOO_MANY_HEADERS,
     TOO_MANY_PIPELINED,
+    TRACE_METHOD,
     TRANSFER_CODING,
     TRANSFER_ENCODING,
     UNKNOWN_SERVICE,
@@ -187,6 +191,7 @@ class ClientConnection(asyncio.Protocol):
         "length",
         "limit_key",
         "lingering",
+        "max_forwards",
         "nheaders",
         "out",
         "parser",
@@ -276,6 +281,7 @@ class ClientConnection(asyncio.Protocol):
         self.length: bytes | None = None
         self.expect = False
         self.upgrade: bytes | None = None
+        self.max_forwards: bytes | None = None
         self.has_request_id = False
         self.nheaders = 0
         self.hsize = 0
@@ -665,6 +671,8 @@ class ClientConnection(asyncio.Protocol):
             self.expect = True
         elif kind == UPGRADE:
             self.upgrade = value
+        elif kind == MAX_FORWARDS:
+            self.max_forwards = value  # sent on by on_headers_complete, less one for OPTIONS
         # DROP: hop-by-hop, or a header we set ourselves
 
     def on_trailer(self, name: bytes, value: bytes) -> None:
@@ -751,6 +759,24 @@ class ClientConnection(asyncio.Protocol):
             # A front-door request without Host and without an authority was refused.
             assert self.front is not None and self.host is not None
             route, error = self.front.resolve(self.host)
+        if method == b"TRACE":
+            # RFC 9110 9.3.8: TRACE echoes the request as received, credentials and cookies
+            # too (cross-site tracing), and 7.6.2 wants one with Max-Forwards: 0 answered by
+            # us: it used to be forwarded either way. Refused, as nginx does.
+            error = error or (405, "TRACE is not allowed", TRACE_METHOD)
+        elif self.max_forwards is not None:
+            forwards = self.max_forwards
+            if method == b"OPTIONS":
+                # RFC 9110 7.6.2: at 0 we are the final recipient; above, one less goes on.
+                digits = forwards.strip(b" \t")
+                if digits.isdigit():
+                    digits = digits.lstrip(b"0")
+                    if not digits:
+                        error = error or (200, "OPTIONS answered by the proxy: Max-Forwards is 0",
+                                          MAX_FORWARDS_REACHED)
+                    forwards = b"%d" % (MAX_FORWARDS_CAP if len(digits) > 9
+                                        else min(int(digits or b"1") - 1, MAX_FORWARDS_CAP))
+            add_field(self.parts, b"Max-Forwards", forwards)
         parts = self.parts
         if self.conn_tokens is not None:
             nominated = connection_tokens(self.conn_tokens) - NEVER_NOMINATED

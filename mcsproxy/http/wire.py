@@ -39,6 +39,7 @@ HOST: Final = 6
 X_FORWARDED_FOR: Final = 7
 X_REQUEST_ID: Final = 8
 EXPECT: Final = 9
+MAX_FORWARDS: Final = 10
 
 _HOP_BY_HOP = {
     b"keep-alive": DROP,
@@ -59,6 +60,7 @@ REQUEST_KINDS: Final[dict[bytes, int]] = {
     b"x-forwarded-proto": DROP,  # we set it: a client cannot claim https through us
     b"x-request-id": X_REQUEST_ID,
     b"expect": EXPECT,
+    b"max-forwards": MAX_FORWARDS,  # 12 long, as x-request-id: no look-up more per request
 }
 RESPONSE_KINDS: Final[dict[bytes, int]] = dict(_HOP_BY_HOP)
 
@@ -159,10 +161,13 @@ NOT_CLUSTERSET: Final = "not_clusterset"
 UNKNOWN_SERVICE: Final = "unknown_service"
 NOT_HTTP: Final = "not_http"
 NOT_SERVED: Final = "not_served"
+TRACE_METHOD: Final = "trace"  # TRACE, refused (405)
+# OPTIONS with Max-Forwards: 0, answered by us as its final recipient (200).
+MAX_FORWARDS_REACHED: Final = "max_forwards"
 REFUSAL_REASONS: Final = (MALFORMED, INVALID_HOST, HTTP_VERSION, TRANSFER_CODING,
                           EXPECT_UNSUPPORTED, TOO_MANY_HEADERS, HEADERS_TOO_LARGE, URI_TOO_LONG,
                           TOO_MANY_PIPELINED, HEAD_TIMEOUT, NOT_CLUSTERSET, UNKNOWN_SERVICE,
-                          NOT_HTTP, NOT_SERVED)
+                          NOT_HTTP, NOT_SERVED, TRACE_METHOD, MAX_FORWARDS_REACHED)
 
 IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
 # Methods whose requests anticipate no content: their `Content-Length: 0` is dropped (RFC
@@ -170,6 +175,9 @@ IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
 # endpoint may answer 411 to a PUT or POST without it.
 NO_CONTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE"})
 MAX_REQUEST_ID: Final = 200
+# The Max-Forwards we send on at most (RFC 9110 7.6.2: the lesser of the value received
+# less one and the most we support); a longer value is not made an int (see host_is_valid).
+MAX_FORWARDS_CAP: Final = 999_999_999
 
 
 # Fields never passed on in a trailer section, either way: what RFC 9110 6.5.1 keeps out
