@@ -744,6 +744,18 @@ async def test_content_length_in_a_trailer_section_is_dropped_not_the_response()
         old.send(b"GET /trailer-length HTTP/1.0\r\n\r\n")
         assert (await old.response()).body == b"hello"
         await old.close()
+        # Requests alike: Content-Length in a request's trailer section got 400, its
+        # body never sent. It is dropped there too, and the next head is strict again.
+        client = await RawClient.open("127.172.0.1", 80)
+        client.send(b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    b"3\r\nabc\r\n0\r\nContent-Length: 3\r\nX-Sum: 9\r\n\r\n")
+        assert ((r := await client.response()).status, r.body) == (200, b"abc")
+        assert backend.trailers[-1] == [(b"X-Sum", b"9")]
+        client.send(b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
+                    b"Content-Length: 3\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+        assert ((r := await client.response()).status, r.body) == (
+            400, b"malformed request: Content-Length can't be present with Transfer-Encoding\n")
+        await client.close()
     finally:
         await proxy.stop()
         await backend.stop()

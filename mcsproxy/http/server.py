@@ -738,6 +738,12 @@ class ClientConnection(asyncio.Protocol):
             if self.te.strip().lower() != b"chunked":
                 self._refuse(501, "only the chunked transfer coding is supported", TRANSFER_CODING)
             chunked = True
+            # llhttp (strict) refuses Content-Length in the trailer section as in a head:
+            # a request with one got 400, while the same trailer of a response is dropped
+            # (UpstreamConn.on_headers_complete). It frames nothing there: dropped here too
+            # (NOT_IN_TRAILERS). The head was checked already; on_message_complete makes
+            # the parser strict again for the next head.
+            parser.set_dangerous_leniencies(lenient_chunked_length=True)
         length = 0 if self.length is None else int(self.length)
         # llhttp stops after the head of a request it takes for a switch of protocols
         # (Upgrade with Connection: upgrade, HTTP/1.0 too): the body its head announces
@@ -882,6 +888,8 @@ class ClientConnection(asyncio.Protocol):
         ex = self.current
         self.current = None
         if ex is not None:
+            if ex.chunked and self.parser is not None:  # strict again (on_headers_complete)
+                self.parser.set_dangerous_leniencies(lenient_chunked_length=False)
             ex.request_done()
 
     # -- the pipeline -----------------------------------------------------------------
