@@ -47,6 +47,9 @@ async def test_front_door_routes_by_host_only_to_imported_services() -> None:
                 ("web.test.svc.clusterset.local:81", 404, b"no such service port\n"),
                 ("nope.test.svc.clusterset.local", 404, b"no such service\n"),
                 ("web.test.svc.cluster.local", 421, b"not a clusterset service name\n"),
+                # Not a name (an empty label): they were routed as web.test.
+                ("web.test.svc.clusterset.local..", 421, b"not a clusterset service name\n"),
+                ("web.test.svc.clusterset.local...:80", 421, b"not a clusterset service name\n"),
                 (f"127.81.1.1:{web.port}", 421, b"not a clusterset service name\n"),
                 ("evil.example", 421, b"not a clusterset service name\n"),
             ]:

@@ -116,7 +116,9 @@ class FrontDoor:
     def _lookup(self, raw: bytes) -> Resolved:
         # Service names hold no colon; an IPv6 literal fails the suffix test below.
         name, _, port_text = raw.strip().lower().partition(b":")
-        name = name.rstrip(b".")
+        # One trailing dot (a fully qualified name); `local..` has an empty label, no name.
+        if name.endswith(b"."):
+            name = name[:-1]
         if not name.endswith(self.suffix):
             return None, (421, "not a clusterset service name", NOT_CLUSTERSET)
         labels = name[: -len(self.suffix)].split(b".")
