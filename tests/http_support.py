@@ -271,8 +271,10 @@ class RawClient:
         self.writer = writer
 
     @classmethod
-    async def open(cls, ip: str, port: int) -> RawClient:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(ip, port), 3)
+    async def open(cls, ip: str, port: int, source: str | None = None) -> RawClient:
+        """`source`: the client's address (another loopback address: another client)."""
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(
+            ip, port, local_addr=(source, 0) if source is not None else None), 3)
         return cls(reader, writer)
 
     async def close(self) -> None:

@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 from mcsproxy.config import HttpConfig
 from mcsproxy.http.frontdoor import FrontDoor
 from mcsproxy.model import ServicePort
 from mcsproxy.proxy import ProxyManager
 from tests.http_support import HTTP_PORT, RawClient, start_backends
-from tests.proxy_fixtures import Backend, Clusterset, endpoint, free_port
+from tests.proxy_fixtures import Backend, Clusterset, endpoint, free_port, until
 
 
 @contextlib.asynccontextmanager
-async def front_door(cs: Clusterset, ip: str) -> AsyncIterator[tuple[ProxyManager,
-                                                                      tuple[str, int]]]:
+async def front_door(cs: Clusterset, ip: str, **config: Any,
+                     ) -> AsyncIterator[tuple[ProxyManager, tuple[str, int]]]:
     """The gateway of `cs` with its front door on ip (a free port): (proxy, listen)."""
     listen = (ip, free_port(ip))
-    proxy = await cs.proxy(http=HttpConfig(listen=listen))
+    proxy = await cs.proxy(http=HttpConfig(listen=listen), **config)
     front = FrontDoor(proxy, "clusterset.local")
     try:
         await front.start()
@@ -181,5 +182,36 @@ async def test_an_invalid_host_gets_400_from_listener_and_front_door() -> None:
             r = await client.response()
             assert (r.status, r.body) == (400, b"invalid authority in the request target\n")
             await client.close()
+    finally:
+        await web.stop()
+
+
+async def test_the_front_door_is_held_to_the_connection_limits() -> None:
+    # --max-connections-per-client and -per-listener applied to the ClusterSetIP
+    # listeners only: the front door, the one listener outside clients reach, took any
+    # number (10 of 10 from one client with a limit of 2).
+    [web] = await start_backends({"east": 1}, 76)
+    cs = Clusterset("east")
+    cs.publish("web", "127.76.240.6", [HTTP_PORT], [endpoint(web.host, "east", web.port)])
+    host = "web.test.svc.clusterset.local"
+    try:
+        async with front_door(cs, "127.76.0.6", max_connections_per_client=2,
+                              max_connections_per_listener=3) as (proxy, listen):
+            held = [await RawClient.open(*listen, source=src)
+                    for src in ("127.0.0.1", "127.0.0.1", "127.0.0.2")]
+            for client in held:
+                assert (await client.get("/", host=host)).status == 200
+            for src in ("127.0.0.1", "127.0.0.3"):  # over the client's, the listener's limit
+                refused = await RawClient.open(*listen, source=src)
+                assert await refused.closed(), src
+                await refused.close()
+            assert (proxy.refusals["client_limit"], proxy.refusals["listener_limit"]) == (1, 1)
+            await held.pop(0).close()
+            await until(lambda: proxy.http.clients and len(proxy.http.clients) == 2,
+                        "the closed connection gone")
+            again = await RawClient.open(*listen)  # room again
+            assert (await again.get("/", host=host)).status == 200
+            for client in [*held, again]:
+                await client.close()
     finally:
         await web.stop()

@@ -54,6 +54,11 @@ class FrontDoor:
         self.version = -1
         self.server: asyncio.Server | None = None
         self.bound: tuple[str, int] | None = None  # the address bound (port 0: which one)
+        # Its connections' admission (--max-connections-per-listener / -per-client): the
+        # front door is one listener, as a ClusterSetIP:port is; it used to take any
+        # number of connections, from one client too. No upstream: routes have their own.
+        self.ctx = ListenerContext(f"front door {listen[0]}:{listen[1]}", None,  # type: ignore[arg-type]
+                                   self.config, set(), refusals=proxy.refusals)
 
     async def start(self) -> None:
         host, port = self.listen

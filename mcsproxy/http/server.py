@@ -85,6 +85,7 @@ from mcsproxy.upstream.upstream_set import CONNECT_VERDICT_DELAY_S, PER_TRY_TIME
 if TYPE_CHECKING:
     from mcsproxy.http.engine import HttpEngine, HttpRoute, HttpSettings
     from mcsproxy.http.frontdoor import FrontDoor
+    from mcsproxy.proxy.context import ListenerContext
     from mcsproxy.upstream import Host, UpstreamSet
 
 log = logging.getLogger("mcsproxy.http")
@@ -289,11 +290,10 @@ class ClientConnection(asyncio.Protocol):
     # -- transport events -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        route = self.route
         peer = transport.get_extra_info("peername")
-        if route is not None and (route.ctx.config.max_connections_per_listener
-                                  or route.ctx.config.max_connections_per_client):
-            self.limit_key = route.ctx.admit(peer)
+        ctx = self.limits()
+        if ctx.config.max_connections_per_listener or ctx.config.max_connections_per_client:
+            self.limit_key = ctx.admit(peer)
             if self.limit_key is None:
                 self.closed = True
                 self.transport.abort()
@@ -301,6 +301,14 @@ class ClientConnection(asyncio.Protocol):
         self.transport.set_write_buffer_limits(CLIENT_WRITE_HIGH_WATER)
         self.client_ip, self.fwd = self.engine.client_headers(peer[0] if peer else "unknown")
         self.engine.clients.add(self)
+
+    def limits(self) -> ListenerContext:
+        """What counts this connection against the connection limits: its listener's
+        context, or the front door's (whose connections have no route of their own)."""
+        if self.route is not None:
+            return self.route.ctx
+        assert self.front is not None
+        return self.front.ctx
 
     def data_received(self, data: bytes) -> None:
         if self.lingering:
@@ -423,8 +431,8 @@ class ClientConnection(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.limit_key is not None and self.route is not None:
-            self.route.ctx.leave(self.limit_key)
+        if self.limit_key is not None:
+            self.limits().leave(self.limit_key)
             self.limit_key = None
         self.closed = True
         self.engine.clients.discard(self)
