@@ -60,6 +60,37 @@ async def test_nothing_is_answered_after_a_request_that_closes_the_connection() 
         await backend.stop()
 
 
+async def test_nothing_is_processed_after_an_early_answer_that_closes_the_connection(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # An answer of ours before the request body (TRACE refused, an unknown front-door
+    # Host, no healthy endpoint) closes the connection; the body is read and dropped.
+    # What came after it in the same read was parsed on: the next request went to an
+    # endpoint (a POST ran there, its answer never sent) and its answer was written
+    # after our FIN: "Cannot call write() after write_eof()", a fatal transport error.
+    [backend] = await start_backends({"east": 1}, 76)
+    cs = Clusterset("east")
+    publish(cs, "early", "127.76.240.7", [backend])
+    proxy = await cs.proxy()
+    try:
+        warm = await RawClient.open("127.76.240.7", 80)
+        assert (await warm.get("/warm")).status == 200  # a pooled endpoint connection
+        await warm.close()
+        for after in (b"POST /charge HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx",
+                      b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n"):
+            client = await RawClient.open("127.76.240.7", 80)
+            client.send(b"TRACE / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc" + after)
+            r = await client.response()
+            assert (r.status, r.headers[b"connection"]) == (405, b"close")
+            assert await client.reader.read() == b""  # nothing after: the close
+            await client.close()
+        await asyncio.sleep(0.1)  # what a request sent would take to arrive
+        assert [u for _, u, _ in backend.requests] == [b"/warm"]
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    finally:
+        await proxy.stop()
+        await backend.stop()
+
+
 async def test_a_client_that_half_closes_after_its_requests_gets_their_answers() -> None:
     # `nc -N`, or any client that shuts its sending side down once the request is out:
     # its answers used to be dropped (the connection closed on the FIN, the request

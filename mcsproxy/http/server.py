@@ -151,6 +151,16 @@ CHUNKED: Final = 1
 STATUS_CLASSES: Final = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 
 
+class Closing(Exception):
+    """Raised by on_message_begin to stop parsing a read once an answer in it closed the
+    connection (see CLOSING)."""
+
+
+# Built once: raised for every request a client sends after an answer that ends its
+# connection, in the read that brought both.
+CLOSING: Final = Closing()
+
+
 class RequestError(Exception):
     """A request we refuse; raised inside parser callbacks, answered by data_received.
     `reason` is its label in mcsproxy_http_refused_total: one of REFUSAL_REASONS, never
@@ -262,6 +272,13 @@ class ClientConnection(asyncio.Protocol):
         self._reset_head()
 
     def on_message_begin(self) -> None:
+        if self.lingering:
+            # An answer that closes the connection went out during this read (an error of
+            # ours answered before the request body, which is read on and dropped): RFC 9112
+            # 9.6, nothing after it is processed. The next request used to be parsed, sent
+            # to an endpoint (a POST ran there unanswered) and its answer written after our
+            # FIN: "Cannot call write() after write_eof()", logged as a fatal error.
+            raise CLOSING
         self.in_head = True
         self.head_since = self.engine.now
         # Bytes of this head seen so far, counted per read (so approximate by one read),
@@ -363,6 +380,8 @@ class ClientConnection(asyncio.Protocol):
                 ex.tunnel_data(rest)
         except HttpParserError as exc:
             self.chunks = None  # of a body that fails with its request
+            if self.lingering:
+                return  # stopped by CLOSING (on_message_begin), or a close meanwhile: dropped
             last = self.last
             if self.request_error is None and self.current is None and last is not None \
                     and not last.keep_alive:
