@@ -23,6 +23,7 @@ from mcsproxy.http.wire import NOT_CLUSTERSET, NOT_HTTP, NOT_SERVED, UNKNOWN_SER
 from mcsproxy.model import ImportedService, ServiceKey, ServicePort
 from mcsproxy.proxy.context import ListenerContext
 from mcsproxy.proxy.manager import LISTEN_BACKLOG, ProxyManager, UpstreamKey
+from mcsproxy.upstream import UpstreamSet
 
 log = logging.getLogger("mcsproxy.http.frontdoor")
 
@@ -56,8 +57,10 @@ class FrontDoor:
         self.bound: tuple[str, int] | None = None  # the address bound (port 0: which one)
         # Its connections' admission (--max-connections-per-listener / -per-client): the
         # front door is one listener, as a ClusterSetIP:port is; it used to take any
-        # number of connections, from one client too. No upstream: routes have their own.
-        self.ctx = ListenerContext(f"front door {listen[0]}:{listen[1]}", None,  # type: ignore[arg-type]
+        # number of connections, from one client too. Its upstream set stays empty (each
+        # request's route has its own): the compiled context holds a set, never None.
+        name = f"front door {listen[0]}:{listen[1]}"
+        self.ctx = ListenerContext(name, UpstreamSet(name, proxy.store.cluster_id, self.config),
                                    self.config, set(), refusals=proxy.refusals)
 
     async def start(self) -> None:
