@@ -167,6 +167,36 @@ def test_outlier_ejection_time_grows_and_is_capped() -> None:
     assert durations == [10, 20, 25, 25]
 
 
+def test_time_in_service_shortens_the_next_ejection_again() -> None:
+    """As Envoy's multiplier: ejections in a row grow, each base ejection time in service
+    takes one step off. It only grew: after three faults days apart, the next lost SYN
+    ejected the endpoint for the cap instead of the base time."""
+    u = make(
+        {"east": 4},
+        outlier=OutlierConfig(
+            consecutive_failures=1, base_ejection_s=10, max_ejection_s=300, max_ejection_percent=50
+        ),
+    )
+    clock = u._clock
+    assert isinstance(clock, FakeClock)
+    host = next(iter(u.hosts.values()))
+
+    def eject_after(in_service_s: float) -> float:
+        clock.now += in_service_s
+        u.connect_failed(host, "refused")
+        assert host.ejected
+        duration = host.ejected_until - clock.now
+        clock.now = host.ejected_until
+        u.expire_due()
+        assert host.healthy
+        return duration
+
+    assert [eject_after(0) for _ in range(3)] == [10, 20, 30]
+    assert eject_after(25) == 20  # two steps off, one on
+    assert eject_after(86400) == 10  # a day later: a first ejection again
+    assert host.times_ejected == 5  # what the admin page shows still counts them all
+
+
 def test_an_ejection_ends_on_time_for_readers_when_no_connection_comes() -> None:
     """Only pick() used to end an ejection: with no connection after it ran out, the
     split, the plan and the seconds left that the admin, metrics, status page and explain

@@ -78,6 +78,7 @@ class Host:
     __slots__ = (
         "active_up",
         "address",
+        "backoff",
         "cluster",
         "conns",
         "consecutive_failures",
@@ -90,6 +91,7 @@ class Host:
         "reached_at",
         "ready",
         "removed",
+        "returned_at",
         "stats",
         "times_ejected",
     )
@@ -106,7 +108,11 @@ class Host:
         self.active_up = True
         self.hc_streak = 0  # consecutive probe results against the current active state
         self.consecutive_failures = 0
-        self.times_ejected = 0
+        self.times_ejected = 0  # every ejection, for the admin page
+        # The ejection multiplier (Envoy's): up one per ejection, down one per base ejection
+        # time in service since the last one ended (see UpstreamSet._eject).
+        self.backoff = 0
+        self.returned_at = 0.0  # when the last ejection ended
         self.ejected_until = 0.0
         self.reached_at = -INF  # last answer: a connect completed, a response, a probe
         self.removed = False
@@ -443,10 +449,19 @@ class UpstreamSet:
                 log.warning("upstream %s: endpoint %s not ejected (max ejection %d%% reached)",
                             self.name, host, self.outlier.max_ejection_percent)
             return
+        now = self._clock()
+        base, cap = self.outlier.base_ejection_s, self.outlier.max_ejection_s
+        # Envoy's multiplier: ejections in a row lengthen the next, time in service
+        # shortens it again (one step per base ejection time). Counting every ejection
+        # ever made, one fault a day for ten days had every later lost SYN cost the
+        # endpoint the whole 300 s cap.
+        if host.backoff:
+            host.backoff = max(0, host.backoff - int((now - host.returned_at) // base))
+        if base * host.backoff < cap:
+            host.backoff += 1
         host.times_ejected += 1
-        duration = min(self.outlier.base_ejection_s * host.times_ejected,
-                       self.outlier.max_ejection_s)
-        host.ejected_until = self._clock() + duration
+        duration = min(base * host.backoff, cap)
+        host.ejected_until = now + duration
         self._next_expiry = min(self._next_expiry, host.ejected_until)
         log.warning("upstream %s: endpoint %s ejected for %.0fs: %s",
                     self.name, host, duration, why)
@@ -471,6 +486,7 @@ class UpstreamSet:
             if host.ejected_until == 0.0:
                 continue
             if host.ejected_until <= now:
+                host.returned_at = host.ejected_until
                 host.ejected_until = 0.0
                 host.consecutive_failures = 0
                 log.info("upstream %s: endpoint %s returned from ejection", self.name, host)
