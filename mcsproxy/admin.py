@@ -172,7 +172,9 @@ async def endpoints(request: web.Request) -> web.StreamResponse:
     if key is not None and key not in gateway.store.current.services:
         # As /config_dump and /explain: a mistyped name read as a service without endpoints.
         raise web.HTTPNotFound(text=f"no service {key} in the snapshot\n")
-    others = await workers_active(gateway)
+    others = await workers_active(gateway)  # asks the workers: their ejections too
+    workers = gateway.observer.workers
+    others_ejected = workers.ejected if workers is not None else {}
     upstreams = sorted(proxy.upstreams.items(), key=lambda kv: str(kv[0]))
 
     def rows() -> Iterator[tuple[dict[str, Any], int]]:
@@ -181,9 +183,10 @@ async def endpoints(request: web.Request) -> web.StreamResponse:
                 continue
             upstream.expire_due()
             extra = others.get(upstream.name, {})
+            elsewhere = others_ejected.get(upstream.name, {})
             for host in (*upstream.hosts.values(), *upstream.draining):
                 hp = f"{host.address}:{host.port}"
-                yield {
+                row: dict[str, Any] = {
                     "service": str(ukey.service), "port": ukey.port_name,
                     "protocol": ukey.protocol, "upstream": upstream.name,
                     "address": host.address, "target_port": host.port,
@@ -195,7 +198,13 @@ async def endpoints(request: web.Request) -> web.StreamResponse:
                     "consecutive_failures": host.consecutive_failures,
                     "draining": host.removed,
                     "active_connections": host.active + extra.get(hp, 0),
-                }, 1
+                }
+                if workers is not None:
+                    # Worker index → seconds of ejection left, for each other process that
+                    # keeps this endpoint out (`ejected` is this process's own).
+                    row["ejected_by_workers"] = {
+                        str(i): left for i, left in sorted(elsewhere.get(hp, {}).items())}
+                yield row, 1
 
     scope = json.dumps(health_scope(gateway.config.proxy.workers))
     return await stream_json_list(request, f'{{"health_scope": {scope}, "endpoints": [',

@@ -319,6 +319,34 @@ async def test_the_pages_say_whose_health_and_ejections_they_show(tmp_path: Path
         await backend.stop()
 
 
+async def test_endpoints_lists_the_endpoints_a_worker_ejected(tmp_path: Path) -> None:
+    """Each process ejects on the failures it sees: an endpoint the worker kept out showed
+    in service on /endpoints (the main process's view alone), with nothing to tell."""
+    live = await Backend("east-1", "127.57.45.1", free_port("127.57.45.1"), "east").start()
+    dead = Backend("east-2", "127.57.45.2", free_port("127.57.45.2"), "east")  # refuses
+    ip = "127.240.57.45"
+    port = free_port(ip)
+    (tmp_path / "web.yaml").write_text(service_yaml("web", ip, [live, dead], port=port))
+    admin = f"{HOST}:{free_port(HOST)}"
+    try:
+        async with two_workers(tmp_path, "--outlier-consecutive-failures", "1", admin=admin) \
+                as (proc, _), ClientSession(timeout=ClientTimeout(total=10)) as http:
+            deadline = time.monotonic() + 10
+            while True:  # until the worker has met the dead endpoint (the kernel spreads)
+                assert await ask(ip, port) == "east-1"  # retried: the client never sees it
+                report = await fetch_report(proc.pid, 1)
+                if report is not None and report.ejected:
+                    break
+                assert time.monotonic() < deadline, "the worker ejected nothing"
+            async with http.get(f"http://{admin}/endpoints?service=test/web") as resp:
+                rows = {r["address"]: r for r in (await resp.json())["endpoints"]}
+        assert rows["127.57.45.1"]["ejected_by_workers"] == {}
+        by_workers = rows["127.57.45.2"]["ejected_by_workers"]
+        assert list(by_workers) == ["1"] and 0 < by_workers["1"] <= 30
+    finally:
+        await live.stop()
+
+
 async def test_a_restarted_workers_counters_go_with_their_service(tmp_path: Path) -> None:
     """The counters a killed worker reported are kept (the sums never go backwards), but only
     while their service is served: they used to stay in /metrics for good, so every worker

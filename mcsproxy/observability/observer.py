@@ -76,7 +76,8 @@ class Observer:
         self.started_at = time.time()
         self.workers = WorkerReports(config.proxy.workers) \
             if config.proxy.workers > 1 and self.worker_index == 0 else None
-        self.reporter = WorkerReporter(self.worker_index, self.worker_report) \
+        self.reporter = WorkerReporter(self.worker_index, self.worker_report,
+                                       ejections=self.worker_ejections) \
             if self.worker_index > 0 else None
         self._sources: dict[str, tuple[bool, bool, str | None]] = {}
         self._tasks: list[asyncio.Task[Any]] = []
@@ -193,6 +194,20 @@ class Observer:
         upstreams = list(proxy.upstreams.values()) if proxy is not None else []
         return families, ((u.name, {f"{h.address}:{h.port}": h.active
                                     for h in u.hosts.values()}) for u in upstreams)
+
+    def worker_ejections(self) -> dict[str, dict[str, float]]:
+        """A worker's ejections for its report: upstream set → "addr:port" → seconds
+        left. Each process ejects on the failures it sees, so the main process's pages
+        alone showed an endpoint this worker keeps out as in service."""
+        proxy = self.gateway.proxy
+        out: dict[str, dict[str, float]] = {}
+        for upstream in proxy.upstreams.values() if proxy is not None else ():
+            upstream.expire_due()
+            ejected = {f"{h.address}:{h.port}": round(upstream.ejected_for_s(h), 1)
+                       for h in upstream.hosts.values() if h.ejected}
+            if ejected:
+                out[upstream.name] = ejected
+        return out
 
     def _collect_steps(self, f: Families) -> Iterator[int]:
         """Fill `f`, yielding the units of work done (upstream sets, endpoints) as it

@@ -1,7 +1,7 @@
 """`--workers N`: each extra proxy process reports its counters to the main one.
 
 A worker serves its report (its pid, its metric families, its active connections per
-endpoint) to whoever connects to its abstract Unix socket
+endpoint, the endpoints it has ejected) to whoever connects to its abstract Unix socket
 `@mcsproxy-<main pid>-worker-<index>` (Linux; no file to create or clean up). The main
 process's admin asks every worker when `/metrics` or the status page is read, so totals
 are exact at scrape time, not a second late. Counters of a worker that restarted are kept
@@ -15,7 +15,8 @@ A report is newline-delimited JSON, made and read a line at a time with a turn o
 loop between lines, as both processes proxy on that loop: a first line {"pid", "index"}
 sent at once (a worker that cannot answer is known within FETCH_TIMEOUT_S), then lines
 {"family": ...} of at most REPORT_PART_SERIES series each and {"active": ...} of at most
-REPORT_PART_UPSTREAMS upstream sets each, and last {"end": true}: a report cut short is
+REPORT_PART_UPSTREAMS upstream sets each, {"ejected": ...} when it has ejected any, and
+last {"end": true}: a report cut short is
 no report. Made and read whole, the report of 10,000 services (360,000 series) stopped
 the loops for 1.7-2.6 s (both ends measured in one process), longer than the 1 s the
 main process waited for it: from about 5,000 services on, a worker's counters were
@@ -31,7 +32,7 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
@@ -54,6 +55,9 @@ REPORT_PART_SERIES = 5000
 REPORT_PART_UPSTREAMS = 1000
 REPORT_LINE_MAX_BYTES = 16 * 1024 * 1024
 
+# What a worker has ejected: upstream set → "addr:port" → seconds of ejection left.
+Ejections = dict[str, dict[str, float]]
+
 
 @dataclass
 class WorkerReport:
@@ -64,12 +68,15 @@ class WorkerReport:
     # next, as bytes, which the cyclic collector never scans (the parsed families, some
     # objects a series, it would, in every collection until the next scrape).
     family_lines: list[bytes]
+    ejected: Ejections = field(default_factory=dict)
 
 
 def report_lines(families: Families,
-                 active: Iterable[tuple[str, dict[str, int]]]) -> Iterator[bytes]:
+                 active: Iterable[tuple[str, dict[str, int]]],
+                 ejected: Ejections | None = None) -> Iterator[bytes]:
     """The lines of a report after its first (see the module docstring). `families` (the
-    report's own) is emptied as it goes, so that its series are freed as they are sent."""
+    report's own) is emptied as it goes, so that its series are freed as they are sent.
+    `ejected`: the worker's ejections, one {"ejected"} line (few: only ejected endpoints)."""
     for family in families:
         for piece in family.pieces(REPORT_PART_SERIES):
             yield _line({"family": piece.to_json()})
@@ -82,6 +89,8 @@ def report_lines(families: Families,
             part = {}
     if part:
         yield _line({"active": part})
+    if ejected:
+        yield _line({"ejected": ejected})
     yield _line({"end": True})
 
 
@@ -91,13 +100,14 @@ def _line(value: Any) -> bytes:
 
 def health_scope(workers: int) -> str | None:
     """What the health and ejection state shown covers, said wherever it is shown when
-    there are workers: each process ejects on the failures it sees, and a report carries
-    counters and connections, not that state. None with one process."""
+    there are workers: each process ejects on the failures it sees; a report carries
+    counters, connections and ejections, and only /endpoints shows the workers'
+    ejections (`ejected_by_workers`). None with one process."""
     if workers <= 1:
         return None
     return (f"health and ejections shown are the main process's; the other {workers - 1} "
             f"of the {workers} proxy processes eject on the failures they see themselves, "
-            "not shown here")
+            "listed per endpoint by /endpoints (ejected_by_workers)")
 
 
 def socket_name(main_pid: int, index: int) -> str:
@@ -112,9 +122,11 @@ class WorkerReporter:
     def __init__(self, index: int,
                  collect: Callable[[], Awaitable[tuple[Families,
                                                        Iterable[tuple[str, dict[str, int]]]]]],
-                 main_pid: int | None = None) -> None:
+                 main_pid: int | None = None,
+                 ejections: Callable[[], Ejections] | None = None) -> None:
         self.index = index
         self.collect = collect
+        self.ejections = ejections  # the worker's ejections, read as each report is made
         self.pid = os.getpid()  # the main process tells a restarted worker by it
         self.main_pid = os.getppid() if main_pid is None else main_pid
         self._server: asyncio.AbstractServer | None = None
@@ -136,7 +148,8 @@ class WorkerReporter:
                 async with asyncio.timeout(REPORT_TIMEOUT_S):
                     writer.write(_line({"pid": self.pid, "index": self.index}))
                     families, active = await self.collect()
-                    for line in report_lines(families, active):
+                    ejected = self.ejections() if self.ejections is not None else None
+                    for line in report_lines(families, active, ejected):
                         writer.write(line)
                         await writer.drain()
                         await asyncio.sleep(0)  # drain() returns at once below its limit
@@ -179,6 +192,8 @@ async def fetch_report(main_pid: int, index: int) -> WorkerReport | None:
                     report.family_lines.append(line)
                 elif "active" in part:
                     report.active.update(part["active"])
+                elif "ejected" in part:
+                    report.ejected.update(part["ejected"])
                 elif part.get("end") is True:
                     return report
                 await asyncio.sleep(0)
@@ -209,6 +224,8 @@ class WorkerReports:
 
         self.reporting = 0
         self.active: dict[str, dict[str, int]] = {}  # upstream → "addr:port" → connections
+        # upstream → "addr:port" → worker index → seconds of ejection left, as last asked
+        self.ejected: dict[str, dict[str, dict[int, float]]] = {}
         # One merge at a time: a merge awaits between parts, and two interleaved (a scrape
         # and the status page) both retired a restarted worker's last report.
         self._merging = asyncio.Lock()
@@ -226,6 +243,7 @@ class WorkerReports:
         reports = await asyncio.gather(*(fetch_report(self.main_pid, i) for i in self.indices))
         self.reporting = 0
         self.active = {}
+        self.ejected = {}
         for index, report in zip(self.indices, reports, strict=True):
             if report is None:
                 if index in self.last:
@@ -243,6 +261,9 @@ class WorkerReports:
                 mine = self.active.setdefault(upstream, {})
                 for host, n in hosts.items():
                     mine[host] = mine.get(host, 0) + n
+            for upstream, ejected in report.ejected.items():
+                for host, left in ejected.items():
+                    self.ejected.setdefault(upstream, {}).setdefault(host, {})[index] = left
         if any(fam.values for fam in self.retired):
             served = await served_ports(families)
             families.merge(self._served_retired(served), counters_only=True)
