@@ -299,6 +299,22 @@ def test_a_silent_cluster_tells_the_ejected_endpoints_connections() -> None:
     assert not west[0].ejected
 
 
+def test_a_silent_cluster_leaves_the_connections_of_an_endpoint_kept_in_alone() -> None:
+    """Told the cluster was silent, the HTTP proxy fails a request still waiting for its
+    answer and retries it: right for an ejected endpoint, but one that
+    max_ejection_percent keeps in is still used, and its slow answers are answers (a sole
+    endpoint's 3 s request got a 502 after 1.5 s, the endpoint never ejected)."""
+    u = make({"east": 1, "west": 1}, connect_timeout_s=1.0)  # 50 %: one of two at most
+    east, west = u.hosts[("127.0.1.1", 8080)], u.hosts[("127.0.2.1", 8080)]
+    on_east, on_west = Conn(), Conn()
+    u.connect_ok(east, on_east, reset_failures=False)
+    u.connect_ok(west, on_west, reset_failures=False)
+    u.connect_failed(west, "timeout")
+    assert west.ejected and on_west.told_silent
+    u.connect_failed(east, "timeout")
+    assert not east.ejected and not on_east.told_silent
+
+
 def test_a_silent_cluster_is_not_ejected_with_outlier_ejection_off() -> None:
     u = make({"east": 1}, outlier=OutlierConfig(consecutive_failures=0))
     host = next(iter(u.hosts.values()))

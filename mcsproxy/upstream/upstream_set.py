@@ -373,8 +373,12 @@ class UpstreamSet:
             if not host.ejected:
                 self._eject(host, f"{reason} and nothing in {host.cluster} has "
                             f"answered for {self.config.connect_timeout_s:g}s")
-            for conn in list(host.conns):
-                conn.cluster_silent()
+            # Only an ejected endpoint's requests give up: one max_ejection_percent keeps
+            # in will be used again, and a slow answer on it is still an answer (a 3 s
+            # request on a sole endpoint was failed with a 502 after 1.5 s).
+            if host.ejected:
+                for conn in list(host.conns):
+                    conn.cluster_silent()
             return
         self._failure(host, reason)
 
