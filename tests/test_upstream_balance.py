@@ -7,6 +7,8 @@ import random
 
 import pytest
 from _pytest.mark import ParameterSet
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mcsproxy.manifests import parse_endpoint_slice
 from mcsproxy.model import Endpoint, EndpointPort, ImportedService, ServiceKey, ServicePort
@@ -202,6 +204,55 @@ def test_priority_load_factor_and_threshold_are_parameters() -> None:
     assert priority_load((0, 0), (0, 3), 1.4, 0) == LoadPlan((0, 100), (False, True))
     with pytest.raises(ValueError):
         priority_load((1,), (1, 2))
+
+
+def envoy_priority_load(healthy: list[int], total: list[int], factor: int,
+                        threshold: int) -> LoadPlan:
+    """Envoy's LoadBalancerBase (recalculatePerPriorityState, recalculatePerPriorityPanic,
+    recalculateLoadInTotalPanic) without degraded hosts, written out step by step: the
+    reference priority_load is checked against."""
+    n = len(total)
+    health = [min(100, factor * h // t) if t else 0 for h, t in zip(healthy, total, strict=True)]
+    normalized = min(100, sum(health))
+    loads = [0] * n
+    if normalized:
+        left, first = 100, next(i for i, h in enumerate(health) if h)
+        for i in range(n):
+            loads[i] = min(left, health[i] * 100 // normalized)
+            left -= loads[i]
+        loads[first] += left
+    panic = [normalized != 100 and (100.0 * h / t if t else 0.0) < threshold
+             for h, t in zip(healthy, total, strict=True)]
+    if all(panic):
+        hosts = sum(total)
+        loads = [100 * t // hosts for t in total]
+        loads[next(i for i, t in enumerate(total) if t)] += 100 - sum(loads)
+    # Envoy reports panic per host set; a level without hosts has none to balance over.
+    return LoadPlan(tuple(loads), tuple(p and t > 0 for p, t in zip(panic, total, strict=True)))
+
+
+@st.composite
+def level_counts(draw: st.DrawFn) -> tuple[list[int], list[int], float, int]:
+    total = draw(st.lists(st.integers(0, 12), min_size=1, max_size=4).filter(any))
+    healthy = [draw(st.integers(0, t)) for t in total]
+    factor = draw(st.sampled_from([1.0, 1.4, 2.0]))
+    threshold = draw(st.sampled_from([0, 1, 50, 70, 100]))
+    return healthy, total, factor, threshold
+
+
+@settings(max_examples=500, deadline=None)
+@given(level_counts())
+def test_priority_load_is_envoys(counts: tuple[list[int], list[int], float, int]) -> None:
+    healthy, total, factor, threshold = counts
+    plan = priority_load(healthy, total, factor, threshold)
+    assert sum(plan.loads) == 100
+    if threshold == 0 and not any(healthy):
+        # Envoy's own corner case (panic off, nothing healthy) sends everything to P0
+        # and then fails every request; ours balances over the first level with hosts.
+        first = next(i for i, t in enumerate(total) if t)
+        assert plan.loads[first] == 100 and plan.panic == tuple(t > 0 for t in total)
+        return
+    assert plan == envoy_priority_load(healthy, total, round(factor * 100), threshold)
 
 
 @pytest.mark.parametrize(("loads", "roll", "level"),
