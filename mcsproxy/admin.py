@@ -229,8 +229,10 @@ async def explain_handler(request: web.Request) -> web.Response:
     if proxy is not None:
         upstreams = {(u.port_name, u.protocol): s for u, s in proxy.upstreams.items()
                      if u.service == key}
+    others = await workers_active(gateway) if proxy is not None else {}
+    workers = gateway.observer.workers
     result = explain(service, port, gateway.config.cluster_id, gateway.config.proxy, upstreams,
-                     await workers_active(gateway) if proxy is not None else {})
+                     others, workers.ejected if workers is not None else {})
     if request.query.get("format") == "text":
         lines = []
         for p in result["ports"]:

@@ -321,7 +321,8 @@ async def test_the_pages_say_whose_health_and_ejections_they_show(tmp_path: Path
 
 async def test_endpoints_lists_the_endpoints_a_worker_ejected(tmp_path: Path) -> None:
     """Each process ejects on the failures it sees: an endpoint the worker kept out showed
-    in service on /endpoints (the main process's view alone), with nothing to tell."""
+    in service on /endpoints and /explain (the main process's view alone), with nothing
+    to tell."""
     live = await Backend("east-1", "127.57.45.1", free_port("127.57.45.1"), "east").start()
     dead = Backend("east-2", "127.57.45.2", free_port("127.57.45.2"), "east")  # refuses
     ip = "127.240.57.45"
@@ -340,9 +341,13 @@ async def test_endpoints_lists_the_endpoints_a_worker_ejected(tmp_path: Path) ->
                 assert time.monotonic() < deadline, "the worker ejected nothing"
             async with http.get(f"http://{admin}/endpoints?service=test/web") as resp:
                 rows = {r["address"]: r for r in (await resp.json())["endpoints"]}
-        assert rows["127.57.45.1"]["ejected_by_workers"] == {}
-        by_workers = rows["127.57.45.2"]["ejected_by_workers"]
-        assert list(by_workers) == ["1"] and 0 < by_workers["1"] <= 30
+            async with http.get(f"http://{admin}/explain?service=test/web") as resp:
+                explained = {r["address"]: r
+                             for r in (await resp.json())["ports"][0]["endpoints"]}
+        for page in (rows, explained):
+            assert page["127.57.45.1"]["ejected_by_workers"] == {}
+            by_workers = page["127.57.45.2"]["ejected_by_workers"]
+            assert list(by_workers) == ["1"] and 0 < by_workers["1"] <= 30
     finally:
         await live.stop()
 

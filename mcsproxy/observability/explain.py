@@ -55,12 +55,16 @@ def _clusters(names: list[str]) -> str:
 
 def explain_port(service: ImportedService, port: ServicePort, local_cluster: str,
                  config: ProxyConfig, upstream: UpstreamSet | None,
-                 others_active: Mapping[str, int] | None = None) -> dict[str, Any]:
+                 others_active: Mapping[str, int] | None = None,
+                 others_ejected: Mapping[str, Mapping[int, float]] | None = None,
+                 ) -> dict[str, Any]:
     """`others_active`: "addr:port" → open connections of the other --workers processes
-    (admin.workers_active), added to this process's own."""
+    (admin.workers_active), added to this process's own. `others_ejected`: "addr:port" →
+    worker index → seconds of ejection left, for the endpoints other processes ejected."""
     if upstream is not None:
         upstream.expire_due()  # before reading hosts and plan: see UpstreamSet.expire_due
     others = others_active or {}
+    elsewhere = others_ejected or {}
     targets = eligible_targets(service, port)
     eligible = {(t.address, t.port) for t in targets}
     any_ready = any(t.ready for t in targets)
@@ -88,6 +92,9 @@ def explain_port(service: ImportedService, port: ServicePort, local_cluster: str
                            consecutive_failures=host.consecutive_failures,
                            active_connections=host.active
                            + others.get(f"{host.address}:{host.port}", 0))
+                if config.workers > 1:  # as /endpoints: the other processes' ejections
+                    row["ejected_by_workers"] = {str(i): left for i, left in sorted(
+                        elsewhere.get(f"{host.address}:{host.port}", {}).items())}
             else:
                 row["healthy"] = True  # no proxy: Kubernetes' readiness is all we know
         endpoints.append(row)
@@ -192,12 +199,15 @@ def explain_port(service: ImportedService, port: ServicePort, local_cluster: str
 
 def explain(service: ImportedService, port_filter: str | None, local_cluster: str,
             config: ProxyConfig, upstreams: Mapping[tuple[str, str], UpstreamSet] | None,
-            others_active: Mapping[str, Mapping[str, int]] | None = None) -> dict[str, Any]:
+            others_active: Mapping[str, Mapping[str, int]] | None = None,
+            others_ejected: Mapping[str, Mapping[str, Mapping[int, float]]] | None = None,
+            ) -> dict[str, Any]:
     """The explanation of every (or the one asked for) port of a service.
 
     `upstreams` maps (port name, protocol) to the live upstream set; None without a proxy.
     `others_active`: the other --workers processes' open connections by upstream set name
-    and "addr:port" (admin.workers_active).
+    and "addr:port" (admin.workers_active); `others_ejected` their ejections, by upstream
+    set name, "addr:port" and worker index (WorkerReports.ejected).
     """
     ports = [p for p in service.ports if port_filter in (None, p.name, str(p.port))]
     out: dict[str, Any] = {"service": str(service.key), "type": service.type,
@@ -222,6 +232,7 @@ def explain(service: ImportedService, port_filter: str | None, local_cluster: st
             continue
         out["ports"].append(explain_port(
             service, port, local_cluster, config, upstream,
-            (others_active or {}).get(upstream.name) if upstream is not None else None))
+            (others_active or {}).get(upstream.name) if upstream is not None else None,
+            (others_ejected or {}).get(upstream.name) if upstream is not None else None))
     out["words"] = [w for p in out["ports"] for w in p["words"]]
     return out

@@ -101,13 +101,13 @@ def _line(value: Any) -> bytes:
 def health_scope(workers: int) -> str | None:
     """What the health and ejection state shown covers, said wherever it is shown when
     there are workers: each process ejects on the failures it sees; a report carries
-    counters, connections and ejections, and only /endpoints shows the workers'
-    ejections (`ejected_by_workers`). None with one process."""
+    counters, connections and ejections, and only /endpoints and /explain show the
+    workers' ejections, per endpoint (`ejected_by_workers`). None with one process."""
     if workers <= 1:
         return None
     return (f"health and ejections shown are the main process's; the other {workers - 1} "
             f"of the {workers} proxy processes eject on the failures they see themselves, "
-            "listed per endpoint by /endpoints (ejected_by_workers)")
+            "listed per endpoint by /endpoints and /explain (ejected_by_workers)")
 
 
 def socket_name(main_pid: int, index: int) -> str:
