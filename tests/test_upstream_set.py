@@ -373,6 +373,31 @@ def test_affinity_holds_in_panic() -> None:
     assert len({u.pick("10.0.0.7") for _ in range(12)}) == 1
 
 
+def test_affinity_follows_local_first_back_to_the_local_cluster() -> None:
+    """Clients that spilled to west while east was down stayed there (8 of 8, their
+    affinity refreshed by each connection) once east was healthy and took 100 %."""
+    u = make({"east": 2, "west": 1}, locality="local-first")
+    u.update(targets({"east": 2, "west": 1}), affinity_timeout_s=10800)
+    east = [h for h in u.hosts.values() if h.cluster == "east"]
+
+    def health(host: object, failure: str | None) -> None:
+        for _ in range(3):
+            u.health_result(host, failure, HC)  # type: ignore[arg-type]
+
+    for h in east:
+        health(h, "refused")
+    assert u.plan.loads == (0, 100)
+    west = u.pick("10.0.0.7")
+    assert west is not None and west.cluster == "west"
+    health(east[0], None)
+    assert u.plan.loads == (70, 30)  # west still takes load: the client stays
+    assert all(u.pick("10.0.0.7") is west for _ in range(8))
+    health(east[1], None)
+    assert u.plan.loads == (100, 0)  # west takes none: the client comes home
+    home = u.pick("10.0.0.7")
+    assert home in east and all(u.pick("10.0.0.7") is home for _ in range(8))
+
+
 def test_affinity_sticks_until_timeout_and_leaves_an_unhealthy_host() -> None:
     u = make({"east": 3})
     u.update(targets({"east": 3}), affinity_timeout_s=60)

@@ -180,7 +180,8 @@ def explain_port(service: ImportedService, port: ServicePort, local_cluster: str
             "level).")
     if service.session_affinity == "ClientIP":
         words.append(f"sessionAffinity ClientIP ({service.affinity_timeout_s}s): a client "
-                     "keeps its endpoint while it stays healthy (or its level is in panic).")
+                     "keeps its endpoint while it stays healthy (or its level is in panic) and "
+                     "its level takes load.")
     if upstream is None:
         words.append("No proxy runs here (--no-proxy): health is assumed from readiness.")
     scope = health_scope(config.workers) if upstream is not None else None

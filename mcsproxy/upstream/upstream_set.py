@@ -292,9 +292,13 @@ class UpstreamSet:
             if key is not None:
                 host = self.hosts.get(key)
                 # Sticky while pick could choose it: healthy, or its level in panic (then
-                # every host of the level is chosen from, and so is this client's).
-                if host is not None and host not in exclude and (
-                        host.healthy or self.plan.panic[host.level]):
+                # every host of the level is chosen from, and so is this client's), and
+                # its level still takes load: a client that spilled to a remote cluster
+                # comes back once the local one is healthy again, as Envoy picks the
+                # priority before the host and kube-proxy drops filtered endpoints.
+                plan = self.plan
+                if host is not None and host not in exclude and plan.loads[host.level] and (
+                        host.healthy or plan.panic[host.level]):
                     affinity.remember(client_ip, key)
                     return host
                 affinity.forget(client_ip)
