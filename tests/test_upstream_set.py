@@ -8,6 +8,8 @@ import random
 from collections import Counter
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mcsproxy.config import HealthConfig, OutlierConfig, ProxyConfig
 from mcsproxy.upstream import Target, UpstreamSet
@@ -472,3 +474,49 @@ def test_least_connections_prefers_idle_hosts() -> None:
     for _ in range(5):
         u.connect_ok(busy, Conn())
     assert {u.pick().key for _ in range(20)} == {("127.0.1.2", 8080)}  # type: ignore[union-attr]
+
+
+@st.composite
+def pick_scenarios(draw: st.DrawFn) -> dict[str, object]:
+    sizes = draw(st.lists(st.integers(0, 3), min_size=2, max_size=3))
+    spec = dict(zip(("east", "west", "north"), sizes, strict=False))
+    n = sum(sizes)
+    down = st.sampled_from([False, False, True])  # mostly up: failover has somewhere to go
+    return {"spec": spec, "down": draw(st.lists(down, min_size=n, max_size=n)),
+            "locality": draw(st.sampled_from(["spread", "local-first"])),
+            "threshold": draw(st.sampled_from([0, 50, 100])),
+            "tried": draw(st.integers(0, n)), "last_try": draw(st.booleans()),
+            "affinity": draw(st.booleans()), "seed": draw(st.integers(0, 1000))}
+
+
+@settings(max_examples=300, deadline=None)
+@given(pick_scenarios())
+def test_pick_invariants(sc: dict[str, object]) -> None:
+    """Whatever the health, locality, panic threshold and the hosts already tried: never
+    a host tried, nothing only when every host was tried, only healthy hosts while no
+    level is in panic, the last try away from the tried clusters while one has a healthy
+    host, and under local-first a remote host only while the local level takes < 100 %."""
+    u = make(sc["spec"], locality=sc["locality"],  # type: ignore[arg-type]
+             panic_threshold_percent=sc["threshold"])
+    if sc["affinity"]:
+        u.update(targets(sc["spec"]), affinity_timeout_s=60)  # type: ignore[arg-type]
+    hosts = list(u.hosts.values())
+    for host, down in zip(hosts, sc["down"], strict=True):  # type: ignore[call-overload]
+        for _ in range(3 if down else 0):
+            u.health_result(host, "refused", HC)
+    tried = random.Random(sc["seed"]).sample(hosts, sc["tried"])  # type: ignore[arg-type]
+    rest = [h for h in hosts if h not in tried]
+    tried_clusters = {h.cluster for h in tried}
+    for _ in range(4):
+        host = u.pick("10.0.0.7", tried, bool(sc["last_try"]))
+        if host is None:
+            assert not rest
+            continue
+        assert host not in tried
+        if not any(u.plan.panic) and any(h.healthy for h in rest):
+            assert host.healthy
+        if sc["last_try"] and tried and any(
+                h.healthy and h.cluster not in tried_clusters for h in rest):
+            assert host.cluster not in tried_clusters
+        if sc["locality"] == "local-first" and not tried and host.cluster != "east":
+            assert u.plan.loads[0] < 100 or not any(h.cluster == "east" for h in hosts)
