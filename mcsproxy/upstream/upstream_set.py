@@ -177,6 +177,7 @@ class UpstreamSet:
         self._rr = 0
         self._next_expiry = INF
         self._panic_logged: tuple[bool, ...] = ()
+        self._timed_out_at: dict[str, float] = {}  # cluster → its last connect timeout
         self.health_checker: HealthCheckerLike | None = None
         self.stats = UpstreamStats()
         self.events: EventRing | None = None  # state changes for the status page
@@ -209,6 +210,9 @@ class UpstreamSet:
             if key not in new:
                 self._retire(host)
         self.hosts = new
+        if self._timed_out_at:
+            clusters = {h.cluster for h in new.values()}
+            self._timed_out_at = {c: t for c, t in self._timed_out_at.items() if c in clusters}
         # Over every host: one revived from draining may bring an ejection that ran out
         # (or runs out) while it was gone, which pick must still see expire.
         self._next_expiry = min((h.ejected_until for h in new.values() if h.ejected_until),
@@ -387,9 +391,21 @@ class UpstreamSet:
         self._failure(host, reason)
 
     def _cluster_silent(self, host: Host) -> bool:
-        since = self._clock() - self.config.connect_timeout_s
-        return all(h.reached_at < since for h in self.hosts.values()
-                   if h.cluster == host.cluster)
+        """Nothing in `host`'s cluster answered during the wait that just timed out, and
+        something else was waiting on it: another connect that timed out within that
+        wait, or an open connection. Silence alone says nothing on a quiet service: with
+        no other connection and the last probe seconds ago, one lost SYN (a connect
+        timeout of 1 s is Linux's first SYN retransmission) ejected the endpoint for 30 s
+        at its first failure instead of its fifth."""
+        now = self._clock()
+        since = now - self.config.connect_timeout_s
+        cluster = host.cluster
+        previous = self._timed_out_at.get(cluster, -INF)
+        self._timed_out_at[cluster] = now
+        peers = [h for h in self.hosts.values() if h.cluster == cluster]
+        if any(h.reached_at >= since for h in peers):
+            return False
+        return previous >= since or any(h.conns for h in peers)
 
     def _failure(self, host: Host, reason: str) -> None:
         host.consecutive_failures += 1
