@@ -300,6 +300,10 @@ def test_one_lost_syn_on_a_quiet_service_is_one_failure_not_a_partition() -> Non
     clock.now += 0.5  # a connect started after that one timed out too: partitioned
     u.connect_failed(west, "timeout")
     assert west.ejected
+    u = make({"east": 1, "west": 1}, connect_timeout_s=1.0)
+    west = u.hosts[("127.0.2.1", 8080)]
+    u.connect_failed(west, "timeout (per try)")  # an HTTP request unanswered all along
+    assert west.ejected
 
 
 def test_a_silent_cluster_tells_the_ejected_endpoints_connections() -> None:

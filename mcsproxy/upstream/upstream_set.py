@@ -370,10 +370,11 @@ class UpstreamSet:
         """A local-origin failure (refused, timed out, reset before any byte)."""
         outcome = connect_outcome(reason)
         host.stats.attempts[outcome] += 1
+        per_try = reason == PER_TRY_TIMEOUT
         timed_out = outcome == "timeout" or (
-            reason == PER_TRY_TIMEOUT
-            and self.config.http.per_try_timeout_s >= self.config.connect_timeout_s)
-        if timed_out and self.outlier.consecutive_failures and self._cluster_silent(host):
+            per_try and self.config.http.per_try_timeout_s >= self.config.connect_timeout_s)
+        if timed_out and self.outlier.consecutive_failures and \
+                self._cluster_silent(host, waited=per_try):
             # Not one endpoint of the cluster answered during the whole wait: a
             # partition, not a lost SYN (a connect started later would have got through).
             # Waiting for more timeouts would cost more clients a full timeout each.
@@ -390,10 +391,11 @@ class UpstreamSet:
             return
         self._failure(host, reason)
 
-    def _cluster_silent(self, host: Host) -> bool:
+    def _cluster_silent(self, host: Host, waited: bool = False) -> bool:
         """Nothing in `host`'s cluster answered during the wait that just timed out, and
         something else was waiting on it: another connect that timed out within that
-        wait, or an open connection. Silence alone says nothing on a quiet service: with
+        wait, or an open connection (`waited`: the request that timed out was one, sent
+        before that wait began). Silence alone says nothing on a quiet service: with
         no other connection and the last probe seconds ago, one lost SYN (a connect
         timeout of 1 s is Linux's first SYN retransmission) ejected the endpoint for 30 s
         at its first failure instead of its fifth."""
@@ -405,7 +407,7 @@ class UpstreamSet:
         peers = [h for h in self.hosts.values() if h.cluster == cluster]
         if any(h.reached_at >= since for h in peers):
             return False
-        return previous >= since or any(h.conns for h in peers)
+        return waited or previous >= since or any(h.conns for h in peers)
 
     def _failure(self, host: Host, reason: str) -> None:
         host.consecutive_failures += 1
