@@ -393,21 +393,21 @@ class UpstreamSet:
 
     def _cluster_silent(self, host: Host, waited: bool = False) -> bool:
         """Nothing in `host`'s cluster answered during the wait that just timed out, and
-        something else was waiting on it: another connect that timed out within that
-        wait, or an open connection (`waited`: the request that timed out was one, sent
-        before that wait began). Silence alone says nothing on a quiet service: with
-        no other connection and the last probe seconds ago, one lost SYN (a connect
-        timeout of 1 s is Linux's first SYN retransmission) ejected the endpoint for 30 s
-        at its first failure instead of its fifth."""
+        something else points at a partition rather than one lost SYN: an earlier
+        timeout in the cluster with no answer since, an open connection to it, or
+        `waited` (the request that timed out was sent before the wait began). On a quiet
+        service silence alone holds most of the time (no other client, the last probe
+        seconds ago), and one lost SYN (a 1 s connect timeout is Linux's first SYN
+        retransmission) ejected the endpoint for 30 s at its first failure."""
         now = self._clock()
-        since = now - self.config.connect_timeout_s
         cluster = host.cluster
         previous = self._timed_out_at.get(cluster, -INF)
         self._timed_out_at[cluster] = now
         peers = [h for h in self.hosts.values() if h.cluster == cluster]
-        if any(h.reached_at >= since for h in peers):
+        answered = max(h.reached_at for h in peers)
+        if answered >= now - self.config.connect_timeout_s:
             return False
-        return waited or previous >= since or any(h.conns for h in peers)
+        return waited or previous > answered or any(h.conns for h in peers)
 
     def _failure(self, host: Host, reason: str) -> None:
         host.consecutive_failures += 1
