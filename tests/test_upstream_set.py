@@ -306,6 +306,9 @@ def test_one_lost_syn_on_a_quiet_service_is_one_failure_not_a_partition() -> Non
     west = u.hosts[("127.0.2.1", 8080)]
     u.connect_failed(west, "timeout (per try)")  # an HTTP request unanswered all along
     assert west.ejected
+    u.update(targets({"east": 1}))  # west leaves while a connect to it is under way
+    u.connect_failed(west, "timeout")  # its timeout: no host of west is left in the set
+    assert west.consecutive_failures == 2
 
 
 def test_a_silent_cluster_tells_the_ejected_endpoints_connections() -> None:

@@ -403,7 +403,9 @@ class UpstreamSet:
         cluster = host.cluster
         previous = self._timed_out_at.get(cluster, -INF)
         self._timed_out_at[cluster] = now
-        peers = [h for h in self.hosts.values() if h.cluster == cluster]
+        # `host` itself too: removed from the snapshot while its connect was under way,
+        # it is in no list of the set, and its cluster may have no host left there.
+        peers = [host, *(h for h in self.hosts.values() if h.cluster == cluster)]
         answered = max(h.reached_at for h in peers)
         if answered >= now - self.config.connect_timeout_s:
             return False
