@@ -627,9 +627,8 @@ def check_workload(w: dict[str, Any], docs: Any) -> None:
             assert added <= {"NET_ADMIN", "NET_BIND_SERVICE"} and run_as == 0, where
         else:
             assert run_as == 65532 and pod_ctx.get("runAsNonRoot") is True, where
-        # NET_ADMIN exactly where the gateway manages the VIP interface (node network).
+        # NET_ADMIN exactly where the gateway manages the VIP interface.
         assert ("NET_ADMIN" in added) == ("--vip-interface" in flags), where
-        assert "NET_ADMIN" not in added or host_network, where
         if c["args"][0] == "gateway" and "--no-proxy" not in flags:
             check_binds_service_ports(w, c)
         if c["args"][0] == "gateway":
@@ -654,11 +653,17 @@ def check_workload(w: dict[str, Any], docs: Any) -> None:
             dns_port = _listen_port(flags["--dns-listen"])
             assert ports["dns-udp"]["containerPort"] == dns_port == ports["dns-tcp"][
                 "containerPort"], where
+            # A connection to a ClusterSetIP reaches the listener only where the address
+            # is local to the gateway's network namespace: the kernel delivers a routed
+            # packet to a socket only for a local destination, and IP_FREEBIND merely lets
+            # the bind succeed (a SYN routed to a pod whose listener was bound so timed
+            # out). The node's dummy interface, or the pod's own loopback.
+            if "--no-proxy" not in flags:
+                assert flags.get("--vip-interface") == ("mcs0" if host_network else "lo"), (
+                    f"{where}: ClusterSetIPs are not local addresses: routed connections drop"
+                )
             if host_network:
                 assert pod["dnsPolicy"] == "ClusterFirstWithHostNet", where
-                assert flags["--vip-interface"] == "mcs0", where
-            else:
-                assert "--vip-interface" not in flags, f"{where}: VIPs need the node network"
         # Kubernetes leaves an undefined $(VAR) in args as it is: every one must be set.
         env = {e["name"] for e in c.get("env", ())}
         for arg in c["args"]:
