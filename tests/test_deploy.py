@@ -412,6 +412,32 @@ def test_overlays_set_their_cluster_id() -> None:
     assert {c["image"] for w in workloads(local) for c in containers(w)} == {"mcsproxy:dev"}
 
 
+def _kind_walkthrough() -> str:
+    """The shell block of deploy/README.md's "A local clusterset with kind"."""
+    text = (DEPLOY / "README.md").read_text()
+    section = text[text.index("## A local clusterset with kind"):]
+    return re.search(r"```sh\n(.*?)```", section, re.S).group(1)  # type: ignore[union-attr]
+
+
+@needs_kustomize
+def test_kind_walkthrough_loads_every_image_its_overlays_run() -> None:
+    """kind nodes pull what was not loaded into them from a registry, where no mcsproxy
+    image is: every image the walkthrough's overlays run must be built and loaded (the
+    member overlay's gateways sat in ErrImagePull when only mcsproxy:dev was)."""
+    block = _kind_walkthrough()
+    built = {t for line in re.findall(r"^docker build (.*)$", block, re.M)
+             for t in re.findall(r"-t (\S+)", line)}
+    loaded = {image for line in re.findall(r"kind load docker-image (.*?) --name", block)
+              for image in line.split()}
+    overlays = set(re.findall(r"overlays/([a-z-]+)", block))
+    assert overlays == {"local", "member"}, overlays
+    for overlay in overlays:
+        for image in {c["image"] for w in workloads(rendered(f"overlays/{overlay}"))
+                      for c in containers(w)}:
+            assert image in built, f"overlays/{overlay} runs {image}, which is not built"
+            assert image in loaded, f"overlays/{overlay} runs {image}, not loaded into kind"
+
+
 # -------------------------------------------------------------------------------- RBAC
 
 def expected_calls() -> dict[str, dict[str, Any]]:
