@@ -711,6 +711,32 @@ def test_workloads_are_hardened_and_probed() -> None:
         check_workload(w, docs)
 
 
+# The gateway's peak RSS with --source kube at 10,000 services x 3 clusters x 10 endpoints
+# (the first list, measured against the API emulator; 3,000 services: 321 MiB): a limit
+# below it OOM-kills every node's gateway at the same first sync, over and over.
+GATEWAY_PEAK_MIB_AT_10K_SERVICES = 735
+MEMORY_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "K": 10**3, "M": 10**6, "G": 10**9}
+
+
+def _bytes(quantity: str) -> int:
+    m = re.fullmatch(r"(\d+)([KMG]i?)?", quantity)
+    assert m, quantity
+    return int(m.group(1)) * MEMORY_UNITS.get(m.group(2) or "", 1)
+
+
+def test_gateway_memory_limit_fits_the_sizing_the_docs_state() -> None:
+    docs = [doc for _, doc in all_file_docs()]
+    gateways = [c for w in workloads(docs) for c in containers(w) if c["args"][0] == "gateway"]
+    assert len(gateways) == 2
+    for c in gateways:
+        limit = _bytes(c["resources"]["limits"]["memory"])
+        assert limit >= GATEWAY_PEAK_MIB_AT_10K_SERVICES * 2**20 * 5 // 4, (
+            f"gateway memory limit {c['resources']['limits']['memory']} is under the peak of "
+            f"10,000 services ({GATEWAY_PEAK_MIB_AT_10K_SERVICES} MiB) with 25 % to spare"
+        )
+    assert "fits about 10,000 such services" in (DEPLOY / "README.md").read_text()
+
+
 def test_gateway_daemonset_on_the_node_network() -> None:
     ds = file_docs(DEPLOY / "base/gateway/daemonset.yaml")[0]
     pod = ds["spec"]["template"]["spec"]
