@@ -86,6 +86,11 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
         raise ConfigError("--dns-ttl must be 0-86400")
     if args.dns_rrl < 0:
         raise ConfigError("--dns-rrl must be >= 0")
+    if args.no_proxy and args.http_listen:
+        # The front door is one of the proxy's listeners: with --no-proxy it was never
+        # opened, and nothing said so (connections to it were refused).
+        raise ConfigError(f"--http-listen {args.http_listen}: the front door is part of the "
+                          "proxy, which --no-proxy turns off")
     from mcsproxy.dns.guard import parse_networks
 
     try:

@@ -230,6 +230,19 @@ def test_a_name_with_a_final_newline_is_refused(flags: list[str], message: str) 
         gateway_config(args)
 
 
+def test_the_front_door_without_the_proxy_is_refused() -> None:
+    """--no-proxy --http-listen started DNS and admin only: the front door, one of the
+    proxy's listeners, was never opened, with no word in the log."""
+    from mcsproxy.cli import build_parser, gateway_config
+    from mcsproxy.config import ConfigError
+
+    args = build_parser().parse_args(["gateway", "--cluster-id", "east", "--source", "kube",
+                                      "--no-proxy", "--http-listen", "127.0.0.1:0"])
+    with pytest.raises(ConfigError, match="the front door is part of the proxy, which "
+                       "--no-proxy turns off"):
+        gateway_config(args)
+
+
 @pytest.mark.parametrize("argv", [
     ["gateway", "--cluster-id", "east", "--source", "kube", "--dns-ttl", "abc"],
     ["gateway", "--cluster-id", "east", "--source", "kube", "--log-level", "verbose"],
