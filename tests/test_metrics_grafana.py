@@ -129,3 +129,32 @@ async def test_every_dashboard_metric_is_exposed(tmp_path: Path) -> None:
         if "by (cluster" in expr and re.search(r"mcsproxy_(proxy|upstream)_", expr):
             clusters = {dict(s).get("cluster") for s in result}
             assert {"east", "west"} <= clusters, f"{title}: {expr} shows only {clusters}"
+
+
+# Gauges every gateway (one per node with the DaemonSet) or controller replica reports
+# for the same clusterset-wide state: summed across the scrape targets they count that
+# state once per gateway. "Endpoints by state" summed them and showed, with 3 gateways,
+# 3 times the endpoints each cluster has.
+REPLICATED_GAUGES = {
+    "mcsproxy_upstream_endpoints", "mcsproxy_upstream_expected_share_percent",
+    "mcsproxy_upstream_priority_load_percent", "mcsproxy_upstream_panic",
+    "mcsproxy_snapshot_version", "mcsproxy_snapshot_age_seconds", "mcsproxy_source_connected",
+    "mcsproxy_source_synced", "mcsproxy_gateway_ready", "mcsproxy_controller_member_connected",
+    "mcsproxy_controller_conflicts", "mcsproxy_controller_exports",
+}
+AGGREGATION_RE = re.compile(r"\b(sum|avg|min|max)(?: by \(([^)]*)\))? \(\s*(mcsproxy_\w+)")
+
+
+def test_state_every_gateway_reports_is_not_summed_across_gateways() -> None:
+    seen = set()
+    for title, expr, _ in dashboard_targets():
+        for op, by, metric in AGGREGATION_RE.findall(expr):
+            if metric not in REPLICATED_GAUGES:
+                continue
+            seen.add(metric)
+            labels = {label.strip() for label in by.split(",")}
+            assert op != "sum" or "instance" in labels, (
+                f"{title}: {expr} adds up {metric} of every gateway; sum per instance first, "
+                "then avg/min/max across them"
+            )
+    assert "mcsproxy_upstream_endpoints" in seen
