@@ -24,6 +24,7 @@ import functools
 import re
 import shutil
 import subprocess
+import textwrap
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -436,6 +437,40 @@ def test_kind_walkthrough_loads_every_image_its_overlays_run() -> None:
                       for c in containers(w)}:
             assert image in built, f"overlays/{overlay} runs {image}, which is not built"
             assert image in loaded, f"overlays/{overlay} runs {image}, not loaded into kind"
+
+
+KUBECTL_SHIM = """#!/bin/sh
+echo "$*" >> "$(dirname "$0")/calls"
+case "$*" in
+  *"get secret mcsproxy-member-token -o json") echo '{"data":{"ca.crt":"Q0EK","token":"VAo="}}';;
+  *"config view --raw"*) echo https://127.0.0.1:40001;;
+esac
+"""
+
+
+@pytest.mark.skipif(shutil.which("jq") is None, reason="the walkthrough's loop needs jq")
+def test_kind_walkthrough_runs_step_3_against_the_kind_contexts(tmp_path: Path) -> None:
+    """Step 3's loop, run as the kind section says (its ctx/server in place of step 3's),
+    against a kubectl that records its calls: every call names a kind-<id> context and
+    every member kubeconfig a server the controller's pods reach. The loop used to
+    hard-code `--context $id` and `--context east`, which kind does not name so."""
+    text = (DEPLOY / "README.md").read_text()
+    blocks = [textwrap.dedent(b) for b in re.findall(r"```sh\n(.*?)```", text, re.S)]
+    loop = next(b for b in blocks if "mcsproxy-member-token" in b)
+    kind = next((b for b in blocks if "ctx()" in b and "kind-" in b), None)
+    assert kind, "the kind section says nothing step 3 can run with the kind- contexts"
+    script = kind + loop[loop.index("for id in"):]
+    (tmp_path / "kubectl").write_text(KUBECTL_SHIM)
+    (tmp_path / "kubectl").chmod(0o755)
+    script = script.replace("/tmp/", f"{tmp_path}/")
+    proc = subprocess.run(["bash", "-euc", script], capture_output=True, text=True, timeout=30,
+                          env={"PATH": f"{tmp_path}:/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    contexts = {c.split("--context ")[1].split()[0] for c in calls if "--context " in c}
+    assert contexts == {"kind-east", "kind-west", "kind-central"}, contexts
+    servers = {c.split("--server=")[1] for c in calls if "--server=" in c}
+    assert servers == {f"https://{n}-control-plane:6443" for n in ("east", "west", "central")}
 
 
 # -------------------------------------------------------------------------------- RBAC
