@@ -772,6 +772,21 @@ def test_gateway_memory_limit_fits_the_sizing_the_docs_state() -> None:
     assert "fits about 10,000 such services" in (DEPLOY / "README.md").read_text()
 
 
+# The controller leader's peak RSS in Kubernetes mode, 3 members each exporting 6,000
+# services of 10 endpoints (API emulators; 1,000 services: 369 MiB, 3,000: 896 MiB).
+CONTROLLER_PEAK_MIB_AT_6K_SERVICES = 1228
+
+
+def test_controller_memory_limit_fits_the_sizing_the_docs_state() -> None:
+    deployment = file_docs(DEPLOY / "base/controller/deployment.yaml")[0]
+    limit = containers(deployment)[0]["resources"]["limits"]["memory"]
+    assert _bytes(limit) >= CONTROLLER_PEAK_MIB_AT_6K_SERVICES * 2**20 * 5 // 4, (
+        f"controller memory limit {limit} is under the peak of 6,000 services "
+        f"({CONTROLLER_PEAK_MIB_AT_6K_SERVICES} MiB) with 25 % to spare"
+    )
+    assert "fits about 6,000 such services" in (DEPLOY / "README.md").read_text()
+
+
 def test_gateway_daemonset_on_the_node_network() -> None:
     ds = file_docs(DEPLOY / "base/gateway/daemonset.yaml")[0]
     pod = ds["spec"]["template"]["spec"]
