@@ -89,8 +89,10 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
     if args.no_proxy and args.http_listen:
         # The front door is one of the proxy's listeners: with --no-proxy it was never
         # opened, and nothing said so (connections to it were refused).
-        raise ConfigError(f"--http-listen {args.http_listen}: the front door is part of the "
-                          "proxy, which --no-proxy turns off")
+        raise ConfigError(
+            f"--http-listen {args.http_listen}: the front door is part of the "
+            "proxy, which --no-proxy turns off"
+        )
     from mcsproxy.dns.guard import parse_networks
 
     try:

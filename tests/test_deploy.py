@@ -416,7 +416,7 @@ def test_overlays_set_their_cluster_id() -> None:
 def _kind_walkthrough() -> str:
     """The shell block of deploy/README.md's "A local clusterset with kind"."""
     text = (DEPLOY / "README.md").read_text()
-    section = text[text.index("## A local clusterset with kind"):]
+    section = text[text.index("## A local clusterset with kind") :]
     return re.search(r"```sh\n(.*?)```", section, re.S).group(1)  # type: ignore[union-attr]
 
 
@@ -426,15 +426,22 @@ def test_kind_walkthrough_loads_every_image_its_overlays_run() -> None:
     image is: every image the walkthrough's overlays run must be built and loaded (the
     member overlay's gateways sat in ErrImagePull when only mcsproxy:dev was)."""
     block = _kind_walkthrough()
-    built = {t for line in re.findall(r"^docker build (.*)$", block, re.M)
-             for t in re.findall(r"-t (\S+)", line)}
-    loaded = {image for line in re.findall(r"kind load docker-image (.*?) --name", block)
-              for image in line.split()}
+    built = {
+        t
+        for line in re.findall(r"^docker build (.*)$", block, re.M)
+        for t in re.findall(r"-t (\S+)", line)
+    }
+    loaded = {
+        image
+        for line in re.findall(r"kind load docker-image (.*?) --name", block)
+        for image in line.split()
+    }
     overlays = set(re.findall(r"overlays/([a-z-]+)", block))
     assert overlays == {"local", "member"}, overlays
     for overlay in overlays:
-        for image in {c["image"] for w in workloads(rendered(f"overlays/{overlay}"))
-                      for c in containers(w)}:
+        for image in {
+            c["image"] for w in workloads(rendered(f"overlays/{overlay}")) for c in containers(w)
+        }:
             assert image in built, f"overlays/{overlay} runs {image}, which is not built"
             assert image in loaded, f"overlays/{overlay} runs {image}, not loaded into kind"
 
@@ -459,12 +466,17 @@ def test_kind_walkthrough_runs_step_3_against_the_kind_contexts(tmp_path: Path) 
     loop = next(b for b in blocks if "mcsproxy-member-token" in b)
     kind = next((b for b in blocks if "ctx()" in b and "kind-" in b), None)
     assert kind, "the kind section says nothing step 3 can run with the kind- contexts"
-    script = kind + loop[loop.index("for id in"):]
+    script = kind + loop[loop.index("for id in") :]
     (tmp_path / "kubectl").write_text(KUBECTL_SHIM)
     (tmp_path / "kubectl").chmod(0o755)
     script = script.replace("/tmp/", f"{tmp_path}/")
-    proc = subprocess.run(["bash", "-euc", script], capture_output=True, text=True, timeout=30,
-                          env={"PATH": f"{tmp_path}:/usr/bin:/bin"})
+    proc = subprocess.run(
+        ["bash", "-euc", script],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PATH": f"{tmp_path}:/usr/bin:/bin"},
+    )
     assert proc.returncode == 0, proc.stderr
     calls = (tmp_path / "calls").read_text().splitlines()
     contexts = {c.split("--context ")[1].split()[0] for c in calls if "--context " in c}

@@ -236,10 +236,11 @@ def test_the_front_door_without_the_proxy_is_refused() -> None:
     from mcsproxy.cli import build_parser, gateway_config
     from mcsproxy.config import ConfigError
 
-    args = build_parser().parse_args(["gateway", "--cluster-id", "east", "--source", "kube",
-                                      "--no-proxy", "--http-listen", "127.0.0.1:0"])
-    with pytest.raises(ConfigError, match="the front door is part of the proxy, which "
-                       "--no-proxy turns off"):
+    argv = ["gateway", "--cluster-id", "east", "--source", "kube", "--no-proxy"]
+    args = build_parser().parse_args([*argv, "--http-listen", "127.0.0.1:0"])
+    with pytest.raises(
+        ConfigError, match="the front door is part of the proxy, which --no-proxy turns off"
+    ):
         gateway_config(args)
 
 

@@ -136,11 +136,18 @@ async def test_every_dashboard_metric_is_exposed(tmp_path: Path) -> None:
 # state once per gateway. "Endpoints by state" summed them and showed, with 3 gateways,
 # 3 times the endpoints each cluster has.
 REPLICATED_GAUGES = {
-    "mcsproxy_upstream_endpoints", "mcsproxy_upstream_expected_share_percent",
-    "mcsproxy_upstream_priority_load_percent", "mcsproxy_upstream_panic",
-    "mcsproxy_snapshot_version", "mcsproxy_snapshot_age_seconds", "mcsproxy_source_connected",
-    "mcsproxy_source_synced", "mcsproxy_gateway_ready", "mcsproxy_controller_member_connected",
-    "mcsproxy_controller_conflicts", "mcsproxy_controller_exports",
+    "mcsproxy_upstream_endpoints",
+    "mcsproxy_upstream_expected_share_percent",
+    "mcsproxy_upstream_priority_load_percent",
+    "mcsproxy_upstream_panic",
+    "mcsproxy_snapshot_version",
+    "mcsproxy_snapshot_age_seconds",
+    "mcsproxy_source_connected",
+    "mcsproxy_source_synced",
+    "mcsproxy_gateway_ready",
+    "mcsproxy_controller_member_connected",
+    "mcsproxy_controller_conflicts",
+    "mcsproxy_controller_exports",
 }
 AGGREGATION_RE = re.compile(r"\b(sum|avg|min|max)(?: by \(([^)]*)\))? \(\s*(mcsproxy_\w+)")
 
