@@ -405,7 +405,7 @@ class UpstreamSet:
         self._timed_out_at[cluster] = now
         # `host` itself too: removed from the snapshot while its connect was under way,
         # it is in no list of the set, and its cluster may have no host left there.
-        peers = [host, *(h for h in self.hosts.values() if h.cluster == cluster)]
+        peers = [host] + [h for h in self.hosts.values() if h.cluster == cluster]
         answered = max(h.reached_at for h in peers)
         if answered >= now - self.config.connect_timeout_s:
             return False
