@@ -15,7 +15,7 @@ PYTHON ?= $(shell for p in /usr/bin/python3 /usr/local/bin/python3 python3; do \
 	  && { echo $$p; exit; }; done; echo python3)
 PYTEST_ARGS ?=
 
-.PHONY: test lint build demo bench bench-smoke bench-peers clean audit
+.PHONY: test lint build demo bench bench-smoke bench-peers clean audit run-example
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
