@@ -145,6 +145,11 @@ class KubeconfigFile(CredentialSource):
         self.describe = f"kubeconfig {self.path}" + (f" context {context}" if context else "")
 
     async def load(self, configuration: Configuration) -> float | None:
+        paths = [Path(p).expanduser() for p in self.path.split(os.pathsep) if p]
+        if not any(p.exists() for p in paths):
+            # The library reads a missing file as an empty one and says "Invalid kube-config
+            # file. Expected key current-context", as if the file were there and wrong.
+            raise kube_config.ConfigException(f"kubeconfig {self.path}: no such file")
         loader = await kube_config.load_kube_config(
             config_file=self.path, context=self.context, client_configuration=configuration,
             persist_config=False)

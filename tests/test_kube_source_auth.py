@@ -15,7 +15,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from kubernetes_asyncio import config as kube_config
 
+from mcsproxy.kubeclient import KubeconfigFile, new_client
 from mcsproxy.sources.kube import KubeSource
 from mcsproxy.store import SnapshotStore
 from tests.kube_auth_support import (
@@ -209,3 +211,11 @@ async def test_a_client_certificate_refused_in_the_handshake_is_fetched_again(
         assert {r.user for r in emu.requests[seen:]} == {"gw-2"}
     key = (certs / "gw-2.key").read_text().splitlines()[1]
     assert key not in caplog.text
+
+
+async def test_a_kubeconfig_that_does_not_exist_is_named_as_missing(tmp_path: Path) -> None:
+    """KUBECONFIG naming no file said "Invalid kube-config file. Expected key
+    current-context", as if the file were there and wrong."""
+    missing = tmp_path / "nope" / "config"
+    with pytest.raises(kube_config.ConfigException, match=f"kubeconfig {missing}: no such file"):
+        await new_client(KubeconfigFile(str(missing)))
