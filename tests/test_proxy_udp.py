@@ -13,6 +13,7 @@ import uvloop
 
 from mcsproxy.config import OutlierConfig
 from mcsproxy.model import Endpoint, ServicePort
+from mcsproxy.proxy.manager import IDLE_SWEEPS, sweep_ticks
 from mcsproxy.proxy.udp import PENDING_DATAGRAMS_MAX, UdpFlow, UdpListener
 from tests.proxy_fixtures import Clusterset, endpoint, free_port, until
 
@@ -567,3 +568,12 @@ async def test_a_udp_attempt_counts_once_when_its_outcome_is_known() -> None:
     finally:
         await proxy.stop()
         quiet.close()
+
+
+def test_the_idle_sweep_never_expires_a_flow_before_its_timeout() -> None:
+    # With a 30 s TCP and a 100 s UDP timeout the sweep runs every 7.5 s: rounded to the
+    # nearest, 13 sweeps closed UDP flows idle 97.5 s.
+    assert sweep_ticks(100.0, 30.0 / IDLE_SWEEPS) == 14
+    assert sweep_ticks(30.0, 30.0 / IDLE_SWEEPS) == IDLE_SWEEPS
+    assert sweep_ticks(0.3, 0.1) == 3  # not 4 from float error
+    assert sweep_ticks(0.0, 7.5) == 0  # no timeout: never

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import socket
 from collections.abc import Iterable, Iterator, Mapping
 from functools import partial
@@ -46,6 +47,7 @@ IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 # The idle sweep runs this many times per idle timeout; a connection is closed after
 # between 1 and 1 + 1/IDLE_SWEEPS idle timeouts without a byte.
 IDLE_SWEEPS = 4
+
 # While draining, how often the count of open connections is looked at again.
 DRAIN_POLL_S = 0.05
 # A listener that could not bind (its address taken for now) is tried again after this
@@ -53,6 +55,13 @@ DRAIN_POLL_S = 0.05
 LISTEN_RETRY_INITIAL_S = 0.5
 LISTEN_RETRY_MAX_S = 30.0
 
+
+
+def sweep_ticks(timeout_s: float, period_s: float) -> int:
+    """Idle sweeps a connection may sit through before it expires (0: never): at least its
+    timeout's worth. Rounded to the nearest, a 100 s UDP timeout swept every 7.5 s (a 30 s
+    TCP one) closed flows idle 97.5 s."""
+    return math.ceil(timeout_s / period_s - 1e-9) if timeout_s > 0 else 0
 
 class ListenerKey(NamedTuple):
     ip: str
@@ -454,8 +463,8 @@ class ProxyManager:
         tcp_s = self.config.idle_timeout_s
         udp_s = self.config.udp_idle_timeout_s
         period = min(t for t in (tcp_s, udp_s) if t > 0) / IDLE_SWEEPS
-        tcp_ticks = round(tcp_s / period) if tcp_s else 0
-        udp_ticks = round(udp_s / period)
+        tcp_ticks = sweep_ticks(tcp_s, period)
+        udp_ticks = sweep_ticks(udp_s, period)
         while True:
             await asyncio.sleep(period)
             for conn in list(self.conns):
