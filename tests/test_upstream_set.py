@@ -550,3 +550,17 @@ def test_pick_invariants(sc: dict[str, object]) -> None:
             assert host.cluster not in tried_clusters
         if sc["locality"] == "local-first" and not tried and host.cluster != "east":
             assert u.plan.loads[0] < 100 or not any(h.cluster == "east" for h in hosts)
+
+
+def test_endpoints_added_by_one_update_are_logged_in_one_line(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # A line per endpoint made a start with 10,000 services of 30 endpoints write 300,000.
+    with caplog.at_level(logging.INFO, "mcsproxy.upstream"):
+        u = make({"east": 20, "west": 10})
+        u.update(targets({"east": 20, "west": 11}))
+    added = [r.getMessage() for r in caplog.records if "added" in r.getMessage()]
+    assert added == [
+        "upstream ns/s:http: endpoints 127.0.1.1:8080(east) (priority 0), 127.0.1.2:8080(east) "
+        "(priority 0), 127.0.1.3:8080(east) (priority 0) added, and 27 more",
+        "upstream ns/s:http: endpoint 127.0.2.11:8080(west) (priority 0) added",
+    ]
