@@ -106,3 +106,51 @@ async def test_a_controller_never_reached_is_logged_once(
     assert len(lines) == 1, lines
     assert f"cannot connect to http://127.0.0.1:{port}" in lines[0]
     assert "nothing served until it answers" in lines[0]
+
+
+async def test_a_snapshot_that_never_ends_is_bounded_and_the_last_one_kept() -> None:
+    """A controller that sends snapshot parts, "more": true, for ever: the parts are
+    held until the last, and grew a gateway by 1 GB in 20 s. Past the bound the stream
+    is given up (the parts dropped, the error said) and the last snapshot keeps serving."""
+    sessions: list[int] = []
+    part = {"type": "snapshot", "epoch": "e2", "version": 5, "more": True}
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        sessions.append(len(sessions))
+        response = web.StreamResponse(headers={"X-Mcsproxy-Heartbeat": "5"})
+        await response.prepare(request)
+        if len(sessions) == 1:
+            await response.write(_line({"type": "snapshot", "epoch": "e", "version": 1,
+                                        "objects": [service_import("web")]}))
+            return response  # the stream ends: the source comes back for more
+        for i in range(1000):  # ~10 KB a part, ~10 MB in all: far past the test's bound
+            objects = [service_import(f"s{i}-{j}", f"127.240.{i % 250}.{j + 1}")
+                       for j in range(40)]
+            await response.write(_line({**part, "objects": objects}))
+        await asyncio.sleep(30)
+        return response
+
+    app = web.Application()
+    app.router.add_get(controlplane.STREAM_PATH, stream)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    store = SnapshotStore("east")
+    source = ControlplaneSource(f"http://127.0.0.1:{port}", "east", backoff_initial_s=0.02,
+                                backoff_max_s=0.1, max_snapshot_bytes=100_000)
+    task = spawn(source.run(store), name="test source")
+    try:
+        async with asyncio.timeout(5):
+            while len(sessions) < 3:
+                await asyncio.sleep(0.01)
+        status = store.sources[source.name]
+        assert "snapshot 5 is over 100000 bytes" in (status.error or "")
+        assert not status.connected
+        assert list(store.current.services) == [WEB]  # the last good snapshot
+        assert source.epoch is None  # the next session asks for a full snapshot
+        assert not task.done()
+    finally:
+        await cancel_and_wait([task])
+        await runner.cleanup()

@@ -37,6 +37,10 @@ log = logging.getLogger("mcsproxy.sources.controlplane")
 STREAM_PATH = "/v1/stream"
 HEARTBEAT_HEADER = "X-Mcsproxy-Heartbeat"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a full snapshot of a large clusterset fits
+# A snapshot's parts are held until the last one: a controller that never sends it (a
+# defect, a man in the middle) grew a gateway by 1 GB in 20 s until the kernel killed it.
+# 10,000 services of two clusters are 16 MB of parts; this is sixteen times that.
+MAX_SNAPSHOT_BYTES = 256 * 1024 * 1024
 BULK_MESSAGE_BYTES = 64 * 1024  # parsed with the cyclic collector paused (gc_pause.py)
 CONNECT_TIMEOUT_S = 5.0
 # The controller answers a stream request at once; a peer (or proxy) that takes the
@@ -76,6 +80,7 @@ class ControlplaneSource:
         headers_timeout_s: float = HEADERS_TIMEOUT_S,
         backoff_initial_s: float = BACKOFF_INITIAL_S,
         backoff_max_s: float = BACKOFF_MAX_S,
+        max_snapshot_bytes: int = MAX_SNAPSHOT_BYTES,
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"controlplane source needs an http:// URL, not {url!r}")
@@ -86,10 +91,12 @@ class ControlplaneSource:
         self.headers_timeout_s = headers_timeout_s
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
+        self.max_snapshot_bytes = max_snapshot_bytes
         self.epoch: str | None = None
         self.version = 0
         self.members: dict[str, Any] = {}  # member clusters as the controller sees them
-        self._partial: tuple[str, int, dict[ObjectId, Spec]] | None = None
+        # The parts of a snapshot so far: epoch, version, objects, bytes of their lines.
+        self._partial: tuple[str, int, dict[ObjectId, Spec], int] | None = None
         self.connects = 0
         self.messages = 0  # valid messages applied (a snapshot once, whole), all sessions
         self.resyncs = 0
@@ -129,6 +136,7 @@ class ControlplaneSource:
                     log.error("controlplane stream failed (%s); reconnecting for a full "
                               "resync", exception_line(exc))
                     self.epoch = None
+                self._partial = None  # not held through the backoff: it may be large
                 if status.connected:
                     log.warning("controlplane stream down (%s): serving the last snapshot "
                                 "(version %d)", reason, self.version)
@@ -187,7 +195,7 @@ class ControlplaneSource:
             raise StreamProtocolError("malformed message: not a JSON object")
         kind = message.get("type")
         if kind == "snapshot":
-            if not self._apply_snapshot(message, store):
+            if not self._apply_snapshot(message, store, len(line)):
                 # A part of a snapshot applies nothing yet: it is not a session that
                 # worked (a bad object in a later part would otherwise reset the backoff
                 # and have the full snapshot fetched again every few hundred ms).
@@ -232,9 +240,10 @@ class ControlplaneSource:
             raise StreamProtocolError(f"malformed {message.get('type')}: {field} {value!r}")
         return value
 
-    def _apply_snapshot(self, message: Mapping[str, Any], store: SnapshotStore) -> bool:
-        """Collect snapshot parts; apply them all at once when the last one arrives.
-        False while parts are still to come."""
+    def _apply_snapshot(self, message: Mapping[str, Any], store: SnapshotStore,
+                        size: int) -> bool:
+        """Collect snapshot parts (`size`: this one's bytes); apply them all at once when
+        the last one arrives. False while parts are still to come."""
         version = self._version(message, "version")
         epoch = message.get("epoch")
         if not isinstance(epoch, str):
@@ -246,8 +255,14 @@ class ControlplaneSource:
                 raise StreamProtocolError("snapshot parts from different versions")
             self._partial[2].update(objects)
             objects = self._partial[2]
+            size += self._partial[3]
+        if size > self.max_snapshot_bytes:
+            self._partial = None
+            raise StreamProtocolError(
+                f"snapshot {version} is over {self.max_snapshot_bytes} bytes "
+                f"({len(objects)} objects in the parts so far)")
         if message.get("more") is True:
-            self._partial = (epoch, version, objects)
+            self._partial = (epoch, version, objects, size)
             return False
         self._partial = None
         store.replace_source(self.name, objects)
