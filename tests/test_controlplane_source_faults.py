@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from typing import Any
 
 import pytest
@@ -16,7 +15,6 @@ from mcsproxy.sources import controlplane
 from mcsproxy.sources.controlplane import ControlplaneSource
 from mcsproxy.store import SnapshotStore
 from mcsproxy.tasks import cancel_and_wait, spawn
-from tests.proxy_fixtures import free_port
 from tests.test_kube_source import WEB, service_import
 
 DEEP = b"[" * 100_000 + b"]" * 100_000  # json.loads: RecursionError, not ValueError
@@ -82,30 +80,6 @@ async def test_an_unforeseen_failure_reconnects_and_reports_it(
     finally:
         await cancel_and_wait([task])
         await runner.cleanup()
-
-
-async def test_a_controller_never_reached_is_logged_once(
-        caplog: pytest.LogCaptureFixture) -> None:
-    """A gateway pointed at a dead (or wrong) controller logged nothing at all while it
-    stayed unready: only the down of a stream that had connected was logged. Now the
-    first failed connect is, once, not each retry."""
-    caplog.set_level(logging.INFO, logger="mcsproxy.sources.controlplane")
-    port = free_port("127.0.0.1")  # nothing listens: refused
-    store = SnapshotStore("east")
-    source = ControlplaneSource(f"http://127.0.0.1:{port}", "east",
-                                backoff_initial_s=0.01, backoff_max_s=0.02)
-    task = spawn(source.run(store), name="controlplane source")
-    try:
-        async with asyncio.timeout(5):
-            while (status := store.sources.get(source.name)) is None or status.error is None:
-                await asyncio.sleep(0.01)
-            await asyncio.sleep(0.2)  # ~10 more refused connects
-    finally:
-        await cancel_and_wait([task])
-    lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 1, lines
-    assert f"cannot connect to http://127.0.0.1:{port}" in lines[0]
-    assert "nothing served until it answers" in lines[0]
 
 
 async def test_a_snapshot_that_never_ends_is_bounded_and_the_last_one_kept() -> None:

@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import socket
 import time
 from collections import deque
 from pathlib import Path
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from controlplane.command import ControllerConfig, DirectoryControllerApp, config_from_args
@@ -322,6 +324,44 @@ async def test_malformed_messages_are_rejected_not_crashing(tmp_path: Path) -> N
     finally:
         await cancel_and_wait([task])
         await runner.cleanup()
+
+
+async def test_a_controller_never_reached_is_logged_once_per_failure(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A gateway started before its controller, or pointed at a peer that takes the
+    connection and never answers: it said nothing in its log, however long it tried
+    (its status error said `TimeoutError`). Now each distinct failure is logged once,
+    naming the controller and what is served meanwhile."""
+    caplog.set_level(logging.INFO, logger="mcsproxy.sources.controlplane")
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # reads nothing, answers nothing
+
+    port = free_port(HOST)
+    server = await asyncio.start_server(silent, HOST, port)
+    store = SnapshotStore("b")
+    url = f"http://{HOST}:{port}"
+    source, task = await start_source(url, store, headers_timeout_s=0.2)
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records
+                if r.name == "mcsproxy.sources.controlplane" and r.levelno >= logging.WARNING]
+
+    try:
+        await until(lambda: len(accepted) >= 4)  # three timed out: logged once
+        status = store.sources[source.name]
+        assert status.error == "TimeoutError: no answer from the controller within 0.2 s"
+        assert warnings() == [f"controlplane stream {url} not connected ({status.error}): "
+                              "no snapshot yet, not ready; retrying with backoff"]
+        server.close()  # now nothing listens: refused, another failure, logged once more
+        for writer in accepted:
+            writer.close()
+        await until(lambda: len(warnings()) == 2)
+        assert "ClientConnectorError" in warnings()[1] and not store.loaded.is_set()
+    finally:
+        await cancel_and_wait([task])
+        server.close()
 
 
 async def test_unknown_cluster_is_a_clear_error(tmp_path: Path) -> None:

@@ -112,10 +112,10 @@ class ControlplaneSource:
         status.connected = False
         backoff = Backoff(self.backoff_initial_s, self.backoff_max_s)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s)
-        # Whether this outage was logged: a source that never connected said nothing, so a
-        # gateway pointed at a wrong or dead controller logged only "gateway started" and
-        # stayed unready with no word of why (its /readyz said it).
-        outage_said = False
+        # The last failure logged while not connected: a controller that cannot be
+        # reached was never logged at all (a gateway started before it, or pointed at a
+        # wrong address, said nothing); now each distinct failure is, once.
+        logged: str | None = None
         async with aiohttp.ClientSession(timeout=timeout) as session:
             while True:
                 messages_before = self.messages
@@ -123,7 +123,7 @@ class ControlplaneSource:
                     await self._session(session, store, status)
                     reason = "stream ended"
                 except StreamProtocolError as exc:
-                    reason = str(exc)
+                    reason = logged = str(exc)
                     log.error("controlplane stream: %s; reconnecting for a full resync", exc)
                     self.epoch = None
                 except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -132,7 +132,7 @@ class ControlplaneSource:
                     # Unforeseen (a defect, an input no check above expected): ending the
                     # task would leave the source silently stale while its status still
                     # said connected. What was being applied may be half done: resync.
-                    reason = describe_error(exc)
+                    reason = logged = describe_error(exc)
                     log.error("controlplane stream failed (%s); reconnecting for a full "
                               "resync", exception_line(exc))
                     self.epoch = None
@@ -140,13 +140,13 @@ class ControlplaneSource:
                 if status.connected:
                     log.warning("controlplane stream down (%s): serving the last snapshot "
                                 "(version %d)", reason, self.version)
-                    outage_said = True
-                elif not outage_said:
-                    log.warning("controlplane stream: cannot connect to %s (%s); retrying "
-                                "with backoff%s", self.url, reason,
-                                f", serving the last snapshot (version {self.version})"
-                                if self.version else ", nothing served until it answers")
-                    outage_said = True
+                    logged = reason
+                elif reason != logged:
+                    log.warning("controlplane stream %s not connected (%s): %s; retrying "
+                                "with backoff", self.url, reason,
+                                f"serving the last snapshot (version {self.version})"
+                                if status.synced else "no snapshot yet, not ready")
+                    logged = reason
                 status.connected = False
                 status.error = reason
                 if self.messages != messages_before:
@@ -162,8 +162,12 @@ class ControlplaneSource:
         params = {"cluster": self.cluster_id, "version": str(self.version)}
         if self.epoch is not None:
             params["epoch"] = self.epoch
-        async with asyncio.timeout(self.headers_timeout_s):
-            response = await session.get(self.url + STREAM_PATH, params=params)
+        try:
+            async with asyncio.timeout(self.headers_timeout_s):
+                response = await session.get(self.url + STREAM_PATH, params=params)
+        except TimeoutError:
+            raise TimeoutError(f"no answer from the controller within "
+                               f"{self.headers_timeout_s:g} s") from None
         async with response:
             if response.status != 200:
                 async with asyncio.timeout(5.0):  # not wait_for: see lines.read_lines
@@ -180,6 +184,9 @@ class ControlplaneSource:
                                  max_bytes=MAX_MESSAGE_BYTES, read_timeout_s=read_timeout)
             except LineTooLong as exc:
                 raise StreamProtocolError(str(exc)) from None
+            except TimeoutError:
+                raise TimeoutError(f"nothing from the controller for {read_timeout:g} s, "
+                                   "not even a heartbeat") from None
 
     # -- messages ------------------------------------------------------------------------
     def _handle(self, line: bytes, store: SnapshotStore, status: SourceStatus) -> None:
