@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
+import uvloop
 from aiohttp import web
 
 from mcsproxy.model import ServiceKey
@@ -125,6 +127,45 @@ async def test_a_snapshot_that_never_ends_is_bounded_and_the_last_one_kept() -> 
         assert list(store.current.services) == [WEB]  # the last good snapshot
         assert source.epoch is None  # the next session asks for a full snapshot
         assert not task.done()
+    finally:
+        await cancel_and_wait([task])
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("heartbeat", ["nan", "inf", "soon"])
+@pytest.mark.parametrize("run", [uvloop.run, asyncio.run], ids=["uvloop", "asyncio"])
+def test_a_heartbeat_header_that_is_no_interval_falls_back_to_the_default(
+        run: Callable[[Coroutine[Any, Any, None]], None], heartbeat: str) -> None:
+    """X-Mcsproxy-Heartbeat: nan made every read on uvloop (the gateway's loop) fail
+    (`cannot convert float NaN to integer`, logged as a defect): the stream was never
+    applied; on asyncio's loop it made a read timeout that never fires."""
+    run(_serve_one_snapshot_with(heartbeat))
+
+
+async def _serve_one_snapshot_with(heartbeat: str) -> None:
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"X-Mcsproxy-Heartbeat": heartbeat})
+        await response.prepare(request)
+        await response.write(_line({"type": "snapshot", "epoch": "e", "version": 1,
+                                    "objects": [service_import("web")]}))
+        await asyncio.sleep(30)
+        return response
+
+    app = web.Application()
+    app.router.add_get(controlplane.STREAM_PATH, stream)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    store = SnapshotStore("east")
+    source = ControlplaneSource(f"http://127.0.0.1:{runner.addresses[0][1]}", "east",
+                                backoff_initial_s=0.02, backoff_max_s=0.1)
+    task = spawn(source.run(store), name="test source")
+    try:
+        async with asyncio.timeout(5):
+            await store.loaded.wait()
+        assert WEB in store.current.services and store.sources[source.name].connected
     finally:
         await cancel_and_wait([task])
         await runner.cleanup()

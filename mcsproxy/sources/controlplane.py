@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -176,6 +177,8 @@ class ControlplaneSource:
             try:
                 heartbeat = float(response.headers.get(HEARTBEAT_HEADER, "5"))
             except ValueError:
+                heartbeat = 5.0
+            if not math.isfinite(heartbeat):  # nan: the read timeout below failed every read
                 heartbeat = 5.0
             # Three missed heartbeats: the controller (or the path to it) is gone.
             read_timeout = min(max(3 * heartbeat, 0.5), 120.0)
