@@ -364,6 +364,48 @@ async def test_a_controller_never_reached_is_logged_once_per_failure(
         server.close()
 
 
+async def test_a_standby_met_on_a_retry_keeps_the_version_for_the_leader() -> None:
+    """Both controller replicas stand behind one Service; a standby answers the stream
+    503. A retry that met it threw the epoch away (as after a bad message), so the next
+    one, at the leader, got a full snapshot instead of the deltas it missed: measured,
+    10 stream cuts cost 11 full snapshots and 10 error lines. The epoch is kept now."""
+    snapshot = {"type": "snapshot", "epoch": "e1", "version": 4, "more": False,
+                "objects": [service_import("web")]}
+    seen_params: list[dict[str, str]] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        seen_params.append(dict(request.query))
+        if len(seen_params) == 2:  # the standby, as ControllerServer answers
+            response: web.StreamResponse = web.json_response(
+                {"error": "this controller replica is not the leader"}, status=503)
+            response.force_close()
+            return response
+        response = web.StreamResponse(headers={"X-Mcsproxy-Heartbeat": "5"})
+        await response.prepare(request)
+        if len(seen_params) == 1:
+            await response.write(json.dumps(snapshot).encode() + b"\n")
+            return response  # the stream ends: the gateway reconnects
+        await asyncio.sleep(30)  # the leader again: it has nothing to send yet
+        return response
+
+    app = web.Application()
+    app.router.add_get("/v1/stream", handler)
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
+    await runner.setup()
+    port = free_port(HOST)
+    await web.TCPSite(runner, HOST, port).start()
+    store = SnapshotStore("b")
+    source, task = await start_source(f"http://{HOST}:{port}", store)
+    try:
+        await until(lambda: len(seen_params) >= 3)
+        assert seen_params[2] == {"cluster": "b", "epoch": "e1", "version": "4"}
+        assert "HTTP 503" in (store.sources[source.name].error or "")
+        assert store.current.get("test", "web") is not None
+    finally:
+        await cancel_and_wait([task])
+        await runner.cleanup()
+
+
 async def test_unknown_cluster_is_a_clear_error(tmp_path: Path) -> None:
     clusters, out, port = tmp_path / "c", tmp_path / "o", free_port(HOST)
     write_member(clusters, "a", ["127.0.1.1"])

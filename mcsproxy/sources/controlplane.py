@@ -4,8 +4,9 @@ One long GET per connection, one JSON message per line (see controlplane/stream.
 the server side). The source resumes with the epoch and version it has, so a reconnect
 costs a few deltas, not a full resync. Objects go through mcsproxy.manifests like every
 other source's; a message that does not parse or validate is rejected whole (the store
-keeps what it had) and the source reconnects asking for a full snapshot. While the stream
-is down the store keeps serving the last snapshot; the source is marked disconnected.
+keeps what it had) and the source reconnects asking for a full snapshot; an HTTP error
+answer (a standby replica's 503) brought no message, so the retry still resumes. While the
+stream is down the store keeps serving the last snapshot; the source is marked disconnected.
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 class StreamProtocolError(ValueError):
     """The controller sent something this gateway cannot apply."""
+
+
+class StreamRefused(Exception):
+    """The controller answered the stream request with an HTTP error: a standby
+    replica's 503 (behind one Service with the leader), an unknown cluster's 404. No
+    message came, so what the gateway holds is still good: the retry resumes from it."""
 
 
 def served_object(obj: Any, source: str) -> tuple[ObjectId, Spec] | None:
@@ -123,6 +130,11 @@ class ControlplaneSource:
                 try:
                     await self._session(session, store, status)
                     reason = "stream ended"
+                except StreamRefused as exc:
+                    # Logged below, once while it lasts. The epoch is kept: discarding it
+                    # (as for a bad message) made every retry that met the standby cost
+                    # a full snapshot from the leader after it.
+                    reason = str(exc)
                 except StreamProtocolError as exc:
                     reason = logged = str(exc)
                     log.error("controlplane stream: %s; reconnecting for a full resync", exc)
@@ -173,7 +185,7 @@ class ControlplaneSource:
             if response.status != 200:
                 async with asyncio.timeout(5.0):  # not wait_for: see lines.read_lines
                     body = (await response.content.read(512)).decode("utf-8", "replace")
-                raise StreamProtocolError(f"HTTP {response.status} from controller: {body}")
+                raise StreamRefused(f"HTTP {response.status} from controller: {body}")
             try:
                 heartbeat = float(response.headers.get(HEARTBEAT_HEADER, "5"))
             except ValueError:
