@@ -252,6 +252,20 @@ def config_from_args(args: argparse.Namespace) -> ControllerConfig:
     )
 
 
+def raise_open_files_limit(serve: tuple[str, int] | None) -> None:
+    """With --serve, the soft open-files limit raised to the hard one, as the gateway
+    does: with the 1024 that containerd 2, Docker 25 and systemd hand out, the stream
+    took 1008 gateways, not the 4096 of its connection limit, and refused the rest
+    without a log line. After the flags are checked: a bad flag is one line."""
+    if serve is None:
+        return
+    from mcsproxy.cli import raise_nofile_limit
+
+    before, after = raise_nofile_limit()
+    log.info("open files limit %d%s", after,
+             f" (raised from {before})" if after != before else "")
+
+
 def run_from_args(args: argparse.Namespace, config_error: type[Exception]) -> int:
     """The `controller` subcommand: flags → config → run. Errors leave as config_error
     (exit 2, bad flags) or ClusterError/OSError messages (exit 1)."""
@@ -269,6 +283,7 @@ def run_from_args(args: argparse.Namespace, config_error: type[Exception]) -> in
             kube_config = kube_app.config_from_args(args)
         except ValueError as exc:
             raise config_error(str(exc)) from None
+        raise_open_files_limit(kube_config.serve)
         try:
             return uvloop.run(kube_app.run(kube_config))
         except ClusterError as exc:
@@ -282,6 +297,7 @@ def run_from_args(args: argparse.Namespace, config_error: type[Exception]) -> in
         config = config_from_args(args)
     except (ControllerConfigError, ConfigError) as exc:
         raise config_error(str(exc)) from None
+    raise_open_files_limit(config.serve)
     try:
         return uvloop.run(run(config))
     except ClusterError as exc:

@@ -128,8 +128,9 @@ def raise_nofile_limit() -> tuple[int, int]:
 
     Every proxied connection holds two descriptors, so the soft limit many shells and
     init systems hand out (1024) would cap the gateway at ~500 connections while the
-    hard limit, which only an administrator sets, allows far more. Go's runtime does the
-    same at start; nothing here uses select(), so high descriptor numbers are safe.
+    hard limit, which only an administrator sets, allows far more; the controller's
+    stream holds one per gateway (up to 4096). Go's runtime does the same at start;
+    nothing here uses select(), so high descriptor numbers are safe.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = hard
@@ -143,7 +144,7 @@ def raise_nofile_limit() -> tuple[int, int]:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         except (ValueError, OSError) as exc:
-            logging.getLogger("mcsproxy.gateway").warning(
+            logging.getLogger("mcsproxy").warning(
                 "open files limit stays %d (hard %d): %s", soft, hard, exc)
             return soft, soft
         return soft, target

@@ -7,7 +7,9 @@ import asyncio
 import dataclasses
 import json
 import logging
+import resource
 import socket
+import sys
 import time
 from collections import deque
 from pathlib import Path
@@ -404,6 +406,45 @@ async def test_a_standby_met_on_a_retry_keeps_the_version_for_the_leader() -> No
     finally:
         await cancel_and_wait([task])
         await runner.cleanup()
+
+
+async def test_the_controller_raises_its_open_files_limit_for_the_streams(
+        tmp_path: Path) -> None:
+    """The stream takes one descriptor per gateway, up to 4096 connections; with the
+    soft limit of 1024 that containerd 2, Docker 25 and systemd hand out, a controller
+    took 1008 gateways and dropped the others without a log line. Like the gateway, it
+    now raises the soft limit to the hard one at start."""
+    write_member(tmp_path / "c", "a", ["127.0.1.1"])
+    port = free_port(HOST)
+
+    def low_soft_nofile() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 1024))
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mcsproxy", "controller", "--clusters-dir", str(tmp_path / "c"),
+        "--output-dir", str(tmp_path / "o"), "--serve", f"{HOST}:{port}",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        preexec_fn=low_soft_nofile)
+    assert proc.stderr is not None
+    log: list[bytes] = []
+    streams: list[asyncio.StreamWriter] = []
+    try:
+        async with asyncio.timeout(10):
+            while not log or b"controller serving on" not in log[-1]:
+                log.append(await proc.stderr.readline())
+                assert log[-1], b"".join(log)
+        for i in range(100):  # more gateways than the soft limit had descriptors
+            reader, writer = await asyncio.open_connection(HOST, port)
+            streams.append(writer)
+            writer.write(b"GET /v1/stream?cluster=a HTTP/1.1\r\nHost: controller\r\n\r\n")
+            async with asyncio.timeout(3):
+                assert (await reader.readline()).startswith(b"HTTP/1.1 200 "), i
+        assert b"open files limit 1024 (raised from 64)" in b"".join(log)
+    finally:
+        for writer in streams:
+            writer.close()
+        proc.terminate()
+        await proc.wait()
 
 
 async def test_unknown_cluster_is_a_clear_error(tmp_path: Path) -> None:
