@@ -47,6 +47,11 @@ from mcsproxy.sources.controlplane import HEARTBEAT_HEADER
 log = logging.getLogger("controlplane.stream")
 
 HISTORY_VERSIONS = 1024  # deltas kept per cluster for resuming gateways
+# ... and bytes of them. A member going stale and back is a delta of every imported
+# slice it exports: 6.3-6.7 MB each for 10,000 services, so 1024 of them were up to
+# 6.9 GB a feed (measured: +58 MB of controller RSS a flap of one member, never given
+# back). Deltas beyond this cost more to replay than the snapshot a gateway gets instead.
+HISTORY_BYTES = 32 * 1024 * 1024
 SUBSCRIBER_QUEUE = 256  # messages a slow gateway may lag before it gets a resync
 SUBSCRIBER_QUEUE_BYTES = 16 * 1024 * 1024  # ... or bytes of them
 # A write (one message or snapshot part) not taken by the gateway in this time ends its
@@ -121,8 +126,8 @@ class Subscriber:
 class Feed:
     """One consumer cluster: its objects (the controller's live view), version, history."""
 
-    __slots__ = ("_snapshot", "cluster", "epoch", "history", "objects", "subscribers",
-                 "version")
+    __slots__ = ("_snapshot", "cluster", "epoch", "history", "history_bytes", "objects",
+                 "subscribers", "version")
 
     def __init__(self, cluster: str, epoch: str, objects: Mapping[ObjectRef, Obj]) -> None:
         self.cluster = cluster
@@ -130,6 +135,7 @@ class Feed:
         self.objects = objects
         self.version = 0
         self.history: deque[tuple[int, bytes]] = deque(maxlen=HISTORY_VERSIONS)
+        self.history_bytes = 0
         self.subscribers: set[Subscriber] = set()
         self._snapshot: tuple[int, list[bytes]] | None = None
 
@@ -144,9 +150,20 @@ class Feed:
                        for r in deletes],
             "observed": observed,
         })
-        self.history.append((self.version, message))
+        self._remember(message)
         for sub in self.subscribers:
             sub.offer(message)
+
+    def _remember(self, message: bytes) -> None:
+        """Into the history, bounded in versions (the deque's maxlen) and in bytes; the
+        newest delta is always kept."""
+        history = self.history
+        if history.maxlen is not None and len(history) == history.maxlen:
+            self.history_bytes -= len(history[0][1])  # the append below drops it
+        history.append((self.version, message))
+        self.history_bytes += len(message)
+        while len(history) > 1 and self.history_bytes > HISTORY_BYTES:
+            self.history_bytes -= len(history.popleft()[1])
 
     def snapshot(self) -> bytes:
         return b"".join(self.snapshot_parts())
