@@ -169,3 +169,42 @@ async def _serve_one_snapshot_with(heartbeat: str) -> None:
     finally:
         await cancel_and_wait([task])
         await runner.cleanup()
+
+
+async def test_an_unknown_message_type_is_logged_once_not_per_message(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A newer controller's message type the gateway does not know is skipped (forward
+    compatible); it was also a warning for every such message, every 5 s on every
+    gateway when sent with each heartbeat."""
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"X-Mcsproxy-Heartbeat": "5"})
+        await response.prepare(request)
+        await response.write(_line({"type": "snapshot", "epoch": "e", "version": 1,
+                                    "objects": [service_import("web")]}))
+        for i in range(20):
+            await response.write(_line({"type": "stats", "n": i}))
+        await response.write(_line({"type": "members", "members": {"west": {}}}))
+        await asyncio.sleep(30)
+        return response
+
+    app = web.Application()
+    app.router.add_get(controlplane.STREAM_PATH, stream)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    store = SnapshotStore("east")
+    source = ControlplaneSource(f"http://127.0.0.1:{runner.addresses[0][1]}", "east")
+    task = spawn(source.run(store), name="test source")
+    try:
+        async with asyncio.timeout(5):
+            while "west" not in source.members:  # after every "stats" message
+                await asyncio.sleep(0.01)
+        ignored = [r for r in caplog.records
+                   if "unknown" in r.getMessage() and "'stats'" in r.getMessage()]
+        assert len(ignored) == 1
+        assert store.sources[source.name].connected
+    finally:
+        await cancel_and_wait([task])
+        await runner.cleanup()

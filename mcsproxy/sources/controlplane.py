@@ -43,6 +43,7 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a full snapshot of a large clusterset fi
 # defect, a man in the middle) grew a gateway by 1 GB in 20 s until the kernel killed it.
 # 10,000 services of two clusters are 16 MB of parts; this is sixteen times that.
 MAX_SNAPSHOT_BYTES = 256 * 1024 * 1024
+MAX_IGNORED_TYPES = 32  # unknown message types remembered (to log each once)
 BULK_MESSAGE_BYTES = 64 * 1024  # parsed with the cyclic collector paused (gc_pause.py)
 CONNECT_TIMEOUT_S = 5.0
 # The controller answers a stream request at once; a peer (or proxy) that takes the
@@ -108,6 +109,9 @@ class ControlplaneSource:
         self.connects = 0
         self.messages = 0  # valid messages applied (a snapshot once, whole), all sessions
         self.resyncs = 0
+        # Message types ignored, each logged once: a newer controller's own message sent
+        # with every heartbeat was a warning every 5 s on every gateway.
+        self.ignored_types: set[str] = set()
         self.registry = CollectorRegistry(auto_describe=True)
         self.propagation = Histogram(
             "mcsproxy_source_controlplane_propagation_seconds",
@@ -235,7 +239,11 @@ class ControlplaneSource:
             if message.get("epoch") != self.epoch:
                 raise StreamProtocolError("heartbeat from another controller epoch")
         else:
-            log.warning("controlplane stream: ignoring unknown message type %r", kind)
+            name = repr(kind)[:64]
+            if name not in self.ignored_types and len(self.ignored_types) < MAX_IGNORED_TYPES:
+                self.ignored_types.add(name)
+                log.warning("controlplane stream: ignoring messages of unknown type %s "
+                            "(a newer controller?); logged once", name)
             return
         if not status.connected:
             log.info("controlplane stream connected url=%s version=%d", self.url, self.version)
