@@ -4,6 +4,7 @@ end for good while the source still reports connected."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -205,6 +206,47 @@ async def test_an_unknown_message_type_is_logged_once_not_per_message(
                    if "unknown" in r.getMessage() and "'stats'" in r.getMessage()]
         assert len(ignored) == 1
         assert store.sources[source.name].connected
+    finally:
+        await cancel_and_wait([task])
+        await runner.cleanup()
+
+
+async def test_a_message_trickled_without_end_is_given_up() -> None:
+    """A peer that sends a byte every 0.1 s and never a newline passed every read
+    timeout: the source said connected, with nothing applied, for as long as it went
+    on (20 s measured, heartbeat 0.5 s). A message begun must now end in time."""
+    errors: list[str | None] = []  # the source's error as each session begins
+    store = SnapshotStore("east")
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        errors.append(store.sources["controlplane:" + url].error)
+        response = web.StreamResponse(headers={"X-Mcsproxy-Heartbeat": "0.2"})
+        await response.prepare(request)
+        await response.write(_line({"type": "snapshot", "epoch": "e", "version": 1,
+                                    "objects": [service_import("web")]}))
+        await response.write(b'{"type": "delta"')
+        with contextlib.suppress(ConnectionError):  # the source gave up
+            for _ in range(300):
+                await asyncio.sleep(0.1)  # well within the read timeout (0.6 s)
+                await response.write(b" ")
+        return response
+
+    app = web.Application()
+    app.router.add_get(controlplane.STREAM_PATH, stream)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    source = ControlplaneSource(url, "east", message_timeout_s=0.8, backoff_initial_s=0.02,
+                                backoff_max_s=0.1)
+    task = spawn(source.run(store), name="test source")
+    try:
+        async with asyncio.timeout(5):
+            while len(errors) < 2:
+                await asyncio.sleep(0.01)
+        assert errors[1] == "LineTooSlow: a message begun was not completed in 0.8 s"
+        assert WEB in store.current.services  # the last snapshot keeps serving
     finally:
         await cancel_and_wait([task])
         await runner.cleanup()

@@ -31,7 +31,7 @@ from mcsproxy.manifests import (
     parse_endpoint_slice,
     parse_service_import,
 )
-from mcsproxy.sources.lines import LineTooLong, read_lines
+from mcsproxy.sources.lines import LineTooLong, LineTooSlow, read_lines
 from mcsproxy.store import ObjectId, SnapshotStore, SourceStatus, Spec
 
 log = logging.getLogger("mcsproxy.sources.controlplane")
@@ -50,6 +50,11 @@ CONNECT_TIMEOUT_S = 5.0
 # connection and says nothing must not hold the source: reconnect instead. Covers the
 # connect too, hence longer than CONNECT_TIMEOUT_S.
 HEADERS_TIMEOUT_S = 10.0
+# A message begun must be complete within this (or the read timeout, if longer): bytes
+# trickling in, never a newline, passed every read timeout, and the source said connected
+# with nothing applied for as long as the peer kept it up. Twice the controller's default
+# write timeout: a snapshot part the controller still sends arrives within it.
+MESSAGE_TIMEOUT_S = 60.0
 BACKOFF_INITIAL_S = 0.2
 BACKOFF_MAX_S = 10.0
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -87,6 +92,7 @@ class ControlplaneSource:
         *,
         connect_timeout_s: float = CONNECT_TIMEOUT_S,
         headers_timeout_s: float = HEADERS_TIMEOUT_S,
+        message_timeout_s: float = MESSAGE_TIMEOUT_S,
         backoff_initial_s: float = BACKOFF_INITIAL_S,
         backoff_max_s: float = BACKOFF_MAX_S,
         max_snapshot_bytes: int = MAX_SNAPSHOT_BYTES,
@@ -98,6 +104,7 @@ class ControlplaneSource:
         self.name = f"controlplane:{self.url}"
         self.connect_timeout_s = connect_timeout_s
         self.headers_timeout_s = headers_timeout_s
+        self.message_timeout_s = message_timeout_s
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.max_snapshot_bytes = max_snapshot_bytes
@@ -200,9 +207,12 @@ class ControlplaneSource:
             read_timeout = min(max(3 * heartbeat, 0.5), 120.0)
             try:
                 await read_lines(response.content, lambda line: self._handle(line, store, status),
-                                 max_bytes=MAX_MESSAGE_BYTES, read_timeout_s=read_timeout)
+                                 max_bytes=MAX_MESSAGE_BYTES, read_timeout_s=read_timeout,
+                                 line_timeout_s=max(read_timeout, self.message_timeout_s))
             except LineTooLong as exc:
                 raise StreamProtocolError(str(exc)) from None
+            except LineTooSlow:
+                raise
             except TimeoutError:
                 raise TimeoutError(f"nothing from the controller for {read_timeout:g} s, "
                                    "not even a heartbeat") from None
