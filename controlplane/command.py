@@ -17,6 +17,7 @@ from controlplane.clusters.directory import POLL_INTERVAL_S, DirectoryCluster, d
 from controlplane.controller import Controller
 from controlplane.holds import DirectoryHoldStore
 from controlplane.metrics import ControllerMetrics
+from controlplane.server import LIMITS as SERVE_LIMITS
 from controlplane.server import ControllerServer
 from controlplane.stream import HEARTBEAT_S, StreamHub, StreamLimits
 from mcsproxy.config import CLUSTER_ID_RE
@@ -252,6 +253,11 @@ def config_from_args(args: argparse.Namespace) -> ControllerConfig:
     )
 
 
+# Descriptors the controller holds besides its streams: the listener, member API
+# connections, files being written, the event loop's own (16 of 1024 measured in use).
+FILES_SPARE = 64
+
+
 def raise_open_files_limit(serve: tuple[str, int] | None) -> None:
     """With --serve, the soft open-files limit raised to the hard one, as the gateway
     does: with the 1024 that containerd 2, Docker 25 and systemd hand out, the stream
@@ -264,6 +270,14 @@ def raise_open_files_limit(serve: tuple[str, int] | None) -> None:
     before, after = raise_nofile_limit()
     log.info("open files limit %d%s", after,
              f" (raised from {before})" if after != before else "")
+    # Past the limit the streams beyond it are closed at accept, and nothing (uvloop's
+    # accept included) logs it: said once here instead.
+    wanted = SERVE_LIMITS.max_connections + FILES_SPARE
+    if after < wanted:
+        log.warning("open files limit %d is below the %d the stream's %d connections need: "
+                    "gateways beyond about %d are refused without a log line; raise the "
+                    "hard limit (ulimit -Hn, LimitNOFILE)", after, wanted,
+                    SERVE_LIMITS.max_connections, max(after - FILES_SPARE, 0))
 
 
 def run_from_args(args: argparse.Namespace, config_error: type[Exception]) -> int:

@@ -468,6 +468,9 @@ async def test_the_controller_raises_its_open_files_limit_for_the_streams(
             async with asyncio.timeout(3):
                 assert (await reader.readline()).startswith(b"HTTP/1.1 200 "), i
         assert b"open files limit 1024 (raised from 64)" in b"".join(log)
+        # Still short of 4096 streams: beyond it they are refused unlogged, so it says so.
+        assert (b"open files limit 1024 is below the 4160 the stream's 4096 connections "
+                b"need: gateways beyond about 960 are refused") in b"".join(log)
     finally:
         for writer in streams:
             writer.close()
