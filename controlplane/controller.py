@@ -22,8 +22,11 @@ member not read would look like one without exports: every key it may export is 
 its ServiceImport, export statuses and the unread member's slices left as last written
 (_reconcile_frozen), only the slices of members that were read following them. Those
 keys are the ones whose ServiceImport read back from a member lists it in
-`status.clusters`, or that have an imported EndpointSlice sourced from it. Every other
-key is reconciled.
+`status.clusters`, or that have an imported EndpointSlice sourced from it, and those a
+Karmada MultiClusterService no read member holds may have made imported
+(_freeze_unseen_mcs): they wait on every unread member, as the MultiClusterService may
+stand in any of them. A frozen key that the members read do not import at all is left
+whole as last written, its read members' slices too. Every other key is reconciled.
 """
 
 from __future__ import annotations
@@ -207,6 +210,7 @@ class Controller:
             self._restore_holds(await self.holds.load())
         for client in self.clients.values():
             await self._adopt(client)
+        self._freeze_unseen_mcs()
         for cluster in sorted(self.unread):
             self.metrics.member_connected.labels(cluster).set(0)
             self._report_waiting(cluster)
@@ -257,12 +261,35 @@ class Controller:
             if source is not None:
                 found.add(source)
         elif obj.get("kind") == KIND_IMPORT:
-            status = obj.get("status")
-            listed = status.get("clusters") if isinstance(status, Mapping) else None
-            for entry in listed if isinstance(listed, list) else ():
-                if isinstance(entry, Mapping) and isinstance(entry.get("cluster"), str):
-                    found.add(entry["cluster"])
+            found |= self._listed(obj)
         return found & self.unread.keys()
+
+    def _freeze_unseen_mcs(self) -> None:
+        """Keys a MultiClusterService in an unread member may have made imported: an
+        import lists a read member as exporting the key, that member has no ServiceExport
+        of it, and no read member holds a MultiClusterService of it. Such a provider's
+        import says nothing of where its MultiClusterService stands (any member's), so
+        the key waits on every unread member. Before, those imports were deleted
+        everywhere at the start of a term with the member down, as never exported."""
+        if not self.unread:
+            return
+        for key, by_cluster in self._refs.items():
+            if any(key in cl.objects.mcs for cl in self.clients.values()):
+                continue
+            ref = ObjectRef(KIND_IMPORT, *key)
+            listed = set().union(*(self._listed(self.written[c][ref])
+                                   for c, refs in by_cluster.items() if ref in refs))
+            if any(c in self.clients and key not in self.clients[c].objects.exports
+                   for c in listed):
+                self._frozen.setdefault(key, set()).update(self.unread)
+
+    @staticmethod
+    def _listed(obj: Mapping[str, Any]) -> set[str]:
+        """The exporting clusters a ServiceImport names in `status.clusters`."""
+        status = obj.get("status")
+        listed = status.get("clusters") if isinstance(status, Mapping) else None
+        return {entry["cluster"] for entry in (listed if isinstance(listed, list) else ())
+                if isinstance(entry, Mapping) and isinstance(entry.get("cluster"), str)}
 
     def waiting(self, cluster: str) -> list[ServiceKey]:
         """The keys frozen until the unread member `cluster` is read."""
@@ -508,6 +535,7 @@ class Controller:
         rendered = render(res, inputs, ips, now, own)
         refs = self._refs.get(key, {})
         import_ref = ObjectRef(KIND_IMPORT, *key)
+        unseen_mcs = not any(key in cl.objects.mcs for cl in self.clients.values())
         # A member that joined since (a new member Secret) gets the import and the unread
         # member's slices as another member holds them: the same objects in every
         # consumer, but where a cluster has addresses of its own (--cluster-cidr).
@@ -524,16 +552,24 @@ class Controller:
             held = self.written[source]
             kept = {r: held[r] for r in refs.get(source, ()) if r in held
                     and (r.kind != KIND_EXPORT or source == c)
-                    and not self._read_source(r, held[r])}
+                    and not self._follows(key, r, held[r], unseen_mcs)}
             if import_ref in kept or import_ref in written:
                 kept.update((r, o) for r, o in rendered.objects_for(c).items()
-                            if self._read_source(r, o))
+                            if self._follows(key, r, o, unseen_mcs))
             desired[c] = kept
         return desired
 
-    def _read_source(self, ref: ObjectRef, obj: Mapping[str, Any]) -> bool:
-        """An imported slice whose source member was read (not an unread one's)."""
-        return ref.kind == KIND_SLICE and slice_source(obj) in self.clients
+    def _follows(self, key: ServiceKey, ref: ObjectRef, obj: Mapping[str, Any],
+                 unseen_mcs: bool) -> bool:
+        """An imported slice of a frozen key taken as rendered now: one whose source
+        member was read. Not an unread member's, nor, while no read member holds a
+        MultiClusterService of the key, one of a read member without a ServiceExport of
+        it: it was imported as a provider of a MultiClusterService an unread member may
+        hold, and rendering without that would delete it. Both stay as last written."""
+        if ref.kind != KIND_SLICE:
+            return False
+        client = self.clients.get(slice_source(obj) or "")
+        return client is not None and (not unseen_mcs or key in client.objects.exports)
 
     async def flush(self, publish: bool = True, wait: bool = True) -> int:
         """Reconcile every dirty key and write what changed; returns keys reconciled.

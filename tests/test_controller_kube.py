@@ -354,3 +354,54 @@ async def test_a_term_that_starts_with_a_member_down_serves_the_others(
         finally:
             second.stop()
             await cancel_and_wait([task])
+
+
+def karmada_mcs(name: str, providers: list[str], consumers: list[str]) -> dict[str, Any]:
+    return {"apiVersion": "networking.karmada.io/v1alpha1", "kind": "MultiClusterService",
+            "metadata": {"name": name, "namespace": "demo"},
+            "spec": {"types": ["CrossCluster"],
+                     "providerClusters": [{"name": p} for p in providers],
+                     "consumerClusters": [{"name": c} for c in consumers]}}
+
+
+async def test_a_multiclusterservice_only_in_a_member_down_at_the_start_is_kept(
+        tmp_path: Path) -> None:
+    """web is provided by a through a MultiClusterService that only c holds. Restarted
+    with c down, the controller cannot know it: the import and a's slices in b stay as
+    last written until c answers. Before: nothing read named web, so its import and
+    slices were deleted from a and b at the start of the term."""
+    async with clusterset() as cs:
+        for c in cs.emulators:
+            cs[c].put_object(namespace("demo"))
+        cs["a"].put_object(service("web"))
+        cs["a"].put_object(member_slice("web", ["10.1.0.1"]))
+        cs["c"].put_object(karmada_mcs("web", ["a"], ["a", "b"]))
+        kubeconfig = write_kubeconfig(cs, tmp_path / "kubeconfig")
+        first = kube_controller(kubeconfig, "one")
+        task = spawn(first.run(), name="controller before")
+        try:
+            await cs.wait(lambda: cs.addresses("b", "web") == {"10.1.0.1"})
+        finally:
+            first.stop()
+            await cancel_and_wait([task])
+        imports_b, slices_b = cs.imports("b"), cs.imported_slices("b")
+        await cs["c"].stop()
+
+        second = kube_controller(kubeconfig, "one")
+        task = spawn(second.run(), name="controller after")
+        try:
+            await asyncio.wait_for(second.led.wait(), 5)
+            controller = second.controller
+            assert controller is not None
+            assert [str(k) for k in controller.waiting("c")] == ["demo/web"]
+            assert cs.imports("b") == imports_b and cs.imported_slices("b") == slices_b
+            assert "web" in cs.imports("a")
+
+            cs["a"].put_object(member_slice("web", ["10.1.0.2"]))  # changed while c is away
+            await cs["c"].start()
+            await cs.wait(lambda: cs.addresses("b", "web") == {"10.1.0.2"})
+            assert cs.imports("b")["web"]["spec"] == imports_b["web"]["spec"]
+            assert controller.waiting("c") == []
+        finally:
+            second.stop()
+            await cancel_and_wait([task])
