@@ -34,9 +34,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from controlplane.allocator import DEFAULT_CIDR, ClusterSetIPAllocator, parse_cidrs
@@ -710,20 +711,34 @@ class Controller:
 
     async def _write(self, cluster: str, upserts: Mapping[ObjectRef, Obj],
                      deletes: set[ObjectRef]) -> None:
+        """Every step of the batch is tried even when one fails: a single object the
+        cluster refuses (a namespace being deleted, an admission webhook, a quota) used
+        to end the batch there, and as the retry carries it again, no ServiceExport
+        status and no delete of that cluster was written for as long as it refused.
+        A member that stopped answering ends the batch at its first failure."""
         client = self.clients[cluster]
-        try:
-            # Imports before the slices that point at them; slices gone before imports.
-            await client.apply(
-                [o for r, o in upserts.items() if r.kind == KIND_IMPORT]
-                + [o for r, o in upserts.items() if r.kind == KIND_SLICE])
-            for ref in sorted(r for r in upserts if r.kind == KIND_EXPORT):
-                await client.update_export_status(upserts[ref])
-            await client.delete(sorted(deletes, key=lambda r: (r.kind == KIND_IMPORT, r)))
-        except (ClusterError, OSError) as exc:
+        # Imports before the slices that point at them; slices gone before imports.
+        steps: list[Callable[[], Awaitable[None]]] = [partial(client.apply, (
+            [o for r, o in upserts.items() if r.kind == KIND_IMPORT]
+            + [o for r, o in upserts.items() if r.kind == KIND_SLICE]))]
+        steps += [partial(client.update_export_status, upserts[ref])
+                  for ref in sorted(r for r in upserts if r.kind == KIND_EXPORT)]
+        steps.append(partial(client.delete,
+                             sorted(deletes, key=lambda r: (r.kind == KIND_IMPORT, r))))
+        errors: list[ClusterError | OSError] = []
+        for step in steps:
+            if errors and not client.connection.connected:
+                break
+            try:
+                await step()
+            except (ClusterError, OSError) as exc:
+                errors.append(exc)
+        if errors:
             self.failed_clusters.add(cluster)
             self.metrics.write_errors.labels(cluster).inc()
-            log.error("writing to cluster %s failed (%s); retrying in %.0fs",
-                      cluster, exc, WRITE_RETRY_S)
+            more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+            log.error("writing to cluster %s failed (%s%s); retrying in %.0fs",
+                      cluster, errors[0], more, WRITE_RETRY_S)
             asyncio.get_running_loop().call_later(WRITE_RETRY_S, self._retry_later, cluster,
                                                   set(upserts) | deletes)
             return

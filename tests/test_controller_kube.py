@@ -105,6 +105,30 @@ async def test_conflicts_reported_on_every_export_via_status(cs: Clusterset) -> 
     await cs.wait(lambda: conditions(cs, "a")["Conflict"]["status"] == "False")
 
 
+async def test_an_object_the_cluster_refuses_holds_up_nothing_else(cs: Clusterset) -> None:
+    """a refuses anything new in its namespace "locked" (being deleted, a webhook, a
+    quota): only b's api import there is missing. Before: the refused import ended a's
+    batch, so web's slices and its ServiceExport status in a were never written either,
+    nor anything a later batch carried with the retried import (deletes included)."""
+    for c in cs.emulators:
+        cs[c].put_object(namespace("demo"))
+        cs[c].put_object(namespace("locked"))
+    export_web(cs, "a", ["10.1.0.1"])
+    cs["b"].put_object(service("api", ns="locked"))
+    cs["b"].put_object(member_slice("api", ["10.2.0.1"], ns="locked"))
+    cs["b"].put_object(service_export("api", ns="locked"))
+    cs["a"].fail_next(None, 403, method="POST", path="/namespaces/locked/")
+    controller = await cs.start_controller()
+    assert cs.addresses("a", "web") == {"10.1.0.1"}
+    assert conditions(cs, "a")["Ready"]["status"] == "True"
+    assert cs.imports("a", "locked") == {} and "api" in cs.imports("c", "locked")
+    assert "a" in controller.failed_clusters
+    cs["a"].store.delete(cs["a"].store.by_name(EXPORTS), "demo", "web")
+    await cs.wait(lambda: not cs.imports("a") and not cs.imported_slices("a"))
+    cs["a"].clear_faults()
+    await cs.wait(lambda: cs.addresses("a", "api", "locked") == {"10.2.0.1"})
+
+
 async def test_invalid_export_gets_condition_and_no_import(cs: Clusterset) -> None:
     cs["a"].put_object(namespace("demo"))
     cs["a"].put_object(service_export("nosvc"))

@@ -636,11 +636,19 @@ class KubeClusterClient:
             raise ClusterError(f"cluster {self.cluster_id}: {errors[0]}{more}")
 
     async def apply(self, objects: Sequence[Mapping[str, Any]]) -> None:
-        # Imports first: their uids become the slices' owner references.
-        await self._bounded(partial(self._write_one, o) for o in objects
-                            if o["kind"] == KIND_IMPORT)
+        # Imports first: their uids become the slices' owner references. The slices are
+        # written even when an import was refused: that import's own slices go without
+        # an owner until it exists, every other service's arrive (all used to wait).
+        refused: ClusterError | None = None
+        try:
+            await self._bounded(partial(self._write_one, o) for o in objects
+                                if o["kind"] == KIND_IMPORT)
+        except ClusterError as exc:
+            refused = exc
         await self._bounded(partial(self._write_one, o) for o in objects
                             if o["kind"] != KIND_IMPORT)
+        if refused is not None:
+            raise refused
 
     async def _delete_one(self, ref: ObjectRef) -> None:
         res = self._write_resource(ref.kind)
@@ -666,9 +674,16 @@ class KubeClusterClient:
     async def delete(self, refs: Sequence[ObjectRef]) -> None:
         # ServiceExports are the user's: the controller only ever writes their status.
         wanted = [r for r in refs if r.kind in (KIND_IMPORT, KIND_SLICE)]
-        await self._bounded(partial(self._delete_one, r) for r in wanted if r.kind == KIND_SLICE)
+        refused: ClusterError | None = None
+        try:
+            await self._bounded(partial(self._delete_one, r) for r in wanted
+                                if r.kind == KIND_SLICE)
+        except ClusterError as exc:  # the imports still go (and take their slices along)
+            refused = exc
         await self._bounded(partial(self._delete_one, r) for r in wanted
                             if r.kind == KIND_IMPORT)
+        if refused is not None:
+            raise refused
 
     async def update_export_status(self, export: Mapping[str, Any]) -> None:
         meta = export["metadata"]
