@@ -92,7 +92,15 @@ class McsInfo:
     consumers: tuple[str, ...]  # empty: every cluster
 
 
-Parsed = str | ServiceInfo | SliceSpec | ExportInfo | McsInfo
+@dataclass(frozen=True, slots=True)
+class NamespaceInfo:
+    name: str
+    # Being deleted (metadata.deletionTimestamp): the API server takes nothing new in it,
+    # so it counts as absent, its imports with it.
+    terminating: bool = False
+
+
+Parsed = NamespaceInfo | ServiceInfo | SliceSpec | ExportInfo | McsInfo
 
 
 def parse_timestamp(value: Any, what: str) -> datetime:
@@ -231,7 +239,8 @@ def parse_member_object(obj: Mapping[str, Any], cluster: str) -> tuple[ObjectRef
         name = meta.get("name")
         if not isinstance(name, str) or not name:
             raise ManifestError("Namespace has no metadata.name")
-        return ObjectRef(KIND_NAMESPACE, "", name), name
+        terminating = bool(meta.get("deletionTimestamp"))
+        return ObjectRef(KIND_NAMESPACE, "", name), NamespaceInfo(name, terminating)
     if kind == KIND_SERVICE and api_version == "v1":
         svc = _service(obj)
         return ObjectRef(KIND_SERVICE, svc.key.namespace, svc.key.name), svc

@@ -129,6 +129,32 @@ async def test_an_object_the_cluster_refuses_holds_up_nothing_else(cs: Clusterse
     await cs.wait(lambda: cs.addresses("a", "api", "locked") == {"10.2.0.1"})
 
 
+async def test_a_namespace_being_deleted_gets_no_imports(cs: Clusterset) -> None:
+    """b's namespace demo is being deleted (deletionTimestamp set; the API server refuses
+    anything new in it, 403): the controller takes its import out of there instead of
+    creating it again. Before: the namespace controller's deletes were repaired as drift,
+    refused, and retried with an error every second until the namespace was gone, for
+    ever when a finalizer held it."""
+    for c in cs.emulators:
+        cs[c].put_object(namespace("demo"))
+    export_web(cs, "a", ["10.1.0.1"])
+    controller = await cs.start_controller()
+    assert "web" in cs.imports("b")
+    doomed = namespace("demo")
+    doomed["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    cs["b"].put_object(doomed)
+    mark = len(cs["b"].requests)
+    await cs.wait(lambda: not cs.imports("b") and not cs.imported_slices("b"))
+    cs["a"].put_object(member_slice("web", ["10.1.0.1", "10.1.0.2"]))
+    await cs.wait(lambda: cs.addresses("c", "web") == {"10.1.0.1", "10.1.0.2"})
+    assert [r.path for r in cs["b"].requests[mark:] if r.method in ("POST", "PUT")] == []
+    assert "b" not in controller.failed_clusters
+    # Deleted after all, then made again: imported again.
+    cs["b"].delete_object("namespaces", "demo")
+    cs["b"].put_object(namespace("demo"))
+    await cs.wait(lambda: cs.addresses("b", "web") == {"10.1.0.1", "10.1.0.2"})
+
+
 async def test_invalid_export_gets_condition_and_no_import(cs: Clusterset) -> None:
     cs["a"].put_object(namespace("demo"))
     cs["a"].put_object(service_export("nosvc"))

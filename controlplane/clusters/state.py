@@ -17,6 +17,7 @@ from controlplane.resources import (
     KIND_SLICE,
     ExportInfo,
     McsInfo,
+    NamespaceInfo,
     ObjectRef,
     Parsed,
     ServiceInfo,
@@ -32,8 +33,8 @@ class Changes(Protocol):
 
 
 class ClusterObjects:
-    __slots__ = ("_by_ref", "_declared", "_in_namespace", "exports", "mcs", "namespaces",
-                 "services", "slices")
+    __slots__ = ("_by_ref", "_declared", "_in_namespace", "_terminating", "exports", "mcs",
+                 "namespaces", "services", "slices")
 
     def __init__(self) -> None:
         self._by_ref: dict[ObjectRef, Parsed] = {}
@@ -44,6 +45,10 @@ class ClusterObjects:
         # cluster whose folder holds it.
         self._declared: set[str] = set()
         self._in_namespace: Counter[str] = Counter()
+        # Namespaces being deleted: absent whatever still stands in them, as the API server
+        # refuses anything new there (our imports were written again and refused, 403, every
+        # second for as long as the deletion took, for ever when a finalizer held it).
+        self._terminating: set[str] = set()
         self.namespaces: set[str] = set()
         self.services: dict[ServiceKey, ServiceInfo] = {}
         self.exports: dict[ServiceKey, ExportInfo] = {}
@@ -82,6 +87,10 @@ class ClusterObjects:
         self._by_ref[ref] = parsed
         if ref.kind == KIND_NAMESPACE:
             self._declared.add(ref.name)
+            if isinstance(parsed, NamespaceInfo) and parsed.terminating:
+                self._terminating.add(ref.name)
+            else:
+                self._terminating.discard(ref.name)
             self._namespace_moved(ref.name, changes)
             return
         key = service_key_of(ref, parsed)
@@ -105,7 +114,8 @@ class ClusterObjects:
 
     def _namespace_moved(self, namespace: str, changes: Changes) -> None:
         """Bring `namespaces` up to date for one namespace; note it when it flipped."""
-        exists = namespace in self._declared or self._in_namespace[namespace] > 0
+        exists = (namespace in self._declared or self._in_namespace[namespace] > 0) and (
+            namespace not in self._terminating)
         if exists != (namespace in self.namespaces):
             if exists:
                 self.namespaces.add(namespace)
@@ -116,6 +126,7 @@ class ClusterObjects:
     def _unindex(self, ref: ObjectRef, old: Parsed, changes: Changes) -> None:
         if ref.kind == KIND_NAMESPACE:
             self._declared.discard(ref.name)
+            self._terminating.discard(ref.name)
             self._namespace_moved(ref.name, changes)
             return
         key = service_key_of(ref, old)

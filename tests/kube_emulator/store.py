@@ -251,6 +251,12 @@ class Store:
         name = meta["name"]
         if (namespace, name) in self.objects[(rtype.group, rtype.plural)]:
             raise rtype.error(409, "AlreadyExists", name, f'{rtype.name} "{name}" already exists')
+        ns_obj = self.objects.get(("", "namespaces"), {}).get(("", namespace))
+        if rtype.namespaced and ns_obj and ns_obj["metadata"].get("deletionTimestamp"):
+            # As the API server: nothing new goes into a namespace being deleted.
+            raise rtype.error(403, "Forbidden", name,
+                              f'{rtype.name} "{name}" is forbidden: unable to create new '
+                              f"content in namespace {namespace} because it is being terminated")
         meta.update(uid=str(uuid.uuid4()), creationTimestamp=now_rfc3339(), generation=1)
         obj = {**body, "metadata": meta}
         if rtype.status:
