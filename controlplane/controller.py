@@ -215,8 +215,16 @@ class Controller:
         for cluster in sorted(self.unread):
             self.metrics.member_connected.labels(cluster).set(0)
             self._report_waiting(cluster)
-        # Feeds start from the full state (their snapshot), not from a first giant delta.
-        await self.flush(publish=False)
+        try:
+            # Feeds start from the full state (their snapshot), not from a first giant delta.
+            await self.flush(publish=False)
+        except BaseException:
+            # A start cut short (the term ended: a stop, a lost lease) takes its writers
+            # along. They used to write on, past the term and into clients closed under
+            # them (AssertionError in aiohttp, "Connector is closed"), as only run() and
+            # close() stop them and neither runs for a controller that never started.
+            await cancel_and_wait(list(self._writers.values()))
+            raise
         self._publish_members()
         self.synced.set()
 

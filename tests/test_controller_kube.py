@@ -14,6 +14,7 @@ import pytest
 
 from controlplane.clusters.kube import KubeTimings
 from controlplane.clusters.kube_app import KubeControllerApp
+from controlplane.controller import Controller
 from controlplane.resources import KIND_IMPORT
 from mcsproxy.tasks import cancel_and_wait, spawn
 from tests.test_controller_kube_support import (
@@ -153,6 +154,28 @@ async def test_a_namespace_being_deleted_gets_no_imports(cs: Clusterset) -> None
     cs["b"].delete_object("namespaces", "demo")
     cs["b"].put_object(namespace("demo"))
     await cs.wait(lambda: cs.addresses("b", "web") == {"10.1.0.1", "10.1.0.2"})
+
+
+async def test_a_start_cut_short_leaves_no_writer_behind(cs: Clusterset) -> None:
+    """A term ended (stopped, lease lost) while its first reconcile is being written:
+    its writers end with it. Before: they wrote on after the term, into clients closed
+    under them ("task write cluster a failed: AssertionError" in 2 of 6 runs of
+    test_a_term_that_starts_with_a_member_down_serves_the_others, stopping its first
+    controller)."""
+    for c in cs.emulators:
+        cs[c].put_object(namespace("demo"))
+    export_web(cs, "a", ["10.1.0.1"])
+    cs["b"].hold_answers(method="POST")  # b's first write hangs: the start waits on it
+    controller = Controller([cs.client(c) for c in cs.emulators])
+    start = spawn(controller.start(), name="start cut short")
+    await cs["b"].wait_for(lambda: any(r.method == "POST" for r in cs["b"].requests))
+    await cancel_and_wait([start])
+    try:
+        assert [t.get_name() for t in asyncio.all_tasks()
+                if t.get_name().startswith("write cluster")] == []
+    finally:
+        cs["b"].release_answers()
+        await controller.close()
 
 
 async def test_invalid_export_gets_condition_and_no_import(cs: Clusterset) -> None:
