@@ -257,6 +257,24 @@ async def test_missed_changes_are_found_by_relist_after_410(cs: Clusterset) -> N
                               for c in cs.emulators))
 
 
+async def test_a_watch_answered_too_large_resource_version_relists(cs: Clusterset) -> None:
+    """After an etcd restore every version the controller holds is ahead of the API
+    server's, which answers each watch resumed from one 504 "Too large resource version":
+    the controller lists again (as client-go does) and follows a's changes. Before: it
+    resumed from the same version for good, a stale and none of its changes read."""
+    cs["a"].store.rv = 1000  # a history: our few writes after the restore stay below it
+    for c in cs.emulators:
+        cs[c].put_object(namespace("demo"))
+    export_web(cs, "a", ["10.1.0.1"])
+    controller = await cs.start_controller()
+    await cs["a"].wait_for(lambda: cs["a"].watch_count == 7)  # every watch resumed
+    cs["a"].restore_backup()
+    cs["a"].put_object(member_slice("web", ["10.1.0.2"]))
+    await cs.wait(lambda: all(cs.addresses(c, "web") == {"10.1.0.2"} and not stale_marked(cs, c)
+                              for c in cs.emulators))
+    assert controller.members()["a"]["connected"]
+
+
 def stale_marked(cs: Clusterset, cluster: str) -> bool:
     slices = cs.imported_slices(cluster)
     return bool(slices) and all(

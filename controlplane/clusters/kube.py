@@ -51,6 +51,7 @@ from controlplane.clusters.kube_api import (
     KubeApiError,
     Obj,
     WatchExpired,
+    WatchRefused,
     fenced,
 )
 from controlplane.clusters.kube_managed import (
@@ -449,6 +450,13 @@ class KubeClusterClient:
             except ClusterError as exc:
                 self._informer_health(inf, str(exc), changes)
                 delay = backoff.next()
+                if isinstance(exc, WatchRefused):
+                    # The server answered the watch with an error: list again, as
+                    # client-go does. Resuming from the same version looped for good on
+                    # 504 "Too large resource version" (after an etcd restore, or from
+                    # an API server lagging behind the one that served the list): the
+                    # member stayed stale and none of its changes came in.
+                    inf.rv = None
             if changes:
                 notify(self.cluster_id, changes)
             if delay:

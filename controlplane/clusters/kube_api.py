@@ -42,6 +42,11 @@ class WatchExpired(Exception):
     """The watch's resourceVersion is too old (410 Gone): relist."""
 
 
+class WatchRefused(ClusterError):
+    """The API server answered a watch with an error other than 410 (an HTTP status, or
+    an ERROR event in the stream): what the watch resumed from is not to be trusted."""
+
+
 @contextlib.asynccontextmanager
 async def fenced(fence: Callable[[], float] | None, what: str) -> AsyncIterator[None]:
     """Around a write: entered only while this replica certainly holds the lease, cut
@@ -152,7 +157,7 @@ class KubeApi:
             if resp.status == 410:
                 raise WatchExpired(path)
             if not 200 <= resp.status < 300:
-                raise _status_error(resp.status, await resp.read())
+                raise WatchRefused(str(_status_error(resp.status, await resp.read())))
             yield {"type": "OPEN"}
             while True:
                 try:
@@ -174,7 +179,8 @@ class KubeApi:
                     code = event["object"].get("code")
                     if code == 410:
                         raise WatchExpired(path)
-                    raise _status_error(int(code or 500), json.dumps(event["object"]).encode())
+                    raise WatchRefused(str(_status_error(
+                        int(code or 500), json.dumps(event["object"]).encode())))
                 yield event
         finally:
             resp.close()  # an unfinished stream cannot go back to the pool

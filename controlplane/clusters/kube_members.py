@@ -38,7 +38,13 @@ from kubernetes_asyncio.client import Configuration
 
 from controlplane.clusters import ClusterError
 from controlplane.clusters.kube import KubeTimings
-from controlplane.clusters.kube_api import KubeApi, KubeApiError, Obj, WatchExpired
+from controlplane.clusters.kube_api import (
+    KubeApi,
+    KubeApiError,
+    Obj,
+    WatchExpired,
+    WatchRefused,
+)
 from controlplane.metrics import ControllerMetrics
 from mcsproxy.backoff import Backoff
 from mcsproxy.config import CLUSTER_ID_RE
@@ -153,6 +159,8 @@ class MemberSecrets:
             except ClusterError as exc:
                 self._failed(exc)
                 delay = backoff.next()
+                if isinstance(exc, WatchRefused):  # answered with an error: list again
+                    self._rv = None
             if delay:
                 await asyncio.sleep(delay)
 

@@ -384,6 +384,15 @@ class KubeEmulator:
         """Forget the event history: any watch resume answers ERROR 410 Expired."""
         self.store.expire_history()
 
+    def restore_backup(self) -> None:
+        """As after an etcd restore: the resourceVersion counter starts over below every
+        version handed out (the objects stay), so a watch resumed from one of those is
+        answered 504 "Too large resource version", as the API server does."""
+        self.store.expire_history()
+        self.store.rv = 0
+        self.store.compacted = 0
+        self.drop_watches()
+
     def lose_events(self, enabled: bool = True) -> None:
         """While enabled, changes are stored but no watch ever sees them, open or resumed
         later: only a list finds them, as after an event lost on the way."""

@@ -213,6 +213,9 @@ class Store:
                 watcher.push("ADDED", obj)
         else:
             start = _parse_rv(rv)
+            if start > self.rv:  # the API server after an etcd restore, or one lagging
+                raise ApiError(504, "Timeout", f"Too large resource version: {start}, "
+                               f"current: {self.rv}")
             if start < self.compacted:
                 raise ApiError(410, "Expired",
                                f"too old resource version: {start} ({self.compacted})")
