@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -109,19 +110,37 @@ class DirectoryControllerApp:
         if not clusters:
             raise ClusterError(f"--clusters-dir {self.config.clusters_dir}: no cluster folders")
         self.config.output_dir.mkdir(parents=True, exist_ok=True)
+        # A folder of OUT whose member folder is away (a volume not mounted yet, a checkout
+        # under way) is a member not read, as one that stops answering in Kubernetes mode:
+        # what it may export waits for it. Before, a restart then unexported its services
+        # everywhere, while the same folder going away under a running controller only
+        # made them stale. A member that left for good has its OUT folder removed too.
+        away, _ = discover_clusters(self.config.output_dir)
+        unread = []
+        for cluster in away:
+            if cluster not in clusters:
+                client = self._client(cluster)
+                with contextlib.suppress(ClusterError):  # its error, for the log and /status
+                    await client.sync()
+                unread.append(client)
         controller = Controller([self._client(c) for c in clusters],
                                 cidrs=self.config.clusterset_cidr,
                                 cluster_cidrs=dict(self.config.cluster_cidrs),
                                 metrics=self.metrics,
                                 publisher=self.hub,
-                                holds=DirectoryHoldStore(self.config.output_dir))
+                                holds=DirectoryHoldStore(self.config.output_dir),
+                                unread=unread,
+                                retry=(self.config.poll_interval_s,
+                                       max(1.0, self.config.poll_interval_s)))
         self.controller = controller
         if self.hub is not None:
             for c in clusters:
                 self.hub.attach(c, controller.written.setdefault(c, {}))
         await controller.start()
-        log.info("controller reconciled clusters=%s services=%d", ",".join(clusters),
-                 controller.imported_count)
+        log.info("controller reconciled clusters=%s services=%d%s", ",".join(clusters),
+                 controller.imported_count,
+                 f" (not read yet: {','.join(sorted(controller.unread))})"
+                 if controller.unread else "")
         return controller
 
     async def _discover(self) -> None:
@@ -137,8 +156,8 @@ class DirectoryControllerApp:
                 continue
             self._report_rejected(rejected)
             for cluster in found:
-                if cluster in self.controller.clients:
-                    continue
+                if cluster in self.controller.clients or cluster in self.controller.unread:
+                    continue  # (an unread member is adopted by the controller once read)
                 client = self._client(cluster)
                 try:
                     await self.controller.add_cluster(client)

@@ -541,6 +541,34 @@ async def test_unreadable_member_goes_stale_then_recovers(tmp_path: Path) -> Non
         await until(lambda: stale_flags() == {"a": False, "b": False})
 
 
+async def test_a_member_folder_away_at_a_restart_is_waited_for(tmp_path: Path) -> None:
+    """a's folder is away (a volume not mounted yet) when the controller starts, its
+    OUT folder there: as under a running controller, its services stay imported as
+    last written until it is back. Before: the restart unexported them everywhere (b's
+    import and a's slices deleted), to bring them back when the folder came."""
+    clusters, out = a_exports_to_b(tmp_path)
+    async with Running(clusters, out):
+        before = read_out(out, "b")
+    hidden = tmp_path / "a-away"
+    os.rename(clusters / "a", hidden)
+    async with Running(clusters, out) as app:
+        assert read_out(out, "b") == before
+        assert app.controller.members()["a"]["unread"] is True
+        assert [str(k) for k in app.controller.waiting("a")] == ["test/web"]
+        write_docs(hidden / "web.yaml", namespace(), service(),
+                   eslice("web-x", ["127.0.1.1", "127.0.1.2"]), export())
+        os.rename(hidden, clusters / "a")
+
+        def two_endpoints() -> bool:
+            docs = [d for n, d in read_out(out, "b").items() if n.startswith("endpointslice")]
+            return len(docs) == 1 and len(docs[0]["endpoints"]) == 2
+
+        await until(two_endpoints)
+        assert app.controller.members()["a"]["connected"] is True
+        assert read_out(out, "b")["serviceimport_test_web.yaml"] == \
+            before["serviceimport_test_web.yaml"]
+
+
 async def test_a_service_no_address_is_free_for_waits_and_the_others_go_on(
         tmp_path: Path) -> None:
     """A /30 holds two services. The third used to raise AllocationError out of the
