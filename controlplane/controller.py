@@ -667,6 +667,12 @@ class Controller:
         for key in sorted(dirty):
             if key in self._frozen:
                 desired = self._reconcile_frozen(key, clusters, now)
+                # Still imported where it was: counted (the gauge and /status said 0 for
+                # every service that waited on an unread member).
+                if any(ObjectRef(KIND_IMPORT, *key) in d for d in desired.values()):
+                    self._imported.add(key)
+                else:
+                    self._imported.discard(key)
             else:
                 desired = self._reconcile_key(key, clusters, now)
             refs_by_cluster = self._refs.get(key, {})

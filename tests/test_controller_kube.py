@@ -413,6 +413,8 @@ async def test_a_term_that_starts_with_a_member_down_serves_the_others(
             assert gauge("mcsproxy_controller_member_connected", {"cluster": "c"}) == 0
             # Its endpoints as last imported (db's and shared's), stale.
             assert gauge("mcsproxy_controller_stale_endpoints", {"cluster": "c"}) == 2
+            # Those waiting are still imported, and counted (they were not: 1, web's).
+            assert gauge("mcsproxy_controller_service_imports") == 3
             # b's gateways get their stream; c's, not read yet, are told to come back.
             status, snapshot = await http_get(f"{url}/v1/stream?cluster=b")
             assert status == 200 and snapshot["type"] == "snapshot"
