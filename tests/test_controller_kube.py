@@ -118,16 +118,31 @@ async def test_an_object_the_cluster_refuses_holds_up_nothing_else(cs: Clusterse
     cs["b"].put_object(service("api", ns="locked"))
     cs["b"].put_object(member_slice("api", ["10.2.0.1"], ns="locked"))
     cs["b"].put_object(service_export("api", ns="locked"))
-    cs["a"].fail_next(None, 403, method="POST", path="/namespaces/locked/")
+    cs["a"].fail_next(None, 403, method="POST", path="/namespaces/locked/serviceimports")
     controller = await cs.start_controller()
     assert cs.addresses("a", "web") == {"10.1.0.1"}
     assert conditions(cs, "a")["Ready"]["status"] == "True"
     assert cs.imports("a", "locked") == {} and "api" in cs.imports("c", "locked")
+    assert cs.addresses("a", "api", "locked") == {"10.2.0.1"}  # its slice, without owner
     assert "a" in controller.failed_clusters
     cs["a"].store.delete(cs["a"].store.by_name(EXPORTS), "demo", "web")
     await cs.wait(lambda: not cs.imports("a") and not cs.imported_slices("a"))
+
+    def refused() -> int:
+        return sum(1 for r in cs["a"].requests
+                   if r.method == "POST" and "/locked/serviceimports" in r.path)
+
+    await cs.wait(lambda: refused() >= 2)  # retried: the slice is not sent again
+    assert [r.path for r in cs["a"].requests if r.method == "PUT"] == []
     cs["a"].clear_faults()
-    await cs.wait(lambda: cs.addresses("a", "api", "locked") == {"10.2.0.1"})
+
+    def owned() -> bool:
+        imp = cs.imports("a", "locked").get("api")
+        return imp is not None and all(
+            s["metadata"].get("ownerReferences", [{}])[0].get("uid") == imp["metadata"]["uid"]
+            for s in cs.imported_slices("a", "locked"))
+
+    await cs.wait(owned)
 
 
 async def test_a_namespace_being_deleted_gets_no_imports(cs: Clusterset) -> None:

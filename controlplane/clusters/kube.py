@@ -596,8 +596,12 @@ class KubeClusterClient:
                             self._refuse_foreign(ref)
                             return
                         self.own.live[ref] = live
-                if without_status(self.own.rendered(live)) != without_status(desired):
-                    body = self._to_cluster(res, desired)
+                body = self._to_cluster(res, desired)
+                # Compared as it would be sent: a slice whose import does not exist (it
+                # was refused) goes without that owner, and compared with `desired` it
+                # was sent again, unchanged, at every retry.
+                if (without_status(self.own.rendered(live))
+                        != without_status(self.own.rendered(body))):
                     body["metadata"]["resourceVersion"] = metadata_of(live).get("resourceVersion")
                     live = self.own.remember(ref, await self._send("PUT", res.path(ns, name),
                                                                    body))
