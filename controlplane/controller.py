@@ -25,8 +25,9 @@ keys are the ones whose ServiceImport read back from a member lists it in
 `status.clusters`, or that have an imported EndpointSlice sourced from it, and those a
 Karmada MultiClusterService no read member holds may have made imported
 (_freeze_unseen_mcs): they wait on every unread member, as the MultiClusterService may
-stand in any of them. A frozen key that the members read do not import at all is left
-whole as last written, its read members' slices too. Every other key is reconciled.
+stand in any of them. While no read member holds one, the slices of a read member without
+a ServiceExport of the key (such a provider's) stay as last written too. Every other key is
+reconciled.
 """
 
 from __future__ import annotations
