@@ -137,6 +137,9 @@ class DirectoryControllerApp:
             for c in clusters:
                 self.hub.attach(c, controller.written.setdefault(c, {}))
         await controller.start()
+        for cluster in clusters:  # so that a member with nothing written is remembered too
+            with contextlib.suppress(OSError):  # (one that cannot be written says so itself)
+                (self.config.output_dir / cluster).mkdir(exist_ok=True)
         log.info("controller reconciled clusters=%s services=%d%s", ",".join(clusters),
                  controller.imported_count,
                  f" (not read yet: {','.join(sorted(controller.unread))})"
@@ -165,6 +168,8 @@ class DirectoryControllerApp:
                     log.error("new cluster %s not added yet: %s", cluster, exc)
                     self.controller.clients.pop(cluster, None)
                     continue
+                with contextlib.suppress(OSError):  # remembered (start()); else said by writes
+                    (self.config.output_dir / cluster).mkdir(exist_ok=True)
                 if self.hub is not None:
                     self.hub.attach(cluster, self.controller.written[cluster])
                     self.hub.set_members(self.controller.members())

@@ -569,6 +569,28 @@ async def test_a_member_folder_away_at_a_restart_is_waited_for(tmp_path: Path) -
             before["serviceimport_test_web.yaml"]
 
 
+async def test_a_multiclusterservice_in_a_member_folder_away_at_a_restart_is_kept(
+        tmp_path: Path) -> None:
+    """c holds only the MultiClusterService that makes a provide web (nothing is written
+    into c): away at a restart, web stays imported in b until c is back. Before: c had no
+    OUT folder to be remembered by, nothing read named web, and b's import went."""
+    clusters, out = tmp_path / "clusters", tmp_path / "out"
+    write_docs(clusters / "a" / "web.yaml", namespace(), service(),
+               eslice("web-x", ["127.0.1.1"]))
+    write_docs(clusters / "b" / "ns.yaml", namespace())
+    write_docs(clusters / "c" / "mcs.yaml", {
+        "apiVersion": "networking.karmada.io/v1alpha1", "kind": "MultiClusterService",
+        "metadata": {"name": "web", "namespace": "test"},
+        "spec": {"types": ["CrossCluster"], "providerClusters": [{"name": "a"}]}})
+    async with Running(clusters, out):
+        before = read_out(out, "b")
+    assert "serviceimport_test_web.yaml" in before and (out / "c").is_dir()
+    os.rename(clusters / "c", tmp_path / "c-away")
+    async with Running(clusters, out) as app:
+        assert read_out(out, "b") == before
+        assert [str(k) for k in app.controller.waiting("c")] == ["test/web"]
+
+
 async def test_a_service_no_address_is_free_for_waits_and_the_others_go_on(
         tmp_path: Path) -> None:
     """A /30 holds two services. The third used to raise AllocationError out of the
