@@ -81,6 +81,40 @@ async def test_checker_takes_a_dead_endpoint_out_and_brings_it_back() -> None:
             revived.close()
 
 
+
+async def test_an_endpoint_back_by_the_probes_returns_from_its_ejection() -> None:
+    # A cluster killed and restarted: refused connects ejected its endpoint for 30 s,
+    # the probes saw it go down and come back, and it still got no traffic for the rest
+    # of the 30 s (and up to 300 s once ejected again), local-first staying on remote
+    # clusters all the while.
+    loop = asyncio.get_running_loop()
+    port = free_port("127.79.9.1")
+    live = await loop.create_server(asyncio.Protocol, "127.79.9.2", port)
+    cfg = HealthConfig(interval_s=0.02, timeout_s=0.5, healthy_threshold=2,
+                       unhealthy_threshold=1, jitter=0.2)
+    u = UpstreamSet("ns/s:p", "east", ProxyConfig(health=cfg), rng=random.Random(5))
+    u.update([Target("127.79.9.1", port, "east", True), Target("127.79.9.2", port, "west", True)])
+    u.attach_health_checker(HealthChecker(u, cfg, http=False, rng=random.Random(6)))
+    dead = u.hosts[("127.79.9.1", port)]
+    revived = None
+    try:
+        for _ in range(5):
+            u.connect_failed(dead, "refused")
+        assert dead.ejected and u.ejected_for_s(dead) > 20
+        async with asyncio.timeout(2):
+            while dead.active_up:
+                await asyncio.sleep(0.01)
+        revived = await loop.create_server(asyncio.Protocol, "127.79.9.1", port)
+        async with asyncio.timeout(2):
+            while not dead.healthy:
+                await asyncio.sleep(0.01)
+        assert not dead.ejected and dead in {u.pick() for _ in range(10)}
+    finally:
+        await u.stop()
+        live.close()
+        if revived is not None:
+            revived.close()
+
 async def test_a_probe_without_a_descriptor_gives_no_verdict() -> None:
     # The gateway's own descriptors running out (EMFILE) made every probe fail: after
     # two rounds every endpoint was unhealthy, so local-first went into total panic and

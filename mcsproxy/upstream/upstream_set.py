@@ -474,6 +474,20 @@ class UpstreamSet:
         if ok:
             log.info("upstream %s: endpoint %s healthy (active check)", self.name, host)
             self._event("health", f"endpoint {host} healthy (active check)")
+            if host.ejected:
+                # Down by the probes too, and now back past the healthy threshold: the
+                # outage the ejection stood for is over (Envoy's
+                # successful_active_health_check_uneject_host). Waiting out the ejection
+                # kept a cluster that came back without traffic for 30 s, and up to 300 s
+                # once ejected again; local-first stayed spilled to remote clusters.
+                # An ejection the probes never saw fail (5xx behind a passing health
+                # path) has no such transition and runs its time.
+                host.ejected_until = 0.0
+                host.consecutive_failures = 0
+                log.info("upstream %s: endpoint %s returned from ejection (active check)",
+                         self.name, host)
+                self._event("ejection",
+                            f"endpoint {host} returned from ejection (active check)")
         else:
             log.warning("upstream %s: endpoint %s unhealthy (active check: %s)",
                         self.name, host, failure)
