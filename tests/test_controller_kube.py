@@ -290,6 +290,24 @@ async def test_a_watch_answered_too_large_resource_version_relists(cs: Clusterse
     assert controller.members()["a"]["connected"]
 
 
+async def test_a_watch_error_event_of_an_odd_shape_relists(cs: Clusterset) -> None:
+    """An ERROR event whose Status code is not a number raised ValueError in the watch:
+    the member's informer ended for good while the member still showed as connected, and
+    none of its later changes came in."""
+    for c in cs.emulators:
+        cs[c].put_object(namespace("demo"))
+    export_web(cs, "a", ["10.1.0.1"])
+    controller = await cs.start_controller()
+    await cs.wait(lambda: cs.addresses("b", "web") == {"10.1.0.1"})
+    await cs["a"].wait_for(lambda: cs["a"].watch_count == 7)
+    cs["a"].send_watch_event("endpointslices.discovery.k8s.io", "ERROR", {
+        "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": "oops",
+        "message": "an aggregated API server's own shape"})
+    cs["a"].put_object(member_slice("web", ["10.1.0.2"]))
+    await cs.wait(lambda: all(cs.addresses(c, "web") == {"10.1.0.2"} for c in cs.emulators))
+    assert controller.members()["a"]["connected"]
+
+
 def stale_marked(cs: Clusterset, cluster: str) -> bool:
     slices = cs.imported_slices(cluster)
     return bool(slices) and all(

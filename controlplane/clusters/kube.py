@@ -75,7 +75,7 @@ from controlplane.resources import (
     ObjectRef,
     parse_member_object,
 )
-from mcsproxy.backoff import Backoff
+from mcsproxy.backoff import Backoff, describe_error
 from mcsproxy.kubeclient import KubeconfigDict, KubeconfigFile, new_client
 from mcsproxy.manifests import (
     LABEL_MANAGED_BY,
@@ -457,6 +457,15 @@ class KubeClusterClient:
                     # an API server lagging behind the one that served the list): the
                     # member stayed stale and none of its changes came in.
                     inf.rv = None
+            except Exception as exc:
+                # Unforeseen (a defect, an answer no check above expected): ending this
+                # task ended the member's every watch for good while it still showed as
+                # connected, none of its changes read again. Said, then listed anew.
+                log.exception("cluster %s: %s watch failed; listing again", self.cluster_id,
+                              res.plural)
+                self._informer_health(inf, f"internal error: {describe_error(exc)}", changes)
+                inf.rv = None
+                delay = backoff.next()
             if changes:
                 notify(self.cluster_id, changes)
             if delay:

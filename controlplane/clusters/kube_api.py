@@ -179,8 +179,10 @@ class KubeApi:
                     code = event["object"].get("code")
                     if code == 410:
                         raise WatchExpired(path)
+                    # An aggregated API server may send a Status of its own shape.
                     raise WatchRefused(str(_status_error(
-                        int(code or 500), json.dumps(event["object"]).encode())))
+                        code if isinstance(code, int) else 500,
+                        json.dumps(event["object"]).encode())))
                 yield event
         finally:
             resp.close()  # an unfinished stream cannot go back to the pool

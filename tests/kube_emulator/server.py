@@ -393,6 +393,14 @@ class KubeEmulator:
         self.store.compacted = 0
         self.drop_watches()
 
+    def send_watch_event(self, resource: str, kind: str, obj: Obj) -> None:
+        """Send (kind, obj) as it is on every open watch of `resource`, e.g. an ERROR event
+        whose Status object is not the API server's usual shape."""
+        rtype = self.store.by_name(resource)
+        for watcher in list(self.store.watchers):
+            if watcher.rtype is rtype:
+                watcher.push(kind, obj)
+
     def lose_events(self, enabled: bool = True) -> None:
         """While enabled, changes are stored but no watch ever sees them, open or resumed
         later: only a list finds them, as after an event lost on the way."""
@@ -617,7 +625,8 @@ class KubeEmulator:
             while watcher.stop is None:
                 if watcher.pending:
                     kind, obj = watcher.pending.popleft()
-                    await response.write(_line(kind, rtype.present(obj, version)))
+                    await response.write(_line(kind, obj if kind == "ERROR"
+                                               else rtype.present(obj, version)))
                     continue
                 now = loop.time()
                 if now >= deadline:
