@@ -65,7 +65,8 @@ from mcsproxy.tasks import cancel_and_wait, spawn
 
 log = logging.getLogger("controlplane.controller")
 
-WRITE_RETRY_S = 1.0
+WRITE_RETRY_S = 1.0  # the first retry of a failed write; each next one waits twice as long
+WRITE_RETRY_MAX_S = 30.0
 BULK_KEYS = 500  # a flush this large reconciles with the cyclic collector paused
 WAITING_SHOWN = 5  # keys named in the log line saying which wait on an unread member
 
@@ -199,6 +200,9 @@ class Controller:
         self._writers: dict[str, asyncio.Task[Any]] = {}
         self._writer_error: BaseException | None = None
         self.failed_clusters: set[str] = set()  # whose last write failed (--once exits 1)
+        # Per cluster whose writes fail: an object it keeps refusing (a webhook, a quota)
+        # was retried, and logged as an error, every second for as long as it refused.
+        self._write_backoff: dict[str, Backoff] = {}
         self.batches = 0
         self.synced = asyncio.Event()
         # key → (reason, message) of each conflict between its exports, for /status.
@@ -752,12 +756,15 @@ class Controller:
             self.failed_clusters.add(cluster)
             self.metrics.write_errors.labels(cluster).inc()
             more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+            delay = self._write_backoff.setdefault(
+                cluster, Backoff(WRITE_RETRY_S, WRITE_RETRY_MAX_S)).step()
             log.error("writing to cluster %s failed (%s%s); retrying in %.0fs",
-                      cluster, errors[0], more, WRITE_RETRY_S)
-            asyncio.get_running_loop().call_later(WRITE_RETRY_S, self._retry_later, cluster,
+                      cluster, errors[0], more, delay)
+            asyncio.get_running_loop().call_later(delay, self._retry_later, cluster,
                                                   set(upserts) | deletes)
             return
         self.failed_clusters.discard(cluster)
+        self._write_backoff.pop(cluster, None)
         self.metrics.objects_written.labels(cluster).inc(len(upserts))
         self.metrics.objects_deleted.labels(cluster).inc(len(deletes))
 

@@ -145,6 +145,32 @@ async def test_an_object_the_cluster_refuses_holds_up_nothing_else(cs: Clusterse
     await cs.wait(owned)
 
 
+async def test_a_write_refused_for_good_is_retried_less_and_less_often(
+        cs: Clusterset) -> None:
+    """A refusal that lasts (a webhook, a quota) was retried, and logged as an error,
+    every second for as long as it lasted: now 1 s, then 2 s, doubling to 30 s."""
+    for c in cs.emulators:
+        cs[c].put_object(namespace("locked"))
+    cs["b"].put_object(service("api", ns="locked"))
+    cs["b"].put_object(member_slice("api", ["10.2.0.1"], ns="locked"))
+    cs["b"].put_object(service_export("api", ns="locked"))
+    cs["a"].fail_next(None, 403, method="POST", path="/namespaces/locked/serviceimports")
+
+    def refused() -> int:
+        return sum(1 for r in cs["a"].requests
+                   if r.method == "POST" and "/locked/serviceimports" in r.path)
+
+    await cs.start_controller()
+    loop = asyncio.get_running_loop()
+    tries = []
+    for n in (1, 2, 3):
+        await cs["a"].wait_for(lambda n=n: refused() >= n, timeout=5)
+        tries.append(loop.time())
+    # Lower bounds only: a loaded machine may delay a retry, never hurry it.
+    assert tries[1] - tries[0] >= 0.8
+    assert tries[2] - tries[1] >= 1.7  # was 1 s again
+
+
 async def test_a_namespace_being_deleted_gets_no_imports(cs: Clusterset) -> None:
     """b's namespace demo is being deleted (deletionTimestamp set; the API server refuses
     anything new in it, 403): the controller takes its import out of there instead of
