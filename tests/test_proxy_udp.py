@@ -577,3 +577,63 @@ def test_the_idle_sweep_never_expires_a_flow_before_its_timeout() -> None:
     assert sweep_ticks(30.0, 30.0 / IDLE_SWEEPS) == IDLE_SWEEPS
     assert sweep_ticks(0.3, 0.1) == 3  # not 4 from float error
     assert sweep_ticks(0.0, 7.5) == 0  # no timeout: never
+
+
+async def test_flows_to_a_silent_cluster_move_when_the_other_clusters_answer() -> None:
+    # A blackholed cluster sends no port unreachable: its flows counted ok after the
+    # connect timeout, stayed, and its share of new flows was lost for good (1 in 3
+    # queries over 36 s with 3 clusters) while the same cluster's TCP services failed
+    # over within 1 s. Another cluster of this service answers, so this one's silence
+    # is a partition: the flow moves with its datagrams, the endpoint is ejected.
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.79.10.1", 0))  # takes datagrams, never answers, never refuses
+    live, live_port = await udp_backend("west-1", "127.79.10.2")
+    ip = "127.240.79.10"
+    cs = dns_clusterset(ip, dns_endpoint("127.79.10.1", "east", silent.getsockname()[1]),
+                        dns_endpoint("127.79.10.2", "west", live_port))
+    proxy = await cs.proxy(connect_timeout_s=0.2)
+    clients = [await client("127.79.10.9") for _ in range(6)]
+    east = next(h for h in next(iter(proxy.upstreams.values())).hosts.values()
+                if h.cluster == "east")
+    try:
+        for i, (c, _) in enumerate(clients):
+            c.sendto(b"q%d" % i, (ip, 53))
+        for i, (_, proto) in enumerate(clients):
+            data, _ = await asyncio.wait_for(proto.replies.get(), 1.5)
+            assert data == b"west-1:q%d" % i
+        assert east.ejected and east.stats.attempts["timeout"] >= 1
+        assert east.stats.attempts["ok"] == 0
+    finally:
+        for c, _ in clients:
+            c.close()
+        live.close()
+        silent.close()
+        await proxy.stop()
+
+
+async def test_a_one_way_udp_service_is_not_ejected_for_its_silence() -> None:
+    # No endpoint of the service ever answers (a one-way protocol, statsd or syslog):
+    # silence says nothing there, and every attempt counts ok after the connect timeout.
+    sinks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+    for i, s in enumerate(sinks):
+        s.bind((f"127.79.11.{i + 1}", 0))
+    ip = "127.240.79.11"
+    cs = dns_clusterset(ip, *(dns_endpoint(f"127.79.11.{i + 1}", cluster, s.getsockname()[1])
+                              for i, (s, cluster) in enumerate(zip(sinks, ("east", "west"),
+                                                                   strict=True))))
+    proxy = await cs.proxy(connect_timeout_s=0.1)
+    hosts = list(next(iter(proxy.upstreams.values())).hosts.values())
+    clients = [await client("127.79.11.9") for _ in range(4)]
+    try:
+        for c, _ in clients:
+            c.sendto(b"metric", (ip, 53))
+        await until(lambda: sum(h.stats.attempts["ok"] for h in hosts) == 4,
+                    "every attempt counted ok", timeout=2)
+        assert not any(h.ejected for h in hosts)
+        assert sum(h.stats.attempts["timeout"] for h in hosts) == 0
+    finally:
+        for c, _ in clients:
+            c.close()
+        for s in sinks:
+            s.close()
+        await proxy.stop()

@@ -311,6 +311,35 @@ def test_one_lost_syn_on_a_quiet_service_is_one_failure_not_a_partition() -> Non
     assert west.consecutive_failures == 2
 
 
+def test_one_unanswered_udp_flow_on_a_quiet_service_is_not_a_partition() -> None:
+    """A UDP flow open to the endpoint is no evidence of its own: one lost datagram on a
+    quiet service is a lost SYN's like. A second with nothing answering since, or
+    another flow open to the cluster, is."""
+    u = make({"east": 1, "west": 1}, connect_timeout_s=1.0)
+    clock = u._clock
+    assert isinstance(clock, FakeClock)
+    east, west = u.hosts[("127.0.1.1", 8080)], u.hosts[("127.0.2.1", 8080)]
+    u.answered(west)  # the service does reply
+    u.answered(east)
+    flow = Conn()
+    u.connect_ok(east, flow, reset_failures=False)
+    clock.now += 3
+    assert not u.flow_unanswered(east, flow) and not east.ejected
+    clock.now += 2
+    assert u.flow_unanswered(east, flow) and east.ejected  # nothing answered since
+    assert east.stats.attempts["timeout"] == 1
+    u = make({"east": 1, "west": 1}, connect_timeout_s=1.0)
+    clock = u._clock
+    assert isinstance(clock, FakeClock)
+    east, west = u.hosts[("127.0.1.1", 8080)], u.hosts[("127.0.2.1", 8080)]
+    u.answered(west)
+    flow, other = Conn(), Conn()
+    u.connect_ok(east, flow, reset_failures=False)
+    u.connect_ok(east, other, reset_failures=False)
+    clock.now += 3
+    assert u.flow_unanswered(east, flow) and east.ejected  # another flow waits there too
+
+
 def test_a_silent_cluster_tells_the_ejected_endpoints_connections() -> None:
     u = make({"east": 2, "west": 2}, connect_timeout_s=1.0)
     clock = u._clock

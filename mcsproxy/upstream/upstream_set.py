@@ -392,27 +392,33 @@ class UpstreamSet:
             # Not one endpoint of the cluster answered during the whole wait: a
             # partition, not a lost SYN (a connect started later would have got through).
             # Waiting for more timeouts would cost more clients a full timeout each.
-            host.consecutive_failures += 1
-            if not host.ejected:
-                self._eject(host, f"{reason} and nothing in {host.cluster} has "
-                            f"answered for {self.config.connect_timeout_s:g}s")
-            # Only an ejected endpoint's requests give up: one max_ejection_percent keeps
-            # in will be used again, and a slow answer on it is still an answer (a 3 s
-            # request on a sole endpoint was failed with a 502 after 1.5 s).
-            if host.ejected:
-                for conn in list(host.conns):
-                    conn.cluster_silent()
+            self._partitioned(host, reason)
             return
         self._failure(host, reason)
 
-    def _cluster_silent(self, host: Host, waited: bool = False) -> bool:
+    def _partitioned(self, host: Host, reason: str) -> None:
+        host.consecutive_failures += 1
+        if not host.ejected:
+            self._eject(host, f"{reason} and nothing in {host.cluster} has "
+                        f"answered for {self.config.connect_timeout_s:g}s")
+        # Only an ejected endpoint's requests give up: one max_ejection_percent keeps
+        # in will be used again, and a slow answer on it is still an answer (a 3 s
+        # request on a sole endpoint was failed with a 502 after 1.5 s).
+        if host.ejected:
+            for conn in list(host.conns):
+                conn.cluster_silent()
+
+    def _cluster_silent(self, host: Host, waited: bool = False,
+                        own: Connection | None = None) -> bool:
         """Nothing in `host`'s cluster answered during the wait that just timed out, and
         something else points at a partition rather than one lost SYN: an earlier
         timeout in the cluster with no answer since, an open connection to it, or
         `waited` (the request that timed out was sent before the wait began). On a quiet
         service silence alone holds most of the time (no other client, the last probe
         seconds ago), and one lost SYN (a 1 s connect timeout is Linux's first SYN
-        retransmission) ejected the endpoint for 30 s at its first failure."""
+        retransmission) ejected the endpoint for 30 s at its first failure. `own`: the
+        UDP flow that waited, open to `host` itself, is no other evidence (one lost
+        datagram is a lost SYN's like)."""
         now = self._clock()
         cluster = host.cluster
         previous = self._timed_out_at.get(cluster, -INF)
@@ -423,7 +429,11 @@ class UpstreamSet:
         answered = max(h.reached_at for h in peers)
         if answered >= now - self.config.connect_timeout_s:
             return False
-        return waited or previous > answered or any(h.conns for h in peers)
+        if waited or previous > answered:
+            return True
+        if own is None:
+            return any(h.conns for h in peers)
+        return any(c is not own for h in peers for c in h.conns)
 
     def _failure(self, host: Host, reason: str) -> None:
         host.consecutive_failures += 1
@@ -445,6 +455,27 @@ class UpstreamSet:
         that port-unreachable answers build up toward ejection."""
         host.consecutive_failures = 0
         host.reached_at = self._clock()
+
+    def flow_unanswered(self, host: Host, flow: Connection) -> bool:
+        """UDP: `flow` sent datagrams to `host` and got no reply for a connect timeout.
+        A one-way protocol never replies, so that alone says nothing; but when an
+        endpoint of another cluster of this service has answered, the service does
+        reply, and when nothing in `host`'s cluster answered for the whole wait and the
+        silence is a partition by the rule of connect timeouts (`_cluster_silent`: the
+        flow itself is no evidence, so one lost datagram on a quiet service is not one)
+        `host` is ejected at once, as by a TCP connect timeout, and the attempt counted
+        timed out. True when so (the flow is to move). Not when max_ejection_percent
+        keeps `host` in: the flow stays, a late reply is still an answer."""
+        if not any(h.reached_at > -INF for h in self.hosts.values()
+                   if h.cluster != host.cluster):
+            return False
+        if not self.outlier.consecutive_failures or not self._cluster_silent(host, own=flow):
+            return False
+        self._partitioned(host, "no reply")
+        if not host.ejected:
+            return False
+        host.stats.attempts["timeout"] += 1
+        return True
 
     def response_status(self, host: Host, status: int) -> None:
         """HTTP: a 5xx counts as a failure toward ejection, anything else resets the count."""
