@@ -637,3 +637,57 @@ async def test_a_one_way_udp_service_is_not_ejected_for_its_silence() -> None:
         for s in sinks:
             s.close()
         await proxy.stop()
+
+
+class MutableUdpEcho(NamedUdpEcho):
+    """Echoes until `silent`: then takes datagrams and answers nothing, as a blackhole."""
+
+    silent = False
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        if not self.silent:
+            super().datagram_received(data, addr)
+
+
+async def test_a_long_flow_whose_endpoint_goes_silent_moves_elsewhere() -> None:
+    # One long flow (a forwarder's pooled socket) to an endpoint then blackholed: counted
+    # ok long ago, it took every datagram into the silence for as long as the client sent
+    # (60 of 60 queries lost over 11 s), and nothing was ejected.
+    loop = asyncio.get_running_loop()
+    port = free_port("127.79.12.1", socket.SOCK_DGRAM)
+    east_echo = MutableUdpEcho(b"east-1")
+    east, _ = await loop.create_datagram_endpoint(lambda: east_echo,
+                                                  local_addr=("127.79.12.1", port))
+    live, live_port = await udp_backend("west-1", "127.79.12.2")
+    ip = "127.240.79.12"
+    cs = dns_clusterset(ip, dns_endpoint("127.79.12.1", "east", port),
+                        dns_endpoint("127.79.12.2", "west", live_port))
+    proxy = await cs.proxy(connect_timeout_s=0.2)
+    clients = [await client("127.79.12.9") for _ in range(2)]
+    try:
+        served = {}
+        for c, proto in clients:
+            c.sendto(b"q", (ip, 53))
+            data, _ = await asyncio.wait_for(proto.replies.get(), 1)
+            served[data.split(b":")[0]] = (c, proto)
+        assert set(served) == {b"east-1", b"west-1"}  # round robin; west has answered
+        c, proto = served[b"east-1"]
+        east_echo.silent = True
+        async with asyncio.timeout(1.5):
+            while True:
+                c.sendto(b"again", (ip, 53))
+                try:
+                    data, _ = await asyncio.wait_for(proto.replies.get(), 0.05)
+                except TimeoutError:
+                    continue
+                if data == b"west-1:again":
+                    break
+        host = next(h for h in next(iter(proxy.upstreams.values())).hosts.values()
+                    if h.cluster == "east")
+        assert host.ejected and host.stats.attempts["timeout"] == 0  # no second attempt
+    finally:
+        for c, _ in clients:
+            c.close()
+        east.close()
+        live.close()
+        await proxy.stop()

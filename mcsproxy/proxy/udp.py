@@ -156,7 +156,7 @@ class UdpFlow(asyncio.DatagramProtocol):
 
     __slots__ = ("client_addr", "closed", "fd", "host", "idle", "listener", "outcome", "pending",
                  "received", "replay", "replay_bytes", "sent", "started", "task", "transport",
-                 "tried", "upstream")
+                 "tried", "upstream", "watch_rx")
 
     def __init__(self, listener: UdpListener, client_addr: Address,
                  tried: list[Host] | None = None) -> None:
@@ -180,6 +180,9 @@ class UdpFlow(asyncio.DatagramProtocol):
         self.sent = 0  # datagram bytes each way, folded into the cluster's counters at the end
         self.received = 0
         self.started = time.monotonic()
+        # An answering flow that sent a datagram waits for a reply on the connect
+        # deadlines (see `send`): `received` when the wait began, -1 while none is kept.
+        self.watch_rx = -1
 
     def open(self) -> bool:
         host = self.upstream.pick(self.client_addr[0], self.tried, len(self.tried) + 1
@@ -266,6 +269,18 @@ class UdpFlow(asyncio.DatagramProtocol):
                 self.replay = None
         if not opening and not self._sendto(data) and self.replay is None:
             self._pass_on((data,))
+        elif self.watch_rx < 0 and self.received and not self.closed:
+            # A flow that got replies waits for one again within the connect timeout: an
+            # endpoint blackholed under it otherwise took the client's datagrams for as
+            # long as the client sent (one long flow, as a forwarder's pooled socket: 60
+            # of 60 queries lost over 11 s, nothing ejected). `connect_timeout` decides.
+            # One wait per connect timeout at most, not one per datagram: the replies in
+            # between cost nothing (the count of bytes received is kept anyway).
+            self.watch_rx = self.received
+            deadlines = self.listener.ctx.connect_deadlines
+            deadlines.pending[self] = time.monotonic() + deadlines.timeout_s
+            if deadlines.timer is None:
+                deadlines.arm(asyncio.get_running_loop())
 
     def _sendto(self, data: bytes) -> bool:
         """False when the flow is closed, or the write met port unreachable (which closes
@@ -316,9 +331,23 @@ class UdpFlow(asyncio.DatagramProtocol):
         flow moves, as a refused one does. A blackholed cluster otherwise took its share
         of new flows for good (1 in 3 queries lost over 36 s with 3 clusters, while the
         same cluster's TCP services failed over within 1 s)."""
-        if self.outcome is not None or self.closed:
+        if self.closed:
             return
         host = self.host
+        if self.outcome is not None:
+            # An answering flow waited a connect timeout since a datagram (`send`).
+            watched, self.watch_rx = self.watch_rx, -1
+            if host is None or watched < 0:
+                return
+            if self.received > watched:
+                # A reply came within the wait: the endpoint answers, and its cluster is
+                # not silent to `flow_unanswered` (kept here, not at every reply).
+                self.upstream.answered(host)
+            elif self.upstream.flow_unanswered(host, self, established=True):
+                # None since: the cluster is silent, the endpoint ejected; the flow ends
+                # (by `cluster_silent`) and the client's next datagram goes elsewhere.
+                self.abort()
+            return
         if (host is None or not self.sent or self.received
                 or not self.upstream.flow_unanswered(host, self)):
             self._established()

@@ -456,7 +456,7 @@ class UpstreamSet:
         host.consecutive_failures = 0
         host.reached_at = self._clock()
 
-    def flow_unanswered(self, host: Host, flow: Connection) -> bool:
+    def flow_unanswered(self, host: Host, flow: Connection, established: bool = False) -> bool:
         """UDP: `flow` sent datagrams to `host` and got no reply for a connect timeout.
         A one-way protocol never replies, so that alone says nothing; but when an
         endpoint of another cluster of this service has answered, the service does
@@ -464,8 +464,10 @@ class UpstreamSet:
         silence is a partition by the rule of connect timeouts (`_cluster_silent`: the
         flow itself is no evidence, so one lost datagram on a quiet service is not one)
         `host` is ejected at once, as by a TCP connect timeout, and the attempt counted
-        timed out. True when so (the flow is to move). Not when max_ejection_percent
-        keeps `host` in: the flow stays, a late reply is still an answer."""
+        timed out unless the flow's attempt already counted ok (`established`: replies
+        came, then stopped). True when so (the flow is to move or end). Not when
+        max_ejection_percent keeps `host` in: the flow stays, a late reply is still an
+        answer."""
         if not any(h.reached_at > -INF for h in self.hosts.values()
                    if h.cluster != host.cluster):
             return False
@@ -474,7 +476,8 @@ class UpstreamSet:
         self._partitioned(host, "no reply")
         if not host.ejected:
             return False
-        host.stats.attempts["timeout"] += 1
+        if not established:
+            host.stats.attempts["timeout"] += 1
         return True
 
     def response_status(self, host: Host, status: int) -> None:
