@@ -20,9 +20,13 @@ from pathlib import Path
 import pytest
 from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector
 
+from mcsproxy.config import HttpConfig, OutlierConfig
 from tests.chaos.backend import HTTP_PORT, TCP_PORT
 from tests.chaos.support import GatewayProcess, Port, Svc, wait_until, write_imports
+from tests.http_support import HTTP_PORT as WEB_PORT
+from tests.http_support import RawClient, start_backends
 from tests.netns import NetnsClusters, netns_skip_reason
+from tests.proxy_fixtures import Clusterset, endpoint
 
 CLUSTERS = ["a", "b", "c"]
 WEB_IP, ECHO_IP = "127.240.77.20", "127.240.77.21"
@@ -219,3 +223,49 @@ async def test_cluster_with_30_percent_packet_loss(tmp_path: Path,
 async def test_pod_sigkilled_mid_stream(tmp_path: Path, clusters: NetnsClusters) -> None:
     await scenario(tmp_path, clusters, "pod-sigkill", "b", lambda: clusters.kill_pod("b"),
                    lambda: clusters.start_pod("b"), budget=2)
+
+
+async def test_requests_on_every_endpoint_of_a_silent_cluster_are_retried_at_once(
+        clusters: NetnsClusters) -> None:
+    # A connect timeout into a silent cluster ejected that endpoint and retried the
+    # requests waiting on it; those waiting as long on the cluster's other endpoint (kept
+    # alive, no connect to time out) waited out their per-try timeout (2 s with
+    # local-first and two local endpoints blackholed, 15 s by default). Unacknowledged
+    # for a connect timeout (a blackhole cannot acknowledge), they are retried at once.
+    [live] = await start_backends({"west": 1}, 78)
+    cs = Clusterset("east")
+    cs.publish("silent2", "127.240.79.21", [WEB_PORT],
+               [endpoint(clusters.address("a"), "east", HTTP_PORT),
+                endpoint(clusters.address("b"), "east", HTTP_PORT),
+                endpoint(live.host, "west", live.port)], traffic="PreferClose")
+    proxy = await cs.proxy(connect_timeout_s=0.3,
+                           http=HttpConfig(per_try_timeout_s=10, request_timeout_s=20),
+                           outlier=OutlierConfig(max_ejection_percent=100))
+    clients: list[RawClient] = []
+    try:
+        for _ in range(2):  # round robin: a pooled connection to each east endpoint
+            c = await RawClient.open("127.240.79.21", 80)
+            clients.append(c)
+            assert (await c.get("/")).status == 200
+        clusters.blackhole("a", True)
+        clusters.blackhole("b", True)
+        for n, c in enumerate(clients):  # one request waiting on each, unacknowledged
+            c.send(b"GET /%d HTTP/1.1\r\nHost: a\r\n\r\n" % n)
+        await asyncio.sleep(0.35)  # the waiting requests have waited a connect timeout
+        started = time.monotonic()
+        third = await RawClient.open("127.240.79.21", 80)
+        clients.append(third)
+        r3 = await third.get("/3")  # a fresh connect into the silence: it times out
+        r1, r2 = [await c.response(timeout=5) for c in clients[:2]]
+        took = time.monotonic() - started
+        assert [(r.status, r.body) for r in (r1, r2, r3)] == [(200, b"west-1")] * 3
+        assert took < 2.0, took  # one 0.3 s connect timeout, not the 10 s per-try one
+        upstream = next(iter(proxy.upstreams.values()))
+        assert all(h.ejected for h in upstream.hosts.values() if h.cluster == "east")
+    finally:
+        clusters.blackhole("a", False)
+        clusters.blackhole("b", False)
+        for c in clients:
+            await c.close()
+        await proxy.stop()
+        await live.stop()

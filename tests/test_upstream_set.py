@@ -35,8 +35,9 @@ class Conn:
         self.aborted = True
         self.aborted_event.set()
 
-    def cluster_silent(self) -> None:
-        self.told_silent = True
+    def cluster_silent(self, waited_s: float = 0.0) -> None:
+        if not waited_s:  # for another endpoint of the cluster: its own wait decides
+            self.told_silent = True
 
 
 def targets(spec: dict[str, int]) -> list[Target]:

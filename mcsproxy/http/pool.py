@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import struct
 from itertools import islice
 from typing import TYPE_CHECKING, Any, Final
 
@@ -29,6 +30,7 @@ from mcsproxy.http.wire import (
     tail_bytes,
     transfer_codings,
 )
+from mcsproxy.upstream.upstream_set import SILENT_WAIT
 from mcsproxy.writebatch import HOLD_BELOW
 
 if TYPE_CHECKING:
@@ -42,6 +44,9 @@ log = logging.getLogger("mcsproxy.http")
 UPSTREAM_WRITE_HIGH_WATER: Final = 256 * 1024
 # Linux only; elsewhere the delayed-ACK stall below is left as it is.
 TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+# Linux's struct tcp_info up to tcpi_last_ack_recv (UpstreamConn.unacked_ms).
+TCP_INFO: int | None = getattr(socket, "TCP_INFO", None)
+TCP_INFO_LEN: Final = 60
 
 
 class StopParsing(Exception):
@@ -184,6 +189,23 @@ class UpstreamConn(asyncio.Protocol):
             with contextlib.suppress(OSError):
                 self.sock.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
 
+    def unacked_ms(self) -> int:
+        """How long what was sent here has gone unacknowledged, in ms (0: all of it was
+        acknowledged), from TCP_INFO (tcpi_unacked, tcpi_last_ack_recv). An endpoint that
+        is slow to answer still acknowledges the request; a blackholed one does not."""
+        sock = self.sock
+        if sock is None or TCP_INFO is None:
+            return 0
+        try:
+            info = sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, TCP_INFO_LEN)
+        except OSError:
+            return 0
+        if len(info) < TCP_INFO_LEN:
+            return 0
+        unacked, = struct.unpack_from("I", info, 24)
+        last_ack_recv, = struct.unpack_from("I", info, 56)
+        return int(last_ack_recv) if unacked else 0
+
     def eof_received(self) -> bool:
         if self.tunnel is not None:
             return self.tunnel.tunnel_upstream_eof()  # type: ignore[no-any-return]
@@ -235,16 +257,25 @@ class UpstreamConn(asyncio.Protocol):
         race (the endpoint closed it idle as the request went out), not its failure."""
         return self.reused and not self.began
 
-    def cluster_silent(self) -> None:
+    def cluster_silent(self, waited_s: float = 0.0) -> None:
         """The endpoint's cluster answered nothing for a whole connect timeout (see
         UpstreamSet.connect_failed): a request still waiting for its first response byte
         here would wait out its per-try timeout (15 s by default). It fails now and is
         retried elsewhere like one that timed out; a response under way is left alone, and
-        so is a connection not read while its client does not read (Exchange.bind)."""
+        so is a connection not read while its client does not read (Exchange.bind).
+        `waited_s`: the silence was found through another endpoint of the cluster; only a
+        request sent that long ago (its body whole) and unacknowledged as long fails, as
+        a timeout of this one: an endpoint slow to answer has acknowledged it."""
         ex = self.exchange
         if ex is not None and not self.began and self.tunnel is None \
                 and not ex.client.write_paused:  # (not read while its client is paused)
-            self.fail(f"no answer, {self.pool.host.cluster} silent")
+            if not waited_s:
+                self.fail(f"no answer, {self.pool.host.cluster} silent")
+            elif ex.try_deadline - self.pool.engine.http.per_try_timeout_s \
+                    <= self.pool.engine.now - waited_s \
+                    and self.unacked_ms() >= waited_s * 1000:
+                # (TCP_INFO read only for a request already waiting that long.)
+                self.fail(SILENT_WAIT)
 
     # -- response parser callbacks ----------------------------------------------------
     def on_message_begin(self) -> None:

@@ -641,7 +641,7 @@ class TcpConnection:
     def abort(self) -> None:
         self.finish(None)
 
-    def cluster_silent(self) -> None:
+    def cluster_silent(self, waited_s: float = 0.0) -> None:
         """An established stream is left to its own idle timeout: unlike an HTTP request
         it cannot be replayed elsewhere, and a short partition may heal under it."""
 

@@ -436,11 +436,12 @@ class UdpFlow(asyncio.DatagramProtocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def cluster_silent(self) -> None:
+    def cluster_silent(self, waited_s: float = 0.0) -> None:
         """The endpoint was ejected, its cluster silent: an established flow ends, so the
         client's next datagram opens a flow elsewhere (it would go on into the silence
-        while the client sends). An undecided one is decided at its own connect timeout."""
-        if self.outcome is not None and not self.closed:
+        while the client sends). An undecided one is decided at its own connect timeout,
+        and one to another endpoint of the cluster (`waited_s`) by its own wait."""
+        if not waited_s and self.outcome is not None and not self.closed:
             self.abort()
 
     def expire(self) -> None:

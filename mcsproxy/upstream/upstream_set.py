@@ -60,11 +60,15 @@ class Connection(Protocol):
 
     def abort(self) -> None: ...
 
-    def cluster_silent(self) -> None: ...
+    def cluster_silent(self, waited_s: float = 0.0) -> None: ...
 
 
 # The HTTP proxy's reason for a request that got no answer within its per-try timeout.
 PER_TRY_TIMEOUT: Final = "timeout (per try)"
+# Its reason for one that waited a whole connect timeout, unacknowledged, on an endpoint
+# of a cluster found silent (UpstreamSet._partitioned): a timeout as well, and as a
+# per-try timeout one sent before the wait began.
+SILENT_WAIT: Final = "no answer for a connect timeout, cluster silent"
 # Past a connect timeout, how long the proxies let the loop run a completion it has
 # already seen before they judge the connect timed out: due timers (and ticks) run before
 # the callbacks already queued, so after a stall (a GC pause, a burst of work) a connect
@@ -385,10 +389,11 @@ class UpstreamSet:
         outcome = connect_outcome(reason)
         host.stats.attempts[outcome] += 1
         per_try = reason == PER_TRY_TIMEOUT
-        timed_out = outcome == "timeout" or (
+        waited = reason == SILENT_WAIT or (
             per_try and self.config.http.per_try_timeout_s >= self.config.connect_timeout_s)
+        timed_out = outcome == "timeout" or waited
         if timed_out and self.outlier.consecutive_failures and \
-                self._cluster_silent(host, waited=per_try):
+                self._cluster_silent(host, waited=waited):
             # Not one endpoint of the cluster answered during the whole wait: a
             # partition, not a lost SYN (a connect started later would have got through).
             # Waiting for more timeouts would cost more clients a full timeout each.
@@ -407,6 +412,27 @@ class UpstreamSet:
         if host.ejected:
             for conn in list(host.conns):
                 conn.cluster_silent()
+        # The cluster's other endpoints are as silent. A request that has waited a whole
+        # connect timeout on one of them, unacknowledged all that time (UpstreamConn:
+        # TCP_INFO), is the same evidence: it fails now (retried elsewhere when it may
+        # be) and, through connect_failed, that endpoint is ejected in turn. Keep-alive
+        # requests on a second local endpoint used to wait out the per-try timeout (2 s
+        # in the run, 15 s by default) after the first endpoint's connect timeout had
+        # found the cluster blackholed. Not an endpoint max_ejection_percent keeps in,
+        # as above, nor a request the endpoint acknowledged: a slow endpoint still
+        # answers, a blackholed one cannot acknowledge.
+        wait = self.config.connect_timeout_s
+        for other in [h for h in self.hosts.values()
+                      if h.cluster == host.cluster and h is not host and h.conns]:
+            if other.ejected or self._may_eject():
+                for conn in list(other.conns):
+                    conn.cluster_silent(wait)
+
+    def _may_eject(self) -> bool:
+        """One more endpoint may be ejected: never more than max_ejection_percent out."""
+        self.expire_due()
+        ejected = sum(1 for h in self.hosts.values() if h.ejected)
+        return (ejected + 1) * 100 <= self.outlier.max_ejection_percent * len(self.hosts)
 
     def _cluster_silent(self, host: Host, waited: bool = False,
                         own: Connection | None = None) -> bool:
@@ -530,11 +556,7 @@ class UpstreamSet:
 
     def _eject(self, host: Host, why: str) -> None:
         # An ejection that ran out while no pick came must not count against the limit.
-        self.expire_due()
-        total = len(self.hosts)
-        ejected = sum(1 for h in self.hosts.values() if h.ejected)
-        # Counting this one: never more than max_ejection_percent of the endpoints out.
-        if (ejected + 1) * 100 > self.outlier.max_ejection_percent * total:
+        if not self._may_eject():
             if host.consecutive_failures == self.outlier.consecutive_failures:
                 log.warning("upstream %s: endpoint %s not ejected (max ejection %d%% reached)",
                             self.name, host, self.outlier.max_ejection_percent)
