@@ -269,3 +269,72 @@ async def test_requests_on_every_endpoint_of_a_silent_cluster_are_retried_at_onc
             await c.close()
         await proxy.stop()
         await live.stop()
+
+
+async def test_keepalive_request_into_a_blackholed_local_cluster_is_retried_early(
+        clusters: NetnsClusters) -> None:
+    # A GET sent on a pooled keep-alive connection has no connect to time out: into a
+    # blackholed cluster it waited out the per-try timeout (15 s by default), and every
+    # keep-alive client of a local-first service stalled until its own timeout (14 of 14
+    # requests in flight). The endpoint not acknowledging the request for a connect
+    # timeout, with nothing in its cluster answering, now fails it as a timeout.
+    [live] = await start_backends({"west": 1}, 79)
+    cs = Clusterset("east")
+    cs.publish("lf", "127.240.79.20", [WEB_PORT],
+               [endpoint(clusters.address("a"), "east", HTTP_PORT),
+                endpoint(live.host, "west", live.port)], traffic="PreferClose")
+    proxy = await cs.proxy(connect_timeout_s=0.3,
+                           http=HttpConfig(per_try_timeout_s=10, request_timeout_s=20))
+    client = None
+    try:
+        client = await RawClient.open("127.240.79.20", 80)
+        first = await client.get("/")
+        assert (first.status, first.body) == (200, b"a")  # local, kept alive both ways
+        clusters.blackhole("a", True)
+        started = time.monotonic()
+        second = await client.get("/")
+        took = time.monotonic() - started
+        assert (second.status, second.body) == (200, b"west-1")
+        assert took < 2.0, took  # about a connect timeout, not the 10 s per-try one
+        upstream = next(iter(proxy.upstreams.values()))
+        assert all(h.ejected for h in upstream.hosts.values() if h.cluster == "east")
+    finally:
+        clusters.blackhole("a", False)
+        if client is not None:
+            await client.close()
+        await proxy.stop()
+        await live.stop()
+
+
+async def test_an_unacknowledged_request_on_an_endpoint_kept_in_waits_for_its_answer(
+        clusters: NetnsClusters) -> None:
+    # A sole endpoint, which --outlier-max-ejection-percent keeps in: its request, cut
+    # off for a moment, is still answered once the path heals (TCP retransmits it), so
+    # the silence of its cluster does not fail it early, as it does not fail a slow one.
+    cs = Clusterset("east")
+    cs.publish("sole", "127.240.79.22", [WEB_PORT],
+               [endpoint(clusters.address("c"), "east", HTTP_PORT)])
+    proxy = await cs.proxy(connect_timeout_s=0.3,
+                           http=HttpConfig(per_try_timeout_s=5, request_timeout_s=10))
+    client = None
+    holed = False
+    try:
+        client = await RawClient.open("127.240.79.22", 80)
+        first = await client.get("/")
+        assert (first.status, first.body) == (200, b"c")
+        clusters.blackhole("c", True)
+        holed = True
+        client.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        await asyncio.sleep(1.0)  # past the 0.3-0.9 s in which a silent wait is judged
+        clusters.blackhole("c", False)
+        holed = False
+        second = await client.response(timeout=5)
+        assert (second.status, second.body) == (200, b"c")
+        [host] = next(iter(proxy.upstreams.values())).hosts.values()
+        assert not host.ejected
+    finally:
+        if holed:
+            clusters.blackhole("c", False)
+        if client is not None:
+            await client.close()
+        await proxy.stop()

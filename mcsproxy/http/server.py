@@ -80,7 +80,7 @@ from mcsproxy.http.wire import (
     tail_bytes,
     trailer_section,
 )
-from mcsproxy.upstream.upstream_set import CONNECT_VERDICT_DELAY_S, PER_TRY_TIMEOUT
+from mcsproxy.upstream.upstream_set import CONNECT_VERDICT_DELAY_S, PER_TRY_TIMEOUT, SILENT_WAIT
 
 if TYPE_CHECKING:
     from mcsproxy.http.engine import HttpEngine, HttpRoute, HttpSettings
@@ -1960,4 +1960,30 @@ class Exchange:
             # (Paused for a client that does not read its answers, the endpoint connection
             # is not read either: that wait is the client's, never the endpoint's failure.)
             self.upstream_failed(self.up, PER_TRY_TIMEOUT, status=504)
+        elif self.up is not None and not self.up.began and not self.client.write_paused:
+            self.check_silence(now)
         self.client.flush()
+
+    def check_silence(self, now: float) -> None:
+        """A request sent on a pooled connection has no connect to time out: into a
+        blackholed cluster it waited out its per-try timeout (15 s by default; every
+        keep-alive client of a local-first service stalled until its own timeout, 14 of
+        14 requests in flight). Between one and three connect timeouts into its wait,
+        when the endpoint has not acknowledged what was sent for a whole connect timeout
+        (a slow endpoint acknowledges, a blackholed one cannot) and nothing in its
+        cluster answered for as long, the wait fails as a timeout would: retried
+        elsewhere when it may be, and the cluster's endpoints ejected as by a connect
+        timeout. Not on an endpoint max_ejection_percent keeps in (a sole endpoint's
+        request waits for its answer), and never one the endpoint acknowledged: a slow
+        endpoint's requests are not failed early. The cluster's silence is looked at
+        before TCP_INFO: a slow endpoint among answering ones costs no system call."""
+        up, host, upstream = self.up, self.host, self.upstream
+        assert up is not None
+        http = self.client.engine.http
+        waited = now - (self.try_deadline - http.per_try_timeout_s)
+        if not http.connect_timeout_s <= waited <= 3 * http.connect_timeout_s:
+            return
+        if host is None or upstream is None or not upstream.may_fail_silent(host):
+            return
+        if up.unacked_ms() >= http.connect_timeout_s * 1000:
+            self.upstream_failed(up, SILENT_WAIT)

@@ -428,6 +428,19 @@ class UpstreamSet:
                 for conn in list(other.conns):
                     conn.cluster_silent(wait)
 
+    def may_fail_silent(self, host: Host) -> bool:
+        """HTTP: a request has waited, unacknowledged, for a connect timeout on `host`
+        (Exchange.check_silence). Fail it as SILENT_WAIT when nothing in the cluster
+        answered for as long and `host` is ejected or may be: one that
+        max_ejection_percent keeps in will be used again, and its requests wait for their
+        answer as those of the endpoint whose connect timed out do (`_partitioned`). No
+        timeout is recorded here: connect_failed does, if the request fails."""
+        since = self._clock() - self.config.connect_timeout_s
+        if host.reached_at >= since or any(h.reached_at >= since for h in self.hosts.values()
+                                           if h.cluster == host.cluster):
+            return False
+        return host.ejected or self._may_eject()
+
     def _may_eject(self) -> bool:
         """One more endpoint may be ejected: never more than max_ejection_percent out."""
         self.expire_due()
