@@ -691,3 +691,33 @@ async def test_a_long_flow_whose_endpoint_goes_silent_moves_elsewhere() -> None:
         east.close()
         live.close()
         await proxy.stop()
+
+
+async def test_local_first_flows_leave_a_local_cluster_gone_silent() -> None:
+    # Local-first: only the local cluster had ever answered, which the partition rule
+    # asked of another cluster, so a blackholed local cluster kept every new flow (and a
+    # `--workers` process whose flows all went there, likewise: 16 queries lost over 7 s).
+    loop = asyncio.get_running_loop()
+    port = free_port("127.79.13.1", socket.SOCK_DGRAM)
+    east_echo = MutableUdpEcho(b"east-1")
+    east, _ = await loop.create_datagram_endpoint(lambda: east_echo,
+                                                  local_addr=("127.79.13.1", port))
+    live, live_port = await udp_backend("west-1", "127.79.13.2")
+    ip = "127.240.79.13"
+    cs = dns_clusterset(ip, dns_endpoint("127.79.13.1", "east", port),
+                        dns_endpoint("127.79.13.2", "west", live_port), traffic="PreferClose")
+    proxy = await cs.proxy(connect_timeout_s=0.2)
+    clients = [await client("127.79.13.9") for _ in range(2)]
+    try:
+        (c1, p1), (c2, p2) = clients
+        c1.sendto(b"one", (ip, 53))
+        assert (await asyncio.wait_for(p1.replies.get(), 1))[0] == b"east-1:one"
+        east_echo.silent = True
+        c2.sendto(b"two", (ip, 53))  # a new flow, to east: moved once east is silent
+        assert (await asyncio.wait_for(p2.replies.get(), 1.5))[0] == b"west-1:two"
+    finally:
+        for c, _ in clients:
+            c.close()
+        east.close()
+        live.close()
+        await proxy.stop()

@@ -11,7 +11,7 @@ later, as a TCP connect is: refused when port unreachable comes back before the 
 reply and within connect_timeout of the socket opening, ok at the first reply or once
 that time has passed without it (a one-way protocol never replies), or when the flow
 ends before; timed out when no reply came while the endpoint's whole cluster stayed silent
-and another cluster of the service answers (a blackhole, which sends no port unreachable:
+and the service is one that answers (a blackhole, which sends no port unreachable:
 see `UdpFlow.connect_timeout`), and moved as a refused one is. Each attempt counts once, with
 that outcome; a client's flow counts one ok connection, or failed once every attempt
 was refused. A refused attempt moves the flow: the datagrams it sent go again to another
@@ -326,8 +326,8 @@ class UdpFlow(asyncio.DatagramProtocol):
 
     def connect_timeout(self) -> None:
         """connect_timeout passed with no port unreachable: the attempt counts ok, unless
-        no reply came while the endpoint's whole cluster went silent and the service's
-        other clusters answer (`UpstreamSet.flow_unanswered`): then it timed out and the
+        no reply came while the endpoint's whole cluster went silent and the service is
+        one that answers (`UpstreamSet.flow_unanswered`): then it timed out and the
         flow moves, as a refused one does. A blackholed cluster otherwise took its share
         of new flows for good (1 in 3 queries lost over 36 s with 3 clusters, while the
         same cluster's TCP services failed over within 1 s)."""

@@ -497,18 +497,19 @@ class UpstreamSet:
 
     def flow_unanswered(self, host: Host, flow: Connection, established: bool = False) -> bool:
         """UDP: `flow` sent datagrams to `host` and got no reply for a connect timeout.
-        A one-way protocol never replies, so that alone says nothing; but when an
-        endpoint of another cluster of this service has answered, the service does
-        reply, and when nothing in `host`'s cluster answered for the whole wait and the
+        A one-way protocol never replies, so that alone says nothing; but when the
+        service has answered (the flow itself, `established`: replies came, then
+        stopped; or any endpoint of the service, this cluster's too), it does reply,
+        and when nothing in `host`'s cluster answered for the whole wait and the
         silence is a partition by the rule of connect timeouts (`_cluster_silent`: the
         flow itself is no evidence, so one lost datagram on a quiet service is not one)
         `host` is ejected at once, as by a TCP connect timeout, and the attempt counted
-        timed out unless the flow's attempt already counted ok (`established`: replies
-        came, then stopped). True when so (the flow is to move or end). Not when
-        max_ejection_percent keeps `host` in: the flow stays, a late reply is still an
-        answer."""
-        if not any(h.reached_at > -INF for h in self.hosts.values()
-                   if h.cluster != host.cluster):
+        timed out unless the flow's attempt already counted ok. True when so (the flow
+        is to move or end). Not when max_ejection_percent keeps `host` in: the flow
+        stays, a late reply is still an answer. Another cluster's answers are not
+        required: a local-first service, or a `--workers` process, may never have sent
+        elsewhere."""
+        if not established and all(h.reached_at == -INF for h in self.hosts.values()):
             return False
         if not self.outlier.consecutive_failures or not self._cluster_silent(host, own=flow):
             return False
