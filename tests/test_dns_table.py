@@ -348,7 +348,7 @@ async def test_edns_version_other_than_0_is_badvers(dns) -> None:
     assert reply.rr == []
     # Its rcode's high bits travel in the OPT record: the metric label read the header's
     # low four bits alone, and counted BADVERS as NOERROR.
-    assert answer_labels(reply.pack()[2:]) == ("A", "BADVERS")
+    assert answer_labels(bytes(reply.pack())[2:]) == ("A", "BADVERS")
 
 
 BIG_LINES = sorted(f"big.{T} 5 IN A {a}" for a in BIG_ADDRESSES)
