@@ -353,16 +353,7 @@ class UdpFlow(asyncio.DatagramProtocol):
             self._established()
             return
         self.outcome = "timeout"
-        self.tried.append(host)
-        replay = self.replay
-        self.abort()
-        ctx = self.listener.ctx
-        if replay and len(self.tried) < ctx.config.connect_attempts:
-            self.listener.move(self, replay)
-            return
-        host.stats.failed += 1
-        ctx.give_up(f"{len(self.tried)} endpoints silent" if replay else
-                    "silent after more than a flow keeps to move")
+        self._move_or_give_up(host, "silent")
 
     def _established(self) -> None:
         self.outcome = "ok"
@@ -385,6 +376,12 @@ class UdpFlow(asyncio.DatagramProtocol):
             return
         self.outcome = "refused"
         self.upstream.connect_failed(host, "port unreachable")  # the attempt: refused
+        self._move_or_give_up(host, "port unreachable")
+
+    def _move_or_give_up(self, host: Host, why: str) -> None:
+        """The attempt on `host` failed (`why`): the flow moves to another endpoint with
+        what it holds, or, every attempt spent or more sent before any reply than a flow
+        keeps to move, the client's flow failed. Its later datagrams open a fresh flow."""
         self.tried.append(host)
         replay = self.replay
         self.abort()
@@ -392,11 +389,9 @@ class UdpFlow(asyncio.DatagramProtocol):
         if replay and len(self.tried) < ctx.config.connect_attempts:
             self.listener.move(self, replay)
             return
-        # The client's flow failed: every attempt refused, or it sent too much before
-        # any reply to be moved. Its later datagrams open a fresh flow.
         host.stats.failed += 1
-        ctx.give_up(f"{len(self.tried)} endpoints port unreachable" if replay else
-                    "port unreachable after more than a flow keeps to move")
+        ctx.give_up(f"{len(self.tried)} endpoints {why}" if replay else
+                    f"{why} after more than a flow keeps to move")
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.outcome is None and self.fd >= 0:
