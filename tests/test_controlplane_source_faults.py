@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import pytest
@@ -26,6 +26,18 @@ LATER = ServiceKey("test", "later")
 
 def _line(message: dict[str, Any]) -> bytes:
     return json.dumps(message).encode() + b"\n"
+
+
+async def serve_stream(stream: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                       ) -> tuple[web.AppRunner, str]:
+    """A fake controller answering the stream path with `stream`: its runner (for the
+    caller to clean up) and URL."""
+    app = web.Application()
+    app.router.add_get(controlplane.STREAM_PATH, stream)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
 
 
 async def test_an_unforeseen_failure_reconnects_and_reports_it(
@@ -51,15 +63,9 @@ async def test_an_unforeseen_failure_reconnects_and_reports_it(
         await asyncio.sleep(30)
         return response
 
-    app = web.Application()
-    app.router.add_get(controlplane.STREAM_PATH, stream)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    runner, url = await serve_stream(stream)
     store = SnapshotStore("east")
-    source = ControlplaneSource(f"http://127.0.0.1:{port}", "east",
+    source = ControlplaneSource(url, "east",
                                 backoff_initial_s=0.02, backoff_max_s=0.1)
 
     def defect(members: dict[str, Any]) -> None:
@@ -107,15 +113,9 @@ async def test_a_snapshot_that_never_ends_is_bounded_and_the_last_one_kept() -> 
         await asyncio.sleep(30)
         return response
 
-    app = web.Application()
-    app.router.add_get(controlplane.STREAM_PATH, stream)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    runner, url = await serve_stream(stream)
     store = SnapshotStore("east")
-    source = ControlplaneSource(f"http://127.0.0.1:{port}", "east", backoff_initial_s=0.02,
+    source = ControlplaneSource(url, "east", backoff_initial_s=0.02,
                                 backoff_max_s=0.1, max_snapshot_bytes=100_000)
     task = spawn(source.run(store), name="test source")
     try:
@@ -153,14 +153,9 @@ async def _serve_one_snapshot_with(heartbeat: str) -> None:
         await asyncio.sleep(30)
         return response
 
-    app = web.Application()
-    app.router.add_get(controlplane.STREAM_PATH, stream)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    runner, url = await serve_stream(stream)
     store = SnapshotStore("east")
-    source = ControlplaneSource(f"http://127.0.0.1:{runner.addresses[0][1]}", "east",
+    source = ControlplaneSource(url, "east",
                                 backoff_initial_s=0.02, backoff_max_s=0.1)
     task = spawn(source.run(store), name="test source")
     try:
@@ -189,14 +184,9 @@ async def test_an_unknown_message_type_is_logged_once_not_per_message(
         await asyncio.sleep(30)
         return response
 
-    app = web.Application()
-    app.router.add_get(controlplane.STREAM_PATH, stream)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    runner, url = await serve_stream(stream)
     store = SnapshotStore("east")
-    source = ControlplaneSource(f"http://127.0.0.1:{runner.addresses[0][1]}", "east")
+    source = ControlplaneSource(url, "east")
     task = spawn(source.run(store), name="test source")
     try:
         async with asyncio.timeout(5):
@@ -231,13 +221,8 @@ async def test_a_message_trickled_without_end_is_given_up() -> None:
                 await response.write(b" ")
         return response
 
-    app = web.Application()
-    app.router.add_get(controlplane.STREAM_PATH, stream)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    runner, url = await serve_stream(stream)
+    url = url
     source = ControlplaneSource(url, "east", message_timeout_s=0.8, backoff_initial_s=0.02,
                                 backoff_max_s=0.1)
     task = spawn(source.run(store), name="test source")
