@@ -1,4 +1,5 @@
-"""Active health checks: one named task per endpoint, so at most one probe is in flight.
+"""Active health checks: one timer per endpoint between probes, one named task per probe,
+so at most one probe is in flight.
 
 TCP connect by default; for appProtocol http ports an HTTP/1.1 GET whose status must be
 2xx or 3xx (as a Kubernetes httpGet probe). Probes of many endpoints are spread by a
@@ -71,7 +72,12 @@ async def probe_http(address: str, port: int, path: str, timeout_s: float) -> st
 
 
 class HealthChecker:
-    """Probes every host of one upstream set on an interval; `sync` follows its hosts."""
+    """Probes every host of one upstream set on an interval; `sync` follows its hosts.
+
+    Between probes a host holds only a timer; its probe runs as a task of its own, and the
+    next timer is set when the probe is over. A task per host sleeping out the interval
+    (a Task, its coroutine frame, the sleep's future and timer, the weak reference in
+    asyncio's task set) cost ~1.4 KiB per endpoint: 42 MiB at 30,000 endpoints."""
 
     def __init__(self, upstream: UpstreamSet, config: HealthConfig, http: bool,
                  rng: random.Random | None = None) -> None:
@@ -79,20 +85,29 @@ class HealthChecker:
         self.config = config
         self.http = http
         self._rng = rng or random.Random()
-        self._tasks: dict[Host, asyncio.Task[Any]] = {}
+        # Each host's timer until its next probe, or the task of the probe in flight.
+        self._pending: dict[Host, asyncio.TimerHandle | asyncio.Task[Any]] = {}
 
     def sync(self, hosts: list[Host]) -> None:
         wanted = set(hosts)
-        for host in [h for h in self._tasks if h not in wanted]:
-            self._tasks.pop(host).cancel()
+        for host in [h for h in self._pending if h not in wanted]:
+            self._pending.pop(host).cancel()
+        loop = asyncio.get_running_loop()
         for host in wanted:
-            if host not in self._tasks:
-                self._tasks[host] = spawn(self._run(host),
-                                          name=f"health {self.upstream.name} {host}")
+            if host not in self._pending:
+                # A random first delay spreads the probes of many endpoints.
+                self._pending[host] = loop.call_later(
+                    self._rng.uniform(0, self.config.interval_s), self._due, host)
 
     async def stop(self) -> None:
-        tasks = list(self._tasks.values())
-        self._tasks.clear()
+        pending = list(self._pending.values())
+        self._pending.clear()
+        tasks = []
+        for p in pending:
+            if isinstance(p, asyncio.TimerHandle):
+                p.cancel()
+            else:
+                tasks.append(p)
         await cancel_and_wait(tasks)
 
     async def probe(self, host: Host) -> str | None:
@@ -101,12 +116,16 @@ class HealthChecker:
             return await probe_http(host.address, host.port, cfg.http_path, cfg.timeout_s)
         return await probe_tcp(host.address, host.port, cfg.timeout_s)
 
+    def _due(self, host: Host) -> None:
+        self._pending[host] = spawn(self._run(host), name=f"health {self.upstream.name} {host}")
+
     async def _run(self, host: Host) -> None:
+        """One probe; cancelled when the host goes, so it never reports for a host gone."""
         cfg = self.config
-        await asyncio.sleep(self._rng.uniform(0, cfg.interval_s))
-        while True:
-            failure = await self.probe(host)
-            if failure != NO_DESCRIPTOR:
-                self.upstream.health_result(host, failure, cfg)
+        failure = await self.probe(host)
+        if failure != NO_DESCRIPTOR:
+            self.upstream.health_result(host, failure, cfg)
+        if self._pending.get(host) is asyncio.current_task():
             spread = cfg.interval_s * cfg.jitter
-            await asyncio.sleep(cfg.interval_s + self._rng.uniform(-spread, spread))
+            self._pending[host] = asyncio.get_running_loop().call_later(
+                cfg.interval_s + self._rng.uniform(-spread, spread), self._due, host)
