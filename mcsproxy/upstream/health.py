@@ -104,10 +104,11 @@ class HealthChecker:
         self._pending.clear()
         tasks = []
         for p in pending:
-            if isinstance(p, asyncio.TimerHandle):
-                p.cancel()
-            else:
+            # A Task, or a timer: uvloop's TimerHandle is not asyncio's.
+            if isinstance(p, asyncio.Task):
                 tasks.append(p)
+            else:
+                p.cancel()
         await cancel_and_wait(tasks)
 
     async def probe(self, host: Host) -> str | None:
