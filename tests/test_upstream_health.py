@@ -222,3 +222,18 @@ async def test_between_probes_an_endpoint_holds_a_timer_not_a_task() -> None:
         await u.stop()
         server.close()
     assert not health_tasks()
+
+
+def test_stop_under_uvloop_cancels_the_timers() -> None:
+    # uvloop's timers are not asyncio.TimerHandle: stopping the gateway handed them to
+    # gather, and ProxyManager.stop failed with a TypeError.
+    import uvloop
+
+    async def main() -> None:
+        cfg = HealthConfig(interval_s=60, timeout_s=1)
+        u = UpstreamSet("ns/s:p", "east", ProxyConfig(health=cfg), rng=random.Random(7))
+        u.update([Target("127.80.8.1", 9, "east", True)])
+        u.attach_health_checker(HealthChecker(u, cfg, http=False))
+        await u.stop()
+
+    uvloop.run(main())
