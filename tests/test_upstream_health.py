@@ -8,7 +8,8 @@ import random
 import resource
 
 from mcsproxy.config import HealthConfig, ProxyConfig
-from mcsproxy.upstream import HealthChecker, Target, UpstreamSet, probe_http, probe_tcp
+from mcsproxy.upstream import HealthChecker, Host, Target, UpstreamSet, probe_http, probe_tcp
+from mcsproxy.upstream.health import ProbeBudget
 from tests.proxy_fixtures import free_port
 
 
@@ -237,3 +238,42 @@ def test_stop_under_uvloop_cancels_the_timers() -> None:
         await u.stop()
 
     uvloop.run(main())
+
+
+async def test_probes_in_flight_are_bounded_per_process() -> None:
+    # Every endpoint blackholed: each probe holds a socket for its whole timeout, and
+    # 3,000 services of 30 endpoints (a 1 s timeout every 5 s) needed ~18,000 at once,
+    # past the open-files limit the proxy's own connections need too.
+    release = asyncio.Event()
+    in_flight: list[int] = []
+    probed: set[str] = set()
+
+    class Hanging(HealthChecker):
+        async def probe(self, host: Host) -> str | None:
+            in_flight.append(budget.in_flight)
+            probed.add(host.address)
+            await release.wait()
+            return None
+
+    budget = ProbeBudget(limit=3)
+    cfg = HealthConfig(interval_s=60, timeout_s=0.05)
+    u = UpstreamSet("ns/s:p", "east", ProxyConfig(health=cfg), rng=random.Random(8))
+    u.update([Target(f"127.80.9.{i}", 9, "east", True) for i in range(1, 11)])
+    rng = random.Random(9)
+    rng.uniform = lambda a, b: 0.0 if b > 1 else b  # type: ignore[method-assign]
+    u.attach_health_checker(Hanging(u, cfg, http=False, rng=rng, budget=budget))
+    try:
+        async with asyncio.timeout(2):
+            while budget.waited < 10:  # the rest put off, again and again
+                await asyncio.sleep(0.01)
+        assert len(probed) == 3 and max(in_flight) == 3 and budget.in_flight == 3
+        release.set()
+        async with asyncio.timeout(2):
+            while len(probed) < 10:
+                await asyncio.sleep(0.01)
+        assert max(in_flight) <= 3
+    finally:
+        await u.stop()
+    async with asyncio.timeout(1):  # a probe that set its next timer ends just after
+        while budget.in_flight:
+            await asyncio.sleep(0.01)

@@ -71,6 +71,32 @@ async def probe_http(address: str, port: int, path: str, timeout_s: float) -> st
     return None if 200 <= status < 400 else f"status {status}"
 
 
+# Probes in flight in one gateway process, over every upstream set. Each holds a socket
+# for up to its timeout: with every endpoint of a big clusterset blackholed (3,000
+# services x 30 endpoints, a 1 s timeout every 5 s) ~18,000 would be open at once, past
+# the open-files limit that the proxy's own connections need too.
+PROBES_IN_FLIGHT_MAX = 1024
+
+
+class ProbeBudget:
+    """How many probes are in flight, and how many may be: a probe due past the limit
+    waits for the next free slot, so endpoints are probed less often instead of the
+    process running out of descriptors."""
+
+    __slots__ = ("in_flight", "limit", "waited")
+
+    def __init__(self, limit: int = PROBES_IN_FLIGHT_MAX) -> None:
+        self.limit = limit
+        self.in_flight = 0
+        self.waited = 0  # probes put off for want of a slot (their total)
+
+    def release(self, _task: object) -> None:
+        self.in_flight -= 1
+
+
+PROCESS_PROBES = ProbeBudget()
+
+
 class HealthChecker:
     """Probes every host of one upstream set on an interval; `sync` follows its hosts.
 
@@ -80,11 +106,12 @@ class HealthChecker:
     asyncio's task set) cost ~1.4 KiB per endpoint: 42 MiB at 30,000 endpoints."""
 
     def __init__(self, upstream: UpstreamSet, config: HealthConfig, http: bool,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, budget: ProbeBudget | None = None) -> None:
         self.upstream = upstream
         self.config = config
         self.http = http
         self._rng = rng or random.Random()
+        self.budget = budget if budget is not None else PROCESS_PROBES
         # Each host's timer until its next probe, or the task of the probe in flight.
         self._pending: dict[Host, asyncio.TimerHandle | asyncio.Task[Any]] = {}
 
@@ -118,7 +145,18 @@ class HealthChecker:
         return await probe_tcp(host.address, host.port, cfg.timeout_s)
 
     def _due(self, host: Host) -> None:
-        self._pending[host] = spawn(self._run(host), name=f"health {self.upstream.name} {host}")
+        budget = self.budget
+        if budget.in_flight >= budget.limit:
+            # No slot: again when one may have freed (a probe ends within its timeout).
+            budget.waited += 1
+            self._pending[host] = asyncio.get_running_loop().call_later(
+                self.config.timeout_s * self._rng.uniform(0.5, 1.0), self._due, host)
+            return
+        budget.in_flight += 1
+        task = spawn(self._run(host), name=f"health {self.upstream.name} {host}")
+        # A callback, not a finally: a task cancelled before its first step never runs one.
+        task.add_done_callback(budget.release)
+        self._pending[host] = task
 
     async def _run(self, host: Host) -> None:
         """One probe; cancelled when the host goes, so it never reports for a host gone."""
