@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import random
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,7 @@ MAX_STATUS_LINE = 1024
 # A probe that could not be made because this process ran out of descriptors: no verdict
 # on the endpoint (every endpoint would fail alike and go unhealthy together).
 NO_DESCRIPTOR = "out of file descriptors"
+log = logging.getLogger("mcsproxy.upstream")
 
 
 def _failure(exc: OSError | ValueError) -> str:
@@ -149,6 +151,9 @@ class HealthChecker:
         if budget.in_flight >= budget.limit:
             # No slot: again when one may have freed (a probe ends within its timeout).
             budget.waited += 1
+            if budget.waited == 1:  # said once per process: a sign of a sick clusterset
+                log.warning("health checks: %d probes in flight, the most at once; the "
+                            "next ones wait for a slot", budget.limit)
             self._pending[host] = asyncio.get_running_loop().call_later(
                 self.config.timeout_s * self._rng.uniform(0.5, 1.0), self._due, host)
             return
