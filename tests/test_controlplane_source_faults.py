@@ -28,16 +28,16 @@ def _line(message: dict[str, Any]) -> bytes:
     return json.dumps(message).encode() + b"\n"
 
 
-async def serve_stream(stream: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                       ) -> tuple[web.AppRunner, str]:
-    """A fake controller answering the stream path with `stream`: its runner (for the
-    caller to clean up) and URL."""
+async def serve_stream(stream: Callable[[web.Request], Awaitable[web.StreamResponse]],
+                       host: str = "127.0.0.1") -> tuple[web.AppRunner, str]:
+    """A fake controller (or a real hub's handler) answering the stream path with
+    `stream`: its runner (for the caller to clean up) and URL."""
     app = web.Application()
     app.router.add_get(controlplane.STREAM_PATH, stream)
     runner = web.AppRunner(app, shutdown_timeout=0.1)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+    await web.TCPSite(runner, host, 0).start()
+    return runner, f"http://{host}:{runner.addresses[0][1]}"
 
 
 async def test_an_unforeseen_failure_reconnects_and_reports_it(

@@ -39,6 +39,7 @@ from mcsproxy.tasks import cancel_and_wait, spawn
 from tests.http_support import head_then_get
 from tests.proxy_fixtures import Backend, ask, free_port
 from tests.test_controller import clusterset_with_backends, dns_a, gateway_config, until
+from tests.test_controlplane_source_faults import serve_stream
 from tests.test_kube_source import service_import
 from tests.test_reconcile_support import eslice, export, namespace, service
 
@@ -335,14 +336,9 @@ async def test_malformed_messages_are_rejected_not_crashing(tmp_path: Path) -> N
         await asyncio.sleep(0.05)
         return response
 
-    app = web.Application()
-    app.router.add_get("/v1/stream", handler)
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
-    await runner.setup()
-    port = free_port(HOST)
-    await web.TCPSite(runner, HOST, port).start()
+    runner, url = await serve_stream(handler, HOST)
     store = SnapshotStore("b")
-    source, task = await start_source(f"http://{HOST}:{port}", store)
+    source, task = await start_source(url, store)
     try:
         await until(lambda: len(seen_params) >= 4)
         status = store.sources[source.name]
@@ -418,14 +414,9 @@ async def test_a_standby_met_on_a_retry_keeps_the_version_for_the_leader() -> No
         await asyncio.sleep(30)  # the leader again: it has nothing to send yet
         return response
 
-    app = web.Application()
-    app.router.add_get("/v1/stream", handler)
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
-    await runner.setup()
-    port = free_port(HOST)
-    await web.TCPSite(runner, HOST, port).start()
+    runner, url = await serve_stream(handler, HOST)
     store = SnapshotStore("b")
-    source, task = await start_source(f"http://{HOST}:{port}", store)
+    source, task = await start_source(url, store)
     try:
         await until(lambda: len(seen_params) >= 3)
         assert seen_params[2] == {"cluster": "b", "epoch": "e1", "version": "4"}
@@ -581,15 +572,10 @@ async def test_a_lagging_gateway_gets_the_members_again_after_its_resync() -> No
     objects: dict[ObjectRef, dict] = {}
     hub = StreamHub(heartbeat_s=30)  # the resync may not wait for one (it did)
     hub.attach("b", objects)
-    app = web.Application()
-    app.router.add_get("/v1/stream", hub.handle)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    await web.TCPSite(runner, HOST, 0).start()
-    port = runner.addresses[0][1]
+    runner, url = await serve_stream(hub.handle, HOST)
     try:
         async with aiohttp.ClientSession() as http, \
-                http.get(f"http://{HOST}:{port}/v1/stream?cluster=b") as resp:
+                http.get(f"{url}/v1/stream?cluster=b") as resp:
 
             async def next_message() -> dict:
                 """The next message other than a heartbeat."""
