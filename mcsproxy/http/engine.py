@@ -19,6 +19,7 @@ from mcsproxy.config import ProxyConfig
 from mcsproxy.http.pool import EndpointPool
 from mcsproxy.http.server import ClientConnection
 from mcsproxy.http.wire import ErrorResponses, RequestIds, http_date
+from mcsproxy.loglimit import LogLimit
 from mcsproxy.model import ServicePort
 from mcsproxy.tasks import cancel_and_wait, spawn
 from mcsproxy.writebatch import WriteBatch
@@ -34,31 +35,6 @@ MIN_TICK_S: Final = 0.01
 MAX_TICK_S: Final = 0.5
 # Client addresses whose header bytes are kept for sharing; past it, they start afresh.
 MAX_CLIENT_ADDRESSES: Final = 4096
-# A line per error answer (502 with every endpoint down, 400 from a scanner) at most
-# this often per listener, as the TCP proxy's "no endpoint for a client".
-ERROR_LOG_INTERVAL_S: Final = 1.0
-
-
-class LogLimit:
-    """At most one log line per ERROR_LOG_INTERVAL_S: a service whose endpoints are all
-    down answered 502 to each request with a line of its own, one log line per request
-    (at 10,000 requests/s, 10,000 lines/s). The lines held back are counted into the next
-    one said."""
-
-    __slots__ = ("held", "last")
-
-    def __init__(self) -> None:
-        self.last = float("-inf")
-        self.held = 0
-
-    def take(self, now: float) -> int:
-        """The lines held back since the last one said when this one is to be said
-        (now), else -1 (held back)."""
-        if now - self.last < ERROR_LOG_INTERVAL_S:
-            self.held += 1
-            return -1
-        held, self.held, self.last = self.held, 0, now
-        return held
 
 
 def serves_http(port: ServicePort) -> bool:

@@ -9,6 +9,7 @@ from typing import Any, Final, Protocol
 
 from mcsproxy.clientcounts import ClientCounts
 from mcsproxy.config import ProxyConfig
+from mcsproxy.loglimit import LogLimit
 from mcsproxy.observability.accesslog import AccessLog
 from mcsproxy.proxy.poller import Poller
 from mcsproxy.upstream import UpstreamSet
@@ -16,7 +17,6 @@ from mcsproxy.writebatch import WriteBatch
 
 log = logging.getLogger("mcsproxy.proxy")
 
-GIVE_UP_LOG_INTERVAL_S: Final = 1.0
 # Why a client connection or UDP flow was turned away before reaching any endpoint, for
 # mcsproxy_proxy_refused_total: the per-listener limits, the flow table, and running out
 # of our own file descriptors (the endpoint is not blamed, the client is shed).
@@ -96,7 +96,7 @@ class ListenerContext:
     """Mutable on purpose: a snapshot that moves a ClusterSetIP:port to another service
     rebinds `upstream` here and the listener keeps its socket."""
 
-    __slots__ = ("_last_give_up_log", "_last_refusal_log", "access_log", "active", "by_client",
+    __slots__ = ("_give_up_log", "_refusal_log", "access_log", "active", "by_client",
                  "config", "connect_deadlines", "conns", "gave_up", "name", "poller", "refusals",
                  "refused", "upstream", "writes")
 
@@ -110,12 +110,12 @@ class ListenerContext:
         self.conns = conns  # shared by every listener of the manager, for the idle sweep
         self.gave_up = 0
         self.access_log = access_log  # None unless --access-log
-        self._last_give_up_log = 0.0
+        self._give_up_log = LogLimit()
         # --max-connections-per-listener / -per-client: open connections, refusals.
         self.active = 0
         self.by_client = ClientCounts()
         self.refused = 0
-        self._last_refusal_log = 0.0
+        self._refusal_log = LogLimit()
         # By reason, shared by every listener of the manager: listeners come and go with
         # snapshots, and the counters exported must never go backwards.
         self.refusals = refusals if refusals is not None else new_refusals()
@@ -162,9 +162,7 @@ class ListenerContext:
     def _refuse(self, why: str, reason: str, what: str = "connection") -> None:
         self.refused += 1
         self.refusals[reason] += 1
-        now = time.monotonic()
-        if now - self._last_refusal_log >= GIVE_UP_LOG_INTERVAL_S:
-            self._last_refusal_log = now
+        if self._refusal_log.take(time.monotonic()) >= 0:
             log.warning("listener %s: %s refused by a limit (%s); %d refused so far",
                         self.name, what, why, self.refused)
         return None
@@ -183,8 +181,6 @@ class ListenerContext:
     def give_up(self, why: str) -> None:
         """A client connection or flow that found no endpoint: counted, logged at most 1/s."""
         self.gave_up += 1
-        now = time.monotonic()
-        if now - self._last_give_up_log >= GIVE_UP_LOG_INTERVAL_S:
-            self._last_give_up_log = now
+        if self._give_up_log.take(time.monotonic()) >= 0:
             log.warning("listener %s: no endpoint for a client (%s); %d so far",
                         self.name, why, self.gave_up)
