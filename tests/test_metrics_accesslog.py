@@ -175,3 +175,45 @@ async def test_a_failing_access_log_warns_once_and_once_when_it_writes_again(
     assert len(warnings) == 2, warnings
     assert "cannot write" in warnings[0] and "No space left" in warnings[0]
     assert "again; 5 records were lost" in warnings[1]
+
+
+async def test_a_write_that_never_returns_does_not_keep_the_process_from_exiting(
+        tmp_path: Path) -> None:
+    """The log is a FIFO nobody reads: once its 64 KiB buffer is full, write(2) blocks
+    for ever (as on an NFS mount whose server is gone). The write ran on asyncio's
+    executor, whose threads are joined at loop shutdown: the gateway never exited after
+    SIGTERM. Now stop() gives up after its timeout and the process exits."""
+    script = f"""
+import asyncio, json, os
+from mcsproxy.observability.accesslog import AccessLog
+async def main():
+    fifo = {str(tmp_path / "a.fifo")!r}
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # open, never read
+    log = AccessLog(fifo, "json", stop_timeout=0.5)
+    await log.start()
+    for i in range(1000):
+        log.record(kind="tcp", outcome="ok", attempts=i, path="/" + "x" * 200)
+    try:
+        await asyncio.wait_for(log.flush(), 1)
+        print("the write returned")
+    except TimeoutError:
+        pass
+    for i in range(3):
+        log.record(kind="tcp", outcome="ok", attempts=i)
+    await log.stop()
+    print(json.dumps([log.written, log.write_failed]))
+asyncio.run(main())
+"""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, cwd=Path(__file__).resolve().parent.parent)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 20)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        pytest.fail("the process did not exit with a write hanging")
+    assert proc.returncode == 0, err.decode()
+    assert json.loads(out) == [0, 3]
+    assert b"has not returned in 0.5 s; stopping without it (3 records not written)" in err

@@ -12,6 +12,11 @@ the path is checked: when logrotate (or anyone) has renamed or removed the file,
 one is opened there, so no SIGHUP or copytruncate is needed. A write that fails (full
 disk) loses the rest of its batch, counted as dropped; the next batch starts on a new
 line, so every record counted written is one whole line.
+
+Writes run on a daemon thread, not asyncio's executor: a write that never returns (an
+NFS server gone, a stderr pipe nobody reads) would otherwise be joined at loop shutdown
+and keep the gateway from exiting after SIGTERM. Stopping waits STOP_TIMEOUT_S for the
+last batch, then counts it as not written and leaves the thread behind.
 """
 
 from __future__ import annotations
@@ -25,12 +30,13 @@ import threading
 import time
 from typing import Any
 
-from mcsproxy.tasks import cancel_and_wait, spawn
+from mcsproxy.tasks import cancel_and_wait, in_daemon_thread, spawn
 
 log = logging.getLogger("mcsproxy.accesslog")
 
 QUEUE_MAX = 8192  # records waiting to be written
 FLUSH_INTERVAL_S = 0.2
+STOP_TIMEOUT_S = 5.0  # for the last batch and the close at stop
 FORMATS = ("text", "json")
 
 # The fields of one record, in order; "-" stands for "none" in the text format.
@@ -69,12 +75,14 @@ def format_json(record: dict[str, Any]) -> str:
 class AccessLog:
     """Component: the writer task; `record(**fields)` is what the proxies call."""
 
-    def __init__(self, target: str, fmt: str = "text", queue_max: int = QUEUE_MAX) -> None:
+    def __init__(self, target: str, fmt: str = "text", queue_max: int = QUEUE_MAX,
+                 stop_timeout: float = STOP_TIMEOUT_S) -> None:
         if fmt not in FORMATS:
             raise ValueError(f"access log format must be one of {', '.join(FORMATS)}")
         self.target = target
         self.format = format_json if fmt == "json" else format_text
         self.queue_max = queue_max
+        self.stop_timeout = stop_timeout
         self.pending: list[dict[str, Any]] = []
         self.dropped = 0
         self.write_failed = 0
@@ -125,7 +133,7 @@ class AccessLog:
         batch, self.pending = self.pending, []
         if not batch:
             return
-        await asyncio.to_thread(self._write, batch)
+        await in_daemon_thread(lambda: self._write(batch), "access log write")
 
     def _open(self) -> None:
         fd = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
@@ -214,8 +222,19 @@ class AccessLog:
     async def stop(self) -> None:
         await cancel_and_wait(self._tasks)
         self._tasks.clear()
-        await self.flush()
-        await asyncio.to_thread(self._close)  # waits for a write in flight: off the loop
+        left = len(self.pending)
+        try:
+            async with asyncio.timeout(self.stop_timeout):
+                await self.flush()
+                # waits for a write in flight: off the loop
+                await in_daemon_thread(self._close, "access log close")
+        except TimeoutError:
+            # The thread may still write its batch one day: these are counted as not
+            # written since nobody can tell, and the process is exiting anyway.
+            self.write_failed += left
+            log.warning("access log: a write to %s has not returned in %g s; stopping "
+                        "without it (%d records not written)", self.target,
+                        self.stop_timeout, left)
 
     def _close(self) -> None:
         with self._lock:
