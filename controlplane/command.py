@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from controlplane.allocator import DEFAULT_CIDR, parse_cidrs
@@ -22,7 +23,7 @@ from controlplane.server import LIMITS as SERVE_LIMITS
 from controlplane.server import ControllerServer
 from controlplane.stream import HEARTBEAT_S, StreamHub, StreamLimits
 from mcsproxy.config import CLUSTER_ID_RE
-from mcsproxy.tasks import cancel_and_wait, spawn
+from mcsproxy.tasks import cancel_and_wait, in_daemon_thread, spawn
 
 log = logging.getLogger("controlplane.command")
 
@@ -152,8 +153,8 @@ class DirectoryControllerApp:
         while True:
             await asyncio.sleep(max(1.0, self.config.poll_interval_s))
             try:
-                found, rejected = await asyncio.to_thread(discover_clusters,
-                                                          self.config.clusters_dir)
+                found, rejected = await in_daemon_thread(
+                    partial(discover_clusters, self.config.clusters_dir), "discover clusters")
             except (ClusterError, OSError) as exc:  # tried again: discovery never ends
                 log.error("%s", exc)
                 continue

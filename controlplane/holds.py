@@ -30,13 +30,14 @@ import logging
 import os
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from controlplane.clusters import ClusterError
 from mcsproxy.backoff import Backoff
 from mcsproxy.model import ServiceKey
-from mcsproxy.tasks import cancel_and_wait, spawn
+from mcsproxy.tasks import cancel_and_wait, in_daemon_thread, spawn
 
 log = logging.getLogger("controlplane.holds")
 
@@ -229,7 +230,7 @@ class DirectoryHoldStore(HoldStore):
             return None
 
     async def _read(self) -> bytes | None:
-        return await asyncio.to_thread(self._read_file)
+        return await in_daemon_thread(self._read_file, f"read {self.path}")
 
     def _write_file(self, data: bytes) -> None:
         tmp = self.path.with_name(f"{HOLDS_FILE}.tmp")
@@ -237,4 +238,4 @@ class DirectoryHoldStore(HoldStore):
         os.replace(tmp, self.path)
 
     async def _write(self, data: bytes) -> None:
-        await asyncio.to_thread(self._write_file, data)
+        await in_daemon_thread(partial(self._write_file, data), f"write {self.path}")

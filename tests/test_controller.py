@@ -786,6 +786,59 @@ def test_a_signal_during_the_initial_reconcile_stops_the_controller_cleanly(
     assert "stopped during the initial reconcile" in output  # it did land there
 
 
+# The controller command with its member scans hanging from the fifth on, as a stat on
+# an NFS volume whose server went away does; it says so on stderr first.
+HUNG_VOLUME_CONTROLLER = """
+import sys, threading
+from controlplane.clusters.directory import DirectoryCluster
+from mcsproxy.cli import main
+scan = DirectoryCluster._scan
+calls = 0
+def hanging(self):
+    global calls
+    calls += 1
+    if calls > 4:
+        print("the volume hangs", file=sys.stderr, flush=True)
+        threading.Event().wait()
+    return scan(self)
+DirectoryCluster._scan = hanging
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_controller_whose_member_folder_hangs_still_exits_on_sigterm(
+        tmp_path: Path) -> None:
+    """The scans (and writes) ran on asyncio's default executor, whose threads are
+    joined at the loop's shutdown: after SIGTERM the controller waited for the hung stat
+    for ever. Now it exits; the thread is left behind."""
+    import select
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    clusters, out = a_exports_to_b(tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HUNG_VOLUME_CONTROLLER, "controller", "--clusters-dir",
+         str(clusters), "--output-dir", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    try:
+        deadline = time.monotonic() + 30
+        seen: list[str] = []
+        while not any("the volume hangs" in line for line in seen):
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(seen)
+            if select.select([proc.stderr], [], [], 0.5)[0]:
+                seen.append(proc.stderr.readline())
+        proc.send_signal(signal.SIGTERM)
+        _, rest = proc.communicate(timeout=15)
+        assert proc.returncode == 0, "".join(seen) + rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 async def test_output_removed_or_edited_by_someone_else_is_written_again(
         tmp_path: Path) -> None:
     """Files the controller wrote into OUT and someone deletes or edits are written again
@@ -896,6 +949,29 @@ async def test_a_member_file_that_cannot_be_looked_at_does_not_end_the_watch(
         await until(lambda: "loop.yaml" in (controller.clients["a"].connection.error or ""))
         assert controller.members()["a"]["stale"] is False
         (clusters / "a" / "loop.yaml").unlink()
+        await until(lambda: controller.clients["a"].connection.error is None)
+        await a_changes_reach_b(clusters, out)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+async def test_a_member_file_that_is_not_regular_is_rejected_without_being_read(
+        tmp_path: Path, kind: str) -> None:
+    """A FIFO among a member's files held its scan for ever on open (no writer comes),
+    and the worker thread then held the controller's exit; a symlink to /dev/zero was
+    read until memory ran out. Each is rejected like a bad file, named in the error."""
+    clusters, out = a_exports_to_b(tmp_path)
+    async with Running(clusters, out) as app:
+        controller = app.controller
+        assert controller is not None
+        odd = clusters / "a" / "odd.yaml"
+        if kind == "fifo":
+            os.mkfifo(odd)
+        else:
+            os.symlink("/dev/zero", odd)
+        await until(lambda: "odd.yaml" in (controller.clients["a"].connection.error or ""))
+        assert "not a regular file" in (controller.clients["a"].connection.error or "")
+        assert controller.members()["a"]["stale"] is False
+        odd.unlink()
         await until(lambda: controller.clients["a"].connection.error is None)
         await a_changes_reach_b(clusters, out)
 

@@ -521,6 +521,27 @@ async def test_a_file_that_cannot_be_looked_at_is_rejected_and_the_source_goes_o
     await until_true(lambda: status.error is None, "the error stays after the fix")
 
 
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+async def test_a_file_that_is_not_regular_is_rejected_without_being_read(
+        source_dir, kind: str) -> None:
+    """A FIFO among the files blocked the scan for ever on open (no writer comes); a
+    symlink to /dev/zero was read until memory ran out. Each is rejected, named in the
+    status, and the other files keep serving and changing."""
+    path, store, watcher = source_dir
+    odd = path / "odd.yaml"
+    if kind == "fifo":
+        os.mkfifo(odd)
+    else:
+        os.symlink("/dev/zero", odd)
+    status = store.sources[next(iter(store.sources))]
+    await until_true(lambda: "odd.yaml" in (status.error or ""), "no error for it")
+    assert "not a regular file" in (status.error or "")
+    write(path / "web-a.yaml", slice_yaml("web", "cluster-a", "IPv4", ["10.0.0.2"], WEB))
+    await watcher.until(lambda s: addresses(s) == ["10.0.0.2"], "a later change applied")
+    odd.unlink()
+    await until_true(lambda: status.error is None, "the error stays after the fix")
+
+
 async def test_a_directory_that_cannot_be_listed_keeps_the_last_good_objects(
         source_dir, monkeypatch: pytest.MonkeyPatch) -> None:
     """The directory is there when checked and gone (or unreadable) when listed, as when

@@ -31,6 +31,7 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,7 @@ from mcsproxy.manifests import (
     load_yaml_documents,
 )
 from mcsproxy.sources.file import YAML_SUFFIXES, FileRead, FileStamp, SettleGate, read_file
+from mcsproxy.tasks import in_daemon_thread
 
 log = logging.getLogger("controlplane.clusters.directory")
 
@@ -299,7 +301,7 @@ class DirectoryCluster:
 
     async def _read_folder(self) -> ChangeSet:
         try:
-            scan = await asyncio.to_thread(self._scan)
+            scan = await in_daemon_thread(self._scan, f"scan {self.cluster_id}")
         except OSError as exc:  # whatever else the folder does: stale, never the end
             scan = _Scan(unreadable=f"{self.source_dir}: {exc.strerror or exc}")
         return self._commit(scan)
@@ -396,7 +398,7 @@ class DirectoryCluster:
         """Report what someone else did to OUT, as a kube client reports our objects."""
         changes = ChangeSet()
         async with self._out_lock:
-            found = await asyncio.to_thread(self._output_changes)
+            found = await in_daemon_thread(self._output_changes, f"check {self.out_dir}")
             for name, obj, read in found:
                 match = _OUTPUT_NAME.match(name)
                 assert match is not None
@@ -440,7 +442,7 @@ class DirectoryCluster:
         return FileStamp.of(st)
 
     async def read_published(self) -> list[Obj]:
-        return await asyncio.to_thread(self._read_published)
+        return await in_daemon_thread(self._read_published, f"read {self.out_dir}")
 
     def _write(self, objects: Sequence[Obj]) -> None:
         """Every object it can; then an OSError naming those it could not (each file on
@@ -489,16 +491,16 @@ class DirectoryCluster:
     async def apply(self, objects: Sequence[Obj]) -> None:
         if objects:
             async with self._out_lock:
-                await asyncio.to_thread(self._write, objects)
+                await in_daemon_thread(partial(self._write, objects), f"write {self.out_dir}")
 
     async def update_export_status(self, export: Obj) -> None:
         async with self._out_lock:
-            await asyncio.to_thread(self._write, [export])
+            await in_daemon_thread(partial(self._write, [export]), f"write {self.out_dir}")
 
     async def delete(self, refs: Sequence[ObjectRef]) -> None:
         if refs:
             async with self._out_lock:
-                await asyncio.to_thread(self._delete, refs)
+                await in_daemon_thread(partial(self._delete, refs), f"delete in {self.out_dir}")
 
     async def close(self) -> None:
         return None

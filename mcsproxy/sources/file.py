@@ -10,9 +10,11 @@ parse or validate is logged with its line and the last good version of it keeps 
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import logging
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,9 +92,20 @@ class FileRead:
 
 
 def read_file(path: Path, stamp: FileStamp) -> tuple[FileRead, bytes]:
-    """The file's bytes and the FileRead to compare later versions with; OSError."""
+    """The file's bytes and the FileRead to compare later versions with; OSError, also
+    for anything but a regular file."""
     started = time.time_ns()  # before the read: the bytes are at least this new
-    data = path.read_bytes()
+    # O_NONBLOCK: a FIFO among the files opens at once instead of waiting for a writer
+    # (the scan hung for ever), and is then refused like any file that is not regular:
+    # a symlink to /dev/zero was read until memory ran out.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        with open(fd, "rb", closefd=False) as f:
+            data = f.read()
+    finally:
+        os.close(fd)
     return FileRead.of(stamp, data, started), data
 
 
@@ -223,8 +236,10 @@ class FileSource:
             except OSError as exc:
                 unreadable[p] = f"{p}: cannot read: {exc.strerror or exc}"
                 continue
-            if st.st_size or p.is_file():
+            if stat.S_ISREG(st.st_mode):
                 stamps[p] = FileStamp.of(st)
+            else:  # a FIFO or /dev/zero behind a name was skipped without a word
+                unreadable[p] = f"{p}: cannot read: not a regular file"
         return stamps, unreadable
 
     def scan(self) -> bool:
