@@ -6,6 +6,7 @@ import ipaddress
 import math
 import os
 import re
+import socket
 from dataclasses import dataclass, field, fields
 
 from mcsproxy.clustersetip import parse_cidrs
@@ -230,6 +231,11 @@ class HttpConfig:
 
 
 LB_POLICIES = ("round-robin", "least-connections")
+# Linux's limits: TCP_KEEPIDLE and TCP_KEEPINTVL take at most 32767 s, TCP_KEEPCNT 127
+# probes; TCP_USER_TIMEOUT is milliseconds in an int.
+TCP_KEEPALIVE_MAX_S = 32767
+TCP_KEEPALIVE_MAX_PROBES = 127
+TCP_USER_TIMEOUT_MAX_S = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -244,6 +250,14 @@ class ProxyConfig:
     drain_timeout_s: float = 10.0
     udp_idle_timeout_s: float = 30.0
     udp_max_flows: int = 16384
+    # TCP keepalive on every connection to an endpoint (TCP proxy and HTTP pool): (seconds
+    # idle before the first probe, seconds between probes, probes unanswered); None: off.
+    # And TCP_USER_TIMEOUT there: data unacknowledged this long ends the connection, as
+    # does a receive window the endpoint keeps shut as long (nginx's proxy_send_timeout,
+    # 60 s, ends that one too); 0: off. Without them a stream to a cluster cut off by a
+    # silent link was held for the whole idle timeout (3600 s).
+    tcp_keepalive: tuple[int, int, int] | None = (30, 10, 3)
+    tcp_user_timeout_s: float = 60.0
     max_connections_per_listener: int = 0  # 0: unlimited
     max_connections_per_client: int = 0  # per client address and listener; 0: unlimited
     overprovisioning_factor: float = 1.4
@@ -254,6 +268,26 @@ class ProxyConfig:
     health: HealthConfig = field(default_factory=HealthConfig)
     outlier: OutlierConfig = field(default_factory=OutlierConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+
+    def keepalive_options(self) -> tuple[tuple[int, int, int], ...]:
+        """setsockopt arguments that turn on TCP keepalive as --tcp-keepalive says."""
+        ka = self.tcp_keepalive
+        if ka is None:
+            return ()
+        return ((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+                (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, ka[0]),
+                (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, ka[1]),
+                (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, ka[2]))
+
+    def endpoint_socket_options(self) -> tuple[tuple[int, int, int], ...]:
+        """setsockopt arguments for every connection to an endpoint: keepalive, which
+        finds a peer gone silent on an idle stream, and TCP_USER_TIMEOUT, which finds it
+        while sent data waits for an acknowledgement (keepalive sends no probe then)."""
+        options = self.keepalive_options()
+        if self.tcp_user_timeout_s:
+            options += ((socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                         max(1, round(self.tcp_user_timeout_s * 1000))),)
+        return options
 
     def __post_init__(self) -> None:
         require_finite(self)
@@ -271,6 +305,16 @@ class ProxyConfig:
             raise ConfigError("--max-connections-per-listener/-client must be >= 0")
         if self.udp_max_flows < 1:
             raise ConfigError("--udp-max-flows must be >= 1")
+        if self.tcp_keepalive is not None and not (
+                len(self.tcp_keepalive) == 3
+                and 1 <= self.tcp_keepalive[0] <= TCP_KEEPALIVE_MAX_S
+                and 1 <= self.tcp_keepalive[1] <= TCP_KEEPALIVE_MAX_S
+                and 1 <= self.tcp_keepalive[2] <= TCP_KEEPALIVE_MAX_PROBES):
+            raise ConfigError(f"--tcp-keepalive must be IDLE,INTERVAL,PROBES (seconds 1-"
+                              f"{TCP_KEEPALIVE_MAX_S}, probes 1-{TCP_KEEPALIVE_MAX_PROBES}) "
+                              "or off")
+        if not 0 <= self.tcp_user_timeout_s <= TCP_USER_TIMEOUT_MAX_S:
+            raise ConfigError(f"--tcp-user-timeout must be 0-{TCP_USER_TIMEOUT_MAX_S} s")
         if self.overprovisioning_factor < 1 or not 0 <= self.panic_threshold_percent <= 100:
             raise ConfigError("overprovisioning factor must be >= 1, panic threshold 0-100")
         if not 1 <= self.workers <= 256 or not 0 <= self.worker_index < self.workers:

@@ -5,7 +5,9 @@ namespace per cluster joined to it by a veth pair, a pod process inside each.
                                           ├── veth ── ns <prefix>-b  10.251.S.12
                                           └── veth ── ns <prefix>-c  10.251.S.13
 
-Names and the subnet S carry this process's pid, so parallel runs do not collide. Needs
+Names and the subnet S carry this process's pid, so parallel runs do not collide;
+MCSPROXY_TEST_NETNS_PREFIX replaces the namespaces' prefix (`mcschaos`) where a host
+reserves a prefix per user. Needs
 root and `ip netns`; `netns_skip_reason()` says why not otherwise. Faults: the host-side
 link down, a blackhole route for the host inside a namespace (every reply is eaten), and
 packet loss with nftables (`numgen random mod 100 < P drop`: this kernel has no netem).
@@ -24,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 ID = os.getpid() % 10000
 SUBNET = 10 + os.getpid() % 200  # 10.251.SUBNET.0/24
+PREFIX = os.environ.get("MCSPROXY_TEST_NETNS_PREFIX", "mcschaos")
 
 
 def run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -40,7 +43,7 @@ def netns_skip_reason(need_nft: bool = False) -> str | None:
         return "iproute2 (ip) is not installed"
     if need_nft and shutil.which("nft") is None:
         return "nftables (nft) is not installed"
-    probe = f"mcsprobe{ID}"
+    probe = f"{PREFIX}probe{ID}"
     made = run("ip", "netns", "add", probe, check=False)
     run("ip", "netns", "del", probe, check=False)
     if made.returncode != 0:
@@ -56,7 +59,7 @@ class NetnsClusters:
         self.pods: dict[str, subprocess.Popen[bytes]] = {}
 
     def ns(self, name: str) -> str:
-        return f"mcschaos{ID}-{name}"
+        return f"{PREFIX}{ID}-{name}"
 
     def veth(self, name: str) -> str:
         return f"mch{ID}{name}"[:15]

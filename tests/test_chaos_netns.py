@@ -21,6 +21,7 @@ import pytest
 from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector
 
 from mcsproxy.config import HttpConfig, OutlierConfig
+from mcsproxy.model import ServicePort
 from tests.chaos.backend import HTTP_PORT, TCP_PORT
 from tests.chaos.support import GatewayProcess, Port, Svc, wait_until, write_imports
 from tests.http_support import HTTP_PORT as WEB_PORT
@@ -337,4 +338,65 @@ async def test_an_unacknowledged_request_on_an_endpoint_kept_in_waits_for_its_an
             clusters.blackhole("c", False)
         if client is not None:
             await client.close()
+        await proxy.stop()
+
+
+async def broken_off(reader: asyncio.StreamReader, timeout: float) -> str:
+    """How a proxied stream ends for its client: 'reset', 'eof' or 'open' (still held)."""
+    try:
+        async with asyncio.timeout(timeout):
+            while await reader.read(65536):
+                pass
+        return "eof"
+    except ConnectionResetError:
+        return "reset"
+    except TimeoutError:
+        return "open"
+
+
+async def test_a_stream_to_a_cluster_cut_off_silently_ends_in_bounded_time(
+        clusters: NetnsClusters) -> None:
+    # A cut link sends no RST. With neither keepalive nor TCP_USER_TIMEOUT on the endpoint
+    # socket, a stream to the cut cluster was held for the whole idle timeout (3600 s):
+    # idle, nothing is ever sent; with data in flight, Linux retransmits for ~15 min.
+    # Now each ends within the user timeout (data in flight) or keepalive (idle), and
+    # the client gets a RST, as for a reset endpoint: it reconnects to a live endpoint.
+    # The same for an HTTP response under way (the HTTP proxy's pooled connections).
+    cs = Clusterset("east")
+    tcp_ip, web_ip = "127.71.1.1", "127.71.1.2"
+    cs.publish("cut", tcp_ip, [ServicePort("echo", "TCP", 9000)],
+               [endpoint(clusters.address("c"), "east", TCP_PORT, name="echo")])
+    cs.publish("cutweb", web_ip, [WEB_PORT],
+               [endpoint(clusters.address("c"), "east", HTTP_PORT)])
+    proxy = await cs.proxy(tcp_keepalive=(1, 1, 2), tcp_user_timeout_s=1.5)
+    streams: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    cut = False
+    try:
+        for _ in range(2):
+            reader, writer = await asyncio.open_connection(tcp_ip, 9000)
+            assert await asyncio.wait_for(reader.readline(), 3) == b"c\n"
+            streams.append((reader, writer))
+        reader, writer = await asyncio.open_connection(web_ip, 80)
+        streams.append((reader, writer))
+        writer.write(b"GET /stream HTTP/1.1\r\nHost: a\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
+        assert head.startswith(b"HTTP/1.1 200")
+        assert await asyncio.wait_for(reader.readuntil(b"c\n"), 3)  # the first chunk
+        clusters.link("c", False)
+        cut = True
+        (idle, _), (busy, busy_writer), (web, _) = streams
+        busy_writer.write(b"unacknowledged\n")
+        started = time.monotonic()
+        ends = await asyncio.gather(broken_off(idle, 8), broken_off(busy, 8),
+                                    broken_off(web, 8))
+        took = time.monotonic() - started
+        print(f"\nsilent cut: {ends} after {took:.2f} s")
+        assert ends == ["reset", "reset", "reset"], ends
+        assert took < 6, took  # keepalive: 1 s idle, probes 1 s apart; data: 1.5 s
+        assert not proxy.conns and not proxy.http.clients
+    finally:
+        if cut:
+            clusters.link("c", True)
+        for _, writer in streams:
+            writer.close()
         await proxy.stop()

@@ -197,6 +197,8 @@ def test_a_gateway_whose_file_source_hangs_still_exits_on_sigterm(tmp_path: Path
     (["--health-interval", "nan"], "--health-interval must be a finite number"),
     (["--http-per-try-timeout", "nan"], "--http-per-try-timeout must be a finite number"),
     (["--dns-rrl", "nan"], "--dns-rrl must be a finite number"),
+    (["--tcp-user-timeout", "nan"], "--tcp-user-timeout must be a finite number"),
+    (["--tcp-keepalive", "0,10,3"], "--tcp-keepalive must be IDLE,INTERVAL,PROBES"),
     (["--dns-domain", "a b..c"], "--dns-domain 'a b..c': expected a DNS name"),
     (["--dns-domain", "x" * 64 + ".local"], "expected a DNS name of RFC 1123 labels"),
 ])
@@ -228,6 +230,31 @@ def test_a_name_with_a_final_newline_is_refused(flags: list[str], message: str) 
                                       *flags])
     with pytest.raises(ConfigError, match=message):
         gateway_config(args)
+
+
+@pytest.mark.parametrize(("flags", "keepalive", "user_timeout_ms"), [
+    ([], (30, 10, 3), 60_000),
+    (["--tcp-keepalive", "20,5,4", "--tcp-user-timeout", "2.5"], (20, 5, 4), 2_500),
+    (["--tcp-keepalive", "off", "--tcp-user-timeout", "0"], None, None),
+])
+def test_tcp_keepalive_flags_become_endpoint_socket_options(
+        flags: list[str], keepalive: tuple[int, int, int] | None,
+        user_timeout_ms: int | None) -> None:
+    import socket
+
+    from mcsproxy.cli import build_parser, gateway_config
+
+    args = build_parser().parse_args(["gateway", "--cluster-id", "east", "--source", "kube",
+                                      *flags])
+    proxy = gateway_config(args).proxy
+    assert proxy.tcp_keepalive == keepalive
+    options = {option: value for _, option, value in proxy.endpoint_socket_options()}
+    assert options.get(socket.TCP_USER_TIMEOUT) == user_timeout_ms
+    if keepalive is None:
+        assert socket.SO_KEEPALIVE not in options
+    else:
+        assert (options[socket.SO_KEEPALIVE], options[socket.TCP_KEEPIDLE],
+                options[socket.TCP_KEEPINTVL], options[socket.TCP_KEEPCNT]) == (1, *keepalive)
 
 
 def test_the_front_door_without_the_proxy_is_refused() -> None:

@@ -49,11 +49,11 @@ class HttpSettings:
     one from compiled code is a generic attribute look-up (bench/http/micro.py: 13 a
     request, ~200 instructions each)."""
 
-    __slots__ = ("cluster_header", "connect_timeout_s", "header_timeout_s", "idle_timeout_s",
-                 "keepalive_timeout_s", "max_header_bytes", "max_headers", "max_retries",
-                 "max_uri_bytes", "per_try_timeout_s", "pool_idle_timeout_s", "pool_max_idle",
-                 "request_timeout_s", "retry_budget_percent", "retry_buffer_bytes",
-                 "retry_min_concurrency", "via")
+    __slots__ = ("cluster_header", "connect_timeout_s", "endpoint_options", "header_timeout_s",
+                 "idle_timeout_s", "keepalive_timeout_s", "max_header_bytes", "max_headers",
+                 "max_retries", "max_uri_bytes", "per_try_timeout_s", "pool_idle_timeout_s",
+                 "pool_max_idle", "request_timeout_s", "retry_budget_percent",
+                 "retry_buffer_bytes", "retry_min_concurrency", "via")
 
     def __init__(self, config: ProxyConfig) -> None:
         http = config.http
@@ -74,6 +74,9 @@ class HttpSettings:
         self.pool_idle_timeout_s: float = http.pool_idle_timeout_s
         self.cluster_header: str | None = http.cluster_header
         self.via: str = http.via
+        # setsockopt arguments of every endpoint connection (keepalive, TCP_USER_TIMEOUT).
+        self.endpoint_options: tuple[tuple[int, int, int], ...] = \
+            config.endpoint_socket_options()
 
 
 class HttpRoute:

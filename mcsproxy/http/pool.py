@@ -124,7 +124,14 @@ class UpstreamConn(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.transport.set_write_buffer_limits(UPSTREAM_WRITE_HIGH_WATER)
-        self.sock = transport.get_extra_info("socket")
+        sock = self.sock = transport.get_extra_info("socket")
+        # Keepalive and TCP_USER_TIMEOUT: a pooled connection, a response under way or a
+        # tunnel to an endpoint whose cluster fell silent (no RST comes) ends in bounded
+        # time instead of at the idle timeout; what it served is cut as for a reset.
+        if sock is not None:
+            with contextlib.suppress(OSError):  # closed already: connection_lost follows
+                for level, option, value in self.pool.engine.http.endpoint_options:
+                    sock.setsockopt(level, option, value)
 
     def data_received(self, data: bytes) -> None:
         self.received += len(data)

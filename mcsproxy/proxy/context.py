@@ -97,8 +97,8 @@ class ListenerContext:
     rebinds `upstream` here and the listener keeps its socket."""
 
     __slots__ = ("_give_up_log", "_refusal_log", "access_log", "active", "by_client",
-                 "config", "connect_deadlines", "conns", "gave_up", "name", "poller", "refusals",
-                 "refused", "upstream", "writes")
+                 "config", "connect_deadlines", "conns", "endpoint_options", "gave_up", "name",
+                 "poller", "refusals", "refused", "upstream", "writes")
 
     def __init__(self, name: str, upstream: UpstreamSet, config: ProxyConfig,
                  conns: set[Tracked], access_log: AccessLog | None = None,
@@ -120,6 +120,8 @@ class ListenerContext:
         # snapshots, and the counters exported must never go backwards.
         self.refusals = refusals if refusals is not None else new_refusals()
         self.connect_deadlines = ConnectDeadlines(config.connect_timeout_s)
+        # setsockopt arguments of every endpoint socket (keepalive, TCP_USER_TIMEOUT).
+        self.endpoint_options = config.endpoint_socket_options()
         # Shared by every listener of the manager: one flush per poll for all of them.
         self.writes = writes if writes is not None else WriteBatch()
         # Shared by every listener of the manager, which closes it.

@@ -29,6 +29,15 @@ def add_proxy_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--drain-timeout", type=float, default=10.0, metavar="S",
                    help="on SIGTERM: /readyz fails, listeners close, in-flight requests and "
                         "connections get S to finish (default 10)")
+    g.add_argument("--tcp-keepalive", type=parse_keepalive, default=(30, 10, 3),
+                   metavar="IDLE,INTERVAL,PROBES",
+                   help="keepalive on connections to endpoints: first probe after IDLE s "
+                        "of silence, then every INTERVAL s, closed after PROBES unanswered "
+                        "(default 30,10,3; off: none)")
+    g.add_argument("--tcp-user-timeout", type=float, default=60.0, metavar="S",
+                   help="close a connection to an endpoint whose sent data stays "
+                        "unacknowledged, or its receive window shut, for S (default 60; "
+                        "0: never)")
     g.add_argument("--udp-idle-timeout", type=float, default=30.0, metavar="S")
     g.add_argument("--udp-max-flows", type=int, default=16384, metavar="N",
                    help="UDP flows per listener and process (--workers); datagrams of new "
@@ -86,6 +95,18 @@ def add_http_arguments(p: argparse.ArgumentParser) -> None:
                    help="response header naming the cluster that served (default off)")
 
 
+def parse_keepalive(value: str) -> tuple[int, int, int] | None:
+    """--tcp-keepalive: IDLE,INTERVAL,PROBES (whole seconds, a count) or `off`."""
+    if value.strip().lower() in ("off", "0"):
+        return None
+    try:
+        idle, interval, probes = (int(part) for part in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected IDLE,INTERVAL,PROBES (as 30,10,3) or off, got {value!r}") from None
+    return idle, interval, probes
+
+
 def http_config(args: argparse.Namespace) -> HttpConfig:
     return HttpConfig(
         listen=parse_host_port(args.http_listen, "--http-listen") if args.http_listen else None,
@@ -114,6 +135,8 @@ def proxy_config(args: argparse.Namespace) -> ProxyConfig:
         idle_timeout_s=args.idle_timeout,
         drain_grace_s=args.drain_grace,
         drain_timeout_s=args.drain_timeout,
+        tcp_keepalive=args.tcp_keepalive,
+        tcp_user_timeout_s=args.tcp_user_timeout,
         udp_idle_timeout_s=args.udp_idle_timeout,
         udp_max_flows=args.udp_max_flows,
         max_connections_per_listener=args.max_connections_per_listener,

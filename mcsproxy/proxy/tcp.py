@@ -484,6 +484,11 @@ class TcpConnection:
         up = self.up = Side(sock)
         try:
             sock.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
+            # Keepalive and TCP_USER_TIMEOUT: an endpoint whose cluster falls silent (a
+            # cut link sends no RST) fails the socket in bounded time, and finish()
+            # resets the client, which can reconnect to a live endpoint.
+            for level, option, value in self.ctx.endpoint_options:
+                sock.setsockopt(level, option, value)
             err = sock.connect_ex(address)
             if err == EINPROGRESS:
                 # Asked again: over loopback the handshake has completed inside the first

@@ -1,4 +1,5 @@
-"""A cluster's pod for the namespace tests: HTTP on :8080 answers its cluster's name, TCP on
+"""A cluster's pod for the namespace tests: HTTP on :8080 answers its cluster's name (on
+/stream it sends the name and never ends the response), TCP on
 :9000 says the name on connect and echoes. Run as `python -m tests.chaos.backend NAME`
 (inside `ip netns exec`); stops on SIGTERM, and is SIGKILLed by the fault tests."""
 
@@ -30,8 +31,17 @@ async def main(name: str) -> None:
     async def hello(request: web.Request) -> web.Response:
         return web.Response(text=name)
 
+    async def stream(request: web.Request) -> web.StreamResponse:
+        """The name, then nothing more until the client goes: a response under way."""
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(name.encode() + b"\n")
+        await asyncio.sleep(3600)
+        return response
+
     app = web.Application()
     app.router.add_get("/", hello)
+    app.router.add_get("/stream", stream)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     await web.TCPSite(runner, "0.0.0.0", HTTP_PORT, reuse_address=True).start()
