@@ -814,6 +814,57 @@ def test_a_reset_reaches_the_other_side_as_a_reset(run) -> None:  # type: ignore
     assert run(resets_through_the_proxy()) == ("reset", "reset")
 
 
+async def cut_by_the_gateway(cut_by: str) -> tuple[str, str]:
+    """(what the client sees, what the endpoint sees) of a stream the gateway cuts
+    mid-transfer both ways: 'drain grace' (its endpoint removed, --drain-grace over) or
+    'stop' (the gateway's, past --drain-timeout)."""
+    endpoint_saw: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"x" * 1000)
+        try:
+            while await reader.read(65536):
+                pass
+            endpoint_saw.set_result("eof")
+        except ConnectionResetError:
+            endpoint_saw.set_result("reset")
+        writer.close()
+
+    host = "127.71.2.1"
+    server = await asyncio.start_server(serve, host, port := free_port(host))
+    cs = Clusterset("east")
+    ip = "127.71.2.20"
+    cs.publish("grace", ip, [WEB], [endpoint(host, "east", port)])
+    proxy = await cs.proxy(drain_grace_s=0.1)
+    try:
+        reader, writer = await asyncio.open_connection(ip, 80)
+        await reader.readexactly(1000)  # a download half done
+        writer.write(b"an upload half done")
+        await writer.drain()
+        if cut_by == "stop":
+            await proxy.stop()
+        else:
+            cs.publish("grace", ip, [WEB], [])
+        try:
+            client_saw = f"eof after {len(await asyncio.wait_for(reader.read(), 3))}"
+        except ConnectionResetError:
+            client_saw = "reset"
+        writer.close()
+        return client_saw, await asyncio.wait_for(endpoint_saw, 3)
+    finally:
+        await proxy.stop()
+        server.close()
+
+
+@pytest.mark.parametrize("run", [uvloop.run, asyncio.run], ids=["uvloop", "asyncio"])
+@pytest.mark.parametrize("cut_by", ["drain grace", "stop"])
+def test_a_stream_the_gateway_cuts_is_reset_both_ways(run, cut_by: str) -> None:  # type: ignore[no-untyped-def]
+    # When --drain-grace ran out, or --drain-timeout on a stop, both sides were closed
+    # with a FIN: the client took the cut download, and the endpoint the cut upload, for
+    # a complete one.
+    assert run(cut_by_the_gateway(cut_by)) == ("reset", "reset")
+
+
 class Http2Only(asyncio.Protocol):
     """An h2c server with prior knowledge only (as a gRPC server): whatever it reads, it
     answers with HTTP/2 SETTINGS and GOAWAY frames and closes."""

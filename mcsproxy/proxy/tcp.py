@@ -603,9 +603,10 @@ class TcpConnection:
             self.shut(up)
 
     # -- ending -----------------------------------------------------------------------
-    def finish(self, broken: Side | None) -> None:
+    def finish(self, broken: Side | None, cut: bool = False) -> None:
         """End the connection: both sockets closed. `broken` is a side whose socket
-        failed (a reset, a broken pipe): the other one is closed with a RST."""
+        failed (a reset, a broken pipe): the other one is closed with a RST. `cut`: the
+        gateway ends a stream neither peer ended, and both are closed with a RST."""
         if self.closed:
             return
         self.closed = True
@@ -630,7 +631,7 @@ class TcpConnection:
             if side.writing:
                 side.writing = False
                 poller.remove_writer(side.fd)
-            if broken is not None and side is not broken:
+            if cut or (broken is not None and side is not broken):
                 close_with_reset(side.sock)
             else:
                 side.sock.close()
@@ -644,7 +645,10 @@ class TcpConnection:
             self.log_access()
 
     def abort(self) -> None:
-        self.finish(None)
+        """Cut by the gateway (the drain grace of a removed endpoint over, a shutdown past
+        its drain timeout): with a RST both ways, as a FIN would pass the truncated
+        download and upload off as complete ones."""
+        self.finish(None, True)
 
     def cluster_silent(self, waited_s: float = 0.0) -> None:
         """An established stream is left to its own idle timeout: unlike an HTTP request
