@@ -964,6 +964,115 @@ async def test_a_tunnel_half_closes_each_way() -> None:
         writer.close()
 
 
+RESET_ON_CLOSE = struct.pack("ii", 1, 0)
+
+
+class EndsReported(asyncio.Protocol):
+    """An endpoint that answers its first request with `answer` and then reports how its
+    connection ended: 'eof' (a FIN) or 'reset'."""
+
+    answer = b""
+    last: EndsReported
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.ended = asyncio.get_running_loop().create_future()
+        self.answered = False
+        EndsReported.last = self
+
+    def data_received(self, data: bytes) -> None:
+        if not self.answered:
+            self.answered = True
+            self.transport.write(self.answer)
+
+    def eof_received(self) -> bool:
+        if not self.ended.done():
+            self.ended.set_result("eof")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ended.done():
+            self.ended.set_result("reset" if isinstance(exc, ConnectionResetError) else "eof")
+
+    def reset(self) -> None:
+        self.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
+        self.transport.abort()
+
+
+async def client_end(reader: asyncio.StreamReader) -> str:
+    """How a connection ends for the client: 'eof' (a FIN) or 'reset'."""
+    try:
+        async with asyncio.timeout(3):
+            while await reader.read(65536):
+                pass
+        return "eof"
+    except ConnectionResetError:
+        return "reset"
+
+
+async def tunnel_or_stream_cut(answer: bytes, cut_by: str) -> tuple[str, str]:
+    """(client's end, endpoint's end) of a tunnel (or a response under way) that `cut_by`
+    ends: 'drain grace' (the endpoint removed, its grace over), 'stop' (the gateway's,
+    past its drain timeout), 'endpoint' or 'client' (a RST from that side)."""
+    EndsReported.answer = answer
+    host = "127.71.3.1"
+    server = await asyncio.get_running_loop().create_server(EndsReported, host, 0)
+    cs = Clusterset("east")
+    ip = "127.71.3.20"
+    cs.publish("cut", ip, [HTTP_PORT],
+               [endpoint(host, "east", server.sockets[0].getsockname()[1])])
+    proxy = await cs.proxy(drain_grace_s=0.1)
+    try:
+        reader, writer = await asyncio.open_connection(ip, 80)
+        writer.write(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: demo\r\n\r\n")
+        await asyncio.wait_for(reader.readuntil(b"first part"), 3)
+        writer.write(b"half an upload")
+        await writer.drain()
+        peer = EndsReported.last
+        if cut_by == "drain grace":
+            cs.publish("cut", ip, [HTTP_PORT], [])
+        elif cut_by == "stop":
+            await proxy.stop()  # as after --drain-timeout
+        elif cut_by == "endpoint":
+            await asyncio.sleep(0.05)
+            peer.reset()
+        else:
+            await asyncio.sleep(0.05)
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                       RESET_ON_CLOSE)
+            writer.transport.abort()
+        client_saw = "reset" if cut_by == "client" else await client_end(reader)
+        endpoint_saw = "reset" if cut_by == "endpoint" else \
+            await asyncio.wait_for(peer.ended, 3)
+        writer.close()
+        return client_saw, endpoint_saw
+    finally:
+        await proxy.stop()
+        server.close()
+        await server.wait_closed()
+
+
+TUNNEL = (b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: demo\r\n"
+          b"\r\nfirst part")
+UNTIL_CLOSE = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nfirst part"
+
+
+@pytest.mark.parametrize("run", [uvloop.run, asyncio.run], ids=["uvloop", "asyncio"])
+@pytest.mark.parametrize(("answer", "cut_by"), [
+    (TUNNEL, "drain grace"), (TUNNEL, "stop"), (TUNNEL, "endpoint"), (TUNNEL, "client"),
+    (UNTIL_CLOSE, "drain grace"), (UNTIL_CLOSE, "stop")],
+    ids=["tunnel-drain", "tunnel-stop", "tunnel-endpoint-reset", "tunnel-client-reset",
+         "until-close-drain", "until-close-stop"])
+def test_a_cut_tunnel_or_response_ends_with_a_reset_both_ways(
+        run, answer: bytes, cut_by: str) -> None:  # type: ignore[no-untyped-def]
+    # A FIN would pass the cut stream off as complete: a tunnel's bytes, or a body that
+    # runs until the close. A tunnel passed a reset on as a FIN either way, the drain
+    # grace and the gateway's stop closed both sides with a FIN, and a response delimited
+    # by the close that either cut was forwarded as complete.
+    assert run(tunnel_or_stream_cut(answer, cut_by)) == ("reset", "reset")
+
+
 class HalfASwitch(asyncio.Protocol):
     """Answers every request 101 with Upgrade but without Connection: upgrade."""
 

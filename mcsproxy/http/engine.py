@@ -155,7 +155,7 @@ class HttpEngine:
             await cancel_and_wait([self._task])
             self._task = None
         for client in list(self.clients):
-            client.abort_all()
+            client.reset_all()
         for pool in self.pools.values():
             pool.close()
         self.pools.clear()

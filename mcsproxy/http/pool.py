@@ -47,6 +47,11 @@ TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 # Linux's struct tcp_info up to tcpi_last_ack_recv (UpstreamConn.unacked_ms).
 TCP_INFO: int | None = getattr(socket, "TCP_INFO", None)
 TCP_INFO_LEN: Final = 60
+# SO_LINGER on, 0 s: closing sends RST (ClientConnection.reset and cut, UpstreamConn.abort).
+RESET_LINGER: Final = struct.pack("ii", 1, 0)
+# What a connection the gateway cut itself (UpstreamConn.abort) reports as lost with: a
+# reset, so no peer takes the cut stream for a complete one.
+CUT_BY_GATEWAY: Final = ConnectionAbortedError("cut by the gateway")
 
 
 class StopParsing(Exception):
@@ -62,6 +67,7 @@ class UpstreamConn(asyncio.Protocol):
         "codings",
         "conn_close",
         "conn_tokens",
+        "cut",
         "dead",
         "discarding",
         "exchange",
@@ -93,6 +99,7 @@ class UpstreamConn(asyncio.Protocol):
         self.tunnel: Any = None  # the client connection once upgraded
         self.idle_since = 0.0
         self.dead = False
+        self.cut = False  # ended by abort(): lost as a reset, whatever the transport says
         self.discarding = False  # reading the rest of a response no one wants (retried)
         self.interim = False
         # Taken from the pool (not opened for this request), and whether any byte of the
@@ -220,6 +227,10 @@ class UpstreamConn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.dead = True
+        if exc is None and self.cut:
+            # Aborted transports report a clean close: a body delimited by the close
+            # would end as complete, and a tunnel's client get a FIN.
+            exc = CUT_BY_GATEWAY
         if self in self.pool.tunnels:
             self.pool.release_tunnel(self)
         tunnel = self.tunnel
@@ -255,7 +266,13 @@ class UpstreamConn(asyncio.Protocol):
             self.transport.abort()
 
     def abort(self) -> None:
-        """For the upstream set's drain grace: end the connection now."""
+        """End the connection now, with a RST (the upstream set's drain grace; a tunnel
+        whose client reset): the endpoint must not take a cut upload or tunnel for a
+        complete one, and what it served is cut as for its own reset (connection_lost)."""
+        self.cut = True
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_LINGER)
         self.transport.abort()
 
     @property
@@ -546,4 +563,4 @@ class EndpointPool:
             up.transport.abort()
         self.idle.clear()
         for up in list(self.tunnels):
-            up.transport.abort()
+            up.abort()

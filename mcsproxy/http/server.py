@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
-from mcsproxy.http.pool import PAUSE_UPSTREAM, EndpointPool, UpstreamConn
+from mcsproxy.http.pool import PAUSE_UPSTREAM, RESET_LINGER, EndpointPool, UpstreamConn
 from mcsproxy.http.wire import (
     CONNECTION,
     CONTENT_LENGTH,
@@ -124,8 +124,6 @@ URGENT_PROBE: Final = b"\n"
 # Linux only: the state of our end, read without disturbing the socket (its first byte).
 TCP_INFO: int | None = getattr(socket, "TCP_INFO", None) if sys.platform == "linux" else None
 TCP_CLOSE: Final = 7  # the peer reset the connection
-# SO_LINGER on, 0 s: closing sends RST (see ClientConnection.cut).
-RESET_LINGER: Final = struct.pack("ii", 1, 0)
 # Linux only: the bytes of our end's send queue not yet acknowledged (SIOCOUTQ).
 OUTQ: int | None = getattr(termios, "TIOCOUTQ", None) if sys.platform == "linux" else None
 UNSENT_HIGH_WATER: Final = 256 * 1024
@@ -459,7 +457,8 @@ class ClientConnection(asyncio.Protocol):
         if tunnel is not None:
             self.tunnel = None
             tunnel.tunnel = None
-            tunnel.transport.close() if exc is None else tunnel.transport.abort()
+            # A client that reset: the endpoint gets a RST too (abort()), not a FIN.
+            tunnel.transport.close() if exc is None else tunnel.abort()
         while self.queue:
             self.queue.popleft().abandon()
         if self.upgrading is not None:
@@ -1005,10 +1004,12 @@ class ClientConnection(asyncio.Protocol):
             up.transport.pause_reading()
 
     def upstream_closed(self, exc: Exception | None) -> None:
-        """The tunnelled endpoint connection ended: end ours the same way."""
+        """The tunnelled endpoint connection ended: end ours the same way (a reset with
+        a RST: transport.abort() sends a FIN, and the client took the cut tunnel for
+        one the endpoint ended)."""
         self.tunnel = None
         if exc is not None:
-            self.abort()
+            self.reset()
         elif self.tunnel_eofs & CLIENT_EOF:
             self.transport.close()  # nothing more to read from the client: no lingering
         else:
@@ -1108,6 +1109,14 @@ class ClientConnection(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel.transport.abort()
         self.abort()
+
+    def reset_all(self) -> None:
+        """Cut by the gateway (stopped past its drain timeout): a tunnel or an answer
+        still under way ends with a RST both ways, as a FIN would pass it off as whole."""
+        up = self.active_upstream()
+        if up is not None:
+            up.abort()
+        self.reset()
 
 
 def resume_waiting(route: HttpRoute, http: HttpSettings) -> None:
