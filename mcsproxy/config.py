@@ -250,12 +250,14 @@ class ProxyConfig:
     drain_timeout_s: float = 10.0
     udp_idle_timeout_s: float = 30.0
     udp_max_flows: int = 16384
-    # TCP keepalive on every connection to an endpoint (TCP proxy and HTTP pool): (seconds
-    # idle before the first probe, seconds between probes, probes unanswered); None: off.
-    # And TCP_USER_TIMEOUT there: data unacknowledged this long ends the connection, as
+    # TCP keepalive on both sides of every TCP and HTTP connection the proxy serves (its
+    # clients' inherit it from the listening sockets): (seconds idle before the first
+    # probe, seconds between probes, probes unanswered); None: off. And TCP_USER_TIMEOUT
+    # on connections to endpoints: data unacknowledged this long ends the connection, as
     # does a receive window the endpoint keeps shut as long (nginx's proxy_send_timeout,
-    # 60 s, ends that one too); 0: off. Without them a stream to a cluster cut off by a
-    # silent link was held for the whole idle timeout (3600 s).
+    # 60 s, ends that one too); 0: off. Not towards clients, which may stop reading for
+    # minutes. Without them a stream whose peer went silent (a cut link, a dead node: no
+    # RST) was held for the whole idle timeout (3600 s).
     tcp_keepalive: tuple[int, int, int] | None = (30, 10, 3)
     tcp_user_timeout_s: float = 60.0
     max_connections_per_listener: int = 0  # 0: unlimited
@@ -270,7 +272,9 @@ class ProxyConfig:
     http: HttpConfig = field(default_factory=HttpConfig)
 
     def keepalive_options(self) -> tuple[tuple[int, int, int], ...]:
-        """setsockopt arguments that turn on TCP keepalive as --tcp-keepalive says."""
+        """setsockopt arguments that turn on TCP keepalive as --tcp-keepalive says: for
+        the listening sockets (accepted connections inherit them) and every endpoint
+        connection."""
         ka = self.tcp_keepalive
         if ka is None:
             return ()

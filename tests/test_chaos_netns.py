@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,7 +29,7 @@ from tests.chaos.support import GatewayProcess, Port, Svc, wait_until, write_imp
 from tests.http_support import HTTP_PORT as WEB_PORT
 from tests.http_support import RawClient, start_backends
 from tests.netns import NetnsClusters, netns_skip_reason
-from tests.proxy_fixtures import Clusterset, endpoint
+from tests.proxy_fixtures import Backend, Clusterset, endpoint, free_port
 
 CLUSTERS = ["a", "b", "c"]
 WEB_IP, ECHO_IP = "127.240.77.20", "127.240.77.21"
@@ -400,3 +402,46 @@ async def test_a_stream_to_a_cluster_cut_off_silently_ends_in_bounded_time(
         for _, writer in streams:
             writer.close()
         await proxy.stop()
+
+
+async def test_a_client_gone_silent_frees_its_stream_in_bounded_time(
+        clusters: NetnsClusters) -> None:
+    # A client whose node dies (or whose link is cut) sends no RST: its stream, and the
+    # endpoint connection behind it, were held for the whole idle timeout (3600 s).
+    # Keepalive on the listening socket, inherited by every accepted connection, ends
+    # it; the endpoint gets the client's end passed on.
+    backend = await Backend("west-1", "127.71.4.1", free_port("127.71.4.1"), "west").start()
+    cs = Clusterset("east")
+    ip, port = clusters.host_ip, free_port(clusters.host_ip)
+    cs.publish("silentclient", ip, [ServicePort("echo", "TCP", port)],
+               [endpoint(backend.host, "west", backend.port, name="echo")])
+    proxy = await cs.proxy(tcp_keepalive=(1, 1, 2))
+    client = subprocess.Popen(
+        ["ip", "netns", "exec", clusters.ns("a"), sys.executable, "-c",
+         "import socket, sys, time\n"
+         f"s = socket.create_connection(({ip!r}, {port}), timeout=5)\n"
+         "sys.stdout.buffer.write(s.recv(100)); sys.stdout.flush(); time.sleep(30)"],
+        stdout=subprocess.PIPE)
+    cut = False
+    try:
+        assert client.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(client.stdout.readline), 5)
+        assert line == b"west-1\n"
+        assert len(proxy.conns) == 1 and len(backend.transports) == 1
+        clusters.link("a", False)
+        cut = True
+        started = time.monotonic()
+
+        async def ended() -> bool:
+            return not proxy.conns and not backend.transports
+
+        took = await until(ended, "the silent client's stream ended", timeout=8) - started
+        print(f"\nsilent client: stream ended after {took:.2f} s")
+        assert took < 6, took  # keepalive: 1 s idle, 2 probes 1 s apart
+    finally:
+        if cut:
+            clusters.link("a", True)
+        client.kill()
+        client.communicate()
+        await proxy.stop()
+        await backend.stop()

@@ -70,6 +70,9 @@ class FrontDoor:
         sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # Keepalive for every client, inherited at accept (see ProxyManager._bind).
+            for level, option, value in self.config.keepalive_options():
+                sock.setsockopt(level, option, value)
             if self.config.workers > 1:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((host, port))

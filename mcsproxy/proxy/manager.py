@@ -446,6 +446,11 @@ class ProxyManager:
                 # where it lets a second process bind the same address and take its
                 # datagrams without an error.
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                # Keepalive, which accepted connections inherit (no call per connection):
+                # a client gone silent (its node dead, a cut link) held its stream and
+                # the endpoint connection for the whole idle timeout.
+                for level, option, value in self.config.keepalive_options():
+                    sock.setsockopt(level, option, value)
             if self.config.workers > 1:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             # A ClusterSetIP need not be on an interface yet (in a cluster the VIP is

@@ -31,9 +31,9 @@ def add_proxy_arguments(p: argparse.ArgumentParser) -> None:
                         "connections get S to finish (default 10)")
     g.add_argument("--tcp-keepalive", type=parse_keepalive, default=(30, 10, 3),
                    metavar="IDLE,INTERVAL,PROBES",
-                   help="keepalive on connections to endpoints: first probe after IDLE s "
-                        "of silence, then every INTERVAL s, closed after PROBES unanswered "
-                        "(default 30,10,3; off: none)")
+                   help="keepalive on client and endpoint connections: first probe after "
+                        "IDLE s of silence, then every INTERVAL s, closed after PROBES "
+                        "unanswered (default 30,10,3; off: none)")
     g.add_argument("--tcp-user-timeout", type=float, default=60.0, metavar="S",
                    help="close a connection to an endpoint whose sent data stays "
                         "unacknowledged, or its receive window shut, for S (default 60; "
