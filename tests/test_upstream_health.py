@@ -6,6 +6,7 @@ import asyncio
 import os
 import random
 import resource
+import socket
 
 from mcsproxy.config import HealthConfig, ProxyConfig
 from mcsproxy.upstream import HealthChecker, Host, Target, UpstreamSet, probe_http, probe_tcp
@@ -51,6 +52,16 @@ async def test_http_probe_reads_the_status() -> None:
     finally:
         for s in (ok, bad, junk):
             s.close()
+
+
+async def test_a_hung_endpoint_passes_the_tcp_check_and_fails_the_http_one() -> None:
+    # The limit README's Health section states. A stopped app (SIGSTOP, a deadlock) is a
+    # listening socket nobody accepts on: its kernel still completes handshakes, so a
+    # TCP connect passes; the HTTP GET gets no answer and times out.
+    with socket.create_server(("127.71.5.2", 0)) as hung:
+        port = hung.getsockname()[1]
+        assert await probe_tcp("127.71.5.2", port, 0.3) is None
+        assert await probe_http("127.71.5.2", port, "/", 0.3) == "timeout"
 
 
 async def test_checker_takes_a_dead_endpoint_out_and_brings_it_back() -> None:
