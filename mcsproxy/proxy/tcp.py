@@ -22,8 +22,11 @@ Backpressure both ways: bytes the kernel did not take are queued on their Side; 
 WRITE_HIGH_WATER the other side's reading pauses until the queue is under
 WRITE_LOW_WATER. Half-close is propagated (an EOF becomes a shutdown of the other side
 once what was queued for it is sent; the pair closes when both directions are done), and
-so is a reset (a side whose socket fails closes the other with a RST, not a FIN). Idle
-connections are expired by the manager's sweep, which only reads `idle`.
+so is a reset (a side whose socket fails closes the other with a RST, not a FIN), and a
+peer gone silent: both sockets carry TCP keepalive (the client's inherited from the
+listening socket) and the endpoint's TCP_USER_TIMEOUT, so its socket fails in bounded
+time. A stream the gateway cuts (abort) is reset both ways. Idle connections are expired
+by the manager's sweep, which only reads `idle`.
 
 Short reads are held until the loop has run every callback of its poll (the manager's
 WriteBatch, mcsproxy/writebatch.py) and then written; reads of HOLD_BELOW bytes or more
@@ -651,8 +654,10 @@ class TcpConnection:
         self.finish(None, True)
 
     def cluster_silent(self, waited_s: float = 0.0) -> None:
-        """An established stream is left to its own idle timeout: unlike an HTTP request
-        it cannot be replayed elsewhere, and a short partition may heal under it."""
+        """An established stream is left alone: unlike an HTTP request it cannot be
+        replayed elsewhere, and a short partition may heal under it. A silence that lasts
+        fails its socket through keepalive or TCP_USER_TIMEOUT (--tcp-keepalive,
+        --tcp-user-timeout), and finish() resets the client."""
 
     def expire(self) -> None:
         if log.isEnabledFor(logging.DEBUG):
