@@ -14,7 +14,7 @@ from mcsproxy.dns.server import DnsServer
 from mcsproxy.http.frontdoor import FrontDoor
 from mcsproxy.observability.observer import Observer
 from mcsproxy.proxy import ProxyManager
-from mcsproxy.proxy.workers import Heartbeat, WorkerPool
+from mcsproxy.proxy.workers import HURRY_SIGNAL, Heartbeat, WorkerPool
 from mcsproxy.sources import Source, make_source
 from mcsproxy.store import SnapshotStore
 from mcsproxy.tasks import cancel_and_wait, spawn
@@ -109,7 +109,7 @@ class Gateway:
         admin (failing /readyz), DNS and sources keep running meanwhile."""
         timeout_s = self.config.proxy.drain_timeout_s
         drainers = [c for c in self.components if hasattr(c, "drain")]
-        if not drainers or not timeout_s:
+        if not drainers or not timeout_s or self._hurried:
             return
         log.info("draining for at most %.1f s", timeout_s)
         left = await asyncio.gather(*(c.drain(timeout_s) for c in drainers))
@@ -117,9 +117,10 @@ class Gateway:
 
     def request_stop(self, sig: signal.Signals | None = None) -> None:
         """Drain, then stop. Asked again while draining: close what is still open now (a
-        second Ctrl-C does not wait out --drain-timeout; the supervisor kills its
-        workers). A worker does not count signals: it gets one from its supervisor
-        besides any sent to the whole process group (Ctrl-C) or cgroup (systemd)."""
+        second Ctrl-C does not wait out --drain-timeout; the supervisor has its workers
+        do the same, with HURRY_SIGNAL). A worker does not count signals: it gets one
+        from its supervisor besides any sent to the whole process group (Ctrl-C) or
+        cgroup (systemd)."""
         if sig is not None and not self._stop.is_set():
             # Which one: a SIGHUP from a closed terminal and a SIGTERM from kubelet
             # otherwise left the same "gateway stopping" line.
@@ -131,10 +132,22 @@ class Gateway:
             self._draining.cancel()
         self._stop.set()
 
+    def hurry(self) -> None:
+        """A worker's HURRY_SIGNAL: its supervisor, told to stop again while draining,
+        has it close what is still open now (stop() cuts it with RSTs) and exit."""
+        if not self._hurried:
+            self._hurried = True
+            log.warning("told to hurry: closing what is still open now")
+            if self._draining is not None and not self._draining.done():
+                self._draining.cancel()
+        self._stop.set()
+
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self.request_stop, sig)
+        if self.config.proxy.worker_index > 0:
+            loop.add_signal_handler(HURRY_SIGNAL, self.hurry)
         await self.start()
         log.info("gateway started cluster_id=%s sources=%s data_path=%s (%s) python=%s",
                  self.config.cluster_id, ",".join(self.config.sources), compiled.STATE,

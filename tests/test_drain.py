@@ -213,14 +213,27 @@ async def test_snapshot_changes_every_100ms_under_load_lose_nothing() -> None:
             await e.stop()
 
 
+async def stream_end(reader: asyncio.StreamReader) -> str:
+    """How a stream the gateway holds ends for its client: 'eof' or 'reset'."""
+    try:
+        async with asyncio.timeout(5):
+            while await reader.read(65536):
+                pass
+        return "eof"
+    except ConnectionResetError:
+        return "reset"
+
+
 @contextlib.asynccontextmanager
 async def _gateway_holding_connections(
         tmp_path: Path, ip: str, echo_host: str, *args: str, preexec_fn: object = None,
+        connections: int = 4,
 ) -> AsyncIterator[tuple[GatewayProcess,
                          list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]]:
-    """An echo backend on `echo_host`, a gateway with --drain-timeout 20 and four TCP
-    connections through it that never end (with --workers 2, likely some on each
-    process). On leaving: connections closed, gateway and backend stopped."""
+    """An echo backend on `echo_host`, a gateway with --drain-timeout 20 and `connections`
+    TCP connections through it that never end (with --workers 2, likely some on each
+    process: all on one for 1 in 2^(connections - 1) runs). On leaving: connections
+    closed, gateway and backend stopped."""
     backend = await Backend("echo", echo_host, 7095, "east").start()
     gw: GatewayProcess | None = None
     conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
@@ -234,7 +247,7 @@ async def _gateway_holding_connections(
         await gw.wait_line(f"listener {ip}:7/TCP serving")
         if "2" in args:  # --workers 2: the worker serves too
             await gw.wait_line("worker=1 mcsproxy.proxy listener")
-        for _ in range(4):
+        for _ in range(connections):
             reader, writer = await asyncio.open_connection(ip, 7)
             assert await reader.readline() == b"echo\n"
             conns.append((reader, writer))
@@ -250,14 +263,19 @@ async def _gateway_holding_connections(
 @pytest.mark.parametrize("workers", ["1", "2"])
 async def test_a_second_signal_ends_the_drain_at_once(tmp_path: Path, workers: str) -> None:
     """An operator's second Ctrl-C (or a second SIGTERM) while connections drain closes
-    them now instead of waiting out --drain-timeout: it used to be ignored."""
+    them now instead of waiting out --drain-timeout: it used to be ignored. They are cut
+    with a RST, in the workers too: SIGKILLed by the supervisor, a worker left its
+    connections to the kernel, which closed them with a FIN (4 of 8 ended as complete)."""
     ip = f"127.240.95.{workers}"
     async with _gateway_holding_connections(
-            tmp_path, ip, f"127.95.1.{workers}", "--workers", workers) as (gw, _):
+            tmp_path, ip, f"127.95.1.{workers}", "--workers", workers,
+            connections=12) as (gw, conns):
         gw.signal(signal.SIGTERM)
         await gw.wait_line("draining for at most 20.0 s")
         t0 = time.monotonic()
         gw.signal(signal.SIGINT)
+        ends = await asyncio.gather(*(stream_end(reader) for reader, _ in conns))
+        assert ends == ["reset"] * len(conns), ends
         assert await gw.wait() == 0, gw.log
         assert time.monotonic() - t0 < 5.0, gw.log
         assert "closing what is still open now" in gw.log, gw.log

@@ -58,6 +58,9 @@ WATCHDOG_S = 30.0
 # The write end of the heartbeat pipe, in a worker's environment.
 HEARTBEAT_FD_ENV = "MCSPROXY_WORKER_HEARTBEAT_FD"
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# From the supervisor, told to stop again while draining: close what is still open now.
+# A signal of its own, as a worker counts no stop signals (see Gateway.request_stop).
+HURRY_SIGNAL = signal.SIGUSR1
 # The worker's entry: `python -c WORKER_MAIN <supervisor pid> gateway ...` (the same
 # interpreter and sys.path as `python -m mcsproxy`, so a cwd-local package still wins).
 WORKER_MAIN = "import sys; from mcsproxy.proxy.workers import worker_main; sys.exit(worker_main())"
@@ -319,10 +322,14 @@ class WorkerPool:
             # The gateway was told to stop again, whenever in this drain: no more waiting
             # for the workers' (their connections would be aborted at its end all the
             # same). Told while the restart tasks were still being cancelled, the workers
-            # used to be left to stop()'s SIGTERM and its 5 s wait.
+            # used to be left to stop()'s SIGTERM and its 5 s wait. Each cuts its
+            # connections itself, with RSTs, and exits; stop() kills one that does not
+            # within STOP_TIMEOUT_S. SIGKILLed at once, they left their connections to the
+            # kernel, which closed them with FINs: cut streams passed off as complete.
             for proc in self.procs.values():
                 if proc.returncode is None:
-                    proc.kill()
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.send_signal(HURRY_SIGNAL)
             raise
         return sum(1 for proc in self.procs.values() if proc.returncode is None)
 
