@@ -964,6 +964,38 @@ async def test_a_tunnel_half_closes_each_way() -> None:
         writer.close()
 
 
+async def test_keep_alive_clients_of_a_closed_listener_are_asked_to_leave() -> None:
+    # A service withdrawn and imported again gets a new listener on its ClusterSetIP:port;
+    # a keep-alive client of the old one kept the old, emptied upstream set and got 503
+    # for every request (3 of 3) while new connections got 200. Now its answers say
+    # Connection: close and, idle, it is closed after 0.5 s: the client reconnects.
+    [backend] = await start_backends({"east": 1}, 71)
+    cs = Clusterset("east")
+    ip = "127.71.7.20"
+    publish(cs, "again", ip, [backend])
+    proxy = await cs.proxy()
+    clients: list[RawClient] = []
+    try:
+        busy, idle = await RawClient.open(ip, 80), await RawClient.open(ip, 80)
+        clients += [busy, idle]
+        for c in clients:
+            assert (await c.get("/")).status == 200
+        cs.withdraw("again")
+        await cs.served(proxy)
+        publish(cs, "again", ip, [backend])
+        await cs.served(proxy)
+        stale = await busy.get("/")  # the old listener's service: no endpoint left
+        assert (stale.status, stale.headers.get(b"connection")) == (503, b"close")
+        assert await asyncio.wait_for(idle.reader.read(), 3) == b""  # closed by the gateway
+        fresh = await RawClient.open(ip, 80)
+        clients.append(fresh)
+        assert (await fresh.get("/")).status == 200
+    finally:
+        for c in clients:
+            await c.close()
+        await stop_all(proxy, backend)
+
+
 RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 
 

@@ -1040,10 +1040,10 @@ class ClientConnection(asyncio.Protocol):
                     self.engine.count_refused(self.listener_kind(),
                                               "408" if self.head_bytes else "none", HEAD_TIMEOUT)
                     self.close()
-                elif not self.head_bytes and self.engine.draining and \
+                elif not self.head_bytes and self.leaving() and \
                         now - self.head_since > DRAIN_IDLE_S:
                     self.close()  # accepted just before the drain, never sent a byte
-            elif now - self.idle_since > (DRAIN_IDLE_S if self.engine.draining
+            elif now - self.idle_since > (DRAIN_IDLE_S if self.leaving()
                                           else http.keepalive_timeout_s):
                 self.close()
             elif self.idle > 1 and self.current is None and self.upgrading is None:
@@ -1065,6 +1065,14 @@ class ClientConnection(asyncio.Protocol):
             self.connection_lost(None)
             return
         queue[0].check(now, self.idle * tick_s)
+
+    def leaving(self) -> bool:
+        """Answers say Connection: close, and the connection closes once idle for
+        DRAIN_IDLE_S: the gateway drains, or the listener it came in on closed. A
+        keep-alive client of a closed listener kept its service's old endpoints (none:
+        503 for every request), even once the service was back on a new listener."""
+        route = self.route
+        return self.engine.draining or (route is not None and route.ctx.closed)
 
     def gone(self, now: float) -> bool:
         """A client that sent FIN with requests waiting: has it closed its socket?"""
@@ -1679,7 +1687,7 @@ class Exchange:
         assert pool is not None  # bound
         if status == 101:
             tail = pool.tail
-        elif not self.keep_alive or not self.req_done or client.engine.draining \
+        elif not self.keep_alive or not self.req_done or client.leaving() \
                 or self.last_before_broken():
             # An answer before the whole request body (a final status instead of 100
             # Continue, an early 413): the connection closes after it (response_done),
@@ -1852,7 +1860,7 @@ class Exchange:
             if held >= 0:
                 log.info("%s: %d %s%s", route.name if route else "front door", status, text,
                          f" ({held} more answered so since the last line)" if held else "")
-        if not self.req_done or self.last_before_broken():
+        if not self.req_done or self.last_before_broken() or self.client.leaving():
             self.keep_alive = False
         engine = self.client.engine
         self.client.out.append(engine.errors.build(status, text, engine.date,

@@ -97,8 +97,8 @@ class ListenerContext:
     rebinds `upstream` here and the listener keeps its socket."""
 
     __slots__ = ("_give_up_log", "_refusal_log", "access_log", "active", "by_client",
-                 "config", "connect_deadlines", "conns", "endpoint_options", "gave_up", "name",
-                 "poller", "refusals", "refused", "upstream", "writes")
+                 "closed", "config", "connect_deadlines", "conns", "endpoint_options",
+                 "gave_up", "name", "poller", "refusals", "refused", "upstream", "writes")
 
     def __init__(self, name: str, upstream: UpstreamSet, config: ProxyConfig,
                  conns: set[Tracked], access_log: AccessLog | None = None,
@@ -106,6 +106,9 @@ class ListenerContext:
                  writes: WriteBatch | None = None, poller: Poller | None = None) -> None:
         self.name = name
         self.upstream = upstream
+        # The listener closed (its ClusterSetIP:port left the snapshot): its TCP streams
+        # carry on, its HTTP clients are asked to leave (ClientConnection.leaving).
+        self.closed = False
         self.config = config
         self.conns = conns  # shared by every listener of the manager, for the idle sweep
         self.gave_up = 0

@@ -101,6 +101,7 @@ class Listener:
         return self.transport.get_extra_info("socket")
 
     def close(self) -> None:
+        self.ctx.closed = True
         if self.stream is not None:
             self.stream.close()
         if self.transport is not None:
