@@ -33,7 +33,8 @@ def add_proxy_arguments(p: argparse.ArgumentParser) -> None:
                    metavar="IDLE,INTERVAL,PROBES",
                    help="keepalive on client and endpoint connections: first probe after "
                         "IDLE s of silence, then every INTERVAL s, closed after PROBES "
-                        "unanswered (default 30,10,3; off: none)")
+                        "unanswered, or on endpoint connections once --tcp-user-timeout "
+                        "has passed (default 30,10,3; off: none)")
     g.add_argument("--tcp-user-timeout", type=float, default=60.0, metavar="S",
                    help="close a connection to an endpoint whose sent data stays "
                         "unacknowledged, or its receive window shut, for S (default 60; "
