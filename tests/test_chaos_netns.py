@@ -29,7 +29,7 @@ from tests.chaos.support import GatewayProcess, Port, Svc, wait_until, write_imp
 from tests.http_support import HTTP_PORT as WEB_PORT
 from tests.http_support import RawClient, start_backends
 from tests.netns import NetnsClusters, netns_skip_reason
-from tests.proxy_fixtures import Backend, Clusterset, endpoint, free_port
+from tests.proxy_fixtures import Backend, Clusterset, ask, endpoint, free_port
 
 CLUSTERS = ["a", "b", "c"]
 WEB_IP, ECHO_IP = "127.240.77.20", "127.240.77.21"
@@ -364,13 +364,16 @@ async def test_a_stream_to_a_cluster_cut_off_silently_ends_in_bounded_time(
     # Now each ends within the user timeout (data in flight) or keepalive (idle), and
     # the client gets a RST, as for a reset endpoint: it reconnects to a live endpoint.
     # The same for an HTTP response under way (the HTTP proxy's pooled connections).
+    live = await Backend("west-1", "127.71.1.11", free_port("127.71.1.11"), "west").start()
     cs = Clusterset("east")
     tcp_ip, web_ip = "127.71.1.1", "127.71.1.2"
     cs.publish("cut", tcp_ip, [ServicePort("echo", "TCP", 9000)],
-               [endpoint(clusters.address("c"), "east", TCP_PORT, name="echo")])
+               [endpoint(clusters.address("c"), "east", TCP_PORT, name="echo"),
+                endpoint(live.host, "west", live.port, name="echo")], traffic="PreferClose")
     cs.publish("cutweb", web_ip, [WEB_PORT],
                [endpoint(clusters.address("c"), "east", HTTP_PORT)])
-    proxy = await cs.proxy(tcp_keepalive=(1, 1, 2), tcp_user_timeout_s=1.5)
+    proxy = await cs.proxy(tcp_keepalive=(1, 1, 2), tcp_user_timeout_s=1.5,
+                           connect_timeout_s=0.3)
     streams: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     cut = False
     try:
@@ -396,12 +399,16 @@ async def test_a_stream_to_a_cluster_cut_off_silently_ends_in_bounded_time(
         assert ends == ["reset", "reset", "reset"], ends
         assert took < 6, took  # keepalive: 1 s idle, probes 1 s apart; data: 1.5 s
         assert not proxy.conns and not proxy.http.clients
+        # Reconnecting, the client gets a live endpoint (its connect into the cut times
+        # out and is retried in another cluster).
+        assert await ask(tcp_ip, 9000) == "west-1"
     finally:
         if cut:
             clusters.link("c", True)
         for _, writer in streams:
             writer.close()
         await proxy.stop()
+        await live.stop()
 
 
 async def test_a_client_gone_silent_frees_its_stream_in_bounded_time(
