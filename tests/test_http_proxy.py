@@ -996,6 +996,59 @@ async def test_keep_alive_clients_of_a_closed_listener_are_asked_to_leave() -> N
         await stop_all(proxy, backend)
 
 
+class AnswersOnce(asyncio.Protocol):
+    """Answers the first request of the endpoint's life, keep-alive, and no other."""
+
+    connections = 0
+    answered = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        AnswersOnce.connections += 1
+
+    def data_received(self, data: bytes) -> None:
+        if not AnswersOnce.answered:
+            AnswersOnce.answered = True
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\neast-1")
+
+
+async def test_a_request_cut_by_the_drain_grace_is_retried_elsewhere() -> None:
+    # A request waiting on a pooled connection to an endpoint whose drain grace ran out
+    # was taken for the keep-alive race (a reused connection closed before any answer)
+    # and sent again on a new connection to that same removed endpoint: the client
+    # waited out its own timeout. It now goes to another endpoint, and the cut is not
+    # held against the removed one.
+    AnswersOnce.connections, AnswersOnce.answered = 0, False
+    host = "127.71.8.1"
+    server = await asyncio.get_running_loop().create_server(AnswersOnce, host, 0)
+    [west] = await start_backends({"west": 1}, 71)
+    removed = endpoint(host, "east", server.sockets[0].getsockname()[1])
+    cs = Clusterset("east")
+    ip = "127.71.8.20"
+    cs.publish("grace", ip, [HTTP_PORT], [removed])
+    proxy = await cs.proxy(drain_grace_s=0.2,
+                           http=HttpConfig(per_try_timeout_s=10, request_timeout_s=20))
+    client = None
+    try:
+        client = await RawClient.open(ip, 80)
+        assert (await client.get("/")).body == b"east-1"  # the connection is pooled
+        client.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")  # on it, never answered
+        await asyncio.sleep(0.1)
+        publish(cs, "grace", ip, [west])
+        await cs.served(proxy)
+        r = await client.response(timeout=3)
+        assert (r.status, r.body) == (200, b"west-1")
+        assert AnswersOnce.connections == 1  # not connected to again
+        upstream = next(iter(proxy.upstreams.values()))
+        assert upstream.stats.cluster("east").attempts["error"] == 0  # not blamed
+    finally:
+        if client is not None:
+            await client.close()
+        await stop_all(proxy, west)
+        server.close()
+        await server.wait_closed()
+
+
 RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 
 

@@ -102,6 +102,8 @@ CLIENT_EOF: Final = 1
 UPSTREAM_EOF: Final = 2
 BOTH_EOF: Final = 3
 
+# Why a request failed whose endpoint connection its drain grace cut (Exchange.upstream_lost).
+CUT_BY_DRAIN: Final = "endpoint removed, its drain grace over"
 MAX_PIPELINE: Final = 16  # queued requests at which reading pauses
 MAX_QUEUED: Final = 128  # ... and beyond which one read's further requests are refused (429)
 # While the gateway drains, a keep-alive connection idle this long is closed. Not at once:
@@ -1122,9 +1124,11 @@ class ClientConnection(asyncio.Protocol):
         """Cut by the gateway (stopped past its drain timeout): a tunnel or an answer
         still under way ends with a RST both ways, as a FIN would pass it off as whole."""
         up = self.active_upstream()
+        self.reset()
+        # After the reset: this connection's loss is reported first and abandons its
+        # requests, so the endpoint connection's (a cut) retries none of them.
         if up is not None:
             up.abort()
-        self.reset()
 
 
 def resume_waiting(route: HttpRoute, http: HttpSettings) -> None:
@@ -1775,12 +1779,16 @@ class Exchange:
             self.response_done(up)  # the end of a body delimited by the connection
             self.client.flush()
             return
-        if self.retry_fresh(up):
-            self.client.flush()
-            return
-        self.upstream_failed(up, "connection reset" if exc is not None else
-                             "connection closed before the response",
-                             blame=not up.closed_while_idle)
+        if up.cut:
+            # The drain grace of its removed endpoint ran out (UpstreamConn.abort): not
+            # the endpoint's failure, nor the keep-alive race (a request waiting on a
+            # reused connection was sent again, on a new connection, to the removed
+            # endpoint; the client waited out its timeout).
+            self.upstream_failed(up, CUT_BY_DRAIN, blame=False)
+        elif not self.retry_fresh(up):
+            self.upstream_failed(up, "connection reset" if exc is not None else
+                                 "connection closed before the response",
+                                 blame=not up.closed_while_idle)
         self.client.flush()
 
     def upstream_failed(self, up: UpstreamConn, why: str, status: int = 502,
