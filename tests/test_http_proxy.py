@@ -996,6 +996,31 @@ async def test_keep_alive_clients_of_a_closed_listener_are_asked_to_leave() -> N
         await stop_all(proxy, backend)
 
 
+async def test_endpoint_connections_carry_keepalive_and_a_user_timeout() -> None:
+    # A pooled connection, an answer under way or a tunnel to an endpoint gone silent was
+    # held for the idle timeout (tests/test_chaos_netns.py cuts a link under one).
+    [backend] = await start_backends({"east": 1}, 71)
+    cs = Clusterset("east")
+    ip = "127.71.9.21"
+    publish(cs, "ka", ip, [backend])
+    proxy = await cs.proxy(tcp_keepalive=(7, 3, 2), tcp_user_timeout_s=20.0)
+    client = None
+    try:
+        client = await RawClient.open(ip, 80)
+        assert (await client.get("/")).status == 200
+        [pool] = proxy.http.pools.values()
+        [up] = pool.idle
+        tcp = socket.IPPROTO_TCP
+        assert (up.sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                up.sock.getsockopt(tcp, socket.TCP_KEEPIDLE),
+                up.sock.getsockopt(tcp, socket.TCP_KEEPINTVL),
+                up.sock.getsockopt(tcp, socket.TCP_USER_TIMEOUT)) == (1, 7, 3, 20_000)
+    finally:
+        if client is not None:
+            await client.close()
+        await stop_all(proxy, backend)
+
+
 class AnswersOnce(asyncio.Protocol):
     """Answers the first request of the endpoint's life, keep-alive, and no other."""
 

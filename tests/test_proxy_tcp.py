@@ -865,6 +865,39 @@ def test_a_stream_the_gateway_cuts_is_reset_both_ways(run, cut_by: str) -> None:
     assert run(cut_by_the_gateway(cut_by)) == ("reset", "reset")
 
 
+def keepalive_of(sock: socket.socket) -> tuple[int, int, int, int, int]:
+    """(SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT, TCP_USER_TIMEOUT ms)."""
+    tcp = socket.IPPROTO_TCP
+    return (sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+            sock.getsockopt(tcp, socket.TCP_KEEPIDLE), sock.getsockopt(tcp, socket.TCP_KEEPINTVL),
+            sock.getsockopt(tcp, socket.TCP_KEEPCNT), sock.getsockopt(tcp, socket.TCP_USER_TIMEOUT))
+
+
+async def test_both_sockets_of_a_stream_carry_keepalive() -> None:
+    # Without keepalive (and, towards the endpoint, TCP_USER_TIMEOUT) a peer gone silent
+    # held a stream for the whole idle timeout (tests/test_chaos_netns.py cuts a link).
+    # The client's socket inherits it from the listening socket; the endpoint's gets it
+    # at connect, its probe count left out (the user timeout ends unanswered probes).
+    backend = await Backend("east-1", "127.71.9.1", free_port("127.71.9.1"), "east").start()
+    cs = Clusterset("east")
+    ip = "127.71.9.20"
+    cs.publish("ka", ip, [WEB], [endpoint(backend.host, "east", backend.port)])
+    proxy = await cs.proxy(tcp_keepalive=(7, 3, 2), tcp_user_timeout_s=20.0)
+    try:
+        reader, writer = await asyncio.open_connection(ip, 80)
+        assert await reader.readline() == b"east-1\n"
+        [conn] = client_sides(proxy)
+        assert conn.up is not None
+        with socket.socket() as fresh:
+            default_probes = fresh.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)
+        assert keepalive_of(conn.client.sock) == (1, 7, 3, 2, 0)
+        assert keepalive_of(conn.up.sock) == (1, 7, 3, default_probes, 20_000)
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        await stop_all(proxy, backend)
+
+
 class Http2Only(asyncio.Protocol):
     """An h2c server with prior knowledge only (as a gRPC server): whatever it reads, it
     answers with HTTP/2 SETTINGS and GOAWAY frames and closes."""
