@@ -266,9 +266,10 @@ class UpstreamConn(asyncio.Protocol):
             self.transport.abort()
 
     def abort(self) -> None:
-        """End the connection now, with a RST (the upstream set's drain grace; a tunnel
-        whose client reset): the endpoint must not take a cut upload or tunnel for a
-        complete one, and what it served is cut as for its own reset (connection_lost)."""
+        """End the connection now, with a RST (the upstream set's drain grace, the
+        gateway's stop, a tunnel whose client reset): the endpoint must not take a cut
+        upload or tunnel for a complete one, and what it served is cut as for its own
+        reset (connection_lost)."""
         self.cut = True
         if self.sock is not None:
             with contextlib.suppress(OSError):

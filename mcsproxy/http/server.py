@@ -104,6 +104,7 @@ BOTH_EOF: Final = 3
 
 # Why a request failed whose endpoint connection its drain grace cut (Exchange.upstream_lost).
 CUT_BY_DRAIN: Final = "endpoint removed, its drain grace over"
+
 MAX_PIPELINE: Final = 16  # queued requests at which reading pauses
 MAX_QUEUED: Final = 128  # ... and beyond which one read's further requests are refused (429)
 # While the gateway drains, a keep-alive connection idle this long is closed. Not at once:
