@@ -172,6 +172,41 @@ async def test_blackholed_endpoint_costs_at_most_the_connect_timeout() -> None:
             s.close()
 
 
+async def test_a_connect_under_way_at_removal_gets_the_drain_grace_too() -> None:
+    # An endpoint removed with no connection open got no drain timer; a connect to it
+    # still under way then completed and the stream escaped --drain-grace for good.
+    hole, *fillers = blackhole("127.71.10.1")
+    cs = Clusterset("east")
+    ip = "127.71.10.20"
+    cs.publish("late", ip, [WEB], [endpoint("127.71.10.1", "east", hole.getsockname()[1])])
+    proxy = await cs.proxy(connect_timeout_s=5.0, drain_grace_s=0.2)
+    writer = None
+    try:
+        reader, writer = await asyncio.open_connection(ip, 80)
+        await until(lambda: len(client_sides(proxy)) == 1, "the connect under way")
+        [conn] = client_sides(proxy)
+        cs.publish("late", ip, [WEB], [])
+        await cs.served(proxy)
+        hole.setblocking(False)
+        for _ in range(2):  # room in the backlog: the SYN sent again gets through
+            with contextlib.suppress(BlockingIOError):
+                hole.accept()[0].close()
+        await until(lambda: conn.connected, "the connect completed", timeout=4)
+        try:
+            ended = f"eof after {len(await asyncio.wait_for(reader.read(), 2))}"
+        except ConnectionResetError:
+            ended = "reset"
+        except TimeoutError:
+            ended = "open"
+        assert ended == "reset"
+    finally:
+        if writer is not None:
+            writer.close()
+        await proxy.stop()
+        for s in (hole, *fillers):
+            s.close()
+
+
 async def test_overlapping_connects_each_time_out_on_their_own_deadline() -> None:
     # The connect timeouts of a listener share one timer (ConnectDeadlines): a
     # connect started while another waits must still get its whole timeout, and the

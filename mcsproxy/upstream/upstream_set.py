@@ -376,6 +376,10 @@ class UpstreamSet:
             host.consecutive_failures = 0
             host.reached_at = self._clock()
         host.conns.add(conn)
+        if host.removed and host not in self.draining:
+            # Removed while this connect was under way and with nothing open then, it got
+            # no drain (grace timer); the connection escaped --drain-grace for good.
+            self._retire(host)
 
     def release(self, host: Host, conn: Connection) -> None:
         host.conns.discard(conn)
