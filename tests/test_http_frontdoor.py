@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -215,3 +217,22 @@ async def test_the_front_door_is_held_to_the_connection_limits() -> None:
                 await client.close()
     finally:
         await web.stop()
+
+
+async def test_front_door_clients_inherit_keepalive_from_its_socket() -> None:
+    # A client gone silent (its node dead, a cut link) held its connection, and the
+    # endpoint connection of a request or tunnel under way, for the idle timeout.
+    cs = Clusterset("east")
+    async with front_door(cs, "127.71.11.1", tcp_keepalive=(7, 3, 2)) as (proxy, listen):
+        _, writer = await asyncio.open_connection(*listen)
+        try:
+            await until(lambda: len(proxy.http.clients) == 1, "the client accepted")
+            [client] = proxy.http.clients
+            sock = client.transport.get_extra_info("socket")
+            tcp = socket.IPPROTO_TCP
+            assert (sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                    sock.getsockopt(tcp, socket.TCP_KEEPIDLE),
+                    sock.getsockopt(tcp, socket.TCP_KEEPINTVL),
+                    sock.getsockopt(tcp, socket.TCP_KEEPCNT)) == (1, 7, 3, 2)
+        finally:
+            writer.close()
