@@ -61,7 +61,7 @@ CASES = {
     "pointer loop in additional": (header(ar=1) + NAME + A_IN + b"\xc0\x2d" + OPT_RR[1:], FORMERR),
     "garbage answer section": (header(an=1) + NAME + A_IN + b"\xff" * 7, FORMERR),
     "class CH": (header() + NAME + b"\x00\x10\x00\x03", NOTIMP),
-    "class ANY": (header() + NAME + b"\x00\x01\x00\xff", NOTIMP),
+    "class NONE": (header() + NAME + b"\x00\x01\x00\xfe", NOTIMP),
     "AXFR": (header() + NAME + b"\x00\xfc\x00\x01", NOTIMP),
     "4000 answer records": (header(an=4000) + LONG_NAME + A_IN + POINTER_A * 4000, FORMERR),
     "no question, 4000 additional records": (

@@ -306,6 +306,27 @@ async def test_answer_keeps_the_question_case(dns, transport: str) -> None:
     assert str(reply.auth[0].rname) == "clusterset.local."
 
 
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_class_any_is_answered_from_the_in_records(dns, transport: str) -> None:
+    # QCLASS * (255) as Knot and BIND answer it: the IN records, the question's class
+    # echoed. It got NOTIMP, a failure for a name that exists.
+    for qname, rcode, answer, ns in (
+        (f"myservice.{T}", "NOERROR", MYSERVICE_A, []),
+        (f"nothing.{T}", "NXDOMAIN", [], NXDOMAIN),
+        (f"myservice.{T}", "NOERROR", MYSERVICE_A, []),  # the memoised answer is the same
+    ):
+        q = dnslib.DNSRecord.question(qname)
+        q.q.qclass = 255
+        reply = dnslib.DNSRecord.parse(await exchange(transport, dns.bound, q.pack()))
+        got = (dnslib.RCODE.get(reply.header.rcode), zone_lines(reply.rr), zone_lines(reply.auth))
+        assert got == (rcode, answer, ns), qname
+        assert reply.header.aa and [q.qclass for q in reply.questions] == [255]
+    q = dnslib.DNSRecord.question(f"myservice.{T}")
+    q.q.qclass = 3  # CHAOS: not a class the zone has
+    reply = dnslib.DNSRecord.parse(await exchange(transport, dns.bound, q.pack()))
+    assert dnslib.RCODE.get(reply.header.rcode) == "NOTIMP" and reply.rr == []
+
+
 async def test_rd_and_cd_are_echoed(dns) -> None:
     q = dnslib.DNSRecord.question(f"myservice.{T}")
     q.header.rd = 0

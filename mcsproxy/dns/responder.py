@@ -23,6 +23,7 @@ from mcsproxy.dns.wire import (
     ANY,
     AXFR,
     BADVERS,
+    CLASS_ANY,
     CLASS_IN,
     DROP,
     ECHOED_FLAGS,
@@ -278,7 +279,10 @@ class Responder:
         if q.edns is not None and q.edns[2] != 0:
             return self.message(q, BADVERS, tcp, aa=False), False
         # Errors are not memoised: only answers real clients repeat earn a memo slot.
-        if q.qclass != CLASS_IN or q.qtype in (AXFR, IXFR):
+        # QCLASS ANY asks for every class, and the zone holds IN alone: its IN records
+        # are the whole answer (Knot and BIND answer so; NOTIMP made a client that asks
+        # with class * fail on a name that exists).
+        if (q.qclass != CLASS_IN and q.qclass != CLASS_ANY) or q.qtype in (AXFR, IXFR):
             return self.message(q, NOTIMP, tcp, aa=False), False
         if q.qtype == OPT:
             return self.message(q, FORMERR, tcp, aa=False), False

@@ -14,6 +14,7 @@ import struct
 # Types and classes we answer or recognise.
 A, NS, SOA, PTR, TXT, AAAA, SRV, OPT, AXFR, IXFR, ANY = 1, 2, 6, 12, 16, 28, 33, 41, 252, 251, 255
 CLASS_IN = 1
+CLASS_ANY = 255  # QCLASS * (RFC 1035 3.2.5): answered as IN, as Knot and BIND do
 
 # Response codes (BADVERS is extended: its high bits travel in the OPT record).
 NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED, BADVERS = 0, 1, 2, 3, 4, 5, 16
