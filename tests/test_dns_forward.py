@@ -92,6 +92,34 @@ async def test_outside_names_are_forwarded_inside_names_are_not() -> None:
         assert dns.forwarder is not None and not dns.forwarder.pending
 
 
+async def test_servfail_of_the_forwarder_carries_opt_for_an_edns_query() -> None:
+    # RFC 6891 6.1.1: an answer to a query with an OPT record carries one. The forwarder's
+    # own SERVFAIL (the upstream silent, the pending table full) had none, over UDP and
+    # TCP, so a client could take the gateway for a server without EDNS.
+    async with (
+        upstream() as (addr, _fake),
+        running_dns(upstream=addr, upstream_timeout_s=0.2) as dns,
+    ):
+        assert dns.forwarder is not None
+        for transport in ("udp", "tcp"):
+            for edns, flags, opts in (
+                (None, "", []),
+                (1232, "", [(dnslib.QTYPE.OPT, 1232, 0)]),
+                (4096, "do", [(dnslib.QTYPE.OPT, 1232, 0x8000)]),
+            ):
+                query = make_query("silent.example.", edns=edns, flags=flags)
+                reply = dnslib.DNSRecord.parse(await exchange(transport, dns.bound, query))
+                assert dnslib.RCODE.get(reply.header.rcode) == "SERVFAIL"
+                assert [str(q.qname) for q in reply.questions] == ["silent.example."]
+                assert [(r.rtype, r.rclass, r.ttl & 0x8000) for r in reply.ar] == opts
+        dns.forwarder.max_pending = 0  # full: refused at once
+        reply = dnslib.DNSRecord.parse(
+            await udp_exchange(dns.bound, make_query("example.com.", edns=1232))
+        )
+        assert dnslib.RCODE.get(reply.header.rcode) == "SERVFAIL"
+        assert [r.rtype for r in reply.ar] == [dnslib.QTYPE.OPT]
+
+
 async def test_full_pending_table_answers_servfail_at_once() -> None:
     async with (
         upstream() as (addr, _fake),

@@ -159,11 +159,13 @@ async def test_another_opcode_gets_notimp_with_its_question_and_opt(transport: s
                 "myservice.test.svc.clusterset.local."
             ], opcode
             assert reply.rr == [] and [r.rtype for r in reply.ar] == [dnslib.QTYPE.OPT], opcode
-        # what does not read as a query still gets the header alone
-        reply = dnslib.DNSRecord.parse(
-            await exchange(transport, server.bound, header(flags=0x1000, qd=0))
-        )
-        assert dnslib.RCODE.get(reply.header.rcode) == "NOTIMP" and reply.questions == []
+        # what does not read as a query still gets the header alone, and our OPT for its
+        # (it had none: an OPT-less query got no OPT either)
+        for packet, opts in ((header(flags=0x1000, qd=0), []),
+                             (header(flags=0x1000, qd=0, ar=1) + OPT_RR, [dnslib.QTYPE.OPT])):
+            reply = dnslib.DNSRecord.parse(await exchange(transport, server.bound, packet))
+            assert dnslib.RCODE.get(reply.header.rcode) == "NOTIMP" and reply.questions == []
+            assert [r.rtype for r in reply.ar] == opts
 
 
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
@@ -180,3 +182,25 @@ async def test_formerr_to_a_query_with_an_opt_carries_ours(transport: str) -> No
             assert [(r.rtype, r.rclass) for r in reply.ar] == [(dnslib.QTYPE.OPT, 1232)], name
         two = dnslib.DNSRecord.parse(await exchange(transport, server.bound, CASES["two OPTs"][0]))
         assert dnslib.RCODE.get(two.header.rcode) == "FORMERR" and two.ar == []
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_servfail_for_a_bug_of_ours_keeps_the_question_and_opt(
+    transport: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A failure inside the responder (a bug, hence the patch: no input makes it) was
+    # answered with the header alone: no question (Go's stub resolver ignores that over
+    # UDP and waits out its timeout) and no OPT for an EDNS query (RFC 6891 6.1.1).
+    async with running_dns() as server:
+        def broken(*_args: object) -> None:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(server.responder, "answer", broken)
+        for edns, opts in ((None, []), (1232, [(dnslib.QTYPE.OPT, 1232, 0x8000)])):
+            packet = make_query("myservice.test.svc.clusterset.local.", edns=edns, flags="do")
+            reply = dnslib.DNSRecord.parse(await exchange(transport, server.bound, packet))
+            assert dnslib.RCODE.get(reply.header.rcode) == "SERVFAIL"
+            assert [str(q.qname) for q in reply.questions] == [
+                "myservice.test.svc.clusterset.local."
+            ]
+            assert [(r.rtype, r.rclass, r.ttl & 0x8000) for r in reply.ar] == opts

@@ -73,9 +73,12 @@ _LETTER_BITS: Final = bytes(
 )
 
 
-def servfail(query: bytes, question: bytes) -> bytes:
+def servfail(query: bytes, question: bytes, opt: bytes) -> bytes:
+    """SERVFAIL with the client's question and, for a query with EDNS, our OPT record
+    (RFC 6891 6.1.1: an answer to an EDNS query carries one; a client that gets none may
+    take the server for one without EDNS and ask again without it)."""
     flags = FLAG_QR | (((query[2] << 8) | query[3]) & ECHOED_FLAGS) | SERVFAIL
-    return query[:2] + HEADER_TAIL.pack(flags, 1, 0, 0, 0) + question
+    return query[:2] + HEADER_TAIL.pack(flags, 1, 0, 0, 1 if opt else 0) + question + opt
 
 
 def encode_0x20(question: bytes) -> bytes:
@@ -121,6 +124,7 @@ class _Pending:
     __slots__ = (
         "asked",
         "client",
+        "opt",
         "packet",
         "query",
         "question",
@@ -142,6 +146,7 @@ class _Pending:
         via: _Socket,
         client: str,
         tcp: bool,
+        opt: bytes,
     ) -> None:
         self.query = query
         self.question = question  # as the client asked it, its case restored in the answer
@@ -152,6 +157,7 @@ class _Pending:
         self.via = via
         self.client = client
         self.tcp = tcp  # the client asked over TCP
+        self.opt = opt  # our OPT record for a SERVFAIL of ours (b"" without EDNS)
         self.retry: asyncio.Task[None] | None = None  # asking again over TCP
 
 
@@ -267,20 +273,34 @@ class Forwarder:
             self._close(old)
 
     def forward(
-        self, query: bytes, question: bytes, reply: Reply, client: str, tcp: bool = False
+        self,
+        query: bytes,
+        question: bytes,
+        reply: Reply,
+        client: str,
+        tcp: bool = False,
+        opt: bytes = b"",
     ) -> None:
+        """Ask the upstream; `opt` is the OPT record our own SERVFAIL carries (b"" for a
+        query without EDNS)."""
         if not self.pool:
-            reply(servfail(query, question))
+            reply(servfail(query, question, opt))
             return
         if len(self.pending) >= self.max_pending:
             self._refuse(
-                query, question, reply, "pending_full", f"{len(self.pending)} forwards pending"
+                query,
+                question,
+                opt,
+                reply,
+                "pending_full",
+                f"{len(self.pending)} forwards pending",
             )
             return
         if not self.by_client.take(client, client_share(self.max_pending)):
             self._refuse(
                 query,
                 question,
+                opt,
                 reply,
                 "client_limit",
                 f"{client} has {self.by_client[client]} forwards pending",
@@ -302,14 +322,16 @@ class Forwarder:
         conn = self._pick()
         timer = asyncio.get_running_loop().call_later(self.timeout_s, self._expire, new_id)
         self.pending[new_id] = _Pending(
-            query, question, packet, asked, reply, timer, conn, client, tcp
+            query, question, packet, asked, reply, timer, conn, client, tcp, opt
         )
         conn.sent += 1
         conn.waiting += 1
         if conn.transport is not None:
             conn.transport.sendto(packet)
 
-    def _refuse(self, query: bytes, question: bytes, reply: Reply, outcome: str, why: str) -> None:
+    def _refuse(
+        self, query: bytes, question: bytes, opt: bytes, reply: Reply, outcome: str, why: str
+    ) -> None:
         self.failures[outcome] += 1
         now = time.monotonic()
         if now - self._last_refusal_log >= LOG_INTERVAL_S:
@@ -317,7 +339,7 @@ class Forwarder:
             log.warning(
                 "dns forward: %s, answering SERVFAIL; %d so far", why, self.failures[outcome]
             )
-        reply(servfail(query, question))
+        reply(servfail(query, question, opt))
 
     def _done(self, entry: _Pending) -> None:
         entry.timer.cancel()
@@ -343,7 +365,7 @@ class Forwarder:
                     self.timeout_s,
                     self.failures["timeout"],
                 )
-            entry.reply(servfail(entry.query, entry.question))
+            entry.reply(servfail(entry.query, entry.question, entry.opt))
 
     def on_answer(self, data: bytes, via: _Socket) -> None:
         if len(data) < 12 or not data[2] & 0x80:

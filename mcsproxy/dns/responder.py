@@ -92,10 +92,13 @@ def next_serial(previous: int | None, clock_s: int) -> int:
 class Forward:
     """The answer is the upstream's: the caller forwards the query as it came."""
 
-    __slots__ = ("question",)
+    __slots__ = ("opt", "question")
 
-    def __init__(self, question: bytes) -> None:
+    def __init__(self, question: bytes, opt: bytes = b"") -> None:
         self.question = question  # what the upstream's answer must echo
+        # Our OPT record for an answer the forwarder makes itself (SERVFAIL when the
+        # upstream is silent or the pending table full); empty when the query had none.
+        self.opt = opt
 
 
 def parse_unusual(data: bytes) -> Query | int:
@@ -193,7 +196,7 @@ class Responder:
             if query == NOTIMP and data[2] & (OPCODE_MASK >> 8):
                 return self.not_implemented(data, tcp)
             if query == FORMERR:
-                return self.format_error(data)
+                return self.header_error(data, FORMERR)
             return None if query == DROP else error_response(data, query)
         assert isinstance(query, Query)
         answer, cacheable = self.answer(query, tcp)
@@ -204,11 +207,11 @@ class Responder:
             memo[data[2:]] = answer[2:]
         return answer
 
-    def format_error(self, data: bytes) -> bytes:
-        """FORMERR, the header alone, with our OPT record when the query carries exactly
-        one (RFC 6891 7), e.g. a query with no question or two: their count is wrong, the
-        OPT record may still be fine."""
-        answer = error_response(data, FORMERR)
+    def header_error(self, data: bytes, rcode: int) -> bytes:
+        """An error (FORMERR, NOTIMP, SERVFAIL) with the header alone, and our OPT record
+        when the query carries exactly one (RFC 6891 7), e.g. a query with no question or
+        two: their count is wrong, the OPT record may still be fine."""
+        answer = error_response(data, rcode)
         if not (data[10] or data[11]) or not dnslib_may_read(data):
             return answer
         try:
@@ -231,7 +234,7 @@ class Responder:
         if type(q) is int and q == UNUSUAL:
             q = parse_unusual(as_query)
         if type(q) is int:
-            return error_response(data, NOTIMP)
+            return self.header_error(data, NOTIMP)
         assert isinstance(q, Query)
         q.flags = flags
         return self.message(q, NOTIMP, tcp, aa=False)
@@ -289,7 +292,7 @@ class Responder:
         found = self.zone.lookup(q.qname)
         if found is ZoneIndex.OUT_OF_ZONE:
             if self.forwarding:
-                return Forward(q.question), False
+                return Forward(q.question, self.opt_record(q, NOERROR)), False
             return self.message(q, REFUSED, tcp, aa=False), True
         if not self.loaded.is_set():
             return self.message(q, SERVFAIL, tcp, aa=False), False
@@ -310,6 +313,26 @@ class Responder:
         return self.message(q, NOERROR, tcp, authority=self.soa(len(q.qname))), True
 
     # -- packing -----------------------------------------------------------------------
+    def opt_record(self, q: Query, rcode: int) -> bytes:
+        """Our OPT record for an answer to q: RFC 6891 6.1.1 wants one in every answer to
+        a query that had one (the DO bit echoed, the rcode's high bits), and none else."""
+        if q.edns is None:
+            return b""
+        return b"\x00" + OPT_FIXED.pack(OPT, self.edns_max, rcode >> 4, 0, q.edns[1], 0)
+
+    def server_failure(self, data: bytes, tcp: bool) -> bytes | None:
+        """SERVFAIL for a query whose answer failed (a bug of ours): with its question and
+        OPT as every other answer when it parses, else the header alone."""
+        try:
+            q = parse_query(data)
+            if type(q) is int and q == UNUSUAL:
+                q = parse_unusual(data)
+            if isinstance(q, Query):
+                return self.message(q, SERVFAIL, tcp, aa=False)
+        except Exception:  # the same bug may lie in the parser: the header is still ours
+            log.debug("dns: cannot read back a query that failed", exc_info=True)
+        return self.header_error(data, SERVFAIL) if len(data) >= 12 else None
+
     def soa(self, qname_len: int) -> bytes:
         """The zone's SOA record, its names pointing at the zone's suffix of the question."""
         packed = self._soa.get(qname_len)
@@ -344,11 +367,10 @@ class Responder:
             | (rcode & 0xF)
         )
         edns = q.edns
+        opt = self.opt_record(q, rcode)
         if edns is None:
-            opt = b""
             limit = UDP_PLAIN_LIMIT
         else:
-            opt = b"\x00" + OPT_FIXED.pack(OPT, self.edns_max, rcode >> 4, 0, edns[1], 0)
             limit = max(UDP_PLAIN_LIMIT, min(edns[0], self.edns_max))
         if tcp:
             limit = TCP_LIMIT

@@ -22,7 +22,6 @@ from mcsproxy.dns import batch
 from mcsproxy.dns.forward import Forwarder, Reply
 from mcsproxy.dns.guard import AllowList, ResponseRateLimit, parse_networks
 from mcsproxy.dns.responder import Forward, Responder
-from mcsproxy.dns.wire import SERVFAIL, error_response
 from mcsproxy.model import Snapshot
 from mcsproxy.observability.stats import DnsStats
 from mcsproxy.store import SnapshotStore
@@ -91,12 +90,12 @@ class UdpProtocol(asyncio.DatagramProtocol):
             answer = self.respond(data, False)
         except Exception:
             log.exception("dns: failed to answer a %d-byte query from %s", len(data), addr[0])
-            answer = error_response(data, SERVFAIL) if len(data) >= 12 else None
+            answer = self.server.responder.server_failure(data, False)
         if isinstance(answer, Forward):
             if not self.server.allow.allows(addr[0]):
                 answer = self.server.responder.refused(data, False)
             else:
-                self.server.forward(data, answer.question, self._reply_to(addr), "udp", addr[0])
+                self.server.forward(data, answer, self._reply_to(addr), "udp", addr[0])
                 return
         self.stats.count_answer("udp", answer)
         if answer is not None:
@@ -184,13 +183,13 @@ class TcpProtocol(asyncio.Protocol):
             answer = self.server.responder.respond(message, True)
         except Exception:
             log.exception("dns: failed to answer a %d-byte TCP query", len(message))
-            answer = error_response(message, SERVFAIL) if len(message) >= 12 else None
+            answer = self.server.responder.server_failure(message, True)
         if isinstance(answer, Forward):
             if not self.server.allow.allows(self.peer):
                 answer = self.server.responder.refused(message, True)
             else:
                 self.forwarding += 1
-                self.server.forward(message, answer.question, self._forwarded, "tcp", self.peer)
+                self.server.forward(message, answer, self._forwarded, "tcp", self.peer)
                 return
         stats = self.server.stats
         stats.count_answer("tcp", answer)
@@ -440,7 +439,7 @@ class DnsServer:
             self._refused_logged = False
 
     def forward(
-        self, query: bytes, question: bytes, reply: Reply, transport: str, client: str
+        self, query: bytes, forward: Forward, reply: Reply, transport: str, client: str
     ) -> None:
         assert self.forwarder is not None
         started = perf_counter()
@@ -451,4 +450,6 @@ class DnsServer:
             stats.latency["forwarded"].observe(perf_counter() - started)
             reply(answer)
 
-        self.forwarder.forward(query, question, counted, client, transport == "tcp")
+        self.forwarder.forward(
+            query, forward.question, counted, client, transport == "tcp", forward.opt
+        )
