@@ -247,7 +247,9 @@ def _run_controller(args: argparse.Namespace) -> int:
 
 
 def _add_status_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("status", help="a running gateway's services, endpoints and events")
+    p = sub.add_parser(
+        "status", help="a running gateway's services, endpoints and events",
+        epilog="exit status: 0 ready, 1 status not readable, 2 bad flag, 3 not ready")
     p.add_argument("--admin", default="http://127.0.0.1:9901", metavar="URL",
                    help="the gateway's admin listener (default http://127.0.0.1:9901)")
     p.add_argument("--events", type=int, default=10, metavar="N",

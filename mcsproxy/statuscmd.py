@@ -3,10 +3,16 @@
 Reads the admin listener's /api/status once (the same JSON the page polls) and prints
 the gateway summary, one row per service port with a column per cluster, and the most
 recent events.
+
+Exit codes, so a script or a probe can act on it: 0 the gateway is ready, 1 its status
+could not be read (refused, timed out, an HTTP error, not a gateway's answer), 2 a bad
+flag (as every mcsproxy command), 3 read but not ready (no snapshot yet, or stopping):
+what /readyz answers 503 for.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import sys
 import time
@@ -15,6 +21,7 @@ import urllib.request
 from typing import Any
 
 TIMEOUT_S = 5.0
+EXIT_READY, EXIT_UNREADABLE, EXIT_NOT_READY = 0, 1, 3
 
 
 def fetch_status(admin: str) -> dict[str, Any]:
@@ -95,13 +102,28 @@ def render(status: dict[str, Any], events: int = 10) -> str:
 
 
 def run_status(admin: str, events: int = 10, raw: bool = False) -> int:
+    """Print the status; the exit code says whether the gateway is ready (see above)."""
+    url = f"{admin.rstrip('/')}/api/status"
     try:
         status = fetch_status(admin)
     except urllib.error.HTTPError as exc:
         print(f"mcsproxy status: {admin} answered {exc.code}", file=sys.stderr)
-        return 1
+        return EXIT_UNREADABLE
+    except http.client.HTTPException as exc:  # BadStatusLine: that port does not speak HTTP
+        first = " ".join(str(exc).split())[:80] or type(exc).__name__
+        print(f"mcsproxy status: cannot read {url}: not an HTTP answer: {first}",
+              file=sys.stderr)
+        return EXIT_UNREADABLE
     except (OSError, ValueError) as exc:
-        print(f"mcsproxy status: cannot read {admin}/api/status: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(status, indent=2) if raw else render(status, events))
-    return 0
+        print(f"mcsproxy status: cannot read {url}: {exc}", file=sys.stderr)
+        return EXIT_UNREADABLE
+    try:
+        ready = status["gateway"]["ready"] is True
+        text = json.dumps(status, indent=2) if raw else render(status, events)
+    except (KeyError, TypeError, AttributeError, ValueError):
+        # A traceback said nothing of the address: another service's JSON on that port.
+        print(f"mcsproxy status: {url} is not a gateway's status (is {admin} the "
+              "gateway's --admin-listen?)", file=sys.stderr)
+        return EXIT_UNREADABLE
+    print(text)
+    return EXIT_READY if ready else EXIT_NOT_READY

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -77,6 +78,9 @@ def test_gateway_process_serves_dns_and_stops_on_sigterm(tmp_path: Path) -> None
             time.sleep(0.05)
         assert json.loads(status[1])["services"] == 2
         assert http_get(ports["admin"], "/healthz")[0] == 200
+
+        from mcsproxy.cli import main  # `mcsproxy status` against it: ready, exit 0
+        assert main(["status", "--admin", "{}:{}".format(*ports["admin"])]) == 0
 
         reply = dns_query(ports["dns"], "myservice.test.svc.clusterset.local.")
         assert [str(r.rdata) for r in reply.rr] == ["127.240.0.10"]
@@ -309,6 +313,65 @@ def test_status_flags(capsys: pytest.CaptureFixture[str]) -> None:
         assert main(["status", "--admin", f"127.0.0.1:{port}"]) == 1
     err = capsys.readouterr().err
     assert f"cannot read http://127.0.0.1:{port}/api/status" in err and "refused" in err
+
+
+def test_status_exits_3_while_the_gateway_is_not_ready(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """It exited 0 with "NOT READY" printed: a script or probe could not tell."""
+    from mcsproxy.cli import main
+
+    with socket.socket() as closed:  # a controller that is not there: no snapshot ever
+        closed.bind(("127.0.0.1", 0))
+        controller = "{}:{}".format(*closed.getsockname())
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mcsproxy", "gateway", "--cluster-id", "cluster-a",
+             "--source", f"controlplane:http://{controller}", "--dns-listen", "127.0.0.1:0",
+             "--admin-listen", "127.0.0.1:0", "--log-level", "info"],
+            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        )
+        try:
+            admin = "{}:{}".format(*read_ports(proc, [])["admin"])
+            capsys.readouterr()
+            assert main(["status", "--admin", admin]) == 3
+            assert "NOT READY" in capsys.readouterr().out
+            assert main(["status", "--admin", admin, "--json"]) == 3
+            assert json.loads(capsys.readouterr().out)["gateway"]["ready"] is False
+        finally:
+            proc.kill()
+            proc.communicate()
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n[]",
+    b'HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n{"a": 1}',
+    b"SSH-2.0-OpenSSH_9.2\r\n",
+])
+def test_status_of_something_else_than_a_gateway_names_the_address(
+        answer: bytes, capsys: pytest.CaptureFixture[str]) -> None:
+    """Another service's JSON, or no HTTP at all, on that port ended in a traceback
+    (KeyError 'gateway', TypeError, http.client.BadStatusLine) that named no address."""
+    from mcsproxy.cli import main
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.settimeout(DEADLINE_S)
+        address = "{}:{}".format(*server.getsockname())
+
+        def answer_once() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(4096)
+                conn.sendall(answer)
+
+        thread = threading.Thread(target=answer_once)
+        thread.start()
+        try:
+            assert main(["status", "--admin", address]) == 1
+        finally:
+            thread.join(DEADLINE_S)
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and f"http://{address}/api/status" in err, err
 
 
 def test_help_shows_the_defaults_the_contract_states() -> None:
