@@ -42,6 +42,7 @@ from aiohttp import web
 
 from controlplane.metrics import ControllerMetrics
 from controlplane.resources import ObjectRef
+from mcsproxy.loglimit import LogLimit
 from mcsproxy.sources.controlplane import HEARTBEAT_HEADER
 
 log = logging.getLogger("controlplane.stream")
@@ -209,6 +210,13 @@ class StreamHub:
         self.feeds: dict[str, Feed] = {}
         self._members = encode({"type": "members", "members": {}})
         self._closing = asyncio.Event()
+        # Every gateway holds a stream, so a network blip or a new leader makes each of
+        # them come (and go) at once: one line a second of each kind, the rest counted
+        # into it and logged at DEBUG (stream_subscribers has the number at any time).
+        self._connected_log = LogLimit()
+        self._gone_log = LogLimit()
+        self._stalled_log = LogLimit()
+        self._behind_log = LogLimit()
 
     def attach(self, cluster: str, objects: Mapping[ObjectRef, Obj]) -> None:
         if cluster not in self.feeds:
@@ -258,8 +266,9 @@ class StreamHub:
         sub = Subscriber(self.queue_bytes)
         feed.subscribers.add(sub)  # before reading the version: no delta can slip between
         self._count()
-        log.info("gateway of cluster %s connected from %s (epoch=%s version=%d)",
-                 cluster, request.remote, request.query.get("epoch"), version)
+        _log_limited(self._connected_log, logging.INFO,
+                     "gateway of cluster %s connected from %s (epoch=%s version=%d)",
+                     cluster, request.remote, request.query.get("epoch"), version)
         try:
             backlog = feed.since(request.query.get("epoch"), version)
             if backlog is None:
@@ -270,15 +279,17 @@ class StreamHub:
             await self._write(response, self._members)
             await self._pump(response, feed, sub)
         except StreamStalled:
-            log.warning("gateway of cluster %s at %s took no data for %.1fs: stream closed",
-                        cluster, request.remote, self.write_timeout_s)
+            _log_limited(self._stalled_log, logging.WARNING,
+                         "gateway of cluster %s at %s took no data for %.1fs: stream closed",
+                         cluster, request.remote, self.write_timeout_s)
             if self.metrics is not None:
                 self.metrics.stream_dropped.inc()
             # Not close(): it would wait, for ever, for the unsent bytes to go.
             if request.transport is not None:
                 request.transport.abort()
         except (ConnectionResetError, ConnectionError):
-            log.info("gateway of cluster %s went away", cluster)
+            _log_limited(self._gone_log, logging.INFO, "gateway of cluster %s at %s went away",
+                         cluster, request.remote)
         finally:
             feed.subscribers.discard(sub)
             self._count()
@@ -306,7 +317,8 @@ class StreamHub:
             while not self._closing.is_set():
                 if sub.lagging:
                     sub.lagging = False
-                    log.warning("gateway of cluster %s fell behind: resync", feed.cluster)
+                    _log_limited(self._behind_log, logging.WARNING,
+                                 "gateway of cluster %s fell behind: resync", feed.cluster)
                     await self._resync(response, feed)
                     # The members messages queued went with the rest: the latest one now,
                     # as after a connect's resync.
@@ -337,3 +349,17 @@ class StreamHub:
         if self.metrics is not None:
             self.metrics.stream_subscribers.set(
                 sum(len(f.subscribers) for f in self.feeds.values()))
+
+
+def _log_limited(limit: LogLimit, level: int, message: str, *args: object) -> None:
+    """`message` at `level` at most once a second (counting those held back into it),
+    the others at DEBUG."""
+    held = limit.take(time.monotonic())
+    if held < 0:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(message, *args)
+        return
+    if held:
+        message += "; %d more such lines held back since the last one (one a second)"
+        args = (*args, held)
+    log.log(level, message, *args)

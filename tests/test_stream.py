@@ -19,6 +19,7 @@ import pytest
 from aiohttp import web
 
 from controlplane.command import ControllerConfig, DirectoryControllerApp, config_from_args
+from controlplane.metrics import ControllerMetrics
 from controlplane.resources import ObjectRef
 from controlplane.server import ControllerServer
 from controlplane.stream import (
@@ -602,3 +603,39 @@ async def test_a_lagging_gateway_gets_the_members_again_after_its_resync() -> No
     finally:
         hub.close()
         await runner.cleanup()
+
+
+async def test_many_gateways_connecting_log_a_line_a_second_not_one_each(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Every gateway holds a stream: 1,500 gateways reconnecting after a network blip or a
+    leader change made 1,500 INFO lines at once, and 1,500 more as they went. The first
+    of a burst is logged, the rest counted into the next line (the subscriber gauge has
+    the number at any time); each one is still there at DEBUG."""
+    hub = StreamHub(heartbeat_s=0.1)  # a gone gateway is noticed at the next write
+    hub.attach("east", {})
+    server = ControllerServer(None, hub, ("127.73.0.1", 0), metrics=ControllerMetrics())
+    await server.start()
+    assert server.bound is not None
+    url = f"http://127.73.0.1:{server.bound[1]}/v1/stream?cluster=east"
+    gateways = 200
+    caplog.set_level(logging.DEBUG, logger="controlplane.stream")
+    started = time.monotonic()
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                         timeout=aiohttp.ClientTimeout(total=10)) as http:
+            streams = [await http.get(url) for _ in range(gateways)]
+            await until(lambda: len(hub.feeds["east"].subscribers) == gateways)
+            for stream in streams:
+                stream.close()
+            await until(lambda: not hub.feeds["east"].subscribers)
+        seconds = time.monotonic() - started
+        records = [r for r in caplog.records if r.name == "controlplane.stream"]
+        assert len(records) == 2 * gateways  # each connect and each leave, DEBUG included
+        lines = [r.getMessage() for r in records if r.levelno >= logging.INFO]
+        # one line a second of each kind, the first of each burst at once
+        assert 2 <= len(lines) <= 2 * (seconds + 1), lines
+        assert lines[0].startswith("gateway of cluster east connected from ")
+        assert any("went away" in line for line in lines)
+    finally:
+        hub.close()
+        await server.stop()
