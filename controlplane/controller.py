@@ -813,4 +813,4 @@ class Controller:
             await self.holds.close()
         for client in [*self.clients.values(), *self.unread.values()]:
             await client.close()
-        self.metrics.forget_members([*self.clients, *self.unread])
+        self.metrics.end_term([*self.clients, *self.unread])

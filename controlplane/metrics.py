@@ -41,6 +41,16 @@ class ControllerMetrics:
                 with contextlib.suppress(KeyError):  # never set for this member
                     gauge.remove(cluster)
 
+    def end_term(self, clusters: Iterable[str]) -> None:
+        """A controller closed (its replica stopped leading, or it is rebuilt on other
+        members): what it reported of the clusterset is no longer this replica's to
+        report. A standby kept its last term's imports and conflicts, so a sum over the
+        replicas counted them twice after a handover. The next controller sets them."""
+        self.forget_members(clusters)
+        self.imports.set(0)
+        self.unallocated.set(0)
+        self.set_conflicts({})
+
     def propagation_summary(self) -> dict[str, dict[str, float | None]]:
         """Per stage: changes observed, and the p50/p99 bucket bounds, for /status."""
         buckets: dict[str, list[tuple[float, float]]] = {}

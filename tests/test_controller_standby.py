@@ -18,8 +18,11 @@ from tests.test_controller_kube_support import (
     export_web,
     kube_controller,
     namespace,
+    service,
+    service_export,
     write_kubeconfig,
 )
+from tests.test_leader_fencing import taken_over
 
 HOST = "127.51.0.1"
 LIMITS = StreamLimits(write_timeout_s=7.0, queue_bytes=65536)  # not the defaults
@@ -98,3 +101,42 @@ async def test_standby_is_ready_but_streams_nothing_until_it_leads(tmp_path: Pat
             one.stop()
             two.stop()
             await cancel_and_wait([t for t in (first, second) if t is not None])
+
+
+def sample(app: KubeControllerApp, name: str, **labels: str) -> float | None:
+    return app.metrics.registry.get_sample_value(name, labels)
+
+
+async def test_a_replica_that_stops_leading_exports_none_of_its_terms_gauges(
+        tmp_path: Path) -> None:
+    """Its last term's imports, unallocated services and conflicts stayed on a standby's
+    /metrics for the life of the process: summed over the replicas (as a dashboard does),
+    every import counted twice after a handover."""
+    async with clusterset(("a", "b")) as cs:
+        for c in cs.emulators:
+            cs[c].put_object(namespace("demo"))
+        export_web(cs, "a", ["10.1.0.1"])
+        # a second export of web with another port: a conflict while leading
+        cs["b"].put_object(service("web", ports=[("http", 9090)]))
+        cs["b"].put_object(service_export("web"))
+        kubeconfig = write_kubeconfig(cs, tmp_path / "kubeconfig")
+        one, _ = replica(kubeconfig, "one")
+        first = spawn(one.run(), name="controller one")
+        try:
+            await asyncio.wait_for(one.led.wait(), 10)
+            async with asyncio.timeout(5):
+                while sample(one, "mcsproxy_controller_service_imports") != 1:
+                    await asyncio.sleep(0.02)
+            assert sample(one, "mcsproxy_controller_conflicts",
+                          reason="PortConflict") == 1
+            taken_over(cs["a"], "two")  # another replica took the Lease
+            async with asyncio.timeout(5):
+                while one.elector is None or one.elector.is_leader or one.controller:
+                    await asyncio.sleep(0.02)
+            assert sample(one, "mcsproxy_controller_service_imports") == 0
+            assert sample(one, "mcsproxy_controller_unallocated_services") == 0
+            assert not sample(one, "mcsproxy_controller_conflicts", reason="PortConflict")
+            assert sample(one, "mcsproxy_controller_stream_subscribers") == 0
+        finally:
+            one.stop()
+            await cancel_and_wait([first])
