@@ -157,6 +157,12 @@ class ControllerMetrics:
             "mcsproxy_controller_stream_resyncs_total",
             "Full snapshots sent to gateways (first connect, too old a version, lagging)",
             registry=r)
+        self.relists_gone = Counter(
+            "mcsproxy_controller_relists_gone",
+            "Watches of a member cluster that expired (410 Gone: the API server's history "
+            "no longer reaches their version) and were listed again, by cluster and "
+            "resource; cluster \"\" is the controller's own (--member-secrets)",
+            ["cluster", "resource"], registry=r)
         self.stream_dropped = Counter(
             "mcsproxy_controller_stream_dropped_total",
             "Gateway streams closed because the gateway took no data for the write timeout "

@@ -191,6 +191,10 @@ class KubeClusterClient:
         # Seconds writes may still be sent: the leader's lease (leader.py, fencing); no
         # limit without leader election.
         self.fence: Callable[[], float] | None = None
+        # Told the resource of each watch that expired (410 Gone) and was listed again:
+        # the controller's relists_gone counter (kube_app). An API server whose history
+        # is too short for its watchers shows there, each relist a full list.
+        self.on_relist_gone: Callable[[str], None] | None = None
 
     # -- construction --------------------------------------------------------------------
     @classmethod
@@ -447,6 +451,8 @@ class KubeClusterClient:
                 log.info("cluster %s: %s watch expired (410 Gone): relisting",
                          self.cluster_id, res.plural)
                 inf.rv = None
+                if self.on_relist_gone is not None:
+                    self.on_relist_gone(res.plural)
             except ClusterError as exc:
                 self._informer_health(inf, str(exc), changes)
                 delay = backoff.next()

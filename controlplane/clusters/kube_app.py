@@ -169,12 +169,18 @@ class KubeControllerApp:
             for context, cluster in cfg.contexts:
                 into.append(await KubeClusterClient.from_kubeconfig(
                     cluster, cfg.kubeconfig, context, cfg.timings))
-                into[-1].fence = self._fence
+                self._attach(into[-1])
         else:
             for cluster, doc in members.items():
                 into.append(await KubeClusterClient.from_kubeconfig_dict(
                     cluster, doc, cfg.timings))
-                into[-1].fence = self._fence
+                self._attach(into[-1])
+
+    def _attach(self, client: KubeClusterClient) -> None:
+        """The fence its writes ask, and the counter its relists after 410 go to."""
+        client.fence = self._fence
+        relists, cluster = self.metrics.relists_gone, client.cluster_id
+        client.on_relist_gone = lambda resource: relists.labels(cluster, resource).inc()
 
     @property
     def _fence(self) -> Callable[[], float] | None:

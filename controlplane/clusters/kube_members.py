@@ -156,6 +156,8 @@ class MemberSecrets:
             except WatchExpired:
                 log.info("member Secrets watch expired (410 Gone): relisting")
                 self._rv = None
+                if self.metrics is not None:
+                    self.metrics.relists_gone.labels("", "secrets").inc()
             except ClusterError as exc:
                 self._failed(exc)
                 delay = backoff.next()
