@@ -298,6 +298,38 @@ def test_flags_argparse_refuses_give_one_line_and_exit_2(argv: list[str]) -> Non
     assert f"mcsproxy {argv[0]}: error: " in proc.stderr and "--help" in proc.stderr
 
 
+@pytest.mark.parametrize(("url", "why"), [
+    ("http://", "'' is not an IP address or a host name"),
+    ("http://127.0.0.1:abc", "Port could not be cast"),
+    ("http://127.0.0.1:99999", "Port out of range"),
+    ("http://127.0.0.1:0", "port 0 cannot be connected to"),
+    ("http://[::1", "Invalid IPv6 URL"),
+    ("http://127.0.0.1:9000/?x=1", "without a query"),
+])
+def test_a_controlplane_url_that_can_never_work_is_a_flag_error(url: str, why: str) -> None:
+    """Such a URL was taken: the gateway ran on, never ready, retrying aiohttp's
+    InvalidUrlClientError with backoff for ever."""
+    from mcsproxy.sources import SourceSpecError, make_source
+
+    with pytest.raises(SourceSpecError) as caught:
+        make_source(f"controlplane:{url}", "east")
+    assert f"controlplane source {url!r}" in str(caught.value) and why in str(caught.value)
+    make_source("controlplane:http://[::1]:9000/prefix/", "east")  # these still do
+    make_source("controlplane:https://controller.mcs-system.svc:8443", "east")
+
+
+def test_the_gateway_exits_2_on_a_controlplane_url_without_host() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "mcsproxy", "gateway", "--cluster-id", "east",
+         "--source", "controlplane:http://:9000", "--dns-listen", "127.0.0.1:0",
+         "--admin-listen", "127.0.0.1:0"],
+        capture_output=True, text=True, timeout=DEADLINE_S)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if " INFO " not in line]
+    assert errors == ["mcsproxy: error: controlplane source 'http://:9000': expected "
+                      "http://HOST:PORT, '' is not an IP address or a host name"], errors
+
+
 def test_status_flags(capsys: pytest.CaptureFixture[str]) -> None:
     from mcsproxy.cli import main
 

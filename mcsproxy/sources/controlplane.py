@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import time
+import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,6 +24,7 @@ import aiohttp
 from prometheus_client import CollectorRegistry, Histogram
 
 from mcsproxy.backoff import Backoff, describe_error
+from mcsproxy.config import is_host
 from mcsproxy.gc_pause import collector_paused
 from mcsproxy.logsetup import exception_line
 from mcsproxy.manifests import (
@@ -84,6 +86,30 @@ def served_object(obj: Any, source: str) -> tuple[ObjectId, Spec] | None:
     return ObjectId(source, kind, spec.key.namespace, str(obj["metadata"]["name"])), spec
 
 
+def stream_base_url(url: str) -> str:
+    """The controller's URL, checked as far as it can be without asking the network: one
+    that can never be reached (no host, a port that is not 1-65535, a query that the
+    stream path would land in) is a flag error at start (exit 2), not a gateway that
+    retries with backoff for ever, not ready, with aiohttp's "InvalidUrlClientError"."""
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"controlplane source needs an http:// URL, not {url!r}")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port  # ValueError for a port that is not a number or out of range
+    except ValueError as exc:
+        raise ValueError(f"controlplane source {url!r}: {exc}") from None
+    host = parts.hostname or ""
+    if not is_host(host):
+        raise ValueError(f"controlplane source {url!r}: expected http://HOST:PORT, "
+                         f"{host!r} is not an IP address or a host name")
+    if port == 0:
+        raise ValueError(f"controlplane source {url!r}: port 0 cannot be connected to")
+    if parts.query or parts.fragment:  # the stream's path and query are appended
+        raise ValueError(f"controlplane source {url!r}: expected http://HOST:PORT[/PATH], "
+                         "without a query or fragment")
+    return url.rstrip("/")
+
+
 class ControlplaneSource:
     def __init__(
         self,
@@ -97,9 +123,7 @@ class ControlplaneSource:
         backoff_max_s: float = BACKOFF_MAX_S,
         max_snapshot_bytes: int = MAX_SNAPSHOT_BYTES,
     ) -> None:
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"controlplane source needs an http:// URL, not {url!r}")
-        self.url = url.rstrip("/")
+        self.url = stream_base_url(url)
         self.cluster_id = cluster_id
         self.name = f"controlplane:{self.url}"
         self.connect_timeout_s = connect_timeout_s
