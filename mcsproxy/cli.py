@@ -105,7 +105,7 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
         dns=DnsConfig(
             listen=parse_host_port(args.dns_listen, "--dns-listen"),
             domain=domain,
-            upstream=parse_host_port(args.dns_upstream, "--dns-upstream")
+            upstream=parse_host_port(args.dns_upstream, "--dns-upstream", destination=True)
             if args.dns_upstream else None,
             edns_max_payload=args.dns_edns_max,
             ttl_s=args.dns_ttl,

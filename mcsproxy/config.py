@@ -48,10 +48,11 @@ def is_host(host: str) -> bool:
             and not labels[-1].isdigit())
 
 
-def parse_host_port(value: str, what: str) -> tuple[str, int]:
+def parse_host_port(value: str, what: str, *, destination: bool = False) -> tuple[str, int]:
     """'HOST:PORT' or '[V6]:PORT' → (host, port). HOST must be an IP address or a host
     name: a value no listener could ever use is a flag error (exit 2), not a bind
-    failure found after the other listeners are up."""
+    failure found after the other listeners are up. A `destination` (an address to send
+    to, not to listen on) may not have port 0, which asks for a port only in a bind."""
     host, sep, port_text = value.rpartition(":")
     if not sep or not host:
         raise ConfigError(f"{what}: expected HOST:PORT, got {value!r}")
@@ -64,6 +65,8 @@ def parse_host_port(value: str, what: str) -> tuple[str, int]:
         raise ConfigError(f"{what}: port must be a number, got {port_text!r}") from None
     if not 0 <= port <= 65535:
         raise ConfigError(f"{what}: port out of range: {port}")
+    if destination and port == 0:
+        raise ConfigError(f"{what} {value}: port 0 is not a port to send to")
     return host, port
 
 

@@ -476,6 +476,24 @@ def test_an_address_no_listener_could_use_is_a_flag_error(argv: list[str], messa
     assert line.startswith(message) and line.endswith("is not an IP address or a host name")
 
 
+def test_an_upstream_on_port_0_is_a_flag_error() -> None:
+    """--dns-upstream 10.0.0.1:0 was taken (port 0 is valid in a listen address): every
+    name outside the zone waited out the 2 s timeout for SERVFAIL, a warning said the
+    upstream "did not answer"."""
+    from mcsproxy.cli import build_parser, gateway_config
+    from mcsproxy.config import ConfigError
+
+    argv = ["gateway", "--cluster-id", "east", "--source", "kube", "--dns-upstream"]
+    with pytest.raises(ConfigError, match=r"--dns-upstream 10\.0\.0\.1:0: port 0 is not a "
+                                          "port to send to"):
+        gateway_config(build_parser().parse_args([*argv, "10.0.0.1:0"]))
+    assert gateway_config(build_parser().parse_args([*argv, "10.0.0.1:53"])).dns.upstream == (
+        "10.0.0.1", 53)
+    assert gateway_config(build_parser().parse_args(
+        ["gateway", "--cluster-id", "east", "--source", "kube", "--dns-listen", "[::1]:0"]
+    )).dns.listen == ("::1", 0)  # listeners keep port 0: any free port
+
+
 def test_an_address_that_cannot_be_bound_is_one_line_naming_the_flag(tmp_path: Path) -> None:
     """The admin listener's failure read "[Errno 98] error while attempting to bind on
     address ('127.0.0.1', N): address already in use", naming no flag; an unwritable
