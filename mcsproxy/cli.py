@@ -32,6 +32,23 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        """A flag no subcommand knows is reported by the subcommand, pointing at its
+        --help: argparse leaves it to the top parser, which said "see mcsproxy --help",
+        a page that lists none of the subcommand's flags."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self._parser_of(getattr(parsed, "command", None)).error(
+                f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
+    def _parser_of(self, command: str | None) -> argparse.ArgumentParser:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+                return action.choices[command]  # type: ignore[no-any-return]
+        return self
+
 
 def _add_gateway_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("gateway", help="run the gateway (DNS responder and proxy)")

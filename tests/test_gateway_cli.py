@@ -288,6 +288,9 @@ def test_the_front_door_without_the_proxy_is_refused() -> None:
     ["gateway", "--cluster-id", "east", "--source", "kube", "--log-level", "verbose"],
     ["gateway", "--source", "kube"],
     ["controller", "--clusters-dir", ".", "--output-dir", "o", "--lease-duration", "x"],
+    # unknown to the subcommand: its own --help, not "see mcsproxy --help" (no such flags)
+    ["controller", "--clusters-dir", ".", "--bogus"],
+    ["status", "extra"],
 ])
 def test_flags_argparse_refuses_give_one_line_and_exit_2(argv: list[str]) -> None:
     """They used to print the whole usage first (30 lines for the gateway)."""
@@ -295,7 +298,8 @@ def test_flags_argparse_refuses_give_one_line_and_exit_2(argv: list[str]) -> Non
                           text=True, timeout=DEADLINE_S)
     assert proc.returncode == 2
     assert len(proc.stderr.splitlines()) == 1, proc.stderr
-    assert f"mcsproxy {argv[0]}: error: " in proc.stderr and "--help" in proc.stderr
+    assert f"mcsproxy {argv[0]}: error: " in proc.stderr
+    assert f"(see mcsproxy {argv[0]} --help)" in proc.stderr
 
 
 @pytest.mark.parametrize(("url", "why"), [
