@@ -5,6 +5,7 @@ only endpoint is dead and one with no endpoint at all."""
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 from aiohttp import ClientSession, ClientTimeout
 
+from controlplane.metrics import ControllerMetrics
 from mcsproxy.config import AdminConfig, DnsConfig, GatewayConfig, OutlierConfig
 from mcsproxy.gateway import Gateway
 from mcsproxy.proxy.udp import PENDING_DATAGRAMS_MAX, UdpListener
@@ -393,3 +395,42 @@ async def test_a_rejected_source_file_shows_in_the_metrics(tmp_path: Path) -> No
             await asyncio.sleep(0.05)
     finally:
         await gw.stop()
+
+
+README_METRICS = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+
+def readme_metric_names() -> set[str]:
+    """Every `name` or `name{labels}` the README's Metrics section mentions."""
+    section = README_METRICS[README_METRICS.index("### Metrics"):]
+    section = section[:section.index("\n## ")]
+    return set(re.findall(r"`([a-z_]+)(?:\{[^`]*\})?`", section))
+
+
+def undocumented(families: set[str], documented: set[str]) -> list[str]:
+    missing = []
+    for name in sorted(families):
+        if name.startswith("process_") and "process_*" in README_METRICS:
+            continue
+        short = name.removeprefix("mcsproxy_")
+        if not {short, f"{short}_total", short.removesuffix("_total")} & documented:
+            missing.append(name)
+    return missing
+
+
+async def test_every_family_of_a_scrape_is_in_the_readme(tmp_path: Path) -> None:
+    """snapshot_services, source_objects and gateway_start_time_seconds were on every
+    gateway's /metrics, and the controller's objects_written_total, objects_deleted_total,
+    services_reconciled_total and write_errors_total ("write errors") on its own, with
+    no word of them in the README's table."""
+    gw = await start_gateway(tmp_path, "127.73.9.1", files={"web": service_yaml(
+        "web", "127.240.73.1", [dead("east", "127.73.13.1")])})
+    try:
+        m = await gw.metrics()
+    finally:
+        await gw.stop()
+    documented = readme_metric_names()
+    families = {re.sub(r"_(bucket|sum|count)$", "", name) for name in m}
+    assert undocumented(families, documented) == []
+    controller = {f.name for f in ControllerMetrics().registry.collect()}
+    assert undocumented(controller, documented) == []
