@@ -13,8 +13,8 @@ from pathlib import Path
 import dnslib
 import pytest
 
-from mcsproxy.dns.server import TCP_WRITE_HIGH_WATER
-from tests.dns_support import exchange, make_query, running_dns
+from mcsproxy.dns.server import TCP_FORWARDS_PER_CONNECTION, TCP_WRITE_HIGH_WATER
+from tests.dns_support import exchange, fake_upstream, make_query, running_dns
 from tests.proxy_fixtures import until
 from tests.test_dns_forward import upstream
 
@@ -127,6 +127,90 @@ async def test_a_forwarded_query_is_answered_after_the_client_half_closes() -> N
         reply = dnslib.DNSRecord.parse(await asyncio.wait_for(reader.readexactly(size), 3))
         assert [str(r.rdata) for r in reply.rr] == ["192.0.2.1"]
         assert await asyncio.wait_for(reader.read(), 3) == b""  # then it closes
+        writer.close()
+
+
+class Held(asyncio.DatagramProtocol):
+    """An upstream that counts the queries it gets and holds them unanswered until
+    release(); then it answers them, and any later one at once."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+        self.held: list[tuple[bytes, tuple[str, int]]] = []
+        self.released = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.seen += 1
+        self.held.append((data, addr))
+        if self.released:
+            self.release()
+
+    def release(self) -> None:
+        self.released = True
+        for data, addr in self.held:
+            reply = dnslib.DNSRecord.parse(data).reply()
+            self.transport.sendto(reply.pack(), addr)  # type: ignore[attr-defined]
+        self.held.clear()
+
+
+async def pipelined(writer: asyncio.StreamWriter, count: int) -> list[int]:
+    """`count` queries for names outside the zone in one write; their IDs."""
+    queries = [make_query(f"n{i}.example.com.") for i in range(count)]
+    writer.write(b"".join(len(q).to_bytes(2, "big") + q for q in queries))
+    return [int.from_bytes(q[:2], "big") for q in queries]
+
+
+async def answers(reader: asyncio.StreamReader, count: int) -> list[dnslib.DNSRecord]:
+    out = []
+    for _ in range(count):
+        size = int.from_bytes(await asyncio.wait_for(reader.readexactly(2), 5))
+        out.append(dnslib.DNSRecord.parse(await asyncio.wait_for(reader.readexactly(size), 5)))
+    return out
+
+
+async def test_one_connection_has_at_most_16_queries_at_the_forwarder() -> None:
+    """Forwarded answers are written when the upstream gives them, so the high-water mark
+    could not hold them back: a client that pipelined 300 queries for 60 KB TXT answers
+    and read none had 13 MB queued for it (1.05 MB now). Its further queries wait unread
+    until forwards come back, and each still gets its answer."""
+    async with (
+        fake_upstream(Held) as (addr, fake),
+        running_dns(upstream=addr, upstream_timeout_s=5.0) as dns,
+    ):
+        assert dns.forwarder is not None
+        reader, writer = await open_from(dns.bound)
+        ids = await pipelined(writer, 40)
+        await until(lambda: fake.seen >= TCP_FORWARDS_PER_CONNECTION, "16 forwards", 3.0)
+        await asyncio.sleep(0.1)  # time for more, if any would go
+        assert len(dns.forwarder.pending) == fake.seen == TCP_FORWARDS_PER_CONNECTION
+        fake.release()
+        replies = await answers(reader, 40)
+        assert sorted(r.header.id for r in replies) == sorted(ids)
+        assert {dnslib.RCODE[r.header.rcode] for r in replies} == {"NOERROR"}
+        assert fake.seen == 40
+        writer.close()
+
+
+async def test_forwards_refused_at_once_do_not_nest_a_call_per_query() -> None:
+    """With the client's share of the forwarder full, each forward is answered SERVFAIL
+    from inside the call that made it; resuming the connection's queries from there
+    nested one call per buffered query (RecursionError past about a thousand)."""
+    async with (
+        fake_upstream(Held) as (addr, _fake),
+        running_dns(upstream=addr, upstream_timeout_s=5.0) as dns,
+    ):
+        assert dns.forwarder is not None
+        # One client's share, a quarter of the table, is full one query short of the
+        # connection's limit: the 16th forward is refused from inside the call.
+        dns.forwarder.max_pending = 4 * (TCP_FORWARDS_PER_CONNECTION - 1)
+        reader, writer = await open_from(dns.bound)
+        count = 3000
+        await pipelined(writer, count)
+        refused = await answers(reader, count - TCP_FORWARDS_PER_CONNECTION + 1)
+        assert {dnslib.RCODE[r.header.rcode] for r in refused} == {"SERVFAIL"}
         writer.close()
 
 

@@ -30,6 +30,12 @@ log = logging.getLogger("mcsproxy.dns")
 
 UDP_RCVBUF_BYTES: Final = 1 << 20  # absorbs bursts while the loop is busy elsewhere
 TCP_WRITE_HIGH_WATER: Final = 64 * 1024  # stop reading queries while answers pile up
+# Queries of one TCP connection at the forwarder at a time; beyond, its next queries wait
+# unread. The high-water mark cannot hold forwarded answers back: they are written when
+# the upstream answers, so a client that pipelined 300 TXT queries for big answers and
+# read none had 13 MB queued for it (64 MB at its 1,024 pending), and as much again on
+# each new connection. With this, at most 64 KiB more than 16 answers.
+TCP_FORWARDS_PER_CONNECTION: Final = 16
 TCP_BACKLOG: Final = 256
 BIND_ATTEMPTS: Final = 10  # port 0: the UDP port picked may be taken for TCP
 _NO_MEMO: Final[dict[bytes, bytes]] = {}
@@ -121,6 +127,7 @@ class TcpProtocol(asyncio.Protocol):
     """One TCP client: 2-byte length framing, several queries, an idle timeout."""
 
     __slots__ = (
+        "answering",
         "buffer",
         "eof",
         "forwarding",
@@ -142,6 +149,7 @@ class TcpProtocol(asyncio.Protocol):
         self.last_active = self.loop.time()
         self.paused = False  # answers are piling up unread: no more are made
         self.forwarding = 0  # queries sent on to the forwarder, not answered yet
+        self.answering = False  # _answer_buffered's loop is running
         self.eof = False  # the client half-closed: close once those are answered
         self.timer: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
@@ -162,20 +170,31 @@ class TcpProtocol(asyncio.Protocol):
         self._answer_buffered()
 
     def _answer_buffered(self) -> None:
-        # Complete messages are answered until the answers back up (pause_writing): the
-        # rest waits in the buffer, which then holds at most one read beyond that, and
-        # reading is paused until the client takes its answers.
-        buffer = self.buffer
-        while len(buffer) >= 2 and not self.paused:
-            size = (buffer[0] << 8) | buffer[1]
-            if len(buffer) < size + 2:
-                break
-            message = bytes(buffer[2 : size + 2])
-            del buffer[: size + 2]
-            self.last_active = self.loop.time()
-            self._answer(message)
-            if self.transport is None:
-                return
+        # Complete messages are answered until the answers back up (pause_writing) or
+        # the forwarder holds TCP_FORWARDS_PER_CONNECTION of them: the rest waits in the
+        # buffer, which then holds at most one read beyond that, and reading is paused
+        # until the client takes its answers or the upstream gives them.
+        if self.answering:
+            # A forward answered at once (SERVFAIL: the forwarder is full) calls back in
+            # here from the loop below, which goes on by itself: recursing would nest a
+            # call per buffered query.
+            return
+        self.answering = True
+        try:
+            buffer = self.buffer
+            while (len(buffer) >= 2 and not self.paused
+                   and self.forwarding < TCP_FORWARDS_PER_CONNECTION):
+                size = (buffer[0] << 8) | buffer[1]
+                if len(buffer) < size + 2:
+                    break
+                message = bytes(buffer[2 : size + 2])
+                del buffer[: size + 2]
+                self.last_active = self.loop.time()
+                self._answer(message)
+                if self.transport is None:
+                    return
+        finally:
+            self.answering = False
 
     def _answer(self, message: bytes) -> None:
         started = perf_counter()
@@ -189,6 +208,8 @@ class TcpProtocol(asyncio.Protocol):
                 answer = self.server.responder.refused(message, True)
             else:
                 self.forwarding += 1
+                if self.forwarding >= TCP_FORWARDS_PER_CONNECTION and self.transport:
+                    self.transport.pause_reading()
                 self.server.forward(message, answer, self._forwarded, "tcp", self.peer)
                 return
         stats = self.server.stats
@@ -204,8 +225,14 @@ class TcpProtocol(asyncio.Protocol):
     def _forwarded(self, answer: bytes) -> None:
         self.forwarding -= 1
         self._send(answer)
-        if self.eof and not self.forwarding and self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is None:
+            return
+        if self.eof and not self.forwarding:
+            transport.close()
+        elif self.forwarding == TCP_FORWARDS_PER_CONNECTION - 1 and not self.paused:
+            transport.resume_reading()
+            self._answer_buffered()
 
     def eof_received(self) -> bool:
         # A client may send its last query and half-close at once: answers still owed
@@ -230,7 +257,8 @@ class TcpProtocol(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.paused = False
         if self.transport is not None:
-            self.transport.resume_reading()
+            if self.forwarding < TCP_FORWARDS_PER_CONNECTION:
+                self.transport.resume_reading()
             self._answer_buffered()
 
     def connection_lost(self, exc: Exception | None) -> None:
