@@ -217,7 +217,12 @@ async def explain_handler(request: web.Request) -> web.Response:
     gateway = _gateway(request)
     key = _service_arg(request)
     if key is None:
-        raise web.HTTPBadRequest(text="usage: /explain?service=namespace/name[&port=P]\n")
+        raise web.HTTPBadRequest(
+            text="usage: /explain?service=namespace/name[&port=P][&format=text]\n")
+    text_format = request.query.get("format", "json")
+    if text_format not in ("json", "text"):
+        # format=txt answered JSON without a word: the typo looked like a broken page.
+        raise web.HTTPBadRequest(text=f"format must be text or json, not {text_format!r}\n")
     service = gateway.store.current.services.get(key)
     if service is None:
         raise web.HTTPNotFound(text=f"no service {key} in the snapshot\n")
@@ -233,7 +238,7 @@ async def explain_handler(request: web.Request) -> web.Response:
     workers = gateway.observer.workers
     result = explain(service, port, gateway.config.cluster_id, gateway.config.proxy, upstreams,
                      others, workers.ejected if workers is not None else {})
-    if request.query.get("format") == "text":
+    if text_format == "text":
         lines = []
         for p in result["ports"]:
             lines.append(f"{result['service']} port {p['port'].get('name') or p['port']['port']}"

@@ -102,6 +102,10 @@ async def test_config_dump_endpoints_explain_and_status(tmp_path: Path) -> None:
         assert body.startswith("test/web port web/TCP:\n  Locality spread")
         assert "east 50%, west 50%" in body
         await gw.get_json("/explain", status=400)
+        # a typo answered JSON without a word
+        assert "format must be text or json, not 'txt'" in await gw.get_json(
+            "/explain?service=test/web&format=txt", status=400)
+        assert (await gw.get_json("/explain?service=test/web&format=json"))["ports"]
         await gw.get_json("/explain?service=test/nope", status=404)
         await gw.get_json("/explain?service=test/web&port=9", status=404)
         await gw.get_json("/endpoints?service=test/wbe", status=404)  # was 200, no endpoints
