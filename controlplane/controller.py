@@ -174,6 +174,12 @@ class Controller:
         self.cluster_allocators = {
             c: ClusterSetIPAllocator(parse_cidrs(cidr)) for c, cidr in cluster_cidrs.items()
         }
+        members = {*self.clients, *self.unread}
+        for cluster in sorted(set(cluster_cidrs) - members):
+            # A mistyped cluster ID gave that consumer the clusterset range without a word.
+            log.warning("--cluster-cidr %s=%s: no member cluster %s (members: %s); the "
+                        "range is used once a member of that ID joins", cluster,
+                        cluster_cidrs[cluster], cluster, ", ".join(sorted(members)) or "none")
         # Released addresses held back, kept across restarts (holds.py).
         self.holds = holds
         self._holds_saved: tuple[int, ...] = ()  # each allocator's held_changes, as saved

@@ -194,6 +194,21 @@ def test_a_cluster_with_its_own_range_gets_its_own_stable_addresses(tmp_path: Pa
     assert stamps(out) == before  # read back, not reallocated
 
 
+def test_a_range_for_a_cluster_that_is_no_member_is_warned_of(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--cluster-cidr bb=... for member b (a typo) gave b the clusterset range, silently."""
+    clusters, out = tmp_path / "clusters", tmp_path / "out"
+    member(clusters, "a", 1)
+    member(clusters, "b", 2)
+    assert once(clusters, out, "--cluster-cidr", "bb=127.242.0.0/24",
+                "--cluster-cidr", "a=127.243.0.0/24") == 0
+    warnings = [line.split(" controlplane.controller ", 1)[1]
+                for line in capsys.readouterr().err.splitlines()
+                if " WARNING controlplane.controller " in line]
+    assert warnings == ["--cluster-cidr bb=127.242.0.0/24: no member cluster bb (members: a, "
+                        "b); the range is used once a member of that ID joins"]
+
+
 def test_once_exits_1_when_a_cluster_could_not_be_written(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
