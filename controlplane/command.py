@@ -55,6 +55,9 @@ class ControllerConfig:
             raise ControllerConfigError(f"--clusters-dir {self.clusters_dir}: not a directory")
         if self.output_dir.resolve() == self.clusters_dir.resolve():
             raise ControllerConfigError("--output-dir must differ from --clusters-dir")
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            # It failed later as "mcsproxy: error: OUT: File exists", exit 1, no flag named.
+            raise ControllerConfigError(f"--output-dir {self.output_dir}: not a directory")
 
 
 def parse_cluster_cidrs(values: list[str]) -> tuple[tuple[str, str], ...]:
@@ -110,7 +113,11 @@ class DirectoryControllerApp:
             raise ClusterError(f"{path}: {reason}")
         if not clusters:
             raise ClusterError(f"--clusters-dir {self.config.clusters_dir}: no cluster folders")
-        self.config.output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.config.output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # "/proc/x: No such file or directory" named no flag
+            raise OSError(exc.errno, f"--output-dir {self.config.output_dir}: cannot create: "
+                                     f"{exc.strerror}") from None
         # A folder of OUT whose member folder is away (a volume not mounted yet, a checkout
         # under way) is a member not read, as one that stops answering in Kubernetes mode:
         # what it may export waits for it. Before, a restart then unexported its services

@@ -330,6 +330,21 @@ def test_bad_flags_exit_2_with_the_reason(argv: list[str], message: str,
     assert message in capsys.readouterr().err
 
 
+def test_an_output_dir_that_cannot_be_one_is_named(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A file there failed as "mcsproxy: error: OUT: File exists" (exit 1), an output
+    dir that cannot be made as "/proc/x: No such file or directory": no flag named."""
+    clusters = tmp_path / "clusters"
+    member(clusters, "a", 1)
+    (tmp_path / "file").write_text("")
+    assert once(clusters, tmp_path / "file") == 2
+    assert f"error: --output-dir {tmp_path / 'file'}: not a directory" in (
+        capsys.readouterr().err)
+    assert once(clusters, tmp_path / "file" / "out") == 1
+    assert (f"error: --output-dir {tmp_path / 'file' / 'out'}: cannot create: Not a "
+            "directory") in capsys.readouterr().err
+
+
 def test_stream_flags_reach_the_config_in_both_modes(tmp_path: Path) -> None:
     """--stream-write-timeout and --stream-queue-bytes; without them, the defaults."""
     directory = ["--clusters-dir", str(tmp_path), "--output-dir", str(tmp_path / "out")]
