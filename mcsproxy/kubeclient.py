@@ -372,9 +372,19 @@ def _pool_key(configuration: Configuration, files: tuple[Any, ...]) -> tuple[Any
 
 
 async def new_client(source: CredentialSource) -> RefreshingApiClient:
-    """A client for `source`; the loader's exception (ConfigException, OSError, ValueError,
-    KeyError, TypeError) when it cannot be configured."""
+    """A client for `source`; ConfigException, OSError or ValueError when it cannot be
+    configured. The loaders fail in many more ways (a kubeconfig that is not YAML raised
+    yaml's ParserError, which the gateway's kube source did not expect: the source task
+    died and the gateway stayed not ready for good, the controller printed a traceback):
+    those become a ConfigException with their type and text (yaml's names the file and
+    line), which the callers prefix with the source."""
     configuration = Configuration()
     stamp = source.stamp()
-    expires = await _load(source, configuration)
+    try:
+        expires = await _load(source, configuration)
+    except (kube_config.ConfigException, OSError, ValueError):
+        raise
+    except Exception as exc:  # KeyError, TypeError, yaml.YAMLError, even AssertionError
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        raise kube_config.ConfigException(f"{type(exc).__name__}: {text}") from exc
     return RefreshingApiClient(source, configuration, stamp, expires)

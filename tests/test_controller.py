@@ -330,6 +330,18 @@ def test_bad_flags_exit_2_with_the_reason(argv: list[str], message: str,
     assert message in capsys.readouterr().err
 
 
+def test_a_kubeconfig_that_is_not_yaml_is_one_line_naming_file_and_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """It ended in yaml's ParserError traceback."""
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text("apiVersion: v1\nclusters: [\n")
+    assert main(["controller", "--kubeconfig", str(kubeconfig), "--contexts", "a",
+                 "--log-level", "error"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert f"kubeconfig {kubeconfig}: ParserError: " in err and ", line 3," in err
+
+
 def test_an_output_dir_that_cannot_be_one_is_named(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A file there failed as "mcsproxy: error: OUT: File exists" (exit 1), an output

@@ -18,6 +18,7 @@ import pytest
 from kubernetes_asyncio import config as kube_config
 
 from mcsproxy.kubeclient import KubeconfigFile, new_client
+from mcsproxy.sources import kube as kube_source
 from mcsproxy.sources.kube import KubeSource
 from mcsproxy.store import SnapshotStore
 from tests.kube_auth_support import (
@@ -219,3 +220,34 @@ async def test_a_kubeconfig_that_does_not_exist_is_named_as_missing(tmp_path: Pa
     missing = tmp_path / "nope" / "config"
     with pytest.raises(kube_config.ConfigException, match=f"kubeconfig {missing}: no such file"):
         await new_client(KubeconfigFile(str(missing)))
+
+
+async def test_a_kubeconfig_that_is_not_yaml_is_retried_and_then_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kubeconfig half-written, or not YAML, raised yaml's ParserError, which the source
+    did not expect: its task ended ("task source kube failed") and the gateway stayed not
+    ready for good, whatever the file became. It is retried as a missing file is, its
+    error (file and line) on /readyz; once the file is good the source syncs."""
+    monkeypatch.setattr(kube_source, "CONFIG_RETRY_S", 0.05)
+    async with KubeEmulator(bookmark_interval=0.1) as emu:
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text("apiVersion: v1\nclusters: [\n")
+        with pytest.raises(kube_config.ConfigException, match=r"ParserError: .* line 3"):
+            await new_client(KubeconfigFile(str(kubeconfig)))
+        store = SnapshotStore("east")
+        source = KubeSource("east", kubeconfig=str(kubeconfig), timings=FAST)
+        task = asyncio.create_task(source.run(store))
+        try:
+            async with asyncio.timeout(5):
+                while not (store.sources and "ParserError" in str(
+                        next(iter(store.sources.values())).error)):
+                    await asyncio.sleep(0.02)
+            await asyncio.sleep(0.2)  # a few retries
+            assert not task.done()
+            emu.kubeconfig(tmp_path / "kubeconfig.new").replace(kubeconfig)
+            async with asyncio.timeout(5):
+                await store.loaded.wait()
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
