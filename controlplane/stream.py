@@ -253,7 +253,11 @@ class StreamHub:
         try:
             version = int(request.query.get("version", "0"))
         except ValueError:
-            return web.json_response({"error": "version must be an integer"}, status=400)
+            version = -1
+        if version < 0:
+            # -1 with the right epoch was served every delta in the history as if they
+            # followed version -1, with none of the objects they were made on.
+            return web.json_response({"error": "version must be an integer >= 0"}, status=400)
         headers = {
             "Content-Type": "application/x-ndjson",
             "Cache-Control": "no-store",

@@ -639,3 +639,33 @@ async def test_many_gateways_connecting_log_a_line_a_second_not_one_each(
     finally:
         hub.close()
         await server.stop()
+
+
+def test_a_negative_version_is_refused_not_given_deltas_without_their_base() -> None:
+    """version=-1 with the right epoch got every delta in the history and no snapshot:
+    the objects the deltas were made on were missing."""
+    hub = StreamHub(heartbeat_s=30)
+    ref = ObjectRef("ServiceImport", "test", "web")
+    hub.attach("east", {ref: service_import("web")})
+    other = ObjectRef("ServiceImport", "test", "api")
+    hub.publish("east", {other: service_import("api", "127.240.4.2")}, [], time.time())
+
+    async def ask(query: str) -> tuple[int, bytes]:
+        app = web.Application()
+        app.router.add_get("/v1/stream", hub.handle)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.73.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http, \
+                    http.get(f"http://127.73.0.1:{port}/v1/stream?{query}") as resp:
+                return resp.status, await resp.content.readline()
+        finally:
+            hub.close()
+            await runner.cleanup()
+
+    epoch = hub.epoch
+    status, body = asyncio.run(ask(f"cluster=east&epoch={epoch}&version=-1"))
+    assert status == 400 and b"version must be an integer >= 0" in body
