@@ -17,6 +17,16 @@ every source synced says which of them are stale: the sources are not read yet w
 interface is opened, and removing them then took every ClusterSetIP off the node until
 its source delivered again (seconds, or the whole outage of an unreachable API server).
 
+Two gateways can share one interface: a DaemonSet rollout or a deleted pod overlaps the
+old and the new pod on the node's network for a while. Each gateway holds an abstract
+Unix socket named after the interface while it runs (abstract names live in the network
+namespace and vanish with the process, SIGKILL included), and one that stops while
+another still holds such a name leaves the addresses and the interface to it: the first
+to stop used to take every ClusterSetIP off the node while the survivor, believing them
+present, never put them back. The last gateway to stop removes them. Each
+resynchronisation looks the interface up again by name (and recreates it when it may),
+so one deleted under a running gateway comes back.
+
 Netlink through pyroute2. Its asyncio flavour cannot run on uvloop (no netlink datagram
 transport), so the synchronous IPRoute runs in one dedicated worker thread: netlink calls
 never block the event loop and are applied in order. Each snapshot costs work for its
@@ -32,6 +42,7 @@ import asyncio
 import errno
 import ipaddress
 import logging
+import os
 import socket
 from collections import Counter
 from collections.abc import Iterable
@@ -51,6 +62,10 @@ log = logging.getLogger("mcsproxy.vip")
 IFA_F_NODAD = 0x02  # a ClusterSetIP is ours alone: no duplicate address detection
 RETRY_INITIAL_S = 0.5
 RETRY_MAX_S = 30.0
+# Abstract Unix socket names "<prefix><ifname>/<random>", one per gateway using the
+# interface, read back from /proc/net/unix (which lists the reader's network namespace).
+OWNER_PREFIX = "mcsproxy-vip/"
+PROC_NET_UNIX = "/proc/net/unix"
 
 
 class VipError(OSError):
@@ -83,6 +98,7 @@ class VipInterface:
         self._complete = False  # a snapshot with every source synced has been seen
         self._wake = asyncio.Event()
         self._ipr: IPRoute | None = None
+        self._owner: socket.socket | None = None  # our name among the interface's users
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[Any] | None = None
 
@@ -169,7 +185,15 @@ class VipInterface:
         return await asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
 
     def _open(self) -> None:
+        # Named before the link is touched: a gateway stopping beside this one from here
+        # on sees it and leaves the addresses in place.
+        self._owner = _hold_owner_name(self.ifname)
         self._ipr = IPRoute()
+        self._attach()
+
+    def _attach(self) -> None:
+        """Look the interface up by name (create it when missing and allowed), set it up."""
+        assert self._ipr is not None
         found = self._ipr.link_lookup(ifname=self.ifname)
         if not found:
             if not self.create:
@@ -212,6 +236,7 @@ class VipInterface:
         assert self._ipr is not None
         wanted = self._wanted
         if resync:
+            self._attach()  # the link may have been deleted and made again meanwhile
             on_link = self._dump()
             self.present = {ip for ip in on_link if ip in wanted or self._ours(ip)}
             dirty = dirty | set(wanted) | (self.present if prune else set())
@@ -246,6 +271,17 @@ class VipInterface:
 
     def _remove_all(self) -> None:
         assert self._ipr is not None
+        # Our own name goes first: of two gateways stopping together, one of them then
+        # sees no other and cleans up.
+        if self._owner is not None:
+            self._owner.close()
+            self._owner = None
+        others = _other_owners(self.ifname)
+        if others:
+            log.info("vip interface %s: %d other gateway(s) on this network use it; leaving "
+                     "its %d addresses to them", self.ifname, others, len(self.present))
+            self.present.clear()
+            return
         if self.created:
             self._ipr.link("del", index=self.index)
             log.info("vip interface %s removed with its %d addresses", self.ifname,
@@ -256,9 +292,40 @@ class VipInterface:
             self._del(ip)
 
     async def _close(self) -> None:
+        if self._owner is not None:
+            self._owner.close()
+            self._owner = None
         if self._ipr is not None and self._executor is not None:
             ipr, self._ipr = self._ipr, None
             await self._call(ipr.close)
         if self._executor is not None:
             self._executor.shutdown(wait=False)
             self._executor = None
+
+
+def _hold_owner_name(ifname: str) -> socket.socket:
+    """Bind this gateway's abstract name for `ifname`; it lasts as long as the socket."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        # Random, not the pid: every pod's gateway may be pid 1 in its own pid namespace.
+        sock.bind(f"\0{OWNER_PREFIX}{ifname}/{os.urandom(8).hex()}")
+    except OSError as exc:
+        sock.close()
+        raise VipError(f"--vip-interface {ifname}: cannot bind its owner socket: {exc}") from None
+    return sock
+
+
+def _other_owners(ifname: str) -> int:
+    """How many other live gateways in this network namespace hold `ifname`'s name.
+
+    Unreadable /proc counts as none: the addresses are removed, as before this check."""
+    wanted = f"@{OWNER_PREFIX}{ifname}/"
+    try:
+        with open(PROC_NET_UNIX, encoding="ascii", errors="replace") as table:
+            # Num RefCount Protocol Flags Type St Inode Path: the path is the 8th field.
+            return sum(1 for line in table
+                       if len(fields := line.split()) > 7 and fields[7].startswith(wanted))
+    except OSError as exc:
+        log.warning("vip interface %s: cannot read %s (%s); removing the addresses",
+                    ifname, PROC_NET_UNIX, exc)
+        return 0

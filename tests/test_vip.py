@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -75,8 +76,10 @@ def netns() -> Iterator[Namespaces]:
         pytest.skip("network namespaces need root")
     if shutil.which("ip") is None:
         pytest.skip("iproute2 (ip) is not installed")
+    # Sessions sharing a machine may each be given a namespace name prefix of their own.
+    prefix = os.environ.get("MCSPROXY_TEST_NETNS_PREFIX", "mcsvip")
     tag = f"{os.getpid() % 100000}"
-    ns = Namespaces(f"mcsvip{tag}a", f"mcsvip{tag}b")
+    ns = Namespaces(f"{prefix}{tag}a", f"{prefix}{tag}b")
     made: list[str] = []
     try:
         for name in (ns.a, ns.b):
@@ -134,6 +137,23 @@ def gateway(netns: Namespaces, source: Path, interface: str,
                    "--clusterset-cidr", CIDR, "--dns-listen", "127.0.0.1:0",
                    "--admin-listen", "127.0.0.1:0", "--log-level", "info", *extra),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_log(proc: subprocess.Popen[str], text: str, timeout: float = 10.0) -> None:
+    """Read the gateway's log until it holds `text`. Straight from the pipe: a buffered
+    readline would hold lines that select() no longer reports."""
+    assert proc.stderr is not None
+    fd = proc.stderr.fileno()
+    deadline = time.monotonic() + timeout
+    seen = ""
+    while text not in seen:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            pytest.fail(f"timed out waiting for {text!r} in the gateway's log: {seen}")
+        chunk = os.read(fd, 65536).decode(errors="replace")
+        if not chunk:
+            pytest.fail(f"the gateway exited before logging {text!r}: {seen}")
+        seen += chunk
 
 
 def listener_pids(netns: Namespaces, ip: str, port: int = 80) -> list[int]:
@@ -258,6 +278,37 @@ def test_restart_after_sigkill_adopts_leftover_vips_and_a_killed_worker_rebinds(
     assert code == 0, err
     assert "vip interface" not in err  # no netlink call failed (an EEXIST would show here)
     assert not any(a.startswith("198.18.") for a in netns.host_addresses(netns.a))
+
+
+def test_a_gateway_stopping_beside_another_leaves_the_shared_vips_to_it(
+        netns: Namespaces, backend: None, tmp_path: Path) -> None:
+    """A DaemonSet rollout (or a deleted pod) overlaps two gateways on one node's network.
+    The one that stops first must not take the ClusterSetIPs off the interface the other
+    still serves: it did, and the survivor, believing them present, never put them back
+    (every connection to the VIP went unanswered until an import changed). The last one
+    to stop removes them."""
+    source = tmp_path / "imports.yaml"
+    manifests(source, {"web": VIP})
+    old = gateway(netns, source, "lo")
+    new: subprocess.Popen[str] | None = None
+    try:
+        eventually(lambda: f"{VIP}/32" in netns.host_addresses(netns.a), f"{VIP} on lo")
+        new = gateway(netns, source, "lo")
+        # Its snapshot is applied (the VIP adopted) once it tries the old one's listener.
+        wait_for_log(new, f"listener {VIP}:80/TCP")
+        code, err = stop(old)
+        assert code == 0, err
+        assert f"{VIP}/32" in netns.host_addresses(netns.a), "the survivor lost its VIP"
+        # The survivor binds the listener the old one released and serves through it.
+        eventually(lambda: run(*netns.exec(netns.b, sys.executable, "-c", CLIENT, VIP),
+                               check=False).stdout.strip() == "backend-ok",
+                   "a connection through the surviving gateway")
+    finally:
+        stop(old)
+        if new is not None:
+            code, err = stop(new)
+    assert code == 0, err
+    assert f"{VIP}/32" not in netns.host_addresses(netns.a)  # the last one cleans up
 
 
 async def test_without_vip_interface_listeners_bind_freely_ipv4_and_ipv6() -> None:
