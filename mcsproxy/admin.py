@@ -28,7 +28,7 @@ from mcsproxy.jsonstream import stream_json_list
 from mcsproxy.model import ImportedService, ServiceKey
 from mcsproxy.observability.families import drop_gradually
 from mcsproxy.observability.workers import health_scope
-from mcsproxy.webguard import ConnectionGuard, serve
+from mcsproxy.webguard import ConnectionGuard, refuse_cross_site, serve
 
 if TYPE_CHECKING:
     from mcsproxy.gateway import Gateway
@@ -376,7 +376,8 @@ class SourceMetrics:
 class AdminServer:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
-        self.app = web.Application()
+        # The demo's kill/restore buttons POST here: no other site's page may.
+        self.app = web.Application(middlewares=[refuse_cross_site])
         self.app[GATEWAY_KEY] = gateway
         process = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=process)

@@ -17,10 +17,12 @@ for ever, pipelined requests) arm nothing."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import cast
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -30,6 +32,9 @@ from mcsproxy.config import WebLimits, listen_error
 log = logging.getLogger("mcsproxy.webguard")
 
 CLOSE_REASONS = ("connection_limit", "client_limit", "head_timeout")
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Sec-Fetch-Site values of a request a page of this very origin (or the user) made.
+SAME_SITE_FETCHES = frozenset({"same-origin", "none"})
 LOG_INTERVAL_S = 1.0
 
 
@@ -229,3 +234,49 @@ async def serve(app: web.Application, listen: tuple[str, int], guard: Connection
         await runner.cleanup()
         raise
     return runner, site.bound
+
+
+def cross_site_refusal(request: web.Request) -> str | None:
+    """Why a state-changing request may come from another site's page, or None.
+
+    A page on any site can make the browser POST to a loopback address (a form, or
+    fetch() in no-cors mode, which needs no preflight): it cannot read the answer, but the
+    action is done. Browsers name the page's origin in `Origin` (and newer ones say
+    `Sec-Fetch-Site`), so a request from another origin is refused. A page of a domain
+    rebound to 127.0.0.1 is same-origin to itself, so the Host must also be an IP address
+    or localhost. Clients that are not browsers (the CLI, the admin's relay) send neither
+    header and pass."""
+    fetch_site = request.headers.get("Sec-Fetch-Site")
+    if fetch_site is not None and fetch_site not in SAME_SITE_FETCHES:
+        return f"Sec-Fetch-Site: {fetch_site}"
+    host = request.headers.get("Host", "")
+    if not _is_address_host(host):
+        return f"Host {host!r} is not an IP address or localhost"
+    origin = request.headers.get("Origin")
+    if origin is not None and (origin == "null" or urlsplit(origin).netloc.lower()
+                               != host.lower()):
+        return f"Origin {origin} is not http://{host}"
+    return None
+
+
+def _is_address_host(host: str) -> bool:
+    name = urlsplit(f"//{host}").hostname or ""
+    if name == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+@web.middleware
+async def refuse_cross_site(
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Middleware: a state-changing request another site's page may have sent gets 403."""
+    if request.method not in SAFE_METHODS and (why := cross_site_refusal(request)):
+        log.warning("refused %s %s from %s: cross-site (%s)", request.method, request.path,
+                    request.remote, why)
+        raise web.HTTPForbidden(text=f"cross-site request refused: {why}\n")
+    return await handler(request)

@@ -278,3 +278,58 @@ async def test_controller_kube_mode_never_logs_its_token(tmp_path: Path) -> None
         assert "DEBUG" in text, text[-2000:]  # the most talkative level was on
         assert TOKEN not in text
         assert TOKEN[:12] not in text
+
+
+async def test_demo_kill_and_restore_refuse_requests_from_other_sites_pages(
+        tmp_path: Path) -> None:
+    """Any page open in the user's browser can POST to loopback (a form, or a no-cors
+    fetch: no preflight). The demo's control API and the admin relay of its buttons did
+    whatever such a POST asked; now a request naming another origin, a cross-site fetch
+    or a Host that is not an address (DNS rebinding) gets 403. The CLI, the relay and the
+    page's own buttons (same origin) still work."""
+    from aiohttp import ClientSession, ClientTimeout, web
+
+    from mcsproxy.demo.runner import Demo
+    from tests.proxy_fixtures import free_port
+    from tests.test_metrics_support import start_gateway
+
+    host = "127.76.4.1"
+    demo = Demo(tmp_path / "demo")
+    runner = web.AppRunner(demo.control_app())
+    await runner.setup()
+    port = free_port(host)
+    await web.TCPSite(runner, host, port).start()
+    control = f"http://{host}:{port}"
+    gw = await start_gateway(tmp_path, "127.76.4.2", demo_control=control)
+
+    def cross_site(base: str) -> list[dict[str, str]]:
+        rebound = f"rebound.attacker.example:{base.rsplit(':', 1)[1]}"
+        return [{"Origin": "https://attacker.example"},
+                {"Origin": "null"},  # a sandboxed frame or a file:// page
+                {"Sec-Fetch-Site": "cross-site"},
+                {"Host": rebound, "Origin": f"http://{rebound}"}]
+
+    try:
+        async with ClientSession(timeout=ClientTimeout(total=5)) as http:
+            for base, path in ((control, "/clusters"), (gw.admin, "/demo/clusters")):
+                for headers in cross_site(base):
+                    async with http.post(f"{base}{path}/east/kill", headers=headers) as resp:
+                        assert resp.status == 403, (base, headers)
+                        assert "cross-site" in await resp.text()
+            assert demo.backends.killed == set()
+
+            # The CLI (no Origin) and the page's own button (its origin) are served.
+            async with http.post(f"{control}/clusters/east/kill") as resp:
+                assert resp.status == 200
+            assert demo.backends.killed == {"east"}
+            async with http.post(f"{gw.admin}/demo/clusters/east/restore",
+                                 headers={"Origin": gw.admin,
+                                          "Sec-Fetch-Site": "same-origin"}) as resp:
+                assert resp.status == 200
+            assert demo.backends.killed == set()
+            async with http.get(f"{control}/clusters",
+                                headers={"Origin": "https://attacker.example"}) as resp:
+                assert resp.status == 200  # reading is harmless: no CORS header, no access
+    finally:
+        await gw.stop()
+        await runner.cleanup()

@@ -40,6 +40,7 @@ from mcsproxy.demo.clusterset import (
 from mcsproxy.demo.load import LoadGenerator
 from mcsproxy.proxy.workers import WORKER_MAIN
 from mcsproxy.tasks import cancel_and_wait, spawn
+from mcsproxy.webguard import refuse_cross_site
 
 log = logging.getLogger("mcsproxy.demo")
 
@@ -263,11 +264,16 @@ class Demo:
                                 + log_tail(child.log_path))
 
     # -- control API -----------------------------------------------------------------
-    async def _start_control_api(self) -> None:
-        app = web.Application()
+    def control_app(self) -> web.Application:
+        # On loopback, but any page open in the user's browser could POST a kill here.
+        app = web.Application(middlewares=[refuse_cross_site])
         app.router.add_get("/clusters", self._list_clusters)
         app.router.add_post("/clusters/{name}/{action:kill|restore}", self._cluster_action)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        return app
+
+    async def _start_control_api(self) -> None:
+        self._runner = web.AppRunner(self.control_app(), access_log=None,
+                                     handle_signals=False)
         await self._runner.setup()
         host, port = CONTROL_URL.removeprefix("http://").split(":")
         await web.TCPSite(self._runner, host, int(port), reuse_address=True).start()
