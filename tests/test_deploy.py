@@ -64,9 +64,11 @@ OVERLAYS: dict[str, set[tuple[str, str]]] = {
         ("DaemonSet", "mcsproxy-gateway"),
         ("Deployment", "mcsproxy-controller"),
         ("PodDisruptionBudget", "mcsproxy-controller"),
+        ("NetworkPolicy", "mcsproxy-controller"),
         ("ClusterRole", "mcsproxy-controller-member"),
     },
-    "overlays/local": {("DaemonSet", "mcsproxy-gateway"), ("Deployment", "mcsproxy-controller")},
+    "overlays/local": {("DaemonSet", "mcsproxy-gateway"), ("Deployment", "mcsproxy-controller"),
+                       ("NetworkPolicy", "mcsproxy-controller")},
     "overlays/member": {("DaemonSet", "mcsproxy-gateway"), ("ClusterRole",
                                                              "mcsproxy-controller-member")},
     "overlays/karmada": {("DaemonSet", "mcsproxy-gateway"), ("Service", "mcsproxy-dns")},
@@ -826,6 +828,77 @@ def test_controller_runs_two_replicas_with_leader_election_and_a_pdb() -> None:
     pdb = file_docs(base / "pdb.yaml")[0]
     assert pdb["spec"]["minAvailable"] == 1
     assert pdb["spec"]["selector"] == deployment["spec"]["selector"]
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A LabelSelector (matchLabels and matchExpressions) against a label set."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", ()):
+        key, op, values = expr["key"], expr["operator"], expr.get("values", ())
+        if not {"In": key in labels and labels[key] in values,
+                "NotIn": key not in labels or labels[key] not in values,
+                "Exists": key in labels, "DoesNotExist": key not in labels}[op]:
+            return False
+    return True
+
+
+def _ingress_admitted(docs: Any, target: dict[str, Any], source_ns: str,
+                      source_labels: dict[str, str], port: int) -> bool:
+    """NetworkPolicy ingress semantics for a pod-network client of `target` (a workload):
+    no policy selecting the target's pods admits everything; otherwise one rule of one
+    policy must admit the client's pod (podSelector alone: the policy's namespace) and
+    the port (by number or by the container port's name)."""
+    pod = target["spec"]["template"]
+    ns = target["metadata"]["namespace"]
+    named = {p["name"]: p["containerPort"] for c in containers(target)
+             for p in c.get("ports", ()) if "name" in p}
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"
+                and d["metadata"]["namespace"] == ns
+                and "Ingress" in d["spec"].get("policyTypes", ["Ingress"])
+                and _selects(d["spec"]["podSelector"], pod["metadata"]["labels"])]
+    if not policies:
+        return True
+    ns_labels = {"kubernetes.io/metadata.name": source_ns}
+    for policy in policies:
+        for rule in policy["spec"].get("ingress", ()):
+            ports = rule.get("ports")
+            if ports is not None and not any(named.get(p["port"], p["port"]) == port
+                                             for p in ports):
+                continue
+            peers = rule.get("from")
+            if peers is None:
+                return True
+            for peer in peers:
+                assert "ipBlock" not in peer, "extend _ingress_admitted for ipBlock peers"
+                ns_ok = (_selects(peer["namespaceSelector"], ns_labels)
+                         if "namespaceSelector" in peer else source_ns == ns)
+                if ns_ok and _selects(peer.get("podSelector", {}), source_labels):
+                    return True
+    return False
+
+
+def test_controller_port_admits_only_gateways_and_prometheus() -> None:
+    """Port 9902 serves the stream and /status (every service and endpoint of the
+    clusterset) without authentication: any pod in the cluster could read them. A
+    NetworkPolicy admits only gateway pods of the controller's namespace and Prometheus
+    in "monitoring"; borrowed labels in another namespace get nowhere."""
+    docs = [doc for _, doc in all_file_docs()]
+    controller = next(d for d in docs if d["kind"] == "Deployment"
+                      and d["metadata"]["name"] == "mcsproxy-controller")
+    gateway_pod = next(d for d in docs if d["kind"] == "Deployment"
+                       and d["metadata"]["name"] == "mcsproxy-gateway")
+    gateway_labels = gateway_pod["spec"]["template"]["metadata"]["labels"]
+    prometheus = {"app.kubernetes.io/name": "prometheus"}
+    port = 9902
+    assert _ingress_admitted(docs, controller, NAMESPACE, gateway_labels, port)
+    assert _ingress_admitted(docs, controller, "monitoring", prometheus, port)
+    for ns, labels in (("default", {"app": "web"}), (NAMESPACE, {"app": "debug"}),
+                       ("default", gateway_labels), ("tenant-a", prometheus)):
+        assert not _ingress_admitted(docs, controller, ns, labels, port), (ns, labels)
+    # Every overlay that runs the controller renders the policy with it.
+    kustomization = load_docs((DEPLOY / "base/controller/kustomization.yaml").read_text())[0]
+    assert "networkpolicy.yaml" in kustomization["resources"]
 
 
 def test_example_member_secrets_are_read_by_the_controller() -> None:
