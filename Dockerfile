@@ -25,11 +25,14 @@ COPY controlplane controlplane
 # A regular (not editable) install; pip compiles the bytecode here, so nothing is written
 # at run time. `pip check` fails the build if pyproject.toml needs a package or version
 # that deploy/constraints.txt does not provide. The last check fails the build if the
-# data path did not come out compiled.
+# data path did not come out compiled. pip and setuptools leave the venv last: nothing
+# imports them at run time, and the image is 25 MB smaller with no installer in it.
 RUN /opt/mcsproxy/bin/pip install --no-deps . \
  && /opt/mcsproxy/bin/pip check \
  && /opt/mcsproxy/bin/mcsproxy --help >/dev/null \
- && cd / && /opt/mcsproxy/bin/python -c 'import mcsproxy.compiled as c; assert c.STATE == "compiled", c.REASON'
+ && cd / && /opt/mcsproxy/bin/python -c 'import mcsproxy.compiled as c; assert c.STATE == "compiled", c.REASON' \
+ && /opt/mcsproxy/bin/python -m pip uninstall --yes --quiet pip setuptools \
+ && /opt/mcsproxy/bin/python -c 'import mcsproxy.cli, mcsproxy.vip, controlplane.command, kubernetes_asyncio.client'
 
 FROM python:3.11-slim-bookworm
 # A fixed UID/GID so the manifests can state runAsUser/runAsGroup (65532, as distroless).
