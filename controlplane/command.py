@@ -24,6 +24,7 @@ from controlplane.server import ControllerServer
 from controlplane.stream import HEARTBEAT_S, StreamHub, StreamLimits
 from mcsproxy.config import CLUSTER_ID_RE
 from mcsproxy.tasks import cancel_and_wait, in_daemon_thread, spawn
+from mcsproxy.tokenfile import TokenFile, TokenFileError
 
 log = logging.getLogger("controlplane.command")
 
@@ -43,6 +44,7 @@ class ControllerConfig:
     poll_interval_s: float = POLL_INTERVAL_S
     heartbeat_s: float = HEARTBEAT_S
     stream_limits: StreamLimits = field(default_factory=StreamLimits)
+    serve_token_file: Path | None = None  # the stream and /status demand this bearer token
 
     def __post_init__(self) -> None:
         try:
@@ -58,6 +60,7 @@ class ControllerConfig:
         if self.output_dir.exists() and not self.output_dir.is_dir():
             # It failed later as "mcsproxy: error: OUT: File exists", exit 1, no flag named.
             raise ControllerConfigError(f"--output-dir {self.output_dir}: not a directory")
+        serve_token(self.serve_token_file)  # a bad token file stops the start
 
 
 def parse_cluster_cidrs(values: list[str]) -> tuple[tuple[str, str], ...]:
@@ -198,7 +201,8 @@ class DirectoryControllerApp:
         """After start(): keep reconciling (and streaming) until stop() or a signal."""
         assert self.controller is not None
         if self.config.serve is not None and self.hub is not None:
-            self.server = ControllerServer(self.controller, self.hub, self.config.serve)
+            self.server = ControllerServer(self.controller, self.hub, self.config.serve,
+                                           token=serve_token(self.config.serve_token_file))
             await self.server.start()
         reconciling = spawn(self.controller.run(), name="controller loop")
         stop = spawn(self._stop.wait(), name="controller stop signal")
@@ -282,7 +286,18 @@ def config_from_args(args: argparse.Namespace) -> ControllerConfig:
         clusterset_cidr=args.clusterset_cidr,
         cluster_cidrs=parse_cluster_cidrs(args.cluster_cidr),
         stream_limits=stream_limits_from_args(args),
+        serve_token_file=Path(args.serve_token_file) if args.serve_token_file else None,
     )
+
+
+def serve_token(path: Path | None) -> TokenFile | None:
+    """--serve-token-file, read once now so that a bad file stops the start, in either mode."""
+    if path is None:
+        return None
+    try:
+        return TokenFile(path)
+    except TokenFileError as exc:
+        raise ControllerConfigError(f"--serve-token-file: {exc}") from None
 
 
 # Descriptors the controller holds besides its streams: the listener, member API

@@ -19,6 +19,7 @@ from controlplane.controller import Controller
 from controlplane.metrics import ControllerMetrics
 from controlplane.stream import StreamHub
 from mcsproxy.config import WebLimits, is_loopback
+from mcsproxy.tokenfile import TokenFile
 from mcsproxy.webguard import ConnectionGuard, serve
 
 log = logging.getLogger("controlplane.server")
@@ -35,7 +36,8 @@ STATUS_PAGE = Path(__file__).resolve().parent.parent / "mcsproxy" / "admin_stati
 class ControllerServer:
     def __init__(self, controller: Controller | None, hub: StreamHub | None,
                  listen: tuple[str, int], *, metrics: ControllerMetrics | None = None,
-                 limits: WebLimits = LIMITS) -> None:
+                 limits: WebLimits = LIMITS, token: TokenFile | None = None) -> None:
+        self.token = token  # None: the stream and /status are open to whoever reaches them
         self.controller = controller  # None: a standby (Kubernetes mode, not leading)
         self.hub = hub
         self.listen = listen
@@ -67,7 +69,14 @@ class ControllerServer:
             self.hub.close()
         self.controller = self.hub = None
 
+    def _refuse_without_token(self, request: web.Request) -> None:
+        if self.token is not None and not self.token.admits(
+                request.headers.get("Authorization")):
+            raise web.HTTPUnauthorized(text="a bearer token is required (--serve-token-file)\n",
+                                       headers={"WWW-Authenticate": "Bearer"})
+
     async def _stream(self, request: web.Request) -> web.StreamResponse:
+        self._refuse_without_token(request)
         if self.hub is None:
             response = web.json_response(
                 {"error": "this controller replica is not the leader"}, status=503)
@@ -101,6 +110,7 @@ class ControllerServer:
                                 headers={"Content-Type": "text/css"})
 
     async def _status(self, request: web.Request) -> web.Response:
+        self._refuse_without_token(request)
         if self.controller is None or self.hub is None:
             return web.json_response({"leading": False}, status=503)
         controller = self.controller
@@ -123,9 +133,9 @@ class ControllerServer:
 
     async def start(self) -> None:
         host, port = self.listen
-        if not is_loopback(host):
+        if not is_loopback(host) and self.token is None:
             log.warning("controller listening on non-loopback %s: the stream has no auth; "
-                        "put it behind a network policy", host)
+                        "put it behind a network policy or use --serve-token-file", host)
         self._runner, self.bound = await serve(self.app, (host, port), self.guard, "--serve",
                                                shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         log.info("controller serving on %s:%d", *self.bound)

@@ -82,6 +82,9 @@ def _add_gateway_parser(sub: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("--clusterset-cidr", default="127.240.0.0/16", metavar="CIDR[,CIDR6]",
                    help="ClusterSetIPs the gateway allocates itself (Karmada services; "
                         "default 127.240.0.0/16)")
+    p.add_argument("--controlplane-token-file", default=None, metavar="PATH",
+                   help="--source controlplane: sends the token in PATH as a bearer token "
+                        "(the controller's --serve-token-file; re-read on every connect)")
     p.add_argument("--vip-interface", default=None, metavar="NAME",
                    help="keep the ClusterSetIPs on this interface as /32 and /128 "
                         "(created as a dummy link if missing; needs CAP_NET_ADMIN)")
@@ -135,6 +138,7 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
         log_level=args.log_level,
         clusterset_cidr=args.clusterset_cidr,
         vip_interface=args.vip_interface,
+        controlplane_token_file=args.controlplane_token_file,
         access_log=args.access_log,
         access_log_format=args.access_log_format,
     )
@@ -228,6 +232,9 @@ def _add_controller_parser(sub: argparse._SubParsersAction) -> None:  # type: ig
     p.add_argument("--output-dir", metavar="OUT", help="OUT/<cluster-id>/ receives the imports")
     p.add_argument("--once", action="store_true", help="reconcile once and exit")
     p.add_argument("--serve", metavar="HOST:PORT", help="stream snapshots to gateways here")
+    p.add_argument("--serve-token-file", metavar="PATH",
+                   help="the stream and /status answer 401 without 'Authorization: Bearer' "
+                        "and the token in PATH (re-read when it changes)")
     p.add_argument("--stream-write-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="stream: a gateway that takes no data for this long is disconnected "
                         "(default 30)")

@@ -345,6 +345,7 @@ class GatewayConfig:
     # also the range whose stale /32s --vip-interface may remove from a shared interface.
     clusterset_cidr: str = "127.240.0.0/16"
     vip_interface: str | None = None  # keep the ClusterSetIPs on this interface
+    controlplane_token_file: str | None = None  # bearer token for --source controlplane:
     access_log: str | None = None  # "-" (stderr) or a path; None: off
     access_log_format: str = "text"  # or "json"
 

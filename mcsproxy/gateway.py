@@ -37,7 +37,8 @@ class Gateway:
         self.config = config
         self.store = SnapshotStore(config.cluster_id)
         self.sources: list[Source] = [
-            make_source(s, config.cluster_id, clusterset_cidr=config.clusterset_cidr)
+            make_source(s, config.cluster_id, clusterset_cidr=config.clusterset_cidr,
+                        controlplane_token_file=config.controlplane_token_file)
             for s in config.sources
         ]
         self.dns = DnsServer(config.dns, self.store)

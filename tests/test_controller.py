@@ -366,6 +366,12 @@ def test_stream_flags_reach_the_config_in_both_modes(tmp_path: Path) -> None:
         assert command.config_from_args(args).stream_limits == limits
         args = build_parser().parse_args(["controller", "--contexts", "a", *argv])
         assert kube_app.config_from_args(args).stream_limits == limits
+    token = tmp_path / "token"
+    token.write_text("t0k3n\n")
+    for argv in (directory, ["--contexts", "a"]):
+        args = build_parser().parse_args(["controller", *argv, "--serve-token-file", str(token)])
+        mode = command if argv is directory else kube_app
+        assert mode.config_from_args(args).serve_token_file == token  # type: ignore[attr-defined]
 
 
 # "b\n" passed as cluster b: `$` matches before a final newline, and the newline went

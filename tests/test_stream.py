@@ -34,9 +34,11 @@ from mcsproxy.dns.wire import encode_name
 from mcsproxy.dns.zone import ZoneIndex
 from mcsproxy.gateway import Gateway
 from mcsproxy.model import ServiceKey
+from mcsproxy.sources import SourceSpecError, make_source
 from mcsproxy.sources.controlplane import ControlplaneSource
 from mcsproxy.store import ServiceMap, SnapshotStore
 from mcsproxy.tasks import cancel_and_wait, spawn
+from mcsproxy.tokenfile import TokenFile
 from tests.http_support import head_then_get
 from tests.proxy_fixtures import Backend, ask, free_port
 from tests.test_controller import clusterset_with_backends, dns_a, gateway_config, until
@@ -63,9 +65,10 @@ def addresses(store: SnapshotStore) -> list[str]:
 class Controller:
     """A directory-mode controller with --serve, on a fixed port so it can come back."""
 
-    def __init__(self, clusters: Path, out: Path, port: int) -> None:
-        self.config = ControllerConfig(clusters, out, serve=(HOST, port), poll_interval_s=0.05,
-                                       heartbeat_s=0.2)
+    def __init__(self, clusters: Path, out: Path, port: int, host: str = HOST,
+                 **config: object) -> None:
+        self.config = ControllerConfig(clusters, out, serve=(host, port), poll_interval_s=0.05,
+                                       heartbeat_s=0.2, **config)  # type: ignore[arg-type]
         self.app: DirectoryControllerApp | None = None
         self.task: asyncio.Task | None = None
 
@@ -669,3 +672,63 @@ def test_a_negative_version_is_refused_not_given_deltas_without_their_base() -> 
     epoch = hub.epoch
     status, body = asyncio.run(ask(f"cluster=east&epoch={epoch}&version=-1"))
     assert status == 400 and b"version must be an integer >= 0" in body
+async def test_with_a_token_file_the_stream_and_status_need_the_bearer_token(
+        tmp_path: Path) -> None:
+    """--serve-token-file: without the token (or with a stale one after rotation) the
+    stream and /status answer 401 and a gateway gets nothing; /healthz and /metrics stay
+    open for the probes and Prometheus. A gateway with --controlplane-token-file syncs,
+    and follows a rotated token on its next connect."""
+    host = "127.76.2.1"
+    clusters, out, port = tmp_path / "c", tmp_path / "o", free_port(host)
+    write_member(clusters, "east", ["10.1.0.1"])
+    served, sent = tmp_path / "serve-token", tmp_path / "gateway-token"
+    served.write_text("first-token\n")
+    sent.write_text("first-token\n")
+    ctl = Controller(clusters, out, port, host, serve_token_file=served)
+    await ctl.start()
+    url = f"http://{host}:{port}"
+    store = SnapshotStore("east")
+    source, task = await start_source(url, store, token=TokenFile(sent))
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+            for path in ("/v1/stream?cluster=east", "/status"):
+                for headers in ({}, {"Authorization": "Bearer wrong-token"},
+                                {"Authorization": "Basic Zmlyc3QtdG9rZW4="}):
+                    async with http.get(url + path, headers=headers) as resp:
+                        assert resp.status == 401, (path, headers)
+            for path in ("/healthz", "/metrics"):
+                async with http.get(url + path) as resp:
+                    assert resp.status == 200, path
+            async with http.get(url + "/status",
+                                headers={"Authorization": "Bearer first-token"}) as resp:
+                assert resp.status == 200
+            async with asyncio.timeout(5):
+                await store.loaded.wait()
+            assert addresses(store) == ["10.1.0.1"]
+
+            served.write_text("second-token\n")  # rotated on the controller first
+            async with http.get(url + "/status",
+                                headers={"Authorization": "Bearer first-token"}) as resp:
+                assert resp.status == 401
+        await ctl.stop()  # the gateway reconnects: refused until it has the new token too
+        await ctl.start()
+        status = store.sources[source.name]
+        await until(lambda: "HTTP 401" in (status.error or ""))
+        sent.write_text("second-token\n")
+        await until(lambda: status.connected, timeout=5)
+    finally:
+        await cancel_and_wait([task])
+        await ctl.stop()
+
+
+def test_an_unreadable_token_file_stops_the_start(tmp_path: Path) -> None:
+    (tmp_path / "c").mkdir()
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    for path in (tmp_path / "missing", empty):
+        with pytest.raises(ValueError, match="--serve-token-file"):
+            ControllerConfig(tmp_path / "c", tmp_path / "o", serve=(HOST, 1),
+                             serve_token_file=path)
+        with pytest.raises(SourceSpecError, match="--controlplane-token-file"):
+            make_source("controlplane:http://127.76.2.1:1", "east",
+                        controlplane_token_file=str(path))

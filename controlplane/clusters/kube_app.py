@@ -56,7 +56,7 @@ from controlplane.clusters.kube_members import (
     check_cluster_id,
     member_from_secret,
 )
-from controlplane.command import parse_cluster_cidrs, stream_limits_from_args
+from controlplane.command import parse_cluster_cidrs, serve_token, stream_limits_from_args
 from controlplane.controller import Controller
 from controlplane.leader import LeaderElector, LeaseConfig
 from controlplane.metrics import ControllerMetrics
@@ -114,12 +114,14 @@ class KubeControllerConfig:
     identity: str = field(default_factory=default_identity)
     heartbeat_s: float = HEARTBEAT_S
     stream_limits: StreamLimits = field(default_factory=StreamLimits)
+    serve_token_file: Path | None = None  # the stream and /status demand this bearer token
     timings: KubeTimings = field(default_factory=KubeTimings)
     service_account_dir: Path = SERVICE_ACCOUNT_DIR  # in-cluster: token and ca.crt
 
     def __post_init__(self) -> None:
         if bool(self.contexts) == bool(self.member_secrets):
             raise ValueError("Kubernetes mode needs --contexts or --member-secrets (one)")
+        serve_token(self.serve_token_file)  # a bad token file stops the start
 
     def lease(self) -> LeaseConfig:
         duration = self.lease_duration_s
@@ -310,7 +312,8 @@ class KubeControllerApp:
         The listener (--serve) is up the whole time, so a standby answers its probes."""
         cfg = self.config
         if cfg.serve is not None:
-            self.server = ControllerServer(None, None, cfg.serve, metrics=self.metrics)
+            self.server = ControllerServer(None, None, cfg.serve, metrics=self.metrics,
+                                           token=serve_token(cfg.serve_token_file))
             await self.server.start()
         try:
             await self._run_terms()
@@ -438,4 +441,5 @@ def config_from_args(args: Any) -> KubeControllerConfig:
         lease_duration_s=float(args.lease_duration),
         identity=args.identity or default_identity(),
         stream_limits=stream_limits_from_args(args),
+        serve_token_file=Path(args.serve_token_file) if args.serve_token_file else None,
     )

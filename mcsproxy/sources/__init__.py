@@ -18,7 +18,8 @@ class SourceSpecError(ValueError):
     pass
 
 
-def make_source(spec: str, cluster_id: str, *, clusterset_cidr: str | None = None) -> Source:
+def make_source(spec: str, cluster_id: str, *, clusterset_cidr: str | None = None,
+                controlplane_token_file: str | None = None) -> Source:
     """Build a source from its `--source` spelling."""
     kind, _, arg = spec.partition(":")
     if kind == "kube" and not arg:
@@ -33,9 +34,14 @@ def make_source(spec: str, cluster_id: str, *, clusterset_cidr: str | None = Non
         return FileSource(arg)
     if kind == "controlplane" and arg:
         from mcsproxy.sources.controlplane import ControlplaneSource
+        from mcsproxy.tokenfile import TokenFile, TokenFileError
 
         try:
-            return ControlplaneSource(arg, cluster_id)
+            token = (TokenFile(controlplane_token_file) if controlplane_token_file
+                     else None)
+            return ControlplaneSource(arg, cluster_id, token=token)
+        except TokenFileError as exc:
+            raise SourceSpecError(f"--controlplane-token-file: {exc}") from None
         except ValueError as exc:
             raise SourceSpecError(str(exc)) from None
     raise SourceSpecError(

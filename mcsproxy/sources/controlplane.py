@@ -35,6 +35,7 @@ from mcsproxy.manifests import (
 )
 from mcsproxy.sources.lines import LineTooLong, LineTooSlow, read_lines
 from mcsproxy.store import ObjectId, SnapshotStore, SourceStatus, Spec
+from mcsproxy.tokenfile import TokenFile
 
 log = logging.getLogger("mcsproxy.sources.controlplane")
 
@@ -122,6 +123,7 @@ class ControlplaneSource:
         backoff_initial_s: float = BACKOFF_INITIAL_S,
         backoff_max_s: float = BACKOFF_MAX_S,
         max_snapshot_bytes: int = MAX_SNAPSHOT_BYTES,
+        token: TokenFile | None = None,
     ) -> None:
         self.url = stream_base_url(url)
         self.cluster_id = cluster_id
@@ -132,6 +134,7 @@ class ControlplaneSource:
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.max_snapshot_bytes = max_snapshot_bytes
+        self.token = token  # sent as a bearer token on every connect, read afresh each time
         self.epoch: str | None = None
         self.version = 0
         self.members: dict[str, Any] = {}  # member clusters as the controller sees them
@@ -210,9 +213,11 @@ class ControlplaneSource:
         params = {"cluster": self.cluster_id, "version": str(self.version)}
         if self.epoch is not None:
             params["epoch"] = self.epoch
+        headers = {"Authorization": self.token.authorization()} if self.token else None
         try:
             async with asyncio.timeout(self.headers_timeout_s):
-                response = await session.get(self.url + STREAM_PATH, params=params)
+                response = await session.get(self.url + STREAM_PATH, params=params,
+                                             headers=headers)
         except TimeoutError:
             raise TimeoutError(f"no answer from the controller within "
                                f"{self.headers_timeout_s:g} s") from None
