@@ -311,6 +311,34 @@ def test_a_gateway_stopping_beside_another_leaves_the_shared_vips_to_it(
     assert f"{VIP}/32" not in netns.host_addresses(netns.a)  # the last one cleans up
 
 
+def test_an_interface_deleted_and_made_again_is_found_by_name(
+        netns: Namespaces, tmp_path: Path) -> None:
+    """A gateway stopping beside another may delete the link it created, and an admin may
+    too. The gateway kept the old link's index: every add failed (ENODEV) and each retry
+    resynchronised against the same dead index, for good. It looks the name up again."""
+    def veth(action: str) -> None:
+        run("ip", "-n", netns.a, "link", action, "mcsv0", *(
+            ("type", "veth", "peer", "name", "mcsv1") if action == "add" else ()))
+        if action == "add":
+            run("ip", "-n", netns.a, "link", "set", "mcsv1", "up")
+
+    veth("add")
+    source = tmp_path / "imports.yaml"
+    manifests(source, {"web": VIP})
+    proc = gateway(netns, source, "mcsv0")
+    try:
+        eventually(lambda: f"{VIP}/32" in netns.host_addresses(netns.a, "mcsv0"), "VIP on mcsv0")
+        veth("del")
+        veth("add")  # the same name, a new index
+        manifests(source, {"web": VIP, "api": VIP2})
+        eventually(lambda: {f"{VIP}/32", f"{VIP2}/32"} <= netns.host_addresses(netns.a, "mcsv0"),
+                   "both VIPs on the new link")
+    finally:
+        code, err = stop(proc)
+    assert code == 0, err
+    assert not {f"{VIP}/32", f"{VIP2}/32"} & netns.host_addresses(netns.a, "mcsv0")
+
+
 async def test_without_vip_interface_listeners_bind_freely_ipv4_and_ipv6() -> None:
     """No --vip-interface: IP_FREEBIND lets listeners bind ClusterSetIPs on no interface."""
     from mcsproxy.model import ServicePort
