@@ -17,13 +17,14 @@ every source synced says which of them are stale: the sources are not read yet w
 interface is opened, and removing them then took every ClusterSetIP off the node until
 its source delivered again (seconds, or the whole outage of an unreachable API server).
 
-Two gateways can share one interface: a DaemonSet rollout or a deleted pod overlaps the
-old and the new pod on the node's network for a while. Each gateway holds an abstract
-Unix socket named after the interface while it runs (abstract names live in the network
-namespace and vanish with the process, SIGKILL included), and one that stops while
-another still holds such a name leaves the addresses and the interface to it: the first
-to stop used to take every ClusterSetIP off the node while the survivor, believing them
-present, never put them back. The last gateway to stop removes them. Each
+Two gateways can share one interface: a replacement gateway started on a node's network
+before the old one is gone (a DaemonSet with maxSurge, a pod without the host ports that
+keep the scheduler from placing its successor early, a gateway run by hand). Each
+gateway holds an abstract Unix socket named after the interface while it runs (abstract
+names live in the network namespace and vanish with the process, SIGKILL included), and
+one that stops while another still holds such a name leaves the addresses and the
+interface to it: the first to stop used to take every ClusterSetIP off the node while the
+survivor, believing them present, never put them back. The last gateway to stop removes them. Each
 resynchronisation looks the interface up again by name (and recreates it when it may),
 so one deleted under a running gateway comes back.
 

@@ -282,7 +282,8 @@ def test_restart_after_sigkill_adopts_leftover_vips_and_a_killed_worker_rebinds(
 
 def test_a_gateway_stopping_beside_another_leaves_the_shared_vips_to_it(
         netns: Namespaces, backend: None, tmp_path: Path) -> None:
-    """A DaemonSet rollout (or a deleted pod) overlaps two gateways on one node's network.
+    """A replacement started before the old gateway is gone (a DaemonSet with maxSurge, a
+    gateway run by hand) overlaps two gateways on one node's network.
     The one that stops first must not take the ClusterSetIPs off the interface the other
     still serves: it did, and the survivor, believing them present, never put them back
     (every connection to the VIP went unanswered until an import changed). The last one
