@@ -171,3 +171,59 @@ async def test_status_page_shows_services_and_health_changes_live(tmp_path: Path
         await gw.stop()
         for b in (east, west, west2):
             await b.stop()
+
+
+async def test_demo_buttons_work_and_another_sites_page_cannot_press_them(
+        tmp_path: Path) -> None:
+    """In a real browser: a page of another origin POSTs kill to the admin's demo relay and
+    to the demo's control API (fetch in no-cors mode: no preflight, the browser sends it)
+    and, before the Origin check, killed both clusters; now both answer 403 and nothing
+    changes. The status page's own button (same origin) still kills and restores."""
+    from aiohttp import web
+
+    from mcsproxy.demo.runner import Demo
+
+    ctl_host, gw_host, other_host = "127.76.5.1", "127.76.5.2", "127.76.5.3"
+    demo = Demo(tmp_path / "demo")
+    runners = [web.AppRunner(demo.control_app())]
+    await runners[0].setup()
+    ctl_port = free_port(ctl_host)
+    await web.TCPSite(runners[0], ctl_host, ctl_port).start()
+    control = f"http://{ctl_host}:{ctl_port}"
+    gw = await start_gateway(tmp_path, gw_host, demo_control=control)
+
+    async def other_page(request: web.Request) -> web.Response:
+        return web.Response(content_type="text/html", text=f"""<script>
+Promise.allSettled([
+  fetch("{gw.admin}/demo/clusters/east/kill", {{method: "POST", mode: "no-cors"}}),
+  fetch("{control}/clusters/west/kill", {{method: "POST", mode: "no-cors"}}),
+]).then(() => {{ document.title = "sent"; }});
+</script>""")
+
+    other = web.Application()
+    other.router.add_get("/", other_page)
+    runners.append(web.AppRunner(other))
+    await runners[1].setup()
+    other_port = free_port(other_host)
+    await web.TCPSite(runners[1], other_host, other_port).start()
+    browser = await Browser.launch(tmp_path / "chromium-profile")
+    try:
+        await browser.call("Page.enable")
+        await browser.call("Page.navigate", url=f"http://{other_host}:{other_port}/")
+        await browser.wait_for("document.title === 'sent'", "the other site's requests sent")
+        assert demo.backends.killed == set()
+
+        await browser.call("Page.navigate", url=gw.admin + "/")
+        east_button = "document.querySelector('#demo-clusters button[data-cluster=\"east\"]')"
+        await browser.wait_for(f"{east_button}?.innerText === 'kill'", "the kill button")
+        await browser.evaluate(f"{east_button}.click()")
+        await browser.wait_for(f"{east_button}?.innerText === 'restore'", "east killed")
+        assert demo.backends.killed == {"east"}
+        await browser.evaluate(f"{east_button}.click()")
+        await browser.wait_for(f"{east_button}?.innerText === 'kill'", "east restored")
+        assert demo.backends.killed == set()
+    finally:
+        await browser.close()
+        await gw.stop()
+        for runner in runners:
+            await runner.cleanup()
