@@ -195,7 +195,7 @@ def test_duplicate_yaml_keys_are_rejected() -> None:
 
 def test_every_object_names_its_namespace_when_namespaced() -> None:
     cluster_scoped = {"Namespace", "ClusterRole", "ClusterRoleBinding",
-                      "CustomResourceDefinition"}
+                      "CustomResourceDefinition", "PriorityClass"}
     for path, doc in all_file_docs():
         if doc["kind"] in cluster_scoped:
             assert "namespace" not in doc["metadata"], f"{rel(path)}: {ident(doc)}"
@@ -808,6 +808,26 @@ def test_gateway_daemonset_on_the_node_network() -> None:
     assert {"operator": "Exists"} in pod["tolerations"]
     # No CPU limit on the data plane (throttling shows up as tail latency).
     assert "cpu" not in containers(ds)[0]["resources"]["limits"]
+
+
+@needs_kustomize
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_gateways_have_a_priority_above_ordinary_workloads(overlay: str) -> None:
+    """Node infrastructure like kube-proxy: at priority 0 a full node kept a new gateway
+    Pending (no preemption among equals) and the kubelet evicted it like any workload."""
+    docs = rendered(overlay)
+    classes = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PriorityClass"}
+    gateways = [w for w in workloads(docs)
+                if w["spec"]["template"]["metadata"]["labels"].get(
+                    "app.kubernetes.io/component") == "gateway"]
+    assert gateways
+    for workload in gateways:
+        name = workload["spec"]["template"]["spec"].get("priorityClassName")
+        assert name in classes, f"{ident(workload)}: priorityClassName {name!r} not shipped"
+        # The most a user-defined class may have; system-* would need a ResourceQuota
+        # outside kube-system on some providers.
+        assert classes[name]["value"] == 1_000_000_000
+        assert not classes[name].get("globalDefault", False)
 
 
 def test_controller_runs_two_replicas_with_leader_election_and_a_pdb() -> None:
