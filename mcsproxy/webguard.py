@@ -274,8 +274,10 @@ def _is_address_host(host: str) -> bool:
 async def refuse_cross_site(
         request: web.Request,
         handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    """Middleware: a state-changing request another site's page may have sent gets 403."""
-    if request.method not in SAFE_METHODS and (why := cross_site_refusal(request)):
+    """Middleware: a state-changing request another site's page may have sent gets 403.
+    Only for routes that take the method: a 404 or 405 stays what it is."""
+    if (request.method not in SAFE_METHODS and request.match_info.http_exception is None
+            and (why := cross_site_refusal(request))):
         log.warning("refused %s %s from %s: cross-site (%s)", request.method, request.path,
                     request.remote, why)
         raise web.HTTPForbidden(text=f"cross-site request refused: {why}\n")
