@@ -1083,3 +1083,75 @@ def test_llhttp_keeps_only_http11_alive_unasked(version: bytes) -> None:
         return
     assert parser.get_http_version() == version.decode()
     assert parser.should_keep_alive() == (version == b"1.1")
+
+
+async def test_rtsp_and_ice_request_lines_are_refused_not_proxied_as_http() -> None:
+    # llhttp parses RTSP/x.y and ICE/x.y request lines as well, with the same version as
+    # HTTP's: `GET / RTSP/1.0` went to the endpoint as `GET / HTTP/1.1` and was answered
+    # 200. Now 400, wherever the line is in a read: first (its protocol read at a known
+    # offset), after empty lines, or pipelined behind another request (searched for).
+    [backend] = await start_backends({"east": 1}, 72)
+    cs = Clusterset("east")
+    publish(cs, "proto", "127.72.0.1", [backend])
+    proxy = await cs.proxy()
+    h = b"Host: a\r\n\r\n"
+    try:
+        for first in (b"", b"\r\n", b"GET /ok HTTP/1.1\r\n" + h):
+            for line in (b"GET / RTSP/1.0\r\n", b"GET / RTSP/1.1\r\n", b"POST / RTSP/1.0\r\n",
+                         b"OPTIONS * RTSP/1.0\r\n", b"PLAY / RTSP/1.0\r\n",
+                         b"SOURCE / ICE/1.0\r\n"):
+                client = await RawClient.open("127.72.0.1", 80)
+                client.send(first + line + h)
+                if first.startswith(b"GET"):
+                    assert (await client.response()).status == 200
+                r = await client.response()
+                assert (r.status, r.body) == (400, b"the request line is not HTTP's (RTSP or "
+                                                   b"ICE)\n"), (first, line)
+                assert await client.closed()
+                await client.close()
+        # HTTP/0.9 with a version in its request line: a major version we do not speak.
+        client = await RawClient.open("127.72.0.1", 80)
+        client.send(b"GET / HTTP/0.9\r\n" + h)
+        assert (await client.response()).status == 505
+        await client.close()
+        # Requests of the shared methods are HTTP wherever their line is: first in a
+        # read, after empty lines, in a later read, pipelined.
+        client = await RawClient.open("127.72.0.1", 80)
+        client.send(b"GET /a HTTP/1.1\r\n" + h)
+        assert (await client.response()).status == 200
+        client.send(b"\r\n\r\nOPTIONS * HTTP/1.1\r\n" + h + b"POST /c HTTP/1.1\r\n"
+                    b"Content-Length: 5\r\nHost: a\r\n\r\nRTSP/SOURCE / HTTP/1.1\r\n" + h)
+        assert [(await client.response()).status for _ in range(3)] == [200] * 3
+        await client.close()
+        assert [u for _, u, _ in backend.requests] == [b"/ok"] * 6 + [b"/a", b"*", b"/c", b"/"]
+    finally:
+        await proxy.stop()
+        await backend.stop()
+
+
+def test_llhttp_takes_rtsp_and_ice_request_lines_only_with_the_methods_we_know() -> None:
+    # ClientConnection.speaks_http reads the request line only for methods in
+    # SHARED_METHODS, and refuses RTSP_ONLY_METHODS unread: true only while llhttp takes
+    # an RTSP or ICE request line with no other method. A newer llhttp fails here first.
+    from mcsproxy.http.wire import RTSP_ONLY_METHODS, SHARED_METHODS
+
+    class Head:
+        def on_headers_complete(self) -> None:
+            pass
+
+    taken: dict[bytes, set[bytes]] = {b"HTTP": set(), b"RTSP": set(), b"ICE": set()}
+    methods = {*RTSP_ONLY_METHODS, *SHARED_METHODS, b"HEAD", b"PUT", b"DELETE", b"PATCH",
+               b"TRACE", b"COPY", b"LOCK", b"MKCOL", b"MOVE", b"PROPFIND", b"PROPPATCH",
+               b"SEARCH", b"UNLOCK", b"BIND", b"REBIND", b"UNBIND", b"ACL", b"REPORT",
+               b"MKACTIVITY", b"CHECKOUT", b"MERGE", b"M-SEARCH", b"NOTIFY", b"SUBSCRIBE",
+               b"UNSUBSCRIBE", b"PURGE", b"MKCALENDAR", b"LINK", b"UNLINK", b"QUERY", b"PRI"}
+    for protocol, accepted in taken.items():
+        for method in methods:
+            try:
+                HttpRequestParser(Head()).feed_data(method + b" / " + protocol +
+                                                    b"/1.0\r\nHost: a\r\n\r\n")
+            except HttpParserError:
+                continue
+            accepted.add(method)
+    assert taken[b"RTSP"] | taken[b"ICE"] == RTSP_ONLY_METHODS | SHARED_METHODS
+    assert not taken[b"HTTP"] & RTSP_ONLY_METHODS

@@ -74,8 +74,12 @@ SHAPES: list[tuple[str, bytes, int]] = [
     *[(f"invalid Host {host!r}", b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n", 400)
       for host in (b"", b"exa mple.com:80", b"u@a", b"a/b", b"a:1:2", b"a:65536")],
     ("invalid target authority", b"GET http://a:1:2/ HTTP/1.1\r\n" + H + b"\r\n", 400),
-    ("HTTP/0.9", b"GET /\r\n\r\n", 400),
+    ("HTTP/0.9", b"GET /\r\n\r\n", 505),
     ("HTTP/1.2", b"GET / HTTP/1.2\r\n" + H + b"\r\n", 400),
+    ("HTTP/0.9 in a request line", b"GET / HTTP/0.9\r\n" + H + b"\r\n", 505),
+    # llhttp parses these too; they went on as HTTP/1.1 (more in test_http_semantics)
+    ("RTSP", b"GET / RTSP/1.0\r\n" + H + b"\r\n", 400),
+    ("ICE", b"SOURCE / ICE/1.0\r\n" + H + b"\r\n", 400),
     ("lowercase method", b"get / HTTP/1.1\r\n" + H + b"\r\n", 400),
     ("space in target", b"GET /a b HTTP/1.1\r\n" + H + b"\r\n", 400),
     # absolute-form is accepted (test_http_semantics); with userinfo it is not

@@ -60,6 +60,8 @@ from mcsproxy.http.wire import (
     NOT_IN_TRAILERS,
     PLAIN_CONNECTION,
     REQUEST_FIELDS,
+    RTSP_ONLY_METHODS,
+    SHARED_METHODS,
     STATUS_LINES,
     TOO_MANY_HEADERS,
     TOO_MANY_PIPELINED,
@@ -202,6 +204,7 @@ class ClientConnection(asyncio.Protocol):
         "last",
         "length",
         "limit_key",
+        "line_at",
         "lingering",
         "max_forwards",
         "nheaders",
@@ -211,6 +214,7 @@ class ClientConnection(asyncio.Protocol):
         "paused",
         "probe_at",
         "queue",
+        "read",
         "read_holder",
         "reading",
         "request_error",
@@ -260,6 +264,11 @@ class ClientConnection(asyncio.Protocol):
         # (Exchange.send).
         self.reading = False
         self.read_holder: Exchange | None = None
+        # The read being parsed (b"" between reads: none is kept), and where in it the next
+        # request line begins, when known: 0 when the read began between requests, until
+        # its first head is parsed; else -1 (see speaks_http).
+        self.read = b""
+        self.line_at = -1
         self.idle = 0
         self.in_head = True  # waiting for the first request's head from accept on
         self.head_since = engine.now
@@ -340,12 +349,16 @@ class ClientConnection(asyncio.Protocol):
             self.upgrading.tunnel_data(data)
             return
         if self.in_head:
+            self.line_at = -1 if self.head_bytes else 0  # a head under way, or the first
             self.head_bytes += len(data)
+        else:
+            self.line_at = -1 if self.current is not None else 0  # a body under way, or none
         parser = self.parser
         if parser is None:  # dropped while the connection was idle (check)
             parser = self.parser = HttpRequestParser(self)
             self.queue = deque()
         self.reading = True
+        self.read = data
         try:
             parser.feed_data(data)
         except HttpParserUpgrade as exc:
@@ -396,6 +409,7 @@ class ClientConnection(asyncio.Protocol):
             return
         finally:
             self.reading = False
+            self.read = b""
             holder = self.read_holder
             if holder is not None:  # a body that did not end in this read
                 self.read_holder = None
@@ -721,10 +735,14 @@ class ClientConnection(asyncio.Protocol):
         version = "1.1" if keep_alive and not self.keep_alive_asked and \
             self.conn_tokens is None else parser.get_http_version()
         http11 = version == "1.1"
-        if not http11 and version != "1.0":
-            self._refuse(505 if version[:1] > "1" else 400, f"HTTP/{version} is not supported",
-                         HTTP_VERSION)
         method = parser.get_method()
+        if not self.speaks_http(method):
+            # llhttp parses RTSP and ICE request lines too: they went on as HTTP/1.1.
+            self._refuse(400, "the request line is not HTTP's (RTSP or ICE)", HTTP_VERSION)
+        if not http11 and version != "1.0":
+            # RFC 9110 15.6.6: a major version we do not speak (0.9 and 2.0, which llhttp
+            # takes; 0.9 with a version in its request line got 400).
+            self._refuse(505, f"HTTP/{version} is not supported", HTTP_VERSION)
         if method == b"CONNECT":
             # llhttp takes any CONNECT for a switch of protocols and parses nothing after
             # its head, not even the body it announces. `CONNECT /x` (origin-form) used to
@@ -860,6 +878,26 @@ class ClientConnection(asyncio.Protocol):
             ex.start()
         elif len(queue) >= MAX_PIPELINE:
             self.pause(PAUSE_PIPELINE)
+
+    def speaks_http(self, method: bytes) -> bool:
+        """Is the request line's protocol HTTP? llhttp takes RTSP/x.y (with GET, POST,
+        OPTIONS and RTSP's own methods) and ICE/x.y (SOURCE) as well, and reports the same
+        version for them. A method RTSP shares is told apart by the request line's bytes:
+        at a known offset when the read began with this request (one byte compared: the
+        usual case), else by a search of the read. A request line split over reads before
+        its protocol is not seen, and goes on as HTTP (as any such line did before)."""
+        if not (method == b"GET" or method in SHARED_METHODS):
+            return method not in RTSP_ONLY_METHODS
+        read = self.read
+        url = self.url
+        if self.line_at == 0:
+            self.line_at = -1  # the read's next request line is somewhere after this one
+            at = len(method) + len(url) + 2
+            if at < len(read) and read[at] == 72:  # "H"TTP/, not "R"TSP/ or "I"CE/
+                return True
+            # Not at the offset: empty lines before the request line (RFC 9112 2.2).
+        line = b" " + url + b" "
+        return read.find(line + b"RTSP/") < 0 and read.find(line + b"ICE/") < 0
 
     def _origin_form(self, url: bytes, method: bytes) -> tuple[bytes, bytes]:
         """An absolute-form target (RFC 9112 3.2.2, which servers must accept): the

@@ -169,6 +169,15 @@ REFUSAL_REASONS: Final = (MALFORMED, INVALID_HOST, HTTP_VERSION, TRANSFER_CODING
                           TOO_MANY_PIPELINED, HEAD_TIMEOUT, NOT_CLUSTERSET, UNKNOWN_SERVICE,
                           NOT_HTTP, NOT_SERVED, TRACE_METHOD, MAX_FORWARDS_REACHED)
 
+# llhttp takes RTSP/x.y and ICE/x.y request lines besides HTTP/x.y and reports nothing that
+# tells them apart: a method of RTSP's own comes only in an RTSP request line; with one
+# that RTSP or ICE shares with HTTP, the request line's bytes say (ClientConnection
+# speaks_http).
+RTSP_ONLY_METHODS: Final = frozenset({
+    b"DESCRIBE", b"ANNOUNCE", b"SETUP", b"PLAY", b"PAUSE", b"TEARDOWN", b"GET_PARAMETER",
+    b"SET_PARAMETER", b"REDIRECT", b"RECORD", b"FLUSH"})
+SHARED_METHODS: Final = frozenset({b"GET", b"POST", b"OPTIONS", b"SOURCE"})
+
 IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
 # Methods whose requests anticipate no content: their `Content-Length: 0` is dropped (RFC
 # 9110 8.6: a user agent SHOULD NOT send it then). Any other method keeps it, as an
