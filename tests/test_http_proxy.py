@@ -1210,6 +1210,45 @@ async def test_a_101_without_connection_upgrade_is_a_502() -> None:
         await client.close()
 
 
+class SwitchesToAnother(asyncio.Protocol):
+    """Answers every request 101 to h2c, whatever it offered; counts its connections."""
+
+    connections = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        SwitchesToAnother.connections += 1
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                             b"Upgrade: h2c\r\n\r\nh2c bytes")
+
+
+async def test_a_101_to_a_protocol_not_offered_is_a_502_not_a_tunnel() -> None:
+    # RFC 9110 7.8: a server MUST NOT switch to a protocol the request's Upgrade did not
+    # name. A 101 to h2c answering `Upgrade: websocket` went to the client and became a
+    # tunnel; now a 502 naming why, and the connection stays HTTP.
+    async with protocol_behind_proxy(SwitchesToAnother, "127.72.3.1", "127.72.240.3", "other"):
+        client = await RawClient.open("127.72.240.3", 80)
+        asks = b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: %s\r\n\r\n"
+        for offered in (b"websocket", b"h2", b"websocket, foo/h2c"):
+            client.send(asks % offered)
+            r = await client.response()
+            assert (r.status, r.body) == (502, b"upstream 101 to a protocol the request did "
+                                               b"not offer\n"), offered
+        # Offered (in other letters, or without the version the offer had): a tunnel.
+        client.send(asks % b"foo, H2C")
+        r = await client.response()
+        assert (r.status, r.headers[b"upgrade"]) == (101, b"h2c")
+        assert await client.reader.readexactly(9) == b"h2c bytes"
+        await client.close()
+        client = await RawClient.open("127.72.240.3", 80)
+        client.send(asks % b"h2c/1.0")
+        assert (await client.response()).status == 101
+        await client.close()
+        assert SwitchesToAnother.connections == 5  # each 101 refused closed its connection
+
+
 class IgnoresUpgrade(asyncio.Protocol):
     """Refuses every Upgrade as Go's net/http does without a hijacking handler: reads
     each request's body by its Content-Length and answers 200 naming the path and the

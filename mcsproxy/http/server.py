@@ -79,6 +79,7 @@ from mcsproxy.http.wire import (
     drop_fields,
     host_is_valid,
     status_line,
+    switches_as_offered,
     tail_bytes,
     trailer_section,
 )
@@ -862,14 +863,15 @@ class ClientConnection(asyncio.Protocol):
             parts.append(engine.ids.next_header())
         parts.append(framing)
         head = b"".join(parts)
+        protocols = self.upgrade if upgrade else None
         self._reset_head()
         queue = self.queue
         if len(queue) >= MAX_QUEUED:
             # Pausing reads stops the next read, not the rest of this one: a read of tiny
             # pipelined requests would otherwise queue thousands of exchanges.
             self._refuse(429, "too many pipelined requests", TOO_MANY_PIPELINED)
-        ex = Exchange(self, route, method, head, chunked, length, keep_alive, http11, upgrade,
-                      error)
+        ex = Exchange(self, route, method, head, chunked, length, keep_alive, http11,
+                      protocols, error)
         if stops and not upgrade:
             ex.upgrade_body = length  # an ignored Upgrade: llhttp stops all the same
         self.current = self.last = ex
@@ -1219,6 +1221,7 @@ class Exchange:
         "outcome",
         "paused_at",
         "pool",
+        "protocols",
         "read_held",
         "received",
         "replay",
@@ -1247,7 +1250,7 @@ class Exchange:
 
     def __init__(self, client: ClientConnection, route: HttpRoute | None, method: bytes,
                  head: bytes, chunked: bool, length: int, keep_alive: bool,
-                 http11: bool, upgrade: bool = False,
+                 http11: bool, upgrade: bytes | None = None,
                  error: tuple[int, str, str] | None = None) -> None:
         # Built for every request: only what every request reads is set here. The
         # deadlines, connect_* and timed_out are set by start() and attempt() before use.
@@ -1272,7 +1275,8 @@ class Exchange:
             self.end_chunk = LAST_CHUNK
         self.unsent: list[bytes] | None = None  # body bytes waiting for a connection
         self.unsent_size = 0
-        self.upgrade = upgrade
+        self.upgrade = upgrade is not None
+        self.protocols = upgrade  # the request's Upgrade: what a 101 may switch to
         # llhttp ends an Upgrade request with its head: the body its head announces comes
         # through tunnel_data, and only then is the request done. Set for an ignored
         # Upgrade too (ClientConnection.on_headers_complete).
@@ -1700,6 +1704,12 @@ class Exchange:
                 # a plain message and then fails on what follows: the 101 had gone out,
                 # and the client got it and a reset instead of a 502.
                 up.fail("101 without Upgrade and Connection: upgrade")
+                return
+            if not switches_as_offered(up.upgrade, self.protocols):  # type: ignore[arg-type]
+                # RFC 9110 7.8: a server MUST NOT switch to a protocol the client's Upgrade
+                # did not name. Such a tunnel went on: the client then spoke a protocol
+                # the endpoint did not, through us.
+                up.fail("101 to a protocol the request did not offer")
                 return
             framing = b"Connection: upgrade\r\nUpgrade: " + up.upgrade + CRLF
             up.interim = True  # llhttp ends the 101 message; the tunnel starts instead

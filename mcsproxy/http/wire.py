@@ -250,6 +250,21 @@ def connection_tokens(values: list[bytes]) -> set[bytes]:
     return {t.strip().lower() for v in values for t in v.split(b",") if t.strip()}
 
 
+def upgrade_protocols(value: bytes) -> set[bytes]:
+    """The lowercased protocols of an Upgrade value (RFC 9110 7.8: protocol-name
+    ["/" protocol-version], names case-insensitive)."""
+    return {p.strip().lower() for p in value.split(b",") if p.strip()}
+
+
+def switches_as_offered(switched: bytes, offered: bytes) -> bool:
+    """Does a 101's Upgrade name only protocols the request's Upgrade offered? One named
+    without a version matches an offer of that name with one."""
+    protocols = upgrade_protocols(switched)
+    asked = upgrade_protocols(offered)
+    names = {p.partition(b"/")[0] for p in asked}
+    return bool(protocols) and all(p in asked or p in names for p in protocols)
+
+
 def transfer_codings(value: bytes) -> tuple[bool, bytes | None]:
     """A response's Transfer-Encoding: whether chunked is its final coding (else the body
     runs until the connection closes), and the codings before it, still to be forwarded."""
