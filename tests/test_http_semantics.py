@@ -1155,3 +1155,42 @@ def test_llhttp_takes_rtsp_and_ice_request_lines_only_with_the_methods_we_know()
             accepted.add(method)
     assert taken[b"RTSP"] | taken[b"ICE"] == RTSP_ONLY_METHODS | SHARED_METHODS
     assert not taken[b"HTTP"] & RTSP_ONLY_METHODS
+
+
+class SpacedOut(asyncio.Protocol):
+    """Answers each request head (no body) with fields ending in whitespace; keeps the
+    request heads it read."""
+
+    heads: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.buf = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while b"\r\n\r\n" in self.buf:
+            head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+            SpacedOut.heads.append(head)
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2 \r\nX-Y: z \t\r\n"
+                                 b"Connection: keep-alive \r\n\r\nok")
+
+
+async def test_whitespace_after_a_value_we_read_or_rewrite_is_not_passed_on() -> None:
+    # RFC 9110 5.5: whitespace around a field value is not part of it. llhttp drops the
+    # leading whitespace only: the trailing went on in the values we read or rewrite
+    # (`Content-Length: 2 ` to the client, `Host: a ` to the endpoint, an X-Forwarded-For
+    # of `1.2.3.4 , 127.72.5.9`). Other fields go on as received (see wire.trimmed).
+    async with protocol_behind_proxy(SpacedOut, "127.72.5.1", "127.72.240.5", "spaced"):
+        client = await RawClient.open("127.72.240.5", 80, source="127.72.5.9")
+        client.send(b"GET / HTTP/1.1\r\nHost: a \r\nX-A: b\r\nX-Forwarded-For: 1.2.3.4 \r\n"
+                    b"X-Request-Id: r1 \r\nConnection: keep-alive \r\n\r\n")
+        r = await client.response()
+        assert r.raw_head.startswith(b"HTTP/1.1 200 OK\r\nX-Y: z \t\r\nContent-Length: 2\r\n")
+        assert r.body == b"ok"
+        r = await client.get("/again", host="a\t")  # the connection was kept: framed right
+        assert r.body == b"ok"
+        await client.close()
+        assert SpacedOut.heads[0].split(b"\r\n")[1:5] == [
+            b"Host: a", b"X-A: b", b"X-Request-Id: r1", b"X-Forwarded-For: 1.2.3.4, 127.72.5.9"]
+        assert SpacedOut.heads[1].split(b"\r\n")[1] == b"Host: a"

@@ -29,6 +29,7 @@ from mcsproxy.http.wire import (
     connection_tokens,
     tail_bytes,
     transfer_codings,
+    trimmed,
 )
 from mcsproxy.upstream.upstream_set import SILENT_WAIT
 from mcsproxy.writebatch import HOLD_BELOW
@@ -330,7 +331,7 @@ class UpstreamConn(asyncio.Protocol):
             # Flat (name, ": ", value, CRLF) groups: joined once into the response head.
             add_field(self.parts, name, value)
         elif kind == CONTENT_LENGTH:
-            self.length = value
+            self.length = trimmed(value)  # sent on in our framing
         elif kind == TRANSFER_ENCODING:
             self.te = value if self.te is None else self.te + b", " + value
         elif kind == CONNECTION:
@@ -342,7 +343,7 @@ class UpstreamConn(asyncio.Protocol):
                 self.conn_tokens = []
             self.conn_tokens.append(value)
         elif kind == UPGRADE:
-            self.upgrade = value
+            self.upgrade = trimmed(value)
 
     def on_headers_complete(self) -> None:
         self.tail = -1

@@ -82,6 +82,7 @@ from mcsproxy.http.wire import (
     switches_as_offered,
     tail_bytes,
     trailer_section,
+    trimmed,
 )
 from mcsproxy.upstream.upstream_set import CONNECT_VERDICT_DELAY_S, PER_TRY_TIMEOUT, SILENT_WAIT
 
@@ -684,7 +685,7 @@ class ClientConnection(asyncio.Protocol):
             if self.host is not None:
                 self.request_error = RequestError(400, "more than one Host header", INVALID_HOST)
                 raise self.request_error
-            self.host = value
+            value = self.host = trimmed(value)
             add_field(self.parts, name, value)
         elif kind == CONTENT_LENGTH:
             self.length = value  # llhttp rejects duplicates and anything but digits
@@ -693,11 +694,12 @@ class ClientConnection(asyncio.Protocol):
             # `chunked` on two lines are `gzip, chunked` (501), not `chunked`.
             self.te = value if self.te is None else self.te + b", " + value
         elif kind == X_FORWARDED_FOR:
+            value = trimmed(value)
             self.xff = value if self.xff is None else self.xff + b", " + value
         elif kind == X_REQUEST_ID:
             if len(value) <= MAX_REQUEST_ID and not self.has_request_id:
                 self.has_request_id = True
-                add_field(self.parts, name, value)
+                add_field(self.parts, name, trimmed(value))
         elif kind == CONNECTION:
             if value in PLAIN_CONNECTION:
                 if value[0] in b"kK":
@@ -714,7 +716,7 @@ class ClientConnection(asyncio.Protocol):
                 raise self.request_error
             self.expect = True
         elif kind == UPGRADE:
-            self.upgrade = value
+            self.upgrade = trimmed(value)
         elif kind == MAX_FORWARDS:
             self.max_forwards = value  # sent on by on_headers_complete, less one for OPTIONS
         # DROP: hop-by-hop, or a header we set ourselves
