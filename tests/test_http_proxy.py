@@ -276,7 +276,8 @@ async def test_headers_forwarded_hop_by_hop_removed_and_cluster_named() -> None:
         r = await client.get("/headers", host="hdr.example", extra=(
             "X-Forwarded-For: 10.0.0.9\r\nX-Forwarded-Proto: https\r\n"
             "Connection: keep-alive, X-Hop\r\nX-Hop: secret\r\nKeep-Alive: timeout=5\r\n"
-            "TE: trailers\r\nProxy-Authorization: Basic eA==\r\nX-App: kept\r\n"))
+            "TE: trailers\r\nProxy-Authorization: Basic eA==\r\nX-App: kept\r\n"
+            "Forwarded: for=10.0.0.9;proto=https\r\nX-Real-IP: 10.0.0.9\r\n"))
         assert r.status == 200
         assert r.headers[b"x-served-by-cluster"] == b"west"
         assert r.headers[b"via"] == b"1.1 mcsproxy"
@@ -285,6 +286,9 @@ async def test_headers_forwarded_hop_by_hop_removed_and_cluster_named() -> None:
         assert backend.header(0, b"x-forwarded-proto") == [b"http"]
         assert backend.header(0, b"via") == [b"1.1 mcsproxy"]
         assert backend.header(0, b"x-app") == [b"kept"]
+        # Not ours to vouch for or to drop (README, Headers): as nginx, HAProxy, Envoy.
+        assert backend.header(0, b"forwarded") == [b"for=10.0.0.9;proto=https"]
+        assert backend.header(0, b"x-real-ip") == [b"10.0.0.9"]
         for gone in (b"connection", b"x-hop", b"keep-alive", b"te", b"proxy-authorization"):
             assert backend.header(0, gone) == [], gone
         generated = backend.header(0, b"x-request-id")
