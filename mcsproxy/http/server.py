@@ -1753,6 +1753,12 @@ class Exchange:
             tail = pool.tail_close
         else:
             tail = pool.tail if self.http11 else pool.tail_keep_alive
+        if not up.dated:
+            # RFC 9110 6.6.1: a recipient with a clock adds the Date a response it forwards
+            # lacks (an origin without a clock sends none): ours, made once a second by the
+            # engine's tick, as on our own answers. A Date the Connection header names
+            # (dropped above) is not replaced.
+            parts.append(client.engine.date)
         # Joined from `parts` itself, as the request head (ClientConnection
         # on_headers_complete); the trailer fields of a chunked response come after it.
         parts.insert(0, line)
