@@ -79,7 +79,10 @@ async def test_nothing_is_processed_after_an_early_answer_that_closes_the_connec
         for after in (b"POST /charge HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx",
                       b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n"):
             client = await RawClient.open("127.76.240.7", 80)
-            client.send(b"TRACE / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc" + after)
+            # (Connection: close: an answer before a body read whole keeps the connection
+            # otherwise; test_an_early_answer_keeps_the_connection_when_the_body_came.)
+            client.send(b"TRACE / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
+                        b"Connection: close\r\n\r\nabc" + after)
             r = await client.response()
             assert (r.status, r.headers[b"connection"]) == (405, b"close")
             assert await client.reader.read() == b""  # nothing after: the close
@@ -1235,3 +1238,50 @@ async def test_a_response_without_date_gets_ours_one_with_keeps_its_own() -> Non
                 sent = email.utils.parsedate_to_datetime(dates[0][6:].decode())
                 assert abs(time.time() - sent.timestamp()) < 5
         await client.close()
+
+
+async def test_an_early_answer_keeps_the_connection_when_the_body_came() -> None:
+    # An answer of ours before the request body was read (TRACE refused, no healthy
+    # endpoint, an unknown front-door Host) closed the connection even when the whole body
+    # came in the same read as the head: each POST to a service without a healthy
+    # endpoint cost its client a new connection. The answer now waits for the end of
+    # that read: a body read whole keeps the connection (requests after it are served);
+    # one still to come closes it as before, and nothing sent after is processed.
+    [backend] = await start_backends({"east": 1}, 72)
+    cs = Clusterset("east")
+    publish(cs, "early", "127.72.0.2", [backend])
+    publish(cs, "empty", "127.72.0.3", [])
+    proxy = await cs.proxy()
+    post = b"POST /charge HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello"
+    try:
+        client = await RawClient.open("127.72.0.2", 80)
+        client.send(b"TRACE / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc"
+                    b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n")
+        r = await client.response()
+        assert (r.status, r.headers.get(b"connection")) == (405, None)
+        assert (await client.response()).status == 200
+        await client.close()
+        client = await RawClient.open("127.72.0.3", 80)
+        for _ in range(3):
+            client.send(post)
+            r = await client.response()
+            assert (r.status, r.headers.get(b"connection")) == (503, None)
+        # A body not whole in the read of its head: the answer closes, as before.
+        client.send(b"POST /charge HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhel")
+        r = await client.response()
+        assert (r.status, r.headers[b"connection"]) == (503, b"close")
+        client.send(b"lo" + post)
+        assert await client.reader.read() == b""
+        await client.close()
+        client = await RawClient.open("127.72.0.2", 80)
+        client.send(b"TRACE / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nab")
+        r = await client.response()
+        assert (r.status, r.headers[b"connection"]) == (405, b"close")
+        client.send(b"c" + post)
+        assert await client.reader.read() == b""
+        await client.close()
+        await asyncio.sleep(0.1)  # what a request sent would take to arrive
+        assert [u for _, u, _ in backend.requests] == [b"/next"]
+    finally:
+        await proxy.stop()
+        await backend.stop()

@@ -211,6 +211,7 @@ class ClientConnection(asyncio.Protocol):
         "max_forwards",
         "nheaders",
         "out",
+        "owed",
         "parser",
         "parts",
         "paused",
@@ -271,6 +272,8 @@ class ClientConnection(asyncio.Protocol):
         # its first head is parsed; else -1 (see speaks_http).
         self.read = b""
         self.line_at = -1
+        # An answer of ours held until the end of the read (Exchange.fail).
+        self.owed: Exchange | None = None
         self.idle = 0
         self.in_head = True  # waiting for the first request's head from accept on
         self.head_since = engine.now
@@ -416,6 +419,10 @@ class ClientConnection(asyncio.Protocol):
             if holder is not None:  # a body that did not end in this read
                 self.read_holder = None
                 holder.release_read_held()
+            owed = self.owed
+            if owed is not None:
+                self.owed = None
+                owed.answer_owed()
         if self.chunks:
             self.send_chunks()
         if self.in_head and self.head_bytes > self.engine.http.max_header_bytes:
@@ -1223,6 +1230,7 @@ class Exchange:
         "keep_alive",
         "method",
         "outcome",
+        "owed_answer",
         "paused_at",
         "pool",
         "protocols",
@@ -1289,6 +1297,7 @@ class Exchange:
         self.held: bytearray | None = None  # sent after a 101 only (tunnel_data)
         self.read_held: bytes | None = None  # see send()
         self.error = error
+        self.owed_answer: tuple[int, str] | None = None  # see fail
         self.resp_started = self.resp_done = self.until_close = False
         self.finished = self.started = False
         self.resp_mode = RAW
@@ -1917,6 +1926,19 @@ class Exchange:
         if self.resp_started:
             self.cut()
             return
+        client = self.client
+        if client.reading and not self.req_done and self.keep_alive and client.current is self \
+                and not self.upgrade and not self.upgrade_body and client.owed is None:
+            # Ours before the body was read (TRACE, an unknown front-door Host, no healthy
+            # endpoint: from start(), in the read of the head). The rest of the read may
+            # bring the whole body, and then the connection can stay open: it used to
+            # close, and each POST to a service without a healthy endpoint cost its client
+            # a new connection. So the answer waits for the end of the read (answer_owed);
+            # the body that comes meanwhile is dropped (request_body).
+            self.owed_answer = (status, text)
+            self.resp_done = True
+            client.owed = self
+            return
         self.status = status
         self.outcome = "no_endpoint" if self.host is None else "failed"
         if log.isEnabledFor(logging.INFO) and status >= 500:
@@ -1937,6 +1959,16 @@ class Exchange:
         self.resp_started = True
         self.resp_done = True
         self.finish()
+
+    def answer_owed(self) -> None:
+        """The answer fail() held for the end of the client's read: with the body whole by
+        now it keeps the connection open; else it closes it, as it did at once before,
+        and nothing read after is processed."""
+        owed = self.owed_answer
+        if owed is not None and not self.finished:
+            self.owed_answer = None
+            self.resp_done = False
+            self.fail(owed[0], owed[1])
 
     def cut(self) -> None:
         """The answer under way breaks off: a truncated response must not look complete
