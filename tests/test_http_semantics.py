@@ -1285,3 +1285,34 @@ async def test_an_early_answer_keeps_the_connection_when_the_body_came() -> None
     finally:
         await proxy.stop()
         await backend.stop()
+
+
+class HintsFirst(asyncio.Protocol):
+    """Answers each request head with a 103 whose Connection header names a field of it,
+    then 200."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.buf = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while b"\r\n\r\n" in self.buf:
+            _, _, self.buf = self.buf.partition(b"\r\n\r\n")
+            self.transport.write(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n"
+                                 b"Connection: X-Secret\r\nX-Secret: 1\r\nKeep-Alive: 5\r\n\r\n"
+                                 b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+
+async def test_an_interim_response_loses_the_fields_its_connection_header_names() -> None:
+    # RFC 9110 7.6.1: the fields a message's Connection header names are hop-by-hop, a
+    # 1xx's too; 7.6.3: a proxy sends Via in each message it forwards. A 103's named
+    # field went on to the client, and it had no Via.
+    async with protocol_behind_proxy(HintsFirst, "127.72.7.1", "127.72.240.7", "hints"):
+        client = await RawClient.open("127.72.240.7", 80)
+        hint = await client.get("/")
+        assert hint.status == 103
+        assert hint.raw_head == (b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n"
+                                 b"Via: 1.1 mcsproxy\r\n\r\n")
+        assert (await client.response()).body == b"ok"
+        await client.close()

@@ -1673,8 +1673,15 @@ class Exchange:
 
     # -- the response (from the endpoint connection) ----------------------------------
     def interim(self, status: int, up: UpstreamConn) -> None:
+        """A 1xx, to an HTTP/1.1 client only (RFC 9110 15.2), as any response: less the
+        fields its Connection header names (RFC 9110 7.6.1), with our Via (7.6.3: in each
+        message forwarded). A 103's `Connection: x` used to leave field x in."""
         if self.http11 and not self.resp_started:
-            self.client.out.append(b"".join((status_line(status), *up.parts, CRLF)))
+            parts = up.parts
+            if up.conn_tokens is not None:
+                parts = drop_fields(parts, connection_tokens(up.conn_tokens))
+            self.client.out.append(b"".join((status_line(status), *parts,
+                                             self.client.engine.via, CRLF)))
 
     def response_head(self, status: int, up: UpstreamConn) -> None:
         line = STATUS_LINES.get(status)
