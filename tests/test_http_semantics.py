@@ -1215,6 +1215,9 @@ class DatedOrNot(asyncio.Protocol):
             if head.startswith(b"GET /dated "):
                 self.transport.write(b"HTTP/1.1 200 OK\r\ndate: Sun, 06 Nov 1994 08:49:37 GMT"
                                      b"\r\nContent-Length: 2\r\n\r\nok")
+            elif head.startswith(b"GET /hop-date "):  # a Date its Connection names
+                self.transport.write(b"HTTP/1.1 200 OK\r\nConnection: Date\r\nDate: Sun, 06 Nov"
+                                     b" 1994 08:49:37 GMT\r\nContent-Length: 2\r\n\r\nok")
             elif head.startswith(b"GET /chunked "):
                 self.transport.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
                                      b"2\r\nok\r\n0\r\n\r\n")
@@ -1227,7 +1230,7 @@ async def test_a_response_without_date_gets_ours_one_with_keeps_its_own() -> Non
     # MUST add one. None was added: only the gateway's own answers had one.
     async with protocol_behind_proxy(DatedOrNot, "127.72.6.1", "127.72.240.6", "dates"):
         client = await RawClient.open("127.72.240.6", 80)
-        for path in ("/", "/chunked", "/dated"):
+        for path in ("/", "/chunked", "/dated", "/hop-date"):
             r = await client.get(path)
             dates = [line for line in r.raw_head.split(b"\r\n")
                      if line.lower().startswith(b"date:")]

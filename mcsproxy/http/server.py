@@ -1711,6 +1711,8 @@ class Exchange:
             nominated = connection_tokens(up.conn_tokens) - {b"close", b"keep-alive", b"upgrade"}
             if nominated:
                 parts = drop_fields(parts, nominated)
+                if b"date" in nominated:
+                    up.dated = False  # dropped: ours instead (below)
         length = up.length
         stop = False
         if status == 101:
@@ -1772,8 +1774,7 @@ class Exchange:
         if not up.dated:
             # RFC 9110 6.6.1: a recipient with a clock adds the Date a response it forwards
             # lacks (an origin without a clock sends none): ours, made once a second by the
-            # engine's tick, as on our own answers. A Date the Connection header names
-            # (dropped above) is not replaced.
+            # engine's tick, as on our own answers.
             parts.append(client.engine.date)
         # Joined from `parts` itself, as the request head (ClientConnection
         # on_headers_complete); the trailer fields of a chunked response come after it.
