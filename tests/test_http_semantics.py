@@ -1319,3 +1319,47 @@ async def test_an_interim_response_loses_the_fields_its_connection_header_names(
                                  b"Via: 1.1 mcsproxy\r\n\r\n")
         assert (await client.response()).body == b"ok"
         await client.close()
+
+
+class AnnouncesTrailers(asyncio.Protocol):
+    """Answers each request head chunked, with a trailer field its Trailer field
+    announces; keeps the heads. A chunked request body here (a line of hex digits up to
+    the end of its trailer section) is passed over, not answered."""
+
+    heads: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.buf = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while b"\r\n\r\n" in self.buf:
+            head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+            if head[:1].isdigit():
+                continue  # a chunked body, to the end of its trailer section
+            AnnouncesTrailers.heads.append(head)
+            self.transport.write(b"HTTP/1.1 200 OK\r\nTrailer: X-Checksum\r\n"
+                                 b"Transfer-Encoding: chunked\r\n\r\n"
+                                 b"2\r\nok\r\n0\r\nX-Checksum: abc\r\n\r\n")
+
+
+async def test_the_trailer_field_goes_on_with_the_trailer_section() -> None:
+    # RFC 9110 6.6.2: Trailer announces the trailer fields of a message; it is no
+    # hop-by-hop field. It was dropped both ways while the trailer fields went on.
+    async with protocol_behind_proxy(AnnouncesTrailers, "127.72.8.1", "127.72.240.8",
+                                     "announced"):
+        client = await RawClient.open("127.72.240.8", 80)
+        r = await client.get("/")
+        assert (r.headers.get(b"trailer"), r.trailers) == (b"X-Checksum", {b"x-checksum": b"abc"})
+        client.send(b"POST / HTTP/1.1\r\nHost: a\r\nTrailer: X-Sum\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-Sum: 9\r\n\r\n")
+        assert (await client.response()).body == b"ok"
+        await client.close()
+        assert b"\r\nTrailer: X-Sum\r\n" in AnnouncesTrailers.heads[1]
+        # An HTTP/1.0 client's answer has no trailer section: nothing to announce.
+        old = await RawClient.open("127.72.240.8", 80)
+        old.send(b"GET / HTTP/1.0\r\n\r\n")
+        r = await old.response()
+        assert (r.body, r.headers.get(b"trailer")) == (b"ok", None)
+        await old.close()

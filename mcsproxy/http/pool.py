@@ -23,6 +23,7 @@ from mcsproxy.http.wire import (
     CONTENT_LENGTH,
     PLAIN_CONNECTION,
     RESPONSE_FIELDS,
+    TRAILER,
     TRANSFER_ENCODING,
     UPGRADE,
     add_field,
@@ -354,6 +355,10 @@ class UpstreamConn(asyncio.Protocol):
             self.conn_tokens.append(value)
         elif kind == UPGRADE:
             self.upgrade = trimmed(value)
+        elif kind == TRAILER:
+            ex = self.exchange
+            if ex is not None and ex.http11:
+                add_field(self.parts, name, value)
 
     def on_headers_complete(self) -> None:
         self.tail = -1

@@ -40,12 +40,12 @@ X_FORWARDED_FOR: Final = 7
 X_REQUEST_ID: Final = 8
 EXPECT: Final = 9
 MAX_FORWARDS: Final = 10
+TRAILER: Final = 11
 
 _HOP_BY_HOP = {
     b"keep-alive": DROP,
     b"proxy-connection": DROP,
     b"te": DROP,
-    b"trailer": DROP,
     b"proxy-authenticate": DROP,
     b"proxy-authorization": DROP,  # credentials for us, never for the endpoint
     b"content-length": CONTENT_LENGTH,
@@ -62,7 +62,11 @@ REQUEST_KINDS: Final[dict[bytes, int]] = {
     b"expect": EXPECT,
     b"max-forwards": MAX_FORWARDS,  # 12 long, as x-request-id: no look-up more per request
 }
-RESPONSE_KINDS: Final[dict[bytes, int]] = dict(_HOP_BY_HOP)
+# Trailer (RFC 9110 6.6.2), the trailer fields a message announces, is no hop-by-hop field:
+# it went nowhere, while the trailer fields went on. A request's goes on as any field (its
+# body goes on chunked, trailer fields and all); a response's to HTTP/1.1 clients only
+# (an HTTP/1.0 client's answer has no trailer section: see UpstreamConn.on_header).
+RESPONSE_KINDS: Final[dict[bytes, int]] = {**_HOP_BY_HOP, b"trailer": TRAILER}
 
 MAX_SPELLINGS: Final = 4096
 
