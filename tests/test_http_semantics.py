@@ -1363,3 +1363,39 @@ async def test_the_trailer_field_goes_on_with_the_trailer_section() -> None:
         r = await old.response()
         assert (r.body, r.headers.get(b"trailer")) == (b"ok", None)
         await old.close()
+
+
+class AmbiguousChunked(asyncio.Protocol):
+    """Answers /tab with `Transfer-Encoding: chunked<HTAB>`, /comma with `chunked, `, any
+    other path with `chunked `: a whole chunked body each, the connection kept."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.buf = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while b"\r\n\r\n" in self.buf:
+            head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+            coding = {b"GET /tab ": b"chunked\t", b"GET /comma ": b"chunked, "}.get(
+                head[:head.index(b" ", 4) + 1], b"chunked ")
+            self.transport.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + coding +
+                                 b"\r\n\r\n2\r\nok\r\n0\r\n\r\n")
+
+
+async def test_a_response_llhttp_would_frame_otherwise_is_a_502() -> None:
+    # llhttp reads `chunked<HTAB>` and `chunked, ` (whitespace and an empty list element,
+    # both allowed by RFC 9110) as no chunked coding: the body runs until the close. We
+    # took them for chunked: the client got the endpoint's framing as content
+    # (`2\r\nok\r\n0\r\n\r\n`, re-chunked), then waited for the end of a body the endpoint
+    # had finished, until the idle timeout and a reset. Now a malformed response (502);
+    # `chunked ` (a space) llhttp and we both read as chunked.
+    async with protocol_behind_proxy(AmbiguousChunked, "127.72.9.1", "127.72.240.9", "tabs"):
+        client = await RawClient.open("127.72.240.9", 80)
+        for path in ("/tab", "/comma"):
+            r = await client.get(path)  # (a GET: tried again, on the only endpoint)
+            assert r.status == 502 and b"malformed response (Transfer-Encoding llhttp " \
+                b"reads otherwise)" in r.body, (path, r.body)
+        r = await client.get("/space")
+        assert (r.status, r.body) == (200, b"ok")
+        await client.close()

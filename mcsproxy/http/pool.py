@@ -27,6 +27,7 @@ from mcsproxy.http.wire import (
     TRANSFER_ENCODING,
     UPGRADE,
     add_field,
+    chunked_unlike_llhttp,
     connection_tokens,
     tail_bytes,
     transfer_codings,
@@ -378,6 +379,14 @@ class UpstreamConn(asyncio.Protocol):
         if self.te is not None:
             # Only a final chunked frames the body; `gzip` alone runs until the close.
             self.chunked, self.codings = transfer_codings(self.te)
+            if self.chunked and chunked_unlike_llhttp(self.te):
+                # We would frame the body to the client as chunked, llhttp parse it as
+                # running until the close: the client got the endpoint's chunk framing as
+                # content, then, the endpoint keeping its connection, waited out the idle
+                # timeout and a reset.
+                self.chunked = False
+                self.fail("malformed response (Transfer-Encoding llhttp reads otherwise)")
+                return
             if self.chunked:
                 # llhttp (strict) refuses Content-Length after chunked in the trailer
                 # section as in a head, and so cut the whole response; in trailers it

@@ -295,6 +295,15 @@ def transfer_codings(value: bytes) -> tuple[bool, bytes | None]:
     return chunked, b", ".join(codings) or None
 
 
+def chunked_unlike_llhttp(value: bytes) -> bool:
+    """A Transfer-Encoding value whose final chunked (transfer_codings) llhttp does not
+    take for one: with HTAB or an empty list element after it (`chunked\t`, `chunked, `;
+    RFC 9110 5.6.1 and 5.6.3 allow both), llhttp reads the body as running until the
+    close. Both views cannot frame one response: such a response is malformed to us."""
+    tail = value.rstrip(b" ")
+    return tail[-1:] == b"\t" or tail[-1:] == b","
+
+
 def drop_fields(parts: list[bytes], names: set[bytes]) -> list[bytes]:
     """The (name, ": ", value, CRLF) groups of `parts` whose lowercased name is not in
     `names` (those a Connection header nominated as hop-by-hop, or Host)."""
