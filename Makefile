@@ -68,7 +68,7 @@ bench-peers:
 	  $(SUDO) apt-get update -q && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $(BENCH_APT); fi
 
-# Every benchmark (~20 min on 2 cores; BENCH_ARGS=--quick skips the 50k-service size);
+# Every benchmark (~25 min on 2 cores; BENCH_ARGS=--quick skips the 50k-service size);
 # results in bench/results/<date>.md with JSON and PNG plots. After `build`: a data-path
 # source edited since the last build would otherwise run (and be measured) interpreted.
 bench: build bench-peers
