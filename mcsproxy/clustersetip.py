@@ -16,6 +16,15 @@ so reusing it at once would send one service's traffic to another. The service i
 takes its address back if it is exported again. The holds, with when each address was
 released, can be read out (`held()`) and put back (`restore_held()`), so that a restart
 does not forget them (the controller keeps them in OUT or a ConfigMap: controlplane/holds.py).
+
+Ranked allocation (`place`, `unplace`; the gateway's Karmada services): every gateway of a
+cluster allocates on its own, started at its own time, and DNS answers from any of them,
+so an address must be a function of the services that exist, not of the order they came
+in: the services by rank (creationTimestamp, then key), each taking the first free
+address from its hash. A new service ranked last (the usual: just created) moves nothing;
+one ranked before others (an old Service made cross-cluster) or one that goes re-places
+those ranked after it, which may move one that hashed to the same slot. Nothing is held:
+a hold lives in one process only, and a gateway started later would not know it.
 """
 
 from __future__ import annotations
@@ -59,8 +68,10 @@ def parse_cidrs(text: str, flag: str = "--clusterset-cidr") -> tuple[Network, ..
 
 
 class ClusterSetIPAllocator:
-    def __init__(self, pools: Iterable[Network], clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, pools: Iterable[Network], clock: Callable[[], float] = time.time,
+                 *, hold_released: bool = True) -> None:
         self.pools: dict[int, Network] = {p.version: p for p in pools}
+        self.hold_released = hold_released
         self._clock = clock  # wall clock: release times outlive the process
         self._owner: dict[str, ServiceKey] = {}
         self._by_key: dict[ServiceKey, tuple[str, ...]] = {}
@@ -69,6 +80,10 @@ class ClusterSetIPAllocator:
         self._held: dict[str, tuple[ServiceKey, float]] = {}
         self._held_by_key: dict[ServiceKey, set[str]] = {}
         self.held_changes = 0  # bumped on every change to the holds: a new count is saved
+        # Ranked keys (place): their rank and the families they asked for; the last rank.
+        self._rank: dict[ServiceKey, tuple[str, ServiceKey]] = {}
+        self._families: dict[ServiceKey, tuple[str, ...]] = {}
+        self._last_rank: tuple[str, ServiceKey] | None = None
 
     def __len__(self) -> int:
         return len(self._owner)
@@ -117,6 +132,60 @@ class ClusterSetIPAllocator:
         self._by_key[key] = tuple(result)
         return self._by_key[key]
 
+    def place(self, key: ServiceKey, families: Iterable[str], created: str,
+              ) -> tuple[tuple[str, ...], set[ServiceKey]]:
+        """Ranked allocation (see the module doc): the key's addresses, and the other keys
+        whose addresses changed (to be published again; one left without an address has
+        none in `get`). Raises AllocationError when no address is free for `key`."""
+        rank, wanted = (created, key), tuple(families)
+        if self._rank.get(key) == rank and self._families.get(key) == wanted:
+            # Unchanged: its addresses, or a retry of a range that was full.
+            return self._by_key.get(key) or self.ensure(key, wanted), set()
+        before = self._unrank(key)
+        self._rank[key], self._families[key] = rank, wanted
+        if before is None and (self._last_rank is None or rank > self._last_rank):
+            self._last_rank = rank
+            return self.ensure(key, wanted), set()
+        self._last_rank = max(self._last_rank or rank, rank)
+        # Re-ranked: those between its old and new rank may want its old address.
+        moved = self._replace_from(min(rank, before or rank))
+        moved.discard(key)
+        if not self._by_key.get(key):
+            raise AllocationError(self._full_message(wanted))
+        return self._by_key[key], moved
+
+    def unplace(self, key: ServiceKey) -> set[ServiceKey]:
+        """A ranked key goes: the keys whose addresses changed as those ranked after it
+        are placed again."""
+        rank = self._unrank(key)
+        self.release(key)
+        return self._replace_from(rank) if rank is not None else set()
+
+    def _unrank(self, key: ServiceKey) -> tuple[str, ServiceKey] | None:
+        rank = self._rank.pop(key, None)
+        self._families.pop(key, None)
+        if rank is not None and rank == self._last_rank:
+            self._last_rank = max(self._rank.values(), default=None)
+        return rank
+
+    def _replace_from(self, rank: tuple[str, ServiceKey]) -> set[ServiceKey]:
+        """Every ranked key from `rank` on released and placed again, in rank order."""
+        later = sorted((r, k) for k, r in self._rank.items() if r >= rank)
+        before = {k: self._by_key.get(k, ()) for _, k in later}
+        for _, key in later:
+            self.release(key)
+        for _, key in later:
+            try:
+                self.ensure(key, self._families[key])
+            except AllocationError:
+                self._by_key.pop(key, None)  # ranked last in a full range: none for now
+        return {k for k, ips in before.items() if self._by_key.get(k, ()) != ips}
+
+    def _full_message(self, families: Iterable[str]) -> str:
+        names = set(families)
+        pools = [p for v, p in sorted(self.pools.items()) if FAMILY_NAMES[v] in names]
+        return f"--clusterset-cidr {(pools or list(self.pools.values()))[0]} is full"
+
     def held(self) -> list[tuple[str, ServiceKey, float]]:
         """(address, the service that had it, when released), longest released first."""
         return [(ip, key, when) for ip, (key, when) in self._held.items()]
@@ -162,6 +231,8 @@ class ClusterSetIPAllocator:
         if self._owner.pop(ip, None) is None:
             return
         self._unhold(ip)
+        if not self.hold_released:
+            return
         self._hold(ip, key, self._clock())
         self.held_changes += 1
         if len(self._held) > MAX_HELD:

@@ -707,6 +707,50 @@ async def test_karmada_services_a_relist_brings_are_allocated_oldest_first(
         assert {n: run.store.current.get("test", n).ips for n in names} == first
 
 
+def dated_service(name: str, day: int) -> dict[str, Any]:
+    svc = local_service(name, [{"name": "http", "protocol": "TCP", "port": 80}])
+    svc["metadata"]["creationTimestamp"] = f"2024-01-{day:02d}T00:00:00Z"
+    return svc
+
+
+async def test_karmada_gateways_started_apart_agree_on_colliding_addresses(
+        emu: KubeEmulator, tmp_path: Path) -> None:
+    """Every gateway of a cluster allocates on its own and mcsproxy-dns answers from any
+    of them, so each must give a service the address every other gives it. svc0 and svc2
+    hash to .4 of the /29. One gateway runs while the newer svc2 turns cross-cluster, then
+    the older svc0: svc2 used to keep .4 (svc0 .5) until that gateway restarted, while a
+    gateway started meanwhile gave svc0 .4 (svc2 .5): a client told svc0 = .4 by one
+    reached svc2 through the other. Deleting svc0 then moved svc2 to .4 only in the later
+    gateways."""
+    cidr = "127.240.7.0/29"
+
+    def addresses(run: Running) -> dict[str, tuple[str, ...]]:
+        return {n: svc.ips for n in ("svc0", "svc1", "svc2")
+                if (svc := run.store.current.get("test", n)) is not None}
+
+    emu.put_object(dated_service("svc1", 2))
+    emu.put_object(karmada_slice("member1", "svc1-a", "svc1", ["10.11.0.1"]))
+    async with running(emu, tmp_path, clusterset_cidr=cidr) as early:
+        emu.put_object(dated_service("svc2", 3))
+        emu.put_object(karmada_slice("member1", "svc2-a", "svc2", ["10.11.0.2"]))
+        await early.until(lambda: "svc2" in addresses(early))
+        emu.put_object(dated_service("svc0", 1))
+        emu.put_object(karmada_slice("member1", "svc0-a", "svc0", ["10.11.0.3"]))
+        await early.until(lambda: "svc0" in addresses(early))
+        async with running(emu, tmp_path, clusterset_cidr=cidr) as late:
+            await late.until(lambda: len(addresses(late)) == 3)
+            assert addresses(late)["svc0"] == ("127.240.7.4",)
+            await early.until(lambda: addresses(early) == addresses(late), timeout=2)
+            emu.delete_object("endpointslices.discovery.k8s.io", "member1-svc0-a", "test")
+            emu.delete_object("services", "svc0", "test")
+            await late.until(lambda: len(addresses(late)) == 2)
+            assert addresses(late)["svc2"] == ("127.240.7.4",)
+            await early.until(lambda: addresses(early) == addresses(late), timeout=2)
+    async with running(emu, tmp_path, clusterset_cidr=cidr) as restarted:
+        await restarted.until(lambda: len(addresses(restarted)) == 2)
+        assert addresses(restarted)["svc2"] == ("127.240.7.4",)
+
+
 async def test_without_karmada_the_source_still_syncs(tmp_path: Path) -> None:
     async with KubeEmulator() as emu:
         emu.store.types.pop((KARMADA, "v1alpha1", "multiclusterservices"), None)

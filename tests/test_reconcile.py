@@ -4,6 +4,7 @@ MultiClusterService", through the pure reconcile_clusterset()."""
 from __future__ import annotations
 
 import ipaddress
+import random
 from typing import Any
 
 import pytest
@@ -873,3 +874,44 @@ def test_import_written_is_accepted_by_the_gateway_validation() -> None:
     for ref, obj in desired["a"].items():
         if ref.kind == KIND_IMPORT:
             assert parse_service_import(obj).clusters == ("a", "b")
+
+
+def _ranked_from_scratch(cidrs: str, ranked: dict[ServiceKey, str],
+                         ) -> dict[ServiceKey, tuple[str, ...]]:
+    fresh = ClusterSetIPAllocator(parse_cidrs(cidrs), hold_released=False)
+    out = {}
+    for _, key in sorted((c, k) for k, c in ranked.items()):
+        try:
+            out[key] = fresh.ensure(key, ())
+        except AllocationError:
+            out[key] = ()
+    return out
+
+
+def test_ranked_placement_is_a_function_of_the_services_not_their_order() -> None:
+    """What the gateway's Karmada services get (ClusterSetIPAllocator.place): after any
+    sequence of arrivals, re-datings and departures, each key has exactly what a fresh
+    allocator would give the services that remain, oldest first; a /29 (5 usable) for 7
+    keys makes collisions and a full range certain."""
+    cidrs = "127.241.0.0/29"
+    keys = [ServiceKey("ns", f"svc{i}") for i in range(7)]
+    for seed in range(200):
+        rnd = random.Random(seed)
+        allocator = ClusterSetIPAllocator(parse_cidrs(cidrs), hold_released=False)
+        ranked: dict[ServiceKey, str] = {}
+        for _ in range(30):
+            key = rnd.choice(keys)
+            if key in ranked and rnd.random() < 0.4:
+                moved = allocator.unplace(key)
+                del ranked[key]
+            else:
+                ranked[key] = f"2024-01-{rnd.randint(1, 9):02d}"
+                try:
+                    _, moved = allocator.place(key, (), ranked[key])
+                except AllocationError:
+                    moved = set()
+            expected = _ranked_from_scratch(cidrs, ranked)
+            got = {k: allocator.get(k) for k in ranked}
+            assert got == expected, (seed, key)
+            assert not allocator.held()
+            assert moved <= set(ranked)

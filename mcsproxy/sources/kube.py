@@ -202,7 +202,10 @@ class KubeSource:
         self.service_account_dir = service_account_dir
         self.timings = timings or WatchTimings()
         self.commit_delay_s = commit_delay_s
-        self.allocator = ClusterSetIPAllocator(parse_cidrs(clusterset_cidr))
+        # Ranked, nothing held: every gateway of the cluster must give a Karmada
+        # service the same address (ClusterSetIPAllocator.place).
+        self.allocator = ClusterSetIPAllocator(parse_cidrs(clusterset_cidr),
+                                               hold_released=False)
         self.store = SnapshotStore(cluster_id)  # replaced by the gateway's in run()
         self.reflectors: list[Reflector] = []
         self._optional: list[Reflector] = []  # their failing does not hold the first sync

@@ -49,17 +49,21 @@ service like a ServiceImport would, from what a member really has:
   MultiClusterService, which is fine): while a list fails, Karmada's services wait and the
   error is in the source status, the rest is published;
 - a ClusterSetIP per family allocated from `--clusterset-cidr`
-  (mcsproxy.clustersetip: starts at a hash of namespace/name, probes past taken
-  addresses). The services of one list (the first sync, a relist after 410, whichever
-  watch lists last) are allocated oldest first once it has been applied whole, by the
-  creationTimestamp of the MultiClusterService if there is one, else of the local Service,
-  else of the oldest dispatched slice, whatever order the objects and the watches come
-  in: an older service keeps its address against a newer one that hashes to the same
-  slot, also across restarts. The address is stable while the gateway runs (a key that
-  has one keeps it). A restart moves it in two cases only, both between services that
-  hash to the same slot: the newer one appeared first while the gateway ran, each by a
-  watch event (the newer took the slot, the older the next address; the restart gives the
-  slot to the older), or the slot's older owner was deleted.
+  (mcsproxy.clustersetip, ranked: starts at a hash of namespace/name, probes past taken
+  addresses, services ranked by the creationTimestamp of the MultiClusterService if
+  there is one, else of the local Service, else of the oldest dispatched slice). Every
+  gateway of a cluster allocates on its own and mcsproxy-dns answers from any of them, so
+  the addresses are a function of the services that exist, never of the order they came
+  in or of when the gateway started: each service, oldest first, takes the first free
+  address from its hash. The services of one list (the first sync, a relist after 410,
+  whichever watch lists last) are placed once it has been applied whole. A new service
+  (ranked last) moves nothing. An older one that appears later (an old Service made
+  cross-cluster) takes its slot from a newer one that hashes to it, and one that goes
+  gives its slot to the next that hashes there: the newer service moves, in every
+  gateway at once (it used to keep the slot until its gateway restarted, while gateways
+  started meanwhile gave the slot to the older one: a name resolved by one gateway led
+  to another service through the next). A released address is not held (a hold lives in
+  one process only).
 
 The import goes through mcsproxy.manifests like every other object, so a Service whose
 ports do not validate is rejected with the same messages. Each change costs work for its
@@ -267,6 +271,8 @@ class KarmadaServices:
         self.mcs_listed = False  # MultiClusterServices listed once (or found not served)
         # Keys a (re)list being applied changed: refreshed at its end (_one_list).
         self._deferred: set[ServiceKey] | None = None
+        # Keys whose ClusterSetIPs an allocation just moved: published again (refresh).
+        self._moved: set[ServiceKey] = set()
 
     @property
     def served(self) -> int:
@@ -631,12 +637,16 @@ class KarmadaServices:
             except (ManifestError, AllocationError) as exc:
                 what = "MultiClusterService" if mcs is not None else "Karmada service"
                 self._reject(ManifestError(f"{what} {key}: {exc}"))
-                return  # whatever was served for the key stays
-            wanted[ObjectId(self.source, KIND_IMPORT, key.namespace, key.name)] = spec
-            for name, slice_spec in slices.items():
-                wanted[ObjectId(self.source, KIND_SLICE, key.namespace, name)] = slice_spec
-        elif self.allocator.get(key):
-            self.allocator.release(key)
+                if not isinstance(exc, AllocationError):
+                    self._refresh_moved()
+                    return  # whatever was served for the key stays
+                # else no address is ours: what was served (at one another may have now) goes
+            else:
+                wanted[ObjectId(self.source, KIND_IMPORT, key.namespace, key.name)] = spec
+                for name, slice_spec in slices.items():
+                    wanted[ObjectId(self.source, KIND_SLICE, key.namespace, name)] = slice_spec
+        if not wanted:  # also one ranked without an address (its range was full)
+            self._moved |= self.allocator.unplace(key)
         for oid in self._written.get(key, set()) - wanted.keys():
             self.store.delete(oid)
         for oid, spec in wanted.items():
@@ -646,6 +656,16 @@ class KarmadaServices:
         else:
             self._written.pop(key, None)
         self.changed()
+        self._refresh_moved()
+
+    def _refresh_moved(self) -> None:
+        """Publish again the services whose ClusterSetIPs the last allocation moved (an
+        older service placed before them, or one that went: ClusterSetIPAllocator.place)."""
+        while self._moved:
+            moved = self._oldest_first(self._moved)
+            self._moved = set()
+            for key in moved:
+                self.refresh(key)
 
     def _import_object(self, key: ServiceKey, mcs: McsInfo | None,
                        slices: Mapping[str, SliceSpec]) -> dict[str, Any]:
@@ -671,8 +691,12 @@ class KarmadaServices:
                 spec[field] = service[field]
         if not headless:
             families = service.get("ipFamilies") or ()
-            spec["ips"] = list(self.allocator.ensure(
-                key, families if isinstance(families, list) else ()))
+            ips, moved = self.allocator.place(
+                key, families if isinstance(families, list) else (), self._created(key))
+            spec["ips"] = list(ips)
+            self._moved |= moved
+        else:  # headless (perhaps turned so): no address
+            self._moved |= self.allocator.unplace(key)
         clusters = sorted({s.cluster for s in slices.values()})
         return {
             "metadata": {"name": key.name, "namespace": key.namespace,
