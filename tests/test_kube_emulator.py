@@ -283,6 +283,67 @@ async def test_finalizers_delay_deletion(api: ApiClient) -> None:
     assert error.value.status == 404
 
 
+def owned(name: str, *owners: Any, block: bool = False) -> dict[str, Any]:
+    body = configmap(name)
+    body["metadata"]["ownerReferences"] = [
+        {"apiVersion": "v1", "kind": "ConfigMap", "name": o.metadata.name,
+         "uid": o.metadata.uid, **({"blockOwnerDeletion": True} if block else {})}
+        for o in owners]
+    return body
+
+
+async def names_until(emu: KubeEmulator, core: CoreV1Api, wanted: set[str]) -> set[str]:
+    """The ConfigMaps of ns once they are `wanted` (or after 2 s): the collector's work."""
+    async def names() -> set[str]:
+        return {c.metadata.name for c in (await core.list_namespaced_config_map("ns")).items}
+    for _ in range(40):
+        if await names() == wanted:
+            break
+        await asyncio.sleep(0.05)
+    return await names()
+
+
+async def test_garbage_collector_deletes_what_all_owners_left(
+        emu: KubeEmulator, api: ApiClient) -> None:
+    """As kube-controller-manager's: the dependents of a deleted owner go (in the
+    background), one that still has another owner only loses the reference, and one
+    created naming an owner uid that does not exist goes too."""
+    core = CoreV1Api(api)
+    owner = await core.create_namespaced_config_map("ns", configmap("owner"))
+    other = await core.create_namespaced_config_map("ns", configmap("other"))
+    await core.create_namespaced_config_map("ns", owned("dep", owner))
+    await core.create_namespaced_config_map("ns", owned("shared", owner, other))
+    await core.delete_namespaced_config_map("owner", "ns")
+    assert await names_until(emu, core, {"other", "shared"}) == {"other", "shared"}
+    shared = await core.read_namespaced_config_map("shared", "ns")
+    assert [r.uid for r in shared.metadata.owner_references] == [other.metadata.uid]
+    # Owned by a uid that is not (or no longer) there: collected at once.
+    await core.create_namespaced_config_map("ns", owned("dangling", owner))
+    assert await names_until(emu, core, {"other", "shared"}) == {"other", "shared"}
+
+
+async def test_garbage_collector_orphan_and_foreground_deletion(
+        emu: KubeEmulator, api: ApiClient) -> None:
+    core = CoreV1Api(api)
+    owner = await core.create_namespaced_config_map("ns", configmap("owner"))
+    await core.create_namespaced_config_map("ns", owned("dep", owner))
+    await core.delete_namespaced_config_map("owner", "ns", propagation_policy="Orphan")
+    assert await names_until(emu, core, {"dep"}) == {"dep"}
+    assert not (await core.read_namespaced_config_map("dep", "ns")).metadata.owner_references
+    # Foreground: the owner waits, marked, until its blocking dependents are gone.
+    owner = await core.create_namespaced_config_map("ns", configmap("owner"))
+    blocker = owned("blocker", owner, block=True)
+    blocker["metadata"]["finalizers"] = ["example.com/keep"]
+    await core.create_namespaced_config_map("ns", blocker)
+    await core.delete_namespaced_config_map("owner", "ns", propagation_policy="Foreground")
+    await asyncio.sleep(0.1)
+    marked = await core.read_namespaced_config_map("owner", "ns")
+    assert marked.metadata.deletion_timestamp is not None
+    assert "foregroundDeletion" in marked.metadata.finalizers
+    await core.patch_namespaced_config_map("blocker", "ns", {"metadata": {"finalizers": None}})
+    assert await names_until(emu, core, {"dep"}) == {"dep"}
+
+
 async def test_status_subresource_is_isolated(api: ApiClient) -> None:
     custom = CustomObjectsApi(api)
     args = (MCS, "v1alpha1", "ns", "serviceexports")

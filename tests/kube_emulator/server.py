@@ -520,6 +520,9 @@ class KubeEmulator:
         except ValueError:
             raise ApiError(400, "BadRequest", "the request body is not valid JSON") from None
 
+        if method == "DELETE":
+            body = _delete_options(body, query)
+
         def reply(obj: Obj, code: int = 200) -> web.Response:
             return web.json_response(rtype.present(obj, version), status=code)
 
@@ -681,3 +684,14 @@ class KubeEmulator:
         return web.json_response({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion":
                                   f"{group}/{version}" if group else version,
                                   "resources": resources})
+
+
+def _delete_options(body: Any, query: Any) -> Any:
+    """DeleteOptions from the body, with what the query may give instead (client-go and
+    kubernetes_asyncio send `propagationPolicy` as a parameter)."""
+    options = dict(body) if isinstance(body, dict) else {}
+    if "propagationPolicy" in query:
+        options.setdefault("propagationPolicy", query["propagationPolicy"])
+    if "orphanDependents" in query:
+        options.setdefault("orphanDependents", _truthy(query["orphanDependents"]))
+    return options if options or body is not None else body

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from .collector import GarbageCollector, finalizer_for
 from .patches import PatchError, json_patch, merge_patch
 from .selectors import Predicate
 
@@ -146,6 +147,7 @@ class Store:
         self.watchers: set[Watcher] = set()
         self.watch_queue = watch_queue
         self.lose_events = False  # changes no watch sees, open or resumed: only a list
+        self.gc = GarbageCollector(self)  # ownerReferences, as kube-controller-manager's
 
     # -- types -------------------------------------------------------------------------
     def register(self, group: str, version: str, plural: str, kind: str, *,
@@ -187,6 +189,7 @@ class Store:
             del bucket[key]
         else:
             bucket[key] = obj
+        self.gc.changed(rtype, kind, obj, old)
         if self.lose_events:
             return obj
         if len(self.history) == self.history.maxlen:
@@ -352,8 +355,13 @@ class Store:
                 raise rtype.error(409, "Conflict", name, f"Precondition failed: {key} in "
                                   f"precondition: {pre[key]}, {key} in object meta: "
                                   f"{cur_meta.get(key)}")
+        # Orphan or Foreground: the garbage collector's finalizer holds the object (collector.py).
+        policy = finalizer_for(options)
+        if policy and not cur_meta.get("deletionTimestamp"):
+            cur_meta = {**cur_meta, "finalizers": [
+                *(f for f in cur_meta.get("finalizers") or () if f != policy), policy]}
         if cur_meta.get("finalizers"):
-            if cur_meta.get("deletionTimestamp"):
+            if current["metadata"].get("deletionTimestamp"):
                 return False, current
             meta = {**cur_meta, "deletionTimestamp": now_rfc3339(),
                     "deletionGracePeriodSeconds": 0}
