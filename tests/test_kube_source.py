@@ -638,6 +638,26 @@ async def test_a_failing_services_list_holds_back_karmada_services_only(
         await run.until(lambda: run.status.error is None)
 
 
+async def test_a_failing_multicluster_services_list_holds_back_karmada_services_only(
+        emu: KubeEmulator, tmp_path: Path) -> None:
+    """MultiClusterServices refused (403: a ClusterRole without them; or 5xx from a broken
+    CRD) used to hold back the first sync: every name SERVFAIL, ServiceImports too. Only
+    Karmada's services wait for that list now."""
+    emu.put_object(service_import("web"))
+    emu.put_object(imported_slice("web-west", "web", "west", ["10.1.0.1"]))
+    emu.put_object(local_service("kweb", [{"name": "http", "protocol": "TCP", "port": 80}]))
+    emu.put_object(karmada_slice("member1", "kweb-a", "kweb", ["10.11.0.1"]))
+    emu.fail_next(None, 403, path=f"/apis/{KARMADA}/v1alpha1/multiclusterservices")
+    kweb = ServiceKey("test", "kweb")
+    async with running(emu, tmp_path, cluster_id="member3") as run:
+        assert run.endpoints() == [("west", "10.1.0.1")]
+        assert run.store.current.get("test", "kweb") is None
+        assert run.status.synced and "multiclusterservices" in (run.status.error or "")
+        emu.clear_faults()
+        await run.until(lambda: run.endpoints(kweb) == [("member1", "10.11.0.1")])
+        await run.until(lambda: run.status.error is None)
+
+
 async def test_karmada_member_without_the_multicluster_service_crd(tmp_path: Path) -> None:
     """A member without Karmada's networking CRD (404 on the group) still serves the
     dispatched slices."""

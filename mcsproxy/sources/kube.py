@@ -12,7 +12,8 @@ resume, bookmarks, 410 relist with a diff, backoff with jitter):
   label), MultiClusterServices (`networking.karmada.io/v1alpha1`; optional: Karmada does
   not put them in the members, some installs do), the Services Karmada claims for a
   CrossCluster MultiClusterService (label-selected; a failing list, say Services not
-  granted, does not hold back the first sync) and, once the first Karmada service
+  granted, does not hold back the first sync, nor does one of MultiClusterServices:
+  Karmada's services wait for it) and, once the first Karmada service
   appears, Services (for ports) and the cluster's own EndpointSlices (managed-by
   `endpointslice-controller.k8s.io`: the local endpoints of a cluster that is also a
   provider; a failing list of either does not hold back the first sync either: Karmada's
@@ -246,8 +247,12 @@ class KubeSource:
             self._start(IMPORTS, StoreHandler(self, "ServiceImport", parse_service_import,
                                               self._import_counted))
             self._start(MCS_SLICES, StoreHandler(self, "EndpointSlice", parse_endpoint_slice))
+            # Optional too: a MultiClusterService list refused (RBAC without them, 5xx from
+            # a broken CRD) used to hold back the first sync of everything; Karmada's
+            # services wait for it anyway (KarmadaServices.ready).
             self._start(MULTICLUSTER_SERVICES,
-                        CallbackHandler(k.mcs_replace, k.mcs_upsert, k.mcs_delete))
+                        CallbackHandler(k.mcs_replace, k.mcs_upsert, k.mcs_delete),
+                        optional=True)
             self._start(KARMADA_SLICES,
                         CallbackHandler(k.slice_replace, k.slice_upsert, k.slice_delete))
             # Services may be denied (RBAC) in a cluster that serves no Karmada service:
