@@ -771,6 +771,25 @@ async def test_karmada_gateways_started_apart_agree_on_colliding_addresses(
         assert addresses(restarted)["svc2"] == ("127.240.7.4",)
 
 
+async def test_karmada_service_pushed_out_of_a_full_range_is_withdrawn(
+        emu: KubeEmulator, tmp_path: Path) -> None:
+    """Six services fill the /29; an older seventh turns cross-cluster: the newest has no
+    address any more and is withdrawn (whatever a gateway started now would serve),
+    never left served at an address another service now has."""
+    names = [f"svc{i}" for i in range(7)]
+    for day, name in enumerate(names[1:], start=2):
+        emu.put_object(dated_service(name, day))
+        emu.put_object(karmada_slice("member1", f"{name}-a", name, ["10.11.0.1"]))
+    async with running(emu, tmp_path, clusterset_cidr="127.240.7.0/29") as run:
+        await run.until(lambda: all(run.store.current.get("test", n) for n in names[1:]))
+        emu.put_object(dated_service("svc0", 1))
+        emu.put_object(karmada_slice("member1", "svc0-a", "svc0", ["10.11.0.1"]))
+        await run.until(lambda: run.store.current.get("test", "svc0") is not None)
+        served = {n: svc.ips for n in names
+                  if (svc := run.store.current.get("test", n)) is not None}
+        assert "svc6" not in served and len(set(served.values())) == 6
+
+
 async def test_without_karmada_the_source_still_syncs(tmp_path: Path) -> None:
     async with KubeEmulator() as emu:
         emu.store.types.pop((KARMADA, "v1alpha1", "multiclusterservices"), None)

@@ -74,6 +74,7 @@ arrives out of order or goes (those not at their first address, when one goes).
 from __future__ import annotations
 
 import functools
+import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -91,6 +92,8 @@ from mcsproxy.manifests import (
 from mcsproxy.model import ServiceKey
 from mcsproxy.sources.kube_watch import object_uid, recreated
 from mcsproxy.store import ObjectId, SnapshotStore
+
+log = logging.getLogger("mcsproxy.sources.kube")
 
 KARMADA_GROUP = "networking.karmada.io"
 KARMADA_MANAGER = "endpointslice-dispatch-controller.karmada.io"
@@ -635,13 +638,15 @@ class KarmadaServices:
                         self.reject(error)
             try:
                 spec = parse_service_import(self._import_object(key, mcs, slices))
-            except (ManifestError, AllocationError) as exc:
+            except ManifestError as exc:
                 what = "MultiClusterService" if mcs is not None else "Karmada service"
                 self._reject(ManifestError(f"{what} {key}: {exc}"))
-                if not isinstance(exc, AllocationError):
-                    self._refresh_moved()
-                    return  # whatever was served for the key stays
-                # else no address is ours: what was served (at one another may have now) goes
+                self._refresh_moved()
+                return  # whatever was served for the key stays
+            except AllocationError as exc:
+                # No address is ours: what was served (at one another may have now) goes.
+                log.error("kube source: Karmada service %s not served: %s; served once an "
+                          "address is free", key, exc)
             else:
                 wanted[ObjectId(self.source, KIND_IMPORT, key.namespace, key.name)] = spec
                 for name, slice_spec in slices.items():
