@@ -197,6 +197,24 @@ async def test_a_namespace_being_deleted_gets_no_imports(cs: Clusterset) -> None
     await cs.wait(lambda: cs.addresses("b", "web") == {"10.1.0.1", "10.1.0.2"})
 
 
+async def test_an_exporters_namespace_deleted_unexports_everywhere(cs: Clusterset) -> None:
+    """a's namespace demo deleted (the API server deletes everything in it, as the
+    emulator now does too): its Service and ServiceExport go, so b and c lose the import,
+    and nothing is written into a's namespace meanwhile. In an emulator that deleted only
+    the namespace object, a's export lived on and b and c kept importing it."""
+    for c in cs.emulators:
+        cs[c].put_object(namespace("demo"))
+    export_web(cs, "a", ["10.1.0.1"])
+    controller = await cs.start_controller()
+    await cs.wait(lambda: cs.addresses("b", "web") == {"10.1.0.1"})
+    mark = len(cs["a"].requests)
+    assert cs["a"].delete_object("namespaces", "demo")
+    await cs.wait(lambda: not cs.imports("b") and not cs.imports("c"))
+    assert not cs.imported_slices("b") and not cs.imported_slices("c")
+    assert [r.path for r in cs["a"].requests[mark:] if r.method in ("POST", "PUT")] == []
+    assert "a" not in controller.failed_clusters
+
+
 async def test_a_start_cut_short_leaves_no_writer_behind(cs: Clusterset) -> None:
     """A term ended (stopped, lease lost) while its first reconcile is being written:
     its writers end with it. Before: they wrote on after the term, into clients closed

@@ -344,6 +344,34 @@ async def test_garbage_collector_orphan_and_foreground_deletion(
     assert await names_until(emu, core, {"dep"}) == {"dep"}
 
 
+async def test_a_deleted_namespace_takes_its_content_along(
+        emu: KubeEmulator, api: ApiClient) -> None:
+    """As the namespace controller does: Terminating while its objects are deleted (one
+    with a finalizer holds it), nothing new accepted in it, then gone."""
+    core = CoreV1Api(api)
+    await core.create_namespace({"metadata": {"name": "ns"}})
+    await core.create_namespaced_config_map("ns", configmap("plain"))
+    held = configmap("held")
+    held["metadata"]["finalizers"] = ["example.com/keep"]
+    await core.create_namespaced_config_map("ns", held)
+    await core.create_namespaced_config_map("other", configmap("elsewhere"))
+    await core.delete_namespace("ns")
+    assert await names_until(emu, core, {"held"}) == {"held"}
+    terminating = await core.read_namespace("ns")
+    assert terminating.status.phase == "Terminating"
+    with pytest.raises(ApiException) as error:
+        await core.create_namespaced_config_map("ns", configmap("late"))
+    assert error.value.status == 403
+    await core.patch_namespaced_config_map("held", "ns", {"metadata": {"finalizers": None}})
+    for _ in range(40):
+        if not [n for n in (await core.list_namespace()).items if n.metadata.name == "ns"]:
+            break
+        await asyncio.sleep(0.05)
+    assert [n.metadata.name for n in (await core.list_namespace()).items] == []
+    assert [c.metadata.name for c in
+            (await core.list_namespaced_config_map("other")).items] == ["elsewhere"]
+
+
 async def test_status_subresource_is_isolated(api: ApiClient) -> None:
     custom = CustomObjectsApi(api)
     args = (MCS, "v1alpha1", "ns", "serviceexports")

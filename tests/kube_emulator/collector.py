@@ -17,7 +17,11 @@ and its orphan/foreground finalizers:
 
 Like the real one it runs after the write that caused it (on the event loop's next turn),
 so a client sees its answer, and watches the owner's event, before the dependents change.
-Namespace deletion (the namespace controller's job) is not done here.
+
+The namespace controller's part too: a namespace deleted is marked (deletionTimestamp,
+phase Terminating), everything in it is deleted (an object with finalizers holds the
+namespace until they are removed), then the namespace goes. Before, deleting a namespace
+left its Services, ServiceExports and slices in place, which no cluster does.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ if TYPE_CHECKING:
 
 Obj = dict[str, Any]
 ORPHAN = "orphan"
+NAMESPACE_FINALIZER = "kubernetes"  # the namespace controller's
 FOREGROUND = "foregroundDeletion"
 
 
@@ -60,6 +65,7 @@ class GarbageCollector:
         # Every object by uid, and the uids that name each uid as an owner.
         self._where: dict[str, tuple[ResourceType, str, str]] = {}
         self._deps: dict[str, set[str]] = {}
+        self._terminating: set[str] = set()  # namespaces whose content is being deleted
 
     def changed(self, rtype: ResourceType, kind: str, obj: Obj, old: Obj | None) -> None:
         """After each committed change: what the collector must look at again."""
@@ -76,6 +82,8 @@ class GarbageCollector:
                 self._deps.setdefault(str(ref["uid"]), set()).add(uid)
         if not self.enabled:
             return
+        if kind == "DELETED" and meta.get("namespace") in self._terminating:
+            self._schedule(force=True)  # perhaps the last object the namespace waits for
         if kind == "DELETED":
             self._pending.update(self._deps.get(uid, ()))
         elif owner_refs(obj) or {ORPHAN, FOREGROUND} & set(meta.get("finalizers") or ()):
@@ -84,8 +92,13 @@ class GarbageCollector:
             self._pending.add(str(ref["uid"]))
         self._schedule()
 
-    def _schedule(self) -> None:
-        if self._scheduled or not self._pending:
+    def namespace_deleted(self, name: str) -> None:
+        """A namespace marked for deletion: its content goes, then it does."""
+        self._terminating.add(name)
+        self._schedule(force=True)
+
+    def _schedule(self, *, force: bool = False) -> None:
+        if self._scheduled or not (self._pending or force):
             return
         self._scheduled = True
         try:
@@ -99,6 +112,27 @@ class GarbageCollector:
             found = self._by_uid(self._pending.pop())
             if found is not None:
                 self._attempt(*found)
+        for name in sorted(self._terminating):
+            self._empty_namespace(name)
+
+    def _empty_namespace(self, name: str) -> None:
+        namespaces = self.store.by_name("namespaces")
+        namespace = self.store.objects[("", "namespaces")].get(("", name))
+        if namespace is None or not namespace["metadata"].get("deletionTimestamp"):
+            self._terminating.discard(name)  # gone, or made again (a test's injection)
+            return
+        content = [(t, obj) for t in {id(t): t for t in self.store.types.values()
+                                      if t.namespaced}.values()
+                   for (ns, _), obj in list(self.store.objects[(t.group, t.plural)].items())
+                   if ns == name]
+        for content_type, obj in content:
+            if not obj["metadata"].get("deletionTimestamp"):
+                self._delete(content_type, obj)
+        if any(ns == name for t in self.store.types.values() if t.namespaced
+               for ns, _ in self.store.objects[(t.group, t.plural)]):
+            return  # held by finalizers: looked at again as each object goes
+        self._terminating.discard(name)
+        self._drop_finalizer(namespaces, namespace, NAMESPACE_FINALIZER)
 
     # -- lookups -------------------------------------------------------------------------
     def _by_uid(self, uid: str) -> tuple[ResourceType, Obj] | None:

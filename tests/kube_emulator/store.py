@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from .collector import GarbageCollector, finalizer_for
+# NAMESPACE_FINALIZER holds a namespace while its content is deleted; kept in
+# metadata.finalizers here, where the API server keeps it in spec.finalizers.
+from .collector import NAMESPACE_FINALIZER, GarbageCollector, finalizer_for
 from .patches import PatchError, json_patch, merge_patch
 from .selectors import Predicate
 
@@ -355,6 +357,8 @@ class Store:
                 raise rtype.error(409, "Conflict", name, f"Precondition failed: {key} in "
                                   f"precondition: {pre[key]}, {key} in object meta: "
                                   f"{cur_meta.get(key)}")
+        if (rtype.group, rtype.plural) == ("", "namespaces") and self.gc.enabled:
+            return self._terminate(rtype, current)
         # Orphan or Foreground: the garbage collector's finalizer holds the object (collector.py).
         policy = finalizer_for(options)
         if policy and not cur_meta.get("deletionTimestamp"):
@@ -367,6 +371,20 @@ class Store:
                     "deletionGracePeriodSeconds": 0}
             return False, self._commit(rtype, "MODIFIED", {**current, "metadata": meta}, current)
         return True, self._commit(rtype, "DELETED", current, current)
+
+    def _terminate(self, rtype: ResourceType, namespace: Obj) -> tuple[bool, Obj]:
+        """A namespace deleted: Terminating, held by the namespace controller's finalizer
+        until its content is gone (collector.py)."""
+        meta = namespace["metadata"]
+        if not meta.get("deletionTimestamp"):
+            meta = {**meta, "deletionTimestamp": now_rfc3339(), "deletionGracePeriodSeconds": 0,
+                    "finalizers": [*(meta.get("finalizers") or ()), NAMESPACE_FINALIZER]}
+            namespace = self._commit(rtype, "MODIFIED", {
+                **namespace, "metadata": meta,
+                "status": {**(namespace.get("status") or {}), "phase": "Terminating"}},
+                namespace)
+        self.gc.namespace_deleted(meta["name"])
+        return False, namespace
 
 
 def _parse_rv(rv: str) -> int:
