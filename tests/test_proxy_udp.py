@@ -120,6 +120,43 @@ async def test_udp_flow_table_is_bounded_and_flows_expire_when_idle(
         await proxy.stop()
 
 
+async def test_one_client_address_holds_at_most_a_quarter_of_the_flow_table() -> None:
+    # One address writing from many source ports took the whole table (64 of 64 flows
+    # for 100 ports), and every other client was refused until those flows idled out.
+    east, east_port = await udp_backend("east-1", "127.79.43.1")
+    ip = "127.79.240.43"
+    cs = dns_clusterset(ip, dns_endpoint("127.79.43.1", "east", east_port))
+    proxy = await cs.proxy(udp_max_flows=8)  # a quarter: 2 flows per client address
+    flooder = [await client("127.79.43.9") for _ in range(5)]
+    other, other_proto = await client("127.79.43.10")
+    try:
+        for c, _ in flooder:
+            c.sendto(b"hi", (ip, 53))
+        answered = 0
+        for _, proto in flooder:
+            try:
+                async with asyncio.timeout(0.5):
+                    await proto.replies.get()
+                answered += 1
+            except TimeoutError:
+                pass
+        assert answered == 2
+        assert proxy.refusals["udp_flow_limit"] == 3
+        other.sendto(b"me too", (ip, 53))
+        async with asyncio.timeout(3):
+            assert (await other_proto.replies.get())[0] == b"east-1:me too"
+        table: UdpListener = next(iter(proxy.listeners.values())).transport.get_protocol()  # type: ignore[union-attr,assignment]
+        assert table.by_client == {"127.79.43.9": 2, "127.79.43.10": 1}
+        for flow in list(table.flows.values()):
+            flow.expire()
+        assert not table.by_client  # what the flows held is given back as they end
+    finally:
+        for c, _ in [*flooder, (other, other_proto)]:
+            c.close()
+        east.close()
+        await proxy.stop()
+
+
 async def test_udp_port_unreachable_moves_the_flow_elsewhere() -> None:
     live, live_port = await udp_backend("west-1", "127.44.2.1")
     ip = "127.240.44.1"

@@ -415,7 +415,8 @@ class Observer:
                             "Client connections and UDP flows turned away before any endpoint "
                             "was tried, by outcome: listener_limit, client_limit "
                             "(--max-connections-per-listener/-client), udp_flow_limit "
-                            "(--udp-max-flows), out_of_descriptors", ["outcome"])
+                            "(--udp-max-flows, a quarter of it per client address), "
+                            "out_of_descriptors", ["outcome"])
         for outcome, n in proxy.refusals.items():
             refused.add([outcome], n)
         udp_dropped = f.counter("mcsproxy_proxy_udp_dropped",

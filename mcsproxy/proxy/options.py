@@ -41,8 +41,8 @@ def add_proxy_arguments(p: argparse.ArgumentParser) -> None:
                         "0: never)")
     g.add_argument("--udp-idle-timeout", type=float, default=30.0, metavar="S")
     g.add_argument("--udp-max-flows", type=int, default=16384, metavar="N",
-                   help="UDP flows per listener and process (--workers); datagrams of new "
-                        "clients beyond it drop")
+                   help="UDP flows per listener and process (--workers), a quarter of them "
+                        "per client address; datagrams of new flows beyond either drop")
     g.add_argument("--max-connections-per-listener", type=int, default=0, metavar="N",
                    help="open TCP/HTTP connections per ClusterSetIP:port and process "
                         "(--workers); more are closed at accept (default 0: unlimited)")

@@ -1,8 +1,9 @@
 """UDP proxying: one flow per client address and port, each with its own connected socket.
 
-The listener keeps a bounded flow table; a datagram from a new client address opens a
-flow to the host the upstream set picks (affinity by client IP applies) and replies on
-that flow go back to that client from the ClusterSetIP:port it wrote to. A flow ends
+The listener keeps a bounded flow table, a quarter of it at most per client address; a
+datagram from a new client address opens a flow to the host the upstream set picks
+(affinity by client IP applies) and replies on that flow go back to that client from the
+ClusterSetIP:port it wrote to. A flow ends
 when idle (the manager's sweep), when its endpoint answers ICMP port unreachable, when
 its endpoint leaves the snapshot or when its listener closes.
 
@@ -40,6 +41,7 @@ import socket
 import time
 from typing import Any
 
+from mcsproxy.clientcounts import ClientCounts, client_share
 from mcsproxy.proxy.context import ListenerContext
 from mcsproxy.upstream import Host, UpstreamSet
 
@@ -93,6 +95,11 @@ class UdpListener(asyncio.DatagramProtocol):
         # with the transport's.
         self.sock: socket.socket | None = None
         self.flows: dict[Address, UdpFlow] = {}
+        # Flows in the table per client address: one address may hold a quarter of it
+        # (client_share), as elsewhere a limit shared by every client is. One address
+        # writing from 100 source ports took a 64-flow table whole, and every other
+        # client was refused until those flows idled out (--udp-idle-timeout).
+        self.by_client = ClientCounts()
         self.dropped = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -104,15 +111,36 @@ class UdpListener(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: Address) -> None:
         flow = self.flows.get(addr)
         if flow is None:
-            if len(self.flows) >= self.ctx.config.udp_max_flows:
-                self.dropped += 1
-                self.ctx.refuse_flow(f"flow table full: --udp-max-flows {len(self.flows)}")
+            if not self._admit(addr):
                 return
             flow = UdpFlow(self, addr)
             if not flow.open():
+                self.by_client.give(addr[0])
                 return
             self.flows[addr] = flow
         flow.send(data)
+
+    def _admit(self, addr: Address) -> bool:
+        """Room in the table for a new flow of `addr`, taken (`leave` gives it back);
+        False, counted and logged as a limit, when the table or the client's share of
+        it is full."""
+        max_flows = self.ctx.config.udp_max_flows
+        if len(self.flows) >= max_flows:
+            why = f"flow table full: --udp-max-flows {len(self.flows)}"
+        elif not self.by_client.take(addr[0], client_share(max_flows)):
+            why = (f"client {addr[0]} holds {client_share(max_flows)} flows, "
+                   f"a quarter of --udp-max-flows")
+        else:
+            return True
+        self.dropped += 1
+        self.ctx.refuse_flow(why)
+        return False
+
+    def leave(self, flow: UdpFlow) -> None:
+        """`flow` leaves the table (it ends or moves): its room goes back."""
+        if self.flows.get(flow.client_addr) is flow:
+            del self.flows[flow.client_addr]
+            self.by_client.give(flow.client_addr[0])
 
     def move(self, failed: UdpFlow, replay: list[bytes]) -> None:
         """`failed` (already out of the table) met port unreachable before its attempt
@@ -120,8 +148,11 @@ class UdpListener(asyncio.DatagramProtocol):
         connect is retried before the client sees anything."""
         if self.transport is None or self.transport.is_closing():
             return
+        if not self._admit(failed.client_addr):
+            return
         flow = UdpFlow(self, failed.client_addr, failed.tried)
         if not flow.open():
+            self.by_client.give(flow.client_addr[0])
             return
         flow.upstream.stats.retries += 1
         self.flows[flow.client_addr] = flow
@@ -135,6 +166,7 @@ class UdpListener(asyncio.DatagramProtocol):
         for flow in list(self.flows.values()):
             flow.abort()
         self.flows.clear()
+        self.by_client.clear()
         if self.sock is not None:
             self.sock.close()
             self.sock = None
@@ -416,8 +448,7 @@ class UdpFlow(asyncio.DatagramProtocol):
 
     def _forget(self) -> None:
         self.listener.ctx.conns.discard(self)
-        if self.listener.flows.get(self.client_addr) is self:
-            del self.listener.flows[self.client_addr]
+        self.listener.leave(self)
 
     def abort(self) -> None:
         self.closed = True
