@@ -374,6 +374,33 @@ async def test_local_first_keeps_its_last_try_for_another_cluster() -> None:
         await proxy.stop()
 
 
+async def test_a_flow_whose_socket_cannot_reach_its_endpoint_moves_elsewhere() -> None:
+    # A connect that fails locally (no route to the endpoint's network: ENETUNREACH; here
+    # the broadcast address, EACCES, which any host refuses the same way) sent nothing:
+    # the client's datagram was lost (5 of 10 clients unanswered until the endpoint was
+    # ejected), where a TCP connect failing so is retried on another endpoint.
+    live, live_port = await udp_backend("east-1", "127.79.44.1")
+    ip = "127.79.240.44"
+    cs = dns_clusterset(ip, dns_endpoint("255.255.255.255", "west", 5353),
+                        dns_endpoint("127.79.44.1", "east", live_port))
+    proxy = await cs.proxy()
+    clients = [await client(f"127.79.44.{10 + i}") for i in range(4)]
+    try:
+        for c, proto in clients:
+            c.sendto(b"q", (ip, 53))
+            async with asyncio.timeout(3):
+                assert (await proto.replies.get())[0] == b"east-1:q"
+        stats = next(iter(proxy.upstreams.values())).stats
+        assert stats.cluster("west").attempts["error"] == 2  # round-robin: every other flow
+        assert stats.cluster("west").failed == 0 and stats.cluster("east").connections == 4
+        assert stats.retries == 2
+    finally:
+        for c, _ in clients:
+            c.close()
+        live.close()
+        await proxy.stop()
+
+
 async def test_running_out_of_descriptors_does_not_eject_udp_endpoints() -> None:
     # A flow whose socket cannot be made (EMFILE) was charged to its endpoint: under
     # descriptor exhaustion healthy endpoints were ejected, as the TCP proxy avoids.
