@@ -11,11 +11,13 @@ import socket
 import pytest
 import uvloop
 
-from mcsproxy.config import OutlierConfig
+from mcsproxy.config import OutlierConfig, ProxyConfig
 from mcsproxy.model import Endpoint, ServicePort
+from mcsproxy.observability.accesslog import AccessLog
+from mcsproxy.proxy import ProxyManager
 from mcsproxy.proxy.manager import IDLE_SWEEPS, sweep_ticks
 from mcsproxy.proxy.udp import PENDING_DATAGRAMS_MAX, UdpFlow, UdpListener
-from tests.proxy_fixtures import Clusterset, endpoint, free_port, until
+from tests.proxy_fixtures import NO_HEALTH, Clusterset, endpoint, free_port, until
 
 DNS = ServicePort("dns", "UDP", 53)
 
@@ -394,6 +396,51 @@ async def test_a_flow_whose_socket_cannot_reach_its_endpoint_moves_elsewhere() -
         assert stats.cluster("west").attempts["error"] == 2  # round-robin: every other flow
         assert stats.cluster("west").failed == 0 and stats.cluster("east").connections == 4
         assert stats.retries == 2
+    finally:
+        for c, _ in clients:
+            c.close()
+        live.close()
+        await proxy.stop()
+
+
+async def test_the_access_log_has_one_line_per_client_flow_with_its_attempts() -> None:
+    # Each attempt of a moved flow was a line of its own (outcome=refused, then ok, no
+    # attempts field), and a flow that failed or found no endpoint had none; TCP logs
+    # one line per connection with its attempts.
+    live, live_port = await udp_backend("east-1", "127.79.45.1")
+    dead = [free_port(f"127.79.45.{i}", socket.SOCK_DGRAM) for i in (2, 3)]
+    cs = Clusterset("east")
+    cs.publish("dns", "127.79.240.45", [DNS], [dns_endpoint("127.79.45.2", "east", dead[0]),
+                                               dns_endpoint("127.79.45.1", "east", live_port)])
+    cs.publish("down", "127.79.240.46", [DNS], [dns_endpoint("127.79.45.2", "east", dead[0]),
+                                                dns_endpoint("127.79.45.3", "east", dead[1])])
+    cs.publish("none", "127.79.240.47", [DNS], [])
+    proxy = ProxyManager(ProxyConfig(health=NO_HEALTH), cs.store)
+    proxy.access_log = log = AccessLog("-")
+    await proxy.start()
+    clients = [await client(f"127.79.45.{10 + i}") for i in range(4)]
+    try:
+        for c, proto in clients[:2]:
+            c.sendto(b"q", ("127.79.240.45", 53))
+            async with asyncio.timeout(3):
+                assert (await proto.replies.get())[0] == b"east-1:q"
+        clients[2][0].sendto(b"q", ("127.79.240.46", 53))
+        clients[3][0].sendto(b"q", ("127.79.240.47", 53))
+        await until(lambda: len(log.pending) == 2, "the failed and the no-endpoint flow logged")
+        for flow in [f for f in proxy.conns if isinstance(f, UdpFlow)]:
+            flow.expire()
+        await until(lambda: len(log.pending) == 4, "the answered flows logged as they end")
+        lines = {r["client"].split(":")[0]: r for r in log.pending}
+        assert len(lines) == 4 and all(r["kind"] == "udp" for r in lines.values())
+        answered = [lines[f"127.79.45.{10 + i}"] for i in range(2)]
+        assert {r["outcome"] for r in answered} == {"ok"}
+        assert sorted(r["attempts"] for r in answered) == [1, 2]  # one met the dead port
+        assert all(r["endpoint"] == f"127.79.45.1:{live_port}" for r in answered)
+        failed = lines["127.79.45.12"]
+        assert failed["outcome"] == "failed" and failed["attempts"] == 2
+        assert failed["endpoint"] in {f"127.79.45.2:{dead[0]}", f"127.79.45.3:{dead[1]}"}
+        none = lines["127.79.45.13"]
+        assert none["outcome"] == "no_endpoint" and none["attempts"] == 0
     finally:
         for c, _ in clients:
             c.close()

@@ -150,7 +150,7 @@ class UdpListener(asyncio.DatagramProtocol):
             return
         if not self._admit(failed.client_addr):
             return
-        flow = UdpFlow(self, failed.client_addr, failed.tried)
+        flow = UdpFlow(self, failed.client_addr, failed.tried, failed.began)
         if not flow.open():
             self.by_client.give(flow.client_addr[0])
             return
@@ -186,12 +186,13 @@ class UdpListener(asyncio.DatagramProtocol):
 class UdpFlow(asyncio.DatagramProtocol):
     """One client address's datagrams to one endpoint and the replies back."""
 
-    __slots__ = ("client_addr", "closed", "fd", "host", "idle", "listener", "outcome", "pending",
+    __slots__ = ("began", "client_addr", "closed", "fd", "host", "idle", "listener", "outcome",
+                 "pending",
                  "received", "replay", "replay_bytes", "sent", "started", "task", "transport",
                  "tried", "upstream", "watch_rx")
 
     def __init__(self, listener: UdpListener, client_addr: Address,
-                 tried: list[Host] | None = None) -> None:
+                 tried: list[Host] | None = None, began: float | None = None) -> None:
         self.listener = listener
         self.client_addr = client_addr
         self.tried: list[Host] = tried if tried is not None else []  # endpoints that refused
@@ -212,6 +213,9 @@ class UdpFlow(asyncio.DatagramProtocol):
         self.sent = 0  # datagram bytes each way, folded into the cluster's counters at the end
         self.received = 0
         self.started = time.monotonic()
+        # The client's flow began: its first attempt's start (a moved flow is one flow
+        # with several attempts in the access log, as a retried TCP connect is one line).
+        self.began = self.started if began is None else began
         # An answering flow that sent a datagram waits for a reply on the connect
         # deadlines (see `send`): `received` when the wait began, -1 while none is kept.
         self.watch_rx = -1
@@ -226,6 +230,7 @@ class UdpFlow(asyncio.DatagramProtocol):
                 self.upstream.stats.no_endpoint += 1
             self.listener.ctx.give_up("no eligible endpoint" if not self.tried else
                                       f"{len(self.tried)} endpoints port unreachable")
+            self.log_access("failed" if self.tried else "no_endpoint")
             return False
         self.host = host
         loop = asyncio.get_running_loop()
@@ -438,6 +443,7 @@ class UdpFlow(asyncio.DatagramProtocol):
         host.stats.failed += 1
         ctx.give_up(f"{len(self.tried)} endpoints {why}" if replay else
                     f"{why} after more than a flow keeps to move")
+        self.log_access("failed")
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.outcome is None and self.fd >= 0:
@@ -448,17 +454,31 @@ class UdpFlow(asyncio.DatagramProtocol):
             host.stats.bytes_to_upstream += self.sent
             host.stats.bytes_to_client += self.received
             self.upstream.release(host, self)
-        ctx = self.listener.ctx
-        if ctx.access_log is not None:
-            ctx.access_log.record(
-                kind="udp", client=f"{self.client_addr[0]}:{self.client_addr[1]}",
-                listener=ctx.name, upstream=self.upstream.name,
-                cluster=host.cluster if host is not None else None,
-                endpoint=f"{host.address}:{host.port}" if host is not None else None,
-                outcome=self.outcome or "ok",
-                duration_ms=round((time.monotonic() - self.started) * 1000, 3),
-                bytes_to_upstream=self.sent, bytes_to_client=self.received)
+        if self.outcome == "ok" or self.outcome is None:
+            # Not an attempt that failed: that one's flow moved (the next attempt logs
+            # it) or failed (logged then).
+            self.log_access("ok")
         self._forget()
+
+    def log_access(self, outcome: str) -> None:
+        """The client's flow in the access log, once, when it ends: "ok", "failed" (every
+        attempt failed) or "no_endpoint", with its attempts, as the TCP proxy logs a
+        connection. Each attempt of a moved flow was a line of its own ("refused" twice,
+        then "ok", for one client's flow), and a flow that failed or found no endpoint
+        had none."""
+        access_log = self.listener.ctx.access_log
+        if access_log is None:
+            return
+        # The endpoint of the last attempt; a moved flow that found none left has none.
+        host = self.host or (self.tried[-1] if self.tried else None)
+        addr = self.client_addr
+        access_log.record(
+            kind="udp", client=f"{addr[0]}:{addr[1]}", listener=self.listener.ctx.name,
+            upstream=self.upstream.name, cluster=host.cluster if host is not None else None,
+            endpoint=f"{host.address}:{host.port}" if host is not None else None,
+            outcome=outcome, attempts=len(self.tried) + (outcome == "ok"),
+            duration_ms=round((time.monotonic() - self.began) * 1000, 3),
+            bytes_to_upstream=self.sent, bytes_to_client=self.received)
 
     def _forget(self) -> None:
         self.listener.ctx.conns.discard(self)
