@@ -12,7 +12,7 @@ import pytest
 from mcsproxy.model import Endpoint, EndpointPort, ServicePort
 from tests.http_support import HttpBackend, RawClient
 from tests.proxy_fixtures import Backend, Clusterset, ask
-from tests.test_proxy_udp import Client, NamedUdpEcho
+from tests.test_proxy_udp import Client, NamedUdpEcho, dns_clusterset, dns_endpoint, udp_backend
 
 
 def ipv6_loopback() -> bool:
@@ -95,4 +95,26 @@ async def test_udp_through_an_ipv6_clusterset_ip() -> None:
     finally:
         client.close()
         echo.close()
+        await proxy.stop()
+
+
+async def test_a_datagram_too_big_for_the_other_address_family_is_counted_dropped() -> None:
+    # An IPv6 client's 65,527 bytes cannot go to an IPv4 endpoint (65,507 at most): the
+    # write fails with EMSGSIZE, and the datagram was dropped without a count or a word.
+    east, east_port = await udp_backend("east-1", "127.79.47.1")
+    port = free_port6(socket.SOCK_DGRAM)
+    proxy = await dns_clusterset("::1", dns_endpoint("127.79.47.1", "east", east_port),
+                                 port=ServicePort("dns", "UDP", port)).proxy()
+    c = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        c.bind(("::1", 0))
+        c.setblocking(False)
+        c.sendto(b"x" * 65527, ("::1", port))
+        c.sendto(b"small", ("::1", port))
+        async with asyncio.timeout(3):
+            assert await asyncio.get_running_loop().sock_recv(c, 100) == b"east-1:small"
+        assert proxy.udp_drops.counts["too_big"] == 1
+    finally:
+        c.close()
+        east.close()
         await proxy.stop()

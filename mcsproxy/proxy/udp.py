@@ -60,6 +60,7 @@ DROP_REASONS = {
     "opening": f"over {PENDING_DATAGRAMS_MAX} datagrams held while a flow's socket opens",
     "endpoint_buffer_full": "the send buffer towards the endpoint is full",
     "client_buffer_full": "the send buffer towards the client is full",
+    "too_big": "larger than the other side's address family carries (65,507 bytes over IPv4)",
 }
 
 Address = tuple[Any, ...]
@@ -180,6 +181,9 @@ class UdpListener(asyncio.DatagramProtocol):
         except BlockingIOError:
             self.drops.drop(self.ctx.name, "client_buffer_full")
         except OSError as exc:
+            if exc.errno == errno.EMSGSIZE:  # an IPv6 endpoint's 65,527 bytes to an IPv4 client
+                self.drops.drop(self.ctx.name, "too_big")
+                return
             self.error_received(exc)
 
 
@@ -345,7 +349,30 @@ class UdpFlow(asyncio.DatagramProtocol):
             self.listener.drops.drop(self.listener.ctx.name, "endpoint_buffer_full")
             return True
         except OSError as exc:
+            if exc.errno == errno.EMSGSIZE:
+                return self._write_again(data)
             self.error_received(exc)  # port unreachable shows here as on any send
+            return not self.closed
+        self.sent += len(data)
+        return True
+
+    def _write_again(self, data: bytes) -> bool:
+        """A write met EMSGSIZE: either the error an ICMP "fragmentation needed" left on
+        the socket (a router on the way dropped an earlier datagram larger than its MTU;
+        the kernel now fragments to it), which this write reported instead of sending
+        (it was lost without a trace), or this datagram is larger than the socket's
+        family carries (an IPv6 client's 65,527 bytes to an IPv4 endpoint). Written once
+        more: the first is sent now, the second fails again and is counted dropped."""
+        try:
+            os.write(self.fd, data)
+        except BlockingIOError:
+            self.listener.drops.drop(self.listener.ctx.name, "endpoint_buffer_full")
+            return True
+        except OSError as exc:
+            if exc.errno == errno.EMSGSIZE:
+                self.listener.drops.drop(self.listener.ctx.name, "too_big")
+                return True
+            self.error_received(exc)
             return not self.closed
         self.sent += len(data)
         return True
