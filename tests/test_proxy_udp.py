@@ -134,13 +134,14 @@ async def test_one_client_address_holds_at_most_a_quarter_of_the_flow_table() ->
     # for 100 ports), and every other client was refused until those flows idled out.
     east, east_port = await udp_backend("east-1", "127.79.43.1")
     ip = "127.79.240.43"
-    cs = dns_clusterset(ip, dns_endpoint("127.79.43.1", "east", east_port))
+    port = dns_port(ip)
+    cs = dns_clusterset(ip, dns_endpoint("127.79.43.1", "east", east_port), port=port)
     proxy = await cs.proxy(udp_max_flows=8)  # a quarter: 2 flows per client address
     flooder = [await client("127.79.43.9") for _ in range(5)]
     other, other_proto = await client("127.79.43.10")
     try:
         for c, _ in flooder:
-            c.sendto(b"hi", (ip, 53))
+            c.sendto(b"hi", (ip, port.port))
         answered = 0
         for _, proto in flooder:
             try:
@@ -151,7 +152,7 @@ async def test_one_client_address_holds_at_most_a_quarter_of_the_flow_table() ->
                 pass
         assert answered == 2
         assert proxy.refusals["udp_flow_limit"] == 3
-        other.sendto(b"me too", (ip, 53))
+        other.sendto(b"me too", (ip, port.port))
         async with asyncio.timeout(3):
             assert (await other_proto.replies.get())[0] == b"east-1:me too"
         table: UdpListener = next(iter(proxy.listeners.values())).transport.get_protocol()  # type: ignore[union-attr,assignment]
@@ -390,13 +391,14 @@ async def test_a_flow_whose_socket_cannot_reach_its_endpoint_moves_elsewhere() -
     # ejected), where a TCP connect failing so is retried on another endpoint.
     live, live_port = await udp_backend("east-1", "127.79.44.1")
     ip = "127.79.240.44"
-    cs = dns_clusterset(ip, dns_endpoint("255.255.255.255", "west", 5353),
-                        dns_endpoint("127.79.44.1", "east", live_port))
+    port = dns_port(ip)
+    cs = dns_clusterset(ip, dns_endpoint("255.255.255.255", "west", 25353),
+                        dns_endpoint("127.79.44.1", "east", live_port), port=port)
     proxy = await cs.proxy()
     clients = [await client(f"127.79.44.{10 + i}") for i in range(4)]
     try:
         for c, proto in clients:
-            c.sendto(b"q", (ip, 53))
+            c.sendto(b"q", (ip, port.port))
             async with asyncio.timeout(3):
                 assert (await proto.replies.get())[0] == b"east-1:q"
         stats = next(iter(proxy.upstreams.values())).stats
@@ -416,23 +418,26 @@ async def test_the_access_log_has_one_line_per_client_flow_with_its_attempts() -
     # one line per connection with its attempts.
     live, live_port = await udp_backend("east-1", "127.79.45.1")
     dead = [free_port(f"127.79.45.{i}", socket.SOCK_DGRAM) for i in (2, 3)]
+    ports = {n: dns_port(f"127.79.240.{n}") for n in (45, 46, 47)}
     cs = Clusterset("east")
-    cs.publish("dns", "127.79.240.45", [DNS], [dns_endpoint("127.79.45.2", "east", dead[0]),
-                                               dns_endpoint("127.79.45.1", "east", live_port)])
-    cs.publish("down", "127.79.240.46", [DNS], [dns_endpoint("127.79.45.2", "east", dead[0]),
-                                                dns_endpoint("127.79.45.3", "east", dead[1])])
-    cs.publish("none", "127.79.240.47", [DNS], [])
+    cs.publish("dns", "127.79.240.45", [ports[45]],
+               [dns_endpoint("127.79.45.2", "east", dead[0]),
+                dns_endpoint("127.79.45.1", "east", live_port)])
+    cs.publish("down", "127.79.240.46", [ports[46]],
+               [dns_endpoint("127.79.45.2", "east", dead[0]),
+                dns_endpoint("127.79.45.3", "east", dead[1])])
+    cs.publish("none", "127.79.240.47", [ports[47]], [])
     proxy = ProxyManager(ProxyConfig(health=NO_HEALTH), cs.store)
     proxy.access_log = log = AccessLog("-")
     await proxy.start()
     clients = [await client(f"127.79.45.{10 + i}") for i in range(4)]
     try:
         for c, proto in clients[:2]:
-            c.sendto(b"q", ("127.79.240.45", 53))
+            c.sendto(b"q", ("127.79.240.45", ports[45].port))
             async with asyncio.timeout(3):
                 assert (await proto.replies.get())[0] == b"east-1:q"
-        clients[2][0].sendto(b"q", ("127.79.240.46", 53))
-        clients[3][0].sendto(b"q", ("127.79.240.47", 53))
+        clients[2][0].sendto(b"q", ("127.79.240.46", ports[46].port))
+        clients[3][0].sendto(b"q", ("127.79.240.47", ports[47].port))
         await until(lambda: len(log.pending) == 2, "the failed and the no-endpoint flow logged")
         for flow in [f for f in proxy.conns if isinstance(f, UdpFlow)]:
             flow.expire()
