@@ -460,9 +460,10 @@ async def test_the_access_log_has_one_line_per_client_flow_with_its_attempts() -
         await proxy.stop()
 
 
-def frag_needed(flow_addr: tuple, endpoint_addr: tuple, mtu: int) -> bytes:
-    """ICMP "fragmentation needed" about a datagram `flow_addr` sent to `endpoint_addr`,
-    as a router on the way sends it for one larger than its next hop's MTU."""
+def icmp_unreachable(flow_addr: tuple, endpoint_addr: tuple, code: int, mtu: int = 0) -> bytes:
+    """ICMP destination unreachable (`code`) about a datagram `flow_addr` sent to
+    `endpoint_addr`: 4, "fragmentation needed", as a router on the way sends it for one
+    larger than its next hop's MTU; 10, "host prohibited", as a firewall's reject."""
     def checksum(data: bytes) -> int:
         total = sum(struct.unpack(f"!{len(data) // 2}H", data))
         total = (total >> 16) + (total & 0xFFFF)
@@ -471,11 +472,54 @@ def frag_needed(flow_addr: tuple, endpoint_addr: tuple, mtu: int) -> bytes:
                           0, socket.inet_aton(flow_addr[0]), socket.inet_aton(endpoint_addr[0]))
     dropped = dropped[:10] + struct.pack("!H", checksum(dropped)) + dropped[12:]
     dropped += struct.pack("!HHHH", flow_addr[1], endpoint_addr[1], 1408, 0)
-    message = struct.pack("!BBHHH", 3, 4, 0, 0, mtu) + dropped
+    message = struct.pack("!BBHHH", 3, code, 0, 0, mtu) + dropped
     return message[:2] + struct.pack("!H", checksum(message)) + message[4:]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="sends ICMP from a raw socket (root)")
+@pytest.mark.skipif(os.geteuid() != 0, reason="sends ICMP from a raw socket (root)")
+async def test_a_flow_whose_endpoint_a_firewall_rejects_moves_elsewhere() -> None:
+    # A firewall's reject (iptables --reject-with icmp-host-prohibited, firewalld's
+    # default) reaches the flow's socket as EHOSTUNREACH, which was ignored: only port
+    # unreachable moved a flow, so the client's datagrams went on into the firewall (5 of
+    # 10 clients unanswered over 3 tries each, the endpoint never ejected).
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # takes datagrams, never answers
+    sink.bind(("127.79.49.1", 0))
+    live, live_port = await udp_backend("east-2", "127.79.49.2")
+    ip = "127.79.240.49"
+    port = dns_port(ip)
+    sink_addr = sink.getsockname()
+    proxy = await dns_clusterset(ip, dns_endpoint("127.79.49.1", "east", sink_addr[1]),
+                                 dns_endpoint("127.79.49.2", "east", live_port),
+                                 port=port).proxy(connect_timeout_s=10)  # not moved by that
+    clients = [await client(f"127.79.49.{10 + i}") for i in range(2)]
+    icmp = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    icmp.bind(("127.79.49.1", 0))
+    try:
+        table: UdpListener = next(iter(proxy.listeners.values())).transport.get_protocol()  # type: ignore[union-attr,assignment]
+        for c, proto in clients:  # round-robin: one of the two flows goes to the sink
+            c.sendto(b"q", (ip, port.port))
+            addr = c.get_extra_info("sockname")
+            await until(lambda a=addr: a in table.flows and table.flows[a].transport,
+                        "the flow's socket open")
+            flow = table.flows[addr]
+            assert flow.host is not None and flow.transport is not None
+            if flow.host.port == sink_addr[1]:
+                flow_addr = flow.transport.get_extra_info("sockname")
+                icmp.sendto(icmp_unreachable(flow_addr, sink_addr, 10), flow_addr)
+            async with asyncio.timeout(3):
+                assert (await proto.replies.get())[0] == b"east-2:q"
+        stats = next(iter(proxy.upstreams.values())).stats
+        assert stats.cluster("east").attempts["error"] == 1 and stats.retries == 1
+    finally:
+        icmp.close()
+        for c, _ in clients:
+            c.close()
+        live.close()
+        sink.close()
+        await proxy.stop()
+
+
 async def test_a_datagram_that_meets_a_path_mtu_error_is_sent_all_the_same() -> None:
     # A router's "fragmentation needed" for an earlier datagram leaves EMSGSIZE on the
     # flow's connected socket, and the next write reports it instead of sending: that
@@ -498,7 +542,7 @@ async def test_a_datagram_that_meets_a_path_mtu_error_is_sent_all_the_same() -> 
         # Read in the same poll: the client's datagram first, then the router's error.
         c.sendto(b"next", (ip, port.port))
         icmp.bind(("127.79.46.1", 0))
-        icmp.sendto(frag_needed(flow_addr, ("127.79.46.1", east_port), 65535), flow_addr)
+        icmp.sendto(icmp_unreachable(flow_addr, ("127.79.46.1", east_port), 4, 65535), flow_addr)
         async with asyncio.timeout(3):
             assert (await proto.replies.get())[0] == b"east-1:next"
         assert proxy.udp_drops.counts["too_big"] == 0

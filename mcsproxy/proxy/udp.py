@@ -3,9 +3,10 @@
 The listener keeps a bounded flow table, a quarter of it at most per client address; a
 datagram from a new client address opens a flow to the host the upstream set picks
 (affinity by client IP applies) and replies on that flow go back to that client from the
-ClusterSetIP:port it wrote to. A flow ends
-when idle (the manager's sweep), when its endpoint answers ICMP port unreachable, when
-its endpoint leaves the snapshot or when its listener closes.
+ClusterSetIP:port it wrote to. A flow ends when idle (the manager's sweep), when its
+endpoint answers ICMP port unreachable (or another ICMP error that says it cannot be
+reached: UNREACHABLE_ERRNOS), when its endpoint leaves the snapshot or when its listener
+closes.
 
 A UDP socket connects without a packet, so a flow's attempt at an endpoint is decided
 later, as a TCP connect is: refused when port unreachable comes back before the first
@@ -55,6 +56,16 @@ PENDING_DATAGRAMS_MAX = 64
 REPLAY_DATAGRAMS_MAX = 8
 REPLAY_BYTES_MAX = 8 * 1024
 DROP_LOG_INTERVAL_S = 1.0
+# What a connected UDP socket reports of the ICMP errors Linux holds fatal (icmp_err_convert
+# and its IPv6 twin): the endpoint cannot be reached. Port unreachable (ECONNREFUSED) is
+# the usual one; a firewall's reject says host or admin prohibited (EHOSTUNREACH;
+# firewalld's default, iptables' --reject-with icmp-host-prohibited), network prohibited
+# (ENETUNREACH), or, over IPv6, EACCES. Only port unreachable moved a flow: behind a
+# host-prohibited reject, 5 of 10 clients went unanswered over 3 tries each, the
+# endpoint's attempts all counted ok and never ejected.
+UNREACHABLE_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
+                                errno.EHOSTDOWN, errno.ENONET, errno.ENOPROTOOPT,
+                                errno.EACCES})
 # mcsproxy_proxy_udp_dropped_total{reason}, and what the log line says of each.
 DROP_REASONS = {
     "opening": f"over {PENDING_DATAGRAMS_MAX} datagrams held while a flow's socket opens",
@@ -443,18 +454,21 @@ class UdpFlow(asyncio.DatagramProtocol):
         host.stats.attempts["ok"] += 1
 
     def error_received(self, exc: Exception) -> None:
-        # A connected UDP socket reports the endpoint's ICMP port unreachable here.
+        # A connected UDP socket reports the endpoint's ICMP port unreachable here, and
+        # the other ICMP errors that say it cannot be reached (UNREACHABLE_ERRNOS).
         host = self.host
-        if not isinstance(exc, ConnectionRefusedError) or host is None or self.closed:
+        if host is None or self.closed or getattr(exc, "errno", None) not in UNREACHABLE_ERRNOS:
             return
+        why = ("port unreachable" if isinstance(exc, ConnectionRefusedError) else
+               f"unreachable ({getattr(exc, 'strerror', None) or exc})")
         if self.outcome is not None:
             # Counted ok already: the endpoint went away under an established flow.
-            self.upstream.flow_failed(host, "port unreachable")
+            self.upstream.flow_failed(host, why)
             self.abort()
             return
         self.outcome = "refused"
-        self.upstream.connect_failed(host, "port unreachable")  # the attempt: refused
-        self._move_or_give_up(host, "port unreachable")
+        self.upstream.connect_failed(host, why)  # the attempt: refused (port) or error
+        self._move_or_give_up(host, why)
 
     def _move_or_give_up(self, host: Host, why: str) -> None:
         """The attempt on `host` failed (`why`): the flow moves to another endpoint with
