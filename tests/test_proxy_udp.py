@@ -17,7 +17,12 @@ from mcsproxy.model import Endpoint, ServicePort
 from mcsproxy.observability.accesslog import AccessLog
 from mcsproxy.proxy import ProxyManager
 from mcsproxy.proxy.manager import IDLE_SWEEPS, sweep_ticks
-from mcsproxy.proxy.udp import PENDING_DATAGRAMS_MAX, UdpFlow, UdpListener
+from mcsproxy.proxy.udp import (
+    LISTENER_RCVBUF_BYTES,
+    PENDING_DATAGRAMS_MAX,
+    UdpFlow,
+    UdpListener,
+)
 from tests.proxy_fixtures import NO_HEALTH, Clusterset, endpoint, free_port, until
 
 DNS = ServicePort("dns", "UDP", 53)
@@ -381,6 +386,40 @@ async def test_local_first_keeps_its_last_try_for_another_cluster() -> None:
         assert upstream.stats.cluster("east").attempts["refused"] == 12  # two local each
     finally:
         live.close()
+        await proxy.stop()
+
+
+def rmem_max() -> int:
+    with open("/proc/sys/net/core/rmem_max") as f:
+        return int(f.read())
+
+
+@pytest.mark.skipif(rmem_max() < LISTENER_RCVBUF_BYTES, reason="net.core.rmem_max is lower")
+async def test_a_burst_that_arrives_while_the_loop_is_busy_waits_for_it() -> None:
+    # The listener kept Linux's default receive buffer (212,992 bytes): of 2,000 small
+    # datagrams that came while the loop was busy elsewhere, 256 reached the endpoint.
+    loop = asyncio.get_running_loop()
+    sink = CountingSink()
+    endpoint_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    endpoint_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LISTENER_RCVBUF_BYTES)
+    endpoint_sock.bind(("127.79.50.1", 0))
+    endpoint, _ = await loop.create_datagram_endpoint(lambda: sink, sock=endpoint_sock)
+    ip = "127.79.240.50"
+    port = dns_port(ip)
+    proxy = await dns_clusterset(
+        ip, dns_endpoint("127.79.50.1", "east", endpoint_sock.getsockname()[1]),
+        port=port).proxy()
+    c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        c.bind(("127.79.50.9", 0))
+        c.sendto(b"x" * 100, (ip, port.port))
+        await until(lambda: sink.received == 1, "the flow open")
+        for _ in range(2000):  # the loop runs none of it meanwhile
+            c.sendto(b"x" * 100, (ip, port.port))
+        await until(lambda: sink.received == 2001, "the burst through", timeout=5)
+    finally:
+        c.close()
+        endpoint.close()
         await proxy.stop()
 
 

@@ -34,7 +34,7 @@ from mcsproxy.observability.events import EventRing
 from mcsproxy.proxy.context import ListenerContext, Tracked, new_refusals
 from mcsproxy.proxy.poller import Poller
 from mcsproxy.proxy.tcp import LISTEN_BACKLOG, StreamListener, TcpConnection
-from mcsproxy.proxy.udp import UdpDrops, UdpListener
+from mcsproxy.proxy.udp import LISTENER_RCVBUF_BYTES, UdpDrops, UdpListener
 from mcsproxy.proxy.workers import steer_by_client_ip
 from mcsproxy.store import SnapshotStore
 from mcsproxy.tasks import cancel_and_wait, spawn
@@ -452,6 +452,9 @@ class ProxyManager:
                 # the endpoint connection for the whole idle timeout.
                 for level, option, value in self.config.keepalive_options():
                     sock.setsockopt(level, option, value)
+            else:
+                # UDP: a burst read late (the loop busy elsewhere) waits here, not dropped.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LISTENER_RCVBUF_BYTES)
             if self.config.workers > 1:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             # A ClusterSetIP need not be on an interface yet (in a cluster the VIP is

@@ -56,6 +56,13 @@ PENDING_DATAGRAMS_MAX = 64
 REPLAY_DATAGRAMS_MAX = 8
 REPLAY_BYTES_MAX = 8 * 1024
 DROP_LOG_INTERVAL_S = 1.0
+# The listening socket's receive buffer: what arrives while the loop is busy elsewhere (a
+# GC pass, a large snapshot) waits there, and the kernel drops what does not fit, counted
+# nowhere here. At Linux's default (212,992 bytes, about 256 small datagrams) a burst of
+# 2,000 such datagrams reached the endpoint as 256; at 1 MiB, all 2,000. As the DNS
+# server's; capped by net.core.rmem_max. Flow sockets keep the default: one per flow, a
+# limit each (16,384 flows of 1 MiB could pin 16 GiB).
+LISTENER_RCVBUF_BYTES = 1 << 20
 # What a connected UDP socket reports of the ICMP errors Linux holds fatal (icmp_err_convert
 # and its IPv6 twin): the endpoint cannot be reached. Port unreachable (ECONNREFUSED) is
 # the usual one; a firewall's reject says host or admin prohibited (EHOSTUNREACH;
