@@ -389,6 +389,58 @@ async def test_local_first_keeps_its_last_try_for_another_cluster() -> None:
         await proxy.stop()
 
 
+class EmptyAcks(asyncio.DatagramProtocol):
+    """Answers its first datagram from each client with a greeting, the rest with
+    zero-length datagrams (acknowledgements that carry nothing)."""
+
+    def __init__(self) -> None:
+        self.greeted: set[tuple] = set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # The transport's sendto drops zero-length datagrams: a socket of our own.
+        sock = transport.get_extra_info("socket")
+        self.sock = socket.socket(fileno=os.dup(sock.fileno()))
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        self.sock.sendto(b"" if addr in self.greeted else b"hello", addr)
+        self.greeted.add(addr)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.sock.close()
+
+
+async def test_an_endpoint_that_answers_with_empty_datagrams_is_not_taken_for_silent() -> None:
+    # Whether the endpoint answered was read from the bytes received: after one reply
+    # that carried bytes, empty ones counted as none, so the endpoint was ejected as a
+    # silent one ("no reply and nothing in east has answered") and its flow cut, every
+    # second connect timeout while the client kept sending.
+    loop = asyncio.get_running_loop()
+    ends = [await loop.create_datagram_endpoint(EmptyAcks, local_addr=(f"127.79.51.{i}", 0))
+            for i in (1, 2)]
+    ip = "127.79.240.51"
+    port = dns_port(ip)
+    cs = dns_clusterset(ip, *(dns_endpoint(f"127.79.51.{i + 1}", "east",
+                                           t.get_extra_info("sockname")[1])
+                              for i, (t, _) in enumerate(ends)), port=port)
+    proxy = await cs.proxy(connect_timeout_s=0.2)
+    c, proto = await client("127.79.51.9")
+    try:
+        replies = []
+        for _ in range(16):  # 0.8 s: four connect timeouts
+            c.sendto(b"q", (ip, port.port))
+            async with asyncio.timeout(3):
+                replies.append((await proto.replies.get())[0])
+            await asyncio.sleep(0.05)
+        assert replies == [b"hello"] + [b""] * 15  # one flow, to one endpoint, throughout
+        hosts = next(iter(proxy.upstreams.values())).hosts.values()
+        assert not any(h.ejected for h in hosts)
+    finally:
+        c.close()
+        for t, _ in ends:
+            t.close()
+        await proxy.stop()
+
+
 def rmem_max() -> int:
     with open("/proc/sys/net/core/rmem_max") as f:
         return int(f.read())

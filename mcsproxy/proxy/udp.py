@@ -209,9 +209,8 @@ class UdpFlow(asyncio.DatagramProtocol):
     """One client address's datagrams to one endpoint and the replies back."""
 
     __slots__ = ("began", "client_addr", "closed", "fd", "host", "idle", "listener", "outcome",
-                 "pending",
-                 "received", "replay", "replay_bytes", "sent", "started", "task", "transport",
-                 "tried", "upstream", "watch_rx")
+                 "pending", "received", "replay", "replay_bytes", "replies", "sends", "sent",
+                 "started", "task", "transport", "tried", "upstream", "watch_rx")
 
     def __init__(self, listener: UdpListener, client_addr: Address,
                  tried: list[Host] | None = None, began: float | None = None) -> None:
@@ -234,12 +233,17 @@ class UdpFlow(asyncio.DatagramProtocol):
         self.idle = 0
         self.sent = 0  # datagram bytes each way, folded into the cluster's counters at the end
         self.received = 0
+        # Datagrams each way, which say whether the endpoint answered: bytes do not, as
+        # a reply may be empty (an endpoint acknowledging with zero-length datagrams,
+        # after one that was not, was ejected as silent and its flow cut every 2 s).
+        self.sends = 0
+        self.replies = 0
         self.started = time.monotonic()
         # The client's flow began: its first attempt's start (a moved flow is one flow
         # with several attempts in the access log, as a retried TCP connect is one line).
         self.began = self.started if began is None else began
         # An answering flow that sent a datagram waits for a reply on the connect
-        # deadlines (see `send`): `received` when the wait began, -1 while none is kept.
+        # deadlines (see `send`): `replies` when the wait began, -1 while none is kept.
         self.watch_rx = -1
 
     def open(self) -> bool:
@@ -342,14 +346,14 @@ class UdpFlow(asyncio.DatagramProtocol):
                 self.replay = None
         if not opening and not self._sendto(data) and self.replay is None:
             self._pass_on((data,))
-        elif self.watch_rx < 0 and self.received and not self.closed:
+        elif self.watch_rx < 0 and self.replies and not self.closed:
             # A flow that got replies waits for one again within the connect timeout: an
             # endpoint blackholed under it otherwise took the client's datagrams for as
             # long as the client sent (one long flow, as a forwarder's pooled socket: 26
             # of 26 queries lost over 9 s, nothing ejected). `connect_timeout` decides.
             # One wait per connect timeout at most, not one per datagram: the replies in
-            # between cost nothing (the count of bytes received is kept anyway).
-            self.watch_rx = self.received
+            # between cost nothing (the count of replies is kept anyway).
+            self.watch_rx = self.replies
             deadlines = self.listener.ctx.connect_deadlines
             deadlines.pending[self] = time.monotonic() + deadlines.timeout_s
             if deadlines.timer is None:
@@ -372,6 +376,7 @@ class UdpFlow(asyncio.DatagramProtocol):
             self.error_received(exc)  # port unreachable shows here as on any send
             return not self.closed
         self.sent += len(data)
+        self.sends += 1
         return True
 
     def _write_again(self, data: bytes) -> bool:
@@ -393,6 +398,7 @@ class UdpFlow(asyncio.DatagramProtocol):
             self.error_received(exc)
             return not self.closed
         self.sent += len(data)
+        self.sends += 1
         return True
 
     def _pass_on(self, datagrams: tuple[bytes, ...] | list[bytes]) -> None:
@@ -407,7 +413,7 @@ class UdpFlow(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
         self.idle = 0
-        if not self.received and self.host is not None:
+        if not self.replies and self.host is not None:
             self.upstream.answered(self.host)
             if self.outcome is None:
                 self._established()
@@ -417,6 +423,7 @@ class UdpFlow(asyncio.DatagramProtocol):
                 # timed: a one-way protocol never replies, and every one of them would
                 # read as the timeout.
                 self.host.stats.connect_time.observe(time.monotonic() - self.started)
+        self.replies += 1
         self.received += len(data)
         self.listener.reply(data, self.client_addr)
 
@@ -435,7 +442,7 @@ class UdpFlow(asyncio.DatagramProtocol):
             watched, self.watch_rx = self.watch_rx, -1
             if host is None or watched < 0:
                 return
-            if self.received > watched:
+            if self.replies > watched:
                 # A reply came within the wait: the endpoint answers, and its cluster is
                 # not silent to `flow_unanswered` (kept here, not at every reply).
                 self.upstream.answered(host)
@@ -444,7 +451,7 @@ class UdpFlow(asyncio.DatagramProtocol):
                 # (by `cluster_silent`) and the client's next datagram goes elsewhere.
                 self.abort()
             return
-        if (host is None or not self.sent or self.received
+        if (host is None or not self.sends or self.replies
                 or not self.upstream.flow_unanswered(host, self)):
             self._established()
             return
