@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import resource
 import select
 import socket
 import struct
+import subprocess
+import sys
 
 import pytest
 import uvloop
@@ -23,6 +26,10 @@ from mcsproxy.proxy.udp import (
     UdpFlow,
     UdpListener,
 )
+from tests.netns import ID as NETNS_ID
+from tests.netns import PREFIX as NETNS_PREFIX
+from tests.netns import ROOT as NETNS_ROOT
+from tests.netns import netns_skip_reason, run
 from tests.proxy_fixtures import NO_HEALTH, Clusterset, endpoint, free_port, until
 
 DNS = ServicePort("dns", "UDP", 53)
@@ -439,6 +446,58 @@ async def test_an_endpoint_that_answers_with_empty_datagrams_is_not_taken_for_si
         for t, _ in ends:
             t.close()
         await proxy.stop()
+
+
+# Inside a namespace whose ephemeral range is 10 ports: 16 clients' flows to two
+# endpoints; prints the endpoints' failure counts and the flows shed.
+FEW_PORTS = """
+import asyncio, json, socket, sys, uvloop
+sys.path.insert(0, sys.argv[1])
+from tests.test_proxy_udp import dns_clusterset, dns_endpoint, udp_backend
+from mcsproxy.proxy.udp import UdpFlow
+
+async def main():
+    ends = [await udp_backend(f"east-{i}", f"127.0.0.{i}") for i in (1, 2)]
+    proxy = await dns_clusterset("127.0.1.1", *(dns_endpoint(f"127.0.0.{i + 1}", "east", port)
+                                                for i, (_, port) in enumerate(ends))).proxy()
+    clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(16)]
+    for i, c in enumerate(clients):  # on a port of their own, outside the range
+        c.bind((f"127.0.2.{i + 1}", 30000))
+        c.sendto(b"q", ("127.0.1.1", 53))
+    for _ in range(100):
+        await asyncio.sleep(0.02)
+        flows = [f for f in proxy.conns if isinstance(f, UdpFlow)]
+        if all(f.transport for f in flows) and len(flows) + sum(proxy.refusals.values()) \
+                + next(iter(proxy.upstreams.values())).stats.retries >= 16:
+            break
+    hosts = next(iter(proxy.upstreams.values())).hosts.values()
+    print(json.dumps({"failures": sorted(h.consecutive_failures for h in hosts),
+                      "shed": proxy.refusals["out_of_descriptors"], "flows": len(flows)}))
+    await proxy.stop()
+
+uvloop.run(main())  # asyncio's sock_connect takes a UDP connect's EAGAIN for "in progress"
+"""
+
+
+@pytest.mark.skipif(netns_skip_reason() is not None, reason=netns_skip_reason() or "")
+def test_flows_past_the_local_port_range_are_shed_without_blaming_endpoints() -> None:
+    # Each flow's socket takes an ephemeral port of its own; past the range, connect()
+    # fails with EAGAIN, which was held against the endpoint picked (4 of the 5 failures
+    # an ejection takes, on each of two endpoints, from 8 flows too many) and logged as
+    # "2 endpoints port unreachable". Now those flows are shed, as for want of
+    # descriptors, and counted as such.
+    ns = f"{NETNS_PREFIX}{NETNS_ID}-ports"
+    run("ip", "netns", "add", ns)
+    try:
+        run("ip", "-n", ns, "link", "set", "lo", "up")
+        run("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40009")
+        out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", FEW_PORTS,
+                              str(NETNS_ROOT)], capture_output=True, text=True, timeout=60,
+                             check=True).stdout
+        # The two endpoints took two of the ten ports: 8 flows open, 8 are shed.
+        assert json.loads(out) == {"failures": [0, 0], "shed": 8, "flows": 8}
+    finally:
+        run("ip", "netns", "del", ns, check=False)
 
 
 def rmem_max() -> int:

@@ -416,7 +416,7 @@ class Observer:
                             "was tried, by outcome: listener_limit, client_limit "
                             "(--max-connections-per-listener/-client), udp_flow_limit "
                             "(--udp-max-flows, a quarter of it per client address), "
-                            "out_of_descriptors", ["outcome"])
+                            "out_of_descriptors (or memory; UDP: local ports)", ["outcome"])
         for outcome, n in proxy.refusals.items():
             refused.add([outcome], n)
         udp_dropped = f.counter("mcsproxy_proxy_udp_dropped",

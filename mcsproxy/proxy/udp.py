@@ -56,6 +56,13 @@ PENDING_DATAGRAMS_MAX = 64
 REPLAY_DATAGRAMS_MAX = 8
 REPLAY_BYTES_MAX = 8 * 1024
 DROP_LOG_INTERVAL_S = 1.0
+# A flow's socket that cannot be set up for want of our own resources: descriptors,
+# memory, or (EAGAIN) a free local port, each flow taking one of the ephemeral range for
+# itself. The endpoint is not to blame: past the range, every new flow counted a failure
+# toward ejecting it (4 of the 5 an ejection takes on each of two endpoints, from 8
+# flows over a range of 8 ports) and the log said "2 endpoints port unreachable".
+LOCAL_SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
+                            errno.EAGAIN})
 # The listening socket's receive buffer: what arrives while the loop is busy elsewhere (a
 # GC pass, a large snapshot) waits there, and the kernel drops what does not fit, counted
 # nowhere here. At Linux's default (212,992 bytes, about 256 small datagrams) a burst of
@@ -277,11 +284,17 @@ class UdpFlow(asyncio.DatagramProtocol):
             return
         host = self.host
         assert host is not None
-        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
-            # Our own descriptors ran out, as in the TCP proxy: not the endpoint's
-            # fault, so nothing is held against it (no ejection); this flow is shed.
+        if isinstance(exc, OSError) and exc.errno in LOCAL_SHORTAGE:
+            # Our own descriptors, memory or ports ran out, as in the TCP proxy: not the
+            # endpoint's fault, so nothing is held against it (no ejection, no move to
+            # another endpoint, which would fail the same way); this flow is shed.
             self._forget()
-            self.listener.ctx.shed()
+            ctx = self.listener.ctx
+            if exc.errno == errno.EAGAIN:
+                ctx.refusals["out_of_descriptors"] += 1
+                ctx.give_up("no local UDP port left, see net.ipv4.ip_local_port_range")
+            else:
+                ctx.shed()
             return
         # The socket could not connect to the endpoint (no route to its network, an
         # address this host cannot reach): nothing was sent, and the flow moves with what
