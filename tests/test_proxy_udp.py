@@ -562,6 +562,25 @@ async def test_a_flow_whose_socket_cannot_reach_its_endpoint_moves_elsewhere() -
         await proxy.stop()
 
 
+async def test_a_flow_that_ran_out_of_endpoints_is_logged_without_a_wrong_cause(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # The sole endpoint cannot be reached (no route; here the broadcast address): the
+    # flow failed, logged as "1 endpoints port unreachable", though nothing answered so.
+    ip = "127.79.240.52"
+    port = dns_port(ip)
+    proxy = await dns_clusterset(ip, dns_endpoint("255.255.255.255", "west", 25353),
+                                 port=port).proxy()
+    c, _ = await client("127.79.52.9")
+    try:
+        c.sendto(b"q", (ip, port.port))
+        await until(lambda: "no endpoint for a client" in caplog.text, "the flow given up")
+        assert "no endpoint for a client (every endpoint failed (1 tried))" in caplog.text
+        assert "port unreachable" not in caplog.text
+    finally:
+        c.close()
+        await proxy.stop()
+
+
 async def test_the_access_log_has_one_line_per_client_flow_with_its_attempts() -> None:
     # Each attempt of a moved flow was a line of its own (outcome=refused, then ok, no
     # attempts field), and a flow that failed or found no endpoint had none; TCP logs

@@ -261,8 +261,10 @@ class UdpFlow(asyncio.DatagramProtocol):
                 self.tried[-1].stats.failed += 1
             else:
                 self.upstream.stats.no_endpoint += 1
+            # Each tried endpoint failed its own way (port unreachable, a firewall's
+            # reject, no route, silence): the log said "port unreachable" for all.
             self.listener.ctx.give_up("no eligible endpoint" if not self.tried else
-                                      f"{len(self.tried)} endpoints port unreachable")
+                                      f"every endpoint failed ({len(self.tried)} tried)")
             self.log_access("failed" if self.tried else "no_endpoint")
             return False
         self.host = host
