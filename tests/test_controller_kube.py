@@ -4,6 +4,7 @@ the real kubernetes-asyncio client (list + watch, writes, status subresource).""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from controlplane.resources import KIND_IMPORT
 from mcsproxy.tasks import cancel_and_wait, spawn
 from tests.test_controller_kube_support import (
     EXPORTS,
+    FAST,
     IMPORTS,
     Clusterset,
     clusterset,
@@ -33,7 +35,7 @@ from tests.test_controller_kube_support import (
 )
 
 FAST_PROBE = KubeTimings(request_timeout_s=0.3, watch_timeout_s=30.0, probe_interval_s=0.1,
-                         backoff_base_s=0.05, backoff_cap_s=0.2)
+                         backoff_base_s=0.05, backoff_cap_s=0.2, stale_after_s=0.3)
 
 
 @pytest.fixture
@@ -375,6 +377,30 @@ async def test_api_server_away_keeps_imports_stale_then_resyncs(cs: Clusterset) 
     await cs.wait(lambda: all(cs.addresses(c, "web") == {"10.1.0.2"} and not stale_marked(cs, c)
                               for c in cs.emulators))
     assert controller.members()["a"]["connected"]
+
+
+async def test_a_restart_of_a_members_api_server_rewrites_nothing() -> None:
+    """A failure that the next retry gets past (an API server restart, a watch refused
+    with 504 after an etcd restore and relisted) is no outage: marking the member stale
+    and back wrote every slice imported from it twice in every member."""
+    async with clusterset() as cs:
+        cs.timings = dataclasses.replace(FAST, stale_after_s=3.0)
+        for c in cs.emulators:
+            cs[c].put_object(namespace("demo"))
+        export_web(cs, "a", ["10.1.0.1"])
+        controller = await cs.start_controller()
+        await cs["a"].wait_for(lambda: cs["a"].watch_count == 7)
+        before = {c: writes(cs[c]) for c in cs.emulators}
+        await cs["a"].stop()
+        await cs.wait(lambda: controller.members()["a"]["error"] is not None)
+        await cs["a"].start()
+        await cs["a"].wait_for(lambda: cs["a"].watch_count == 7)
+        cs["a"].restore_backup()  # every watch answered 504: relisted
+        await cs["a"].wait_for(lambda: cs["a"].watch_count == 7)
+        await controller.flush()
+        assert controller.members()["a"]["connected"]
+        assert {c: writes(cs[c]) for c in cs.emulators} == before
+        assert not any(stale_marked(cs, c) for c in cs.emulators)
 
 
 async def test_hung_api_server_is_marked_stale_by_the_probe() -> None:

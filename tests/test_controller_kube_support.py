@@ -27,7 +27,7 @@ IMPORTS = f"serviceimports.{MCS}"
 EXPORTS = f"serviceexports.{MCS}"
 SLICES = "endpointslices.discovery.k8s.io"
 FAST = KubeTimings(request_timeout_s=2.0, watch_timeout_s=30.0, probe_interval_s=0.2,
-                   backoff_base_s=0.05, backoff_cap_s=0.3)
+                   backoff_base_s=0.05, backoff_cap_s=0.3, stale_after_s=0.5)
 WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 
 

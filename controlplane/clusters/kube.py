@@ -8,8 +8,9 @@ reconciles in a single loop, so the updates of one object are never reordered.
 
 Connection state: a cluster is connected while every resource's last list/watch request
 and the periodic /version probe succeed. A stream that just ends or breaks is reconnected
-at once; only a failing request (refused, timed out, 5xx) marks the cluster stale, and
-its last view is kept (static stability) until it answers again.
+at once; only failing requests (refused, timed out, 5xx) with no success between them
+for `stale_after_s` mark the cluster stale (a restart of its API server is no outage),
+and its last view is kept (static stability) until it answers again.
 
 Writing: ServiceImports and imported EndpointSlices carry our managed-by label; they are
 compared with what the cluster holds and written only when they differ (create, or
@@ -142,6 +143,9 @@ class KubeTimings:
     backoff_cap_s: float = 30.0
     write_concurrency: int = 8
     resync_s: float = 1800.0  # our own objects are relisted this often (lost events)
+    # A member is stale once its requests have failed this long with no success between
+    # (an API server restart, one watch refused and relisted, does not count).
+    stale_after_s: float = 5.0
 
 
 class _SeenStatus(NamedTuple):
@@ -184,6 +188,9 @@ class KubeClusterClient:
         self._import_res: Resource | None = None
         self._export_res: Resource | None = None
         self._failing: dict[str, str] = {}  # informer plural / probe / sync → error
+        self._failing_since: float | None = None  # monotonic time of the first failure
+        self._stale_timer: asyncio.TimerHandle | None = None  # ends the grace (stale_after_s)
+        self._notify: Notify | None = None  # while watching: a flip to stale is told to it
         self._input_errors: dict[ObjectRef, str] = {}
         self._export_status: dict[ObjectRef, _SeenStatus] = {}
         self.own = OwnObjects()  # our imports and slices as the cluster holds them
@@ -220,6 +227,7 @@ class KubeClusterClient:
         return cls(cluster_id, client, timings)
 
     async def close(self) -> None:
+        self._cancel_stale_timer()
         await self.api.client.close()
 
     # -- discovery -----------------------------------------------------------------------
@@ -358,7 +366,26 @@ class KubeClusterClient:
             self._failing.pop(PROBE, None)  # the server just answered
         else:
             self._failing[part] = error
-        connected = not self._failing
+        self._update_connection(changes)
+
+    def _update_connection(self, changes: ChangeSet) -> None:
+        """Connected unless a request has failed for `stale_after_s` with no success
+        since. Marking a member stale rewrites every slice imported from it in every
+        member, and again when it answers: one API server restart, or one watch refused
+        (504 after an etcd restore) with the relist answering at once, wrote 2 x services
+        x members slices (40 per member at 20 services) though no endpoint changed."""
+        if not self._failing:
+            self._failing_since = None
+            self._cancel_stale_timer()
+        elif self._failing_since is None:
+            self._failing_since = time.monotonic()
+        connected = not self._failing or (
+            self.connection.connected
+            and time.monotonic() - self._failing_since < self.timings.stale_after_s)
+        if connected and self._failing and self._stale_timer is None:
+            left = self.timings.stale_after_s - (time.monotonic() - self._failing_since)
+            self._stale_timer = asyncio.get_running_loop().call_later(
+                max(0.0, left), self._grace_over)
         if connected != self.connection.connected or self.connection.since == 0.0:
             first = self.connection.since == 0.0
             flipped = connected != self.connection.connected
@@ -366,8 +393,9 @@ class KubeClusterClient:
             self.connection.since = time.time()
             changes.connection = changes.connection or flipped
             if not connected:
+                self._cancel_stale_timer()
                 log.error("cluster %s not answering (%s): keeping its last state, stale",
-                          self.cluster_id, error)
+                          self.cluster_id, "; ".join(sorted(set(self._failing.values()))))
             elif not first:
                 log.info("cluster %s answering again", self.cluster_id)
         before = self.connection.error
@@ -381,6 +409,19 @@ class KubeClusterClient:
         else:
             self.connection.error = None
         changes.error = changes.error or self.connection.error != before
+
+    def _grace_over(self) -> None:
+        """Still failing `stale_after_s` after the first failure: stale now."""
+        self._stale_timer = None
+        changes = ChangeSet()
+        self._update_connection(changes)
+        if changes and self._notify is not None:
+            self._notify(self.cluster_id, changes)
+
+    def _cancel_stale_timer(self) -> None:
+        if self._stale_timer is not None:
+            self._stale_timer.cancel()
+            self._stale_timer = None
 
     async def _sync_into(self, changes: ChangeSet) -> None:
         try:
@@ -408,6 +449,14 @@ class KubeClusterClient:
 
     # -- watching ------------------------------------------------------------------------
     async def watch(self, notify: Notify) -> None:
+        self._notify = notify
+        try:
+            await self._watch(notify)
+        finally:
+            self._notify = None
+            self._cancel_stale_timer()
+
+    async def _watch(self, notify: Notify) -> None:
         backoff = Backoff(self.timings.backoff_base_s, self.timings.backoff_cap_s)
         while not self._informers or any(inf.rv is None for inf in self._informers):
             changes = ChangeSet()
