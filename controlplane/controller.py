@@ -68,6 +68,8 @@ log = logging.getLogger("controlplane.controller")
 WRITE_RETRY_S = 1.0  # the first retry of a failed write; each next one waits twice as long
 WRITE_RETRY_MAX_S = 30.0
 BULK_KEYS = 500  # a flush this large reconciles with the cyclic collector paused
+# A flush reconciles for at most this long (one key at least) before the loop runs again.
+FLUSH_PART_S = 0.02
 WAITING_SHOWN = 5  # keys named in the log line saying which wait on an unread member
 
 
@@ -111,6 +113,13 @@ class _Batch:
         self.upserts.update(upserts)
         if report is not None:  # a drift repair or a retry is no flush of ours
             self.reports.append(report)
+
+
+def _merge_part(upserts: dict[ObjectRef, Obj], deletes: set[ObjectRef],
+                part_up: Mapping[ObjectRef, Obj], part_del: set[ObjectRef]) -> None:
+    """A part of a flush into the whole: each key is in one part, so its refs are too."""
+    upserts.update(part_up)
+    deletes |= part_del
 
 
 def rfc3339_now() -> str:
@@ -594,31 +603,48 @@ class Controller:
     async def flush(self, publish: bool = True, wait: bool = True) -> int:
         """Reconcile every dirty key and write what changed; returns keys reconciled.
 
-        The writes go to each cluster's writer; `wait=False` returns without waiting
-        for them (the run loop: a hung cluster must not hold up the next flush)."""
+        Reconciled in parts of at most FLUSH_PART_S, the loop running between them; each
+        part goes to the streams as it is done, the writes once all are. A key changed
+        meanwhile is dirty again, for the next flush. The writes go to each cluster's
+        writer; `wait=False` returns without waiting for them (the run loop: a hung
+        cluster must not hold up the next flush)."""
         if not self._dirty:
             return 0
         started = time.perf_counter()
         dirty, self._dirty = self._dirty, {}
         clusters = sorted(self.clients)
         now = self._now()
+        observed_wall = time.time() - (time.monotonic() - min(dirty.values()))
         upserts: dict[str, dict[ObjectRef, Obj]] = {c: {} for c in clusters}
         deletes: dict[str, set[ObjectRef]] = {c: set() for c in clusters}
-        with collector_paused(len(dirty) >= BULK_KEYS):
-            self._reconcile_into(dirty, clusters, now, upserts, deletes)
+        keys = sorted(dirty)
+        done = 0
+        while done < len(keys):
+            if done:
+                # Between parts the loop runs: a full resync of 10,000 services held it
+                # for seconds (health probes, member watches, stream heartbeats waited).
+                await asyncio.sleep(0)
+                if sorted(self.clients) != clusters:
+                    # A member adopted meanwhile: the rest is reconciled with it, next.
+                    self._mark_again({k: dirty.pop(k) for k in keys[done:]})
+                    break
+            part_up: dict[str, dict[ObjectRef, Obj]] = {c: {} for c in clusters}
+            part_del: dict[str, set[ObjectRef]] = {c: set() for c in clusters}
+            # Frozen objects are handed back to the collector at a start only (where the
+            # last term's controller is garbage): while running, that pass over the whole
+            # heap held the loop for seconds at 10,000 services.
+            with collector_paused(len(dirty) >= BULK_KEYS, unfreeze=not self.synced.is_set()):
+                end = self._reconcile_into(keys, done, clusters, now, part_up, part_del)
+            if self.publisher is not None and publish:
+                self._stream(clusters, part_up, part_del, observed_wall,
+                             [dirty[k] for k in keys[done:end]])
+            for c in clusters:
+                _merge_part(upserts[c], deletes[c], part_up[c], part_del[c])
+            done = end
         self._retry_unallocated()
         self._save_holds()
         unwanted = self._take_unwanted(dirty)
         self.metrics.services_reconciled.inc(len(dirty))
-        observed = min(dirty.values())
-        observed_wall = time.time() - (time.monotonic() - observed)
-        if self.publisher is not None and publish:
-            for c in clusters:
-                if upserts[c] or deletes[c]:
-                    self.publisher.publish(c, upserts[c], deletes[c], observed_wall)
-            streamed = time.monotonic()
-            for seen in dirty.values():
-                self.metrics.propagation.labels("streamed").observe(streamed - seen)
         writing = [c for c in clusters if upserts[c] or deletes[c] or unwanted.get(c)]
         report = _FlushReport(started, dirty.values(), len(writing))
         for c in writing:
@@ -640,9 +666,9 @@ class Controller:
         return len(dirty)
 
     def _flushed(self, report: _FlushReport) -> None:
-        done = time.monotonic()
+        done, histogram = time.monotonic(), self.metrics.propagation.labels("written")
         for seen in report.seen:
-            self.metrics.propagation.labels("written").observe(done - seen)
+            histogram.observe(done - seen)
         self.metrics.reconcile.observe(time.perf_counter() - report.started)
         report.done.set()
 
@@ -671,11 +697,33 @@ class Controller:
         finally:
             self._writers.pop(cluster, None)
 
-    def _reconcile_into(self, dirty: Mapping[ServiceKey, float], clusters: list[str],
+    def _stream(self, clusters: list[str], upserts: Mapping[str, Mapping[ObjectRef, Obj]],
+                deletes: Mapping[str, set[ObjectRef]], observed_wall: float,
+                seen: list[float]) -> None:
+        """One part of a flush to the gateway streams: a delta per cluster it changed."""
+        assert self.publisher is not None
+        for c in clusters:
+            if upserts[c] or deletes[c]:
+                self.publisher.publish(c, upserts[c], deletes[c], observed_wall)
+        streamed, histogram = time.monotonic(), self.metrics.propagation.labels("streamed")
+        for when in seen:
+            histogram.observe(streamed - when)
+
+    def _mark_again(self, keys: Mapping[ServiceKey, float]) -> None:
+        for key, seen in keys.items():
+            self._dirty[key] = min(seen, self._dirty.get(key, seen))
+        self._wake.set()
+
+    def _reconcile_into(self, keys: list[ServiceKey], start: int, clusters: list[str],
                         now: str, upserts: dict[str, dict[ObjectRef, Obj]],
-                        deletes: dict[str, set[ObjectRef]]) -> None:
-        """Reconcile the dirty keys; collect per cluster what to write and delete."""
-        for key in sorted(dirty):
+                        deletes: dict[str, set[ObjectRef]]) -> int:
+        """Reconcile keys[start:] for at most FLUSH_PART_S (one key at least); collect per
+        cluster what to write and delete. Returns the index of the first key not done."""
+        deadline = time.perf_counter() + FLUSH_PART_S
+        for index in range(start, len(keys)):
+            if index > start and time.perf_counter() >= deadline:
+                return index
+            key = keys[index]
             if key in self._frozen:
                 desired = self._reconcile_frozen(key, clusters, now)
                 # Still imported where it was: counted (the gauge and /status said 0 for
@@ -706,6 +754,7 @@ class Controller:
                 self._refs[key] = refs_by_cluster
             else:
                 self._refs.pop(key, None)
+        return len(keys)
 
     def _take_unwanted(self, dirty: Iterable[ServiceKey]) -> dict[str, set[ObjectRef]]:
         """Per cluster, the unwanted objects of the keys just reconciled that nothing

@@ -38,17 +38,21 @@ class _Bursts:
 
 
 @contextmanager
-def collector_paused(bulk: bool = True) -> Iterator[None]:
+def collector_paused(bulk: bool = True, *, unfreeze: bool = True) -> Iterator[None]:
     """Pause automatic collection for a synchronous block (no await inside: other tasks
     must not run with the collector off), then freeze what survived. Not `bulk` (the
-    caller's size check), nested, or with the collector already disabled: left as found."""
+    caller's size check), nested, or with the collector already disabled: left as found.
+    `unfreeze=False` leaves the frozen objects out of the clean-up: it collects only what
+    was made since the last freeze (a caller whose loop must not stop for a pass over
+    the whole heap: 1.4-4.8 s at 10,000 services in the controller)."""
     if not bulk or not gc.isenabled():
         yield
         return
     now = time.monotonic()
     if _Bursts.frozen and (now - _Bursts.last_end > BURST_GAP_S
                                   or now - _Bursts.last_cleanup > CLEANUP_EVERY_S):
-        gc.unfreeze()
+        if unfreeze:
+            gc.unfreeze()
         gc.collect()
         _Bursts.last_cleanup = now
     gc.disable()
