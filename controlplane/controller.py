@@ -227,23 +227,27 @@ class Controller:
     async def start(self) -> None:
         """Load every member, take back earlier output, reconcile everything once (but
         the keys that wait on an unread member)."""
-        if self.holds is not None:  # before anything is allocated
-            self._restore_holds(await self.holds.load())
-        for client in self.clients.values():
-            await self._adopt(client)
-        self._freeze_unseen_mcs()
-        for cluster in sorted(self.unread):
-            self.metrics.member_connected.labels(cluster).set(0)
-            self._report_waiting(cluster)
         try:
+            if self.holds is not None:  # before anything is allocated
+                self._restore_holds(await self.holds.load())
+            for client in self.clients.values():
+                await self._adopt(client)
+            self._freeze_unseen_mcs()
+            for cluster in sorted(self.unread):
+                self.metrics.member_connected.labels(cluster).set(0)
+                self._report_waiting(cluster)
             # Feeds start from the full state (their snapshot), not from a first giant delta.
             await self.flush(publish=False)
         except BaseException:
-            # A start cut short (the term ended: a stop, a lost lease) takes its writers
-            # along. They used to write on, past the term and into clients closed under
-            # them (AssertionError in aiohttp, "Connector is closed"), as only run() and
-            # close() stop them and neither runs for a controller that never started.
+            # A start cut short (the term ended: a stop, a lost lease) or failed (retried
+            # with a new controller) takes its writers along. They used to write on, past
+            # the term and into clients closed under them (AssertionError in aiohttp,
+            # "Connector is closed"), as only run() and close() stop them and neither
+            # runs for a controller that never started; the holds' writer retried for
+            # good a write the fence refused, one more task per term ended so.
             await cancel_and_wait(list(self._writers.values()))
+            if self.holds is not None:
+                await self.holds.close()
             raise
         self._publish_members()
         self.synced.set()

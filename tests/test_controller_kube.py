@@ -14,7 +14,9 @@ import aiohttp
 import pytest
 
 from controlplane.clusters.kube import KubeTimings
+from controlplane.clusters.kube_api import KubeApi
 from controlplane.clusters.kube_app import KubeControllerApp
+from controlplane.clusters.kube_holds import KubeHoldStore
 from controlplane.controller import Controller
 from controlplane.resources import KIND_IMPORT
 from mcsproxy.tasks import cancel_and_wait, spawn
@@ -237,6 +239,35 @@ async def test_a_start_cut_short_leaves_no_writer_behind(cs: Clusterset) -> None
     finally:
         cs["b"].release_answers()
         await controller.close()
+
+
+async def test_a_start_cut_short_leaves_no_holds_writer_behind(cs: Clusterset) -> None:
+    """A start that released an address saves the holds in the background: cut short
+    (the term ended), that writer went on, retrying for good a write its fence refuses,
+    one task per term ended so; and the store of a start retried was never closed."""
+    for c in cs.emulators:
+        cs[c].put_object(namespace("demo"))
+    export_web(cs, "a", ["10.1.0.1"])
+    await cs.start_controller()
+    await cs.stop_controller()
+    cs["a"].delete_object(EXPORTS, "web", "demo")  # its address is released at the start
+    cs["a"].fail_next(None, 503, method="POST", path="/configmaps")  # holds not saved yet
+    cs["b"].hold_answers(method="DELETE")  # the start waits on b's delete of the import
+    holds = KubeHoldStore(KubeApi(cs["a"].api_client(), "holds", 2.0), "kube-system",
+                          backoff_base_s=0.05, backoff_cap_s=0.1)
+    controller = Controller([cs.client(c) for c in cs.emulators], holds=holds)
+    start = spawn(controller.start(), name="start cut short")
+    await cs["a"].wait_for(lambda: holds.write_failures >= 2)
+    await cs["b"].wait_for(lambda: any(r.method == "DELETE" for r in cs["b"].requests))
+    await cancel_and_wait([start])
+    try:
+        assert [t.get_name() for t in asyncio.all_tasks()
+                if t.get_name().startswith("save ")] == []
+    finally:
+        cs["b"].release_answers()
+        cs["a"].clear_faults()
+        await controller.close()
+        await holds.api.client.close()
 
 
 async def test_invalid_export_gets_condition_and_no_import(cs: Clusterset) -> None:
