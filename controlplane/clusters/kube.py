@@ -649,7 +649,7 @@ class KubeClusterClient:
                 if live is None:
                     try:
                         live = self.own.remember(ref, await self._send(
-                            "POST", res.path(ns), self._to_cluster(res, desired)))
+                            "POST", res.path(ns), self._to_cluster(res, desired)), desired)
                     except KubeApiError as exc:
                         if exc.code != 409:
                             raise
@@ -659,7 +659,7 @@ class KubeClusterClient:
                         if not is_ours(live):
                             self._refuse_foreign(ref)
                             return
-                        self.own.live[ref] = live
+                        live = self.own.keep(ref, live)
                 body = self._to_cluster(res, desired)
                 # Compared as it would be sent: a slice whose import does not exist (it
                 # was refused) goes without that owner, and compared with `desired` it
@@ -668,11 +668,12 @@ class KubeClusterClient:
                         != without_status(self.own.rendered(body))):
                     body["metadata"]["resourceVersion"] = metadata_of(live).get("resourceVersion")
                     live = self.own.remember(ref, await self._send("PUT", res.path(ns, name),
-                                                                   body))
+                                                                   body), desired)
                 wanted = desired.get("status")
                 if wanted is not None and live.get("status") != wanted:
                     live = self.own.remember(ref, await self._send(
-                        "PATCH", res.path(ns, name, "status"), {"status": wanted}, MERGE_PATCH))
+                        "PATCH", res.path(ns, name, "status"), {"status": wanted}, MERGE_PATCH),
+                        desired)
                 if ref not in self.own.overtaken:
                     return
                 # Someone else's change came in meanwhile: our answer may be older than it.
@@ -689,7 +690,7 @@ class KubeClusterClient:
             if fresh is None:
                 self.own.forget(ref)
             else:
-                self.own.live[ref] = fresh
+                self.own.keep(ref, fresh)
         raise ClusterError(f"{ref.kind} {ns}/{name}: still conflicting after "
                            f"{CONFLICT_RETRIES} attempts")
 
