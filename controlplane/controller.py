@@ -211,6 +211,10 @@ class Controller:
         self._dirty: dict[ServiceKey, float] = {}  # key → when the change was first seen
         self._wake = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[Any]] = {}
+        # Per member, the tasks reading a new client of it (Controller.reconnect), and
+        # those taking over now (not cut short by a newer one).
+        self._reconnects: dict[str, list[asyncio.Task[Any]]] = {}
+        self._swapping: set[asyncio.Task[Any]] = set()
         self._queued: dict[str, _Batch] = {}  # per cluster, waiting for its writer
         self._writers: dict[str, asyncio.Task[Any]] = {}
         self._writer_error: BaseException | None = None
@@ -252,8 +256,9 @@ class Controller:
         self._publish_members()
         self.synced.set()
 
-    async def _adopt(self, client: ClusterClient) -> None:
-        await client.sync()
+    async def _adopt(self, client: ClusterClient, synced: bool = False) -> None:
+        if not synced:
+            await client.sync()
         cluster = client.cluster_id
         prior = Prior()
         # Filled in place: a stream feed may already hold this dict.
@@ -403,6 +408,76 @@ class Controller:
         self._holds_saved = changes
         self.holds.save([Hold(cluster, ip, key, when) for cluster, a in self._allocators()
                          for ip, key, when in a.held()])
+
+    def reconnect(self, client: ClusterClient) -> None:
+        """A member's connection made anew (its kubeconfig changed: rotated credentials,
+        a moved API server): `client` replaces the member's client once it has read the
+        member, the old one serving until then; no other member is touched. Before, the
+        controller was rebuilt: every member listed again, every service reconciled,
+        the gateway streams given a new epoch (a full snapshot each)."""
+        cluster = client.cluster_id
+        earlier = self._reconnects.setdefault(cluster, [])
+        for task in earlier:
+            if task not in self._swapping:
+                task.cancel()  # still reading its client, which this one replaces
+        earlier.append(spawn(self._reconnect(client, list(earlier)),
+                             name=f"reconnect cluster {cluster}"))
+
+    async def _reconnect(self, client: ClusterClient, earlier: list[asyncio.Task[Any]]) -> None:
+        cluster = client.cluster_id
+        this = asyncio.current_task()
+        assert this is not None
+        swapped = False
+        try:
+            if earlier:  # cancelled, or swapping in their client (not cut short): done first
+                await asyncio.wait(earlier)
+            if cluster in self.unread:  # never read: the new client is tried instead
+                self._swapping.add(this)
+                old = self.unread[cluster]
+                await cancel_and_wait([t for t in [self._tasks.pop(cluster, None)] if t])
+                self.unread[cluster] = client
+                swapped = True
+                self._tasks[cluster] = spawn(self._join(client), name=f"join cluster {cluster}")
+                await old.close()
+                return
+            backoff = Backoff(*self._retry)
+            while True:
+                try:
+                    await client.sync()
+                    break
+                except (ClusterError, OSError):
+                    await asyncio.sleep(backoff.next())
+            self._swapping.add(this)
+            old_task = self._tasks.pop(cluster, None)
+            old = self.clients[cluster]
+            await cancel_and_wait([old_task] if old_task else [])
+            try:
+                await self._adopt(client, synced=True)  # its keys reconciled: written if changed
+            except (ClusterError, OSError) as exc:
+                log.error("cluster %s: its new kubeconfig cannot be used (%s): keeping the "
+                          "old connection", cluster, exc)
+                self._tasks[cluster] = spawn(old.watch(self.on_change),
+                                             name=f"watch cluster {cluster}")
+                return
+            swapped = True
+            self._tasks[cluster] = spawn(client.watch(self.on_change),
+                                         name=f"watch cluster {cluster}")
+            self._publish_members()
+            self._wake.set()
+            log.info("cluster %s reconnected with its new kubeconfig", cluster)
+            await old.close()
+        finally:
+            self._swapping.discard(this)
+            if not swapped:
+                await client.close()
+            tasks = self._reconnects.get(cluster, [])
+            if this in tasks:
+                tasks.remove(this)
+            if not tasks:
+                self._reconnects.pop(cluster, None)
+
+    def _reconnecting(self) -> list[asyncio.Task[Any]]:
+        return [t for tasks in self._reconnects.values() for t in tasks]
 
     async def add_cluster(self, client: ClusterClient) -> None:
         """A member that joined while running (a new folder, a new context)."""
@@ -862,11 +937,13 @@ class Controller:
                 self._write_again()
                 await self.flush(wait=False)
         finally:
-            await cancel_and_wait([*self._tasks.values(), *self._writers.values()])
+            await cancel_and_wait([*self._reconnecting(), *self._tasks.values(),
+                                   *self._writers.values()])
             self._tasks.clear()
 
     async def close(self) -> None:
-        await cancel_and_wait([*self._tasks.values(), *self._writers.values()])
+        await cancel_and_wait([*self._reconnecting(), *self._tasks.values(),
+                               *self._writers.values()])
         self._tasks.clear()
         if self.holds is not None:
             await self.holds.close()

@@ -30,6 +30,7 @@ from tests.test_controller_kube_support import (
     namespace,
     service,
     service_export,
+    writes,
 )
 
 HOST_IP = "127.163.0.1"  # the host cluster's API server; the members use 127.0.0.1
@@ -274,6 +275,51 @@ async def test_member_secret_changes_in_quick_succession_make_one_rebuild(
                 if "restarting the controller" in r.getMessage()]
     assert len(rebuilds) == 1 and app.rebuilds == 1, rebuilds
     assert "+c" in rebuilds[0] and "-b" not in rebuilds[0]
+
+
+def reads(emu: KubeEmulator) -> int:
+    """GETs but watches and the /version probe: lists, discovery."""
+    return sum(1 for r in emu.requests
+               if r.method == "GET" and "watch" not in r.query and r.path != "/version")
+
+
+async def test_a_changed_kubeconfig_reconnects_only_that_member(
+        setup: Setup, caplog: pytest.LogCaptureFixture) -> None:
+    """b's kubeconfig Secret changes (rotated credentials): only b's connection is made
+    anew. Before, the whole controller was rebuilt: every member listed again, every
+    key reconciled and the gateway streams given a new epoch (a full snapshot each)."""
+    caplog.set_level(logging.INFO)
+    cs = setup.cs
+    async with serving_a_and_b(setup) as (app, task):
+        await until(lambda: cs.addresses("a", "web") == {"10.2.0.1"}, task, "no import")
+        controller, old_b = app.controller, app.controller.clients["b"]
+        lists_a = reads(cs["a"])
+        written = {c: writes(cs[c]) for c in ("a", "b")}
+        rotated = setup.kubeconfig("b").replace(b"member", b"rotated")
+        setup.add_member("b", rotated)
+        await until(lambda: controller.clients["b"] is not old_b, task, "b not reconnected")
+        assert app.controller is controller and app.rebuilds == 0
+        await b_changes_reach_a(setup, task, "b's changes stopped after reconnecting")
+        assert reads(cs["a"]) == lists_a  # a not listed again
+        # The slice update (b imports its own export too), nothing rewritten.
+        assert {c: writes(cs[c]) for c in ("a", "b")} == {c: n + 1 for c, n in written.items()}
+    assert any("reconnecting" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_kubeconfig_that_does_not_answer_leaves_the_old_connection_serving(
+        setup: Setup) -> None:
+    cs = setup.cs
+    async with serving_a_and_b(setup) as (app, task):
+        controller, old_b = app.controller, app.controller.clients["b"]
+        url = cs["b"].url.encode()
+        nowhere = setup.kubeconfig("b").replace(url, b"http://127.74.0.9:9")
+        setup.add_member("b", nowhere)
+        await until(lambda: app.reconnects == 1, task, "b not reconnected")
+        await b_changes_reach_a(setup, task, "the old connection stopped serving")
+        assert controller.clients["b"] is old_b and app.controller is controller
+        setup.add_member("b", setup.kubeconfig("b").replace(b"member", b"rotated"))
+        await until(lambda: controller.clients["b"] is not old_b, task, "b not reconnected")
+        assert app.rebuilds == 0
 
 
 @pytest.mark.parametrize("leave", ["deleted", "unlabelled"])

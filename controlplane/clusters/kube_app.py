@@ -20,7 +20,10 @@ after a backoff, never ends the term.
 
 With --member-secrets the Secrets are watched for the whole term (kube_members.py says
 what is retried and what is fatal): when the set of members changes, the term's
-controller is rebuilt on the new set the way a term starts, every member read again.
+controller is rebuilt on the new set the way a term starts, every member read again. A
+member whose kubeconfig changed (the same members otherwise) is only connected anew in
+the running controller (Controller.reconnect): its old connection serves until the new
+one has read it, and no other member, service or gateway stream is touched.
 Changes in quick succession (a rollout updating several Secrets) make one rebuild: it
 waits until the set has held still for MEMBER_SETTLE_S (at most MEMBER_SETTLE_MAX_S),
 the current controller serving meanwhile, and takes the latest set. A removed member is
@@ -152,6 +155,7 @@ class KubeControllerApp:
         self.elector: LeaderElector | None = None
         self.led = asyncio.Event()  # set once the first term has reconciled everything
         self.rebuilds = 0  # controllers rebuilt on a changed member set
+        self.reconnects = 0  # members connected anew for a changed kubeconfig (no rebuild)
         self._host: ApiClient | None = None
         self._stop = asyncio.Event()
 
@@ -267,11 +271,15 @@ class KubeControllerApp:
                 members = dict(secrets.members)
                 serving = spawn(self._serve_members(members), name="controller")
                 tasks = (serving, watch)
-                while secrets.members == members:  # (a set changed back is no change)
-                    if not await _changed(changed, tasks, None):
-                        return
-                    if not await _settled(changed, tasks):
-                        return
+                while True:
+                    while secrets.members == members:  # (a set changed back is no change)
+                        if not await _changed(changed, tasks, None):
+                            return
+                        if not await _settled(changed, tasks):
+                            return
+                    if not await self._reconnect_changed(members, secrets.members):
+                        break
+                    members = dict(secrets.members)
                 _report_departed(self.controller, members, secrets.members)
                 await cancel_and_wait([serving])
                 self.rebuilds += 1
@@ -279,6 +287,31 @@ class KubeControllerApp:
                          _difference(members, secrets.members))
         finally:
             await cancel_and_wait([t for t in (serving, watch) if t is not None])
+
+    async def _reconnect_changed(self, old: Mapping[str, Kubeconfig],
+                                 new: Mapping[str, Kubeconfig]) -> bool:
+        """The same members, some with a new kubeconfig: only those are connected anew,
+        in the running controller. False when that does not do (a member came or left,
+        or no controller runs yet): the controller is rebuilt instead."""
+        controller = self.controller
+        if controller is None or old.keys() != new.keys():
+            return False
+        changed = sorted(c for c in new if new[c] != old[c])
+        clients: list[KubeClusterClient] = []
+        try:
+            await self._clients({c: new[c] for c in changed}, clients)
+        except ClusterError as exc:
+            log.error("member clusters changed (%s) but cannot be connected (%s): "
+                      "restarting the controller on them", _difference(old, new), exc)
+            for client in clients:
+                await client.close()
+            return False
+        for client in clients:
+            controller.reconnect(client)
+        self.reconnects += len(clients)
+        log.info("member clusters changed (%s): reconnecting them, the other members left "
+                 "as they are", _difference(old, new))
+        return True
 
     async def _serve_members(self, members: Mapping[str, Kubeconfig] | None) -> None:
         """The controller over one set of members (the contexts when None), until
