@@ -138,7 +138,7 @@ class Feed:
         self.history: deque[tuple[int, bytes]] = deque(maxlen=HISTORY_VERSIONS)
         self.history_bytes = 0
         self.subscribers: set[Subscriber] = set()
-        self._snapshot: tuple[int, list[bytes]] | None = None
+        self._snapshot: SnapshotParts | None = None
 
     def publish(self, upserts: Mapping[ObjectRef, Obj], deletes: Iterable[ObjectRef],
                 observed: float | None) -> None:
@@ -167,23 +167,17 @@ class Feed:
             self.history_bytes -= len(history.popleft()[1])
 
     def snapshot(self) -> bytes:
-        return b"".join(self.snapshot_parts())
+        found = self.snapshot_parts()
+        return b"".join(found.part(i) for i in range(found.count))
 
-    def snapshot_parts(self) -> list[bytes]:
-        """The whole set as snapshot messages of SNAPSHOT_CHUNK objects each (every line
-        stays small enough to parse comfortably, and each is written, and waited for, on
-        its own); all but the last say "more": true."""
-        if self._snapshot is None or self._snapshot[0] != self.version:
-            objects = list(self.objects.values())
-            parts = []
-            for start in range(0, max(len(objects), 1), SNAPSHOT_CHUNK):
-                chunk = objects[start:start + SNAPSHOT_CHUNK]
-                parts.append(encode({
-                    "type": "snapshot", "epoch": self.epoch, "version": self.version,
-                    "objects": chunk, "more": start + SNAPSHOT_CHUNK < len(objects),
-                }))
-            self._snapshot = (self.version, parts)
-        return self._snapshot[1]
+    def snapshot_parts(self) -> SnapshotParts:
+        """The whole set at this version as snapshot messages of SNAPSHOT_CHUNK objects
+        each (every line stays small enough to parse comfortably, and each is written,
+        and waited for, on its own), shared by the gateways that resync at it."""
+        if self._snapshot is None or self._snapshot.version != self.version:
+            self._snapshot = SnapshotParts(self.epoch, self.version,
+                                           list(self.objects.values()))
+        return self._snapshot
 
     def since(self, epoch: str | None, version: int) -> list[bytes] | None:
         """The deltas after `version`, or None when only a snapshot will do."""
@@ -194,6 +188,37 @@ class Feed:
         if not self.history or self.history[0][0] > version + 1:
             return None
         return [m for v, m in self.history if v > version]
+
+
+class SnapshotParts:
+    """A snapshot's messages, each encoded when first asked for: all of them at once held
+    the loop 0.78 s at 10,000 services (50,000 objects, 59 MB), once a version a cluster.
+    The objects are taken when it is made: the controller replaces an object it changes,
+    never edits it, so later parts are still of this version."""
+
+    __slots__ = ("_objects", "_parts", "count", "epoch", "version")
+
+    def __init__(self, epoch: str, version: int, objects: list[Obj]) -> None:
+        self.epoch, self.version = epoch, version
+        self._objects = objects
+        self.count = max(1, -(-len(objects) // SNAPSHOT_CHUNK))
+        self._parts: list[bytes] = []
+
+    def ready(self, index: int) -> bool:
+        return index < len(self._parts)
+
+    def part(self, index: int) -> bytes:
+        """Part `index` (all but the last say "more": true); the ones before it first."""
+        while len(self._parts) <= index:
+            start = len(self._parts) * SNAPSHOT_CHUNK
+            self._parts.append(encode({
+                "type": "snapshot", "epoch": self.epoch, "version": self.version,
+                "objects": self._objects[start:start + SNAPSHOT_CHUNK],
+                "more": start + SNAPSHOT_CHUNK < len(self._objects),
+            }))
+        if len(self._parts) == self.count:
+            self._objects = []  # every part encoded: the list is not needed any more
+        return self._parts[index]
 
 
 class StreamHub:
@@ -302,8 +327,11 @@ class StreamHub:
     async def _resync(self, response: web.StreamResponse, feed: Feed) -> None:
         if self.metrics is not None:
             self.metrics.stream_resyncs.inc()
-        for part in feed.snapshot_parts():
-            await self._write(response, part)
+        parts = feed.snapshot_parts()
+        for index in range(parts.count):
+            if not parts.ready(index):
+                await asyncio.sleep(0)  # one part encoded at a time, the loop between
+            await self._write(response, parts.part(index))
 
     async def _write(self, response: web.StreamResponse, data: bytes) -> None:
         """Write, waiting at most write_timeout_s for the gateway to take it (aiohttp

@@ -526,6 +526,37 @@ def test_large_snapshots_come_in_parts_applied_at_once() -> None:
     assert len(store.current.services) == 2500 and source.version == 0
 
 
+async def test_a_resync_encodes_its_parts_one_at_a_time_with_the_loop_between() -> None:
+    """Every part of a snapshot was encoded in one block: 0.78 s at 10,000 services (59
+    MB), the controller's loop held, once a version a cluster, as gateways resync."""
+    objects = {ObjectRef("ServiceImport", "test", f"s{i}"): {
+        "apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceImport",
+        "metadata": {"name": f"s{i}", "namespace": "test"}, "spec": {"type": "Headless"}}
+        for i in range(2500)}
+    feed = Feed("b", "e1", objects)
+    sent: list[bytes] = []
+
+    class Gateway:  # takes every write at once, as a fast reader does
+        async def write(self, data: bytes) -> None:
+            sent.append(data)
+
+    seen: list[int] = []  # parts sent, as the loop's other tasks see it
+
+    async def tick() -> None:
+        while True:
+            seen.append(len(sent))
+            await asyncio.sleep(0)
+
+    ticker = spawn(tick(), name="ticker")
+    try:
+        await asyncio.sleep(0)
+        await StreamHub()._resync(Gateway(), feed)  # type: ignore[arg-type]
+    finally:
+        await cancel_and_wait([ticker])
+    assert b"".join(sent) == feed.snapshot() and len(sent) == 3
+    assert {1, 2} <= set(seen)
+
+
 def test_a_one_service_delta_rebuilds_only_that_service_downstream() -> None:
     def imported(i: int, ip: str) -> dict:
         return {"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceImport",
