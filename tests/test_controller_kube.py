@@ -270,6 +270,32 @@ async def test_a_start_cut_short_leaves_no_holds_writer_behind(cs: Clusterset) -
         await holds.api.client.close()
 
 
+async def test_a_large_batch_waits_its_turn_without_a_task_a_write(cs: Clusterset) -> None:
+    """A task was made for every write of a batch, waiting its turn (30,000 at once for
+    a member going stale at 10,000 services: the loop held 0.25 s to make them)."""
+    cs["b"].put_object(namespace("demo"))
+    client = cs.client("b")
+    await client.sync()
+    imports = [{"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": KIND_IMPORT,
+                "metadata": {"name": f"s{i}", "namespace": "demo"},
+                "spec": {"type": "Headless", "ports": []}} for i in range(100)]
+    cs["b"].hold_answers(method="POST")
+    applying = spawn(client.apply(imports), name="apply")
+    try:
+        await cs["b"].wait_for(lambda: sum(r.method == "POST" for r in cs["b"].requests)
+                               == client.timings.write_concurrency)
+        batch = [t for t in asyncio.all_tasks()
+                 if t.get_coro().__qualname__.startswith("KubeClusterClient._bounded")]
+        assert len(batch) == client.timings.write_concurrency
+        cs["b"].release_answers()
+        await applying
+        assert len(cs.imports("b")) == 100
+    finally:
+        cs["b"].release_answers()
+        await cancel_and_wait([applying])
+        await client.close()
+
+
 async def test_invalid_export_gets_condition_and_no_import(cs: Clusterset) -> None:
     cs["a"].put_object(namespace("demo"))
     cs["a"].put_object(service_export("nosvc"))
