@@ -296,6 +296,21 @@ async def test_a_large_batch_waits_its_turn_without_a_task_a_write(cs: Clusterse
         await client.close()
 
 
+async def test_a_namespace_made_in_a_member_rewrites_no_export_status(cs: Clusterset) -> None:
+    """The Ready condition counted the importing clusters: a namespace made in one (a
+    member joining) rewrote every export's status in every exporter for that number."""
+    for c in ("a", "b"):
+        cs[c].put_object(namespace("demo"))
+    export_web(cs, "a", ["10.1.0.1"])
+    controller = await cs.start_controller()
+    before = writes(cs["a"])
+    cs["c"].put_object(namespace("demo"))
+    await cs.wait(lambda: "web" in cs.imports("c"))
+    await controller.flush()
+    assert writes(cs["a"]) == before
+    assert conditions(cs, "a")["Ready"]["status"] == "True"
+
+
 async def test_invalid_export_gets_condition_and_no_import(cs: Clusterset) -> None:
     cs["a"].put_object(namespace("demo"))
     cs["a"].put_object(service_export("nosvc"))
