@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import json
+import tracemalloc
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -309,6 +311,37 @@ async def test_a_namespace_made_in_a_member_rewrites_no_export_status(cs: Cluste
     await controller.flush()
     assert writes(cs["a"]) == before
     assert conditions(cs, "a")["Ready"]["status"] == "True"
+
+
+async def test_a_relist_is_not_held_while_the_watch_after_it_runs(cs: Clusterset) -> None:
+    """A relist's list, a local of the informer's loop, was held for the whole watch
+    after it (until the next relist; our own objects relist every resync_s): a second
+    copy of every object of the resource as the server sent it."""
+    emu = cs["a"]
+    emu.put_object(namespace("demo"))
+    for i in range(300):
+        emu.put_object(service(f"s{i}", ports=[(f"p{p}", 8000 + p) for p in range(10)]))
+    client = cs.client("a")
+    await client.sync()
+    watching = spawn(client.watch(lambda *_: None), name="watch a")
+    tracemalloc.start(12)
+    ours = [tracemalloc.Filter(True, "*/controlplane/*", all_frames=True)]
+    try:
+        await emu.wait_for(lambda: emu.watch_count == 7)
+        before = tracemalloc.take_snapshot().filter_traces(ours)
+        listed = len(emu.requests)
+        emu.expire_history()
+        emu.drop_watches()  # each resource resumed, refused (410), listed again
+        await emu.wait_for(lambda: emu.watch_count == 7 and sum(
+            "watch" not in r.query for r in emu.requests[listed:]) >= 7)
+        gc.collect()
+        grown = tracemalloc.take_snapshot().filter_traces(ours).compare_to(before, "filename")
+        held = sum(d.size_diff for d in grown if d.size_diff > 0)
+        assert held < 200_000, held  # the services' list alone is ~1 MB of objects
+    finally:
+        tracemalloc.stop()
+        await cancel_and_wait([watching])
+        await client.close()
 
 
 async def test_invalid_export_gets_condition_and_no_import(cs: Clusterset) -> None:

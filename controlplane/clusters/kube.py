@@ -486,9 +486,7 @@ class KubeClusterClient:
                 if inf.managed and time.monotonic() >= inf.resync_at:
                     inf.rv = None  # the periodic relist finds what a lost event hid
                 if inf.rv is None:
-                    items, rv = await self.api.list(res.path(), res.selector)
-                    self._replace(inf, items, rv, changes)
-                    self._informer_health(inf, None, changes)
+                    await self._relist(inf, changes)
                     if changes:
                         notify(self.cluster_id, changes)
                         changes = ChangeSet()
@@ -525,6 +523,15 @@ class KubeClusterClient:
                 notify(self.cluster_id, changes)
             if delay:
                 await asyncio.sleep(delay)
+
+    async def _relist(self, inf: _Informer, changes: ChangeSet) -> None:
+        """A list of one resource made the view. Its own frame: as a local of the
+        informer's loop, the list (every object of the resource as the server sent it)
+        was held for the whole watch after it, until the next relist (the managed ones
+        relist every resync_s): 127 KiB a service at 500 services in 3 members."""
+        items, rv = await self.api.list(inf.resource.path(), inf.resource.selector)
+        self._replace(inf, items, rv, changes)
+        self._informer_health(inf, None, changes)
 
     async def _watch_once(self, inf: _Informer, notify: Notify) -> bool:
         """One watch request; False when it ended at once with nothing (retry later)."""
