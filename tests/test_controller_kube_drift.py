@@ -410,5 +410,6 @@ async def test_what_the_cluster_sent_back_is_held_once() -> None:
         for ref in refs:
             live, written = own.live[ref], controller.written["b"][ref]
             assert live["endpoints"] is written["endpoints"]
+            assert live["metadata"]["labels"] is written["metadata"]["labels"]
             assert set(live["metadata"]) <= set(KEPT_METADATA)
             assert live["metadata"]["uid"] and live["metadata"]["resourceVersion"]

@@ -49,13 +49,14 @@ KEPT_METADATA = ("name", "namespace", "uid", "resourceVersion", "labels", "annot
 
 
 def slim(live: Obj, like: Mapping[str, Any] | None) -> Obj:
-    """`live` as kept: its metadata cut to KEPT_METADATA, and every other field equal to
+    """`live` as kept: its metadata cut to KEPT_METADATA, and every field equal to
     `like`'s (what we sent; else the object as kept before) taken from `like`. Each
     object the cluster sent back was held whole beside the copy the controller holds:
     62 KiB per service of write answers (3 members, 3 slices of 10 endpoints each)."""
-    meta = metadata_of(live)
+    meta, like_meta = metadata_of(live), metadata_of(like or {})
     out: Obj = {k: v for k, v in live.items() if k != "metadata"}
-    out["metadata"] = {k: meta[k] for k in KEPT_METADATA if k in meta}
+    out["metadata"] = {k: like_meta[k] if like_meta.get(k) == meta[k] else meta[k]
+                       for k in KEPT_METADATA if k in meta}
     if like is not None:
         for key, value in out.items():
             if key != "metadata" and key in like and like[key] == value:
