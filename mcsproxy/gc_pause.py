@@ -29,12 +29,14 @@ from contextlib import contextmanager
 
 BURST_GAP_S = 1.0  # pauses closer than this belong to one burst (a snapshot's parts)
 CLEANUP_EVERY_S = 60.0  # and a burst that never ends still cleans up this often
+FULL_CLEANUP_EVERY_S = 900.0  # the frozen heap is collected at least this often
 
 
 class _Bursts:
     frozen = False  # by us; gc.get_freeze_count() would walk every frozen object
     last_end = float("-inf")
     last_cleanup = float("-inf")
+    last_unfreeze = float("-inf")
 
 
 @contextmanager
@@ -44,15 +46,18 @@ def collector_paused(bulk: bool = True, *, unfreeze: bool = True) -> Iterator[No
     caller's size check), nested, or with the collector already disabled: left as found.
     `unfreeze=False` leaves the frozen objects out of the clean-up: it collects only what
     was made since the last freeze (a caller whose loop must not stop for a pass over
-    the whole heap: 1.4-4.8 s at 10,000 services in the controller)."""
+    the whole heap: 1.4-4.8 s at 10,000 services in the controller). They are still
+    handed back once FULL_CLEANUP_EVERY_S has passed since the last time: cyclic
+    garbage frozen along with the survivors would otherwise stay until a restart."""
     if not bulk or not gc.isenabled():
         yield
         return
     now = time.monotonic()
     if _Bursts.frozen and (now - _Bursts.last_end > BURST_GAP_S
                                   or now - _Bursts.last_cleanup > CLEANUP_EVERY_S):
-        if unfreeze:
+        if unfreeze or now - _Bursts.last_unfreeze > FULL_CLEANUP_EVERY_S:
             gc.unfreeze()
+            _Bursts.last_unfreeze = now
         gc.collect()
         _Bursts.last_cleanup = now
     gc.disable()

@@ -46,6 +46,28 @@ def test_the_collector_is_off_inside_and_back_after(monkeypatch: pytest.MonkeyPa
         gc.enable()
 
 
+def test_without_unfreeze_frozen_garbage_is_still_collected_now_and_then(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """unfreeze=False (the running controller) spares the loop a pass over the whole
+    heap at each burst, but cycles frozen along with the survivors are collected once
+    FULL_CLEANUP_EVERY_S has passed, not kept until a restart."""
+    monkeypatch.setattr(gc_pause, "BURST_GAP_S", 0.0)
+    monkeypatch.setattr(gc_pause._Bursts, "last_unfreeze", 0.0)
+    try:
+        with collector_paused():
+            kept = [Node() for _ in range(100)]
+        del kept
+        monkeypatch.setattr(gc_pause, "FULL_CLEANUP_EVERY_S", 1e9)
+        with collector_paused(unfreeze=False):
+            assert gc.get_freeze_count() >= 100  # left frozen
+        monkeypatch.setattr(gc_pause, "FULL_CLEANUP_EVERY_S", 0.0)
+        with collector_paused(unfreeze=False):
+            assert gc.get_freeze_count() == 0  # handed back and collected
+    finally:
+        gc.unfreeze()
+        gc.enable()
+
+
 def test_a_disabled_collector_stays_disabled() -> None:
     gc.disable()
     try:
