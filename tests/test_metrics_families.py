@@ -15,6 +15,7 @@ from mcsproxy.observability.stats import (
     DNS_BUCKETS,
     REQUEST_BUCKETS,
     Buckets,
+    ClusterStats,
     DnsStats,
     answer_labels,
 )
@@ -108,3 +109,13 @@ def test_dns_memo_hits_are_labelled_from_the_answer_bytes() -> None:
     assert stats.counts == {("udp", "SRV", "NXDOMAIN"): 3, ("tcp", "SRV", "NXDOMAIN"): 1,
                             ("udp", "other", "dropped"): 1}
     assert stats.memo_hits == {}
+
+
+def test_every_histogram_shares_its_bucket_bounds() -> None:
+    # Compiled, a bounds constant typed as a fixed-length tuple is a C struct of doubles,
+    # boxed anew (a tuple and 15 floats, 520 B) for each histogram: a ClusterStats took
+    # 1.9 KiB instead of 0.9, 9 MiB more at 3,000 services x 3 clusters.
+    one, other = ClusterStats(), ClusterStats()
+    assert one.connect_time.bounds is other.connect_time.bounds is CONNECT_BUCKETS
+    assert one.request_time.bounds is other.request_time.bounds is REQUEST_BUCKETS
+    assert DnsStats().latency["built"].bounds is DNS_BUCKETS
