@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
+import tracemalloc
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -32,6 +34,19 @@ async def until(predicate: Callable[[], object], what: str, timeout: float = 10.
     while not predicate():
         assert asyncio.get_running_loop().time() < deadline, f"timed out: {what}"
         await asyncio.sleep(0.01)
+
+
+def traced_bytes_each(build: Callable[[int], object], n: int) -> float:
+    """Bytes (tracemalloc) still held per item after `build(i)` for i < n."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        held = [build(i) for i in range(n)]  # alive until measured
+        gc.collect()
+        return (tracemalloc.get_traced_memory()[0] - before) / len(held)
+    finally:
+        tracemalloc.stop()
 
 
 def free_port(host: str, kind: int = socket.SOCK_STREAM) -> int:

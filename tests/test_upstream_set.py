@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from mcsproxy.config import HealthConfig, OutlierConfig, ProxyConfig
 from mcsproxy.upstream import Target, UpstreamSet
+from tests.proxy_fixtures import traced_bytes_each
 
 HC = HealthConfig(healthy_threshold=2, unhealthy_threshold=3)
 
@@ -594,3 +595,26 @@ def test_endpoints_added_by_one_update_are_logged_in_one_line(
         "(priority 0), 127.0.1.3:8080(east) (priority 0) added, and 27 more",
         "upstream ns/s:http: endpoint 127.0.2.11:8080(west) (priority 0) added",
     ]
+
+
+def test_an_endpoint_without_connections_holds_no_set_of_its_own() -> None:
+    # bench/results/memory.md: ~720 B per endpoint in its Host, 216 B of them an empty set
+    # for connections most endpoints of a big clusterset never get.
+    config, rng = ProxyConfig(), random.Random(1)
+    spec = {"east": 10, "west": 10, "north": 10}
+
+    def build(i: int) -> UpstreamSet:
+        u = UpstreamSet(f"ns/s{i}:http", "east", config, rng=rng)
+        u.update(targets(spec))
+        return u
+
+    assert traced_bytes_each(build, 100) / 30 < 600  # was 716 interpreted, 847 compiled
+    u = make({"east": 2})
+    first, second = u.hosts.values()
+    conn = Conn()
+    u.connect_ok(first, conn)
+    assert first.active == 1 and second.active == 0 and not second.conns
+    u.release(first, conn)
+    u.connect_ok(second, Conn())
+    assert first.active == 0 and second.active == 1
+    assert first.conns is not second.conns
