@@ -11,7 +11,7 @@ import socket
 from mcsproxy.config import HealthConfig, ProxyConfig
 from mcsproxy.upstream import HealthChecker, Host, Target, UpstreamSet, probe_http, probe_tcp
 from mcsproxy.upstream.health import ProbeBudget
-from tests.proxy_fixtures import free_port
+from tests.proxy_fixtures import free_port, traced_bytes_each
 
 
 class HttpStatus(asyncio.Protocol):
@@ -332,3 +332,24 @@ async def test_a_probe_put_off_starts_when_a_slot_frees_and_polls_for_none() -> 
     finally:
         await u.stop()
     assert budget.in_flight == 0 and not health_tasks()
+
+
+async def test_a_service_port_holds_no_random_generator_of_its_own() -> None:
+    # A random.Random is 2.5 KiB: one in each upstream set and one in each health checker
+    # cost 5 KiB per TCP service port, 15 MiB at 3,000 services, whatever their size.
+    config, health = ProxyConfig(), HealthConfig(interval_s=3600)
+    one = [Target("127.75.9.1", 9, "east", True)]
+    sets: list[UpstreamSet] = []
+
+    def build(i: int) -> UpstreamSet:
+        u = UpstreamSet(f"ns/s{i}:p", "east", config)
+        u.update(one)
+        u.attach_health_checker(HealthChecker(u, health, http=False))
+        sets.append(u)
+        return u
+
+    try:
+        assert traced_bytes_each(build, 200) < 6000  # was 9,500 interpreted, 10,600 compiled
+    finally:
+        for u in sets:
+            await u.stop()

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from mcsproxy.config import HealthConfig
 from mcsproxy.tasks import cancel_and_wait, spawn
+from mcsproxy.upstream.upstream_set import SHARED_RNG
 
 if TYPE_CHECKING:
     from mcsproxy.upstream.upstream_set import Host, UpstreamSet
@@ -141,7 +142,7 @@ class HealthChecker:
         self.upstream = upstream
         self.config = config
         self.http = http
-        self._rng = rng or random.Random()
+        self._rng = rng or SHARED_RNG
         self.budget = budget if budget is not None else PROCESS_PROBES
         # Each host's timer until its next probe, the task of the probe in flight, or
         # WAITING while its probe waits for a slot of the budget.
