@@ -21,7 +21,8 @@ would report an ejection that ended while no connection came.
 `update()` takes a new target list from a snapshot: hosts that stay keep their state and
 connections; removed hosts get nothing new and their connections drain (aborted after
 `drain_grace_s` when one is configured; UDP flows, which have no end, at once). Every
-state change is logged once.
+state change is logged once (endpoint health changes HEALTH_CHANGES_NAMED_PER_S a second
+over the process, the rest counted into the next line).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from collections.abc import Callable, Collection, Iterable
 from typing import Final, Protocol
 
 from mcsproxy.config import HealthConfig, OutlierConfig, ProxyConfig
+from mcsproxy.loglimit import LogLimit
 from mcsproxy.model import Locality
 from mcsproxy.observability.events import EventRing
 from mcsproxy.observability.stats import ClusterStats, UpstreamStats, connect_outcome
@@ -85,6 +87,14 @@ NO_CONNS: Final[set[Connection]] = set()
 # and each checker came to 5 KiB per TCP service port, 15 MiB at 3,000 services. Not a
 # secret, and used from the loop's thread only.
 SHARED_RNG: Final = random.Random()
+# Endpoint health changes (active checks) logged per second, over every set of the
+# process; the rest are counted into the next line. A cluster going dark flips every
+# endpoint it has: one line each was 30,000 lines (4.8 MB) in 100 s at 1,000 services of
+# 30 endpoints, enough for the kubelet's log rotation to drop what came before, and
+# each an event pushing the status page's 500 out within a second. /endpoints and
+# /explain show every endpoint's state.
+HEALTH_CHANGES_NAMED_PER_S: Final = 20
+HEALTH_CHANGES_LOG: Final = LogLimit(HEALTH_CHANGES_NAMED_PER_S)
 
 
 class Host:
@@ -564,9 +574,13 @@ class UpstreamSet:
             return
         host.active_up = ok
         host.hc_streak = 0
+        held = HEALTH_CHANGES_LOG.take(self._clock())
+        more = f" ({held} more endpoint health changes not logged before it)" if held > 0 else ""
         if ok:
-            log.info("upstream %s: endpoint %s healthy (active check)", self.name, host)
-            self._event("health", f"endpoint {host} healthy (active check)")
+            if held >= 0:
+                log.info("upstream %s: endpoint %s healthy (active check)%s",
+                         self.name, host, more)
+                self._event("health", f"endpoint {host} healthy (active check){more}")
             if host.ejected:
                 # Down by the probes too, and now back past the healthy threshold: the
                 # outage the ejection stood for is over (Envoy's
@@ -581,10 +595,10 @@ class UpstreamSet:
                          self.name, host)
                 self._event("ejection",
                             f"endpoint {host} returned from ejection (active check)")
-        else:
-            log.warning("upstream %s: endpoint %s unhealthy (active check: %s)",
-                        self.name, host, failure)
-            self._event("health", f"endpoint {host} unhealthy (active check: {failure})")
+        elif held >= 0:
+            log.warning("upstream %s: endpoint %s unhealthy (active check: %s)%s",
+                        self.name, host, failure, more)
+            self._event("health", f"endpoint {host} unhealthy (active check: {failure}){more}")
         self._rebuild()
 
     def _eject(self, host: Host, why: str) -> None:
