@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import resource
@@ -373,3 +374,55 @@ def test_between_probes_an_endpoint_holds_no_loop_timer_of_its_own() -> None:
             await u.stop()
 
     assert uvloop.run(main()) < 300
+
+
+async def test_the_proxy_stops_every_set_s_probes_together() -> None:
+    # Each upstream set with a probe in flight waited a turn of the loop for its
+    # cancellation, one set after the other: 6,000 blackholed services took 2 s of a
+    # SIGTERM that way, and every turn also ran the rest's probes.
+    from mcsproxy.model import ServicePort
+    from tests.proxy_fixtures import Clusterset, endpoint
+
+    # A listener whose accept queue is full drops every SYN: a connect to it hangs.
+    silent = socket.socket()
+    silent.bind(("127.75.21.1", 0))
+    silent.listen(0)
+    port = silent.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(("127.75.21.1", port))
+        fillers.append(filler)
+    sets = 40
+    cs = Clusterset()
+    for i in range(sets):
+        cs.publish(f"s{i}", f"127.75.20.{i + 1}", [ServicePort("p", "TCP", 80)],
+                   [endpoint("127.75.21.1", "east", port, name="p")])
+    manager = await cs.proxy(health=HealthConfig(interval_s=0.05, timeout_s=30))
+    loop = asyncio.get_running_loop()
+    turns = 0
+
+    def tick() -> None:
+        nonlocal turns
+        turns += 1
+        if ticking:
+            loop.call_soon(tick)
+
+    try:
+        await cs.served(manager)
+        async with asyncio.timeout(5):
+            while len(health_tasks()) < sets:
+                await asyncio.sleep(0.01)
+        ticking = True
+        loop.call_soon(tick)
+        await manager.stop()
+        ticking = False
+        assert not health_tasks()
+        assert turns < 20, turns  # 12 for 40 sets or 80; was 126 for 40
+    finally:
+        ticking = False
+        silent.close()
+        for filler in fillers:
+            filler.close()
