@@ -28,7 +28,12 @@ from mcsproxy.jsonstream import stream_json_list
 from mcsproxy.model import ImportedService, ServiceKey
 from mcsproxy.observability.families import drop_gradually
 from mcsproxy.observability.workers import health_scope
-from mcsproxy.webguard import ConnectionGuard, refuse_cross_site, serve
+from mcsproxy.webguard import (
+    ConnectionGuard,
+    harden_for_browsers,
+    refuse_cross_site,
+    serve,
+)
 
 if TYPE_CHECKING:
     from mcsproxy.gateway import Gateway
@@ -377,7 +382,7 @@ class AdminServer:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         # The demo's kill/restore buttons POST here: no other site's page may.
-        self.app = web.Application(middlewares=[refuse_cross_site])
+        self.app = harden_for_browsers(web.Application(middlewares=[refuse_cross_site]))
         self.app[GATEWAY_KEY] = gateway
         process = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=process)

@@ -36,6 +36,15 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # Sec-Fetch-Site values of a request a page of this very origin (or the user) made.
 SAME_SITE_FETCHES = frozenset({"same-origin", "none"})
 LOG_INTERVAL_S = 1.0
+# Sent with every answer of these listeners, errors too. Their pages hold buttons that act
+# (the demo's kill/restore) and show the whole configuration: another site's page must not
+# frame them (clickjacking: the buttons' requests are same-origin, so refuse_cross_site
+# lets them pass), nor may a browser read an answer as a type other than the one sent.
+BROWSER_HARDENING = {
+    "X-Frame-Options": "DENY",  # browsers older than CSP's frame-ancestors
+    "Content-Security-Policy": "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+}
 
 
 class ConnectionGuard:
@@ -234,6 +243,18 @@ async def serve(app: web.Application, listen: tuple[str, int], guard: Connection
         await runner.cleanup()
         raise
     return runner, site.bound
+
+
+def harden_for_browsers(app: web.Application) -> web.Application:
+    """`app` with BROWSER_HARDENING on every response it sends: a signal, not a
+    middleware, so that aiohttp's own answers (404, 405, a raised HTTPException) and
+    streamed responses carry the headers as well."""
+    app.on_response_prepare.append(_add_browser_hardening)
+    return app
+
+
+async def _add_browser_hardening(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.update(BROWSER_HARDENING)
 
 
 def cross_site_refusal(request: web.Request) -> str | None:

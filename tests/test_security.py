@@ -333,3 +333,50 @@ async def test_demo_kill_and_restore_refuse_requests_from_other_sites_pages(
     finally:
         await gw.stop()
         await runner.cleanup()
+
+
+async def test_admin_controller_and_demo_pages_cannot_be_framed_or_sniffed(
+        tmp_path: Path) -> None:
+    """The admin page's kill/restore buttons are same-origin requests, which the
+    cross-site check lets through: a page on any site could load the admin page in an
+    invisible frame and have the user click them (clickjacking). Every answer of the
+    admin, the controller and the demo's control API, errors too, now forbids framing
+    and content sniffing."""
+    from aiohttp import ClientSession, ClientTimeout, web
+
+    from controlplane.metrics import ControllerMetrics
+    from controlplane.server import ControllerServer
+    from controlplane.stream import StreamHub
+    from mcsproxy.demo.runner import Demo
+    from tests.test_metrics_support import start_gateway
+
+    demo_runner = web.AppRunner(Demo(tmp_path / "demo").control_app())
+    await demo_runner.setup()
+    demo_host = "127.81.3.1"
+    demo_port = free_port(demo_host)
+    await web.TCPSite(demo_runner, demo_host, demo_port).start()
+    gw = await start_gateway(tmp_path, "127.81.3.2")
+    hub = StreamHub(heartbeat_s=0.1)
+    controller = ControllerServer(None, hub, ("127.81.3.3", 0), metrics=ControllerMetrics())
+    await controller.start()
+    assert controller.bound is not None
+    controller_url = "http://{}:{}".format(*controller.bound)
+    urls = [f"{gw.admin}{path}" for path in
+            ("/", "/static/status.js", "/api/status", "/healthz", "/metrics", "/no-such-page",
+             "/explain", "/explain?service=a/b&format=<b>")]
+    urls += [f"{controller_url}{path}" for path in ("/", "/static/status.css", "/status",
+                                                    "/v1/stream?cluster=<b>")]
+    urls += [f"http://{demo_host}:{demo_port}/clusters"]
+    try:
+        async with ClientSession(timeout=ClientTimeout(total=5)) as http:
+            for url in urls:
+                async with http.get(url) as resp:
+                    await resp.read()
+                    assert resp.headers.get("X-Frame-Options") == "DENY", url
+                    assert "frame-ancestors 'none'" in resp.headers.get(
+                        "Content-Security-Policy", ""), url
+                    assert resp.headers.get("X-Content-Type-Options") == "nosniff", url
+    finally:
+        await controller.stop()
+        await gw.stop()
+        await demo_runner.cleanup()

@@ -40,7 +40,7 @@ from mcsproxy.demo.clusterset import (
 from mcsproxy.demo.load import LoadGenerator
 from mcsproxy.proxy.workers import WORKER_MAIN
 from mcsproxy.tasks import cancel_and_wait, spawn
-from mcsproxy.webguard import refuse_cross_site
+from mcsproxy.webguard import harden_for_browsers, refuse_cross_site
 
 log = logging.getLogger("mcsproxy.demo")
 
@@ -266,7 +266,7 @@ class Demo:
     # -- control API -----------------------------------------------------------------
     def control_app(self) -> web.Application:
         # On loopback, but any page open in the user's browser could POST a kill here.
-        app = web.Application(middlewares=[refuse_cross_site])
+        app = harden_for_browsers(web.Application(middlewares=[refuse_cross_site]))
         app.router.add_get("/clusters", self._list_clusters)
         app.router.add_post("/clusters/{name}/{action:kill|restore}", self._cluster_action)
         return app
