@@ -17,8 +17,8 @@ def setup_logging(level: str, worker: int | None = None) -> None:
     tag = "" if worker is None else f"worker={worker} "
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(name)s %(message)s",
-                          datefmt="%Y-%m-%dT%H:%M:%S")
+        OneLineFormatter(f"%(asctime)s %(levelname)s {tag}%(name)s %(message)s",
+                         datefmt="%Y-%m-%dT%H:%M:%S")
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -30,6 +30,26 @@ def setup_logging(level: str, worker: int | None = None) -> None:
     server_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, RateLimit) for f in server_log.filters):
         server_log.addFilter(RateLimit(1.0))
+
+
+class OneLineFormatter(logging.Formatter):
+    """A record's message on one line, whatever text from outside it holds.
+
+    Messages quote what clients and member clusters send: request paths (URL-decoded by
+    aiohttp), header values, names. A CR/LF in one wrote a second line that looked like a
+    record of its own (any level, any logger), and an ANSI escape recolored or hid lines
+    on a terminal. Characters that are not printable are written escaped, as repr() does
+    (`\\n`, `\\x1b`); a traceback (exc_info, debug) still follows on lines of its own."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        message = record.message
+        if not message.isprintable():
+            record.message = escape_unprintable(message)
+        return super().formatMessage(record)
+
+
+def escape_unprintable(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class RateLimit(logging.Filter):

@@ -380,3 +380,31 @@ async def test_admin_controller_and_demo_pages_cannot_be_framed_or_sniffed(
         await controller.stop()
         await gw.stop()
         await demo_runner.cleanup()
+
+
+async def test_text_from_clients_cannot_forge_log_lines(tmp_path: Path) -> None:
+    """aiohttp URL-decodes the path the cross-site refusal logs: `%0d%0a` in it wrote a
+    second line that read as an ERROR record of its own, and `%1b` an ANSI escape to the
+    terminal. Every message is one line now, its control characters escaped."""
+    path = tmp_path / "imports.yaml"
+    write_imports(path, [])
+    gw = GatewayProcess(f"file:{path}", "--no-proxy", "--demo-control", "http://127.81.6.9:1")
+    forged = "2026-01-01T00:00:00 ERROR mcsproxy.admin FORGED"
+    try:
+        await gw.start()
+        host, port = gw.ports["admin"]
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"POST /demo/clusters/x%0d%0a" + forged.replace(" ", "%20").encode()
+                     + b"%1b[31m/kill HTTP/1.1\r\nHost: " + host.encode()
+                     + b"\r\nOrigin: https://evil.example\r\nContent-Length: 0\r\n\r\n")
+        assert b" 403 " in await asyncio.wait_for(reader.readline(), 3)
+        writer.close()
+        await gw.wait_line("cross-site")
+        await gw.wait_line("FORGED")
+    finally:
+        await gw.stop()
+    lines = gw.log.splitlines()
+    assert not any(line.startswith(forged) for line in lines), gw.log
+    assert "\x1b" not in gw.log
+    refused = next(line for line in lines if "cross-site" in line)
+    assert f"/demo/clusters/x\\r\\n{forged}\\x1b[31m/kill" in refused
