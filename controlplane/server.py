@@ -20,7 +20,7 @@ from controlplane.metrics import ControllerMetrics
 from controlplane.stream import StreamHub
 from mcsproxy.config import WebLimits, is_loopback
 from mcsproxy.tokenfile import TokenFile
-from mcsproxy.webguard import ConnectionGuard, harden_for_browsers, serve
+from mcsproxy.webguard import ConnectionGuard, harden_for_browsers, refuse_cross_site, serve
 
 log = logging.getLogger("controlplane.server")
 
@@ -45,7 +45,8 @@ class ControllerServer:
             assert controller is not None, "a standby server needs the metrics to serve"
             metrics = controller.metrics
         self.metrics = metrics
-        self.app = harden_for_browsers(web.Application())  # its status page, as the admin's
+        # Its status page, as the admin's: not framed, not read by a rebound domain's page.
+        self.app = harden_for_browsers(web.Application(middlewares=[refuse_cross_site]))
         self.app.router.add_get("/v1/stream", self._stream)
         self.app.router.add_get("/healthz", self._healthz)
         self.app.router.add_get("/readyz", self._readyz)

@@ -28,6 +28,7 @@ from aiohttp import web
 
 from mcsproxy.clientcounts import ClientCounts, client_share
 from mcsproxy.config import WebLimits, listen_error
+from mcsproxy.loglimit import LogLimit
 
 log = logging.getLogger("mcsproxy.webguard")
 
@@ -35,7 +36,10 @@ CLOSE_REASONS = ("connection_limit", "client_limit", "head_timeout")
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # Sec-Fetch-Site values of a request a page of this very origin (or the user) made.
 SAME_SITE_FETCHES = frozenset({"same-origin", "none"})
+# Headers only browsers send: the request came from a page (or the user's address bar).
+BROWSER_MARKERS = ("Sec-Fetch-Site", "Sec-Fetch-Mode", "Origin")
 LOG_INTERVAL_S = 1.0
+REFUSAL_LOG = LogLimit()  # the cross-site refusals of every listener in the process
 # Sent with every answer of these listeners, errors too. Their pages hold buttons that act
 # (the demo's kill/restore) and show the whole configuration: another site's page must not
 # frame them (clickjacking: the buttons' requests are same-origin, so refuse_cross_site
@@ -280,6 +284,22 @@ def cross_site_refusal(request: web.Request) -> str | None:
     return None
 
 
+def rebinding_refusal(request: web.Request) -> str | None:
+    """Why a read a browser sent may come from another site's page, or None.
+
+    A domain rebound to 127.0.0.1 is same-origin to its own page, which can then read
+    every answer here (the configuration, the status of every service): the browser sends
+    the page's Host, a name. Only requests a browser marks as its own (Fetch Metadata or
+    Origin) are held to an IP address or localhost as Host: Prometheus, probes, the CLI
+    and gateways reach these listeners by any name."""
+    if not any(name in request.headers for name in BROWSER_MARKERS):
+        return None
+    host = request.headers.get("Host", "")
+    if _is_address_host(host):
+        return None
+    return f"Host {host!r} is not an IP address or localhost"
+
+
 def _is_address_host(host: str) -> bool:
     name = urlsplit(f"//{host}").hostname or ""
     if name == "localhost":
@@ -295,11 +315,17 @@ def _is_address_host(host: str) -> bool:
 async def refuse_cross_site(
         request: web.Request,
         handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    """Middleware: a state-changing request another site's page may have sent gets 403.
-    Only for routes that take the method: a 404 or 405 stays what it is."""
-    if (request.method not in SAFE_METHODS and request.match_info.http_exception is None
-            and (why := cross_site_refusal(request))):
-        log.warning("refused %s %s from %s: cross-site (%s)", request.method, request.path,
-                    request.remote, why)
+    """Middleware: a state-changing request another site's page may have sent, or a read
+    a rebound domain's page may have sent, gets 403. Only for routes that take the method:
+    a 404 or 405 stays what it is."""
+    if request.match_info.http_exception is None and (
+            why := cross_site_refusal(request) if request.method not in SAFE_METHODS
+            else rebinding_refusal(request)):
+        # A page can send these in a loop: one line a second, with the count held back.
+        held = REFUSAL_LOG.take(time.monotonic())
+        if held >= 0:
+            log.warning("refused %s %s from %s: cross-site (%s)%s", request.method,
+                        request.path, request.remote, why,
+                        f" ({held} more refused since the last line)" if held else "")
         raise web.HTTPForbidden(text=f"cross-site request refused: {why}\n")
     return await handler(request)

@@ -408,3 +408,46 @@ async def test_text_from_clients_cannot_forge_log_lines(tmp_path: Path) -> None:
     assert "\x1b" not in gw.log
     refused = next(line for line in lines if "cross-site" in line)
     assert f"/demo/clusters/x\\r\\n{forged}\\x1b[31m/kill" in refused
+
+
+async def test_pages_of_a_rebound_domain_cannot_read_the_admin_or_controller(
+        tmp_path: Path) -> None:
+    """A domain rebound to 127.0.0.1 is same-origin to its own page: in the user's
+    browser, it read /config_dump (the whole configuration), /api/status and the
+    controller's /status, 200 each. A browser's request (Fetch Metadata, Origin) must now
+    name an IP address or localhost as Host; other clients reach them by any name."""
+    from aiohttp import ClientSession, ClientTimeout
+
+    from controlplane.metrics import ControllerMetrics
+    from controlplane.server import ControllerServer
+    from controlplane.stream import StreamHub
+    from tests.test_metrics_support import start_gateway
+
+    gw = await start_gateway(tmp_path, "127.81.8.1")
+    controller = ControllerServer(None, StreamHub(heartbeat_s=0.1), ("127.81.8.2", 0),
+                                  metrics=ControllerMetrics())
+    await controller.start()
+    assert controller.bound is not None
+    bases = [gw.admin, "http://{}:{}".format(*controller.bound)]
+    pages = [(bases[0], p) for p in ("/", "/config_dump", "/api/status", "/endpoints")]
+    pages += [(bases[1], p) for p in ("/", "/status")]
+    browser = {"Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "cors"}
+    try:
+        async with ClientSession(timeout=ClientTimeout(total=5)) as http:
+            for base, path in pages:
+                port = base.rsplit(":", 1)[1]
+                for headers, refused in (
+                        ({**browser, "Host": f"rebound.attacker.example:{port}"}, True),
+                        ({"Origin": f"http://rebound.attacker.example:{port}",
+                          "Host": f"rebound.attacker.example:{port}"}, True),
+                        ({**browser, "Host": f"localhost:{port}"}, False),
+                        (browser, False),  # Host: the address asked
+                        ({"Host": f"gateway.example:{port}"}, False)):  # not a browser
+                    async with http.get(base + path, headers=headers) as resp:
+                        body = await resp.text()
+                        assert (resp.status == 403) == refused, (path, headers, resp.status)
+                        if refused:
+                            assert "cross-site" in body
+    finally:
+        await controller.stop()
+        await gw.stop()
