@@ -13,21 +13,23 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
+from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector
 from prometheus_client import generate_latest as render_metrics
 from prometheus_client.metrics_core import Metric
 
-from mcsproxy.config import is_loopback
+from mcsproxy.config import ConfigError, is_loopback
 from mcsproxy.gc_pause import collector_off
 from mcsproxy.jsonstream import stream_json_list
 from mcsproxy.model import ImportedService, ServiceKey
 from mcsproxy.observability.families import drop_gradually
 from mcsproxy.observability.workers import health_scope
+from mcsproxy.tokenfile import TokenFile, TokenFileError
 from mcsproxy.webguard import (
     ConnectionGuard,
     harden_for_browsers,
@@ -49,6 +51,8 @@ DEMO_TIMEOUT_S = 5.0
 # Series rendered per call into prometheus-client (_render): ~0.5-5 MB of text, a few ms.
 METRICS_PART_SERIES = 5000
 FIELD_NAMES: dict[type, tuple[str, ...] | None] = {}
+# What the kubelet's probes and Prometheus read: open even with --admin-token-file.
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 def readiness(gateway: Gateway) -> tuple[bool, dict[str, object]]:
@@ -378,11 +382,36 @@ class SourceMetrics:
                 yield metric
 
 
+def token_required(token: TokenFile) -> Middleware:
+    """Middleware: every path but OPEN_PATHS answers 401 without `token` (a bearer token,
+    as the controller's --serve-token-file): /config_dump and /api/status name every
+    service, endpoint and flag, and the DaemonSet's admin port is on the node IP."""
+
+    @web.middleware
+    async def require_token(
+            request: web.Request,
+            handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        if request.path not in OPEN_PATHS and not token.admits(
+                request.headers.get("Authorization")):
+            raise web.HTTPUnauthorized(text="a bearer token is required (--admin-token-file)\n",
+                                       headers={"WWW-Authenticate": "Bearer"})
+        return await handler(request)
+
+    return require_token
+
+
 class AdminServer:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         # The demo's kill/restore buttons POST here: no other site's page may.
-        self.app = harden_for_browsers(web.Application(middlewares=[refuse_cross_site]))
+        middlewares: list[Middleware] = [refuse_cross_site]
+        if gateway.config.admin.token_file is not None:
+            try:  # read now: a missing or empty file stops the start, not the first request
+                middlewares.append(token_required(TokenFile(gateway.config.admin.token_file)))
+            except TokenFileError as exc:
+                raise ConfigError(f"--admin-token-file: {exc}") from None
+        self.app = harden_for_browsers(web.Application(middlewares=middlewares))
         self.app[GATEWAY_KEY] = gateway
         process = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=process)
@@ -406,9 +435,10 @@ class AdminServer:
 
     async def start(self) -> None:
         host, port = self.gateway.config.admin.listen
-        if not is_loopback(host):
+        if not is_loopback(host) and self.gateway.config.admin.token_file is None:
             log.warning("admin listener on non-loopback address %s: anyone who reaches it "
-                        "can read the configuration", host)
+                        "can read the configuration; restrict it or use --admin-token-file",
+                        host)
         self._runner, self.bound = await serve(self.app, (host, port), self.guard,
                                                "--admin-listen")
         log.info("admin listening on %s:%d", *self.bound)

@@ -72,6 +72,9 @@ def _add_gateway_parser(sub: argparse._SubParsersAction) -> None:  # type: ignor
                         "answer is truncated, the rest dropped (default 0: off)")
     p.add_argument("--admin-listen", default="127.0.0.1:9901", metavar="HOST:PORT",
                    help="admin API, /metrics and status page (default 127.0.0.1:9901)")
+    p.add_argument("--admin-token-file", default=None, metavar="PATH",
+                   help="the admin listener answers only /healthz, /readyz and /metrics "
+                        "without the bearer token in PATH (re-read when it changes)")
     p.add_argument("--access-log", default=None, metavar="-|PATH",
                    help="one line per connection and HTTP request to stderr (-) or a file "
                         "(default off)")
@@ -133,7 +136,7 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
             rrl_qps=args.dns_rrl,
         ),
         admin=AdminConfig(listen=parse_host_port(args.admin_listen, "--admin-listen"),
-                          demo_control=args.demo_control),
+                          demo_control=args.demo_control, token_file=args.admin_token_file),
         proxy=proxy_config(args),
         log_level=args.log_level,
         clusterset_cidr=args.clusterset_cidr,
@@ -279,6 +282,9 @@ def _add_status_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore
     p.add_argument("--events", type=int, default=10, metavar="N",
                    help="recent events shown (default 10)")
     p.add_argument("--json", action="store_true", help="print the raw JSON")
+    p.add_argument("--token-file", default=None, metavar="PATH",
+                   help="send the token in PATH as a bearer token (the gateway's "
+                        "--admin-token-file)")
     p.set_defaults(func=_run_status)
 
 
@@ -290,7 +296,14 @@ def _run_status(args: argparse.Namespace) -> int:
     admin = args.admin if "://" in args.admin else f"http://{args.admin}"  # HOST:PORT too
     if not admin.startswith(("http://", "https://")):
         raise ConfigError(f"--admin {args.admin!r}: expected http://HOST:PORT")
-    return run_status(admin, args.events, args.json)
+    token = None
+    if args.token_file is not None:
+        from mcsproxy.tokenfile import TokenFile, TokenFileError
+        try:
+            token = TokenFile(args.token_file)
+        except TokenFileError as exc:
+            raise ConfigError(f"--token-file: {exc}") from None
+    return run_status(admin, args.events, args.json, token)
 
 
 def _show_defaults(parser: argparse.ArgumentParser) -> None:

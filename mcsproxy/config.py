@@ -140,6 +140,9 @@ class AdminConfig:
     # admin relays their POSTs to it (same origin for the browser).
     demo_control: str | None = None
     limits: WebLimits = field(default_factory=WebLimits)
+    # --admin-token-file: every path but /healthz, /readyz and /metrics demands this
+    # bearer token (the DaemonSet's admin port is on the node IP, which every pod reaches).
+    token_file: str | None = None
 
     def __post_init__(self) -> None:
         if self.demo_control is not None and not re.fullmatch(

@@ -20,13 +20,17 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from mcsproxy.tokenfile import TokenFile
+
 TIMEOUT_S = 5.0
 EXIT_READY, EXIT_UNREADABLE, EXIT_NOT_READY = 0, 1, 3
 
 
-def fetch_status(admin: str) -> dict[str, Any]:
+def fetch_status(admin: str, token: TokenFile | None = None) -> dict[str, Any]:
     url = admin.rstrip("/") + "/api/status"
-    with urllib.request.urlopen(url, timeout=TIMEOUT_S) as resp:
+    headers = {"Authorization": token.authorization()} if token is not None else {}
+    request = urllib.request.Request(url, headers=headers)
+    with urllib.request.urlopen(request, timeout=TIMEOUT_S) as resp:
         return json.load(resp)  # type: ignore[no-any-return]
 
 
@@ -101,11 +105,13 @@ def render(status: dict[str, Any], events: int = 10) -> str:
     return "\n".join(lines)
 
 
-def run_status(admin: str, events: int = 10, raw: bool = False) -> int:
-    """Print the status; the exit code says whether the gateway is ready (see above)."""
+def run_status(admin: str, events: int = 10, raw: bool = False,
+               token: TokenFile | None = None) -> int:
+    """Print the status; the exit code says whether the gateway is ready (see above).
+    `token`: the gateway's --admin-token-file, sent as a bearer token."""
     url = f"{admin.rstrip('/')}/api/status"
     try:
-        status = fetch_status(admin)
+        status = fetch_status(admin, token)
     except urllib.error.HTTPError as exc:
         print(f"mcsproxy status: {admin} answered {exc.code}", file=sys.stderr)
         return EXIT_UNREADABLE

@@ -451,3 +451,52 @@ async def test_pages_of_a_rebound_domain_cannot_read_the_admin_or_controller(
     finally:
         await controller.stop()
         await gw.stop()
+
+
+async def test_admin_token_file_closes_all_but_probes_and_metrics(tmp_path: Path) -> None:
+    """The DaemonSet puts the admin listener on the node IP, which every pod reaches, and
+    no NetworkPolicy selects a host-network pod: any pod read /config_dump (every service,
+    endpoint and flag). With --admin-token-file only /healthz, /readyz and /metrics answer
+    without the bearer token; `mcsproxy status --token-file` sends it."""
+    from aiohttp import ClientSession, ClientTimeout
+
+    path = tmp_path / "imports.yaml"
+    write_imports(path, [])
+    token_file = tmp_path / "admin-token"
+    token_file.write_text("admin-s3cr3t\n")
+    gw = GatewayProcess(f"file:{path}", "--no-proxy", "--admin-token-file", str(token_file))
+    gw.cmd[gw.cmd.index("--admin-listen") + 1] = "127.81.9.1:0"
+    try:
+        await gw.start()
+        await gw.wait_ready()
+        assert "non-loopback" not in gw.log  # a token answers the warning
+        async with ClientSession(timeout=ClientTimeout(total=5)) as http:
+            for open_path in ("/healthz", "/readyz", "/metrics"):
+                async with http.get(gw.admin + open_path) as resp:
+                    assert resp.status == 200, open_path
+            for closed in ("/", "/config_dump", "/api/status", "/endpoints",
+                           "/explain?service=a/b", "/static/status.js"):
+                for auth in ({}, {"Authorization": "Bearer wrong"}):
+                    async with http.get(gw.admin + closed, headers=auth) as resp:
+                        assert resp.status == 401, (closed, auth)
+                        assert resp.headers["WWW-Authenticate"] == "Bearer"
+            async with http.get(gw.admin + "/config_dump",
+                                headers={"Authorization": "Bearer admin-s3cr3t"}) as resp:
+                assert resp.status == 200
+        cli = [sys.executable, "-m", "mcsproxy", "status", "--admin", gw.admin]
+        without = await asyncio.create_subprocess_exec(*cli, stdout=asyncio.subprocess.PIPE,
+                                                       stderr=asyncio.subprocess.PIPE)
+        _, err = await asyncio.wait_for(without.communicate(), 15)
+        assert without.returncode == 1 and b"answered 401" in err
+        with_token = await asyncio.create_subprocess_exec(
+            *cli, "--token-file", str(token_file), stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(with_token.communicate(), 15)
+        assert with_token.returncode == 0 and out, err
+    finally:
+        await gw.stop()
+    bad = GatewayProcess(f"file:{path}", "--no-proxy", "--admin-token-file",
+                         str(tmp_path / "missing"))
+    proc = await asyncio.create_subprocess_exec(*bad.cmd, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 15)
+    assert proc.returncode == 2 and b"--admin-token-file" in err, err
