@@ -277,10 +277,46 @@ def _render(families: Families, process: CollectorRegistry) -> list[bytes]:
         return parts
 
 
-async def metrics(request: web.Request) -> web.StreamResponse:
-    if request.method == "HEAD":  # no body, and no gathering for one (see stream_json_list)
-        return web.Response(headers={"Content-Type": CONTENT_TYPE_LATEST})
-    gateway = _gateway(request)
+class SharedScrape:
+    """One gather and render of /metrics at a time, shared by the requests that wait for it.
+
+    Each scrape is seconds of CPU with many services, and the render holds the GIL in its
+    thread: scrapes sent at once (any client may hold 64 admin connections) ran in up to
+    six threads together, each taking its share of the interpreter from the loop the
+    proxy and DNS run on. Now a request that arrives while a scrape is under way waits
+    for it to end, and every request that waited shares the next one, which begins after
+    they all arrived: no answer is older than its request."""
+
+    __slots__ = ("_lock", "_parts", "_seq", "_started", "_waiting")
+
+    def __init__(self) -> None:
+        self._lock = asyncio.Lock()
+        self._seq = 0  # counts arrivals and scrape starts, in order
+        self._parts: list[bytes] | None = None  # the last scrape's text, while any waits
+        self._started = -1  # the sequence number at which that scrape began
+        self._waiting = 0
+
+    async def parts(self, scrape: Callable[[], Awaitable[list[bytes]]]) -> list[bytes]:
+        self._seq += 1
+        arrived = self._seq
+        self._waiting += 1
+        try:
+            async with self._lock:
+                if self._parts is not None and self._started > arrived:
+                    return self._parts
+                self._seq += 1
+                started = self._seq
+                self._parts = None
+                parts = await scrape()
+                self._parts, self._started = parts, started
+                return parts
+        finally:
+            self._waiting -= 1
+            if not self._waiting:
+                self._parts = None  # megabytes of text: kept only for requests waiting
+
+
+async def _scrape(gateway: Gateway, process: CollectorRegistry) -> list[bytes]:
     # The cyclic collector off until this scrape's series are freed (gc_pause, and
     # Observer.gather): turned on between gather and render, its next collection scanned
     # them all, a stop of the loop.
@@ -290,7 +326,15 @@ async def metrics(request: web.Request) -> web.StreamResponse:
         # services x 3 clusters are 200,000 of them; on the loop DNS and the proxy stopped
         # for those seconds (measured: a DNS answer 4.5 s late). `families` is this
         # scrape's own copy, emptied by the render.
-        parts = await asyncio.to_thread(_render, families, request.app[PROCESS_KEY])
+        return await asyncio.to_thread(_render, families, process)
+
+
+async def metrics(request: web.Request) -> web.StreamResponse:
+    if request.method == "HEAD":  # no body, and no gathering for one (see stream_json_list)
+        return web.Response(headers={"Content-Type": CONTENT_TYPE_LATEST})
+    gateway = _gateway(request)
+    process = request.app[PROCESS_KEY]
+    parts = await request.app[SCRAPE_KEY].parts(lambda: _scrape(gateway, process))
     response = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE_LATEST})
     response.content_length = sum(map(len, parts))
     await response.prepare(request)
@@ -358,6 +402,7 @@ async def demo_relay(request: web.Request) -> web.Response:
 
 
 PROCESS_KEY = web.AppKey("process_metrics", CollectorRegistry)
+SCRAPE_KEY = web.AppKey("shared_scrape", SharedScrape)
 
 
 class SourceMetrics:
@@ -417,6 +462,7 @@ class AdminServer:
         ProcessCollector(registry=process)
         process.register(SourceMetrics(gateway.sources))  # type: ignore[arg-type]
         self.app[PROCESS_KEY] = process
+        self.app[SCRAPE_KEY] = SharedScrape()
         r = self.app.router
         r.add_get("/", index)
         r.add_get("/static/{name}", static)

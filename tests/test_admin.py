@@ -555,3 +555,37 @@ async def test_the_status_traffic_table_and_freeing_the_families_give_the_loop_t
         "west": {"connections": 0, "requests": 0, "active": 0, "failed": 1}}
     assert made >= 4 and dropped >= 4  # 4 x per_turn series each
     assert all(not f.values for f in families)
+
+
+async def test_metrics_scrapes_sent_at_once_share_one_render(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every /metrics request gathered and rendered on its own: 12 sent at once by one
+    client (it may hold 64 admin connections) were 12 renders, up to six at a time in
+    threads holding the GIL against the proxy's loop. Requests that arrive during a
+    scrape now share the next one; none is answered with series older than itself."""
+    renders = 0
+    render = admin._render
+
+    def slow_render(families: Families, process: CollectorRegistry) -> list[bytes]:
+        nonlocal renders
+        renders += 1
+        time.sleep(0.2)  # a large clusterset's render, in the thread as the real one
+        return render(families, process)
+
+    monkeypatch.setattr(admin, "_render", slow_render)
+    gw = await start_gateway(tmp_path, "127.81.10.1")
+    try:
+        async def scrape() -> str:
+            async with gw.http.get(gw.admin + "/metrics") as resp:
+                assert resp.status == 200
+                return await resp.text()
+
+        bodies = await asyncio.gather(*(scrape() for _ in range(12)))
+        assert all("mcsproxy_dns_queries_total" in body for body in bodies)
+        assert renders <= 2, renders  # the first arrival's, then one for all the others
+        assert gw.gateway.admin.app[admin.SCRAPE_KEY]._parts is None  # nobody waits: freed
+        # A scrape after them is a scrape of its own.
+        await scrape()
+        assert renders <= 3
+    finally:
+        await gw.stop()
