@@ -485,6 +485,29 @@ def _condition(conditions: Mapping[str, Any], name: str, default: bool) -> bool:
     return value
 
 
+# Addresses no pod or endpoint has, which the proxy must never connect to for a client:
+# link-local above all (169.254.169.254 is the cloud's metadata service, with the node's
+# credentials, and the gateway runs on the node's network), unspecified ("this host")
+# and multicast. Kubernetes refuses them in Endpoints; a member cluster's EndpointSlice
+# (or one written by whoever compromised it) reached the proxy with them. Loopback stays
+# allowed: the demo and a one-host clusterset run every endpoint on it.
+NEVER_ENDPOINT_V4 = ("169.254.", "0.", *(f"{octet}." for octet in range(224, 240)))
+THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
+
+
+def _never_an_endpoint(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why `ip` can never be an endpoint's address, or None."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # ::ffff:169.254.169.254 reaches the IPv4 address
+    if ip.is_link_local:
+        return "link-local (where the cloud metadata service answers)"
+    if ip.is_unspecified or (ip.version == 4 and ip in THIS_NETWORK):
+        return "unspecified (this host)"
+    if ip.is_multicast:
+        return "multicast"
+    return None
+
+
 def _is_canonical_ipv4(raw: object) -> bool:
     """A dotted quad exactly as ipaddress would print it. inet_pton takes only four
     decimal octets without leading zeros, so what it accepts is already canonical; at
@@ -551,7 +574,8 @@ def parse_endpoint_slice(
                                 path=("endpoints", i, "addresses"))
         parsed: list[str] = []
         for raw_addr in addresses:
-            if family == 4 and _is_canonical_ipv4(raw_addr):
+            if family == 4 and _is_canonical_ipv4(raw_addr) and \
+                    not raw_addr.startswith(NEVER_ENDPOINT_V4):
                 parsed.append(raw_addr)
                 continue
             at = ("endpoints", i, "addresses", len(parsed))
@@ -564,6 +588,8 @@ def parse_endpoint_slice(
             if ip.version != family:
                 raise ManifestError(f"{where}: endpoints[{i}] address {ip} is not {address_type}",
                                     path=at)
+            if (why := _never_an_endpoint(ip)) is not None:
+                raise ManifestError(f"{where}: endpoints[{i}] address {ip} is {why}", path=at)
             parsed.append(str(ip))
         conds = as_mapping(ep.get("conditions"), f"{where}: endpoints[{i}].conditions")
         try:

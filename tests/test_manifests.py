@@ -52,6 +52,38 @@ SLICE: dict[str, Any] = {
 }
 
 
+@pytest.mark.parametrize(("family", "address", "why"), [
+    ("IPv4", "169.254.169.254", "link-local"),  # the cloud metadata service
+    ("IPv4", "169.254.1.1", "link-local"),
+    ("IPv4", "0.0.0.0", "unspecified"),  # connect() to it reaches the gateway's own node
+    ("IPv4", "0.1.2.3", "unspecified"),
+    ("IPv4", "224.0.0.1", "multicast"),
+    ("IPv4", "239.255.255.250", "multicast"),
+    ("IPv6", "fe80::1", "link-local"),
+    ("IPv6", "::ffff:169.254.169.254", "link-local"),  # the IPv4 address, mapped
+    ("IPv6", "::", "unspecified"),
+    ("IPv6", "ff02::1", "multicast"),
+])
+def test_slices_never_point_the_proxy_at_link_local_unspecified_or_multicast(
+        family: str, address: str, why: str) -> None:
+    """A member cluster's slice with 169.254.169.254 was served: a pod's connection to the
+    ClusterSetIP went from the gateway, on the node's network, to the cloud's metadata
+    service (the node's credentials). Such addresses are no endpoint's: the slice is
+    refused, as one with an invalid address, and the last good one keeps serving."""
+    good = "10.0.0.9" if family == "IPv4" else "fd00::9"
+    bad = {**SLICE, "addressType": family,
+           "endpoints": [{"addresses": [good]}, {"addresses": [address]}]}
+    with pytest.raises(ManifestError) as info:
+        parse_endpoint_slice(bad)
+    assert f"endpoints[1] address {ipaddress.ip_address(address)} is {why}" in str(info.value)
+    assert info.value.path == ("endpoints", 1, "addresses", 0)
+    # Loopback stays an endpoint (the demo, a clusterset on one host), as do the rest.
+    for fine in (("127.0.0.1", "10.1.2.3", "240.0.0.1") if family == "IPv4"
+                 else ("::1", "fd00:ec2::254", "2001:db8::1")):
+        ok = parse_endpoint_slice({**bad, "endpoints": [{"addresses": [fine]}]})
+        assert ok is not None and ok.endpoints[0].address == fine
+
+
 def test_service_import_fields() -> None:
     spec = parse_service_import(IMPORT)
     assert spec.key == ServiceKey("shop", "web")
@@ -266,12 +298,13 @@ def test_documents_report_their_first_line() -> None:
 
 
 @pytest.mark.parametrize("address", [
-    "10.0.0.1", "0.0.0.0", "255.255.255.255", "010.0.0.1", "10.0.0.01", "10.0.0", "10.0.0.1.1",
+    "10.0.0.1", "1.0.0.0", "255.255.255.255", "010.0.0.1", "10.0.0.01", "10.0.0", "10.0.0.1.1",
     "256.0.0.1", " 10.0.0.1", "10.0.0.1 ", "10.0.0.1\x00", "0x0a.0.0.1", "10.0.0.-1",
     "\u0661\u0660.0.0.1", "10.0.0.1/32", "fd00::1", "::ffff:10.0.0.1", 167772161, None,
 ])
 def test_ipv4_slice_addresses_agree_with_ipaddress(address: Any) -> None:
-    """The fast IPv4 check accepts exactly the canonical forms ipaddress accepts."""
+    """The fast IPv4 check accepts exactly the canonical forms ipaddress accepts (0.0.0.0/8,
+    link-local and multicast are refused for another reason: see the test above)."""
     try:
         ip = ipaddress.ip_address(address)  # type: ignore[arg-type]
         expected = str(ip) if ip.version == 4 else None
