@@ -131,6 +131,13 @@ class VipInterface:
         for key in keys:
             svc = snapshot.services.get(key)
             new = svc.ips if svc is not None and not svc.headless else ()
+            if new and not all(map(self._may_hold, new)):
+                refused = [ip for ip in new if not self._may_hold(ip)]
+                log.warning("service %s: ClusterSetIP %s not put on %s: outside "
+                            "--clusterset-cidr %s, or an address no ClusterSetIP may be",
+                            key, ", ".join(refused), self.ifname,
+                            ",".join(map(str, self.pools)))
+                new = tuple(ip for ip in new if ip not in refused)
             old = self._by_key.get(key, ())
             if new == old:
                 continue
@@ -214,6 +221,23 @@ class VipInterface:
             self._ipr.link("set", index=self.index, state="up")
         except NetlinkError as exc:
             raise VipError(f"--vip-interface {self.ifname}: cannot set it up: {exc}") from None
+
+    def _may_hold(self, ip: str) -> bool:
+        """Whether a ClusterSetIP may go on the interface. Whatever address an import
+        names, the node accepted as its own: 169.254.169.254 (the cloud metadata service,
+        which the kubelet and the node's pods ask), a node IP or a Service IP would have
+        been answered by the gateway's listener instead, relaying to the import's
+        endpoints. An address of a family --clusterset-cidr has a range for must be in it;
+        one of another family (a v4-only range, a dual-stack controller) must at least be
+        an address no host holds for itself."""
+        addr = ipaddress.ip_address(ip)
+        pool = next((p for p in self.pools if p.version == addr.version), None)
+        if pool is not None:
+            return addr in pool
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            return False
+        return not (addr.is_link_local or addr.is_loopback or addr.is_unspecified
+                    or addr.is_multicast)
 
     def _ours(self, ip: str) -> bool:
         """A host address we may remove: one we added, or a stale one in our range."""

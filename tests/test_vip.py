@@ -206,6 +206,32 @@ def test_vips_follow_imports_and_serve_a_client_in_another_namespace(
     assert {f"{FOREIGN}/32", "127.0.0.1/8"} <= left
 
 
+def test_only_clusterset_ips_in_the_range_go_on_the_interface(
+        netns: Namespaces, tmp_path: Path) -> None:
+    """Every import's spec.ips went on the interface, whatever they were: an import
+    naming 169.254.169.254 made the node answer the cloud metadata service's address
+    itself, through the gateway, to the import's endpoints (so would a node or Service
+    IP). Now an address of a family with a --clusterset-cidr range must be inside it;
+    one of another family must at least be no host's own (link-local, loopback, ...)."""
+    source = tmp_path / "imports.yaml"
+    manifests(source, {"web": VIP, "ula6": VIP6, "metadata": "169.254.169.254",
+                       "outside": "10.77.0.1", "linklocal6": "fe80::77", "mapped6":
+                       "::ffff:169.254.169.254"})
+    proc = gateway(netns, source, "lo")
+    try:
+        eventually(lambda: {f"{VIP}/32", f"{VIP6}/128"} <= netns.host_addresses(netns.a),
+                   f"{VIP} and {VIP6} on lo")
+        wait_for_log(proc, "169.254.169.254 not put on lo")
+        time.sleep(0.3)  # the rest of the batch the wanted ones came in (fe80::77 sorts last)
+        present = netns.host_addresses(netns.a)
+        for refused in ("169.254.169.254/32", "10.77.0.1/32", "fe80::77/128"):
+            assert refused not in present, present
+        assert not any("169.254.169.254" in a for a in present), present
+    finally:
+        code, err = stop(proc)
+    assert code == 0, err
+
+
 def test_missing_interface_is_created_or_refused_clearly(
         netns: Namespaces, tmp_path: Path) -> None:
     probe = run("ip", "-n", netns.a, "link", "add", "mcsprobe", "type", "dummy", check=False)
