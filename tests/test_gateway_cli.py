@@ -334,6 +334,21 @@ def test_the_gateway_exits_2_on_a_controlplane_url_without_host() -> None:
                       "http://HOST:PORT, '' is not an IP address or a host name"], errors
 
 
+def test_a_controlplane_url_with_credentials_is_refused_without_echoing_them() -> None:
+    """`controlplane:http://gw:s3cr3t@host:9902` was taken: the controller checks bearer
+    tokens only, and the password went into the start line, /config_dump and every
+    connection error. Refused at start (exit 2), the password nowhere in the output."""
+    secret = "s3cr3t-pw-4711"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mcsproxy", "gateway", "--cluster-id", "east",
+         "--source", f"controlplane:http://gw:{secret}@127.81.11.1:9902",
+         "--dns-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
+        capture_output=True, text=True, timeout=DEADLINE_S)
+    assert proc.returncode == 2, proc.stderr
+    assert "carries credentials" in proc.stderr and "--controlplane-token-file" in proc.stderr
+    assert secret not in proc.stderr + proc.stdout
+
+
 def test_status_flags(capsys: pytest.CaptureFixture[str]) -> None:
     from mcsproxy.cli import main
 

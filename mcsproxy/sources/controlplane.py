@@ -99,6 +99,13 @@ def stream_base_url(url: str) -> str:
         port = parts.port  # ValueError for a port that is not a number or out of range
     except ValueError as exc:
         raise ValueError(f"controlplane source {url!r}: {exc}") from None
+    if parts.username is not None or parts.password is not None:
+        # Not echoed: the URL holds the password. The controller takes a bearer token
+        # only, so the credentials served nothing but to be printed in the start line,
+        # /config_dump and every connection error.
+        raise ValueError("controlplane source URL carries credentials (user:password@), "
+                         "which are logged and shown by /config_dump: put a bearer token "
+                         "in --controlplane-token-file instead")
     host = parts.hostname or ""
     if not is_host(host):
         raise ValueError(f"controlplane source {url!r}: expected http://HOST:PORT, "
