@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from mcsproxy.config import HttpConfig, OutlierConfig
 from mcsproxy.http.server import Exchange
 from mcsproxy.http.wire import (
+    CONNECTION,
     CONTENT_LENGTH,
     HOST,
     MAX_SPELLINGS,
@@ -362,6 +363,19 @@ def test_field_kinds_by_length_and_learnt_spellings_stay_bounded() -> None:
         assert fields.learn(b"X-%d" % i) == 0
         assert len(fields.spellings) <= MAX_SPELLINGS
     assert fields.of(b"HOST") == HOST and fields.of(b"hOsT") == HOST
+
+
+def test_field_kinds_serve_a_repeated_spelling_without_a_look_up() -> None:
+    # The spelling last seen of each length is compared before any look-up: a client
+    # spells its every request's fields alike (a look-up hashes each new name anew).
+    fields = FieldKinds(REQUEST_KINDS)
+    assert fields.of(b"Host") == HOST and fields.of(b"User-Agent") == 0
+    fields.spellings.clear()
+    assert fields.of(b"Host") == HOST and fields.of(b"User-Agent") == 0
+    assert fields.spellings == {}
+    # Another name of that length in between: looked up, and the last one after it.
+    assert fields.of(b"Connection") == CONNECTION and fields.of(b"User-Agent") == 0
+    assert fields.spellings == {b"Connection": CONNECTION, b"User-Agent": 0}
 
 
 @settings(max_examples=200, deadline=None)
