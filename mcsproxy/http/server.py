@@ -711,7 +711,7 @@ class ClientConnection(asyncio.Protocol):
                 self.has_request_id = True
                 add_field(self.parts, name, trimmed(value))
         elif kind == CONNECTION:
-            if value in PLAIN_CONNECTION:
+            if value == b"keep-alive" or value in PLAIN_CONNECTION:  # (UpstreamConn.on_header)
                 if value[0] in b"kK":
                     self.keep_alive_asked = True
                 return
