@@ -123,6 +123,11 @@ class HttpEngine:
         self.writes = writes if writes is not None else WriteBatch()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.clients: set[ClientConnection] = set()
+        # The Host value last found valid (wire.host_is_valid): a keep-alive client's
+        # requests, and most clients of one service, repeat it. Compared first: a look-up
+        # in VALID_HOSTS hashes each new value (~360 instructions a request). It starts
+        # as a valid value, never as b"": an empty Host is invalid.
+        self.valid_host = b"localhost"
         self.pools: dict[Host, EndpointPool] = {}
         self.tick_s = tick_for(config)
         self.now = time.monotonic()
