@@ -183,6 +183,7 @@ async def test_a_connect_under_way_at_removal_gets_the_drain_grace_too() -> None
     # the backlog after the second must still see the third within the timeout.
     proxy = await cs.proxy(connect_timeout_s=10.0, drain_grace_s=0.2)
     writer = None
+    accepted: list[socket.socket] = []
     try:
         reader, writer = await asyncio.open_connection(ip, 80)
         await until(lambda: len(client_sides(proxy)) == 1, "the connect under way")
@@ -190,10 +191,17 @@ async def test_a_connect_under_way_at_removal_gets_the_drain_grace_too() -> None
         cs.publish("late", ip, [WEB], [])
         await cs.served(proxy)
         hole.setblocking(False)
-        for _ in range(2):  # room in the backlog: the SYN sent again gets through
+
+        def accept_all() -> bool:
+            # Room in the backlog for the next SYN sent again; the fillers' SYNs are sent
+            # again too and may take the room first, so it is made until ours got in.
+            # Accepted ones stay open: a close would end the stream with a FIN first.
             with contextlib.suppress(BlockingIOError):
-                hole.accept()[0].close()
-        await until(lambda: conn.connected, "the connect completed", timeout=9)
+                while True:
+                    accepted.append(hole.accept()[0])
+            return conn.connected
+
+        await until(accept_all, "the connect completed", timeout=9)
         try:
             ended = f"eof after {len(await asyncio.wait_for(reader.read(), 2))}"
         except ConnectionResetError:
@@ -205,7 +213,7 @@ async def test_a_connect_under_way_at_removal_gets_the_drain_grace_too() -> None
         if writer is not None:
             writer.close()
         await proxy.stop()
-        for s in (hole, *fillers):
+        for s in (hole, *fillers, *accepted):
             s.close()
 
 
