@@ -333,6 +333,7 @@ async def test_demo_kill_and_restore_refuse_requests_from_other_sites_pages(
     finally:
         await gw.stop()
         await runner.cleanup()
+        await demo.backends.stop()  # restored east's pods hold the demo's fixed addresses
 
 
 async def test_admin_controller_and_demo_pages_cannot_be_framed_or_sniffed(

@@ -227,3 +227,4 @@ Promise.allSettled([
         await gw.stop()
         for runner in runners:
             await runner.cleanup()
+        await demo.backends.stop()  # restored east's pods hold the demo's fixed addresses
