@@ -379,6 +379,16 @@ class UdpFlow(asyncio.DatagramProtocol):
         it): the datagram was not sent."""
         if self.closed:
             return False  # its descriptor may be closed, and its number someone else's
+        return self._write(data, first=True)
+
+    def _write(self, data: bytes, first: bool) -> bool:
+        """One write; a first one that meets EMSGSIZE is made once more. That error is
+        either the one an ICMP "fragmentation needed" left on the socket (a router on the
+        way dropped an earlier datagram larger than its MTU; the kernel now fragments to
+        it), which this write reported instead of sending (it was lost without a trace),
+        or this datagram is larger than the socket's family carries (an IPv6 client's
+        65,527 bytes to an IPv4 endpoint): the first is sent the second time, the second
+        fails again and is counted dropped."""
         try:
             # The socket is connected: write() sends one datagram, zero-length too.
             os.write(self.fd, data)
@@ -387,30 +397,11 @@ class UdpFlow(asyncio.DatagramProtocol):
             return True
         except OSError as exc:
             if exc.errno == errno.EMSGSIZE:
-                return self._write_again(data)
-            self.error_received(exc)  # port unreachable shows here as on any send
-            return not self.closed
-        self.sent += len(data)
-        self.sends += 1
-        return True
-
-    def _write_again(self, data: bytes) -> bool:
-        """A write met EMSGSIZE: either the error an ICMP "fragmentation needed" left on
-        the socket (a router on the way dropped an earlier datagram larger than its MTU;
-        the kernel now fragments to it), which this write reported instead of sending
-        (it was lost without a trace), or this datagram is larger than the socket's
-        family carries (an IPv6 client's 65,527 bytes to an IPv4 endpoint). Written once
-        more: the first is sent now, the second fails again and is counted dropped."""
-        try:
-            os.write(self.fd, data)
-        except BlockingIOError:
-            self.listener.drops.drop(self.listener.ctx.name, "endpoint_buffer_full")
-            return True
-        except OSError as exc:
-            if exc.errno == errno.EMSGSIZE:
+                if first:
+                    return self._write(data, first=False)
                 self.listener.drops.drop(self.listener.ctx.name, "too_big")
                 return True
-            self.error_received(exc)
+            self.error_received(exc)  # port unreachable shows here as on any send
             return not self.closed
         self.sent += len(data)
         self.sends += 1
