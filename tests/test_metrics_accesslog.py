@@ -107,6 +107,22 @@ async def test_a_rotated_file_is_reopened(tmp_path: Path) -> None:
     assert log.written == 3
 
 
+async def run_script(script: str, timeout: float = 20) -> tuple[bytes, bytes]:
+    """Run `script` in a Python process of its own; its stdout and stderr once it exited
+    0 within `timeout` (a hang fails the test rather than holding it)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, cwd=Path(__file__).resolve().parent.parent)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        pytest.fail(f"the script did not exit within {timeout} s")
+    assert proc.returncode == 0, err.decode()
+    return out, err
+
+
 async def test_a_write_error_counts_what_was_lost_and_keeps_lines_whole(
         tmp_path: Path) -> None:
     """A full disk (here: RLIMIT_FSIZE) tears the batch being written. The records that
@@ -130,11 +146,7 @@ async def main():
     print(json.dumps([log.written, log.write_failed]))
 asyncio.run(main())
 """
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, cwd=Path(__file__).resolve().parent.parent)
-    out, err = await proc.communicate()
-    assert proc.returncode == 0, err.decode()
+    out, _ = await run_script(script)
     written, failed = json.loads(out)
     assert written + failed == 43 and failed > 0
     good = []
@@ -205,15 +217,6 @@ async def main():
     print(json.dumps([log.written, log.write_failed]))
 asyncio.run(main())
 """
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, cwd=Path(__file__).resolve().parent.parent)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), 20)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        pytest.fail("the process did not exit with a write hanging")
-    assert proc.returncode == 0, err.decode()
+    out, err = await run_script(script)
     assert json.loads(out) == [0, 3]
     assert b"has not returned in 0.5 s; stopping without it (3 records not written)" in err
