@@ -1161,11 +1161,9 @@ def test_llhttp_takes_rtsp_and_ice_request_lines_only_with_the_methods_we_know()
     assert not taken[b"HTTP"] & RTSP_ONLY_METHODS
 
 
-class SpacedOut(asyncio.Protocol):
-    """Answers each request head (no body) with fields ending in whitespace; keeps the
-    request heads it read."""
-
-    heads: list[bytes] = []
+class HeadAnswerer(asyncio.Protocol):
+    """An endpoint that answers each request head it reads (bodies it is not told of
+    are read as heads) with what `answer` returns; None answers nothing."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]
@@ -1175,9 +1173,24 @@ class SpacedOut(asyncio.Protocol):
         self.buf += data
         while b"\r\n\r\n" in self.buf:
             head, _, self.buf = self.buf.partition(b"\r\n\r\n")
-            SpacedOut.heads.append(head)
-            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2 \r\nX-Y: z \t\r\n"
-                                 b"Connection: keep-alive \r\n\r\nok")
+            answer = self.answer(head)
+            if answer is not None:
+                self.transport.write(answer)
+
+    def answer(self, head: bytes) -> bytes | None:
+        raise NotImplementedError
+
+
+class SpacedOut(HeadAnswerer):
+    """Answers each request head (no body) with fields ending in whitespace; keeps the
+    request heads it read."""
+
+    heads: list[bytes] = []
+
+    def answer(self, head: bytes) -> bytes:
+        SpacedOut.heads.append(head)
+        return (b"HTTP/1.1 200 OK\r\nContent-Length: 2 \r\nX-Y: z \t\r\n"
+                b"Connection: keep-alive \r\n\r\nok")
 
 
 async def test_whitespace_after_a_value_we_read_or_rewrite_is_not_passed_on() -> None:
@@ -1200,29 +1213,21 @@ async def test_whitespace_after_a_value_we_read_or_rewrite_is_not_passed_on() ->
         assert SpacedOut.heads[1].split(b"\r\n")[1] == b"Host: a"
 
 
-class DatedOrNot(asyncio.Protocol):
+class DatedOrNot(HeadAnswerer):
     """Answers /dated with a Date field of its own, anything else without one (an origin
     without a clock: RFC 9110 6.6.1), chunked for /chunked."""
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
-        self.buf = b""
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        while b"\r\n\r\n" in self.buf:
-            head, _, self.buf = self.buf.partition(b"\r\n\r\n")
-            if head.startswith(b"GET /dated "):
-                self.transport.write(b"HTTP/1.1 200 OK\r\ndate: Sun, 06 Nov 1994 08:49:37 GMT"
-                                     b"\r\nContent-Length: 2\r\n\r\nok")
-            elif head.startswith(b"GET /hop-date "):  # a Date its Connection names
-                self.transport.write(b"HTTP/1.1 200 OK\r\nConnection: Date\r\nDate: Sun, 06 Nov"
-                                     b" 1994 08:49:37 GMT\r\nContent-Length: 2\r\n\r\nok")
-            elif head.startswith(b"GET /chunked "):
-                self.transport.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-                                     b"2\r\nok\r\n0\r\n\r\n")
-            else:
-                self.transport.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+    def answer(self, head: bytes) -> bytes:
+        if head.startswith(b"GET /dated "):
+            return (b"HTTP/1.1 200 OK\r\ndate: Sun, 06 Nov 1994 08:49:37 GMT"
+                    b"\r\nContent-Length: 2\r\n\r\nok")
+        if head.startswith(b"GET /hop-date "):  # a Date its Connection names
+            return (b"HTTP/1.1 200 OK\r\nConnection: Date\r\nDate: Sun, 06 Nov"
+                    b" 1994 08:49:37 GMT\r\nContent-Length: 2\r\n\r\nok")
+        if head.startswith(b"GET /chunked "):
+            return (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    b"2\r\nok\r\n0\r\n\r\n")
+        return b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
 
 
 async def test_a_response_without_date_gets_ours_one_with_keeps_its_own() -> None:
@@ -1290,21 +1295,14 @@ async def test_an_early_answer_keeps_the_connection_when_the_body_came() -> None
         await backend.stop()
 
 
-class HintsFirst(asyncio.Protocol):
+class HintsFirst(HeadAnswerer):
     """Answers each request head with a 103 whose Connection header names a field of it,
     then 200."""
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
-        self.buf = b""
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        while b"\r\n\r\n" in self.buf:
-            _, _, self.buf = self.buf.partition(b"\r\n\r\n")
-            self.transport.write(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n"
-                                 b"Connection: X-Secret\r\nX-Secret: 1\r\nKeep-Alive: 5\r\n\r\n"
-                                 b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    def answer(self, head: bytes) -> bytes:
+        return (b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n"
+                b"Connection: X-Secret\r\nX-Secret: 1\r\nKeep-Alive: 5\r\n\r\n"
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 
 
 async def test_an_interim_response_loses_the_fields_its_connection_header_names() -> None:
@@ -1321,27 +1319,20 @@ async def test_an_interim_response_loses_the_fields_its_connection_header_names(
         await client.close()
 
 
-class AnnouncesTrailers(asyncio.Protocol):
+class AnnouncesTrailers(HeadAnswerer):
     """Answers each request head chunked, with a trailer field its Trailer field
     announces; keeps the heads. A chunked request body here (a line of hex digits up to
     the end of its trailer section) is passed over, not answered."""
 
     heads: list[bytes] = []
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
-        self.buf = b""
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        while b"\r\n\r\n" in self.buf:
-            head, _, self.buf = self.buf.partition(b"\r\n\r\n")
-            if head[:1].isdigit():
-                continue  # a chunked body, to the end of its trailer section
-            AnnouncesTrailers.heads.append(head)
-            self.transport.write(b"HTTP/1.1 200 OK\r\nTrailer: X-Checksum\r\n"
-                                 b"Transfer-Encoding: chunked\r\n\r\n"
-                                 b"2\r\nok\r\n0\r\nX-Checksum: abc\r\n\r\n")
+    def answer(self, head: bytes) -> bytes | None:
+        if head[:1].isdigit():
+            return None  # a chunked body, to the end of its trailer section
+        AnnouncesTrailers.heads.append(head)
+        return (b"HTTP/1.1 200 OK\r\nTrailer: X-Checksum\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n"
+                b"2\r\nok\r\n0\r\nX-Checksum: abc\r\n\r\n")
 
 
 async def test_the_trailer_field_goes_on_with_the_trailer_section() -> None:
@@ -1365,22 +1356,15 @@ async def test_the_trailer_field_goes_on_with_the_trailer_section() -> None:
         await old.close()
 
 
-class AmbiguousChunked(asyncio.Protocol):
+class AmbiguousChunked(HeadAnswerer):
     """Answers /tab with `Transfer-Encoding: chunked<HTAB>`, /comma with `chunked, `, any
     other path with `chunked `: a whole chunked body each, the connection kept."""
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
-        self.buf = b""
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        while b"\r\n\r\n" in self.buf:
-            head, _, self.buf = self.buf.partition(b"\r\n\r\n")
-            coding = {b"GET /tab ": b"chunked\t", b"GET /comma ": b"chunked, "}.get(
-                head[:head.index(b" ", 4) + 1], b"chunked ")
-            self.transport.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + coding +
-                                 b"\r\n\r\n2\r\nok\r\n0\r\n\r\n")
+    def answer(self, head: bytes) -> bytes:
+        coding = {b"GET /tab ": b"chunked\t", b"GET /comma ": b"chunked, "}.get(
+            head[:head.index(b" ", 4) + 1], b"chunked ")
+        return (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + coding +
+                b"\r\n\r\n2\r\nok\r\n0\r\n\r\n")
 
 
 async def test_a_response_llhttp_would_frame_otherwise_is_a_502() -> None:
