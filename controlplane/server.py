@@ -20,7 +20,13 @@ from controlplane.metrics import ControllerMetrics
 from controlplane.stream import StreamHub
 from mcsproxy.config import WebLimits, is_loopback
 from mcsproxy.tokenfile import TokenFile
-from mcsproxy.webguard import ConnectionGuard, harden_for_browsers, refuse_cross_site, serve
+from mcsproxy.webguard import (
+    ConnectionGuard,
+    harden_for_browsers,
+    refuse_cross_site,
+    refuse_without_token,
+    serve,
+)
 
 log = logging.getLogger("controlplane.server")
 
@@ -71,10 +77,8 @@ class ControllerServer:
         self.controller = self.hub = None
 
     def _refuse_without_token(self, request: web.Request) -> None:
-        if self.token is not None and not self.token.admits(
-                request.headers.get("Authorization")):
-            raise web.HTTPUnauthorized(text="a bearer token is required (--serve-token-file)\n",
-                                       headers={"WWW-Authenticate": "Bearer"})
+        if self.token is not None:
+            refuse_without_token(self.token, request, "--serve-token-file")
 
     async def _stream(self, request: web.Request) -> web.StreamResponse:
         self._refuse_without_token(request)

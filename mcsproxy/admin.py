@@ -34,6 +34,7 @@ from mcsproxy.webguard import (
     ConnectionGuard,
     harden_for_browsers,
     refuse_cross_site,
+    refuse_without_token,
     serve,
 )
 
@@ -437,10 +438,8 @@ def token_required(token: TokenFile) -> Middleware:
             request: web.Request,
             handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
     ) -> web.StreamResponse:
-        if request.path not in OPEN_PATHS and not token.admits(
-                request.headers.get("Authorization")):
-            raise web.HTTPUnauthorized(text="a bearer token is required (--admin-token-file)\n",
-                                       headers={"WWW-Authenticate": "Bearer"})
+        if request.path not in OPEN_PATHS:
+            refuse_without_token(token, request, "--admin-token-file")
         return await handler(request)
 
     return require_token

@@ -29,6 +29,7 @@ from aiohttp import web
 from mcsproxy.clientcounts import ClientCounts, client_share
 from mcsproxy.config import WebLimits, listen_error
 from mcsproxy.loglimit import LogLimit
+from mcsproxy.tokenfile import TokenFile
 
 log = logging.getLogger("mcsproxy.webguard")
 
@@ -247,6 +248,13 @@ async def serve(app: web.Application, listen: tuple[str, int], guard: Connection
         await runner.cleanup()
         raise
     return runner, site.bound
+
+
+def refuse_without_token(token: TokenFile, request: web.Request, flag: str) -> None:
+    """401 naming `flag` unless the request carries `token` as its bearer token."""
+    if not token.admits(request.headers.get("Authorization")):
+        raise web.HTTPUnauthorized(text=f"a bearer token is required ({flag})\n",
+                                   headers={"WWW-Authenticate": "Bearer"})
 
 
 def harden_for_browsers(app: web.Application) -> web.Application:
