@@ -4,7 +4,8 @@
 #
 # Runs as a non-root user and writes nothing outside /tmp, so it works with
 # readOnlyRootFilesystem (deploy/ mounts an emptyDir on /tmp). Dependencies are installed
-# at the exact versions in deploy/constraints.txt.
+# at the exact versions in deploy/constraints.txt, and the package is built (mypyc) by the
+# exact pip, setuptools and mypy in deploy/build-constraints.txt.
 
 FROM python:3.11-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 \
@@ -16,8 +17,10 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # Dependencies first, so a code change does not reinstall them.
-COPY deploy/constraints.txt deploy/constraints.txt
+COPY deploy/constraints.txt deploy/build-constraints.txt deploy/
+# The base image's pip may predate --build-constraint (pip 25.3): the pinned one first.
 RUN python -m venv /opt/mcsproxy \
+ && /opt/mcsproxy/bin/pip install -c deploy/build-constraints.txt pip \
  && /opt/mcsproxy/bin/pip install -r deploy/constraints.txt
 COPY pyproject.toml setup.py README.md ./
 COPY mcsproxy mcsproxy
@@ -27,7 +30,7 @@ COPY controlplane controlplane
 # that deploy/constraints.txt does not provide. The last check fails the build if the
 # data path did not come out compiled. pip and setuptools leave the venv last: nothing
 # imports them at run time, and the image is 25 MB smaller with no installer in it.
-RUN /opt/mcsproxy/bin/pip install --no-deps . \
+RUN /opt/mcsproxy/bin/pip install --no-deps --build-constraint deploy/build-constraints.txt . \
  && /opt/mcsproxy/bin/pip check \
  && /opt/mcsproxy/bin/mcsproxy --help >/dev/null \
  && cd / && /opt/mcsproxy/bin/python -c 'import mcsproxy.compiled as c; assert c.STATE == "compiled", c.REASON' \

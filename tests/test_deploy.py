@@ -1150,9 +1150,9 @@ def test_args_check_rejects_an_unknown_flag() -> None:
 
 # ---------------------------------------------------------------- image and pinned deps
 
-def _constraints() -> dict[str, str]:
+def _constraints(name: str = "constraints.txt") -> dict[str, str]:
     pins = {}
-    for line in (DEPLOY / "constraints.txt").read_text().splitlines():
+    for line in (DEPLOY / name).read_text().splitlines():
         if line and not line.startswith("#"):
             name, _, version = line.partition("==")
             pins[canonicalize_name(name)] = version
@@ -1169,6 +1169,24 @@ def test_image_pins_every_runtime_dependency_within_its_range() -> None:
         assert name in pins, f"{req.name} is not pinned in deploy/constraints.txt; {hint}"
         assert req.specifier.contains(pins[name], prereleases=True), \
             f"{req.name}=={pins[name]} is outside {req.specifier}; {hint}"
+
+
+def test_image_build_pins_every_build_requirement_within_its_range() -> None:
+    """The mypyc that compiles the image's data path is the one the tests ran against,
+    and the pinned pip knows --build-constraint, which the Dockerfile passes."""
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    pins = _constraints("build-constraints.txt")
+    hint = "regenerate with .venv/bin/python deploy/pin_constraints.py"
+    for raw in [*requires, "pip>=25.3"]:
+        req = Requirement(raw)
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req.name} is not pinned in deploy/build-constraints.txt; {hint}"
+        assert req.specifier.contains(pins[name], prereleases=True), \
+            f"{req.name}=={pins[name]} is outside {req.specifier}; {hint}"
+    text = (ROOT / "Dockerfile").read_text()
+    assert "pip install -c deploy/build-constraints.txt pip" in text
+    assert re.search(r"pip install --no-deps --build-constraint deploy/build-constraints\.txt \.",
+                     text)
 
 
 def test_image_pins_are_closed_under_their_requirements() -> None:
