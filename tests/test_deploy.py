@@ -863,12 +863,23 @@ def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
     return True
 
 
+def _port_matches(rule_port: dict[str, Any], named: dict[str, int], port: int,
+                  protocol: str) -> bool:
+    """One entry of a NetworkPolicy rule's `ports`: a number or a container port's name,
+    a range up to `endPort`, TCP unless it says otherwise."""
+    if rule_port.get("protocol", "TCP") != protocol:
+        return False
+    first = named.get(rule_port["port"], rule_port["port"])
+    return first <= port <= rule_port.get("endPort", first)
+
+
 def _ingress_admitted(docs: Any, target: dict[str, Any], source_ns: str,
-                      source_labels: dict[str, str], port: int) -> bool:
+                      source_labels: dict[str, str], port: int,
+                      protocol: str = "TCP") -> bool:
     """NetworkPolicy ingress semantics for a pod-network client of `target` (a workload):
     no policy selecting the target's pods admits everything; otherwise one rule of one
     policy must admit the client's pod (podSelector alone: the policy's namespace) and
-    the port (by number or by the container port's name)."""
+    the port (by number, range or the container port's name)."""
     pod = target["spec"]["template"]
     ns = target["metadata"]["namespace"]
     named = {p["name"]: p["containerPort"] for c in containers(target)
@@ -883,7 +894,7 @@ def _ingress_admitted(docs: Any, target: dict[str, Any], source_ns: str,
     for policy in policies:
         for rule in policy["spec"].get("ingress", ()):
             ports = rule.get("ports")
-            if ports is not None and not any(named.get(p["port"], p["port"]) == port
+            if ports is not None and not any(_port_matches(p, named, port, protocol)
                                              for p in ports):
                 continue
             peers = rule.get("from")
@@ -919,6 +930,32 @@ def test_controller_port_admits_only_gateways_and_prometheus() -> None:
     # Every overlay that runs the controller renders the policy with it.
     kustomization = load_docs((DEPLOY / "base/controller/kustomization.yaml").read_text())[0]
     assert "networkpolicy.yaml" in kustomization["resources"]
+
+
+def test_gateway_admin_policy_closes_only_the_admin_port() -> None:
+    """overlays/gateway-deployment puts the admin listener (every service, endpoint and
+    flag on /config_dump) on the pod IP. The opt-in component admits Prometheus alone to
+    it and leaves every other port, TCP and UDP, open to every pod: DNS and the
+    proxied ClusterSetIP ports, which can be any port."""
+    component = DEPLOY / "components/gateway-admin-policy"
+    kustomization = load_docs((component / "kustomization.yaml").read_text())[0]
+    assert kustomization["kind"] == "Component"
+    policies = [doc for name in kustomization["resources"]
+                for doc in file_docs(component / name)]
+    gateway = file_docs(DEPLOY / "overlays/gateway-deployment/deployment.yaml")[0]
+    docs = [*file_docs(DEPLOY / "overlays/gateway-deployment/deployment.yaml"), *policies]
+    # Without the component nothing selects the gateway pods: the admin port is open.
+    assert _ingress_admitted([gateway], gateway, "default", {"app": "web"}, 9901)
+    prometheus = {"app.kubernetes.io/name": "prometheus"}
+    assert _ingress_admitted(docs, gateway, "monitoring", prometheus, 9901)
+    for ns, labels in (("default", {"app": "web"}), (NAMESPACE, {"app": "debug"}),
+                       ("tenant-a", prometheus)):
+        assert not _ingress_admitted(docs, gateway, ns, labels, 9901), (ns, labels)
+        for port, protocol in ((9953, "UDP"), (9953, "TCP"), (1, "TCP"), (80, "TCP"),
+                               (9900, "TCP"), (9902, "TCP"), (65535, "TCP"),
+                               (9901, "UDP"), (53, "UDP")):
+            assert _ingress_admitted(docs, gateway, ns, labels, port, protocol), \
+                (ns, labels, port, protocol)
 
 
 def test_example_member_secrets_are_read_by_the_controller() -> None:
