@@ -179,6 +179,12 @@ class ClusterSetIPAllocator:
         those not at their first address when a key went, `displaced_only`)."""
         candidates = self._displaced if displaced_only else self._rank.keys()
         later = sorted((self._rank[k], k) for k in candidates if self._rank[k] >= rank)
+        bare = next((r for r, k in later if not self._by_key.get(k)), None)
+        if displaced_only and bare is not None:
+            # A key left without any address (one family's range was full: ensure gives
+            # all or none) may want back another family's address a newer key took as its
+            # first; so from it on, every key is placed again.
+            later = sorted({*later, *((r, k) for k, r in self._rank.items() if r >= bare)})
         before = {k: self._by_key.get(k, ()) for _, k in later}
         for _, key in later:
             self.release(key)

@@ -876,38 +876,44 @@ def test_import_written_is_accepted_by_the_gateway_validation() -> None:
             assert parse_service_import(obj).clusters == ("a", "b")
 
 
-def _ranked_from_scratch(cidrs: str, ranked: dict[ServiceKey, str],
-                         ) -> dict[ServiceKey, tuple[str, ...]]:
+Ranked = dict[ServiceKey, tuple[str, tuple[str, ...]]]  # key → (created, ipFamilies)
+FAMILY_CHOICES = [(), ("IPv4",), ("IPv6",), ("IPv6", "IPv4"), ("IPv4", "IPv6")]
+
+
+def _ranked_from_scratch(cidrs: str, ranked: Ranked) -> dict[ServiceKey, tuple[str, ...]]:
     fresh = ClusterSetIPAllocator(parse_cidrs(cidrs), hold_released=False)
     out = {}
-    for _, key in sorted((c, k) for k, c in ranked.items()):
+    for _, key in sorted((created, k) for k, (created, _) in ranked.items()):
         try:
-            out[key] = fresh.ensure(key, ())
+            out[key] = fresh.ensure(key, ranked[key][1])
         except AllocationError:
             out[key] = ()
     return out
 
 
-def test_ranked_placement_is_a_function_of_the_services_not_their_order() -> None:
+@pytest.mark.parametrize("cidrs", ["127.241.0.0/29", "127.241.0.0/29,fd00:241::/126"])
+def test_ranked_placement_is_a_function_of_the_services_not_their_order(cidrs: str) -> None:
     """What the gateway's Karmada services get (ClusterSetIPAllocator.place): after any
     sequence of arrivals, re-datings and departures, each key has exactly what a fresh
     allocator would give the services that remain, oldest first; a /29 (5 usable) for 7
-    keys makes collisions and a full range certain."""
-    cidrs = "127.241.0.0/29"
+    keys makes collisions and a full range certain. Dual-stack: a key left without an
+    address by a full IPv6 range (ensure gives all families or none) used to find its
+    IPv4 address taken for good by a newer key once IPv6 had room again."""
     keys = [ServiceKey("ns", f"svc{i}") for i in range(7)]
+    choices = FAMILY_CHOICES if "," in cidrs else [()]
     for seed in range(200):
         rnd = random.Random(seed)
         allocator = ClusterSetIPAllocator(parse_cidrs(cidrs), hold_released=False)
-        ranked: dict[ServiceKey, str] = {}
+        ranked: Ranked = {}
         for _ in range(30):
             key = rnd.choice(keys)
             if key in ranked and rnd.random() < 0.4:
                 moved = allocator.unplace(key)
                 del ranked[key]
             else:
-                ranked[key] = f"2024-01-{rnd.randint(1, 9):02d}"
+                ranked[key] = (f"2024-01-{rnd.randint(1, 9):02d}", rnd.choice(choices))
                 try:
-                    _, moved = allocator.place(key, (), ranked[key])
+                    _, moved = allocator.place(key, ranked[key][1], ranked[key][0])
                 except AllocationError:
                     moved = set()
             expected = _ranked_from_scratch(cidrs, ranked)
