@@ -25,11 +25,18 @@ address from its hash. A new service ranked last (the usual: just created) moves
 one ranked before others (an old Service made cross-cluster) or one that goes re-places
 those ranked after it, which may move one that hashed to the same slot. Nothing is held:
 a hold lives in one process only, and a gateway started later would not know it.
+Addresses held outside the allocator (`foreign_changed`: the ClusterSetIPs of real
+ServiceImports, written by an MCS controller from the same range, and of every other
+import the gateway serves) are taken for every ranked key, as a ServiceImport wins its
+name: one that arrives on a ranked key's address moves that key on, and one that goes
+lets the oldest key that would have had it take it, so the addresses stay a function of
+the services and the foreign addresses that exist, whatever order they came in.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import ipaddress
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -85,6 +92,8 @@ class ClusterSetIPAllocator:
         self._families: dict[ServiceKey, tuple[str, ...]] = {}
         self._last_rank: tuple[str, ServiceKey] | None = None
         self._displaced: set[ServiceKey] = set()  # ranked, not at their probe's first address
+        # Usable addresses imports this allocator did not make hold, and how many hold each.
+        self._foreign: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._owner)
@@ -101,7 +110,8 @@ class ClusterSetIPAllocator:
             except ValueError:
                 continue
             pool = self.pools.get(ip.version)
-            if pool is None or ip not in pool or str(ip) in self._owner:
+            if (pool is None or ip not in pool or str(ip) in self._owner
+                    or str(ip) in self._foreign):
                 continue
             if any(ipaddress.ip_address(k).version == ip.version for k in kept):
                 continue
@@ -114,12 +124,7 @@ class ClusterSetIPAllocator:
     def ensure(self, key: ServiceKey, families: Iterable[str]) -> tuple[str, ...]:
         """The key's addresses for `families`, in their order, the Service's primary family
         first (those with a pool; else the first pool)."""
-        versions = {name: v for v, name in FAMILY_NAMES.items()}
-        wanted = list(dict.fromkeys(versions[f] for f in families  # raw input: any type
-                                    if isinstance(f, str) and f in versions
-                                    and versions[f] in self.pools))
-        if not wanted:
-            wanted = [min(self.pools)]
+        wanted = self._versions(families)
         current = {ipaddress.ip_address(ip).version: ip for ip in self._by_key.get(key, ())}
         # Every missing family's address found before any is taken: a dual-stack service
         # whose second range is full must not keep the first's address it got meanwhile.
@@ -132,6 +137,14 @@ class ClusterSetIPAllocator:
             self._free(dropped, key)
         self._by_key[key] = tuple(result)
         return self._by_key[key]
+
+    def _versions(self, families: Iterable[str]) -> list[int]:
+        """The IP versions `ensure` gives addresses of for `families`, in their order."""
+        versions = {name: v for v, name in FAMILY_NAMES.items()}
+        wanted = list(dict.fromkeys(versions[f] for f in families  # raw input: any type
+                                    if isinstance(f, str) and f in versions
+                                    and versions[f] in self.pools))
+        return wanted or [min(self.pools)]
 
     def place(self, key: ServiceKey, families: Iterable[str], created: str,
               ) -> tuple[tuple[str, ...], set[ServiceKey]]:
@@ -164,6 +177,117 @@ class ClusterSetIPAllocator:
         # (10,000 services in a /16, the oldest going: 780 re-placed in 16 ms CPU, not all
         # 10,000 in 58 ms).
         return self._replace_from(rank, displaced_only=True) if rank is not None else set()
+
+    def foreign_changed(self, old: Iterable[str], new: Iterable[str]) -> set[ServiceKey]:
+        """An import this allocator did not make holds `new` instead of `old` (either may
+        be empty): the ranked keys whose addresses changed (see the module doc). Several
+        imports may hold one address (counted): it is free again when the last one goes."""
+        # Those that come first, those that go after: each step leaves what a fresh
+        # placement would give (_push_out counts on no address being freed meanwhile).
+        moved: set[ServiceKey] = set()
+        for ip in self._in_pools(new):
+            self._foreign[ip] = self._foreign.get(ip, 0) + 1
+            owner = self._owner.get(ip)
+            if self._foreign[ip] == 1 and owner is not None and owner in self._rank:
+                moved |= self._push_out(owner, ip)
+        gone = []
+        for ip in self._in_pools(old):
+            count = self._foreign.get(ip, 0) - 1
+            if count > 0:
+                self._foreign[ip] = count
+            elif self._foreign.pop(ip, None) is not None:
+                gone.append(ip)
+        return moved | self._offer(gone) if gone else moved
+
+    def _in_pools(self, ips: Iterable[str]) -> list[str]:
+        """Of `ips`, those `_find` could hand out, as `_owner` spells them."""
+        usable = []
+        for text in ips:
+            try:
+                ip = ipaddress.ip_address(text)
+            except ValueError:
+                continue
+            if self._usable(ip):
+                usable.append(str(ip))
+        return usable
+
+    def _push_out(self, key: ServiceKey, ip: str) -> set[ServiceKey]:
+        """`ip`, ranked `key`'s, is held outside now: `key` takes the next address of its
+        probe that is neither held outside nor an older key's, and a newer key on that
+        one moves on likewise, oldest first. No address is freed on the way, so no other
+        key can want to move: a few probes per collision, where placing again every key
+        ranked after `key` costs tens of ms each at 10,000 services (and a ServiceImport
+        list that arrives after the Karmada services collides with hundreds of them when
+        both come from one /16)."""
+        version = ipaddress.ip_address(ip).version
+        moved: set[ServiceKey] = set()
+        del self._owner[ip]
+        pending = [(self._rank[key], key)]
+        while pending:
+            # Each key in `pending` still lists the address it lost (`release` frees only
+            # what a key owns), to be replaced in place: its families keep their order.
+            rank, moving = heapq.heappop(pending)
+            moved.add(moving)
+            target = self._first_free(moving, version, rank)
+            if target is None:
+                # Its range is full: what the keys from it on get is decided as a fresh
+                # placement decides it (one may be left without an address).
+                return moved | self._replace_from(rank)
+            pushed = self._owner.get(target)
+            if pushed is not None:
+                heapq.heappush(pending, (self._rank[pushed], pushed))
+            self._owner[target] = moving
+            self._by_key[moving] = tuple(
+                target if ipaddress.ip_address(a).version == version else a
+                for a in self._by_key[moving])
+            self._note_displaced(moving)
+        return moved
+
+    def _first_free(self, key: ServiceKey, version: int,
+                    rank: tuple[str, ServiceKey]) -> str | None:
+        """The first address of `key`'s probe that a fresh ranked placement would give it:
+        not held outside, nor by a key ranked before it (nor held for another)."""
+        for ip in self._probe(key, version):
+            if ip in self._foreign or ip in self._held:
+                continue
+            owner = self._owner.get(ip)
+            if owner is None or (owner in self._rank and self._rank[owner] > rank):
+                return ip
+        return None
+
+    def _offer(self, ips: list[str]) -> set[ServiceKey]:
+        """`ips` are no longer held outside: the displaced keys from the oldest that comes
+        to one of them in its probe before its own address are placed again (as when a key
+        goes: unplace), all of `ips` free at once (one at a time, a newer key could take
+        one an older key wants). None wants them: nothing to do, at the cost of a look at
+        each displaced key."""
+        wanting = [self._rank[k] for k in self._displaced
+                   if any(self._prefers(k, ip) for ip in ips)]
+        if not wanting:
+            return set()
+        return self._replace_from(min(wanting), displaced_only=True)
+
+    def _prefers(self, key: ServiceKey, ip: str) -> bool:
+        """Whether ranked `key` would take `ip` over its address of that family (it has
+        none: the range was full; or it wants no address of that family)."""
+        version = ipaddress.ip_address(ip).version
+        if version not in self._versions(self._families[key]):
+            return False
+        current = next((a for a in self._by_key.get(key, ())
+                        if ipaddress.ip_address(a).version == version), None)
+        if current is None:
+            return True
+        return self._probe_step(key, version, ip) < self._probe_step(key, version, current)
+
+    def _note_displaced(self, key: ServiceKey) -> None:
+        """Whether ranked `key` is at the first address of its probe in every family: no
+        address freed can give such a key a better one."""
+        ips = self._by_key.get(key, ())
+        if ips and all(ip == next(self._probe(key, ipaddress.ip_address(ip).version))
+                       for ip in ips):
+            self._displaced.discard(key)
+        else:
+            self._displaced.add(key)
 
     def _unrank(self, key: ServiceKey) -> tuple[str, ServiceKey] | None:
         rank = self._rank.pop(key, None)
@@ -242,8 +366,9 @@ class ClusterSetIPAllocator:
             self._free(ip, key)
 
     def _free(self, ip: str, key: ServiceKey) -> None:
-        if self._owner.pop(ip, None) is None:
-            return
+        if self._owner.get(ip) != key:
+            return  # another's now (_push_out gave it on before `key` was placed again)
+        del self._owner[ip]
         self._unhold(ip)
         if not self.hold_released:
             return
@@ -271,13 +396,22 @@ class ClusterSetIPAllocator:
         self._owner[ip] = key
         return ip
 
-    def _probe(self, key: ServiceKey, version: int) -> Iterator[str]:
-        """The addresses `key` tries in `version`'s pool, in order: from a hash of it on."""
+    def _probe_start(self, key: ServiceKey, version: int) -> tuple[int, int, int]:
+        """(first usable address, how many, the step `key`'s probe starts at)."""
         pool = self.pools[version]
         first = int(pool.network_address) + 1  # skip the network address
         usable = pool.num_addresses - 2  # and the broadcast (or last) one
         digest = hashlib.blake2b(str(key).encode(), digest_size=8).digest()
-        start = int.from_bytes(digest, "big") % usable
+        return first, usable, int.from_bytes(digest, "big") % usable
+
+    def _probe_step(self, key: ServiceKey, version: int, ip: str) -> int:
+        """How far into `key`'s probe `ip` comes (0: the first address it tries)."""
+        first, usable, start = self._probe_start(key, version)
+        return (int(ipaddress.ip_address(ip)) - first - start) % usable
+
+    def _probe(self, key: ServiceKey, version: int) -> Iterator[str]:
+        """The addresses `key` tries in `version`'s pool, in order: from a hash of it on."""
+        first, usable, start = self._probe_start(key, version)
         for step in range(usable):
             value = first + (start + step) % usable
             if version == 4 and value & 0xFF in (0, 255):
@@ -289,8 +423,7 @@ class ClusterSetIPAllocator:
         probe in every family: no service going can give such a key a better one."""
         self._displaced.add(key)  # until it has its addresses
         ips = self.ensure(key, self._families[key])
-        if all(ip == next(self._probe(key, ipaddress.ip_address(ip).version)) for ip in ips):
-            self._displaced.discard(key)
+        self._note_displaced(key)
         return ips
 
     def _find(self, key: ServiceKey, version: int) -> str:
@@ -300,10 +433,10 @@ class ClusterSetIPAllocator:
                 return ip  # exported again: its own address back
         pool = self.pools[version]
         for ip in self._probe(key, version):
-            if ip not in self._owner and ip not in self._held:
+            if ip not in self._owner and ip not in self._held and ip not in self._foreign:
                 return ip
         for ip in self._held:  # nothing else is free: the longest released goes first
-            if ipaddress.ip_address(ip).version == version:
+            if ipaddress.ip_address(ip).version == version and ip not in self._foreign:
                 return ip
         usable = pool.num_addresses - 2
         raise AllocationError(f"--clusterset-cidr {pool} is full ({usable} addresses)")

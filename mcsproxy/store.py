@@ -36,6 +36,8 @@ class ObjectId(NamedTuple):
 
 Spec = ImportSpec | SliceSpec
 Subscriber = Callable[[Snapshot], None]
+# (object, the ClusterSetIPs it held, those it holds now): see watch_addresses.
+AddressWatcher = Callable[[ObjectId, tuple[str, ...], tuple[str, ...]], None]
 
 BUCKETS: Final = 1024  # a power of two; at 1M services a touched bucket is ~1000 entries
 _MASK: Final = BUCKETS - 1
@@ -155,6 +157,7 @@ class SnapshotStore:
     )
     _dirty: set[ServiceKey] = field(default_factory=set)
     _subscribers: list[Subscriber] = field(default_factory=list)
+    _address_watchers: list[AddressWatcher] = field(default_factory=list)
     loaded: asyncio.Event = field(default_factory=asyncio.Event)
 
     # -- sources ---------------------------------------------------------------------
@@ -173,6 +176,8 @@ class SnapshotStore:
         index = self._imports_by_key if isinstance(spec, ImportSpec) else self._slices_by_key
         index[spec.key].add(oid)
         self._dirty.add(spec.key)
+        if self._address_watchers:
+            self._addresses_changed(oid, old, spec)
         return old is None
 
     def delete(self, oid: ObjectId) -> bool:
@@ -181,7 +186,27 @@ class SnapshotStore:
         if old is None:
             return False
         self._unindex(oid, old)
+        if self._address_watchers:
+            self._addresses_changed(oid, old, None)
         return True
+
+    def watch_addresses(self, watcher: AddressWatcher) -> None:
+        """Call `watcher(oid, old ips, new ips)` whenever an import's ClusterSetIPs change
+        (it appears, moves or goes), whichever source wrote it; at once for each import
+        held now. For a source that allocates addresses itself (the kube source's Karmada
+        services): an address another import holds is not its to give. The watcher runs
+        inside upsert/delete, the object already in place, and may write to the store."""
+        self._address_watchers.append(watcher)
+        for oid, spec in list(self._objects.items()):
+            if isinstance(spec, ImportSpec) and spec.ips:
+                watcher(oid, (), spec.ips)
+
+    def _addresses_changed(self, oid: ObjectId, old: Spec | None, new: Spec | None) -> None:
+        before = old.ips if isinstance(old, ImportSpec) else ()
+        after = new.ips if isinstance(new, ImportSpec) else ()
+        if before != after:
+            for watcher in self._address_watchers:
+                watcher(oid, before, after)
 
     def replace_source(self, source: str, objects: dict[ObjectId, Spec]) -> None:
         """Make `objects` the whole content of `source`: what is missing is deleted."""

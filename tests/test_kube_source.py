@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 from kubernetes_asyncio.client import CoreV1Api, CustomObjectsApi, DiscoveryV1Api
 
+from mcsproxy.manifests import parse_service_import
 from mcsproxy.model import ServiceKey
 from mcsproxy.sources.kube import KubeSource
 from mcsproxy.sources.kube_watch import WatchTimings
-from mcsproxy.store import SnapshotStore
+from mcsproxy.store import ObjectId, SnapshotStore
 from tests.kube_emulator import KubeEmulator
 
 MCS = "multicluster.x-k8s.io"
@@ -788,6 +789,70 @@ async def test_karmada_service_pushed_out_of_a_full_range_is_withdrawn(
         served = {n: svc.ips for n in names
                   if (svc := run.store.current.get("test", n)) is not None}
         assert "svc6" not in served and len(set(served.values())) == 6
+
+
+async def test_karmada_service_leaves_a_service_imports_address_in_every_gateway(
+        emu: KubeEmulator, tmp_path: Path) -> None:
+    """An MCS controller writes ServiceImports from the range the gateway allocates
+    Karmada's services from (127.240.0.0/16 for both, by default): kweb hashes to .3 of the
+    /29, which a ServiceImport then takes. kweb kept .3, so the gateway answered both
+    names with one address and one listener served both. A ServiceImport wins: kweb moves
+    on in a running gateway and in one started later alike, and back when the import
+    goes; a MultiClusterService's import (our own) is no obstacle."""
+    cidr = "127.240.7.0/29"
+    kweb = ServiceKey("test", "kweb")
+
+    def addresses(run: Running) -> dict[str, tuple[str, ...]]:
+        return {str(k): svc.ips for k, svc in run.store.current.services.items()}
+
+    emu.put_object(dated_service("kweb", 1))
+    emu.put_object(karmada_slice("member1", "kweb-a", "kweb", ["10.11.0.1"]))
+    async with running(emu, tmp_path, clusterset_cidr=cidr) as early:
+        assert addresses(early) == {"test/kweb": ("127.240.7.3",)}  # its hash's slot
+        emu.put_object(service_import("real", "127.240.7.3"))
+        await early.until(lambda: len(addresses(early)) == 2)
+        assert addresses(early) == {"test/kweb": ("127.240.7.4",),
+                                    "test/real": ("127.240.7.3",)}
+        async with running(emu, tmp_path, clusterset_cidr=cidr) as late:
+            assert addresses(late) == addresses(early)
+            emu.delete_object("serviceimports.multicluster.x-k8s.io", "real", "test")
+            for run in (early, late):
+                await run.until(lambda r=run: addresses(r) == {"test/kweb": ("127.240.7.3",)})
+        assert early.endpoints(kweb) == [("member1", "10.11.0.1")]
+
+
+async def test_karmada_service_moves_for_an_import_that_arrives_in_a_relist(
+        emu: KubeEmulator, tmp_path: Path) -> None:
+    """The other order inside one gateway: Karmada's services placed first, the
+    ServiceImports (one on kweb's address, one on a free one) arrive in a relist after
+    410; and an import another source put in the shared store before the kube source
+    started (svc1's slot, .1) is no Karmada service's either."""
+    cidr = "127.240.7.0/29"
+    store = SnapshotStore("east")
+    other = parse_service_import(service_import("filed", "127.240.7.1", namespace="other"))
+    store.upsert(ObjectId("file:/etc/mcs", "ServiceImport", "other", "filed"), other)
+    emu.put_object(dated_service("kweb", 1))
+    emu.put_object(karmada_slice("member1", "kweb-a", "kweb", ["10.11.0.1"]))
+    emu.put_object(dated_service("svc1", 2))
+    emu.put_object(karmada_slice("member1", "svc1-a", "svc1", ["10.11.0.2"]))
+    source = KubeSource("east", kubeconfig=str(emu.kubeconfig(tmp_path / "kubeconfig")),
+                        timings=FAST, clusterset_cidr=cidr)
+    async with started(emu, source, store) as run:
+        def ips(name: str) -> tuple[str, ...]:
+            svc = run.store.current.get("test", name)
+            return svc.ips if svc is not None else ()
+
+        await run.until(lambda: bool(ips("kweb") and ips("svc1")))
+        assert (ips("kweb"), ips("svc1")) == (("127.240.7.3",), ("127.240.7.2",))
+        emu.hang()
+        emu.drop_watches()
+        emu.put_object(service_import("real", "127.240.7.3"))
+        emu.put_object(service_import("spare", "127.240.7.6"))
+        emu.expire_history()
+        emu.hang(False)
+        await run.until(lambda: ips("real") == ("127.240.7.3",))
+        assert (ips("kweb"), ips("svc1")) == (("127.240.7.4",), ("127.240.7.2",))
+        assert source.reflectors[0].relists_gone >= 1
 
 
 async def test_without_karmada_the_source_still_syncs(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
+from collections.abc import Iterable
 from typing import Any
 
 import pytest
@@ -880,8 +881,11 @@ Ranked = dict[ServiceKey, tuple[str, tuple[str, ...]]]  # key → (created, ipFa
 FAMILY_CHOICES = [(), ("IPv4",), ("IPv6",), ("IPv6", "IPv4"), ("IPv4", "IPv6")]
 
 
-def _ranked_from_scratch(cidrs: str, ranked: Ranked) -> dict[ServiceKey, tuple[str, ...]]:
+def _ranked_from_scratch(cidrs: str, ranked: Ranked, foreign: Iterable[tuple[str, ...]] = (),
+                         ) -> dict[ServiceKey, tuple[str, ...]]:
     fresh = ClusterSetIPAllocator(parse_cidrs(cidrs), hold_released=False)
+    for ips in foreign:
+        fresh.foreign_changed((), ips)
     out = {}
     for _, key in sorted((created, k) for k, (created, _) in ranked.items()):
         try:
@@ -921,3 +925,49 @@ def test_ranked_placement_is_a_function_of_the_services_not_their_order(cidrs: s
             assert got == expected, (seed, key)
             assert not allocator.held()
             assert moved <= set(ranked)
+
+
+def test_ranked_placement_leaves_foreign_addresses_whatever_the_order() -> None:
+    """Addresses imports the allocator did not make hold (real ServiceImports, another
+    source's) are no ranked key's: after any sequence of keys and such imports coming,
+    moving and going, each key has what a fresh allocator that saw the imports first gives
+    it, no two hold one address, and `moved` names every key whose addresses changed.
+    Dual-stack, two imports on one address; a /29 makes collisions and a full range
+    certain."""
+    cidrs = "127.241.0.0/29,fd00:241::/125"
+    keys = [ServiceKey("ns", f"svc{i}") for i in range(7)]
+    pool = [f"127.241.0.{i}" for i in range(1, 7)] + [f"fd00:241::{i}" for i in range(1, 7)]
+    for seed in range(150):
+        rnd = random.Random(seed)
+        allocator = ClusterSetIPAllocator(parse_cidrs(cidrs), hold_released=False)
+        ranked: Ranked = {}
+        imports: dict[int, tuple[str, ...]] = {}  # import → the addresses it holds
+        for step in range(40):
+            before = {k: allocator.get(k) for k in ranked}
+            full = False
+            if rnd.random() < 0.4:
+                which = rnd.randrange(4)
+                old = imports.pop(which, ())
+                new = tuple(rnd.sample(pool, rnd.randint(0, 2))) if rnd.random() < 0.7 else ()
+                if new:
+                    imports[which] = new
+                moved = allocator.foreign_changed(old, new)
+            else:
+                key = rnd.choice(keys)
+                if key in ranked and rnd.random() < 0.4:
+                    moved = allocator.unplace(key)
+                    del ranked[key]
+                else:
+                    ranked[key] = (f"2024-01-{rnd.randint(1, 9):02d}", rnd.choice(FAMILY_CHOICES))
+                    try:
+                        _, moved = allocator.place(key, ranked[key][1], ranked[key][0])
+                    except AllocationError:
+                        moved, full = set(), True  # what else moved is not told
+                    moved.add(key)
+            got = {k: allocator.get(k) for k in ranked}
+            assert got == _ranked_from_scratch(cidrs, ranked, imports.values()), (seed, step)
+            changed = {k for k in ranked if before.get(k, ()) != got[k]}
+            assert full or changed <= moved, (seed, step)
+            taken = [ip for ips in got.values() for ip in ips]
+            held = {ip for ips in imports.values() for ip in ips}
+            assert len(taken) == len(set(taken)) and not held & set(taken)

@@ -74,6 +74,21 @@ def test_delete_and_replace_source(store: SnapshotStore) -> None:
     assert set(snap.services) == {KEY} and snap.changed == {OTHER}
 
 
+def test_address_watchers_see_every_imports_addresses_come_move_and_go(
+        store: SnapshotStore) -> None:
+    seen: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = []
+    store.watch_addresses(lambda o, old, new: seen.append((o.name, old, new)))
+    assert sorted(seen) == [("api", (), ("127.240.0.2",)), ("web", (), ("127.240.0.1",))]
+    seen.clear()
+    store.upsert(oid("ServiceImport", "web"), replace(imp(KEY), clusters=("a",)))  # same ips
+    store.upsert(oid("EndpointSlice", "web-b"), slc(KEY, "cluster-b", "10.1.0.1"))
+    store.upsert(oid("ServiceImport", "web"), imp(KEY, ("127.240.0.9",)))
+    store.upsert(oid("ServiceImport", "new", "s2"), imp(OTHER, ("127.240.0.3",)))
+    store.delete(oid("ServiceImport", "api"))
+    assert seen == [("web", ("127.240.0.1",), ("127.240.0.9",)),
+                    ("new", (), ("127.240.0.3",)), ("api", ("127.240.0.2",), ())]
+
+
 def test_a_slice_without_its_import_serves_nothing(store: SnapshotStore) -> None:
     store.delete(oid("ServiceImport", "web"))
     snap = store.commit()

@@ -241,6 +241,9 @@ class KubeSource:
                                        changed=self.changed, reject=self.reject,
                                        failed=self._listed_object_failed)
         self.karmada.on_first_service = self._start_services
+        # Every import's address (ServiceImports, other sources'), Karmada's excepted, is
+        # taken for Karmada's services.
+        store.watch_addresses(self.karmada.foreign_addresses)
         try:
             self._api = await self._client(status)
             k = self.karmada

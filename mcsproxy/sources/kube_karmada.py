@@ -63,7 +63,11 @@ service like a ServiceImport would, from what a member really has:
   gateway at once (it used to keep the slot until its gateway restarted, while gateways
   started meanwhile gave the slot to the older one: a name resolved by one gateway led
   to another service through the next). A released address is not held (a hold lives in
-  one process only).
+  one process only). The addresses every other import in the store holds (ServiceImports
+  an MCS controller wrote from the same range, other sources' imports) are taken
+  (`foreign_addresses`, by SnapshotStore.watch_addresses): a Karmada service on one moves
+  on when it arrives, and back when it goes, as a fresh placement would give (a
+  ServiceImport wins the address as it wins the name).
 
 The import goes through mcsproxy.manifests like every other object, so a Service whose
 ports do not validate is rejected with the same messages. Each change costs work for its
@@ -597,6 +601,17 @@ class KarmadaServices:
             self.real_imports.discard(key)
         if key in self._keys():
             self.refresh(key)
+
+    def foreign_addresses(self, oid: ObjectId, old: tuple[str, ...],
+                          new: tuple[str, ...]) -> None:
+        """SnapshotStore.watch_addresses: an import that is not Karmada's (a ServiceImport
+        an MCS controller wrote, or another source's) holds `new` instead of `old`. No
+        Karmada service may have those: one on such an address moves, as a ServiceImport
+        wins its name too (they shared it: one listener, DNS giving both names)."""
+        if oid.source == self.source and oid.kind == KIND_IMPORT:
+            return  # ours
+        self._moved |= self.allocator.foreign_changed(old, new)
+        self._refresh_moved()
 
     def _reject(self, exc: ManifestError) -> None:
         self.reject(str(exc))
