@@ -150,23 +150,25 @@ class ClusterSetIPAllocator:
               ) -> tuple[tuple[str, ...], set[ServiceKey]]:
         """Ranked allocation (see the module doc): the key's addresses, and the other keys
         whose addresses changed (to be published again; one left without an address has
-        none in `get`). Raises AllocationError when no address is free for `key`."""
+        none in `get`). No address is free for `key` (`full_message` says so): none, and
+        it stays ranked, to get one, reported among the moved keys, once a fresh
+        placement would give it one (an older key goes, or an import elsewhere)."""
         rank, wanted = (created, key), tuple(families)
         if self._rank.get(key) == rank and self._families.get(key) == wanted:
-            # Unchanged: its addresses, or a retry of a range that was full.
-            return self._by_key.get(key) or self._ensure_ranked(key), set()
+            return self._by_key.get(key, ()), set()  # unchanged
         before = self._unrank(key)
         self._rank[key], self._families[key] = rank, wanted
         if before is None and (self._last_rank is None or rank > self._last_rank):
             self._last_rank = rank
-            return self._ensure_ranked(key), set()
+            try:
+                return self._ensure_ranked(key), set()
+            except AllocationError:
+                return (), set()  # ranked last in a full range
         self._last_rank = max(self._last_rank or rank, rank)
         # Re-ranked: those between its old and new rank may want its old address.
         moved = self._replace_from(min(rank, before or rank))
         moved.discard(key)
-        if not self._by_key.get(key):
-            raise AllocationError(self._full_message(wanted))
-        return self._by_key[key], moved
+        return self._by_key.get(key, ()), moved
 
     def unplace(self, key: ServiceKey) -> set[ServiceKey]:
         """A ranked key goes: the keys whose addresses changed as those ranked after it
@@ -319,10 +321,10 @@ class ClusterSetIPAllocator:
                 self._by_key.pop(key, None)  # ranked last in a full range: none for now
         return {k for k, ips in before.items() if self._by_key.get(k, ()) != ips}
 
-    def _full_message(self, families: Iterable[str]) -> str:
-        names = set(families)
-        pools = [p for v, p in sorted(self.pools.items()) if FAMILY_NAMES[v] in names]
-        return f"--clusterset-cidr {(pools or list(self.pools.values()))[0]} is full"
+    def full_message(self, families: Iterable[str]) -> str:
+        """Why `place` gave no address for `families` (a range of theirs is full)."""
+        names = ", ".join(str(self.pools[v]) for v in self._versions(families))
+        return f"no address free in --clusterset-cidr {names}"
 
     def held(self) -> list[tuple[str, ServiceKey, float]]:
         """(address, the service that had it, when released), longest released first."""

@@ -638,6 +638,7 @@ class KarmadaServices:
             providers = None
             wanted_here = bool(dispatched) or key in self.providing
         wanted: dict[ObjectId, Any] = {}
+        full = False  # wanted, but no address is free for it
         if wanted_here and key not in self.real_imports:
             if not self.ready:
                 # Its ports may come from a local Service not seen yet: serve nothing rather
@@ -660,13 +661,17 @@ class KarmadaServices:
                 return  # whatever was served for the key stays
             except AllocationError as exc:
                 # No address is ours: what was served (at one another may have now) goes.
+                # The key stays ranked: the allocator gives it the first address a fresh
+                # placement would, and it comes back here as moved (it was unranked, and
+                # stayed unserved while every gateway started since served it).
                 log.error("kube source: Karmada service %s not served: %s; served once an "
                           "address is free", key, exc)
+                full = True
             else:
                 wanted[ObjectId(self.source, KIND_IMPORT, key.namespace, key.name)] = spec
                 for name, slice_spec in slices.items():
                     wanted[ObjectId(self.source, KIND_SLICE, key.namespace, name)] = slice_spec
-        if not wanted:  # also one ranked without an address (its range was full)
+        if not wanted and not full:
             self._moved |= self.allocator.unplace(key)
         for oid in self._written.get(key, set()) - wanted.keys():
             self.store.delete(oid)
@@ -712,10 +717,12 @@ class KarmadaServices:
                 spec[field] = service[field]
         if not headless:
             families = service.get("ipFamilies") or ()
-            ips, moved = self.allocator.place(
-                key, families if isinstance(families, list) else (), self._created(key))
-            spec["ips"] = list(ips)
+            asked = families if isinstance(families, list) else ()
+            ips, moved = self.allocator.place(key, asked, self._created(key))
             self._moved |= moved
+            if not ips:
+                raise AllocationError(self.allocator.full_message(asked))
+            spec["ips"] = list(ips)
         else:  # headless (perhaps turned so): no address
             self._moved |= self.allocator.unplace(key)
         clusters = sorted({s.cluster for s in slices.values()})
