@@ -72,7 +72,8 @@ service like a ServiceImport would, from what a member really has:
 The import goes through mcsproxy.manifests like every other object, so a Service whose
 ports do not validate is rejected with the same messages. Each change costs work for its
 own service key only, but for the ClusterSetIPs of the services ranked after one that
-arrives out of order or goes (those not at their first address, when one goes).
+arrives out of order, and of those that move when one goes or an import takes or frees
+an address.
 """
 
 from __future__ import annotations
