@@ -23,6 +23,7 @@ from httptools import HttpParserError, HttpRequestParser
 from mcsproxy.config import HttpConfig, OutlierConfig
 from mcsproxy.http.pool import PAUSE_UPSTREAM
 from mcsproxy.http.server import ClientConnection
+from mcsproxy.proxy import ProxyManager
 from tests.http_support import (
     HTTP_PORT,
     BackendConn,
@@ -1087,6 +1088,47 @@ def test_llhttp_keeps_only_http11_alive_unasked(version: bytes) -> None:
         return
     assert parser.get_http_version() == version.decode()
     assert parser.should_keep_alive() == (version == b"1.1")
+
+
+def head_under_way(proxy: ProxyManager) -> bool:
+    """Has a client connection of the proxy read part of a head (and not the rest)?"""
+    return any(c.in_head and c.head_bytes for c in proxy.http.clients)
+
+
+async def test_a_request_line_split_over_reads_is_still_read_whole() -> None:
+    # ClientConnection.speaks_http looked for an RTSP or ICE protocol in the read that
+    # ended the head only: `GET / RTS` and `P/1.0` in two reads went to the endpoint as
+    # HTTP (200). The reads of a head under way are kept for it now, wherever the split.
+    [backend] = await start_backends({"east": 1}, 72)
+    cs = Clusterset("east")
+    publish(cs, "split", "127.72.0.12", [backend])
+    proxy = await cs.proxy()
+    try:
+        for before in (b"", b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\n"):
+            line = b"GET /rtsp RTSP/1.0\r\nHost: a\r\nX-Long: " + b"x" * 3000 + b"\r\n\r\n"
+            for split in (2, 6, 12, 14, 24, 1000):
+                client = await RawClient.open("127.72.0.12", 80)
+                client.send(before + line[:split])
+                await until(lambda: head_under_way(proxy), "the head under way")
+                client.send(line[split:])
+                if before:
+                    assert (await client.response()).status == 200
+                r = await client.response()
+                assert (r.status, r.body) == (400, b"the request line is not HTTP's (RTSP or "
+                                                   b"ICE)\n"), (before, split)
+                await client.close()
+        # An HTTP/1.1 request line split so is served, and kept alive.
+        client = await RawClient.open("127.72.0.12", 80)
+        client.send(b"GET /a HT")
+        await until(lambda: head_under_way(proxy), "the head under way")
+        client.send(b"TP/1.1\r\nHost: a\r\n\r\n")
+        r = await client.response()
+        assert (r.status, r.headers.get(b"connection")) == (200, None)
+        await client.close()
+        assert [u for _, u, _ in backend.requests] == [b"/ok"] * 6 + [b"/a"]
+    finally:
+        await proxy.stop()
+        await backend.stop()
 
 
 async def test_rtsp_and_ice_request_lines_are_refused_not_proxied_as_http() -> None:

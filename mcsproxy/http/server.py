@@ -207,6 +207,7 @@ class ClientConnection(asyncio.Protocol):
         "length",
         "limit_key",
         "line_at",
+        "line_held",
         "lingering",
         "max_forwards",
         "nheaders",
@@ -272,6 +273,9 @@ class ClientConnection(asyncio.Protocol):
         # its first head is parsed; else -1 (see speaks_http).
         self.read = b""
         self.line_at = -1
+        # The reads of a head that did not end in them (None: the head under way, if any,
+        # began in this read): its request line may be split over them (speaks_http).
+        self.line_held: bytearray | None = None
         # An answer of ours held until the end of the read (Exchange.fail).
         self.owed: Exchange | None = None
         self.idle = 0
@@ -425,9 +429,21 @@ class ClientConnection(asyncio.Protocol):
                 owed.answer_owed()
         if self.chunks:
             self.send_chunks()
-        if self.in_head and self.head_bytes > self.engine.http.max_header_bytes:
-            self.reject(RequestError(431, "request header fields too large", HEADERS_TOO_LARGE))
-            return
+        if self.in_head:  # a head that did not end in this read
+            if self.head_bytes > self.engine.http.max_header_bytes:
+                self.reject(RequestError(431, "request header fields too large",
+                                         HEADERS_TOO_LARGE))
+                return
+            # Kept for speaks_http, within the header limit: of the read the head began
+            # in, no more than a head may hold (what came before it there is others');
+            # the later reads are counted by head_bytes, checked above. A bytearray: a
+            # client sending its head a byte a read would have each read copy all those
+            # before it.
+            held = self.line_held
+            if held is None:
+                self.line_held = bytearray(data[-self.engine.http.max_header_bytes:])
+            else:
+                held += data
         if self.tail >= 0:
             self.tail = tail_bytes(self.tail, len(data))
             if self.tail > self.engine.http.max_header_bytes:
@@ -902,8 +918,8 @@ class ClientConnection(asyncio.Protocol):
         OPTIONS and RTSP's own methods) and ICE/x.y (SOURCE) as well, and reports the same
         version for them. A method RTSP shares is told apart by the request line's bytes:
         at a known offset when the read began with this request (one byte compared: the
-        usual case), else by a search of the read. A request line split over reads before
-        its protocol is not seen, and goes on as HTTP (as any such line did before).
+        usual case), else by a search of the reads that brought the head (line_held: a
+        line split over reads used to go on as HTTP, `GET / RTS` then `P/1.0`).
 
         The byte at the offset is looked at first, whatever the method: a method compared
         first cost 50 instructions more a request (bench/http/micro.py: 128, now 77)."""
@@ -914,6 +930,11 @@ class ClientConnection(asyncio.Protocol):
             if at < len(read) and read[at] == 72:  # "H"TTP/, not "R"TSP/ or "I"CE/
                 return True
             # Not at the offset: empty lines before the request line (RFC 9112 2.2).
+        held = self.line_held
+        if held is not None:  # the head began in an earlier read
+            self.line_held = None
+            held += read
+            read = bytes(held)  # (compiled, a bytes local takes no bytearray)
         if not (method == b"GET" or method in SHARED_METHODS):
             return method not in RTSP_ONLY_METHODS
         line = b" " + self.url + b" "
