@@ -1070,24 +1070,24 @@ async def test_an_endless_response_head_is_an_endpoint_failure() -> None:
 
 
 @pytest.mark.parametrize("version", [b"0.9", b"1.0", b"1.1", b"1.2", b"2.0", b"2.1", b"3.0",
-                                     b"9.9"])
-def test_llhttp_keeps_only_http11_alive_unasked(version: bytes) -> None:
+                                     b"9.9", b"0.0", b"1.9"])
+def test_llhttp_keeps_alive_unasked_only_from_1_1_on(version: bytes) -> None:
     # ClientConnection.on_headers_complete takes a request kept alive without
-    # Connection: keep-alive for HTTP/1.1 without asking llhttp for its version string:
-    # true only while llhttp accepts no version but these and keeps the others alive only
-    # when asked. A newer httptools that changes either fails here first.
+    # Connection: keep-alive for HTTP/1.1 or later without asking llhttp for its version
+    # string, and its request line tells 1.x from a higher major version: true only
+    # while llhttp, lenient about versions (request_parser), takes any HTTP/d.d and keeps
+    # it alive unasked exactly when its major and minor versions are 1 or more. A newer
+    # httptools that changes either fails here first.
+    from mcsproxy.http.server import request_parser
+
     class Head:
         def on_headers_complete(self) -> None:
             pass
 
-    parser = HttpRequestParser(Head())
-    try:
-        parser.feed_data(b"GET / HTTP/" + version + b"\r\nHost: a\r\n\r\n")
-    except HttpParserError:
-        assert version not in (b"0.9", b"1.0", b"1.1", b"2.0")
-        return
+    parser = request_parser(Head())
+    parser.feed_data(b"GET / HTTP/" + version + b"\r\nHost: a\r\n\r\n")
     assert parser.get_http_version() == version.decode()
-    assert parser.should_keep_alive() == (version == b"1.1")
+    assert parser.should_keep_alive() == (version[0] > 48 and version[2] > 48)
 
 
 def head_under_way(proxy: ProxyManager) -> bool:
@@ -1095,8 +1095,56 @@ def head_under_way(proxy: ProxyManager) -> bool:
     return any(c.in_head and c.head_bytes for c in proxy.http.clients)
 
 
+async def test_http_versions_as_rfc_9110_wants_them_in_any_read() -> None:
+    # RFC 9110 2.5: a minor version above ours is processed as the highest we speak
+    # (1.1, as nginx does); 15.6.6: a major version we do not speak gets 505. llhttp,
+    # strict, refused HTTP/1.2 and HTTP/3.0 alike with 400 ("Invalid HTTP version").
+    # Each first in a read (its protocol read at a known offset), after empty lines,
+    # pipelined behind another request and split over reads (searched for).
+    [backend] = await start_backends({"east": 1}, 72)
+    cs = Clusterset("east")
+    publish(cs, "versions", "127.72.0.11", [backend])
+    proxy = await cs.proxy()
+    h = b"Host: a\r\n\r\n"
+    try:
+        for version, status in ((b"1.2", 200), (b"1.9", 200), (b"3.0", 505), (b"2.1", 505),
+                                (b"9.9", 505), (b"0.0", 505)):
+            for before in (b"", b"\r\n", b"GET /first HTTP/1.1\r\n" + h):
+                for split in (0, 10):
+                    client = await RawClient.open("127.72.0.11", 80)
+                    request = before + b"GET /v HTTP/" + version + b"\r\n" + h
+                    at = len(before) + split if split else len(request)
+                    client.send(request[:at])
+                    if at < len(request):
+                        await until(lambda: head_under_way(proxy), "the head under way")
+                        client.send(request[at:])
+                    if before.startswith(b"GET"):
+                        assert (await client.response()).status == 200
+                    r = await client.response()
+                    assert r.status == status, (version, before, split)
+                    if status == 505:
+                        assert r.body == b"HTTP/%s is not supported\n" % version
+                        assert await client.closed()
+                    else:  # served as HTTP/1.1: kept alive, sent on as 1.1
+                        assert r.headers.get(b"connection") is None
+                        assert (await client.get("/next")).status == 200
+                    await client.close()
+        # Asked to close, 1.2 is still 1.1 (its version string looked at).
+        client = await RawClient.open("127.72.0.11", 80)
+        client.send(b"POST /echo HTTP/1.2\r\nHost: a\r\nConnection: close\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n")
+        r = await client.response()
+        assert (r.status, r.body, r.headers[b"connection"]) == (200, b"hi", b"close")
+        await client.close()
+        # 1.2 and 1.9, each after nothing, empty lines or a request, whole or split.
+        assert [u for _, u, _ in backend.requests].count(b"/v") == 2 * 3 * 2
+    finally:
+        await proxy.stop()
+        await backend.stop()
+
+
 async def test_a_request_line_split_over_reads_is_still_read_whole() -> None:
-    # ClientConnection.speaks_http looked for an RTSP or ICE protocol in the read that
+    # ClientConnection.line_protocol looked for an RTSP or ICE protocol in the read that
     # ended the head only: `GET / RTS` and `P/1.0` in two reads went to the endpoint as
     # HTTP (200). The reads of a head under way are kept for it now, wherever the split.
     [backend] = await start_backends({"east": 1}, 72)
@@ -1176,9 +1224,11 @@ async def test_rtsp_and_ice_request_lines_are_refused_not_proxied_as_http() -> N
 
 
 def test_llhttp_takes_rtsp_and_ice_request_lines_only_with_the_methods_we_know() -> None:
-    # ClientConnection.speaks_http reads the request line only for methods in
-    # SHARED_METHODS, and refuses RTSP_ONLY_METHODS unread: true only while llhttp takes
-    # an RTSP or ICE request line with no other method. A newer llhttp fails here first.
+    # ClientConnection.line_protocol looks for RTSP or ICE in the request line only for
+    # methods in SHARED_METHODS, and refuses RTSP_ONLY_METHODS unread: true only while
+    # llhttp takes an RTSP or ICE request line with no other method. A newer llhttp fails
+    # here first.
+    from mcsproxy.http.server import request_parser
     from mcsproxy.http.wire import RTSP_ONLY_METHODS, SHARED_METHODS
 
     class Head:
@@ -1194,8 +1244,8 @@ def test_llhttp_takes_rtsp_and_ice_request_lines_only_with_the_methods_we_know()
     for protocol, accepted in taken.items():
         for method in methods:
             try:
-                HttpRequestParser(Head()).feed_data(method + b" / " + protocol +
-                                                    b"/1.0\r\nHost: a\r\n\r\n")
+                request_parser(Head()).feed_data(method + b" / " + protocol +
+                                                 b"/1.0\r\nHost: a\r\n\r\n")
             except HttpParserError:
                 continue
             accepted.add(method)

@@ -75,7 +75,9 @@ SHAPES: list[tuple[str, bytes, int]] = [
       for host in (b"", b"exa mple.com:80", b"u@a", b"a/b", b"a:1:2", b"a:65536")],
     ("invalid target authority", b"GET http://a:1:2/ HTTP/1.1\r\n" + H + b"\r\n", 400),
     ("HTTP/0.9", b"GET /\r\n\r\n", 505),
-    ("HTTP/1.2", b"GET / HTTP/1.2\r\n" + H + b"\r\n", 400),
+    # RFC 9110 15.6.6 (HTTP/1.2 is served as 1.1: test_http_semantics)
+    ("HTTP/3.0", b"GET / HTTP/3.0\r\n" + H + b"\r\n", 505),
+    ("HTTP/1.10", b"GET / HTTP/1.10\r\n" + H + b"\r\n", 400),  # HTTP/DIGIT.DIGIT
     ("HTTP/0.9 in a request line", b"GET / HTTP/0.9\r\n" + H + b"\r\n", 505),
     # llhttp parses these too; they went on as HTTP/1.1 (more in test_http_semantics)
     ("RTSP", b"GET / RTSP/1.0\r\n" + H + b"\r\n", 400),

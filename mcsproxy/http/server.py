@@ -156,6 +156,24 @@ CHUNKED: Final = 1
 STATUS_CLASSES: Final = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 
 
+def request_parser(protocol: object) -> HttpRequestParser:
+    """llhttp's request parser calling back `protocol` (a ClientConnection), taking any
+    HTTP-version of the form HTTP/d.d (RFC 9112 2.3). Strict, llhttp refuses all but 0.9,
+    1.0, 1.1 and 2.0 alike (400): RFC 9110 wants 505 for a major version we do not speak
+    (15.6.6) and 1.2-1.9 processed as 1.1 (2.5), as nginx does (ClientConnection
+    on_headers_complete tells them apart). No other leniency comes with it: only the
+    version check. Per parser, ~300 instructions (the keyword argument)."""
+    parser = HttpRequestParser(protocol)
+    parser.set_dangerous_leniencies(lenient_version=True)
+    return parser
+
+
+# What the request line's protocol is (ClientConnection.line_protocol).
+NOT_HTTP: Final = 0  # RTSP/x.y or ICE/x.y, which llhttp parses too
+HTTP_1: Final = 1  # HTTP/1.x, seen in the line's bytes
+HTTP_ANY: Final = 2  # HTTP (not RTSP or ICE), its major version not looked at
+
+
 class Closing(Exception):
     """Raised by on_message_begin to stop parsing a read once an answer in it closed the
     connection (see CLOSING)."""
@@ -244,7 +262,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         # The parser and the queue of an idle connection are dropped by check() and made
         # again by its next read: an empty deque alone holds a block of 64 slots (760 B).
-        self.parser: HttpRequestParser | None = HttpRequestParser(self)
+        self.parser: HttpRequestParser | None = request_parser(self)
         self.queue: deque[Exchange] = deque()
         self.current: Exchange | None = None  # the request being parsed (its body)
         # The latest request parsed, until it is answered on a connection that stays
@@ -270,11 +288,11 @@ class ClientConnection(asyncio.Protocol):
         self.read_holder: Exchange | None = None
         # The read being parsed (b"" between reads: none is kept), and where in it the next
         # request line begins, when known: 0 when the read began between requests, until
-        # its first head is parsed; else -1 (see speaks_http).
+        # its first head is parsed; else -1 (see line_protocol).
         self.read = b""
         self.line_at = -1
         # The reads of a head that did not end in them (None: the head under way, if any,
-        # began in this read): its request line may be split over them (speaks_http).
+        # began in this read): its request line may be split over them (line_protocol).
         self.line_held: bytearray | None = None
         # An answer of ours held until the end of the read (Exchange.fail).
         self.owed: Exchange | None = None
@@ -364,7 +382,7 @@ class ClientConnection(asyncio.Protocol):
             self.line_at = -1 if self.current is not None else 0  # a body under way, or none
         parser = self.parser
         if parser is None:  # dropped while the connection was idle (check)
-            parser = self.parser = HttpRequestParser(self)
+            parser = self.parser = request_parser(self)
             self.queue = deque()
         self.reading = True
         self.read = data
@@ -377,7 +395,7 @@ class ClientConnection(asyncio.Protocol):
                 # after the head all the same. Its body, if any, is read as an upgrade
                 # request's (Exchange.tunnel_data); what follows is HTTP for a fresh parser
                 # (http_again).
-                self.parser = HttpRequestParser(self)
+                self.parser = request_parser(self)
                 rest = data[exc.args[0]:]
                 if ex.upgrade_body:
                     self.upgrading = ex
@@ -392,7 +410,7 @@ class ClientConnection(asyncio.Protocol):
             if ex.finished:  # answered already (no endpoint): nothing to tunnel
                 if ex.keep_alive:  # framed: what follows is HTTP again, as after a refusal
                     self.last = None
-                    self.parser = HttpRequestParser(self)
+                    self.parser = request_parser(self)
                     self.data_received(data[exc.args[0]:])
                 else:
                     self.close()
@@ -434,7 +452,7 @@ class ClientConnection(asyncio.Protocol):
                 self.reject(RequestError(431, "request header fields too large",
                                          HEADERS_TOO_LARGE))
                 return
-            # Kept for speaks_http, within the header limit: of the read the head began
+            # Kept for line_protocol, within the header limit: of the read the head began
             # in, no more than a head may hold (what came before it there is others');
             # the later reads are counted by head_bytes, checked above. A bytearray: a
             # client sending its head a byte a read would have each read copy all those
@@ -758,20 +776,26 @@ class ClientConnection(asyncio.Protocol):
         self.in_head = False
         parser: HttpRequestParser = self.parser  # type: ignore[assignment]  # parsing
         keep_alive = parser.should_keep_alive()
-        # llhttp accepts HTTP/0.9, 1.0, 1.1 and 2.0, and keeps all but 1.1 alive only when
-        # asked to (Connection: keep-alive): so a request kept alive unasked is 1.1, known
+        # llhttp (lenient: any HTTP/d.d) keeps a request alive unasked (no Connection:
+        # keep-alive) when its major and minor versions are both 1 or more: with HTTP/1 in
+        # its request line, it is 1.1 or later and served as 1.1 (RFC 9110 2.5), known
         # without get_http_version, which formats a string (2,200 instructions a request).
-        version = "1.1" if keep_alive and not self.keep_alive_asked and \
-            self.conn_tokens is None else parser.get_http_version()
-        http11 = version == "1.1"
+        unasked = keep_alive and not self.keep_alive_asked and self.conn_tokens is None
+        version = "1.1" if unasked else parser.get_http_version()
         method = parser.get_method()
-        if not self.speaks_http(method):
+        protocol = self.line_protocol(method)
+        if not protocol:
             # llhttp parses RTSP and ICE request lines too: they went on as HTTP/1.1.
             self._refuse(400, "the request line is not HTTP's (RTSP or ICE)", HTTP_VERSION)
-        if not http11 and version != "1.0":
-            # RFC 9110 15.6.6: a major version we do not speak (0.9 and 2.0, which llhttp
-            # takes; 0.9 with a version in its request line got 400).
-            self._refuse(505, f"HTTP/{version} is not supported", HTTP_VERSION)
+        if unasked and protocol != HTTP_1:
+            version = parser.get_http_version()  # HTTP/2.1 is kept alive unasked too
+        if version != "1.1" and version != "1.0":
+            if version[0] != "1":
+                # RFC 9110 15.6.6: a major version we do not speak (0.9 and 2.0 with a
+                # version in the request line; 3.0 and others got 400).
+                self._refuse(505, f"HTTP/{version} is not supported", HTTP_VERSION)
+            version = "1.1"  # 1.2-1.9: as the highest minor version we speak (RFC 9110 2.5)
+        http11 = version == "1.1"
         if method == b"CONNECT":
             # llhttp takes any CONNECT for a switch of protocols and parses nothing after
             # its head, not even the body it announces. `CONNECT /x` (origin-form) used to
@@ -913,32 +937,38 @@ class ClientConnection(asyncio.Protocol):
         elif len(queue) >= MAX_PIPELINE:
             self.pause(PAUSE_PIPELINE)
 
-    def speaks_http(self, method: bytes) -> bool:
-        """Is the request line's protocol HTTP? llhttp takes RTSP/x.y (with GET, POST,
-        OPTIONS and RTSP's own methods) and ICE/x.y (SOURCE) as well, and reports the same
-        version for them. A method RTSP shares is told apart by the request line's bytes:
-        at a known offset when the read began with this request (one byte compared: the
-        usual case), else by a search of the reads that brought the head (line_held: a
-        line split over reads used to go on as HTTP, `GET / RTS` then `P/1.0`).
+    def line_protocol(self, method: bytes) -> int:
+        """The request line's protocol: NOT_HTTP, HTTP_1 or HTTP_ANY. llhttp takes RTSP/x.y
+        (with GET, POST, OPTIONS and RTSP's own methods) and ICE/x.y (SOURCE) as well, and
+        reports the same version for them; and, lenient (request_parser), any major
+        version. The line's bytes tell: at a known offset when the read began with this
+        request (two bytes compared, "H" and "1" of HTTP/1: the usual case), else by a
+        search of the reads that brought the head (line_held: a line split over reads
+        used to go on as HTTP, `GET / RTS` then `P/1.0`).
 
-        The byte at the offset is looked at first, whatever the method: a method compared
-        first cost 50 instructions more a request (bench/http/micro.py: 128, now 77)."""
+        The bytes at the offset are looked at first, whatever the method: a method
+        compared first cost 50 instructions more a request (bench/http/micro.py)."""
         read = self.read
         if self.line_at == 0:
             self.line_at = -1  # the read's next request line is somewhere after this one
             at = len(method) + len(self.url) + 2
-            if at < len(read) and read[at] == 72:  # "H"TTP/, not "R"TSP/ or "I"CE/
-                return True
-            # Not at the offset: empty lines before the request line (RFC 9112 2.2).
+            # "H"TTP/1, not "R"TSP/ or "I"CE/, nor HTTP/2.1 (kept alive unasked as 1.1 is)
+            if at + 5 < len(read) and read[at] == 72 and read[at + 5] == 49:
+                return HTTP_1
+            # Not at the offset: empty lines before the request line (RFC 9112 2.2), or
+            # another version (on_headers_complete asks llhttp which).
         held = self.line_held
         if held is not None:  # the head began in an earlier read
             self.line_held = None
             held += read
             read = bytes(held)  # (compiled, a bytes local takes no bytearray)
-        if not (method == b"GET" or method in SHARED_METHODS):
-            return method not in RTSP_ONLY_METHODS
         line = b" " + self.url + b" "
-        return read.find(line + b"RTSP/") < 0 and read.find(line + b"ICE/") < 0
+        if method == b"GET" or method in SHARED_METHODS:
+            if read.find(line + b"RTSP/") >= 0 or read.find(line + b"ICE/") >= 0:
+                return NOT_HTTP
+        elif method in RTSP_ONLY_METHODS:
+            return NOT_HTTP
+        return HTTP_1 if read.find(line + b"HTTP/1.") >= 0 else HTTP_ANY
 
     def _origin_form(self, url: bytes, method: bytes) -> tuple[bytes, bytes]:
         """An absolute-form target (RFC 9112 3.2.2, which servers must accept): the
@@ -1060,7 +1090,7 @@ class ClientConnection(asyncio.Protocol):
         held = ex.held
         ex.held = None
         self.resume(PAUSE_UNSENT)
-        self.parser = HttpRequestParser(self)
+        self.parser = request_parser(self)
         if held:
             self.data_received(bytes(held))
 

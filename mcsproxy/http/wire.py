@@ -191,7 +191,7 @@ REFUSAL_REASONS: Final = (MALFORMED, INVALID_HOST, HTTP_VERSION, TRANSFER_CODING
 # llhttp takes RTSP/x.y and ICE/x.y request lines besides HTTP/x.y and reports nothing that
 # tells them apart: a method of RTSP's own comes only in an RTSP request line; with one
 # that RTSP or ICE shares with HTTP, the request line's bytes say (ClientConnection
-# speaks_http).
+# line_protocol).
 RTSP_ONLY_METHODS: Final = frozenset({
     b"DESCRIBE", b"ANNOUNCE", b"SETUP", b"PLAY", b"PAUSE", b"TEARDOWN", b"GET_PARAMETER",
     b"SET_PARAMETER", b"REDIRECT", b"RECORD", b"FLUSH"})
