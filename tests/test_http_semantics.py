@@ -1342,10 +1342,15 @@ async def test_a_response_without_date_gets_ours_one_with_keeps_its_own() -> Non
 
 class OfEachVersion(HeadAnswerer):
     """Answers /10 as an HTTP/1.0 server does (no keep-alive: it closes), /10-unframed
-    with a body delimited by that close, /11-close as HTTP/1.1 saying close, anything
-    else as HTTP/1.1 kept alive."""
+    with a body delimited by that close, /11-close as HTTP/1.1 saying close, /20 and
+    /09 with those versions' status lines, anything else as HTTP/1.1 kept alive."""
 
     def answer(self, head: bytes) -> bytes | None:
+        if head.startswith((b"GET /20 ", b"GET /09 ")):
+            version = b"2.0" if head.startswith(b"GET /20 ") else b"0.9"
+            self.transport.write(b"HTTP/" + version + b" 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            self.transport.close()
+            return None
         if head.startswith(b"GET /10"):
             self.transport.write(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"
                                  if head.startswith(b"GET /10 ") else
@@ -1360,7 +1365,7 @@ class OfEachVersion(HeadAnswerer):
         return b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
-async def test_via_names_the_protocol_of_the_response_received() -> None:
+async def test_via_names_the_response_version_and_other_majors_get_502() -> None:
     # RFC 9110 7.6.3: Via's received-protocol is the version of the message received.
     # An HTTP/1.0 endpoint's answer went on with `Via: 1.1 mcsproxy`, as every answer.
     async with protocol_behind_proxy(OfEachVersion, "127.72.9.1", "127.72.240.9", "vias"):
@@ -1371,6 +1376,12 @@ async def test_via_names_the_protocol_of_the_response_received() -> None:
             assert (r.status, r.headers[b"via"]) == (200, via + b" mcsproxy"), path
             # The client's connection is kept, the response framed anew where it must be.
             assert r.headers.get(b"connection") is None, path
+        # llhttp takes HTTP/0.9 and 2.0 status lines: they went on as HTTP/1.1 200.
+        for version in ("20", "09"):
+            r = await client.get(f"/{version}")
+            assert (r.status, r.body) == (502, b"no endpoint answered (last: malformed "
+                                               b"response (HTTP/%s.%s))\n"
+                                          % (version[0].encode(), version[1].encode()))
         await client.close()
 
 

@@ -1748,6 +1748,19 @@ class Exchange:
                 up.fail(f"malformed response (status {status})")
                 return
             line = status_line(status)
+        http10 = False
+        if not up.keep_alive:
+            # The version asked for only when the endpoint does not keep its connection
+            # (get_http_version formats a string, 2,200 instructions), as HTTP/1.0
+            # endpoints do unless asked to (Connection: keep-alive).
+            version = up.parser.get_http_version()
+            if version != "1.1" and version != "1.0":
+                # llhttp takes HTTP/0.9 and 2.0 status lines too: `HTTP/2.0 200` went to
+                # the client as HTTP/1.1's 200. Another major version is another syntax
+                # (RFC 9110 2.5), nothing we can forward.
+                up.fail(f"malformed response (HTTP/{version})")
+                return
+            http10 = version == "1.0"
         host, upstream = self.host, self.upstream
         assert host is not None and upstream is not None  # bound
         upstream.response_status(host, status)
@@ -1830,12 +1843,9 @@ class Exchange:
             tail = pool.tail_close
         else:
             tail = pool.tail if self.http11 else pool.tail_keep_alive
-        if not up.keep_alive and up.parser.get_http_version() == "1.0":
+        if http10:
             # Via names the protocol received (RFC 9110 7.6.3): an HTTP/1.0 endpoint's
-            # answer said 1.1. Looked at only when the endpoint does not keep its
-            # connection (get_http_version formats a string, 2,200 instructions), as
-            # HTTP/1.0 endpoints do unless asked: one kept by Connection: keep-alive
-            # still says 1.1.
+            # answer said 1.1. (One kept by Connection: keep-alive still says 1.1.)
             tail = tail.replace(client.engine.via, client.engine.via10, 1)
         if not up.dated:
             # RFC 9110 6.6.1: a recipient with a clock adds the Date a response it forwards
