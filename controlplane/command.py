@@ -14,7 +14,7 @@ from functools import partial
 from pathlib import Path
 
 from controlplane.allocator import DEFAULT_CIDR, parse_cidrs
-from controlplane.clusters import ClusterError
+from controlplane.clusters import STALE_AFTER_S, ClusterError
 from controlplane.clusters.directory import POLL_INTERVAL_S, DirectoryCluster, discover_clusters
 from controlplane.controller import Controller
 from controlplane.holds import DirectoryHoldStore
@@ -42,6 +42,7 @@ class ControllerConfig:
     clusterset_cidr: str = DEFAULT_CIDR
     cluster_cidrs: tuple[tuple[str, str], ...] = ()
     poll_interval_s: float = POLL_INTERVAL_S
+    stale_after_s: float = STALE_AFTER_S  # a member folder unreadable this long is stale
     heartbeat_s: float = HEARTBEAT_S
     stream_limits: StreamLimits = field(default_factory=StreamLimits)
     serve_token_file: Path | None = None  # the stream and /status demand this bearer token
@@ -107,7 +108,7 @@ class DirectoryControllerApp:
 
     def _client(self, cluster: str) -> DirectoryCluster:
         return DirectoryCluster(cluster, self.config.clusters_dir, self.config.output_dir,
-                                self.config.poll_interval_s)
+                                self.config.poll_interval_s, self.config.stale_after_s)
 
     async def start(self) -> Controller:
         clusters, rejected = discover_clusters(self.config.clusters_dir)

@@ -20,6 +20,8 @@ watch). The controller only speaks this interface:
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -69,6 +71,56 @@ class Connection:
 
 Notify = Callable[[str, ChangeSet], None]
 
+# A member is stale once its reads have failed this long with no success between.
+STALE_AFTER_S = 5.0
+
+
+class StaleGrace:
+    """When a failing member goes stale: `stale_after_s` after its first failure with no
+    success since, not at the first one. Marking a member stale rewrites every slice
+    imported from it in every member, and again when it is back: an API server restart,
+    a member folder away for one scan (`ln -sfn`, two renames, an NFS hiccup) is no
+    outage. A member that was not connected when it started failing is stale at once.
+    `on_over` is called when the grace runs out with the member still failing."""
+
+    __slots__ = ("_failing_since", "_on_over", "_timer", "stale_after_s")
+
+    def __init__(self, stale_after_s: float, on_over: Callable[[], None]) -> None:
+        self.stale_after_s = stale_after_s
+        self._on_over = on_over
+        self._failing_since: float | None = None  # monotonic time of the first failure
+        self._timer: asyncio.TimerHandle | None = None  # ends the grace
+
+    def connected(self, failing: bool, was_connected: bool) -> bool:
+        """Whether the member counts as connected now, `failing` or not."""
+        if not failing:
+            self._failing_since = None
+            self.cancel()
+            return True
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        left = self.stale_after_s - (now - self._failing_since)
+        if not was_connected or left <= 0:
+            self.cancel()
+            return False
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(left, self._over)
+        return True
+
+    @property
+    def failing(self) -> bool:
+        return self._failing_since is not None
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _over(self) -> None:
+        self._timer = None
+        self._on_over()
+
 
 class ClusterClient(Protocol):
     cluster_id: str
@@ -97,5 +149,5 @@ class ClusterClient(Protocol):
     async def close(self) -> None: ...
 
 
-__all__ = ["ChangeSet", "ClusterClient", "ClusterError", "ClusterObjects", "Connection",
-           "Notify"]
+__all__ = ["STALE_AFTER_S", "ChangeSet", "ClusterClient", "ClusterError", "ClusterObjects",
+           "Connection", "Notify", "StaleGrace"]

@@ -6,9 +6,11 @@ unchanged stamp (see FileRead); only changed files are parsed again (off the eve
 loop). A cluster's view is replaced only when every one of its files is good: a file that
 does not parse or validate is rejected with its file and line and the cluster keeps its
 last good view (a half-read cluster could drop a Service while keeping its export). A
-cluster folder that goes missing or unreadable marks the cluster disconnected: its last
-view stays, stale. A file that cannot even be looked at (a symlink loop, no permission)
-is rejected like a bad one; nothing found in the folders ends the watch.
+cluster folder that goes missing or unreadable keeps the cluster's last view; once it has
+been so for `stale_after_s` (a Kubernetes member's grace: StaleGrace) with no good scan
+between, the cluster is marked disconnected, that view stale. A file that cannot even be
+looked at (a symlink loop, no permission) is rejected like a bad one; nothing found in
+the folders ends the watch.
 
 Writing: one file per object, `<kind>_<namespace>_<name>.yaml`, written by atomic rename
 and only when the object changed; files no longer wanted are removed. Other files in OUT
@@ -37,7 +39,14 @@ from typing import Any
 
 import yaml
 
-from controlplane.clusters import ChangeSet, ClusterError, Connection, Notify
+from controlplane.clusters import (
+    STALE_AFTER_S,
+    ChangeSet,
+    ClusterError,
+    Connection,
+    Notify,
+    StaleGrace,
+)
 from controlplane.clusters.state import ClusterObjects
 from controlplane.resources import (
     KIND_EXPORT,
@@ -147,13 +156,19 @@ class _Scan:
 
 class DirectoryCluster:
     def __init__(self, cluster_id: str, clusters_dir: Path, output_dir: Path,
-                 poll_interval_s: float = POLL_INTERVAL_S) -> None:
+                 poll_interval_s: float = POLL_INTERVAL_S,
+                 stale_after_s: float = STALE_AFTER_S) -> None:
         self.cluster_id = cluster_id
         self.source_dir = clusters_dir / cluster_id
         self.out_dir = output_dir / cluster_id
         self.poll_interval_s = poll_interval_s
         self.objects = ClusterObjects()
         self.connection = Connection()
+        # A folder away for a scan or two (`ln -sfn`, a folder replaced by two renames, an
+        # NFS hiccup) made the member stale at once: every slice imported from it written
+        # again in every member, twice (120 writes at 20 services and 3 members).
+        self._grace = StaleGrace(stale_after_s, self._grace_over)
+        self._notify: Notify | None = None  # while watching: a flip to stale is told to it
         self._cache: dict[Path, tuple[FileRead, FileObjects | ManifestError]] = {}
         self._committed: dict[Path, tuple[FileRead, FileObjects]] = {}
         self._settle = SettleGate()  # only _scan touches it, one scan at a time
@@ -244,8 +259,15 @@ class DirectoryCluster:
     def _commit(self, scan: _Scan) -> ChangeSet:
         changes = ChangeSet()
         if scan.unreadable is not None:
-            self._set_connected(False, scan.unreadable, changes)
+            if self.connection.error != scan.unreadable and self.connection.connected:
+                log.warning("cluster %s unreadable (%s): stale if it stays so for %g s",
+                            self.cluster_id, scan.unreadable, self._grace.stale_after_s)
+            self._set_connected(self._grace.connected(True, self.connection.connected),
+                                scan.unreadable, changes)
             return changes
+        if self._grace.failing and self.connection.connected:
+            log.info("cluster %s readable again", self.cluster_id)
+        self._grace.connected(False, self.connection.connected)
         for gone in scan.removed:
             self._cache.pop(gone, None)
         self._cache.update(scan.parsed)
@@ -299,6 +321,14 @@ class DirectoryCluster:
             return cached[1][ref]
         return self._committed[path][1][ref]
 
+    def _grace_over(self) -> None:
+        """Still unreadable `stale_after_s` after the first failed scan: stale now."""
+        changes = ChangeSet()
+        self._set_connected(self._grace.connected(True, self.connection.connected),
+                            self.connection.error, changes)
+        if changes and self._notify is not None:
+            self._notify(self.cluster_id, changes)
+
     async def _read_folder(self) -> ChangeSet:
         try:
             scan = await in_daemon_thread(self._scan, f"scan {self.cluster_id}")
@@ -313,6 +343,14 @@ class DirectoryCluster:
         return changes
 
     async def watch(self, notify: Notify) -> None:
+        self._notify = notify
+        try:
+            await self._watch(notify)
+        finally:
+            self._notify = None
+            self._grace.cancel()
+
+    async def _watch(self, notify: Notify) -> None:
         while True:
             started = time.monotonic()
             changes = await self._read_folder()
@@ -503,4 +541,4 @@ class DirectoryCluster:
                 await in_daemon_thread(partial(self._delete, refs), f"delete in {self.out_dir}")
 
     async def close(self) -> None:
-        return None
+        self._grace.cancel()

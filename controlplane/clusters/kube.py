@@ -45,7 +45,14 @@ from urllib.parse import quote
 from kubernetes_asyncio import config as kube_config
 from kubernetes_asyncio.client import ApiClient
 
-from controlplane.clusters import ChangeSet, ClusterError, Connection, Notify
+from controlplane.clusters import (
+    STALE_AFTER_S,
+    ChangeSet,
+    ClusterError,
+    Connection,
+    Notify,
+    StaleGrace,
+)
 from controlplane.clusters.kube_api import (
     MERGE_PATCH,
     KubeApi,
@@ -145,7 +152,7 @@ class KubeTimings:
     resync_s: float = 1800.0  # our own objects are relisted this often (lost events)
     # A member is stale once its requests have failed this long with no success between
     # (an API server restart, one watch refused and relisted, does not count).
-    stale_after_s: float = 5.0
+    stale_after_s: float = STALE_AFTER_S
 
 
 class _SeenStatus(NamedTuple):
@@ -188,8 +195,7 @@ class KubeClusterClient:
         self._import_res: Resource | None = None
         self._export_res: Resource | None = None
         self._failing: dict[str, str] = {}  # informer plural / probe / sync → error
-        self._failing_since: float | None = None  # monotonic time of the first failure
-        self._stale_timer: asyncio.TimerHandle | None = None  # ends the grace (stale_after_s)
+        self._grace = StaleGrace(timings.stale_after_s, self._grace_over)
         self._notify: Notify | None = None  # while watching: a flip to stale is told to it
         self._input_errors: dict[ObjectRef, str] = {}
         self._export_status: dict[ObjectRef, _SeenStatus] = {}
@@ -227,7 +233,7 @@ class KubeClusterClient:
         return cls(cluster_id, client, timings)
 
     async def close(self) -> None:
-        self._cancel_stale_timer()
+        self._grace.cancel()
         await self.api.client.close()
 
     # -- discovery -----------------------------------------------------------------------
@@ -374,18 +380,7 @@ class KubeClusterClient:
         member, and again when it answers: one API server restart, or one watch refused
         (504 after an etcd restore) with the relist answering at once, wrote 2 x services
         x members slices (40 per member at 20 services) though no endpoint changed."""
-        if not self._failing:
-            self._failing_since = None
-            self._cancel_stale_timer()
-        elif self._failing_since is None:
-            self._failing_since = time.monotonic()
-        connected = not self._failing or (
-            self.connection.connected
-            and time.monotonic() - self._failing_since < self.timings.stale_after_s)
-        if connected and self._failing and self._stale_timer is None:
-            left = self.timings.stale_after_s - (time.monotonic() - self._failing_since)
-            self._stale_timer = asyncio.get_running_loop().call_later(
-                max(0.0, left), self._grace_over)
+        connected = self._grace.connected(bool(self._failing), self.connection.connected)
         if connected != self.connection.connected or self.connection.since == 0.0:
             first = self.connection.since == 0.0
             flipped = connected != self.connection.connected
@@ -393,7 +388,6 @@ class KubeClusterClient:
             self.connection.since = time.time()
             changes.connection = changes.connection or flipped
             if not connected:
-                self._cancel_stale_timer()
                 log.error("cluster %s not answering (%s): keeping its last state, stale",
                           self.cluster_id, "; ".join(sorted(set(self._failing.values()))))
             elif not first:
@@ -412,16 +406,10 @@ class KubeClusterClient:
 
     def _grace_over(self) -> None:
         """Still failing `stale_after_s` after the first failure: stale now."""
-        self._stale_timer = None
         changes = ChangeSet()
         self._update_connection(changes)
         if changes and self._notify is not None:
             self._notify(self.cluster_id, changes)
-
-    def _cancel_stale_timer(self) -> None:
-        if self._stale_timer is not None:
-            self._stale_timer.cancel()
-            self._stale_timer = None
 
     async def _sync_into(self, changes: ChangeSet) -> None:
         try:
@@ -454,7 +442,7 @@ class KubeClusterClient:
             await self._watch(notify)
         finally:
             self._notify = None
-            self._cancel_stale_timer()
+            self._grace.cancel()
 
     async def _watch(self, notify: Notify) -> None:
         backoff = Backoff(self.timings.backoff_base_s, self.timings.backoff_cap_s)
