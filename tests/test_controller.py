@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import socket
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from mcsproxy.cli import build_parser, main
 from mcsproxy.config import AdminConfig, DnsConfig, GatewayConfig
 from mcsproxy.gateway import Gateway
 from mcsproxy.model import ServiceKey
+from mcsproxy.sources import file as file_source
 from mcsproxy.sources.file import FileStamp
 from mcsproxy.tasks import cancel_and_wait
 from tests.fs_support import (
@@ -608,6 +610,32 @@ async def test_a_member_folder_away_for_a_few_scans_rewrites_nothing(tmp_path: P
         await until(lambda: controller.clients["a"].connection.error is None)
         await asyncio.sleep(0.2)  # a few scans and reconciles more
         assert stamps(out) == before
+        await a_changes_reach_b(clusters, out)
+
+
+async def test_a_member_folder_whose_scan_hangs_goes_stale_then_recovers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stat on a member volume whose NFS server is gone never returns: the member was
+    shown connected, with no error, for as long as it hung (15 s measured, no end)."""
+    clusters, out = a_exports_to_b(tmp_path)
+    monkeypatch.setattr(file_source, "SCAN_STUCK_S", 0.1)
+    hung, scan = threading.Event(), DirectoryCluster._scan
+
+    def hanging(self: DirectoryCluster):  # type: ignore[no-untyped-def]
+        if self.cluster_id == "a":
+            hung.wait(10)
+        return scan(self)
+
+    async with Running(clusters, out) as app:
+        controller = app.controller
+        assert controller is not None
+        monkeypatch.setattr(DirectoryCluster, "_scan", hanging)
+        try:
+            await until(lambda: controller.members()["a"]["stale"])
+            assert "(a hung volume?)" in controller.members()["a"]["error"]
+        finally:
+            hung.set()  # the volume answers again
+        await until(lambda: not controller.members()["a"]["stale"])
         await a_changes_reach_b(clusters, out)
 
 

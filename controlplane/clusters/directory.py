@@ -8,9 +8,10 @@ does not parse or validate is rejected with its file and line and the cluster ke
 last good view (a half-read cluster could drop a Service while keeping its export). A
 cluster folder that goes missing or unreadable keeps the cluster's last view; once it has
 been so for `stale_after_s` (a Kubernetes member's grace: StaleGrace) with no good scan
-between, the cluster is marked disconnected, that view stale. A file that cannot even be
-looked at (a symlink loop, no permission) is rejected like a bad one; nothing found in
-the folders ends the watch.
+between, the cluster is marked disconnected, that view stale. A scan that gets through no
+file for SCAN_STUCK_S (a stat or read hanging on a dead NFS or FUSE volume) is such a
+failure too. A file that cannot even be looked at (a symlink loop, no permission) is
+rejected like a bad one; nothing found in the folders ends the watch.
 
 Writing: one file per object, `<kind>_<namespace>_<name>.yaml`, written by atomic rename
 and only when the object changed; files no longer wanted are removed. Other files in OUT
@@ -63,7 +64,15 @@ from mcsproxy.manifests import (
     kind_error,
     load_yaml_documents,
 )
-from mcsproxy.sources.file import YAML_SUFFIXES, FileRead, FileStamp, SettleGate, read_file
+from mcsproxy.sources.file import (
+    YAML_SUFFIXES,
+    FileRead,
+    FileStamp,
+    ScanProgress,
+    SettleGate,
+    read_file,
+    watched_scan,
+)
 from mcsproxy.tasks import in_daemon_thread
 
 log = logging.getLogger("controlplane.clusters.directory")
@@ -172,6 +181,7 @@ class DirectoryCluster:
         self._cache: dict[Path, tuple[FileRead, FileObjects | ManifestError]] = {}
         self._committed: dict[Path, tuple[FileRead, FileObjects]] = {}
         self._settle = SettleGate()  # only _scan touches it, one scan at a time
+        self._progress = ScanProgress()  # counted up by _scan's thread
         self._owner: dict[ObjectRef, set[Path]] = {}
         self._written: dict[str, Obj] = {}
         # Of _written's files, the version we wrote or last saw (None: it could not be
@@ -198,6 +208,7 @@ class DirectoryCluster:
             path = Path(entry.path)
             try:
                 st = entry.stat()
+                self._progress.files += 1
             except FileNotFoundError:
                 continue
             except OSError as exc:
@@ -216,6 +227,7 @@ class DirectoryCluster:
                 continue  # the cache keeps the last version read, so nothing is dirty
             try:
                 read, data = read_file(path, stamp)
+                self._progress.files += 1
             except OSError as exc:
                 read = FileRead(stamp, b"", time.time_ns())
                 scan.parsed[path] = (read, ManifestError(f"cannot read: {exc}", str(path)))
@@ -226,12 +238,16 @@ class DirectoryCluster:
                 scan.parsed[path] = (read, cached[1])
                 continue
             try:
+                self._progress.parsing = True
                 result: FileObjects | ManifestError = parse_cluster_file(
                     data.decode("utf-8"), str(path), self.cluster_id)
             except ManifestError as exc:
                 result = exc
             except UnicodeDecodeError as exc:
                 result = ManifestError(f"cannot read: {exc}", str(path))
+            finally:
+                self._progress.parsing = False
+                self._progress.files += 1
             scan.parsed[path] = (read, result)
         # A move (the new file renamed into place, the old one deleted) withdrew the
         # export for a scan, and with it the ServiceImport in every cluster.
@@ -259,11 +275,7 @@ class DirectoryCluster:
     def _commit(self, scan: _Scan) -> ChangeSet:
         changes = ChangeSet()
         if scan.unreadable is not None:
-            if self.connection.error != scan.unreadable and self.connection.connected:
-                log.warning("cluster %s unreadable (%s): stale if it stays so for %g s",
-                            self.cluster_id, scan.unreadable, self._grace.stale_after_s)
-            self._set_connected(self._grace.connected(True, self.connection.connected),
-                                scan.unreadable, changes)
+            self._failing(scan.unreadable, changes)
             return changes
         if self._grace.failing and self.connection.connected:
             log.info("cluster %s readable again", self.cluster_id)
@@ -321,6 +333,22 @@ class DirectoryCluster:
             return cached[1][ref]
         return self._committed[path][1][ref]
 
+    def _failing(self, error: str, changes: ChangeSet) -> None:
+        """The folder cannot be read now: stale once it has been so for the grace."""
+        if self.connection.error != error and self.connection.connected:
+            log.warning("cluster %s unreadable (%s): stale if it stays so for %g s",
+                        self.cluster_id, error, self._grace.stale_after_s)
+        self._set_connected(self._grace.connected(True, self.connection.connected), error,
+                            changes)
+
+    def _scan_stuck(self, why: str) -> None:
+        """A scan hanging on the member's volume: the member showed connected, with no
+        error, for as long as it hung."""
+        changes = ChangeSet()
+        self._failing(f"{self.source_dir}: {why}", changes)
+        if changes and self._notify is not None:
+            self._notify(self.cluster_id, changes)
+
     def _grace_over(self) -> None:
         """Still unreadable `stale_after_s` after the first failed scan: stale now."""
         changes = ChangeSet()
@@ -331,7 +359,8 @@ class DirectoryCluster:
 
     async def _read_folder(self) -> ChangeSet:
         try:
-            scan = await in_daemon_thread(self._scan, f"scan {self.cluster_id}")
+            scan = await watched_scan(self._scan, f"scan {self.cluster_id}", self._progress,
+                                      self._scan_stuck)
         except OSError as exc:  # whatever else the folder does: stale, never the end
             scan = _Scan(unreadable=f"{self.source_dir}: {exc.strerror or exc}")
         return self._commit(scan)
