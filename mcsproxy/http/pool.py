@@ -26,9 +26,10 @@ from mcsproxy.http.wire import (
     TRAILER,
     TRANSFER_ENCODING,
     UPGRADE,
-    add_field,
+    FieldLines,
     chunked_unlike_llhttp,
     connection_tokens,
+    response_fields_at,
     tail_bytes,
     transfer_codings,
     trimmed,
@@ -75,14 +76,15 @@ class UpstreamConn(asyncio.Protocol):
         "dead",
         "discarding",
         "exchange",
+        "fields",
         "head_parts",
         "idle_since",
         "interim",
         "keep_alive",
         "length",
         "parser",
-        "parts",
         "pool",
+        "read",
         "received",
         "reused",
         "sent",
@@ -112,7 +114,10 @@ class UpstreamConn(asyncio.Protocol):
         self.reused = False
         self.began = False
         self.keep_alive = False
-        self.parts: list[bytes] = []  # fields to forward: (name, ": ", value, CRLF) groups
+        self.fields = FieldLines()  # the field lines to forward
+        # The read being parsed until a response ends in it (b"" otherwise): a response
+        # that begins in it begins at its start (see on_message_begin).
+        self.read = b""
         self.length: bytes | None = None
         self.chunked = False
         self.te: bytes | None = None  # Transfer-Encoding as received
@@ -121,7 +126,7 @@ class UpstreamConn(asyncio.Protocol):
         self.conn_close = False  # a plain `Connection: close` (token lists: conn_tokens)
         self.upgrade: bytes | None = None
         self.dated = False  # the response has a Date field (see Exchange.response_head)
-        # Of a chunked response: how many of `parts` are its head's (those after are its
+        # Of a chunked response: how many of `fields.parts` are its head's (those after are its
         # trailer fields; set by Exchange.response_head, which joins the head from them).
         # And the bytes read while a head or a trailer section may be under way, which
         # llhttp holds until it ends (see on_message_begin and on_chunk_header; -1: not now).
@@ -159,6 +164,7 @@ class UpstreamConn(asyncio.Protocol):
             self.transport.abort()
             return
         client = ex.client if ex is not None else None
+        self.read = data
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
@@ -167,6 +173,7 @@ class UpstreamConn(asyncio.Protocol):
                 ex.upgraded(self, data[exc.args[0]:])
         except HttpParserError as exc:
             self.fail(f"malformed response ({exc})")
+        self.read = b""
         if self.tail >= 0:
             self.count_tail(len(data))
         if self.began and self.exchange is not None:
@@ -317,7 +324,13 @@ class UpstreamConn(asyncio.Protocol):
         # The head: counted from this read, whole (what came before it in the read is at
         # most an interim response), until on_headers_complete.
         self.tail = 1
-        self.parts = []
+        fields = self.fields
+        fields.reset()
+        read = self.read
+        if read:
+            # No response ended earlier in this read, so this one begins at its start
+            # (the one before ended with the previous read): its lines are looked for there.
+            fields.find_in(read, response_fields_at(read))
         self.length = None
         self.chunked = False
         self.te = self.codings = None
@@ -328,13 +341,13 @@ class UpstreamConn(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # Called for every field of every response: kept short. Trailer fields (after a
-        # chunked body) land here too, after the head went out: those kept in `parts`
-        # (after head_parts) are forwarded by Exchange.response_done; what the others
+        # chunked body) land here too, after the head went out: those kept in
+        # `fields.parts` (after head_parts) are forwarded by Exchange.response_done; what the others
         # set is reset by on_message_begin before anyone reads it again.
         kind = RESPONSE_FIELDS.of(name)
+        fields = self.fields
         if not kind:
-            # Flat (name, ": ", value, CRLF) groups: joined once into the response head.
-            add_field(self.parts, name, value)
+            fields.take(name, value)  # joined once into the response head
             # Date, compared rather than a kind: a kind of its length costs every response
             # a look-up (+405 instructions, 1 %, bench/http/micro.py); this, ~40 for Date
             # and ~5 for a field of another length. A first byte other than d or D
@@ -342,7 +355,13 @@ class UpstreamConn(asyncio.Protocol):
             if len(name) == 4 and (name == b"Date" or (
                     name[0] | 32 == 100 and name.lower() == b"date")):
                 self.dated = True
-        elif kind == CONTENT_LENGTH:
+            return
+        ex = self.exchange
+        if kind == TRAILER and ex is not None and ex.http11:
+            fields.take(name, value)
+            return
+        fields.skip(name, value)
+        if kind == CONTENT_LENGTH:
             self.length = trimmed(value)  # sent on in our framing
         elif kind == TRANSFER_ENCODING:
             self.te = value if self.te is None else self.te + b", " + value
@@ -358,13 +377,10 @@ class UpstreamConn(asyncio.Protocol):
             self.conn_tokens.append(value)
         elif kind == UPGRADE:
             self.upgrade = trimmed(value)
-        elif kind == TRAILER:
-            ex = self.exchange
-            if ex is not None and ex.http11:
-                add_field(self.parts, name, value)
 
     def on_headers_complete(self) -> None:
         self.tail = -1
+        self.fields.end()
         ex = self.exchange
         if ex is None:
             return
@@ -419,15 +435,14 @@ class UpstreamConn(asyncio.Protocol):
         return self.conn_tokens is None or b"close" not in connection_tokens(self.conn_tokens)
 
     def over_limits(self, start: int) -> str | None:
-        """The header limit that the fields of `parts` from `start` (the head's: 0; a
-        trailer section's: head_parts) exceed, if any. The count always (one comparison;
-        `parts` holds 4 items a field, and a shift, unlike 4 * max_headers, makes no new
-        int object when interpreted); the size only when the bytes read since the request
-        went out exceed the limit (the section is within them), which a small answer's
-        never do."""
+        """The header limit that the field lines of `fields.parts` from `start` (the
+        head's: 0; a trailer section's: head_parts, one line an item) exceed, if any. The
+        count always; the size only when the bytes read since the request went out exceed
+        the limit (the section is within them), which a small answer's never do."""
         http = self.pool.engine.http
-        parts = self.parts
-        if (len(parts) - start) >> 2 > http.max_headers:
+        fields = self.fields
+        parts = fields.parts
+        if (fields.count if start == 0 else len(parts) - start) > http.max_headers:
             return f"{http.max_headers} fields"
         if self.received > http.max_header_bytes and \
                 sum(map(len, islice(parts, start, None))) > http.max_header_bytes:
@@ -486,6 +501,7 @@ class UpstreamConn(asyncio.Protocol):
         self.parser = HttpResponseParser(self)
 
     def on_message_complete(self) -> None:
+        self.read = b""  # a response after this one in the read begins inside it
         if self.interim:
             self.interim = False
             return

@@ -74,10 +74,11 @@ from mcsproxy.http.wire import (
     VALID_HOSTS,
     X_FORWARDED_FOR,
     X_REQUEST_ID,
-    add_field,
+    FieldLines,
     connection_tokens,
     drop_fields,
     host_is_valid,
+    request_fields_at,
     status_line,
     switches_as_offered,
     tail_bytes,
@@ -209,6 +210,7 @@ class ClientConnection(asyncio.Protocol):
         "cutting",
         "engine",
         "expect",
+        "fields",
         "flush_held",
         "front",
         "fwd",
@@ -232,7 +234,6 @@ class ClientConnection(asyncio.Protocol):
         "out",
         "owed",
         "parser",
-        "parts",
         "paused",
         "probe_at",
         "queue",
@@ -304,7 +305,7 @@ class ClientConnection(asyncio.Protocol):
         self.client_ip = b""
         self.fwd = b""
         self.limit_key: str | None = None  # counted by the listener's connection limits
-        self.parts: list[bytes] = []
+        self.fields = FieldLines()
         self.tail = -1  # a chunked body's trailer section, as UpstreamConn.tail
         self._reset_head()
 
@@ -327,7 +328,7 @@ class ClientConnection(asyncio.Protocol):
         dropped, not held while the connection waits for the next request. A head that
         fails ends the connection, so no head ever starts from another's leftovers."""
         self.url = b""
-        self.parts.clear()
+        self.fields.reset()
         self.host: bytes | None = None
         self.xff: bytes | None = None
         self.conn_tokens: list[bytes] | None = None
@@ -721,17 +722,39 @@ class ClientConnection(asyncio.Protocol):
         if not self.in_head:
             self.on_trailer(name, value)
             return
+        fields = self.fields
+        if self.nheaders == 1 and self.line_at == 0:
+            # The read began with this request: its lines are looked for there.
+            fields.find_in(self.read, request_fields_at(self.read, self.url))
         kind = REQUEST_FIELDS.of(name)
         if not kind:
-            # Flat (name, ": ", value, CRLF) groups, as UpstreamConn.parts.
-            add_field(self.parts, name, value)
-        elif kind == HOST:
+            fields.take(name, value)
+            return
+        if kind == HOST:
             if self.host is not None:
                 self.request_error = RequestError(400, "more than one Host header", INVALID_HOST)
                 raise self.request_error
-            value = self.host = trimmed(value)
-            add_field(self.parts, name, value)
-        elif kind == CONTENT_LENGTH:
+            host = self.host = trimmed(value)
+            if host is value:
+                fields.take(name, value)
+            else:
+                fields.skip(name, value)
+                fields.add(name, host)
+            return
+        if kind == X_REQUEST_ID:
+            if len(value) <= MAX_REQUEST_ID and not self.has_request_id:
+                self.has_request_id = True
+                request_id = trimmed(value)
+                if request_id is value:
+                    fields.take(name, value)
+                    return
+                fields.skip(name, value)
+                fields.add(name, request_id)
+            else:
+                fields.skip(name, value)
+            return
+        fields.skip(name, value)
+        if kind == CONTENT_LENGTH:
             self.length = value  # llhttp rejects duplicates and anything but digits
         elif kind == TRANSFER_ENCODING:
             # Field lines of one name combine into one list (RFC 9110 5.3): `gzip` and
@@ -740,10 +763,6 @@ class ClientConnection(asyncio.Protocol):
         elif kind == X_FORWARDED_FOR:
             value = trimmed(value)
             self.xff = value if self.xff is None else self.xff + b", " + value
-        elif kind == X_REQUEST_ID:
-            if len(value) <= MAX_REQUEST_ID and not self.has_request_id:
-                self.has_request_id = True
-                add_field(self.parts, name, trimmed(value))
         elif kind == CONNECTION:
             if value == b"keep-alive" or value in PLAIN_CONNECTION:  # (UpstreamConn.on_header)
                 if value[0] in b"kK":
@@ -774,6 +793,8 @@ class ClientConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.in_head = False
+        fields = self.fields
+        fields.end()
         parser: HttpRequestParser = self.parser  # type: ignore[assignment]  # parsing
         keep_alive = parser.should_keep_alive()
         # llhttp (lenient: any HTTP/d.d) keeps a request alive unasked (no Connection:
@@ -823,8 +844,7 @@ class ClientConnection(asyncio.Protocol):
                 # HTTP/1.0 may leave it out (health checkers do), but what we send is 1.1:
                 # the address the client reached, its ClusterSetIP:port, stands in.
                 ip, port = self.transport.get_extra_info("sockname")[:2]
-                add_field(self.parts, b"Host",
-                          (f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}").encode())
+                fields.add(b"Host", (f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}").encode())
         elif host != self.engine.valid_host:
             if host not in VALID_HOSTS and not host_is_valid(host):
                 # RFC 9112 3.2: a MUST, even when an absolute-form target replaces it (as
@@ -836,8 +856,8 @@ class ClientConnection(asyncio.Protocol):
                 self._refuse(400, "invalid authority in the request target", INVALID_HOST)
             # RFC 9112 3.2.2: the target's authority stands for any Host field received.
             self.host = authority
-            self.parts = drop_fields(self.parts, {b"host"})
-            add_field(self.parts, b"Host", authority)
+            fields.parts = drop_fields(fields.parts, {b"host"})
+            fields.add(b"Host", authority)
         chunked = False
         if self.te is not None:
             if not http11:
@@ -889,8 +909,8 @@ class ClientConnection(asyncio.Protocol):
                                           MAX_FORWARDS_REACHED)
                     forwards = b"%d" % (MAX_FORWARDS_CAP if len(digits) > 9
                                         else min(int(digits or b"1") - 1, MAX_FORWARDS_CAP))
-            add_field(self.parts, b"Max-Forwards", forwards)
-        parts = self.parts
+            fields.add(b"Max-Forwards", forwards)
+        parts = fields.parts
         if self.conn_tokens is not None:
             nominated = connection_tokens(self.conn_tokens) - NEVER_NOMINATED
             if nominated:
@@ -911,7 +931,7 @@ class ClientConnection(asyncio.Protocol):
             framing = b"Content-Length: %d\r\n\r\n" % length
         else:
             framing = CRLF
-        # The head joined from `parts` itself (cleared by _reset_head next): a new list
+        # The head joined from `parts` itself (replaced by _reset_head next): a new list
         # with `*parts` spread into it cost ~700 instructions more (bench/http/micro.py).
         parts.insert(0, method + b" " + url + b" HTTP/1.1\r\n")
         parts.append(fwd)
@@ -1735,7 +1755,7 @@ class Exchange:
         fields its Connection header names (RFC 9110 7.6.1), with our Via (7.6.3: in each
         message forwarded). A 103's `Connection: x` used to leave field x in."""
         if self.http11 and not self.resp_started:
-            parts = up.parts
+            parts = up.fields.parts
             if up.conn_tokens is not None:
                 parts = drop_fields(parts, connection_tokens(up.conn_tokens))
             self.client.out.append(b"".join((status_line(status), *parts,
@@ -1778,7 +1798,7 @@ class Exchange:
                 return
         self.status = status
         client = self.client
-        parts = up.parts
+        parts = up.fields.parts
         if up.conn_tokens is not None:
             nominated = connection_tokens(up.conn_tokens) - {b"close", b"keep-alive", b"upgrade"}
             if nominated:
@@ -1858,7 +1878,7 @@ class Exchange:
         parts.append(framing)
         parts.append(tail)
         client.out.append(b"".join(parts))
-        up.head_parts = len(up.parts)
+        up.head_parts = len(up.fields.parts)
         self.resp_started = True
         if stop:
             up.skip_body()
@@ -1879,7 +1899,7 @@ class Exchange:
 
     def response_done(self, up: UpstreamConn) -> None:
         if self.resp_mode == CHUNKED:
-            if up.chunked and len(up.parts) > up.head_parts:
+            if up.chunked and len(up.fields.parts) > up.head_parts:
                 if not self.trailers(up):
                     return
             else:
@@ -1901,7 +1921,7 @@ class Exchange:
             return False
         # Fields the Connection header names are hop-by-hop in trailers too (RFC 9110 7.6.1).
         self.client.out.append(trailer_section(
-            up.parts, up.head_parts,
+            up.fields.parts, up.head_parts,
             connection_tokens(up.conn_tokens) if up.conn_tokens else None))
         return True
 

@@ -241,25 +241,158 @@ def trimmed(value: bytes) -> bytes:
     return value
 
 
-def add_field(parts: list[bytes], name: bytes, value: bytes) -> None:
-    """A field as a (name, ": ", value, CRLF) group of `parts`, which are joined once into
-    the head. Four appends, not `+=` of a tuple: no tuple made and freed per field
-    (bench/http/micro.py: 800 instructions less a request of 7 fields)."""
-    parts.append(name)
-    parts.append(b": ")
-    parts.append(value)
-    parts.append(CRLF)
+class FieldLines:
+    """The field lines of a head to forward, joined once into it: `parts`, each item one
+    or more whole lines (name ": " value CRLF), `count` lines in all.
+
+    A line forwarded as it came is not rebuilt from its name and value when the head lies
+    in the read being parsed (`raw`, the next line at `at`; -1: not looked for): the line
+    is found there by the lengths of both and checked (see take), and lines that follow
+    each other go on as one slice of the read (the run from `run_from` to `run_to`). The
+    join costs ~80 instructions an item, and above 10 items a buffer allocated and freed
+    (~400): a line as (name, ": ", value, CRLF) cost its head ~650 instructions, 4
+    appends and 4 items (bench/http/micro.py, 2 request and 3 response lines, 12 and 15
+    items). A line that is not there as expected (a head over several reads, a second
+    request in a read, whitespace other than one space before the value) ends the search
+    for that head: that line and the rest are built one item each."""
+
+    __slots__ = ("at", "count", "parts", "raw", "run_from", "run_to")
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.count = 0
+        self.raw = b""
+        self.at = -1
+        self.run_from = self.run_to = 0
+
+    def reset(self) -> None:
+        """A new head: no line yet, none looked for in a read."""
+        self.parts = []
+        self.count = 0
+        self.raw = b""
+        self.at = -1
+
+    def find_in(self, raw: bytes, at: int) -> None:
+        """The head's field lines begin at `at` of `raw`, the read being parsed (-1: not
+        known there)."""
+        if at >= 0:
+            self.raw = raw
+            self.at = self.run_from = self.run_to = at
+
+    def take(self, name: bytes, value: bytes) -> None:
+        """A field forwarded as it came.
+
+        llhttp reported name and value from the line at `at` (strict: the name at its
+        start and followed by the colon, the value less the whitespace before it, with
+        any after it, no CR inside, and CRLF at the end), so only the whitespace before
+        the value can differ from one space: the CR is right after the value only when
+        exactly one byte came between, and that byte must be a space (not HTAB)."""
+        self.count += 1
+        at = self.at
+        if at >= 0:
+            sp = at + len(name) + 1
+            cr = sp + 1 + len(value)
+            raw = self.raw
+            if cr + 1 < len(raw) and raw[cr] == 13 and raw[sp] == 32:
+                if at != self.run_to:  # a line not forwarded came between
+                    self.close_run()
+                    self.run_from = at
+                self.at = self.run_to = cr + 2
+                return
+            self.lost()
+        self.parts.append(name + b": " + value + CRLF)
+
+    def skip(self, name: bytes, value: bytes) -> None:
+        """A field not forwarded, or forwarded changed (add follows): passed over."""
+        at = self.at
+        if at >= 0:
+            sp = at + len(name) + 1
+            cr = sp + 1 + len(value)
+            raw = self.raw
+            if cr + 1 < len(raw) and raw[cr] == 13 and raw[sp] == 32:
+                self.at = cr + 2
+            else:
+                self.lost()
+
+    def add(self, name: bytes, value: bytes) -> None:
+        """A field line of ours, or one forwarded changed: after those before it."""
+        self.count += 1
+        self.close_run()
+        self.parts.append(name + b": " + value + CRLF)
+
+    def close_run(self) -> None:
+        """The lines taken from `raw` since the last item, as one item."""
+        if self.run_to > self.run_from:
+            self.parts.append(self.raw[self.run_from:self.run_to])
+            self.run_from = self.run_to
+
+    def lost(self) -> None:
+        """A line not where it was expected: no more are looked for in this head."""
+        self.close_run()
+        self.at = -1
+        self.raw = b""
+
+    def end(self) -> list[bytes]:
+        """The head's lines are all in: `parts`, and the read let go."""
+        if self.at >= 0:
+            self.lost()
+        return self.parts
+
+
+def lines_of(parts: list[bytes], start: int = 0) -> list[bytes]:
+    """The field lines of `parts` (FieldLines) from `start`, one an item."""
+    lines: list[bytes] = []
+    for block in parts[start:]:
+        for line in block.split(CRLF)[:-1]:
+            lines.append(line + CRLF)
+    return lines
+
+
+def field_name(line: bytes) -> bytes:
+    """The lowercased name of a field line."""
+    return line[:line.index(b":")].lower()
+
+
+def request_fields_at(read: bytes, url: bytes) -> int:
+    """Where the first field line of the request whose line `read` begins with starts,
+    found from the first space and the target's length (-1: not found so). The line is
+    method SP target SP HTTP/x.y CRLF; llhttp takes more spaces than one, which put the
+    CRLF further on, where the byte checked is inside the line and no CR."""
+    n = len(read)
+    i = 3  # GET, PUT: one byte looked at
+    if n <= i or read[i] != 32:
+        i = 0
+        while i < n and i < 32 and read[i] != 32:
+            i += 1
+    at = i + len(url) + 12
+    if at < n and read[at - 2] == 13 and read[at - 1] == 10:
+        return at
+    return -1
+
+
+def response_fields_at(read: bytes) -> int:
+    """Where the first field line of the response `read` begins with starts: after the
+    first CR from the status code's end (-1: none within a reason phrase of 100 bytes)."""
+    n = len(read)
+    if not n or read[0] != 72:  # "H"TTP/: not after empty lines
+        return -1
+    i = 12
+    while i < n and i < 112 and read[i] != 13:
+        i += 1
+    if i + 2 < n and read[i] == 13 and read[i + 1] == 10:
+        return i + 2
+    return -1
 
 
 def trailer_section(parts: list[bytes], start: int, nominated: set[bytes] | None = None) -> bytes:
-    """The last chunk and the trailer section of a response: the (name, ": ", value, CRLF)
-    groups of `parts` from `start`, less NOT_IN_TRAILERS and the (lowercased) names the
-    head's Connection header `nominated` as hop-by-hop."""
+    """The last chunk and the trailer section of a response: the field lines of `parts`
+    from `start`, less NOT_IN_TRAILERS and the (lowercased) names the head's Connection
+    header `nominated` as hop-by-hop."""
     kept = [b"0\r\n"]
-    for i in range(start, len(parts) - 3, 4):
-        name = parts[i].lower()
+    for line in lines_of(parts, start):
+        name = field_name(line)
         if name not in NOT_IN_TRAILERS and (nominated is None or name not in nominated):
-            kept += parts[i:i + 4]
+            kept.append(line)
     kept.append(CRLF)
     return b"".join(kept)
 
@@ -320,13 +453,9 @@ def chunked_unlike_llhttp(value: bytes) -> bool:
 
 
 def drop_fields(parts: list[bytes], names: set[bytes]) -> list[bytes]:
-    """The (name, ": ", value, CRLF) groups of `parts` whose lowercased name is not in
-    `names` (those a Connection header nominated as hop-by-hop, or Host)."""
-    kept: list[bytes] = []
-    for i in range(0, len(parts) - 3, 4):
-        if parts[i].lower() not in names:
-            kept += parts[i:i + 4]
-    return kept
+    """The field lines of `parts` (FieldLines) whose lowercased name is not in `names`
+    (those a Connection header nominated as hop-by-hop, or Host), one an item."""
+    return [line for line in lines_of(parts) if field_name(line) not in names]
 
 
 def http_date(now: float) -> bytes:
