@@ -271,6 +271,7 @@ class FieldLines:
         self.count = 0
         self.raw = b""
         self.at = -1
+        self.run_from = self.run_to = 0  # (a head a refusal cut short left its run)
 
     def find_in(self, raw: bytes, at: int) -> None:
         """The head's field lines begin at `at` of `raw`, the read being parsed (-1: not
@@ -372,10 +373,15 @@ def request_fields_at(read: bytes, url: bytes) -> int:
 
 def response_fields_at(read: bytes) -> int:
     """Where the first field line of the response `read` begins with starts: after the
-    first CR from the status code's end (-1: none within a reason phrase of 100 bytes)."""
+    first CR from the status code's end (-1: none within a reason phrase of 100 bytes).
+    A CRLF at 15 is that of `HTTP/1.1 200 OK` (a shorter line would have put a field
+    name's first bytes there, or the empty line that ends a head without fields):
+    looked at first, as a scan of the reason phrase costs ~40 instructions a byte."""
     n = len(read)
-    if not n or read[0] != 72:  # "H"TTP/: not after empty lines
+    if n < 17 or read[0] != 72:  # "H"TTP/: not after empty lines
         return -1
+    if read[15] == 13 and read[16] == 10:
+        return 17
     i = 12
     while i < n and i < 112 and read[i] != 13:
         i += 1
