@@ -28,6 +28,7 @@ from mcsproxy.http.wire import (
     REQUEST_KINDS,
     RESPONSE_KINDS,
     FieldKinds,
+    RequestIds,
 )
 from tests.http_support import (
     HTTP_PORT,
@@ -312,6 +313,17 @@ async def test_headers_forwarded_hop_by_hop_removed_and_cluster_named() -> None:
         await client.close()
     finally:
         await stop_all(proxy, backend)
+
+
+def test_request_ids_count_in_decimal_after_the_process_prefix() -> None:
+    # Made from a head of all digits but the last two and a table of two-digit tails
+    # (wire.RequestIds): the same ids as prefix + str(n), across every hundred.
+    ids = RequestIds()
+    made = [ids.next_header() for _ in range(12_345)]
+    prefix = made[0][:-3]
+    assert prefix.startswith(b"X-Request-Id: ") and prefix.endswith(b"-")
+    assert made == [prefix + str(n).encode() + b"\r\n" for n in range(1, 12_346)]
+    assert RequestIds().next_header()[:-3] != prefix  # random per process (per engine)
 
 
 @pytest.mark.parametrize("spell", [bytes.lower, bytes.upper, bytes.title],
