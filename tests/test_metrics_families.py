@@ -119,3 +119,48 @@ def test_every_histogram_shares_its_bucket_bounds() -> None:
     assert one.connect_time.bounds is other.connect_time.bounds is CONNECT_BUCKETS
     assert one.request_time.bounds is other.request_time.bounds is REQUEST_BUCKETS
     assert DnsStats().latency["built"].bounds is DNS_BUCKETS
+
+
+def tricky_families() -> Families:
+    """Label values and help that need escaping, labels sorting around `le`, values that
+    floatToGoString writes in Go's ways (exponents from 1e6 on, +Inf, NaN, bools)."""
+    f = Families()
+    odd = ["a\\b", 'q"x', "n\nl", "plain", "ünï", ""]
+    values: list[float] = [0, 1, 999_999, 1_000_000, 123_456_789_012, -5, -2_000_000, 0.5,
+                           1e-7, 1e20, float("inf"), float("-inf"), float("nan"), True,
+                           1_234_567.5]
+    counter = f.counter("mcsproxy_t_c", 'help with \\ and\nnewline "q"',
+                        ["service", "port", "cluster", "outcome"])
+    gauge = f.gauge("mcsproxy_t_g", "g", ["service", "priority"])
+    hist = f.histogram("mcsproxy_t_h", "h", ["service", "port", "cluster"], CONNECT_BUCKETS)
+    before_le = f.histogram("mcsproxy_t_h2", "h2", ["zeta", "alpha"], (0.5, 2.0))
+    for i in range(300):
+        service = odd[i % len(odd)] + f"ns/s{i * 7919 % 300}"
+        counter.add([service, "p0", 'x"y' if i % 3 else "c0", "ok"], values[i % len(values)])
+        gauge.add([service, str(i % 3)], values[(i + 1) % len(values)])
+        b = Buckets(CONNECT_BUCKETS)
+        for k in range(i % 4):
+            b.observe(k / 7)
+        hist.observe_buckets([service, "p", "c"], b)
+        b2 = Buckets((0.5, 2.0))
+        b2.observe(i / 100)
+        before_le.observe_buckets([service, "x"], b2)
+    f.gauge("mcsproxy_t_n", "no labels").add((), 12_345_678)
+    b0 = Buckets((1.0,))
+    b0.observe(0.3)
+    f.histogram("mcsproxy_t_h0", "no labels", [], (1.0,)).observe_buckets((), b0)
+    return f
+
+
+@pytest.mark.parametrize("size", [7, 100, 10_000])
+def test_the_exposition_is_what_prometheus_client_writes(size: int) -> None:
+    # prometheus-client made a Sample and a labels dict per line and sorted and escaped
+    # each line's labels anew: 11 s of CPU a scrape of 6,000 services of 2 ports in 3
+    # clusters (1.55M lines). Family.exposition writes the same bytes, part by part.
+    families = tricky_families()
+    want = b"".join(generate_latest(piece) if i == 0 else
+                    generate_latest(piece).split(b"\n", 2)[2]
+                    for family in families for i, piece in enumerate(family.pieces(size)))
+    got = [part for family in families for part in family.exposition(size)]
+    assert b"".join(got) == want
+    assert len(got) == sum(-(-len(family.values) // size) for family in families)

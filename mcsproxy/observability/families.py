@@ -21,6 +21,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.utils import floatToGoString
 
 from mcsproxy.observability.stats import Buckets
 
@@ -76,6 +77,59 @@ class Family:
         while chunk := dict(islice(items, size)):
             yield Family(self.name, self.kind, self.help, self.labels, self.summed,
                          self.bounds, chunk)
+
+    def exposition(self, size: int) -> Iterator[bytes]:
+        """This family in the text format, the bytes generate_latest(self) makes, in parts
+        of at most `size` series (each sorted within, as pieces()), HELP and TYPE in the
+        first. Written here rather than by prometheus-client, which makes a Sample and a
+        labels dict for every line and escapes and sorts each line's labels anew: about
+        7 us a line, 11 s of CPU for the 1.55M lines of 6,000 services of 2 ports in 3
+        clusters (each series' label text is made once here, whatever its line count)."""
+        for i, piece in enumerate(self.pieces(size)):
+            lines = [self._head()] if i == 0 else []
+            piece._lines(lines)
+            yield "".join(lines).encode()
+
+    def _head(self) -> str:
+        name = f"{self.name}_total" if self.kind == "counter" else self.name
+        help_text = self.help.replace("\\", r"\\").replace("\n", r"\n")
+        return f"# HELP {name} {help_text}\n# TYPE {name} {self.kind}\n"
+
+    def _lines(self, out: list[str]) -> None:
+        """Append this family's sample lines, in sorted label-value order."""
+        escaped: dict[str, str] = {}
+        # prometheus-client writes a line's labels sorted by name; a histogram's `le`
+        # among them, so its buckets get the text before and after `le`.
+        order = sorted(range(len(self.labels)), key=self.labels.__getitem__)
+        before_le = [i for i in order if self.labels[i] < "le"]
+        after_le = [i for i in order if self.labels[i] >= "le"]
+        items = sorted(self.values.items())
+        if self.kind != "histogram":
+            name = f"{self.name}_total" if self.kind == "counter" else self.name
+            for key, value in items:
+                labels = _label_text(self.labels, order, key, escaped)
+                out.append(f"{name}{{{labels}}} {_go_float(value)}\n" if labels
+                           else f"{name} {_go_float(value)}\n")
+            return
+        bounds = ["+Inf" if b == float("inf") else repr(b) for b in (*self.bounds, float("inf"))]
+        with_count = not self.bounds or self.bounds[0] >= 0  # as HistogramMetricFamily
+        bucket, count, total = f"{self.name}_bucket", f"{self.name}_count", f"{self.name}_sum"
+        for key, (counts, sum_value) in items:
+            left = _label_text(self.labels, before_le, key, escaped)
+            right = _label_text(self.labels, after_le, key, escaped)
+            left = f"{bucket}{{{left}," if left else f"{bucket}{{"
+            right = f",{right}}} " if right else "} "
+            acc = 0
+            for bound, n in zip(bounds, counts, strict=True):
+                acc += n
+                out.append(f'{left}le="{bound}"{right}{_go_float(acc)}\n')
+            if with_count:
+                labels = _label_text(self.labels, order, key, escaped)
+                if labels:
+                    out.append(f"{count}{{{labels}}} {_go_float(acc)}\n"
+                               f"{total}{{{labels}}} {_go_float(sum_value)}\n")
+                else:
+                    out.append(f"{count} {_go_float(acc)}\n{total} {_go_float(sum_value)}\n")
 
     def to_prometheus(self) -> Metric:
         if self.kind == "counter":
@@ -174,6 +228,28 @@ class Families:
         """prometheus-client's Collector interface, so generate_latest(families) works."""
         for fam in self:
             yield fam.to_prometheus()
+
+
+def _label_text(names: tuple[str, ...], order: Sequence[int], key: tuple[str, ...],
+                escaped: dict[str, str]) -> str:
+    """`name="value",...` of the labels at `order`, values escaped as the text format says
+    (memoised in `escaped`: the same few services, ports and clusters recur)."""
+    parts = []
+    for i in order:
+        value = key[i]
+        text = escaped.get(value)
+        if text is None:
+            text = escaped[value] = \
+                value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')
+        parts.append(f'{names[i]}="{text}"')
+    return ",".join(parts)
+
+
+def _go_float(value: float) -> str:
+    """floatToGoString(value), without its float() and checks for the common small int."""
+    if type(value) is int and -1_000_000 < value < 1_000_000:
+        return f"{value}.0"
+    return floatToGoString(value)
 
 
 async def drop_gradually(families: Families, series_per_turn: int = 5000) -> None:
