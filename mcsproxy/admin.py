@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,6 +50,9 @@ STATIC_DIR = Path(__file__).parent / "admin_static"
 STATIC_FILES = {"status.js": "text/javascript", "status.css": "text/css",
                 "controller.html": "text/html"}
 DEMO_TIMEOUT_S = 5.0
+# gzip for a scrape that accepts it (Prometheus always does): level 1 compressed 84 MB of
+# the gateway's counters and histograms 25x in 0.13 s of CPU, level 6 36x in 0.48 s.
+METRICS_GZIP_LEVEL = 1
 # Series per part of the exposition (_render): ~0.5-5 MB of text, a few ms to write.
 METRICS_PART_SERIES = 5000
 FIELD_NAMES: dict[type, tuple[str, ...] | None] = {}
@@ -291,11 +295,11 @@ class SharedScrape:
     def __init__(self) -> None:
         self._lock = asyncio.Lock()
         self._seq = 0  # counts arrivals and scrape starts, in order
-        self._parts: list[bytes] | None = None  # the last scrape's text, while any waits
+        self._parts: Exposition | None = None  # the last scrape's text, while any waits
         self._started = -1  # the sequence number at which that scrape began
         self._waiting = 0
 
-    async def parts(self, scrape: Callable[[], Awaitable[list[bytes]]]) -> list[bytes]:
+    async def parts(self, scrape: Callable[[], Awaitable[Exposition]]) -> Exposition:
         self._seq += 1
         arrived = self._seq
         self._waiting += 1
@@ -315,7 +319,43 @@ class SharedScrape:
                 self._parts = None  # megabytes of text: kept only for requests waiting
 
 
-async def _scrape(gateway: Gateway, process: CollectorRegistry) -> list[bytes]:
+class Exposition:
+    """One scrape's text in parts, and its gzip encoding, made once (in a thread: zlib lets
+    go of the interpreter) for all the requests that share the scrape and accept it."""
+
+    __slots__ = ("_gzip", "plain")
+
+    def __init__(self, plain: list[bytes]) -> None:
+        self.plain = plain
+        self._gzip: asyncio.Future[list[bytes]] | None = None
+
+    async def gzipped(self) -> list[bytes]:
+        if self._gzip is None:
+            self._gzip = asyncio.ensure_future(asyncio.to_thread(gzip_parts, self.plain))
+        return await asyncio.shield(self._gzip)  # a request that leaves stops no other's
+
+
+def gzip_parts(parts: list[bytes]) -> list[bytes]:
+    compressor = zlib.compressobj(METRICS_GZIP_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    out = [chunk for chunk in map(compressor.compress, parts) if chunk]
+    out.append(compressor.flush())
+    return out
+
+
+def accepts_gzip(request: web.Request) -> bool:
+    """Whether Accept-Encoding names gzip with a weight above 0 (RFC 9110 12.5.3)."""
+    for item in request.headers.get("Accept-Encoding", "").split(","):
+        coding, *params = (p.strip() for p in item.split(";"))
+        if coding.lower() in ("gzip", "x-gzip"):
+            weights = [p.partition("=")[2] for p in params if p.lower().startswith("q=")]
+            try:
+                return not weights or float(weights[0]) > 0
+            except ValueError:
+                return False
+    return False
+
+
+async def _scrape(gateway: Gateway, process: CollectorRegistry) -> Exposition:
     # The cyclic collector off until this scrape's series are freed (gc_pause, and
     # Observer.gather): turned on between gather and render, its next collection scanned
     # them all, a stop of the loop.
@@ -325,7 +365,7 @@ async def _scrape(gateway: Gateway, process: CollectorRegistry) -> list[bytes]:
         # services x 3 clusters are 200,000 of them; on the loop DNS and the proxy stopped
         # for those seconds (measured: a DNS answer 4.5 s late). `families` is this
         # scrape's own copy, emptied by the render.
-        return await asyncio.to_thread(_render, families, process)
+        return Exposition(await asyncio.to_thread(_render, families, process))
 
 
 async def metrics(request: web.Request) -> web.StreamResponse:
@@ -333,8 +373,16 @@ async def metrics(request: web.Request) -> web.StreamResponse:
         return web.Response(headers={"Content-Type": CONTENT_TYPE_LATEST})
     gateway = _gateway(request)
     process = request.app[PROCESS_KEY]
-    parts = await request.app[SCRAPE_KEY].parts(lambda: _scrape(gateway, process))
-    response = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE_LATEST})
+    exposition = await request.app[SCRAPE_KEY].parts(lambda: _scrape(gateway, process))
+    # Not compressed, a scrape of 6,000 services of 2 ports in 3 clusters sent 158 MB
+    # to each Prometheus, which always asks for gzip: 8.3 MB now.
+    gzipped = accepts_gzip(request)
+    parts = await exposition.gzipped() if gzipped else exposition.plain
+    del exposition  # the plain text goes with the last request that writes it
+    headers = {"Content-Type": CONTENT_TYPE_LATEST, "Vary": "Accept-Encoding"}
+    if gzipped:
+        headers["Content-Encoding"] = "gzip"
+    response = web.StreamResponse(headers=headers)
     response.content_length = sum(map(len, parts))
     await response.prepare(request)
     for part in parts:

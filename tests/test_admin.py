@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gzip
 import itertools
 import json
 import os
@@ -31,6 +32,7 @@ from tests.proxy_fixtures import Backend, ask, free_port
 from tests.test_metrics_support import (
     LoopTurns,
     RunningGateway,
+    parse_metrics,
     service_yaml,
     start_gateway,
     value,
@@ -587,5 +589,34 @@ async def test_metrics_scrapes_sent_at_once_share_one_render(
         # A scrape after them is a scrape of its own.
         await scrape()
         assert renders <= 3
+    finally:
+        await gw.stop()
+
+
+@pytest.mark.parametrize(("accept", "gzipped"), [
+    ("gzip", True), ("deflate, GZip;q=0.5", True), ("gzip;q=0", False), ("identity", False),
+    (None, False)])
+async def test_metrics_are_gzipped_for_a_scraper_that_accepts_it(
+        tmp_path: Path, accept: str | None, gzipped: bool) -> None:
+    """Prometheus always sends Accept-Encoding: gzip, and got the text as it is: 158 MB
+    a scrape at 6,000 services of 2 ports in 3 clusters (8.3 MB gzipped)."""
+    backends = [Backend(f"{c}-1", f"127.81.11.{9 + i}", 9, c)
+                for i, c in enumerate(("east", "west"))]
+    files = {f"s{i}": service_yaml(f"s{i}", f"127.241.9.{i + 1}", backends) for i in range(20)}
+    gw = await start_gateway(tmp_path, "127.81.11.1", files=files)
+    try:
+        extra = f"Accept-Encoding: {accept}\r\n" if accept is not None else ""
+        client = await RawClient.open(*gw.gateway.admin.bound)  # it decodes nothing
+        try:
+            resp = await client.get("/metrics", host="127.81.11.1", extra=extra)
+        finally:
+            await client.close()
+        assert resp.status == 200
+        assert resp.headers[b"vary"] == b"Accept-Encoding"
+        assert resp.headers.get(b"content-encoding") == (b"gzip" if gzipped else None)
+        text = (gzip.decompress(resp.body) if gzipped else resp.body).decode()
+        samples = parse_metrics(text)
+        assert value(samples, "mcsproxy_snapshot_services") == 20
+        assert len(samples["mcsproxy_upstream_endpoints"]) == 20 * 2 * 3
     finally:
         await gw.stop()
