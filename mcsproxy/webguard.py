@@ -33,7 +33,8 @@ from mcsproxy.tokenfile import TokenFile
 
 log = logging.getLogger("mcsproxy.webguard")
 
-CLOSE_REASONS = ("connection_limit", "client_limit", "head_timeout")
+# answer_timeout: an answer not read within its deadline (the admin's /metrics).
+CLOSE_REASONS = ("connection_limit", "client_limit", "head_timeout", "answer_timeout")
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # Sec-Fetch-Site values of a request a page of this very origin (or the user) made.
 SAME_SITE_FETCHES = frozenset({"same-origin", "none"})

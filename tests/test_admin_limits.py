@@ -185,7 +185,8 @@ async def test_admin_caps_connections_in_all_and_per_client_address(tmp_path: Pa
         for conn in held:  # the established ones never noticed
             assert await get(*conn, "/readyz") == b"HTTP/1.1 200 OK"
         guard = gw.gateway.admin.guard
-        assert guard.closed == {"connection_limit": 1, "client_limit": 1, "head_timeout": 0}
+        assert guard.closed == {"connection_limit": 1, "client_limit": 1, "head_timeout": 0,
+                                "answer_timeout": 0}
         for _, writer in held:
             await close(writer)
         held.clear()

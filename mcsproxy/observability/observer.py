@@ -218,7 +218,8 @@ class Observer:
             closed = f.counter("mcsproxy_admin_connections_closed",
                                "Admin connections closed by a limit: connection_limit, "
                                "client_limit (refused at accept), head_timeout (no complete "
-                               "request head in time)", ["outcome"])
+                               "request head in time), answer_timeout (a /metrics answer not "
+                               "read in time)", ["outcome"])
             for reason, n in self.gateway.admin.guard.closed.items():
                 closed.add([reason], n)
         yield from self._collect_proxy(f)
