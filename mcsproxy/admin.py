@@ -14,7 +14,8 @@ import json
 import logging
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +59,10 @@ METRICS_GZIP_LEVEL = 1
 # ports in 3 clusters) for as long as it kept the connection, each such request its own
 # scrape's. Prometheus gives up after its scrape timeout (10 s by default) itself.
 METRICS_WRITE_TIMEOUT_S = 60.0
+# Scrapes whose text requests are still writing (or gzipping) at once: a new scrape waits
+# for one to end (at most METRICS_WRITE_TIMEOUT_S). Clients that each asked, stopped
+# reading and asked again made a scrape each, every text held until the timeout.
+METRICS_TEXTS_HELD = 2
 # Series per part of the exposition (_render): ~0.5-5 MB of text, a few ms to write.
 METRICS_PART_SERIES = 5000
 FIELD_NAMES: dict[type, tuple[str, ...] | None] = {}
@@ -293,9 +298,10 @@ class SharedScrape:
     six threads together, each taking its share of the interpreter from the loop the
     proxy and DNS run on. Now a request that arrives while a scrape is under way waits
     for it to end, and every request that waited shares the next one, which begins after
-    they all arrived: no answer is older than its request."""
+    they all arrived: no answer is older than its request. At most METRICS_TEXTS_HELD
+    scrapes' texts are held by requests writing them."""
 
-    __slots__ = ("_lock", "_parts", "_seq", "_started", "_waiting")
+    __slots__ = ("_freed", "_held", "_lock", "_parts", "_seq", "_started", "_waiting")
 
     def __init__(self) -> None:
         self._lock = asyncio.Lock()
@@ -303,36 +309,72 @@ class SharedScrape:
         self._parts: Exposition | None = None  # the last scrape's text, while any waits
         self._started = -1  # the sequence number at which that scrape began
         self._waiting = 0
+        self._held = 0  # texts some request holds (TextHold.users > 0)
+        self._freed: asyncio.Future[None] | None = None  # a scrape waits for a text to go
 
-    async def parts(self, scrape: Callable[[], Awaitable[Exposition]]) -> Exposition:
+    @asynccontextmanager
+    async def answer(self, scrape: Callable[[], Awaitable[Exposition]],
+                     gzipped: bool) -> AsyncIterator[list[bytes]]:
+        """One request's text, gzipped or not, held (and counted) until the block ends."""
+        exposition = await self._shared(scrape)
+        hold = exposition.hold
+        try:
+            parts = await exposition.gzipped() if gzipped else exposition.plain
+            del exposition  # the plain text goes with the last request that writes it
+            yield parts
+        finally:
+            hold.users -= 1
+            if not hold.users:
+                self._held -= 1
+                if self._freed is not None and not self._freed.done():
+                    self._freed.set_result(None)
+
+    async def _shared(self, scrape: Callable[[], Awaitable[Exposition]]) -> Exposition:
         self._seq += 1
         arrived = self._seq
         self._waiting += 1
         try:
             async with self._lock:
-                if self._parts is not None and self._started > arrived:
-                    return self._parts
-                self._seq += 1
-                started = self._seq
-                self._parts = None
-                parts = await scrape()
-                self._parts, self._started = parts, started
-                return parts
+                if self._parts is None or self._started < arrived:
+                    while self._held >= METRICS_TEXTS_HELD:
+                        self._freed = asyncio.get_running_loop().create_future()
+                        await self._freed
+                    self._seq += 1
+                    started = self._seq
+                    self._parts = None
+                    parts = await scrape()
+                    self._parts, self._started = parts, started
+                # Counted before the caller may be cancelled: no await until its `try`.
+                hold = self._parts.hold
+                if not hold.users:
+                    self._held += 1
+                hold.users += 1
+                return self._parts
         finally:
             self._waiting -= 1
             if not self._waiting:
                 self._parts = None  # megabytes of text: kept only for requests waiting
 
 
+class TextHold:
+    """How many requests hold one scrape's text (apart from it: counting must not keep it)."""
+
+    __slots__ = ("users",)
+
+    def __init__(self) -> None:
+        self.users = 0
+
+
 class Exposition:
     """One scrape's text in parts, and its gzip encoding, made once (in a thread: zlib lets
     go of the interpreter) for all the requests that share the scrape and accept it."""
 
-    __slots__ = ("_gzip", "plain")
+    __slots__ = ("_gzip", "hold", "plain")
 
     def __init__(self, plain: list[bytes]) -> None:
         self.plain = plain
         self._gzip: asyncio.Future[list[bytes]] | None = None
+        self.hold = TextHold()
 
     async def gzipped(self) -> list[bytes]:
         if self._gzip is None:
@@ -378,30 +420,29 @@ async def metrics(request: web.Request) -> web.StreamResponse:
         return web.Response(headers={"Content-Type": CONTENT_TYPE_LATEST})
     gateway = _gateway(request)
     process = request.app[PROCESS_KEY]
-    exposition = await request.app[SCRAPE_KEY].parts(lambda: _scrape(gateway, process))
     # Not compressed, a scrape of 6,000 services of 2 ports in 3 clusters sent 158 MB
     # to each Prometheus, which always asks for gzip: 8.3 MB now.
     gzipped = accepts_gzip(request)
-    parts = await exposition.gzipped() if gzipped else exposition.plain
-    del exposition  # the plain text goes with the last request that writes it
     headers = {"Content-Type": CONTENT_TYPE_LATEST, "Vary": "Accept-Encoding"}
     if gzipped:
         headers["Content-Encoding"] = "gzip"
     response = web.StreamResponse(headers=headers)
-    response.content_length = sum(map(len, parts))
-    await response.prepare(request)
-    try:
-        async with asyncio.timeout(METRICS_WRITE_TIMEOUT_S):
-            for part in parts:
-                await response.write(part)  # waits while the scraper's socket is full
-            await response.write_eof()
-    except TimeoutError:
-        gateway.admin.guard.count("answer_timeout", f"/metrics not read within "
-                                  f"{METRICS_WRITE_TIMEOUT_S:g} s")
-        if request.transport is not None:
-            request.transport.abort()  # and what it holds of the text with it
-    except ConnectionError:
-        pass  # the scraper left (its own scrape timeout): no traceback in the log for it
+    async with request.app[SCRAPE_KEY].answer(lambda: _scrape(gateway, process),
+                                              gzipped) as parts:
+        response.content_length = sum(map(len, parts))
+        await response.prepare(request)
+        try:
+            async with asyncio.timeout(METRICS_WRITE_TIMEOUT_S):
+                for part in parts:
+                    await response.write(part)  # waits while the scraper's socket is full
+                await response.write_eof()
+        except TimeoutError:
+            gateway.admin.guard.count("answer_timeout", f"/metrics not read within "
+                                      f"{METRICS_WRITE_TIMEOUT_S:g} s")
+            if request.transport is not None:
+                request.transport.abort()  # and what it holds of the text with it
+        except ConnectionError:
+            pass  # the scraper left (its own scrape timeout): no traceback in the log
     return response
 
 

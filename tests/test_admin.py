@@ -622,6 +622,17 @@ async def test_metrics_are_gzipped_for_a_scraper_that_accepts_it(
         await gw.stop()
 
 
+async def ask_and_stop_reading(address: tuple[str, int]) -> socket.socket:
+    """A /metrics request from a client that then reads nothing."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, address)
+    await loop.sock_sendall(sock, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    return sock
+
+
 async def test_a_metrics_answer_nobody_reads_is_cut_off_with_its_connection(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A client that asked for /metrics and stopped reading held the text (158 MB at
@@ -634,11 +645,7 @@ async def test_a_metrics_answer_nobody_reads_is_cut_off_with_its_connection(
     gw = await start_gateway(tmp_path, "127.81.12.1")
     loop = asyncio.get_running_loop()
     try:
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.setblocking(False)
-            await loop.sock_connect(sock, gw.gateway.admin.bound)
-            await loop.sock_sendall(sock, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        with await ask_and_stop_reading(gw.gateway.admin.bound) as sock:
             await asyncio.sleep(1.5)  # not reading, past the deadline
             received = 0
             async with asyncio.timeout(10):
@@ -647,4 +654,42 @@ async def test_a_metrics_answer_nobody_reads_is_cut_off_with_its_connection(
         assert received < 48 * len(part)  # cut off, then closed
         assert gw.gateway.admin.guard.closed["answer_timeout"] == 1
     finally:
+        await gw.stop()
+
+
+async def test_scrape_texts_held_by_unread_answers_are_bounded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Within the write timeout a client could still ask, stop reading and ask again on
+    another connection (it may hold 64), each request a scrape of its own and its text
+    held: 64 x 158 MB at 6,000 services. A new scrape now waits while METRICS_TEXTS_HELD
+    texts are being written."""
+    renders = 0
+    part = b"#" * (1 << 20)
+
+    def big_render(families: Families, process: CollectorRegistry) -> list[bytes]:
+        nonlocal renders
+        renders += 1
+        return [part] * 48
+
+    monkeypatch.setattr(admin, "_render", big_render)
+    monkeypatch.setattr(admin, "METRICS_WRITE_TIMEOUT_S", 1.5)
+    gw = await start_gateway(tmp_path, "127.81.13.1")
+    address = gw.gateway.admin.bound
+    socks = []
+    try:
+        for held in range(1, admin.METRICS_TEXTS_HELD + 1):
+            socks.append(await ask_and_stop_reading(address))
+            async with asyncio.timeout(5):
+                while renders < held:
+                    await asyncio.sleep(0.01)
+        socks.append(await ask_and_stop_reading(address))
+        await asyncio.sleep(0.7)
+        assert renders == admin.METRICS_TEXTS_HELD  # waits for a text to go
+        async with asyncio.timeout(5):  # the first answer's timeout frees one
+            while renders == admin.METRICS_TEXTS_HELD:
+                await asyncio.sleep(0.01)
+        assert gw.gateway.admin.guard.closed["answer_timeout"] >= 1
+    finally:
+        for sock in socks:
+            sock.close()
         await gw.stop()
