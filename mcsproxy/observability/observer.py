@@ -384,16 +384,21 @@ class Observer:
                             requests.add([*cl, outcome], n)
                             total_ok += n
                         request_time.observe_buckets(cl, cs.request_time)
-            for cluster in upstream.stats.clusters:
-                cl = [*labels, cluster]
-                active.add(cl, 0)
-                for state in HOST_STATES:
-                    endpoints.add([*cl, state], 0)
+            # Summed per cluster here, then one series each: a Family.add per endpoint
+            # was 720,000 of a gather's 1.3M at 6,000 services of 2 ports and 30 endpoints.
+            open_by_cluster = dict.fromkeys(upstream.stats.clusters, 0)
+            by_state = {(cluster, state): 0 for cluster in upstream.stats.clusters
+                        for state in HOST_STATES}
             upstream.expire_due()  # an ejection that ran out while no connection came
             for host in upstream.hosts.values():
-                cl = [*labels, host.cluster]
-                active.add(cl, host.active)
-                endpoints.add([*cl, host_state(host)], 1)
+                cluster = host.cluster
+                open_by_cluster[cluster] = open_by_cluster.get(cluster, 0) + host.active
+                key = (cluster, host_state(host))
+                by_state[key] = by_state.get(key, 0) + 1
+            for cluster, n in open_by_cluster.items():
+                active.add((*labels, cluster), n)
+            for (cluster, state), n in by_state.items():
+                endpoints.add((*labels, cluster, state), n)
             for level, (pct, in_panic) in enumerate(zip(upstream.plan.loads, upstream.plan.panic,
                                                         strict=True)):
                 load.add([*labels, str(level)], pct)
