@@ -70,6 +70,7 @@ from mcsproxy.sources.file import (
     FileStamp,
     ScanProgress,
     SettleGate,
+    pause_after_scan,
     read_file,
     watched_scan,
 )
@@ -388,9 +389,8 @@ class DirectoryCluster:
                 changes.update(await self._check_output())
             if changes:
                 notify(self.cluster_id, changes)
-            # A huge folder must not keep a core busy stat-ing: back off to 4 scans.
-            spent = time.monotonic() - started
-            await asyncio.sleep(max(self.poll_interval_s, 4 * spent))
+            # A huge folder must not keep a core busy stat-ing (pause_after_scan).
+            await asyncio.sleep(pause_after_scan(self.poll_interval_s, self._progress))
 
     # -- our output, checked -------------------------------------------------------------
     @staticmethod

@@ -55,6 +55,12 @@ REMOVAL_HOLD_SCANS = 2
 # took 1.7 s of CPU alone, and more while the event loop held the GIL; timed as a whole,
 # a healthy scan of a large folder on a busy or small CPU was reported hung.
 SCAN_STUCK_S = 10.0
+# The pause after a scan is stretched so that scanning takes at most this share of a
+# core: an idle scan is a stat per file, and 6,000 files (0.11 s of CPU) every 0.25 s
+# kept 44 % of a core busy and the loop waiting for the GIL (stalls of ~0.5 s). The scan
+# thread's own CPU time, not its wall time: a scan that waited on a hung volume, or for
+# the GIL on a busy machine, did no work that calls for a longer pause.
+SCAN_CPU_SHARE = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,11 +175,18 @@ class ScanProgress:
     thread and read whole from the event loop (watched_scan). A file being parsed is
     progress too: CPU work that no volume can hang (one file of 10 MiB took 4 s of CPU)."""
 
-    __slots__ = ("files", "parsing")
+    __slots__ = ("cpu_s", "files", "parsing")
 
     def __init__(self) -> None:
         self.files = 0
         self.parsing = False
+        self.cpu_s = 0.0  # the CPU time of the last scan's thread (pause_after_scan)
+
+
+def pause_after_scan(poll_interval_s: float, progress: ScanProgress) -> float:
+    """How long to wait before the next scan: the poll interval, or longer where the last
+    scan's CPU time would otherwise take more than SCAN_CPU_SHARE of a core."""
+    return max(poll_interval_s, progress.cpu_s * (1 / SCAN_CPU_SHARE - 1))
 
 
 async def watched_scan(scan: Callable[[], T], name: str, progress: ScanProgress,
@@ -184,7 +197,15 @@ async def watched_scan(scan: Callable[[], T], name: str, progress: ScanProgress,
     stuck: timed as a whole, the first scan of 6,000 services (1.7 s of CPU alone, more on
     a busy or small CPU) was reported as a hung volume."""
     loop = asyncio.get_running_loop()
-    running = in_daemon_thread(scan, name)
+
+    def timed_scan() -> T:
+        started = time.thread_time()
+        try:
+            return scan()
+        finally:
+            progress.cpu_s = time.thread_time() - started
+
+    running = in_daemon_thread(timed_scan, name)
     started = moved = loop.time()
     seen, stuck = progress.files, False
     try:
@@ -424,7 +445,7 @@ class FileSource:
                 status.last_change = asyncio.get_running_loop().time()
                 store.mark_synced(self.name)
                 store.commit()
-            await asyncio.sleep(self.poll_interval_s)
+            await asyncio.sleep(pause_after_scan(self.poll_interval_s, self.progress))
 
     async def _scan(self, status: SourceStatus) -> bool:
         """scan(), said to be stuck while it gets through no file (watched_scan); the
