@@ -824,7 +824,9 @@ class Controller:
                 for ref, obj in new.items():
                     if written.get(ref) != obj:
                         upserts[c][ref] = obj
-                        written[ref] = obj
+                    # Equal too: this render is shared by every consumer, what was read
+                    # back of it is each member's own copy (3 at 3 members).
+                    written[ref] = obj
                 if new:
                     refs_by_cluster[c] = set(new)
                 else:

@@ -63,9 +63,12 @@ from controlplane.clusters.kube_api import (
     fenced,
 )
 from controlplane.clusters.kube_managed import (
+    Kept,
     OwnObjects,
+    Sent,
     is_ours,
     metadata_of,
+    status_digest,
     without_status,
 )
 from controlplane.clusters.state import ClusterObjects
@@ -163,9 +166,14 @@ class _SeenStatus(NamedTuple):
     rv: str | None
 
     @classmethod
-    def of(cls, raw: Mapping[str, Any]) -> _SeenStatus:
+    def of(cls, raw: Mapping[str, Any], sent: Mapping[str, Any] | None = None) -> _SeenStatus:
+        """`sent`: the status our write of `raw` sent, kept in its place when equal (it
+        shares its conditions with the controller's copy; the answer's are 5 KiB a
+        service at 3 members)."""
         rv = metadata_of(raw).get("resourceVersion")
-        return cls(raw.get("status"), str(rv) if rv else None)
+        status = raw.get("status")
+        return cls(sent if sent is not None and status == sent else status,
+                   str(rv) if rv else None)
 
 
 class _Informer:
@@ -200,6 +208,9 @@ class KubeClusterClient:
         self._input_errors: dict[ObjectRef, str] = {}
         self._export_status: dict[ObjectRef, _SeenStatus] = {}
         self.own = OwnObjects()  # our imports and slices as the cluster holds them
+        # Our imports and slices as the last sync listed them, rendered: what
+        # read_published() hands the controller (once: `own` keeps digests only).
+        self._listed: dict[ObjectRef, Mapping[str, Any]] | None = None
         self.writes = 0  # POST/PUT/PATCH/DELETE requests sent
         # Seconds writes may still be sent: the leader's lease (leader.py, fencing); no
         # limit without leader election.
@@ -424,9 +435,13 @@ class KubeClusterClient:
         except ClusterError as exc:
             self._set_health(SYNC, f"cluster {self.cluster_id}: {exc}", changes)
             raise ClusterError(f"cluster {self.cluster_id}: {exc}") from None
+        listed = ChangeSet()
         for inf, result in zip(self._informers, results, strict=True):
             items, rv = result  # type: ignore[misc]
-            self._replace(inf, items, rv, changes)
+            self._replace(inf, items, rv, listed)
+        self._listed = {ref: obj for ref, obj in listed.published.items()
+                        if ref.kind in (KIND_IMPORT, KIND_SLICE) and obj is not None}
+        changes.update(listed)
         self._failing.clear()
         self._set_health(SYNC, None, changes)
 
@@ -437,6 +452,7 @@ class KubeClusterClient:
 
     # -- watching ------------------------------------------------------------------------
     async def watch(self, notify: Notify) -> None:
+        self._listed = None  # read_published() comes before, if at all
         self._notify = notify
         try:
             await self._watch(notify)
@@ -639,12 +655,15 @@ class KubeClusterClient:
                               desired: Mapping[str, Any]) -> None:
         ns, name = ref.namespace, ref.name
         for _ in range(CONFLICT_RETRIES):
-            live = self.own.live.get(ref)
+            kept = self.own.live.get(ref)
+            sent: Sent | None = None
             try:
-                if live is None:
+                if kept is None:
+                    body = self._to_cluster(res, desired)
+                    sent = Sent.of(body)
                     try:
-                        live = self.own.remember(ref, await self._send(
-                            "POST", res.path(ns), self._to_cluster(res, desired)), desired)
+                        kept = self.own.remember(ref, await self._send(
+                            "POST", res.path(ns), body), sent)
                     except KubeApiError as exc:
                         if exc.code != 409:
                             raise
@@ -654,27 +673,27 @@ class KubeClusterClient:
                         if not is_ours(live):
                             self._refuse_foreign(ref)
                             return
-                        live = self.own.keep(ref, live)
+                        kept = self.own.keep(ref, live)
                 body = self._to_cluster(res, desired)
                 # Compared as it would be sent: a slice whose import does not exist (it
                 # was refused) goes without that owner, and compared with `desired` it
                 # was sent again, unchanged, at every retry.
-                if (without_status(self.own.rendered(live))
-                        != without_status(self.own.rendered(body))):
-                    body["metadata"]["resourceVersion"] = metadata_of(live).get("resourceVersion")
-                    live = self.own.remember(ref, await self._send("PUT", res.path(ns, name),
-                                                                   body), desired)
+                sent = Sent.of(body, sent)
+                if kept.content != sent.content:
+                    body["metadata"]["resourceVersion"] = kept.rv
+                    kept = self.own.remember(ref, await self._send("PUT", res.path(ns, name),
+                                                                   body), sent)
                 wanted = desired.get("status")
-                if wanted is not None and live.get("status") != wanted:
-                    live = self.own.remember(ref, await self._send(
+                if wanted is not None and kept.status != status_digest(wanted):
+                    kept = self.own.remember(ref, await self._send(
                         "PATCH", res.path(ns, name, "status"), {"status": wanted}, MERGE_PATCH),
-                        desired)
+                        sent)
                 if ref not in self.own.overtaken:
                     return
                 # Someone else's change came in meanwhile: our answer may be older than it.
                 self.own.overtaken.discard(ref)
             except KubeApiError as exc:
-                if exc.code not in (404, 409) or live is None:
+                if exc.code not in (404, 409) or kept is None:
                     raise ClusterError(f"{ref.kind} {ns}/{name}: {exc}") from None
             # Someone changed or removed it since we read it: read again, then retry.
             fresh = await self._get(res, ns, name)
@@ -731,14 +750,19 @@ class KubeClusterClient:
     async def _delete_one(self, ref: ObjectRef) -> None:
         res = self._write_resource(ref.kind)
         for _ in range(CONFLICT_RETRIES):
-            live = self.own.forget(ref) or await self._get(res, ref.namespace, ref.name)
-            if live is None:
+            found: Kept | Obj | None = self.own.forget(ref) or await self._get(
+                res, ref.namespace, ref.name)
+            if found is None:
                 return
-            if not is_ours(live):
+            if isinstance(found, Kept):
+                uid = found.uid
+            elif not is_ours(found):
                 self._refuse_foreign(ref)
                 return
+            else:
+                uid = metadata_of(found).get("uid")
             body = {"apiVersion": "v1", "kind": "DeleteOptions",
-                    "preconditions": {"uid": metadata_of(live).get("uid")}}
+                    "preconditions": {"uid": uid}}
             try:
                 await self._send("DELETE", res.path(ref.namespace, ref.name), body)
                 return
@@ -810,16 +834,17 @@ class KubeClusterClient:
                 continue
             self.own.expect_echo(ref, live)
             if ref not in self.own.overtaken:  # else a newer status came in meanwhile
-                self._export_status[ref] = _SeenStatus.of(live)
+                self._export_status[ref] = _SeenStatus.of(live, status)
             return
         raise ClusterError(f"ServiceExport {ref.namespace}/{ref.name} status: still "
                            f"conflicting after {CONFLICT_RETRIES} attempts")
 
     async def read_published(self) -> list[Mapping[str, Any]]:
-        # sync() listed our own objects too: the first list of their informers.
-        if not self._informers or any(inf.rv is None for inf in self._informers if inf.managed):
+        # sync() listed our own objects too; else (or taken already) they are listed now.
+        if self._listed is None:
             await self._sync_into(ChangeSet())
-        found: list[Mapping[str, Any]] = [self.own.rendered(o) for o in self.own.live.values()]
+        listed, self._listed = self._listed or {}, None
+        found: list[Mapping[str, Any]] = list(listed.values())
         for key, export in self.objects.exports.items():
             seen = self._export_status.get(ObjectRef(KIND_EXPORT, *key))
             ours = own_export_conditions({"status": seen.status}) if seen else {}
