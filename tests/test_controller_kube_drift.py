@@ -418,3 +418,8 @@ async def test_what_the_cluster_holds_is_held_once_after_a_restart() -> None:
             for c in cs.emulators:
                 kept = cs.clients[c].own.live[ref]
                 assert isinstance(kept, Kept) and kept.uid and kept.rv
+        # Of a ServiceExport's status as read back, only where our conditions stand is
+        # kept (the controller holds them): 5 KiB a service at 3 exporting members.
+        for c in ("a", "b"):
+            [seen] = cs.clients[c]._export_status.values()
+            assert "lastTransitionTime" not in repr(seen), seen

@@ -72,7 +72,11 @@ from controlplane.clusters.kube_managed import (
     without_status,
 )
 from controlplane.clusters.state import ClusterObjects
-from controlplane.conditions import own_export_conditions, with_own_conditions
+from controlplane.conditions import (
+    EXPORT_CONDITION_TYPES,
+    own_export_conditions,
+    with_own_conditions,
+)
 from controlplane.resources import (
     CONTROLLER_MANAGER,
     KARMADA_DISPATCH_MANAGER,
@@ -158,21 +162,37 @@ class KubeTimings:
     stale_after_s: float = STALE_AFTER_S
 
 
+# Where a condition of our types stands in a status as seen: only its type and place are
+# used (ours take its place), and anyone else's stay as they stand.
+_OWN_PLACES = {t: {"type": t} for t in EXPORT_CONDITION_TYPES}
+_NO_STATUS = status_digest(None)
+
+
+def _place(condition: Any) -> Any:
+    found = condition.get("type") if isinstance(condition, Mapping) else None
+    return _OWN_PLACES[found] if isinstance(found, str) and found in _OWN_PLACES else condition
+
+
 class _SeenStatus(NamedTuple):
     """A ServiceExport's status as last seen, and the resourceVersion it was seen at: what
-    our next status write is built on, and its precondition."""
+    our next status write is built on, and its precondition. Of the status: digests of
+    it (a change) and of our conditions in it (whether ours need writing), and its
+    conditions with ours cut to their place. Kept whole, each was a copy of what the
+    controller holds: 5 KiB a service after a restart (3 members exporting it)."""
 
-    status: Any
+    whole: bytes
+    ours: bytes
+    conditions: tuple[Any, ...]
     rv: str | None
 
     @classmethod
-    def of(cls, raw: Mapping[str, Any], sent: Mapping[str, Any] | None = None) -> _SeenStatus:
-        """`sent`: the status our write of `raw` sent, kept in its place when equal (it
-        shares its conditions with the controller's copy; the answer's are 5 KiB a
-        service at 3 members)."""
+    def of(cls, raw: Mapping[str, Any]) -> _SeenStatus:
         rv = metadata_of(raw).get("resourceVersion")
         status = raw.get("status")
-        return cls(sent if sent is not None and status == sent else status,
+        listed = status.get("conditions") if isinstance(status, Mapping) else None
+        return cls(status_digest(status),
+                   status_digest(own_export_conditions({"status": status})),
+                   tuple(_place(c) for c in listed) if isinstance(listed, list) else (),
                    str(rv) if rv else None)
 
 
@@ -208,9 +228,10 @@ class KubeClusterClient:
         self._input_errors: dict[ObjectRef, str] = {}
         self._export_status: dict[ObjectRef, _SeenStatus] = {}
         self.own = OwnObjects()  # our imports and slices as the cluster holds them
-        # Our imports and slices as the last sync listed them, rendered: what
-        # read_published() hands the controller (once: `own` keeps digests only).
-        self._listed: dict[ObjectRef, Mapping[str, Any]] | None = None
+        # Our imports and slices as the last sync listed them (rendered), and our
+        # conditions of the ServiceExports: what read_published() hands the controller,
+        # once (`own` and `_export_status` keep digests).
+        self._listed: list[Mapping[str, Any]] | None = None
         self.writes = 0  # POST/PUT/PATCH/DELETE requests sent
         # Seconds writes may still be sent: the leader's lease (leader.py, fencing); no
         # limit without leader election.
@@ -300,9 +321,9 @@ class KubeClusterClient:
         if res.kind == KIND_EXPORT and not self.own.is_echo(ref, raw):
             seen = self._export_status.get(ref)
             now = self._export_status[ref] = _SeenStatus.of(raw)  # a newer base for writes
-            if now.status != (seen.status if seen else None):
+            if now.whole != (seen.whole if seen else _NO_STATUS):
                 # The controller tells drift (our conditions) from anyone else's.
-                changes.published[ref] = {"status": now.status}
+                changes.published[ref] = {"status": raw.get("status")}
             self.own.changed_by_others(ref)
         try:
             parsed = parse_member_object(raw, self.cluster_id)
@@ -326,6 +347,16 @@ class KubeClusterClient:
         self._input_errors.pop(ref, None)
         self._export_status.pop(ref, None)
         self.own.forget_versions(ref)
+
+    def _own_conditions(self, res: Resource, items: list[Obj]
+                        ) -> dict[ObjectRef, list[Mapping[str, Any]]]:
+        """Our conditions of each listed ServiceExport that has any."""
+        found = {}
+        for raw in items:
+            ref, ours = self._ref(res, raw), own_export_conditions(raw)
+            if ref is not None and ours:
+                found[ref] = list(ours.values())
+        return found
 
     def _replace(self, inf: _Informer, items: list[Obj], rv: str, changes: ChangeSet) -> None:
         """A fresh list is the whole truth for its resource: diff it against the view."""
@@ -436,11 +467,18 @@ class KubeClusterClient:
             self._set_health(SYNC, f"cluster {self.cluster_id}: {exc}", changes)
             raise ClusterError(f"cluster {self.cluster_id}: {exc}") from None
         listed = ChangeSet()
+        conditions: dict[ObjectRef, list[Mapping[str, Any]]] = {}
         for inf, result in zip(self._informers, results, strict=True):
             items, rv = result  # type: ignore[misc]
+            if inf.resource.kind == KIND_EXPORT:
+                conditions = self._own_conditions(inf.resource, items)
             self._replace(inf, items, rv, listed)
-        self._listed = {ref: obj for ref, obj in listed.published.items()
-                        if ref.kind in (KIND_IMPORT, KIND_SLICE) and obj is not None}
+        self._listed = [obj for ref, obj in listed.published.items()
+                        if ref.kind in (KIND_IMPORT, KIND_SLICE) and obj is not None]
+        for key, export in self.objects.exports.items():
+            ours = conditions.get(ObjectRef(KIND_EXPORT, *key))
+            if ours:  # as we wrote it: anyone else's conditions are not ours to keep
+                self._listed.append({**export.manifest, "status": {"conditions": ours}})
         changes.update(listed)
         self._failing.clear()
         self._set_health(SYNC, None, changes)
@@ -807,6 +845,7 @@ class KubeClusterClient:
     async def _status_attempts(self, res: Resource, ref: ObjectRef,
                                wanted: Mapping[str, Any]) -> None:
         ours = own_export_conditions({"status": wanted})
+        ours_digest = status_digest(ours)
         seen = self._export_status.get(ref)
         for _ in range(CONFLICT_RETRIES):
             if seen is None:
@@ -814,11 +853,10 @@ class KubeClusterClient:
                 if live is None:
                     return  # deleted meanwhile: the watch brings the removal
                 seen = self._export_status[ref] = _SeenStatus.of(live)
-            if own_export_conditions({"status": seen.status}) == ours:
+            if seen.ours == ours_digest:
                 return  # anyone else's conditions are no reason to write
-            before = seen.status.get("conditions") if isinstance(seen.status, Mapping) else None
             status = {**wanted, "conditions": with_own_conditions(
-                before if isinstance(before, list) else [], list(ours.values()))}
+                list(seen.conditions), list(ours.values()))}
             body: Obj = {"status": status}
             if seen.rv:  # built on that version: refused (409) if anyone wrote since
                 body["metadata"] = {"resourceVersion": seen.rv}
@@ -834,7 +872,7 @@ class KubeClusterClient:
                 continue
             self.own.expect_echo(ref, live)
             if ref not in self.own.overtaken:  # else a newer status came in meanwhile
-                self._export_status[ref] = _SeenStatus.of(live, status)
+                self._export_status[ref] = _SeenStatus.of(live)
             return
         raise ClusterError(f"ServiceExport {ref.namespace}/{ref.name} status: still "
                            f"conflicting after {CONFLICT_RETRIES} attempts")
@@ -843,11 +881,5 @@ class KubeClusterClient:
         # sync() listed our own objects too; else (or taken already) they are listed now.
         if self._listed is None:
             await self._sync_into(ChangeSet())
-        listed, self._listed = self._listed or {}, None
-        found: list[Mapping[str, Any]] = list(listed.values())
-        for key, export in self.objects.exports.items():
-            seen = self._export_status.get(ObjectRef(KIND_EXPORT, *key))
-            ours = own_export_conditions({"status": seen.status}) if seen else {}
-            if ours:  # as we wrote it: anyone else's conditions are not ours to keep
-                found.append({**export.manifest, "status": {"conditions": list(ours.values())}})
+        found, self._listed = self._listed or [], None
         return found
