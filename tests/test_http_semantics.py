@@ -1576,6 +1576,72 @@ async def test_field_lines_go_on_byte_for_byte_whatever_their_spacing() -> None:
     assert [head[:len(sent)] for head in ShapedFields.heads[-4:]] == [sent] * 4
 
 
+async def test_request_lines_go_on_as_http_1_1_origin_form_whatever_their_shape() -> None:
+    # A request line that is already what we send (one space each, HTTP/1.1, origin
+    # form, from the read's start) goes on as it came, as the start of the slice of
+    # field lines (wire.plain_request_line); any other is built anew. Either way the
+    # endpoint gets `method SP origin-form SP HTTP/1.1` once, and a field line filter
+    # (Connection, absolute form) never takes the request line for a field.
+    cases = (
+        (b"GET /r HTTP/1.1\r\nHost: a\r\nConnection: A\r\nA: 1\r\nB: 2\r\n\r\n",
+         b"GET /r HTTP/1.1\r\nHost: a\r\nB: 2\r\n"),
+        (b"\r\nGET /r HTTP/1.1\r\nHost: a\r\nB: 2\r\n\r\n",
+         b"GET /r HTTP/1.1\r\nHost: a\r\nB: 2\r\n"),
+        (b"GET  /r HTTP/1.1\r\nHost: a\r\nB: 2\r\n\r\n", b"GET /r HTTP/1.1\r\nHost: a\r\nB: 2\r\n"),
+        (b"GET /r HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\nB: 2\r\n\r\n",
+         b"GET /r HTTP/1.1\r\nHost: a\r\nB: 2\r\n"),
+        (b"GET /r HTTP/1.2\r\nHost: a\r\nB: 2\r\n\r\n", b"GET /r HTTP/1.1\r\nHost: a\r\nB: 2\r\n"),
+        (b"GET http://a/r HTTP/1.1\r\nHost: b\r\nB: 2\r\n\r\n",
+         b"GET /r HTTP/1.1\r\nB: 2\r\nHost: a\r\n"),
+        (b"PUT /r HTTP/1.1\r\nHost: a\r\nB: 2\r\n\r\n", b"PUT /r HTTP/1.1\r\nHost: a\r\nB: 2\r\n"),
+        (b"GETS /r HTTP/1.1\r\nHost: a\r\n\r\n", None),  # no such method: 400
+        (b"OPTIONS * HTTP/1.1\r\nHost: a\r\nB: 2\r\n\r\n",
+         b"OPTIONS * HTTP/1.1\r\nHost: a\r\nB: 2\r\n"),
+        (b"DELETE /r HTTP/1.1\r\nHost: a\r\nConnection: B\r\nB: 2\r\nC: 3\r\n\r\n",
+         b"DELETE /r HTTP/1.1\r\nHost: a\r\nC: 3\r\n"),
+    )
+    async with protocol_behind_proxy(ShapedFields, "127.72.13.1", "127.72.240.13", "lines"):
+        for request, sent in cases:
+            client = await RawClient.open("127.72.240.13", 80)
+            before = len(ShapedFields.heads)
+            client.send(request)
+            r = await client.response()
+            await client.close()
+            if sent is None:
+                assert r.status == 400 and len(ShapedFields.heads) == before, request
+                continue
+            assert (r.status, r.body) == (200, b"ok"), request
+            head = ShapedFields.heads[-1]
+            assert head[:len(sent)] == sent and head.count(b"HTTP/1.1\r\n") == 1, (request, head)
+
+
+def test_a_request_line_as_sent_starts_the_slice_and_leaves_it_when_rewritten() -> None:
+    raw = b"GET /r HTTP/1.1\r\nHost: a\r\nB: 2\r\n\r\n"
+    at = wire.request_fields_at(raw, b"/r")
+    assert wire.plain_request_line(raw, at)
+    fields = wire.FieldLines()
+    fields.find_in(raw, at, True)
+    fields.take(b"Host", b"a")
+    fields.take(b"B", b"2")
+    assert fields.end() == [b"GET /r HTTP/1.1\r\nHost: a\r\nB: 2\r\n"]
+    fields.drop_line()
+    assert fields.parts == [b"Host: a\r\nB: 2\r\n"] and fields.line == 0
+    fields.reset()
+    fields.find_in(raw, at, True)
+    fields.skip(b"Host", b"a")
+    fields.take(b"B", b"2")
+    assert fields.end() == [b"GET /r HTTP/1.1\r\n", b"B: 2\r\n"]
+    fields.drop_line()
+    assert fields.parts == [b"B: 2\r\n"]
+    for line in (b"GET /r HTTP/1.0\r\n", b"GET /r HTTP/2.1\r\n", b"GET  /r ICE/1.0\r\n",
+                 b"GET /r  ICE/1.0\r\n", b"GET /r RTSP/1.1\r\n"):
+        raw = line + b"Host: a\r\n\r\n"
+        at = wire.request_fields_at(raw, b"/r")
+        assert at < 0 or not wire.plain_request_line(raw, at), line
+    raw = b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n"
+    assert not wire.plain_request_line(raw, wire.request_fields_at(raw, b"/"))
+
+
 def test_a_head_read_whole_goes_on_as_one_slice_of_the_read() -> None:
     # The lines between those dropped go on as one item each, not four (name, ": ",
     # value, CRLF): fewer to join (bench/http/micro.py: 12 and 15 items a 100 B request

@@ -78,6 +78,7 @@ from mcsproxy.http.wire import (
     connection_tokens,
     drop_fields,
     host_is_valid,
+    plain_request_line,
     request_fields_at,
     status_line,
     switches_as_offered,
@@ -147,6 +148,9 @@ ABSOLUTE_FORM: Final = re.compile(rb"(?i)https?://([a-z0-9._~!$&'()*+,;=%:\[\]-]
 # The queue of an idle connection (see ClientConnection.check): shared, and a tuple, so
 # that a request appended to it would fail loudly instead of being lost.
 NO_REQUESTS: Final[Any] = ()
+
+# The method of most requests, recognised in the read (on_headers_complete): one object.
+GET: Final = b"GET"
 
 # Response framing towards the client.
 RAW: Final = 0
@@ -724,8 +728,11 @@ class ClientConnection(asyncio.Protocol):
             return
         fields = self.fields
         if self.nheaders == 1 and self.line_at == 0:
-            # The read began with this request: its lines are looked for there.
-            fields.find_in(self.read, request_fields_at(self.read, self.url))
+            # The read began with this request: its lines are looked for there, and its
+            # request line goes on from there too when it is what we would send.
+            read = self.read
+            at = request_fields_at(read, self.url)
+            fields.find_in(read, at, at >= 0 and plain_request_line(read, at))
         kind = REQUEST_FIELDS.of(name)
         if not kind:
             fields.take(name, value)
@@ -797,14 +804,26 @@ class ClientConnection(asyncio.Protocol):
         fields.end()
         parser: HttpRequestParser = self.parser  # type: ignore[assignment]  # parsing
         keep_alive = parser.should_keep_alive()
+        # The request line in the read as we would send it (plain_request_line): HTTP/1.1,
+        # and a GET known by its first four bytes, without get_method (a generic call and
+        # a new bytes object, ~250 instructions a request, bench/http/micro.py).
+        line_kept = fields.line > 0
         # llhttp (lenient: any HTTP/d.d) keeps a request alive unasked (no Connection:
         # keep-alive) when its major and minor versions are both 1 or more: with HTTP/1 in
         # its request line, it is 1.1 or later and served as 1.1 (RFC 9110 2.5), known
         # without get_http_version, which formats a string (2,200 instructions a request).
         unasked = keep_alive and not self.keep_alive_asked and self.conn_tokens is None
-        version = "1.1" if unasked else parser.get_http_version()
-        method = parser.get_method()
-        protocol = self.line_protocol(method)
+        version = "1.1" if unasked or line_kept else parser.get_http_version()
+        read = self.read
+        if line_kept and read[3] == 32 and read[0] == 71 and read[1] == 69 and read[2] == 84:
+            method = GET
+        else:
+            method = parser.get_method()
+        if line_kept:  # "HTTP/1.1" seen at its place
+            self.line_at = -1  # (as line_protocol: the read's next line is further on)
+            protocol = HTTP_1
+        else:
+            protocol = self.line_protocol(method)
         if not protocol:
             # llhttp parses RTSP and ICE request lines too: they went on as HTTP/1.1.
             self._refuse(400, "the request line is not HTTP's (RTSP or ICE)", HTTP_VERSION)
@@ -856,6 +875,7 @@ class ClientConnection(asyncio.Protocol):
                 self._refuse(400, "invalid authority in the request target", INVALID_HOST)
             # RFC 9112 3.2.2: the target's authority stands for any Host field received.
             self.host = authority
+            fields.drop_line()  # the target rewritten in origin-form
             fields.parts = drop_fields(fields.parts, {b"host"})
             fields.add(b"Host", authority)
         chunked = False
@@ -914,6 +934,7 @@ class ClientConnection(asyncio.Protocol):
         if self.conn_tokens is not None:
             nominated = connection_tokens(self.conn_tokens) - NEVER_NOMINATED
             if nominated:
+                fields.drop_line()  # (parts is fields.parts: changed in place)
                 parts = drop_fields(parts, nominated)
         engine = self.engine
         fwd = self.fwd if self.xff is None else engine.forwarded_headers(
@@ -933,7 +954,8 @@ class ClientConnection(asyncio.Protocol):
             framing = CRLF
         # The head joined from `parts` itself (replaced by _reset_head next): a new list
         # with `*parts` spread into it cost ~700 instructions more (bench/http/micro.py).
-        parts.insert(0, method + b" " + url + b" HTTP/1.1\r\n")
+        if not fields.line:  # else the request line as read begins parts[0]
+            parts.insert(0, method + b" " + url + b" HTTP/1.1\r\n")
         parts.append(fwd)
         if not self.has_request_id:
             parts.append(engine.ids.next_header())
