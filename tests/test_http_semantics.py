@@ -18,7 +18,7 @@ import tracemalloc
 
 import pytest
 import uvloop
-from httptools import HttpParserError, HttpRequestParser
+from httptools import HttpParserError, HttpRequestParser, HttpResponseParser
 
 from mcsproxy.config import HttpConfig, OutlierConfig
 from mcsproxy.http import wire
@@ -1640,6 +1640,30 @@ def test_a_request_line_as_sent_starts_the_slice_and_leaves_it_when_rewritten() 
         assert at < 0 or not wire.plain_request_line(raw, at), line
     raw = b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n"
     assert not wire.plain_request_line(raw, wire.request_fields_at(raw, b"/"))
+
+
+def test_the_status_code_read_at_its_place_is_the_one_llhttp_reports() -> None:
+    # UpstreamConn takes the status code from the read a response begins (wire.status_of)
+    # instead of asking llhttp; where it answers, it must answer as llhttp does.
+    class Head:
+        def on_headers_complete(self) -> None:
+            pass
+
+    plain = (b"HTTP/1.1 200 OK", b"HTTP/1.0 404 Not Found", b"HTTP/1.1 204",
+             b"HTTP/1.1 103 Early Hints", b"HTTP/1.1 599 X", b"HTTP/1.1 099 X",
+             b"HTTP/1.1 000 ", b"HTTP/2.0 200 OK", b"HTTP/1.1 999 Whatever it is")
+    odd = (b"HTTP/1.1  200 OK", b"\r\nHTTP/1.1 200 OK", b"HTTP/1.1 2000 OK",
+           b"HTTP/1.1 20 OK", b"HTTP/1.1 2x0 OK", b"HTTP/1.1 200\tOK", b"HTTP/11 200 OK")
+    for line in plain + odd:
+        raw = line + b"\r\nContent-Length: 0\r\n\r\n"
+        parser = HttpResponseParser(Head())
+        try:
+            parser.feed_data(raw)
+        except HttpParserError:
+            continue  # never reaches on_headers_complete
+        code = parser.get_status_code()
+        assert wire.status_of(raw) == (code if line in plain else -1) or \
+            (line in odd and wire.status_of(raw) in (-1, code)), line
 
 
 def test_a_head_read_whole_goes_on_as_one_slice_of_the_read() -> None:
