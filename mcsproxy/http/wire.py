@@ -271,8 +271,9 @@ class FieldLines:
         self.line = 0
 
     def reset(self) -> None:
-        """A new head: no line yet, none looked for in a read."""
-        self.parts = []
+        """A new head: no line yet, none looked for in a read. The list is kept: the head
+        joined from it is made, and a new one per head cost ~60 instructions more."""
+        self.parts.clear()
         self.count = 0
         self.raw = b""
         self.at = -1
