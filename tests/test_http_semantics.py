@@ -1642,6 +1642,44 @@ def test_a_request_line_as_sent_starts_the_slice_and_leaves_it_when_rewritten() 
     assert not wire.plain_request_line(raw, wire.request_fields_at(raw, b"/"))
 
 
+class CountedConnections(HeadAnswerer):
+    """Answers every head 200 with a body of its connection's number; /pc with
+    Proxy-Connection: close, /c with Connection: close (the connection left open)."""
+
+    made = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        CountedConnections.made += 1
+        self.number = b"%d" % CountedConnections.made
+
+    def answer(self, head: bytes) -> bytes:
+        extra = b"Proxy-Connection: close\r\n" if head.startswith(b"GET /pc ") else \
+            b"Connection: close\r\n" if head.startswith(b"GET /c ") else b""
+        return (b"HTTP/1.1 200 OK\r\n" + extra + b"Content-Length: %d\r\n\r\n%b"
+                % (len(self.number), self.number))
+
+
+async def test_a_close_token_in_either_connection_field_ends_the_connection() -> None:
+    # llhttp ends a connection on a close token in Connection or in Proxy-Connection, on
+    # both sides; the proxy decides without asking it for plain HTTP/1.1 heads
+    # (on_headers_complete), and must decide alike: a client's close is answered with
+    # Connection: close and the close, an endpoint's connection is not pooled.
+    async with protocol_behind_proxy(CountedConnections, "127.72.14.1", "127.72.240.14", "pc"):
+        for extra in ("Connection: close\r\n", "Proxy-Connection: close\r\n",
+                      "Connection: x, close\r\nX: 1\r\n"):
+            client = await RawClient.open("127.72.240.14", 80)
+            r = await client.get("/", extra=extra)
+            assert r.status == 200 and r.headers[b"connection"] == b"close", extra
+            assert await client.closed(), extra
+            await client.close()
+        client = await RawClient.open("127.72.240.14", 80)
+        bodies = [(await client.get(path)).body for path in ("/", "/", "/pc", "/", "/c", "/")]
+        await client.close()
+    first = int(bodies[0])
+    assert [int(b) - first for b in bodies] == [0, 0, 0, 1, 1, 2]
+
+
 def test_the_status_code_read_at_its_place_is_the_one_llhttp_reports() -> None:
     # UpstreamConn takes the status code from the read a response begins (wire.status_of)
     # instead of asking llhttp; where it answers, it must answer as llhttp does.

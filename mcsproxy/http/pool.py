@@ -21,6 +21,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 from mcsproxy.http.wire import (
     CONNECTION,
     CONTENT_LENGTH,
+    DROP,
     PLAIN_CONNECTION,
     RESPONSE_FIELDS,
     TRAILER,
@@ -84,6 +85,7 @@ class UpstreamConn(asyncio.Protocol):
         "keep_alive",
         "length",
         "parser",
+        "plain",
         "pool",
         "read",
         "received",
@@ -122,6 +124,11 @@ class UpstreamConn(asyncio.Protocol):
         self.read = b""
         # The status code as read at the start of `read` (-1: not there; see status_of).
         self.status = -1
+        # The head keeps its connection as llhttp decides without asking it (see
+        # on_headers_complete): `HTTP/1.1` read at its place, and no field that could
+        # close it (Connection, or a hop-by-hop one: llhttp takes Proxy-Connection for
+        # Connection).
+        self.plain = False
         self.length: bytes | None = None
         self.chunked = False
         self.te: bytes | None = None  # Transfer-Encoding as received
@@ -336,9 +343,11 @@ class UpstreamConn(asyncio.Protocol):
             # (the one before ended with the previous read): its lines are looked for
             # there, and its status code read there.
             fields.find_in(read, response_fields_at(read))
-            self.status = status_of(read)
+            status = self.status = status_of(read)
+            self.plain = status >= 0 and read[5] == 49 and read[7] == 49
         else:
             self.status = -1
+            self.plain = False
         self.length = None
         self.chunked = False
         self.te = self.codings = None
@@ -371,6 +380,8 @@ class UpstreamConn(asyncio.Protocol):
         fields.skip(name, value)
         if kind == CONTENT_LENGTH:
             self.length = trimmed(value)  # sent on in our framing
+        elif kind == DROP:
+            self.plain = False  # Proxy-Connection among them (see on_headers_complete)
         elif kind == TRANSFER_ENCODING:
             self.te = value if self.te is None else self.te + b", " + value
         elif kind == CONNECTION:
@@ -401,7 +412,15 @@ class UpstreamConn(asyncio.Protocol):
         # get_status_code is a generic call from compiled code (~160 instructions a
         # response, bench/http/micro.py): asked only when the head did not begin a read.
         status = self.status if self.status >= 0 else parser.get_status_code()
-        self.keep_alive = parser.should_keep_alive()
+        if self.plain and self.length is not None and self.te is None \
+                and self.conn_tokens is None and not self.conn_close:
+            # What llhttp's should_keep_alive answers here, without the generic call
+            # (~170 instructions a response, bench/http/micro.py): HTTP/1.1 closes only
+            # on a close token of Connection (or Proxy-Connection), and a response
+            # framed by Content-Length and no Transfer-Encoding needs no EOF to end.
+            self.keep_alive = True
+        else:
+            self.keep_alive = parser.should_keep_alive()
         if ex.is_head and not self.keep_alive:
             self.keep_alive = self.head_keeps_alive()
         if self.te is not None:

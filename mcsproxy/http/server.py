@@ -239,6 +239,7 @@ class ClientConnection(asyncio.Protocol):
         "line_held",
         "lingering",
         "max_forwards",
+        "may_close",
         "nheaders",
         "out",
         "owed",
@@ -342,6 +343,9 @@ class ClientConnection(asyncio.Protocol):
         self.xff: bytes | None = None
         self.conn_tokens: list[bytes] | None = None
         self.keep_alive_asked = False  # a plain Connection: keep-alive (else conn_tokens)
+        # A plain Connection: close, or a hop-by-hop field (llhttp takes Proxy-Connection
+        # for Connection): what could make llhttp end the connection (on_headers_complete).
+        self.may_close = False
         self.te: bytes | None = None
         self.length: bytes | None = None
         self.expect = False
@@ -779,6 +783,8 @@ class ClientConnection(asyncio.Protocol):
             if value == b"keep-alive" or value in PLAIN_CONNECTION:  # (UpstreamConn.on_header)
                 if value[0] in b"kK":
                     self.keep_alive_asked = True
+                else:
+                    self.may_close = True
                 return
             if self.conn_tokens is None:
                 self.conn_tokens = []
@@ -794,7 +800,8 @@ class ClientConnection(asyncio.Protocol):
             self.upgrade = trimmed(value)
         elif kind == MAX_FORWARDS:
             self.max_forwards = value  # sent on by on_headers_complete, less one for OPTIONS
-        # DROP: hop-by-hop, or a header we set ourselves
+        else:  # DROP: hop-by-hop, or a header we set ourselves
+            self.may_close = True
 
     def on_trailer(self, name: bytes, value: bytes) -> None:
         """A trailer field goes on in the last chunk of the request's body (Exchange
@@ -808,11 +815,14 @@ class ClientConnection(asyncio.Protocol):
         fields = self.fields
         fields.end()
         parser: HttpRequestParser = self.parser  # type: ignore[assignment]  # parsing
-        keep_alive = parser.should_keep_alive()
         # The request line in the read as we would send it (plain_request_line): HTTP/1.1,
         # and a GET known by its first four bytes, without get_method (a generic call and
         # a new bytes object, ~250 instructions a request, bench/http/micro.py).
         line_kept = fields.line > 0
+        # An HTTP/1.1 request is kept alive unless a close token came in Connection (or
+        # Proxy-Connection), as llhttp's should_keep_alive answers (a generic call, ~170).
+        keep_alive = (line_kept and not self.may_close and self.conn_tokens is None) \
+            or parser.should_keep_alive()
         # llhttp (lenient: any HTTP/d.d) keeps a request alive unasked (no Connection:
         # keep-alive) when its major and minor versions are both 1 or more: with HTTP/1 in
         # its request line, it is 1.1 or later and served as 1.1 (RFC 9110 2.5), known
