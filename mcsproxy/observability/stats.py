@@ -55,7 +55,8 @@ class Buckets:
         n = len(bounds)
         while i < n and bounds[i] < value:
             i += 1
-        self.counts[i] += 1
+        counts = self.counts
+        counts[i] = counts[i] + 1  # compiled, `+=` on an item is a generic in-place add
         self.sum += value
 
     def add(self, other: Buckets) -> None:
