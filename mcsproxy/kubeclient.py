@@ -300,6 +300,11 @@ class RefreshingApiClient(ApiClient):
 
     async def _refused(self, generation: int, *, reload: bool) -> bool:
         """A 401 for credentials of `generation`: True when there are others to try."""
+        if reload and generation != self.generation:
+            # Sent with credentials a concurrent request's reload has already replaced:
+            # retried with the current ones, and no refusal of those. Counted, it began a
+            # new streak after the one the reload had ended (its end logged twice).
+            return True
         self._refusals += 1
         retry = reload and await self._reload("refused with 401", generation)
         if retry:
