@@ -97,8 +97,9 @@ class ListenerContext:
     rebinds `upstream` here and the listener keeps its socket."""
 
     __slots__ = ("_give_up_log", "_refusal_log", "access_log", "active", "by_client",
-                 "closed", "config", "connect_deadlines", "conns", "endpoint_options",
-                 "gave_up", "name", "poller", "refusals", "refused", "upstream", "writes")
+                 "closed", "config", "connect_attempts", "connect_deadlines", "conns",
+                 "endpoint_options", "gave_up", "limited", "name", "poller", "refusals",
+                 "refused", "upstream", "writes")
 
     def __init__(self, name: str, upstream: UpstreamSet, config: ProxyConfig,
                  conns: set[Tracked], access_log: AccessLog | None = None,
@@ -110,6 +111,12 @@ class ListenerContext:
         # carry on, its HTTP clients are asked to leave (ClientConnection.leaving).
         self.closed = False
         self.config = config
+        # Copied from config for the per-connection path: ProxyConfig is an interpreted
+        # dataclass, and each of its attributes read from compiled code is a generic
+        # look-up (~180 instructions, three a TCP connection).
+        self.connect_attempts = config.connect_attempts
+        self.limited = bool(config.max_connections_per_listener
+                            or config.max_connections_per_client)
         self.conns = conns  # shared by every listener of the manager, for the idle sweep
         self.gave_up = 0
         self.access_log = access_log  # None unless --access-log
