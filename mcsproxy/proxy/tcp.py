@@ -43,6 +43,7 @@ import logging
 import os
 import socket
 import struct
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -74,9 +75,9 @@ SEND_PIECES: Final = 256
 # Connections accepted per readiness event of a listener (HAProxy's tune.maxaccept).
 ACCEPT_BATCH: Final = 64
 # struct tcp_info of a listening socket: tcpi_unacked is the length of its accept queue
-# (what `ss -l` shows as Recv-Q), a u32 after 8 bytes and 4 u32s.
-ACCEPT_QUEUE: Final = struct.Struct("I")
+# (what `ss -l` shows as Recv-Q), a u32 in native byte order after 8 bytes and 4 u32s.
 ACCEPT_QUEUE_OFFSET: Final = 24
+LITTLE_ENDIAN: Final = sys.byteorder == "little"
 TCP_INFO_HEAD: Final = 32
 # A listener that hit the descriptor limit stops accepting this long (the connections wait
 # in its backlog): level-triggered readiness would otherwise spin on the failing accept.
@@ -104,8 +105,13 @@ LINGER_RESET: Final = struct.pack("ii", 1, 0)
 
 def accept_queue_length(sock: socket.socket) -> int:
     """Connections waiting in a listening socket's accept queue, from TCP_INFO."""
-    info = sock.getsockopt(IPPROTO_TCP, TCP_INFO, TCP_INFO_HEAD)
-    return int(ACCEPT_QUEUE.unpack_from(info, ACCEPT_QUEUE_OFFSET)[0])
+    info: bytes = sock.getsockopt(IPPROTO_TCP, TCP_INFO, TCP_INFO_HEAD)
+    # Put together from its bytes: compiled, a bytes index is native, where
+    # Struct.unpack_from was a generic method call (~640 instructions a readiness event).
+    i = ACCEPT_QUEUE_OFFSET
+    if LITTLE_ENDIAN:
+        return info[i] | info[i + 1] << 8 | info[i + 2] << 16 | info[i + 3] << 24
+    return info[i + 3] | info[i + 2] << 8 | info[i + 1] << 16 | info[i] << 24
 
 
 class ReadBuffer:
