@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from controlplane.clusters.kube_api import Obj
@@ -57,6 +57,20 @@ def comparable(obj: Mapping[str, Any]) -> Obj:
     cluster holds: rendered() without the server's fields, but with the owner uids as
     they stand, so it can be kept and compared later whatever uid an import has then (an
     import's served apiVersion aside: any served version is ours)."""
+    return without_server_fields(obj, _import_owner_version, keep_status=False)
+
+
+def _import_owner_version(owner: Obj) -> Obj:
+    return {**owner, "apiVersion": IMPORT_API_VERSION} if owner.get("kind") == KIND_IMPORT \
+        else owner
+
+
+def without_server_fields(obj: Mapping[str, Any], owner: Callable[[Obj], Obj], *,
+                          keep_status: bool) -> Obj:
+    """`obj` as the reconcile renders a managed object: name, namespace, labels (less our
+    managed-by label on imports), annotations, each ownerReference through `owner`, an
+    import at the apiVersion we write, and every other top-level field (the status only
+    when `keep_status`); no server-set metadata."""
     found = metadata_of(obj)
     kind = str(obj.get("kind"))
     meta: Obj = {"name": str(found.get("name")),
@@ -67,15 +81,15 @@ def comparable(obj: Mapping[str, Any]) -> Obj:
     if labels:
         meta["labels"] = labels
     if found.get("annotations"):
-        meta["annotations"] = found["annotations"]
+        meta["annotations"] = dict(found["annotations"])
     owners = found.get("ownerReferences")
     if owners:
-        meta["ownerReferences"] = [{**o, "apiVersion": IMPORT_API_VERSION}
-                                   if o.get("kind") == KIND_IMPORT else o for o in owners]
+        meta["ownerReferences"] = [owner(o) for o in owners]
     out: Obj = {"apiVersion": IMPORT_API_VERSION if kind == KIND_IMPORT
                 else obj.get("apiVersion"), "kind": kind, "metadata": meta}
-    out.update((k, v) for k, v in obj.items()
-               if k not in ("apiVersion", "kind", "metadata", "status"))
+    skipped = ("apiVersion", "kind", "metadata") if keep_status else \
+        ("apiVersion", "kind", "metadata", "status")
+    out.update((k, v) for k, v in obj.items() if k not in skipped)
     return out
 
 
@@ -170,30 +184,16 @@ class OwnObjects:
     def rendered(self, live: Mapping[str, Any]) -> Obj:
         """A managed object as the reconcile renders it: without server fields, our label
         on imports, or the real owner uid (when it is the current import's)."""
-        found = metadata_of(live)
-        kind = str(live.get("kind"))
-        namespace, name = str(found.get("namespace") or ""), str(found.get("name"))
-        out_meta: Obj = {"name": name, "namespace": namespace}
-        labels = dict(found.get("labels") or {})
-        if kind == KIND_IMPORT:
-            labels.pop(LABEL_MANAGED_BY, None)
-        if labels:
-            out_meta["labels"] = labels
-        if found.get("annotations"):
-            out_meta["annotations"] = dict(found["annotations"])
-        owners = found.get("ownerReferences")
-        if owners:
-            out_meta["ownerReferences"] = [
-                {**o, "apiVersion": IMPORT_API_VERSION,
-                 "uid": owner_uid(ServiceKey(namespace, str(o.get("name"))))}
-                if o.get("kind") == KIND_IMPORT
-                and o.get("uid") == self.import_uid(namespace, str(o.get("name"))) else o
-                for o in owners]
-        out: Obj = {"apiVersion": IMPORT_API_VERSION if kind == KIND_IMPORT
-                    else live.get("apiVersion"), "kind": kind, "metadata": out_meta}
-        out.update((k, v) for k, v in live.items()
-                   if k not in ("apiVersion", "kind", "metadata"))
-        return out
+        namespace = str(metadata_of(live).get("namespace") or "")
+
+        def owner(o: Obj) -> Obj:
+            name = str(o.get("name"))
+            if o.get("kind") == KIND_IMPORT and o.get("uid") == self.import_uid(namespace, name):
+                return {**o, "apiVersion": IMPORT_API_VERSION,
+                        "uid": owner_uid(ServiceKey(namespace, name))}
+            return o
+
+        return without_server_fields(live, owner, keep_status=True)
 
     # -- what the watch and the relist of our objects show -------------------------------
     def on_event(self, ref: ObjectRef, kind: str, raw: Obj, published: Published) -> None:
