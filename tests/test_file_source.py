@@ -547,42 +547,44 @@ async def test_a_long_scan_that_gets_through_its_files_is_not_reported_hung(
     assert not [r.getMessage() for r in caplog.records], "reported hung"
 
 
-async def test_a_costly_scan_stretches_the_pause_a_hung_one_does_not(tmp_path: Path) -> None:
+async def test_a_costly_scan_stretches_the_pause_a_hung_one_does_not(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An idle scan is a stat per file: 6,000 files (0.11 s of CPU) every 0.25 s kept 44 %
     of a core busy and stalled the loop on the GIL. The pause after a scan now keeps
     scanning to SCAN_CPU_SHARE of a core by the scan thread's CPU time; a scan that only
-    waited (a hung volume, a busy machine) is not followed by a longer pause."""
+    waited (a hung volume, a busy machine) is not followed by a longer pause. The pauses
+    the source asks for are recorded (the real ones are taken), not timed."""
     write(tmp_path / "web.yaml", import_yaml("web", "Headless", WEB))
     source = FileSource(str(tmp_path), poll_interval_s=0.01)
-    real_scan = source.scan
-    scans: list[float] = []
-    work = {"burn": 0.03, "wait": 0.0}
+    real_scan, real_pause = source.scan, file_source.pause_after_scan
+    pauses: list[float] = []
 
     def scan() -> bool:
-        scans.append(time.monotonic())
-        until_cpu = time.thread_time() + work["burn"]
-        while time.thread_time() < until_cpu:
-            pass
-        time.sleep(work["wait"])
+        if not pauses:  # the first scan: 30 ms of CPU
+            until_cpu = time.thread_time() + 0.03
+            while time.thread_time() < until_cpu:
+                pass
+        else:  # the next: 30 ms of waiting, no CPU
+            time.sleep(0.03)
         return real_scan()
 
+    def pause(poll_interval_s: float, progress: file_source.ScanProgress) -> float:
+        pauses.append(real_pause(poll_interval_s, progress))
+        return pauses[-1]
+
     source.scan = scan  # type: ignore[method-assign]
+    monkeypatch.setattr(file_source, "pause_after_scan", pause)
     task = spawn(source.run(SnapshotStore("cluster-a")), name="file")
     try:
-        await asyncio.sleep(1.5)
-        costly = len(scans)
-        # 30 ms of CPU a scan: a pause of >= 0.27 s, at most ~6 scans in 1.5 s; at the
-        # poll interval alone (10 ms) there were ~35.
-        assert 2 <= costly <= 8, costly
-        work.update(burn=0.0, wait=0.03)
-        await asyncio.sleep(0.5)  # the last costly pause ends
-        waited_from = len(scans)
-        await asyncio.sleep(1.0)
-        # 30 ms waited, no CPU: the poll interval again, ~25 scans a second.
-        assert len(scans) - waited_from >= 12, len(scans) - waited_from
+        await until(lambda: len(pauses) >= 2, "two scans")
     finally:
         await cancel_and_wait([task])
-    assert source.progress.cpu_s < 0.02
+    # 30 ms of CPU at a tenth of a core: at least 0.27 s before the next scan, where the
+    # poll interval alone (10 ms) made it 34 scans in 1.5 s.
+    assert pauses[0] >= 0.03 * (1 / file_source.SCAN_CPU_SHARE - 1), pauses
+    # 30 ms waited: about the poll interval again (the real scan's own CPU, a stat and
+    # a read, may add a little); timed by its wall time it would be 0.27 s too.
+    assert pauses[1] < 0.1, pauses
 
 
 async def test_a_file_that_cannot_be_looked_at_is_rejected_and_the_source_goes_on(
